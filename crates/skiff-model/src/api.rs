@@ -1,0 +1,43 @@
+//! Request and response bodies of the hub's REST API (`/api/v1/...`).
+
+use crate::{Deployment, InstanceStatus};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyRequest {
+    pub deployments: Vec<Deployment>,
+    /// When set, deployments of this stack that are not in `deployments` are deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune_stack: Option<String>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub unchanged: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeploymentView {
+    pub revision: u64,
+    pub spec: Deployment,
+    pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub time_ms: u64,
+    pub object: String,
+    pub reason: String,
+    pub message: String,
+}

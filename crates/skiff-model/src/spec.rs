@@ -1,0 +1,393 @@
+//! Desired state: what an operator asks skiff to run.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A named, replicated workload: the unit `skiff apply`, `skiff run` and `skiff up` create.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deployment {
+    pub name: String,
+    /// The compose project (or `default` for `skiff run`). Instances of one stack resolve
+    /// each other by deployment name.
+    #[serde(default = "default_stack")]
+    pub stack: String,
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthCheck>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<Dependency>,
+    #[serde(default)]
+    pub network: NetworkMode,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceMapping>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Time between SIGTERM and SIGKILL on stop, in milliseconds (Docker's default is 10 s).
+    #[serde(default = "default_grace")]
+    pub stop_grace_period_ms: u64,
+}
+
+pub fn default_stack() -> String {
+    "default".to_string()
+}
+fn one() -> u32 {
+    1
+}
+fn default_grace() -> u64 {
+    10_000
+}
+
+impl Deployment {
+    /// A deployment with defaults for everything but its name and image.
+    pub fn new(name: impl Into<String>, image: impl Into<String>) -> Self {
+        Deployment {
+            name: name.into(),
+            stack: default_stack(),
+            image: image.into(),
+            entrypoint: None,
+            command: None,
+            env: BTreeMap::new(),
+            working_dir: None,
+            user: None,
+            hostname: None,
+            ports: vec![],
+            volumes: vec![],
+            resources: Resources::default(),
+            restart: RestartPolicy::default(),
+            healthcheck: None,
+            depends_on: vec![],
+            network: NetworkMode::default(),
+            read_only: false,
+            cap_add: vec![],
+            cap_drop: vec![],
+            devices: vec![],
+            labels: BTreeMap::new(),
+            replicas: 1,
+            stop_grace_period_ms: default_grace(),
+        }
+    }
+
+    /// The name of replica `n` (1-based), e.g. `web-1`.
+    pub fn instance_name(&self, n: u32) -> String {
+        format!("{}-{n}", self.name)
+    }
+}
+
+/// Limits and reservations. CPU amounts are millicores, memory is bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// `--cpus`: hard cap, enforced with the CFS quota over a 100 ms period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus_millis: Option<u64>,
+    /// `--memory`: hard cap; swap is limited to the same amount (memory+swap = memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// `--cpu-shares`: relative weight (Docker's 1024 = default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_shares: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_limit: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus_reservation_millis: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_reservation_bytes: Option<u64>,
+}
+
+impl Resources {
+    /// The CFS period used for `--cpus`, in microseconds (Docker's).
+    pub const CFS_PERIOD_US: u64 = 100_000;
+
+    /// CFS quota for `--cpus`, in microseconds per [`Self::CFS_PERIOD_US`].
+    pub fn cfs_quota_us(&self) -> Option<i64> {
+        self.cpus_millis.map(|m| (m * Self::CFS_PERIOD_US / 1000) as i64)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "policy", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum RestartPolicy {
+    #[default]
+    No,
+    Always,
+    OnFailure {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_retries: Option<u32>,
+    },
+    UnlessStopped,
+}
+
+impl RestartPolicy {
+    /// Parses Docker's spelling: `no`, `always`, `on-failure`, `on-failure:3`, `unless-stopped`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "no" | "\"no\"" | "never" => Some(Self::No),
+            "always" => Some(Self::Always),
+            "unless-stopped" => Some(Self::UnlessStopped),
+            "on-failure" => Some(Self::OnFailure { max_retries: None }),
+            _ => {
+                let n = s.strip_prefix("on-failure:")?.parse().ok()?;
+                Some(Self::OnFailure { max_retries: Some(n) })
+            }
+        }
+    }
+
+    /// Whether an instance that exited with `code` after `restarts` restarts should be
+    /// started again. `stopped_by_user` is true when the operator stopped it.
+    pub fn should_restart(&self, code: i32, restarts: u32, stopped_by_user: bool) -> bool {
+        if stopped_by_user {
+            return false;
+        }
+        match self {
+            Self::No => false,
+            Self::Always | Self::UnlessStopped => true,
+            Self::OnFailure { max_retries } => code != 0 && max_retries.is_none_or(|m| restarts < m),
+        }
+    }
+}
+
+impl std::fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::No => f.write_str("no"),
+            Self::Always => f.write_str("always"),
+            Self::UnlessStopped => f.write_str("unless-stopped"),
+            Self::OnFailure { max_retries: None } => f.write_str("on-failure"),
+            Self::OnFailure { max_retries: Some(n) } => write!(f, "on-failure:{n}"),
+        }
+    }
+}
+
+/// Docker-like restart backoff: 100 ms doubling per consecutive restart, capped at one
+/// minute; the streak resets once an instance has run for [`BACKOFF_RESET_MS`].
+pub fn restart_backoff_ms(consecutive: u32) -> u64 {
+    const CAP: u64 = 60_000;
+    100u64.saturating_mul(1u64 << consecutive.min(20)).min(CAP)
+}
+
+/// An instance that ran at least this long before exiting restarts without delay growth.
+pub const BACKOFF_RESET_MS: u64 = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// The command: an argv executed directly (compose `CMD`), or a shell line run with
+    /// `/bin/sh -c` when `shell` is true (compose `CMD-SHELL` or a plain string).
+    pub test: Vec<String>,
+    #[serde(default)]
+    pub shell: bool,
+    #[serde(default = "hc_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "hc_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "hc_retries")]
+    pub retries: u32,
+    #[serde(default)]
+    pub start_period_ms: u64,
+}
+fn hc_interval() -> u64 {
+    30_000
+}
+fn hc_timeout() -> u64 {
+    30_000
+}
+fn hc_retries() -> u32 {
+    3
+}
+
+impl HealthCheck {
+    pub fn argv(&self) -> Vec<String> {
+        if self.shell {
+            vec!["/bin/sh".into(), "-c".into(), self.test.join(" ")]
+        } else {
+            self.test.clone()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMapping {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<String>,
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: Protocol,
+}
+
+impl PortMapping {
+    /// Parses Docker's `-p` syntax: `8080:80`, `127.0.0.1:8080:80`, `53:53/udp`, `80`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (spec, proto) = match s.rsplit_once('/') {
+            Some((a, "tcp")) => (a, Protocol::Tcp),
+            Some((a, "udp")) => (a, Protocol::Udp),
+            Some(_) => return None,
+            None => (s, Protocol::Tcp),
+        };
+        let parts: Vec<&str> = spec.split(':').collect();
+        let (ip, host, cont) = match parts.as_slice() {
+            [c] => (None, *c, *c),
+            [h, c] => (None, *h, *c),
+            [ip, h, c] => (Some(ip.trim_start_matches('[').trim_end_matches(']').to_string()), *h, *c),
+            _ => return None,
+        };
+        let host_port: u16 = host.parse().ok()?;
+        let container_port: u16 = cont.parse().ok()?;
+        if host_port == 0 || container_port == 0 {
+            return None;
+        }
+        if let Some(ip) = &ip {
+            ip.parse::<std::net::IpAddr>().ok()?;
+        }
+        Some(PortMapping { host_ip: ip, host_port, container_port, protocol: proto })
+    }
+}
+
+impl std::fmt::Display for PortMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(ip) = &self.host_ip {
+            write!(f, "{ip}:")?;
+        }
+        let p = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        write!(f, "{}->{}/{p}", self.host_port, self.container_port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum VolumeSource {
+    /// A host path bind-mounted into the container.
+    Bind { path: String },
+    /// A named volume, created under the node's data directory.
+    Named { name: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    pub source: VolumeSource,
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    #[default]
+    Bridge,
+    Host,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DependencyCondition {
+    #[default]
+    ServiceStarted,
+    ServiceHealthy,
+    ServiceCompletedSuccessfully,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dependency {
+    pub name: String,
+    #[serde(default)]
+    pub condition: DependencyCondition,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceMapping {
+    pub host_path: String,
+    pub container_path: String,
+    /// cgroup permissions, a subset of `rwm`.
+    #[serde(default = "rwm")]
+    pub permissions: String,
+}
+fn rwm() -> String {
+    "rwm".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports() {
+        let p = PortMapping::parse("127.0.0.1:8080:80/udp").unwrap();
+        assert_eq!((p.host_ip.as_deref(), p.host_port, p.container_port, p.protocol), (Some("127.0.0.1"), 8080, 80, Protocol::Udp));
+        assert_eq!(PortMapping::parse("8080:80").unwrap().protocol, Protocol::Tcp);
+        assert_eq!(PortMapping::parse("80").unwrap().host_port, 80);
+        for bad in ["", "a:b", "0:80", "8080:80/sctp", "1.2.3:80:80", "70000:80"] {
+            assert!(PortMapping::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn restart_policy() {
+        assert_eq!(RestartPolicy::parse("on-failure:3"), Some(RestartPolicy::OnFailure { max_retries: Some(3) }));
+        let p = RestartPolicy::OnFailure { max_retries: Some(3) };
+        assert!(p.should_restart(1, 2, false));
+        assert!(!p.should_restart(1, 3, false));
+        assert!(!p.should_restart(0, 0, false));
+        assert!(RestartPolicy::Always.should_restart(0, 100, false));
+        assert!(!RestartPolicy::Always.should_restart(1, 0, true));
+        assert!(RestartPolicy::parse("sometimes").is_none());
+        assert_eq!(RestartPolicy::parse("on-failure:3").unwrap().to_string(), "on-failure:3");
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(restart_backoff_ms(0), 100);
+        assert_eq!(restart_backoff_ms(1), 200);
+        assert_eq!(restart_backoff_ms(3), 800);
+        assert_eq!(restart_backoff_ms(30), 60_000);
+    }
+
+    #[test]
+    fn cfs_quota() {
+        let r = Resources { cpus_millis: Some(500), ..Default::default() };
+        assert_eq!(r.cfs_quota_us(), Some(50_000));
+    }
+}
