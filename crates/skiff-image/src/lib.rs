@@ -1,1 +1,21 @@
-//! placeholder
+//! Content-addressed image store, image loading (OCI layouts, `docker save` and
+//! oci-archive tarballs) and safe layer unpacking into overlay-ready directories.
+//!
+//! Architecture Invariant: this crate never runs a workload. It turns bytes into verified
+//! blobs and unpacked layer directories; `skiff-runtime` mounts them.
+//! Architecture Invariant: every blob is verified against its sha256 digest before it is
+//! renamed into the store; a layer directory only appears (by rename) once its diff_id
+//! matched.
+
+pub mod digest;
+pub mod error;
+pub mod reference;
+pub mod store;
+pub mod unpack;
+
+mod load;
+
+pub use error::ImageError;
+pub use reference::normalize_reference;
+pub use store::{ImageConfig, ImageInfo, ImageStore, ImageSummary};
+pub use unpack::{unpack_layer, UnpackError};

@@ -1,1 +1,317 @@
-//! placeholder
+//! Fixtures for tests, benchmarks and the demo: OCI images built locally from Debian's
+//! busybox-static (no registry needed), crafted layers (including malicious ones), and
+//! guards for privileged tests.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+pub const BUSYBOX: &str = "/bin/busybox";
+
+fn sha256(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+/// Builds tar layers entry by entry.
+pub struct LayerBuilder {
+    b: tar::Builder<Vec<u8>>,
+}
+
+impl Default for LayerBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LayerBuilder {
+    pub fn new() -> Self {
+        LayerBuilder { b: tar::Builder::new(Vec::new()) }
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h
+    }
+
+    /// Writes a raw name into the header without the tar crate's path checks, so tests
+    /// can build the malicious entries a hostile registry could serve.
+    fn raw_name(h: &mut tar::Header, name: &str) -> Result<()> {
+        let field = &mut h.as_old_mut().name;
+        if name.len() >= field.len() {
+            bail!("name too long for a raw header: {name}");
+        }
+        field.fill(0);
+        field[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(())
+    }
+
+    pub fn dir(mut self, path: &str, mode: u32) -> Result<Self> {
+        let mut h = Self::header(tar::EntryType::Directory, mode, 0);
+        Self::raw_name(&mut h, path)?;
+        h.set_cksum();
+        self.b.append(&h, std::io::empty())?;
+        Ok(self)
+    }
+
+    pub fn file(mut self, path: &str, mode: u32, data: &[u8]) -> Result<Self> {
+        let mut h = Self::header(tar::EntryType::Regular, mode, data.len() as u64);
+        Self::raw_name(&mut h, path)?;
+        h.set_cksum();
+        self.b.append(&h, data)?;
+        Ok(self)
+    }
+
+    pub fn symlink(mut self, path: &str, target: &str) -> Result<Self> {
+        let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0);
+        Self::raw_name(&mut h, path)?;
+        h.set_link_name(target)?;
+        h.set_cksum();
+        self.b.append(&h, std::io::empty())?;
+        Ok(self)
+    }
+
+    pub fn hardlink(mut self, path: &str, target: &str) -> Result<Self> {
+        let mut h = Self::header(tar::EntryType::Link, 0o644, 0);
+        Self::raw_name(&mut h, path)?;
+        let field = &mut h.as_old_mut().linkname;
+        field.fill(0);
+        field[..target.len()].copy_from_slice(target.as_bytes());
+        h.set_cksum();
+        self.b.append(&h, std::io::empty())?;
+        Ok(self)
+    }
+
+    pub fn char_device(mut self, path: &str, major: u32, minor: u32) -> Result<Self> {
+        let mut h = Self::header(tar::EntryType::Char, 0o666, 0);
+        Self::raw_name(&mut h, path)?;
+        h.set_device_major(major)?;
+        h.set_device_minor(minor)?;
+        h.set_cksum();
+        self.b.append(&h, std::io::empty())?;
+        Ok(self)
+    }
+
+    pub fn whiteout(self, path: &str) -> Result<Self> {
+        let (dir, name) = match path.rsplit_once('/') {
+            Some((d, n)) => (format!("{d}/"), n),
+            None => (String::new(), path),
+        };
+        self.file(&format!("{dir}.wh.{name}"), 0o644, b"")
+    }
+
+    pub fn opaque(self, dir: &str) -> Result<Self> {
+        self.file(&format!("{dir}/.wh..wh..opq"), 0o644, b"")
+    }
+
+    pub fn finish(self) -> Result<Vec<u8>> {
+        Ok(self.b.into_inner()?)
+    }
+}
+
+/// A root filesystem layer with busybox-static and a symlink per applet, `/etc/passwd`,
+/// and a page for `httpd` under `/www`.
+pub fn busybox_layer() -> Result<Vec<u8>> {
+    let bb = std::fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX} (apt-get install busybox-static)"))?;
+    let out = std::process::Command::new(BUSYBOX).arg("--list").output().context("busybox --list")?;
+    let mut l = LayerBuilder::new();
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "www", "var", "root", "data"] {
+        l = l.dir(d, if d == "tmp" { 0o1777 } else { 0o755 })?;
+    }
+    l = l.file("bin/busybox", 0o755, &bb)?;
+    for applet in String::from_utf8_lossy(&out.stdout).lines() {
+        if applet != "busybox" && !applet.is_empty() && !applet.contains('/') {
+            l = l.symlink(&format!("bin/{applet}"), "busybox")?;
+        }
+    }
+    l = l
+        .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")?
+        .file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?
+        .file("www/index.html", 0o644, b"hello from skiff\n")?;
+    l.finish()
+}
+
+/// An image under construction: layers (uncompressed tars) plus the runtime config.
+#[derive(Clone)]
+pub struct ImageBuilder {
+    pub layers: Vec<Vec<u8>>,
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub env: Vec<String>,
+    pub working_dir: Option<String>,
+    pub architecture: String,
+    pub gzip: bool,
+}
+
+impl ImageBuilder {
+    pub fn busybox() -> Result<Self> {
+        Ok(ImageBuilder {
+            layers: vec![busybox_layer()?],
+            entrypoint: None,
+            cmd: Some(vec!["/bin/sh".into()]),
+            env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
+            working_dir: None,
+            architecture: host_arch().into(),
+            gzip: true,
+        })
+    }
+
+    pub fn layer(mut self, tar: Vec<u8>) -> Self {
+        self.layers.push(tar);
+        self
+    }
+
+    pub fn cmd(mut self, cmd: &[&str]) -> Self {
+        self.cmd = Some(cmd.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
+    /// Returns (config json, [(compressed blob, diff_id)]).
+    fn blobs(&self) -> Result<(Vec<u8>, Vec<(Vec<u8>, String)>)> {
+        let mut layers = vec![];
+        for l in &self.layers {
+            let diff = sha256(l);
+            let blob = if self.gzip {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                std::io::Write::write_all(&mut e, l)?;
+                e.finish()?
+            } else {
+                l.clone()
+            };
+            layers.push((blob, diff));
+        }
+        let config = serde_json::json!({
+            "architecture": self.architecture,
+            "os": "linux",
+            "config": {
+                "Entrypoint": self.entrypoint,
+                "Cmd": self.cmd,
+                "Env": self.env,
+                "WorkingDir": self.working_dir.clone().unwrap_or_default(),
+            },
+            "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>()},
+        });
+        Ok((serde_json::to_vec(&config)?, layers))
+    }
+
+    /// Writes an OCI image layout directory naming the image `name`.
+    pub fn write_oci_layout(&self, dir: &Path, name: &str) -> Result<String> {
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs)?;
+        let put = |b: &[u8]| -> Result<(String, usize)> {
+            let d = sha256(b);
+            std::fs::write(blobs.join(d.trim_start_matches("sha256:")), b)?;
+            Ok((d, b.len()))
+        };
+        let (config, layers) = self.blobs()?;
+        let (cd, cs) = put(&config)?;
+        let mut ldesc = vec![];
+        for (blob, _) in &layers {
+            let (d, s) = put(blob)?;
+            let mt = if self.gzip { "application/vnd.oci.image.layer.v1.tar+gzip" } else { "application/vnd.oci.image.layer.v1.tar" };
+            ldesc.push(serde_json::json!({"mediaType": mt, "digest": d, "size": s}));
+        }
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+            "layers": ldesc,
+        }))?;
+        let (md, ms) = put(&manifest)?;
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+                "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name},
+            }],
+        });
+        std::fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
+        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        Ok(md)
+    }
+
+    /// Writes a tarball in the classic `docker save` format (manifest.json, `<id>.json`,
+    /// `<n>/layer.tar`).
+    pub fn write_docker_save(&self, path: &Path, name: &str) -> Result<()> {
+        let plain = ImageBuilder { gzip: false, ..self.clone() };
+        let (config, layers) = plain.blobs()?;
+        let cid = sha256(&config).trim_start_matches("sha256:").to_string();
+        let mut b = tar::Builder::new(std::fs::File::create(path)?);
+        let mut add = |p: &str, data: &[u8]| -> Result<()> {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, p, data)?;
+            Ok(())
+        };
+        add(&format!("{cid}.json"), &config)?;
+        let mut lnames = vec![];
+        for (i, (blob, _)) in layers.iter().enumerate() {
+            let n = format!("layer{i}/layer.tar");
+            add(&n, blob)?;
+            lnames.push(n);
+        }
+        let manifest = serde_json::json!([{"Config": format!("{cid}.json"), "RepoTags": [name], "Layers": lnames}]);
+        add("manifest.json", &serde_json::to_vec(&manifest)?)?;
+        b.into_inner()?.sync_all()?;
+        Ok(())
+    }
+}
+
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        other => other,
+    }
+}
+
+/// Why privileged tests cannot run here, if they cannot: not root, or runc missing.
+pub fn privileged_skip_reason() -> Option<String> {
+    if !nix_is_root() {
+        return Some("needs root (CI runs these as root)".into());
+    }
+    for bin in ["runc", "ip"] {
+        if which(bin).is_none() {
+            return Some(format!("{bin} is not installed (apt-get install runc iproute2)"));
+        }
+    }
+    if !Path::new(BUSYBOX).exists() {
+        return Some(format!("{BUSYBOX} is missing (apt-get install busybox-static)"));
+    }
+    None
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+pub fn which(bin: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(bin)).find(|p| p.is_file())
+}
+
+/// Returns early from a test with a printed reason when privileged tests cannot run.
+/// With `SKIFF_REQUIRE_PRIVILEGED=1` (set by CI) a missing prerequisite fails instead.
+#[macro_export]
+macro_rules! require_privileged {
+    () => {
+        if let Some(reason) = $crate::privileged_skip_reason() {
+            if std::env::var_os("SKIFF_REQUIRE_PRIVILEGED").is_some() {
+                panic!("privileged test cannot run: {reason}");
+            }
+            eprintln!("skipping: {reason}");
+            return Ok(());
+        }
+    };
+}

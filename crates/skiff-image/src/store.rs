@@ -1,0 +1,516 @@
+//! The on-disk store:
+//!
+//! ```text
+//! <root>/blobs/sha256/<hex>     verified blobs: manifests, indexes, configs, layer tars
+//! <root>/layers/<diff-id-hex>/  unpacked layers in overlay form (see `unpack`)
+//! <root>/refs.json              reference -> top manifest (or index) digest
+//! <root>/tmp/                   partial work; anything here may be deleted at startup
+//! ```
+//!
+//! Registry pulls (a later step) plug in at `put_blob_*` and `tag`: whatever brings the
+//! bytes, they enter the store only through digest verification.
+
+use crate::digest::{sha256_hex, sha256_of, HashingReader};
+use crate::error::IoContext;
+use crate::{normalize_reference, ImageError};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const MT_OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const MT_OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The platform of this machine, in OCI spelling.
+pub fn host_platform() -> Platform {
+    let (arch, variant) = match std::env::consts::ARCH {
+        "x86_64" => ("amd64", None),
+        "aarch64" => ("arm64", None),
+        "arm" => ("arm", Some("v7")),
+        "x86" => ("386", None),
+        other => (other, None),
+    };
+    Platform { architecture: arch.into(), os: "linux".into(), variant: variant.map(Into::into) }
+}
+
+/// An image manifest or an index (both parse into this; which one it is shows in
+/// `media_type` or in which of `layers` / `manifests` is present).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    #[serde(rename = "schemaVersion")]
+    pub schema_version: u32,
+    #[serde(rename = "mediaType", default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<Descriptor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<Descriptor>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifests: Option<Vec<Descriptor>>,
+}
+
+impl Manifest {
+    pub fn is_index(&self) -> bool {
+        self.manifests.is_some() || matches!(self.media_type.as_deref(), Some(MT_OCI_INDEX | MT_DOCKER_LIST))
+    }
+}
+
+/// The runtime-relevant part of an image config (`config` in the OCI config JSON).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageConfig {
+    #[serde(rename = "Entrypoint", default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(rename = "Cmd", default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(rename = "Env", default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<String>>,
+    #[serde(rename = "WorkingDir", default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(rename = "User", default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(rename = "StopSignal", default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    #[serde(rename = "Labels", default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct RootFs {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ConfigFile {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    variant: Option<String>,
+    #[serde(default)]
+    config: Option<ImageConfig>,
+    rootfs: RootFs,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LayerRef {
+    /// Digest of the blob as stored (possibly compressed).
+    pub digest: String,
+    /// Digest of the uncompressed tar; names the unpacked directory.
+    pub diff_id: String,
+    pub size: u64,
+}
+
+/// A resolved, runnable image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub reference: String,
+    pub manifest_digest: String,
+    /// The image ID, as Docker shows it.
+    pub config_digest: String,
+    pub platform: String,
+    pub config: ImageConfig,
+    pub layers: Vec<LayerRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageSummary {
+    pub reference: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+pub struct ImageStore {
+    root: PathBuf,
+}
+
+fn io_tmp_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+impl ImageStore {
+    /// Opens (creating if needed) a store rooted at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
+        let root = root.into();
+        for d in ["blobs/sha256", "layers", "tmp"] {
+            fs::create_dir_all(root.join(d)).ctx("create", root.join(d))?;
+        }
+        Ok(ImageStore { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A fresh directory under `tmp/` for partial work; the caller removes it.
+    pub fn tmp_dir(&self, prefix: &str) -> Result<PathBuf, ImageError> {
+        let p = self.root.join("tmp").join(io_tmp_name(prefix));
+        fs::create_dir_all(&p).ctx("create", &p)?;
+        Ok(p)
+    }
+
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        Ok(self.root.join("blobs/sha256").join(sha256_hex(digest)?))
+    }
+
+    pub fn has_blob(&self, digest: &str) -> bool {
+        self.blob_path(digest).is_ok_and(|p| p.exists())
+    }
+
+    /// The overlay lower directory of an unpacked layer.
+    pub fn layer_dir(&self, diff_id: &str) -> Result<PathBuf, ImageError> {
+        Ok(self.root.join("layers").join(sha256_hex(diff_id)?))
+    }
+
+    pub fn put_blob_bytes(&self, bytes: &[u8], expected: Option<&str>) -> Result<String, ImageError> {
+        let actual = sha256_of(bytes);
+        let digest = format!("sha256:{actual}");
+        if let Some(e) = expected {
+            sha256_hex(e)?;
+            if e != digest {
+                return Err(ImageError::DigestMismatch { digest: e.to_string(), actual });
+            }
+        }
+        let dst = self.blob_path(&digest)?;
+        if !dst.exists() {
+            let tmp = self.root.join("tmp").join(io_tmp_name("blob"));
+            let mut f = fs::File::create(&tmp).ctx("create", &tmp)?;
+            f.write_all(bytes).ctx("write", &tmp)?;
+            f.sync_all().ctx("sync", &tmp)?;
+            fs::rename(&tmp, &dst).ctx("rename", &dst)?;
+        }
+        Ok(digest)
+    }
+
+    /// Verifies `src` against `expected` (or computes its digest) and copies it in.
+    pub fn put_blob_file(&self, src: &Path, expected: Option<&str>) -> Result<String, ImageError> {
+        let f = fs::File::open(src).ctx("open", src)?;
+        let tmp = self.root.join("tmp").join(io_tmp_name("blob"));
+        let mut out = fs::File::create(&tmp).ctx("create", &tmp)?;
+        let mut r = HashingReader::new(BufReader::new(f));
+        let res = std::io::copy(&mut r, &mut out).ctx("copy", src).and_then(|_| out.sync_all().ctx("sync", &tmp));
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let actual = r.finish().ctx("read", src)?;
+        let digest = format!("sha256:{actual}");
+        if let Some(e) = expected {
+            if e != digest {
+                let _ = fs::remove_file(&tmp);
+                return Err(ImageError::DigestMismatch { digest: e.to_string(), actual });
+            }
+        }
+        let dst = self.blob_path(&digest)?;
+        fs::rename(&tmp, &dst).ctx("rename", &dst)?;
+        Ok(digest)
+    }
+
+    pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>, ImageError> {
+        let p = self.blob_path(digest)?;
+        let bytes = fs::read(&p).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ImageError::Malformed { what: digest.to_string(), problem: "blob is missing from the store".into() },
+            _ => ImageError::Io { op: "read", path: p.clone(), source: e },
+        })?;
+        Ok(bytes)
+    }
+
+    fn read_json<T: serde::de::DeserializeOwned>(&self, digest: &str) -> Result<T, ImageError> {
+        let bytes = self.read_blob(digest)?;
+        serde_json::from_slice(&bytes).map_err(|e| ImageError::Malformed { what: digest.to_string(), problem: e.to_string() })
+    }
+
+    /// Unpacks a layer blob (plain or gzip tar) into `layers/<diff_id>`, verifying the
+    /// uncompressed digest. Idempotent.
+    pub fn ensure_layer(&self, layer: &LayerRef) -> Result<PathBuf, ImageError> {
+        let dst = self.layer_dir(&layer.diff_id)?;
+        if dst.exists() {
+            return Ok(dst);
+        }
+        let blob = self.blob_path(&layer.digest)?;
+        let tmp = self.root.join("layers").join(format!(".{}", io_tmp_name("unpack")));
+        fs::create_dir(&tmp).ctx("create", &tmp)?;
+        let result = (|| {
+            let mut f = BufReader::new(fs::File::open(&blob).ctx("open", &blob)?);
+            let mut magic = [0u8; 4];
+            let n = read_full(&mut f, &mut magic).ctx("read", &blob)?;
+            let head = std::io::Cursor::new(magic[..n].to_vec()).chain(f);
+            let decompressed: Box<dyn Read> = if n >= 2 && magic[..2] == [0x1f, 0x8b] {
+                Box::new(flate2::read::MultiGzDecoder::new(head))
+            } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
+                return Err(ImageError::UnsupportedMediaType(format!("zstd-compressed layer {}", layer.digest)));
+            } else {
+                Box::new(head)
+            };
+            let mut hashing = HashingReader::new(decompressed);
+            crate::unpack_layer(&mut hashing, &tmp).map_err(|source| ImageError::Unpack { digest: layer.digest.clone(), source })?;
+            let actual = hashing.finish().ctx("read", &blob)?;
+            if format!("sha256:{actual}") != layer.diff_id {
+                return Err(ImageError::DiffIdMismatch { digest: layer.digest.clone(), expected: layer.diff_id.clone(), actual });
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                fs::rename(&tmp, &dst).ctx("rename", &dst)?;
+                Ok(dst)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    fn refs_path(&self) -> PathBuf {
+        self.root.join("refs.json")
+    }
+
+    fn refs(&self) -> Result<BTreeMap<String, String>, ImageError> {
+        match fs::read(self.refs_path()) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| ImageError::Malformed { what: self.refs_path().display().to_string(), problem: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(ImageError::Io { op: "read", path: self.refs_path(), source: e }),
+        }
+    }
+
+    fn write_refs(&self, refs: &BTreeMap<String, String>) -> Result<(), ImageError> {
+        let tmp = self.root.join("tmp").join(io_tmp_name("refs"));
+        let bytes = serde_json::to_vec_pretty(refs).map_err(|e| ImageError::Malformed { what: "refs".into(), problem: e.to_string() })?;
+        fs::write(&tmp, bytes).ctx("write", &tmp)?;
+        fs::rename(&tmp, self.refs_path()).ctx("rename", self.refs_path())
+    }
+
+    /// Points `reference` at a stored manifest or index.
+    pub fn tag(&self, reference: &str, digest: &str) -> Result<(), ImageError> {
+        if !self.has_blob(digest) {
+            return Err(ImageError::Malformed { what: digest.into(), problem: "cannot tag a blob that is not stored".into() });
+        }
+        let mut refs = self.refs()?;
+        refs.insert(normalize_reference(reference), digest.to_string());
+        self.write_refs(&refs)
+    }
+
+    /// Resolves a reference (`name:tag`, a short name, or an image/manifest digest) to a
+    /// runnable image for the host platform, unpacking its layers if needed.
+    pub fn resolve(&self, reference: &str) -> Result<ImageInfo, ImageError> {
+        let info = self.inspect(reference)?;
+        for l in &info.layers {
+            self.ensure_layer(l)?;
+        }
+        Ok(info)
+    }
+
+    /// Like `resolve`, without unpacking.
+    pub fn inspect(&self, reference: &str) -> Result<ImageInfo, ImageError> {
+        let refs = self.refs()?;
+        let norm = normalize_reference(reference);
+        let (name, top) = if let Some(d) = refs.get(&norm).or_else(|| refs.get(reference)) {
+            (norm.clone(), d.clone())
+        } else if reference.starts_with("sha256:") && self.has_blob(reference) {
+            (reference.to_string(), reference.to_string())
+        } else {
+            // An image ID (config digest), full or a prefix of at least 12 hex digits.
+            let want = reference.trim_start_matches("sha256:");
+            let mut found = None;
+            if want.len() >= 12 && want.bytes().all(|b| b.is_ascii_hexdigit()) {
+                for (r, d) in &refs {
+                    if let Ok(info) = self.image_for(r, d) {
+                        if info.config_digest.trim_start_matches("sha256:").starts_with(want) {
+                            found = Some((r.clone(), d.clone()));
+                            break;
+                        }
+                    }
+                }
+            }
+            found.ok_or_else(|| ImageError::NotFound(reference.to_string()))?
+        };
+        self.image_for(&name, &top)
+    }
+
+    fn image_for(&self, reference: &str, top: &str) -> Result<ImageInfo, ImageError> {
+        let m: Manifest = self.read_json(top)?;
+        let (manifest_digest, m) = if m.is_index() {
+            let want = host_platform();
+            let list = m.manifests.unwrap_or_default();
+            let chosen = list.iter().find(|d| {
+                d.platform.as_ref().is_some_and(|p| {
+                    p.os == want.os
+                        && p.architecture == want.architecture
+                        && (want.variant.is_none() || p.variant.is_none() || p.variant == want.variant)
+                })
+            });
+            let Some(d) = chosen else {
+                let have: Vec<String> = list.iter().filter_map(|d| d.platform.as_ref().map(|p| p.to_string())).collect();
+                return Err(ImageError::NoPlatform { reference: reference.into(), want: want.to_string(), have: have.join(", ") });
+            };
+            (d.digest.clone(), self.read_json::<Manifest>(&d.digest)?)
+        } else {
+            (top.to_string(), m)
+        };
+        let config_desc = m.config.ok_or_else(|| ImageError::Malformed { what: manifest_digest.clone(), problem: "manifest has no config".into() })?;
+        let layers = m.layers.unwrap_or_default();
+        let cfg: ConfigFile = self.read_json(&config_desc.digest)?;
+        if cfg.rootfs.diff_ids.len() != layers.len() {
+            return Err(ImageError::Malformed {
+                what: config_desc.digest.clone(),
+                problem: format!("config lists {} diff_ids for {} layers", cfg.rootfs.diff_ids.len(), layers.len()),
+            });
+        }
+        let layers = layers
+            .iter()
+            .zip(&cfg.rootfs.diff_ids)
+            .map(|(l, diff)| {
+                match l.media_type.as_str() {
+                    "" | MT_OCI_LAYER | MT_OCI_LAYER_GZIP
+                    | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+                    | "application/vnd.docker.image.rootfs.diff.tar" => {}
+                    other => return Err(ImageError::UnsupportedMediaType(other.to_string())),
+                }
+                sha256_hex(diff)?;
+                Ok(LayerRef { digest: l.digest.clone(), diff_id: diff.clone(), size: l.size })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let platform = Platform { architecture: cfg.architecture, os: cfg.os, variant: cfg.variant };
+        Ok(ImageInfo {
+            reference: reference.to_string(),
+            manifest_digest,
+            config_digest: config_desc.digest,
+            platform: platform.to_string(),
+            config: cfg.config.unwrap_or_default(),
+            layers,
+        })
+    }
+
+    pub fn list(&self) -> Result<Vec<ImageSummary>, ImageError> {
+        let mut out = vec![];
+        for (r, d) in self.refs()? {
+            let size = self.inspect(&r).map(|i| i.layers.iter().map(|l| l.size).sum()).unwrap_or(0);
+            out.push(ImageSummary { reference: r, digest: d, size });
+        }
+        Ok(out)
+    }
+
+    /// Removes a reference, then every blob and layer no reference needs any more.
+    /// `in_use` lists references that running workloads need; those are refused.
+    pub fn remove(&self, reference: &str, in_use: &BTreeMap<String, Vec<String>>) -> Result<(), ImageError> {
+        let mut refs = self.refs()?;
+        let norm = normalize_reference(reference);
+        let key = if refs.contains_key(&norm) { norm } else if refs.contains_key(reference) { reference.to_string() } else {
+            return Err(ImageError::NotFound(reference.to_string()));
+        };
+        if let Some(users) = in_use.get(&key).filter(|u| !u.is_empty()) {
+            return Err(ImageError::InUse { reference: key, users: users.join(", ") });
+        }
+        refs.remove(&key);
+        self.write_refs(&refs)?;
+        self.gc()?;
+        Ok(())
+    }
+
+    /// Deletes blobs and unpacked layers that no reference reaches, and stale `tmp/` work.
+    /// Returns the number of bytes freed (blobs only).
+    pub fn gc(&self) -> Result<u64, ImageError> {
+        let mut keep_blobs = BTreeSet::new();
+        let mut keep_layers = BTreeSet::new();
+        for (_, top) in self.refs()? {
+            keep_blobs.insert(top.clone());
+            let Ok(m) = self.read_json::<Manifest>(&top) else { continue };
+            let manifests: Vec<String> = match m.manifests {
+                Some(list) => list.into_iter().map(|d| d.digest).collect(),
+                None => vec![top.clone()],
+            };
+            for md in manifests {
+                keep_blobs.insert(md.clone());
+                let Ok(m) = self.read_json::<Manifest>(&md) else { continue };
+                if let Some(c) = &m.config {
+                    keep_blobs.insert(c.digest.clone());
+                    if let Ok(cfg) = self.read_json::<ConfigFile>(&c.digest) {
+                        keep_layers.extend(cfg.rootfs.diff_ids.iter().map(|d| d.trim_start_matches("sha256:").to_string()));
+                    }
+                }
+                for l in m.layers.unwrap_or_default() {
+                    keep_blobs.insert(l.digest);
+                }
+            }
+        }
+        let keep_blob_hex: BTreeSet<String> = keep_blobs.iter().map(|d| d.trim_start_matches("sha256:").to_string()).collect();
+        let mut freed = 0;
+        let blobs = self.root.join("blobs/sha256");
+        for e in fs::read_dir(&blobs).ctx("read", &blobs)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !keep_blob_hex.contains(&name) {
+                freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(e.path()).ctx("remove", e.path())?;
+            }
+        }
+        let layers = self.root.join("layers");
+        for e in fs::read_dir(&layers).ctx("read", &layers)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !keep_layers.contains(&name) {
+                fs::remove_dir_all(e.path()).ctx("remove", e.path())?;
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Removes leftovers of interrupted work. Call when nothing else uses the store.
+    pub fn clean_tmp(&self) -> Result<(), ImageError> {
+        let tmp = self.root.join("tmp");
+        for e in fs::read_dir(&tmp).ctx("read", &tmp)?.flatten() {
+            let p = e.path();
+            let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        }
+        Ok(())
+    }
+}
+
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
