@@ -1,1 +1,87 @@
-//! placeholder
+//! Runtime backends and what they need: OCI spec generation, the per-container shim,
+//! container logs, cgroup statistics (v1 and v2) and node networking.
+//!
+//! Architecture Invariant: this crate never talks to the hub. It turns one instance
+//! request into a running, supervised process and reports what happened to it.
+//! Architecture Invariant: a container's stdio and exit status belong to its shim, never
+//! to the agent; the agent learns about exits from `exit.json`.
+#![forbid(unsafe_code)]
+
+pub mod cgroup;
+pub mod logs;
+pub mod network;
+pub mod oci;
+pub mod runc;
+pub mod seccomp;
+pub mod shim;
+pub mod spec;
+pub mod time;
+
+use skiff_model::{Deployment, ExitStatus};
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use oci::OciRuntime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("mounting the rootfs of {id}: {message}")]
+    Mount { id: String, message: String },
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    #[error(transparent)]
+    Runc(#[from] runc::RuncError),
+    #[error(transparent)]
+    Shim(#[from] shim::ShimError),
+    #[error("instance {0} is not running")]
+    NotRunning(String),
+}
+
+/// Everything a backend needs to create one instance.
+pub struct CreateRequest<'a> {
+    /// Unique on the host (runc id, cgroup and directory name).
+    pub id: String,
+    pub hostname: String,
+    pub deployment: &'a Deployment,
+    pub image: &'a skiff_image::ImageInfo,
+    /// Unpacked layer directories, bottom layer first.
+    pub layer_dirs: Vec<PathBuf>,
+    /// Network namespace to join; None means a fresh one (or the host's in host mode).
+    pub netns: Option<PathBuf>,
+    pub hosts: String,
+    pub resolv_conf: String,
+    /// (host path, container path, read only), resolved and existing.
+    pub volumes: Vec<(PathBuf, String, bool)>,
+}
+
+/// What the backend knows about an instance right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    Running { pid: i32 },
+    Exited(ExitStatus),
+    /// No process and no exit record (never started, or lost with a reboot).
+    Gone,
+}
+
+/// A runtime backend: `oci` (runc) today; `wasm` and `docker` are planned beside it.
+pub trait Runtime: Send + Sync {
+    fn kind(&self) -> &'static str;
+    /// Prepares the instance (filesystem, spec). Idempotent.
+    fn create(&self, req: &CreateRequest<'_>) -> Result<(), RuntimeError>;
+    /// Starts (or restarts) a created instance and returns its main pid.
+    fn start(&self, id: &str) -> Result<i32, RuntimeError>;
+    fn liveness(&self, id: &str) -> Liveness;
+    fn signal(&self, id: &str, signal: &str) -> Result<(), RuntimeError>;
+    fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<runc::ExecOutput, RuntimeError>;
+    /// Rewrites the instance's /etc/hosts in place (the bind mount keeps its inode).
+    fn update_hosts(&self, id: &str, hosts: &str) -> Result<(), RuntimeError>;
+    /// Stops nothing: removes what `create` made. Call after the instance has exited.
+    fn remove(&self, id: &str) -> Result<(), RuntimeError>;
+    fn log_path(&self, id: &str) -> PathBuf;
+    fn stats(&self, id: &str) -> cgroup::CgroupStats;
+    fn limits(&self, id: &str) -> cgroup::CgroupLimits;
+    /// Ids of instances this backend has state for (for adoption and cleanup).
+    fn known(&self) -> Vec<String>;
+}

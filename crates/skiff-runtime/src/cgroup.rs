@@ -1,0 +1,233 @@
+//! Reading cgroup limits and statistics, for v1 (per-controller hierarchies) and v2
+//! (unified). runc *applies* limits from the OCI spec; skiff only *reads* them here.
+//!
+//! The root is a parameter so that tests point it at a fixture directory.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    pub version: CgroupVersion,
+    pub root: PathBuf,
+}
+
+/// Limits as configured on a container's cgroup. `None` means unlimited or not readable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CgroupLimits {
+    pub cpu_quota_us: Option<i64>,
+    pub cpu_period_us: Option<u64>,
+    /// v1 `cpu.shares` (v2: None; compare `cpu_weight` with [`shares_to_weight`]).
+    pub cpu_shares: Option<u64>,
+    /// v2 `cpu.weight` as read (v1: None).
+    pub cpu_weight: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    /// memory + swap (v1 `memory.memsw.limit_in_bytes`; v2 memory.max + memory.swap.max).
+    pub memory_swap_bytes: Option<u64>,
+    pub pids_max: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CgroupStats {
+    pub cpu_usage_ns: u64,
+    pub memory_bytes: u64,
+    pub oom_kills: u64,
+    pub pids: u64,
+}
+
+fn read_trim(p: &Path) -> Option<String> {
+    fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+}
+
+/// `max` and v1's "unlimited" sentinel (a huge page-rounded number) map to None.
+fn limit(s: Option<String>) -> Option<u64> {
+    let s = s?;
+    if s == "max" || s == "-1" {
+        return None;
+    }
+    let v: u64 = s.parse().ok()?;
+    (v < (1u64 << 62)).then_some(v)
+}
+
+fn keyed(p: &Path, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(p).ok()?;
+    text.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next()? == key).then(|| it.next()?.parse().ok())?
+    })
+}
+
+/// runc's conversion from cpu.shares to cpu.weight on cgroup v2.
+pub fn shares_to_weight(shares: u64) -> u64 {
+    if shares == 0 {
+        return 0;
+    }
+    1 + ((shares.saturating_sub(2)) * 9999) / 262_142
+}
+
+impl Cgroups {
+    /// Detects the host's mode: v2 when `/sys/fs/cgroup` is itself cgroup2, else v1
+    /// (hybrid hosts count as v1, as runc treats them).
+    pub fn detect() -> Self {
+        let root = PathBuf::from("/sys/fs/cgroup");
+        let v2 = root.join("cgroup.controllers").exists();
+        Cgroups { version: if v2 { CgroupVersion::V2 } else { CgroupVersion::V1 }, root }
+    }
+
+    pub fn at(version: CgroupVersion, root: impl Into<PathBuf>) -> Self {
+        Cgroups { version, root: root.into() }
+    }
+
+    /// The directory of `cg` (an OCI `cgroupsPath` such as `/skiff/abc`) for `controller`.
+    fn dir(&self, controller: &str, cg: &str) -> PathBuf {
+        let rel = cg.trim_start_matches('/');
+        match self.version {
+            CgroupVersion::V1 => self.root.join(controller).join(rel),
+            CgroupVersion::V2 => self.root.join(rel),
+        }
+    }
+
+    pub fn exists(&self, cg: &str) -> bool {
+        self.dir("memory", cg).exists()
+    }
+
+    pub fn limits(&self, cg: &str) -> CgroupLimits {
+        match self.version {
+            CgroupVersion::V1 => {
+                let cpu = self.dir("cpu", cg);
+                let mem = self.dir("memory", cg);
+                CgroupLimits {
+                    cpu_quota_us: read_trim(&cpu.join("cpu.cfs_quota_us")).and_then(|s| s.parse().ok()).filter(|q: &i64| *q > 0),
+                    cpu_period_us: read_trim(&cpu.join("cpu.cfs_period_us")).and_then(|s| s.parse().ok()),
+                    cpu_shares: read_trim(&cpu.join("cpu.shares")).and_then(|s| s.parse().ok()),
+                    cpu_weight: None,
+                    memory_bytes: limit(read_trim(&mem.join("memory.limit_in_bytes"))),
+                    memory_swap_bytes: limit(read_trim(&mem.join("memory.memsw.limit_in_bytes"))),
+                    pids_max: limit(read_trim(&self.dir("pids", cg).join("pids.max"))),
+                }
+            }
+            CgroupVersion::V2 => {
+                let d = self.dir("", cg);
+                let (quota, period) = match read_trim(&d.join("cpu.max")) {
+                    Some(s) => {
+                        let mut it = s.split_whitespace();
+                        let q = it.next().and_then(|q| q.parse().ok());
+                        let p = it.next().and_then(|p| p.parse().ok());
+                        (q, p)
+                    }
+                    None => (None, None),
+                };
+                let weight: Option<u64> = read_trim(&d.join("cpu.weight")).and_then(|s| s.parse().ok());
+                let mem = limit(read_trim(&d.join("memory.max")));
+                let swap = limit(read_trim(&d.join("memory.swap.max")));
+                CgroupLimits {
+                    cpu_quota_us: quota,
+                    cpu_period_us: period,
+                    cpu_shares: None,
+                    cpu_weight: weight,
+                    memory_bytes: mem,
+                    memory_swap_bytes: match (mem, swap) {
+                        (Some(m), Some(s)) => Some(m + s),
+                        _ => None,
+                    },
+                    pids_max: limit(read_trim(&d.join("pids.max"))),
+                }
+            }
+        }
+    }
+
+    pub fn stats(&self, cg: &str) -> CgroupStats {
+        match self.version {
+            CgroupVersion::V1 => {
+                let mem = self.dir("memory", cg);
+                let usage = read_trim(&mem.join("memory.usage_in_bytes")).and_then(|s| s.parse().ok()).unwrap_or(0u64);
+                // Working set, as cAdvisor/kubelet compute it: usage minus inactive file cache.
+                let inactive = keyed(&mem.join("memory.stat"), "total_inactive_file").unwrap_or(0);
+                CgroupStats {
+                    cpu_usage_ns: read_trim(&self.dir("cpuacct", cg).join("cpuacct.usage")).and_then(|s| s.parse().ok()).unwrap_or(0),
+                    memory_bytes: usage.saturating_sub(inactive),
+                    oom_kills: keyed(&mem.join("memory.oom_control"), "oom_kill").unwrap_or(0),
+                    pids: read_trim(&self.dir("pids", cg).join("pids.current")).and_then(|s| s.parse().ok()).unwrap_or(0),
+                }
+            }
+            CgroupVersion::V2 => {
+                let d = self.dir("", cg);
+                let usage = read_trim(&d.join("memory.current")).and_then(|s| s.parse().ok()).unwrap_or(0u64);
+                let inactive = keyed(&d.join("memory.stat"), "inactive_file").unwrap_or(0);
+                CgroupStats {
+                    cpu_usage_ns: keyed(&d.join("cpu.stat"), "usage_usec").unwrap_or(0) * 1000,
+                    memory_bytes: usage.saturating_sub(inactive),
+                    oom_kills: keyed(&d.join("memory.events"), "oom_kill").unwrap_or(0),
+                    pids: read_trim(&d.join("pids.current")).and_then(|s| s.parse().ok()).unwrap_or(0),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(root: &Path, rel: &str, body: &str) {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, body).unwrap();
+    }
+
+    #[test]
+    fn v2_fixture() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        write(r, "skiff/c1/cpu.max", "50000 100000\n");
+        write(r, "skiff/c1/cpu.weight", &format!("{}\n", shares_to_weight(2048)));
+        write(r, "skiff/c1/memory.max", "536870912\n");
+        write(r, "skiff/c1/memory.swap.max", "0\n");
+        write(r, "skiff/c1/pids.max", "100\n");
+        write(r, "skiff/c1/memory.current", "10485760\n");
+        write(r, "skiff/c1/memory.stat", "anon 1\ninactive_file 1048576\n");
+        write(r, "skiff/c1/memory.events", "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n");
+        write(r, "skiff/c1/cpu.stat", "usage_usec 2500\nuser_usec 2000\n");
+        write(r, "skiff/c1/pids.current", "3\n");
+        let cg = Cgroups::at(CgroupVersion::V2, r);
+        let l = cg.limits("/skiff/c1");
+        assert_eq!(l.cpu_quota_us, Some(50_000));
+        assert_eq!(l.cpu_period_us, Some(100_000));
+        assert_eq!(l.cpu_weight, Some(shares_to_weight(2048)));
+        assert_eq!(l.memory_bytes, Some(512 << 20));
+        assert_eq!(l.memory_swap_bytes, Some(512 << 20));
+        assert_eq!(l.pids_max, Some(100));
+        let s = cg.stats("/skiff/c1");
+        assert_eq!(s, CgroupStats { cpu_usage_ns: 2_500_000, memory_bytes: 9 << 20, oom_kills: 1, pids: 3 });
+        write(r, "skiff/c2/cpu.max", "max 100000\n");
+        write(r, "skiff/c2/memory.max", "max\n");
+        let l = cg.limits("/skiff/c2");
+        assert_eq!((l.cpu_quota_us, l.memory_bytes), (None, None));
+    }
+
+    #[test]
+    fn v1_fixture() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        write(r, "cpu/skiff/c1/cpu.cfs_quota_us", "150000\n");
+        write(r, "cpu/skiff/c1/cpu.cfs_period_us", "100000\n");
+        write(r, "cpu/skiff/c1/cpu.shares", "512\n");
+        write(r, "memory/skiff/c1/memory.limit_in_bytes", "67108864\n");
+        write(r, "memory/skiff/c1/memory.memsw.limit_in_bytes", "67108864\n");
+        write(r, "memory/skiff/c1/memory.usage_in_bytes", "4096\n");
+        write(r, "memory/skiff/c1/memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n");
+        write(r, "pids/skiff/c1/pids.max", "max\n");
+        let cg = Cgroups::at(CgroupVersion::V1, r);
+        let l = cg.limits("/skiff/c1");
+        assert_eq!((l.cpu_quota_us, l.cpu_shares, l.memory_bytes, l.pids_max), (Some(150_000), Some(512), Some(64 << 20), None));
+        assert_eq!(cg.stats("/skiff/c1").oom_kills, 2);
+        write(r, "memory/skiff/c2/memory.limit_in_bytes", "9223372036854771712\n");
+        assert_eq!(cg.limits("/skiff/c2").memory_bytes, None);
+    }
+}

@@ -1,0 +1,234 @@
+//! The `oci` backend: overlayfs rootfs over unpacked layers, a generated runtime spec,
+//! and runc driven by a per-container shim.
+//!
+//! ```text
+//! <root>/<id>/config.json   runtime spec        <root>/<id>/rootfs/  overlay mount
+//! <root>/<id>/upper, work/  overlay rw layer    <root>/<id>/hosts, resolv.conf, hostname
+//! <root>/<id>/shim.json     shim settings       <root>/<id>/container.log[.N], exit.json
+//! ```
+
+use crate::cgroup::{CgroupLimits, CgroupStats, Cgroups};
+use crate::runc::{ExecOutput, Runc};
+use crate::shim::{self, ShimConfig};
+use crate::spec::{self, SpecInput};
+use crate::{CreateRequest, Liveness, Runtime, RuntimeError};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub struct OciRuntime {
+    root: PathBuf,
+    runc: Runc,
+    skiff_bin: PathBuf,
+    cgroups: Cgroups,
+    /// Parent of every container cgroup, e.g. `/skiff`.
+    cgroup_parent: String,
+    pub log_max_bytes: u64,
+    pub log_max_files: u32,
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RuntimeError + 'a {
+    move |source| RuntimeError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// Whether `path` is a mount point, from /proc/self/mountinfo.
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(&want))
+}
+
+impl OciRuntime {
+    /// `root` holds instance directories; `runc_root` holds runc's state.
+    pub fn new(root: impl Into<PathBuf>, runc_root: impl Into<PathBuf>, skiff_bin: impl Into<PathBuf>, cgroup_parent: &str) -> Result<Self, RuntimeError> {
+        let root = root.into();
+        let runc_root = runc_root.into();
+        fs::create_dir_all(&root).map_err(io("create", &root))?;
+        fs::create_dir_all(&runc_root).map_err(io("create", &runc_root))?;
+        Ok(OciRuntime {
+            root,
+            runc: Runc::new(runc_root),
+            skiff_bin: skiff_bin.into(),
+            cgroups: Cgroups::detect(),
+            cgroup_parent: cgroup_parent.to_string(),
+            log_max_bytes: 10 << 20,
+            log_max_files: 3,
+        })
+    }
+
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    pub fn cgroups_path(&self, id: &str) -> String {
+        format!("{}/{id}", self.cgroup_parent.trim_end_matches('/'))
+    }
+
+    pub fn runc(&self) -> &Runc {
+        &self.runc
+    }
+
+    fn mount_rootfs(&self, id: &str, layers: &[PathBuf]) -> Result<PathBuf, RuntimeError> {
+        let dir = self.dir(id);
+        let rootfs = dir.join("rootfs");
+        for d in ["rootfs", "upper", "work"] {
+            fs::create_dir_all(dir.join(d)).map_err(io("create", &dir.join(d)))?;
+        }
+        if is_mounted(&rootfs) {
+            return Ok(rootfs);
+        }
+        let lower: Vec<String> = layers.iter().rev().map(|p| p.display().to_string()).collect();
+        if lower.is_empty() {
+            return Err(RuntimeError::Mount { id: id.into(), message: "the image has no layers".into() });
+        }
+        let opts = format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), dir.join("upper").display(), dir.join("work").display());
+        if opts.len() >= 4000 {
+            return Err(RuntimeError::Mount { id: id.into(), message: format!("{} layers make the overlay options longer than a page", layers.len()) });
+        }
+        nix::mount::mount(Some("overlay"), &rootfs, Some("overlay"), nix::mount::MsFlags::empty(), Some(opts.as_str()))
+            .map_err(|e| RuntimeError::Mount { id: id.into(), message: e.to_string() })?;
+        Ok(rootfs)
+    }
+}
+
+impl Runtime for OciRuntime {
+    fn kind(&self) -> &'static str {
+        "oci"
+    }
+
+    fn create(&self, req: &CreateRequest<'_>) -> Result<(), RuntimeError> {
+        let dir = self.dir(&req.id);
+        fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        let rootfs = self.mount_rootfs(&req.id, &req.layer_dirs)?;
+        let r = (|| {
+            let files = [("hosts", req.hosts.as_str(), "/etc/hosts"), ("resolv.conf", req.resolv_conf.as_str(), "/etc/resolv.conf"), ("hostname", &*format!("{}\n", req.hostname), "/etc/hostname")];
+            let mut etc_files = vec![];
+            for (name, body, dst) in files {
+                let p = dir.join(name);
+                fs::write(&p, body).map_err(io("write", &p))?;
+                etc_files.push((p, dst));
+            }
+            let spec = spec::generate(&SpecInput {
+                deployment: req.deployment,
+                image: &req.image.config,
+                rootfs: &rootfs,
+                hostname: req.hostname.clone(),
+                netns: req.netns.clone(),
+                etc_files,
+                volumes: req.volumes.clone(),
+                cgroups_path: self.cgroups_path(&req.id),
+            })?;
+            let p = dir.join("config.json");
+            fs::write(&p, serde_json::to_vec_pretty(&spec).unwrap_or_default()).map_err(io("write", &p))?;
+            let shim_cfg = ShimConfig {
+                id: req.id.clone(),
+                runc: self.runc.bin.clone(),
+                runc_root: self.runc.root.clone(),
+                cgroups_path: self.cgroups_path(&req.id),
+                log_max_bytes: self.log_max_bytes,
+                log_max_files: self.log_max_files,
+            };
+            let p = dir.join(shim::SHIM_CONFIG);
+            fs::write(&p, serde_json::to_vec_pretty(&shim_cfg).unwrap_or_default()).map_err(io("write", &p))
+        })();
+        if r.is_err() {
+            let _ = self.remove(&req.id);
+        }
+        r
+    }
+
+    fn start(&self, id: &str) -> Result<i32, RuntimeError> {
+        Ok(shim::launch(&self.skiff_bin, &self.dir(id), id)?)
+    }
+
+    fn liveness(&self, id: &str) -> Liveness {
+        let dir = self.dir(id);
+        if let Ok(b) = fs::read(dir.join(shim::EXIT_FILE)) {
+            if let Ok(e) = serde_json::from_slice(&b) {
+                return Liveness::Exited(e);
+            }
+        }
+        match self.runc.state(id) {
+            Some(s) if s.status == "running" || s.status == "created" || s.status == "paused" => Liveness::Running { pid: s.pid },
+            Some(_) => {
+                // Stopped but the shim has not recorded it yet (it is finishing up), or the
+                // shim died. Give a living shim its moment.
+                let shim_alive = fs::read_to_string(dir.join(shim::SHIM_PID_FILE))
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i32>().ok())
+                    .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                if shim_alive {
+                    Liveness::Running { pid: 0 }
+                } else {
+                    Liveness::Gone
+                }
+            }
+            None => Liveness::Gone,
+        }
+    }
+
+    fn signal(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {
+        Ok(self.runc.kill(id, signal)?)
+    }
+
+    fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecOutput, RuntimeError> {
+        Ok(self.runc.exec(id, argv, timeout)?)
+    }
+
+    fn update_hosts(&self, id: &str, hosts: &str) -> Result<(), RuntimeError> {
+        let p = self.dir(id).join("hosts");
+        if fs::read_to_string(&p).ok().as_deref() == Some(hosts) {
+            return Ok(());
+        }
+        // Truncate and write in place: a rename would leave the container's bind mount on
+        // the old inode.
+        fs::write(&p, hosts).map_err(io("write", &p))
+    }
+
+    fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        if self.runc.state(id).is_some() {
+            let _ = self.runc.kill(id, "KILL");
+            let _ = self.runc.delete(id);
+        }
+        let dir = self.dir(id);
+        let rootfs = dir.join("rootfs");
+        if is_mounted(&rootfs) {
+            nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH).map_err(|e| RuntimeError::Mount { id: id.into(), message: format!("unmount: {e}") })?;
+        }
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
+        }
+        // runc removes the cgroup on delete; clear an empty leftover from a crash.
+        for c in ["cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd", "net_cls", "perf_event", "hugetlb", ""] {
+            let p = self.cgroups.root.join(c).join(self.cgroups_path(id).trim_start_matches('/'));
+            if p.is_dir() {
+                let _ = fs::remove_dir(&p);
+            }
+        }
+        Ok(())
+    }
+
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.dir(id).join(shim::LOG_FILE)
+    }
+
+    fn stats(&self, id: &str) -> CgroupStats {
+        self.cgroups.stats(&self.cgroups_path(id))
+    }
+
+    fn limits(&self, id: &str) -> CgroupLimits {
+        self.cgroups.limits(&self.cgroups_path(id))
+    }
+
+    fn known(&self) -> Vec<String> {
+        let mut ids: Vec<String> = fs::read_dir(&self.root)
+            .map(|rd| rd.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        for id in self.runc.list() {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+}

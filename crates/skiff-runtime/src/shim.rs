@@ -1,0 +1,234 @@
+//! `skiff shim`: one small process per container that owns its stdio and exit status, so
+//! the agent can restart (or be upgraded) without touching running containers.
+//!
+//! Life of a shim:
+//! 1. The agent runs `skiff shim --bundle DIR`; that launcher starts the real shim
+//!    (`--daemon`) in a new session and exits at once, so the shim is re-parented to init
+//!    and never becomes the agent's zombie.
+//! 2. The shim makes itself a child subreaper, creates two pipes and runs `runc create`
+//!    with them as the container's stdout/stderr, then `runc start`.
+//! 3. It reports `ok <pid>` (or `err <message>`) on the pipe the agent reads, then copies
+//!    container output into `container.log` as JSON lines until the container exits.
+//! 4. It waits for the container's init, reads the OOM counter from the cgroup, deletes
+//!    the runc container, and finally writes `exit.json` (atomically). An `exit.json`
+//!    therefore always means: the container is gone and the id is free again.
+
+use crate::cgroup::Cgroups;
+use crate::logs::{LogWriter, MAX_LINE};
+use crate::runc::{last_log_error, Runc};
+use serde::{Deserialize, Serialize};
+use skiff_model::ExitStatus;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Written by the agent as `shim.json` in the bundle directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShimConfig {
+    pub id: String,
+    pub runc: PathBuf,
+    pub runc_root: PathBuf,
+    pub cgroups_path: String,
+    pub log_max_bytes: u64,
+    pub log_max_files: u32,
+}
+
+pub const SHIM_CONFIG: &str = "shim.json";
+pub const EXIT_FILE: &str = "exit.json";
+pub const LOG_FILE: &str = "container.log";
+pub const PID_FILE: &str = "init.pid";
+pub const SHIM_PID_FILE: &str = "shim.pid";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("starting the shim: {0}")]
+    Spawn(std::io::Error),
+    #[error("container {id} did not start: {message}")]
+    Start { id: String, message: String },
+    #[error("shim for {id} gave no answer")]
+    NoAnswer { id: String },
+}
+
+/// Starts a shim for the bundle and waits until the container runs; returns its pid.
+/// Blocking: call it off the async runtime.
+pub fn launch(skiff_bin: &Path, bundle: &Path, id: &str) -> Result<i32, ShimError> {
+    let mut child = Command::new(skiff_bin)
+        .arg("shim")
+        .arg("--bundle")
+        .arg(bundle)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(ShimError::Spawn)?;
+    let out = child.stdout.take();
+    // The launcher exits right after starting the daemon; reap it.
+    let _ = child.wait();
+    let mut line = String::new();
+    if let Some(out) = out {
+        let _ = BufReader::new(out).take(64 * 1024).read_line(&mut line);
+    }
+    let line = line.trim();
+    if let Some(pid) = line.strip_prefix("ok ") {
+        return pid.parse().map_err(|_| ShimError::NoAnswer { id: id.to_string() });
+    }
+    if let Some(msg) = line.strip_prefix("err ") {
+        return Err(ShimError::Start { id: id.to_string(), message: msg.to_string() });
+    }
+    Err(ShimError::NoAnswer { id: id.to_string() })
+}
+
+/// Entry point of `skiff shim --bundle DIR [--daemon]`. Returns the process exit code.
+pub fn main(bundle: &Path, daemon: bool) -> i32 {
+    if !daemon {
+        // Launcher: start the daemon in its own session, inheriting our stdout (the
+        // agent's pipe), and leave.
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+        let r = Command::new(exe).arg("shim").arg("--bundle").arg(bundle).arg("--daemon").stdin(Stdio::null()).stderr(Stdio::null()).spawn();
+        return match r {
+            Ok(_) => 0,
+            Err(e) => {
+                println!("err starting shim: {e}");
+                1
+            }
+        };
+    }
+    let _ = nix::unistd::setsid();
+    let report = |msg: String| {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{msg}");
+        let _ = out.flush();
+    };
+    match run(bundle, &report) {
+        Ok(()) => 0,
+        Err(msg) => {
+            report(format!("err {msg}"));
+            1
+        }
+    }
+}
+
+fn diag(bundle: &Path, msg: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(bundle.join("shim.log")) {
+        let _ = writeln!(f, "{} {msg}", crate::time::rfc3339_nanos(std::time::SystemTime::now()));
+    }
+}
+
+fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
+    let cfg: ShimConfig = std::fs::read(bundle.join(SHIM_CONFIG))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| format!("reading {}: {e}", bundle.join(SHIM_CONFIG).display()))?;
+    nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("set_child_subreaper: {e}"))?;
+    let _ = std::fs::write(bundle.join(SHIM_PID_FILE), std::process::id().to_string());
+    let _ = std::fs::remove_file(bundle.join(EXIT_FILE));
+    let _ = std::fs::remove_file(bundle.join(PID_FILE));
+    let runc = Runc { bin: cfg.runc.clone(), root: cfg.runc_root.clone() };
+    let runc_log = bundle.join("runc.log");
+    let _ = std::fs::remove_file(&runc_log);
+
+    let (out_r, out_w) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_w) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let status = runc
+        .command()
+        .arg("--log")
+        .arg(&runc_log)
+        .arg("--log-format")
+        .arg("json")
+        .arg("create")
+        .arg("--bundle")
+        .arg(bundle)
+        .arg("--pid-file")
+        .arg(bundle.join(PID_FILE))
+        .arg(&cfg.id)
+        .stdin(Stdio::null())
+        .stdout(out_w)
+        .stderr(err_w)
+        .status()
+        .map_err(|e| format!("running runc: {e}"))?;
+    if !status.success() {
+        let msg = last_log_error(&runc_log).unwrap_or_else(|| format!("runc create exited with {status}"));
+        let _ = runc.delete(&cfg.id);
+        return Err(msg);
+    }
+    let pid: i32 = std::fs::read_to_string(bundle.join(PID_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| "runc create wrote no pid".to_string())?;
+
+    let log = Arc::new(Mutex::new(
+        LogWriter::open(&bundle.join(LOG_FILE), cfg.log_max_bytes, cfg.log_max_files).map_err(|e| format!("opening the log: {e}"))?,
+    ));
+    let copiers = [(out_r, "stdout"), (err_r, "stderr")].map(|(r, stream)| {
+        let log = Arc::clone(&log);
+        std::thread::spawn(move || copy_lines(r, stream, &log))
+    });
+
+    if let Err(e) = runc.command().arg("--log").arg(&runc_log).arg("--log-format").arg("json").arg("start").arg(&cfg.id).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().map_err(|e| e.to_string()).and_then(|s| if s.success() { Ok(()) } else { Err(last_log_error(&runc_log).unwrap_or_else(|| format!("runc start exited with {s}"))) }) {
+        let _ = runc.delete(&cfg.id);
+        return Err(e);
+    }
+    report(format!("ok {pid}"));
+    diag(bundle, &format!("container {} started, pid {pid}", cfg.id));
+
+    let (code, signal) = wait_for(pid);
+    for c in copiers {
+        let _ = c.join();
+    }
+    let cg = Cgroups::detect();
+    let oom_killed = cg.stats(&cfg.cgroups_path).oom_kills > 0;
+    if let Err(e) = runc.delete(&cfg.id) {
+        diag(bundle, &format!("runc delete: {e}"));
+    }
+    let exit = ExitStatus { code, signal, oom_killed, finished_at_ms: crate::time::now_ms() };
+    let tmp = bundle.join(".exit.json.tmp");
+    let bytes = serde_json::to_vec(&exit).unwrap_or_default();
+    if std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, bundle.join(EXIT_FILE))).is_err() {
+        diag(bundle, "could not write exit.json");
+    }
+    diag(bundle, &format!("container exited: code {code} signal {signal:?} oom {oom_killed}"));
+    Ok(())
+}
+
+fn copy_lines(r: std::io::PipeReader, stream: &str, log: &Mutex<LogWriter>) {
+    let mut r = BufReader::with_capacity(64 * 1024, r);
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        buf.clear();
+        match (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if buf.last() == Some(&b'\n') {
+                    buf.pop();
+                }
+                if let Ok(mut w) = log.lock() {
+                    let _ = w.write(stream, &buf);
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the container's init (our child after re-parenting). Reaps any other
+/// orphans on the way. Returns (code, signal) with Docker's 128+signal convention.
+fn wait_for(pid: i32) -> (i32, Option<i32>) {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::Pid;
+    loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => return (code, None),
+            Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => return (128 + sig as i32, Some(sig as i32)),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => {
+                // Not our child (re-parenting failed): poll until it is gone; the code is lost.
+                while Path::new(&format!("/proc/{pid}")).exists() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                return (255, None);
+            }
+        }
+    }
+}
