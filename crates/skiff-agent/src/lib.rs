@@ -1,1 +1,696 @@
-//! placeholder
+//! The node agent: keeps the instances of its desired deployments running.
+//!
+//! Architecture Invariant: desired state is persisted in `agent.db` before it is acted
+//! on, and the agent needs nothing but its data directory to keep workloads running:
+//! after a restart or a reboot it re-adopts live containers (same pids) and brings back
+//! the ones that should run.
+//! Architecture Invariant: the agent never schedules; it runs what it is given.
+#![forbid(unsafe_code)]
+
+pub mod logs;
+pub mod proxy;
+pub mod state;
+pub mod supervise;
+
+use proxy::{PortKey, Proxies};
+use skiff_image::ImageStore;
+use skiff_model::{Deployment, EventRecord, Health, InstanceState, InstanceStatus, NetworkMode, VolumeSource};
+use skiff_runtime::network::{list_netns, netns_path, veth_name, Bridge, Subnet};
+use skiff_runtime::runc::ExecOutput;
+use skiff_runtime::time::now_ms;
+use skiff_runtime::{CreateRequest, Liveness, OciRuntime, Runtime};
+use state::{InstanceRow, State};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use supervise::{after_exit, after_probe, unmet_dependency, AfterExit, Peer};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(transparent)]
+    Image(#[from] skiff_image::ImageError),
+    #[error(transparent)]
+    Runtime(#[from] skiff_runtime::RuntimeError),
+    #[error(transparent)]
+    Net(#[from] skiff_runtime::network::NetError),
+    #[error("instance {0} not found")]
+    NoInstance(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    pub node_name: String,
+    pub bridge_name: String,
+    pub subnet: String,
+    /// The `skiff` binary that runs shims.
+    pub skiff_bin: PathBuf,
+    pub tick: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        AgentConfig {
+            data_dir: data_dir.into(),
+            node_name: hostname(),
+            bridge_name: "skiff0".into(),
+            subnet: "10.213.0.0/20".into(),
+            skiff_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("skiff")),
+            tick: Duration::from_millis(250),
+        }
+    }
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "node".into())
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    node_id: String,
+    state: Mutex<State>,
+    images: Arc<ImageStore>,
+    runtime: Arc<dyn Runtime>,
+    bridge: Bridge,
+    proxies: tokio::sync::Mutex<Proxies>,
+    notify: Notify,
+    stopping: Mutex<HashSet<String>>,
+    health: Mutex<HashMap<String, JoinHandle<()>>>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Agent {
+    pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
+        let data = &cfg.data_dir;
+        std::fs::create_dir_all(data).map_err(|e| AgentError::Other(format!("creating {}: {e}", data.display())))?;
+        let state = State::open(&data.join("agent.db"))?;
+        let node_id = match state.meta("node_id")? {
+            Some(id) => id,
+            None => {
+                let id = random_hex(4);
+                state.set_meta("node_id", &id)?;
+                id
+            }
+        };
+        let images = Arc::new(ImageStore::open(data.join("images"))?);
+        let runtime: Arc<dyn Runtime> = Arc::new(OciRuntime::new(data.join("instances"), data.join("runc"), &cfg.skiff_bin, "/skiff")?);
+        let bridge = Bridge { name: cfg.bridge_name.clone(), subnet: Subnet::parse(&cfg.subnet)? };
+        Ok(Arc::new(Agent {
+            cfg,
+            node_id,
+            state: Mutex::new(state),
+            images,
+            runtime,
+            bridge,
+            proxies: Default::default(),
+            notify: Notify::new(),
+            stopping: Default::default(),
+            health: Default::default(),
+        }))
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.cfg.node_name
+    }
+
+    pub fn images(&self) -> &Arc<ImageStore> {
+        &self.images
+    }
+
+    fn db<T>(&self, f: impl FnOnce(&mut State) -> Result<T, state::StateError>) -> Result<T, AgentError> {
+        let mut s = self.state.lock().map_err(|_| AgentError::Other("state lock poisoned".into()))?;
+        Ok(f(&mut s)?)
+    }
+
+    fn event(&self, object: &str, reason: &str, message: &str) {
+        info!(object, reason, message, "event");
+        let _ = self.db(|s| s.event(now_ms(), object, reason, message));
+    }
+
+    fn container_id(&self, instance: &str) -> String {
+        format!("{}-{instance}", self.node_id)
+    }
+
+    fn netns_name(&self, container_id: &str) -> String {
+        format!("skiff-{container_id}")
+    }
+
+    /// Persists the new desired state, then wakes the reconcile loop.
+    pub fn set_desired(&self, deployments: &[Deployment], revision: u64) -> Result<(), AgentError> {
+        self.db(|s| s.set_desired(deployments, revision))?;
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    pub fn desired(&self) -> Result<Vec<Deployment>, AgentError> {
+        self.db(|s| s.desired())
+    }
+
+    pub fn events(&self, limit: usize) -> Result<Vec<EventRecord>, AgentError> {
+        self.db(|s| s.events(limit))
+    }
+
+    pub fn instances(&self) -> Result<Vec<InstanceStatus>, AgentError> {
+        let rows = self.db(|s| s.instances())?;
+        Ok(rows.iter().map(|r| self.status_of(r)).collect())
+    }
+
+    fn status_of(&self, r: &InstanceRow) -> InstanceStatus {
+        InstanceStatus {
+            name: r.name.clone(),
+            deployment: r.deployment.clone(),
+            node: self.cfg.node_name.clone(),
+            state: r.state,
+            health: r.health,
+            pid: r.pid.filter(|p| *p > 0 && r.state == InstanceState::Running),
+            ip: r.ip.clone(),
+            restarts: r.restarts,
+            exit_code: r.exit_code,
+            oom_killed: r.oom_killed,
+            started_at_ms: r.started_at_ms,
+            finished_at_ms: r.finished_at_ms,
+            message: r.message.clone(),
+            image: r.spec.image.clone(),
+            ports: r.spec.ports.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    /// Container id and log file of an instance.
+    pub fn log_path(&self, instance: &str) -> Result<PathBuf, AgentError> {
+        let row = self.db(|s| s.instance(instance))?.ok_or_else(|| AgentError::NoInstance(instance.into()))?;
+        Ok(self.runtime.log_path(&row.container_id))
+    }
+
+    pub fn has_instance(&self, instance: &str) -> bool {
+        matches!(self.db(|s| s.instance(instance)), Ok(Some(_)))
+    }
+
+    pub async fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> Result<ExecOutput, AgentError> {
+        let row = self.db(|s| s.instance(instance))?.ok_or_else(|| AgentError::NoInstance(instance.into()))?;
+        if row.state != InstanceState::Running {
+            return Err(AgentError::Runtime(skiff_runtime::RuntimeError::NotRunning(instance.into())));
+        }
+        let rt = Arc::clone(&self.runtime);
+        Ok(blocking(move || rt.exec(&row.container_id, &argv, timeout)).await?)
+    }
+
+    pub fn cgroup_limits(&self, instance: &str) -> Result<skiff_runtime::cgroup::CgroupLimits, AgentError> {
+        let row = self.db(|s| s.instance(instance))?.ok_or_else(|| AgentError::NoInstance(instance.into()))?;
+        Ok(self.runtime.limits(&row.container_id))
+    }
+
+    pub fn cgroup_stats(&self, instance: &str) -> Result<skiff_runtime::cgroup::CgroupStats, AgentError> {
+        let row = self.db(|s| s.instance(instance))?.ok_or_else(|| AgentError::NoInstance(instance.into()))?;
+        Ok(self.runtime.stats(&row.container_id))
+    }
+
+    /// Re-adopts what survived, removes leftovers, then reconciles until `shutdown`.
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), AgentError> {
+        self.adopt().await?;
+        loop {
+            if let Err(e) = self.reconcile().await {
+                warn!(error = %e, "reconcile failed");
+            }
+            tokio::select! {
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep(self.cfg.tick) => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+        for (_, h) in self.health.lock().map(|mut m| std::mem::take(&mut *m)).unwrap_or_default() {
+            h.abort();
+        }
+        Ok(())
+    }
+
+    async fn adopt(self: &Arc<Self>) -> Result<(), AgentError> {
+        let bridge = self.bridge.clone();
+        blocking(move || bridge.ensure()).await?;
+        let _ = self.images.clean_tmp();
+        let rows = self.db(|s| s.instances())?;
+        let mine: HashSet<String> = rows.iter().map(|r| r.container_id.clone()).collect();
+        let rt = Arc::clone(&self.runtime);
+        let prefix = format!("{}-", self.node_id);
+        let leftovers: Vec<String> = rt.known().into_iter().filter(|id| id.starts_with(&prefix) && !mine.contains(id)).collect();
+        for id in leftovers {
+            info!(container = %id, "removing leftover container");
+            let rt = Arc::clone(&rt);
+            let _ = blocking(move || rt.remove(&id)).await;
+        }
+        let ns_prefix = format!("skiff-{}-", self.node_id);
+        for ns in list_netns(&ns_prefix) {
+            if !mine.iter().any(|id| self.netns_name(id) == ns) {
+                self.bridge.detach(&ns);
+            }
+        }
+        for r in rows.iter().filter(|r| r.state == InstanceState::Running) {
+            let rt = Arc::clone(&self.runtime);
+            let id = r.container_id.clone();
+            if let Liveness::Running { pid } = blocking(move || rt.liveness(&id)).await {
+                info!(instance = %r.name, pid, "re-adopted running instance");
+                self.start_health(r);
+            }
+        }
+        Ok(())
+    }
+
+    async fn reconcile(self: &Arc<Self>) -> Result<(), AgentError> {
+        let now = now_ms();
+        let desired = self.db(|s| s.desired())?;
+        let mut wanted: BTreeMap<String, Deployment> = BTreeMap::new();
+        for d in &desired {
+            for i in 1..=d.replicas {
+                wanted.insert(d.instance_name(i), d.clone());
+            }
+        }
+        let rows = self.db(|s| s.instances())?;
+        let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
+
+        // Remove instances that are no longer wanted, or whose spec changed.
+        for r in &rows {
+            let keep = wanted.get(&r.name).is_some_and(|d| same_spec(d, &r.spec));
+            if !keep && !stopping.contains(&r.name) {
+                if let Ok(mut s) = self.stopping.lock() {
+                    s.insert(r.name.clone());
+                }
+                let me = Arc::clone(self);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    me.stop_and_remove(&r).await;
+                    if let Ok(mut s) = me.stopping.lock() {
+                        s.remove(&r.name);
+                    }
+                    me.notify.notify_one();
+                });
+            }
+        }
+
+        // Observe running instances.
+        for r in rows.iter().filter(|r| r.state == InstanceState::Running && !stopping.contains(&r.name)) {
+            if !wanted.get(&r.name).is_some_and(|d| same_spec(d, &r.spec)) {
+                continue;
+            }
+            let rt = Arc::clone(&self.runtime);
+            let id = r.container_id.clone();
+            let live = blocking(move || rt.liveness(&id)).await;
+            match live {
+                Liveness::Running { pid } => {
+                    if pid > 0 && r.pid != Some(pid) {
+                        let mut r = r.clone();
+                        r.pid = Some(pid);
+                        self.db(|s| s.put_instance(&r))?;
+                    }
+                }
+                Liveness::Exited(exit) => self.on_exit(r.clone(), exit, now)?,
+                Liveness::Gone => {
+                    let exit = skiff_model::ExitStatus { code: 255, signal: None, oom_killed: false, finished_at_ms: now };
+                    let mut r = r.clone();
+                    r.message = Some("container lost (node rebooted or its shim was killed)".into());
+                    self.on_exit(r, exit, now)?;
+                }
+            }
+        }
+
+        // Create rows for new instances.
+        let names: HashSet<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        for (name, d) in &wanted {
+            if !names.contains(name.as_str()) {
+                let row = InstanceRow {
+                    name: name.clone(),
+                    deployment: d.name.clone(),
+                    container_id: self.container_id(name),
+                    spec: d.clone(),
+                    state: InstanceState::Pending,
+                    health: None,
+                    health_failures: 0,
+                    pid: None,
+                    ip: None,
+                    restarts: 0,
+                    streak: 0,
+                    exit_code: None,
+                    oom_killed: false,
+                    started_at_ms: None,
+                    finished_at_ms: None,
+                    next_start_ms: None,
+                    message: None,
+                };
+                self.db(|s| s.put_instance(&row))?;
+            }
+        }
+
+        // Start what is due and allowed.
+        let rows = self.db(|s| s.instances())?;
+        for r in &rows {
+            let due = matches!(r.state, InstanceState::Pending | InstanceState::Restarting) && r.next_start_ms.is_none_or(|t| t <= now);
+            if !due || stopping.contains(&r.name) || !wanted.get(&r.name).is_some_and(|d| same_spec(d, &r.spec)) {
+                continue;
+            }
+            let peers: Vec<Peer<'_>> = rows
+                .iter()
+                .filter(|p| p.spec.stack == r.spec.stack)
+                .map(|p| Peer { deployment: &p.deployment, state: p.state, health: p.health, has_healthcheck: p.spec.healthcheck.is_some(), exit_code: p.exit_code })
+                .collect();
+            if let Some(wait) = unmet_dependency(&r.spec, &peers) {
+                if r.message.as_deref() != Some(&wait) {
+                    let mut r = r.clone();
+                    r.message = Some(wait);
+                    self.db(|s| s.put_instance(&r))?;
+                }
+                continue;
+            }
+            self.start_instance(r.clone()).await?;
+        }
+
+        self.sync_hosts_and_ports().await
+    }
+
+    fn on_exit(self: &Arc<Self>, mut r: InstanceRow, exit: skiff_model::ExitStatus, now: u64) -> Result<(), AgentError> {
+        self.stop_health(&r.name);
+        r.exit_code = Some(exit.code);
+        r.oom_killed = exit.oom_killed;
+        r.finished_at_ms = Some(exit.finished_at_ms);
+        r.pid = None;
+        r.health = None;
+        r.health_failures = 0;
+        let what = if exit.oom_killed { format!("OOM-killed (exit code {})", exit.code) } else { format!("exited with code {}", exit.code) };
+        self.event(&r.name, if exit.oom_killed { "OOMKilled" } else { "Exited" }, &what);
+        match after_exit(r.spec.restart, &exit, r.started_at_ms, r.streak, r.restarts, now) {
+            AfterExit::Restart { at_ms, streak } => {
+                r.state = InstanceState::Restarting;
+                r.streak = streak;
+                r.next_start_ms = Some(at_ms);
+                r.message = Some(format!("{what}; restarting in {} ms", at_ms - now));
+            }
+            AfterExit::Stay => {
+                r.state = InstanceState::Exited;
+                r.next_start_ms = None;
+                r.message = Some(what);
+            }
+        }
+        self.db(|s| s.put_instance(&r))?;
+        Ok(())
+    }
+
+    /// Resolves image, network and volumes, creates the container and starts its shim.
+    async fn start_instance(self: &Arc<Self>, mut r: InstanceRow) -> Result<(), AgentError> {
+        let me = Arc::clone(self);
+        let r2 = r.clone();
+        let res = blocking(move || me.start_blocking(&r2)).await;
+        let now = now_ms();
+        match res {
+            Ok((pid, ip)) => {
+                let restarted = r.state == InstanceState::Restarting;
+                if restarted {
+                    r.restarts += 1;
+                }
+                r.state = InstanceState::Running;
+                r.pid = Some(pid);
+                r.ip = ip.map(|i| i.to_string());
+                r.started_at_ms = Some(now);
+                r.next_start_ms = None;
+                r.message = None;
+                r.health = r.spec.healthcheck.as_ref().map(|_| Health::Starting);
+                r.health_failures = 0;
+                self.db(|s| s.put_instance(&r))?;
+                self.event(&r.name, if restarted { "Restarted" } else { "Started" }, &format!("pid {pid}"));
+                self.start_health(&r);
+            }
+            Err(AgentError::Image(e @ skiff_image::ImageError::NotFound(_))) => {
+                // The image may be loaded later: keep trying, slowly.
+                r.state = InstanceState::Pending;
+                r.message = Some(e.to_string());
+                r.next_start_ms = Some(now + 5_000);
+                self.db(|s| s.put_instance(&r))?;
+            }
+            Err(e) => {
+                warn!(instance = %r.name, error = %e, "start failed");
+                self.event(&r.name, "Failed", &e.to_string());
+                // Counts as a failed run for the restart policy.
+                let exit = skiff_model::ExitStatus { code: 127, signal: None, oom_killed: false, finished_at_ms: now };
+                r.state = InstanceState::Running;
+                self.on_exit(r.clone(), exit, now)?;
+                let mut r = self.db(|s| s.instance(&r.name))?.unwrap_or(r);
+                if r.state == InstanceState::Exited {
+                    r.state = InstanceState::Failed;
+                }
+                r.message = Some(e.to_string());
+                self.db(|s| s.put_instance(&r))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_blocking(&self, r: &InstanceRow) -> Result<(i32, Option<Ipv4Addr>), AgentError> {
+        let id = &r.container_id;
+        if let Liveness::Running { pid } = self.runtime.liveness(id) {
+            if pid > 0 {
+                return Ok((pid, r.ip.as_ref().and_then(|i| i.parse().ok())));
+            }
+        }
+        let info = self.images.resolve(&r.spec.image)?;
+        let layer_dirs = info.layers.iter().map(|l| self.images.layer_dir(&l.diff_id)).collect::<Result<Vec<_>, _>>()?;
+        let (netns, ip) = match r.spec.network {
+            NetworkMode::Bridge => {
+                let subnet = self.bridge.subnet;
+                let ip = self.db(|s| s.lease(&r.name, subnet.hosts(), &subnet.to_string()))?;
+                let ns = self.netns_name(id);
+                let attached = netns_path(&ns).exists() && Path::new(&format!("/sys/class/net/{}", veth_name(&ns))).exists();
+                let path = if attached { netns_path(&ns) } else { self.bridge.attach(&ns, ip)? };
+                (Some(path), Some(ip))
+            }
+            NetworkMode::None | NetworkMode::Host => (None, None),
+        };
+        let volumes = self.volumes(&r.spec)?;
+        let hosts = if r.spec.network == NetworkMode::Host {
+            std::fs::read_to_string("/etc/hosts").unwrap_or_default()
+        } else {
+            self.hosts_for(&r.spec.stack, &r.name, ip)?
+        };
+        let hostname = r.spec.hostname.clone().unwrap_or_else(|| r.name.clone());
+        let req = CreateRequest {
+            id: id.clone(),
+            hostname,
+            deployment: &r.spec,
+            image: &info,
+            layer_dirs,
+            netns,
+            hosts,
+            resolv_conf: resolv_conf(r.spec.network == NetworkMode::Host),
+            volumes,
+        };
+        self.runtime.create(&req)?;
+        let pid = self.runtime.start(id)?;
+        Ok((pid, ip))
+    }
+
+    fn volumes(&self, d: &Deployment) -> Result<Vec<(PathBuf, String, bool)>, AgentError> {
+        let mut out = vec![];
+        for v in &d.volumes {
+            let src = match &v.source {
+                VolumeSource::Bind { path } => PathBuf::from(path),
+                VolumeSource::Named { name } => self.cfg.data_dir.join("volumes").join(name).join("_data"),
+            };
+            if !src.exists() {
+                // As `docker run -v` does, a missing source becomes an empty directory.
+                std::fs::create_dir_all(&src).map_err(|e| AgentError::Other(format!("volume source {}: {e}", src.display())))?;
+            }
+            out.push((src, v.target.clone(), v.read_only));
+        }
+        Ok(out)
+    }
+
+    /// `/etc/hosts` for one instance: itself plus every addressed instance of its stack,
+    /// reachable by instance name and by deployment (service) name.
+    fn hosts_for(&self, stack: &str, me: &str, my_ip: Option<Ipv4Addr>) -> Result<String, AgentError> {
+        let rows = self.db(|s| s.instances())?;
+        let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        if let Some(ip) = my_ip {
+            let dep = rows.iter().find(|r| r.name == me).map(|r| r.deployment.clone()).unwrap_or_default();
+            out.push_str(&format!("{ip}\t{me} {dep}\n"));
+        }
+        for r in rows.iter().filter(|r| r.spec.stack == stack && r.name != me && r.state == InstanceState::Running) {
+            if let Some(ip) = &r.ip {
+                out.push_str(&format!("{ip}\t{} {}\n", r.name, r.deployment));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn sync_hosts_and_ports(self: &Arc<Self>) -> Result<(), AgentError> {
+        let rows = self.db(|s| s.instances())?;
+        let mut keep = vec![];
+        let mut port_errors = vec![];
+        {
+            let mut proxies = self.proxies.lock().await;
+            for r in rows.iter().filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge) {
+                let my_ip = r.ip.as_ref().and_then(|i| i.parse().ok());
+                if let Ok(h) = self.hosts_for(&r.spec.stack, &r.name, my_ip) {
+                    let _ = self.runtime.update_hosts(&r.container_id, &h);
+                }
+                let Some(ip) = my_ip else { continue };
+                for p in &r.spec.ports {
+                    let bind_ip: IpAddr = p.host_ip.as_ref().and_then(|i| i.parse().ok()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                    let key = PortKey { bind: SocketAddr::new(bind_ip, p.host_port), protocol: p.protocol };
+                    if let Err(e) = proxies.ensure(key.clone(), SocketAddr::new(IpAddr::V4(ip), p.container_port)).await {
+                        port_errors.push((r.name.clone(), format!("publishing {p}: {e}")));
+                        continue;
+                    }
+                    keep.push(key);
+                }
+            }
+            proxies.retain(&keep);
+        }
+        for (name, msg) in port_errors {
+            if let Some(mut r) = self.db(|s| s.instance(&name))? {
+                if r.message.as_deref() != Some(&msg) {
+                    r.message = Some(msg.clone());
+                    self.db(|s| s.put_instance(&r))?;
+                    self.event(&name, "PortError", &msg);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM (or the image's stop signal), the grace period, SIGKILL; then removes the
+    /// container, its network namespace and its record.
+    async fn stop_and_remove(self: &Arc<Self>, r: &InstanceRow) {
+        self.stop_health(&r.name);
+        let id = r.container_id.clone();
+        let grace = Duration::from_millis(r.spec.stop_grace_period_ms);
+        if r.state == InstanceState::Running {
+            let sig = self.images.inspect(&r.spec.image).ok().and_then(|i| i.config.stop_signal).unwrap_or_else(|| "TERM".into());
+            let rt = Arc::clone(&self.runtime);
+            let id2 = id.clone();
+            let _ = blocking(move || rt.signal(&id2, sig.trim_start_matches("SIG"))).await;
+            if !self.wait_exit(&id, grace).await {
+                info!(instance = %r.name, "grace period over, killing");
+                let rt = Arc::clone(&self.runtime);
+                let id2 = id.clone();
+                let _ = blocking(move || rt.signal(&id2, "KILL")).await;
+                self.wait_exit(&id, Duration::from_secs(10)).await;
+            }
+        }
+        let rt = Arc::clone(&self.runtime);
+        let id2 = id.clone();
+        if let Err(e) = blocking(move || rt.remove(&id2)).await {
+            warn!(instance = %r.name, error = %e, "removing container");
+        }
+        self.bridge.detach(&self.netns_name(&id));
+        let _ = self.db(|s| s.delete_instance(&r.name));
+        self.event(&r.name, "Removed", "stopped and removed");
+    }
+
+    async fn wait_exit(&self, id: &str, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            let rt = Arc::clone(&self.runtime);
+            let id2 = id.to_string();
+            match blocking(move || rt.liveness(&id2)).await {
+                Liveness::Running { .. } => tokio::time::sleep(Duration::from_millis(100)).await,
+                _ => return true,
+            }
+        }
+        false
+    }
+
+    fn start_health(self: &Arc<Self>, r: &InstanceRow) {
+        let Some(hc) = r.spec.healthcheck.clone() else { return };
+        let me = Arc::clone(self);
+        let name = r.name.clone();
+        let id = r.container_id.clone();
+        let started = r.started_at_ms.unwrap_or_else(now_ms);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(hc.interval_ms)).await;
+                let rt = Arc::clone(&me.runtime);
+                let (id2, argv, timeout) = (id.clone(), hc.argv(), Duration::from_millis(hc.timeout_ms));
+                let ok = matches!(blocking(move || rt.exec(&id2, &argv, timeout)).await, Ok(o) if o.code == 0);
+                let Ok(Some(mut row)) = me.db(|s| s.instance(&name)) else { return };
+                if row.state != InstanceState::Running || row.container_id != id {
+                    return;
+                }
+                let in_start = now_ms() < started + hc.start_period_ms;
+                let before = row.health;
+                let (health, failures) = after_probe(ok, row.health_failures, hc.retries, in_start, row.health);
+                row.health = health;
+                row.health_failures = failures;
+                let _ = me.db(|s| s.put_instance(&row));
+                if before != health {
+                    if let Some(h) = health {
+                        me.event(&name, "Health", &format!("now {h}"));
+                    }
+                    me.notify.notify_one();
+                }
+                debug!(instance = %name, ok, "health probe");
+            }
+        });
+        if let Ok(mut m) = self.health.lock() {
+            if let Some(old) = m.insert(r.name.clone(), task) {
+                old.abort();
+            }
+        }
+    }
+
+    fn stop_health(&self, name: &str) {
+        if let Ok(mut m) = self.health.lock() {
+            if let Some(h) = m.remove(name) {
+                h.abort();
+            }
+        }
+    }
+
+    /// Whether every instance of these deployments is gone (after they were deleted).
+    pub fn all_gone(&self, deployments: &[String]) -> bool {
+        self.db(|s| s.instances()).map(|rows| !rows.iter().any(|r| deployments.contains(&r.deployment))).unwrap_or(false)
+    }
+}
+
+/// Replica count is not part of an instance's identity: scaling keeps the others running.
+fn same_spec(a: &Deployment, b: &Deployment) -> bool {
+    let mut a = a.clone();
+    a.replicas = b.replicas;
+    a == *b
+}
+
+/// The host's resolv.conf without loopback name servers, which a container's own
+/// network namespace cannot reach.
+fn resolv_conf(host_network: bool) -> String {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    if host_network {
+        return host;
+    }
+    host.lines()
+        .filter(|l| {
+            let mut it = l.split_whitespace();
+            !(it.next() == Some("nameserver") && it.next().is_some_and(|a| a.starts_with("127.") || a == "::1"))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}

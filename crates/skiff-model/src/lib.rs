@@ -13,5 +13,6 @@ pub mod validate;
 
 pub use quantity::{format_bytes, format_cpus, parse_bytes, parse_cpus, QuantityError};
 pub use spec::*;
+pub use api::EventRecord;
 pub use status::*;
 pub use validate::ValidationError;

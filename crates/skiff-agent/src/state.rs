@@ -1,0 +1,203 @@
+//! The agent's local state in SQLite (`<data>/agent.db`): the desired deployments it was
+//! given (persisted *before* it acts on them), its instances, address leases and events.
+//! Migrations are numbered and applied in order, tracked by `PRAGMA user_version`.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use skiff_model::{Deployment, EventRecord, Health, InstanceState};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("state database holds an unreadable record: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("no free address left in {0}")]
+    NoAddress(String),
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE deployments (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
+     CREATE TABLE instances (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+     CREATE TABLE leases (ip TEXT PRIMARY KEY, instance TEXT NOT NULL UNIQUE);
+     CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, time_ms INTEGER NOT NULL, object TEXT NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL);",
+];
+
+/// One instance as the agent tracks it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceRow {
+    pub name: String,
+    pub deployment: String,
+    pub container_id: String,
+    /// The spec the instance was created from; a different desired spec recreates it.
+    pub spec: Deployment,
+    pub state: InstanceState,
+    pub health: Option<Health>,
+    #[serde(default)]
+    pub health_failures: u32,
+    pub pid: Option<i32>,
+    pub ip: Option<String>,
+    pub restarts: u32,
+    /// Consecutive quick failures, for the backoff.
+    pub streak: u32,
+    pub exit_code: Option<i32>,
+    pub oom_killed: bool,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    pub next_start_ms: Option<u64>,
+    pub message: Option<String>,
+}
+
+pub struct State {
+    conn: Connection,
+}
+
+impl State {
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mut s = State { conn };
+        s.migrate()?;
+        Ok(s)
+    }
+
+    fn migrate(&mut self) -> Result<(), StateError> {
+        let v: usize = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(v) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", i + 1)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StateError> {
+        Ok(self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StateError> {
+        self.conn.execute("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, value])?;
+        Ok(())
+    }
+
+    /// Replaces the desired deployments in one transaction.
+    pub fn set_desired(&mut self, deployments: &[Deployment], revision: u64) -> Result<(), StateError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM deployments", [])?;
+        for d in deployments {
+            tx.execute("INSERT INTO deployments (name, spec) VALUES (?1, ?2)", params![d.name, serde_json::to_string(d)?])?;
+        }
+        tx.execute("INSERT INTO meta (key, value) VALUES ('desired_revision', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value", [revision.to_string()])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn desired(&self) -> Result<Vec<Deployment>, StateError> {
+        let mut st = self.conn.prepare("SELECT spec FROM deployments ORDER BY name")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = vec![];
+        for r in rows {
+            out.push(serde_json::from_str(&r?)?);
+        }
+        Ok(out)
+    }
+
+    pub fn instances(&self) -> Result<Vec<InstanceRow>, StateError> {
+        let mut st = self.conn.prepare("SELECT data FROM instances ORDER BY name")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = vec![];
+        for r in rows {
+            out.push(serde_json::from_str(&r?)?);
+        }
+        Ok(out)
+    }
+
+    pub fn instance(&self, name: &str) -> Result<Option<InstanceRow>, StateError> {
+        let data: Option<String> = self.conn.query_row("SELECT data FROM instances WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+        Ok(data.map(|d| serde_json::from_str(&d)).transpose()?)
+    }
+
+    pub fn put_instance(&self, row: &InstanceRow) -> Result<(), StateError> {
+        self.conn.execute(
+            "INSERT INTO instances (name, data) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET data = excluded.data",
+            params![row.name, serde_json::to_string(row)?],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_instance(&self, name: &str) -> Result<(), StateError> {
+        self.conn.execute("DELETE FROM instances WHERE name = ?1", [name])?;
+        self.conn.execute("DELETE FROM leases WHERE instance = ?1", [name])?;
+        Ok(())
+    }
+
+    /// The instance's address: its existing lease, or the lowest free one.
+    pub fn lease(&self, instance: &str, candidates: impl Iterator<Item = Ipv4Addr>, subnet: &str) -> Result<Ipv4Addr, StateError> {
+        if let Some(ip) = self.conn.query_row("SELECT ip FROM leases WHERE instance = ?1", [instance], |r| r.get::<_, String>(0)).optional()? {
+            if let Ok(ip) = ip.parse() {
+                return Ok(ip);
+            }
+        }
+        let mut st = self.conn.prepare("SELECT ip FROM leases")?;
+        let used: std::collections::HashSet<String> = st.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?;
+        for c in candidates {
+            if !used.contains(&c.to_string()) {
+                self.conn.execute("INSERT INTO leases (ip, instance) VALUES (?1, ?2)", [c.to_string(), instance.to_string()])?;
+                return Ok(c);
+            }
+        }
+        Err(StateError::NoAddress(subnet.to_string()))
+    }
+
+    pub fn event(&self, time_ms: u64, object: &str, reason: &str, message: &str) -> Result<(), StateError> {
+        self.conn.execute("INSERT INTO events (time_ms, object, reason, message) VALUES (?1, ?2, ?3, ?4)", params![time_ms as i64, object, reason, message])?;
+        // Bounded: keep the newest 10 000.
+        self.conn.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - 10000", [])?;
+        Ok(())
+    }
+
+    pub fn events(&self, limit: usize) -> Result<Vec<EventRecord>, StateError> {
+        let mut st = self.conn.prepare("SELECT time_ms, object, reason, message FROM (SELECT * FROM events ORDER BY id DESC LIMIT ?1) ORDER BY id")?;
+        let rows = st.query_map([limit as i64], |r| {
+            Ok(EventRecord { time_ms: r.get::<_, i64>(0)? as u64, object: r.get(1)?, reason: r.get(2)?, message: r.get(3)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn desired_and_leases_persist() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("agent.db");
+        {
+            let mut s = State::open(&p).unwrap();
+            s.set_desired(&[Deployment::new("web", "img")], 7).unwrap();
+            let c = || (2..10).map(|i| Ipv4Addr::new(10, 0, 0, i));
+            assert_eq!(s.lease("web-1", c(), "n").unwrap(), Ipv4Addr::new(10, 0, 0, 2));
+            assert_eq!(s.lease("web-2", c(), "n").unwrap(), Ipv4Addr::new(10, 0, 0, 3));
+            assert_eq!(s.lease("web-1", c(), "n").unwrap(), Ipv4Addr::new(10, 0, 0, 2), "stable per instance");
+            s.event(1, "web-1", "Started", "pid 5").unwrap();
+        }
+        let s = State::open(&p).unwrap();
+        assert_eq!(s.desired().unwrap()[0].name, "web");
+        assert_eq!(s.meta("desired_revision").unwrap().as_deref(), Some("7"));
+        s.delete_instance("web-1").unwrap();
+        let c = (2..10).map(|i| Ipv4Addr::new(10, 0, 0, i));
+        assert_eq!(s.lease("db-1", c, "n").unwrap(), Ipv4Addr::new(10, 0, 0, 2), "released address is reused");
+        assert_eq!(s.events(10).unwrap().len(), 1);
+        let full = (2..4).map(|i| Ipv4Addr::new(10, 0, 0, i));
+        assert!(matches!(s.lease("x-1", full, "n"), Err(StateError::NoAddress(_))));
+    }
+}
