@@ -1,1 +1,78 @@
-//! placeholder
+//! The control plane: a versioned REST API over the desired-state store, placement of
+//! deployments onto nodes, and the views (instances, logs, exec, events) that reach
+//! through to nodes.
+//!
+//! Architecture Invariant: the hub never touches a container. Everything it knows about
+//! instances comes through a [`NodeLink`]; in `skiff up` that link is the in-process agent,
+//! for remote nodes it will be the agent's tunnel.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod store;
+pub mod validate;
+
+use skiff_model::{Deployment, EventRecord, InstanceStatus, LogLine};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use store::Store;
+use tokio::sync::mpsc;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ExecResult {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub state: String,
+    pub arch: String,
+    pub os: String,
+    pub instances: usize,
+}
+
+/// The hub's view of one node: how it sends assignments and reaches instances.
+pub trait NodeLink: Send + Sync {
+    fn name(&self) -> String;
+    fn assign(&self, deployments: Vec<Deployment>, revision: u64) -> Result<(), String>;
+    fn instances(&self) -> Result<Vec<InstanceStatus>, String>;
+    fn events(&self, limit: usize) -> Result<Vec<EventRecord>, String>;
+    fn has_instance(&self, instance: &str) -> bool;
+    fn logs(&self, instance: &str, tail: Option<usize>, follow: bool) -> Result<mpsc::Receiver<LogLine>, String>;
+    fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> BoxFuture<'_, Result<ExecResult, String>>;
+    /// Whether the node can run `image` now (present locally, or pullable).
+    fn check_image(&self, image: &str) -> Result<(), String>;
+}
+
+pub struct Hub {
+    pub store: Arc<dyn Store>,
+    pub nodes: Vec<Arc<dyn NodeLink>>,
+    pub admin_token: String,
+}
+
+impl Hub {
+    /// Pushes every deployment to the node(s). Embedded mode has exactly one node, so
+    /// placement is trivial; the scheduler for many nodes plugs in here.
+    pub fn sync_nodes(&self) -> Result<(), String> {
+        let rev = self.store.revision().map_err(|e| e.to_string())?;
+        let all: Vec<Deployment> = self.store.list().map_err(|e| e.to_string())?.into_iter().map(|s| s.spec).collect();
+        for n in &self.nodes {
+            n.assign(all.clone(), rev)?;
+        }
+        Ok(())
+    }
+
+    pub fn instances(&self) -> Vec<InstanceStatus> {
+        self.nodes.iter().flat_map(|n| n.instances().unwrap_or_default()).collect()
+    }
+
+    fn node_of(&self, instance: &str) -> Option<&Arc<dyn NodeLink>> {
+        self.nodes.iter().find(|n| n.has_instance(instance))
+    }
+}

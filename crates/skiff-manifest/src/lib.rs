@@ -1,1 +1,150 @@
-//! placeholder
+//! Imports docker-compose files (compose-spec) into skiff deployments.
+//!
+//! Keys skiff does not support yet produce a warning naming the key; invalid values are
+//! errors naming the path and the problem (`services.web.deploy.resources.limits.memory:
+//! "12XB" is not a size`). Nothing partial is returned on error.
+//!
+//! Architecture Invariant: this crate does no I/O besides reading the env files a compose
+//! file names (through the `read_file` callback), and knows nothing of the store.
+#![forbid(unsafe_code)]
+
+mod compose;
+mod interpolate;
+
+pub use compose::{import_compose, ComposeImport};
+pub use interpolate::interpolate;
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ManifestError {
+    #[error("{path}: {problem}")]
+    Invalid { path: String, problem: String },
+    #[error("not valid YAML: {0}")]
+    Yaml(String),
+}
+
+impl ManifestError {
+    pub fn at(path: impl Into<String>, problem: impl Into<String>) -> Self {
+        ManifestError::Invalid { path: path.into(), problem: problem.into() }
+    }
+}
+
+/// Splits a command line as a POSIX shell would split words (quotes and backslashes), as
+/// compose does for string `command:` and `entrypoint:`.
+pub fn shell_split(s: &str) -> Result<Vec<String>, String> {
+    let mut out = vec![];
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => cur.push(c),
+                        None => return Err("unterminated single quote".into()),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\' | '$' | '`')) => cur.push(c),
+                            Some(c) => {
+                                cur.push('\\');
+                                cur.push(c);
+                            }
+                            None => return Err("unterminated double quote".into()),
+                        },
+                        Some(c) => cur.push(c),
+                        None => return Err("unterminated double quote".into()),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                if let Some(c) = chars.next() {
+                    cur.push(c);
+                }
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    out.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            c => {
+                in_word = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_word {
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+/// Parses compose durations: `1m30s`, `10s`, `500ms`, `1h`, `2.5s`; a bare number is seconds.
+pub fn parse_duration_ms(s: &str) -> Option<u64> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    if let Ok(n) = s.parse::<f64>() {
+        return (n >= 0.0).then_some((n * 1000.0) as u64);
+    }
+    let mut total = 0f64;
+    let mut num = String::new();
+    let mut rest = s;
+    while !rest.is_empty() {
+        num.clear();
+        let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        num.push_str(&rest[..end]);
+        rest = &rest[end..];
+        let uend = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit = &rest[..uend];
+        rest = &rest[uend..];
+        let v: f64 = num.parse().ok()?;
+        let mult = match unit {
+            "h" => 3_600_000.0,
+            "m" => 60_000.0,
+            "s" => 1000.0,
+            "ms" => 1.0,
+            "us" | "µs" => 0.001,
+            "ns" => 0.000_001,
+            _ => return None,
+        };
+        total += v * mult;
+    }
+    Some(total as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits() {
+        assert_eq!(shell_split(r#"sh -c 'echo "hi there"' x\ y"#).unwrap(), ["sh", "-c", "echo \"hi there\"", "x y"]);
+        assert_eq!(shell_split("  a   b ").unwrap(), ["a", "b"]);
+        assert_eq!(shell_split(r#""""#).unwrap(), [""]);
+        assert!(shell_split("'open").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("1m30s"), Some(90_000));
+        assert_eq!(parse_duration_ms("500ms"), Some(500));
+        assert_eq!(parse_duration_ms("2.5s"), Some(2500));
+        assert_eq!(parse_duration_ms("10"), Some(10_000));
+        assert_eq!(parse_duration_ms("1x"), None);
+        assert_eq!(parse_duration_ms(""), None);
+    }
+}

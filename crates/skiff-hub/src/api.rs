@@ -1,0 +1,223 @@
+//! `/api/v1`: JSON over HTTP, bearer-token authenticated, with a request body limit.
+
+use crate::{Hub, NodeInfo};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use skiff_model::api::{ApplyRequest, DeploymentView, ErrorBody};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::info_span;
+
+pub const MAX_BODY: usize = 1 << 20;
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+fn not_found(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, msg.into())
+}
+fn internal(msg: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, msg.to_string())
+}
+
+type Shared = Arc<Hub>;
+
+pub fn router(hub: Shared) -> Router {
+    Router::new()
+        .route("/api/v1/apply", post(apply))
+        .route("/api/v1/deployments", get(list_deployments))
+        .route("/api/v1/deployments/{name}", get(get_deployment).delete(delete_deployment))
+        .route("/api/v1/instances", get(list_instances))
+        .route("/api/v1/instances/{name}/logs", get(logs))
+        .route("/api/v1/instances/{name}/exec", post(exec))
+        .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/events", get(events))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&hub), auth))
+        .route("/api/v1/health", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(trace))
+        .with_state(hub)
+}
+
+async fn trace(req: Request, next: Next) -> Response {
+    let span = info_span!("api", method = %req.method(), path = %req.uri().path());
+    let _e = span.enter();
+    next.run(req).await
+}
+
+async fn auth(State(hub): State<Shared>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), hub.admin_token.as_bytes()));
+    if !ok {
+        return ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (see admin.conf in the hub's data directory)".into()).into_response();
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn apply(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let req: ApplyRequest = serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let existing: Vec<_> = hub.store.list().map_err(internal)?.into_iter().map(|s| s.spec).collect();
+    let kept: Vec<_> = existing.into_iter().filter(|e| req.prune_stack.as_deref() != Some(e.stack.as_str())).collect();
+    crate::validate::check_apply(&req.deployments, &kept).map_err(|e| bad(e.to_string()))?;
+    for d in &req.deployments {
+        if let Some(n) = hub.nodes.first() {
+            n.check_image(&d.image).map_err(|e| bad(format!("deployments.{}.image: {e}", d.name)))?;
+        }
+    }
+    let resp = hub.store.apply(&req.deployments, req.prune_stack.as_deref(), req.dry_run).map_err(internal)?;
+    if !req.dry_run {
+        hub.sync_nodes().map_err(internal)?;
+    }
+    Ok(Json(resp).into_response())
+}
+
+fn view(hub: &Hub, s: crate::store::Stored) -> DeploymentView {
+    let instances = hub.instances().into_iter().filter(|i| i.deployment == s.spec.name).collect();
+    DeploymentView { revision: s.revision, spec: s.spec, instances }
+}
+
+async fn list_deployments(State(hub): State<Shared>) -> Result<Json<Vec<DeploymentView>>, ApiError> {
+    let all = hub.store.list().map_err(internal)?;
+    Ok(Json(all.into_iter().map(|s| view(&hub, s)).collect()))
+}
+
+async fn get_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<Json<DeploymentView>, ApiError> {
+    let s = hub.store.get(&name).map_err(internal)?.ok_or_else(|| not_found(format!("deployment {name:?} not found")))?;
+    Ok(Json(view(&hub, s)))
+}
+
+async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    let dependents: Vec<String> = hub
+        .store
+        .list()
+        .map_err(internal)?
+        .into_iter()
+        .filter(|s| s.spec.depends_on.iter().any(|d| d.name == name))
+        .map(|s| s.spec.name)
+        .collect();
+    if !dependents.is_empty() {
+        return Err(ApiError(StatusCode::CONFLICT, format!("deployment {name:?} is a dependency of {}; delete those first", dependents.join(", "))));
+    }
+    if !hub.store.delete(&name).map_err(internal)? {
+        return Err(not_found(format!("deployment {name:?} not found")));
+    }
+    hub.sync_nodes().map_err(internal)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_instances(State(hub): State<Shared>) -> Json<Vec<skiff_model::InstanceStatus>> {
+    Json(hub.instances())
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    follow: bool,
+    tail: Option<usize>,
+}
+
+/// Newline-delimited JSON `LogLine`s of an instance, or of every instance of a
+/// deployment (each line then carries the instance name in `stream` as `name/stdout`).
+async fn logs(State(hub): State<Shared>, Path(name): Path<String>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {
+    let targets: Vec<String> = if hub.node_of(&name).is_some() {
+        vec![name.clone()]
+    } else {
+        let mut v: Vec<String> = hub.instances().into_iter().filter(|i| i.deployment == name).map(|i| i.name).collect();
+        v.sort();
+        v
+    };
+    if targets.is_empty() {
+        return Err(not_found(format!("no instance or deployment named {name:?}")));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
+    let prefix = targets.len() > 1;
+    for t in targets {
+        let node = hub.node_of(&t).cloned().ok_or_else(|| not_found(format!("instance {t:?} not found")))?;
+        let mut lines = node.logs(&t, q.tail, q.follow).map_err(internal)?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(mut l) = lines.recv().await {
+                if prefix {
+                    l.stream = format!("{t}/{}", l.stream);
+                }
+                let mut s = serde_json::to_string(&l).unwrap_or_default();
+                s.push('\n');
+                if tx.send(s).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|s| (Ok::<_, std::convert::Infallible>(s), rx)) });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecBody {
+    argv: Vec<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+async fn exec(State(hub): State<Shared>, Path(name): Path<String>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let b: ExecBody = serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    if b.argv.is_empty() {
+        return Err(bad("argv: must not be empty"));
+    }
+    let node = hub.node_of(&name).cloned().ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
+    let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(60_000).min(3_600_000));
+    let r = node.exec(&name, b.argv, timeout).await.map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
+    Ok(Json(r).into_response())
+}
+
+async fn nodes(State(hub): State<Shared>) -> Json<Vec<NodeInfo>> {
+    let all = hub.instances();
+    Json(
+        hub.nodes
+            .iter()
+            .map(|n| NodeInfo {
+                name: n.name(),
+                state: "Ready".into(),
+                arch: std::env::consts::ARCH.into(),
+                os: std::env::consts::OS.into(),
+                instances: all.iter().filter(|i| i.node == n.name()).count(),
+            })
+            .collect(),
+    )
+}
+
+#[derive(Deserialize)]
+struct EventQuery {
+    limit: Option<usize>,
+}
+
+async fn events(State(hub): State<Shared>, Query(q): Query<EventQuery>) -> Json<Vec<skiff_model::EventRecord>> {
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let mut all: Vec<_> = hub.nodes.iter().flat_map(|n| n.events(limit).unwrap_or_default()).collect();
+    all.sort_by_key(|e| e.time_ms);
+    Json(all)
+}

@@ -1,0 +1,574 @@
+//! docker-compose → deployments.
+
+use crate::{interpolate, parse_duration_ms, shell_split, ManifestError};
+use serde_norway::{Mapping, Value};
+use skiff_model::{
+    parse_bytes, parse_cpus, Dependency, DependencyCondition, Deployment, DeviceMapping, HealthCheck, NetworkMode, PortMapping, Protocol,
+    RestartPolicy, Volume, VolumeSource,
+};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComposeImport {
+    pub project: String,
+    pub deployments: Vec<Deployment>,
+    /// Keys that were ignored, each naming its path.
+    pub warnings: Vec<String>,
+}
+
+type R<T> = Result<T, ManifestError>;
+
+struct Ctx<'a> {
+    dir: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    read_file: &'a dyn Fn(&Path) -> std::io::Result<String>,
+    warnings: Vec<String>,
+}
+
+/// Imports a compose file. `dir` resolves relative paths (bind mounts, env files);
+/// `env` supplies interpolation variables; `read_file` reads env files.
+pub fn import_compose(
+    text: &str,
+    dir: &Path,
+    default_project: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    read_file: &dyn Fn(&Path) -> std::io::Result<String>,
+) -> R<ComposeImport> {
+    let mut root: Value = serde_norway::from_str(text).map_err(|e| ManifestError::Yaml(e.to_string()))?;
+    interpolate_all(&mut root, "", env)?;
+    let top = root.as_mapping().ok_or_else(|| ManifestError::at("(root)", "a compose file must be a mapping with a services key"))?;
+    let mut cx = Ctx { dir, env, read_file, warnings: vec![] };
+    let mut services = None;
+    let mut project = sanitize_project(default_project);
+    for (k, v) in top {
+        let key = key_str(k, "(root)")?;
+        match key.as_str() {
+            "services" => services = Some(v),
+            "name" => project = sanitize_project(&str_of(v, "name")?),
+            "version" => {}
+            "volumes" => {
+                if let Some(m) = v.as_mapping() {
+                    for (n, def) in m {
+                        if let Some(dm) = def.as_mapping() {
+                            for (dk, _) in dm {
+                                cx.warnings.push(format!("volumes.{}.{}: not supported yet, ignored", key_str(n, "volumes")?, key_str(dk, "volumes")?));
+                            }
+                        }
+                    }
+                }
+            }
+            k if k.starts_with("x-") => {}
+            other => cx.warnings.push(format!("{other}: not supported yet, ignored")),
+        }
+    }
+    let services = services.and_then(Value::as_mapping).ok_or_else(|| ManifestError::at("services", "is required and must be a mapping"))?;
+    if services.is_empty() {
+        return Err(ManifestError::at("services", "must define at least one service"));
+    }
+    let mut deployments = vec![];
+    for (name, svc) in services {
+        let name = key_str(name, "services")?;
+        let d = service(&mut cx, &project, &name, svc)?;
+        deployments.push(d);
+    }
+    Ok(ComposeImport { project, deployments, warnings: cx.warnings })
+}
+
+fn sanitize_project(s: &str) -> String {
+    let s: String = s.to_ascii_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
+    let s = s.trim_start_matches(|c: char| !c.is_ascii_alphanumeric()).to_string();
+    if s.is_empty() { "default".into() } else { s }
+}
+
+fn interpolate_all(v: &mut Value, path: &str, env: &dyn Fn(&str) -> Option<String>) -> R<()> {
+    match v {
+        Value::String(s) => {
+            *s = interpolate(s, env).map_err(|e| ManifestError::at(if path.is_empty() { "(root)" } else { path }, e))?;
+        }
+        Value::Sequence(seq) => {
+            for (i, x) in seq.iter_mut().enumerate() {
+                interpolate_all(x, &format!("{path}[{i}]"), env)?;
+            }
+        }
+        Value::Mapping(m) => {
+            for (k, x) in m.iter_mut() {
+                let ks = k.as_str().unwrap_or("?").to_string();
+                let p = if path.is_empty() { ks } else { format!("{path}.{ks}") };
+                interpolate_all(x, &p, env)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn key_str(k: &Value, path: &str) -> R<String> {
+    match k {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        _ => Err(ManifestError::at(path, "keys must be strings")),
+    }
+}
+
+/// A scalar as a string (numbers and booleans too, as compose accepts `cpus: 0.5`).
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn str_of(v: &Value, path: &str) -> R<String> {
+    scalar(v).ok_or_else(|| ManifestError::at(path, "must be a string"))
+}
+
+fn bool_of(v: &Value, path: &str) -> R<bool> {
+    match v {
+        Value::Bool(b) => Ok(*b),
+        Value::String(s) if s == "true" || s == "false" => Ok(s == "true"),
+        _ => Err(ManifestError::at(path, format!("{} is not a boolean", show(v)))),
+    }
+}
+
+fn show(v: &Value) -> String {
+    scalar(v).map(|s| format!("{s:?}")).unwrap_or_else(|| "this value".into())
+}
+
+fn list_of_strings(v: &Value, path: &str) -> R<Vec<String>> {
+    match v {
+        Value::Sequence(s) => s.iter().enumerate().map(|(i, x)| str_of(x, &format!("{path}[{i}]"))).collect(),
+        _ => Err(ManifestError::at(path, "must be a list of strings")),
+    }
+}
+
+/// `command: "a b"` (shell-split) or `command: [a, b]`.
+fn argv(v: &Value, path: &str) -> R<Vec<String>> {
+    match v {
+        Value::String(s) => shell_split(s).map_err(|e| ManifestError::at(path, e)),
+        Value::Sequence(_) => list_of_strings(v, path),
+        _ => Err(ManifestError::at(path, "must be a string or a list of strings")),
+    }
+}
+
+/// `environment:`/`labels:` as a mapping or a list of `K=V` (a bare `K` takes the value
+/// from the environment, as compose does).
+fn key_values(cx: &Ctx<'_>, v: &Value, path: &str, out: &mut BTreeMap<String, String>) -> R<()> {
+    match v {
+        Value::Mapping(m) => {
+            for (k, val) in m {
+                let k = key_str(k, path)?;
+                let val = match val {
+                    Value::Null => (cx.env)(&k).unwrap_or_default(),
+                    other => str_of(other, &format!("{path}.{k}"))?,
+                };
+                out.insert(k, val);
+            }
+        }
+        Value::Sequence(s) => {
+            for (i, item) in s.iter().enumerate() {
+                let item = str_of(item, &format!("{path}[{i}]"))?;
+                match item.split_once('=') {
+                    Some((k, val)) => out.insert(k.to_string(), val.to_string()),
+                    None => out.insert(item.clone(), (cx.env)(&item).unwrap_or_default()),
+                };
+            }
+        }
+        _ => return Err(ManifestError::at(path, "must be a mapping or a list of KEY=VALUE")),
+    }
+    Ok(())
+}
+
+fn env_file(cx: &Ctx<'_>, file: &str, path: &str, out: &mut BTreeMap<String, String>) -> R<()> {
+    let p = cx.dir.join(file);
+    let text = (cx.read_file)(&p).map_err(|e| ManifestError::at(path, format!("reading {}: {e}", p.display())))?;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let (k, v) = line.split_once('=').ok_or_else(|| ManifestError::at(path, format!("{}:{}: expected KEY=VALUE", p.display(), n + 1)))?;
+        let v = v.trim();
+        let v = v.strip_prefix('"').and_then(|x| x.strip_suffix('"')).or_else(|| v.strip_prefix('\'').and_then(|x| x.strip_suffix('\''))).unwrap_or(v);
+        out.insert(k.trim().to_string(), v.to_string());
+    }
+    Ok(())
+}
+
+fn cpus(v: &Value, path: &str) -> R<u64> {
+    let s = str_of(v, path)?;
+    parse_cpus(&s).map_err(|e| ManifestError::at(path, e.to_string()))
+}
+
+fn bytes(v: &Value, path: &str) -> R<u64> {
+    let s = str_of(v, path)?;
+    parse_bytes(&s).map_err(|e| ManifestError::at(path, e.to_string()))
+}
+
+fn int(v: &Value, path: &str) -> R<i64> {
+    match v {
+        Value::Number(n) if n.is_i64() => n.as_i64().ok_or_else(|| ManifestError::at(path, "is not an integer")),
+        Value::String(s) => s.parse().map_err(|_| ManifestError::at(path, format!("{s:?} is not an integer"))),
+        _ => Err(ManifestError::at(path, format!("{} is not an integer", show(v)))),
+    }
+}
+
+fn duration(v: &Value, path: &str) -> R<u64> {
+    let s = str_of(v, path)?;
+    parse_duration_ms(&s).ok_or_else(|| ManifestError::at(path, format!("{s:?} is not a duration (examples: 10s, 1m30s, 500ms)")))
+}
+
+fn mapping<'v>(v: &'v Value, path: &str) -> R<&'v Mapping> {
+    v.as_mapping().ok_or_else(|| ManifestError::at(path, "must be a mapping"))
+}
+
+fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deployment> {
+    let base = format!("services.{name}");
+    let m = mapping(svc, &base)?;
+    let mut d = Deployment::new(name, "");
+    d.stack = project.to_string();
+    let mut image = None;
+    let mut env_files = vec![];
+    let mut env = BTreeMap::new();
+    let mut has_build = false;
+    for (k, v) in m {
+        let key = key_str(k, &base)?;
+        let path = format!("{base}.{key}");
+        match key.as_str() {
+            "image" => image = Some(str_of(v, &path)?),
+            "build" => has_build = true,
+            "command" => d.command = Some(argv(v, &path)?),
+            "entrypoint" => d.entrypoint = Some(argv(v, &path)?),
+            "environment" => key_values(cx, v, &path, &mut env)?,
+            "env_file" => match v {
+                Value::Sequence(s) => {
+                    for (i, x) in s.iter().enumerate() {
+                        let p = format!("{path}[{i}]");
+                        let f = match x {
+                            Value::Mapping(fm) => fm.get("path").map(|p2| str_of(p2, &p)).transpose()?.ok_or_else(|| ManifestError::at(&p, "needs a path"))?,
+                            other => str_of(other, &p)?,
+                        };
+                        env_files.push((f, p));
+                    }
+                }
+                other => env_files.push((str_of(other, &path)?, path.clone())),
+            },
+            "ports" => {
+                let s = v.as_sequence().ok_or_else(|| ManifestError::at(&path, "must be a list"))?;
+                for (i, p) in s.iter().enumerate() {
+                    d.ports.push(port(p, &format!("{path}[{i}]"))?);
+                }
+            }
+            "volumes" => {
+                let s = v.as_sequence().ok_or_else(|| ManifestError::at(&path, "must be a list"))?;
+                for (i, x) in s.iter().enumerate() {
+                    d.volumes.push(volume(cx, x, &format!("{path}[{i}]"))?);
+                }
+            }
+            "restart" => {
+                let s = str_of(v, &path)?;
+                d.restart = RestartPolicy::parse(&s)
+                    .ok_or_else(|| ManifestError::at(&path, format!("{s:?} is not a restart policy (no, always, on-failure[:N], unless-stopped)")))?;
+            }
+            "deploy" => deploy(cx, &mut d, v, &path)?,
+            "cpu_shares" => d.resources.cpu_shares = Some(int(v, &path)?.try_into().map_err(|_| ManifestError::at(&path, "must be positive"))?),
+            "cpus" => d.resources.cpus_millis = Some(cpus(v, &path)?),
+            "mem_limit" => d.resources.memory_bytes = Some(bytes(v, &path)?),
+            "mem_reservation" => d.resources.memory_reservation_bytes = Some(bytes(v, &path)?),
+            "pids_limit" => d.resources.pids_limit = Some(int(v, &path)?),
+            "healthcheck" => d.healthcheck = healthcheck(v, &path)?,
+            "depends_on" => d.depends_on = depends_on(v, &path)?,
+            "user" => d.user = Some(str_of(v, &path)?),
+            "working_dir" => d.working_dir = Some(str_of(v, &path)?),
+            "hostname" => d.hostname = Some(str_of(v, &path)?),
+            "read_only" => d.read_only = bool_of(v, &path)?,
+            "cap_add" => d.cap_add = list_of_strings(v, &path)?,
+            "cap_drop" => d.cap_drop = list_of_strings(v, &path)?,
+            "devices" => {
+                for (i, s) in list_of_strings(v, &path)?.iter().enumerate() {
+                    d.devices.push(device(s, &format!("{path}[{i}]"))?);
+                }
+            }
+            "labels" => key_values(cx, v, &path, &mut d.labels)?,
+            "network_mode" => {
+                let s = str_of(v, &path)?;
+                d.network = match s.as_str() {
+                    "bridge" => NetworkMode::Bridge,
+                    "host" => NetworkMode::Host,
+                    "none" => NetworkMode::None,
+                    other => return Err(ManifestError::at(&path, format!("{other:?} is not supported (bridge, host, none)"))),
+                };
+            }
+            "stop_grace_period" => d.stop_grace_period_ms = duration(v, &path)?,
+            k if k.starts_with("x-") => {}
+            _ => cx.warnings.push(format!("{path}: not supported yet, ignored")),
+        }
+    }
+    for (f, p) in env_files {
+        let mut from_file = BTreeMap::new();
+        env_file(cx, &f, &p, &mut from_file)?;
+        for (k, v) in from_file {
+            env.entry(k).or_insert(v); // `environment:` wins over env_file
+        }
+    }
+    d.env = env;
+    d.image = match image {
+        Some(i) => i,
+        None if has_build => return Err(ManifestError::at(format!("{base}.build"), "building images is not supported; build elsewhere, then set image")),
+        None => return Err(ManifestError::at(format!("{base}.image"), "is required")),
+    };
+    if has_build {
+        cx.warnings.push(format!("{base}.build: not supported, the image is used as is"));
+    }
+    d.validate().map_err(|e| ManifestError::at(format!("{base}.{}", e.field), e.problem))?;
+    Ok(d)
+}
+
+fn port(v: &Value, path: &str) -> R<PortMapping> {
+    match v {
+        Value::Mapping(m) => {
+            let mut target = None;
+            let mut published = None;
+            let mut host_ip = None;
+            let mut protocol = Protocol::Tcp;
+            for (k, x) in m {
+                let k = key_str(k, path)?;
+                let p = format!("{path}.{k}");
+                match k.as_str() {
+                    "target" => target = Some(int(x, &p)?),
+                    "published" => published = Some(int(x, &p)?),
+                    "host_ip" => host_ip = Some(str_of(x, &p)?),
+                    "protocol" => {
+                        protocol = match str_of(x, &p)?.as_str() {
+                            "tcp" => Protocol::Tcp,
+                            "udp" => Protocol::Udp,
+                            o => return Err(ManifestError::at(&p, format!("{o:?} is not tcp or udp"))),
+                        }
+                    }
+                    "mode" | "name" | "app_protocol" => {}
+                    _ => return Err(ManifestError::at(&p, "unknown port key")),
+                }
+            }
+            let target = target.ok_or_else(|| ManifestError::at(path, "needs target"))?;
+            let published = published.unwrap_or(target);
+            let ok = |n: i64| (1..=65535).contains(&n);
+            if !ok(target) || !ok(published) {
+                return Err(ManifestError::at(path, "ports must be between 1 and 65535"));
+            }
+            Ok(PortMapping { host_ip, host_port: published as u16, container_port: target as u16, protocol })
+        }
+        other => {
+            let s = str_of(other, path)?;
+            PortMapping::parse(&s).ok_or_else(|| ManifestError::at(path, format!("{s:?} is not a port mapping (examples: 8080:80, 127.0.0.1:53:53/udp)")))
+        }
+    }
+}
+
+fn volume(cx: &Ctx<'_>, v: &Value, path: &str) -> R<Volume> {
+    let source_of = |src: &str| -> VolumeSource {
+        if src.starts_with('/') || src.starts_with('.') || src.starts_with('~') {
+            let p = if let Some(rest) = src.strip_prefix("~/") {
+                (cx.env)("HOME").map(PathBuf::from).unwrap_or_default().join(rest)
+            } else {
+                cx.dir.join(src)
+            };
+            VolumeSource::Bind { path: normalize(&p) }
+        } else {
+            VolumeSource::Named { name: src.to_string() }
+        }
+    };
+    match v {
+        Value::Mapping(m) => {
+            let get = |k: &str| m.get(k).map(|x| str_of(x, &format!("{path}.{k}"))).transpose();
+            let kind = get("type")?.unwrap_or_else(|| "volume".into());
+            let target = get("target")?.ok_or_else(|| ManifestError::at(path, "needs target"))?;
+            let source = get("source")?;
+            let read_only = m.get("read_only").map(|x| bool_of(x, &format!("{path}.read_only"))).transpose()?.unwrap_or(false);
+            let source = match (kind.as_str(), source) {
+                ("bind", Some(s)) => match source_of(&s) {
+                    b @ VolumeSource::Bind { .. } => b,
+                    VolumeSource::Named { name } => VolumeSource::Bind { path: normalize(&cx.dir.join(name)) },
+                },
+                ("volume", Some(s)) => VolumeSource::Named { name: s },
+                ("bind", None) | ("volume", None) => return Err(ManifestError::at(path, "needs source")),
+                (other, _) => return Err(ManifestError::at(format!("{path}.type"), format!("{other:?} is not supported (bind, volume)"))),
+            };
+            Ok(Volume { source, target, read_only })
+        }
+        other => {
+            let s = str_of(other, path)?;
+            let parts: Vec<&str> = s.split(':').collect();
+            let (src, dst, mode) = match parts.as_slice() {
+                [dst] => return Err(ManifestError::at(path, format!("{dst:?}: anonymous volumes are not supported; name it (name:{dst})"))),
+                [src, dst] => (*src, *dst, ""),
+                [src, dst, mode] => (*src, *dst, *mode),
+                _ => return Err(ManifestError::at(path, format!("{s:?} is not SOURCE:TARGET[:ro]"))),
+            };
+            let read_only = match mode {
+                "" | "rw" => false,
+                "ro" => true,
+                m if m.split(',').all(|o| ["ro", "rw", "z", "Z"].contains(&o)) => m.split(',').any(|o| o == "ro"),
+                m => return Err(ManifestError::at(path, format!("mode {m:?} is not ro or rw"))),
+            };
+            Ok(Volume { source: source_of(src), target: dst.to_string(), read_only })
+        }
+    }
+}
+
+fn normalize(p: &Path) -> String {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out.display().to_string()
+}
+
+fn device(s: &str, path: &str) -> R<DeviceMapping> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (host, cont, perms) = match parts.as_slice() {
+        [h] => (*h, *h, "rwm"),
+        [h, c] => (*h, *c, "rwm"),
+        [h, c, p] => (*h, *c, *p),
+        _ => return Err(ManifestError::at(path, format!("{s:?} is not HOST[:CONTAINER[:rwm]]"))),
+    };
+    Ok(DeviceMapping { host_path: host.into(), container_path: cont.into(), permissions: perms.into() })
+}
+
+fn healthcheck(v: &Value, path: &str) -> R<Option<HealthCheck>> {
+    let m = mapping(v, path)?;
+    if let Some(dis) = m.get("disable") {
+        if bool_of(dis, &format!("{path}.disable"))? {
+            return Ok(None);
+        }
+    }
+    let mut hc = HealthCheck { test: vec![], shell: false, interval_ms: 30_000, timeout_ms: 30_000, retries: 3, start_period_ms: 0 };
+    for (k, x) in m {
+        let k = key_str(k, path)?;
+        let p = format!("{path}.{k}");
+        match k.as_str() {
+            "test" => match x {
+                Value::String(s) => {
+                    hc.test = vec![s.clone()];
+                    hc.shell = true;
+                }
+                Value::Sequence(_) => {
+                    let l = list_of_strings(x, &p)?;
+                    match l.first().map(String::as_str) {
+                        Some("NONE") => return Ok(None),
+                        Some("CMD") => hc.test = l[1..].to_vec(),
+                        Some("CMD-SHELL") => {
+                            hc.test = vec![l[1..].join(" ")];
+                            hc.shell = true;
+                        }
+                        _ => return Err(ManifestError::at(&p, "a list must start with CMD, CMD-SHELL or NONE")),
+                    }
+                }
+                _ => return Err(ManifestError::at(&p, "must be a string or a list")),
+            },
+            "interval" => hc.interval_ms = duration(x, &p)?,
+            "timeout" => hc.timeout_ms = duration(x, &p)?,
+            "start_period" => hc.start_period_ms = duration(x, &p)?,
+            "retries" => hc.retries = int(x, &p)?.try_into().map_err(|_| ManifestError::at(&p, "must be 0 or more"))?,
+            "disable" => {}
+            _ => return Err(ManifestError::at(&p, "unknown healthcheck key")),
+        }
+    }
+    if hc.test.is_empty() {
+        return Err(ManifestError::at(format!("{path}.test"), "is required"));
+    }
+    Ok(Some(hc))
+}
+
+fn depends_on(v: &Value, path: &str) -> R<Vec<Dependency>> {
+    match v {
+        Value::Sequence(_) => Ok(list_of_strings(v, path)?.into_iter().map(|name| Dependency { name, condition: DependencyCondition::ServiceStarted }).collect()),
+        Value::Mapping(m) => {
+            let mut out = vec![];
+            for (k, x) in m {
+                let name = key_str(k, path)?;
+                let p = format!("{path}.{name}");
+                let mut condition = DependencyCondition::ServiceStarted;
+                if let Some(c) = mapping(x, &p)?.get("condition") {
+                    condition = match str_of(c, &format!("{p}.condition"))?.as_str() {
+                        "service_started" => DependencyCondition::ServiceStarted,
+                        "service_healthy" => DependencyCondition::ServiceHealthy,
+                        "service_completed_successfully" => DependencyCondition::ServiceCompletedSuccessfully,
+                        o => return Err(ManifestError::at(format!("{p}.condition"), format!("{o:?} is not a condition"))),
+                    };
+                }
+                out.push(Dependency { name, condition });
+            }
+            Ok(out)
+        }
+        _ => Err(ManifestError::at(path, "must be a list or a mapping")),
+    }
+}
+
+fn deploy(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<()> {
+    for (k, x) in mapping(v, path)? {
+        let k = key_str(k, path)?;
+        let p = format!("{path}.{k}");
+        match k.as_str() {
+            "replicas" => {
+                let n = int(x, &p)?;
+                d.replicas = u32::try_from(n).map_err(|_| ManifestError::at(&p, format!("{n} must be 0 or more")))?;
+            }
+            "resources" => {
+                for (rk, rv) in mapping(x, &p)? {
+                    let rk = key_str(rk, &p)?;
+                    let rp = format!("{p}.{rk}");
+                    let reservations = match rk.as_str() {
+                        "limits" => false,
+                        "reservations" => true,
+                        _ => {
+                            cx.warnings.push(format!("{rp}: not supported yet, ignored"));
+                            continue;
+                        }
+                    };
+                    for (lk, lv) in mapping(rv, &rp)? {
+                        let lk = key_str(lk, &rp)?;
+                        let lp = format!("{rp}.{lk}");
+                        match (lk.as_str(), reservations) {
+                            ("cpus", false) => d.resources.cpus_millis = Some(cpus(lv, &lp)?),
+                            ("cpus", true) => d.resources.cpus_reservation_millis = Some(cpus(lv, &lp)?),
+                            ("memory", false) => d.resources.memory_bytes = Some(bytes(lv, &lp)?),
+                            ("memory", true) => d.resources.memory_reservation_bytes = Some(bytes(lv, &lp)?),
+                            ("pids", false) => d.resources.pids_limit = Some(int(lv, &lp)?),
+                            _ => cx.warnings.push(format!("{lp}: not supported yet, ignored")),
+                        }
+                    }
+                }
+            }
+            "restart_policy" => {
+                let m = mapping(x, &p)?;
+                let cond = m.get("condition").map(|c| str_of(c, &format!("{p}.condition"))).transpose()?.unwrap_or_else(|| "any".into());
+                let max = m.get("max_attempts").map(|c| int(c, &format!("{p}.max_attempts"))).transpose()?;
+                d.restart = match cond.as_str() {
+                    "none" => RestartPolicy::No,
+                    "any" => RestartPolicy::Always,
+                    "on-failure" => RestartPolicy::OnFailure { max_retries: max.map(|n| n.max(0) as u32) },
+                    o => return Err(ManifestError::at(format!("{p}.condition"), format!("{o:?} is not none, on-failure or any"))),
+                };
+                for (rk, _) in m {
+                    let rk = key_str(rk, &p)?;
+                    if rk != "condition" && rk != "max_attempts" {
+                        cx.warnings.push(format!("{p}.{rk}: not supported yet, ignored"));
+                    }
+                }
+            }
+            "labels" => key_values(cx, x, &p, &mut d.labels)?,
+            _ => cx.warnings.push(format!("{p}: not supported yet, ignored")),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! Data-driven compose import checks: each case is a compose file and the expected error
+//! or a property of the result.
+
+use skiff_manifest::{import_compose, ComposeImport, ManifestError};
+use skiff_model::{DependencyCondition, NetworkMode, Protocol, RestartPolicy, VolumeSource};
+use std::path::Path;
+
+fn env(k: &str) -> Option<String> {
+    match k {
+        "TAG" => Some("1.2".into()),
+        "HOME" => Some("/home/u".into()),
+        "FROM_ENV" => Some("yes".into()),
+        _ => None,
+    }
+}
+
+fn files(p: &Path) -> std::io::Result<String> {
+    match p.to_str() {
+        Some("/stack/app.env") => Ok("# comment\nA=from-file\nB=\"quoted\"\nexport C=c\n".into()),
+        _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")),
+    }
+}
+
+fn import(yaml: &str) -> Result<ComposeImport, ManifestError> {
+    import_compose(yaml, Path::new("/stack"), "My Stack", &env, &files)
+}
+
+fn err(yaml: &str) -> String {
+    import(yaml).unwrap_err().to_string()
+}
+
+#[test]
+fn full_service() {
+    let c = import(
+        r#"
+services:
+  web:
+    image: "registry.local/web:${TAG}"
+    command: sh -c 'httpd -f -p 80'
+    environment:
+      X: "1"
+      A: override
+      FROM_ENV:
+    env_file: app.env
+    ports: ["8080:80", "127.0.0.1:5353:53/udp", {target: 9000, published: 9001}]
+    volumes: ["./data:/data:ro", "cache:/cache", {type: bind, source: /srv, target: /srv}]
+    restart: on-failure:3
+    deploy:
+      replicas: 1
+      resources:
+        limits: {cpus: "0.5", memory: 64M, pids: 100}
+        reservations: {cpus: 0.25, memory: 32m}
+    cpu_shares: 2048
+    healthcheck:
+      test: ["CMD", "wget", "-q", "-O-", "http://localhost/"]
+      interval: 2s
+      timeout: 1s
+      retries: 5
+      start_period: 10s
+    depends_on:
+      db: {condition: service_healthy}
+    user: "1000:1000"
+    working_dir: /www
+    read_only: true
+    cap_add: [NET_ADMIN]
+    cap_drop: [ALL]
+    labels: [team=edge]
+  db:
+    image: db
+    network_mode: host
+    stop_grace_period: 1m30s
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.project, "mystack");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let web = &c.deployments[0];
+    assert_eq!(web.image, "registry.local/web:1.2");
+    assert_eq!(web.command.as_deref().unwrap(), ["sh", "-c", "httpd -f -p 80"]);
+    assert_eq!(web.env["A"], "override");
+    assert_eq!(web.env["B"], "quoted");
+    assert_eq!(web.env["C"], "c");
+    assert_eq!(web.env["FROM_ENV"], "yes");
+    assert_eq!(web.ports[1].protocol, Protocol::Udp);
+    assert_eq!(web.ports[1].host_ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!((web.ports[2].host_port, web.ports[2].container_port), (9001, 9000));
+    assert_eq!(web.volumes[0].source, VolumeSource::Bind { path: "/stack/data".into() });
+    assert!(web.volumes[0].read_only);
+    assert_eq!(web.volumes[1].source, VolumeSource::Named { name: "cache".into() });
+    assert_eq!(web.restart, RestartPolicy::OnFailure { max_retries: Some(3) });
+    assert_eq!(web.resources.cpus_millis, Some(500));
+    assert_eq!(web.resources.memory_bytes, Some(64 << 20));
+    assert_eq!(web.resources.pids_limit, Some(100));
+    assert_eq!(web.resources.cpus_reservation_millis, Some(250));
+    assert_eq!(web.resources.cpu_shares, Some(2048));
+    let hc = web.healthcheck.as_ref().unwrap();
+    assert_eq!((hc.interval_ms, hc.timeout_ms, hc.retries, hc.start_period_ms), (2000, 1000, 5, 10_000));
+    assert_eq!(web.depends_on[0].condition, DependencyCondition::ServiceHealthy);
+    assert!(web.read_only);
+    assert_eq!(web.labels["team"], "edge");
+    assert_eq!(c.deployments[1].network, NetworkMode::Host);
+    assert_eq!(c.deployments[1].stop_grace_period_ms, 90_000);
+    assert!(c.deployments.iter().all(|d| d.stack == "mystack"));
+}
+
+#[test]
+fn unsupported_keys_warn_with_their_path() {
+    let c = import("name: demo\nnetworks: {front: {}}\nservices:\n  web:\n    image: a\n    logging: {driver: syslog}\n    deploy: {placement: {constraints: []}}\n    x-skiff-note: fine\n").unwrap();
+    assert_eq!(c.warnings, ["networks: not supported yet, ignored", "services.web.logging: not supported yet, ignored", "services.web.deploy.placement: not supported yet, ignored"]);
+}
+
+#[test]
+fn errors_name_the_path_and_problem() {
+    let cases = [
+        ("services:\n  web:\n    image: a\n    deploy: {resources: {limits: {memory: 12XB}}}\n", "services.web.deploy.resources.limits.memory: \"12XB\" is not a size (examples: 512m, 1g, 512Mi, 1048576)"),
+        ("services:\n  web:\n    image: a\n    cpus: lots\n", "services.web.cpus: \"lots\" is not a cpu amount (examples: 0.5, 2, 500m)"),
+        ("services:\n  web:\n    image: a\n    ports: [\"99999:80\"]\n", "services.web.ports[0]: \"99999:80\" is not a port mapping (examples: 8080:80, 127.0.0.1:53:53/udp)"),
+        ("services:\n  web:\n    image: a\n    restart: sometimes\n", "services.web.restart: \"sometimes\" is not a restart policy (no, always, on-failure[:N], unless-stopped)"),
+        ("services:\n  web:\n    command: x\n", "services.web.image: is required"),
+        ("services:\n  web:\n    image: a\n    deploy: {replicas: -1}\n", "services.web.deploy.replicas: -1 must be 0 or more"),
+        ("services:\n  Web:\n    image: a\n", "services.Web.name: \"Web\" is not a valid name (lower-case letters, digits, '-' and '_', at most 63 characters)"),
+        ("services:\n  web:\n    image: a\n    healthcheck: {test: [CMD], interval: soon}\n", "services.web.healthcheck.interval: \"soon\" is not a duration (examples: 10s, 1m30s, 500ms)"),
+        ("services:\n  web:\n    image: a\n    env_file: missing.env\n", "services.web.env_file: reading /stack/missing.env: no such file"),
+        ("services:\n  web:\n    image: ${NOPE:?set NOPE}\n", "services.web.image: required variable NOPE is missing a value: set NOPE"),
+        ("services:\n  web:\n    image: a\n    read_only: maybe\n", "services.web.read_only: \"maybe\" is not a boolean"),
+        ("services: []\n", "services: is required and must be a mapping"),
+        ("- a\n", "(root): a compose file must be a mapping with a services key"),
+        ("services:\n  web:\n    image: a\n    volumes: [\"/only\"]\n", "services.web.volumes[0]: \"/only\": anonymous volumes are not supported; name it (name:/only)"),
+        ("services:\n  web:\n    image: a\n    deploy: {resources: {limits: {memory: 1k}}}\n", "services.web.resources.memory: 1024 bytes is below the minimum of 6MiB"),
+    ];
+    for (yaml, want) in cases {
+        assert_eq!(err(yaml), want, "for:\n{yaml}");
+    }
+    assert!(err("services: {web: [").starts_with("not valid YAML"));
+}
+
+#[test]
+fn compose_examples_in_repo_import() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&root).unwrap().flatten() {
+        let f = entry.path().join("compose.yaml");
+        if f.exists() {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let c = import_compose(&text, &entry.path(), "x", &|_| None, &|p| std::fs::read_to_string(p)).unwrap();
+            assert!(!c.deployments.is_empty());
+            n += 1;
+        }
+    }
+    assert!(n >= 1, "no example compose files found");
+}
