@@ -1,1 +1,22 @@
-fn main() {}
+//! Repository tasks: `cargo xtask demo-image DIR` builds the demo image (an OCI layout
+//! named localhost/skiff-demo:latest) from Debian's busybox-static.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["demo-image", dir] => {
+            let dir = std::path::Path::new(dir);
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)?;
+            }
+            let img = skiff_testkit::ImageBuilder::busybox()?;
+            let digest = img.write_oci_layout(dir, "localhost/skiff-demo:latest")?;
+            println!("built localhost/skiff-demo:latest ({digest}) in {}", dir.display());
+            Ok(())
+        }
+        _ => bail!("usage: cargo xtask demo-image DIR"),
+    }
+}

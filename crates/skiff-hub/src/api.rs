@@ -78,19 +78,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn apply(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let req: ApplyRequest = serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
-    let existing: Vec<_> = hub.store.list().map_err(internal)?.into_iter().map(|s| s.spec).collect();
-    let kept: Vec<_> = existing.into_iter().filter(|e| req.prune_stack.as_deref() != Some(e.stack.as_str())).collect();
-    crate::validate::check_apply(&req.deployments, &kept).map_err(|e| bad(e.to_string()))?;
-    for d in &req.deployments {
-        if let Some(n) = hub.nodes.first() {
-            n.check_image(&d.image).map_err(|e| bad(format!("deployments.{}.image: {e}", d.name)))?;
-        }
+    match hub.apply(&req) {
+        Ok(resp) => Ok(Json(resp).into_response()),
+        Err(crate::ApplyError::Invalid(m)) => Err(bad(m)),
+        Err(crate::ApplyError::Internal(m)) => Err(internal(m)),
     }
-    let resp = hub.store.apply(&req.deployments, req.prune_stack.as_deref(), req.dry_run).map_err(internal)?;
-    if !req.dry_run {
-        hub.sync_nodes().map_err(internal)?;
-    }
-    Ok(Json(resp).into_response())
 }
 
 fn view(hub: &Hub, s: crate::store::Stored) -> DeploymentView {
@@ -220,4 +212,13 @@ async fn events(State(hub): State<Shared>, Query(q): Query<EventQuery>) -> Json<
     let mut all: Vec<_> = hub.nodes.iter().flat_map(|n| n.events(limit).unwrap_or_default()).collect();
     all.sort_by_key(|e| e.time_ms);
     Json(all)
+}
+
+/// Serves the API on `listener` until `shutdown` turns true.
+pub async fn serve(listener: tokio::net::TcpListener, hub: Shared, mut shutdown: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
+    axum::serve(listener, router(hub))
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.changed().await;
+        })
+        .await
 }

@@ -11,6 +11,7 @@ pub mod api;
 pub mod store;
 pub mod validate;
 
+use skiff_model::api::{ApplyRequest, ApplyResponse};
 use skiff_model::{Deployment, EventRecord, InstanceStatus, LogLine};
 use std::future::Future;
 use std::pin::Pin;
@@ -50,6 +51,14 @@ pub trait NodeLink: Send + Sync {
     fn check_image(&self, image: &str) -> Result<(), String>;
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
 pub struct Hub {
     pub store: Arc<dyn Store>,
     pub nodes: Vec<Arc<dyn NodeLink>>,
@@ -72,7 +81,25 @@ impl Hub {
         self.nodes.iter().flat_map(|n| n.instances().unwrap_or_default()).collect()
     }
 
-    fn node_of(&self, instance: &str) -> Option<&Arc<dyn NodeLink>> {
+    /// Validates the request against the whole desired state, stores it atomically and
+    /// pushes the result to the nodes. Invalid input changes nothing.
+    pub fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse, ApplyError> {
+        let existing: Vec<_> = self.store.list().map_err(|e| ApplyError::Internal(e.to_string()))?.into_iter().map(|s| s.spec).collect();
+        let kept: Vec<_> = existing.into_iter().filter(|e| req.prune_stack.as_deref() != Some(e.stack.as_str())).collect();
+        validate::check_apply(&req.deployments, &kept).map_err(|e| ApplyError::Invalid(e.to_string()))?;
+        for d in &req.deployments {
+            if let Some(n) = self.nodes.first() {
+                n.check_image(&d.image).map_err(|e| ApplyError::Invalid(format!("deployments.{}.image: {e}", d.name)))?;
+            }
+        }
+        let resp = self.store.apply(&req.deployments, req.prune_stack.as_deref(), req.dry_run).map_err(|e| ApplyError::Internal(e.to_string()))?;
+        if !req.dry_run {
+            self.sync_nodes().map_err(ApplyError::Internal)?;
+        }
+        Ok(resp)
+    }
+
+    pub(crate) fn node_of(&self, instance: &str) -> Option<&Arc<dyn NodeLink>> {
         self.nodes.iter().find(|n| n.has_instance(instance))
     }
 }

@@ -233,7 +233,6 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
             "env": env(d, img, &input.hostname),
             "cwd": cwd,
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576u64, "soft": 1048576u64}],
             "noNewPrivileges": true,
             "oomScoreAdj": 0,
         },

@@ -1,0 +1,529 @@
+//! Command-line surface (names are stable: tests and docs rely on them).
+
+use crate::client::Client;
+use crate::output::{self, Format};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use skiff_model::api::{ApplyRequest, ApplyResponse, DeploymentView};
+use skiff_model::{Deployment, DeviceMapping, InstanceStatus, LogLine, NetworkMode, PortMapping, RestartPolicy, Volume, VolumeSource};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "skiff", version, about = "Run containers on fleets of small edge devices", propagate_version = true)]
+pub struct Cli {
+    /// Data directory (state, images, containers).
+    #[arg(long, global = true, env = "SKIFF_DATA", default_value = "/var/lib/skiff")]
+    pub data: PathBuf,
+    /// Client config naming the hub and its token (default: $SKIFF_CONFIG,
+    /// ~/.config/skiff/config, then <data>/admin.conf).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// More logging (-v info, -vv debug). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run an embedded hub and agent on this machine and deploy a compose file.
+    Up(crate::up::UpArgs),
+    /// Create or update deployments from a compose file.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Validate and show what would change, without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Run an image as a deployment.
+    Run(RunArgs),
+    /// List nodes, deployments, instances or events.
+    Get {
+        kind: Kind,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Show one deployment (or node) in detail.
+    Describe { kind: Kind, name: String },
+    /// Delete a deployment (its instances are stopped: SIGTERM, grace period, SIGKILL).
+    Delete {
+        /// `deployment` (may be left out).
+        kind_or_name: String,
+        name: Option<String>,
+    },
+    /// Print the logs of an instance, or of every instance of a deployment.
+    Logs {
+        name: String,
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(long)]
+        tail: Option<usize>,
+        /// Prefix each line with its timestamp.
+        #[arg(short, long)]
+        timestamps: bool,
+    },
+    /// Run a command in a running instance.
+    Exec {
+        instance: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Manage the local image store.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Internal: the per-container shim (started by the agent).
+    #[command(hide = true)]
+    Shim {
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long)]
+        daemon: bool,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    #[value(alias = "node")]
+    Nodes,
+    #[value(alias = "deployment", alias = "deploy")]
+    Deployments,
+    #[value(alias = "instance", alias = "inst")]
+    Instances,
+    #[value(alias = "event")]
+    Events,
+}
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// Load images from a `docker save` tarball, an OCI layout directory or an oci-archive.
+    Load {
+        file: PathBuf,
+        /// Name for an image whose archive does not name it.
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// List images.
+    Ls {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Remove an image (refused while a deployment uses it).
+    Rm { reference: String },
+    /// Show an image's config and layers.
+    Inspect { reference: String },
+    /// Remove blobs and layers no image needs.
+    Prune,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    pub image: String,
+    #[arg(long)]
+    pub name: Option<String>,
+    /// CPU limit in cores (0.5) or millicores (500m).
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Memory limit (512m, 1g, 512Mi); swap is limited to the same amount.
+    #[arg(short = 'm', long)]
+    pub memory: Option<String>,
+    #[arg(long)]
+    pub cpu_shares: Option<u64>,
+    #[arg(long)]
+    pub pids_limit: Option<i64>,
+    /// no | always | on-failure[:N] | unless-stopped
+    #[arg(long, default_value = "no")]
+    pub restart: String,
+    #[arg(short = 'e', long = "env")]
+    pub env: Vec<String>,
+    #[arg(short = 'p', long = "publish")]
+    pub publish: Vec<String>,
+    /// SOURCE:TARGET[:ro]; SOURCE is a host path (absolute) or a volume name.
+    #[arg(short = 'v', long = "volume")]
+    pub volume: Vec<String>,
+    #[arg(long, default_value = "bridge")]
+    pub network: String,
+    #[arg(long)]
+    pub read_only: bool,
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    #[arg(short = 'w', long)]
+    pub workdir: Option<String>,
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    #[arg(long)]
+    pub cap_add: Vec<String>,
+    #[arg(long)]
+    pub cap_drop: Vec<String>,
+    #[arg(long)]
+    pub device: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// Seconds between SIGTERM and SIGKILL on stop.
+    #[arg(long, default_value_t = 10)]
+    pub stop_timeout: u64,
+    /// Node selector (k=v); placement across nodes comes with the networked hub.
+    #[arg(long)]
+    pub selector: Vec<String>,
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose, matches!(cli.cmd, Cmd::Shim { .. }));
+    if let Cmd::Shim { bundle, daemon } = &cli.cmd {
+        return skiff_runtime::shim::main(bundle, *daemon);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+fn init_tracing(verbose: u8, quiet: bool) {
+    if quiet {
+        return;
+    }
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn client(cli: &Cli) -> Result<Client> {
+    let (_, cfg) = crate::config::find(cli.config.as_deref(), &cli.data)?;
+    Client::new(cfg)
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    match &cli.cmd {
+        Cmd::Up(args) => crate::up::up(&cli, args).await,
+        Cmd::Apply { file, dry_run } => {
+            let import = crate::up::load_compose(file)?;
+            for w in &import.warnings {
+                eprintln!("warning: {w}");
+            }
+            let req = ApplyRequest { deployments: import.deployments, prune_stack: Some(import.project.clone()), dry_run: *dry_run };
+            let r: ApplyResponse = client(&cli)?.post("/api/v1/apply", &req).await?;
+            print_apply(&r, *dry_run);
+            Ok(0)
+        }
+        Cmd::Run(args) => {
+            let d = deployment_from_run(args)?;
+            let name = d.name.clone();
+            let req = ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false };
+            let r: ApplyResponse = client(&cli)?.post("/api/v1/apply", &req).await?;
+            if r.unchanged.contains(&name) {
+                eprintln!("deployment {name} is already running with this spec");
+            }
+            println!("{name}");
+            Ok(0)
+        }
+        Cmd::Get { kind, output } => get(&client(&cli)?, *kind, *output).await,
+        Cmd::Describe { kind, name } => {
+            let c = client(&cli)?;
+            match kind {
+                Kind::Deployments => {
+                    let v: DeploymentView = c.get(&format!("/api/v1/deployments/{name}")).await?;
+                    print!("{}", serde_norway::to_string(&v)?);
+                }
+                Kind::Nodes => {
+                    let nodes: Vec<skiff_hub::NodeInfo> = c.get("/api/v1/nodes").await?;
+                    let n = nodes.into_iter().find(|n| &n.name == name).with_context(|| format!("node {name:?} not found"))?;
+                    print!("{}", serde_norway::to_string(&n)?);
+                }
+                _ => bail!("describe works on deployments and nodes"),
+            }
+            Ok(0)
+        }
+        Cmd::Delete { kind_or_name, name } => {
+            let name = match (kind_or_name.as_str(), name) {
+                ("deployment" | "deployments" | "deploy", Some(n)) => n.clone(),
+                (other, None) => other.to_string(),
+                (other, Some(_)) => bail!("cannot delete {other:?}: only deployments can be deleted (skiff delete deployment NAME)"),
+            };
+            client(&cli)?.delete(&format!("/api/v1/deployments/{name}")).await?;
+            println!("deployment {name} deleted");
+            Ok(0)
+        }
+        Cmd::Logs { name, follow, tail, timestamps } => logs(&client(&cli)?, name, *follow, *tail, *timestamps).await,
+        Cmd::Exec { instance, command } => {
+            #[derive(serde::Serialize)]
+            struct Body<'a> {
+                argv: &'a [String],
+            }
+            let r: skiff_hub::ExecResult = client(&cli)?.post(&format!("/api/v1/instances/{instance}/exec"), &Body { argv: command }).await?;
+            print!("{}", r.stdout);
+            eprint!("{}", r.stderr);
+            Ok(r.code)
+        }
+        Cmd::Image(cmd) => image(&cli.data, cmd),
+        Cmd::Shim { .. } => Ok(0),
+    }
+}
+
+pub fn print_apply(r: &ApplyResponse, dry_run: bool) {
+    let suffix = if dry_run { " (dry run)" } else { "" };
+    for (verb, names) in [("created", &r.created), ("updated", &r.updated), ("unchanged", &r.unchanged), ("deleted", &r.deleted)] {
+        for n in names {
+            println!("deployment {n} {verb}{suffix}");
+        }
+    }
+}
+
+fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
+    let base = a.image.rsplit('/').next().unwrap_or(&a.image).split([':', '@']).next().unwrap_or("app");
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => {
+            let mut b = [0u8; 2];
+            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+                let _ = std::io::Read::read_exact(&mut f, &mut b);
+            }
+            let clean: String = base.to_ascii_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+            format!("{}-{:02x}{:02x}", if clean.is_empty() { "app" } else { &clean }, b[0], b[1])
+        }
+    };
+    let mut d = Deployment::new(name, a.image.clone());
+    if let Some(c) = &a.cpus {
+        d.resources.cpus_millis = Some(skiff_model::parse_cpus(c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?);
+    }
+    if let Some(m) = &a.memory {
+        d.resources.memory_bytes = Some(skiff_model::parse_bytes(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?);
+    }
+    d.resources.cpu_shares = a.cpu_shares;
+    d.resources.pids_limit = a.pids_limit;
+    d.restart = RestartPolicy::parse(&a.restart).with_context(|| format!("--restart: {:?} is not no, always, on-failure[:N] or unless-stopped", a.restart))?;
+    for kv in &a.env {
+        match kv.split_once('=') {
+            Some((k, v)) => d.env.insert(k.into(), v.into()),
+            None => d.env.insert(kv.clone(), std::env::var(kv).unwrap_or_default()),
+        };
+    }
+    for p in &a.publish {
+        d.ports.push(PortMapping::parse(p).with_context(|| format!("--publish: {p:?} is not a port mapping (examples: 8080:80, 127.0.0.1:53:53/udp)"))?);
+    }
+    for v in &a.volume {
+        let parts: Vec<&str> = v.split(':').collect();
+        let (src, dst, ro) = match parts.as_slice() {
+            [s, t] => (*s, *t, false),
+            [s, t, "ro"] => (*s, *t, true),
+            [s, t, "rw"] => (*s, *t, false),
+            _ => bail!("--volume: {v:?} is not SOURCE:TARGET[:ro]"),
+        };
+        let source = if src.starts_with('/') { VolumeSource::Bind { path: src.into() } } else { VolumeSource::Named { name: src.into() } };
+        d.volumes.push(Volume { source, target: dst.into(), read_only: ro });
+    }
+    d.network = match a.network.as_str() {
+        "bridge" => NetworkMode::Bridge,
+        "host" => NetworkMode::Host,
+        "none" => NetworkMode::None,
+        o => bail!("--network: {o:?} is not bridge, host or none"),
+    };
+    d.read_only = a.read_only;
+    d.user = a.user.clone();
+    d.working_dir = a.workdir.clone();
+    if let Some(e) = &a.entrypoint {
+        d.entrypoint = Some(if e.is_empty() { vec![] } else { vec![e.clone()] });
+    }
+    d.cap_add = a.cap_add.clone();
+    d.cap_drop = a.cap_drop.clone();
+    for dev in &a.device {
+        let parts: Vec<&str> = dev.split(':').collect();
+        let (h, c, p) = match parts.as_slice() {
+            [h] => (*h, *h, "rwm"),
+            [h, c] => (*h, *c, "rwm"),
+            [h, c, p] => (*h, *c, *p),
+            _ => bail!("--device: {dev:?} is not HOST[:CONTAINER[:rwm]]"),
+        };
+        d.devices.push(DeviceMapping { host_path: h.into(), container_path: c.into(), permissions: p.into() });
+    }
+    d.replicas = a.replicas;
+    d.stop_grace_period_ms = a.stop_timeout * 1000;
+    for s in &a.selector {
+        let (k, v) = s.split_once('=').with_context(|| format!("--selector: {s:?} is not k=v"))?;
+        d.labels.insert(format!("skiff.selector/{k}"), v.into());
+    }
+    if !a.command.is_empty() {
+        d.command = Some(a.command.clone());
+    }
+    d.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(d)
+}
+
+async fn get(c: &Client, kind: Kind, f: Format) -> Result<i32> {
+    match kind {
+        Kind::Instances => {
+            let mut v: Vec<InstanceStatus> = c.get("/api/v1/instances").await?;
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+            if f != Format::Table {
+                output::structured(&v, f)?;
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = v
+                .iter()
+                .map(|i| {
+                    let status = match i.state {
+                        skiff_model::InstanceState::Running => format!("running {}", output::age(i.started_at_ms)),
+                        skiff_model::InstanceState::Exited | skiff_model::InstanceState::Restarting | skiff_model::InstanceState::Failed => {
+                            let code = i.exit_code.map(|c| format!(" ({c}{})", if i.oom_killed { ", oom" } else { "" })).unwrap_or_default();
+                            format!("{}{code}", i.state)
+                        }
+                        s => s.to_string(),
+                    };
+                    vec![
+                        i.name.clone(),
+                        i.deployment.clone(),
+                        status,
+                        i.health.map(|h| h.to_string()).unwrap_or_else(|| "-".into()),
+                        i.restarts.to_string(),
+                        i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        i.ip.clone().unwrap_or_else(|| "-".into()),
+                        if i.ports.is_empty() { "-".into() } else { i.ports.join(",") },
+                        i.message.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            output::table(&["NAME", "DEPLOYMENT", "STATUS", "HEALTH", "RESTARTS", "PID", "IP", "PORTS", "MESSAGE"], &rows);
+        }
+        Kind::Deployments => {
+            let v: Vec<DeploymentView> = c.get("/api/v1/deployments").await?;
+            if f != Format::Table {
+                output::structured(&v, f)?;
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = v
+                .iter()
+                .map(|d| {
+                    let running = d.instances.iter().filter(|i| i.state == skiff_model::InstanceState::Running).count();
+                    let r = &d.spec.resources;
+                    vec![
+                        d.spec.name.clone(),
+                        d.spec.stack.clone(),
+                        format!("{running}/{}", d.spec.replicas),
+                        d.spec.image.clone(),
+                        r.cpus_millis.map(skiff_model::format_cpus).unwrap_or_else(|| "-".into()),
+                        r.memory_bytes.map(skiff_model::format_bytes).unwrap_or_else(|| "-".into()),
+                        d.spec.restart.to_string(),
+                        d.revision.to_string(),
+                    ]
+                })
+                .collect();
+            output::table(&["NAME", "STACK", "READY", "IMAGE", "CPUS", "MEMORY", "RESTART", "REVISION"], &rows);
+        }
+        Kind::Nodes => {
+            let v: Vec<skiff_hub::NodeInfo> = c.get("/api/v1/nodes").await?;
+            if f != Format::Table {
+                output::structured(&v, f)?;
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = v.iter().map(|n| vec![n.name.clone(), n.state.clone(), format!("{}/{}", n.os, n.arch), n.instances.to_string()]).collect();
+            output::table(&["NAME", "STATE", "PLATFORM", "INSTANCES"], &rows);
+        }
+        Kind::Events => {
+            let v: Vec<skiff_model::EventRecord> = c.get("/api/v1/events").await?;
+            if f != Format::Table {
+                output::structured(&v, f)?;
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = v.iter().map(|e| vec![output::age(Some(e.time_ms)), e.object.clone(), e.reason.clone(), e.message.clone()]).collect();
+            output::table(&["AGE", "OBJECT", "REASON", "MESSAGE"], &rows);
+        }
+    }
+    Ok(0)
+}
+
+async fn logs(c: &Client, name: &str, follow: bool, tail: Option<usize>, ts: bool) -> Result<i32> {
+    let mut q = format!("/api/v1/instances/{name}/logs?follow={follow}");
+    if let Some(t) = tail {
+        q.push_str(&format!("&tail={t}"));
+    }
+    let mut resp = c.stream(&q).await?;
+    let mut buf: Vec<u8> = vec![];
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    while let Some(chunk) = resp.chunk().await.context("reading the log stream")? {
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let Ok(l) = serde_json::from_slice::<LogLine>(&line) else { continue };
+            let (prefix, stream) = match l.stream.rsplit_once('/') {
+                Some((inst, s)) => (format!("{inst} | "), s.to_string()),
+                None => (String::new(), l.stream.clone()),
+            };
+            let t = if ts { format!("{} ", l.time) } else { String::new() };
+            if stream == "stderr" {
+                let _ = writeln!(stderr.lock(), "{prefix}{t}{}", l.log);
+            } else {
+                let mut o = stdout.lock();
+                let _ = writeln!(o, "{prefix}{t}{}", l.log);
+                let _ = o.flush();
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
+    let store = skiff_image::ImageStore::open(data.join("images"))?;
+    match cmd {
+        ImageCmd::Load { file, tag } => {
+            eprintln!("loading {} ...", file.display());
+            for r in store.load(file, tag.as_deref())? {
+                println!("Loaded image: {r}");
+            }
+        }
+        ImageCmd::Ls { output: f } => {
+            let v = store.list()?;
+            if *f != Format::Table {
+                output::structured(&v, *f)?;
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = v.iter().map(|i| vec![i.reference.clone(), i.digest.chars().take(19).collect(), skiff_model::format_bytes(i.size)]).collect();
+            output::table(&["REFERENCE", "DIGEST", "SIZE"], &rows);
+        }
+        ImageCmd::Rm { reference } => {
+            store.remove(reference, &images_in_use(data))?;
+            println!("Untagged: {reference}");
+        }
+        ImageCmd::Inspect { reference } => {
+            println!("{}", serde_json::to_string_pretty(&store.inspect(reference)?)?);
+        }
+        ImageCmd::Prune => {
+            let freed = store.gc()?;
+            println!("freed {}", skiff_model::format_bytes(freed));
+        }
+    }
+    Ok(0)
+}
+
+/// image reference → deployments using it, from the local agent's desired state.
+fn images_in_use(data: &Path) -> BTreeMap<String, Vec<String>> {
+    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let db = data.join("agent.db");
+    if db.exists() {
+        if let Ok(s) = skiff_agent::state::State::open(&db) {
+            for d in s.desired().unwrap_or_default() {
+                m.entry(skiff_image::normalize_reference(&d.image)).or_default().push(d.name);
+            }
+        }
+    }
+    m
+}

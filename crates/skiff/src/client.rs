@@ -1,0 +1,51 @@
+//! The CLI's HTTP client for the hub API.
+
+use crate::config::ClientConfig;
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use skiff_model::api::ErrorBody;
+
+pub struct Client {
+    http: reqwest::Client,
+    cfg: ClientConfig,
+}
+
+impl Client {
+    pub fn new(cfg: ClientConfig) -> Result<Self> {
+        let http = reqwest::Client::builder().build().context("building the HTTP client")?;
+        Ok(Client { http, cfg })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.cfg.server.trim_end_matches('/'))
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let resp = req.bearer_auth(&self.cfg.token).send().await.with_context(|| format!("cannot reach the hub at {} (is `skiff up` running?)", self.cfg.server))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
+        bail!("{msg} ({status})")
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        Ok(self.send(self.http.get(self.url(path))).await?.json().await?)
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        Ok(self.send(self.http.post(self.url(path)).json(body)).await?.json().await?)
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        self.send(self.http.delete(self.url(path))).await?;
+        Ok(())
+    }
+
+    pub async fn stream(&self, path: &str) -> Result<reqwest::Response> {
+        self.send(self.http.get(self.url(path))).await
+    }
+}

@@ -1,0 +1,51 @@
+//! Where the CLI finds its hub: `--config FILE`, then `$SKIFF_CONFIG`, then
+//! `~/.config/skiff/config`, then `<data>/admin.conf` (written by `skiff up` / `skiff hub`).
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientConfig {
+    pub server: String,
+    pub token: String,
+}
+
+pub fn find(explicit: Option<&Path>, data: &Path) -> Result<(PathBuf, ClientConfig)> {
+    let mut candidates: Vec<PathBuf> = vec![];
+    if let Some(p) = explicit {
+        candidates.push(p.to_path_buf());
+    } else {
+        if let Some(p) = std::env::var_os("SKIFF_CONFIG") {
+            candidates.push(PathBuf::from(p));
+        }
+        if let Some(h) = std::env::var_os("HOME") {
+            candidates.push(PathBuf::from(h).join(".config/skiff/config"));
+        }
+        candidates.push(data.join("admin.conf"));
+    }
+    for c in &candidates {
+        if c.exists() {
+            let text = std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
+            let cfg: ClientConfig = serde_json::from_str(&text).with_context(|| format!("{}: not a skiff client config", c.display()))?;
+            return Ok((c.clone(), cfg));
+        }
+    }
+    if explicit.is_some() || std::env::var_os("SKIFF_CONFIG").is_some() {
+        bail!("config file {} does not exist", candidates[0].display());
+    }
+    bail!(
+        "cannot find a hub: none of {} exists; start one with `skiff up` (or pass --config FILE / --data DIR)",
+        candidates.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// Writes the operator config readable by its owner only.
+pub fn write(path: &Path, cfg: &ClientConfig) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::io::Write::write_all(&mut f, serde_json::to_string_pretty(cfg)?.as_bytes())?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! Human tables and `-o json|yaml`.
+
+use anyhow::Result;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Prints `rows` as an aligned table with `headers`.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < w.len() {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<width$}   ", width = w[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(headers.iter().map(|s| s.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+pub fn structured<T: Serialize>(v: &T, f: Format) -> Result<()> {
+    match f {
+        Format::Yaml => print!("{}", serde_norway::to_string(v)?),
+        Format::Json | Format::Table => println!("{}", serde_json::to_string_pretty(v)?),
+    }
+    Ok(())
+}
+
+pub fn age(ms: Option<u64>) -> String {
+    let Some(t) = ms else { return "-".into() };
+    let now = skiff_runtime::time::now_ms();
+    let s = now.saturating_sub(t) / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}

@@ -1,0 +1,183 @@
+//! `skiff up`: the embedded default. One process runs the hub (API on loopback, store in
+//! SQLite) and the agent for this machine, deploys a compose file, and stays until
+//! Ctrl-C, which stops the stack. SIGTERM leaves workloads running (as an agent upgrade
+//! would); the next `skiff up` re-adopts them.
+
+use crate::cli::Cli;
+use crate::config::ClientConfig;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use skiff_agent::{Agent, AgentConfig};
+use skiff_hub::store::{SqliteStore, Store};
+use skiff_hub::Hub;
+use skiff_manifest::ComposeImport;
+use skiff_model::api::ApplyRequest;
+use skiff_model::InstanceState;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Compose file to deploy (default: compose.yaml, compose.yml, docker-compose.yml
+    /// in the current directory, if any).
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+    /// Address of the local API.
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    pub listen: String,
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Name of the node's bridge.
+    #[arg(long, default_value = "skiff0")]
+    pub bridge: String,
+    /// Subnet for bridge-mode instances (the bridge takes .1).
+    #[arg(long, default_value = "10.213.0.0/20")]
+    pub subnet: String,
+    /// Return once the stack is up and leave it running in the background (the process
+    /// stays as a daemon).
+    #[arg(long, hide = true)]
+    pub no_wait: bool,
+}
+
+pub fn load_compose(file: &Path) -> Result<ComposeImport> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let dir = file.canonicalize().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."));
+    let default_project = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "default".into());
+    // `.env` next to the compose file supplies defaults; the process environment wins.
+    let mut dotenv = std::collections::HashMap::new();
+    if let Ok(t) = std::fs::read_to_string(dir.join(".env")) {
+        for l in t.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            if let Some((k, v)) = l.split_once('=') {
+                dotenv.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
+            }
+        }
+    }
+    let env = move |k: &str| std::env::var(k).ok().or_else(|| dotenv.get(k).cloned());
+    skiff_manifest::import_compose(&text, &dir, &default_project, &env, &|p| std::fs::read_to_string(p))
+        .with_context(|| format!("{}", file.display()))
+}
+
+fn default_compose() -> Option<PathBuf> {
+    ["compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml"].iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+fn token() -> String {
+    let mut b = [0u8; 24];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
+    let file = args.file.clone().or_else(default_compose);
+    // Everything is validated before anything starts.
+    let import = match &file {
+        Some(f) => Some(load_compose(f)?),
+        None => None,
+    };
+    if let Some(i) = &import {
+        for w in &i.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+    // Handlers first: a Ctrl-C while the stack starts must stop it, not kill us mid-way.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let data = &cli.data;
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let mut acfg = AgentConfig::new(data);
+    acfg.bridge_name = args.bridge.clone();
+    acfg.subnet = args.subnet.clone();
+    if let Some(n) = &args.node_name {
+        acfg.node_name = n.clone();
+    }
+    let agent = Agent::open(acfg)?;
+    if let Some(i) = &import {
+        for d in &i.deployments {
+            if let Err(e) = agent.images().inspect(&d.image) {
+                bail!("services.{}.image: {e}", d.name);
+            }
+        }
+    }
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data.join("hub.db"))?);
+    let conf_path = data.join("admin.conf");
+    let admin_token = match crate::config::find(Some(&conf_path), data) {
+        Ok((_, c)) => c.token,
+        Err(_) => token(),
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    crate::config::write(&conf_path, &ClientConfig { server: format!("http://{addr}"), token: admin_token.clone() })?;
+    let hub = Arc::new(Hub { store, nodes: vec![Arc::new(crate::link::LocalAgent(Arc::clone(&agent)))], admin_token });
+    hub.sync_nodes().map_err(anyhow::Error::msg)?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx.clone()));
+    let server = tokio::spawn(skiff_hub::api::serve(listener, Arc::clone(&hub), stop_rx.clone()));
+    eprintln!("skiff: hub API on http://{addr}, config in {}", conf_path.display());
+
+    let stack = import.as_ref().map(|i| i.project.clone());
+    let mut names: Vec<String> = vec![];
+    if let Some(i) = import {
+        names = i.deployments.iter().map(|d| d.name.clone()).collect();
+        let req = ApplyRequest { deployments: i.deployments, prune_stack: Some(i.project.clone()), dry_run: false };
+        let r = hub.apply(&req).map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::cli::print_apply(&r, false);
+    }
+    let interrupted = tokio::select! {
+        _ = sigint.recv() => true,
+        _ = sigterm.recv() => false,
+        _ = async {
+            wait_running(&agent, &names).await;
+            std::future::pending::<()>().await
+        }, if !names.is_empty() => false,
+    };
+    if interrupted {
+        if let Some(stack) = &stack {
+            eprintln!("\nstopping stack {stack} ...");
+            let names: Vec<String> = hub.store.list()?.into_iter().filter(|s| &s.spec.stack == stack).map(|s| s.spec.name).collect();
+            hub.apply(&ApplyRequest { deployments: vec![], prune_stack: Some(stack.clone()), dry_run: false }).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while !agent.all_gone(&names) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            eprintln!("stack {stack} stopped");
+        }
+    } else {
+        eprintln!("skiff: SIGTERM, leaving workloads running");
+    }
+    let _ = stop_tx.send(true);
+    let _ = agent_task.await;
+    let _ = server.await;
+    Ok(0)
+}
+
+/// Prints progress until every instance of `names` runs (bounded: 120 s).
+async fn wait_running(agent: &Arc<Agent>, names: &[String]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut last = String::new();
+    loop {
+        let all = agent.instances().unwrap_or_default();
+        let mine: Vec<_> = all.iter().filter(|i| names.contains(&i.deployment)).collect();
+        let running = mine.iter().filter(|i| i.state == InstanceState::Running).count();
+        let want: usize = agent.desired().unwrap_or_default().iter().filter(|d| names.contains(&d.name)).map(|d| d.replicas as usize).sum();
+        let line = format!("{running}/{want} instances running");
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        if running == want && want > 0 || tokio::time::Instant::now() > deadline {
+            for i in mine.iter().filter(|i| i.state != InstanceState::Running) {
+                eprintln!("  {}: {} {}", i.name, i.state, i.message.clone().unwrap_or_default());
+            }
+            if running == want {
+                eprintln!("stack is up; Ctrl-C stops it");
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
