@@ -183,6 +183,7 @@ impl Agent {
             name: r.name.clone(),
             deployment: r.deployment.clone(),
             node: self.cfg.node_name.clone(),
+            container_id: r.container_id.clone(),
             state: r.state,
             health: r.health,
             pid: r.pid.filter(|p| *p > 0 && r.state == InstanceState::Running),

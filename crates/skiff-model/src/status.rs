@@ -52,6 +52,8 @@ pub struct InstanceStatus {
     pub name: String,
     pub deployment: String,
     pub node: String,
+    /// The runtime's id (runc container id, cgroup `/skiff/<id>`).
+    pub container_id: String,
     pub state: InstanceState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,

@@ -19,8 +19,8 @@ pub struct Cli {
     /// ~/.config/skiff/config, then <data>/admin.conf).
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
-    /// More logging (-v info, -vv debug). RUST_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// More logging (--verbose info, twice for debug). RUST_LOG overrides.
+    #[arg(long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     #[command(subcommand)]
     pub cmd: Cmd,

@@ -1,0 +1,230 @@
+//! Test harness: a real `skiff up` (hub + agent) in a temporary data directory with its
+//! own bridge and subnet, driven through the real CLI. Everything it creates is removed
+//! on drop, even when the test fails.
+#![allow(dead_code)]
+
+use anyhow::{bail, Context, Result};
+use skiff_model::{EventRecord, InstanceStatus};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const IMAGE: &str = "localhost/skiff-test:1";
+static N: AtomicU32 = AtomicU32::new(0);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_skiff")
+}
+
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub bridge: String,
+    pub subnet: String,
+    up: Option<Child>,
+    pub up_log: PathBuf,
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// Polls `f` every 100 ms until it returns Some, for at most `limit`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Node {
+    /// A node with the busybox test image loaded (plus `extra` images: (name, builder)).
+    pub fn new() -> Result<Self> {
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let dir = tempfile::Builder::new().prefix("skiff-test-").tempdir()?;
+        let node = Node {
+            bridge: format!("skt{}x{n}", pid % 100_000),
+            subnet: format!("10.{}.{}.0/24", 214 + (pid % 20), (n * 7 + pid / 20) % 250),
+            dir,
+            up: None,
+            up_log: PathBuf::new(),
+        };
+        node.load(&skiff_testkit::ImageBuilder::busybox()?, IMAGE)?;
+        Ok(node)
+    }
+
+    pub fn data(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn load(&self, img: &skiff_testkit::ImageBuilder, name: &str) -> Result<()> {
+        let layout = self.data().join(format!("layout-{}", name.replace(['/', ':'], "_")));
+        img.write_oci_layout(&layout, name)?;
+        let out = self.cli(&["image", "load", layout.to_str().unwrap_or_default()])?;
+        if !out.status.success() {
+            bail!("image load: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::fs::remove_dir_all(&layout)?;
+        Ok(())
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Command::new(bin()).arg("--data").arg(self.data()).args(args).stdin(Stdio::null()).output().context("running skiff")
+    }
+
+    /// Runs the CLI and returns stdout, failing on a non-zero exit.
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!("skiff {}: {}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let p = self.data().join(name);
+        std::fs::write(&p, text)?;
+        Ok(p)
+    }
+
+    /// Starts `skiff up` (optionally with a compose file) and waits for its API.
+    pub fn up(&mut self, compose: Option<&Path>) -> Result<()> {
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        self.up_log = self.data().join(format!("up-{n}.log"));
+        let log = std::fs::File::create(&self.up_log)?;
+        let mut cmd = Command::new(bin());
+        cmd.arg("--data").arg(self.data()).args(["up", "--listen", "127.0.0.1:0", "--bridge", &self.bridge, "--subnet", &self.subnet]);
+        if let Some(f) = compose {
+            cmd.arg("-f").arg(f);
+        }
+        let _ = std::fs::remove_file(self.data().join("admin.conf"));
+        let child = cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
+        self.up = Some(child);
+        wait_for(Duration::from_secs(30), "the hub API", || {
+            if let Some(c) = self.up.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    return Some(Err(anyhow::anyhow!("skiff up exited with {st}: {}", self.log())));
+                }
+            }
+            self.data().join("admin.conf").exists().then(|| self.cli(&["get", "nodes"]).ok().filter(|o| o.status.success()).map(|_| Ok(())))?
+        })?
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.up_log).unwrap_or_default()
+    }
+
+    pub fn up_pid(&self) -> Option<u32> {
+        self.up.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL to `skiff up`: the agent dies without any chance to clean up.
+    pub fn kill_up(&mut self) -> Result<()> {
+        if let Some(mut c) = self.up.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGINT to `skiff up` (Ctrl-C): stops the stack and exits.
+    pub fn interrupt_up(&mut self) -> Result<()> {
+        if let Some(mut c) = self.up.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if c.try_wait()?.is_some() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            c.kill()?;
+            c.wait()?;
+            bail!("skiff up did not stop within 60 s of SIGINT");
+        }
+        Ok(())
+    }
+
+    pub fn instances(&self) -> Result<Vec<InstanceStatus>> {
+        Ok(serde_json::from_str(&self.ok(&["get", "instances", "-o", "json"])?)?)
+    }
+
+    pub fn instance(&self, name: &str) -> Result<InstanceStatus> {
+        self.instances()?.into_iter().find(|i| i.name == name).with_context(|| format!("no instance {name}"))
+    }
+
+    pub fn events(&self) -> Result<Vec<EventRecord>> {
+        Ok(serde_json::from_str(&self.ok(&["get", "events", "-o", "json"])?)?)
+    }
+
+    /// Waits until `name` satisfies `pred`, returning its last status.
+    pub fn wait_instance(&self, name: &str, limit: Duration, what: &str, pred: impl Fn(&InstanceStatus) -> bool) -> Result<InstanceStatus> {
+        wait_for(limit, &format!("{name} {what}"), || self.instance(name).ok().filter(|i| pred(i)))
+            .with_context(|| format!("last status: {:?}\nlog:\n{}", self.instance(name).ok(), self.log()))
+    }
+
+    pub fn wait_running(&self, name: &str) -> Result<InstanceStatus> {
+        self.wait_instance(name, Duration::from_secs(30), "running", |i| i.state == skiff_model::InstanceState::Running && i.pid.is_some())
+    }
+
+    fn cleanup(&mut self) {
+        let _ = self.interrupt_up();
+        let data = self.data().to_path_buf();
+        // Whatever survived (a failed test, a killed agent): containers, mounts, netns.
+        let runc_root = data.join("runc");
+        if let Ok(out) = Command::new("runc").arg("--root").arg(&runc_root).args(["list", "-q"]).output() {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = Command::new("runc").arg("--root").arg(&runc_root).args(["delete", "--force", id]).output();
+            }
+        }
+        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let prefix = data.display().to_string();
+            let mut mounts: Vec<&str> = info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)).collect();
+            mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+            for m in mounts {
+                let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        if let Ok(s) = skiff_agent::state::State::open(&data.join("agent.db")) {
+            if let Ok(Some(id)) = s.meta("node_id") {
+                for ns in skiff_runtime::network::list_netns(&format!("skiff-{id}-")) {
+                    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+                }
+                for c in ["cpu", "cpuacct", "memory", "pids", "devices", "freezer", "blkio", "cpuset", "systemd", ""] {
+                    if let Ok(rd) = std::fs::read_dir(Path::new("/sys/fs/cgroup").join(c).join("skiff")) {
+                        for e in rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&id)) {
+                            let _ = std::fs::remove_dir(e.path());
+                        }
+                    }
+                }
+            }
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Minimal HTTP GET over loopback, returning the body.
+pub fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
