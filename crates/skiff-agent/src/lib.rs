@@ -14,7 +14,9 @@ pub mod supervise;
 
 use proxy::{PortKey, Proxies};
 use skiff_image::ImageStore;
-use skiff_model::{Deployment, EventRecord, Health, InstanceState, InstanceStatus, NetworkMode, VolumeSource};
+use skiff_model::{
+    Deployment, EventRecord, Health, InstanceState, InstanceStatus, NetworkMode, VolumeSource,
+};
 use skiff_runtime::network::{list_netns, netns_path, veth_name, Bridge, Subnet};
 use skiff_runtime::runc::ExecOutput;
 use skiff_runtime::time::now_ms;
@@ -71,7 +73,9 @@ impl AgentConfig {
 }
 
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "node".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "node".into())
 }
 
 pub struct Agent {
@@ -105,7 +109,8 @@ fn random_hex(n: usize) -> String {
 impl Agent {
     pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
         let data = &cfg.data_dir;
-        std::fs::create_dir_all(data).map_err(|e| AgentError::Other(format!("creating {}: {e}", data.display())))?;
+        std::fs::create_dir_all(data)
+            .map_err(|e| AgentError::Other(format!("creating {}: {e}", data.display())))?;
         let state = State::open(&data.join("agent.db"))?;
         let node_id = match state.meta("node_id")? {
             Some(id) => id,
@@ -116,8 +121,16 @@ impl Agent {
             }
         };
         let images = Arc::new(ImageStore::open(data.join("images"))?);
-        let runtime: Arc<dyn Runtime> = Arc::new(OciRuntime::new(data.join("instances"), data.join("runc"), &cfg.skiff_bin, "/skiff")?);
-        let bridge = Bridge { name: cfg.bridge_name.clone(), subnet: Subnet::parse(&cfg.subnet)? };
+        let runtime: Arc<dyn Runtime> = Arc::new(OciRuntime::new(
+            data.join("instances"),
+            data.join("runc"),
+            &cfg.skiff_bin,
+            "/skiff",
+        )?);
+        let bridge = Bridge {
+            name: cfg.bridge_name.clone(),
+            subnet: Subnet::parse(&cfg.subnet)?,
+        };
         Ok(Arc::new(Agent {
             cfg,
             node_id,
@@ -140,8 +153,14 @@ impl Agent {
         &self.images
     }
 
-    fn db<T>(&self, f: impl FnOnce(&mut State) -> Result<T, state::StateError>) -> Result<T, AgentError> {
-        let mut s = self.state.lock().map_err(|_| AgentError::Other("state lock poisoned".into()))?;
+    fn db<T>(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<T, state::StateError>,
+    ) -> Result<T, AgentError> {
+        let mut s = self
+            .state
+            .lock()
+            .map_err(|_| AgentError::Other("state lock poisoned".into()))?;
         Ok(f(&mut s)?)
     }
 
@@ -186,7 +205,9 @@ impl Agent {
             container_id: r.container_id.clone(),
             state: r.state,
             health: r.health,
-            pid: r.pid.filter(|p| *p > 0 && r.state == InstanceState::Running),
+            pid: r
+                .pid
+                .filter(|p| *p > 0 && r.state == InstanceState::Running),
             ip: r.ip.clone(),
             restarts: r.restarts,
             exit_code: r.exit_code,
@@ -201,7 +222,9 @@ impl Agent {
 
     /// Container id and log file of an instance.
     pub fn log_path(&self, instance: &str) -> Result<PathBuf, AgentError> {
-        let row = self.db(|s| s.instance(instance))?.ok_or_else(|| AgentError::NoInstance(instance.into()))?;
+        let row = self
+            .db(|s| s.instance(instance))?
+            .ok_or_else(|| AgentError::NoInstance(instance.into()))?;
         Ok(self.runtime.log_path(&row.container_id))
     }
 
@@ -209,27 +232,49 @@ impl Agent {
         matches!(self.db(|s| s.instance(instance)), Ok(Some(_)))
     }
 
-    pub async fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> Result<ExecOutput, AgentError> {
-        let row = self.db(|s| s.instance(instance))?.ok_or_else(|| AgentError::NoInstance(instance.into()))?;
+    pub async fn exec(
+        &self,
+        instance: &str,
+        argv: Vec<String>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, AgentError> {
+        let row = self
+            .db(|s| s.instance(instance))?
+            .ok_or_else(|| AgentError::NoInstance(instance.into()))?;
         if row.state != InstanceState::Running {
-            return Err(AgentError::Runtime(skiff_runtime::RuntimeError::NotRunning(instance.into())));
+            return Err(AgentError::Runtime(
+                skiff_runtime::RuntimeError::NotRunning(instance.into()),
+            ));
         }
         let rt = Arc::clone(&self.runtime);
         Ok(blocking(move || rt.exec(&row.container_id, &argv, timeout)).await?)
     }
 
-    pub fn cgroup_limits(&self, instance: &str) -> Result<skiff_runtime::cgroup::CgroupLimits, AgentError> {
-        let row = self.db(|s| s.instance(instance))?.ok_or_else(|| AgentError::NoInstance(instance.into()))?;
+    pub fn cgroup_limits(
+        &self,
+        instance: &str,
+    ) -> Result<skiff_runtime::cgroup::CgroupLimits, AgentError> {
+        let row = self
+            .db(|s| s.instance(instance))?
+            .ok_or_else(|| AgentError::NoInstance(instance.into()))?;
         Ok(self.runtime.limits(&row.container_id))
     }
 
-    pub fn cgroup_stats(&self, instance: &str) -> Result<skiff_runtime::cgroup::CgroupStats, AgentError> {
-        let row = self.db(|s| s.instance(instance))?.ok_or_else(|| AgentError::NoInstance(instance.into()))?;
+    pub fn cgroup_stats(
+        &self,
+        instance: &str,
+    ) -> Result<skiff_runtime::cgroup::CgroupStats, AgentError> {
+        let row = self
+            .db(|s| s.instance(instance))?
+            .ok_or_else(|| AgentError::NoInstance(instance.into()))?;
         Ok(self.runtime.stats(&row.container_id))
     }
 
     /// Re-adopts what survived, removes leftovers, then reconciles until `shutdown`.
-    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), AgentError> {
+    pub async fn run(
+        self: Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), AgentError> {
         self.adopt().await?;
         loop {
             if let Err(e) = self.reconcile().await {
@@ -244,7 +289,12 @@ impl Agent {
                 break;
             }
         }
-        for (_, h) in self.health.lock().map(|mut m| std::mem::take(&mut *m)).unwrap_or_default() {
+        for (_, h) in self
+            .health
+            .lock()
+            .map(|mut m| std::mem::take(&mut *m))
+            .unwrap_or_default()
+        {
             h.abort();
         }
         Ok(())
@@ -258,7 +308,11 @@ impl Agent {
         let mine: HashSet<String> = rows.iter().map(|r| r.container_id.clone()).collect();
         let rt = Arc::clone(&self.runtime);
         let prefix = format!("{}-", self.node_id);
-        let leftovers: Vec<String> = rt.known().into_iter().filter(|id| id.starts_with(&prefix) && !mine.contains(id)).collect();
+        let leftovers: Vec<String> = rt
+            .known()
+            .into_iter()
+            .filter(|id| id.starts_with(&prefix) && !mine.contains(id))
+            .collect();
         for id in leftovers {
             info!(container = %id, "removing leftover container");
             let rt = Arc::clone(&rt);
@@ -313,7 +367,10 @@ impl Agent {
         }
 
         // Observe running instances.
-        for r in rows.iter().filter(|r| r.state == InstanceState::Running && !stopping.contains(&r.name)) {
+        for r in rows
+            .iter()
+            .filter(|r| r.state == InstanceState::Running && !stopping.contains(&r.name))
+        {
             if !wanted.get(&r.name).is_some_and(|d| same_spec(d, &r.spec)) {
                 continue;
             }
@@ -330,9 +387,15 @@ impl Agent {
                 }
                 Liveness::Exited(exit) => self.on_exit(r.clone(), exit, now)?,
                 Liveness::Gone => {
-                    let exit = skiff_model::ExitStatus { code: 255, signal: None, oom_killed: false, finished_at_ms: now };
+                    let exit = skiff_model::ExitStatus {
+                        code: 255,
+                        signal: None,
+                        oom_killed: false,
+                        finished_at_ms: now,
+                    };
                     let mut r = r.clone();
-                    r.message = Some("container lost (node rebooted or its shim was killed)".into());
+                    r.message =
+                        Some("container lost (node rebooted or its shim was killed)".into());
                     self.on_exit(r, exit, now)?;
                 }
             }
@@ -368,14 +431,24 @@ impl Agent {
         // Start what is due and allowed.
         let rows = self.db(|s| s.instances())?;
         for r in &rows {
-            let due = matches!(r.state, InstanceState::Pending | InstanceState::Restarting) && r.next_start_ms.is_none_or(|t| t <= now);
-            if !due || stopping.contains(&r.name) || !wanted.get(&r.name).is_some_and(|d| same_spec(d, &r.spec)) {
+            let due = matches!(r.state, InstanceState::Pending | InstanceState::Restarting)
+                && r.next_start_ms.is_none_or(|t| t <= now);
+            if !due
+                || stopping.contains(&r.name)
+                || !wanted.get(&r.name).is_some_and(|d| same_spec(d, &r.spec))
+            {
                 continue;
             }
             let peers: Vec<Peer<'_>> = rows
                 .iter()
                 .filter(|p| p.spec.stack == r.spec.stack)
-                .map(|p| Peer { deployment: &p.deployment, state: p.state, health: p.health, has_healthcheck: p.spec.healthcheck.is_some(), exit_code: p.exit_code })
+                .map(|p| Peer {
+                    deployment: &p.deployment,
+                    state: p.state,
+                    health: p.health,
+                    has_healthcheck: p.spec.healthcheck.is_some(),
+                    exit_code: p.exit_code,
+                })
                 .collect();
             if let Some(wait) = unmet_dependency(&r.spec, &peers) {
                 if r.message.as_deref() != Some(&wait) {
@@ -391,7 +464,12 @@ impl Agent {
         self.sync_hosts_and_ports().await
     }
 
-    fn on_exit(self: &Arc<Self>, mut r: InstanceRow, exit: skiff_model::ExitStatus, now: u64) -> Result<(), AgentError> {
+    fn on_exit(
+        self: &Arc<Self>,
+        mut r: InstanceRow,
+        exit: skiff_model::ExitStatus,
+        now: u64,
+    ) -> Result<(), AgentError> {
         self.stop_health(&r.name);
         r.exit_code = Some(exit.code);
         r.oom_killed = exit.oom_killed;
@@ -399,9 +477,28 @@ impl Agent {
         r.pid = None;
         r.health = None;
         r.health_failures = 0;
-        let what = if exit.oom_killed { format!("OOM-killed (exit code {})", exit.code) } else { format!("exited with code {}", exit.code) };
-        self.event(&r.name, if exit.oom_killed { "OOMKilled" } else { "Exited" }, &what);
-        match after_exit(r.spec.restart, &exit, r.started_at_ms, r.streak, r.restarts, now) {
+        let what = if exit.oom_killed {
+            format!("OOM-killed (exit code {})", exit.code)
+        } else {
+            format!("exited with code {}", exit.code)
+        };
+        self.event(
+            &r.name,
+            if exit.oom_killed {
+                "OOMKilled"
+            } else {
+                "Exited"
+            },
+            &what,
+        );
+        match after_exit(
+            r.spec.restart,
+            &exit,
+            r.started_at_ms,
+            r.streak,
+            r.restarts,
+            now,
+        ) {
             AfterExit::Restart { at_ms, streak } => {
                 r.state = InstanceState::Restarting;
                 r.streak = streak;
@@ -439,7 +536,11 @@ impl Agent {
                 r.health = r.spec.healthcheck.as_ref().map(|_| Health::Starting);
                 r.health_failures = 0;
                 self.db(|s| s.put_instance(&r))?;
-                self.event(&r.name, if restarted { "Restarted" } else { "Started" }, &format!("pid {pid}"));
+                self.event(
+                    &r.name,
+                    if restarted { "Restarted" } else { "Started" },
+                    &format!("pid {pid}"),
+                );
                 self.start_health(&r);
             }
             Err(AgentError::Image(e @ skiff_image::ImageError::NotFound(_))) => {
@@ -453,7 +554,12 @@ impl Agent {
                 warn!(instance = %r.name, error = %e, "start failed");
                 self.event(&r.name, "Failed", &e.to_string());
                 // Counts as a failed run for the restart policy.
-                let exit = skiff_model::ExitStatus { code: 127, signal: None, oom_killed: false, finished_at_ms: now };
+                let exit = skiff_model::ExitStatus {
+                    code: 127,
+                    signal: None,
+                    oom_killed: false,
+                    finished_at_ms: now,
+                };
                 r.state = InstanceState::Running;
                 self.on_exit(r.clone(), exit, now)?;
                 let mut r = self.db(|s| s.instance(&r.name))?.unwrap_or(r);
@@ -475,14 +581,23 @@ impl Agent {
             }
         }
         let info = self.images.resolve(&r.spec.image)?;
-        let layer_dirs = info.layers.iter().map(|l| self.images.layer_dir(&l.diff_id)).collect::<Result<Vec<_>, _>>()?;
+        let layer_dirs = info
+            .layers
+            .iter()
+            .map(|l| self.images.layer_dir(&l.diff_id))
+            .collect::<Result<Vec<_>, _>>()?;
         let (netns, ip) = match r.spec.network {
             NetworkMode::Bridge => {
                 let subnet = self.bridge.subnet;
                 let ip = self.db(|s| s.lease(&r.name, subnet.hosts(), &subnet.to_string()))?;
                 let ns = self.netns_name(id);
-                let attached = netns_path(&ns).exists() && Path::new(&format!("/sys/class/net/{}", veth_name(&ns))).exists();
-                let path = if attached { netns_path(&ns) } else { self.bridge.attach(&ns, ip)? };
+                let attached = netns_path(&ns).exists()
+                    && Path::new(&format!("/sys/class/net/{}", veth_name(&ns))).exists();
+                let path = if attached {
+                    netns_path(&ns)
+                } else {
+                    self.bridge.attach(&ns, ip)?
+                };
                 (Some(path), Some(ip))
             }
             NetworkMode::None | NetworkMode::Host => (None, None),
@@ -515,11 +630,15 @@ impl Agent {
         for v in &d.volumes {
             let src = match &v.source {
                 VolumeSource::Bind { path } => PathBuf::from(path),
-                VolumeSource::Named { name } => self.cfg.data_dir.join("volumes").join(name).join("_data"),
+                VolumeSource::Named { name } => {
+                    self.cfg.data_dir.join("volumes").join(name).join("_data")
+                }
             };
             if !src.exists() {
                 // As `docker run -v` does, a missing source becomes an empty directory.
-                std::fs::create_dir_all(&src).map_err(|e| AgentError::Other(format!("volume source {}: {e}", src.display())))?;
+                std::fs::create_dir_all(&src).map_err(|e| {
+                    AgentError::Other(format!("volume source {}: {e}", src.display()))
+                })?;
             }
             out.push((src, v.target.clone(), v.read_only));
         }
@@ -528,14 +647,27 @@ impl Agent {
 
     /// `/etc/hosts` for one instance: itself plus every addressed instance of its stack,
     /// reachable by instance name and by deployment (service) name.
-    fn hosts_for(&self, stack: &str, me: &str, my_ip: Option<Ipv4Addr>) -> Result<String, AgentError> {
+    fn hosts_for(
+        &self,
+        stack: &str,
+        me: &str,
+        my_ip: Option<Ipv4Addr>,
+    ) -> Result<String, AgentError> {
         let rows = self.db(|s| s.instances())?;
-        let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        let mut out =
+            String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
         if let Some(ip) = my_ip {
-            let dep = rows.iter().find(|r| r.name == me).map(|r| r.deployment.clone()).unwrap_or_default();
+            let dep = rows
+                .iter()
+                .find(|r| r.name == me)
+                .map(|r| r.deployment.clone())
+                .unwrap_or_default();
             out.push_str(&format!("{ip}\t{me} {dep}\n"));
         }
-        for r in rows.iter().filter(|r| r.spec.stack == stack && r.name != me && r.state == InstanceState::Running) {
+        for r in rows
+            .iter()
+            .filter(|r| r.spec.stack == stack && r.name != me && r.state == InstanceState::Running)
+        {
             if let Some(ip) = &r.ip {
                 out.push_str(&format!("{ip}\t{} {}\n", r.name, r.deployment));
             }
@@ -549,16 +681,31 @@ impl Agent {
         let mut port_errors = vec![];
         {
             let mut proxies = self.proxies.lock().await;
-            for r in rows.iter().filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge) {
+            for r in rows.iter().filter(|r| {
+                r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge
+            }) {
                 let my_ip = r.ip.as_ref().and_then(|i| i.parse().ok());
                 if let Ok(h) = self.hosts_for(&r.spec.stack, &r.name, my_ip) {
                     let _ = self.runtime.update_hosts(&r.container_id, &h);
                 }
                 let Some(ip) = my_ip else { continue };
                 for p in &r.spec.ports {
-                    let bind_ip: IpAddr = p.host_ip.as_ref().and_then(|i| i.parse().ok()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-                    let key = PortKey { bind: SocketAddr::new(bind_ip, p.host_port), protocol: p.protocol };
-                    if let Err(e) = proxies.ensure(key.clone(), SocketAddr::new(IpAddr::V4(ip), p.container_port)).await {
+                    let bind_ip: IpAddr = p
+                        .host_ip
+                        .as_ref()
+                        .and_then(|i| i.parse().ok())
+                        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                    let key = PortKey {
+                        bind: SocketAddr::new(bind_ip, p.host_port),
+                        protocol: p.protocol,
+                    };
+                    if let Err(e) = proxies
+                        .ensure(
+                            key.clone(),
+                            SocketAddr::new(IpAddr::V4(ip), p.container_port),
+                        )
+                        .await
+                    {
                         port_errors.push((r.name.clone(), format!("publishing {p}: {e}")));
                         continue;
                     }
@@ -586,7 +733,12 @@ impl Agent {
         let id = r.container_id.clone();
         let grace = Duration::from_millis(r.spec.stop_grace_period_ms);
         if r.state == InstanceState::Running {
-            let sig = self.images.inspect(&r.spec.image).ok().and_then(|i| i.config.stop_signal).unwrap_or_else(|| "TERM".into());
+            let sig = self
+                .images
+                .inspect(&r.spec.image)
+                .ok()
+                .and_then(|i| i.config.stop_signal)
+                .unwrap_or_else(|| "TERM".into());
             let rt = Arc::clone(&self.runtime);
             let id2 = id.clone();
             let _ = blocking(move || rt.signal(&id2, sig.trim_start_matches("SIG"))).await;
@@ -622,7 +774,9 @@ impl Agent {
     }
 
     fn start_health(self: &Arc<Self>, r: &InstanceRow) {
-        let Some(hc) = r.spec.healthcheck.clone() else { return };
+        let Some(hc) = r.spec.healthcheck.clone() else {
+            return;
+        };
         let me = Arc::clone(self);
         let name = r.name.clone();
         let id = r.container_id.clone();
@@ -631,15 +785,19 @@ impl Agent {
             loop {
                 tokio::time::sleep(Duration::from_millis(hc.interval_ms)).await;
                 let rt = Arc::clone(&me.runtime);
-                let (id2, argv, timeout) = (id.clone(), hc.argv(), Duration::from_millis(hc.timeout_ms));
+                let (id2, argv, timeout) =
+                    (id.clone(), hc.argv(), Duration::from_millis(hc.timeout_ms));
                 let ok = matches!(blocking(move || rt.exec(&id2, &argv, timeout)).await, Ok(o) if o.code == 0);
-                let Ok(Some(mut row)) = me.db(|s| s.instance(&name)) else { return };
+                let Ok(Some(mut row)) = me.db(|s| s.instance(&name)) else {
+                    return;
+                };
                 if row.state != InstanceState::Running || row.container_id != id {
                     return;
                 }
                 let in_start = now_ms() < started + hc.start_period_ms;
                 let before = row.health;
-                let (health, failures) = after_probe(ok, row.health_failures, hc.retries, in_start, row.health);
+                let (health, failures) =
+                    after_probe(ok, row.health_failures, hc.retries, in_start, row.health);
                 row.health = health;
                 row.health_failures = failures;
                 let _ = me.db(|s| s.put_instance(&row));
@@ -669,7 +827,9 @@ impl Agent {
 
     /// Whether every instance of these deployments is gone (after they were deleted).
     pub fn all_gone(&self, deployments: &[String]) -> bool {
-        self.db(|s| s.instances()).map(|rows| !rows.iter().any(|r| deployments.contains(&r.deployment))).unwrap_or(false)
+        self.db(|s| s.instances())
+            .map(|rows| !rows.iter().any(|r| deployments.contains(&r.deployment)))
+            .unwrap_or(false)
     }
 }
 
@@ -690,7 +850,10 @@ fn resolv_conf(host_network: bool) -> String {
     host.lines()
         .filter(|l| {
             let mut it = l.split_whitespace();
-            !(it.next() == Some("nameserver") && it.next().is_some_and(|a| a.starts_with("127.") || a == "::1"))
+            !(it.next() == Some("nameserver")
+                && it
+                    .next()
+                    .is_some_and(|a| a.starts_with("127.") || a == "::1"))
         })
         .map(|l| format!("{l}\n"))
         .collect()

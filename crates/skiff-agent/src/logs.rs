@@ -9,13 +9,20 @@ use tokio::sync::mpsc;
 
 /// Streams the last `tail` lines (all when None), then, with `follow`, new lines as they
 /// are written, until `alive` says the instance is gone or the receiver is dropped.
-pub fn stream(path: PathBuf, tail: Option<usize>, follow: bool, alive: impl Fn() -> bool + Send + 'static) -> mpsc::Receiver<LogLine> {
+pub fn stream(
+    path: PathBuf,
+    tail: Option<usize>,
+    follow: bool,
+    alive: impl Fn() -> bool + Send + 'static,
+) -> mpsc::Receiver<LogLine> {
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
         let p = path.clone();
         let (lines, mut pos) = match tokio::task::spawn_blocking(move || {
             let lines = skiff_runtime::logs::read_all(&p);
-            let pos = std::fs::metadata(&p).map(|m| (m.ino(), m.len())).unwrap_or((0, 0));
+            let pos = std::fs::metadata(&p)
+                .map(|m| (m.ino(), m.len()))
+                .unwrap_or((0, 0));
             (lines, pos)
         })
         .await
@@ -62,9 +69,17 @@ pub fn stream(path: PathBuf, tail: Option<usize>, follow: bool, alive: impl Fn()
 
 /// New complete lines after (inode, offset); a new inode means the file was rotated.
 fn read_from(path: &PathBuf, (ino, off): (u64, u64)) -> (Vec<LogLine>, (u64, u64)) {
-    let Ok(mut f) = std::fs::File::open(path) else { return (vec![], (ino, off)) };
-    let Ok(m) = f.metadata() else { return (vec![], (ino, off)) };
-    let start = if m.ino() == ino && m.len() >= off { off } else { 0 };
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return (vec![], (ino, off));
+    };
+    let Ok(m) = f.metadata() else {
+        return (vec![], (ino, off));
+    };
+    let start = if m.ino() == ino && m.len() >= off {
+        off
+    } else {
+        0
+    };
     if f.seek(SeekFrom::Start(start)).is_err() {
         return (vec![], (ino, off));
     }

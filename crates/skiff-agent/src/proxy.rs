@@ -59,7 +59,12 @@ impl Proxies {
 
     /// Drops every forward whose key is not in `keep`.
     pub fn retain(&mut self, keep: &[PortKey]) {
-        let stale: Vec<PortKey> = self.forwards.keys().filter(|k| !keep.contains(k)).cloned().collect();
+        let stale: Vec<PortKey> = self
+            .forwards
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .cloned()
+            .collect();
         for k in stale {
             self.remove(&k);
         }
@@ -81,7 +86,9 @@ async fn tcp_loop(l: TcpListener, target: SocketAddr) {
             continue;
         };
         tokio::spawn(async move {
-            let Ok(Ok(mut outbound)) = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await else {
+            let Ok(Ok(mut outbound)) =
+                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await
+            else {
                 return;
             };
             let _ = inbound.set_nodelay(true);
@@ -95,7 +102,9 @@ async fn udp_loop(sock: Arc<UdpSocket>, target: SocketAddr) {
     let peers: Arc<tokio::sync::Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Default::default();
     let mut buf = vec![0u8; 65_536];
     loop {
-        let Ok((n, client)) = sock.recv_from(&mut buf).await else { continue };
+        let Ok((n, client)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
         let upstream = {
             let mut map = peers.lock().await;
             if let Some(u) = map.get(&client) {
@@ -104,8 +113,16 @@ async fn udp_loop(sock: Arc<UdpSocket>, target: SocketAddr) {
                 if map.len() >= MAX_UDP_PEERS {
                     continue;
                 }
-                let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap_or(target);
-                let Ok(u) = UdpSocket::bind(bind).await else { continue };
+                let bind: SocketAddr = if target.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                }
+                .parse()
+                .unwrap_or(target);
+                let Ok(u) = UdpSocket::bind(bind).await else {
+                    continue;
+                };
                 if u.connect(target).await.is_err() {
                     continue;
                 }

@@ -40,7 +40,10 @@ pub fn router(hub: Shared) -> Router {
     Router::new()
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/deployments", get(list_deployments))
-        .route("/api/v1/deployments/{name}", get(get_deployment).delete(delete_deployment))
+        .route(
+            "/api/v1/deployments/{name}",
+            get(get_deployment).delete(delete_deployment),
+        )
         .route("/api/v1/instances", get(list_instances))
         .route("/api/v1/instances/{name}/logs", get(logs))
         .route("/api/v1/instances/{name}/exec", post(exec))
@@ -67,7 +70,11 @@ async fn auth(State(hub): State<Shared>, req: Request, next: Next) -> Response {
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|t| constant_time_eq(t.as_bytes(), hub.admin_token.as_bytes()));
     if !ok {
-        return ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (see admin.conf in the hub's data directory)".into()).into_response();
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (see admin.conf in the hub's data directory)".into(),
+        )
+        .into_response();
     }
     next.run(req).await
 }
@@ -77,7 +84,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn apply(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let req: ApplyRequest = serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let req: ApplyRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
     match hub.apply(&req) {
         Ok(resp) => Ok(Json(resp).into_response()),
         Err(crate::ApplyError::Invalid(m)) => Err(bad(m)),
@@ -86,21 +94,41 @@ async fn apply(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Res
 }
 
 fn view(hub: &Hub, s: crate::store::Stored) -> DeploymentView {
-    let instances = hub.instances().into_iter().filter(|i| i.deployment == s.spec.name).collect();
-    DeploymentView { revision: s.revision, spec: s.spec, instances }
+    let instances = hub
+        .instances()
+        .into_iter()
+        .filter(|i| i.deployment == s.spec.name)
+        .collect();
+    DeploymentView {
+        revision: s.revision,
+        spec: s.spec,
+        instances,
+    }
 }
 
-async fn list_deployments(State(hub): State<Shared>) -> Result<Json<Vec<DeploymentView>>, ApiError> {
+async fn list_deployments(
+    State(hub): State<Shared>,
+) -> Result<Json<Vec<DeploymentView>>, ApiError> {
     let all = hub.store.list().map_err(internal)?;
     Ok(Json(all.into_iter().map(|s| view(&hub, s)).collect()))
 }
 
-async fn get_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<Json<DeploymentView>, ApiError> {
-    let s = hub.store.get(&name).map_err(internal)?.ok_or_else(|| not_found(format!("deployment {name:?} not found")))?;
+async fn get_deployment(
+    State(hub): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<DeploymentView>, ApiError> {
+    let s = hub
+        .store
+        .get(&name)
+        .map_err(internal)?
+        .ok_or_else(|| not_found(format!("deployment {name:?} not found")))?;
     Ok(Json(view(&hub, s)))
 }
 
-async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+async fn delete_deployment(
+    State(hub): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let dependents: Vec<String> = hub
         .store
         .list()
@@ -110,7 +138,13 @@ async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) 
         .map(|s| s.spec.name)
         .collect();
     if !dependents.is_empty() {
-        return Err(ApiError(StatusCode::CONFLICT, format!("deployment {name:?} is a dependency of {}; delete those first", dependents.join(", "))));
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "deployment {name:?} is a dependency of {}; delete those first",
+                dependents.join(", ")
+            ),
+        ));
     }
     if !hub.store.delete(&name).map_err(internal)? {
         return Err(not_found(format!("deployment {name:?} not found")));
@@ -132,21 +166,35 @@ struct LogQuery {
 
 /// Newline-delimited JSON `LogLine`s of an instance, or of every instance of a
 /// deployment (each line then carries the instance name in `stream` as `name/stdout`).
-async fn logs(State(hub): State<Shared>, Path(name): Path<String>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {
+async fn logs(
+    State(hub): State<Shared>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
     let targets: Vec<String> = if hub.node_of(&name).is_some() {
         vec![name.clone()]
     } else {
-        let mut v: Vec<String> = hub.instances().into_iter().filter(|i| i.deployment == name).map(|i| i.name).collect();
+        let mut v: Vec<String> = hub
+            .instances()
+            .into_iter()
+            .filter(|i| i.deployment == name)
+            .map(|i| i.name)
+            .collect();
         v.sort();
         v
     };
     if targets.is_empty() {
-        return Err(not_found(format!("no instance or deployment named {name:?}")));
+        return Err(not_found(format!(
+            "no instance or deployment named {name:?}"
+        )));
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
     let prefix = targets.len() > 1;
     for t in targets {
-        let node = hub.node_of(&t).cloned().ok_or_else(|| not_found(format!("instance {t:?} not found")))?;
+        let node = hub
+            .node_of(&t)
+            .cloned()
+            .ok_or_else(|| not_found(format!("instance {t:?} not found")))?;
         let mut lines = node.logs(&t, q.tail, q.follow).map_err(internal)?;
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -163,8 +211,16 @@ async fn logs(State(hub): State<Shared>, Path(name): Path<String>, Query(q): Que
         });
     }
     drop(tx);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|s| (Ok::<_, std::convert::Infallible>(s), rx)) });
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|s| (Ok::<_, std::convert::Infallible>(s), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -175,14 +231,25 @@ struct ExecBody {
     timeout_ms: Option<u64>,
 }
 
-async fn exec(State(hub): State<Shared>, Path(name): Path<String>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let b: ExecBody = serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+async fn exec(
+    State(hub): State<Shared>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let b: ExecBody =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
     if b.argv.is_empty() {
         return Err(bad("argv: must not be empty"));
     }
-    let node = hub.node_of(&name).cloned().ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
+    let node = hub
+        .node_of(&name)
+        .cloned()
+        .ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
     let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(60_000).min(3_600_000));
-    let r = node.exec(&name, b.argv, timeout).await.map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
+    let r = node
+        .exec(&name, b.argv, timeout)
+        .await
+        .map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
     Ok(Json(r).into_response())
 }
 
@@ -207,15 +274,26 @@ struct EventQuery {
     limit: Option<usize>,
 }
 
-async fn events(State(hub): State<Shared>, Query(q): Query<EventQuery>) -> Json<Vec<skiff_model::EventRecord>> {
+async fn events(
+    State(hub): State<Shared>,
+    Query(q): Query<EventQuery>,
+) -> Json<Vec<skiff_model::EventRecord>> {
     let limit = q.limit.unwrap_or(100).min(10_000);
-    let mut all: Vec<_> = hub.nodes.iter().flat_map(|n| n.events(limit).unwrap_or_default()).collect();
+    let mut all: Vec<_> = hub
+        .nodes
+        .iter()
+        .flat_map(|n| n.events(limit).unwrap_or_default())
+        .collect();
     all.sort_by_key(|e| e.time_ms);
     Json(all)
 }
 
 /// Serves the API on `listener` until `shutdown` turns true.
-pub async fn serve(listener: tokio::net::TcpListener, hub: Shared, mut shutdown: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    hub: Shared,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
     axum::serve(listener, router(hub))
         .with_graceful_shutdown(async move {
             let _ = shutdown.changed().await;

@@ -11,8 +11,8 @@ pub mod spec;
 pub mod status;
 pub mod validate;
 
+pub use api::EventRecord;
 pub use quantity::{format_bytes, format_cpus, parse_bytes, parse_cpus, QuantityError};
 pub use spec::*;
-pub use api::EventRecord;
 pub use status::*;
 pub use validate::ValidationError;

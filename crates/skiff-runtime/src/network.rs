@@ -19,11 +19,20 @@ pub enum NetError {
 }
 
 fn ip(args: &[&str]) -> Result<(), NetError> {
-    let out = Command::new("ip").args(args).output().map_err(|e| NetError::Ip { args: args.join(" "), message: e.to_string() })?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| NetError::Ip {
+            args: args.join(" "),
+            message: e.to_string(),
+        })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(NetError::Ip { args: args.join(" "), message: String::from_utf8_lossy(&out.stderr).trim().to_string() })
+        Err(NetError::Ip {
+            args: args.join(" "),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -44,7 +53,10 @@ impl Subnet {
             return Err(bad());
         }
         let mask = u32::MAX << (32 - prefix);
-        Ok(Subnet { base: Ipv4Addr::from(u32::from(base) & mask), prefix })
+        Ok(Subnet {
+            base: Ipv4Addr::from(u32::from(base) & mask),
+            prefix,
+        })
     }
 
     pub fn gateway(&self) -> Ipv4Addr {
@@ -101,14 +113,24 @@ impl Bridge {
         self.detach(netns);
         ip(&["netns", "add", netns])?;
         let r = (|| {
-            ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", netns])?;
+            ip(&[
+                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", netns,
+            ])?;
             ip(&["link", "set", &host_if, "master", &self.name])?;
             ip(&["link", "set", &host_if, "up"])?;
             let cidr = format!("{addr}/{}", self.subnet.prefix);
             ip(&["-n", netns, "addr", "add", &cidr, "dev", "eth0"])?;
             ip(&["-n", netns, "link", "set", "eth0", "up"])?;
             ip(&["-n", netns, "link", "set", "lo", "up"])?;
-            ip(&["-n", netns, "route", "add", "default", "via", &self.subnet.gateway().to_string()])
+            ip(&[
+                "-n",
+                netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &self.subnet.gateway().to_string(),
+            ])
         })();
         if let Err(e) = r {
             self.detach(netns);
@@ -143,7 +165,12 @@ pub fn veth_name(netns: &str) -> String {
 /// Namespaces left behind with the given prefix (for cleanup at startup).
 pub fn list_netns(prefix: &str) -> Vec<String> {
     std::fs::read_dir("/var/run/netns")
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(prefix)).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -28,19 +28,30 @@ pub struct OciRuntime {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RuntimeError + 'a {
-    move |source| RuntimeError::Io { op, path: path.to_path_buf(), source }
+    move |source| RuntimeError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Whether `path` is a mount point, from /proc/self/mountinfo.
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let want = path.to_string_lossy();
     info.lines().any(|l| l.split(' ').nth(4) == Some(&want))
 }
 
 impl OciRuntime {
     /// `root` holds instance directories; `runc_root` holds runc's state.
-    pub fn new(root: impl Into<PathBuf>, runc_root: impl Into<PathBuf>, skiff_bin: impl Into<PathBuf>, cgroup_parent: &str) -> Result<Self, RuntimeError> {
+    pub fn new(
+        root: impl Into<PathBuf>,
+        runc_root: impl Into<PathBuf>,
+        skiff_bin: impl Into<PathBuf>,
+        cgroup_parent: &str,
+    ) -> Result<Self, RuntimeError> {
         let root = root.into();
         let runc_root = runc_root.into();
         fs::create_dir_all(&root).map_err(io("create", &root))?;
@@ -77,16 +88,43 @@ impl OciRuntime {
         if is_mounted(&rootfs) {
             return Ok(rootfs);
         }
-        let lower: Vec<String> = layers.iter().rev().map(|p| p.display().to_string()).collect();
+        let lower: Vec<String> = layers
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect();
         if lower.is_empty() {
-            return Err(RuntimeError::Mount { id: id.into(), message: "the image has no layers".into() });
+            return Err(RuntimeError::Mount {
+                id: id.into(),
+                message: "the image has no layers".into(),
+            });
         }
-        let opts = format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), dir.join("upper").display(), dir.join("work").display());
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            dir.join("upper").display(),
+            dir.join("work").display()
+        );
         if opts.len() >= 4000 {
-            return Err(RuntimeError::Mount { id: id.into(), message: format!("{} layers make the overlay options longer than a page", layers.len()) });
+            return Err(RuntimeError::Mount {
+                id: id.into(),
+                message: format!(
+                    "{} layers make the overlay options longer than a page",
+                    layers.len()
+                ),
+            });
         }
-        nix::mount::mount(Some("overlay"), &rootfs, Some("overlay"), nix::mount::MsFlags::empty(), Some(opts.as_str()))
-            .map_err(|e| RuntimeError::Mount { id: id.into(), message: e.to_string() })?;
+        nix::mount::mount(
+            Some("overlay"),
+            &rootfs,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .map_err(|e| RuntimeError::Mount {
+            id: id.into(),
+            message: e.to_string(),
+        })?;
         Ok(rootfs)
     }
 }
@@ -101,7 +139,11 @@ impl Runtime for OciRuntime {
         fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         let rootfs = self.mount_rootfs(&req.id, &req.layer_dirs)?;
         let r = (|| {
-            let files = [("hosts", req.hosts.as_str(), "/etc/hosts"), ("resolv.conf", req.resolv_conf.as_str(), "/etc/resolv.conf"), ("hostname", &*format!("{}\n", req.hostname), "/etc/hostname")];
+            let files = [
+                ("hosts", req.hosts.as_str(), "/etc/hosts"),
+                ("resolv.conf", req.resolv_conf.as_str(), "/etc/resolv.conf"),
+                ("hostname", &*format!("{}\n", req.hostname), "/etc/hostname"),
+            ];
             let mut etc_files = vec![];
             for (name, body, dst) in files {
                 let p = dir.join(name);
@@ -119,7 +161,8 @@ impl Runtime for OciRuntime {
                 cgroups_path: self.cgroups_path(&req.id),
             })?;
             let p = dir.join("config.json");
-            fs::write(&p, serde_json::to_vec_pretty(&spec).unwrap_or_default()).map_err(io("write", &p))?;
+            fs::write(&p, serde_json::to_vec_pretty(&spec).unwrap_or_default())
+                .map_err(io("write", &p))?;
             let shim_cfg = ShimConfig {
                 id: req.id.clone(),
                 runc: self.runc.bin.clone(),
@@ -129,7 +172,8 @@ impl Runtime for OciRuntime {
                 log_max_files: self.log_max_files,
             };
             let p = dir.join(shim::SHIM_CONFIG);
-            fs::write(&p, serde_json::to_vec_pretty(&shim_cfg).unwrap_or_default()).map_err(io("write", &p))
+            fs::write(&p, serde_json::to_vec_pretty(&shim_cfg).unwrap_or_default())
+                .map_err(io("write", &p))
         })();
         if r.is_err() {
             let _ = self.remove(&req.id);
@@ -149,7 +193,9 @@ impl Runtime for OciRuntime {
             }
         }
         match self.runc.state(id) {
-            Some(s) if s.status == "running" || s.status == "created" || s.status == "paused" => Liveness::Running { pid: s.pid },
+            Some(s) if s.status == "running" || s.status == "created" || s.status == "paused" => {
+                Liveness::Running { pid: s.pid }
+            }
             Some(_) => {
                 // Stopped but the shim has not recorded it yet (it is finishing up), or the
                 // shim died. Give a living shim its moment.
@@ -171,7 +217,12 @@ impl Runtime for OciRuntime {
         Ok(self.runc.kill(id, signal)?)
     }
 
-    fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecOutput, RuntimeError> {
+    fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
         Ok(self.runc.exec(id, argv, timeout)?)
     }
 
@@ -193,14 +244,37 @@ impl Runtime for OciRuntime {
         let dir = self.dir(id);
         let rootfs = dir.join("rootfs");
         if is_mounted(&rootfs) {
-            nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH).map_err(|e| RuntimeError::Mount { id: id.into(), message: format!("unmount: {e}") })?;
+            nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+                RuntimeError::Mount {
+                    id: id.into(),
+                    message: format!("unmount: {e}"),
+                }
+            })?;
         }
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
         }
         // runc removes the cgroup on delete; clear an empty leftover from a crash.
-        for c in ["cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd", "net_cls", "perf_event", "hugetlb", ""] {
-            let p = self.cgroups.root.join(c).join(self.cgroups_path(id).trim_start_matches('/'));
+        for c in [
+            "cpu",
+            "cpuacct",
+            "cpuset",
+            "memory",
+            "devices",
+            "freezer",
+            "blkio",
+            "pids",
+            "systemd",
+            "net_cls",
+            "perf_event",
+            "hugetlb",
+            "",
+        ] {
+            let p = self
+                .cgroups
+                .root
+                .join(c)
+                .join(self.cgroups_path(id).trim_start_matches('/'));
             if p.is_dir() {
                 let _ = fs::remove_dir(&p);
             }
@@ -222,7 +296,12 @@ impl Runtime for OciRuntime {
 
     fn known(&self) -> Vec<String> {
         let mut ids: Vec<String> = fs::read_dir(&self.root)
-            .map(|rd| rd.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         for id in self.runc.list() {
             if !ids.contains(&id) {

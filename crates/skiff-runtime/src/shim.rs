@@ -72,10 +72,15 @@ pub fn launch(skiff_bin: &Path, bundle: &Path, id: &str) -> Result<i32, ShimErro
     }
     let line = line.trim();
     if let Some(pid) = line.strip_prefix("ok ") {
-        return pid.parse().map_err(|_| ShimError::NoAnswer { id: id.to_string() });
+        return pid
+            .parse()
+            .map_err(|_| ShimError::NoAnswer { id: id.to_string() });
     }
     if let Some(msg) = line.strip_prefix("err ") {
-        return Err(ShimError::Start { id: id.to_string(), message: msg.to_string() });
+        return Err(ShimError::Start {
+            id: id.to_string(),
+            message: msg.to_string(),
+        });
     }
     Err(ShimError::NoAnswer { id: id.to_string() })
 }
@@ -86,7 +91,14 @@ pub fn main(bundle: &Path, daemon: bool) -> i32 {
         // Launcher: start the daemon in its own session, inheriting our stdout (the
         // agent's pipe), and leave.
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
-        let r = Command::new(exe).arg("shim").arg("--bundle").arg(bundle).arg("--daemon").stdin(Stdio::null()).stderr(Stdio::null()).spawn();
+        let r = Command::new(exe)
+            .arg("shim")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--daemon")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
         return match r {
             Ok(_) => 0,
             Err(e) => {
@@ -111,8 +123,16 @@ pub fn main(bundle: &Path, daemon: bool) -> i32 {
 }
 
 fn diag(bundle: &Path, msg: &str) {
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(bundle.join("shim.log")) {
-        let _ = writeln!(f, "{} {msg}", crate::time::rfc3339_nanos(std::time::SystemTime::now()));
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(bundle.join("shim.log"))
+    {
+        let _ = writeln!(
+            f,
+            "{} {msg}",
+            crate::time::rfc3339_nanos(std::time::SystemTime::now())
+        );
     }
 }
 
@@ -125,7 +145,10 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
     let _ = std::fs::write(bundle.join(SHIM_PID_FILE), std::process::id().to_string());
     let _ = std::fs::remove_file(bundle.join(EXIT_FILE));
     let _ = std::fs::remove_file(bundle.join(PID_FILE));
-    let runc = Runc { bin: cfg.runc.clone(), root: cfg.runc_root.clone() };
+    let runc = Runc {
+        bin: cfg.runc.clone(),
+        root: cfg.runc_root.clone(),
+    };
     let runc_log = bundle.join("runc.log");
     let _ = std::fs::remove_file(&runc_log);
 
@@ -149,7 +172,8 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
         .status()
         .map_err(|e| format!("running runc: {e}"))?;
     if !status.success() {
-        let msg = last_log_error(&runc_log).unwrap_or_else(|| format!("runc create exited with {status}"));
+        let msg = last_log_error(&runc_log)
+            .unwrap_or_else(|| format!("runc create exited with {status}"));
         let _ = runc.delete(&cfg.id);
         return Err(msg);
     }
@@ -159,14 +183,36 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
         .ok_or_else(|| "runc create wrote no pid".to_string())?;
 
     let log = Arc::new(Mutex::new(
-        LogWriter::open(&bundle.join(LOG_FILE), cfg.log_max_bytes, cfg.log_max_files).map_err(|e| format!("opening the log: {e}"))?,
+        LogWriter::open(&bundle.join(LOG_FILE), cfg.log_max_bytes, cfg.log_max_files)
+            .map_err(|e| format!("opening the log: {e}"))?,
     ));
     let copiers = [(out_r, "stdout"), (err_r, "stderr")].map(|(r, stream)| {
         let log = Arc::clone(&log);
         std::thread::spawn(move || copy_lines(r, stream, &log))
     });
 
-    if let Err(e) = runc.command().arg("--log").arg(&runc_log).arg("--log-format").arg("json").arg("start").arg(&cfg.id).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().map_err(|e| e.to_string()).and_then(|s| if s.success() { Ok(()) } else { Err(last_log_error(&runc_log).unwrap_or_else(|| format!("runc start exited with {s}"))) }) {
+    if let Err(e) = runc
+        .command()
+        .arg("--log")
+        .arg(&runc_log)
+        .arg("--log-format")
+        .arg("json")
+        .arg("start")
+        .arg(&cfg.id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| e.to_string())
+        .and_then(|s| {
+            if s.success() {
+                Ok(())
+            } else {
+                Err(last_log_error(&runc_log)
+                    .unwrap_or_else(|| format!("runc start exited with {s}")))
+            }
+        })
+    {
         let _ = runc.delete(&cfg.id);
         return Err(e);
     }
@@ -182,13 +228,24 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
     if let Err(e) = runc.delete(&cfg.id) {
         diag(bundle, &format!("runc delete: {e}"));
     }
-    let exit = ExitStatus { code, signal, oom_killed, finished_at_ms: crate::time::now_ms() };
+    let exit = ExitStatus {
+        code,
+        signal,
+        oom_killed,
+        finished_at_ms: crate::time::now_ms(),
+    };
     let tmp = bundle.join(".exit.json.tmp");
     let bytes = serde_json::to_vec(&exit).unwrap_or_default();
-    if std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, bundle.join(EXIT_FILE))).is_err() {
+    if std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, bundle.join(EXIT_FILE)))
+        .is_err()
+    {
         diag(bundle, "could not write exit.json");
     }
-    diag(bundle, &format!("container exited: code {code} signal {signal:?} oom {oom_killed}"));
+    diag(
+        bundle,
+        &format!("container exited: code {code} signal {signal:?} oom {oom_killed}"),
+    );
     Ok(())
 }
 
@@ -219,7 +276,9 @@ fn wait_for(pid: i32) -> (i32, Option<i32>) {
     loop {
         match waitpid(Pid::from_raw(-1), None) {
             Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => return (code, None),
-            Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => return (128 + sig as i32, Some(sig as i32)),
+            Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => {
+                return (128 + sig as i32, Some(sig as i32))
+            }
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => {}
             Err(_) => {

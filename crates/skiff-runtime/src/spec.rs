@@ -24,25 +24,86 @@ pub enum SpecError {
 
 /// Docker's default capability set.
 pub const DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
-    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
 ];
 
 const ALL_CAPS: &[&str] = &[
-    "CAP_AUDIT_CONTROL", "CAP_AUDIT_READ", "CAP_AUDIT_WRITE", "CAP_BLOCK_SUSPEND", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
-    "CAP_KILL", "CAP_LEASE", "CAP_LINUX_IMMUTABLE", "CAP_MAC_ADMIN", "CAP_MAC_OVERRIDE", "CAP_MKNOD", "CAP_NET_ADMIN",
-    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_RAW", "CAP_PERFMON", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP",
-    "CAP_SETUID", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_CHROOT", "CAP_SYS_MODULE", "CAP_SYS_NICE", "CAP_SYS_PACCT",
-    "CAP_SYS_PTRACE", "CAP_SYS_RAWIO", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_SYSLOG",
+    "CAP_AUDIT_CONTROL",
+    "CAP_AUDIT_READ",
+    "CAP_AUDIT_WRITE",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_KILL",
+    "CAP_LEASE",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_MAC_ADMIN",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MKNOD",
+    "CAP_NET_ADMIN",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_RAW",
+    "CAP_PERFMON",
+    "CAP_SETFCAP",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SETUID",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_NICE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_SYSLOG",
     "CAP_WAKE_ALARM",
 ];
 
 pub const MASKED_PATHS: &[&str] = &[
-    "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-    "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 ];
-pub const READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+pub const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
 
 /// Everything about one instance that the spec needs besides the deployment.
 pub struct SpecInput<'a> {
@@ -88,7 +149,13 @@ pub fn capabilities(add: &[String], drop: &[String]) -> Vec<String> {
 pub fn argv(d: &Deployment, img: &ImageConfig) -> Result<Vec<String>, SpecError> {
     let (entry, cmd) = match &d.entrypoint {
         Some(e) => (e.clone(), d.command.clone().unwrap_or_default()),
-        None => (img.entrypoint.clone().unwrap_or_default(), d.command.clone().or_else(|| img.cmd.clone()).unwrap_or_default()),
+        None => (
+            img.entrypoint.clone().unwrap_or_default(),
+            d.command
+                .clone()
+                .or_else(|| img.cmd.clone())
+                .unwrap_or_default(),
+        ),
     };
     let v: Vec<String> = entry.into_iter().chain(cmd).collect();
     if v.is_empty() {
@@ -100,7 +167,10 @@ pub fn argv(d: &Deployment, img: &ImageConfig) -> Result<Vec<String>, SpecError>
 /// Image env, then the deployment's on top; PATH defaults like Docker's.
 pub fn env(d: &Deployment, img: &ImageConfig, hostname: &str) -> Vec<String> {
     let mut m: BTreeMap<String, String> = BTreeMap::new();
-    m.insert("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    m.insert(
+        "PATH".into(),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+    );
     for kv in img.env.iter().flatten() {
         if let Some((k, v)) = kv.split_once('=') {
             m.insert(k.into(), v.into());
@@ -128,23 +198,34 @@ fn lookup(file: &Path, name: &str) -> Option<(u32, Option<u32>)> {
 /// Resolves `user[:group]` (names or numbers) against the container's /etc/passwd and
 /// /etc/group, as Docker does.
 pub fn resolve_user(spec: Option<&str>, rootfs: &Path) -> Result<(u32, u32), SpecError> {
-    let Some(spec) = spec.filter(|s| !s.is_empty()) else { return Ok((0, 0)) };
-    let err = |p: &str| SpecError::User { user: spec.to_string(), problem: p.to_string() };
+    let Some(spec) = spec.filter(|s| !s.is_empty()) else {
+        return Ok((0, 0));
+    };
+    let err = |p: &str| SpecError::User {
+        user: spec.to_string(),
+        problem: p.to_string(),
+    };
     let (u, g) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
     let (uid, primary) = match u.parse::<u32>() {
-        Ok(n) => (n, lookup(&rootfs.join("etc/passwd"), u).and_then(|(_, g)| g)),
+        Ok(n) => (
+            n,
+            lookup(&rootfs.join("etc/passwd"), u).and_then(|(_, g)| g),
+        ),
         Err(_) => {
-            let (uid, gid) = lookup(&rootfs.join("etc/passwd"), u).ok_or_else(|| err("no such user in the image's /etc/passwd"))?;
+            let (uid, gid) = lookup(&rootfs.join("etc/passwd"), u)
+                .ok_or_else(|| err("no such user in the image's /etc/passwd"))?;
             (uid, gid)
         }
     };
     let gid = match g {
         Some(g) => match g.parse::<u32>() {
             Ok(n) => n,
-            Err(_) => lookup(&rootfs.join("etc/group"), g).map(|(id, _)| id).ok_or_else(|| err("no such group in the image's /etc/group"))?,
+            Err(_) => lookup(&rootfs.join("etc/group"), g)
+                .map(|(id, _)| id)
+                .ok_or_else(|| err("no such group in the image's /etc/group"))?,
         },
         None => primary.unwrap_or(0),
     };
@@ -157,7 +238,11 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
     let img = input.image;
     let args = argv(d, img)?;
     let (uid, gid) = resolve_user(d.user.as_deref().or(img.user.as_deref()), input.rootfs)?;
-    let cwd = d.working_dir.clone().or_else(|| img.working_dir.clone().filter(|w| !w.is_empty())).unwrap_or_else(|| "/".into());
+    let cwd = d
+        .working_dir
+        .clone()
+        .or_else(|| img.working_dir.clone().filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".into());
     let caps = capabilities(&d.cap_add, &d.cap_drop);
 
     let mut mounts = vec![
@@ -180,7 +265,12 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         mounts.push(json!({"destination": dst, "type": "bind", "source": src, "options": opts}));
     }
 
-    let mut namespaces = vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"})];
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+    ];
     match (d.network, &input.netns) {
         (NetworkMode::Host, _) => {}
         (_, Some(p)) => namespaces.push(json!({"type": "network", "path": p})),
@@ -188,20 +278,24 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
     }
 
     let r = &d.resources;
-    let mut resources = json!({
-        "devices": [{"allow": false, "access": "rwm"}],
-    });
+    // The device cgroup denies everything; runc adds the standard devices (null, zero,
+    // full, random, urandom, tty, ptmx) and we allow the ones the deployment maps.
+    let mut cgroup_devices = vec![json!({"allow": false, "access": "rwm"})];
     let mut devices = vec![];
     for dev in &d.devices {
         if let Some((kind, major, minor)) = device_numbers(Path::new(&dev.host_path)) {
             devices.push(json!({"path": dev.container_path, "type": kind, "major": major, "minor": minor, "fileMode": 0o666, "uid": 0, "gid": 0}));
-            resources["devices"].as_array_mut().map(|a| a.push(json!({"allow": true, "type": kind, "major": major, "minor": minor, "access": dev.permissions})));
+            cgroup_devices.push(json!({"allow": true, "type": kind, "major": major, "minor": minor, "access": dev.permissions}));
         }
     }
+    let mut resources = json!({"devices": cgroup_devices});
     let mut cpu = serde_json::Map::new();
     if let Some(q) = r.cfs_quota_us() {
         cpu.insert("quota".into(), json!(q));
-        cpu.insert("period".into(), json!(skiff_model::Resources::CFS_PERIOD_US));
+        cpu.insert(
+            "period".into(),
+            json!(skiff_model::Resources::CFS_PERIOD_US),
+        );
     }
     if let Some(s) = r.cpu_shares {
         cpu.insert("shares".into(), json!(s));
@@ -250,7 +344,8 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         },
     });
     // Type-check against the OCI runtime spec schema before handing it to runc.
-    let typed: oci_spec::runtime::Spec = serde_json::from_value(spec.clone()).map_err(|e| SpecError::Invalid(e.to_string()))?;
+    let typed: oci_spec::runtime::Spec =
+        serde_json::from_value(spec.clone()).map_err(|e| SpecError::Invalid(e.to_string()))?;
     serde_json::to_value(&typed).map_err(|e| SpecError::Invalid(e.to_string()))
 }
 
@@ -265,7 +360,11 @@ fn device_numbers(p: &Path) -> Option<(&'static str, u64, u64)> {
         return None;
     };
     let rdev = m.rdev();
-    Some((kind, nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev)))
+    Some((
+        kind,
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev),
+    ))
 }
 
 #[cfg(test)]
@@ -292,32 +391,68 @@ mod tests {
         std::fs::create_dir_all(t.path().join("etc")).unwrap();
         std::fs::write(t.path().join("etc/passwd"), "app:x:1000:1001::/:/bin/sh\n").unwrap();
         let mut d = Deployment::new("web", "img");
-        d.resources = Resources { cpus_millis: Some(500), memory_bytes: Some(64 << 20), cpu_shares: Some(2048), pids_limit: Some(50), ..Default::default() };
+        d.resources = Resources {
+            cpus_millis: Some(500),
+            memory_bytes: Some(64 << 20),
+            cpu_shares: Some(2048),
+            pids_limit: Some(50),
+            ..Default::default()
+        };
         d.user = Some("app".into());
         d.cap_drop = vec!["NET_RAW".into()];
         d.cap_add = vec!["sys_time".into()];
-        let img = ImageConfig { entrypoint: Some(vec!["/bin/sh".into(), "-c".into()]), cmd: Some(vec!["echo hi".into()]), ..Default::default() };
+        let img = ImageConfig {
+            entrypoint: Some(vec!["/bin/sh".into(), "-c".into()]),
+            cmd: Some(vec!["echo hi".into()]),
+            ..Default::default()
+        };
         let s = generate(&input(&d, &img, t.path())).unwrap();
         assert_eq!(s["process"]["args"], json!(["/bin/sh", "-c", "echo hi"]));
         assert_eq!(s["process"]["user"]["uid"], 1000);
         assert_eq!(s["process"]["user"]["gid"], 1001);
         assert_eq!(s["process"]["noNewPrivileges"], true);
         let r = &s["linux"]["resources"];
-        assert_eq!((r["cpu"]["quota"].as_i64(), r["cpu"]["period"].as_u64(), r["cpu"]["shares"].as_u64()), (Some(50_000), Some(100_000), Some(2048)));
-        assert_eq!((r["memory"]["limit"].as_i64(), r["memory"]["swap"].as_i64()), (Some(64 << 20), Some(64 << 20)));
+        assert_eq!(
+            (
+                r["cpu"]["quota"].as_i64(),
+                r["cpu"]["period"].as_u64(),
+                r["cpu"]["shares"].as_u64()
+            ),
+            (Some(50_000), Some(100_000), Some(2048))
+        );
+        assert_eq!(
+            (r["memory"]["limit"].as_i64(), r["memory"]["swap"].as_i64()),
+            (Some(64 << 20), Some(64 << 20))
+        );
         assert_eq!(r["pids"]["limit"], 50);
-        let caps: Vec<String> = serde_json::from_value(s["process"]["capabilities"]["bounding"].clone()).unwrap();
-        assert!(caps.contains(&"CAP_SYS_TIME".to_string()) && !caps.contains(&"CAP_NET_RAW".to_string()));
+        let caps: Vec<String> =
+            serde_json::from_value(s["process"]["capabilities"]["bounding"].clone()).unwrap();
+        assert!(
+            caps.contains(&"CAP_SYS_TIME".to_string())
+                && !caps.contains(&"CAP_NET_RAW".to_string())
+        );
         assert!(!caps.contains(&"CAP_SYS_ADMIN".to_string()));
-        assert!(s["linux"]["maskedPaths"].as_array().unwrap().contains(&json!("/proc/kcore")));
+        assert!(s["linux"]["maskedPaths"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("/proc/kcore")));
         assert_eq!(s["linux"]["namespaces"].as_array().unwrap().len(), 5);
-        let vol = s["mounts"].as_array().unwrap().iter().find(|m| m["destination"] == "/v").unwrap();
+        let vol = s["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/v")
+            .unwrap();
         assert!(vol["options"].as_array().unwrap().contains(&json!("ro")));
     }
 
     #[test]
     fn argv_follows_docker() {
-        let img = ImageConfig { entrypoint: Some(vec!["/ep".into()]), cmd: Some(vec!["a".into()]), ..Default::default() };
+        let img = ImageConfig {
+            entrypoint: Some(vec!["/ep".into()]),
+            cmd: Some(vec!["a".into()]),
+            ..Default::default()
+        };
         let mut d = Deployment::new("x", "i");
         assert_eq!(argv(&d, &img).unwrap(), ["/ep", "a"]);
         d.command = Some(vec!["b".into()]);
@@ -325,14 +460,20 @@ mod tests {
         d.entrypoint = Some(vec!["/other".into()]);
         d.command = None;
         assert_eq!(argv(&d, &img).unwrap(), ["/other"]);
-        assert!(matches!(argv(&Deployment::new("x", "i"), &ImageConfig::default()), Err(SpecError::NoCommand)));
+        assert!(matches!(
+            argv(&Deployment::new("x", "i"), &ImageConfig::default()),
+            Err(SpecError::NoCommand)
+        ));
     }
 
     #[test]
     fn caps_all() {
         assert!(capabilities(&[], &["ALL".into()]).is_empty());
         assert_eq!(capabilities(&["ALL".into()], &[]).len(), ALL_CAPS.len());
-        assert_eq!(capabilities(&["NET_ADMIN".into()], &["ALL".into()]), vec!["CAP_NET_ADMIN".to_string()]);
+        assert_eq!(
+            capabilities(&["NET_ADMIN".into()], &["ALL".into()]),
+            vec!["CAP_NET_ADMIN".to_string()]
+        );
     }
 
     #[test]
@@ -340,7 +481,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(t.path().join("etc")).unwrap();
         std::fs::write(t.path().join("etc/group"), "staff:x:50:\n").unwrap();
-        assert_eq!(resolve_user(Some("1000:staff"), t.path()).unwrap(), (1000, 50));
+        assert_eq!(
+            resolve_user(Some("1000:staff"), t.path()).unwrap(),
+            (1000, 50)
+        );
         assert_eq!(resolve_user(Some("5:6"), t.path()).unwrap(), (5, 6));
         assert!(resolve_user(Some("ghost"), t.path()).is_err());
     }

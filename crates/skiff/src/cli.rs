@@ -5,15 +5,28 @@ use crate::output::{self, Format};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use skiff_model::api::{ApplyRequest, ApplyResponse, DeploymentView};
-use skiff_model::{Deployment, DeviceMapping, InstanceStatus, LogLine, NetworkMode, PortMapping, RestartPolicy, Volume, VolumeSource};
+use skiff_model::{
+    Deployment, DeviceMapping, InstanceStatus, LogLine, NetworkMode, PortMapping, RestartPolicy,
+    Volume, VolumeSource,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "skiff", version, about = "Run containers on fleets of small edge devices", propagate_version = true)]
+#[command(
+    name = "skiff",
+    version,
+    about = "Run containers on fleets of small edge devices",
+    propagate_version = true
+)]
 pub struct Cli {
     /// Data directory (state, images, containers).
-    #[arg(long, global = true, env = "SKIFF_DATA", default_value = "/var/lib/skiff")]
+    #[arg(
+        long,
+        global = true,
+        env = "SKIFF_DATA",
+        default_value = "/var/lib/skiff"
+    )]
     pub data: PathBuf,
     /// Client config naming the hub and its token (default: $SKIFF_CONFIG,
     /// ~/.config/skiff/config, then <data>/admin.conf).
@@ -39,7 +52,7 @@ pub enum Cmd {
         dry_run: bool,
     },
     /// Run an image as a deployment.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List nodes, deployments, instances or events.
     Get {
         kind: Kind,
@@ -177,7 +190,11 @@ pub fn main() -> i32 {
     if let Cmd::Shim { bundle, daemon } = &cli.cmd {
         return skiff_runtime::shim::main(bundle, *daemon);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -202,8 +219,13 @@ fn init_tracing(verbose: u8, quiet: bool) {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 fn client(cli: &Cli) -> Result<Client> {
@@ -219,7 +241,11 @@ async fn run(cli: Cli) -> Result<i32> {
             for w in &import.warnings {
                 eprintln!("warning: {w}");
             }
-            let req = ApplyRequest { deployments: import.deployments, prune_stack: Some(import.project.clone()), dry_run: *dry_run };
+            let req = ApplyRequest {
+                deployments: import.deployments,
+                prune_stack: Some(import.project.clone()),
+                dry_run: *dry_run,
+            };
             let r: ApplyResponse = client(&cli)?.post("/api/v1/apply", &req).await?;
             print_apply(&r, *dry_run);
             Ok(0)
@@ -227,7 +253,11 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Run(args) => {
             let d = deployment_from_run(args)?;
             let name = d.name.clone();
-            let req = ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false };
+            let req = ApplyRequest {
+                deployments: vec![d],
+                prune_stack: None,
+                dry_run: false,
+            };
             let r: ApplyResponse = client(&cli)?.post("/api/v1/apply", &req).await?;
             if r.unchanged.contains(&name) {
                 eprintln!("deployment {name} is already running with this spec");
@@ -245,7 +275,10 @@ async fn run(cli: Cli) -> Result<i32> {
                 }
                 Kind::Nodes => {
                     let nodes: Vec<skiff_hub::NodeInfo> = c.get("/api/v1/nodes").await?;
-                    let n = nodes.into_iter().find(|n| &n.name == name).with_context(|| format!("node {name:?} not found"))?;
+                    let n = nodes
+                        .into_iter()
+                        .find(|n| &n.name == name)
+                        .with_context(|| format!("node {name:?} not found"))?;
                     print!("{}", serde_norway::to_string(&n)?);
                 }
                 _ => bail!("describe works on deployments and nodes"),
@@ -258,17 +291,29 @@ async fn run(cli: Cli) -> Result<i32> {
                 (other, None) => other.to_string(),
                 (other, Some(_)) => bail!("cannot delete {other:?}: only deployments can be deleted (skiff delete deployment NAME)"),
             };
-            client(&cli)?.delete(&format!("/api/v1/deployments/{name}")).await?;
+            client(&cli)?
+                .delete(&format!("/api/v1/deployments/{name}"))
+                .await?;
             println!("deployment {name} deleted");
             Ok(0)
         }
-        Cmd::Logs { name, follow, tail, timestamps } => logs(&client(&cli)?, name, *follow, *tail, *timestamps).await,
+        Cmd::Logs {
+            name,
+            follow,
+            tail,
+            timestamps,
+        } => logs(&client(&cli)?, name, *follow, *tail, *timestamps).await,
         Cmd::Exec { instance, command } => {
             #[derive(serde::Serialize)]
             struct Body<'a> {
                 argv: &'a [String],
             }
-            let r: skiff_hub::ExecResult = client(&cli)?.post(&format!("/api/v1/instances/{instance}/exec"), &Body { argv: command }).await?;
+            let r: skiff_hub::ExecResult = client(&cli)?
+                .post(
+                    &format!("/api/v1/instances/{instance}/exec"),
+                    &Body { argv: command },
+                )
+                .await?;
             print!("{}", r.stdout);
             eprint!("{}", r.stderr);
             Ok(r.code)
@@ -280,7 +325,12 @@ async fn run(cli: Cli) -> Result<i32> {
 
 pub fn print_apply(r: &ApplyResponse, dry_run: bool) {
     let suffix = if dry_run { " (dry run)" } else { "" };
-    for (verb, names) in [("created", &r.created), ("updated", &r.updated), ("unchanged", &r.unchanged), ("deleted", &r.deleted)] {
+    for (verb, names) in [
+        ("created", &r.created),
+        ("updated", &r.updated),
+        ("unchanged", &r.unchanged),
+        ("deleted", &r.deleted),
+    ] {
         for n in names {
             println!("deployment {n} {verb}{suffix}");
         }
@@ -288,7 +338,14 @@ pub fn print_apply(r: &ApplyResponse, dry_run: bool) {
 }
 
 fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
-    let base = a.image.rsplit('/').next().unwrap_or(&a.image).split([':', '@']).next().unwrap_or("app");
+    let base = a
+        .image
+        .rsplit('/')
+        .next()
+        .unwrap_or(&a.image)
+        .split([':', '@'])
+        .next()
+        .unwrap_or("app");
     let name = match &a.name {
         Some(n) => n.clone(),
         None => {
@@ -296,28 +353,50 @@ fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
             if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
                 let _ = std::io::Read::read_exact(&mut f, &mut b);
             }
-            let clean: String = base.to_ascii_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
-            format!("{}-{:02x}{:02x}", if clean.is_empty() { "app" } else { &clean }, b[0], b[1])
+            let clean: String = base
+                .to_ascii_lowercase()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            format!(
+                "{}-{:02x}{:02x}",
+                if clean.is_empty() { "app" } else { &clean },
+                b[0],
+                b[1]
+            )
         }
     };
     let mut d = Deployment::new(name, a.image.clone());
     if let Some(c) = &a.cpus {
-        d.resources.cpus_millis = Some(skiff_model::parse_cpus(c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?);
+        d.resources.cpus_millis =
+            Some(skiff_model::parse_cpus(c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?);
     }
     if let Some(m) = &a.memory {
-        d.resources.memory_bytes = Some(skiff_model::parse_bytes(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?);
+        d.resources.memory_bytes =
+            Some(skiff_model::parse_bytes(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?);
     }
     d.resources.cpu_shares = a.cpu_shares;
     d.resources.pids_limit = a.pids_limit;
-    d.restart = RestartPolicy::parse(&a.restart).with_context(|| format!("--restart: {:?} is not no, always, on-failure[:N] or unless-stopped", a.restart))?;
+    d.restart = RestartPolicy::parse(&a.restart).with_context(|| {
+        format!(
+            "--restart: {:?} is not no, always, on-failure[:N] or unless-stopped",
+            a.restart
+        )
+    })?;
     for kv in &a.env {
         match kv.split_once('=') {
             Some((k, v)) => d.env.insert(k.into(), v.into()),
-            None => d.env.insert(kv.clone(), std::env::var(kv).unwrap_or_default()),
+            None => d
+                .env
+                .insert(kv.clone(), std::env::var(kv).unwrap_or_default()),
         };
     }
     for p in &a.publish {
-        d.ports.push(PortMapping::parse(p).with_context(|| format!("--publish: {p:?} is not a port mapping (examples: 8080:80, 127.0.0.1:53:53/udp)"))?);
+        d.ports.push(PortMapping::parse(p).with_context(|| {
+            format!(
+                "--publish: {p:?} is not a port mapping (examples: 8080:80, 127.0.0.1:53:53/udp)"
+            )
+        })?);
     }
     for v in &a.volume {
         let parts: Vec<&str> = v.split(':').collect();
@@ -327,8 +406,16 @@ fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
             [s, t, "rw"] => (*s, *t, false),
             _ => bail!("--volume: {v:?} is not SOURCE:TARGET[:ro]"),
         };
-        let source = if src.starts_with('/') { VolumeSource::Bind { path: src.into() } } else { VolumeSource::Named { name: src.into() } };
-        d.volumes.push(Volume { source, target: dst.into(), read_only: ro });
+        let source = if src.starts_with('/') {
+            VolumeSource::Bind { path: src.into() }
+        } else {
+            VolumeSource::Named { name: src.into() }
+        };
+        d.volumes.push(Volume {
+            source,
+            target: dst.into(),
+            read_only: ro,
+        });
     }
     d.network = match a.network.as_str() {
         "bridge" => NetworkMode::Bridge,
@@ -340,7 +427,11 @@ fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
     d.user = a.user.clone();
     d.working_dir = a.workdir.clone();
     if let Some(e) = &a.entrypoint {
-        d.entrypoint = Some(if e.is_empty() { vec![] } else { vec![e.clone()] });
+        d.entrypoint = Some(if e.is_empty() {
+            vec![]
+        } else {
+            vec![e.clone()]
+        });
     }
     d.cap_add = a.cap_add.clone();
     d.cap_drop = a.cap_drop.clone();
@@ -352,12 +443,18 @@ fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
             [h, c, p] => (*h, *c, *p),
             _ => bail!("--device: {dev:?} is not HOST[:CONTAINER[:rwm]]"),
         };
-        d.devices.push(DeviceMapping { host_path: h.into(), container_path: c.into(), permissions: p.into() });
+        d.devices.push(DeviceMapping {
+            host_path: h.into(),
+            container_path: c.into(),
+            permissions: p.into(),
+        });
     }
     d.replicas = a.replicas;
     d.stop_grace_period_ms = a.stop_timeout * 1000;
     for s in &a.selector {
-        let (k, v) = s.split_once('=').with_context(|| format!("--selector: {s:?} is not k=v"))?;
+        let (k, v) = s
+            .split_once('=')
+            .with_context(|| format!("--selector: {s:?} is not k=v"))?;
         d.labels.insert(format!("skiff.selector/{k}"), v.into());
     }
     if !a.command.is_empty() {
@@ -380,9 +477,18 @@ async fn get(c: &Client, kind: Kind, f: Format) -> Result<i32> {
                 .iter()
                 .map(|i| {
                     let status = match i.state {
-                        skiff_model::InstanceState::Running => format!("running {}", output::age(i.started_at_ms)),
-                        skiff_model::InstanceState::Exited | skiff_model::InstanceState::Restarting | skiff_model::InstanceState::Failed => {
-                            let code = i.exit_code.map(|c| format!(" ({c}{})", if i.oom_killed { ", oom" } else { "" })).unwrap_or_default();
+                        skiff_model::InstanceState::Running => {
+                            format!("running {}", output::age(i.started_at_ms))
+                        }
+                        skiff_model::InstanceState::Exited
+                        | skiff_model::InstanceState::Restarting
+                        | skiff_model::InstanceState::Failed => {
+                            let code = i
+                                .exit_code
+                                .map(|c| {
+                                    format!(" ({c}{})", if i.oom_killed { ", oom" } else { "" })
+                                })
+                                .unwrap_or_default();
                             format!("{}{code}", i.state)
                         }
                         s => s.to_string(),
@@ -391,16 +497,35 @@ async fn get(c: &Client, kind: Kind, f: Format) -> Result<i32> {
                         i.name.clone(),
                         i.deployment.clone(),
                         status,
-                        i.health.map(|h| h.to_string()).unwrap_or_else(|| "-".into()),
+                        i.health
+                            .map(|h| h.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         i.restarts.to_string(),
                         i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                         i.ip.clone().unwrap_or_else(|| "-".into()),
-                        if i.ports.is_empty() { "-".into() } else { i.ports.join(",") },
+                        if i.ports.is_empty() {
+                            "-".into()
+                        } else {
+                            i.ports.join(",")
+                        },
                         i.message.clone().unwrap_or_default(),
                     ]
                 })
                 .collect();
-            output::table(&["NAME", "DEPLOYMENT", "STATUS", "HEALTH", "RESTARTS", "PID", "IP", "PORTS", "MESSAGE"], &rows);
+            output::table(
+                &[
+                    "NAME",
+                    "DEPLOYMENT",
+                    "STATUS",
+                    "HEALTH",
+                    "RESTARTS",
+                    "PID",
+                    "IP",
+                    "PORTS",
+                    "MESSAGE",
+                ],
+                &rows,
+            );
         }
         Kind::Deployments => {
             let v: Vec<DeploymentView> = c.get("/api/v1/deployments").await?;
@@ -411,21 +536,34 @@ async fn get(c: &Client, kind: Kind, f: Format) -> Result<i32> {
             let rows: Vec<Vec<String>> = v
                 .iter()
                 .map(|d| {
-                    let running = d.instances.iter().filter(|i| i.state == skiff_model::InstanceState::Running).count();
+                    let running = d
+                        .instances
+                        .iter()
+                        .filter(|i| i.state == skiff_model::InstanceState::Running)
+                        .count();
                     let r = &d.spec.resources;
                     vec![
                         d.spec.name.clone(),
                         d.spec.stack.clone(),
                         format!("{running}/{}", d.spec.replicas),
                         d.spec.image.clone(),
-                        r.cpus_millis.map(skiff_model::format_cpus).unwrap_or_else(|| "-".into()),
-                        r.memory_bytes.map(skiff_model::format_bytes).unwrap_or_else(|| "-".into()),
+                        r.cpus_millis
+                            .map(skiff_model::format_cpus)
+                            .unwrap_or_else(|| "-".into()),
+                        r.memory_bytes
+                            .map(skiff_model::format_bytes)
+                            .unwrap_or_else(|| "-".into()),
                         d.spec.restart.to_string(),
                         d.revision.to_string(),
                     ]
                 })
                 .collect();
-            output::table(&["NAME", "STACK", "READY", "IMAGE", "CPUS", "MEMORY", "RESTART", "REVISION"], &rows);
+            output::table(
+                &[
+                    "NAME", "STACK", "READY", "IMAGE", "CPUS", "MEMORY", "RESTART", "REVISION",
+                ],
+                &rows,
+            );
         }
         Kind::Nodes => {
             let v: Vec<skiff_hub::NodeInfo> = c.get("/api/v1/nodes").await?;
@@ -433,7 +571,17 @@ async fn get(c: &Client, kind: Kind, f: Format) -> Result<i32> {
                 output::structured(&v, f)?;
                 return Ok(0);
             }
-            let rows: Vec<Vec<String>> = v.iter().map(|n| vec![n.name.clone(), n.state.clone(), format!("{}/{}", n.os, n.arch), n.instances.to_string()]).collect();
+            let rows: Vec<Vec<String>> = v
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.name.clone(),
+                        n.state.clone(),
+                        format!("{}/{}", n.os, n.arch),
+                        n.instances.to_string(),
+                    ]
+                })
+                .collect();
             output::table(&["NAME", "STATE", "PLATFORM", "INSTANCES"], &rows);
         }
         Kind::Events => {
@@ -442,7 +590,17 @@ async fn get(c: &Client, kind: Kind, f: Format) -> Result<i32> {
                 output::structured(&v, f)?;
                 return Ok(0);
             }
-            let rows: Vec<Vec<String>> = v.iter().map(|e| vec![output::age(Some(e.time_ms)), e.object.clone(), e.reason.clone(), e.message.clone()]).collect();
+            let rows: Vec<Vec<String>> = v
+                .iter()
+                .map(|e| {
+                    vec![
+                        output::age(Some(e.time_ms)),
+                        e.object.clone(),
+                        e.reason.clone(),
+                        e.message.clone(),
+                    ]
+                })
+                .collect();
             output::table(&["AGE", "OBJECT", "REASON", "MESSAGE"], &rows);
         }
     }
@@ -463,12 +621,18 @@ async fn logs(c: &Client, name: &str, follow: bool, tail: Option<usize>, ts: boo
         buf.extend_from_slice(&chunk);
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
-            let Ok(l) = serde_json::from_slice::<LogLine>(&line) else { continue };
+            let Ok(l) = serde_json::from_slice::<LogLine>(&line) else {
+                continue;
+            };
             let (prefix, stream) = match l.stream.rsplit_once('/') {
                 Some((inst, s)) => (format!("{inst} | "), s.to_string()),
                 None => (String::new(), l.stream.clone()),
             };
-            let t = if ts { format!("{} ", l.time) } else { String::new() };
+            let t = if ts {
+                format!("{} ", l.time)
+            } else {
+                String::new()
+            };
             if stream == "stderr" {
                 let _ = writeln!(stderr.lock(), "{prefix}{t}{}", l.log);
             } else {
@@ -496,7 +660,16 @@ fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
                 output::structured(&v, *f)?;
                 return Ok(0);
             }
-            let rows: Vec<Vec<String>> = v.iter().map(|i| vec![i.reference.clone(), i.digest.chars().take(19).collect(), skiff_model::format_bytes(i.size)]).collect();
+            let rows: Vec<Vec<String>> = v
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.reference.clone(),
+                        i.digest.chars().take(19).collect(),
+                        skiff_model::format_bytes(i.size),
+                    ]
+                })
+                .collect();
             output::table(&["REFERENCE", "DIGEST", "SIZE"], &rows);
         }
         ImageCmd::Rm { reference } => {
@@ -504,7 +677,10 @@ fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
             println!("Untagged: {reference}");
         }
         ImageCmd::Inspect { reference } => {
-            println!("{}", serde_json::to_string_pretty(&store.inspect(reference)?)?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&store.inspect(reference)?)?
+            );
         }
         ImageCmd::Prune => {
             let freed = store.gc()?;
@@ -521,7 +697,9 @@ fn images_in_use(data: &Path) -> BTreeMap<String, Vec<String>> {
     if db.exists() {
         if let Ok(s) = skiff_agent::state::State::open(&db) {
             for d in s.desired().unwrap_or_default() {
-                m.entry(skiff_image::normalize_reference(&d.image)).or_default().push(d.name);
+                m.entry(skiff_image::normalize_reference(&d.image))
+                    .or_default()
+                    .push(d.name);
             }
         }
     }

@@ -26,8 +26,10 @@ pub fn find(explicit: Option<&Path>, data: &Path) -> Result<(PathBuf, ClientConf
     }
     for c in &candidates {
         if c.exists() {
-            let text = std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
-            let cfg: ClientConfig = serde_json::from_str(&text).with_context(|| format!("{}: not a skiff client config", c.display()))?;
+            let text =
+                std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
+            let cfg: ClientConfig = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a skiff client config", c.display()))?;
             return Ok((c.clone(), cfg));
         }
     }
@@ -44,7 +46,13 @@ pub fn find(explicit: Option<&Path>, data: &Path) -> Result<(PathBuf, ClientConf
 pub fn write(path: &Path, cfg: &ClientConfig) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::io::Write::write_all(&mut f, serde_json::to_string_pretty(cfg)?.as_bytes())?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
