@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the system packages skiff needs, from Debian's archive. Idempotent; needs root.
+set -euo pipefail
+PACKAGES=(runc busybox-static iproute2 ca-certificates "$@")
+export DEBIAN_FRONTEND=noninteractive
+if [ "$(id -u)" != 0 ]; then
+  echo "scripts/deps.sh: run as root (containers, cgroups and network namespaces need it)" >&2
+  exit 1
+fi
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo not found: installing Debian's Rust toolchain (a newer rustup toolchain works too)" >&2
+  apt-get install -y -qq --no-install-recommends cargo rustc >/dev/null
+fi
+modprobe overlay 2>/dev/null || true
+mkdir -p /var/run/netns
