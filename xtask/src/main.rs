@@ -1,5 +1,6 @@
 //! Repository tasks: `cargo xtask demo-image DIR` builds the demo image (an OCI layout
-//! named localhost/skiff-demo:latest) from Debian's busybox-static.
+//! named localhost/skiff-demo:latest) from Debian's busybox-static; `demo-image-tar FILE`
+//! writes the same image as a `docker save` tarball (for `docker load` in benchmarks).
 #![forbid(unsafe_code)]
 
 use anyhow::{bail, Result};
@@ -25,6 +26,12 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        _ => bail!("usage: cargo xtask demo-image DIR"),
+        ["demo-image-tar", file] => {
+            skiff_testkit::ImageBuilder::busybox()?
+                .write_docker_save(std::path::Path::new(file), "localhost/skiff-demo:latest")?;
+            println!("wrote a docker-save tarball of localhost/skiff-demo:latest to {file}");
+            Ok(())
+        }
+        _ => bail!("usage: cargo xtask demo-image DIR | demo-image-tar FILE"),
     }
 }

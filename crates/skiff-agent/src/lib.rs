@@ -385,7 +385,7 @@ impl Agent {
                         self.db(|s| s.put_instance(&r))?;
                     }
                 }
-                Liveness::Exited(exit) => self.on_exit(r.clone(), exit, now)?,
+                Liveness::Exited(exit) => self.on_exit(r.clone(), exit, now, None)?,
                 Liveness::Gone => {
                     let exit = skiff_model::ExitStatus {
                         code: 255,
@@ -393,10 +393,8 @@ impl Agent {
                         oom_killed: false,
                         finished_at_ms: now,
                     };
-                    let mut r = r.clone();
-                    r.message =
-                        Some("container lost (node rebooted or its shim was killed)".into());
-                    self.on_exit(r, exit, now)?;
+                    let cause = "container lost (node rebooted or its shim was killed)";
+                    self.on_exit(r.clone(), exit, now, Some(cause))?;
                 }
             }
         }
@@ -464,11 +462,14 @@ impl Agent {
         self.sync_hosts_and_ports().await
     }
 
+    /// Records an exit and applies the restart policy. `cause` explains exits the
+    /// container did not report itself.
     fn on_exit(
         self: &Arc<Self>,
         mut r: InstanceRow,
         exit: skiff_model::ExitStatus,
         now: u64,
+        cause: Option<&str>,
     ) -> Result<(), AgentError> {
         self.stop_health(&r.name);
         r.exit_code = Some(exit.code);
@@ -477,20 +478,17 @@ impl Agent {
         r.pid = None;
         r.health = None;
         r.health_failures = 0;
-        let what = if exit.oom_killed {
-            format!("OOM-killed (exit code {})", exit.code)
-        } else {
-            format!("exited with code {}", exit.code)
+        let what = match cause {
+            Some(c) => c.to_string(),
+            None if exit.oom_killed => format!("OOM-killed (exit code {})", exit.code),
+            None => format!("exited with code {}", exit.code),
         };
-        self.event(
-            &r.name,
-            if exit.oom_killed {
-                "OOMKilled"
-            } else {
-                "Exited"
-            },
-            &what,
-        );
+        let reason = match (exit.oom_killed, cause) {
+            (true, _) => "OOMKilled",
+            (false, Some(_)) => "Lost",
+            (false, None) => "Exited",
+        };
+        self.event(&r.name, reason, &what);
         match after_exit(
             r.spec.restart,
             &exit,
@@ -561,7 +559,7 @@ impl Agent {
                     finished_at_ms: now,
                 };
                 r.state = InstanceState::Running;
-                self.on_exit(r.clone(), exit, now)?;
+                self.on_exit(r.clone(), exit, now, None)?;
                 let mut r = self.db(|s| s.instance(&r.name))?.unwrap_or(r);
                 if r.state == InstanceState::Exited {
                     r.state = InstanceState::Failed;

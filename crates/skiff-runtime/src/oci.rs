@@ -185,6 +185,8 @@ impl Runtime for OciRuntime {
         Ok(shim::launch(&self.skiff_bin, &self.dir(id), id)?)
     }
 
+    /// Cheap in the steady state: files and /proc only. runc is asked only when the shim
+    /// is gone without having recorded an exit.
     fn liveness(&self, id: &str) -> Liveness {
         let dir = self.dir(id);
         if let Ok(b) = fs::read(dir.join(shim::EXIT_FILE)) {
@@ -192,24 +194,28 @@ impl Runtime for OciRuntime {
                 return Liveness::Exited(e);
             }
         }
+        let read_pid = |f: &str| {
+            fs::read_to_string(dir.join(f))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+        };
+        // The pid must still be our shim for this bundle (pids are reused after a reboot).
+        let bundle = dir.display().to_string();
+        let is_shim = |pid: i32| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).split('\0').any(|a| a == bundle))
+        };
+        if read_pid(shim::SHIM_PID_FILE).is_some_and(is_shim) {
+            // The shim is watching; it writes exit.json when the container ends.
+            return Liveness::Running {
+                pid: read_pid(shim::PID_FILE).unwrap_or(0),
+            };
+        }
         match self.runc.state(id) {
             Some(s) if s.status == "running" || s.status == "created" || s.status == "paused" => {
                 Liveness::Running { pid: s.pid }
             }
-            Some(_) => {
-                // Stopped but the shim has not recorded it yet (it is finishing up), or the
-                // shim died. Give a living shim its moment.
-                let shim_alive = fs::read_to_string(dir.join(shim::SHIM_PID_FILE))
-                    .ok()
-                    .and_then(|p| p.trim().parse::<i32>().ok())
-                    .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
-                if shim_alive {
-                    Liveness::Running { pid: 0 }
-                } else {
-                    Liveness::Gone
-                }
-            }
-            None => Liveness::Gone,
+            _ => Liveness::Gone,
         }
     }
 

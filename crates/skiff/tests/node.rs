@@ -423,3 +423,61 @@ fn ctrl_c_stops_the_stack_and_cleans_up() -> R {
     );
     Ok(())
 }
+
+#[test]
+fn lost_containers_come_back_after_an_agent_restart() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    let compose = n.write(
+        "compose.yaml",
+        &format!("name: boot\nservices:\n  svc:\n    image: {IMAGE}\n    restart: always\n    stop_grace_period: 1s\n    command: [sleep, '1000']\n  once:\n    image: {IMAGE}\n    restart: \"no\"\n    command: [sleep, '1000']\n"),
+    )?;
+    n.up(Some(&compose))?;
+    let before = n.wait_running("svc-1")?;
+    n.wait_running("once-1")?;
+    n.kill_up()?;
+    // As after a power cut: shims and containers die without recording anything.
+    let data = n.data().display().to_string();
+    let shims = std::process::Command::new("pgrep")
+        .args(["-f", &format!("skiff shim --bundle {data}")])
+        .output()?;
+    for pid in String::from_utf8_lossy(&shims.stdout).split_whitespace() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid.parse()?),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    for i in n_pids(&n)? {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    std::thread::sleep(SEC);
+    n.up(Some(&compose))?;
+    let after = n.wait_instance("svc-1", 30 * SEC, "running again", |i| {
+        i.state == InstanceState::Running && i.pid.is_some() && i.pid != before.pid
+    })?;
+    assert_eq!(after.restarts, 1);
+    let once = n.wait_instance("once-1", 30 * SEC, "exited", |i| {
+        i.state == InstanceState::Exited
+    })?;
+    assert_eq!(
+        once.exit_code,
+        Some(255),
+        "restart: no stays down, reported as lost"
+    );
+    assert!(once.message.unwrap_or_default().contains("lost"));
+    Ok(())
+}
+
+/// Host pids of the node's containers, from the shims' init.pid files.
+fn n_pids(n: &Node) -> anyhow::Result<Vec<i32>> {
+    let mut v = vec![];
+    for e in std::fs::read_dir(n.data().join("instances"))? {
+        if let Ok(p) = std::fs::read_to_string(e?.path().join("init.pid")) {
+            v.push(p.trim().parse()?);
+        }
+    }
+    Ok(v)
+}
