@@ -143,3 +143,85 @@ async fn udp_loop(sock: Arc<UdpSocket>, target: SocketAddr) {
         let _ = upstream.send(&buf[..n]).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn key(port: u16, protocol: Protocol) -> PortKey {
+        PortKey {
+            bind: SocketAddr::from(([127, 0, 0, 1], port)),
+            protocol,
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn forwards_udp_both_ways_per_client() {
+        let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut b = [0u8; 1500];
+            while let Ok((n, from)) = echo.recv_from(&mut b).await {
+                let _ = echo.send_to(&b[..n], from).await;
+            }
+        });
+        let port = free_port();
+        let mut p = Proxies::default();
+        p.ensure(key(port, Protocol::Udp), target).await.unwrap();
+        for msg in [&b"one"[..], b"two"] {
+            let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            c.send_to(msg, ("127.0.0.1", port)).await.unwrap();
+            let mut b = [0u8; 64];
+            let (n, _) = tokio::time::timeout(Duration::from_secs(5), c.recv_from(&mut b))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&b[..n], msg);
+        }
+    }
+
+    #[tokio::test]
+    async fn forwards_tcp_and_reports_a_port_in_use() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 64];
+                    let n = s.read(&mut b).await.unwrap_or(0);
+                    let _ = s.write_all(&b[..n]).await;
+                });
+            }
+        });
+        let port = free_port();
+        let mut p = Proxies::default();
+        p.ensure(key(port, Protocol::Tcp), target).await.unwrap();
+        let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        c.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"ping");
+        let mut other = Proxies::default();
+        assert!(
+            other
+                .ensure(key(port, Protocol::Tcp), target)
+                .await
+                .is_err(),
+            "bind conflict is reported"
+        );
+        p.retain(&[]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            other.ensure(key(port, Protocol::Tcp), target).await.is_ok(),
+            "port released after retain"
+        );
+    }
+}
