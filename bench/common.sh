@@ -29,8 +29,16 @@ start_up() {
   return 1
 }
 
+# stop_up DATA: deletes every deployment, waits for their instances to go, then Ctrl-C.
 stop_up() {
   local data=$1
+  for d in $("$SKIFF" --data "$data" get deployments -o json 2>/dev/null | grep -o '"name": "[^"]*"' | cut -d'"' -f4 | sort -u); do
+    "$SKIFF" --data "$data" delete deployment "$d" >/dev/null 2>&1 || true
+  done
+  for _ in $(seq 1 600); do
+    [ "$("$SKIFF" --data "$data" get instances -o json 2>/dev/null | tr -d ' \n')" = "[]" ] && break
+    sleep 0.1
+  done
   kill -INT "$UP_PID" 2>/dev/null || true
   for _ in $(seq 1 600); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
   ip link del skbench0 2>/dev/null || true

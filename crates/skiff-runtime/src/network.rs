@@ -36,6 +36,35 @@ fn ip(args: &[&str]) -> Result<(), NetError> {
     }
 }
 
+/// Runs `ip [pre...] -batch -` with `script` on stdin; stops at the first failing line.
+fn ip_batch(pre: &[&str], script: &str) -> Result<(), NetError> {
+    use std::io::Write;
+    let args = format!("{} -batch -", pre.join(" "));
+    let err = |m: String| NetError::Ip {
+        args: args.clone(),
+        message: m,
+    };
+    let mut child = Command::new("ip")
+        .args(pre)
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| err(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| err(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+    }
+}
+
 /// A subnet such as `10.213.0.0/24`: `.1` is the bridge, instances get the rest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Subnet {
@@ -108,30 +137,20 @@ impl Bridge {
     }
 
     /// Creates `netns` with `eth0` at `addr`, joined to the bridge through a veth pair.
+    /// Two `ip -batch` runs (host side, then inside the namespace) instead of seven.
     pub fn attach(&self, netns: &str, addr: Ipv4Addr) -> Result<PathBuf, NetError> {
         let host_if = veth_name(netns);
         self.detach(netns);
-        ip(&["netns", "add", netns])?;
-        let r = (|| {
-            ip(&[
-                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", netns,
-            ])?;
-            ip(&["link", "set", &host_if, "master", &self.name])?;
-            ip(&["link", "set", &host_if, "up"])?;
-            let cidr = format!("{addr}/{}", self.subnet.prefix);
-            ip(&["-n", netns, "addr", "add", &cidr, "dev", "eth0"])?;
-            ip(&["-n", netns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", netns, "link", "set", "lo", "up"])?;
-            ip(&[
-                "-n",
-                netns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &self.subnet.gateway().to_string(),
-            ])
-        })();
+        let host = format!(
+            "netns add {netns}\nlink add {host_if} type veth peer name eth0 netns {netns}\nlink set {host_if} master {}\nlink set {host_if} up\n",
+            self.name
+        );
+        let inside = format!(
+            "addr add {addr}/{} dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via {}\n",
+            self.subnet.prefix,
+            self.subnet.gateway()
+        );
+        let r = ip_batch(&[], &host).and_then(|_| ip_batch(&["-n", netns], &inside));
         if let Err(e) = r {
             self.detach(netns);
             return Err(e);

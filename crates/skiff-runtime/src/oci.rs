@@ -211,6 +211,10 @@ impl Runtime for OciRuntime {
                 pid: read_pid(shim::PID_FILE).unwrap_or(0),
             };
         }
+        // runc keeps its state in <root>/<id>: without it there is nothing to ask about.
+        if !self.runc.root.join(id).exists() {
+            return Liveness::Gone;
+        }
         match self.runc.state(id) {
             Some(s) if s.status == "running" || s.status == "created" || s.status == "paused" => {
                 Liveness::Running { pid: s.pid }

@@ -2,11 +2,11 @@
 //! the agent can restart (or be upgraded) without touching running containers.
 //!
 //! Life of a shim:
-//! 1. The agent runs `skiff shim --bundle DIR`; that launcher starts the real shim
-//!    (`--daemon`) in a new session and exits at once, so the shim is re-parented to init
-//!    and never becomes the agent's zombie.
-//! 2. The shim makes itself a child subreaper, creates two pipes and runs `runc create`
-//!    with them as the container's stdout/stderr, then `runc start`.
+//! 1. The agent runs `skiff shim --bundle DIR --daemon`; the shim moves to a new session
+//!    (so signals for the agent's terminal or process group never reach it). A tiny thread
+//!    in the agent reaps it; if the agent dies, the shim is re-parented to init.
+//! 2. The shim makes itself a child subreaper, creates two pipes and runs
+//!    `runc run --detach` with them as the container's stdout/stderr.
 //! 3. It reports `ok <pid>` (or `err <message>`) on the pipe the agent reads, then copies
 //!    container output into `container.log` as JSON lines until the container exits.
 //! 4. It waits for the container's init, reads the OOM counter from the cgroup, deletes
@@ -53,19 +53,27 @@ pub enum ShimError {
 
 /// Starts a shim for the bundle and waits until the container runs; returns its pid.
 /// Blocking: call it off the async runtime.
+///
+/// The shim puts itself in a new session; while this process lives, a small thread reaps
+/// it when it ends. If this process dies first, the shim is re-parented to init.
 pub fn launch(skiff_bin: &Path, bundle: &Path, id: &str) -> Result<i32, ShimError> {
     let mut child = Command::new(skiff_bin)
         .arg("shim")
         .arg("--bundle")
         .arg(bundle)
+        .arg("--daemon")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .map_err(ShimError::Spawn)?;
     let out = child.stdout.take();
-    // The launcher exits right after starting the daemon; reap it.
-    let _ = child.wait();
+    let _ = std::thread::Builder::new()
+        .name("shim-reaper".into())
+        .stack_size(32 * 1024)
+        .spawn(move || {
+            let _ = child.wait();
+        });
     let mut line = String::new();
     if let Some(out) = out {
         let _ = BufReader::new(out).take(64 * 1024).read_line(&mut line);
@@ -88,21 +96,19 @@ pub fn launch(skiff_bin: &Path, bundle: &Path, id: &str) -> Result<i32, ShimErro
 /// Entry point of `skiff shim --bundle DIR [--daemon]`. Returns the process exit code.
 pub fn main(bundle: &Path, daemon: bool) -> i32 {
     if !daemon {
-        // Launcher: start the daemon in its own session, inheriting our stdout (the
-        // agent's pipe), and leave.
+        // By hand: start the daemon and print its answer.
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
-        let r = Command::new(exe)
-            .arg("shim")
-            .arg("--bundle")
-            .arg(bundle)
-            .arg("--daemon")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        return match r {
-            Ok(_) => 0,
+        let id = bundle
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return match launch(&exe, bundle, &id) {
+            Ok(pid) => {
+                println!("ok {pid}");
+                0
+            }
             Err(e) => {
-                println!("err starting shim: {e}");
+                println!("err {e}");
                 1
             }
         };
@@ -154,13 +160,16 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
 
     let (out_r, out_w) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
     let (err_r, err_w) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+    // `runc run --detach` is create + start in one process; the container keeps the pipes
+    // as its stdout/stderr and, once runc exits, becomes our child (we are its subreaper).
     let status = runc
         .command()
         .arg("--log")
         .arg(&runc_log)
         .arg("--log-format")
         .arg("json")
-        .arg("create")
+        .arg("run")
+        .arg("--detach")
         .arg("--bundle")
         .arg(bundle)
         .arg("--pid-file")
@@ -172,15 +181,15 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
         .status()
         .map_err(|e| format!("running runc: {e}"))?;
     if !status.success() {
-        let msg = last_log_error(&runc_log)
-            .unwrap_or_else(|| format!("runc create exited with {status}"));
+        let msg =
+            last_log_error(&runc_log).unwrap_or_else(|| format!("runc run exited with {status}"));
         let _ = runc.delete(&cfg.id);
         return Err(msg);
     }
     let pid: i32 = std::fs::read_to_string(bundle.join(PID_FILE))
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| "runc create wrote no pid".to_string())?;
+        .ok_or_else(|| "runc run wrote no pid".to_string())?;
 
     let log = Arc::new(Mutex::new(
         LogWriter::open(&bundle.join(LOG_FILE), cfg.log_max_bytes, cfg.log_max_files)
@@ -190,32 +199,6 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
         let log = Arc::clone(&log);
         std::thread::spawn(move || copy_lines(r, stream, &log))
     });
-
-    if let Err(e) = runc
-        .command()
-        .arg("--log")
-        .arg(&runc_log)
-        .arg("--log-format")
-        .arg("json")
-        .arg("start")
-        .arg(&cfg.id)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| e.to_string())
-        .and_then(|s| {
-            if s.success() {
-                Ok(())
-            } else {
-                Err(last_log_error(&runc_log)
-                    .unwrap_or_else(|| format!("runc start exited with {s}")))
-            }
-        })
-    {
-        let _ = runc.delete(&cfg.id);
-        return Err(e);
-    }
     report(format!("ok {pid}"));
     diag(bundle, &format!("container {} started, pid {pid}", cfg.id));
 
