@@ -277,12 +277,19 @@ impl Agent {
     ) -> Result<(), AgentError> {
         self.adopt().await?;
         loop {
-            if let Err(e) = self.reconcile().await {
-                warn!(error = %e, "reconcile failed");
+            // Wake for the next due restart exactly, else on the tick (which also picks up
+            // exits the shims record).
+            let mut wait = self.cfg.tick;
+            match self.reconcile().await {
+                Ok(Some(due)) => {
+                    wait = wait.min(Duration::from_millis(due.saturating_sub(now_ms())))
+                }
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "reconcile failed"),
             }
             tokio::select! {
                 _ = self.notify.notified() => {}
-                _ = tokio::time::sleep(self.cfg.tick) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => break,
             }
             if *shutdown.borrow() {
@@ -335,7 +342,8 @@ impl Agent {
         Ok(())
     }
 
-    async fn reconcile(self: &Arc<Self>) -> Result<(), AgentError> {
+    /// One pass; returns when the next delayed start is due, if any.
+    async fn reconcile(self: &Arc<Self>) -> Result<Option<u64>, AgentError> {
         let now = now_ms();
         let desired = self.db(|s| s.desired())?;
         let mut wanted: BTreeMap<String, Deployment> = BTreeMap::new();
@@ -459,7 +467,13 @@ impl Agent {
             self.start_instance(r.clone()).await?;
         }
 
-        self.sync_hosts_and_ports().await
+        self.sync_hosts_and_ports().await?;
+        let rows = self.db(|s| s.instances())?;
+        Ok(rows
+            .iter()
+            .filter(|r| matches!(r.state, InstanceState::Pending | InstanceState::Restarting))
+            .filter_map(|r| r.next_start_ms)
+            .min())
     }
 
     /// Records an exit and applies the restart policy. `cause` explains exits the

@@ -177,9 +177,6 @@ pub struct RunArgs {
     /// Seconds between SIGTERM and SIGKILL on stop.
     #[arg(long, default_value_t = 10)]
     pub stop_timeout: u64,
-    /// Node selector (k=v); placement across nodes comes with the networked hub.
-    #[arg(long)]
-    pub selector: Vec<String>,
     #[arg(last = true)]
     pub command: Vec<String>,
 }
@@ -451,12 +448,6 @@ fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
     }
     d.replicas = a.replicas;
     d.stop_grace_period_ms = a.stop_timeout * 1000;
-    for s in &a.selector {
-        let (k, v) = s
-            .split_once('=')
-            .with_context(|| format!("--selector: {s:?} is not k=v"))?;
-        d.labels.insert(format!("skiff.selector/{k}"), v.into());
-    }
     if !a.command.is_empty() {
         d.command = Some(a.command.clone());
     }

@@ -34,10 +34,6 @@ pub struct UpArgs {
     /// Subnet for bridge-mode instances (the bridge takes .1).
     #[arg(long, default_value = "10.213.0.0/20")]
     pub subnet: String,
-    /// Return once the stack is up and leave it running in the background (the process
-    /// stays as a daemon).
-    #[arg(long, hide = true)]
-    pub no_wait: bool,
 }
 
 pub fn load_compose(file: &Path) -> Result<ComposeImport> {
