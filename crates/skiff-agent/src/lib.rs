@@ -220,11 +220,14 @@ impl Agent {
         }
     }
 
-    /// Container id and log file of an instance.
+    fn row(&self, instance: &str) -> Result<InstanceRow, AgentError> {
+        self.db(|s| s.instance(instance))?
+            .ok_or_else(|| AgentError::NoInstance(instance.into()))
+    }
+
+    /// The log file of an instance.
     pub fn log_path(&self, instance: &str) -> Result<PathBuf, AgentError> {
-        let row = self
-            .db(|s| s.instance(instance))?
-            .ok_or_else(|| AgentError::NoInstance(instance.into()))?;
+        let row = self.row(instance)?;
         Ok(self.runtime.log_path(&row.container_id))
     }
 
@@ -238,9 +241,7 @@ impl Agent {
         argv: Vec<String>,
         timeout: Duration,
     ) -> Result<ExecOutput, AgentError> {
-        let row = self
-            .db(|s| s.instance(instance))?
-            .ok_or_else(|| AgentError::NoInstance(instance.into()))?;
+        let row = self.row(instance)?;
         if row.state != InstanceState::Running {
             return Err(AgentError::Runtime(
                 skiff_runtime::RuntimeError::NotRunning(instance.into()),
@@ -248,26 +249,6 @@ impl Agent {
         }
         let rt = Arc::clone(&self.runtime);
         Ok(blocking(move || rt.exec(&row.container_id, &argv, timeout)).await?)
-    }
-
-    pub fn cgroup_limits(
-        &self,
-        instance: &str,
-    ) -> Result<skiff_runtime::cgroup::CgroupLimits, AgentError> {
-        let row = self
-            .db(|s| s.instance(instance))?
-            .ok_or_else(|| AgentError::NoInstance(instance.into()))?;
-        Ok(self.runtime.limits(&row.container_id))
-    }
-
-    pub fn cgroup_stats(
-        &self,
-        instance: &str,
-    ) -> Result<skiff_runtime::cgroup::CgroupStats, AgentError> {
-        let row = self
-            .db(|s| s.instance(instance))?
-            .ok_or_else(|| AgentError::NoInstance(instance.into()))?;
-        Ok(self.runtime.stats(&row.container_id))
     }
 
     /// Re-adopts what survived, removes leftovers, then reconciles until `shutdown`.

@@ -112,10 +112,9 @@ impl State {
         Ok(())
     }
 
-    pub fn desired(&self) -> Result<Vec<Deployment>, StateError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT spec FROM deployments ORDER BY name")?;
+    /// Every row of a one-column query of JSON documents.
+    fn json_rows<T: serde::de::DeserializeOwned>(&self, sql: &str) -> Result<Vec<T>, StateError> {
+        let mut st = self.conn.prepare(sql)?;
         let rows = st.query_map([], |r| r.get::<_, String>(0))?;
         let mut out = vec![];
         for r in rows {
@@ -124,16 +123,12 @@ impl State {
         Ok(out)
     }
 
+    pub fn desired(&self) -> Result<Vec<Deployment>, StateError> {
+        self.json_rows("SELECT spec FROM deployments ORDER BY name")
+    }
+
     pub fn instances(&self) -> Result<Vec<InstanceRow>, StateError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT data FROM instances ORDER BY name")?;
-        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
-        let mut out = vec![];
-        for r in rows {
-            out.push(serde_json::from_str(&r?)?);
-        }
-        Ok(out)
+        self.json_rows("SELECT data FROM instances ORDER BY name")
     }
 
     pub fn instance(&self, name: &str) -> Result<Option<InstanceRow>, StateError> {

@@ -125,22 +125,8 @@ impl Runc {
                 bin: self.bin.clone(),
                 source,
             })?;
-        let mut so = child.stdout.take();
-        let mut se = child.stderr.take();
-        let t_out = std::thread::spawn(move || {
-            let mut v = vec![];
-            if let Some(s) = so.as_mut() {
-                let _ = s.take(1 << 20).read_to_end(&mut v);
-            }
-            v
-        });
-        let t_err = std::thread::spawn(move || {
-            let mut v = vec![];
-            if let Some(s) = se.as_mut() {
-                let _ = s.take(1 << 20).read_to_end(&mut v);
-            }
-            v
-        });
+        let t_out = drain(child.stdout.take());
+        let t_err = drain(child.stderr.take());
         let deadline = Instant::now() + timeout;
         let status = loop {
             match child.try_wait() {
@@ -170,6 +156,17 @@ impl Runc {
             stderr,
         })
     }
+}
+
+/// Reads up to 1 MiB from a child's pipe on a thread.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = vec![];
+        if let Some(p) = pipe {
+            let _ = p.take(1 << 20).read_to_end(&mut v);
+        }
+        v
+    })
 }
 
 /// The last error runc wrote to its `--log` file (JSON lines), if any.

@@ -455,144 +455,107 @@ fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
     Ok(d)
 }
 
+fn dash<T: ToString>(v: Option<T>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn instance_row(i: &InstanceStatus) -> Vec<String> {
+    use skiff_model::InstanceState as S;
+    let status = match i.state {
+        S::Running => format!("running {}", output::age(i.started_at_ms)),
+        S::Exited | S::Restarting | S::Failed => {
+            let oom = if i.oom_killed { ", oom" } else { "" };
+            let code = i
+                .exit_code
+                .map(|c| format!(" ({c}{oom})"))
+                .unwrap_or_default();
+            format!("{}{code}", i.state)
+        }
+        s => s.to_string(),
+    };
+    let ports = if i.ports.is_empty() {
+        "-".into()
+    } else {
+        i.ports.join(",")
+    };
+    vec![
+        i.name.clone(),
+        i.deployment.clone(),
+        status,
+        dash(i.health),
+        i.restarts.to_string(),
+        dash(i.pid),
+        dash(i.ip.as_ref()),
+        ports,
+        i.message.clone().unwrap_or_default(),
+    ]
+}
+
+fn deployment_row(d: &DeploymentView) -> Vec<String> {
+    let running = d
+        .instances
+        .iter()
+        .filter(|i| i.state == skiff_model::InstanceState::Running)
+        .count();
+    let r = &d.spec.resources;
+    vec![
+        d.spec.name.clone(),
+        d.spec.stack.clone(),
+        format!("{running}/{}", d.spec.replicas),
+        d.spec.image.clone(),
+        dash(r.cpus_millis.map(skiff_model::format_cpus)),
+        dash(r.memory_bytes.map(skiff_model::format_bytes)),
+        d.spec.restart.to_string(),
+        d.revision.to_string(),
+    ]
+}
+
 async fn get(c: &Client, kind: Kind, f: Format) -> Result<i32> {
     match kind {
         Kind::Instances => {
             let mut v: Vec<InstanceStatus> = c.get("/api/v1/instances").await?;
             v.sort_by(|a, b| a.name.cmp(&b.name));
-            if f != Format::Table {
-                output::structured(&v, f)?;
-                return Ok(0);
-            }
-            let rows: Vec<Vec<String>> = v
-                .iter()
-                .map(|i| {
-                    let status = match i.state {
-                        skiff_model::InstanceState::Running => {
-                            format!("running {}", output::age(i.started_at_ms))
-                        }
-                        skiff_model::InstanceState::Exited
-                        | skiff_model::InstanceState::Restarting
-                        | skiff_model::InstanceState::Failed => {
-                            let code = i
-                                .exit_code
-                                .map(|c| {
-                                    format!(" ({c}{})", if i.oom_killed { ", oom" } else { "" })
-                                })
-                                .unwrap_or_default();
-                            format!("{}{code}", i.state)
-                        }
-                        s => s.to_string(),
-                    };
-                    vec![
-                        i.name.clone(),
-                        i.deployment.clone(),
-                        status,
-                        i.health
-                            .map(|h| h.to_string())
-                            .unwrap_or_else(|| "-".into()),
-                        i.restarts.to_string(),
-                        i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                        i.ip.clone().unwrap_or_else(|| "-".into()),
-                        if i.ports.is_empty() {
-                            "-".into()
-                        } else {
-                            i.ports.join(",")
-                        },
-                        i.message.clone().unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            output::table(
-                &[
-                    "NAME",
-                    "DEPLOYMENT",
-                    "STATUS",
-                    "HEALTH",
-                    "RESTARTS",
-                    "PID",
-                    "IP",
-                    "PORTS",
-                    "MESSAGE",
-                ],
-                &rows,
-            );
+            let h = [
+                "NAME",
+                "DEPLOYMENT",
+                "STATUS",
+                "HEALTH",
+                "RESTARTS",
+                "PID",
+                "IP",
+                "PORTS",
+                "MESSAGE",
+            ];
+            output::print(&v, f, &h, instance_row)?;
         }
         Kind::Deployments => {
             let v: Vec<DeploymentView> = c.get("/api/v1/deployments").await?;
-            if f != Format::Table {
-                output::structured(&v, f)?;
-                return Ok(0);
-            }
-            let rows: Vec<Vec<String>> = v
-                .iter()
-                .map(|d| {
-                    let running = d
-                        .instances
-                        .iter()
-                        .filter(|i| i.state == skiff_model::InstanceState::Running)
-                        .count();
-                    let r = &d.spec.resources;
-                    vec![
-                        d.spec.name.clone(),
-                        d.spec.stack.clone(),
-                        format!("{running}/{}", d.spec.replicas),
-                        d.spec.image.clone(),
-                        r.cpus_millis
-                            .map(skiff_model::format_cpus)
-                            .unwrap_or_else(|| "-".into()),
-                        r.memory_bytes
-                            .map(skiff_model::format_bytes)
-                            .unwrap_or_else(|| "-".into()),
-                        d.spec.restart.to_string(),
-                        d.revision.to_string(),
-                    ]
-                })
-                .collect();
-            output::table(
-                &[
-                    "NAME", "STACK", "READY", "IMAGE", "CPUS", "MEMORY", "RESTART", "REVISION",
-                ],
-                &rows,
-            );
+            let h = [
+                "NAME", "STACK", "READY", "IMAGE", "CPUS", "MEMORY", "RESTART", "REVISION",
+            ];
+            output::print(&v, f, &h, deployment_row)?;
         }
         Kind::Nodes => {
             let v: Vec<skiff_hub::NodeInfo> = c.get("/api/v1/nodes").await?;
-            if f != Format::Table {
-                output::structured(&v, f)?;
-                return Ok(0);
-            }
-            let rows: Vec<Vec<String>> = v
-                .iter()
-                .map(|n| {
-                    vec![
-                        n.name.clone(),
-                        n.state.clone(),
-                        format!("{}/{}", n.os, n.arch),
-                        n.instances.to_string(),
-                    ]
-                })
-                .collect();
-            output::table(&["NAME", "STATE", "PLATFORM", "INSTANCES"], &rows);
+            output::print(&v, f, &["NAME", "STATE", "PLATFORM", "INSTANCES"], |n| {
+                vec![
+                    n.name.clone(),
+                    n.state.clone(),
+                    format!("{}/{}", n.os, n.arch),
+                    n.instances.to_string(),
+                ]
+            })?;
         }
         Kind::Events => {
             let v: Vec<skiff_model::EventRecord> = c.get("/api/v1/events").await?;
-            if f != Format::Table {
-                output::structured(&v, f)?;
-                return Ok(0);
-            }
-            let rows: Vec<Vec<String>> = v
-                .iter()
-                .map(|e| {
-                    vec![
-                        output::age(Some(e.time_ms)),
-                        e.object.clone(),
-                        e.reason.clone(),
-                        e.message.clone(),
-                    ]
-                })
-                .collect();
-            output::table(&["AGE", "OBJECT", "REASON", "MESSAGE"], &rows);
+            output::print(&v, f, &["AGE", "OBJECT", "REASON", "MESSAGE"], |e| {
+                vec![
+                    output::age(Some(e.time_ms)),
+                    e.object.clone(),
+                    e.reason.clone(),
+                    e.message.clone(),
+                ]
+            })?;
         }
     }
     Ok(0)
@@ -647,21 +610,13 @@ fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
         }
         ImageCmd::Ls { output: f } => {
             let v = store.list()?;
-            if *f != Format::Table {
-                output::structured(&v, *f)?;
-                return Ok(0);
-            }
-            let rows: Vec<Vec<String>> = v
-                .iter()
-                .map(|i| {
-                    vec![
-                        i.reference.clone(),
-                        i.digest.chars().take(19).collect(),
-                        skiff_model::format_bytes(i.size),
-                    ]
-                })
-                .collect();
-            output::table(&["REFERENCE", "DIGEST", "SIZE"], &rows);
+            output::print(&v, *f, &["REFERENCE", "DIGEST", "SIZE"], |i| {
+                vec![
+                    i.reference.clone(),
+                    i.digest.chars().take(19).collect(),
+                    skiff_model::format_bytes(i.size),
+                ]
+            })?;
         }
         ImageCmd::Rm { reference } => {
             store.remove(reference, &images_in_use(data))?;

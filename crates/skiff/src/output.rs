@@ -37,7 +37,23 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-pub fn structured<T: Serialize>(v: &T, f: Format) -> Result<()> {
+/// A list as a table (one row per item) or, with `-o json|yaml`, as data.
+pub fn print<T: Serialize>(
+    items: &[T],
+    f: Format,
+    headers: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> Result<()> {
+    match f {
+        Format::Table => {
+            table(headers, &items.iter().map(row).collect::<Vec<_>>());
+            Ok(())
+        }
+        _ => structured(&items, f),
+    }
+}
+
+pub fn structured<T: Serialize + ?Sized>(v: &T, f: Format) -> Result<()> {
     match f {
         Format::Yaml => print!("{}", serde_norway::to_string(v)?),
         Format::Json | Format::Table => println!("{}", serde_json::to_string_pretty(v)?),
