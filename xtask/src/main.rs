@@ -7,12 +7,7 @@ use anyhow::{bail, Result};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["demo-image", dir] => {
             let dir = std::path::Path::new(dir);
             if dir.exists() {
@@ -20,10 +15,7 @@ fn main() -> Result<()> {
             }
             let img = skiff_testkit::ImageBuilder::busybox()?;
             let digest = img.write_oci_layout(dir, "localhost/skiff-demo:latest")?;
-            println!(
-                "built localhost/skiff-demo:latest ({digest}) in {}",
-                dir.display()
-            );
+            println!("built localhost/skiff-demo:latest ({digest}) in {}", dir.display());
             Ok(())
         }
         ["demo-image-tar", file] => {

@@ -14,9 +14,7 @@ pub mod supervise;
 
 use proxy::{PortKey, Proxies};
 use skiff_image::ImageStore;
-use skiff_model::{
-    Deployment, EventRecord, Health, InstanceState, InstanceStatus, NetworkMode, VolumeSource,
-};
+use skiff_model::{Deployment, EventRecord, Health, InstanceState, InstanceStatus, NetworkMode, VolumeSource};
 use skiff_runtime::network::{list_netns, netns_path, veth_name, Bridge, Subnet};
 use skiff_runtime::runc::ExecOutput;
 use skiff_runtime::time::now_ms;
@@ -73,9 +71,7 @@ impl AgentConfig {
 }
 
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "node".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "node".into())
 }
 
 pub struct Agent {
@@ -109,8 +105,7 @@ fn random_hex(n: usize) -> String {
 impl Agent {
     pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
         let data = &cfg.data_dir;
-        std::fs::create_dir_all(data)
-            .map_err(|e| AgentError::Other(format!("creating {}: {e}", data.display())))?;
+        std::fs::create_dir_all(data).map_err(|e| AgentError::Other(format!("creating {}: {e}", data.display())))?;
         let state = State::open(&data.join("agent.db"))?;
         let node_id = match state.meta("node_id")? {
             Some(id) => id,
@@ -121,16 +116,9 @@ impl Agent {
             }
         };
         let images = Arc::new(ImageStore::open(data.join("images"))?);
-        let runtime: Arc<dyn Runtime> = Arc::new(OciRuntime::new(
-            data.join("instances"),
-            data.join("runc"),
-            &cfg.skiff_bin,
-            "/skiff",
-        )?);
-        let bridge = Bridge {
-            name: cfg.bridge_name.clone(),
-            subnet: Subnet::parse(&cfg.subnet)?,
-        };
+        let runtime: Arc<dyn Runtime> =
+            Arc::new(OciRuntime::new(data.join("instances"), data.join("runc"), &cfg.skiff_bin, "/skiff")?);
+        let bridge = Bridge { name: cfg.bridge_name.clone(), subnet: Subnet::parse(&cfg.subnet)? };
         Ok(Arc::new(Agent {
             cfg,
             node_id,
@@ -153,14 +141,8 @@ impl Agent {
         &self.images
     }
 
-    fn db<T>(
-        &self,
-        f: impl FnOnce(&mut State) -> Result<T, state::StateError>,
-    ) -> Result<T, AgentError> {
-        let mut s = self
-            .state
-            .lock()
-            .map_err(|_| AgentError::Other("state lock poisoned".into()))?;
+    fn db<T>(&self, f: impl FnOnce(&mut State) -> Result<T, state::StateError>) -> Result<T, AgentError> {
+        let mut s = self.state.lock().map_err(|_| AgentError::Other("state lock poisoned".into()))?;
         Ok(f(&mut s)?)
     }
 
@@ -205,9 +187,7 @@ impl Agent {
             container_id: r.container_id.clone(),
             state: r.state,
             health: r.health,
-            pid: r
-                .pid
-                .filter(|p| *p > 0 && r.state == InstanceState::Running),
+            pid: r.pid.filter(|p| *p > 0 && r.state == InstanceState::Running),
             ip: r.ip.clone(),
             restarts: r.restarts,
             exit_code: r.exit_code,
@@ -221,8 +201,7 @@ impl Agent {
     }
 
     fn row(&self, instance: &str) -> Result<InstanceRow, AgentError> {
-        self.db(|s| s.instance(instance))?
-            .ok_or_else(|| AgentError::NoInstance(instance.into()))
+        self.db(|s| s.instance(instance))?.ok_or_else(|| AgentError::NoInstance(instance.into()))
     }
 
     /// The log file of an instance.
@@ -235,36 +214,24 @@ impl Agent {
         matches!(self.db(|s| s.instance(instance)), Ok(Some(_)))
     }
 
-    pub async fn exec(
-        &self,
-        instance: &str,
-        argv: Vec<String>,
-        timeout: Duration,
-    ) -> Result<ExecOutput, AgentError> {
+    pub async fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> Result<ExecOutput, AgentError> {
         let row = self.row(instance)?;
         if row.state != InstanceState::Running {
-            return Err(AgentError::Runtime(
-                skiff_runtime::RuntimeError::NotRunning(instance.into()),
-            ));
+            return Err(AgentError::Runtime(skiff_runtime::RuntimeError::NotRunning(instance.into())));
         }
         let rt = Arc::clone(&self.runtime);
         Ok(blocking(move || rt.exec(&row.container_id, &argv, timeout)).await?)
     }
 
     /// Re-adopts what survived, removes leftovers, then reconciles until `shutdown`.
-    pub async fn run(
-        self: Arc<Self>,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), AgentError> {
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), AgentError> {
         self.adopt().await?;
         loop {
             // Wake for the next due restart exactly, else on the tick (which also picks up
             // exits the shims record).
             let mut wait = self.cfg.tick;
             match self.reconcile().await {
-                Ok(Some(due)) => {
-                    wait = wait.min(Duration::from_millis(due.saturating_sub(now_ms())))
-                }
+                Ok(Some(due)) => wait = wait.min(Duration::from_millis(due.saturating_sub(now_ms()))),
                 Ok(None) => {}
                 Err(e) => warn!(error = %e, "reconcile failed"),
             }
@@ -277,12 +244,7 @@ impl Agent {
                 break;
             }
         }
-        for (_, h) in self
-            .health
-            .lock()
-            .map(|mut m| std::mem::take(&mut *m))
-            .unwrap_or_default()
-        {
+        for (_, h) in self.health.lock().map(|mut m| std::mem::take(&mut *m)).unwrap_or_default() {
             h.abort();
         }
         Ok(())
@@ -296,11 +258,8 @@ impl Agent {
         let mine: HashSet<String> = rows.iter().map(|r| r.container_id.clone()).collect();
         let rt = Arc::clone(&self.runtime);
         let prefix = format!("{}-", self.node_id);
-        let leftovers: Vec<String> = rt
-            .known()
-            .into_iter()
-            .filter(|id| id.starts_with(&prefix) && !mine.contains(id))
-            .collect();
+        let leftovers: Vec<String> =
+            rt.known().into_iter().filter(|id| id.starts_with(&prefix) && !mine.contains(id)).collect();
         for id in leftovers {
             info!(container = %id, "removing leftover container");
             let rt = Arc::clone(&rt);
@@ -356,10 +315,7 @@ impl Agent {
         }
 
         // Observe running instances.
-        for r in rows
-            .iter()
-            .filter(|r| r.state == InstanceState::Running && !stopping.contains(&r.name))
-        {
+        for r in rows.iter().filter(|r| r.state == InstanceState::Running && !stopping.contains(&r.name)) {
             if !wanted.get(&r.name).is_some_and(|d| same_spec(d, &r.spec)) {
                 continue;
             }
@@ -376,12 +332,8 @@ impl Agent {
                 }
                 Liveness::Exited(exit) => self.on_exit(r.clone(), exit, now, None)?,
                 Liveness::Gone => {
-                    let exit = skiff_model::ExitStatus {
-                        code: 255,
-                        signal: None,
-                        oom_killed: false,
-                        finished_at_ms: now,
-                    };
+                    let exit =
+                        skiff_model::ExitStatus { code: 255, signal: None, oom_killed: false, finished_at_ms: now };
                     let cause = "container lost (node rebooted or its shim was killed)";
                     self.on_exit(r.clone(), exit, now, Some(cause))?;
                 }
@@ -420,10 +372,7 @@ impl Agent {
         for r in &rows {
             let due = matches!(r.state, InstanceState::Pending | InstanceState::Restarting)
                 && r.next_start_ms.is_none_or(|t| t <= now);
-            if !due
-                || stopping.contains(&r.name)
-                || !wanted.get(&r.name).is_some_and(|d| same_spec(d, &r.spec))
-            {
+            if !due || stopping.contains(&r.name) || !wanted.get(&r.name).is_some_and(|d| same_spec(d, &r.spec)) {
                 continue;
             }
             let peers: Vec<Peer<'_>> = rows
@@ -484,14 +433,7 @@ impl Agent {
             (false, None) => "Exited",
         };
         self.event(&r.name, reason, &what);
-        match after_exit(
-            r.spec.restart,
-            &exit,
-            r.started_at_ms,
-            r.streak,
-            r.restarts,
-            now,
-        ) {
+        match after_exit(r.spec.restart, &exit, r.started_at_ms, r.streak, r.restarts, now) {
             AfterExit::Restart { at_ms, streak } => {
                 r.state = InstanceState::Restarting;
                 r.streak = streak;
@@ -529,11 +471,7 @@ impl Agent {
                 r.health = r.spec.healthcheck.as_ref().map(|_| Health::Starting);
                 r.health_failures = 0;
                 self.db(|s| s.put_instance(&r))?;
-                self.event(
-                    &r.name,
-                    if restarted { "Restarted" } else { "Started" },
-                    &format!("pid {pid}"),
-                );
+                self.event(&r.name, if restarted { "Restarted" } else { "Started" }, &format!("pid {pid}"));
                 self.start_health(&r);
             }
             Err(AgentError::Image(e @ skiff_image::ImageError::NotFound(_))) => {
@@ -547,12 +485,7 @@ impl Agent {
                 warn!(instance = %r.name, error = %e, "start failed");
                 self.event(&r.name, "Failed", &e.to_string());
                 // Counts as a failed run for the restart policy.
-                let exit = skiff_model::ExitStatus {
-                    code: 127,
-                    signal: None,
-                    oom_killed: false,
-                    finished_at_ms: now,
-                };
+                let exit = skiff_model::ExitStatus { code: 127, signal: None, oom_killed: false, finished_at_ms: now };
                 r.state = InstanceState::Running;
                 self.on_exit(r.clone(), exit, now, None)?;
                 let mut r = self.db(|s| s.instance(&r.name))?.unwrap_or(r);
@@ -574,23 +507,16 @@ impl Agent {
             }
         }
         let info = self.images.resolve(&r.spec.image)?;
-        let layer_dirs = info
-            .layers
-            .iter()
-            .map(|l| self.images.layer_dir(&l.diff_id))
-            .collect::<Result<Vec<_>, _>>()?;
+        let layer_dirs =
+            info.layers.iter().map(|l| self.images.layer_dir(&l.diff_id)).collect::<Result<Vec<_>, _>>()?;
         let (netns, ip) = match r.spec.network {
             NetworkMode::Bridge => {
                 let subnet = self.bridge.subnet;
                 let ip = self.db(|s| s.lease(&r.name, subnet.hosts(), &subnet.to_string()))?;
                 let ns = self.netns_name(id);
-                let attached = netns_path(&ns).exists()
-                    && Path::new(&format!("/sys/class/net/{}", veth_name(&ns))).exists();
-                let path = if attached {
-                    netns_path(&ns)
-                } else {
-                    self.bridge.attach(&ns, ip)?
-                };
+                let attached =
+                    netns_path(&ns).exists() && Path::new(&format!("/sys/class/net/{}", veth_name(&ns))).exists();
+                let path = if attached { netns_path(&ns) } else { self.bridge.attach(&ns, ip)? };
                 (Some(path), Some(ip))
             }
             NetworkMode::None | NetworkMode::Host => (None, None),
@@ -623,15 +549,12 @@ impl Agent {
         for v in &d.volumes {
             let src = match &v.source {
                 VolumeSource::Bind { path } => PathBuf::from(path),
-                VolumeSource::Named { name } => {
-                    self.cfg.data_dir.join("volumes").join(name).join("_data")
-                }
+                VolumeSource::Named { name } => self.cfg.data_dir.join("volumes").join(name).join("_data"),
             };
             if !src.exists() {
                 // As `docker run -v` does, a missing source becomes an empty directory.
-                std::fs::create_dir_all(&src).map_err(|e| {
-                    AgentError::Other(format!("volume source {}: {e}", src.display()))
-                })?;
+                std::fs::create_dir_all(&src)
+                    .map_err(|e| AgentError::Other(format!("volume source {}: {e}", src.display())))?;
             }
             out.push((src, v.target.clone(), v.read_only));
         }
@@ -640,27 +563,14 @@ impl Agent {
 
     /// `/etc/hosts` for one instance: itself plus every addressed instance of its stack,
     /// reachable by instance name and by deployment (service) name.
-    fn hosts_for(
-        &self,
-        stack: &str,
-        me: &str,
-        my_ip: Option<Ipv4Addr>,
-    ) -> Result<String, AgentError> {
+    fn hosts_for(&self, stack: &str, me: &str, my_ip: Option<Ipv4Addr>) -> Result<String, AgentError> {
         let rows = self.db(|s| s.instances())?;
-        let mut out =
-            String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
         if let Some(ip) = my_ip {
-            let dep = rows
-                .iter()
-                .find(|r| r.name == me)
-                .map(|r| r.deployment.clone())
-                .unwrap_or_default();
+            let dep = rows.iter().find(|r| r.name == me).map(|r| r.deployment.clone()).unwrap_or_default();
             out.push_str(&format!("{ip}\t{me} {dep}\n"));
         }
-        for r in rows
-            .iter()
-            .filter(|r| r.spec.stack == stack && r.name != me && r.state == InstanceState::Running)
-        {
+        for r in rows.iter().filter(|r| r.spec.stack == stack && r.name != me && r.state == InstanceState::Running) {
             if let Some(ip) = &r.ip {
                 out.push_str(&format!("{ip}\t{} {}\n", r.name, r.deployment));
             }
@@ -674,30 +584,18 @@ impl Agent {
         let mut port_errors = vec![];
         {
             let mut proxies = self.proxies.lock().await;
-            for r in rows.iter().filter(|r| {
-                r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge
-            }) {
+            for r in rows.iter().filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge)
+            {
                 let my_ip = r.ip.as_ref().and_then(|i| i.parse().ok());
                 if let Ok(h) = self.hosts_for(&r.spec.stack, &r.name, my_ip) {
                     let _ = self.runtime.update_hosts(&r.container_id, &h);
                 }
                 let Some(ip) = my_ip else { continue };
                 for p in &r.spec.ports {
-                    let bind_ip: IpAddr = p
-                        .host_ip
-                        .as_ref()
-                        .and_then(|i| i.parse().ok())
-                        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-                    let key = PortKey {
-                        bind: SocketAddr::new(bind_ip, p.host_port),
-                        protocol: p.protocol,
-                    };
-                    if let Err(e) = proxies
-                        .ensure(
-                            key.clone(),
-                            SocketAddr::new(IpAddr::V4(ip), p.container_port),
-                        )
-                        .await
+                    let bind_ip: IpAddr =
+                        p.host_ip.as_ref().and_then(|i| i.parse().ok()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                    let key = PortKey { bind: SocketAddr::new(bind_ip, p.host_port), protocol: p.protocol };
+                    if let Err(e) = proxies.ensure(key.clone(), SocketAddr::new(IpAddr::V4(ip), p.container_port)).await
                     {
                         port_errors.push((r.name.clone(), format!("publishing {p}: {e}")));
                         continue;
@@ -778,8 +676,7 @@ impl Agent {
             loop {
                 tokio::time::sleep(Duration::from_millis(hc.interval_ms)).await;
                 let rt = Arc::clone(&me.runtime);
-                let (id2, argv, timeout) =
-                    (id.clone(), hc.argv(), Duration::from_millis(hc.timeout_ms));
+                let (id2, argv, timeout) = (id.clone(), hc.argv(), Duration::from_millis(hc.timeout_ms));
                 let ok = matches!(blocking(move || rt.exec(&id2, &argv, timeout)).await, Ok(o) if o.code == 0);
                 let Ok(Some(mut row)) = me.db(|s| s.instance(&name)) else {
                     return;
@@ -789,8 +686,7 @@ impl Agent {
                 }
                 let in_start = now_ms() < started + hc.start_period_ms;
                 let before = row.health;
-                let (health, failures) =
-                    after_probe(ok, row.health_failures, hc.retries, in_start, row.health);
+                let (health, failures) = after_probe(ok, row.health_failures, hc.retries, in_start, row.health);
                 row.health = health;
                 row.health_failures = failures;
                 let _ = me.db(|s| s.put_instance(&row));
@@ -843,10 +739,7 @@ fn resolv_conf(host_network: bool) -> String {
     host.lines()
         .filter(|l| {
             let mut it = l.split_whitespace();
-            !(it.next() == Some("nameserver")
-                && it
-                    .next()
-                    .is_some_and(|a| a.starts_with("127.") || a == "::1"))
+            !(it.next() == Some("nameserver") && it.next().is_some_and(|a| a.starts_with("127.") || a == "::1"))
         })
         .map(|l| format!("{l}\n"))
         .collect()

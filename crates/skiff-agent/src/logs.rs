@@ -20,9 +20,7 @@ pub fn stream(
         let p = path.clone();
         let (lines, mut pos) = match tokio::task::spawn_blocking(move || {
             let lines = skiff_runtime::logs::read_all(&p);
-            let pos = std::fs::metadata(&p)
-                .map(|m| (m.ino(), m.len()))
-                .unwrap_or((0, 0));
+            let pos = std::fs::metadata(&p).map(|m| (m.ino(), m.len())).unwrap_or((0, 0));
             (lines, pos)
         })
         .await
@@ -75,11 +73,7 @@ fn read_from(path: &PathBuf, (ino, off): (u64, u64)) -> (Vec<LogLine>, (u64, u64
     let Ok(m) = f.metadata() else {
         return (vec![], (ino, off));
     };
-    let start = if m.ino() == ino && m.len() >= off {
-        off
-    } else {
-        0
-    };
+    let start = if m.ino() == ino && m.len() >= off { off } else { 0 };
     if f.seek(SeekFrom::Start(start)).is_err() {
         return (vec![], (ino, off));
     }

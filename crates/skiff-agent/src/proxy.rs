@@ -59,12 +59,7 @@ impl Proxies {
 
     /// Drops every forward whose key is not in `keep`.
     pub fn retain(&mut self, keep: &[PortKey]) {
-        let stale: Vec<PortKey> = self
-            .forwards
-            .keys()
-            .filter(|k| !keep.contains(k))
-            .cloned()
-            .collect();
+        let stale: Vec<PortKey> = self.forwards.keys().filter(|k| !keep.contains(k)).cloned().collect();
         for k in stale {
             self.remove(&k);
         }
@@ -86,8 +81,7 @@ async fn tcp_loop(l: TcpListener, target: SocketAddr) {
             continue;
         };
         tokio::spawn(async move {
-            let Ok(Ok(mut outbound)) =
-                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await
+            let Ok(Ok(mut outbound)) = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await
             else {
                 return;
             };
@@ -113,13 +107,7 @@ async fn udp_loop(sock: Arc<UdpSocket>, target: SocketAddr) {
                 if map.len() >= MAX_UDP_PEERS {
                     continue;
                 }
-                let bind: SocketAddr = if target.is_ipv4() {
-                    "0.0.0.0:0"
-                } else {
-                    "[::]:0"
-                }
-                .parse()
-                .unwrap_or(target);
+                let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap_or(target);
                 let Ok(u) = UdpSocket::bind(bind).await else {
                     continue;
                 };
@@ -150,17 +138,11 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn key(port: u16, protocol: Protocol) -> PortKey {
-        PortKey {
-            bind: SocketAddr::from(([127, 0, 0, 1], port)),
-            protocol,
-        }
+        PortKey { bind: SocketAddr::from(([127, 0, 0, 1], port)), protocol }
     }
 
     fn free_port() -> u16 {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .map(|a| a.port())
-            .unwrap()
+        std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap()
     }
 
     #[tokio::test]
@@ -180,10 +162,7 @@ mod tests {
             let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
             c.send_to(msg, ("127.0.0.1", port)).await.unwrap();
             let mut b = [0u8; 64];
-            let (n, _) = tokio::time::timeout(Duration::from_secs(5), c.recv_from(&mut b))
-                .await
-                .unwrap()
-                .unwrap();
+            let (n, _) = tokio::time::timeout(Duration::from_secs(5), c.recv_from(&mut b)).await.unwrap().unwrap();
             assert_eq!(&b[..n], msg);
         }
     }
@@ -210,18 +189,9 @@ mod tests {
         c.read_exact(&mut b).await.unwrap();
         assert_eq!(&b, b"ping");
         let mut other = Proxies::default();
-        assert!(
-            other
-                .ensure(key(port, Protocol::Tcp), target)
-                .await
-                .is_err(),
-            "bind conflict is reported"
-        );
+        assert!(other.ensure(key(port, Protocol::Tcp), target).await.is_err(), "bind conflict is reported");
         p.retain(&[]);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(
-            other.ensure(key(port, Protocol::Tcp), target).await.is_ok(),
-            "port released after retain"
-        );
+        assert!(other.ensure(key(port, Protocol::Tcp), target).await.is_ok(), "port released after retain");
     }
 }

@@ -69,9 +69,7 @@ impl State {
     }
 
     fn migrate(&mut self) -> Result<(), StateError> {
-        let v: usize = self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let v: usize = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(v) {
             let tx = self.conn.transaction()?;
             tx.execute_batch(m)?;
@@ -82,23 +80,19 @@ impl State {
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>, StateError> {
-        Ok(self
-            .conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-            .optional()?)
+        Ok(self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
     }
 
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StateError> {
-        self.conn.execute("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, value])?;
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )?;
         Ok(())
     }
 
     /// Replaces the desired deployments in one transaction.
-    pub fn set_desired(
-        &mut self,
-        deployments: &[Deployment],
-        revision: u64,
-    ) -> Result<(), StateError> {
+    pub fn set_desired(&mut self, deployments: &[Deployment], revision: u64) -> Result<(), StateError> {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM deployments", [])?;
         for d in deployments {
@@ -132,12 +126,8 @@ impl State {
     }
 
     pub fn instance(&self, name: &str) -> Result<Option<InstanceRow>, StateError> {
-        let data: Option<String> = self
-            .conn
-            .query_row("SELECT data FROM instances WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })
-            .optional()?;
+        let data: Option<String> =
+            self.conn.query_row("SELECT data FROM instances WHERE name = ?1", [name], |r| r.get(0)).optional()?;
         Ok(data.map(|d| serde_json::from_str(&d)).transpose()?)
     }
 
@@ -150,10 +140,8 @@ impl State {
     }
 
     pub fn delete_instance(&self, name: &str) -> Result<(), StateError> {
-        self.conn
-            .execute("DELETE FROM instances WHERE name = ?1", [name])?;
-        self.conn
-            .execute("DELETE FROM leases WHERE instance = ?1", [name])?;
+        self.conn.execute("DELETE FROM instances WHERE name = ?1", [name])?;
+        self.conn.execute("DELETE FROM leases WHERE instance = ?1", [name])?;
         Ok(())
     }
 
@@ -166,11 +154,7 @@ impl State {
     ) -> Result<Ipv4Addr, StateError> {
         if let Some(ip) = self
             .conn
-            .query_row(
-                "SELECT ip FROM leases WHERE instance = ?1",
-                [instance],
-                |r| r.get::<_, String>(0),
-            )
+            .query_row("SELECT ip FROM leases WHERE instance = ?1", [instance], |r| r.get::<_, String>(0))
             .optional()?
         {
             if let Ok(ip) = ip.parse() {
@@ -178,9 +162,8 @@ impl State {
             }
         }
         let mut st = self.conn.prepare("SELECT ip FROM leases")?;
-        let used: std::collections::HashSet<String> = st
-            .query_map([], |r| r.get::<_, String>(0))?
-            .collect::<Result<_, _>>()?;
+        let used: std::collections::HashSet<String> =
+            st.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?;
         for c in candidates {
             if !used.contains(&c.to_string()) {
                 self.conn.execute(
@@ -193,27 +176,20 @@ impl State {
         Err(StateError::NoAddress(subnet.to_string()))
     }
 
-    pub fn event(
-        &self,
-        time_ms: u64,
-        object: &str,
-        reason: &str,
-        message: &str,
-    ) -> Result<(), StateError> {
+    pub fn event(&self, time_ms: u64, object: &str, reason: &str, message: &str) -> Result<(), StateError> {
         self.conn.execute(
             "INSERT INTO events (time_ms, object, reason, message) VALUES (?1, ?2, ?3, ?4)",
             params![time_ms as i64, object, reason, message],
         )?;
         // Bounded: keep the newest 10 000.
-        self.conn.execute(
-            "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - 10000",
-            [],
-        )?;
+        self.conn.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - 10000", [])?;
         Ok(())
     }
 
     pub fn events(&self, limit: usize) -> Result<Vec<EventRecord>, StateError> {
-        let mut st = self.conn.prepare("SELECT time_ms, object, reason, message FROM (SELECT * FROM events ORDER BY id DESC LIMIT ?1) ORDER BY id")?;
+        let mut st = self.conn.prepare(
+            "SELECT time_ms, object, reason, message FROM (SELECT * FROM events ORDER BY id DESC LIMIT ?1) ORDER BY id",
+        )?;
         let rows = st.query_map([limit as i64], |r| {
             Ok(EventRecord {
                 time_ms: r.get::<_, i64>(0)? as u64,
@@ -238,19 +214,9 @@ mod tests {
             let mut s = State::open(&p).unwrap();
             s.set_desired(&[Deployment::new("web", "img")], 7).unwrap();
             let c = || (2..10).map(|i| Ipv4Addr::new(10, 0, 0, i));
-            assert_eq!(
-                s.lease("web-1", c(), "n").unwrap(),
-                Ipv4Addr::new(10, 0, 0, 2)
-            );
-            assert_eq!(
-                s.lease("web-2", c(), "n").unwrap(),
-                Ipv4Addr::new(10, 0, 0, 3)
-            );
-            assert_eq!(
-                s.lease("web-1", c(), "n").unwrap(),
-                Ipv4Addr::new(10, 0, 0, 2),
-                "stable per instance"
-            );
+            assert_eq!(s.lease("web-1", c(), "n").unwrap(), Ipv4Addr::new(10, 0, 0, 2));
+            assert_eq!(s.lease("web-2", c(), "n").unwrap(), Ipv4Addr::new(10, 0, 0, 3));
+            assert_eq!(s.lease("web-1", c(), "n").unwrap(), Ipv4Addr::new(10, 0, 0, 2), "stable per instance");
             s.event(1, "web-1", "Started", "pid 5").unwrap();
         }
         let s = State::open(&p).unwrap();
@@ -258,16 +224,9 @@ mod tests {
         assert_eq!(s.meta("desired_revision").unwrap().as_deref(), Some("7"));
         s.delete_instance("web-1").unwrap();
         let c = (2..10).map(|i| Ipv4Addr::new(10, 0, 0, i));
-        assert_eq!(
-            s.lease("db-1", c, "n").unwrap(),
-            Ipv4Addr::new(10, 0, 0, 2),
-            "released address is reused"
-        );
+        assert_eq!(s.lease("db-1", c, "n").unwrap(), Ipv4Addr::new(10, 0, 0, 2), "released address is reused");
         assert_eq!(s.events(10).unwrap().len(), 1);
         let full = (2..4).map(|i| Ipv4Addr::new(10, 0, 0, i));
-        assert!(matches!(
-            s.lease("x-1", full, "n"),
-            Err(StateError::NoAddress(_))
-        ));
+        assert!(matches!(s.lease("x-1", full, "n"), Err(StateError::NoAddress(_))));
     }
 }

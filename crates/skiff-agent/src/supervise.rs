@@ -2,8 +2,8 @@
 //! dependencies allow it to start, and health-check bookkeeping. Time is an input.
 
 use skiff_model::{
-    restart_backoff_ms, DependencyCondition, Deployment, ExitStatus, Health, InstanceState,
-    RestartPolicy, BACKOFF_RESET_MS,
+    restart_backoff_ms, DependencyCondition, Deployment, ExitStatus, Health, InstanceState, RestartPolicy,
+    BACKOFF_RESET_MS,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,14 +29,9 @@ pub fn after_exit(
     if !policy.should_restart(exit.code, restarts, false) {
         return AfterExit::Stay;
     }
-    let ran = started_at_ms
-        .map(|s| exit.finished_at_ms.saturating_sub(s))
-        .unwrap_or(0);
+    let ran = started_at_ms.map(|s| exit.finished_at_ms.saturating_sub(s)).unwrap_or(0);
     let streak = if ran >= BACKOFF_RESET_MS { 0 } else { streak };
-    AfterExit::Restart {
-        at_ms: now_ms + restart_backoff_ms(streak),
-        streak: streak + 1,
-    }
+    AfterExit::Restart { at_ms: now_ms + restart_backoff_ms(streak), streak: streak + 1 }
 }
 
 /// What the supervisor knows about another deployment's instances.
@@ -56,16 +51,13 @@ pub fn unmet_dependency(d: &Deployment, peers: &[Peer<'_>]) -> Option<String> {
             return Some(format!("waiting for {} to exist", dep.name));
         }
         let ok = match dep.condition {
-            DependencyCondition::ServiceStarted => {
-                mine.iter().any(|p| p.state == InstanceState::Running)
-            }
+            DependencyCondition::ServiceStarted => mine.iter().any(|p| p.state == InstanceState::Running),
             DependencyCondition::ServiceHealthy => mine.iter().all(|p| {
-                p.state == InstanceState::Running
-                    && (!p.has_healthcheck || p.health == Some(Health::Healthy))
+                p.state == InstanceState::Running && (!p.has_healthcheck || p.health == Some(Health::Healthy))
             }),
-            DependencyCondition::ServiceCompletedSuccessfully => mine
-                .iter()
-                .all(|p| p.state == InstanceState::Exited && p.exit_code == Some(0)),
+            DependencyCondition::ServiceCompletedSuccessfully => {
+                mine.iter().all(|p| p.state == InstanceState::Exited && p.exit_code == Some(0))
+            }
         };
         if !ok {
             let what = match dep.condition {
@@ -108,112 +100,50 @@ mod tests {
     use skiff_model::Dependency;
 
     fn exit(code: i32, at: u64) -> ExitStatus {
-        ExitStatus {
-            code,
-            signal: None,
-            oom_killed: false,
-            finished_at_ms: at,
-        }
+        ExitStatus { code, signal: None, oom_killed: false, finished_at_ms: at }
     }
 
     #[test]
     fn backoff_grows_then_resets() {
         let p = RestartPolicy::Always;
         // Quick exits: 100, 200, 400 ms.
-        assert_eq!(
-            after_exit(p, &exit(1, 1000), Some(900), 0, 0, 1000),
-            AfterExit::Restart {
-                at_ms: 1100,
-                streak: 1
-            }
-        );
-        assert_eq!(
-            after_exit(p, &exit(1, 1000), Some(900), 1, 1, 1000),
-            AfterExit::Restart {
-                at_ms: 1200,
-                streak: 2
-            }
-        );
-        assert_eq!(
-            after_exit(p, &exit(1, 1000), Some(900), 2, 2, 1000),
-            AfterExit::Restart {
-                at_ms: 1400,
-                streak: 3
-            }
-        );
+        assert_eq!(after_exit(p, &exit(1, 1000), Some(900), 0, 0, 1000), AfterExit::Restart { at_ms: 1100, streak: 1 });
+        assert_eq!(after_exit(p, &exit(1, 1000), Some(900), 1, 1, 1000), AfterExit::Restart { at_ms: 1200, streak: 2 });
+        assert_eq!(after_exit(p, &exit(1, 1000), Some(900), 2, 2, 1000), AfterExit::Restart { at_ms: 1400, streak: 3 });
         // Ran 10 s: back to 100 ms.
         assert_eq!(
             after_exit(p, &exit(1, 20_000), Some(10_000), 5, 5, 20_000),
-            AfterExit::Restart {
-                at_ms: 20_100,
-                streak: 1
-            }
+            AfterExit::Restart { at_ms: 20_100, streak: 1 }
         );
     }
 
     #[test]
     fn on_failure_gives_up() {
-        let p = RestartPolicy::OnFailure {
-            max_retries: Some(3),
-        };
-        assert!(matches!(
-            after_exit(p, &exit(1, 0), None, 0, 2, 0),
-            AfterExit::Restart { .. }
-        ));
+        let p = RestartPolicy::OnFailure { max_retries: Some(3) };
+        assert!(matches!(after_exit(p, &exit(1, 0), None, 0, 2, 0), AfterExit::Restart { .. }));
         assert_eq!(after_exit(p, &exit(1, 0), None, 0, 3, 0), AfterExit::Stay);
         assert_eq!(after_exit(p, &exit(0, 0), None, 0, 0, 0), AfterExit::Stay);
-        assert_eq!(
-            after_exit(RestartPolicy::No, &exit(1, 0), None, 0, 0, 0),
-            AfterExit::Stay
-        );
+        assert_eq!(after_exit(RestartPolicy::No, &exit(1, 0), None, 0, 0, 0), AfterExit::Stay);
     }
 
     #[test]
     fn dependencies() {
         let mut d = Deployment::new("web", "i");
-        d.depends_on = vec![Dependency {
-            name: "db".into(),
-            condition: DependencyCondition::ServiceHealthy,
-        }];
-        let peer = |state, health| Peer {
-            deployment: "db",
-            state,
-            health,
-            has_healthcheck: true,
-            exit_code: None,
-        };
+        d.depends_on = vec![Dependency { name: "db".into(), condition: DependencyCondition::ServiceHealthy }];
+        let peer = |state, health| Peer { deployment: "db", state, health, has_healthcheck: true, exit_code: None };
+        assert_eq!(unmet_dependency(&d, &[]).as_deref(), Some("waiting for db to exist"));
         assert_eq!(
-            unmet_dependency(&d, &[]).as_deref(),
-            Some("waiting for db to exist")
-        );
-        assert_eq!(
-            unmet_dependency(&d, &[peer(InstanceState::Running, Some(Health::Starting))])
-                .as_deref(),
+            unmet_dependency(&d, &[peer(InstanceState::Running, Some(Health::Starting))]).as_deref(),
             Some("waiting for db to be healthy")
         );
-        assert_eq!(
-            unmet_dependency(&d, &[peer(InstanceState::Running, Some(Health::Healthy))]),
-            None
-        );
+        assert_eq!(unmet_dependency(&d, &[peer(InstanceState::Running, Some(Health::Healthy))]), None);
     }
 
     #[test]
     fn probes() {
-        assert_eq!(
-            after_probe(false, 0, 3, true, None),
-            (Some(Health::Starting), 0)
-        );
-        assert_eq!(
-            after_probe(false, 1, 3, false, Some(Health::Starting)),
-            (Some(Health::Starting), 2)
-        );
-        assert_eq!(
-            after_probe(false, 2, 3, false, Some(Health::Healthy)),
-            (Some(Health::Unhealthy), 3)
-        );
-        assert_eq!(
-            after_probe(true, 2, 3, false, Some(Health::Unhealthy)),
-            (Some(Health::Healthy), 0)
-        );
+        assert_eq!(after_probe(false, 0, 3, true, None), (Some(Health::Starting), 0));
+        assert_eq!(after_probe(false, 1, 3, false, Some(Health::Starting)), (Some(Health::Starting), 2));
+        assert_eq!(after_probe(false, 2, 3, false, Some(Health::Healthy)), (Some(Health::Unhealthy), 3));
+        assert_eq!(after_probe(true, 2, 3, false, Some(Health::Unhealthy)), (Some(Health::Healthy), 0));
     }
 }

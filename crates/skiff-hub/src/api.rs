@@ -40,10 +40,7 @@ pub fn router(hub: Shared) -> Router {
     Router::new()
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/deployments", get(list_deployments))
-        .route(
-            "/api/v1/deployments/{name}",
-            get(get_deployment).delete(delete_deployment),
-        )
+        .route("/api/v1/deployments/{name}", get(get_deployment).delete(delete_deployment))
         .route("/api/v1/instances", get(list_instances))
         .route("/api/v1/instances/{name}/logs", get(logs))
         .route("/api/v1/instances/{name}/exec", post(exec))
@@ -84,8 +81,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn apply(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let req: ApplyRequest =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let req: ApplyRequest = serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
     match hub.apply(&req) {
         Ok(resp) => Ok(Json(resp).into_response()),
         Err(crate::ApplyError::Invalid(m)) => Err(bad(m)),
@@ -94,41 +90,22 @@ async fn apply(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Res
 }
 
 fn view(hub: &Hub, s: crate::store::Stored) -> DeploymentView {
-    let instances = hub
-        .instances()
-        .into_iter()
-        .filter(|i| i.deployment == s.spec.name)
-        .collect();
-    DeploymentView {
-        revision: s.revision,
-        spec: s.spec,
-        instances,
-    }
+    let instances = hub.instances().into_iter().filter(|i| i.deployment == s.spec.name).collect();
+    DeploymentView { revision: s.revision, spec: s.spec, instances }
 }
 
-async fn list_deployments(
-    State(hub): State<Shared>,
-) -> Result<Json<Vec<DeploymentView>>, ApiError> {
+async fn list_deployments(State(hub): State<Shared>) -> Result<Json<Vec<DeploymentView>>, ApiError> {
     let all = hub.store.list().map_err(internal)?;
     Ok(Json(all.into_iter().map(|s| view(&hub, s)).collect()))
 }
 
-async fn get_deployment(
-    State(hub): State<Shared>,
-    Path(name): Path<String>,
-) -> Result<Json<DeploymentView>, ApiError> {
-    let s = hub
-        .store
-        .get(&name)
-        .map_err(internal)?
-        .ok_or_else(|| not_found(format!("deployment {name:?} not found")))?;
+async fn get_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<Json<DeploymentView>, ApiError> {
+    let s =
+        hub.store.get(&name).map_err(internal)?.ok_or_else(|| not_found(format!("deployment {name:?} not found")))?;
     Ok(Json(view(&hub, s)))
 }
 
-async fn delete_deployment(
-    State(hub): State<Shared>,
-    Path(name): Path<String>,
-) -> Result<StatusCode, ApiError> {
+async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     let dependents: Vec<String> = hub
         .store
         .list()
@@ -140,10 +117,7 @@ async fn delete_deployment(
     if !dependents.is_empty() {
         return Err(ApiError(
             StatusCode::CONFLICT,
-            format!(
-                "deployment {name:?} is a dependency of {}; delete those first",
-                dependents.join(", ")
-            ),
+            format!("deployment {name:?} is a dependency of {}; delete those first", dependents.join(", ")),
         ));
     }
     if !hub.store.delete(&name).map_err(internal)? {
@@ -174,27 +148,17 @@ async fn logs(
     let targets: Vec<String> = if hub.node_of(&name).is_some() {
         vec![name.clone()]
     } else {
-        let mut v: Vec<String> = hub
-            .instances()
-            .into_iter()
-            .filter(|i| i.deployment == name)
-            .map(|i| i.name)
-            .collect();
+        let mut v: Vec<String> = hub.instances().into_iter().filter(|i| i.deployment == name).map(|i| i.name).collect();
         v.sort();
         v
     };
     if targets.is_empty() {
-        return Err(not_found(format!(
-            "no instance or deployment named {name:?}"
-        )));
+        return Err(not_found(format!("no instance or deployment named {name:?}")));
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
     let prefix = targets.len() > 1;
     for t in targets {
-        let node = hub
-            .node_of(&t)
-            .cloned()
-            .ok_or_else(|| not_found(format!("instance {t:?} not found")))?;
+        let node = hub.node_of(&t).cloned().ok_or_else(|| not_found(format!("instance {t:?} not found")))?;
         let mut lines = node.logs(&t, q.tail, q.follow).map_err(internal)?;
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -212,15 +176,9 @@ async fn logs(
     }
     drop(tx);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|s| (Ok::<_, std::convert::Infallible>(s), rx))
+        rx.recv().await.map(|s| (Ok::<_, std::convert::Infallible>(s), rx))
     });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -236,20 +194,13 @@ async fn exec(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let b: ExecBody =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let b: ExecBody = serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
     if b.argv.is_empty() {
         return Err(bad("argv: must not be empty"));
     }
-    let node = hub
-        .node_of(&name)
-        .cloned()
-        .ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
+    let node = hub.node_of(&name).cloned().ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
     let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(60_000).min(3_600_000));
-    let r = node
-        .exec(&name, b.argv, timeout)
-        .await
-        .map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
+    let r = node.exec(&name, b.argv, timeout).await.map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
     Ok(Json(r).into_response())
 }
 
@@ -274,16 +225,9 @@ struct EventQuery {
     limit: Option<usize>,
 }
 
-async fn events(
-    State(hub): State<Shared>,
-    Query(q): Query<EventQuery>,
-) -> Json<Vec<skiff_model::EventRecord>> {
+async fn events(State(hub): State<Shared>, Query(q): Query<EventQuery>) -> Json<Vec<skiff_model::EventRecord>> {
     let limit = q.limit.unwrap_or(100).min(10_000);
-    let mut all: Vec<_> = hub
-        .nodes
-        .iter()
-        .flat_map(|n| n.events(limit).unwrap_or_default())
-        .collect();
+    let mut all: Vec<_> = hub.nodes.iter().flat_map(|n| n.events(limit).unwrap_or_default()).collect();
     all.sort_by_key(|e| e.time_ms);
     Json(all)
 }

@@ -45,18 +45,8 @@ pub trait NodeLink: Send + Sync {
     fn instances(&self) -> Result<Vec<InstanceStatus>, String>;
     fn events(&self, limit: usize) -> Result<Vec<EventRecord>, String>;
     fn has_instance(&self, instance: &str) -> bool;
-    fn logs(
-        &self,
-        instance: &str,
-        tail: Option<usize>,
-        follow: bool,
-    ) -> Result<mpsc::Receiver<LogLine>, String>;
-    fn exec(
-        &self,
-        instance: &str,
-        argv: Vec<String>,
-        timeout: Duration,
-    ) -> BoxFuture<'_, Result<ExecResult, String>>;
+    fn logs(&self, instance: &str, tail: Option<usize>, follow: bool) -> Result<mpsc::Receiver<LogLine>, String>;
+    fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> BoxFuture<'_, Result<ExecResult, String>>;
     /// Whether the node can run `image` now (present locally, or pullable).
     fn check_image(&self, image: &str) -> Result<(), String>;
 }
@@ -80,13 +70,7 @@ impl Hub {
     /// placement is trivial; the scheduler for many nodes plugs in here.
     pub fn sync_nodes(&self) -> Result<(), String> {
         let rev = self.store.revision().map_err(|e| e.to_string())?;
-        let all: Vec<Deployment> = self
-            .store
-            .list()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|s| s.spec)
-            .collect();
+        let all: Vec<Deployment> = self.store.list().map_err(|e| e.to_string())?.into_iter().map(|s| s.spec).collect();
         for n in &self.nodes {
             n.assign(all.clone(), rev)?;
         }
@@ -94,33 +78,21 @@ impl Hub {
     }
 
     pub fn instances(&self) -> Vec<InstanceStatus> {
-        self.nodes
-            .iter()
-            .flat_map(|n| n.instances().unwrap_or_default())
-            .collect()
+        self.nodes.iter().flat_map(|n| n.instances().unwrap_or_default()).collect()
     }
 
     /// Validates the request against the whole desired state, stores it atomically and
     /// pushes the result to the nodes. Invalid input changes nothing.
     pub fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse, ApplyError> {
-        let existing: Vec<_> = self
-            .store
-            .list()
-            .map_err(|e| ApplyError::Internal(e.to_string()))?
-            .into_iter()
-            .map(|s| s.spec)
-            .collect();
-        let kept: Vec<_> = existing
-            .into_iter()
-            .filter(|e| req.prune_stack.as_deref() != Some(e.stack.as_str()))
-            .collect();
-        validate::check_apply(&req.deployments, &kept)
-            .map_err(|e| ApplyError::Invalid(e.to_string()))?;
+        let existing: Vec<_> =
+            self.store.list().map_err(|e| ApplyError::Internal(e.to_string()))?.into_iter().map(|s| s.spec).collect();
+        let kept: Vec<_> =
+            existing.into_iter().filter(|e| req.prune_stack.as_deref() != Some(e.stack.as_str())).collect();
+        validate::check_apply(&req.deployments, &kept).map_err(|e| ApplyError::Invalid(e.to_string()))?;
         for d in &req.deployments {
             if let Some(n) = self.nodes.first() {
-                n.check_image(&d.image).map_err(|e| {
-                    ApplyError::Invalid(format!("deployments.{}.image: {e}", d.name))
-                })?;
+                n.check_image(&d.image)
+                    .map_err(|e| ApplyError::Invalid(format!("deployments.{}.image: {e}", d.name)))?;
             }
         }
         let resp = self

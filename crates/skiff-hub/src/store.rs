@@ -64,9 +64,7 @@ impl SqliteStore {
             tx.pragma_update(None, "user_version", i + 1)?;
             tx.commit()?;
         }
-        Ok(SqliteStore {
-            conn: Mutex::new(conn),
-        })
+        Ok(SqliteStore { conn: Mutex::new(conn) })
     }
 
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
@@ -75,15 +73,8 @@ impl SqliteStore {
 }
 
 fn bump(tx: &rusqlite::Transaction<'_>) -> Result<u64, StoreError> {
-    tx.execute(
-        "UPDATE meta SET value = value + 1 WHERE key = 'revision'",
-        [],
-    )?;
-    Ok(
-        tx.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| {
-            r.get::<_, i64>(0)
-        })? as u64,
-    )
+    tx.execute("UPDATE meta SET value = value + 1 WHERE key = 'revision'", [])?;
+    Ok(tx.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| r.get::<_, i64>(0))? as u64)
 }
 
 impl Store for SqliteStore {
@@ -97,13 +88,8 @@ impl Store for SqliteStore {
         let tx = conn.transaction()?;
         let mut resp = ApplyResponse::default();
         for d in deployments {
-            let old: Option<String> = tx
-                .query_row(
-                    "SELECT spec FROM deployments WHERE name = ?1",
-                    [&d.name],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let old: Option<String> =
+                tx.query_row("SELECT spec FROM deployments WHERE name = ?1", [&d.name], |r| r.get(0)).optional()?;
             let old: Option<Deployment> = old.map(|s| serde_json::from_str(&s)).transpose()?;
             match old {
                 Some(o) if o == *d => resp.unchanged.push(d.name.clone()),
@@ -124,11 +110,8 @@ impl Store for SqliteStore {
         }
         if let Some(stack) = prune_stack {
             let names: Vec<String> = {
-                let mut st =
-                    tx.prepare("SELECT name FROM deployments WHERE stack = ?1 ORDER BY name")?;
-                let v = st
-                    .query_map([stack], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?;
+                let mut st = tx.prepare("SELECT name FROM deployments WHERE stack = ?1 ORDER BY name")?;
+                let v = st.query_map([stack], |r| r.get(0))?.collect::<Result<_, _>>()?;
                 v
             };
             for n in names {
@@ -154,10 +137,7 @@ impl Store for SqliteStore {
         let mut out = vec![];
         for r in rows {
             let (rev, spec) = r?;
-            out.push(Stored {
-                revision: rev as u64,
-                spec: serde_json::from_str(&spec)?,
-            });
+            out.push(Stored { revision: rev as u64, spec: serde_json::from_str(&spec)? });
         }
         Ok(out)
     }
@@ -165,17 +145,10 @@ impl Store for SqliteStore {
     fn get(&self, name: &str) -> Result<Option<Stored>, StoreError> {
         let conn = self.conn()?;
         let row: Option<(i64, String)> = conn
-            .query_row(
-                "SELECT revision, spec FROM deployments WHERE name = ?1",
-                [name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row("SELECT revision, spec FROM deployments WHERE name = ?1", [name], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         Ok(match row {
-            Some((rev, spec)) => Some(Stored {
-                revision: rev as u64,
-                spec: serde_json::from_str(&spec)?,
-            }),
+            Some((rev, spec)) => Some(Stored { revision: rev as u64, spec: serde_json::from_str(&spec)? }),
             None => None,
         })
     }
@@ -193,11 +166,7 @@ impl Store for SqliteStore {
 
     fn revision(&self) -> Result<u64, StoreError> {
         let conn = self.conn()?;
-        Ok(
-            conn.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| {
-                r.get::<_, i64>(0)
-            })? as u64,
-        )
+        Ok(conn.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| r.get::<_, i64>(0))? as u64)
     }
 }
 
@@ -213,16 +182,11 @@ mod tests {
         a.stack = "demo".into();
         let mut b = Deployment::new("b", "img");
         b.stack = "demo".into();
-        let r = s
-            .apply(&[a.clone(), b.clone()], Some("demo"), false)
-            .unwrap();
+        let r = s.apply(&[a.clone(), b.clone()], Some("demo"), false).unwrap();
         assert_eq!(r.created, ["a", "b"]);
         assert_eq!(s.revision().unwrap(), 2);
         let r = s.apply(&[a.clone()], Some("demo"), true).unwrap();
-        assert_eq!(
-            (r.unchanged.as_slice(), r.deleted.as_slice()),
-            (&["a".to_string()][..], &["b".to_string()][..])
-        );
+        assert_eq!((r.unchanged.as_slice(), r.deleted.as_slice()), (&["a".to_string()][..], &["b".to_string()][..]));
         assert_eq!(s.list().unwrap().len(), 2, "dry run changed nothing");
         a.replicas = 3;
         let r = s.apply(&[a], Some("demo"), false).unwrap();

@@ -5,36 +5,19 @@ use std::collections::BTreeMap;
 
 /// Validates `incoming` as it would stand together with `existing` (the stored
 /// deployments it does not replace). Errors are prefixed with the deployment's name.
-pub fn check_apply(
-    incoming: &[Deployment],
-    existing: &[Deployment],
-) -> Result<(), ValidationError> {
+pub fn check_apply(incoming: &[Deployment], existing: &[Deployment]) -> Result<(), ValidationError> {
     let mut seen = BTreeMap::new();
     for d in incoming {
-        d.validate().map_err(|e| {
-            ValidationError::new(format!("deployments.{}.{}", d.name, e.field), e.problem)
-        })?;
+        d.validate().map_err(|e| ValidationError::new(format!("deployments.{}.{}", d.name, e.field), e.problem))?;
         if seen.insert(d.name.clone(), ()).is_some() {
-            return Err(ValidationError::new(
-                format!("deployments.{}", d.name),
-                "appears twice",
-            ));
+            return Err(ValidationError::new(format!("deployments.{}", d.name), "appears twice"));
         }
     }
-    let merged: Vec<&Deployment> = incoming
-        .iter()
-        .chain(
-            existing
-                .iter()
-                .filter(|e| !incoming.iter().any(|d| d.name == e.name)),
-        )
-        .collect();
+    let merged: Vec<&Deployment> =
+        incoming.iter().chain(existing.iter().filter(|e| !incoming.iter().any(|d| d.name == e.name))).collect();
     for d in incoming {
         for (i, dep) in d.depends_on.iter().enumerate() {
-            if !merged
-                .iter()
-                .any(|m| m.name == dep.name && m.stack == d.stack)
-            {
+            if !merged.iter().any(|m| m.name == dep.name && m.stack == d.stack) {
                 return Err(ValidationError::new(
                     format!("deployments.{}.depends_on[{i}]", d.name),
                     format!("{:?} is not a deployment of stack {:?}", dep.name, d.stack),
@@ -44,11 +27,7 @@ pub fn check_apply(
     }
     let mut ports: BTreeMap<(u16, skiff_model::Protocol), &str> = BTreeMap::new();
     // Stored deployments first, so a conflict is reported on the incoming one.
-    for d in merged
-        .iter()
-        .skip(incoming.len())
-        .chain(merged.iter().take(incoming.len()))
-    {
+    for d in merged.iter().skip(incoming.len()).chain(merged.iter().take(incoming.len())) {
         for p in &d.ports {
             if let Some(other) = ports.insert((p.host_port, p.protocol), &d.name) {
                 if other != d.name {
@@ -97,13 +76,7 @@ mod tests {
 
     fn dep(name: &str, on: &[&str]) -> Deployment {
         let mut d = Deployment::new(name, "img");
-        d.depends_on = on
-            .iter()
-            .map(|n| Dependency {
-                name: n.to_string(),
-                condition: Default::default(),
-            })
-            .collect();
+        d.depends_on = on.iter().map(|n| Dependency { name: n.to_string(), condition: Default::default() }).collect();
         d
     }
 
@@ -111,9 +84,7 @@ mod tests {
     fn cross_checks() {
         assert!(check_apply(&[dep("a", &[]), dep("b", &["a"])], &[]).is_ok());
         assert_eq!(
-            check_apply(&[dep("b", &["zz"])], &[])
-                .unwrap_err()
-                .to_string(),
+            check_apply(&[dep("b", &["zz"])], &[]).unwrap_err().to_string(),
             "deployments.b.depends_on[0]: \"zz\" is not a deployment of stack \"default\""
         );
         assert!(check_apply(&[dep("a", &["b"]), dep("b", &["a"])], &[])
@@ -129,9 +100,7 @@ mod tests {
             "deployments.p2.ports: host port 80 is already published by p1"
         );
         assert_eq!(
-            check_apply(&[dep("a", &[]), dep("a", &[])], &[])
-                .unwrap_err()
-                .to_string(),
+            check_apply(&[dep("a", &[]), dep("a", &[])], &[]).unwrap_err().to_string(),
             "deployments.a: appears twice"
         );
     }

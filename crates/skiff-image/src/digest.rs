@@ -6,14 +6,8 @@ use std::io::Read;
 
 /// Validates `sha256:<64 lower-case hex>` and returns the hex part.
 pub fn sha256_hex(digest: &str) -> Result<&str, ImageError> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| ImageError::BadDigest(digest.to_string()))?;
-    if hex.len() != 64
-        || !hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    let hex = digest.strip_prefix("sha256:").ok_or_else(|| ImageError::BadDigest(digest.to_string()))?;
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         return Err(ImageError::BadDigest(digest.to_string()));
     }
     Ok(hex)
@@ -32,11 +26,7 @@ pub struct HashingReader<R> {
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> Self {
-        HashingReader {
-            inner,
-            hasher: Sha256::new(),
-            bytes: 0,
-        }
+        HashingReader { inner, hasher: Sha256::new(), bytes: 0 }
     }
 
     /// Reads to the end (so trailing padding is hashed too) and returns the hex digest.
@@ -63,21 +53,14 @@ mod tests {
     fn digests() {
         let good = format!("sha256:{}", "a".repeat(64));
         assert!(sha256_hex(&good).is_ok());
-        for bad in [
-            "",
-            "sha256:",
-            "md5:abc",
-            &format!("sha256:{}", "A".repeat(64)),
-            &format!("sha256:{}/..", "a".repeat(61)),
-        ] {
+        for bad in
+            ["", "sha256:", "md5:abc", &format!("sha256:{}", "A".repeat(64)), &format!("sha256:{}/..", "a".repeat(61))]
+        {
             assert!(sha256_hex(bad).is_err(), "{bad}");
         }
         let mut r = HashingReader::new(&b"abc"[..]);
         let mut v = vec![];
         r.read_to_end(&mut v).unwrap();
-        assert_eq!(
-            r.finish().unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(r.finish().unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

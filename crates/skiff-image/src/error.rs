@@ -4,24 +4,13 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ImageError {
     #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("blob {digest}: content does not match its digest (got sha256:{actual})")]
     DigestMismatch { digest: String, actual: String },
     #[error("layer {digest}: uncompressed content has diff_id sha256:{actual}, the image config says {expected}")]
-    DiffIdMismatch {
-        digest: String,
-        expected: String,
-        actual: String,
-    },
+    DiffIdMismatch { digest: String, expected: String, actual: String },
     #[error("layer {digest}: {source}")]
-    Unpack {
-        digest: String,
-        source: crate::UnpackError,
-    },
+    Unpack { digest: String, source: crate::UnpackError },
     #[error("{what}: {problem}")]
     Malformed { what: String, problem: String },
     #[error("{0:?} is not a valid digest (want sha256:<64 hex digits>)")]
@@ -29,11 +18,7 @@ pub enum ImageError {
     #[error("image {0} not found in the local store (load it with `skiff image load FILE`)")]
     NotFound(String),
     #[error("image {reference} has no manifest for {want}; it has: {have}")]
-    NoPlatform {
-        reference: String,
-        want: String,
-        have: String,
-    },
+    NoPlatform { reference: String, want: String, have: String },
     #[error("{path}: neither an OCI image layout (oci-layout + index.json) nor a docker save archive (manifest.json)")]
     UnknownFormat { path: PathBuf },
     #[error("unsupported media type {0}")]
@@ -48,10 +33,6 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T, ImageError> {
-        self.map_err(|source| ImageError::Io {
-            op,
-            path: path.into(),
-            source,
-        })
+        self.map_err(|source| ImageError::Io { op, path: path.into(), source })
     }
 }

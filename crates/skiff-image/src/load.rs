@@ -2,9 +2,7 @@
 //! oci-archive tarballs (an OCI layout in a tar).
 
 use crate::error::IoContext;
-use crate::store::{
-    Descriptor, Manifest, MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_LAYER_GZIP, MT_OCI_MANIFEST,
-};
+use crate::store::{Descriptor, Manifest, MT_OCI_CONFIG, MT_OCI_LAYER, MT_OCI_LAYER_GZIP, MT_OCI_MANIFEST};
 use crate::{digest::sha256_hex, ImageError, ImageStore};
 use serde::Deserialize;
 use std::fs;
@@ -31,19 +29,13 @@ struct RootFs {
 }
 
 fn malformed(what: impl Into<String>, problem: impl Into<String>) -> ImageError {
-    ImageError::Malformed {
-        what: what.into(),
-        problem: problem.into(),
-    }
+    ImageError::Malformed { what: what.into(), problem: problem.into() }
 }
 
 /// Joins a path from an archive's metadata onto its root, refusing to leave it.
 fn inside(root: &Path, rel: &str) -> Result<std::path::PathBuf, ImageError> {
     let p = Path::new(rel);
-    if p.is_absolute()
-        || p.components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
+    if p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         return Err(malformed(rel, "path leaves the archive"));
     }
     Ok(root.join(p))
@@ -63,25 +55,17 @@ impl ImageStore {
             let mut head = [0u8; 2];
             let mut peek = fs::File::open(path).ctx("open", path)?;
             let n = peek.read(&mut head).ctx("read", path)?;
-            let reader: Box<dyn Read> = if n == 2 && head == [0x1f, 0x8b] {
-                Box::new(flate2::read::GzDecoder::new(f))
-            } else {
-                Box::new(f)
-            };
+            let reader: Box<dyn Read> =
+                if n == 2 && head == [0x1f, 0x8b] { Box::new(flate2::read::GzDecoder::new(f)) } else { Box::new(f) };
             // tar's Archive::unpack refuses entries that would leave `tmp`.
-            tar::Archive::new(reader).unpack(&tmp).map_err(|e| {
-                malformed(
-                    path.display().to_string(),
-                    format!("not a readable tar archive: {e}"),
-                )
-            })?;
+            tar::Archive::new(reader)
+                .unpack(&tmp)
+                .map_err(|e| malformed(path.display().to_string(), format!("not a readable tar archive: {e}")))?;
             self.load_dir(&tmp, tag)
         })();
         let _ = fs::remove_dir_all(&tmp);
         res.map_err(|e| match e {
-            ImageError::UnknownFormat { .. } => ImageError::UnknownFormat {
-                path: path.to_path_buf(),
-            },
+            ImageError::UnknownFormat { .. } => ImageError::UnknownFormat { path: path.to_path_buf() },
             e => e,
         })
     }
@@ -92,29 +76,22 @@ impl ImageStore {
         } else if dir.join("oci-layout").is_file() && dir.join("index.json").is_file() {
             self.load_oci_layout(dir, tag)
         } else {
-            Err(ImageError::UnknownFormat {
-                path: dir.to_path_buf(),
-            })
+            Err(ImageError::UnknownFormat { path: dir.to_path_buf() })
         }
     }
 
     fn load_docker_save(&self, dir: &Path, tag: Option<&str>) -> Result<Vec<String>, ImageError> {
         let mpath = dir.join("manifest.json");
-        let entries: Vec<DockerSaveEntry> =
-            serde_json::from_slice(&fs::read(&mpath).ctx("read", &mpath)?)
-                .map_err(|e| malformed("manifest.json", e.to_string()))?;
+        let entries: Vec<DockerSaveEntry> = serde_json::from_slice(&fs::read(&mpath).ctx("read", &mpath)?)
+            .map_err(|e| malformed("manifest.json", e.to_string()))?;
         let mut tagged = vec![];
         for entry in entries {
             let cfg_path = inside(dir, &entry.config)?;
-            let config_digest =
-                self.put_blob_file(&cfg_path, expected_from_name(&entry.config).as_deref())?;
+            let config_digest = self.put_blob_file(&cfg_path, expected_from_name(&entry.config).as_deref())?;
             let cfg: DiffIds = serde_json::from_slice(&self.read_blob(&config_digest)?)
                 .map_err(|e| malformed(&config_digest, e.to_string()))?;
             if cfg.rootfs.diff_ids.len() != entry.layers.len() {
-                return Err(malformed(
-                    &config_digest,
-                    "number of layers does not match rootfs.diff_ids",
-                ));
+                return Err(malformed(&config_digest, "number of layers does not match rootfs.diff_ids"));
             }
             let mut layers = vec![];
             for (l, diff_id) in entry.layers.iter().zip(&cfg.rootfs.diff_ids) {
@@ -123,11 +100,7 @@ impl ImageStore {
                 let digest = self.put_blob_file(&lp, expected_from_name(l).as_deref())?;
                 let size = fs::metadata(&lp).ctx("stat", &lp)?.len();
                 let gz = is_gzip(&self.blob_path(&digest)?)?;
-                let layer = crate::store::LayerRef {
-                    digest: digest.clone(),
-                    diff_id: diff_id.clone(),
-                    size,
-                };
+                let layer = crate::store::LayerRef { digest: digest.clone(), diff_id: diff_id.clone(), size };
                 self.ensure_layer(&layer)?;
                 layers.push(Descriptor {
                     media_type: if gz { MT_OCI_LAYER_GZIP } else { MT_OCI_LAYER }.into(),
@@ -137,9 +110,7 @@ impl ImageStore {
                     annotations: Default::default(),
                 });
             }
-            let cfg_size = fs::metadata(self.blob_path(&config_digest)?)
-                .ctx("stat", &cfg_path)?
-                .len();
+            let cfg_size = fs::metadata(self.blob_path(&config_digest)?).ctx("stat", &cfg_path)?.len();
             let manifest = Manifest {
                 schema_version: 2,
                 media_type: Some(MT_OCI_MANIFEST.into()),
@@ -153,15 +124,11 @@ impl ImageStore {
                 layers: Some(layers),
                 manifests: None,
             };
-            let bytes =
-                serde_json::to_vec(&manifest).map_err(|e| malformed("manifest", e.to_string()))?;
+            let bytes = serde_json::to_vec(&manifest).map_err(|e| malformed("manifest", e.to_string()))?;
             let md = self.put_blob_bytes(&bytes, None)?;
             let mut names = entry.repo_tags.unwrap_or_default();
             if names.is_empty() {
-                names.push(
-                    tag.map(str::to_string)
-                        .unwrap_or_else(|| config_digest.clone()),
-                );
+                names.push(tag.map(str::to_string).unwrap_or_else(|| config_digest.clone()));
             }
             for n in names {
                 self.tag(&n, &md)?;
@@ -179,11 +146,7 @@ impl ImageStore {
         for desc in index.manifests.unwrap_or_default() {
             self.copy_tree(dir, &desc.digest)?;
             let ann = &desc.annotations;
-            let name = match (
-                ann.get("io.containerd.image.name"),
-                ann.get("org.opencontainers.image.ref.name"),
-                tag,
-            ) {
+            let name = match (ann.get("io.containerd.image.name"), ann.get("org.opencontainers.image.ref.name"), tag) {
                 (_, _, Some(t)) => t.to_string(),
                 (Some(n), _, _) => n.clone(),
                 (None, Some(r), _) if r.contains('/') || r.contains(':') => r.clone(),
@@ -209,8 +172,8 @@ impl ImageStore {
     fn copy_tree(&self, dir: &Path, digest: &str) -> Result<(), ImageError> {
         let src = dir.join("blobs/sha256").join(sha256_hex(digest)?);
         self.put_blob_file(&src, Some(digest))?;
-        let m: Manifest = serde_json::from_slice(&self.read_blob(digest)?)
-            .map_err(|e| malformed(digest, e.to_string()))?;
+        let m: Manifest =
+            serde_json::from_slice(&self.read_blob(digest)?).map_err(|e| malformed(digest, e.to_string()))?;
         for d in m.manifests.iter().flatten() {
             self.copy_tree(dir, &d.digest)?;
         }

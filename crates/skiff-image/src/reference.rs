@@ -17,8 +17,7 @@ pub fn normalize_reference(r: &str) -> String {
         }
     };
     let first = name.split('/').next().unwrap_or("");
-    let has_registry =
-        name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let has_registry = name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
     let name = if has_registry {
         name
     } else if name.contains('/') {

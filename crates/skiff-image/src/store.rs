@@ -66,11 +66,7 @@ pub fn host_platform() -> Platform {
         "x86" => ("386", None),
         other => (other, None),
     };
-    Platform {
-        architecture: arch.into(),
-        os: "linux".into(),
-        variant: variant.map(Into::into),
-    }
+    Platform { architecture: arch.into(), os: "linux".into(), variant: variant.map(Into::into) }
 }
 
 /// An image manifest or an index (both parse into this; which one it is shows in
@@ -91,40 +87,24 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn is_index(&self) -> bool {
-        self.manifests.is_some()
-            || matches!(
-                self.media_type.as_deref(),
-                Some(MT_OCI_INDEX | MT_DOCKER_LIST)
-            )
+        self.manifests.is_some() || matches!(self.media_type.as_deref(), Some(MT_OCI_INDEX | MT_DOCKER_LIST))
     }
 }
 
 /// The runtime-relevant part of an image config (`config` in the OCI config JSON).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ImageConfig {
-    #[serde(
-        rename = "Entrypoint",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "Entrypoint", default, skip_serializing_if = "Option::is_none")]
     pub entrypoint: Option<Vec<String>>,
     #[serde(rename = "Cmd", default, skip_serializing_if = "Option::is_none")]
     pub cmd: Option<Vec<String>>,
     #[serde(rename = "Env", default, skip_serializing_if = "Option::is_none")]
     pub env: Option<Vec<String>>,
-    #[serde(
-        rename = "WorkingDir",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "WorkingDir", default, skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
     #[serde(rename = "User", default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    #[serde(
-        rename = "StopSignal",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "StopSignal", default, skip_serializing_if = "Option::is_none")]
     pub stop_signal: Option<String>,
     #[serde(rename = "Labels", default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,
@@ -184,11 +164,7 @@ pub struct ImageStore {
 fn io_tmp_name(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 impl ImageStore {
@@ -225,20 +201,13 @@ impl ImageStore {
         Ok(self.root.join("layers").join(sha256_hex(diff_id)?))
     }
 
-    pub fn put_blob_bytes(
-        &self,
-        bytes: &[u8],
-        expected: Option<&str>,
-    ) -> Result<String, ImageError> {
+    pub fn put_blob_bytes(&self, bytes: &[u8], expected: Option<&str>) -> Result<String, ImageError> {
         let actual = sha256_of(bytes);
         let digest = format!("sha256:{actual}");
         if let Some(e) = expected {
             sha256_hex(e)?;
             if e != digest {
-                return Err(ImageError::DigestMismatch {
-                    digest: e.to_string(),
-                    actual,
-                });
+                return Err(ImageError::DigestMismatch { digest: e.to_string(), actual });
             }
         }
         let dst = self.blob_path(&digest)?;
@@ -258,9 +227,7 @@ impl ImageStore {
         let tmp = self.root.join("tmp").join(io_tmp_name("blob"));
         let mut out = fs::File::create(&tmp).ctx("create", &tmp)?;
         let mut r = HashingReader::new(BufReader::new(f));
-        let res = std::io::copy(&mut r, &mut out)
-            .ctx("copy", src)
-            .and_then(|_| out.sync_all().ctx("sync", &tmp));
+        let res = std::io::copy(&mut r, &mut out).ctx("copy", src).and_then(|_| out.sync_all().ctx("sync", &tmp));
         if let Err(e) = res {
             let _ = fs::remove_file(&tmp);
             return Err(e);
@@ -270,10 +237,7 @@ impl ImageStore {
         if let Some(e) = expected {
             if e != digest {
                 let _ = fs::remove_file(&tmp);
-                return Err(ImageError::DigestMismatch {
-                    digest: e.to_string(),
-                    actual,
-                });
+                return Err(ImageError::DigestMismatch { digest: e.to_string(), actual });
             }
         }
         let dst = self.blob_path(&digest)?;
@@ -284,25 +248,18 @@ impl ImageStore {
     pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>, ImageError> {
         let p = self.blob_path(digest)?;
         let bytes = fs::read(&p).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => ImageError::Malformed {
-                what: digest.to_string(),
-                problem: "blob is missing from the store".into(),
-            },
-            _ => ImageError::Io {
-                op: "read",
-                path: p.clone(),
-                source: e,
-            },
+            std::io::ErrorKind::NotFound => {
+                ImageError::Malformed { what: digest.to_string(), problem: "blob is missing from the store".into() }
+            }
+            _ => ImageError::Io { op: "read", path: p.clone(), source: e },
         })?;
         Ok(bytes)
     }
 
     fn read_json<T: serde::de::DeserializeOwned>(&self, digest: &str) -> Result<T, ImageError> {
         let bytes = self.read_blob(digest)?;
-        serde_json::from_slice(&bytes).map_err(|e| ImageError::Malformed {
-            what: digest.to_string(),
-            problem: e.to_string(),
-        })
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ImageError::Malformed { what: digest.to_string(), problem: e.to_string() })
     }
 
     /// Unpacks a layer blob (plain or gzip tar) into `layers/<diff_id>`, verifying the
@@ -313,10 +270,7 @@ impl ImageStore {
             return Ok(dst);
         }
         let blob = self.blob_path(&layer.digest)?;
-        let tmp = self
-            .root
-            .join("layers")
-            .join(format!(".{}", io_tmp_name("unpack")));
+        let tmp = self.root.join("layers").join(format!(".{}", io_tmp_name("unpack")));
         fs::create_dir(&tmp).ctx("create", &tmp)?;
         let result = (|| {
             let mut f = BufReader::new(fs::File::open(&blob).ctx("open", &blob)?);
@@ -326,18 +280,13 @@ impl ImageStore {
             let decompressed: Box<dyn Read> = if n >= 2 && magic[..2] == [0x1f, 0x8b] {
                 Box::new(flate2::read::MultiGzDecoder::new(head))
             } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-                return Err(ImageError::UnsupportedMediaType(format!(
-                    "zstd-compressed layer {}",
-                    layer.digest
-                )));
+                return Err(ImageError::UnsupportedMediaType(format!("zstd-compressed layer {}", layer.digest)));
             } else {
                 Box::new(head)
             };
             let mut hashing = HashingReader::new(decompressed);
-            crate::unpack_layer(&mut hashing, &tmp).map_err(|source| ImageError::Unpack {
-                digest: layer.digest.clone(),
-                source,
-            })?;
+            crate::unpack_layer(&mut hashing, &tmp)
+                .map_err(|source| ImageError::Unpack { digest: layer.digest.clone(), source })?;
             let actual = hashing.finish().ctx("read", &blob)?;
             if format!("sha256:{actual}") != layer.diff_id {
                 return Err(ImageError::DiffIdMismatch {
@@ -371,20 +320,14 @@ impl ImageStore {
                 problem: e.to_string(),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(e) => Err(ImageError::Io {
-                op: "read",
-                path: self.refs_path(),
-                source: e,
-            }),
+            Err(e) => Err(ImageError::Io { op: "read", path: self.refs_path(), source: e }),
         }
     }
 
     fn write_refs(&self, refs: &BTreeMap<String, String>) -> Result<(), ImageError> {
         let tmp = self.root.join("tmp").join(io_tmp_name("refs"));
-        let bytes = serde_json::to_vec_pretty(refs).map_err(|e| ImageError::Malformed {
-            what: "refs".into(),
-            problem: e.to_string(),
-        })?;
+        let bytes = serde_json::to_vec_pretty(refs)
+            .map_err(|e| ImageError::Malformed { what: "refs".into(), problem: e.to_string() })?;
         fs::write(&tmp, bytes).ctx("write", &tmp)?;
         fs::rename(&tmp, self.refs_path()).ctx("rename", self.refs_path())
     }
@@ -427,11 +370,7 @@ impl ImageStore {
             if want.len() >= 12 && want.bytes().all(|b| b.is_ascii_hexdigit()) {
                 for (r, d) in &refs {
                     if let Ok(info) = self.image_for(r, d) {
-                        if info
-                            .config_digest
-                            .trim_start_matches("sha256:")
-                            .starts_with(want)
-                        {
+                        if info.config_digest.trim_start_matches("sha256:").starts_with(want) {
                             found = Some((r.clone(), d.clone()));
                             break;
                         }
@@ -452,16 +391,12 @@ impl ImageStore {
                 d.platform.as_ref().is_some_and(|p| {
                     p.os == want.os
                         && p.architecture == want.architecture
-                        && (want.variant.is_none()
-                            || p.variant.is_none()
-                            || p.variant == want.variant)
+                        && (want.variant.is_none() || p.variant.is_none() || p.variant == want.variant)
                 })
             });
             let Some(d) = chosen else {
-                let have: Vec<String> = list
-                    .iter()
-                    .filter_map(|d| d.platform.as_ref().map(|p| p.to_string()))
-                    .collect();
+                let have: Vec<String> =
+                    list.iter().filter_map(|d| d.platform.as_ref().map(|p| p.to_string())).collect();
                 return Err(ImageError::NoPlatform {
                     reference: reference.into(),
                     want: want.to_string(),
@@ -481,11 +416,7 @@ impl ImageStore {
         if cfg.rootfs.diff_ids.len() != layers.len() {
             return Err(ImageError::Malformed {
                 what: config_desc.digest.clone(),
-                problem: format!(
-                    "config lists {} diff_ids for {} layers",
-                    cfg.rootfs.diff_ids.len(),
-                    layers.len()
-                ),
+                problem: format!("config lists {} diff_ids for {} layers", cfg.rootfs.diff_ids.len(), layers.len()),
             });
         }
         let layers = layers
@@ -501,18 +432,10 @@ impl ImageStore {
                     other => return Err(ImageError::UnsupportedMediaType(other.to_string())),
                 }
                 sha256_hex(diff)?;
-                Ok(LayerRef {
-                    digest: l.digest.clone(),
-                    diff_id: diff.clone(),
-                    size: l.size,
-                })
+                Ok(LayerRef { digest: l.digest.clone(), diff_id: diff.clone(), size: l.size })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let platform = Platform {
-            architecture: cfg.architecture,
-            os: cfg.os,
-            variant: cfg.variant,
-        };
+        let platform = Platform { architecture: cfg.architecture, os: cfg.os, variant: cfg.variant };
         Ok(ImageInfo {
             reference: reference.to_string(),
             manifest_digest,
@@ -526,26 +449,15 @@ impl ImageStore {
     pub fn list(&self) -> Result<Vec<ImageSummary>, ImageError> {
         let mut out = vec![];
         for (r, d) in self.refs()? {
-            let size = self
-                .inspect(&r)
-                .map(|i| i.layers.iter().map(|l| l.size).sum())
-                .unwrap_or(0);
-            out.push(ImageSummary {
-                reference: r,
-                digest: d,
-                size,
-            });
+            let size = self.inspect(&r).map(|i| i.layers.iter().map(|l| l.size).sum()).unwrap_or(0);
+            out.push(ImageSummary { reference: r, digest: d, size });
         }
         Ok(out)
     }
 
     /// Removes a reference, then every blob and layer no reference needs any more.
     /// `in_use` lists references that running workloads need; those are refused.
-    pub fn remove(
-        &self,
-        reference: &str,
-        in_use: &BTreeMap<String, Vec<String>>,
-    ) -> Result<(), ImageError> {
+    pub fn remove(&self, reference: &str, in_use: &BTreeMap<String, Vec<String>>) -> Result<(), ImageError> {
         let mut refs = self.refs()?;
         let norm = normalize_reference(reference);
         let key = if refs.contains_key(&norm) {
@@ -556,10 +468,7 @@ impl ImageStore {
             return Err(ImageError::NotFound(reference.to_string()));
         };
         if let Some(users) = in_use.get(&key).filter(|u| !u.is_empty()) {
-            return Err(ImageError::InUse {
-                reference: key,
-                users: users.join(", "),
-            });
+            return Err(ImageError::InUse { reference: key, users: users.join(", ") });
         }
         refs.remove(&key);
         self.write_refs(&refs)?;
@@ -589,12 +498,8 @@ impl ImageStore {
                 if let Some(c) = &m.config {
                     keep_blobs.insert(c.digest.clone());
                     if let Ok(cfg) = self.read_json::<ConfigFile>(&c.digest) {
-                        keep_layers.extend(
-                            cfg.rootfs
-                                .diff_ids
-                                .iter()
-                                .map(|d| d.trim_start_matches("sha256:").to_string()),
-                        );
+                        keep_layers
+                            .extend(cfg.rootfs.diff_ids.iter().map(|d| d.trim_start_matches("sha256:").to_string()));
                     }
                 }
                 for l in m.layers.unwrap_or_default() {
@@ -602,10 +507,8 @@ impl ImageStore {
                 }
             }
         }
-        let keep_blob_hex: BTreeSet<String> = keep_blobs
-            .iter()
-            .map(|d| d.trim_start_matches("sha256:").to_string())
-            .collect();
+        let keep_blob_hex: BTreeSet<String> =
+            keep_blobs.iter().map(|d| d.trim_start_matches("sha256:").to_string()).collect();
         let mut freed = 0;
         let blobs = self.root.join("blobs/sha256");
         for e in fs::read_dir(&blobs).ctx("read", &blobs)?.flatten() {
@@ -630,11 +533,7 @@ impl ImageStore {
         let tmp = self.root.join("tmp");
         for e in fs::read_dir(&tmp).ctx("read", &tmp)?.flatten() {
             let p = e.path();
-            let _ = if p.is_dir() {
-                fs::remove_dir_all(&p)
-            } else {
-                fs::remove_file(&p)
-            };
+            let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
         }
         Ok(())
     }

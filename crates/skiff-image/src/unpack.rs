@@ -28,10 +28,7 @@ pub enum UnpackError {
     #[error("entry {path:?}: {problem}")]
     BadEntry { path: String, problem: String },
     #[error("entry {path:?}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("reading the layer tar: {0}")]
     Tar(std::io::Error),
 }
@@ -52,24 +49,14 @@ fn clean_path(raw: &str) -> Result<Option<PathBuf>, UnpackError> {
     for c in p.components() {
         match c {
             Component::RootDir | Component::Prefix(_) => {
-                return Err(UnpackError::AbsolutePath {
-                    path: raw.to_string(),
-                });
+                return Err(UnpackError::AbsolutePath { path: raw.to_string() });
             }
-            Component::ParentDir => {
-                return Err(UnpackError::ParentTraversal {
-                    path: raw.to_string(),
-                })
-            }
+            Component::ParentDir => return Err(UnpackError::ParentTraversal { path: raw.to_string() }),
             Component::CurDir => {}
             Component::Normal(n) => out.push(n),
         }
     }
-    Ok(if out.as_os_str().is_empty() {
-        None
-    } else {
-        Some(out)
-    })
+    Ok(if out.as_os_str().is_empty() { None } else { Some(out) })
 }
 
 /// Makes sure every ancestor of `rel` inside `root` is a real directory (creating missing
@@ -96,23 +83,11 @@ fn ensure_parents(root: &Path, rel: &Path, raw: &str) -> Result<(), UnpackError>
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir(&cur).map_err(|source| UnpackError::Io {
-                    path: raw.to_string(),
-                    source,
-                })?;
-                fs::set_permissions(&cur, fs::Permissions::from_mode(0o755)).map_err(|source| {
-                    UnpackError::Io {
-                        path: raw.to_string(),
-                        source,
-                    }
-                })?;
+                fs::create_dir(&cur).map_err(|source| UnpackError::Io { path: raw.to_string(), source })?;
+                fs::set_permissions(&cur, fs::Permissions::from_mode(0o755))
+                    .map_err(|source| UnpackError::Io { path: raw.to_string(), source })?;
             }
-            Err(source) => {
-                return Err(UnpackError::Io {
-                    path: raw.to_string(),
-                    source,
-                })
-            }
+            Err(source) => return Err(UnpackError::Io { path: raw.to_string(), source }),
         }
     }
     Ok(())
@@ -123,29 +98,15 @@ fn ensure_parents(root: &Path, rel: &Path, raw: &str) -> Result<(), UnpackError>
 fn clear_target(target: &Path, raw: &str) -> Result<(), UnpackError> {
     match fs::symlink_metadata(target) {
         Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => fs::remove_file(target).map_err(|source| UnpackError::Io {
-            path: raw.to_string(),
-            source,
-        }),
+        Ok(_) => fs::remove_file(target).map_err(|source| UnpackError::Io { path: raw.to_string(), source }),
         Err(_) => Ok(()),
     }
 }
 
-fn mknod(
-    target: &Path,
-    kind: nix::sys::stat::SFlag,
-    mode: u32,
-    major: u64,
-    minor: u64,
-) -> std::io::Result<()> {
+fn mknod(target: &Path, kind: nix::sys::stat::SFlag, mode: u32, major: u64, minor: u64) -> std::io::Result<()> {
     use nix::sys::stat::{makedev, Mode};
-    nix::sys::stat::mknod(
-        target,
-        kind,
-        Mode::from_bits_truncate(mode),
-        makedev(major, minor),
-    )
-    .map_err(std::io::Error::from)
+    nix::sys::stat::mknod(target, kind, Mode::from_bits_truncate(mode), makedev(major, minor))
+        .map_err(std::io::Error::from)
 }
 
 /// Unpacks an uncompressed layer tar stream into `root`, which must exist.
@@ -159,20 +120,14 @@ pub fn unpack_layer<R: Read>(reader: R, root: &Path) -> Result<UnpackStats, Unpa
     for entry in ar.entries().map_err(UnpackError::Tar)? {
         let mut entry = entry.map_err(UnpackError::Tar)?;
         let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let io = |source| UnpackError::Io {
-            path: raw.clone(),
-            source,
-        };
+        let io = |source| UnpackError::Io { path: raw.clone(), source };
         let Some(rel) = clean_path(&raw)? else {
             continue;
         };
         stats.entries += 1;
         ensure_parents(root, &rel, &raw)?;
         let target = root.join(&rel);
-        let name = rel
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
 
         if name == OPAQUE {
             stats.whiteouts += 1;
@@ -183,10 +138,7 @@ pub fn unpack_layer<R: Read>(reader: R, root: &Path) -> Result<UnpackStats, Unpa
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
             stats.whiteouts += 1;
             if hidden.is_empty() || hidden == "." || hidden == ".." {
-                return Err(UnpackError::BadEntry {
-                    path: raw,
-                    problem: "malformed whiteout".into(),
-                });
+                return Err(UnpackError::BadEntry { path: raw, problem: "malformed whiteout".into() });
             }
             let wh = target.with_file_name(hidden);
             clear_target(&wh, &raw)?;
@@ -221,24 +173,18 @@ pub fn unpack_layer<R: Read>(reader: R, root: &Path) -> Result<UnpackStats, Unpa
                 entry.unpack(&target).map_err(io)?;
             }
             tar::EntryType::Symlink => {
-                let link = entry
-                    .link_name()
-                    .map_err(io)?
-                    .ok_or_else(|| UnpackError::BadEntry {
-                        path: raw.clone(),
-                        problem: "symlink without a target".into(),
-                    })?;
+                let link = entry.link_name().map_err(io)?.ok_or_else(|| UnpackError::BadEntry {
+                    path: raw.clone(),
+                    problem: "symlink without a target".into(),
+                })?;
                 clear_target(&target, &raw)?;
                 symlink(&link, &target).map_err(io)?;
                 lchown(&target, Some(uid as u32), Some(gid as u32)).map_err(io)?;
             }
             tar::EntryType::Link => {
-                let link_raw = entry
-                    .link_name_bytes()
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .ok_or_else(|| UnpackError::BadEntry {
-                        path: raw.clone(),
-                        problem: "hard link without a target".into(),
+                let link_raw =
+                    entry.link_name_bytes().map(|b| String::from_utf8_lossy(&b).into_owned()).ok_or_else(|| {
+                        UnpackError::BadEntry { path: raw.clone(), problem: "hard link without a target".into() }
                     })?;
                 let link_rel = clean_path(&link_raw)?.ok_or_else(|| UnpackError::BadEntry {
                     path: raw.clone(),
@@ -309,17 +255,8 @@ mod tests {
     fn clean_paths() {
         assert_eq!(clean_path("./a/b").unwrap(), Some(PathBuf::from("a/b")));
         assert_eq!(clean_path("./").unwrap(), None);
-        assert!(matches!(
-            clean_path("/etc/passwd"),
-            Err(UnpackError::AbsolutePath { .. })
-        ));
-        assert!(matches!(
-            clean_path("a/../../x"),
-            Err(UnpackError::ParentTraversal { .. })
-        ));
-        assert!(matches!(
-            clean_path(".."),
-            Err(UnpackError::ParentTraversal { .. })
-        ));
+        assert!(matches!(clean_path("/etc/passwd"), Err(UnpackError::AbsolutePath { .. })));
+        assert!(matches!(clean_path("a/../../x"), Err(UnpackError::ParentTraversal { .. })));
+        assert!(matches!(clean_path(".."), Err(UnpackError::ParentTraversal { .. })));
     }
 }

@@ -19,10 +19,7 @@ fn unpack(tar: &[u8]) -> (tempfile::TempDir, Result<(), UnpackError>) {
 
 /// Nothing but `layer/` may exist next to the layer dir after a rejected unpack.
 fn assert_nothing_outside(outer: &tempfile::TempDir) {
-    let names: Vec<_> = std::fs::read_dir(outer.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let names: Vec<_> = std::fs::read_dir(outer.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("layer")]);
 }
 
@@ -30,44 +27,15 @@ fn assert_nothing_outside(outer: &tempfile::TempDir) {
 fn traversal_is_rejected() -> R {
     require_privileged!();
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        (
-            "dotdot",
-            LayerBuilder::new()
-                .file("a/../../escaped", 0o644, b"x")?
-                .finish()?,
-        ),
-        (
-            "absolute",
-            LayerBuilder::new()
-                .file("/escaped-abs", 0o644, b"x")?
-                .finish()?,
-        ),
-        (
-            "symlink-parent",
-            LayerBuilder::new()
-                .symlink("link", "..")?
-                .file("link/escaped", 0o644, b"x")?
-                .finish()?,
-        ),
+        ("dotdot", LayerBuilder::new().file("a/../../escaped", 0o644, b"x")?.finish()?),
+        ("absolute", LayerBuilder::new().file("/escaped-abs", 0o644, b"x")?.finish()?),
+        ("symlink-parent", LayerBuilder::new().symlink("link", "..")?.file("link/escaped", 0o644, b"x")?.finish()?),
         (
             "symlink-abs-parent",
-            LayerBuilder::new()
-                .symlink("etc", "/tmp")?
-                .file("etc/escaped-via-abs", 0o644, b"x")?
-                .finish()?,
+            LayerBuilder::new().symlink("etc", "/tmp")?.file("etc/escaped-via-abs", 0o644, b"x")?.finish()?,
         ),
-        (
-            "hardlink-out",
-            LayerBuilder::new()
-                .hardlink("passwd", "../../../etc/passwd")?
-                .finish()?,
-        ),
-        (
-            "hardlink-abs",
-            LayerBuilder::new()
-                .hardlink("passwd", "/etc/passwd")?
-                .finish()?,
-        ),
+        ("hardlink-out", LayerBuilder::new().hardlink("passwd", "../../../etc/passwd")?.finish()?),
+        ("hardlink-abs", LayerBuilder::new().hardlink("passwd", "/etc/passwd")?.finish()?),
     ];
     for (name, tar) in cases {
         let (outer, r) = unpack(&tar);
@@ -103,27 +71,12 @@ fn whiteouts_opaque_links_and_devices() -> R {
     r?;
     let root = outer.path().join("layer");
     let wh = std::fs::symlink_metadata(root.join("gone"))?;
-    assert!(
-        wh.file_type().is_char_device(),
-        "whiteout becomes a 0/0 char device"
-    );
-    assert_eq!(
-        xattr::get(root.join("d"), "trusted.overlay.opaque")?.as_deref(),
-        Some(&b"y"[..])
-    );
+    assert!(wh.file_type().is_char_device(), "whiteout becomes a 0/0 char device");
+    assert_eq!(xattr::get(root.join("d"), "trusted.overlay.opaque")?.as_deref(), Some(&b"y"[..]));
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(
-        std::fs::metadata(root.join("d/keep"))?.ino(),
-        std::fs::metadata(root.join("d/keep-link"))?.ino()
-    );
-    assert_eq!(
-        std::fs::metadata(root.join("d/keep"))?.mode() & 0o777,
-        0o600
-    );
-    assert_eq!(
-        std::fs::read_link(root.join("abs-link"))?,
-        std::path::PathBuf::from("/etc/hostname")
-    );
+    assert_eq!(std::fs::metadata(root.join("d/keep"))?.ino(), std::fs::metadata(root.join("d/keep-link"))?.ino());
+    assert_eq!(std::fs::metadata(root.join("d/keep"))?.mode() & 0o777, 0o600);
+    assert_eq!(std::fs::read_link(root.join("abs-link"))?, std::path::PathBuf::from("/etc/hostname"));
     let null = std::fs::symlink_metadata(root.join("null"))?;
     assert!(null.file_type().is_char_device());
     assert_eq!(null.rdev(), nix::sys::stat::makedev(1, 3));
@@ -135,30 +88,17 @@ fn load_oci_layout_and_docker_save() -> R {
     require_privileged!();
     let tmp = tempfile::tempdir()?;
     let store = ImageStore::open(tmp.path().join("store"))?;
-    let img = ImageBuilder::busybox()?.layer(
-        LayerBuilder::new()
-            .file("etc/motd", 0o644, b"two")?
-            .finish()?,
-    );
+    let img = ImageBuilder::busybox()?.layer(LayerBuilder::new().file("etc/motd", 0o644, b"two")?.finish()?);
     let layout = tmp.path().join("layout");
     img.write_oci_layout(&layout, "localhost/test/oci:1")?;
-    assert_eq!(
-        store.load(&layout, None)?,
-        vec!["localhost/test/oci:1".to_string()]
-    );
+    assert_eq!(store.load(&layout, None)?, vec!["localhost/test/oci:1".to_string()]);
     let info = store.resolve("localhost/test/oci:1")?;
     assert_eq!(info.layers.len(), 2);
-    assert_eq!(
-        std::fs::read(store.layer_dir(&info.layers[1].diff_id)?.join("etc/motd"))?,
-        b"two"
-    );
+    assert_eq!(std::fs::read(store.layer_dir(&info.layers[1].diff_id)?.join("etc/motd"))?, b"two");
 
     let save = tmp.path().join("save.tar");
     img.write_docker_save(&save, "localhost/test/saved:2")?;
-    assert_eq!(
-        store.load(&save, None)?,
-        vec!["localhost/test/saved:2".to_string()]
-    );
+    assert_eq!(store.load(&save, None)?, vec!["localhost/test/saved:2".to_string()]);
     let saved = store.resolve("localhost/test/saved:2")?;
     // Same content: both forms share the unpacked layers.
     assert_eq!(
@@ -168,14 +108,8 @@ fn load_oci_layout_and_docker_save() -> R {
     assert_eq!(store.list()?.len(), 2);
 
     store.remove("localhost/test/oci:1", &Default::default())?;
-    assert!(matches!(
-        store.resolve("localhost/test/oci:1"),
-        Err(ImageError::NotFound(_))
-    ));
-    assert!(
-        store.resolve("localhost/test/saved:2").is_ok(),
-        "shared layers survive removal of the other image"
-    );
+    assert!(matches!(store.resolve("localhost/test/oci:1"), Err(ImageError::NotFound(_))));
+    assert!(store.resolve("localhost/test/saved:2").is_ok(), "shared layers survive removal of the other image");
     Ok(())
 }
 
@@ -187,32 +121,18 @@ fn corrupt_blob_and_bad_diff_id_are_rejected() -> R {
     let layout = tmp.path().join("layout");
     let md = ImageBuilder::busybox()?.write_oci_layout(&layout, "localhost/corrupt:1")?;
     // Flip one byte of the layer blob.
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(
-        layout
-            .join("blobs/sha256")
-            .join(md.trim_start_matches("sha256:")),
-    )?)?;
-    let layer = m["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("sha256:")
-        .to_string();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(md.trim_start_matches("sha256:")))?)?;
+    let layer = m["layers"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
     let lp = layout.join("blobs/sha256").join(&layer);
     let mut bytes = std::fs::read(&lp)?;
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&lp, bytes)?;
     let err = store.load(&layout, None).unwrap_err();
-    assert!(
-        matches!(&err, ImageError::DigestMismatch { digest, .. } if digest.contains(&layer)),
-        "{err}"
-    );
+    assert!(matches!(&err, ImageError::DigestMismatch { digest, .. } if digest.contains(&layer)), "{err}");
     assert!(store.list()?.is_empty(), "nothing tagged");
-    assert_eq!(
-        std::fs::read_dir(store.root().join("layers"))?.count(),
-        0,
-        "nothing unpacked"
-    );
+    assert_eq!(std::fs::read_dir(store.root().join("layers"))?.count(), 0, "nothing unpacked");
 
     // A config whose diff_id does not match the layer content.
     let tmp2 = tempfile::tempdir()?;
@@ -223,10 +143,7 @@ fn corrupt_blob_and_bad_diff_id_are_rejected() -> R {
     // Rewrite: swap the layer for different bytes, keeping the config's diff_id.
     let unpacked = tmp2.path().join("x");
     tar::Archive::new(std::fs::File::open(&save)?).unpack(&unpacked)?;
-    std::fs::write(
-        unpacked.join("layer0/layer.tar"),
-        LayerBuilder::new().file("evil", 0o644, b"e")?.finish()?,
-    )?;
+    std::fs::write(unpacked.join("layer0/layer.tar"), LayerBuilder::new().file("evil", 0o644, b"e")?.finish()?)?;
     let err = store.load(&unpacked, None).unwrap_err();
     assert!(matches!(err, ImageError::DiffIdMismatch { .. }), "{err}");
     assert!(store.list()?.is_empty());

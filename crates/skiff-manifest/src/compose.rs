@@ -3,8 +3,8 @@
 use crate::{interpolate, parse_duration_ms, shell_split, ManifestError};
 use serde_norway::{Mapping, Value};
 use skiff_model::{
-    parse_bytes, parse_cpus, Dependency, DependencyCondition, Deployment, DeviceMapping,
-    HealthCheck, NetworkMode, PortMapping, Protocol, RestartPolicy, Volume, VolumeSource,
+    parse_bytes, parse_cpus, Dependency, DependencyCondition, Deployment, DeviceMapping, HealthCheck, NetworkMode,
+    PortMapping, Protocol, RestartPolicy, Volume, VolumeSource,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,21 +35,12 @@ pub fn import_compose(
     env: &dyn Fn(&str) -> Option<String>,
     read_file: &dyn Fn(&Path) -> std::io::Result<String>,
 ) -> R<ComposeImport> {
-    let mut root: Value =
-        serde_norway::from_str(text).map_err(|e| ManifestError::Yaml(e.to_string()))?;
+    let mut root: Value = serde_norway::from_str(text).map_err(|e| ManifestError::Yaml(e.to_string()))?;
     interpolate_all(&mut root, "", env)?;
-    let top = root.as_mapping().ok_or_else(|| {
-        ManifestError::at(
-            "(root)",
-            "a compose file must be a mapping with a services key",
-        )
-    })?;
-    let mut cx = Ctx {
-        dir,
-        env,
-        read_file,
-        warnings: vec![],
-    };
+    let top = root
+        .as_mapping()
+        .ok_or_else(|| ManifestError::at("(root)", "a compose file must be a mapping with a services key"))?;
+    let mut cx = Ctx { dir, env, read_file, warnings: vec![] };
     let mut services = None;
     let mut project = sanitize_project(default_project);
     for (k, v) in top {
@@ -74,19 +65,14 @@ pub fn import_compose(
                 }
             }
             k if k.starts_with("x-") => {}
-            other => cx
-                .warnings
-                .push(format!("{other}: not supported yet, ignored")),
+            other => cx.warnings.push(format!("{other}: not supported yet, ignored")),
         }
     }
     let services = services
         .and_then(Value::as_mapping)
         .ok_or_else(|| ManifestError::at("services", "is required and must be a mapping"))?;
     if services.is_empty() {
-        return Err(ManifestError::at(
-            "services",
-            "must define at least one service",
-        ));
+        return Err(ManifestError::at("services", "must define at least one service"));
     }
     let mut deployments = vec![];
     for (name, svc) in services {
@@ -94,22 +80,13 @@ pub fn import_compose(
         let d = service(&mut cx, &project, &name, svc)?;
         deployments.push(d);
     }
-    Ok(ComposeImport {
-        project,
-        deployments,
-        warnings: cx.warnings,
-    })
+    Ok(ComposeImport { project, deployments, warnings: cx.warnings })
 }
 
 fn sanitize_project(s: &str) -> String {
-    let s: String = s
-        .to_ascii_lowercase()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .collect();
-    let s = s
-        .trim_start_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_string();
+    let s: String =
+        s.to_ascii_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
+    let s = s.trim_start_matches(|c: char| !c.is_ascii_alphanumeric()).to_string();
     if s.is_empty() {
         "default".into()
     } else {
@@ -120,8 +97,8 @@ fn sanitize_project(s: &str) -> String {
 fn interpolate_all(v: &mut Value, path: &str, env: &dyn Fn(&str) -> Option<String>) -> R<()> {
     match v {
         Value::String(s) => {
-            *s = interpolate(s, env)
-                .map_err(|e| ManifestError::at(if path.is_empty() { "(root)" } else { path }, e))?;
+            *s =
+                interpolate(s, env).map_err(|e| ManifestError::at(if path.is_empty() { "(root)" } else { path }, e))?;
         }
         Value::Sequence(seq) => {
             for (i, x) in seq.iter_mut().enumerate() {
@@ -131,11 +108,7 @@ fn interpolate_all(v: &mut Value, path: &str, env: &dyn Fn(&str) -> Option<Strin
         Value::Mapping(m) => {
             for (k, x) in m.iter_mut() {
                 let ks = k.as_str().unwrap_or("?").to_string();
-                let p = if path.is_empty() {
-                    ks
-                } else {
-                    format!("{path}.{ks}")
-                };
+                let p = if path.is_empty() { ks } else { format!("{path}.{ks}") };
                 interpolate_all(x, &p, env)?;
             }
         }
@@ -171,26 +144,17 @@ fn bool_of(v: &Value, path: &str) -> R<bool> {
     match v {
         Value::Bool(b) => Ok(*b),
         Value::String(s) if s == "true" || s == "false" => Ok(s == "true"),
-        _ => Err(ManifestError::at(
-            path,
-            format!("{} is not a boolean", show(v)),
-        )),
+        _ => Err(ManifestError::at(path, format!("{} is not a boolean", show(v)))),
     }
 }
 
 fn show(v: &Value) -> String {
-    scalar(v)
-        .map(|s| format!("{s:?}"))
-        .unwrap_or_else(|| "this value".into())
+    scalar(v).map(|s| format!("{s:?}")).unwrap_or_else(|| "this value".into())
 }
 
 fn list_of_strings(v: &Value, path: &str) -> R<Vec<String>> {
     match v {
-        Value::Sequence(s) => s
-            .iter()
-            .enumerate()
-            .map(|(i, x)| str_of(x, &format!("{path}[{i}]")))
-            .collect(),
+        Value::Sequence(s) => s.iter().enumerate().map(|(i, x)| str_of(x, &format!("{path}[{i}]"))).collect(),
         _ => Err(ManifestError::at(path, "must be a list of strings")),
     }
 }
@@ -200,10 +164,7 @@ fn argv(v: &Value, path: &str) -> R<Vec<String>> {
     match v {
         Value::String(s) => shell_split(s).map_err(|e| ManifestError::at(path, e)),
         Value::Sequence(_) => list_of_strings(v, path),
-        _ => Err(ManifestError::at(
-            path,
-            "must be a string or a list of strings",
-        )),
+        _ => Err(ManifestError::at(path, "must be a string or a list of strings")),
     }
 }
 
@@ -230,32 +191,23 @@ fn key_values(cx: &Ctx<'_>, v: &Value, path: &str, out: &mut BTreeMap<String, St
                 };
             }
         }
-        _ => {
-            return Err(ManifestError::at(
-                path,
-                "must be a mapping or a list of KEY=VALUE",
-            ))
-        }
+        _ => return Err(ManifestError::at(path, "must be a mapping or a list of KEY=VALUE")),
     }
     Ok(())
 }
 
 fn env_file(cx: &Ctx<'_>, file: &str, path: &str, out: &mut BTreeMap<String, String>) -> R<()> {
     let p = cx.dir.join(file);
-    let text = (cx.read_file)(&p)
-        .map_err(|e| ManifestError::at(path, format!("reading {}: {e}", p.display())))?;
+    let text = (cx.read_file)(&p).map_err(|e| ManifestError::at(path, format!("reading {}: {e}", p.display())))?;
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
         let line = line.strip_prefix("export ").unwrap_or(line);
-        let (k, v) = line.split_once('=').ok_or_else(|| {
-            ManifestError::at(
-                path,
-                format!("{}:{}: expected KEY=VALUE", p.display(), n + 1),
-            )
-        })?;
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| ManifestError::at(path, format!("{}:{}: expected KEY=VALUE", p.display(), n + 1)))?;
         let v = v.trim();
         let v = v
             .strip_prefix('"')
@@ -279,32 +231,20 @@ fn bytes(v: &Value, path: &str) -> R<u64> {
 
 fn int(v: &Value, path: &str) -> R<i64> {
     match v {
-        Value::Number(n) if n.is_i64() => n
-            .as_i64()
-            .ok_or_else(|| ManifestError::at(path, "is not an integer")),
-        Value::String(s) => s
-            .parse()
-            .map_err(|_| ManifestError::at(path, format!("{s:?} is not an integer"))),
-        _ => Err(ManifestError::at(
-            path,
-            format!("{} is not an integer", show(v)),
-        )),
+        Value::Number(n) if n.is_i64() => n.as_i64().ok_or_else(|| ManifestError::at(path, "is not an integer")),
+        Value::String(s) => s.parse().map_err(|_| ManifestError::at(path, format!("{s:?} is not an integer"))),
+        _ => Err(ManifestError::at(path, format!("{} is not an integer", show(v)))),
     }
 }
 
 fn duration(v: &Value, path: &str) -> R<u64> {
     let s = str_of(v, path)?;
-    parse_duration_ms(&s).ok_or_else(|| {
-        ManifestError::at(
-            path,
-            format!("{s:?} is not a duration (examples: 10s, 1m30s, 500ms)"),
-        )
-    })
+    parse_duration_ms(&s)
+        .ok_or_else(|| ManifestError::at(path, format!("{s:?} is not a duration (examples: 10s, 1m30s, 500ms)")))
 }
 
 fn mapping<'v>(v: &'v Value, path: &str) -> R<&'v Mapping> {
-    v.as_mapping()
-        .ok_or_else(|| ManifestError::at(path, "must be a mapping"))
+    v.as_mapping().ok_or_else(|| ManifestError::at(path, "must be a mapping"))
 }
 
 fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deployment> {
@@ -343,33 +283,30 @@ fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deploy
                 other => env_files.push((str_of(other, &path)?, path.clone())),
             },
             "ports" => {
-                let s = v
-                    .as_sequence()
-                    .ok_or_else(|| ManifestError::at(&path, "must be a list"))?;
+                let s = v.as_sequence().ok_or_else(|| ManifestError::at(&path, "must be a list"))?;
                 for (i, p) in s.iter().enumerate() {
                     d.ports.push(port(p, &format!("{path}[{i}]"))?);
                 }
             }
             "volumes" => {
-                let s = v
-                    .as_sequence()
-                    .ok_or_else(|| ManifestError::at(&path, "must be a list"))?;
+                let s = v.as_sequence().ok_or_else(|| ManifestError::at(&path, "must be a list"))?;
                 for (i, x) in s.iter().enumerate() {
                     d.volumes.push(volume(cx, x, &format!("{path}[{i}]"))?);
                 }
             }
             "restart" => {
                 let s = str_of(v, &path)?;
-                d.restart = RestartPolicy::parse(&s)
-                    .ok_or_else(|| ManifestError::at(&path, format!("{s:?} is not a restart policy (no, always, on-failure[:N], unless-stopped)")))?;
+                d.restart = RestartPolicy::parse(&s).ok_or_else(|| {
+                    ManifestError::at(
+                        &path,
+                        format!("{s:?} is not a restart policy (no, always, on-failure[:N], unless-stopped)"),
+                    )
+                })?;
             }
             "deploy" => deploy(cx, &mut d, v, &path)?,
             "cpu_shares" => {
-                d.resources.cpu_shares = Some(
-                    int(v, &path)?
-                        .try_into()
-                        .map_err(|_| ManifestError::at(&path, "must be positive"))?,
-                )
+                d.resources.cpu_shares =
+                    Some(int(v, &path)?.try_into().map_err(|_| ManifestError::at(&path, "must be positive"))?)
             }
             "cpus" => d.resources.cpus_millis = Some(cpus(v, &path)?),
             "mem_limit" => d.resources.memory_bytes = Some(bytes(v, &path)?),
@@ -405,9 +342,7 @@ fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deploy
             }
             "stop_grace_period" => d.stop_grace_period_ms = duration(v, &path)?,
             k if k.starts_with("x-") => {}
-            _ => cx
-                .warnings
-                .push(format!("{path}: not supported yet, ignored")),
+            _ => cx.warnings.push(format!("{path}: not supported yet, ignored")),
         }
     }
     for (f, p) in env_files {
@@ -429,12 +364,9 @@ fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deploy
         None => return Err(ManifestError::at(format!("{base}.image"), "is required")),
     };
     if has_build {
-        cx.warnings.push(format!(
-            "{base}.build: not supported, the image is used as is"
-        ));
+        cx.warnings.push(format!("{base}.build: not supported, the image is used as is"));
     }
-    d.validate()
-        .map_err(|e| ManifestError::at(format!("{base}.{}", e.field), e.problem))?;
+    d.validate().map_err(|e| ManifestError::at(format!("{base}.{}", e.field), e.problem))?;
     Ok(d)
 }
 
@@ -456,12 +388,7 @@ fn port(v: &Value, path: &str) -> R<PortMapping> {
                         protocol = match str_of(x, &p)?.as_str() {
                             "tcp" => Protocol::Tcp,
                             "udp" => Protocol::Udp,
-                            o => {
-                                return Err(ManifestError::at(
-                                    &p,
-                                    format!("{o:?} is not tcp or udp"),
-                                ))
-                            }
+                            o => return Err(ManifestError::at(&p, format!("{o:?} is not tcp or udp"))),
                         }
                     }
                     "mode" | "name" | "app_protocol" => {}
@@ -474,20 +401,12 @@ fn port(v: &Value, path: &str) -> R<PortMapping> {
             if !ok(target) || !ok(published) {
                 return Err(ManifestError::at(path, "ports must be between 1 and 65535"));
             }
-            Ok(PortMapping {
-                host_ip,
-                host_port: published as u16,
-                container_port: target as u16,
-                protocol,
-            })
+            Ok(PortMapping { host_ip, host_port: published as u16, container_port: target as u16, protocol })
         }
         other => {
             let s = str_of(other, path)?;
             PortMapping::parse(&s).ok_or_else(|| {
-                ManifestError::at(
-                    path,
-                    format!("{s:?} is not a port mapping (examples: 8080:80, 127.0.0.1:53:53/udp)"),
-                )
+                ManifestError::at(path, format!("{s:?} is not a port mapping (examples: 8080:80, 127.0.0.1:53:53/udp)"))
             })
         }
     }
@@ -497,48 +416,30 @@ fn volume(cx: &Ctx<'_>, v: &Value, path: &str) -> R<Volume> {
     let source_of = |src: &str| -> VolumeSource {
         if src.starts_with('/') || src.starts_with('.') || src.starts_with('~') {
             let p = if let Some(rest) = src.strip_prefix("~/") {
-                (cx.env)("HOME")
-                    .map(PathBuf::from)
-                    .unwrap_or_default()
-                    .join(rest)
+                (cx.env)("HOME").map(PathBuf::from).unwrap_or_default().join(rest)
             } else {
                 cx.dir.join(src)
             };
-            VolumeSource::Bind {
-                path: normalize(&p),
-            }
+            VolumeSource::Bind { path: normalize(&p) }
         } else {
-            VolumeSource::Named {
-                name: src.to_string(),
-            }
+            VolumeSource::Named { name: src.to_string() }
         }
     };
     match v {
         Value::Mapping(m) => {
-            let get = |k: &str| {
-                m.get(k)
-                    .map(|x| str_of(x, &format!("{path}.{k}")))
-                    .transpose()
-            };
+            let get = |k: &str| m.get(k).map(|x| str_of(x, &format!("{path}.{k}"))).transpose();
             let kind = get("type")?.unwrap_or_else(|| "volume".into());
             let target = get("target")?.ok_or_else(|| ManifestError::at(path, "needs target"))?;
             let source = get("source")?;
-            let read_only = m
-                .get("read_only")
-                .map(|x| bool_of(x, &format!("{path}.read_only")))
-                .transpose()?
-                .unwrap_or(false);
+            let read_only =
+                m.get("read_only").map(|x| bool_of(x, &format!("{path}.read_only"))).transpose()?.unwrap_or(false);
             let source = match (kind.as_str(), source) {
                 ("bind", Some(s)) => match source_of(&s) {
                     b @ VolumeSource::Bind { .. } => b,
-                    VolumeSource::Named { name } => VolumeSource::Bind {
-                        path: normalize(&cx.dir.join(name)),
-                    },
+                    VolumeSource::Named { name } => VolumeSource::Bind { path: normalize(&cx.dir.join(name)) },
                 },
                 ("volume", Some(s)) => VolumeSource::Named { name: s },
-                ("bind", None) | ("volume", None) => {
-                    return Err(ManifestError::at(path, "needs source"))
-                }
+                ("bind", None) | ("volume", None) => return Err(ManifestError::at(path, "needs source")),
                 (other, _) => {
                     return Err(ManifestError::at(
                         format!("{path}.type"),
@@ -546,11 +447,7 @@ fn volume(cx: &Ctx<'_>, v: &Value, path: &str) -> R<Volume> {
                     ))
                 }
             };
-            Ok(Volume {
-                source,
-                target,
-                read_only,
-            })
+            Ok(Volume { source, target, read_only })
         }
         other => {
             let s = str_of(other, path)?;
@@ -559,38 +456,20 @@ fn volume(cx: &Ctx<'_>, v: &Value, path: &str) -> R<Volume> {
                 [dst] => {
                     return Err(ManifestError::at(
                         path,
-                        format!(
-                            "{dst:?}: anonymous volumes are not supported; name it (name:{dst})"
-                        ),
+                        format!("{dst:?}: anonymous volumes are not supported; name it (name:{dst})"),
                     ))
                 }
                 [src, dst] => (*src, *dst, ""),
                 [src, dst, mode] => (*src, *dst, *mode),
-                _ => {
-                    return Err(ManifestError::at(
-                        path,
-                        format!("{s:?} is not SOURCE:TARGET[:ro]"),
-                    ))
-                }
+                _ => return Err(ManifestError::at(path, format!("{s:?} is not SOURCE:TARGET[:ro]"))),
             };
             let read_only = match mode {
                 "" | "rw" => false,
                 "ro" => true,
-                m if m.split(',').all(|o| ["ro", "rw", "z", "Z"].contains(&o)) => {
-                    m.split(',').any(|o| o == "ro")
-                }
-                m => {
-                    return Err(ManifestError::at(
-                        path,
-                        format!("mode {m:?} is not ro or rw"),
-                    ))
-                }
+                m if m.split(',').all(|o| ["ro", "rw", "z", "Z"].contains(&o)) => m.split(',').any(|o| o == "ro"),
+                m => return Err(ManifestError::at(path, format!("mode {m:?} is not ro or rw"))),
             };
-            Ok(Volume {
-                source: source_of(src),
-                target: dst.to_string(),
-                read_only,
-            })
+            Ok(Volume { source: source_of(src), target: dst.to_string(), read_only })
         }
     }
 }
@@ -615,18 +494,9 @@ fn device(s: &str, path: &str) -> R<DeviceMapping> {
         [h] => (*h, *h, "rwm"),
         [h, c] => (*h, *c, "rwm"),
         [h, c, p] => (*h, *c, *p),
-        _ => {
-            return Err(ManifestError::at(
-                path,
-                format!("{s:?} is not HOST[:CONTAINER[:rwm]]"),
-            ))
-        }
+        _ => return Err(ManifestError::at(path, format!("{s:?} is not HOST[:CONTAINER[:rwm]]"))),
     };
-    Ok(DeviceMapping {
-        host_path: host.into(),
-        container_path: cont.into(),
-        permissions: perms.into(),
-    })
+    Ok(DeviceMapping { host_path: host.into(), container_path: cont.into(), permissions: perms.into() })
 }
 
 fn healthcheck(v: &Value, path: &str) -> R<Option<HealthCheck>> {
@@ -662,12 +532,7 @@ fn healthcheck(v: &Value, path: &str) -> R<Option<HealthCheck>> {
                             hc.test = vec![l[1..].join(" ")];
                             hc.shell = true;
                         }
-                        _ => {
-                            return Err(ManifestError::at(
-                                &p,
-                                "a list must start with CMD, CMD-SHELL or NONE",
-                            ))
-                        }
+                        _ => return Err(ManifestError::at(&p, "a list must start with CMD, CMD-SHELL or NONE")),
                     }
                 }
                 _ => return Err(ManifestError::at(&p, "must be a string or a list")),
@@ -675,11 +540,7 @@ fn healthcheck(v: &Value, path: &str) -> R<Option<HealthCheck>> {
             "interval" => hc.interval_ms = duration(x, &p)?,
             "timeout" => hc.timeout_ms = duration(x, &p)?,
             "start_period" => hc.start_period_ms = duration(x, &p)?,
-            "retries" => {
-                hc.retries = int(x, &p)?
-                    .try_into()
-                    .map_err(|_| ManifestError::at(&p, "must be 0 or more"))?
-            }
+            "retries" => hc.retries = int(x, &p)?.try_into().map_err(|_| ManifestError::at(&p, "must be 0 or more"))?,
             "disable" => {}
             _ => return Err(ManifestError::at(&p, "unknown healthcheck key")),
         }
@@ -694,10 +555,7 @@ fn depends_on(v: &Value, path: &str) -> R<Vec<Dependency>> {
     match v {
         Value::Sequence(_) => Ok(list_of_strings(v, path)?
             .into_iter()
-            .map(|name| Dependency {
-                name,
-                condition: DependencyCondition::ServiceStarted,
-            })
+            .map(|name| Dependency { name, condition: DependencyCondition::ServiceStarted })
             .collect()),
         Value::Mapping(m) => {
             let mut out = vec![];
@@ -709,9 +567,7 @@ fn depends_on(v: &Value, path: &str) -> R<Vec<Dependency>> {
                     condition = match str_of(c, &format!("{p}.condition"))?.as_str() {
                         "service_started" => DependencyCondition::ServiceStarted,
                         "service_healthy" => DependencyCondition::ServiceHealthy,
-                        "service_completed_successfully" => {
-                            DependencyCondition::ServiceCompletedSuccessfully
-                        }
+                        "service_completed_successfully" => DependencyCondition::ServiceCompletedSuccessfully,
                         o => {
                             return Err(ManifestError::at(
                                 format!("{p}.condition"),
@@ -735,8 +591,7 @@ fn deploy(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<()> 
         match k.as_str() {
             "replicas" => {
                 let n = int(x, &p)?;
-                d.replicas = u32::try_from(n)
-                    .map_err(|_| ManifestError::at(&p, format!("{n} must be 0 or more")))?;
+                d.replicas = u32::try_from(n).map_err(|_| ManifestError::at(&p, format!("{n} must be 0 or more")))?;
             }
             "resources" => {
                 for (rk, rv) in mapping(x, &p)? {
@@ -746,8 +601,7 @@ fn deploy(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<()> 
                         "limits" => false,
                         "reservations" => true,
                         _ => {
-                            cx.warnings
-                                .push(format!("{rp}: not supported yet, ignored"));
+                            cx.warnings.push(format!("{rp}: not supported yet, ignored"));
                             continue;
                         }
                     };
@@ -756,17 +610,11 @@ fn deploy(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<()> 
                         let lp = format!("{rp}.{lk}");
                         match (lk.as_str(), reservations) {
                             ("cpus", false) => d.resources.cpus_millis = Some(cpus(lv, &lp)?),
-                            ("cpus", true) => {
-                                d.resources.cpus_reservation_millis = Some(cpus(lv, &lp)?)
-                            }
+                            ("cpus", true) => d.resources.cpus_reservation_millis = Some(cpus(lv, &lp)?),
                             ("memory", false) => d.resources.memory_bytes = Some(bytes(lv, &lp)?),
-                            ("memory", true) => {
-                                d.resources.memory_reservation_bytes = Some(bytes(lv, &lp)?)
-                            }
+                            ("memory", true) => d.resources.memory_reservation_bytes = Some(bytes(lv, &lp)?),
                             ("pids", false) => d.resources.pids_limit = Some(int(lv, &lp)?),
-                            _ => cx
-                                .warnings
-                                .push(format!("{lp}: not supported yet, ignored")),
+                            _ => cx.warnings.push(format!("{lp}: not supported yet, ignored")),
                         }
                     }
                 }
@@ -778,16 +626,11 @@ fn deploy(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<()> 
                     .map(|c| str_of(c, &format!("{p}.condition")))
                     .transpose()?
                     .unwrap_or_else(|| "any".into());
-                let max = m
-                    .get("max_attempts")
-                    .map(|c| int(c, &format!("{p}.max_attempts")))
-                    .transpose()?;
+                let max = m.get("max_attempts").map(|c| int(c, &format!("{p}.max_attempts"))).transpose()?;
                 d.restart = match cond.as_str() {
                     "none" => RestartPolicy::No,
                     "any" => RestartPolicy::Always,
-                    "on-failure" => RestartPolicy::OnFailure {
-                        max_retries: max.map(|n| n.max(0) as u32),
-                    },
+                    "on-failure" => RestartPolicy::OnFailure { max_retries: max.map(|n| n.max(0) as u32) },
                     o => {
                         return Err(ManifestError::at(
                             format!("{p}.condition"),
@@ -798,8 +641,7 @@ fn deploy(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<()> 
                 for (rk, _) in m {
                     let rk = key_str(rk, &p)?;
                     if rk != "condition" && rk != "max_attempts" {
-                        cx.warnings
-                            .push(format!("{p}.{rk}: not supported yet, ignored"));
+                        cx.warnings.push(format!("{p}.{rk}: not supported yet, ignored"));
                     }
                 }
             }

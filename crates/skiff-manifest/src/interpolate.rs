@@ -19,9 +19,7 @@ pub fn interpolate(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<S
                 i += 2;
             }
             Some(b'{') => {
-                let close = s[i + 2..]
-                    .find('}')
-                    .ok_or_else(|| format!("unclosed ${{ in {s:?}"))?;
+                let close = s[i + 2..].find('}').ok_or_else(|| format!("unclosed ${{ in {s:?}"))?;
                 let inner = &s[i + 2..i + 2 + close];
                 out.push_str(&expand(inner, lookup)?);
                 i += close + 3;
@@ -44,9 +42,7 @@ pub fn interpolate(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<S
 }
 
 fn expand(inner: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
-    let name_end = inner
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .unwrap_or(inner.len());
+    let name_end = inner.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(inner.len());
     let (name, op) = inner.split_at(name_end);
     if name.is_empty() {
         return Err(format!("invalid variable reference ${{{inner}}}"));
@@ -68,10 +64,7 @@ fn expand(inner: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String
             if set_nonempty {
                 val.unwrap_or_default()
             } else {
-                return Err(format!(
-                    "required variable {name} is missing a value: {}",
-                    &op[2..]
-                ));
+                return Err(format!("required variable {name} is missing a value: {}", &op[2..]));
             }
         }
         _ if op.starts_with('?') => {
@@ -111,14 +104,8 @@ mod tests {
     fn forms() {
         let f = |s: &str| interpolate(s, &env);
         assert_eq!(f("a $SET b ${SET}").unwrap(), "a v b v");
-        assert_eq!(
-            f("${UNSET:-def} ${EMPTY:-def} ${EMPTY-def} ${UNSET-d2}").unwrap(),
-            "def def  d2"
-        );
-        assert_eq!(
-            f("$$HOME ${SET:+alt} ${UNSET:+alt}.").unwrap(),
-            "$HOME alt ."
-        );
+        assert_eq!(f("${UNSET:-def} ${EMPTY:-def} ${EMPTY-def} ${UNSET-d2}").unwrap(), "def def  d2");
+        assert_eq!(f("$$HOME ${SET:+alt} ${UNSET:+alt}.").unwrap(), "$HOME alt .");
         assert!(f("${UNSET:?need it}").unwrap_err().contains("need it"));
         assert!(f("${oops").is_err());
         assert_eq!(f("cost: 5$").unwrap(), "cost: 5$");

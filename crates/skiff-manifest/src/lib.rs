@@ -26,10 +26,7 @@ pub enum ManifestError {
 
 impl ManifestError {
     pub fn at(path: impl Into<String>, problem: impl Into<String>) -> Self {
-        ManifestError::Invalid {
-            path: path.into(),
-            problem: problem.into(),
-        }
+        ManifestError::Invalid { path: path.into(), problem: problem.into() }
     }
 }
 
@@ -108,14 +105,10 @@ pub fn parse_duration_ms(s: &str) -> Option<u64> {
     let mut rest = s;
     while !rest.is_empty() {
         num.clear();
-        let end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
+        let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         num.push_str(&rest[..end]);
         rest = &rest[end..];
-        let uend = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
+        let uend = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
         let unit = &rest[..uend];
         rest = &rest[uend..];
         let v: f64 = num.parse().ok()?;
@@ -139,10 +132,7 @@ mod tests {
 
     #[test]
     fn splits() {
-        assert_eq!(
-            shell_split(r#"sh -c 'echo "hi there"' x\ y"#).unwrap(),
-            ["sh", "-c", "echo \"hi there\"", "x y"]
-        );
+        assert_eq!(shell_split(r#"sh -c 'echo "hi there"' x\ y"#).unwrap(), ["sh", "-c", "echo \"hi there\"", "x y"]);
         assert_eq!(shell_split("  a   b ").unwrap(), ["a", "b"]);
         assert_eq!(shell_split(r#""""#).unwrap(), [""]);
         assert!(shell_split("'open").is_err());

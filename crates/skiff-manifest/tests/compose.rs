@@ -19,10 +19,7 @@ fn env(k: &str) -> Option<String> {
 fn files(p: &Path) -> std::io::Result<String> {
     match p.to_str() {
         Some("/stack/app.env") => Ok("# comment\nA=from-file\nB=\"quoted\"\nexport C=c\n".into()),
-        _ => Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no such file",
-        )),
+        _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")),
     }
 }
 
@@ -81,58 +78,26 @@ services:
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     let web = &c.deployments[0];
     assert_eq!(web.image, "registry.local/web:1.2");
-    assert_eq!(
-        web.command.as_deref().unwrap(),
-        ["sh", "-c", "httpd -f -p 80"]
-    );
+    assert_eq!(web.command.as_deref().unwrap(), ["sh", "-c", "httpd -f -p 80"]);
     assert_eq!(web.env["A"], "override");
     assert_eq!(web.env["B"], "quoted");
     assert_eq!(web.env["C"], "c");
     assert_eq!(web.env["FROM_ENV"], "yes");
     assert_eq!(web.ports[1].protocol, Protocol::Udp);
     assert_eq!(web.ports[1].host_ip.as_deref(), Some("127.0.0.1"));
-    assert_eq!(
-        (web.ports[2].host_port, web.ports[2].container_port),
-        (9001, 9000)
-    );
-    assert_eq!(
-        web.volumes[0].source,
-        VolumeSource::Bind {
-            path: "/stack/data".into()
-        }
-    );
+    assert_eq!((web.ports[2].host_port, web.ports[2].container_port), (9001, 9000));
+    assert_eq!(web.volumes[0].source, VolumeSource::Bind { path: "/stack/data".into() });
     assert!(web.volumes[0].read_only);
-    assert_eq!(
-        web.volumes[1].source,
-        VolumeSource::Named {
-            name: "cache".into()
-        }
-    );
-    assert_eq!(
-        web.restart,
-        RestartPolicy::OnFailure {
-            max_retries: Some(3)
-        }
-    );
+    assert_eq!(web.volumes[1].source, VolumeSource::Named { name: "cache".into() });
+    assert_eq!(web.restart, RestartPolicy::OnFailure { max_retries: Some(3) });
     assert_eq!(web.resources.cpus_millis, Some(500));
     assert_eq!(web.resources.memory_bytes, Some(64 << 20));
     assert_eq!(web.resources.pids_limit, Some(100));
     assert_eq!(web.resources.cpus_reservation_millis, Some(250));
     assert_eq!(web.resources.cpu_shares, Some(2048));
     let hc = web.healthcheck.as_ref().unwrap();
-    assert_eq!(
-        (
-            hc.interval_ms,
-            hc.timeout_ms,
-            hc.retries,
-            hc.start_period_ms
-        ),
-        (2000, 1000, 5, 10_000)
-    );
-    assert_eq!(
-        web.depends_on[0].condition,
-        DependencyCondition::ServiceHealthy
-    );
+    assert_eq!((hc.interval_ms, hc.timeout_ms, hc.retries, hc.start_period_ms), (2000, 1000, 5, 10_000));
+    assert_eq!(web.depends_on[0].condition, DependencyCondition::ServiceHealthy);
     assert!(web.read_only);
     assert_eq!(web.labels["team"], "edge");
     assert_eq!(c.deployments[1].network, NetworkMode::Host);
@@ -186,10 +151,7 @@ fn compose_examples_in_repo_import() {
         let f = entry.path().join("compose.yaml");
         if f.exists() {
             let text = std::fs::read_to_string(&f).unwrap();
-            let c = import_compose(&text, &entry.path(), "x", &|_| None, &|p| {
-                std::fs::read_to_string(p)
-            })
-            .unwrap();
+            let c = import_compose(&text, &entry.path(), "x", &|_| None, &|p| std::fs::read_to_string(p)).unwrap();
             assert!(!c.deployments.is_empty());
             n += 1;
         }

@@ -30,19 +30,12 @@ pub fn parse_cpus(s: &str) -> Result<u64, QuantityError> {
     {
         return Err(err());
     }
-    let int: u64 = if int.is_empty() {
-        0
-    } else {
-        int.parse().map_err(|_| err())?
-    };
+    let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| err())? };
     let mut frac_m = 0u64;
     for (i, c) in frac.chars().take(3).enumerate() {
         frac_m += u64::from(c.to_digit(10).unwrap_or(0)) * 10u64.pow(2 - i as u32);
     }
-    let v = int
-        .checked_mul(1000)
-        .and_then(|v| v.checked_add(frac_m))
-        .ok_or_else(err)?;
+    let v = int.checked_mul(1000).and_then(|v| v.checked_add(frac_m)).ok_or_else(err)?;
     if v == 0 {
         return Err(err());
     }
@@ -56,9 +49,7 @@ pub fn parse_cpus(s: &str) -> Result<u64, QuantityError> {
 pub fn parse_bytes(s: &str) -> Result<u64, QuantityError> {
     let err = || QuantityError::NotASize(s.to_string());
     let t = s.trim();
-    let digits_end = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let digits_end = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits_end);
     if num.is_empty() || num.chars().filter(|c| *c == '.').count() > 1 {
         return Err(err());
@@ -91,20 +82,11 @@ pub fn format_cpus(millis: u64) -> String {
 
 /// Formats a byte count with binary units (`512Mi`, `1.5Gi`).
 pub fn format_bytes(b: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("Ti", 1 << 40),
-        ("Gi", 1 << 30),
-        ("Mi", 1 << 20),
-        ("Ki", 1 << 10),
-    ];
+    const UNITS: [(&str, u64); 4] = [("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
     for (u, m) in UNITS {
         if b >= m {
             let v = b as f64 / m as f64;
-            return if b.is_multiple_of(m) {
-                format!("{}{u}", b / m)
-            } else {
-                format!("{v:.1}{u}")
-            };
+            return if b.is_multiple_of(m) { format!("{}{u}", b / m) } else { format!("{v:.1}{u}") };
         }
     }
     format!("{b}B")
@@ -116,14 +98,7 @@ mod tests {
 
     #[test]
     fn cpus() {
-        for (i, want) in [
-            ("0.5", 500),
-            ("2", 2000),
-            ("500m", 500),
-            (".25", 250),
-            ("1.0005", 1000),
-            ("0.001", 1),
-        ] {
+        for (i, want) in [("0.5", 500), ("2", 2000), ("500m", 500), (".25", 250), ("1.0005", 1000), ("0.001", 1)] {
             assert_eq!(parse_cpus(i), Ok(want), "{i}");
         }
         for bad in ["", "0", "0m", "-1", "abc", "1.2.3", "m", "1e3", "0.0001"] {

@@ -129,8 +129,7 @@ impl Resources {
 
     /// CFS quota for `--cpus`, in microseconds per [`Self::CFS_PERIOD_US`].
     pub fn cfs_quota_us(&self) -> Option<i64> {
-        self.cpus_millis
-            .map(|m| (m * Self::CFS_PERIOD_US / 1000) as i64)
+        self.cpus_millis.map(|m| (m * Self::CFS_PERIOD_US / 1000) as i64)
     }
 }
 
@@ -157,9 +156,7 @@ impl RestartPolicy {
             "on-failure" => Some(Self::OnFailure { max_retries: None }),
             _ => {
                 let n = s.strip_prefix("on-failure:")?.parse().ok()?;
-                Some(Self::OnFailure {
-                    max_retries: Some(n),
-                })
+                Some(Self::OnFailure { max_retries: Some(n) })
             }
         }
     }
@@ -173,9 +170,7 @@ impl RestartPolicy {
         match self {
             Self::No => false,
             Self::Always | Self::UnlessStopped => true,
-            Self::OnFailure { max_retries } => {
-                code != 0 && max_retries.is_none_or(|m| restarts < m)
-            }
+            Self::OnFailure { max_retries } => code != 0 && max_retries.is_none_or(|m| restarts < m),
         }
     }
 }
@@ -187,9 +182,7 @@ impl std::fmt::Display for RestartPolicy {
             Self::Always => f.write_str("always"),
             Self::UnlessStopped => f.write_str("unless-stopped"),
             Self::OnFailure { max_retries: None } => f.write_str("on-failure"),
-            Self::OnFailure {
-                max_retries: Some(n),
-            } => write!(f, "on-failure:{n}"),
+            Self::OnFailure { max_retries: Some(n) } => write!(f, "on-failure:{n}"),
         }
     }
 }
@@ -271,11 +264,7 @@ impl PortMapping {
         let (ip, host, cont) = match parts.as_slice() {
             [c] => (None, *c, *c),
             [h, c] => (None, *h, *c),
-            [ip, h, c] => (
-                Some(ip.trim_start_matches('[').trim_end_matches(']').to_string()),
-                *h,
-                *c,
-            ),
+            [ip, h, c] => (Some(ip.trim_start_matches('[').trim_end_matches(']').to_string()), *h, *c),
             _ => return None,
         };
         let host_port: u16 = host.parse().ok()?;
@@ -286,12 +275,7 @@ impl PortMapping {
         if let Some(ip) = &ip {
             ip.parse::<std::net::IpAddr>().ok()?;
         }
-        Some(PortMapping {
-            host_ip: ip,
-            host_port,
-            container_port,
-            protocol: proto,
-        })
+        Some(PortMapping { host_ip: ip, host_port, container_port, protocol: proto })
     }
 }
 
@@ -373,18 +357,10 @@ mod tests {
     fn ports() {
         let p = PortMapping::parse("127.0.0.1:8080:80/udp").unwrap();
         assert_eq!(
-            (
-                p.host_ip.as_deref(),
-                p.host_port,
-                p.container_port,
-                p.protocol
-            ),
+            (p.host_ip.as_deref(), p.host_port, p.container_port, p.protocol),
             (Some("127.0.0.1"), 8080, 80, Protocol::Udp)
         );
-        assert_eq!(
-            PortMapping::parse("8080:80").unwrap().protocol,
-            Protocol::Tcp
-        );
+        assert_eq!(PortMapping::parse("8080:80").unwrap().protocol, Protocol::Tcp);
         assert_eq!(PortMapping::parse("80").unwrap().host_port, 80);
         for bad in ["", "a:b", "0:80", "8080:80/sctp", "1.2.3:80:80", "70000:80"] {
             assert!(PortMapping::parse(bad).is_none(), "{bad}");
@@ -393,25 +369,15 @@ mod tests {
 
     #[test]
     fn restart_policy() {
-        assert_eq!(
-            RestartPolicy::parse("on-failure:3"),
-            Some(RestartPolicy::OnFailure {
-                max_retries: Some(3)
-            })
-        );
-        let p = RestartPolicy::OnFailure {
-            max_retries: Some(3),
-        };
+        assert_eq!(RestartPolicy::parse("on-failure:3"), Some(RestartPolicy::OnFailure { max_retries: Some(3) }));
+        let p = RestartPolicy::OnFailure { max_retries: Some(3) };
         assert!(p.should_restart(1, 2, false));
         assert!(!p.should_restart(1, 3, false));
         assert!(!p.should_restart(0, 0, false));
         assert!(RestartPolicy::Always.should_restart(0, 100, false));
         assert!(!RestartPolicy::Always.should_restart(1, 0, true));
         assert!(RestartPolicy::parse("sometimes").is_none());
-        assert_eq!(
-            RestartPolicy::parse("on-failure:3").unwrap().to_string(),
-            "on-failure:3"
-        );
+        assert_eq!(RestartPolicy::parse("on-failure:3").unwrap().to_string(), "on-failure:3");
     }
 
     #[test]
@@ -424,10 +390,7 @@ mod tests {
 
     #[test]
     fn cfs_quota() {
-        let r = Resources {
-            cpus_millis: Some(500),
-            ..Default::default()
-        };
+        let r = Resources { cpus_millis: Some(500), ..Default::default() };
         assert_eq!(r.cfs_quota_us(), Some(50_000));
     }
 }

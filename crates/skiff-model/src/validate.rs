@@ -12,10 +12,7 @@ pub struct ValidationError {
 
 impl ValidationError {
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        ValidationError {
-            field: field.into(),
-            problem: problem.into(),
-        }
+        ValidationError { field: field.into(), problem: problem.into() }
     }
 }
 
@@ -24,13 +21,8 @@ impl ValidationError {
 pub fn check_name(field: &str, name: &str) -> Result<(), ValidationError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && !name.ends_with('-');
     if ok {
         Ok(())
@@ -105,44 +97,25 @@ impl Deployment {
         if self.image.trim().is_empty() {
             return Err(ValidationError::new("image", "must not be empty"));
         }
-        if self
-            .image
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(ValidationError::new(
-                "image",
-                format!("{:?} is not an image reference", self.image),
-            ));
+        if self.image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ValidationError::new("image", format!("{:?} is not an image reference", self.image)));
         }
         if self.replicas > 1000 {
-            return Err(ValidationError::new(
-                "replicas",
-                format!("{} is more than the limit of 1000", self.replicas),
-            ));
+            return Err(ValidationError::new("replicas", format!("{} is more than the limit of 1000", self.replicas)));
         }
         for k in self.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(ValidationError::new(
-                    format!("env.{k}"),
-                    "is not a valid variable name",
-                ));
+                return Err(ValidationError::new(format!("env.{k}"), "is not a valid variable name"));
             }
         }
         if let Some(wd) = &self.working_dir {
             if !wd.starts_with('/') {
-                return Err(ValidationError::new(
-                    "working_dir",
-                    format!("{wd:?} must be an absolute path"),
-                ));
+                return Err(ValidationError::new("working_dir", format!("{wd:?} must be an absolute path")));
             }
         }
         let r = &self.resources;
         if r.cpus_millis == Some(0) {
-            return Err(ValidationError::new(
-                "resources.cpus",
-                "must be greater than 0",
-            ));
+            return Err(ValidationError::new("resources.cpus", "must be greater than 0"));
         }
         if let Some(m) = r.memory_bytes {
             // runc refuses limits below what the kernel can honour; Docker's minimum is 6 MiB.
@@ -155,10 +128,7 @@ impl Deployment {
         }
         if let Some(s) = r.cpu_shares {
             if !(2..=262_144).contains(&s) {
-                return Err(ValidationError::new(
-                    "resources.cpu_shares",
-                    format!("{s} is outside 2..=262144"),
-                ));
+                return Err(ValidationError::new("resources.cpu_shares", format!("{s} is outside 2..=262144")));
             }
         }
         if let Some(p) = r.pids_limit {
@@ -171,19 +141,13 @@ impl Deployment {
         }
         if let (Some(res), Some(lim)) = (r.memory_reservation_bytes, r.memory_bytes) {
             if res > lim {
-                return Err(ValidationError::new(
-                    "resources.reservations.memory",
-                    "is larger than the memory limit",
-                ));
+                return Err(ValidationError::new("resources.reservations.memory", "is larger than the memory limit"));
             }
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, p) in self.ports.iter().enumerate() {
             if p.host_port == 0 || p.container_port == 0 {
-                return Err(ValidationError::new(
-                    format!("ports[{i}]"),
-                    "ports must be between 1 and 65535",
-                ));
+                return Err(ValidationError::new(format!("ports[{i}]"), "ports must be between 1 and 65535"));
             }
             if !seen.insert((p.host_ip.clone(), p.host_port, p.protocol)) {
                 return Err(ValidationError::new(
@@ -199,10 +163,7 @@ impl Deployment {
             }
         }
         if self.network != crate::NetworkMode::Bridge && !self.ports.is_empty() {
-            return Err(ValidationError::new(
-                "ports",
-                "published ports need the bridge network mode",
-            ));
+            return Err(ValidationError::new("ports", "published ports need the bridge network mode"));
         }
         for (i, v) in self.volumes.iter().enumerate() {
             if !v.target.starts_with('/') {
@@ -225,19 +186,13 @@ impl Deployment {
         for (field, caps) in [("cap_add", &self.cap_add), ("cap_drop", &self.cap_drop)] {
             for c in caps {
                 if normalize_cap(c).is_none() {
-                    return Err(ValidationError::new(
-                        field,
-                        format!("{c:?} is not a Linux capability"),
-                    ));
+                    return Err(ValidationError::new(field, format!("{c:?} is not a Linux capability")));
                 }
             }
         }
         for (i, d) in self.devices.iter().enumerate() {
             if !d.host_path.starts_with("/dev/") || !d.container_path.starts_with('/') {
-                return Err(ValidationError::new(
-                    format!("devices[{i}]"),
-                    "needs /dev/HOST[:/CONTAINER[:rwm]]",
-                ));
+                return Err(ValidationError::new(format!("devices[{i}]"), "needs /dev/HOST[:/CONTAINER[:rwm]]"));
             }
             if d.permissions.is_empty() || !d.permissions.chars().all(|c| "rwm".contains(c)) {
                 return Err(ValidationError::new(
@@ -248,24 +203,15 @@ impl Deployment {
         }
         if let Some(h) = &self.healthcheck {
             if h.test.is_empty() {
-                return Err(ValidationError::new(
-                    "healthcheck.test",
-                    "must not be empty",
-                ));
+                return Err(ValidationError::new("healthcheck.test", "must not be empty"));
             }
             if h.interval_ms == 0 || h.timeout_ms == 0 {
-                return Err(ValidationError::new(
-                    "healthcheck",
-                    "interval and timeout must be greater than 0",
-                ));
+                return Err(ValidationError::new("healthcheck", "interval and timeout must be greater than 0"));
             }
         }
         for (i, d) in self.depends_on.iter().enumerate() {
             if d.name == self.name {
-                return Err(ValidationError::new(
-                    format!("depends_on[{i}]"),
-                    "a deployment cannot depend on itself",
-                ));
+                return Err(ValidationError::new(format!("depends_on[{i}]"), "a deployment cannot depend on itself"));
             }
         }
         Ok(())
@@ -286,29 +232,18 @@ mod tests {
     #[test]
     fn validation_table() {
         check(|_| {}, None);
-        check(|d| d.name = "Web".into(), Some("name: \"Web\" is not a valid name (lower-case letters, digits, '-' and '_', at most 63 characters)"));
+        check(
+            |d| d.name = "Web".into(),
+            Some("name: \"Web\" is not a valid name (lower-case letters, digits, '-' and '_', at most 63 characters)"),
+        );
         check(|d| d.image = "".into(), Some("image: must not be empty"));
         check(
-            |d| {
-                d.resources = Resources {
-                    memory_bytes: Some(1024),
-                    ..Default::default()
-                }
-            },
+            |d| d.resources = Resources { memory_bytes: Some(1024), ..Default::default() },
             Some("resources.memory: 1024 bytes is below the minimum of 6MiB"),
         );
-        check(
-            |d| d.resources.cpu_shares = Some(1),
-            Some("resources.cpu_shares: 1 is outside 2..=262144"),
-        );
-        check(
-            |d| d.cap_add = vec!["FLY".into()],
-            Some("cap_add: \"FLY\" is not a Linux capability"),
-        );
-        check(
-            |d| d.working_dir = Some("rel".into()),
-            Some("working_dir: \"rel\" must be an absolute path"),
-        );
+        check(|d| d.resources.cpu_shares = Some(1), Some("resources.cpu_shares: 1 is outside 2..=262144"));
+        check(|d| d.cap_add = vec!["FLY".into()], Some("cap_add: \"FLY\" is not a Linux capability"));
+        check(|d| d.working_dir = Some("rel".into()), Some("working_dir: \"rel\" must be an absolute path"));
         check(
             |d| {
                 d.ports = vec![PortMapping::parse("80:80").unwrap()];
@@ -321,10 +256,7 @@ mod tests {
     #[test]
     fn caps() {
         assert_eq!(normalize_cap("net_admin").as_deref(), Some("CAP_NET_ADMIN"));
-        assert_eq!(
-            normalize_cap("CAP_SYS_ADMIN").as_deref(),
-            Some("CAP_SYS_ADMIN")
-        );
+        assert_eq!(normalize_cap("CAP_SYS_ADMIN").as_deref(), Some("CAP_SYS_ADMIN"));
         assert_eq!(normalize_cap("ALL").as_deref(), Some("ALL"));
         assert!(normalize_cap("NOPE").is_none());
     }

@@ -77,21 +77,11 @@ impl Cgroups {
     pub fn detect() -> Self {
         let root = PathBuf::from("/sys/fs/cgroup");
         let v2 = root.join("cgroup.controllers").exists();
-        Cgroups {
-            version: if v2 {
-                CgroupVersion::V2
-            } else {
-                CgroupVersion::V1
-            },
-            root,
-        }
+        Cgroups { version: if v2 { CgroupVersion::V2 } else { CgroupVersion::V1 }, root }
     }
 
     pub fn at(version: CgroupVersion, root: impl Into<PathBuf>) -> Self {
-        Cgroups {
-            version,
-            root: root.into(),
-        }
+        Cgroups { version, root: root.into() }
     }
 
     /// The directory of `cg` (an OCI `cgroupsPath` such as `/skiff/abc`) for `controller`.
@@ -116,8 +106,7 @@ impl Cgroups {
                     cpu_quota_us: read_trim(&cpu.join("cpu.cfs_quota_us"))
                         .and_then(|s| s.parse().ok())
                         .filter(|q: &i64| *q > 0),
-                    cpu_period_us: read_trim(&cpu.join("cpu.cfs_period_us"))
-                        .and_then(|s| s.parse().ok()),
+                    cpu_period_us: read_trim(&cpu.join("cpu.cfs_period_us")).and_then(|s| s.parse().ok()),
                     cpu_shares: read_trim(&cpu.join("cpu.shares")).and_then(|s| s.parse().ok()),
                     cpu_weight: None,
                     memory_bytes: limit(read_trim(&mem.join("memory.limit_in_bytes"))),
@@ -136,8 +125,7 @@ impl Cgroups {
                     }
                     None => (None, None),
                 };
-                let weight: Option<u64> =
-                    read_trim(&d.join("cpu.weight")).and_then(|s| s.parse().ok());
+                let weight: Option<u64> = read_trim(&d.join("cpu.weight")).and_then(|s| s.parse().ok());
                 let mem = limit(read_trim(&d.join("memory.max")));
                 let swap = limit(read_trim(&d.join("memory.swap.max")));
                 CgroupLimits {
@@ -160,9 +148,7 @@ impl Cgroups {
         match self.version {
             CgroupVersion::V1 => {
                 let mem = self.dir("memory", cg);
-                let usage = read_trim(&mem.join("memory.usage_in_bytes"))
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0u64);
+                let usage = read_trim(&mem.join("memory.usage_in_bytes")).and_then(|s| s.parse().ok()).unwrap_or(0u64);
                 // Working set, as cAdvisor/kubelet compute it: usage minus inactive file cache.
                 let inactive = keyed(&mem.join("memory.stat"), "total_inactive_file").unwrap_or(0);
                 CgroupStats {
@@ -178,17 +164,13 @@ impl Cgroups {
             }
             CgroupVersion::V2 => {
                 let d = self.dir("", cg);
-                let usage = read_trim(&d.join("memory.current"))
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0u64);
+                let usage = read_trim(&d.join("memory.current")).and_then(|s| s.parse().ok()).unwrap_or(0u64);
                 let inactive = keyed(&d.join("memory.stat"), "inactive_file").unwrap_or(0);
                 CgroupStats {
                     cpu_usage_ns: keyed(&d.join("cpu.stat"), "usage_usec").unwrap_or(0) * 1000,
                     memory_bytes: usage.saturating_sub(inactive),
                     oom_kills: keyed(&d.join("memory.events"), "oom_kill").unwrap_or(0),
-                    pids: read_trim(&d.join("pids.current"))
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0),
+                    pids: read_trim(&d.join("pids.current")).and_then(|s| s.parse().ok()).unwrap_or(0),
                 }
             }
         }
@@ -210,21 +192,13 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let r = t.path();
         write(r, "skiff/c1/cpu.max", "50000 100000\n");
-        write(
-            r,
-            "skiff/c1/cpu.weight",
-            &format!("{}\n", shares_to_weight(2048)),
-        );
+        write(r, "skiff/c1/cpu.weight", &format!("{}\n", shares_to_weight(2048)));
         write(r, "skiff/c1/memory.max", "536870912\n");
         write(r, "skiff/c1/memory.swap.max", "0\n");
         write(r, "skiff/c1/pids.max", "100\n");
         write(r, "skiff/c1/memory.current", "10485760\n");
         write(r, "skiff/c1/memory.stat", "anon 1\ninactive_file 1048576\n");
-        write(
-            r,
-            "skiff/c1/memory.events",
-            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
-        );
+        write(r, "skiff/c1/memory.events", "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n");
         write(r, "skiff/c1/cpu.stat", "usage_usec 2500\nuser_usec 2000\n");
         write(r, "skiff/c1/pids.current", "3\n");
         let cg = Cgroups::at(CgroupVersion::V2, r);
@@ -236,15 +210,7 @@ mod tests {
         assert_eq!(l.memory_swap_bytes, Some(512 << 20));
         assert_eq!(l.pids_max, Some(100));
         let s = cg.stats("/skiff/c1");
-        assert_eq!(
-            s,
-            CgroupStats {
-                cpu_usage_ns: 2_500_000,
-                memory_bytes: 9 << 20,
-                oom_kills: 1,
-                pids: 3
-            }
-        );
+        assert_eq!(s, CgroupStats { cpu_usage_ns: 2_500_000, memory_bytes: 9 << 20, oom_kills: 1, pids: 3 });
         write(r, "skiff/c2/cpu.max", "max 100000\n");
         write(r, "skiff/c2/memory.max", "max\n");
         let l = cg.limits("/skiff/c2");
@@ -259,17 +225,9 @@ mod tests {
         write(r, "cpu/skiff/c1/cpu.cfs_period_us", "100000\n");
         write(r, "cpu/skiff/c1/cpu.shares", "512\n");
         write(r, "memory/skiff/c1/memory.limit_in_bytes", "67108864\n");
-        write(
-            r,
-            "memory/skiff/c1/memory.memsw.limit_in_bytes",
-            "67108864\n",
-        );
+        write(r, "memory/skiff/c1/memory.memsw.limit_in_bytes", "67108864\n");
         write(r, "memory/skiff/c1/memory.usage_in_bytes", "4096\n");
-        write(
-            r,
-            "memory/skiff/c1/memory.oom_control",
-            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
-        );
+        write(r, "memory/skiff/c1/memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n");
         write(r, "pids/skiff/c1/pids.max", "max\n");
         let cg = Cgroups::at(CgroupVersion::V1, r);
         let l = cg.limits("/skiff/c1");
@@ -278,11 +236,7 @@ mod tests {
             (Some(150_000), Some(512), Some(64 << 20), None)
         );
         assert_eq!(cg.stats("/skiff/c1").oom_kills, 2);
-        write(
-            r,
-            "memory/skiff/c2/memory.limit_in_bytes",
-            "9223372036854771712\n",
-        );
+        write(r, "memory/skiff/c2/memory.limit_in_bytes", "9223372036854771712\n");
         assert_eq!(cg.limits("/skiff/c2").memory_bytes, None);
     }
 }

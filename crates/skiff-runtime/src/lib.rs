@@ -26,11 +26,7 @@ pub use oci::OciRuntime;
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("mounting the rootfs of {id}: {message}")]
     Mount { id: String, message: String },
     #[error(transparent)]
@@ -80,12 +76,7 @@ pub trait Runtime: Send + Sync {
     fn start(&self, id: &str) -> Result<i32, RuntimeError>;
     fn liveness(&self, id: &str) -> Liveness;
     fn signal(&self, id: &str, signal: &str) -> Result<(), RuntimeError>;
-    fn exec(
-        &self,
-        id: &str,
-        argv: &[String],
-        timeout: Duration,
-    ) -> Result<runc::ExecOutput, RuntimeError>;
+    fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<runc::ExecOutput, RuntimeError>;
     /// Rewrites the instance's /etc/hosts in place (the bind mount keeps its inode).
     fn update_hosts(&self, id: &str, hosts: &str) -> Result<(), RuntimeError>;
     /// Stops nothing: removes what `create` made. Call after the instance has exited.

@@ -21,13 +21,7 @@ impl LogWriter {
     pub fn open(path: &Path, max_bytes: u64, max_files: u32) -> std::io::Result<Self> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let size = file.metadata()?.len();
-        Ok(LogWriter {
-            path: path.to_path_buf(),
-            max_bytes,
-            max_files: max_files.max(1),
-            file,
-            size,
-        })
+        Ok(LogWriter { path: path.to_path_buf(), max_bytes, max_files: max_files.max(1), file, size })
     }
 
     pub fn write(&mut self, stream: &str, line: &[u8]) -> std::io::Result<()> {
@@ -58,10 +52,7 @@ impl LogWriter {
             }
             fs::rename(&self.path, name(1))?;
         }
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
+        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
         self.size = 0;
         Ok(())
     }
@@ -104,17 +95,11 @@ mod tests {
         assert!(p.with_extension("log.1").exists());
         assert!(!PathBuf::from(format!("{}.3", p.display())).exists());
         let lines = read_all(&p);
-        let nums: Vec<u32> = lines
-            .iter()
-            .map(|l| l.log.trim_start_matches("line ").parse().unwrap())
-            .collect();
+        let nums: Vec<u32> = lines.iter().map(|l| l.log.trim_start_matches("line ").parse().unwrap()).collect();
         assert!(nums.windows(2).all(|w| w[1] == w[0] + 1), "{nums:?}");
         assert_eq!(*nums.last().unwrap(), 19);
         assert!(nums.len() < 20, "old lines rotated away");
-        let total: u64 = std::fs::read_dir(t.path())
-            .unwrap()
-            .map(|e| e.unwrap().metadata().unwrap().len())
-            .sum();
+        let total: u64 = std::fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
         assert!(total <= 3 * 300 + 100);
     }
 }

@@ -22,17 +22,11 @@ fn ip(args: &[&str]) -> Result<(), NetError> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .map_err(|e| NetError::Ip {
-            args: args.join(" "),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| NetError::Ip { args: args.join(" "), message: e.to_string() })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(NetError::Ip {
-            args: args.join(" "),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
+        Err(NetError::Ip { args: args.join(" "), message: String::from_utf8_lossy(&out.stderr).trim().to_string() })
     }
 }
 
@@ -40,10 +34,7 @@ fn ip(args: &[&str]) -> Result<(), NetError> {
 fn ip_batch(pre: &[&str], script: &str) -> Result<(), NetError> {
     use std::io::Write;
     let args = format!("{} -batch -", pre.join(" "));
-    let err = |m: String| NetError::Ip {
-        args: args.clone(),
-        message: m,
-    };
+    let err = |m: String| NetError::Ip { args: args.clone(), message: m };
     let mut child = Command::new("ip")
         .args(pre)
         .args(["-batch", "-"])
@@ -53,9 +44,7 @@ fn ip_batch(pre: &[&str], script: &str) -> Result<(), NetError> {
         .spawn()
         .map_err(|e| err(e.to_string()))?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| err(e.to_string()))?;
+        stdin.write_all(script.as_bytes()).map_err(|e| err(e.to_string()))?;
     }
     let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
     if out.status.success() {
@@ -82,10 +71,7 @@ impl Subnet {
             return Err(bad());
         }
         let mask = u32::MAX << (32 - prefix);
-        Ok(Subnet {
-            base: Ipv4Addr::from(u32::from(base) & mask),
-            prefix,
-        })
+        Ok(Subnet { base: Ipv4Addr::from(u32::from(base) & mask), prefix })
     }
 
     pub fn gateway(&self) -> Ipv4Addr {

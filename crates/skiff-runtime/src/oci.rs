@@ -28,11 +28,7 @@ pub struct OciRuntime {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RuntimeError + 'a {
-    move |source| RuntimeError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| RuntimeError::Io { op, path: path.to_path_buf(), source }
 }
 
 /// Whether `path` is a mount point, from /proc/self/mountinfo.
@@ -88,16 +84,9 @@ impl OciRuntime {
         if is_mounted(&rootfs) {
             return Ok(rootfs);
         }
-        let lower: Vec<String> = layers
-            .iter()
-            .rev()
-            .map(|p| p.display().to_string())
-            .collect();
+        let lower: Vec<String> = layers.iter().rev().map(|p| p.display().to_string()).collect();
         if lower.is_empty() {
-            return Err(RuntimeError::Mount {
-                id: id.into(),
-                message: "the image has no layers".into(),
-            });
+            return Err(RuntimeError::Mount { id: id.into(), message: "the image has no layers".into() });
         }
         let opts = format!(
             "lowerdir={},upperdir={},workdir={}",
@@ -108,23 +97,11 @@ impl OciRuntime {
         if opts.len() >= 4000 {
             return Err(RuntimeError::Mount {
                 id: id.into(),
-                message: format!(
-                    "{} layers make the overlay options longer than a page",
-                    layers.len()
-                ),
+                message: format!("{} layers make the overlay options longer than a page", layers.len()),
             });
         }
-        nix::mount::mount(
-            Some("overlay"),
-            &rootfs,
-            Some("overlay"),
-            nix::mount::MsFlags::empty(),
-            Some(opts.as_str()),
-        )
-        .map_err(|e| RuntimeError::Mount {
-            id: id.into(),
-            message: e.to_string(),
-        })?;
+        nix::mount::mount(Some("overlay"), &rootfs, Some("overlay"), nix::mount::MsFlags::empty(), Some(opts.as_str()))
+            .map_err(|e| RuntimeError::Mount { id: id.into(), message: e.to_string() })?;
         Ok(rootfs)
     }
 }
@@ -161,8 +138,7 @@ impl Runtime for OciRuntime {
                 cgroups_path: self.cgroups_path(&req.id),
             })?;
             let p = dir.join("config.json");
-            fs::write(&p, serde_json::to_vec_pretty(&spec).unwrap_or_default())
-                .map_err(io("write", &p))?;
+            fs::write(&p, serde_json::to_vec_pretty(&spec).unwrap_or_default()).map_err(io("write", &p))?;
             let shim_cfg = ShimConfig {
                 id: req.id.clone(),
                 runc: self.runc.bin.clone(),
@@ -172,8 +148,7 @@ impl Runtime for OciRuntime {
                 log_max_files: self.log_max_files,
             };
             let p = dir.join(shim::SHIM_CONFIG);
-            fs::write(&p, serde_json::to_vec_pretty(&shim_cfg).unwrap_or_default())
-                .map_err(io("write", &p))
+            fs::write(&p, serde_json::to_vec_pretty(&shim_cfg).unwrap_or_default()).map_err(io("write", &p))
         })();
         if r.is_err() {
             let _ = self.remove(&req.id);
@@ -194,11 +169,7 @@ impl Runtime for OciRuntime {
                 return Liveness::Exited(e);
             }
         }
-        let read_pid = |f: &str| {
-            fs::read_to_string(dir.join(f))
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
-        };
+        let read_pid = |f: &str| fs::read_to_string(dir.join(f)).ok().and_then(|p| p.trim().parse::<i32>().ok());
         // The pid must still be our shim for this bundle (pids are reused after a reboot).
         let bundle = dir.display().to_string();
         let is_shim = |pid: i32| {
@@ -207,9 +178,7 @@ impl Runtime for OciRuntime {
         };
         if read_pid(shim::SHIM_PID_FILE).is_some_and(is_shim) {
             // The shim is watching; it writes exit.json when the container ends.
-            return Liveness::Running {
-                pid: read_pid(shim::PID_FILE).unwrap_or(0),
-            };
+            return Liveness::Running { pid: read_pid(shim::PID_FILE).unwrap_or(0) };
         }
         // runc keeps its state in <root>/<id>: without it there is nothing to ask about.
         if !self.runc.root.join(id).exists() {
@@ -227,12 +196,7 @@ impl Runtime for OciRuntime {
         Ok(self.runc.kill(id, signal)?)
     }
 
-    fn exec(
-        &self,
-        id: &str,
-        argv: &[String],
-        timeout: Duration,
-    ) -> Result<ExecOutput, RuntimeError> {
+    fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecOutput, RuntimeError> {
         Ok(self.runc.exec(id, argv, timeout)?)
     }
 
@@ -254,12 +218,8 @@ impl Runtime for OciRuntime {
         let dir = self.dir(id);
         let rootfs = dir.join("rootfs");
         if is_mounted(&rootfs) {
-            nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
-                RuntimeError::Mount {
-                    id: id.into(),
-                    message: format!("unmount: {e}"),
-                }
-            })?;
+            nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(|e| RuntimeError::Mount { id: id.into(), message: format!("unmount: {e}") })?;
         }
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
@@ -280,11 +240,7 @@ impl Runtime for OciRuntime {
             "hugetlb",
             "",
         ] {
-            let p = self
-                .cgroups
-                .root
-                .join(c)
-                .join(self.cgroups_path(id).trim_start_matches('/'));
+            let p = self.cgroups.root.join(c).join(self.cgroups_path(id).trim_start_matches('/'));
             if p.is_dir() {
                 let _ = fs::remove_dir(&p);
             }

@@ -10,16 +10,9 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum RuncError {
     #[error("starting {bin}: {source}")]
-    Spawn {
-        bin: PathBuf,
-        source: std::io::Error,
-    },
+    Spawn { bin: PathBuf, source: std::io::Error },
     #[error("runc {op} {id}: {message}")]
-    Failed {
-        op: &'static str,
-        id: String,
-        message: String,
-    },
+    Failed { op: &'static str, id: String, message: String },
     #[error("runc exec in {id} timed out after {timeout:?}")]
     Timeout { id: String, timeout: Duration },
 }
@@ -46,10 +39,7 @@ pub struct ExecOutput {
 
 impl Runc {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Runc {
-            bin: PathBuf::from("runc"),
-            root: root.into(),
-        }
+        Runc { bin: PathBuf::from("runc"), root: root.into() }
     }
 
     pub fn command(&self) -> Command {
@@ -64,10 +54,7 @@ impl Runc {
             .args(args)
             .stdin(Stdio::null())
             .output()
-            .map_err(|source| RuncError::Spawn {
-                bin: self.bin.clone(),
-                source,
-            })?;
+            .map_err(|source| RuncError::Spawn { bin: self.bin.clone(), source })?;
         if !out.status.success() {
             return Err(RuncError::Failed {
                 op,
@@ -89,29 +76,17 @@ impl Runc {
     }
 
     pub fn delete(&self, id: &str) -> Result<(), RuncError> {
-        self.run("delete", id, &["delete", "--force", id])
-            .map(|_| ())
+        self.run("delete", id, &["delete", "--force", id]).map(|_| ())
     }
 
     pub fn list(&self) -> Vec<String> {
         self.run("list", "", &["list", "-q"])
-            .map(|o| {
-                String::from_utf8_lossy(&o)
-                    .lines()
-                    .map(str::to_string)
-                    .filter(|s| !s.is_empty())
-                    .collect()
-            })
+            .map(|o| String::from_utf8_lossy(&o).lines().map(str::to_string).filter(|s| !s.is_empty()).collect())
             .unwrap_or_default()
     }
 
     /// Runs `argv` inside the container, capturing output, killed after `timeout`.
-    pub fn exec(
-        &self,
-        id: &str,
-        argv: &[String],
-        timeout: Duration,
-    ) -> Result<ExecOutput, RuncError> {
+    pub fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecOutput, RuncError> {
         let mut child = self
             .command()
             .arg("exec")
@@ -121,40 +96,26 @@ impl Runc {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| RuncError::Spawn {
-                bin: self.bin.clone(),
-                source,
-            })?;
+            .map_err(|source| RuncError::Spawn { bin: self.bin.clone(), source })?;
         let t_out = drain(child.stdout.take());
         let t_err = drain(child.stderr.take());
         let deadline = Instant::now() + timeout;
         let status = loop {
             match child.try_wait() {
                 Ok(Some(s)) => break s,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(RuncError::Timeout {
-                        id: id.to_string(),
-                        timeout,
-                    });
+                    return Err(RuncError::Timeout { id: id.to_string(), timeout });
                 }
             }
         };
         let stdout = t_out.join().unwrap_or_default();
         let stderr = t_err.join().unwrap_or_default();
         use std::os::unix::process::ExitStatusExt;
-        let code = status
-            .code()
-            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-        Ok(ExecOutput {
-            code,
-            stdout,
-            stderr,
-        })
+        let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        Ok(ExecOutput { code, stdout, stderr })
     }
 }
 

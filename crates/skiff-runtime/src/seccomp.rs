@@ -73,15 +73,8 @@ pub const DENIED: &[&str] = &[
 ];
 
 /// CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET.
-const NAMESPACE_FLAGS: &[u64] = &[
-    0x0002_0000,
-    0x0200_0000,
-    0x0400_0000,
-    0x0800_0000,
-    0x1000_0000,
-    0x2000_0000,
-    0x4000_0000,
-];
+const NAMESPACE_FLAGS: &[u64] =
+    &[0x0002_0000, 0x0200_0000, 0x0400_0000, 0x0800_0000, 0x1000_0000, 0x2000_0000, 0x4000_0000];
 
 fn architectures() -> Value {
     match std::env::consts::ARCH {

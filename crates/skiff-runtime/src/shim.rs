@@ -68,27 +68,19 @@ pub fn launch(skiff_bin: &Path, bundle: &Path, id: &str) -> Result<i32, ShimErro
         .spawn()
         .map_err(ShimError::Spawn)?;
     let out = child.stdout.take();
-    let _ = std::thread::Builder::new()
-        .name("shim-reaper".into())
-        .stack_size(32 * 1024)
-        .spawn(move || {
-            let _ = child.wait();
-        });
+    let _ = std::thread::Builder::new().name("shim-reaper".into()).stack_size(32 * 1024).spawn(move || {
+        let _ = child.wait();
+    });
     let mut line = String::new();
     if let Some(out) = out {
         let _ = BufReader::new(out).take(64 * 1024).read_line(&mut line);
     }
     let line = line.trim();
     if let Some(pid) = line.strip_prefix("ok ") {
-        return pid
-            .parse()
-            .map_err(|_| ShimError::NoAnswer { id: id.to_string() });
+        return pid.parse().map_err(|_| ShimError::NoAnswer { id: id.to_string() });
     }
     if let Some(msg) = line.strip_prefix("err ") {
-        return Err(ShimError::Start {
-            id: id.to_string(),
-            message: msg.to_string(),
-        });
+        return Err(ShimError::Start { id: id.to_string(), message: msg.to_string() });
     }
     Err(ShimError::NoAnswer { id: id.to_string() })
 }
@@ -98,10 +90,7 @@ pub fn main(bundle: &Path, daemon: bool) -> i32 {
     if !daemon {
         // By hand: start the daemon and print its answer.
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
-        let id = bundle
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let id = bundle.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         return match launch(&exe, bundle, &id) {
             Ok(pid) => {
                 println!("ok {pid}");
@@ -129,16 +118,8 @@ pub fn main(bundle: &Path, daemon: bool) -> i32 {
 }
 
 fn diag(bundle: &Path, msg: &str) {
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(bundle.join("shim.log"))
-    {
-        let _ = writeln!(
-            f,
-            "{} {msg}",
-            crate::time::rfc3339_nanos(std::time::SystemTime::now())
-        );
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(bundle.join("shim.log")) {
+        let _ = writeln!(f, "{} {msg}", crate::time::rfc3339_nanos(std::time::SystemTime::now()));
     }
 }
 
@@ -151,10 +132,7 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
     let _ = std::fs::write(bundle.join(SHIM_PID_FILE), std::process::id().to_string());
     let _ = std::fs::remove_file(bundle.join(EXIT_FILE));
     let _ = std::fs::remove_file(bundle.join(PID_FILE));
-    let runc = Runc {
-        bin: cfg.runc.clone(),
-        root: cfg.runc_root.clone(),
-    };
+    let runc = Runc { bin: cfg.runc.clone(), root: cfg.runc_root.clone() };
     let runc_log = bundle.join("runc.log");
     let _ = std::fs::remove_file(&runc_log);
 
@@ -181,8 +159,7 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
         .status()
         .map_err(|e| format!("running runc: {e}"))?;
     if !status.success() {
-        let msg =
-            last_log_error(&runc_log).unwrap_or_else(|| format!("runc run exited with {status}"));
+        let msg = last_log_error(&runc_log).unwrap_or_else(|| format!("runc run exited with {status}"));
         let _ = runc.delete(&cfg.id);
         return Err(msg);
     }
@@ -211,24 +188,13 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
     if let Err(e) = runc.delete(&cfg.id) {
         diag(bundle, &format!("runc delete: {e}"));
     }
-    let exit = ExitStatus {
-        code,
-        signal,
-        oom_killed,
-        finished_at_ms: crate::time::now_ms(),
-    };
+    let exit = ExitStatus { code, signal, oom_killed, finished_at_ms: crate::time::now_ms() };
     let tmp = bundle.join(".exit.json.tmp");
     let bytes = serde_json::to_vec(&exit).unwrap_or_default();
-    if std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::rename(&tmp, bundle.join(EXIT_FILE)))
-        .is_err()
-    {
+    if std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, bundle.join(EXIT_FILE))).is_err() {
         diag(bundle, "could not write exit.json");
     }
-    diag(
-        bundle,
-        &format!("container exited: code {code} signal {signal:?} oom {oom_killed}"),
-    );
+    diag(bundle, &format!("container exited: code {code} signal {signal:?} oom {oom_killed}"));
     Ok(())
 }
 
@@ -259,9 +225,7 @@ fn wait_for(pid: i32) -> (i32, Option<i32>) {
     loop {
         match waitpid(Pid::from_raw(-1), None) {
             Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => return (code, None),
-            Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => {
-                return (128 + sig as i32, Some(sig as i32))
-            }
+            Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => return (128 + sig as i32, Some(sig as i32)),
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => {}
             Err(_) => {

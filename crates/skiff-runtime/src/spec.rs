@@ -97,13 +97,7 @@ pub const MASKED_PATHS: &[&str] = &[
     "/sys/firmware",
     "/sys/devices/virtual/powercap",
 ];
-pub const READONLY_PATHS: &[&str] = &[
-    "/proc/bus",
-    "/proc/fs",
-    "/proc/irq",
-    "/proc/sys",
-    "/proc/sysrq-trigger",
-];
+pub const READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
 
 /// Everything about one instance that the spec needs besides the deployment.
 pub struct SpecInput<'a> {
@@ -151,10 +145,7 @@ pub fn argv(d: &Deployment, img: &ImageConfig) -> Result<Vec<String>, SpecError>
         Some(e) => (e.clone(), d.command.clone().unwrap_or_default()),
         None => (
             img.entrypoint.clone().unwrap_or_default(),
-            d.command
-                .clone()
-                .or_else(|| img.cmd.clone())
-                .unwrap_or_default(),
+            d.command.clone().or_else(|| img.cmd.clone()).unwrap_or_default(),
         ),
     };
     let v: Vec<String> = entry.into_iter().chain(cmd).collect();
@@ -167,10 +158,7 @@ pub fn argv(d: &Deployment, img: &ImageConfig) -> Result<Vec<String>, SpecError>
 /// Image env, then the deployment's on top; PATH defaults like Docker's.
 pub fn env(d: &Deployment, img: &ImageConfig, hostname: &str) -> Vec<String> {
     let mut m: BTreeMap<String, String> = BTreeMap::new();
-    m.insert(
-        "PATH".into(),
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-    );
+    m.insert("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     for kv in img.env.iter().flatten() {
         if let Some((k, v)) = kv.split_once('=') {
             m.insert(k.into(), v.into());
@@ -201,22 +189,16 @@ pub fn resolve_user(spec: Option<&str>, rootfs: &Path) -> Result<(u32, u32), Spe
     let Some(spec) = spec.filter(|s| !s.is_empty()) else {
         return Ok((0, 0));
     };
-    let err = |p: &str| SpecError::User {
-        user: spec.to_string(),
-        problem: p.to_string(),
-    };
+    let err = |p: &str| SpecError::User { user: spec.to_string(), problem: p.to_string() };
     let (u, g) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
     let (uid, primary) = match u.parse::<u32>() {
-        Ok(n) => (
-            n,
-            lookup(&rootfs.join("etc/passwd"), u).and_then(|(_, g)| g),
-        ),
+        Ok(n) => (n, lookup(&rootfs.join("etc/passwd"), u).and_then(|(_, g)| g)),
         Err(_) => {
-            let (uid, gid) = lookup(&rootfs.join("etc/passwd"), u)
-                .ok_or_else(|| err("no such user in the image's /etc/passwd"))?;
+            let (uid, gid) =
+                lookup(&rootfs.join("etc/passwd"), u).ok_or_else(|| err("no such user in the image's /etc/passwd"))?;
             (uid, gid)
         }
     };
@@ -265,12 +247,8 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         mounts.push(json!({"destination": dst, "type": "bind", "source": src, "options": opts}));
     }
 
-    let mut namespaces = vec![
-        json!({"type": "pid"}),
-        json!({"type": "ipc"}),
-        json!({"type": "uts"}),
-        json!({"type": "mount"}),
-    ];
+    let mut namespaces =
+        vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"})];
     match (d.network, &input.netns) {
         (NetworkMode::Host, _) => {}
         (_, Some(p)) => namespaces.push(json!({"type": "network", "path": p})),
@@ -285,17 +263,15 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
     for dev in &d.devices {
         if let Some((kind, major, minor)) = device_numbers(Path::new(&dev.host_path)) {
             devices.push(json!({"path": dev.container_path, "type": kind, "major": major, "minor": minor, "fileMode": 0o666, "uid": 0, "gid": 0}));
-            cgroup_devices.push(json!({"allow": true, "type": kind, "major": major, "minor": minor, "access": dev.permissions}));
+            cgroup_devices
+                .push(json!({"allow": true, "type": kind, "major": major, "minor": minor, "access": dev.permissions}));
         }
     }
     let mut resources = json!({"devices": cgroup_devices});
     let mut cpu = serde_json::Map::new();
     if let Some(q) = r.cfs_quota_us() {
         cpu.insert("quota".into(), json!(q));
-        cpu.insert(
-            "period".into(),
-            json!(skiff_model::Resources::CFS_PERIOD_US),
-        );
+        cpu.insert("period".into(), json!(skiff_model::Resources::CFS_PERIOD_US));
     }
     if let Some(s) = r.cpu_shares {
         cpu.insert("shares".into(), json!(s));
@@ -360,11 +336,7 @@ fn device_numbers(p: &Path) -> Option<(&'static str, u64, u64)> {
         return None;
     };
     let rdev = m.rdev();
-    Some((
-        kind,
-        nix::sys::stat::major(rdev),
-        nix::sys::stat::minor(rdev),
-    ))
+    Some((kind, nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev)))
 }
 
 #[cfg(test)]
@@ -413,46 +385,24 @@ mod tests {
         assert_eq!(s["process"]["noNewPrivileges"], true);
         let r = &s["linux"]["resources"];
         assert_eq!(
-            (
-                r["cpu"]["quota"].as_i64(),
-                r["cpu"]["period"].as_u64(),
-                r["cpu"]["shares"].as_u64()
-            ),
+            (r["cpu"]["quota"].as_i64(), r["cpu"]["period"].as_u64(), r["cpu"]["shares"].as_u64()),
             (Some(50_000), Some(100_000), Some(2048))
         );
-        assert_eq!(
-            (r["memory"]["limit"].as_i64(), r["memory"]["swap"].as_i64()),
-            (Some(64 << 20), Some(64 << 20))
-        );
+        assert_eq!((r["memory"]["limit"].as_i64(), r["memory"]["swap"].as_i64()), (Some(64 << 20), Some(64 << 20)));
         assert_eq!(r["pids"]["limit"], 50);
-        let caps: Vec<String> =
-            serde_json::from_value(s["process"]["capabilities"]["bounding"].clone()).unwrap();
-        assert!(
-            caps.contains(&"CAP_SYS_TIME".to_string())
-                && !caps.contains(&"CAP_NET_RAW".to_string())
-        );
+        let caps: Vec<String> = serde_json::from_value(s["process"]["capabilities"]["bounding"].clone()).unwrap();
+        assert!(caps.contains(&"CAP_SYS_TIME".to_string()) && !caps.contains(&"CAP_NET_RAW".to_string()));
         assert!(!caps.contains(&"CAP_SYS_ADMIN".to_string()));
-        assert!(s["linux"]["maskedPaths"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("/proc/kcore")));
+        assert!(s["linux"]["maskedPaths"].as_array().unwrap().contains(&json!("/proc/kcore")));
         assert_eq!(s["linux"]["namespaces"].as_array().unwrap().len(), 5);
-        let vol = s["mounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["destination"] == "/v")
-            .unwrap();
+        let vol = s["mounts"].as_array().unwrap().iter().find(|m| m["destination"] == "/v").unwrap();
         assert!(vol["options"].as_array().unwrap().contains(&json!("ro")));
     }
 
     #[test]
     fn argv_follows_docker() {
-        let img = ImageConfig {
-            entrypoint: Some(vec!["/ep".into()]),
-            cmd: Some(vec!["a".into()]),
-            ..Default::default()
-        };
+        let img =
+            ImageConfig { entrypoint: Some(vec!["/ep".into()]), cmd: Some(vec!["a".into()]), ..Default::default() };
         let mut d = Deployment::new("x", "i");
         assert_eq!(argv(&d, &img).unwrap(), ["/ep", "a"]);
         d.command = Some(vec!["b".into()]);
@@ -460,20 +410,14 @@ mod tests {
         d.entrypoint = Some(vec!["/other".into()]);
         d.command = None;
         assert_eq!(argv(&d, &img).unwrap(), ["/other"]);
-        assert!(matches!(
-            argv(&Deployment::new("x", "i"), &ImageConfig::default()),
-            Err(SpecError::NoCommand)
-        ));
+        assert!(matches!(argv(&Deployment::new("x", "i"), &ImageConfig::default()), Err(SpecError::NoCommand)));
     }
 
     #[test]
     fn caps_all() {
         assert!(capabilities(&[], &["ALL".into()]).is_empty());
         assert_eq!(capabilities(&["ALL".into()], &[]).len(), ALL_CAPS.len());
-        assert_eq!(
-            capabilities(&["NET_ADMIN".into()], &["ALL".into()]),
-            vec!["CAP_NET_ADMIN".to_string()]
-        );
+        assert_eq!(capabilities(&["NET_ADMIN".into()], &["ALL".into()]), vec!["CAP_NET_ADMIN".to_string()]);
     }
 
     #[test]
@@ -481,10 +425,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(t.path().join("etc")).unwrap();
         std::fs::write(t.path().join("etc/group"), "staff:x:50:\n").unwrap();
-        assert_eq!(
-            resolve_user(Some("1000:staff"), t.path()).unwrap(),
-            (1000, 50)
-        );
+        assert_eq!(resolve_user(Some("1000:staff"), t.path()).unwrap(), (1000, 50));
         assert_eq!(resolve_user(Some("5:6"), t.path()).unwrap(), (5, 6));
         assert!(resolve_user(Some("ghost"), t.path()).is_err());
     }

@@ -26,9 +26,7 @@ impl Default for LayerBuilder {
 
 impl LayerBuilder {
     pub fn new() -> Self {
-        LayerBuilder {
-            b: tar::Builder::new(Vec::new()),
-        }
+        LayerBuilder { b: tar::Builder::new(Vec::new()) }
     }
 
     fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
@@ -120,16 +118,10 @@ impl LayerBuilder {
 /// A root filesystem layer with busybox-static and a symlink per applet, `/etc/passwd`,
 /// and a page for `httpd` under `/www`.
 pub fn busybox_layer() -> Result<Vec<u8>> {
-    let bb = std::fs::read(BUSYBOX)
-        .with_context(|| format!("reading {BUSYBOX} (apt-get install busybox-static)"))?;
-    let out = std::process::Command::new(BUSYBOX)
-        .arg("--list")
-        .output()
-        .context("busybox --list")?;
+    let bb = std::fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX} (apt-get install busybox-static)"))?;
+    let out = std::process::Command::new(BUSYBOX).arg("--list").output().context("busybox --list")?;
     let mut l = LayerBuilder::new();
-    for d in [
-        "bin", "etc", "tmp", "proc", "sys", "dev", "www", "var", "root", "data",
-    ] {
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "www", "var", "root", "data"] {
         l = l.dir(d, if d == "tmp" { 0o1777 } else { 0o755 })?;
     }
     l = l.file("bin/busybox", 0o755, &bb)?;
@@ -139,11 +131,7 @@ pub fn busybox_layer() -> Result<Vec<u8>> {
         }
     }
     l = l
-        .file(
-            "etc/passwd",
-            0o644,
-            b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
-        )?
+        .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")?
         .file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?
         .file("www/index.html", 0o644, b"hello from skiff\n")?;
     l.finish()
@@ -258,10 +246,7 @@ impl ImageBuilder {
     /// Writes a tarball in the classic `docker save` format (manifest.json, `<id>.json`,
     /// `<n>/layer.tar`).
     pub fn write_docker_save(&self, path: &Path, name: &str) -> Result<()> {
-        let plain = ImageBuilder {
-            gzip: false,
-            ..self.clone()
-        };
+        let plain = ImageBuilder { gzip: false, ..self.clone() };
         let (config, layers) = plain.blobs()?;
         let cid = sha256(&config).trim_start_matches("sha256:").to_string();
         let mut b = tar::Builder::new(std::fs::File::create(path)?);
@@ -303,15 +288,11 @@ pub fn privileged_skip_reason() -> Option<String> {
     }
     for bin in ["runc", "ip"] {
         if which(bin).is_none() {
-            return Some(format!(
-                "{bin} is not installed (apt-get install runc iproute2)"
-            ));
+            return Some(format!("{bin} is not installed (apt-get install runc iproute2)"));
         }
     }
     if !Path::new(BUSYBOX).exists() {
-        return Some(format!(
-            "{BUSYBOX} is missing (apt-get install busybox-static)"
-        ));
+        return Some(format!("{BUSYBOX} is missing (apt-get install busybox-static)"));
     }
     None
 }
@@ -319,20 +300,12 @@ pub fn privileged_skip_reason() -> Option<String> {
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
 }
 
 pub fn which(bin: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(bin))
-        .find(|p| p.is_file())
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(bin)).find(|p| p.is_file())
 }
 
 /// Returns early from a test with a printed reason when privileged tests cannot run.

@@ -6,27 +6,16 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use skiff_model::api::{ApplyRequest, ApplyResponse, DeploymentView};
 use skiff_model::{
-    Deployment, DeviceMapping, InstanceStatus, LogLine, NetworkMode, PortMapping, RestartPolicy,
-    Volume, VolumeSource,
+    Deployment, DeviceMapping, InstanceStatus, LogLine, NetworkMode, PortMapping, RestartPolicy, Volume, VolumeSource,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(
-    name = "skiff",
-    version,
-    about = "Run containers on fleets of small edge devices",
-    propagate_version = true
-)]
+#[command(name = "skiff", version, about = "Run containers on fleets of small edge devices", propagate_version = true)]
 pub struct Cli {
     /// Data directory (state, images, containers).
-    #[arg(
-        long,
-        global = true,
-        env = "SKIFF_DATA",
-        default_value = "/var/lib/skiff"
-    )]
+    #[arg(long, global = true, env = "SKIFF_DATA", default_value = "/var/lib/skiff")]
     pub data: PathBuf,
     /// Client config naming the hub and its token (default: $SKIFF_CONFIG,
     /// ~/.config/skiff/config, then <data>/admin.conf).
@@ -187,11 +176,7 @@ pub fn main() -> i32 {
     if let Cmd::Shim { bundle, daemon } = &cli.cmd {
         return skiff_runtime::shim::main(bundle, *daemon);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -218,11 +203,8 @@ fn init_tracing(verbose: u8, quiet: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
 fn client(cli: &Cli) -> Result<Client> {
@@ -250,11 +232,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Run(args) => {
             let d = deployment_from_run(args)?;
             let name = d.name.clone();
-            let req = ApplyRequest {
-                deployments: vec![d],
-                prune_stack: None,
-                dry_run: false,
-            };
+            let req = ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false };
             let r: ApplyResponse = client(&cli)?.post("/api/v1/apply", &req).await?;
             if r.unchanged.contains(&name) {
                 eprintln!("deployment {name} is already running with this spec");
@@ -286,31 +264,22 @@ async fn run(cli: Cli) -> Result<i32> {
             let name = match (kind_or_name.as_str(), name) {
                 ("deployment" | "deployments" | "deploy", Some(n)) => n.clone(),
                 (other, None) => other.to_string(),
-                (other, Some(_)) => bail!("cannot delete {other:?}: only deployments can be deleted (skiff delete deployment NAME)"),
+                (other, Some(_)) => {
+                    bail!("cannot delete {other:?}: only deployments can be deleted (skiff delete deployment NAME)")
+                }
             };
-            client(&cli)?
-                .delete(&format!("/api/v1/deployments/{name}"))
-                .await?;
+            client(&cli)?.delete(&format!("/api/v1/deployments/{name}")).await?;
             println!("deployment {name} deleted");
             Ok(0)
         }
-        Cmd::Logs {
-            name,
-            follow,
-            tail,
-            timestamps,
-        } => logs(&client(&cli)?, name, *follow, *tail, *timestamps).await,
+        Cmd::Logs { name, follow, tail, timestamps } => logs(&client(&cli)?, name, *follow, *tail, *timestamps).await,
         Cmd::Exec { instance, command } => {
             #[derive(serde::Serialize)]
             struct Body<'a> {
                 argv: &'a [String],
             }
-            let r: skiff_hub::ExecResult = client(&cli)?
-                .post(
-                    &format!("/api/v1/instances/{instance}/exec"),
-                    &Body { argv: command },
-                )
-                .await?;
+            let r: skiff_hub::ExecResult =
+                client(&cli)?.post(&format!("/api/v1/instances/{instance}/exec"), &Body { argv: command }).await?;
             print!("{}", r.stdout);
             eprint!("{}", r.stderr);
             Ok(r.code)
@@ -322,12 +291,9 @@ async fn run(cli: Cli) -> Result<i32> {
 
 pub fn print_apply(r: &ApplyResponse, dry_run: bool) {
     let suffix = if dry_run { " (dry run)" } else { "" };
-    for (verb, names) in [
-        ("created", &r.created),
-        ("updated", &r.updated),
-        ("unchanged", &r.unchanged),
-        ("deleted", &r.deleted),
-    ] {
+    for (verb, names) in
+        [("created", &r.created), ("updated", &r.updated), ("unchanged", &r.unchanged), ("deleted", &r.deleted)]
+    {
         for n in names {
             println!("deployment {n} {verb}{suffix}");
         }
@@ -335,14 +301,7 @@ pub fn print_apply(r: &ApplyResponse, dry_run: bool) {
 }
 
 fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
-    let base = a
-        .image
-        .rsplit('/')
-        .next()
-        .unwrap_or(&a.image)
-        .split([':', '@'])
-        .next()
-        .unwrap_or("app");
+    let base = a.image.rsplit('/').next().unwrap_or(&a.image).split([':', '@']).next().unwrap_or("app");
     let name = match &a.name {
         Some(n) => n.clone(),
         None => {
@@ -350,49 +309,31 @@ fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
             if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
                 let _ = std::io::Read::read_exact(&mut f, &mut b);
             }
-            let clean: String = base
-                .to_ascii_lowercase()
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-                .collect();
-            format!(
-                "{}-{:02x}{:02x}",
-                if clean.is_empty() { "app" } else { &clean },
-                b[0],
-                b[1]
-            )
+            let clean: String =
+                base.to_ascii_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+            format!("{}-{:02x}{:02x}", if clean.is_empty() { "app" } else { &clean }, b[0], b[1])
         }
     };
     let mut d = Deployment::new(name, a.image.clone());
     if let Some(c) = &a.cpus {
-        d.resources.cpus_millis =
-            Some(skiff_model::parse_cpus(c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?);
+        d.resources.cpus_millis = Some(skiff_model::parse_cpus(c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?);
     }
     if let Some(m) = &a.memory {
-        d.resources.memory_bytes =
-            Some(skiff_model::parse_bytes(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?);
+        d.resources.memory_bytes = Some(skiff_model::parse_bytes(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?);
     }
     d.resources.cpu_shares = a.cpu_shares;
     d.resources.pids_limit = a.pids_limit;
-    d.restart = RestartPolicy::parse(&a.restart).with_context(|| {
-        format!(
-            "--restart: {:?} is not no, always, on-failure[:N] or unless-stopped",
-            a.restart
-        )
-    })?;
+    d.restart = RestartPolicy::parse(&a.restart)
+        .with_context(|| format!("--restart: {:?} is not no, always, on-failure[:N] or unless-stopped", a.restart))?;
     for kv in &a.env {
         match kv.split_once('=') {
             Some((k, v)) => d.env.insert(k.into(), v.into()),
-            None => d
-                .env
-                .insert(kv.clone(), std::env::var(kv).unwrap_or_default()),
+            None => d.env.insert(kv.clone(), std::env::var(kv).unwrap_or_default()),
         };
     }
     for p in &a.publish {
         d.ports.push(PortMapping::parse(p).with_context(|| {
-            format!(
-                "--publish: {p:?} is not a port mapping (examples: 8080:80, 127.0.0.1:53:53/udp)"
-            )
+            format!("--publish: {p:?} is not a port mapping (examples: 8080:80, 127.0.0.1:53:53/udp)")
         })?);
     }
     for v in &a.volume {
@@ -408,11 +349,7 @@ fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
         } else {
             VolumeSource::Named { name: src.into() }
         };
-        d.volumes.push(Volume {
-            source,
-            target: dst.into(),
-            read_only: ro,
-        });
+        d.volumes.push(Volume { source, target: dst.into(), read_only: ro });
     }
     d.network = match a.network.as_str() {
         "bridge" => NetworkMode::Bridge,
@@ -424,11 +361,7 @@ fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
     d.user = a.user.clone();
     d.working_dir = a.workdir.clone();
     if let Some(e) = &a.entrypoint {
-        d.entrypoint = Some(if e.is_empty() {
-            vec![]
-        } else {
-            vec![e.clone()]
-        });
+        d.entrypoint = Some(if e.is_empty() { vec![] } else { vec![e.clone()] });
     }
     d.cap_add = a.cap_add.clone();
     d.cap_drop = a.cap_drop.clone();
@@ -440,11 +373,7 @@ fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
             [h, c, p] => (*h, *c, *p),
             _ => bail!("--device: {dev:?} is not HOST[:CONTAINER[:rwm]]"),
         };
-        d.devices.push(DeviceMapping {
-            host_path: h.into(),
-            container_path: c.into(),
-            permissions: p.into(),
-        });
+        d.devices.push(DeviceMapping { host_path: h.into(), container_path: c.into(), permissions: p.into() });
     }
     d.replicas = a.replicas;
     d.stop_grace_period_ms = a.stop_timeout * 1000;
@@ -465,19 +394,12 @@ fn instance_row(i: &InstanceStatus) -> Vec<String> {
         S::Running => format!("running {}", output::age(i.started_at_ms)),
         S::Exited | S::Restarting | S::Failed => {
             let oom = if i.oom_killed { ", oom" } else { "" };
-            let code = i
-                .exit_code
-                .map(|c| format!(" ({c}{oom})"))
-                .unwrap_or_default();
+            let code = i.exit_code.map(|c| format!(" ({c}{oom})")).unwrap_or_default();
             format!("{}{code}", i.state)
         }
         s => s.to_string(),
     };
-    let ports = if i.ports.is_empty() {
-        "-".into()
-    } else {
-        i.ports.join(",")
-    };
+    let ports = if i.ports.is_empty() { "-".into() } else { i.ports.join(",") };
     vec![
         i.name.clone(),
         i.deployment.clone(),
@@ -492,11 +414,7 @@ fn instance_row(i: &InstanceStatus) -> Vec<String> {
 }
 
 fn deployment_row(d: &DeploymentView) -> Vec<String> {
-    let running = d
-        .instances
-        .iter()
-        .filter(|i| i.state == skiff_model::InstanceState::Running)
-        .count();
+    let running = d.instances.iter().filter(|i| i.state == skiff_model::InstanceState::Running).count();
     let r = &d.spec.resources;
     vec![
         d.spec.name.clone(),
@@ -515,46 +433,24 @@ async fn get(c: &Client, kind: Kind, f: Format) -> Result<i32> {
         Kind::Instances => {
             let mut v: Vec<InstanceStatus> = c.get("/api/v1/instances").await?;
             v.sort_by(|a, b| a.name.cmp(&b.name));
-            let h = [
-                "NAME",
-                "DEPLOYMENT",
-                "STATUS",
-                "HEALTH",
-                "RESTARTS",
-                "PID",
-                "IP",
-                "PORTS",
-                "MESSAGE",
-            ];
+            let h = ["NAME", "DEPLOYMENT", "STATUS", "HEALTH", "RESTARTS", "PID", "IP", "PORTS", "MESSAGE"];
             output::print(&v, f, &h, instance_row)?;
         }
         Kind::Deployments => {
             let v: Vec<DeploymentView> = c.get("/api/v1/deployments").await?;
-            let h = [
-                "NAME", "STACK", "READY", "IMAGE", "CPUS", "MEMORY", "RESTART", "REVISION",
-            ];
+            let h = ["NAME", "STACK", "READY", "IMAGE", "CPUS", "MEMORY", "RESTART", "REVISION"];
             output::print(&v, f, &h, deployment_row)?;
         }
         Kind::Nodes => {
             let v: Vec<skiff_hub::NodeInfo> = c.get("/api/v1/nodes").await?;
             output::print(&v, f, &["NAME", "STATE", "PLATFORM", "INSTANCES"], |n| {
-                vec![
-                    n.name.clone(),
-                    n.state.clone(),
-                    format!("{}/{}", n.os, n.arch),
-                    n.instances.to_string(),
-                ]
+                vec![n.name.clone(), n.state.clone(), format!("{}/{}", n.os, n.arch), n.instances.to_string()]
             })?;
         }
         Kind::Events => {
             let v: Vec<skiff_model::EventRecord> = c.get("/api/v1/events").await?;
             output::print(&v, f, &["AGE", "OBJECT", "REASON", "MESSAGE"], |e| {
-                vec![
-                    output::age(Some(e.time_ms)),
-                    e.object.clone(),
-                    e.reason.clone(),
-                    e.message.clone(),
-                ]
+                vec![output::age(Some(e.time_ms)), e.object.clone(), e.reason.clone(), e.message.clone()]
             })?;
         }
     }
@@ -582,11 +478,7 @@ async fn logs(c: &Client, name: &str, follow: bool, tail: Option<usize>, ts: boo
                 Some((inst, s)) => (format!("{inst} | "), s.to_string()),
                 None => (String::new(), l.stream.clone()),
             };
-            let t = if ts {
-                format!("{} ", l.time)
-            } else {
-                String::new()
-            };
+            let t = if ts { format!("{} ", l.time) } else { String::new() };
             if stream == "stderr" {
                 let _ = writeln!(stderr.lock(), "{prefix}{t}{}", l.log);
             } else {
@@ -611,11 +503,7 @@ fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
         ImageCmd::Ls { output: f } => {
             let v = store.list()?;
             output::print(&v, *f, &["REFERENCE", "DIGEST", "SIZE"], |i| {
-                vec![
-                    i.reference.clone(),
-                    i.digest.chars().take(19).collect(),
-                    skiff_model::format_bytes(i.size),
-                ]
+                vec![i.reference.clone(), i.digest.chars().take(19).collect(), skiff_model::format_bytes(i.size)]
             })?;
         }
         ImageCmd::Rm { reference } => {
@@ -623,10 +511,7 @@ fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
             println!("Untagged: {reference}");
         }
         ImageCmd::Inspect { reference } => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&store.inspect(reference)?)?
-            );
+            println!("{}", serde_json::to_string_pretty(&store.inspect(reference)?)?);
         }
         ImageCmd::Prune => {
             let freed = store.gc()?;
@@ -643,9 +528,7 @@ fn images_in_use(data: &Path) -> BTreeMap<String, Vec<String>> {
     if db.exists() {
         if let Ok(s) = skiff_agent::state::State::open(&db) {
             for d in s.desired().unwrap_or_default() {
-                m.entry(skiff_image::normalize_reference(&d.image))
-                    .or_default()
-                    .push(d.name);
+                m.entry(skiff_image::normalize_reference(&d.image)).or_default().push(d.name);
             }
         }
     }

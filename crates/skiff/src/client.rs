@@ -13,9 +13,7 @@ pub struct Client {
 
 impl Client {
     pub fn new(cfg: ClientConfig) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .build()
-            .context("building the HTTP client")?;
+        let http = reqwest::Client::builder().build().context("building the HTTP client")?;
         Ok(Client { http, cfg })
     }
 
@@ -28,37 +26,22 @@ impl Client {
             .bearer_auth(&self.cfg.token)
             .send()
             .await
-            .with_context(|| {
-                format!(
-                    "cannot reach the hub at {} (is `skiff up` running?)",
-                    self.cfg.server
-                )
-            })?;
+            .with_context(|| format!("cannot reach the hub at {} (is `skiff up` running?)", self.cfg.server))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        let msg = serde_json::from_str::<ErrorBody>(&text)
-            .map(|e| e.error)
-            .unwrap_or(text);
+        let msg = serde_json::from_str::<ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
         bail!("{msg} ({status})")
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        Ok(self
-            .send(self.http.get(self.url(path)))
-            .await?
-            .json()
-            .await?)
+        Ok(self.send(self.http.get(self.url(path))).await?.json().await?)
     }
 
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        Ok(self
-            .send(self.http.post(self.url(path)).json(body))
-            .await?
-            .json()
-            .await?)
+        Ok(self.send(self.http.post(self.url(path)).json(body)).await?.json().await?)
     }
 
     pub async fn delete(&self, path: &str) -> Result<()> {

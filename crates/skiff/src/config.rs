@@ -26,10 +26,9 @@ pub fn find(explicit: Option<&Path>, data: &Path) -> Result<(PathBuf, ClientConf
     }
     for c in &candidates {
         if c.exists() {
-            let text =
-                std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
-            let cfg: ClientConfig = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a skiff client config", c.display()))?;
+            let text = std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
+            let cfg: ClientConfig =
+                serde_json::from_str(&text).with_context(|| format!("{}: not a skiff client config", c.display()))?;
             return Ok((c.clone(), cfg));
         }
     }

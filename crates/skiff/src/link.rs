@@ -15,9 +15,7 @@ impl NodeLink for LocalAgent {
     }
 
     fn assign(&self, deployments: Vec<Deployment>, revision: u64) -> Result<(), String> {
-        self.0
-            .set_desired(&deployments, revision)
-            .map_err(|e| e.to_string())
+        self.0.set_desired(&deployments, revision).map_err(|e| e.to_string())
     }
 
     fn instances(&self) -> Result<Vec<InstanceStatus>, String> {
@@ -32,33 +30,17 @@ impl NodeLink for LocalAgent {
         self.0.has_instance(instance)
     }
 
-    fn logs(
-        &self,
-        instance: &str,
-        tail: Option<usize>,
-        follow: bool,
-    ) -> Result<mpsc::Receiver<LogLine>, String> {
+    fn logs(&self, instance: &str, tail: Option<usize>, follow: bool) -> Result<mpsc::Receiver<LogLine>, String> {
         let path = self.0.log_path(instance).map_err(|e| e.to_string())?;
         let agent = Arc::clone(&self.0);
         let name = instance.to_string();
-        Ok(skiff_agent::logs::stream(path, tail, follow, move || {
-            agent.has_instance(&name)
-        }))
+        Ok(skiff_agent::logs::stream(path, tail, follow, move || agent.has_instance(&name)))
     }
 
-    fn exec(
-        &self,
-        instance: &str,
-        argv: Vec<String>,
-        timeout: Duration,
-    ) -> BoxFuture<'_, Result<ExecResult, String>> {
+    fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> BoxFuture<'_, Result<ExecResult, String>> {
         let instance = instance.to_string();
         Box::pin(async move {
-            let out = self
-                .0
-                .exec(&instance, argv, timeout)
-                .await
-                .map_err(|e| e.to_string())?;
+            let out = self.0.exec(&instance, argv, timeout).await.map_err(|e| e.to_string())?;
             Ok(ExecResult {
                 code: out.code,
                 stdout: String::from_utf8_lossy(&out.stdout).into(),
@@ -68,10 +50,6 @@ impl NodeLink for LocalAgent {
     }
 
     fn check_image(&self, image: &str) -> Result<(), String> {
-        self.0
-            .images()
-            .inspect(image)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        self.0.images().inspect(image).map(|_| ()).map_err(|e| e.to_string())
     }
 }

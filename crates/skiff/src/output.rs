@@ -38,12 +38,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
 }
 
 /// A list as a table (one row per item) or, with `-o json|yaml`, as data.
-pub fn print<T: Serialize>(
-    items: &[T],
-    f: Format,
-    headers: &[&str],
-    row: impl Fn(&T) -> Vec<String>,
-) -> Result<()> {
+pub fn print<T: Serialize>(items: &[T], f: Format, headers: &[&str], row: impl Fn(&T) -> Vec<String>) -> Result<()> {
     match f {
         Format::Table => {
             table(headers, &items.iter().map(row).collect::<Vec<_>>());

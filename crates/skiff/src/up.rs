@@ -37,47 +37,29 @@ pub struct UpArgs {
 }
 
 pub fn load_compose(file: &Path) -> Result<ComposeImport> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let dir = file
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| PathBuf::from("."));
-    let default_project = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "default".into());
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let dir =
+        file.canonicalize().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."));
+    let default_project = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "default".into());
     // `.env` next to the compose file supplies defaults; the process environment wins.
     let mut dotenv = std::collections::HashMap::new();
     if let Ok(t) = std::fs::read_to_string(dir.join(".env")) {
-        for l in t
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
+        for l in t.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
             if let Some((k, v)) = l.split_once('=') {
                 dotenv.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
             }
         }
     }
     let env = move |k: &str| std::env::var(k).ok().or_else(|| dotenv.get(k).cloned());
-    skiff_manifest::import_compose(&text, &dir, &default_project, &env, &|p| {
-        std::fs::read_to_string(p)
-    })
-    .with_context(|| format!("{}", file.display()))
+    skiff_manifest::import_compose(&text, &dir, &default_project, &env, &|p| std::fs::read_to_string(p))
+        .with_context(|| format!("{}", file.display()))
 }
 
 fn default_compose() -> Option<PathBuf> {
-    [
-        "compose.yaml",
-        "compose.yml",
-        "docker-compose.yaml",
-        "docker-compose.yml",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
+    ["compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
 }
 
 fn token() -> String {
@@ -126,45 +108,23 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
         Ok((_, c)) => c.token,
         Err(_) => token(),
     };
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    crate::config::write(
-        &conf_path,
-        &ClientConfig {
-            server: format!("http://{addr}"),
-            token: admin_token.clone(),
-        },
-    )?;
-    let hub = Arc::new(Hub {
-        store,
-        nodes: vec![Arc::new(crate::link::LocalAgent(Arc::clone(&agent)))],
-        admin_token,
-    });
+    crate::config::write(&conf_path, &ClientConfig { server: format!("http://{addr}"), token: admin_token.clone() })?;
+    let hub = Arc::new(Hub { store, nodes: vec![Arc::new(crate::link::LocalAgent(Arc::clone(&agent)))], admin_token });
     hub.sync_nodes().map_err(anyhow::Error::msg)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx.clone()));
-    let server = tokio::spawn(skiff_hub::api::serve(
-        listener,
-        Arc::clone(&hub),
-        stop_rx.clone(),
-    ));
-    eprintln!(
-        "skiff: hub API on http://{addr}, config in {}",
-        conf_path.display()
-    );
+    let server = tokio::spawn(skiff_hub::api::serve(listener, Arc::clone(&hub), stop_rx.clone()));
+    eprintln!("skiff: hub API on http://{addr}, config in {}", conf_path.display());
 
     let stack = import.as_ref().map(|i| i.project.clone());
     let mut names: Vec<String> = vec![];
     if let Some(i) = import {
         names = i.deployments.iter().map(|d| d.name.clone()).collect();
-        let req = ApplyRequest {
-            deployments: i.deployments,
-            prune_stack: Some(i.project.clone()),
-            dry_run: false,
-        };
+        let req = ApplyRequest { deployments: i.deployments, prune_stack: Some(i.project.clone()), dry_run: false };
         let r = hub.apply(&req).map_err(|e| anyhow::anyhow!("{e}"))?;
         crate::cli::print_apply(&r, false);
     }
@@ -179,19 +139,10 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     if interrupted {
         if let Some(stack) = &stack {
             eprintln!("\nstopping stack {stack} ...");
-            let names: Vec<String> = hub
-                .store
-                .list()?
-                .into_iter()
-                .filter(|s| &s.spec.stack == stack)
-                .map(|s| s.spec.name)
-                .collect();
-            hub.apply(&ApplyRequest {
-                deployments: vec![],
-                prune_stack: Some(stack.clone()),
-                dry_run: false,
-            })
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let names: Vec<String> =
+                hub.store.list()?.into_iter().filter(|s| &s.spec.stack == stack).map(|s| s.spec.name).collect();
+            hub.apply(&ApplyRequest { deployments: vec![], prune_stack: Some(stack.clone()), dry_run: false })
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
             while !agent.all_gone(&names) && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -213,14 +164,8 @@ async fn wait_running(agent: &Arc<Agent>, names: &[String]) {
     let mut last = String::new();
     loop {
         let all = agent.instances().unwrap_or_default();
-        let mine: Vec<_> = all
-            .iter()
-            .filter(|i| names.contains(&i.deployment))
-            .collect();
-        let running = mine
-            .iter()
-            .filter(|i| i.state == InstanceState::Running)
-            .count();
+        let mine: Vec<_> = all.iter().filter(|i| names.contains(&i.deployment)).collect();
+        let running = mine.iter().filter(|i| i.state == InstanceState::Running).count();
         let want: usize = agent
             .desired()
             .unwrap_or_default()
@@ -235,12 +180,7 @@ async fn wait_running(agent: &Arc<Agent>, names: &[String]) {
         }
         if running == want && want > 0 || tokio::time::Instant::now() > deadline {
             for i in mine.iter().filter(|i| i.state != InstanceState::Running) {
-                eprintln!(
-                    "  {}: {} {}",
-                    i.name,
-                    i.state,
-                    i.message.clone().unwrap_or_default()
-                );
+                eprintln!("  {}: {} {}", i.name, i.state, i.message.clone().unwrap_or_default());
             }
             if running == want {
                 eprintln!("stack is up; Ctrl-C stops it");

@@ -40,16 +40,9 @@ fn limits_reach_the_cgroup() -> R {
     let i = n.wait_running("lim-1")?;
     let cg = Cgroups::detect();
     let l = cg.limits(&format!("/skiff/{}", i.container_id));
-    assert_eq!(
-        (l.cpu_quota_us, l.cpu_period_us),
-        (Some(50_000), Some(100_000))
-    );
+    assert_eq!((l.cpu_quota_us, l.cpu_period_us), (Some(50_000), Some(100_000)));
     assert_eq!(l.memory_bytes, Some(48 << 20));
-    assert_eq!(
-        l.memory_swap_bytes,
-        Some(48 << 20),
-        "swap limited to the memory limit"
-    );
+    assert_eq!(l.memory_swap_bytes, Some(48 << 20), "swap limited to the memory limit");
     assert_eq!(l.pids_max, Some(50));
     match cg.version {
         CgroupVersion::V1 => assert_eq!(l.cpu_shares, Some(512)),
@@ -64,26 +57,11 @@ fn memory_limit_oom_kills_and_is_reported() -> R {
     let mut n = Node::new()?;
     n.up(None)?;
     // `tail` buffers /dev/zero looking for a newline that never comes.
-    n.ok(&[
-        "run",
-        IMAGE,
-        "--name",
-        "hog",
-        "--memory",
-        "16m",
-        "--",
-        "tail",
-        "/dev/zero",
-    ])?;
-    let i = n.wait_instance("hog-1", 60 * SEC, "OOM-killed", |i| {
-        i.state == InstanceState::Exited
-    })?;
+    n.ok(&["run", IMAGE, "--name", "hog", "--memory", "16m", "--", "tail", "/dev/zero"])?;
+    let i = n.wait_instance("hog-1", 60 * SEC, "OOM-killed", |i| i.state == InstanceState::Exited)?;
     assert!(i.oom_killed, "{i:?}");
     assert_eq!(i.exit_code, Some(137));
-    assert!(n
-        .events()?
-        .iter()
-        .any(|e| e.object == "hog-1" && e.reason == "OOMKilled"));
+    assert!(n.events()?.iter().any(|e| e.object == "hog-1" && e.reason == "OOMKilled"));
     Ok(())
 }
 
@@ -92,33 +70,9 @@ fn restart_always_backs_off_and_on_failure_gives_up() -> R {
     require_privileged!();
     let mut n = Node::new()?;
     n.up(None)?;
-    n.ok(&[
-        "run",
-        IMAGE,
-        "--name",
-        "crashy",
-        "--restart",
-        "always",
-        "--",
-        "sh",
-        "-c",
-        "echo up; exit 3",
-    ])?;
-    n.ok(&[
-        "run",
-        IMAGE,
-        "--name",
-        "limited",
-        "--restart",
-        "on-failure:3",
-        "--",
-        "sh",
-        "-c",
-        "exit 1",
-    ])?;
-    n.wait_instance("crashy-1", 30 * SEC, "restarted 4 times", |i| {
-        i.restarts >= 4
-    })?;
+    n.ok(&["run", IMAGE, "--name", "crashy", "--restart", "always", "--", "sh", "-c", "echo up; exit 3"])?;
+    n.ok(&["run", IMAGE, "--name", "limited", "--restart", "on-failure:3", "--", "sh", "-c", "exit 1"])?;
+    n.wait_instance("crashy-1", 30 * SEC, "restarted 4 times", |i| i.restarts >= 4)?;
     let starts: Vec<u64> = n
         .events()?
         .iter()
@@ -129,21 +83,12 @@ fn restart_always_backs_off_and_on_failure_gives_up() -> R {
     assert!(gaps.len() >= 4, "{gaps:?}");
     // 100, 200, 400, 800 ms of backoff on top of a constant start cost: the gaps grow.
     assert!(gaps[3] > gaps[0] + 400, "delays should grow: {gaps:?}");
-    let l = n.wait_instance("limited-1", 30 * SEC, "given up", |i| {
-        i.state == InstanceState::Exited
-    })?;
+    let l = n.wait_instance("limited-1", 30 * SEC, "given up", |i| i.state == InstanceState::Exited)?;
     assert_eq!((l.restarts, l.exit_code), (3, Some(1)));
     std::thread::sleep(2 * SEC);
-    assert_eq!(
-        n.instance("limited-1")?.restarts,
-        3,
-        "no restart after giving up"
-    );
+    assert_eq!(n.instance("limited-1")?.restarts, 3, "no restart after giving up");
     let logs = n.ok(&["logs", "crashy-1"])?;
-    assert!(
-        logs.lines().filter(|l| *l == "up").count() >= 5,
-        "every run's output is kept: {logs}"
-    );
+    assert!(logs.lines().filter(|l| *l == "up").count() >= 5, "every run's output is kept: {logs}");
     Ok(())
 }
 
@@ -167,25 +112,13 @@ fn agent_kill_keeps_containers_logs_and_exit_codes() -> R {
     let after = n.wait_running("counter-1")?;
     assert_eq!(after.pid, before.pid, "the container was not restarted");
     assert_eq!(after.restarts, 0);
-    let short = n.wait_instance("short-1", 10 * SEC, "exited", |i| {
-        i.state == InstanceState::Exited
-    })?;
-    assert_eq!(
-        short.exit_code,
-        Some(7),
-        "exit code recorded while the agent was down"
-    );
+    let short = n.wait_instance("short-1", 10 * SEC, "exited", |i| i.state == InstanceState::Exited)?;
+    assert_eq!(short.exit_code, Some(7), "exit code recorded while the agent was down");
     std::thread::sleep(SEC);
     let logs = n.ok(&["logs", "counter-1"])?;
-    let nums: Vec<u64> = logs
-        .lines()
-        .filter_map(|l| l.strip_prefix("line ")?.parse().ok())
-        .collect();
+    let nums: Vec<u64> = logs.lines().filter_map(|l| l.strip_prefix("line ")?.parse().ok()).collect();
     assert!(nums.len() > 40, "logged through the outage: {}", nums.len());
-    assert!(
-        nums.iter().enumerate().all(|(i, v)| *v == i as u64 + 1),
-        "no line lost or repeated"
-    );
+    assert!(nums.iter().enumerate().all(|(i, v)| *v == i as u64 + 1), "no line lost or repeated");
     Ok(())
 }
 
@@ -196,43 +129,20 @@ fn security_defaults_deny_mount_and_namespaces() -> R {
     n.up(None)?;
     n.ok(&["run", IMAGE, "--name", "sec", "--", "sleep", "1000"])?;
     n.wait_running("sec-1")?;
-    let out = n.cli(&[
-        "exec", "sec-1", "--", "mount", "-t", "tmpfs", "none", "/mnt",
-    ])?;
+    let out = n.cli(&["exec", "sec-1", "--", "mount", "-t", "tmpfs", "none", "/mnt"])?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
-    assert!(
-        err.contains("permission denied") || err.contains("not permitted"),
-        "{err}"
-    );
+    assert!(err.contains("permission denied") || err.contains("not permitted"), "{err}");
     let out = n.cli(&["exec", "sec-1", "--", "unshare", "-n", "true"])?;
-    assert!(
-        !out.status.success(),
-        "creating a network namespace must fail"
-    );
+    assert!(!out.status.success(), "creating a network namespace must fail");
     let status = n.ok(&["exec", "sec-1", "--", "cat", "/proc/self/status"])?;
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
-    let caps = status
-        .lines()
-        .find(|l| l.starts_with("CapBnd:"))
-        .unwrap_or_default()
-        .to_string();
+    let caps = status.lines().find(|l| l.starts_with("CapBnd:")).unwrap_or_default().to_string();
     // CAP_SYS_ADMIN (bit 21) is not in the bounding set.
     let bnd = u64::from_str_radix(caps.trim_start_matches("CapBnd:").trim(), 16)?;
     assert_eq!(bnd & (1 << 21), 0, "{caps}");
-    let kcore = n.cli(&[
-        "exec",
-        "sec-1",
-        "--",
-        "sh",
-        "-c",
-        "head -c1 /proc/kcore | wc -c",
-    ])?;
-    assert_eq!(
-        String::from_utf8_lossy(&kcore.stdout).trim(),
-        "0",
-        "/proc/kcore is masked"
-    );
+    let kcore = n.cli(&["exec", "sec-1", "--", "sh", "-c", "head -c1 /proc/kcore | wc -c"])?;
+    assert_eq!(String::from_utf8_lossy(&kcore.stdout).trim(), "0", "/proc/kcore is masked");
     Ok(())
 }
 
@@ -264,35 +174,17 @@ services:
         ),
     )?;
     n.up(Some(&compose))?;
-    let server = n.wait_instance("server-1", 30 * SEC, "healthy", |i| {
-        i.health == Some(skiff_model::Health::Healthy)
-    })?;
+    let server =
+        n.wait_instance("server-1", 30 * SEC, "healthy", |i| i.health == Some(skiff_model::Health::Healthy))?;
     let client = n.wait_running("client-1")?;
     assert!(client.started_at_ms >= server.started_at_ms);
-    assert_eq!(
-        http_get(port, "/")?,
-        "hello from skiff\n",
-        "published port answers from the host"
-    );
-    let logs = wait_for(10 * SEC, "client output", || {
-        n.ok(&["logs", "client"])
-            .ok()
-            .filter(|l| l.contains("hello"))
-    })?;
-    assert_eq!(
-        logs.trim(),
-        "hello from skiff",
-        "the client reached the server by service name"
-    );
+    assert_eq!(http_get(port, "/")?, "hello from skiff\n", "published port answers from the host");
+    let logs = wait_for(10 * SEC, "client output", || n.ok(&["logs", "client"]).ok().filter(|l| l.contains("hello")))?;
+    assert_eq!(logs.trim(), "hello from skiff", "the client reached the server by service name");
     let out = n.ok(&["exec", "client-1", "--", "cat", "/etc/hosts"])?;
     assert!(out.contains("server-1 server"), "{out}");
     let table = n.ok(&["get", "instances"])?;
-    assert!(
-        table
-            .lines()
-            .any(|l| l.starts_with("server-1") && l.contains("healthy")),
-        "{table}"
-    );
+    assert!(table.lines().any(|l| l.starts_with("server-1") && l.contains("healthy")), "{table}");
     Ok(())
 }
 
@@ -300,29 +192,13 @@ services:
 fn whiteouts_hide_lower_files_at_runtime() -> R {
     require_privileged!();
     let mut n = Node::new()?;
-    let top = skiff_testkit::LayerBuilder::new()
-        .whiteout("www/index.html")?
-        .file("www/new.html", 0o644, b"new")?
-        .finish()?;
-    n.load(
-        &skiff_testkit::ImageBuilder::busybox()?.layer(top),
-        "localhost/whiteout:1",
-    )?;
+    let top =
+        skiff_testkit::LayerBuilder::new().whiteout("www/index.html")?.file("www/new.html", 0o644, b"new")?.finish()?;
+    n.load(&skiff_testkit::ImageBuilder::busybox()?.layer(top), "localhost/whiteout:1")?;
     n.up(None)?;
-    n.ok(&[
-        "run",
-        "localhost/whiteout:1",
-        "--name",
-        "wh",
-        "--",
-        "sleep",
-        "1000",
-    ])?;
+    n.ok(&["run", "localhost/whiteout:1", "--name", "wh", "--", "sleep", "1000"])?;
     n.wait_running("wh-1")?;
-    assert_eq!(
-        n.ok(&["exec", "wh-1", "--", "ls", "/www"])?.trim(),
-        "new.html"
-    );
+    assert_eq!(n.ok(&["exec", "wh-1", "--", "ls", "/www"])?.trim(), "new.html");
     Ok(())
 }
 
@@ -330,7 +206,10 @@ fn whiteouts_hide_lower_files_at_runtime() -> R {
 fn bad_input_is_rejected_and_nothing_starts() -> R {
     require_privileged!();
     let mut n = Node::new()?;
-    let bad = n.write("bad.yaml", &format!("services:\n  web:\n    image: {IMAGE}\n    deploy: {{resources: {{limits: {{memory: 12XB}}}}}}\n"))?;
+    let bad = n.write(
+        "bad.yaml",
+        &format!("services:\n  web:\n    image: {IMAGE}\n    deploy: {{resources: {{limits: {{memory: 12XB}}}}}}\n"),
+    )?;
     let out = n.cli(&[
         "up",
         "-f",
@@ -344,19 +223,10 @@ fn bad_input_is_rejected_and_nothing_starts() -> R {
     ])?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(r#"services.web.deploy.resources.limits.memory: "12XB" is not a size"#),
-        "{err}"
-    );
-    assert!(
-        !n.data().join("agent.db").exists(),
-        "nothing was started or stored"
-    );
+    assert!(err.contains(r#"services.web.deploy.resources.limits.memory: "12XB" is not a size"#), "{err}");
+    assert!(!n.data().join("agent.db").exists(), "nothing was started or stored");
 
-    let missing = n.write(
-        "missing.yaml",
-        "services:\n  web:\n    image: localhost/nope:1\n",
-    )?;
+    let missing = n.write("missing.yaml", "services:\n  web:\n    image: localhost/nope:1\n")?;
     let out = n.cli(&[
         "up",
         "-f",
@@ -370,8 +240,7 @@ fn bad_input_is_rejected_and_nothing_starts() -> R {
     ])?;
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("services.web.image: image localhost/nope:1 not found"),
+        String::from_utf8_lossy(&out.stderr).contains("services.web.image: image localhost/nope:1 not found"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -383,15 +252,11 @@ fn bad_input_is_rejected_and_nothing_starts() -> R {
     assert!(String::from_utf8_lossy(&out.stderr).contains("name: \"Bad_Name\" is not a valid name"));
     let out = n.cli(&["run", "localhost/absent:1", "--name", "absent"])?;
     assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("deployments.absent.image: image localhost/absent:1 not found"),
+        String::from_utf8_lossy(&out.stderr).contains("deployments.absent.image: image localhost/absent:1 not found"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        n.ok(&["get", "deployments", "-o", "json"])?.trim() == "[]",
-        "nothing stored"
-    );
+    assert!(n.ok(&["get", "deployments", "-o", "json"])?.trim() == "[]", "nothing stored");
     let out = n.cli(&["delete", "deployment", "ghost"])?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("deployment \"ghost\" not found"));
     Ok(())
@@ -401,22 +266,21 @@ fn bad_input_is_rejected_and_nothing_starts() -> R {
 fn ctrl_c_stops_the_stack_and_cleans_up() -> R {
     require_privileged!();
     let mut n = Node::new()?;
-    let compose = n.write("compose.yaml", &format!("name: bye\nservices:\n  a:\n    image: {IMAGE}\n    command: [sleep, '1000']\n    stop_grace_period: 1s\n"))?;
+    let compose = n.write(
+        "compose.yaml",
+        &format!(
+            "name: bye\nservices:\n  a:\n    image: {IMAGE}\n    command: [sleep, '1000']\n    stop_grace_period: 1s\n"
+        ),
+    )?;
     n.up(Some(&compose))?;
     let a = n.wait_running("a-1")?;
     let pid = a.pid.unwrap_or_default();
     n.interrupt_up()?;
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "container process is gone"
-    );
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "container process is gone");
     let left: Vec<_> = std::fs::read_dir(n.data().join("instances"))?.collect();
     assert!(left.is_empty(), "instance directories removed");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
-    assert!(
-        !mounts.contains(&n.data().display().to_string()),
-        "no mounts left"
-    );
+    assert!(!mounts.contains(&n.data().display().to_string()), "no mounts left");
     assert!(
         !skiff_runtime::network::netns_path(&format!("skiff-{}", a.container_id)).exists(),
         "network namespace removed"
@@ -438,20 +302,12 @@ fn lost_containers_come_back_after_an_agent_restart() -> R {
     n.kill_up()?;
     // As after a power cut: shims and containers die without recording anything.
     let data = n.data().display().to_string();
-    let shims = std::process::Command::new("pgrep")
-        .args(["-f", &format!("skiff shim --bundle {data}")])
-        .output()?;
+    let shims = std::process::Command::new("pgrep").args(["-f", &format!("skiff shim --bundle {data}")]).output()?;
     for pid in String::from_utf8_lossy(&shims.stdout).split_whitespace() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid.parse()?),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.parse()?), nix::sys::signal::Signal::SIGKILL);
     }
     for i in n_pids(&n)? {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i), nix::sys::signal::Signal::SIGKILL);
     }
     std::thread::sleep(SEC);
     n.up(Some(&compose))?;
@@ -459,14 +315,8 @@ fn lost_containers_come_back_after_an_agent_restart() -> R {
         i.state == InstanceState::Running && i.pid.is_some() && i.pid != before.pid
     })?;
     assert_eq!(after.restarts, 1);
-    let once = n.wait_instance("once-1", 30 * SEC, "exited", |i| {
-        i.state == InstanceState::Exited
-    })?;
-    assert_eq!(
-        once.exit_code,
-        Some(255),
-        "restart: no stays down, reported as lost"
-    );
+    let once = n.wait_instance("once-1", 30 * SEC, "exited", |i| i.state == InstanceState::Exited)?;
+    assert_eq!(once.exit_code, Some(255), "restart: no stays down, reported as lost");
     assert!(once.message.unwrap_or_default().contains("lost"));
     Ok(())
 }

@@ -27,10 +27,7 @@ pub struct Node {
 
 /// A TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
 /// Polls `f` every 100 ms until it returns Some, for at most `limit`.
@@ -69,9 +66,7 @@ impl Node {
     }
 
     pub fn load(&self, img: &skiff_testkit::ImageBuilder, name: &str) -> Result<()> {
-        let layout = self
-            .data()
-            .join(format!("layout-{}", name.replace(['/', ':'], "_")));
+        let layout = self.data().join(format!("layout-{}", name.replace(['/', ':'], "_")));
         img.write_oci_layout(&layout, name)?;
         let out = self.cli(&["image", "load", layout.to_str().unwrap_or_default()])?;
         if !out.status.success() {
@@ -130,28 +125,18 @@ impl Node {
             cmd.arg("-f").arg(f);
         }
         let _ = std::fs::remove_file(self.data().join("admin.conf"));
-        let child = cmd
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let child = cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
         self.up = Some(child);
         wait_for(Duration::from_secs(30), "the hub API", || {
             if let Some(c) = self.up.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
-                    return Some(Err(anyhow::anyhow!(
-                        "skiff up exited with {st}: {}",
-                        self.log()
-                    )));
+                    return Some(Err(anyhow::anyhow!("skiff up exited with {st}: {}", self.log())));
                 }
             }
-            self.data().join("admin.conf").exists().then(|| {
-                self.cli(&["get", "nodes"])
-                    .ok()
-                    .filter(|o| o.status.success())
-                    .map(|_| Ok(()))
-            })?
+            self.data()
+                .join("admin.conf")
+                .exists()
+                .then(|| self.cli(&["get", "nodes"]).ok().filter(|o| o.status.success()).map(|_| Ok(())))?
         })?
     }
 
@@ -192,25 +177,15 @@ impl Node {
     }
 
     pub fn instances(&self) -> Result<Vec<InstanceStatus>> {
-        Ok(serde_json::from_str(&self.ok(&[
-            "get",
-            "instances",
-            "-o",
-            "json",
-        ])?)?)
+        Ok(serde_json::from_str(&self.ok(&["get", "instances", "-o", "json"])?)?)
     }
 
     pub fn instance(&self, name: &str) -> Result<InstanceStatus> {
-        self.instances()?
-            .into_iter()
-            .find(|i| i.name == name)
-            .with_context(|| format!("no instance {name}"))
+        self.instances()?.into_iter().find(|i| i.name == name).with_context(|| format!("no instance {name}"))
     }
 
     pub fn events(&self) -> Result<Vec<EventRecord>> {
-        Ok(serde_json::from_str(
-            &self.ok(&["get", "events", "-o", "json"])?,
-        )?)
+        Ok(serde_json::from_str(&self.ok(&["get", "events", "-o", "json"])?)?)
     }
 
     /// Waits until `name` satisfies `pred`, returning its last status.
@@ -221,16 +196,8 @@ impl Node {
         what: &str,
         pred: impl Fn(&InstanceStatus) -> bool,
     ) -> Result<InstanceStatus> {
-        wait_for(limit, &format!("{name} {what}"), || {
-            self.instance(name).ok().filter(|i| pred(i))
-        })
-        .with_context(|| {
-            format!(
-                "last status: {:?}\nlog:\n{}",
-                self.instance(name).ok(),
-                self.log()
-            )
-        })
+        wait_for(limit, &format!("{name} {what}"), || self.instance(name).ok().filter(|i| pred(i)))
+            .with_context(|| format!("last status: {:?}\nlog:\n{}", self.instance(name).ok(), self.log()))
     }
 
     pub fn wait_running(&self, name: &str) -> Result<InstanceStatus> {
@@ -244,27 +211,15 @@ impl Node {
         let data = self.data().to_path_buf();
         // Whatever survived (a failed test, a killed agent): containers, mounts, netns.
         let runc_root = data.join("runc");
-        if let Ok(out) = Command::new("runc")
-            .arg("--root")
-            .arg(&runc_root)
-            .args(["list", "-q"])
-            .output()
-        {
+        if let Ok(out) = Command::new("runc").arg("--root").arg(&runc_root).args(["list", "-q"]).output() {
             for id in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = Command::new("runc")
-                    .arg("--root")
-                    .arg(&runc_root)
-                    .args(["delete", "--force", id])
-                    .output();
+                let _ = Command::new("runc").arg("--root").arg(&runc_root).args(["delete", "--force", id]).output();
             }
         }
         if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
             let prefix = data.display().to_string();
-            let mut mounts: Vec<&str> = info
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|m| m.starts_with(&prefix))
-                .collect();
+            let mut mounts: Vec<&str> =
+                info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)).collect();
             mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
             for m in mounts {
                 let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
@@ -275,26 +230,16 @@ impl Node {
                 for ns in skiff_runtime::network::list_netns(&format!("skiff-{id}-")) {
                     let _ = Command::new("ip").args(["netns", "del", &ns]).output();
                 }
-                for c in [
-                    "cpu", "cpuacct", "memory", "pids", "devices", "freezer", "blkio", "cpuset",
-                    "systemd", "",
-                ] {
-                    if let Ok(rd) =
-                        std::fs::read_dir(Path::new("/sys/fs/cgroup").join(c).join("skiff"))
-                    {
-                        for e in rd
-                            .flatten()
-                            .filter(|e| e.file_name().to_string_lossy().starts_with(&id))
-                        {
+                for c in ["cpu", "cpuacct", "memory", "pids", "devices", "freezer", "blkio", "cpuset", "systemd", ""] {
+                    if let Ok(rd) = std::fs::read_dir(Path::new("/sys/fs/cgroup").join(c).join("skiff")) {
+                        for e in rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&id)) {
                             let _ = std::fs::remove_dir(e.path());
                         }
                     }
                 }
             }
         }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
     }
 }
 
@@ -312,8 +257,5 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
     write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
-    Ok(out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default())
+    Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
