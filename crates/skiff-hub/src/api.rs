@@ -212,22 +212,12 @@ async fn nodes(State(hub): State<Shared>) -> Json<Vec<NodeInfo>> {
             .map(|n| NodeInfo {
                 name: n.name(),
                 state: "Ready".into(),
-                arch: oci_arch(std::env::consts::ARCH).into(),
+                arch: skiff_model::platform::host_arch().0.into(),
                 os: std::env::consts::OS.into(),
                 instances: all.iter().filter(|i| i.node == n.name()).count(),
             })
             .collect(),
     )
-}
-
-/// OCI spelling of an architecture (what image platforms use).
-fn oci_arch(rust_arch: &str) -> &str {
-    match rust_arch {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        other => other,
-    }
 }
 
 #[derive(Deserialize)]

@@ -59,13 +59,7 @@ impl std::fmt::Display for Platform {
 
 /// The platform of this machine, in OCI spelling.
 pub fn host_platform() -> Platform {
-    let (arch, variant) = match std::env::consts::ARCH {
-        "x86_64" => ("amd64", None),
-        "aarch64" => ("arm64", None),
-        "arm" => ("arm", Some("v7")),
-        "x86" => ("386", None),
-        other => (other, None),
-    };
+    let (arch, variant) = skiff_model::platform::host_arch();
     Platform { architecture: arch.into(), os: "linux".into(), variant: variant.map(Into::into) }
 }
 

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod platform;
 pub mod quantity;
 pub mod spec;
 pub mod status;

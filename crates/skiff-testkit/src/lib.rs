@@ -273,12 +273,7 @@ impl ImageBuilder {
 }
 
 pub fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "arm" => "arm",
-        other => other,
-    }
+    skiff_model::platform::host_arch().0
 }
 
 /// Why privileged tests cannot run here, if they cannot: not root, or runc missing.
