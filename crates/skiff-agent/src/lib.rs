@@ -506,31 +506,48 @@ impl Agent {
                 return Ok((pid, r.ip.as_ref().and_then(|i| i.parse().ok())));
             }
         }
-        let info = self.images.resolve(&r.spec.image)?;
-        let layer_dirs =
-            info.layers.iter().map(|l| self.images.layer_dir(&l.diff_id)).collect::<Result<Vec<_>, _>>()?;
-        let (netns, ip) = match r.spec.network {
+        // The network namespace is set up on a second thread while the rootfs is mounted
+        // and the bundle written: its path is known in advance, only runc needs it ready.
+        let (ip, ns) = match r.spec.network {
             NetworkMode::Bridge => {
                 let subnet = self.bridge.subnet;
                 let ip = self.db(|s| s.lease(&r.name, subnet.hosts(), &subnet.to_string()))?;
-                let ns = self.netns_name(id);
-                let attached =
-                    netns_path(&ns).exists() && Path::new(&format!("/sys/class/net/{}", veth_name(&ns))).exists();
-                let path = if attached { netns_path(&ns) } else { self.bridge.attach(&ns, ip)? };
-                (Some(path), Some(ip))
+                (Some(ip), Some(self.netns_name(id)))
             }
             NetworkMode::None | NetworkMode::Host => (None, None),
         };
+        std::thread::scope(|scope| {
+            let net = scope.spawn(|| -> Result<(), AgentError> {
+                let (Some(ns), Some(ip)) = (&ns, ip) else { return Ok(()) };
+                let attached =
+                    netns_path(ns).exists() && Path::new(&format!("/sys/class/net/{}", veth_name(ns))).exists();
+                if !attached {
+                    self.bridge.attach(ns, ip)?;
+                }
+                Ok(())
+            });
+            let created = self.create_bundle(r, ns.as_deref().map(netns_path), ip);
+            let net = net.join().unwrap_or_else(|_| Err(AgentError::Other("network setup panicked".into())));
+            created.and(net)
+        })?;
+        let pid = self.runtime.start(id)?;
+        Ok((pid, ip))
+    }
+
+    /// Image, volumes, /etc files, rootfs and spec: everything but the network and start.
+    fn create_bundle(&self, r: &InstanceRow, netns: Option<PathBuf>, ip: Option<Ipv4Addr>) -> Result<(), AgentError> {
+        let info = self.images.resolve(&r.spec.image)?;
+        let layer_dirs =
+            info.layers.iter().map(|l| self.images.layer_dir(&l.diff_id)).collect::<Result<Vec<_>, _>>()?;
         let volumes = self.volumes(&r.spec)?;
         let hosts = if r.spec.network == NetworkMode::Host {
             std::fs::read_to_string("/etc/hosts").unwrap_or_default()
         } else {
             self.hosts_for(&r.spec.stack, &r.name, ip)?
         };
-        let hostname = r.spec.hostname.clone().unwrap_or_else(|| r.name.clone());
         let req = CreateRequest {
-            id: id.clone(),
-            hostname,
+            id: r.container_id.clone(),
+            hostname: r.spec.hostname.clone().unwrap_or_else(|| r.name.clone()),
             deployment: &r.spec,
             image: &info,
             layer_dirs,
@@ -539,9 +556,7 @@ impl Agent {
             resolv_conf: resolv_conf(r.spec.network == NetworkMode::Host),
             volumes,
         };
-        self.runtime.create(&req)?;
-        let pid = self.runtime.start(id)?;
-        Ok((pid, ip))
+        Ok(self.runtime.create(&req)?)
     }
 
     fn volumes(&self, d: &Deployment) -> Result<Vec<(PathBuf, String, bool)>, AgentError> {

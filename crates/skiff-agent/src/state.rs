@@ -61,7 +61,9 @@ impl State {
     pub fn open(path: &Path) -> Result<Self, StateError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        // Instance bookkeeping survives a crash of the agent (WAL); only the desired state
+        // must also survive a power cut, so `set_desired` commits with synchronous=FULL.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let mut s = State { conn };
         s.migrate()?;
@@ -91,8 +93,16 @@ impl State {
         Ok(())
     }
 
-    /// Replaces the desired deployments in one transaction.
+    /// Replaces the desired deployments in one transaction, durably (fsync) before it
+    /// returns: the agent acts on nothing it has not persisted.
     pub fn set_desired(&mut self, deployments: &[Deployment], revision: u64) -> Result<(), StateError> {
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        let r = self.write_desired(deployments, revision);
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        r
+    }
+
+    fn write_desired(&mut self, deployments: &[Deployment], revision: u64) -> Result<(), StateError> {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM deployments", [])?;
         for d in deployments {
