@@ -331,3 +331,37 @@ fn n_pids(n: &Node) -> anyhow::Result<Vec<i32>> {
     }
     Ok(v)
 }
+
+#[test]
+fn volumes_read_only_rootfs_and_network_modes() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.up(None)?;
+    let host_dir = n.data().join("bind-src");
+    std::fs::create_dir_all(&host_dir)?;
+    std::fs::write(host_dir.join("in.txt"), "from host")?;
+    let bind = format!("{}:/in:ro", host_dir.display());
+    n.ok(&["run", IMAGE, "--name", "vol", "-v", "cache:/cache", "-v", &bind, "--read-only", "--", "sleep", "1000"])?;
+    n.wait_running("vol-1")?;
+    assert_eq!(n.ok(&["exec", "vol-1", "--", "cat", "/in/in.txt"])?, "from host");
+    assert!(!n.cli(&["exec", "vol-1", "--", "touch", "/in/x"])?.status.success(), "bind mounted read-only");
+    assert!(!n.cli(&["exec", "vol-1", "--", "touch", "/x"])?.status.success(), "read-only rootfs");
+    n.ok(&["exec", "vol-1", "--", "sh", "-c", "echo kept > /cache/f"])?;
+    let named = n.data().join("volumes/cache/_data/f");
+    assert_eq!(std::fs::read_to_string(&named)?, "kept\n", "named volume lives under the data dir");
+    // A new deployment with the same named volume sees the data.
+    n.ok(&["run", IMAGE, "--name", "vol2", "-v", "cache:/cache", "--", "sleep", "1000"])?;
+    n.wait_running("vol2-1")?;
+    assert_eq!(n.ok(&["exec", "vol2-1", "--", "cat", "/cache/f"])?, "kept\n");
+
+    n.ok(&["run", IMAGE, "--name", "isolated", "--network", "none", "--", "sleep", "1000"])?;
+    n.ok(&["run", IMAGE, "--name", "hostnet", "--network", "host", "--", "sleep", "1000"])?;
+    let iso = n.wait_running("isolated-1")?;
+    n.wait_running("hostnet-1")?;
+    assert!(iso.ip.is_none());
+    let links = n.ok(&["exec", "isolated-1", "--", "ls", "/sys/class/net"])?;
+    assert_eq!(links.split_whitespace().collect::<Vec<_>>(), ["lo"], "network none has loopback only");
+    let host_links = n.ok(&["exec", "hostnet-1", "--", "ls", "/sys/class/net"])?;
+    assert!(host_links.contains(&n.bridge), "host network sees the host's interfaces: {host_links}");
+    Ok(())
+}
