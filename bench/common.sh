@@ -2,7 +2,8 @@
 # one run on one machine and print ratios; they are not tests and assert nothing.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SKIFF="$ROOT/target/release/skiff"
+BIN=""
+SKIFF=""
 now_ns() { date +%s%N; }
 median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print int((a[NR/2]+a[NR/2+1])/2)}'; }
 ms() { awk -v n="$1" 'BEGIN {printf "%.1f", n/1e6}'; }
@@ -12,15 +13,17 @@ pss_kib() { awk '/^Pss:/ {print $2}' "/proc/$1/smaps_rollup" 2>/dev/null || echo
 uss_kib() { awk '/^Private_(Clean|Dirty):/ {s += $2} END {print s + 0}' "/proc/$1/smaps_rollup" 2>/dev/null || echo 0; }
 have_docker() { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; }
 
+# The release build users get (static, see scripts/build-release.sh).
 build() {
-  (cd "$ROOT" && cargo build --release --locked -q -p skiff -p xtask)
+  BIN=$("$ROOT/scripts/build-release.sh" 2>/dev/null)
+  SKIFF="$BIN/skiff"
 }
 
 # start_up DATA: runs `skiff up` on its own bridge/subnet; sets UP_PID.
 start_up() {
   local data=$1
   mkdir -p "$data"
-  "$ROOT/target/release/xtask" demo-image "$data/layout" >/dev/null
+  "$BIN/xtask" demo-image "$data/layout" >/dev/null
   "$SKIFF" --data "$data" image load "$data/layout" >/dev/null 2>&1
   "$SKIFF" --data "$data" up --listen 127.0.0.1:0 --bridge skbench0 --subnet 10.250.0.0/24 >"$data/up.log" 2>&1 &
   UP_PID=$!
