@@ -23,6 +23,14 @@ pub enum ImageError {
     UnknownFormat { path: PathBuf },
     #[error("unsupported media type {0}")]
     UnsupportedMediaType(String),
+    #[error("registry {registry}: {what}: {problem}")]
+    Registry { registry: String, what: String, problem: String },
+    #[error("registry {registry}: {what}: {message} (gave up after {attempts} attempts)")]
+    Transfer { registry: String, what: String, message: String, attempts: u32 },
+    #[error("{0:?} is not an image reference (examples: busybox, registry.example.com/team/app:1.4, name@sha256:...)")]
+    BadReference(String),
+    #[error("{0:?} is not a platform (examples: linux/amd64, linux/arm64, linux/arm/v7)")]
+    BadPlatform(String),
     #[error("image {reference} is used by {users}; remove those first")]
     InUse { reference: String, users: String },
 }

@@ -10,6 +10,7 @@
 pub mod digest;
 pub mod error;
 pub mod reference;
+pub mod registry;
 pub mod store;
 pub mod unpack;
 

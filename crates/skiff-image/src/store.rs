@@ -63,6 +63,24 @@ pub fn host_platform() -> Platform {
     Platform { architecture: arch.into(), os: "linux".into(), variant: variant.map(Into::into) }
 }
 
+/// The entry of an index for `want`; a missing variant matches any. The error lists
+/// the platforms the image has.
+pub fn choose_platform<'a>(
+    list: &'a [Descriptor],
+    want: &Platform,
+    reference: &str,
+) -> Result<&'a Descriptor, ImageError> {
+    let matches = |p: &Platform| {
+        p.os == want.os
+            && p.architecture == want.architecture
+            && (want.variant.is_none() || p.variant.is_none() || p.variant == want.variant)
+    };
+    list.iter().find(|d| d.platform.as_ref().is_some_and(matches)).ok_or_else(|| {
+        let have: Vec<String> = list.iter().filter_map(|d| d.platform.as_ref().map(|p| p.to_string())).collect();
+        ImageError::NoPlatform { reference: reference.into(), want: want.to_string(), have: have.join(", ") }
+    })
+}
+
 /// An image manifest or an index (both parse into this; which one it is shows in
 /// `media_type` or in which of `layers` / `manifests` is present).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -379,24 +397,8 @@ impl ImageStore {
     fn image_for(&self, reference: &str, top: &str) -> Result<ImageInfo, ImageError> {
         let m: Manifest = self.read_json(top)?;
         let (manifest_digest, m) = if m.is_index() {
-            let want = host_platform();
             let list = m.manifests.unwrap_or_default();
-            let chosen = list.iter().find(|d| {
-                d.platform.as_ref().is_some_and(|p| {
-                    p.os == want.os
-                        && p.architecture == want.architecture
-                        && (want.variant.is_none() || p.variant.is_none() || p.variant == want.variant)
-                })
-            });
-            let Some(d) = chosen else {
-                let have: Vec<String> =
-                    list.iter().filter_map(|d| d.platform.as_ref().map(|p| p.to_string())).collect();
-                return Err(ImageError::NoPlatform {
-                    reference: reference.into(),
-                    want: want.to_string(),
-                    have: have.join(", "),
-                });
-            };
+            let d = choose_platform(&list, &host_platform(), reference)?;
             (d.digest.clone(), self.read_json::<Manifest>(&d.digest)?)
         } else {
             (top.to_string(), m)
@@ -522,10 +524,23 @@ impl ImageStore {
         Ok(freed)
     }
 
-    /// Removes leftovers of interrupted work. Call when nothing else uses the store.
+    /// Unpacks (and verifies) every layer of a stored image manifest.
+    pub fn unpack_manifest(&self, manifest_digest: &str) -> Result<(), ImageError> {
+        let info = self.image_for(manifest_digest, manifest_digest)?;
+        for l in &info.layers {
+            self.ensure_layer(l)?;
+        }
+        Ok(())
+    }
+
+    /// Removes leftovers of interrupted work, keeping partial downloads (`partial-*`),
+    /// which a later pull resumes. Call when nothing else uses the store.
     pub fn clean_tmp(&self) -> Result<(), ImageError> {
         let tmp = self.root.join("tmp");
         for e in fs::read_dir(&tmp).ctx("read", &tmp)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with("partial-") {
+                continue;
+            }
             let p = e.path();
             let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
         }

@@ -3,6 +3,8 @@
 //! guards for privileged tests.
 #![forbid(unsafe_code)]
 
+pub mod registry;
+
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -149,6 +151,7 @@ pub struct ImageBuilder {
     pub env: Vec<String>,
     pub working_dir: Option<String>,
     pub architecture: String,
+    pub variant: Option<String>,
     pub gzip: bool,
 }
 
@@ -161,6 +164,7 @@ impl ImageBuilder {
             env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
             working_dir: None,
             architecture: host_arch().into(),
+            variant: skiff_model::platform::host_arch().1.map(Into::into),
             gzip: true,
         })
     }
@@ -191,6 +195,7 @@ impl ImageBuilder {
         }
         let config = serde_json::json!({
             "architecture": self.architecture,
+            "variant": self.variant,
             "os": "linux",
             "config": {
                 "Entrypoint": self.entrypoint,
@@ -203,8 +208,9 @@ impl ImageBuilder {
         Ok((serde_json::to_vec(&config)?, layers))
     }
 
-    /// Writes an OCI image layout directory naming the image `name`.
-    pub fn write_oci_layout(&self, dir: &Path, name: &str) -> Result<String> {
+    /// Writes this image's blobs and manifest into `dir`'s blob store; returns the
+    /// manifest's (digest, size).
+    fn write_blobs(&self, dir: &Path) -> Result<(String, usize)> {
         let blobs = dir.join("blobs/sha256");
         std::fs::create_dir_all(&blobs)?;
         let put = |b: &[u8]| -> Result<(String, usize)> {
@@ -230,17 +236,50 @@ impl ImageBuilder {
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
             "layers": ldesc,
         }))?;
-        let (md, ms) = put(&manifest)?;
-        let index = serde_json::json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
-                "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name},
-            }],
-        });
+        put(&manifest)
+    }
+
+    fn write_index(dir: &Path, entries: Vec<serde_json::Value>) -> Result<()> {
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": entries});
         std::fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
         std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        Ok(())
+    }
+
+    /// Writes an OCI image layout directory naming the image `name`.
+    pub fn write_oci_layout(&self, dir: &Path, name: &str) -> Result<String> {
+        let (md, ms) = self.write_blobs(dir)?;
+        let entry = serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name},
+        });
+        Self::write_index(dir, vec![entry])?;
         Ok(md)
+    }
+
+    /// Writes a multi-platform OCI layout: an image index (itself a blob) over `images`,
+    /// each for its own `architecture`/`variant`. Returns the index digest.
+    pub fn write_multi_arch_layout(dir: &Path, name: &str, images: &[ImageBuilder]) -> Result<String> {
+        let mut manifests = vec![];
+        for img in images {
+            let (md, ms) = img.write_blobs(dir)?;
+            let mut platform = serde_json::json!({"architecture": img.architecture, "os": "linux"});
+            if let Some(v) = &img.variant {
+                platform["variant"] = serde_json::json!(v);
+            }
+            manifests.push(serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms, "platform": platform}));
+        }
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests,
+        }))?;
+        let d = sha256(&index);
+        std::fs::write(dir.join("blobs/sha256").join(d.trim_start_matches("sha256:")), &index)?;
+        let entry = serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json", "digest": d, "size": index.len(),
+            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name},
+        });
+        Self::write_index(dir, vec![entry])?;
+        Ok(d)
     }
 
     /// Writes a tarball in the classic `docker save` format (manifest.json, `<id>.json`,
@@ -274,6 +313,20 @@ impl ImageBuilder {
 
 pub fn host_arch() -> &'static str {
     skiff_model::platform::host_arch().0
+}
+
+/// `len` bytes that do not compress (a xorshift stream), for images of a given size.
+pub fn incompressible(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
 }
 
 /// Why privileged tests cannot run here, if they cannot: not root, or runc missing.

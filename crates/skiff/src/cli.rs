@@ -107,6 +107,17 @@ pub enum ImageCmd {
         #[arg(long)]
         tag: Option<String>,
     },
+    /// Pull an image from a registry (resumable, verified; the variant for this machine
+    /// unless --platform says otherwise).
+    Pull {
+        reference: String,
+        /// os/arch[/variant], e.g. linux/arm64 or linux/arm/v7.
+        #[arg(long)]
+        platform: Option<String>,
+        /// Registry reached over plain HTTP (loopback registries always are).
+        #[arg(long = "insecure-registry")]
+        insecure_registry: Vec<String>,
+    },
     /// List images.
     Ls {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
@@ -283,6 +294,22 @@ async fn run(cli: Cli) -> Result<i32> {
             print!("{}", r.stdout);
             eprint!("{}", r.stderr);
             Ok(r.code)
+        }
+        Cmd::Image(ImageCmd::Pull { reference, platform, insecure_registry }) => {
+            let store = std::sync::Arc::new(skiff_image::ImageStore::open(cli.data.join("images"))?);
+            let mut opts = pull_options();
+            opts.platform = platform.as_deref().map(skiff_image::registry::parse_platform).transpose()?;
+            opts.insecure = insecure_registry.clone();
+            let r = skiff_image::registry::pull(store, reference, &opts).await?;
+            println!(
+                "{} {} ({} fetched, {} already present, {} received)",
+                r.reference,
+                r.digest,
+                r.blobs_fetched,
+                r.blobs_present,
+                skiff_model::format_bytes(r.bytes_received)
+            );
+            Ok(0)
         }
         Cmd::Image(cmd) => image(&cli.data, cmd),
         Cmd::Shim { .. } => Ok(0),
@@ -491,6 +518,14 @@ async fn logs(c: &Client, name: &str, follow: bool, tail: Option<usize>, ts: boo
     Ok(0)
 }
 
+/// Pull settings for the CLI: progress lines on stderr.
+pub fn pull_options() -> skiff_image::registry::PullOptions {
+    skiff_image::registry::PullOptions {
+        progress: std::sync::Arc::new(|l: &str| eprintln!("{l}")),
+        ..Default::default()
+    }
+}
+
 fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
     let store = skiff_image::ImageStore::open(data.join("images"))?;
     match cmd {
@@ -513,6 +548,7 @@ fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
         ImageCmd::Inspect { reference } => {
             println!("{}", serde_json::to_string_pretty(&store.inspect(reference)?)?);
         }
+        ImageCmd::Pull { .. } => {}
         ImageCmd::Prune => {
             let freed = store.gc()?;
             println!("freed {}", skiff_model::format_bytes(freed));

@@ -49,7 +49,18 @@ impl NodeLink for LocalAgent {
         })
     }
 
+    /// Present locally, or pulled now (as `docker run` does) so that a bad reference
+    /// fails the request before anything is stored.
     fn check_image(&self, image: &str) -> Result<(), String> {
-        self.0.images().inspect(image).map(|_| ()).map_err(|e| e.to_string())
+        if self.0.images().inspect(image).is_ok() {
+            return Ok(());
+        }
+        let store = Arc::clone(self.0.images());
+        let opts = skiff_image::registry::PullOptions::default();
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(skiff_image::registry::pull(store, image, &opts))
+        })
+        .map(|_| ())
+        .map_err(|e| format!("{image} is not in the local store and pulling it failed: {e}"))
     }
 }

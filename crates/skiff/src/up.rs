@@ -97,8 +97,15 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     let agent = Agent::open(acfg)?;
     if let Some(i) = &import {
         for d in &i.deployments {
-            if let Err(e) = agent.images().inspect(&d.image) {
-                bail!("services.{}.image: {e}", d.name);
+            if agent.images().inspect(&d.image).is_err() {
+                let store = Arc::clone(agent.images());
+                if let Err(e) = skiff_image::registry::pull(store, &d.image, &crate::cli::pull_options()).await {
+                    bail!(
+                        "services.{}.image: {} is not in the local store and pulling it failed: {e}",
+                        d.name,
+                        d.image
+                    );
+                }
             }
         }
     }

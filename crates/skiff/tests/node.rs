@@ -240,7 +240,8 @@ fn bad_input_is_rejected_and_nothing_starts() -> R {
     ])?;
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("services.web.image: image localhost/nope:1 not found"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("services.web.image: localhost/nope:1 is not in the local store and pulling it failed: registry localhost: manifest nope:1: cannot reach the registry"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -252,7 +253,9 @@ fn bad_input_is_rejected_and_nothing_starts() -> R {
     assert!(String::from_utf8_lossy(&out.stderr).contains("name: \"Bad_Name\" is not a valid name"));
     let out = n.cli(&["run", "localhost/absent:1", "--name", "absent"])?;
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("deployments.absent.image: image localhost/absent:1 not found"),
+        String::from_utf8_lossy(&out.stderr).contains(
+            "deployments.absent.image: localhost/absent:1 is not in the local store and pulling it failed: registry localhost"
+        ),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -363,5 +366,35 @@ fn volumes_read_only_rootfs_and_network_modes() -> R {
     assert_eq!(links.split_whitespace().collect::<Vec<_>>(), ["lo"], "network none has loopback only");
     let host_links = n.ok(&["exec", "hostnet-1", "--", "ls", "/sys/class/net"])?;
     assert!(host_links.contains(&n.bridge), "host network sees the host's interfaces: {host_links}");
+    Ok(())
+}
+
+#[test]
+fn run_and_up_pull_from_a_registry() -> R {
+    skiff_testkit::require_registry_tools!();
+    let reg = skiff_testkit::registry::Registry::start()?;
+    let layout = tempfile::tempdir()?;
+    skiff_testkit::ImageBuilder::busybox()?.write_oci_layout(layout.path(), "x")?;
+    reg.push(layout.path(), "edge/app:1")?;
+    let image = format!("127.0.0.1:{}/edge/app:1", reg.port);
+    let mut n = Node::new()?;
+    let compose = n.write(
+        "compose.yaml",
+        &format!("name: pulled\nservices:\n  a:\n    image: {image}\n    command: [sleep, '1000']\n    stop_grace_period: 1s\n"),
+    )?;
+    n.up(Some(&compose))?;
+    n.wait_running("a-1")?;
+    n.ok(&["image", "rm", &image]).expect_err("an image in use cannot be removed");
+    n.ok(&[
+        "run",
+        &format!("127.0.0.1:{}/edge/app@{}", reg.port, n.image_digest(&image)?),
+        "--name",
+        "bydigest",
+        "--",
+        "true",
+    ])?;
+    let out = n.cli(&["image", "pull", &format!("127.0.0.1:{}/edge/missing:1", reg.port)])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("manifest edge/missing:1: not found"));
     Ok(())
 }

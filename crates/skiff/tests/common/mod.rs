@@ -184,6 +184,12 @@ impl Node {
         self.instances()?.into_iter().find(|i| i.name == name).with_context(|| format!("no instance {name}"))
     }
 
+    /// The manifest digest an image reference points at in the local store.
+    pub fn image_digest(&self, reference: &str) -> Result<String> {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["image", "inspect", reference])?)?;
+        Ok(v["manifest_digest"].as_str().unwrap_or_default().to_string())
+    }
+
     pub fn events(&self) -> Result<Vec<EventRecord>> {
         Ok(serde_json::from_str(&self.ok(&["get", "events", "-o", "json"])?)?)
     }

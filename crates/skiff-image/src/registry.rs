@@ -1,0 +1,601 @@
+//! Pulling from OCI distribution registries (`/v2/` API) over links that drop.
+//!
+//! * Manifests: OCI index, Docker manifest list, OCI manifest, Docker schema2. An index is
+//!   resolved to the platform asked for (default: this machine); when none matches, the
+//!   error lists what the image has.
+//! * Blobs land in `tmp/partial-<hex>` (a stable name, so a killed process resumes too),
+//!   continue with `Range: bytes=N-` after a dropped connection (from scratch only when
+//!   the registry ignores ranges), and enter the store only after their sha256 matched.
+//! * Retries: exponential backoff with jitter, bounded in count.
+//! * Auth: anonymous, and the bearer-token challenge (`WWW-Authenticate: Bearer realm=…`)
+//!   with basic credentials from a Docker `config.json` when present.
+//! * Plain HTTP for loopback registries (as Docker allows) and `insecure` ones.
+
+use crate::digest::{sha256_hex, sha256_of, HashingReader};
+use crate::error::IoContext;
+use crate::store::{
+    choose_platform, Descriptor, Manifest, Platform, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST,
+};
+use crate::{ImageError, ImageStore};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A parsed reference: `registry/repository` plus a tag or a digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteRef {
+    pub registry: String,
+    pub repository: String,
+    /// A tag, or `sha256:…`.
+    pub reference: String,
+}
+
+impl RemoteRef {
+    pub fn parse(r: &str) -> Result<Self, ImageError> {
+        let bad = || ImageError::BadReference(r.to_string());
+        if r.is_empty() || r.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad());
+        }
+        let full = crate::normalize_reference(r);
+        let (name, reference) = match full.split_once('@') {
+            Some((n, d)) => {
+                sha256_hex(d).map_err(|_| bad())?;
+                (n.to_string(), d.to_string())
+            }
+            None => {
+                let (n, t) = full.rsplit_once(':').ok_or_else(bad)?;
+                (n.to_string(), t.to_string())
+            }
+        };
+        let (registry, repository) = name.split_once('/').ok_or_else(bad)?;
+        let ok_repo = !repository.is_empty()
+            && repository.split('/').all(|c| {
+                !c.is_empty()
+                    && c.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch))
+            });
+        if !ok_repo || reference.is_empty() {
+            return Err(bad());
+        }
+        let registry = if registry == "docker.io" { "registry-1.docker.io".to_string() } else { registry.to_string() };
+        Ok(RemoteRef { registry, repository: repository.to_string(), reference })
+    }
+
+    fn is_loopback(&self) -> bool {
+        let host = self.registry.rsplit_once(':').map(|(h, _)| h).unwrap_or(&self.registry);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+/// `os/arch[/variant]`.
+pub fn parse_platform(s: &str) -> Result<Platform, ImageError> {
+    let parts: Vec<&str> = s.split('/').collect();
+    match parts.as_slice() {
+        [os, arch] if !os.is_empty() && !arch.is_empty() => {
+            Ok(Platform { os: os.to_string(), architecture: arch.to_string(), variant: None })
+        }
+        [os, arch, v] if !os.is_empty() && !arch.is_empty() && !v.is_empty() => {
+            Ok(Platform { os: os.to_string(), architecture: arch.to_string(), variant: Some(v.to_string()) })
+        }
+        _ => Err(ImageError::BadPlatform(s.to_string())),
+    }
+}
+
+#[derive(Clone)]
+pub struct PullOptions {
+    pub platform: Option<Platform>,
+    /// Registries reached over plain HTTP (loopback ones always are).
+    pub insecure: Vec<String>,
+    pub max_attempts: u32,
+    pub parallel: usize,
+    /// A Docker `config.json` with `auths`.
+    pub docker_config: Option<PathBuf>,
+    /// Called with one line of progress at a time.
+    pub progress: Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            platform: None,
+            insecure: vec![],
+            max_attempts: 20,
+            parallel: 3,
+            docker_config: std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")),
+            progress: Arc::new(|_| {}),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PullReport {
+    pub reference: String,
+    pub digest: String,
+    /// Bytes received from the registry for blobs and manifests.
+    pub bytes_received: u64,
+    pub blobs_fetched: usize,
+    pub blobs_present: usize,
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    r: RemoteRef,
+    token: Mutex<Option<String>>,
+    basic: Option<String>,
+    received: AtomicU64,
+}
+
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+const MAX_MANIFEST: usize = 4 << 20;
+
+fn basic_auth_from(config: Option<&PathBuf>, registry: &str) -> Option<String> {
+    let text = std::fs::read_to_string(config?).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let auths = v.get("auths")?.as_object()?;
+    let want = [registry.to_string(), format!("https://{registry}"), format!("http://{registry}")];
+    let entry = auths
+        .iter()
+        .find(|(k, _)| want.iter().any(|w| k.trim_end_matches('/') == w || k.starts_with(&format!("{w}/"))))?
+        .1;
+    entry.get("auth")?.as_str().map(str::to_string)
+}
+
+/// `Bearer realm="…",service="…",scope="…"` → its parameters.
+fn challenge(h: &str) -> Option<(String, Vec<(String, String)>)> {
+    let (scheme, rest) = h.split_once(' ')?;
+    let mut params = vec![];
+    let mut rest = rest.trim();
+    while !rest.is_empty() {
+        let (k, after) = rest.split_once('=')?;
+        let after = after.trim_start();
+        let (v, tail) = if let Some(q) = after.strip_prefix('"') {
+            let end = q.find('"')?;
+            (&q[..end], &q[end + 1..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (&after[..end], &after[end..])
+        };
+        params.push((k.trim().to_string(), v.to_string()));
+        rest = tail.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
+    }
+    Some((scheme.to_ascii_lowercase(), params))
+}
+
+impl Client {
+    fn err(&self, what: &str, problem: impl Into<String>) -> ImageError {
+        ImageError::Registry { registry: self.r.registry.clone(), what: what.to_string(), problem: problem.into() }
+    }
+
+    fn status_problem(status: reqwest::StatusCode, body: &str) -> String {
+        let detail = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_string))
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        let what = match status.as_u16() {
+            401 => "authentication required (credentials go in ~/.docker/config.json)".to_string(),
+            403 => "access denied".to_string(),
+            404 => "not found".to_string(),
+            429 => "rate limited by the registry; retry later".to_string(),
+            s if s >= 500 => format!("registry error {s}"),
+            s => format!("unexpected HTTP {s}"),
+        };
+        format!("{what}{detail}")
+    }
+
+    /// Sends a GET with auth, answering one bearer challenge.
+    async fn get(
+        &self,
+        what: &str,
+        path: &str,
+        accept: Option<&str>,
+        range_from: u64,
+    ) -> Result<reqwest::Response, ImageError> {
+        for round in 0..2 {
+            let mut req = self.http.get(format!("{}{path}", self.base));
+            if let Some(a) = accept {
+                req = req.header(reqwest::header::ACCEPT, a);
+            }
+            if range_from > 0 {
+                req = req.header(reqwest::header::RANGE, format!("bytes={range_from}-"));
+            }
+            let token = self.token.lock().ok().and_then(|t| t.clone());
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            } else if let Some(b) = &self.basic {
+                req = req.header(reqwest::header::AUTHORIZATION, format!("Basic {b}"));
+            }
+            let resp = req.send().await.map_err(|e| self.err(what, format!("cannot reach the registry: {e}")))?;
+            if resp.status() == reqwest::StatusCode::UNAUTHORIZED && round == 0 {
+                let h = resp
+                    .headers()
+                    .get(reqwest::header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                if let Some((scheme, params)) = h.as_deref().and_then(challenge) {
+                    if scheme == "bearer" {
+                        self.fetch_token(&params).await?;
+                        continue;
+                    }
+                }
+            }
+            return Ok(resp);
+        }
+        Err(self.err(what, "authentication required (credentials go in ~/.docker/config.json)"))
+    }
+
+    async fn fetch_token(&self, params: &[(String, String)]) -> Result<(), ImageError> {
+        let get = |k: &str| params.iter().find(|(pk, _)| pk == k).map(|(_, v)| v.clone());
+        let realm = get("realm").ok_or_else(|| self.err("token", "bearer challenge without realm"))?;
+        let mut req = self.http.get(&realm);
+        let mut q = vec![];
+        if let Some(s) = get("service") {
+            q.push(("service", s));
+        }
+        q.push(("scope", get("scope").unwrap_or_else(|| format!("repository:{}:pull", self.r.repository))));
+        req = req.query(&q);
+        if let Some(b) = &self.basic {
+            req = req.header(reqwest::header::AUTHORIZATION, format!("Basic {b}"));
+        }
+        let resp = req.send().await.map_err(|e| self.err("token", e.to_string()))?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(self.err("token", Self::status_problem(status, &body)));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| self.err("token", format!("malformed token response: {e}")))?;
+        let t = v["token"]
+            .as_str()
+            .or_else(|| v["access_token"].as_str())
+            .ok_or_else(|| self.err("token", "token response has no token"))?;
+        if let Ok(mut slot) = self.token.lock() {
+            *slot = Some(t.to_string());
+        }
+        Ok(())
+    }
+
+    /// A manifest or index: bytes, verified against `digest` when the reference is one.
+    async fn manifest(&self, reference: &str) -> Result<(Vec<u8>, String), ImageError> {
+        let what = format!("manifest {}:{reference}", self.r.repository);
+        let resp = self
+            .get(&what, &format!("/v2/{}/manifests/{reference}", self.r.repository), Some(MANIFEST_ACCEPT), 0)
+            .await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(self.err(&what, Self::status_problem(status, &body)));
+        }
+        let mut body = vec![];
+        let mut resp = resp;
+        while let Some(c) = resp.chunk().await.map_err(|e| self.err(&what, e.to_string()))? {
+            body.extend_from_slice(&c);
+            if body.len() > MAX_MANIFEST {
+                return Err(self.err(&what, "manifest larger than 4 MiB"));
+            }
+        }
+        self.received.fetch_add(body.len() as u64, Ordering::Relaxed);
+        let digest = format!("sha256:{}", sha256_of(&body));
+        if reference.starts_with("sha256:") && reference != digest {
+            return Err(ImageError::DigestMismatch {
+                digest: reference.to_string(),
+                actual: digest.trim_start_matches("sha256:").into(),
+            });
+        }
+        Ok((body, digest))
+    }
+}
+
+/// Pulls `reference` into `store` and tags it. On failure nothing new is tagged and the
+/// blobs this pull added are removed again; partial layer downloads stay for a resume.
+pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -> Result<PullReport, ImageError> {
+    let r = RemoteRef::parse(reference)?;
+    let plain = r.is_loopback() || opts.insecure.iter().any(|i| i == &r.registry);
+    let base = format!("{}://{}", if plain { "http" } else { "https" }, r.registry);
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| ImageError::Registry {
+            registry: r.registry.clone(),
+            what: "client".into(),
+            problem: e.to_string(),
+        })?;
+    let basic = basic_auth_from(opts.docker_config.as_ref(), &r.registry);
+    let client =
+        Arc::new(Client { http, base, r: r.clone(), token: Mutex::new(None), basic, received: AtomicU64::new(0) });
+    let added = Arc::new(Mutex::new(Vec::<String>::new()));
+    let res = pull_inner(&store, &client, reference, opts, &added).await;
+    if res.is_err() {
+        let added = added.lock().map(|a| a.clone()).unwrap_or_default();
+        for d in added {
+            if let Ok(p) = store.blob_path(&d) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+    res.map(|mut rep| {
+        rep.bytes_received = client.received.load(Ordering::Relaxed);
+        rep
+    })
+}
+
+async fn pull_inner(
+    store: &Arc<ImageStore>,
+    client: &Arc<Client>,
+    reference: &str,
+    opts: &PullOptions,
+    added: &Arc<Mutex<Vec<String>>>,
+) -> Result<PullReport, ImageError> {
+    let say = |m: String| (opts.progress)(&m);
+    let (top_bytes, top_digest) = client.manifest(&client.r.reference).await?;
+    let top: Manifest = serde_json::from_slice(&top_bytes)
+        .map_err(|e| ImageError::Malformed { what: top_digest.clone(), problem: e.to_string() })?;
+    let remember = |d: &str, was_there: bool| {
+        if !was_there {
+            if let Ok(mut a) = added.lock() {
+                a.push(d.to_string());
+            }
+        }
+    };
+    let (manifest, manifest_digest) = if top.is_index() {
+        let want = opts.platform.clone().unwrap_or_else(crate::store::host_platform);
+        let list = top.manifests.clone().unwrap_or_default();
+        let chosen = choose_platform(&list, &want, reference)?.clone();
+        say(format!("{reference}: platform {want} -> {}", chosen.digest));
+        let (b, d) = client.manifest(&chosen.digest).await?;
+        let had = store.has_blob(&d);
+        store.put_blob_bytes(&b, Some(&d))?;
+        remember(&d, had);
+        let m: Manifest = serde_json::from_slice(&b)
+            .map_err(|e| ImageError::Malformed { what: d.clone(), problem: e.to_string() })?;
+        (m, d)
+    } else {
+        (top.clone(), top_digest.clone())
+    };
+    match manifest.media_type.as_deref() {
+        None | Some(MT_OCI_MANIFEST) | Some(MT_DOCKER_MANIFEST) => {}
+        Some(MT_OCI_INDEX) | Some(MT_DOCKER_LIST) => {
+            return Err(ImageError::Malformed {
+                what: manifest_digest,
+                problem: "an index points at another index".into(),
+            });
+        }
+        Some(other) => return Err(ImageError::UnsupportedMediaType(other.to_string())),
+    }
+    let config = manifest.config.clone().ok_or_else(|| ImageError::Malformed {
+        what: manifest_digest.clone(),
+        problem: "manifest has no config".into(),
+    })?;
+    let layers = manifest.layers.clone().unwrap_or_default();
+    let mut blobs: Vec<Descriptor> = vec![config];
+    blobs.extend(layers);
+    let mut report = PullReport {
+        reference: crate::normalize_reference(reference),
+        digest: top_digest.clone(),
+        ..Default::default()
+    };
+    let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallel.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for desc in blobs {
+        sha256_hex(&desc.digest)?;
+        if store.has_blob(&desc.digest) {
+            report.blobs_present += 1;
+            continue;
+        }
+        report.blobs_fetched += 1;
+        let (store, client, sem, opts, added) =
+            (Arc::clone(store), Arc::clone(client), Arc::clone(&sem), opts.clone(), Arc::clone(added));
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            fetch_blob(&store, &client, &desc, &opts).await?;
+            if let Ok(mut a) = added.lock() {
+                a.push(desc.digest.clone());
+            }
+            Ok::<_, ImageError>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tasks.abort_all();
+                return Err(e);
+            }
+            Err(e) => return Err(ImageError::Malformed { what: "download task".into(), problem: e.to_string() }),
+        }
+    }
+    // The manifests last: a tagged image always has every blob.
+    let had = store.has_blob(&manifest_digest);
+    if top.is_index() {
+        let had_top = store.has_blob(&top_digest);
+        store.put_blob_bytes(&top_bytes, Some(&top_digest))?;
+        remember(&top_digest, had_top);
+    } else {
+        store.put_blob_bytes(&top_bytes, Some(&top_digest))?;
+        remember(&top_digest, had);
+    }
+    // Unpack (verifying diff_ids) before tagging, off the async workers.
+    let st = Arc::clone(store);
+    let md = manifest_digest.clone();
+    tokio::task::spawn_blocking(move || st.unpack_manifest(&md))
+        .await
+        .map_err(|e| ImageError::Malformed { what: "unpack task".into(), problem: e.to_string() })??;
+    store.tag(reference, &top_digest)?;
+    say(format!("{reference}: pulled {top_digest}"));
+    Ok(report)
+}
+
+/// Downloads one blob with resume and retries, then verifies and commits it.
+async fn fetch_blob(
+    store: &ImageStore,
+    client: &Client,
+    desc: &Descriptor,
+    opts: &PullOptions,
+) -> Result<(), ImageError> {
+    let hex = sha256_hex(&desc.digest)?.to_string();
+    let short = &hex[..12];
+    let partial = store.root().join("tmp").join(format!("partial-{hex}"));
+    let what = format!("blob {}", desc.digest);
+    let mut last_err = String::new();
+    // Only attempts that make no progress count against `max_attempts` and back off: a
+    // link that drops every few MB keeps going as long as bytes arrive. `HARD_CAP` bounds
+    // the loop regardless.
+    const HARD_CAP: u32 = 100_000;
+    let mut failures = 0u32;
+    let mut before = u64::MAX;
+    for round in 0..HARD_CAP {
+        let now_have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+        if round > 0 {
+            if now_have > before {
+                failures = 0;
+            } else {
+                failures += 1;
+                if failures >= opts.max_attempts.max(1) {
+                    break;
+                }
+                // 200 ms doubling to 10 s, with up to 50 % jitter.
+                let base = (200u64 << failures.min(6)).min(10_000);
+                let seed = format!("{hex}{round}{}", std::process::id());
+                let jitter = u64::from(sha256_of(seed.as_bytes()).as_bytes()[0]) * base / 512;
+                tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+            }
+        }
+        before = now_have;
+        let mut have = now_have;
+        if have > desc.size {
+            have = 0;
+        }
+        if have == desc.size && desc.size > 0 {
+            break;
+        }
+        let resp =
+            match client.get(&what, &format!("/v2/{}/blobs/{}", client.r.repository, desc.digest), None, have).await {
+                Ok(r) => r,
+                Err(e) => {
+                    last_err = e.to_string();
+                    (opts.progress)(&format!("{short}: {last_err}; retrying"));
+                    continue;
+                }
+            };
+        let status = resp.status();
+        let append = match status.as_u16() {
+            206 => true,
+            200 => false,
+            416 if have == desc.size => break,
+            s if s == 429 || s >= 500 => {
+                last_err = Client::status_problem(status, "");
+                continue;
+            }
+            _ => {
+                let body = resp.text().await.unwrap_or_default();
+                return Err(client.err(&what, Client::status_problem(status, &body)));
+            }
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(&partial)
+            .ctx("open", &partial)?;
+        let mut resp = resp;
+        let mut got = if append { have } else { 0 };
+        let mut cut = false;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => {
+                    client.received.fetch_add(c.len() as u64, Ordering::Relaxed);
+                    got += c.len() as u64;
+                    if got > desc.size {
+                        let _ = std::fs::remove_file(&partial);
+                        return Err(client.err(
+                            &what,
+                            format!("registry sent more than the {} bytes the manifest declares", desc.size),
+                        ));
+                    }
+                    f.write_all(&c).ctx("write", &partial)?;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    last_err = e.to_string();
+                    cut = true;
+                    break;
+                }
+            }
+        }
+        f.flush().ctx("write", &partial)?;
+        drop(f);
+        if cut || got < desc.size {
+            if last_err.is_empty() || !cut {
+                last_err = format!("connection closed at {got} of {} bytes", desc.size);
+            }
+            (opts.progress)(&format!("{short}: {last_err}; resuming at {got}"));
+            continue;
+        }
+        (opts.progress)(&format!("{short}: downloaded {} bytes", desc.size));
+        return commit(store, &partial, &desc.digest);
+    }
+    let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+    if have == desc.size {
+        return commit(store, &partial, &desc.digest);
+    }
+    Err(ImageError::Transfer {
+        registry: client.r.registry.clone(),
+        what,
+        message: last_err,
+        attempts: opts.max_attempts,
+    })
+}
+
+/// Verifies a complete partial file and renames it into the store.
+fn commit(store: &ImageStore, partial: &std::path::Path, digest: &str) -> Result<(), ImageError> {
+    let f = std::fs::File::open(partial).ctx("open", partial)?;
+    let actual = HashingReader::new(std::io::BufReader::new(f)).finish().ctx("read", partial)?;
+    if format!("sha256:{actual}") != digest {
+        let _ = std::fs::remove_file(partial);
+        return Err(ImageError::DigestMismatch { digest: digest.to_string(), actual });
+    }
+    let dst = store.blob_path(digest)?;
+    std::fs::rename(partial, &dst).ctx("rename", &dst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references() {
+        let r = RemoteRef::parse("127.0.0.1:5000/team/app:1.4").unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.reference.as_str()),
+            ("127.0.0.1:5000", "team/app", "1.4")
+        );
+        assert!(r.is_loopback());
+        let r = RemoteRef::parse("busybox").unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.reference.as_str()),
+            ("registry-1.docker.io", "library/busybox", "latest")
+        );
+        assert!(!r.is_loopback());
+        for bad in ["", "a b", "Reg/UPPER:1", "x@sha256:zz"] {
+            assert!(RemoteRef::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn platforms_and_challenges() {
+        assert_eq!(parse_platform("linux/arm/v7").unwrap().variant.as_deref(), Some("v7"));
+        assert!(parse_platform("linux").is_err());
+        let (s, p) = challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+        )
+        .unwrap();
+        assert_eq!(s, "bearer");
+        assert_eq!(p[0], ("realm".into(), "https://auth.example/token".into()));
+        assert_eq!(p[2], ("scope".into(), "repository:a/b:pull".into()));
+    }
+}
