@@ -11,6 +11,7 @@ pub mod digest;
 pub mod error;
 pub mod reference;
 pub mod registry;
+mod save;
 pub mod store;
 pub mod unpack;
 

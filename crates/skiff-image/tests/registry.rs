@@ -116,3 +116,44 @@ fn a_flipped_byte_is_rejected_and_the_store_is_unchanged() -> R {
     assert!(err.to_string().contains("manifest team/none:1: not found"), "{err}");
     Ok(())
 }
+
+#[test]
+fn save_is_read_back_by_skopeo_and_by_load() -> R {
+    skiff_testkit::require_registry_tools!();
+    let tmp = tempfile::tempdir()?;
+    let store = ImageStore::open(tmp.path().join("store"))?;
+    let layout = tmp.path().join("layout");
+    ImageBuilder::busybox()?
+        .layer(LayerBuilder::new().file("etc/motd", 0o644, b"saved")?.finish()?)
+        .write_oci_layout(&layout, "localhost/saved:1")?;
+    store.load(&layout, None)?;
+    let out = tmp.path().join("saved.tar");
+    store.save(&["localhost/saved:1".to_string()], &out)?;
+
+    let inspect = std::process::Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("docker-archive:{}", out.display()))
+        .output()?;
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&inspect.stdout)?;
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(2));
+    let copy = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            &format!("docker-archive:{}", out.display()),
+            &format!("oci:{}:x", tmp.path().join("back").display()),
+        ])
+        .output()?;
+    assert!(copy.status.success(), "{}", String::from_utf8_lossy(&copy.stderr));
+
+    // And back into a fresh store: same layers.
+    let again = ImageStore::open(tmp.path().join("store2"))?;
+    assert_eq!(again.load(&out, None)?, vec!["localhost/saved:1".to_string()]);
+    let (a, b) = (store.inspect("localhost/saved:1")?, again.inspect("localhost/saved:1")?);
+    assert_eq!(
+        a.layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>(),
+        b.layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>()
+    );
+    assert_eq!(a.config_digest, b.config_digest);
+    Ok(())
+}

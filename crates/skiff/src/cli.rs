@@ -118,6 +118,13 @@ pub enum ImageCmd {
         #[arg(long = "insecure-registry")]
         insecure_registry: Vec<String>,
     },
+    /// Write images to a `docker save` tarball (for `docker load`, `skopeo`, `skiff image load`).
+    Save {
+        #[arg(required = true)]
+        references: Vec<String>,
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
     /// List images.
     Ls {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
@@ -549,6 +556,10 @@ fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&store.inspect(reference)?)?);
         }
         ImageCmd::Pull { .. } => {}
+        ImageCmd::Save { references, output } => {
+            store.save(references, output)?;
+            println!("saved {} image(s) to {}", references.len(), output.display());
+        }
         ImageCmd::Prune => {
             let freed = store.gc()?;
             println!("freed {}", skiff_model::format_bytes(freed));
