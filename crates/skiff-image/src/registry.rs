@@ -9,7 +9,8 @@
 //! * Retries: exponential backoff with jitter, bounded in count.
 //! * Auth: anonymous, and the bearer-token challenge (`WWW-Authenticate: Bearer realm=…`)
 //!   with basic credentials from a Docker `config.json` when present.
-//! * Plain HTTP for loopback registries (as Docker allows) and `insecure` ones.
+//! * Plain HTTP for loopback registries (as Docker allows) and `insecure` ones. HTTPS is
+//!   refused with a clear error until TLS is built in.
 
 use crate::digest::{sha256_hex, sha256_of, HashingReader};
 use crate::error::IoContext;
@@ -294,7 +295,15 @@ impl Client {
 pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -> Result<PullReport, ImageError> {
     let r = RemoteRef::parse(reference)?;
     let plain = r.is_loopback() || opts.insecure.iter().any(|i| i == &r.registry);
-    let base = format!("{}://{}", if plain { "http" } else { "https" }, r.registry);
+    if !plain {
+        // TLS (rustls with system roots and a CA file) is the next step for this client.
+        return Err(ImageError::Registry {
+            registry: r.registry.clone(),
+            what: "connect".into(),
+            problem: "HTTPS registries are not supported by this build yet; name a plain-HTTP registry with --insecure-registry".into(),
+        });
+    }
+    let base = format!("http://{}", r.registry);
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(Duration::from_secs(30))

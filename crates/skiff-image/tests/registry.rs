@@ -83,6 +83,7 @@ fn pull_survives_connections_cut_every_256_kib() -> R {
     assert_eq!(info.layers.len(), 2);
     let through = proxy.down.load(Ordering::Relaxed);
     let payload = rep.bytes_received;
+    eprintln!("figures: image {image_size} B, blob payload received {payload} B, bytes through the proxy {through} B");
     // Every blob verified (resolve unpacked and checked diff_ids); little was sent twice.
     assert!(payload <= image_size * 11 / 10, "payload {payload} for an image of {image_size}");
     assert!(

@@ -71,6 +71,16 @@ pub struct FaultProxy {
 
 impl FaultProxy {
     pub fn start(upstream: u16, cut_after: Option<u64>, flip_at: Option<u64>) -> anyhow::Result<Self> {
+        Self::start_with(upstream, cut_after, flip_at, None)
+    }
+
+    /// Like `start`, also limiting each connection to `bytes_per_sec`.
+    pub fn start_with(
+        upstream: u16,
+        cut_after: Option<u64>,
+        flip_at: Option<u64>,
+        bytes_per_sec: Option<u64>,
+    ) -> anyhow::Result<Self> {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let port = l.local_addr()?.port();
         let down = Arc::new(AtomicU64::new(0));
@@ -88,9 +98,10 @@ impl FaultProxy {
                 std::thread::spawn(move || {
                     let (mut s_r, mut c_w) = (server, client);
                     let mut buf = [0u8; 16 * 1024];
+                    let chunk = if bytes_per_sec.is_some() { 4 * 1024 } else { buf.len() };
                     let mut sent = 0u64;
                     loop {
-                        let n = match s_r.read(&mut buf) {
+                        let n = match s_r.read(&mut buf[..chunk]) {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
@@ -108,6 +119,9 @@ impl FaultProxy {
                         }
                         sent += n as u64;
                         counter.fetch_add(n as u64, Ordering::Relaxed);
+                        if let Some(rate) = bytes_per_sec {
+                            std::thread::sleep(Duration::from_micros(n as u64 * 1_000_000 / rate.max(1)));
+                        }
                         if cut_after.is_some_and(|c| sent >= c) {
                             break;
                         }

@@ -398,3 +398,59 @@ fn run_and_up_pull_from_a_registry() -> R {
     assert!(String::from_utf8_lossy(&out.stderr).contains("manifest edge/missing:1: not found"));
     Ok(())
 }
+
+#[test]
+fn a_pull_killed_half_way_resumes_where_it_stopped() -> R {
+    skiff_testkit::require_registry_tools!();
+    let reg = skiff_testkit::registry::Registry::start()?;
+    let layout = tempfile::tempdir()?;
+    let big =
+        skiff_testkit::LayerBuilder::new().file("blob", 0o644, &skiff_testkit::incompressible(4 << 20, 3))?.finish()?;
+    skiff_testkit::ImageBuilder::busybox()?.layer(big).write_oci_layout(layout.path(), "x")?;
+    reg.push(layout.path(), "edge/big:1")?;
+    let image_size: u64 =
+        std::fs::read_dir(layout.path().join("blobs/sha256"))?.map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let proxy = skiff_testkit::registry::FaultProxy::start_with(reg.port, None, None, Some(2 << 20))?;
+    let image = format!("127.0.0.1:{}/edge/big:1", proxy.port);
+    let n = Node::new()?;
+    let tmp = n.data().join("images/tmp");
+    let partial_bytes = || -> u64 {
+        std::fs::read_dir(&tmp)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("partial-"))
+                    .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    };
+    let mut child = std::process::Command::new(common::bin())
+        .arg("--data")
+        .arg(n.data())
+        .args(["image", "pull", &image])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    wait_for(60 * SEC, "half of the big layer", || (partial_bytes() > 2 << 20).then_some(()))?;
+    child.kill()?;
+    child.wait()?;
+    // What the killed run kept: complete blobs plus the partial download.
+    let stored: u64 =
+        std::fs::read_dir(n.data().join("images/blobs/sha256"))?.map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let had = partial_bytes() + stored;
+    let before = proxy.down.load(std::sync::atomic::Ordering::Relaxed);
+    n.ok(&["image", "pull", &image])?;
+    let second = proxy.down.load(std::sync::atomic::Ordering::Relaxed) - before;
+    let needed = image_size - had;
+    let again = second.saturating_sub(needed);
+    eprintln!(
+        "figures: image {image_size} B, had {had} B at SIGKILL, second run moved {second} B, re-downloaded {again} B"
+    );
+    assert!(
+        again * 10 <= had,
+        "re-downloaded {again} bytes of the {had} it had (second run moved {second}, needed {needed})"
+    );
+    assert!(n.ok(&["image", "ls"])?.contains("edge/big:1"));
+    Ok(())
+}
