@@ -24,6 +24,22 @@ fn main() -> Result<()> {
             println!("wrote a docker-save tarball of localhost/skiff-demo:latest to {file}");
             Ok(())
         }
-        _ => bail!("usage: cargo xtask demo-image DIR | demo-image-tar FILE"),
+        ["bench-image", dir, mib, layers] => {
+            // busybox plus LAYERS layers of incompressible data, MIB MiB in all.
+            let (mib, layers): (usize, usize) = (mib.parse()?, layers.parse()?);
+            let mut img = skiff_testkit::ImageBuilder::busybox()?;
+            for i in 0..layers {
+                let data = skiff_testkit::incompressible((mib << 20) / layers.max(1), i as u64 + 1);
+                img = img.layer(skiff_testkit::LayerBuilder::new().file(&format!("data/{i}"), 0o644, &data)?.finish()?);
+            }
+            let dir = std::path::Path::new(dir);
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)?;
+            }
+            img.write_oci_layout(dir, "localhost/bench:1")?;
+            println!("built a {mib} MiB image with {layers} data layers in {}", dir.display());
+            Ok(())
+        }
+        _ => bail!("usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS"),
     }
 }

@@ -380,31 +380,52 @@ async fn pull_inner(
         problem: "manifest has no config".into(),
     })?;
     let layers = manifest.layers.clone().unwrap_or_default();
-    let mut blobs: Vec<Descriptor> = vec![config];
-    blobs.extend(layers);
     let mut report = PullReport {
         reference: crate::normalize_reference(reference),
         digest: top_digest.clone(),
         ..Default::default()
     };
+    // The config first: its diff_ids let each layer be unpacked as soon as it arrives.
+    sha256_hex(&config.digest)?;
+    if store.has_blob(&config.digest) {
+        report.blobs_present += 1;
+    } else {
+        report.blobs_fetched += 1;
+        fetch_blob(store, client, &config, opts).await?;
+        remember(&config.digest, false);
+    }
+    let diff_ids = store.diff_ids(&config.digest)?;
+    if diff_ids.len() != layers.len() {
+        return Err(ImageError::Malformed {
+            what: config.digest.clone(),
+            problem: format!("config lists {} diff_ids for {} layers", diff_ids.len(), layers.len()),
+        });
+    }
     let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallel.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    for desc in blobs {
+    for (desc, diff_id) in layers.into_iter().zip(diff_ids) {
         sha256_hex(&desc.digest)?;
-        if store.has_blob(&desc.digest) {
+        let present = store.has_blob(&desc.digest);
+        if present {
             report.blobs_present += 1;
-            continue;
+        } else {
+            report.blobs_fetched += 1;
         }
-        report.blobs_fetched += 1;
         let (store, client, sem, opts, added) =
             (Arc::clone(store), Arc::clone(client), Arc::clone(&sem), opts.clone(), Arc::clone(added));
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            fetch_blob(&store, &client, &desc, &opts).await?;
-            if let Ok(mut a) = added.lock() {
-                a.push(desc.digest.clone());
+            if !present {
+                fetch_blob(&store, &client, &desc, &opts).await?;
+                if let Ok(mut a) = added.lock() {
+                    a.push(desc.digest.clone());
+                }
             }
-            Ok::<_, ImageError>(())
+            let layer = crate::store::LayerRef { digest: desc.digest.clone(), diff_id, size: desc.size };
+            let st = Arc::clone(&store);
+            tokio::task::spawn_blocking(move || st.ensure_layer(&layer).map(|_| ()))
+                .await
+                .map_err(|e| ImageError::Malformed { what: "unpack task".into(), problem: e.to_string() })?
         });
     }
     while let Some(r) = tasks.join_next().await {
@@ -456,6 +477,8 @@ async fn fetch_blob(
     const HARD_CAP: u32 = 100_000;
     let mut failures = 0u32;
     let mut before = u64::MAX;
+    // The digest is computed as bytes arrive; a resumed file's prefix is hashed once.
+    let mut hasher: Option<(sha2::Sha256, u64)> = None;
     for round in 0..HARD_CAP {
         let now_have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
         if round > 0 {
@@ -511,6 +534,10 @@ async fn fetch_blob(
             .truncate(!append)
             .open(&partial)
             .ctx("open", &partial)?;
+        let start = if append { have } else { 0 };
+        if hasher.as_ref().map(|(_, n)| *n) != Some(start) {
+            hasher = Some((prefix_hash(&partial, start)?, start));
+        }
         let mut resp = resp;
         let mut got = if append { have } else { 0 };
         let mut cut = false;
@@ -527,6 +554,10 @@ async fn fetch_blob(
                         ));
                     }
                     f.write_all(&c).ctx("write", &partial)?;
+                    if let Some((h, n)) = hasher.as_mut() {
+                        sha2::Digest::update(h, &c);
+                        *n += c.len() as u64;
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -546,11 +577,12 @@ async fn fetch_blob(
             continue;
         }
         (opts.progress)(&format!("{short}: downloaded {} bytes", desc.size));
-        return commit(store, &partial, &desc.digest);
+        let actual = hasher.take().map(|(h, _)| hex::encode(sha2::Digest::finalize(h)));
+        return commit(store, &partial, &desc.digest, actual);
     }
     let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
     if have == desc.size {
-        return commit(store, &partial, &desc.digest);
+        return commit(store, &partial, &desc.digest, None);
     }
     Err(ImageError::Transfer {
         registry: client.r.registry.clone(),
@@ -560,10 +592,32 @@ async fn fetch_blob(
     })
 }
 
-/// Verifies a complete partial file and renames it into the store.
-fn commit(store: &ImageStore, partial: &std::path::Path, digest: &str) -> Result<(), ImageError> {
-    let f = std::fs::File::open(partial).ctx("open", partial)?;
-    let actual = HashingReader::new(std::io::BufReader::new(f)).finish().ctx("read", partial)?;
+/// The sha256 state of the first `len` bytes of `path`.
+fn prefix_hash(path: &std::path::Path, len: u64) -> Result<sha2::Sha256, ImageError> {
+    let mut h = <sha2::Sha256 as sha2::Digest>::new();
+    if len > 0 {
+        let f = std::fs::File::open(path).ctx("open", path)?;
+        let mut r = std::io::Read::take(std::io::BufReader::new(f), len);
+        std::io::copy(&mut r, &mut h).ctx("read", path)?;
+    }
+    Ok(h)
+}
+
+/// Verifies a complete partial file (by the digest computed while it arrived, else by
+/// reading it) and renames it into the store.
+fn commit(
+    store: &ImageStore,
+    partial: &std::path::Path,
+    digest: &str,
+    computed: Option<String>,
+) -> Result<(), ImageError> {
+    let actual = match computed {
+        Some(a) => a,
+        None => {
+            let f = std::fs::File::open(partial).ctx("open", partial)?;
+            HashingReader::new(std::io::BufReader::new(f)).finish().ctx("read", partial)?
+        }
+    };
     if format!("sha256:{actual}") != digest {
         let _ = std::fs::remove_file(partial);
         return Err(ImageError::DigestMismatch { digest: digest.to_string(), actual });

@@ -310,10 +310,18 @@ impl ImageStore {
             Ok(())
         })();
         match result {
-            Ok(()) => {
-                fs::rename(&tmp, &dst).ctx("rename", &dst)?;
-                Ok(dst)
-            }
+            Ok(()) => match fs::rename(&tmp, &dst) {
+                Ok(()) => Ok(dst),
+                // Unpacked meanwhile by someone else (the same layer twice in one pull).
+                Err(_) if dst.exists() => {
+                    let _ = fs::remove_dir_all(&tmp);
+                    Ok(dst)
+                }
+                Err(e) => {
+                    let _ = fs::remove_dir_all(&tmp);
+                    Err(ImageError::Io { op: "rename", path: dst, source: e })
+                }
+            },
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp);
                 Err(e)
@@ -522,6 +530,15 @@ impl ImageStore {
             }
         }
         Ok(freed)
+    }
+
+    /// The diff_ids listed by a stored image config.
+    pub fn diff_ids(&self, config_digest: &str) -> Result<Vec<String>, ImageError> {
+        let cfg: ConfigFile = self.read_json(config_digest)?;
+        for d in &cfg.rootfs.diff_ids {
+            sha256_hex(d)?;
+        }
+        Ok(cfg.rootfs.diff_ids)
     }
 
     /// Unpacks (and verifies) every layer of a stored image manifest.
