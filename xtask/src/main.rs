@@ -40,6 +40,20 @@ fn main() -> Result<()> {
             println!("built a {mib} MiB image with {layers} data layers in {}", dir.display());
             Ok(())
         }
-        _ => bail!("usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS"),
+        ["fault-proxy", listen_port_file, upstream, cut_after, counter_file] => {
+            // A TCP proxy for benchmarks: 127.0.0.1:<port> -> UPSTREAM (host:port), cutting
+            // every connection after CUT_AFTER bytes (0 = never). Writes its port to
+            // LISTEN_PORT_FILE and, every 100 ms, the bytes it forwarded to COUNTER_FILE.
+            let cut: u64 = cut_after.parse()?;
+            let proxy = skiff_testkit::registry::FaultProxy::start_to(upstream, (cut > 0).then_some(cut), None, None)?;
+            std::fs::write(listen_port_file, proxy.port.to_string())?;
+            loop {
+                std::fs::write(counter_file, proxy.down.load(std::sync::atomic::Ordering::Relaxed).to_string())?;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+        _ => bail!(
+            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE"
+        ),
     }
 }

@@ -81,6 +81,17 @@ impl FaultProxy {
         flip_at: Option<u64>,
         bytes_per_sec: Option<u64>,
     ) -> anyhow::Result<Self> {
+        Self::start_to(&format!("127.0.0.1:{upstream}"), cut_after, flip_at, bytes_per_sec)
+    }
+
+    /// The proxy in front of any `host:port`.
+    pub fn start_to(
+        upstream: &str,
+        cut_after: Option<u64>,
+        flip_at: Option<u64>,
+        bytes_per_sec: Option<u64>,
+    ) -> anyhow::Result<Self> {
+        let upstream = upstream.to_string();
         let l = TcpListener::bind("127.0.0.1:0")?;
         let port = l.local_addr()?.port();
         let down = Arc::new(AtomicU64::new(0));
@@ -88,7 +99,7 @@ impl FaultProxy {
         std::thread::spawn(move || {
             for c in l.incoming().take(10_000) {
                 let Ok(client) = c else { continue };
-                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                let Ok(server) = TcpStream::connect(upstream.as_str()) else { continue };
                 let (Ok(mut c_r), Ok(mut s_w)) = (client.try_clone(), server.try_clone()) else { continue };
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut c_r, &mut s_w);
