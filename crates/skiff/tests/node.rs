@@ -96,13 +96,9 @@ fn restart_always_backs_off_and_on_failure_gives_up() -> R {
 fn agent_kill_keeps_containers_logs_and_exit_codes() -> R {
     require_privileged!();
     let mut n = Node::new()?;
-    let compose = n.write(
-        "compose.yaml",
-        &format!(
+    let compose = n.up_compose(&format!(
             "name: keep\nservices:\n  counter:\n    image: {IMAGE}\n    stop_grace_period: 1s\n    command: [\"sh\", \"-c\", \"i=0; while true; do i=$$((i+1)); echo line $$i; sleep 0.1; done\"]\n  short:\n    image: {IMAGE}\n    command: [\"sh\", \"-c\", \"sleep 2; exit 7\"]\n"
-        ),
-    )?;
-    n.up(Some(&compose))?;
+        ))?;
     let before = n.wait_running("counter-1")?;
     n.wait_running("short-1")?;
     n.kill_up()?;
@@ -151,10 +147,8 @@ fn stack_services_resolve_and_ports_publish() -> R {
     require_privileged!();
     let mut n = Node::new()?;
     let port = free_port();
-    let compose = n.write(
-        "compose.yaml",
-        &format!(
-            r#"name: net
+    n.up_compose(&format!(
+        r#"name: net
 services:
   server:
     image: {IMAGE}
@@ -171,9 +165,7 @@ services:
     stop_grace_period: 1s
     command: ["sh", "-c", "wget -q -O- http://server/ && sleep 1000"]
 "#
-        ),
-    )?;
-    n.up(Some(&compose))?;
+    ))?;
     let server =
         n.wait_instance("server-1", 30 * SEC, "healthy", |i| i.health == Some(skiff_model::Health::Healthy))?;
     let client = n.wait_running("client-1")?;
@@ -269,13 +261,9 @@ fn bad_input_is_rejected_and_nothing_starts() -> R {
 fn ctrl_c_stops_the_stack_and_cleans_up() -> R {
     require_privileged!();
     let mut n = Node::new()?;
-    let compose = n.write(
-        "compose.yaml",
-        &format!(
-            "name: bye\nservices:\n  a:\n    image: {IMAGE}\n    command: [sleep, '1000']\n    stop_grace_period: 1s\n"
-        ),
-    )?;
-    n.up(Some(&compose))?;
+    n.up_compose(&format!(
+        "name: bye\nservices:\n  a:\n    image: {IMAGE}\n    command: [sleep, '1000']\n    stop_grace_period: 1s\n"
+    ))?;
     let a = n.wait_running("a-1")?;
     let pid = a.pid.unwrap_or_default();
     n.interrupt_up()?;
@@ -295,11 +283,7 @@ fn ctrl_c_stops_the_stack_and_cleans_up() -> R {
 fn lost_containers_come_back_after_an_agent_restart() -> R {
     require_privileged!();
     let mut n = Node::new()?;
-    let compose = n.write(
-        "compose.yaml",
-        &format!("name: boot\nservices:\n  svc:\n    image: {IMAGE}\n    restart: always\n    stop_grace_period: 1s\n    command: [sleep, '1000']\n  once:\n    image: {IMAGE}\n    restart: \"no\"\n    command: [sleep, '1000']\n"),
-    )?;
-    n.up(Some(&compose))?;
+    let compose = n.up_compose(&format!("name: boot\nservices:\n  svc:\n    image: {IMAGE}\n    restart: always\n    stop_grace_period: 1s\n    command: [sleep, '1000']\n  once:\n    image: {IMAGE}\n    restart: \"no\"\n    command: [sleep, '1000']\n"))?;
     let before = n.wait_running("svc-1")?;
     n.wait_running("once-1")?;
     n.kill_up()?;
@@ -378,11 +362,9 @@ fn run_and_up_pull_from_a_registry() -> R {
     reg.push(layout.path(), "edge/app:1")?;
     let image = format!("127.0.0.1:{}/edge/app:1", reg.port);
     let mut n = Node::new()?;
-    let compose = n.write(
-        "compose.yaml",
-        &format!("name: pulled\nservices:\n  a:\n    image: {image}\n    command: [sleep, '1000']\n    stop_grace_period: 1s\n"),
-    )?;
-    n.up(Some(&compose))?;
+    n.up_compose(&format!(
+        "name: pulled\nservices:\n  a:\n    image: {image}\n    command: [sleep, '1000']\n    stop_grace_period: 1s\n"
+    ))?;
     n.wait_running("a-1")?;
     n.ok(&["image", "rm", &image]).expect_err("an image in use cannot be removed");
     n.ok(&[

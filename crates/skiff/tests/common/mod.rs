@@ -140,6 +140,13 @@ impl Node {
         })?
     }
 
+    /// Writes `yaml` as compose.yaml and starts `skiff up` with it; returns the file.
+    pub fn up_compose(&mut self, yaml: &str) -> Result<PathBuf> {
+        let f = self.write("compose.yaml", yaml)?;
+        self.up(Some(&f))?;
+        Ok(f)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.up_log).unwrap_or_default()
     }
