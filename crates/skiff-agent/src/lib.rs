@@ -330,12 +330,16 @@ impl Agent {
                         self.db(|s| s.put_instance(&r))?;
                     }
                 }
-                Liveness::Exited(exit) => self.on_exit(r.clone(), exit, now, None)?,
+                Liveness::Exited(exit) => {
+                    let r = self.on_exit(r.clone(), exit, now, None);
+                    self.db(|s| s.put_instance(&r))?;
+                }
                 Liveness::Gone => {
                     let exit =
                         skiff_model::ExitStatus { code: 255, signal: None, oom_killed: false, finished_at_ms: now };
                     let cause = "container lost (node rebooted or its shim was killed)";
-                    self.on_exit(r.clone(), exit, now, Some(cause))?;
+                    let r = self.on_exit(r.clone(), exit, now, Some(("Lost", cause)));
+                    self.db(|s| s.put_instance(&r))?;
                 }
             }
         }
@@ -406,15 +410,16 @@ impl Agent {
             .min())
     }
 
-    /// Records an exit and applies the restart policy. `cause` explains exits the
-    /// container did not report itself.
+    /// Records an exit as an event and applies the restart policy; returns the row for
+    /// the caller to store. `cause` (event reason, message) explains exits the container
+    /// did not report itself.
     fn on_exit(
-        self: &Arc<Self>,
+        &self,
         mut r: InstanceRow,
         exit: skiff_model::ExitStatus,
         now: u64,
-        cause: Option<&str>,
-    ) -> Result<(), AgentError> {
+        cause: Option<(&'static str, &str)>,
+    ) -> InstanceRow {
         self.stop_health(&r.name);
         r.exit_code = Some(exit.code);
         r.oom_killed = exit.oom_killed;
@@ -422,15 +427,10 @@ impl Agent {
         r.pid = None;
         r.health = None;
         r.health_failures = 0;
-        let what = match cause {
-            Some(c) => c.to_string(),
-            None if exit.oom_killed => format!("OOM-killed (exit code {})", exit.code),
-            None => format!("exited with code {}", exit.code),
-        };
-        let reason = match (exit.oom_killed, cause) {
-            (true, _) => "OOMKilled",
-            (false, Some(_)) => "Lost",
-            (false, None) => "Exited",
+        let (reason, what) = match cause {
+            Some((reason, message)) => (reason, message.to_string()),
+            None if exit.oom_killed => ("OOMKilled", format!("OOM-killed (exit code {})", exit.code)),
+            None => ("Exited", format!("exited with code {}", exit.code)),
         };
         self.event(&r.name, reason, &what);
         match after_exit(r.spec.restart, &exit, r.started_at_ms, r.streak, r.restarts, now) {
@@ -446,8 +446,7 @@ impl Agent {
                 r.message = Some(what);
             }
         }
-        self.db(|s| s.put_instance(&r))?;
-        Ok(())
+        r
     }
 
     /// Resolves image, network and volumes, creates the container and starts its shim.
@@ -483,16 +482,13 @@ impl Agent {
             }
             Err(e) => {
                 warn!(instance = %r.name, error = %e, "start failed");
-                self.event(&r.name, "Failed", &e.to_string());
-                // Counts as a failed run for the restart policy.
+                // Counts as a failed run (exit 127, as a shell reports) for the restart policy;
+                // an instance that will not be retried is Failed rather than Exited.
                 let exit = skiff_model::ExitStatus { code: 127, signal: None, oom_killed: false, finished_at_ms: now };
-                r.state = InstanceState::Running;
-                self.on_exit(r.clone(), exit, now, None)?;
-                let mut r = self.db(|s| s.instance(&r.name))?.unwrap_or(r);
+                let mut r = self.on_exit(r, exit, now, Some(("Failed", &e.to_string())));
                 if r.state == InstanceState::Exited {
                     r.state = InstanceState::Failed;
                 }
-                r.message = Some(e.to_string());
                 self.db(|s| s.put_instance(&r))?;
             }
         }
