@@ -438,22 +438,11 @@ async fn pull_inner(
             Err(e) => return Err(ImageError::Malformed { what: "download task".into(), problem: e.to_string() }),
         }
     }
-    // The manifests last: a tagged image always has every blob.
-    let had = store.has_blob(&manifest_digest);
-    if top.is_index() {
-        let had_top = store.has_blob(&top_digest);
-        store.put_blob_bytes(&top_bytes, Some(&top_digest))?;
-        remember(&top_digest, had_top);
-    } else {
-        store.put_blob_bytes(&top_bytes, Some(&top_digest))?;
-        remember(&top_digest, had);
-    }
-    // Unpack (verifying diff_ids) before tagging, off the async workers.
-    let st = Arc::clone(store);
-    let md = manifest_digest.clone();
-    tokio::task::spawn_blocking(move || st.unpack_manifest(&md))
-        .await
-        .map_err(|e| ImageError::Malformed { what: "unpack task".into(), problem: e.to_string() })??;
+    // Every layer is stored, unpacked and verified by now: the top manifest (or index),
+    // then the tag, come last.
+    let had_top = store.has_blob(&top_digest);
+    store.put_blob_bytes(&top_bytes, Some(&top_digest))?;
+    remember(&top_digest, had_top);
     store.tag(reference, &top_digest)?;
     say(format!("{reference}: pulled {top_digest}"));
     Ok(report)

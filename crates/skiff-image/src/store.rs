@@ -541,15 +541,6 @@ impl ImageStore {
         Ok(cfg.rootfs.diff_ids)
     }
 
-    /// Unpacks (and verifies) every layer of a stored image manifest.
-    pub fn unpack_manifest(&self, manifest_digest: &str) -> Result<(), ImageError> {
-        let info = self.image_for(manifest_digest, manifest_digest)?;
-        for l in &info.layers {
-            self.ensure_layer(l)?;
-        }
-        Ok(())
-    }
-
     /// Removes leftovers of interrupted work, keeping partial downloads (`partial-*`),
     /// which a later pull resumes. Call when nothing else uses the store.
     pub fn clean_tmp(&self) -> Result<(), ImageError> {
