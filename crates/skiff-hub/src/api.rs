@@ -89,20 +89,22 @@ async fn apply(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Res
     }
 }
 
-fn view(hub: &Hub, s: crate::store::Stored) -> DeploymentView {
-    let instances = hub.instances().into_iter().filter(|i| i.deployment == s.spec.name).collect();
+/// A stored deployment with its instances, picked out of `all` (fetched once per request).
+fn view(all: &[skiff_model::InstanceStatus], s: crate::store::Stored) -> DeploymentView {
+    let instances = all.iter().filter(|i| i.deployment == s.spec.name).cloned().collect();
     DeploymentView { revision: s.revision, spec: s.spec, instances }
 }
 
 async fn list_deployments(State(hub): State<Shared>) -> Result<Json<Vec<DeploymentView>>, ApiError> {
-    let all = hub.store.list().map_err(internal)?;
-    Ok(Json(all.into_iter().map(|s| view(&hub, s)).collect()))
+    let stored = hub.store.list().map_err(internal)?;
+    let all = hub.instances();
+    Ok(Json(stored.into_iter().map(|s| view(&all, s)).collect()))
 }
 
 async fn get_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<Json<DeploymentView>, ApiError> {
     let s =
         hub.store.get(&name).map_err(internal)?.ok_or_else(|| not_found(format!("deployment {name:?} not found")))?;
-    Ok(Json(view(&hub, s)))
+    Ok(Json(view(&hub.instances(), s)))
 }
 
 async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
