@@ -489,14 +489,7 @@ fn normalize(p: &Path) -> String {
 }
 
 fn device(s: &str, path: &str) -> R<DeviceMapping> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let (host, cont, perms) = match parts.as_slice() {
-        [h] => (*h, *h, "rwm"),
-        [h, c] => (*h, *c, "rwm"),
-        [h, c, p] => (*h, *c, *p),
-        _ => return Err(ManifestError::at(path, format!("{s:?} is not HOST[:CONTAINER[:rwm]]"))),
-    };
-    Ok(DeviceMapping { host_path: host.into(), container_path: cont.into(), permissions: perms.into() })
+    DeviceMapping::parse(s).ok_or_else(|| ManifestError::at(path, format!("{s:?} is not HOST[:CONTAINER[:rwm]]")))
 }
 
 fn healthcheck(v: &Value, path: &str) -> R<Option<HealthCheck>> {

@@ -349,6 +349,21 @@ fn rwm() -> String {
     "rwm".to_string()
 }
 
+impl DeviceMapping {
+    /// Parses Docker's `--device` / compose `devices:` syntax: `HOST[:CONTAINER[:PERMISSIONS]]`.
+    /// Paths and permissions are checked by [`Deployment::validate`].
+    pub fn parse(s: &str) -> Option<Self> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let (host, cont, perms) = match parts.as_slice() {
+            [h] => (*h, *h, "rwm"),
+            [h, c] => (*h, *c, "rwm"),
+            [h, c, p] => (*h, *c, *p),
+            _ => return None,
+        };
+        Some(DeviceMapping { host_path: host.into(), container_path: cont.into(), permissions: perms.into() })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,6 +380,18 @@ mod tests {
         for bad in ["", "a:b", "0:80", "8080:80/sctp", "1.2.3:80:80", "70000:80"] {
             assert!(PortMapping::parse(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn devices() {
+        let d = DeviceMapping::parse("/dev/video0").unwrap();
+        assert_eq!(
+            (d.host_path.as_str(), d.container_path.as_str(), d.permissions.as_str()),
+            ("/dev/video0", "/dev/video0", "rwm")
+        );
+        let d = DeviceMapping::parse("/dev/ttyUSB0:/dev/tty0:r").unwrap();
+        assert_eq!((d.container_path.as_str(), d.permissions.as_str()), ("/dev/tty0", "r"));
+        assert!(DeviceMapping::parse("/a:/b:r:x").is_none());
     }
 
     #[test]

@@ -400,14 +400,9 @@ fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
     d.cap_add = a.cap_add.clone();
     d.cap_drop = a.cap_drop.clone();
     for dev in &a.device {
-        let parts: Vec<&str> = dev.split(':').collect();
-        let (h, c, p) = match parts.as_slice() {
-            [h] => (*h, *h, "rwm"),
-            [h, c] => (*h, *c, "rwm"),
-            [h, c, p] => (*h, *c, *p),
-            _ => bail!("--device: {dev:?} is not HOST[:CONTAINER[:rwm]]"),
-        };
-        d.devices.push(DeviceMapping { host_path: h.into(), container_path: c.into(), permissions: p.into() });
+        d.devices.push(
+            DeviceMapping::parse(dev).with_context(|| format!("--device: {dev:?} is not HOST[:CONTAINER[:rwm]]"))?,
+        );
     }
     d.replicas = a.replicas;
     d.stop_grace_period_ms = a.stop_timeout * 1000;
