@@ -202,34 +202,14 @@ fn bad_input_is_rejected_and_nothing_starts() -> R {
         "bad.yaml",
         &format!("services:\n  web:\n    image: {IMAGE}\n    deploy: {{resources: {{limits: {{memory: 12XB}}}}}}\n"),
     )?;
-    let out = n.cli(&[
-        "up",
-        "-f",
-        bad.to_str().unwrap_or_default(),
-        "--listen",
-        "127.0.0.1:0",
-        "--bridge",
-        &n.bridge.clone(),
-        "--subnet",
-        &n.subnet.clone(),
-    ])?;
+    let out = n.up_refused(&bad)?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(r#"services.web.deploy.resources.limits.memory: "12XB" is not a size"#), "{err}");
     assert!(!n.data().join("agent.db").exists(), "nothing was started or stored");
 
     let missing = n.write("missing.yaml", "services:\n  web:\n    image: localhost/nope:1\n")?;
-    let out = n.cli(&[
-        "up",
-        "-f",
-        missing.to_str().unwrap_or_default(),
-        "--listen",
-        "127.0.0.1:0",
-        "--bridge",
-        &n.bridge.clone(),
-        "--subnet",
-        &n.subnet.clone(),
-    ])?;
+    let out = n.up_refused(&missing)?;
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr)

@@ -106,11 +106,8 @@ impl Node {
         Ok(p)
     }
 
-    /// Starts `skiff up` (optionally with a compose file) and waits for its API.
-    pub fn up(&mut self, compose: Option<&Path>) -> Result<()> {
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        self.up_log = self.data().join(format!("up-{n}.log"));
-        let log = std::fs::File::create(&self.up_log)?;
+    /// `skiff up` on this node's data dir, bridge and subnet, with a random API port.
+    fn up_command(&self, compose: Option<&Path>) -> Command {
         let mut cmd = Command::new(bin());
         cmd.arg("--data").arg(self.data()).args([
             "up",
@@ -124,6 +121,20 @@ impl Node {
         if let Some(f) = compose {
             cmd.arg("-f").arg(f);
         }
+        cmd
+    }
+
+    /// Runs `skiff up -f compose` expecting it to refuse and exit; returns its output.
+    pub fn up_refused(&self, compose: &Path) -> Result<Output> {
+        Ok(self.up_command(Some(compose)).stdin(Stdio::null()).output()?)
+    }
+
+    /// Starts `skiff up` (optionally with a compose file) and waits for its API.
+    pub fn up(&mut self, compose: Option<&Path>) -> Result<()> {
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        self.up_log = self.data().join(format!("up-{n}.log"));
+        let log = std::fs::File::create(&self.up_log)?;
+        let mut cmd = self.up_command(compose);
         let _ = std::fs::remove_file(self.data().join("admin.conf"));
         let child = cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
         self.up = Some(child);
