@@ -25,6 +25,8 @@ pub enum ImageError {
     UnsupportedMediaType(String),
     #[error("registry {registry}: {what}: {problem}")]
     Registry { registry: String, what: String, problem: String },
+    #[error("registry {registry}: {what}: cannot reach it: {problem}")]
+    Unreachable { registry: String, what: String, problem: String },
     #[error("registry {registry}: {what}: {message} (gave up after {attempts} attempts)")]
     Transfer { registry: String, what: String, message: String, attempts: u32 },
     #[error("{0:?} is not an image reference (examples: busybox, registry.example.com/team/app:1.4, name@sha256:...)")]

@@ -9,6 +9,7 @@
 
 pub mod digest;
 pub mod error;
+pub mod hosts;
 pub mod reference;
 pub mod registry;
 mod save;

@@ -9,11 +9,15 @@
 //! * Retries: exponential backoff with jitter, bounded in count.
 //! * Auth: anonymous, and the bearer-token challenge (`WWW-Authenticate: Bearer realm=…`)
 //!   with basic credentials from a Docker `config.json` when present.
-//! * Plain HTTP for loopback registries (as Docker allows) and `insecure` ones. HTTPS is
-//!   refused with a clear error until TLS is built in.
+//! * HTTPS (rustls with ring) trusting the system roots plus an optional CA file; plain
+//!   HTTP for loopback registries (as Docker allows) and `insecure_registries`.
+//! * Mirrors (`crate::hosts`) are tried first; a failing mirror falls through to the next
+//!   endpoint, and partial downloads carry over since they are named by digest.
+//! * `--limit-rate`: one token bucket shared by every download of a pull.
 
 use crate::digest::{sha256_hex, sha256_of, HashingReader};
 use crate::error::IoContext;
+use crate::hosts::{Endpoint, RegistriesConfig};
 use crate::store::{
     choose_platform, Descriptor, Manifest, Platform, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST,
 };
@@ -59,14 +63,8 @@ impl RemoteRef {
         if !ok_repo || reference.is_empty() {
             return Err(bad());
         }
-        let registry = if registry == "docker.io" { "registry-1.docker.io".to_string() } else { registry.to_string() };
+        let registry = crate::hosts::canonical_registry(registry).to_string();
         Ok(RemoteRef { registry, repository: repository.to_string(), reference })
-    }
-
-    fn is_loopback(&self) -> bool {
-        let host = self.registry.rsplit_once(':').map(|(h, _)| h).unwrap_or(&self.registry);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 }
 
@@ -84,17 +82,35 @@ pub fn parse_platform(s: &str) -> Result<Platform, ImageError> {
     }
 }
 
+/// What a pull reports while it runs: the CLI draws bars on a terminal, lines otherwise.
+#[derive(Debug, Clone, Copy)]
+pub enum PullEvent<'a> {
+    /// A line worth showing as is: platform chosen, retries, a mirror falling through.
+    Note(&'a str),
+    /// The blobs to fetch are known: `size` bytes in all, `present` of them already here.
+    Total { size: u64, present: u64 },
+    /// `done` of a blob's `size` bytes are on disk (sent when a download starts or resumes,
+    /// as bytes arrive, and with `done == size` once the blob is verified and stored).
+    Blob { digest: &'a str, size: u64, done: u64 },
+}
+
+pub type Progress = Arc<dyn Fn(PullEvent<'_>) + Send + Sync>;
+
 #[derive(Clone)]
 pub struct PullOptions {
     pub platform: Option<Platform>,
-    /// Registries reached over plain HTTP (loopback ones always are).
+    /// Registries reached over plain HTTP besides those in `registries` (loopback ones always are).
     pub insecure: Vec<String>,
+    /// Mirrors, insecure registries and the extra CA file.
+    pub registries: RegistriesConfig,
+    /// Attempts without progress before a blob download gives up (mirrors get fewer).
     pub max_attempts: u32,
     pub parallel: usize,
     /// A Docker `config.json` with `auths`.
     pub docker_config: Option<PathBuf>,
-    /// Called with one line of progress at a time.
-    pub progress: Arc<dyn Fn(&str) + Send + Sync>,
+    /// Bytes per second over all downloads of the pull.
+    pub limit_rate: Option<u64>,
+    pub progress: Progress,
 }
 
 impl Default for PullOptions {
@@ -102,11 +118,19 @@ impl Default for PullOptions {
         PullOptions {
             platform: None,
             insecure: vec![],
+            registries: RegistriesConfig::default(),
             max_attempts: 20,
             parallel: 3,
             docker_config: std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")),
+            limit_rate: None,
             progress: Arc::new(|_| {}),
         }
+    }
+}
+
+impl PullOptions {
+    fn note(&self, line: &str) {
+        (self.progress)(PullEvent::Note(line));
     }
 }
 
@@ -114,19 +138,47 @@ impl Default for PullOptions {
 pub struct PullReport {
     pub reference: String,
     pub digest: String,
+    /// Where the image came from: the registry or one of its mirrors (`host:port`).
+    pub endpoint: String,
     /// Bytes received from the registry for blobs and manifests.
     pub bytes_received: u64,
     pub blobs_fetched: usize,
     pub blobs_present: usize,
 }
 
+/// A token bucket without burst credit: after `n` bytes, wait until `n / rate` seconds
+/// past the later of now and the end of the previous grant.
+struct RateLimit {
+    rate: u64,
+    next_free: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl RateLimit {
+    fn new(rate: u64) -> Self {
+        RateLimit { rate: rate.max(1), next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()) }
+    }
+
+    async fn take(&self, n: u64) {
+        let due = {
+            let mut next = self.next_free.lock().await;
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + Duration::from_secs_f64(n as f64 / self.rate as f64);
+            *next
+        };
+        tokio::time::sleep_until(due).await;
+    }
+}
+
 struct Client {
     http: reqwest::Client,
-    base: String,
+    endpoint: Endpoint,
     r: RemoteRef,
     token: Mutex<Option<String>>,
     basic: Option<String>,
-    received: AtomicU64,
+    /// Attempts without progress before giving up on this endpoint.
+    attempts: u32,
+    received: Arc<AtomicU64>,
+    limit: Option<Arc<RateLimit>>,
 }
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -167,7 +219,7 @@ fn challenge(h: &str) -> Option<(String, Vec<(String, String)>)> {
 
 impl Client {
     fn err(&self, what: &str, problem: impl Into<String>) -> ImageError {
-        ImageError::Registry { registry: self.r.registry.clone(), what: what.to_string(), problem: problem.into() }
+        ImageError::Registry { registry: self.endpoint.host.clone(), what: what.to_string(), problem: problem.into() }
     }
 
     fn status_problem(status: reqwest::StatusCode, body: &str) -> String {
@@ -196,7 +248,7 @@ impl Client {
         range_from: u64,
     ) -> Result<reqwest::Response, ImageError> {
         for round in 0..2 {
-            let mut req = self.http.get(format!("{}{path}", self.base));
+            let mut req = self.http.get(format!("{}{path}", self.endpoint.base));
             if let Some(a) = accept {
                 req = req.header(reqwest::header::ACCEPT, a);
             }
@@ -209,7 +261,11 @@ impl Client {
             } else if let Some(b) = &self.basic {
                 req = req.header(reqwest::header::AUTHORIZATION, format!("Basic {b}"));
             }
-            let resp = req.send().await.map_err(|e| self.err(what, format!("cannot reach the registry: {e}")))?;
+            let resp = req.send().await.map_err(|e| ImageError::Unreachable {
+                registry: self.endpoint.host.clone(),
+                what: what.to_string(),
+                problem: chain(&e),
+            })?;
             if resp.status() == reqwest::StatusCode::UNAUTHORIZED && round == 0 {
                 let h = resp
                     .headers()
@@ -241,7 +297,7 @@ impl Client {
         if let Some(b) = &self.basic {
             req = req.header(reqwest::header::AUTHORIZATION, format!("Basic {b}"));
         }
-        let resp = req.send().await.map_err(|e| self.err("token", e.to_string()))?;
+        let resp = req.send().await.map_err(|e| self.err("token", format!("cannot reach {realm}: {}", chain(&e))))?;
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
         if !status.is_success() {
@@ -260,64 +316,152 @@ impl Client {
     }
 
     /// A manifest or index: bytes, verified against `digest` when the reference is one.
-    async fn manifest(&self, reference: &str) -> Result<(Vec<u8>, String), ImageError> {
+    /// Transport errors, 429 and 5xx are retried with backoff, up to `self.attempts`.
+    async fn manifest(&self, reference: &str, opts: &PullOptions) -> Result<(Vec<u8>, String), ImageError> {
         let what = format!("manifest {}:{reference}", self.r.repository);
-        let resp = self
-            .get(&what, &format!("/v2/{}/manifests/{reference}", self.r.repository), Some(MANIFEST_ACCEPT), 0)
-            .await?;
+        let mut last = None;
+        for attempt in 0..self.attempts.max(1) {
+            if attempt > 0 {
+                tokio::time::sleep(backoff(attempt, &what)).await;
+            }
+            match self.manifest_once(&what, reference).await {
+                Ok(m) => return Ok(m),
+                Err((e, true)) if attempt + 1 < self.attempts => {
+                    opts.note(&format!("{e}; retrying"));
+                    last = Some(e);
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+        let message = last.map(|e| e.to_string()).unwrap_or_default();
+        Err(ImageError::Transfer { registry: self.endpoint.host.clone(), what, message, attempts: self.attempts })
+    }
+
+    /// One try; the flag says whether another may succeed.
+    async fn manifest_once(&self, what: &str, reference: &str) -> Result<(Vec<u8>, String), (ImageError, bool)> {
+        let path = format!("/v2/{}/manifests/{reference}", self.r.repository);
+        let resp = self.get(what, &path, Some(MANIFEST_ACCEPT), 0).await.map_err(|e| {
+            let retry = matches!(e, ImageError::Unreachable { .. });
+            (e, retry)
+        })?;
         let status = resp.status();
         if !status.is_success() {
             let body = resp.text().await.unwrap_or_default();
-            return Err(self.err(&what, Self::status_problem(status, &body)));
+            let retry = status.as_u16() == 429 || status.is_server_error();
+            return Err((self.err(what, Self::status_problem(status, &body)), retry));
         }
         let mut body = vec![];
         let mut resp = resp;
-        while let Some(c) = resp.chunk().await.map_err(|e| self.err(&what, e.to_string()))? {
+        while let Some(c) = resp.chunk().await.map_err(|e| (self.err(what, chain(&e)), true))? {
             body.extend_from_slice(&c);
             if body.len() > MAX_MANIFEST {
-                return Err(self.err(&what, "manifest larger than 4 MiB"));
+                return Err((self.err(what, "manifest larger than 4 MiB"), false));
             }
         }
         self.received.fetch_add(body.len() as u64, Ordering::Relaxed);
         let digest = format!("sha256:{}", sha256_of(&body));
         if reference.starts_with("sha256:") && reference != digest {
-            return Err(ImageError::DigestMismatch {
-                digest: reference.to_string(),
-                actual: digest.trim_start_matches("sha256:").into(),
-            });
+            let actual = digest.trim_start_matches("sha256:").into();
+            return Err((ImageError::DigestMismatch { digest: reference.to_string(), actual }, false));
         }
         Ok((body, digest))
     }
 }
 
-/// Pulls `reference` into `store` and tags it. On failure nothing new is tagged and the
-/// blobs this pull added are removed again; partial layer downloads stay for a resume.
-pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -> Result<PullReport, ImageError> {
-    let r = RemoteRef::parse(reference)?;
-    let plain = r.is_loopback() || opts.insecure.iter().any(|i| i == &r.registry);
-    if !plain {
-        // TLS (rustls with system roots and a CA file) is the next step for this client.
-        return Err(ImageError::Registry {
-            registry: r.registry.clone(),
-            what: "connect".into(),
-            problem: "HTTPS registries are not supported by this build yet; name a plain-HTTP registry with --insecure-registry".into(),
-        });
+/// 200 ms doubling to 10 s, with up to 50 % jitter (seeded by what is retried).
+fn backoff(failures: u32, what: &str) -> Duration {
+    let base = (200u64 << failures.min(6)).min(10_000);
+    let seed = format!("{what}{failures}{}", std::process::id());
+    let jitter = u64::from(sha256_of(seed.as_bytes()).as_bytes()[0]) * base / 512;
+    Duration::from_millis(base + jitter)
+}
+
+/// An error with its sources, which reqwest keeps apart ("error sending request" alone
+/// does not say that the certificate was unknown).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s = format!("{s}: {t}");
+        }
+        src = c.source();
     }
-    let base = format!("http://{}", r.registry);
-    let http = reqwest::Client::builder()
+    s
+}
+
+fn http_client(opts: &PullOptions) -> Result<reqwest::Client, ImageError> {
+    let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| ImageError::Registry {
-            registry: r.registry.clone(),
-            what: "client".into(),
-            problem: e.to_string(),
+        .user_agent(concat!("skiff/", env!("CARGO_PKG_VERSION")));
+    if let Some(ca) = &opts.registries.ca_file {
+        let pem = std::fs::read(ca).ctx("read", ca)?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ImageError::Malformed {
+            what: ca.display().to_string(),
+            problem: format!("not a PEM certificate bundle: {e}"),
         })?;
-    let basic = basic_auth_from(opts.docker_config.as_ref(), &r.registry);
-    let client =
-        Arc::new(Client { http, base, r: r.clone(), token: Mutex::new(None), basic, received: AtomicU64::new(0) });
+        if certs.is_empty() {
+            return Err(ImageError::Malformed {
+                what: ca.display().to_string(),
+                problem: "holds no PEM certificate".into(),
+            });
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    b.build().map_err(|e| ImageError::Malformed { what: "HTTP client".into(), problem: chain(&e) })
+}
+
+/// Pulls `reference` into `store` and tags it, from the first endpoint (mirrors, then the
+/// registry) that serves it. On failure nothing new is tagged and the blobs this pull added
+/// are removed again; partial layer downloads stay for a resume.
+pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -> Result<PullReport, ImageError> {
+    let r = RemoteRef::parse(reference)?;
+    let endpoints = opts.registries.endpoints(&r.registry, &opts.insecure);
+    let http = http_client(opts)?;
+    let received = Arc::new(AtomicU64::new(0));
+    let limit = opts.limit_rate.map(|b| Arc::new(RateLimit::new(b)));
     let added = Arc::new(Mutex::new(Vec::<String>::new()));
-    let res = pull_inner(&store, &client, reference, opts, &added).await;
+    let mut res = Err(ImageError::BadReference(reference.to_string()));
+    let mut probe_err = None;
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let client = Arc::new(Client {
+            http: http.clone(),
+            basic: basic_auth_from(opts.docker_config.as_ref(), &endpoint.host),
+            attempts: match endpoint {
+                Endpoint { probe: true, .. } => 1,
+                Endpoint { mirror: true, .. } => opts.max_attempts.min(3),
+                _ => opts.max_attempts,
+            },
+            endpoint: endpoint.clone(),
+            r: r.clone(),
+            token: Mutex::new(None),
+            received: Arc::clone(&received),
+            limit: limit.clone(),
+        });
+        res = pull_inner(&store, &client, reference, opts, &added).await;
+        match res {
+            Err(e @ ImageError::Unreachable { .. }) if endpoint.probe => {
+                tracing::debug!("{}: {e}; trying plain HTTP", endpoint.base);
+                probe_err = Some(e);
+                res = Err(ImageError::BadReference(reference.to_string()));
+            }
+            Err(ref e) if endpoint.mirror => {
+                opts.note(&format!("mirror {} failed ({e}); trying {}", endpoint.base, endpoints[i + 1].base));
+            }
+            _ => break,
+        }
+    }
+    // Plain HTTP answered 400 where HTTPS failed: the server speaks TLS, and the TLS
+    // failure (an unknown certificate, say) is the one worth reporting.
+    if let (Err(ImageError::Registry { problem, .. }), Some(p)) = (&res, probe_err) {
+        if problem.starts_with("unexpected HTTP 400") {
+            res = Err(p);
+        }
+    }
     if res.is_err() {
         let added = added.lock().map(|a| a.clone()).unwrap_or_default();
         for d in added {
@@ -327,7 +471,7 @@ pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -
         }
     }
     res.map(|mut rep| {
-        rep.bytes_received = client.received.load(Ordering::Relaxed);
+        rep.bytes_received = received.load(Ordering::Relaxed);
         rep
     })
 }
@@ -339,8 +483,8 @@ async fn pull_inner(
     opts: &PullOptions,
     added: &Arc<Mutex<Vec<String>>>,
 ) -> Result<PullReport, ImageError> {
-    let say = |m: String| (opts.progress)(&m);
-    let (top_bytes, top_digest) = client.manifest(&client.r.reference).await?;
+    let say = |m: String| opts.note(&m);
+    let (top_bytes, top_digest) = client.manifest(&client.r.reference, opts).await?;
     let top: Manifest = serde_json::from_slice(&top_bytes)
         .map_err(|e| ImageError::Malformed { what: top_digest.clone(), problem: e.to_string() })?;
     let remember = |d: &str, was_there: bool| {
@@ -355,7 +499,7 @@ async fn pull_inner(
         let list = top.manifests.clone().unwrap_or_default();
         let chosen = choose_platform(&list, &want, reference)?.clone();
         say(format!("{reference}: platform {want} -> {}", chosen.digest));
-        let (b, d) = client.manifest(&chosen.digest).await?;
+        let (b, d) = client.manifest(&chosen.digest, opts).await?;
         let had = store.has_blob(&d);
         store.put_blob_bytes(&b, Some(&d))?;
         remember(&d, had);
@@ -383,8 +527,12 @@ async fn pull_inner(
     let mut report = PullReport {
         reference: crate::normalize_reference(reference),
         digest: top_digest.clone(),
+        endpoint: client.endpoint.host.clone(),
         ..Default::default()
     };
+    let all = || std::iter::once(&config).chain(&layers);
+    let present_bytes: u64 = all().filter(|d| store.has_blob(&d.digest)).map(|d| d.size).sum();
+    (opts.progress)(PullEvent::Total { size: all().map(|d| d.size).sum(), present: present_bytes });
     // The config first: its diff_ids let each layer be unpacked as soon as it arrives.
     sha256_hex(&config.digest)?;
     if store.has_blob(&config.digest) {
@@ -407,6 +555,7 @@ async fn pull_inner(
         sha256_hex(&desc.digest)?;
         let present = store.has_blob(&desc.digest);
         if present {
+            (opts.progress)(PullEvent::Blob { digest: &desc.digest, size: desc.size, done: desc.size });
             report.blobs_present += 1;
         } else {
             report.blobs_fetched += 1;
@@ -475,14 +624,10 @@ async fn fetch_blob(
                 failures = 0;
             } else {
                 failures += 1;
-                if failures >= opts.max_attempts.max(1) {
+                if failures >= client.attempts.max(1) {
                     break;
                 }
-                // 200 ms doubling to 10 s, with up to 50 % jitter.
-                let base = (200u64 << failures.min(6)).min(10_000);
-                let seed = format!("{hex}{round}{}", std::process::id());
-                let jitter = u64::from(sha256_of(seed.as_bytes()).as_bytes()[0]) * base / 512;
-                tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+                tokio::time::sleep(backoff(failures, &format!("{hex}{round}"))).await;
             }
         }
         before = now_have;
@@ -498,7 +643,7 @@ async fn fetch_blob(
                 Ok(r) => r,
                 Err(e) => {
                     last_err = e.to_string();
-                    (opts.progress)(&format!("{short}: {last_err}; retrying"));
+                    opts.note(&format!("{short}: {last_err}; retrying"));
                     continue;
                 }
             };
@@ -529,10 +674,14 @@ async fn fetch_blob(
         }
         let mut resp = resp;
         let mut got = if append { have } else { 0 };
+        (opts.progress)(PullEvent::Blob { digest: &desc.digest, size: desc.size, done: got });
         let mut cut = false;
         loop {
             match resp.chunk().await {
                 Ok(Some(c)) => {
+                    if let Some(l) = &client.limit {
+                        l.take(c.len() as u64).await;
+                    }
                     client.received.fetch_add(c.len() as u64, Ordering::Relaxed);
                     got += c.len() as u64;
                     if got > desc.size {
@@ -546,6 +695,9 @@ async fn fetch_blob(
                     if let Some((h, n)) = hasher.as_mut() {
                         sha2::Digest::update(h, &c);
                         *n += c.len() as u64;
+                    }
+                    if got < desc.size {
+                        (opts.progress)(PullEvent::Blob { digest: &desc.digest, size: desc.size, done: got });
                     }
                 }
                 Ok(None) => break,
@@ -562,22 +714,25 @@ async fn fetch_blob(
             if last_err.is_empty() || !cut {
                 last_err = format!("connection closed at {got} of {} bytes", desc.size);
             }
-            (opts.progress)(&format!("{short}: {last_err}; resuming at {got}"));
+            opts.note(&format!("{short}: {last_err}; resuming at {got}"));
             continue;
         }
-        (opts.progress)(&format!("{short}: downloaded {} bytes", desc.size));
         let actual = hasher.take().map(|(h, _)| hex::encode(sha2::Digest::finalize(h)));
-        return commit(store, &partial, &desc.digest, actual);
+        commit(store, &partial, &desc.digest, actual)?;
+        (opts.progress)(PullEvent::Blob { digest: &desc.digest, size: desc.size, done: desc.size });
+        return Ok(());
     }
     let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
     if have == desc.size {
-        return commit(store, &partial, &desc.digest, None);
+        commit(store, &partial, &desc.digest, None)?;
+        (opts.progress)(PullEvent::Blob { digest: &desc.digest, size: desc.size, done: desc.size });
+        return Ok(());
     }
     Err(ImageError::Transfer {
-        registry: client.r.registry.clone(),
+        registry: client.endpoint.host.clone(),
         what,
         message: last_err,
-        attempts: opts.max_attempts,
+        attempts: client.attempts,
     })
 }
 
@@ -626,13 +781,13 @@ mod tests {
             (r.registry.as_str(), r.repository.as_str(), r.reference.as_str()),
             ("127.0.0.1:5000", "team/app", "1.4")
         );
-        assert!(r.is_loopback());
+        assert!(crate::hosts::is_loopback(&r.registry));
         let r = RemoteRef::parse("busybox").unwrap();
         assert_eq!(
             (r.registry.as_str(), r.repository.as_str(), r.reference.as_str()),
             ("registry-1.docker.io", "library/busybox", "latest")
         );
-        assert!(!r.is_loopback());
+        assert!(!crate::hosts::is_loopback(&r.registry));
         for bad in ["", "a b", "Reg/UPPER:1", "x@sha256:zz"] {
             assert!(RemoteRef::parse(bad).is_err(), "{bad}");
         }

@@ -21,6 +21,9 @@ pub struct Cli {
     /// ~/.config/skiff/config, then <data>/admin.conf).
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
+    /// Registry mirrors, insecure registries and an extra CA file (see `skiff_image::hosts`).
+    #[arg(long, global = true, env = "SKIFF_REGISTRIES")]
+    pub registries: Option<PathBuf>,
     /// More logging (--verbose info, twice for debug). RUST_LOG overrides.
     #[arg(long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -117,6 +120,9 @@ pub enum ImageCmd {
         /// Registry reached over plain HTTP (loopback registries always are).
         #[arg(long = "insecure-registry")]
         insecure_registry: Vec<String>,
+        /// Cap on the download rate over all layers, in bytes per second (e.g. 500K, 2M).
+        #[arg(long = "limit-rate", value_parser = parse_rate)]
+        limit_rate: Option<u64>,
     },
     /// Write images to a `docker save` tarball (for `docker load`, `skopeo`, `skiff image load`).
     Save {
@@ -302,16 +308,18 @@ async fn run(cli: Cli) -> Result<i32> {
             eprint!("{}", r.stderr);
             Ok(r.code)
         }
-        Cmd::Image(ImageCmd::Pull { reference, platform, insecure_registry }) => {
+        Cmd::Image(ImageCmd::Pull { reference, platform, insecure_registry, limit_rate }) => {
             let store = std::sync::Arc::new(skiff_image::ImageStore::open(cli.data.join("images"))?);
-            let mut opts = pull_options();
+            let mut opts = pull_options(&cli)?;
             opts.platform = platform.as_deref().map(skiff_image::registry::parse_platform).transpose()?;
             opts.insecure = insecure_registry.clone();
+            opts.limit_rate = *limit_rate;
             let r = skiff_image::registry::pull(store, reference, &opts).await?;
             println!(
-                "{} {} ({} fetched, {} already present, {} received)",
+                "{} {} from {} ({} fetched, {} already present, {} received)",
                 r.reference,
                 r.digest,
+                r.endpoint,
                 r.blobs_fetched,
                 r.blobs_present,
                 skiff_model::format_bytes(r.bytes_received)
@@ -520,11 +528,27 @@ async fn logs(c: &Client, name: &str, follow: bool, tail: Option<usize>, ts: boo
     Ok(0)
 }
 
-/// Pull settings for the CLI: progress lines on stderr.
-pub fn pull_options() -> skiff_image::registry::PullOptions {
-    skiff_image::registry::PullOptions {
-        progress: std::sync::Arc::new(|l: &str| eprintln!("{l}")),
+/// Pull settings for the CLI: the registries config (`--registries`, else the default
+/// path when it exists) and progress on stderr.
+pub fn pull_options(cli: &Cli) -> Result<skiff_image::registry::PullOptions> {
+    use skiff_image::hosts::{RegistriesConfig, DEFAULT_PATH};
+    let registries = match &cli.registries {
+        Some(p) => RegistriesConfig::load(p, true)?,
+        None => RegistriesConfig::load(Path::new(DEFAULT_PATH), false)?,
+    };
+    Ok(skiff_image::registry::PullOptions {
+        registries,
+        progress: crate::progress::pull_progress(),
         ..Default::default()
+    })
+}
+
+/// `--limit-rate`: a positive size per second (`500K`, `2M`, `1048576`).
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match skiff_model::parse_bytes(s) {
+        Ok(0) => Err("must be more than 0 bytes per second".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -7,32 +7,36 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-pub struct LocalAgent(pub Arc<Agent>);
+pub struct LocalAgent {
+    pub agent: Arc<Agent>,
+    /// How images missing locally are pulled.
+    pub pull: skiff_image::registry::PullOptions,
+}
 
 impl NodeLink for LocalAgent {
     fn name(&self) -> String {
-        self.0.node_name().to_string()
+        self.agent.node_name().to_string()
     }
 
     fn assign(&self, deployments: Vec<Deployment>, revision: u64) -> Result<(), String> {
-        self.0.set_desired(&deployments, revision).map_err(|e| e.to_string())
+        self.agent.set_desired(&deployments, revision).map_err(|e| e.to_string())
     }
 
     fn instances(&self) -> Result<Vec<InstanceStatus>, String> {
-        self.0.instances().map_err(|e| e.to_string())
+        self.agent.instances().map_err(|e| e.to_string())
     }
 
     fn events(&self, limit: usize) -> Result<Vec<EventRecord>, String> {
-        self.0.events(limit).map_err(|e| e.to_string())
+        self.agent.events(limit).map_err(|e| e.to_string())
     }
 
     fn has_instance(&self, instance: &str) -> bool {
-        self.0.has_instance(instance)
+        self.agent.has_instance(instance)
     }
 
     fn logs(&self, instance: &str, tail: Option<usize>, follow: bool) -> Result<mpsc::Receiver<LogLine>, String> {
-        let path = self.0.log_path(instance).map_err(|e| e.to_string())?;
-        let agent = Arc::clone(&self.0);
+        let path = self.agent.log_path(instance).map_err(|e| e.to_string())?;
+        let agent = Arc::clone(&self.agent);
         let name = instance.to_string();
         Ok(skiff_agent::logs::stream(path, tail, follow, move || agent.has_instance(&name)))
     }
@@ -40,7 +44,7 @@ impl NodeLink for LocalAgent {
     fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> BoxFuture<'_, Result<ExecResult, String>> {
         let instance = instance.to_string();
         Box::pin(async move {
-            let out = self.0.exec(&instance, argv, timeout).await.map_err(|e| e.to_string())?;
+            let out = self.agent.exec(&instance, argv, timeout).await.map_err(|e| e.to_string())?;
             Ok(ExecResult {
                 code: out.code,
                 stdout: String::from_utf8_lossy(&out.stdout).into(),
@@ -52,13 +56,12 @@ impl NodeLink for LocalAgent {
     /// Present locally, or pulled now (as `docker run` does) so that a bad reference
     /// fails the request before anything is stored.
     fn check_image(&self, image: &str) -> Result<(), String> {
-        if self.0.images().inspect(image).is_ok() {
+        if self.agent.images().inspect(image).is_ok() {
             return Ok(());
         }
-        let store = Arc::clone(self.0.images());
-        let opts = skiff_image::registry::PullOptions::default();
+        let store = Arc::clone(self.agent.images());
         tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(skiff_image::registry::pull(store, image, &opts))
+            tokio::runtime::Handle::current().block_on(skiff_image::registry::pull(store, image, &self.pull))
         })
         .map(|_| ())
         .map_err(|e| format!("{image} is not in the local store and pulling it failed: {e}"))

@@ -7,6 +7,7 @@ mod client;
 mod config;
 mod link;
 mod output;
+mod progress;
 mod up;
 
 fn main() {

@@ -95,11 +95,12 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
         acfg.node_name = n.clone();
     }
     let agent = Agent::open(acfg)?;
+    let pull = crate::cli::pull_options(cli)?;
     if let Some(i) = &import {
         for d in &i.deployments {
             if agent.images().inspect(&d.image).is_err() {
                 let store = Arc::clone(agent.images());
-                if let Err(e) = skiff_image::registry::pull(store, &d.image, &crate::cli::pull_options()).await {
+                if let Err(e) = skiff_image::registry::pull(store, &d.image, &pull).await {
                     bail!(
                         "services.{}.image: {} is not in the local store and pulling it failed: {e}",
                         d.name,
@@ -119,7 +120,11 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
     crate::config::write(&conf_path, &ClientConfig { server: format!("http://{addr}"), token: admin_token.clone() })?;
-    let hub = Arc::new(Hub { store, nodes: vec![Arc::new(crate::link::LocalAgent(Arc::clone(&agent)))], admin_token });
+    let hub = Arc::new(Hub {
+        store,
+        nodes: vec![Arc::new(crate::link::LocalAgent { agent: Arc::clone(&agent), pull })],
+        admin_token,
+    });
     hub.sync_nodes().map_err(anyhow::Error::msg)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
