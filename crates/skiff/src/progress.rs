@@ -32,7 +32,7 @@ fn lines() -> Progress {
         ),
         PullEvent::Blob { digest, size, done } => {
             let Ok(mut seen) = seen.lock() else { return };
-            let quarter = if size == 0 { 4 } else { done.saturating_mul(4) / size };
+            let quarter = done.saturating_mul(4).checked_div(size).unwrap_or(4);
             let last = seen.get(digest).copied();
             if last.is_some_and(|q| quarter <= q) {
                 return;
