@@ -319,22 +319,26 @@ impl Client {
     /// Transport errors, 429 and 5xx are retried with backoff, up to `self.attempts`.
     async fn manifest(&self, reference: &str, opts: &PullOptions) -> Result<(Vec<u8>, String), ImageError> {
         let what = format!("manifest {}:{reference}", self.r.repository);
-        let mut last = None;
-        for attempt in 0..self.attempts.max(1) {
+        let attempts = self.attempts.max(1);
+        for attempt in 0..attempts {
             if attempt > 0 {
                 tokio::time::sleep(backoff(attempt, &what)).await;
             }
             match self.manifest_once(&what, reference).await {
                 Ok(m) => return Ok(m),
-                Err((e, true)) if attempt + 1 < self.attempts => {
-                    opts.note(&format!("{e}; retrying"));
-                    last = Some(e);
+                Err((e, true)) if attempt + 1 < attempts => opts.note(&format!("{e}; retrying")),
+                Err((e @ (ImageError::Registry { .. } | ImageError::Unreachable { .. }), true)) if attempts > 1 => {
+                    let message = match e {
+                        ImageError::Unreachable { problem, .. } => format!("cannot reach it: {problem}"),
+                        ImageError::Registry { problem, .. } => problem,
+                        other => other.to_string(),
+                    };
+                    return Err(ImageError::Transfer { registry: self.endpoint.host.clone(), what, message, attempts });
                 }
                 Err((e, _)) => return Err(e),
             }
         }
-        let message = last.map(|e| e.to_string()).unwrap_or_default();
-        Err(ImageError::Transfer { registry: self.endpoint.host.clone(), what, message, attempts: self.attempts })
+        Err(self.err(&what, "no attempt made"))
     }
 
     /// One try; the flag says whether another may succeed.
@@ -791,6 +795,21 @@ mod tests {
         for bad in ["", "a b", "Reg/UPPER:1", "x@sha256:zz"] {
             assert!(RemoteRef::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_spaces_bytes_out_on_a_paused_clock() {
+        let l = RateLimit::new(1000);
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..10 {
+            l.take(500).await;
+        }
+        assert_eq!(t0.elapsed(), Duration::from_secs(5));
+        // Idle time earns no burst: the next 1000 bytes still take a second.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let t1 = tokio::time::Instant::now();
+        l.take(1000).await;
+        assert_eq!(t1.elapsed(), Duration::from_secs(1));
     }
 
     #[test]

@@ -3,9 +3,10 @@
 
 #![allow(clippy::unwrap_used)] // tests may panic on setup failures
 
+use skiff_image::hosts::RegistriesConfig;
 use skiff_image::registry::{parse_platform, pull, PullOptions};
 use skiff_image::{ImageError, ImageStore};
-use skiff_testkit::registry::{FaultProxy, Registry};
+use skiff_testkit::registry::{Auth, FaultProxy, Registry, StatusServer, PASSWORD, USER};
 use skiff_testkit::{incompressible, ImageBuilder, LayerBuilder};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -156,5 +157,173 @@ fn save_is_read_back_by_skopeo_and_by_load() -> R {
         b.layers.iter().map(|l| &l.diff_id).collect::<Vec<_>>()
     );
     assert_eq!(a.config_digest, b.config_digest);
+    Ok(())
+}
+
+/// Pushes a small image as `repo_tag`; returns the pull reference.
+fn small_image(reg: &Registry, dir: &std::path::Path, repo_tag: &str) -> anyhow::Result<String> {
+    let layout = dir.join(repo_tag.replace([':', '/'], "_"));
+    ImageBuilder::busybox()?
+        .layer(LayerBuilder::new().file("etc/tag", 0o644, repo_tag.as_bytes())?.finish()?)
+        .write_oci_layout(&layout, "x")?;
+    reg.push(&layout, repo_tag)?;
+    Ok(format!("127.0.0.1:{}/{repo_tag}", reg.port))
+}
+
+#[test]
+fn basic_auth_over_tls_with_a_ca_file() -> R {
+    skiff_testkit::require_registry_tools!();
+    let reg = Registry::start_with(true, Auth::Htpasswd)?;
+    let tmp = tempfile::tempdir()?;
+    let reference = small_image(&reg, tmp.path(), "team/private:1")?;
+    let store = Arc::new(ImageStore::open(tmp.path().join("store"))?);
+    let ca = RegistriesConfig { ca_file: reg.ca_file.clone(), ..Default::default() };
+
+    // No credentials: the registry's 401, said as such.
+    let mut o = opts();
+    o.registries = ca.clone();
+    let err = rt().block_on(pull(Arc::clone(&store), &reference, &o)).unwrap_err().to_string();
+    assert!(err.contains("manifest team/private:1: authentication required"), "{err}");
+    // Wrong password: the same.
+    o.docker_config = Some(reg.docker_config(tmp.path(), USER, "wrong")?);
+    let err = rt().block_on(pull(Arc::clone(&store), &reference, &o)).unwrap_err().to_string();
+    assert!(err.contains("authentication required"), "{err}");
+    // Right credentials, but the CA is not trusted: the certificate problem, not plain HTTP's.
+    let mut o = opts();
+    o.docker_config = Some(reg.docker_config(tmp.path(), USER, PASSWORD)?);
+    let err = rt().block_on(pull(Arc::clone(&store), &reference, &o)).unwrap_err().to_string();
+    assert!(err.contains("certificate") && err.contains("UnknownIssuer"), "{err}");
+    assert!(store.list()?.is_empty());
+
+    // Credentials and the CA file: pulled over HTTPS.
+    o.registries = ca;
+    let rep = rt().block_on(pull(Arc::clone(&store), &reference, &o))?;
+    assert_eq!(rep.endpoint, format!("127.0.0.1:{}", reg.port));
+    let info = store.resolve(&reference)?;
+    let top = store.layer_dir(&info.layers.last().unwrap().diff_id)?;
+    assert_eq!(std::fs::read_to_string(top.join("etc/tag"))?, "team/private:1");
+
+    // A CA file that is not PEM is named.
+    let bad = tmp.path().join("bad.pem");
+    std::fs::write(&bad, "not a certificate")?;
+    o.registries = RegistriesConfig { ca_file: Some(bad.clone()), ..Default::default() };
+    let err = rt().block_on(pull(Arc::clone(&store), &reference, &o)).unwrap_err().to_string();
+    assert!(err.contains(&bad.display().to_string()), "{err}");
+    Ok(())
+}
+
+#[test]
+fn bearer_token_challenge_flow() -> R {
+    skiff_testkit::require_registry_tools!();
+    let reg = Registry::start_with(true, Auth::Token)?;
+    let tmp = tempfile::tempdir()?;
+    let reference = small_image(&reg, tmp.path(), "team/tok:1")?;
+    let issued_by_push = reg.tokens.as_ref().unwrap().issued.load(Ordering::Relaxed);
+    assert!(issued_by_push > 0, "skopeo went through the token server");
+    let store = Arc::new(ImageStore::open(tmp.path().join("store"))?);
+    let ca = RegistriesConfig { ca_file: reg.ca_file.clone(), ..Default::default() };
+
+    // The token server turns away a client without credentials; the message says where.
+    let mut o = opts();
+    o.registries = ca.clone();
+    let err = rt().block_on(pull(Arc::clone(&store), &reference, &o)).unwrap_err().to_string();
+    assert!(err.contains(": token: authentication required"), "{err}");
+
+    o.docker_config = Some(reg.docker_config(tmp.path(), USER, PASSWORD)?);
+    rt().block_on(pull(Arc::clone(&store), &reference, &o))?;
+    assert!(store.resolve(&reference).is_ok());
+    assert!(reg.tokens.as_ref().unwrap().issued.load(Ordering::Relaxed) > issued_by_push, "the pull used a token");
+    Ok(())
+}
+
+#[test]
+fn mirrors_are_tried_first_and_fall_through() -> R {
+    skiff_testkit::require_registry_tools!();
+    let (upstream, mirror) = (Registry::start()?, Registry::start()?);
+    let tmp = tempfile::tempdir()?;
+    // The mirror has team/a; only upstream has team/b.
+    let a_on_mirror = small_image(&mirror, tmp.path(), "team/a:1")?;
+    let b = small_image(&upstream, tmp.path(), "team/b:1")?;
+    let a = a_on_mirror.replace(&mirror.port.to_string(), &upstream.port.to_string());
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut mirrors = std::collections::BTreeMap::new();
+    mirrors.insert(
+        format!("127.0.0.1:{}", upstream.port),
+        vec![format!("http://127.0.0.1:{dead}"), format!("http://127.0.0.1:{}", mirror.port)],
+    );
+    let mut o = opts();
+    o.registries = RegistriesConfig { mirrors, ..Default::default() };
+    let notes = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = Arc::clone(&notes);
+    o.progress = Arc::new(move |e| {
+        if let skiff_image::registry::PullEvent::Note(l) = e {
+            sink.lock().unwrap().push(l.to_string());
+        }
+    });
+    let store = Arc::new(ImageStore::open(tmp.path().join("store"))?);
+
+    // team/a: the dead mirror falls through, the second mirror serves it (upstream lacks it).
+    let rep = rt().block_on(pull(Arc::clone(&store), &a, &o))?;
+    assert_eq!(rep.endpoint, format!("127.0.0.1:{}", mirror.port));
+    assert!(notes.lock().unwrap().iter().any(|n| n.contains(&format!("mirror http://127.0.0.1:{dead} failed"))));
+    // team/b: both mirrors fail (one dead, one 404), upstream serves it.
+    let rep = rt().block_on(pull(Arc::clone(&store), &b, &o))?;
+    assert_eq!(rep.endpoint, format!("127.0.0.1:{}", upstream.port));
+    assert_eq!(store.list()?.len(), 2);
+    // Nothing serves team/c: the upstream's answer is the one reported.
+    let err = rt().block_on(pull(Arc::clone(&store), &b.replace("team/b", "team/c"), &o)).unwrap_err();
+    assert!(err.to_string().contains(&format!("registry 127.0.0.1:{}: manifest team/c:1: not found", upstream.port)));
+    Ok(())
+}
+
+#[test]
+fn registry_answers_give_precise_messages() -> R {
+    skiff_testkit::require_registry_tools!();
+    let tmp = tempfile::tempdir()?;
+    let store = Arc::new(ImageStore::open(tmp.path().join("store"))?);
+    let mut o = opts();
+    o.max_attempts = 2;
+    let pull_from = |s: &StatusServer| {
+        rt().block_on(pull(Arc::clone(&store), &format!("127.0.0.1:{}/team/x:1", s.port), &o)).unwrap_err().to_string()
+    };
+    let json = "application/json";
+    let cases = [
+        (
+            StatusServer::start(429, json, r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}"#)?,
+            "rate limited by the registry; retry later: slow down (gave up after 2 attempts)",
+        ),
+        (
+            StatusServer::start(503, "text/plain", "down for maintenance")?,
+            "registry error 503 (gave up after 2 attempts)",
+        ),
+        (
+            StatusServer::start(
+                401,
+                json,
+                r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+            )?,
+            "authentication required (credentials go in ~/.docker/config.json)",
+        ),
+        (StatusServer::start(403, json, "{}")?, "manifest team/x:1: access denied"),
+        (StatusServer::start(200, "application/vnd.oci.image.manifest.v1+json", "{not json")?, "key must be a string"),
+        (
+            StatusServer::start(
+                200,
+                "application/vnd.oci.image.manifest.v1+json",
+                r#"{"schemaVersion":2,"mediaType":"application/vnd.example.thing+json"}"#,
+            )?,
+            "unsupported media type application/vnd.example.thing+json",
+        ),
+    ];
+    for (server, want) in &cases {
+        let err = pull_from(server);
+        assert!(err.contains(want), "want {want:?} in {err:?}");
+        assert!(err.contains(&format!("127.0.0.1:{}", server.port)) || !want.contains("gave up"), "{err}");
+    }
+    // Retried answers were asked twice, final ones once.
+    assert_eq!(cases[0].0.hits.load(Ordering::Relaxed), 2);
+    assert_eq!(cases[1].0.hits.load(Ordering::Relaxed), 2);
+    assert_eq!(cases[3].0.hits.load(Ordering::Relaxed), 1);
+    assert!(store.list()?.is_empty());
     Ok(())
 }

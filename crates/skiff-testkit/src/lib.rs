@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod registry;
+pub mod tls;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
