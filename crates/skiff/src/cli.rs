@@ -210,7 +210,7 @@ pub fn main() -> i32 {
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             1
         }
     }
@@ -329,6 +329,21 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Image(cmd) => image(&cli.data, cmd),
         Cmd::Shim { .. } => Ok(0),
     }
+}
+
+/// An error with its causes, each once: library errors often already say their source.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&c);
+        }
+    }
+    out
 }
 
 pub fn print_apply(r: &ApplyResponse, dry_run: bool) {
@@ -599,4 +614,17 @@ fn images_in_use(data: &Path) -> BTreeMap<String, Vec<String>> {
         }
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn errors_name_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let lib = skiff_image::ImageError::Io { op: "read", path: "/x".into(), source: io };
+        let e = anyhow::Error::new(lib).context("loading the registries config");
+        assert_eq!(super::report(&e), "loading the registries config: read /x: gone");
+        assert_eq!(super::parse_rate("2M"), Ok(2 << 20));
+        assert!(super::parse_rate("0").is_err() && super::parse_rate("fast").is_err());
+    }
 }
