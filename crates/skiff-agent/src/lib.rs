@@ -55,6 +55,10 @@ pub struct AgentConfig {
     /// The `skiff` binary that runs shims.
     pub skiff_bin: PathBuf,
     pub tick: Duration,
+    /// Automatic pruning of unused images when the disk fills up (`None`: never).
+    pub image_gc: Option<skiff_image::GcPolicy>,
+    /// How often the disk is checked against `image_gc`.
+    pub image_gc_every: Duration,
 }
 
 impl AgentConfig {
@@ -66,6 +70,8 @@ impl AgentConfig {
             subnet: "10.213.0.0/20".into(),
             skiff_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("skiff")),
             tick: Duration::from_millis(250),
+            image_gc: Some(skiff_image::GcPolicy::default()),
+            image_gc_every: Duration::from_secs(30),
         }
     }
 }
@@ -226,7 +232,12 @@ impl Agent {
     /// Re-adopts what survived, removes leftovers, then reconciles until `shutdown`.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), AgentError> {
         self.adopt().await?;
+        let mut next_gc = tokio::time::Instant::now();
         loop {
+            if tokio::time::Instant::now() >= next_gc {
+                next_gc = tokio::time::Instant::now() + self.cfg.image_gc_every;
+                self.prune_images().await;
+            }
             // Wake for the next due restart exactly, else on the tick (which also picks up
             // exits the shims record).
             let mut wait = self.cfg.tick;
@@ -248,6 +259,36 @@ impl Agent {
             h.abort();
         }
         Ok(())
+    }
+
+    /// Prunes unused images when the disk is above the high-water mark; images of desired
+    /// deployments are never removed.
+    pub async fn prune_images(self: &Arc<Self>) -> Option<skiff_image::Pruned> {
+        let policy = self.cfg.image_gc?;
+        let in_use: std::collections::BTreeSet<String> =
+            self.db(|s| s.desired()).ok()?.into_iter().map(|d| d.image).collect();
+        let images = Arc::clone(&self.images);
+        match blocking(move || images.prune_to_watermark(&policy, &in_use)).await {
+            Ok(Some(p)) => {
+                let msg = format!(
+                    "disk {:.0}% used (high-water mark {}%): removed {} unused image(s) [{}], freed {}; now {:.0}%",
+                    p.used_percent_before,
+                    policy.high_percent,
+                    p.removed.len(),
+                    p.removed.join(", "),
+                    skiff_model::format_bytes(p.freed_bytes),
+                    p.used_percent_after
+                );
+                info!("{msg}");
+                self.event(&self.cfg.node_name, "ImagesPruned", &msg);
+                Some(p)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(error = %e, "image pruning failed");
+                None
+            }
+        }
     }
 
     async fn adopt(self: &Arc<Self>) -> Result<(), AgentError> {

@@ -33,6 +33,8 @@ pub enum ImageError {
     BadReference(String),
     #[error("{0:?} is not a platform (examples: linux/amd64, linux/arm64, linux/arm/v7)")]
     BadPlatform(String),
+    #[error("the image store is busy: a pull or load is running; nothing was collected (try again when it ends)")]
+    Busy,
     #[error("image {reference} is used by {users}; remove those first")]
     InUse { reference: String, users: String },
 }
@@ -45,4 +47,19 @@ impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T, ImageError> {
         self.map_err(|source| ImageError::Io { op, path: path.into(), source })
     }
+}
+
+/// An error followed by those of its causes it does not already say: reqwest and tar keep
+/// the telling part ("certificate unknown", "no space left on device") in `source()`.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s = format!("{s}: {t}");
+        }
+        cause = c.source();
+    }
+    s
 }

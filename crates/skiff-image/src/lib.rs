@@ -9,6 +9,7 @@
 
 pub mod digest;
 pub mod error;
+pub mod gc;
 pub mod hosts;
 pub mod reference;
 pub mod registry;
@@ -19,6 +20,7 @@ pub mod unpack;
 mod load;
 
 pub use error::ImageError;
+pub use gc::{GcPolicy, Pruned};
 pub use reference::normalize_reference;
 pub use store::{ImageConfig, ImageInfo, ImageStore, ImageSummary};
 pub use unpack::{unpack_layer, UnpackError};

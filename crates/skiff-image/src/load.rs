@@ -46,6 +46,7 @@ impl ImageStore {
     /// image when the archive does not (an OCI layout whose index has no name).
     pub fn load(&self, path: &Path, tag: Option<&str>) -> Result<Vec<String>, ImageError> {
         let meta = fs::metadata(path).ctx("open", path)?;
+        let _lease = self.lease()?;
         if meta.is_dir() {
             return self.load_dir(path, tag);
         }

@@ -16,7 +16,7 @@
 //! * `--limit-rate`: one token bucket shared by every download of a pull.
 
 use crate::digest::{sha256_hex, sha256_of, HashingReader};
-use crate::error::IoContext;
+use crate::error::{with_causes, IoContext};
 use crate::hosts::{Endpoint, RegistriesConfig};
 use crate::store::{
     choose_platform, Descriptor, Manifest, Platform, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST,
@@ -264,7 +264,7 @@ impl Client {
             let resp = req.send().await.map_err(|e| ImageError::Unreachable {
                 registry: self.endpoint.host.clone(),
                 what: what.to_string(),
-                problem: chain(&e),
+                problem: with_causes(&e),
             })?;
             if resp.status() == reqwest::StatusCode::UNAUTHORIZED && round == 0 {
                 let h = resp
@@ -297,7 +297,8 @@ impl Client {
         if let Some(b) = &self.basic {
             req = req.header(reqwest::header::AUTHORIZATION, format!("Basic {b}"));
         }
-        let resp = req.send().await.map_err(|e| self.err("token", format!("cannot reach {realm}: {}", chain(&e))))?;
+        let resp =
+            req.send().await.map_err(|e| self.err("token", format!("cannot reach {realm}: {}", with_causes(&e))))?;
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
         if !status.is_success() {
@@ -356,7 +357,7 @@ impl Client {
         }
         let mut body = vec![];
         let mut resp = resp;
-        while let Some(c) = resp.chunk().await.map_err(|e| (self.err(what, chain(&e)), true))? {
+        while let Some(c) = resp.chunk().await.map_err(|e| (self.err(what, with_causes(&e)), true))? {
             body.extend_from_slice(&c);
             if body.len() > MAX_MANIFEST {
                 return Err((self.err(what, "manifest larger than 4 MiB"), false));
@@ -380,21 +381,6 @@ fn backoff(failures: u32, what: &str) -> Duration {
     Duration::from_millis(base + jitter)
 }
 
-/// An error with its sources, which reqwest keeps apart ("error sending request" alone
-/// does not say that the certificate was unknown).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s = format!("{s}: {t}");
-        }
-        src = c.source();
-    }
-    s
-}
-
 fn http_client(opts: &PullOptions) -> Result<reqwest::Client, ImageError> {
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
@@ -416,7 +402,7 @@ fn http_client(opts: &PullOptions) -> Result<reqwest::Client, ImageError> {
             b = b.add_root_certificate(c);
         }
     }
-    b.build().map_err(|e| ImageError::Malformed { what: "HTTP client".into(), problem: chain(&e) })
+    b.build().map_err(|e| ImageError::Malformed { what: "HTTP client".into(), problem: with_causes(&e) })
 }
 
 /// Pulls `reference` into `store` and tags it, from the first endpoint (mirrors, then the
@@ -424,6 +410,7 @@ fn http_client(opts: &PullOptions) -> Result<reqwest::Client, ImageError> {
 /// are removed again; partial layer downloads stay for a resume.
 pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -> Result<PullReport, ImageError> {
     let r = RemoteRef::parse(reference)?;
+    let _lease = store.lease()?;
     let endpoints = opts.registries.endpoints(&r.registry, &opts.insecure);
     let http = http_client(opts)?;
     let received = Arc::new(AtomicU64::new(0));

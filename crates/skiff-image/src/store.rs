@@ -4,11 +4,13 @@
 //! <root>/blobs/sha256/<hex>     verified blobs: manifests, indexes, configs, layer tars
 //! <root>/layers/<diff-id-hex>/  unpacked layers in overlay form (see `unpack`)
 //! <root>/refs.json              reference -> top manifest (or index) digest
-//! <root>/tmp/                   partial work; anything here may be deleted at startup
+//! <root>/tmp/                   partial work; `partial-*` downloads are kept for a resume,
+//!                               the rest may be deleted at startup
+//! <root>/gc.lock                shared by pulls and loads, exclusive for collection (`gc`)
 //! ```
 //!
-//! Registry pulls (a later step) plug in at `put_blob_*` and `tag`: whatever brings the
-//! bytes, they enter the store only through digest verification.
+//! Registry pulls and loads plug in at `put_blob_*` and `tag`: whatever brings the bytes,
+//! they enter the store only through digest verification.
 
 use crate::digest::{sha256_hex, sha256_of, HashingReader};
 use crate::error::IoContext;
@@ -480,9 +482,29 @@ impl ImageStore {
         Ok(())
     }
 
-    /// Deletes blobs and unpacked layers that no reference reaches, and stale `tmp/` work.
-    /// Returns the number of bytes freed (blobs only).
+    pub(crate) fn refs_map(&self) -> Result<BTreeMap<String, String>, ImageError> {
+        self.refs()
+    }
+
+    /// Removes one reference as it is spelled in `refs.json` (blobs stay until collected).
+    pub(crate) fn untag(&self, reference: &str) -> Result<(), ImageError> {
+        let mut refs = self.refs()?;
+        if refs.remove(reference).is_some() {
+            self.write_refs(&refs)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes blobs and unpacked layers that no reference reaches. Returns the number of
+    /// bytes freed (blobs only). Refused with `Busy` while a pull or load runs.
     pub fn gc(&self) -> Result<u64, ImageError> {
+        let Some(_lock) = self.try_exclusive()? else {
+            return Err(ImageError::Busy);
+        };
+        self.gc_unlocked()
+    }
+
+    pub(crate) fn gc_unlocked(&self) -> Result<u64, ImageError> {
         let mut keep_blobs = BTreeSet::new();
         let mut keep_layers = BTreeSet::new();
         for (_, top) in self.refs()? {
@@ -542,8 +564,17 @@ impl ImageStore {
     }
 
     /// Removes leftovers of interrupted work, keeping partial downloads (`partial-*`),
-    /// which a later pull resumes. Call when nothing else uses the store.
+    /// which a later pull resumes. Does nothing while a pull or load runs.
     pub fn clean_tmp(&self) -> Result<(), ImageError> {
+        let Some(_lock) = self.try_exclusive()? else {
+            return Ok(());
+        };
+        let layers = self.root.join("layers");
+        for e in fs::read_dir(&layers).ctx("read", &layers)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
         let tmp = self.root.join("tmp");
         for e in fs::read_dir(&tmp).ctx("read", &tmp)?.flatten() {
             if e.file_name().to_string_lossy().starts_with("partial-") {

@@ -27,7 +27,7 @@ pub enum UnpackError {
     ThroughSymlink { path: String, link: String },
     #[error("entry {path:?}: {problem}")]
     BadEntry { path: String, problem: String },
-    #[error("entry {path:?}: {source}")]
+    #[error("entry {path:?}: {}", crate::error::with_causes(source))]
     Io { path: String, source: std::io::Error },
     #[error("reading the layer tar: {0}")]
     Tar(std::io::Error),

@@ -327,3 +327,90 @@ fn registry_answers_give_precise_messages() -> R {
     assert!(store.list()?.is_empty());
     Ok(())
 }
+
+#[test]
+fn a_full_disk_fails_the_pull_cleanly_and_a_later_pull_resumes() -> R {
+    skiff_testkit::require_registry_tools!();
+    let reg = Registry::start()?;
+    let tmp = tempfile::tempdir()?;
+    let layout = tmp.path().join("big");
+    let mut img =
+        ImageBuilder::busybox()?.layer(LayerBuilder::new().file("blob", 0o644, &incompressible(8 << 20, 3))?.finish()?);
+    img.gzip = true;
+    img.write_oci_layout(&layout, "big")?;
+    reg.push(&layout, "team/big:1")?;
+    let reference = format!("127.0.0.1:{}/team/big:1", reg.port);
+
+    let disk = skiff_testkit::Tmpfs::mount(6 << 20)?;
+    let store = Arc::new(ImageStore::open(disk.path().join("store"))?);
+    let err = rt().block_on(pull(Arc::clone(&store), &reference, &opts())).unwrap_err().to_string();
+    assert!(err.contains("No space left on device"), "{err}");
+    // Consistent: nothing tagged, no blob or layer of this pull kept, only the partial
+    // download (for a resume).
+    assert!(store.list()?.is_empty());
+    assert_eq!(std::fs::read_dir(store.root().join("blobs/sha256"))?.count(), 0);
+    assert_eq!(std::fs::read_dir(store.root().join("layers"))?.count(), 0);
+    let partial: u64 = std::fs::read_dir(store.root().join("tmp"))?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("partial-"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(partial > 1 << 20, "the partial download is kept: {partial} B");
+
+    // More room: the pull completes, without fetching again what the partial file holds.
+    disk.resize(64 << 20)?;
+    let rep = rt().block_on(pull(Arc::clone(&store), &reference, &opts()))?;
+    let image_size: u64 =
+        std::fs::read_dir(layout.join("blobs/sha256"))?.map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert!(
+        rep.bytes_received + partial <= image_size + (64 << 10),
+        "{} + {partial} vs {image_size}",
+        rep.bytes_received
+    );
+    assert!(store.resolve(&reference).is_ok());
+    Ok(())
+}
+
+#[test]
+fn the_high_water_mark_prunes_unused_images_oldest_first() -> R {
+    skiff_testkit::require_privileged!();
+    let tmp = tempfile::tempdir()?;
+    let disk = skiff_testkit::Tmpfs::mount(24 << 20)?;
+    let store = ImageStore::open(disk.path().join("store"))?;
+    for (i, name) in ["localhost/a:1", "localhost/b:1", "localhost/c:1"].iter().enumerate() {
+        let layout = tmp.path().join(format!("l{i}"));
+        let mut img = ImageBuilder::busybox()?
+            .layer(LayerBuilder::new().file("data", 0o644, &incompressible(3 << 20, 11 * (i as u64 + 1)))?.finish()?);
+        img.gzip = true;
+        img.write_oci_layout(&layout, name)?;
+        store.load(&layout, None)?;
+        let info = store.resolve(name)?;
+        for l in &info.layers {
+            store.ensure_layer(l)?;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20)); // distinct store times
+    }
+    let used = store.disk_used_percent()?;
+    assert!(used > 50.0, "{used}");
+    let in_use: std::collections::BTreeSet<String> = ["localhost/a:1".to_string()].into();
+
+    // Below the mark: nothing happens.
+    assert_eq!(store.prune_to_watermark(&skiff_image::GcPolicy::new(95, 90).unwrap(), &in_use)?, None);
+    assert_eq!(store.list()?.len(), 3);
+
+    // Above it: unused images go, oldest first, until the low mark; the one in use stays,
+    // and so do its layers.
+    let low = (used - 30.0).floor() as u8; // one image (about 6 MiB of 24) is not enough
+    let p = store.prune_to_watermark(&skiff_image::GcPolicy::new(used as u8 - 1, low).unwrap(), &in_use)?.unwrap();
+    assert_eq!(p.removed, ["localhost/b:1", "localhost/c:1"]);
+    assert!(p.used_percent_after < p.used_percent_before && p.freed_bytes > 6 << 20, "{p:?}");
+    let left: Vec<String> = store.list()?.into_iter().map(|i| i.reference).collect();
+    assert_eq!(left, ["localhost/a:1"]);
+    for l in store.resolve("localhost/a:1")?.layers {
+        assert!(store.layer_dir(&l.diff_id)?.is_dir());
+    }
+    // While a pull holds the store, pruning waits for the next round.
+    let _lease = store.lease()?;
+    assert_eq!(store.prune_to_watermark(&skiff_image::GcPolicy::new(1, 0).unwrap(), &[].into())?, None);
+    Ok(())
+}

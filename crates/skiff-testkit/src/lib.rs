@@ -371,3 +371,39 @@ macro_rules! require_privileged {
         }
     };
 }
+
+/// A tmpfs of a given size, for disk-full and high-water-mark tests; unmounted on drop.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(bytes: u64) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "skiff-test"])
+            .arg(dir.path())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(Tmpfs { dir })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    pub fn resize(&self, bytes: u64) -> Result<()> {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={bytes}")])
+            .arg(self.dir.path())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "remount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}

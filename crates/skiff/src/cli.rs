@@ -333,17 +333,7 @@ async fn run(cli: Cli) -> Result<i32> {
 
 /// An error with its causes, each once: library errors often already say their source.
 fn report(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let c = cause.to_string();
-        if !out.contains(&c) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&c);
-        }
-    }
-    out
+    skiff_image::error::with_causes(e.as_ref())
 }
 
 pub fn print_apply(r: &ApplyResponse, dry_run: bool) {

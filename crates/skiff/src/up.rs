@@ -34,6 +34,12 @@ pub struct UpArgs {
     /// Subnet for bridge-mode instances (the bridge takes .1).
     #[arg(long, default_value = "10.213.0.0/20")]
     pub subnet: String,
+    /// Disk use (percent) above which unused images are pruned; 0 turns pruning off.
+    #[arg(long, default_value_t = 85, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub image_gc_high: u8,
+    /// Disk use (percent) that pruning brings the disk back to.
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=99))]
+    pub image_gc_low: u8,
 }
 
 pub fn load_compose(file: &Path) -> Result<ComposeImport> {
@@ -91,6 +97,13 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     let mut acfg = AgentConfig::new(data);
     acfg.bridge_name = args.bridge.clone();
     acfg.subnet = args.subnet.clone();
+    acfg.image_gc = match args.image_gc_high {
+        0 => None,
+        high => Some(
+            skiff_image::GcPolicy::new(high, args.image_gc_low)
+                .map_err(|e| anyhow::anyhow!("--image-gc-high/--image-gc-low: {e}"))?,
+        ),
+    };
     if let Some(n) = &args.node_name {
         acfg.node_name = n.clone();
     }
