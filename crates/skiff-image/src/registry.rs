@@ -179,6 +179,8 @@ struct Client {
     attempts: u32,
     received: Arc<AtomicU64>,
     limit: Option<Arc<RateLimit>>,
+    /// Set when another download of the pull failed: the rest stop at their next chunk.
+    cancel: std::sync::atomic::AtomicBool,
 }
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -415,7 +417,7 @@ pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -
     let http = http_client(opts)?;
     let received = Arc::new(AtomicU64::new(0));
     let limit = opts.limit_rate.map(|b| Arc::new(RateLimit::new(b)));
-    let added = Arc::new(Mutex::new(Vec::<String>::new()));
+    let added = Arc::new(Mutex::new(Vec::<PathBuf>::new()));
     let mut res = Err(ImageError::BadReference(reference.to_string()));
     let mut probe_err = None;
     for (i, endpoint) in endpoints.iter().enumerate() {
@@ -432,6 +434,7 @@ pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -
             token: Mutex::new(None),
             received: Arc::clone(&received),
             limit: limit.clone(),
+            cancel: false.into(),
         });
         res = pull_inner(&store, &client, reference, opts, &added).await;
         match res {
@@ -455,10 +458,8 @@ pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -
     }
     if res.is_err() {
         let added = added.lock().map(|a| a.clone()).unwrap_or_default();
-        for d in added {
-            if let Ok(p) = store.blob_path(&d) {
-                let _ = std::fs::remove_file(p);
-            }
+        for p in added {
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
         }
     }
     res.map(|mut rep| {
@@ -472,17 +473,16 @@ async fn pull_inner(
     client: &Arc<Client>,
     reference: &str,
     opts: &PullOptions,
-    added: &Arc<Mutex<Vec<String>>>,
+    added: &Arc<Mutex<Vec<PathBuf>>>,
 ) -> Result<PullReport, ImageError> {
     let say = |m: String| opts.note(&m);
     let (top_bytes, top_digest) = client.manifest(&client.r.reference, opts).await?;
     let top: Manifest = serde_json::from_slice(&top_bytes)
         .map_err(|e| ImageError::Malformed { what: top_digest.clone(), problem: e.to_string() })?;
-    let remember = |d: &str, was_there: bool| {
-        if !was_there {
-            if let Ok(mut a) = added.lock() {
-                a.push(d.to_string());
-            }
+    // Noted before they are created, so that a failure removes them whenever it strikes.
+    let remember = |p: Result<PathBuf, ImageError>| {
+        if let (Ok(p), Ok(mut a)) = (p, added.lock()) {
+            a.push(p);
         }
     };
     let (manifest, manifest_digest) = if top.is_index() {
@@ -491,9 +491,10 @@ async fn pull_inner(
         let chosen = choose_platform(&list, &want, reference)?.clone();
         say(format!("{reference}: platform {want} -> {}", chosen.digest));
         let (b, d) = client.manifest(&chosen.digest, opts).await?;
-        let had = store.has_blob(&d);
+        if !store.has_blob(&d) {
+            remember(store.blob_path(&d));
+        }
         store.put_blob_bytes(&b, Some(&d))?;
-        remember(&d, had);
         let m: Manifest = serde_json::from_slice(&b)
             .map_err(|e| ImageError::Malformed { what: d.clone(), problem: e.to_string() })?;
         (m, d)
@@ -530,8 +531,8 @@ async fn pull_inner(
         report.blobs_present += 1;
     } else {
         report.blobs_fetched += 1;
-        fetch_blob(store, client, &config, opts).await?;
-        remember(&config.digest, false);
+        remember(store.blob_path(&config.digest));
+        fetch_blob(store, client, &config, opts, None).await?;
     }
     let diff_ids = store.diff_ids(&config.digest)?;
     if diff_ids.len() != layers.len() {
@@ -551,49 +552,114 @@ async fn pull_inner(
         } else {
             report.blobs_fetched += 1;
         }
-        let (store, client, sem, opts, added) =
-            (Arc::clone(store), Arc::clone(client), Arc::clone(&sem), opts.clone(), Arc::clone(added));
+        if !present {
+            remember(store.blob_path(&desc.digest));
+        }
+        if !store.layer_dir(&diff_id).is_ok_and(|d| d.exists()) {
+            remember(store.layer_dir(&diff_id));
+        }
+        let (store, client, sem, opts) = (Arc::clone(store), Arc::clone(client), Arc::clone(&sem), opts.clone());
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            if !present {
-                fetch_blob(&store, &client, &desc, &opts).await?;
-                if let Ok(mut a) = added.lock() {
-                    a.push(desc.digest.clone());
-                }
-            }
             let layer = crate::store::LayerRef { digest: desc.digest.clone(), diff_id, size: desc.size };
+            if !present {
+                fetch_blob(&store, &client, &desc, &opts, Some(&layer)).await?;
+            }
+            if client.cancel.load(Ordering::Relaxed) {
+                return Err(client.err(&desc.digest, "cancelled"));
+            }
+            // Already unpacked while it downloaded, unless the download had to resume.
             let st = Arc::clone(&store);
             tokio::task::spawn_blocking(move || st.ensure_layer(&layer).map(|_| ()))
                 .await
                 .map_err(|e| ImageError::Malformed { what: "unpack task".into(), problem: e.to_string() })?
         });
     }
+    // On the first failure the others are told to stop, and are waited for: what they
+    // were writing is finished or removed before the caller cleans up.
+    let mut first_err = None;
     while let Some(r) = tasks.join_next().await {
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tasks.abort_all();
-                return Err(e);
-            }
-            Err(e) => return Err(ImageError::Malformed { what: "download task".into(), problem: e.to_string() }),
-        }
+        let err = match r {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(e) => ImageError::Malformed { what: "download task".into(), problem: e.to_string() },
+        };
+        client.cancel.store(true, Ordering::Relaxed);
+        first_err.get_or_insert(err);
+    }
+    if let Some(e) = first_err {
+        return Err(e);
     }
     // Every layer is stored, unpacked and verified by now: the top manifest (or index),
     // then the tag, come last.
-    let had_top = store.has_blob(&top_digest);
+    if !store.has_blob(&top_digest) {
+        remember(store.blob_path(&top_digest));
+    }
     store.put_blob_bytes(&top_bytes, Some(&top_digest))?;
-    remember(&top_digest, had_top);
     store.tag(reference, &top_digest)?;
     say(format!("{reference}: pulled {top_digest}"));
     Ok(report)
 }
 
-/// Downloads one blob with resume and retries, then verifies and commits it.
+/// Unpacks a layer as its bytes arrive, in a blocking task fed through a bounded channel,
+/// so that a download from the first byte needs no second pass over the blob.
+struct StreamUnpack {
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    task: tokio::task::JoinHandle<Result<PathBuf, ImageError>>,
+}
+
+/// `Read` over the chunks of a `StreamUnpack`; the end of the channel is the end of input.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    cur: bytes::Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
+}
+
+impl StreamUnpack {
+    fn start(store: &Arc<ImageStore>, layer: &crate::store::LayerRef) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (store, layer) = (Arc::clone(store), layer.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            store.unpack_to_tmp(&layer, ChannelReader { rx, cur: bytes::Bytes::new() })
+        });
+        StreamUnpack { tx, task }
+    }
+
+    /// The unpacked, diff_id-verified directory, if the unpack got every byte and succeeded.
+    async fn finish(self) -> Option<PathBuf> {
+        drop(self.tx);
+        self.task.await.ok()?.ok()
+    }
+
+    /// Stops the unpack (the download will resume from a later offset) and removes its work.
+    async fn abandon(self) {
+        if let Some(tmp) = self.finish().await {
+            let _ = std::fs::remove_dir_all(tmp);
+        }
+    }
+}
+
+/// Downloads one blob with resume and retries, then verifies and commits it. A layer
+/// (`unpack`) downloaded from its first byte is unpacked on the way.
 async fn fetch_blob(
-    store: &ImageStore,
+    store: &Arc<ImageStore>,
     client: &Client,
     desc: &Descriptor,
     opts: &PullOptions,
+    unpack: Option<&crate::store::LayerRef>,
 ) -> Result<(), ImageError> {
     let hex = sha256_hex(&desc.digest)?.to_string();
     let short = &hex[..12];
@@ -609,6 +675,9 @@ async fn fetch_blob(
     // The digest is computed as bytes arrive; a resumed file's prefix is hashed once.
     let mut hasher: Option<(sha2::Sha256, u64)> = None;
     for round in 0..HARD_CAP {
+        if client.cancel.load(Ordering::Relaxed) {
+            return Err(client.err(&what, "cancelled"));
+        }
         let now_have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
         if round > 0 {
             if now_have > before {
@@ -666,8 +735,17 @@ async fn fetch_blob(
         let mut resp = resp;
         let mut got = if append { have } else { 0 };
         (opts.progress)(PullEvent::Blob { digest: &desc.digest, size: desc.size, done: got });
+        let mut stream = unpack
+            .filter(|l| !append && !store.layer_dir(&l.diff_id).is_ok_and(|d| d.exists()))
+            .map(|l| StreamUnpack::start(store, l));
         let mut cut = false;
+        let mut fatal = None;
         loop {
+            if client.cancel.load(Ordering::Relaxed) {
+                cut = true;
+                last_err = "cancelled".into();
+                break;
+            }
             match resp.chunk().await {
                 Ok(Some(c)) => {
                     if let Some(l) = &client.limit {
@@ -677,12 +755,24 @@ async fn fetch_blob(
                     got += c.len() as u64;
                     if got > desc.size {
                         let _ = std::fs::remove_file(&partial);
-                        return Err(client.err(
+                        fatal = Some(client.err(
                             &what,
                             format!("registry sent more than the {} bytes the manifest declares", desc.size),
                         ));
+                        break;
                     }
-                    f.write_all(&c).ctx("write", &partial)?;
+                    if let Err(e) = f.write_all(&c).ctx("write", &partial) {
+                        fatal = Some(e);
+                        break;
+                    }
+                    if let Some(s) = &stream {
+                        if s.tx.send(c.clone()).await.is_err() {
+                            // The unpack failed; unpacking from the stored blob will say why.
+                            if let Some(s) = stream.take() {
+                                s.abandon().await;
+                            }
+                        }
+                    }
                     if let Some((h, n)) = hasher.as_mut() {
                         sha2::Digest::update(h, &c);
                         *n += c.len() as u64;
@@ -699,9 +789,21 @@ async fn fetch_blob(
                 }
             }
         }
-        f.flush().ctx("write", &partial)?;
+        if let (None, Err(e)) = (&fatal, f.flush().ctx("write", &partial)) {
+            fatal = Some(e);
+        }
         drop(f);
+        if let Some(e) = fatal {
+            // Waits for the unpack to stop, so no work of it outlives the pull.
+            if let Some(s) = stream.take() {
+                s.abandon().await;
+            }
+            return Err(e);
+        }
         if cut || got < desc.size {
+            if let Some(s) = stream.take() {
+                s.abandon().await;
+            }
             if last_err.is_empty() || !cut {
                 last_err = format!("connection closed at {got} of {} bytes", desc.size);
             }
@@ -709,7 +811,19 @@ async fn fetch_blob(
             continue;
         }
         let actual = hasher.take().map(|(h, _)| hex::encode(sha2::Digest::finalize(h)));
-        commit(store, &partial, &desc.digest, actual)?;
+        let committed = commit(store, &partial, &desc.digest, actual);
+        if let (Some(s), Some(layer)) = (stream.take(), unpack) {
+            match (&committed, s.finish().await) {
+                (Ok(()), Some(tmp)) => {
+                    store.place_layer(layer, &tmp)?;
+                }
+                (Err(_), Some(tmp)) => {
+                    let _ = std::fs::remove_dir_all(tmp);
+                }
+                (_, None) => {}
+            }
+        }
+        committed?;
         (opts.progress)(PullEvent::Blob { digest: &desc.digest, size: desc.size, done: desc.size });
         return Ok(());
     }

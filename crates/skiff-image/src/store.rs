@@ -284,13 +284,20 @@ impl ImageStore {
             return Ok(dst);
         }
         let blob = self.blob_path(&layer.digest)?;
+        let f = fs::File::open(&blob).ctx("open", &blob)?;
+        let tmp = self.unpack_to_tmp(layer, BufReader::new(f))?;
+        self.place_layer(layer, &tmp)
+    }
+
+    /// Unpacks a layer's (possibly gzip-compressed) bytes into a fresh hidden directory
+    /// under `layers/` and checks the diff_id; the directory is removed on any failure.
+    pub(crate) fn unpack_to_tmp(&self, layer: &LayerRef, mut src: impl Read) -> Result<PathBuf, ImageError> {
         let tmp = self.root.join("layers").join(format!(".{}", io_tmp_name("unpack")));
         fs::create_dir(&tmp).ctx("create", &tmp)?;
         let result = (|| {
-            let mut f = BufReader::new(fs::File::open(&blob).ctx("open", &blob)?);
             let mut magic = [0u8; 4];
-            let n = read_full(&mut f, &mut magic).ctx("read", &blob)?;
-            let head = std::io::Cursor::new(magic[..n].to_vec()).chain(f);
+            let n = read_full(&mut src, &mut magic).ctx("read", &layer.digest)?;
+            let head = std::io::Cursor::new(magic[..n].to_vec()).chain(src);
             let decompressed: Box<dyn Read> = if n >= 2 && magic[..2] == [0x1f, 0x8b] {
                 Box::new(flate2::read::MultiGzDecoder::new(head))
             } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
@@ -301,7 +308,7 @@ impl ImageStore {
             let mut hashing = HashingReader::new(decompressed);
             crate::unpack_layer(&mut hashing, &tmp)
                 .map_err(|source| ImageError::Unpack { digest: layer.digest.clone(), source })?;
-            let actual = hashing.finish().ctx("read", &blob)?;
+            let actual = hashing.finish().ctx("read", &layer.digest)?;
             if format!("sha256:{actual}") != layer.diff_id {
                 return Err(ImageError::DiffIdMismatch {
                     digest: layer.digest.clone(),
@@ -312,21 +319,27 @@ impl ImageStore {
             Ok(())
         })();
         match result {
-            Ok(()) => match fs::rename(&tmp, &dst) {
-                Ok(()) => Ok(dst),
-                // Unpacked meanwhile by someone else (the same layer twice in one pull).
-                Err(_) if dst.exists() => {
-                    let _ = fs::remove_dir_all(&tmp);
-                    Ok(dst)
-                }
-                Err(e) => {
-                    let _ = fs::remove_dir_all(&tmp);
-                    Err(ImageError::Io { op: "rename", path: dst, source: e })
-                }
-            },
+            Ok(()) => Ok(tmp),
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp);
                 Err(e)
+            }
+        }
+    }
+
+    /// Renames a verified unpack directory to `layers/<diff_id>`.
+    pub(crate) fn place_layer(&self, layer: &LayerRef, tmp: &Path) -> Result<PathBuf, ImageError> {
+        let dst = self.layer_dir(&layer.diff_id)?;
+        match fs::rename(tmp, &dst) {
+            Ok(()) => Ok(dst),
+            // Unpacked meanwhile by someone else (the same layer twice in one pull).
+            Err(_) if dst.exists() => {
+                let _ = fs::remove_dir_all(tmp);
+                Ok(dst)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(tmp);
+                Err(ImageError::Io { op: "rename", path: dst, source: e })
             }
         }
     }
