@@ -186,7 +186,9 @@ impl ImageBuilder {
         for l in &self.layers {
             let diff = sha256(l);
             let blob = if self.gzip {
-                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                // gzip's and Go's default level, as `gzip`, `docker push` and `skopeo` compress
+                // (it stores incompressible blocks instead of Huffman-coding them).
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
                 std::io::Write::write_all(&mut e, l)?;
                 e.finish()?
             } else {

@@ -123,6 +123,9 @@ pub enum ImageCmd {
         /// Cap on the download rate over all layers, in bytes per second (e.g. 500K, 2M).
         #[arg(long = "limit-rate", value_parser = parse_rate)]
         limit_rate: Option<u64>,
+        /// Layers downloaded at once.
+        #[arg(long = "max-concurrent-downloads", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+        max_concurrent_downloads: u16,
     },
     /// Write images to a `docker save` tarball (for `docker load`, `skopeo`, `skiff image load`).
     Save {
@@ -308,12 +311,13 @@ async fn run(cli: Cli) -> Result<i32> {
             eprint!("{}", r.stderr);
             Ok(r.code)
         }
-        Cmd::Image(ImageCmd::Pull { reference, platform, insecure_registry, limit_rate }) => {
+        Cmd::Image(ImageCmd::Pull { reference, platform, insecure_registry, limit_rate, max_concurrent_downloads }) => {
             let store = std::sync::Arc::new(skiff_image::ImageStore::open(cli.data.join("images"))?);
             let mut opts = pull_options(&cli)?;
             opts.platform = platform.as_deref().map(skiff_image::registry::parse_platform).transpose()?;
             opts.insecure = insecure_registry.clone();
             opts.limit_rate = *limit_rate;
+            opts.parallel = usize::from(*max_concurrent_downloads);
             let r = skiff_image::registry::pull(store, reference, &opts).await?;
             println!(
                 "{} {} from {} ({} fetched, {} already present, {} received)",
