@@ -185,6 +185,7 @@ struct Client {
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 const MAX_MANIFEST: usize = 4 << 20;
+const MANIFEST_ATTEMPTS: u32 = 4;
 
 fn basic_auth_from(config: Option<&PathBuf>, registry: &str) -> Option<String> {
     let text = std::fs::read_to_string(config?).ok()?;
@@ -322,7 +323,9 @@ impl Client {
     /// Transport errors, 429 and 5xx are retried with backoff, up to `self.attempts`.
     async fn manifest(&self, reference: &str, opts: &PullOptions) -> Result<(Vec<u8>, String), ImageError> {
         let what = format!("manifest {}:{reference}", self.r.repository);
-        let attempts = self.attempts.max(1);
+        // A few tries only: a manifest is small, and an unreachable registry should say so
+        // in seconds (blob downloads keep going for as long as they make progress).
+        let attempts = self.attempts.clamp(1, MANIFEST_ATTEMPTS);
         for attempt in 0..attempts {
             if attempt > 0 {
                 tokio::time::sleep(backoff(attempt, &what)).await;

@@ -213,7 +213,7 @@ fn bad_input_is_rejected_and_nothing_starts() -> R {
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr)
-            .contains("services.web.image: localhost/nope:1 is not in the local store and pulling it failed: registry localhost: manifest nope:1: cannot reach the registry"),
+            .contains("services.web.image: localhost/nope:1 is not in the local store and pulling it failed: registry localhost: manifest nope:1: cannot reach it"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
