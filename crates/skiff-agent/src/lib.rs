@@ -262,11 +262,13 @@ impl Agent {
     }
 
     /// Prunes unused images when the disk is above the high-water mark; images of desired
-    /// deployments are never removed.
+    /// deployments and of every instance still on the node (an old version being replaced
+    /// runs on its layers) are never removed.
     pub async fn prune_images(self: &Arc<Self>) -> Option<skiff_image::Pruned> {
         let policy = self.cfg.image_gc?;
-        let in_use: std::collections::BTreeSet<String> =
+        let mut in_use: std::collections::BTreeSet<String> =
             self.db(|s| s.desired()).ok()?.into_iter().map(|d| d.image).collect();
+        in_use.extend(self.db(|s| s.instances()).ok()?.into_iter().map(|r| r.spec.image));
         let images = Arc::clone(&self.images);
         match blocking(move || images.prune_to_watermark(&policy, &in_use)).await {
             Ok(Some(p)) => {
