@@ -4,7 +4,7 @@ use crate::{interpolate, parse_duration_ms, shell_split, ManifestError};
 use serde_norway::{Mapping, Value};
 use skiff_model::{
     parse_bytes, parse_cpus, Dependency, DependencyCondition, Deployment, DeviceMapping, HealthCheck, NetworkMode,
-    PortMapping, Protocol, RestartPolicy, Volume, VolumeSource,
+    PlacementMode, PortMapping, Protocol, RestartPolicy, Volume, VolumeSource,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -639,6 +639,60 @@ fn deploy(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<()> 
                 }
             }
             "labels" => key_values(cx, x, &p, &mut d.labels)?,
+            "mode" => {
+                d.placement.mode = match str_of(x, &p)?.as_str() {
+                    "replicated" => PlacementMode::Replicated,
+                    "global" => PlacementMode::Global,
+                    o => return Err(ManifestError::at(&p, format!("{o:?} is not replicated or global"))),
+                }
+            }
+            "placement" => placement(cx, d, x, &p)?,
+            "x-skiff-reschedule-after" => d.placement.reschedule_after_ms = Some(duration(x, &p)?),
+            _ => cx.warnings.push(format!("{p}: not supported yet, ignored")),
+        }
+    }
+    Ok(())
+}
+
+/// `constraints: ["node.labels.site==factory-3"]` (equality on node labels, as the
+/// scheduler matches them) and `preferences: [{spread: node.labels.site}]`.
+fn placement(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<()> {
+    for (k, x) in mapping(v, path)? {
+        let k = key_str(k, path)?;
+        let p = format!("{path}.{k}");
+        match k.as_str() {
+            "constraints" => {
+                for (i, c) in list_of_strings(x, &p)?.iter().enumerate() {
+                    let cp = format!("{p}[{i}]");
+                    let (lhs, rhs) = c.split_once("==").ok_or_else(|| {
+                        ManifestError::at(&cp, format!("{c:?}: only node.labels.KEY==VALUE constraints are supported"))
+                    })?;
+                    let key = lhs.trim().strip_prefix("node.labels.").ok_or_else(|| {
+                        ManifestError::at(&cp, format!("{c:?}: only node.labels.KEY==VALUE constraints are supported"))
+                    })?;
+                    d.placement.node_selector.insert(key.to_string(), rhs.trim().to_string());
+                }
+            }
+            "preferences" => {
+                let Value::Sequence(list) = x else {
+                    return Err(ManifestError::at(&p, "must be a list of {spread: node.labels.KEY}"));
+                };
+                for (i, pref) in list.iter().enumerate() {
+                    let pp = format!("{p}[{i}].spread");
+                    let spread = mapping(pref, &format!("{p}[{i}]"))?
+                        .get("spread")
+                        .ok_or_else(|| ManifestError::at(&pp, "is required"))
+                        .and_then(|s| str_of(s, &pp))?;
+                    let key = spread
+                        .strip_prefix("node.labels.")
+                        .ok_or_else(|| ManifestError::at(&pp, format!("{spread:?} must be node.labels.KEY")))?;
+                    if d.placement.spread_by.is_some() {
+                        cx.warnings.push(format!("{pp}: only the first spread preference is used"));
+                    } else {
+                        d.placement.spread_by = Some(key.to_string());
+                    }
+                }
+            }
             _ => cx.warnings.push(format!("{p}: not supported yet, ignored")),
         }
     }

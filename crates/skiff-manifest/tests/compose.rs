@@ -158,3 +158,44 @@ fn compose_examples_in_repo_import() {
     }
     assert!(n >= 1, "no example compose files found");
 }
+
+#[test]
+fn placement_modes_constraints_and_spread() {
+    let c = import(
+        r#"
+services:
+  analyser:
+    image: a
+    deploy:
+      mode: global
+      placement:
+        constraints: ["node.labels.camera == true", "node.labels.site==factory-3"]
+  api:
+    image: b
+    deploy:
+      replicas: 4
+      placement:
+        preferences: [{spread: node.labels.site}]
+      x-skiff-reschedule-after: 10m
+"#,
+    )
+    .unwrap();
+    let a = c.deployments.iter().find(|d| d.name == "analyser").unwrap();
+    assert_eq!(a.placement.mode, skiff_model::PlacementMode::Global);
+    assert_eq!(a.placement.node_selector.get("camera").map(String::as_str), Some("true"));
+    assert_eq!(a.placement.node_selector.get("site").map(String::as_str), Some("factory-3"));
+    let b = c.deployments.iter().find(|d| d.name == "api").unwrap();
+    assert_eq!((b.replicas, b.placement.spread_by.as_deref()), (4, Some("site")));
+    assert_eq!(b.placement.reschedule_after_ms, Some(600_000));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+    for (yaml, want) in [
+        ("services:\n  a:\n    image: a\n    deploy:\n      mode: daemon\n", "services.a.deploy.mode: \"daemon\" is not replicated or global"),
+        ("services:\n  a:\n    image: a\n    deploy:\n      placement:\n        constraints: [\"node.role==manager\"]\n", "services.a.deploy.placement.constraints[0]: \"node.role==manager\": only node.labels.KEY==VALUE constraints are supported"),
+        ("services:\n  a:\n    image: a\n    deploy:\n      placement:\n        preferences: [{spread: node.id}]\n", "services.a.deploy.placement.preferences[0].spread: \"node.id\" must be node.labels.KEY"),
+        ("services:\n  a:\n    image: a\n    deploy:\n      placement:\n        constraints: [\"node.labels.bad key==x\"]\n", "placement.node_selector.bad key"),
+    ] {
+        let e = err(yaml);
+        assert!(e.contains(want), "want {want:?} in {e:?}");
+    }
+}

@@ -51,9 +51,46 @@ pub struct Deployment {
     pub labels: BTreeMap<String, String>,
     #[serde(default = "one")]
     pub replicas: u32,
+    /// Which nodes run it and how instances spread over them.
+    #[serde(default, skip_serializing_if = "Placement::is_default")]
+    pub placement: Placement,
     /// Time between SIGTERM and SIGKILL on stop, in milliseconds (Docker's default is 10 s).
     #[serde(default = "default_grace")]
     pub stop_grace_period_ms: u64,
+}
+
+/// `replicas` instances placed by the scheduler, or one on every matching node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementMode {
+    #[default]
+    Replicated,
+    /// One instance on every node that matches (a Kubernetes DaemonSet, `mode: global`).
+    Global,
+}
+
+/// Where a deployment's instances may run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default)]
+    pub mode: PlacementMode,
+    /// Node labels that must all match (`site: factory-3`, `camera: "true"`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// A node label whose values are spread over evenly (`site`), before nodes are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread_by: Option<String>,
+    /// Move instances off a node that has been unreachable this long. Unset (the edge
+    /// default): instances stay assigned to their node however long it is away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reschedule_after_ms: Option<u64>,
+}
+
+impl Placement {
+    pub fn is_default(&self) -> bool {
+        *self == Placement::default()
+    }
 }
 
 pub fn default_stack() -> String {
@@ -92,6 +129,7 @@ impl Deployment {
             devices: vec![],
             labels: BTreeMap::new(),
             replicas: 1,
+            placement: Placement::default(),
             stop_grace_period_ms: default_grace(),
         }
     }

@@ -103,6 +103,28 @@ impl Deployment {
         if self.replicas > 1000 {
             return Err(ValidationError::new("replicas", format!("{} is more than the limit of 1000", self.replicas)));
         }
+        for (k, v) in &self.placement.node_selector {
+            if !is_label_key(k) {
+                return Err(ValidationError::new(
+                    format!("placement.node_selector.{k}"),
+                    "is not a label key (letters, digits, '-', '_', '.', '/'; at most 253 characters)",
+                ));
+            }
+            if v.len() > 63 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ValidationError::new(
+                    format!("placement.node_selector.{k}"),
+                    format!("{v:?} is not a label value (at most 63 characters, no whitespace)"),
+                ));
+            }
+        }
+        if let Some(k) = &self.placement.spread_by {
+            if !is_label_key(k) {
+                return Err(ValidationError::new("placement.spread_by", format!("{k:?} is not a label key")));
+            }
+        }
+        if self.placement.reschedule_after_ms == Some(0) {
+            return Err(ValidationError::new("placement.reschedule_after", "must be greater than 0"));
+        }
         for k in self.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(ValidationError::new(format!("env.{k}"), "is not a valid variable name"));
@@ -216,6 +238,14 @@ impl Deployment {
         }
         Ok(())
     }
+}
+
+/// A node label key: `site`, `camera`, `skiff.dev/zone`.
+pub fn is_label_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 253
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        && k.starts_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 #[cfg(test)]
