@@ -1,0 +1,404 @@
+//! Placement: which node runs which instance of which deployment. Pure: the hub passes
+//! in nodes, deployments, image platforms and the current slots, and gets back the new
+//! slots plus, for what could not be placed, the reasons (as the Kubernetes scheduler
+//! words them: "0/3 nodes are available: 1 didn't match the node selector, ...").
+//!
+//! Rules, in order:
+//! * A slot is one instance (`web-2` is slot 2 of `web`). Slots stay where they are while
+//!   their node exists and still matches — also while it is NotReady or Unknown: the edge
+//!   default is that a site whose uplink is down keeps its workloads. Only a deployment
+//!   with `reschedule_after` gives up a node that has been away that long.
+//! * `global`: one slot on every matching node that has room, whatever its state.
+//! * `replicated`: slots above `replicas` go (highest first); missing ones go to Ready,
+//!   matching nodes with room, choosing the least-used spread domain (`spread_by`), then the
+//!   node with the fewest instances of the deployment, then of anything, then by name.
+//! * Matching: every `node_selector` label equal, and an architecture the image has (any,
+//!   when the image's platforms are unknown); `arm/v7` nodes also run v6 and v5 images.
+//! * Room: reservations (`cpus_reservation`, `memory_reservation`) of the node's slots
+//!   fit within its capacity.
+
+use skiff_model::{Deployment, PlacementMode};
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum NodeState {
+    Ready,
+    NotReady,
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// `amd64`, `arm64`, `arm`, ...
+    pub arch: String,
+    /// `v7` for `arm/v7`.
+    pub variant: Option<String>,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub state: NodeState,
+    /// When `state` last changed, in ms since the epoch.
+    pub state_since_ms: u64,
+}
+
+/// One instance of a deployment on a node: `index` 2 of `web` is `web-2`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Slot {
+    pub deployment: String,
+    pub index: u32,
+    pub node: String,
+}
+
+/// `(architecture, variant)` pairs an image offers.
+pub type Platforms = Vec<(String, Option<String>)>;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Every slot, sorted.
+    pub slots: Vec<Slot>,
+    /// Deployment → why some of its instances have no node.
+    pub unschedulable: BTreeMap<String, String>,
+}
+
+impl Plan {
+    pub fn on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Slot> + 'a {
+        self.slots.iter().filter(move |s| s.node == node)
+    }
+}
+
+/// Whether a node of `arch`/`variant` runs an image built for `img_arch`/`img_variant`.
+pub fn arch_runs(arch: &str, variant: Option<&str>, img_arch: &str, img_variant: Option<&str>) -> bool {
+    if arch != img_arch {
+        return false;
+    }
+    match (arch, variant, img_variant) {
+        (_, _, None) => true,
+        ("arm", Some(v), Some(iv)) => {
+            let n = |s: &str| s.trim_start_matches('v').parse::<u32>().unwrap_or(0);
+            n(iv) <= n(v)
+        }
+        ("arm", None, Some(_)) => false,
+        _ => true,
+    }
+}
+
+/// Lower is better: instances of the deployment in the node's spread domain, on the node,
+/// instances of anything on the node, then the node's name.
+type Rank<'a> = (usize, usize, u32, &'a str);
+
+#[derive(Default, Clone, Copy)]
+struct Used {
+    cpu: u64,
+    mem: u64,
+    all: u32,
+}
+
+/// Counts one more instance of `d` on `n`.
+fn take<'n>(used: &mut BTreeMap<&'n str, Used>, n: &'n NodeView, d: &Deployment) {
+    let u = used.entry(n.name.as_str()).or_default();
+    let (cpu, mem) = need(d);
+    u.cpu += cpu;
+    u.mem += mem;
+    u.all += 1;
+}
+
+fn need(d: &Deployment) -> (u64, u64) {
+    (d.resources.cpus_reservation_millis.unwrap_or(0), d.resources.memory_reservation_bytes.unwrap_or(0))
+}
+
+/// Why a node cannot take one more instance of `d`, if it cannot.
+fn refusal(d: &Deployment, n: &NodeView, platforms: Option<&Platforms>, used: &Used) -> Option<&'static str> {
+    if d.placement.node_selector.iter().any(|(k, v)| n.labels.get(k) != Some(v)) {
+        return Some("didn't match the node selector");
+    }
+    if let Some(p) = platforms {
+        if !p.iter().any(|(a, v)| arch_runs(&n.arch, n.variant.as_deref(), a, v.as_deref())) {
+            return Some("have an architecture the image is not built for");
+        }
+    }
+    let (cpu, mem) = need(d);
+    if used.cpu + cpu > n.cpu_millis {
+        return Some("Insufficient cpu");
+    }
+    if used.mem + mem > n.memory_bytes {
+        return Some("Insufficient memory");
+    }
+    None
+}
+
+fn reasons(total: usize, counts: BTreeMap<&'static str, usize>) -> String {
+    let parts: Vec<String> = counts.iter().map(|(r, c)| format!("{c} {r}")).collect();
+    format!("0/{total} nodes are available: {}", parts.join(", "))
+}
+
+/// Places every deployment; see the module rules.
+pub fn schedule(
+    deployments: &[Deployment],
+    platforms: &BTreeMap<String, Platforms>,
+    nodes: &[NodeView],
+    current: &[Slot],
+    now_ms: u64,
+) -> Plan {
+    let by_name: BTreeMap<&str, &NodeView> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let mut used: BTreeMap<&str, Used> = nodes.iter().map(|n| (n.name.as_str(), Used::default())).collect();
+    let mut deps: Vec<&Deployment> = deployments.iter().collect();
+    deps.sort_by(|a, b| a.name.cmp(&b.name));
+    let wanted: BTreeSet<&str> = deps.iter().map(|d| d.name.as_str()).collect();
+
+    // First pass: which current slots stay. Their reservations are counted before any new
+    // slot is placed, so a kept instance is never pushed out by a new one.
+    let mut kept: BTreeMap<&str, Vec<Slot>> = BTreeMap::new();
+    for d in &deps {
+        let plat = platforms.get(&d.image);
+        let mut mine: Vec<&Slot> = current.iter().filter(|s| s.deployment == d.name).collect();
+        mine.sort();
+        let mut seen_idx = BTreeSet::new();
+        let mut seen_node = BTreeSet::new();
+        let entry = kept.entry(d.name.as_str()).or_default();
+        for s in mine {
+            let Some(n) = by_name.get(s.node.as_str()) else { continue };
+            let stays = match d.placement.mode {
+                PlacementMode::Global => seen_node.insert(s.node.clone()),
+                PlacementMode::Replicated => s.index >= 1 && s.index <= d.replicas && seen_idx.insert(s.index),
+            };
+            let gone_too_long = d
+                .placement
+                .reschedule_after_ms
+                .is_some_and(|after| n.state != NodeState::Ready && now_ms.saturating_sub(n.state_since_ms) >= after);
+            // A kept slot only has to still match: room was checked when it was placed.
+            let matches = refusal(d, n, plat, &Used::default())
+                .is_none_or(|r| r == "Insufficient cpu" || r == "Insufficient memory");
+            if stays && matches && !gone_too_long {
+                take(&mut used, n, d);
+                entry.push(s.clone());
+            }
+        }
+    }
+
+    let mut plan = Plan::default();
+    for d in &deps {
+        let plat = platforms.get(&d.image);
+        let mut slots = kept.remove(d.name.as_str()).unwrap_or_default();
+        let mut refused: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut missing = 0usize;
+        match d.placement.mode {
+            PlacementMode::Global => {
+                let have: BTreeSet<String> = slots.iter().map(|s| s.node.clone()).collect();
+                for n in nodes.iter().filter(|n| !have.contains(&n.name)) {
+                    let u = used.get(n.name.as_str()).copied().unwrap_or_default();
+                    match refusal(d, n, plat, &u) {
+                        None => {
+                            let taken: BTreeSet<u32> = slots.iter().map(|s| s.index).collect();
+                            let index = (1..).find(|i| !taken.contains(i)).unwrap_or(1);
+                            take(&mut used, n, d);
+                            slots.push(Slot { deployment: d.name.clone(), index, node: n.name.clone() });
+                        }
+                        Some(r @ ("Insufficient cpu" | "Insufficient memory")) => {
+                            *refused.entry(r).or_default() += 1;
+                            missing += 1;
+                        }
+                        Some(_) => {} // not a node this deployment is for
+                    }
+                }
+            }
+            PlacementMode::Replicated => {
+                let taken: BTreeSet<u32> = slots.iter().map(|s| s.index).collect();
+                for index in (1..=d.replicas).filter(|i| !taken.contains(i)) {
+                    let mut best: Option<(Rank<'_>, &NodeView)> = None;
+                    refused.clear();
+                    for n in nodes {
+                        let u = used.get(n.name.as_str()).copied().unwrap_or_default();
+                        if n.state != NodeState::Ready {
+                            *refused.entry("were not ready").or_default() += 1;
+                            continue;
+                        }
+                        if let Some(r) = refusal(d, n, plat, &u) {
+                            *refused.entry(r).or_default() += 1;
+                            continue;
+                        }
+                        // Instances of `d` already in this node's spread domain (same value
+                        // of the `spread_by` label).
+                        let domain = spread_value(n, &d.placement.spread_by);
+                        let in_domain = slots
+                            .iter()
+                            .filter(|s| {
+                                domain.is_some()
+                                    && by_name
+                                        .get(s.node.as_str())
+                                        .and_then(|x| spread_value(x, &d.placement.spread_by))
+                                        == domain
+                            })
+                            .count();
+                        let on_node = slots.iter().filter(|s| s.node == n.name).count();
+                        let key = (in_domain, on_node, u.all, n.name.as_str());
+                        if best.as_ref().is_none_or(|(k, _)| key < *k) {
+                            best = Some((key, n));
+                        }
+                    }
+                    match best {
+                        Some((_, n)) => {
+                            take(&mut used, n, d);
+                            slots.push(Slot { deployment: d.name.clone(), index, node: n.name.clone() });
+                        }
+                        None => missing += 1,
+                    }
+                }
+            }
+        }
+        if missing > 0 {
+            let why =
+                if refused.is_empty() { "0/0 nodes are available".to_string() } else { reasons(nodes.len(), refused) };
+            plan.unschedulable.insert(d.name.clone(), format!("{missing} instance(s) not placed: {why}"));
+        }
+        plan.slots.extend(slots);
+    }
+    plan.slots.retain(|s| wanted.contains(s.deployment.as_str()));
+    plan.slots.sort();
+    plan
+}
+
+fn spread_value<'a>(n: &'a NodeView, key: &Option<String>) -> Option<&'a String> {
+    key.as_ref().and_then(|k| n.labels.get(k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, arch: &str, labels: &[(&str, &str)]) -> NodeView {
+        NodeView {
+            name: name.into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            arch: arch.into(),
+            variant: None,
+            cpu_millis: 4000,
+            memory_bytes: 4 << 30,
+            state: NodeState::Ready,
+            state_since_ms: 0,
+        }
+    }
+
+    fn dep(name: &str, replicas: u32) -> Deployment {
+        let mut d = Deployment::new(name, "img");
+        d.replicas = replicas;
+        d
+    }
+
+    fn where_(p: &Plan, d: &str) -> Vec<(u32, String)> {
+        p.slots.iter().filter(|s| s.deployment == d).map(|s| (s.index, s.node.clone())).collect()
+    }
+
+    fn none() -> BTreeMap<String, Platforms> {
+        BTreeMap::new()
+    }
+
+    #[test]
+    fn replicas_spread_over_nodes_then_sites() {
+        let nodes = [
+            node("a1", "amd64", &[("site", "a")]),
+            node("a2", "amd64", &[("site", "a")]),
+            node("b1", "amd64", &[("site", "b")]),
+        ];
+        let p = schedule(&[dep("web", 3)], &none(), &nodes, &[], 0);
+        assert_eq!(where_(&p, "web"), [(1, "a1".into()), (2, "a2".into()), (3, "b1".into())]);
+        let mut d = dep("web", 2);
+        d.placement.spread_by = Some("site".into());
+        let p = schedule(&[d], &none(), &nodes, &[], 0);
+        assert_eq!(where_(&p, "web"), [(1, "a1".into()), (2, "b1".into())], "one per site first");
+    }
+
+    #[test]
+    fn selector_arch_and_resources_decide_and_explain() {
+        let mut pi = node("pi", "arm", &[("camera", "true")]);
+        pi.variant = Some("v7".into());
+        let nodes = [pi, node("x86", "amd64", &[("camera", "true")]), node("arm64", "arm64", &[])];
+        let mut platforms = BTreeMap::new();
+        platforms.insert("img".to_string(), vec![("arm".to_string(), Some("v6".to_string()))]);
+        let mut d = dep("cam", 1);
+        d.placement.node_selector.insert("camera".into(), "true".into());
+        let p = schedule(std::slice::from_ref(&d), &platforms, &nodes, &[], 0);
+        assert_eq!(where_(&p, "cam"), [(1, "pi".into())], "arm/v7 runs a v6 image");
+
+        d.replicas = 2;
+        d.resources.memory_reservation_bytes = Some(3 << 30);
+        let p = schedule(&[d], &platforms, &nodes, &[], 0);
+        assert_eq!(where_(&p, "cam"), [(1, "pi".into())]);
+        assert_eq!(
+            p.unschedulable["cam"],
+            "1 instance(s) not placed: 0/3 nodes are available: 1 Insufficient memory, \
+             1 didn't match the node selector, 1 have an architecture the image is not built for"
+        );
+    }
+
+    #[test]
+    fn global_runs_once_on_every_matching_node_and_follows_labels() {
+        let mut nodes = vec![node("n1", "amd64", &[("camera", "true")]), node("n2", "amd64", &[])];
+        let mut d = dep("analyser", 1);
+        d.placement.mode = PlacementMode::Global;
+        d.placement.node_selector.insert("camera".into(), "true".into());
+        let p = schedule(std::slice::from_ref(&d), &none(), &nodes, &[], 0);
+        assert_eq!(where_(&p, "analyser"), [(1, "n1".into())]);
+        // A new camera node (even one not ready yet) gets one; a node that loses the label
+        // loses it; n1 keeps its index.
+        nodes.push(node("n3", "amd64", &[("camera", "true")]));
+        nodes[2].state = NodeState::NotReady;
+        nodes[1].labels.insert("camera".into(), "true".into());
+        let p = schedule(std::slice::from_ref(&d), &none(), &nodes, &p.slots, 0);
+        assert_eq!(where_(&p, "analyser"), [(1, "n1".into()), (2, "n2".into()), (3, "n3".into())]);
+        nodes[0].labels.clear();
+        let p = schedule(&[d], &none(), &nodes, &p.slots, 0);
+        assert_eq!(where_(&p, "analyser"), [(2, "n2".into()), (3, "n3".into())]);
+    }
+
+    #[test]
+    fn a_lost_node_keeps_its_instances_unless_reschedule_after_says_otherwise() {
+        let mut nodes = [node("a", "amd64", &[]), node("b", "amd64", &[])];
+        let p = schedule(&[dep("web", 2)], &none(), &nodes, &[], 0);
+        assert_eq!(where_(&p, "web"), [(1, "a".into()), (2, "b".into())]);
+        nodes[1].state = NodeState::Unknown;
+        nodes[1].state_since_ms = 1_000;
+        let later = 1_000 + 3_600_000;
+        let again = schedule(&[dep("web", 2)], &none(), &nodes, &p.slots, later);
+        assert_eq!(again.slots, p.slots, "an hour away changes nothing by default");
+        let mut d = dep("web", 2);
+        d.placement.reschedule_after_ms = Some(60_000);
+        let moved = schedule(std::slice::from_ref(&d), &none(), &nodes, &p.slots, 1_000 + 59_999);
+        assert_eq!(moved.slots, p.slots, "not yet");
+        let moved = schedule(&[d], &none(), &nodes, &p.slots, 1_000 + 60_000);
+        assert_eq!(where_(&moved, "web"), [(1, "a".into()), (2, "a".into())]);
+    }
+
+    #[test]
+    fn scaling_keeps_placed_instances_and_deleting_frees_room() {
+        let nodes = [node("a", "amd64", &[]), node("b", "amd64", &[])];
+        let p = schedule(&[dep("web", 3), dep("db", 1)], &none(), &nodes, &[], 0);
+        let up = schedule(&[dep("web", 5), dep("db", 1)], &none(), &nodes, &p.slots, 0);
+        for s in p.slots.iter() {
+            assert!(up.slots.contains(s), "{s:?} stays");
+        }
+        assert_eq!(where_(&up, "web").len(), 5);
+        let down = schedule(&[dep("web", 2)], &none(), &nodes, &up.slots, 0);
+        assert_eq!(where_(&down, "web"), where_(&up, "web")[..2].to_vec());
+        assert!(where_(&down, "db").is_empty(), "deleted");
+
+        // Reservations: a full node takes no more, but what it runs stays.
+        let mut big = dep("big", 2);
+        big.resources.cpus_reservation_millis = Some(3000);
+        let p = schedule(std::slice::from_ref(&big), &none(), &nodes, &[], 0);
+        assert_eq!(where_(&p, "big"), [(1, "a".into()), (2, "b".into())]);
+        big.replicas = 3;
+        let p = schedule(&[big], &none(), &nodes, &p.slots, 0);
+        assert_eq!(where_(&p, "big").len(), 2);
+        assert!(p.unschedulable["big"].contains("2 Insufficient cpu"), "{:?}", p.unschedulable);
+    }
+
+    #[test]
+    fn arch_rules() {
+        assert!(arch_runs("arm", Some("v7"), "arm", Some("v6")));
+        assert!(!arch_runs("arm", Some("v6"), "arm", Some("v7")));
+        assert!(arch_runs("arm64", None, "arm64", Some("v8")));
+        assert!(!arch_runs("arm64", None, "arm", Some("v7")));
+        assert!(arch_runs("amd64", None, "amd64", None));
+    }
+}
