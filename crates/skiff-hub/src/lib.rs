@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod pki;
 pub mod schedule;
 pub mod store;
 pub mod validate;

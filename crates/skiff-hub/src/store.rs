@@ -39,15 +39,97 @@ pub trait Store: Send + Sync {
     /// Returns whether it existed.
     fn delete(&self, name: &str) -> Result<bool, StoreError>;
     fn revision(&self) -> Result<u64, StoreError>;
+
+    fn create_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Returns whether it existed.
+    fn revoke_token(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Records a (re-)joined node with the serial of its new certificate; an earlier
+    /// certificate of the same name stops being accepted.
+    fn put_node(&self, name: &str, cert_serial: &str, joined_ms: u64, info: &NodeSpec) -> Result<u64, StoreError>;
+    fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError>;
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Returns whether it existed.
+    fn revoke_node(&self, name: &str) -> Result<bool, StoreError>;
 }
+
+fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    Ok(TokenRecord {
+        id: r.get(0)?,
+        secret_sha256: r.get(1)?,
+        created_ms: r.get::<_, i64>(2)? as u64,
+        expires_ms: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+        revoked: r.get::<_, i64>(4)? != 0,
+    })
+}
+
+fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(NodeRecord, String)> {
+    Ok((
+        NodeRecord {
+            name: r.get(0)?,
+            revision: r.get::<_, i64>(1)? as u64,
+            cert_serial: r.get(2)?,
+            revoked: r.get::<_, i64>(3)? != 0,
+            joined_ms: r.get::<_, i64>(4)? as u64,
+            info: NodeSpec::default(),
+        },
+        r.get(5)?,
+    ))
+}
+
+const TOKEN_COLS: &str = "id, secret_sha256, created_ms, expires_ms, revoked";
+const NODE_COLS: &str = "name, revision, cert_serial, revoked, joined_ms, info";
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-const MIGRATIONS: &[&str] = &["CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
      INSERT INTO meta (key, value) VALUES ('revision', 0);
-     CREATE TABLE deployments (name TEXT PRIMARY KEY, stack TEXT NOT NULL, revision INTEGER NOT NULL, spec TEXT NOT NULL);"];
+     CREATE TABLE deployments (name TEXT PRIMARY KEY, stack TEXT NOT NULL, revision INTEGER NOT NULL, spec TEXT NOT NULL);",
+    "CREATE TABLE join_tokens (id TEXT PRIMARY KEY, secret_sha256 TEXT NOT NULL, created_ms INTEGER NOT NULL,
+                               expires_ms INTEGER, revoked INTEGER NOT NULL DEFAULT 0);
+     CREATE TABLE nodes (name TEXT PRIMARY KEY, revision INTEGER NOT NULL, cert_serial TEXT NOT NULL,
+                         revoked INTEGER NOT NULL DEFAULT 0, joined_ms INTEGER NOT NULL, info TEXT NOT NULL);",
+];
+
+/// A join token as the hub keeps it: the secret's sha256, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub secret_sha256: String,
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+    pub revoked: bool,
+}
+
+/// A joined node: the serial of the one certificate it may use, and what it said of itself.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub revision: u64,
+    pub cert_serial: String,
+    pub revoked: bool,
+    pub joined_ms: u64,
+    pub info: NodeSpec,
+}
+
+/// What a node reports at join: labels, platform and capacity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub os: String,
+    pub arch: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+}
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -168,6 +250,77 @@ impl Store for SqliteStore {
         let conn = self.conn()?;
         Ok(conn.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| r.get::<_, i64>(0))? as u64)
     }
+
+    fn create_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.conn()?.execute(
+            "INSERT INTO join_tokens (id, secret_sha256, created_ms, expires_ms, revoked) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![t.id, t.secret_sha256, t.created_ms as i64, t.expires_ms.map(|v| v as i64), t.revoked as i64],
+        )?;
+        Ok(())
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let q = format!("SELECT {TOKEN_COLS} FROM join_tokens WHERE id = ?1");
+        Ok(self.conn()?.query_row(&q, [id], token_row).optional()?)
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare(&format!("SELECT {TOKEN_COLS} FROM join_tokens ORDER BY created_ms, id"))?;
+        let v = st.query_map([], token_row)?.collect::<Result<_, _>>()?;
+        Ok(v)
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn()?.execute("UPDATE join_tokens SET revoked = 1 WHERE id = ?1", [id])? > 0)
+    }
+
+    fn put_node(&self, name: &str, cert_serial: &str, joined_ms: u64, info: &NodeSpec) -> Result<u64, StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let rev = bump(&tx)?;
+        tx.execute(
+            "INSERT INTO nodes (name, revision, cert_serial, revoked, joined_ms, info) VALUES (?1, ?2, ?3, 0, ?4, ?5)
+             ON CONFLICT(name) DO UPDATE SET revision = excluded.revision, cert_serial = excluded.cert_serial,
+                 revoked = 0, joined_ms = excluded.joined_ms, info = excluded.info",
+            params![name, rev as i64, cert_serial, joined_ms as i64, serde_json::to_string(info)?],
+        )?;
+        tx.commit()?;
+        Ok(rev)
+    }
+
+    fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let q = format!("SELECT {NODE_COLS} FROM nodes WHERE name = ?1");
+        let row = self.conn()?.query_row(&q, [name], node_row).optional()?;
+        row.map(|(mut n, info)| {
+            n.info = serde_json::from_str(&info)?;
+            Ok(n)
+        })
+        .transpose()
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name"))?;
+        let rows: Vec<(NodeRecord, String)> = st.query_map([], node_row)?.collect::<Result<_, _>>()?;
+        rows.into_iter()
+            .map(|(mut n, info)| {
+                n.info = serde_json::from_str(&info)?;
+                Ok(n)
+            })
+            .collect()
+    }
+
+    fn revoke_node(&self, name: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let n = tx.execute("UPDATE nodes SET revoked = 1 WHERE name = ?1", [name])?;
+        if n > 0 {
+            bump(&tx)?;
+        }
+        tx.commit()?;
+        Ok(n > 0)
+    }
 }
 
 #[cfg(test)]
@@ -194,5 +347,33 @@ mod tests {
         assert_eq!(s.get("a").unwrap().unwrap().revision, 3);
         assert!(s.delete("a").unwrap());
         assert!(!s.delete("a").unwrap());
+    }
+
+    #[test]
+    fn tokens_and_nodes_persist_and_revoke() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("hub.db");
+        let s = SqliteStore::open(&path).unwrap();
+        let tok = TokenRecord {
+            id: "abc".into(),
+            secret_sha256: "h".into(),
+            created_ms: 1,
+            expires_ms: Some(10),
+            revoked: false,
+        };
+        s.create_token(&tok).unwrap();
+        assert!(s.create_token(&tok).is_err(), "ids are unique");
+        let info = NodeSpec { os: "linux".into(), arch: "arm64".into(), cpu_millis: 4000, ..Default::default() };
+        let r1 = s.put_node("pi", "01", 5, &info).unwrap();
+        let r2 = s.put_node("pi", "02", 6, &info).unwrap();
+        assert!(r2 > r1);
+        drop(s);
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.token("abc").unwrap(), Some(tok));
+        assert!(s.revoke_token("abc").unwrap() && s.token("abc").unwrap().unwrap().revoked);
+        assert!(!s.revoke_token("nope").unwrap());
+        let n = s.node("pi").unwrap().unwrap();
+        assert_eq!((n.cert_serial.as_str(), n.info.arch.as_str(), n.revoked), ("02", "arm64", false));
+        assert!(s.revoke_node("pi").unwrap() && s.nodes().unwrap()[0].revoked);
     }
 }
