@@ -8,9 +8,11 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod fleet;
 pub mod pki;
 pub mod schedule;
 pub mod store;
+pub mod tls;
 pub mod validate;
 
 use skiff_model::api::{ApplyRequest, ApplyResponse};

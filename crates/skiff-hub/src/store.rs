@@ -53,6 +53,11 @@ pub trait Store: Send + Sync {
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
     /// Returns whether it existed.
     fn revoke_node(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Where each instance is placed (see `schedule`).
+    fn slots(&self) -> Result<Vec<crate::schedule::Slot>, StoreError>;
+    /// Replaces the placement; bumps the revision only when it changed. Returns the revision.
+    fn set_slots(&self, slots: &[crate::schedule::Slot]) -> Result<u64, StoreError>;
 }
 
 fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
@@ -94,6 +99,8 @@ const MIGRATIONS: &[&str] = &[
                                expires_ms INTEGER, revoked INTEGER NOT NULL DEFAULT 0);
      CREATE TABLE nodes (name TEXT PRIMARY KEY, revision INTEGER NOT NULL, cert_serial TEXT NOT NULL,
                          revoked INTEGER NOT NULL DEFAULT 0, joined_ms INTEGER NOT NULL, info TEXT NOT NULL);",
+    "CREATE TABLE slots (deployment TEXT NOT NULL, idx INTEGER NOT NULL, node TEXT NOT NULL,
+                         PRIMARY KEY (deployment, idx));",
 ];
 
 /// A join token as the hub keeps it: the secret's sha256, never the secret.
@@ -309,6 +316,37 @@ impl Store for SqliteStore {
                 Ok(n)
             })
             .collect()
+    }
+
+    fn slots(&self) -> Result<Vec<crate::schedule::Slot>, StoreError> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare("SELECT deployment, idx, node FROM slots ORDER BY deployment, idx")?;
+        let v = st
+            .query_map([], |r| {
+                Ok(crate::schedule::Slot { deployment: r.get(0)?, index: r.get::<_, i64>(1)? as u32, node: r.get(2)? })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(v)
+    }
+
+    fn set_slots(&self, slots: &[crate::schedule::Slot]) -> Result<u64, StoreError> {
+        let mut sorted = slots.to_vec();
+        sorted.sort();
+        if self.slots()? == sorted {
+            return self.revision();
+        }
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM slots", [])?;
+        for s in &sorted {
+            tx.execute(
+                "INSERT INTO slots (deployment, idx, node) VALUES (?1, ?2, ?3)",
+                params![s.deployment, s.index as i64, s.node],
+            )?;
+        }
+        let rev = bump(&tx)?;
+        tx.commit()?;
+        Ok(rev)
     }
 
     fn revoke_node(&self, name: &str) -> Result<bool, StoreError> {

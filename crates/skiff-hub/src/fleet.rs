@@ -1,0 +1,438 @@
+//! Remote nodes (`skiff hub`): join tokens, joining, node authorization, heartbeats,
+//! placement with [`crate::schedule`], and each node's assignments by revision.
+//!
+//! Architecture Invariant: a node reaches only its own assignments and status, and only
+//! with the one certificate the hub last signed for it (a re-join or a revoke retires the
+//! old one).
+
+use crate::pki::{Ca, JoinToken};
+use crate::schedule::{self, NodeState, NodeView, Plan, Slot};
+use crate::store::{NodeRecord, NodeSpec, Store, TokenRecord};
+use crate::tls::Peer;
+use serde::{Deserialize, Serialize};
+use skiff_model::{Deployment, InstanceStatus};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// A node is Ready while its heartbeats arrive within this long of each other.
+pub const HEARTBEAT_GRACE_MS: u64 = 40_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FleetError {
+    /// 400: the request names what is wrong.
+    Invalid(String),
+    /// 401: no or unknown credentials.
+    Unauthenticated(String),
+    /// 403: known, but not allowed.
+    Forbidden(String),
+    /// 404
+    NotFound(String),
+    /// 500
+    Internal(String),
+}
+
+fn internal(e: impl std::fmt::Display) -> FleetError {
+    FleetError::Internal(e.to_string())
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// `<id>.<secret>` of the join token (the CA hash part stays with the agent).
+    pub token: String,
+    pub node: String,
+    /// PEM certificate signing request for the node's own key.
+    pub csr: String,
+    pub spec: NodeSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub cert: String,
+    pub ca: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub id: String,
+    /// Shown once; the hub keeps only its hash.
+    pub token: String,
+    pub expires_ms: Option<u64>,
+}
+
+/// What a node runs: each deployment with the instance numbers placed on this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub revision: u64,
+    pub deployments: Vec<Assigned>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assigned {
+    pub spec: Deployment,
+    pub indexes: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    #[serde(default)]
+    pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    last_ms: u64,
+    state: NodeState,
+    since_ms: u64,
+}
+
+pub struct Fleet {
+    pub ca: Ca,
+    pub ca_sha256: String,
+    store: Arc<dyn Store>,
+    seen: Mutex<BTreeMap<String, Seen>>,
+    statuses: Mutex<BTreeMap<String, Vec<InstanceStatus>>>,
+    started_ms: u64,
+    /// The newest placement revision, for long-polls.
+    changed: tokio::sync::watch::Sender<u64>,
+    /// Nodes with unplaced instances: deployment → reason.
+    pub unschedulable: Mutex<BTreeMap<String, String>>,
+}
+
+impl Fleet {
+    pub fn new(ca: Ca, store: Arc<dyn Store>) -> Result<Self, FleetError> {
+        let ca_sha256 = ca.fingerprint().map_err(internal)?;
+        let rev = store.revision().map_err(internal)?;
+        Ok(Fleet {
+            ca,
+            ca_sha256,
+            store,
+            seen: Mutex::new(BTreeMap::new()),
+            statuses: Mutex::new(BTreeMap::new()),
+            started_ms: now_ms(),
+            changed: tokio::sync::watch::channel(rev).0,
+            unschedulable: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn create_token(&self, ttl_ms: Option<u64>) -> Result<CreatedToken, FleetError> {
+        if ttl_ms == Some(0) {
+            return Err(FleetError::Invalid("ttl: must be more than 0".into()));
+        }
+        let t = JoinToken::new(&self.ca_sha256);
+        let now = now_ms();
+        let expires_ms = ttl_ms.map(|t| now.saturating_add(t));
+        self.store
+            .create_token(&TokenRecord {
+                id: t.id.clone(),
+                secret_sha256: t.secret_hash(),
+                created_ms: now,
+                expires_ms,
+                revoked: false,
+            })
+            .map_err(internal)?;
+        Ok(CreatedToken { id: t.id.clone(), token: t.to_string(), expires_ms })
+    }
+
+    fn check_token(&self, presented: &str) -> Result<(), FleetError> {
+        let unauth = |m: &str| FleetError::Unauthenticated(format!("token: {m}"));
+        let (id, secret) = presented.split_once('.').ok_or_else(|| unauth("not <id>.<secret>"))?;
+        let rec = self.store.token(id).map_err(internal)?.ok_or_else(|| unauth("unknown token"))?;
+        let hash = crate::pki::sha256_hex(secret.as_bytes());
+        if !crate::api::constant_time_eq(hash.as_bytes(), rec.secret_sha256.as_bytes()) {
+            return Err(unauth("unknown token"));
+        }
+        if rec.revoked {
+            return Err(FleetError::Forbidden(format!("token: {id} has been revoked")));
+        }
+        if rec.expires_ms.is_some_and(|e| e <= now_ms()) {
+            return Err(FleetError::Forbidden(format!("token: {id} has expired")));
+        }
+        Ok(())
+    }
+
+    /// Checks the token and the request, signs the node's CSR and records the node.
+    pub fn join(&self, req: &JoinRequest) -> Result<JoinResponse, FleetError> {
+        self.check_token(&req.token)?;
+        skiff_model::validate::check_name("node", &req.node).map_err(|e| FleetError::Invalid(e.to_string()))?;
+        for (k, v) in &req.spec.labels {
+            if !skiff_model::validate::is_label_key(k) || v.len() > 63 || v.chars().any(char::is_whitespace) {
+                return Err(FleetError::Invalid(format!("spec.labels.{k}: not a valid label")));
+            }
+        }
+        if req.spec.arch.is_empty() || req.spec.os.is_empty() {
+            return Err(FleetError::Invalid("spec: os and arch are required".into()));
+        }
+        let (cert, serial) = self.ca.sign_node(&req.node, &req.csr).map_err(|e| FleetError::Invalid(e.to_string()))?;
+        self.store.put_node(&req.node, &serial, now_ms(), &req.spec).map_err(internal)?;
+        self.reschedule()?;
+        Ok(JoinResponse { cert, ca: self.ca.pem().to_string() })
+    }
+
+    /// The node record behind a connection's certificate, if it may act as `name`.
+    pub fn authorize(&self, peer: &Peer, name: &str) -> Result<NodeRecord, FleetError> {
+        let (Some(who), Some(serial)) = (&peer.node, &peer.serial) else {
+            return Err(FleetError::Unauthenticated("a node certificate is required (join first)".into()));
+        };
+        let rec = self
+            .store
+            .node(who)
+            .map_err(internal)?
+            .ok_or_else(|| FleetError::Forbidden(format!("node {who:?} is not joined")))?;
+        if rec.revoked {
+            return Err(FleetError::Forbidden(format!("node {who:?} has been revoked")));
+        }
+        if &rec.cert_serial != serial {
+            return Err(FleetError::Forbidden(format!("this certificate of node {who:?} has been replaced")));
+        }
+        if who != name {
+            return Err(FleetError::Forbidden(format!("node {who:?} may not act for node {name:?}")));
+        }
+        Ok(rec)
+    }
+
+    pub fn revoke_node(&self, name: &str) -> Result<(), FleetError> {
+        if !self.store.revoke_node(name).map_err(internal)? {
+            return Err(FleetError::NotFound(format!("node {name:?} not found")));
+        }
+        self.reschedule()?;
+        Ok(())
+    }
+
+    /// Records a heartbeat (and the instances the node reports).
+    pub fn heartbeat(&self, node: &str, status: NodeStatus) -> Result<(), FleetError> {
+        let now = now_ms();
+        let became_ready = {
+            let mut seen = self.seen.lock().map_err(internal)?;
+            let e =
+                seen.entry(node.to_string()).or_insert(Seen { last_ms: now, state: NodeState::Unknown, since_ms: now });
+            e.last_ms = now;
+            let was = e.state;
+            if was != NodeState::Ready {
+                e.state = NodeState::Ready;
+                e.since_ms = now;
+            }
+            was != NodeState::Ready
+        };
+        if let Ok(mut st) = self.statuses.lock() {
+            st.insert(node.to_string(), status.instances);
+        }
+        if became_ready {
+            self.reschedule()?;
+        }
+        Ok(())
+    }
+
+    /// Ready / Unknown from heartbeats; a node not heard from since the hub started is
+    /// Unknown from the hub's start.
+    fn state_of(&self, node: &str, now: u64) -> (NodeState, u64) {
+        let mut seen = match self.seen.lock() {
+            Ok(s) => s,
+            Err(_) => return (NodeState::Unknown, self.started_ms),
+        };
+        match seen.get_mut(node) {
+            Some(s) => {
+                if s.state == NodeState::Ready && now.saturating_sub(s.last_ms) > HEARTBEAT_GRACE_MS {
+                    s.state = NodeState::Unknown;
+                    s.since_ms = s.last_ms + HEARTBEAT_GRACE_MS;
+                }
+                (s.state, s.since_ms)
+            }
+            None => (NodeState::Unknown, self.started_ms),
+        }
+    }
+
+    pub fn views(&self) -> Result<Vec<NodeView>, FleetError> {
+        let now = now_ms();
+        Ok(self
+            .store
+            .nodes()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|n| !n.revoked)
+            .map(|n| {
+                let (state, since) = self.state_of(&n.name, now);
+                NodeView {
+                    name: n.name,
+                    labels: n.info.labels,
+                    arch: n.info.arch,
+                    variant: n.info.variant,
+                    cpu_millis: n.info.cpu_millis,
+                    memory_bytes: n.info.memory_bytes,
+                    state,
+                    state_since_ms: since,
+                }
+            })
+            .collect())
+    }
+
+    pub fn reported_instances(&self) -> Vec<InstanceStatus> {
+        self.statuses.lock().map(|s| s.values().flatten().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Places every deployment over the joined nodes and stores the result; wakes the
+    /// nodes' long-polls when it changed.
+    pub fn reschedule(&self) -> Result<Plan, FleetError> {
+        let deployments: Vec<Deployment> = self.store.list().map_err(internal)?.into_iter().map(|s| s.spec).collect();
+        let current = self.store.slots().map_err(internal)?;
+        // Image platforms are not looked up yet: every architecture is allowed.
+        let plan = schedule::schedule(&deployments, &BTreeMap::new(), &self.views()?, &current, now_ms());
+        let rev = self.store.set_slots(&plan.slots).map_err(internal)?;
+        if let Ok(mut u) = self.unschedulable.lock() {
+            u.clone_from(&plan.unschedulable);
+        }
+        self.changed.send_if_modified(|r| {
+            let newer = rev > *r;
+            if newer {
+                *r = rev;
+            }
+            newer
+        });
+        Ok(plan)
+    }
+
+    /// Wakes long-polls after a change to deployments (their revision moved).
+    pub fn deployments_changed(&self) -> Result<(), FleetError> {
+        self.reschedule()?;
+        let rev = self.store.revision().map_err(internal)?;
+        self.changed.send_if_modified(|r| {
+            let newer = rev > *r;
+            if newer {
+                *r = rev;
+            }
+            newer
+        });
+        Ok(())
+    }
+
+    pub fn assignment(&self, node: &str) -> Result<Assignment, FleetError> {
+        let revision = self.store.revision().map_err(internal)?;
+        let slots: Vec<Slot> = self.store.slots().map_err(internal)?.into_iter().filter(|s| s.node == node).collect();
+        let mut deployments = vec![];
+        for s in self.store.list().map_err(internal)? {
+            let indexes: Vec<u32> = slots.iter().filter(|x| x.deployment == s.spec.name).map(|x| x.index).collect();
+            if !indexes.is_empty() {
+                deployments.push(Assigned { spec: s.spec, indexes });
+            }
+        }
+        Ok(Assignment { revision, deployments })
+    }
+
+    /// The node's assignment once the revision passes `after` (at once if it has), or
+    /// after `wait` with the current one.
+    pub async fn wait_assignment(
+        &self,
+        node: &str,
+        after: u64,
+        wait: std::time::Duration,
+    ) -> Result<Assignment, FleetError> {
+        let mut rx = self.changed.subscribe();
+        let _ = tokio::time::timeout(wait, rx.wait_for(|r| *r > after)).await;
+        self.assignment(node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    fn fleet() -> (tempfile::TempDir, Fleet) {
+        let t = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
+        let ca = Ca::load_or_create(&t.path().join("pki")).unwrap();
+        let f = Fleet::new(ca, store).unwrap();
+        (t, f)
+    }
+
+    fn join_req(token: &str, node: &str) -> JoinRequest {
+        let (_key, csr) = crate::pki::node_csr(node).unwrap();
+        let spec = NodeSpec {
+            os: "linux".into(),
+            arch: "amd64".into(),
+            cpu_millis: 2000,
+            memory_bytes: 1 << 30,
+            ..Default::default()
+        };
+        JoinRequest { token: token.to_string(), node: node.into(), csr, spec }
+    }
+
+    fn secret(t: &CreatedToken) -> String {
+        let p = JoinToken::parse(&t.token).unwrap();
+        format!("{}.{}", p.id, p.secret)
+    }
+
+    #[test]
+    fn tokens_gate_joining() {
+        let (_t, f) = fleet();
+        let tok = f.create_token(None).unwrap();
+        assert!(tok.token.starts_with(&format!("SK1.{}.", f.ca_sha256)));
+        f.join(&join_req(&secret(&tok), "pi-1")).unwrap();
+        let wrong = format!("{}.{}", JoinToken::parse(&tok.token).unwrap().id, "0".repeat(32));
+        assert_eq!(
+            f.join(&join_req(&wrong, "pi-2")).unwrap_err(),
+            FleetError::Unauthenticated("token: unknown token".into())
+        );
+        let short = f.create_token(Some(1)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(
+            matches!(f.join(&join_req(&secret(&short), "pi-2")), Err(FleetError::Forbidden(m)) if m.contains("expired"))
+        );
+        f.store.revoke_token(&tok.id).unwrap();
+        assert!(
+            matches!(f.join(&join_req(&secret(&tok), "pi-3")), Err(FleetError::Forbidden(m)) if m.contains("revoked"))
+        );
+        let ok = f.create_token(None).unwrap();
+        assert!(
+            matches!(f.join(&join_req(&secret(&ok), "Bad Name")), Err(FleetError::Invalid(m)) if m.contains("node"))
+        );
+        let mut r = join_req(&secret(&ok), "pi-4");
+        r.csr = "nonsense".into();
+        assert!(matches!(f.join(&r), Err(FleetError::Invalid(m)) if m.contains("csr")));
+        assert_eq!(f.create_token(Some(0)).unwrap_err(), FleetError::Invalid("ttl: must be more than 0".into()));
+    }
+
+    #[test]
+    fn nodes_act_only_for_themselves_with_their_newest_certificate() {
+        let (_t, f) = fleet();
+        let tok = secret(&f.create_token(None).unwrap());
+        f.join(&join_req(&tok, "a")).unwrap();
+        f.join(&join_req(&tok, "b")).unwrap();
+        let serial = f.store.node("a").unwrap().unwrap().cert_serial;
+        let a = Peer { node: Some("a".into()), serial: Some(serial.clone()) };
+        assert!(f.authorize(&a, "a").is_ok());
+        assert!(
+            matches!(f.authorize(&a, "b"), Err(FleetError::Forbidden(m)) if m.contains("may not act for node \"b\""))
+        );
+        assert!(matches!(f.authorize(&Peer::default(), "a"), Err(FleetError::Unauthenticated(_))));
+        f.join(&join_req(&tok, "a")).unwrap(); // re-join: a new certificate
+        assert!(matches!(f.authorize(&a, "a"), Err(FleetError::Forbidden(m)) if m.contains("replaced")));
+        let fresh = Peer { node: Some("a".into()), serial: Some(f.store.node("a").unwrap().unwrap().cert_serial) };
+        f.revoke_node("a").unwrap();
+        assert!(matches!(f.authorize(&fresh, "a"), Err(FleetError::Forbidden(m)) if m.contains("revoked")));
+    }
+
+    #[test]
+    fn assignments_follow_placement_and_revisions() {
+        let (_t, f) = fleet();
+        let tok = secret(&f.create_token(None).unwrap());
+        f.join(&join_req(&tok, "a")).unwrap();
+        f.join(&join_req(&tok, "b")).unwrap();
+        f.heartbeat("a", NodeStatus { instances: vec![] }).unwrap();
+        let mut web = Deployment::new("web", "img");
+        web.replicas = 3;
+        f.store.apply(&[web], None, false).unwrap();
+        f.deployments_changed().unwrap();
+        // Only `a` is Ready (b never sent a heartbeat): all three land there.
+        let a = f.assignment("a").unwrap();
+        assert_eq!(a.deployments[0].indexes, [1, 2, 3]);
+        assert!(f.assignment("b").unwrap().deployments.is_empty());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let same = rt.block_on(f.wait_assignment("a", a.revision, std::time::Duration::from_millis(20))).unwrap();
+        assert_eq!(same, a, "nothing changed: the long-poll times out with the same assignment");
+    }
+}
