@@ -37,7 +37,17 @@ fn internal(msg: impl std::fmt::Display) -> ApiError {
 type Shared = Arc<Hub>;
 
 pub fn router(hub: Shared) -> Router {
+    // Nodes authenticate with their certificate (checked per request in `node_of_peer`);
+    // joining with a token; the CA is public.
+    let fleet = Router::new()
+        .route("/api/v1/cacerts", get(cacerts))
+        .route("/api/v1/join", post(join))
+        .route("/api/v1/nodes/{name}/assignments", get(assignments))
+        .route("/api/v1/nodes/{name}/status", axum::routing::put(node_status));
     Router::new()
+        .route("/api/v1/tokens", post(create_token).get(list_tokens))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/api/v1/nodes/{name}", axum::routing::delete(revoke_node))
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/deployments", get(list_deployments))
         .route("/api/v1/deployments/{name}", get(get_deployment).delete(delete_deployment))
@@ -47,6 +57,7 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/events", get(events))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&hub), auth))
+        .merge(fleet)
         .route("/api/v1/health", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(trace))
@@ -206,20 +217,144 @@ async fn exec(
     Ok(Json(r).into_response())
 }
 
-async fn nodes(State(hub): State<Shared>) -> Json<Vec<NodeInfo>> {
+async fn nodes(State(hub): State<Shared>) -> Result<Json<Vec<NodeInfo>>, ApiError> {
     let all = hub.instances();
-    Json(
-        hub.nodes
-            .iter()
-            .map(|n| NodeInfo {
-                name: n.name(),
-                state: "Ready".into(),
-                arch: skiff_model::platform::host_arch().0.into(),
-                os: std::env::consts::OS.into(),
-                instances: all.iter().filter(|i| i.node == n.name()).count(),
-            })
-            .collect(),
-    )
+    let mut out: Vec<NodeInfo> = hub
+        .nodes
+        .iter()
+        .map(|n| NodeInfo {
+            name: n.name(),
+            state: "Ready".into(),
+            arch: skiff_model::platform::host_arch().0.into(),
+            os: std::env::consts::OS.into(),
+            instances: all.iter().filter(|i| i.node == n.name()).count(),
+        })
+        .collect();
+    if let Some(f) = &hub.fleet {
+        for v in f.views().map_err(fleet_error)? {
+            let arch = match &v.variant {
+                Some(var) => format!("{}/{var}", v.arch),
+                None => v.arch.clone(),
+            };
+            out.push(NodeInfo {
+                instances: all.iter().filter(|i| i.node == v.name).count(),
+                name: v.name,
+                state: format!("{:?}", v.state),
+                arch,
+                os: "linux".into(),
+            });
+        }
+    }
+    Ok(Json(out))
+}
+
+fn fleet_error(e: crate::fleet::FleetError) -> ApiError {
+    use crate::fleet::FleetError as F;
+    match e {
+        F::Invalid(m) => bad(m),
+        F::Unauthenticated(m) => ApiError(StatusCode::UNAUTHORIZED, m),
+        F::Forbidden(m) => ApiError(StatusCode::FORBIDDEN, m),
+        F::NotFound(m) => not_found(m),
+        F::Internal(m) => internal(m),
+    }
+}
+
+fn fleet_of(hub: &Hub) -> Result<&Arc<crate::fleet::Fleet>, ApiError> {
+    hub.fleet.as_ref().ok_or_else(|| not_found("this hub takes no remote nodes (run `skiff hub`)"))
+}
+
+async fn cacerts(State(hub): State<Shared>) -> Result<Response, ApiError> {
+    let f = fleet_of(&hub)?;
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], f.ca.pem().to_string()).into_response())
+}
+
+async fn join(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let f = fleet_of(&hub)?;
+    let req: crate::fleet::JoinRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    Ok(Json(f.join(&req).map_err(fleet_error)?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+async fn create_token(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let f = fleet_of(&hub)?;
+    let b: TokenBody = if body.is_empty() {
+        TokenBody { ttl_seconds: None }
+    } else {
+        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?
+    };
+    let ttl_ms = b.ttl_seconds.map(|s| s.saturating_mul(1000));
+    Ok((StatusCode::CREATED, Json(f.create_token(ttl_ms).map_err(fleet_error)?)).into_response())
+}
+
+async fn list_tokens(State(hub): State<Shared>) -> Result<Response, ApiError> {
+    fleet_of(&hub)?;
+    let mut v = hub.store.tokens().map_err(internal)?;
+    for t in &mut v {
+        t.secret_sha256.clear();
+    }
+    Ok(Json(v).into_response())
+}
+
+async fn revoke_token(State(hub): State<Shared>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    fleet_of(&hub)?;
+    if !hub.store.revoke_token(&id).map_err(internal)? {
+        return Err(not_found(format!("token {id:?} not found")));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn revoke_node(State(hub): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    fleet_of(&hub)?.revoke_node(&name).map_err(fleet_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct AssignQuery {
+    /// Answer once the revision passes this one (long-poll).
+    after: Option<u64>,
+    /// Seconds to wait for that, at most 60.
+    wait: Option<u64>,
+}
+
+async fn assignments(
+    State(hub): State<Shared>,
+    peer: Option<axum::Extension<crate::tls::Peer>>,
+    Path(name): Path<String>,
+    Query(q): Query<AssignQuery>,
+) -> Result<Response, ApiError> {
+    let f = fleet_of(&hub)?;
+    f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
+    let a = match q.after {
+        Some(after) => {
+            let wait = Duration::from_secs(q.wait.unwrap_or(30).min(60));
+            f.wait_assignment(&name, after, wait).await.map_err(fleet_error)?
+        }
+        None => f.assignment(&name).map_err(fleet_error)?,
+    };
+    Ok(Json(a).into_response())
+}
+
+async fn node_status(
+    State(hub): State<Shared>,
+    peer: Option<axum::Extension<crate::tls::Peer>>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let f = fleet_of(&hub)?;
+    f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
+    let st: crate::fleet::NodeStatus = serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    if let Some(i) = st.instances.iter().find(|i| i.node != name) {
+        return Err(ApiError(StatusCode::FORBIDDEN, format!("instances[{}]: belongs to node {:?}", i.name, i.node)));
+    }
+    f.heartbeat(&name, st).map_err(fleet_error)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

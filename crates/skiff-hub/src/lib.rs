@@ -65,14 +65,20 @@ pub enum ApplyError {
 
 pub struct Hub {
     pub store: Arc<dyn Store>,
+    /// Nodes reached in-process (`skiff up`'s embedded agent).
     pub nodes: Vec<Arc<dyn NodeLink>>,
     pub admin_token: String,
+    /// Remote nodes that join over the network (`skiff hub`).
+    pub fleet: Option<Arc<fleet::Fleet>>,
 }
 
 impl Hub {
     /// Pushes every deployment to the node(s). Embedded mode has exactly one node, so
     /// placement is trivial; the scheduler for many nodes plugs in here.
     pub fn sync_nodes(&self) -> Result<(), String> {
+        if let Some(f) = &self.fleet {
+            f.deployments_changed().map_err(|e| format!("{e:?}"))?;
+        }
         let rev = self.store.revision().map_err(|e| e.to_string())?;
         let all: Vec<Deployment> = self.store.list().map_err(|e| e.to_string())?.into_iter().map(|s| s.spec).collect();
         for n in &self.nodes {
@@ -82,7 +88,11 @@ impl Hub {
     }
 
     pub fn instances(&self) -> Vec<InstanceStatus> {
-        self.nodes.iter().flat_map(|n| n.instances().unwrap_or_default()).collect()
+        let mut all: Vec<InstanceStatus> = self.nodes.iter().flat_map(|n| n.instances().unwrap_or_default()).collect();
+        if let Some(f) = &self.fleet {
+            all.extend(f.reported_instances());
+        }
+        all
     }
 
     /// Validates the request against the whole desired state, stores it atomically and

@@ -79,6 +79,11 @@ pub enum Cmd {
     /// Manage the local image store.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Run the hub: the control plane for many nodes, over TLS with its own CA.
+    Hub(crate::hub::HubArgs),
+    /// Join tokens for nodes (`skiff agent --token`).
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Internal: the per-container shim (started by the agent).
     #[command(hide = true)]
     Shim {
@@ -87,6 +92,29 @@ pub enum Cmd {
         #[arg(long)]
         daemon: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Make a join token (printed once; the hub keeps only its hash).
+    Create {
+        /// How long it can be used to join, e.g. 24h or 30m (default: until revoked).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+    },
+    /// List join tokens (without their secrets).
+    Ls,
+    /// Stop a token from being used to join (nodes that joined with it stay).
+    Revoke { id: String },
+}
+
+/// `--ttl`: a duration in seconds, from `90s`, `30m`, `24h`.
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    match skiff_manifest::parse_duration_ms(s) {
+        Some(ms) if ms >= 1000 => Ok(ms / 1000),
+        Some(_) => Err("must be at least 1s".into()),
+        None => Err(format!("{s:?} is not a duration (examples: 30m, 24h)")),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -242,6 +270,8 @@ fn client(cli: &Cli) -> Result<Client> {
 async fn run(cli: Cli) -> Result<i32> {
     match &cli.cmd {
         Cmd::Up(args) => crate::up::up(&cli, args).await,
+        Cmd::Hub(args) => crate::hub::hub(&cli, args).await,
+        Cmd::Token(t) => token(&client(&cli)?, t).await,
         Cmd::Apply { file, dry_run } => {
             let import = crate::up::load_compose(file)?;
             for w in &import.warnings {
@@ -290,9 +320,14 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Delete { kind_or_name, name } => {
             let name = match (kind_or_name.as_str(), name) {
                 ("deployment" | "deployments" | "deploy", Some(n)) => n.clone(),
+                ("node" | "nodes", Some(n)) => {
+                    client(&cli)?.delete(&format!("/api/v1/nodes/{n}")).await?;
+                    println!("node {n} revoked: its certificate is no longer accepted");
+                    return Ok(0);
+                }
                 (other, None) => other.to_string(),
                 (other, Some(_)) => {
-                    bail!("cannot delete {other:?}: only deployments can be deleted (skiff delete deployment NAME)")
+                    bail!("cannot delete {other:?}: deployments and nodes can be deleted (skiff delete deployment|node NAME)")
                 }
             };
             client(&cli)?.delete(&format!("/api/v1/deployments/{name}")).await?;
@@ -333,6 +368,29 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Image(cmd) => image(&cli.data, cmd),
         Cmd::Shim { .. } => Ok(0),
     }
+}
+
+async fn token(c: &Client, cmd: &TokenCmd) -> Result<i32> {
+    match cmd {
+        TokenCmd::Create { ttl } => {
+            let t: skiff_hub::fleet::CreatedToken =
+                c.post("/api/v1/tokens", &serde_json::json!({ "ttl_seconds": ttl })).await?;
+            println!("{}", t.token);
+            eprintln!("token {} created; join a node with: skiff agent --hub URL --token <the line above>", t.id);
+        }
+        TokenCmd::Ls => {
+            let v: Vec<skiff_hub::store::TokenRecord> = c.get("/api/v1/tokens").await?;
+            output::print(&v, Format::Table, &["ID", "EXPIRES", "REVOKED"], |t| {
+                let exp = t.expires_ms.map(|e| format!("{}", e / 1000)).unwrap_or_else(|| "never".into());
+                vec![t.id.clone(), exp, t.revoked.to_string()]
+            })?;
+        }
+        TokenCmd::Revoke { id } => {
+            c.delete(&format!("/api/v1/tokens/{id}")).await?;
+            println!("token {id} revoked");
+        }
+    }
+    Ok(0)
 }
 
 /// An error with its causes, each once: library errors often already say their source.

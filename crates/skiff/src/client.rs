@@ -13,7 +13,14 @@ pub struct Client {
 
 impl Client {
     pub fn new(cfg: ClientConfig) -> Result<Self> {
-        let http = reqwest::Client::builder().build().context("building the HTTP client")?;
+        let mut b = reqwest::Client::builder();
+        if let Some(ca) = &cfg.ca {
+            // Pinned: the hub's own CA only, not the system roots.
+            let cert =
+                reqwest::Certificate::from_pem(ca.as_bytes()).context("the config's ca is not a PEM certificate")?;
+            b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
+        }
+        let http = b.build().context("building the HTTP client")?;
         Ok(Client { http, cfg })
     }
 
@@ -26,7 +33,10 @@ impl Client {
             .bearer_auth(&self.cfg.token)
             .send()
             .await
-            .with_context(|| format!("cannot reach the hub at {} (is `skiff up` running?)", self.cfg.server))?;
+            .map_err(|e| anyhow::anyhow!(skiff_image::error::with_causes(&e)))
+            .with_context(|| {
+                format!("cannot reach the hub at {} (is `skiff up` or `skiff hub` running?)", self.cfg.server)
+            })?;
         if resp.status().is_success() {
             return Ok(resp);
         }

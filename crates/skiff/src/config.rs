@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 pub struct ClientConfig {
     pub server: String,
     pub token: String,
+    /// The hub's CA (PEM): the only certificate authority the CLI trusts for `server`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 pub fn find(explicit: Option<&Path>, data: &Path) -> Result<(PathBuf, ClientConfig)> {

@@ -5,6 +5,7 @@
 mod cli;
 mod client;
 mod config;
+mod hub;
 mod link;
 mod output;
 mod progress;

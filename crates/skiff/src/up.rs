@@ -68,12 +68,12 @@ fn default_compose() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-fn token() -> String {
-    let mut b = [0u8; 24];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
+/// The admin token in `<data>/admin.conf`, or a new random one on first start.
+pub fn admin_token(data: &Path) -> String {
+    match crate::config::find(Some(&data.join("admin.conf")), data) {
+        Ok((_, c)) => c.token,
+        Err(_) => skiff_hub::pki::random_hex() + &skiff_hub::pki::random_hex()[..16],
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
@@ -125,18 +125,19 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     }
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data.join("hub.db"))?);
     let conf_path = data.join("admin.conf");
-    let admin_token = match crate::config::find(Some(&conf_path), data) {
-        Ok((_, c)) => c.token,
-        Err(_) => token(),
-    };
+    let admin_token = admin_token(data);
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    crate::config::write(&conf_path, &ClientConfig { server: format!("http://{addr}"), token: admin_token.clone() })?;
+    crate::config::write(
+        &conf_path,
+        &ClientConfig { server: format!("http://{addr}"), token: admin_token.clone(), ca: None },
+    )?;
     let hub = Arc::new(Hub {
         store,
         nodes: vec![Arc::new(crate::link::LocalAgent { agent: Arc::clone(&agent), pull })],
         admin_token,
+        fleet: None,
     });
     hub.sync_nodes().map_err(anyhow::Error::msg)?;
 

@@ -1,0 +1,74 @@
+//! `skiff hub`: the control plane as a networked service for many nodes, over TLS with
+//! its own CA. Writes `<data>/admin.conf` (server URL, admin token, CA) for the CLI.
+
+use crate::config::ClientConfig;
+use anyhow::{Context, Result};
+use clap::Args;
+use skiff_hub::store::{SqliteStore, Store};
+use skiff_hub::Hub;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct HubArgs {
+    /// Address to serve the API and the node endpoints on (TLS).
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    pub listen: String,
+    /// Names (DNS or IP) nodes and operators reach the hub by; go into its certificate.
+    /// The first one goes into admin.conf. Loopback and this host's name are always in.
+    #[arg(long = "advertise")]
+    pub advertise: Vec<String>,
+}
+
+pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let data = &cli.data;
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data.join("hub.db"))?);
+    let ca = skiff_hub::pki::Ca::load_or_create(&data.join("pki"))?;
+    let listener =
+        tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let mut names = args.advertise.clone();
+    names.extend(["127.0.0.1".to_string(), "::1".to_string(), "localhost".to_string(), skiff_agent::hostname()]);
+    if !addr.ip().is_unspecified() {
+        names.push(addr.ip().to_string());
+    }
+    names.dedup();
+    let (cert, key) = ca.server_cert(&names)?;
+    let tls = skiff_hub::tls::server_config(&cert, &key, ca.pem()).map_err(anyhow::Error::msg)?;
+    let ca_pem = ca.pem().to_string();
+    let fleet = Arc::new(skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store)).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+    let admin_token = crate::up::admin_token(data);
+    let host = args.advertise.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    let conf_path = data.join("admin.conf");
+    let server = format!("https://{host}:{}", addr.port());
+    crate::config::write(
+        &conf_path,
+        &ClientConfig { server: server.clone(), token: admin_token.clone(), ca: Some(ca_pem) },
+    )?;
+    let hub = Arc::new(Hub { store, nodes: vec![], admin_token, fleet: Some(Arc::clone(&fleet)) });
+    fleet.reschedule().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // Node states move with time (heartbeats stop arriving): place again every few seconds.
+    let ticker = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            if let Err(e) = fleet.reschedule() {
+                tracing::warn!("placement failed: {e:?}");
+            }
+        }
+    });
+    let server_task = tokio::spawn(skiff_hub::tls::serve(listener, skiff_hub::api::router(Arc::clone(&hub)), tls));
+    eprintln!("skiff: hub on {server} (listening on {addr}), config in {}", conf_path.display());
+    tokio::select! {
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+    }
+    ticker.abort();
+    server_task.abort();
+    eprintln!("skiff: hub stopped");
+    Ok(0)
+}
