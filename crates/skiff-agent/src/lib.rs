@@ -167,13 +167,28 @@ impl Agent {
 
     /// Persists the new desired state, then wakes the reconcile loop.
     pub fn set_desired(&self, deployments: &[Deployment], revision: u64) -> Result<(), AgentError> {
-        self.db(|s| s.set_desired(deployments, revision))?;
-        self.notify.notify_one();
-        Ok(())
+        let all: Vec<(Deployment, Option<Vec<u32>>)> = deployments.iter().map(|d| (d.clone(), None)).collect();
+        self.set_desired_slots(&all, revision)
     }
 
     pub fn desired(&self) -> Result<Vec<Deployment>, AgentError> {
         self.db(|s| s.desired())
+    }
+
+    /// Persists (fsync) what a hub placed on this node, then acts on it.
+    pub fn set_desired_slots(
+        &self,
+        deployments: &[(Deployment, Option<Vec<u32>>)],
+        revision: u64,
+    ) -> Result<(), AgentError> {
+        self.db(|s| s.set_desired_slots(deployments, revision))?;
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// The revision of the desired state last persisted (0: none yet).
+    pub fn desired_revision(&self) -> Result<u64, AgentError> {
+        self.db(|s| s.desired_revision())
     }
 
     pub fn events(&self, limit: usize) -> Result<Vec<EventRecord>, AgentError> {
@@ -328,10 +343,10 @@ impl Agent {
     /// One pass; returns when the next delayed start is due, if any.
     async fn reconcile(self: &Arc<Self>) -> Result<Option<u64>, AgentError> {
         let now = now_ms();
-        let desired = self.db(|s| s.desired())?;
+        let desired_slots = self.db(|s| s.desired_slots())?;
         let mut wanted: BTreeMap<String, Deployment> = BTreeMap::new();
-        for d in &desired {
-            for i in 1..=d.replicas {
+        for (d, indexes) in &desired_slots {
+            for &i in indexes {
                 wanted.insert(d.instance_name(i), d.clone());
             }
         }

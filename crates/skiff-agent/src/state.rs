@@ -26,6 +26,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE instances (name TEXT PRIMARY KEY, data TEXT NOT NULL);
      CREATE TABLE leases (ip TEXT PRIMARY KEY, instance TEXT NOT NULL UNIQUE);
      CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, time_ms INTEGER NOT NULL, object TEXT NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL);",
+    // 2: the instance numbers a hub placed on this node (NULL: 1..=replicas, all here)
+    "ALTER TABLE deployments ADD COLUMN indexes TEXT;",
 ];
 
 /// One instance as the agent tracks it.
@@ -95,20 +97,31 @@ impl State {
 
     /// Replaces the desired deployments in one transaction, durably (fsync) before it
     /// returns: the agent acts on nothing it has not persisted.
-    pub fn set_desired(&mut self, deployments: &[Deployment], revision: u64) -> Result<(), StateError> {
+    /// Like `set_desired`, with the instance numbers to run here for each deployment
+    /// (`None`: all of `1..=replicas`).
+    pub fn set_desired_slots(
+        &mut self,
+        deployments: &[(Deployment, Option<Vec<u32>>)],
+        revision: u64,
+    ) -> Result<(), StateError> {
         self.conn.pragma_update(None, "synchronous", "FULL")?;
         let r = self.write_desired(deployments, revision);
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         r
     }
 
-    fn write_desired(&mut self, deployments: &[Deployment], revision: u64) -> Result<(), StateError> {
+    fn write_desired(
+        &mut self,
+        deployments: &[(Deployment, Option<Vec<u32>>)],
+        revision: u64,
+    ) -> Result<(), StateError> {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM deployments", [])?;
-        for d in deployments {
+        for (d, idx) in deployments {
+            let idx = idx.as_ref().map(serde_json::to_string).transpose()?;
             tx.execute(
-                "INSERT INTO deployments (name, spec) VALUES (?1, ?2)",
-                params![d.name, serde_json::to_string(d)?],
+                "INSERT INTO deployments (name, spec, indexes) VALUES (?1, ?2, ?3)",
+                params![d.name, serde_json::to_string(d)?, idx],
             )?;
         }
         tx.execute("INSERT INTO meta (key, value) VALUES ('desired_revision', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value", [revision.to_string()])?;
@@ -129,6 +142,27 @@ impl State {
 
     pub fn desired(&self) -> Result<Vec<Deployment>, StateError> {
         self.json_rows("SELECT spec FROM deployments ORDER BY name")
+    }
+
+    /// Each desired deployment with the instance numbers this node runs.
+    pub fn desired_slots(&self) -> Result<Vec<(Deployment, Vec<u32>)>, StateError> {
+        let mut st = self.conn.prepare("SELECT spec, indexes FROM deployments ORDER BY name")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?)))?;
+        let mut out = vec![];
+        for row in rows {
+            let (spec, idx) = row?;
+            let d: Deployment = serde_json::from_str(&spec)?;
+            let idx: Vec<u32> = match idx {
+                Some(i) => serde_json::from_str(&i)?,
+                None => (1..=d.replicas).collect(),
+            };
+            out.push((d, idx));
+        }
+        Ok(out)
+    }
+
+    pub fn desired_revision(&self) -> Result<u64, StateError> {
+        Ok(self.meta("desired_revision")?.and_then(|v| v.parse().ok()).unwrap_or(0))
     }
 
     pub fn instances(&self) -> Result<Vec<InstanceRow>, StateError> {
@@ -222,7 +256,9 @@ mod tests {
         let p = t.path().join("agent.db");
         {
             let mut s = State::open(&p).unwrap();
-            s.set_desired(&[Deployment::new("web", "img")], 7).unwrap();
+            let mut api = Deployment::new("api", "img");
+            api.replicas = 5;
+            s.set_desired_slots(&[(Deployment::new("web", "img"), None), (api, Some(vec![2, 5]))], 7).unwrap();
             let c = || (2..10).map(|i| Ipv4Addr::new(10, 0, 0, i));
             assert_eq!(s.lease("web-1", c(), "n").unwrap(), Ipv4Addr::new(10, 0, 0, 2));
             assert_eq!(s.lease("web-2", c(), "n").unwrap(), Ipv4Addr::new(10, 0, 0, 3));
@@ -230,8 +266,10 @@ mod tests {
             s.event(1, "web-1", "Started", "pid 5").unwrap();
         }
         let s = State::open(&p).unwrap();
-        assert_eq!(s.desired().unwrap()[0].name, "web");
-        assert_eq!(s.meta("desired_revision").unwrap().as_deref(), Some("7"));
+        assert_eq!(s.desired().unwrap()[1].name, "web");
+        let slots: Vec<(String, Vec<u32>)> = s.desired_slots().unwrap().into_iter().map(|(d, i)| (d.name, i)).collect();
+        assert_eq!(slots, [("api".to_string(), vec![2, 5]), ("web".to_string(), vec![1])], "placed numbers, or all");
+        assert_eq!(s.desired_revision().unwrap(), 7);
         s.delete_instance("web-1").unwrap();
         let c = (2..10).map(|i| Ipv4Addr::new(10, 0, 0, i));
         assert_eq!(s.lease("db-1", c, "n").unwrap(), Ipv4Addr::new(10, 0, 0, 2), "released address is reused");

@@ -81,6 +81,8 @@ pub enum Cmd {
     Image(ImageCmd),
     /// Run the hub: the control plane for many nodes, over TLS with its own CA.
     Hub(crate::hub::HubArgs),
+    /// Run this machine as a node of a hub (joins on first start with --token).
+    Agent(crate::agent::AgentArgs),
     /// Join tokens for nodes (`skiff agent --token`).
     #[command(subcommand)]
     Token(TokenCmd),
@@ -271,6 +273,7 @@ async fn run(cli: Cli) -> Result<i32> {
     match &cli.cmd {
         Cmd::Up(args) => crate::up::up(&cli, args).await,
         Cmd::Hub(args) => crate::hub::hub(&cli, args).await,
+        Cmd::Agent(args) => crate::agent::agent(&cli, args).await,
         Cmd::Token(t) => token(&client(&cli)?, t).await,
         Cmd::Apply { file, dry_run } => {
             let import = crate::up::load_compose(file)?;

@@ -2,6 +2,7 @@
 //! the logic lives in the library crates.
 #![forbid(unsafe_code)]
 
+mod agent;
 mod cli;
 mod client;
 mod config;

@@ -47,6 +47,13 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>
 impl Node {
     /// A node with the busybox test image loaded (plus `extra` images: (name, builder)).
     pub fn new() -> Result<Self> {
+        let node = Self::bare()?;
+        node.load(&skiff_testkit::ImageBuilder::busybox()?, IMAGE)?;
+        Ok(node)
+    }
+
+    /// A node with an empty data directory.
+    pub fn bare() -> Result<Self> {
         let n = N.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let dir = tempfile::Builder::new().prefix("skiff-test-").tempdir()?;
@@ -57,7 +64,6 @@ impl Node {
             up: None,
             up_log: PathBuf::new(),
         };
-        node.load(&skiff_testkit::ImageBuilder::busybox()?, IMAGE)?;
         Ok(node)
     }
 
@@ -149,6 +155,31 @@ impl Node {
                 .exists()
                 .then(|| self.cli(&["get", "nodes"]).ok().filter(|o| o.status.success()).map(|_| Ok(())))?
         })?
+    }
+
+    /// Starts `skiff --data DIR ARGS...` in the background (a hub or an agent) as this
+    /// node's long-running process, logging to a file; SIGINT on cleanup.
+    pub fn spawn(&mut self, args: &[&str]) -> Result<()> {
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        self.up_log = self.data().join(format!("proc-{n}.log"));
+        let log = std::fs::File::create(&self.up_log)?;
+        let child = Command::new(bin())
+            .arg("--data")
+            .arg(self.data())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.up = Some(child);
+        Ok(())
+    }
+
+    /// The `server` in this node's admin.conf (a hub's URL).
+    pub fn server(&self) -> Result<String> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(self.data().join("admin.conf"))?)?;
+        v["server"].as_str().map(str::to_string).context("admin.conf has no server")
     }
 
     /// Writes `yaml` as compose.yaml and starts `skiff up` with it; returns the file.

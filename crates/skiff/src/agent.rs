@@ -1,0 +1,259 @@
+//! `skiff agent --hub URL --token T`: a node of a networked hub. Joins once (the hub's CA
+//! checked against the hash in the token; the node's key made here, only a CSR sent),
+//! then follows its assignments by revision and reports status with each heartbeat.
+//!
+//! Offline autonomy: the agent acts only on what it persisted in `agent.db`; when the hub
+//! is unreachable it keeps running (and restarting) what it has, and a restart of the
+//! agent — or of the machine — brings the same workloads back from local state.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use skiff_agent::{Agent, AgentConfig};
+use skiff_hub::fleet::{Assignment, JoinRequest, JoinResponse, NodeStatus};
+use skiff_hub::pki::JoinToken;
+use skiff_hub::store::NodeSpec;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// The hub, e.g. https://hub.example:7443.
+    #[arg(long)]
+    pub hub: String,
+    /// Join token from `skiff token create` (needed for the first start only).
+    #[arg(long, env = "SKIFF_TOKEN")]
+    pub token: Option<String>,
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Node label KEY=VALUE (repeatable), e.g. site=factory-3.
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    #[arg(long, default_value = "skiff0")]
+    pub bridge: String,
+    #[arg(long, default_value = "10.213.0.0/20")]
+    pub subnet: String,
+    /// Seconds between heartbeats (with status) to the hub.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub heartbeat: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Joined {
+    hub: String,
+    node: String,
+}
+
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.join(f)
+    }
+}
+
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for l in labels {
+        let (k, v) = l.split_once('=').with_context(|| format!("--label {l:?}: want KEY=VALUE"))?;
+        if !skiff_model::validate::is_label_key(k) {
+            bail!("--label {l:?}: {k:?} is not a label key");
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+fn node_spec(labels: BTreeMap<String, String>) -> NodeSpec {
+    let (arch, variant) = skiff_model::platform::host_arch();
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("MemTotal:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
+    NodeSpec {
+        labels,
+        os: "linux".into(),
+        arch: arch.into(),
+        variant: variant.map(str::to_string),
+        cpu_millis: cpus * 1000,
+        memory_bytes: mem_kib * 1024,
+    }
+}
+
+/// Joins the hub unless this data directory already has; returns the node name.
+async fn join(args: &AgentArgs, pki: &Pki, name: &str, spec: NodeSpec) -> Result<String> {
+    let joined = pki.path("joined.json");
+    if let Ok(t) = std::fs::read_to_string(&joined) {
+        let j: Joined = serde_json::from_str(&t).with_context(|| format!("{}", joined.display()))?;
+        if j.hub == args.hub {
+            return Ok(j.node);
+        }
+        bail!("{} joined {} before; use another --data to join {}", pki.dir.display(), j.hub, args.hub);
+    }
+    let token = args.token.as_deref().context("--token is required to join (skiff token create, on the hub)")?;
+    let token = JoinToken::parse(token)?;
+    let hub = args.hub.trim_end_matches('/');
+    // Trust on first use, checked: the CA must be the one whose hash the token carries.
+    let probe = reqwest::Client::builder().danger_accept_invalid_certs(true).build()?;
+    let ca_pem = probe
+        .get(format!("{hub}/api/v1/cacerts"))
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!(skiff_image::error::with_causes(&e)))
+        .with_context(|| format!("cannot reach the hub at {hub}"))?
+        .error_for_status()?
+        .text()
+        .await?;
+    let got = skiff_hub::pki::sha256_hex(&skiff_hub::pki::first_der(&ca_pem)?);
+    if got != token.ca_sha256 {
+        bail!(
+            "the hub at {hub} presents CA sha256:{got}, the token names sha256:{}: wrong hub, or someone in between",
+            token.ca_sha256
+        );
+    }
+    let (key, csr) = skiff_hub::pki::node_csr(name)?;
+    let client = pinned(&ca_pem, None)?;
+    let req = JoinRequest { token: format!("{}.{}", token.id, token.secret), node: name.to_string(), csr, spec };
+    let resp = client.post(format!("{hub}/api/v1/join")).json(&req).send().await?;
+    let resp: JoinResponse = ok_json(resp).await.context("joining")?;
+    std::fs::create_dir_all(&pki.dir)?;
+    write_private(&pki.path("node.key"), &key)?;
+    std::fs::write(pki.path("node.pem"), &resp.cert)?;
+    std::fs::write(pki.path("ca.pem"), &resp.ca)?;
+    std::fs::write(&joined, serde_json::to_vec_pretty(&Joined { hub: args.hub.clone(), node: name.to_string() })?)?;
+    Ok(name.to_string())
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// A client that trusts only the hub's CA, presenting the node's certificate if given.
+fn pinned(ca_pem: &str, identity_pem: Option<&str>) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes())?)
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(id) = identity_pem {
+        b = b.identity(reqwest::Identity::from_pem(id.as_bytes())?);
+    }
+    Ok(b.build()?)
+}
+
+async fn ok_json<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T> {
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        let msg = serde_json::from_str::<skiff_model::api::ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
+        bail!("{msg} ({status})");
+    }
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// 1 s doubling to 15 s, with up to 50 % jitter: a healed link is noticed within seconds,
+/// and a restarted hub is not met by every node at once.
+fn backoff(failures: u32) -> Duration {
+    let base = (1000u64 << failures.min(4)).min(15_000);
+    let jitter = u64::from(skiff_hub::pki::random_hex().as_bytes()[0] % 128) * base / 256;
+    Duration::from_millis(base + jitter)
+}
+
+pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let data = &cli.data;
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let labels = parse_labels(&args.labels)?;
+    let mut acfg = AgentConfig::new(data);
+    acfg.bridge_name = args.bridge.clone();
+    acfg.subnet = args.subnet.clone();
+    if let Some(n) = &args.node_name {
+        acfg.node_name = n.clone();
+    }
+    let pki = Pki { dir: data.join("pki") };
+    let node = join(args, &pki, &acfg.node_name, node_spec(labels)).await?;
+    acfg.node_name = node.clone();
+    let ca = std::fs::read_to_string(pki.path("ca.pem"))?;
+    let identity = std::fs::read_to_string(pki.path("node.pem"))? + &std::fs::read_to_string(pki.path("node.key"))?;
+    let client = pinned(&ca, Some(&identity))?;
+    let agent = Agent::open(acfg)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx));
+    let hub = args.hub.trim_end_matches('/').to_string();
+    eprintln!("skiff: agent {node} joined to {hub}; running from {}", data.display());
+
+    let sync = {
+        let (agent, client, hub, node) = (Arc::clone(&agent), client.clone(), hub.clone(), node.clone());
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                let after = agent.desired_revision().unwrap_or(0);
+                let url = format!("{hub}/api/v1/nodes/{node}/assignments?after={after}&wait=30");
+                let got = async {
+                    let resp = client.get(&url).timeout(Duration::from_secs(45)).send().await?;
+                    ok_json::<Assignment>(resp).await
+                }
+                .await;
+                match got {
+                    Ok(a) => {
+                        failures = 0;
+                        if a.revision != after {
+                            let all: Vec<_> = a.deployments.into_iter().map(|x| (x.spec, Some(x.indexes))).collect();
+                            if let Err(e) = agent.set_desired_slots(&all, a.revision) {
+                                tracing::error!("storing the assignment: {e}");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!("hub unreachable or refusing ({e:#}); running from local state");
+                        tokio::time::sleep(backoff(failures)).await;
+                    }
+                }
+            }
+        })
+    };
+    let heartbeat = {
+        let (agent, hub, node) = (Arc::clone(&agent), hub.clone(), node.clone());
+        let every = Duration::from_secs(args.heartbeat);
+        tokio::spawn(async move {
+            loop {
+                let status = NodeStatus { instances: agent.instances().unwrap_or_default() };
+                let sent = client
+                    .put(format!("{hub}/api/v1/nodes/{node}/status"))
+                    .json(&status)
+                    .timeout(Duration::from_secs(20))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if !r.status().is_success() => tracing::warn!("heartbeat refused: {}", r.status()),
+                    Err(e) => tracing::debug!("heartbeat failed: {e}"),
+                    _ => {}
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    };
+    tokio::select! {
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+    }
+    // Workloads keep running: they belong to the node, not to this process.
+    sync.abort();
+    heartbeat.abort();
+    let _ = stop_tx.send(true);
+    let _ = agent_task.await;
+    eprintln!("skiff: agent stopped, workloads left running");
+    Ok(0)
+}

@@ -1,0 +1,157 @@
+//! A hub and agents as separate processes (`skiff hub`, `skiff agent`), each with its own
+//! data directory, node name, labels, bridge and subnet, talking TLS over loopback.
+
+#![allow(clippy::unwrap_used)] // tests may panic on setup failures
+
+mod common;
+
+use common::{wait_for, Node, IMAGE};
+use skiff_model::{InstanceState, InstanceStatus};
+use std::time::Duration;
+
+type R = anyhow::Result<()>;
+const SEC: Duration = Duration::from_secs(1);
+
+fn hub() -> anyhow::Result<Node> {
+    let mut h = Node::bare()?;
+    h.spawn(&["hub", "--listen", "127.0.0.1:0"])?;
+    wait_for(30 * SEC, "the hub", || {
+        (h.data().join("admin.conf").exists() && h.cli(&["get", "nodes"]).ok()?.status.success()).then_some(())
+    })?;
+    Ok(h)
+}
+
+fn agent(hub: &Node, token: &str, name: &str, labels: &[&str]) -> anyhow::Result<Node> {
+    let mut a = Node::new()?;
+    let server = hub.server()?;
+    let (bridge, subnet) = (a.bridge.clone(), a.subnet.clone());
+    let mut args = vec!["agent", "--hub", &server, "--token", token, "--node-name", name, "--heartbeat", "1"];
+    args.extend(["--bridge", &bridge, "--subnet", &subnet]);
+    for l in labels {
+        args.extend(["--label", l]);
+    }
+    a.spawn(&args)?;
+    wait_for(30 * SEC, "the agent to join", || a.data().join("pki/joined.json").exists().then_some(()))?;
+    Ok(a)
+}
+
+fn hub_instances(h: &Node) -> Vec<InstanceStatus> {
+    h.ok(&["get", "instances", "-o", "json"]).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+}
+
+/// Waits until the hub reports exactly `want` running instances (node, instance name).
+fn wait_placed(h: &Node, want: &[(&str, &str)]) -> anyhow::Result<Vec<InstanceStatus>> {
+    let mut want: Vec<(String, String)> = want.iter().map(|(n, i)| (n.to_string(), i.to_string())).collect();
+    want.sort();
+    wait_for(60 * SEC, &format!("instances {want:?}"), || {
+        let all = hub_instances(h);
+        let mut got: Vec<(String, String)> = all
+            .iter()
+            .filter(|i| i.state == InstanceState::Running && i.pid.is_some())
+            .map(|i| (i.node.clone(), i.name.clone()))
+            .collect();
+        got.sort();
+        (got == want).then_some(all)
+    })
+}
+
+/// An instance as the agent itself records it in `agent.db` (agents serve no API).
+fn local_instance(n: &Node, name: &str) -> anyhow::Result<skiff_agent::state::InstanceRow> {
+    let s = skiff_agent::state::State::open(&n.data().join("agent.db"))?;
+    s.instances()?.into_iter().find(|r| r.name == name).ok_or_else(|| anyhow::anyhow!("no instance {name}"))
+}
+
+fn pids(all: &[InstanceStatus]) -> Vec<(String, Option<i32>, u32)> {
+    let mut v: Vec<_> = all.iter().map(|i| (i.name.clone(), i.pid, i.restarts)).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn placement_offline_autonomy_and_node_authorization() -> R {
+    skiff_testkit::require_privileged!();
+    let mut h = hub()?;
+    let token = h.ok(&["token", "create", "--ttl", "1h"])?.trim().to_string();
+    let a = agent(&h, &token, "site-a-1", &["site=a", "camera=true"])?;
+    let b = agent(&h, &token, "site-b-1", &["site=b"])?;
+    wait_for(30 * SEC, "both nodes Ready", || {
+        let t = h.ok(&["get", "nodes"]).ok()?;
+        (t.matches("Ready").count() == 2).then_some(())
+    })?;
+
+    // Replicas spread over both nodes; the global, selected one only where camera=true.
+    h.ok(&["run", IMAGE, "--name", "web", "--replicas", "3", "--", "sleep", "1000"])?;
+    let stack = h.write(
+        "cam.yaml",
+        &format!(
+            "name: cams\nservices:\n  analyser:\n    image: {IMAGE}\n    command: [sleep, '1000']\n    deploy:\n      mode: global\n      placement:\n        constraints: [node.labels.camera==true]\n"
+        ),
+    )?;
+    h.ok(&["apply", "-f", stack.to_str().unwrap()])?;
+    let before = wait_placed(
+        &h,
+        &[("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-a-1", "web-3"), ("site-a-1", "analyser-1")],
+    )?;
+
+    // Node authorization: node a's certificate reads its own assignments, not b's.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let ca = std::fs::read_to_string(a.data().join("pki/ca.pem"))?;
+    let id = std::fs::read_to_string(a.data().join("pki/node.pem"))?
+        + &std::fs::read(a.data().join("pki/node.key")).map(|b| String::from_utf8_lossy(&b).into_owned())?;
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
+        .identity(reqwest::Identity::from_pem(id.as_bytes())?)
+        .build()?;
+    let server = h.server()?;
+    let (own, other, anon) = rt.block_on(async {
+        let get = |c: &reqwest::Client, n: &str| c.get(format!("{server}/api/v1/nodes/{n}/assignments")).send();
+        let own = get(&client, "site-a-1").await?.status();
+        let other = get(&client, "site-b-1").await?;
+        let other = (other.status(), other.text().await?);
+        let plain = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
+            .build()?;
+        let anon = get(&plain, "site-a-1").await?.status();
+        anyhow::Ok((own, other, anon))
+    })?;
+    assert_eq!(own, 200);
+    assert_eq!(other.0, 403, "{}", other.1);
+    assert!(other.1.contains("node \\\"site-a-1\\\" may not act for node \\\"site-b-1\\\""), "{}", other.1);
+    assert_eq!(anon, 401);
+
+    // The hub goes away: the agents keep their workloads; agent b restarts meanwhile and
+    // restores its instance from local state, same process, no restart.
+    h.kill_up()?;
+    let mut b = b;
+    b.interrupt_up()?;
+    let server = h.server()?;
+    let (bridge, subnet) = (b.bridge.clone(), b.subnet.clone());
+    b.spawn(&["agent", "--hub", &server, "--heartbeat", "1", "--bridge", &bridge, "--subnet", &subnet])?;
+    wait_for(30 * SEC, "agent b to re-adopt web-2", || b.log().contains("re-adopted running instance").then_some(()))?;
+    let web2 = local_instance(&b, "web-2")?;
+    assert_eq!(web2.pid, before.iter().find(|i| i.name == "web-2").and_then(|i| i.pid));
+    assert_eq!((web2.state, web2.restarts), (InstanceState::Running, 0));
+
+    // The hub comes back on the same address: both agents resync, nothing restarts.
+    let port = server.rsplit(':').next().unwrap().to_string();
+    h.spawn(&["hub", "--listen", &format!("127.0.0.1:{port}")])?;
+    let after = wait_placed(
+        &h,
+        &[("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-a-1", "web-3"), ("site-a-1", "analyser-1")],
+    )?;
+    assert_eq!(pids(&after), pids(&before), "same processes, zero restarts");
+
+    // A change after the heal reaches the nodes: scale down.
+    h.ok(&["delete", "deployment", "analyser"])?;
+    wait_placed(&h, &[("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-a-1", "web-3")])?;
+
+    // Bad input: an unknown token and a revoked node are refused with a reason.
+    let out = h.cli(&["delete", "node", "ghost"])?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("node \"ghost\" not found"));
+    h.ok(&["delete", "deployment", "web"])?;
+    wait_placed(&h, &[])?;
+    drop((a, b));
+    Ok(())
+}
