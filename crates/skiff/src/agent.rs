@@ -25,7 +25,8 @@ pub struct AgentArgs {
     /// Join token from `skiff token create` (needed for the first start only).
     #[arg(long, env = "SKIFF_TOKEN")]
     pub token: Option<String>,
-    #[arg(long)]
+    /// Node name (default: the host name).
+    #[arg(long = "name", alias = "node-name")]
     pub node_name: Option<String>,
     /// Node label KEY=VALUE (repeatable), e.g. site=factory-3.
     #[arg(long = "label")]
@@ -53,18 +54,6 @@ impl Pki {
     fn path(&self, f: &str) -> PathBuf {
         self.dir.join(f)
     }
-}
-
-fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    for l in labels {
-        let (k, v) = l.split_once('=').with_context(|| format!("--label {l:?}: want KEY=VALUE"))?;
-        if !skiff_model::validate::is_label_key(k) {
-            bail!("--label {l:?}: {k:?} is not a label key");
-        }
-        out.insert(k.to_string(), v.to_string());
-    }
-    Ok(out)
 }
 
 fn node_spec(labels: BTreeMap<String, String>) -> NodeSpec {
@@ -174,7 +163,7 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let data = &cli.data;
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
-    let labels = parse_labels(&args.labels)?;
+    let labels = crate::cli::parse_selector(&args.labels).context("--label")?;
     let mut acfg = AgentConfig::new(data);
     acfg.bridge_name = args.bridge.clone();
     acfg.subnet = args.subnet.clone();

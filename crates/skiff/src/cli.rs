@@ -42,6 +42,9 @@ pub enum Cmd {
         /// Validate and show what would change, without changing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Node label KEY=VALUE every deployment of the file must run on (repeatable).
+        #[arg(long = "selector")]
+        selector: Vec<String>,
     },
     /// Run an image as a deployment.
     Run(Box<RunArgs>),
@@ -108,6 +111,19 @@ pub enum TokenCmd {
     Ls,
     /// Stop a token from being used to join (nodes that joined with it stay).
     Revoke { id: String },
+}
+
+/// `--selector KEY=VALUE`s (and `--label` of `skiff agent`) as a map; keys checked.
+pub fn parse_selector(items: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for l in items {
+        let (k, v) = l.split_once('=').with_context(|| format!("{l:?}: want KEY=VALUE"))?;
+        if !skiff_model::validate::is_label_key(k) {
+            bail!("{l:?}: {k:?} is not a label key (letters, digits, '-', '_', '.', '/')");
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
 }
 
 /// `--ttl`: a duration in seconds, from `90s`, `30m`, `24h`.
@@ -220,6 +236,9 @@ pub struct RunArgs {
     pub device: Vec<String>,
     #[arg(long, default_value_t = 1)]
     pub replicas: u32,
+    /// Node label KEY=VALUE the instances must run on (repeatable).
+    #[arg(long = "selector")]
+    pub selector: Vec<String>,
     /// Seconds between SIGTERM and SIGKILL on stop.
     #[arg(long, default_value_t = 10)]
     pub stop_timeout: u64,
@@ -275,10 +294,14 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Hub(args) => crate::hub::hub(&cli, args).await,
         Cmd::Agent(args) => crate::agent::agent(&cli, args).await,
         Cmd::Token(t) => token(&client(&cli)?, t).await,
-        Cmd::Apply { file, dry_run } => {
-            let import = crate::up::load_compose(file)?;
+        Cmd::Apply { file, dry_run, selector } => {
+            let mut import = crate::up::load_compose(file)?;
             for w in &import.warnings {
                 eprintln!("warning: {w}");
+            }
+            let selector = parse_selector(selector)?;
+            for d in &mut import.deployments {
+                d.placement.node_selector.extend(selector.clone());
             }
             let req = ApplyRequest {
                 deployments: import.deployments,
@@ -483,6 +506,7 @@ fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
         );
     }
     d.replicas = a.replicas;
+    d.placement.node_selector = parse_selector(&a.selector)?;
     d.stop_grace_period_ms = a.stop_timeout * 1000;
     if !a.command.is_empty() {
         d.command = Some(a.command.clone());

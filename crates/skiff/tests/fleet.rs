@@ -25,7 +25,7 @@ fn agent(hub: &Node, token: &str, name: &str, labels: &[&str]) -> anyhow::Result
     let mut a = Node::new()?;
     let server = hub.server()?;
     let (bridge, subnet) = (a.bridge.clone(), a.subnet.clone());
-    let mut args = vec!["agent", "--hub", &server, "--token", token, "--node-name", name, "--heartbeat", "1"];
+    let mut args = vec!["agent", "--hub", &server, "--token", token, "--name", name, "--heartbeat", "1"];
     args.extend(["--bridge", &bridge, "--subnet", &subnet]);
     for l in labels {
         args.extend(["--label", l]);
@@ -92,6 +92,22 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
         &h,
         &[("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-a-1", "web-3"), ("site-a-1", "analyser-1")],
     )?;
+
+    // `--selector` pins a deployment to matching nodes; none matching is said so.
+    h.ok(&["run", IMAGE, "--name", "only-b", "--selector", "site=b", "--", "sleep", "1000"])?;
+    wait_placed(
+        &h,
+        &[
+            ("site-a-1", "web-1"),
+            ("site-b-1", "web-2"),
+            ("site-a-1", "web-3"),
+            ("site-a-1", "analyser-1"),
+            ("site-b-1", "only-b-1"),
+        ],
+    )?;
+    h.ok(&["delete", "deployment", "only-b"])?;
+    let out = h.cli(&["run", IMAGE, "--name", "bad", "--selector", "no key=x"])?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a label key"));
 
     // Node authorization: node a's certificate reads its own assignments, not b's.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
