@@ -43,7 +43,8 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/cacerts", get(cacerts))
         .route("/api/v1/join", post(join))
         .route("/api/v1/nodes/{name}/assignments", get(assignments))
-        .route("/api/v1/nodes/{name}/status", axum::routing::put(node_status));
+        .route("/api/v1/nodes/{name}/status", axum::routing::put(node_status))
+        .route("/api/v1/nodes/{name}/tunnel", get(tunnel));
     Router::new()
         .route("/api/v1/tokens", post(create_token).get(list_tokens))
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
@@ -171,7 +172,7 @@ async fn logs(
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
     let prefix = targets.len() > 1;
     for t in targets {
-        let node = hub.node_of(&t).cloned().ok_or_else(|| not_found(format!("instance {t:?} not found")))?;
+        let node = hub.node_of(&t).ok_or_else(|| not_found(format!("instance {t:?} not found")))?;
         let mut lines = node.logs(&t, q.tail, q.follow).map_err(internal)?;
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -211,7 +212,7 @@ async fn exec(
     if b.argv.is_empty() {
         return Err(bad("argv: must not be empty"));
     }
-    let node = hub.node_of(&name).cloned().ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
+    let node = hub.node_of(&name).ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
     let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(60_000).min(3_600_000));
     let r = node.exec(&name, b.argv, timeout).await.map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
     Ok(Json(r).into_response())
@@ -339,6 +340,51 @@ async fn assignments(
         None => f.assignment(&name).map_err(fleet_error)?,
     };
     Ok(Json(a).into_response())
+}
+
+/// The node's tunnel: a WebSocket its agent keeps open, carrying logs and exec.
+async fn tunnel(
+    State(hub): State<Shared>,
+    peer: Option<axum::Extension<crate::tls::Peer>>,
+    Path(name): Path<String>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let f = Arc::clone(fleet_of(&hub)?);
+    f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
+    Ok(ws.on_upgrade(move |socket| run_tunnel(f, name, socket)))
+}
+
+async fn run_tunnel(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::extract::ws::WebSocket) {
+    use axum::extract::ws::Message;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
+    let t = f.open_tunnel(&name, tx);
+    tracing::info!(node = %name, "tunnel open");
+    // Keeps NAT bindings warm and finds dead peers.
+    let mut ping = tokio::time::interval(Duration::from_secs(20));
+    loop {
+        tokio::select! {
+            m = socket.recv() => match m {
+                Some(Ok(Message::Text(text))) => t.deliver(text.as_str()).await,
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+            out = rx.recv() => match out {
+                Some(frame) => {
+                    if socket.send(Message::Text(frame.into())).await.is_err() {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            _ = ping.tick() => {
+                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    f.close_tunnel(&name, t.serial);
+    tracing::info!(node = %name, "tunnel closed");
 }
 
 async fn node_status(

@@ -101,6 +101,8 @@ pub struct Fleet {
     changed: tokio::sync::watch::Sender<u64>,
     /// Nodes with unplaced instances: deployment → reason.
     pub unschedulable: Mutex<BTreeMap<String, String>>,
+    tunnels: Mutex<BTreeMap<String, Arc<crate::tunnel::Tunnel>>>,
+    tunnel_serial: std::sync::atomic::AtomicU64,
 }
 
 impl Fleet {
@@ -116,7 +118,32 @@ impl Fleet {
             started_ms: now_ms(),
             changed: tokio::sync::watch::channel(rev).0,
             unschedulable: Mutex::new(BTreeMap::new()),
+            tunnels: Mutex::new(BTreeMap::new()),
+            tunnel_serial: std::sync::atomic::AtomicU64::new(1),
         })
+    }
+
+    /// Registers a node's new tunnel (replacing an older one of the same node).
+    pub fn open_tunnel(&self, node: &str, out: tokio::sync::mpsc::Sender<String>) -> Arc<crate::tunnel::Tunnel> {
+        let serial = self.tunnel_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = Arc::new(crate::tunnel::Tunnel::new(out, serial));
+        if let Ok(mut m) = self.tunnels.lock() {
+            m.insert(node.to_string(), Arc::clone(&t));
+        }
+        t
+    }
+
+    /// Forgets a node's tunnel, unless a newer one has replaced it.
+    pub fn close_tunnel(&self, node: &str, serial: u64) {
+        if let Ok(mut m) = self.tunnels.lock() {
+            if m.get(node).is_some_and(|t| t.serial == serial) {
+                m.remove(node);
+            }
+        }
+    }
+
+    pub fn tunnel(&self, node: &str) -> Option<Arc<crate::tunnel::Tunnel>> {
+        self.tunnels.lock().ok()?.get(node).cloned()
     }
 
     pub fn create_token(&self, ttl_ms: Option<u64>) -> Result<CreatedToken, FleetError> {

@@ -13,6 +13,7 @@ pub mod pki;
 pub mod schedule;
 pub mod store;
 pub mod tls;
+pub mod tunnel;
 pub mod validate;
 
 use skiff_model::api::{ApplyRequest, ApplyResponse};
@@ -26,7 +27,7 @@ use tokio::sync::mpsc;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExecResult {
     pub code: i32,
     pub stdout: String,
@@ -119,7 +120,14 @@ impl Hub {
         Ok(resp)
     }
 
-    pub(crate) fn node_of(&self, instance: &str) -> Option<&Arc<dyn NodeLink>> {
-        self.nodes.iter().find(|n| n.has_instance(instance))
+    /// The node running `instance`: an in-process one, or a remote one (reached through
+    /// its tunnel) that reported it with its last heartbeat.
+    pub(crate) fn node_of(&self, instance: &str) -> Option<Arc<dyn NodeLink>> {
+        if let Some(n) = self.nodes.iter().find(|n| n.has_instance(instance)) {
+            return Some(Arc::clone(n));
+        }
+        let f = self.fleet.as_ref()?;
+        let node = f.reported_instances().into_iter().find(|i| i.name == instance)?.node;
+        Some(Arc::new(tunnel::RemoteLink { name: node, fleet: Arc::clone(f) }))
     }
 }

@@ -23,7 +23,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn certs(pem_text: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn certs(pem_text: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let blocks = pem::parse_many(pem_text).map_err(|e| format!("not PEM: {e}"))?;
     Ok(blocks
         .into_iter()
@@ -32,7 +32,7 @@ fn certs(pem_text: &str) -> Result<Vec<CertificateDer<'static>>, String> {
         .collect())
 }
 
-fn key(pem_text: &str) -> Result<PrivateKeyDer<'static>, String> {
+pub fn key(pem_text: &str) -> Result<PrivateKeyDer<'static>, String> {
     let b = pem::parse(pem_text).map_err(|e| format!("not a PEM key: {e}"))?;
     PrivateKeyDer::try_from(b.into_contents()).map_err(|e| format!("unsupported key: {e}"))
 }
@@ -56,6 +56,21 @@ pub fn server_config(cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<rust
         .map_err(|e| format!("server certificate: {e}"))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
+}
+
+/// The client side for a node: trusts only the hub's CA and presents the node's
+/// certificate (for the tunnel's WebSocket).
+pub fn client_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(ca_pem)? {
+        roots.add(c).map_err(|e| format!("CA certificate: {e}"))?;
+    }
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs(cert_pem)?, key(key_pem)?)
+        .map_err(|e| format!("node certificate: {e}"))
 }
 
 /// Name and serial of a verified client certificate.

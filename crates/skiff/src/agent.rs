@@ -234,10 +234,18 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
             }
         })
     };
+    let tls = skiff_hub::tls::client_config(
+        &ca,
+        &std::fs::read_to_string(pki.path("node.pem"))?,
+        &std::fs::read_to_string(pki.path("node.key"))?,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let tunnel = tokio::spawn(tunnel_loop(Arc::clone(&agent), hub.clone(), node.clone(), Arc::new(tls)));
     tokio::select! {
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}
     }
+    tunnel.abort();
     // Workloads keep running: they belong to the node, not to this process.
     sync.abort();
     heartbeat.abort();
@@ -245,4 +253,115 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     let _ = agent_task.await;
     eprintln!("skiff: agent stopped, workloads left running");
     Ok(0)
+}
+
+/// Keeps the tunnel to the hub open (reconnecting with backoff) and serves the hub's
+/// requests for logs and exec on it.
+async fn tunnel_loop(agent: Arc<Agent>, hub: String, node: String, tls: Arc<rustls::ClientConfig>) {
+    let local = Arc::new(crate::link::LocalAgent { agent, pull: Default::default() });
+    let url = format!("{}/api/v1/nodes/{node}/tunnel", hub.replacen("https://", "wss://", 1));
+    let mut failures = 0u32;
+    loop {
+        let connector = tokio_tungstenite::Connector::Rustls(Arc::clone(&tls));
+        match tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(connector)).await {
+            Ok((ws, _)) => {
+                failures = 0;
+                tracing::info!("tunnel to the hub open");
+                serve_tunnel(&local, ws).await;
+                tracing::info!("tunnel to the hub closed");
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::debug!("tunnel: {e}");
+            }
+        }
+        tokio::time::sleep(backoff(failures)).await;
+    }
+}
+
+async fn serve_tunnel<S>(local: &Arc<crate::link::LocalAgent>, mut ws: tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use skiff_hub::tunnel::{Op, Request};
+    use tokio_tungstenite::tungstenite::Message;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
+    let mut running: std::collections::HashMap<u64, tokio::task::JoinHandle<()>> = Default::default();
+    loop {
+        tokio::select! {
+            m = ws.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    let Ok(req) = serde_json::from_str::<Request>(t.as_str()) else { continue };
+                    match req.op {
+                        Op::Cancel => {
+                            if let Some(h) = running.remove(&req.id) {
+                                h.abort();
+                            }
+                        }
+                        op => {
+                            let h = tokio::spawn(answer(Arc::clone(local), req.id, op, tx.clone()));
+                            running.insert(req.id, h);
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+            out = rx.recv() => {
+                let Some(frame) = out else { break };
+                if ws.send(Message::Text(frame.into())).await.is_err() {
+                    break;
+                }
+            }
+        }
+        running.retain(|_, h| !h.is_finished());
+    }
+    for h in running.values() {
+        h.abort();
+    }
+}
+
+/// Serves one request from the hub: its answers go back as frames on `tx`.
+async fn answer(
+    local: Arc<crate::link::LocalAgent>,
+    id: u64,
+    op: skiff_hub::tunnel::Op,
+    tx: tokio::sync::mpsc::Sender<String>,
+) {
+    use skiff_hub::tunnel::{Answer, Op, Reply};
+    use skiff_hub::NodeLink;
+    let send = |answer: Answer| {
+        let tx = tx.clone();
+        async move {
+            match serde_json::to_string(&Reply { id, answer }) {
+                Ok(f) => tx.send(f).await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    };
+    match op {
+        Op::Logs { instance, tail, follow } => match local.logs(&instance, tail, follow) {
+            Ok(mut lines) => {
+                while let Some(l) = lines.recv().await {
+                    if !send(Answer::Log(l)).await {
+                        return;
+                    }
+                }
+                send(Answer::End).await;
+            }
+            Err(e) => {
+                send(Answer::Error(e)).await;
+            }
+        },
+        Op::Exec { instance, argv, timeout_ms } => {
+            let r = local.exec(&instance, argv, Duration::from_millis(timeout_ms)).await;
+            send(match r {
+                Ok(r) => Answer::Exec(r),
+                Err(e) => Answer::Error(e),
+            })
+            .await;
+        }
+        Op::Cancel => {}
+    }
 }

@@ -94,7 +94,18 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
     )?;
 
     // `--selector` pins a deployment to matching nodes; none matching is said so.
-    h.ok(&["run", IMAGE, "--name", "only-b", "--selector", "site=b", "--", "sleep", "1000"])?;
+    h.ok(&[
+        "run",
+        IMAGE,
+        "--name",
+        "only-b",
+        "--selector",
+        "site=b",
+        "--",
+        "sh",
+        "-c",
+        "echo hello from b; sleep 1000",
+    ])?;
     wait_placed(
         &h,
         &[
@@ -105,6 +116,15 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
             ("site-b-1", "only-b-1"),
         ],
     )?;
+    // Logs and exec reach node b through its tunnel (the agent's outbound WebSocket).
+    let logs = wait_for(30 * SEC, "logs through the tunnel", || {
+        h.ok(&["logs", "only-b-1"]).ok().filter(|l| l.contains("hello from b"))
+    })?;
+    assert_eq!(logs.trim(), "hello from b");
+    assert_eq!(
+        h.ok(&["exec", "only-b-1", "--", "sh", "-c", "echo $((6*7)) on $(cat /etc/hostname)"])?.trim(),
+        "42 on only-b-1"
+    );
     h.ok(&["delete", "deployment", "only-b"])?;
     let out = h.cli(&["run", IMAGE, "--name", "bad", "--selector", "no key=x"])?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a label key"));

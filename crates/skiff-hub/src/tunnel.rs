@@ -1,0 +1,218 @@
+//! The agent's outbound WebSocket (`/api/v1/nodes/{name}/tunnel`), which carries the
+//! hub's requests to a node behind NAT — logs and exec — and their answers.
+//!
+//! Frames are JSON text. Hub → agent: a [`Request`] (`id` chosen by the hub), or
+//! `{"id": N, "op": "cancel"}` when the client went away. Agent → hub: [`Reply`]s for
+//! that id: log lines, then `end`; an exec result; or an error.
+
+use crate::{BoxFuture, ExecResult, NodeLink};
+use serde::{Deserialize, Serialize};
+use skiff_model::{Deployment, EventRecord, InstanceStatus, LogLine};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Op {
+    Logs { instance: String, tail: Option<usize>, follow: bool },
+    Exec { instance: String, argv: Vec<String>, timeout_ms: u64 },
+    Cancel,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Answer {
+    Log(LogLine),
+    End,
+    Exec(ExecResult),
+    Error(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub id: u64,
+    #[serde(flatten)]
+    pub answer: Answer,
+}
+
+/// One node's open tunnel, as the hub holds it.
+pub struct Tunnel {
+    /// Frames to send to the agent.
+    pub out: mpsc::Sender<String>,
+    pending: Mutex<HashMap<u64, mpsc::Sender<Answer>>>,
+    next: AtomicU64,
+    /// Tells this tunnel apart from a newer one of the same node.
+    pub serial: u64,
+}
+
+impl Tunnel {
+    pub fn new(out: mpsc::Sender<String>, serial: u64) -> Self {
+        Tunnel { out, pending: Mutex::new(HashMap::new()), next: AtomicU64::new(1), serial }
+    }
+
+    /// Sends `op`; answers arrive on the returned channel until `End`, an error, or the
+    /// tunnel closing. Dropping the receiver cancels the request on the agent.
+    pub fn request(self: &Arc<Self>, op: Op) -> Result<mpsc::Receiver<Answer>, String> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(256);
+        self.pending.lock().map_err(|_| "tunnel lock poisoned")?.insert(id, tx.clone());
+        let frame = serde_json::to_string(&Request { id, op }).map_err(|e| e.to_string())?;
+        self.out.try_send(frame).map_err(|_| "the node's tunnel is busy or closed".to_string())?;
+        // When the caller drops its receiver, tell the agent to stop.
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            tx.closed().await;
+            let was_pending = me.pending.lock().map(|mut p| p.remove(&id).is_some()).unwrap_or(false);
+            if was_pending {
+                if let Ok(f) = serde_json::to_string(&Request { id, op: Op::Cancel }) {
+                    let _ = me.out.send(f).await;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Routes one frame from the agent.
+    pub async fn deliver(&self, frame: &str) {
+        let Ok(r) = serde_json::from_str::<Reply>(frame) else {
+            tracing::debug!("tunnel: unreadable frame");
+            return;
+        };
+        let last = !matches!(r.answer, Answer::Log(_));
+        let tx = {
+            let Ok(mut p) = self.pending.lock() else { return };
+            if last {
+                p.remove(&r.id)
+            } else {
+                p.get(&r.id).cloned()
+            }
+        };
+        if let Some(tx) = tx {
+            let _ = tx.send(r.answer).await;
+        }
+    }
+}
+
+/// A node reached through its tunnel: what the hub's views need from a remote node.
+pub struct RemoteLink {
+    pub name: String,
+    pub fleet: Arc<crate::fleet::Fleet>,
+}
+
+impl RemoteLink {
+    fn tunnel(&self) -> Result<Arc<Tunnel>, String> {
+        self.fleet
+            .tunnel(&self.name)
+            .ok_or_else(|| format!("node {:?} is not connected (its tunnel is down)", self.name))
+    }
+}
+
+impl NodeLink for RemoteLink {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn assign(&self, _deployments: Vec<Deployment>, _revision: u64) -> Result<(), String> {
+        Ok(()) // remote nodes pull their assignments by revision
+    }
+
+    fn instances(&self) -> Result<Vec<InstanceStatus>, String> {
+        Ok(self.fleet.reported_instances().into_iter().filter(|i| i.node == self.name).collect())
+    }
+
+    fn events(&self, _limit: usize) -> Result<Vec<EventRecord>, String> {
+        Ok(vec![])
+    }
+
+    fn has_instance(&self, instance: &str) -> bool {
+        self.instances().map(|v| v.iter().any(|i| i.name == instance)).unwrap_or(false)
+    }
+
+    fn logs(&self, instance: &str, tail: Option<usize>, follow: bool) -> Result<mpsc::Receiver<LogLine>, String> {
+        let mut answers = self.tunnel()?.request(Op::Logs { instance: instance.to_string(), tail, follow })?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            while let Some(a) = answers.recv().await {
+                match a {
+                    Answer::Log(l) => {
+                        if tx.send(l).await.is_err() {
+                            return; // dropping `answers` cancels on the agent
+                        }
+                    }
+                    Answer::Error(e) => {
+                        tracing::warn!("remote logs: {e}");
+                        return;
+                    }
+                    _ => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> BoxFuture<'_, Result<ExecResult, String>> {
+        let instance = instance.to_string();
+        Box::pin(async move {
+            let op = Op::Exec { instance, argv, timeout_ms: timeout.as_millis() as u64 };
+            let mut answers = self.tunnel()?.request(op)?;
+            match tokio::time::timeout(timeout + Duration::from_secs(10), answers.recv()).await {
+                Ok(Some(Answer::Exec(r))) => Ok(r),
+                Ok(Some(Answer::Error(e))) => Err(e),
+                Ok(_) => Err(format!("node {:?} closed the tunnel before answering", self.name)),
+                Err(_) => Err(format!("node {:?} did not answer in time", self.name)),
+            }
+        })
+    }
+
+    fn check_image(&self, _image: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_flat_json() {
+        let r = Request { id: 3, op: Op::Logs { instance: "web-1".into(), tail: Some(5), follow: true } };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"id":3,"op":"logs","instance":"web-1","tail":5,"follow":true}"#
+        );
+        let back: Reply = serde_json::from_str(r#"{"id":3,"end":null}"#).unwrap();
+        assert_eq!(back, Reply { id: 3, answer: Answer::End });
+        let e: Reply = serde_json::from_str(r#"{"id":4,"error":"no such instance"}"#).unwrap();
+        assert_eq!(e.answer, Answer::Error("no such instance".into()));
+    }
+
+    #[tokio::test]
+    async fn answers_reach_their_request_and_dropping_cancels() {
+        let (out_tx, mut out_rx) = mpsc::channel(16);
+        let t = Arc::new(Tunnel::new(out_tx, 1));
+        let mut a = t.request(Op::Logs { instance: "x".into(), tail: None, follow: true }).unwrap();
+        let sent: Request = serde_json::from_str(&out_rx.recv().await.unwrap()).unwrap();
+        t.deliver(
+            &serde_json::to_string(&Reply {
+                id: sent.id,
+                answer: Answer::Log(LogLine { time: "t".into(), stream: "stdout".into(), log: "hi\n".into() }),
+            })
+            .unwrap(),
+        )
+        .await;
+        assert!(matches!(a.recv().await, Some(Answer::Log(l)) if l.log == "hi\n"));
+        drop(a);
+        let cancel: Request = serde_json::from_str(&out_rx.recv().await.unwrap()).unwrap();
+        assert_eq!(cancel, Request { id: sent.id, op: Op::Cancel });
+    }
+}
