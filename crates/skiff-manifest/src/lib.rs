@@ -1,4 +1,5 @@
-//! Imports docker-compose files (compose-spec) into skiff deployments.
+//! Imports docker-compose files (compose-spec) and Kubernetes manifests (Deployment,
+//! DaemonSet, Service) into skiff deployments.
 //!
 //! Keys skiff does not support yet produce a warning naming the key; invalid values are
 //! errors naming the path and the problem (`services.web.deploy.resources.limits.memory:
@@ -10,9 +11,11 @@
 
 mod compose;
 mod interpolate;
+mod k8s;
 
 pub use compose::{import_compose, ComposeImport};
 pub use interpolate::interpolate;
+pub use k8s::{import_k8s, is_k8s, K8sImport};
 
 use thiserror::Error;
 

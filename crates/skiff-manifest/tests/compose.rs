@@ -107,13 +107,14 @@ services:
 
 #[test]
 fn unsupported_keys_warn_with_their_path() {
-    let c = import("name: demo\nnetworks: {front: {}}\nservices:\n  web:\n    image: a\n    logging: {driver: syslog}\n    deploy: {placement: {constraints: []}}\n    x-skiff-note: fine\n").unwrap();
+    let c = import("name: demo\nnetworks: {front: {}}\nservices:\n  web:\n    image: a\n    logging: {driver: syslog}\n    deploy: {endpoint_mode: vip, placement: {max_replicas_per_node: 1}}\n    x-skiff-note: fine\n").unwrap();
     assert_eq!(
         c.warnings,
         [
             "networks: not supported yet, ignored",
             "services.web.logging: not supported yet, ignored",
-            "services.web.deploy.placement: not supported yet, ignored"
+            "services.web.deploy.endpoint_mode: not supported yet, ignored",
+            "services.web.deploy.placement.max_replicas_per_node: not supported yet, ignored"
         ]
     );
 }

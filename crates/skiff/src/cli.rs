@@ -295,19 +295,24 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Agent(args) => crate::agent::agent(&cli, args).await,
         Cmd::Token(t) => token(&client(&cli)?, t).await,
         Cmd::Apply { file, dry_run, selector } => {
-            let mut import = crate::up::load_compose(file)?;
-            for w in &import.warnings {
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            // Kubernetes manifests are applied as `kubectl apply` does (no pruning); a compose
+            // file replaces its whole stack.
+            let (mut deployments, warnings, prune_stack) = if skiff_manifest::is_k8s(&text) {
+                let k = skiff_manifest::import_k8s(&text, "default").with_context(|| format!("{}", file.display()))?;
+                (k.deployments, k.warnings, None)
+            } else {
+                let c = crate::up::load_compose(file)?;
+                (c.deployments, c.warnings, Some(c.project))
+            };
+            for w in &warnings {
                 eprintln!("warning: {w}");
             }
             let selector = parse_selector(selector)?;
-            for d in &mut import.deployments {
+            for d in &mut deployments {
                 d.placement.node_selector.extend(selector.clone());
             }
-            let req = ApplyRequest {
-                deployments: import.deployments,
-                prune_stack: Some(import.project.clone()),
-                dry_run: *dry_run,
-            };
+            let req = ApplyRequest { deployments, prune_stack, dry_run: *dry_run };
             let r: ApplyResponse = client(&cli)?.post("/api/v1/apply", &req).await?;
             print_apply(&r, *dry_run);
             Ok(0)

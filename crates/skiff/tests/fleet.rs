@@ -93,6 +93,26 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
         &[("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-a-1", "web-3"), ("site-a-1", "analyser-1")],
     )?;
 
+    // Kubernetes manifests: a DaemonSet with a nodeSelector runs once on each match.
+    let ds = h.write(
+        "ds.yaml",
+        &format!(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: k8s-ds}}\nspec:\n  template:\n    spec:\n      nodeSelector: {{site: b}}\n      containers: [{{name: c, image: \"{IMAGE}\", command: [sleep, \"1000\"]}}]\n"
+        ),
+    )?;
+    h.ok(&["apply", "-f", ds.to_str().unwrap()])?;
+    wait_placed(
+        &h,
+        &[
+            ("site-a-1", "web-1"),
+            ("site-b-1", "web-2"),
+            ("site-a-1", "web-3"),
+            ("site-a-1", "analyser-1"),
+            ("site-b-1", "k8s-ds-1"),
+        ],
+    )?;
+    h.ok(&["delete", "deployment", "k8s-ds"])?;
+
     // `--selector` pins a deployment to matching nodes; none matching is said so.
     h.ok(&[
         "run",

@@ -1,0 +1,438 @@
+//! Imports Kubernetes manifests: `Deployment` (replicas), `DaemonSet` (→ global mode) and
+//! `Service` (its ports published on the nodes that run the selected pods, `nodePort` as
+//! the host port when set). One container per pod; node selectors, resources, env,
+//! command/args and restart policy map over. Fields skiff does not use are warnings
+//! naming their path (`Deployment/web.spec.template.spec.volumes`); bad values are
+//! errors naming the path.
+
+use crate::ManifestError;
+use serde_norway::Value;
+use skiff_model::{Deployment, PlacementMode, PortMapping, Protocol, RestartPolicy};
+use std::collections::BTreeMap;
+
+/// What a set of manifests turns into.
+#[derive(Debug, Clone, PartialEq)]
+pub struct K8sImport {
+    pub deployments: Vec<Deployment>,
+    pub warnings: Vec<String>,
+}
+
+type R<T> = Result<T, ManifestError>;
+
+/// Whether `text` looks like Kubernetes manifests (`apiVersion` and `kind` at the top).
+pub fn is_k8s(text: &str) -> bool {
+    serde_norway::Deserializer::from_str(text).any(|doc| {
+        <Value as serde::Deserialize>::deserialize(doc)
+            .ok()
+            .and_then(|v| v.as_mapping().map(|m| m.contains_key("apiVersion") && m.contains_key("kind")))
+            .unwrap_or(false)
+    })
+}
+
+fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    v.as_mapping().and_then(|m| m.get(key))
+}
+
+fn string(v: &Value, path: &str) -> R<String> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        _ => Err(ManifestError::at(path, "must be a string")),
+    }
+}
+
+fn strings(v: &Value, path: &str) -> R<Vec<String>> {
+    let Value::Sequence(s) = v else { return Err(ManifestError::at(path, "must be a list of strings")) };
+    s.iter().enumerate().map(|(i, x)| string(x, &format!("{path}[{i}]"))).collect()
+}
+
+fn map_of_strings(v: &Value, path: &str) -> R<BTreeMap<String, String>> {
+    let m = v.as_mapping().ok_or_else(|| ManifestError::at(path, "must be a mapping"))?;
+    let mut out = BTreeMap::new();
+    for (k, x) in m {
+        let k = string(k, path)?;
+        out.insert(k.clone(), string(x, &format!("{path}.{k}"))?);
+    }
+    Ok(out)
+}
+
+fn port(v: &Value, path: &str) -> R<u16> {
+    let n = v.as_u64().ok_or_else(|| ManifestError::at(path, "must be a port number"))?;
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| ManifestError::at(path, format!("{n} is not a port (1-65535)")))
+}
+
+/// Warns about every key of `v` not in `known`.
+fn unknown(v: &Value, known: &[&str], path: &str, warnings: &mut Vec<String>) {
+    if let Some(m) = v.as_mapping() {
+        for k in m.keys().filter_map(Value::as_str) {
+            if !known.contains(&k) {
+                warnings.push(format!("{path}.{k}: not supported yet, ignored"));
+            }
+        }
+    }
+}
+
+struct Service {
+    path: String,
+    selector: BTreeMap<String, String>,
+    ports: Vec<(Value, String)>,
+}
+
+/// Imports every document of `text`. `namespace` names the stack when a manifest has none.
+pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
+    let mut out = K8sImport { deployments: vec![], warnings: vec![] };
+    let mut pod_labels: Vec<BTreeMap<String, String>> = vec![];
+    let mut paths: Vec<String> = vec![];
+    let mut services: Vec<Service> = vec![];
+    for (n, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let v = <Value as serde::Deserialize>::deserialize(doc).map_err(|e| ManifestError::Yaml(e.to_string()))?;
+        if v.is_null() {
+            continue;
+        }
+        let kind = get(&v, "kind").and_then(Value::as_str).unwrap_or_default().to_string();
+        let name = get(&v, "metadata")
+            .and_then(|m| get(m, "name"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| ManifestError::at(format!("document {}", n + 1), "metadata.name is required"))?
+            .to_string();
+        let path = format!("{kind}/{name}");
+        let stack = get(&v, "metadata")
+            .and_then(|m| get(m, "namespace"))
+            .and_then(Value::as_str)
+            .unwrap_or(namespace)
+            .to_string();
+        match kind.as_str() {
+            "Deployment" | "DaemonSet" => {
+                let (d, labels) = workload(&v, &kind, &name, &stack, &path, &mut out.warnings)?;
+                out.deployments.push(d);
+                pod_labels.push(labels);
+                paths.push(path);
+            }
+            "Service" => {
+                let spec = get(&v, "spec").ok_or_else(|| ManifestError::at(&path, "spec is required"))?;
+                unknown(spec, &["selector", "ports", "type"], &format!("{path}.spec"), &mut out.warnings);
+                let selector = match get(spec, "selector") {
+                    Some(s) => map_of_strings(s, &format!("{path}.spec.selector"))?,
+                    None => return Err(ManifestError::at(format!("{path}.spec.selector"), "is required")),
+                };
+                let ports = match get(spec, "ports") {
+                    Some(Value::Sequence(p)) => {
+                        p.iter().enumerate().map(|(i, x)| (x.clone(), format!("{path}.spec.ports[{i}]"))).collect()
+                    }
+                    _ => return Err(ManifestError::at(format!("{path}.spec.ports"), "must be a list")),
+                };
+                services.push(Service { path, selector, ports });
+            }
+            "" => return Err(ManifestError::at(format!("document {}", n + 1), "kind is required")),
+            other => {
+                return Err(ManifestError::at(
+                    path,
+                    format!("kind {other:?} is not supported (Deployment, DaemonSet, Service)"),
+                ))
+            }
+        }
+    }
+    for s in services {
+        let targets: Vec<usize> = pod_labels
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| s.selector.iter().all(|(k, v)| l.get(k) == Some(v)))
+            .map(|(i, _)| i)
+            .collect();
+        if targets.is_empty() {
+            return Err(ManifestError::at(
+                format!("{}.spec.selector", s.path),
+                "selects no Deployment or DaemonSet in these manifests",
+            ));
+        }
+        for (p, path) in &s.ports {
+            unknown(p, &["port", "targetPort", "nodePort", "protocol", "name"], path, &mut out.warnings);
+            let svc_port = port(
+                get(p, "port").ok_or_else(|| ManifestError::at(format!("{path}.port"), "is required"))?,
+                &format!("{path}.port"),
+            )?;
+            let target = match get(p, "targetPort") {
+                Some(t) => port(t, &format!("{path}.targetPort"))?,
+                None => svc_port,
+            };
+            let host = match get(p, "nodePort") {
+                Some(n) => port(n, &format!("{path}.nodePort"))?,
+                None => svc_port,
+            };
+            let protocol = match get(p, "protocol").and_then(Value::as_str).unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                o => return Err(ManifestError::at(format!("{path}.protocol"), format!("{o:?} is not TCP or UDP"))),
+            };
+            for &i in &targets {
+                out.deployments[i].ports.push(PortMapping {
+                    host_ip: None,
+                    host_port: host,
+                    container_port: target,
+                    protocol,
+                });
+            }
+        }
+    }
+    for (d, path) in out.deployments.iter().zip(&paths) {
+        d.validate().map_err(|e| ManifestError::at(path, e.to_string()))?;
+    }
+    Ok(out)
+}
+
+fn workload(
+    v: &Value,
+    kind: &str,
+    name: &str,
+    stack: &str,
+    path: &str,
+    warnings: &mut Vec<String>,
+) -> R<(Deployment, BTreeMap<String, String>)> {
+    let spec = get(v, "spec").ok_or_else(|| ManifestError::at(format!("{path}.spec"), "is required"))?;
+    unknown(
+        spec,
+        &["replicas", "selector", "template", "strategy", "updateStrategy"],
+        &format!("{path}.spec"),
+        warnings,
+    );
+    let tpl = get(spec, "template").ok_or_else(|| ManifestError::at(format!("{path}.spec.template"), "is required"))?;
+    let labels = match get(tpl, "metadata").and_then(|m| get(m, "labels")) {
+        Some(l) => map_of_strings(l, &format!("{path}.spec.template.metadata.labels"))?,
+        None => BTreeMap::new(),
+    };
+    let pod = get(tpl, "spec").ok_or_else(|| ManifestError::at(format!("{path}.spec.template.spec"), "is required"))?;
+    let pp = format!("{path}.spec.template.spec");
+    unknown(pod, &["containers", "nodeSelector", "restartPolicy", "terminationGracePeriodSeconds"], &pp, warnings);
+    let containers = match get(pod, "containers") {
+        Some(Value::Sequence(c)) if c.len() == 1 => &c[0],
+        Some(Value::Sequence(c)) if c.len() > 1 => {
+            return Err(ManifestError::at(
+                format!("{pp}.containers"),
+                "one container per pod is supported (sidecars are not)",
+            ))
+        }
+        _ => return Err(ManifestError::at(format!("{pp}.containers"), "must list one container")),
+    };
+    let cp = format!("{pp}.containers[0]");
+    unknown(
+        containers,
+        &["name", "image", "command", "args", "env", "ports", "resources", "workingDir"],
+        &cp,
+        warnings,
+    );
+    let image = get(containers, "image")
+        .map(|i| string(i, &format!("{cp}.image")))
+        .transpose()?
+        .ok_or_else(|| ManifestError::at(format!("{cp}.image"), "is required"))?;
+    let mut d = Deployment::new(name, image);
+    d.stack = stack.to_string();
+    d.labels = get(v, "metadata")
+        .and_then(|m| get(m, "labels"))
+        .map(|l| map_of_strings(l, &format!("{path}.metadata.labels")))
+        .transpose()?
+        .unwrap_or_default();
+    if let Some(c) = get(containers, "command") {
+        d.entrypoint = Some(strings(c, &format!("{cp}.command"))?);
+    }
+    if let Some(a) = get(containers, "args") {
+        d.command = Some(strings(a, &format!("{cp}.args"))?);
+    }
+    if let Some(w) = get(containers, "workingDir") {
+        d.working_dir = Some(string(w, &format!("{cp}.workingDir"))?);
+    }
+    if let Some(Value::Sequence(env)) = get(containers, "env") {
+        for (i, e) in env.iter().enumerate() {
+            let ep = format!("{cp}.env[{i}]");
+            unknown(e, &["name", "value"], &ep, warnings);
+            let k = get(e, "name")
+                .map(|n| string(n, &format!("{ep}.name")))
+                .transpose()?
+                .ok_or_else(|| ManifestError::at(format!("{ep}.name"), "is required"))?;
+            let val = get(e, "value").map(|x| string(x, &format!("{ep}.value"))).transpose()?.unwrap_or_default();
+            d.env.insert(k, val);
+        }
+    }
+    if let Some(r) = get(containers, "resources") {
+        let rp = format!("{cp}.resources");
+        unknown(r, &["limits", "requests"], &rp, warnings);
+        for (section, reservation) in [("limits", false), ("requests", true)] {
+            let Some(sv) = get(r, section) else { continue };
+            let sp = format!("{rp}.{section}");
+            unknown(sv, &["cpu", "memory"], &sp, warnings);
+            if let Some(c) = get(sv, "cpu") {
+                let s = string(c, &format!("{sp}.cpu"))?;
+                let m =
+                    skiff_model::parse_cpus(&s).map_err(|e| ManifestError::at(format!("{sp}.cpu"), e.to_string()))?;
+                if reservation {
+                    d.resources.cpus_reservation_millis = Some(m)
+                } else {
+                    d.resources.cpus_millis = Some(m)
+                }
+            }
+            if let Some(mv) = get(sv, "memory") {
+                let s = string(mv, &format!("{sp}.memory"))?;
+                let b = skiff_model::parse_bytes(&s)
+                    .map_err(|e| ManifestError::at(format!("{sp}.memory"), e.to_string()))?;
+                if reservation {
+                    d.resources.memory_reservation_bytes = Some(b)
+                } else {
+                    d.resources.memory_bytes = Some(b)
+                }
+            }
+        }
+    }
+    if let Some(Value::Sequence(ports)) = get(containers, "ports") {
+        for (i, p) in ports.iter().enumerate() {
+            // Container ports only document what listens; publishing is the Service's job
+            // (or `hostPort`, which publishes on the node as Kubernetes does).
+            let pp = format!("{cp}.ports[{i}]");
+            unknown(p, &["containerPort", "hostPort", "protocol", "name"], &pp, warnings);
+            if let Some(h) = get(p, "hostPort") {
+                let cport = get(p, "containerPort")
+                    .ok_or_else(|| ManifestError::at(format!("{pp}.containerPort"), "is required"))?;
+                let protocol = if get(p, "protocol").and_then(Value::as_str) == Some("UDP") {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                };
+                d.ports.push(PortMapping {
+                    host_ip: None,
+                    host_port: port(h, &format!("{pp}.hostPort"))?,
+                    container_port: port(cport, &format!("{pp}.containerPort"))?,
+                    protocol,
+                });
+            }
+        }
+    }
+    if let Some(ns) = get(pod, "nodeSelector") {
+        d.placement.node_selector = map_of_strings(ns, &format!("{pp}.nodeSelector"))?;
+    }
+    d.restart = match get(pod, "restartPolicy").and_then(Value::as_str).unwrap_or("Always") {
+        "Always" => RestartPolicy::Always,
+        "OnFailure" => RestartPolicy::OnFailure { max_retries: None },
+        "Never" => RestartPolicy::No,
+        o => {
+            return Err(ManifestError::at(
+                format!("{pp}.restartPolicy"),
+                format!("{o:?} is not Always, OnFailure or Never"),
+            ))
+        }
+    };
+    if let Some(g) = get(pod, "terminationGracePeriodSeconds") {
+        let s = g.as_u64().ok_or_else(|| {
+            ManifestError::at(format!("{pp}.terminationGracePeriodSeconds"), "must be a number of seconds")
+        })?;
+        d.stop_grace_period_ms = s * 1000;
+    }
+    if kind == "DaemonSet" {
+        d.placement.mode = PlacementMode::Global;
+        if get(spec, "replicas").is_some() {
+            return Err(ManifestError::at(
+                format!("{path}.spec.replicas"),
+                "a DaemonSet runs one per matching node; replicas does not apply",
+            ));
+        }
+    } else if let Some(r) = get(spec, "replicas") {
+        let n = r.as_i64().ok_or_else(|| ManifestError::at(format!("{path}.spec.replicas"), "must be a number"))?;
+        d.replicas = u32::try_from(n)
+            .map_err(|_| ManifestError::at(format!("{path}.spec.replicas"), format!("{n} must be 0 or more")))?;
+    }
+    Ok((d, labels))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const APP: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, labels: {tier: front}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      nodeSelector: {site: factory-3}
+      containers:
+      - name: web
+        image: registry.local/web:1.2
+        args: ["httpd", "-f"]
+        env: [{name: MODE, value: edge}]
+        ports: [{containerPort: 80}]
+        resources: {limits: {cpu: 500m, memory: 128Mi}, requests: {cpu: 100m, memory: 64Mi}}
+        livenessProbe: {httpGet: {path: /, port: 80}}
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: analyser, namespace: cams}
+spec:
+  template:
+    metadata: {labels: {app: analyser}}
+    spec:
+      nodeSelector: {camera: "true"}
+      containers: [{name: a, image: analyser:2}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 80, nodePort: 30080}]
+"#;
+
+    #[test]
+    fn deployments_daemonsets_and_services() {
+        assert!(is_k8s(APP));
+        assert!(!is_k8s("services:\n  web:\n    image: x\n"));
+        let k = import_k8s(APP, "default").unwrap();
+        let web = &k.deployments[0];
+        assert_eq!((web.name.as_str(), web.replicas, web.stack.as_str()), ("web", 1, "default"));
+        assert_eq!(web.command.as_deref(), Some(&["httpd".to_string(), "-f".to_string()][..]));
+        assert_eq!(web.env["MODE"], "edge");
+        assert_eq!((web.resources.cpus_millis, web.resources.memory_bytes), (Some(500), Some(128 << 20)));
+        assert_eq!(
+            (web.resources.cpus_reservation_millis, web.resources.memory_reservation_bytes),
+            (Some(100), Some(64 << 20))
+        );
+        assert_eq!(web.placement.node_selector["site"], "factory-3");
+        assert_eq!(
+            web.ports,
+            [PortMapping { host_ip: None, host_port: 30080, container_port: 80, protocol: Protocol::Tcp }]
+        );
+        assert_eq!(web.restart, RestartPolicy::Always);
+        let a = &k.deployments[1];
+        assert_eq!((a.placement.mode, a.stack.as_str()), (PlacementMode::Global, "cams"));
+        assert_eq!(
+            k.warnings,
+            ["Deployment/web.spec.template.spec.containers[0].livenessProbe: not supported yet, ignored"]
+        );
+    }
+
+    #[test]
+    fn bad_manifests_name_the_field() {
+        let err = |t: &str| import_k8s(t, "default").unwrap_err().to_string();
+        let base = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: w}\nspec:\n  template:\n    spec:\n      containers: [{name: c, image: i}]\n";
+        assert_eq!(
+            err("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"),
+            "ConfigMap/c: kind \"ConfigMap\" is not supported (Deployment, DaemonSet, Service)"
+        );
+        assert!(err(&base.replace("spec:\n  template", "spec:\n  replicas: -2\n  template"))
+            .contains("Deployment/w.spec.replicas: -2 must be 0 or more"));
+        assert!(err(&base.replace("[{name: c, image: i}]", "[{name: c, image: i}, {name: d, image: j}]"))
+            .contains("one container per pod"));
+        assert!(err(&base.replace("image: i}", "image: i, resources: {limits: {memory: 12XB}}}"))
+            .contains("Deployment/w.spec.template.spec.containers[0].resources.limits.memory"));
+        assert!(err(&format!("{base}---\napiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  selector: {{app: nope}}\n  ports: [{{port: 80}}]\n")).contains("Service/s.spec.selector: selects no Deployment"));
+        assert!(err("apiVersion: v1\nkind: Deployment\nspec: {}\n").contains("metadata.name is required"));
+        assert!(err(&APP.replace("replicas: 1", "replicas: 3"))
+            .starts_with("Deployment/web: ports[0]: a published host port needs replicas: 1"));
+        assert!(err("kind: [").contains("not valid YAML"));
+    }
+}
