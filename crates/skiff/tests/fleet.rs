@@ -23,16 +23,42 @@ fn hub() -> anyhow::Result<Node> {
 
 fn agent(hub: &Node, token: &str, name: &str, labels: &[&str]) -> anyhow::Result<Node> {
     let mut a = Node::new()?;
-    let server = hub.server()?;
+    start_agent(&mut a, &hub.server()?, Some(token), Some(name), labels)?;
+    wait_for(30 * SEC, "the agent to join", || a.data().join("pki/joined.json").exists().then_some(()))?;
+    Ok(a)
+}
+
+/// `skiff agent` on `a`'s data dir, bridge and subnet (a token and name only to join).
+fn start_agent(a: &mut Node, server: &str, token: Option<&str>, name: Option<&str>, labels: &[&str]) -> R {
     let (bridge, subnet) = (a.bridge.clone(), a.subnet.clone());
-    let mut args = vec!["agent", "--hub", &server, "--token", token, "--name", name, "--heartbeat", "1"];
-    args.extend(["--bridge", &bridge, "--subnet", &subnet]);
+    let mut args = vec!["agent", "--hub", server, "--heartbeat", "1", "--bridge", &bridge, "--subnet", &subnet];
+    if let Some(t) = token {
+        args.extend(["--token", t]);
+    }
+    if let Some(n) = name {
+        args.extend(["--name", n]);
+    }
     for l in labels {
         args.extend(["--label", l]);
     }
-    a.spawn(&args)?;
-    wait_for(30 * SEC, "the agent to join", || a.data().join("pki/joined.json").exists().then_some(()))?;
-    Ok(a)
+    a.spawn(&args)
+}
+
+/// A power cut: the agent, every shim and every container die at once, and the mounts,
+/// network namespaces, cgroups and bridge are gone, as after a reboot.
+fn reboot(n: &mut Node) -> R {
+    n.kill_up()?;
+    let dir = n.data().display().to_string();
+    for p in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmd =
+            String::from_utf8_lossy(&std::fs::read(p.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
+        if cmd.contains(" shim ") && cmd.contains(&dir) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    n.cleanup();
+    Ok(())
 }
 
 fn hub_instances(h: &Node) -> Vec<InstanceStatus> {
@@ -183,8 +209,7 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
     let mut b = b;
     b.interrupt_up()?;
     let server = h.server()?;
-    let (bridge, subnet) = (b.bridge.clone(), b.subnet.clone());
-    b.spawn(&["agent", "--hub", &server, "--heartbeat", "1", "--bridge", &bridge, "--subnet", &subnet])?;
+    start_agent(&mut b, &server, None, None, &[])?;
     wait_for(30 * SEC, "agent b to re-adopt web-2", || b.log().contains("re-adopted running instance").then_some(()))?;
     let web2 = local_instance(&b, "web-2")?;
     assert_eq!(web2.pid, before.iter().find(|i| i.name == "web-2").and_then(|i| i.pid));
@@ -209,5 +234,44 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
     h.ok(&["delete", "deployment", "web"])?;
     wait_placed(&h, &[])?;
     drop((a, b));
+    Ok(())
+}
+
+#[test]
+fn a_node_rebooted_while_offline_brings_its_workloads_back() -> R {
+    skiff_testkit::require_privileged!();
+    let mut h = hub()?;
+    let token = h.ok(&["token", "create"])?.trim().to_string();
+    let mut a = agent(&h, &token, "solo", &[])?;
+    h.ok(&["run", IMAGE, "--name", "svc", "--replicas", "2", "--restart", "always", "--", "sleep", "1000"])?;
+    let before = wait_placed(&h, &[("solo", "svc-1"), ("solo", "svc-2")])?;
+
+    // The uplink is gone, then the device loses power; it boots with the hub unreachable.
+    let server = h.server()?;
+    h.kill_up()?;
+    reboot(&mut a)?;
+    start_agent(&mut a, &server, None, None, &[])?;
+    let back = wait_for(60 * SEC, "svc-1 and svc-2 running again from local state", || {
+        let rows: Vec<_> = ["svc-1", "svc-2"].iter().filter_map(|n| local_instance(&a, n).ok()).collect();
+        let fresh = rows.iter().all(|r| {
+            r.state == InstanceState::Running
+                && r.pid.is_some()
+                && before.iter().find(|b| b.name == r.name).is_some_and(|b| b.pid != r.pid)
+        });
+        (rows.len() == 2 && fresh).then_some(rows)
+    })?;
+
+    // The hub returns: the node reports what it runs, and nothing is replaced or restarted.
+    let port = server.rsplit(':').next().unwrap().to_string();
+    h.spawn(&["hub", "--listen", &format!("127.0.0.1:{port}")])?;
+    let after = wait_placed(&h, &[("solo", "svc-1"), ("solo", "svc-2")])?;
+    std::thread::sleep(3 * SEC);
+    for r in &back {
+        let now = local_instance(&a, &r.name)?;
+        assert_eq!((now.pid, now.restarts), (r.pid, r.restarts), "{} untouched after reconnect", r.name);
+        assert_eq!(after.iter().find(|i| i.name == r.name).and_then(|i| i.pid), r.pid);
+    }
+    h.ok(&["delete", "deployment", "svc"])?;
+    wait_placed(&h, &[])?;
     Ok(())
 }

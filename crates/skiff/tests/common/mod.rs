@@ -261,7 +261,7 @@ impl Node {
         })
     }
 
-    fn cleanup(&mut self) {
+    pub fn cleanup(&mut self) {
         let _ = self.interrupt_up();
         let data = self.data().to_path_buf();
         // Whatever survived (a failed test, a killed agent): containers, mounts, netns.
