@@ -186,6 +186,19 @@ impl Agent {
         Ok(())
     }
 
+    /// Events not yet shipped to the hub (after the last acknowledged id), oldest first.
+    pub fn unshipped_events(&self, limit: usize) -> Result<Vec<(u64, EventRecord)>, AgentError> {
+        self.db(|s| {
+            let acked = s.meta("events_shipped")?.and_then(|v| v.parse().ok()).unwrap_or(0);
+            s.events_since(acked, limit)
+        })
+    }
+
+    /// Records that the hub has stored every event up to `id`.
+    pub fn events_shipped(&self, id: u64) -> Result<(), AgentError> {
+        self.db(|s| s.set_meta("events_shipped", &id.to_string()))
+    }
+
     /// The revision of the desired state last persisted (0: none yet).
     pub fn desired_revision(&self) -> Result<u64, AgentError> {
         self.db(|s| s.desired_revision())

@@ -230,6 +230,26 @@ impl State {
         Ok(())
     }
 
+    /// Events after id `after`, oldest first, at most `limit`, with their ids: what a node
+    /// has not yet shipped to its hub (kept on disk, bounded as above, while offline).
+    pub fn events_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, EventRecord)>, StateError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, time_ms, object, reason, message FROM events WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+        let rows = st.query_map(params![after as i64, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                EventRecord {
+                    time_ms: r.get::<_, i64>(1)? as u64,
+                    object: r.get(2)?,
+                    reason: r.get(3)?,
+                    message: r.get(4)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn events(&self, limit: usize) -> Result<Vec<EventRecord>, StateError> {
         let mut st = self.conn.prepare(
             "SELECT time_ms, object, reason, message FROM (SELECT * FROM events ORDER BY id DESC LIMIT ?1) ORDER BY id",
@@ -274,6 +294,10 @@ mod tests {
         let c = (2..10).map(|i| Ipv4Addr::new(10, 0, 0, i));
         assert_eq!(s.lease("db-1", c, "n").unwrap(), Ipv4Addr::new(10, 0, 0, 2), "released address is reused");
         assert_eq!(s.events(10).unwrap().len(), 1);
+        s.event(2, "web-1", "Exited", "code 0").unwrap();
+        let since: Vec<(u64, String)> =
+            s.events_since(1, 10).unwrap().into_iter().map(|(i, e)| (i, e.reason)).collect();
+        assert_eq!(since, [(2, "Exited".to_string())]);
         let full = (2..4).map(|i| Ipv4Addr::new(10, 0, 0, i));
         assert!(matches!(s.lease("x-1", full, "n"), Err(StateError::NoAddress(_))));
     }

@@ -392,15 +392,14 @@ async fn node_status(
     peer: Option<axum::Extension<crate::tls::Peer>>,
     Path(name): Path<String>,
     body: axum::body::Bytes,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
     let f = fleet_of(&hub)?;
     f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
     let st: crate::fleet::NodeStatus = serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
     if let Some(i) = st.instances.iter().find(|i| i.node != name) {
         return Err(ApiError(StatusCode::FORBIDDEN, format!("instances[{}]: belongs to node {:?}", i.name, i.node)));
     }
-    f.heartbeat(&name, st).map_err(fleet_error)?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Json(f.heartbeat(&name, st).map_err(fleet_error)?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -411,6 +410,9 @@ struct EventQuery {
 async fn events(State(hub): State<Shared>, Query(q): Query<EventQuery>) -> Json<Vec<skiff_model::EventRecord>> {
     let limit = q.limit.unwrap_or(100).min(10_000);
     let mut all: Vec<_> = hub.nodes.iter().flat_map(|n| n.events(limit).unwrap_or_default()).collect();
+    if let Some(f) = &hub.fleet {
+        all.extend(f.events(None, limit));
+    }
     all.sort_by_key(|e| e.time_ms);
     Json(all)
 }

@@ -10,7 +10,7 @@ use crate::schedule::{self, NodeState, NodeView, Plan, Slot};
 use crate::store::{NodeRecord, NodeSpec, Store, TokenRecord};
 use crate::tls::Peer;
 use serde::{Deserialize, Serialize};
-use skiff_model::{Deployment, InstanceStatus};
+use skiff_model::{Deployment, EventRecord, InstanceStatus};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -77,11 +77,28 @@ pub struct Assigned {
     pub indexes: Vec<u32>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NodeStatus {
     #[serde(default)]
     pub instances: Vec<InstanceStatus>,
+    /// Events since the last acknowledged batch (the agent keeps them on disk meanwhile).
+    #[serde(default)]
+    pub events: Vec<EventRecord>,
+    /// The id of the last event in `events` (what the hub acknowledges).
+    #[serde(default)]
+    pub events_through: u64,
 }
+
+/// The hub's answer to a status report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusAck {
+    /// Every event up to this id is stored.
+    pub events_through: u64,
+}
+
+/// Events kept per node on the hub.
+pub const EVENTS_PER_NODE: usize = 1000;
 
 #[derive(Debug, Clone, Copy)]
 struct Seen {
@@ -96,6 +113,7 @@ pub struct Fleet {
     store: Arc<dyn Store>,
     seen: Mutex<BTreeMap<String, Seen>>,
     statuses: Mutex<BTreeMap<String, Vec<InstanceStatus>>>,
+    events: Mutex<BTreeMap<String, std::collections::VecDeque<EventRecord>>>,
     started_ms: u64,
     /// The newest placement revision, for long-polls.
     changed: tokio::sync::watch::Sender<u64>,
@@ -115,6 +133,7 @@ impl Fleet {
             store,
             seen: Mutex::new(BTreeMap::new()),
             statuses: Mutex::new(BTreeMap::new()),
+            events: Mutex::new(BTreeMap::new()),
             started_ms: now_ms(),
             changed: tokio::sync::watch::channel(rev).0,
             unschedulable: Mutex::new(BTreeMap::new()),
@@ -230,8 +249,16 @@ impl Fleet {
         Ok(())
     }
 
-    /// Records a heartbeat (and the instances the node reports).
-    pub fn heartbeat(&self, node: &str, status: NodeStatus) -> Result<(), FleetError> {
+    /// Records a heartbeat: the instances the node reports and the events it ships.
+    pub fn heartbeat(&self, node: &str, status: NodeStatus) -> Result<StatusAck, FleetError> {
+        let ack = StatusAck { events_through: status.events_through };
+        if let Ok(mut ev) = self.events.lock() {
+            let q = ev.entry(node.to_string()).or_default();
+            q.extend(status.events);
+            while q.len() > EVENTS_PER_NODE {
+                q.pop_front();
+            }
+        }
         let now = now_ms();
         let became_ready = {
             let mut seen = self.seen.lock().map_err(internal)?;
@@ -251,7 +278,16 @@ impl Fleet {
         if became_ready {
             self.reschedule()?;
         }
-        Ok(())
+        Ok(ack)
+    }
+
+    /// Events nodes shipped (of one node, or all), oldest first, at most `limit` per node.
+    pub fn events(&self, node: Option<&str>, limit: usize) -> Vec<EventRecord> {
+        let Ok(ev) = self.events.lock() else { return vec![] };
+        ev.iter()
+            .filter(|(n, _)| node.is_none_or(|want| want == n.as_str()))
+            .flat_map(|(_, q)| q.iter().skip(q.len().saturating_sub(limit)).cloned())
+            .collect()
     }
 
     /// Ready / Unknown from heartbeats; a node not heard from since the hub started is
@@ -449,7 +485,7 @@ mod tests {
         let tok = secret(&f.create_token(None).unwrap());
         f.join(&join_req(&tok, "a")).unwrap();
         f.join(&join_req(&tok, "b")).unwrap();
-        f.heartbeat("a", NodeStatus { instances: vec![] }).unwrap();
+        f.heartbeat("a", NodeStatus::default()).unwrap();
         let mut web = Deployment::new("web", "img");
         web.replicas = 3;
         f.store.apply(&[web], None, false).unwrap();

@@ -130,8 +130,8 @@ impl NodeLink for RemoteLink {
         Ok(self.fleet.reported_instances().into_iter().filter(|i| i.node == self.name).collect())
     }
 
-    fn events(&self, _limit: usize) -> Result<Vec<EventRecord>, String> {
-        Ok(vec![])
+    fn events(&self, limit: usize) -> Result<Vec<EventRecord>, String> {
+        Ok(self.fleet.events(Some(&self.name), limit))
     }
 
     fn has_instance(&self, instance: &str) -> bool {

@@ -9,7 +9,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use skiff_agent::{Agent, AgentConfig};
-use skiff_hub::fleet::{Assignment, JoinRequest, JoinResponse, NodeStatus};
+use skiff_hub::fleet::{Assignment, JoinRequest, JoinResponse, NodeStatus, StatusAck};
 use skiff_hub::pki::JoinToken;
 use skiff_hub::store::NodeSpec;
 use std::collections::BTreeMap;
@@ -218,17 +218,32 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
         let every = Duration::from_secs(args.heartbeat);
         tokio::spawn(async move {
             loop {
-                let status = NodeStatus { instances: agent.instances().unwrap_or_default() };
-                let sent = client
-                    .put(format!("{hub}/api/v1/nodes/{node}/status"))
-                    .json(&status)
-                    .timeout(Duration::from_secs(20))
-                    .send()
-                    .await;
+                // Events wait in agent.db until the hub acknowledges them: a partition
+                // delays them, and a restart of either side loses none.
+                let events = agent.unshipped_events(500).unwrap_or_default();
+                let status = NodeStatus {
+                    instances: agent.instances().unwrap_or_default(),
+                    events_through: events.last().map(|(id, _)| *id).unwrap_or(0),
+                    events: events.into_iter().map(|(_, e)| e).collect(),
+                };
+                let sent = async {
+                    let r = client
+                        .put(format!("{hub}/api/v1/nodes/{node}/status"))
+                        .json(&status)
+                        .timeout(Duration::from_secs(20))
+                        .send()
+                        .await?;
+                    ok_json::<StatusAck>(r).await
+                }
+                .await;
                 match sent {
-                    Ok(r) if !r.status().is_success() => tracing::warn!("heartbeat refused: {}", r.status()),
-                    Err(e) => tracing::debug!("heartbeat failed: {e}"),
-                    _ => {}
+                    Ok(ack) if ack.events_through > 0 => {
+                        if let Err(e) = agent.events_shipped(ack.events_through) {
+                            tracing::warn!("recording shipped events: {e}");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!("heartbeat failed: {e:#}"),
                 }
                 tokio::time::sleep(every).await;
             }

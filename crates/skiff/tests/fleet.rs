@@ -249,6 +249,7 @@ fn a_node_rebooted_while_offline_brings_its_workloads_back() -> R {
     // The uplink is gone, then the device loses power; it boots with the hub unreachable.
     let server = h.server()?;
     h.kill_up()?;
+    let offline_since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
     reboot(&mut a)?;
     start_agent(&mut a, &server, None, None, &[])?;
     let back = wait_for(60 * SEC, "svc-1 and svc-2 running again from local state", || {
@@ -265,6 +266,12 @@ fn a_node_rebooted_while_offline_brings_its_workloads_back() -> R {
     let port = server.rsplit(':').next().unwrap().to_string();
     h.spawn(&["hub", "--listen", &format!("127.0.0.1:{port}")])?;
     let after = wait_placed(&h, &[("solo", "svc-1"), ("solo", "svc-2")])?;
+    // What happened offline (the starts after the reboot) reaches the hub from agent.db.
+    wait_for(30 * SEC, "the offline events at the hub", || {
+        let evs: Vec<skiff_model::EventRecord> =
+            serde_json::from_str(&h.ok(&["get", "events", "-o", "json"]).ok()?).ok()?;
+        evs.iter().any(|e| e.object == "svc-2" && e.time_ms >= offline_since).then_some(())
+    })?;
     std::thread::sleep(3 * SEC);
     for r in &back {
         let now = local_instance(&a, &r.name)?;
