@@ -6,7 +6,7 @@
 //! old one).
 
 use crate::pki::{Ca, JoinToken};
-use crate::schedule::{self, NodeState, NodeView, Plan, Slot};
+use crate::schedule::{self, NodeState, NodeView, Plan};
 use crate::store::{NodeRecord, NodeSpec, Store, TokenRecord};
 use crate::tls::Peer;
 use serde::{Deserialize, Serialize};
@@ -120,6 +120,9 @@ pub struct Fleet {
     /// Nodes with unplaced instances: deployment → reason.
     pub unschedulable: Mutex<BTreeMap<String, String>>,
     tunnels: Mutex<BTreeMap<String, Arc<crate::tunnel::Tunnel>>>,
+    /// Every node's assignment at one revision (see `assignment`).
+    #[allow(clippy::type_complexity)]
+    assignments: Mutex<Option<(u64, Arc<BTreeMap<String, Arc<Assignment>>>)>>,
     tunnel_serial: std::sync::atomic::AtomicU64,
 }
 
@@ -138,6 +141,7 @@ impl Fleet {
             changed: tokio::sync::watch::channel(rev).0,
             unschedulable: Mutex::new(BTreeMap::new()),
             tunnels: Mutex::new(BTreeMap::new()),
+            assignments: Mutex::new(None),
             tunnel_serial: std::sync::atomic::AtomicU64::new(1),
         })
     }
@@ -372,17 +376,44 @@ impl Fleet {
         Ok(())
     }
 
+    /// The node's assignment at the current revision. Every node's is computed in one pass
+    /// per revision and shared, so a change that wakes thousands of long-polls reads the
+    /// store once, not once per node.
     pub fn assignment(&self, node: &str) -> Result<Assignment, FleetError> {
         let revision = self.store.revision().map_err(internal)?;
-        let slots: Vec<Slot> = self.store.slots().map_err(internal)?.into_iter().filter(|s| s.node == node).collect();
-        let mut deployments = vec![];
-        for s in self.store.list().map_err(internal)? {
-            let indexes: Vec<u32> = slots.iter().filter(|x| x.deployment == s.spec.name).map(|x| x.index).collect();
-            if !indexes.is_empty() {
-                deployments.push(Assigned { spec: s.spec, indexes });
+        let cached = self.assignments.lock().ok().and_then(|c| c.as_ref().filter(|(r, _)| *r == revision).cloned());
+        let all = match cached {
+            Some((_, all)) => all,
+            None => {
+                let specs: BTreeMap<String, Deployment> =
+                    self.store.list().map_err(internal)?.into_iter().map(|s| (s.spec.name.clone(), s.spec)).collect();
+                let mut per_node: BTreeMap<String, BTreeMap<String, Vec<u32>>> = BTreeMap::new();
+                for s in self.store.slots().map_err(internal)? {
+                    per_node.entry(s.node).or_default().entry(s.deployment).or_default().push(s.index);
+                }
+                let all: BTreeMap<String, Arc<Assignment>> = per_node
+                    .into_iter()
+                    .map(|(n, deps)| {
+                        let deployments = deps
+                            .into_iter()
+                            .filter_map(|(d, indexes)| {
+                                specs.get(&d).map(|spec| Assigned { spec: spec.clone(), indexes })
+                            })
+                            .collect();
+                        (n, Arc::new(Assignment { revision, deployments }))
+                    })
+                    .collect();
+                let all = Arc::new(all);
+                if let Ok(mut c) = self.assignments.lock() {
+                    *c = Some((revision, Arc::clone(&all)));
+                }
+                all
             }
-        }
-        Ok(Assignment { revision, deployments })
+        };
+        Ok(match all.get(node) {
+            Some(a) => (**a).clone(),
+            None => Assignment { revision, deployments: vec![] },
+        })
     }
 
     /// The node's assignment once the revision passes `after` (at once if it has), or

@@ -149,9 +149,13 @@ pub fn schedule(
     // First pass: which current slots stay. Their reservations are counted before any new
     // slot is placed, so a kept instance is never pushed out by a new one.
     let mut kept: BTreeMap<&str, Vec<Slot>> = BTreeMap::new();
+    let mut current_of: BTreeMap<&str, Vec<&Slot>> = BTreeMap::new();
+    for s in current {
+        current_of.entry(s.deployment.as_str()).or_default().push(s);
+    }
     for d in &deps {
         let plat = platforms.get(&d.image);
-        let mut mine: Vec<&Slot> = current.iter().filter(|s| s.deployment == d.name).collect();
+        let mut mine = current_of.remove(d.name.as_str()).unwrap_or_default();
         mine.sort();
         let mut seen_idx = BTreeSet::new();
         let mut seen_node = BTreeSet::new();
@@ -185,12 +189,17 @@ pub fn schedule(
         match d.placement.mode {
             PlacementMode::Global => {
                 let have: BTreeSet<String> = slots.iter().map(|s| s.node.clone()).collect();
+                let mut taken: BTreeSet<u32> = slots.iter().map(|s| s.index).collect();
+                let mut next = 1u32;
                 for n in nodes.iter().filter(|n| !have.contains(&n.name)) {
                     let u = used.get(n.name.as_str()).copied().unwrap_or_default();
                     match refusal(d, n, plat, &u) {
                         None => {
-                            let taken: BTreeSet<u32> = slots.iter().map(|s| s.index).collect();
-                            let index = (1..).find(|i| !taken.contains(i)).unwrap_or(1);
+                            while taken.contains(&next) {
+                                next += 1;
+                            }
+                            let index = next;
+                            taken.insert(index);
                             take(&mut used, n, d);
                             slots.push(Slot { deployment: d.name.clone(), index, node: n.name.clone() });
                         }
@@ -204,6 +213,16 @@ pub fn schedule(
             }
             PlacementMode::Replicated => {
                 let taken: BTreeSet<u32> = slots.iter().map(|s| s.index).collect();
+                // Instances of `d` per node and per spread domain, kept up to date below.
+                let mut on_node: BTreeMap<String, usize> = BTreeMap::new();
+                let mut in_domain: BTreeMap<String, usize> = BTreeMap::new();
+                for s in &slots {
+                    *on_node.entry(s.node.clone()).or_default() += 1;
+                    if let Some(v) = by_name.get(s.node.as_str()).and_then(|x| spread_value(x, &d.placement.spread_by))
+                    {
+                        *in_domain.entry(v.clone()).or_default() += 1;
+                    }
+                }
                 for index in (1..=d.replicas).filter(|i| !taken.contains(i)) {
                     let mut best: Option<(Rank<'_>, &NodeView)> = None;
                     refused.clear();
@@ -217,21 +236,13 @@ pub fn schedule(
                             *refused.entry(r).or_default() += 1;
                             continue;
                         }
-                        // Instances of `d` already in this node's spread domain (same value
-                        // of the `spread_by` label).
                         let domain = spread_value(n, &d.placement.spread_by);
-                        let in_domain = slots
-                            .iter()
-                            .filter(|s| {
-                                domain.is_some()
-                                    && by_name
-                                        .get(s.node.as_str())
-                                        .and_then(|x| spread_value(x, &d.placement.spread_by))
-                                        == domain
-                            })
-                            .count();
-                        let on_node = slots.iter().filter(|s| s.node == n.name).count();
-                        let key = (in_domain, on_node, u.all, n.name.as_str());
+                        let key = (
+                            domain.and_then(|v| in_domain.get(v)).copied().unwrap_or(0),
+                            on_node.get(&n.name).copied().unwrap_or(0),
+                            u.all,
+                            n.name.as_str(),
+                        );
                         if best.as_ref().is_none_or(|(k, _)| key < *k) {
                             best = Some((key, n));
                         }
@@ -239,6 +250,10 @@ pub fn schedule(
                     match best {
                         Some((_, n)) => {
                             take(&mut used, n, d);
+                            *on_node.entry(n.name.clone()).or_default() += 1;
+                            if let Some(v) = spread_value(n, &d.placement.spread_by) {
+                                *in_domain.entry(v.clone()).or_default() += 1;
+                            }
                             slots.push(Slot { deployment: d.name.clone(), index, node: n.name.clone() });
                         }
                         None => missing += 1,
@@ -391,6 +406,23 @@ mod tests {
         let p = schedule(&[big], &none(), &nodes, &p.slots, 0);
         assert_eq!(where_(&p, "big").len(), 2);
         assert!(p.unschedulable["big"].contains("2 Insufficient cpu"), "{:?}", p.unschedulable);
+    }
+
+    #[test]
+    fn ten_thousand_nodes_place_in_one_pass() {
+        // Not a timing test: it shows the placement is not quadratic in practice by
+        // finishing at all in a debug build, and checks the counts.
+        let nodes: Vec<NodeView> =
+            (0..10_000).map(|i| node(&format!("n{i:05}"), "amd64", &[("site", &format!("s{}", i % 50))])).collect();
+        let mut g = dep("agent-side", 1);
+        g.placement.mode = PlacementMode::Global;
+        let mut r = dep("web", 200);
+        r.placement.spread_by = Some("site".into());
+        let p = schedule(&[g.clone(), r.clone()], &none(), &nodes, &[], 0);
+        assert_eq!(where_(&p, "agent-side").len(), 10_000);
+        assert_eq!(where_(&p, "web").len(), 200);
+        let again = schedule(&[g, r], &none(), &nodes, &p.slots, 0);
+        assert_eq!(again.slots, p.slots, "stable");
     }
 
     #[test]
