@@ -5,6 +5,8 @@
 
 use anyhow::{bail, Result};
 
+mod hubsim;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
@@ -52,8 +54,12 @@ fn main() -> Result<()> {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
+        ["hub-sim", conf, token, nodes, idle, pid] => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(hubsim::run(conf, token, nodes.parse()?, idle.parse()?, pid.parse()?))
+        }
         _ => bail!(
-            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE"
+            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID"
         ),
     }
 }

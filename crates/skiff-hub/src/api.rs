@@ -351,40 +351,7 @@ async fn tunnel(
 ) -> Result<Response, ApiError> {
     let f = Arc::clone(fleet_of(&hub)?);
     f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
-    Ok(ws.on_upgrade(move |socket| run_tunnel(f, name, socket)))
-}
-
-async fn run_tunnel(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::extract::ws::WebSocket) {
-    use axum::extract::ws::Message;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
-    let t = f.open_tunnel(&name, tx);
-    tracing::info!(node = %name, "tunnel open");
-    // Keeps NAT bindings warm and finds dead peers.
-    let mut ping = tokio::time::interval(Duration::from_secs(20));
-    loop {
-        tokio::select! {
-            m = socket.recv() => match m {
-                Some(Ok(Message::Text(text))) => t.deliver(text.as_str()).await,
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
-                Some(Ok(_)) => {}
-            },
-            out = rx.recv() => match out {
-                Some(frame) => {
-                    if socket.send(Message::Text(frame.into())).await.is_err() {
-                        break;
-                    }
-                }
-                None => break,
-            },
-            _ = ping.tick() => {
-                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    f.close_tunnel(&name, t.serial);
-    tracing::info!(node = %name, "tunnel closed");
+    Ok(ws.on_upgrade(move |socket| crate::tunnel::serve(f, name, socket)))
 }
 
 async fn node_status(

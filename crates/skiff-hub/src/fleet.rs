@@ -77,7 +77,7 @@ pub struct Assigned {
     pub indexes: Vec<u32>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeStatus {
     #[serde(default)]
@@ -120,6 +120,8 @@ pub struct Fleet {
     /// Nodes with unplaced instances: deployment → reason.
     pub unschedulable: Mutex<BTreeMap<String, String>>,
     tunnels: Mutex<BTreeMap<String, Arc<crate::tunnel::Tunnel>>>,
+    /// Something placement depends on changed (a node joined or came back).
+    dirty: std::sync::atomic::AtomicBool,
     /// Every node's assignment at one revision (see `assignment`).
     #[allow(clippy::type_complexity)]
     assignments: Mutex<Option<(u64, Arc<BTreeMap<String, Arc<Assignment>>>)>>,
@@ -142,6 +144,7 @@ impl Fleet {
             unschedulable: Mutex::new(BTreeMap::new()),
             tunnels: Mutex::new(BTreeMap::new()),
             assignments: Mutex::new(None),
+            dirty: std::sync::atomic::AtomicBool::new(false),
             tunnel_serial: std::sync::atomic::AtomicU64::new(1),
         })
     }
@@ -219,7 +222,7 @@ impl Fleet {
         }
         let (cert, serial) = self.ca.sign_node(&req.node, &req.csr).map_err(|e| FleetError::Invalid(e.to_string()))?;
         self.store.put_node(&req.node, &serial, now_ms(), &req.spec).map_err(internal)?;
-        self.reschedule()?;
+        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(JoinResponse { cert, ca: self.ca.pem().to_string() })
     }
 
@@ -255,6 +258,38 @@ impl Fleet {
 
     /// Records a heartbeat: the instances the node reports and the events it ships.
     pub fn heartbeat(&self, node: &str, status: NodeStatus) -> Result<StatusAck, FleetError> {
+        self.touch(node);
+        Ok(self.report(node, status))
+    }
+
+    /// The node was heard from (any frame or pong on its tunnel, or a status report).
+    pub fn touch(&self, node: &str) {
+        let now = now_ms();
+        let became_ready = match self.seen.lock() {
+            Ok(mut seen) => {
+                let e = seen.entry(node.to_string()).or_insert(Seen {
+                    last_ms: now,
+                    state: NodeState::Unknown,
+                    since_ms: now,
+                });
+                e.last_ms = now;
+                let was = e.state;
+                if was != NodeState::Ready {
+                    e.state = NodeState::Ready;
+                    e.since_ms = now;
+                }
+                was != NodeState::Ready
+            }
+            Err(_) => false,
+        };
+        if became_ready {
+            // Placement runs on the next tick, once for however many nodes came up.
+            self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Stores what a node reports: its instances and the events it ships.
+    pub fn report(&self, node: &str, status: NodeStatus) -> StatusAck {
         let ack = StatusAck { events_through: status.events_through };
         if let Ok(mut ev) = self.events.lock() {
             let q = ev.entry(node.to_string()).or_default();
@@ -263,26 +298,15 @@ impl Fleet {
                 q.pop_front();
             }
         }
-        let now = now_ms();
-        let became_ready = {
-            let mut seen = self.seen.lock().map_err(internal)?;
-            let e =
-                seen.entry(node.to_string()).or_insert(Seen { last_ms: now, state: NodeState::Unknown, since_ms: now });
-            e.last_ms = now;
-            let was = e.state;
-            if was != NodeState::Ready {
-                e.state = NodeState::Ready;
-                e.since_ms = now;
-            }
-            was != NodeState::Ready
-        };
         if let Ok(mut st) = self.statuses.lock() {
             st.insert(node.to_string(), status.instances);
         }
-        if became_ready {
-            self.reschedule()?;
-        }
-        Ok(ack)
+        ack
+    }
+
+    /// Resolves when the placement revision may have moved past `after`.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Events nodes shipped (of one node, or all), oldest first, at most `limit` per node.
@@ -360,6 +384,15 @@ impl Fleet {
             newer
         });
         Ok(plan)
+    }
+
+    /// Places again if a node joined or came back since the last placement, or if `force`
+    /// (node states also change by time passing: heartbeats that stop).
+    pub fn tick(&self, force: bool) -> Result<(), FleetError> {
+        if self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) || force {
+            self.reschedule()?;
+        }
+        Ok(())
     }
 
     /// Wakes long-polls after a change to deployments (their revision moved).
@@ -517,6 +550,7 @@ mod tests {
         f.join(&join_req(&tok, "a")).unwrap();
         f.join(&join_req(&tok, "b")).unwrap();
         f.heartbeat("a", NodeStatus::default()).unwrap();
+        f.tick(false).unwrap();
         let mut web = Deployment::new("web", "img");
         web.replicas = 3;
         f.store.apply(&[web], None, false).unwrap();

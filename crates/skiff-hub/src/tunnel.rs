@@ -1,9 +1,16 @@
-//! The agent's outbound WebSocket (`/api/v1/nodes/{name}/tunnel`), which carries the
-//! hub's requests to a node behind NAT — logs and exec — and their answers.
+//! The agent's one outbound connection (`/api/v1/nodes/{name}/tunnel`, a WebSocket over
+//! mutual TLS) carrying control, status, logs and exec for a node behind NAT.
 //!
-//! Frames are JSON text. Hub → agent: a [`Request`] (`id` chosen by the hub), or
-//! `{"id": N, "op": "cancel"}` when the client went away. Agent → hub: [`Reply`]s for
-//! that id: log lines, then `end`; an exec result; or an error.
+//! Frames are JSON text.
+//! * [`Control`] frames (tagged `type`): the agent says `hello` with the revision it
+//!   holds and sends `status` (instances, unshipped events) when it changed; the hub
+//!   `assign`s when the node's assignment differs from what the node holds and `ack`s
+//!   events. After a reconnect only a changed assignment is sent — a restarted hub
+//!   sends nothing to nodes that are current.
+//! * Requests (hub → agent, `id` chosen by the hub, `op`: logs, exec, cancel) and
+//!   [`Reply`]s for that id: log lines then `end`, an exec result, or an error.
+//!
+//! Liveness: the hub pings every 20 s; any frame or pong marks the node seen.
 
 use crate::{BoxFuture, ExecResult, NodeLink};
 use serde::{Deserialize, Serialize};
@@ -43,6 +50,106 @@ pub struct Reply {
     pub id: u64,
     #[serde(flatten)]
     pub answer: Answer,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Control {
+    /// Agent → hub, first frame: the revision of the assignment the node holds.
+    Hello { revision: u64 },
+    /// Agent → hub: instances and unshipped events, when they changed.
+    Status { status: crate::fleet::NodeStatus },
+    /// Hub → agent: the node's assignment, when it differs from what the node holds.
+    Assign { assignment: crate::fleet::Assignment },
+    /// Hub → agent: events stored up to this id.
+    Ack { events_through: u64 },
+}
+
+pub const PING_EVERY: Duration = Duration::from_secs(20);
+
+/// Serves a node's tunnel until it closes: control frames, requests and liveness.
+pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::extract::ws::WebSocket) {
+    use axum::extract::ws::Message;
+    let (tx, mut rx) = mpsc::channel::<String>(256);
+    let t = f.open_tunnel(&name, tx);
+    f.touch(&name);
+    tracing::info!(node = %name, "tunnel open");
+    let mut changes = f.subscribe();
+    // The revision the node holds (from its hello), and what was last pushed to it.
+    let mut node_rev: Option<u64> = None;
+    let mut pushed: Option<Vec<crate::fleet::Assigned>> = None;
+    let mut ping = tokio::time::interval(PING_EVERY);
+    let send = |c: &Control| serde_json::to_string(c).ok();
+    loop {
+        let mut push = false;
+        tokio::select! {
+            m = socket.recv() => match m {
+                Some(Ok(Message::Text(text))) => {
+                    f.touch(&name);
+                    match serde_json::from_str::<Control>(text.as_str()) {
+                        Ok(Control::Hello { revision }) => {
+                            node_rev = Some(revision);
+                            push = true;
+                        }
+                        Ok(Control::Status { status }) => {
+                            let ack = f.report(&name, status);
+                            if ack.events_through > 0 {
+                                if let Some(frame) = send(&Control::Ack { events_through: ack.events_through }) {
+                                    if socket.send(Message::Text(frame.into())).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => t.deliver(text.as_str()).await,
+                    }
+                }
+                Some(Ok(Message::Pong(_))) => f.touch(&name),
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+            out = rx.recv() => match out {
+                Some(frame) => {
+                    if socket.send(Message::Text(frame.into())).await.is_err() {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            r = changes.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                push = true;
+            }
+            _ = ping.tick() => {
+                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    break;
+                }
+            }
+        }
+        let Some(held) = node_rev.filter(|_| push) else { continue };
+        let Ok(a) = f.assignment(&name) else { continue };
+        // Behind on first contact: send once. Later: only when this node's part changed.
+        let stale = match &pushed {
+            None => held != a.revision,
+            Some(p) => *p != a.deployments,
+        };
+        if stale {
+            pushed = Some(a.deployments.clone());
+            node_rev = Some(a.revision);
+            if let Some(frame) = send(&Control::Assign { assignment: a }) {
+                if socket.send(Message::Text(frame.into())).await.is_err() {
+                    break;
+                }
+            }
+        } else if pushed.is_none() {
+            pushed = Some(a.deployments);
+        }
+    }
+    f.close_tunnel(&name, t.serial);
+    tracing::info!(node = %name, "tunnel closed");
 }
 
 /// One node's open tunnel, as the hub holds it.

@@ -34,7 +34,7 @@ pub struct ErrorBody {
     pub error: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRecord {
     pub time_ms: u64,
     pub object: String,

@@ -1,6 +1,7 @@
 //! `skiff agent --hub URL --token T`: a node of a networked hub. Joins once (the hub's CA
 //! checked against the hash in the token; the node's key made here, only a CSR sent),
-//! then follows its assignments by revision and reports status with each heartbeat.
+//! then keeps one outbound connection to the hub (`skiff_hub::tunnel`): assignments in,
+//! status and events out when they change, logs and exec served.
 //!
 //! Offline autonomy: the agent acts only on what it persisted in `agent.db`; when the hub
 //! is unreachable it keeps running (and restarting) what it has, and a restart of the
@@ -9,7 +10,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use skiff_agent::{Agent, AgentConfig};
-use skiff_hub::fleet::{Assignment, JoinRequest, JoinResponse, NodeStatus, StatusAck};
+use skiff_hub::fleet::{JoinRequest, JoinResponse, NodeStatus};
 use skiff_hub::pki::JoinToken;
 use skiff_hub::store::NodeSpec;
 use std::collections::BTreeMap;
@@ -35,7 +36,7 @@ pub struct AgentArgs {
     pub bridge: String,
     #[arg(long, default_value = "10.213.0.0/20")]
     pub subnet: String,
-    /// Seconds between heartbeats (with status) to the hub.
+    /// Seconds between checks for changed status (sent only when it changed).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub heartbeat: u64,
 }
@@ -106,7 +107,7 @@ async fn join(args: &AgentArgs, pki: &Pki, name: &str, spec: NodeSpec) -> Result
         );
     }
     let (key, csr) = skiff_hub::pki::node_csr(name)?;
-    let client = pinned(&ca_pem, None)?;
+    let client = pinned(&ca_pem)?;
     let req = JoinRequest { token: format!("{}.{}", token.id, token.secret), node: name.to_string(), csr, spec };
     let resp = client.post(format!("{hub}/api/v1/join")).json(&req).send().await?;
     let resp: JoinResponse = ok_json(resp).await.context("joining")?;
@@ -127,16 +128,13 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// A client that trusts only the hub's CA, presenting the node's certificate if given.
-fn pinned(ca_pem: &str, identity_pem: Option<&str>) -> Result<reqwest::Client> {
-    let mut b = reqwest::Client::builder()
+/// A client that trusts only the hub's CA (for joining).
+fn pinned(ca_pem: &str) -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
         .tls_built_in_root_certs(false)
         .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes())?)
-        .connect_timeout(Duration::from_secs(10));
-    if let Some(id) = identity_pem {
-        b = b.identity(reqwest::Identity::from_pem(id.as_bytes())?);
-    }
-    Ok(b.build()?)
+        .connect_timeout(Duration::from_secs(10))
+        .build()?)
 }
 
 async fn ok_json<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T> {
@@ -174,105 +172,36 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     let node = join(args, &pki, &acfg.node_name, node_spec(labels)).await?;
     acfg.node_name = node.clone();
     let ca = std::fs::read_to_string(pki.path("ca.pem"))?;
-    let identity = std::fs::read_to_string(pki.path("node.pem"))? + &std::fs::read_to_string(pki.path("node.key"))?;
-    let client = pinned(&ca, Some(&identity))?;
     let agent = Agent::open(acfg)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx));
     let hub = args.hub.trim_end_matches('/').to_string();
     eprintln!("skiff: agent {node} joined to {hub}; running from {}", data.display());
 
-    let sync = {
-        let (agent, client, hub, node) = (Arc::clone(&agent), client.clone(), hub.clone(), node.clone());
-        tokio::spawn(async move {
-            let mut failures = 0u32;
-            loop {
-                let after = agent.desired_revision().unwrap_or(0);
-                let url = format!("{hub}/api/v1/nodes/{node}/assignments?after={after}&wait=30");
-                let got = async {
-                    let resp = client.get(&url).timeout(Duration::from_secs(45)).send().await?;
-                    ok_json::<Assignment>(resp).await
-                }
-                .await;
-                match got {
-                    Ok(a) => {
-                        failures = 0;
-                        if a.revision != after {
-                            let all: Vec<_> = a.deployments.into_iter().map(|x| (x.spec, Some(x.indexes))).collect();
-                            if let Err(e) = agent.set_desired_slots(&all, a.revision) {
-                                tracing::error!("storing the assignment: {e}");
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        tracing::warn!("hub unreachable or refusing ({e:#}); running from local state");
-                        tokio::time::sleep(backoff(failures)).await;
-                    }
-                }
-            }
-        })
-    };
-    let heartbeat = {
-        let (agent, hub, node) = (Arc::clone(&agent), hub.clone(), node.clone());
-        let every = Duration::from_secs(args.heartbeat);
-        tokio::spawn(async move {
-            loop {
-                // Events wait in agent.db until the hub acknowledges them: a partition
-                // delays them, and a restart of either side loses none.
-                let events = agent.unshipped_events(500).unwrap_or_default();
-                let status = NodeStatus {
-                    instances: agent.instances().unwrap_or_default(),
-                    events_through: events.last().map(|(id, _)| *id).unwrap_or(0),
-                    events: events.into_iter().map(|(_, e)| e).collect(),
-                };
-                let sent = async {
-                    let r = client
-                        .put(format!("{hub}/api/v1/nodes/{node}/status"))
-                        .json(&status)
-                        .timeout(Duration::from_secs(20))
-                        .send()
-                        .await?;
-                    ok_json::<StatusAck>(r).await
-                }
-                .await;
-                match sent {
-                    Ok(ack) if ack.events_through > 0 => {
-                        if let Err(e) = agent.events_shipped(ack.events_through) {
-                            tracing::warn!("recording shipped events: {e}");
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!("heartbeat failed: {e:#}"),
-                }
-                tokio::time::sleep(every).await;
-            }
-        })
-    };
     let tls = skiff_hub::tls::client_config(
         &ca,
         &std::fs::read_to_string(pki.path("node.pem"))?,
         &std::fs::read_to_string(pki.path("node.key"))?,
     )
-    .map_err(anyhow::Error::msg)?;
-    let tunnel = tokio::spawn(tunnel_loop(Arc::clone(&agent), hub.clone(), node.clone(), Arc::new(tls)));
+    .map_err(anyhow::Error::msg)
+    .context("the node's certificate")?;
+    let every = Duration::from_secs(args.heartbeat);
+    let tunnel = tokio::spawn(tunnel_loop(Arc::clone(&agent), hub.clone(), node.clone(), Arc::new(tls), every));
     tokio::select! {
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}
     }
     tunnel.abort();
     // Workloads keep running: they belong to the node, not to this process.
-    sync.abort();
-    heartbeat.abort();
     let _ = stop_tx.send(true);
     let _ = agent_task.await;
     eprintln!("skiff: agent stopped, workloads left running");
     Ok(0)
 }
 
-/// Keeps the tunnel to the hub open (reconnecting with backoff) and serves the hub's
-/// requests for logs and exec on it.
-async fn tunnel_loop(agent: Arc<Agent>, hub: String, node: String, tls: Arc<rustls::ClientConfig>) {
+/// Keeps the one connection to the hub open (reconnecting with jittered backoff) and
+/// runs the protocol on it: assignments in, status and events out, logs and exec served.
+async fn tunnel_loop(agent: Arc<Agent>, hub: String, node: String, tls: Arc<rustls::ClientConfig>, every: Duration) {
     let local = Arc::new(crate::link::LocalAgent { agent, pull: Default::default() });
     let url = format!("{}/api/v1/nodes/{node}/tunnel", hub.replacen("https://", "wss://", 1));
     let mut failures = 0u32;
@@ -281,9 +210,9 @@ async fn tunnel_loop(agent: Arc<Agent>, hub: String, node: String, tls: Arc<rust
         match tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(connector)).await {
             Ok((ws, _)) => {
                 failures = 0;
-                tracing::info!("tunnel to the hub open");
-                serve_tunnel(&local, ws).await;
-                tracing::info!("tunnel to the hub closed");
+                tracing::info!("connected to the hub");
+                serve_tunnel(&local, ws, every).await;
+                tracing::warn!("lost the hub; running from local state");
             }
             Err(e) => {
                 failures += 1;
@@ -294,29 +223,58 @@ async fn tunnel_loop(agent: Arc<Agent>, hub: String, node: String, tls: Arc<rust
     }
 }
 
-async fn serve_tunnel<S>(local: &Arc<crate::link::LocalAgent>, mut ws: tokio_tungstenite::WebSocketStream<S>)
-where
+async fn serve_tunnel<S>(
+    local: &Arc<crate::link::LocalAgent>,
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
+    every: Duration,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use futures_util::{SinkExt, StreamExt};
-    use skiff_hub::tunnel::{Op, Request};
+    use skiff_hub::tunnel::{Control, Op, Request};
     use tokio_tungstenite::tungstenite::Message;
+    let agent = &local.agent;
+    let frame = |c: &Control| serde_json::to_string(c).unwrap_or_default();
+    let hello = Control::Hello { revision: agent.desired_revision().unwrap_or(0) };
+    if ws.send(Message::Text(frame(&hello).into())).await.is_err() {
+        return;
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
     let mut running: std::collections::HashMap<u64, tokio::task::JoinHandle<()>> = Default::default();
+    let mut tick = tokio::time::interval(every);
+    // The instances last reported: status goes out only when it changed (or events wait).
+    let mut reported: Option<String> = None;
     loop {
         tokio::select! {
             m = ws.next() => match m {
                 Some(Ok(Message::Text(t))) => {
-                    let Ok(req) = serde_json::from_str::<Request>(t.as_str()) else { continue };
-                    match req.op {
-                        Op::Cancel => {
-                            if let Some(h) = running.remove(&req.id) {
-                                h.abort();
+                    match serde_json::from_str::<Control>(t.as_str()) {
+                        Ok(Control::Assign { assignment }) => {
+                            let all: Vec<_> =
+                                assignment.deployments.into_iter().map(|x| (x.spec, Some(x.indexes))).collect();
+                            if let Err(e) = agent.set_desired_slots(&all, assignment.revision) {
+                                tracing::error!("storing the assignment: {e}");
                             }
                         }
-                        op => {
-                            let h = tokio::spawn(answer(Arc::clone(local), req.id, op, tx.clone()));
-                            running.insert(req.id, h);
+                        Ok(Control::Ack { events_through }) => {
+                            if let Err(e) = agent.events_shipped(events_through) {
+                                tracing::warn!("recording shipped events: {e}");
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            let Ok(req) = serde_json::from_str::<Request>(t.as_str()) else { continue };
+                            match req.op {
+                                Op::Cancel => {
+                                    if let Some(h) = running.remove(&req.id) {
+                                        h.abort();
+                                    }
+                                }
+                                op => {
+                                    let h = tokio::spawn(answer(Arc::clone(local), req.id, op, tx.clone()));
+                                    running.insert(req.id, h);
+                                }
+                            }
                         }
                     }
                 }
@@ -324,10 +282,29 @@ where
                 Some(Ok(_)) => {}
             },
             out = rx.recv() => {
-                let Some(frame) = out else { break };
-                if ws.send(Message::Text(frame.into())).await.is_err() {
+                let Some(f) = out else { break };
+                if ws.send(Message::Text(f.into())).await.is_err() {
                     break;
                 }
+            }
+            _ = tick.tick() => {
+                // Events wait in agent.db until the hub acknowledges them: a partition delays
+                // them, and a restart of either side loses none.
+                let events = agent.unshipped_events(500).unwrap_or_default();
+                let instances = agent.instances().unwrap_or_default();
+                let now = serde_json::to_string(&instances).unwrap_or_default();
+                if reported.as_deref() == Some(now.as_str()) && events.is_empty() {
+                    continue;
+                }
+                let status = NodeStatus {
+                    instances,
+                    events_through: events.last().map(|(id, _)| *id).unwrap_or(0),
+                    events: events.into_iter().map(|(_, e)| e).collect(),
+                };
+                if ws.send(Message::Text(frame(&Control::Status { status }).into())).await.is_err() {
+                    break;
+                }
+                reported = Some(now);
             }
         }
         running.retain(|_, h| !h.is_finished());

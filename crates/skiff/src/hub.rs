@@ -52,11 +52,14 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     )?;
     let hub = Arc::new(Hub { store, nodes: vec![], admin_token, fleet: Some(Arc::clone(&fleet)) });
     fleet.reschedule().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    // Node states move with time (heartbeats stop arriving): place again every few seconds.
+    // Joins and returning nodes are placed within a second, in one pass however many
+    // came; node states also move with time (heartbeats that stop), so every 5 s anyway.
     let ticker = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            if let Err(e) = fleet.reschedule() {
+        for n in 1u64.. {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let f = Arc::clone(&fleet);
+            let r = tokio::task::spawn_blocking(move || f.tick(n % 5 == 0)).await;
+            if let Ok(Err(e)) = r {
                 tracing::warn!("placement failed: {e:?}");
             }
         }

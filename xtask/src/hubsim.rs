@@ -1,0 +1,213 @@
+//! `xtask hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID`: many lightweight agents in
+//! one process speaking the real protocol to a real `skiff hub`: TLS with a certificate
+//! each (joined with the token, key made here, CSR signed by the hub), then the one
+//! connection an agent keeps — the tunnel WebSocket: hello, a status report, assignments
+//! pushed by the hub, the hub's liveness pings. Measures, then prints JSON: join time, hub
+//! RSS and CPU per node heartbeat (ping) over an idle window, idle bytes per node per
+//! minute on loopback, and p50/p99 from `apply` until every node holds its assignment.
+
+use anyhow::{bail, Context, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct SimNode {
+    name: String,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+fn hub_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; after ")" they are at 11 and 12.
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn lo_bytes() -> u64 {
+    std::fs::read_to_string("/sys/class/net/lo/statistics/tx_bytes")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+pub async fn run(admin_conf: &str, token: &str, nodes: usize, idle_secs: u64, hub_pid: u32) -> Result<()> {
+    let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(admin_conf)?)?;
+    let server = conf["server"].as_str().context("server")?.to_string();
+    let ca = conf["ca"].as_str().context("ca")?.to_string();
+    let admin = conf["token"].as_str().context("token")?.to_string();
+    let t = skiff_hub::pki::JoinToken::parse(token)?;
+    let secret = format!("{}.{}", t.id, t.secret);
+    let ca_cert = reqwest::Certificate::from_pem(ca.as_bytes())?;
+    let plain =
+        reqwest::Client::builder().tls_built_in_root_certs(false).add_root_certificate(ca_cert.clone()).build()?;
+
+    // Join every node, 32 at a time.
+    let t0 = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut joins = tokio::task::JoinSet::new();
+    for i in 0..nodes {
+        let (sem, plain, server, secret, ca) =
+            (Arc::clone(&sem), plain.clone(), server.clone(), secret.clone(), ca.clone());
+        joins.spawn(async move {
+            let _p = sem.acquire().await;
+            let name = format!("sim-{i:05}");
+            let (key, csr) = skiff_hub::pki::node_csr(&name)?;
+            let spec = serde_json::json!({"os": "linux", "arch": "amd64", "cpu_millis": 4000, "memory_bytes": 4u64 << 30, "labels": {"site": format!("s{}", i % 50)}});
+            let resp = plain
+                .post(format!("{server}/api/v1/join"))
+                .json(&serde_json::json!({"token": secret, "node": name, "csr": csr, "spec": spec}))
+                .send()
+                .await?;
+            if !resp.status().is_success() {
+                bail!("join {name}: {}", resp.text().await?);
+            }
+            let j: serde_json::Value = resp.json().await?;
+            let cert = j["cert"].as_str().context("cert")?.to_string();
+            let tls = Arc::new(skiff_hub::tls::client_config(&ca, &cert, &key).map_err(anyhow::Error::msg)?);
+            anyhow::Ok(SimNode { name, tls })
+        });
+    }
+    let mut sims = vec![];
+    while let Some(r) = joins.join_next().await {
+        sims.push(Arc::new(r??));
+    }
+    let join_s = t0.elapsed().as_secs_f64();
+    eprintln!("hub-sim: {nodes} nodes joined in {join_s:.1} s");
+
+    // Every node: its tunnel, as `skiff agent` runs it.
+    let heartbeats = Arc::new(AtomicU64::new(0));
+    let got_probe: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; nodes]));
+    let ws_url = server.replacen("https://", "wss://", 1);
+    for (i, n) in sims.iter().enumerate() {
+        let (n, url, hb, got) = (
+            Arc::clone(n),
+            format!("{ws_url}/api/v1/nodes/{}/tunnel", n.name),
+            Arc::clone(&heartbeats),
+            Arc::clone(&got_probe),
+        );
+        tokio::spawn(async move {
+            use futures_util::{SinkExt, StreamExt};
+            use tokio_tungstenite::tungstenite::Message;
+            // Spread the connects, as nodes that started at different times.
+            tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 5_000)).await;
+            loop {
+                let c = tokio_tungstenite::Connector::Rustls(Arc::clone(&n.tls));
+                if let Ok((mut ws, _)) =
+                    tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(c)).await
+                {
+                    let hello = serde_json::json!({"type": "hello", "revision": 0}).to_string();
+                    let status = serde_json::json!({"type": "status", "status": {}}).to_string();
+                    if ws.send(Message::Text(hello.into())).await.is_ok()
+                        && ws.send(Message::Text(status.into())).await.is_ok()
+                    {
+                        while let Some(Ok(m)) = ws.next().await {
+                            match m {
+                                Message::Ping(_) => {
+                                    hb.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Message::Text(t) => {
+                                    let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                                    let has = v["assignment"]["deployments"]
+                                        .as_array()
+                                        .is_some_and(|d| d.iter().any(|x| x["spec"]["name"] == "probe"));
+                                    if has {
+                                        if let Ok(mut g) = got.lock() {
+                                            g[i].get_or_insert(Instant::now());
+                                        }
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+    }
+
+    // Wait for every node to be Ready at the hub.
+    let admin_client = plain.clone();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let r = admin_client.get(format!("{server}/api/v1/nodes")).bearer_auth(&admin).send().await?;
+        let v: Vec<serde_json::Value> = r.json().await?;
+        let ready = v.iter().filter(|n| n["state"] == "Ready").count();
+        if ready >= nodes {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {ready} of {nodes} nodes Ready after 300 s");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    eprintln!("hub-sim: all Ready; idle window of {idle_secs} s");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // Idle: hub CPU per heartbeat, loopback bytes per node per minute.
+    let (cpu0, hb0, lo0, w0) = (hub_cpu_ticks(hub_pid), heartbeats.load(Ordering::Relaxed), lo_bytes(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let (cpu1, hb1, lo1, secs) =
+        (hub_cpu_ticks(hub_pid), heartbeats.load(Ordering::Relaxed), lo_bytes(), w0.elapsed().as_secs_f64());
+    let ticks_per_s = 100.0; // USER_HZ
+    let beats = (hb1 - hb0).max(1) as f64;
+    let cpu_us_per_beat = (cpu1 - cpu0) as f64 / ticks_per_s * 1e6 / beats;
+    // Loopback carries both directions once each.
+    let bytes_per_node_min = (lo1 - lo0) as f64 / nodes as f64 / secs * 60.0;
+    let hub_rss = rss_kib(hub_pid);
+    let sim_rss = rss_kib(std::process::id());
+
+    // Propagation: a global deployment every node must get.
+    let probe = serde_json::json!({"deployments": [{"name": "probe", "image": "localhost/none:1", "placement": {"mode": "global"}}], "dry_run": false});
+    let t_apply = Instant::now();
+    let r = admin_client.post(format!("{server}/api/v1/apply")).bearer_auth(&admin).json(&probe).send().await?;
+    if !r.status().is_success() {
+        bail!("apply: {}", r.text().await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let lat: Vec<f64> = loop {
+        let got: Vec<Option<Instant>> = got_probe.lock().map(|g| g.clone()).unwrap_or_default();
+        if got.iter().all(Option::is_some) {
+            let mut v: Vec<f64> =
+                got.iter().flatten().map(|t| t.saturating_duration_since(t_apply).as_secs_f64() * 1000.0).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            break v;
+        }
+        if Instant::now() > deadline {
+            bail!("{} of {nodes} nodes got the assignment within 120 s", got.iter().flatten().count());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let out = serde_json::json!({
+        "nodes": nodes,
+        "join_seconds": (join_s * 10.0).round() / 10.0,
+        "hub_rss_mib": hub_rss / 1024,
+        "sim_rss_mib": sim_rss / 1024,
+        "idle_window_s": secs.round(),
+        "heartbeats_in_window": hb1 - hb0,
+        "hub_cpu_us_per_node_heartbeat": cpu_us_per_beat.round(),
+        "idle_bytes_per_node_per_minute": bytes_per_node_min.round(),
+        "idle_kbit_per_s_per_node": ((bytes_per_node_min * 8.0 / 60.0 / 1000.0) * 1000.0).round() / 1000.0,
+        "propagation_ms": {"p50": pct(&lat, 0.5).round(), "p99": pct(&lat, 0.99).round(), "max": pct(&lat, 1.0).round()},
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
