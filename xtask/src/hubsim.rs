@@ -110,8 +110,11 @@ pub async fn run(admin_conf: &str, token: &str, nodes: usize, idle_secs: u64, hu
             tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 5_000)).await;
             loop {
                 let c = tokio_tungstenite::Connector::Rustls(Arc::clone(&n.tls));
+                let small = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                    .read_buffer_size(8 << 10)
+                    .write_buffer_size(0);
                 if let Ok((mut ws, _)) =
-                    tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(c)).await
+                    tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(small), true, Some(c)).await
                 {
                     let hello = serde_json::json!({"type": "hello", "revision": 0}).to_string();
                     let status = serde_json::json!({"type": "status", "status": {}}).to_string();

@@ -351,6 +351,9 @@ async fn tunnel(
 ) -> Result<Response, ApiError> {
     let f = Arc::clone(fleet_of(&hub)?);
     f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
+    // Small buffers: tens of thousands of mostly idle tunnels, whose frames are small (the
+    // default 128 KiB read buffer per connection would dominate the hub's memory).
+    let ws = ws.read_buffer_size(8 << 10).write_buffer_size(0).max_message_size(MAX_BODY).max_frame_size(MAX_BODY);
     Ok(ws.on_upgrade(move |socket| crate::tunnel::serve(f, name, socket)))
 }
 
