@@ -79,6 +79,8 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
     let mut node_rev: Option<u64> = None;
     let mut pushed: Option<Vec<crate::fleet::Assigned>> = None;
     let mut ping = tokio::time::interval(PING_EVERY);
+    // A node whose link died silently stops answering: drop its tunnel (it will dial again).
+    let mut last_rx = tokio::time::Instant::now();
     let send = |c: &Control| serde_json::to_string(c).ok();
     loop {
         let mut push = false;
@@ -86,6 +88,7 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
             m = socket.recv() => match m {
                 Some(Ok(Message::Text(text))) => {
                     f.touch(&name);
+                    last_rx = tokio::time::Instant::now();
                     match serde_json::from_str::<Control>(text.as_str()) {
                         Ok(Control::Hello { revision }) => {
                             node_rev = Some(revision);
@@ -105,7 +108,10 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
                         Err(_) => t.deliver(text.as_str()).await,
                     }
                 }
-                Some(Ok(Message::Pong(_))) => f.touch(&name),
+                Some(Ok(Message::Pong(_))) => {
+                    f.touch(&name);
+                    last_rx = tokio::time::Instant::now();
+                }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 Some(Ok(_)) => {}
             },
@@ -124,6 +130,9 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
                 push = true;
             }
             _ = ping.tick() => {
+                if last_rx.elapsed() > PING_EVERY * 3 {
+                    break;
+                }
                 if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
                     break;
                 }

@@ -147,10 +147,10 @@ async fn ok_json<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Res
     Ok(serde_json::from_str(&text)?)
 }
 
-/// 1 s doubling to 15 s, with up to 50 % jitter: a healed link is noticed within seconds,
+/// 1 s doubling to 5 s, with up to 50 % jitter: a healed link is noticed within seconds,
 /// and a restarted hub is not met by every node at once.
 fn backoff(failures: u32) -> Duration {
-    let base = (1000u64 << failures.min(4)).min(15_000);
+    let base = (1000u64 << failures.min(3)).min(5_000);
     let jitter = u64::from(skiff_hub::pki::random_hex().as_bytes()[0] % 128) * base / 256;
     Duration::from_millis(base + jitter)
 }
@@ -207,7 +207,14 @@ async fn tunnel_loop(agent: Arc<Agent>, hub: String, node: String, tls: Arc<rust
     let mut failures = 0u32;
     loop {
         let connector = tokio_tungstenite::Connector::Rustls(Arc::clone(&tls));
-        match tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(connector)).await {
+        let dial = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(connector));
+        // Bounded: a SYN into a dead link would otherwise wait out the kernel's retries.
+        match tokio::time::timeout(Duration::from_secs(10), dial).await.unwrap_or_else(|_| {
+            Err(tokio_tungstenite::tungstenite::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connecting took more than 10 s",
+            )))
+        }) {
             Ok((ws, _)) => {
                 failures = 0;
                 tracing::info!("connected to the hub");
@@ -222,6 +229,9 @@ async fn tunnel_loop(agent: Arc<Agent>, hub: String, node: String, tls: Arc<rust
         tokio::time::sleep(backoff(failures)).await;
     }
 }
+
+/// The hub pings every 20 s; this long without any frame means the link is gone.
+const SILENCE: Duration = Duration::from_secs(45);
 
 async fn serve_tunnel<S>(
     local: &Arc<crate::link::LocalAgent>,
@@ -241,13 +251,17 @@ async fn serve_tunnel<S>(
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
     let mut running: std::collections::HashMap<u64, tokio::task::JoinHandle<()>> = Default::default();
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(every.min(SILENCE / 4));
     // The instances last reported: status goes out only when it changed (or events wait).
     let mut reported: Option<String> = None;
+    // A link that dies silently (no FIN, TCP retransmitting for minutes) is noticed by the
+    // hub's pings stopping: the connection is dropped and made anew.
+    let mut last_rx = tokio::time::Instant::now();
     loop {
         tokio::select! {
             m = ws.next() => match m {
                 Some(Ok(Message::Text(t))) => {
+                    last_rx = tokio::time::Instant::now();
                     match serde_json::from_str::<Control>(t.as_str()) {
                         Ok(Control::Assign { assignment }) => {
                             let all: Vec<_> =
@@ -279,7 +293,7 @@ async fn serve_tunnel<S>(
                     }
                 }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => last_rx = tokio::time::Instant::now(),
             },
             out = rx.recv() => {
                 let Some(f) = out else { break };
@@ -288,6 +302,10 @@ async fn serve_tunnel<S>(
                 }
             }
             _ = tick.tick() => {
+                if last_rx.elapsed() > SILENCE {
+                    tracing::warn!("no word from the hub for {SILENCE:?}; reconnecting");
+                    break;
+                }
                 // Events wait in agent.db until the hub acknowledges them: a partition delays
                 // them, and a restart of either side loses none.
                 let events = agent.unshipped_events(500).unwrap_or_default();
