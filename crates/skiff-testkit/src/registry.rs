@@ -161,19 +161,9 @@ impl TokenServer {
         let port = l.local_addr()?.port();
         let issued = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (count, stopped) = (Arc::clone(&issued), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            let mut n = 0u32;
-            while !stopped.load(Ordering::Relaxed) && n < 100_000 {
-                n += 1;
-                let Ok((mut c, _)) = l.accept() else {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                };
-                let _ = c.set_nonblocking(false);
-                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-                let _ = answer_token(&mut c, &signer, &rng, &x5c, &count);
-            }
+        let count = Arc::clone(&issued);
+        serve_until(l, Arc::clone(&stop), move |c| {
+            let _ = answer_token(c, &signer, &rng, &x5c, &count);
         });
         Ok(TokenServer { port, bundle, issued, stop })
     }
@@ -402,32 +392,22 @@ impl StatusServer {
         let port = l.local_addr()?.port();
         let hits = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (count, stopped) = (Arc::clone(&hits), Arc::clone(&stop));
+        let count = Arc::clone(&hits);
         let response = format!(
             "HTTP/1.1 {status} Status\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
-        std::thread::spawn(move || {
-            let mut n = 0u32;
-            while !stopped.load(Ordering::Relaxed) && n < 100_000 {
-                n += 1;
-                let Ok((mut c, _)) = l.accept() else {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                };
-                let _ = c.set_nonblocking(false);
-                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut buf = [0u8; 8192];
-                // A TLS ClientHello (a client trying HTTPS first) is turned away at once.
-                match c.read(&mut buf) {
-                    Ok(n) if n > 0 && buf[0] != 0x16 => {
-                        count.fetch_add(1, Ordering::Relaxed);
-                        let _ = c.write_all(response.as_bytes());
-                    }
-                    _ => {}
+        serve_until(l, Arc::clone(&stop), move |c| {
+            let mut buf = [0u8; 8192];
+            // A TLS ClientHello (a client trying HTTPS first) is turned away at once.
+            match c.read(&mut buf) {
+                Ok(n) if n > 0 && buf[0] != 0x16 => {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let _ = c.write_all(response.as_bytes());
                 }
-                let _ = c.shutdown(std::net::Shutdown::Both);
+                _ => {}
             }
+            let _ = c.shutdown(std::net::Shutdown::Both);
         });
         Ok(StatusServer { port, hits, stop })
     }
@@ -437,4 +417,27 @@ impl Drop for StatusServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// Accepts connections on a non-blocking `l` and hands each (blocking, 5 s read timeout)
+/// to `handle`, until `stop` is set; bounded to 100 000 rounds.
+fn serve_until(
+    l: TcpListener,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: impl Fn(&mut TcpStream) + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        for _ in 0..100_000u32 {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok((mut c, _)) = l.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            let _ = c.set_nonblocking(false);
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            handle(&mut c);
+        }
+    });
 }

@@ -61,6 +61,13 @@ fn reboot(n: &mut Node) -> R {
     Ok(())
 }
 
+/// Writes `text` as `file` in the hub's directory and `skiff apply -f`s it.
+fn apply(h: &Node, file: &str, text: &str) -> R {
+    let p = h.write(file, text)?;
+    h.ok(&["apply", "-f", p.to_str().unwrap_or_default()])?;
+    Ok(())
+}
+
 fn hub_instances(h: &Node) -> Vec<InstanceStatus> {
     h.ok(&["get", "instances", "-o", "json"]).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
 }
@@ -107,26 +114,26 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
 
     // Replicas spread over both nodes; the global, selected one only where camera=true.
     h.ok(&["run", IMAGE, "--name", "web", "--replicas", "3", "--", "sleep", "1000"])?;
-    let stack = h.write(
+    apply(
+        &h,
         "cam.yaml",
         &format!(
             "name: cams\nservices:\n  analyser:\n    image: {IMAGE}\n    command: [sleep, '1000']\n    deploy:\n      mode: global\n      placement:\n        constraints: [node.labels.camera==true]\n"
         ),
     )?;
-    h.ok(&["apply", "-f", stack.to_str().unwrap()])?;
     let before = wait_placed(
         &h,
         &[("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-a-1", "web-3"), ("site-a-1", "analyser-1")],
     )?;
 
     // Kubernetes manifests: a DaemonSet with a nodeSelector runs once on each match.
-    let ds = h.write(
+    apply(
+        &h,
         "ds.yaml",
         &format!(
             "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: k8s-ds}}\nspec:\n  template:\n    spec:\n      nodeSelector: {{site: b}}\n      containers: [{{name: c, image: \"{IMAGE}\", command: [sleep, \"1000\"]}}]\n"
         ),
     )?;
-    h.ok(&["apply", "-f", ds.to_str().unwrap()])?;
     wait_placed(
         &h,
         &[
