@@ -252,6 +252,10 @@ impl Fleet {
         if !self.store.revoke_node(name).map_err(internal)? {
             return Err(FleetError::NotFound(format!("node {name:?} not found")));
         }
+        // Its open connection goes too; a new one is refused at the handshake's authorize.
+        if let Some(t) = self.tunnel(name) {
+            t.kick.notify_one();
+        }
         self.reschedule()?;
         Ok(())
     }

@@ -129,6 +129,7 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
                 }
                 push = true;
             }
+            _ = t.kick.notified() => break,
             _ = ping.tick() => {
                 if last_rx.elapsed() > PING_EVERY * 3 {
                     break;
@@ -169,11 +170,19 @@ pub struct Tunnel {
     next: AtomicU64,
     /// Tells this tunnel apart from a newer one of the same node.
     pub serial: u64,
+    /// Closes the tunnel from the hub's side (the node was revoked).
+    pub kick: tokio::sync::Notify,
 }
 
 impl Tunnel {
     pub fn new(out: mpsc::Sender<String>, serial: u64) -> Self {
-        Tunnel { out, pending: Mutex::new(HashMap::new()), next: AtomicU64::new(1), serial }
+        Tunnel {
+            out,
+            pending: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            serial,
+            kick: tokio::sync::Notify::new(),
+        }
     }
 
     /// Sends `op`; answers arrive on the returned channel until `End`, an error, or the

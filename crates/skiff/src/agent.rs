@@ -223,7 +223,7 @@ async fn tunnel_loop(agent: Arc<Agent>, hub: String, node: String, tls: Arc<rust
             }
             Err(e) => {
                 failures += 1;
-                tracing::debug!("tunnel: {e}");
+                tracing::warn!("cannot connect to the hub: {e}");
             }
         }
         tokio::time::sleep(backoff(failures)).await;

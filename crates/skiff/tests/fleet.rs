@@ -240,6 +240,11 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
     assert!(String::from_utf8_lossy(&out.stderr).contains("node \"ghost\" not found"));
     h.ok(&["delete", "deployment", "web"])?;
     wait_placed(&h, &[])?;
+
+    // Revoking a node cuts its connection, and it cannot come back.
+    h.ok(&["delete", "node", "site-a-1"])?;
+    wait_for(30 * SEC, "node a refused after revocation", || a.log().contains("403 Forbidden").then_some(()))?;
+    assert!(!h.ok(&["get", "nodes"])?.contains("site-a-1"));
     drop((a, b));
     Ok(())
 }
