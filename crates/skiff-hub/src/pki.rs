@@ -53,7 +53,8 @@ fn ca_params() -> Result<CertificateParams, PkiError> {
     Ok(p)
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
+/// Writes a secret (mode 0600, synced, renamed into place).
+pub fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

@@ -14,7 +14,7 @@ use skiff_hub::fleet::{JoinRequest, JoinResponse, NodeStatus};
 use skiff_hub::pki::JoinToken;
 use skiff_hub::store::NodeSpec;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,20 +112,11 @@ async fn join(args: &AgentArgs, pki: &Pki, name: &str, spec: NodeSpec) -> Result
     let resp = client.post(format!("{hub}/api/v1/join")).json(&req).send().await?;
     let resp: JoinResponse = ok_json(resp).await.context("joining")?;
     std::fs::create_dir_all(&pki.dir)?;
-    write_private(&pki.path("node.key"), &key)?;
+    skiff_hub::pki::write_private(&pki.path("node.key"), &key)?;
     std::fs::write(pki.path("node.pem"), &resp.cert)?;
     std::fs::write(pki.path("ca.pem"), &resp.ca)?;
     std::fs::write(&joined, serde_json::to_vec_pretty(&Joined { hub: args.hub.clone(), node: name.to_string() })?)?;
     Ok(name.to_string())
-}
-
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    Ok(())
 }
 
 /// A client that trusts only the hub's CA (for joining).
