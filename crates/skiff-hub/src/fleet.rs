@@ -369,6 +369,13 @@ impl Fleet {
         self.statuses.lock().map(|s| s.values().flatten().cloned().collect()).unwrap_or_default()
     }
 
+    /// Where `deployments` would run if they were the whole desired state, without
+    /// storing anything (`apply --dry-run`): instance name → node, and the unplaceable.
+    pub fn plan(&self, deployments: &[Deployment]) -> Result<Plan, FleetError> {
+        let current = self.store.slots().map_err(internal)?;
+        Ok(schedule::schedule(deployments, &BTreeMap::new(), &self.views()?, &current, now_ms()))
+    }
+
     /// Places every deployment over the joined nodes and stores the result; wakes the
     /// nodes' long-polls when it changed.
     pub fn reschedule(&self) -> Result<Plan, FleetError> {

@@ -110,10 +110,21 @@ impl Hub {
                     .map_err(|e| ApplyError::Invalid(format!("deployments.{}.image: {e}", d.name)))?;
             }
         }
-        let resp = self
+        let mut resp = self
             .store
             .apply(&req.deployments, req.prune_stack.as_deref(), req.dry_run)
             .map_err(|e| ApplyError::Internal(e.to_string()))?;
+        if let (true, Some(f)) = (req.dry_run, &self.fleet) {
+            let mut all: Vec<_> =
+                kept.into_iter().filter(|k| !req.deployments.iter().any(|d| d.name == k.name)).collect();
+            all.extend(req.deployments.iter().cloned());
+            let plan = f.plan(&all).map_err(|e| ApplyError::Internal(format!("{e:?}")))?;
+            for s in plan.slots.iter().filter(|s| req.deployments.iter().any(|d| d.name == s.deployment)) {
+                resp.placement.insert(format!("{}-{}", s.deployment, s.index), s.node.clone());
+            }
+            resp.unschedulable =
+                plan.unschedulable.into_iter().filter(|(d, _)| req.deployments.iter().any(|x| &x.name == d)).collect();
+        }
         if !req.dry_run {
             self.sync_nodes().map_err(ApplyError::Internal)?;
         }

@@ -438,6 +438,12 @@ pub fn print_apply(r: &ApplyResponse, dry_run: bool) {
             println!("deployment {n} {verb}{suffix}");
         }
     }
+    for (instance, node) in &r.placement {
+        println!("  {instance} on {node}");
+    }
+    for (d, why) in &r.unschedulable {
+        println!("  {d}: {why}");
+    }
 }
 
 fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {

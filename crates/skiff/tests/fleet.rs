@@ -61,11 +61,13 @@ fn reboot(n: &mut Node) -> R {
     Ok(())
 }
 
-/// Writes `text` as `file` in the hub's directory and `skiff apply -f`s it.
-fn apply(h: &Node, file: &str, text: &str) -> R {
+/// Writes `text` as `file` in the hub's directory and `skiff apply -f`s it (with
+/// `extra` arguments); returns what it printed.
+fn apply(h: &Node, file: &str, text: &str, extra: &[&str]) -> anyhow::Result<String> {
     let p = h.write(file, text)?;
-    h.ok(&["apply", "-f", p.to_str().unwrap_or_default()])?;
-    Ok(())
+    let mut args = vec!["apply", "-f", p.to_str().unwrap_or_default()];
+    args.extend(extra);
+    h.ok(&args)
 }
 
 fn hub_instances(h: &Node) -> Vec<InstanceStatus> {
@@ -114,13 +116,17 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
 
     // Replicas spread over both nodes; the global, selected one only where camera=true.
     h.ok(&["run", IMAGE, "--name", "web", "--replicas", "3", "--", "sleep", "1000"])?;
-    apply(
-        &h,
-        "cam.yaml",
-        &format!(
-            "name: cams\nservices:\n  analyser:\n    image: {IMAGE}\n    command: [sleep, '1000']\n    deploy:\n      mode: global\n      placement:\n        constraints: [node.labels.camera==true]\n"
-        ),
-    )?;
+    let cams = format!(
+        "name: cams\nservices:\n  analyser:\n    image: {IMAGE}\n    command: [sleep, '1000']\n    deploy:\n      mode: global\n      placement:\n        constraints: [node.labels.camera==true]\n"
+    );
+    // --dry-run shows the placement and changes nothing.
+    let plan = apply(&h, "cam.yaml", &cams, &["--dry-run"])?;
+    assert!(
+        plan.contains("deployment analyser created (dry run)") && plan.contains("analyser-1 on site-a-1"),
+        "{plan}"
+    );
+    assert!(!h.ok(&["get", "deployments"])?.contains("analyser"));
+    apply(&h, "cam.yaml", &cams, &[])?;
     let before = wait_placed(
         &h,
         &[("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-a-1", "web-3"), ("site-a-1", "analyser-1")],
@@ -133,6 +139,7 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
         &format!(
             "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: k8s-ds}}\nspec:\n  template:\n    spec:\n      nodeSelector: {{site: b}}\n      containers: [{{name: c, image: \"{IMAGE}\", command: [sleep, \"1000\"]}}]\n"
         ),
+        &[],
     )?;
     wait_placed(
         &h,
