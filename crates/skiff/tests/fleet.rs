@@ -212,6 +212,36 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
         let anon = get(&plain, "site-a-1").await?.status();
         anyhow::Ok((own, other, anon))
     })?;
+    // Bad input at the API: each refused with a status and a message naming the problem.
+    let (oversize, malformed, badtoken) = rt.block_on(async {
+        let plain = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes())?)
+            .build()?;
+        let join = format!("{server}/api/v1/join");
+        // Refused with 413, or cut off before the client finished sending it (a 400
+        // would mean the body was read and parsed: no limit).
+        let big = match plain.post(&join).body(vec![b'x'; 2 << 20]).send().await {
+            Ok(r) => r.status() == 413,
+            Err(_) => true,
+        };
+        let bad = plain.post(&join).body("{not json").send().await?;
+        let bad = (bad.status(), bad.text().await?);
+        let body = serde_json::json!({"token": "abc.def", "node": "x", "csr": "", "spec": {"os": "linux", "arch": "amd64", "cpu_millis": 1, "memory_bytes": 1}});
+        let tok = plain.post(&join).json(&body).send().await?;
+        anyhow::Ok((big, bad, (tok.status(), tok.text().await?)))
+    })?;
+    assert!(oversize, "a 2 MiB body is refused");
+    assert_eq!(malformed.0, 400);
+    assert!(malformed.1.contains("request body"), "{}", malformed.1);
+    assert_eq!(badtoken.0, 401);
+    assert!(badtoken.1.contains("token: unknown token"), "{}", badtoken.1);
+    let bad_kind = h.write("cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n")?;
+    let out = h.cli(&["apply", "-f", bad_kind.to_str().unwrap()])?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kind \"ConfigMap\" is not supported"));
+    let negative = h.write("neg.yaml", "services:\n  w:\n    image: x\n    deploy: {replicas: -1}\n")?;
+    let out = h.cli(&["apply", "-f", negative.to_str().unwrap()])?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("services.w.deploy.replicas: -1 must be 0 or more"));
     assert_eq!(own, 200);
     assert_eq!(other.0, 403, "{}", other.1);
     assert!(other.1.contains("node \\\"site-a-1\\\" may not act for node \\\"site-b-1\\\""), "{}", other.1);
