@@ -117,8 +117,6 @@ pub struct Fleet {
     started_ms: u64,
     /// The newest placement revision, for long-polls.
     changed: tokio::sync::watch::Sender<u64>,
-    /// Nodes with unplaced instances: deployment → reason.
-    pub unschedulable: Mutex<BTreeMap<String, String>>,
     tunnels: Mutex<BTreeMap<String, Arc<crate::tunnel::Tunnel>>>,
     /// Something placement depends on changed (a node joined or came back).
     dirty: std::sync::atomic::AtomicBool,
@@ -141,7 +139,6 @@ impl Fleet {
             events: Mutex::new(BTreeMap::new()),
             started_ms: now_ms(),
             changed: tokio::sync::watch::channel(rev).0,
-            unschedulable: Mutex::new(BTreeMap::new()),
             tunnels: Mutex::new(BTreeMap::new()),
             assignments: Mutex::new(None),
             dirty: std::sync::atomic::AtomicBool::new(false),
@@ -377,16 +374,14 @@ impl Fleet {
     }
 
     /// Places every deployment over the joined nodes and stores the result; wakes the
-    /// nodes' long-polls when it changed.
+    /// nodes' long-polls and tunnels when the revision moved (by this placement or by any
+    /// change to deployments before it, since `set_slots` returns the current revision).
     pub fn reschedule(&self) -> Result<Plan, FleetError> {
         let deployments: Vec<Deployment> = self.store.list().map_err(internal)?.into_iter().map(|s| s.spec).collect();
         let current = self.store.slots().map_err(internal)?;
         // Image platforms are not looked up yet: every architecture is allowed.
         let plan = schedule::schedule(&deployments, &BTreeMap::new(), &self.views()?, &current, now_ms());
         let rev = self.store.set_slots(&plan.slots).map_err(internal)?;
-        if let Ok(mut u) = self.unschedulable.lock() {
-            u.clone_from(&plan.unschedulable);
-        }
         self.changed.send_if_modified(|r| {
             let newer = rev > *r;
             if newer {
@@ -403,20 +398,6 @@ impl Fleet {
         if self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) || force {
             self.reschedule()?;
         }
-        Ok(())
-    }
-
-    /// Wakes long-polls after a change to deployments (their revision moved).
-    pub fn deployments_changed(&self) -> Result<(), FleetError> {
-        self.reschedule()?;
-        let rev = self.store.revision().map_err(internal)?;
-        self.changed.send_if_modified(|r| {
-            let newer = rev > *r;
-            if newer {
-                *r = rev;
-            }
-            newer
-        });
         Ok(())
     }
 
@@ -565,7 +546,7 @@ mod tests {
         let mut web = Deployment::new("web", "img");
         web.replicas = 3;
         f.store.apply(&[web], None, false).unwrap();
-        f.deployments_changed().unwrap();
+        f.reschedule().unwrap();
         // Only `a` is Ready (b never sent a heartbeat): all three land there.
         let a = f.assignment("a").unwrap();
         assert_eq!(a.deployments[0].indexes, [1, 2, 3]);

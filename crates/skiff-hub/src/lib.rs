@@ -78,7 +78,7 @@ impl Hub {
     /// placement is trivial; the scheduler for many nodes plugs in here.
     pub fn sync_nodes(&self) -> Result<(), String> {
         if let Some(f) = &self.fleet {
-            f.deployments_changed().map_err(|e| format!("{e:?}"))?;
+            f.reschedule().map_err(|e| format!("{e:?}"))?;
         }
         let rev = self.store.revision().map_err(|e| e.to_string())?;
         let all: Vec<Deployment> = self.store.list().map_err(|e| e.to_string())?.into_iter().map(|s| s.spec).collect();

@@ -107,8 +107,8 @@ fn need(d: &Deployment) -> (u64, u64) {
     (d.resources.cpus_reservation_millis.unwrap_or(0), d.resources.memory_reservation_bytes.unwrap_or(0))
 }
 
-/// Why a node cannot take one more instance of `d`, if it cannot.
-fn refusal(d: &Deployment, n: &NodeView, platforms: Option<&Platforms>, used: &Used) -> Option<&'static str> {
+/// Why `n` is not a node `d` is for (its labels or architecture), if it is not.
+fn mismatch(d: &Deployment, n: &NodeView, platforms: Option<&Platforms>) -> Option<&'static str> {
     if d.placement.node_selector.iter().any(|(k, v)| n.labels.get(k) != Some(v)) {
         return Some("didn't match the node selector");
     }
@@ -117,6 +117,11 @@ fn refusal(d: &Deployment, n: &NodeView, platforms: Option<&Platforms>, used: &U
             return Some("have an architecture the image is not built for");
         }
     }
+    None
+}
+
+/// Why `n`, with `used` taken, has no room for one more instance of `d`, if it has not.
+fn no_room(d: &Deployment, n: &NodeView, used: &Used) -> Option<&'static str> {
     let (cpu, mem) = need(d);
     if used.cpu + cpu > n.cpu_millis {
         return Some("Insufficient cpu");
@@ -171,9 +176,7 @@ pub fn schedule(
                 .reschedule_after_ms
                 .is_some_and(|after| n.state != NodeState::Ready && now_ms.saturating_sub(n.state_since_ms) >= after);
             // A kept slot only has to still match: room was checked when it was placed.
-            let matches = refusal(d, n, plat, &Used::default())
-                .is_none_or(|r| r == "Insufficient cpu" || r == "Insufficient memory");
-            if stays && matches && !gone_too_long {
+            if stays && mismatch(d, n, plat).is_none() && !gone_too_long {
                 take(&mut used, n, d);
                 entry.push(s.clone());
             }
@@ -192,8 +195,11 @@ pub fn schedule(
                 let mut taken: BTreeSet<u32> = slots.iter().map(|s| s.index).collect();
                 let mut next = 1u32;
                 for n in nodes.iter().filter(|n| !have.contains(&n.name)) {
+                    if mismatch(d, n, plat).is_some() {
+                        continue; // not a node this deployment is for
+                    }
                     let u = used.get(n.name.as_str()).copied().unwrap_or_default();
-                    match refusal(d, n, plat, &u) {
+                    match no_room(d, n, &u) {
                         None => {
                             while taken.contains(&next) {
                                 next += 1;
@@ -203,11 +209,10 @@ pub fn schedule(
                             take(&mut used, n, d);
                             slots.push(Slot { deployment: d.name.clone(), index, node: n.name.clone() });
                         }
-                        Some(r @ ("Insufficient cpu" | "Insufficient memory")) => {
+                        Some(r) => {
                             *refused.entry(r).or_default() += 1;
                             missing += 1;
                         }
-                        Some(_) => {} // not a node this deployment is for
                     }
                 }
             }
@@ -232,7 +237,7 @@ pub fn schedule(
                             *refused.entry("were not ready").or_default() += 1;
                             continue;
                         }
-                        if let Some(r) = refusal(d, n, plat, &u) {
+                        if let Some(r) = mismatch(d, n, plat).or_else(|| no_room(d, n, &u)) {
                             *refused.entry(r).or_default() += 1;
                             continue;
                         }
