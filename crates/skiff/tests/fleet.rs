@@ -10,6 +10,10 @@ use skiff_model::{InstanceState, InstanceStatus};
 use std::time::Duration;
 
 type R = anyhow::Result<()>;
+
+/// Where the first test's web and analyser instances run, throughout.
+const PLACED: [(&str, &str); 4] =
+    [("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-a-1", "web-3"), ("site-a-1", "analyser-1")];
 const SEC: Duration = Duration::from_secs(1);
 
 fn hub() -> anyhow::Result<Node> {
@@ -127,10 +131,7 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
     );
     assert!(!h.ok(&["get", "deployments"])?.contains("analyser"));
     apply(&h, "cam.yaml", &cams, &[])?;
-    let before = wait_placed(
-        &h,
-        &[("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-a-1", "web-3"), ("site-a-1", "analyser-1")],
-    )?;
+    let before = wait_placed(&h, &PLACED)?;
 
     // Kubernetes manifests: a DaemonSet with a nodeSelector runs once on each match.
     apply(
@@ -141,16 +142,7 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
         ),
         &[],
     )?;
-    wait_placed(
-        &h,
-        &[
-            ("site-a-1", "web-1"),
-            ("site-b-1", "web-2"),
-            ("site-a-1", "web-3"),
-            ("site-a-1", "analyser-1"),
-            ("site-b-1", "k8s-ds-1"),
-        ],
-    )?;
+    wait_placed(&h, &[&PLACED[..], &[("site-b-1", "k8s-ds-1")]].concat())?;
     h.ok(&["delete", "deployment", "k8s-ds"])?;
 
     // `--selector` pins a deployment to matching nodes; none matching is said so.
@@ -166,16 +158,7 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
         "-c",
         "echo hello from b; sleep 1000",
     ])?;
-    wait_placed(
-        &h,
-        &[
-            ("site-a-1", "web-1"),
-            ("site-b-1", "web-2"),
-            ("site-a-1", "web-3"),
-            ("site-a-1", "analyser-1"),
-            ("site-b-1", "only-b-1"),
-        ],
-    )?;
+    wait_placed(&h, &[&PLACED[..], &[("site-b-1", "only-b-1")]].concat())?;
     // Logs and exec reach node b through its tunnel (the agent's outbound WebSocket).
     let logs = wait_for(30 * SEC, "logs through the tunnel", || {
         h.ok(&["logs", "only-b-1"]).ok().filter(|l| l.contains("hello from b"))
@@ -262,10 +245,7 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
     // The hub comes back on the same address: both agents resync, nothing restarts.
     let port = server.rsplit(':').next().unwrap().to_string();
     h.spawn(&["hub", "--listen", &format!("127.0.0.1:{port}")])?;
-    let after = wait_placed(
-        &h,
-        &[("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-a-1", "web-3"), ("site-a-1", "analyser-1")],
-    )?;
+    let after = wait_placed(&h, &PLACED)?;
     assert_eq!(pids(&after), pids(&before), "same processes, zero restarts");
 
     // A change after the heal reaches the nodes: scale down.
