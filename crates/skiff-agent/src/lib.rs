@@ -46,7 +46,7 @@ pub enum AgentError {
     Other(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub node_name: String,
@@ -59,6 +59,8 @@ pub struct AgentConfig {
     pub image_gc: Option<skiff_image::GcPolicy>,
     /// How often the disk is checked against `image_gc`.
     pub image_gc_every: Duration,
+    /// How images that are not in the store are pulled (`None`: they wait to be loaded).
+    pub pull: Option<skiff_image::registry::PullOptions>,
 }
 
 impl AgentConfig {
@@ -72,6 +74,7 @@ impl AgentConfig {
             tick: Duration::from_millis(250),
             image_gc: Some(skiff_image::GcPolicy::default()),
             image_gc_every: Duration::from_secs(30),
+            pull: None,
         }
     }
 }
@@ -91,6 +94,19 @@ pub struct Agent {
     notify: Notify,
     stopping: Mutex<HashSet<String>>,
     health: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Images being pulled, or whose last pull failed (and when to try again).
+    pulls: Mutex<HashMap<String, PullState>>,
+}
+
+#[derive(Debug, Clone)]
+enum PullState {
+    Running,
+    Failed { failures: u32, retry_at_ms: u64, error: String },
+}
+
+/// Wait after the `failures`-th failed pull of an image: 5 s doubling to 5 min.
+fn pull_backoff_ms(failures: u32) -> u64 {
+    (5_000u64 << failures.saturating_sub(1).min(6)).min(300_000)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -136,6 +152,7 @@ impl Agent {
             notify: Notify::new(),
             stopping: Default::default(),
             health: Default::default(),
+            pulls: Default::default(),
         }))
     }
 
@@ -520,8 +537,64 @@ impl Agent {
         r
     }
 
+    /// Starts pulling `image` for `instance` unless a pull runs or failed recently; says
+    /// what the instance waits for and when to look again.
+    fn pull_missing(self: &Arc<Self>, instance: &str, image: &str) -> (String, u64) {
+        let Some(opts) = self.cfg.pull.clone() else { return (format!("image {image} not found"), 5_000) };
+        let Ok(mut pulls) = self.pulls.lock() else { return ("image pulls: lock poisoned".into(), 5_000) };
+        let now = now_ms();
+        let failures = match pulls.get(image) {
+            Some(PullState::Running) => return (format!("pulling {image}"), 1_000),
+            Some(PullState::Failed { failures, retry_at_ms, error }) if *retry_at_ms > now => {
+                let secs = (retry_at_ms - now).div_ceil(1000);
+                return (format!("pulling {image} failed: {error}; trying again in {secs} s"), retry_at_ms - now);
+            }
+            Some(PullState::Failed { failures, .. }) => *failures,
+            None => 0,
+        };
+        pulls.insert(image.to_string(), PullState::Running);
+        drop(pulls);
+        self.event(instance, "Pulling", image);
+        let me = Arc::clone(self);
+        let waiting = format!("pulling {image}");
+        let (instance, image) = (instance.to_string(), image.to_string());
+        tokio::spawn(async move {
+            let res = skiff_image::registry::pull(Arc::clone(&me.images), &image, &opts).await;
+            let state = match res {
+                Ok(rep) => {
+                    let msg =
+                        format!("{image} ({}) from {}, {} B received", rep.digest, rep.endpoint, rep.bytes_received);
+                    me.event(&instance, "Pulled", &msg);
+                    None
+                }
+                Err(e) => {
+                    let error = skiff_image::error::with_causes(&e);
+                    me.event(&instance, "PullFailed", &format!("{image}: {error}"));
+                    let failures = failures + 1;
+                    Some(PullState::Failed { failures, retry_at_ms: now_ms() + pull_backoff_ms(failures), error })
+                }
+            };
+            if let Ok(mut pulls) = me.pulls.lock() {
+                match state {
+                    Some(s) => pulls.insert(image, s),
+                    None => pulls.remove(&image),
+                };
+            }
+            me.notify.notify_one();
+        });
+        (waiting, 1_000)
+    }
+
     /// Resolves image, network and volumes, creates the container and starts its shim.
     async fn start_instance(self: &Arc<Self>, mut r: InstanceRow) -> Result<(), AgentError> {
+        if self.cfg.pull.is_some() && self.images.inspect(&r.spec.image).is_err() {
+            let (message, retry_ms) = self.pull_missing(&r.name, &r.spec.image);
+            r.state = InstanceState::Pending;
+            r.message = Some(message);
+            r.next_start_ms = Some(now_ms() + retry_ms);
+            self.db(|s| s.put_instance(&r))?;
+            return Ok(());
+        }
         let me = Arc::clone(self);
         let r2 = r.clone();
         let res = blocking(move || me.start_blocking(&r2)).await;
@@ -825,4 +898,13 @@ fn resolv_conf(host_network: bool) -> String {
         })
         .map(|l| format!("{l}\n"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn failed_pulls_back_off_from_5_s_to_5_min() {
+        let waits: Vec<u64> = (1..=8).map(|f| super::pull_backoff_ms(f) / 1000).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300]);
+    }
 }

@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use skiff_model::api::{ApplyRequest, DeploymentView, ErrorBody};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::info_span;
@@ -94,29 +95,44 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn apply(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let req: ApplyRequest = serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let warnings = match &hub.fleet {
+        Some(f) => f.learn_platforms(&req.deployments.iter().map(|d| d.image.clone()).collect::<Vec<_>>()).await,
+        None => vec![],
+    };
     match hub.apply(&req) {
-        Ok(resp) => Ok(Json(resp).into_response()),
+        Ok(resp) => Ok(Json(skiff_model::api::ApplyResponse { warnings, ..resp }).into_response()),
         Err(crate::ApplyError::Invalid(m)) => Err(bad(m)),
         Err(crate::ApplyError::Internal(m)) => Err(internal(m)),
     }
 }
 
-/// A stored deployment with its instances, picked out of `all` (fetched once per request).
-fn view(all: &[skiff_model::InstanceStatus], s: crate::store::Stored) -> DeploymentView {
+/// A stored deployment with its instances, picked out of `all`, and why some have no
+/// node, from `unschedulable` (both fetched once per request).
+fn view(
+    all: &[skiff_model::InstanceStatus],
+    unschedulable: &BTreeMap<String, String>,
+    s: crate::store::Stored,
+) -> DeploymentView {
     let instances = all.iter().filter(|i| i.deployment == s.spec.name).cloned().collect();
-    DeploymentView { revision: s.revision, spec: s.spec, instances }
+    let unschedulable = unschedulable.get(&s.spec.name).cloned();
+    DeploymentView { revision: s.revision, spec: s.spec, instances, unschedulable }
+}
+
+fn unschedulable(hub: &Hub) -> BTreeMap<String, String> {
+    hub.fleet.as_ref().map(|f| f.unschedulable()).unwrap_or_default()
 }
 
 async fn list_deployments(State(hub): State<Shared>) -> Result<Json<Vec<DeploymentView>>, ApiError> {
     let stored = hub.store.list().map_err(internal)?;
     let all = hub.instances();
-    Ok(Json(stored.into_iter().map(|s| view(&all, s)).collect()))
+    let why = unschedulable(&hub);
+    Ok(Json(stored.into_iter().map(|s| view(&all, &why, s)).collect()))
 }
 
 async fn get_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<Json<DeploymentView>, ApiError> {
     let s =
         hub.store.get(&name).map_err(internal)?.ok_or_else(|| not_found(format!("deployment {name:?} not found")))?;
-    Ok(Json(view(&hub.instances(), s)))
+    Ok(Json(view(&hub.instances(), &unschedulable(&hub), s)))
 }
 
 async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {

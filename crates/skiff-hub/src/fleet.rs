@@ -6,7 +6,7 @@
 //! old one).
 
 use crate::pki::{Ca, JoinToken};
-use crate::schedule::{self, NodeState, NodeView, Plan};
+use crate::schedule::{self, NodeState, NodeView, Plan, Platforms};
 use crate::store::{NodeRecord, NodeSpec, Store, TokenRecord};
 use crate::tls::Peer;
 use serde::{Deserialize, Serialize};
@@ -124,7 +124,19 @@ pub struct Fleet {
     #[allow(clippy::type_complexity)]
     assignments: Mutex<Option<(u64, Arc<BTreeMap<String, Arc<Assignment>>>)>>,
     tunnel_serial: std::sync::atomic::AtomicU64,
+    /// How the platforms of an image are found out (the registry, in `skiff hub`).
+    lookup: Option<PlatformLookup>,
+    /// Image → the platforms it was last seen to have; absent: any architecture.
+    platforms: Mutex<BTreeMap<String, Platforms>>,
+    /// Deployment → why some of its instances have no node, as of the last placement.
+    unschedulable: Mutex<BTreeMap<String, String>>,
 }
+
+/// Finds out which `(architecture, variant)`s an image is built for.
+pub type PlatformLookup = Arc<dyn Fn(String) -> crate::BoxFuture<'static, Result<Platforms, String>> + Send + Sync>;
+
+/// How long a platform lookup may take before the image counts as "any architecture".
+const LOOKUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Fleet {
     pub fn new(ca: Ca, store: Arc<dyn Store>) -> Result<Self, FleetError> {
@@ -143,7 +155,58 @@ impl Fleet {
             assignments: Mutex::new(None),
             dirty: std::sync::atomic::AtomicBool::new(false),
             tunnel_serial: std::sync::atomic::AtomicU64::new(1),
+            lookup: None,
+            platforms: Mutex::new(BTreeMap::new()),
+            unschedulable: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    pub fn with_platform_lookup(mut self, lookup: PlatformLookup) -> Self {
+        self.lookup = Some(lookup);
+        self
+    }
+
+    /// Looks up the platforms of `images` (concurrently, each within 10 s) so that
+    /// placement matches them to node architectures. Returns a warning for each image
+    /// whose platforms stay unknown: it may still run (loaded offline, a registry only the
+    /// nodes reach), so it is placed on any architecture. Marks placement dirty when
+    /// something was learnt.
+    pub async fn learn_platforms(&self, images: &[String]) -> Vec<String> {
+        let Some(lookup) = &self.lookup else { return vec![] };
+        let mut unique: Vec<&String> = images.iter().collect();
+        unique.sort();
+        unique.dedup();
+        let found = futures_util::future::join_all(unique.into_iter().map(|image| async move {
+            let r = tokio::time::timeout(LOOKUP_LIMIT, lookup(image.clone()))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {LOOKUP_LIMIT:?}")));
+            (image, r)
+        }))
+        .await;
+        let mut warnings = vec![];
+        let Ok(mut known) = self.platforms.lock() else { return vec!["platforms: lock poisoned".into()] };
+        for (image, r) in found {
+            match r {
+                Ok(p) if !p.is_empty() => {
+                    if known.insert(image.clone(), p.clone()).as_ref() != Some(&p) {
+                        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Ok(_) => warnings
+                    .push(format!("image {image}: the registry lists no platforms; placing on any architecture")),
+                Err(e) => warnings.push(format!("image {image}: platforms unknown ({e}); placing on any architecture")),
+            }
+        }
+        warnings
+    }
+
+    /// Deployment → why some of its instances have no node, as of the last placement.
+    pub fn unschedulable(&self) -> BTreeMap<String, String> {
+        self.unschedulable.lock().map(|u| u.clone()).unwrap_or_default()
+    }
+
+    fn known_platforms(&self) -> BTreeMap<String, Platforms> {
+        self.platforms.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
     /// Registers a node's new tunnel (replacing an older one of the same node).
@@ -370,7 +433,7 @@ impl Fleet {
     /// storing anything (`apply --dry-run`): instance name → node, and the unplaceable.
     pub fn plan(&self, deployments: &[Deployment]) -> Result<Plan, FleetError> {
         let current = self.store.slots().map_err(internal)?;
-        Ok(schedule::schedule(deployments, &BTreeMap::new(), &self.views()?, &current, now_ms()))
+        Ok(schedule::schedule(deployments, &self.known_platforms(), &self.views()?, &current, now_ms()))
     }
 
     /// Places every deployment over the joined nodes and stores the result; wakes the
@@ -379,9 +442,11 @@ impl Fleet {
     pub fn reschedule(&self) -> Result<Plan, FleetError> {
         let deployments: Vec<Deployment> = self.store.list().map_err(internal)?.into_iter().map(|s| s.spec).collect();
         let current = self.store.slots().map_err(internal)?;
-        // Image platforms are not looked up yet: every architecture is allowed.
-        let plan = schedule::schedule(&deployments, &BTreeMap::new(), &self.views()?, &current, now_ms());
+        let plan = schedule::schedule(&deployments, &self.known_platforms(), &self.views()?, &current, now_ms());
         let rev = self.store.set_slots(&plan.slots).map_err(internal)?;
+        if let Ok(mut u) = self.unschedulable.lock() {
+            u.clone_from(&plan.unschedulable);
+        }
         self.changed.send_if_modified(|r| {
             let newer = rev > *r;
             if newer {

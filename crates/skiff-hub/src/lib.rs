@@ -127,6 +127,13 @@ impl Hub {
         }
         if !req.dry_run {
             self.sync_nodes().map_err(ApplyError::Internal)?;
+            if let Some(f) = &self.fleet {
+                resp.unschedulable = f
+                    .unschedulable()
+                    .into_iter()
+                    .filter(|(d, _)| req.deployments.iter().any(|x| &x.name == d))
+                    .collect();
+            }
         }
         Ok(resp)
     }

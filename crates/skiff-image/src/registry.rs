@@ -221,6 +221,58 @@ fn challenge(h: &str) -> Option<(String, Vec<(String, String)>)> {
 }
 
 impl Client {
+    fn new(
+        http: &reqwest::Client,
+        endpoint: &Endpoint,
+        r: &RemoteRef,
+        opts: &PullOptions,
+        received: Arc<AtomicU64>,
+        limit: Option<Arc<RateLimit>>,
+    ) -> Self {
+        Client {
+            http: http.clone(),
+            basic: basic_auth_from(opts.docker_config.as_ref(), &endpoint.host),
+            attempts: match endpoint {
+                Endpoint { probe: true, .. } => 1,
+                Endpoint { mirror: true, .. } => opts.max_attempts.min(3),
+                _ => opts.max_attempts,
+            },
+            endpoint: endpoint.clone(),
+            r: r.clone(),
+            token: Mutex::new(None),
+            received,
+            limit,
+            cancel: false.into(),
+        }
+    }
+
+    /// The platforms of the image `self.r` names: an index lists them, a single
+    /// manifest's config names its one.
+    async fn platforms(&self, opts: &PullOptions) -> Result<Vec<Platform>, ImageError> {
+        let (bytes, digest) = self.manifest(&self.r.reference, opts).await?;
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| ImageError::Malformed { what: digest.clone(), problem: e.to_string() })?;
+        if m.is_index() {
+            return Ok(m.manifests.unwrap_or_default().into_iter().filter_map(|d| d.platform).collect());
+        }
+        let config =
+            m.config.ok_or_else(|| ImageError::Malformed { what: digest, problem: "manifest has no config".into() })?;
+        sha256_hex(&config.digest)?;
+        let what = format!("config {}", config.digest);
+        let path = format!("/v2/{}/blobs/{}", self.r.repository, config.digest);
+        let (bytes, _) = self.small_once(&what, &path, None, &config.digest).await.map_err(|(e, _)| e)?;
+        #[derive(serde::Deserialize)]
+        struct Config {
+            os: String,
+            architecture: String,
+            #[serde(default)]
+            variant: Option<String>,
+        }
+        let c: Config = serde_json::from_slice(&bytes)
+            .map_err(|e| ImageError::Malformed { what: config.digest.clone(), problem: e.to_string() })?;
+        Ok(vec![Platform { os: c.os, architecture: c.architecture, variant: c.variant }])
+    }
+
     fn err(&self, what: &str, problem: impl Into<String>) -> ImageError {
         ImageError::Registry { registry: self.endpoint.host.clone(), what: what.to_string(), problem: problem.into() }
     }
@@ -350,7 +402,19 @@ impl Client {
     /// One try; the flag says whether another may succeed.
     async fn manifest_once(&self, what: &str, reference: &str) -> Result<(Vec<u8>, String), (ImageError, bool)> {
         let path = format!("/v2/{}/manifests/{reference}", self.r.repository);
-        let resp = self.get(what, &path, Some(MANIFEST_ACCEPT), 0).await.map_err(|e| {
+        self.small_once(what, &path, Some(MANIFEST_ACCEPT), reference).await
+    }
+
+    /// One try at a document of at most 4 MiB (a manifest, an image config), verified
+    /// against `reference` when it is a digest.
+    async fn small_once(
+        &self,
+        what: &str,
+        path: &str,
+        accept: Option<&str>,
+        reference: &str,
+    ) -> Result<(Vec<u8>, String), (ImageError, bool)> {
+        let resp = self.get(what, path, accept, 0).await.map_err(|e| {
             let retry = matches!(e, ImageError::Unreachable { .. });
             (e, retry)
         })?;
@@ -365,7 +429,7 @@ impl Client {
         while let Some(c) = resp.chunk().await.map_err(|e| (self.err(what, with_causes(&e)), true))? {
             body.extend_from_slice(&c);
             if body.len() > MAX_MANIFEST {
-                return Err((self.err(what, "manifest larger than 4 MiB"), false));
+                return Err((self.err(what, "larger than 4 MiB"), false));
             }
         }
         self.received.fetch_add(body.len() as u64, Ordering::Relaxed);
@@ -424,21 +488,7 @@ pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -
     let mut res = Err(ImageError::BadReference(reference.to_string()));
     let mut probe_err = None;
     for (i, endpoint) in endpoints.iter().enumerate() {
-        let client = Arc::new(Client {
-            http: http.clone(),
-            basic: basic_auth_from(opts.docker_config.as_ref(), &endpoint.host),
-            attempts: match endpoint {
-                Endpoint { probe: true, .. } => 1,
-                Endpoint { mirror: true, .. } => opts.max_attempts.min(3),
-                _ => opts.max_attempts,
-            },
-            endpoint: endpoint.clone(),
-            r: r.clone(),
-            token: Mutex::new(None),
-            received: Arc::clone(&received),
-            limit: limit.clone(),
-            cancel: false.into(),
-        });
+        let client = Arc::new(Client::new(&http, endpoint, &r, opts, Arc::clone(&received), limit.clone()));
         res = pull_inner(&store, &client, reference, opts, &added).await;
         match res {
             Err(e @ ImageError::Unreachable { .. }) if endpoint.probe => {
@@ -469,6 +519,24 @@ pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -
         rep.bytes_received = received.load(Ordering::Relaxed);
         rep
     })
+}
+
+/// The platforms `reference` is built for, read from the registry (its manifest, and the
+/// config of a single-platform image) without storing anything: what the hub places by.
+/// Mirrors are tried first, as for a pull; a manifest gets at most two tries.
+pub async fn platforms(reference: &str, opts: &PullOptions) -> Result<Vec<Platform>, ImageError> {
+    let r = RemoteRef::parse(reference)?;
+    let http = http_client(opts)?;
+    let opts = PullOptions { max_attempts: 2, ..opts.clone() };
+    let mut res = Err(ImageError::BadReference(reference.to_string()));
+    for endpoint in opts.registries.endpoints(&r.registry, &opts.insecure) {
+        let client = Client::new(&http, &endpoint, &r, &opts, Default::default(), None);
+        res = client.platforms(&opts).await;
+        if res.is_ok() {
+            break;
+        }
+    }
+    res
 }
 
 async fn pull_inner(

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // tests may panic on setup failures
 
 use skiff_image::hosts::RegistriesConfig;
-use skiff_image::registry::{parse_platform, pull, PullOptions};
+use skiff_image::registry::{parse_platform, platforms, pull, PullOptions};
 use skiff_image::{ImageError, ImageStore};
 use skiff_testkit::registry::{Auth, FaultProxy, Registry, StatusServer, PASSWORD, USER};
 use skiff_testkit::{incompressible, ImageBuilder, LayerBuilder};
@@ -38,6 +38,17 @@ fn multi_arch_index_picks_this_machines_variant() -> R {
     ImageBuilder::write_multi_arch_layout(&layout, "multi", &images)?;
     reg.push(&layout, "team/multi:1")?;
     let reference = format!("127.0.0.1:{}/team/multi:1", reg.port);
+
+    // What the hub places by: the platforms, read without storing anything.
+    let listed: Vec<String> = rt().block_on(platforms(&reference, &opts()))?.iter().map(ToString::to_string).collect();
+    assert_eq!(listed, ["linux/amd64", "linux/arm64", "linux/arm/v7"]);
+    let single = tmp.path().join("single");
+    arch_image("arm", Some("v6"))?.write_oci_layout(&single, "single")?;
+    reg.push(&single, "team/single:1")?;
+    let one = rt().block_on(platforms(&format!("127.0.0.1:{}/team/single:1", reg.port), &opts()))?;
+    assert_eq!(one.iter().map(ToString::to_string).collect::<Vec<_>>(), ["linux/arm/v6"], "from the config");
+    let missing = rt().block_on(platforms(&format!("127.0.0.1:{}/team/none:1", reg.port), &opts())).unwrap_err();
+    assert!(missing.to_string().contains("manifest team/none:1: not found"), "{missing}");
 
     let store = Arc::new(ImageStore::open(tmp.path().join("store"))?);
     rt().block_on(pull(Arc::clone(&store), &reference, &opts()))?;

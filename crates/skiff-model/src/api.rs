@@ -26,6 +26,9 @@ pub struct ApplyResponse {
     pub placement: std::collections::BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub unschedulable: std::collections::BTreeMap<String, String>,
+    /// What was applied but deserves a look (an image whose platforms are unknown).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,6 +36,9 @@ pub struct DeploymentView {
     pub revision: u64,
     pub spec: Deployment,
     pub instances: Vec<InstanceStatus>,
+    /// Why some of its instances have no node (on a hub with remote nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unschedulable: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -159,6 +159,7 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     if let Some(n) = &args.node_name {
         acfg.node_name = n.clone();
     }
+    acfg.pull = Some(crate::cli::pull_options(cli)?);
     let pki = Pki { dir: data.join("pki") };
     let node = join(args, &pki, &acfg.node_name, node_spec(labels)).await?;
     acfg.node_name = node.clone();

@@ -325,6 +325,7 @@ async fn run(cli: Cli) -> Result<i32> {
             if r.unchanged.contains(&name) {
                 eprintln!("deployment {name} is already running with this spec");
             }
+            print_notes(&r);
             println!("{name}");
             Ok(0)
         }
@@ -441,8 +442,16 @@ pub fn print_apply(r: &ApplyResponse, dry_run: bool) {
     for (instance, node) in &r.placement {
         println!("  {instance} on {node}");
     }
+    print_notes(r);
+}
+
+/// Warnings, and instances that found no node, on stderr: the apply itself succeeded.
+fn print_notes(r: &ApplyResponse) {
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
     for (d, why) in &r.unschedulable {
-        println!("  {d}: {why}");
+        eprintln!("warning: {d}: {why}");
     }
 }
 

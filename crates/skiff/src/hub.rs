@@ -40,7 +40,12 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let (cert, key) = ca.server_cert(&names)?;
     let tls = skiff_hub::tls::server_config(&cert, &key, ca.pem()).map_err(anyhow::Error::msg)?;
     let ca_pem = ca.pem().to_string();
-    let fleet = Arc::new(skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store)).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+    let lookup = platform_lookup(cli)?;
+    let fleet = Arc::new(
+        skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?
+            .with_platform_lookup(lookup),
+    );
     let admin_token = crate::up::admin_token(data);
     let host = args.advertise.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
     let host = if host.contains(':') { format!("[{host}]") } else { host };
@@ -64,6 +69,14 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
             }
         }
     });
+    // Platforms are learnt at each apply; after a restart, for what is already stored.
+    let images: Vec<String> = hub.store.list().map_err(anyhow::Error::msg)?.into_iter().map(|s| s.spec.image).collect();
+    let f = Arc::clone(hub.fleet.as_ref().context("the hub has a fleet")?);
+    tokio::spawn(async move {
+        for w in f.learn_platforms(&images).await {
+            tracing::warn!("{w}");
+        }
+    });
     let server_task = tokio::spawn(skiff_hub::tls::serve(listener, skiff_hub::api::router(Arc::clone(&hub)), tls));
     eprintln!("skiff: hub on {server} (listening on {addr}), config in {}", conf_path.display());
     tokio::select! {
@@ -74,4 +87,18 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     server_task.abort();
     eprintln!("skiff: hub stopped");
     Ok(0)
+}
+
+/// The hub reads an image's platforms from its registry (mirrors and CA as a pull would
+/// use them, from `--registries`): Linux ones only, so attestation entries (`unknown/unknown`)
+/// and other systems' images do not count.
+fn platform_lookup(cli: &crate::cli::Cli) -> Result<skiff_hub::fleet::PlatformLookup> {
+    let opts = skiff_image::registry::PullOptions { progress: Arc::new(|_| {}), ..crate::cli::pull_options(cli)? };
+    Ok(Arc::new(move |image: String| {
+        let opts = opts.clone();
+        Box::pin(async move {
+            let all = skiff_image::registry::platforms(&image, &opts).await.map_err(|e| e.to_string())?;
+            Ok(all.into_iter().filter(|p| p.os == "linux").map(|p| (p.architecture, p.variant)).collect())
+        })
+    }))
 }

@@ -107,8 +107,9 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     if let Some(n) = &args.node_name {
         acfg.node_name = n.clone();
     }
-    let agent = Agent::open(acfg)?;
     let pull = crate::cli::pull_options(cli)?;
+    acfg.pull = Some(pull.clone());
+    let agent = Agent::open(acfg)?;
     if let Some(i) = &import {
         for d in &i.deployments {
             if agent.images().inspect(&d.image).is_err() {

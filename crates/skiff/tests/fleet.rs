@@ -314,3 +314,68 @@ fn a_node_rebooted_while_offline_brings_its_workloads_back() -> R {
     wait_placed(&h, &[])?;
     Ok(())
 }
+
+#[test]
+fn images_are_placed_by_platform_and_pulled_by_the_agent() -> R {
+    skiff_testkit::require_registry_tools!();
+    let reg = skiff_testkit::registry::Registry::start()?;
+    let tmp = tempfile::tempdir()?;
+    let arch = |a: &str| -> anyhow::Result<skiff_testkit::ImageBuilder> {
+        let mut img = skiff_testkit::ImageBuilder::busybox()?;
+        (img.architecture, img.variant) = (a.to_string(), None);
+        Ok(img)
+    };
+    let host = skiff_testkit::host_arch();
+    let other = if host == "arm64" { "amd64" } else { "arm64" };
+    skiff_testkit::ImageBuilder::write_multi_arch_layout(&tmp.path().join("m"), "m", &[arch(host)?, arch(other)?])?;
+    reg.push(&tmp.path().join("m"), "edge/multi:1")?;
+    arch(other)?.write_oci_layout(&tmp.path().join("f"), "f")?;
+    reg.push(&tmp.path().join("f"), "edge/foreign:1")?;
+    let at = |repo: &str| format!("127.0.0.1:{}/{repo}", reg.port);
+
+    let h = hub()?;
+    let token = h.ok(&["token", "create"])?.trim().to_string();
+    let a = agent(&h, &token, "edge-1", &[])?;
+    wait_for(30 * SEC, "the node Ready", || h.ok(&["get", "nodes"]).ok()?.contains("Ready").then_some(()))?;
+
+    // An image the node does not have: placed, then pulled by the agent itself.
+    h.ok(&["run", &at("edge/multi:1"), "--name", "pulled", "--", "sleep", "1000"])?;
+    wait_placed(&h, &[("edge-1", "pulled-1")])?;
+    let events = |h: &Node| -> Vec<(String, String)> {
+        let evs: Vec<skiff_model::EventRecord> =
+            h.ok(&["get", "events", "-o", "json"]).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        evs.into_iter().map(|e| (e.object, e.reason)).collect()
+    };
+    wait_for(30 * SEC, "Pulling and Pulled events at the hub", || {
+        let e = events(&h);
+        let has = |r: &str| e.iter().any(|(o, x)| o == "pulled-1" && x == r);
+        (has("Pulling") && has("Pulled")).then_some(())
+    })?;
+
+    // An image built only for another architecture is placed nowhere, and says why.
+    let out = h.cli(&["run", &at("edge/foreign:1"), "--name", "foreign", "--", "sleep", "1000"])?;
+    let why = "0/1 nodes are available: 1 have an architecture the image is not built for";
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains(why), "{out:?}");
+    assert!(h.ok(&["describe", "deployment", "foreign"])?.contains(why));
+
+    // A registry nobody can reach: the hub warns and places on any architecture; the
+    // node keeps the instance pending, saying why, and tries again later.
+    let closed = format!("127.0.0.1:{}/edge/gone:1", common::free_port());
+    let out = h.cli(&["run", &closed, "--name", "gone", "--", "true"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("platforms unknown"), "{stderr}");
+    let pending = wait_for(30 * SEC, "gone-1 pending with the pull failure", || {
+        hub_instances(&h).into_iter().find(|i| {
+            i.name == "gone-1"
+                && i.message.as_deref().is_some_and(|m| m.contains("failed") && m.contains("trying again"))
+        })
+    })?;
+    assert_eq!(pending.state, InstanceState::Pending);
+    assert!(events(&h).iter().any(|(o, r)| o == "gone-1" && r == "PullFailed"));
+    assert_eq!(local_instance(&a, "pulled-1")?.state, InstanceState::Running);
+    for d in ["pulled", "foreign", "gone"] {
+        h.ok(&["delete", "deployment", d])?;
+    }
+    wait_placed(&h, &[])?;
+    Ok(())
+}
