@@ -122,17 +122,73 @@ fn unschedulable(hub: &Hub) -> BTreeMap<String, String> {
     hub.fleet.as_ref().map(|f| f.unschedulable()).unwrap_or_default()
 }
 
-async fn list_deployments(State(hub): State<Shared>) -> Result<Json<Vec<DeploymentView>>, ApiError> {
-    let stored = hub.store.list().map_err(internal)?;
-    let all = hub.instances();
-    let why = unschedulable(&hub);
-    Ok(Json(stored.into_iter().map(|s| view(&all, &why, s)).collect()))
+/// `?wait=S`: how long a watch may hold the request.
+#[derive(Deserialize, Default)]
+struct WatchQuery {
+    wait: Option<u64>,
 }
 
-async fn get_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<Json<DeploymentView>, ApiError> {
-    let s =
-        hub.store.get(&name).map_err(internal)?.ok_or_else(|| not_found(format!("deployment {name:?} not found")))?;
-    Ok(Json(view(&hub.instances(), &unschedulable(&hub), s)))
+/// The longest a watch holds a request, and how often it looks again meanwhile.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// Serves `read()` as JSON with an `ETag` naming its content. A request whose
+/// `If-None-Match` names the current content gets 304; with `?wait=S` it is held until the
+/// content changes (200 with the new one) or S seconds pass (at most 60; then 304). This
+/// is the long-poll watch CLIs and UIs follow lists with (`skiff get -w`), as Consul's
+/// blocking queries: a client that missed changes in between gets the newest whole list.
+async fn watched<T: serde::Serialize>(
+    q: &WatchQuery,
+    headers: &axum::http::HeaderMap,
+    read: impl Fn() -> Result<T, ApiError>,
+) -> Result<Response, ApiError> {
+    let have = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait.unwrap_or(0)).min(MAX_WAIT);
+    loop {
+        let body = serde_json::to_vec(&read()?).map_err(internal)?;
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(&body);
+        let tag = format!("\"{}\"", hex::encode(&digest[..12]));
+        if have.as_deref() != Some(tag.as_str()) {
+            return Ok(
+                ([(header::CONTENT_TYPE, "application/json".to_string()), (header::ETAG, tag)], body).into_response()
+            );
+        }
+        if tokio::time::Instant::now() + WATCH_EVERY > deadline {
+            return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response());
+        }
+        tokio::time::sleep(WATCH_EVERY).await;
+    }
+}
+
+async fn list_deployments(
+    State(hub): State<Shared>,
+    Query(q): Query<WatchQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    watched(&q, &headers, || {
+        let stored = hub.store.list().map_err(internal)?;
+        let all = hub.instances();
+        let why = unschedulable(&hub);
+        Ok(stored.into_iter().map(|s| view(&all, &why, s)).collect::<Vec<_>>())
+    })
+    .await
+}
+
+async fn get_deployment(
+    State(hub): State<Shared>,
+    Path(name): Path<String>,
+    Query(q): Query<WatchQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    watched(&q, &headers, || {
+        let s = hub
+            .store
+            .get(&name)
+            .map_err(internal)?
+            .ok_or_else(|| not_found(format!("deployment {name:?} not found")))?;
+        Ok(view(&hub.instances(), &unschedulable(&hub), s))
+    })
+    .await
 }
 
 async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
@@ -157,8 +213,12 @@ async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) 
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_instances(State(hub): State<Shared>) -> Json<Vec<skiff_model::InstanceStatus>> {
-    Json(hub.instances())
+async fn list_instances(
+    State(hub): State<Shared>,
+    Query(q): Query<WatchQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    watched(&q, &headers, || Ok(hub.instances())).await
 }
 
 #[derive(Deserialize)]
@@ -234,7 +294,15 @@ async fn exec(
     Ok(Json(r).into_response())
 }
 
-async fn nodes(State(hub): State<Shared>) -> Result<Json<Vec<NodeInfo>>, ApiError> {
+async fn nodes(
+    State(hub): State<Shared>,
+    Query(q): Query<WatchQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    watched(&q, &headers, || node_list(&hub)).await
+}
+
+fn node_list(hub: &Hub) -> Result<Vec<NodeInfo>, ApiError> {
     let all = hub.instances();
     let mut out: Vec<NodeInfo> = hub
         .nodes
@@ -262,7 +330,7 @@ async fn nodes(State(hub): State<Shared>) -> Result<Json<Vec<NodeInfo>>, ApiErro
             });
         }
     }
-    Ok(Json(out))
+    Ok(out)
 }
 
 fn fleet_error(e: crate::fleet::FleetError) -> ApiError {
@@ -391,16 +459,24 @@ async fn node_status(
 #[derive(Deserialize)]
 struct EventQuery {
     limit: Option<usize>,
+    wait: Option<u64>,
 }
 
-async fn events(State(hub): State<Shared>, Query(q): Query<EventQuery>) -> Json<Vec<skiff_model::EventRecord>> {
+async fn events(
+    State(hub): State<Shared>,
+    Query(q): Query<EventQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(100).min(10_000);
-    let mut all: Vec<_> = hub.nodes.iter().flat_map(|n| n.events(limit).unwrap_or_default()).collect();
-    if let Some(f) = &hub.fleet {
-        all.extend(f.events(None, limit));
-    }
-    all.sort_by_key(|e| e.time_ms);
-    Json(all)
+    watched(&WatchQuery { wait: q.wait }, &headers, || {
+        let mut all: Vec<_> = hub.nodes.iter().flat_map(|n| n.events(limit).unwrap_or_default()).collect();
+        if let Some(f) = &hub.fleet {
+            all.extend(f.events(None, limit));
+        }
+        all.sort_by_key(|e| e.time_ms);
+        Ok(all)
+    })
+    .await
 }
 
 /// Serves the API on `listener` until `shutdown` turns true.
@@ -414,4 +490,39 @@ pub async fn serve(
             let _ = shutdown.changed().await;
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    async fn round(n: &Arc<AtomicU64>, tag: Option<&str>, wait: u64) -> (StatusCode, String) {
+        let mut headers = axum::http::HeaderMap::new();
+        if let Some(t) = tag {
+            headers.insert(header::IF_NONE_MATCH, t.parse().unwrap());
+        }
+        let r = watched(&WatchQuery { wait: Some(wait) }, &headers, || Ok(vec![n.load(Ordering::SeqCst)])).await;
+        let r = r.unwrap_or_else(|e| panic!("{}", e.1));
+        let tag = r.headers()[header::ETAG].to_str().unwrap().to_string();
+        (r.status(), tag)
+    }
+
+    #[tokio::test]
+    async fn a_watch_answers_when_the_content_changes_or_the_wait_ends() {
+        let n = Arc::new(AtomicU64::new(1));
+        let (status, first) = round(&n, None, 0).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(round(&n, Some(&first), 0).await, (StatusCode::NOT_MODIFIED, first.clone()), "unchanged");
+        let bump = Arc::clone(&n);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            bump.store(2, Ordering::SeqCst);
+        });
+        let (status, second) = round(&n, Some(&first), 30).await;
+        assert_eq!(status, StatusCode::OK, "held until the content changed");
+        assert_ne!(second, first);
+        assert_eq!(round(&n, Some(&second), 1).await.0, StatusCode::NOT_MODIFIED, "the wait ran out");
+        assert_eq!(round(&n, Some("\"stale\""), 30).await, (StatusCode::OK, second), "a stale tag gets the list now");
+    }
 }

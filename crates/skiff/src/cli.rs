@@ -53,6 +53,9 @@ pub enum Cmd {
         kind: Kind,
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
+        /// Keep printing the list each time it changes (JSON and YAML: one document per change).
+        #[arg(short = 'w', long)]
+        watch: bool,
     },
     /// Show one deployment (or node) in detail.
     Describe { kind: Kind, name: String },
@@ -329,7 +332,7 @@ async fn run(cli: Cli) -> Result<i32> {
             println!("{name}");
             Ok(0)
         }
-        Cmd::Get { kind, output } => get(&client(&cli)?, *kind, *output).await,
+        Cmd::Get { kind, output, watch } => get(&client(&cli)?, *kind, *output, *watch).await,
         Cmd::Describe { kind, name } => {
             let c = client(&cli)?;
             match kind {
@@ -579,33 +582,61 @@ fn deployment_row(d: &DeploymentView) -> Vec<String> {
     ]
 }
 
-async fn get(c: &Client, kind: Kind, f: Format) -> Result<i32> {
+/// Prints a list; with `watch`, again each time it changes (a long-poll per round).
+async fn get(c: &Client, kind: Kind, f: Format, watch: bool) -> Result<i32> {
+    let path = match kind {
+        Kind::Instances => "/api/v1/instances",
+        Kind::Deployments => "/api/v1/deployments",
+        Kind::Nodes => "/api/v1/nodes",
+        Kind::Events => "/api/v1/events",
+    };
+    let mut tag: Option<String> = None;
+    loop {
+        let Some((body, new_tag)) = c.watch(path, tag.as_deref(), if tag.is_some() { 30 } else { 0 }).await? else {
+            continue;
+        };
+        match f {
+            Format::Table if tag.is_some() => println!(),
+            Format::Yaml if watch => println!("---"),
+            _ => {}
+        }
+        print_list(kind, &body, if watch && f == Format::Json { Format::JsonLine } else { f })?;
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        if !watch {
+            return Ok(0);
+        }
+        tag = Some(new_tag);
+    }
+}
+
+fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
+    let bad = |e: serde_json::Error| anyhow::anyhow!("the hub's answer is not the list asked for: {e}");
     match kind {
         Kind::Instances => {
-            let mut v: Vec<InstanceStatus> = c.get("/api/v1/instances").await?;
+            let mut v: Vec<InstanceStatus> = serde_json::from_slice(body).map_err(bad)?;
             v.sort_by(|a, b| a.name.cmp(&b.name));
             let h = ["NAME", "DEPLOYMENT", "STATUS", "HEALTH", "RESTARTS", "PID", "IP", "PORTS", "MESSAGE"];
-            output::print(&v, f, &h, instance_row)?;
+            output::print(&v, f, &h, instance_row)
         }
         Kind::Deployments => {
-            let v: Vec<DeploymentView> = c.get("/api/v1/deployments").await?;
+            let v: Vec<DeploymentView> = serde_json::from_slice(body).map_err(bad)?;
             let h = ["NAME", "STACK", "READY", "IMAGE", "CPUS", "MEMORY", "RESTART", "REVISION"];
-            output::print(&v, f, &h, deployment_row)?;
+            output::print(&v, f, &h, deployment_row)
         }
         Kind::Nodes => {
-            let v: Vec<skiff_hub::NodeInfo> = c.get("/api/v1/nodes").await?;
+            let v: Vec<skiff_hub::NodeInfo> = serde_json::from_slice(body).map_err(bad)?;
             output::print(&v, f, &["NAME", "STATE", "PLATFORM", "INSTANCES"], |n| {
                 vec![n.name.clone(), n.state.clone(), format!("{}/{}", n.os, n.arch), n.instances.to_string()]
-            })?;
+            })
         }
         Kind::Events => {
-            let v: Vec<skiff_model::EventRecord> = c.get("/api/v1/events").await?;
+            let v: Vec<skiff_model::EventRecord> = serde_json::from_slice(body).map_err(bad)?;
             output::print(&v, f, &["AGE", "OBJECT", "REASON", "MESSAGE"], |e| {
                 vec![output::age(Some(e.time_ms)), e.object.clone(), e.reason.clone(), e.message.clone()]
-            })?;
+            })
         }
     }
-    Ok(0)
 }
 
 async fn logs(c: &Client, name: &str, follow: bool, tail: Option<usize>, ts: bool) -> Result<i32> {

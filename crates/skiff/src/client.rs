@@ -37,7 +37,7 @@ impl Client {
             .with_context(|| {
                 format!("cannot reach the hub at {} (is `skiff up` or `skiff hub` running?)", self.cfg.server)
             })?;
-        if resp.status().is_success() {
+        if resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_MODIFIED {
             return Ok(resp);
         }
         let status = resp.status();
@@ -57,6 +57,22 @@ impl Client {
     pub async fn delete(&self, path: &str) -> Result<()> {
         self.send(self.http.delete(self.url(path))).await?;
         Ok(())
+    }
+
+    /// One round of a long-poll watch: the list at `path` once it differs from the
+    /// version `tag` names (waiting up to `wait` seconds), with its new tag; `None` when
+    /// nothing changed in that time.
+    pub async fn watch(&self, path: &str, tag: Option<&str>, wait: u64) -> Result<Option<(Vec<u8>, String)>> {
+        let mut req = self.http.get(self.url(path)).query(&[("wait", wait)]);
+        if let Some(t) = tag {
+            req = req.header(reqwest::header::IF_NONE_MATCH, t);
+        }
+        let resp = self.send(req).await?;
+        if resp.status() == reqwest::StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
+        let tag = resp.headers().get(reqwest::header::ETAG).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        Ok(Some((resp.bytes().await?.to_vec(), tag)))
     }
 
     pub async fn stream(&self, path: &str) -> Result<reqwest::Response> {

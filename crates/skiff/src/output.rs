@@ -8,6 +8,9 @@ pub enum Format {
     Table,
     Json,
     Yaml,
+    /// Compact JSON on one line (`skiff get -w -o json`: one document per change).
+    #[value(skip)]
+    JsonLine,
 }
 
 /// Prints `rows` as an aligned table with `headers`.
@@ -52,6 +55,7 @@ pub fn structured<T: Serialize + ?Sized>(v: &T, f: Format) -> Result<()> {
     match f {
         Format::Yaml => print!("{}", serde_norway::to_string(v)?),
         Format::Json | Format::Table => println!("{}", serde_json::to_string_pretty(v)?),
+        Format::JsonLine => println!("{}", serde_json::to_string(v)?),
     }
     Ok(())
 }

@@ -17,8 +17,13 @@ const PLACED: [(&str, &str); 4] =
 const SEC: Duration = Duration::from_secs(1);
 
 fn hub() -> anyhow::Result<Node> {
+    hub_on("127.0.0.1")
+}
+
+/// A hub listening on `ip` (a free port), naming that address in its certificate.
+fn hub_on(ip: &str) -> anyhow::Result<Node> {
     let mut h = Node::bare()?;
-    h.spawn(&["hub", "--listen", "127.0.0.1:0"])?;
+    h.spawn(&["hub", "--listen", &format!("{ip}:0"), "--advertise", ip])?;
     wait_for(30 * SEC, "the hub", || {
         (h.data().join("admin.conf").exists() && h.cli(&["get", "nodes"]).ok()?.status.success()).then_some(())
     })?;
@@ -34,6 +39,18 @@ fn agent(hub: &Node, token: &str, name: &str, labels: &[&str]) -> anyhow::Result
 
 /// `skiff agent` on `a`'s data dir, bridge and subnet (a token and name only to join).
 fn start_agent(a: &mut Node, server: &str, token: Option<&str>, name: Option<&str>, labels: &[&str]) -> R {
+    start_agent_in(None, a, server, token, name, labels)
+}
+
+/// As `start_agent`, inside the network namespace `netns` when given.
+fn start_agent_in(
+    netns: Option<&str>,
+    a: &mut Node,
+    server: &str,
+    token: Option<&str>,
+    name: Option<&str>,
+    labels: &[&str],
+) -> R {
     let (bridge, subnet) = (a.bridge.clone(), a.subnet.clone());
     let mut args = vec!["agent", "--hub", server, "--heartbeat", "1", "--bridge", &bridge, "--subnet", &subnet];
     if let Some(t) = token {
@@ -45,7 +62,7 @@ fn start_agent(a: &mut Node, server: &str, token: Option<&str>, name: Option<&st
     for l in labels {
         args.extend(["--label", l]);
     }
-    a.spawn(&args)
+    a.spawn_in(netns, &args)
 }
 
 /// A power cut: the agent, every shim and every container die at once, and the mounts,
@@ -338,8 +355,15 @@ fn images_are_placed_by_platform_and_pulled_by_the_agent() -> R {
     let a = agent(&h, &token, "edge-1", &[])?;
     wait_for(30 * SEC, "the node Ready", || h.ok(&["get", "nodes"]).ok()?.contains("Ready").then_some(()))?;
 
-    // An image the node does not have: placed, then pulled by the agent itself.
+    // An image the node does not have: placed, then pulled by the agent itself. A watch
+    // started before sees the list change without asking again.
+    let watch = common::Watch::start(&h, "instances")?;
+    watch.until(10 * SEC, |v: &Vec<InstanceStatus>| v.is_empty())?;
     h.ok(&["run", &at("edge/multi:1"), "--name", "pulled", "--", "sleep", "1000"])?;
+    watch.until(60 * SEC, |v: &Vec<InstanceStatus>| {
+        v.iter().any(|i| i.name == "pulled-1" && i.state == InstanceState::Running)
+    })?;
+    drop(watch);
     wait_placed(&h, &[("edge-1", "pulled-1")])?;
     let events = |h: &Node| -> Vec<(String, String)> {
         let evs: Vec<skiff_model::EventRecord> =
@@ -377,5 +401,54 @@ fn images_are_placed_by_platform_and_pulled_by_the_agent() -> R {
         h.ok(&["delete", "deployment", d])?;
     }
     wait_placed(&h, &[])?;
+    Ok(())
+}
+
+#[test]
+fn a_60_s_partition_restarts_nothing_and_heals_in_seconds() -> R {
+    skiff_testkit::require_privileged!();
+    // Declared first, so dropped last: after the processes inside it are gone.
+    let uplink = common::Uplink::new()?;
+    let h = hub_on(&uplink.host_ip)?;
+    let token = h.ok(&["token", "create"])?.trim().to_string();
+    let mut a = Node::new()?;
+    start_agent_in(Some(&uplink.netns), &mut a, &h.server()?, Some(&token), Some("site-1"), &[])?;
+    let state = |h: &Node| -> Option<String> {
+        h.ok(&["get", "nodes", "-o", "json"])
+            .ok()
+            .and_then(|t| serde_json::from_str::<Vec<skiff_hub::NodeInfo>>(&t).ok())?
+            .into_iter()
+            .find(|n| n.name == "site-1")
+            .map(|n| n.state)
+    };
+    wait_for(30 * SEC, "site-1 Ready", || (state(&h)? == "Ready").then_some(()))?;
+    let tick = "while true; do echo tick; sleep 0.1; done";
+    let run = |h: &Node, replicas: &str| {
+        h.ok(&["run", IMAGE, "--name", "chatty", "--replicas", replicas, "--restart", "always", "--", "sh", "-c", tick])
+    };
+    run(&h, "2")?;
+    let before = wait_placed(&h, &[("site-1", "chatty-1"), ("site-1", "chatty-2")])?;
+
+    // The uplink dies for 60 s; meanwhile the deployment is scaled up at the hub.
+    let down_at = std::time::Instant::now();
+    uplink.set(false)?;
+    run(&h, "3")?;
+    wait_for(60 * SEC, "the hub to see site-1 as Unknown", || (state(&h)? == "Unknown").then_some(()))?;
+    std::thread::sleep((60 * SEC).saturating_sub(down_at.elapsed()));
+    for b in &before {
+        let now = local_instance(&a, &b.name)?;
+        assert_eq!((now.pid, now.restarts), (b.pid, 0), "{} kept running through the partition", b.name);
+    }
+
+    // The link heals: the node catches up (the third instance) without touching the others.
+    uplink.set(true)?;
+    let after = wait_placed(&h, &[("site-1", "chatty-1"), ("site-1", "chatty-2"), ("site-1", "chatty-3")])?;
+    for b in &before {
+        let now = after.iter().find(|i| i.name == b.name).unwrap();
+        assert_eq!((now.pid, now.restarts), (b.pid, 0), "{} untouched after the heal", b.name);
+    }
+    h.ok(&["delete", "deployment", "chatty"])?;
+    wait_placed(&h, &[])?;
+    drop((a, h));
     Ok(())
 }

@@ -160,10 +160,24 @@ impl Node {
     /// Starts `skiff --data DIR ARGS...` in the background (a hub or an agent) as this
     /// node's long-running process, logging to a file; SIGINT on cleanup.
     pub fn spawn(&mut self, args: &[&str]) -> Result<()> {
+        self.spawn_in(None, args)
+    }
+
+    /// As `spawn`, inside the network namespace `netns` when given (via nsenter, which
+    /// keeps the host's /sys and cgroup mounts that runc needs).
+    pub fn spawn_in(&mut self, netns: Option<&str>, args: &[&str]) -> Result<()> {
         let n = N.fetch_add(1, Ordering::SeqCst);
         self.up_log = self.data().join(format!("proc-{n}.log"));
         let log = std::fs::File::create(&self.up_log)?;
-        let child = Command::new(bin())
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = cmd
             .arg("--data")
             .arg(self.data())
             .args(args)
@@ -313,4 +327,100 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// `skiff get KIND -w -o json` running against a node's hub: each change arrives as one
+/// JSON line. Killed on drop.
+pub struct Watch {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Watch {
+    pub fn start(n: &Node, kind: &str) -> Result<Self> {
+        let mut child = Command::new(bin())
+            .arg("--data")
+            .arg(n.data())
+            .args(["get", kind, "-w", "-o", "json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("running skiff get -w")?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Watch { child, lines })
+    }
+
+    /// The first printed document (in order) for which `f` is true, within `limit`.
+    pub fn until<T: serde::de::DeserializeOwned>(&self, limit: Duration, f: impl Fn(&T) -> bool) -> Result<T> {
+        let end = std::time::Instant::now() + limit;
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            let line = self.lines.recv_timeout(left).context("waiting for the watch to print a match")?;
+            let doc: T = serde_json::from_str(&line).with_context(|| format!("not a list: {line}"))?;
+            if f(&doc) {
+                return Ok(doc);
+            }
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A site behind an uplink that can fail: a network namespace joined to the host by a
+/// veth pair (host end `host_ip`, namespace end `.2`). Removed on drop.
+pub struct Uplink {
+    pub netns: String,
+    host_if: String,
+    pub host_ip: String,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl Uplink {
+    pub fn new() -> Result<Self> {
+        let id = std::process::id() % 100_000;
+        let (netns, host_if, peer) = (format!("skup{id}"), format!("skup{id}h"), format!("skup{id}a"));
+        let net = format!("10.251.{}", id % 250);
+        let link = Uplink { netns: netns.clone(), host_if: host_if.clone(), host_ip: format!("{net}.1") };
+        ip(&["netns", "add", &netns])?;
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer])?;
+        ip(&["link", "set", &peer, "netns", &netns])?;
+        ip(&["addr", "add", &format!("{net}.1/24"), "dev", &host_if])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        ip(&["-n", &netns, "addr", "add", &format!("{net}.2/24"), "dev", &peer])?;
+        ip(&["-n", &netns, "link", "set", &peer, "up"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        Ok(link)
+    }
+
+    /// The uplink dies (`false`) or comes back (`true`): the host end goes down or up.
+    pub fn set(&self, up: bool) -> Result<()> {
+        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }])
+    }
+}
+
+impl Drop for Uplink {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.netns]);
+        let _ = ip(&["link", "del", &self.host_if]);
+    }
 }
