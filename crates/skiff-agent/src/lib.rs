@@ -8,12 +8,14 @@
 #![forbid(unsafe_code)]
 
 pub mod logs;
+pub mod metrics;
 pub mod proxy;
 pub mod state;
 pub mod supervise;
 
 use proxy::{PortKey, Proxies};
 use skiff_image::ImageStore;
+use skiff_model::metrics::MetricsSample;
 use skiff_model::{Deployment, EventRecord, Health, InstanceState, InstanceStatus, NetworkMode, VolumeSource};
 use skiff_runtime::network::{list_netns, netns_path, veth_name, Bridge, Subnet};
 use skiff_runtime::runc::ExecOutput;
@@ -61,6 +63,10 @@ pub struct AgentConfig {
     pub image_gc_every: Duration,
     /// How images that are not in the store are pulled (`None`: they wait to be loaded).
     pub pull: Option<skiff_image::registry::PullOptions>,
+    /// How often node and instances are sampled (CPU, memory, network, disk).
+    pub metrics_every: Duration,
+    /// Samples kept on disk until the hub acknowledges them (the newest win).
+    pub metrics_buffer: usize,
 }
 
 impl AgentConfig {
@@ -75,6 +81,9 @@ impl AgentConfig {
             image_gc: Some(skiff_image::GcPolicy::default()),
             image_gc_every: Duration::from_secs(30),
             pull: None,
+            metrics_every: Duration::from_secs(15),
+            // An hour at the default interval.
+            metrics_buffer: 240,
         }
     }
 }
@@ -96,6 +105,8 @@ pub struct Agent {
     health: Mutex<HashMap<String, JoinHandle<()>>>,
     /// Images being pulled, or whose last pull failed (and when to try again).
     pulls: Mutex<HashMap<String, PullState>>,
+    sampler: metrics::Sampler,
+    latest_metrics: Mutex<Option<MetricsSample>>,
 }
 
 #[derive(Debug, Clone)]
@@ -153,6 +164,8 @@ impl Agent {
             stopping: Default::default(),
             health: Default::default(),
             pulls: Default::default(),
+            sampler: Default::default(),
+            latest_metrics: Default::default(),
         }))
     }
 
@@ -201,6 +214,61 @@ impl Agent {
         self.db(|s| s.set_desired_slots(deployments, revision))?;
         self.notify.notify_one();
         Ok(())
+    }
+
+    /// Samples the node and its running instances; keeps the sample as the latest and
+    /// on disk until the hub acknowledges it.
+    fn sample_metrics(&self) -> Result<(), AgentError> {
+        let rows = self.db(|s| s.instances())?;
+        let stats: Vec<_> = rows
+            .iter()
+            .filter(|r| r.state == InstanceState::Running)
+            .map(|r| (r, self.runtime.stats(&r.container_id), now_ms()))
+            .collect();
+        let running: Vec<metrics::Running<'_>> = stats
+            .iter()
+            .map(|(r, st, at)| metrics::Running {
+                instance: &r.name,
+                deployment: &r.deployment,
+                container_id: &r.container_id,
+                pid: r.pid,
+                restarts: r.restarts,
+                started_at_ms: r.started_at_ms,
+                cpu_usage_ns: st.cpu_usage_ns,
+                memory_bytes: st.memory_bytes,
+                read_at_ms: *at,
+            })
+            .collect();
+        let now = now_ms();
+        let bridge = &self.bridge.name;
+        let sample = MetricsSample {
+            node: self.cfg.node_name.clone(),
+            time_ms: now,
+            host: self.sampler.node(&self.cfg.data_dir, |n| n == bridge || n.starts_with("vsk")),
+            instances: self.sampler.instances(&running),
+        };
+        self.db(|s| s.push_metrics(&sample, self.cfg.metrics_buffer))?;
+        if let Ok(mut l) = self.latest_metrics.lock() {
+            *l = Some(sample);
+        }
+        Ok(())
+    }
+
+    /// The newest sample of this node and its instances.
+    pub fn latest_metrics(&self) -> Option<MetricsSample> {
+        self.latest_metrics.lock().ok()?.clone()
+    }
+
+    /// Samples not yet shipped to the hub, oldest first.
+    pub fn unshipped_metrics(&self, limit: usize) -> Result<Vec<(u64, MetricsSample)>, AgentError> {
+        self.db(|s| {
+            let acked = s.meta("metrics_shipped")?.and_then(|v| v.parse().ok()).unwrap_or(0);
+            s.metrics_since(acked, limit)
+        })
+    }
+
+    pub fn metrics_shipped(&self, id: u64) -> Result<(), AgentError> {
+        self.db(|s| s.set_meta("metrics_shipped", &id.to_string()))
     }
 
     /// Events not yet shipped to the hub (after the last acknowledged id), oldest first.
@@ -278,10 +346,18 @@ impl Agent {
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), AgentError> {
         self.adopt().await?;
         let mut next_gc = tokio::time::Instant::now();
+        let mut next_sample = tokio::time::Instant::now();
         loop {
             if tokio::time::Instant::now() >= next_gc {
                 next_gc = tokio::time::Instant::now() + self.cfg.image_gc_every;
                 self.prune_images().await;
+            }
+            if tokio::time::Instant::now() >= next_sample {
+                next_sample = tokio::time::Instant::now() + self.cfg.metrics_every;
+                let me = Arc::clone(&self);
+                if let Err(e) = blocking(move || me.sample_metrics()).await {
+                    warn!(error = %e, "sampling metrics failed");
+                }
             }
             // Wake for the next due restart exactly, else on the tick (which also picks up
             // exits the shims record).

@@ -4,6 +4,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
+use skiff_model::metrics::MetricsSample;
 use skiff_model::{Deployment, EventRecord, Health, InstanceState};
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -28,6 +29,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, time_ms INTEGER NOT NULL, object TEXT NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL);",
     // 2: the instance numbers a hub placed on this node (NULL: 1..=replicas, all here)
     "ALTER TABLE deployments ADD COLUMN indexes TEXT;",
+    // 3: resource samples waiting to ship to the hub (bounded)
+    "CREATE TABLE metrics (id INTEGER PRIMARY KEY AUTOINCREMENT, data TEXT NOT NULL);",
 ];
 
 /// One instance as the agent tracks it.
@@ -228,6 +231,27 @@ impl State {
         // Bounded: keep the newest 10 000.
         self.conn.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - 10000", [])?;
         Ok(())
+    }
+
+    /// Stores a resource sample, keeping the newest `keep`.
+    pub fn push_metrics(&self, sample: &MetricsSample, keep: usize) -> Result<(), StateError> {
+        self.conn.execute("INSERT INTO metrics (data) VALUES (?1)", [serde_json::to_string(sample)?])?;
+        self.conn.execute("DELETE FROM metrics WHERE id <= (SELECT MAX(id) FROM metrics) - ?1", [keep as i64])?;
+        Ok(())
+    }
+
+    /// Samples after id `after`, oldest first, at most `limit`, with their ids.
+    pub fn metrics_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, MetricsSample)>, StateError> {
+        let mut st = self.conn.prepare("SELECT id, data FROM metrics WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+        let rows = st.query_map(params![after as i64, limit as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+        })?;
+        let mut out = vec![];
+        for row in rows {
+            let (id, data) = row?;
+            out.push((id, serde_json::from_str(&data)?));
+        }
+        Ok(out)
     }
 
     /// Events after id `after`, oldest first, at most `limit`, with their ids: what a node

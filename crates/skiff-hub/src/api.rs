@@ -58,6 +58,8 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/instances/{name}/exec", post(exec))
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/metrics", get(samples))
+        .route("/metrics", get(prometheus))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&hub), auth))
         .merge(fleet)
         .route("/api/v1/health", get(|| async { "ok" }))
@@ -477,6 +479,21 @@ async fn events(
         Ok(all)
     })
     .await
+}
+
+/// The newest resource sample of every node (`skiff top`).
+async fn samples(
+    State(hub): State<Shared>,
+    Query(q): Query<WatchQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    watched(&q, &headers, || Ok(hub.metrics())).await
+}
+
+/// The fleet's metrics for Prometheus (OpenMetrics text).
+async fn prometheus(State(hub): State<Shared>) -> Response {
+    let text = crate::metrics::render(&hub.metrics(), crate::metrics::MAX_INSTANCE_SERIES);
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 /// Serves the API on `listener` until `shutdown` turns true.

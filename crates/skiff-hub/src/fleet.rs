@@ -10,6 +10,7 @@ use crate::schedule::{self, NodeState, NodeView, Plan, Platforms};
 use crate::store::{NodeRecord, NodeSpec, Store, TokenRecord};
 use crate::tls::Peer;
 use serde::{Deserialize, Serialize};
+use skiff_model::metrics::MetricsSample;
 use skiff_model::{Deployment, EventRecord, InstanceStatus};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -130,6 +131,8 @@ pub struct Fleet {
     platforms: Mutex<BTreeMap<String, Platforms>>,
     /// Deployment → why some of its instances have no node, as of the last placement.
     unschedulable: Mutex<BTreeMap<String, String>>,
+    /// Each node's newest resource sample.
+    samples: Mutex<BTreeMap<String, MetricsSample>>,
 }
 
 /// Finds out which `(architecture, variant)`s an image is built for.
@@ -158,6 +161,7 @@ impl Fleet {
             lookup: None,
             platforms: Mutex::new(BTreeMap::new()),
             unschedulable: Mutex::new(BTreeMap::new()),
+            samples: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -316,6 +320,9 @@ impl Fleet {
         if let Some(t) = self.tunnel(name) {
             t.kick.notify_one();
         }
+        if let Ok(mut m) = self.samples.lock() {
+            m.remove(name);
+        }
         self.reschedule()?;
         Ok(())
     }
@@ -366,6 +373,22 @@ impl Fleet {
             st.insert(node.to_string(), status.instances);
         }
         ack
+    }
+
+    /// Keeps the newest of the samples a node shipped (older ones, buffered while it was
+    /// offline, arrive first and are superseded).
+    pub fn record_metrics(&self, node: &str, samples: Vec<MetricsSample>) {
+        let Some(newest) = samples.into_iter().max_by_key(|m| m.time_ms) else { return };
+        if let Ok(mut all) = self.samples.lock() {
+            if all.get(node).is_none_or(|m| m.time_ms < newest.time_ms) {
+                all.insert(node.to_string(), newest);
+            }
+        }
+    }
+
+    /// The newest sample of every node that shipped one.
+    pub fn metrics(&self) -> Vec<MetricsSample> {
+        self.samples.lock().map(|m| m.values().cloned().collect()).unwrap_or_default()
     }
 
     /// Resolves when the placement revision may have moved past `after`.

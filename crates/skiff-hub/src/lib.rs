@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod fleet;
+pub mod metrics;
 pub mod pki;
 pub mod schedule;
 pub mod store;
@@ -54,6 +55,11 @@ pub trait NodeLink: Send + Sync {
     fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> BoxFuture<'_, Result<ExecResult, String>>;
     /// Whether the node can run `image` now (present locally, or pullable).
     fn check_image(&self, image: &str) -> Result<(), String>;
+    /// The node's newest resource sample, when it is reached in-process (remote nodes
+    /// ship theirs to the fleet).
+    fn metrics(&self) -> Option<skiff_model::metrics::MetricsSample> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +98,15 @@ impl Hub {
         let mut all: Vec<InstanceStatus> = self.nodes.iter().flat_map(|n| n.instances().unwrap_or_default()).collect();
         if let Some(f) = &self.fleet {
             all.extend(f.reported_instances());
+        }
+        all
+    }
+
+    /// The newest resource sample of every node.
+    pub fn metrics(&self) -> Vec<skiff_model::metrics::MetricsSample> {
+        let mut all: Vec<_> = self.nodes.iter().filter_map(|n| n.metrics()).collect();
+        if let Some(f) = &self.fleet {
+            all.extend(f.metrics());
         }
         all
     }

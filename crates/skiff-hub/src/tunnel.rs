@@ -63,6 +63,10 @@ pub enum Control {
     Assign { assignment: crate::fleet::Assignment },
     /// Hub → agent: events stored up to this id.
     Ack { events_through: u64 },
+    /// Agent → hub: resource samples, oldest first, up to id `through` of the node's buffer.
+    Metrics { samples: Vec<skiff_model::metrics::PackedSample>, through: u64 },
+    /// Hub → agent: samples received up to this id.
+    MetricsAck { through: u64 },
 }
 
 pub const PING_EVERY: Duration = Duration::from_secs(20);
@@ -101,6 +105,14 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
                                     if socket.send(Message::Text(frame.into())).await.is_err() {
                                         break;
                                     }
+                                }
+                            }
+                        }
+                        Ok(Control::Metrics { samples, through }) => {
+                            f.record_metrics(&name, samples.into_iter().map(|p| p.unpack(&name)).collect());
+                            if let Some(frame) = send(&Control::MetricsAck { through }) {
+                                if socket.send(Message::Text(frame.into())).await.is_err() {
+                                    break;
                                 }
                             }
                         }

@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod autoscale;
+pub mod metrics;
 pub mod platform;
 pub mod quantity;
 pub mod spec;

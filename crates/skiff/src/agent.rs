@@ -39,6 +39,12 @@ pub struct AgentArgs {
     /// Seconds between checks for changed status (sent only when it changed).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub heartbeat: u64,
+    /// Seconds between resource samples (shipped to the hub, buffered while offline).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub metrics_interval: u64,
+    /// Serve this node's metrics for Prometheus at http://ADDR/metrics (e.g. 127.0.0.1:9337).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -160,11 +166,17 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
         acfg.node_name = n.clone();
     }
     acfg.pull = Some(crate::cli::pull_options(cli)?);
+    acfg.metrics_every = Duration::from_secs(args.metrics_interval);
     let pki = Pki { dir: data.join("pki") };
     let node = join(args, &pki, &acfg.node_name, node_spec(labels)).await?;
     acfg.node_name = node.clone();
     let ca = std::fs::read_to_string(pki.path("ca.pem"))?;
     let agent = Agent::open(acfg)?;
+    if let Some(addr) = &args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-listen {addr}"))?;
+        let a = Arc::clone(&agent);
+        tokio::spawn(skiff_hub::metrics::serve(listener, move || a.latest_metrics().into_iter().collect()));
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx));
     let hub = args.hub.trim_end_matches('/').to_string();
@@ -222,6 +234,9 @@ async fn tunnel_loop(agent: Arc<Agent>, hub: String, node: String, tls: Arc<rust
     }
 }
 
+/// Buffered samples sent in one frame (after a partition, the backlog goes out in these).
+const METRICS_PER_FRAME: usize = 20;
+
 /// The hub pings every 20 s; this long without any frame means the link is gone.
 const SILENCE: Duration = Duration::from_secs(45);
 
@@ -246,6 +261,8 @@ async fn serve_tunnel<S>(
     let mut tick = tokio::time::interval(every.min(SILENCE / 4));
     // The instances last reported: status goes out only when it changed (or events wait).
     let mut reported: Option<String> = None;
+    // Samples sent on this connection (acknowledged or not): each goes out once per link.
+    let mut metrics_sent = 0u64;
     // A link that dies silently (no FIN, TCP retransmitting for minutes) is noticed by the
     // hub's pings stopping: the connection is dropped and made anew.
     let mut last_rx = tokio::time::Instant::now();
@@ -265,6 +282,11 @@ async fn serve_tunnel<S>(
                         Ok(Control::Ack { events_through }) => {
                             if let Err(e) = agent.events_shipped(events_through) {
                                 tracing::warn!("recording shipped events: {e}");
+                            }
+                        }
+                        Ok(Control::MetricsAck { through }) => {
+                            if let Err(e) = agent.metrics_shipped(through) {
+                                tracing::warn!("recording shipped samples: {e}");
                             }
                         }
                         Ok(_) => {}
@@ -297,6 +319,20 @@ async fn serve_tunnel<S>(
                 if last_rx.elapsed() > SILENCE {
                     tracing::warn!("no word from the hub for {SILENCE:?}; reconnecting");
                     break;
+                }
+                // Samples too wait in agent.db (bounded) until acknowledged.
+                let samples: Vec<_> = agent
+                    .unshipped_metrics(METRICS_PER_FRAME)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(id, _)| *id > metrics_sent)
+                    .collect();
+                if let Some(&(through, _)) = samples.last() {
+                    let samples = samples.iter().map(|(_, s)| s.into()).collect();
+                    if ws.send(Message::Text(frame(&Control::Metrics { samples, through }).into())).await.is_err() {
+                        break;
+                    }
+                    metrics_sent = through;
                 }
                 // Events wait in agent.db until the hub acknowledges them: a partition delays
                 // them, and a restart of either side loses none.

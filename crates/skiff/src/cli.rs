@@ -76,6 +76,15 @@ pub enum Cmd {
         #[arg(short, long)]
         timestamps: bool,
     },
+    /// Resource use of nodes or instances, from their newest samples.
+    Top {
+        kind: TopKind,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Autoscaling tools.
+    #[command(subcommand)]
+    Autoscale(AutoscaleCmd),
     /// Run a command in a running instance.
     Exec {
         instance: String,
@@ -136,6 +145,24 @@ fn parse_ttl(s: &str) -> Result<u64, String> {
         Some(_) => Err("must be at least 1s".into()),
         None => Err(format!("{s:?} is not a duration (examples: 30m, 24h)")),
     }
+}
+
+#[derive(Subcommand)]
+pub enum AutoscaleCmd {
+    /// Print, as JSON, what the autoscaler decides for the situation in FILE (Kubernetes
+    /// HPA semantics; see the README's reference).
+    Simulate {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TopKind {
+    #[value(alias = "node")]
+    Nodes,
+    #[value(alias = "instance", alias = "inst")]
+    Instances,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -333,6 +360,16 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Get { kind, output, watch } => get(&client(&cli)?, *kind, *output, *watch).await,
+        Cmd::Top { kind, output } => top(&client(&cli)?, *kind, *output).await,
+        Cmd::Autoscale(AutoscaleCmd::Simulate { file }) => {
+            use skiff_model::autoscale::{decide, Scenario};
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            let scenario: Scenario =
+                serde_json::from_str(&text).with_context(|| format!("{}: not a scenario", file.display()))?;
+            let situation = scenario.check().with_context(|| format!("{}", file.display()))?;
+            println!("{}", serde_json::to_string_pretty(&decide(&situation))?);
+            Ok(0)
+        }
         Cmd::Describe { kind, name } => {
             let c = client(&cli)?;
             match kind {
@@ -608,6 +645,66 @@ async fn get(c: &Client, kind: Kind, f: Format, watch: bool) -> Result<i32> {
         }
         tag = Some(new_tag);
     }
+}
+
+/// `kubectl top`-style tables: CPU in cores (`250m`), memory in binary units.
+async fn top(c: &Client, kind: TopKind, f: Format) -> Result<i32> {
+    use skiff_model::metrics::{InstanceMetrics, MetricsSample, NodeMetrics};
+    let mut samples: Vec<MetricsSample> = c.get("/api/v1/metrics").await?;
+    samples.sort_by(|a, b| a.node.cmp(&b.node));
+    let cores = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{}m", (c * 1000.0).round() as u64));
+    let pct = |part: f64, whole: f64| if whole > 0.0 { format!("{:.0}%", part / whole * 100.0) } else { "-".into() };
+    match kind {
+        TopKind::Nodes => {
+            #[derive(serde::Serialize)]
+            struct Row<'a> {
+                name: &'a str,
+                time_ms: u64,
+                #[serde(flatten)]
+                host: &'a NodeMetrics,
+            }
+            let rows: Vec<Row> =
+                samples.iter().map(|s| Row { name: &s.node, time_ms: s.time_ms, host: &s.host }).collect();
+            let h = ["NAME", "CPU(cores)", "CPU%", "MEMORY", "MEMORY%", "DISK%", "LOAD1"];
+            output::print(&rows, f, &h, |r| {
+                let m = r.host;
+                vec![
+                    r.name.to_string(),
+                    cores(m.cpu_cores),
+                    m.cpu_cores.map_or("-".into(), |c| pct(c, f64::from(m.cpus))),
+                    skiff_model::format_bytes(m.memory_used_bytes),
+                    pct(m.memory_used_bytes as f64, m.memory_total_bytes as f64),
+                    pct(m.disk_used_bytes as f64, m.disk_total_bytes as f64),
+                    format!("{:.2}", m.load1),
+                ]
+            })?;
+        }
+        TopKind::Instances => {
+            #[derive(serde::Serialize)]
+            struct Row<'a> {
+                node: &'a str,
+                #[serde(flatten)]
+                instance: &'a InstanceMetrics,
+            }
+            let mut rows: Vec<Row> =
+                samples.iter().flat_map(|s| s.instances.iter().map(|i| Row { node: &s.node, instance: i })).collect();
+            rows.sort_by(|a, b| a.instance.instance.cmp(&b.instance.instance));
+            let h = ["NAME", "NODE", "CPU(cores)", "MEMORY", "NET RX", "NET TX", "RESTARTS"];
+            output::print(&rows, f, &h, |r| {
+                let i = r.instance;
+                vec![
+                    i.instance.clone(),
+                    r.node.to_string(),
+                    cores(i.cpu_cores),
+                    skiff_model::format_bytes(i.memory_bytes),
+                    skiff_model::format_bytes(i.rx_bytes),
+                    skiff_model::format_bytes(i.tx_bytes),
+                    i.restarts.to_string(),
+                ]
+            })?;
+        }
+    }
+    Ok(0)
 }
 
 fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {

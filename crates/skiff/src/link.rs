@@ -53,6 +53,10 @@ impl NodeLink for LocalAgent {
         })
     }
 
+    fn metrics(&self) -> Option<skiff_model::metrics::MetricsSample> {
+        self.agent.latest_metrics()
+    }
+
     /// Present locally, or pulled now (as `docker run` does) so that a bad reference
     /// fails the request before anything is stored.
     fn check_image(&self, image: &str) -> Result<(), String> {

@@ -40,6 +40,9 @@ pub struct UpArgs {
     /// Disk use (percent) that pruning brings the disk back to.
     #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=99))]
     pub image_gc_low: u8,
+    /// Seconds between resource samples (`skiff top`, `/metrics`, the autoscaler).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub metrics_interval: u64,
 }
 
 pub fn load_compose(file: &Path) -> Result<ComposeImport> {
@@ -109,6 +112,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     }
     let pull = crate::cli::pull_options(cli)?;
     acfg.pull = Some(pull.clone());
+    acfg.metrics_every = std::time::Duration::from_secs(args.metrics_interval);
     let agent = Agent::open(acfg)?;
     if let Some(i) = &import {
         for d in &i.deployments {

@@ -31,15 +31,20 @@ fn hub_on(ip: &str) -> anyhow::Result<Node> {
 }
 
 fn agent(hub: &Node, token: &str, name: &str, labels: &[&str]) -> anyhow::Result<Node> {
+    agent_with(hub, token, name, labels, &[])
+}
+
+/// As `agent`, with `extra` arguments to `skiff agent`.
+fn agent_with(hub: &Node, token: &str, name: &str, labels: &[&str], extra: &[&str]) -> anyhow::Result<Node> {
     let mut a = Node::new()?;
-    start_agent(&mut a, &hub.server()?, Some(token), Some(name), labels)?;
+    start_agent_in(None, &mut a, &hub.server()?, Some(token), Some(name), labels, extra)?;
     wait_for(30 * SEC, "the agent to join", || a.data().join("pki/joined.json").exists().then_some(()))?;
     Ok(a)
 }
 
 /// `skiff agent` on `a`'s data dir, bridge and subnet (a token and name only to join).
 fn start_agent(a: &mut Node, server: &str, token: Option<&str>, name: Option<&str>, labels: &[&str]) -> R {
-    start_agent_in(None, a, server, token, name, labels)
+    start_agent_in(None, a, server, token, name, labels, &[])
 }
 
 /// As `start_agent`, inside the network namespace `netns` when given.
@@ -50,9 +55,22 @@ fn start_agent_in(
     token: Option<&str>,
     name: Option<&str>,
     labels: &[&str],
+    extra: &[&str],
 ) -> R {
     let (bridge, subnet) = (a.bridge.clone(), a.subnet.clone());
-    let mut args = vec!["agent", "--hub", server, "--heartbeat", "1", "--bridge", &bridge, "--subnet", &subnet];
+    let mut args = vec![
+        "agent",
+        "--hub",
+        server,
+        "--heartbeat",
+        "1",
+        "--metrics-interval",
+        "1",
+        "--bridge",
+        &bridge,
+        "--subnet",
+        &subnet,
+    ];
     if let Some(t) = token {
         args.extend(["--token", t]);
     }
@@ -62,6 +80,7 @@ fn start_agent_in(
     for l in labels {
         args.extend(["--label", l]);
     }
+    args.extend(extra);
     a.spawn_in(netns, &args)
 }
 
@@ -115,6 +134,10 @@ fn wait_placed(h: &Node, want: &[(&str, &str)]) -> anyhow::Result<Vec<InstanceSt
 fn local_instance(n: &Node, name: &str) -> anyhow::Result<skiff_agent::state::InstanceRow> {
     let s = skiff_agent::state::State::open(&n.data().join("agent.db"))?;
     s.instances()?.into_iter().find(|r| r.name == name).ok_or_else(|| anyhow::anyhow!("no instance {name}"))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn pids(all: &[InstanceStatus]) -> Vec<(String, Option<i32>, u32)> {
@@ -298,7 +321,7 @@ fn a_node_rebooted_while_offline_brings_its_workloads_back() -> R {
     // The uplink is gone, then the device loses power; it boots with the hub unreachable.
     let server = h.server()?;
     h.kill_up()?;
-    let offline_since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let offline_since = now_ms();
     reboot(&mut a)?;
     start_agent(&mut a, &server, None, None, &[])?;
     let back = wait_for(60 * SEC, "svc-1 and svc-2 running again from local state", || {
@@ -352,7 +375,8 @@ fn images_are_placed_by_platform_and_pulled_by_the_agent() -> R {
 
     let h = hub()?;
     let token = h.ok(&["token", "create"])?.trim().to_string();
-    let a = agent(&h, &token, "edge-1", &[])?;
+    let port = common::free_port();
+    let a = agent_with(&h, &token, "edge-1", &[], &["--metrics-listen", &format!("127.0.0.1:{port}")])?;
     wait_for(30 * SEC, "the node Ready", || h.ok(&["get", "nodes"]).ok()?.contains("Ready").then_some(()))?;
 
     // An image the node does not have: placed, then pulled by the agent itself. A watch
@@ -365,6 +389,17 @@ fn images_are_placed_by_platform_and_pulled_by_the_agent() -> R {
     })?;
     drop(watch);
     wait_placed(&h, &[("edge-1", "pulled-1")])?;
+    // Its figures: at the hub (`skiff top`, shipped through the tunnel) and on the node's
+    // own Prometheus endpoint.
+    wait_for(30 * SEC, "pulled-1 in the hub's samples", || {
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&h.ok(&["top", "instances", "-o", "json"]).ok()?).ok()?;
+        rows.iter().any(|r| r["instance"] == "pulled-1" && r["node"] == "edge-1").then_some(())
+    })?;
+    let local = wait_for(30 * SEC, "the node's own /metrics", || {
+        common::http_get(port, "/metrics").ok().filter(|t| t.contains("instance=\"pulled-1\""))
+    })?;
+    assert!(local.contains("skiff_node_memory_total_bytes{node=\"edge-1\"}"), "{local}");
     let events = |h: &Node| -> Vec<(String, String)> {
         let evs: Vec<skiff_model::EventRecord> =
             h.ok(&["get", "events", "-o", "json"]).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
@@ -412,7 +447,7 @@ fn a_60_s_partition_restarts_nothing_and_heals_in_seconds() -> R {
     let h = hub_on(&uplink.host_ip)?;
     let token = h.ok(&["token", "create"])?.trim().to_string();
     let mut a = Node::new()?;
-    start_agent_in(Some(&uplink.netns), &mut a, &h.server()?, Some(&token), Some("site-1"), &[])?;
+    start_agent_in(Some(&uplink.netns), &mut a, &h.server()?, Some(&token), Some("site-1"), &[], &[])?;
     let state = |h: &Node| -> Option<String> {
         h.ok(&["get", "nodes", "-o", "json"])
             .ok()
@@ -431,6 +466,7 @@ fn a_60_s_partition_restarts_nothing_and_heals_in_seconds() -> R {
 
     // The uplink dies for 60 s; meanwhile the deployment is scaled up at the hub.
     let down_at = std::time::Instant::now();
+    let down_ms = now_ms();
     uplink.set(false)?;
     run(&h, "3")?;
     wait_for(60 * SEC, "the hub to see site-1 as Unknown", || (state(&h)? == "Unknown").then_some(()))?;
@@ -441,12 +477,29 @@ fn a_60_s_partition_restarts_nothing_and_heals_in_seconds() -> R {
     }
 
     // The link heals: the node catches up (the third instance) without touching the others.
+    let healed_ms = now_ms();
     uplink.set(true)?;
     let after = wait_placed(&h, &[("site-1", "chatty-1"), ("site-1", "chatty-2"), ("site-1", "chatty-3")])?;
     for b in &before {
         let now = after.iter().find(|i| i.name == b.name).unwrap();
         assert_eq!((now.pid, now.restarts), (b.pid, 0), "{} untouched after the heal", b.name);
     }
+    // Samples taken offline waited in agent.db (bounded); after the heal the hub has a
+    // fresh one and the node's buffer is acknowledged past them.
+    wait_for(30 * SEC, "a fresh sample of site-1 at the hub", || {
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&h.ok(&["top", "nodes", "-o", "json"]).ok()?).ok()?;
+        rows.iter().any(|r| r["name"] == "site-1" && r["time_ms"].as_u64() > Some(healed_ms)).then_some(())
+    })?;
+    let db = skiff_agent::state::State::open(&a.data().join("agent.db"))?;
+    let offline: Vec<u64> = db
+        .metrics_since(0, 10_000)?
+        .into_iter()
+        .filter(|(_, m)| m.time_ms > down_ms + 5_000 && m.time_ms < healed_ms)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(offline.len() >= 30, "sampled every second while offline: {}", offline.len());
+    let acked: u64 = db.meta("metrics_shipped")?.and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(acked >= *offline.last().unwrap(), "acknowledged through {acked}");
     h.ok(&["delete", "deployment", "chatty"])?;
     wait_placed(&h, &[])?;
     drop((a, h));

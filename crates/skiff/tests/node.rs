@@ -6,6 +6,7 @@
 
 mod common;
 
+use anyhow::Context;
 use common::{free_port, http_get, wait_for, Node, IMAGE};
 use skiff_model::InstanceState;
 use skiff_runtime::cgroup::{shares_to_weight, CgroupVersion, Cgroups};
@@ -414,5 +415,57 @@ fn a_pull_killed_half_way_resumes_where_it_stopped() -> R {
         "re-downloaded {again} bytes of the {had} it had (second run moved {second}, needed {needed})"
     );
     assert!(n.ok(&["image", "ls"])?.contains("edge/big:1"));
+    Ok(())
+}
+
+#[test]
+fn metrics_show_cpu_burners_at_their_limits() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.up(None)?;
+    let burn = ["--", "sh", "-c", "while :; do :; done"];
+    n.ok(&[&["run", IMAGE, "--name", "one", "--cpus", "1"][..], &burn].concat())?;
+    n.ok(&[&["run", IMAGE, "--name", "half", "--cpus", "0.5"][..], &burn].concat())?;
+    n.ok(&["run", IMAGE, "--name", "idle", "--", "sleep", "1000"])?;
+    for i in ["one-1", "half-1", "idle-1"] {
+        n.wait_running(i)?;
+    }
+    let cpu = |rows: &[serde_json::Value], name: &str| {
+        rows.iter().find(|r| r["instance"] == name).and_then(|r| r["cpu_cores"].as_f64())
+    };
+    // Samples every second. Each burner must show near its limit in some window (other
+    // tests compete for the CPUs, so not every window does), and never above it: the
+    // quota caps whatever the load.
+    let (mut top_one, mut top_half) = (0.0f64, 0.0f64);
+    wait_for(Duration::from_secs(90), "one-1 near 1 core and half-1 near 0.5 in `skiff top`", || {
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&n.ok(&["top", "instances", "-o", "json"]).ok()?).ok()?;
+        let (one, half, idle) = (cpu(&rows, "one-1")?, cpu(&rows, "half-1")?, cpu(&rows, "idle-1")?);
+        assert!(one < 1.1 && half < 0.6 && idle < 0.05, "one {one}, half {half}, idle {idle}");
+        (top_one, top_half) = (top_one.max(one), top_half.max(half));
+        (top_one > 0.8 && top_half > 0.4).then_some(())
+    })
+    .with_context(|| format!("highest seen: one {top_one}, half {top_half}"))?;
+    let node: Vec<serde_json::Value> = serde_json::from_str(&n.ok(&["top", "nodes", "-o", "json"])?)?;
+    assert!(node[0]["cpu_cores"].as_f64().unwrap_or(0.0) >= 1.0, "the node sees the burners: {node:?}");
+    assert!(node[0]["memory_total_bytes"].as_u64().unwrap_or(0) > 0);
+    let table = n.ok(&["top", "instances"])?;
+    assert!(table.starts_with("NAME") && table.contains("one-1"), "{table}");
+
+    // The same figures for Prometheus, behind the admin token.
+    let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(n.data().join("admin.conf"))?)?;
+    let url = format!("{}/metrics", conf["server"].as_str().unwrap_or_default());
+    let token = conf["token"].as_str().unwrap_or_default().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (text, anon) = rt.block_on(async {
+        let c = reqwest::Client::new();
+        let text = c.get(&url).bearer_auth(&token).send().await?.error_for_status()?.text().await?;
+        let anon = c.get(&url).send().await?.status();
+        anyhow::Ok((text, anon))
+    })?;
+    assert_eq!(anon, 401);
+    assert!(text.contains("skiff_instance_cpu_usage_cores{node=") && text.contains("instance=\"one-1\"}"), "{text}");
+    assert!(text.contains("skiff_deployment_instances_running{deployment=\"half\"} 1.0"), "{text}");
+    assert!(text.ends_with("# EOF\n"));
     Ok(())
 }

@@ -123,6 +123,9 @@ impl Node {
             &self.bridge,
             "--subnet",
             &self.subnet,
+            // Samples every second, so `skiff top` has figures quickly.
+            "--metrics-interval",
+            "1",
         ]);
         if let Some(f) = compose {
             cmd.arg("-f").arg(f);

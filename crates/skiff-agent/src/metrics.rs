@@ -1,0 +1,199 @@
+//! Sampling the node (from /proc and the data directory's filesystem) and its instances
+//! (cgroup stats through the runtime, network counters from each container's
+//! `/proc/<pid>/net/dev`). CPU is a rate, so each sample is computed against the previous
+//! one; the parsers are pure and tested on fixtures.
+
+use skiff_model::metrics::{InstanceMetrics, NodeMetrics};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// `(busy + idle, idle)` jiffies of the aggregate `cpu` line, and the number of `cpuN` lines.
+pub fn parse_proc_stat(text: &str) -> Option<(u64, u64, u32)> {
+    let mut total = None;
+    let mut cpus = 0;
+    for l in text.lines() {
+        let mut it = l.split_whitespace();
+        match it.next() {
+            Some("cpu") => {
+                // user nice system idle iowait irq softirq steal (guest time is already in user).
+                let v: Vec<u64> = it.take(8).filter_map(|x| x.parse().ok()).collect();
+                if v.len() >= 5 {
+                    total = Some((v.iter().sum(), v[3] + v[4]));
+                }
+            }
+            Some(c) if c.starts_with("cpu") => cpus += 1,
+            _ => {}
+        }
+    }
+    total.map(|(t, i)| (t, i, cpus.max(1)))
+}
+
+/// `(MemTotal, MemAvailable)` in bytes.
+pub fn parse_meminfo(text: &str) -> (u64, u64) {
+    let kib = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (kib("MemTotal:"), kib("MemAvailable:"))
+}
+
+/// Received and sent bytes summed over the interfaces `count` accepts.
+pub fn parse_net_dev(text: &str, count: impl Fn(&str) -> bool) -> (u64, u64) {
+    let (mut rx, mut tx) = (0, 0);
+    for l in text.lines().skip(2) {
+        let Some((name, rest)) = l.split_once(':') else { continue };
+        if !count(name.trim()) {
+            continue;
+        }
+        let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        if v.len() >= 9 {
+            rx += v[0];
+            tx += v[8];
+        }
+    }
+    (rx, tx)
+}
+
+pub fn parse_loadavg(text: &str) -> (f64, f64, f64) {
+    let v: Vec<f64> = text.split_whitespace().take(3).filter_map(|x| x.parse().ok()).collect();
+    match v.as_slice() {
+        [a, b, c] => (*a, *b, *c),
+        _ => (0.0, 0.0, 0.0),
+    }
+}
+
+/// What a sample is computed against: the previous CPU counters.
+#[derive(Default)]
+pub struct Sampler {
+    node_cpu: Mutex<Option<(u64, u64)>>,
+    /// Container id → (cgroup CPU usage in ns, when it was read in ms).
+    instances: Mutex<HashMap<String, (u64, u64)>>,
+}
+
+/// What the sampler needs to know of one running instance.
+pub struct Running<'a> {
+    pub instance: &'a str,
+    pub deployment: &'a str,
+    pub container_id: &'a str,
+    pub pid: Option<i32>,
+    pub restarts: u32,
+    pub started_at_ms: Option<u64>,
+    /// The cgroup's CPU usage counter in ns, and working set in bytes.
+    pub cpu_usage_ns: u64,
+    pub memory_bytes: u64,
+    /// When the counters were read (ms): the rate's clock, exact even when a busy node
+    /// delays the sampler between instances.
+    pub read_at_ms: u64,
+}
+
+impl Sampler {
+    /// The node: `data_dir` names the filesystem for disk figures; interfaces for which
+    /// `own_interface` is true (skiff's bridge and veths) do not count as node traffic.
+    pub fn node(&self, data_dir: &Path, own_interface: impl Fn(&str) -> bool) -> NodeMetrics {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let mut m = NodeMetrics::default();
+        if let Some((total, idle, cpus)) = parse_proc_stat(&read("/proc/stat")) {
+            m.cpus = cpus;
+            if let Ok(mut prev) = self.node_cpu.lock() {
+                if let Some((t0, i0)) = *prev {
+                    let (dt, di) = (total.saturating_sub(t0), idle.saturating_sub(i0));
+                    if dt > 0 {
+                        m.cpu_cores = Some((dt - di.min(dt)) as f64 / dt as f64 * f64::from(cpus));
+                    }
+                }
+                *prev = Some((total, idle));
+            }
+        }
+        let (total, available) = parse_meminfo(&read("/proc/meminfo"));
+        (m.memory_total_bytes, m.memory_used_bytes) = (total, total.saturating_sub(available));
+        // The block counts are u32 on some 32-bit targets.
+        #[allow(clippy::unnecessary_cast)]
+        if let Ok(s) = nix::sys::statvfs::statvfs(data_dir) {
+            let frsize = s.fragment_size() as u64;
+            m.disk_total_bytes = s.blocks() as u64 * frsize;
+            m.disk_used_bytes = m.disk_total_bytes.saturating_sub(s.blocks_available() as u64 * frsize);
+        }
+        (m.rx_bytes, m.tx_bytes) = parse_net_dev(&read("/proc/net/dev"), |n| n != "lo" && !own_interface(n));
+        (m.load1, m.load5, m.load15) = parse_loadavg(&read("/proc/loadavg"));
+        m
+    }
+
+    /// The instances running now, CPU as a rate since each one's previous sample;
+    /// instances that are gone are forgotten.
+    pub fn instances(&self, running: &[Running<'_>]) -> Vec<InstanceMetrics> {
+        let Ok(mut prev) = self.instances.lock() else { return vec![] };
+        let out = running
+            .iter()
+            .map(|r| {
+                let now_ms = r.read_at_ms;
+                let cpu_cores = match prev.get(r.container_id) {
+                    Some(&(ns0, t0)) if now_ms > t0 && r.cpu_usage_ns >= ns0 => {
+                        Some((r.cpu_usage_ns - ns0) as f64 / ((now_ms - t0) as f64 * 1e6))
+                    }
+                    _ => None,
+                };
+                prev.insert(r.container_id.to_string(), (r.cpu_usage_ns, now_ms));
+                let net = r.pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/net/dev")).ok());
+                let (rx_bytes, tx_bytes) = net.map(|t| parse_net_dev(&t, |n| n != "lo")).unwrap_or((0, 0));
+                InstanceMetrics {
+                    instance: r.instance.to_string(),
+                    deployment: r.deployment.to_string(),
+                    cpu_cores,
+                    memory_bytes: r.memory_bytes,
+                    rx_bytes,
+                    tx_bytes,
+                    restarts: r.restarts,
+                    started_at_ms: r.started_at_ms,
+                }
+            })
+            .collect();
+        prev.retain(|id, _| running.iter().any(|r| r.container_id == id));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_fixtures() {
+        let stat =
+            "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\ncpu1 50 0 25 400 25 0 0 0 0 0\nintr 1\n";
+        assert_eq!(parse_proc_stat(stat), Some((1000, 850, 2)));
+        let mem = "MemTotal:        2048000 kB\nMemFree:          100 kB\nMemAvailable:    1024000 kB\n";
+        assert_eq!(parse_meminfo(mem), (2048000 * 1024, 1024000 * 1024));
+        let dev = "Inter-|   Receive                                                |  Transmit\n \
+                   face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
+                   lo:    500       5    0    0    0     0          0         0      500       5    0    0    0     0       0          0\n  \
+                   eth0: 1000      10    0    0    0     0          0         0     2000      20    0    0    0     0       0          0\n\
+                   vsk12: 7000     10    0    0    0     0          0         0     7000      20    0    0    0     0       0          0\n";
+        assert_eq!(parse_net_dev(dev, |n| n != "lo" && !n.starts_with("vsk")), (1000, 2000));
+        assert_eq!(parse_loadavg("0.50 0.25 0.10 1/100 42\n"), (0.5, 0.25, 0.1));
+        assert_eq!(parse_loadavg(""), (0.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn instance_cpu_is_a_rate_between_samples() {
+        let s = Sampler::default();
+        let run = |ns, at| Running {
+            instance: "web-1",
+            deployment: "web",
+            container_id: "c1",
+            pid: None,
+            restarts: 0,
+            started_at_ms: None,
+            cpu_usage_ns: ns,
+            memory_bytes: 5,
+            read_at_ms: at,
+        };
+        assert_eq!(s.instances(&[run(1_000_000_000, 10_000)])[0].cpu_cores, None, "no rate from one sample");
+        // 1.5 s of CPU in 2 s of wall time: 0.75 cores.
+        assert_eq!(s.instances(&[run(2_500_000_000, 12_000)])[0].cpu_cores, Some(0.75));
+        assert!(s.instances(&[]).is_empty());
+        assert_eq!(s.instances(&[run(3_000_000_000, 14_000)])[0].cpu_cores, None, "forgotten once gone");
+    }
+}

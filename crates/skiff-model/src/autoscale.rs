@@ -1,0 +1,1569 @@
+//! The horizontal autoscaler's decision, as Kubernetes makes it (`autoscaling/v2`
+//! HorizontalPodAutoscaler, kube-controller-manager's replica calculator and behavior
+//! normalization), for one `Resource` metric (cpu or memory) with a `Utilization` or
+//! `AverageValue` target.
+//!
+//! Everything here is pure: the situation (pods, their readiness and samples, past
+//! recommendations and scale events) comes in as data with times relative to "now", so
+//! `skiff autoscale simulate` and the hub's live autoscaler run the same code.
+//!
+//! What Kubernetes does, and so this does:
+//! * Pods being deleted or Failed are ignored; Pending pods count as unready; pods
+//!   without a sample are "missing". For cpu, a pod is unready when it has no Ready
+//!   condition or start time; within the CPU initialization period (default 300 s) when
+//!   it is not ready or its sample's window began before its last readiness change; after
+//!   it, when it is not ready and never was (its readiness changed within the initial
+//!   readiness delay, default 30 s, of its start).
+//! * Utilization = sum(usage) × 100 / sum(requests) over the pods with samples, truncated
+//!   to an integer percentage before the ratio to the target is taken. AverageValue =
+//!   sum(usage) / pods, truncated to milli-units.
+//! * Within tolerance (default 0.1 either way) nothing changes. With missing pods, they
+//!   count as using 100 % of their request (or the target, if higher) on the way down and
+//!   0 % on the way up; unready pods count as 0 % on the way up. If that flips the
+//!   direction or lands within tolerance, nothing changes.
+//! * Without `behavior`: the highest recommendation of the last 300 s (the downscale
+//!   stabilization window), then at most max(2 × current, 4) and within min/max.
+//! * With `behavior`: recommendations are stabilized (scale-up: the lowest of the
+//!   scale-up window, default 0 s; scale-down: the highest of the scale-down window,
+//!   default 300 s), then the rate is limited by the policies (`Pods`/`Percent` per
+//!   `periodSeconds`, counting the scale events in each period, `selectPolicy` Max, Min
+//!   or Disabled; defaults: up 4 pods or 100 % per 15 s, down 100 % per 15 s), then
+//!   clamped to min/max.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
+
+/// Kubernetes' defaults for the controller flags.
+pub const DEFAULT_TOLERANCE: f64 = 0.1;
+pub const DEFAULT_CPU_INITIALIZATION_PERIOD: f64 = 300.0;
+pub const DEFAULT_INITIAL_READINESS_DELAY: f64 = 30.0;
+pub const DEFAULT_DOWNSCALE_STABILIZATION: i64 = 300;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct ScenarioError {
+    pub field: String,
+    pub problem: String,
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ScenarioError {
+    ScenarioError { field: field.into(), problem: problem.into() }
+}
+
+/// `null` and absent told apart: absent is `None`, `null` is `Some(None)`.
+fn explicit<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// The situation `skiff autoscale simulate -f` reads. Times are seconds before "now".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Scenario {
+    pub current_replicas: i32,
+    #[serde(default = "one")]
+    pub min_replicas: i32,
+    pub max_replicas: i32,
+    #[serde(default = "default_tolerance")]
+    pub tolerance: f64,
+    /// One metric, or several in `metrics` (the highest recommendation wins).
+    #[serde(default)]
+    pub metric: Option<MetricSpec>,
+    #[serde(default)]
+    pub metrics: Vec<MetricSpec>,
+    #[serde(default)]
+    pub pods: Vec<PodIn>,
+    #[serde(default)]
+    pub behavior: Option<Behavior>,
+    /// Earlier recommendations of this autoscaler (what stabilization looks back on).
+    #[serde(default)]
+    pub recommendations: Vec<Recommendation>,
+    /// Earlier scale-ups and scale-downs (what the rate policies count), a skiff extension:
+    /// Kubernetes keeps these in the controller's memory.
+    #[serde(default)]
+    pub scale_up_events: Vec<ScaleEvent>,
+    #[serde(default)]
+    pub scale_down_events: Vec<ScaleEvent>,
+    #[serde(default = "default_cpu_init")]
+    pub cpu_initialization_period_seconds: f64,
+    #[serde(default = "default_readiness_delay")]
+    pub initial_readiness_delay_seconds: f64,
+    /// The controller's `--horizontal-pod-autoscaler-downscale-stabilization`.
+    #[serde(default = "default_downscale")]
+    pub downscale_stabilization_seconds: i64,
+}
+
+fn one() -> i32 {
+    1
+}
+fn default_tolerance() -> f64 {
+    DEFAULT_TOLERANCE
+}
+fn default_cpu_init() -> f64 {
+    DEFAULT_CPU_INITIALIZATION_PERIOD
+}
+fn default_readiness_delay() -> f64 {
+    DEFAULT_INITIAL_READINESS_DELAY
+}
+fn default_downscale() -> i64 {
+    DEFAULT_DOWNSCALE_STABILIZATION
+}
+fn default_window() -> f64 {
+    30.0
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricSpec {
+    /// `cpu` or `memory`.
+    pub resource: String,
+    /// `Utilization` or `AverageValue`.
+    pub target_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub average_utilization: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub average_value: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    Cpu,
+    Memory,
+}
+
+impl Resource {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cpu" => Some(Resource::Cpu),
+            "memory" => Some(Resource::Memory),
+            _ => None,
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Resource::Cpu => "cpu",
+            Resource::Memory => "memory",
+        }
+    }
+}
+
+/// A checked metric: the resource and its target (a percentage, or milli-units).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Utilization(i32),
+    AverageValue(i64),
+}
+
+impl MetricSpec {
+    pub fn check(&self, field: &str) -> Result<(Resource, Target), ScenarioError> {
+        let resource = Resource::parse(&self.resource)
+            .ok_or_else(|| invalid(format!("{field}.resource"), format!("{:?} is not cpu or memory", self.resource)))?;
+        let target = match (self.target_type.as_str(), self.average_utilization, &self.average_value) {
+            ("Utilization", Some(u), None) if u > 0 => Target::Utilization(u),
+            ("Utilization", Some(u), None) => {
+                return Err(invalid(format!("{field}.averageUtilization"), format!("{u} must be more than 0")))
+            }
+            ("Utilization", None, _) => {
+                return Err(invalid(format!("{field}.averageUtilization"), "required for targetType Utilization"))
+            }
+            ("AverageValue", None, Some(v)) => {
+                let m = milli_value(v).map_err(|e| invalid(format!("{field}.averageValue"), e))?;
+                if m <= 0 {
+                    return Err(invalid(format!("{field}.averageValue"), format!("{v:?} must be more than 0")));
+                }
+                Target::AverageValue(m)
+            }
+            ("AverageValue", _, None) => {
+                return Err(invalid(format!("{field}.averageValue"), "required for targetType AverageValue"))
+            }
+            ("Utilization" | "AverageValue", _, _) => {
+                return Err(invalid(field, "give averageUtilization or averageValue, as targetType says, not both"))
+            }
+            (other, _, _) => {
+                return Err(invalid(
+                    format!("{field}.targetType"),
+                    format!("{other:?} is not Utilization or AverageValue"),
+                ))
+            }
+        };
+        Ok((resource, target))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodIn {
+    pub name: String,
+    #[serde(default = "running")]
+    pub phase: String,
+    /// The Ready condition: `true`, `false`, or `null` for none (default true).
+    #[serde(default, deserialize_with = "explicit")]
+    pub ready: Option<Option<bool>>,
+    #[serde(default)]
+    pub deleting: bool,
+    /// `null`: no start time (the kubelet has not reported one). Absent: long ago.
+    #[serde(default, deserialize_with = "explicit")]
+    pub started_seconds_ago: Option<Option<f64>>,
+    /// When the Ready condition last changed. Absent: long ago.
+    #[serde(default)]
+    pub ready_transition_seconds_ago: Option<f64>,
+    #[serde(default)]
+    pub requests: BTreeMap<String, String>,
+    /// No `usage` (or none for the resource): the pod's metric is missing.
+    #[serde(default)]
+    pub usage: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub metric_timestamp_seconds_ago: f64,
+    #[serde(default = "default_window")]
+    pub metric_window_seconds: f64,
+}
+
+fn running() -> String {
+    "Running".into()
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Recommendation {
+    pub seconds_ago: f64,
+    pub replicas: i32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScaleEvent {
+    pub seconds_ago: f64,
+    /// How many replicas the event added (scale-up) or removed (scale-down).
+    pub replicas: i32,
+}
+
+/// `spec.behavior` of an `autoscaling/v2` HorizontalPodAutoscaler.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Behavior {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_up: Option<ScalingRules>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down: Option<ScalingRules>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScalingRules {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stabilization_window_seconds: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select_policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policies: Option<Vec<Policy>>,
+    /// Per-direction tolerance (Kubernetes' HPAConfigurableTolerance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Policy {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: i32,
+    pub period_seconds: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Select {
+    Max,
+    Min,
+    Disabled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PolicyKind {
+    Pods,
+    Percent,
+}
+
+/// Rules with Kubernetes' defaults filled in.
+#[derive(Debug, Clone, PartialEq)]
+struct Rules {
+    window: i64,
+    select: Select,
+    policies: Vec<(PolicyKind, i32, i64)>,
+}
+
+impl ScalingRules {
+    fn check(&self, field: &str, default: Rules) -> Result<Rules, ScenarioError> {
+        let mut r = default;
+        if let Some(w) = self.stabilization_window_seconds {
+            if !(0..=3600).contains(&w) {
+                return Err(invalid(
+                    format!("{field}.stabilizationWindowSeconds"),
+                    format!("{w} is not within 0..3600"),
+                ));
+            }
+            r.window = w;
+        }
+        if let Some(s) = &self.select_policy {
+            r.select = match s.as_str() {
+                "Max" => Select::Max,
+                "Min" => Select::Min,
+                "Disabled" => Select::Disabled,
+                other => {
+                    return Err(invalid(
+                        format!("{field}.selectPolicy"),
+                        format!("{other:?} is not Max, Min or Disabled"),
+                    ))
+                }
+            };
+        }
+        if let Some(ps) = &self.policies {
+            if ps.is_empty() && r.select != Select::Disabled {
+                return Err(invalid(format!("{field}.policies"), "must list at least one policy"));
+            }
+            r.policies = vec![];
+            for (i, p) in ps.iter().enumerate() {
+                let f = format!("{field}.policies[{i}]");
+                let kind = match p.kind.as_str() {
+                    "Pods" => PolicyKind::Pods,
+                    "Percent" => PolicyKind::Percent,
+                    other => return Err(invalid(format!("{f}.type"), format!("{other:?} is not Pods or Percent"))),
+                };
+                if p.value <= 0 {
+                    return Err(invalid(format!("{f}.value"), format!("{} must be more than 0", p.value)));
+                }
+                if !(1..=1800).contains(&p.period_seconds) {
+                    return Err(invalid(
+                        format!("{f}.periodSeconds"),
+                        format!("{} is not within 1..1800", p.period_seconds),
+                    ));
+                }
+                r.policies.push((kind, p.value, p.period_seconds));
+            }
+        }
+        if let Some(t) = self.tolerance {
+            if !(0.0..=1.0).contains(&t) {
+                return Err(invalid(format!("{field}.tolerance"), format!("{t} is not within 0..1")));
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// What one pod looks like to the calculator (times in seconds before now).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pod {
+    pub name: String,
+    pub phase: Phase,
+    pub deleting: bool,
+    /// The Ready condition, if the pod has one: (status, seconds since it last changed).
+    pub ready: Option<(bool, f64)>,
+    pub started_ago: Option<f64>,
+    /// The pod's requests in milli-units, by [`Resource::index`] (`None`: not set).
+    pub requests: [Option<i64>; 2],
+    /// Its sample, by [`Resource::index`] (`None`: the metric is missing), in milli-units.
+    pub usage: [Option<i64>; 2],
+    /// When the sample was taken (seconds ago) and the window it covers (seconds).
+    pub sampled: (f64, f64),
+}
+
+impl Pod {
+    fn metric(&self, r: Resource) -> Option<i64> {
+        self.usage[r.index()]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// Long ago: Go's zero time, as an unset timestamp is.
+const LONG_AGO: f64 = 1e12;
+
+impl PodIn {
+    fn check(&self, field: &str) -> Result<Pod, ScenarioError> {
+        let phase = match self.phase.as_str() {
+            "Pending" => Phase::Pending,
+            "Running" => Phase::Running,
+            "Succeeded" => Phase::Succeeded,
+            "Failed" => Phase::Failed,
+            other => {
+                return Err(invalid(
+                    format!("{field}.phase"),
+                    format!("{other:?} is not Pending, Running, Succeeded or Failed"),
+                ))
+            }
+        };
+        let ago = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(invalid(format!("{field}.{name}"), format!("{v} must be 0 or more")))
+            }
+        };
+        let transition = ago("readyTransitionSecondsAgo", self.ready_transition_seconds_ago.unwrap_or(LONG_AGO))?;
+        let ready = match self.ready {
+            None => Some((true, transition)),
+            Some(None) => None,
+            Some(Some(r)) => Some((r, transition)),
+        };
+        let started_ago = match self.started_seconds_ago {
+            None => Some(LONG_AGO),
+            Some(None) => None,
+            Some(Some(s)) => Some(ago("startedSecondsAgo", s)?),
+        };
+        let amounts = |what: &str, map: &BTreeMap<String, String>| -> Result<[Option<i64>; 2], ScenarioError> {
+            let mut out = [None, None];
+            for (k, q) in map {
+                let f = format!("{field}.{what}.{k}");
+                let r = Resource::parse(k).ok_or_else(|| invalid(&f, "not a resource (cpu or memory)"))?;
+                out[r.index()] = Some(match milli_value(q) {
+                    Ok(m) if m >= 0 => m,
+                    Ok(_) => return Err(invalid(f, format!("{q:?} must not be negative"))),
+                    Err(e) => return Err(invalid(f, e)),
+                });
+            }
+            Ok(out)
+        };
+        Ok(Pod {
+            name: self.name.clone(),
+            phase,
+            deleting: self.deleting,
+            ready,
+            started_ago,
+            requests: amounts("requests", &self.requests)?,
+            usage: match &self.usage {
+                Some(u) => amounts("usage", u)?,
+                None => [None, None],
+            },
+            sampled: (
+                ago("metricTimestampSecondsAgo", self.metric_timestamp_seconds_ago)?,
+                ago("metricWindowSeconds", self.metric_window_seconds)?,
+            ),
+        })
+    }
+}
+
+/// The calculator's settings (kube-controller-manager flags).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub tolerance_up: f64,
+    pub tolerance_down: f64,
+    pub cpu_initialization_period: f64,
+    pub initial_readiness_delay: f64,
+}
+
+impl Settings {
+    fn within(&self, ratio: f64) -> bool {
+        (1.0 - self.tolerance_down) <= ratio && ratio <= (1.0 + self.tolerance_up)
+    }
+}
+
+/// What the calculator says for one metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calculated {
+    pub replicas: i32,
+    /// Utilization in percent of requests (Utilization targets).
+    pub utilization: Option<i32>,
+    /// Average per pod, milli-units.
+    pub average: i64,
+    /// Why the count is the current one, when it is.
+    pub held: Option<String>,
+}
+
+/// Groups pods as Kubernetes' `groupPods`: (ready with metrics, unready, missing, ignored).
+fn group(pods: &[Pod], resource: Resource, s: &Settings) -> (usize, Vec<usize>, Vec<usize>, Vec<usize>) {
+    let (mut ready, mut unready, mut missing, mut ignored) = (0, vec![], vec![], vec![]);
+    for (i, p) in pods.iter().enumerate() {
+        if p.deleting || p.phase == Phase::Failed {
+            ignored.push(i);
+            continue;
+        }
+        if p.phase == Phase::Pending {
+            unready.push(i);
+            continue;
+        }
+        if p.metric(resource).is_none() {
+            missing.push(i);
+            continue;
+        }
+        let (metric_ago, window) = p.sampled;
+        if resource == Resource::Cpu {
+            let not_ready = match (p.ready, p.started_ago) {
+                (None, _) | (_, None) => true,
+                (Some((status, transition_ago)), Some(started_ago)) => {
+                    if started_ago < s.cpu_initialization_period {
+                        // Within the initialization period: unready, or the sample's window
+                        // began before the last readiness change.
+                        !status || -metric_ago < -transition_ago + window
+                    } else {
+                        // Unready and never ready since start.
+                        !status && -started_ago + s.initial_readiness_delay > -transition_ago
+                    }
+                }
+            };
+            if not_ready {
+                unready.push(i);
+                continue;
+            }
+        }
+        ready += 1;
+    }
+    (ready, unready, missing, ignored)
+}
+
+/// Kubernetes' `GetResourceReplicas` (Utilization) and `GetRawResourceReplicas`
+/// (AverageValue).
+pub fn calculate(
+    current: i32,
+    resource: Resource,
+    target: Target,
+    pods: &[Pod],
+    s: &Settings,
+) -> Result<Calculated, String> {
+    if pods.is_empty() {
+        return Err("no pods returned by selector while calculating replica count".into());
+    }
+    let (ready_count, unready, missing, ignored) = group(pods, resource, s);
+    // Pod index → value, for the pods whose samples count.
+    let mut metrics: BTreeMap<usize, i64> = pods
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !ignored.contains(i) && !unready.contains(i))
+        .filter_map(|(i, p)| p.metric(resource).map(|v| (i, v)))
+        .collect();
+    if metrics.is_empty() {
+        return Err("did not receive metrics for targeted pods (pods might be unready)".into());
+    }
+    let held = |why: &str| Some(why.to_string());
+    match target {
+        Target::Utilization(target_pct) => {
+            let mut requests = BTreeMap::new();
+            for (i, p) in pods.iter().enumerate() {
+                let r = p.requests[resource.index()]
+                    .ok_or_else(|| format!("missing request for {} in pod {}", resource.name(), p.name))?;
+                requests.insert(i, r);
+            }
+            let (ratio, utilization, average) = utilization_ratio(&metrics, &requests, target_pct)?;
+            let scale_up_with_unready = !unready.is_empty() && ratio > 1.0;
+            if !scale_up_with_unready && missing.is_empty() {
+                if s.within(ratio) {
+                    let why = format!("usage ratio {ratio:.3} is within tolerance");
+                    return Ok(Calculated {
+                        replicas: current,
+                        utilization: Some(utilization),
+                        average,
+                        held: held(&why),
+                    });
+                }
+                let replicas = (ratio * ready_count as f64).ceil() as i32;
+                return Ok(Calculated { replicas, utilization: Some(utilization), average, held: None });
+            }
+            if ratio < 1.0 {
+                let fallback = i64::from(target_pct.max(100));
+                for &i in &missing {
+                    metrics.insert(i, requests[&i] * fallback / 100);
+                }
+            } else if ratio > 1.0 {
+                for &i in &missing {
+                    metrics.insert(i, 0);
+                }
+            }
+            if scale_up_with_unready {
+                for &i in &unready {
+                    metrics.insert(i, 0);
+                }
+            }
+            let (new_ratio, _, _) = utilization_ratio(&metrics, &requests, target_pct)?;
+            let done = |replicas: i32, held: Option<String>| {
+                Ok(Calculated { replicas, utilization: Some(utilization), average, held })
+            };
+            rebalanced(current, ratio, new_ratio, metrics.len(), s, done)
+        }
+        Target::AverageValue(target_milli) => {
+            let (ratio, average) = usage_ratio(&metrics, target_milli);
+            let scale_up_with_unready = !unready.is_empty() && ratio > 1.0;
+            if !scale_up_with_unready && missing.is_empty() {
+                if s.within(ratio) {
+                    let why = format!("usage ratio {ratio:.3} is within tolerance");
+                    return Ok(Calculated { replicas: current, utilization: None, average, held: held(&why) });
+                }
+                let replicas = (ratio * ready_count as f64).ceil() as i32;
+                return Ok(Calculated { replicas, utilization: None, average, held: None });
+            }
+            if ratio < 1.0 {
+                for &i in &missing {
+                    metrics.insert(i, target_milli);
+                }
+            } else if ratio > 1.0 {
+                for &i in &missing {
+                    metrics.insert(i, 0);
+                }
+            }
+            if scale_up_with_unready {
+                for &i in &unready {
+                    metrics.insert(i, 0);
+                }
+            }
+            let (new_ratio, _) = usage_ratio(&metrics, target_milli);
+            let done =
+                |replicas: i32, held: Option<String>| Ok(Calculated { replicas, utilization: None, average, held });
+            rebalanced(current, ratio, new_ratio, metrics.len(), s, done)
+        }
+    }
+}
+
+/// The second pass, after missing and unready pods got their assumed values.
+fn rebalanced(
+    current: i32,
+    ratio: f64,
+    new_ratio: f64,
+    counted: usize,
+    s: &Settings,
+    done: impl Fn(i32, Option<String>) -> Result<Calculated, String>,
+) -> Result<Calculated, String> {
+    if s.within(new_ratio) {
+        return done(
+            current,
+            Some(format!("usage ratio {new_ratio:.3} (with missing and unready pods assumed) is within tolerance")),
+        );
+    }
+    if (ratio < 1.0 && new_ratio > 1.0) || (ratio > 1.0 && new_ratio < 1.0) {
+        return done(current, Some("missing and unready pods would reverse the scale direction".into()));
+    }
+    let replicas = (new_ratio * counted as f64).ceil() as i32;
+    if (new_ratio < 1.0 && replicas > current) || (new_ratio > 1.0 && replicas < current) {
+        return done(current, Some("counting missing and unready pods would reverse the scale direction".into()));
+    }
+    done(replicas, None)
+}
+
+/// (ratio, utilization %, average milli-value) over the pods with both a sample and a request.
+fn utilization_ratio(
+    metrics: &BTreeMap<usize, i64>,
+    requests: &BTreeMap<usize, i64>,
+    target: i32,
+) -> Result<(f64, i32, i64), String> {
+    let (mut total, mut requested, mut n) = (0i64, 0i64, 0i64);
+    for (i, v) in metrics {
+        if let Some(r) = requests.get(i) {
+            total += v;
+            requested += r;
+            n += 1;
+        }
+    }
+    if requested == 0 {
+        return Err("no metrics returned matched known pods".into());
+    }
+    let utilization = (total * 100 / requested) as i32;
+    Ok((f64::from(utilization) / f64::from(target), utilization, total / n))
+}
+
+/// (ratio, average milli-value): Kubernetes' `GetMetricUsageRatio`.
+fn usage_ratio(metrics: &BTreeMap<usize, i64>, target: i64) -> (f64, i64) {
+    let total: i64 = metrics.values().sum();
+    let average = total / metrics.len() as i64;
+    (average as f64 / target as f64, average)
+}
+
+/// The decision `skiff autoscale simulate` prints.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Decision {
+    pub desired_replicas: i32,
+    pub raw_recommendation: i32,
+    pub current_utilization: Option<i32>,
+    pub current_average_value: Option<String>,
+    pub reason: String,
+}
+
+/// A checked scenario: what `decide` works on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Situation {
+    pub current: i32,
+    pub min: i32,
+    pub max: i32,
+    pub metrics: Vec<(Resource, Target)>,
+    pub pods: Vec<Pod>,
+    pub settings: Settings,
+    /// `None`: no `behavior` (the older normalization).
+    behavior: Option<(Rules, Rules)>,
+    pub downscale_stabilization: i64,
+    pub recommendations: Vec<Recommendation>,
+    pub scale_up_events: Vec<ScaleEvent>,
+    pub scale_down_events: Vec<ScaleEvent>,
+}
+
+fn default_up() -> Rules {
+    Rules { window: 0, select: Select::Max, policies: vec![(PolicyKind::Pods, 4, 15), (PolicyKind::Percent, 100, 15)] }
+}
+
+fn default_down(window: i64) -> Rules {
+    Rules { window, select: Select::Max, policies: vec![(PolicyKind::Percent, 100, 15)] }
+}
+
+impl Scenario {
+    /// Validates everything, naming the field of the first problem.
+    pub fn check(&self) -> Result<Situation, ScenarioError> {
+        if self.max_replicas < 1 {
+            return Err(invalid("maxReplicas", format!("{} must be 1 or more", self.max_replicas)));
+        }
+        if self.min_replicas < 0 {
+            return Err(invalid("minReplicas", format!("{} must be 0 or more", self.min_replicas)));
+        }
+        if self.min_replicas > self.max_replicas {
+            return Err(invalid(
+                "minReplicas",
+                format!("{} is more than maxReplicas {}", self.min_replicas, self.max_replicas),
+            ));
+        }
+        if self.current_replicas < 0 {
+            return Err(invalid("currentReplicas", format!("{} must be 0 or more", self.current_replicas)));
+        }
+        if !(0.0..=1.0).contains(&self.tolerance) {
+            return Err(invalid("tolerance", format!("{} is not within 0..1", self.tolerance)));
+        }
+        for (name, v) in [
+            ("cpuInitializationPeriodSeconds", self.cpu_initialization_period_seconds),
+            ("initialReadinessDelaySeconds", self.initial_readiness_delay_seconds),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(name, format!("{v} must be 0 or more")));
+            }
+        }
+        if self.downscale_stabilization_seconds < 0 {
+            return Err(invalid("downscaleStabilizationSeconds", "must be 0 or more"));
+        }
+        let metrics = match (&self.metric, self.metrics.as_slice()) {
+            (Some(m), []) => vec![m.check("metric")?],
+            (None, []) => return Err(invalid("metric", "required (or metrics, a list)")),
+            (None, list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, m)| m.check(&format!("metrics[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?,
+            (Some(_), _) => return Err(invalid("metric", "give metric or metrics, not both")),
+        };
+        let mut names = std::collections::HashSet::new();
+        let mut pods = vec![];
+        for (i, p) in self.pods.iter().enumerate() {
+            if !names.insert(p.name.as_str()) {
+                return Err(invalid(format!("pods[{i}].name"), format!("{:?} appears twice", p.name)));
+            }
+            pods.push(p.check(&format!("pods[{i}]"))?);
+        }
+        let mut settings = Settings {
+            tolerance_up: self.tolerance,
+            tolerance_down: self.tolerance,
+            cpu_initialization_period: self.cpu_initialization_period_seconds,
+            initial_readiness_delay: self.initial_readiness_delay_seconds,
+        };
+        let behavior = match &self.behavior {
+            None => None,
+            Some(b) => {
+                let up = b.scale_up.clone().unwrap_or_default();
+                let down = b.scale_down.clone().unwrap_or_default();
+                if let Some(t) = up.tolerance {
+                    settings.tolerance_up = t;
+                }
+                if let Some(t) = down.tolerance {
+                    settings.tolerance_down = t;
+                }
+                Some((
+                    up.check("behavior.scaleUp", default_up())?,
+                    down.check("behavior.scaleDown", default_down(self.downscale_stabilization_seconds))?,
+                ))
+            }
+        };
+        for (field, list) in [
+            ("recommendations", self.recommendations.iter().map(|r| r.seconds_ago).collect::<Vec<_>>()),
+            ("scaleUpEvents", self.scale_up_events.iter().map(|e| e.seconds_ago).collect()),
+            ("scaleDownEvents", self.scale_down_events.iter().map(|e| e.seconds_ago).collect()),
+        ] {
+            if let Some((i, v)) = list.iter().enumerate().find(|(_, v)| !(v.is_finite() && **v >= 0.0)) {
+                return Err(invalid(format!("{field}[{i}].secondsAgo"), format!("{v} must be 0 or more")));
+            }
+        }
+        Ok(Situation {
+            current: self.current_replicas,
+            min: self.min_replicas,
+            max: self.max_replicas,
+            metrics,
+            pods,
+            settings,
+            behavior,
+            downscale_stabilization: self.downscale_stabilization_seconds,
+            recommendations: self.recommendations.clone(),
+            scale_up_events: self.scale_up_events.clone(),
+            scale_down_events: self.scale_down_events.clone(),
+        })
+    }
+}
+
+/// Formats milli-units as Kubernetes prints a DecimalSI quantity (`800m`, `1`, `2k`).
+pub fn format_milli(m: i64) -> String {
+    if m % 1000 != 0 {
+        return format!("{m}m");
+    }
+    let n = m / 1000;
+    for (suffix, scale) in [
+        ("E", 1_000_000_000_000_000_000i64),
+        ("P", 1_000_000_000_000_000),
+        ("T", 1_000_000_000_000),
+        ("G", 1_000_000_000),
+        ("M", 1_000_000),
+        ("k", 1_000),
+    ] {
+        if n != 0 && n % scale == 0 {
+            return format!("{}{suffix}", n / scale);
+        }
+    }
+    n.to_string()
+}
+
+/// A Kubernetes quantity (`500m`, `1`, `0.5`, `512Mi`, `1G`, `1e3`) in milli-units,
+/// rounded up as `MilliValue()` does.
+pub fn milli_value(q: &str) -> Result<i64, String> {
+    let bad = || format!("{q:?} is not a quantity (such as 500m, 1.5, 512Mi or 2G)");
+    let s = q.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-')).unwrap_or(s.len());
+    let (num, suffix) = s.split_at(split);
+    // (numerator, denominator) multipliers of the suffix.
+    let (mul, div): (i128, i128) = match suffix {
+        "" => (1, 1),
+        "m" => (1, 1000),
+        "k" => (1_000, 1),
+        "M" => (1_000_000, 1),
+        "G" => (1_000_000_000, 1),
+        "T" => (1_000_000_000_000, 1),
+        "P" => (1_000_000_000_000_000, 1),
+        "E" => (1_000_000_000_000_000_000, 1),
+        "Ki" => (1 << 10, 1),
+        "Mi" => (1 << 20, 1),
+        "Gi" => (1 << 30, 1),
+        "Ti" => (1 << 40, 1),
+        "Pi" => (1 << 50, 1),
+        "Ei" => (1 << 60, 1),
+        e if e.starts_with(['e', 'E']) => {
+            let exp: u32 = e[1..].parse().map_err(|_| bad())?;
+            (10i128.checked_pow(exp).ok_or_else(bad)?, 1)
+        }
+        _ => return Err(bad()),
+    };
+    let (neg, digits) = match num.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, num.strip_prefix('+').unwrap_or(num)),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    if int.is_empty() && frac.is_empty()
+        || !int.chars().chain(frac.chars()).all(|c| c.is_ascii_digit())
+        || frac.len() > 18
+    {
+        return Err(bad());
+    }
+    let mantissa: i128 = format!("{int}{frac}").parse().map_err(|_| bad())?;
+    let scale = 10i128.pow(frac.len() as u32);
+    let numerator = mantissa.checked_mul(mul).and_then(|v| v.checked_mul(1000)).ok_or_else(bad)?;
+    let denominator = scale * div;
+    let milli = (numerator + denominator - 1) / denominator;
+    let milli = if neg { -((numerator) / denominator) } else { milli };
+    i64::try_from(milli).map_err(|_| bad())
+}
+
+/// How Kubernetes names a metric in its reasons.
+fn metric_name(resource: Resource, target: Target) -> String {
+    match target {
+        Target::Utilization(_) => format!("{} resource utilization (percentage of request)", resource.name()),
+        Target::AverageValue(_) => format!("{} resource", resource.name()),
+    }
+}
+
+/// What Kubernetes' HPA controller decides for `s`: each metric's proposal, the highest
+/// one taken (`computeReplicasForMetrics`), then normalized.
+pub fn decide(s: &Situation) -> Decision {
+    let mut best: Option<(String, Calculated)> = None;
+    let mut failed: Vec<String> = vec![];
+    for &(resource, target) in &s.metrics {
+        match calculate(s.current, resource, target, &s.pods, &s.settings) {
+            Ok(c) => {
+                if best.as_ref().is_none_or(|(_, b)| c.replicas > b.replicas) {
+                    best = Some((metric_name(resource, target), c));
+                }
+            }
+            Err(e) => failed.push(e),
+        }
+    }
+    let (raw, utilization, average) = match &best {
+        Some((_, c)) => (c.replicas, c.utilization, Some(format_milli(c.average))),
+        None => (s.current, None, None),
+    };
+    let out = |desired: i32, reason: String| Decision {
+        desired_replicas: desired,
+        raw_recommendation: raw,
+        current_utilization: utilization,
+        current_average_value: average.clone(),
+        reason,
+    };
+    if s.current == 0 && s.min != 0 {
+        return out(0, "ScalingDisabled: scaling is disabled since the replica count of the target is zero".into());
+    }
+    if s.current > s.max {
+        return out(s.max, "Current number of replicas above Spec.MaxReplicas".into());
+    }
+    if s.current < s.min {
+        return out(s.min, "Current number of replicas below Spec.MinReplicas".into());
+    }
+    // All metrics failed, or some did and the rest would scale down: no change.
+    if let Some(first) = failed.first() {
+        if best.is_none() || raw < s.current {
+            let why = match s.metrics.len() {
+                1 => first.clone(),
+                n => format!("invalid metrics ({} invalid out of {n}), first error is: {first}", failed.len()),
+            };
+            return out(s.current, format!("FailedGetResourceMetric: {why}"));
+        }
+    }
+    let Some((metric_name, c)) = best else {
+        return out(s.current, "FailedGetResourceMetric: no metric".into());
+    };
+    let mut parts = vec![];
+    match (&c.held, raw.cmp(&s.current)) {
+        (Some(why), _) => parts.push(why.clone()),
+        (None, std::cmp::Ordering::Greater) => parts.push(format!("{metric_name} above target")),
+        (None, std::cmp::Ordering::Less) => parts.push("All metrics below target".into()),
+        (None, std::cmp::Ordering::Equal) => {}
+    }
+    let (stabilized, desired, limit) = match &s.behavior {
+        None => {
+            let stabilized = stabilize_without_behavior(raw, &s.recommendations, s.downscale_stabilization);
+            let (d, why) = clamp_without_behavior(s.current, stabilized, s.min, s.max);
+            (stabilized, d, why)
+        }
+        Some((up, down)) => {
+            let stabilized = stabilize(raw, s.current, &s.recommendations, up.window, down.window);
+            let (d, why) = limit_rate(s, stabilized, up, down);
+            (stabilized, d, why)
+        }
+    };
+    if stabilized != raw {
+        parts.push(if raw >= s.current {
+            "ScaleUpStabilized: recent recommendations were lower than current one, applying the lowest recent recommendation".into()
+        } else {
+            "ScaleDownStabilized: recent recommendations were higher than current one, applying the highest recent recommendation".into()
+        });
+    }
+    if desired != stabilized {
+        parts.push(limit);
+    }
+    if parts.is_empty() {
+        parts.push("DesiredWithinRange: the desired count is within the acceptable range".into());
+    }
+    out(desired, parts.join("; "))
+}
+
+/// `stabilizeRecommendation`: the highest recommendation not older than the window.
+fn stabilize_without_behavior(raw: i32, recs: &[Recommendation], window: i64) -> i32 {
+    recs.iter().filter(|r| r.seconds_ago <= window as f64).map(|r| r.replicas).fold(raw, i32::max)
+}
+
+/// `convertDesiredReplicasWithRules`: within min, and at most max(2 × current, 4) and max.
+fn clamp_without_behavior(current: i32, desired: i32, min: i32, max: i32) -> (i32, String) {
+    let scale_up_limit = (2.0 * f64::from(current)).max(4.0) as i32;
+    let (maximum, why) = if max > scale_up_limit {
+        (scale_up_limit, "ScaleUpLimit: the desired replica count is increasing faster than the maximum scale rate")
+    } else {
+        (max, "TooManyReplicas: the desired replica count is more than the maximum replica count")
+    };
+    if desired < min {
+        (min, "TooFewReplicas: the desired replica count is less than the minimum replica count".into())
+    } else if desired > maximum {
+        (maximum, why.into())
+    } else {
+        (desired, "DesiredWithinRange: the desired count is within the acceptable range".into())
+    }
+}
+
+/// `stabilizeRecommendationWithBehaviors`.
+fn stabilize(raw: i32, current: i32, recs: &[Recommendation], up_window: i64, down_window: i64) -> i32 {
+    let (mut up, mut down) = (raw, raw);
+    for r in recs {
+        if r.seconds_ago < up_window as f64 {
+            up = up.min(r.replicas);
+        }
+        if r.seconds_ago < down_window as f64 {
+            down = down.max(r.replicas);
+        }
+    }
+    current.max(up).min(down)
+}
+
+/// Replicas changed by `events` within the last `period` seconds.
+fn changed_within(events: &[ScaleEvent], period: i64) -> i32 {
+    events.iter().filter(|e| e.seconds_ago < period as f64).map(|e| e.replicas).sum()
+}
+
+/// `convertDesiredReplicasWithBehaviorRate`.
+fn limit_rate(s: &Situation, desired: i32, up: &Rules, down: &Rules) -> (i32, String) {
+    let period_start = |period: i64| {
+        s.current - changed_within(&s.scale_up_events, period) + changed_within(&s.scale_down_events, period)
+    };
+    if desired > s.current {
+        let limit = match up.select {
+            Select::Disabled => s.current,
+            sel => {
+                let proposals = up.policies.iter().map(|&(kind, value, period)| {
+                    let start = period_start(period);
+                    match kind {
+                        PolicyKind::Pods => start + value,
+                        PolicyKind::Percent => (f64::from(start) * (1.0 + f64::from(value) / 100.0)).ceil() as i32,
+                    }
+                });
+                if sel == Select::Min {
+                    proposals.fold(i32::MAX, i32::min)
+                } else {
+                    proposals.fold(i32::MIN, i32::max)
+                }
+            }
+        }
+        .max(s.current);
+        let (maximum, why) = if s.max > limit {
+            (limit, "ScaleUpLimit: the desired replica count is increasing faster than the maximum scale rate")
+        } else {
+            (s.max, "TooManyReplicas: the desired replica count is more than the maximum replica count")
+        };
+        if desired > maximum {
+            return (maximum, why.into());
+        }
+    } else if desired < s.current {
+        let limit = match down.select {
+            Select::Disabled => s.current,
+            sel => {
+                let proposals = down.policies.iter().map(|&(kind, value, period)| {
+                    let start = period_start(period);
+                    match kind {
+                        PolicyKind::Pods => start - value,
+                        PolicyKind::Percent => (f64::from(start) * (1.0 - f64::from(value) / 100.0)) as i32,
+                    }
+                });
+                if sel == Select::Min {
+                    proposals.fold(i32::MIN, i32::max)
+                } else {
+                    proposals.fold(i32::MAX, i32::min)
+                }
+            }
+        }
+        .min(s.current);
+        let (minimum, why) = if s.min < limit {
+            (limit, "ScaleDownLimit: the desired replica count is decreasing faster than the maximum scale rate")
+        } else {
+            (s.min, "TooFewReplicas: the desired replica count is less than the minimum replica count")
+        };
+        if desired < minimum {
+            return (minimum, why.into());
+        }
+    }
+    (desired, "DesiredWithinRange: the desired count is within the acceptable range".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Runs a scenario given as JSON; pods are `[name, request, usage]` with extra fields
+    /// merged in from `more`.
+    fn run(base: serde_json::Value) -> Decision {
+        let s: Scenario = serde_json::from_value(base).unwrap();
+        decide(&s.check().unwrap())
+    }
+
+    fn pods(list: &[(&str, Option<&str>)], request: &str) -> serde_json::Value {
+        json!(list
+            .iter()
+            .map(|(n, u)| {
+                let mut p = json!({"name": n, "requests": {"cpu": request}});
+                if let Some(u) = u {
+                    p["usage"] = json!({"cpu": u});
+                }
+                p
+            })
+            .collect::<Vec<_>>())
+    }
+
+    fn cpu(target: i32) -> serde_json::Value {
+        json!({"resource": "cpu", "targetType": "Utilization", "averageUtilization": target})
+    }
+
+    /// (case, scenario, desiredReplicas, rawRecommendation, currentUtilization).
+    /// Each from the algorithm in the Kubernetes documentation and the controller's code;
+    /// the arithmetic is in the comment.
+    #[test]
+    fn kubernetes_replica_calculator_cases() {
+        let p3 = pods(&[("a", Some("300m")), ("b", Some("500m")), ("c", Some("700m"))], "1000m");
+        let cases: Vec<(&str, serde_json::Value, i32, i32, Option<i32>)> = vec![
+            // 1500/3000 = 50 %; 50/30 = 1.667; ceil(1.667 × 3) = 5.
+            (
+                "scale up",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": cpu(30), "pods": p3}),
+                5,
+                5,
+                Some(50),
+            ),
+            // 1060 % of 1000 → 102 %: ratio 1.02 is within 0.1.
+            (
+                "within tolerance",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": cpu(100),
+                       "pods": pods(&[("a", Some("1010m")), ("b", Some("1030m")), ("c", Some("1020m"))], "1000m")}),
+                3,
+                3,
+                Some(102),
+            ),
+            // Exactly 1.1 is within (the bounds are inclusive).
+            (
+                "tolerance edge, inclusive",
+                json!({"currentReplicas": 2, "maxReplicas": 10, "metric": cpu(50),
+                       "pods": pods(&[("a", Some("550m")), ("b", Some("550m"))], "1000m")}),
+                2,
+                2,
+                Some(55),
+            ),
+            // 56 %: 1.12 > 1.1 → ceil(1.12 × 2) = 3.
+            (
+                "just past tolerance",
+                json!({"currentReplicas": 2, "maxReplicas": 10, "metric": cpu(50),
+                       "pods": pods(&[("a", Some("560m")), ("b", Some("560m"))], "1000m")}),
+                3,
+                3,
+                Some(56),
+            ),
+            // Utilization is truncated first: 1399/2000 = 69.95 % → 69 %; 69/70 = 0.986.
+            (
+                "truncated percentage",
+                json!({"currentReplicas": 2, "maxReplicas": 10, "metric": cpu(70),
+                       "pods": pods(&[("a", Some("700m")), ("b", Some("699m"))], "1000m")}),
+                2,
+                2,
+                Some(69),
+            ),
+            // 1400/5000 = 28 %; 0.56 × 5 = 2.8 → 3; no behavior, no recommendations.
+            (
+                "scale down",
+                json!({"currentReplicas": 5, "maxReplicas": 10, "metric": cpu(50),
+                       "pods": pods(&[("a", Some("100m")), ("b", Some("300m")), ("c", Some("500m")), ("d", Some("250m")), ("e", Some("250m"))], "1000m")}),
+                3,
+                3,
+                Some(28),
+            ),
+            // Unready pod a is left out: 1200/2000 = 60 %, ratio 2; on the way up it counts
+            // as 0: 1200/3000 = 40 % → 1.333 × 3 → 4.
+            (
+                "unready pod counts as 0 on the way up",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": cpu(30),
+                       "pods": [{"name": "a", "ready": false, "requests": {"cpu": "1000m"}, "usage": {"cpu": "300m"}},
+                                {"name": "b", "requests": {"cpu": "1000m"}, "usage": {"cpu": "500m"}},
+                                {"name": "c", "requests": {"cpu": "1000m"}, "usage": {"cpu": "700m"}}]}),
+                4,
+                4,
+                Some(60),
+            ),
+            // Ready pods c, d, e: 1000/3000 = 33 %; ratio 0.66 < 1, so unready pods are
+            // simply left out: ceil(0.66 × 3) = 2.
+            (
+                "unready pods left out on the way down",
+                json!({"currentReplicas": 5, "maxReplicas": 10, "metric": cpu(50),
+                       "pods": [{"name": "a", "ready": false, "requests": {"cpu": "1000m"}, "usage": {"cpu": "100m"}},
+                                {"name": "b", "ready": false, "requests": {"cpu": "1000m"}, "usage": {"cpu": "300m"}},
+                                {"name": "c", "requests": {"cpu": "1000m"}, "usage": {"cpu": "500m"}},
+                                {"name": "d", "requests": {"cpu": "1000m"}, "usage": {"cpu": "250m"}},
+                                {"name": "e", "requests": {"cpu": "1000m"}, "usage": {"cpu": "250m"}}]}),
+                2,
+                2,
+                Some(33),
+            ),
+            // Missing c on the way down counts as 100 %: (200+200+1000)/3000 = 46 % of
+            // target 50 → 0.92, within tolerance → stay at 3.
+            (
+                "missing metric at 100 % blocks a scale-down",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": cpu(50),
+                       "pods": pods(&[("a", Some("200m")), ("b", Some("200m")), ("c", None)], "1000m")}),
+                3,
+                3,
+                Some(20),
+            ),
+            // On the way down with a target above 100 %, missing pods count at the target:
+            // a, b at 50 %; c at 150 %: (500+500+1500)/3000 = 83 %; 83/150 = 0.553 → ceil(1.66) = 2.
+            (
+                "missing metric at the target when it is above 100 %",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": cpu(150),
+                       "pods": pods(&[("a", Some("500m")), ("b", Some("500m")), ("c", None)], "1000m")}),
+                2,
+                2,
+                Some(50),
+            ),
+            // Missing c on the way up counts as 0 %: 1800/2000 = 90 % → 1.8; (1800+0)/3000 =
+            // 60 % → 1.2 → ceil(1.2 × 3) = 4.
+            (
+                "missing metric at 0 % on the way up",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": cpu(50),
+                       "pods": pods(&[("a", Some("900m")), ("b", Some("900m")), ("c", None)], "1000m")}),
+                4,
+                4,
+                Some(90),
+            ),
+            // a, b at 60 % → 1.2, up; with the missing pod at 0 %: (600+600+0)/3000 = 40 %
+            // → 0.8, which would flip the direction: stay.
+            (
+                "missing metric would reverse the direction",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": cpu(50),
+                       "pods": pods(&[("a", Some("600m")), ("b", Some("600m")), ("c", None)], "1000m")}),
+                3,
+                3,
+                Some(60),
+            ),
+            // Pending, failed and deleting pods: Pending counts as unready, the others are
+            // ignored. Ready a, b: 1600/2000 = 80 % → 1.6; pending as 0: 1600/3000 = 53 % →
+            // 1.066, within tolerance: stay at 4.
+            (
+                "pending, failed and deleting pods",
+                json!({"currentReplicas": 4, "maxReplicas": 10, "metric": cpu(50),
+                       "pods": [{"name": "a", "requests": {"cpu": "1000m"}, "usage": {"cpu": "800m"}},
+                                {"name": "b", "requests": {"cpu": "1000m"}, "usage": {"cpu": "800m"}},
+                                {"name": "c", "phase": "Pending", "requests": {"cpu": "1000m"}},
+                                {"name": "d", "phase": "Failed", "requests": {"cpu": "1000m"}, "usage": {"cpu": "900m"}},
+                                {"name": "e", "deleting": true, "requests": {"cpu": "1000m"}, "usage": {"cpu": "900m"}}]}),
+                4,
+                4,
+                Some(80),
+            ),
+            // Within the CPU initialization period, a ready pod whose sample window began
+            // before its readiness change is unready: a started 60 s ago, ready 10 s ago,
+            // sample now with a 30 s window (−0 < −10 + 30). Like the unready case: 4.
+            (
+                "hot CPU in the initialization period",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": cpu(30),
+                       "pods": [{"name": "a", "startedSecondsAgo": 60, "readyTransitionSecondsAgo": 10, "requests": {"cpu": "1000m"}, "usage": {"cpu": "300m"}},
+                                {"name": "b", "requests": {"cpu": "1000m"}, "usage": {"cpu": "500m"}},
+                                {"name": "c", "requests": {"cpu": "1000m"}, "usage": {"cpu": "700m"}}]}),
+                4,
+                4,
+                Some(60),
+            ),
+            // The same pod with its readiness change 40 s ago: one window has passed, it counts.
+            (
+                "initialization period, a full window after readiness",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": cpu(30),
+                       "pods": [{"name": "a", "startedSecondsAgo": 60, "readyTransitionSecondsAgo": 40, "requests": {"cpu": "1000m"}, "usage": {"cpu": "300m"}},
+                                {"name": "b", "requests": {"cpu": "1000m"}, "usage": {"cpu": "500m"}},
+                                {"name": "c", "requests": {"cpu": "1000m"}, "usage": {"cpu": "700m"}}]}),
+                5,
+                5,
+                Some(50),
+            ),
+            // After the initialization period, an unready pod that was once ready counts
+            // (its readiness changed 100 s after start, beyond the 30 s delay)...
+            (
+                "unready but once ready, after initialization",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": cpu(30),
+                       "pods": [{"name": "a", "ready": false, "startedSecondsAgo": 600, "readyTransitionSecondsAgo": 500, "requests": {"cpu": "1000m"}, "usage": {"cpu": "300m"}},
+                                {"name": "b", "requests": {"cpu": "1000m"}, "usage": {"cpu": "500m"}},
+                                {"name": "c", "requests": {"cpu": "1000m"}, "usage": {"cpu": "700m"}}]}),
+                5,
+                5,
+                Some(50),
+            ),
+            // ...but one that never became ready (changed within 30 s of start) does not.
+            (
+                "never ready, after initialization",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": cpu(30),
+                       "pods": [{"name": "a", "ready": false, "startedSecondsAgo": 600, "readyTransitionSecondsAgo": 590, "requests": {"cpu": "1000m"}, "usage": {"cpu": "300m"}},
+                                {"name": "b", "requests": {"cpu": "1000m"}, "usage": {"cpu": "500m"}},
+                                {"name": "c", "requests": {"cpu": "1000m"}, "usage": {"cpu": "700m"}}]}),
+                4,
+                4,
+                Some(60),
+            ),
+            // No Ready condition at all: unready (cpu).
+            (
+                "no Ready condition",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": cpu(30),
+                       "pods": [{"name": "a", "ready": null, "requests": {"cpu": "1000m"}, "usage": {"cpu": "300m"}},
+                                {"name": "b", "requests": {"cpu": "1000m"}, "usage": {"cpu": "500m"}},
+                                {"name": "c", "requests": {"cpu": "1000m"}, "usage": {"cpu": "700m"}}]}),
+                4,
+                4,
+                Some(60),
+            ),
+            // Readiness does not matter for memory: (300+500+700) Mi of 3 × 1 Gi...
+            // 1500/3072 = 48 %; 48/30 = 1.6 → ceil(4.8) = 5.
+            (
+                "memory ignores readiness",
+                json!({"currentReplicas": 3, "maxReplicas": 10,
+                       "metric": {"resource": "memory", "targetType": "Utilization", "averageUtilization": 30},
+                       "pods": [{"name": "a", "ready": false, "requests": {"memory": "1Gi"}, "usage": {"memory": "300Mi"}},
+                                {"name": "b", "requests": {"memory": "1Gi"}, "usage": {"memory": "500Mi"}},
+                                {"name": "c", "requests": {"memory": "1Gi"}, "usage": {"memory": "700Mi"}}]}),
+                5,
+                5,
+                Some(48),
+            ),
+            // AverageValue: (300+500+700)/3 = 500m against 200m → 2.5 → ceil(7.5) = 8.
+            (
+                "average value",
+                json!({"currentReplicas": 3, "maxReplicas": 10,
+                       "metric": {"resource": "cpu", "targetType": "AverageValue", "averageValue": "200m"}, "pods": p3}),
+                6,
+                8,
+                None,
+            ),
+            // Clamped at maxReplicas (the raw recommendation says more).
+            (
+                "clamped to max",
+                json!({"currentReplicas": 3, "maxReplicas": 4, "metric": cpu(30), "pods": p3}),
+                4,
+                5,
+                Some(50),
+            ),
+            // Clamped at minReplicas: 10 %/50 → 0.2 × 5 = 1, min 2.
+            (
+                "clamped to min",
+                json!({"currentReplicas": 5, "minReplicas": 2, "maxReplicas": 10, "metric": cpu(50),
+                       "pods": pods(&[("a", Some("100m")), ("b", Some("100m")), ("c", Some("100m")), ("d", Some("100m")), ("e", Some("100m"))], "1000m")}),
+                2,
+                1,
+                Some(10),
+            ),
+            // Without behavior, a scale-down keeps the highest recommendation of the last 300 s.
+            (
+                "downscale stabilization without behavior",
+                json!({"currentReplicas": 5, "maxReplicas": 10, "metric": cpu(50),
+                       "pods": pods(&[("a", Some("100m")), ("b", Some("300m")), ("c", Some("500m")), ("d", Some("250m")), ("e", Some("250m"))], "1000m"),
+                       "recommendations": [{"secondsAgo": 120, "replicas": 5}, {"secondsAgo": 301, "replicas": 9}]}),
+                5,
+                3,
+                Some(28),
+            ),
+            // Without behavior, a scale-up is at most max(2 × current, 4): 1 → 4, not 9.
+            (
+                "scale-up limit without behavior",
+                json!({"currentReplicas": 1, "maxReplicas": 20, "metric": cpu(10),
+                       "pods": pods(&[("a", Some("900m"))], "1000m")}),
+                4,
+                9,
+                Some(90),
+            ),
+        ];
+        for (name, scenario, desired, raw, utilization) in cases {
+            let d = run(scenario);
+            assert_eq!(
+                (d.desired_replicas, d.raw_recommendation, d.current_utilization),
+                (desired, raw, utilization),
+                "{name}: {}",
+                d.reason
+            );
+        }
+    }
+
+    #[test]
+    fn behavior_policies_and_stabilization() {
+        let base = |current: i32, behavior: serde_json::Value, extra: serde_json::Value| {
+            let mut pods = vec![];
+            for i in 0..current {
+                pods.push(json!({"name": format!("p{i}"), "requests": {"cpu": "1000m"}, "usage": {"cpu": "1000m"}}));
+            }
+            let mut s = json!({"currentReplicas": current, "maxReplicas": 100, "metric": cpu(10), "pods": pods, "behavior": behavior});
+            for (k, v) in extra.as_object().unwrap() {
+                s[k] = v.clone();
+            }
+            s
+        };
+        // Defaults (behavior given but empty): up by max(4 pods, 100 %) per 15 s: 2 → 6.
+        let d = run(base(2, json!({}), json!({})));
+        assert_eq!((d.desired_replicas, d.raw_recommendation), (6, 20));
+        assert!(d.reason.contains("ScaleUpLimit"), "{}", d.reason);
+        // 10 → 20 (100 % beats 4 pods).
+        assert_eq!(run(base(10, json!({}), json!({}))).desired_replicas, 20);
+        // selectPolicy Min picks the smaller: 10 → 14.
+        assert_eq!(run(base(10, json!({"scaleUp": {"selectPolicy": "Min"}}), json!({}))).desired_replicas, 14);
+        // Disabled: no scale-up at all.
+        let d = run(base(10, json!({"scaleUp": {"selectPolicy": "Disabled"}}), json!({})));
+        assert_eq!(d.desired_replicas, 10);
+        // A scale-up of 3 within the last 60 s counts against "2 pods per 60 s": the period
+        // began at 5 - 3 = 2 replicas, so at most 4: no change from 5.
+        let d = run(base(
+            5,
+            json!({"scaleUp": {"policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}]}}),
+            json!({"scaleUpEvents": [{"secondsAgo": 30, "replicas": 3}, {"secondsAgo": 61, "replicas": 10}]}),
+        ));
+        assert_eq!(d.desired_replicas, 5, "{}", d.reason);
+        // Percent on the way up rounds up: 3 × 1.1 = 3.3 → 4.
+        let d = run(base(
+            3,
+            json!({"scaleUp": {"policies": [{"type": "Percent", "value": 10, "periodSeconds": 60}]}}),
+            json!({}),
+        ));
+        assert_eq!(d.desired_replicas, 4);
+        // Scale-up stabilization: the lowest recommendation of the window wins: 5.
+        let d = run(base(
+            3,
+            json!({"scaleUp": {"stabilizationWindowSeconds": 60}}),
+            json!({"recommendations": [{"secondsAgo": 30, "replicas": 5}, {"secondsAgo": 60, "replicas": 3}]}),
+        ));
+        assert_eq!(d.desired_replicas, 5, "{}", d.reason);
+        assert!(d.reason.contains("ScaleUpStabilized"), "{}", d.reason);
+
+        // On the way down: idle pods, 10 replicas → raw 1.
+        let idle = |current: i32, behavior: serde_json::Value, extra: serde_json::Value| {
+            let mut s = base(current, behavior, extra);
+            for p in s["pods"].as_array_mut().unwrap() {
+                p["usage"]["cpu"] = json!("0m");
+            }
+            s
+        };
+        // Default scale-down: 300 s stabilization keeps the highest recent recommendation.
+        let d = run(idle(10, json!({}), json!({"recommendations": [{"secondsAgo": 100, "replicas": 8}]})));
+        assert_eq!((d.desired_replicas, d.raw_recommendation), (8, 0));
+        assert!(d.reason.contains("ScaleDownStabilized"), "{}", d.reason);
+        // A short window lets it go; 100 % per 15 s allows all the way, then min (1).
+        let d = run(idle(10, json!({"scaleDown": {"stabilizationWindowSeconds": 0}}), json!({})));
+        assert_eq!(d.desired_replicas, 1, "{}", d.reason);
+        // Percent down truncates: 10 × (1 − 0.25) = 7.5 → 7.
+        let d = run(idle(
+            10,
+            json!({"scaleDown": {"stabilizationWindowSeconds": 0, "policies": [{"type": "Percent", "value": 25, "periodSeconds": 60}]}}),
+            json!({}),
+        ));
+        assert_eq!(d.desired_replicas, 7);
+        // Earlier scale-downs in the period count: 2 removed 10 s ago, 3 pods per 60 s: the
+        // period began at 12, so the floor is 9.
+        let d = run(idle(
+            10,
+            json!({"scaleDown": {"stabilizationWindowSeconds": 0, "policies": [{"type": "Pods", "value": 3, "periodSeconds": 60}]}}),
+            json!({"scaleDownEvents": [{"secondsAgo": 10, "replicas": 2}]}),
+        ));
+        assert_eq!(d.desired_replicas, 9);
+        assert!(d.reason.contains("ScaleDownLimit"), "{}", d.reason);
+        // Per-direction tolerance: 1.15 is within a 0.2 scale-up tolerance.
+        let d = run(json!({"currentReplicas": 2, "maxReplicas": 10, "metric": cpu(100),
+            "pods": pods(&[("a", Some("1150m")), ("b", Some("1150m"))], "1000m"), "behavior": {"scaleUp": {"tolerance": 0.2}}}));
+        assert_eq!(d.desired_replicas, 2);
+    }
+
+    #[test]
+    fn several_metrics_take_the_highest_and_fail_safe() {
+        let both = |cpu_use: &str, mem_use: &str, with_mem: bool| {
+            let mut usage = json!({"cpu": cpu_use});
+            if with_mem {
+                usage["memory"] = json!(mem_use);
+            }
+            json!({"currentReplicas": 4, "maxReplicas": 10,
+                "metrics": [cpu(50), {"resource": "memory", "targetType": "AverageValue", "averageValue": "100Mi"}],
+                "pods": (0..4).map(|i| json!({"name": format!("p{i}"), "requests": {"cpu": "1", "memory": "1Gi"}, "usage": usage})).collect::<Vec<_>>()})
+        };
+        // cpu: 100 % of 50 → 8; memory: 150Mi of 100Mi → 6. The higher wins.
+        let d = run(both("1", "150Mi", true));
+        assert_eq!((d.raw_recommendation, d.desired_replicas), (8, 8), "{}", d.reason);
+        // cpu says 2 (25 %), memory cannot be computed (no samples): no scale-down on
+        // partial information.
+        let d = run(both("250m", "", false));
+        assert_eq!(d.desired_replicas, 4);
+        assert!(d.reason.contains("invalid metrics (1 invalid out of 2)"), "{}", d.reason);
+        // cpu says up (8) and memory fails: scaling up goes ahead.
+        assert_eq!(run(both("1", "", false)).desired_replicas, 8);
+    }
+
+    #[test]
+    fn edges_and_failures() {
+        let p = pods(&[("a", Some("500m"))], "1000m");
+        let d = run(json!({"currentReplicas": 0, "minReplicas": 1, "maxReplicas": 5, "metric": cpu(10), "pods": p}));
+        assert_eq!(d.desired_replicas, 0);
+        assert!(d.reason.starts_with("ScalingDisabled"));
+        let d = run(json!({"currentReplicas": 7, "maxReplicas": 5, "metric": cpu(10), "pods": p}));
+        assert_eq!((d.desired_replicas, d.reason.as_str()), (5, "Current number of replicas above Spec.MaxReplicas"));
+        // No usable samples: nothing changes, and the reason says why.
+        let d = run(json!({"currentReplicas": 2, "maxReplicas": 5, "metric": cpu(10),
+            "pods": [{"name": "a", "ready": false, "requests": {"cpu": "1"}, "usage": {"cpu": "1"}}]}));
+        assert_eq!(d.desired_replicas, 2);
+        assert!(d.reason.contains("did not receive metrics for targeted pods"), "{}", d.reason);
+        let d = run(json!({"currentReplicas": 1, "maxReplicas": 5, "metric": cpu(10),
+            "pods": [{"name": "a", "usage": {"cpu": "1"}}]}));
+        assert_eq!(d.reason, "FailedGetResourceMetric: missing request for cpu in pod a");
+        assert_eq!(d.current_average_value, None);
+        let d = run(json!({"currentReplicas": 3, "maxReplicas": 10, "metric": cpu(30),
+            "pods": pods(&[("a", Some("300m")), ("b", Some("500m")), ("c", Some("700m"))], "1000m")}));
+        assert_eq!(d.current_average_value.as_deref(), Some("500m"));
+    }
+
+    #[test]
+    fn bad_scenarios_name_the_field() {
+        let check =
+            |v: serde_json::Value| serde_json::from_value::<Scenario>(v).unwrap().check().unwrap_err().to_string();
+        let p = pods(&[("a", Some("1"))], "1");
+        assert_eq!(
+            check(json!({"currentReplicas": 1, "minReplicas": 5, "maxReplicas": 2, "metric": cpu(50), "pods": p})),
+            "minReplicas: 5 is more than maxReplicas 2"
+        );
+        assert_eq!(
+            check(json!({"currentReplicas": 1, "maxReplicas": 2, "metric": cpu(0), "pods": p})),
+            "metric.averageUtilization: 0 must be more than 0"
+        );
+        assert_eq!(
+            check(
+                json!({"currentReplicas": 1, "maxReplicas": 2, "metric": {"resource": "gpu", "targetType": "Utilization", "averageUtilization": 5}})
+            ),
+            "metric.resource: \"gpu\" is not cpu or memory"
+        );
+        assert_eq!(
+            check(
+                json!({"currentReplicas": 1, "maxReplicas": 2, "metric": {"resource": "cpu", "targetType": "AverageValue", "averageValue": "-1"}})
+            ),
+            "metric.averageValue: \"-1\" must be more than 0"
+        );
+        assert_eq!(
+            check(json!({"currentReplicas": 1, "maxReplicas": 2, "metric": cpu(5),
+                "pods": [{"name": "a", "requests": {"cpu": "lots"}}]})),
+            "pods[0].requests.cpu: \"lots\" is not a quantity (such as 500m, 1.5, 512Mi or 2G)"
+        );
+        assert_eq!(
+            check(json!({"currentReplicas": 1, "maxReplicas": 2, "metric": cpu(5),
+                "behavior": {"scaleUp": {"policies": [{"type": "Pods", "value": 0, "periodSeconds": 15}]}}})),
+            "behavior.scaleUp.policies[0].value: 0 must be more than 0"
+        );
+        assert!(serde_json::from_value::<Scenario>(
+            json!({"currentReplicas": 1, "maxReplicas": 2, "metric": cpu(5), "surprise": 1})
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("unknown field `surprise`"));
+    }
+
+    #[test]
+    fn quantities() {
+        for (q, m) in [
+            ("500m", 500),
+            ("1", 1000),
+            ("0.5", 500),
+            ("1.5", 1500),
+            ("2k", 2_000_000),
+            ("1Ki", 1_024_000),
+            ("512Mi", 536_870_912_000),
+            ("1e3", 1_000_000),
+            ("0.0001", 1),
+        ] {
+            assert_eq!(milli_value(q), Ok(m), "{q}");
+        }
+        for bad in ["", "m", "1x", "1.2.3", "--1", "1e"] {
+            assert!(milli_value(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_milli(800), "800m");
+        assert_eq!(format_milli(1000), "1");
+        assert_eq!(format_milli(2_000_000), "2k");
+        assert_eq!(format_milli(1_500_000), "1500");
+    }
+}
