@@ -19,13 +19,14 @@ build() {
   SKIFF="$BIN/skiff"
 }
 
-# start_up DATA: runs `skiff up` on its own bridge/subnet; sets UP_PID.
+# start_up DATA [ARGS...]: runs `skiff up ARGS` on its own bridge/subnet; sets UP_PID.
 start_up() {
   local data=$1
+  shift
   mkdir -p "$data"
   "$BIN/xtask" demo-image "$data/layout" >/dev/null
   "$SKIFF" --data "$data" image load "$data/layout" >/dev/null 2>&1
-  "$SKIFF" --data "$data" up --listen 127.0.0.1:0 --bridge skbench0 --subnet 10.250.0.0/24 >"$data/up.log" 2>&1 &
+  "$SKIFF" --data "$data" up --listen 127.0.0.1:0 --bridge skbench0 --subnet 10.250.0.0/24 "$@" >"$data/up.log" 2>&1 &
   UP_PID=$!
   for _ in $(seq 1 100); do
     [ -f "$data/admin.conf" ] && "$SKIFF" --data "$data" get nodes >/dev/null 2>&1 && return 0

@@ -59,6 +59,7 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/events", get(events))
         .route("/api/v1/metrics", get(samples))
+        .route("/api/v1/autoscalers", get(autoscalers))
         .route("/metrics", get(prometheus))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&hub), auth))
         .merge(fleet)
@@ -475,10 +476,20 @@ async fn events(
         if let Some(f) = &hub.fleet {
             all.extend(f.events(None, limit));
         }
+        all.extend(hub.autoscaler.events());
         all.sort_by_key(|e| e.time_ms);
         Ok(all)
     })
     .await
+}
+
+/// The autoscaled deployments with their newest decision.
+async fn autoscalers(
+    State(hub): State<Shared>,
+    Query(q): Query<WatchQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    watched(&q, &headers, || Ok(hub.autoscaler.statuses())).await
 }
 
 /// The newest resource sample of every node (`skiff top`).

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod autoscaler;
 pub mod fleet;
 pub mod metrics;
 pub mod pki;
@@ -77,6 +78,7 @@ pub struct Hub {
     pub admin_token: String,
     /// Remote nodes that join over the network (`skiff hub`).
     pub fleet: Option<Arc<fleet::Fleet>>,
+    pub autoscaler: autoscaler::Autoscaler,
 }
 
 impl Hub {

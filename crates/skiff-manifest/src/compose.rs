@@ -341,6 +341,7 @@ fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deploy
                 };
             }
             "stop_grace_period" => d.stop_grace_period_ms = duration(v, &path)?,
+            "x-skiff-autoscale" => d.autoscale = Some(crate::hpa::spec(v, &path)?),
             k if k.starts_with("x-") => {}
             _ => cx.warnings.push(format!("{path}: not supported yet, ignored")),
         }

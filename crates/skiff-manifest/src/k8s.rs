@@ -15,6 +15,17 @@ use std::collections::BTreeMap;
 pub struct K8sImport {
     pub deployments: Vec<Deployment>,
     pub warnings: Vec<String>,
+    /// HorizontalPodAutoscalers whose Deployment is not in these manifests (the hub may
+    /// have it).
+    pub autoscalers: Vec<ExternalAutoscaler>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExternalAutoscaler {
+    /// `HorizontalPodAutoscaler/<name>`, for errors.
+    pub path: String,
+    pub target: String,
+    pub spec: skiff_model::autoscale::AutoscaleSpec,
 }
 
 type R<T> = Result<T, ManifestError>;
@@ -84,7 +95,7 @@ struct Service {
 
 /// Imports every document of `text`. `namespace` names the stack when a manifest has none.
 pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
-    let mut out = K8sImport { deployments: vec![], warnings: vec![] };
+    let mut out = K8sImport { deployments: vec![], warnings: vec![], autoscalers: vec![] };
     let mut pod_labels: Vec<BTreeMap<String, String>> = vec![];
     let mut paths: Vec<String> = vec![];
     let mut services: Vec<Service> = vec![];
@@ -127,11 +138,19 @@ pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
                 };
                 services.push(Service { path, selector, ports });
             }
+            "HorizontalPodAutoscaler" => {
+                let spec = get(&v, "spec").ok_or_else(|| ManifestError::at(&path, "spec is required"))?;
+                let sp = format!("{path}.spec");
+                let target = crate::hpa::target(spec, &sp)?;
+                out.autoscalers.push(ExternalAutoscaler { spec: crate::hpa::spec(spec, &sp)?, target, path });
+            }
             "" => return Err(ManifestError::at(format!("document {}", n + 1), "kind is required")),
             other => {
                 return Err(ManifestError::at(
                     path,
-                    format!("kind {other:?} is not supported (Deployment, DaemonSet, Service)"),
+                    format!(
+                        "kind {other:?} is not supported (Deployment, DaemonSet, Service, HorizontalPodAutoscaler)"
+                    ),
                 ))
             }
         }
@@ -178,6 +197,21 @@ pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
             }
         }
     }
+    // Autoscalers of Deployments in these manifests go onto them.
+    let mut external = vec![];
+    for a in std::mem::take(&mut out.autoscalers) {
+        match out.deployments.iter_mut().find(|d| d.name == a.target) {
+            Some(d) if d.autoscale.is_some() => {
+                return Err(ManifestError::at(
+                    format!("{}.spec.scaleTargetRef", a.path),
+                    format!("Deployment {:?} already has an autoscaler", a.target),
+                ))
+            }
+            Some(d) => d.autoscale = Some(a.spec),
+            None => external.push(a),
+        }
+    }
+    out.autoscalers = external;
     for (d, path) in out.deployments.iter().zip(&paths) {
         d.validate().map_err(|e| ManifestError::at(path, e.to_string()))?;
     }
@@ -421,7 +455,7 @@ spec:
         let base = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: w}\nspec:\n  template:\n    spec:\n      containers: [{name: c, image: i}]\n";
         assert_eq!(
             err("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"),
-            "ConfigMap/c: kind \"ConfigMap\" is not supported (Deployment, DaemonSet, Service)"
+            "ConfigMap/c: kind \"ConfigMap\" is not supported (Deployment, DaemonSet, Service, HorizontalPodAutoscaler)"
         );
         assert!(err(&base.replace("spec:\n  template", "spec:\n  replicas: -2\n  template"))
             .contains("Deployment/w.spec.replicas: -2 must be 0 or more"));
@@ -434,5 +468,60 @@ spec:
         assert!(err(&APP.replace("replicas: 1", "replicas: 3"))
             .starts_with("Deployment/web: ports[0]: a published host port needs replicas: 1"));
         assert!(err("kind: [").contains("not valid YAML"));
+    }
+
+    #[test]
+    fn horizontal_pod_autoscalers() {
+        let hpa = |target: &str, extra: &str| {
+            format!(
+                "---\napiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {{name: web-hpa}}\nspec:\n  \
+                 scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: {target}}}\n  minReplicas: 2\n  maxReplicas: 10\n  \
+                 metrics: [{{type: Resource, resource: {{name: cpu, target: {{type: Utilization, averageUtilization: 70}}}}}}]\n{extra}"
+            )
+        };
+        // Onto the Deployment of the same file, with its behavior.
+        let k = import_k8s(
+            &format!("{APP}{}", hpa("web", "  behavior: {scaleDown: {stabilizationWindowSeconds: 60}}\n")),
+            "default",
+        )
+        .unwrap();
+        let a = k.deployments[0].autoscale.as_ref().unwrap();
+        assert_eq!((a.min_replicas, a.max_replicas), (2, 10));
+        assert_eq!(a.metrics[0].average_utilization, Some(70));
+        assert_eq!(a.behavior.as_ref().unwrap().scale_down.as_ref().unwrap().stabilization_window_seconds, Some(60));
+        assert!(k.autoscalers.is_empty());
+        // A Deployment elsewhere: left for the hub to resolve.
+        let k = import_k8s(&hpa("other", ""), "default").unwrap();
+        assert_eq!(
+            (k.autoscalers[0].target.as_str(), k.autoscalers[0].path.as_str()),
+            ("other", "HorizontalPodAutoscaler/web-hpa")
+        );
+        let err = |t: &str| import_k8s(t, "default").unwrap_err().to_string();
+        assert_eq!(
+            err(&format!("{APP}{}", hpa("web", "").replace("minReplicas: 2", "minReplicas: 20"))),
+            "Deployment/web: autoscale.minReplicas: 20 is more than maxReplicas 10"
+        );
+        assert_eq!(
+            err(&hpa("web", "").replace("type: Resource", "type: External")),
+            "HorizontalPodAutoscaler/web-hpa.spec.metrics[0].type: \"External\" metrics are not supported (Resource: cpu or memory)"
+        );
+        assert_eq!(
+            err(&hpa("web", "").replace("kind: Deployment", "kind: StatefulSet")),
+            "HorizontalPodAutoscaler/web-hpa.spec.scaleTargetRef.kind: StatefulSet cannot be autoscaled (a Deployment can)"
+        );
+        assert!(
+            err(&hpa("web", "  behavior: {scaleUp: {surprise: 1}}\n")).contains("behavior: unknown field `surprise`")
+        );
+        // Utilization needs a request (or a limit): the analyser has neither.
+        assert_eq!(
+            err(&format!("{APP}{}", hpa("analyser", ""))),
+            "DaemonSet/analyser: autoscale: a global deployment runs one instance per node"
+        );
+        let no_request =
+            APP.replace("resources: {limits: {cpu: 500m, memory: 128Mi}, requests: {cpu: 100m, memory: 64Mi}}", "");
+        assert_eq!(
+            err(&format!("{no_request}{}", hpa("web", ""))),
+            "Deployment/web: autoscale.metrics[0]: Utilization of cpu needs a cpu reservation or limit to be a percentage of"
+        );
     }
 }

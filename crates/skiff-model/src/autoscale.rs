@@ -673,6 +673,120 @@ fn usage_ratio(metrics: &BTreeMap<usize, i64>, target: i64) -> (f64, i64) {
     (average as f64 / target as f64, average)
 }
 
+/// A horizontal autoscaler on a deployment: an `autoscaling/v2` HorizontalPodAutoscaler
+/// or compose's `x-skiff-autoscale`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutoscaleSpec {
+    #[serde(default = "one")]
+    pub min_replicas: i32,
+    pub max_replicas: i32,
+    pub metrics: Vec<MetricSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behavior: Option<Behavior>,
+}
+
+/// A checked [`AutoscaleSpec`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub min: i32,
+    pub max: i32,
+    pub metrics: Vec<(Resource, Target)>,
+    behavior: Option<(Rules, Rules)>,
+    tolerance_up: Option<f64>,
+    tolerance_down: Option<f64>,
+}
+
+impl AutoscaleSpec {
+    /// Checks the spec against the deployment it scales (Utilization needs a request, or
+    /// a limit, which Kubernetes takes as the request when none is set).
+    pub fn check(&self, requests: [Option<i64>; 2]) -> Result<Checked, ScenarioError> {
+        if self.min_replicas < 1 {
+            return Err(invalid("minReplicas", format!("{} must be 1 or more", self.min_replicas)));
+        }
+        if self.max_replicas > 1000 {
+            return Err(invalid("maxReplicas", format!("{} is more than the limit of 1000", self.max_replicas)));
+        }
+        if self.min_replicas > self.max_replicas {
+            return Err(invalid(
+                "minReplicas",
+                format!("{} is more than maxReplicas {}", self.min_replicas, self.max_replicas),
+            ));
+        }
+        if self.metrics.is_empty() {
+            return Err(invalid("metrics", "must list at least one metric"));
+        }
+        let mut metrics = vec![];
+        for (i, m) in self.metrics.iter().enumerate() {
+            let (r, t) = m.check(&format!("metrics[{i}]"))?;
+            if matches!(t, Target::Utilization(_)) && requests[r.index()].is_none() {
+                return Err(invalid(
+                    format!("metrics[{i}]"),
+                    format!(
+                        "Utilization of {} needs a {} reservation or limit to be a percentage of",
+                        r.name(),
+                        r.name()
+                    ),
+                ));
+            }
+            metrics.push((r, t));
+        }
+        let (behavior, up_t, down_t) = match &self.behavior {
+            None => (None, None, None),
+            Some(b) => {
+                let up = b.scale_up.clone().unwrap_or_default();
+                let down = b.scale_down.clone().unwrap_or_default();
+                let rules = (
+                    up.check("behavior.scaleUp", default_up())?,
+                    down.check("behavior.scaleDown", default_down(DEFAULT_DOWNSCALE_STABILIZATION))?,
+                );
+                (Some(rules), up.tolerance, down.tolerance)
+            }
+        };
+        Ok(Checked {
+            min: self.min_replicas,
+            max: self.max_replicas,
+            metrics,
+            behavior,
+            tolerance_up: up_t,
+            tolerance_down: down_t,
+        })
+    }
+}
+
+/// What the live autoscaler knows besides the pods: its earlier recommendations and
+/// scalings, and the controller settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    pub recommendations: Vec<Recommendation>,
+    pub scale_up_events: Vec<ScaleEvent>,
+    pub scale_down_events: Vec<ScaleEvent>,
+}
+
+impl Checked {
+    /// The situation of a deployment at `current` replicas with these `pods`.
+    pub fn situation(&self, current: i32, pods: Vec<Pod>, settings: Settings, history: History) -> Situation {
+        let settings = Settings {
+            tolerance_up: self.tolerance_up.unwrap_or(settings.tolerance_up),
+            tolerance_down: self.tolerance_down.unwrap_or(settings.tolerance_down),
+            ..settings
+        };
+        Situation {
+            current,
+            min: self.min,
+            max: self.max,
+            metrics: self.metrics.clone(),
+            pods,
+            settings,
+            behavior: self.behavior.clone(),
+            downscale_stabilization: DEFAULT_DOWNSCALE_STABILIZATION,
+            recommendations: history.recommendations,
+            scale_up_events: history.scale_up_events,
+            scale_down_events: history.scale_down_events,
+        }
+    }
+}
+
 /// The decision `skiff autoscale simulate` prints.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -682,6 +796,10 @@ pub struct Decision {
     pub current_utilization: Option<i32>,
     pub current_average_value: Option<String>,
     pub reason: String,
+    /// Whether `raw_recommendation` came from metrics (and so is recorded for
+    /// stabilization, as Kubernetes records it).
+    #[serde(skip)]
+    pub from_metrics: bool,
 }
 
 /// A checked scenario: what `decide` works on.
@@ -910,6 +1028,7 @@ pub fn decide(s: &Situation) -> Decision {
         current_utilization: utilization,
         current_average_value: average.clone(),
         reason,
+        from_metrics: false,
     };
     if s.current == 0 && s.min != 0 {
         return out(0, "ScalingDisabled: scaling is disabled since the replica count of the target is zero".into());
@@ -965,7 +1084,7 @@ pub fn decide(s: &Situation) -> Decision {
     if parts.is_empty() {
         parts.push("DesiredWithinRange: the desired count is within the acceptable range".into());
     }
-    out(desired, parts.join("; "))
+    Decision { from_metrics: true, ..out(desired, parts.join("; ")) }
 }
 
 /// `stabilizeRecommendation`: the highest recommendation not older than the window.

@@ -57,6 +57,9 @@ pub struct Deployment {
     /// Time between SIGTERM and SIGKILL on stop, in milliseconds (Docker's default is 10 s).
     #[serde(default = "default_grace")]
     pub stop_grace_period_ms: u64,
+    /// A horizontal autoscaler that sets `replicas` from CPU or memory use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<crate::autoscale::AutoscaleSpec>,
 }
 
 /// `replicas` instances placed by the scheduler, or one on every matching node.
@@ -131,7 +134,17 @@ impl Deployment {
             replicas: 1,
             placement: Placement::default(),
             stop_grace_period_ms: default_grace(),
+            autoscale: None,
         }
+    }
+
+    /// Requests in milli-units by [`crate::autoscale::Resource::index`] (cpu, memory): the
+    /// reservation, else the limit (as Kubernetes defaults a request to its limit).
+    pub fn requests_milli(&self) -> [Option<i64>; 2] {
+        let r = &self.resources;
+        let cpu = r.cpus_reservation_millis.or(r.cpus_millis).map(|m| m as i64);
+        let mem = r.memory_reservation_bytes.or(r.memory_bytes).map(|b| (b as i64).saturating_mul(1000));
+        [cpu, mem]
     }
 
     /// The name of replica `n` (1-based), e.g. `web-1`.

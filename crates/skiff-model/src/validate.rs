@@ -122,6 +122,13 @@ impl Deployment {
                 return Err(ValidationError::new("placement.spread_by", format!("{k:?} is not a label key")));
             }
         }
+        if let Some(a) = &self.autoscale {
+            if self.placement.mode == crate::PlacementMode::Global {
+                return Err(ValidationError::new("autoscale", "a global deployment runs one instance per node"));
+            }
+            a.check(self.requests_milli())
+                .map_err(|e| ValidationError::new(format!("autoscale.{}", e.field), e.problem))?;
+        }
         if self.placement.reschedule_after_ms == Some(0) {
             return Err(ValidationError::new("placement.reschedule_after", "must be greater than 0"));
         }

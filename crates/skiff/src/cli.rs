@@ -175,6 +175,8 @@ pub enum Kind {
     Instances,
     #[value(alias = "event")]
     Events,
+    #[value(alias = "autoscaler", alias = "hpa")]
+    Autoscalers,
 }
 
 #[derive(Subcommand)]
@@ -330,7 +332,23 @@ async fn run(cli: Cli) -> Result<i32> {
             // file replaces its whole stack.
             let (mut deployments, warnings, prune_stack) = if skiff_manifest::is_k8s(&text) {
                 let k = skiff_manifest::import_k8s(&text, "default").with_context(|| format!("{}", file.display()))?;
-                (k.deployments, k.warnings, None)
+                let mut deployments = k.deployments;
+                // An autoscaler for a Deployment applied earlier: the stored one gets it.
+                for a in k.autoscalers {
+                    let path = format!("{}.spec.scaleTargetRef", a.path);
+                    let mut d =
+                        match client(&cli)?.get::<DeploymentView>(&format!("/api/v1/deployments/{}", a.target)).await {
+                            Ok(v) => v.spec,
+                            Err(e) if e.to_string().contains("(404") => {
+                                bail!("{}: {path}: deployment {:?} not found", file.display(), a.target)
+                            }
+                            Err(e) => return Err(e),
+                        };
+                    d.autoscale = Some(a.spec);
+                    d.validate().map_err(|e| anyhow::anyhow!("{}: {}: {e}", file.display(), a.path))?;
+                    deployments.push(d);
+                }
+                (deployments, k.warnings, None)
             } else {
                 let c = crate::up::load_compose(file)?;
                 (c.deployments, c.warnings, Some(c.project))
@@ -626,6 +644,7 @@ async fn get(c: &Client, kind: Kind, f: Format, watch: bool) -> Result<i32> {
         Kind::Deployments => "/api/v1/deployments",
         Kind::Nodes => "/api/v1/nodes",
         Kind::Events => "/api/v1/events",
+        Kind::Autoscalers => "/api/v1/autoscalers",
     };
     let mut tag: Option<String> = None;
     loop {
@@ -725,6 +744,26 @@ fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
             let v: Vec<skiff_hub::NodeInfo> = serde_json::from_slice(body).map_err(bad)?;
             output::print(&v, f, &["NAME", "STATE", "PLATFORM", "INSTANCES"], |n| {
                 vec![n.name.clone(), n.state.clone(), format!("{}/{}", n.os, n.arch), n.instances.to_string()]
+            })
+        }
+        Kind::Autoscalers => {
+            let v: Vec<skiff_hub::autoscaler::Status> = serde_json::from_slice(body).map_err(bad)?;
+            let h = ["DEPLOYMENT", "MIN", "MAX", "REPLICAS", "DESIRED", "CURRENT", "REASON"];
+            output::print(&v, f, &h, |a| {
+                let current = match (a.current_utilization, &a.current_average_value) {
+                    (Some(u), _) => format!("{u}%"),
+                    (None, Some(v)) => v.clone(),
+                    (None, None) => "-".into(),
+                };
+                vec![
+                    a.deployment.clone(),
+                    a.min_replicas.to_string(),
+                    a.max_replicas.to_string(),
+                    a.current_replicas.to_string(),
+                    a.desired_replicas.to_string(),
+                    current,
+                    a.reason.clone(),
+                ]
             })
         }
         Kind::Events => {

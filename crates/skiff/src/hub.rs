@@ -18,6 +18,8 @@ pub struct HubArgs {
     /// The first one goes into admin.conf. Loopback and this host's name are always in.
     #[arg(long = "advertise")]
     pub advertise: Vec<String>,
+    #[command(flatten)]
+    pub autoscale: crate::up::AutoscaleArgs,
 }
 
 pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
@@ -55,7 +57,14 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
         &conf_path,
         &ClientConfig { server: server.clone(), token: admin_token.clone(), ca: Some(ca_pem) },
     )?;
-    let hub = Arc::new(Hub { store, nodes: vec![], admin_token, fleet: Some(Arc::clone(&fleet)) });
+    let hub = Arc::new(Hub {
+        store,
+        nodes: vec![],
+        admin_token,
+        fleet: Some(Arc::clone(&fleet)),
+        autoscaler: skiff_hub::autoscaler::Autoscaler::new(args.autoscale.config(15)),
+    });
+    let autoscaling = crate::up::autoscale_loop(Arc::clone(&hub), args.autoscale.interval);
     fleet.reschedule().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     // Joins and returning nodes are placed within a second, in one pass however many
     // came; node states also move with time (heartbeats that stop), so every 5 s anyway.
@@ -84,6 +93,7 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
         _ = sigterm.recv() => {}
     }
     ticker.abort();
+    autoscaling.abort();
     server_task.abort();
     eprintln!("skiff: hub stopped");
     Ok(0)

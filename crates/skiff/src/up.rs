@@ -43,6 +43,62 @@ pub struct UpArgs {
     /// Seconds between resource samples (`skiff top`, `/metrics`, the autoscaler).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub metrics_interval: u64,
+    #[command(flatten)]
+    pub autoscale: AutoscaleArgs,
+}
+
+/// The autoscaler's settings (kube-controller-manager's flags of the same meaning).
+#[derive(Args, Clone)]
+pub struct AutoscaleArgs {
+    /// Seconds between autoscaler decisions (the HPA sync period).
+    #[arg(long = "autoscale-interval", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub interval: u64,
+    /// Usage ratios within 1 ± this cause no scaling.
+    #[arg(long = "autoscale-tolerance", default_value_t = 0.1, value_parser = parse_tolerance)]
+    pub tolerance: f64,
+    /// Seconds after an instance starts during which its CPU samples count only once
+    /// taken a full window after it became ready.
+    #[arg(long = "autoscale-cpu-initialization-period", default_value_t = 300)]
+    pub cpu_initialization_period: u64,
+    /// Seconds after start within which a readiness change means "never ready yet".
+    #[arg(long = "autoscale-initial-readiness-delay", default_value_t = 30)]
+    pub initial_readiness_delay: u64,
+}
+
+fn parse_tolerance(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if (0.0..=1.0).contains(&t) => Ok(t),
+        _ => Err(format!("{s:?} is not a number within 0..1")),
+    }
+}
+
+impl AutoscaleArgs {
+    /// The autoscaler's configuration; samples cover `metrics_interval` seconds each.
+    pub fn config(&self, metrics_interval: u64) -> skiff_hub::autoscaler::Config {
+        skiff_hub::autoscaler::Config {
+            tolerance: self.tolerance,
+            cpu_initialization_period_s: self.cpu_initialization_period as f64,
+            initial_readiness_delay_s: self.initial_readiness_delay as f64,
+            metric_window_s: metrics_interval as f64,
+        }
+    }
+}
+
+/// Runs the autoscaler every `interval` seconds until aborted.
+pub fn autoscale_loop(hub: Arc<Hub>, interval: u64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(interval));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let h = Arc::clone(&hub);
+            match tokio::task::spawn_blocking(move || h.autoscale(skiff_runtime::time::now_ms())).await {
+                Ok(Err(e)) => tracing::warn!("autoscaler: {e}"),
+                Err(e) => tracing::warn!("autoscaler: {e}"),
+                Ok(Ok(_)) => {}
+            }
+        }
+    })
 }
 
 pub fn load_compose(file: &Path) -> Result<ComposeImport> {
@@ -143,12 +199,14 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
         nodes: vec![Arc::new(crate::link::LocalAgent { agent: Arc::clone(&agent), pull })],
         admin_token,
         fleet: None,
+        autoscaler: skiff_hub::autoscaler::Autoscaler::new(args.autoscale.config(args.metrics_interval)),
     });
     hub.sync_nodes().map_err(anyhow::Error::msg)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx.clone()));
     let server = tokio::spawn(skiff_hub::api::serve(listener, Arc::clone(&hub), stop_rx.clone()));
+    let autoscaling = autoscale_loop(Arc::clone(&hub), args.autoscale.interval);
     eprintln!("skiff: hub API on http://{addr}, config in {}", conf_path.display());
 
     let stack = import.as_ref().map(|i| i.project.clone());
@@ -167,6 +225,8 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
             std::future::pending::<()>().await
         }, if !names.is_empty() => false,
     };
+    // Nothing rescales while the stack stops.
+    autoscaling.abort();
     if interrupted {
         if let Some(stack) = &stack {
             eprintln!("\nstopping stack {stack} ...");

@@ -469,3 +469,83 @@ fn metrics_show_cpu_burners_at_their_limits() -> R {
     assert!(text.ends_with("# EOF\n"));
     Ok(())
 }
+
+#[test]
+fn the_autoscaler_scales_out_on_cpu_and_back_in_when_load_stops() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    // Each instance burns its 0.2 CPU (its request, taken from the limit) while /tmp/load
+    // exists; the target is 50 % of the request.
+    let compose = n.write(
+        "compose.yaml",
+        &format!(
+            "name: auto\nservices:\n  burn:\n    image: {IMAGE}\n    stop_grace_period: 1s\n    \
+             command: [sh, -c, 'while :; do if [ -f /tmp/load ]; then :; else sleep 0.2; fi; done']\n    \
+             deploy: {{resources: {{limits: {{cpus: '0.2'}}}}}}\n    x-skiff-autoscale:\n      \
+             minReplicas: 1\n      maxReplicas: 3\n      \
+             metrics: [{{type: Resource, resource: {{name: cpu, target: {{type: Utilization, averageUtilization: 50}}}}}}]\n      \
+             behavior: {{scaleDown: {{stabilizationWindowSeconds: 5}}}}\n"
+        ),
+    )?;
+    n.up_with(Some(&compose), &["--autoscale-interval", "1"])?;
+    n.wait_running("burn-1")?;
+    let replicas = |n: &Node| -> Option<u64> {
+        let all: Vec<serde_json::Value> =
+            serde_json::from_str(&n.ok(&["get", "deployments", "-o", "json"]).ok()?).ok()?;
+        all.iter().find(|d| d["spec"]["name"] == "burn")?["spec"]["replicas"].as_u64()
+    };
+    let status = |n: &Node| -> Option<serde_json::Value> {
+        let all: Vec<serde_json::Value> =
+            serde_json::from_str(&n.ok(&["get", "autoscalers", "-o", "json"]).ok()?).ok()?;
+        all.into_iter().find(|a| a["deployment"] == "burn")
+    };
+    // Idle at 0 %: the autoscaler holds at its minimum.
+    let idle = wait_for(Duration::from_secs(30), "a decision while idle", || status(&n))?;
+    assert_eq!(idle["desiredReplicas"], 1, "{idle}");
+    assert_eq!(replicas(&n), Some(1));
+
+    // Load on burn-1: 100 % of its request against 50 % → 2 replicas, and the new one
+    // idles, so 50 % holds there.
+    n.ok(&["exec", "burn-1", "--", "touch", "/tmp/load"])?;
+    wait_for(Duration::from_secs(60), "a scale-out to 2", || (replicas(&n)? == 2).then_some(()))?;
+    n.wait_running("burn-2")?;
+    // Load on both: 100 % → 4, capped at maxReplicas 3.
+    n.ok(&["exec", "burn-2", "--", "touch", "/tmp/load"])?;
+    wait_for(Duration::from_secs(60), "a scale-out to 3", || (replicas(&n)? == 3).then_some(()))?;
+    let events = n.events()?;
+    let rescales: Vec<_> = events.iter().filter(|e| e.object == "burn" && e.reason == "SuccessfulRescale").collect();
+    assert!(
+        rescales.iter().any(|e| e
+            .message
+            .starts_with("New size: 2; reason: cpu resource utilization (percentage of request) above target")),
+        "{rescales:?}"
+    );
+
+    // The load stops: after the 5 s scale-down window, back to the minimum.
+    for i in ["burn-1", "burn-2"] {
+        n.ok(&["exec", i, "--", "rm", "-f", "/tmp/load"])?;
+    }
+    wait_for(Duration::from_secs(60), "a scale-in to 1", || (replicas(&n)? == 1).then_some(()))?;
+    let s = status(&n).unwrap();
+    assert_eq!((s["minReplicas"].as_i64(), s["maxReplicas"].as_i64()), (Some(1), Some(3)));
+
+    // A Kubernetes HPA for a deployment that does not exist is refused, naming it.
+    let hpa = n.write(
+        "hpa.yaml",
+        "apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {name: h}\nspec:\n  \
+         scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: nothere}\n  maxReplicas: 4\n",
+    )?;
+    let out = n.cli(&["apply", "-f", hpa.to_str().unwrap()])?;
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("HorizontalPodAutoscaler/h.spec.scaleTargetRef: deployment \"nothere\" not found"),
+        "{out:?}"
+    );
+    // One for the running deployment replaces its autoscaler.
+    std::fs::write(&hpa, std::fs::read_to_string(&hpa)?.replace("nothere", "burn"))?;
+    n.ok(&["apply", "-f", hpa.to_str().unwrap()])?;
+    wait_for(Duration::from_secs(30), "the new autoscaler in effect", || {
+        (status(&n)?["maxReplicas"].as_i64()? == 4).then_some(())
+    })?;
+    Ok(())
+}

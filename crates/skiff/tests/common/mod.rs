@@ -140,10 +140,16 @@ impl Node {
 
     /// Starts `skiff up` (optionally with a compose file) and waits for its API.
     pub fn up(&mut self, compose: Option<&Path>) -> Result<()> {
+        self.up_with(compose, &[])
+    }
+
+    /// As `up`, with `extra` arguments to `skiff up`.
+    pub fn up_with(&mut self, compose: Option<&Path>, extra: &[&str]) -> Result<()> {
         let n = N.fetch_add(1, Ordering::SeqCst);
         self.up_log = self.data().join(format!("up-{n}.log"));
         let log = std::fs::File::create(&self.up_log)?;
         let mut cmd = self.up_command(compose);
+        cmd.args(extra);
         let _ = std::fs::remove_file(self.data().join("admin.conf"));
         let child = cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
         self.up = Some(child);

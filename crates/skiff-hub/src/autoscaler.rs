@@ -1,0 +1,240 @@
+//! The live autoscaler: every sync period, for each deployment with `autoscale`, the
+//! situation is read from what nodes report (instances and their newest samples), the
+//! decision is Kubernetes' ([`skiff_model::autoscale::decide`]), and a change of replicas
+//! is stored like any other apply. Recommendations and scale events live in memory, as
+//! in kube-controller-manager: a hub restart forgets them (stabilization starts afresh).
+
+use crate::Hub;
+use serde::{Deserialize, Serialize};
+use skiff_model::autoscale::{decide, Decision, History, Phase, Pod, Recommendation, ScaleEvent, Settings};
+use skiff_model::metrics::MetricsSample;
+use skiff_model::{Deployment, EventRecord, Health, InstanceState, InstanceStatus};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+/// History older than this is dropped (the longest window or period Kubernetes allows).
+const KEEP_MS: u64 = 3_600_000;
+const EVENTS_KEPT: usize = 500;
+
+/// The controller's settings (kube-controller-manager's flags, plus the samples' window).
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    pub tolerance: f64,
+    pub cpu_initialization_period_s: f64,
+    pub initial_readiness_delay_s: f64,
+    /// How much time one sample's CPU rate covers (the agents' sampling interval).
+    pub metric_window_s: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            tolerance: skiff_model::autoscale::DEFAULT_TOLERANCE,
+            cpu_initialization_period_s: skiff_model::autoscale::DEFAULT_CPU_INITIALIZATION_PERIOD,
+            initial_readiness_delay_s: skiff_model::autoscale::DEFAULT_INITIAL_READINESS_DELAY,
+            metric_window_s: 15.0,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Memory {
+    /// (when, raw recommendation)
+    recommendations: Vec<(u64, i32)>,
+    /// (when, replicas added or removed)
+    ups: Vec<(u64, i32)>,
+    downs: Vec<(u64, i32)>,
+    last: Option<Status>,
+}
+
+/// What `GET /api/v1/autoscalers` shows for one deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub deployment: String,
+    pub min_replicas: i32,
+    pub max_replicas: i32,
+    pub current_replicas: i32,
+    pub desired_replicas: i32,
+    pub current_utilization: Option<i32>,
+    pub current_average_value: Option<String>,
+    pub reason: String,
+    pub last_scale_time_ms: Option<u64>,
+    pub time_ms: u64,
+}
+
+#[derive(Default)]
+pub struct Autoscaler {
+    pub config: Config,
+    memory: Mutex<BTreeMap<String, Memory>>,
+    events: Mutex<VecDeque<EventRecord>>,
+}
+
+/// A reported instance as the calculator sees a pod; `wanted` is whether its slot is
+/// still within the deployment's replicas (one beyond is being deleted).
+fn pod(i: &InstanceStatus, d: &Deployment, sample: Option<(&MetricsSample, usize)>, now_ms: u64, cfg: &Config) -> Pod {
+    let ago = |t: u64| now_ms.saturating_sub(t) as f64 / 1000.0;
+    let slot = i.name.rsplit_once('-').and_then(|(_, n)| n.parse::<u32>().ok()).unwrap_or(0);
+    let phase = match i.state {
+        InstanceState::Pending => Phase::Pending,
+        InstanceState::Running | InstanceState::Restarting => Phase::Running,
+        InstanceState::Exited if i.exit_code == Some(0) => Phase::Succeeded,
+        InstanceState::Exited | InstanceState::Failed => Phase::Failed,
+    };
+    // Ready as Kubernetes would see it: running, and healthy when there is a check. The
+    // readiness change is taken as the start (agents do not report when health changed).
+    let ready = matches!((i.state, i.health), (InstanceState::Running, None | Some(Health::Healthy)));
+    let started = i.started_at_ms.map(ago);
+    let usage = sample.map(|(s, k)| {
+        let m = &s.instances[k];
+        [m.cpu_cores.map(|c| (c * 1000.0).round() as i64), Some((m.memory_bytes as i64).saturating_mul(1000))]
+    });
+    Pod {
+        name: i.name.clone(),
+        phase,
+        deleting: slot > d.replicas,
+        ready: started.map(|s| (ready, s)),
+        started_ago: started,
+        requests: d.requests_milli(),
+        usage: usage.unwrap_or([None, None]),
+        sampled: (sample.map(|(s, _)| ago(s.time_ms)).unwrap_or(0.0), cfg.metric_window_s),
+    }
+}
+
+impl Autoscaler {
+    pub fn new(config: Config) -> Self {
+        Autoscaler { config, ..Default::default() }
+    }
+
+    /// The newest decision for each autoscaled deployment.
+    pub fn statuses(&self) -> Vec<Status> {
+        self.memory.lock().map(|m| m.values().filter_map(|x| x.last.clone()).collect()).unwrap_or_default()
+    }
+
+    pub fn events(&self) -> Vec<EventRecord> {
+        self.events.lock().map(|e| e.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    fn event(&self, now_ms: u64, object: &str, reason: &str, message: String) {
+        tracing::info!(object, reason, %message, "autoscaler");
+        if let Ok(mut e) = self.events.lock() {
+            e.push_back(EventRecord { time_ms: now_ms, object: object.into(), reason: reason.into(), message });
+            while e.len() > EVENTS_KEPT {
+                e.pop_front();
+            }
+        }
+    }
+
+    /// Decides for `d` at `now_ms` from `instances` and `samples`; records what Kubernetes
+    /// records. Returns the decision (`None`: not autoscaled or its spec is invalid).
+    fn decide_for(
+        &self,
+        d: &Deployment,
+        instances: &[InstanceStatus],
+        samples: &[MetricsSample],
+        now_ms: u64,
+    ) -> Option<Decision> {
+        let spec = d.autoscale.as_ref()?;
+        let checked = spec.check(d.requests_milli()).ok()?;
+        let pods: Vec<Pod> = instances
+            .iter()
+            .filter(|i| i.deployment == d.name)
+            .map(|i| {
+                let sample = samples.iter().find_map(|s| {
+                    (s.node == i.node).then(|| s.instances.iter().position(|m| m.instance == i.name).map(|k| (s, k)))?
+                });
+                pod(i, d, sample, now_ms, &self.config)
+            })
+            .collect();
+        let settings = Settings {
+            tolerance_up: self.config.tolerance,
+            tolerance_down: self.config.tolerance,
+            cpu_initialization_period: self.config.cpu_initialization_period_s,
+            initial_readiness_delay: self.config.initial_readiness_delay_s,
+        };
+        let mut memory = self.memory.lock().ok()?;
+        let m = memory.entry(d.name.clone()).or_default();
+        for list in [&mut m.recommendations, &mut m.ups, &mut m.downs] {
+            list.retain(|(t, _)| now_ms.saturating_sub(*t) <= KEEP_MS);
+        }
+        let ago = |t: u64| now_ms.saturating_sub(t) as f64 / 1000.0;
+        let events =
+            |l: &[(u64, i32)]| l.iter().map(|&(t, n)| ScaleEvent { seconds_ago: ago(t), replicas: n }).collect();
+        let history = History {
+            recommendations: m
+                .recommendations
+                .iter()
+                .map(|&(t, n)| Recommendation { seconds_ago: ago(t), replicas: n })
+                .collect(),
+            scale_up_events: events(&m.ups),
+            scale_down_events: events(&m.downs),
+        };
+        let current = d.replicas as i32;
+        let decision = decide(&checked.situation(current, pods, settings, history));
+        if decision.from_metrics {
+            m.recommendations.push((now_ms, decision.raw_recommendation));
+        }
+        let desired = decision.desired_replicas;
+        if desired > current {
+            m.ups.push((now_ms, desired - current));
+        } else if desired < current {
+            m.downs.push((now_ms, current - desired));
+        }
+        let last_scale =
+            if desired != current { Some(now_ms) } else { m.last.as_ref().and_then(|l| l.last_scale_time_ms) };
+        m.last = Some(Status {
+            deployment: d.name.clone(),
+            min_replicas: checked.min,
+            max_replicas: checked.max,
+            current_replicas: current,
+            desired_replicas: desired,
+            current_utilization: decision.current_utilization,
+            current_average_value: decision.current_average_value.clone(),
+            reason: decision.reason.clone(),
+            last_scale_time_ms: last_scale,
+            time_ms: now_ms,
+        });
+        Some(decision)
+    }
+}
+
+impl Hub {
+    /// One sync period of the autoscaler: decides for every autoscaled deployment and
+    /// stores the new replica counts (placement and nodes follow as after an apply).
+    /// Returns the deployments it rescaled.
+    pub fn autoscale(&self, now_ms: u64) -> Result<Vec<(String, i32)>, String> {
+        let deployments: Vec<Deployment> =
+            self.store.list().map_err(|e| e.to_string())?.into_iter().map(|s| s.spec).collect();
+        if deployments.iter().all(|d| d.autoscale.is_none()) {
+            return Ok(vec![]);
+        }
+        let instances = self.instances();
+        let samples = self.metrics();
+        let mut changed = vec![];
+        let a = &self.autoscaler;
+        if let Ok(mut m) = a.memory.lock() {
+            m.retain(|name, _| deployments.iter().any(|d| &d.name == name && d.autoscale.is_some()));
+        }
+        for d in &deployments {
+            let Some(decision) = a.decide_for(d, &instances, &samples, now_ms) else { continue };
+            let current = d.replicas as i32;
+            if decision.desired_replicas == current {
+                continue;
+            }
+            let mut scaled = d.clone();
+            scaled.replicas = decision.desired_replicas.max(0) as u32;
+            self.store.apply(&[scaled], None, false).map_err(|e| e.to_string())?;
+            a.event(
+                now_ms,
+                &d.name,
+                "SuccessfulRescale",
+                format!("New size: {}; reason: {}", decision.desired_replicas, decision.reason),
+            );
+            changed.push((d.name.clone(), decision.desired_replicas));
+        }
+        if !changed.is_empty() {
+            self.sync_nodes()?;
+        }
+        Ok(changed)
+    }
+}
