@@ -65,6 +65,28 @@ pub fn parse_loadavg(text: &str) -> (f64, f64, f64) {
     }
 }
 
+/// Above this much of the data filesystem used, the node takes no new work.
+pub const DISK_PRESSURE_PERCENT: u64 = 95;
+/// Below this much memory available, likewise.
+pub const MEMORY_PRESSURE_PERCENT: u64 = 5;
+
+/// What keeps the node from taking new work, as the kubelet's DiskPressure and
+/// MemoryPressure conditions do (empty: nothing).
+pub fn pressure(h: &NodeMetrics) -> Vec<String> {
+    let mut out = vec![];
+    if h.disk_total_bytes > 0 && h.disk_used_bytes * 100 >= h.disk_total_bytes * DISK_PRESSURE_PERCENT {
+        out.push(format!(
+            "DiskPressure: {}% of the data filesystem used",
+            h.disk_used_bytes * 100 / h.disk_total_bytes
+        ));
+    }
+    let available = h.memory_total_bytes.saturating_sub(h.memory_used_bytes);
+    if h.memory_total_bytes > 0 && available * 100 < h.memory_total_bytes * MEMORY_PRESSURE_PERCENT {
+        out.push(format!("MemoryPressure: {}% of memory available", available * 100 / h.memory_total_bytes));
+    }
+    out
+}
+
 /// What a sample is computed against: the previous CPU counters.
 #[derive(Default)]
 pub struct Sampler {
@@ -174,6 +196,23 @@ mod tests {
         assert_eq!(parse_net_dev(dev, |n| n != "lo" && !n.starts_with("vsk")), (1000, 2000));
         assert_eq!(parse_loadavg("0.50 0.25 0.10 1/100 42\n"), (0.5, 0.25, 0.1));
         assert_eq!(parse_loadavg(""), (0.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn pressure_at_95_percent_disk_and_5_percent_memory() {
+        let h = |disk_used: u64, mem_used: u64| NodeMetrics {
+            disk_total_bytes: 100,
+            disk_used_bytes: disk_used,
+            memory_total_bytes: 100,
+            memory_used_bytes: mem_used,
+            ..Default::default()
+        };
+        assert!(pressure(&h(94, 95)).is_empty());
+        assert_eq!(
+            pressure(&h(95, 96)),
+            ["DiskPressure: 95% of the data filesystem used", "MemoryPressure: 4% of memory available"]
+        );
+        assert!(pressure(&NodeMetrics::default()).is_empty(), "nothing known, nothing reported");
     }
 
     #[test]

@@ -316,6 +316,7 @@ fn node_list(hub: &Hub) -> Result<Vec<NodeInfo>, ApiError> {
             arch: skiff_model::platform::host_arch().0.into(),
             os: std::env::consts::OS.into(),
             instances: all.iter().filter(|i| i.node == n.name()).count(),
+            problems: vec![],
         })
         .collect();
     if let Some(f) = &hub.fleet {
@@ -326,6 +327,7 @@ fn node_list(hub: &Hub) -> Result<Vec<NodeInfo>, ApiError> {
             };
             out.push(NodeInfo {
                 instances: all.iter().filter(|i| i.node == v.name).count(),
+                problems: f.problems(&v.name),
                 name: v.name,
                 state: format!("{:?}", v.state),
                 arch,

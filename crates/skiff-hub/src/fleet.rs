@@ -89,6 +89,10 @@ pub struct NodeStatus {
     /// The id of the last event in `events` (what the hub acknowledges).
     #[serde(default)]
     pub events_through: u64,
+    /// What keeps the node from taking new work (disk or memory pressure): it is
+    /// NotReady while any is reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// The hub's answer to a status report.
@@ -101,11 +105,27 @@ pub struct StatusAck {
 /// Events kept per node on the hub.
 pub const EVENTS_PER_NODE: usize = 1000;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Seen {
     last_ms: u64,
     state: NodeState,
     since_ms: u64,
+    problems: Vec<String>,
+}
+
+impl Seen {
+    /// Heard from: Ready, or NotReady while it reports problems. Returns whether the
+    /// state changed.
+    fn heard(&mut self, now: u64) -> bool {
+        self.last_ms = now;
+        let state = if self.problems.is_empty() { NodeState::Ready } else { NodeState::NotReady };
+        let changed = state != self.state;
+        if changed {
+            self.state = state;
+            self.since_ms = now;
+        }
+        changed
+    }
 }
 
 pub struct Fleet {
@@ -336,24 +356,14 @@ impl Fleet {
     /// The node was heard from (any frame or pong on its tunnel, or a status report).
     pub fn touch(&self, node: &str) {
         let now = now_ms();
-        let became_ready = match self.seen.lock() {
-            Ok(mut seen) => {
-                let e = seen.entry(node.to_string()).or_insert(Seen {
-                    last_ms: now,
-                    state: NodeState::Unknown,
-                    since_ms: now,
-                });
-                e.last_ms = now;
-                let was = e.state;
-                if was != NodeState::Ready {
-                    e.state = NodeState::Ready;
-                    e.since_ms = now;
-                }
-                was != NodeState::Ready
-            }
+        let changed = match self.seen.lock() {
+            Ok(mut seen) => seen
+                .entry(node.to_string())
+                .or_insert(Seen { last_ms: now, state: NodeState::Unknown, since_ms: now, problems: vec![] })
+                .heard(now),
             Err(_) => false,
         };
-        if became_ready {
+        if changed {
             // Placement runs on the next tick, once for however many nodes came up.
             self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -371,6 +381,16 @@ impl Fleet {
         }
         if let Ok(mut st) = self.statuses.lock() {
             st.insert(node.to_string(), status.instances);
+        }
+        if let Ok(mut seen) = self.seen.lock() {
+            if let Some(s) = seen.get_mut(node) {
+                if s.problems != status.problems {
+                    s.problems = status.problems;
+                    if s.heard(now_ms()) {
+                        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
         }
         ack
     }
@@ -405,8 +425,8 @@ impl Fleet {
             .collect()
     }
 
-    /// Ready / Unknown from heartbeats; a node not heard from since the hub started is
-    /// Unknown from the hub's start.
+    /// Ready (or NotReady, while it reports problems) / Unknown from heartbeats; a node
+    /// not heard from since the hub started is Unknown from the hub's start.
     fn state_of(&self, node: &str, now: u64) -> (NodeState, u64) {
         let mut seen = match self.seen.lock() {
             Ok(s) => s,
@@ -414,7 +434,7 @@ impl Fleet {
         };
         match seen.get_mut(node) {
             Some(s) => {
-                if s.state == NodeState::Ready && now.saturating_sub(s.last_ms) > HEARTBEAT_GRACE_MS {
+                if s.state != NodeState::Unknown && now.saturating_sub(s.last_ms) > HEARTBEAT_GRACE_MS {
                     s.state = NodeState::Unknown;
                     s.since_ms = s.last_ms + HEARTBEAT_GRACE_MS;
                 }
@@ -446,6 +466,11 @@ impl Fleet {
                 }
             })
             .collect())
+    }
+
+    /// The problems a node last reported (why it is NotReady).
+    pub fn problems(&self, node: &str) -> Vec<String> {
+        self.seen.lock().ok().and_then(|s| s.get(node).map(|x| x.problems.clone())).unwrap_or_default()
     }
 
     pub fn reported_instances(&self) -> Vec<InstanceStatus> {
@@ -642,5 +667,31 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         let same = rt.block_on(f.wait_assignment("a", a.revision, std::time::Duration::from_millis(20))).unwrap();
         assert_eq!(same, a, "nothing changed: the long-poll times out with the same assignment");
+    }
+
+    #[test]
+    fn a_node_under_pressure_is_not_ready_and_takes_no_new_work() {
+        let (_t, f) = fleet();
+        let tok = secret(&f.create_token(None).unwrap());
+        f.join(&join_req(&tok, "a")).unwrap();
+        f.join(&join_req(&tok, "b")).unwrap();
+        f.heartbeat("a", NodeStatus::default()).unwrap();
+        let full =
+            NodeStatus { problems: vec!["DiskPressure: 97% of the data filesystem used".into()], ..Default::default() };
+        f.heartbeat("b", full.clone()).unwrap();
+        let state = |f: &Fleet, n: &str| f.views().unwrap().into_iter().find(|v| v.name == n).unwrap().state;
+        assert_eq!((state(&f, "a"), state(&f, "b")), (NodeState::Ready, NodeState::NotReady));
+        assert_eq!(f.problems("b"), full.problems);
+        let mut web = Deployment::new("web", "img");
+        web.replicas = 2;
+        f.store.apply(&[web], None, false).unwrap();
+        f.reschedule().unwrap();
+        assert_eq!(f.assignment("a").unwrap().deployments[0].indexes, [1, 2], "b is under pressure");
+        // Heard from again (a pong) it stays NotReady; once the pressure is gone it is Ready.
+        f.touch("b");
+        assert_eq!(state(&f, "b"), NodeState::NotReady);
+        f.heartbeat("b", NodeStatus::default()).unwrap();
+        assert_eq!(state(&f, "b"), NodeState::Ready);
+        assert!(f.problems("b").is_empty());
     }
 }

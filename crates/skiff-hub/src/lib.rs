@@ -43,6 +43,9 @@ pub struct NodeInfo {
     pub arch: String,
     pub os: String,
     pub instances: usize,
+    /// Why it is NotReady.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// The hub's view of one node: how it sends assignments and reaches instances.

@@ -338,7 +338,8 @@ async fn serve_tunnel<S>(
                 // them, and a restart of either side loses none.
                 let events = agent.unshipped_events(500).unwrap_or_default();
                 let instances = agent.instances().unwrap_or_default();
-                let now = serde_json::to_string(&instances).unwrap_or_default();
+                let problems = agent.latest_metrics().map(|m| skiff_agent::metrics::pressure(&m.host)).unwrap_or_default();
+                let now = serde_json::to_string(&(&instances, &problems)).unwrap_or_default();
                 if reported.as_deref() == Some(now.as_str()) && events.is_empty() {
                     continue;
                 }
@@ -346,6 +347,7 @@ async fn serve_tunnel<S>(
                     instances,
                     events_through: events.last().map(|(id, _)| *id).unwrap_or(0),
                     events: events.into_iter().map(|(_, e)| e).collect(),
+                    problems,
                 };
                 if ws.send(Message::Text(frame(&Control::Status { status }).into())).await.is_err() {
                     break;

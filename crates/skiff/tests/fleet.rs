@@ -13,7 +13,7 @@ type R = anyhow::Result<()>;
 
 /// Where the first test's web and analyser instances run, throughout.
 const PLACED: [(&str, &str); 4] =
-    [("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-a-1", "web-3"), ("site-a-1", "analyser-1")];
+    [("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-c-1", "web-3"), ("site-a-1", "analyser-1")];
 const SEC: Duration = Duration::from_secs(1);
 
 fn hub() -> anyhow::Result<Node> {
@@ -153,9 +153,10 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
     let token = h.ok(&["token", "create", "--ttl", "1h"])?.trim().to_string();
     let a = agent(&h, &token, "site-a-1", &["site=a", "camera=true"])?;
     let b = agent(&h, &token, "site-b-1", &["site=b"])?;
-    wait_for(30 * SEC, "both nodes Ready", || {
+    let c = agent(&h, &token, "site-c-1", &["site=c"])?;
+    wait_for(30 * SEC, "three nodes Ready", || {
         let t = h.ok(&["get", "nodes"]).ok()?;
-        (t.matches("Ready").count() == 2).then_some(())
+        (t.matches("Ready").count() == 3).then_some(())
     })?;
 
     // Replicas spread over both nodes; the global, selected one only where camera=true.
@@ -285,7 +286,7 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
     assert_eq!(web2.pid, before.iter().find(|i| i.name == "web-2").and_then(|i| i.pid));
     assert_eq!((web2.state, web2.restarts), (InstanceState::Running, 0));
 
-    // The hub comes back on the same address: both agents resync, nothing restarts.
+    // The hub comes back on the same address: the agents resync, nothing restarts.
     let port = server.rsplit(':').next().unwrap().to_string();
     h.spawn(&["hub", "--listen", &format!("127.0.0.1:{port}")])?;
     let after = wait_placed(&h, &PLACED)?;
@@ -293,7 +294,7 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
 
     // A change after the heal reaches the nodes: scale down.
     h.ok(&["delete", "deployment", "analyser"])?;
-    wait_placed(&h, &[("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-a-1", "web-3")])?;
+    wait_placed(&h, &[("site-a-1", "web-1"), ("site-b-1", "web-2"), ("site-c-1", "web-3")])?;
 
     // Bad input: an unknown token and a revoked node are refused with a reason.
     let out = h.cli(&["delete", "node", "ghost"])?;
@@ -305,7 +306,7 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
     h.ok(&["delete", "node", "site-a-1"])?;
     wait_for(30 * SEC, "node a refused after revocation", || a.log().contains("403 Forbidden").then_some(()))?;
     assert!(!h.ok(&["get", "nodes"])?.contains("site-a-1"));
-    drop((a, b));
+    drop((a, b, c));
     Ok(())
 }
 
