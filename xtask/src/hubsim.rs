@@ -5,6 +5,8 @@
 //! pushed by the hub, the hub's liveness pings. Measures, then prints JSON: join time, hub
 //! RSS and CPU per node heartbeat (ping) over an idle window, idle bytes per node per
 //! minute on loopback, and p50/p99 from `apply` until every node holds its assignment.
+//! With METRICS_SECS > 0 each node also ships a packed resource sample (two instances)
+//! that often, as agents do every 15 s by default.
 
 use anyhow::{bail, Context, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,7 +50,21 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-pub async fn run(admin_conf: &str, token: &str, nodes: usize, idle_secs: u64, hub_pid: u32) -> Result<()> {
+/// A packed sample of a node with two instances, with figures of realistic size.
+fn sample(node: &str) -> skiff_model::metrics::PackedSample {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    (&skiff_model::metrics::MetricsSample::example(node, now)).into()
+}
+
+pub async fn run(
+    admin_conf: &str,
+    token: &str,
+    nodes: usize,
+    idle_secs: u64,
+    hub_pid: u32,
+    metrics_secs: u64,
+) -> Result<()> {
     let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(admin_conf)?)?;
     let server = conf["server"].as_str().context("server")?.to_string();
     let ca = conf["ca"].as_str().context("ca")?.to_string();
@@ -96,6 +112,15 @@ pub async fn run(admin_conf: &str, token: &str, nodes: usize, idle_secs: u64, hu
     let heartbeats = Arc::new(AtomicU64::new(0));
     let got_probe: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; nodes]));
     let ws_url = server.replacen("https://", "wss://", 1);
+    // Sources spread over 127.0.0.1-8: one source address has ~28k ephemeral ports to
+    // one hub port, fewer than 100k nodes need.
+    let hub_addr: std::net::SocketAddr = server
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .context("the hub's address (host:port) in admin.conf")?;
     for (i, n) in sims.iter().enumerate() {
         let (n, url, hb, got) = (
             Arc::clone(n),
@@ -113,15 +138,43 @@ pub async fn run(admin_conf: &str, token: &str, nodes: usize, idle_secs: u64, hu
                 let small = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
                     .read_buffer_size(8 << 10)
                     .write_buffer_size(0);
+                let src = std::net::SocketAddr::from(([127, 0, 0, 1 + (i % 8) as u8], 0));
+                let stream = async {
+                    let sock = tokio::net::TcpSocket::new_v4()?;
+                    sock.bind(src)?;
+                    sock.connect(hub_addr).await
+                };
+                let Ok(stream) = stream.await else {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    continue;
+                };
                 if let Ok((mut ws, _)) =
-                    tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(small), true, Some(c)).await
+                    tokio_tungstenite::client_async_tls_with_config(url.as_str(), stream, Some(small), Some(c)).await
                 {
                     let hello = serde_json::json!({"type": "hello", "revision": 0}).to_string();
                     let status = serde_json::json!({"type": "status", "status": {}}).to_string();
                     if ws.send(Message::Text(hello.into())).await.is_ok()
                         && ws.send(Message::Text(status.into())).await.is_ok()
                     {
-                        while let Some(Ok(m)) = ws.next().await {
+                        // Samples as a node running two instances ships them (0: none).
+                        let mut sample_tick = tokio::time::interval(Duration::from_secs(metrics_secs.max(1)));
+                        sample_tick.tick().await;
+                        let mut through = 0u64;
+                        loop {
+                            let m = tokio::select! {
+                                m = ws.next() => match m {
+                                    Some(Ok(m)) => m,
+                                    _ => break,
+                                },
+                                _ = sample_tick.tick(), if metrics_secs > 0 => {
+                                    through += 1;
+                                    let frame = serde_json::json!({"type": "metrics", "samples": [sample(&n.name)], "through": through});
+                                    if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
+                                        break;
+                                    }
+                                    continue;
+                                }
+                            };
                             match m {
                                 Message::Ping(_) => {
                                     hb.fetch_add(1, Ordering::Relaxed);

@@ -54,12 +54,13 @@ fn main() -> Result<()> {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
-        ["hub-sim", conf, token, nodes, idle, pid] => {
+        ["hub-sim", conf, token, nodes, idle, pid, rest @ ..] if rest.len() <= 1 => {
+            let metrics: u64 = rest.first().map(|m| m.parse()).transpose()?.unwrap_or(0);
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            rt.block_on(hubsim::run(conf, token, nodes.parse()?, idle.parse()?, pid.parse()?))
+            rt.block_on(hubsim::run(conf, token, nodes.parse()?, idle.parse()?, pid.parse()?, metrics))
         }
         _ => bail!(
-            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID"
+            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS]"
         ),
     }
 }

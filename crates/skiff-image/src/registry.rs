@@ -523,11 +523,12 @@ pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -
 
 /// The platforms `reference` is built for, read from the registry (its manifest, and the
 /// config of a single-platform image) without storing anything: what the hub places by.
-/// Mirrors are tried first, as for a pull; a manifest gets at most two tries.
+/// Mirrors are tried first, as for a pull; each endpoint gets one try, so that an apply
+/// is not held up by a registry that is down (the image then places on any architecture).
 pub async fn platforms(reference: &str, opts: &PullOptions) -> Result<Vec<Platform>, ImageError> {
     let r = RemoteRef::parse(reference)?;
     let http = http_client(opts)?;
-    let opts = PullOptions { max_attempts: 2, ..opts.clone() };
+    let opts = PullOptions { max_attempts: 1, ..opts.clone() };
     let mut res = Err(ImageError::BadReference(reference.to_string()));
     for endpoint in opts.registries.endpoints(&r.registry, &opts.insecure) {
         let client = Client::new(&http, &endpoint, &r, &opts, Default::default(), None);

@@ -48,6 +48,41 @@ pub struct MetricsSample {
     pub instances: Vec<InstanceMetrics>,
 }
 
+impl MetricsSample {
+    /// A sample of realistic size: a 4-CPU node running two instances (for tests and
+    /// benchmarks that need one).
+    pub fn example(node: &str, time_ms: u64) -> Self {
+        let instance = |n: u32| InstanceMetrics {
+            instance: format!("analyser-{n}"),
+            deployment: "analyser".into(),
+            cpu_cores: Some(0.0126),
+            memory_bytes: 12_345_678,
+            rx_bytes: 1_234_567,
+            tx_bytes: 123_456,
+            restarts: n,
+            started_at_ms: Some(time_ms.saturating_sub(3_600_000)),
+        };
+        MetricsSample {
+            node: node.into(),
+            time_ms,
+            host: NodeMetrics {
+                cpus: 4,
+                cpu_cores: Some(0.1234),
+                memory_total_bytes: 4_000_000_000,
+                memory_used_bytes: 1_234_567_890,
+                disk_total_bytes: 32_000_000_000,
+                disk_used_bytes: 12_345_678_901,
+                rx_bytes: 123_456_789_012,
+                tx_bytes: 12_345_678_901,
+                load1: 0.52,
+                load5: 0.33,
+                load15: 0.2149,
+            },
+            instances: vec![instance(1), instance(2)],
+        }
+    }
+}
+
 /// A sample as an agent ships it: arrays rather than objects, CPU in millicores and load
 /// in hundredths, the node name left out (the connection names it). About a third of
 /// the JSON object form, for links that pay per byte.
@@ -154,33 +189,7 @@ mod tests {
 
     #[test]
     fn packing_keeps_millicores_and_hundredths_and_is_small() {
-        let s = MetricsSample {
-            node: "site-a-1".into(),
-            time_ms: 1_764_030_000_000,
-            host: NodeMetrics {
-                cpus: 4,
-                cpu_cores: Some(0.1234),
-                memory_total_bytes: 4_000_000_000,
-                memory_used_bytes: 1_234_567_890,
-                disk_total_bytes: 32_000_000_000,
-                disk_used_bytes: 12_345_678_901,
-                rx_bytes: 123_456_789_012,
-                tx_bytes: 12_345_678_901,
-                load1: 0.52,
-                load5: 0.33,
-                load15: 0.2149,
-            },
-            instances: vec![InstanceMetrics {
-                instance: "analyser-1".into(),
-                deployment: "analyser".into(),
-                cpu_cores: Some(0.0126),
-                memory_bytes: 12_345_678,
-                rx_bytes: 1_234_567,
-                tx_bytes: 123_456,
-                restarts: 2,
-                started_at_ms: Some(1_764_029_000_000),
-            }],
-        };
+        let s = MetricsSample::example("site-a-1", 1_764_030_000_000);
         let packed = serde_json::to_string(&PackedSample::from(&s)).unwrap();
         let full = serde_json::to_string(&s).unwrap();
         assert!(packed.len() * 2 < full.len(), "{} vs {}", packed.len(), full.len());
@@ -188,7 +197,7 @@ mod tests {
         assert_eq!(back.host.cpu_cores, Some(0.123));
         assert_eq!(back.host.load15, 0.21);
         assert_eq!(back.instances[0].cpu_cores, Some(0.013));
-        assert_eq!((back.instances[0].memory_bytes, back.instances[0].restarts), (12_345_678, 2));
+        assert_eq!((back.instances[1].memory_bytes, back.instances[1].restarts), (12_345_678, 2));
         assert_eq!(back.host.rx_bytes, s.host.rx_bytes);
     }
 }
