@@ -259,11 +259,11 @@ impl Agent {
         self.latest_metrics.lock().ok()?.clone()
     }
 
-    /// Samples not yet shipped to the hub, oldest first.
-    pub fn unshipped_metrics(&self, limit: usize) -> Result<Vec<(u64, MetricsSample)>, AgentError> {
+    /// Samples not yet acknowledged by the hub and after id `sent`, oldest first.
+    pub fn unshipped_metrics(&self, sent: u64, limit: usize) -> Result<Vec<(u64, MetricsSample)>, AgentError> {
         self.db(|s| {
             let acked = s.meta("metrics_shipped")?.and_then(|v| v.parse().ok()).unwrap_or(0);
-            s.metrics_since(acked, limit)
+            s.metrics_since(acked.max(sent), limit)
         })
     }
 

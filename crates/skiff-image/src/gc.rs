@@ -19,12 +19,19 @@ use std::fs::File;
 pub struct GcPolicy {
     pub high_percent: u8,
     pub low_percent: u8,
+    /// Images stored more recently than this are never pruned (kubelet's
+    /// `--minimum-image-ttl-duration`): one loaded or pulled for a deployment that has
+    /// not reached the node yet must survive until it does.
+    pub min_age: std::time::Duration,
 }
+
+/// Kubelet's default minimum image age.
+pub const DEFAULT_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl Default for GcPolicy {
     /// Kubelet's defaults.
     fn default() -> Self {
-        GcPolicy { high_percent: 85, low_percent: 80 }
+        GcPolicy { high_percent: 85, low_percent: 80, min_age: DEFAULT_MIN_AGE }
     }
 }
 
@@ -38,7 +45,11 @@ impl GcPolicy {
                 "image GC low-water mark {low_percent}% must be below the high-water mark {high_percent}%"
             ));
         }
-        Ok(GcPolicy { high_percent, low_percent })
+        Ok(GcPolicy { high_percent, low_percent, min_age: DEFAULT_MIN_AGE })
+    }
+
+    pub fn with_min_age(self, min_age: std::time::Duration) -> Self {
+        GcPolicy { min_age, ..self }
     }
 }
 
@@ -121,6 +132,7 @@ impl ImageStore {
         out.freed_bytes += self.gc_unlocked()?;
         let low = f64::from(policy.low_percent);
         let mut candidates: Vec<(std::time::SystemTime, String)> = vec![];
+        let young = std::time::SystemTime::now().checked_sub(policy.min_age).unwrap_or(std::time::UNIX_EPOCH);
         let refs = self.refs_map()?;
         let used_digests: BTreeSet<&String> =
             refs.iter().filter(|(r, _)| in_use.contains(*r)).map(|(_, d)| d).collect();
@@ -129,7 +141,11 @@ impl ImageStore {
                 continue;
             }
             let stored = self.blob_path(d).ok().and_then(|p| p.metadata().ok()).and_then(|m| m.modified().ok());
-            candidates.push((stored.unwrap_or(std::time::UNIX_EPOCH), r.clone()));
+            let stored = stored.unwrap_or(std::time::UNIX_EPOCH);
+            if stored > young {
+                continue;
+            }
+            candidates.push((stored, r.clone()));
         }
         candidates.sort();
         for (_, r) in candidates {
@@ -151,10 +167,10 @@ mod tests {
 
     #[test]
     fn policies_are_checked() {
-        assert_eq!(GcPolicy::new(90, 70), Ok(GcPolicy { high_percent: 90, low_percent: 70 }));
+        assert_eq!(GcPolicy::new(90, 70), Ok(GcPolicy { high_percent: 90, low_percent: 70, min_age: DEFAULT_MIN_AGE }));
         assert!(GcPolicy::new(70, 70).unwrap_err().contains("below the high-water mark 70%"));
         assert!(GcPolicy::new(101, 70).unwrap_err().contains("within 1..=100"));
-        assert_eq!(GcPolicy::default(), GcPolicy { high_percent: 85, low_percent: 80 });
+        assert_eq!(GcPolicy::default(), GcPolicy { high_percent: 85, low_percent: 80, min_age: DEFAULT_MIN_AGE });
     }
 
     #[test]

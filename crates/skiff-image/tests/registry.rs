@@ -409,10 +409,16 @@ fn the_high_water_mark_prunes_unused_images_oldest_first() -> R {
     assert_eq!(store.prune_to_watermark(&skiff_image::GcPolicy::new(95, 90).unwrap(), &in_use)?, None);
     assert_eq!(store.list()?.len(), 3);
 
-    // Above it: unused images go, oldest first, until the low mark; the one in use stays,
-    // and so do its layers.
+    // Above it, but every image was stored within the minimum age (2 min by default):
+    // nothing goes, as an image loaded for a deployment still on its way must stay.
     let low = (used - 30.0).floor() as u8; // one image (about 6 MiB of 24) is not enough
-    let p = store.prune_to_watermark(&skiff_image::GcPolicy::new(used as u8 - 1, low).unwrap(), &in_use)?.unwrap();
+    let policy = skiff_image::GcPolicy::new(used as u8 - 1, low).unwrap();
+    assert!(store.prune_to_watermark(&policy, &in_use)?.unwrap().removed.is_empty());
+    assert_eq!(store.list()?.len(), 3);
+
+    // Old enough: unused images go, oldest first, until the low mark; the one in use
+    // stays, and so do its layers.
+    let p = store.prune_to_watermark(&policy.with_min_age(std::time::Duration::ZERO), &in_use)?.unwrap();
     assert_eq!(p.removed, ["localhost/b:1", "localhost/c:1"]);
     assert!(p.used_percent_after < p.used_percent_before && p.freed_bytes > 6 << 20, "{p:?}");
     let left: Vec<String> = store.list()?.into_iter().map(|i| i.reference).collect();

@@ -320,19 +320,20 @@ async fn serve_tunnel<S>(
                     tracing::warn!("no word from the hub for {SILENCE:?}; reconnecting");
                     break;
                 }
-                // Samples too wait in agent.db (bounded) until acknowledged.
-                let samples: Vec<_> = agent
-                    .unshipped_metrics(METRICS_PER_FRAME)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|(id, _)| *id > metrics_sent)
-                    .collect();
-                if let Some(&(through, _)) = samples.last() {
+                // Samples too wait in agent.db (bounded) until acknowledged. A backlog from a
+                // partition goes out at once, so the hub soon has the current one.
+                let mut lost = false;
+                while let Ok(samples) = agent.unshipped_metrics(metrics_sent, METRICS_PER_FRAME) {
+                    let Some(&(through, _)) = samples.last() else { break };
                     let samples = samples.iter().map(|(_, s)| s.into()).collect();
                     if ws.send(Message::Text(frame(&Control::Metrics { samples, through }).into())).await.is_err() {
+                        lost = true;
                         break;
                     }
                     metrics_sent = through;
+                }
+                if lost {
+                    break;
                 }
                 // Events wait in agent.db until the hub acknowledges them: a partition delays
                 // them, and a restart of either side loses none.
