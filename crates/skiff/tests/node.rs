@@ -504,22 +504,20 @@ fn the_autoscaler_scales_out_on_cpu_and_back_in_when_load_stops() -> R {
     assert_eq!(idle["desiredReplicas"], 1, "{idle}");
     assert_eq!(replicas(&n), Some(1));
 
-    // Load on burn-1: 100 % of its request against 50 % → 2 replicas, and the new one
-    // idles, so 50 % holds there.
+    // Load on burn-1: about 100 % of its request against 50 % → 2 replicas (3 when a
+    // window measures a hair over the quota: a ratio of 2.02 rounds up), and the new one
+    // idles.
     n.ok(&["exec", "burn-1", "--", "touch", "/tmp/load"])?;
-    wait_for(Duration::from_secs(60), "a scale-out to 2", || (replicas(&n)? == 2).then_some(()))?;
+    wait_for(Duration::from_secs(60), "a scale-out", || (replicas(&n)? >= 2).then_some(()))?;
     n.wait_running("burn-2")?;
     // Load on both: 100 % → 4, capped at maxReplicas 3.
     n.ok(&["exec", "burn-2", "--", "touch", "/tmp/load"])?;
     wait_for(Duration::from_secs(60), "a scale-out to 3", || (replicas(&n)? == 3).then_some(()))?;
     let events = n.events()?;
     let rescales: Vec<_> = events.iter().filter(|e| e.object == "burn" && e.reason == "SuccessfulRescale").collect();
-    assert!(
-        rescales.iter().any(|e| e
-            .message
-            .starts_with("New size: 2; reason: cpu resource utilization (percentage of request) above target")),
-        "{rescales:?}"
-    );
+    let why = "reason: cpu resource utilization (percentage of request) above target";
+    assert!(!rescales.is_empty() && rescales.iter().all(|e| e.message.contains(why)), "{rescales:?}");
+    assert!(rescales.iter().any(|e| e.message.starts_with("New size: 3;")), "{rescales:?}");
 
     // The load stops: after the 5 s scale-down window, back to the minimum.
     for i in ["burn-1", "burn-2"] {
