@@ -692,9 +692,45 @@ pub struct Checked {
     pub min: i32,
     pub max: i32,
     pub metrics: Vec<(Resource, Target)>,
-    behavior: Option<(Rules, Rules)>,
+    behavior: Option<CheckedBehavior>,
+}
+
+/// `behavior` with Kubernetes' defaults filled in, and the per-direction tolerances it sets.
+#[derive(Debug, Clone, PartialEq)]
+struct CheckedBehavior {
+    up: Rules,
+    down: Rules,
     tolerance_up: Option<f64>,
     tolerance_down: Option<f64>,
+}
+
+impl Behavior {
+    /// Checks the rules; `downscale` is the scale-down window when none is given.
+    fn check(&self, downscale: i64) -> Result<CheckedBehavior, ScenarioError> {
+        let up = self.scale_up.clone().unwrap_or_default();
+        let down = self.scale_down.clone().unwrap_or_default();
+        Ok(CheckedBehavior {
+            up: up.check("behavior.scaleUp", default_up())?,
+            down: down.check("behavior.scaleDown", default_down(downscale))?,
+            tolerance_up: up.tolerance,
+            tolerance_down: down.tolerance,
+        })
+    }
+}
+
+impl CheckedBehavior {
+    /// `s` with the tolerances this behavior sets.
+    fn tolerances(&self, s: Settings) -> Settings {
+        Settings {
+            tolerance_up: self.tolerance_up.unwrap_or(s.tolerance_up),
+            tolerance_down: self.tolerance_down.unwrap_or(s.tolerance_down),
+            ..s
+        }
+    }
+
+    fn rules(&self) -> (Rules, Rules) {
+        (self.up.clone(), self.down.clone())
+    }
 }
 
 impl AutoscaleSpec {
@@ -731,26 +767,8 @@ impl AutoscaleSpec {
             }
             metrics.push((r, t));
         }
-        let (behavior, up_t, down_t) = match &self.behavior {
-            None => (None, None, None),
-            Some(b) => {
-                let up = b.scale_up.clone().unwrap_or_default();
-                let down = b.scale_down.clone().unwrap_or_default();
-                let rules = (
-                    up.check("behavior.scaleUp", default_up())?,
-                    down.check("behavior.scaleDown", default_down(DEFAULT_DOWNSCALE_STABILIZATION))?,
-                );
-                (Some(rules), up.tolerance, down.tolerance)
-            }
-        };
-        Ok(Checked {
-            min: self.min_replicas,
-            max: self.max_replicas,
-            metrics,
-            behavior,
-            tolerance_up: up_t,
-            tolerance_down: down_t,
-        })
+        let behavior = self.behavior.as_ref().map(|b| b.check(DEFAULT_DOWNSCALE_STABILIZATION)).transpose()?;
+        Ok(Checked { min: self.min_replicas, max: self.max_replicas, metrics, behavior })
     }
 }
 
@@ -766,11 +784,7 @@ pub struct History {
 impl Checked {
     /// The situation of a deployment at `current` replicas with these `pods`.
     pub fn situation(&self, current: i32, pods: Vec<Pod>, settings: Settings, history: History) -> Situation {
-        let settings = Settings {
-            tolerance_up: self.tolerance_up.unwrap_or(settings.tolerance_up),
-            tolerance_down: self.tolerance_down.unwrap_or(settings.tolerance_down),
-            ..settings
-        };
+        let settings = self.behavior.as_ref().map_or(settings, |b| b.tolerances(settings));
         Situation {
             current,
             min: self.min,
@@ -778,7 +792,7 @@ impl Checked {
             metrics: self.metrics.clone(),
             pods,
             settings,
-            behavior: self.behavior.clone(),
+            behavior: self.behavior.as_ref().map(CheckedBehavior::rules),
             downscale_stabilization: DEFAULT_DOWNSCALE_STABILIZATION,
             recommendations: history.recommendations,
             scale_up_events: history.scale_up_events,
@@ -877,29 +891,14 @@ impl Scenario {
             }
             pods.push(p.check(&format!("pods[{i}]"))?);
         }
-        let mut settings = Settings {
+        let settings = Settings {
             tolerance_up: self.tolerance,
             tolerance_down: self.tolerance,
             cpu_initialization_period: self.cpu_initialization_period_seconds,
             initial_readiness_delay: self.initial_readiness_delay_seconds,
         };
-        let behavior = match &self.behavior {
-            None => None,
-            Some(b) => {
-                let up = b.scale_up.clone().unwrap_or_default();
-                let down = b.scale_down.clone().unwrap_or_default();
-                if let Some(t) = up.tolerance {
-                    settings.tolerance_up = t;
-                }
-                if let Some(t) = down.tolerance {
-                    settings.tolerance_down = t;
-                }
-                Some((
-                    up.check("behavior.scaleUp", default_up())?,
-                    down.check("behavior.scaleDown", default_down(self.downscale_stabilization_seconds))?,
-                ))
-            }
-        };
+        let behavior = self.behavior.as_ref().map(|b| b.check(self.downscale_stabilization_seconds)).transpose()?;
+        let settings = behavior.as_ref().map_or(settings, |b| b.tolerances(settings));
         for (field, list) in [
             ("recommendations", self.recommendations.iter().map(|r| r.seconds_ago).collect::<Vec<_>>()),
             ("scaleUpEvents", self.scale_up_events.iter().map(|e| e.seconds_ago).collect()),
@@ -916,7 +915,7 @@ impl Scenario {
             metrics,
             pods,
             settings,
-            behavior,
+            behavior: behavior.as_ref().map(CheckedBehavior::rules),
             downscale_stabilization: self.downscale_stabilization_seconds,
             recommendations: self.recommendations.clone(),
             scale_up_events: self.scale_up_events.clone(),
