@@ -7,9 +7,9 @@
 use crate::Hub;
 use serde::{Deserialize, Serialize};
 use skiff_model::autoscale::{decide, Decision, History, Phase, Pod, Recommendation, ScaleEvent, Settings};
-use skiff_model::metrics::MetricsSample;
+use skiff_model::metrics::{InstanceMetrics, MetricsSample};
 use skiff_model::{Deployment, EventRecord, Health, InstanceState, InstanceStatus};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
 /// History older than this is dropped (the longest window or period Kubernetes allows).
@@ -72,7 +72,18 @@ pub struct Autoscaler {
 
 /// A reported instance as the calculator sees a pod; `wanted` is whether its slot is
 /// still within the deployment's replicas (one beyond is being deleted).
-fn pod(i: &InstanceStatus, d: &Deployment, sample: Option<(&MetricsSample, usize)>, now_ms: u64, cfg: &Config) -> Pod {
+/// The newest sample of each instance, by (node, instance), and when it was taken: built
+/// once per sync period from every node's sample.
+type Samples<'a> = HashMap<(&'a str, &'a str), (u64, &'a InstanceMetrics)>;
+
+fn index(samples: &[MetricsSample]) -> Samples<'_> {
+    samples
+        .iter()
+        .flat_map(|s| s.instances.iter().map(move |m| ((s.node.as_str(), m.instance.as_str()), (s.time_ms, m))))
+        .collect()
+}
+
+fn pod(i: &InstanceStatus, d: &Deployment, sample: Option<&(u64, &InstanceMetrics)>, now_ms: u64, cfg: &Config) -> Pod {
     let ago = |t: u64| now_ms.saturating_sub(t) as f64 / 1000.0;
     let slot = i.name.rsplit_once('-').and_then(|(_, n)| n.parse::<u32>().ok()).unwrap_or(0);
     let phase = match i.state {
@@ -85,8 +96,7 @@ fn pod(i: &InstanceStatus, d: &Deployment, sample: Option<(&MetricsSample, usize
     // readiness change is taken as the start (agents do not report when health changed).
     let ready = matches!((i.state, i.health), (InstanceState::Running, None | Some(Health::Healthy)));
     let started = i.started_at_ms.map(ago);
-    let usage = sample.map(|(s, k)| {
-        let m = &s.instances[k];
+    let usage = sample.map(|(_, m)| {
         [m.cpu_cores.map(|c| (c * 1000.0).round() as i64), Some((m.memory_bytes as i64).saturating_mul(1000))]
     });
     Pod {
@@ -97,7 +107,7 @@ fn pod(i: &InstanceStatus, d: &Deployment, sample: Option<(&MetricsSample, usize
         started_ago: started,
         requests: d.requests_milli(),
         usage: usage.unwrap_or([None, None]),
-        sampled: (sample.map(|(s, _)| ago(s.time_ms)).unwrap_or(0.0), cfg.metric_window_s),
+        sampled: (sample.map(|&(t, _)| ago(t)).unwrap_or(0.0), cfg.metric_window_s),
     }
 }
 
@@ -131,7 +141,7 @@ impl Autoscaler {
         &self,
         d: &Deployment,
         instances: &[InstanceStatus],
-        samples: &[MetricsSample],
+        samples: &Samples<'_>,
         now_ms: u64,
     ) -> Option<Decision> {
         let spec = d.autoscale.as_ref()?;
@@ -139,12 +149,7 @@ impl Autoscaler {
         let pods: Vec<Pod> = instances
             .iter()
             .filter(|i| i.deployment == d.name)
-            .map(|i| {
-                let sample = samples.iter().find_map(|s| {
-                    (s.node == i.node).then(|| s.instances.iter().position(|m| m.instance == i.name).map(|k| (s, k)))?
-                });
-                pod(i, d, sample, now_ms, &self.config)
-            })
+            .map(|i| pod(i, d, samples.get(&(i.node.as_str(), i.name.as_str())), now_ms, &self.config))
             .collect();
         let settings = Settings {
             tolerance_up: self.config.tolerance,
@@ -209,7 +214,8 @@ impl Hub {
             return Ok(vec![]);
         }
         let instances = self.instances();
-        let samples = self.metrics();
+        let all_samples = self.metrics();
+        let samples = index(&all_samples);
         let mut changed = vec![];
         let a = &self.autoscaler;
         if let Ok(mut m) = a.memory.lock() {
