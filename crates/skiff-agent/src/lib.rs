@@ -254,9 +254,21 @@ impl Agent {
         Ok(())
     }
 
+    /// How this agent pulls images it lacks (`None`: it does not).
+    pub fn pull_options(&self) -> Option<&skiff_image::registry::PullOptions> {
+        self.cfg.pull.as_ref()
+    }
+
     /// The newest sample of this node and its instances.
     pub fn latest_metrics(&self) -> Option<MetricsSample> {
         self.latest_metrics.lock().ok()?.clone()
+    }
+
+    /// What keeps the node from taking new work, by its newest sample (see
+    /// [`metrics::pressure`]); read where the sample is kept, without copying it.
+    pub fn pressure(&self) -> Vec<String> {
+        let latest = self.latest_metrics.lock();
+        latest.ok().and_then(|m| m.as_ref().map(|m| metrics::pressure(&m.host))).unwrap_or_default()
     }
 
     /// Samples not yet acknowledged by the hub and after id `sent`, oldest first.

@@ -206,7 +206,7 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
 /// Keeps the one connection to the hub open (reconnecting with jittered backoff) and
 /// runs the protocol on it: assignments in, status and events out, logs and exec served.
 async fn tunnel_loop(agent: Arc<Agent>, hub: String, node: String, tls: Arc<rustls::ClientConfig>, every: Duration) {
-    let local = Arc::new(crate::link::LocalAgent { agent, pull: Default::default() });
+    let local = Arc::new(crate::link::LocalAgent { agent });
     let url = format!("{}/api/v1/nodes/{node}/tunnel", hub.replacen("https://", "wss://", 1));
     let mut failures = 0u32;
     loop {
@@ -339,7 +339,7 @@ async fn serve_tunnel<S>(
                 // them, and a restart of either side loses none.
                 let events = agent.unshipped_events(500).unwrap_or_default();
                 let instances = agent.instances().unwrap_or_default();
-                let problems = agent.latest_metrics().map(|m| skiff_agent::metrics::pressure(&m.host)).unwrap_or_default();
+                let problems = agent.pressure();
                 let now = serde_json::to_string(&(&instances, &problems)).unwrap_or_default();
                 if reported.as_deref() == Some(now.as_str()) && events.is_empty() {
                     continue;

@@ -9,8 +9,6 @@ use tokio::sync::mpsc;
 
 pub struct LocalAgent {
     pub agent: Arc<Agent>,
-    /// How images missing locally are pulled.
-    pub pull: skiff_image::registry::PullOptions,
 }
 
 impl NodeLink for LocalAgent {
@@ -64,8 +62,9 @@ impl NodeLink for LocalAgent {
             return Ok(());
         }
         let store = Arc::clone(self.agent.images());
+        let opts = self.agent.pull_options().cloned().unwrap_or_default();
         tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(skiff_image::registry::pull(store, image, &self.pull))
+            tokio::runtime::Handle::current().block_on(skiff_image::registry::pull(store, image, &opts))
         })
         .map(|_| ())
         .map_err(|e| format!("{image} is not in the local store and pulling it failed: {e}"))

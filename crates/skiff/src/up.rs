@@ -196,7 +196,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     )?;
     let hub = Arc::new(Hub {
         store,
-        nodes: vec![Arc::new(crate::link::LocalAgent { agent: Arc::clone(&agent), pull })],
+        nodes: vec![Arc::new(crate::link::LocalAgent { agent: Arc::clone(&agent) })],
         admin_token,
         fleet: None,
         autoscaler: skiff_hub::autoscaler::Autoscaler::new(args.autoscale.config(args.metrics_interval)),
