@@ -132,7 +132,8 @@ impl Bridge {
             self.name
         );
         let inside = format!(
-            "addr add {addr}/{} dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via {}\n",
+            "link set eth0 address {}\naddr add {addr}/{} dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via {}\n",
+            mac_of(addr),
             self.subnet.prefix,
             self.subnet.gateway()
         );
@@ -154,6 +155,14 @@ impl Bridge {
             let _ = ip(&["netns", "del", netns]);
         }
     }
+}
+
+/// The MAC address of the instance at `addr`, derived from it as Docker does: when an
+/// address passes to a new instance (a replacement during an update), neighbours' ARP
+/// caches still hold the right address, so the new instance is reachable at once.
+pub fn mac_of(addr: Ipv4Addr) -> String {
+    let [a, b, c, d] = addr.octets();
+    format!("02:42:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
 
 pub fn netns_path(netns: &str) -> PathBuf {
@@ -196,5 +205,6 @@ mod tests {
             assert!(Subnet::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(veth_name("skiff-abc").len(), 13);
+        assert_eq!(mac_of(Ipv4Addr::new(10, 213, 0, 12)), "02:42:0a:d5:00:0c");
     }
 }
