@@ -59,8 +59,26 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(hubsim::run(conf, token, nodes.parse()?, idle.parse()?, pid.parse()?, metrics))
         }
+        ["http-load", port, stop_file, max_secs] => {
+            // A client loop for benchmarks: GET 127.0.0.1:PORT/ one request after another
+            // (fresh connection each, 5 ms apart) until STOP_FILE exists or MAX_SECS pass;
+            // then prints `sent failed p50_ms p99_ms max_ms` and the first failures.
+            use skiff_testkit::traffic::{report, Traffic};
+            let limit = std::time::Duration::from_secs(max_secs.parse()?);
+            let t = Traffic::start(port.parse()?, "/", std::time::Duration::from_millis(5), 1_000_000, limit);
+            let begin = std::time::Instant::now();
+            while !std::path::Path::new(stop_file).exists() && begin.elapsed() < limit {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let r = report(&t.finish());
+            println!("{} {} {:.1} {:.1} {:.1}", r.sent, r.failed, r.p50_ms, r.p99_ms, r.max_ms);
+            for f in &r.failures {
+                eprintln!("failed {f}");
+            }
+            Ok(())
+        }
         _ => bail!(
-            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS]"
+            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | http-load PORT STOP_FILE MAX_SECS"
         ),
     }
 }

@@ -12,10 +12,12 @@ pub mod metrics;
 pub mod proxy;
 pub mod state;
 pub mod supervise;
+pub mod update;
 
 use proxy::{PortKey, Proxies};
 use skiff_image::ImageStore;
 use skiff_model::metrics::MetricsSample;
+use skiff_model::rollout;
 use skiff_model::{Deployment, EventRecord, Health, InstanceState, InstanceStatus, NetworkMode, VolumeSource};
 use skiff_runtime::network::{list_netns, netns_path, veth_name, Bridge, Subnet};
 use skiff_runtime::runc::ExecOutput;
@@ -107,7 +109,16 @@ pub struct Agent {
     pulls: Mutex<HashMap<String, PullState>>,
     sampler: metrics::Sampler,
     latest_metrics: Mutex<Option<MetricsSample>>,
+    /// Per deployment, the instances its published ports send traffic to.
+    serving: Mutex<HashMap<String, Vec<String>>>,
+    /// Containers whose published port has answered once.
+    answered: Mutex<HashSet<String>>,
+    /// Containers whose failed update was reported.
+    update_failed: Mutex<HashSet<String>>,
 }
+
+/// The longest a stopping instance's open connections are waited for.
+const DRAIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 enum PullState {
@@ -166,6 +177,9 @@ impl Agent {
             pulls: Default::default(),
             sampler: Default::default(),
             latest_metrics: Default::default(),
+            serving: Default::default(),
+            answered: Default::default(),
+            update_failed: Default::default(),
         }))
     }
 
@@ -187,8 +201,9 @@ impl Agent {
         let _ = self.db(|s| s.event(now_ms(), object, reason, message));
     }
 
-    fn container_id(&self, instance: &str) -> String {
-        format!("{}-{instance}", self.node_id)
+    /// Unique per instance and template, so a replacement can run beside the old one.
+    fn container_id(&self, instance: &str, template: &str) -> String {
+        format!("{}-{instance}-{}", self.node_id, &template[..6.min(template.len())])
     }
 
     fn netns_name(&self, container_id: &str) -> String {
@@ -328,6 +343,8 @@ impl Agent {
             message: r.message.clone(),
             image: r.spec.image.clone(),
             ports: r.spec.ports.iter().map(|p| p.to_string()).collect(),
+            template: rollout::template_hash(&r.spec),
+            retiring: r.retiring,
         }
     }
 
@@ -462,39 +479,18 @@ impl Agent {
     async fn reconcile(self: &Arc<Self>) -> Result<Option<u64>, AgentError> {
         let now = now_ms();
         let desired_slots = self.db(|s| s.desired_slots())?;
-        let mut wanted: BTreeMap<String, Deployment> = BTreeMap::new();
-        for (d, indexes) in &desired_slots {
-            for &i in indexes {
-                wanted.insert(d.instance_name(i), d.clone());
-            }
-        }
+        let desired: BTreeMap<&str, (&Deployment, &Vec<u32>)> =
+            desired_slots.iter().map(|(d, i)| (d.name.as_str(), (d, i))).collect();
         let rows = self.db(|s| s.instances())?;
         let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
 
-        // Remove instances that are no longer wanted, or whose spec changed.
-        for r in &rows {
-            let keep = wanted.get(&r.name).is_some_and(|d| same_spec(d, &r.spec));
-            if !keep && !stopping.contains(&r.name) {
-                if let Ok(mut s) = self.stopping.lock() {
-                    s.insert(r.name.clone());
-                }
-                let me = Arc::clone(self);
-                let r = r.clone();
-                tokio::spawn(async move {
-                    me.stop_and_remove(&r).await;
-                    if let Ok(mut s) = me.stopping.lock() {
-                        s.remove(&r.name);
-                    }
-                    me.notify.notify_one();
-                });
-            }
+        // Instances of deployments this node no longer runs.
+        for r in rows.iter().filter(|r| !desired.contains_key(r.deployment.as_str())) {
+            self.spawn_stop(r, &stopping, false);
         }
 
         // Observe running instances.
         for r in rows.iter().filter(|r| r.state == InstanceState::Running && !stopping.contains(&r.name)) {
-            if !wanted.get(&r.name).is_some_and(|d| same_spec(d, &r.spec)) {
-                continue;
-            }
             let rt = Arc::clone(&self.runtime);
             let id = r.container_id.clone();
             let live = blocking(move || rt.liveness(&id)).await;
@@ -519,16 +515,68 @@ impl Agent {
                 }
             }
         }
+        self.observe_readiness(now).await?;
 
-        // Create rows for new instances.
+        // Updates: which old instances stay beside their replacements, which stop, and
+        // which serve the published ports.
+        let rows = self.db(|s| s.instances())?;
+        let mut serving = HashMap::new();
+        for (name, (d, slots)) in &desired {
+            let wanted = rollout::template_hash(d);
+            let insts: Vec<update::Inst> = rows
+                .iter()
+                .filter(|r| r.deployment == *name)
+                .filter_map(|r| {
+                    let tpl = rollout::template_hash(&r.spec);
+                    Some(update::Inst {
+                        name: r.name.clone(),
+                        slot: slot_of(r)?,
+                        tag: tpl[..6].to_string(),
+                        current: tpl == wanted,
+                        retiring: r.retiring,
+                        state: r.state,
+                        health: r.health,
+                        restarts: r.restarts,
+                        ready_since_ms: r.ready_since_ms,
+                        retire_at_ms: r.retire_at_ms,
+                        stopping: stopping.contains(&r.name),
+                    })
+                })
+                .collect();
+            let image_present = self.images.inspect(&d.image).is_ok();
+            let inp = update::Input { deployment: name, cfg: &d.update, slots, image_present, now };
+            let plan = update::plan(&inp, &insts);
+            // Serving names as they are once renames below are done.
+            let mut names = plan.serving;
+            for a in &plan.actions {
+                if let update::Action::Retire { name, to } | update::Action::Promote { name, to } = a {
+                    names.iter_mut().filter(|n| *n == name).for_each(|n| n.clone_from(to));
+                }
+            }
+            serving.insert(name.to_string(), names);
+            for a in plan.actions {
+                self.act(d, a, &rows, &stopping)?;
+            }
+        }
+        if let Ok(mut s) = self.serving.lock() {
+            *s = serving;
+        }
+
+        // Create rows for slots without a primary instance.
+        let rows = self.db(|s| s.instances())?;
         let names: HashSet<&str> = rows.iter().map(|r| r.name.as_str()).collect();
-        for (name, d) in &wanted {
-            if !names.contains(name.as_str()) {
+        for (d, slots) in desired.values() {
+            for &i in slots.iter() {
+                let name = d.instance_name(i);
+                if names.contains(name.as_str()) {
+                    continue;
+                }
+                let tpl = rollout::template_hash(d);
                 let row = InstanceRow {
                     name: name.clone(),
                     deployment: d.name.clone(),
-                    container_id: self.container_id(name),
-                    spec: d.clone(),
+                    container_id: self.container_id(&name, &tpl),
+                    spec: (*d).clone(),
                     state: InstanceState::Pending,
                     health: None,
                     health_failures: 0,
@@ -542,17 +590,21 @@ impl Agent {
                     finished_at_ms: None,
                     next_start_ms: None,
                     message: None,
+                    retiring: false,
+                    ready_since_ms: None,
+                    retire_at_ms: None,
                 };
                 self.db(|s| s.put_instance(&row))?;
             }
         }
 
         // Start what is due and allowed.
+        let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
         let rows = self.db(|s| s.instances())?;
         for r in &rows {
             let due = matches!(r.state, InstanceState::Pending | InstanceState::Restarting)
                 && r.next_start_ms.is_none_or(|t| t <= now);
-            if !due || stopping.contains(&r.name) || !wanted.get(&r.name).is_some_and(|d| same_spec(d, &r.spec)) {
+            if !due || stopping.contains(&r.name) || !desired.contains_key(r.deployment.as_str()) {
                 continue;
             }
             let peers: Vec<Peer<'_>> = rows
@@ -584,6 +636,182 @@ impl Agent {
             .filter(|r| matches!(r.state, InstanceState::Pending | InstanceState::Restarting))
             .filter_map(|r| r.next_start_ms)
             .min())
+    }
+
+    /// Marks running instances ready (healthy if probed, first published TCP port
+    /// answering) or not, keeping the time they became ready.
+    async fn observe_readiness(&self, now: u64) -> Result<(), AgentError> {
+        for r in self.db(|s| s.instances())? {
+            let answers = r.state == InstanceState::Running && self.port_answers(&r).await;
+            let id = r.container_id;
+            self.update_row(&r.name, |row| {
+                let ready = answers
+                    && row.container_id == id
+                    && row.state == InstanceState::Running
+                    && matches!(row.health, None | Some(Health::Healthy));
+                let since = if ready { row.ready_since_ms.or(Some(now)) } else { None };
+                (since != row.ready_since_ms).then(|| row.ready_since_ms = since)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Reads, changes and writes one instance row under the state lock; `f` returns
+    /// `None` to leave the row as it is. `Ok(None)` also when there is no such row.
+    fn update_row<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut InstanceRow) -> Option<T>,
+    ) -> Result<Option<T>, AgentError> {
+        self.db(|s| {
+            let Some(mut row) = s.instance(name)? else { return Ok(None) };
+            let out = f(&mut row);
+            if out.is_some() {
+                s.put_instance(&row)?;
+            }
+            Ok(out)
+        })
+    }
+
+    /// Whether the instance's first published TCP port accepts a connection (remembered
+    /// per container once it did). Instances without one count as answering.
+    async fn port_answers(&self, r: &InstanceRow) -> bool {
+        let Some(p) = r.spec.ports.iter().find(|p| p.protocol == skiff_model::Protocol::Tcp) else { return true };
+        let Some(ip) = r.ip.as_ref().and_then(|i| i.parse::<Ipv4Addr>().ok()) else { return true };
+        if self.answered.lock().is_ok_and(|a| a.contains(&r.container_id)) {
+            return true;
+        }
+        let addr = SocketAddr::new(IpAddr::V4(ip), p.container_port);
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await,
+            Ok(Ok(_))
+        );
+        if ok {
+            if let Ok(mut a) = self.answered.lock() {
+                a.insert(r.container_id.clone());
+            }
+        }
+        ok
+    }
+
+    /// Carries out one decision of the update planner.
+    fn act(
+        self: &Arc<Self>,
+        d: &Deployment,
+        a: update::Action,
+        rows: &[InstanceRow],
+        stopping: &HashSet<String>,
+    ) -> Result<(), AgentError> {
+        let row = |n: &str| rows.iter().find(|r| r.name == n).cloned();
+        match a {
+            update::Action::Stop { name, drop_image } => {
+                if let Some(r) = row(&name) {
+                    self.spawn_stop(&r, stopping, drop_image);
+                }
+            }
+            update::Action::Retire { name, to } => {
+                let Some(mut r) = row(&name) else { return Ok(()) };
+                if rows.iter().any(|x| x.name == to) {
+                    return Ok(());
+                }
+                self.stop_health(&name);
+                r.name = to.clone();
+                r.retiring = true;
+                self.db(|s| s.rename_instance(&r, &name))?;
+                let msg = format!("kept as {to} until its replacement ({}) is ready", d.image);
+                self.event(&name, "Retiring", &msg);
+            }
+            update::Action::Promote { name, to } => {
+                let Some(mut r) = row(&name) else { return Ok(()) };
+                r.name = to.clone();
+                r.retiring = false;
+                r.retire_at_ms = None;
+                self.db(|s| s.rename_instance(&r, &name))?;
+                self.event(&to, "RolledBack", &format!("{name} takes its place again"));
+                if r.state == InstanceState::Running {
+                    self.start_health(&r);
+                }
+            }
+            update::Action::Switch { names, retire_at_ms } => {
+                for n in &names {
+                    if let Some(mut r) = row(n) {
+                        r.retire_at_ms = Some(retire_at_ms);
+                        self.db(|s| s.put_instance(&r))?;
+                    }
+                }
+                let secs = retire_at_ms.saturating_sub(now_ms()) / 1000;
+                let msg = format!("traffic moved to the new instances; {} kept for {secs} s", names.join(", "));
+                self.event(&d.name, "Switched", &msg);
+            }
+            update::Action::NeedImage => {
+                if self.cfg.pull.is_some() {
+                    let _ = self.pull_missing(&d.instance_name(1), &d.image);
+                }
+            }
+            update::Action::Failed { name, why } => {
+                let Some(r) = row(&name) else { return Ok(()) };
+                let first = self.update_failed.lock().is_ok_and(|mut f| f.insert(r.container_id.clone()));
+                if first {
+                    self.event(&name, "UpdateFailed", &format!("new instance {why}; the old one keeps serving"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops and removes `r` in the background (once), first taking it off the ports
+    /// and waiting for its open connections to finish.
+    fn spawn_stop(self: &Arc<Self>, r: &InstanceRow, stopping: &HashSet<String>, drop_image: bool) {
+        if stopping.contains(&r.name) {
+            return;
+        }
+        if let Ok(mut s) = self.stopping.lock() {
+            if !s.insert(r.name.clone()) {
+                return;
+            }
+        }
+        let me = Arc::clone(self);
+        let r = r.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.sync_hosts_and_ports().await {
+                warn!(instance = %r.name, error = %e, "taking the instance off its ports");
+            }
+            me.drain(&r).await;
+            me.stop_and_remove(&r).await;
+            if drop_image {
+                me.drop_unused_image(&r.spec.image);
+            }
+            if let Ok(mut s) = me.stopping.lock() {
+                s.remove(&r.name);
+            }
+            me.notify.notify_one();
+        });
+    }
+
+    /// Waits (at most `DRAIN`) until the proxy holds no connection to the instance.
+    async fn drain(&self, r: &InstanceRow) {
+        let Some(ip) = r.ip.as_ref().and_then(|i| i.parse::<IpAddr>().ok()) else { return };
+        if r.spec.ports.is_empty() {
+            return;
+        }
+        let active = self.proxies.lock().await.active();
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        while active.count(ip) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Delete-then-download: removes an image nothing on the node uses any more.
+    fn drop_unused_image(&self, image: &str) {
+        let Ok(rows) = self.db(|s| s.instances()) else { return };
+        let mut in_use: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for r in &rows {
+            in_use.entry(r.spec.image.clone()).or_default().push(r.name.clone());
+        }
+        match self.images.remove(image, &in_use) {
+            Ok(()) => self.event(image, "ImageRemoved", "deleted before its replacement downloads"),
+            Err(e) => debug!(image, error = %e, "image kept"),
+        }
     }
 
     /// Records an exit as an event and applies the restart policy; returns the row for
@@ -823,29 +1051,40 @@ impl Agent {
 
     async fn sync_hosts_and_ports(self: &Arc<Self>) -> Result<(), AgentError> {
         let rows = self.db(|s| s.instances())?;
-        let mut keep = vec![];
+        let serving = self.serving.lock().map(|s| s.clone()).unwrap_or_default();
+        let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
+        // Each published port with the instances that serve it and the deployment's
+        // instance names (to report a port that cannot be bound).
+        let mut ports: HashMap<PortKey, (Vec<SocketAddr>, Vec<String>)> = HashMap::new();
+        for r in rows.iter().filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge) {
+            let my_ip = r.ip.as_ref().and_then(|i| i.parse().ok());
+            if let Ok(h) = self.hosts_for(&r.spec.stack, &r.name, my_ip) {
+                let _ = self.runtime.update_hosts(&r.container_id, &h);
+            }
+            let serves =
+                !stopping.contains(&r.name) && serving.get(&r.deployment).is_some_and(|names| names.contains(&r.name));
+            for p in &r.spec.ports {
+                let bind_ip: IpAddr =
+                    p.host_ip.as_ref().and_then(|i| i.parse().ok()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                let key = PortKey { bind: SocketAddr::new(bind_ip, p.host_port), protocol: p.protocol };
+                let entry = ports.entry(key).or_default();
+                entry.1.push(r.name.clone());
+                if let (true, Some(ip)) = (serves, my_ip) {
+                    entry.0.push(SocketAddr::new(IpAddr::V4(ip), p.container_port));
+                }
+            }
+        }
         let mut port_errors = vec![];
         {
             let mut proxies = self.proxies.lock().await;
-            for r in rows.iter().filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge)
-            {
-                let my_ip = r.ip.as_ref().and_then(|i| i.parse().ok());
-                if let Ok(h) = self.hosts_for(&r.spec.stack, &r.name, my_ip) {
-                    let _ = self.runtime.update_hosts(&r.container_id, &h);
-                }
-                let Some(ip) = my_ip else { continue };
-                for p in &r.spec.ports {
-                    let bind_ip: IpAddr =
-                        p.host_ip.as_ref().and_then(|i| i.parse().ok()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-                    let key = PortKey { bind: SocketAddr::new(bind_ip, p.host_port), protocol: p.protocol };
-                    if let Err(e) = proxies.ensure(key.clone(), SocketAddr::new(IpAddr::V4(ip), p.container_port)).await
-                    {
-                        port_errors.push((r.name.clone(), format!("publishing {p}: {e}")));
-                        continue;
+            for (key, (targets, names)) in &ports {
+                if let Err(e) = proxies.ensure(key.clone(), targets.clone()).await {
+                    for n in names {
+                        port_errors.push((n.clone(), format!("publishing {}: {e}", key.bind)));
                     }
-                    keep.push(key);
                 }
             }
+            let keep: Vec<PortKey> = ports.into_keys().collect();
             proxies.retain(&keep);
         }
         for (name, msg) in port_errors {
@@ -891,6 +1130,12 @@ impl Agent {
         }
         self.bridge.detach(&self.netns_name(&id));
         let _ = self.db(|s| s.delete_instance(&r.name));
+        // A later container may get the same id (the same template again).
+        for set in [&self.answered, &self.update_failed] {
+            if let Ok(mut s) = set.lock() {
+                s.remove(&id);
+            }
+        }
         self.event(&r.name, "Removed", "stopped and removed");
     }
 
@@ -921,18 +1166,22 @@ impl Agent {
                 let rt = Arc::clone(&me.runtime);
                 let (id2, argv, timeout) = (id.clone(), hc.argv(), Duration::from_millis(hc.timeout_ms));
                 let ok = matches!(blocking(move || rt.exec(&id2, &argv, timeout)).await, Ok(o) if o.code == 0);
-                let Ok(Some(mut row)) = me.db(|s| s.instance(&name)) else {
+                let in_start = now_ms() < started + hc.start_period_ms;
+                // Read and written under one lock: the reconcile loop writes other fields
+                // of the same row meanwhile.
+                let changed = me.update_row(&name, |row| {
+                    if row.state != InstanceState::Running || row.container_id != id {
+                        return None;
+                    }
+                    let before = row.health;
+                    let (health, failures) = after_probe(ok, row.health_failures, hc.retries, in_start, row.health);
+                    row.health = health;
+                    row.health_failures = failures;
+                    Some((before, health))
+                });
+                let Ok(Some((before, health))) = changed else {
                     return;
                 };
-                if row.state != InstanceState::Running || row.container_id != id {
-                    return;
-                }
-                let in_start = now_ms() < started + hc.start_period_ms;
-                let before = row.health;
-                let (health, failures) = after_probe(ok, row.health_failures, hc.retries, in_start, row.health);
-                row.health = health;
-                row.health_failures = failures;
-                let _ = me.db(|s| s.put_instance(&row));
                 if before != health {
                     if let Some(h) = health {
                         me.event(&name, "Health", &format!("now {h}"));
@@ -965,11 +1214,10 @@ impl Agent {
     }
 }
 
-/// Replica count is not part of an instance's identity: scaling keeps the others running.
-fn same_spec(a: &Deployment, b: &Deployment) -> bool {
-    let mut a = a.clone();
-    a.replicas = b.replicas;
-    a == *b
+/// The slot an instance fills: `web-2` and, while it retires, `web-2-<tag>`.
+fn slot_of(r: &InstanceRow) -> Option<u32> {
+    let rest = r.name.strip_prefix(&r.deployment)?.strip_prefix('-')?;
+    rest.split('-').next()?.parse().ok()
 }
 
 /// The host's resolv.conf without loopback name servers, which a container's own

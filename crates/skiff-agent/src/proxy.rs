@@ -1,10 +1,11 @@
 //! Published ports: a userspace proxy in the agent, listening on the host and forwarding
-//! to an instance's bridge address (TCP streams and UDP datagrams). No iptables needed.
+//! to instances' bridge addresses (TCP streams and UDP datagrams), round robin over the
+//! instances that serve. No iptables needed.
 
 use skiff_model::Protocol;
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
@@ -15,39 +16,87 @@ pub struct PortKey {
     pub protocol: Protocol,
 }
 
+/// Where a published port sends new connections: replaced as one value, so a switch
+/// from old to new instances is atomic for every connection that follows.
+type Targets = Arc<RwLock<Arc<Vec<SocketAddr>>>>;
+
 struct Forward {
-    target: SocketAddr,
+    targets: Targets,
     task: JoinHandle<()>,
+}
+
+/// Open connections per instance address, so a stopping instance can be drained.
+#[derive(Clone, Default)]
+pub struct Active(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+struct ActiveGuard(Active, IpAddr);
+
+impl Active {
+    fn enter(&self, ip: IpAddr) -> ActiveGuard {
+        if let Ok(mut m) = self.0.lock() {
+            *m.entry(ip).or_default() += 1;
+        }
+        ActiveGuard(self.clone(), ip)
+    }
+
+    pub fn count(&self, ip: IpAddr) -> usize {
+        self.0.lock().map(|m| m.get(&ip).copied().unwrap_or(0)).unwrap_or(0)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = (self.0).0.lock() {
+            if let Some(n) = m.get_mut(&self.1) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.1);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Default)]
 pub struct Proxies {
     forwards: HashMap<PortKey, Forward>,
+    active: Active,
 }
 
 const MAX_UDP_PEERS: usize = 1024;
 const UDP_IDLE: Duration = Duration::from_secs(60);
+/// How long a new connection waits for an instance when none is serving (a stop-first
+/// update, a restart), before it is closed.
+const WAIT_FOR_TARGET: Duration = Duration::from_secs(5);
 
 impl Proxies {
-    /// Makes `key` forward to `target`, binding now so that a port in use is reported.
-    pub async fn ensure(&mut self, key: PortKey, target: SocketAddr) -> std::io::Result<()> {
+    /// Makes `key` forward to `targets` (round robin), binding now so that a port in use
+    /// is reported. A listener already bound keeps its socket; only its targets change.
+    pub async fn ensure(&mut self, key: PortKey, mut targets: Vec<SocketAddr>) -> std::io::Result<()> {
+        targets.sort();
         if let Some(f) = self.forwards.get(&key) {
-            if f.target == target && !f.task.is_finished() {
+            if !f.task.is_finished() {
+                if let Ok(mut t) = f.targets.write() {
+                    if **t != targets {
+                        *t = Arc::new(targets);
+                    }
+                }
                 return Ok(());
             }
         }
         self.remove(&key);
+        let shared: Targets = Arc::new(RwLock::new(Arc::new(targets)));
         let task = match key.protocol {
             Protocol::Tcp => {
                 let l = TcpListener::bind(key.bind).await?;
-                tokio::spawn(tcp_loop(l, target))
+                tokio::spawn(tcp_loop(l, Arc::clone(&shared), self.active.clone()))
             }
             Protocol::Udp => {
                 let s = UdpSocket::bind(key.bind).await?;
-                tokio::spawn(udp_loop(Arc::new(s), target))
+                tokio::spawn(udp_loop(Arc::new(s), Arc::clone(&shared)))
             }
         };
-        self.forwards.insert(key, Forward { target, task });
+        self.forwards.insert(key, Forward { targets: shared, task });
         Ok(())
     }
 
@@ -64,6 +113,11 @@ impl Proxies {
             self.remove(&k);
         }
     }
+
+    /// The connection counter shared by every forward.
+    pub fn active(&self) -> Active {
+        self.active.clone()
+    }
 }
 
 impl Drop for Proxies {
@@ -74,25 +128,53 @@ impl Drop for Proxies {
     }
 }
 
-async fn tcp_loop(l: TcpListener, target: SocketAddr) {
+fn current(targets: &Targets) -> Arc<Vec<SocketAddr>> {
+    targets.read().map(|t| Arc::clone(&t)).unwrap_or_default()
+}
+
+/// The targets to try for the `n`-th connection: all of them, starting at a rotating one.
+async fn pick(targets: &Targets, n: usize) -> Vec<SocketAddr> {
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_TARGET;
+    loop {
+        let t = current(targets);
+        if !t.is_empty() || tokio::time::Instant::now() >= deadline {
+            let k = n % t.len().max(1);
+            return t[k..].iter().chain(&t[..k]).copied().collect();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn tcp_loop(l: TcpListener, targets: Targets, active: Active) {
+    let mut n = 0usize;
     loop {
         let Ok((mut inbound, _)) = l.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        n = n.wrapping_add(1);
+        let (targets, active) = (Arc::clone(&targets), active.clone());
         tokio::spawn(async move {
-            let Ok(Ok(mut outbound)) = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await
-            else {
+            // A target that refuses (just stopped, not listening yet) is skipped.
+            for target in pick(&targets, n).await {
+                // Counted from before the connect, so a drain cannot miss one in flight.
+                let _guard = active.enter(target.ip());
+                let Ok(Ok(mut outbound)) =
+                    tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await
+                else {
+                    continue;
+                };
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                 return;
-            };
-            let _ = inbound.set_nodelay(true);
-            let _ = outbound.set_nodelay(true);
-            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
         });
     }
 }
 
-async fn udp_loop(sock: Arc<UdpSocket>, target: SocketAddr) {
+async fn udp_loop(sock: Arc<UdpSocket>, targets: Targets) {
+    let mut clients = 0usize;
     let peers: Arc<tokio::sync::Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Default::default();
     let mut buf = vec![0u8; 65_536];
     loop {
@@ -107,6 +189,12 @@ async fn udp_loop(sock: Arc<UdpSocket>, target: SocketAddr) {
                 if map.len() >= MAX_UDP_PEERS {
                     continue;
                 }
+                // Each client sticks to one instance while it is active.
+                clients = clients.wrapping_add(1);
+                let t = current(&targets);
+                let Some(&target) = t.get(clients % t.len().max(1)) else {
+                    continue;
+                };
                 let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap_or(target);
                 let Ok(u) = UdpSocket::bind(bind).await else {
                     continue;
@@ -145,6 +233,18 @@ mod tests {
         std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap()
     }
 
+    /// Publishes a free port forwarding to `targets` (another test may take a free port
+    /// between the probe and the bind: then another one).
+    async fn publish(p: &mut Proxies, protocol: Protocol, targets: Vec<SocketAddr>) -> u16 {
+        for _ in 0..20 {
+            let port = free_port();
+            if p.ensure(key(port, protocol), targets.clone()).await.is_ok() {
+                return port;
+            }
+        }
+        panic!("no free port");
+    }
+
     #[tokio::test]
     async fn forwards_udp_both_ways_per_client() {
         let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -155,9 +255,8 @@ mod tests {
                 let _ = echo.send_to(&b[..n], from).await;
             }
         });
-        let port = free_port();
         let mut p = Proxies::default();
-        p.ensure(key(port, Protocol::Udp), target).await.unwrap();
+        let port = publish(&mut p, Protocol::Udp, vec![target]).await;
         for msg in [&b"one"[..], b"two"] {
             let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
             c.send_to(msg, ("127.0.0.1", port)).await.unwrap();
@@ -180,18 +279,99 @@ mod tests {
                 });
             }
         });
-        let port = free_port();
         let mut p = Proxies::default();
-        p.ensure(key(port, Protocol::Tcp), target).await.unwrap();
+        let port = publish(&mut p, Protocol::Tcp, vec![target]).await;
         let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         c.write_all(b"ping").await.unwrap();
         let mut b = [0u8; 4];
         c.read_exact(&mut b).await.unwrap();
         assert_eq!(&b, b"ping");
         let mut other = Proxies::default();
-        assert!(other.ensure(key(port, Protocol::Tcp), target).await.is_err(), "bind conflict is reported");
+        assert!(other.ensure(key(port, Protocol::Tcp), vec![target]).await.is_err(), "bind conflict is reported");
         p.retain(&[]);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(other.ensure(key(port, Protocol::Tcp), target).await.is_ok(), "port released after retain");
+        assert!(other.ensure(key(port, Protocol::Tcp), vec![target]).await.is_ok(), "port released after retain");
+    }
+
+    /// A server on 127.0.0.<n> that answers every connection with `name` and closes.
+    async fn named(n: u8, name: &'static str) -> SocketAddr {
+        let l = TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, n), 0)).await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let _ = s.write_all(name.as_bytes()).await;
+            }
+        });
+        a
+    }
+
+    async fn ask(port: u16) -> String {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut out)).await.unwrap().unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn balances_skips_refusing_targets_and_switches_at_once() {
+        let (a, b) = (named(2, "a").await, named(3, "b").await);
+        let mut p = Proxies::default();
+        let port = publish(&mut p, Protocol::Tcp, vec![a, b]).await;
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..6 {
+            *seen.entry(ask(port).await).or_insert(0) += 1;
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), [("a".to_string(), 3), ("b".to_string(), 3)]);
+
+        // A target that refuses is passed over for the next one.
+        let dead = std::net::TcpListener::bind("127.0.0.4:0").unwrap().local_addr().unwrap();
+        p.ensure(key(port, Protocol::Tcp), vec![dead, b]).await.unwrap();
+        for _ in 0..4 {
+            assert_eq!(ask(port).await, "b");
+        }
+        // The same socket keeps listening while its targets change.
+        p.ensure(key(port, Protocol::Tcp), vec![a]).await.unwrap();
+        assert_eq!(ask(port).await, "a");
+
+        // With no target, a connection waits for one instead of failing.
+        p.ensure(key(port, Protocol::Tcp), vec![]).await.unwrap();
+        let waiting = tokio::spawn(ask(port));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        p.ensure(key(port, Protocol::Tcp), vec![b]).await.unwrap();
+        assert_eq!(waiting.await.unwrap(), "b");
+    }
+
+    #[tokio::test]
+    async fn counts_open_connections_per_instance() {
+        let l = TcpListener::bind("127.0.0.5:0").await.unwrap();
+        let target = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 1];
+                    let _ = s.read(&mut b).await;
+                });
+            }
+        });
+        let mut p = Proxies::default();
+        let port = publish(&mut p, Protocol::Tcp, vec![target]).await;
+        let active = p.active();
+        let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        for _ in 0..100 {
+            if active.count(target.ip()) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(active.count(target.ip()), 1);
+        c.write_all(b"x").await.unwrap();
+        drop(c);
+        for _ in 0..100 {
+            if active.count(target.ip()) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(active.count(target.ip()), 0);
     }
 }

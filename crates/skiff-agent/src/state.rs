@@ -56,6 +56,15 @@ pub struct InstanceRow {
     pub finished_at_ms: Option<u64>,
     pub next_start_ms: Option<u64>,
     pub message: Option<String>,
+    /// Kept running beside its replacement during an update (see `update`).
+    #[serde(default)]
+    pub retiring: bool,
+    /// Running, healthy if probed and its published port answering, since.
+    #[serde(default)]
+    pub ready_since_ms: Option<u64>,
+    /// Blue-green: no longer serving; stops at this time.
+    #[serde(default)]
+    pub retire_at_ms: Option<u64>,
 }
 
 pub struct State {
@@ -183,6 +192,19 @@ impl State {
             "INSERT INTO instances (name, data) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET data = excluded.data",
             params![row.name, serde_json::to_string(row)?],
         )?;
+        Ok(())
+    }
+
+    /// Gives an instance (and its address lease) another name, in one transaction.
+    pub fn rename_instance(&mut self, row: &InstanceRow, old: &str) -> Result<(), StateError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM instances WHERE name = ?1", [old])?;
+        tx.execute(
+            "INSERT INTO instances (name, data) VALUES (?1, ?2)",
+            params![row.name, serde_json::to_string(row)?],
+        )?;
+        tx.execute("UPDATE leases SET instance = ?1 WHERE instance = ?2", [&row.name, old])?;
+        tx.commit()?;
         Ok(())
     }
 

@@ -53,6 +53,9 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/deployments", get(list_deployments))
         .route("/api/v1/deployments/{name}", get(get_deployment).delete(delete_deployment))
+        .route("/api/v1/deployments/{name}/rollout", get(rollout_status))
+        .route("/api/v1/deployments/{name}/history", get(rollout_history))
+        .route("/api/v1/deployments/{name}/undo", post(rollout_undo))
         .route("/api/v1/instances", get(list_instances))
         .route("/api/v1/instances/{name}/logs", get(logs))
         .route("/api/v1/instances/{name}/exec", post(exec))
@@ -60,6 +63,7 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/metrics", get(samples))
         .route("/api/v1/autoscalers", get(autoscalers))
+        .route("/api/v1/alerts", get(alerts))
         .route("/metrics", get(prometheus))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&hub), auth))
         .merge(fleet)
@@ -192,6 +196,48 @@ async fn get_deployment(
         Ok(view(&hub.instances(), &unschedulable(&hub), s))
     })
     .await
+}
+
+fn hub_error(e: crate::ApplyError) -> ApiError {
+    match e {
+        crate::ApplyError::Invalid(m) => bad(m),
+        crate::ApplyError::Internal(m) => internal(m),
+    }
+}
+
+/// Where the newest revision's rollout stands (watchable).
+async fn rollout_status(
+    State(hub): State<Shared>,
+    Path(name): Path<String>,
+    Query(q): Query<WatchQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    watched(&q, &headers, || {
+        hub.rollout_status(&name).map_err(hub_error)?.ok_or_else(|| not_found(format!("deployment {name:?} not found")))
+    })
+    .await
+}
+
+async fn rollout_history(State(hub): State<Shared>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let h = hub.rollout_history(&name).map_err(hub_error)?;
+    Ok(Json(h.ok_or_else(|| not_found(format!("deployment {name:?} not found")))?).into_response())
+}
+
+async fn rollout_undo(
+    State(hub): State<Shared>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req: skiff_model::rollout::UndoRequest = if body.is_empty() {
+        Default::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?
+    };
+    if hub.store.get(&name).map_err(internal)?.is_none() {
+        return Err(not_found(format!("deployment {name:?} not found")));
+    }
+    let now = crate::fleet::now_ms();
+    Ok(Json(hub.rollout_undo(&name, req.to_revision, now).map_err(hub_error)?).into_response())
 }
 
 async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
@@ -479,10 +525,21 @@ async fn events(
             all.extend(f.events(None, limit));
         }
         all.extend(hub.autoscaler.events());
+        all.extend(hub.rollouts.events());
+        all.extend(hub.alerts.events());
         all.sort_by_key(|e| e.time_ms);
         Ok(all)
     })
     .await
+}
+
+/// The alerts pending or firing (watchable).
+async fn alerts(
+    State(hub): State<Shared>,
+    Query(q): Query<WatchQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    watched(&q, &headers, || Ok(hub.alerts.list())).await
 }
 
 /// The autoscaled deployments with their newest decision.

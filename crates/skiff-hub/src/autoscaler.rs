@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use skiff_model::autoscale::{decide, Decision, History, Phase, Pod, Recommendation, ScaleEvent, Settings};
 use skiff_model::metrics::{InstanceMetrics, MetricsSample};
 use skiff_model::{Deployment, EventRecord, Health, InstanceState, InstanceStatus};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 /// History older than this is dropped (the longest window or period Kubernetes allows).
@@ -63,11 +63,10 @@ pub struct Status {
     pub time_ms: u64,
 }
 
-#[derive(Default)]
 pub struct Autoscaler {
     pub config: Config,
     memory: Mutex<BTreeMap<String, Memory>>,
-    events: Mutex<VecDeque<EventRecord>>,
+    events: crate::events::EventLog,
 }
 
 /// A reported instance as the calculator sees a pod; `wanted` is whether its slot is
@@ -111,9 +110,15 @@ fn pod(i: &InstanceStatus, d: &Deployment, sample: Option<&(u64, &InstanceMetric
     }
 }
 
+impl Default for Autoscaler {
+    fn default() -> Self {
+        Autoscaler::new(Config::default())
+    }
+}
+
 impl Autoscaler {
     pub fn new(config: Config) -> Self {
-        Autoscaler { config, ..Default::default() }
+        Autoscaler { config, memory: Mutex::default(), events: crate::events::EventLog::new("autoscaler", EVENTS_KEPT) }
     }
 
     /// The newest decision for each autoscaled deployment.
@@ -122,17 +127,11 @@ impl Autoscaler {
     }
 
     pub fn events(&self) -> Vec<EventRecord> {
-        self.events.lock().map(|e| e.iter().cloned().collect()).unwrap_or_default()
+        self.events.list()
     }
 
     fn event(&self, now_ms: u64, object: &str, reason: &str, message: String) {
-        tracing::info!(object, reason, %message, "autoscaler");
-        if let Ok(mut e) = self.events.lock() {
-            e.push_back(EventRecord { time_ms: now_ms, object: object.into(), reason: reason.into(), message });
-            while e.len() > EVENTS_KEPT {
-                e.pop_front();
-            }
-        }
+        self.events.push(now_ms, object, reason, message);
     }
 
     /// Decides for `d` at `now_ms` from `instances` and `samples`; records what Kubernetes
@@ -148,7 +147,7 @@ impl Autoscaler {
         let checked = spec.check(d.requests_milli()).ok()?;
         let pods: Vec<Pod> = instances
             .iter()
-            .filter(|i| i.deployment == d.name)
+            .filter(|i| i.deployment == d.name && !i.retiring)
             .map(|i| pod(i, d, samples.get(&(i.node.as_str(), i.name.as_str())), now_ms, &self.config))
             .collect();
         let settings = Settings {

@@ -477,6 +477,35 @@ impl Fleet {
         self.statuses.lock().map(|s| s.values().flatten().cloned().collect()).unwrap_or_default()
     }
 
+    /// The nodes holding instances of `deployment`, by name.
+    pub fn nodes_of(&self, deployment: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .store
+            .slots()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.deployment == deployment)
+            .map(|s| s.node)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Wakes the nodes' long-polls and tunnels after a change of the store's revision made
+    /// outside `reschedule` (a rollout's next wave).
+    pub fn revision_changed(&self) {
+        if let Ok(rev) = self.store.revision() {
+            self.changed.send_if_modified(|r| {
+                let newer = rev > *r;
+                if newer {
+                    *r = rev;
+                }
+                newer
+            });
+        }
+    }
+
     /// Where `deployments` would run if they were the whole desired state, without
     /// storing anything (`apply --dry-run`): instance name → node, and the unplaceable.
     pub fn plan(&self, deployments: &[Deployment]) -> Result<Plan, FleetError> {
@@ -491,17 +520,11 @@ impl Fleet {
         let deployments: Vec<Deployment> = self.store.list().map_err(internal)?.into_iter().map(|s| s.spec).collect();
         let current = self.store.slots().map_err(internal)?;
         let plan = schedule::schedule(&deployments, &self.known_platforms(), &self.views()?, &current, now_ms());
-        let rev = self.store.set_slots(&plan.slots).map_err(internal)?;
+        self.store.set_slots(&plan.slots).map_err(internal)?;
         if let Ok(mut u) = self.unschedulable.lock() {
             u.clone_from(&plan.unschedulable);
         }
-        self.changed.send_if_modified(|r| {
-            let newer = rev > *r;
-            if newer {
-                *r = rev;
-            }
-            newer
-        });
+        self.revision_changed();
         Ok(plan)
     }
 
@@ -525,6 +548,13 @@ impl Fleet {
             None => {
                 let specs: BTreeMap<String, Deployment> =
                     self.store.list().map_err(internal)?.into_iter().map(|s| (s.spec.name.clone(), s.spec)).collect();
+                // Deployments rolling out in waves: nodes not reached yet keep the old template.
+                let mut waves = BTreeMap::new();
+                for (name, d) in &specs {
+                    if let Some(w) = crate::rollouts::wave_of(d, &self.store.history(name).map_err(internal)?) {
+                        waves.insert(name.clone(), w);
+                    }
+                }
                 let mut per_node: BTreeMap<String, BTreeMap<String, Vec<u32>>> = BTreeMap::new();
                 for s in self.store.slots().map_err(internal)? {
                     per_node.entry(s.node).or_default().entry(s.deployment).or_default().push(s.index);
@@ -535,7 +565,11 @@ impl Fleet {
                         let deployments = deps
                             .into_iter()
                             .filter_map(|(d, indexes)| {
-                                specs.get(&d).map(|spec| Assigned { spec: spec.clone(), indexes })
+                                let spec = match waves.get(&d) {
+                                    Some((reached, base)) if !reached.contains(&n) => base,
+                                    _ => specs.get(&d)?,
+                                };
+                                Some(Assigned { spec: spec.clone(), indexes })
                             })
                             .collect();
                         (n, Arc::new(Assignment { revision, deployments }))

@@ -7,11 +7,14 @@
 //! for remote nodes it will be the agent's tunnel.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod api;
 pub mod autoscaler;
+pub mod events;
 pub mod fleet;
 pub mod metrics;
 pub mod pki;
+pub mod rollouts;
 pub mod schedule;
 pub mod store;
 pub mod tls;
@@ -82,6 +85,8 @@ pub struct Hub {
     /// Remote nodes that join over the network (`skiff hub`).
     pub fleet: Option<Arc<fleet::Fleet>>,
     pub autoscaler: autoscaler::Autoscaler,
+    pub rollouts: rollouts::Rollouts,
+    pub alerts: alerts::Alerts,
 }
 
 impl Hub {
@@ -128,6 +133,17 @@ impl Hub {
             if let Some(n) = self.nodes.first() {
                 n.check_image(&d.image)
                     .map_err(|e| ApplyError::Invalid(format!("deployments.{}.image: {e}", d.name)))?;
+            }
+        }
+        if !req.dry_run {
+            // A revision that finished before this change is recorded as complete rather
+            // than superseded (the controller may not have looked yet).
+            let instances = self.instances();
+            let now = fleet::now_ms();
+            for d in &req.deployments {
+                if let Ok(Some(stored)) = self.store.get(&d.name) {
+                    let _ = self.settle(&stored.spec, &instances, now, false);
+                }
             }
         }
         let mut resp = self

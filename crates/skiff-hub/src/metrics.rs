@@ -36,6 +36,8 @@ pub fn render(samples: &[MetricsSample], max_instances: usize) -> String {
     let mut r = Registry::with_prefix("skiff");
     let cpus: FloatGauge = family(&mut r, "node_cpus", "CPUs of the node");
     let node_cpu: FloatGauge = family(&mut r, "node_cpu_usage_cores", "CPU in use on the node, in cores");
+    let node_util: FloatGauge =
+        family(&mut r, "node_cpu_utilization", "CPU in use on the node, as a share of its CPUs (0 to 1)");
     let mem_total: FloatGauge = family(&mut r, "node_memory_total_bytes", "Memory of the node");
     let mem_used: FloatGauge = family(&mut r, "node_memory_used_bytes", "Memory in use (total minus available)");
     let disk_total: FloatGauge = family(&mut r, "node_disk_total_bytes", "Size of the filesystem of skiff's data");
@@ -70,6 +72,7 @@ pub fn render(samples: &[MetricsSample], max_instances: usize) -> String {
         cpus.get_or_create(&n()).set(f64::from(h.cpus));
         if let Some(c) = h.cpu_cores {
             node_cpu.get_or_create(&n()).set(c);
+            node_util.get_or_create(&n()).set(c / f64::from(h.cpus.max(1)));
         }
         mem_total.get_or_create(&n()).set(h.memory_total_bytes as f64);
         mem_used.get_or_create(&n()).set(h.memory_used_bytes as f64);
@@ -112,6 +115,21 @@ pub fn render(samples: &[MetricsSample], max_instances: usize) -> String {
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
+    out
+}
+
+/// The names of the series `render` exports (counters with their `_total`): what alert
+/// rules may ask for.
+pub fn names() -> Vec<String> {
+    // Families without series are not written: render one example node.
+    let text = render(&[MetricsSample::example("n", 0)], 1);
+    let mut out = vec![];
+    for l in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let mut w = l.split(' ');
+        if let (Some(name), Some(kind)) = (w.next(), w.next()) {
+            out.push(if kind == "counter" { format!("{name}_total") } else { name.to_string() });
+        }
+    }
     out
 }
 
@@ -165,6 +183,7 @@ mod tests {
         for want in [
             "skiff_node_cpus{node=\"pi-1\"} 4.0",
             "skiff_node_cpu_usage_cores{node=\"pi-2\"} 1.5",
+            "skiff_node_cpu_utilization{node=\"pi-2\"} 0.375",
             "skiff_node_load{node=\"pi-1\",window=\"5m\"} 0.0",
             "skiff_instance_cpu_usage_cores{node=\"pi-1\",deployment=\"web\",instance=\"web-2\"} 0.5",
             "skiff_instance_restarts_total{node=\"pi-1\",deployment=\"web\",instance=\"web-1\"} 1",

@@ -4,6 +4,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 use skiff_model::api::ApplyResponse;
+use skiff_model::rollout::{self, Revision, RolloutState};
 use skiff_model::Deployment;
 use std::path::Path;
 use std::sync::Mutex;
@@ -54,6 +55,20 @@ pub trait Store: Send + Sync {
     /// Returns whether it existed.
     fn revoke_node(&self, name: &str) -> Result<bool, StoreError>;
 
+    /// `name`'s revision history, oldest first (at most `HISTORY_LIMIT`).
+    fn history(&self, name: &str) -> Result<Vec<Revision>, StoreError>;
+    /// Moves a revision's rollout on to more nodes (bumps the revision: assignments change).
+    fn set_wave(&self, name: &str, revision: u64, nodes: &[String]) -> Result<u64, StoreError>;
+    /// Records how a revision's rollout ended, and optionally why it was made.
+    fn set_rollout(
+        &self,
+        name: &str,
+        revision: u64,
+        state: RolloutState,
+        cause: Option<&str>,
+        message: Option<&str>,
+    ) -> Result<(), StoreError>;
+
     /// Where each instance is placed (see `schedule`).
     fn slots(&self) -> Result<Vec<crate::schedule::Slot>, StoreError>;
     /// Replaces the placement; bumps the revision only when it changed. Returns the revision.
@@ -101,7 +116,104 @@ const MIGRATIONS: &[&str] = &[
                          revoked INTEGER NOT NULL DEFAULT 0, joined_ms INTEGER NOT NULL, info TEXT NOT NULL);",
     "CREATE TABLE slots (deployment TEXT NOT NULL, idx INTEGER NOT NULL, node TEXT NOT NULL,
                          PRIMARY KEY (deployment, idx));",
+    // Each deployment's templates, newest last, with how their rollout went.
+    "CREATE TABLE history (deployment TEXT NOT NULL, revision INTEGER NOT NULL, template TEXT NOT NULL,
+                           created_ms INTEGER NOT NULL, state TEXT NOT NULL, cause TEXT NOT NULL,
+                           message TEXT, spec TEXT NOT NULL, PRIMARY KEY (deployment, revision));",
+    // Fleet rollouts in waves: the nodes a revision has reached (NULL: all).
+    "ALTER TABLE history ADD COLUMN nodes TEXT;",
 ];
+
+/// Revisions kept per deployment (Kubernetes' `revisionHistoryLimit`).
+pub const HISTORY_LIMIT: i64 = 10;
+
+/// Appends a revision when `d`'s template differs from its newest one (a scale or a
+/// change of update settings is not a revision). The previous one, if it was still in
+/// progress, is superseded. A deployment stored before history was kept gets its stored
+/// spec as revision 1 first, so it can be rolled back to.
+fn record_revision(
+    tx: &rusqlite::Transaction<'_>,
+    d: &Deployment,
+    old: Option<&Deployment>,
+    cause: &str,
+) -> Result<(), StoreError> {
+    let newest: Option<(i64, String)> = tx
+        .query_row(
+            "SELECT revision, template FROM history WHERE deployment = ?1 ORDER BY revision DESC LIMIT 1",
+            [&d.name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let tpl = rollout::template_hash(d);
+    let now = crate::fleet::now_ms() as i64;
+    let insert = |rev: i64, spec: &Deployment, state: RolloutState, cause: &str| {
+        tx.execute(
+            "INSERT INTO history (deployment, revision, template, created_ms, state, cause, spec)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                spec.name,
+                rev,
+                rollout::template_hash(spec),
+                now,
+                state.as_str(),
+                cause,
+                serde_json::to_string(spec)?
+            ],
+        )
+        .map_err(StoreError::from)
+    };
+    let last = match (newest, old) {
+        (Some((_, t)), _) if t == tpl => return Ok(()),
+        (Some((rev, _)), _) => rev,
+        (None, Some(o)) if rollout::template_hash(o) != tpl => {
+            insert(1, o, RolloutState::Complete, "stored before history was kept")?;
+            1
+        }
+        (None, _) => 0,
+    };
+    tx.execute("UPDATE history SET state = 'superseded' WHERE deployment = ?1 AND state = 'progressing'", [&d.name])?;
+    insert(last + 1, d, RolloutState::Progressing, cause)?;
+    // An update of a deployment on several nodes starts with its first wave.
+    let nodes: Vec<String> = {
+        let mut st = tx.prepare("SELECT DISTINCT node FROM slots WHERE deployment = ?1 ORDER BY node")?;
+        let v = st.query_map([&d.name], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        v
+    };
+    if last > 0 && nodes.len() > 1 {
+        let first: Vec<&String> = nodes.iter().take(d.update.wave_size as usize).collect();
+        tx.execute(
+            "UPDATE history SET nodes = ?3 WHERE deployment = ?1 AND revision = ?2",
+            params![d.name, last + 1, serde_json::to_string(&first)?],
+        )?;
+    }
+    tx.execute(
+        "DELETE FROM history WHERE deployment = ?1 AND revision <= ?2",
+        params![d.name, last + 1 - HISTORY_LIMIT],
+    )?;
+    Ok(())
+}
+
+fn revision_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Revision> {
+    let json_err = |i: usize, e: serde_json::Error| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    };
+    let spec: String = r.get(6)?;
+    let spec: Deployment = serde_json::from_str(&spec).map_err(|e| json_err(6, e))?;
+    let nodes: Option<String> = r.get(7)?;
+    let nodes = nodes.map(|n| serde_json::from_str(&n)).transpose().map_err(|e| json_err(7, e))?;
+    let state: String = r.get(3)?;
+    Ok(Revision {
+        revision: r.get::<_, i64>(0)? as u64,
+        template: r.get(1)?,
+        image: spec.image.clone(),
+        created_ms: r.get::<_, i64>(2)? as u64,
+        state: RolloutState::parse(&state).unwrap_or(RolloutState::Failed),
+        cause: r.get(4)?,
+        message: r.get(5)?,
+        nodes,
+        spec,
+    })
+}
 
 /// A join token as the hub keeps it: the secret's sha256, never the secret.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -183,6 +295,9 @@ impl Store for SqliteStore {
             match old {
                 Some(o) if o == *d => resp.unchanged.push(d.name.clone()),
                 prev => {
+                    if !dry_run {
+                        record_revision(&tx, d, prev.as_ref(), "apply")?;
+                    }
                     let rev = bump(&tx)?;
                     tx.execute(
                         "INSERT INTO deployments (name, stack, revision, spec) VALUES (?1, ?2, ?3, ?4)
@@ -207,6 +322,7 @@ impl Store for SqliteStore {
                 if !deployments.iter().any(|d| d.name == n) {
                     bump(&tx)?;
                     tx.execute("DELETE FROM deployments WHERE name = ?1", [&n])?;
+                    tx.execute("DELETE FROM history WHERE deployment = ?1", [&n])?;
                     resp.deleted.push(n);
                 }
             }
@@ -248,6 +364,7 @@ impl Store for SqliteStore {
         let n = tx.execute("DELETE FROM deployments WHERE name = ?1", [name])?;
         if n > 0 {
             bump(&tx)?;
+            tx.execute("DELETE FROM history WHERE deployment = ?1", [name])?;
         }
         tx.commit()?;
         Ok(n > 0)
@@ -349,6 +466,45 @@ impl Store for SqliteStore {
         Ok(rev)
     }
 
+    fn history(&self, name: &str) -> Result<Vec<Revision>, StoreError> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare(
+            "SELECT revision, template, created_ms, state, cause, message, spec, nodes FROM history
+             WHERE deployment = ?1 ORDER BY revision",
+        )?;
+        let rows = st.query_map([name], revision_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn set_wave(&self, name: &str, revision: u64, nodes: &[String]) -> Result<u64, StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE history SET nodes = ?3 WHERE deployment = ?1 AND revision = ?2",
+            params![name, revision as i64, serde_json::to_string(nodes)?],
+        )?;
+        let rev = bump(&tx)?;
+        tx.commit()?;
+        Ok(rev)
+    }
+
+    fn set_rollout(
+        &self,
+        name: &str,
+        revision: u64,
+        state: RolloutState,
+        cause: Option<&str>,
+        message: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn()?;
+        conn.execute(
+            "UPDATE history SET state = ?3, cause = COALESCE(?4, cause), message = COALESCE(?5, message)
+             WHERE deployment = ?1 AND revision = ?2",
+            params![name, revision as i64, state.as_str(), cause, message],
+        )?;
+        Ok(())
+    }
+
     fn revoke_node(&self, name: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
@@ -364,6 +520,54 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_keeps_ten_templates_not_scales() {
+        let t = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&t.path().join("hub.db")).unwrap();
+        let mut d = Deployment::new("web", "img:0");
+        s.apply(std::slice::from_ref(&d), None, false).unwrap();
+        d.replicas = 3;
+        s.apply(std::slice::from_ref(&d), None, false).unwrap();
+        let h = s.history("web").unwrap();
+        assert_eq!(h.len(), 1, "a scale is not a revision");
+        assert_eq!(h[0].state, RolloutState::Progressing);
+        d.image = "img:dry".into();
+        s.apply(std::slice::from_ref(&d), None, true).unwrap();
+        assert_eq!(s.history("web").unwrap().len(), 1, "a dry run records nothing");
+        for i in 1..=11 {
+            d.image = format!("img:{i}");
+            s.apply(std::slice::from_ref(&d), None, false).unwrap();
+        }
+        let h = s.history("web").unwrap();
+        assert_eq!(h.len(), 10);
+        assert_eq!((h[0].revision, h[9].revision, h[9].image.as_str()), (3, 12, "img:11"));
+        assert!(h[..9].iter().all(|r| r.state == RolloutState::Superseded));
+        s.set_rollout("web", 12, RolloutState::Failed, Some("apply"), Some("web-1 unhealthy")).unwrap();
+        let last = s.history("web").unwrap().pop().unwrap();
+        assert_eq!((last.state, last.message.as_deref()), (RolloutState::Failed, Some("web-1 unhealthy")));
+        s.delete("web").unwrap();
+        assert!(s.history("web").unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_update_on_several_nodes_starts_with_its_first_wave() {
+        use crate::schedule::Slot;
+        let t = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&t.path().join("hub.db")).unwrap();
+        let mut d = Deployment::new("web", "img:1");
+        d.replicas = 3;
+        s.apply(std::slice::from_ref(&d), None, false).unwrap();
+        let slot = |i: u32, n: &str| Slot { deployment: "web".into(), index: i, node: n.into() };
+        s.set_slots(&[slot(1, "b"), slot(2, "a"), slot(3, "c")]).unwrap();
+        assert_eq!(s.history("web").unwrap()[0].nodes, None, "a new deployment goes everywhere");
+        d.image = "img:2".into();
+        s.apply(std::slice::from_ref(&d), None, false).unwrap();
+        assert_eq!(s.history("web").unwrap()[1].nodes, Some(vec!["a".to_string()]));
+        let rev = s.revision().unwrap();
+        assert!(s.set_wave("web", 2, &["a".into(), "b".into()]).unwrap() > rev, "a wave changes assignments");
+        assert_eq!(s.history("web").unwrap()[1].nodes.as_ref().map(Vec::len), Some(2));
+    }
 
     #[test]
     fn apply_is_atomic_and_revisioned() {

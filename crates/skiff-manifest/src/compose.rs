@@ -649,9 +649,98 @@ fn deploy(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<()> 
             }
             "placement" => placement(cx, d, x, &p)?,
             "x-skiff-reschedule-after" => d.placement.reschedule_after_ms = Some(duration(x, &p)?),
+            "update_config" => update_config(cx, d, x, &p)?,
             _ => cx.warnings.push(format!("{p}: not supported yet, ignored")),
         }
     }
+    Ok(())
+}
+
+/// `deploy.update_config` as Docker applies it (parallelism 1, stop-first unless said),
+/// with skiff's `x-skiff-strategy` (rolling, blue-green, recreate), `x-skiff-node-strategy`
+/// and `x-skiff-rollback-window`.
+fn update_config(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<()> {
+    use skiff_model::rollout::{FailureAction, IntOrPercent, NodeStrategy, Strategy};
+    let u = &mut d.update;
+    let (mut parallelism, mut start_first) = (1i64, false);
+    for (k, x) in mapping(v, path)? {
+        let k = key_str(k, path)?;
+        let p = format!("{path}.{k}");
+        let word = |x: &Value| str_of(x, &p);
+        match k.as_str() {
+            "parallelism" => {
+                parallelism = int(x, &p)?;
+                if parallelism < 0 {
+                    return Err(ManifestError::at(&p, format!("{parallelism} must be 0 (all at once) or more")));
+                }
+            }
+            "delay" => u.delay_ms = duration(x, &p)?,
+            "monitor" => u.monitor_ms = duration(x, &p)?,
+            "order" => {
+                start_first = match word(x)?.as_str() {
+                    "start-first" => true,
+                    "stop-first" => false,
+                    o => return Err(ManifestError::at(&p, format!("{o:?} is not start-first or stop-first"))),
+                }
+            }
+            "failure_action" => {
+                u.failure_action = match word(x)?.as_str() {
+                    "rollback" => FailureAction::Rollback,
+                    "pause" => FailureAction::Pause,
+                    "continue" => FailureAction::Continue,
+                    o => return Err(ManifestError::at(&p, format!("{o:?} is not rollback, pause or continue"))),
+                }
+            }
+            "max_failure_ratio" => {
+                let r = word(x)?;
+                u.max_failure_ratio = r
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| (0.0..=1.0).contains(f))
+                    .ok_or_else(|| ManifestError::at(&p, format!("{r:?} is not a ratio between 0 and 1")))?;
+            }
+            "x-skiff-strategy" => {
+                u.strategy = match word(x)?.as_str() {
+                    "rolling" => Strategy::Rolling,
+                    "blue-green" => Strategy::BlueGreen,
+                    "recreate" => Strategy::Recreate,
+                    o => return Err(ManifestError::at(&p, format!("{o:?} is not rolling, blue-green or recreate"))),
+                }
+            }
+            "x-skiff-node-strategy" => {
+                u.node_strategy = match word(x)?.as_str() {
+                    "download-then-kill" => NodeStrategy::DownloadThenKill,
+                    "kill-then-download" => NodeStrategy::KillThenDownload,
+                    "delete-then-download" => NodeStrategy::DeleteThenDownload,
+                    "hand-over" => NodeStrategy::HandOver,
+                    o => {
+                        return Err(ManifestError::at(
+                            &p,
+                            format!(
+                            "{o:?} is not download-then-kill, kill-then-download, delete-then-download or hand-over"
+                        ),
+                        ))
+                    }
+                }
+            }
+            "x-skiff-rollback-window" => u.rollback_window_ms = duration(x, &p)?,
+            "x-skiff-wave-size" | "x-skiff-wave-growth" => {
+                let n = u32::try_from(int(x, &p)?)
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| ManifestError::at(&p, "must be a whole number of at least 1"))?;
+                if k == "x-skiff-wave-size" {
+                    u.wave_size = n
+                } else {
+                    u.wave_growth = n
+                }
+            }
+            _ => cx.warnings.push(format!("{p}: not supported yet, ignored")),
+        }
+    }
+    let batch = if parallelism == 0 { IntOrPercent::Percent(100) } else { IntOrPercent::Int(parallelism as u32) };
+    (u.max_surge, u.max_unavailable) =
+        if start_first { (batch, IntOrPercent::Int(0)) } else { (IntOrPercent::Int(0), batch) };
     Ok(())
 }
 

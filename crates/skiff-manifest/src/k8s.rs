@@ -229,7 +229,7 @@ fn workload(
     let spec = get(v, "spec").ok_or_else(|| ManifestError::at(format!("{path}.spec"), "is required"))?;
     unknown(
         spec,
-        &["replicas", "selector", "template", "strategy", "updateStrategy"],
+        &["replicas", "selector", "template", "strategy", "updateStrategy", "minReadySeconds"],
         &format!("{path}.spec"),
         warnings,
     );
@@ -375,7 +375,46 @@ fn workload(
         d.replicas = u32::try_from(n)
             .map_err(|_| ManifestError::at(format!("{path}.spec.replicas"), format!("{n} must be 0 or more")))?;
     }
+    strategy(&mut d, spec, &format!("{path}.spec"), warnings)?;
     Ok((d, labels))
+}
+
+/// `strategy` (Deployment) or `updateStrategy` (DaemonSet), with Kubernetes' defaults of
+/// 25% / 25%, and `minReadySeconds` as the time a new instance must stay ready.
+fn strategy(d: &mut Deployment, spec: &Value, path: &str, warnings: &mut Vec<String>) -> R<()> {
+    use skiff_model::rollout::{IntOrPercent, Strategy};
+    d.update.max_surge = IntOrPercent::Percent(25);
+    d.update.max_unavailable = IntOrPercent::Percent(25);
+    if let Some(m) = get(spec, "minReadySeconds") {
+        let s = m.as_u64().ok_or_else(|| ManifestError::at(format!("{path}.minReadySeconds"), "must be a number"))?;
+        d.update.monitor_ms = s * 1000;
+    }
+    let key = if get(spec, "updateStrategy").is_some() { "updateStrategy" } else { "strategy" };
+    let Some(st) = get(spec, key) else { return Ok(()) };
+    let sp = format!("{path}.{key}");
+    unknown(st, &["type", "rollingUpdate"], &sp, warnings);
+    match get(st, "type").map(|t| string(t, &format!("{sp}.type"))).transpose()?.as_deref() {
+        None | Some("RollingUpdate") => d.update.strategy = Strategy::Rolling,
+        Some("Recreate") if key == "strategy" => d.update.strategy = Strategy::Recreate,
+        Some("OnDelete") => return Err(ManifestError::at(format!("{sp}.type"), "OnDelete is not supported")),
+        Some(o) => {
+            return Err(ManifestError::at(format!("{sp}.type"), format!("{o:?} is not RollingUpdate or Recreate")))
+        }
+    }
+    let Some(ru) = get(st, "rollingUpdate") else { return Ok(()) };
+    let rp = format!("{sp}.rollingUpdate");
+    unknown(ru, &["maxSurge", "maxUnavailable"], &rp, warnings);
+    for (k, field) in [("maxSurge", &mut d.update.max_surge), ("maxUnavailable", &mut d.update.max_unavailable)] {
+        if let Some(v) = get(ru, k) {
+            let s = string(v, &format!("{rp}.{k}"))?;
+            *field = IntOrPercent::parse(&s).map_err(|e| ManifestError::at(format!("{rp}.{k}"), e))?;
+        }
+    }
+    d.update.check().map_err(|(field, problem)| {
+        let k = if field == "max_surge" { "maxSurge" } else { "maxUnavailable" };
+        ManifestError::at(format!("{rp}.{k}"), problem)
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -465,9 +504,35 @@ spec:
             .contains("Deployment/w.spec.template.spec.containers[0].resources.limits.memory"));
         assert!(err(&format!("{base}---\napiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  selector: {{app: nope}}\n  ports: [{{port: 80}}]\n")).contains("Service/s.spec.selector: selects no Deployment"));
         assert!(err("apiVersion: v1\nkind: Deployment\nspec: {}\n").contains("metadata.name is required"));
-        assert!(err(&APP.replace("replicas: 1", "replicas: 3"))
-            .starts_with("Deployment/web: ports[0]: a published host port needs replicas: 1"));
+        let three = import_k8s(&APP.replace("replicas: 1", "replicas: 3"), "default").unwrap();
+        assert_eq!(three.deployments[0].replicas, 3, "replicas behind one host port are balanced by the node proxy");
         assert!(err("kind: [").contains("not valid YAML"));
+    }
+
+    #[test]
+    fn strategies_and_min_ready_seconds() {
+        use skiff_model::rollout::{IntOrPercent, Strategy};
+        let base = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: w}\nspec:\n  replicas: 4\n  template:\n    spec:\n      containers: [{name: c, image: i}]\n";
+        let d = &import_k8s(base, "default").unwrap().deployments[0];
+        assert_eq!(
+            (d.update.max_surge, d.update.max_unavailable),
+            (IntOrPercent::Percent(25), IntOrPercent::Percent(25))
+        );
+        let t = format!("{base}  minReadySeconds: 7\n  strategy: {{type: RollingUpdate, rollingUpdate: {{maxSurge: 2, maxUnavailable: \"0%\"}}}}\n");
+        let d = &import_k8s(&t, "default").unwrap().deployments[0];
+        assert_eq!((d.update.max_surge, d.update.max_unavailable), (IntOrPercent::Int(2), IntOrPercent::Percent(0)));
+        assert_eq!(d.update.monitor_ms, 7_000);
+        let d = &import_k8s(&format!("{base}  strategy: {{type: Recreate}}\n"), "default").unwrap().deployments[0];
+        assert_eq!(d.update.strategy, Strategy::Recreate);
+        let err = |t: &str| import_k8s(t, "default").unwrap_err().to_string();
+        assert_eq!(
+            err(&format!("{base}  strategy: {{rollingUpdate: {{maxSurge: 0, maxUnavailable: 0}}}}\n")),
+            "Deployment/w.spec.strategy.rollingUpdate.maxUnavailable: may not be 0 when max_surge is 0 (nothing could be replaced)"
+        );
+        assert_eq!(
+            err(&format!("{base}  strategy: {{rollingUpdate: {{maxSurge: lots}}}}\n")),
+            "Deployment/w.spec.strategy.rollingUpdate.maxSurge: \"lots\" is not a count or a percentage"
+        );
     }
 
     #[test]

@@ -200,3 +200,38 @@ services:
         assert!(e.contains(want), "want {want:?} in {e:?}");
     }
 }
+
+#[test]
+fn update_config_maps_to_batches_and_strategies() {
+    use skiff_model::rollout::{FailureAction, IntOrPercent, NodeStrategy, Strategy};
+    let c = import(
+        "services:\n  web:\n    image: a\n    deploy:\n      replicas: 4\n      update_config:\n        parallelism: 2\n        delay: 5s\n        order: start-first\n        failure_action: pause\n        monitor: 10s\n        max_failure_ratio: 0.25\n        x-skiff-node-strategy: hand-over\n  api:\n    image: b\n    deploy:\n      update_config: {parallelism: 0, x-skiff-strategy: blue-green, x-skiff-rollback-window: 2m}\n  plain:\n    image: c\n",
+    )
+    .unwrap();
+    let by = |n: &str| c.deployments.iter().find(|d| d.name == n).unwrap().update.clone();
+    let web = by("web");
+    assert_eq!((web.max_surge, web.max_unavailable), (IntOrPercent::Int(2), IntOrPercent::Int(0)));
+    assert_eq!((web.delay_ms, web.monitor_ms, web.max_failure_ratio), (5_000, 10_000, 0.25));
+    assert_eq!((web.failure_action, web.node_strategy), (FailureAction::Pause, NodeStrategy::HandOver));
+    let api = by("api");
+    assert_eq!(api.strategy, Strategy::BlueGreen);
+    assert_eq!(api.max_unavailable, IntOrPercent::Percent(100), "parallelism 0: all at once, Docker's stop-first");
+    assert_eq!(api.rollback_window_ms, 120_000);
+    assert!(by("plain").is_default(), "no update_config: skiff's start-first default");
+
+    for (yaml, want) in [
+        ("order: sideways", "services.web.deploy.update_config.order: \"sideways\" is not start-first or stop-first"),
+        ("parallelism: -1", "services.web.deploy.update_config.parallelism: -1 must be 0 (all at once) or more"),
+        (
+            "max_failure_ratio: 2",
+            "services.web.deploy.update_config.max_failure_ratio: \"2\" is not a ratio between 0 and 1",
+        ),
+        (
+            "x-skiff-strategy: canary",
+            "services.web.deploy.update_config.x-skiff-strategy: \"canary\" is not rolling, blue-green or recreate",
+        ),
+    ] {
+        let e = err(&format!("services:\n  web:\n    image: a\n    deploy:\n      update_config: {{{yaml}}}\n"));
+        assert_eq!(e, want);
+    }
+}

@@ -5,11 +5,13 @@
 //! so everything here can be unit-tested and reused by every other crate.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod api;
 pub mod autoscale;
 pub mod metrics;
 pub mod platform;
 pub mod quantity;
+pub mod rollout;
 pub mod spec;
 pub mod status;
 pub mod validate;

@@ -60,6 +60,9 @@ pub struct Deployment {
     /// A horizontal autoscaler that sets `replicas` from CPU or memory use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<crate::autoscale::AutoscaleSpec>,
+    /// How instances are replaced when the template changes.
+    #[serde(default, skip_serializing_if = "crate::rollout::UpdateConfig::is_default")]
+    pub update: crate::rollout::UpdateConfig,
 }
 
 /// `replicas` instances placed by the scheduler, or one on every matching node.
@@ -135,6 +138,7 @@ impl Deployment {
             placement: Placement::default(),
             stop_grace_period_ms: default_grace(),
             autoscale: None,
+            update: Default::default(),
         }
     }
 

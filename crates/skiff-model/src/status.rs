@@ -76,6 +76,13 @@ pub struct InstanceStatus {
     pub image: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<String>,
+    /// The hash of the template it was made from (`rollout::template_hash`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub template: String,
+    /// Kept while its replacement comes up (or for a blue-green rollback window); not
+    /// one of the deployment's replicas.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retiring: bool,
 }
 
 /// One log line as the shim records it (Docker's json-file shape).

@@ -129,6 +129,7 @@ impl Deployment {
             a.check(self.requests_milli())
                 .map_err(|e| ValidationError::new(format!("autoscale.{}", e.field), e.problem))?;
         }
+        self.update.check().map_err(|(field, problem)| ValidationError::new(format!("update.{field}"), problem))?;
         if self.placement.reschedule_after_ms == Some(0) {
             return Err(ValidationError::new("placement.reschedule_after", "must be greater than 0"));
         }
@@ -182,12 +183,6 @@ impl Deployment {
                 return Err(ValidationError::new(
                     format!("ports[{i}]"),
                     format!("host port {} is published twice", p.host_port),
-                ));
-            }
-            if self.replicas > 1 {
-                return Err(ValidationError::new(
-                    format!("ports[{i}]"),
-                    "a published host port needs replicas: 1 (two replicas cannot bind one host port)",
                 ));
             }
         }
@@ -286,8 +281,9 @@ mod tests {
                 d.ports = vec![PortMapping::parse("80:80").unwrap()];
                 d.replicas = 2;
             },
-            Some("ports[0]: a published host port needs replicas: 1 (two replicas cannot bind one host port)"),
+            None,
         );
+        check(|d| d.update.max_failure_ratio = -0.5, Some("update.max_failure_ratio: must be between 0 and 1"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod registry;
 pub mod tls;
+pub mod traffic;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};

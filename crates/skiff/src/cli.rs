@@ -5,11 +5,13 @@ use crate::output::{self, Format};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use skiff_model::api::{ApplyRequest, ApplyResponse, DeploymentView};
+use skiff_model::rollout::{Revision, RolloutState, RolloutStatus};
 use skiff_model::{
     Deployment, DeviceMapping, InstanceStatus, LogLine, NetworkMode, PortMapping, RestartPolicy, Volume, VolumeSource,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "skiff", version, about = "Run containers on fleets of small edge devices", propagate_version = true)]
@@ -85,6 +87,9 @@ pub enum Cmd {
     /// Autoscaling tools.
     #[command(subcommand)]
     Autoscale(AutoscaleCmd),
+    /// Follow, list or undo a deployment's updates.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
     /// Run a command in a running instance.
     Exec {
         instance: String,
@@ -157,6 +162,34 @@ pub enum AutoscaleCmd {
     },
 }
 
+#[derive(Subcommand)]
+pub enum RolloutCmd {
+    /// Follow the newest revision's rollout until it completes (exit 0) or fails (exit 1).
+    Status {
+        name: String,
+        /// Print the state once instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up after this long, e.g. 90s or 10m (exit 1).
+        #[arg(long, value_parser = parse_ttl, default_value = "10m")]
+        timeout: u64,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// The deployment's revisions (the newest 10), oldest first.
+    History {
+        name: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Go back to the previous revision, or to --to-revision N.
+    Undo {
+        name: String,
+        #[arg(long)]
+        to_revision: Option<u64>,
+    },
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TopKind {
     #[value(alias = "node")]
@@ -177,6 +210,8 @@ pub enum Kind {
     Events,
     #[value(alias = "autoscaler", alias = "hpa")]
     Autoscalers,
+    #[value(alias = "alert")]
+    Alerts,
 }
 
 #[derive(Subcommand)]
@@ -379,6 +414,7 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Get { kind, output, watch } => get(&client(&cli)?, *kind, *output, *watch).await,
         Cmd::Top { kind, output } => top(&client(&cli)?, *kind, *output).await,
+        Cmd::Rollout(cmd) => rollout(&client(&cli)?, cmd).await,
         Cmd::Autoscale(AutoscaleCmd::Simulate { file }) => {
             use skiff_model::autoscale::{decide, Scenario};
             let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
@@ -457,6 +493,95 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Image(cmd) => image(&cli.data, cmd),
         Cmd::Shim { .. } => Ok(0),
+    }
+}
+
+fn rollout_line(s: &RolloutStatus) -> String {
+    let mut line = format!(
+        "{} revision {}: {} ({} of {} updated, {} ready, {} old)",
+        s.deployment,
+        s.revision,
+        s.state.as_str(),
+        s.updated,
+        s.desired,
+        s.ready,
+        s.old
+    );
+    if let Some(m) = &s.message {
+        line.push_str(&format!(": {m}"));
+    }
+    line
+}
+
+async fn rollout(c: &Client, cmd: &RolloutCmd) -> Result<i32> {
+    match cmd {
+        RolloutCmd::Status { name, no_wait, timeout, output } => {
+            let path = format!("/api/v1/deployments/{name}/rollout");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(*timeout);
+            let mut s: RolloutStatus = c.get(&path).await?;
+            let pinned = s.revision;
+            let mut last = String::new();
+            loop {
+                if s.revision != pinned {
+                    // A newer revision (an automatic rollback, another apply): report how
+                    // the followed one ended.
+                    let h: Vec<Revision> = c.get(&format!("/api/v1/deployments/{name}/history")).await?;
+                    let Some(r) = h.iter().find(|r| r.revision == pinned) else {
+                        eprintln!("error: revision {pinned} of {name} is no longer in its history");
+                        return Ok(1);
+                    };
+                    let why = r.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+                    println!("{name} revision {pinned}: {}{why}", r.state.as_str());
+                    println!(
+                        "{name} revision {}: {} ({})",
+                        s.revision,
+                        s.state.as_str(),
+                        h.last().map(|l| l.cause.as_str()).unwrap_or("")
+                    );
+                    return Ok(if r.state == RolloutState::Complete { 0 } else { 1 });
+                }
+                let line = rollout_line(&s);
+                if *output != Format::Table {
+                    output::structured(&s, *output)?;
+                } else if line != last {
+                    println!("{line}");
+                }
+                last = line;
+                match s.state {
+                    RolloutState::Complete => return Ok(0),
+                    RolloutState::Failed | RolloutState::Superseded => return Ok(1),
+                    RolloutState::Progressing if *no_wait => return Ok(0),
+                    RolloutState::Progressing => {}
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    eprintln!("error: {name} did not finish its rollout within {timeout} s");
+                    return Ok(1);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                s = c.get(&path).await?;
+            }
+        }
+        RolloutCmd::History { name, output } => {
+            let h: Vec<Revision> = c.get(&format!("/api/v1/deployments/{name}/history")).await?;
+            output::print(&h, *output, &["REVISION", "TEMPLATE", "IMAGE", "STATE", "AGE", "CAUSE", "MESSAGE"], |r| {
+                vec![
+                    r.revision.to_string(),
+                    r.template.clone(),
+                    r.image.clone(),
+                    r.state.as_str().to_string(),
+                    output::age(Some(r.created_ms)),
+                    r.cause.clone(),
+                    r.message.clone().unwrap_or_default(),
+                ]
+            })?;
+            Ok(0)
+        }
+        RolloutCmd::Undo { name, to_revision } => {
+            let body = skiff_model::rollout::UndoRequest { to_revision: *to_revision };
+            let r: Revision = c.post(&format!("/api/v1/deployments/{name}/undo"), &body).await?;
+            println!("{name} rolled back: revision {} ({}, {})", r.revision, r.image, r.cause);
+            Ok(0)
+        }
     }
 }
 
@@ -645,6 +770,7 @@ async fn get(c: &Client, kind: Kind, f: Format, watch: bool) -> Result<i32> {
         Kind::Nodes => "/api/v1/nodes",
         Kind::Events => "/api/v1/events",
         Kind::Autoscalers => "/api/v1/autoscalers",
+        Kind::Alerts => "/api/v1/alerts",
     };
     let mut tag: Option<String> = None;
     loop {
@@ -766,6 +892,21 @@ fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
                 ]
             })
         }
+        Kind::Alerts => {
+            let v: Vec<skiff_hub::alerts::Alert> = serde_json::from_slice(body).map_err(bad)?;
+            output::print(&v, f, &["ALERT", "STATE", "SINCE", "VALUE", "LABELS", "ACTION"], |a| {
+                let labels: Vec<String> =
+                    a.labels.iter().filter(|(k, _)| *k != "alertname").map(|(k, v)| format!("{k}={v}")).collect();
+                vec![
+                    a.alert.clone(),
+                    format!("{:?}", a.state).to_lowercase(),
+                    output::age(Some(a.active_at_ms)),
+                    format!("{:.3}", a.value),
+                    labels.join(","),
+                    a.action.clone().unwrap_or_default(),
+                ]
+            })
+        }
         Kind::Events => {
             let v: Vec<skiff_model::EventRecord> = serde_json::from_slice(body).map_err(bad)?;
             output::print(&v, f, &["AGE", "OBJECT", "REASON", "MESSAGE"], |e| {
@@ -884,6 +1025,13 @@ fn images_in_use(data: &Path) -> BTreeMap<String, Vec<String>> {
 
 #[cfg(test)]
 mod tests {
+    /// clap's own checks of every subcommand (duplicate argument ids across flattened
+    /// groups, bad defaults), which otherwise show only when that command runs.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
     #[test]
     fn errors_name_each_cause_once() {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");

@@ -20,6 +20,8 @@ pub struct HubArgs {
     pub advertise: Vec<String>,
     #[command(flatten)]
     pub autoscale: crate::up::AutoscaleArgs,
+    #[command(flatten)]
+    pub alerts: crate::up::AlertArgs,
 }
 
 pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
@@ -63,8 +65,10 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
         admin_token,
         fleet: Some(Arc::clone(&fleet)),
         autoscaler: skiff_hub::autoscaler::Autoscaler::new(args.autoscale.config(15)),
+        rollouts: Default::default(),
+        alerts: args.alerts.load()?,
     });
-    let autoscaling = crate::up::autoscale_loop(Arc::clone(&hub), args.autoscale.interval);
+    let controllers = crate::up::control_loop(Arc::clone(&hub), args.autoscale.interval, args.alerts.alert_interval);
     fleet.reschedule().map_err(|e| anyhow::anyhow!("{e:?}"))?;
     // Joins and returning nodes are placed within a second, in one pass however many
     // came; node states also move with time (heartbeats that stop), so every 5 s anyway.
@@ -93,7 +97,7 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
         _ = sigterm.recv() => {}
     }
     ticker.abort();
-    autoscaling.abort();
+    controllers.abort();
     server_task.abort();
     eprintln!("skiff: hub stopped");
     Ok(0)

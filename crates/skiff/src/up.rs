@@ -45,6 +45,31 @@ pub struct UpArgs {
     pub metrics_interval: u64,
     #[command(flatten)]
     pub autoscale: AutoscaleArgs,
+    #[command(flatten)]
+    pub alerts: AlertArgs,
+}
+
+/// Alert rules (Prometheus' rule-file shape over the hub's metrics; see the README).
+#[derive(Args, Clone)]
+pub struct AlertArgs {
+    /// A rule file (YAML or JSON): `groups: [{name, rules: [{alert, expr, for, labels,
+    /// annotations, x-skiff-scale-out}]}]`.
+    #[arg(long = "alert-rules")]
+    pub alert_rules: Option<PathBuf>,
+    /// Seconds between evaluations of the rules.
+    #[arg(long = "alert-interval", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub alert_interval: u64,
+}
+
+impl AlertArgs {
+    /// The checked rules (none without a file); errors name the file and the rule.
+    pub fn load(&self) -> Result<skiff_hub::alerts::Alerts> {
+        let Some(p) = &self.alert_rules else { return Ok(Default::default()) };
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let file: skiff_model::alerts::RuleFile =
+            serde_norway::from_str(&text).with_context(|| format!("{}: not a rule file", p.display()))?;
+        skiff_hub::alerts::Alerts::new(&file).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+    }
 }
 
 /// The autoscaler's settings (kube-controller-manager's flags of the same meaning).
@@ -84,18 +109,38 @@ impl AutoscaleArgs {
     }
 }
 
-/// Runs the autoscaler every `interval` seconds until aborted.
-pub fn autoscale_loop(hub: Arc<Hub>, interval: u64) -> tokio::task::JoinHandle<()> {
+/// The hub's controllers until aborted: rollouts every second, the autoscaler every
+/// `autoscale_every` seconds and the alert rules every `alert_every` seconds.
+pub fn control_loop(hub: Arc<Hub>, autoscale_every: u64, alert_every: u64) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(interval));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n: u64 = 0;
         loop {
             tick.tick().await;
+            let autoscale = n.is_multiple_of(autoscale_every.max(1));
+            let alerts = n.is_multiple_of(alert_every.max(1));
+            n += 1;
             let h = Arc::clone(&hub);
-            match tokio::task::spawn_blocking(move || h.autoscale(skiff_runtime::time::now_ms())).await {
-                Ok(Err(e)) => tracing::warn!("autoscaler: {e}"),
-                Err(e) => tracing::warn!("autoscaler: {e}"),
-                Ok(Ok(_)) => {}
+            let res = tokio::task::spawn_blocking(move || {
+                let now = skiff_runtime::time::now_ms();
+                if let Err(e) = h.roll(now) {
+                    tracing::warn!("rollouts: {e}");
+                }
+                if autoscale {
+                    if let Err(e) = h.autoscale(now) {
+                        tracing::warn!("autoscaler: {e}");
+                    }
+                }
+                if alerts {
+                    if let Err(e) = h.evaluate_alerts(now) {
+                        tracing::warn!("alerts: {e}");
+                    }
+                }
+            })
+            .await;
+            if let Err(e) = res {
+                tracing::warn!("controllers: {e}");
             }
         }
     })
@@ -147,6 +192,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
             eprintln!("warning: {w}");
         }
     }
+    let alerts = args.alerts.load()?;
     // Handlers first: a Ctrl-C while the stack starts must stop it, not kill us mid-way.
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -200,13 +246,15 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
         admin_token,
         fleet: None,
         autoscaler: skiff_hub::autoscaler::Autoscaler::new(args.autoscale.config(args.metrics_interval)),
+        rollouts: Default::default(),
+        alerts,
     });
     hub.sync_nodes().map_err(anyhow::Error::msg)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx.clone()));
     let server = tokio::spawn(skiff_hub::api::serve(listener, Arc::clone(&hub), stop_rx.clone()));
-    let autoscaling = autoscale_loop(Arc::clone(&hub), args.autoscale.interval);
+    let controllers = control_loop(Arc::clone(&hub), args.autoscale.interval, args.alerts.alert_interval);
     eprintln!("skiff: hub API on http://{addr}, config in {}", conf_path.display());
 
     let stack = import.as_ref().map(|i| i.project.clone());
@@ -226,7 +274,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
         }, if !names.is_empty() => false,
     };
     // Nothing rescales while the stack stops.
-    autoscaling.abort();
+    controllers.abort();
     if interrupted {
         if let Some(stack) = &stack {
             eprintln!("\nstopping stack {stack} ...");

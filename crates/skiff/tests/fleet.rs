@@ -506,3 +506,75 @@ fn a_60_s_partition_restarts_nothing_and_heals_in_seconds() -> R {
     drop((a, h));
     Ok(())
 }
+
+/// `waves` on three nodes: version `version`, healthy or not.
+fn waved(version: &str, healthy: bool) -> String {
+    format!(
+        "name: waves\nservices:\n  wv:\n    image: {IMAGE}\n    environment: {{VERSION: \"{version}\"}}\n    \
+         command: [sleep, '1000']\n    stop_grace_period: 1s\n    \
+         healthcheck: {{test: [CMD, {}], interval: 300ms, retries: 2}}\n    \
+         deploy:\n      replicas: 3\n      \
+         update_config: {{order: start-first, monitor: 1s, x-skiff-wave-size: 1, x-skiff-wave-growth: 2}}\n",
+        if healthy { "true" } else { "false" }
+    )
+}
+
+#[test]
+fn a_fleet_rollout_goes_in_growing_waves_and_a_failed_wave_rolls_back() -> R {
+    skiff_testkit::require_privileged!();
+    let h = hub()?;
+    let token = h.ok(&["token", "create", "--ttl", "1h"])?.trim().to_string();
+    let _a = agent(&h, &token, "site-a-1", &["site=a"])?;
+    let _b = agent(&h, &token, "site-b-1", &["site=b"])?;
+    let _c = agent(&h, &token, "site-c-1", &["site=c"])?;
+    wait_for(30 * SEC, "three nodes Ready", || {
+        (h.ok(&["get", "nodes"]).ok()?.matches("Ready").count() == 3).then_some(())
+    })?;
+    apply(&h, "waves.yaml", &waved("v1", true), &[])?;
+    h.ok(&["rollout", "status", "wv", "--timeout", "60s"])?;
+    let v1: Vec<InstanceStatus> = hub_instances(&h);
+    let nodes: std::collections::BTreeSet<&str> = v1.iter().map(|i| i.node.as_str()).collect();
+    assert_eq!(nodes.len(), 3, "one instance per node: {v1:?}");
+    let old = v1[0].template.clone();
+
+    // v2: which nodes run it, as seen from the hub, until every node does.
+    apply(&h, "waves.yaml", &waved("v2", true), &[])?;
+    let mut seen: Vec<usize> = vec![];
+    let done = wait_for(90 * SEC, "v2 on every node", || {
+        let all = hub_instances(&h);
+        let new: std::collections::BTreeSet<String> =
+            all.iter().filter(|i| i.template != old && !i.retiring).map(|i| i.node.clone()).collect();
+        if seen.last() != Some(&new.len()) {
+            seen.push(new.len());
+        }
+        (new.len() == 3 && all.iter().all(|i| i.template != old)).then_some(all)
+    })?;
+    assert_eq!(seen.first(), Some(&0));
+    let events = h.ok(&["get", "events"])?;
+    assert!(seen.contains(&1), "the first wave is one node: {seen:?}\n{events}");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "waves only grow: {seen:?}");
+    let status = h.ok(&["rollout", "status", "wv", "--timeout", "60s"])?;
+    assert!(status.contains("revision 2: complete"), "{status}");
+    let events = h.ok(&["get", "events", "-o", "json"])?;
+    assert_eq!(events.matches("WaveStarted").count(), 2, "1 node, then 2, then 3: {events}");
+    let v2 = done[0].template.clone();
+
+    // v3 fails its health check in the first wave: rolled back there; the other two nodes
+    // never run it and their instances are untouched.
+    let before: Vec<(String, Option<i32>)> =
+        done.iter().filter(|i| i.node != "site-a-1").map(|i| (i.name.clone(), i.pid)).collect();
+    apply(&h, "waves.yaml", &waved("v3", false), &[])?;
+    let out = h.cli(&["rollout", "status", "wv", "--timeout", "90s"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && text.contains("revision 3: failed"), "{text}");
+    let back = wait_for(60 * SEC, "the rollback complete", || {
+        let all = hub_instances(&h);
+        (all.len() == 3 && all.iter().all(|i| i.template == v2 && i.state == InstanceState::Running)).then_some(all)
+    })?;
+    let after: Vec<(String, Option<i32>)> =
+        back.iter().filter(|i| i.node != "site-a-1").map(|i| (i.name.clone(), i.pid)).collect();
+    assert_eq!(before, after, "nodes outside the failed wave kept their instances");
+    let history = h.ok(&["rollout", "history", "wv"])?;
+    assert!(history.contains("rollback to revision 2 (revision 3 failed)"), "{history}");
+    Ok(())
+}

@@ -547,3 +547,166 @@ fn the_autoscaler_scales_out_on_cpu_and_back_in_when_load_stops() -> R {
     })?;
     Ok(())
 }
+
+/// A compose file for the rollout test: `web` answers `VERSION` on a published port.
+/// `listen` is the port httpd binds (not 80: the health check and the proxy both fail).
+fn versioned(port: u16, version: &str, listen: u16, update: &str) -> String {
+    format!(
+        r#"name: roll
+services:
+  web:
+    image: {IMAGE}
+    environment: {{VERSION: "{version}"}}
+    command: ["sh", "-c", "mkdir -p /v && echo $$VERSION > /v/index.html && exec httpd -f -p {listen} -h /v"]
+    ports: ["127.0.0.1:{port}:80"]
+    stop_grace_period: 2s
+    healthcheck:
+      test: ["CMD", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1/"]
+      interval: 300ms
+      retries: 3
+    deploy:
+      replicas: 2
+      update_config: {{{update}}}
+"#
+    )
+}
+
+#[test]
+fn rolling_and_blue_green_updates_fail_no_request_and_a_broken_version_rolls_back() -> R {
+    use skiff_testkit::traffic::{report, Traffic};
+    require_privileged!();
+    let mut n = Node::new()?;
+    let port = free_port();
+    let rolling = "order: start-first, parallelism: 1, monitor: 1s";
+    let file = n.up_compose(&versioned(port, "v1", 80, rolling))?;
+    let status = |n: &Node| -> anyhow::Result<String> { n.ok(&["rollout", "status", "web", "--timeout", "90s"]) };
+    status(&n)?;
+    let apply = |n: &Node, text: String| -> R {
+        std::fs::write(&file, text)?;
+        n.ok(&["apply", "-f", &file.to_string_lossy()])?;
+        Ok(())
+    };
+    let serving = |n: &Node| -> anyhow::Result<Vec<String>> {
+        let mut v: Vec<String> =
+            n.instances()?.into_iter().filter(|i| i.deployment == "web" && !i.retiring).map(|i| i.template).collect();
+        v.dedup();
+        Ok(v)
+    };
+
+    let traffic = Traffic::start(port, "/", Duration::from_millis(5), 100_000, Duration::from_secs(600));
+    wait_for(10 * SEC, "first answers", || traffic.samples().iter().any(|s| s.body.is_ok()).then_some(()))?;
+
+    // Rolling: one at a time, the new one beside the old until ready.
+    apply(&n, versioned(port, "v2", 80, rolling))?;
+    let out = status(&n)?;
+    assert!(out.contains("revision 2: complete (2 of 2 updated, 2 ready, 0 old)"), "{out}");
+    assert_eq!(serving(&n)?.len(), 1, "every replica runs one template");
+    let retired = n.events()?;
+    assert!(retired.iter().any(|e| e.reason == "Retiring" && e.object == "web-1"), "{retired:?}");
+
+    // Blue-green: both new instances come up beside the old; traffic moves at once.
+    let bg = "order: start-first, monitor: 1s, x-skiff-strategy: blue-green, x-skiff-rollback-window: 3s";
+    let before_v3 = traffic.samples().len();
+    apply(&n, versioned(port, "v3", 80, bg))?;
+    let out = status(&n)?;
+    assert!(out.contains("revision 3: complete"), "{out}");
+    wait_for(20 * SEC, "the old version gone after its window", || {
+        n.instances().ok().filter(|v| v.iter().all(|i| !i.retiring)).map(|_| ())
+    })
+    .with_context(|| format!("instances: {:#?}\nevents: {:#?}", n.instances().ok(), n.events().ok()))?;
+    let s = traffic.samples();
+    let bodies: Vec<&str> = s[before_v3..].iter().filter_map(|x| x.body.as_deref().ok()).map(str::trim).collect();
+    let first_v3 = bodies.iter().position(|b| *b == "v3").context("v3 answered")?;
+    assert!(bodies[first_v3..].iter().all(|b| *b == "v3"), "after the switch only v3 answers");
+    assert!(bodies[..first_v3].iter().all(|b| *b == "v2"), "before the switch only v2 answers");
+
+    // A version that never listens: its health check fails, the hub rolls back, and v3
+    // (kept beside it) answers throughout.
+    let before_v4 = traffic.samples().len();
+    apply(&n, versioned(port, "v4", 8080, rolling))?;
+    let out = n.cli(&["rollout", "status", "web", "--timeout", "90s"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "a failed rollout exits 1: {text}");
+    assert!(text.contains("revision 4: failed") && text.contains("web-1 is unhealthy"), "{text}");
+    let out = wait_for(30 * SEC, "the rollback to complete", || {
+        n.ok(&["rollout", "status", "web", "--no-wait"]).ok().filter(|o| o.contains("revision 5: complete"))
+    })?;
+    assert!(out.contains("2 of 2 updated"), "{out}");
+    let history = n.ok(&["rollout", "history", "web"])?;
+    assert!(history.lines().any(|l| l.starts_with("4 ") && l.contains("failed")), "{history}");
+    assert!(history.contains("rollback to revision 3 (revision 4 failed)"), "{history}");
+    let events = n.events()?;
+    assert!(events.iter().any(|e| e.reason == "RolledBack" && e.object == "web"), "{events:?}");
+    let s = traffic.samples();
+    assert!(s[before_v4..].iter().filter_map(|x| x.body.as_deref().ok()).all(|b| b.trim() == "v3"), "v3 kept serving");
+
+    // Undo goes back to the newest complete revision before: v2.
+    let out = n.ok(&["rollout", "undo", "web"])?;
+    assert!(out.contains("undo to revision 2"), "{out}");
+    status(&n)?;
+    wait_for(10 * SEC, "v2 answering", || http_get(port, "/").ok().filter(|b| b.trim() == "v2"))?;
+    let bad = n.cli(&["rollout", "undo", "web", "--to-revision", "99"])?;
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("to_revision: web has no revision 99"));
+
+    let r = report(&traffic.finish());
+    assert!(r.sent > 200, "{r:?}");
+    assert_eq!(r.failed, 0, "no request failed during the updates: {r:?}");
+    eprintln!("rollout traffic: {r:?}");
+    Ok(())
+}
+
+#[test]
+fn an_alert_rule_fires_scales_out_and_resolves() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    let bad = n.write(
+        "bad-rules.yaml",
+        "groups:\n- name: edge\n  rules:\n  - alert: Hot\n    expr: skiff_node_temperature > 70\n",
+    )?;
+    let out = n.up_refused_with(None, &["--alert-rules", &bad.to_string_lossy()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("groups[0].rules[0].expr: skiff_node_temperature is not a metric of the hub"), "{err}");
+    assert!(!n.data().join("agent.db").exists(), "nothing was started");
+
+    // `burn` uses its 0.3 CPU while /tmp/load exists; the rule adds an instance while the
+    // deployment uses more than 0.2 cores for 2 s, up to 2.
+    let rules = n.write(
+        "rules.yaml",
+        "groups:\n- name: edge\n  rules:\n  - alert: BurnHot\n    \
+         expr: skiff_deployment_cpu_usage_cores{deployment=\"burn\"} > 0.2\n    for: 2s\n    \
+         labels: {severity: warning}\n    x-skiff-scale-out: {deployment: burn, step: 1, max: 2}\n",
+    )?;
+    let compose = n.write(
+        "compose.yaml",
+        &format!(
+            "name: alert\nservices:\n  burn:\n    image: {IMAGE}\n    stop_grace_period: 1s\n    \
+             command: [sh, -c, 'while :; do if [ -f /tmp/load ]; then :; else sleep 0.2; fi; done']\n    \
+             deploy: {{resources: {{limits: {{cpus: '0.3'}}}}}}\n"
+        ),
+    )?;
+    n.up_with(Some(&compose), &["--alert-rules", &rules.to_string_lossy(), "--alert-interval", "1"])?;
+    n.wait_running("burn-1")?;
+    let alerts = |n: &Node| -> Vec<serde_json::Value> {
+        n.ok(&["get", "alerts", "-o", "json"]).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+    };
+    assert!(alerts(&n).is_empty(), "idle: no alert");
+
+    n.ok(&["exec", "burn-1", "--", "touch", "/tmp/load"])?;
+    let firing = wait_for(Duration::from_secs(60), "the alert firing", || {
+        alerts(&n).into_iter().find(|a| a["state"] == "firing" && a["action"].is_string())
+    })?;
+    assert_eq!(firing["labels"]["deployment"], "burn", "{firing}");
+    assert_eq!(firing["labels"]["severity"], "warning", "{firing}");
+    assert_eq!(firing["action"], "scaled burn from 1 to 2", "{firing}");
+    n.wait_running("burn-2")?;
+    let table = n.ok(&["get", "alerts"])?;
+    assert!(table.lines().any(|l| l.starts_with("BurnHot") && l.contains("firing")), "{table}");
+    let events = n.events()?;
+    assert!(events.iter().any(|e| e.reason == "AlertScaledOut" && e.object == "burn"), "{events:?}");
+
+    n.ok(&["exec", "burn-1", "--", "rm", "-f", "/tmp/load"])?;
+    wait_for(Duration::from_secs(60), "the alert resolved", || alerts(&n).is_empty().then_some(()))?;
+    assert!(n.events()?.iter().any(|e| e.reason == "AlertResolved"));
+    Ok(())
+}

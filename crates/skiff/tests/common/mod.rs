@@ -135,7 +135,12 @@ impl Node {
 
     /// Runs `skiff up -f compose` expecting it to refuse and exit; returns its output.
     pub fn up_refused(&self, compose: &Path) -> Result<Output> {
-        Ok(self.up_command(Some(compose)).stdin(Stdio::null()).output()?)
+        self.up_refused_with(Some(compose), &[])
+    }
+
+    /// As `up_refused`, with `extra` arguments to `skiff up`.
+    pub fn up_refused_with(&self, compose: Option<&Path>, extra: &[&str]) -> Result<Output> {
+        Ok(self.up_command(compose).args(extra).stdin(Stdio::null()).output()?)
     }
 
     /// Starts `skiff up` (optionally with a compose file) and waits for its API.

@@ -1,0 +1,253 @@
+//! Alert rules evaluated against the hub's own metrics, as Prometheus evaluates alerting
+//! rules: a series matching a rule's condition makes an alert *pending*; one that stays
+//! matched for the rule's `for` makes it *firing*; one that stops matching resolves it.
+//! Active alerts are listed by `GET /api/v1/alerts` (`skiff get alerts`). A firing rule
+//! with `x-skiff-scale-out` raises its deployment's replicas when it starts firing and
+//! again every `for` while it keeps firing, up to `max`. State lives in memory: after a
+//! hub restart, alerts start pending again.
+
+use crate::events::EventLog;
+use crate::{metrics, Hub};
+use serde::{Deserialize, Serialize};
+use skiff_model::alerts::{parse_exposition, Rule, RuleFile, Series};
+use skiff_model::api::ApplyRequest;
+use skiff_model::EventRecord;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+const EVENTS_KEPT: usize = 1_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertState {
+    Pending,
+    Firing,
+}
+
+/// An active alert, as Prometheus' `/api/v1/alerts` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    pub alert: String,
+    pub group: String,
+    /// The series' labels, the rule's labels and `alertname`.
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    pub state: AlertState,
+    pub active_at_ms: u64,
+    pub value: f64,
+    /// What the rule did while firing (`scaled web to 3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(skip)]
+    last_action_ms: Option<u64>,
+}
+
+/// A scale-out the caller should carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleOut {
+    /// The alert's key, to record the outcome on.
+    pub key: (usize, String),
+    pub deployment: String,
+    pub step: u32,
+    pub max: u32,
+}
+
+pub struct Alerts {
+    rules: Vec<Rule>,
+    active: Mutex<BTreeMap<(usize, String), Alert>>,
+    events: EventLog,
+}
+
+impl Default for Alerts {
+    fn default() -> Self {
+        Alerts { rules: vec![], active: Mutex::default(), events: EventLog::new("alerts", EVENTS_KEPT) }
+    }
+}
+
+fn key_of(labels: &BTreeMap<String, String>) -> String {
+    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+impl Alerts {
+    /// Rules from a rule file (JSON or YAML already parsed), checked against the hub's
+    /// metric names.
+    pub fn new(file: &RuleFile) -> Result<Self, String> {
+        let names = metrics::names();
+        let known: Vec<&str> = names.iter().map(String::as_str).collect();
+        Ok(Alerts { rules: file.check(&known)?, ..Default::default() })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn list(&self) -> Vec<Alert> {
+        self.active.lock().map(|a| a.values().cloned().collect()).unwrap_or_default()
+    }
+
+    pub fn events(&self) -> Vec<EventRecord> {
+        self.events.list()
+    }
+
+    /// One evaluation against `series`; returns the scale-outs that are due.
+    pub fn eval(&self, series: &[Series], now_ms: u64) -> Vec<ScaleOut> {
+        let Ok(mut active) = self.active.lock() else { return vec![] };
+        let mut seen = vec![];
+        let mut due = vec![];
+        for (ri, rule) in self.rules.iter().enumerate() {
+            for s in series.iter().filter(|s| rule.expr.selects(s) && rule.expr.op.holds(s.value, rule.expr.threshold))
+            {
+                let mut labels = s.labels.clone();
+                labels.extend(rule.labels.clone());
+                labels.insert("alertname".into(), rule.alert.clone());
+                let key = (ri, key_of(&labels));
+                seen.push(key.clone());
+                let a = active.entry(key.clone()).or_insert_with(|| Alert {
+                    alert: rule.alert.clone(),
+                    group: rule.group.clone(),
+                    labels,
+                    annotations: rule.annotations.clone(),
+                    state: AlertState::Pending,
+                    active_at_ms: now_ms,
+                    value: s.value,
+                    action: None,
+                    last_action_ms: None,
+                });
+                a.value = s.value;
+                if a.state == AlertState::Pending && now_ms.saturating_sub(a.active_at_ms) >= rule.for_ms {
+                    a.state = AlertState::Firing;
+                    let msg =
+                        format!("{} = {} ({:?} {})", rule.expr.metric, s.value, rule.expr.op, rule.expr.threshold);
+                    self.events.push(now_ms, &rule.alert, "AlertFiring", msg);
+                }
+                if let (AlertState::Firing, Some(so)) = (a.state, &rule.scale_out) {
+                    let every = rule.for_ms.max(1_000);
+                    if a.last_action_ms.is_none_or(|t| now_ms.saturating_sub(t) >= every) {
+                        a.last_action_ms = Some(now_ms);
+                        due.push(ScaleOut { key, deployment: so.deployment.clone(), step: so.step, max: so.max });
+                    }
+                }
+            }
+        }
+        let gone: Vec<(usize, String)> = active.keys().filter(|k| !seen.contains(k)).cloned().collect();
+        for k in gone {
+            if let Some(a) = active.remove(&k) {
+                if a.state == AlertState::Firing {
+                    self.events.push(now_ms, &a.alert, "AlertResolved", key_of(&a.labels));
+                }
+            }
+        }
+        due
+    }
+
+    fn record(&self, key: &(usize, String), action: String) {
+        if let Ok(mut active) = self.active.lock() {
+            if let Some(a) = active.get_mut(key) {
+                a.action = Some(action);
+            }
+        }
+    }
+}
+
+impl Hub {
+    /// Evaluates the alert rules against the fleet's newest samples and carries out the
+    /// scale-outs that are due.
+    pub fn evaluate_alerts(&self, now_ms: u64) -> Result<(), String> {
+        if self.alerts.rules.is_empty() {
+            return Ok(());
+        }
+        let text = metrics::render(&self.metrics(), metrics::MAX_INSTANCE_SERIES);
+        for so in self.alerts.eval(&parse_exposition(&text), now_ms) {
+            let what = self.scale_out(&so);
+            let (reason, msg) = match &what {
+                Ok(m) => ("AlertScaledOut", m.clone()),
+                Err(e) => ("AlertActionFailed", e.clone()),
+            };
+            self.alerts.events.push(now_ms, &so.deployment, reason, msg.clone());
+            self.alerts.record(&so.key, msg);
+        }
+        Ok(())
+    }
+
+    fn scale_out(&self, so: &ScaleOut) -> Result<String, String> {
+        let mut d = self
+            .store
+            .get(&so.deployment)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("deployment {:?} not found", so.deployment))?
+            .spec;
+        if d.autoscale.is_some() {
+            return Err(format!("{} has an autoscaler, which sets its replicas", d.name));
+        }
+        if d.replicas >= so.max {
+            return Ok(format!("{} already at {} (max {})", d.name, d.replicas, so.max));
+        }
+        let from = d.replicas;
+        d.replicas = from.saturating_add(so.step).min(so.max);
+        let to = d.replicas;
+        self.apply(&ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false })
+            .map_err(|e| e.to_string())?;
+        Ok(format!("scaled {} from {from} to {to}", so.deployment))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alerts(rule: &str) -> Alerts {
+        let f: RuleFile =
+            serde_json::from_str(&format!(r#"{{"groups": [{{"name": "edge", "rules": [{rule}]}}]}}"#)).unwrap();
+        Alerts::new(&f).unwrap()
+    }
+
+    fn cpu(node: &str, v: f64) -> Series {
+        Series {
+            name: "skiff_node_cpu_utilization".into(),
+            labels: [("node".to_string(), node.to_string())].into(),
+            value: v,
+        }
+    }
+
+    #[test]
+    fn pending_firing_and_resolved_with_scale_outs_every_for() {
+        let a = alerts(
+            r#"{"alert": "NodeCpuHigh", "expr": "skiff_node_cpu_utilization > 0.8", "for": "1m",
+                "labels": {"severity": "warning"}, "x-skiff-scale-out": {"deployment": "web", "step": 2, "max": 6}}"#,
+        );
+        assert!(a.eval(&[cpu("pi-1", 0.9), cpu("pi-2", 0.5)], 0).is_empty());
+        let l = a.list();
+        assert_eq!(l.len(), 1, "only the hot node");
+        assert_eq!(
+            (l[0].state, l[0].labels["node"].as_str(), l[0].labels["severity"].as_str()),
+            (AlertState::Pending, "pi-1", "warning")
+        );
+        assert!(a.eval(&[cpu("pi-1", 0.95)], 59_999).is_empty(), "not for a minute yet");
+        let due = a.eval(&[cpu("pi-1", 0.95)], 60_000);
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].deployment.as_str(), due[0].step, due[0].max), ("web", 2, 6));
+        assert_eq!(a.list()[0].state, AlertState::Firing);
+        assert!(a.eval(&[cpu("pi-1", 0.95)], 90_000).is_empty(), "again only after another `for`");
+        assert_eq!(a.eval(&[cpu("pi-1", 0.95)], 120_000).len(), 1);
+        // A dip resets it: pending again from the start.
+        assert!(a.eval(&[cpu("pi-1", 0.5)], 121_000).is_empty());
+        assert!(a.list().is_empty());
+        assert!(a.events().iter().any(|e| e.reason == "AlertResolved"));
+        a.eval(&[cpu("pi-1", 0.9)], 122_000);
+        assert_eq!(a.list()[0].state, AlertState::Pending);
+    }
+
+    #[test]
+    fn rules_fire_at_once_without_for_and_name_unknown_metrics() {
+        let a = alerts(r#"{"alert": "Busy", "expr": "skiff_node_cpu_utilization{node=\"pi-2\"} >= 0.5"}"#);
+        a.eval(&[cpu("pi-1", 0.9), cpu("pi-2", 0.5)], 0);
+        let l = a.list();
+        assert_eq!((l.len(), l[0].state), (1, AlertState::Firing));
+        let f: RuleFile =
+            serde_json::from_str(r#"{"groups": [{"name": "g", "rules": [{"alert": "X", "expr": "up > 0"}]}]}"#)
+                .unwrap();
+        let e = Alerts::new(&f).err().unwrap();
+        assert!(e.starts_with("groups[0].rules[0].expr: up is not a metric of the hub (it has skiff_node_cpus"), "{e}");
+    }
+}
