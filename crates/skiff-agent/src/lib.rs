@@ -801,12 +801,14 @@ impl Agent {
         }
     }
 
-    /// Delete-then-download: removes an image nothing on the node uses any more.
+    /// Delete-then-download: removes an image that no instance and no desired deployment
+    /// of the node uses any more.
     fn drop_unused_image(&self, image: &str) {
-        let Ok(rows) = self.db(|s| s.instances()) else { return };
+        let (Ok(rows), Ok(desired)) = (self.db(|s| s.instances()), self.desired()) else { return };
         let mut in_use: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for r in &rows {
-            in_use.entry(r.spec.image.clone()).or_default().push(r.name.clone());
+        let users = rows.iter().map(|r| (&r.spec.image, &r.name)).chain(desired.iter().map(|d| (&d.image, &d.name)));
+        for (image, user) in users {
+            in_use.entry(skiff_image::normalize_reference(image)).or_default().push(user.clone());
         }
         match self.images.remove(image, &in_use) {
             Ok(()) => self.event(image, "ImageRemoved", "deleted before its replacement downloads"),
@@ -1042,8 +1044,10 @@ impl Agent {
             out.push_str(&format!("{ip}\t{me} {dep}\n"));
         }
         for r in rows.iter().filter(|r| r.spec.stack == stack && r.name != me && r.state == InstanceState::Running) {
+            // Switched away from (blue-green): reachable by its own name, not the service's.
+            let service = if r.retire_at_ms.is_some() { "" } else { r.deployment.as_str() };
             if let Some(ip) = &r.ip {
-                out.push_str(&format!("{ip}\t{} {}\n", r.name, r.deployment));
+                out.push_str(&format!("{ip}\t{} {service}\n", r.name).replace(" \n", "\n"));
             }
         }
         Ok(out)

@@ -106,11 +106,8 @@ async fn apply(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Res
         Some(f) => f.learn_platforms(&req.deployments.iter().map(|d| d.image.clone()).collect::<Vec<_>>()).await,
         None => vec![],
     };
-    match hub.apply(&req) {
-        Ok(resp) => Ok(Json(skiff_model::api::ApplyResponse { warnings, ..resp }).into_response()),
-        Err(crate::ApplyError::Invalid(m)) => Err(bad(m)),
-        Err(crate::ApplyError::Internal(m)) => Err(internal(m)),
-    }
+    let resp = hub.apply(&req).map_err(hub_error)?;
+    Ok(Json(skiff_model::api::ApplyResponse { warnings, ..resp }).into_response())
 }
 
 /// A stored deployment with its instances, picked out of `all`, and why some have no

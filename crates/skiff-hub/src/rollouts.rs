@@ -184,9 +184,14 @@ impl Hub {
     /// One pass of the rollout controller: completes or fails each deployment's newest
     /// revision from what its instances report, and rolls back failed ones.
     pub fn roll(&self, now_ms: u64) -> Result<(), String> {
-        let instances = self.instances();
+        // Instances are gathered (from every node) only when a rollout is in progress.
+        let mut instances: Option<Vec<InstanceStatus>> = None;
         for stored in self.store.list().map_err(|e| e.to_string())? {
-            self.settle(&stored.spec, &instances, now_ms, true)?;
+            let h = self.store.history(&stored.spec.name).map_err(|e| e.to_string())?;
+            if h.last().is_some_and(|r| r.state == RolloutState::Progressing) {
+                let all = instances.get_or_insert_with(|| self.instances());
+                self.settle(&stored.spec, all, now_ms, true)?;
+            }
         }
         Ok(())
     }
