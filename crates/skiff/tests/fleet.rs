@@ -437,6 +437,60 @@ fn images_are_placed_by_platform_and_pulled_by_the_agent() -> R {
         h.ok(&["delete", "deployment", d])?;
     }
     wait_placed(&h, &[])?;
+
+    // Node update strategies. Three versions of an app, each its own image.
+    for v in 1..=3u8 {
+        let layer = skiff_testkit::LayerBuilder::new().file("version", 0o644, &[b'0' + v])?.finish()?;
+        let dir = tmp.path().join(format!("app{v}"));
+        skiff_testkit::ImageBuilder::busybox()?.layer(layer).write_oci_layout(&dir, "app")?;
+        reg.push(&dir, &format!("edge/app:{v}"))?;
+    }
+    let app = |v: u8, update: &str| {
+        format!(
+            "name: strat\nservices:\n  app:\n    image: {}\n    command: [sleep, '1000']\n    stop_grace_period: 1s\n    \
+             deploy: {{update_config: {{{update}}}}}\n",
+            at(&format!("edge/app:{v}"))
+        )
+    };
+    // Time of the first event `reason` about `object` (after `since`).
+    let when = |h: &Node, object: &str, reason: &str, since: u64| -> Option<u64> {
+        let evs: Vec<skiff_model::EventRecord> =
+            h.ok(&["get", "events", "-o", "json"]).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        evs.into_iter().find(|e| e.object == object && e.reason == reason && e.time_ms >= since).map(|e| e.time_ms)
+    };
+    let store = || skiff_image::ImageStore::open(a.data().join("images"));
+    let has = |v: u8| -> bool { store().is_ok_and(|s| s.inspect(&at(&format!("edge/app:{v}"))).is_ok()) };
+    apply(&h, "app.yaml", &app(1, "x-skiff-node-strategy: delete-then-download"), &[])?;
+    h.ok(&["rollout", "status", "app", "--timeout", "60s"])?;
+    assert!(has(1));
+
+    // delete-then-download: the old instance stops and its image goes before the new one
+    // is pulled (a disk that cannot hold both).
+    let t = now_ms();
+    apply(&h, "app.yaml", &app(2, "x-skiff-node-strategy: delete-then-download"), &[])?;
+    h.ok(&["rollout", "status", "app", "--timeout", "60s"])?;
+    let (removed, dropped, pulling) = wait_for(30 * SEC, "the events of the update", || {
+        Some((
+            when(&h, "app-1", "Removed", t)?,
+            when(&h, &at("edge/app:1"), "ImageRemoved", t)?,
+            when(&h, "app-1", "Pulling", t)?,
+        ))
+    })?;
+    assert!(removed <= dropped && dropped <= pulling, "stop {removed}, delete {dropped}, then pull {pulling}");
+    assert!(!has(1) && has(2), "only the new image is left");
+
+    // download-then-kill (the default) with stop-first: the new image is in the store
+    // before the old instance stops.
+    let t = now_ms();
+    apply(&h, "app.yaml", &app(3, "order: stop-first"), &[])?;
+    h.ok(&["rollout", "status", "app", "--timeout", "60s"])?;
+    let (pulled, removed) = wait_for(30 * SEC, "the events of the update", || {
+        Some((when(&h, "app-1", "Pulled", t)?, when(&h, "app-1", "Removed", t)?))
+    })?;
+    assert!(pulled <= removed, "pulled {pulled} before the old one stopped {removed}");
+    assert!(has(2) && has(3), "download-then-kill keeps the old image");
+    h.ok(&["delete", "deployment", "app"])?;
+    wait_placed(&h, &[])?;
     Ok(())
 }
 
