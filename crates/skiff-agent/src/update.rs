@@ -172,8 +172,11 @@ pub fn plan(inp: &Input<'_>, insts: &[Inst]) -> Plan {
         } else if !inp.image_present && cfg.node_strategy == skiff_model::rollout::NodeStrategy::DownloadThenKill {
             p.actions.push(Action::NeedImage);
         } else {
-            let down =
-                inp.slots.iter().filter(|&&s| primary(s).is_none_or(|pr| pr.ready_since_ms.is_none())).count() as u32;
+            let down = inp
+                .slots
+                .iter()
+                .filter(|&&s| primary(s).is_none_or(|pr| pr.stopping || pr.ready_since_ms.is_none()))
+                .count() as u32;
             let drop_image = cfg.node_strategy == skiff_model::rollout::NodeStrategy::DeleteThenDownload;
             for i in outdated.iter().take(budget.unavailable.saturating_sub(down) as usize) {
                 p.actions.push(stop(i, drop_image));
@@ -337,6 +340,11 @@ mod tests {
         new.ready_since_ms = None;
         let p = run(&kill, &[1, 2], &[new, inst("web-2", 2, false)], 100);
         assert!(p.actions.is_empty(), "{:?}", p.actions);
+        // Nor while the old web-1 is still stopping (it no longer serves).
+        let mut going = inst("web-1", 1, false);
+        going.stopping = true;
+        let p = run(&kill, &[1, 2], &[going, inst("web-2", 2, false)], 100);
+        assert!(p.actions.is_empty(), "one down at a time: {:?}", p.actions);
 
         let download = UpdateConfig {
             max_surge: skiff_model::rollout::IntOrPercent::Int(0),
