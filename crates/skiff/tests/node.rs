@@ -640,6 +640,24 @@ fn rolling_and_blue_green_updates_fail_no_request_and_a_broken_version_rolls_bac
     let s = traffic.samples();
     assert!(s[before_v4..].iter().filter_map(|x| x.body.as_deref().ok()).all(|b| b.trim() == "v3"), "v3 kept serving");
 
+    // A version that crash-loops (restart: always, exits at once): rolled back too.
+    let before_v5 = traffic.samples().len();
+    let crashing = versioned(port, "v5", 80, rolling).replace(
+        r#"command: ["sh", "-c", "mkdir"#,
+        r#"restart: always
+    command: ["sh", "-c", "exit 1; mkdir"#,
+    );
+    apply(&n, crashing)?;
+    let out = n.cli(&["rollout", "status", "web", "--timeout", "90s"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && text.contains("revision 6: failed"), "{text}");
+    assert!(text.contains("web-1 restarted") || text.contains("web-1 exited"), "{text}");
+    wait_for(30 * SEC, "the second rollback to complete", || {
+        n.ok(&["rollout", "status", "web", "--no-wait"]).ok().filter(|o| o.contains("revision 7: complete"))
+    })?;
+    let s = traffic.samples();
+    assert!(s[before_v5..].iter().filter_map(|x| x.body.as_deref().ok()).all(|b| b.trim() == "v3"), "v3 kept serving");
+
     // Undo goes back to the newest complete revision before: v2.
     let out = n.ok(&["rollout", "undo", "web"])?;
     assert!(out.contains("undo to revision 2"), "{out}");
