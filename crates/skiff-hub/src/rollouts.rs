@@ -196,8 +196,9 @@ impl Hub {
         Ok(())
     }
 
-    /// Records how `d`'s newest revision stands when it has ended; acts on a failure only
-    /// with `act` (a read of the status or an apply only records completions).
+    /// Records how `d`'s newest revision stands when it has ended; moves a wave on or acts
+    /// on a failure only with `act` (a read of the status or an apply only records
+    /// completions).
     pub(crate) fn settle(
         &self,
         d: &Deployment,
@@ -218,7 +219,7 @@ impl Hub {
             s.message = Some(format!("wave on {} of {} nodes", wave.len(), all.len()));
             match ws.state {
                 RolloutState::Failed => s = RolloutStatus { state: RolloutState::Failed, message: ws.message, ..s },
-                RolloutState::Complete if wave.len() < all.len() => {
+                RolloutState::Complete if wave.len() < all.len() && act => {
                     let n = rollout::next_wave(wave.len(), d.update.wave_growth, all.len());
                     let next: Vec<String> = all.into_iter().take(n).collect();
                     self.store.set_wave(&d.name, newest.revision, &next).map_err(|e| e.to_string())?;
