@@ -309,8 +309,12 @@ fn workload(
             }
             if let Some(mv) = get(sv, "memory") {
                 let s = string(mv, &format!("{sp}.memory"))?;
-                let b = skiff_model::parse_bytes(&s)
-                    .map_err(|e| ManifestError::at(format!("{sp}.memory"), e.to_string()))?;
+                // Kubernetes' quantities: `128M` is 128·10⁶ bytes, `128Mi` 128·2²⁰.
+                let b = skiff_model::autoscale::milli_value(&s)
+                    .ok()
+                    .filter(|m| *m > 0)
+                    .map(|m| (m as u64).div_ceil(1000))
+                    .ok_or_else(|| ManifestError::at(format!("{sp}.memory"), format!("{s:?} is not a size")))?;
                 if reservation {
                     d.resources.memory_reservation_bytes = Some(b)
                 } else {
@@ -507,6 +511,18 @@ spec:
         let three = import_k8s(&APP.replace("replicas: 1", "replicas: 3"), "default").unwrap();
         assert_eq!(three.deployments[0].replicas, 3, "replicas behind one host port are balanced by the node proxy");
         assert!(err("kind: [").contains("not valid YAML"));
+    }
+
+    #[test]
+    fn memory_is_a_kubernetes_quantity() {
+        let base = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: w}\nspec:\n  template:\n    spec:\n      containers: [{name: c, image: i, resources: {limits: {memory: MEM}}}]\n";
+        let mem =
+            |q: &str| import_k8s(&base.replace("MEM", q), "default").map(|k| k.deployments[0].resources.memory_bytes);
+        assert_eq!(mem("128Mi").unwrap(), Some(128 << 20));
+        assert_eq!(mem("128M").unwrap(), Some(128_000_000), "decimal M, as Kubernetes");
+        assert_eq!(mem("1G").unwrap(), Some(1_000_000_000));
+        assert_eq!(mem("134217728").unwrap(), Some(134_217_728));
+        assert!(mem("12XB").unwrap_err().to_string().ends_with("resources.limits.memory: \"12XB\" is not a size"));
     }
 
     #[test]
