@@ -8,11 +8,8 @@
 //! up under the slot's name. A stop-first update stops the old primary instead. A
 //! retiring instance whose template is wanted again (a rollback) is promoted back.
 
-use skiff_model::rollout::{Strategy, UpdateConfig};
+use skiff_model::rollout::{Strategy, UpdateConfig, CRASH_LOOP_RESTARTS};
 use skiff_model::{Health, InstanceState};
-
-/// Restarts of a new instance after which its update counts as failed.
-pub const CRASH_LOOP_RESTARTS: u32 = 3;
 
 /// What the planner knows about one instance of the deployment.
 #[derive(Debug, Clone)]

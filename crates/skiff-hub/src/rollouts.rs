@@ -8,12 +8,10 @@
 
 use crate::{ApplyError, Hub};
 use skiff_model::api::ApplyRequest;
-use skiff_model::rollout::{self, FailureAction, Revision, RolloutState, RolloutStatus, Strategy};
+use skiff_model::rollout::{self, FailureAction, Revision, RolloutState, RolloutStatus, Strategy, CRASH_LOOP_RESTARTS};
 use skiff_model::{Deployment, EventRecord, Health, InstanceState, InstanceStatus, PlacementMode};
 
 const EVENTS_KEPT: usize = 1_000;
-/// Restarts of a new instance after which it counts as crash looping (as the agent).
-pub const CRASH_LOOP_RESTARTS: u32 = 3;
 
 pub struct Rollouts {
     events: crate::events::EventLog,

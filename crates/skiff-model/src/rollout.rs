@@ -70,6 +70,10 @@ impl IntOrPercent {
     }
 }
 
+/// Restarts of a new instance after which it counts as crash-looping: the agent stops
+/// replacing old instances and the hub fails the rollout at the same count.
+pub const CRASH_LOOP_RESTARTS: u32 = 3;
+
 /// What the hub does when a rollout fails (compose's `failure_action`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
