@@ -138,13 +138,9 @@ impl Hub {
         if !req.dry_run {
             // A revision that finished before this change is recorded as complete rather
             // than superseded (the controller may not have looked yet).
-            let instances = self.instances();
-            let now = fleet::now_ms();
-            for d in &req.deployments {
-                if let Ok(Some(stored)) = self.store.get(&d.name) {
-                    let _ = self.settle(&stored.spec, &instances, now, false);
-                }
-            }
+            let stored: Vec<Deployment> =
+                req.deployments.iter().filter_map(|d| self.store.get(&d.name).ok().flatten().map(|s| s.spec)).collect();
+            let _ = self.settle_progressing(&stored, fleet::now_ms(), false);
         }
         let mut resp = self
             .store

@@ -116,8 +116,9 @@ impl Hub {
         let Some(d) = self.store.get(name).map_err(|e| ApplyError::Internal(e.to_string()))? else {
             return Ok(None);
         };
+        let h = self.history_of(name)?;
         let now = crate::fleet::now_ms();
-        self.settle(&d.spec, &self.instances(), now, false).map(Some).map_err(ApplyError::Internal)
+        self.settle(&d.spec, &h, &self.instances(), now, false).map(Some).map_err(ApplyError::Internal)
     }
 
     /// `name`'s revision history, oldest first (`None`: no such deployment).
@@ -182,13 +183,19 @@ impl Hub {
     /// One pass of the rollout controller: completes or fails each deployment's newest
     /// revision from what its instances report, and rolls back failed ones.
     pub fn roll(&self, now_ms: u64) -> Result<(), String> {
-        // Instances are gathered (from every node) only when a rollout is in progress.
+        let all: Vec<Deployment> = self.store.list().map_err(|e| e.to_string())?.into_iter().map(|s| s.spec).collect();
+        self.settle_progressing(&all, now_ms, true)
+    }
+
+    /// Settles the deployments of `ds` whose newest revision is still in progress; the
+    /// instances (from every node) are gathered only if there is one.
+    pub(crate) fn settle_progressing(&self, ds: &[Deployment], now_ms: u64, act: bool) -> Result<(), String> {
         let mut instances: Option<Vec<InstanceStatus>> = None;
-        for stored in self.store.list().map_err(|e| e.to_string())? {
-            let h = self.store.history(&stored.spec.name).map_err(|e| e.to_string())?;
+        for d in ds {
+            let h = self.store.history(&d.name).map_err(|e| e.to_string())?;
             if h.last().is_some_and(|r| r.state == RolloutState::Progressing) {
                 let all = instances.get_or_insert_with(|| self.instances());
-                self.settle(&stored.spec, all, now_ms, true)?;
+                self.settle(d, &h, all, now_ms, act)?;
             }
         }
         Ok(())
@@ -197,17 +204,17 @@ impl Hub {
     /// Records how `d`'s newest revision stands when it has ended; moves a wave on or acts
     /// on a failure only with `act` (a read of the status or an apply only records
     /// completions).
-    pub(crate) fn settle(
+    fn settle(
         &self,
         d: &Deployment,
+        h: &[Revision],
         instances: &[InstanceStatus],
         now_ms: u64,
         act: bool,
     ) -> Result<RolloutStatus, String> {
-        let h = self.store.history(&d.name).map_err(|e| e.to_string())?;
         let mut s = status(d, h.last(), instances);
         let Some(newest) = h.last().filter(|r| r.state == RolloutState::Progressing) else { return Ok(s) };
-        if let (Some((wave, _)), Some(f)) = (wave_of(d, &h), &self.fleet) {
+        if let (Some((wave, _)), Some(f)) = (wave_of(d, h), &self.fleet) {
             let all = f.nodes_of(&d.name);
             // Judged on the wave's own instances: its failure ratio, and whether it is done.
             let on_wave: Vec<InstanceStatus> = instances.iter().filter(|i| wave.contains(&i.node)).cloned().collect();
