@@ -641,15 +641,19 @@ impl Agent {
     /// Marks running instances ready (healthy if probed, first published TCP port
     /// answering) or not, keeping the time they became ready.
     async fn observe_readiness(&self, now: u64) -> Result<(), AgentError> {
+        let ready = |row: &InstanceRow, answers: bool| {
+            answers && row.state == InstanceState::Running && matches!(row.health, None | Some(Health::Healthy))
+        };
         for r in self.db(|s| s.instances())? {
             let answers = r.state == InstanceState::Running && self.port_answers(&r).await;
+            // Written only on a change, re-checked under the lock (a probe may have moved).
+            if ready(&r, answers) == r.ready_since_ms.is_some() {
+                continue;
+            }
             let id = r.container_id;
             self.update_row(&r.name, |row| {
-                let ready = answers
-                    && row.container_id == id
-                    && row.state == InstanceState::Running
-                    && matches!(row.health, None | Some(Health::Healthy));
-                let since = if ready { row.ready_since_ms.or(Some(now)) } else { None };
+                let since =
+                    if row.container_id == id && ready(row, answers) { row.ready_since_ms.or(Some(now)) } else { None };
                 (since != row.ready_since_ms).then(|| row.ready_since_ms = since)
             })?;
         }
