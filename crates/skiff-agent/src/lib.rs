@@ -507,8 +507,13 @@ impl Agent {
                     self.db(|s| s.put_instance(&r))?;
                 }
                 Liveness::Gone => {
-                    let exit =
-                        skiff_model::ExitStatus { code: 255, signal: None, oom_killed: false, finished_at_ms: now };
+                    let exit = skiff_model::ExitStatus {
+                        code: 255,
+                        signal: None,
+                        oom_killed: false,
+                        finished_at_ms: now,
+                        message: None,
+                    };
                     let cause = "container lost (node rebooted or its shim was killed)";
                     let r = self.on_exit(r.clone(), exit, now, Some(("Lost", cause)));
                     self.db(|s| s.put_instance(&r))?;
@@ -950,7 +955,13 @@ impl Agent {
                 warn!(instance = %r.name, error = %e, "start failed");
                 // Counts as a failed run (exit 127, as a shell reports) for the restart policy;
                 // an instance that will not be retried is Failed rather than Exited.
-                let exit = skiff_model::ExitStatus { code: 127, signal: None, oom_killed: false, finished_at_ms: now };
+                let exit = skiff_model::ExitStatus {
+                    code: 127,
+                    signal: None,
+                    oom_killed: false,
+                    finished_at_ms: now,
+                    message: None,
+                };
                 let mut r = self.on_exit(r, exit, now, Some(("Failed", &e.to_string())));
                 if r.state == InstanceState::Exited {
                     r.state = InstanceState::Failed;

@@ -100,7 +100,7 @@ mod tests {
     use skiff_model::Dependency;
 
     fn exit(code: i32, at: u64) -> ExitStatus {
-        ExitStatus { code, signal: None, oom_killed: false, finished_at_ms: at }
+        ExitStatus { code, signal: None, oom_killed: false, finished_at_ms: at, message: None }
     }
 
     #[test]

@@ -63,7 +63,113 @@ pub struct Deployment {
     /// How instances are replaced when the template changes.
     #[serde(default, skip_serializing_if = "crate::rollout::UpdateConfig::is_default")]
     pub update: crate::rollout::UpdateConfig,
+    /// What runs the instances: an OCI container (runc) or a WebAssembly program.
+    #[serde(default, skip_serializing_if = "RuntimeKind::is_default")]
+    pub runtime: RuntimeKind,
+    /// Settings only the `wasm` runtime reads.
+    #[serde(default, skip_serializing_if = "WasmOptions::is_default")]
+    pub wasm: WasmOptions,
 }
+
+/// The runtime backend of a deployment's instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// An OCI container run by runc.
+    #[default]
+    Oci,
+    /// A WASI program (preview 1 module or preview 2 component) run by wasmtime.
+    Wasm,
+}
+
+impl RuntimeKind {
+    pub const ALL: [RuntimeKind; 2] = [RuntimeKind::Oci, RuntimeKind::Wasm];
+
+    pub fn is_default(&self) -> bool {
+        *self == RuntimeKind::Oci
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RuntimeKind::Oci => "oci",
+            RuntimeKind::Wasm => "wasm",
+        }
+    }
+
+    /// `oci` or `wasm` (also `runc` and `wasmtime`, the programs behind them).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "oci" | "runc" => Some(RuntimeKind::Oci),
+            "wasm" | "wasmtime" => Some(RuntimeKind::Wasm),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Settings of the `wasm` runtime. `--memory` and `--cpus` (in [`Resources`]) apply to
+/// WebAssembly instances too: memory caps linear memories and tables, CPU is a share of
+/// one core's time enforced between wasm instructions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WasmOptions {
+    /// Wall-clock limit: a command is stopped after this long (exit code 124); for an HTTP
+    /// component, it bounds each request (504 when it runs out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// HTTP components: instances kept ready in a pool of this many slots (the pooling
+    /// allocator), which is also the most requests served at once. Unset: a fresh
+    /// instance per request, as many at once as requests arrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<u32>,
+}
+
+impl WasmOptions {
+    pub fn is_default(&self) -> bool {
+        *self == WasmOptions::default()
+    }
+}
+
+/// What a WebAssembly binary is, from its 8-byte preamble.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WasmKind {
+    /// A core module (WASI preview 1).
+    Module,
+    /// A component (WASI preview 2).
+    Component,
+}
+
+impl WasmKind {
+    /// `\0asm`, then version 1 (a module) or layer 1 (a component).
+    pub fn detect(head: &[u8]) -> Option<WasmKind> {
+        match head.get(..8)? {
+            [0, b'a', b's', b'm', 1, 0, 0, 0] => Some(WasmKind::Module),
+            [0, b'a', b's', b'm', _, _, 1, 0] => Some(WasmKind::Component),
+            _ => None,
+        }
+    }
+
+    /// The OS a Wasm OCI artifact config names for it.
+    pub fn artifact_os(self) -> &'static str {
+        match self {
+            WasmKind::Module => "wasip1",
+            WasmKind::Component => "wasip2",
+        }
+    }
+}
+
+/// The exit code of a WebAssembly command stopped by its wall-clock `timeout` (as
+/// coreutils' `timeout` reports it).
+pub const WASM_TIMEOUT_EXIT_CODE: i32 = 124;
+/// The exit code of a WebAssembly instance that trapped (wasmtime's CLI reports a trap as
+/// an abort, 128 + SIGABRT).
+pub const WASM_TRAP_EXIT_CODE: i32 = 134;
 
 /// `replicas` instances placed by the scheduler, or one on every matching node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +245,8 @@ impl Deployment {
             stop_grace_period_ms: default_grace(),
             autoscale: None,
             update: Default::default(),
+            runtime: RuntimeKind::default(),
+            wasm: WasmOptions::default(),
         }
     }
 
@@ -468,6 +576,14 @@ mod tests {
         assert_eq!(restart_backoff_ms(1), 200);
         assert_eq!(restart_backoff_ms(3), 800);
         assert_eq!(restart_backoff_ms(30), 60_000);
+    }
+
+    #[test]
+    fn wasm_headers_tell_modules_from_components() {
+        assert_eq!(WasmKind::detect(b"\0asm\x01\0\0\0rest"), Some(WasmKind::Module));
+        assert_eq!(WasmKind::detect(b"\0asm\x0d\0\x01\0"), Some(WasmKind::Component));
+        assert_eq!(WasmKind::detect(b"\x7fELF\x02\x01\x01\0"), None);
+        assert_eq!(WasmKind::detect(b"\0asm"), None);
     }
 
     #[test]

@@ -104,4 +104,8 @@ pub struct ExitStatus {
     #[serde(default)]
     pub oom_killed: bool,
     pub finished_at_ms: u64,
+    /// Why it ended, when the runtime knows more than the code says (a WebAssembly trap,
+    /// the memory limit, the wall-clock timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }

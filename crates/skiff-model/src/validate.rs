@@ -1,6 +1,6 @@
 //! Validation of desired state. Every error names the field and the problem.
 
-use crate::{Deployment, VolumeSource};
+use crate::{Deployment, RuntimeKind, VolumeSource};
 use thiserror::Error;
 
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -149,10 +149,15 @@ impl Deployment {
         }
         if let Some(m) = r.memory_bytes {
             // runc refuses limits below what the kernel can honour; Docker's minimum is 6 MiB.
-            if m < 6 << 20 {
+            // A WebAssembly memory grows in 64 KiB pages: one page is the least it can have.
+            let (min, spelled) = match self.runtime {
+                RuntimeKind::Oci => (6 << 20, "6MiB"),
+                RuntimeKind::Wasm => (WASM_PAGE, "64KiB (one wasm page)"),
+            };
+            if m < min {
                 return Err(ValidationError::new(
                     "resources.memory",
-                    format!("{m} bytes is below the minimum of 6MiB"),
+                    format!("{m} bytes is below the minimum of {spelled}"),
                 ));
             }
         }
@@ -238,9 +243,52 @@ impl Deployment {
                 return Err(ValidationError::new(format!("depends_on[{i}]"), "a deployment cannot depend on itself"));
             }
         }
+        self.validate_runtime()
+    }
+
+    /// What the chosen runtime can honour: a WebAssembly instance has no Linux user,
+    /// capabilities, devices, host name or shell, so asking for them is an error rather
+    /// than something silently dropped.
+    fn validate_runtime(&self) -> Result<(), ValidationError> {
+        if self.runtime == RuntimeKind::Oci {
+            if !self.wasm.is_default() {
+                return Err(ValidationError::new("wasm", "is only read by the wasm runtime (runtime: wasm)"));
+            }
+            return Ok(());
+        }
+        let unsupported = [
+            ("user", self.user.is_some()),
+            ("cap_add", !self.cap_add.is_empty()),
+            ("cap_drop", !self.cap_drop.is_empty()),
+            ("devices", !self.devices.is_empty()),
+            ("hostname", self.hostname.is_some()),
+            ("working_dir", self.working_dir.is_some()),
+            ("resources.cpu_shares", self.resources.cpu_shares.is_some()),
+            ("resources.pids", self.resources.pids_limit.is_some()),
+        ];
+        if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return Err(ValidationError::new(*field, "is not supported by the wasm runtime"));
+        }
+        if self.healthcheck.is_some() {
+            return Err(ValidationError::new(
+                "healthcheck",
+                "a wasm instance has no shell to run a check in; publish a port and readiness follows it",
+            ));
+        }
+        if self.wasm.timeout_ms == Some(0) {
+            return Err(ValidationError::new("wasm.timeout", "must be greater than 0"));
+        }
+        if let Some(p) = self.wasm.pool {
+            if !(1..=1000).contains(&p) {
+                return Err(ValidationError::new("wasm.pool", format!("{p} is outside 1..=1000")));
+            }
+        }
         Ok(())
     }
 }
+
+/// The size of a WebAssembly memory page.
+pub const WASM_PAGE: u64 = 64 << 10;
 
 /// A node label key: `site`, `camera`, `skiff.dev/zone`.
 pub fn is_label_key(k: &str) -> bool {
@@ -284,6 +332,76 @@ mod tests {
             None,
         );
         check(|d| d.update.max_failure_ratio = -0.5, Some("update.max_failure_ratio: must be between 0 and 1"));
+    }
+
+    #[test]
+    fn wasm_rules() {
+        let wasm = |d: &mut Deployment| d.runtime = RuntimeKind::Wasm;
+        check(wasm, None);
+        check(
+            |d| {
+                wasm(d);
+                d.resources.memory_bytes = Some(64 << 10);
+                d.resources.cpus_millis = Some(200);
+                d.wasm.timeout_ms = Some(5_000);
+                d.wasm.pool = Some(8);
+            },
+            None,
+        );
+        check(
+            |d| {
+                wasm(d);
+                d.resources.memory_bytes = Some(1000);
+            },
+            Some("resources.memory: 1000 bytes is below the minimum of 64KiB (one wasm page)"),
+        );
+        check(
+            |d| {
+                wasm(d);
+                d.user = Some("1000".into());
+            },
+            Some("user: is not supported by the wasm runtime"),
+        );
+        check(
+            |d| {
+                wasm(d);
+                d.resources.cpu_shares = Some(512);
+            },
+            Some("resources.cpu_shares: is not supported by the wasm runtime"),
+        );
+        check(
+            |d| {
+                wasm(d);
+                d.healthcheck = Some(crate::HealthCheck {
+                    test: vec!["true".into()],
+                    shell: false,
+                    interval_ms: 1000,
+                    timeout_ms: 1000,
+                    retries: 3,
+                    start_period_ms: 0,
+                });
+            },
+            Some(
+                "healthcheck: a wasm instance has no shell to run a check in; publish a port and readiness follows it",
+            ),
+        );
+        check(
+            |d| {
+                wasm(d);
+                d.wasm.pool = Some(0);
+            },
+            Some("wasm.pool: 0 is outside 1..=1000"),
+        );
+        check(
+            |d| {
+                wasm(d);
+                d.wasm.timeout_ms = Some(0);
+            },
+            Some("wasm.timeout: must be greater than 0"),
+        );
+        check(|d| d.wasm.timeout_ms = Some(1000), Some("wasm: is only read by the wasm runtime (runtime: wasm)"));
+        assert_eq!(RuntimeKind::parse("wasmtime"), Some(RuntimeKind::Wasm));
+        assert_eq!(RuntimeKind::parse("crun"), None);
     }
 
     #[test]

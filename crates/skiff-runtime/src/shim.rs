@@ -188,7 +188,7 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
     if let Err(e) = runc.delete(&cfg.id) {
         diag(bundle, &format!("runc delete: {e}"));
     }
-    let exit = ExitStatus { code, signal, oom_killed, finished_at_ms: crate::time::now_ms() };
+    let exit = ExitStatus { code, signal, oom_killed, finished_at_ms: crate::time::now_ms(), message: None };
     let tmp = bundle.join(".exit.json.tmp");
     let bytes = serde_json::to_vec(&exit).unwrap_or_default();
     if std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, bundle.join(EXIT_FILE))).is_err() {
