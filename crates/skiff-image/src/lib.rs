@@ -16,11 +16,14 @@ pub mod registry;
 mod save;
 pub mod store;
 pub mod unpack;
+pub mod wasm;
 
 mod load;
 
 pub use error::ImageError;
 pub use gc::{GcPolicy, Pruned};
 pub use reference::normalize_reference;
+pub use skiff_model::WasmKind;
 pub use store::{ImageConfig, ImageInfo, ImageStore, ImageSummary};
 pub use unpack::{unpack_layer, UnpackError};
+pub use wasm::{Target, WasmModule};

@@ -46,6 +46,15 @@ impl ImageStore {
     /// image when the archive does not (an OCI layout whose index has no name).
     pub fn load(&self, path: &Path, tag: Option<&str>) -> Result<Vec<String>, ImageError> {
         let meta = fs::metadata(path).ctx("open", path)?;
+        if meta.is_file() && is_wasm_file(path)? {
+            // A bare module or component: stored as a Wasm OCI artifact.
+            let name = match tag {
+                Some(t) => t.to_string(),
+                None => crate::wasm::file_reference(path)?,
+            };
+            self.import_wasm(path, &name)?;
+            return Ok(vec![crate::normalize_reference(&name)]);
+        }
         let _lease = self.lease()?;
         if meta.is_dir() {
             return self.load_dir(path, tag);
@@ -159,8 +168,13 @@ impl ImageStore {
                 }
             };
             self.tag(&name, &desc.digest)?;
-            // Unpack now when the image has a variant for this machine, so errors show at load.
-            match self.resolve(&name) {
+            // Unpack now when the image has a variant for this machine (or a WebAssembly
+            // one), so errors show at load.
+            let resolved = match self.resolve(&name) {
+                Err(ImageError::NoPlatform { .. }) => self.resolve_for(&name, crate::Target::Wasm),
+                r => r,
+            };
+            match resolved {
                 Ok(_) | Err(ImageError::NoPlatform { .. }) => {}
                 Err(e) => return Err(e),
             }
@@ -192,6 +206,13 @@ impl ImageStore {
 fn expected_from_name(name: &str) -> Option<String> {
     let hex = name.strip_prefix("blobs/sha256/")?;
     Some(format!("sha256:{hex}"))
+}
+
+fn is_wasm_file(p: &Path) -> Result<bool, ImageError> {
+    let mut f = fs::File::open(p).ctx("open", p)?;
+    let mut b = [0u8; 8];
+    let n = f.read(&mut b).ctx("read", p)?;
+    Ok(crate::WasmKind::detect(&b[..n]).is_some())
 }
 
 fn is_gzip(p: &Path) -> Result<bool, ImageError> {

@@ -255,6 +255,10 @@ impl Client {
         if m.is_index() {
             return Ok(m.manifests.unwrap_or_default().into_iter().filter_map(|d| d.platform).collect());
         }
+        // Whatever an artifact's config says (some are `{}`), its layer is a wasm binary.
+        if crate::wasm::is_artifact(&m) {
+            return Ok(vec![crate::wasm::wasm_platform()]);
+        }
         let config =
             m.config.ok_or_else(|| ImageError::Malformed { what: digest, problem: "manifest has no config".into() })?;
         sha256_hex(&config.digest)?;
@@ -606,13 +610,19 @@ async fn pull_inner(
         remember(store.blob_path(&config.digest));
         fetch_blob(store, client, &config, opts, None).await?;
     }
-    let diff_ids = store.diff_ids(&config.digest)?;
-    if diff_ids.len() != layers.len() {
-        return Err(ImageError::Malformed {
-            what: config.digest.clone(),
-            problem: format!("config lists {} diff_ids for {} layers", diff_ids.len(), layers.len()),
-        });
-    }
+    // A Wasm artifact's layers are stored as verified blobs and never unpacked.
+    let diff_ids: Vec<Option<String>> = if crate::wasm::is_artifact(&manifest) {
+        vec![None; layers.len()]
+    } else {
+        let diff_ids = store.diff_ids(&config.digest)?;
+        if diff_ids.len() != layers.len() {
+            return Err(ImageError::Malformed {
+                what: config.digest.clone(),
+                problem: format!("config lists {} diff_ids for {} layers", diff_ids.len(), layers.len()),
+            });
+        }
+        diff_ids.into_iter().map(Some).collect()
+    };
     let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallel.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for (desc, diff_id) in layers.into_iter().zip(diff_ids) {
@@ -627,19 +637,23 @@ async fn pull_inner(
         if !present {
             remember(store.blob_path(&desc.digest));
         }
-        if !store.layer_dir(&diff_id).is_ok_and(|d| d.exists()) {
-            remember(store.layer_dir(&diff_id));
+        if let Some(diff_id) = &diff_id {
+            if !store.layer_dir(diff_id).is_ok_and(|d| d.exists()) {
+                remember(store.layer_dir(diff_id));
+            }
         }
         let (store, client, sem, opts) = (Arc::clone(store), Arc::clone(client), Arc::clone(&sem), opts.clone());
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let layer = crate::store::LayerRef { digest: desc.digest.clone(), diff_id, size: desc.size };
+            let layer =
+                diff_id.map(|diff_id| crate::store::LayerRef { digest: desc.digest.clone(), diff_id, size: desc.size });
             if !present {
-                fetch_blob(&store, &client, &desc, &opts, Some(&layer)).await?;
+                fetch_blob(&store, &client, &desc, &opts, layer.as_ref()).await?;
             }
             if client.cancel.load(Ordering::Relaxed) {
                 return Err(client.err(&desc.digest, "cancelled"));
             }
+            let Some(layer) = layer else { return Ok(()) };
             // Already unpacked while it downloaded, unless the download had to resume.
             let st = Arc::clone(&store);
             tokio::task::spawn_blocking(move || st.ensure_layer(&layer).map(|_| ()))

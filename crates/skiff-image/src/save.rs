@@ -21,11 +21,18 @@ fn add_bytes<W: std::io::Write>(b: &mut tar::Builder<W>, path: &str, data: &[u8]
 }
 
 impl ImageStore {
-    /// Writes `references` (this machine's variant of each) to `out`, atomically.
+    /// Writes `references` (this machine's variant of each) to `out`, atomically. A
+    /// `docker save` tarball cannot carry a Wasm artifact (its layer is no tar), so when
+    /// one of them is, all are written as an oci-archive instead.
     pub fn save(&self, references: &[String], out: &Path) -> Result<(), ImageError> {
         let infos = references.iter().map(|r| self.inspect(r)).collect::<Result<Vec<_>, _>>()?;
         let tmp = out.with_extension("partial");
         let res = (|| {
+            if infos.iter().any(|i| i.wasm.is_some()) {
+                return self
+                    .write_oci_archive(&infos, references, &tmp)
+                    .and_then(|()| fs::rename(&tmp, out).ctx("rename", out));
+            }
             let file = fs::File::create(&tmp).ctx("create", &tmp)?;
             let mut b = tar::Builder::new(std::io::BufWriter::new(file));
             let mut written = BTreeSet::new();
@@ -73,6 +80,49 @@ impl ImageStore {
             let _ = fs::remove_file(&tmp);
         }
         res
+    }
+
+    /// An OCI image layout in a tar (`oci-layout`, `index.json`, `blobs/sha256/*`): every
+    /// blob of each image's chosen manifest, as stored, with the reference as its name.
+    fn write_oci_archive(
+        &self,
+        infos: &[crate::ImageInfo],
+        references: &[String],
+        tmp: &Path,
+    ) -> Result<(), ImageError> {
+        let file = fs::File::create(tmp).ctx("create", tmp)?;
+        let mut b = tar::Builder::new(std::io::BufWriter::new(file));
+        let mut written = BTreeSet::new();
+        let mut index = vec![];
+        for (info, reference) in infos.iter().zip(references) {
+            let manifest = self.read_blob(&info.manifest_digest)?;
+            let digests = std::iter::once(info.manifest_digest.clone())
+                .chain(std::iter::once(info.config_digest.clone()))
+                .chain(info.layers.iter().map(|l| l.digest.clone()))
+                .chain(info.wasm.iter().map(|w| w.digest.clone()));
+            for d in digests {
+                let name = format!("blobs/sha256/{}", sha256_hex(&d)?);
+                if written.insert(name.clone()) {
+                    b.append_path_with_name(self.blob_path(&d)?, &name).ctx("write", tmp)?;
+                }
+            }
+            let name = crate::normalize_reference(reference);
+            index.push(serde_json::json!({
+                "mediaType": crate::store::MT_OCI_MANIFEST,
+                "digest": info.manifest_digest,
+                "size": manifest.len(),
+                "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name},
+            }));
+        }
+        let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": index}))
+            .map_err(|e| ImageError::Malformed { what: "index.json".into(), problem: e.to_string() })?;
+        add_bytes(&mut b, "index.json", &index).ctx("write", tmp)?;
+        add_bytes(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).ctx("write", tmp)?;
+        let w = b.into_inner().ctx("write", tmp)?;
+        w.into_inner()
+            .map_err(|e| ImageError::Io { op: "write", path: tmp.to_path_buf(), source: e.into_error() })?
+            .sync_all()
+            .ctx("sync", tmp)
     }
 
     /// Appends a layer blob as an uncompressed tar entry (decompressed into `tmp/` first,

@@ -14,6 +14,7 @@
 
 use crate::digest::{sha256_hex, sha256_of, HashingReader};
 use crate::error::IoContext;
+use crate::wasm::Target;
 use crate::{normalize_reference, ImageError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -72,8 +73,10 @@ pub fn choose_platform<'a>(
     want: &Platform,
     reference: &str,
 ) -> Result<&'a Descriptor, ImageError> {
+    // Wasm images name their OS wasi (Docker), wasip1 or wasip2 (Wasm OCI artifacts).
+    let os_matches = |os: &str| os == want.os || (want.is_wasm() && os.starts_with("wasi"));
     let matches = |p: &Platform| {
-        p.os == want.os
+        os_matches(&p.os)
             && p.architecture == want.architecture
             && (want.variant.is_none() || p.variant.is_none() || p.variant == want.variant)
     };
@@ -162,6 +165,10 @@ pub struct ImageInfo {
     pub platform: String,
     pub config: ImageConfig,
     pub layers: Vec<LayerRef>,
+    /// A Wasm OCI artifact's module layer (a raw WebAssembly binary, never unpacked);
+    /// `layers` is then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<Descriptor>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -169,6 +176,9 @@ pub struct ImageSummary {
     pub reference: String,
     pub digest: String,
     pub size: u64,
+    /// `linux/amd64`, `wasip1/wasm`, ...; empty when the image cannot be read.
+    #[serde(default)]
+    pub platform: String,
 }
 
 pub struct ImageStore {
@@ -385,15 +395,29 @@ impl ImageStore {
     /// Resolves a reference (`name:tag`, a short name, or an image/manifest digest) to a
     /// runnable image for the host platform, unpacking its layers if needed.
     pub fn resolve(&self, reference: &str) -> Result<ImageInfo, ImageError> {
-        let info = self.inspect(reference)?;
+        self.resolve_for(reference, Target::Host)
+    }
+
+    /// `resolve` for the entry of a multi-platform image that `target` runs.
+    pub fn resolve_for(&self, reference: &str, target: Target) -> Result<ImageInfo, ImageError> {
+        let info = self.inspect_for(reference, target)?;
         for l in &info.layers {
             self.ensure_layer(l)?;
         }
         Ok(info)
     }
 
-    /// Like `resolve`, without unpacking.
+    /// Like `resolve`, without unpacking. An image that offers no platform of this
+    /// machine but a WebAssembly one (a wasm-only index) is shown as that.
     pub fn inspect(&self, reference: &str) -> Result<ImageInfo, ImageError> {
+        match self.inspect_for(reference, Target::Host) {
+            Err(e @ ImageError::NoPlatform { .. }) => self.inspect_for(reference, Target::Wasm).map_err(|_| e),
+            r => r,
+        }
+    }
+
+    /// Like `resolve_for`, without unpacking.
+    pub fn inspect_for(&self, reference: &str, target: Target) -> Result<ImageInfo, ImageError> {
         let refs = self.refs()?;
         let norm = normalize_reference(reference);
         let (name, top) = if let Some(d) = refs.get(&norm).or_else(|| refs.get(reference)) {
@@ -406,7 +430,7 @@ impl ImageStore {
             let mut found = None;
             if want.len() >= 12 && want.bytes().all(|b| b.is_ascii_hexdigit()) {
                 for (r, d) in &refs {
-                    if let Ok(info) = self.image_for(r, d) {
+                    if let Ok(info) = self.image_for(r, d, target) {
                         if info.config_digest.trim_start_matches("sha256:").starts_with(want) {
                             found = Some((r.clone(), d.clone()));
                             break;
@@ -416,22 +440,25 @@ impl ImageStore {
             }
             found.ok_or_else(|| ImageError::NotFound(reference.to_string()))?
         };
-        self.image_for(&name, &top)
+        self.image_for(&name, &top, target)
     }
 
-    fn image_for(&self, reference: &str, top: &str) -> Result<ImageInfo, ImageError> {
+    fn image_for(&self, reference: &str, top: &str, target: Target) -> Result<ImageInfo, ImageError> {
         let m: Manifest = self.read_json(top)?;
         let (manifest_digest, m) = if m.is_index() {
             let list = m.manifests.unwrap_or_default();
-            let d = choose_platform(&list, &host_platform(), reference)?;
+            let d = choose_platform(&list, &target.platform(), reference)?;
             (d.digest.clone(), self.read_json::<Manifest>(&d.digest)?)
         } else {
             (top.to_string(), m)
         };
-        let config_desc = m.config.ok_or_else(|| ImageError::Malformed {
+        let config_desc = m.config.clone().ok_or_else(|| ImageError::Malformed {
             what: manifest_digest.clone(),
             problem: "manifest has no config".into(),
         })?;
+        if crate::wasm::is_artifact(&m) {
+            return self.artifact_for(reference, manifest_digest, config_desc, m);
+        }
         let layers = m.layers.unwrap_or_default();
         let cfg: ConfigFile = self.read_json(&config_desc.digest)?;
         if cfg.rootfs.diff_ids.len() != layers.len() {
@@ -464,14 +491,57 @@ impl ImageStore {
             platform: platform.to_string(),
             config: cfg.config.unwrap_or_default(),
             layers,
+            wasm: None,
+        })
+    }
+
+    /// A Wasm OCI artifact: its first wasm layer is the module; its config (when it is
+    /// JSON) names the platform, `wasip1/wasm` or `wasip2/wasm`.
+    fn artifact_for(
+        &self,
+        reference: &str,
+        manifest_digest: String,
+        config_desc: Descriptor,
+        m: Manifest,
+    ) -> Result<ImageInfo, ImageError> {
+        let layer = m.layers.unwrap_or_default().into_iter().find(|l| crate::wasm::is_wasm_layer(&l.media_type));
+        let layer = layer.ok_or_else(|| ImageError::Malformed {
+            what: manifest_digest.clone(),
+            problem: format!("a wasm artifact needs a layer of type {}", crate::wasm::WASM_LAYER_TYPES.join(" or ")),
+        })?;
+        sha256_hex(&layer.digest)?;
+        #[derive(Deserialize, Default)]
+        struct WasmConfig {
+            #[serde(default)]
+            architecture: String,
+            #[serde(default)]
+            os: String,
+        }
+        let cfg: WasmConfig = self.read_json(&config_desc.digest).unwrap_or_default();
+        let platform = Platform {
+            architecture: if cfg.architecture.is_empty() { "wasm".into() } else { cfg.architecture },
+            os: if cfg.os.is_empty() { "wasi".into() } else { cfg.os },
+            variant: None,
+        };
+        Ok(ImageInfo {
+            reference: reference.to_string(),
+            manifest_digest,
+            config_digest: config_desc.digest,
+            platform: platform.to_string(),
+            config: ImageConfig::default(),
+            layers: vec![],
+            wasm: Some(layer),
         })
     }
 
     pub fn list(&self) -> Result<Vec<ImageSummary>, ImageError> {
         let mut out = vec![];
         for (r, d) in self.refs()? {
-            let size = self.inspect(&r).map(|i| i.layers.iter().map(|l| l.size).sum()).unwrap_or(0);
-            out.push(ImageSummary { reference: r, digest: d, size });
+            let info = self.inspect(&r).ok();
+            let size =
+                info.as_ref().map(|i| i.layers.iter().map(|l| l.size).chain(i.wasm.iter().map(|w| w.size)).sum());
+            let platform = info.map(|i| i.platform).unwrap_or_default();
+            out.push(ImageSummary { reference: r, digest: d, size: size.unwrap_or(0), platform });
         }
         Ok(out)
     }
