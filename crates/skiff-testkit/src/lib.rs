@@ -6,6 +6,7 @@
 pub mod registry;
 pub mod tls;
 pub mod traffic;
+pub mod wasm;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -154,6 +155,8 @@ pub struct ImageBuilder {
     pub working_dir: Option<String>,
     pub architecture: String,
     pub variant: Option<String>,
+    /// `linux`, or `wasi` for a `wasi/wasm` image.
+    pub os: String,
     pub gzip: bool,
 }
 
@@ -167,6 +170,24 @@ impl ImageBuilder {
             working_dir: None,
             architecture: host_arch().into(),
             variant: skiff_model::platform::host_arch().1.map(Into::into),
+            os: "linux".into(),
+            gzip: true,
+        })
+    }
+
+    /// A `wasi/wasm` image (Docker+Wasm's shape): one layer holding `/app.wasm`, which is
+    /// its entrypoint.
+    pub fn wasi(module: &[u8]) -> Result<Self> {
+        let layer = LayerBuilder::new().file("app.wasm", 0o755, module)?.finish()?;
+        Ok(ImageBuilder {
+            layers: vec![layer],
+            entrypoint: Some(vec!["/app.wasm".into()]),
+            cmd: None,
+            env: vec![],
+            working_dir: None,
+            architecture: "wasm".into(),
+            variant: None,
+            os: "wasi".into(),
             gzip: true,
         })
     }
@@ -200,7 +221,7 @@ impl ImageBuilder {
         let config = serde_json::json!({
             "architecture": self.architecture,
             "variant": self.variant,
-            "os": "linux",
+            "os": self.os,
             "config": {
                 "Entrypoint": self.entrypoint,
                 "Cmd": self.cmd,
@@ -267,7 +288,7 @@ impl ImageBuilder {
         let mut manifests = vec![];
         for img in images {
             let (md, ms) = img.write_blobs(dir)?;
-            let mut platform = serde_json::json!({"architecture": img.architecture, "os": "linux"});
+            let mut platform = serde_json::json!({"architecture": img.architecture, "os": img.os});
             if let Some(v) = &img.variant {
                 platform["variant"] = serde_json::json!(v);
             }
