@@ -11,17 +11,24 @@ pub mod cgroup;
 pub mod logs;
 pub mod network;
 pub mod oci;
+pub mod procfs;
 pub mod runc;
 pub mod seccomp;
 pub mod shim;
 pub mod spec;
 pub mod time;
+#[cfg(feature = "wasm")]
+pub mod wasm;
+#[cfg(not(feature = "wasm"))]
+#[path = "wasm_stub.rs"]
+pub mod wasm;
 
 use skiff_model::{Deployment, ExitStatus};
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use oci::OciRuntime;
+pub use wasm::WasmRuntime;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -37,6 +44,8 @@ pub enum RuntimeError {
     Shim(#[from] shim::ShimError),
     #[error("instance {0} is not running")]
     NotRunning(String),
+    #[error("{id}: {what}")]
+    Unsupported { id: String, what: String },
 }
 
 /// Everything a backend needs to create one instance.
@@ -54,6 +63,8 @@ pub struct CreateRequest<'a> {
     pub resolv_conf: String,
     /// (host path, container path, read only), resolved and existing.
     pub volumes: Vec<(PathBuf, String, bool)>,
+    /// The WebAssembly program (the `wasm` backend only).
+    pub wasm: Option<skiff_image::WasmModule>,
 }
 
 /// What the backend knows about an instance right now.
@@ -67,7 +78,8 @@ pub enum Liveness {
     Gone,
 }
 
-/// A runtime backend: `oci` (runc) today; `wasm` and `docker` are planned beside it.
+/// A runtime backend: `oci` (runc) and `wasm` (wasmtime in the shim); `docker` is planned
+/// beside them.
 pub trait Runtime: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Prepares the instance (filesystem, spec). Idempotent.

@@ -80,9 +80,83 @@ pub fn read_all(path: &Path) -> Vec<LogLine> {
     out
 }
 
+/// One stream of a process that writes bytes, not lines (a WebAssembly guest's stdout):
+/// complete lines become records, a line longer than [`MAX_LINE`] is split, and what is
+/// left without a newline is written by [`LineSink::finish`].
+#[derive(Clone)]
+pub struct LineSink {
+    stream: &'static str,
+    log: std::sync::Arc<std::sync::Mutex<LogWriter>>,
+    partial: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl LineSink {
+    pub fn new(stream: &'static str, log: std::sync::Arc<std::sync::Mutex<LogWriter>>) -> Self {
+        LineSink { stream, log, partial: Default::default() }
+    }
+
+    fn record(&self, line: &[u8]) -> std::io::Result<()> {
+        let mut w = self.log.lock().map_err(|_| std::io::Error::other("log lock poisoned"))?;
+        w.write(self.stream, line)
+    }
+
+    /// Writes the last line, if it had no newline.
+    pub fn finish(&self) {
+        let rest = self.partial.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
+        if !rest.is_empty() {
+            let _ = self.record(&rest);
+        }
+    }
+}
+
+impl Write for LineSink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let mut partial = self.partial.lock().map_err(|_| std::io::Error::other("log lock poisoned"))?;
+        for &b in bytes {
+            if b == b'\n' {
+                self.record(&partial)?;
+                partial.clear();
+            } else {
+                partial.push(b);
+                if partial.len() == MAX_LINE {
+                    self.record(&partial)?;
+                    partial.clear();
+                }
+            }
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_sink_makes_records_of_lines_however_the_bytes_arrive() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("container.log");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(LogWriter::open(&p, 1 << 20, 1).unwrap()));
+        let mut out = LineSink::new("stdout", log.clone());
+        let err = LineSink::new("stderr", log);
+        out.write_all(b"hel").unwrap();
+        out.write_all(b"lo\nwor").unwrap();
+        out.write_all(&vec![b'x'; MAX_LINE]).unwrap();
+        out.write_all(b"\nlast").unwrap();
+        out.clone().finish();
+        err.finish();
+        let lines: Vec<(String, String)> = read_all(&p).into_iter().map(|l| (l.stream, l.log)).collect();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(lines[0], ("stdout".into(), "hello".into()));
+        assert_eq!(lines[1].1.len(), MAX_LINE);
+        assert!(lines[1].1.starts_with("worxxx"));
+        assert_eq!(lines[2].1, "x".repeat(3));
+        assert_eq!(lines[3].1, "last");
+    }
 
     #[test]
     fn rotates_and_reads_back_in_order() {

@@ -164,10 +164,8 @@ impl Runtime for OciRuntime {
     /// is gone without having recorded an exit.
     fn liveness(&self, id: &str) -> Liveness {
         let dir = self.dir(id);
-        if let Ok(b) = fs::read(dir.join(shim::EXIT_FILE)) {
-            if let Ok(e) = serde_json::from_slice(&b) {
-                return Liveness::Exited(e);
-            }
+        if let Some(e) = shim::recorded_exit(&dir) {
+            return Liveness::Exited(e);
         }
         let read_pid = |f: &str| fs::read_to_string(dir.join(f)).ok().and_then(|p| p.trim().parse::<i32>().ok());
         // The pid must still be our shim for this bundle (pids are reused after a reboot).

@@ -24,12 +24,16 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Written by the agent as `shim.json` in the bundle directory.
+/// Written by the agent as `shim.json` in the bundle directory. A WebAssembly instance
+/// has a `wasm.json` beside it ([`crate::wasm`]) and no runc settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShimConfig {
     pub id: String,
+    #[serde(default)]
     pub runc: PathBuf,
+    #[serde(default)]
     pub runc_root: PathBuf,
+    #[serde(default)]
     pub cgroups_path: String,
     pub log_max_bytes: u64,
     pub log_max_files: u32,
@@ -117,21 +121,44 @@ pub fn main(bundle: &Path, daemon: bool) -> i32 {
     }
 }
 
-fn diag(bundle: &Path, msg: &str) {
+pub(crate) fn diag(bundle: &Path, msg: &str) {
     if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(bundle.join("shim.log")) {
         let _ = writeln!(f, "{} {msg}", crate::time::rfc3339_nanos(std::time::SystemTime::now()));
     }
 }
 
-fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
-    let cfg: ShimConfig = std::fs::read(bundle.join(SHIM_CONFIG))
+/// Reads a JSON file of the bundle.
+pub(crate) fn read_config<T: serde::de::DeserializeOwned>(bundle: &Path, name: &str) -> Result<T, String> {
+    std::fs::read(bundle.join(name))
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        .map_err(|e| format!("reading {}: {e}", bundle.join(SHIM_CONFIG).display()))?;
-    nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("set_child_subreaper: {e}"))?;
+        .map_err(|e| format!("reading {}: {e}", bundle.join(name).display()))
+}
+
+/// The exit the shim recorded, if it did.
+pub fn recorded_exit(bundle: &Path) -> Option<ExitStatus> {
+    serde_json::from_slice(&std::fs::read(bundle.join(EXIT_FILE)).ok()?).ok()
+}
+
+/// Writes `exit.json` atomically: from then on the instance counts as ended.
+pub(crate) fn write_exit(bundle: &Path, exit: &ExitStatus) {
+    let tmp = bundle.join(".exit.json.tmp");
+    let bytes = serde_json::to_vec(exit).unwrap_or_default();
+    if std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, bundle.join(EXIT_FILE))).is_err() {
+        diag(bundle, "could not write exit.json");
+    }
+    diag(bundle, &format!("exited: code {} signal {:?} oom {}", exit.code, exit.signal, exit.oom_killed));
+}
+
+fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
+    let cfg: ShimConfig = read_config(bundle, SHIM_CONFIG)?;
     let _ = std::fs::write(bundle.join(SHIM_PID_FILE), std::process::id().to_string());
     let _ = std::fs::remove_file(bundle.join(EXIT_FILE));
     let _ = std::fs::remove_file(bundle.join(PID_FILE));
+    if bundle.join(crate::wasm::WASM_CONFIG).exists() {
+        return crate::wasm::run_shim(bundle, &cfg, report);
+    }
+    nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("set_child_subreaper: {e}"))?;
     let runc = Runc { bin: cfg.runc.clone(), root: cfg.runc_root.clone() };
     let runc_log = bundle.join("runc.log");
     let _ = std::fs::remove_file(&runc_log);
@@ -189,12 +216,7 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
         diag(bundle, &format!("runc delete: {e}"));
     }
     let exit = ExitStatus { code, signal, oom_killed, finished_at_ms: crate::time::now_ms(), message: None };
-    let tmp = bundle.join(".exit.json.tmp");
-    let bytes = serde_json::to_vec(&exit).unwrap_or_default();
-    if std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, bundle.join(EXIT_FILE))).is_err() {
-        diag(bundle, "could not write exit.json");
-    }
-    diag(bundle, &format!("container exited: code {code} signal {signal:?} oom {oom_killed}"));
+    write_exit(bundle, &exit);
     Ok(())
 }
 

@@ -159,16 +159,23 @@ pub fn argv(d: &Deployment, img: &ImageConfig) -> Result<Vec<String>, SpecError>
 pub fn env(d: &Deployment, img: &ImageConfig, hostname: &str) -> Vec<String> {
     let mut m: BTreeMap<String, String> = BTreeMap::new();
     m.insert("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    layer_env(&mut m, d, img, Some(hostname));
+    m.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// The image's variables, then HOSTNAME (containers), then the deployment's.
+pub fn layer_env(m: &mut BTreeMap<String, String>, d: &Deployment, img: &ImageConfig, hostname: Option<&str>) {
     for kv in img.env.iter().flatten() {
         if let Some((k, v)) = kv.split_once('=') {
             m.insert(k.into(), v.into());
         }
     }
-    m.insert("HOSTNAME".into(), hostname.into());
+    if let Some(h) = hostname {
+        m.insert("HOSTNAME".into(), h.into());
+    }
     for (k, v) in &d.env {
         m.insert(k.clone(), v.clone());
     }
-    m.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
 fn lookup(file: &Path, name: &str) -> Option<(u32, Option<u32>)> {

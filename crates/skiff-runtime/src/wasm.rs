@@ -1,0 +1,353 @@
+//! The `wasm` backend: each instance is a `skiff shim` process that runs the WebAssembly
+//! program itself, with wasmtime (`skiff-wasm`), instead of handing a bundle to runc.
+//!
+//! ```text
+//! <root>/<id>/shim.json   log settings          <root>/<id>/wasm.json  module, argv, env, limits
+//! <root>/<id>/container.log[.N], exit.json      <root>/<id>/shim.pid = init.pid (the shim runs the guest)
+//! ```
+//!
+//! Everything else is as for containers: the shim is started the same way (its own
+//! session, so it outlives the agent), its output goes to `container.log` and its end to
+//! `exit.json`, and the agent adopts it after a restart through the same files. The shim
+//! joins the instance's network namespace before anything else, so a `wasi:http`
+//! component listens on the instance's address and `wasi:sockets` sees only that
+//! namespace.
+//!
+//! Signals: a WASI program cannot catch any, so a stop signal ends it at once — the
+//! shim's signal thread records `128 + signal` and exits (its output so far is kept).
+
+use crate::cgroup::{CgroupLimits, CgroupStats};
+use crate::logs::{LineSink, LogWriter};
+use crate::runc::ExecOutput;
+use crate::shim::{self, ShimConfig};
+use crate::{CreateRequest, Liveness, Runtime, RuntimeError};
+use serde::{Deserialize, Serialize};
+use skiff_image::ImageInfo;
+use skiff_model::{Deployment, ExitStatus, NetworkMode, Protocol};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The program's settings in the bundle.
+pub const WASM_CONFIG: &str = "wasm.json";
+
+/// Whether this build runs WebAssembly (the `wasm` cargo feature).
+pub const AVAILABLE: bool = true;
+
+/// `wasm.json`: what the shim runs, and where.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WasmShim {
+    pub spec: skiff_wasm::Spec,
+    /// The network namespace to join first (bridge mode).
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+}
+
+pub struct WasmRuntime {
+    root: PathBuf,
+    cache_dir: PathBuf,
+    skiff_bin: PathBuf,
+    pub log_max_bytes: u64,
+    pub log_max_files: u32,
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RuntimeError + 'a {
+    move |source| RuntimeError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// The program's argv. An image with a filesystem (`wasi/wasm`) follows Docker's rules
+/// and its entrypoint names the module (`/app.wasm`); for an artifact — the image *is*
+/// the module — argv[0] is the image's name, then the deployment's command.
+pub fn argv(d: &Deployment, info: &ImageInfo) -> Vec<String> {
+    if info.wasm.is_none() {
+        return crate::spec::argv(d, &info.config).unwrap_or_default();
+    }
+    let name = d.image.rsplit('/').next().unwrap_or(&d.image).split([':', '@']).next().unwrap_or("main");
+    let entry = d.entrypoint.clone().unwrap_or_else(|| vec![name.to_string()]);
+    entry.into_iter().chain(d.command.iter().flatten().cloned()).collect()
+}
+
+/// What the instance runs, as the shim will be told (`wasm.json`'s `spec`).
+pub fn spec(req: &CreateRequest<'_>, module: &skiff_image::WasmModule, cache_dir: &Path) -> skiff_wasm::Spec {
+    let d = req.deployment;
+    let mut env = std::collections::BTreeMap::new();
+    crate::spec::layer_env(&mut env, d, &req.image.config, None);
+    let mut http_ports: Vec<u16> =
+        d.ports.iter().filter(|p| p.protocol == Protocol::Tcp).map(|p| p.container_port).collect();
+    http_ports.sort_unstable();
+    http_ports.dedup();
+    skiff_wasm::Spec {
+        module: module.path.clone(),
+        module_id: module.id.clone(),
+        cache_dir: cache_dir.to_path_buf(),
+        argv: argv(d, req.image),
+        env: env.into_iter().collect(),
+        preopens: req
+            .volumes
+            .iter()
+            .map(|(host, guest, ro)| skiff_wasm::Preopen { host: host.clone(), guest: guest.clone(), read_only: *ro })
+            .collect(),
+        memory_bytes: d.resources.memory_bytes,
+        cpus_millis: d.resources.cpus_millis,
+        timeout_ms: d.wasm.timeout_ms,
+        pool: d.wasm.pool,
+        http_ports,
+        network: d.network != NetworkMode::None,
+    }
+}
+
+impl WasmRuntime {
+    /// `root` holds instance directories, `cache_dir` the compiled programs.
+    pub fn new(
+        root: impl Into<PathBuf>,
+        cache_dir: impl Into<PathBuf>,
+        skiff_bin: impl Into<PathBuf>,
+    ) -> Result<Self, RuntimeError> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(io("create", &root))?;
+        Ok(WasmRuntime {
+            root,
+            cache_dir: cache_dir.into(),
+            skiff_bin: skiff_bin.into(),
+            log_max_bytes: 10 << 20,
+            log_max_files: 3,
+        })
+    }
+
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
+    /// The shim of this instance, if it is alive (its pid checked against its command line,
+    /// since pids are reused after a reboot).
+    fn shim_pid(&self, id: &str) -> Option<i32> {
+        let dir = self.dir(id);
+        let pid: i32 = fs::read_to_string(dir.join(shim::SHIM_PID_FILE)).ok()?.trim().parse().ok()?;
+        let bundle = dir.display().to_string();
+        fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).split('\0').any(|a| a == bundle))
+            .then_some(pid)
+    }
+
+    fn shim_spec(&self, id: &str) -> Option<WasmShim> {
+        shim::read_config(&self.dir(id), WASM_CONFIG).ok()
+    }
+}
+
+impl Runtime for WasmRuntime {
+    fn kind(&self) -> &'static str {
+        "wasm"
+    }
+
+    fn create(&self, req: &CreateRequest<'_>) -> Result<(), RuntimeError> {
+        let module = req.wasm.as_ref().ok_or_else(|| RuntimeError::Unsupported {
+            id: req.id.clone(),
+            what: format!("image {} has no WebAssembly module", req.image.reference),
+        })?;
+        let dir = self.dir(&req.id);
+        fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        let shim_cfg = ShimConfig {
+            id: req.id.clone(),
+            runc: PathBuf::new(),
+            runc_root: PathBuf::new(),
+            cgroups_path: String::new(),
+            log_max_bytes: self.log_max_bytes,
+            log_max_files: self.log_max_files,
+        };
+        let wasm = WasmShim { spec: spec(req, module, &self.cache_dir), netns: req.netns.clone() };
+        for (name, bytes) in
+            [(shim::SHIM_CONFIG, serde_json::to_vec_pretty(&shim_cfg)), (WASM_CONFIG, serde_json::to_vec_pretty(&wasm))]
+        {
+            let p = dir.join(name);
+            fs::write(&p, bytes.unwrap_or_default()).map_err(io("write", &p))?;
+        }
+        Ok(())
+    }
+
+    fn start(&self, id: &str) -> Result<i32, RuntimeError> {
+        Ok(shim::launch(&self.skiff_bin, &self.dir(id), id)?)
+    }
+
+    fn liveness(&self, id: &str) -> Liveness {
+        if let Some(e) = shim::recorded_exit(&self.dir(id)) {
+            return Liveness::Exited(e);
+        }
+        match self.shim_pid(id) {
+            Some(pid) => Liveness::Running { pid },
+            None => Liveness::Gone,
+        }
+    }
+
+    fn signal(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {
+        let pid = self.shim_pid(id).ok_or_else(|| RuntimeError::NotRunning(id.to_string()))?;
+        let name = signal.trim_start_matches("SIG");
+        let sig: nix::sys::signal::Signal = format!("SIG{name}")
+            .parse()
+            .or_else(|_| name.parse::<i32>().map_err(|_| ()).and_then(|n| n.try_into().map_err(|_| ())))
+            .map_err(|_| RuntimeError::Unsupported { id: id.into(), what: format!("signal {signal:?}") })?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).map_err(|e| RuntimeError::Io {
+            op: "kill",
+            path: self.dir(id),
+            source: e.into(),
+        })?;
+        if sig == nix::sys::signal::Signal::SIGKILL {
+            // The shim cannot record a SIGKILL itself: once it is gone, record it here.
+            for _ in 0..200 {
+                if self.shim_pid(id).is_none() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if self.shim_pid(id).is_none() && !self.dir(id).join(shim::EXIT_FILE).exists() {
+                let exit = ExitStatus {
+                    code: 137,
+                    signal: Some(9),
+                    oom_killed: false,
+                    finished_at_ms: crate::time::now_ms(),
+                    message: None,
+                };
+                shim::write_exit(&self.dir(id), &exit);
+            }
+        }
+        Ok(())
+    }
+
+    fn exec(&self, id: &str, _argv: &[String], _timeout: Duration) -> Result<ExecOutput, RuntimeError> {
+        Err(RuntimeError::Unsupported {
+            id: id.to_string(),
+            what: "exec: a WebAssembly instance has no shell or processes to run a command in".into(),
+        })
+    }
+
+    /// Names resolve through the host's resolver for now: nothing to rewrite.
+    fn update_hosts(&self, _id: &str, _hosts: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        if let Some(pid) = self.shim_pid(id) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        let dir = self.dir(id);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
+        }
+        Ok(())
+    }
+
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.dir(id).join(shim::LOG_FILE)
+    }
+
+    /// From the shim's own accounting in /proc: it is the instance.
+    fn stats(&self, id: &str) -> CgroupStats {
+        self.shim_pid(id).map(crate::procfs::process_stats).unwrap_or_default()
+    }
+
+    fn limits(&self, id: &str) -> CgroupLimits {
+        let Some(w) = self.shim_spec(id) else { return CgroupLimits::default() };
+        let period = skiff_model::Resources::CFS_PERIOD_US;
+        CgroupLimits {
+            cpu_quota_us: w.spec.cpus_millis.map(|m| (m * period / 1000) as i64),
+            cpu_period_us: w.spec.cpus_millis.map(|_| period),
+            memory_bytes: w.spec.memory_bytes,
+            ..Default::default()
+        }
+    }
+
+    fn known(&self) -> Vec<String> {
+        fs::read_dir(&self.root)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Compiles (into the cache) and checks a program without running it; returns what it
+/// is. What `skiff run` and an embedded `skiff apply` ask before anything is stored.
+pub fn check(module: &skiff_image::WasmModule, cache_dir: &Path) -> Result<&'static str, String> {
+    skiff_wasm::check(&module.path, &module.id, cache_dir).map_err(|e| e.to_string())
+}
+
+/// Removes compiled programs of other wasmtime builds and of modules `keep` rejects;
+/// returns the bytes freed.
+pub fn prune_cache(cache_dir: &Path, keep: impl Fn(&str) -> bool) -> u64 {
+    let Ok(engine) = skiff_wasm::engine::engine(None, None) else { return 0 };
+    match skiff_wasm::cache::Cache::open(cache_dir) {
+        Ok(c) => c.prune(&skiff_wasm::engine::id(&engine), keep),
+        Err(_) => 0,
+    }
+}
+
+/// `skiff shim` for a WebAssembly instance. Reports `ok <pid>` once the program is
+/// loaded, checked and its ports bound (or `err <why>`, with nothing started), then runs
+/// it; never returns once it reported `ok`.
+pub(crate) fn run_shim(bundle: &Path, cfg: &ShimConfig, report: &dyn Fn(String)) -> Result<(), String> {
+    use nix::sys::signal::{SigSet, Signal};
+    let w: WasmShim = shim::read_config(bundle, WASM_CONFIG)?;
+    if let Some(ns) = &w.netns {
+        // Before any thread exists: threads inherit the namespace of the one that made them.
+        let f = fs::File::open(ns).map_err(|e| format!("opening {}: {e}", ns.display()))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("joining {}: {e}", ns.display()))?;
+    }
+    // Stop signals are taken by this thread alone (blocked here, inherited blocked).
+    let mut stops = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2] {
+        stops.add(s);
+    }
+    stops.thread_block().map_err(|e| format!("blocking signals: {e}"))?;
+    let prepared = skiff_wasm::prepare(&w.spec).map_err(|e| e.to_string())?;
+    shim::diag(
+        bundle,
+        &format!(
+            "{} {}",
+            prepared.program().describe(),
+            if prepared.cached { "loaded from the compile cache" } else { "compiled" }
+        ),
+    );
+    let log = LogWriter::open(&bundle.join(shim::LOG_FILE), cfg.log_max_bytes, cfg.log_max_files)
+        .map_err(|e| format!("opening the log: {e}"))?;
+    let log = Arc::new(Mutex::new(log));
+    let (out, err) = (LineSink::new("stdout", Arc::clone(&log)), LineSink::new("stderr", log));
+    let pid = std::process::id();
+    let _ = fs::write(bundle.join(shim::PID_FILE), pid.to_string());
+    report(format!("ok {pid}"));
+
+    // Whoever ends first — the program or a signal — writes the exit record and exits.
+    let done = Arc::new(Mutex::new(()));
+    let finish = {
+        let (bundle, out, err, done) = (bundle.to_path_buf(), out.clone(), err.clone(), Arc::clone(&done));
+        move |code: i32, signal: Option<i32>, oom: bool, message: Option<String>| -> ! {
+            let _once = done.lock();
+            out.finish();
+            err.finish();
+            let exit = ExitStatus { code, signal, oom_killed: oom, finished_at_ms: crate::time::now_ms(), message };
+            shim::write_exit(&bundle, &exit);
+            std::process::exit(0)
+        }
+    };
+    let on_end = finish.clone();
+    let runner = std::thread::Builder::new().name("wasm".into()).spawn(move || {
+        let o = prepared.run(skiff_wasm::Output::new(out), skiff_wasm::Output::new(err));
+        on_end(o.code, None, o.oom, o.message)
+    });
+    if let Err(e) = runner {
+        finish(1, None, false, Some(format!("starting the program's thread: {e}")));
+    }
+    loop {
+        if let Ok(sig) = stops.wait() {
+            let n = sig as i32;
+            finish(128 + n, Some(n), false, Some(format!("stopped by {}", sig.as_str())));
+        }
+    }
+}
