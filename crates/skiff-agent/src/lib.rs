@@ -15,14 +15,16 @@ pub mod supervise;
 pub mod update;
 
 use proxy::{PortKey, Proxies};
-use skiff_image::ImageStore;
+use skiff_image::{ImageStore, Target};
 use skiff_model::metrics::MetricsSample;
 use skiff_model::rollout;
-use skiff_model::{Deployment, EventRecord, Health, InstanceState, InstanceStatus, NetworkMode, VolumeSource};
+use skiff_model::{
+    Deployment, EventRecord, Health, InstanceState, InstanceStatus, NetworkMode, RuntimeKind, VolumeSource,
+};
 use skiff_runtime::network::{list_netns, netns_path, veth_name, Bridge, Subnet};
 use skiff_runtime::runc::ExecOutput;
 use skiff_runtime::time::now_ms;
-use skiff_runtime::{CreateRequest, Liveness, OciRuntime, Runtime};
+use skiff_runtime::{CreateRequest, Liveness, OciRuntime, Runtime, WasmRuntime};
 use state::{InstanceRow, State};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -99,7 +101,7 @@ pub struct Agent {
     node_id: String,
     state: Mutex<State>,
     images: Arc<ImageStore>,
-    runtime: Arc<dyn Runtime>,
+    runtimes: Runtimes,
     bridge: Bridge,
     proxies: tokio::sync::Mutex<Proxies>,
     notify: Notify,
@@ -115,6 +117,30 @@ pub struct Agent {
     answered: Mutex<HashSet<String>>,
     /// Containers whose failed update was reported.
     update_failed: Mutex<HashSet<String>>,
+}
+
+/// The node's runtime backends; each instance uses its deployment's.
+struct Runtimes {
+    oci: Arc<dyn Runtime>,
+    wasm: Arc<dyn Runtime>,
+}
+
+impl Runtimes {
+    fn of(&self, kind: RuntimeKind) -> Arc<dyn Runtime> {
+        match kind {
+            RuntimeKind::Oci => Arc::clone(&self.oci),
+            RuntimeKind::Wasm => Arc::clone(&self.wasm),
+        }
+    }
+}
+
+/// The runtimes this build offers (`wasm` needs the cargo feature).
+pub fn runtimes() -> Vec<String> {
+    let mut v = vec![RuntimeKind::Oci.to_string()];
+    if skiff_runtime::wasm::AVAILABLE {
+        v.push(RuntimeKind::Wasm.to_string());
+    }
+    v
 }
 
 /// The longest a stopping instance's open connections are waited for.
@@ -160,15 +186,17 @@ impl Agent {
             }
         };
         let images = Arc::new(ImageStore::open(data.join("images"))?);
-        let runtime: Arc<dyn Runtime> =
-            Arc::new(OciRuntime::new(data.join("instances"), data.join("runc"), &cfg.skiff_bin, "/skiff")?);
+        let runtimes = Runtimes {
+            oci: Arc::new(OciRuntime::new(data.join("instances"), data.join("runc"), &cfg.skiff_bin, "/skiff")?),
+            wasm: Arc::new(WasmRuntime::new(data.join("wasm/instances"), data.join("wasm/cache"), &cfg.skiff_bin)?),
+        };
         let bridge = Bridge { name: cfg.bridge_name.clone(), subnet: Subnet::parse(&cfg.subnet)? };
         Ok(Arc::new(Agent {
             cfg,
             node_id,
             state: Mutex::new(state),
             images,
-            runtime,
+            runtimes,
             bridge,
             proxies: Default::default(),
             notify: Notify::new(),
@@ -238,7 +266,7 @@ impl Agent {
         let stats: Vec<_> = rows
             .iter()
             .filter(|r| r.state == InstanceState::Running)
-            .map(|r| (r, self.runtime.stats(&r.container_id), now_ms()))
+            .map(|r| (r, self.runtimes.of(r.spec.runtime).stats(&r.container_id), now_ms()))
             .collect();
         let running: Vec<metrics::Running<'_>> = stats
             .iter()
@@ -355,7 +383,7 @@ impl Agent {
     /// The log file of an instance.
     pub fn log_path(&self, instance: &str) -> Result<PathBuf, AgentError> {
         let row = self.row(instance)?;
-        Ok(self.runtime.log_path(&row.container_id))
+        Ok(self.runtimes.of(row.spec.runtime).log_path(&row.container_id))
     }
 
     pub fn has_instance(&self, instance: &str) -> bool {
@@ -367,7 +395,7 @@ impl Agent {
         if row.state != InstanceState::Running {
             return Err(AgentError::Runtime(skiff_runtime::RuntimeError::NotRunning(instance.into())));
         }
-        let rt = Arc::clone(&self.runtime);
+        let rt = self.runtimes.of(row.spec.runtime);
         Ok(blocking(move || rt.exec(&row.container_id, &argv, timeout)).await?)
     }
 
@@ -380,6 +408,10 @@ impl Agent {
             if tokio::time::Instant::now() >= next_gc {
                 next_gc = tokio::time::Instant::now() + self.cfg.image_gc_every;
                 self.prune_images().await;
+                let freed = self.prune_wasm_cache().await;
+                if freed > 0 {
+                    debug!(freed, "compiled wasm programs removed");
+                }
             }
             if tokio::time::Instant::now() >= next_sample {
                 next_sample = tokio::time::Instant::now() + self.cfg.metrics_every;
@@ -443,20 +475,45 @@ impl Agent {
         }
     }
 
+    /// Removes compiled WebAssembly programs that no desired deployment or instance runs,
+    /// and those of another wasmtime build (after an upgrade). Returns the bytes freed.
+    pub async fn prune_wasm_cache(self: &Arc<Self>) -> u64 {
+        let (Ok(desired), Ok(rows)) = (self.db(|s| s.desired()), self.db(|s| s.instances())) else { return 0 };
+        let wasm: Vec<Deployment> = desired
+            .into_iter()
+            .chain(rows.into_iter().map(|r| r.spec))
+            .filter(|d| d.runtime == RuntimeKind::Wasm)
+            .collect();
+        let me = Arc::clone(self);
+        blocking(move || {
+            let keep: HashSet<String> = wasm
+                .iter()
+                .filter_map(|d| {
+                    let info = me.images.inspect_for(&d.image, Target::Wasm).ok()?;
+                    me.wasm_module(d, &info).ok().map(|m| m.id)
+                })
+                .collect();
+            skiff_runtime::wasm::prune_cache(&me.cfg.data_dir.join("wasm/cache"), |id| keep.contains(id))
+        })
+        .await
+    }
+
     async fn adopt(self: &Arc<Self>) -> Result<(), AgentError> {
         let bridge = self.bridge.clone();
         blocking(move || bridge.ensure()).await?;
         let _ = self.images.clean_tmp();
         let rows = self.db(|s| s.instances())?;
         let mine: HashSet<String> = rows.iter().map(|r| r.container_id.clone()).collect();
-        let rt = Arc::clone(&self.runtime);
         let prefix = format!("{}-", self.node_id);
-        let leftovers: Vec<String> =
-            rt.known().into_iter().filter(|id| id.starts_with(&prefix) && !mine.contains(id)).collect();
-        for id in leftovers {
-            info!(container = %id, "removing leftover container");
-            let rt = Arc::clone(&rt);
-            let _ = blocking(move || rt.remove(&id)).await;
+        for kind in RuntimeKind::ALL {
+            let rt = self.runtimes.of(kind);
+            let leftovers: Vec<String> =
+                rt.known().into_iter().filter(|id| id.starts_with(&prefix) && !mine.contains(id)).collect();
+            for id in leftovers {
+                info!(container = %id, runtime = %kind, "removing leftover instance");
+                let rt = Arc::clone(&rt);
+                let _ = blocking(move || rt.remove(&id)).await;
+            }
         }
         let ns_prefix = format!("skiff-{}-", self.node_id);
         for ns in list_netns(&ns_prefix) {
@@ -465,7 +522,7 @@ impl Agent {
             }
         }
         for r in rows.iter().filter(|r| r.state == InstanceState::Running) {
-            let rt = Arc::clone(&self.runtime);
+            let rt = self.runtimes.of(r.spec.runtime);
             let id = r.container_id.clone();
             if let Liveness::Running { pid } = blocking(move || rt.liveness(&id)).await {
                 info!(instance = %r.name, pid, "re-adopted running instance");
@@ -491,7 +548,7 @@ impl Agent {
 
         // Observe running instances.
         for r in rows.iter().filter(|r| r.state == InstanceState::Running && !stopping.contains(&r.name)) {
-            let rt = Arc::clone(&self.runtime);
+            let rt = self.runtimes.of(r.spec.runtime);
             let id = r.container_id.clone();
             let live = blocking(move || rt.liveness(&id)).await;
             match live {
@@ -548,7 +605,7 @@ impl Agent {
                     })
                 })
                 .collect();
-            let image_present = self.images.inspect(&d.image).is_ok();
+            let image_present = self.images.inspect_for(&d.image, Target::from(d.runtime)).is_ok();
             let inp = update::Input { deployment: name, cfg: &d.update, slots, image_present, now };
             let plan = update::plan(&inp, &insts);
             // Serving names as they are once renames below are done.
@@ -754,7 +811,7 @@ impl Agent {
             }
             update::Action::NeedImage => {
                 if self.cfg.pull.is_some() {
-                    let _ = self.pull_missing(&d.instance_name(1), &d.image);
+                    let _ = self.pull_missing(&d.instance_name(1), &d.image, d.runtime);
                 }
             }
             update::Action::Failed { name, why } => {
@@ -842,10 +899,12 @@ impl Agent {
         r.pid = None;
         r.health = None;
         r.health_failures = 0;
-        let (reason, what) = match cause {
-            Some((reason, message)) => (reason, message.to_string()),
-            None if exit.oom_killed => ("OOMKilled", format!("OOM-killed (exit code {})", exit.code)),
-            None => ("Exited", format!("exited with code {}", exit.code)),
+        let (reason, what) = match (cause, &exit.message) {
+            (Some((reason, message)), _) => (reason, message.to_string()),
+            (None, Some(m)) if exit.oom_killed => ("OOMKilled", format!("{m} (exit code {})", exit.code)),
+            (None, None) if exit.oom_killed => ("OOMKilled", format!("OOM-killed (exit code {})", exit.code)),
+            (None, Some(m)) => ("Exited", format!("exited with code {}: {m}", exit.code)),
+            (None, None) => ("Exited", format!("exited with code {}", exit.code)),
         };
         self.event(&r.name, reason, &what);
         match after_exit(r.spec.restart, &exit, r.started_at_ms, r.streak, r.restarts, now) {
@@ -866,8 +925,11 @@ impl Agent {
 
     /// Starts pulling `image` for `instance` unless a pull runs or failed recently; says
     /// what the instance waits for and when to look again.
-    fn pull_missing(self: &Arc<Self>, instance: &str, image: &str) -> (String, u64) {
-        let Some(opts) = self.cfg.pull.clone() else { return (format!("image {image} not found"), 5_000) };
+    fn pull_missing(self: &Arc<Self>, instance: &str, image: &str, runtime: RuntimeKind) -> (String, u64) {
+        let Some(mut opts) = self.cfg.pull.clone() else { return (format!("image {image} not found"), 5_000) };
+        if runtime == RuntimeKind::Wasm {
+            opts.platform = Some(skiff_image::wasm::wasm_platform());
+        }
         let Ok(mut pulls) = self.pulls.lock() else { return ("image pulls: lock poisoned".into(), 5_000) };
         let now = now_ms();
         let failures = match pulls.get(image) {
@@ -914,8 +976,8 @@ impl Agent {
 
     /// Resolves image, network and volumes, creates the container and starts its shim.
     async fn start_instance(self: &Arc<Self>, mut r: InstanceRow) -> Result<(), AgentError> {
-        if self.cfg.pull.is_some() && self.images.inspect(&r.spec.image).is_err() {
-            let (message, retry_ms) = self.pull_missing(&r.name, &r.spec.image);
+        if self.cfg.pull.is_some() && self.images.inspect_for(&r.spec.image, Target::from(r.spec.runtime)).is_err() {
+            let (message, retry_ms) = self.pull_missing(&r.name, &r.spec.image, r.spec.runtime);
             r.state = InstanceState::Pending;
             r.message = Some(message);
             r.next_start_ms = Some(now_ms() + retry_ms);
@@ -974,7 +1036,8 @@ impl Agent {
 
     fn start_blocking(&self, r: &InstanceRow) -> Result<(i32, Option<Ipv4Addr>), AgentError> {
         let id = &r.container_id;
-        if let Liveness::Running { pid } = self.runtime.liveness(id) {
+        let rt = self.runtimes.of(r.spec.runtime);
+        if let Liveness::Running { pid } = rt.liveness(id) {
             if pid > 0 {
                 return Ok((pid, r.ip.as_ref().and_then(|i| i.parse().ok())));
             }
@@ -999,17 +1062,27 @@ impl Agent {
                 }
                 Ok(())
             });
-            let created = self.create_bundle(r, ns.as_deref().map(netns_path), ip);
+            let created = self.create_bundle(&*rt, r, ns.as_deref().map(netns_path), ip);
             let net = net.join().unwrap_or_else(|_| Err(AgentError::Other("network setup panicked".into())));
             created.and(net)
         })?;
-        let pid = self.runtime.start(id)?;
+        let pid = rt.start(id)?;
         Ok((pid, ip))
     }
 
     /// Image, volumes, /etc files, rootfs and spec: everything but the network and start.
-    fn create_bundle(&self, r: &InstanceRow, netns: Option<PathBuf>, ip: Option<Ipv4Addr>) -> Result<(), AgentError> {
-        let info = self.images.resolve(&r.spec.image)?;
+    fn create_bundle(
+        &self,
+        rt: &dyn Runtime,
+        r: &InstanceRow,
+        netns: Option<PathBuf>,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<(), AgentError> {
+        let info = self.images.resolve_for(&r.spec.image, Target::from(r.spec.runtime))?;
+        let wasm = match r.spec.runtime {
+            RuntimeKind::Wasm => Some(self.wasm_module(&r.spec, &info)?),
+            RuntimeKind::Oci => None,
+        };
         let layer_dirs =
             info.layers.iter().map(|l| self.images.layer_dir(&l.diff_id)).collect::<Result<Vec<_>, _>>()?;
         let volumes = self.volumes(&r.spec)?;
@@ -1028,8 +1101,29 @@ impl Agent {
             hosts,
             resolv_conf: resolv_conf(r.spec.network == NetworkMode::Host),
             volumes,
+            wasm,
         };
-        Ok(self.runtime.create(&req)?)
+        Ok(rt.create(&req)?)
+    }
+
+    /// Checks, before a wasm deployment is stored, that its image holds a program this node
+    /// can run: compiled (into the cache, so the first start is warm), imports and exports
+    /// checked. Returns what the program is. The image must be in the store.
+    pub fn check_wasm(&self, d: &Deployment) -> Result<&'static str, String> {
+        let info = self.images.resolve_for(&d.image, Target::Wasm).map_err(|e| e.to_string())?;
+        let module = self.wasm_module(d, &info).map_err(|e| e.to_string())?;
+        skiff_runtime::wasm::check(&module, &self.cfg.data_dir.join("wasm/cache"))
+    }
+
+    /// The WebAssembly program a wasm deployment runs: the artifact's module, or the file
+    /// its argv[0] names in a `wasi/wasm` image.
+    fn wasm_module(
+        &self,
+        d: &Deployment,
+        info: &skiff_image::ImageInfo,
+    ) -> Result<skiff_image::WasmModule, AgentError> {
+        let argv = skiff_runtime::wasm::argv(d, info);
+        Ok(self.images.wasm_module(info, argv.first().map(String::as_str))?)
     }
 
     fn volumes(&self, d: &Deployment) -> Result<Vec<(PathBuf, String, bool)>, AgentError> {
@@ -1078,7 +1172,7 @@ impl Agent {
         for r in rows.iter().filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge) {
             let my_ip = r.ip.as_ref().and_then(|i| i.parse().ok());
             if let Ok(h) = self.hosts_for(&r.spec.stack, &r.name, my_ip) {
-                let _ = self.runtime.update_hosts(&r.container_id, &h);
+                let _ = self.runtimes.of(r.spec.runtime).update_hosts(&r.container_id, &h);
             }
             let serves =
                 !stopping.contains(&r.name) && serving.get(&r.deployment).is_some_and(|names| names.contains(&r.name));
@@ -1123,26 +1217,24 @@ impl Agent {
     async fn stop_and_remove(self: &Arc<Self>, r: &InstanceRow) {
         self.stop_health(&r.name);
         let id = r.container_id.clone();
+        let rt = self.runtimes.of(r.spec.runtime);
         let grace = Duration::from_millis(r.spec.stop_grace_period_ms);
         if r.state == InstanceState::Running {
             let sig = self
                 .images
-                .inspect(&r.spec.image)
+                .inspect_for(&r.spec.image, Target::from(r.spec.runtime))
                 .ok()
                 .and_then(|i| i.config.stop_signal)
                 .unwrap_or_else(|| "TERM".into());
-            let rt = Arc::clone(&self.runtime);
-            let id2 = id.clone();
-            let _ = blocking(move || rt.signal(&id2, sig.trim_start_matches("SIG"))).await;
-            if !self.wait_exit(&id, grace).await {
+            let (rt2, id2) = (Arc::clone(&rt), id.clone());
+            let _ = blocking(move || rt2.signal(&id2, sig.trim_start_matches("SIG"))).await;
+            if !self.wait_exit(&rt, &id, grace).await {
                 info!(instance = %r.name, "grace period over, killing");
-                let rt = Arc::clone(&self.runtime);
-                let id2 = id.clone();
-                let _ = blocking(move || rt.signal(&id2, "KILL")).await;
-                self.wait_exit(&id, Duration::from_secs(10)).await;
+                let (rt2, id2) = (Arc::clone(&rt), id.clone());
+                let _ = blocking(move || rt2.signal(&id2, "KILL")).await;
+                self.wait_exit(&rt, &id, Duration::from_secs(10)).await;
             }
         }
-        let rt = Arc::clone(&self.runtime);
         let id2 = id.clone();
         if let Err(e) = blocking(move || rt.remove(&id2)).await {
             warn!(instance = %r.name, error = %e, "removing container");
@@ -1158,10 +1250,10 @@ impl Agent {
         self.event(&r.name, "Removed", "stopped and removed");
     }
 
-    async fn wait_exit(&self, id: &str, limit: Duration) -> bool {
+    async fn wait_exit(&self, rt: &Arc<dyn Runtime>, id: &str, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         while tokio::time::Instant::now() < deadline {
-            let rt = Arc::clone(&self.runtime);
+            let rt = Arc::clone(rt);
             let id2 = id.to_string();
             match blocking(move || rt.liveness(&id2)).await {
                 Liveness::Running { .. } => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -1178,11 +1270,12 @@ impl Agent {
         let me = Arc::clone(self);
         let name = r.name.clone();
         let id = r.container_id.clone();
+        let runtime = r.spec.runtime;
         let started = r.started_at_ms.unwrap_or_else(now_ms);
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(hc.interval_ms)).await;
-                let rt = Arc::clone(&me.runtime);
+                let rt = me.runtimes.of(runtime);
                 let (id2, argv, timeout) = (id.clone(), hc.argv(), Duration::from_millis(hc.timeout_ms));
                 let ok = matches!(blocking(move || rt.exec(&id2, &argv, timeout)).await, Ok(o) if o.code == 0);
                 let in_start = now_ms() < started + hc.start_period_ms;

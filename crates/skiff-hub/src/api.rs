@@ -359,6 +359,7 @@ fn node_list(hub: &Hub) -> Result<Vec<NodeInfo>, ApiError> {
             arch: skiff_model::platform::host_arch().0.into(),
             os: std::env::consts::OS.into(),
             instances: all.iter().filter(|i| i.node == n.name()).count(),
+            runtimes: n.runtimes(),
             problems: vec![],
         })
         .collect();
@@ -375,6 +376,7 @@ fn node_list(hub: &Hub) -> Result<Vec<NodeInfo>, ApiError> {
                 state: format!("{:?}", v.state),
                 arch,
                 os: "linux".into(),
+                runtimes: v.runtimes,
             });
         }
     }

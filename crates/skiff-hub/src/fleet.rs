@@ -310,6 +310,19 @@ impl Fleet {
         Ok(JoinResponse { cert, ca: self.ca.pem().to_string() })
     }
 
+    /// Records the runtimes a node says it has (in its hello), when they changed: a node
+    /// upgraded to a build with WebAssembly takes wasm instances from then on.
+    pub fn set_runtimes(&self, name: &str, runtimes: &[String]) -> Result<(), FleetError> {
+        let Some(rec) = self.store.node(name).map_err(internal)? else { return Ok(()) };
+        if rec.info.runtimes == runtimes {
+            return Ok(());
+        }
+        let info = NodeSpec { runtimes: runtimes.to_vec(), ..rec.info };
+        self.store.put_node(name, &rec.cert_serial, rec.joined_ms, &info).map_err(internal)?;
+        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The node record behind a connection's certificate, if it may act as `name`.
     pub fn authorize(&self, peer: &Peer, name: &str) -> Result<NodeRecord, FleetError> {
         let (Some(who), Some(serial)) = (&peer.node, &peer.serial) else {
@@ -461,6 +474,7 @@ impl Fleet {
                     variant: n.info.variant,
                     cpu_millis: n.info.cpu_millis,
                     memory_bytes: n.info.memory_bytes,
+                    runtimes: n.info.runtimes,
                     state,
                     state_since_ms: since,
                 }

@@ -46,6 +46,9 @@ pub struct NodeInfo {
     pub arch: String,
     pub os: String,
     pub instances: usize,
+    /// Runtime backends it offers (`oci`, `wasm`).
+    #[serde(default)]
+    pub runtimes: Vec<String>,
     /// Why it is NotReady.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
@@ -60,8 +63,13 @@ pub trait NodeLink: Send + Sync {
     fn has_instance(&self, instance: &str) -> bool;
     fn logs(&self, instance: &str, tail: Option<usize>, follow: bool) -> Result<mpsc::Receiver<LogLine>, String>;
     fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> BoxFuture<'_, Result<ExecResult, String>>;
-    /// Whether the node can run `image` now (present locally, or pullable).
-    fn check_image(&self, image: &str) -> Result<(), String>;
+    /// Whether the node can run `d`'s image now (present locally, or pullable; for a
+    /// WebAssembly deployment, a program it can run).
+    fn check_image(&self, d: &Deployment) -> Result<(), String>;
+    /// Runtime backends the node offers.
+    fn runtimes(&self) -> Vec<String> {
+        vec![skiff_model::RuntimeKind::Oci.to_string()]
+    }
     /// The node's newest resource sample, when it is reached in-process (remote nodes
     /// ship theirs to the fleet).
     fn metrics(&self) -> Option<skiff_model::metrics::MetricsSample> {
@@ -131,8 +139,7 @@ impl Hub {
         validate::check_apply(&req.deployments, &kept).map_err(|e| ApplyError::Invalid(e.to_string()))?;
         for d in &req.deployments {
             if let Some(n) = self.nodes.first() {
-                n.check_image(&d.image)
-                    .map_err(|e| ApplyError::Invalid(format!("deployments.{}.image: {e}", d.name)))?;
+                n.check_image(d).map_err(|e| ApplyError::Invalid(format!("deployments.{}.image: {e}", d.name)))?;
             }
         }
         if !req.dry_run {

@@ -13,11 +13,13 @@
 //!   matching nodes with room, choosing the least-used spread domain (`spread_by`), then the
 //!   node with the fewest instances of the deployment, then of anything, then by name.
 //! * Matching: every `node_selector` label equal, and an architecture the image has (any,
-//!   when the image's platforms are unknown); `arm/v7` nodes also run v6 and v5 images.
+//!   when the image's platforms are unknown); `arm/v7` nodes also run v6 and v5 images. A
+//!   WebAssembly deployment matches nodes offering the wasm runtime, whatever their
+//!   architecture, if its image has a wasm platform (or its platforms are unknown).
 //! * Room: reservations (`cpus_reservation`, `memory_reservation`) of the node's slots
 //!   fit within its capacity.
 
-use skiff_model::{Deployment, PlacementMode};
+use skiff_model::{Deployment, PlacementMode, RuntimeKind};
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -37,6 +39,8 @@ pub struct NodeView {
     pub variant: Option<String>,
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+    /// Runtime backends it offers (`oci`, `wasm`).
+    pub runtimes: Vec<String>,
     pub state: NodeState,
     /// When `state` last changed, in ms since the epoch.
     pub state_since_ms: u64,
@@ -107,10 +111,21 @@ fn need(d: &Deployment) -> (u64, u64) {
     (d.resources.cpus_reservation_millis.unwrap_or(0), d.resources.memory_reservation_bytes.unwrap_or(0))
 }
 
-/// Why `n` is not a node `d` is for (its labels or architecture), if it is not.
+/// Why `n` is not a node `d` is for (its labels, runtime or architecture), if it is not.
+/// A WebAssembly deployment runs on any architecture, on nodes offering the wasm runtime,
+/// from an image that has a wasm platform.
 fn mismatch(d: &Deployment, n: &NodeView, platforms: Option<&Platforms>) -> Option<&'static str> {
     if d.placement.node_selector.iter().any(|(k, v)| n.labels.get(k) != Some(v)) {
         return Some("didn't match the node selector");
+    }
+    if d.runtime == RuntimeKind::Wasm {
+        if !n.runtimes.iter().any(|r| r == RuntimeKind::Wasm.as_str()) {
+            return Some("don't offer the wasm runtime");
+        }
+        if platforms.is_some_and(|p| !p.iter().any(|(a, _)| a == "wasm")) {
+            return Some("can't run the image: it has no wasm platform");
+        }
+        return None;
     }
     if let Some(p) = platforms {
         if !p.iter().any(|(a, v)| arch_runs(&n.arch, n.variant.as_deref(), a, v.as_deref())) {
@@ -294,6 +309,7 @@ mod tests {
             variant: None,
             cpu_millis: 4000,
             memory_bytes: 4 << 30,
+            runtimes: vec!["oci".into()],
             state: NodeState::Ready,
             state_since_ms: 0,
         }
@@ -428,6 +444,36 @@ mod tests {
         assert_eq!(where_(&p, "web").len(), 200);
         let again = schedule(&[g, r], &none(), &nodes, &p.slots, 0);
         assert_eq!(again.slots, p.slots, "stable");
+    }
+
+    #[test]
+    fn wasm_goes_to_nodes_with_the_runtime_on_any_architecture() {
+        let mut nodes = vec![node("pi", "arm", &[]), node("nuc", "amd64", &[]), node("old", "arm64", &[])];
+        nodes[0].variant = Some("v7".into());
+        nodes[0].runtimes.push("wasm".into());
+        nodes[1].runtimes.push("wasm".into());
+        let mut d = dep("fn", 4);
+        d.runtime = RuntimeKind::Wasm;
+        let mut platforms = BTreeMap::new();
+        platforms.insert("img".to_string(), vec![("wasm".to_string(), None)]);
+        let p = schedule(std::slice::from_ref(&d), &platforms, &nodes, &[], 0);
+        let mut on: Vec<String> = p.slots.iter().map(|s| s.node.clone()).collect();
+        on.sort();
+        on.dedup();
+        assert_eq!(on, ["nuc", "pi"]);
+        // A container image is no wasm program.
+        platforms.insert("img".to_string(), vec![("amd64".to_string(), None)]);
+        let p = schedule(std::slice::from_ref(&d), &platforms, &nodes, &[], 0);
+        assert!(p.slots.is_empty());
+        assert_eq!(
+            p.unschedulable["fn"],
+            "4 instance(s) not placed: 0/3 nodes are available: 2 can't run the image: it has no wasm platform, \
+             1 don't offer the wasm runtime"
+        );
+        // And a wasm-only image runs no container.
+        platforms.insert("img".to_string(), vec![("wasm".to_string(), None)]);
+        let p = schedule(&[dep("c", 1)], &platforms, &nodes, &[], 0);
+        assert!(p.slots.is_empty());
     }
 
     #[test]

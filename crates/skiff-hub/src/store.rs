@@ -248,6 +248,14 @@ pub struct NodeSpec {
     pub variant: Option<String>,
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+    /// Runtime backends the node offers (`oci`, `wasm`); nodes that joined before this was
+    /// reported run containers only.
+    #[serde(default = "oci_only")]
+    pub runtimes: Vec<String>,
+}
+
+fn oci_only() -> Vec<String> {
+    vec![skiff_model::RuntimeKind::Oci.to_string()]
 }
 
 impl SqliteStore {

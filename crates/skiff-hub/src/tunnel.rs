@@ -55,8 +55,13 @@ pub struct Reply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Control {
-    /// Agent → hub, first frame: the revision of the assignment the node holds.
-    Hello { revision: u64 },
+    /// Agent → hub, first frame: the revision of the assignment the node holds, and the
+    /// runtimes it offers (absent from agents that predate them).
+    Hello {
+        revision: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        runtimes: Option<Vec<String>>,
+    },
     /// Agent → hub: instances and unshipped events, when they changed.
     Status { status: crate::fleet::NodeStatus },
     /// Hub → agent: the node's assignment, when it differs from what the node holds.
@@ -94,7 +99,12 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
                     f.touch(&name);
                     last_rx = tokio::time::Instant::now();
                     match serde_json::from_str::<Control>(text.as_str()) {
-                        Ok(Control::Hello { revision }) => {
+                        Ok(Control::Hello { revision, runtimes }) => {
+                            if let Some(r) = runtimes {
+                                if let Err(e) = f.set_runtimes(&name, &r) {
+                                    tracing::warn!(node = %name, error = ?e, "recording runtimes");
+                                }
+                            }
                             node_rev = Some(revision);
                             push = true;
                         }
@@ -311,7 +321,7 @@ impl NodeLink for RemoteLink {
         })
     }
 
-    fn check_image(&self, _image: &str) -> Result<(), String> {
+    fn check_image(&self, _d: &Deployment) -> Result<(), String> {
         Ok(())
     }
 }

@@ -67,6 +67,15 @@ impl Target {
     }
 }
 
+impl From<skiff_model::RuntimeKind> for Target {
+    fn from(kind: skiff_model::RuntimeKind) -> Self {
+        match kind {
+            skiff_model::RuntimeKind::Oci => Target::Host,
+            skiff_model::RuntimeKind::Wasm => Target::Wasm,
+        }
+    }
+}
+
 /// The platform wasm images are asked for by; it matches every `wasi*` OS.
 pub fn wasm_platform() -> Platform {
     Platform { architecture: "wasm".into(), os: "wasi".into(), variant: None }
