@@ -1,4 +1,5 @@
-//! Repository tasks: `cargo xtask demo-image DIR` builds the demo image (an OCI layout
+//! Repository tasks: `cargo xtask wasm-programs DIR` writes the WebAssembly test programs
+//! (hello, an HTTP component, a ticker, ...) as .wasm files; `cargo xtask demo-image DIR` builds the demo image (an OCI layout
 //! named localhost/skiff-demo:latest) from Debian's busybox-static; `demo-image-tar FILE`
 //! writes the same image as a `docker save` tarball (for `docker load` in benchmarks).
 #![forbid(unsafe_code)]
@@ -77,8 +78,31 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        ["wasm-programs", dir] => {
+            // The WebAssembly test programs, as files: for the demo, benchmarks and by hand.
+            use skiff_testkit::wasm;
+            let dir = std::path::Path::new(dir);
+            std::fs::create_dir_all(dir)?;
+            let programs: [(&str, Vec<u8>); 10] = [
+                ("hello.wasm", wasm::hello()?),
+                ("hello-p2.wasm", wasm::command_component()?),
+                ("http.wasm", wasm::http_component()?),
+                ("ticker.wasm", wasm::ticker(1000)?),
+                ("idle.wasm", wasm::idle()?),
+                ("busy.wasm", wasm::busy()?),
+                ("grow.wasm", wasm::grow(64)?),
+                ("exit3.wasm", wasm::exit_with(3)?),
+                // Refused before anything runs: an import no WASI host has, and no _start.
+                ("bad-import.wasm", wasm::bad_import()?),
+                ("reactor.wasm", wasm::reactor()?),
+            ];
+            for (name, bytes) in programs {
+                wasm::write(dir, name, &bytes)?;
+            }
+            Ok(())
+        }
         _ => bail!(
-            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | http-load PORT STOP_FILE MAX_SECS"
+            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | http-load PORT STOP_FILE MAX_SECS | wasm-programs DIR"
         ),
     }
 }

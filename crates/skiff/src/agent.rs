@@ -78,6 +78,7 @@ fn node_spec(labels: BTreeMap<String, String>) -> NodeSpec {
         variant: variant.map(str::to_string),
         cpu_millis: cpus * 1000,
         memory_bytes: mem_kib * 1024,
+        runtimes: skiff_agent::runtimes(),
     }
 }
 
@@ -252,7 +253,8 @@ async fn serve_tunnel<S>(
     use tokio_tungstenite::tungstenite::Message;
     let agent = &local.agent;
     let frame = |c: &Control| serde_json::to_string(c).unwrap_or_default();
-    let hello = Control::Hello { revision: agent.desired_revision().unwrap_or(0) };
+    let hello =
+        Control::Hello { revision: agent.desired_revision().unwrap_or(0), runtimes: Some(skiff_agent::runtimes()) };
     if ws.send(Message::Text(frame(&hello).into())).await.is_err() {
         return;
     }

@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use skiff_model::api::{ApplyRequest, ApplyResponse, DeploymentView};
 use skiff_model::rollout::{Revision, RolloutState, RolloutStatus};
 use skiff_model::{
-    Deployment, DeviceMapping, InstanceStatus, LogLine, NetworkMode, PortMapping, RestartPolicy, Volume, VolumeSource,
+    Deployment, DeviceMapping, InstanceStatus, LogLine, NetworkMode, PortMapping, RestartPolicy, RuntimeKind, Volume,
+    VolumeSource,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -262,7 +263,20 @@ pub enum ImageCmd {
 
 #[derive(Args)]
 pub struct RunArgs {
+    /// An image reference, or (with the wasm runtime) a .wasm file on this machine.
     pub image: String,
+    /// oci (a container under runc) or wasm (a WASI program under wasmtime); a .wasm file
+    /// implies wasm.
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// wasm: stop a command after this long (exit code 124); an HTTP component answers 504
+    /// to a request still running then (5s, 500ms, 1m).
+    #[arg(long = "wasm-timeout")]
+    pub wasm_timeout: Option<String>,
+    /// wasm HTTP components: serve from a pool of N pre-reserved instances, N requests at
+    /// a time (default: a fresh instance per request, no bound).
+    #[arg(long = "wasm-pool")]
+    pub wasm_pool: Option<u32>,
     #[arg(long)]
     pub name: Option<String>,
     /// CPU limit in cores (0.5) or millicores (500m).
@@ -401,7 +415,17 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Run(args) => {
-            let d = deployment_from_run(args)?;
+            // A .wasm file is stored as an image last, once the deployment is valid and the
+            // program checked: a refused run stores nothing.
+            let file = wasm_file(args)?;
+            let image = match &file {
+                Some(f) => skiff_image::wasm::file_reference(f)?,
+                None => args.image.clone(),
+            };
+            let d = deployment_from_run(args, image)?;
+            if let Some(f) = &file {
+                import_wasm_file(&cli.data, f, &d.image)?;
+            }
             let name = d.name.clone();
             let req = ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false };
             let r: ApplyResponse = client(&cli)?.post("/api/v1/apply", &req).await?;
@@ -638,8 +662,47 @@ fn print_notes(r: &ApplyResponse) {
     }
 }
 
-fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
-    let base = a.image.rsplit('/').next().unwrap_or(&a.image).split([':', '@']).next().unwrap_or("app");
+/// The .wasm file `skiff run` names instead of an image, if it does: an existing file
+/// that is a WebAssembly binary (a path that ends in .wasm must be one).
+fn wasm_file(a: &RunArgs) -> Result<Option<PathBuf>> {
+    let p = PathBuf::from(&a.image);
+    let looks_like_file = a.image.ends_with(".wasm") || a.image.starts_with('.') || a.image.starts_with('/');
+    if !p.is_file() {
+        if a.image.ends_with(".wasm") {
+            bail!("{}: no such file (a .wasm file to run must exist on this machine)", a.image);
+        }
+        return Ok(None);
+    }
+    let mut head = [0u8; 8];
+    let n = std::io::Read::read(&mut std::fs::File::open(&p)?, &mut head)?;
+    if skiff_model::WasmKind::detect(&head[..n]).is_none() {
+        if looks_like_file {
+            bail!("{}: not a WebAssembly binary (no \\0asm module or component header)", a.image);
+        }
+        return Ok(None);
+    }
+    if a.runtime.as_deref().is_some_and(|r| RuntimeKind::parse(r) != Some(RuntimeKind::Wasm)) {
+        bail!("--runtime: {} is a WebAssembly file; it runs with --runtime wasm", a.image);
+    }
+    Ok(Some(p))
+}
+
+/// Checks a .wasm file as the node will (compiled into this machine's compile cache,
+/// imports and exports checked), then stores it as the image `reference`. Nothing is
+/// stored when the check fails.
+fn import_wasm_file(data: &Path, file: &Path, reference: &str) -> Result<()> {
+    use sha2::Digest;
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let module = skiff_image::WasmModule { path: file.to_path_buf(), id: hex::encode(sha2::Sha256::digest(&bytes)) };
+    let what = skiff_runtime::wasm::check(&module, &data.join("wasm/cache"))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    skiff_image::ImageStore::open(data.join("images"))?.import_wasm(file, reference)?;
+    eprintln!("{}: {what}, stored as {reference}", file.display());
+    Ok(())
+}
+
+fn deployment_from_run(a: &RunArgs, image: String) -> Result<Deployment> {
+    let base = image.rsplit('/').next().unwrap_or(&image).split([':', '@']).next().unwrap_or("app");
     let name = match &a.name {
         Some(n) => n.clone(),
         None => {
@@ -652,7 +715,20 @@ fn deployment_from_run(a: &RunArgs) -> Result<Deployment> {
             format!("{}-{:02x}{:02x}", if clean.is_empty() { "app" } else { &clean }, b[0], b[1])
         }
     };
-    let mut d = Deployment::new(name, a.image.clone());
+    let from_file = image != a.image;
+    let mut d = Deployment::new(name, image.clone());
+    d.runtime = match &a.runtime {
+        Some(r) => RuntimeKind::parse(r).with_context(|| format!("--runtime: {r:?} is not oci or wasm"))?,
+        None if from_file => RuntimeKind::Wasm,
+        None => RuntimeKind::Oci,
+    };
+    if let Some(t) = &a.wasm_timeout {
+        d.wasm.timeout_ms = Some(
+            skiff_manifest::parse_duration_ms(t)
+                .with_context(|| format!("--wasm-timeout: {t:?} is not a duration (examples: 5s, 500ms, 1m)"))?,
+        );
+    }
+    d.wasm.pool = a.wasm_pool;
     if let Some(c) = &a.cpus {
         d.resources.cpus_millis = Some(skiff_model::parse_cpus(c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?);
     }
@@ -985,8 +1061,13 @@ fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
         }
         ImageCmd::Ls { output: f } => {
             let v = store.list()?;
-            output::print(&v, *f, &["REFERENCE", "DIGEST", "SIZE"], |i| {
-                vec![i.reference.clone(), i.digest.chars().take(19).collect(), skiff_model::format_bytes(i.size)]
+            output::print(&v, *f, &["REFERENCE", "PLATFORM", "DIGEST", "SIZE"], |i| {
+                vec![
+                    i.reference.clone(),
+                    i.platform.clone(),
+                    i.digest.chars().take(19).collect(),
+                    skiff_model::format_bytes(i.size),
+                ]
             })?;
         }
         ImageCmd::Rm { reference } => {

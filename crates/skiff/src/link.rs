@@ -2,7 +2,8 @@
 
 use skiff_agent::Agent;
 use skiff_hub::{BoxFuture, ExecResult, NodeLink};
-use skiff_model::{Deployment, EventRecord, InstanceStatus, LogLine};
+use skiff_image::Target;
+use skiff_model::{Deployment, EventRecord, InstanceStatus, LogLine, RuntimeKind};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -56,17 +57,29 @@ impl NodeLink for LocalAgent {
     }
 
     /// Present locally, or pulled now (as `docker run` does) so that a bad reference
-    /// fails the request before anything is stored.
-    fn check_image(&self, image: &str) -> Result<(), String> {
-        if self.agent.images().inspect(image).is_ok() {
-            return Ok(());
+    /// fails the request before anything is stored. A WebAssembly program is also compiled
+    /// and checked here: a module this node cannot run is refused with nothing stored.
+    fn check_image(&self, d: &Deployment) -> Result<(), String> {
+        let image = &d.image;
+        if self.agent.images().inspect_for(image, Target::from(d.runtime)).is_err() {
+            let store = Arc::clone(self.agent.images());
+            let mut opts = self.agent.pull_options().cloned().unwrap_or_default();
+            if d.runtime == RuntimeKind::Wasm {
+                opts.platform = Some(skiff_image::wasm::wasm_platform());
+            }
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(skiff_image::registry::pull(store, image, &opts))
+            })
+            .map_err(|e| format!("{image} is not in the local store and pulling it failed: {e}"))?;
         }
-        let store = Arc::clone(self.agent.images());
-        let opts = self.agent.pull_options().cloned().unwrap_or_default();
-        tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(skiff_image::registry::pull(store, image, &opts))
-        })
-        .map(|_| ())
-        .map_err(|e| format!("{image} is not in the local store and pulling it failed: {e}"))
+        if d.runtime == RuntimeKind::Wasm {
+            tokio::task::block_in_place(|| self.agent.check_wasm(d))
+                .map_err(|e| format!("{image} is not a program the wasm runtime can run: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn runtimes(&self) -> Vec<String> {
+        skiff_agent::runtimes()
     }
 }
