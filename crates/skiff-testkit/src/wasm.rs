@@ -223,7 +223,8 @@ const WIT: [(&str, &str); 7] = [
 ];
 
 /// The core module of the HTTP component, in the canonical ABI. It answers every request
-/// `200 hello from wasm http PATH`; `/trap...` traps and `/spin...` spins forever.
+/// `200 hello from wasm http PATH`; a path starting `/tr` (`/trap`) traps and one starting
+/// `/sp` (`/spin`) spins forever.
 const HTTP_CORE: &str = r#"(module
   (import "wasi:http/types@0.2.12" "[method]incoming-request.path-with-query" (func $path (param i32 i32)))
   (import "wasi:http/types@0.2.12" "[resource-drop]incoming-request" (func $drop_req (param i32)))
@@ -258,11 +259,12 @@ const HTTP_CORE: &str = r#"(module
     (if (i32.load8_u (i32.const 64))
       (then (local.set $ptr (i32.load (i32.const 68))) (local.set $len (i32.load (i32.const 72)))))
     (call $drop_req (local.get $req))
-    (if (i32.gt_u (local.get $len) (i32.const 1))
+    ;; The two bytes after the slash: "tr" (/trap) traps, "sp" (/spin) spins.
+    (if (i32.gt_u (local.get $len) (i32.const 2))
       (then
-        (local.set $c (i32.load8_u (i32.add (local.get $ptr) (i32.const 1))))
-        (if (i32.eq (local.get $c) (i32.const 116)) (then unreachable))
-        (if (i32.eq (local.get $c) (i32.const 115)) (then (loop $spin (br $spin))))))
+        (local.set $c (i32.load16_u (i32.add (local.get $ptr) (i32.const 1))))
+        (if (i32.eq (local.get $c) (i32.const 0x7274)) (then unreachable))
+        (if (i32.eq (local.get $c) (i32.const 0x7073)) (then (loop $spin (br $spin))))))
     (local.set $resp (call $response (call $fields)))
     ;; result<outgoing-body> at 80, result<output-stream> at 96: handle at +4.
     (call $body (local.get $resp) (i32.const 80))

@@ -230,7 +230,7 @@ fn an_http_component_answers_each_request_from_a_fresh_instance() {
     let e2 = err.clone();
     // Serves until the test process ends.
     std::thread::spawn(move || p.run(Output::new(std::io::sink()), Output::new(e2)));
-    for path in ["/", "/hello?x=1", "/again"] {
+    for path in ["/", "/hello?x=1", "/there", "/t"] {
         let r = get(port, path);
         assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
         assert!(r.contains(&format!("hello from wasm http {path}\n")), "{r}");
