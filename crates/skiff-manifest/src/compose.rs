@@ -243,6 +243,24 @@ fn duration(v: &Value, path: &str) -> R<u64> {
         .ok_or_else(|| ManifestError::at(path, format!("{s:?} is not a duration (examples: 10s, 1m30s, 500ms)")))
 }
 
+/// `x-skiff-wasm: {timeout: 30s, pool: 8}`: settings of the wasm runtime.
+fn wasm_options(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<skiff_model::WasmOptions> {
+    let mut o = skiff_model::WasmOptions::default();
+    for (k, x) in mapping(v, path)? {
+        let key = key_str(k, path)?;
+        let p = format!("{path}.{key}");
+        match key.as_str() {
+            "timeout" => o.timeout_ms = Some(duration(x, &p)?),
+            "pool" => {
+                let n = int(x, &p)?;
+                o.pool = Some(u32::try_from(n).map_err(|_| ManifestError::at(&p, format!("{n} is not a pool size")))?);
+            }
+            _ => cx.warnings.push(format!("{p}: not supported yet, ignored")),
+        }
+    }
+    Ok(o)
+}
+
 fn mapping<'v>(v: &'v Value, path: &str) -> R<&'v Mapping> {
     v.as_mapping().ok_or_else(|| ManifestError::at(path, "must be a mapping"))
 }
@@ -342,6 +360,19 @@ fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deploy
             }
             "stop_grace_period" => d.stop_grace_period_ms = duration(v, &path)?,
             "x-skiff-autoscale" => d.autoscale = Some(crate::hpa::spec(v, &path)?),
+            "runtime" | "x-skiff-runtime" => d.runtime = crate::runtime_named(&str_of(v, &path)?, &path)?,
+            // Docker+Wasm marks a WASI service by its platform; others follow the node.
+            "platform" => {
+                let p = str_of(v, &path)?;
+                match p.split_once('/') {
+                    Some((os, "wasm")) if os.starts_with("wasi") => d.runtime = skiff_model::RuntimeKind::Wasm,
+                    _ => cx.warnings.push(format!(
+                        "{path}: {p:?} ignored (only wasi/wasm is read: it selects the wasm runtime; \
+                         containers run as the node's platform)"
+                    )),
+                }
+            }
+            "x-skiff-wasm" => d.wasm = wasm_options(cx, v, &path)?,
             k if k.starts_with("x-") => {}
             _ => cx.warnings.push(format!("{path}: not supported yet, ignored")),
         }

@@ -240,7 +240,12 @@ fn workload(
     };
     let pod = get(tpl, "spec").ok_or_else(|| ManifestError::at(format!("{path}.spec.template.spec"), "is required"))?;
     let pp = format!("{path}.spec.template.spec");
-    unknown(pod, &["containers", "nodeSelector", "restartPolicy", "terminationGracePeriodSeconds"], &pp, warnings);
+    unknown(
+        pod,
+        &["containers", "nodeSelector", "restartPolicy", "terminationGracePeriodSeconds", "runtimeClassName"],
+        &pp,
+        warnings,
+    );
     let containers = match get(pod, "containers") {
         Some(Value::Sequence(c)) if c.len() == 1 => &c[0],
         Some(Value::Sequence(c)) if c.len() > 1 => {
@@ -348,6 +353,12 @@ fn workload(
     }
     if let Some(ns) = get(pod, "nodeSelector") {
         d.placement.node_selector = map_of_strings(ns, &format!("{pp}.nodeSelector"))?;
+    }
+    // A RuntimeClass names the handler: `wasmtime` (or `wasm`) runs the pod's image as a
+    // WASI program, as runwasi's classes do.
+    if let Some(rc) = get(pod, "runtimeClassName") {
+        let rp = format!("{pp}.runtimeClassName");
+        d.runtime = crate::runtime_named(&string(rc, &rp)?, &rp)?;
     }
     d.restart = match get(pod, "restartPolicy").and_then(Value::as_str).unwrap_or("Always") {
         "Always" => RestartPolicy::Always,
@@ -511,6 +522,21 @@ spec:
         let three = import_k8s(&APP.replace("replicas: 1", "replicas: 3"), "default").unwrap();
         assert_eq!(three.deployments[0].replicas, 3, "replicas behind one host port are balanced by the node proxy");
         assert!(err("kind: [").contains("not valid YAML"));
+    }
+
+    #[test]
+    fn a_runtime_class_picks_the_runtime() {
+        let base = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: w}\nspec:\n  template:\n    spec:\n      runtimeClassName: RC\n      containers: [{name: c, image: i}]\n";
+        let d = &import_k8s(&base.replace("RC", "wasmtime"), "default").unwrap().deployments[0];
+        assert_eq!(d.runtime, skiff_model::RuntimeKind::Wasm);
+        let d = &import_k8s(&base.replace("RC", "runc"), "default").unwrap().deployments[0];
+        assert_eq!(d.runtime, skiff_model::RuntimeKind::Oci);
+        let e = import_k8s(&base.replace("RC", "kata"), "default").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "Deployment/w.spec.template.spec.runtimeClassName: \"kata\" is not a runtime skiff has \
+             (oci or runc; wasm, wasmtime or io.containerd.wasmtime.v1)"
+        );
     }
 
     #[test]

@@ -95,6 +95,28 @@ pub fn shell_split(s: &str) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// The runtime a manifest names: `oci`/`runc` (and containerd's `io.containerd.runc.*`),
+/// or `wasm`/`wasmtime` and the WASI shims Docker+Wasm names
+/// (`io.containerd.wasmtime.v1`, `io.containerd.wasmedge.v1`, `io.containerd.wasmer.v1`),
+/// whose WASI programs wasmtime runs. Anything else is an error at `path`.
+pub fn runtime_named(name: &str, path: &str) -> Result<skiff_model::RuntimeKind, ManifestError> {
+    use skiff_model::RuntimeKind;
+    if let Some(k) = RuntimeKind::parse(name) {
+        return Ok(k);
+    }
+    match name {
+        "io.containerd.runc.v1" | "io.containerd.runc.v2" => Ok(RuntimeKind::Oci),
+        "io.containerd.wasmtime.v1"
+        | "io.containerd.wasmtime.v2"
+        | "io.containerd.wasmedge.v1"
+        | "io.containerd.wasmer.v1" => Ok(RuntimeKind::Wasm),
+        other => Err(ManifestError::at(
+            path,
+            format!("{other:?} is not a runtime skiff has (oci or runc; wasm, wasmtime or io.containerd.wasmtime.v1)"),
+        )),
+    }
+}
+
 /// Parses compose durations: `1m30s`, `10s`, `500ms`, `1h`, `2.5s`; a bare number is seconds.
 pub fn parse_duration_ms(s: &str) -> Option<u64> {
     let s = s.trim();

@@ -235,3 +235,56 @@ fn update_config_maps_to_batches_and_strategies() {
         assert_eq!(e, want);
     }
 }
+
+#[test]
+fn wasm_services() {
+    use skiff_model::RuntimeKind;
+    let c = import(
+        r#"
+services:
+  fn:
+    image: registry.local/fn:1
+    x-skiff-runtime: wasm
+    x-skiff-wasm: {timeout: 2s, pool: 8}
+    ports: ["8080:8080"]
+    deploy: {resources: {limits: {cpus: "0.5", memory: 1M}}}
+  docker-wasm:
+    image: registry.local/hello-wasm:1
+    platform: wasi/wasm
+    runtime: io.containerd.wasmtime.v1
+  box:
+    image: busybox
+    platform: linux/amd64
+"#,
+    )
+    .unwrap();
+    let by = |n: &str| c.deployments.iter().find(|d| d.name == n).unwrap();
+    let f = by("fn");
+    assert_eq!(f.runtime, RuntimeKind::Wasm);
+    assert_eq!((f.wasm.timeout_ms, f.wasm.pool), (Some(2000), Some(8)));
+    assert_eq!(f.resources.memory_bytes, Some(1 << 20));
+    assert_eq!(by("docker-wasm").runtime, RuntimeKind::Wasm);
+    assert_eq!(by("box").runtime, RuntimeKind::Oci);
+    assert!(
+        c.warnings.iter().any(|w| w.starts_with("services.box.platform: \"linux/amd64\" ignored")),
+        "{:?}",
+        c.warnings
+    );
+
+    assert_eq!(
+        err("services:\n  a:\n    image: x\n    runtime: nvidia\n"),
+        "services.a.runtime: \"nvidia\" is not a runtime skiff has (oci or runc; wasm, wasmtime or io.containerd.wasmtime.v1)"
+    );
+    assert_eq!(
+        err("services:\n  a:\n    image: x\n    x-skiff-wasm: {timeout: 5s}\n"),
+        "services.a.wasm: is only read by the wasm runtime (runtime: wasm)"
+    );
+    assert_eq!(
+        err("services:\n  a:\n    image: x\n    x-skiff-runtime: wasm\n    user: nobody\n"),
+        "services.a.user: is not supported by the wasm runtime"
+    );
+    assert_eq!(
+        err("services:\n  a:\n    image: x\n    x-skiff-runtime: wasm\n    x-skiff-wasm: {timeout: soon}\n"),
+        "services.a.x-skiff-wasm.timeout: \"soon\" is not a duration (examples: 10s, 1m30s, 500ms)"
+    );
+}
