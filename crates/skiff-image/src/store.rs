@@ -446,8 +446,11 @@ impl ImageStore {
     fn image_for(&self, reference: &str, top: &str, target: Target) -> Result<ImageInfo, ImageError> {
         let m: Manifest = self.read_json(top)?;
         let (manifest_digest, m) = if m.is_index() {
+            // Only the entries that were pulled (or loaded) count: a pull stores the one
+            // platform it was asked for.
             let list = m.manifests.unwrap_or_default();
-            let d = choose_platform(&list, &target.platform(), reference)?;
+            let stored: Vec<Descriptor> = list.into_iter().filter(|d| self.has_blob(&d.digest)).collect();
+            let d = choose_platform(&stored, &target.platform(), reference)?;
             (d.digest.clone(), self.read_json::<Manifest>(&d.digest)?)
         } else {
             (top.to_string(), m)
@@ -456,8 +459,17 @@ impl ImageStore {
             what: manifest_digest.clone(),
             problem: "manifest has no config".into(),
         })?;
+        let wrong_kind = |have: String| ImageError::NoPlatform {
+            reference: reference.to_string(),
+            want: target.platform().to_string(),
+            have,
+        };
         if crate::wasm::is_artifact(&m) {
-            return self.artifact_for(reference, manifest_digest, config_desc, m);
+            let info = self.artifact_for(reference, manifest_digest, config_desc, m)?;
+            return match target {
+                Target::Wasm => Ok(info),
+                Target::Host => Err(wrong_kind(info.platform)),
+            };
         }
         let layers = m.layers.unwrap_or_default();
         let cfg: ConfigFile = self.read_json(&config_desc.digest)?;
@@ -484,6 +496,11 @@ impl ImageStore {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let platform = Platform { architecture: cfg.architecture, os: cfg.os, variant: cfg.variant };
+        // A single manifest is what it is: a wasi/wasm image runs no container, a container
+        // image no WebAssembly program.
+        if platform.is_wasm() != (target == Target::Wasm) {
+            return Err(wrong_kind(platform.to_string()));
+        }
         Ok(ImageInfo {
             reference: reference.to_string(),
             manifest_digest,

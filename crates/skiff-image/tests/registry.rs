@@ -431,3 +431,93 @@ fn the_high_water_mark_prunes_unused_images_oldest_first() -> R {
     assert_eq!(store.prune_to_watermark(&skiff_image::GcPolicy::new(1, 0).unwrap(), &[].into())?, None);
     Ok(())
 }
+
+/// Wasm images as the ecosystem pushes them: a CNCF Wasm OCI artifact, one with the older
+/// wasm-to-oci layer type, and an index holding both a container and a `wasi/wasm` image.
+#[test]
+fn wasm_artifacts_and_wasi_platform_images_are_pulled_for_the_wasm_runtime() -> R {
+    use skiff_image::{wasm::wasm_platform, Target};
+    skiff_testkit::require_registry_tools!();
+    let reg = Registry::start()?;
+    let tmp = tempfile::tempdir()?;
+    let module = skiff_testkit::wasm::hello()?;
+    let component = skiff_testkit::wasm::command_component()?;
+    let art = tmp.path().join("art");
+    skiff_testkit::wasm::write_artifact_layout(&art, "hello", &module, None)?;
+    reg.push(&art, "wasm/hello:1")?;
+    let old = tmp.path().join("old");
+    skiff_testkit::wasm::write_artifact_layout(
+        &old,
+        "p2",
+        &component,
+        Some("application/vnd.wasm.content.layer.v1+wasm"),
+    )?;
+    reg.push(&old, "wasm/p2:1")?;
+    let multi = tmp.path().join("multi");
+    ImageBuilder::write_multi_arch_layout(&multi, "multi", &[ImageBuilder::busybox()?, ImageBuilder::wasi(&module)?])?;
+    reg.push(&multi, "wasm/multi:1")?;
+    let r = |name: &str| format!("127.0.0.1:{}/wasm/{name}", reg.port);
+
+    // What the hub places by.
+    let p: Vec<String> = rt().block_on(platforms(&r("hello:1"), &opts()))?.iter().map(ToString::to_string).collect();
+    assert_eq!(p, ["wasi/wasm"]);
+    let p: Vec<String> = rt().block_on(platforms(&r("multi:1"), &opts()))?.iter().map(ToString::to_string).collect();
+    assert_eq!(p, [format!("linux/{}", skiff_testkit::host_arch()), "wasi/wasm".to_string()]);
+
+    let store = Arc::new(ImageStore::open(tmp.path().join("store"))?);
+    let wasm = PullOptions { platform: Some(wasm_platform()), ..opts() };
+    for name in ["hello:1", "p2:1", "multi:1"] {
+        rt().block_on(pull(Arc::clone(&store), &r(name), &wasm))?;
+    }
+    // An artifact's module is its layer blob, verified and never unpacked.
+    let info = store.inspect_for(&r("hello:1"), Target::Wasm)?;
+    assert_eq!(info.platform, "wasip1/wasm");
+    assert!(info.layers.is_empty());
+    let m = store.wasm_module(&info, None)?;
+    assert_eq!(std::fs::read(&m.path)?, module);
+    assert_eq!(format!("sha256:{}", m.id), info.wasm.as_ref().unwrap().digest);
+    let info = store.inspect_for(&r("p2:1"), Target::Wasm)?;
+    assert_eq!(
+        (info.platform.as_str(), std::fs::read(store.wasm_module(&info, None)?.path)?),
+        ("wasip2/wasm", component)
+    );
+    // A wasi/wasm image's module is the file its entrypoint names, in its unpacked layers.
+    let info = store.resolve_for(&r("multi:1"), Target::Wasm)?;
+    assert_eq!(info.config.entrypoint.as_deref(), Some(&["/app.wasm".to_string()][..]));
+    assert_eq!(std::fs::read(store.wasm_module(&info, Some("/app.wasm"))?.path)?, module);
+    assert!(store.wasm_module(&info, Some("/nope.wasm")).unwrap_err().to_string().contains("has no file /nope.wasm"));
+    assert!(store.wasm_module(&info, Some("../etc/passwd")).is_err(), "paths stay inside the image");
+
+    // Each image is what it is: the host's variant of the index was not pulled, an
+    // artifact runs no container and a container image no wasm program.
+    let e = store.inspect_for(&r("hello:1"), Target::Host).unwrap_err();
+    assert!(matches!(e, ImageError::NoPlatform { .. }), "{e}");
+    assert!(store.inspect(&r("hello:1")).is_ok(), "listing falls back to the wasm platform");
+    let host = Arc::new(ImageStore::open(tmp.path().join("host"))?);
+    rt().block_on(pull(Arc::clone(&host), &r("multi:1"), &opts()))?;
+    host.resolve_for(&r("multi:1"), Target::Host)?;
+    let single = tmp.path().join("single");
+    ImageBuilder::busybox()?.write_oci_layout(&single, "box")?;
+    host.load(&single, Some("box:1"))?;
+    let e = host.inspect_for("box:1", Target::Wasm).unwrap_err().to_string();
+    assert!(e.contains("has no manifest for wasi/wasm; it has: linux/"), "{e}");
+
+    // Moved without a registry: saved (an oci-archive, since artifacts are no tars),
+    // loaded elsewhere, the same module.
+    let tar = tmp.path().join("bundle.tar");
+    store.save(&[r("hello:1"), r("multi:1")], &tar)?;
+    let other = ImageStore::open(tmp.path().join("other"))?;
+    let loaded = other.load(&tar, None)?;
+    assert_eq!(loaded.len(), 2);
+    let info = other.inspect_for(&r("hello:1"), Target::Wasm)?;
+    assert_eq!(std::fs::read(other.wasm_module(&info, None)?.path)?, module);
+    // And a bare .wasm file loads as an artifact named by its content.
+    let file = skiff_testkit::wasm::write(tmp.path(), "Tool.wasm", &module)?;
+    let names = other.load(&file, None)?;
+    assert!(names[0].starts_with("localhost/wasm/tool:"), "{names:?}");
+    assert_eq!(other.inspect_for(&names[0], Target::Wasm)?.platform, "wasip1/wasm");
+    let junk = tmp.path().join("junk.tar");
+    std::fs::write(&junk, b"\0asm\x01\0\0\0 not really")?;
+    assert!(other.load(&junk, Some("junk:1")).is_ok(), "stored as bytes; checked when it runs");
+    Ok(())
+}
