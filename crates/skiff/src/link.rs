@@ -61,7 +61,7 @@ impl NodeLink for LocalAgent {
     /// and checked here: a module this node cannot run is refused with nothing stored.
     fn check_image(&self, d: &Deployment) -> Result<(), String> {
         let image = &d.image;
-        if self.agent.images().inspect_for(image, Target::from(d.runtime)).is_err() {
+        if let Err(stored) = self.agent.images().inspect_for(image, Target::from(d.runtime)) {
             let store = Arc::clone(self.agent.images());
             let mut opts = self.agent.pull_options().cloned().unwrap_or_default();
             if d.runtime == RuntimeKind::Wasm {
@@ -70,7 +70,13 @@ impl NodeLink for LocalAgent {
             tokio::task::block_in_place(|| {
                 tokio::runtime::Handle::current().block_on(skiff_image::registry::pull(store, image, &opts))
             })
-            .map_err(|e| format!("{image} is not in the local store and pulling it failed: {e}"))?;
+            .map_err(|e| match stored {
+                // Stored, but not for this runtime: that is the telling part.
+                skiff_image::ImageError::NotFound(_) => {
+                    format!("{image} is not in the local store and pulling it failed: {e}")
+                }
+                stored => format!("{stored}, and pulling it failed: {e}"),
+            })?;
         }
         if d.runtime == RuntimeKind::Wasm {
             tokio::task::block_in_place(|| self.agent.check_wasm(d))

@@ -299,6 +299,15 @@ impl Node {
                 let _ = Command::new("runc").arg("--root").arg(&runc_root).args(["delete", "--force", id]).output();
             }
         }
+        // WebAssembly instances are shims with no runc container behind them.
+        let shims = data.join("wasm/instances").display().to_string();
+        for pid in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = pid.file_name().to_string_lossy().parse::<i32>() else { continue };
+            if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&shims))
+            {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
         if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
             let prefix = data.display().to_string();
             let mut mounts: Vec<&str> =
