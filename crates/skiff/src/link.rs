@@ -8,6 +8,22 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// Makes sure `d`'s image is in the agent's store for `d`'s runtime: present, or pulled
+/// now for that runtime's platform. The error says why when it cannot be.
+pub async fn ensure_image(agent: &Agent, d: &Deployment) -> Result<(), String> {
+    let image = &d.image;
+    let Err(stored) = agent.images().inspect_for(image, Target::from(d.runtime)) else { return Ok(()) };
+    let mut opts = agent.pull_options().cloned().unwrap_or_default();
+    if d.runtime == RuntimeKind::Wasm {
+        opts.platform = Some(skiff_image::wasm::wasm_platform());
+    }
+    skiff_image::registry::pull(Arc::clone(agent.images()), image, &opts).await.map(|_| ()).map_err(|e| match stored {
+        // Stored, but not for this runtime: that is the telling part.
+        skiff_image::ImageError::NotFound(_) => format!("{image} is not in the local store and pulling it failed: {e}"),
+        stored => format!("{stored}, and pulling it failed: {e}"),
+    })
+}
+
 pub struct LocalAgent {
     pub agent: Arc<Agent>,
 }
@@ -61,23 +77,7 @@ impl NodeLink for LocalAgent {
     /// and checked here: a module this node cannot run is refused with nothing stored.
     fn check_image(&self, d: &Deployment) -> Result<(), String> {
         let image = &d.image;
-        if let Err(stored) = self.agent.images().inspect_for(image, Target::from(d.runtime)) {
-            let store = Arc::clone(self.agent.images());
-            let mut opts = self.agent.pull_options().cloned().unwrap_or_default();
-            if d.runtime == RuntimeKind::Wasm {
-                opts.platform = Some(skiff_image::wasm::wasm_platform());
-            }
-            tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(skiff_image::registry::pull(store, image, &opts))
-            })
-            .map_err(|e| match stored {
-                // Stored, but not for this runtime: that is the telling part.
-                skiff_image::ImageError::NotFound(_) => {
-                    format!("{image} is not in the local store and pulling it failed: {e}")
-                }
-                stored => format!("{stored}, and pulling it failed: {e}"),
-            })?;
-        }
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(ensure_image(&self.agent, d)))?;
         if d.runtime == RuntimeKind::Wasm {
             tokio::task::block_in_place(|| self.agent.check_wasm(d))
                 .map_err(|e| format!("{image} is not a program the wasm runtime can run: {e}"))?;

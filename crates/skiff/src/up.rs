@@ -213,20 +213,13 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
         acfg.node_name = n.clone();
     }
     let pull = crate::cli::pull_options(cli)?;
-    acfg.pull = Some(pull.clone());
+    acfg.pull = Some(pull);
     acfg.metrics_every = std::time::Duration::from_secs(args.metrics_interval);
     let agent = Agent::open(acfg)?;
     if let Some(i) = &import {
         for d in &i.deployments {
-            if agent.images().inspect(&d.image).is_err() {
-                let store = Arc::clone(agent.images());
-                if let Err(e) = skiff_image::registry::pull(store, &d.image, &pull).await {
-                    bail!(
-                        "services.{}.image: {} is not in the local store and pulling it failed: {e}",
-                        d.name,
-                        d.image
-                    );
-                }
+            if let Err(e) = crate::link::ensure_image(&agent, d).await {
+                bail!("services.{}.image: {e}", d.name);
             }
         }
     }
