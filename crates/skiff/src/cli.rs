@@ -944,8 +944,14 @@ fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
         }
         Kind::Nodes => {
             let v: Vec<skiff_hub::NodeInfo> = serde_json::from_slice(body).map_err(bad)?;
-            output::print(&v, f, &["NAME", "STATE", "PLATFORM", "INSTANCES"], |n| {
-                vec![n.name.clone(), n.state.clone(), format!("{}/{}", n.os, n.arch), n.instances.to_string()]
+            output::print(&v, f, &["NAME", "STATE", "PLATFORM", "RUNTIMES", "INSTANCES"], |n| {
+                vec![
+                    n.name.clone(),
+                    n.state.clone(),
+                    format!("{}/{}", n.os, n.arch),
+                    n.runtimes.join(","),
+                    n.instances.to_string(),
+                ]
             })
         }
         Kind::Autoscalers => {

@@ -631,3 +631,56 @@ fn a_fleet_rollout_goes_in_growing_waves_and_a_failed_wave_rolls_back() -> R {
     assert!(history.contains("rollback to revision 2 (revision 3 failed)"), "{history}");
     Ok(())
 }
+
+#[test]
+fn wasm_programs_go_to_nodes_offering_the_runtime_and_are_pulled_for_it() -> R {
+    skiff_testkit::require_privileged!();
+    skiff_testkit::require_registry_tools!();
+    let reg = skiff_testkit::registry::Registry::start()?;
+    let tmp = tempfile::tempdir()?;
+    let push = |name: &str, module: Vec<u8>| -> R {
+        let dir = tmp.path().join(name);
+        skiff_testkit::wasm::write_artifact_layout(&dir, name, &module, None)?;
+        reg.push(&dir, &format!("wasm/{name}:1"))
+    };
+    push("hello", skiff_testkit::wasm::hello()?)?;
+    push("bad", skiff_testkit::wasm::bad_import()?)?;
+    skiff_testkit::ImageBuilder::busybox()?.write_oci_layout(&tmp.path().join("box"), "box")?;
+    reg.push(&tmp.path().join("box"), "edge/box:1")?;
+    let at = |repo: &str| format!("127.0.0.1:{}/{repo}", reg.port);
+
+    let h = hub()?;
+    let token = h.ok(&["token", "create"])?.trim().to_string();
+    let a = agent(&h, &token, "edge-1", &[])?;
+    wait_for(30 * SEC, "the node Ready", || h.ok(&["get", "nodes"]).ok()?.contains("Ready").then_some(()))?;
+    let nodes: Vec<serde_json::Value> = serde_json::from_str(&h.ok(&["get", "nodes", "-o", "json"])?)?;
+    assert_eq!(nodes[0]["runtimes"], serde_json::json!(["oci", "wasm"]), "{nodes:?}");
+
+    // Placed by the hub, pulled for the wasm platform by the agent, its output read
+    // through the tunnel.
+    h.ok(&["run", &at("wasm/hello:1"), "--runtime", "wasm", "--name", "hello", "--", "x"])?;
+    let i = wait_for(60 * SEC, "hello-1 to run and exit", || {
+        let v: Vec<InstanceStatus> = serde_json::from_str(&h.ok(&["get", "instances", "-o", "json"]).ok()?).ok()?;
+        v.into_iter().find(|i| i.name == "hello-1" && i.state == InstanceState::Exited)
+    })?;
+    assert_eq!((i.exit_code, i.node.as_str()), (Some(0), "edge-1"), "{i:?}");
+    assert_eq!(h.ok(&["logs", "hello-1"])?, "hello from wasm\nargs: hello x\nenv: \n");
+
+    // A program the node cannot run fails at create, with the reason and no process.
+    h.ok(&["run", &at("wasm/bad:1"), "--runtime", "wasm", "--name", "bad"])?;
+    let i = wait_for(60 * SEC, "bad-1 to fail", || {
+        let v: Vec<InstanceStatus> = serde_json::from_str(&h.ok(&["get", "instances", "-o", "json"]).ok()?).ok()?;
+        v.into_iter().find(|i| i.name == "bad-1" && i.state == InstanceState::Failed)
+    })?;
+    let msg = i.message.unwrap_or_default();
+    assert!(msg.contains("did not start: unsupported imports: env::host_magic"), "{msg}");
+    assert!(i.pid.is_none());
+
+    // A container image is no wasm program: placed nowhere, and the apply says why.
+    let out = h.cli(&["run", &at("edge/box:1"), "--runtime", "wasm", "--name", "box"])?;
+    let why = "0/1 nodes are available: 1 can't run the image: it has no wasm platform";
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains(why), "{out:?}");
+    assert!(!hub_instances(&h).iter().any(|i| i.deployment == "box"));
+    drop(a);
+    Ok(())
+}
