@@ -44,12 +44,15 @@ pub const EXIT_FILE: &str = "exit.json";
 pub const LOG_FILE: &str = "container.log";
 pub const PID_FILE: &str = "init.pid";
 pub const SHIM_PID_FILE: &str = "shim.pid";
+/// The shim's identity, `<boot id> <start time>` ([`crate::procfs::identity`]): tells the
+/// shim from a later process that got its pid.
+pub const SHIM_ID_FILE: &str = "shim.id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
     #[error("starting the shim: {0}")]
     Spawn(std::io::Error),
-    #[error("container {id} did not start: {message}")]
+    #[error("instance {id} did not start: {message}")]
     Start { id: String, message: String },
     #[error("shim for {id} gave no answer")]
     NoAnswer { id: String },
@@ -72,13 +75,24 @@ pub fn launch(skiff_bin: &Path, bundle: &Path, id: &str) -> Result<i32, ShimErro
         .spawn()
         .map_err(ShimError::Spawn)?;
     let out = child.stdout.take();
+    reap(child);
+    match out {
+        Some(out) => read_answer(&mut BufReader::new(out), id),
+        None => Err(ShimError::NoAnswer { id: id.to_string() }),
+    }
+}
+
+/// While this process lives, a tiny thread waits for `child` (a shim) when it ends.
+pub(crate) fn reap(mut child: std::process::Child) {
     let _ = std::thread::Builder::new().name("shim-reaper".into()).stack_size(32 * 1024).spawn(move || {
         let _ = child.wait();
     });
+}
+
+/// The shim's answer on its stdout: `ok <pid>` or `err <message>`.
+pub(crate) fn read_answer(out: &mut impl BufRead, id: &str) -> Result<i32, ShimError> {
     let mut line = String::new();
-    if let Some(out) = out {
-        let _ = BufReader::new(out).take(64 * 1024).read_line(&mut line);
-    }
+    let _ = out.take(64 * 1024).read_line(&mut line);
     let line = line.trim();
     if let Some(pid) = line.strip_prefix("ok ") {
         return pid.parse().map_err(|_| ShimError::NoAnswer { id: id.to_string() });
@@ -150,13 +164,22 @@ pub(crate) fn write_exit(bundle: &Path, exit: &ExitStatus) {
     diag(bundle, &format!("exited: code {} signal {:?} oom {}", exit.code, exit.signal, exit.oom_killed));
 }
 
-fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
+/// What every shim does first for its bundle: read its settings, record who it is, and
+/// clear what a previous run of the instance left.
+pub(crate) fn begin(bundle: &Path) -> Result<ShimConfig, String> {
     let cfg: ShimConfig = read_config(bundle, SHIM_CONFIG)?;
-    let _ = std::fs::write(bundle.join(SHIM_PID_FILE), std::process::id().to_string());
+    let pid = std::process::id();
+    let _ = std::fs::write(bundle.join(SHIM_PID_FILE), pid.to_string());
+    let _ = std::fs::write(bundle.join(SHIM_ID_FILE), crate::procfs::identity(pid).unwrap_or_default());
     let _ = std::fs::remove_file(bundle.join(EXIT_FILE));
     let _ = std::fs::remove_file(bundle.join(PID_FILE));
+    Ok(cfg)
+}
+
+fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
+    let cfg = begin(bundle)?;
     if bundle.join(crate::wasm::WASM_CONFIG).exists() {
-        return crate::wasm::run_shim(bundle, &cfg, report);
+        return crate::wasm::run_shim(bundle, &cfg, report, None);
     }
     nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("set_child_subreaper: {e}"))?;
     let runc = Runc { bin: cfg.runc.clone(), root: cfg.runc_root.clone() };

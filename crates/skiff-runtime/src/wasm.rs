@@ -50,6 +50,54 @@ pub struct WasmRuntime {
     skiff_bin: PathBuf,
     pub log_max_bytes: u64,
     pub log_max_files: u32,
+    /// The shim started ahead of need, if one is ready (see [`Spare`]).
+    spare: Arc<Mutex<Option<Spare>>>,
+    /// Whether starts use (and keep) a spare shim.
+    use_spares: bool,
+}
+
+/// A shim started before it has work: `skiff shim --spare ROOT` has made its session, its
+/// wasmtime engine and WASI linkers, and waits on its stdin for a bundle path. A start
+/// hands it one and reads the usual `ok <pid>`, then a new spare is started in the
+/// background. So a start pays neither for a process nor for wasmtime's set-up: the
+/// pre-forked worker of servers and the zygote of Android, for one runtime. When the
+/// agent goes away the spare reads EOF and exits.
+struct Spare {
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Spare {
+    /// Starts one and waits (in the calling thread) until it says `ready`.
+    fn start(skiff_bin: &Path, root: &Path) -> Option<Spare> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(skiff_bin)
+            .arg("shim")
+            .arg("--spare")
+            .arg(root)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let (stdin, stdout) = (child.stdin.take()?, child.stdout.take()?);
+        shim::reap(child);
+        let mut stdout = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        stdout.read_line(&mut line).ok()?;
+        (line.trim() == "ready").then_some(Spare { stdin, stdout })
+    }
+
+    /// Hands it `bundle`: its answer, or None when it is gone (start another way).
+    fn run(mut self, bundle: &Path, id: &str) -> Option<Result<i32, shim::ShimError>> {
+        use std::io::Write;
+        writeln!(self.stdin, "{}", bundle.display()).ok()?;
+        self.stdin.flush().ok()?;
+        match shim::read_answer(&mut self.stdout, id) {
+            Err(shim::ShimError::NoAnswer { .. }) => None,
+            answer => Some(answer),
+        }
+    }
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RuntimeError + 'a {
@@ -112,7 +160,31 @@ impl WasmRuntime {
             skiff_bin: skiff_bin.into(),
             log_max_bytes: 10 << 20,
             log_max_files: 3,
+            spare: Default::default(),
+            use_spares: true,
         })
+    }
+
+    /// Starts without a spare shim (each start launches one), as a benchmark compares.
+    pub fn without_spares(mut self) -> Self {
+        self.use_spares = false;
+        self
+    }
+
+    /// Starts a spare in the background unless one is ready.
+    fn refill(&self) {
+        let (slot, bin, root) = (Arc::clone(&self.spare), self.skiff_bin.clone(), self.root.clone());
+        if slot.lock().map(|s| s.is_some()).unwrap_or(true) {
+            return;
+        }
+        let _ = std::thread::Builder::new().name("wasm-spare".into()).spawn(move || {
+            if let Some(new) = Spare::start(&bin, &root) {
+                if let Ok(mut s) = slot.lock() {
+                    // Another refill may have been quicker: the extra one reads EOF and exits.
+                    s.get_or_insert(new);
+                }
+            }
+        });
     }
 
     pub fn dir(&self, id: &str) -> PathBuf {
@@ -123,15 +195,13 @@ impl WasmRuntime {
         &self.cache_dir
     }
 
-    /// The shim of this instance, if it is alive (its pid checked against its command line,
-    /// since pids are reused after a reboot).
+    /// The shim of this instance, if it is alive: the process at its pid must have the
+    /// identity (boot and start time) the shim recorded, since pids are reused.
     fn shim_pid(&self, id: &str) -> Option<i32> {
         let dir = self.dir(id);
-        let pid: i32 = fs::read_to_string(dir.join(shim::SHIM_PID_FILE)).ok()?.trim().parse().ok()?;
-        let bundle = dir.display().to_string();
-        fs::read(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|c| String::from_utf8_lossy(&c).split('\0').any(|a| a == bundle))
-            .then_some(pid)
+        let pid: u32 = fs::read_to_string(dir.join(shim::SHIM_PID_FILE)).ok()?.trim().parse().ok()?;
+        let recorded = fs::read_to_string(dir.join(shim::SHIM_ID_FILE)).ok()?;
+        (crate::procfs::identity(pid)? == recorded.trim()).then_some(pid as i32)
     }
 
     fn shim_spec(&self, id: &str) -> Option<WasmShim> {
@@ -170,6 +240,13 @@ impl Runtime for WasmRuntime {
     }
 
     fn start(&self, id: &str) -> Result<i32, RuntimeError> {
+        if self.use_spares {
+            let spare = self.spare.lock().ok().and_then(|mut s| s.take());
+            self.refill();
+            if let Some(answer) = spare.and_then(|s| s.run(&self.dir(id), id)) {
+                return Ok(answer?);
+            }
+        }
         Ok(shim::launch(&self.skiff_bin, &self.dir(id), id)?)
     }
 
@@ -272,6 +349,44 @@ impl Runtime for WasmRuntime {
     }
 }
 
+/// Entry point of `skiff shim --spare ROOT` (see [`Spare`]): makes a session and wasmtime's
+/// engine and linkers, says `ready`, then takes one bundle path (a directory of ROOT) from
+/// stdin and becomes that instance's shim. EOF before that: exits.
+pub fn spare_main(root: &Path) -> i32 {
+    use std::io::{BufRead, Write};
+    let _ = nix::unistd::setsid();
+    let report = |msg: String| {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{msg}");
+        let _ = out.flush();
+    };
+    let warm = match skiff_wasm::Warm::new() {
+        Ok(w) => w,
+        Err(e) => {
+            report(format!("err {e}"));
+            return 1;
+        }
+    };
+    report("ready".into());
+    let mut line = String::new();
+    if !matches!(std::io::stdin().lock().read_line(&mut line), Ok(n) if n > 0) {
+        return 0;
+    }
+    let bundle = PathBuf::from(line.trim_end());
+    let result = if bundle.parent() != Some(root) {
+        Err(format!("{} is not an instance of {}", bundle.display(), root.display()))
+    } else {
+        shim::begin(&bundle).and_then(|cfg| run_shim(&bundle, &cfg, &report, Some(warm)))
+    };
+    match result {
+        Ok(()) => 0,
+        Err(msg) => {
+            report(format!("err {msg}"));
+            1
+        }
+    }
+}
+
 /// Compiles (into the cache) and checks a program without running it; returns what it
 /// is. What `skiff run` and an embedded `skiff apply` ask before anything is stored.
 pub fn check(module: &skiff_image::WasmModule, cache_dir: &Path) -> Result<&'static str, String> {
@@ -291,7 +406,12 @@ pub fn prune_cache(cache_dir: &Path, keep: impl Fn(&str) -> bool) -> u64 {
 /// `skiff shim` for a WebAssembly instance. Reports `ok <pid>` once the program is
 /// loaded, checked and its ports bound (or `err <why>`, with nothing started), then runs
 /// it; never returns once it reported `ok`.
-pub(crate) fn run_shim(bundle: &Path, cfg: &ShimConfig, report: &dyn Fn(String)) -> Result<(), String> {
+pub(crate) fn run_shim(
+    bundle: &Path,
+    cfg: &ShimConfig,
+    report: &dyn Fn(String),
+    warm: Option<skiff_wasm::Warm>,
+) -> Result<(), String> {
     use nix::sys::signal::{SigSet, Signal};
     let w: WasmShim = shim::read_config(bundle, WASM_CONFIG)?;
     if let Some(ns) = &w.netns {
@@ -306,13 +426,15 @@ pub(crate) fn run_shim(bundle: &Path, cfg: &ShimConfig, report: &dyn Fn(String))
         stops.add(s);
     }
     stops.thread_block().map_err(|e| format!("blocking signals: {e}"))?;
-    let prepared = skiff_wasm::prepare(&w.spec).map_err(|e| e.to_string())?;
+    let t0 = std::time::Instant::now();
+    let prepared = skiff_wasm::prepare_with(&w.spec, warm).map_err(|e| e.to_string())?;
     shim::diag(
         bundle,
         &format!(
-            "{} {}",
+            "{} {} ({:.2} ms)",
             prepared.program().describe(),
-            if prepared.cached { "loaded from the compile cache" } else { "compiled" }
+            if prepared.cached { "loaded from the compile cache" } else { "compiled" },
+            t0.elapsed().as_secs_f64() * 1000.0
         ),
     );
     let log = LogWriter::open(&bundle.join(shim::LOG_FILE), cfg.log_max_bytes, cfg.log_max_files)

@@ -29,6 +29,10 @@ impl WasmRuntime {
     pub fn cache_dir(&self) -> &Path {
         &self.cache_dir
     }
+
+    pub fn without_spares(self) -> Self {
+        self
+    }
 }
 
 pub fn argv(d: &skiff_model::Deployment, info: &skiff_image::ImageInfo) -> Vec<String> {
@@ -86,6 +90,19 @@ pub fn prune_cache(_cache_dir: &Path, _keep: impl Fn(&str) -> bool) -> u64 {
     0
 }
 
-pub(crate) fn run_shim(_bundle: &Path, _cfg: &ShimConfig, _report: &dyn Fn(String)) -> Result<(), String> {
+/// The stand-in for a warmed-up wasmtime (nothing to warm here).
+pub struct Warm;
+
+pub(crate) fn run_shim(
+    _bundle: &Path,
+    _cfg: &ShimConfig,
+    _report: &dyn Fn(String),
+    _warm: Option<Warm>,
+) -> Result<(), String> {
     Err(MISSING.into())
+}
+
+pub fn spare_main(_root: &Path) -> i32 {
+    println!("err {MISSING}");
+    1
 }

@@ -74,25 +74,48 @@ fn link_err(e: wasmtime::Error) -> WasmError {
     WasmError::Link(format!("{e:#}"))
 }
 
-pub(crate) fn program(engine: &Engine, compiled: Compiled) -> Result<Program, WasmError> {
-    match compiled {
-        Compiled::Module(m) => module(engine, &m).map(Program::Module),
-        Compiled::Component(c) => component(engine, &c),
+/// The linkers for one engine: WASI preview 1 for modules; WASI 0.2 and wasi:http for
+/// components. Built once per engine (a spare shim builds them before it has work).
+pub(crate) struct Linkers {
+    p1: Linker<P1State>,
+    p2: wasmtime::component::Linker<P2State>,
+}
+
+impl Linkers {
+    pub(crate) fn new(engine: &Engine) -> Result<Self, WasmError> {
+        let mut p1: Linker<P1State> = Linker::new(engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut p1, |s: &mut P1State| &mut s.wasi).map_err(link_err)?;
+        let mut p2 = wasmtime::component::Linker::new(engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut p2).map_err(link_err)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut p2).map_err(link_err)?;
+        Ok(Linkers { p1, p2 })
     }
 }
 
-fn module(engine: &Engine, m: &Module) -> Result<InstancePre<P1State>, WasmError> {
-    let mut linker: Linker<P1State> = Linker::new(engine);
-    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut P1State| &mut s.wasi).map_err(link_err)?;
-    let mut store = Store::new(engine, P1State { wasi: WasiCtxBuilder::new().build_p1(), memory: Memory::default() });
-    let missing: Vec<String> = m
-        .imports()
-        .filter(|i| linker.get_by_import(&mut store, i).is_none())
-        .map(|i| format!("{}::{}", i.module(), i.name()))
-        .collect();
-    if !missing.is_empty() {
-        return Err(WasmError::UnsupportedImports(missing));
+pub(crate) fn program(engine: &Engine, linkers: &Linkers, compiled: Compiled) -> Result<Program, WasmError> {
+    match compiled {
+        Compiled::Module(m) => module(engine, &linkers.p1, &m).map(Program::Module),
+        Compiled::Component(c) => component(engine, &linkers.p2, &c),
     }
+}
+
+fn module(engine: &Engine, linker: &Linker<P1State>, m: &Module) -> Result<InstancePre<P1State>, WasmError> {
+    let pre = linker.instantiate_pre(m).map_err(|e| {
+        // Name every import the host lacks, not only the first (a store to look them up
+        // in is made only now, on the way to an error).
+        let mut store =
+            Store::new(engine, P1State { wasi: WasiCtxBuilder::new().build_p1(), memory: Memory::default() });
+        let missing: Vec<String> = m
+            .imports()
+            .filter(|i| linker.get_by_import(&mut store, i).is_none())
+            .map(|i| format!("{}::{}", i.module(), i.name()))
+            .collect();
+        if missing.is_empty() {
+            link_err(e)
+        } else {
+            WasmError::UnsupportedImports(missing)
+        }
+    })?;
     match m.get_export("_start") {
         Some(ExternType::Func(f)) if f.params().len() == 0 && f.results().len() == 0 => {}
         Some(_) => {
@@ -112,18 +135,14 @@ fn module(engine: &Engine, m: &Module) -> Result<InstancePre<P1State>, WasmError
             "the module exports no memory named \"memory\" (WASI passes data through it)".into(),
         ));
     }
-    linker.instantiate_pre(m).map_err(link_err)
+    Ok(pre)
 }
 
-/// A linker with every interface a component may import (WASI 0.2 and wasi:http).
-pub(crate) fn component_linker(engine: &Engine) -> Result<wasmtime::component::Linker<P2State>, WasmError> {
-    let mut linker = wasmtime::component::Linker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(link_err)?;
-    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(link_err)?;
-    Ok(linker)
-}
-
-fn component(engine: &Engine, c: &Component) -> Result<Program, WasmError> {
+fn component(
+    engine: &Engine,
+    linker: &wasmtime::component::Linker<P2State>,
+    c: &Component,
+) -> Result<Program, WasmError> {
     let ty = c.component_type();
     let missing: Vec<String> = ty
         .imports(engine)
@@ -136,7 +155,7 @@ fn component(engine: &Engine, c: &Component) -> Result<Program, WasmError> {
     }
     let exports: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
     let exports_at = |iface: &str| exports.iter().any(|e| e.starts_with(&format!("{iface}@0.2")));
-    let pre = component_linker(engine)?.instantiate_pre(c).map_err(link_err)?;
+    let pre = linker.instantiate_pre(c).map_err(link_err)?;
     if exports_at("wasi:http/incoming-handler") {
         return ProxyPre::new(pre).map(Program::Http).map_err(link_err);
     }

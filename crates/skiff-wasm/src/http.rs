@@ -111,7 +111,7 @@ impl Server {
             Some(s) => s.acquire().await.ok(),
             None => None,
         };
-        let state = match p2_state(&self.spec, &self.stdout, &self.stderr) {
+        let state = match p2_state(&self.spec, &self.stdout, &self.stderr, false) {
             Ok(s) => s,
             Err(e) => {
                 self.log(format!("{what}: {e}"));

@@ -110,6 +110,8 @@ pub struct Prepared {
     /// Whether the compiled program came from the cache.
     pub cached: bool,
     listeners: Vec<std::net::TcpListener>,
+    /// A command's runtime, made ahead (a spare shim's).
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Prepared {
@@ -118,12 +120,46 @@ impl Prepared {
     }
 }
 
+/// What a shim can make before it knows its program: the default engine, its linkers and
+/// a command's runtime. A spare shim holds one, so a start does not pay for them. Not to
+/// be made (or dropped) inside a tokio runtime.
+pub struct Warm {
+    engine: wasmtime::Engine,
+    linkers: check::Linkers,
+    /// The one-thread runtime a command runs on.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Warm {
+    pub fn new() -> Result<Self, WasmError> {
+        let engine = engine::engine(None, None).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
+        let linkers = check::Linkers::new(&engine)?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok();
+        Ok(Warm { engine, linkers, runtime })
+    }
+}
+
 /// Loads and checks the program `spec` names and binds its ports; nothing runs yet.
 pub fn prepare(spec: &Spec) -> Result<Prepared, WasmError> {
-    let engine = engine::engine(spec.pool, spec.memory_bytes).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
+    prepare_with(spec, None)
+}
+
+/// `prepare`, using `warm`'s engine and linkers when `spec` needs the default engine (a
+/// pooled HTTP component has an engine of its own).
+pub fn prepare_with(spec: &Spec, warm: Option<Warm>) -> Result<Prepared, WasmError> {
+    let warm = match warm {
+        Some(w) if spec.pool.is_none() => w,
+        _ => {
+            let engine =
+                engine::engine(spec.pool, spec.memory_bytes).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
+            let linkers = check::Linkers::new(&engine)?;
+            Warm { engine, linkers, runtime: None }
+        }
+    };
+    let Warm { engine, linkers, runtime } = warm;
     let cache = cache::Cache::open(&spec.cache_dir)?;
     let (compiled, cached) = cache.load_or_compile(&engine, &spec.module, &spec.module_id)?;
-    let program = check::program(&engine, compiled)?;
+    let program = check::program(&engine, &linkers, compiled)?;
     let mut listeners = vec![];
     if matches!(program, Program::Http(_)) {
         let ports = if spec.http_ports.is_empty() { vec![DEFAULT_HTTP_PORT] } else { spec.http_ports.clone() };
@@ -134,7 +170,7 @@ pub fn prepare(spec: &Spec) -> Result<Prepared, WasmError> {
             listeners.push(l);
         }
     }
-    Ok(Prepared { engine, program, spec: spec.clone(), cached, listeners })
+    Ok(Prepared { engine, program, spec: spec.clone(), cached, listeners, runtime })
 }
 
 /// Where an HTTP component listens when the deployment publishes no port (as
@@ -148,7 +184,9 @@ pub fn check(
     module_id: &str,
     cache_dir: &std::path::Path,
 ) -> Result<&'static str, WasmError> {
+    // Not `Warm::new`: no runtime to make (the caller may be inside one).
     let engine = engine::engine(None, None).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
+    let linkers = check::Linkers::new(&engine)?;
     let (compiled, _) = cache::Cache::open(cache_dir)?.load_or_compile(&engine, module, module_id)?;
-    Ok(check::program(&engine, compiled)?.describe())
+    Ok(check::program(&engine, &linkers, compiled)?.describe())
 }

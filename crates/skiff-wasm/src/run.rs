@@ -24,10 +24,19 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 /// reports an OOM-killed container).
 pub const OOM_EXIT_CODE: i32 = 137;
 
-/// The WASI context every store of `spec` starts from.
-pub(crate) fn wasi(spec: &Spec, stdout: &Output, stderr: &Output) -> Result<WasiCtxBuilder, WasmError> {
+/// The WASI context every store of `spec` starts from. `inline_io`: file operations run on
+/// the calling thread rather than on tokio's blocking pool — right for a command, the one
+/// guest of a one-thread runtime (no thread to start, no hand-over), unless a timeout must
+/// be able to interrupt a read that never returns.
+pub(crate) fn wasi(
+    spec: &Spec,
+    stdout: &Output,
+    stderr: &Output,
+    inline_io: bool,
+) -> Result<WasiCtxBuilder, WasmError> {
     let mut b = WasiCtxBuilder::new();
     b.args(&spec.argv).envs(&spec.env).stdout(stdout.clone()).stderr(stderr.clone());
+    b.allow_blocking_current_thread(inline_io);
     for p in &spec.preopens {
         let perms = if p.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
         b.preopened_dir(&p.host, &p.guest, perms).map_err(|e| WasmError::Preopen {
@@ -42,9 +51,9 @@ pub(crate) fn wasi(spec: &Spec, stdout: &Output, stderr: &Output) -> Result<Wasi
     Ok(b)
 }
 
-pub(crate) fn p2_state(spec: &Spec, stdout: &Output, stderr: &Output) -> Result<P2State, WasmError> {
+pub(crate) fn p2_state(spec: &Spec, stdout: &Output, stderr: &Output, inline_io: bool) -> Result<P2State, WasmError> {
     Ok(P2State {
-        wasi: wasi(spec, stdout, stderr)?.build(),
+        wasi: wasi(spec, stdout, stderr, inline_io)?.build(),
         table: ResourceTable::new(),
         http: Default::default(),
         memory: Memory::new(spec.memory_bytes),
@@ -101,13 +110,15 @@ impl Prepared {
         if cpu.is_some() || timeout.is_some() {
             start_ticker(&self.engine);
         }
-        let rt = match &self.program {
-            Program::Http(_) => {
+        let made = self.runtime;
+        let rt = match (&self.program, made) {
+            (Program::Module(_) | Program::Command(_), Some(rt)) => Ok(rt),
+            (Program::Http(_), _) => {
                 let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
                 let want = self.spec.cpus_millis.map(|m| m.div_ceil(1000) as usize).unwrap_or(cores);
                 tokio::runtime::Builder::new_multi_thread().worker_threads(want.clamp(1, cores)).enable_all().build()
             }
-            _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+            (_, _) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         };
         let rt = match rt {
             Ok(rt) => rt,
@@ -151,7 +162,7 @@ async fn module(
     stdout: &Output,
     stderr: &Output,
 ) -> Outcome {
-    let wasi = match wasi(spec, stdout, stderr) {
+    let wasi = match wasi(spec, stdout, stderr, spec.timeout_ms.is_none()) {
         Ok(mut b) => b.build_p1(),
         Err(e) => return setup_failed(e),
     };
@@ -175,7 +186,7 @@ async fn command(
     stdout: &Output,
     stderr: &Output,
 ) -> Outcome {
-    let state = match p2_state(spec, stdout, stderr) {
+    let state = match p2_state(spec, stdout, stderr, spec.timeout_ms.is_none()) {
         Ok(s) => s,
         Err(e) => return setup_failed(e),
     };

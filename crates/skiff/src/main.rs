@@ -16,6 +16,9 @@ fn main() {
     // The shim runs once per container for the container's whole life: enter it before
     // building the CLI parser so it touches as little of the binary as it can.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() == 4 && args[1] == "shim" && args[2] == "--spare" {
+        std::process::exit(skiff_runtime::wasm::spare_main(std::path::Path::new(&args[3])));
+    }
     if args.len() >= 4 && args[1] == "shim" && args[2] == "--bundle" {
         let bundle = std::path::PathBuf::from(&args[3]);
         let daemon = args.get(4).is_some_and(|a| a == "--daemon");

@@ -55,13 +55,30 @@ fn a_wasm_file_runs_with_its_output_in_the_logs_its_exit_code_and_restart_policy
     assert_eq!(String::from_utf8_lossy(&logs.stdout), "hello from wasm\nargs: hello a b\nenv: GREETING=hi\n");
     assert_eq!(String::from_utf8_lossy(&logs.stderr), "to stderr\n");
 
+    // The next start is handed to a spare shim, started ahead of need and waiting.
+    let spares = || -> Vec<i32> {
+        let mark = format!("shim\0--spare\0{}", n.data().join("wasm/instances").display());
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&mark))
+            })
+            .collect()
+    };
+    let spare = wait_for(10 * SEC, "a spare shim", || spares().first().copied())?;
     // Exit codes and restart policies as for containers: on-failure:2 gives up after two restarts.
     let exit3 = program(&n, "exit3.wasm", wasm::exit_with(3))?;
     n.ok(&["run", &exit3, "--name", "three", "--restart", "on-failure:2"])?;
     let i = n.wait_instance("three-1", 60 * SEC, "given up after 2 restarts", |i| ended(i) && i.restarts == 2)?;
     assert_eq!(i.exit_code, Some(3));
     assert_eq!(n.ok(&["logs", "three-1"])?.matches("exiting with 3\n").count(), 3);
-    assert!(n.events()?.iter().any(|e| e.object == "three-1" && e.message.contains("exited with code 3")));
+    let events = n.events()?;
+    assert!(events.iter().any(|e| e.object == "three-1" && e.message.contains("exited with code 3")));
+    let first = events.iter().find(|e| e.object == "three-1" && e.reason == "Started").unwrap();
+    assert_eq!(first.message, format!("pid {spare}"), "three-1 ran in the spare shim");
 
     // The compile cache: `skiff run` compiled the module once; each of the three starts
     // loaded that artifact.
