@@ -7,6 +7,7 @@
 use anyhow::{bail, Result};
 
 mod hubsim;
+mod wasmbench;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -78,12 +79,16 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        ["wasm-bench", skiff, dir, iterations, counts @ ..] => wasmbench::run(skiff, dir, iterations, counts),
+        ["wasm-bench-cli", skiff, data, iterations, wasm, container] => {
+            wasmbench::cli(skiff, data, iterations, wasm, container)
+        }
         ["wasm-programs", dir] => {
             // The WebAssembly test programs, as files: for the demo, benchmarks and by hand.
             use skiff_testkit::wasm;
             let dir = std::path::Path::new(dir);
             std::fs::create_dir_all(dir)?;
-            let programs: [(&str, Vec<u8>); 10] = [
+            let programs: [(&str, Vec<u8>); 11] = [
                 ("hello.wasm", wasm::hello()?),
                 ("hello-p2.wasm", wasm::command_component()?),
                 ("http.wasm", wasm::http_component()?),
@@ -92,6 +97,7 @@ fn main() -> Result<()> {
                 ("busy.wasm", wasm::busy()?),
                 ("grow.wasm", wasm::grow(64)?),
                 ("exit3.wasm", wasm::exit_with(3)?),
+                ("signal.wasm", wasm::signal()?),
                 // Refused before anything runs: an import no WASI host has, and no _start.
                 ("bad-import.wasm", wasm::bad_import()?),
                 ("reactor.wasm", wasm::reactor()?),
@@ -102,7 +108,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | http-load PORT STOP_FILE MAX_SECS | wasm-programs DIR"
+            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | http-load PORT STOP_FILE MAX_SECS | wasm-programs DIR | wasm-bench SKIFF DIR ITERATIONS COUNTS... | wasm-bench-cli SKIFF DATA ITERATIONS WASM_IMAGE CONTAINER_IMAGE"
         ),
     }
 }

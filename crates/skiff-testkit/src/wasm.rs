@@ -140,6 +140,35 @@ fn sleeper(every_ms: u64, ticks: bool) -> Result<Vec<u8>> {
     )
 }
 
+/// Creates the file `go` in its first preopened directory (a start signal a benchmark
+/// waits on, as `touch /b/go` in a container), then sleeps forever. (A FIFO would not do:
+/// WASI writes to files at a position, which a FIFO has not.)
+pub fn signal() -> Result<Vec<u8>> {
+    module_with(
+        r#"
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_close" (func $fd_close (param i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+"#,
+        r#"
+  (data (i32.const 64) "go")
+  (func (export "_start")
+    ;; oflags CREAT (1), rights FD_WRITE (64).
+    (if (call $path_open (i32.const 3) (i32.const 0) (i32.const 64) (i32.const 2) (i32.const 1)
+                         (i64.const 64) (i64.const 0) (i32.const 0) (i32.const 16))
+      (then (call $proc_exit (i32.const 3))))
+    (drop (call $fd_close (i32.load (i32.const 16))))
+    (i32.store8 (i32.const 208) (i32.const 0))
+    (i32.store (i32.const 216) (i32.const 1))
+    (i64.store (i32.const 224) (i64.const 3600000000000))
+    (loop $l
+      (drop (call $poll (i32.const 200) (i32.const 256) (i32.const 1) (i32.const 300)))
+      (br $l)))
+"#,
+    )
+}
+
 /// Prints `tick` every `every_ms` forever (a long-running service).
 pub fn ticker(every_ms: u64) -> Result<Vec<u8>> {
     sleeper(every_ms, true)
