@@ -8,5 +8,6 @@ scripts/deps.sh
 BIN=$(scripts/build-release.sh)
 ln -sf "$BIN/skiff" target/skiff
 "$BIN/xtask" demo-image target/demo-image
+"$BIN/xtask" wasm-programs target/wasm   # WASI programs for the tour (hello.wasm, http.wasm, ...)
 target/skiff image load target/demo-image
 exec target/skiff up -f examples/demo/compose.yaml "$@"
