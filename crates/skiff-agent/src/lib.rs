@@ -927,9 +927,7 @@ impl Agent {
     /// what the instance waits for and when to look again.
     fn pull_missing(self: &Arc<Self>, instance: &str, image: &str, runtime: RuntimeKind) -> (String, u64) {
         let Some(mut opts) = self.cfg.pull.clone() else { return (format!("image {image} not found"), 5_000) };
-        if runtime == RuntimeKind::Wasm {
-            opts.platform = Some(skiff_image::wasm::wasm_platform());
-        }
+        opts.platform = Some(Target::from(runtime).platform());
         let Ok(mut pulls) = self.pulls.lock() else { return ("image pulls: lock poisoned".into(), 5_000) };
         let now = now_ms();
         let failures = match pulls.get(image) {

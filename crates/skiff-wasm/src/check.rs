@@ -33,6 +33,18 @@ pub struct P2State {
     pub(crate) memory: Memory,
 }
 
+impl crate::limits::Limited for P1State {
+    fn memory(&mut self) -> &mut Memory {
+        &mut self.memory
+    }
+}
+
+impl crate::limits::Limited for P2State {
+    fn memory(&mut self) -> &mut Memory {
+        &mut self.memory
+    }
+}
+
 impl WasiView for P2State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }

@@ -21,7 +21,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
-use wasmtime::Store;
 use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -118,9 +117,7 @@ impl Server {
                 return plain(500, "internal server error");
             }
         };
-        let mut store = Store::new(self.pre.engine(), state);
-        store.limiter(|s| &mut s.memory);
-        crate::limits::on_tick(&mut store, self.cpu.clone(), self.timeout.is_some());
+        let mut store = crate::limits::store(self.pre.engine(), state, self.cpu.clone(), self.timeout.is_some());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let params = store.data_mut().http().new_incoming_request(Scheme::Http, req).and_then(|req| {
             let out = store.data_mut().http().new_response_outparam(tx)?;

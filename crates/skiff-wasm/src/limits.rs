@@ -132,9 +132,28 @@ impl CpuShare {
     }
 }
 
+/// Store data that carries a [`Memory`] budget.
+pub trait Limited: Send + 'static {
+    fn memory(&mut self) -> &mut Memory;
+}
+
+/// A store for one instance under the limits: its memory budget, and the tick handler
+/// (see [`on_tick`]).
+pub fn store<T: Limited>(
+    engine: &wasmtime::Engine,
+    state: T,
+    cpu: Option<CpuShare>,
+    yield_always: bool,
+) -> wasmtime::Store<T> {
+    let mut store = wasmtime::Store::new(engine, state);
+    store.limiter(|s| s.memory());
+    on_tick(&mut store, cpu, yield_always);
+    store
+}
+
 /// Installs the tick handler on a store: throttle to the CPU share, and yield to the
 /// executor at every tick when `yield_always` (so timers can fire while the guest runs).
-pub fn on_tick<T: 'static>(store: &mut wasmtime::Store<T>, cpu: Option<CpuShare>, yield_always: bool) {
+fn on_tick<T: 'static>(store: &mut wasmtime::Store<T>, cpu: Option<CpuShare>, yield_always: bool) {
     use wasmtime::UpdateDeadline;
     if cpu.is_none() && !yield_always {
         // Nothing to watch: the epoch never reaches this deadline.

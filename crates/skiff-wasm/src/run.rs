@@ -17,7 +17,7 @@ use crate::{Outcome, Output, Prepared, Spec, WasmError};
 use skiff_model::{WASM_TIMEOUT_EXIT_CODE, WASM_TRAP_EXIT_CODE};
 use std::time::Duration;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Store};
+use wasmtime::Engine;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 /// The exit code of an instance stopped by its memory limit (128 + SIGKILL, as Docker
@@ -166,9 +166,8 @@ async fn module(
         Ok(mut b) => b.build_p1(),
         Err(e) => return setup_failed(e),
     };
-    let mut store = Store::new(pre.module().engine(), P1State { wasi, memory: Memory::new(spec.memory_bytes) });
-    store.limiter(|s| &mut s.memory);
-    crate::limits::on_tick(&mut store, cpu, yields);
+    let state = P1State { wasi, memory: Memory::new(spec.memory_bytes) };
+    let mut store = crate::limits::store(pre.module().engine(), state, cpu, yields);
     let r = async {
         let instance = pre.instantiate_async(&mut store).await?;
         let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
@@ -190,9 +189,7 @@ async fn command(
         Ok(s) => s,
         Err(e) => return setup_failed(e),
     };
-    let mut store = Store::new(pre.engine(), state);
-    store.limiter(|s| &mut s.memory);
-    crate::limits::on_tick(&mut store, cpu, yields);
+    let mut store = crate::limits::store(pre.engine(), state, cpu, yields);
     let r = async {
         let cmd = pre.instantiate_async(&mut store).await?;
         cmd.wasi_cli_run().call_run(&mut store).await.map(|r| if r.is_ok() { 0 } else { 1 })

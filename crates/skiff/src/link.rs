@@ -14,9 +14,7 @@ pub async fn ensure_image(agent: &Agent, d: &Deployment) -> Result<(), String> {
     let image = &d.image;
     let Err(stored) = agent.images().inspect_for(image, Target::from(d.runtime)) else { return Ok(()) };
     let mut opts = agent.pull_options().cloned().unwrap_or_default();
-    if d.runtime == RuntimeKind::Wasm {
-        opts.platform = Some(skiff_image::wasm::wasm_platform());
-    }
+    opts.platform = Some(Target::from(d.runtime).platform());
     skiff_image::registry::pull(Arc::clone(agent.images()), image, &opts).await.map(|_| ()).map_err(|e| match stored {
         // Stored, but not for this runtime: that is the telling part.
         skiff_image::ImageError::NotFound(_) => format!("{image} is not in the local store and pulling it failed: {e}"),
