@@ -129,12 +129,12 @@ impl Prepared {
             match program {
                 Program::Http(pre) => crate::http::serve(pre, listeners, spec, cpu, stdout, stderr).await,
                 Program::Module(pre) => {
-                    let run = module(pre, &spec, cpu, timeout.is_some(), &stdout, &stderr);
-                    within(timeout, run).await
+                    let cx = Command { spec: &spec, cpu, yields: timeout.is_some(), stdout: &stdout, stderr: &stderr };
+                    within(timeout, module(pre, cx)).await
                 }
                 Program::Command(pre) => {
-                    let run = command(pre, &spec, cpu, timeout.is_some(), &stdout, &stderr);
-                    within(timeout, run).await
+                    let cx = Command { spec: &spec, cpu, yields: timeout.is_some(), stdout: &stdout, stderr: &stderr };
+                    within(timeout, command(pre, cx)).await
                 }
             }
         })
@@ -154,14 +154,18 @@ fn setup_failed(e: WasmError) -> Outcome {
     Outcome { code: WASM_TRAP_EXIT_CODE, oom: false, message: Some(e.to_string()) }
 }
 
-async fn module(
-    pre: wasmtime::InstancePre<P1State>,
-    spec: &Spec,
+/// What running a command needs besides its pre-instantiated program.
+struct Command<'a> {
+    spec: &'a Spec,
     cpu: Option<CpuShare>,
+    /// Yield at every tick (a timeout is watching).
     yields: bool,
-    stdout: &Output,
-    stderr: &Output,
-) -> Outcome {
+    stdout: &'a Output,
+    stderr: &'a Output,
+}
+
+async fn module(pre: wasmtime::InstancePre<P1State>, cx: Command<'_>) -> Outcome {
+    let Command { spec, cpu, yields, stdout, stderr } = cx;
     let wasi = match wasi(spec, stdout, stderr, spec.timeout_ms.is_none()) {
         Ok(mut b) => b.build_p1(),
         Err(e) => return setup_failed(e),
@@ -177,14 +181,8 @@ async fn module(
     outcome(r, store.data_mut().memory.exceeded.take(), stderr)
 }
 
-async fn command(
-    pre: wasmtime_wasi::p2::bindings::CommandPre<P2State>,
-    spec: &Spec,
-    cpu: Option<CpuShare>,
-    yields: bool,
-    stdout: &Output,
-    stderr: &Output,
-) -> Outcome {
+async fn command(pre: wasmtime_wasi::p2::bindings::CommandPre<P2State>, cx: Command<'_>) -> Outcome {
+    let Command { spec, cpu, yields, stdout, stderr } = cx;
     let state = match p2_state(spec, stdout, stderr, spec.timeout_ms.is_none()) {
         Ok(s) => s,
         Err(e) => return setup_failed(e),
