@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The binary without its optional WebAssembly runtime (the `wasm` feature's stub twins).
+cargo clippy -p skiff --no-default-features --locked -- -D warnings
 # A missing prerequisite fails the run instead of skipping privileged tests.
 export SKIFF_REQUIRE_PRIVILEGED=1
 log=$(mktemp)
