@@ -408,10 +408,13 @@ impl ImageStore {
     }
 
     /// Like `resolve`, without unpacking. An image that offers no platform of this
-    /// machine but a WebAssembly one (a wasm-only index) is shown as that.
+    /// machine but a WebAssembly one (a wasm artifact or index) is shown as that, also when
+    /// named by its image ID.
     pub fn inspect(&self, reference: &str) -> Result<ImageInfo, ImageError> {
         match self.inspect_for(reference, Target::Host) {
-            Err(e @ ImageError::NoPlatform { .. }) => self.inspect_for(reference, Target::Wasm).map_err(|_| e),
+            Err(e @ (ImageError::NoPlatform { .. } | ImageError::NotFound(_))) => {
+                self.inspect_for(reference, Target::Wasm).map_err(|_| e)
+            }
             r => r,
         }
     }

@@ -492,7 +492,10 @@ fn wasm_artifacts_and_wasi_platform_images_are_pulled_for_the_wasm_runtime() -> 
     // artifact runs no container and a container image no wasm program.
     let e = store.inspect_for(&r("hello:1"), Target::Host).unwrap_err();
     assert!(matches!(e, ImageError::NoPlatform { .. }), "{e}");
-    assert!(store.inspect(&r("hello:1")).is_ok(), "listing falls back to the wasm platform");
+    let listed = store.inspect(&r("hello:1"))?;
+    assert_eq!(listed.platform, "wasip1/wasm", "listing falls back to the wasm platform");
+    let by_id = store.inspect(&listed.config_digest[7..19])?;
+    assert_eq!(by_id.manifest_digest, listed.manifest_digest, "and so does an image ID");
     let host = Arc::new(ImageStore::open(tmp.path().join("host"))?);
     rt().block_on(pull(Arc::clone(&host), &r("multi:1"), &opts()))?;
     host.resolve_for(&r("multi:1"), Target::Host)?;
