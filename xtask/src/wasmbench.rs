@@ -150,9 +150,10 @@ impl Bench {
         let watch = self.arm()?;
         let t0 = Instant::now();
         let id = self.start(kind, spare, image, cmd)?;
-        let t1 = wait_go(&watch)?;
+        let t1 = wait_go(&watch);
+        // Stopped whether or not it started in time.
         self.stop(kind, &id);
-        Ok((t1 - t0).as_secs_f64())
+        Ok((t1? - t0).as_secs_f64())
     }
 
     /// Bare `runc run -d` of a bundle prepared once (rootfs copied, config written).
@@ -217,11 +218,20 @@ impl Bench {
             }
         };
         for i in 0..count {
-            let id = match kind {
-                RuntimeKind::Wasm => self.start(kind, true, IDLE, &[])?,
-                RuntimeKind::Oci => self.start(kind, true, BUSYBOX, &["sleep", "1000000"])?,
+            let started = match kind {
+                RuntimeKind::Wasm => self.start(kind, true, IDLE, &[]),
+                RuntimeKind::Oci => self.start(kind, true, BUSYBOX, &["sleep", "1000000"]),
             };
-            ids.push(id);
+            match started {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    // Those already started go before the error does.
+                    for id in &ids {
+                        self.stop(kind, id);
+                    }
+                    return Err(e);
+                }
+            }
             progress(i + 1);
         }
         settle();
