@@ -177,15 +177,28 @@ impl ImageStore {
     }
 }
 
-/// The reference `skiff run ./app.wasm` gives a file: `localhost/wasm/<stem>:<12 hex of
-/// its sha256>`, so that a changed file is a new template (and rolls out as one).
-pub fn file_reference(file: &Path) -> Result<String, ImageError> {
-    let bytes = std::fs::read(file).ctx("read", file)?;
+/// The sha256 of a file, in hex: a `.wasm` file's content identity (its compile cache key).
+pub fn file_digest(file: &Path) -> Result<String, ImageError> {
+    let mut f = std::fs::File::open(file).ctx("open", file)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).ctx("read", file)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// The reference `skiff run ./app.wasm` gives a file whose sha256 is `digest` (hex):
+/// `localhost/wasm/<stem>:<12 hex of it>`, so that a changed file is a new template (and
+/// rolls out as one).
+pub fn reference_for(file: &Path, digest: &str) -> String {
     let stem = file.file_stem().map(|s| s.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
     let clean: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
     let clean = clean.trim_matches('-');
     let name = if clean.is_empty() { "module" } else { clean };
-    Ok(format!("localhost/wasm/{name}:{}", &hex::encode(Sha256::digest(&bytes))[..12]))
+    format!("localhost/wasm/{name}:{}", &digest[..12.min(digest.len())])
+}
+
+/// [`reference_for`] the file's own digest.
+pub fn file_reference(file: &Path) -> Result<String, ImageError> {
+    Ok(reference_for(file, &file_digest(file)?))
 }
 
 #[cfg(test)]

@@ -417,14 +417,20 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Run(args) => {
             // A .wasm file is stored as an image last, once the deployment is valid and the
             // program checked: a refused run stores nothing.
-            let file = wasm_file(args)?;
+            let file = match wasm_file(args)? {
+                Some(f) => {
+                    let digest = skiff_image::wasm::file_digest(&f)?;
+                    Some((f, digest))
+                }
+                None => None,
+            };
             let image = match &file {
-                Some(f) => skiff_image::wasm::file_reference(f)?,
+                Some((f, digest)) => skiff_image::wasm::reference_for(f, digest),
                 None => args.image.clone(),
             };
-            let d = deployment_from_run(args, image)?;
-            if let Some(f) = &file {
-                import_wasm_file(&cli.data, f, &d.image)?;
+            let d = deployment_from_run(args, image, file.is_some())?;
+            if let Some((f, digest)) = &file {
+                import_wasm_file(&cli.data, f, digest, &d.image)?;
             }
             let name = d.name.clone();
             let req = ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false };
@@ -687,13 +693,11 @@ fn wasm_file(a: &RunArgs) -> Result<Option<PathBuf>> {
     Ok(Some(p))
 }
 
-/// Checks a .wasm file as the node will (compiled into this machine's compile cache,
-/// imports and exports checked), then stores it as the image `reference`. Nothing is
-/// stored when the check fails.
-fn import_wasm_file(data: &Path, file: &Path, reference: &str) -> Result<()> {
-    use sha2::Digest;
-    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let module = skiff_image::WasmModule { path: file.to_path_buf(), id: hex::encode(sha2::Sha256::digest(&bytes)) };
+/// Checks a .wasm file (sha256 `digest`) as the node will (compiled into this machine's
+/// compile cache, imports and exports checked), then stores it as the image `reference`.
+/// Nothing is stored when the check fails.
+fn import_wasm_file(data: &Path, file: &Path, digest: &str, reference: &str) -> Result<()> {
+    let module = skiff_image::WasmModule { path: file.to_path_buf(), id: digest.to_string() };
     let what = skiff_runtime::wasm::check(&module, &data.join("wasm/cache"))
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     skiff_image::ImageStore::open(data.join("images"))?.import_wasm(file, reference)?;
@@ -701,7 +705,9 @@ fn import_wasm_file(data: &Path, file: &Path, reference: &str) -> Result<()> {
     Ok(())
 }
 
-fn deployment_from_run(a: &RunArgs, image: String) -> Result<Deployment> {
+/// The deployment `skiff run` asks for, running `image`; `from_file`: the image is the
+/// .wasm file named on the command line (the wasm runtime, unless told otherwise).
+fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -> Result<Deployment> {
     let base = image.rsplit('/').next().unwrap_or(&image).split([':', '@']).next().unwrap_or("app");
     let name = match &a.name {
         Some(n) => n.clone(),
@@ -715,7 +721,6 @@ fn deployment_from_run(a: &RunArgs, image: String) -> Result<Deployment> {
             format!("{}-{:02x}{:02x}", if clean.is_empty() { "app" } else { &clean }, b[0], b[1])
         }
     };
-    let from_file = image != a.image;
     let mut d = Deployment::new(name, image.clone());
     d.runtime = match &a.runtime {
         Some(r) => RuntimeKind::parse(r).with_context(|| format!("--runtime: {r:?} is not oci or wasm"))?,
