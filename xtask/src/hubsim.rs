@@ -69,7 +69,7 @@ pub async fn run(
     let server = conf["server"].as_str().context("server")?.to_string();
     let ca = conf["ca"].as_str().context("ca")?.to_string();
     let admin = conf["token"].as_str().context("token")?.to_string();
-    let t = skiff_hub::pki::JoinToken::parse(token)?;
+    let t = skiff_model::proto::JoinToken::parse(token)?;
     let secret = format!("{}.{}", t.id, t.secret);
     let ca_cert = reqwest::Certificate::from_pem(ca.as_bytes())?;
     let plain =
@@ -85,7 +85,7 @@ pub async fn run(
         joins.spawn(async move {
             let _p = sem.acquire().await;
             let name = format!("sim-{i:05}");
-            let (key, csr) = skiff_hub::pki::node_csr(&name)?;
+            let (key, csr) = skiff_agent::join::node_csr(&name)?;
             let spec = serde_json::json!({"os": "linux", "arch": "amd64", "cpu_millis": 4000, "memory_bytes": 4u64 << 30, "labels": {"site": format!("s{}", i % 50)}});
             let resp = plain
                 .post(format!("{server}/api/v1/join"))
@@ -97,7 +97,7 @@ pub async fn run(
             }
             let j: serde_json::Value = resp.json().await?;
             let cert = j["cert"].as_str().context("cert")?.to_string();
-            let tls = Arc::new(skiff_hub::tls::client_config(&ca, &cert, &key).map_err(anyhow::Error::msg)?);
+            let tls = Arc::new(skiff_agent::tls::client_config(&ca, &cert, &key).map_err(anyhow::Error::msg)?);
             anyhow::Ok(SimNode { name, tls })
         });
     }

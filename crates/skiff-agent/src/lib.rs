@@ -7,11 +7,14 @@
 //! Architecture Invariant: the agent never schedules; it runs what it is given.
 #![forbid(unsafe_code)]
 
+pub mod join;
 pub mod logs;
 pub mod metrics;
 pub mod proxy;
 pub mod state;
 pub mod supervise;
+pub mod tls;
+pub mod tunnel;
 pub mod update;
 
 use proxy::{PortKey, Proxies};
@@ -164,14 +167,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     }
 }
 
-fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 impl Agent {
     pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
         let data = &cfg.data_dir;
@@ -180,7 +175,7 @@ impl Agent {
         let node_id = match state.meta("node_id")? {
             Some(id) => id,
             None => {
-                let id = random_hex(4);
+                let id = skiff_sys::random::hex(4).map_err(|e| AgentError::Other(e.to_string()))?;
                 state.set_meta("node_id", &id)?;
                 id
             }
@@ -388,6 +383,34 @@ impl Agent {
 
     pub fn has_instance(&self, instance: &str) -> bool {
         matches!(self.db(|s| s.instance(instance)), Ok(Some(_)))
+    }
+
+    /// The instance's log: the last `tail` lines, then (with `follow`) new ones as they
+    /// come, until the instance is gone or the receiver is dropped.
+    pub fn log_stream(
+        self: &Arc<Self>,
+        instance: &str,
+        tail: Option<usize>,
+        follow: bool,
+    ) -> Result<tokio::sync::mpsc::Receiver<skiff_model::LogLine>, AgentError> {
+        let path = self.log_path(instance)?;
+        let (me, name) = (Arc::clone(self), instance.to_string());
+        Ok(logs::stream(path, tail, follow, move || me.has_instance(&name)))
+    }
+
+    /// Runs `argv` in the instance; its output as text.
+    pub async fn exec_result(
+        &self,
+        instance: &str,
+        argv: Vec<String>,
+        timeout: Duration,
+    ) -> Result<skiff_model::proto::ExecResult, AgentError> {
+        let out = self.exec(instance, argv, timeout).await?;
+        Ok(skiff_model::proto::ExecResult {
+            code: out.code,
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        })
     }
 
     pub async fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> Result<ExecOutput, AgentError> {

@@ -405,7 +405,7 @@ async fn cacerts(State(hub): State<Shared>) -> Result<Response, ApiError> {
 
 async fn join(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let f = fleet_of(&hub)?;
-    let req: crate::fleet::JoinRequest =
+    let req: skiff_model::proto::JoinRequest =
         serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
     Ok(Json(f.join(&req).map_err(fleet_error)?).into_response())
 }
@@ -499,7 +499,8 @@ async fn node_status(
 ) -> Result<Response, ApiError> {
     let f = fleet_of(&hub)?;
     f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
-    let st: crate::fleet::NodeStatus = serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let st: skiff_model::proto::NodeStatus =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
     if let Some(i) = st.instances.iter().find(|i| i.node != name) {
         return Err(ApiError(StatusCode::FORBIDDEN, format!("instances[{}]: belongs to node {:?}", i.name, i.node)));
     }

@@ -5,12 +5,13 @@
 //! with the one certificate the hub last signed for it (a re-join or a revoke retires the
 //! old one).
 
-use crate::pki::{Ca, JoinToken};
+use crate::pki::Ca;
 use crate::schedule::{self, NodeState, NodeView, Plan, Platforms};
 use crate::store::{NodeRecord, NodeSpec, Store, TokenRecord};
 use crate::tls::Peer;
 use serde::{Deserialize, Serialize};
 use skiff_model::metrics::MetricsSample;
+use skiff_model::proto::{Assigned, Assignment, JoinRequest, JoinResponse, NodeStatus, StatusAck};
 use skiff_model::{Deployment, EventRecord, InstanceStatus};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -41,65 +42,11 @@ pub fn now_ms() -> u64 {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JoinRequest {
-    /// `<id>.<secret>` of the join token (the CA hash part stays with the agent).
-    pub token: String,
-    pub node: String,
-    /// PEM certificate signing request for the node's own key.
-    pub csr: String,
-    pub spec: NodeSpec,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JoinResponse {
-    pub cert: String,
-    pub ca: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreatedToken {
     pub id: String,
     /// Shown once; the hub keeps only its hash.
     pub token: String,
     pub expires_ms: Option<u64>,
-}
-
-/// What a node runs: each deployment with the instance numbers placed on this node.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Assignment {
-    pub revision: u64,
-    pub deployments: Vec<Assigned>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Assigned {
-    pub spec: Deployment,
-    pub indexes: Vec<u32>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeStatus {
-    #[serde(default)]
-    pub instances: Vec<InstanceStatus>,
-    /// Events since the last acknowledged batch (the agent keeps them on disk meanwhile).
-    #[serde(default)]
-    pub events: Vec<EventRecord>,
-    /// The id of the last event in `events` (what the hub acknowledges).
-    #[serde(default)]
-    pub events_through: u64,
-    /// What keeps the node from taking new work (disk or memory pressure): it is
-    /// NotReady while any is reported.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub problems: Vec<String>,
-}
-
-/// The hub's answer to a status report.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StatusAck {
-    /// Every event up to this id is stored.
-    pub events_through: u64,
 }
 
 /// Events kept per node on the hub.
@@ -260,13 +207,13 @@ impl Fleet {
         if ttl_ms == Some(0) {
             return Err(FleetError::Invalid("ttl: must be more than 0".into()));
         }
-        let t = JoinToken::new(&self.ca_sha256);
+        let t = crate::pki::new_join_token(&self.ca_sha256).map_err(internal)?;
         let now = now_ms();
         let expires_ms = ttl_ms.map(|t| now.saturating_add(t));
         self.store
             .create_token(&TokenRecord {
                 id: t.id.clone(),
-                secret_sha256: t.secret_hash(),
+                secret_sha256: crate::pki::secret_hash(&t.secret),
                 created_ms: now,
                 expires_ms,
                 revoked: false,
@@ -620,6 +567,7 @@ impl Fleet {
 mod tests {
     use super::*;
     use crate::store::SqliteStore;
+    use skiff_model::proto::JoinToken;
 
     fn fleet() -> (tempfile::TempDir, Fleet) {
         let t = tempfile::tempdir().unwrap();
@@ -630,7 +578,7 @@ mod tests {
     }
 
     fn join_req(token: &str, node: &str) -> JoinRequest {
-        let (_key, csr) = crate::pki::node_csr(node).unwrap();
+        let (_key, csr) = crate::pki::tests::csr(node);
         let spec = NodeSpec {
             os: "linux".into(),
             arch: "amd64".into(),

@@ -32,12 +32,7 @@ use tokio::sync::mpsc;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ExecResult {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
+pub use skiff_model::proto::ExecResult;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NodeInfo {

@@ -13,6 +13,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use sha2::{Digest, Sha256};
+use skiff_model::proto::JoinToken;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -53,16 +54,9 @@ fn ca_params() -> Result<CertificateParams, PkiError> {
     Ok(p)
 }
 
-/// Writes a secret (mode 0600, synced, renamed into place).
+/// Writes a secret durably (mode 0600; synced, renamed into place, directory synced).
 pub fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f =
-        std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
-    f.write_all(text.as_bytes()).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    skiff_sys::durable::write(path, text.as_bytes(), 0o600).map_err(|e| PkiError::Io { path: e.path, source: e.source })
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -90,8 +84,10 @@ impl Ca {
         let key = KeyPair::generate()?;
         let signer = ca_params()?.self_signed(&key)?;
         let pem = signer.pem();
+        // The certificate last: a crash in between leaves no CA (made anew at the next
+        // start), never a certificate without its key.
         write_private(&key_path, &key.serialize_pem())?;
-        std::fs::write(&pem_path, &pem).map_err(io(&pem_path))?;
+        write_private(&pem_path, &pem)?;
         Ok(Ca { key, signer, pem })
     }
 
@@ -132,78 +128,46 @@ impl Ca {
         csr.params.is_ca = IsCa::ExplicitNoCa;
         csr.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let serial: [u8; 16] = rand_bytes();
+        let serial = serial_bytes()?;
         csr.params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let cert = csr.signed_by(&self.signer, &self.key)?;
         Ok((cert.pem(), hex::encode(serial)))
     }
 }
 
-/// 16 random bytes from the kernel.
-fn rand_bytes() -> [u8; 16] {
-    let mut b = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    // Keep serials positive and non-zero (RFC 5280).
+/// 16 random bytes from the kernel, as a positive non-zero certificate serial (RFC 5280).
+fn serial_bytes() -> Result<[u8; 16], PkiError> {
+    let mut b = skiff_sys::random::bytes::<16>().map_err(|e| PkiError::Invalid(e.to_string()))?;
     b[0] = (b[0] & 0x7f) | 0x01;
-    b
+    Ok(b)
 }
 
 /// A random token part: 32 hex characters.
-pub fn random_hex() -> String {
-    hex::encode(rand_bytes())
+pub fn random_hex() -> Result<String, PkiError> {
+    skiff_sys::random::hex(16).map_err(|e| PkiError::Invalid(e.to_string()))
 }
 
-/// A key and CSR for a node (made on the node).
-pub fn node_csr(node: &str) -> Result<(String, String), PkiError> {
-    let key = KeyPair::generate()?;
-    let mut p = CertificateParams::new(Vec::<String>::new())?;
-    p.distinguished_name.push(DnType::CommonName, node);
-    let csr = p.serialize_request(&key)?;
-    Ok((key.serialize_pem(), csr.pem()?))
+/// A new join token for the CA with this fingerprint.
+pub fn new_join_token(ca_sha256: &str) -> Result<JoinToken, PkiError> {
+    Ok(JoinToken { ca_sha256: ca_sha256.to_string(), id: random_hex()?[..12].to_string(), secret: random_hex()? })
 }
 
-/// The parts of a join token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JoinToken {
-    pub ca_sha256: String,
-    pub id: String,
-    pub secret: String,
-}
-
-impl JoinToken {
-    pub fn new(ca_sha256: &str) -> Self {
-        JoinToken { ca_sha256: ca_sha256.to_string(), id: random_hex()[..12].to_string(), secret: random_hex() }
-    }
-
-    pub fn parse(s: &str) -> Result<Self, PkiError> {
-        let bad =
-            || PkiError::Invalid("not a join token (SK1.<ca sha256>.<id>.<secret>; see `skiff token create`)".into());
-        let parts: Vec<&str> = s.trim().split('.').collect();
-        let [prefix, ca, id, secret] = parts.as_slice() else { return Err(bad()) };
-        let hex_ok = |x: &str, n: usize| x.len() == n && x.chars().all(|c| c.is_ascii_hexdigit());
-        if *prefix != "SK1" || !hex_ok(ca, 64) || !hex_ok(id, 12) || !hex_ok(secret, 32) {
-            return Err(bad());
-        }
-        Ok(JoinToken { ca_sha256: ca.to_string(), id: id.to_string(), secret: secret.to_string() })
-    }
-
-    /// What the hub stores instead of the secret.
-    pub fn secret_hash(&self) -> String {
-        sha256_hex(self.secret.as_bytes())
-    }
-}
-
-impl std::fmt::Display for JoinToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SK1.{}.{}.{}", self.ca_sha256, self.id, self.secret)
-    }
+/// What the hub stores instead of a token's secret.
+pub fn secret_hash(secret: &str) -> String {
+    sha256_hex(secret.as_bytes())
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A node's key and CSR, as an agent makes them.
+    pub(crate) fn csr(node: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, node);
+        (key.serialize_pem(), p.serialize_request(&key).unwrap().pem().unwrap())
+    }
 
     #[test]
     fn the_ca_survives_a_restart_and_signs_node_csrs() {
@@ -217,7 +181,7 @@ mod tests {
         let ca = Ca::load_or_create(tmp.path()).unwrap();
         assert_eq!(ca.fingerprint().unwrap(), fp, "same CA after a restart");
 
-        let (_key, csr) = node_csr("evil-asks-for-this-name").unwrap();
+        let (_key, csr) = tests::csr("evil-asks-for-this-name");
         let (cert, serial) = ca.sign_node("pi-7", &csr).unwrap();
         assert_eq!(serial.len(), 32);
         let der = first_der(&cert).unwrap();
@@ -225,16 +189,5 @@ mod tests {
         assert_eq!(parsed.subject().to_string(), "CN=pi-7", "the hub names the node");
         assert_eq!(parsed.issuer().to_string(), format!("CN={CA_CN}"));
         assert!(ca.sign_node("pi-7", "garbage").unwrap_err().to_string().contains("csr: not a PEM"));
-    }
-
-    #[test]
-    fn join_tokens_round_trip_and_reject_garbage() {
-        let t = JoinToken::new(&"ab".repeat(32));
-        let s = t.to_string();
-        assert_eq!(JoinToken::parse(&s).unwrap(), t);
-        assert_ne!(t.secret_hash(), t.secret);
-        for bad in ["", "SK1.x.y.z", &s.replace("SK1", "SK2"), &format!("{s}.extra")] {
-            assert!(JoinToken::parse(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -4,6 +4,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 use skiff_model::api::ApplyResponse;
+pub use skiff_model::proto::NodeSpec;
 use skiff_model::rollout::{self, Revision, RolloutState};
 use skiff_model::Deployment;
 use std::path::Path;
@@ -234,28 +235,6 @@ pub struct NodeRecord {
     pub revoked: bool,
     pub joined_ms: u64,
     pub info: NodeSpec,
-}
-
-/// What a node reports at join: labels, platform and capacity.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeSpec {
-    #[serde(default)]
-    pub labels: std::collections::BTreeMap<String, String>,
-    pub os: String,
-    pub arch: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub variant: Option<String>,
-    pub cpu_millis: u64,
-    pub memory_bytes: u64,
-    /// Runtime backends the node offers (`oci`, `wasm`); nodes that joined before this was
-    /// reported run containers only.
-    #[serde(default = "oci_only")]
-    pub runtimes: Vec<String>,
-}
-
-fn oci_only() -> Vec<String> {
-    vec![skiff_model::RuntimeKind::Oci.to_string()]
 }
 
 impl SqliteStore {

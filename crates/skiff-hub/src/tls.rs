@@ -58,21 +58,6 @@ pub fn server_config(cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<rust
     Ok(cfg)
 }
 
-/// The client side for a node: trusts only the hub's CA and presents the node's
-/// certificate (for the tunnel's WebSocket).
-pub fn client_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs(ca_pem)? {
-        roots.add(c).map_err(|e| format!("CA certificate: {e}"))?;
-    }
-    rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs(cert_pem)?, key(key_pem)?)
-        .map_err(|e| format!("node certificate: {e}"))
-}
-
 /// Name and serial of a verified client certificate.
 fn peer_of(conn: &rustls::ServerConnection) -> Peer {
     let Some(der) = conn.peer_certificates().and_then(|c| c.first()) else {

@@ -12,69 +12,14 @@
 //!
 //! Liveness: the hub pings every 20 s; any frame or pong marks the node seen.
 
-use crate::{BoxFuture, ExecResult, NodeLink};
-use serde::{Deserialize, Serialize};
+use crate::{BoxFuture, NodeLink};
+use skiff_model::proto::{Answer, Control, ExecResult, Op, Reply, Request, PING_EVERY};
 use skiff_model::{Deployment, EventRecord, InstanceStatus, LogLine};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
-pub enum Op {
-    Logs { instance: String, tail: Option<usize>, follow: bool },
-    Exec { instance: String, argv: Vec<String>, timeout_ms: u64 },
-    Cancel,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Request {
-    pub id: u64,
-    #[serde(flatten)]
-    pub op: Op,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Answer {
-    Log(LogLine),
-    End,
-    Exec(ExecResult),
-    Error(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Reply {
-    pub id: u64,
-    #[serde(flatten)]
-    pub answer: Answer,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum Control {
-    /// Agent → hub, first frame: the revision of the assignment the node holds, and the
-    /// runtimes it offers (absent from agents that predate them).
-    Hello {
-        revision: u64,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        runtimes: Option<Vec<String>>,
-    },
-    /// Agent → hub: instances and unshipped events, when they changed.
-    Status { status: crate::fleet::NodeStatus },
-    /// Hub → agent: the node's assignment, when it differs from what the node holds.
-    Assign { assignment: crate::fleet::Assignment },
-    /// Hub → agent: events stored up to this id.
-    Ack { events_through: u64 },
-    /// Agent → hub: resource samples, oldest first, up to id `through` of the node's buffer.
-    Metrics { samples: Vec<skiff_model::metrics::PackedSample>, through: u64 },
-    /// Hub → agent: samples received up to this id.
-    MetricsAck { through: u64 },
-}
-
-pub const PING_EVERY: Duration = Duration::from_secs(20);
 
 /// Serves a node's tunnel until it closes: control frames, requests and liveness.
 pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::extract::ws::WebSocket) {
@@ -86,7 +31,7 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
     let mut changes = f.subscribe();
     // The revision the node holds (from its hello), and what was last pushed to it.
     let mut node_rev: Option<u64> = None;
-    let mut pushed: Option<Vec<crate::fleet::Assigned>> = None;
+    let mut pushed: Option<Vec<skiff_model::proto::Assigned>> = None;
     let mut ping = tokio::time::interval(PING_EVERY);
     // A node whose link died silently stops answering: drop its tunnel (it will dial again).
     let mut last_rx = tokio::time::Instant::now();
@@ -329,19 +274,6 @@ impl NodeLink for RemoteLink {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn frames_are_flat_json() {
-        let r = Request { id: 3, op: Op::Logs { instance: "web-1".into(), tail: Some(5), follow: true } };
-        assert_eq!(
-            serde_json::to_string(&r).unwrap(),
-            r#"{"id":3,"op":"logs","instance":"web-1","tail":5,"follow":true}"#
-        );
-        let back: Reply = serde_json::from_str(r#"{"id":3,"end":null}"#).unwrap();
-        assert_eq!(back, Reply { id: 3, answer: Answer::End });
-        let e: Reply = serde_json::from_str(r#"{"id":4,"error":"no such instance"}"#).unwrap();
-        assert_eq!(e.answer, Answer::Error("no such instance".into()));
-    }
 
     #[tokio::test]
     async fn answers_reach_their_request_and_dropping_cancels() {

@@ -10,6 +10,7 @@ pub mod api;
 pub mod autoscale;
 pub mod metrics;
 pub mod platform;
+pub mod proto;
 pub mod quantity;
 pub mod rollout;
 pub mod spec;

@@ -712,13 +712,10 @@ fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -> Result<De
     let name = match &a.name {
         Some(n) => n.clone(),
         None => {
-            let mut b = [0u8; 2];
-            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-                let _ = std::io::Read::read_exact(&mut f, &mut b);
-            }
+            let suffix = skiff_sys::random::hex(2)?;
             let clean: String =
                 base.to_ascii_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
-            format!("{}-{:02x}{:02x}", if clean.is_empty() { "app" } else { &clean }, b[0], b[1])
+            format!("{}-{suffix}", if clean.is_empty() { "app" } else { &clean })
         }
     };
     let mut d = Deployment::new(name, image.clone());

@@ -46,16 +46,6 @@ pub fn find(explicit: Option<&Path>, data: &Path) -> Result<(PathBuf, ClientConf
 
 /// Writes the operator config readable by its owner only.
 pub fn write(path: &Path, cfg: &ClientConfig) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::io::Write::write_all(&mut f, serde_json::to_string_pretty(cfg)?.as_bytes())?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    skiff_sys::durable::write(path, serde_json::to_string_pretty(cfg)?.as_bytes(), 0o600)?;
     Ok(())
 }

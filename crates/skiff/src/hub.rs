@@ -50,7 +50,7 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
             .map_err(|e| anyhow::anyhow!("{e:?}"))?
             .with_platform_lookup(lookup),
     );
-    let admin_token = crate::up::admin_token(data);
+    let admin_token = crate::up::admin_token(data)?;
     let host = args.advertise.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
     let host = if host.contains(':') { format!("[{host}]") } else { host };
     let conf_path = data.join("admin.conf");

@@ -48,22 +48,12 @@ impl NodeLink for LocalAgent {
     }
 
     fn logs(&self, instance: &str, tail: Option<usize>, follow: bool) -> Result<mpsc::Receiver<LogLine>, String> {
-        let path = self.agent.log_path(instance).map_err(|e| e.to_string())?;
-        let agent = Arc::clone(&self.agent);
-        let name = instance.to_string();
-        Ok(skiff_agent::logs::stream(path, tail, follow, move || agent.has_instance(&name)))
+        self.agent.log_stream(instance, tail, follow).map_err(|e| e.to_string())
     }
 
     fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> BoxFuture<'_, Result<ExecResult, String>> {
         let instance = instance.to_string();
-        Box::pin(async move {
-            let out = self.agent.exec(&instance, argv, timeout).await.map_err(|e| e.to_string())?;
-            Ok(ExecResult {
-                code: out.code,
-                stdout: String::from_utf8_lossy(&out.stdout).into(),
-                stderr: String::from_utf8_lossy(&out.stderr).into(),
-            })
-        })
+        Box::pin(async move { self.agent.exec_result(&instance, argv, timeout).await.map_err(|e| e.to_string()) })
     }
 
     fn metrics(&self) -> Option<skiff_model::metrics::MetricsSample> {

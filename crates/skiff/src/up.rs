@@ -173,11 +173,11 @@ fn default_compose() -> Option<PathBuf> {
 }
 
 /// The admin token in `<data>/admin.conf`, or a new random one on first start.
-pub fn admin_token(data: &Path) -> String {
-    match crate::config::find(Some(&data.join("admin.conf")), data) {
+pub fn admin_token(data: &Path) -> Result<String> {
+    Ok(match crate::config::find(Some(&data.join("admin.conf")), data) {
         Ok((_, c)) => c.token,
-        Err(_) => skiff_hub::pki::random_hex() + &skiff_hub::pki::random_hex()[..16],
-    }
+        Err(_) => skiff_sys::random::hex(24)?,
+    })
 }
 
 pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
@@ -225,7 +225,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     }
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data.join("hub.db"))?);
     let conf_path = data.join("admin.conf");
-    let admin_token = admin_token(data);
+    let admin_token = admin_token(data)?;
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;

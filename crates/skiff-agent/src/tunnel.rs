@@ -1,0 +1,217 @@
+//! The node's one outbound connection to its hub (`skiff agent`): a WebSocket over mutual
+//! TLS that the agent dials and keeps open, so a node behind NAT needs no inbound port.
+//! Assignments come in and are persisted before they are acted on; status, events and
+//! resource samples go out when they change (and wait in `agent.db` until acknowledged);
+//! logs and exec requests are served on the same connection. The frames are
+//! [`skiff_model::proto`]'s.
+//!
+//! While the hub is unreachable the agent keeps running from `agent.db`, and dials again
+//! with jittered back-off.
+
+use crate::Agent;
+use futures_util::{SinkExt, StreamExt};
+use skiff_model::proto::{Answer, Control, NodeStatus, Op, Reply, Request, PING_EVERY};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+/// 1 s doubling to 15 s, with up to 50 % jitter: a healed link is noticed within
+/// seconds, and a restarted hub is not met by every node at once.
+pub fn backoff(failures: u32) -> Duration {
+    let base = (1000u64 << failures.min(4)).min(15_000);
+    let jitter = skiff_sys::random::bytes::<1>().map(|b| u64::from(b[0] % 128)).unwrap_or(64) * base / 256;
+    Duration::from_millis(base + jitter)
+}
+
+/// Buffered samples sent in one frame (after a partition, the backlog goes out in these).
+const METRICS_PER_FRAME: usize = 20;
+
+/// The hub pings every 20 s; this long without any frame means the link is gone.
+const SILENCE: Duration = Duration::from_secs(45);
+
+/// Keeps the one connection to the hub open (reconnecting with jittered back-off) and
+/// runs the protocol on it, until the task is dropped.
+pub async fn run(agent: Arc<Agent>, hub: String, node: String, tls: Arc<rustls::ClientConfig>, every: Duration) {
+    let url = format!("{}/api/v1/nodes/{node}/tunnel", hub.trim_end_matches('/').replacen("https://", "wss://", 1));
+    let mut failures = 0u32;
+    loop {
+        let connector = tokio_tungstenite::Connector::Rustls(Arc::clone(&tls));
+        let dial = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(connector));
+        // Bounded: a SYN into a dead link would otherwise wait out the kernel's retries.
+        match tokio::time::timeout(Duration::from_secs(10), dial).await {
+            Ok(Ok((ws, _))) => {
+                failures = 0;
+                tracing::info!("connected to the hub");
+                serve(&agent, ws, every).await;
+                tracing::warn!("lost the hub; running from local state");
+            }
+            Ok(Err(e)) => {
+                failures += 1;
+                tracing::warn!("cannot connect to the hub: {e}");
+            }
+            Err(_) => {
+                failures += 1;
+                tracing::warn!("cannot connect to the hub: connecting took more than 10 s");
+            }
+        }
+        tokio::time::sleep(backoff(failures)).await;
+    }
+}
+
+fn frame(c: &Control) -> String {
+    serde_json::to_string(c).unwrap_or_default()
+}
+
+/// Runs the protocol on one connection until it ends.
+async fn serve<S>(agent: &Arc<Agent>, mut ws: tokio_tungstenite::WebSocketStream<S>, every: Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let hello = Control::Hello { revision: agent.desired_revision().unwrap_or(0), runtimes: Some(crate::runtimes()) };
+    if ws.send(Message::Text(frame(&hello).into())).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
+    let mut running: std::collections::HashMap<u64, tokio::task::JoinHandle<()>> = Default::default();
+    let mut tick = tokio::time::interval(every.min(SILENCE / 4));
+    // The instances last reported: status goes out only when it changed (or events wait).
+    let mut reported: Option<String> = None;
+    // Samples sent on this connection (acknowledged or not): each goes out once per link.
+    let mut metrics_sent = 0u64;
+    // A link that dies silently (no FIN, TCP retransmitting for minutes) is noticed by the
+    // hub's pings stopping: the connection is dropped and made anew.
+    let mut last_rx = tokio::time::Instant::now();
+    debug_assert!(SILENCE > PING_EVERY * 2);
+    loop {
+        tokio::select! {
+            m = ws.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    last_rx = tokio::time::Instant::now();
+                    match serde_json::from_str::<Control>(t.as_str()) {
+                        Ok(Control::Assign { assignment }) => {
+                            let all: Vec<_> =
+                                assignment.deployments.into_iter().map(|x| (x.spec, Some(x.indexes))).collect();
+                            if let Err(e) = agent.set_desired_slots(&all, assignment.revision) {
+                                tracing::error!("storing the assignment: {e}");
+                            }
+                        }
+                        Ok(Control::Ack { events_through }) => {
+                            if let Err(e) = agent.events_shipped(events_through) {
+                                tracing::warn!("recording shipped events: {e}");
+                            }
+                        }
+                        Ok(Control::MetricsAck { through }) => {
+                            if let Err(e) = agent.metrics_shipped(through) {
+                                tracing::warn!("recording shipped samples: {e}");
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            let Ok(req) = serde_json::from_str::<Request>(t.as_str()) else { continue };
+                            match req.op {
+                                Op::Cancel => {
+                                    if let Some(h) = running.remove(&req.id) {
+                                        h.abort();
+                                    }
+                                }
+                                op => {
+                                    let h = tokio::spawn(answer(Arc::clone(agent), req.id, op, tx.clone()));
+                                    running.insert(req.id, h);
+                                }
+                            }
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => last_rx = tokio::time::Instant::now(),
+            },
+            out = rx.recv() => {
+                let Some(f) = out else { break };
+                if ws.send(Message::Text(f.into())).await.is_err() {
+                    break;
+                }
+            }
+            _ = tick.tick() => {
+                if last_rx.elapsed() > SILENCE {
+                    tracing::warn!("no word from the hub for {SILENCE:?}; reconnecting");
+                    break;
+                }
+                // Samples too wait in agent.db (bounded) until acknowledged. A backlog from a
+                // partition goes out at once, so the hub soon has the current one.
+                let mut lost = false;
+                while let Ok(samples) = agent.unshipped_metrics(metrics_sent, METRICS_PER_FRAME) {
+                    let Some(&(through, _)) = samples.last() else { break };
+                    let samples = samples.iter().map(|(_, s)| s.into()).collect();
+                    if ws.send(Message::Text(frame(&Control::Metrics { samples, through }).into())).await.is_err() {
+                        lost = true;
+                        break;
+                    }
+                    metrics_sent = through;
+                }
+                if lost {
+                    break;
+                }
+                // Events wait in agent.db until the hub acknowledges them: a partition delays
+                // them, and a restart of either side loses none.
+                let events = agent.unshipped_events(500).unwrap_or_default();
+                let instances = agent.instances().unwrap_or_default();
+                let problems = agent.pressure();
+                let now = serde_json::to_string(&(&instances, &problems)).unwrap_or_default();
+                if reported.as_deref() == Some(now.as_str()) && events.is_empty() {
+                    continue;
+                }
+                let status = NodeStatus {
+                    instances,
+                    events_through: events.last().map(|(id, _)| *id).unwrap_or(0),
+                    events: events.into_iter().map(|(_, e)| e).collect(),
+                    problems,
+                };
+                if ws.send(Message::Text(frame(&Control::Status { status }).into())).await.is_err() {
+                    break;
+                }
+                reported = Some(now);
+            }
+        }
+        running.retain(|_, h| !h.is_finished());
+    }
+    for h in running.values() {
+        h.abort();
+    }
+}
+
+/// Serves one request from the hub: its answers go back as frames on `tx`.
+async fn answer(agent: Arc<Agent>, id: u64, op: Op, tx: tokio::sync::mpsc::Sender<String>) {
+    let send = |answer: Answer| {
+        let tx = tx.clone();
+        async move {
+            match serde_json::to_string(&Reply { id, answer }) {
+                Ok(f) => tx.send(f).await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    };
+    match op {
+        Op::Logs { instance, tail, follow } => match agent.log_stream(&instance, tail, follow) {
+            Ok(mut lines) => {
+                while let Some(l) = lines.recv().await {
+                    if !send(Answer::Log(l)).await {
+                        return;
+                    }
+                }
+                send(Answer::End).await;
+            }
+            Err(e) => {
+                send(Answer::Error(e.to_string())).await;
+            }
+        },
+        Op::Exec { instance, argv, timeout_ms } => {
+            let r = agent.exec_result(&instance, argv, Duration::from_millis(timeout_ms)).await;
+            send(match r {
+                Ok(r) => Answer::Exec(r),
+                Err(e) => Answer::Error(e.to_string()),
+            })
+            .await;
+        }
+        Op::Cancel => {}
+    }
+}

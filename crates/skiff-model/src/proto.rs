@@ -1,0 +1,228 @@
+//! The hub ⇄ agent protocol: joining, a node's assignment and status, and the frames of
+//! the agent's tunnel (`/api/v1/nodes/{name}/tunnel`, a WebSocket over mutual TLS).
+//!
+//! Both sides speak these types and nothing else: the hub (`skiff-hub`) serves them, the
+//! agent (`skiff-agent`) dials out with them, and the simulator (`xtask hub-sim`) fakes
+//! thousands of agents with them.
+//!
+//! Tunnel frames are JSON text.
+//! * [`Control`] frames (tagged `type`): the agent says `hello` with the revision it
+//!   holds and sends `status` (instances, unshipped events) when it changed; the hub
+//!   `assign`s when the node's assignment differs from what the node holds and `ack`s
+//!   events. After a reconnect only a changed assignment is sent — a restarted hub
+//!   sends nothing to nodes that are current.
+//! * Requests (hub → agent, `id` chosen by the hub, `op`: logs, exec, cancel) and
+//!   [`Reply`]s for that id: log lines then `end`, an exec result, or an error.
+
+use crate::{Deployment, EventRecord, InstanceStatus, LogLine};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What a node reports at join: labels, platform and capacity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub os: String,
+    pub arch: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    /// Runtime backends the node offers (`oci`, `wasm`); nodes that joined before this was
+    /// reported run containers only.
+    #[serde(default = "oci_only")]
+    pub runtimes: Vec<String>,
+}
+
+fn oci_only() -> Vec<String> {
+    vec![crate::RuntimeKind::Oci.to_string()]
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// `<id>.<secret>` of the join token (the CA hash part stays with the agent).
+    pub token: String,
+    pub node: String,
+    /// PEM certificate signing request for the node's own key.
+    pub csr: String,
+    pub spec: NodeSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub cert: String,
+    pub ca: String,
+}
+
+/// A join token as `skiff token create` prints it: `SK1.<ca-sha256>.<id>.<secret>`, as K3s
+/// embeds its CA hash. The agent fetches the CA from the hub, trusts it only if its sha256
+/// is the one in the token, then presents `<id>.<secret>` over TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub ca_sha256: String,
+    pub id: String,
+    pub secret: String,
+}
+
+/// A join token that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a join token (SK1.<ca sha256>.<id>.<secret>; see `skiff token create`)")]
+pub struct BadToken;
+
+impl JoinToken {
+    pub fn parse(s: &str) -> Result<Self, BadToken> {
+        let parts: Vec<&str> = s.trim().split('.').collect();
+        let [prefix, ca, id, secret] = parts.as_slice() else { return Err(BadToken) };
+        let hex_ok = |x: &str, n: usize| x.len() == n && x.chars().all(|c| c.is_ascii_hexdigit());
+        if *prefix != "SK1" || !hex_ok(ca, 64) || !hex_ok(id, 12) || !hex_ok(secret, 32) {
+            return Err(BadToken);
+        }
+        Ok(JoinToken { ca_sha256: ca.to_string(), id: id.to_string(), secret: secret.to_string() })
+    }
+
+    /// What the agent presents to the hub: `<id>.<secret>`.
+    pub fn credential(&self) -> String {
+        format!("{}.{}", self.id, self.secret)
+    }
+}
+
+impl std::fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SK1.{}.{}.{}", self.ca_sha256, self.id, self.secret)
+    }
+}
+
+/// What a node runs: each deployment with the instance numbers placed on this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub revision: u64,
+    pub deployments: Vec<Assigned>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assigned {
+    pub spec: Deployment,
+    pub indexes: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeStatus {
+    #[serde(default)]
+    pub instances: Vec<InstanceStatus>,
+    /// Events since the last acknowledged batch (the agent keeps them on disk meanwhile).
+    #[serde(default)]
+    pub events: Vec<EventRecord>,
+    /// The id of the last event in `events` (what the hub acknowledges).
+    #[serde(default)]
+    pub events_through: u64,
+    /// What keeps the node from taking new work (disk or memory pressure): it is
+    /// NotReady while any is reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+/// The hub's answer to a status report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusAck {
+    /// Every event up to this id is stored.
+    pub events_through: u64,
+}
+
+/// The outcome of a command run in an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A request the hub sends down a node's tunnel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Op {
+    Logs { instance: String, tail: Option<usize>, follow: bool },
+    Exec { instance: String, argv: Vec<String>, timeout_ms: u64 },
+    Cancel,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Answer {
+    Log(LogLine),
+    End,
+    Exec(ExecResult),
+    Error(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub id: u64,
+    #[serde(flatten)]
+    pub answer: Answer,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Control {
+    /// Agent → hub, first frame: the revision of the assignment the node holds, and the
+    /// runtimes it offers (absent from agents that predate them).
+    Hello {
+        revision: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        runtimes: Option<Vec<String>>,
+    },
+    /// Agent → hub: instances and unshipped events, when they changed.
+    Status { status: NodeStatus },
+    /// Hub → agent: the node's assignment, when it differs from what the node holds.
+    Assign { assignment: Assignment },
+    /// Hub → agent: events stored up to this id.
+    Ack { events_through: u64 },
+    /// Agent → hub: resource samples, oldest first, up to id `through` of the node's buffer.
+    Metrics { samples: Vec<crate::metrics::PackedSample>, through: u64 },
+    /// Hub → agent: samples received up to this id.
+    MetricsAck { through: u64 },
+}
+
+/// How often the hub pings a tunnel; a node that answers nothing for three of these is
+/// dropped (it dials again).
+pub const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_flat_json() {
+        let r = Request { id: 3, op: Op::Logs { instance: "web-1".into(), tail: Some(5), follow: true } };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"id":3,"op":"logs","instance":"web-1","tail":5,"follow":true}"#
+        );
+        let back: Reply = serde_json::from_str(r#"{"id":3,"end":null}"#).unwrap();
+        assert_eq!(back, Reply { id: 3, answer: Answer::End });
+        let e: Reply = serde_json::from_str(r#"{"id":4,"error":"no such instance"}"#).unwrap();
+        assert_eq!(e.answer, Answer::Error("no such instance".into()));
+    }
+
+    #[test]
+    fn join_tokens_round_trip_and_reject_garbage() {
+        let t = JoinToken { ca_sha256: "ab".repeat(32), id: "0123456789ab".into(), secret: "cd".repeat(16) };
+        let s = t.to_string();
+        assert_eq!(JoinToken::parse(&s).unwrap(), t);
+        assert_eq!(t.credential(), format!("0123456789ab.{}", "cd".repeat(16)));
+        for bad in ["", "SK1.x.y.z", &s.replace("SK1", "SK2"), &format!("{s}.extra")] {
+            assert_eq!(JoinToken::parse(bad), Err(BadToken), "{bad}");
+        }
+    }
+}

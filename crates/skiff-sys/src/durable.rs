@@ -1,0 +1,93 @@
+//! Writes that survive a crash or a power cut: the new content goes to a temporary file
+//! in the same directory, is flushed to disk (`fsync`), renamed over the old one, and
+//! the directory is flushed so the rename itself is on disk. A reader (after a reboot)
+//! sees the old file or the new one, never a torn one.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {path}: {source}")]
+pub struct DurableError {
+    pub op: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DurableError + 'a {
+    move |source| DurableError { op, path: path.to_path_buf(), source }
+}
+
+/// Replaces `path` with `bytes` (file mode `mode`), durably.
+pub fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err("create", &tmp))?;
+    let written = f.write_all(bytes).and_then(|_| f.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err("write", &tmp)(e));
+    }
+    drop(f);
+    rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Renames `from` to `to` and flushes the directory (or directories) involved.
+pub fn rename(from: &Path, to: &Path) -> Result<(), DurableError> {
+    std::fs::rename(from, to).map_err(err("rename", to))?;
+    sync_parent(to)?;
+    if from.parent() != to.parent() {
+        sync_parent(from)?;
+    }
+    Ok(())
+}
+
+/// Flushes the directory that holds `path` (making a create, rename or unlink in it
+/// durable).
+pub fn sync_parent(path: &Path) -> Result<(), DurableError> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => sync_dir(dir),
+        None => sync_dir(Path::new(".")),
+    }
+}
+
+/// Flushes a directory's entries.
+pub fn sync_dir(dir: &Path) -> Result<(), DurableError> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err("sync", dir))
+}
+
+/// Flushes every dirty page of the filesystem holding `path` (`syncfs(2)`): one call
+/// instead of an fsync per file, for a whole tree written before one rename publishes it.
+pub fn sync_filesystem(path: &Path) -> Result<(), DurableError> {
+    let f = std::fs::File::open(path).map_err(err("open", path))?;
+    rustix::fs::syncfs(&f).map_err(|e| err("syncfs", path)(e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_write_replaces_the_file_with_its_mode_and_leaves_no_temporary() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("refs.json");
+        std::fs::write(&p, "old").unwrap();
+        super::write(&p, b"new", 0o600).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "new");
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1, "no temporary left");
+        super::sync_filesystem(t.path()).unwrap();
+        let e = super::write(&t.path().join("missing/x"), b"", 0o600).unwrap_err();
+        assert!(e.to_string().starts_with("create "), "{e}");
+    }
+}

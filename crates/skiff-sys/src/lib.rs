@@ -1,0 +1,14 @@
+//! skiff's narrow seam to the operating system, for the things every role does the same
+//! way and must get right: random bytes that fail rather than degrade, writes that
+//! survive a power cut, paths of an untrusted tree resolved inside it, a data directory
+//! that local users cannot read, and named crash points for fault-injection tests.
+//!
+//! Architecture Invariant: no `unsafe` (rustix and nix wrap the system calls); nothing
+//! here knows about images, containers, the hub or the agent.
+#![forbid(unsafe_code)]
+
+pub mod crash;
+pub mod durable;
+pub mod inroot;
+pub mod perms;
+pub mod random;
