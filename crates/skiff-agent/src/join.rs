@@ -8,8 +8,15 @@
 //! <data>/pki/ca.pem       the hub's CA (pinned)
 //! <data>/pki/node.key     the node's private key (0600)
 //! <data>/pki/node.pem     its certificate
+//! <data>/pki/node.next.*  a renewed key and certificate on their way in
 //! <data>/pki/joined.json  which hub, under which name
 //! ```
+//!
+//! Certificates expire (90 days by default) and are renewed over the tunnel when a third
+//! of their life is left ([`crate::tunnel`]): a new key is made, its certificate written
+//! as `node.next.key`/`node.next.pem`, then each renamed over the current one. A crash in
+//! between is finished at the next load (the hub accepts the old certificate until it
+//! first sees the new one, so either pair works).
 
 use skiff_model::proto::{JoinRequest, JoinResponse, JoinToken, NodeSpec};
 use std::path::{Path, PathBuf};
@@ -37,6 +44,11 @@ pub enum JoinError {
     Refused(String),
     #[error("{0}")]
     Pki(String),
+    #[error(
+        "the certificate of node {node} expired at {expired}; on the hub, make a token to join it again \
+         (skiff token create --replace {node}) and start the agent with --token-file FILE"
+    )]
+    Expired { node: String, expired: String },
 }
 
 /// Which hub this data directory joined, under which name.
@@ -70,16 +82,65 @@ impl Identity {
     }
 
     /// The TLS client configuration that presents the node's certificate and trusts only
-    /// the hub's CA.
+    /// the hub's CA. Finishes a renewal a crash interrupted.
     pub fn tls(&self) -> Result<rustls::ClientConfig, JoinError> {
+        self.finish_renewal()?;
         crate::tls::client_config(&self.ca()?, &self.read("node.pem")?, &self.read("node.key")?)
             .map_err(|e| JoinError::Pki(format!("the node's certificate: {e}")))
+    }
+
+    /// When the node's certificate expires (ms since the epoch).
+    pub fn not_after_ms(&self) -> Result<u64, JoinError> {
+        Ok(validity(&self.read("node.pem")?)?.1)
+    }
+
+    /// (not before, not after) of the node's certificate, ms since the epoch.
+    pub fn validity(&self) -> Result<(u64, u64), JoinError> {
+        validity(&self.read("node.pem")?)
+    }
+
+    /// Stores a renewed key and certificate in place of the current ones.
+    pub fn install_renewal(&self, key: &str, cert: &str) -> Result<(), JoinError> {
+        validity(cert)?;
+        self.write("node.next.key", key)?;
+        self.write("node.next.pem", cert)?;
+        skiff_sys::crash::point("agent.renew.written");
+        self.finish_renewal()
+    }
+
+    /// Moves a complete `node.next.*` pair over the current one (key first; a crash after
+    /// it leaves the certificate for the next load to move).
+    fn finish_renewal(&self) -> Result<(), JoinError> {
+        let (nk, np) = (self.path("node.next.key"), self.path("node.next.pem"));
+        if !np.exists() {
+            // A key without its certificate is a renewal that never completed.
+            let _ = std::fs::remove_file(&nk);
+            return Ok(());
+        }
+        let mv = |from: &Path, to: &str| {
+            skiff_sys::durable::rename(from, &self.path(to))
+                .map_err(|e| JoinError::File { path: e.path, message: e.source.to_string() })
+        };
+        if nk.exists() {
+            mv(&nk, "node.key")?;
+            skiff_sys::crash::point("agent.renew.key-moved");
+        }
+        mv(&np, "node.pem")
     }
 
     fn write(&self, f: &str, text: &str) -> Result<(), JoinError> {
         skiff_sys::durable::write(&self.path(f), text.as_bytes(), 0o600)
             .map_err(|e| JoinError::File { path: e.path, message: e.source.to_string() })
     }
+}
+
+/// (not before, not after) of the first certificate in a PEM text, ms since the epoch.
+pub fn validity(cert_pem: &str) -> Result<(u64, u64), JoinError> {
+    let p = pem::parse(cert_pem).map_err(|e| JoinError::Pki(format!("not a PEM certificate: {e}")))?;
+    let (_, c) = x509_parser::parse_x509_certificate(p.contents())
+        .map_err(|e| JoinError::Pki(format!("not an X.509 certificate: {e}")))?;
+    let ms = |t: x509_parser::time::ASN1Time| (t.timestamp().max(0) as u64).saturating_mul(1000);
+    Ok((ms(c.validity().not_before), ms(c.validity().not_after)))
 }
 
 /// A key made here and a CSR for it naming `node` (the hub names the node anyway).
@@ -110,10 +171,21 @@ pub async fn join(
     if let Ok(t) = std::fs::read_to_string(&joined) {
         let j: Joined =
             serde_json::from_str(&t).map_err(|e| JoinError::File { path: joined.clone(), message: e.to_string() })?;
-        if j.hub == hub {
+        if j.hub != hub {
+            return Err(JoinError::OtherHub { path: id.dir.clone(), joined: j.hub, wanted: hub.to_string() });
+        }
+        id.finish_renewal()?;
+        let now = skiff_runtime::time::now_ms();
+        let not_after = id.not_after_ms()?;
+        if not_after > now {
             return Ok(j.node);
         }
-        return Err(JoinError::OtherHub { path: id.dir.clone(), joined: j.hub, wanted: hub.to_string() });
+        // Expired while the node was away: only a new token brings it back.
+        if token.is_none() {
+            let at = std::time::UNIX_EPOCH + Duration::from_millis(not_after);
+            return Err(JoinError::Expired { node: j.node, expired: skiff_runtime::time::rfc3339_nanos(at) });
+        }
+        tracing::warn!(node = %j.node, "the node's certificate expired; joining again with the token given");
     }
     let token = JoinToken::parse(token.ok_or(JoinError::NoToken)?)?;
     let base = hub.trim_end_matches('/');

@@ -290,6 +290,7 @@ impl State {
                     object: r.get(2)?,
                     reason: r.get(3)?,
                     message: r.get(4)?,
+                    node: None,
                 },
             ))
         })?;
@@ -306,6 +307,7 @@ impl State {
                 object: r.get(1)?,
                 reason: r.get(2)?,
                 message: r.get(3)?,
+                node: None,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -7,7 +7,13 @@
 //!
 //! While the hub is unreachable the agent keeps running from `agent.db`, and dials again
 //! with jittered back-off.
+//!
+//! The node's certificate is renewed on this connection when a third of its life is left
+//! (or the hub asks): a new key, a CSR, the hub's `renewed` certificate stored in place,
+//! then a new connection with it. No restart and no token are needed; a node that was
+//! away until its certificate expired needs a new token ([`crate::join`]).
 
+use crate::join::Identity;
 use crate::Agent;
 use futures_util::{SinkExt, StreamExt};
 use skiff_model::proto::{Answer, Control, NodeStatus, Op, Reply, Request, PING_EVERY};
@@ -31,18 +37,38 @@ const SILENCE: Duration = Duration::from_secs(45);
 
 /// Keeps the one connection to the hub open (reconnecting with jittered back-off) and
 /// runs the protocol on it, until the task is dropped.
-pub async fn run(agent: Arc<Agent>, hub: String, node: String, tls: Arc<rustls::ClientConfig>, every: Duration) {
+pub async fn run(agent: Arc<Agent>, hub: String, node: String, id: Arc<Identity>, every: Duration) {
     let url = format!("{}/api/v1/nodes/{node}/tunnel", hub.trim_end_matches('/').replacen("https://", "wss://", 1));
     let mut failures = 0u32;
     loop {
-        let connector = tokio_tungstenite::Connector::Rustls(Arc::clone(&tls));
+        // Read at each connection: a renewal replaces the certificate.
+        let tls = match id.tls() {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                failures += 1;
+                tracing::error!("the node's identity: {e}");
+                tokio::time::sleep(backoff(failures)).await;
+                continue;
+            }
+        };
+        if id.not_after_ms().is_ok_and(|t| t <= skiff_runtime::time::now_ms()) {
+            // Workloads keep running; only a new token brings the node back to its hub.
+            failures += 1;
+            tracing::error!(
+                "the certificate of node {node} has expired: the hub will not take it. On the hub, make a token \
+                 to join it again (skiff token create --replace {node}), then restart the agent with --token-file"
+            );
+            tokio::time::sleep(backoff(failures).max(Duration::from_secs(60))).await;
+            continue;
+        }
+        let connector = tokio_tungstenite::Connector::Rustls(tls);
         let dial = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(connector));
         // Bounded: a SYN into a dead link would otherwise wait out the kernel's retries.
         match tokio::time::timeout(Duration::from_secs(10), dial).await {
             Ok(Ok((ws, _))) => {
                 failures = 0;
                 tracing::info!("connected to the hub");
-                serve(&agent, ws, every).await;
+                serve(&agent, &id, ws, every).await;
                 tracing::warn!("lost the hub; running from local state");
             }
             Ok(Err(e)) => {
@@ -62,8 +88,15 @@ fn frame(c: &Control) -> String {
     serde_json::to_string(c).unwrap_or_default()
 }
 
-/// Runs the protocol on one connection until it ends.
-async fn serve<S>(agent: &Arc<Agent>, mut ws: tokio_tungstenite::WebSocketStream<S>, every: Duration)
+/// Whether a certificate valid from `not_before` to `not_after` (ms) should be renewed at
+/// `now`: when a third of its life is left.
+pub fn due_for_renewal((not_before, not_after): (u64, u64), now: u64) -> bool {
+    not_after.saturating_sub(now) < not_after.saturating_sub(not_before) / 3
+}
+
+/// Runs the protocol on one connection until it ends (or a renewed certificate wants a
+/// new one).
+async fn serve<S>(agent: &Arc<Agent>, id: &Identity, mut ws: tokio_tungstenite::WebSocketStream<S>, every: Duration)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -82,6 +115,9 @@ where
     // hub's pings stopping: the connection is dropped and made anew.
     let mut last_rx = tokio::time::Instant::now();
     debug_assert!(SILENCE > PING_EVERY * 2);
+    // The key of a renewal asked for on this connection, until its certificate comes.
+    let mut renewing: Option<(String, tokio::time::Instant)> = None;
+    let mut renew_now = false;
     loop {
         tokio::select! {
             m = ws.next() => match m {
@@ -103,6 +139,17 @@ where
                         Ok(Control::MetricsAck { through }) => {
                             if let Err(e) = agent.metrics_shipped(through) {
                                 tracing::warn!("recording shipped samples: {e}");
+                            }
+                        }
+                        Ok(Control::RenewNow) => renew_now = true,
+                        Ok(Control::Renewed { cert }) => {
+                            let Some((key, _)) = renewing.take() else { continue };
+                            match id.install_renewal(&key, &cert) {
+                                Ok(()) => {
+                                    tracing::info!("certificate renewed; reconnecting with it");
+                                    break;
+                                }
+                                Err(e) => tracing::error!("storing the renewed certificate: {e}"),
                             }
                         }
                         Ok(_) => {}
@@ -135,6 +182,24 @@ where
                 if last_rx.elapsed() > SILENCE {
                     tracing::warn!("no word from the hub for {SILENCE:?}; reconnecting");
                     break;
+                }
+                let due = renew_now || id.validity().is_ok_and(|v| due_for_renewal(v, skiff_runtime::time::now_ms()));
+                // An answer that never came (the hub refused, or restarted): ask again later.
+                if renewing.as_ref().is_some_and(|(_, at)| at.elapsed() > Duration::from_secs(300)) {
+                    renewing = None;
+                }
+                if due && renewing.is_none() {
+                    match crate::join::node_csr(agent.node_name()) {
+                        Ok((key, csr)) => {
+                            if ws.send(Message::Text(frame(&Control::Renew { csr }).into())).await.is_err() {
+                                break;
+                            }
+                            tracing::info!("asked the hub to renew the node's certificate");
+                            renewing = Some((key, tokio::time::Instant::now()));
+                            renew_now = false;
+                        }
+                        Err(e) => tracing::warn!("making a key to renew the certificate: {e}"),
+                    }
                 }
                 // Samples too wait in agent.db (bounded) until acknowledged. A backlog from a
                 // partition goes out at once, so the hub soon has the current one.
@@ -213,5 +278,21 @@ async fn answer(agent: Arc<Agent>, id: u64, op: Op, tx: tokio::sync::mpsc::Sende
             .await;
         }
         Op::Cancel => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn certificates_are_renewed_with_a_third_of_their_life_left() {
+        let day = 86_400_000;
+        assert!(!super::due_for_renewal((0, 90 * day), 59 * day));
+        assert!(super::due_for_renewal((0, 90 * day), 61 * day));
+        assert!(super::due_for_renewal((0, 90 * day), 91 * day), "expired");
+        let waits: Vec<u64> = (0..7).map(|f| super::backoff(f).as_millis() as u64 / 1000).collect();
+        assert!(
+            waits.iter().zip([1, 2, 4, 8, 15, 15, 15]).all(|(w, base)| *w >= base && *w < base * 3 / 2 + 1),
+            "{waits:?}"
+        );
     }
 }

@@ -79,21 +79,42 @@ async fn trace(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// Bearer tokens: the hub's admin token, or an API token whose role covers the route
+/// (`metrics` < `read` < `admin`, see [`crate::tokens::required_role`]).
 async fn auth(State(hub): State<Shared>, req: Request, next: Next) -> Response {
-    let ok = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.as_bytes(), hub.admin_token.as_bytes()));
-    if !ok {
-        return ApiError(
+    let bearer =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let need = crate::tokens::required_role(req.method(), req.uri().path());
+    let role = match bearer {
+        Some(b) => {
+            let (store, admin, b) = (Arc::clone(&hub.store), hub.admin_token.clone(), b.to_string());
+            let now = crate::fleet::now_ms();
+            tokio::task::spawn_blocking(move || crate::tokens::authenticate(&*store, &admin, &b, now))
+                .await
+                .ok()
+                .flatten()
+        }
+        None => None,
+    };
+    match role {
+        None => ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token (see admin.conf in the hub's data directory)".into(),
         )
-        .into_response();
+        .into_response(),
+        Some(r) if r < need => ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this token's role is {}; {} {} needs {}",
+                r.as_str(),
+                req.method(),
+                req.uri().path(),
+                need.as_str()
+            ),
+        )
+        .into_response(),
+        Some(_) => next.run(req).await,
     }
-    next.run(req).await
 }
 
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -390,6 +411,7 @@ fn fleet_error(e: crate::fleet::FleetError) -> ApiError {
         F::Unauthenticated(m) => ApiError(StatusCode::UNAUTHORIZED, m),
         F::Forbidden(m) => ApiError(StatusCode::FORBIDDEN, m),
         F::NotFound(m) => not_found(m),
+        F::Conflict(m) => ApiError(StatusCode::CONFLICT, m),
         F::Internal(m) => internal(m),
     }
 }
@@ -410,26 +432,23 @@ async fn join(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Resp
     Ok(Json(f.join(&req).map_err(fleet_error)?).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenBody {
-    #[serde(default)]
-    ttl_seconds: Option<u64>,
-}
-
 async fn create_token(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let f = fleet_of(&hub)?;
-    let b: TokenBody = if body.is_empty() {
-        TokenBody { ttl_seconds: None }
+    let req: crate::tokens::TokenRequest = if body.is_empty() {
+        Default::default()
     } else {
         serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?
     };
-    let ttl_ms = b.ttl_seconds.map(|s| s.saturating_mul(1000));
-    Ok((StatusCode::CREATED, Json(f.create_token(ttl_ms).map_err(fleet_error)?)).into_response())
+    let ca = hub.fleet.as_ref().map(|f| f.ca_sha256.clone());
+    let now = crate::fleet::now_ms();
+    let t = crate::tokens::create(&*hub.store, ca.as_deref(), &req, now).map_err(|e| match e {
+        crate::tokens::TokenError::Invalid(m) => bad(m),
+        crate::tokens::TokenError::NoFleet(m) => not_found(m),
+        crate::tokens::TokenError::Internal(m) => internal(m),
+    })?;
+    Ok((StatusCode::CREATED, Json(t)).into_response())
 }
 
 async fn list_tokens(State(hub): State<Shared>) -> Result<Response, ApiError> {
-    fleet_of(&hub)?;
     let mut v = hub.store.tokens().map_err(internal)?;
     for t in &mut v {
         t.secret_sha256.clear();
@@ -438,7 +457,6 @@ async fn list_tokens(State(hub): State<Shared>) -> Result<Response, ApiError> {
 }
 
 async fn revoke_token(State(hub): State<Shared>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    fleet_of(&hub)?;
     if !hub.store.revoke_token(&id).map_err(internal)? {
         return Err(not_found(format!("token {id:?} not found")));
     }
@@ -523,6 +541,7 @@ async fn events(
         let mut all: Vec<_> = hub.nodes.iter().flat_map(|n| n.events(limit).unwrap_or_default()).collect();
         if let Some(f) = &hub.fleet {
             all.extend(f.events(None, limit));
+            all.extend(f.security.list());
         }
         all.extend(hub.autoscaler.events());
         all.extend(hub.rollouts.events());

@@ -20,7 +20,7 @@ impl EventLog {
     pub fn push(&self, time_ms: u64, object: &str, reason: &str, message: String) {
         tracing::info!(source = self.source, object, reason, %message, "event");
         if let Ok(mut e) = self.events.lock() {
-            e.push_back(EventRecord { time_ms, object: object.into(), reason: reason.into(), message });
+            e.push_back(EventRecord { time_ms, object: object.into(), reason: reason.into(), message, node: None });
             while e.len() > self.limit {
                 e.pop_front();
             }

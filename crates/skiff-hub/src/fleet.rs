@@ -7,9 +7,8 @@
 
 use crate::pki::Ca;
 use crate::schedule::{self, NodeState, NodeView, Plan, Platforms};
-use crate::store::{NodeRecord, NodeSpec, Store, TokenRecord};
+use crate::store::{JoinRefused, NodeJoin, NodeRecord, NodeSpec, Store};
 use crate::tls::Peer;
-use serde::{Deserialize, Serialize};
 use skiff_model::metrics::MetricsSample;
 use skiff_model::proto::{Assigned, Assignment, JoinRequest, JoinResponse, NodeStatus, StatusAck};
 use skiff_model::{Deployment, EventRecord, InstanceStatus};
@@ -29,6 +28,8 @@ pub enum FleetError {
     Forbidden(String),
     /// 404
     NotFound(String),
+    /// 409: the name is taken.
+    Conflict(String),
     /// 500
     Internal(String),
 }
@@ -39,14 +40,6 @@ fn internal(e: impl std::fmt::Display) -> FleetError {
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CreatedToken {
-    pub id: String,
-    /// Shown once; the hub keeps only its hash.
-    pub token: String,
-    pub expires_ms: Option<u64>,
 }
 
 /// Events kept per node on the hub.
@@ -88,9 +81,9 @@ pub struct Fleet {
     tunnels: Mutex<BTreeMap<String, Arc<crate::tunnel::Tunnel>>>,
     /// Something placement depends on changed (a node joined or came back).
     dirty: std::sync::atomic::AtomicBool,
-    /// Every node's assignment at one revision (see `assignment`).
-    #[allow(clippy::type_complexity)]
-    assignments: Mutex<Option<(u64, Arc<BTreeMap<String, Arc<Assignment>>>)>>,
+    /// Every node's assignment, and every deployment's templates, at one revision (see
+    /// `assignment`).
+    at_revision: Mutex<Option<Arc<AtRevision>>>,
     tunnel_serial: std::sync::atomic::AtomicU64,
     /// How the platforms of an image are found out (the registry, in `skiff hub`).
     lookup: Option<PlatformLookup>,
@@ -100,6 +93,60 @@ pub struct Fleet {
     unschedulable: Mutex<BTreeMap<String, String>>,
     /// Each node's newest resource sample.
     samples: Mutex<BTreeMap<String, MetricsSample>>,
+    /// How long a node certificate is valid.
+    cert_ttl: std::time::Duration,
+    /// When each node last renewed its certificate / changed its runtimes (rate limits).
+    renewed: Mutex<BTreeMap<String, u64>>,
+    runtimes_changed: Mutex<BTreeMap<String, u64>>,
+    /// What nodes did that the hub refused: reports of instances not theirs, floods.
+    pub security: crate::events::EventLog,
+    /// (node, instance) reports already refused with an event (one event each).
+    refused: Mutex<std::collections::BTreeSet<(String, String)>>,
+}
+
+/// How long a node certificate is valid unless the hub is told otherwise.
+pub const NODE_CERT_TTL: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+
+/// A node may renew its certificate and change its runtimes at most this often.
+const NODE_CHANGE_EVERY_MS: u64 = 60_000;
+
+/// What the hub derives from its store once per revision, for every node.
+struct AtRevision {
+    revision: u64,
+    nodes: BTreeMap<String, Arc<Assignment>>,
+    /// Deployment → every template its history holds.
+    templates: BTreeMap<String, std::collections::BTreeSet<String>>,
+}
+
+/// What a node may report: per deployment assigned to it, its slot numbers and every
+/// template the hub has had for it (an old version still running during an update is
+/// the node's as well).
+#[derive(Debug, Default)]
+struct Allowed {
+    deployments: BTreeMap<String, (std::collections::BTreeSet<u32>, std::collections::BTreeSet<String>)>,
+}
+
+impl Allowed {
+    /// Why `i` is not the node's to report, if it is not.
+    fn refuse(&self, node: &str, i: &InstanceStatus) -> Option<String> {
+        if i.node != node {
+            return Some(format!("it names node {:?}", i.node));
+        }
+        let Some((slots, templates)) = self.deployments.get(&i.deployment) else {
+            return Some(format!("deployment {:?} is not assigned to it", i.deployment));
+        };
+        if !templates.contains(&i.template) {
+            return Some(format!("template {} is not one the hub sent", i.template));
+        }
+        let rest = i.name.strip_prefix(&i.deployment).and_then(|r| r.strip_prefix('-')).unwrap_or("");
+        let (slot, tag) = match rest.split_once('-') {
+            Some((slot, tag)) => (slot, Some(tag)),
+            None => (rest, None),
+        };
+        let slot_ok = slot.parse::<u32>().is_ok_and(|n| slots.contains(&n));
+        let tag_ok = tag.is_none_or(|t| i.template.starts_with(t) && t.len() == 6);
+        (!slot_ok || !tag_ok).then(|| "it is not in a slot assigned to the node".to_string())
+    }
 }
 
 /// Finds out which `(architecture, variant)`s an image is built for.
@@ -122,14 +169,29 @@ impl Fleet {
             started_ms: now_ms(),
             changed: tokio::sync::watch::channel(rev).0,
             tunnels: Mutex::new(BTreeMap::new()),
-            assignments: Mutex::new(None),
+            at_revision: Mutex::new(None),
             dirty: std::sync::atomic::AtomicBool::new(false),
             tunnel_serial: std::sync::atomic::AtomicU64::new(1),
             lookup: None,
             platforms: Mutex::new(BTreeMap::new()),
             unschedulable: Mutex::new(BTreeMap::new()),
             samples: Mutex::new(BTreeMap::new()),
+            cert_ttl: NODE_CERT_TTL,
+            renewed: Mutex::new(BTreeMap::new()),
+            runtimes_changed: Mutex::new(BTreeMap::new()),
+            security: crate::events::EventLog::new("fleet", 1000),
+            refused: Mutex::new(Default::default()),
         })
+    }
+
+    /// Node certificates are valid this long (and renewed at two thirds of it).
+    pub fn with_cert_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.cert_ttl = ttl;
+        self
+    }
+
+    pub fn cert_ttl(&self) -> std::time::Duration {
+        self.cert_ttl
     }
 
     pub fn with_platform_lookup(mut self, lookup: PlatformLookup) -> Self {
@@ -203,45 +265,17 @@ impl Fleet {
         self.tunnels.lock().ok()?.get(node).cloned()
     }
 
-    pub fn create_token(&self, ttl_ms: Option<u64>) -> Result<CreatedToken, FleetError> {
-        if ttl_ms == Some(0) {
-            return Err(FleetError::Invalid("ttl: must be more than 0".into()));
-        }
-        let t = crate::pki::new_join_token(&self.ca_sha256).map_err(internal)?;
-        let now = now_ms();
-        let expires_ms = ttl_ms.map(|t| now.saturating_add(t));
-        self.store
-            .create_token(&TokenRecord {
-                id: t.id.clone(),
-                secret_sha256: crate::pki::secret_hash(&t.secret),
-                created_ms: now,
-                expires_ms,
-                revoked: false,
-            })
-            .map_err(internal)?;
-        Ok(CreatedToken { id: t.id.clone(), token: t.to_string(), expires_ms })
-    }
-
-    fn check_token(&self, presented: &str) -> Result<(), FleetError> {
-        let unauth = |m: &str| FleetError::Unauthenticated(format!("token: {m}"));
-        let (id, secret) = presented.split_once('.').ok_or_else(|| unauth("not <id>.<secret>"))?;
-        let rec = self.store.token(id).map_err(internal)?.ok_or_else(|| unauth("unknown token"))?;
-        let hash = crate::pki::sha256_hex(secret.as_bytes());
-        if !crate::api::constant_time_eq(hash.as_bytes(), rec.secret_sha256.as_bytes()) {
-            return Err(unauth("unknown token"));
-        }
-        if rec.revoked {
-            return Err(FleetError::Forbidden(format!("token: {id} has been revoked")));
-        }
-        if rec.expires_ms.is_some_and(|e| e <= now_ms()) {
-            return Err(FleetError::Forbidden(format!("token: {id} has expired")));
-        }
-        Ok(())
-    }
-
-    /// Checks the token and the request, signs the node's CSR and records the node.
+    /// Checks the token and the request, signs the node's CSR and records the node, in
+    /// one transaction with the token's use. A name that exists is refused unless the
+    /// token was made to replace that node; a replaced node's certificates are revoked
+    /// and its open tunnel is closed.
     pub fn join(&self, req: &JoinRequest) -> Result<JoinResponse, FleetError> {
-        self.check_token(&req.token)?;
+        let now = now_ms();
+        let unauth = |m: &str| FleetError::Unauthenticated(format!("token: {m}"));
+        let (id, secret) = req.token.split_once('.').ok_or_else(|| unauth("not <id>.<secret>"))?;
+        let rec = crate::tokens::lookup(&*self.store, id, secret)
+            .map_err(internal)?
+            .ok_or_else(|| unauth("unknown token"))?;
         skiff_model::validate::check_name("node", &req.node).map_err(|e| FleetError::Invalid(e.to_string()))?;
         for (k, v) in &req.spec.labels {
             if !skiff_model::validate::is_label_key(k) || v.len() > 63 || v.chars().any(char::is_whitespace) {
@@ -251,21 +285,101 @@ impl Fleet {
         if req.spec.arch.is_empty() || req.spec.os.is_empty() {
             return Err(FleetError::Invalid("spec: os and arch are required".into()));
         }
-        let (cert, serial) = self.ca.sign_node(&req.node, &req.csr).map_err(|e| FleetError::Invalid(e.to_string()))?;
-        self.store.put_node(&req.node, &serial, now_ms(), &req.spec).map_err(internal)?;
+        let cert = self
+            .ca
+            .sign_node(&req.node, &req.csr, now, self.cert_ttl)
+            .map_err(|e| FleetError::Invalid(e.to_string()))?;
+        let j = NodeJoin {
+            token_id: &rec.id,
+            name: &req.node,
+            serial: &cert.serial,
+            not_after_ms: cert.not_after_ms,
+            info: &req.spec,
+            now_ms: now,
+        };
+        let joined = match self.store.join_node(&j).map_err(internal)? {
+            Ok(j) => j,
+            Err(r @ JoinRefused::UnknownToken(_)) => return Err(FleetError::Unauthenticated(r.to_string())),
+            Err(r @ JoinRefused::NameTaken(_)) => return Err(FleetError::Conflict(r.to_string())),
+            Err(r) => return Err(FleetError::Forbidden(r.to_string())),
+        };
+        skiff_sys::crash::point("hub.join.stored");
+        if joined.replaced {
+            self.forget(&req.node);
+            let msg = format!("joined again with token {}; the certificates it had are revoked", rec.id);
+            self.security.push(now, &req.node, "NodeReplaced", msg);
+        }
         self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(JoinResponse { cert, ca: self.ca.pem().to_string() })
+        Ok(JoinResponse { cert: cert.pem, ca: self.ca.pem().to_string() })
+    }
+
+    /// Closes the node's tunnel and drops what it reported (it was replaced or revoked).
+    fn forget(&self, name: &str) {
+        if let Some(t) = self.tunnel(name) {
+            t.kick.notify_one();
+        }
+        if let Ok(mut m) = self.samples.lock() {
+            m.remove(name);
+        }
+        if let Ok(mut m) = self.statuses.lock() {
+            m.remove(name);
+        }
+    }
+
+    /// Signs a renewed certificate for a node from a CSR it sent over its tunnel (at most
+    /// once a minute). The node's current certificate stays accepted until it presents
+    /// the new one.
+    pub fn renew(&self, name: &str, csr: &str) -> Result<String, FleetError> {
+        let now = now_ms();
+        let recent = self.renewed.lock().ok().and_then(|m| m.get(name).copied());
+        if recent.is_some_and(|t| now.saturating_sub(t) < NODE_CHANGE_EVERY_MS) {
+            return Err(FleetError::Forbidden(format!("node {name:?} renewed its certificate less than a minute ago")));
+        }
+        let cert = self.ca.sign_node(name, csr, now, self.cert_ttl).map_err(|e| FleetError::Invalid(e.to_string()))?;
+        self.store.renew_cert(name, &cert.serial, cert.not_after_ms).map_err(internal)?;
+        if let Ok(mut m) = self.renewed.lock() {
+            m.insert(name.to_string(), now);
+        }
+        tracing::info!(node = %name, serial = %cert.serial, "node certificate renewed");
+        Ok(cert.pem)
+    }
+
+    /// The node's record, if it is joined.
+    pub fn store_node(&self, name: &str) -> Option<NodeRecord> {
+        self.store.node(name).ok().flatten()
+    }
+
+    /// Whether the node's certificate should be renewed now: a third of its lifetime left,
+    /// or valid for longer than this hub issues (one from before certificates expired).
+    pub fn should_renew(&self, rec: &NodeRecord, now: u64) -> bool {
+        let ttl = self.cert_ttl.as_millis() as u64;
+        match rec.not_after_ms {
+            None => true,
+            Some(t) => t > now.saturating_add(ttl + ttl / 10) || t.saturating_sub(now) < ttl / 3,
+        }
     }
 
     /// Records the runtimes a node says it has (in its hello), when they changed: a node
     /// upgraded to a build with WebAssembly takes wasm instances from then on.
+    /// A node may change them once a minute: each change is a new global revision, so a
+    /// node that changed its hello every second would make every node's assignment move.
     pub fn set_runtimes(&self, name: &str, runtimes: &[String]) -> Result<(), FleetError> {
         let Some(rec) = self.store.node(name).map_err(internal)? else { return Ok(()) };
         if rec.info.runtimes == runtimes {
             return Ok(());
         }
+        let now = now_ms();
+        let recent = self.runtimes_changed.lock().ok().and_then(|m| m.get(name).copied());
+        if recent.is_some_and(|t| now.saturating_sub(t) < NODE_CHANGE_EVERY_MS) {
+            return Err(FleetError::Forbidden(format!(
+                "node {name:?} changed its runtimes less than a minute ago; ignored"
+            )));
+        }
         let info = NodeSpec { runtimes: runtimes.to_vec(), ..rec.info };
-        self.store.put_node(name, &rec.cert_serial, rec.joined_ms, &info).map_err(internal)?;
+        self.store.set_node_info(name, &info).map_err(internal)?;
+        if let Ok(mut m) = self.runtimes_changed.lock() {
+            m.insert(name.to_string(), now);
+        }
         self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
@@ -280,27 +394,32 @@ impl Fleet {
             .node(who)
             .map_err(internal)?
             .ok_or_else(|| FleetError::Forbidden(format!("node {who:?} is not joined")))?;
-        if rec.revoked {
-            return Err(FleetError::Forbidden(format!("node {who:?} has been revoked")));
-        }
-        if &rec.cert_serial != serial {
-            return Err(FleetError::Forbidden(format!("this certificate of node {who:?} has been replaced")));
+        if self.store.is_revoked(serial).map_err(internal)? {
+            return Err(FleetError::Forbidden(format!("this certificate of node {who:?} has been revoked")));
         }
         if who != name {
             return Err(FleetError::Forbidden(format!("node {who:?} may not act for node {name:?}")));
         }
-        Ok(rec)
+        if &rec.cert_serial == serial {
+            return Ok(rec);
+        }
+        if rec.next_serial.as_ref() == Some(serial) {
+            // The node uses its renewed certificate: the one before is retired.
+            self.store.promote_cert(who, serial, now_ms()).map_err(internal)?;
+            return self.store.node(who).map_err(internal)?.ok_or_else(|| FleetError::Forbidden("gone".into()));
+        }
+        Err(FleetError::Forbidden(format!("this certificate of node {who:?} has been replaced")))
     }
 
+    /// `skiff delete node`: revokes the node's certificates for good, forgets it (its
+    /// name may join again with a new token) and closes its tunnel.
     pub fn revoke_node(&self, name: &str) -> Result<(), FleetError> {
-        if !self.store.revoke_node(name).map_err(internal)? {
+        if !self.store.revoke_node(name, now_ms()).map_err(internal)? {
             return Err(FleetError::NotFound(format!("node {name:?} not found")));
         }
         // Its open connection goes too; a new one is refused at the handshake's authorize.
-        if let Some(t) = self.tunnel(name) {
-            t.kick.notify_one();
-        }
-        if let Ok(mut m) = self.samples.lock() {
+        self.forget(name);
+        if let Ok(mut m) = self.seen.lock() {
             m.remove(name);
         }
         self.reschedule()?;
@@ -329,18 +448,34 @@ impl Fleet {
         }
     }
 
-    /// Stores what a node reports: its instances and the events it ships.
+    /// Stores what a node reports: its instances and the events it ships. Only instances
+    /// in slots the hub assigned to the node, of templates the hub sent, are believed;
+    /// the others are dropped with a security event (once each). Events carry the node
+    /// that shipped them, whatever it wrote.
     pub fn report(&self, node: &str, status: NodeStatus) -> StatusAck {
         let ack = StatusAck { events_through: status.events_through };
         if let Ok(mut ev) = self.events.lock() {
             let q = ev.entry(node.to_string()).or_default();
-            q.extend(status.events);
+            q.extend(status.events.into_iter().map(|e| EventRecord { node: Some(node.to_string()), ..e }));
             while q.len() > EVENTS_PER_NODE {
                 q.pop_front();
             }
         }
+        let allowed = self.allowed(node);
+        let mut instances = status.instances;
+        instances.retain(|i| match allowed.refuse(node, i) {
+            None => true,
+            Some(why) => {
+                let first = self.refused.lock().is_ok_and(|mut r| r.insert((node.to_string(), i.name.clone())));
+                if first {
+                    let msg = format!("reported instance {} ({why}); ignored", i.name);
+                    self.security.push(now_ms(), node, "ReportRefused", msg);
+                }
+                false
+            }
+        });
         if let Ok(mut st) = self.statuses.lock() {
-            st.insert(node.to_string(), status.instances);
+            st.insert(node.to_string(), instances);
         }
         if let Ok(mut seen) = self.seen.lock() {
             if let Some(s) = seen.get_mut(node) {
@@ -357,8 +492,28 @@ impl Fleet {
 
     /// Keeps the newest of the samples a node shipped (older ones, buffered while it was
     /// offline, arrive first and are superseded).
+    /// Only the node's own instances count, and no figure above what the node has: a node
+    /// cannot make the autoscaler scale another node's work, or scale its own past what
+    /// its CPUs could use.
     pub fn record_metrics(&self, node: &str, samples: Vec<MetricsSample>) {
-        let Some(newest) = samples.into_iter().max_by_key(|m| m.time_ms) else { return };
+        let Some(mut newest) = samples.into_iter().max_by_key(|m| m.time_ms) else { return };
+        let allowed = self.allowed(node);
+        let (cores, memory) = match self.store.node(node) {
+            Ok(Some(rec)) => (rec.info.cpu_millis as f64 / 1000.0, rec.info.memory_bytes),
+            _ => return,
+        };
+        newest.node = node.to_string();
+        newest.instances.retain(|m| {
+            allowed.deployments.get(&m.deployment).is_some_and(|(slots, _)| {
+                let rest = m.instance.strip_prefix(&m.deployment).and_then(|r| r.strip_prefix('-')).unwrap_or("");
+                rest.split('-').next().and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| slots.contains(&n))
+            })
+        });
+        for m in &mut newest.instances {
+            m.cpu_cores = m.cpu_cores.map(|c| if c.is_finite() { c.clamp(0.0, cores) } else { 0.0 });
+            m.memory_bytes = m.memory_bytes.min(memory);
+        }
+        newest.host.cpu_cores = newest.host.cpu_cores.map(|c| if c.is_finite() { c.clamp(0.0, cores) } else { 0.0 });
         if let Ok(mut all) = self.samples.lock() {
             if all.get(node).is_none_or(|m| m.time_ms < newest.time_ms) {
                 all.insert(node.to_string(), newest);
@@ -411,7 +566,6 @@ impl Fleet {
             .nodes()
             .map_err(internal)?
             .into_iter()
-            .filter(|n| !n.revoked)
             .map(|n| {
                 let (state, since) = self.state_of(&n.name, now);
                 NodeView {
@@ -502,50 +656,86 @@ impl Fleet {
     /// per revision and shared, so a change that wakes thousands of long-polls reads the
     /// store once, not once per node.
     pub fn assignment(&self, node: &str) -> Result<Assignment, FleetError> {
+        let at = self.at_revision()?;
+        Ok(match at.nodes.get(node) {
+            Some(a) => (**a).clone(),
+            None => Assignment { revision: at.revision, deployments: vec![] },
+        })
+    }
+
+    /// What `node` may report, as of the current revision.
+    fn allowed(&self, node: &str) -> Allowed {
+        let Ok(at) = self.at_revision() else { return Allowed::default() };
+        let mut allowed = Allowed::default();
+        for a in at.nodes.get(node).iter().flat_map(|a| a.deployments.iter()) {
+            let templates = at.templates.get(&a.spec.name).cloned().unwrap_or_default();
+            allowed.deployments.insert(a.spec.name.clone(), (a.indexes.iter().copied().collect(), templates));
+        }
+        allowed
+    }
+
+    /// Every node's assignment and every deployment's templates at the current revision,
+    /// computed in one pass per revision and shared: a change that wakes thousands of
+    /// long-polls reads the store once, not once per node.
+    fn at_revision(&self) -> Result<Arc<AtRevision>, FleetError> {
         let revision = self.store.revision().map_err(internal)?;
-        let cached = self.assignments.lock().ok().and_then(|c| c.as_ref().filter(|(r, _)| *r == revision).cloned());
-        let all = match cached {
-            Some((_, all)) => all,
-            None => {
-                let specs: BTreeMap<String, Deployment> =
-                    self.store.list().map_err(internal)?.into_iter().map(|s| (s.spec.name.clone(), s.spec)).collect();
-                // Deployments rolling out in waves: nodes not reached yet keep the old template.
-                let mut waves = BTreeMap::new();
-                for (name, d) in &specs {
-                    if let Some(w) = crate::rollouts::wave_of(d, &self.store.history(name).map_err(internal)?) {
-                        waves.insert(name.clone(), w);
-                    }
-                }
-                let mut per_node: BTreeMap<String, BTreeMap<String, Vec<u32>>> = BTreeMap::new();
-                for s in self.store.slots().map_err(internal)? {
-                    per_node.entry(s.node).or_default().entry(s.deployment).or_default().push(s.index);
-                }
-                let all: BTreeMap<String, Arc<Assignment>> = per_node
+        let cached = self.at_revision.lock().ok().and_then(|c| c.as_ref().filter(|c| c.revision == revision).cloned());
+        if let Some(c) = cached {
+            return Ok(c);
+        }
+        let specs: BTreeMap<String, Deployment> =
+            self.store.list().map_err(internal)?.into_iter().map(|s| (s.spec.name.clone(), s.spec)).collect();
+        // Deployments rolling out in waves: nodes not reached yet keep the old template.
+        let mut waves = BTreeMap::new();
+        let mut templates: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for (name, d) in &specs {
+            let history = self.store.history(name).map_err(internal)?;
+            let t = templates.entry(name.clone()).or_default();
+            t.insert(skiff_model::rollout::template_hash(d));
+            t.extend(history.iter().map(|r| r.template.clone()));
+            if let Some(w) = crate::rollouts::wave_of(d, &history) {
+                waves.insert(name.clone(), w);
+            }
+        }
+        let mut per_node: BTreeMap<String, BTreeMap<String, Vec<u32>>> = BTreeMap::new();
+        for s in self.store.slots().map_err(internal)? {
+            per_node.entry(s.node).or_default().entry(s.deployment).or_default().push(s.index);
+        }
+        let nodes = per_node
+            .into_iter()
+            .map(|(n, deps)| {
+                let deployments = deps
                     .into_iter()
-                    .map(|(n, deps)| {
-                        let deployments = deps
-                            .into_iter()
-                            .filter_map(|(d, indexes)| {
-                                let spec = match waves.get(&d) {
-                                    Some((reached, base)) if !reached.contains(&n) => base,
-                                    _ => specs.get(&d)?,
-                                };
-                                Some(Assigned { spec: spec.clone(), indexes })
-                            })
-                            .collect();
-                        (n, Arc::new(Assignment { revision, deployments }))
+                    .filter_map(|(d, indexes)| {
+                        let spec = match waves.get(&d) {
+                            Some((reached, base)) if !reached.contains(&n) => base,
+                            _ => specs.get(&d)?,
+                        };
+                        Some(Assigned { spec: spec.clone(), indexes })
                     })
                     .collect();
-                let all = Arc::new(all);
-                if let Ok(mut c) = self.assignments.lock() {
-                    *c = Some((revision, Arc::clone(&all)));
-                }
-                all
-            }
-        };
-        Ok(match all.get(node) {
-            Some(a) => (**a).clone(),
-            None => Assignment { revision, deployments: vec![] },
+                (n, Arc::new(Assignment { revision, deployments }))
+            })
+            .collect();
+        let at = Arc::new(AtRevision { revision, nodes, templates });
+        if let Ok(mut c) = self.at_revision.lock() {
+            *c = Some(Arc::clone(&at));
+        }
+        Ok(at)
+    }
+
+    /// The node an instance runs on, by the hub's own slot table (never by what nodes
+    /// report): `web-2` and a retiring `web-2-<tag>` are slot 2 of `web`.
+    pub fn node_of_instance(&self, instance: &str) -> Option<String> {
+        let slots = self.store.slots().ok()?;
+        slots.into_iter().find_map(|s| {
+            let rest = instance.strip_prefix(&s.deployment)?.strip_prefix('-')?;
+            let (slot, tag) = match rest.split_once('-') {
+                Some((slot, tag)) => (slot, Some(tag)),
+                None => (rest, None),
+            };
+            let tag_ok = tag.is_none_or(|t| t.len() == 6 && t.chars().all(|c| c.is_ascii_hexdigit()));
+            (slot.parse::<u32>().ok() == Some(s.index) && tag_ok).then_some(s.node)
         })
     }
 
@@ -567,6 +757,7 @@ impl Fleet {
 mod tests {
     use super::*;
     use crate::store::SqliteStore;
+    use crate::tokens::TokenRequest;
     use skiff_model::proto::JoinToken;
 
     fn fleet() -> (tempfile::TempDir, Fleet) {
@@ -589,65 +780,187 @@ mod tests {
         JoinRequest { token: token.to_string(), node: node.into(), csr, spec }
     }
 
-    fn secret(t: &CreatedToken) -> String {
-        let p = JoinToken::parse(&t.token).unwrap();
-        format!("{}.{}", p.id, p.secret)
+    /// A join token's `<id>.<secret>`, as an agent presents it.
+    fn token(f: &Fleet, req: TokenRequest) -> String {
+        let t = crate::tokens::create(&*f.store, Some(&f.ca_sha256), &req, now_ms()).unwrap();
+        assert!(t.token.starts_with(&format!("SK1.{}.", f.ca_sha256)));
+        JoinToken::parse(&t.token).unwrap().credential()
+    }
+
+    fn any(f: &Fleet) -> String {
+        token(f, TokenRequest::default())
+    }
+
+    fn peer(f: &Fleet, node: &str) -> Peer {
+        Peer { node: Some(node.into()), serial: Some(f.store.node(node).unwrap().unwrap().cert_serial) }
     }
 
     #[test]
     fn tokens_gate_joining() {
         let (_t, f) = fleet();
-        let tok = f.create_token(None).unwrap();
-        assert!(tok.token.starts_with(&format!("SK1.{}.", f.ca_sha256)));
-        f.join(&join_req(&secret(&tok), "pi-1")).unwrap();
-        let wrong = format!("{}.{}", JoinToken::parse(&tok.token).unwrap().id, "0".repeat(32));
+        let tok = any(&f);
+        f.join(&join_req(&tok, "pi-1")).unwrap();
+        let wrong = format!("{}.{}", tok.split('.').next().unwrap(), "0".repeat(32));
         assert_eq!(
             f.join(&join_req(&wrong, "pi-2")).unwrap_err(),
             FleetError::Unauthenticated("token: unknown token".into())
         );
-        let short = f.create_token(Some(1)).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        assert!(
-            matches!(f.join(&join_req(&secret(&short), "pi-2")), Err(FleetError::Forbidden(m)) if m.contains("expired"))
-        );
-        f.store.revoke_token(&tok.id).unwrap();
-        assert!(
-            matches!(f.join(&join_req(&secret(&tok), "pi-3")), Err(FleetError::Forbidden(m)) if m.contains("revoked"))
-        );
-        let ok = f.create_token(None).unwrap();
-        assert!(
-            matches!(f.join(&join_req(&secret(&ok), "Bad Name")), Err(FleetError::Invalid(m)) if m.contains("node"))
-        );
-        let mut r = join_req(&secret(&ok), "pi-4");
+        let short = token(&f, TokenRequest { ttl_seconds: Some(1), ..Default::default() });
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert!(matches!(f.join(&join_req(&short, "pi-2")), Err(FleetError::Forbidden(m)) if m.contains("expired")));
+        f.store.revoke_token(tok.split('.').next().unwrap()).unwrap();
+        assert!(matches!(f.join(&join_req(&tok, "pi-3")), Err(FleetError::Forbidden(m)) if m.contains("revoked")));
+        let ok = any(&f);
+        assert!(matches!(f.join(&join_req(&ok, "Bad Name")), Err(FleetError::Invalid(m)) if m.contains("node")));
+        let mut r = join_req(&ok, "pi-4");
         r.csr = "nonsense".into();
         assert!(matches!(f.join(&r), Err(FleetError::Invalid(m)) if m.contains("csr")));
-        assert_eq!(f.create_token(Some(0)).unwrap_err(), FleetError::Invalid("ttl: must be more than 0".into()));
+    }
+
+    #[test]
+    fn a_token_cannot_take_over_a_name_or_be_used_more_than_it_may() {
+        let (_t, f) = fleet();
+        let once = token(&f, TokenRequest { uses: Some(1), ..Default::default() });
+        f.join(&join_req(&once, "pi-1")).unwrap();
+        assert!(
+            matches!(f.join(&join_req(&once, "pi-2")), Err(FleetError::Forbidden(m)) if m.contains("used 1 time")),
+            "a single-use token joins one node"
+        );
+        // A stolen (reusable) token cannot take over an existing node's name.
+        let old = peer(&f, "pi-1");
+        let any_tok = any(&f);
+        let taken = f.join(&join_req(&any_tok, "pi-1")).unwrap_err();
+        assert!(
+            matches!(&taken, FleetError::Conflict(m) if m.contains("skiff token create --replace pi-1")),
+            "{taken:?}"
+        );
+        assert!(f.authorize(&old, "pi-1").is_ok(), "the refused join changed nothing");
+        // Replacement, asked for by the admin: the old certificate is revoked for good.
+        let replace = token(&f, TokenRequest { replace: Some("pi-1".into()), ..Default::default() });
+        f.join(&join_req(&replace, "pi-1")).unwrap();
+        assert!(matches!(f.authorize(&old, "pi-1"), Err(FleetError::Forbidden(m)) if m.contains("revoked")));
+        assert!(f.security.list().iter().any(|e| e.reason == "NodeReplaced" && e.object == "pi-1"));
+        // Deleting frees the name; joining again never brings back the old certificate.
+        let newer = peer(&f, "pi-1");
+        f.revoke_node("pi-1").unwrap();
+        assert!(matches!(f.authorize(&newer, "pi-1"), Err(FleetError::Forbidden(_))));
+        f.join(&join_req(&any_tok, "pi-1")).unwrap();
+        assert!(matches!(f.authorize(&newer, "pi-1"), Err(FleetError::Forbidden(m)) if m.contains("revoked")));
+        assert!(matches!(f.authorize(&old, "pi-1"), Err(FleetError::Forbidden(m)) if m.contains("revoked")));
+        assert!(f.authorize(&peer(&f, "pi-1"), "pi-1").is_ok());
     }
 
     #[test]
     fn nodes_act_only_for_themselves_with_their_newest_certificate() {
         let (_t, f) = fleet();
-        let tok = secret(&f.create_token(None).unwrap());
+        let tok = any(&f);
         f.join(&join_req(&tok, "a")).unwrap();
         f.join(&join_req(&tok, "b")).unwrap();
-        let serial = f.store.node("a").unwrap().unwrap().cert_serial;
-        let a = Peer { node: Some("a".into()), serial: Some(serial.clone()) };
+        let a = peer(&f, "a");
         assert!(f.authorize(&a, "a").is_ok());
         assert!(
             matches!(f.authorize(&a, "b"), Err(FleetError::Forbidden(m)) if m.contains("may not act for node \"b\""))
         );
         assert!(matches!(f.authorize(&Peer::default(), "a"), Err(FleetError::Unauthenticated(_))));
-        f.join(&join_req(&tok, "a")).unwrap(); // re-join: a new certificate
-        assert!(matches!(f.authorize(&a, "a"), Err(FleetError::Forbidden(m)) if m.contains("replaced")));
-        let fresh = Peer { node: Some("a".into()), serial: Some(f.store.node("a").unwrap().unwrap().cert_serial) };
+        // Renewal: the old certificate works until the new one is first presented.
+        let rec = f.store.node("a").unwrap().unwrap();
+        assert!(!f.should_renew(&rec, now_ms()), "a fresh 90-day certificate");
+        assert!(f.should_renew(&rec, now_ms() + 61 * 86_400_000), "a third of its life left");
+        let (_key, csr) = crate::pki::tests::csr("a");
+        let cert = f.renew("a", &csr).unwrap();
+        let der = crate::pki::first_der(&cert).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let renewed = Peer { node: Some("a".into()), serial: Some(hex::encode(parsed.raw_serial())) };
+        assert!(f.authorize(&a, "a").is_ok(), "still the current one");
+        assert!(matches!(f.renew("a", &csr), Err(FleetError::Forbidden(m)) if m.contains("less than a minute")));
+        assert!(f.authorize(&renewed, "a").is_ok());
+        assert!(matches!(f.authorize(&a, "a"), Err(FleetError::Forbidden(m)) if m.contains("revoked")));
         f.revoke_node("a").unwrap();
-        assert!(matches!(f.authorize(&fresh, "a"), Err(FleetError::Forbidden(m)) if m.contains("revoked")));
+        assert!(matches!(f.authorize(&renewed, "a"), Err(FleetError::Forbidden(_))));
+    }
+
+    fn status(node: &str, deployment: &str, name: &str, template: &str) -> InstanceStatus {
+        InstanceStatus {
+            name: name.into(),
+            deployment: deployment.into(),
+            node: node.into(),
+            template: template.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_node_is_believed_only_about_its_own_slots() {
+        let (_t, f) = fleet();
+        let tok = any(&f);
+        f.join(&join_req(&tok, "a")).unwrap();
+        f.join(&join_req(&tok, "b")).unwrap();
+        f.heartbeat("a", NodeStatus::default()).unwrap();
+        f.heartbeat("b", NodeStatus::default()).unwrap();
+        let mut web = Deployment::new("web", "img");
+        web.replicas = 2;
+        f.store.apply(&[web.clone()], None, false).unwrap();
+        f.reschedule().unwrap();
+        let tpl = skiff_model::rollout::template_hash(&web);
+        let on = |n: &str| f.assignment(n).unwrap().deployments[0].indexes.clone();
+        let (a_slot, b_slot) = (on("a")[0], on("b")[0]);
+        let (mine, theirs) = (format!("web-{a_slot}"), format!("web-{b_slot}"));
+        // Node a claims b's instance (so the admin's exec would go to a), a retiring twin of
+        // its own with a template the hub never sent, and an instance under b's name.
+        let forged = NodeStatus {
+            instances: vec![
+                status("a", "web", &mine, &tpl),
+                status("a", "web", &format!("{mine}-{}", &tpl[..6]), &tpl),
+                status("a", "web", &theirs, &tpl),
+                status("a", "web", &format!("{mine}-abcdef"), "abcdef0123"),
+                status("b", "db", "db-1", &tpl),
+            ],
+            ..Default::default()
+        };
+        f.heartbeat("a", forged).unwrap();
+        let believed: Vec<String> = f.reported_instances().into_iter().map(|i| i.name).collect();
+        assert_eq!(believed, [mine.clone(), format!("{mine}-{}", &tpl[..6])]);
+        let refused = f.security.list();
+        assert_eq!(refused.iter().filter(|e| e.reason == "ReportRefused").count(), 3, "{refused:?}");
+        // Routing follows the slot table, not reports.
+        assert_eq!(f.node_of_instance(&theirs).as_deref(), Some("b"));
+        assert_eq!(f.node_of_instance(&mine).as_deref(), Some("a"));
+        assert_eq!(f.node_of_instance("web-9"), None);
+        // Samples: only its own instances count, and no more CPU than the node has.
+        let mut sample = skiff_model::metrics::MetricsSample::example("b", now_ms());
+        sample.instances[0].instance = mine.clone();
+        sample.instances[0].deployment = "web".into();
+        sample.instances[0].cpu_cores = Some(1e9);
+        sample.instances[1].instance = theirs.clone();
+        sample.instances[1].deployment = "web".into();
+        f.record_metrics("a", vec![sample]);
+        let m = f.metrics();
+        assert_eq!(m.len(), 1);
+        assert_eq!((m[0].node.as_str(), m[0].instances.len()), ("a", 1), "named after the sender; b's dropped");
+        assert_eq!(m[0].instances[0].cpu_cores, Some(2.0), "capped at the node's 2 CPUs");
+        // Events carry the node that shipped them.
+        let ev = EventRecord { time_ms: 1, object: theirs, reason: "Started".into(), message: "".into(), node: None };
+        f.heartbeat("a", NodeStatus { events: vec![ev], events_through: 1, ..Default::default() }).unwrap();
+        assert_eq!(f.events(None, 10)[0].node.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_node_changing_its_runtimes_every_second_moves_the_revision_once_a_minute() {
+        let (_t, f) = fleet();
+        f.join(&join_req(&any(&f), "a")).unwrap();
+        let rev = f.store.revision().unwrap();
+        f.set_runtimes("a", &["oci".into(), "wasm".into()]).unwrap();
+        for i in 0..10 {
+            let flip: Vec<String> = if i % 2 == 0 { vec!["oci".into()] } else { vec!["oci".into(), "wasm".into()] };
+            let _ = f.set_runtimes("a", &flip);
+        }
+        assert_eq!(f.store.revision().unwrap(), rev + 1);
     }
 
     #[test]
     fn assignments_follow_placement_and_revisions() {
         let (_t, f) = fleet();
-        let tok = secret(&f.create_token(None).unwrap());
+        let tok = any(&f);
         f.join(&join_req(&tok, "a")).unwrap();
         f.join(&join_req(&tok, "b")).unwrap();
         f.heartbeat("a", NodeStatus::default()).unwrap();
@@ -668,7 +981,7 @@ mod tests {
     #[test]
     fn a_node_under_pressure_is_not_ready_and_takes_no_new_work() {
         let (_t, f) = fleet();
-        let tok = secret(&f.create_token(None).unwrap());
+        let tok = any(&f);
         f.join(&join_req(&tok, "a")).unwrap();
         f.join(&join_req(&tok, "b")).unwrap();
         f.heartbeat("a", NodeStatus::default()).unwrap();

@@ -18,6 +18,7 @@ pub mod rollouts;
 pub mod schedule;
 pub mod store;
 pub mod tls;
+pub mod tokens;
 pub mod tunnel;
 pub mod validate;
 
@@ -178,8 +179,11 @@ impl Hub {
         if let Some(n) = self.nodes.iter().find(|n| n.has_instance(instance)) {
             return Some(Arc::clone(n));
         }
+        // A remote node only by the hub's own slot table, and only if that node reported the
+        // instance: a node cannot draw another node's logs or exec to itself.
         let f = self.fleet.as_ref()?;
-        let node = f.reported_instances().into_iter().find(|i| i.name == instance)?.node;
+        let node = f.node_of_instance(instance)?;
+        f.reported_instances().iter().any(|i| i.name == instance && i.node == node).then_some(())?;
         Some(Arc::new(tunnel::RemoteLink { name: node, fleet: Arc::clone(f) }))
     }
 }

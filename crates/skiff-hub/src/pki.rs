@@ -117,8 +117,15 @@ impl Ca {
     }
 
     /// Signs a node's CSR: the certificate names the node (CN = `node`, whatever the CSR
-    /// asked for) and is good for client authentication only. Returns (PEM, serial hex).
-    pub fn sign_node(&self, node: &str, csr_pem: &str) -> Result<(String, String), PkiError> {
+    /// asked for), is good for client authentication only, and for `ttl` from `now_ms`
+    /// (back-dated by a quarter of that, at most 5 minutes, for clocks a little behind).
+    pub fn sign_node(
+        &self,
+        node: &str,
+        csr_pem: &str,
+        now_ms: u64,
+        ttl: std::time::Duration,
+    ) -> Result<NodeCert, PkiError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::Invalid(format!("csr: not a PEM certificate signing request: {e}")))?;
         let mut dn = DistinguishedName::new();
@@ -130,9 +137,28 @@ impl Ca {
         csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let serial = serial_bytes()?;
         csr.params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let back = (ttl / 4).min(std::time::Duration::from_secs(300));
+        let not_after_ms = now_ms.saturating_add(ttl.as_millis() as u64);
+        csr.params.not_before = datetime(now_ms.saturating_sub(back.as_millis() as u64))?;
+        csr.params.not_after = datetime(not_after_ms)?;
         let cert = csr.signed_by(&self.signer, &self.key)?;
-        Ok((cert.pem(), hex::encode(serial)))
+        // X.509 times have whole seconds.
+        Ok(NodeCert { pem: cert.pem(), serial: hex::encode(serial), not_after_ms: not_after_ms / 1000 * 1000 })
     }
+}
+
+/// A signed node certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCert {
+    pub pem: String,
+    /// Hex, as the TLS layer reports it for the connection.
+    pub serial: String,
+    pub not_after_ms: u64,
+}
+
+fn datetime(ms: u64) -> Result<time::OffsetDateTime, PkiError> {
+    time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
+        .map_err(|e| PkiError::Invalid(format!("certificate time: {e}")))
 }
 
 /// 16 random bytes from the kernel, as a positive non-zero certificate serial (RFC 5280).
@@ -182,12 +208,18 @@ pub(crate) mod tests {
         assert_eq!(ca.fingerprint().unwrap(), fp, "same CA after a restart");
 
         let (_key, csr) = tests::csr("evil-asks-for-this-name");
-        let (cert, serial) = ca.sign_node("pi-7", &csr).unwrap();
-        assert_eq!(serial.len(), 32);
-        let der = first_der(&cert).unwrap();
+        let day = std::time::Duration::from_secs(86_400);
+        let now = 1_800_000_000_000;
+        let c = ca.sign_node("pi-7", &csr, now, 90 * day).unwrap();
+        assert_eq!(c.serial.len(), 32);
+        assert_eq!(c.not_after_ms, now + 90 * 86_400_000);
+        let der = first_der(&c.pem).unwrap();
         let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert_eq!(parsed.subject().to_string(), "CN=pi-7", "the hub names the node");
         assert_eq!(parsed.issuer().to_string(), format!("CN={CA_CN}"));
-        assert!(ca.sign_node("pi-7", "garbage").unwrap_err().to_string().contains("csr: not a PEM"));
+        let v = parsed.validity();
+        assert_eq!(v.not_after.timestamp() * 1000, c.not_after_ms as i64, "90 days, not the year 4096");
+        assert_eq!(v.not_before.timestamp() * 1000, (now - 300_000) as i64, "five minutes back for slow clocks");
+        assert!(ca.sign_node("pi-7", "garbage", now, day).unwrap_err().to_string().contains("csr: not a PEM"));
     }
 }

@@ -48,13 +48,25 @@ pub trait Store: Send + Sync {
     /// Returns whether it existed.
     fn revoke_token(&self, id: &str) -> Result<bool, StoreError>;
 
-    /// Records a (re-)joined node with the serial of its new certificate; an earlier
-    /// certificate of the same name stops being accepted.
-    fn put_node(&self, name: &str, cert_serial: &str, joined_ms: u64, info: &NodeSpec) -> Result<u64, StoreError>;
+    /// Records a joining node, in one transaction with the use of its token: the token
+    /// must still be usable (not revoked, not expired at `j.now_ms`, uses left) and the
+    /// name free, unless the token was made to replace that node. A replaced node's
+    /// certificates are revoked. `Ok(Err(_))` says why the join is refused.
+    fn join_node(&self, j: &NodeJoin<'_>) -> Result<Result<Joined, JoinRefused>, StoreError>;
+    /// Changes what a node says of itself (its runtimes); bumps the revision.
+    fn set_node_info(&self, name: &str, info: &NodeSpec) -> Result<(), StoreError>;
+    /// Records a renewed certificate, accepted beside the current one until the node
+    /// first presents it ([`Store::promote_cert`]).
+    fn renew_cert(&self, name: &str, serial: &str, not_after_ms: u64) -> Result<(), StoreError>;
+    /// The node now uses its renewed certificate: the previous one is revoked.
+    fn promote_cert(&self, name: &str, serial: &str, now_ms: u64) -> Result<(), StoreError>;
     fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError>;
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
-    /// Returns whether it existed.
-    fn revoke_node(&self, name: &str) -> Result<bool, StoreError>;
+    /// Revokes the node's certificates (for good) and forgets the node, so its name may
+    /// join again with a new token. Returns whether it existed.
+    fn revoke_node(&self, name: &str, now_ms: u64) -> Result<bool, StoreError>;
+    /// Whether a certificate serial has been revoked.
+    fn is_revoked(&self, serial: &str) -> Result<bool, StoreError>;
 
     /// `name`'s revision history, oldest first (at most `HISTORY_LIMIT`).
     fn history(&self, name: &str) -> Result<Vec<Revision>, StoreError>;
@@ -77,12 +89,17 @@ pub trait Store: Send + Sync {
 }
 
 fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    let role: String = r.get(5)?;
     Ok(TokenRecord {
         id: r.get(0)?,
         secret_sha256: r.get(1)?,
         created_ms: r.get::<_, i64>(2)? as u64,
         expires_ms: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
         revoked: r.get::<_, i64>(4)? != 0,
+        role: TokenRole::parse(&role).unwrap_or(TokenRole::Join),
+        max_uses: r.get::<_, Option<i64>>(6)?.map(|v| v as u32),
+        used: r.get::<_, i64>(7)? as u32,
+        replace: r.get(8)?,
     })
 }
 
@@ -92,16 +109,29 @@ fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(NodeRecord, String)> {
             name: r.get(0)?,
             revision: r.get::<_, i64>(1)? as u64,
             cert_serial: r.get(2)?,
-            revoked: r.get::<_, i64>(3)? != 0,
-            joined_ms: r.get::<_, i64>(4)? as u64,
+            joined_ms: r.get::<_, i64>(3)? as u64,
             info: NodeSpec::default(),
+            not_after_ms: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+            next_serial: r.get(6)?,
+            next_not_after_ms: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
         },
-        r.get(5)?,
+        r.get(4)?,
     ))
 }
 
-const TOKEN_COLS: &str = "id, secret_sha256, created_ms, expires_ms, revoked";
-const NODE_COLS: &str = "name, revision, cert_serial, revoked, joined_ms, info";
+const TOKEN_COLS: &str = "id, secret_sha256, created_ms, expires_ms, revoked, role, max_uses, used, replace_node";
+const NODE_COLS: &str = "name, revision, cert_serial, joined_ms, info, not_after_ms, next_serial, next_not_after_ms";
+
+/// Revokes the node's current (and pending) certificate serials.
+fn revoke_serials(tx: &rusqlite::Transaction<'_>, name: &str, now_ms: u64) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT OR IGNORE INTO revoked_certs (serial, node, revoked_ms)
+         SELECT cert_serial, name, ?2 FROM nodes WHERE name = ?1
+         UNION ALL SELECT next_serial, name, ?2 FROM nodes WHERE name = ?1 AND next_serial IS NOT NULL",
+        params![name, now_ms as i64],
+    )?;
+    Ok(())
+}
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -123,6 +153,19 @@ const MIGRATIONS: &[&str] = &[
                            message TEXT, spec TEXT NOT NULL, PRIMARY KEY (deployment, revision));",
     // Fleet rollouts in waves: the nodes a revision has reached (NULL: all).
     "ALTER TABLE history ADD COLUMN nodes TEXT;",
+    // Tokens with a role and a number of uses; certificates that expire and renew; revoked
+    // certificates kept for good (a deleted node's name may join again, its old
+    // certificate never).
+    "ALTER TABLE join_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'join';
+     ALTER TABLE join_tokens ADD COLUMN max_uses INTEGER;
+     ALTER TABLE join_tokens ADD COLUMN used INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE join_tokens ADD COLUMN replace_node TEXT;
+     ALTER TABLE nodes ADD COLUMN not_after_ms INTEGER;
+     ALTER TABLE nodes ADD COLUMN next_serial TEXT;
+     ALTER TABLE nodes ADD COLUMN next_not_after_ms INTEGER;
+     CREATE TABLE revoked_certs (serial TEXT PRIMARY KEY, node TEXT NOT NULL, revoked_ms INTEGER NOT NULL);
+     INSERT OR IGNORE INTO revoked_certs SELECT cert_serial, name, 0 FROM nodes WHERE revoked = 1;
+     DELETE FROM nodes WHERE revoked = 1;",
 ];
 
 /// Revisions kept per deployment (Kubernetes' `revisionHistoryLimit`).
@@ -216,7 +259,7 @@ fn revision_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Revision> {
     })
 }
 
-/// A join token as the hub keeps it: the secret's sha256, never the secret.
+/// A token as the hub keeps it: the secret's sha256, never the secret.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenRecord {
     pub id: String,
@@ -224,26 +267,120 @@ pub struct TokenRecord {
     pub created_ms: u64,
     pub expires_ms: Option<u64>,
     pub revoked: bool,
+    /// What the token is for: joining a node, or calling the API.
+    #[serde(default)]
+    pub role: TokenRole,
+    /// Joins it may make (None: any number until it expires).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+    #[serde(default)]
+    pub used: u32,
+    /// The node a join with this token may replace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace: Option<String>,
 }
 
-/// A joined node: the serial of the one certificate it may use, and what it said of itself.
+/// What a token lets its bearer do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenRole {
+    /// Join a node (`skiff agent`); not an API credential.
+    #[default]
+    Join,
+    /// Scrape `/metrics` and read `/api/v1/metrics` (Prometheus).
+    Metrics,
+    /// Every read of the API (lists, logs, events, metrics), no change.
+    Read,
+    /// Everything.
+    Admin,
+}
+
+impl TokenRole {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "join" => Some(TokenRole::Join),
+            "metrics" => Some(TokenRole::Metrics),
+            "read" => Some(TokenRole::Read),
+            "admin" => Some(TokenRole::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRole::Join => "join",
+            TokenRole::Metrics => "metrics",
+            TokenRole::Read => "read",
+            TokenRole::Admin => "admin",
+        }
+    }
+}
+
+/// A joined node: the serial of the one certificate it may use (and of a renewed one not
+/// used yet), and what it said of itself.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NodeRecord {
     pub name: String,
     pub revision: u64,
     pub cert_serial: String,
-    pub revoked: bool,
     pub joined_ms: u64,
     pub info: NodeSpec,
+    /// When the certificate expires (None: a certificate from before they expired).
+    #[serde(default)]
+    pub not_after_ms: Option<u64>,
+    /// A renewed certificate, accepted once the node presents it.
+    #[serde(default)]
+    pub next_serial: Option<String>,
+    #[serde(default)]
+    pub next_not_after_ms: Option<u64>,
+}
+
+/// A join, as [`Store::join_node`] records it.
+pub struct NodeJoin<'a> {
+    pub token_id: &'a str,
+    pub name: &'a str,
+    pub serial: &'a str,
+    pub not_after_ms: u64,
+    pub info: &'a NodeSpec,
+    pub now_ms: u64,
+}
+
+/// A recorded join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// The node existed and this join replaced it (its old certificates are revoked).
+    pub replaced: bool,
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinRefused {
+    #[error("token {0}: unknown token")]
+    UnknownToken(String),
+    #[error("token {0}: has been revoked")]
+    TokenRevoked(String),
+    #[error("token {0}: has expired")]
+    TokenExpired(String),
+    #[error("token {0}: has been used {1} time(s), all it may be")]
+    TokenUsedUp(String, u32),
+    #[error("token {0}: is not a join token")]
+    NotAJoinToken(String),
+    #[error(
+        "node {0:?} exists; to replace it, delete it first (skiff delete node {0}) or make a token for \
+         replacing it (skiff token create --replace {0})"
+    )]
+    NameTaken(String),
 }
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        // WAL + NORMAL: a commit survives a crash of the process; a power cut may lose the
-        // newest commits but never corrupts the store. The CLI re-applies on doubt.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // WAL + FULL: every commit is on disk before it is acknowledged, so a power cut
+        // loses no join (a node holding a certificate the hub forgot would be refused for
+        // good) and no apply the CLI was told succeeded. The hub writes rarely (changes,
+        // not heartbeats), so the fsync per commit costs little.
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let v: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(v) {
@@ -364,8 +501,19 @@ impl Store for SqliteStore {
 
     fn create_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
         self.conn()?.execute(
-            "INSERT INTO join_tokens (id, secret_sha256, created_ms, expires_ms, revoked) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![t.id, t.secret_sha256, t.created_ms as i64, t.expires_ms.map(|v| v as i64), t.revoked as i64],
+            "INSERT INTO join_tokens (id, secret_sha256, created_ms, expires_ms, revoked, role, max_uses, used, replace_node)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                t.id,
+                t.secret_sha256,
+                t.created_ms as i64,
+                t.expires_ms.map(|v| v as i64),
+                t.revoked as i64,
+                t.role.as_str(),
+                t.max_uses.map(i64::from),
+                i64::from(t.used),
+                t.replace
+            ],
         )?;
         Ok(())
     }
@@ -386,18 +534,95 @@ impl Store for SqliteStore {
         Ok(self.conn()?.execute("UPDATE join_tokens SET revoked = 1 WHERE id = ?1", [id])? > 0)
     }
 
-    fn put_node(&self, name: &str, cert_serial: &str, joined_ms: u64, info: &NodeSpec) -> Result<u64, StoreError> {
+    fn join_node(&self, j: &NodeJoin<'_>) -> Result<Result<Joined, JoinRefused>, StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let q = format!("SELECT {TOKEN_COLS} FROM join_tokens WHERE id = ?1");
+        let Some(t) = tx.query_row(&q, [j.token_id], token_row).optional()? else {
+            return Ok(Err(JoinRefused::UnknownToken(j.token_id.into())));
+        };
+        let refused = if t.role != TokenRole::Join {
+            Some(JoinRefused::NotAJoinToken(t.id.clone()))
+        } else if t.revoked {
+            Some(JoinRefused::TokenRevoked(t.id.clone()))
+        } else if t.expires_ms.is_some_and(|e| e <= j.now_ms) {
+            Some(JoinRefused::TokenExpired(t.id.clone()))
+        } else if t.max_uses.is_some_and(|m| t.used >= m) {
+            Some(JoinRefused::TokenUsedUp(t.id.clone(), t.used))
+        } else {
+            None
+        };
+        if let Some(r) = refused {
+            return Ok(Err(r));
+        }
+        let exists: bool =
+            tx.query_row("SELECT COUNT(*) FROM nodes WHERE name = ?1", [j.name], |r| r.get::<_, i64>(0))? > 0;
+        if exists && t.replace.as_deref() != Some(j.name) {
+            return Ok(Err(JoinRefused::NameTaken(j.name.into())));
+        }
+        if exists {
+            revoke_serials(&tx, j.name, j.now_ms)?;
+            tx.execute("DELETE FROM nodes WHERE name = ?1", [j.name])?;
+        }
+        tx.execute("UPDATE join_tokens SET used = used + 1 WHERE id = ?1", [j.token_id])?;
+        let rev = bump(&tx)?;
+        tx.execute(
+            "INSERT INTO nodes (name, revision, cert_serial, revoked, joined_ms, info, not_after_ms)
+             VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6)",
+            params![
+                j.name,
+                rev as i64,
+                j.serial,
+                j.now_ms as i64,
+                serde_json::to_string(j.info)?,
+                j.not_after_ms as i64
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Ok(Joined { replaced: exists }))
+    }
+
+    fn set_node_info(&self, name: &str, info: &NodeSpec) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
         let rev = bump(&tx)?;
         tx.execute(
-            "INSERT INTO nodes (name, revision, cert_serial, revoked, joined_ms, info) VALUES (?1, ?2, ?3, 0, ?4, ?5)
-             ON CONFLICT(name) DO UPDATE SET revision = excluded.revision, cert_serial = excluded.cert_serial,
-                 revoked = 0, joined_ms = excluded.joined_ms, info = excluded.info",
-            params![name, rev as i64, cert_serial, joined_ms as i64, serde_json::to_string(info)?],
+            "UPDATE nodes SET info = ?2, revision = ?3 WHERE name = ?1",
+            params![name, serde_json::to_string(info)?, rev as i64],
         )?;
         tx.commit()?;
-        Ok(rev)
+        Ok(())
+    }
+
+    fn renew_cert(&self, name: &str, serial: &str, not_after_ms: u64) -> Result<(), StoreError> {
+        self.conn()?.execute(
+            "UPDATE nodes SET next_serial = ?2, next_not_after_ms = ?3 WHERE name = ?1",
+            params![name, serial, not_after_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    fn promote_cert(&self, name: &str, serial: &str, now_ms: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO revoked_certs (serial, node, revoked_ms)
+             SELECT cert_serial, name, ?3 FROM nodes WHERE name = ?1 AND next_serial = ?2",
+            params![name, serial, now_ms as i64],
+        )?;
+        tx.execute(
+            "UPDATE nodes SET cert_serial = next_serial, not_after_ms = next_not_after_ms, next_serial = NULL,
+                 next_not_after_ms = NULL WHERE name = ?1 AND next_serial = ?2",
+            params![name, serial],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn is_revoked(&self, serial: &str) -> Result<bool, StoreError> {
+        let n: i64 =
+            self.conn()?.query_row("SELECT COUNT(*) FROM revoked_certs WHERE serial = ?1", [serial], |r| r.get(0))?;
+        Ok(n > 0)
     }
 
     fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
@@ -492,10 +717,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn revoke_node(&self, name: &str) -> Result<bool, StoreError> {
+    fn revoke_node(&self, name: &str, now_ms: u64) -> Result<bool, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
-        let n = tx.execute("UPDATE nodes SET revoked = 1 WHERE name = ?1", [name])?;
+        revoke_serials(&tx, name, now_ms)?;
+        let n = tx.execute("DELETE FROM nodes WHERE name = ?1", [name])?;
         if n > 0 {
             bump(&tx)?;
         }
@@ -587,22 +813,44 @@ mod tests {
             id: "abc".into(),
             secret_sha256: "h".into(),
             created_ms: 1,
-            expires_ms: Some(10),
+            expires_ms: Some(100),
             revoked: false,
+            role: TokenRole::Join,
+            max_uses: Some(2),
+            used: 0,
+            replace: Some("pi".into()),
         };
         s.create_token(&tok).unwrap();
         assert!(s.create_token(&tok).is_err(), "ids are unique");
         let info = NodeSpec { os: "linux".into(), arch: "arm64".into(), cpu_millis: 4000, ..Default::default() };
-        let r1 = s.put_node("pi", "01", 5, &info).unwrap();
-        let r2 = s.put_node("pi", "02", 6, &info).unwrap();
-        assert!(r2 > r1);
+        let join =
+            |name, serial, now_ms| NodeJoin { token_id: "abc", name, serial, not_after_ms: 50, info: &info, now_ms };
+        assert_eq!(s.join_node(&join("pi", "01", 5)).unwrap(), Ok(Joined { replaced: false }));
+        assert_eq!(s.join_node(&join("pi", "02", 6)).unwrap(), Ok(Joined { replaced: true }), "made to replace pi");
+        assert!(s.is_revoked("01").unwrap() && !s.is_revoked("02").unwrap());
+        assert_eq!(s.join_node(&join("pi", "03", 7)).unwrap(), Err(JoinRefused::TokenUsedUp("abc".into(), 2)));
         drop(s);
         let s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.token("abc").unwrap(), Some(tok));
+        assert_eq!(s.token("abc").unwrap(), Some(TokenRecord { used: 2, ..tok.clone() }));
+        let n = s.node("pi").unwrap().unwrap();
+        assert_eq!((n.cert_serial.as_str(), n.info.arch.as_str(), n.not_after_ms), ("02", "arm64", Some(50)));
+        // A renewed certificate counts once presented; the one before is then revoked.
+        s.renew_cert("pi", "04", 90).unwrap();
+        s.promote_cert("pi", "04", 8).unwrap();
+        let n = s.node("pi").unwrap().unwrap();
+        assert_eq!((n.cert_serial.as_str(), n.not_after_ms, n.next_serial), ("04", Some(90), None));
+        assert!(s.is_revoked("02").unwrap());
         assert!(s.revoke_token("abc").unwrap() && s.token("abc").unwrap().unwrap().revoked);
         assert!(!s.revoke_token("nope").unwrap());
-        let n = s.node("pi").unwrap().unwrap();
-        assert_eq!((n.cert_serial.as_str(), n.info.arch.as_str(), n.revoked), ("02", "arm64", false));
-        assert!(s.revoke_node("pi").unwrap() && s.nodes().unwrap()[0].revoked);
+        assert!(s.revoke_node("pi", 9).unwrap() && s.nodes().unwrap().is_empty());
+        assert!(s.is_revoked("04").unwrap(), "a deleted node's certificate stays revoked");
+        let other = TokenRecord { id: "def".into(), replace: None, max_uses: None, ..tok };
+        s.create_token(&other).unwrap();
+        let again = NodeJoin { token_id: "def", name: "pi", serial: "05", not_after_ms: 50, info: &info, now_ms: 10 };
+        assert_eq!(s.join_node(&again).unwrap(), Ok(Joined { replaced: false }), "a deleted node's name is free");
+        let taken = NodeJoin { serial: "06", ..again };
+        assert_eq!(s.join_node(&taken).unwrap(), Err(JoinRefused::NameTaken("pi".into())));
+        let late = NodeJoin { name: "pj", now_ms: 100, ..taken };
+        assert_eq!(s.join_node(&late).unwrap(), Err(JoinRefused::TokenExpired("def".into())));
     }
 }

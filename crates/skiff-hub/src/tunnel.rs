@@ -36,6 +36,9 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
     // A node whose link died silently stops answering: drop its tunnel (it will dial again).
     let mut last_rx = tokio::time::Instant::now();
     let send = |c: &Control| serde_json::to_string(c).ok();
+    // Control frames cost the hub work (a status is filtered and stored, a hello may write
+    // the store): a node gets a budget of them, and one that floods loses its tunnel.
+    let mut budget = FrameBudget::new(tokio::time::Instant::now());
     loop {
         let mut push = false;
         tokio::select! {
@@ -43,7 +46,16 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
                 Some(Ok(Message::Text(text))) => {
                     f.touch(&name);
                     last_rx = tokio::time::Instant::now();
-                    match serde_json::from_str::<Control>(text.as_str()) {
+                    let control = serde_json::from_str::<Control>(text.as_str());
+                    if control.is_ok() && !budget.take(tokio::time::Instant::now()) {
+                        if budget.dropped > FrameBudget::CLOSE_AFTER {
+                            let msg = format!("sent more than {} control frames a second; tunnel closed", FrameBudget::PER_SECOND);
+                            f.security.push(crate::fleet::now_ms(), &name, "FrameFlood", msg);
+                            break;
+                        }
+                        continue;
+                    }
+                    match control {
                         Ok(Control::Hello { revision, runtimes }) => {
                             if let Some(r) = runtimes {
                                 if let Err(e) = f.set_runtimes(&name, &r) {
@@ -52,6 +64,28 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
                             }
                             node_rev = Some(revision);
                             push = true;
+                            let stale = f.store_node(&name).is_some_and(|rec| f.should_renew(&rec, crate::fleet::now_ms()));
+                            if stale {
+                                if let Some(frame) = send(&Control::RenewNow) {
+                                    if socket.send(Message::Text(frame.into())).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        Ok(Control::Renew { csr }) => {
+                            let reply = match f.renew(&name, &csr) {
+                                Ok(cert) => Control::Renewed { cert },
+                                Err(e) => {
+                                    tracing::warn!(node = %name, error = ?e, "certificate renewal refused");
+                                    continue;
+                                }
+                            };
+                            if let Some(frame) = send(&reply) {
+                                if socket.send(Message::Text(frame.into())).await.is_err() {
+                                    break;
+                                }
+                            }
                         }
                         Ok(Control::Status { status }) => {
                             let ack = f.report(&name, status);
@@ -127,6 +161,38 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
     }
     f.close_tunnel(&name, t.serial);
     tracing::info!(node = %name, "tunnel closed");
+}
+
+/// A token bucket over a node's control frames.
+struct FrameBudget {
+    tokens: f64,
+    at: tokio::time::Instant,
+    dropped: u32,
+}
+
+impl FrameBudget {
+    const PER_SECOND: f64 = 20.0;
+    const BURST: f64 = 200.0;
+    /// Frames dropped over budget before the tunnel is closed.
+    const CLOSE_AFTER: u32 = 100;
+
+    fn new(now: tokio::time::Instant) -> Self {
+        FrameBudget { tokens: Self::BURST, at: now, dropped: 0 }
+    }
+
+    /// Whether a frame arriving `now` is within budget.
+    fn take(&mut self, now: tokio::time::Instant) -> bool {
+        let secs = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + secs * Self::PER_SECOND).min(Self::BURST);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        }
+    }
 }
 
 /// One node's open tunnel, as the hub holds it.
@@ -274,6 +340,17 @@ impl NodeLink for RemoteLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flooding_node_runs_out_of_budget() {
+        let t0 = tokio::time::Instant::now();
+        let mut b = FrameBudget::new(t0);
+        let taken = (0..1000).filter(|_| b.take(t0)).count();
+        assert_eq!(taken, 200, "the burst");
+        assert_eq!(b.dropped, 800);
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!((0..100).filter(|_| b.take(later)).count(), 20, "then 20 a second");
+    }
 
     #[tokio::test]
     async fn answers_reach_their_request_and_dropping_cancels() {

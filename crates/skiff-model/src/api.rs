@@ -52,4 +52,7 @@ pub struct EventRecord {
     pub object: String,
     pub reason: String,
     pub message: String,
+    /// The node that reported it (set by the hub, whatever the node sent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }

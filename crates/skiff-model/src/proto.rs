@@ -192,6 +192,14 @@ pub enum Control {
     Metrics { samples: Vec<crate::metrics::PackedSample>, through: u64 },
     /// Hub → agent: samples received up to this id.
     MetricsAck { through: u64 },
+    /// Agent → hub: a CSR for a key the node just made, to renew its certificate before
+    /// it expires (or when asked to).
+    Renew { csr: String },
+    /// Hub → agent: the renewed certificate. The current one stays accepted until the node
+    /// connects with this one.
+    Renewed { cert: String },
+    /// Hub → agent: renew now (the certificate is older than this hub allows).
+    RenewNow,
 }
 
 /// How often the hub pings a tunnel; a node that answers nothing for three of these is

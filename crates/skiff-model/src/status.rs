@@ -2,10 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceState {
     /// Desired, waiting for its image, a dependency or a restart delay.
+    #[default]
     Pending,
     Running,
     /// Exited and will be started again after the backoff delay.
@@ -47,7 +48,7 @@ impl std::fmt::Display for Health {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct InstanceStatus {
     pub name: String,
     pub deployment: String,

@@ -19,8 +19,13 @@ pub struct AgentArgs {
     /// The hub, e.g. https://hub.example:7443.
     #[arg(long)]
     pub hub: String,
-    /// Join token from `skiff token create` (needed for the first start only).
-    #[arg(long, env = "SKIFF_TOKEN")]
+    /// A file holding the join token from `skiff token create` (needed to join only).
+    /// Also read from $SKIFF_TOKEN.
+    #[arg(long)]
+    pub token_file: Option<std::path::PathBuf>,
+    /// The join token itself. Every local user can read it in /proc/PID/cmdline while
+    /// the agent runs: prefer --token-file or $SKIFF_TOKEN.
+    #[arg(long)]
     pub token: Option<String>,
     /// Node name (default: the host name).
     #[arg(long = "name", alias = "node-name")]
@@ -60,7 +65,8 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     acfg.metrics_every = Duration::from_secs(args.metrics_interval);
     let id = Identity::new(data);
     let spec = skiff_agent::join::node_spec(labels);
-    let node = skiff_agent::join::join(&id, &args.hub, args.token.as_deref(), &acfg.node_name, spec).await?;
+    let token = join_token(args)?;
+    let node = skiff_agent::join::join(&id, &args.hub, token.as_deref(), &acfg.node_name, spec).await?;
     acfg.node_name = node.clone();
     let agent = Agent::open(acfg)?;
     if let Some(addr) = &args.metrics_listen {
@@ -73,9 +79,10 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     let hub = args.hub.trim_end_matches('/').to_string();
     eprintln!("skiff: agent {node} joined to {hub}; running from {}", data.display());
 
-    let tls = Arc::new(id.tls()?);
+    id.tls()?;
     let every = Duration::from_secs(args.heartbeat);
-    let tunnel = tokio::spawn(skiff_agent::tunnel::run(Arc::clone(&agent), hub.clone(), node.clone(), tls, every));
+    let tunnel =
+        tokio::spawn(skiff_agent::tunnel::run(Arc::clone(&agent), hub.clone(), node.clone(), Arc::new(id), every));
     tokio::select! {
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}
@@ -86,4 +93,24 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     let _ = agent_task.await;
     eprintln!("skiff: agent stopped, workloads left running");
     Ok(0)
+}
+
+/// The join token: `--token-file`, then `$SKIFF_TOKEN`, then `--token` (with a warning:
+/// the command line is readable by every local user).
+fn join_token(args: &AgentArgs) -> Result<Option<String>> {
+    if let Some(p) = &args.token_file {
+        let t = std::fs::read_to_string(p).with_context(|| format!("--token-file {}", p.display()))?;
+        return Ok(Some(t.trim().to_string()));
+    }
+    if let Ok(t) = std::env::var("SKIFF_TOKEN") {
+        return Ok(Some(t.trim().to_string()));
+    }
+    if let Some(t) = &args.token {
+        eprintln!(
+            "warning: --token puts the join token on the command line, where every local user can read it \
+             (/proc/PID/cmdline); use --token-file FILE or $SKIFF_TOKEN"
+        );
+        return Ok(Some(t.clone()));
+    }
+    Ok(None)
 }

@@ -104,7 +104,8 @@ pub enum Cmd {
     Hub(crate::hub::HubArgs),
     /// Run this machine as a node of a hub (joins on first start with --token).
     Agent(crate::agent::AgentArgs),
-    /// Join tokens for nodes (`skiff agent --token`).
+    /// Tokens: join tokens for nodes (`skiff agent --token-file`), and API tokens with a
+    /// role (admin, read, metrics).
     #[command(subcommand)]
     Token(TokenCmd),
     /// Internal: the per-container shim (started by the agent).
@@ -119,15 +120,27 @@ pub enum Cmd {
 
 #[derive(Subcommand)]
 pub enum TokenCmd {
-    /// Make a join token (printed once; the hub keeps only its hash).
+    /// Make a token (printed once; the hub keeps only its hash).
     Create {
-        /// How long it can be used to join, e.g. 24h or 30m (default: until revoked).
+        /// How long it is valid, e.g. 24h or 30m (default: 24h for a join token; an API
+        /// token until revoked).
         #[arg(long, value_parser = parse_ttl)]
         ttl: Option<u64>,
+        /// How many nodes may join with it (default: any, until it expires).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        uses: Option<u32>,
+        /// The existing node a join with this token replaces (its old certificate is
+        /// revoked): a stolen or re-imaged device.
+        #[arg(long)]
+        replace: Option<String>,
+        /// join (a node), or an API token: admin (everything), read (every read, no
+        /// change), metrics (/metrics and /api/v1/metrics only).
+        #[arg(long, default_value = "join", value_parser = ["join", "admin", "read", "metrics"])]
+        role: String,
     },
-    /// List join tokens (without their secrets).
+    /// List tokens (without their secrets).
     Ls,
-    /// Stop a token from being used to join (nodes that joined with it stay).
+    /// Stop a token from being used (nodes that joined with it stay).
     Revoke { id: String },
 }
 
@@ -144,9 +157,15 @@ pub fn parse_selector(items: &[String]) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
-/// `--ttl`: a duration in seconds, from `90s`, `30m`, `24h`.
+/// A duration flag: `90s`, `30m`, `24h`, `90d`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    parse_ttl(s).map(std::time::Duration::from_secs)
+}
+
+/// `--ttl`: a duration in seconds, from `90s`, `30m`, `24h`, `90d`.
 fn parse_ttl(s: &str) -> Result<u64, String> {
-    match skiff_manifest::parse_duration_ms(s) {
+    let days = s.strip_suffix('d').and_then(|d| d.parse::<u64>().ok()).map(|d| d.saturating_mul(86_400_000));
+    match days.or_else(|| skiff_manifest::parse_duration_ms(s)) {
         Some(ms) if ms >= 1000 => Ok(ms / 1000),
         Some(_) => Err("must be at least 1s".into()),
         None => Err(format!("{s:?} is not a duration (examples: 30m, 24h)")),
@@ -617,17 +636,31 @@ async fn rollout(c: &Client, cmd: &RolloutCmd) -> Result<i32> {
 
 async fn token(c: &Client, cmd: &TokenCmd) -> Result<i32> {
     match cmd {
-        TokenCmd::Create { ttl } => {
-            let t: skiff_hub::fleet::CreatedToken =
-                c.post("/api/v1/tokens", &serde_json::json!({ "ttl_seconds": ttl })).await?;
+        TokenCmd::Create { ttl, uses, replace, role } => {
+            let body = serde_json::json!({ "ttl_seconds": ttl, "uses": uses, "replace": replace, "role": role });
+            let t: skiff_hub::tokens::CreatedToken = c.post("/api/v1/tokens", &body).await?;
             println!("{}", t.token);
-            eprintln!("token {} created; join a node with: skiff agent --hub URL --token <the line above>", t.id);
+            let until = t.expires_ms.map(|e| format!("until {}", output::time_of(e))).unwrap_or("until revoked".into());
+            if t.role == skiff_hub::store::TokenRole::Join {
+                eprintln!(
+                    "join token {} created, valid {until}; on the node, put the line above in a file and run: \
+                     skiff agent --hub URL --token-file FILE",
+                    t.id
+                );
+            } else {
+                eprintln!("{} token {} created, valid {until}; send it as `Authorization: Bearer <token>`", role, t.id);
+            }
         }
         TokenCmd::Ls => {
             let v: Vec<skiff_hub::store::TokenRecord> = c.get("/api/v1/tokens").await?;
-            output::print(&v, Format::Table, &["ID", "EXPIRES", "REVOKED"], |t| {
-                let exp = t.expires_ms.map(|e| format!("{}", e / 1000)).unwrap_or_else(|| "never".into());
-                vec![t.id.clone(), exp, t.revoked.to_string()]
+            output::print(&v, Format::Table, &["ID", "ROLE", "EXPIRES", "USES", "REPLACES", "REVOKED"], |t| {
+                let exp = t.expires_ms.map(output::time_of).unwrap_or_else(|| "never".into());
+                let uses = match t.max_uses {
+                    Some(m) => format!("{}/{m}", t.used),
+                    None => t.used.to_string(),
+                };
+                let replace = t.replace.clone().unwrap_or_else(|| "-".into());
+                vec![t.id.clone(), t.role.as_str().into(), exp, uses, replace, t.revoked.to_string()]
             })?;
         }
         TokenCmd::Revoke { id } => {

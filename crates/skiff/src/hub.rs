@@ -18,6 +18,10 @@ pub struct HubArgs {
     /// The first one goes into admin.conf. Loopback and this host's name are always in.
     #[arg(long = "advertise")]
     pub advertise: Vec<String>,
+    /// How long node certificates are valid (renewed over the tunnel with a third left),
+    /// e.g. 90d, 12h, 30m.
+    #[arg(long, default_value = "90d", value_parser = crate::cli::parse_duration)]
+    pub node_cert_ttl: Duration,
     #[command(flatten)]
     pub autoscale: crate::up::AutoscaleArgs,
     #[command(flatten)]
@@ -48,7 +52,8 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let fleet = Arc::new(
         skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store))
             .map_err(|e| anyhow::anyhow!("{e:?}"))?
-            .with_platform_lookup(lookup),
+            .with_platform_lookup(lookup)
+            .with_cert_ttl(args.node_cert_ttl),
     );
     let admin_token = crate::up::admin_token(data)?;
     let host = args.advertise.first().cloned().unwrap_or_else(|| "127.0.0.1".into());

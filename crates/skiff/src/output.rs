@@ -71,3 +71,10 @@ pub fn age(ms: Option<u64>) -> String {
         _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
     }
 }
+
+/// A moment as `2026-12-04T22:11:04Z`.
+pub fn time_of(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms / 1000 * 1000);
+    let s = skiff_runtime::time::rfc3339_nanos(t);
+    format!("{}Z", s.split('.').next().unwrap_or(&s))
+}

@@ -71,8 +71,11 @@ fn start_agent_in(
         "--subnet",
         &subnet,
     ];
+    let token_file = a.data().join("join-token");
+    let token_path = token_file.display().to_string();
     if let Some(t) = token {
-        args.extend(["--token", t]);
+        std::fs::write(&token_file, t)?;
+        args.extend(["--token-file", &token_path]);
     }
     if let Some(n) = name {
         args.extend(["--name", n]);
