@@ -154,7 +154,7 @@ impl Hub {
     /// Evaluates the alert rules against the fleet's newest samples and carries out the
     /// scale-outs that are due.
     pub fn evaluate_alerts(&self, now_ms: u64) -> Result<(), String> {
-        if self.alerts.rules.is_empty() {
+        if self.alerts.rules.is_empty() || !self.settled(now_ms) {
             return Ok(());
         }
         let text = metrics::render(&self.metrics(), metrics::MAX_INSTANCE_SERIES);

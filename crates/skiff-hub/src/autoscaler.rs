@@ -209,7 +209,7 @@ impl Hub {
     pub fn autoscale(&self, now_ms: u64) -> Result<Vec<(String, i32)>, String> {
         let deployments: Vec<Deployment> =
             self.store.list().map_err(|e| e.to_string())?.into_iter().map(|s| s.spec).collect();
-        if deployments.iter().all(|d| d.autoscale.is_none()) {
+        if deployments.iter().all(|d| d.autoscale.is_none()) || !self.settled(now_ms) {
             return Ok(vec![]);
         }
         let instances = self.instances();

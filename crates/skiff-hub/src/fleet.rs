@@ -344,6 +344,20 @@ impl Fleet {
         Ok(cert.pem)
     }
 
+    /// Whether the hub has heard how things stand: every node holding slots has reported
+    /// its instances since the hub started, or a heartbeat grace has passed (the nodes
+    /// still silent are then really away). Until then the controllers hold: after a
+    /// restart, an empty report would look like a wave with nothing left to do, a global
+    /// deployment with nothing to run, an autoscaler's target with no load.
+    pub fn settled(&self, now: u64) -> bool {
+        if now.saturating_sub(self.started_ms) > HEARTBEAT_GRACE_MS {
+            return true;
+        }
+        let Ok(slots) = self.store.slots() else { return false };
+        let Ok(reported) = self.statuses.lock() else { return false };
+        slots.iter().all(|s| reported.contains_key(&s.node))
+    }
+
     /// The node's record, if it is joined.
     pub fn store_node(&self, name: &str) -> Option<NodeRecord> {
         self.store.node(name).ok().flatten()

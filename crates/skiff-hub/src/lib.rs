@@ -173,6 +173,12 @@ impl Hub {
         Ok(resp)
     }
 
+    /// Whether the controllers may act: every node has reported since the hub started
+    /// (see [`fleet::Fleet::settled`]); always, for in-process nodes.
+    pub fn settled(&self, now_ms: u64) -> bool {
+        self.fleet.as_ref().is_none_or(|f| f.settled(now_ms))
+    }
+
     /// The node running `instance`: an in-process one, or a remote one (reached through
     /// its tunnel) that reported it with its last heartbeat.
     pub(crate) fn node_of(&self, instance: &str) -> Option<Arc<dyn NodeLink>> {

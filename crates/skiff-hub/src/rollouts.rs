@@ -190,6 +190,9 @@ impl Hub {
     /// Settles the deployments of `ds` whose newest revision is still in progress; the
     /// instances (from every node) are gathered only if there is one.
     pub(crate) fn settle_progressing(&self, ds: &[Deployment], now_ms: u64, act: bool) -> Result<(), String> {
+        if !self.settled(now_ms) {
+            return Ok(());
+        }
         let mut instances: Option<Vec<InstanceStatus>> = None;
         for d in ds {
             let h = self.store.history(&d.name).map_err(|e| e.to_string())?;
@@ -338,5 +341,55 @@ mod tests {
         let mut cont = new.clone();
         cont.update.failure_action = FailureAction::Continue;
         assert_eq!(status(&cont, None, &[sick]).state, RolloutState::Progressing);
+    }
+
+    /// A hub restarted in the middle of a rollout must not judge it before its nodes
+    /// have said what runs: a global deployment would count zero of zero as complete.
+    #[test]
+    fn a_restarted_hub_waits_for_its_nodes_before_judging_a_rollout() {
+        use crate::store::{SqliteStore, Store};
+        use std::sync::Arc;
+        let t = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
+        let ca = crate::pki::Ca::load_or_create(&t.path().join("pki")).unwrap();
+        let f = crate::fleet::Fleet::new(ca, Arc::clone(&store)).unwrap();
+        let tok =
+            crate::tokens::create(&*store, Some(&f.ca_sha256), &Default::default(), crate::fleet::now_ms()).unwrap();
+        let cred = skiff_model::proto::JoinToken::parse(&tok.token).unwrap().credential();
+        let (_key, csr) = crate::pki::tests::csr("n");
+        let spec = skiff_model::proto::NodeSpec { os: "linux".into(), arch: "amd64".into(), ..Default::default() };
+        f.join(&skiff_model::proto::JoinRequest { token: cred, node: "n".into(), csr, spec }).unwrap();
+        f.heartbeat("n", Default::default()).unwrap();
+        f.tick(true).unwrap();
+        let mut d = Deployment::new("agent", "img:1");
+        d.placement.mode = PlacementMode::Global;
+        store.apply(std::slice::from_ref(&d), None, false).unwrap();
+        f.reschedule().unwrap();
+        assert_eq!(f.assignment("n").unwrap().deployments.len(), 1);
+        // The hub restarts: a new fleet over the same store, no node heard from yet.
+        let f = Arc::new(
+            crate::fleet::Fleet::new(
+                crate::pki::Ca::load_or_create(&t.path().join("pki")).unwrap(),
+                Arc::clone(&store),
+            )
+            .unwrap(),
+        );
+        let hub = Hub {
+            store: Arc::clone(&store),
+            nodes: vec![],
+            admin_token: "t".into(),
+            fleet: Some(Arc::clone(&f)),
+            autoscaler: crate::autoscaler::Autoscaler::new(Default::default()),
+            rollouts: Default::default(),
+            alerts: Default::default(),
+        };
+        let now = crate::fleet::now_ms();
+        hub.roll(now).unwrap();
+        assert_eq!(store.history("agent").unwrap()[0].state, RolloutState::Progressing, "nothing judged yet");
+        let running =
+            InstanceStatus { node: "n".into(), pid: Some(7), ..inst("agent-1", &d, InstanceState::Running, None) };
+        f.heartbeat("n", skiff_model::proto::NodeStatus { instances: vec![running], ..Default::default() }).unwrap();
+        hub.roll(now).unwrap();
+        assert_eq!(store.history("agent").unwrap()[0].state, RolloutState::Complete, "judged once the node reported");
     }
 }
