@@ -1,6 +1,10 @@
 //! Published ports: a userspace proxy in the agent, listening on the host and forwarding
 //! to instances' bridge addresses (TCP streams and UDP datagrams), round robin over the
 //! instances that serve. No iptables needed.
+//!
+//! A published port faces whatever network the node is on: TCP connections are capped in
+//! total and per source address (over the cap a connection is closed at once), and one
+//! that moves no byte in either direction for [`TCP_IDLE`] is closed.
 
 use skiff_model::Protocol;
 use std::collections::HashMap;
@@ -57,11 +61,25 @@ impl Drop for ActiveGuard {
     }
 }
 
-#[derive(Default)]
 pub struct Proxies {
     forwards: HashMap<PortKey, Forward>,
     active: Active,
+    /// Open TCP connections over every published port.
+    conns: skiff_sys::connlimit::ConnCounter,
+    idle: Duration,
 }
+
+impl Default for Proxies {
+    fn default() -> Self {
+        Proxies::new(skiff_sys::connlimit::ConnLimits::within_fd_limit(MAX_TCP, MAX_TCP_PER_IP, 256))
+    }
+}
+
+/// TCP connections through published ports at once, in all and from one address.
+const MAX_TCP: usize = 8192;
+const MAX_TCP_PER_IP: usize = 1024;
+/// A proxied connection with no traffic for this long is closed.
+pub const TCP_IDLE: Duration = Duration::from_secs(3600);
 
 const MAX_UDP_PEERS: usize = 1024;
 const UDP_IDLE: Duration = Duration::from_secs(60);
@@ -70,6 +88,17 @@ const UDP_IDLE: Duration = Duration::from_secs(60);
 const WAIT_FOR_TARGET: Duration = Duration::from_secs(5);
 
 impl Proxies {
+    pub fn new(limits: skiff_sys::connlimit::ConnLimits) -> Self {
+        let conns = skiff_sys::connlimit::ConnCounter::new(limits);
+        Proxies { forwards: HashMap::new(), active: Active::default(), conns, idle: TCP_IDLE }
+    }
+
+    /// Closes proxied connections idle for `idle` instead of [`TCP_IDLE`].
+    pub fn with_idle(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
+    }
+
     /// Makes `key` forward to `targets` (round robin), binding now so that a port in use
     /// is reported. A listener already bound keeps its socket; only its targets change.
     pub async fn ensure(&mut self, key: PortKey, mut targets: Vec<SocketAddr>) -> std::io::Result<()> {
@@ -89,7 +118,7 @@ impl Proxies {
         let task = match key.protocol {
             Protocol::Tcp => {
                 let l = TcpListener::bind(key.bind).await?;
-                tokio::spawn(tcp_loop(l, Arc::clone(&shared), self.active.clone()))
+                tokio::spawn(tcp_loop(l, Arc::clone(&shared), self.active.clone(), self.conns.clone(), self.idle))
             }
             Protocol::Udp => {
                 let s = UdpSocket::bind(key.bind).await?;
@@ -145,31 +174,88 @@ async fn pick(targets: &Targets, n: usize) -> Vec<SocketAddr> {
     }
 }
 
-async fn tcp_loop(l: TcpListener, targets: Targets, active: Active) {
+async fn tcp_loop(
+    l: TcpListener,
+    targets: Targets,
+    active: Active,
+    conns: skiff_sys::connlimit::ConnCounter,
+    idle: Duration,
+) {
     let mut n = 0usize;
     loop {
-        let Ok((mut inbound, _)) = l.accept().await else {
+        let Ok((inbound, from)) = l.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = conns.try_enter(from.ip()) else {
+            drop(inbound);
             continue;
         };
         n = n.wrapping_add(1);
         let (targets, active) = (Arc::clone(&targets), active.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             // A target that refuses (just stopped, not listening yet) is skipped.
             for target in pick(&targets, n).await {
                 // Counted from before the connect, so a drain cannot miss one in flight.
                 let _guard = active.enter(target.ip());
-                let Ok(Ok(mut outbound)) =
-                    tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await
+                let Ok(Ok(outbound)) = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await
                 else {
                     continue;
                 };
                 let _ = inbound.set_nodelay(true);
                 let _ = outbound.set_nodelay(true);
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                relay(inbound, outbound, idle).await;
                 return;
             }
         });
+    }
+}
+
+/// Copies from `from` to `to` until EOF or an error, noting when bytes last moved (ms
+/// after `start`).
+async fn copy_half(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    start: tokio::time::Instant,
+    last: Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        last.store(start.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Copies both ways until both sides closed, or until nothing moved for `idle`.
+async fn relay(a: TcpStream, b: TcpStream, idle: Duration) {
+    let start = tokio::time::Instant::now();
+    let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    let both = async {
+        tokio::join!(copy_half(ar, bw, start, Arc::clone(&last)), copy_half(br, aw, start, Arc::clone(&last)))
+    };
+    let watch = async {
+        loop {
+            let due = start + Duration::from_millis(last.load(std::sync::atomic::Ordering::Relaxed)) + idle;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    };
+    tokio::select! {
+        _ = both => {}
+        _ = watch => {}
     }
 }
 
@@ -243,6 +329,68 @@ mod tests {
             }
         }
         panic!("no free port");
+    }
+
+    /// An echo server on loopback; returns its address.
+    async fn echo_tcp() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut b).await {
+                        if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Connects from `src` and says hello: whether the echo came back.
+    async fn hello(port: u16, src: [u8; 4]) -> (bool, Option<TcpStream>) {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::from((src, 0))).unwrap();
+        let Ok(mut s) = sock.connect(SocketAddr::from(([127, 0, 0, 1], port))).await else { return (false, None) };
+        if s.write_all(b"hi").await.is_err() {
+            return (false, None);
+        }
+        let mut b = [0u8; 2];
+        let ok = matches!(tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b)).await, Ok(Ok(_)));
+        (ok, Some(s))
+    }
+
+    /// A flood from one address gets its share of a published port; others still connect,
+    /// and a connection that goes quiet is closed.
+    #[tokio::test]
+    async fn a_flood_from_one_address_takes_only_its_share() {
+        let target = echo_tcp().await;
+        let limits = skiff_sys::connlimit::ConnLimits { total: 10, per_ip: 3 };
+        let mut p = Proxies::new(limits).with_idle(Duration::from_millis(500));
+        let port = publish(&mut p, Protocol::Tcp, vec![target]).await;
+        let mut held = vec![];
+        let mut served = 0;
+        for _ in 0..8 {
+            let (ok, s) = hello(port, [127, 0, 0, 2]).await;
+            served += ok as usize;
+            held.extend(s);
+        }
+        assert_eq!(served, 3, "three from 127.0.0.2, the rest closed at once");
+        assert!(hello(port, [127, 0, 0, 1]).await.0, "another address still gets in");
+        // The flood goes quiet: closed after the idle time, its slots free again.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let mut closed = 0;
+        for s in &mut held {
+            let mut b = [0u8; 1];
+            if matches!(tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_))) {
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, held.len(), "idle connections closed");
+        assert!(hello(port, [127, 0, 0, 2]).await.0);
     }
 
     #[tokio::test]

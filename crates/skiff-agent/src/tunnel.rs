@@ -16,7 +16,7 @@
 use crate::join::Identity;
 use crate::Agent;
 use futures_util::{SinkExt, StreamExt};
-use skiff_model::proto::{Answer, Control, NodeStatus, Op, Reply, Request, PING_EVERY};
+use skiff_model::proto::{Answer, Control, NodeStatus, Op, Reply, Request, CHUNK_BYTES, PING_EVERY, STREAM_WINDOW};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
@@ -105,7 +105,9 @@ where
         return;
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
-    let mut running: std::collections::HashMap<u64, tokio::task::JoinHandle<()>> = Default::default();
+    // Requests being answered, with the credit of each one's stream.
+    let mut running: std::collections::HashMap<u64, (tokio::task::JoinHandle<()>, Arc<tokio::sync::Semaphore>)> =
+        Default::default();
     let mut tick = tokio::time::interval(every.min(SILENCE / 4));
     // The instances last reported: status goes out only when it changed (or events wait).
     let mut reported: Option<String> = None;
@@ -157,13 +159,20 @@ where
                             let Ok(req) = serde_json::from_str::<Request>(t.as_str()) else { continue };
                             match req.op {
                                 Op::Cancel => {
-                                    if let Some(h) = running.remove(&req.id) {
+                                    if let Some((h, _)) = running.remove(&req.id) {
                                         h.abort();
                                     }
                                 }
+                                Op::Credit { frames } => {
+                                    if let Some((_, credit)) = running.get(&req.id) {
+                                        credit.add_permits((frames.min(STREAM_WINDOW)) as usize);
+                                    }
+                                }
                                 op => {
-                                    let h = tokio::spawn(answer(Arc::clone(agent), req.id, op, tx.clone()));
-                                    running.insert(req.id, h);
+                                    let credit = Arc::new(tokio::sync::Semaphore::new(STREAM_WINDOW as usize));
+                                    let out = Replies { id: req.id, tx: tx.clone(), credit: Arc::clone(&credit) };
+                                    let h = tokio::spawn(answer(Arc::clone(agent), op, out));
+                                    running.insert(req.id, (h, credit));
                                 }
                             }
                         }
@@ -237,52 +246,103 @@ where
                 reported = Some(now);
             }
         }
-        running.retain(|_, h| !h.is_finished());
+        running.retain(|_, (h, _)| !h.is_finished());
     }
-    for h in running.values() {
+    for (h, _) in running.values() {
         h.abort();
     }
 }
 
-/// Serves one request from the hub: its answers go back as frames on `tx`.
-async fn answer(agent: Arc<Agent>, id: u64, op: Op, tx: tokio::sync::mpsc::Sender<String>) {
-    let send = |answer: Answer| {
-        let tx = tx.clone();
-        async move {
-            match serde_json::to_string(&Reply { id, answer }) {
-                Ok(f) => tx.send(f).await.is_ok(),
-                Err(_) => false,
+/// Where one request's answers go: frames on the tunnel, within the stream's credit.
+struct Replies {
+    id: u64,
+    tx: tokio::sync::mpsc::Sender<String>,
+    credit: Arc<tokio::sync::Semaphore>,
+}
+
+impl Replies {
+    /// Sends one answer once the hub has granted room for it (the last one of a stream
+    /// needs none); false when the tunnel is gone.
+    async fn send(&self, answer: Answer) -> bool {
+        if !answer.is_last() {
+            match self.credit.acquire().await {
+                Ok(p) => p.forget(),
+                Err(_) => return false,
             }
         }
-    };
+        match serde_json::to_string(&Reply { id: self.id, answer }) {
+            Ok(f) => self.tx.send(f).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+/// `text` in pieces of at most `max` bytes, cut at character boundaries.
+fn chunks(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = rest.len().min(max);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let (head, tail) = rest.split_at(end);
+        rest = tail;
+        Some(head)
+    })
+}
+
+/// Serves one request from the hub: its answers go back as frames.
+async fn answer(agent: Arc<Agent>, op: Op, out: Replies) {
     match op {
         Op::Logs { instance, tail, follow } => match agent.log_stream(&instance, tail, follow) {
             Ok(mut lines) => {
                 while let Some(l) = lines.recv().await {
-                    if !send(Answer::Log(l)).await {
+                    if !out.send(Answer::Log(l)).await {
                         return;
                     }
                 }
-                send(Answer::End).await;
+                out.send(Answer::End).await;
             }
             Err(e) => {
-                send(Answer::Error(e.to_string())).await;
+                out.send(Answer::Error(e.to_string())).await;
             }
         },
         Op::Exec { instance, argv, timeout_ms } => {
-            let r = agent.exec_result(&instance, argv, Duration::from_millis(timeout_ms)).await;
-            send(match r {
-                Ok(r) => Answer::Exec(r),
-                Err(e) => Answer::Error(e.to_string()),
-            })
-            .await;
+            let r = match agent.exec_result(&instance, argv, Duration::from_millis(timeout_ms)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    out.send(Answer::Error(e.to_string())).await;
+                    return;
+                }
+            };
+            for (stream, text) in [("stdout", &r.stdout), ("stderr", &r.stderr)] {
+                for piece in chunks(text, CHUNK_BYTES) {
+                    if !out.send(Answer::Output { stream: stream.into(), data: piece.to_string() }).await {
+                        return;
+                    }
+                }
+            }
+            let end = skiff_model::proto::ExecResult { code: r.code, stdout: String::new(), stderr: String::new() };
+            out.send(Answer::Exec(end)).await;
         }
-        Op::Cancel => {}
+        Op::Cancel | Op::Credit { .. } => {}
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn output_is_cut_at_character_boundaries() {
+        let text = "aé".repeat(10);
+        let parts: Vec<&str> = super::chunks(&text, 4).collect();
+        assert_eq!(parts.concat(), text);
+        assert!(parts.iter().all(|p| p.len() <= 4 && !p.is_empty()));
+        assert_eq!(super::chunks("", 4).count(), 0);
+    }
+
     #[test]
     fn certificates_are_renewed_with_a_third_of_their_life_left() {
         let day = 86_400_000;

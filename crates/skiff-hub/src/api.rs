@@ -332,8 +332,15 @@ async fn logs(
         });
     }
     drop(tx);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|s| (Ok::<_, std::convert::Infallible>(s), rx))
+    // A followed log that stays quiet still sends an empty line every 30 s, so the
+    // connection is not closed as idle (readers skip empty lines).
+    let keepalive = if q.follow { Duration::from_secs(30) } else { Duration::MAX };
+    let stream = futures_util::stream::unfold(rx, move |mut rx| async move {
+        let next = match tokio::time::timeout(keepalive, rx.recv()).await {
+            Ok(line) => line?,
+            Err(_) => "\n".to_string(),
+        };
+        Some((Ok::<_, std::convert::Infallible>(next), rx))
     });
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
 }
@@ -583,19 +590,6 @@ async fn samples(
 async fn prometheus(State(hub): State<Shared>) -> Response {
     let text = crate::metrics::render(&hub.metrics(), crate::metrics::MAX_INSTANCE_SERIES);
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
-}
-
-/// Serves the API on `listener` until `shutdown` turns true.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    hub: Shared,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(hub))
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.changed().await;
-        })
-        .await
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod pki;
 pub mod rollouts;
 pub mod schedule;
+pub mod serve;
 pub mod store;
 pub mod tls;
 pub mod tokens;

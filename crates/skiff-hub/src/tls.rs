@@ -2,13 +2,8 @@
 //! layer — operators authenticate with a bearer token, nodes with the certificate the hub
 //! signed at join — and whoever presented one is handed to the router as [`Peer`].
 
-use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpListener;
-use tower::ServiceExt;
 
 /// The client certificate of a connection, as verified against the hub's CA.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -59,7 +54,7 @@ pub fn server_config(cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<rust
 }
 
 /// Name and serial of a verified client certificate.
-fn peer_of(conn: &rustls::ServerConnection) -> Peer {
+pub(crate) fn peer_of(conn: &rustls::ServerConnection) -> Peer {
     let Some(der) = conn.peer_certificates().and_then(|c| c.first()) else {
         return Peer::default();
     };
@@ -69,42 +64,5 @@ fn peer_of(conn: &rustls::ServerConnection) -> Peer {
             serial: Some(hex::encode(cert.raw_serial())),
         },
         Err(_) => Peer::default(),
-    }
-}
-
-/// Serves `router` on `listener` over TLS until the task is dropped; each request carries
-/// its connection's [`Peer`] as an extension.
-pub async fn serve(listener: TcpListener, router: Router, cfg: rustls::ServerConfig) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    loop {
-        let (tcp, addr): (_, SocketAddr) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let (acceptor, router) = (acceptor.clone(), router.clone());
-        tokio::spawn(async move {
-            let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await;
-            let tls = match handshake {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::debug!(%addr, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let peer = peer_of(tls.get_ref().1);
-            let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(peer.clone());
-                router.clone().oneshot(req.map(axum::body::Body::new))
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(tls), service).await {
-                tracing::debug!(%addr, error = %e, "connection ended");
-            }
-        });
     }
 }

@@ -13,7 +13,7 @@
 //! Liveness: the hub pings every 20 s; any frame or pong marks the node seen.
 
 use crate::{BoxFuture, NodeLink};
-use skiff_model::proto::{Answer, Control, ExecResult, Op, Reply, Request, PING_EVERY};
+use skiff_model::proto::{Answer, Control, ExecResult, Op, Reply, Request, PING_EVERY, STREAM_WINDOW};
 use skiff_model::{Deployment, EventRecord, InstanceStatus, LogLine};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -218,35 +218,28 @@ impl Tunnel {
         }
     }
 
-    /// Sends `op`; answers arrive on the returned channel until `End`, an error, or the
-    /// tunnel closing. Dropping the receiver cancels the request on the agent.
-    pub fn request(self: &Arc<Self>, op: Op) -> Result<mpsc::Receiver<Answer>, String> {
+    /// Sends `op`; its answers come from the returned [`Stream`] until `End`, a result,
+    /// an error, or the tunnel closing. Dropping the stream cancels the request on the
+    /// agent.
+    pub fn request(self: &Arc<Self>, op: Op) -> Result<Stream, String> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(256);
-        self.pending.lock().map_err(|_| "tunnel lock poisoned")?.insert(id, tx.clone());
+        // Room for the whole window: the agent never has more in flight, so a delivery
+        // never waits for the consumer.
+        let (tx, rx) = mpsc::channel(STREAM_WINDOW as usize + 1);
+        self.pending.lock().map_err(|_| "tunnel lock poisoned")?.insert(id, tx);
         let frame = serde_json::to_string(&Request { id, op }).map_err(|e| e.to_string())?;
         self.out.try_send(frame).map_err(|_| "the node's tunnel is busy or closed".to_string())?;
-        // When the caller drops its receiver, tell the agent to stop.
-        let me = Arc::clone(self);
-        tokio::spawn(async move {
-            tx.closed().await;
-            let was_pending = me.pending.lock().map(|mut p| p.remove(&id).is_some()).unwrap_or(false);
-            if was_pending {
-                if let Ok(f) = serde_json::to_string(&Request { id, op: Op::Cancel }) {
-                    let _ = me.out.send(f).await;
-                }
-            }
-        });
-        Ok(rx)
+        Ok(Stream { id, rx, tunnel: Arc::clone(self), taken: 0 })
     }
 
-    /// Routes one frame from the agent.
+    /// Routes one frame from the agent to its request's stream, without waiting: an agent
+    /// that sends beyond its window loses the stream.
     pub async fn deliver(&self, frame: &str) {
         let Ok(r) = serde_json::from_str::<Reply>(frame) else {
             tracing::debug!("tunnel: unreadable frame");
             return;
         };
-        let last = !matches!(r.answer, Answer::Log(_));
+        let last = r.answer.is_last();
         let tx = {
             let Ok(mut p) = self.pending.lock() else { return };
             if last {
@@ -255,11 +248,59 @@ impl Tunnel {
                 p.get(&r.id).cloned()
             }
         };
-        if let Some(tx) = tx {
-            let _ = tx.send(r.answer).await;
+        let Some(tx) = tx else { return };
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(r.answer) {
+            tracing::warn!(request = r.id, "tunnel: the node sent beyond its window; stream dropped");
+            self.cancel(r.id);
+        }
+    }
+
+    /// Forgets a request and tells the agent to stop it.
+    fn cancel(&self, id: u64) {
+        let was_pending = self.pending.lock().map(|mut p| p.remove(&id).is_some()).unwrap_or(false);
+        if was_pending {
+            if let Ok(f) = serde_json::to_string(&Request { id, op: Op::Cancel }) {
+                let _ = self.out.try_send(f);
+            }
         }
     }
 }
+
+/// The answers to one request, with the flow control that keeps it from stalling the
+/// tunnel: credit is granted as answers are taken.
+pub struct Stream {
+    id: u64,
+    rx: mpsc::Receiver<Answer>,
+    tunnel: Arc<Tunnel>,
+    /// Answers taken since credit was last granted.
+    taken: u32,
+}
+
+impl Stream {
+    /// The next answer (`None` once the stream ended or the tunnel closed).
+    pub async fn next(&mut self) -> Option<Answer> {
+        let a = self.rx.recv().await?;
+        self.taken += 1;
+        if self.taken >= STREAM_WINDOW / 2 && !a.is_last() {
+            let frames = std::mem::take(&mut self.taken);
+            if let Ok(f) = serde_json::to_string(&Request { id: self.id, op: Op::Credit { frames } }) {
+                // Waits for room in the outgoing queue: this stream's consumer is the one
+                // that waits, nobody else.
+                let _ = self.tunnel.out.send(f).await;
+            }
+        }
+        Some(a)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.tunnel.cancel(self.id);
+    }
+}
+
+/// The most exec output (each of stdout and stderr) the hub keeps for one answer.
+pub const MAX_EXEC_OUTPUT: usize = 64 << 20;
 
 /// A node reached through its tunnel: what the hub's views need from a remote node.
 pub struct RemoteLink {
@@ -300,7 +341,7 @@ impl NodeLink for RemoteLink {
         let mut answers = self.tunnel()?.request(Op::Logs { instance: instance.to_string(), tail, follow })?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
-            while let Some(a) = answers.recv().await {
+            while let Some(a) = answers.next().await {
                 match a {
                     Answer::Log(l) => {
                         if tx.send(l).await.is_err() {
@@ -323,11 +364,25 @@ impl NodeLink for RemoteLink {
         Box::pin(async move {
             let op = Op::Exec { instance, argv, timeout_ms: timeout.as_millis() as u64 };
             let mut answers = self.tunnel()?.request(op)?;
-            match tokio::time::timeout(timeout + Duration::from_secs(10), answers.recv()).await {
-                Ok(Some(Answer::Exec(r))) => Ok(r),
-                Ok(Some(Answer::Error(e))) => Err(e),
-                Ok(_) => Err(format!("node {:?} closed the tunnel before answering", self.name)),
-                Err(_) => Err(format!("node {:?} did not answer in time", self.name)),
+            let (mut stdout, mut stderr) = (String::new(), String::new());
+            let deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(10);
+            loop {
+                match tokio::time::timeout_at(deadline, answers.next()).await {
+                    Ok(Some(Answer::Output { stream, data })) => {
+                        let buf = if stream == "stderr" { &mut stderr } else { &mut stdout };
+                        if buf.len() + data.len() <= MAX_EXEC_OUTPUT {
+                            buf.push_str(&data);
+                        }
+                    }
+                    Ok(Some(Answer::Exec(r))) => {
+                        stdout.push_str(&r.stdout);
+                        stderr.push_str(&r.stderr);
+                        return Ok(ExecResult { code: r.code, stdout, stderr });
+                    }
+                    Ok(Some(Answer::Error(e))) => return Err(e),
+                    Ok(_) => return Err(format!("node {:?} closed the tunnel before answering", self.name)),
+                    Err(_) => return Err(format!("node {:?} did not answer in time", self.name)),
+                }
             }
         })
     }
@@ -352,6 +407,43 @@ mod tests {
         assert_eq!((0..100).filter(|_| b.take(later)).count(), 20, "then 20 a second");
     }
 
+    fn log(id: u64, text: &str) -> String {
+        let line = LogLine { time: "t".into(), stream: "stdout".into(), log: text.into() };
+        serde_json::to_string(&Reply { id, answer: Answer::Log(line) }).unwrap()
+    }
+
+    /// A `logs -f` reader that stops reading stalls nothing: deliveries never wait, an
+    /// agent that ignores its window loses that stream, and other requests go on.
+    #[tokio::test]
+    async fn a_stalled_reader_stalls_only_its_own_stream() {
+        let (out_tx, mut out_rx) = mpsc::channel(16);
+        let t = Arc::new(Tunnel::new(out_tx, 1));
+        let stalled = t.request(Op::Logs { instance: "a".into(), tail: None, follow: true }).unwrap();
+        let mut other = t.request(Op::Logs { instance: "b".into(), tail: None, follow: true }).unwrap();
+        let (a, b): (Request, Request) = (
+            serde_json::from_str(&out_rx.recv().await.unwrap()).unwrap(),
+            serde_json::from_str(&out_rx.recv().await.unwrap()).unwrap(),
+        );
+        let all = tokio::time::timeout(Duration::from_secs(5), async {
+            for i in 0..1000 {
+                t.deliver(&log(a.id, &format!("{i}"))).await;
+            }
+        });
+        assert!(all.await.is_ok(), "1000 frames for a reader that never reads: delivered without waiting");
+        let cancel: Request = serde_json::from_str(&out_rx.recv().await.unwrap()).unwrap();
+        assert_eq!(cancel, Request { id: a.id, op: Op::Cancel }, "beyond the window: the stream is dropped");
+        // The other stream flows, granting credit as its reader takes frames.
+        for i in 0..STREAM_WINDOW {
+            t.deliver(&log(b.id, &format!("{i}"))).await;
+        }
+        for _ in 0..STREAM_WINDOW {
+            assert!(matches!(other.next().await, Some(Answer::Log(_))));
+        }
+        let credit: Request = serde_json::from_str(&out_rx.recv().await.unwrap()).unwrap();
+        assert_eq!(credit, Request { id: b.id, op: Op::Credit { frames: STREAM_WINDOW / 2 } });
+        drop(stalled);
+    }
+
     #[tokio::test]
     async fn answers_reach_their_request_and_dropping_cancels() {
         let (out_tx, mut out_rx) = mpsc::channel(16);
@@ -366,7 +458,7 @@ mod tests {
             .unwrap(),
         )
         .await;
-        assert!(matches!(a.recv().await, Some(Answer::Log(l)) if l.log == "hi\n"));
+        assert!(matches!(a.next().await, Some(Answer::Log(l)) if l.log == "hi\n"));
         drop(a);
         let cancel: Request = serde_json::from_str(&out_rx.recv().await.unwrap()).unwrap();
         assert_eq!(cancel, Request { id: sent.id, op: Op::Cancel });

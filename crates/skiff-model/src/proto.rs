@@ -11,8 +11,14 @@
 //!   `assign`s when the node's assignment differs from what the node holds and `ack`s
 //!   events. After a reconnect only a changed assignment is sent — a restarted hub
 //!   sends nothing to nodes that are current.
-//! * Requests (hub → agent, `id` chosen by the hub, `op`: logs, exec, cancel) and
-//!   [`Reply`]s for that id: log lines then `end`, an exec result, or an error.
+//! * Requests (hub → agent, `id` chosen by the hub, `op`: logs, exec, cancel, credit)
+//!   and [`Reply`]s for that id: log lines then `end`; exec output in chunks then its
+//!   result; or an error.
+//!
+//! Flow control: a request's stream may have at most [`STREAM_WINDOW`] frames in flight;
+//! the hub grants more (`credit`) as its consumer takes them. A slow `logs -f` reader or
+//! a large exec output therefore stalls only its own stream, never the node's control
+//! frames, and no frame exceeds [`CHUNK_BYTES`] of payload.
 
 use crate::{Deployment, EventRecord, InstanceStatus, LogLine};
 use serde::{Deserialize, Serialize};
@@ -144,10 +150,29 @@ pub struct ExecResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Op {
-    Logs { instance: String, tail: Option<usize>, follow: bool },
-    Exec { instance: String, argv: Vec<String>, timeout_ms: u64 },
+    Logs {
+        instance: String,
+        tail: Option<usize>,
+        follow: bool,
+    },
+    Exec {
+        instance: String,
+        argv: Vec<String>,
+        timeout_ms: u64,
+    },
     Cancel,
+    /// The hub's consumer took `frames` more frames of this request's stream.
+    Credit {
+        frames: u32,
+    },
 }
+
+/// Frames of one request's stream the agent may send before the hub grants more.
+pub const STREAM_WINDOW: u32 = 64;
+
+/// The most output one exec frame carries (JSON escaping may grow it up to six times:
+/// still well under the tunnel's 1 MiB message limit).
+pub const CHUNK_BYTES: usize = 128 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Request {
@@ -161,8 +186,22 @@ pub struct Request {
 pub enum Answer {
     Log(LogLine),
     End,
+    /// A piece of an exec's output (`stdout` or `stderr`), before its result.
+    Output {
+        stream: String,
+        data: String,
+    },
+    /// An exec's end: its exit code (output sent before in `output` chunks, or here by
+    /// agents that predate chunks).
     Exec(ExecResult),
     Error(String),
+}
+
+impl Answer {
+    /// Whether more answers follow this one.
+    pub fn is_last(&self) -> bool {
+        !matches!(self, Answer::Log(_) | Answer::Output { .. })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,6 +7,7 @@
 //! here knows about images, containers, the hub or the agent.
 #![forbid(unsafe_code)]
 
+pub mod connlimit;
 pub mod crash;
 pub mod durable;
 pub mod inroot;

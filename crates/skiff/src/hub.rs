@@ -23,9 +23,30 @@ pub struct HubArgs {
     #[arg(long, default_value = "90d", value_parser = crate::cli::parse_duration)]
     pub node_cert_ttl: Duration,
     #[command(flatten)]
+    pub conns: ConnArgs,
+    #[command(flatten)]
     pub autoscale: crate::up::AutoscaleArgs,
     #[command(flatten)]
     pub alerts: crate::up::AlertArgs,
+}
+
+/// Limits on the API's connections (a flood from one address cannot lock the operator out).
+#[derive(Args, Clone)]
+pub struct ConnArgs {
+    /// The most connections open at once (agents' tunnels included); never more than the
+    /// process's file limit allows.
+    #[arg(long, default_value_t = 16_384)]
+    pub max_connections: usize,
+    /// The most connections open at once from one address (a site behind one NAT counts
+    /// as one address).
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections_per_ip: usize,
+}
+
+impl ConnArgs {
+    pub fn serve_config(&self, tls: Option<rustls::ServerConfig>) -> skiff_hub::serve::ServeConfig {
+        skiff_hub::serve::ServeConfig::new(tls, self.max_connections, self.max_connections_per_ip)
+    }
 }
 
 pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
@@ -34,19 +55,13 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let data = &cli.data;
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    skiff_sys::connlimit::raise_fd_limit();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data.join("hub.db"))?);
     let ca = skiff_hub::pki::Ca::load_or_create(&data.join("pki"))?;
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let mut names = args.advertise.clone();
-    names.extend(["127.0.0.1".to_string(), "::1".to_string(), "localhost".to_string(), skiff_agent::hostname()]);
-    if !addr.ip().is_unspecified() {
-        names.push(addr.ip().to_string());
-    }
-    names.dedup();
-    let (cert, key) = ca.server_cert(&names)?;
-    let tls = skiff_hub::tls::server_config(&cert, &key, ca.pem()).map_err(anyhow::Error::msg)?;
+    let tls = server_tls(&ca, addr, &args.advertise)?;
     let ca_pem = ca.pem().to_string();
     let lookup = platform_lookup(cli)?;
     let fleet = Arc::new(
@@ -95,7 +110,10 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
             tracing::warn!("{w}");
         }
     });
-    let server_task = tokio::spawn(skiff_hub::tls::serve(listener, skiff_hub::api::router(Arc::clone(&hub)), tls));
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serving = args.conns.serve_config(Some(tls));
+    let server_task =
+        tokio::spawn(skiff_hub::serve::serve(listener, skiff_hub::api::router(Arc::clone(&hub)), serving, stop_rx));
     eprintln!("skiff: hub on {server} (listening on {addr}), config in {}", conf_path.display());
     tokio::select! {
         _ = sigint.recv() => {}
@@ -106,6 +124,23 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     server_task.abort();
     eprintln!("skiff: hub stopped");
     Ok(0)
+}
+
+/// The hub's TLS: a server certificate from its CA naming `advertise`, loopback, this
+/// host's name and the address it listens on.
+pub fn server_tls(
+    ca: &skiff_hub::pki::Ca,
+    addr: std::net::SocketAddr,
+    advertise: &[String],
+) -> Result<rustls::ServerConfig> {
+    let mut names = advertise.to_vec();
+    names.extend(["127.0.0.1".to_string(), "::1".to_string(), "localhost".to_string(), skiff_agent::hostname()]);
+    if !addr.ip().is_unspecified() {
+        names.push(addr.ip().to_string());
+    }
+    names.dedup();
+    let (cert, key) = ca.server_cert(&names)?;
+    skiff_hub::tls::server_config(&cert, &key, ca.pem()).map_err(anyhow::Error::msg)
 }
 
 /// The hub reads an image's platforms from its registry (mirrors and CA as a pull would

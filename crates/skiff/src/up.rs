@@ -23,7 +23,9 @@ pub struct UpArgs {
     /// in the current directory, if any).
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
-    /// Address of the local API.
+    /// Address of the local API. On loopback it is plain HTTP; on any other address it is
+    /// served over TLS from a CA made in the data directory (admin.conf pins it), since the
+    /// admin token must never cross a network in clear.
     #[arg(long, default_value = "127.0.0.1:7080")]
     pub listen: String,
     #[arg(long)]
@@ -43,6 +45,8 @@ pub struct UpArgs {
     /// Seconds between resource samples (`skiff top`, `/metrics`, the autoscaler).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub metrics_interval: u64,
+    #[command(flatten)]
+    pub conns: crate::hub::ConnArgs,
     #[command(flatten)]
     pub autoscale: AutoscaleArgs,
     #[command(flatten)]
@@ -199,6 +203,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let data = &cli.data;
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    skiff_sys::connlimit::raise_fd_limit();
     let mut acfg = AgentConfig::new(data);
     acfg.bridge_name = args.bridge.clone();
     acfg.subnet = args.subnet.clone();
@@ -229,10 +234,18 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    crate::config::write(
-        &conf_path,
-        &ClientConfig { server: format!("http://{addr}"), token: admin_token.clone(), ca: None },
-    )?;
+    let (tls, conf) = if addr.ip().is_loopback() {
+        (None, ClientConfig { server: format!("http://{addr}"), token: admin_token.clone(), ca: None })
+    } else {
+        let ca = skiff_hub::pki::Ca::load_or_create(&data.join("pki"))?;
+        let tls = crate::hub::server_tls(&ca, addr, &[])?;
+        let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        let server = format!("https://{host}:{}", addr.port());
+        (Some(tls), ClientConfig { server, token: admin_token.clone(), ca: Some(ca.pem().to_string()) })
+    };
+    let url = conf.server.clone();
+    crate::config::write(&conf_path, &conf)?;
     let hub = Arc::new(Hub {
         store,
         nodes: vec![Arc::new(crate::link::LocalAgent { agent: Arc::clone(&agent) })],
@@ -246,9 +259,11 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx.clone()));
-    let server = tokio::spawn(skiff_hub::api::serve(listener, Arc::clone(&hub), stop_rx.clone()));
+    let router = skiff_hub::api::router(Arc::clone(&hub));
+    let serving = args.conns.serve_config(tls);
+    let server = tokio::spawn(skiff_hub::serve::serve(listener, router, serving, stop_rx.clone()));
     let controllers = control_loop(Arc::clone(&hub), args.autoscale.interval, args.alerts.alert_interval);
-    eprintln!("skiff: hub API on http://{addr}, config in {}", conf_path.display());
+    eprintln!("skiff: hub API on {url}, config in {}", conf_path.display());
 
     let stack = import.as_ref().map(|i| i.project.clone());
     let mut names: Vec<String> = vec![];
