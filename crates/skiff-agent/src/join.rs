@@ -145,12 +145,18 @@ pub fn validity(cert_pem: &str) -> Result<(u64, u64), JoinError> {
 
 /// A key made here and a CSR for it naming `node` (the hub names the node anyway).
 pub fn node_csr(node: &str) -> Result<(String, String), JoinError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| JoinError::Pki(e.to_string()))?.serialize_pem();
+    let csr = csr_for(&key, node)?;
+    Ok((key, csr))
+}
+
+/// A CSR naming `node` for the key in `key_pem`.
+fn csr_for(key_pem: &str, node: &str) -> Result<String, JoinError> {
     let pki = |e: rcgen::Error| JoinError::Pki(e.to_string());
-    let key = rcgen::KeyPair::generate().map_err(pki)?;
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(pki)?;
     let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(pki)?;
     p.distinguished_name.push(rcgen::DnType::CommonName, node);
-    let csr = p.serialize_request(&key).map_err(pki)?;
-    Ok((key.serialize_pem(), csr.pem().map_err(pki)?))
+    p.serialize_request(&key).map_err(pki)?.pem().map_err(pki)
 }
 
 /// The sha256 (hex) of the first certificate of a PEM text, as a join token names a CA.
@@ -212,7 +218,19 @@ pub async fn join(
     if got != token.ca_sha256 {
         return Err(JoinError::WrongCa { hub: base.to_string(), got, want: token.ca_sha256 });
     }
-    let (key, csr) = node_csr(name)?;
+    // The key is kept before it is used: a join whose answer is lost (a crash, a cut
+    // link) is asked again with the same key, which the hub recognises as this node.
+    std::fs::create_dir_all(&id.dir).map_err(|e| JoinError::File { path: id.dir.clone(), message: e.to_string() })?;
+    let key = match std::fs::read_to_string(id.path("node.key")) {
+        Ok(k) => k,
+        Err(_) => {
+            let key = rcgen::KeyPair::generate().map_err(|e| JoinError::Pki(e.to_string()))?.serialize_pem();
+            id.write("node.key", &key)?;
+            key
+        }
+    };
+    skiff_sys::crash::point("agent.join.key-written");
+    let csr = csr_for(&key, name)?;
     let client = pinned(&ca_pem)?;
     let req = JoinRequest { token: token.credential(), node: name.to_string(), csr, spec };
     let resp = client.post(format!("{base}/api/v1/join")).json(&req).send().await.map_err(unreachable)?;
@@ -223,11 +241,11 @@ pub async fn join(
         return Err(JoinError::Refused(format!("{msg} ({status})")));
     }
     let resp: JoinResponse = serde_json::from_str(&text).map_err(|e| JoinError::Refused(e.to_string()))?;
-    std::fs::create_dir_all(&id.dir).map_err(|e| JoinError::File { path: id.dir.clone(), message: e.to_string() })?;
+    skiff_sys::crash::point("agent.join.answered");
     // The record of the join last: a crash before it leaves a node that joins again.
-    id.write("node.key", &key)?;
     id.write("node.pem", &resp.cert)?;
     id.write("ca.pem", &resp.ca)?;
+    skiff_sys::crash::point("agent.join.cert-written");
     let j = serde_json::to_vec_pretty(&Joined { hub: hub.to_string(), node: name.to_string() })
         .map_err(|e| JoinError::Pki(e.to_string()))?;
     skiff_sys::durable::write(&joined, &j, 0o600)

@@ -11,6 +11,7 @@ pub mod join;
 pub mod logs;
 pub mod metrics;
 pub mod proxy;
+pub mod rebuild;
 pub mod state;
 pub mod supervise;
 pub mod tls;
@@ -171,7 +172,25 @@ impl Agent {
     pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
         let data = &cfg.data_dir;
         std::fs::create_dir_all(data).map_err(|e| AgentError::Other(format!("creating {}: {e}", data.display())))?;
-        let state = State::open(&data.join("agent.db"))?;
+        let (mut state, moved) = State::open_or_recover(&data.join("agent.db"), now_ms())?;
+        let images = Arc::new(ImageStore::open(data.join("images"))?);
+        let runtimes = Runtimes {
+            oci: Arc::new(OciRuntime::new(data.join("instances"), data.join("runc"), &cfg.skiff_bin, "/skiff")?),
+            wasm: Arc::new(WasmRuntime::new(data.join("wasm/instances"), data.join("wasm/cache"), &cfg.skiff_bin)?),
+        };
+        let rebuilt = match &moved {
+            Some(_) => {
+                let dirs: Vec<PathBuf> = RuntimeKind::ALL
+                    .iter()
+                    .flat_map(|k| {
+                        let rt = runtimes.of(*k);
+                        rt.known().into_iter().filter_map(move |id| rt.log_path(&id).parent().map(Path::to_path_buf))
+                    })
+                    .collect();
+                Some(rebuild::rebuild(&mut state, rebuild::read_records(dirs))?)
+            }
+            None => None,
+        };
         let node_id = match state.meta("node_id")? {
             Some(id) => id,
             None => {
@@ -180,13 +199,8 @@ impl Agent {
                 id
             }
         };
-        let images = Arc::new(ImageStore::open(data.join("images"))?);
-        let runtimes = Runtimes {
-            oci: Arc::new(OciRuntime::new(data.join("instances"), data.join("runc"), &cfg.skiff_bin, "/skiff")?),
-            wasm: Arc::new(WasmRuntime::new(data.join("wasm/instances"), data.join("wasm/cache"), &cfg.skiff_bin)?),
-        };
         let bridge = Bridge { name: cfg.bridge_name.clone(), subnet: Subnet::parse(&cfg.subnet)? };
-        Ok(Arc::new(Agent {
+        let agent = Arc::new(Agent {
             cfg,
             node_id,
             state: Mutex::new(state),
@@ -203,7 +217,18 @@ impl Agent {
             serving: Default::default(),
             answered: Default::default(),
             update_failed: Default::default(),
-        }))
+        });
+        if let (Some(aside), Some(r)) = (moved, rebuilt) {
+            let msg = format!(
+                "agent.db was unreadable and is kept as {}; rebuilt from the node: {} instance(s) of {} deployment(s) \
+                 adopted, desired state from them until the hub sends the node's assignment",
+                aside.display(),
+                r.instances,
+                r.deployments
+            );
+            agent.event(&agent.cfg.node_name, "StateRebuilt", &msg);
+        }
+        Ok(agent)
     }
 
     pub fn node_name(&self) -> &str {
@@ -807,6 +832,7 @@ impl Agent {
                 r.name = to.clone();
                 r.retiring = true;
                 self.db(|s| s.rename_instance(&r, &name))?;
+                self.rewrite_record(&r);
                 let msg = format!("kept as {to} until its replacement ({}) is ready", d.image);
                 self.event(&name, "Retiring", &msg);
             }
@@ -816,6 +842,7 @@ impl Agent {
                 r.retiring = false;
                 r.retire_at_ms = None;
                 self.db(|s| s.rename_instance(&r, &name))?;
+                self.rewrite_record(&r);
                 self.event(&to, "RolledBack", &format!("{name} takes its place again"));
                 if r.state == InstanceState::Running {
                     self.start_health(&r);
@@ -846,6 +873,16 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Updates an instance's record in its directory after a rename (see `rebuild`).
+    fn rewrite_record(&self, r: &InstanceRow) {
+        let rt = self.runtimes.of(r.spec.runtime);
+        if let Some(dir) = rt.log_path(&r.container_id).parent().filter(|d| d.exists()) {
+            if let Err(e) = rebuild::write_record(dir, r) {
+                warn!(instance = %r.name, error = %e, "updating the instance's record");
+            }
+        }
     }
 
     /// Stops and removes `r` in the background (once), first taking it off the ports
@@ -1124,7 +1161,13 @@ impl Agent {
             volumes,
             wasm,
         };
-        Ok(rt.create(&req)?)
+        rt.create(&req)?;
+        // What a rebuild of agent.db finds this instance by (see `rebuild`).
+        if let Some(dir) = rt.log_path(&r.container_id).parent() {
+            let rec = InstanceRow { ip: ip.map(|i| i.to_string()), ..r.clone() };
+            rebuild::write_record(dir, &rec).map_err(AgentError::Other)?;
+        }
+        Ok(())
     }
 
     /// Checks, before a wasm deployment is stored, that its image holds a program this node
@@ -1155,8 +1198,11 @@ impl Agent {
                 VolumeSource::Named { name } => self.cfg.data_dir.join("volumes").join(name).join("_data"),
             };
             if !src.exists() {
-                // As `docker run -v` does, a missing source becomes an empty directory.
+                // As `docker run -v` does, a missing source becomes an empty directory
+                // (0755, as Docker makes it, whatever the agent's umask).
+                use std::os::unix::fs::PermissionsExt;
                 std::fs::create_dir_all(&src)
+                    .and_then(|_| std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o755)))
                     .map_err(|e| AgentError::Other(format!("volume source {}: {e}", src.display())))?;
             }
             out.push((src, v.target.clone(), v.read_only));
@@ -1348,7 +1394,7 @@ impl Agent {
 }
 
 /// The slot an instance fills: `web-2` and, while it retires, `web-2-<tag>`.
-fn slot_of(r: &InstanceRow) -> Option<u32> {
+pub(crate) fn slot_of(r: &InstanceRow) -> Option<u32> {
     let rest = r.name.strip_prefix(&r.deployment)?.strip_prefix('-')?;
     rest.split('-').next()?.parse().ok()
 }

@@ -18,6 +18,19 @@ pub enum StateError {
     Json(#[from] serde_json::Error),
     #[error("no free address left in {0}")]
     NoAddress(String),
+    #[error("state database is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Whether `e` says the database file itself is damaged (not, say, a full disk).
+fn is_corruption(e: &StateError) -> bool {
+    match e {
+        StateError::Corrupt(_) | StateError::Json(_) => true,
+        StateError::Sql(rusqlite::Error::SqliteFailure(f, _)) => {
+            matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+        }
+        _ => false,
+    }
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -72,6 +85,48 @@ pub struct State {
 }
 
 impl State {
+    /// Opens `agent.db`; one that is not a database, or fails SQLite's integrity check
+    /// (a power cut on a card that lies about flushes, a bad block), is moved aside as
+    /// `agent.db.corrupt-<ms>` (with its WAL) and a new one is made. Returns where the
+    /// old one went, if it was moved: the agent then rebuilds from the node.
+    pub fn open_or_recover(path: &Path, now_ms: u64) -> Result<(Self, Option<std::path::PathBuf>), StateError> {
+        let why = match State::open(path) {
+            Ok(s) => match s.check() {
+                Ok(()) => return Ok((s, None)),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        if !is_corruption(&why) {
+            return Err(why);
+        }
+        let aside = path.with_file_name(format!(
+            "{}.corrupt-{now_ms}",
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ));
+        for suffix in ["", "-wal", "-shm"] {
+            let from = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+            if from.exists() {
+                let to = std::path::PathBuf::from(format!("{}{suffix}", aside.display()));
+                std::fs::rename(&from, &to)
+                    .map_err(|e| StateError::Corrupt(format!("moving {} aside: {e}", from.display())))?;
+            }
+        }
+        tracing::error!(path = %path.display(), aside = %aside.display(), error = %why, "agent.db is corrupt; moved aside");
+        Ok((State::open(path)?, Some(aside)))
+    }
+
+    /// SQLite's quick integrity check, and that the records parse.
+    fn check(&self) -> Result<(), StateError> {
+        let verdict: String = self.conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if verdict != "ok" {
+            return Err(StateError::Corrupt(verdict));
+        }
+        self.instances()?;
+        self.desired_slots()?;
+        Ok(())
+    }
+
     pub fn open(path: &Path) -> Result<Self, StateError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -205,6 +260,13 @@ impl State {
         )?;
         tx.execute("UPDATE leases SET instance = ?1 WHERE instance = ?2", [&row.name, old])?;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Records that `instance` holds `ip` (rebuilding leases from the instances).
+    pub fn set_lease(&self, instance: &str, ip: &str) -> Result<(), StateError> {
+        self.conn
+            .execute("INSERT INTO leases (ip, instance) VALUES (?1, ?2) ON CONFLICT(ip) DO NOTHING", [ip, instance])?;
         Ok(())
     }
 

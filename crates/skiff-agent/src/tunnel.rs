@@ -130,8 +130,13 @@ where
                             let all: Vec<_> =
                                 assignment.deployments.into_iter().map(|x| (x.spec, Some(x.indexes))).collect();
                             if let Err(e) = agent.set_desired_slots(&all, assignment.revision) {
-                                tracing::error!("storing the assignment: {e}");
+                                // Not stored, not acted on: drop the connection, so the
+                                // hub (seeing the old revision in the next hello) sends it
+                                // again, instead of believing it delivered.
+                                tracing::error!("storing the assignment failed, reconnecting to get it again: {e}");
+                                break;
                             }
+                            skiff_sys::crash::point("agent.assignment.stored");
                         }
                         Ok(Control::Ack { events_through }) => {
                             if let Err(e) = agent.events_shipped(events_through) {

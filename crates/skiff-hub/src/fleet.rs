@@ -293,6 +293,7 @@ impl Fleet {
             token_id: &rec.id,
             name: &req.node,
             serial: &cert.serial,
+            key_sha256: &cert.key_sha256,
             not_after_ms: cert.not_after_ms,
             info: &req.spec,
             now_ms: now,

@@ -141,9 +141,15 @@ impl Ca {
         let not_after_ms = now_ms.saturating_add(ttl.as_millis() as u64);
         csr.params.not_before = datetime(now_ms.saturating_sub(back.as_millis() as u64))?;
         csr.params.not_after = datetime(not_after_ms)?;
+        let key_sha256 = sha256_hex(rcgen::PublicKeyData::der_bytes(&csr.public_key));
         let cert = csr.signed_by(&self.signer, &self.key)?;
         // X.509 times have whole seconds.
-        Ok(NodeCert { pem: cert.pem(), serial: hex::encode(serial), not_after_ms: not_after_ms / 1000 * 1000 })
+        Ok(NodeCert {
+            pem: cert.pem(),
+            serial: hex::encode(serial),
+            not_after_ms: not_after_ms / 1000 * 1000,
+            key_sha256,
+        })
     }
 }
 
@@ -154,6 +160,8 @@ pub struct NodeCert {
     /// Hex, as the TLS layer reports it for the connection.
     pub serial: String,
     pub not_after_ms: u64,
+    /// The sha256 of the certified public key.
+    pub key_sha256: String,
 }
 
 fn datetime(ms: u64) -> Result<time::OffsetDateTime, PkiError> {

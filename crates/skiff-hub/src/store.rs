@@ -163,6 +163,7 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE nodes ADD COLUMN not_after_ms INTEGER;
      ALTER TABLE nodes ADD COLUMN next_serial TEXT;
      ALTER TABLE nodes ADD COLUMN next_not_after_ms INTEGER;
+     ALTER TABLE nodes ADD COLUMN key_sha256 TEXT;
      CREATE TABLE revoked_certs (serial TEXT PRIMARY KEY, node TEXT NOT NULL, revoked_ms INTEGER NOT NULL);
      INSERT OR IGNORE INTO revoked_certs SELECT cert_serial, name, 0 FROM nodes WHERE revoked = 1;
      DELETE FROM nodes WHERE revoked = 1;",
@@ -340,6 +341,9 @@ pub struct NodeJoin<'a> {
     pub token_id: &'a str,
     pub name: &'a str,
     pub serial: &'a str,
+    /// The sha256 of the node's public key: a join of an existing name with the same key
+    /// is that node asking again (its answer was lost), not a takeover.
+    pub key_sha256: &'a str,
     pub not_after_ms: u64,
     pub info: &'a NodeSpec,
     pub now_ms: u64,
@@ -350,6 +354,8 @@ pub struct NodeJoin<'a> {
 pub struct Joined {
     /// The node existed and this join replaced it (its old certificates are revoked).
     pub replaced: bool,
+    /// The node joined before with the same key: a retry (no use of the token counted).
+    pub retry: bool,
 }
 
 /// Why a join was refused.
@@ -541,45 +547,49 @@ impl Store for SqliteStore {
         let Some(t) = tx.query_row(&q, [j.token_id], token_row).optional()? else {
             return Ok(Err(JoinRefused::UnknownToken(j.token_id.into())));
         };
+        let key: Option<Option<String>> =
+            tx.query_row("SELECT key_sha256 FROM nodes WHERE name = ?1", [j.name], |r| r.get(0)).optional()?;
+        let exists = key.is_some();
+        let retry = key.flatten().as_deref() == Some(j.key_sha256);
         let refused = if t.role != TokenRole::Join {
             Some(JoinRefused::NotAJoinToken(t.id.clone()))
         } else if t.revoked {
             Some(JoinRefused::TokenRevoked(t.id.clone()))
         } else if t.expires_ms.is_some_and(|e| e <= j.now_ms) {
             Some(JoinRefused::TokenExpired(t.id.clone()))
-        } else if t.max_uses.is_some_and(|m| t.used >= m) {
+        } else if !retry && t.max_uses.is_some_and(|m| t.used >= m) {
             Some(JoinRefused::TokenUsedUp(t.id.clone(), t.used))
+        } else if exists && !retry && t.replace.as_deref() != Some(j.name) {
+            Some(JoinRefused::NameTaken(j.name.into()))
         } else {
             None
         };
         if let Some(r) = refused {
             return Ok(Err(r));
         }
-        let exists: bool =
-            tx.query_row("SELECT COUNT(*) FROM nodes WHERE name = ?1", [j.name], |r| r.get::<_, i64>(0))? > 0;
-        if exists && t.replace.as_deref() != Some(j.name) {
-            return Ok(Err(JoinRefused::NameTaken(j.name.into())));
-        }
         if exists {
             revoke_serials(&tx, j.name, j.now_ms)?;
             tx.execute("DELETE FROM nodes WHERE name = ?1", [j.name])?;
         }
-        tx.execute("UPDATE join_tokens SET used = used + 1 WHERE id = ?1", [j.token_id])?;
+        if !retry {
+            tx.execute("UPDATE join_tokens SET used = used + 1 WHERE id = ?1", [j.token_id])?;
+        }
         let rev = bump(&tx)?;
         tx.execute(
-            "INSERT INTO nodes (name, revision, cert_serial, revoked, joined_ms, info, not_after_ms)
-             VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6)",
+            "INSERT INTO nodes (name, revision, cert_serial, revoked, joined_ms, info, not_after_ms, key_sha256)
+             VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7)",
             params![
                 j.name,
                 rev as i64,
                 j.serial,
                 j.now_ms as i64,
                 serde_json::to_string(j.info)?,
-                j.not_after_ms as i64
+                j.not_after_ms as i64,
+                j.key_sha256
             ],
         )?;
         tx.commit()?;
-        Ok(Ok(Joined { replaced: exists }))
+        Ok(Ok(Joined { replaced: exists && !retry, retry }))
     }
 
     fn set_node_info(&self, name: &str, info: &NodeSpec) -> Result<(), StoreError> {
@@ -823,10 +833,22 @@ mod tests {
         s.create_token(&tok).unwrap();
         assert!(s.create_token(&tok).is_err(), "ids are unique");
         let info = NodeSpec { os: "linux".into(), arch: "arm64".into(), cpu_millis: 4000, ..Default::default() };
-        let join =
-            |name, serial, now_ms| NodeJoin { token_id: "abc", name, serial, not_after_ms: 50, info: &info, now_ms };
-        assert_eq!(s.join_node(&join("pi", "01", 5)).unwrap(), Ok(Joined { replaced: false }));
-        assert_eq!(s.join_node(&join("pi", "02", 6)).unwrap(), Ok(Joined { replaced: true }), "made to replace pi");
+        let join = |name, serial, now_ms| NodeJoin {
+            token_id: "abc",
+            name,
+            serial,
+            key_sha256: serial,
+            not_after_ms: 50,
+            info: &info,
+            now_ms,
+        };
+        let fresh = Joined { replaced: false, retry: false };
+        assert_eq!(s.join_node(&join("pi", "01", 5)).unwrap(), Ok(fresh.clone()));
+        assert_eq!(
+            s.join_node(&join("pi", "02", 6)).unwrap(),
+            Ok(Joined { replaced: true, retry: false }),
+            "made to replace pi"
+        );
         assert!(s.is_revoked("01").unwrap() && !s.is_revoked("02").unwrap());
         assert_eq!(s.join_node(&join("pi", "03", 7)).unwrap(), Err(JoinRefused::TokenUsedUp("abc".into(), 2)));
         drop(s);
@@ -846,10 +868,25 @@ mod tests {
         assert!(s.is_revoked("04").unwrap(), "a deleted node's certificate stays revoked");
         let other = TokenRecord { id: "def".into(), replace: None, max_uses: None, ..tok };
         s.create_token(&other).unwrap();
-        let again = NodeJoin { token_id: "def", name: "pi", serial: "05", not_after_ms: 50, info: &info, now_ms: 10 };
-        assert_eq!(s.join_node(&again).unwrap(), Ok(Joined { replaced: false }), "a deleted node's name is free");
-        let taken = NodeJoin { serial: "06", ..again };
+        let again = NodeJoin {
+            token_id: "def",
+            name: "pi",
+            serial: "05",
+            key_sha256: "k5",
+            not_after_ms: 50,
+            info: &info,
+            now_ms: 10,
+        };
+        assert_eq!(s.join_node(&again).unwrap(), Ok(fresh), "a deleted node's name is free");
+        let taken = NodeJoin { serial: "06", key_sha256: "k6", ..again };
         assert_eq!(s.join_node(&taken).unwrap(), Err(JoinRefused::NameTaken("pi".into())));
+        let retried = NodeJoin { serial: "07", key_sha256: "k5", ..again };
+        assert_eq!(
+            s.join_node(&retried).unwrap(),
+            Ok(Joined { replaced: false, retry: true }),
+            "the same key again: its answer was lost"
+        );
+        assert!(s.is_revoked("05").unwrap(), "the certificate it never received is revoked");
         let late = NodeJoin { name: "pj", now_ms: 100, ..taken };
         assert_eq!(s.join_node(&late).unwrap(), Err(JoinRefused::TokenExpired("def".into())));
     }

@@ -958,7 +958,13 @@ fn commit(
         return Err(ImageError::DigestMismatch { digest: digest.to_string(), actual });
     }
     let dst = store.blob_path(digest)?;
-    std::fs::rename(partial, &dst).ctx("rename", &dst)
+    // Synced before it is named by its digest: a blob in `blobs/` after a power cut is a
+    // whole one.
+    std::fs::File::open(partial).and_then(|f| f.sync_all()).ctx("sync", partial)?;
+    skiff_sys::crash::point("image.blob.synced");
+    crate::store::durable_rename(partial, &dst)?;
+    skiff_sys::crash::point("image.blob.stored");
+    Ok(())
 }
 
 #[cfg(test)]

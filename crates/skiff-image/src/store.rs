@@ -240,7 +240,7 @@ impl ImageStore {
             let mut f = fs::File::create(&tmp).ctx("create", &tmp)?;
             f.write_all(bytes).ctx("write", &tmp)?;
             f.sync_all().ctx("sync", &tmp)?;
-            fs::rename(&tmp, &dst).ctx("rename", &dst)?;
+            durable_rename(&tmp, &dst)?;
         }
         Ok(digest)
     }
@@ -265,7 +265,7 @@ impl ImageStore {
             }
         }
         let dst = self.blob_path(&digest)?;
-        fs::rename(&tmp, &dst).ctx("rename", &dst)?;
+        durable_rename(&tmp, &dst)?;
         Ok(digest)
     }
 
@@ -339,11 +339,21 @@ impl ImageStore {
         }
     }
 
-    /// Renames a verified unpack directory to `layers/<diff_id>`.
+    /// Renames a verified unpack directory to `layers/<diff_id>`, once everything in it is
+    /// on disk: a layer directory that exists after a power cut is a whole one.
     pub(crate) fn place_layer(&self, layer: &LayerRef, tmp: &Path) -> Result<PathBuf, ImageError> {
         let dst = self.layer_dir(&layer.diff_id)?;
+        if let Err(e) = skiff_sys::durable::sync_filesystem(tmp) {
+            let _ = fs::remove_dir_all(tmp);
+            return Err(ImageError::Io { op: "sync", path: tmp.to_path_buf(), source: e.source });
+        }
+        skiff_sys::crash::point("image.layer.synced");
         match fs::rename(tmp, &dst) {
-            Ok(()) => Ok(dst),
+            Ok(()) => {
+                let _ = skiff_sys::durable::sync_parent(&dst);
+                skiff_sys::crash::point("image.layer.placed");
+                Ok(dst)
+            }
             // Unpacked meanwhile by someone else (the same layer twice in one pull).
             Err(_) if dst.exists() => {
                 let _ = fs::remove_dir_all(tmp);
@@ -376,7 +386,12 @@ impl ImageStore {
         let bytes = serde_json::to_vec_pretty(refs)
             .map_err(|e| ImageError::Malformed { what: "refs".into(), problem: e.to_string() })?;
         fs::write(&tmp, bytes).ctx("write", &tmp)?;
-        fs::rename(&tmp, self.refs_path()).ctx("rename", self.refs_path())
+        let f = fs::File::open(&tmp).ctx("open", &tmp)?;
+        f.sync_all().ctx("sync", &tmp)?;
+        skiff_sys::crash::point("image.refs.synced");
+        durable_rename(&tmp, &self.refs_path())?;
+        skiff_sys::crash::point("image.refs.renamed");
+        Ok(())
     }
 
     /// Points `reference` at a stored manifest or index.
@@ -701,4 +716,9 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// Renames a synced temporary into the store and flushes the directory holding it.
+pub(crate) fn durable_rename(tmp: &Path, dst: &Path) -> Result<(), ImageError> {
+    skiff_sys::durable::rename(tmp, dst).map_err(|e| ImageError::Io { op: "rename", path: e.path, source: e.source })
 }

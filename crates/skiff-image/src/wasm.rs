@@ -122,7 +122,12 @@ impl ImageStore {
         for l in info.layers.iter().rev() {
             let dir = self.layer_dir(&l.diff_id)?;
             let p = dir.join(rel);
-            // Checked without following links: a layer's symlink is no module.
+            // Checked without following links, on the way as well: a layer's symlink is no
+            // module, and a directory that is a link (`app -> /etc`) must not lead the
+            // host to its own files.
+            if through_link(&dir, rel) {
+                break;
+            }
             match std::fs::symlink_metadata(&p) {
                 Ok(m) if m.is_file() => {
                     let id = Sha256::digest(format!("{}\0{}", l.diff_id, rel.display()));
@@ -199,6 +204,21 @@ pub fn reference_for(file: &Path, digest: &str) -> String {
 /// [`reference_for`] the file's own digest.
 pub fn file_reference(file: &Path) -> Result<String, ImageError> {
     Ok(reference_for(file, &file_digest(file)?))
+}
+
+/// Whether a directory on the way from `dir` to `rel` is a symlink (or not a directory).
+fn through_link(dir: &Path, rel: &Path) -> bool {
+    let mut at = dir.to_path_buf();
+    let parents: Vec<_> = rel.components().collect();
+    for c in &parents[..parents.len().saturating_sub(1)] {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return true,
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 #[cfg(test)]

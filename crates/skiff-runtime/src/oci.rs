@@ -31,6 +31,12 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Ru
     move |source| RuntimeError::Io { op, path: path.to_path_buf(), source }
 }
 
+/// Sets a file's permission bits.
+pub(crate) fn set_mode(p: &Path, mode: u32) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(io("chmod", p))
+}
+
 /// Whether `path` is a mount point, from /proc/self/mountinfo.
 pub fn is_mounted(path: &Path) -> bool {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
@@ -81,6 +87,9 @@ impl OciRuntime {
         for d in ["rootfs", "upper", "work"] {
             fs::create_dir_all(dir.join(d)).map_err(io("create", &dir.join(d)))?;
         }
+        // The container's `/` takes the upper directory's mode: 0755 as an image's root,
+        // whatever the agent's restrictive umask made.
+        set_mode(&dir.join("upper"), 0o755)?;
         if is_mounted(&rootfs) {
             return Ok(rootfs);
         }
@@ -125,6 +134,8 @@ impl Runtime for OciRuntime {
             for (name, body, dst) in files {
                 let p = dir.join(name);
                 fs::write(&p, body).map_err(io("write", &p))?;
+                // Readable by the container's users, as the image's own /etc files are.
+                set_mode(&p, 0o644)?;
                 etc_files.push((p, dst));
             }
             let spec = spec::generate(&SpecInput {
@@ -136,6 +147,7 @@ impl Runtime for OciRuntime {
                 etc_files,
                 volumes: req.volumes.clone(),
                 cgroups_path: self.cgroups_path(&req.id),
+                cgroupns: self.cgroups.version == crate::cgroup::CgroupVersion::V2,
             })?;
             let p = dir.join("config.json");
             fs::write(&p, serde_json::to_vec_pretty(&spec).unwrap_or_default()).map_err(io("write", &p))?;

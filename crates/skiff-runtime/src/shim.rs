@@ -156,9 +156,9 @@ pub fn recorded_exit(bundle: &Path) -> Option<ExitStatus> {
 
 /// Writes `exit.json` atomically: from then on the instance counts as ended.
 pub(crate) fn write_exit(bundle: &Path, exit: &ExitStatus) {
-    let tmp = bundle.join(".exit.json.tmp");
+    // Durably: after a power cut the exit is still known (or the instance counts as lost).
     let bytes = serde_json::to_vec(exit).unwrap_or_default();
-    if std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, bundle.join(EXIT_FILE))).is_err() {
+    if skiff_sys::durable::write(&bundle.join(EXIT_FILE), &bytes, 0o600).is_err() {
         diag(bundle, "could not write exit.json");
     }
     diag(bundle, &format!("exited: code {} signal {:?} oom {}", exit.code, exit.signal, exit.oom_killed));

@@ -84,19 +84,46 @@ const ALL_CAPS: &[&str] = &[
     "CAP_WAKE_ALARM",
 ];
 
+/// Docker's masked paths (moby's `defaultLinuxMaskedPaths`): `/proc/interrupts` and the
+/// thermal throttle counters leak what other tenants do (GHSA-6fw5-f8r9-fgfm), powercap
+/// their energy use (GHSA-jq35-85cj-fj4p).
 pub const MASKED_PATHS: &[&str] = &[
-    "/proc/asound",
     "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
     "/proc/kcore",
     "/proc/keys",
     "/proc/latency_stats",
-    "/proc/timer_list",
-    "/proc/timer_stats",
     "/proc/sched_debug",
     "/proc/scsi",
-    "/sys/firmware",
+    "/proc/timer_list",
+    "/proc/timer_stats",
     "/sys/devices/virtual/powercap",
+    "/sys/firmware",
 ];
+
+/// [`MASKED_PATHS`] and each CPU's `thermal_throttle` directory this machine has.
+pub fn masked_paths() -> Vec<String> {
+    let mut v: Vec<String> = MASKED_PATHS.iter().map(|s| s.to_string()).collect();
+    let mut cpus: Vec<String> = std::fs::read_dir("/sys/devices/system/cpu")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| {
+                    n.strip_prefix("cpu").is_some_and(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_digit()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    cpus.sort_by_key(|n| n[3..].parse::<u32>().unwrap_or(0));
+    for cpu in cpus {
+        let p = format!("/sys/devices/system/cpu/{cpu}/thermal_throttle");
+        if std::path::Path::new(&p).exists() {
+            v.push(p);
+        }
+    }
+    v
+}
 pub const READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
 
 /// Everything about one instance that the spec needs besides the deployment.
@@ -114,6 +141,9 @@ pub struct SpecInput<'a> {
     /// (host path, container path, read only) for every volume, already resolved.
     pub volumes: Vec<(PathBuf, String, bool)>,
     pub cgroups_path: String,
+    /// A cgroup namespace of its own (as Docker gives on cgroup v2 hosts), so the
+    /// container sees its own cgroup as the root of the hierarchy.
+    pub cgroupns: bool,
 }
 
 /// The capability set after `cap_add` / `cap_drop`, Docker's rules: drop `ALL` first,
@@ -178,8 +208,21 @@ pub fn layer_env(m: &mut BTreeMap<String, String>, d: &Deployment, img: &ImageCo
     }
 }
 
-fn lookup(file: &Path, name: &str) -> Option<(u32, Option<u32>)> {
-    let text = std::fs::read_to_string(file).ok()?;
+/// The most of an image's /etc/passwd or /etc/group that is read.
+const MAX_ACCOUNT_FILE: u64 = 4 << 20;
+
+/// An account database of the image (`etc/passwd`, `etc/group`), read inside the rootfs:
+/// a symlink in the image never leads to the host's files, a FIFO or device is refused,
+/// and it is capped. Absent: empty.
+fn account_file(rootfs: &Path, file: &str) -> Result<String, String> {
+    match skiff_sys::inroot::read(rootfs, file, MAX_ACCOUNT_FILE) {
+        Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+        Err(e) if e.is_not_found() => Ok(String::new()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn lookup(text: &str, name: &str) -> Option<(u32, Option<u32>)> {
     text.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
         if f.len() >= 3 && f[0] == name {
@@ -201,20 +244,21 @@ pub fn resolve_user(spec: Option<&str>, rootfs: &Path) -> Result<(u32, u32), Spe
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
+    let passwd = account_file(rootfs, "/etc/passwd").map_err(|e| err(&e))?;
     let (uid, primary) = match u.parse::<u32>() {
-        Ok(n) => (n, lookup(&rootfs.join("etc/passwd"), u).and_then(|(_, g)| g)),
+        Ok(n) => (n, lookup(&passwd, u).and_then(|(_, g)| g)),
         Err(_) => {
-            let (uid, gid) =
-                lookup(&rootfs.join("etc/passwd"), u).ok_or_else(|| err("no such user in the image's /etc/passwd"))?;
+            let (uid, gid) = lookup(&passwd, u).ok_or_else(|| err("no such user in the image's /etc/passwd"))?;
             (uid, gid)
         }
     };
     let gid = match g {
         Some(g) => match g.parse::<u32>() {
             Ok(n) => n,
-            Err(_) => lookup(&rootfs.join("etc/group"), g)
-                .map(|(id, _)| id)
-                .ok_or_else(|| err("no such group in the image's /etc/group"))?,
+            Err(_) => {
+                let group = account_file(rootfs, "/etc/group").map_err(|e| err(&e))?;
+                lookup(&group, g).map(|(id, _)| id).ok_or_else(|| err("no such group in the image's /etc/group"))?
+            }
         },
         None => primary.unwrap_or(0),
     };
@@ -256,6 +300,9 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
 
     let mut namespaces =
         vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"})];
+    if input.cgroupns {
+        namespaces.push(json!({"type": "cgroup"}));
+    }
     match (d.network, &input.netns) {
         (NetworkMode::Host, _) => {}
         (_, Some(p)) => namespaces.push(json!({"type": "network", "path": p})),
@@ -321,9 +368,9 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
             "cgroupsPath": input.cgroups_path,
             "resources": resources,
             "devices": devices,
-            "maskedPaths": MASKED_PATHS,
+            "maskedPaths": masked_paths(),
             "readonlyPaths": READONLY_PATHS,
-            "seccomp": crate::seccomp::profile(),
+            "seccomp": crate::seccomp::profile(&caps),
         },
     });
     // Type-check against the OCI runtime spec schema before handing it to runc.
@@ -361,6 +408,7 @@ mod tests {
             etc_files: vec![],
             volumes: vec![("/data/v".into(), "/v".into(), true)],
             cgroups_path: "/skiff/x".into(),
+            cgroupns: false,
         }
     }
 
@@ -400,8 +448,14 @@ mod tests {
         let caps: Vec<String> = serde_json::from_value(s["process"]["capabilities"]["bounding"].clone()).unwrap();
         assert!(caps.contains(&"CAP_SYS_TIME".to_string()) && !caps.contains(&"CAP_NET_RAW".to_string()));
         assert!(!caps.contains(&"CAP_SYS_ADMIN".to_string()));
-        assert!(s["linux"]["maskedPaths"].as_array().unwrap().contains(&json!("/proc/kcore")));
+        let masked = s["linux"]["maskedPaths"].as_array().unwrap();
+        assert!(masked.contains(&json!("/proc/kcore")) && masked.contains(&json!("/proc/interrupts")));
         assert_eq!(s["linux"]["namespaces"].as_array().unwrap().len(), 5);
+        let v2 = generate(&SpecInput { cgroupns: true, ..input(&d, &img, t.path()) }).unwrap();
+        assert!(
+            v2["linux"]["namespaces"].as_array().unwrap().contains(&json!({"type": "cgroup"})),
+            "cgroup v2: own cgroupns"
+        );
         let vol = s["mounts"].as_array().unwrap().iter().find(|m| m["destination"] == "/v").unwrap();
         assert!(vol["options"].as_array().unwrap().contains(&json!("ro")));
     }
@@ -435,5 +489,28 @@ mod tests {
         assert_eq!(resolve_user(Some("1000:staff"), t.path()).unwrap(), (1000, 50));
         assert_eq!(resolve_user(Some("5:6"), t.path()).unwrap(), (5, 6));
         assert!(resolve_user(Some("ghost"), t.path()).is_err());
+    }
+
+    /// A hostile image: /etc/passwd a link to the host's /dev/zero (the agent would read
+    /// forever) or to a host file; /etc/group a FIFO (a start would hang).
+    #[test]
+    fn an_images_account_files_are_read_inside_it_without_blocking() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("etc")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", t.path().join("etc/passwd")).unwrap();
+        let e = resolve_user(Some("root"), t.path()).unwrap_err().to_string();
+        assert!(e.contains("no such user"), "the rootfs has no /dev/zero: {e}");
+        std::fs::remove_file(t.path().join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", t.path().join("etc/passwd")).unwrap();
+        assert!(resolve_user(Some("root"), t.path()).is_err(), "not the host's root");
+        std::fs::remove_file(t.path().join("etc/passwd")).unwrap();
+        std::fs::write(t.path().join("etc/passwd"), "app:x:1000:1000::/:/bin/sh\n").unwrap();
+        nix::unistd::mkfifo(&t.path().join("etc/group"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let e = resolve_user(Some("app:staff"), t.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::write(t.path().join("etc/big"), vec![b'x'; (MAX_ACCOUNT_FILE + 1) as usize]).unwrap();
+        std::fs::remove_file(t.path().join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink("big", t.path().join("etc/passwd")).unwrap();
+        assert!(resolve_user(Some("app"), t.path()).unwrap_err().to_string().contains("larger than"));
     }
 }

@@ -31,6 +31,10 @@ pub enum Compiled {
     Component(Component),
 }
 
+/// Artifacts younger than this are kept even if nothing runs them: an embedded apply
+/// compiles a program before the deployment naming it is stored.
+pub const MIN_AGE: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub struct Cache {
     dir: PathBuf,
 }
@@ -155,6 +159,8 @@ impl Cache {
 
     /// Removes artifacts of other engines, and of modules `keep` says no longer exist.
     /// Returns the bytes freed.
+    /// Removes artifacts of other engines, and those `keep` rejects unless compiled in the
+    /// last [`MIN_AGE`]; returns the bytes freed.
     pub fn prune(&self, engine_id: &str, keep: impl Fn(&str) -> bool) -> u64 {
         let mut freed = 0;
         let Ok(rd) = fs::read_dir(&self.dir) else { return 0 };
@@ -164,7 +170,11 @@ impl Cache {
                 continue;
             };
             let Some((module_id, engine)) = stem.rsplit_once('-') else { continue };
-            if engine != engine_id || !keep(module_id) {
+            // A program compiled in the last minutes may be one being checked for a
+            // deployment not stored yet (as image GC's minimum age).
+            let young =
+                e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() < MIN_AGE);
+            if engine != engine_id || (!keep(module_id) && !young) {
                 freed += e.metadata().map(|m| m.len()).unwrap_or(0);
                 let _ = fs::remove_file(e.path());
             }

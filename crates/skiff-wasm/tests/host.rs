@@ -150,6 +150,12 @@ fn the_second_start_loads_the_compiled_artifact_and_a_damaged_one_is_recompiled(
     assert!(cache.artifact_path(&s.module_id, &engine_id).exists());
     assert!(skiff_wasm::prepare(&s).unwrap().cached);
     cache.prune(&engine_id, |_| false);
+    assert!(skiff_wasm::prepare(&s).unwrap().cached, "just compiled: kept (it may be for an apply in flight)");
+    let old = std::time::SystemTime::now() - skiff_wasm::cache::MIN_AGE * 2;
+    for e in std::fs::read_dir(&s.cache_dir).unwrap().flatten() {
+        std::fs::File::options().write(true).open(e.path()).unwrap().set_modified(old).unwrap();
+    }
+    cache.prune(&engine_id, |_| false);
     assert!(!skiff_wasm::prepare(&s).unwrap().cached);
 }
 

@@ -53,7 +53,7 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let data = &cli.data;
-    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    crate::secure_data_dir(data)?;
     skiff_sys::connlimit::raise_fd_limit();
     let labels = crate::cli::parse_selector(&args.labels).context("--label")?;
     let mut acfg = AgentConfig::new(data);

@@ -54,7 +54,7 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let data = &cli.data;
-    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    crate::secure_data_dir(data)?;
     skiff_sys::connlimit::raise_fd_limit();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data.join("hub.db"))?);
     let ca = skiff_hub::pki::Ca::load_or_create(&data.join("pki"))?;

@@ -12,6 +12,16 @@ mod output;
 mod progress;
 mod up;
 
+/// Every role starts here: nothing it creates is readable by other local users unless
+/// made so on purpose (umask 077), and the data directory is traversable but not listable,
+/// everything in it its owner's alone (see `skiff_sys::perms`). The wasm tree stays
+/// traversable for WebAssembly shims, which drop their privileges after setup.
+pub(crate) fn secure_data_dir(data: &std::path::Path) -> anyhow::Result<()> {
+    skiff_sys::perms::restrict_umask();
+    skiff_sys::perms::secure_data_dir(data, &["wasm"])?;
+    Ok(())
+}
+
 fn main() {
     // The shim runs once per container for the container's whole life: enter it before
     // building the CLI parser so it touches as little of the binary as it can.

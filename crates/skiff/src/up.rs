@@ -202,7 +202,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let data = &cli.data;
-    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    crate::secure_data_dir(data)?;
     skiff_sys::connlimit::raise_fd_limit();
     let mut acfg = AgentConfig::new(data);
     acfg.bridge_name = args.bridge.clone();
