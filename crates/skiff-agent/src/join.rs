@@ -281,5 +281,6 @@ pub fn node_spec(labels: std::collections::BTreeMap<String, String>) -> NodeSpec
         cpu_millis: cpus * 1000,
         memory_bytes: mem_kib * 1024,
         runtimes: crate::runtimes(),
+        versions: crate::runtime_versions(),
     }
 }

@@ -10,6 +10,7 @@
 pub mod join;
 pub mod logs;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod rebuild;
 pub mod state;
@@ -75,6 +76,10 @@ pub struct AgentConfig {
     pub metrics_every: Duration,
     /// Samples kept on disk until the hub acknowledges them (the newest win).
     pub metrics_buffer: usize,
+    /// Refuse to start with a runc older than this (`--require-runc-min`).
+    pub require_runc_min: Option<String>,
+    /// What workloads may ask of this node (`--policy`, `/etc/skiff/policy.yaml`).
+    pub policy: policy::Policy,
 }
 
 impl AgentConfig {
@@ -92,6 +97,8 @@ impl AgentConfig {
             metrics_every: Duration::from_secs(15),
             // An hour at the default interval.
             metrics_buffer: 240,
+            require_runc_min: None,
+            policy: policy::Policy::default(),
         }
     }
 }
@@ -103,6 +110,8 @@ pub fn hostname() -> String {
 pub struct Agent {
     cfg: AgentConfig,
     node_id: String,
+    /// Versions of what runs workloads (`runc`), found at start.
+    versions: BTreeMap<String, String>,
     state: Mutex<State>,
     images: Arc<ImageStore>,
     runtimes: Runtimes,
@@ -136,6 +145,27 @@ impl Runtimes {
             RuntimeKind::Wasm => Arc::clone(&self.wasm),
         }
     }
+}
+
+/// Refuses a runc older than `min` (or one whose version is unknown).
+fn check_runc(found: Option<&str>, min: &str) -> Result<(), AgentError> {
+    let want = skiff_model::platform::version_triple(min)
+        .ok_or_else(|| AgentError::Other(format!("--require-runc-min: {min:?} is not a version (e.g. 1.2.8)")))?;
+    let have = found.and_then(skiff_model::platform::version_triple);
+    match (found, have) {
+        (_, Some(h)) if h >= want => Ok(()),
+        (Some(v), _) => Err(AgentError::Other(format!(
+            "runc {v} is older than {min}, the least --require-runc-min allows; upgrade runc (the distribution's \
+             package, or a static build from github.com/opencontainers/runc/releases)"
+        ))),
+        (None, _) => Err(AgentError::Other(format!("--require-runc-min {min}: runc's version cannot be read"))),
+    }
+}
+
+/// Versions of what runs workloads on this machine (`runc` → `1.1.5`).
+pub fn runtime_versions() -> BTreeMap<String, String> {
+    let runc = skiff_runtime::runc::Runc::new("");
+    runc.version().map(|v| ("runc".to_string(), v)).into_iter().collect()
 }
 
 /// The runtimes this build offers (`wasm` needs the cargo feature).
@@ -172,10 +202,18 @@ impl Agent {
     pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
         let data = &cfg.data_dir;
         std::fs::create_dir_all(data).map_err(|e| AgentError::Other(format!("creating {}: {e}", data.display())))?;
+        let oci = OciRuntime::new(data.join("instances"), data.join("runc"), &cfg.skiff_bin, "/skiff")?;
+        let versions = runtime_versions();
+        if let Some(min) = &cfg.require_runc_min {
+            check_runc(versions.get("runc").map(String::as_str), min)?;
+        }
+        if let Some(w) = versions.get("runc").and_then(|v| skiff_model::platform::runc_advisory(v)) {
+            warn!("{w}");
+        }
         let (mut state, moved) = State::open_or_recover(&data.join("agent.db"), now_ms())?;
         let images = Arc::new(ImageStore::open(data.join("images"))?);
         let runtimes = Runtimes {
-            oci: Arc::new(OciRuntime::new(data.join("instances"), data.join("runc"), &cfg.skiff_bin, "/skiff")?),
+            oci: Arc::new(oci),
             wasm: Arc::new(WasmRuntime::new(data.join("wasm/instances"), data.join("wasm/cache"), &cfg.skiff_bin)?),
         };
         let rebuilt = match &moved {
@@ -203,6 +241,7 @@ impl Agent {
         let agent = Arc::new(Agent {
             cfg,
             node_id,
+            versions,
             state: Mutex::new(state),
             images,
             runtimes,
@@ -229,6 +268,11 @@ impl Agent {
             agent.event(&agent.cfg.node_name, "StateRebuilt", &msg);
         }
         Ok(agent)
+    }
+
+    /// Versions of what runs workloads (`runc` → `1.1.5`).
+    pub fn versions(&self) -> &BTreeMap<String, String> {
+        &self.versions
     }
 
     pub fn node_name(&self) -> &str {
@@ -1034,6 +1078,16 @@ impl Agent {
 
     /// Resolves image, network and volumes, creates the container and starts its shim.
     async fn start_instance(self: &Arc<Self>, mut r: InstanceRow) -> Result<(), AgentError> {
+        // The node's own policy first: nothing of a refused workload is made.
+        if let Err(v) = self.cfg.policy.check(&r.spec, &self.cfg.data_dir) {
+            let msg = v.to_string();
+            r.state = InstanceState::Failed;
+            r.next_start_ms = None;
+            r.message = Some(msg.clone());
+            self.db(|s| s.put_instance(&r))?;
+            self.event(&r.name, "PolicyViolation", &msg);
+            return Ok(());
+        }
         if self.cfg.pull.is_some() && self.images.inspect_for(&r.spec.image, Target::from(r.spec.runtime)).is_err() {
             let (message, retry_ms) = self.pull_missing(&r.name, &r.spec.image, r.spec.runtime);
             r.state = InstanceState::Pending;
@@ -1417,6 +1471,16 @@ fn resolv_conf(host_network: bool) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_old_runc_is_refused_when_a_minimum_is_asked() {
+        assert!(super::check_runc(Some("1.2.8"), "1.2.8").is_ok());
+        assert!(super::check_runc(Some("1.3.3"), "1.2.8").is_ok());
+        let e = super::check_runc(Some("1.1.5"), "1.2.8").unwrap_err().to_string();
+        assert!(e.contains("runc 1.1.5 is older than 1.2.8"), "{e}");
+        assert!(super::check_runc(None, "1.2.8").is_err());
+        assert!(super::check_runc(Some("1.2.8"), "soon").unwrap_err().to_string().contains("not a version"));
+    }
+
     #[test]
     fn failed_pulls_back_off_from_5_s_to_5_min() {
         let waits: Vec<u64> = (1..=8).map(|f| super::pull_backoff_ms(f) / 1000).collect();

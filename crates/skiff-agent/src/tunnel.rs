@@ -100,7 +100,11 @@ async fn serve<S>(agent: &Arc<Agent>, id: &Identity, mut ws: tokio_tungstenite::
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let hello = Control::Hello { revision: agent.desired_revision().unwrap_or(0), runtimes: Some(crate::runtimes()) };
+    let hello = Control::Hello {
+        revision: agent.desired_revision().unwrap_or(0),
+        runtimes: Some(crate::runtimes()),
+        versions: Some(agent.versions().clone()),
+    };
     if ws.send(Message::Text(frame(&hello).into())).await.is_err() {
         return;
     }

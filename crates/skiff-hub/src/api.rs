@@ -389,6 +389,8 @@ fn node_list(hub: &Hub) -> Result<Vec<NodeInfo>, ApiError> {
             instances: all.iter().filter(|i| i.node == n.name()).count(),
             runtimes: n.runtimes(),
             problems: vec![],
+            warnings: crate::version_warnings(&n.versions()),
+            versions: n.versions(),
         })
         .collect();
     if let Some(f) = &hub.fleet {
@@ -405,6 +407,8 @@ fn node_list(hub: &Hub) -> Result<Vec<NodeInfo>, ApiError> {
                 arch,
                 os: "linux".into(),
                 runtimes: v.runtimes,
+                warnings: crate::version_warnings(&v.versions),
+                versions: v.versions,
             });
         }
     }

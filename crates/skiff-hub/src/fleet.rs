@@ -7,7 +7,7 @@
 
 use crate::pki::Ca;
 use crate::schedule::{self, NodeState, NodeView, Plan, Platforms};
-use crate::store::{JoinRefused, NodeJoin, NodeRecord, NodeSpec, Store};
+use crate::store::{JoinRefused, NodeJoin, NodeRecord, Store};
 use crate::tls::Peer;
 use skiff_model::metrics::MetricsSample;
 use skiff_model::proto::{Assigned, Assignment, JoinRequest, JoinResponse, NodeStatus, StatusAck};
@@ -374,13 +374,26 @@ impl Fleet {
         }
     }
 
-    /// Records the runtimes a node says it has (in its hello), when they changed: a node
-    /// upgraded to a build with WebAssembly takes wasm instances from then on.
+    /// Records the runtimes a node says it has (in its hello) and the versions of what
+    /// runs them, when they changed: a node upgraded to a build with WebAssembly takes
+    /// wasm instances from then on, one whose runc was upgraded stops being flagged.
     /// A node may change them once a minute: each change is a new global revision, so a
     /// node that changed its hello every second would make every node's assignment move.
-    pub fn set_runtimes(&self, name: &str, runtimes: &[String]) -> Result<(), FleetError> {
+    pub fn set_node_facts(
+        &self,
+        name: &str,
+        runtimes: Option<&[String]>,
+        versions: Option<&BTreeMap<String, String>>,
+    ) -> Result<(), FleetError> {
         let Some(rec) = self.store.node(name).map_err(internal)? else { return Ok(()) };
-        if rec.info.runtimes == runtimes {
+        let mut info = rec.info.clone();
+        if let Some(r) = runtimes {
+            info.runtimes = r.to_vec();
+        }
+        if let Some(v) = versions {
+            info.versions = v.clone();
+        }
+        if info == rec.info {
             return Ok(());
         }
         let now = now_ms();
@@ -390,13 +403,17 @@ impl Fleet {
                 "node {name:?} changed its runtimes less than a minute ago; ignored"
             )));
         }
-        let info = NodeSpec { runtimes: runtimes.to_vec(), ..rec.info };
         self.store.set_node_info(name, &info).map_err(internal)?;
         if let Ok(mut m) = self.runtimes_changed.lock() {
             m.insert(name.to_string(), now);
         }
         self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// [`Fleet::set_node_facts`] for runtimes only.
+    pub fn set_runtimes(&self, name: &str, runtimes: &[String]) -> Result<(), FleetError> {
+        self.set_node_facts(name, Some(runtimes), None)
     }
 
     /// The node record behind a connection's certificate, if it may act as `name`.
@@ -591,6 +608,7 @@ impl Fleet {
                     cpu_millis: n.info.cpu_millis,
                     memory_bytes: n.info.memory_bytes,
                     runtimes: n.info.runtimes,
+                    versions: n.info.versions,
                     state,
                     state_since_ms: since,
                 }
@@ -771,6 +789,7 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::NodeSpec;
     use crate::store::SqliteStore;
     use crate::tokens::TokenRequest;
     use skiff_model::proto::JoinToken;

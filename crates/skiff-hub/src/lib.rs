@@ -49,6 +49,17 @@ pub struct NodeInfo {
     /// Why it is NotReady.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+    /// Versions of what runs workloads (`runc` → `1.1.5`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub versions: std::collections::BTreeMap<String, String>,
+    /// What an operator should know (a runc with known container escapes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Warnings about a node's runtime versions.
+pub fn version_warnings(versions: &std::collections::BTreeMap<String, String>) -> Vec<String> {
+    versions.get("runc").and_then(|v| skiff_model::platform::runc_advisory(v)).into_iter().collect()
 }
 
 /// The hub's view of one node: how it sends assignments and reaches instances.
@@ -66,6 +77,10 @@ pub trait NodeLink: Send + Sync {
     /// Runtime backends the node offers.
     fn runtimes(&self) -> Vec<String> {
         vec![skiff_model::RuntimeKind::Oci.to_string()]
+    }
+    /// Versions of what runs workloads (`runc` → `1.1.5`).
+    fn versions(&self) -> std::collections::BTreeMap<String, String> {
+        Default::default()
     }
     /// The node's newest resource sample, when it is reached in-process (remote nodes
     /// ship theirs to the fleet).

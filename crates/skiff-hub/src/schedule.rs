@@ -41,6 +41,8 @@ pub struct NodeView {
     pub memory_bytes: u64,
     /// Runtime backends it offers (`oci`, `wasm`).
     pub runtimes: Vec<String>,
+    /// Versions of what runs workloads (`runc` → `1.1.5`).
+    pub versions: BTreeMap<String, String>,
     pub state: NodeState,
     /// When `state` last changed, in ms since the epoch.
     pub state_since_ms: u64,
@@ -310,6 +312,7 @@ mod tests {
             cpu_millis: 4000,
             memory_bytes: 4 << 30,
             runtimes: vec!["oci".into()],
+            versions: BTreeMap::new(),
             state: NodeState::Ready,
             state_since_ms: 0,
         }

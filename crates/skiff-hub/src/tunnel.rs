@@ -56,11 +56,9 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
                         continue;
                     }
                     match control {
-                        Ok(Control::Hello { revision, runtimes }) => {
-                            if let Some(r) = runtimes {
-                                if let Err(e) = f.set_runtimes(&name, &r) {
-                                    tracing::warn!(node = %name, error = ?e, "recording runtimes");
-                                }
+                        Ok(Control::Hello { revision, runtimes, versions }) => {
+                            if let Err(e) = f.set_node_facts(&name, runtimes.as_deref(), versions.as_ref()) {
+                                tracing::warn!(node = %name, error = ?e, "recording runtimes");
                             }
                             node_rev = Some(revision);
                             push = true;

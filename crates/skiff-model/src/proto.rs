@@ -40,6 +40,9 @@ pub struct NodeSpec {
     /// reported run containers only.
     #[serde(default = "oci_only")]
     pub runtimes: Vec<String>,
+    /// Versions of what runs workloads (`runc` → `1.1.5`), as the node found them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub versions: BTreeMap<String, String>,
 }
 
 fn oci_only() -> Vec<String> {
@@ -220,6 +223,9 @@ pub enum Control {
         revision: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         runtimes: Option<Vec<String>>,
+        /// Versions of what runs workloads (runc), as at join (absent from older agents).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        versions: Option<BTreeMap<String, String>>,
     },
     /// Agent → hub: instances and unshipped events, when they changed.
     Status { status: NodeStatus },

@@ -23,6 +23,13 @@ pub struct Runc {
     pub root: PathBuf,
 }
 
+/// `1.1.5` from `runc version 1.1.5+ds1\ncommit: ...`.
+pub fn parse_version(out: &str) -> Option<String> {
+    let v = out.lines().next()?.strip_prefix("runc version ")?.trim();
+    let v = v.split('+').next()?.trim();
+    (!v.is_empty()).then(|| v.to_string())
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct RuncState {
     pub id: String,
@@ -40,6 +47,12 @@ pub struct ExecOutput {
 impl Runc {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Runc { bin: PathBuf::from("runc"), root: root.into() }
+    }
+
+    /// The runc version (`1.1.5` from `runc version 1.1.5+ds1`), if runc answers.
+    pub fn version(&self) -> Option<String> {
+        let out = Command::new(&self.bin).arg("--version").stdin(Stdio::null()).output().ok()?;
+        parse_version(&String::from_utf8_lossy(&out.stdout))
     }
 
     pub fn command(&self) -> Command {

@@ -46,6 +46,14 @@ pub struct AgentArgs {
     /// Serve this node's metrics for Prometheus at http://ADDR/metrics (e.g. 127.0.0.1:9337).
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// Refuse to start with a runc older than this version (e.g. 1.2.8: runc before it has
+    /// container-escape flaws).
+    #[arg(long)]
+    pub require_runc_min: Option<String>,
+    /// What workloads may ask of this node: bind mounts, capabilities, devices, host
+    /// network (YAML; default /etc/skiff/policy.yaml when it exists).
+    #[arg(long)]
+    pub policy: Option<std::path::PathBuf>,
 }
 
 pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
@@ -64,6 +72,8 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     }
     acfg.pull = Some(crate::cli::pull_options(cli)?);
     acfg.metrics_every = Duration::from_secs(args.metrics_interval);
+    acfg.require_runc_min = args.require_runc_min.clone();
+    acfg.policy = skiff_agent::policy::Policy::load(args.policy.as_deref())?;
     let id = Identity::new(data);
     let spec = skiff_agent::join::node_spec(labels);
     let token = join_token(args)?;

@@ -979,15 +979,27 @@ fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
         }
         Kind::Nodes => {
             let v: Vec<skiff_hub::NodeInfo> = serde_json::from_slice(body).map_err(bad)?;
-            output::print(&v, f, &["NAME", "STATE", "PLATFORM", "RUNTIMES", "INSTANCES"], |n| {
+            let h = ["NAME", "STATE", "PLATFORM", "RUNTIMES", "RUNC", "INSTANCES"];
+            output::print(&v, f, &h, |n| {
+                let runc = n.versions.get("runc").cloned().unwrap_or_else(|| "-".into());
+                let flag = if n.warnings.is_empty() { "" } else { " (!)" };
                 vec![
                     n.name.clone(),
                     n.state.clone(),
                     format!("{}/{}", n.os, n.arch),
                     n.runtimes.join(","),
+                    format!("{runc}{flag}"),
                     n.instances.to_string(),
                 ]
-            })
+            })?;
+            if f == Format::Table {
+                for n in v.iter().filter(|n| !n.warnings.is_empty()) {
+                    for w in &n.warnings {
+                        eprintln!("warning: node {}: {w}", n.name);
+                    }
+                }
+            }
+            Ok(())
         }
         Kind::Autoscalers => {
             let v: Vec<skiff_hub::autoscaler::Status> = serde_json::from_slice(body).map_err(bad)?;

@@ -76,4 +76,8 @@ impl NodeLink for LocalAgent {
     fn runtimes(&self) -> Vec<String> {
         skiff_agent::runtimes()
     }
+
+    fn versions(&self) -> std::collections::BTreeMap<String, String> {
+        self.agent.versions().clone()
+    }
 }

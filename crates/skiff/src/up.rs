@@ -45,6 +45,14 @@ pub struct UpArgs {
     /// Seconds between resource samples (`skiff top`, `/metrics`, the autoscaler).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub metrics_interval: u64,
+    /// Refuse to start with a runc older than this version (e.g. 1.2.8: runc before it has
+    /// container-escape flaws).
+    #[arg(long)]
+    pub require_runc_min: Option<String>,
+    /// What workloads may ask of this node: bind mounts, capabilities, devices, host
+    /// network (YAML; default /etc/skiff/policy.yaml when it exists).
+    #[arg(long)]
+    pub policy: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub conns: crate::hub::ConnArgs,
     #[command(flatten)]
@@ -220,6 +228,8 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     let pull = crate::cli::pull_options(cli)?;
     acfg.pull = Some(pull);
     acfg.metrics_every = std::time::Duration::from_secs(args.metrics_interval);
+    acfg.require_runc_min = args.require_runc_min.clone();
+    acfg.policy = skiff_agent::policy::Policy::load(args.policy.as_deref())?;
     let agent = Agent::open(acfg)?;
     if let Some(i) = &import {
         for d in &i.deployments {

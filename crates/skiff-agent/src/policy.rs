@@ -1,0 +1,291 @@
+//! The node's own policy (`/etc/skiff/policy.yaml`, or `--policy FILE`): what a workload
+//! may ask of this node, whatever the hub sent. A deployment that breaks it does not start
+//! here; its instance fails with the rule named, and a `PolicyViolation` event says so.
+//!
+//! ```yaml
+//! bind_mounts:
+//!   allowed: [/srv/data, /var/log/app]   # host paths (and what is below them) that may be
+//!                                        # bind-mounted; absent: any
+//!   denied: [/var/lib/skiff-hub]         # never, even below an allowed path
+//! capabilities:
+//!   allowed: [NET_ADMIN, SYS_TIME]       # beyond Docker's default set; absent: any
+//! devices:
+//!   allowed: ["/dev/ttyUSB*", /dev/video0]  # host devices that may be mapped; absent: any
+//! host_network: false                    # the host's network namespace (default: true)
+//! privileged: false                      # cap_add: [ALL] (default: true)
+//! ```
+//!
+//! Without a file the policy is Docker's allowance, with one exception that no file
+//! lifts: the agent's data directory — node key, CA key of a hub on the same data
+//! directory, every image layer and every instance's secrets — is never bind-mounted,
+//! nor anything that holds it (`/`, `/var`, `/var/lib`), nor anything below it. Paths
+//! are compared after symlinks are resolved.
+
+use serde::Deserialize;
+use skiff_model::validate::normalize_cap;
+use skiff_model::{Deployment, NetworkMode, VolumeSource};
+use std::path::{Path, PathBuf};
+
+/// Where the policy is read from when no `--policy` is given (when it exists).
+pub const DEFAULT_PATH: &str = "/etc/skiff/policy.yaml";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default)]
+    pub bind_mounts: PathRules,
+    #[serde(default)]
+    pub capabilities: Allowed,
+    #[serde(default)]
+    pub devices: Allowed,
+    #[serde(default)]
+    pub host_network: Option<bool>,
+    #[serde(default)]
+    pub privileged: Option<bool>,
+    /// Where it was read from (for messages).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathRules {
+    #[serde(default)]
+    pub allowed: Option<Vec<String>>,
+    #[serde(default)]
+    pub denied: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Allowed {
+    #[serde(default)]
+    pub allowed: Option<Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// A workload the policy refuses: the rule, and what broke it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refused by the node's policy ({source_file}, {rule}): {what}")]
+pub struct Violation {
+    pub rule: &'static str,
+    pub what: String,
+    pub source_file: String,
+}
+
+impl Policy {
+    /// `explicit` (which must exist), else [`DEFAULT_PATH`] if it exists, else the default.
+    pub fn load(explicit: Option<&Path>) -> Result<Policy, PolicyError> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(DEFAULT_PATH).exists() => PathBuf::from(DEFAULT_PATH),
+            None => return Ok(Policy::default()),
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| PolicyError::Read { path: path.clone(), message: e.to_string() })?;
+        let mut p = Policy::parse(&text).map_err(|message| PolicyError::Invalid { path: path.clone(), message })?;
+        p.source = Some(path);
+        Ok(p)
+    }
+
+    /// Parses and checks a policy file's text; errors name the field.
+    pub fn parse(text: &str) -> Result<Policy, String> {
+        if text.trim().is_empty() {
+            return Ok(Policy::default());
+        }
+        let p: Policy = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+        for (i, c) in p.capabilities.allowed.iter().flatten().enumerate() {
+            if normalize_cap(c).is_none() {
+                return Err(format!("capabilities.allowed[{i}]: {c:?} is not a capability"));
+            }
+        }
+        for (field, list) in [("bind_mounts.allowed", p.bind_mounts.allowed.iter().flatten().collect::<Vec<_>>())]
+            .into_iter()
+            .chain([("bind_mounts.denied", p.bind_mounts.denied.iter().collect())])
+            .chain([("devices.allowed", p.devices.allowed.iter().flatten().collect())])
+        {
+            for (i, path) in list.iter().enumerate() {
+                if !path.starts_with('/') {
+                    return Err(format!("{field}[{i}]: {path:?} is not an absolute path"));
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    fn violation(&self, rule: &'static str, what: String) -> Violation {
+        let source_file = self.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "default".into());
+        Violation { rule, what, source_file }
+    }
+
+    /// Whether `d` may run on this node, whose data directory is `data_dir` (named volumes
+    /// live there by design and are not bind mounts).
+    pub fn check(&self, d: &Deployment, data_dir: &Path) -> Result<(), Violation> {
+        let data = resolve(data_dir);
+        for v in &d.volumes {
+            let VolumeSource::Bind { path } = &v.source else { continue };
+            let src = resolve(Path::new(path));
+            if src.starts_with(&data) || data.starts_with(&src) {
+                return Err(self.violation(
+                    "data directory",
+                    format!(
+                        "bind mount {path}: it is, holds or is inside the agent's data directory {}",
+                        data.display()
+                    ),
+                ));
+            }
+            if self.bind_mounts.denied.iter().any(|p| src.starts_with(resolve(Path::new(p)))) {
+                return Err(self.violation("bind_mounts.denied", format!("bind mount {path}")));
+            }
+            if let Some(allowed) = &self.bind_mounts.allowed {
+                if !allowed.iter().any(|p| src.starts_with(resolve(Path::new(p)))) {
+                    return Err(self.violation("bind_mounts.allowed", format!("bind mount {path}")));
+                }
+            }
+        }
+        let caps: Vec<String> = d.cap_add.iter().filter_map(|c| normalize_cap(c)).collect();
+        if caps.iter().any(|c| c == "ALL") && self.privileged == Some(false) {
+            return Err(self.violation("privileged", "cap_add: ALL".into()));
+        }
+        if let Some(allowed) = &self.capabilities.allowed {
+            let allowed: Vec<String> = allowed.iter().filter_map(|c| normalize_cap(c)).collect();
+            for c in caps.iter().filter(|c| !skiff_runtime::spec::DEFAULT_CAPS.contains(&c.as_str()) && *c != "ALL") {
+                if !allowed.contains(c) {
+                    return Err(self.violation("capabilities.allowed", format!("cap_add: {c}")));
+                }
+            }
+        }
+        if let Some(allowed) = &self.devices.allowed {
+            for dev in &d.devices {
+                if !allowed.iter().any(|p| glob(p, &dev.host_path)) {
+                    return Err(self.violation("devices.allowed", format!("device {}", dev.host_path)));
+                }
+            }
+        }
+        if d.network == NetworkMode::Host && self.host_network == Some(false) {
+            return Err(self.violation("host_network", "network: host".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The path with symlinks resolved as far as it exists (a missing tail is kept as is).
+fn resolve(p: &Path) -> PathBuf {
+    let mut existing = p.to_path_buf();
+    let mut tail = vec![];
+    loop {
+        if let Ok(c) = existing.canonicalize() {
+            return tail.into_iter().rev().fold(c, |acc, part| acc.join(part));
+        }
+        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                tail.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+fn glob(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, rest)) => {
+            let Some(after) = text.strip_prefix(head) else { return false };
+            (0..=after.len()).filter(|i| after.is_char_boundary(*i)).any(|i| glob(rest, &after[i..]))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skiff_model::{DeviceMapping, Volume};
+
+    fn bind(d: &mut Deployment, path: &str) {
+        d.volumes.push(Volume {
+            source: VolumeSource::Bind { path: path.into() },
+            target: "/host".into(),
+            read_only: false,
+        });
+    }
+
+    #[test]
+    fn the_default_allows_what_docker_allows_but_the_data_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("var/lib/skiff");
+        std::fs::create_dir_all(data.join("pki")).unwrap();
+        std::os::unix::fs::symlink(&data, t.path().join("innocent")).unwrap();
+        let p = Policy::default();
+        let mut ok = Deployment::new("web", "img");
+        bind(&mut ok, "/srv/anything");
+        ok.cap_add = vec!["ALL".into()];
+        ok.network = NetworkMode::Host;
+        ok.devices.push(DeviceMapping {
+            host_path: "/dev/mem".into(),
+            container_path: "/dev/mem".into(),
+            permissions: "rwm".into(),
+        });
+        assert_eq!(p.check(&ok, &data), Ok(()));
+        for bad in [
+            "/",
+            t.path().to_str().unwrap(),
+            data.to_str().unwrap(),
+            data.join("pki").to_str().unwrap(),
+            t.path().join("innocent/pki").to_str().unwrap(),
+        ] {
+            let mut d = Deployment::new("web", "img");
+            bind(&mut d, bad);
+            let v = p.check(&d, &data).unwrap_err();
+            assert_eq!(v.rule, "data directory", "{bad}");
+            assert!(v.to_string().contains("refused by the node's policy (default, data directory)"), "{v}");
+        }
+    }
+
+    #[test]
+    fn a_policy_file_narrows_mounts_capabilities_devices_and_network() {
+        let p = Policy::parse(
+            "bind_mounts: {allowed: [/srv], denied: [/srv/secret]}\n\
+             capabilities: {allowed: [NET_ADMIN]}\n\
+             devices: {allowed: ['/dev/ttyUSB*']}\n\
+             host_network: false\n\
+             privileged: false\n",
+        )
+        .unwrap();
+        let data = Path::new("/var/lib/skiff");
+        let check = |f: &dyn Fn(&mut Deployment)| {
+            let mut d = Deployment::new("web", "img");
+            f(&mut d);
+            p.check(&d, data).err().map(|v| v.rule)
+        };
+        assert_eq!(check(&|d| bind(d, "/srv/data")), None);
+        assert_eq!(check(&|d| bind(d, "/etc")), Some("bind_mounts.allowed"));
+        assert_eq!(check(&|d| bind(d, "/srv/secret/x")), Some("bind_mounts.denied"));
+        assert_eq!(check(&|d| d.cap_add = vec!["net_admin".into(), "CHOWN".into()]), None);
+        assert_eq!(check(&|d| d.cap_add = vec!["SYS_ADMIN".into()]), Some("capabilities.allowed"));
+        assert_eq!(check(&|d| d.cap_add = vec!["ALL".into()]), Some("privileged"));
+        let usb =
+            |h: &str| DeviceMapping { host_path: h.into(), container_path: "/dev/x".into(), permissions: "rw".into() };
+        assert_eq!(check(&|d| d.devices.push(usb("/dev/ttyUSB0"))), None);
+        assert_eq!(check(&|d| d.devices.push(usb("/dev/sda"))), Some("devices.allowed"));
+        assert_eq!(check(&|d| d.network = NetworkMode::Host), Some("host_network"));
+        for (bad, field) in [
+            ("capabilities: {allowed: [FLY]}", "capabilities.allowed[0]"),
+            ("bind_mounts: {allowed: [srv]}", "bind_mounts.allowed[0]"),
+            ("host_network: maybe", "host_network"),
+            ("surprise: 1", "unknown field `surprise`"),
+        ] {
+            let e = Policy::parse(bad).unwrap_err();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
+        assert!(glob("/dev/tty*", "/dev/ttyACM0") && !glob("/dev/tty*", "/dev/sda") && glob("/a*b*c", "/aXbYc"));
+    }
+}
