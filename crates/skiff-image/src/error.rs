@@ -11,6 +11,8 @@ pub enum ImageError {
     DiffIdMismatch { digest: String, expected: String, actual: String },
     #[error("layer {digest}: {source}")]
     Unpack { digest: String, source: crate::UnpackError },
+    #[error("layer {digest}: unpacked it would be larger than {limit} bytes ({why}); refused as a decompression bomb")]
+    TooLarge { digest: String, limit: u64, why: String },
     #[error("{what}: {problem}")]
     Malformed { what: String, problem: String },
     #[error("{0:?} is not a valid digest (want sha256:<64 hex digits>)")]

@@ -7,6 +7,7 @@
 //! renamed into the store; a layer directory only appears (by rename) once its diff_id
 //! matched.
 
+pub mod bomb;
 pub mod digest;
 pub mod error;
 pub mod gc;

@@ -317,9 +317,13 @@ impl ImageStore {
             } else {
                 Box::new(head)
             };
-            let mut hashing = HashingReader::new(decompressed);
-            crate::unpack_layer(&mut hashing, &tmp)
-                .map_err(|source| ImageError::Unpack { digest: layer.digest.clone(), source })?;
+            let cap = crate::bomb::Cap::for_layer(layer.size, &self.root);
+            let mut hashing = HashingReader::new(crate::bomb::Capped::new(decompressed, cap.clone()));
+            let unpacked = crate::unpack_layer(&mut hashing, &tmp);
+            if let Some(why) = cap.exceeded() {
+                return Err(ImageError::TooLarge { digest: layer.digest.clone(), limit: cap.limit(), why });
+            }
+            unpacked.map_err(|source| ImageError::Unpack { digest: layer.digest.clone(), source })?;
             let actual = hashing.finish().ctx("read", &layer.digest)?;
             if format!("sha256:{actual}") != layer.diff_id {
                 return Err(ImageError::DiffIdMismatch {

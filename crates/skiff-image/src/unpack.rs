@@ -125,6 +125,10 @@ pub fn unpack_layer<R: Read>(reader: R, root: &Path) -> Result<UnpackStats, Unpa
             continue;
         };
         stats.entries += 1;
+        if stats.entries > crate::bomb::MAX_ENTRIES {
+            let problem = format!("more than {} entries in one layer (an inode bomb)", crate::bomb::MAX_ENTRIES);
+            return Err(UnpackError::BadEntry { path: raw, problem });
+        }
         ensure_parents(root, &rel, &raw)?;
         let target = root.join(&rel);
         let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

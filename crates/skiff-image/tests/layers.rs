@@ -149,3 +149,30 @@ fn corrupt_blob_and_bad_diff_id_are_rejected() -> R {
     assert!(store.list()?.is_empty());
     Ok(())
 }
+
+/// A few dozen KB of gzip that inflates to 48 MB on a store with 24 MB of room: the
+/// unpack stops before the disk is full, says why, and leaves nothing behind.
+#[test]
+fn a_decompression_bomb_is_refused_before_it_fills_the_disk() -> R {
+    require_privileged!();
+    let disk = skiff_testkit::Tmpfs::mount(24 << 20)?;
+    let store = ImageStore::open(disk.path().join("store"))?;
+    let tmp = tempfile::tempdir()?;
+    let zeros = vec![0u8; 48 << 20];
+    let img = ImageBuilder::busybox()?.layer(LayerBuilder::new().file("bomb", 0o644, &zeros)?.finish()?);
+    drop(zeros);
+    let layout = tmp.path().join("bomb");
+    img.write_oci_layout(&layout, "localhost/bomb:1")?;
+    let blob_sizes: Vec<u64> =
+        std::fs::read_dir(layout.join("blobs/sha256"))?.map(|e| e.unwrap().metadata().unwrap().len()).collect();
+    assert!(blob_sizes.iter().all(|s| *s < 2 << 20), "the bomb is small: {blob_sizes:?}");
+    let err = store.load(&layout, None).and_then(|_| store.resolve("localhost/bomb:1")).unwrap_err();
+    assert!(matches!(&err, ImageError::TooLarge { why, .. } if why.contains("space left")), "{err}");
+    assert!(err.to_string().contains("decompression bomb"), "{err}");
+    let layers: Vec<_> = std::fs::read_dir(store.root().join("layers"))?.flatten().map(|e| e.file_name()).collect();
+    assert!(layers.iter().all(|n| !n.to_string_lossy().starts_with('.')), "no partial unpack left: {layers:?}");
+    let st = nix::sys::statvfs::statvfs(disk.path())?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    assert!(free > 4 << 20, "the disk was not filled: {free} B free");
+    Ok(())
+}
