@@ -174,6 +174,7 @@ pub async fn join(
     spec: NodeSpec,
 ) -> Result<String, JoinError> {
     let joined = id.path("joined.json");
+    let mut name = name.to_string();
     if let Ok(t) = std::fs::read_to_string(&joined) {
         let j: Joined =
             serde_json::from_str(&t).map_err(|e| JoinError::File { path: joined.clone(), message: e.to_string() })?;
@@ -192,7 +193,10 @@ pub async fn join(
             return Err(JoinError::Expired { node: j.node, expired: skiff_runtime::time::rfc3339_nanos(at) });
         }
         tracing::warn!(node = %j.node, "the node's certificate expired; joining again with the token given");
+        // The same node, under the name it had.
+        name = j.node;
     }
+    let name = name.as_str();
     let token = JoinToken::parse(token.ok_or(JoinError::NoToken)?)?;
     let base = hub.trim_end_matches('/');
     let unreachable = |e: reqwest::Error| JoinError::Unreachable {

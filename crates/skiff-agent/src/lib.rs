@@ -222,7 +222,7 @@ impl Agent {
                     .iter()
                     .flat_map(|k| {
                         let rt = runtimes.of(*k);
-                        rt.known().into_iter().filter_map(move |id| rt.log_path(&id).parent().map(Path::to_path_buf))
+                        rt.known().into_iter().map(move |id| rt.instance_dir(&id))
                     })
                     .collect();
                 Some(rebuild::rebuild(&mut state, rebuild::read_records(dirs))?)
@@ -921,9 +921,9 @@ impl Agent {
 
     /// Updates an instance's record in its directory after a rename (see `rebuild`).
     fn rewrite_record(&self, r: &InstanceRow) {
-        let rt = self.runtimes.of(r.spec.runtime);
-        if let Some(dir) = rt.log_path(&r.container_id).parent().filter(|d| d.exists()) {
-            if let Err(e) = rebuild::write_record(dir, r) {
+        let dir = self.runtimes.of(r.spec.runtime).instance_dir(&r.container_id);
+        if dir.exists() {
+            if let Err(e) = rebuild::write_record(&dir, r) {
                 warn!(instance = %r.name, error = %e, "updating the instance's record");
             }
         }
@@ -1217,10 +1217,8 @@ impl Agent {
         };
         rt.create(&req)?;
         // What a rebuild of agent.db finds this instance by (see `rebuild`).
-        if let Some(dir) = rt.log_path(&r.container_id).parent() {
-            let rec = InstanceRow { ip: ip.map(|i| i.to_string()), ..r.clone() };
-            rebuild::write_record(dir, &rec).map_err(AgentError::Other)?;
-        }
+        let rec = InstanceRow { ip: ip.map(|i| i.to_string()), ..r.clone() };
+        rebuild::write_record(&rt.instance_dir(&r.container_id), &rec).map_err(AgentError::Other)?;
         Ok(())
     }
 
@@ -1245,19 +1243,33 @@ impl Agent {
     }
 
     fn volumes(&self, d: &Deployment) -> Result<Vec<(PathBuf, String, bool)>, AgentError> {
+        use std::os::unix::fs::PermissionsExt;
         let mut out = vec![];
+        let wasm = d.runtime == RuntimeKind::Wasm;
         for v in &d.volumes {
-            let src = match &v.source {
-                VolumeSource::Bind { path } => PathBuf::from(path),
-                VolumeSource::Named { name } => self.cfg.data_dir.join("volumes").join(name).join("_data"),
+            let (src, named) = match &v.source {
+                VolumeSource::Bind { path } => (PathBuf::from(path), false),
+                VolumeSource::Named { name } => (self.cfg.data_dir.join("volumes").join(name).join("_data"), true),
             };
-            if !src.exists() {
+            let made = !src.exists();
+            let fail = |e: std::io::Error| AgentError::Other(format!("volume source {}: {e}", src.display()));
+            if made {
                 // As `docker run -v` does, a missing source becomes an empty directory
                 // (0755, as Docker makes it, whatever the agent's umask).
-                use std::os::unix::fs::PermissionsExt;
                 std::fs::create_dir_all(&src)
                     .and_then(|_| std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o755)))
-                    .map_err(|e| AgentError::Other(format!("volume source {}: {e}", src.display())))?;
+                    .map_err(fail)?;
+            }
+            // A wasm program runs as an unprivileged user of its deployment's group: the
+            // volumes the agent made for it are that group's (setgid, so what one replica
+            // writes the others read), and the way to a named one is traversable.
+            if wasm && (made || named) {
+                let gid = nix::unistd::Gid::from_raw(skiff_runtime::wasm::gid_for(&d.name));
+                nix::unistd::chown(&src, None, Some(gid)).map_err(|e| fail(e.into()))?;
+                std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o2770)).map_err(fail)?;
+                if let Some(parent) = src.parent().filter(|_| named) {
+                    skiff_sys::perms::traversable(parent).map_err(|e| AgentError::Other(e.to_string()))?;
+                }
             }
             out.push((src, v.target.clone(), v.read_only));
         }

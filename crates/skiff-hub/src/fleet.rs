@@ -337,7 +337,7 @@ impl Fleet {
             return Err(FleetError::Forbidden(format!("node {name:?} renewed its certificate less than a minute ago")));
         }
         let cert = self.ca.sign_node(name, csr, now, self.cert_ttl).map_err(|e| FleetError::Invalid(e.to_string()))?;
-        self.store.renew_cert(name, &cert.serial, cert.not_after_ms).map_err(internal)?;
+        self.store.renew_cert(name, &cert.serial, cert.not_after_ms, &cert.key_sha256).map_err(internal)?;
         if let Ok(mut m) = self.renewed.lock() {
             m.insert(name.to_string(), now);
         }

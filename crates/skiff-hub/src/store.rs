@@ -55,9 +55,9 @@ pub trait Store: Send + Sync {
     fn join_node(&self, j: &NodeJoin<'_>) -> Result<Result<Joined, JoinRefused>, StoreError>;
     /// Changes what a node says of itself (its runtimes); bumps the revision.
     fn set_node_info(&self, name: &str, info: &NodeSpec) -> Result<(), StoreError>;
-    /// Records a renewed certificate, accepted beside the current one until the node
-    /// first presents it ([`Store::promote_cert`]).
-    fn renew_cert(&self, name: &str, serial: &str, not_after_ms: u64) -> Result<(), StoreError>;
+    /// Records a renewed certificate (and the sha256 of its key), accepted beside the
+    /// current one until the node first presents it ([`Store::promote_cert`]).
+    fn renew_cert(&self, name: &str, serial: &str, not_after_ms: u64, key_sha256: &str) -> Result<(), StoreError>;
     /// The node now uses its renewed certificate: the previous one is revoked.
     fn promote_cert(&self, name: &str, serial: &str, now_ms: u64) -> Result<(), StoreError>;
     fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError>;
@@ -164,6 +164,7 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE nodes ADD COLUMN next_serial TEXT;
      ALTER TABLE nodes ADD COLUMN next_not_after_ms INTEGER;
      ALTER TABLE nodes ADD COLUMN key_sha256 TEXT;
+     ALTER TABLE nodes ADD COLUMN next_key_sha256 TEXT;
      CREATE TABLE revoked_certs (serial TEXT PRIMARY KEY, node TEXT NOT NULL, revoked_ms INTEGER NOT NULL);
      INSERT OR IGNORE INTO revoked_certs SELECT cert_serial, name, 0 FROM nodes WHERE revoked = 1;
      DELETE FROM nodes WHERE revoked = 1;",
@@ -604,10 +605,10 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn renew_cert(&self, name: &str, serial: &str, not_after_ms: u64) -> Result<(), StoreError> {
+    fn renew_cert(&self, name: &str, serial: &str, not_after_ms: u64, key_sha256: &str) -> Result<(), StoreError> {
         self.conn()?.execute(
-            "UPDATE nodes SET next_serial = ?2, next_not_after_ms = ?3 WHERE name = ?1",
-            params![name, serial, not_after_ms as i64],
+            "UPDATE nodes SET next_serial = ?2, next_not_after_ms = ?3, next_key_sha256 = ?4 WHERE name = ?1",
+            params![name, serial, not_after_ms as i64, key_sha256],
         )?;
         Ok(())
     }
@@ -621,8 +622,9 @@ impl Store for SqliteStore {
             params![name, serial, now_ms as i64],
         )?;
         tx.execute(
-            "UPDATE nodes SET cert_serial = next_serial, not_after_ms = next_not_after_ms, next_serial = NULL,
-                 next_not_after_ms = NULL WHERE name = ?1 AND next_serial = ?2",
+            "UPDATE nodes SET cert_serial = next_serial, not_after_ms = next_not_after_ms,
+                 key_sha256 = COALESCE(next_key_sha256, key_sha256), next_serial = NULL,
+                 next_not_after_ms = NULL, next_key_sha256 = NULL WHERE name = ?1 AND next_serial = ?2",
             params![name, serial],
         )?;
         tx.commit()?;
@@ -857,7 +859,7 @@ mod tests {
         let n = s.node("pi").unwrap().unwrap();
         assert_eq!((n.cert_serial.as_str(), n.info.arch.as_str(), n.not_after_ms), ("02", "arm64", Some(50)));
         // A renewed certificate counts once presented; the one before is then revoked.
-        s.renew_cert("pi", "04", 90).unwrap();
+        s.renew_cert("pi", "04", 90, "k4").unwrap();
         s.promote_cert("pi", "04", 8).unwrap();
         let n = s.node("pi").unwrap().unwrap();
         assert_eq!((n.cert_serial.as_str(), n.not_after_ms, n.next_serial), ("04", Some(90), None));

@@ -243,7 +243,7 @@ fn duration(v: &Value, path: &str) -> R<u64> {
         .ok_or_else(|| ManifestError::at(path, format!("{s:?} is not a duration (examples: 10s, 1m30s, 500ms)")))
 }
 
-/// `x-skiff-wasm: {timeout: 30s, pool: 8}`: settings of the wasm runtime.
+/// `x-skiff-wasm: {timeout: 30s, pool: 8, allow_local: true}`: settings of the wasm runtime.
 fn wasm_options(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<skiff_model::WasmOptions> {
     let mut o = skiff_model::WasmOptions::default();
     for (k, x) in mapping(v, path)? {
@@ -254,6 +254,9 @@ fn wasm_options(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<skiff_model::WasmO
             "pool" => {
                 let n = int(x, &p)?;
                 o.pool = Some(u32::try_from(n).map_err(|_| ManifestError::at(&p, format!("{n} is not a pool size")))?);
+            }
+            "allow_local" => {
+                o.allow_local = x.as_bool().ok_or_else(|| ManifestError::at(&p, "must be true or false"))?;
             }
             _ => cx.warnings.push(format!("{p}: not supported yet, ignored")),
         }

@@ -127,6 +127,10 @@ pub struct WasmOptions {
     /// instance per request, as many at once as requests arrive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<u32>,
+    /// Whether the program may connect to loopback, link-local (cloud metadata) and the
+    /// node's own addresses, which are out of bounds by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_local: bool,
 }
 
 impl WasmOptions {

@@ -1,5 +1,7 @@
 //! Reading cgroup limits and statistics, for v1 (per-controller hierarchies) and v2
-//! (unified). runc *applies* limits from the OCI spec; skiff only *reads* them here.
+//! (unified). runc *applies* a container's limits from the OCI spec; skiff only *reads*
+//! them here. A WebAssembly instance has no runc: its shim makes its own cgroup and
+//! enters it ([`Cgroups::enter`]), with the memory and pids limits the agent gave it.
 //!
 //! The root is a parameter so that tests point it at a fixture directory.
 
@@ -71,7 +73,77 @@ pub fn shares_to_weight(shares: u64) -> u64 {
     1 + ((shares.saturating_sub(2)) * 9999) / 262_142
 }
 
+/// The limits of a cgroup skiff makes itself (a WebAssembly shim's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OwnLimits {
+    pub memory_max: Option<u64>,
+    pub pids_max: Option<u64>,
+}
+
+/// The v1 controllers a skiff-made cgroup joins (those the host has).
+const OWN_V1: &[&str] = &["memory", "pids", "cpu", "cpuacct"];
+
 impl Cgroups {
+    /// Makes `cg` (e.g. `/skiff/<id>`) with `limits` and moves process `pid` into it. On
+    /// v2 the controllers are enabled down the path first.
+    pub fn enter(&self, cg: &str, limits: &OwnLimits, pid: u32) -> std::io::Result<()> {
+        let write = |dir: &Path, file: &str, value: String| fs::write(dir.join(file), value);
+        match self.version {
+            CgroupVersion::V1 => {
+                for ctrl in OWN_V1.iter().filter(|c| self.root.join(c).is_dir()) {
+                    let d = self.dir(ctrl, cg);
+                    fs::create_dir_all(&d)?;
+                    match *ctrl {
+                        "memory" => {
+                            if let Some(m) = limits.memory_max {
+                                write(&d, "memory.limit_in_bytes", m.to_string())?;
+                            }
+                        }
+                        "pids" => {
+                            if let Some(p) = limits.pids_max {
+                                write(&d, "pids.max", p.to_string())?;
+                            }
+                        }
+                        _ => {}
+                    }
+                    write(&d, "cgroup.procs", pid.to_string())?;
+                }
+            }
+            CgroupVersion::V2 => {
+                let rel = cg.trim_start_matches('/');
+                let mut at = self.root.clone();
+                for part in Path::new(rel).components() {
+                    // The parent hands memory and pids down to its children.
+                    write(&at, "cgroup.subtree_control", "+memory +pids".into())?;
+                    at.push(part);
+                    fs::create_dir_all(&at)?;
+                }
+                if let Some(m) = limits.memory_max {
+                    write(&at, "memory.max", m.to_string())?;
+                }
+                if let Some(p) = limits.pids_max {
+                    write(&at, "pids.max", p.to_string())?;
+                }
+                write(&at, "cgroup.procs", pid.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `cg` (once its processes are gone) wherever [`Cgroups::enter`] made it.
+    pub fn remove(&self, cg: &str) {
+        match self.version {
+            CgroupVersion::V1 => {
+                for ctrl in OWN_V1 {
+                    let _ = fs::remove_dir(self.dir(ctrl, cg));
+                }
+            }
+            CgroupVersion::V2 => {
+                let _ = fs::remove_dir(self.dir("", cg));
+            }
+        }
+    }
+
     /// Detects the host's mode: v2 when `/sys/fs/cgroup` is itself cgroup2, else v1
     /// (hybrid hosts count as v1, as runc treats them).
     pub fn detect() -> Self {
@@ -185,6 +257,29 @@ mod tests {
         let p = root.join(rel);
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(p, body).unwrap();
+    }
+
+    #[test]
+    fn own_cgroups_on_both_versions() {
+        let t = tempfile::tempdir().unwrap();
+        let v1 = t.path().join("v1");
+        for c in ["memory", "pids", "cpu"] {
+            fs::create_dir_all(v1.join(c)).unwrap();
+        }
+        let limits = OwnLimits { memory_max: Some(96 << 20), pids_max: Some(64) };
+        Cgroups::at(CgroupVersion::V1, &v1).enter("/skiff/w1", &limits, 42).unwrap();
+        assert_eq!(fs::read_to_string(v1.join("memory/skiff/w1/memory.limit_in_bytes")).unwrap(), "100663296");
+        assert_eq!(fs::read_to_string(v1.join("pids/skiff/w1/pids.max")).unwrap(), "64");
+        assert_eq!(fs::read_to_string(v1.join("cpu/skiff/w1/cgroup.procs")).unwrap(), "42");
+        assert!(!v1.join("cpuacct").exists(), "a controller the host lacks is left out");
+        let v2 = t.path().join("v2");
+        fs::create_dir_all(&v2).unwrap();
+        Cgroups::at(CgroupVersion::V2, &v2).enter("/skiff/w1", &limits, 42).unwrap();
+        assert_eq!(fs::read_to_string(v2.join("cgroup.subtree_control")).unwrap(), "+memory +pids");
+        assert_eq!(fs::read_to_string(v2.join("skiff/cgroup.subtree_control")).unwrap(), "+memory +pids");
+        assert_eq!(fs::read_to_string(v2.join("skiff/w1/memory.max")).unwrap(), "100663296");
+        assert_eq!(fs::read_to_string(v2.join("skiff/w1/pids.max")).unwrap(), "64");
+        assert_eq!(fs::read_to_string(v2.join("skiff/w1/cgroup.procs")).unwrap(), "42");
     }
 
     #[test]

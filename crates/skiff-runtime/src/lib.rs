@@ -22,6 +22,7 @@ pub mod wasm;
 #[cfg(not(feature = "wasm"))]
 #[path = "wasm_stub.rs"]
 pub mod wasm;
+mod wasm_user;
 
 use skiff_model::{Deployment, ExitStatus};
 use std::path::PathBuf;
@@ -94,6 +95,8 @@ pub trait Runtime: Send + Sync {
     /// Stops nothing: removes what `create` made. Call after the instance has exited.
     fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     fn log_path(&self, id: &str) -> PathBuf;
+    /// The instance's directory (what only the agent and the shim, as root, write).
+    fn instance_dir(&self, id: &str) -> PathBuf;
     fn stats(&self, id: &str) -> cgroup::CgroupStats;
     fn limits(&self, id: &str) -> cgroup::CgroupLimits;
     /// Ids of instances this backend has state for (for adoption and cleanup).

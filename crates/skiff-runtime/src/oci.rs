@@ -258,6 +258,10 @@ impl Runtime for OciRuntime {
         Ok(())
     }
 
+    fn instance_dir(&self, id: &str) -> PathBuf {
+        self.dir(id)
+    }
+
     fn log_path(&self, id: &str) -> PathBuf {
         self.dir(id).join(shim::LOG_FILE)
     }

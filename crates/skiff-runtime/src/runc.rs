@@ -132,12 +132,18 @@ impl Runc {
     }
 }
 
-/// Reads up to 1 MiB from a child's pipe on a thread.
+/// The most of each of an exec's stdout and stderr that is kept.
+pub const MAX_EXEC_OUTPUT: u64 = 16 << 20;
+
+/// Reads a child's pipe to its end on a thread, keeping the first [`MAX_EXEC_OUTPUT`]
+/// bytes: the rest is read and dropped, so a command with more to say finishes rather
+/// than dying of a broken pipe.
 fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
         let mut v = vec![];
-        if let Some(p) = pipe {
-            let _ = p.take(1 << 20).read_to_end(&mut v);
+        if let Some(mut p) = pipe {
+            let _ = (&mut p).take(MAX_EXEC_OUTPUT).read_to_end(&mut v);
+            let _ = std::io::copy(&mut p, &mut std::io::sink());
         }
         v
     })

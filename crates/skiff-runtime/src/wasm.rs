@@ -3,8 +3,15 @@
 //!
 //! ```text
 //! <root>/<id>/shim.json   log settings          <root>/<id>/wasm.json  module, argv, env, limits
-//! <root>/<id>/container.log[.N], exit.json      <root>/<id>/shim.pid = init.pid (the shim runs the guest)
+//! <root>/<id>/shim.pid, shim.id, init.pid (the shim runs the guest)        (root's, 0711)
+//! <root>/<id>/state/container.log[.N], exit.json, shim.log  (the instance's user's, 0700)
 //! ```
+//!
+//! The shim sets up as root (joins the namespace, loads the program, binds its ports,
+//! opens its log, enters its cgroup), then becomes the instance's own unprivileged user
+//! ([`uid_for`]; group: its deployment's, [`gid_for`]) with no capabilities. What it
+//! writes from then on is in `state/`, the only place that user may write; what the
+//! agent writes for it (its settings) stays out of its reach.
 //!
 //! Everything else is as for containers: the shim is started the same way (its own
 //! session, so it outlives the agent), its output goes to `container.log` and its end to
@@ -39,9 +46,46 @@ pub const AVAILABLE: bool = true;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WasmShim {
     pub spec: skiff_wasm::Spec,
-    /// The network namespace to join first (bridge mode).
+    /// The network namespace to join first (bridge mode); with none and `spec.network`
+    /// off, the shim makes an empty one of its own.
     #[serde(default)]
     pub netns: Option<PathBuf>,
+    /// The unprivileged user and group the shim becomes once it has set up ([`uid_for`],
+    /// [`gid_for`]).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// The cgroup the shim enters (`/skiff/<id>`), and its limits.
+    #[serde(default)]
+    pub cgroup: Option<(String, crate::cgroup::OwnLimits)>,
+}
+
+pub use crate::wasm_user::{gid_for, uid_for};
+
+/// Where an instance's shim writes once it dropped its privileges.
+pub const STATE_DIR: &str = "state";
+
+/// Memory a wasm shim uses beside its guest's linear memories (the engine, the compiled
+/// code, the runtime): added to `--memory` for its cgroup's limit.
+pub const SHIM_OVERHEAD: u64 = 64 << 20;
+/// Tasks (threads) in a wasm shim's cgroup.
+pub const SHIM_PIDS: u64 = 256;
+
+/// Every address of this host's interfaces: out of bounds for guests unless allowed.
+pub fn host_addrs() -> Vec<std::net::IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return vec![] };
+    let mut v: Vec<std::net::IpAddr> = addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|s| std::net::IpAddr::V4(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())))
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 pub struct WasmRuntime {
@@ -142,7 +186,14 @@ pub fn spec(req: &CreateRequest<'_>, module: &skiff_image::WasmModule, cache_dir
         pool: d.wasm.pool,
         http_ports,
         network: d.network != NetworkMode::None,
+        allow_local: d.wasm.allow_local,
+        node_addrs: host_addrs(),
     }
+}
+
+/// The cgroup of a wasm instance (as a container's: `/skiff/<id>`).
+fn cgroup_of(id: &str) -> String {
+    format!("/skiff/{id}")
 }
 
 impl WasmRuntime {
@@ -154,6 +205,15 @@ impl WasmRuntime {
     ) -> Result<Self, RuntimeError> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(io("create", &root))?;
+        // Traversable (not listable) down to each instance's `state/`, which its shim
+        // writes as the instance's own user.
+        for d in [root.parent(), Some(root.as_path())].into_iter().flatten() {
+            skiff_sys::perms::traversable(d).map_err(|e| RuntimeError::Io {
+                op: "chmod",
+                path: e.path,
+                source: e.source,
+            })?;
+        }
         Ok(WasmRuntime {
             root,
             cache_dir: cache_dir.into(),
@@ -189,6 +249,11 @@ impl WasmRuntime {
 
     pub fn dir(&self, id: &str) -> PathBuf {
         self.root.join(id)
+    }
+
+    /// Where the instance's shim writes after dropping its privileges.
+    pub fn state(&self, id: &str) -> PathBuf {
+        self.dir(id).join(STATE_DIR)
     }
 
     pub fn cache_dir(&self) -> &Path {
@@ -229,7 +294,31 @@ impl Runtime for WasmRuntime {
             log_max_bytes: self.log_max_bytes,
             log_max_files: self.log_max_files,
         };
-        let wasm = WasmShim { spec: spec(req, module, &self.cache_dir), netns: req.netns.clone() };
+        let uid = uid_for(&req.id);
+        let gid = gid_for(&req.deployment.name);
+        let limits = crate::cgroup::OwnLimits {
+            memory_max: req.deployment.resources.memory_bytes.map(|m| m + SHIM_OVERHEAD),
+            pids_max: Some(SHIM_PIDS),
+        };
+        let wasm = WasmShim {
+            spec: spec(req, module, &self.cache_dir),
+            netns: req.netns.clone(),
+            uid: Some(uid),
+            gid: Some(gid),
+            cgroup: Some((cgroup_of(&req.id), limits)),
+        };
+        // The instance's directory is root's (traversable, for its state); `state/` is
+        // the instance user's alone.
+        crate::oci::set_mode(&dir, 0o711)?;
+        let state = dir.join(STATE_DIR);
+        fs::create_dir_all(&state).map_err(io("create", &state))?;
+        let (owner, group) = (Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(gid)));
+        nix::unistd::chown(&state, owner, group).map_err(|e| RuntimeError::Io {
+            op: "chown",
+            path: state.clone(),
+            source: e.into(),
+        })?;
+        crate::oci::set_mode(&state, 0o700)?;
         for (name, bytes) in
             [(shim::SHIM_CONFIG, serde_json::to_vec_pretty(&shim_cfg)), (WASM_CONFIG, serde_json::to_vec_pretty(&wasm))]
         {
@@ -251,7 +340,7 @@ impl Runtime for WasmRuntime {
     }
 
     fn liveness(&self, id: &str) -> Liveness {
-        if let Some(e) = shim::recorded_exit(&self.dir(id)) {
+        if let Some(e) = shim::recorded_exit(&self.state(id)) {
             return Liveness::Exited(e);
         }
         match self.shim_pid(id) {
@@ -280,7 +369,7 @@ impl Runtime for WasmRuntime {
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            if self.shim_pid(id).is_none() && !self.dir(id).join(shim::EXIT_FILE).exists() {
+            if self.shim_pid(id).is_none() && !self.state(id).join(shim::EXIT_FILE).exists() {
                 let exit = ExitStatus {
                     code: 137,
                     signal: Some(9),
@@ -288,7 +377,7 @@ impl Runtime for WasmRuntime {
                     finished_at_ms: crate::time::now_ms(),
                     message: None,
                 };
-                shim::write_exit(&self.dir(id), &exit);
+                shim::write_exit(&self.state(id), &exit);
             }
         }
         Ok(())
@@ -309,7 +398,14 @@ impl Runtime for WasmRuntime {
     fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         if let Some(pid) = self.shim_pid(id) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            for _ in 0..100 {
+                if self.shim_pid(id).is_none() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
+        crate::cgroup::Cgroups::detect().remove(&cgroup_of(id));
         let dir = self.dir(id);
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
@@ -318,7 +414,11 @@ impl Runtime for WasmRuntime {
     }
 
     fn log_path(&self, id: &str) -> PathBuf {
-        self.dir(id).join(shim::LOG_FILE)
+        self.state(id).join(shim::LOG_FILE)
+    }
+
+    fn instance_dir(&self, id: &str) -> PathBuf {
+        self.dir(id)
     }
 
     /// From the shim's own accounting in /proc: it is the instance.
@@ -403,6 +503,28 @@ pub fn prune_cache(cache_dir: &Path, keep: impl Fn(&str) -> bool) -> u64 {
     }
 }
 
+/// Becomes `uid` (group `gid`, no other groups, no capabilities left, no new privileges),
+/// after handing the files of `state` to it. Everything that needed root is done by now:
+/// the namespace joined, the program loaded, the ports bound, the log opened, the cgroup
+/// entered. Files it makes are its group's too (umask 007): the deployment's volumes are
+/// shared by its replicas.
+fn drop_privileges(state: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    use nix::unistd::{Gid, Uid};
+    let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    for e in fs::read_dir(state).map_err(|e| format!("{}: {e}", state.display()))?.flatten() {
+        let _ = nix::unistd::fchownat(None, &e.path(), Some(u), Some(g), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW);
+    }
+    nix::unistd::setgroups(&[g]).map_err(|e| format!("setgroups: {e}"))?;
+    nix::unistd::setresgid(g, g, g).map_err(|e| format!("setresgid: {e}"))?;
+    nix::unistd::setresuid(u, u, u).map_err(|e| format!("setresuid: {e}"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o007));
+    if nix::unistd::geteuid().is_root() {
+        return Err("still root after dropping privileges".into());
+    }
+    Ok(())
+}
+
 /// `skiff shim` for a WebAssembly instance. Reports `ok <pid>` once the program is
 /// loaded, checked and its ports bound (or `err <why>`, with nothing started), then runs
 /// it; never returns once it reported `ok`.
@@ -419,6 +541,11 @@ pub(crate) fn run_shim(
         let f = fs::File::open(ns).map_err(|e| format!("opening {}: {e}", ns.display()))?;
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| format!("joining {}: {e}", ns.display()))?;
+    } else if !w.spec.network {
+        // `network: none`: an empty namespace of its own (only a loopback, down), as a
+        // container gets, so no socket reaches anything.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("making an empty network namespace: {e}"))?;
     }
     // Stop signals are taken by this thread alone (blocked here, inherited blocked).
     let mut stops = SigSet::empty();
@@ -428,8 +555,10 @@ pub(crate) fn run_shim(
     stops.thread_block().map_err(|e| format!("blocking signals: {e}"))?;
     let t0 = std::time::Instant::now();
     let prepared = skiff_wasm::prepare_with(&w.spec, warm).map_err(|e| e.to_string())?;
+    let state = bundle.join(STATE_DIR);
+    let _ = fs::remove_file(state.join(shim::EXIT_FILE));
     shim::diag(
-        bundle,
+        &state,
         &format!(
             "{} {} ({:.2} ms)",
             prepared.program().describe(),
@@ -437,18 +566,25 @@ pub(crate) fn run_shim(
             t0.elapsed().as_secs_f64() * 1000.0
         ),
     );
-    let log = LogWriter::open(&bundle.join(shim::LOG_FILE), cfg.log_max_bytes, cfg.log_max_files)
+    let log = LogWriter::open(&state.join(shim::LOG_FILE), cfg.log_max_bytes, cfg.log_max_files)
         .map_err(|e| format!("opening the log: {e}"))?;
     let log = Arc::new(Mutex::new(log));
     let (out, err) = (LineSink::new("stdout", Arc::clone(&log)), LineSink::new("stderr", log));
     let pid = std::process::id();
     let _ = fs::write(bundle.join(shim::PID_FILE), pid.to_string());
+    if let Some((cg, limits)) = &w.cgroup {
+        crate::cgroup::Cgroups::detect().enter(cg, limits, pid).map_err(|e| format!("entering cgroup {cg}: {e}"))?;
+    }
+    if let (Some(uid), Some(gid)) = (w.uid, w.gid) {
+        drop_privileges(&state, uid, gid)?;
+        shim::diag(&state, &format!("running as uid {uid}, gid {gid}, with no capabilities"));
+    }
     report(format!("ok {pid}"));
 
     // Whoever ends first — the program or a signal — writes the exit record and exits.
     let done = Arc::new(Mutex::new(()));
     let finish = {
-        let (bundle, out, err, done) = (bundle.to_path_buf(), out.clone(), err.clone(), Arc::clone(&done));
+        let (bundle, out, err, done) = (state.clone(), out.clone(), err.clone(), Arc::clone(&done));
         move |code: i32, signal: Option<i32>, oom: bool, message: Option<String>| -> ! {
             let _once = done.lock();
             out.finish();

@@ -9,6 +9,8 @@ use crate::{CreateRequest, Liveness, Runtime, RuntimeError};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::wasm_user::{gid_for, uid_for};
+
 pub const WASM_CONFIG: &str = "wasm.json";
 pub const AVAILABLE: bool = false;
 const MISSING: &str = "this skiff was built without WebAssembly support (cargo feature `wasm`)";
@@ -69,6 +71,9 @@ impl Runtime for WasmRuntime {
         Ok(())
     }
     fn log_path(&self, id: &str) -> PathBuf {
+        PathBuf::from(id)
+    }
+    fn instance_dir(&self, id: &str) -> PathBuf {
         PathBuf::from(id)
     }
     fn stats(&self, _id: &str) -> CgroupStats {

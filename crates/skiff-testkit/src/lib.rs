@@ -103,6 +103,14 @@ impl LayerBuilder {
         Ok(self)
     }
 
+    pub fn fifo(mut self, path: &str) -> Result<Self> {
+        let mut h = Self::header(tar::EntryType::Fifo, 0o644, 0);
+        Self::raw_name(&mut h, path)?;
+        h.set_cksum();
+        self.b.append(&h, std::io::empty())?;
+        Ok(self)
+    }
+
     pub fn whiteout(self, path: &str) -> Result<Self> {
         let (dir, name) = match path.rsplit_once('/') {
             Some((d, n)) => (format!("{d}/"), n),
@@ -375,6 +383,18 @@ fn nix_is_root() -> bool {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
+}
+
+/// The seccomp probe (`probes/seccomp.c`), built static with the host's C compiler (the
+/// setup scripts install gcc and libc6-dev): a binary that runs in a busybox image.
+pub fn seccomp_probe() -> Result<Vec<u8>> {
+    let dir = tempfile::tempdir()?;
+    let src = dir.path().join("seccomp.c");
+    std::fs::write(&src, include_str!("../probes/seccomp.c"))?;
+    let out = dir.path().join("probe");
+    let r = std::process::Command::new("gcc").args(["-static", "-O1", "-o"]).arg(&out).arg(&src).output()?;
+    anyhow::ensure!(r.status.success(), "gcc -static seccomp.c: {}", String::from_utf8_lossy(&r.stderr));
+    Ok(std::fs::read(out)?)
 }
 
 pub fn which(bin: &str) -> Option<std::path::PathBuf> {

@@ -30,6 +30,8 @@ pub struct P2State {
     pub(crate) wasi: WasiCtx,
     pub(crate) table: ResourceTable,
     pub(crate) http: WasiHttpCtx,
+    /// Where outgoing HTTP requests may go ([`crate::egress`]).
+    pub(crate) hooks: crate::egress::Hooks,
     pub(crate) memory: Memory,
 }
 
@@ -53,7 +55,7 @@ impl WasiView for P2State {
 
 impl WasiHttpView for P2State {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: Default::default() }
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
     }
 }
 

@@ -9,6 +9,12 @@
 //! the handler has not answered by then; a response body still streaming is cut).
 //! A trap or a handler that never answers is a 500 and a line in the instance's log;
 //! the server goes on.
+//!
+//! The listener faces whatever reaches the published port: at most [`MAX_CONNECTIONS`]
+//! connections are open at once (more are closed at once), a request's headers must come
+//! within [`HEADER_TIMEOUT`] (also between requests on a kept-alive connection), and at
+//! most [`DEFAULT_CONCURRENCY`] requests run at once without a `pool` (each is an
+//! instance with its own memory budget).
 
 use crate::check::P2State;
 use crate::limits::CpuShare;
@@ -26,6 +32,13 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
+
+/// Open connections per instance.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a request's headers may take (and a kept-alive connection may idle).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests handled at once when no pool says otherwise.
+pub const DEFAULT_CONCURRENCY: usize = 64;
 
 struct Server {
     pre: ProxyPre<P2State>,
@@ -58,18 +71,19 @@ pub(crate) async fn serve(
         pre,
         cpu,
         timeout: spec.timeout_ms.map(Duration::from_millis),
-        slots: spec.pool.map(|n| Semaphore::new(n as usize)),
+        slots: Some(Semaphore::new(spec.pool.map(|n| n as usize).unwrap_or(DEFAULT_CONCURRENCY))),
         spec,
         stdout,
         stderr,
     });
     let mut accepts = tokio::task::JoinSet::new();
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     for l in listeners {
         let l = match tokio::net::TcpListener::from_std(l) {
             Ok(l) => l,
             Err(e) => return Outcome { code: 1, oom: false, message: Some(format!("listening: {e}")) },
         };
-        let server = Arc::clone(&server);
+        let (server, open) = (Arc::clone(&server), Arc::clone(&open));
         accepts.spawn(async move {
             loop {
                 let stream = match l.accept().await {
@@ -80,14 +94,21 @@ pub(crate) async fn serve(
                         continue;
                     }
                 };
+                let Ok(slot) = Arc::clone(&open).try_acquire_owned() else {
+                    drop(stream);
+                    continue;
+                };
                 let server = Arc::clone(&server);
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let service = hyper::service::service_fn(move |req| {
                         let server = Arc::clone(&server);
                         async move { Ok::<_, Infallible>(server.handle(req).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .keep_alive(true)
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });

@@ -20,6 +20,7 @@
 
 pub mod cache;
 mod check;
+pub mod egress;
 pub mod engine;
 mod http;
 pub mod limits;
@@ -58,9 +59,27 @@ pub struct Spec {
     /// network namespace).
     #[serde(default)]
     pub http_ports: Vec<u16>,
-    /// Whether preview 2 programs may use sockets and name lookups (`wasi:sockets`).
+    /// Whether preview 2 programs may use sockets and name lookups (`wasi:sockets`) and
+    /// send HTTP requests (`network: none` is false).
     #[serde(default)]
     pub network: bool,
+    /// Whether the guest may reach loopback, link-local and the node's own addresses.
+    #[serde(default)]
+    pub allow_local: bool,
+    /// The node's own addresses (out of bounds unless `allow_local`).
+    #[serde(default)]
+    pub node_addrs: Vec<std::net::IpAddr>,
+}
+
+impl Spec {
+    /// Where the guest may connect.
+    pub fn egress(&self) -> egress::Egress {
+        egress::Egress {
+            network: self.network,
+            allow_local: self.allow_local,
+            node_addrs: std::sync::Arc::new(self.node_addrs.clone()),
+        }
+    }
 }
 
 /// A host directory the guest sees at `guest`.

@@ -46,7 +46,7 @@ pub(crate) fn wasi(
         })?;
     }
     if spec.network {
-        b.inherit_network().allow_ip_name_lookup(true);
+        b.socket_addr_check(crate::egress::socket_check(spec.egress())).allow_ip_name_lookup(true);
     }
     Ok(b)
 }
@@ -56,6 +56,7 @@ pub(crate) fn p2_state(spec: &Spec, stdout: &Output, stderr: &Output, inline_io:
         wasi: wasi(spec, stdout, stderr, inline_io)?.build(),
         table: ResourceTable::new(),
         http: Default::default(),
+        hooks: crate::egress::Hooks { egress: spec.egress() },
         memory: Memory::new(spec.memory_bytes),
     })
 }

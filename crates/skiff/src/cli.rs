@@ -296,6 +296,10 @@ pub struct RunArgs {
     /// a time (default: a fresh instance per request, no bound).
     #[arg(long = "wasm-pool")]
     pub wasm_pool: Option<u32>,
+    /// wasm: let the program connect to loopback, link-local (cloud metadata) and the
+    /// node's own addresses (out of bounds by default).
+    #[arg(long = "wasm-allow-local")]
+    pub wasm_allow_local: bool,
     #[arg(long)]
     pub name: Option<String>,
     /// CPU limit in cores (0.5) or millicores (500m).
@@ -764,6 +768,7 @@ fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -> Result<De
         );
     }
     d.wasm.pool = a.wasm_pool;
+    d.wasm.allow_local = a.wasm_allow_local;
     if let Some(c) = &a.cpus {
         d.resources.cpus_millis = Some(skiff_model::parse_cpus(c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?);
     }

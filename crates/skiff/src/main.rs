@@ -14,11 +14,12 @@ mod up;
 
 /// Every role starts here: nothing it creates is readable by other local users unless
 /// made so on purpose (umask 077), and the data directory is traversable but not listable,
-/// everything in it its owner's alone (see `skiff_sys::perms`). The wasm tree stays
-/// traversable for WebAssembly shims, which drop their privileges after setup.
+/// everything in it its owner's alone (see `skiff_sys::perms`). The wasm tree and the
+/// volumes stay traversable for WebAssembly shims, which drop their privileges after
+/// setup (each instance's own part of them is its alone).
 pub(crate) fn secure_data_dir(data: &std::path::Path) -> anyhow::Result<()> {
     skiff_sys::perms::restrict_umask();
-    skiff_sys::perms::secure_data_dir(data, &["wasm"])?;
+    skiff_sys::perms::secure_data_dir(data, &["wasm", "volumes"])?;
     Ok(())
 }
 

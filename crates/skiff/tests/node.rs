@@ -305,7 +305,9 @@ fn volumes_read_only_rootfs_and_network_modes() -> R {
     require_privileged!();
     let mut n = Node::new()?;
     n.up(None)?;
-    let host_dir = n.data().join("bind-src");
+    // Outside the data directory: the node's policy never lets a workload bind that.
+    let outside = tempfile::tempdir()?;
+    let host_dir = outside.path().join("bind-src");
     std::fs::create_dir_all(&host_dir)?;
     std::fs::write(host_dir.join("in.txt"), "from host")?;
     let bind = format!("{}:/in:ro", host_dir.display());

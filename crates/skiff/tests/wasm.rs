@@ -26,9 +26,10 @@ fn ended(i: &InstanceStatus) -> bool {
     matches!(i.state, InstanceState::Exited | InstanceState::Failed)
 }
 
-/// The instance's bundle directory (shim.json, wasm.json, shim.log, container.log).
+/// Where the instance's shim writes (shim.log, container.log, exit.json) once it runs as
+/// the instance's own unprivileged user.
 fn bundle(n: &Node, i: &InstanceStatus) -> PathBuf {
-    n.data().join("wasm/instances").join(&i.container_id)
+    n.data().join("wasm/instances").join(&i.container_id).join("state")
 }
 
 /// CPU time (user + system) a process has used.
@@ -97,10 +98,17 @@ fn a_wasm_file_runs_with_its_output_in_the_logs_its_exit_code_and_restart_policy
     );
     assert!(!shim_log.contains("compiled"), "{shim_log}");
 
-    // Volumes are preopened directories, read-only when asked.
-    let host = n.data().join("files");
+    // Volumes are preopened directories, read-only when asked. Outside the data directory
+    // (the node's policy refuses binding that), and writable by the program's user: it
+    // runs unprivileged.
+    let outside = tempfile::tempdir()?;
+    let host = outside.path().join("files");
     std::fs::create_dir(&host)?;
     std::fs::write(host.join("in.txt"), "from the host\n")?;
+    use std::os::unix::fs::PermissionsExt;
+    for (p, mode) in [(outside.path(), 0o755), (host.as_path(), 0o777), (&host.join("in.txt"), 0o644)] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
+    }
     let files = program(&n, "files.wasm", wasm::files())?;
     let vol = format!("{}:/data", host.display());
     n.ok(&["run", &files, "--name", "rw", "-v", &vol])?;
@@ -188,7 +196,7 @@ fn a_wasm_workload_outlives_the_agent_and_an_http_component_serves_its_published
 
     // The agent dies (SIGKILL): the shims run on; when it comes back it adopts them.
     n.kill_up()?;
-    let ticks = n.data().join("wasm/instances").join(&tick.container_id).join("container.log");
+    let ticks = n.data().join("wasm/instances").join(&tick.container_id).join("state/container.log");
     let before = std::fs::read_to_string(&ticks)?.lines().count();
     wait_for(10 * SEC, "ticks while the agent is away", || {
         (std::fs::read_to_string(&ticks).ok()?.lines().count() > before + 3).then_some(())

@@ -3,6 +3,8 @@
 //! on drop, even when the test fails.
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use anyhow::{bail, Context, Result};
 use skiff_model::{EventRecord, InstanceStatus};
 use std::path::{Path, PathBuf};
@@ -54,9 +56,14 @@ impl Node {
 
     /// A node with an empty data directory.
     pub fn bare() -> Result<Self> {
+        Self::bare_in(&std::env::temp_dir())
+    }
+
+    /// A node whose data directory is made in `parent` (a small tmpfs, say).
+    pub fn bare_in(parent: &Path) -> Result<Self> {
         let n = N.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
-        let dir = tempfile::Builder::new().prefix("skiff-test-").tempdir()?;
+        let dir = tempfile::Builder::new().prefix("skiff-test-").tempdir_in(parent)?;
         let node = Node {
             bridge: format!("skt{}x{n}", pid % 100_000),
             subnet: format!("10.{}.{}.0/24", 214 + (pid % 20), (n * 7 + pid / 20) % 250),
@@ -219,6 +226,14 @@ impl Node {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.up_log).unwrap_or_default()
+    }
+
+    /// Waits (at most `limit`) for this node's process to exit by itself; its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let c = self.up.as_mut().context("no process")?;
+        let st = wait_for(limit, "the process to exit", || c.try_wait().ok().flatten())?;
+        self.up = None;
+        Ok(st)
     }
 
     pub fn up_pid(&self) -> Option<u32> {
