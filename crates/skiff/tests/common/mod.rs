@@ -187,6 +187,15 @@ impl Node {
     /// As `spawn`, inside the network namespace `netns` when given (via nsenter, which
     /// keeps the host's /sys and cgroup mounts that runc needs).
     pub fn spawn_in(&mut self, netns: Option<&str>, args: &[&str]) -> Result<()> {
+        self.spawn_full(netns, args, &[])
+    }
+
+    /// As `spawn`, with extra environment variables (a crash point, say).
+    pub fn spawn_env(&mut self, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+        self.spawn_full(None, args, env)
+    }
+
+    fn spawn_full(&mut self, netns: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
         let n = N.fetch_add(1, Ordering::SeqCst);
         self.up_log = self.data().join(format!("proc-{n}.log"));
         let log = std::fs::File::create(&self.up_log)?;
@@ -203,6 +212,7 @@ impl Node {
             .arg(self.data())
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
