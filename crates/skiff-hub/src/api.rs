@@ -117,12 +117,27 @@ async fn auth(State(hub): State<Shared>, req: Request, next: Next) -> Response {
     }
 }
 
+/// A JSON request body, or a 400 naming where it is wrong: `request body:
+/// deployments[0].resources: unknown field `memroy`` (the path, then serde's words).
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            bad(format!("request body: {inner}"))
+        } else {
+            bad(format!("request body: {path}: {inner}"))
+        }
+    })
+}
+
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn apply(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let req: ApplyRequest = serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let req: ApplyRequest = parse_body(&body)?;
     let warnings = match &hub.fleet {
         Some(f) => f.learn_platforms(&req.deployments.iter().map(|d| d.image.clone()).collect::<Vec<_>>()).await,
         None => vec![],
@@ -246,11 +261,7 @@ async fn rollout_undo(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let req: skiff_model::rollout::UndoRequest = if body.is_empty() {
-        Default::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?
-    };
+    let req: skiff_model::rollout::UndoRequest = if body.is_empty() { Default::default() } else { parse_body(&body)? };
     if hub.store.get(&name).map_err(internal)?.is_none() {
         return Err(not_found(format!("deployment {name:?} not found")));
     }
@@ -358,7 +369,7 @@ async fn exec(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let b: ExecBody = serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let b: ExecBody = parse_body(&body)?;
     if b.argv.is_empty() {
         return Err(bad("argv: must not be empty"));
     }
@@ -438,17 +449,12 @@ async fn cacerts(State(hub): State<Shared>) -> Result<Response, ApiError> {
 
 async fn join(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let f = fleet_of(&hub)?;
-    let req: skiff_model::proto::JoinRequest =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let req: skiff_model::proto::JoinRequest = parse_body(&body)?;
     Ok(Json(f.join(&req).map_err(fleet_error)?).into_response())
 }
 
 async fn create_token(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let req: crate::tokens::TokenRequest = if body.is_empty() {
-        Default::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?
-    };
+    let req: crate::tokens::TokenRequest = if body.is_empty() { Default::default() } else { parse_body(&body)? };
     let ca = hub.fleet.as_ref().map(|f| f.ca_sha256.clone());
     let now = crate::fleet::now_ms();
     let t = crate::tokens::create(&*hub.store, ca.as_deref(), &req, now).map_err(|e| match e {
@@ -528,8 +534,7 @@ async fn node_status(
 ) -> Result<Response, ApiError> {
     let f = fleet_of(&hub)?;
     f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
-    let st: skiff_model::proto::NodeStatus =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("request body: {e}")))?;
+    let st: skiff_model::proto::NodeStatus = parse_body(&body)?;
     if let Some(i) = st.instances.iter().find(|i| i.node != name) {
         return Err(ApiError(StatusCode::FORBIDDEN, format!("instances[{}]: belongs to node {:?}", i.name, i.node)));
     }
