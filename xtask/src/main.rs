@@ -6,6 +6,7 @@
 
 use anyhow::{bail, Result};
 
+mod flood;
 mod hubsim;
 mod wasmbench;
 
@@ -60,6 +61,10 @@ fn main() -> Result<()> {
             let metrics: u64 = rest.first().map(|m| m.parse()).transpose()?.unwrap_or(0);
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(hubsim::run(conf, token, nodes.parse()?, idle.parse()?, pid.parse()?, metrics))
+        }
+        ["flood", conf, conns, samples] => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(flood::run(conf, conns.parse()?, samples.parse()?))
         }
         ["http-load", port, stop_file, max_secs] => {
             // A client loop for benchmarks: GET 127.0.0.1:PORT/ one request after another

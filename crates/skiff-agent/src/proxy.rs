@@ -368,7 +368,7 @@ mod tests {
     #[tokio::test]
     async fn a_flood_from_one_address_takes_only_its_share() {
         let target = echo_tcp().await;
-        let limits = skiff_sys::connlimit::ConnLimits { total: 10, per_ip: 3 };
+        let limits = skiff_sys::connlimit::ConnLimits { total: 10, per_ip: 3, rate_per_ip: None };
         let mut p = Proxies::new(limits).with_idle(Duration::from_millis(500));
         let port = publish(&mut p, Protocol::Tcp, vec![target]).await;
         let mut held = vec![];

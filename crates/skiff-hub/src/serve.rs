@@ -39,12 +39,14 @@ const FD_RESERVE: usize = 512;
 
 impl ServeConfig {
     /// The defaults: `max_connections` in total (never above the file limit less a
-    /// reserve), `max_per_ip` from one address, 10 s for headers, 120 s idle (longer
-    /// than the longest long-poll, 60 s).
-    pub fn new(tls: Option<rustls::ServerConfig>, max_connections: usize, max_per_ip: usize) -> Self {
+    /// reserve), `max_per_ip` from one address opening at most `rate_per_ip` a second
+    /// (ten times that at once: a site of nodes reconnecting after a hub restart), 10 s
+    /// for headers, 120 s idle (longer than the longest long-poll, 60 s).
+    pub fn new(tls: Option<rustls::ServerConfig>, max_connections: usize, max_per_ip: usize, rate_per_ip: f64) -> Self {
         ServeConfig {
             tls: tls.map(Arc::new),
-            limits: ConnLimits::within_fd_limit(max_connections, max_per_ip, FD_RESERVE),
+            limits: ConnLimits::within_fd_limit(max_connections, max_per_ip, FD_RESERVE)
+                .with_rate(rate_per_ip, rate_per_ip * 10.0),
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
         }
@@ -219,7 +221,7 @@ mod tests {
         let router = Router::new().route("/api/v1/health", axum::routing::get(|| async { "ok" }));
         let cfg = ServeConfig {
             tls: None,
-            limits: ConnLimits { total: 50, per_ip: 20 },
+            limits: ConnLimits { total: 50, per_ip: 20, rate_per_ip: None },
             header_timeout: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(5),
         };

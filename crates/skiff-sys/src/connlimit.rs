@@ -1,5 +1,6 @@
-//! Caps on open connections, in total and per source address: a flood from one address
-//! (or a NAT full of misbehaving devices) takes at most its share of a listener, and the
+//! Caps on open connections, in total and per source address, and on how fast one address
+//! may open new ones: a flood from one address (or a NAT full of misbehaving devices)
+//! takes at most its share of a listener and of the CPU its handshakes cost, and the
 //! process never runs out of file descriptors. Each accepted connection holds a guard;
 //! dropping it gives the slot back.
 
@@ -8,10 +9,12 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 /// How many connections a listener keeps open at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ConnLimits {
     pub total: usize,
     pub per_ip: usize,
+    /// New connections one address may open per second, and in a burst (`None`: any).
+    pub rate_per_ip: Option<(f64, f64)>,
 }
 
 impl ConnLimits {
@@ -19,7 +22,13 @@ impl ConnLimits {
     /// this process may open, minus `reserve` for everything else it does.
     pub fn within_fd_limit(total: usize, per_ip: usize, reserve: usize) -> Self {
         let fds = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1024) as usize;
-        ConnLimits { total: total.min(fds.saturating_sub(reserve).max(16)), per_ip }
+        ConnLimits { total: total.min(fds.saturating_sub(reserve).max(16)), per_ip, rate_per_ip: None }
+    }
+
+    /// Also at most `per_second` new connections from one address (and `burst` at once).
+    pub fn with_rate(mut self, per_second: f64, burst: f64) -> Self {
+        self.rate_per_ip = Some((per_second, burst));
+        self
     }
 }
 
@@ -43,12 +52,16 @@ pub enum Refused {
     Total(usize),
     #[error("{1} connections open from {0}, the most one address may have")]
     PerIp(IpAddr, usize),
+    #[error("{0} opens connections faster than one address may")]
+    Rate(IpAddr),
 }
 
 #[derive(Default)]
 struct Open {
     total: usize,
     by_ip: HashMap<IpAddr, usize>,
+    /// Per address: tokens left and when they were counted.
+    buckets: HashMap<IpAddr, (f64, std::time::Instant)>,
 }
 
 /// The connections open on one listener.
@@ -71,6 +84,11 @@ impl ConnCounter {
 
     /// A slot for a connection from `ip`, if it is within the limits.
     pub fn try_enter(&self, ip: IpAddr) -> Result<ConnGuard, Refused> {
+        self.try_enter_at(ip, std::time::Instant::now())
+    }
+
+    /// [`ConnCounter::try_enter`] at `now` (tests pass their own clock).
+    pub fn try_enter_at(&self, ip: IpAddr, now: std::time::Instant) -> Result<ConnGuard, Refused> {
         let mut o = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if o.total >= self.limits.total {
             return Err(Refused::Total(o.total));
@@ -78,6 +96,21 @@ impl ConnCounter {
         let n = o.by_ip.get(&ip).copied().unwrap_or(0);
         if n >= self.limits.per_ip {
             return Err(Refused::PerIp(ip, n));
+        }
+        if let Some((rate, burst)) = self.limits.rate_per_ip {
+            if o.buckets.len() > 65_536 {
+                // Forget addresses whose buckets are full again (bounded memory).
+                o.buckets.retain(|_, (tokens, at)| {
+                    *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < burst
+                });
+            }
+            let (tokens, at) = o.buckets.entry(ip).or_insert((burst, now));
+            *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(burst);
+            *at = now;
+            if *tokens < 1.0 {
+                return Err(Refused::Rate(ip));
+            }
+            *tokens -= 1.0;
         }
         o.total += 1;
         *o.by_ip.entry(ip).or_default() += 1;
@@ -109,7 +142,7 @@ mod tests {
 
     #[test]
     fn one_address_cannot_take_every_slot() {
-        let c = ConnCounter::new(ConnLimits { total: 5, per_ip: 3 });
+        let c = ConnCounter::new(ConnLimits { total: 5, per_ip: 3, rate_per_ip: None });
         let (a, b): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "127.0.0.1".parse().unwrap());
         let flood: Vec<_> = (0..10).filter_map(|_| c.try_enter(a).ok()).collect();
         assert_eq!(flood.len(), 3);
@@ -122,5 +155,18 @@ mod tests {
         drop(flood);
         assert_eq!(c.open(), 1, "only the second admin connection is still open");
         assert!(ConnLimits::within_fd_limit(usize::MAX, 1, 100).total < usize::MAX);
+    }
+
+    #[test]
+    fn one_address_opens_connections_no_faster_than_its_rate() {
+        let c = ConnCounter::new(ConnLimits { total: 1000, per_ip: 1000, rate_per_ip: Some((10.0, 20.0)) });
+        let (a, b): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "127.0.0.1".parse().unwrap());
+        let t0 = std::time::Instant::now();
+        let burst = (0..100).filter(|_| c.try_enter_at(a, t0).is_ok()).count();
+        assert_eq!(burst, 20, "a burst of 20, then nothing");
+        assert_eq!(c.try_enter_at(a, t0).err(), Some(Refused::Rate(a)));
+        assert!(c.try_enter_at(b, t0).is_ok(), "other addresses have their own rate");
+        let later = t0 + std::time::Duration::from_secs(1);
+        assert_eq!((0..100).filter(|_| c.try_enter_at(a, later).is_ok()).count(), 10, "then 10 a second");
     }
 }

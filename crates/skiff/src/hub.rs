@@ -41,11 +41,16 @@ pub struct ConnArgs {
     /// as one address).
     #[arg(long, default_value_t = 1024)]
     pub max_connections_per_ip: usize,
+    /// New connections one address may open per second (ten times that at once): TLS
+    /// handshakes cost CPU, and a flood of them must not starve the operator.
+    #[arg(long, default_value_t = 100.0)]
+    pub connection_rate_per_ip: f64,
 }
 
 impl ConnArgs {
     pub fn serve_config(&self, tls: Option<rustls::ServerConfig>) -> skiff_hub::serve::ServeConfig {
-        skiff_hub::serve::ServeConfig::new(tls, self.max_connections, self.max_connections_per_ip)
+        let (max, per_ip, rate) = (self.max_connections, self.max_connections_per_ip, self.connection_rate_per_ip);
+        skiff_hub::serve::ServeConfig::new(tls, max, per_ip, rate)
     }
 }
 
