@@ -62,6 +62,29 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(hubsim::run(conf, token, nodes.parse()?, idle.parse()?, pid.parse()?, metrics))
         }
+        ["attack-images", dir] => {
+            // The hostile images of issue 13's tests, as OCI layouts for a replay by hand:
+            // probe (the seccomp probe at /probe), zero (/etc/passwd -> /dev/zero), fifo
+            // (/etc/group a FIFO), bomb (48 MiB of zeros in a few KB of gzip).
+            use skiff_testkit::{ImageBuilder, LayerBuilder};
+            let dir = std::path::Path::new(dir);
+            let probe = skiff_testkit::seccomp_probe()?;
+            let images = [
+                ("probe", LayerBuilder::new().file("probe", 0o755, &probe)?.finish()?),
+                ("zero", LayerBuilder::new().symlink("etc/passwd", "/dev/zero")?.finish()?),
+                ("fifo", LayerBuilder::new().fifo("etc/group")?.finish()?),
+                ("bomb", LayerBuilder::new().file("bomb", 0o644, &vec![0u8; 48 << 20])?.finish()?),
+            ];
+            for (name, layer) in images {
+                let out = dir.join(name);
+                if out.exists() {
+                    std::fs::remove_dir_all(&out)?;
+                }
+                ImageBuilder::busybox()?.layer(layer).write_oci_layout(&out, &format!("localhost/{name}:1"))?;
+            }
+            println!("wrote probe, zero, fifo and bomb layouts under {}", dir.display());
+            Ok(())
+        }
         ["flood", conf, conns, samples] => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(flood::run(conf, conns.parse()?, samples.parse()?))
