@@ -726,28 +726,8 @@ impl Agent {
                     continue;
                 }
                 let tpl = rollout::template_hash(d);
-                let row = InstanceRow {
-                    name: name.clone(),
-                    deployment: d.name.clone(),
-                    container_id: self.container_id(&name, &tpl),
-                    spec: (*d).clone(),
-                    state: InstanceState::Pending,
-                    health: None,
-                    health_failures: 0,
-                    pid: None,
-                    ip: None,
-                    restarts: 0,
-                    streak: 0,
-                    exit_code: None,
-                    oom_killed: false,
-                    started_at_ms: None,
-                    finished_at_ms: None,
-                    next_start_ms: None,
-                    message: None,
-                    retiring: false,
-                    ready_since_ms: None,
-                    retire_at_ms: None,
-                };
+                let id = self.container_id(&name, &tpl);
+                let row = InstanceRow::pending(name, d.name.clone(), id, (*d).clone());
                 self.db(|s| s.put_instance(&row))?;
             }
         }

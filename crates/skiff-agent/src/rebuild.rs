@@ -89,28 +89,9 @@ mod tests {
     fn row(name: &str, dep: &str, id: &str, ip: &str, retiring: bool) -> InstanceRow {
         let mut spec = Deployment::new(dep, "img");
         spec.replicas = 3;
-        InstanceRow {
-            name: name.into(),
-            deployment: dep.into(),
-            container_id: id.into(),
-            spec,
-            state: InstanceState::Exited,
-            health: None,
-            health_failures: 0,
-            pid: Some(1),
-            ip: Some(ip.into()),
-            restarts: 2,
-            streak: 0,
-            exit_code: None,
-            oom_killed: false,
-            started_at_ms: None,
-            finished_at_ms: None,
-            next_start_ms: None,
-            message: None,
-            retiring,
-            ready_since_ms: None,
-            retire_at_ms: None,
-        }
+        let mut r = InstanceRow::pending(name.into(), dep.into(), id.into(), spec);
+        (r.state, r.pid, r.ip, r.restarts, r.retiring) = (InstanceState::Exited, Some(1), Some(ip.into()), 2, retiring);
+        r
     }
 
     #[test]

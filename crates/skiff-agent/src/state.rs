@@ -80,6 +80,34 @@ pub struct InstanceRow {
     pub retire_at_ms: Option<u64>,
 }
 
+impl InstanceRow {
+    /// A new instance, not started yet.
+    pub fn pending(name: String, deployment: String, container_id: String, spec: Deployment) -> Self {
+        InstanceRow {
+            name,
+            deployment,
+            container_id,
+            spec,
+            state: InstanceState::Pending,
+            health: None,
+            health_failures: 0,
+            pid: None,
+            ip: None,
+            restarts: 0,
+            streak: 0,
+            exit_code: None,
+            oom_killed: false,
+            started_at_ms: None,
+            finished_at_ms: None,
+            next_start_ms: None,
+            message: None,
+            retiring: false,
+            ready_since_ms: None,
+            retire_at_ms: None,
+        }
+    }
+}
+
 pub struct State {
     conn: Connection,
 }

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::fleet::{agent, hub, start_agent, wait_placed};
+use common::fleet::{agent, hub, hub_with, start_agent, wait_placed, wait_ready};
 use common::{wait_for, Node, IMAGE};
 use skiff_testkit::registry::Registry;
 use skiff_testkit::{ImageBuilder, LayerBuilder};
@@ -98,9 +98,7 @@ fn a_join_killed_at_any_step_is_finished_by_the_next_start_with_the_same_token()
         ];
         assert!(crash_at(&a, point, &args)?, "{point}: the join reached it and died");
         start_agent(&mut a, &server, Some(&t), Some(&name), &[])?;
-        wait_for(30 * SEC, &format!("{name} ready after a crash at {point}"), || {
-            h.ok(&["get", "nodes"]).ok().filter(|t| t.lines().any(|l| l.starts_with(&name) && l.contains("Ready")))
-        })?;
+        wait_ready(&h, &name).map_err(|e| anyhow::anyhow!("after a crash at {point}: {e}"))?;
     }
     // The hub dies after storing a join, before answering it: the agent asks again.
     let t = h.ok(&["token", "create", "--uses", "1"])?.trim().to_string();
@@ -115,20 +113,14 @@ fn a_join_killed_at_any_step_is_finished_by_the_next_start_with_the_same_token()
     h.spawn(&["hub", "--listen", &format!("127.0.0.1:{port}")])?;
     wait_for(30 * SEC, "the hub back", || h.cli(&["get", "nodes"]).ok()?.status.success().then_some(()))?;
     start_agent(&mut a, &server, Some(&t), Some("late"), &[])?;
-    wait_for(30 * SEC, "late ready", || {
-        h.ok(&["get", "nodes"]).ok().filter(|t| t.lines().any(|l| l.starts_with("late") && l.contains("Ready")))
-    })?;
+    wait_ready(&h, "late")?;
     Ok(())
 }
 
 #[test]
 fn a_renewal_killed_half_way_is_finished_at_the_next_start() -> R {
     skiff_testkit::require_privileged!();
-    let mut h = Node::bare()?;
-    h.spawn(&["hub", "--listen", "127.0.0.1:0", "--advertise", "127.0.0.1", "--node-cert-ttl", "30s"])?;
-    wait_for(30 * SEC, "the hub", || {
-        (h.data().join("admin.conf").exists() && h.cli(&["get", "nodes"]).ok()?.status.success()).then_some(())
-    })?;
+    let h = hub_with("127.0.0.1", &["--node-cert-ttl", "30s"])?;
     let server = h.server()?;
     let t = h.ok(&["token", "create"])?.trim().to_string();
     let mut a = Node::new()?;
@@ -156,10 +148,8 @@ fn a_renewal_killed_half_way_is_finished_at_the_next_start() -> R {
     let pki = a.data().join("pki");
     assert!(pki.join("node.next.pem").exists() && !pki.join("node.next.key").exists());
     start_agent(&mut a, &server, None, None, &[])?;
-    wait_for(30 * SEC, "the renewal finished and edge back", || {
-        (!pki.join("node.next.pem").exists()).then_some(())?;
-        h.ok(&["get", "nodes"]).ok().filter(|t| t.lines().any(|l| l.starts_with("edge") && l.contains("Ready")))
-    })?;
+    wait_for(30 * SEC, "the renewal finished", || (!pki.join("node.next.pem").exists()).then_some(()))?;
+    wait_ready(&h, "edge")?;
     Ok(())
 }
 
@@ -174,9 +164,7 @@ fn an_assignment_the_agent_could_not_store_is_sent_again() -> R {
     let mut a = Node::bare_in(disk.path())?;
     a.load(&ImageBuilder::busybox()?, IMAGE)?;
     start_agent(&mut a, &h.server()?, Some(&t), Some("tiny"), &[])?;
-    wait_for(30 * SEC, "tiny ready", || {
-        h.ok(&["get", "nodes"]).ok().filter(|t| t.lines().any(|l| l.starts_with("tiny") && l.contains("Ready")))
-    })?;
+    wait_ready(&h, "tiny")?;
     // Fill the disk to the last byte.
     let filler = disk.path().join("filler");
     let st = nix::sys::statvfs::statvfs(disk.path())?;

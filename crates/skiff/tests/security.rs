@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::fleet::{agent, hub, hub_instances, start_agent, wait_placed};
+use common::fleet::{agent, hub, hub_instances, hub_with, start_agent, wait_placed};
 use common::{wait_for, Node, IMAGE};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
@@ -231,11 +231,7 @@ fn a_stolen_node_reaches_nothing_beyond_its_own_slots() -> R {
 #[test]
 fn node_certificates_renew_over_the_tunnel_and_an_expired_node_needs_a_new_token() -> R {
     skiff_testkit::require_privileged!();
-    let mut h = Node::bare()?;
-    h.spawn(&["hub", "--listen", "127.0.0.1:0", "--advertise", "127.0.0.1", "--node-cert-ttl", "30s"])?;
-    wait_for(30 * SEC, "the hub", || {
-        (h.data().join("admin.conf").exists() && h.cli(&["get", "nodes"]).ok()?.status.success()).then_some(())
-    })?;
+    let h = hub_with("127.0.0.1", &["--node-cert-ttl", "30s"])?;
     let server = h.server()?;
     let t = token(&h, &[])?;
     let mut a = agent(&h, &t, "edge-1", &[])?;
@@ -339,11 +335,7 @@ fn a_stalled_log_reader_and_a_large_exec_output_do_not_break_the_tunnel() -> R {
 #[test]
 fn a_connection_flood_does_not_lock_the_admin_out() -> R {
     skiff_testkit::require_privileged!();
-    let mut h = Node::bare()?;
-    h.spawn(&["hub", "--listen", "127.0.0.1:0", "--advertise", "127.0.0.1", "--max-connections-per-ip", "100"])?;
-    wait_for(30 * SEC, "the hub", || {
-        (h.data().join("admin.conf").exists() && h.cli(&["get", "nodes"]).ok()?.status.success()).then_some(())
-    })?;
+    let h = hub_with("127.0.0.1", &["--max-connections-per-ip", "100"])?;
     let server = h.server()?;
     let addr: std::net::SocketAddr = server.trim_start_matches("https://").parse()?;
     let mut flood = vec![];

@@ -14,12 +14,28 @@ pub fn hub() -> anyhow::Result<Node> {
 
 /// A hub listening on `ip` (a free port), naming that address in its certificate.
 pub fn hub_on(ip: &str) -> anyhow::Result<Node> {
+    hub_with(ip, &[])
+}
+
+/// As `hub_on`, with `extra` arguments to `skiff hub`.
+pub fn hub_with(ip: &str, extra: &[&str]) -> anyhow::Result<Node> {
     let mut h = Node::bare()?;
-    h.spawn(&["hub", "--listen", &format!("{ip}:0"), "--advertise", ip])?;
+    let listen = format!("{ip}:0");
+    let mut args = vec!["hub", "--listen", &listen, "--advertise", ip];
+    args.extend(extra);
+    h.spawn(&args)?;
     wait_for(30 * SEC, "the hub", || {
         (h.data().join("admin.conf").exists() && h.cli(&["get", "nodes"]).ok()?.status.success()).then_some(())
     })?;
     Ok(h)
+}
+
+/// Waits until the hub lists node `name` as Ready.
+pub fn wait_ready(h: &Node, name: &str) -> R {
+    wait_for(30 * SEC, &format!("{name} ready"), || {
+        h.ok(&["get", "nodes"]).ok().filter(|t| t.lines().any(|l| l.starts_with(name) && l.contains("Ready")))
+    })?;
+    Ok(())
 }
 
 pub fn agent(hub: &Node, token: &str, name: &str, labels: &[&str]) -> anyhow::Result<Node> {
