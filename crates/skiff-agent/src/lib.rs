@@ -149,9 +149,9 @@ impl Runtimes {
 
 /// Refuses a runc older than `min` (or one whose version is unknown).
 fn check_runc(found: Option<&str>, min: &str) -> Result<(), AgentError> {
-    let want = skiff_model::platform::version_triple(min)
+    let want = skiff_model::platform::version_key(min)
         .ok_or_else(|| AgentError::Other(format!("--require-runc-min: {min:?} is not a version (e.g. 1.2.8)")))?;
-    let have = found.and_then(skiff_model::platform::version_triple);
+    let have = found.and_then(skiff_model::platform::version_key);
     match (found, have) {
         (_, Some(h)) if h >= want => Ok(()),
         (Some(v), _) => Err(AgentError::Other(format!(
@@ -1242,9 +1242,19 @@ impl Agent {
             }
             // A wasm program runs as an unprivileged user of its deployment's group: the
             // volumes the agent made for it are that group's (setgid, so what one replica
-            // writes the others read), and the way to a named one is traversable.
-            if wasm && (made || named) {
-                let gid = nix::unistd::Gid::from_raw(skiff_runtime::wasm::gid_for(&d.name));
+            // writes the others read), and the way to a named one is traversable. A named
+            // volume made for something else (a container's database, another wasm
+            // deployment) is never handed over: it stays as it is.
+            let gid_raw = skiff_runtime::wasm::gid_for(&d.name);
+            let ours = made || {
+                use std::os::unix::fs::MetadataExt;
+                named && std::fs::symlink_metadata(&src).is_ok_and(|m| m.is_dir() && m.gid() == gid_raw)
+            };
+            if wasm && named && !ours {
+                warn!(deployment = %d.name, volume = %src.display(), "named volume belongs to another deployment; left as it is");
+            }
+            if wasm && ours {
+                let gid = nix::unistd::Gid::from_raw(gid_raw);
                 nix::unistd::chown(&src, None, Some(gid)).map_err(|e| fail(e.into()))?;
                 std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o2770)).map_err(fail)?;
                 if let Some(parent) = src.parent().filter(|_| named) {

@@ -66,8 +66,8 @@ pub fn stream(
 }
 
 /// New complete lines after (inode, offset); a new inode means the file was rotated.
-fn read_from(path: &PathBuf, (ino, off): (u64, u64)) -> (Vec<LogLine>, (u64, u64)) {
-    let Ok(mut f) = std::fs::File::open(path) else {
+fn read_from(path: &std::path::Path, (ino, off): (u64, u64)) -> (Vec<LogLine>, (u64, u64)) {
+    let Ok(mut f) = skiff_sys::regular::open(path) else {
         return (vec![], (ino, off));
     };
     let Ok(m) = f.metadata() else {

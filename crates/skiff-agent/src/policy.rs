@@ -131,6 +131,9 @@ impl Policy {
         let data = resolve(data_dir);
         for v in &d.volumes {
             let VolumeSource::Bind { path } = &v.source else { continue };
+            if !skiff_model::validate::is_clean_absolute(path) {
+                return Err(self.violation("bind mounts", format!("bind mount {path}: . or .. in the path")));
+            }
             let src = resolve(Path::new(path));
             if src.starts_with(&data) || data.starts_with(&src) {
                 return Err(self.violation(
@@ -164,7 +167,9 @@ impl Policy {
         }
         if let Some(allowed) = &self.devices.allowed {
             for dev in &d.devices {
-                if !allowed.iter().any(|p| glob(p, &dev.host_path)) {
+                if !skiff_model::validate::is_clean_absolute(&dev.host_path)
+                    || !allowed.iter().any(|p| glob(p, &dev.host_path))
+                {
                     return Err(self.violation("devices.allowed", format!("device {}", dev.host_path)));
                 }
             }
@@ -194,13 +199,15 @@ fn resolve(p: &Path) -> PathBuf {
     }
 }
 
-/// `*` matches any run of characters; everything else matches itself.
+/// `*` matches any run of characters within one path part (never a `/`); everything
+/// else matches itself.
 fn glob(pattern: &str, text: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == text,
         Some((head, rest)) => {
             let Some(after) = text.strip_prefix(head) else { return false };
-            (0..=after.len()).filter(|i| after.is_char_boundary(*i)).any(|i| glob(rest, &after[i..]))
+            let part = after.find('/').unwrap_or(after.len());
+            (0..=part).filter(|i| after.is_char_boundary(*i)).any(|i| glob(rest, &after[i..]))
         }
     }
 }
@@ -269,6 +276,9 @@ mod tests {
         assert_eq!(check(&|d| bind(d, "/srv/data")), None);
         assert_eq!(check(&|d| bind(d, "/etc")), Some("bind_mounts.allowed"));
         assert_eq!(check(&|d| bind(d, "/srv/secret/x")), Some("bind_mounts.denied"));
+        // `..` cannot walk out of an allowed directory, nor a missing one into the data.
+        assert_eq!(check(&|d| bind(d, "/srv/nope/../../var/lib/skiff")), Some("bind mounts"));
+        assert_eq!(check(&|d| bind(d, "/x/../var/lib/skiff")), Some("bind mounts"));
         assert_eq!(check(&|d| d.cap_add = vec!["net_admin".into(), "CHOWN".into()]), None);
         assert_eq!(check(&|d| d.cap_add = vec!["SYS_ADMIN".into()]), Some("capabilities.allowed"));
         assert_eq!(check(&|d| d.cap_add = vec!["ALL".into()]), Some("privileged"));
@@ -287,5 +297,7 @@ mod tests {
             assert!(e.contains(field), "{bad}: {e}");
         }
         assert!(glob("/dev/tty*", "/dev/ttyACM0") && !glob("/dev/tty*", "/dev/sda") && glob("/a*b*c", "/aXbYc"));
+        assert!(glob("/dev/bus/usb/*/*", "/dev/bus/usb/001/002"));
+        assert!(!glob("/dev/bus/usb/*", "/dev/bus/usb/../../sda") && !glob("/dev/snd/*", "/dev/snd/x/y"));
     }
 }

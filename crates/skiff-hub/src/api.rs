@@ -500,11 +500,15 @@ async fn assignments(
     Query(q): Query<AssignQuery>,
 ) -> Result<Response, ApiError> {
     let f = fleet_of(&hub)?;
-    f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
+    let peer = peer.map(|p| p.0).unwrap_or_default();
+    f.authorize(&peer, &name).map_err(fleet_error)?;
     let a = match q.after {
         Some(after) => {
             let wait = Duration::from_secs(q.wait.unwrap_or(30).min(60));
-            f.wait_assignment(&name, after, wait).await.map_err(fleet_error)?
+            let a = f.wait_assignment(&name, after, wait).await.map_err(fleet_error)?;
+            // The node may have been deleted or replaced while it waited.
+            f.authorize(&peer, &name).map_err(fleet_error)?;
+            a
         }
         None => f.assignment(&name).map_err(fleet_error)?,
     };
@@ -519,11 +523,12 @@ async fn tunnel(
     ws: axum::extract::WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let f = Arc::clone(fleet_of(&hub)?);
-    f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
+    let peer = peer.map(|p| p.0).unwrap_or_default();
+    f.authorize(&peer, &name).map_err(fleet_error)?;
     // Small buffers: tens of thousands of mostly idle tunnels, whose frames are small (the
     // default 128 KiB read buffer per connection would dominate the hub's memory).
     let ws = ws.read_buffer_size(8 << 10).write_buffer_size(0).max_message_size(MAX_BODY).max_frame_size(MAX_BODY);
-    Ok(ws.on_upgrade(move |socket| crate::tunnel::serve(f, name, socket)))
+    Ok(ws.on_upgrade(move |socket| crate::tunnel::serve(f, name, peer, socket)))
 }
 
 async fn node_status(

@@ -12,25 +12,31 @@ use crate::tls::Peer;
 use skiff_model::metrics::MetricsSample;
 use skiff_model::proto::{Assigned, Assignment, JoinRequest, JoinResponse, NodeStatus, StatusAck};
 use skiff_model::{Deployment, EventRecord, InstanceStatus};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// A node is Ready while its heartbeats arrive within this long of each other.
 pub const HEARTBEAT_GRACE_MS: u64 = 40_000;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FleetError {
     /// 400: the request names what is wrong.
+    #[error("{0}")]
     Invalid(String),
     /// 401: no or unknown credentials.
+    #[error("{0}")]
     Unauthenticated(String),
     /// 403: known, but not allowed.
+    #[error("{0}")]
     Forbidden(String),
     /// 404
+    #[error("{0}")]
     NotFound(String),
     /// 409: the name is taken.
+    #[error("{0}")]
     Conflict(String),
     /// 500
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -44,6 +50,33 @@ pub fn now_ms() -> u64 {
 
 /// Events kept per node on the hub.
 pub const EVENTS_PER_NODE: usize = 1000;
+/// The longest event message kept from a node (longer ones are cut).
+pub const EVENT_MESSAGE_MAX: usize = 4096;
+
+/// What a node says about its runtimes and their versions is kept in the store and shown:
+/// bounded in count and length.
+fn check_facts(runtimes: &[String], versions: &BTreeMap<String, String>) -> Result<(), FleetError> {
+    let short = |s: &str, max: usize| !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control);
+    if runtimes.len() > 16 || !runtimes.iter().all(|r| short(r, 32)) {
+        return Err(FleetError::Invalid("spec.runtimes: at most 16 names of up to 32 characters".into()));
+    }
+    if versions.len() > 16 || !versions.iter().all(|(k, v)| short(k, 32) && short(v, 64)) {
+        return Err(FleetError::Invalid("spec.versions: at most 16 entries, names of up to 32 characters".into()));
+    }
+    Ok(())
+}
+
+/// `s` cut to at most `max` bytes (at a character boundary).
+fn cap_text(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
 
 #[derive(Debug, Clone)]
 struct Seen {
@@ -100,8 +133,9 @@ pub struct Fleet {
     runtimes_changed: Mutex<BTreeMap<String, u64>>,
     /// What nodes did that the hub refused: reports of instances not theirs, floods.
     pub security: crate::events::EventLog,
-    /// (node, instance) reports already refused with an event (one event each).
-    refused: Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// When each node last had a report refused with an event (one a minute at most, so a
+    /// node cannot flush the security log or grow this with made-up names).
+    refused: Mutex<HashMap<String, u64>>,
 }
 
 /// How long a node certificate is valid unless the hub is told otherwise.
@@ -247,7 +281,12 @@ impl Fleet {
         let serial = self.tunnel_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let t = Arc::new(crate::tunnel::Tunnel::new(out, serial));
         if let Ok(mut m) = self.tunnels.lock() {
-            m.insert(node.to_string(), Arc::clone(&t));
+            // One tunnel per node: an older one (a second connection with the same
+            // certificate, or a node that dialled again) is closed, so that closing the
+            // node's tunnel on a delete or replacement really cuts it off.
+            if let Some(old) = m.insert(node.to_string(), Arc::clone(&t)) {
+                old.kick.notify_one();
+            }
         }
         t
     }
@@ -285,6 +324,7 @@ impl Fleet {
         if req.spec.arch.is_empty() || req.spec.os.is_empty() {
             return Err(FleetError::Invalid("spec: os and arch are required".into()));
         }
+        check_facts(&req.spec.runtimes, &req.spec.versions)?;
         let cert = self
             .ca
             .sign_node(&req.node, &req.csr, now, self.cert_ttl)
@@ -328,9 +368,11 @@ impl Fleet {
     }
 
     /// Signs a renewed certificate for a node from a CSR it sent over its tunnel (at most
-    /// once a minute). The node's current certificate stays accepted until it presents
-    /// the new one.
-    pub fn renew(&self, name: &str, csr: &str) -> Result<String, FleetError> {
+    /// once a minute), if the certificate the tunnel was opened with is still the node's
+    /// (not revoked, not replaced). The node's current certificate stays accepted until
+    /// it presents the new one.
+    pub fn renew(&self, peer: &Peer, name: &str, csr: &str) -> Result<String, FleetError> {
+        self.authorize(peer, name)?;
         let now = now_ms();
         let recent = self.renewed.lock().ok().and_then(|m| m.get(name).copied());
         if recent.is_some_and(|t| now.saturating_sub(t) < NODE_CHANGE_EVERY_MS) {
@@ -385,6 +427,7 @@ impl Fleet {
         runtimes: Option<&[String]>,
         versions: Option<&BTreeMap<String, String>>,
     ) -> Result<(), FleetError> {
+        check_facts(runtimes.unwrap_or_default(), versions.unwrap_or(&BTreeMap::new()))?;
         let Some(rec) = self.store.node(name).map_err(internal)? else { return Ok(()) };
         let mut info = rec.info.clone();
         if let Some(r) = runtimes {
@@ -488,24 +531,45 @@ impl Fleet {
         let ack = StatusAck { events_through: status.events_through };
         if let Ok(mut ev) = self.events.lock() {
             let q = ev.entry(node.to_string()).or_default();
-            q.extend(status.events.into_iter().map(|e| EventRecord { node: Some(node.to_string()), ..e }));
+            q.extend(status.events.into_iter().map(|e| EventRecord {
+                time_ms: e.time_ms,
+                object: cap_text(e.object, 256),
+                reason: cap_text(e.reason, 128),
+                message: cap_text(e.message, EVENT_MESSAGE_MAX),
+                node: Some(node.to_string()),
+            }));
             while q.len() > EVENTS_PER_NODE {
                 q.pop_front();
             }
         }
         let allowed = self.allowed(node);
         let mut instances = status.instances;
+        let mut refused: Vec<String> = vec![];
         instances.retain(|i| match allowed.refuse(node, i) {
             None => true,
             Some(why) => {
-                let first = self.refused.lock().is_ok_and(|mut r| r.insert((node.to_string(), i.name.clone())));
-                if first {
-                    let msg = format!("reported instance {} ({why}); ignored", i.name);
-                    self.security.push(now_ms(), node, "ReportRefused", msg);
-                }
+                refused.push(format!("{} ({why})", cap_text(i.name.clone(), 128)));
                 false
             }
         });
+        if !refused.is_empty() {
+            let now = now_ms();
+            let due = self.refused.lock().is_ok_and(|mut r| {
+                let last = r.entry(node.to_string()).or_insert(0);
+                let due = *last == 0 || now.saturating_sub(*last) >= NODE_CHANGE_EVERY_MS;
+                if due {
+                    *last = now;
+                }
+                due
+            });
+            if due {
+                let n = refused.len();
+                refused.truncate(5);
+                let more = if n > 5 { format!(" and {} more", n - 5) } else { String::new() };
+                let msg = format!("reported {n} instance(s) not its own: {}{more}; ignored", refused.join(", "));
+                self.security.push(now, node, "ReportRefused", msg);
+            }
+        }
         if let Ok(mut st) = self.statuses.lock() {
             st.insert(node.to_string(), instances);
         }
@@ -793,6 +857,7 @@ mod tests {
     use crate::store::SqliteStore;
     use crate::tokens::TokenRequest;
     use skiff_model::proto::JoinToken;
+    use std::time::Duration;
 
     fn fleet() -> (tempfile::TempDir, Fleet) {
         let t = tempfile::tempdir().unwrap();
@@ -855,7 +920,14 @@ mod tests {
     fn a_token_cannot_take_over_a_name_or_be_used_more_than_it_may() {
         let (_t, f) = fleet();
         let once = token(&f, TokenRequest { uses: Some(1), ..Default::default() });
-        f.join(&join_req(&once, "pi-1")).unwrap();
+        let first = join_req(&once, "pi-1");
+        f.join(&first).unwrap();
+        // The same device asking again (its answer was lost) gets its certificate with
+        // the same token; the same key with any other token is just a taken name.
+        f.join(&first).unwrap();
+        let other = any(&f);
+        let again = JoinRequest { token: other.clone(), ..first.clone() };
+        assert!(matches!(f.join(&again), Err(FleetError::Conflict(_))), "another token cannot repeat a join");
         assert!(
             matches!(f.join(&join_req(&once, "pi-2")), Err(FleetError::Forbidden(m)) if m.contains("used 1 time")),
             "a single-use token joins one node"
@@ -901,16 +973,37 @@ mod tests {
         assert!(!f.should_renew(&rec, now_ms()), "a fresh 90-day certificate");
         assert!(f.should_renew(&rec, now_ms() + 61 * 86_400_000), "a third of its life left");
         let (_key, csr) = crate::pki::tests::csr("a");
-        let cert = f.renew("a", &csr).unwrap();
+        let cert = f.renew(&a, "a", &csr).unwrap();
         let der = crate::pki::first_der(&cert).unwrap();
         let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
         let renewed = Peer { node: Some("a".into()), serial: Some(hex::encode(parsed.raw_serial())) };
         assert!(f.authorize(&a, "a").is_ok(), "still the current one");
-        assert!(matches!(f.renew("a", &csr), Err(FleetError::Forbidden(m)) if m.contains("less than a minute")));
+        assert!(matches!(f.renew(&a, "a", &csr), Err(FleetError::Forbidden(m)) if m.contains("less than a minute")));
+        // Another node's certificate cannot renew a's.
+        let b = peer(&f, "b");
+        assert!(matches!(f.renew(&b, "a", &csr), Err(FleetError::Forbidden(m)) if m.contains("may not act")));
         assert!(f.authorize(&renewed, "a").is_ok());
         assert!(matches!(f.authorize(&a, "a"), Err(FleetError::Forbidden(m)) if m.contains("revoked")));
         f.revoke_node("a").unwrap();
         assert!(matches!(f.authorize(&renewed, "a"), Err(FleetError::Forbidden(_))));
+        // A tunnel left open with a deleted node's certificate cannot get a certificate
+        // for the device that joins under its name next.
+        f.join(&join_req(&tok, "a")).unwrap();
+        f.renewed.lock().unwrap().clear();
+        assert!(matches!(f.renew(&renewed, "a", &csr), Err(FleetError::Forbidden(m)) if m.contains("revoked")));
+    }
+
+    #[tokio::test]
+    async fn a_node_has_one_tunnel_and_a_newer_one_closes_the_older() {
+        let (_t, f) = fleet();
+        let (tx1, _rx1) = tokio::sync::mpsc::channel(1);
+        let (tx2, _rx2) = tokio::sync::mpsc::channel(1);
+        let first = f.open_tunnel("a", tx1);
+        let second = f.open_tunnel("a", tx2);
+        let kicked = tokio::time::timeout(Duration::from_secs(1), first.kick.notified()).await;
+        assert!(kicked.is_ok(), "the older tunnel was told to close");
+        f.close_tunnel("a", first.serial);
+        assert_eq!(f.tunnel("a").map(|t| t.serial), Some(second.serial), "closing the older keeps the newer");
     }
 
     fn status(node: &str, deployment: &str, name: &str, template: &str) -> InstanceStatus {
@@ -955,7 +1048,9 @@ mod tests {
         let believed: Vec<String> = f.reported_instances().into_iter().map(|i| i.name).collect();
         assert_eq!(believed, [mine.clone(), format!("{mine}-{}", &tpl[..6])]);
         let refused = f.security.list();
-        assert_eq!(refused.iter().filter(|e| e.reason == "ReportRefused").count(), 3, "{refused:?}");
+        let events: Vec<_> = refused.iter().filter(|e| e.reason == "ReportRefused").collect();
+        assert_eq!(events.len(), 1, "one event for one report: {refused:?}");
+        assert!(events[0].message.contains("reported 3 instance(s) not its own"), "{:?}", events[0]);
         // Routing follows the slot table, not reports.
         assert_eq!(f.node_of_instance(&theirs).as_deref(), Some("b"));
         assert_eq!(f.node_of_instance(&mine).as_deref(), Some("a"));

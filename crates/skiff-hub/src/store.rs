@@ -168,6 +168,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE revoked_certs (serial TEXT PRIMARY KEY, node TEXT NOT NULL, revoked_ms INTEGER NOT NULL);
      INSERT OR IGNORE INTO revoked_certs SELECT cert_serial, name, 0 FROM nodes WHERE revoked = 1;
      DELETE FROM nodes WHERE revoked = 1;",
+    // The token a node joined with: only that token may repeat its join.
+    "ALTER TABLE nodes ADD COLUMN token_id TEXT;",
 ];
 
 /// Revisions kept per deployment (Kubernetes' `revisionHistoryLimit`).
@@ -548,10 +550,17 @@ impl Store for SqliteStore {
         let Some(t) = tx.query_row(&q, [j.token_id], token_row).optional()? else {
             return Ok(Err(JoinRefused::UnknownToken(j.token_id.into())));
         };
-        let key: Option<Option<String>> =
-            tx.query_row("SELECT key_sha256 FROM nodes WHERE name = ?1", [j.name], |r| r.get(0)).optional()?;
-        let exists = key.is_some();
-        let retry = key.flatten().as_deref() == Some(j.key_sha256);
+        let row: Option<(Option<String>, Option<String>)> = tx
+            .query_row("SELECT key_sha256, token_id FROM nodes WHERE name = ?1", [j.name], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let exists = row.is_some();
+        // The same device repeating a join whose answer it lost: the same key and the
+        // same (still valid) token, so no use is counted. Another token never gets a
+        // certificate for an existing name this way.
+        let retry = row
+            .is_some_and(|(key, token)| key.as_deref() == Some(j.key_sha256) && token.as_deref() == Some(j.token_id));
         let refused = if t.role != TokenRole::Join {
             Some(JoinRefused::NotAJoinToken(t.id.clone()))
         } else if t.revoked {
@@ -577,8 +586,8 @@ impl Store for SqliteStore {
         }
         let rev = bump(&tx)?;
         tx.execute(
-            "INSERT INTO nodes (name, revision, cert_serial, revoked, joined_ms, info, not_after_ms, key_sha256)
-             VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7)",
+            "INSERT INTO nodes (name, revision, cert_serial, revoked, joined_ms, info, not_after_ms, key_sha256, token_id)
+             VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, ?8)",
             params![
                 j.name,
                 rev as i64,
@@ -586,7 +595,8 @@ impl Store for SqliteStore {
                 j.now_ms as i64,
                 serde_json::to_string(j.info)?,
                 j.not_after_ms as i64,
-                j.key_sha256
+                j.key_sha256,
+                j.token_id
             ],
         )?;
         tx.commit()?;

@@ -103,7 +103,9 @@ pub fn create(
         expires_ms,
         revoked: false,
         role: req.role,
-        max_uses: req.uses,
+        // A replacement is for one device unless more uses are asked for: a replace token
+        // that stayed usable could revoke the new device again and again.
+        max_uses: req.uses.or(req.replace.as_ref().map(|_| 1)),
         used: 0,
         replace: req.replace.clone(),
     };

@@ -22,10 +22,22 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Serves a node's tunnel until it closes: control frames, requests and liveness.
-pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::extract::ws::WebSocket) {
+pub async fn serve(
+    f: Arc<crate::fleet::Fleet>,
+    name: String,
+    peer: crate::tls::Peer,
+    mut socket: axum::extract::ws::WebSocket,
+) {
     use axum::extract::ws::Message;
     let (tx, mut rx) = mpsc::channel::<String>(256);
     let t = f.open_tunnel(&name, tx);
+    // Checked again now that the tunnel is registered: a delete or a replacement between
+    // the upgrade's check and here would otherwise leave this tunnel open.
+    if let Err(e) = f.authorize(&peer, &name) {
+        tracing::warn!(node = %name, error = %e, "tunnel refused");
+        f.close_tunnel(&name, t.serial);
+        return;
+    }
     f.touch(&name);
     tracing::info!(node = %name, "tunnel open");
     let mut changes = f.subscribe();
@@ -47,7 +59,14 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
                     f.touch(&name);
                     last_rx = tokio::time::Instant::now();
                     let control = serde_json::from_str::<Control>(text.as_str());
-                    if control.is_ok() && !budget.take(tokio::time::Instant::now()) {
+                    // Control frames, and frames that answer nothing the hub asked, come
+                    // out of the budget; answers to the hub's requests are bounded by
+                    // their streams' credit.
+                    let budgeted = match &control {
+                        Ok(_) => true,
+                        Err(_) => !t.deliver(text.as_str()).await,
+                    };
+                    if budgeted && !budget.take(tokio::time::Instant::now()) {
                         if budget.dropped > FrameBudget::CLOSE_AFTER {
                             let msg = format!("sent more than {} control frames a second; tunnel closed", FrameBudget::PER_SECOND);
                             f.security.push(crate::fleet::now_ms(), &name, "FrameFlood", msg);
@@ -72,7 +91,7 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
                             }
                         }
                         Ok(Control::Renew { csr }) => {
-                            let reply = match f.renew(&name, &csr) {
+                            let reply = match f.renew(&peer, &name, &csr) {
                                 Ok(cert) => Control::Renewed { cert },
                                 Err(e) => {
                                     tracing::warn!(node = %name, error = ?e, "certificate renewal refused");
@@ -103,8 +122,7 @@ pub async fn serve(f: Arc<crate::fleet::Fleet>, name: String, mut socket: axum::
                                 }
                             }
                         }
-                        Ok(_) => {}
-                        Err(_) => t.deliver(text.as_str()).await,
+                        Ok(_) | Err(_) => {}
                     }
                 }
                 Some(Ok(Message::Pong(_))) => {
@@ -183,6 +201,10 @@ impl FrameBudget {
         let secs = now.saturating_duration_since(self.at).as_secs_f64();
         self.at = now;
         self.tokens = (self.tokens + secs * Self::PER_SECOND).min(Self::BURST);
+        if self.tokens >= Self::BURST {
+            // A full bucket again: the node behaved for a while; old drops are forgiven.
+            self.dropped = 0;
+        }
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -232,25 +254,27 @@ impl Tunnel {
 
     /// Routes one frame from the agent to its request's stream, without waiting: an agent
     /// that sends beyond its window loses the stream.
-    pub async fn deliver(&self, frame: &str) {
+    /// Hands a reply to the request it answers; false if it answers nothing pending.
+    pub async fn deliver(&self, frame: &str) -> bool {
         let Ok(r) = serde_json::from_str::<Reply>(frame) else {
             tracing::debug!("tunnel: unreadable frame");
-            return;
+            return false;
         };
         let last = r.answer.is_last();
         let tx = {
-            let Ok(mut p) = self.pending.lock() else { return };
+            let Ok(mut p) = self.pending.lock() else { return false };
             if last {
                 p.remove(&r.id)
             } else {
                 p.get(&r.id).cloned()
             }
         };
-        let Some(tx) = tx else { return };
+        let Some(tx) = tx else { return false };
         if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(r.answer) {
             tracing::warn!(request = r.id, "tunnel: the node sent beyond its window; stream dropped");
             self.cancel(r.id);
         }
+        true
     }
 
     /// Forgets a request and tells the agent to stop it.
@@ -339,7 +363,14 @@ impl NodeLink for RemoteLink {
         let mut answers = self.tunnel()?.request(Op::Logs { instance: instance.to_string(), tail, follow })?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
-            while let Some(a) = answers.next().await {
+            loop {
+                // The reader may leave while the node is quiet: notice at once, not at the
+                // next line (dropping `answers` cancels on the agent).
+                let a = tokio::select! {
+                    a = answers.next() => a,
+                    _ = tx.closed() => return,
+                };
+                let Some(a) = a else { return };
                 match a {
                     Answer::Log(l) => {
                         if tx.send(l).await.is_err() {
@@ -403,6 +434,9 @@ mod tests {
         assert_eq!(b.dropped, 800);
         let later = t0 + Duration::from_secs(1);
         assert_eq!((0..100).filter(|_| b.take(later)).count(), 20, "then 20 a second");
+        assert!(b.dropped > FrameBudget::CLOSE_AFTER);
+        assert!(b.take(later + Duration::from_secs(11)));
+        assert_eq!(b.dropped, 0, "a node quiet long enough to refill starts again with a clean slate");
     }
 
     fn log(id: u64, text: &str) -> String {

@@ -18,6 +18,14 @@ impl ValidationError {
 
 /// A DNS label: lower-case letters, digits and `-`, starting with a letter or digit, at
 /// most 63 characters. Used for deployment and stack names, which become host names.
+/// An absolute path with no `.` or `..` part (and no empty one but a trailing slash): what
+/// it names does not depend on how a checker and a mounter resolve `..`.
+pub fn is_clean_absolute(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else { return false };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    rest.is_empty() || rest.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
 pub fn check_name(field: &str, name: &str) -> Result<(), ValidationError> {
     let ok = !name.is_empty()
         && name.len() <= 63
@@ -202,10 +210,10 @@ impl Deployment {
                 ));
             }
             match &v.source {
-                VolumeSource::Bind { path } if !path.starts_with('/') => {
+                VolumeSource::Bind { path } if !is_clean_absolute(path) => {
                     return Err(ValidationError::new(
                         format!("volumes[{i}].source"),
-                        format!("{path:?} must be an absolute path"),
+                        format!("{path:?} must be an absolute path without . or .. parts"),
                     ));
                 }
                 VolumeSource::Named { name } => check_name(&format!("volumes[{i}].source"), name)?,
@@ -222,6 +230,9 @@ impl Deployment {
         for (i, d) in self.devices.iter().enumerate() {
             if !d.host_path.starts_with("/dev/") || !d.container_path.starts_with('/') {
                 return Err(ValidationError::new(format!("devices[{i}]"), "needs /dev/HOST[:/CONTAINER[:rwm]]"));
+            }
+            if !is_clean_absolute(&d.host_path) || !is_clean_absolute(&d.container_path) {
+                return Err(ValidationError::new(format!("devices[{i}]"), "paths must not have . or .. parts"));
             }
             if d.permissions.is_empty() || !d.permissions.chars().all(|c| "rwm".contains(c)) {
                 return Err(ValidationError::new(
@@ -307,6 +318,30 @@ mod tests {
         let mut d = Deployment::new("web", "img:1");
         mutate(&mut d);
         assert_eq!(d.validate().err().map(|e| e.to_string()).as_deref(), want);
+    }
+
+    #[test]
+    fn host_paths_have_no_dot_parts() {
+        for ok in ["/", "/srv", "/srv/data/", "/dev/bus/usb/001/002", "/a..b/.c"] {
+            assert!(is_clean_absolute(ok), "{ok}");
+        }
+        for bad in ["", "srv", "/x/../var/lib/skiff", "/srv/./data", "/srv//data", "/..", "/dev/bus/usb/../../sda"] {
+            assert!(!is_clean_absolute(bad), "{bad}");
+        }
+        check(
+            |d| {
+                d.volumes = vec![crate::Volume {
+                    source: VolumeSource::Bind { path: "/x/../var/lib/skiff".into() },
+                    target: "/d".into(),
+                    read_only: false,
+                }]
+            },
+            Some("volumes[0].source: \"/x/../var/lib/skiff\" must be an absolute path without . or .. parts"),
+        );
+        check(
+            |d| d.devices = vec![crate::DeviceMapping::parse("/dev/bus/usb/../../sda").unwrap()],
+            Some("devices[0]: paths must not have . or .. parts"),
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `container.log`, rotated by size to `container.log.1`, `.2`, ...
 
 use skiff_model::LogLine;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -19,7 +19,9 @@ pub struct LogWriter {
 
 impl LogWriter {
     pub fn open(path: &Path, max_bytes: u64, max_files: u32) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        // The directory may be writable by the instance (a wasm guest's state/): never
+        // through a symlink, never a FIFO.
+        let file = skiff_sys::regular::append(path)?;
         let size = file.metadata()?.len();
         Ok(LogWriter { path: path.to_path_buf(), max_bytes, max_files: max_files.max(1), file, size })
     }
@@ -52,7 +54,7 @@ impl LogWriter {
             }
             fs::rename(&self.path, name(1))?;
         }
-        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.file = skiff_sys::regular::append(&self.path)?;
         self.size = 0;
         Ok(())
     }
@@ -70,7 +72,7 @@ pub fn read_all(path: &Path) -> Vec<LogLine> {
     files.push(path.to_path_buf());
     let mut out = vec![];
     for f in files {
-        let Ok(file) = File::open(&f) else { continue };
+        let Ok(file) = skiff_sys::regular::open(&f) else { continue };
         for line in BufReader::new(file).lines().map_while(Result::ok) {
             if let Ok(l) = serde_json::from_str::<LogLine>(&line) {
                 out.push(l);

@@ -136,7 +136,7 @@ pub fn main(bundle: &Path, daemon: bool) -> i32 {
 }
 
 pub(crate) fn diag(bundle: &Path, msg: &str) {
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(bundle.join("shim.log")) {
+    if let Ok(mut f) = skiff_sys::regular::append(&bundle.join("shim.log")) {
         let _ = writeln!(f, "{} {msg}", crate::time::rfc3339_nanos(std::time::SystemTime::now()));
     }
 }
@@ -151,7 +151,7 @@ pub(crate) fn read_config<T: serde::de::DeserializeOwned>(bundle: &Path, name: &
 
 /// The exit the shim recorded, if it did.
 pub fn recorded_exit(bundle: &Path) -> Option<ExitStatus> {
-    serde_json::from_slice(&std::fs::read(bundle.join(EXIT_FILE)).ok()?).ok()
+    serde_json::from_slice(&skiff_sys::regular::read(&bundle.join(EXIT_FILE), 64 * 1024).ok()?).ok()
 }
 
 /// Writes `exit.json` atomically: from then on the instance counts as ended.

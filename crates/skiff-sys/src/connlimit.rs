@@ -64,6 +64,18 @@ struct Open {
     buckets: HashMap<IpAddr, (f64, std::time::Instant)>,
 }
 
+/// Whom a connection counts against: an IPv4 address (also when it arrives IPv4-mapped),
+/// or an IPv6 host's /64 — one host hands itself a new address from its /64 at will.
+pub fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
 /// The connections open on one listener.
 #[derive(Clone)]
 pub struct ConnCounter {
@@ -89,6 +101,7 @@ impl ConnCounter {
 
     /// [`ConnCounter::try_enter`] at `now` (tests pass their own clock).
     pub fn try_enter_at(&self, ip: IpAddr, now: std::time::Instant) -> Result<ConnGuard, Refused> {
+        let ip = source(ip);
         let mut o = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if o.total >= self.limits.total {
             return Err(Refused::Total(o.total));
@@ -103,6 +116,11 @@ impl ConnCounter {
                 o.buckets.retain(|_, (tokens, at)| {
                     *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < burst
                 });
+                if o.buckets.len() > 65_536 {
+                    // Still that many busy sources: start over rather than scan them all
+                    // on every connection (the total and per-source caps still hold).
+                    o.buckets.clear();
+                }
             }
             let (tokens, at) = o.buckets.entry(ip).or_insert((burst, now));
             *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(burst);
@@ -155,6 +173,20 @@ mod tests {
         drop(flood);
         assert_eq!(c.open(), 1, "only the second admin connection is still open");
         assert!(ConnLimits::within_fd_limit(usize::MAX, 1, 100).total < usize::MAX);
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_by_its_64_and_mapped_ipv4_as_ipv4() {
+        let c = ConnCounter::new(ConnLimits { total: 100, per_ip: 2, rate_per_ip: None });
+        let mut held = vec![];
+        for a in ["2001:db8:1:2::1", "2001:db8:1:2:ffff::9"] {
+            held.push(c.try_enter(a.parse().unwrap()).unwrap());
+        }
+        assert!(matches!(c.try_enter("2001:db8:1:2:abcd::1".parse().unwrap()), Err(Refused::PerIp(..))));
+        assert!(c.try_enter("2001:db8:1:3::1".parse().unwrap()).is_ok(), "another /64");
+        held.push(c.try_enter("::ffff:10.0.0.1".parse().unwrap()).unwrap());
+        held.push(c.try_enter("10.0.0.1".parse().unwrap()).unwrap());
+        assert!(matches!(c.try_enter("10.0.0.1".parse().unwrap()), Err(Refused::PerIp(..))));
     }
 
     #[test]

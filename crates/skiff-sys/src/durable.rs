@@ -23,12 +23,16 @@ fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> D
 /// Replaces `path` with `bytes` (file mode `mode`), durably.
 pub fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    // A fresh, unguessable name made only if nothing is there (never through a symlink):
+    // the directory may be one that someone else can write to.
+    let suffix =
+        crate::random::hex(8).map_err(|e| err("naming a temporary file for", path)(std::io::Error::other(e)))?;
+    let tmp = path.with_file_name(format!(".{name}.tmp-{suffix}"));
     let mut f = std::fs::OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .write(true)
-        .truncate(true)
         .mode(mode)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(&tmp)
         .map_err(err("create", &tmp))?;
     let written = f.write_all(bytes).and_then(|_| f.sync_all());

@@ -13,3 +13,4 @@ pub mod durable;
 pub mod inroot;
 pub mod perms;
 pub mod random;
+pub mod regular;

@@ -126,7 +126,7 @@ pub enum TokenCmd {
         /// token until revoked).
         #[arg(long, value_parser = parse_ttl)]
         ttl: Option<u64>,
-        /// How many nodes may join with it (default: any, until it expires).
+        /// How many nodes may join with it (default: any until it expires; 1 with --replace).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         uses: Option<u32>,
         /// The existing node a join with this token replaces (its old certificate is
