@@ -199,6 +199,13 @@ async fn tcp_loop(
             for target in pick(&targets, n).await {
                 // Counted from before the connect, so a drain cannot miss one in flight.
                 let _guard = active.enter(target.ip());
+                // Still a target once counted? An instance is taken off the targets before
+                // its drain looks at the count: if it is gone now, its drain may already
+                // have passed and its network be on the way out (a connect there would
+                // hang, not fail).
+                if !current(&targets).contains(&target) {
+                    continue;
+                }
                 let Ok(Ok(outbound)) = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await
                 else {
                     continue;
