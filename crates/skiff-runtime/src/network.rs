@@ -16,6 +16,8 @@ pub enum NetError {
     BadSubnet(String),
     #[error("subnet {0} has no free address left")]
     Exhausted(String),
+    #[error("network interface {0} exists and is not a bridge (choose another with --bridge)")]
+    NotABridge(String),
 }
 
 fn ip(args: &[&str]) -> Result<(), NetError> {
@@ -112,6 +114,8 @@ impl Bridge {
     pub fn ensure(&self) -> Result<(), NetError> {
         if !exists(&format!("/sys/class/net/{}", self.name)) {
             ip(&["link", "add", &self.name, "type", "bridge"])?;
+        } else if !exists(&format!("/sys/class/net/{}/bridge", self.name)) {
+            return Err(NetError::NotABridge(self.name.clone()));
         }
         let cidr = format!("{}/{}", self.subnet.gateway(), self.subnet.prefix);
         let _ = ip(&["addr", "add", &cidr, "dev", &self.name]); // EEXIST is fine

@@ -86,17 +86,26 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
         tokio::spawn(skiff_hub::metrics::serve(listener, move || a.latest_metrics().into_iter().collect()));
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx));
+    let mut agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx));
     let hub = args.hub.trim_end_matches('/').to_string();
     eprintln!("skiff: agent {node} joined to {hub}; running from {}", data.display());
 
     id.tls()?;
     let every = Duration::from_secs(args.heartbeat);
-    let tunnel =
+    let mut tunnel =
         tokio::spawn(skiff_agent::tunnel::run(Arc::clone(&agent), hub.clone(), node.clone(), Arc::new(id), every));
     tokio::select! {
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}
+        r = &mut agent_task => {
+            tunnel.abort();
+            return Err(crate::role_died("the agent", r));
+        }
+        r = &mut tunnel => {
+            let _ = stop_tx.send(true);
+            let _ = agent_task.await;
+            return Err(crate::role_died("the tunnel to the hub", r));
+        }
     }
     tunnel.abort();
     // Workloads keep running: they belong to the node, not to this process.

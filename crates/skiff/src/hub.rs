@@ -117,12 +117,23 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     });
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let serving = args.conns.serve_config(Some(tls));
-    let server_task =
+    let mut server_task =
         tokio::spawn(skiff_hub::serve::serve(listener, skiff_hub::api::router(Arc::clone(&hub)), serving, stop_rx));
     eprintln!("skiff: hub on {server} (listening on {addr}), config in {}", conf_path.display());
+    let mut ticker = ticker;
     tokio::select! {
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}
+        r = &mut server_task => {
+            ticker.abort();
+            controllers.abort();
+            return Err(crate::role_died("the API server", r));
+        }
+        r = &mut ticker => {
+            controllers.abort();
+            server_task.abort();
+            return Err(crate::role_died("the placement loop", r));
+        }
     }
     ticker.abort();
     controllers.abort();

@@ -23,6 +23,39 @@ pub(crate) fn secure_data_dir(data: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a role's task (the agent's loop, the API server) returned when it ended.
+pub(crate) trait RoleOutcome {
+    fn why(self) -> String;
+}
+
+impl RoleOutcome for () {
+    fn why(self) -> String {
+        "ended unexpectedly".into()
+    }
+}
+
+impl<E: std::fmt::Display> RoleOutcome for Result<(), E> {
+    fn why(self) -> String {
+        match self {
+            Ok(()) => "ended unexpectedly".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+}
+
+/// A role's task ended while the process was meant to go on serving: says why (log and
+/// error) so the process exits non-zero and its supervisor (systemd, a container engine)
+/// restarts it, instead of serving on with a dead loop.
+pub(crate) fn role_died<T: RoleOutcome>(role: &str, r: Result<T, tokio::task::JoinError>) -> anyhow::Error {
+    let why = match r {
+        Ok(o) => o.why(),
+        Err(e) if e.is_panic() => "panicked".to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(role, "{why}");
+    anyhow::anyhow!("{role} stopped: {why}; skiff stops with it")
+}
+
 fn main() {
     // The shim runs once per container for the container's whole life: enter it before
     // building the CLI parser so it touches as little of the binary as it can.

@@ -268,10 +268,10 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     hub.sync_nodes().map_err(anyhow::Error::msg)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx.clone()));
+    let mut agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx.clone()));
     let router = skiff_hub::api::router(Arc::clone(&hub));
     let serving = args.conns.serve_config(tls);
-    let server = tokio::spawn(skiff_hub::serve::serve(listener, router, serving, stop_rx.clone()));
+    let mut server = tokio::spawn(skiff_hub::serve::serve(listener, router, serving, stop_rx.clone()));
     let controllers = control_loop(Arc::clone(&hub), args.autoscale.interval, args.alerts.alert_interval);
     eprintln!("skiff: hub API on {url}, config in {}", conf_path.display());
 
@@ -283,9 +283,21 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
         let r = hub.apply(&req).map_err(|e| anyhow::anyhow!("{e}"))?;
         crate::cli::print_apply(&r, false);
     }
+    // A role that dies takes the process down (its supervisor restarts it): a hub that
+    // accepted deployments no loop would ever start is worse than no hub.
     let interrupted = tokio::select! {
         _ = sigint.recv() => true,
         _ = sigterm.recv() => false,
+        r = &mut agent_task => {
+            controllers.abort();
+            let _ = stop_tx.send(true);
+            return Err(crate::role_died("the agent", r));
+        }
+        r = &mut server => {
+            controllers.abort();
+            let _ = stop_tx.send(true);
+            return Err(crate::role_died("the API server", r));
+        }
         _ = async {
             wait_running(&agent, &names).await;
             std::future::pending::<()>().await

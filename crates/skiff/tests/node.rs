@@ -730,3 +730,30 @@ fn an_alert_rule_fires_scales_out_and_resolves() -> R {
     assert!(n.events()?.iter().any(|e| e.reason == "AlertResolved"));
     Ok(())
 }
+
+/// When the agent's loop cannot start (here: an interface with the bridge's name that is
+/// not a bridge), `skiff up` says why and exits non-zero instead of accepting deployments
+/// no loop would ever start.
+#[test]
+fn skiff_up_stops_when_its_agent_loop_dies() -> anyhow::Result<()> {
+    require_privileged!();
+    let mut n = Node::new()?;
+    let bridge = n.bridge.clone();
+    let peer = format!("{}p", &bridge[..bridge.len().min(14)]);
+    let ip = |args: &[&str]| std::process::Command::new("ip").args(args).status();
+    anyhow::ensure!(ip(&["link", "add", &bridge, "type", "veth", "peer", "name", &peer])?.success(), "veth");
+    struct Link(String);
+    impl Drop for Link {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).status();
+        }
+    }
+    let _link = Link(bridge.clone());
+    let subnet = n.subnet.clone();
+    n.spawn(&["up", "--listen", "127.0.0.1:0", "--bridge", &bridge, "--subnet", &subnet])?;
+    let st = n.wait_exit(Duration::from_secs(30))?;
+    let log = n.log();
+    assert!(!st.success(), "exited with {st}: {log}");
+    assert!(log.contains("the agent stopped") && log.contains("is not a bridge"), "{log}");
+    Ok(())
+}
