@@ -183,6 +183,39 @@ pub struct ImageSummary {
 
 pub struct ImageStore {
     root: PathBuf,
+    /// `refs.json` as last read, and images resolved from it: a lookup costs one `stat`
+    /// while nothing changed. Manifests and configs are content-addressed, so a resolved
+    /// image stays true while its reference points at the same digest; any change of
+    /// `refs.json` (by this process or another) starts the cache afresh.
+    cache: std::sync::Mutex<Option<RefsCache>>,
+}
+
+struct RefsCache {
+    stamp: Option<Stamp>,
+    refs: BTreeMap<String, String>,
+    images: std::collections::HashMap<(String, String, Target), ImageInfo>,
+}
+
+/// What tells one `refs.json` from another without reading it (every write renames a
+/// new file over it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl Stamp {
+    fn of(m: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        }
+    }
 }
 
 fn io_tmp_name(prefix: &str) -> String {
@@ -198,7 +231,7 @@ impl ImageStore {
         for d in ["blobs/sha256", "layers", "tmp"] {
             fs::create_dir_all(root.join(d)).ctx("create", root.join(d))?;
         }
-        Ok(ImageStore { root })
+        Ok(ImageStore { root, cache: Default::default() })
     }
 
     pub fn root(&self) -> &Path {
@@ -375,14 +408,40 @@ impl ImageStore {
     }
 
     fn refs(&self) -> Result<BTreeMap<String, String>, ImageError> {
-        match fs::read(self.refs_path()) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| ImageError::Malformed {
-                what: self.refs_path().display().to_string(),
-                problem: e.to_string(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(e) => Err(ImageError::Io { op: "read", path: self.refs_path(), source: e }),
+        let path = self.refs_path();
+        let stamp = match fs::metadata(&path) {
+            Ok(m) => Some(Stamp::of(&m)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(ImageError::Io { op: "stat", path, source: e }),
+        };
+        if let Some(c) = self.cache.lock().ok().as_ref().and_then(|c| c.as_ref()).filter(|c| c.stamp == stamp) {
+            return Ok(c.refs.clone());
         }
+        let refs: BTreeMap<String, String> = match fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| ImageError::Malformed { what: path.display().to_string(), problem: e.to_string() })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(ImageError::Io { op: "read", path, source: e }),
+        };
+        if let Ok(mut c) = self.cache.lock() {
+            *c = Some(RefsCache { stamp, refs: refs.clone(), images: Default::default() });
+        }
+        Ok(refs)
+    }
+
+    /// `image_for`, remembered while `refs.json` stays the same.
+    fn image_cached(&self, reference: &str, top: &str, target: Target) -> Result<ImageInfo, ImageError> {
+        let key = (reference.to_string(), top.to_string(), target);
+        if let Some(info) = self.cache.lock().ok().and_then(|c| c.as_ref()?.images.get(&key).cloned()) {
+            return Ok(info);
+        }
+        let info = self.image_for(reference, top, target)?;
+        if let Ok(mut c) = self.cache.lock() {
+            if let Some(c) = c.as_mut() {
+                c.images.insert(key, info.clone());
+            }
+        }
+        Ok(info)
     }
 
     fn write_refs(&self, refs: &BTreeMap<String, String>) -> Result<(), ImageError> {
@@ -452,7 +511,7 @@ impl ImageStore {
             let mut found = None;
             if want.len() >= 12 && want.bytes().all(|b| b.is_ascii_hexdigit()) {
                 for (r, d) in &refs {
-                    if let Ok(info) = self.image_for(r, d, target) {
+                    if let Ok(info) = self.image_cached(r, d, target) {
                         if info.config_digest.trim_start_matches("sha256:").starts_with(want) {
                             found = Some((r.clone(), d.clone()));
                             break;
@@ -462,7 +521,7 @@ impl ImageStore {
             }
             found.ok_or_else(|| ImageError::NotFound(reference.to_string()))?
         };
-        self.image_for(&name, &top, target)
+        self.image_cached(&name, &top, target)
     }
 
     fn image_for(&self, reference: &str, top: &str, target: Target) -> Result<ImageInfo, ImageError> {

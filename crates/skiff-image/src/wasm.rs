@@ -50,7 +50,7 @@ pub fn is_artifact(m: &Manifest) -> bool {
 }
 
 /// Which entry of a multi-platform image a caller runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Target {
     /// This machine's Linux platform (containers).
     Host,
