@@ -7,6 +7,7 @@
 //! Architecture Invariant: the agent never schedules; it runs what it is given.
 #![forbid(unsafe_code)]
 
+mod exits;
 pub mod join;
 pub mod logs;
 pub mod metrics;
@@ -65,7 +66,12 @@ pub struct AgentConfig {
     pub subnet: String,
     /// The `skiff` binary that runs shims.
     pub skiff_bin: PathBuf,
-    pub tick: Duration,
+    /// How often every instance is looked at again though nothing said it changed (a
+    /// safety net: exits, desired-state changes, health changes and pulls wake the loop).
+    pub resync: Duration,
+    /// How often what has no event is polled while it matters: a published port not yet
+    /// answering, a shim that cannot be watched (no pidfd).
+    pub poll: Duration,
     /// Automatic pruning of unused images when the disk fills up (`None`: never).
     pub image_gc: Option<skiff_image::GcPolicy>,
     /// How often the disk is checked against `image_gc`.
@@ -90,7 +96,8 @@ impl AgentConfig {
             bridge_name: "skiff0".into(),
             subnet: "10.213.0.0/20".into(),
             skiff_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("skiff")),
-            tick: Duration::from_millis(250),
+            resync: Duration::from_secs(60),
+            poll: Duration::from_millis(250),
             image_gc: Some(skiff_image::GcPolicy::default()),
             image_gc_every: Duration::from_secs(30),
             pull: None,
@@ -107,6 +114,14 @@ pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "node".into())
 }
 
+/// What one reconcile pass leaves for the loop to wait for.
+struct Pass {
+    /// When the next delayed start (restart back-off, pull retry) is due.
+    next_start_ms: Option<u64>,
+    /// Whether something must be polled soon (a new instance's port not answering yet).
+    poll: bool,
+}
+
 pub struct Agent {
     cfg: AgentConfig,
     node_id: String,
@@ -117,7 +132,7 @@ pub struct Agent {
     runtimes: Runtimes,
     bridge: Bridge,
     proxies: tokio::sync::Mutex<Proxies>,
-    notify: Notify,
+    notify: Arc<Notify>,
     stopping: Mutex<HashSet<String>>,
     health: Mutex<HashMap<String, JoinHandle<()>>>,
     /// Images being pulled, or whose last pull failed (and when to try again).
@@ -130,6 +145,12 @@ pub struct Agent {
     answered: Mutex<HashSet<String>>,
     /// Containers whose failed update was reported.
     update_failed: Mutex<HashSet<String>>,
+    /// Watches on running instances' shims: exits wake the loop.
+    exits: exits::Exits,
+    /// The /etc/hosts last written for each container (written again only on a change).
+    hosts_written: Mutex<HashMap<String, String>>,
+    /// Bumped when the state database changed ([`Agent::subscribe`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// The node's runtime backends; each instance uses its deployment's.
@@ -238,6 +259,7 @@ impl Agent {
             }
         };
         let bridge = Bridge { name: cfg.bridge_name.clone(), subnet: Subnet::parse(&cfg.subnet)? };
+        let notify = Arc::new(Notify::new());
         let agent = Arc::new(Agent {
             cfg,
             node_id,
@@ -247,7 +269,7 @@ impl Agent {
             runtimes,
             bridge,
             proxies: Default::default(),
-            notify: Notify::new(),
+            notify: Arc::clone(&notify),
             stopping: Default::default(),
             health: Default::default(),
             pulls: Default::default(),
@@ -256,6 +278,9 @@ impl Agent {
             serving: Default::default(),
             answered: Default::default(),
             update_failed: Default::default(),
+            exits: exits::Exits::new(notify),
+            hosts_written: Default::default(),
+            changes: tokio::sync::watch::Sender::new(0),
         });
         if let (Some(aside), Some(r)) = (moved, rebuilt) {
             let msg = format!(
@@ -285,7 +310,18 @@ impl Agent {
 
     fn db<T>(&self, f: impl FnOnce(&mut State) -> Result<T, state::StateError>) -> Result<T, AgentError> {
         let mut s = self.state.lock().map_err(|_| AgentError::Other("state lock poisoned".into()))?;
-        Ok(f(&mut s)?)
+        let r = f(&mut s);
+        let n = s.total_changes();
+        if *self.changes.borrow() != n {
+            self.changes.send_replace(n);
+        }
+        Ok(r?)
+    }
+
+    /// Changes whenever the node's state does (an instance, an event, the desired state):
+    /// a watcher (`skiff get -w`) waits on it instead of polling.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     fn event(&self, object: &str, reason: &str, message: &str) {
@@ -494,35 +530,51 @@ impl Agent {
     /// Re-adopts what survived, removes leftovers, then reconciles until `shutdown`.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), AgentError> {
         self.adopt().await?;
-        let mut next_gc = tokio::time::Instant::now();
-        let mut next_sample = tokio::time::Instant::now();
+        let start = tokio::time::Instant::now();
+        let (mut next_gc, mut next_sample, mut next_resync) = (start, start, start + self.cfg.resync);
         loop {
-            if tokio::time::Instant::now() >= next_gc {
-                next_gc = tokio::time::Instant::now() + self.cfg.image_gc_every;
+            let now = tokio::time::Instant::now();
+            if now >= next_gc {
+                next_gc = now + self.cfg.image_gc_every;
                 self.prune_images().await;
                 let freed = self.prune_wasm_cache().await;
                 if freed > 0 {
                     debug!(freed, "compiled wasm programs removed");
                 }
             }
-            if tokio::time::Instant::now() >= next_sample {
-                next_sample = tokio::time::Instant::now() + self.cfg.metrics_every;
+            if now >= next_sample {
+                next_sample = now + self.cfg.metrics_every;
                 let me = Arc::clone(&self);
                 if let Err(e) = blocking(move || me.sample_metrics()).await {
                     warn!(error = %e, "sampling metrics failed");
                 }
             }
-            // Wake for the next due restart exactly, else on the tick (which also picks up
-            // exits the shims record).
-            let mut wait = self.cfg.tick;
-            match self.reconcile().await {
-                Ok(Some(due)) => wait = wait.min(Duration::from_millis(due.saturating_sub(now_ms()))),
-                Ok(None) => {}
-                Err(e) => warn!(error = %e, "reconcile failed"),
+            let full = now >= next_resync;
+            if full {
+                next_resync = now + self.cfg.resync;
+            }
+            // Sleep until the first of: the next due start, the next poll if something
+            // must be polled, the periodic work; an event (exit, new desired state, health
+            // change, finished pull or stop) wakes the loop before that.
+            let mut due = next_gc.min(next_sample).min(next_resync);
+            match self.reconcile(full).await {
+                Ok(pass) => {
+                    if let Some(at) = pass.next_start_ms {
+                        let after = Duration::from_millis(at.saturating_sub(now_ms()));
+                        due = due.min(tokio::time::Instant::now() + after);
+                    }
+                    if pass.poll || self.exits.any_unwatched() {
+                        due = due.min(tokio::time::Instant::now() + self.cfg.poll);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "reconcile failed");
+                    due = due.min(tokio::time::Instant::now() + self.cfg.poll);
+                }
             }
             tokio::select! {
                 _ = self.notify.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep_until(due) => {}
                 _ = shutdown.changed() => break,
             }
             if *shutdown.borrow() {
@@ -532,6 +584,7 @@ impl Agent {
         for (_, h) in self.health.lock().map(|mut m| std::mem::take(&mut *m)).unwrap_or_default() {
             h.abort();
         }
+        self.exits.clear();
         Ok(())
     }
 
@@ -619,13 +672,15 @@ impl Agent {
             if let Liveness::Running { pid } = blocking(move || rt.liveness(&id)).await {
                 info!(instance = %r.name, pid, "re-adopted running instance");
                 self.start_health(r);
+                self.watch_exit(r).await;
             }
         }
         Ok(())
     }
 
-    /// One pass; returns when the next delayed start is due, if any.
-    async fn reconcile(self: &Arc<Self>) -> Result<Option<u64>, AgentError> {
+    /// One pass. `full` looks at every running instance; otherwise only at those whose
+    /// shim ended or cannot be watched.
+    async fn reconcile(self: &Arc<Self>, full: bool) -> Result<Pass, AgentError> {
         let now = now_ms();
         let desired_slots = self.db(|s| s.desired_slots())?;
         let desired: BTreeMap<&str, (&Deployment, &Vec<u32>)> =
@@ -638,17 +693,26 @@ impl Agent {
             self.spawn_stop(r, &stopping, false);
         }
 
-        // Observe running instances.
+        // Observe running instances: those whose shim ended (or is not watched).
         for r in rows.iter().filter(|r| r.state == InstanceState::Running && !stopping.contains(&r.name)) {
+            if !full && self.exits.quiet(&r.container_id) {
+                continue;
+            }
             let rt = self.runtimes.of(r.spec.runtime);
             let id = r.container_id.clone();
             let live = blocking(move || rt.liveness(&id)).await;
+            if !matches!(live, Liveness::Running { .. }) {
+                self.exits.forget(&r.container_id);
+            }
             match live {
                 Liveness::Running { pid } => {
                     if pid > 0 && r.pid != Some(pid) {
                         let mut r = r.clone();
                         r.pid = Some(pid);
                         self.db(|s| s.put_instance(&r))?;
+                    }
+                    if !self.exits.quiet(&r.container_id) {
+                        self.watch_exit(r).await;
                     }
                 }
                 Liveness::Exited(exit) => {
@@ -669,7 +733,7 @@ impl Agent {
                 }
             }
         }
-        self.observe_readiness(now).await?;
+        let poll = self.observe_readiness(now, full).await?;
 
         // Updates: which old instances stay beside their replacements, which stop, and
         // which serve the published ports.
@@ -765,21 +829,42 @@ impl Agent {
 
         self.sync_hosts_and_ports().await?;
         let rows = self.db(|s| s.instances())?;
-        Ok(rows
+        let next_start_ms = rows
             .iter()
             .filter(|r| matches!(r.state, InstanceState::Pending | InstanceState::Restarting))
             .filter_map(|r| r.next_start_ms)
-            .min())
+            .min();
+        Ok(Pass { next_start_ms, poll })
+    }
+
+    /// Watches the instance's shim so that its end wakes the loop (or, if it cannot be
+    /// watched, marks it for polling).
+    async fn watch_exit(self: &Arc<Self>, r: &InstanceRow) {
+        let rt = self.runtimes.of(r.spec.runtime);
+        let id = r.container_id.clone();
+        let (rt2, id2) = (Arc::clone(&rt), id.clone());
+        match blocking(move || rt2.watch_pid(&id2)).await {
+            Some(pid) => {
+                self.exits.watch(&id, pid, || rt.watch_pid(&id) == Some(pid));
+            }
+            None => self.exits.poll_instead(&id),
+        }
     }
 
     /// Marks running instances ready (healthy if probed, first published TCP port
-    /// answering) or not, keeping the time they became ready.
-    async fn observe_readiness(&self, now: u64) -> Result<(), AgentError> {
+    /// answering) or not, keeping the time they became ready. Returns whether a port is
+    /// worth polling soon: an instance started in the last minute whose port does not
+    /// answer yet (later ones are looked at on the resync).
+    async fn observe_readiness(&self, now: u64, full: bool) -> Result<bool, AgentError> {
         let ready = |row: &InstanceRow, answers: bool| {
             answers && row.state == InstanceState::Running && matches!(row.health, None | Some(Health::Healthy))
         };
+        let mut poll = false;
         for r in self.db(|s| s.instances())? {
-            let answers = r.state == InstanceState::Running && self.port_answers(&r).await;
+            let running = r.state == InstanceState::Running;
+            let recent = r.started_at_ms.is_some_and(|t| now.saturating_sub(t) < 60_000);
+            let answers = running && (recent || full || self.port_answered(&r)) && self.port_answers(&r).await;
+            poll |= running && recent && !answers;
             // Written only on a change, re-checked under the lock (a probe may have moved).
             if ready(&r, answers) == r.ready_since_ms.is_some() {
                 continue;
@@ -791,7 +876,14 @@ impl Agent {
                 (since != row.ready_since_ms).then(|| row.ready_since_ms = since)
             })?;
         }
-        Ok(())
+        Ok(poll)
+    }
+
+    /// Whether the instance's published port answered once (or it has none to ask).
+    fn port_answered(&self, r: &InstanceRow) -> bool {
+        !r.spec.ports.iter().any(|p| p.protocol == skiff_model::Protocol::Tcp)
+            || r.ip.is_none()
+            || self.answered.lock().is_ok_and(|a| a.contains(&r.container_id))
     }
 
     /// Reads, changes and writes one instance row under the state lock; `f` returns
@@ -1097,6 +1189,7 @@ impl Agent {
                 self.db(|s| s.put_instance(&r))?;
                 self.event(&r.name, if restarted { "Restarted" } else { "Started" }, &format!("pid {pid}"));
                 self.start_health(&r);
+                self.watch_exit(&r).await;
             }
             Err(AgentError::Image(e @ skiff_image::ImageError::NotFound(_))) => {
                 // The image may be loaded later: keep trying, slowly.
@@ -1295,7 +1388,13 @@ impl Agent {
         for r in rows.iter().filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge) {
             let my_ip = r.ip.as_ref().and_then(|i| i.parse().ok());
             if let Ok(h) = self.hosts_for(&r.spec.stack, &r.name, my_ip) {
-                let _ = self.runtimes.of(r.spec.runtime).update_hosts(&r.container_id, &h);
+                // Written only when it changed since this agent last wrote it.
+                let same = self.hosts_written.lock().is_ok_and(|w| w.get(&r.container_id) == Some(&h));
+                if !same && self.runtimes.of(r.spec.runtime).update_hosts(&r.container_id, &h).is_ok() {
+                    if let Ok(mut w) = self.hosts_written.lock() {
+                        w.insert(r.container_id.clone(), h);
+                    }
+                }
             }
             let serves =
                 !stopping.contains(&r.name) && serving.get(&r.deployment).is_some_and(|names| names.contains(&r.name));
@@ -1363,6 +1462,10 @@ impl Agent {
             warn!(instance = %r.name, error = %e, "removing container");
         }
         self.bridge.detach(&self.netns_name(&id));
+        self.exits.forget(&id);
+        if let Ok(mut h) = self.hosts_written.lock() {
+            h.remove(&id);
+        }
         let _ = self.db(|s| s.delete_instance(&r.name));
         // A later container may get the same id (the same template again).
         for set in [&self.answered, &self.update_failed] {

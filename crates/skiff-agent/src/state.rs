@@ -113,6 +113,12 @@ pub struct State {
 }
 
 impl State {
+    /// Rows changed through this connection since it opened: what moved since it was last
+    /// read tells watchers whether to look again.
+    pub fn total_changes(&self) -> u64 {
+        self.conn.total_changes()
+    }
+
     /// Opens `agent.db`; one that is not a database, or fails SQLite's integrity check
     /// (a power cut on a card that lies about flushes, a bad block), is moved aside as
     /// `agent.db.corrupt-<ms>` (with its WAL) and a new one is made. Returns where the

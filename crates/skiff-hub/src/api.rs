@@ -74,9 +74,11 @@ pub fn router(hub: Shared) -> Router {
 }
 
 async fn trace(req: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    // Attached to the request's future, not entered across its awaits (an entered span
+    // would be current for whatever else ran on the thread meanwhile).
     let span = info_span!("api", method = %req.method(), path = %req.uri().path());
-    let _e = span.enter();
-    next.run(req).await
+    next.run(req).instrument(span).await
 }
 
 /// Bearer tokens: the hub's admin token, or an API token whose role covers the route
@@ -168,9 +170,10 @@ struct WatchQuery {
     wait: Option<u64>,
 }
 
-/// The longest a watch holds a request, and how often it looks again meanwhile.
+/// The longest a watch holds a request, and how often it looks again meanwhile when no
+/// change wakes it (remote nodes' reports, autoscaler and alert state).
 const MAX_WAIT: Duration = Duration::from_secs(60);
-const WATCH_EVERY: Duration = Duration::from_millis(250);
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// Serves `read()` as JSON with an `ETag` naming its content. A request whose
 /// `If-None-Match` names the current content gets 304; with `?wait=S` it is held until the
@@ -180,6 +183,7 @@ const WATCH_EVERY: Duration = Duration::from_millis(250);
 async fn watched<T: serde::Serialize>(
     q: &WatchQuery,
     headers: &axum::http::HeaderMap,
+    mut changes: Vec<tokio::sync::watch::Receiver<u64>>,
     read: impl Fn() -> Result<T, ApiError>,
 ) -> Result<Response, ApiError> {
     let have = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -193,10 +197,27 @@ async fn watched<T: serde::Serialize>(
                 ([(header::CONTENT_TYPE, "application/json".to_string()), (header::ETAG, tag)], body).into_response()
             );
         }
-        if tokio::time::Instant::now() + WATCH_EVERY > deadline {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
             return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response());
         }
-        tokio::time::sleep(WATCH_EVERY).await;
+        // Woken by a change of the in-process node or the stored revision, else by the
+        // timer; a change that does not alter this list sends nothing.
+        let timer = deadline.min(now + WATCH_EVERY);
+        let changed = async {
+            if changes.is_empty() {
+                return std::future::pending().await;
+            }
+            let (r, _, _) = futures_util::future::select_all(changes.iter_mut().map(|c| Box::pin(c.changed()))).await;
+            if r.is_err() {
+                // That source is gone (shutting down): the timer alone from here.
+                tokio::time::sleep_until(timer).await;
+            }
+        };
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep_until(timer) => {}
+        }
     }
 }
 
@@ -205,7 +226,7 @@ async fn list_deployments(
     Query(q): Query<WatchQuery>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    watched(&q, &headers, || {
+    watched(&q, &headers, hub.changes(), || {
         let stored = hub.store.list().map_err(internal)?;
         let all = hub.instances();
         let why = unschedulable(&hub);
@@ -220,7 +241,7 @@ async fn get_deployment(
     Query(q): Query<WatchQuery>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    watched(&q, &headers, || {
+    watched(&q, &headers, hub.changes(), || {
         let s = hub
             .store
             .get(&name)
@@ -245,7 +266,7 @@ async fn rollout_status(
     Query(q): Query<WatchQuery>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    watched(&q, &headers, || {
+    watched(&q, &headers, hub.changes(), || {
         hub.rollout_status(&name).map_err(hub_error)?.ok_or_else(|| not_found(format!("deployment {name:?} not found")))
     })
     .await
@@ -296,7 +317,7 @@ async fn list_instances(
     Query(q): Query<WatchQuery>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    watched(&q, &headers, || Ok(hub.instances())).await
+    watched(&q, &headers, hub.changes(), || Ok(hub.instances())).await
 }
 
 #[derive(Deserialize)]
@@ -384,7 +405,7 @@ async fn nodes(
     Query(q): Query<WatchQuery>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    watched(&q, &headers, || node_list(&hub)).await
+    watched(&q, &headers, hub.changes(), || node_list(&hub)).await
 }
 
 fn node_list(hub: &Hub) -> Result<Vec<NodeInfo>, ApiError> {
@@ -558,7 +579,7 @@ async fn events(
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(100).min(10_000);
-    watched(&WatchQuery { wait: q.wait }, &headers, || {
+    watched(&WatchQuery { wait: q.wait }, &headers, hub.changes(), || {
         let mut all: Vec<_> = hub.nodes.iter().flat_map(|n| n.events(limit).unwrap_or_default()).collect();
         if let Some(f) = &hub.fleet {
             all.extend(f.events(None, limit));
@@ -579,7 +600,7 @@ async fn alerts(
     Query(q): Query<WatchQuery>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    watched(&q, &headers, || Ok(hub.alerts.list())).await
+    watched(&q, &headers, hub.changes(), || Ok(hub.alerts.list())).await
 }
 
 /// The autoscaled deployments with their newest decision.
@@ -588,7 +609,7 @@ async fn autoscalers(
     Query(q): Query<WatchQuery>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    watched(&q, &headers, || Ok(hub.autoscaler.statuses())).await
+    watched(&q, &headers, hub.changes(), || Ok(hub.autoscaler.statuses())).await
 }
 
 /// The newest resource sample of every node (`skiff top`).
@@ -597,7 +618,7 @@ async fn samples(
     Query(q): Query<WatchQuery>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    watched(&q, &headers, || Ok(hub.metrics())).await
+    watched(&q, &headers, hub.changes(), || Ok(hub.metrics())).await
 }
 
 /// The fleet's metrics for Prometheus (OpenMetrics text).
@@ -616,7 +637,8 @@ mod tests {
         if let Some(t) = tag {
             headers.insert(header::IF_NONE_MATCH, t.parse().unwrap());
         }
-        let r = watched(&WatchQuery { wait: Some(wait) }, &headers, || Ok(vec![n.load(Ordering::SeqCst)])).await;
+        let r =
+            watched(&WatchQuery { wait: Some(wait) }, &headers, vec![], || Ok(vec![n.load(Ordering::SeqCst)])).await;
         let r = r.unwrap_or_else(|e| panic!("{}", e.1));
         let tag = r.headers()[header::ETAG].to_str().unwrap().to_string();
         (r.status(), tag)

@@ -44,9 +44,7 @@ fn internal(e: impl std::fmt::Display) -> FleetError {
     FleetError::Internal(e.to_string())
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+pub use skiff_sys::time::now_ms;
 
 /// Events kept per node on the hub.
 pub const EVENTS_PER_NODE: usize = 1000;

@@ -87,6 +87,11 @@ pub trait NodeLink: Send + Sync {
     fn metrics(&self) -> Option<skiff_model::metrics::MetricsSample> {
         None
     }
+    /// Changes whenever the node's state does, when it is reached in-process (watches
+    /// wait on it; remote nodes are looked at again every second).
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +115,14 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// What a watch waits on besides its fallback timer: the in-process node's state and
+    /// the stored revision.
+    pub fn changes(&self) -> Vec<tokio::sync::watch::Receiver<u64>> {
+        let mut v: Vec<_> = self.nodes.iter().filter_map(|n| n.changes()).collect();
+        v.extend(self.fleet.as_ref().map(|f| f.subscribe()));
+        v
+    }
+
     /// Pushes every deployment to the node(s). Embedded mode has exactly one node, so
     /// placement is trivial; the scheduler for many nodes plugs in here.
     pub fn sync_nodes(&self) -> Result<(), String> {

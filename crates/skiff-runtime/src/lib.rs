@@ -88,6 +88,9 @@ pub trait Runtime: Send + Sync {
     /// Starts (or restarts) a created instance and returns its main pid.
     fn start(&self, id: &str) -> Result<i32, RuntimeError>;
     fn liveness(&self, id: &str) -> Liveness;
+    /// The process whose end means the instance ended (its shim), if it is alive: the
+    /// agent watches it (a pidfd) instead of polling [`Runtime::liveness`].
+    fn watch_pid(&self, id: &str) -> Option<i32>;
     fn signal(&self, id: &str, signal: &str) -> Result<(), RuntimeError>;
     fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<runc::ExecOutput, RuntimeError>;
     /// Rewrites the instance's /etc/hosts in place (the bind mount keeps its inode).

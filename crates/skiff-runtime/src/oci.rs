@@ -27,6 +27,10 @@ pub struct OciRuntime {
     pub log_max_files: u32,
 }
 
+fn read_pid(dir: &Path, file: &str) -> Option<i32> {
+    fs::read_to_string(dir.join(file)).ok().and_then(|p| p.trim().parse::<i32>().ok())
+}
+
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RuntimeError + 'a {
     move |source| RuntimeError::Io { op, path: path.to_path_buf(), source }
 }
@@ -179,16 +183,9 @@ impl Runtime for OciRuntime {
         if let Some(e) = shim::recorded_exit(&dir) {
             return Liveness::Exited(e);
         }
-        let read_pid = |f: &str| fs::read_to_string(dir.join(f)).ok().and_then(|p| p.trim().parse::<i32>().ok());
-        // The pid must still be our shim for this bundle (pids are reused after a reboot).
-        let bundle = dir.display().to_string();
-        let is_shim = |pid: i32| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).split('\0').any(|a| a == bundle))
-        };
-        if read_pid(shim::SHIM_PID_FILE).is_some_and(is_shim) {
+        if self.watch_pid(id).is_some() {
             // The shim is watching; it writes exit.json when the container ends.
-            return Liveness::Running { pid: read_pid(shim::PID_FILE).unwrap_or(0) };
+            return Liveness::Running { pid: read_pid(&dir, shim::PID_FILE).unwrap_or(0) };
         }
         // runc keeps its state in <root>/<id>: without it there is nothing to ask about.
         if !self.runc.root.join(id).exists() {
@@ -200,6 +197,17 @@ impl Runtime for OciRuntime {
             }
             _ => Liveness::Gone,
         }
+    }
+
+    fn watch_pid(&self, id: &str) -> Option<i32> {
+        let dir = self.dir(id);
+        // The pid must still be our shim for this bundle (pids are reused after a reboot).
+        let bundle = dir.display().to_string();
+        let is_shim = |pid: &i32| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).split('\0').any(|a| a == bundle))
+        };
+        read_pid(&dir, shim::SHIM_PID_FILE).filter(is_shim)
     }
 
     fn signal(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {

@@ -2,9 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+pub use skiff_sys::time::now_ms;
 
 /// RFC 3339 with nanoseconds in UTC, as Docker's json-file log driver writes.
 pub fn rfc3339_nanos(t: SystemTime) -> String {

@@ -349,6 +349,10 @@ impl Runtime for WasmRuntime {
         }
     }
 
+    fn watch_pid(&self, id: &str) -> Option<i32> {
+        self.shim_pid(id)
+    }
+
     fn signal(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {
         let pid = self.shim_pid(id).ok_or_else(|| RuntimeError::NotRunning(id.to_string()))?;
         let name = signal.trim_start_matches("SIG");

@@ -55,6 +55,10 @@ impl Runtime for WasmRuntime {
     fn start(&self, id: &str) -> Result<i32, RuntimeError> {
         Err(missing(id))
     }
+    fn watch_pid(&self, _id: &str) -> Option<i32> {
+        None
+    }
+
     fn liveness(&self, _id: &str) -> Liveness {
         Liveness::Gone
     }

@@ -12,5 +12,7 @@ pub mod crash;
 pub mod durable;
 pub mod inroot;
 pub mod perms;
+pub mod pidfd;
 pub mod random;
 pub mod regular;
+pub mod time;

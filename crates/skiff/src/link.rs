@@ -39,6 +39,10 @@ impl NodeLink for LocalAgent {
         self.agent.instances().map_err(|e| e.to_string())
     }
 
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.agent.subscribe())
+    }
+
     fn events(&self, limit: usize) -> Result<Vec<EventRecord>, String> {
         self.agent.events(limit).map_err(|e| e.to_string())
     }
