@@ -70,6 +70,9 @@ pub trait Store: Send + Sync {
 
     /// `name`'s revision history, oldest first (at most `HISTORY_LIMIT`).
     fn history(&self, name: &str) -> Result<Vec<Revision>, StoreError>;
+    /// Deployments whose newest revision is still rolling out (what the rollout controller
+    /// has to look at; usually none).
+    fn progressing(&self) -> Result<Vec<String>, StoreError>;
     /// Moves a revision's rollout on to more nodes (bumps the revision: assignments change).
     fn set_wave(&self, name: &str, revision: u64, nodes: &[String]) -> Result<u64, StoreError>;
     /// Records how a revision's rollout ended, and optionally why it was made.
@@ -710,6 +713,17 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn progressing(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare_cached(
+            "SELECT h.deployment FROM history h
+             WHERE h.state = ?1 AND h.revision = (SELECT MAX(revision) FROM history WHERE deployment = h.deployment)
+             ORDER BY h.deployment",
+        )?;
+        let rows = st.query_map([RolloutState::Progressing.as_str()], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn set_wave(&self, name: &str, revision: u64, nodes: &[String]) -> Result<u64, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
@@ -778,7 +792,9 @@ mod tests {
         assert_eq!(h.len(), 10);
         assert_eq!((h[0].revision, h[9].revision, h[9].image.as_str()), (3, 12, "img:11"));
         assert!(h[..9].iter().all(|r| r.state == RolloutState::Superseded));
+        assert_eq!(s.progressing().unwrap(), ["web"]);
         s.set_rollout("web", 12, RolloutState::Failed, Some("apply"), Some("web-1 unhealthy")).unwrap();
+        assert!(s.progressing().unwrap().is_empty(), "only the newest revision counts");
         let last = s.history("web").unwrap().pop().unwrap();
         assert_eq!((last.state, last.message.as_deref()), (RolloutState::Failed, Some("web-1 unhealthy")));
         s.delete("web").unwrap();
