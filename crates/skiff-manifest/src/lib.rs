@@ -34,6 +34,18 @@ impl ManifestError {
     }
 }
 
+/// The variables of a `.env` file beside a compose file (`KEY=VALUE` lines; `#` comments
+/// and blank lines skipped; a value in double quotes loses them), as Compose reads it for
+/// interpolation defaults.
+pub fn parse_dotenv(text: &str) -> std::collections::HashMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
+}
+
 /// Splits a command line as a POSIX shell would split words (quotes and backslashes), as
 /// compose does for string `command:` and `entrypoint:`.
 pub fn shell_split(s: &str) -> Result<Vec<String>, String> {
@@ -162,6 +174,13 @@ mod tests {
         assert_eq!(shell_split("  a   b ").unwrap(), ["a", "b"]);
         assert_eq!(shell_split(r#""""#).unwrap(), [""]);
         assert!(shell_split("'open").is_err());
+    }
+
+    #[test]
+    fn dotenv_files() {
+        let v = parse_dotenv("# c\n\nTAG=1.2\n NAME = \"web app\" \nBROKEN\nURL=http://x/?a=b\n");
+        assert_eq!(v.len(), 3);
+        assert_eq!((v["TAG"].as_str(), v["NAME"].as_str(), v["URL"].as_str()), ("1.2", "web app", "http://x/?a=b"));
     }
 
     #[test]

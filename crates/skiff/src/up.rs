@@ -164,14 +164,8 @@ pub fn load_compose(file: &Path) -> Result<ComposeImport> {
         file.canonicalize().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."));
     let default_project = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "default".into());
     // `.env` next to the compose file supplies defaults; the process environment wins.
-    let mut dotenv = std::collections::HashMap::new();
-    if let Ok(t) = std::fs::read_to_string(dir.join(".env")) {
-        for l in t.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            if let Some((k, v)) = l.split_once('=') {
-                dotenv.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
-            }
-        }
-    }
+    let dotenv =
+        std::fs::read_to_string(dir.join(".env")).map(|t| skiff_manifest::parse_dotenv(&t)).unwrap_or_default();
     let env = move |k: &str| std::env::var(k).ok().or_else(|| dotenv.get(k).cloned());
     skiff_manifest::import_compose(&text, &dir, &default_project, &env, &|p| std::fs::read_to_string(p))
         .with_context(|| format!("{}", file.display()))
