@@ -14,8 +14,14 @@ uss_kib() { awk '/^Private_(Clean|Dirty):/ {s += $2} END {print s + 0}' "/proc/$
 have_docker() { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; }
 
 # The release build users get (static, see scripts/build-release.sh).
+# SKIFF_BENCH_BIN=DIR (holding skiff and xtask) measures that build instead, e.g. an older
+# one for a before/after comparison.
 build() {
-  BIN=$("$ROOT/scripts/build-release.sh" 2>/dev/null)
+  if [ -n "${SKIFF_BENCH_BIN:-}" ]; then
+    BIN=$SKIFF_BENCH_BIN
+  else
+    BIN=$("$ROOT/scripts/build-release.sh" 2>/dev/null)
+  fi
   SKIFF="$BIN/skiff"
 }
 
@@ -49,4 +55,37 @@ stop_up() {
   kill -INT "$UP_PID" 2>/dev/null || true
   for _ in $(seq 1 600); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
   ip link del skbench0 2>/dev/null || true
+}
+
+# A private Docker engine for a bench: Debian's docker.io (installed when missing), its own
+# socket and data root under DIR, no bridge, no iptables changes. Sets D (the docker
+# command) and DOCKERD_PID; stop_docker DIR stops it and removes its containers.
+DOCKERD_PID=""
+D=""
+start_docker() {
+  local dir=$1
+  if ! command -v dockerd >/dev/null; then
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
+  fi
+  mkdir -p "$dir"
+  dockerd --data-root "$dir/root" --exec-root "$dir/exec" --pidfile "$dir/pid" -H "unix://$dir/sock" \
+    --bridge none --iptables=false --ip6tables=false --ip-masq=false --log-level error >"$dir/log" 2>&1 &
+  DOCKERD_PID=$!
+  D="docker -H unix://$dir/sock"
+  for _ in $(seq 1 300); do $D info >/dev/null 2>&1 && break; sleep 0.1; done
+  if ! $D info >/dev/null 2>&1; then
+    echo "dockerd did not start: $(tail -3 "$dir/log")" >&2
+    return 1
+  fi
+  "$BIN/xtask" demo-image-tar "$dir/demo.tar" >/dev/null
+  $D load -i "$dir/demo.tar" >/dev/null
+}
+stop_docker() {
+  local dir=$1
+  [ -n "$DOCKERD_PID" ] || return 0
+  $D rm -f $($D ps -aq) >/dev/null 2>&1 || true
+  kill "$DOCKERD_PID" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.1; done
+  umount -R "$dir/root" "$dir/exec" 2>/dev/null || true
+  DOCKERD_PID=""
 }
