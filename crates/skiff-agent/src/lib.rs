@@ -671,6 +671,11 @@ impl Agent {
             let id = r.container_id.clone();
             if let Liveness::Running { pid } = blocking(move || rt.liveness(&id)).await {
                 info!(instance = %r.name, pid, "re-adopted running instance");
+                if pid > 0 && r.pid != Some(pid) {
+                    // A rebuilt row has no pid yet; watched from here, it is not asked again.
+                    let name = r.name.clone();
+                    self.update_row(&name, |row| (row.pid != Some(pid)).then(|| row.pid = Some(pid)))?;
+                }
                 self.start_health(r);
                 self.watch_exit(r).await;
             }
