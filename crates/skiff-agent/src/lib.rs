@@ -911,11 +911,11 @@ impl Agent {
     /// Whether the instance's first published TCP port accepts a connection (remembered
     /// per container once it did). Instances without one count as answering.
     async fn port_answers(&self, r: &InstanceRow) -> bool {
-        let Some(p) = r.spec.ports.iter().find(|p| p.protocol == skiff_model::Protocol::Tcp) else { return true };
-        let Some(ip) = r.ip.as_ref().and_then(|i| i.parse::<Ipv4Addr>().ok()) else { return true };
-        if self.answered.lock().is_ok_and(|a| a.contains(&r.container_id)) {
+        if self.port_answered(r) {
             return true;
         }
+        let Some(p) = r.spec.ports.iter().find(|p| p.protocol == skiff_model::Protocol::Tcp) else { return true };
+        let Some(ip) = r.ip.as_ref().and_then(|i| i.parse::<Ipv4Addr>().ok()) else { return true };
         let addr = SocketAddr::new(IpAddr::V4(ip), p.container_port);
         let ok = matches!(
             tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await,
