@@ -1384,6 +1384,11 @@ impl Agent {
     }
 
     async fn sync_hosts_and_ports(self: &Arc<Self>) -> Result<(), AgentError> {
+        // Held from before the state is read until the targets are set: two syncs at once
+        // (the loop's and a stop's) would otherwise race, and the older state, written
+        // last, put an instance that was drained and stopped back on its ports (a
+        // connection there hangs until the connect times out).
+        let mut proxies = self.proxies.lock().await;
         let rows = self.db(|s| s.instances())?;
         let serving = self.serving.lock().map(|s| s.clone()).unwrap_or_default();
         let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
@@ -1415,18 +1420,16 @@ impl Agent {
             }
         }
         let mut port_errors = vec![];
-        {
-            let mut proxies = self.proxies.lock().await;
-            for (key, (targets, names)) in &ports {
-                if let Err(e) = proxies.ensure(key.clone(), targets.clone()).await {
-                    for n in names {
-                        port_errors.push((n.clone(), format!("publishing {}: {e}", key.bind)));
-                    }
+        for (key, (targets, names)) in &ports {
+            if let Err(e) = proxies.ensure(key.clone(), targets.clone()).await {
+                for n in names {
+                    port_errors.push((n.clone(), format!("publishing {}: {e}", key.bind)));
                 }
             }
-            let keep: Vec<PortKey> = ports.into_keys().collect();
-            proxies.retain(&keep);
         }
+        let keep: Vec<PortKey> = ports.into_keys().collect();
+        proxies.retain(&keep);
+        drop(proxies);
         for (name, msg) in port_errors {
             if let Some(mut r) = self.db(|s| s.instance(&name))? {
                 if r.message.as_deref() != Some(&msg) {

@@ -86,6 +86,8 @@ const UDP_IDLE: Duration = Duration::from_secs(60);
 /// How long a new connection waits for an instance when none is serving (a stop-first
 /// update, a restart), before it is closed.
 const WAIT_FOR_TARGET: Duration = Duration::from_secs(5);
+/// How long a connect to one instance may take before the next is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Proxies {
     pub fn new(limits: skiff_sys::connlimit::ConnLimits) -> Self {
@@ -206,9 +208,16 @@ async fn tcp_loop(
                 if !current(&targets).contains(&target) {
                     continue;
                 }
-                let Ok(Ok(outbound)) = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target)).await
-                else {
-                    continue;
+                let outbound = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%target, error = %e, "published port: target refused");
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%target, "published port: no answer from the target, trying the next");
+                        continue;
+                    }
                 };
                 let _ = inbound.set_nodelay(true);
                 let _ = outbound.set_nodelay(true);

@@ -131,15 +131,22 @@ impl Cgroups {
     }
 
     /// Removes `cg` (once its processes are gone) wherever [`Cgroups::enter`] made it.
+    /// A process that was just killed can hold its cgroup for a moment after it is gone
+    /// from the process table (the directory is busy): each directory is tried again for
+    /// up to a second.
     pub fn remove(&self, cg: &str) {
-        match self.version {
-            CgroupVersion::V1 => {
-                for ctrl in OWN_V1 {
-                    let _ = fs::remove_dir(self.dir(ctrl, cg));
+        let dirs: Vec<PathBuf> = match self.version {
+            CgroupVersion::V1 => OWN_V1.iter().map(|ctrl| self.dir(ctrl, cg)).collect(),
+            CgroupVersion::V2 => vec![self.dir("", cg)],
+        };
+        for d in dirs {
+            for _ in 0..50 {
+                match fs::remove_dir(&d) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(std::time::Duration::from_millis(20))
+                    }
+                    _ => break,
                 }
-            }
-            CgroupVersion::V2 => {
-                let _ = fs::remove_dir(self.dir("", cg));
             }
         }
     }
