@@ -374,7 +374,8 @@ impl Agent {
                 instance: &r.name,
                 deployment: &r.deployment,
                 container_id: &r.container_id,
-                pid: r.pid,
+                veth: (r.spec.network == NetworkMode::Bridge && r.ip.is_some())
+                    .then(|| veth_name(&self.netns_name(&r.container_id))),
                 restarts: r.restarts,
                 started_at_ms: r.started_at_ms,
                 cpu_usage_ns: st.cpu_usage_ns,
@@ -384,12 +385,15 @@ impl Agent {
             .collect();
         let now = now_ms();
         let bridge = &self.bridge.name;
+        let net_dev = metrics::read_proc("/proc/net/dev");
         let sample = MetricsSample {
             node: self.cfg.node_name.clone(),
             time_ms: now,
-            host: self.sampler.node(&self.cfg.data_dir, |n| n == bridge || n.starts_with("vsk")),
-            instances: self.sampler.instances(&running),
+            host: self.sampler.node(&self.cfg.data_dir, &net_dev, |n| n == bridge || n.starts_with("vsk")),
+            instances: self.sampler.instances(&running, &net_dev),
         };
+        // Files of instances that ended are closed (those read in this round stay open).
+        skiff_sys::kept::global().sweep();
         self.db(|s| s.push_metrics(&sample, self.cfg.metrics_buffer))?;
         if let Ok(mut l) = self.latest_metrics.lock() {
             *l = Some(sample);

@@ -1,7 +1,8 @@
 //! Sampling the node (from /proc and the data directory's filesystem) and its instances
-//! (cgroup stats through the runtime, network counters from each container's
-//! `/proc/<pid>/net/dev`). CPU is a rate, so each sample is computed against the previous
-//! one; the parsers are pure and tested on fixtures.
+//! (cgroup stats through the runtime, network counters from the host's side of each
+//! instance's veth in the host's `/proc/net/dev`, read once for all). CPU is a rate, so
+//! each sample is computed against the previous one; the parsers are pure and tested on
+//! fixtures. The files are read through kept-open files ([`skiff_sys::kept`]).
 
 use skiff_model::metrics::{InstanceMetrics, NodeMetrics};
 use std::collections::HashMap;
@@ -40,21 +41,29 @@ pub fn parse_meminfo(text: &str) -> (u64, u64) {
     (kib("MemTotal:"), kib("MemAvailable:"))
 }
 
+/// Each interface's received and sent bytes.
+fn net_dev_lines(text: &str) -> impl Iterator<Item = (&str, u64, u64)> {
+    text.lines().skip(2).filter_map(|l| {
+        let (name, rest) = l.split_once(':')?;
+        let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        (v.len() >= 9).then(|| (name.trim(), v[0], v[8]))
+    })
+}
+
 /// Received and sent bytes summed over the interfaces `count` accepts.
 pub fn parse_net_dev(text: &str, count: impl Fn(&str) -> bool) -> (u64, u64) {
-    let (mut rx, mut tx) = (0, 0);
-    for l in text.lines().skip(2) {
-        let Some((name, rest)) = l.split_once(':') else { continue };
-        if !count(name.trim()) {
-            continue;
-        }
-        let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-        if v.len() >= 9 {
-            rx += v[0];
-            tx += v[8];
-        }
-    }
-    (rx, tx)
+    net_dev_lines(text).filter(|(name, ..)| count(name)).fold((0, 0), |(rx, tx), (_, r, t)| (rx + r, tx + t))
+}
+
+/// What an instance received and sent, from the host's side of its veth (which sends
+/// what the instance receives): `(0, 0)` when the interface is not there.
+pub fn veth_traffic(text: &str, veth: &str) -> (u64, u64) {
+    net_dev_lines(text).find(|(name, ..)| *name == veth).map(|(_, rx, tx)| (tx, rx)).unwrap_or((0, 0))
+}
+
+/// A /proc file through a kept-open file; empty when unreadable.
+pub fn read_proc(path: &str) -> String {
+    skiff_sys::kept::global().read_to_string(Path::new(path)).unwrap_or_default()
 }
 
 pub fn parse_loadavg(text: &str) -> (f64, f64, f64) {
@@ -100,7 +109,8 @@ pub struct Running<'a> {
     pub instance: &'a str,
     pub deployment: &'a str,
     pub container_id: &'a str,
-    pub pid: Option<i32>,
+    /// The host's side of its veth (bridge network), whose counters are its traffic.
+    pub veth: Option<String>,
     pub restarts: u32,
     pub started_at_ms: Option<u64>,
     /// The cgroup's CPU usage counter in ns, and working set in bytes.
@@ -112,10 +122,11 @@ pub struct Running<'a> {
 }
 
 impl Sampler {
-    /// The node: `data_dir` names the filesystem for disk figures; interfaces for which
-    /// `own_interface` is true (skiff's bridge and veths) do not count as node traffic.
-    pub fn node(&self, data_dir: &Path, own_interface: impl Fn(&str) -> bool) -> NodeMetrics {
-        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    /// The node: `data_dir` names the filesystem for disk figures; `net_dev` is the
+    /// host's `/proc/net/dev`, where interfaces for which `own_interface` is true
+    /// (skiff's bridge and veths) do not count as node traffic.
+    pub fn node(&self, data_dir: &Path, net_dev: &str, own_interface: impl Fn(&str) -> bool) -> NodeMetrics {
+        let read = read_proc;
         let mut m = NodeMetrics::default();
         if let Some((total, idle, cpus)) = parse_proc_stat(&read("/proc/stat")) {
             m.cpus = cpus;
@@ -138,14 +149,14 @@ impl Sampler {
             m.disk_total_bytes = s.blocks() as u64 * frsize;
             m.disk_used_bytes = m.disk_total_bytes.saturating_sub(s.blocks_available() as u64 * frsize);
         }
-        (m.rx_bytes, m.tx_bytes) = parse_net_dev(&read("/proc/net/dev"), |n| n != "lo" && !own_interface(n));
+        (m.rx_bytes, m.tx_bytes) = parse_net_dev(net_dev, |n| n != "lo" && !own_interface(n));
         (m.load1, m.load5, m.load15) = parse_loadavg(&read("/proc/loadavg"));
         m
     }
 
-    /// The instances running now, CPU as a rate since each one's previous sample;
-    /// instances that are gone are forgotten.
-    pub fn instances(&self, running: &[Running<'_>]) -> Vec<InstanceMetrics> {
+    /// The instances running now, CPU as a rate since each one's previous sample and
+    /// traffic from the host's `net_dev`; instances that are gone are forgotten.
+    pub fn instances(&self, running: &[Running<'_>], net_dev: &str) -> Vec<InstanceMetrics> {
         let Ok(mut prev) = self.instances.lock() else { return vec![] };
         let out = running
             .iter()
@@ -158,8 +169,7 @@ impl Sampler {
                     _ => None,
                 };
                 prev.insert(r.container_id.to_string(), (r.cpu_usage_ns, now_ms));
-                let net = r.pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/net/dev")).ok());
-                let (rx_bytes, tx_bytes) = net.map(|t| parse_net_dev(&t, |n| n != "lo")).unwrap_or((0, 0));
+                let (rx_bytes, tx_bytes) = r.veth.as_deref().map(|v| veth_traffic(net_dev, v)).unwrap_or((0, 0));
                 InstanceMetrics {
                     instance: r.instance.to_string(),
                     deployment: r.deployment.to_string(),
@@ -194,6 +204,10 @@ mod tests {
                    eth0: 1000      10    0    0    0     0          0         0     2000      20    0    0    0     0       0          0\n\
                    vsk12: 7000     10    0    0    0     0          0         0     7000      20    0    0    0     0       0          0\n";
         assert_eq!(parse_net_dev(dev, |n| n != "lo" && !n.starts_with("vsk")), (1000, 2000));
+        assert_eq!(veth_traffic(dev, "vsk12"), (7000, 7000));
+        assert_eq!(veth_traffic(dev, "vsk13"), (0, 0), "gone: nothing");
+        let asym = dev.replace("vsk12: 7000     10", "vsk12: 9000     10");
+        assert_eq!(veth_traffic(&asym, "vsk12"), (7000, 9000), "the host side receives what the instance sends");
         assert_eq!(parse_loadavg("0.50 0.25 0.10 1/100 42\n"), (0.5, 0.25, 0.1));
         assert_eq!(parse_loadavg(""), (0.0, 0.0, 0.0));
     }
@@ -222,17 +236,20 @@ mod tests {
             instance: "web-1",
             deployment: "web",
             container_id: "c1",
-            pid: None,
+            veth: Some("vsk1".into()),
             restarts: 0,
             started_at_ms: None,
             cpu_usage_ns: ns,
             memory_bytes: 5,
             read_at_ms: at,
         };
-        assert_eq!(s.instances(&[run(1_000_000_000, 10_000)])[0].cpu_cores, None, "no rate from one sample");
+        let dev = "h1\nh2\n  vsk1: 10 1 0 0 0 0 0 0 20 2 0 0 0 0 0 0\n";
+        let first = &s.instances(&[run(1_000_000_000, 10_000)], dev)[0];
+        assert_eq!(first.cpu_cores, None, "no rate from one sample");
+        assert_eq!((first.rx_bytes, first.tx_bytes), (20, 10), "its veth's counters, seen from the instance");
         // 1.5 s of CPU in 2 s of wall time: 0.75 cores.
-        assert_eq!(s.instances(&[run(2_500_000_000, 12_000)])[0].cpu_cores, Some(0.75));
-        assert!(s.instances(&[]).is_empty());
-        assert_eq!(s.instances(&[run(3_000_000_000, 14_000)])[0].cpu_cores, None, "forgotten once gone");
+        assert_eq!(s.instances(&[run(2_500_000_000, 12_000)], dev)[0].cpu_cores, Some(0.75));
+        assert!(s.instances(&[], dev).is_empty());
+        assert_eq!(s.instances(&[run(3_000_000_000, 14_000)], dev)[0].cpu_cores, None, "forgotten once gone");
     }
 }

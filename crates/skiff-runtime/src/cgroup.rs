@@ -57,12 +57,24 @@ fn limit(s: Option<String>) -> Option<u64> {
     (v < (1u64 << 62)).then_some(v)
 }
 
-fn keyed(p: &Path, key: &str) -> Option<u64> {
-    let text = fs::read_to_string(p).ok()?;
+fn key_in(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let mut it = l.split_whitespace();
         (it.next()? == key).then(|| it.next()?.parse().ok())?
     })
+}
+
+/// Counters sampled every few seconds are read through kept-open files.
+fn sampled(p: &Path) -> Option<String> {
+    skiff_sys::kept::global().read_to_string(p).ok()
+}
+
+fn sampled_u64(p: &Path) -> Option<u64> {
+    sampled(p)?.trim().parse().ok()
+}
+
+fn sampled_keyed(p: &Path, key: &str) -> Option<u64> {
+    key_in(&sampled(p)?, key)
 }
 
 /// runc's conversion from cpu.shares to cpu.weight on cgroup v2.
@@ -223,33 +235,30 @@ impl Cgroups {
         }
     }
 
+    /// Usage counters (read through kept-open files: see [`skiff_sys::kept`]).
     pub fn stats(&self, cg: &str) -> CgroupStats {
         match self.version {
             CgroupVersion::V1 => {
                 let mem = self.dir("memory", cg);
-                let usage = read_trim(&mem.join("memory.usage_in_bytes")).and_then(|s| s.parse().ok()).unwrap_or(0u64);
+                let usage = sampled_u64(&mem.join("memory.usage_in_bytes")).unwrap_or(0);
                 // Working set, as cAdvisor/kubelet compute it: usage minus inactive file cache.
-                let inactive = keyed(&mem.join("memory.stat"), "total_inactive_file").unwrap_or(0);
+                let inactive = sampled_keyed(&mem.join("memory.stat"), "total_inactive_file").unwrap_or(0);
                 CgroupStats {
-                    cpu_usage_ns: read_trim(&self.dir("cpuacct", cg).join("cpuacct.usage"))
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0),
+                    cpu_usage_ns: sampled_u64(&self.dir("cpuacct", cg).join("cpuacct.usage")).unwrap_or(0),
                     memory_bytes: usage.saturating_sub(inactive),
-                    oom_kills: keyed(&mem.join("memory.oom_control"), "oom_kill").unwrap_or(0),
-                    pids: read_trim(&self.dir("pids", cg).join("pids.current"))
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0),
+                    oom_kills: sampled_keyed(&mem.join("memory.oom_control"), "oom_kill").unwrap_or(0),
+                    pids: sampled_u64(&self.dir("pids", cg).join("pids.current")).unwrap_or(0),
                 }
             }
             CgroupVersion::V2 => {
                 let d = self.dir("", cg);
-                let usage = read_trim(&d.join("memory.current")).and_then(|s| s.parse().ok()).unwrap_or(0u64);
-                let inactive = keyed(&d.join("memory.stat"), "inactive_file").unwrap_or(0);
+                let usage = sampled_u64(&d.join("memory.current")).unwrap_or(0);
+                let inactive = sampled_keyed(&d.join("memory.stat"), "inactive_file").unwrap_or(0);
                 CgroupStats {
-                    cpu_usage_ns: keyed(&d.join("cpu.stat"), "usage_usec").unwrap_or(0) * 1000,
+                    cpu_usage_ns: sampled_keyed(&d.join("cpu.stat"), "usage_usec").unwrap_or(0) * 1000,
                     memory_bytes: usage.saturating_sub(inactive),
-                    oom_kills: keyed(&d.join("memory.events"), "oom_kill").unwrap_or(0),
-                    pids: read_trim(&d.join("pids.current")).and_then(|s| s.parse().ok()).unwrap_or(0),
+                    oom_kills: sampled_keyed(&d.join("memory.events"), "oom_kill").unwrap_or(0),
+                    pids: sampled_u64(&d.join("pids.current")).unwrap_or(0),
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! a cgroup (a WebAssembly instance is its shim).
 
 use crate::cgroup::CgroupStats;
+use std::path::Path;
 
 /// CPU (user + system) in clock ticks and the thread count, from `/proc/<pid>/stat`.
 pub fn parse_stat(text: &str) -> Option<(u64, u64)> {
@@ -43,8 +44,9 @@ pub fn process_stats(pid: i32) -> CgroupStats {
         .filter(|t| *t > 0)
         .map(|t| 1_000_000_000 / t as u64)
         .unwrap_or(10_000_000);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|t| parse_stat(&t));
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|t| parse_status_rss(&t));
+    let read = |f: &str| skiff_sys::kept::global().read_to_string(Path::new(&format!("/proc/{pid}/{f}"))).ok();
+    let stat = read("stat").and_then(|t| parse_stat(&t));
+    let rss = read("status").and_then(|t| parse_status_rss(&t));
     CgroupStats {
         cpu_usage_ns: stat.map(|(ticks, _)| ticks * tick_ns).unwrap_or(0),
         memory_bytes: rss.unwrap_or(0),

@@ -11,6 +11,7 @@ pub mod connlimit;
 pub mod crash;
 pub mod durable;
 pub mod inroot;
+pub mod kept;
 pub mod perms;
 pub mod pidfd;
 pub mod random;

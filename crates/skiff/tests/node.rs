@@ -454,6 +454,17 @@ fn metrics_show_cpu_burners_at_their_limits() -> R {
     let table = n.ok(&["top", "instances"])?;
     assert!(table.starts_with("NAME") && table.contains("one-1"), "{table}");
 
+    // An instance's traffic, counted on its veth: idle-1 knocks on a closed port of its
+    // gateway (a SYN out, a reset back).
+    let gateway = n.subnet.replace(".0/24", ".1");
+    n.ok(&["exec", "idle-1", "--", "sh", "-c", &format!("wget -q -O /dev/null http://{gateway}:9/ || true")])?;
+    wait_for(Duration::from_secs(30), "idle-1's traffic in `skiff top`", || {
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&n.ok(&["top", "instances", "-o", "json"]).ok()?).ok()?;
+        let idle = rows.iter().find(|r| r["instance"] == "idle-1")?;
+        (idle["tx_bytes"].as_u64()? > 0 && idle["rx_bytes"].as_u64()? > 0).then_some(())
+    })?;
+
     // The same figures for Prometheus, behind the admin token.
     let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(n.data().join("admin.conf"))?)?;
     let url = format!("{}/metrics", conf["server"].as_str().unwrap_or_default());
