@@ -76,6 +76,8 @@ impl Bench {
         }
         let fifo_dir = dir.join("b");
         std::fs::create_dir_all(&fifo_dir)?;
+        // A wasm program runs as an unprivileged user of its own: it may write here.
+        std::fs::set_permissions(&fifo_dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
         Ok(Bench {
             store,
             oci: OciRuntime::new(dir.join("instances"), dir.join("runc"), skiff, "/skiffbench")?,
@@ -302,8 +304,11 @@ fn wait_go(ino: &Inotify) -> Result<Instant> {
 /// (and gone) before the next starts.
 pub fn cli(skiff: &str, data: &str, iterations: &str, wasm_image: &str, container_image: &str) -> Result<()> {
     let iterations: usize = iterations.parse().context("ITERATIONS")?;
-    let dir = Path::new(data).join("signal");
+    // Beside the data directory, which only root may enter.
+    let dir = Path::new(data).parent().unwrap_or(Path::new("/tmp")).join("signal");
     std::fs::create_dir_all(&dir)?;
+    // A wasm program runs as an unprivileged user of its own: it may write here.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
     let vol = format!("{}:/b", dir.display());
     let skiff_cmd = |args: &[&str]| -> Result<std::process::Output> {
         Ok(std::process::Command::new(skiff).arg("--data").arg(data).args(args).output()?)

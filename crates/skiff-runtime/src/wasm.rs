@@ -331,8 +331,11 @@ impl Runtime for WasmRuntime {
     fn start(&self, id: &str) -> Result<i32, RuntimeError> {
         if self.use_spares {
             let spare = self.spare.lock().ok().and_then(|mut s| s.take());
+            let answer = spare.and_then(|s| s.run(&self.dir(id), id));
+            // The next spare starts once this start is answered: starting it meanwhile
+            // (a process and wasmtime's set-up) takes the CPU from the start being made.
             self.refill();
-            if let Some(answer) = spare.and_then(|s| s.run(&self.dir(id), id)) {
+            if let Some(answer) = answer {
                 return Ok(answer?);
             }
         }

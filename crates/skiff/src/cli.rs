@@ -411,7 +411,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     let mut d =
                         match client(&cli)?.get::<DeploymentView>(&format!("/api/v1/deployments/{}", a.target)).await {
                             Ok(v) => v.spec,
-                            Err(e) if e.to_string().contains("(404") => {
+                            Err(e) if crate::client::ApiError::is_not_found(&e) => {
                                 bail!("{}: {path}: deployment {:?} not found", file.display(), a.target)
                             }
                             Err(e) => return Err(e),

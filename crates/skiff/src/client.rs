@@ -1,7 +1,7 @@
 //! The CLI's HTTP client for the hub API.
 
 use crate::config::ClientConfig;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use skiff_model::api::ErrorBody;
@@ -9,6 +9,22 @@ use skiff_model::api::ErrorBody;
 pub struct Client {
     http: reqwest::Client,
     cfg: ClientConfig,
+}
+
+/// The hub answered with an error: its status and what it said. Callers decide by the
+/// status (`e.downcast_ref::<ApiError>()`), not by the text.
+#[derive(Debug, thiserror::Error)]
+#[error("{message} ({status})")]
+pub struct ApiError {
+    pub status: reqwest::StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    /// Whether `e` is the hub saying "not found".
+    pub fn is_not_found(e: &anyhow::Error) -> bool {
+        e.downcast_ref::<ApiError>().is_some_and(|a| a.status == reqwest::StatusCode::NOT_FOUND)
+    }
 }
 
 impl Client {
@@ -42,8 +58,8 @@ impl Client {
         }
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        let msg = serde_json::from_str::<ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
-        bail!("{msg} ({status})")
+        let message = serde_json::from_str::<ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
+        Err(ApiError { status, message }.into())
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
