@@ -102,7 +102,16 @@ impl Cgroups {
         let write = |dir: &Path, file: &str, value: String| fs::write(dir.join(file), value);
         match self.version {
             CgroupVersion::V1 => {
+                // Controllers mounted together (`cpu` and `cpuacct` are links to
+                // `cpu,cpuacct` on most hosts) are one hierarchy, entered once: each move
+                // waits for the kernel's cgroup lock, milliseconds of a start.
+                let mut seen = vec![];
                 for ctrl in OWN_V1.iter().filter(|c| self.root.join(c).is_dir()) {
+                    let real = fs::canonicalize(self.root.join(ctrl)).unwrap_or_else(|_| self.root.join(ctrl));
+                    if seen.contains(&real) {
+                        continue;
+                    }
+                    seen.push(real);
                     let d = self.dir(ctrl, cg);
                     fs::create_dir_all(&d)?;
                     match *ctrl {
@@ -288,6 +297,11 @@ mod tests {
         assert_eq!(fs::read_to_string(v1.join("pids/skiff/w1/pids.max")).unwrap(), "64");
         assert_eq!(fs::read_to_string(v1.join("cpu/skiff/w1/cgroup.procs")).unwrap(), "42");
         assert!(!v1.join("cpuacct").exists(), "a controller the host lacks is left out");
+        // Controllers mounted together are entered once, through either name.
+        std::os::unix::fs::symlink(v1.join("cpu"), v1.join("cpuacct")).unwrap();
+        fs::remove_file(v1.join("cpu/skiff/w1/cgroup.procs")).unwrap();
+        Cgroups::at(CgroupVersion::V1, &v1).enter("/skiff/w1", &limits, 43).unwrap();
+        assert_eq!(fs::read_to_string(v1.join("cpu/skiff/w1/cgroup.procs")).unwrap(), "43");
         let v2 = t.path().join("v2");
         fs::create_dir_all(&v2).unwrap();
         Cgroups::at(CgroupVersion::V2, &v2).enter("/skiff/w1", &limits, 42).unwrap();
