@@ -63,7 +63,7 @@ pub fn veth_traffic(text: &str, veth: &str) -> (u64, u64) {
 
 /// A /proc file through a kept-open file; empty when unreadable.
 pub fn read_proc(path: &str) -> String {
-    skiff_sys::kept::global().read_to_string(Path::new(path)).unwrap_or_default()
+    skiff_sys::kept::read(path).unwrap_or_default()
 }
 
 pub fn parse_loadavg(text: &str) -> (f64, f64, f64) {
@@ -126,9 +126,8 @@ impl Sampler {
     /// host's `/proc/net/dev`, where interfaces for which `own_interface` is true
     /// (skiff's bridge and veths) do not count as node traffic.
     pub fn node(&self, data_dir: &Path, net_dev: &str, own_interface: impl Fn(&str) -> bool) -> NodeMetrics {
-        let read = read_proc;
         let mut m = NodeMetrics::default();
-        if let Some((total, idle, cpus)) = parse_proc_stat(&read("/proc/stat")) {
+        if let Some((total, idle, cpus)) = parse_proc_stat(&read_proc("/proc/stat")) {
             m.cpus = cpus;
             if let Ok(mut prev) = self.node_cpu.lock() {
                 if let Some((t0, i0)) = *prev {
@@ -140,7 +139,7 @@ impl Sampler {
                 *prev = Some((total, idle));
             }
         }
-        let (total, available) = parse_meminfo(&read("/proc/meminfo"));
+        let (total, available) = parse_meminfo(&read_proc("/proc/meminfo"));
         (m.memory_total_bytes, m.memory_used_bytes) = (total, total.saturating_sub(available));
         // The block counts are u32 on some 32-bit targets.
         #[allow(clippy::unnecessary_cast)]
@@ -150,7 +149,7 @@ impl Sampler {
             m.disk_used_bytes = m.disk_total_bytes.saturating_sub(s.blocks_available() as u64 * frsize);
         }
         (m.rx_bytes, m.tx_bytes) = parse_net_dev(net_dev, |n| n != "lo" && !own_interface(n));
-        (m.load1, m.load5, m.load15) = parse_loadavg(&read("/proc/loadavg"));
+        (m.load1, m.load5, m.load15) = parse_loadavg(&read_proc("/proc/loadavg"));
         m
     }
 

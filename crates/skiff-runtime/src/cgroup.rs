@@ -65,16 +65,12 @@ fn key_in(text: &str, key: &str) -> Option<u64> {
 }
 
 /// Counters sampled every few seconds are read through kept-open files.
-fn sampled(p: &Path) -> Option<String> {
-    skiff_sys::kept::global().read_to_string(p).ok()
-}
-
 fn sampled_u64(p: &Path) -> Option<u64> {
-    sampled(p)?.trim().parse().ok()
+    skiff_sys::kept::read(p)?.trim().parse().ok()
 }
 
 fn sampled_keyed(p: &Path, key: &str) -> Option<u64> {
-    key_in(&sampled(p)?, key)
+    key_in(&skiff_sys::kept::read(p)?, key)
 }
 
 /// runc's conversion from cpu.shares to cpu.weight on cgroup v2.

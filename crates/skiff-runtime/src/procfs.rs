@@ -2,7 +2,6 @@
 //! a cgroup (a WebAssembly instance is its shim).
 
 use crate::cgroup::CgroupStats;
-use std::path::Path;
 
 /// CPU (user + system) in clock ticks and the thread count, from `/proc/<pid>/stat`.
 pub fn parse_stat(text: &str) -> Option<(u64, u64)> {
@@ -44,7 +43,7 @@ pub fn process_stats(pid: i32) -> CgroupStats {
         .filter(|t| *t > 0)
         .map(|t| 1_000_000_000 / t as u64)
         .unwrap_or(10_000_000);
-    let read = |f: &str| skiff_sys::kept::global().read_to_string(Path::new(&format!("/proc/{pid}/{f}"))).ok();
+    let read = |f: &str| skiff_sys::kept::read(format!("/proc/{pid}/{f}"));
     let stat = read("stat").and_then(|t| parse_stat(&t));
     let rss = read("status").and_then(|t| parse_status_rss(&t));
     CgroupStats {

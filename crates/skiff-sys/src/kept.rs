@@ -107,6 +107,11 @@ pub fn global() -> &'static KeptFiles {
     KEPT.get_or_init(|| KeptFiles::new(1024))
 }
 
+/// `path` through the process's kept files; `None` when it cannot be read.
+pub fn read(path: impl AsRef<Path>) -> Option<String> {
+    global().read_to_string(path.as_ref()).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

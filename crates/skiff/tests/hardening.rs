@@ -8,6 +8,7 @@
 
 mod common;
 
+use anyhow::Context;
 use common::{wait_for, Node, IMAGE};
 use skiff_model::{InstanceState, InstanceStatus};
 use skiff_testkit::{require_privileged, wasm, ImageBuilder, LayerBuilder};
@@ -284,6 +285,14 @@ fn a_wasm_program_runs_unprivileged_in_its_own_cgroup_and_network_namespace() ->
     n.ok(&["delete", "deployment", "t"])?;
     wait_for(30 * SEC, "the instance gone", || n.instances().ok()?.is_empty().then_some(()))?;
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    // Its cgroup goes with it (in every hierarchy it entered).
+    let dirs: Vec<String> = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        vec![format!("/sys/fs/cgroup{want}")]
+    } else {
+        ["memory", "pids", "cpu", "cpuacct"].iter().map(|c| format!("/sys/fs/cgroup/{c}{want}")).collect()
+    };
+    wait_for(10 * SEC, "its cgroup removed", || dirs.iter().all(|d| !Path::new(d).exists()).then_some(()))
+        .with_context(|| format!("left: {:?}", dirs.iter().filter(|d| Path::new(d).exists()).collect::<Vec<_>>()))?;
     Ok(())
 }
 
