@@ -197,6 +197,7 @@ async fn tcp_loop(
         let (targets, active) = (Arc::clone(&targets), active.clone());
         tokio::spawn(async move {
             let _slot = slot;
+            let accepted = tokio::time::Instant::now();
             // A target that refuses (just stopped, not listening yet) is skipped.
             for target in pick(&targets, n).await {
                 // Counted from before the connect, so a drain cannot miss one in flight.
@@ -221,21 +222,27 @@ async fn tcp_loop(
                 };
                 let _ = inbound.set_nodelay(true);
                 let _ = outbound.set_nodelay(true);
-                relay(inbound, outbound, idle).await;
+                let connected_ms = accepted.elapsed().as_millis() as u64;
+                let (sent, received) = relay(inbound, outbound, idle).await;
+                let total_ms = accepted.elapsed().as_millis() as u64;
+                tracing::debug!(%from, %target, connected_ms, total_ms, sent, received, "published port: connection ended");
                 return;
             }
+            tracing::debug!(%from, waited_ms = accepted.elapsed().as_millis() as u64, "published port: no target took the connection");
         });
     }
 }
 
 /// Copies from `from` to `to` until EOF or an error, noting when bytes last moved (ms
-/// after `start`).
+/// after `start`) and how many were copied (`count`).
 async fn copy_half(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     start: tokio::time::Instant,
     last: Arc<std::sync::atomic::AtomicU64>,
+    count: Arc<std::sync::atomic::AtomicU64>,
 ) {
+    use std::sync::atomic::Ordering::Relaxed;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -246,19 +253,26 @@ async fn copy_half(
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
-        last.store(start.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+        count.fetch_add(n as u64, Relaxed);
+        last.store(start.elapsed().as_millis() as u64, Relaxed);
     }
     let _ = to.shutdown().await;
 }
 
-/// Copies both ways until both sides closed, or until nothing moved for `idle`.
-async fn relay(a: TcpStream, b: TcpStream, idle: Duration) {
+/// Copies both ways until both sides closed, or until nothing moved for `idle`; the
+/// bytes sent from `a` to `b` and back.
+async fn relay(a: TcpStream, b: TcpStream, idle: Duration) -> (u64, u64) {
+    use std::sync::atomic::AtomicU64;
     let start = tokio::time::Instant::now();
-    let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let last = Arc::new(AtomicU64::new(0));
+    let (sent, received) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let (ar, aw) = a.into_split();
     let (br, bw) = b.into_split();
     let both = async {
-        tokio::join!(copy_half(ar, bw, start, Arc::clone(&last)), copy_half(br, aw, start, Arc::clone(&last)))
+        tokio::join!(
+            copy_half(ar, bw, start, Arc::clone(&last), Arc::clone(&sent)),
+            copy_half(br, aw, start, Arc::clone(&last), Arc::clone(&received))
+        )
     };
     let watch = async {
         loop {
@@ -273,6 +287,8 @@ async fn relay(a: TcpStream, b: TcpStream, idle: Duration) {
         _ = both => {}
         _ = watch => {}
     }
+    let read = |c: &AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    (read(&sent), read(&received))
 }
 
 async fn udp_loop(sock: Arc<UdpSocket>, targets: Targets) {

@@ -589,6 +589,8 @@ fn rolling_and_blue_green_updates_fail_no_request_and_a_broken_version_rolls_bac
     use skiff_testkit::traffic::{report, Traffic};
     require_privileged!();
     let mut n = Node::new()?;
+    // Each proxied connection's fate, for a request that fails.
+    n.rust_log = "info,skiff_agent::proxy=debug".into();
     let port = free_port();
     let rolling = "order: start-first, parallelism: 1, monitor: 1s";
     let file = n.up_compose(&versioned(port, "v1", 80, rolling))?;
@@ -680,10 +682,31 @@ fn rolling_and_blue_green_updates_fail_no_request_and_a_broken_version_rolls_bac
     assert!(String::from_utf8_lossy(&bad.stderr).contains("to_revision: web has no revision 99"));
 
     let r = report(&traffic.finish());
-    let log = n.log();
+    // The log without its colours.
+    let log: String = n
+        .log()
+        .split('\x1b')
+        .enumerate()
+        .map(|(i, p)| if i == 0 { p } else { p.split_once('m').map_or(p, |x| x.1) })
+        .collect();
     let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    // Connections that took a second or more, or found no target, and the agent's events.
+    let slow: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("no target took")
+                || l.contains("INFO") && l.contains("event")
+                || l.split("total_ms=")
+                    .nth(1)
+                    .and_then(|t| t.split(' ').next()?.parse::<u64>().ok())
+                    .is_some_and(|ms| ms >= 1000)
+        })
+        .collect();
     assert!(r.sent > 200, "{r:?}");
-    assert_eq!(r.failed, 0, "no request failed during the updates: {r:?}\nthe node's warnings: {warnings:#?}");
+    assert_eq!(
+        r.failed, 0,
+        "no request failed during the updates: {r:?}\nthe node's warnings: {warnings:#?}\nslow connections and events: {slow:#?}"
+    );
     // No connection was sent to an instance that was already drained and stopped (it
     // would hang until the connect timed out, then try the next).
     let stale: Vec<&&str> = warnings.iter().filter(|l| l.contains("no answer from the target")).collect();

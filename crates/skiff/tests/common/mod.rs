@@ -25,6 +25,8 @@ pub struct Node {
     pub subnet: String,
     up: Option<Child>,
     pub up_log: PathBuf,
+    /// `RUST_LOG` of the processes this node starts.
+    pub rust_log: String,
 }
 
 /// A TCP port that was free a moment ago.
@@ -70,6 +72,7 @@ impl Node {
             dir,
             up: None,
             up_log: PathBuf::new(),
+            rust_log: "info".into(),
         };
         Ok(node)
     }
@@ -163,7 +166,8 @@ impl Node {
         let mut cmd = self.up_command(compose);
         cmd.args(extra);
         let _ = std::fs::remove_file(self.data().join("admin.conf"));
-        let child = cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
+        let child =
+            cmd.env("RUST_LOG", &self.rust_log).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
         self.up = Some(child);
         wait_for(Duration::from_secs(30), "the hub API", || {
             if let Some(c) = self.up.as_mut() {
@@ -211,7 +215,7 @@ impl Node {
             .arg("--data")
             .arg(self.data())
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &self.rust_log)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
