@@ -111,11 +111,21 @@ fn exists(path: &str) -> bool {
 
 impl Bridge {
     /// Creates the bridge (idempotent) and gives it the gateway address.
+    ///
+    /// Its MAC address is set, derived from the gateway's address as an instance's is: a
+    /// bridge left to itself takes the lowest MAC of its ports and changes it as veths
+    /// come and go, and an instance that cached the old one sends its answers (and its
+    /// resets) to an address nobody holds until it asks again.
     pub fn ensure(&self) -> Result<(), NetError> {
+        let mac = mac_of(self.subnet.gateway());
         if !exists(&format!("/sys/class/net/{}", self.name)) {
-            ip(&["link", "add", &self.name, "type", "bridge"])?;
+            ip(&["link", "add", &self.name, "address", &mac, "type", "bridge"])?;
         } else if !exists(&format!("/sys/class/net/{}/bridge", self.name)) {
             return Err(NetError::NotABridge(self.name.clone()));
+        } else if std::fs::read_to_string(format!("/sys/class/net/{}/address", self.name))
+            .is_ok_and(|a| a.trim() != mac)
+        {
+            ip(&["link", "set", &self.name, "address", &mac])?;
         }
         let cidr = format!("{}/{}", self.subnet.gateway(), self.subnet.prefix);
         let _ = ip(&["addr", "add", &cidr, "dev", &self.name]); // EEXIST is fine

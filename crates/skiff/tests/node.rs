@@ -594,6 +594,10 @@ fn rolling_and_blue_green_updates_fail_no_request_and_a_broken_version_rolls_bac
     let port = free_port();
     let rolling = "order: start-first, parallelism: 1, monitor: 1s";
     let file = n.up_compose(&versioned(port, "v1", 80, rolling))?;
+    // The gateway's MAC address stays put while veths come and go.
+    let bridge_mac = || std::fs::read_to_string(format!("/sys/class/net/{}/address", n.bridge)).unwrap_or_default();
+    let gateway_mac = skiff_runtime::network::mac_of(n.subnet.replace(".0/24", ".1").parse()?);
+    assert_eq!(bridge_mac().trim(), gateway_mac);
     let status = |n: &Node| -> anyhow::Result<String> { n.ok(&["rollout", "status", "web", "--timeout", "90s"]) };
     status(&n)?;
     let apply = |n: &Node, text: String| -> R {
@@ -682,6 +686,7 @@ fn rolling_and_blue_green_updates_fail_no_request_and_a_broken_version_rolls_bac
     assert!(String::from_utf8_lossy(&bad.stderr).contains("to_revision: web has no revision 99"));
 
     let r = report(&traffic.finish());
+    assert_eq!(bridge_mac().trim(), gateway_mac, "the bridge kept its address through the updates");
     // The log without its colours.
     let log: String = n
         .log()
