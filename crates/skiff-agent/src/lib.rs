@@ -7,6 +7,7 @@
 //! Architecture Invariant: the agent never schedules; it runs what it is given.
 #![forbid(unsafe_code)]
 
+pub mod admit;
 mod exits;
 pub mod join;
 pub mod logs;
@@ -1304,18 +1305,9 @@ impl Agent {
         Ok(())
     }
 
-    /// Checks, before a wasm deployment is stored, that its image holds a program this node
-    /// can run: compiled (into the cache, so the first start is warm), imports and exports
-    /// checked. Returns what the program is. The image must be in the store.
-    pub fn check_wasm(&self, d: &Deployment) -> Result<&'static str, String> {
-        let info = self.images.resolve_for(&d.image, Target::Wasm).map_err(|e| e.to_string())?;
-        let module = self.wasm_module(d, &info).map_err(|e| e.to_string())?;
-        skiff_runtime::wasm::check(&module, &self.cfg.data_dir.join("wasm/cache"))
-    }
-
     /// The WebAssembly program a wasm deployment runs: the artifact's module, or the file
     /// its argv[0] names in a `wasi/wasm` image.
-    fn wasm_module(
+    pub(crate) fn wasm_module(
         &self,
         d: &Deployment,
         info: &skiff_image::ImageInfo,

@@ -153,11 +153,11 @@ impl Alerts {
 impl Hub {
     /// Evaluates the alert rules against the fleet's newest samples and carries out the
     /// scale-outs that are due.
-    pub fn evaluate_alerts(&self, now_ms: u64) -> Result<(), String> {
+    pub fn evaluate_alerts(&self, now_ms: u64) -> Result<(), crate::HubError> {
         if self.alerts.rules.is_empty() || !self.settled(now_ms) {
             return Ok(());
         }
-        let text = metrics::render(&self.metrics(), metrics::MAX_INSTANCE_SERIES);
+        let text = metrics::render(&self.metrics(), metrics::MAX_INSTANCE_SERIES, now_ms);
         for so in self.alerts.eval(&parse_exposition(&text), now_ms) {
             let what = self.scale_out(&so);
             let (reason, msg) = match &what {
@@ -186,7 +186,7 @@ impl Hub {
         let from = d.replicas;
         d.replicas = from.saturating_add(so.step).min(so.max);
         let to = d.replicas;
-        self.apply(&ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false })
+        self.commit(&ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false })
             .map_err(|e| e.to_string())?;
         Ok(format!("scaled {} from {from} to {to}", so.deployment))
     }

@@ -90,7 +90,7 @@ async fn auth(State(hub): State<Shared>, req: Request, next: Next) -> Response {
     let role = match bearer {
         Some(b) => {
             let (store, admin, b) = (Arc::clone(&hub.store), hub.admin_token.clone(), b.to_string());
-            let now = crate::fleet::now_ms();
+            let now = hub.clock.now_ms();
             tokio::task::spawn_blocking(move || crate::tokens::authenticate(&*store, &admin, &b, now))
                 .await
                 .ok()
@@ -140,12 +140,7 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn apply(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let req: ApplyRequest = parse_body(&body)?;
-    let warnings = match &hub.fleet {
-        Some(f) => f.learn_platforms(&req.deployments.iter().map(|d| d.image.clone()).collect::<Vec<_>>()).await,
-        None => vec![],
-    };
-    let resp = hub.apply(&req).map_err(hub_error)?;
-    Ok(Json(skiff_model::api::ApplyResponse { warnings, ..resp }).into_response())
+    Ok(Json(hub.apply(&req).await.map_err(hub_error)?).into_response())
 }
 
 /// A stored deployment with its instances, picked out of `all`, and why some have no
@@ -161,7 +156,7 @@ fn view(
 }
 
 fn unschedulable(hub: &Hub) -> BTreeMap<String, String> {
-    hub.fleet.as_ref().map(|f| f.unschedulable()).unwrap_or_default()
+    hub.nodes.unschedulable()
 }
 
 /// `?wait=S`: how long a watch may hold the request.
@@ -259,6 +254,21 @@ fn hub_error(e: crate::ApplyError) -> ApiError {
     }
 }
 
+/// A node's failure by kind: an instance it does not have is not found, a node out of
+/// reach is unavailable, a node that did not answer timed out, and one that could not act
+/// on the instance (it is not running, its log is gone) is a conflict with its state.
+fn node_error(e: crate::NodeError) -> ApiError {
+    use crate::NodeError as N;
+    let status = match &e {
+        N::NoInstance(_) => StatusCode::NOT_FOUND,
+        N::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        N::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        N::Refused(_) => StatusCode::BAD_REQUEST,
+        N::Failed(_) => StatusCode::CONFLICT,
+    };
+    ApiError(status, e.to_string())
+}
+
 /// Where the newest revision's rollout stands (watchable).
 async fn rollout_status(
     State(hub): State<Shared>,
@@ -286,7 +296,7 @@ async fn rollout_undo(
     if hub.store.get(&name).map_err(internal)?.is_none() {
         return Err(not_found(format!("deployment {name:?} not found")));
     }
-    let now = crate::fleet::now_ms();
+    let now = hub.clock.now_ms();
     Ok(Json(hub.rollout_undo(&name, req.to_revision, now).map_err(hub_error)?).into_response())
 }
 
@@ -348,7 +358,7 @@ async fn logs(
     let prefix = targets.len() > 1;
     for t in targets {
         let node = hub.node_of(&t).ok_or_else(|| not_found(format!("instance {t:?} not found")))?;
-        let mut lines = node.logs(&t, q.tail, q.follow).map_err(internal)?;
+        let mut lines = node.logs(&t, q.tail, q.follow).map_err(node_error)?;
         let tx = tx.clone();
         tokio::spawn(async move {
             while let Some(mut l) = lines.recv().await {
@@ -396,7 +406,7 @@ async fn exec(
     }
     let node = hub.node_of(&name).ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
     let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(60_000).min(3_600_000));
-    let r = node.exec(&name, b.argv, timeout).await.map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
+    let r = node.exec(&name, b.argv, timeout).await.map_err(node_error)?;
     Ok(Json(r).into_response())
 }
 
@@ -409,42 +419,7 @@ async fn nodes(
 }
 
 fn node_list(hub: &Hub) -> Result<Vec<NodeInfo>, ApiError> {
-    let all = hub.instances();
-    let mut out: Vec<NodeInfo> = hub
-        .nodes
-        .iter()
-        .map(|n| NodeInfo {
-            name: n.name(),
-            state: "Ready".into(),
-            arch: skiff_model::platform::host_arch().0.into(),
-            os: std::env::consts::OS.into(),
-            instances: all.iter().filter(|i| i.node == n.name()).count(),
-            runtimes: n.runtimes(),
-            problems: vec![],
-            warnings: crate::version_warnings(&n.versions()),
-            versions: n.versions(),
-        })
-        .collect();
-    if let Some(f) = &hub.fleet {
-        for v in f.views().map_err(fleet_error)? {
-            let arch = match &v.variant {
-                Some(var) => format!("{}/{var}", v.arch),
-                None => v.arch.clone(),
-            };
-            out.push(NodeInfo {
-                instances: all.iter().filter(|i| i.node == v.name).count(),
-                problems: f.problems(&v.name),
-                name: v.name,
-                state: format!("{:?}", v.state),
-                arch,
-                os: "linux".into(),
-                runtimes: v.runtimes,
-                warnings: crate::version_warnings(&v.versions),
-                versions: v.versions,
-            });
-        }
-    }
-    Ok(out)
+    hub.nodes.list(&hub.instances()).map_err(internal)
 }
 
 fn fleet_error(e: crate::fleet::FleetError) -> ApiError {
@@ -460,7 +435,7 @@ fn fleet_error(e: crate::fleet::FleetError) -> ApiError {
 }
 
 fn fleet_of(hub: &Hub) -> Result<&Arc<crate::fleet::Fleet>, ApiError> {
-    hub.fleet.as_ref().ok_or_else(|| not_found("this hub takes no remote nodes (run `skiff hub`)"))
+    hub.nodes.fleet().ok_or_else(|| not_found("this hub takes no remote nodes (run `skiff hub`)"))
 }
 
 async fn cacerts(State(hub): State<Shared>) -> Result<Response, ApiError> {
@@ -476,8 +451,8 @@ async fn join(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Resp
 
 async fn create_token(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let req: crate::tokens::TokenRequest = if body.is_empty() { Default::default() } else { parse_body(&body)? };
-    let ca = hub.fleet.as_ref().map(|f| f.ca_sha256.clone());
-    let now = crate::fleet::now_ms();
+    let ca = hub.nodes.fleet().map(|f| f.ca_sha256.clone());
+    let now = hub.clock.now_ms();
     let t = crate::tokens::create(&*hub.store, ca.as_deref(), &req, now).map_err(|e| match e {
         crate::tokens::TokenError::Invalid(m) => bad(m),
         crate::tokens::TokenError::NoFleet(m) => not_found(m),
@@ -580,11 +555,7 @@ async fn events(
 ) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(100).min(10_000);
     watched(&WatchQuery { wait: q.wait }, &headers, hub.changes(), || {
-        let mut all: Vec<_> = hub.nodes.iter().flat_map(|n| n.events(limit).unwrap_or_default()).collect();
-        if let Some(f) = &hub.fleet {
-            all.extend(f.events(None, limit));
-            all.extend(f.security.list());
-        }
+        let mut all = hub.nodes.events(limit);
         all.extend(hub.autoscaler.events());
         all.extend(hub.rollouts.events());
         all.extend(hub.alerts.events());
@@ -623,7 +594,7 @@ async fn samples(
 
 /// The fleet's metrics for Prometheus (OpenMetrics text).
 async fn prometheus(State(hub): State<Shared>) -> Response {
-    let text = crate::metrics::render(&hub.metrics(), crate::metrics::MAX_INSTANCE_SERIES);
+    let text = crate::metrics::render(&hub.metrics(), crate::metrics::MAX_INSTANCE_SERIES, hub.clock.now_ms());
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 

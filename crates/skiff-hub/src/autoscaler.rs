@@ -206,9 +206,8 @@ impl Hub {
     /// One sync period of the autoscaler: decides for every autoscaled deployment and
     /// stores the new replica counts (placement and nodes follow as after an apply).
     /// Returns the deployments it rescaled.
-    pub fn autoscale(&self, now_ms: u64) -> Result<Vec<(String, i32)>, String> {
-        let deployments: Vec<Deployment> =
-            self.store.list().map_err(|e| e.to_string())?.into_iter().map(|s| s.spec).collect();
+    pub fn autoscale(&self, now_ms: u64) -> Result<Vec<(String, i32)>, crate::HubError> {
+        let deployments: Vec<Deployment> = self.store.list()?.into_iter().map(|s| s.spec).collect();
         if deployments.iter().all(|d| d.autoscale.is_none()) || !self.settled(now_ms) {
             return Ok(vec![]);
         }
@@ -228,7 +227,7 @@ impl Hub {
             }
             let mut scaled = d.clone();
             scaled.replicas = decision.desired_replicas.max(0) as u32;
-            self.store.apply(&[scaled], None, false).map_err(|e| e.to_string())?;
+            self.store.apply(&[scaled], None, false, now_ms)?;
             a.event(
                 now_ms,
                 &d.name,

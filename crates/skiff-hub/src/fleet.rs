@@ -5,6 +5,7 @@
 //! with the one certificate the hub last signed for it (a re-join or a revoke retires the
 //! old one).
 
+use crate::clock::Clock;
 use crate::pki::Ca;
 use crate::schedule::{self, NodeState, NodeView, Plan, Platforms};
 use crate::store::{JoinRefused, NodeJoin, NodeRecord, Store};
@@ -43,8 +44,6 @@ pub enum FleetError {
 fn internal(e: impl std::fmt::Display) -> FleetError {
     FleetError::Internal(e.to_string())
 }
-
-pub use skiff_sys::time::now_ms;
 
 /// Events kept per node on the hub.
 pub const EVENTS_PER_NODE: usize = 1000;
@@ -103,6 +102,7 @@ pub struct Fleet {
     pub ca: Ca,
     pub ca_sha256: String,
     store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
     seen: Mutex<BTreeMap<String, Seen>>,
     statuses: Mutex<BTreeMap<String, Vec<InstanceStatus>>>,
     events: Mutex<BTreeMap<String, std::collections::VecDeque<EventRecord>>>,
@@ -188,7 +188,7 @@ pub type PlatformLookup = Arc<dyn Fn(String) -> crate::BoxFuture<'static, Result
 const LOOKUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Fleet {
-    pub fn new(ca: Ca, store: Arc<dyn Store>) -> Result<Self, FleetError> {
+    pub fn new(ca: Ca, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<Self, FleetError> {
         let ca_sha256 = ca.fingerprint().map_err(internal)?;
         let rev = store.revision().map_err(internal)?;
         Ok(Fleet {
@@ -198,7 +198,8 @@ impl Fleet {
             seen: Mutex::new(BTreeMap::new()),
             statuses: Mutex::new(BTreeMap::new()),
             events: Mutex::new(BTreeMap::new()),
-            started_ms: now_ms(),
+            started_ms: clock.now_ms(),
+            clock,
             changed: tokio::sync::watch::channel(rev).0,
             tunnels: Mutex::new(BTreeMap::new()),
             at_revision: Mutex::new(None),
@@ -298,6 +299,11 @@ impl Fleet {
         }
     }
 
+    /// The hub's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
     pub fn tunnel(&self, node: &str) -> Option<Arc<crate::tunnel::Tunnel>> {
         self.tunnels.lock().ok()?.get(node).cloned()
     }
@@ -307,7 +313,7 @@ impl Fleet {
     /// token was made to replace that node; a replaced node's certificates are revoked
     /// and its open tunnel is closed.
     pub fn join(&self, req: &JoinRequest) -> Result<JoinResponse, FleetError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let unauth = |m: &str| FleetError::Unauthenticated(format!("token: {m}"));
         let (id, secret) = req.token.split_once('.').ok_or_else(|| unauth("not <id>.<secret>"))?;
         let rec = crate::tokens::lookup(&*self.store, id, secret)
@@ -371,7 +377,7 @@ impl Fleet {
     /// it presents the new one.
     pub fn renew(&self, peer: &Peer, name: &str, csr: &str) -> Result<String, FleetError> {
         self.authorize(peer, name)?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let recent = self.renewed.lock().ok().and_then(|m| m.get(name).copied());
         if recent.is_some_and(|t| now.saturating_sub(t) < NODE_CHANGE_EVERY_MS) {
             return Err(FleetError::Forbidden(format!("node {name:?} renewed its certificate less than a minute ago")));
@@ -437,7 +443,7 @@ impl Fleet {
         if info == rec.info {
             return Ok(());
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let recent = self.runtimes_changed.lock().ok().and_then(|m| m.get(name).copied());
         if recent.is_some_and(|t| now.saturating_sub(t) < NODE_CHANGE_EVERY_MS) {
             return Err(FleetError::Forbidden(format!(
@@ -478,7 +484,7 @@ impl Fleet {
         }
         if rec.next_serial.as_ref() == Some(serial) {
             // The node uses its renewed certificate: the one before is retired.
-            self.store.promote_cert(who, serial, now_ms()).map_err(internal)?;
+            self.store.promote_cert(who, serial, self.clock.now_ms()).map_err(internal)?;
             return self.store.node(who).map_err(internal)?.ok_or_else(|| FleetError::Forbidden("gone".into()));
         }
         Err(FleetError::Forbidden(format!("this certificate of node {who:?} has been replaced")))
@@ -487,7 +493,7 @@ impl Fleet {
     /// `skiff delete node`: revokes the node's certificates for good, forgets it (its
     /// name may join again with a new token) and closes its tunnel.
     pub fn revoke_node(&self, name: &str) -> Result<(), FleetError> {
-        if !self.store.revoke_node(name, now_ms()).map_err(internal)? {
+        if !self.store.revoke_node(name, self.clock.now_ms()).map_err(internal)? {
             return Err(FleetError::NotFound(format!("node {name:?} not found")));
         }
         // Its open connection goes too; a new one is refused at the handshake's authorize.
@@ -507,7 +513,7 @@ impl Fleet {
 
     /// The node was heard from (any frame or pong on its tunnel, or a status report).
     pub fn touch(&self, node: &str) {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let changed = match self.seen.lock() {
             Ok(mut seen) => seen
                 .entry(node.to_string())
@@ -551,7 +557,7 @@ impl Fleet {
             }
         });
         if !refused.is_empty() {
-            let now = now_ms();
+            let now = self.clock.now_ms();
             let due = self.refused.lock().is_ok_and(|mut r| {
                 let last = r.entry(node.to_string()).or_insert(0);
                 let due = *last == 0 || now.saturating_sub(*last) >= NODE_CHANGE_EVERY_MS;
@@ -575,7 +581,7 @@ impl Fleet {
             if let Some(s) = seen.get_mut(node) {
                 if s.problems != status.problems {
                     s.problems = status.problems;
-                    if s.heard(now_ms()) {
+                    if s.heard(self.clock.now_ms()) {
                         self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
@@ -654,7 +660,7 @@ impl Fleet {
     }
 
     pub fn views(&self) -> Result<Vec<NodeView>, FleetError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         Ok(self
             .store
             .nodes()
@@ -720,7 +726,7 @@ impl Fleet {
     /// storing anything (`apply --dry-run`): instance name → node, and the unplaceable.
     pub fn plan(&self, deployments: &[Deployment]) -> Result<Plan, FleetError> {
         let current = self.store.slots().map_err(internal)?;
-        Ok(schedule::schedule(deployments, &self.known_platforms(), &self.views()?, &current, now_ms()))
+        Ok(schedule::schedule(deployments, &self.known_platforms(), &self.views()?, &current, self.clock.now_ms()))
     }
 
     /// Places every deployment over the joined nodes and stores the result; wakes the
@@ -729,7 +735,8 @@ impl Fleet {
     pub fn reschedule(&self) -> Result<Plan, FleetError> {
         let deployments: Vec<Deployment> = self.store.list().map_err(internal)?.into_iter().map(|s| s.spec).collect();
         let current = self.store.slots().map_err(internal)?;
-        let plan = schedule::schedule(&deployments, &self.known_platforms(), &self.views()?, &current, now_ms());
+        let plan =
+            schedule::schedule(&deployments, &self.known_platforms(), &self.views()?, &current, self.clock.now_ms());
         self.store.set_slots(&plan.slots).map_err(internal)?;
         if let Ok(mut u) = self.unschedulable.lock() {
             u.clone_from(&plan.unschedulable);
@@ -861,7 +868,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
         let ca = Ca::load_or_create(&t.path().join("pki")).unwrap();
-        let f = Fleet::new(ca, store).unwrap();
+        let f = Fleet::new(ca, store, crate::clock::system()).unwrap();
         (t, f)
     }
 
@@ -879,7 +886,7 @@ mod tests {
 
     /// A join token's `<id>.<secret>`, as an agent presents it.
     fn token(f: &Fleet, req: TokenRequest) -> String {
-        let t = crate::tokens::create(&*f.store, Some(&f.ca_sha256), &req, now_ms()).unwrap();
+        let t = crate::tokens::create(&*f.store, Some(&f.ca_sha256), &req, skiff_sys::time::now_ms()).unwrap();
         assert!(t.token.starts_with(&format!("SK1.{}.", f.ca_sha256)));
         JoinToken::parse(&t.token).unwrap().credential()
     }
@@ -968,8 +975,8 @@ mod tests {
         assert!(matches!(f.authorize(&Peer::default(), "a"), Err(FleetError::Unauthenticated(_))));
         // Renewal: the old certificate works until the new one is first presented.
         let rec = f.store.node("a").unwrap().unwrap();
-        assert!(!f.should_renew(&rec, now_ms()), "a fresh 90-day certificate");
-        assert!(f.should_renew(&rec, now_ms() + 61 * 86_400_000), "a third of its life left");
+        assert!(!f.should_renew(&rec, skiff_sys::time::now_ms()), "a fresh 90-day certificate");
+        assert!(f.should_renew(&rec, skiff_sys::time::now_ms() + 61 * 86_400_000), "a third of its life left");
         let (_key, csr) = crate::pki::tests::csr("a");
         let cert = f.renew(&a, "a", &csr).unwrap();
         let der = crate::pki::first_der(&cert).unwrap();
@@ -1024,7 +1031,7 @@ mod tests {
         f.heartbeat("b", NodeStatus::default()).unwrap();
         let mut web = Deployment::new("web", "img");
         web.replicas = 2;
-        f.store.apply(&[web.clone()], None, false).unwrap();
+        f.store.apply(&[web.clone()], None, false, 1).unwrap();
         f.reschedule().unwrap();
         let tpl = skiff_model::rollout::template_hash(&web);
         let on = |n: &str| f.assignment(n).unwrap().deployments[0].indexes.clone();
@@ -1054,7 +1061,7 @@ mod tests {
         assert_eq!(f.node_of_instance(&mine).as_deref(), Some("a"));
         assert_eq!(f.node_of_instance("web-9"), None);
         // Samples: only its own instances count, and no more CPU than the node has.
-        let mut sample = skiff_model::metrics::MetricsSample::example("b", now_ms());
+        let mut sample = skiff_model::metrics::MetricsSample::example("b", skiff_sys::time::now_ms());
         sample.instances[0].instance = mine.clone();
         sample.instances[0].deployment = "web".into();
         sample.instances[0].cpu_cores = Some(1e9);
@@ -1094,7 +1101,7 @@ mod tests {
         f.tick(false).unwrap();
         let mut web = Deployment::new("web", "img");
         web.replicas = 3;
-        f.store.apply(&[web], None, false).unwrap();
+        f.store.apply(&[web], None, false, 1).unwrap();
         f.reschedule().unwrap();
         // Only `a` is Ready (b never sent a heartbeat): all three land there.
         let a = f.assignment("a").unwrap();
@@ -1120,7 +1127,7 @@ mod tests {
         assert_eq!(f.problems("b"), full.problems);
         let mut web = Deployment::new("web", "img");
         web.replicas = 2;
-        f.store.apply(&[web], None, false).unwrap();
+        f.store.apply(&[web], None, false, 1).unwrap();
         f.reschedule().unwrap();
         assert_eq!(f.assignment("a").unwrap().deployments[0].indexes, [1, 2], "b is under pressure");
         // Heard from again (a pong) it stays NotReady; once the pressure is gone it is Ready.

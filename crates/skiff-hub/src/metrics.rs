@@ -32,7 +32,7 @@ fn family<M: Default + Clone + prometheus_client::registry::Metric + prometheus_
 }
 
 /// Renders `samples` (the newest of each node), at most `max_instances` instance series.
-pub fn render(samples: &[MetricsSample], max_instances: usize) -> String {
+pub fn render(samples: &[MetricsSample], max_instances: usize, now: u64) -> String {
     let mut r = Registry::with_prefix("skiff");
     let cpus: FloatGauge = family(&mut r, "node_cpus", "CPUs of the node");
     let node_cpu: FloatGauge = family(&mut r, "node_cpu_usage_cores", "CPU in use on the node, in cores");
@@ -62,7 +62,6 @@ pub fn render(samples: &[MetricsSample], max_instances: usize) -> String {
         dropped.clone(),
     );
 
-    let now = crate::fleet::now_ms();
     let mut deployments: BTreeMap<&str, (f64, u64, u64)> = BTreeMap::new();
     let mut shown = 0usize;
     let mut left_out = 0i64;
@@ -122,7 +121,7 @@ pub fn render(samples: &[MetricsSample], max_instances: usize) -> String {
 /// rules may ask for.
 pub fn names() -> Vec<String> {
     // Families without series are not written: render one example node.
-    let text = render(&[MetricsSample::example("n", 0)], 1);
+    let text = render(&[MetricsSample::example("n", 0)], 1, 0);
     let mut out = vec![];
     for l in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
         let mut w = l.split(' ');
@@ -142,7 +141,7 @@ pub async fn serve(
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let text = render(&samples(), usize::MAX);
+            let text = render(&samples(), usize::MAX, skiff_sys::time::now_ms());
             async move { ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text) }
         }),
     );
@@ -157,7 +156,7 @@ mod tests {
     fn sample(node: &str, instances: &[(&str, &str, f64)]) -> MetricsSample {
         MetricsSample {
             node: node.into(),
-            time_ms: crate::fleet::now_ms(),
+            time_ms: skiff_sys::time::now_ms(),
             host: NodeMetrics { cpus: 4, cpu_cores: Some(1.5), memory_total_bytes: 1 << 30, ..Default::default() },
             instances: instances
                 .iter()
@@ -179,7 +178,7 @@ mod tests {
     fn renders_nodes_instances_and_deployment_totals_within_the_limit() {
         let all =
             [sample("pi-1", &[("web-1", "web", 0.25), ("web-2", "web", 0.5)]), sample("pi-2", &[("db-1", "db", 1.0)])];
-        let text = render(&all, 2);
+        let text = render(&all, 2, skiff_sys::time::now_ms());
         for want in [
             "skiff_node_cpus{node=\"pi-1\"} 4.0",
             "skiff_node_cpu_usage_cores{node=\"pi-2\"} 1.5",

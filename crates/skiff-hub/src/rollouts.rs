@@ -6,7 +6,7 @@
 //! its replacement is ready (see the agent's `update`), so a failed rollout keeps serving
 //! from the old version while this happens. Events live in memory, as the autoscaler's.
 
-use crate::{ApplyError, Hub};
+use crate::{ApplyError, Hub, HubError};
 use skiff_model::api::ApplyRequest;
 use skiff_model::rollout::{self, FailureAction, Revision, RolloutState, RolloutStatus, Strategy, CRASH_LOOP_RESTARTS};
 use skiff_model::{Deployment, EventRecord, Health, InstanceState, InstanceStatus, PlacementMode};
@@ -117,8 +117,10 @@ impl Hub {
             return Ok(None);
         };
         let h = self.history_of(name)?;
-        let now = crate::fleet::now_ms();
-        self.settle(&d.spec, &h, &self.instances(), now, false).map(Some).map_err(ApplyError::Internal)
+        let now = self.clock.now_ms();
+        self.settle(&d.spec, &h, &self.instances(), now, false)
+            .map(Some)
+            .map_err(|e| ApplyError::Internal(e.to_string()))
     }
 
     /// `name`'s revision history, oldest first (`None`: no such deployment).
@@ -171,7 +173,7 @@ impl Hub {
     /// Applies `cur` with `to`'s template and names why; returns the new revision.
     fn store_template(&self, cur: &Deployment, to: &Deployment, cause: &str) -> Result<Revision, ApplyError> {
         let d = with_template(cur, to);
-        self.apply(&ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false })?;
+        self.commit(&ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false })?;
         let h = self.history_of(&cur.name)?;
         let newest = h.last().cloned().ok_or_else(|| ApplyError::Internal("no revision recorded".into()))?;
         self.store
@@ -182,32 +184,26 @@ impl Hub {
 
     /// One pass of the rollout controller: completes or fails each deployment's newest
     /// revision from what its instances report, and rolls back failed ones.
-    pub fn roll(&self, now_ms: u64) -> Result<(), String> {
+    pub fn roll(&self, now_ms: u64) -> Result<(), HubError> {
         // One indexed query while nothing rolls out (the usual case), not every history.
-        let progressing = self.store.progressing().map_err(|e| e.to_string())?;
+        let progressing = self.store.progressing()?;
         if progressing.is_empty() {
             return Ok(());
         }
-        let all: Vec<Deployment> = self
-            .store
-            .list()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|s| s.spec)
-            .filter(|d| progressing.contains(&d.name))
-            .collect();
+        let all: Vec<Deployment> =
+            self.store.list()?.into_iter().map(|s| s.spec).filter(|d| progressing.contains(&d.name)).collect();
         self.settle_progressing(&all, now_ms, true)
     }
 
     /// Settles the deployments of `ds` whose newest revision is still in progress; the
     /// instances (from every node) are gathered only if there is one.
-    pub(crate) fn settle_progressing(&self, ds: &[Deployment], now_ms: u64, act: bool) -> Result<(), String> {
+    pub(crate) fn settle_progressing(&self, ds: &[Deployment], now_ms: u64, act: bool) -> Result<(), HubError> {
         if !self.settled(now_ms) {
             return Ok(());
         }
         let mut instances: Option<Vec<InstanceStatus>> = None;
         for d in ds {
-            let h = self.store.history(&d.name).map_err(|e| e.to_string())?;
+            let h = self.store.history(&d.name)?;
             if h.last().is_some_and(|r| r.state == RolloutState::Progressing) {
                 let all = instances.get_or_insert_with(|| self.instances());
                 self.settle(d, &h, all, now_ms, act)?;
@@ -226,11 +222,11 @@ impl Hub {
         instances: &[InstanceStatus],
         now_ms: u64,
         act: bool,
-    ) -> Result<RolloutStatus, String> {
+    ) -> Result<RolloutStatus, HubError> {
         let mut s = status(d, h.last(), instances);
         let Some(newest) = h.last().filter(|r| r.state == RolloutState::Progressing) else { return Ok(s) };
-        if let (Some((wave, _)), Some(f)) = (wave_of(d, h), &self.fleet) {
-            let all = f.nodes_of(&d.name);
+        if let Some((wave, _)) = wave_of(d, h) {
+            let all = self.nodes.nodes_of(&d.name);
             // Judged on the wave's own instances: its failure ratio, and whether it is done.
             let on_wave: Vec<InstanceStatus> = instances.iter().filter(|i| wave.contains(&i.node)).cloned().collect();
             let mut w = d.clone();
@@ -242,8 +238,8 @@ impl Hub {
                 RolloutState::Complete if wave.len() < all.len() && act => {
                     let n = rollout::next_wave(wave.len(), d.update.wave_growth, all.len());
                     let next: Vec<String> = all.into_iter().take(n).collect();
-                    self.store.set_wave(&d.name, newest.revision, &next).map_err(|e| e.to_string())?;
-                    f.revision_changed();
+                    self.store.set_wave(&d.name, newest.revision, &next)?;
+                    self.nodes.wake(&*self.store)?;
                     let msg = format!("revision {} moves on to {} nodes: {}", newest.revision, n, next.join(", "));
                     self.rollouts.event(now_ms, &d.name, "WaveStarted", msg);
                     return Ok(RolloutStatus { state: RolloutState::Progressing, ..s });
@@ -253,17 +249,13 @@ impl Hub {
         }
         match s.state {
             RolloutState::Complete => {
-                self.store
-                    .set_rollout(&d.name, newest.revision, RolloutState::Complete, None, s.message.as_deref())
-                    .map_err(|e| e.to_string())?;
+                self.store.set_rollout(&d.name, newest.revision, RolloutState::Complete, None, s.message.as_deref())?;
                 let msg = format!("revision {} ({}) runs on {} of {}", newest.revision, d.image, s.ready, s.desired);
                 self.rollouts.event(now_ms, &d.name, "RolloutComplete", msg);
             }
             RolloutState::Failed if act => {
                 let why = s.message.clone().unwrap_or_default();
-                self.store
-                    .set_rollout(&d.name, newest.revision, RolloutState::Failed, None, Some(&why))
-                    .map_err(|e| e.to_string())?;
+                self.store.set_rollout(&d.name, newest.revision, RolloutState::Failed, None, Some(&why))?;
                 let msg = format!("revision {} ({}): {why}", newest.revision, d.image);
                 self.rollouts.event(now_ms, &d.name, "RolloutFailed", msg);
                 if d.update.failure_action != FailureAction::Rollback {
@@ -364,9 +356,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
         let ca = crate::pki::Ca::load_or_create(&t.path().join("pki")).unwrap();
-        let f = crate::fleet::Fleet::new(ca, Arc::clone(&store)).unwrap();
+        let f = crate::fleet::Fleet::new(ca, Arc::clone(&store), crate::clock::system()).unwrap();
         let tok =
-            crate::tokens::create(&*store, Some(&f.ca_sha256), &Default::default(), crate::fleet::now_ms()).unwrap();
+            crate::tokens::create(&*store, Some(&f.ca_sha256), &Default::default(), skiff_sys::time::now_ms()).unwrap();
         let cred = skiff_model::proto::JoinToken::parse(&tok.token).unwrap().credential();
         let (_key, csr) = crate::pki::tests::csr("n");
         let spec = skiff_model::proto::NodeSpec { os: "linux".into(), arch: "amd64".into(), ..Default::default() };
@@ -375,7 +367,7 @@ mod tests {
         f.tick(true).unwrap();
         let mut d = Deployment::new("agent", "img:1");
         d.placement.mode = PlacementMode::Global;
-        store.apply(std::slice::from_ref(&d), None, false).unwrap();
+        store.apply(std::slice::from_ref(&d), None, false, 1).unwrap();
         f.reschedule().unwrap();
         assert_eq!(f.assignment("n").unwrap().deployments.len(), 1);
         // The hub restarts: a new fleet over the same store, no node heard from yet.
@@ -383,19 +375,12 @@ mod tests {
             crate::fleet::Fleet::new(
                 crate::pki::Ca::load_or_create(&t.path().join("pki")).unwrap(),
                 Arc::clone(&store),
+                crate::clock::system(),
             )
             .unwrap(),
         );
-        let hub = Hub {
-            store: Arc::clone(&store),
-            nodes: vec![],
-            admin_token: "t".into(),
-            fleet: Some(Arc::clone(&f)),
-            autoscaler: crate::autoscaler::Autoscaler::new(Default::default()),
-            rollouts: Default::default(),
-            alerts: Default::default(),
-        };
-        let now = crate::fleet::now_ms();
+        let hub = Hub::new(Arc::clone(&store), Arc::new(crate::nodes::Remote(Arc::clone(&f))), "t".into());
+        let now = skiff_sys::time::now_ms();
         hub.roll(now).unwrap();
         assert_eq!(store.history("agent").unwrap()[0].state, RolloutState::Progressing, "nothing judged yet");
         let running =

@@ -35,6 +35,7 @@ pub trait Store: Send + Sync {
         deployments: &[Deployment],
         prune_stack: Option<&str>,
         dry_run: bool,
+        now_ms: u64,
     ) -> Result<ApplyResponse, StoreError>;
     fn list(&self) -> Result<Vec<Stored>, StoreError>;
     fn get(&self, name: &str) -> Result<Option<Stored>, StoreError>;
@@ -187,6 +188,7 @@ fn record_revision(
     d: &Deployment,
     old: Option<&Deployment>,
     cause: &str,
+    now_ms: u64,
 ) -> Result<(), StoreError> {
     let newest: Option<(i64, String)> = tx
         .query_row(
@@ -196,7 +198,7 @@ fn record_revision(
         )
         .optional()?;
     let tpl = rollout::template_hash(d);
-    let now = crate::fleet::now_ms() as i64;
+    let now = now_ms as i64;
     let insert = |rev: i64, spec: &Deployment, state: RolloutState, cause: &str| {
         tx.execute(
             "INSERT INTO history (deployment, revision, template, created_ms, state, cause, spec)
@@ -420,6 +422,7 @@ impl Store for SqliteStore {
         deployments: &[Deployment],
         prune_stack: Option<&str>,
         dry_run: bool,
+        now_ms: u64,
     ) -> Result<ApplyResponse, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
@@ -432,7 +435,7 @@ impl Store for SqliteStore {
                 Some(o) if o == *d => resp.unchanged.push(d.name.clone()),
                 prev => {
                     if !dry_run {
-                        record_revision(&tx, d, prev.as_ref(), "apply")?;
+                        record_revision(&tx, d, prev.as_ref(), "apply", now_ms)?;
                     }
                     let rev = bump(&tx)?;
                     tx.execute(
@@ -775,22 +778,24 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&t.path().join("hub.db")).unwrap();
         let mut d = Deployment::new("web", "img:0");
-        s.apply(std::slice::from_ref(&d), None, false).unwrap();
+        s.apply(std::slice::from_ref(&d), None, false, 1_000).unwrap();
         d.replicas = 3;
-        s.apply(std::slice::from_ref(&d), None, false).unwrap();
+        s.apply(std::slice::from_ref(&d), None, false, 2_000).unwrap();
         let h = s.history("web").unwrap();
         assert_eq!(h.len(), 1, "a scale is not a revision");
         assert_eq!(h[0].state, RolloutState::Progressing);
+        assert_eq!(h[0].created_ms, 1_000, "a revision is stamped with the time it was given");
         d.image = "img:dry".into();
-        s.apply(std::slice::from_ref(&d), None, true).unwrap();
+        s.apply(std::slice::from_ref(&d), None, true, 2_000).unwrap();
         assert_eq!(s.history("web").unwrap().len(), 1, "a dry run records nothing");
         for i in 1..=11 {
             d.image = format!("img:{i}");
-            s.apply(std::slice::from_ref(&d), None, false).unwrap();
+            s.apply(std::slice::from_ref(&d), None, false, 2_000 + i).unwrap();
         }
         let h = s.history("web").unwrap();
         assert_eq!(h.len(), 10);
         assert_eq!((h[0].revision, h[9].revision, h[9].image.as_str()), (3, 12, "img:11"));
+        assert_eq!(h[9].created_ms, 2_011);
         assert!(h[..9].iter().all(|r| r.state == RolloutState::Superseded));
         assert_eq!(s.progressing().unwrap(), ["web"]);
         s.set_rollout("web", 12, RolloutState::Failed, Some("apply"), Some("web-1 unhealthy")).unwrap();
@@ -808,12 +813,12 @@ mod tests {
         let s = SqliteStore::open(&t.path().join("hub.db")).unwrap();
         let mut d = Deployment::new("web", "img:1");
         d.replicas = 3;
-        s.apply(std::slice::from_ref(&d), None, false).unwrap();
+        s.apply(std::slice::from_ref(&d), None, false, 1).unwrap();
         let slot = |i: u32, n: &str| Slot { deployment: "web".into(), index: i, node: n.into() };
         s.set_slots(&[slot(1, "b"), slot(2, "a"), slot(3, "c")]).unwrap();
         assert_eq!(s.history("web").unwrap()[0].nodes, None, "a new deployment goes everywhere");
         d.image = "img:2".into();
-        s.apply(std::slice::from_ref(&d), None, false).unwrap();
+        s.apply(std::slice::from_ref(&d), None, false, 1).unwrap();
         assert_eq!(s.history("web").unwrap()[1].nodes, Some(vec!["a".to_string()]));
         let rev = s.revision().unwrap();
         assert!(s.set_wave("web", 2, &["a".into(), "b".into()]).unwrap() > rev, "a wave changes assignments");
@@ -828,14 +833,14 @@ mod tests {
         a.stack = "demo".into();
         let mut b = Deployment::new("b", "img");
         b.stack = "demo".into();
-        let r = s.apply(&[a.clone(), b.clone()], Some("demo"), false).unwrap();
+        let r = s.apply(&[a.clone(), b.clone()], Some("demo"), false, 1).unwrap();
         assert_eq!(r.created, ["a", "b"]);
         assert_eq!(s.revision().unwrap(), 2);
-        let r = s.apply(&[a.clone()], Some("demo"), true).unwrap();
+        let r = s.apply(&[a.clone()], Some("demo"), true, 1).unwrap();
         assert_eq!((r.unchanged.as_slice(), r.deleted.as_slice()), (&["a".to_string()][..], &["b".to_string()][..]));
         assert_eq!(s.list().unwrap().len(), 2, "dry run changed nothing");
         a.replicas = 3;
-        let r = s.apply(&[a], Some("demo"), false).unwrap();
+        let r = s.apply(&[a], Some("demo"), false, 1).unwrap();
         assert_eq!((r.updated.len(), r.deleted.len()), (1, 1));
         assert_eq!(s.get("a").unwrap().unwrap().revision, 3);
         assert!(s.delete("a").unwrap());

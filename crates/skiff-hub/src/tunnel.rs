@@ -12,9 +12,9 @@
 //!
 //! Liveness: the hub pings every 20 s; any frame or pong marks the node seen.
 
-use crate::{BoxFuture, NodeLink};
+use crate::{BoxFuture, NodeError, NodeLink};
 use skiff_model::proto::{Answer, Control, ExecResult, Op, Reply, Request, PING_EVERY, STREAM_WINDOW};
-use skiff_model::{Deployment, EventRecord, InstanceStatus, LogLine};
+use skiff_model::{EventRecord, InstanceStatus, LogLine};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,7 +69,7 @@ pub async fn serve(
                     if budgeted && !budget.take(tokio::time::Instant::now()) {
                         if budget.dropped > FrameBudget::CLOSE_AFTER {
                             let msg = format!("sent more than {} control frames a second; tunnel closed", FrameBudget::PER_SECOND);
-                            f.security.push(crate::fleet::now_ms(), &name, "FrameFlood", msg);
+                            f.security.push(f.now_ms(), &name, "FrameFlood", msg);
                             break;
                         }
                         continue;
@@ -81,7 +81,7 @@ pub async fn serve(
                             }
                             node_rev = Some(revision);
                             push = true;
-                            let stale = f.store_node(&name).is_some_and(|rec| f.should_renew(&rec, crate::fleet::now_ms()));
+                            let stale = f.store_node(&name).is_some_and(|rec| f.should_renew(&rec, f.now_ms()));
                             if stale {
                                 if let Some(frame) = send(&Control::RenewNow) {
                                     if socket.send(Message::Text(frame.into())).await.is_err() {
@@ -241,14 +241,14 @@ impl Tunnel {
     /// Sends `op`; its answers come from the returned [`Stream`] until `End`, a result,
     /// an error, or the tunnel closing. Dropping the stream cancels the request on the
     /// agent.
-    pub fn request(self: &Arc<Self>, op: Op) -> Result<Stream, String> {
+    pub fn request(self: &Arc<Self>, op: Op) -> Result<Stream, NodeError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         // Room for the whole window: the agent never has more in flight, so a delivery
         // never waits for the consumer.
         let (tx, rx) = mpsc::channel(STREAM_WINDOW as usize + 1);
-        self.pending.lock().map_err(|_| "tunnel lock poisoned")?.insert(id, tx);
-        let frame = serde_json::to_string(&Request { id, op }).map_err(|e| e.to_string())?;
-        self.out.try_send(frame).map_err(|_| "the node's tunnel is busy or closed".to_string())?;
+        self.pending.lock().map_err(|_| NodeError::Failed("tunnel lock poisoned".into()))?.insert(id, tx);
+        let frame = serde_json::to_string(&Request { id, op }).map_err(|e| NodeError::Failed(e.to_string()))?;
+        self.out.try_send(frame).map_err(|_| NodeError::Failed("the node's tunnel is busy or closed".into()))?;
         Ok(Stream { id, rx, tunnel: Arc::clone(self), taken: 0 })
     }
 
@@ -331,10 +331,8 @@ pub struct RemoteLink {
 }
 
 impl RemoteLink {
-    fn tunnel(&self) -> Result<Arc<Tunnel>, String> {
-        self.fleet
-            .tunnel(&self.name)
-            .ok_or_else(|| format!("node {:?} is not connected (its tunnel is down)", self.name))
+    fn tunnel(&self) -> Result<Arc<Tunnel>, NodeError> {
+        self.fleet.tunnel(&self.name).ok_or_else(|| NodeError::Unreachable(self.name.clone()))
     }
 }
 
@@ -343,15 +341,11 @@ impl NodeLink for RemoteLink {
         self.name.clone()
     }
 
-    fn assign(&self, _deployments: Vec<Deployment>, _revision: u64) -> Result<(), String> {
-        Ok(()) // remote nodes pull their assignments by revision
-    }
-
-    fn instances(&self) -> Result<Vec<InstanceStatus>, String> {
+    fn instances(&self) -> Result<Vec<InstanceStatus>, NodeError> {
         Ok(self.fleet.reported_instances().into_iter().filter(|i| i.node == self.name).collect())
     }
 
-    fn events(&self, limit: usize) -> Result<Vec<EventRecord>, String> {
+    fn events(&self, limit: usize) -> Result<Vec<EventRecord>, NodeError> {
         Ok(self.fleet.events(Some(&self.name), limit))
     }
 
@@ -359,7 +353,7 @@ impl NodeLink for RemoteLink {
         self.instances().map(|v| v.iter().any(|i| i.name == instance)).unwrap_or(false)
     }
 
-    fn logs(&self, instance: &str, tail: Option<usize>, follow: bool) -> Result<mpsc::Receiver<LogLine>, String> {
+    fn logs(&self, instance: &str, tail: Option<usize>, follow: bool) -> Result<mpsc::Receiver<LogLine>, NodeError> {
         let mut answers = self.tunnel()?.request(Op::Logs { instance: instance.to_string(), tail, follow })?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
@@ -388,7 +382,12 @@ impl NodeLink for RemoteLink {
         Ok(rx)
     }
 
-    fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> BoxFuture<'_, Result<ExecResult, String>> {
+    fn exec(
+        &self,
+        instance: &str,
+        argv: Vec<String>,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<ExecResult, NodeError>> {
         let instance = instance.to_string();
         Box::pin(async move {
             let op = Op::Exec { instance, argv, timeout_ms: timeout.as_millis() as u64 };
@@ -408,16 +407,17 @@ impl NodeLink for RemoteLink {
                         stderr.push_str(&r.stderr);
                         return Ok(ExecResult { code: r.code, stdout, stderr });
                     }
-                    Ok(Some(Answer::Error(e))) => return Err(e),
-                    Ok(_) => return Err(format!("node {:?} closed the tunnel before answering", self.name)),
-                    Err(_) => return Err(format!("node {:?} did not answer in time", self.name)),
+                    Ok(Some(Answer::Error(e))) => return Err(NodeError::Failed(e)),
+                    Ok(_) => {
+                        return Err(NodeError::Failed(format!(
+                            "node {:?} closed the tunnel before answering",
+                            self.name
+                        )))
+                    }
+                    Err(_) => return Err(NodeError::Timeout(self.name.clone())),
                 }
             }
         })
-    }
-
-    fn check_image(&self, _d: &Deployment) -> Result<(), String> {
-        Ok(())
     }
 }
 

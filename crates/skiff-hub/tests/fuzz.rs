@@ -19,16 +19,8 @@ const ADMIN: &str = "admin-token-for-the-fuzzer";
 fn hub(dir: &std::path::Path) -> Arc<Hub> {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("hub.db")).unwrap());
     let ca = skiff_hub::pki::Ca::load_or_create(&dir.join("pki")).unwrap();
-    let fleet = Arc::new(skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store)).unwrap());
-    Arc::new(Hub {
-        store,
-        nodes: vec![],
-        admin_token: ADMIN.into(),
-        fleet: Some(fleet),
-        autoscaler: skiff_hub::autoscaler::Autoscaler::new(Default::default()),
-        rollouts: Default::default(),
-        alerts: Default::default(),
-    })
+    let fleet = Arc::new(skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store), skiff_hub::clock::system()).unwrap());
+    Arc::new(Hub::new(store, Arc::new(skiff_hub::nodes::Remote(fleet)), ADMIN.into()))
 }
 
 fn json_value() -> impl Strategy<Value = Value> {

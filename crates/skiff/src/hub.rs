@@ -69,9 +69,9 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let tls = server_tls(&ca, addr, &args.advertise)?;
     let ca_pem = ca.pem().to_string();
     let lookup = platform_lookup(cli)?;
+    let clock = skiff_hub::clock::system();
     let fleet = Arc::new(
-        skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store))
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?
+        skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store), Arc::clone(&clock))?
             .with_platform_lookup(lookup)
             .with_cert_ttl(args.node_cert_ttl),
     );
@@ -84,58 +84,33 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
         &conf_path,
         &ClientConfig { server: server.clone(), token: admin_token.clone(), ca: Some(ca_pem) },
     )?;
-    let hub = Arc::new(Hub {
-        store,
-        nodes: vec![],
-        admin_token,
-        fleet: Some(Arc::clone(&fleet)),
-        autoscaler: skiff_hub::autoscaler::Autoscaler::new(args.autoscale.config(15)),
-        rollouts: Default::default(),
-        alerts: args.alerts.load()?,
-    });
-    let controllers = crate::up::control_loop(Arc::clone(&hub), args.autoscale.interval, args.alerts.alert_interval);
-    fleet.reschedule().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    // Joins and returning nodes are placed within a second, in one pass however many
-    // came; node states also move with time (heartbeats that stop), so every 5 s anyway.
-    let ticker = tokio::spawn(async move {
-        for n in 1u64.. {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let f = Arc::clone(&fleet);
-            let r = tokio::task::spawn_blocking(move || f.tick(n % 5 == 0)).await;
-            if let Ok(Err(e)) = r {
-                tracing::warn!("placement failed: {e:?}");
-            }
-        }
-    });
-    // Platforms are learnt at each apply; after a restart, for what is already stored.
-    let images: Vec<String> = hub.store.list().map_err(anyhow::Error::msg)?.into_iter().map(|s| s.spec.image).collect();
-    let f = Arc::clone(hub.fleet.as_ref().context("the hub has a fleet")?);
-    tokio::spawn(async move {
-        for w in f.learn_platforms(&images).await {
-            tracing::warn!("{w}");
-        }
-    });
+    let hub = Arc::new(
+        Hub::new(store, Arc::new(skiff_hub::nodes::Remote(fleet)), admin_token)
+            .with_clock(clock)
+            .with_autoscaler(args.autoscale.config(15))
+            .with_alerts(args.alerts.load()?),
+    );
+    // Placed once before serving; then joins and returning nodes within a second.
+    hub.sync_nodes()?;
+    let mut controllers =
+        skiff_hub::controllers::spawn(Arc::clone(&hub), crate::up::every(&args.autoscale, &args.alerts));
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let serving = args.conns.serve_config(Some(tls));
     let mut server_task =
         tokio::spawn(skiff_hub::serve::serve(listener, skiff_hub::api::router(Arc::clone(&hub)), serving, stop_rx));
     eprintln!("skiff: hub on {server} (listening on {addr}), config in {}", conf_path.display());
-    let mut ticker = ticker;
     tokio::select! {
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}
         r = &mut server_task => {
-            ticker.abort();
             controllers.abort();
             return Err(crate::role_died("the API server", r));
         }
-        r = &mut ticker => {
-            controllers.abort();
+        r = &mut controllers => {
             server_task.abort();
-            return Err(crate::role_died("the placement loop", r));
+            return Err(crate::role_died("the controllers", r));
         }
     }
-    ticker.abort();
     controllers.abort();
     server_task.abort();
     eprintln!("skiff: hub stopped");

@@ -121,41 +121,9 @@ impl AutoscaleArgs {
     }
 }
 
-/// The hub's controllers until aborted: rollouts every second, the autoscaler every
-/// `autoscale_every` seconds and the alert rules every `alert_every` seconds.
-pub fn control_loop(hub: Arc<Hub>, autoscale_every: u64, alert_every: u64) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut n: u64 = 0;
-        loop {
-            tick.tick().await;
-            let autoscale = n.is_multiple_of(autoscale_every.max(1));
-            let alerts = n.is_multiple_of(alert_every.max(1));
-            n += 1;
-            let h = Arc::clone(&hub);
-            let res = tokio::task::spawn_blocking(move || {
-                let now = skiff_runtime::time::now_ms();
-                if let Err(e) = h.roll(now) {
-                    tracing::warn!("rollouts: {e}");
-                }
-                if autoscale {
-                    if let Err(e) = h.autoscale(now) {
-                        tracing::warn!("autoscaler: {e}");
-                    }
-                }
-                if alerts {
-                    if let Err(e) = h.evaluate_alerts(now) {
-                        tracing::warn!("alerts: {e}");
-                    }
-                }
-            })
-            .await;
-            if let Err(e) = res {
-                tracing::warn!("controllers: {e}");
-            }
-        }
-    })
+/// The controllers' periods from the flags (placement is forced every 5 s).
+pub fn every(autoscale: &AutoscaleArgs, alerts: &AlertArgs) -> skiff_hub::controllers::Every {
+    skiff_hub::controllers::Every { autoscale: autoscale.interval, alerts: alerts.alert_interval, ..Default::default() }
 }
 
 pub fn load_compose(file: &Path) -> Result<ComposeImport> {
@@ -227,7 +195,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     let agent = Agent::open(acfg)?;
     if let Some(i) = &import {
         for d in &i.deployments {
-            if let Err(e) = crate::link::ensure_image(&agent, d).await {
+            if let Err(e) = agent.ensure_image(d).await {
                 bail!("services.{}.image: {e}", d.name);
             }
         }
@@ -250,23 +218,20 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     };
     let url = conf.server.clone();
     crate::config::write(&conf_path, &conf)?;
-    let hub = Arc::new(Hub {
-        store,
-        nodes: vec![Arc::new(crate::link::LocalAgent { agent: Arc::clone(&agent) })],
-        admin_token,
-        fleet: None,
-        autoscaler: skiff_hub::autoscaler::Autoscaler::new(args.autoscale.config(args.metrics_interval)),
-        rollouts: Default::default(),
-        alerts,
-    });
-    hub.sync_nodes().map_err(anyhow::Error::msg)?;
+    let node = Arc::new(crate::link::LocalAgent { agent: Arc::clone(&agent) });
+    let hub = Arc::new(
+        Hub::new(store, Arc::new(skiff_hub::nodes::Embedded(node)), admin_token)
+            .with_autoscaler(args.autoscale.config(args.metrics_interval))
+            .with_alerts(alerts),
+    );
+    hub.sync_nodes()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx.clone()));
     let router = skiff_hub::api::router(Arc::clone(&hub));
     let serving = args.conns.serve_config(tls);
     let mut server = tokio::spawn(skiff_hub::serve::serve(listener, router, serving, stop_rx.clone()));
-    let controllers = control_loop(Arc::clone(&hub), args.autoscale.interval, args.alerts.alert_interval);
+    let mut controllers = skiff_hub::controllers::spawn(Arc::clone(&hub), every(&args.autoscale, &args.alerts));
     eprintln!("skiff: hub API on {url}, config in {}", conf_path.display());
 
     let stack = import.as_ref().map(|i| i.project.clone());
@@ -274,7 +239,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     if let Some(i) = import {
         names = i.deployments.iter().map(|d| d.name.clone()).collect();
         let req = ApplyRequest { deployments: i.deployments, prune_stack: Some(i.project.clone()), dry_run: false };
-        let r = hub.apply(&req).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let r = hub.apply(&req).await?;
         crate::cli::print_apply(&r, false);
     }
     // A role that dies takes the process down (its supervisor restarts it): a hub that
@@ -292,6 +257,10 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
             let _ = stop_tx.send(true);
             return Err(crate::role_died("the API server", r));
         }
+        r = &mut controllers => {
+            let _ = stop_tx.send(true);
+            return Err(crate::role_died("the controllers", r));
+        }
         _ = async {
             wait_running(&agent, &names).await;
             std::future::pending::<()>().await
@@ -304,8 +273,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
             eprintln!("\nstopping stack {stack} ...");
             let names: Vec<String> =
                 hub.store.list()?.into_iter().filter(|s| &s.spec.stack == stack).map(|s| s.spec.name).collect();
-            hub.apply(&ApplyRequest { deployments: vec![], prune_stack: Some(stack.clone()), dry_run: false })
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            hub.apply(&ApplyRequest { deployments: vec![], prune_stack: Some(stack.clone()), dry_run: false }).await?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
             while !agent.all_gone(&names) && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -1,0 +1,65 @@
+//! Admission: before a deployment is stored for this node (`skiff up`'s in-process hub),
+//! the node says whether it can run it — its image is in the store for the deployment's
+//! runtime or is pulled now, as `docker run` does, and a WebAssembly program compiles
+//! (into the cache, so the first start is warm) with imports the runtime provides. A
+//! deployment the node refuses is never stored.
+
+use crate::Agent;
+use skiff_image::{ImageError, Target};
+use skiff_model::{Deployment, RuntimeKind};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("{image} is not in the local store and pulling it failed: {pull}")]
+    NotPulled { image: String, pull: ImageError },
+    /// Stored, but not for this runtime's platform: that is the telling part.
+    #[error("{stored}, and pulling it failed: {pull}")]
+    WrongPlatform { stored: ImageError, pull: ImageError },
+    #[error("{image} is not a program the wasm runtime can run: {why}")]
+    NotRunnable { image: String, why: String },
+}
+
+impl Agent {
+    /// Makes sure `d`'s image is in the store for `d`'s runtime: present, or pulled now
+    /// for that runtime's platform.
+    pub async fn ensure_image(&self, d: &Deployment) -> Result<(), AdmitError> {
+        let image = &d.image;
+        let target = Target::from(d.runtime);
+        let Err(stored) = self.images().inspect_for(image, target) else { return Ok(()) };
+        let mut opts = self.pull_options().cloned().unwrap_or_default();
+        opts.platform = Some(target.platform());
+        match skiff_image::registry::pull(Arc::clone(self.images()), image, &opts).await {
+            Ok(_) => Ok(()),
+            Err(pull) => Err(match stored {
+                ImageError::NotFound(_) => AdmitError::NotPulled { image: image.clone(), pull },
+                stored => AdmitError::WrongPlatform { stored, pull },
+            }),
+        }
+    }
+
+    /// Whether this node can run `d` now: [`Agent::ensure_image`], then, for a wasm
+    /// deployment, its program compiled and checked (on a blocking thread).
+    pub async fn admit(self: &Arc<Self>, d: &Deployment) -> Result<(), AdmitError> {
+        self.ensure_image(d).await?;
+        if d.runtime != RuntimeKind::Wasm {
+            return Ok(());
+        }
+        let (me, d2) = (Arc::clone(self), d.clone());
+        let checked = tokio::task::spawn_blocking(move || me.check_wasm(&d2)).await;
+        let why = match checked {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(why)) => why,
+            Err(e) => format!("the check did not finish: {e}"),
+        };
+        Err(AdmitError::NotRunnable { image: d.image.clone(), why })
+    }
+
+    /// Compiles `d`'s program into the cache and checks its imports and exports; says
+    /// what the program is. The image must be in the store.
+    fn check_wasm(&self, d: &Deployment) -> Result<&'static str, String> {
+        let info = self.images().resolve_for(&d.image, Target::Wasm).map_err(|e| e.to_string())?;
+        let module = self.wasm_module(d, &info).map_err(|e| e.to_string())?;
+        skiff_runtime::wasm::check(&module, &self.cfg.data_dir.join("wasm/cache"))
+    }
+}

@@ -1,0 +1,163 @@
+//! The hub's controllers, run once per hub: placement as nodes come and go, rollouts,
+//! the autoscaler and the alert rules. One task ticks every second; each pass reads the
+//! time once from the hub's clock and runs on a blocking thread (the store is SQLite).
+
+use crate::Hub;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often each controller runs, in one-second ticks.
+#[derive(Debug, Clone, Copy)]
+pub struct Every {
+    /// Placement even if nothing is known to have changed (node states also change by
+    /// heartbeats that stop); joins and returning nodes are placed at the next tick.
+    pub placement: u64,
+    /// The autoscaler (the HPA sync period).
+    pub autoscale: u64,
+    /// The alert rules.
+    pub alerts: u64,
+}
+
+impl Default for Every {
+    fn default() -> Self {
+        Every { placement: 5, autoscale: 15, alerts: 15 }
+    }
+}
+
+/// Which controllers run at tick `n` (rollouts and placement changes run at every one).
+fn due(n: u64, every: Every) -> (bool, bool, bool) {
+    let at = |k: u64| n.is_multiple_of(k.max(1));
+    (at(every.placement), at(every.autoscale), at(every.alerts))
+}
+
+/// One pass: what is due at tick `n`, at the hub clock's now. Failures are logged; the
+/// next pass tries again.
+pub fn pass(hub: &Hub, n: u64, every: Every) {
+    let (place, autoscale, alerts) = due(n, every);
+    if let Err(e) = hub.nodes.tick(place) {
+        tracing::warn!(error = %e, "placement");
+    }
+    let now = hub.clock.now_ms();
+    if let Err(e) = hub.roll(now) {
+        tracing::warn!(error = %e, "rollouts");
+    }
+    if autoscale {
+        if let Err(e) = hub.autoscale(now) {
+            tracing::warn!(error = %e, "autoscaler");
+        }
+    }
+    if alerts {
+        if let Err(e) = hub.evaluate_alerts(now) {
+            tracing::warn!(error = %e, "alerts");
+        }
+    }
+}
+
+/// Runs the controllers every second until aborted. A fleet also learns the platforms
+/// of the images already stored (they are learnt at each apply; this covers a restart).
+/// The task ends only if a pass panics (with that panic).
+pub fn spawn(hub: Arc<Hub>, every: Every) -> tokio::task::JoinHandle<()> {
+    if let Some(f) = hub.nodes.fleet() {
+        let f = Arc::clone(f);
+        let images: Vec<String> = match hub.store.list() {
+            Ok(all) => all.into_iter().map(|s| s.spec.image).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing deployments for their platforms");
+                vec![]
+            }
+        };
+        tokio::spawn(async move {
+            for w in f.learn_platforms(&images).await {
+                tracing::warn!("{w}");
+            }
+        });
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for n in 0u64.. {
+            tick.tick().await;
+            let h = Arc::clone(&hub);
+            if let Err(e) = tokio::task::spawn_blocking(move || pass(&h, n, every)).await {
+                if e.is_panic() {
+                    // The task ends with the panic: its owner stops the process.
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use crate::fleet::Fleet;
+    use crate::store::{SqliteStore, Store};
+    use skiff_model::api::ApplyRequest;
+    use skiff_model::Deployment;
+
+    /// A hub over a fleet of `nodes` that joined and reported once, on `clock`.
+    fn fleet_hub(t: &std::path::Path, clock: Arc<ManualClock>, nodes: &[&str]) -> (Arc<Fleet>, Hub) {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.join("hub.db")).unwrap());
+        let ca = crate::pki::Ca::load_or_create(&t.join("pki")).unwrap();
+        let f = Arc::new(Fleet::new(ca, Arc::clone(&store), clock.clone()).unwrap());
+        for n in nodes {
+            let tok = crate::tokens::create(&*store, Some(&f.ca_sha256), &Default::default(), clock.now_ms()).unwrap();
+            let token = skiff_model::proto::JoinToken::parse(&tok.token).unwrap().credential();
+            let (_key, csr) = crate::pki::tests::csr(n);
+            let spec = skiff_model::proto::NodeSpec { os: "linux".into(), arch: "amd64".into(), ..Default::default() };
+            f.join(&skiff_model::proto::JoinRequest { token, node: n.to_string(), csr, spec }).unwrap();
+            f.heartbeat(n, Default::default()).unwrap();
+        }
+        let hub = Hub::new(store, Arc::new(crate::nodes::Remote(Arc::clone(&f))), "t".into()).with_clock(clock);
+        (f, hub)
+    }
+
+    /// Placement moves with the hub's clock, not the wall's: a node that falls silent
+    /// keeps its instance through `reschedule_after`, and loses it at the first forced
+    /// placement after — all on a clock that moves only when the test says.
+    #[tokio::test]
+    async fn a_silent_node_loses_its_instance_after_reschedule_after_on_the_hubs_clock() {
+        let t = tempfile::tempdir().unwrap();
+        let clock = ManualClock::at(1_000_000);
+        let (f, hub) = fleet_hub(t.path(), Arc::clone(&clock), &["a", "b"]);
+        let mut d = Deployment::new("web", "img:1");
+        d.placement.reschedule_after_ms = Some(120_000);
+        hub.apply(&ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false }).await.unwrap();
+        let every = Every::default();
+        pass(&hub, 0, every);
+        let first = f.nodes_of("web");
+        assert_eq!(first.len(), 1, "one replica, one node");
+        let (gone, stays) = if first[0] == "a" { ("a", "b") } else { ("b", "a") };
+        // `gone` falls silent; `stays` keeps reporting every 10 s. Unknown after the
+        // heartbeat grace (40 s), then 120 s more before its slot moves.
+        for s in 1..=15u64 {
+            clock.advance(10_000);
+            f.heartbeat(stays, Default::default()).unwrap();
+            pass(&hub, s * every.placement, every);
+            assert_eq!(f.nodes_of("web"), [gone], "kept at {} s silent", s * 10);
+        }
+        for s in 16..=17u64 {
+            clock.advance(10_000);
+            f.heartbeat(stays, Default::default()).unwrap();
+            pass(&hub, s * every.placement, every);
+        }
+        assert_eq!(f.nodes_of("web"), [stays], "moved once silent for grace + reschedule_after");
+        let views = f.views().unwrap();
+        let state = |n: &str| views.iter().find(|v| v.name == n).map(|v| v.state);
+        assert_eq!(state(gone), Some(crate::schedule::NodeState::Unknown));
+        assert_eq!(state(stays), Some(crate::schedule::NodeState::Ready));
+    }
+
+    #[test]
+    fn each_controller_runs_at_its_own_period() {
+        let every = Every { placement: 5, autoscale: 15, alerts: 3 };
+        let runs = |pick: fn((bool, bool, bool)) -> bool| (0..30).filter(|&n| pick(due(n, every))).count();
+        assert_eq!(runs(|d| d.0), 6);
+        assert_eq!(runs(|d| d.1), 2);
+        assert_eq!(runs(|d| d.2), 10);
+        let zero = Every { placement: 0, autoscale: 0, alerts: 0 };
+        assert_eq!(due(7, zero), (true, true, true), "a period of 0 counts as every tick");
+    }
+}
