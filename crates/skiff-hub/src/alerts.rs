@@ -186,8 +186,7 @@ impl Hub {
         let from = d.replicas;
         d.replicas = from.saturating_add(so.step).min(so.max);
         let to = d.replicas;
-        self.commit(&ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false })
-            .map_err(|e| e.to_string())?;
+        self.commit(&ApplyRequest { deployments: vec![d], ..Default::default() }).map_err(|e| e.to_string())?;
         Ok(format!("scaled {} from {from} to {to}", so.deployment))
     }
 }

@@ -91,28 +91,10 @@ pub fn spawn(hub: Arc<Hub>, every: Every) -> tokio::task::JoinHandle<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::{Clock, ManualClock};
-    use crate::fleet::Fleet;
-    use crate::store::{SqliteStore, Store};
+    use crate::clock::ManualClock;
+    use crate::testing::fleet_hub;
     use skiff_model::api::ApplyRequest;
     use skiff_model::Deployment;
-
-    /// A hub over a fleet of `nodes` that joined and reported once, on `clock`.
-    fn fleet_hub(t: &std::path::Path, clock: Arc<ManualClock>, nodes: &[&str]) -> (Arc<Fleet>, Hub) {
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.join("hub.db")).unwrap());
-        let ca = crate::pki::Ca::load_or_create(&t.join("pki")).unwrap();
-        let f = Arc::new(Fleet::new(ca, Arc::clone(&store), clock.clone()).unwrap());
-        for n in nodes {
-            let tok = crate::tokens::create(&*store, Some(&f.ca_sha256), &Default::default(), clock.now_ms()).unwrap();
-            let token = skiff_model::proto::JoinToken::parse(&tok.token).unwrap().credential();
-            let (_key, csr) = crate::pki::tests::csr(n);
-            let spec = skiff_model::proto::NodeSpec { os: "linux".into(), arch: "amd64".into(), ..Default::default() };
-            f.join(&skiff_model::proto::JoinRequest { token, node: n.to_string(), csr, spec }).unwrap();
-            f.heartbeat(n, Default::default()).unwrap();
-        }
-        let hub = Hub::new(store, Arc::new(crate::nodes::Remote(Arc::clone(&f))), "t".into()).with_clock(clock);
-        (f, hub)
-    }
 
     /// Placement moves with the hub's clock, not the wall's: a node that falls silent
     /// keeps its instance through `reschedule_after`, and loses it at the first forced
@@ -124,7 +106,7 @@ mod tests {
         let (f, hub) = fleet_hub(t.path(), Arc::clone(&clock), &["a", "b"]);
         let mut d = Deployment::new("web", "img:1");
         d.placement.reschedule_after_ms = Some(120_000);
-        hub.apply(&ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false }).await.unwrap();
+        hub.apply(&ApplyRequest { deployments: vec![d], ..Default::default() }).await.unwrap();
         let every = Every::default();
         pass(&hub, 0, every);
         let first = f.nodes_of("web");

@@ -136,6 +136,7 @@ impl Hub {
     /// a fleet learns the images' platforms), then stores it atomically and places it.
     /// Invalid input changes nothing.
     pub async fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse, ApplyError> {
+        let req = &self.attach_autoscalers(req)?;
         self.check(req)?;
         let warnings = self
             .nodes
@@ -144,6 +145,30 @@ impl Hub {
             .map_err(|(name, e)| ApplyError::Invalid(format!("deployments.{name}.image: {e}")))?;
         let resp = self.commit(req)?;
         Ok(ApplyResponse { warnings, ..resp })
+    }
+
+    /// The request with its `autoscalers` set on their targets: one in the request itself,
+    /// or the stored one (which then joins the request's deployments). Errors name the
+    /// autoscaler by where it came from.
+    fn attach_autoscalers(&self, req: &ApplyRequest) -> Result<ApplyRequest, ApplyError> {
+        let mut out = ApplyRequest { autoscalers: vec![], ..req.clone() };
+        for (i, a) in req.autoscalers.iter().enumerate() {
+            let path = if a.path.is_empty() { format!("autoscalers[{i}]") } else { a.path.clone() };
+            let d = match out.deployments.iter_mut().find(|d| d.name == a.target) {
+                Some(d) => d,
+                None => {
+                    let Some(stored) = self.store.get(&a.target)? else {
+                        let e = format!("{path}.spec.scaleTargetRef: deployment {:?} not found", a.target);
+                        return Err(ApplyError::Invalid(e));
+                    };
+                    out.deployments.push(stored.spec);
+                    out.deployments.last_mut().ok_or_else(|| ApplyError::Internal("pushed and gone".into()))?
+                }
+            };
+            d.autoscale = Some(a.spec.clone());
+            d.validate().map_err(|e| ApplyError::Invalid(format!("{path}: {e}")))?;
+        }
+        Ok(out)
     }
 
     /// The request checked against the desired state it would leave.
@@ -158,6 +183,7 @@ impl Hub {
     /// [`Hub::apply`] without asking the nodes first: for the controllers' own changes
     /// (a new replica count, a rollback to a template that ran before).
     pub fn commit(&self, req: &ApplyRequest) -> Result<ApplyResponse, ApplyError> {
+        let req = &self.attach_autoscalers(req)?;
         let kept = self.check(req)?;
         let now = self.clock.now_ms();
         if !req.dry_run {
@@ -195,5 +221,73 @@ impl Hub {
     /// its tunnel) that reported it with its last heartbeat.
     pub(crate) fn node_of(&self, instance: &str) -> Option<Arc<dyn NodeLink>> {
         self.nodes.link_of(instance)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::clock::{Clock, ManualClock};
+    use crate::fleet::Fleet;
+    use crate::store::{SqliteStore, Store};
+    use crate::Hub;
+    use std::sync::Arc;
+
+    /// A hub over a fleet of `nodes` that joined and reported once, on `clock`.
+    pub(crate) fn fleet_hub(t: &std::path::Path, clock: Arc<ManualClock>, nodes: &[&str]) -> (Arc<Fleet>, Hub) {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.join("hub.db")).unwrap());
+        let ca = crate::pki::Ca::load_or_create(&t.join("pki")).unwrap();
+        let f = Arc::new(Fleet::new(ca, Arc::clone(&store), clock.clone()).unwrap());
+        for n in nodes {
+            let tok = crate::tokens::create(&*store, Some(&f.ca_sha256), &Default::default(), clock.now_ms()).unwrap();
+            let token = skiff_model::proto::JoinToken::parse(&tok.token).unwrap().credential();
+            let (_key, csr) = crate::pki::tests::csr(n);
+            let spec = skiff_model::proto::NodeSpec { os: "linux".into(), arch: "amd64".into(), ..Default::default() };
+            f.join(&skiff_model::proto::JoinRequest { token, node: n.to_string(), csr, spec }).unwrap();
+            f.heartbeat(n, Default::default()).unwrap();
+        }
+        let hub = Hub::new(store, Arc::new(crate::nodes::Remote(Arc::clone(&f))), "t".into()).with_clock(clock);
+        (f, hub)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skiff_model::api::AttachAutoscaler;
+    use skiff_model::autoscale::{AutoscaleSpec, MetricSpec};
+
+    fn hpa(target: &str, min: i32, max: i32) -> AttachAutoscaler {
+        let cpu = MetricSpec {
+            resource: "cpu".into(),
+            target_type: "AverageValue".into(),
+            average_utilization: None,
+            average_value: Some("100m".into()),
+        };
+        let spec = AutoscaleSpec { min_replicas: min, max_replicas: max, metrics: vec![cpu], behavior: None };
+        AttachAutoscaler { target: target.into(), spec, path: format!("HorizontalPodAutoscaler/{target}") }
+    }
+
+    /// An autoscaler whose Deployment was applied earlier is set on the stored one in the
+    /// hub's own transaction; a missing target or a bad spec is refused by its path with
+    /// nothing stored.
+    #[tokio::test]
+    async fn autoscalers_attach_to_stored_deployments_or_change_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let (_f, hub) = testing::fleet_hub(t.path(), clock::ManualClock::at(1_000_000), &["a"]);
+        let only = |a: AttachAutoscaler| ApplyRequest { autoscalers: vec![a], ..Default::default() };
+        let e = hub.apply(&only(hpa("web", 1, 4))).await.unwrap_err().to_string();
+        assert_eq!(e, "HorizontalPodAutoscaler/web.spec.scaleTargetRef: deployment \"web\" not found");
+        assert!(hub.store.list().unwrap().is_empty());
+        let web = Deployment::new("web", "img:1");
+        hub.apply(&ApplyRequest { deployments: vec![web], ..Default::default() }).await.unwrap();
+        let rev = hub.store.revision().unwrap();
+        let e = hub.apply(&only(hpa("web", 5, 2))).await.unwrap_err().to_string();
+        assert!(e.starts_with("HorizontalPodAutoscaler/web: ") && e.contains("minReplicas"), "{e}");
+        assert_eq!(hub.store.revision().unwrap(), rev, "a refused autoscaler changes nothing");
+        let r = hub.apply(&only(hpa("web", 1, 4))).await.unwrap();
+        assert_eq!(r.updated, ["web"]);
+        let stored = hub.store.get("web").unwrap().unwrap().spec;
+        assert_eq!(stored.autoscale.map(|a| (a.min_replicas, a.max_replicas)), Some((1, 4)));
+        assert_eq!(stored.image, "img:1", "the rest of the stored deployment is kept");
     }
 }

@@ -173,7 +173,7 @@ impl Hub {
     /// Applies `cur` with `to`'s template and names why; returns the new revision.
     fn store_template(&self, cur: &Deployment, to: &Deployment, cause: &str) -> Result<Revision, ApplyError> {
         let d = with_template(cur, to);
-        self.commit(&ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false })?;
+        self.commit(&ApplyRequest { deployments: vec![d], ..Default::default() })?;
         let h = self.history_of(&cur.name)?;
         let newest = h.last().cloned().ok_or_else(|| ApplyError::Internal("no revision recorded".into()))?;
         self.store

@@ -7,6 +7,7 @@
 
 use crate::ManifestError;
 use serde_norway::Value;
+use skiff_model::api::AttachAutoscaler;
 use skiff_model::{Deployment, PlacementMode, PortMapping, Protocol, RestartPolicy};
 use std::collections::BTreeMap;
 
@@ -17,15 +18,7 @@ pub struct K8sImport {
     pub warnings: Vec<String>,
     /// HorizontalPodAutoscalers whose Deployment is not in these manifests (the hub may
     /// have it).
-    pub autoscalers: Vec<ExternalAutoscaler>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ExternalAutoscaler {
-    /// `HorizontalPodAutoscaler/<name>`, for errors.
-    pub path: String,
-    pub target: String,
-    pub spec: skiff_model::autoscale::AutoscaleSpec,
+    pub autoscalers: Vec<AttachAutoscaler>,
 }
 
 type R<T> = Result<T, ManifestError>;
@@ -142,7 +135,7 @@ pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
                 let spec = get(&v, "spec").ok_or_else(|| ManifestError::at(&path, "spec is required"))?;
                 let sp = format!("{path}.spec");
                 let target = crate::hpa::target(spec, &sp)?;
-                out.autoscalers.push(ExternalAutoscaler { spec: crate::hpa::spec(spec, &sp)?, target, path });
+                out.autoscalers.push(AttachAutoscaler { spec: crate::hpa::spec(spec, &sp)?, target, path });
             }
             "" => return Err(ManifestError::at(format!("document {}", n + 1), "kind is required")),
             other => {

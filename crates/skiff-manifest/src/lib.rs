@@ -16,7 +16,7 @@ mod k8s;
 
 pub use compose::{import_compose, ComposeImport};
 pub use interpolate::interpolate;
-pub use k8s::{import_k8s, is_k8s, ExternalAutoscaler, K8sImport};
+pub use k8s::{import_k8s, is_k8s, K8sImport};
 
 use thiserror::Error;
 

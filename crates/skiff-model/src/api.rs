@@ -3,7 +3,7 @@
 use crate::{Deployment, InstanceStatus};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApplyRequest {
     pub deployments: Vec<Deployment>,
@@ -12,6 +12,22 @@ pub struct ApplyRequest {
     pub prune_stack: Option<String>,
     #[serde(default)]
     pub dry_run: bool,
+    /// Autoscalers for deployments stored earlier (a Kubernetes HorizontalPodAutoscaler
+    /// applied without its Deployment): each is set on its stored target in the same
+    /// transaction as the rest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub autoscalers: Vec<AttachAutoscaler>,
+}
+
+/// An autoscaler for the stored deployment `target`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachAutoscaler {
+    pub target: String,
+    pub spec: crate::autoscale::AutoscaleSpec,
+    /// Where it came from, for errors (`HorizontalPodAutoscaler/web`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

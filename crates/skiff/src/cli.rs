@@ -402,28 +402,14 @@ async fn run(cli: Cli) -> Result<i32> {
             let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
             // Kubernetes manifests are applied as `kubectl apply` does (no pruning); a compose
             // file replaces its whole stack.
-            let (mut deployments, warnings, prune_stack) = if skiff_manifest::is_k8s(&text) {
+            let (mut deployments, warnings, prune_stack, autoscalers) = if skiff_manifest::is_k8s(&text) {
                 let k = skiff_manifest::import_k8s(&text, "default").with_context(|| format!("{}", file.display()))?;
-                let mut deployments = k.deployments;
-                // An autoscaler for a Deployment applied earlier: the stored one gets it.
-                for a in k.autoscalers {
-                    let path = format!("{}.spec.scaleTargetRef", a.path);
-                    let mut d =
-                        match client(&cli)?.get::<DeploymentView>(&format!("/api/v1/deployments/{}", a.target)).await {
-                            Ok(v) => v.spec,
-                            Err(e) if crate::client::ApiError::is_not_found(&e) => {
-                                bail!("{}: {path}: deployment {:?} not found", file.display(), a.target)
-                            }
-                            Err(e) => return Err(e),
-                        };
-                    d.autoscale = Some(a.spec);
-                    d.validate().map_err(|e| anyhow::anyhow!("{}: {}: {e}", file.display(), a.path))?;
-                    deployments.push(d);
-                }
-                (deployments, k.warnings, None)
+                // An autoscaler for a Deployment applied earlier: the hub sets it on the
+                // stored one, in the same transaction.
+                (k.deployments, k.warnings, None, k.autoscalers)
             } else {
                 let c = crate::up::load_compose(file)?;
-                (c.deployments, c.warnings, Some(c.project))
+                (c.deployments, c.warnings, Some(c.project), vec![])
             };
             for w in &warnings {
                 eprintln!("warning: {w}");
@@ -432,7 +418,7 @@ async fn run(cli: Cli) -> Result<i32> {
             for d in &mut deployments {
                 d.placement.node_selector.extend(selector.clone());
             }
-            let req = ApplyRequest { deployments, prune_stack, dry_run: *dry_run };
+            let req = ApplyRequest { deployments, prune_stack, dry_run: *dry_run, autoscalers };
             let r: ApplyResponse = client(&cli)?.post("/api/v1/apply", &req).await?;
             print_apply(&r, *dry_run);
             Ok(0)
@@ -456,7 +442,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 import_wasm_file(&cli.data, f, digest, &d.image)?;
             }
             let name = d.name.clone();
-            let req = ApplyRequest { deployments: vec![d], prune_stack: None, dry_run: false };
+            let req = ApplyRequest { deployments: vec![d], ..Default::default() };
             let r: ApplyResponse = client(&cli)?.post("/api/v1/apply", &req).await?;
             if r.unchanged.contains(&name) {
                 eprintln!("deployment {name} is already running with this spec");

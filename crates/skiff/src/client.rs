@@ -20,13 +20,6 @@ pub struct ApiError {
     pub message: String,
 }
 
-impl ApiError {
-    /// Whether `e` is the hub saying "not found".
-    pub fn is_not_found(e: &anyhow::Error) -> bool {
-        e.downcast_ref::<ApiError>().is_some_and(|a| a.status == reqwest::StatusCode::NOT_FOUND)
-    }
-}
-
 impl Client {
     pub fn new(cfg: ClientConfig) -> Result<Self> {
         let mut b = reqwest::Client::builder();

@@ -238,7 +238,8 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     let mut names: Vec<String> = vec![];
     if let Some(i) = import {
         names = i.deployments.iter().map(|d| d.name.clone()).collect();
-        let req = ApplyRequest { deployments: i.deployments, prune_stack: Some(i.project.clone()), dry_run: false };
+        let req =
+            ApplyRequest { deployments: i.deployments, prune_stack: Some(i.project.clone()), ..Default::default() };
         let r = hub.apply(&req).await?;
         crate::cli::print_apply(&r, false);
     }
@@ -273,7 +274,8 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
             eprintln!("\nstopping stack {stack} ...");
             let names: Vec<String> =
                 hub.store.list()?.into_iter().filter(|s| &s.spec.stack == stack).map(|s| s.spec.name).collect();
-            hub.apply(&ApplyRequest { deployments: vec![], prune_stack: Some(stack.clone()), dry_run: false }).await?;
+            hub.apply(&ApplyRequest { deployments: vec![], prune_stack: Some(stack.clone()), ..Default::default() })
+                .await?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
             while !agent.all_gone(&names) && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
