@@ -410,6 +410,21 @@ impl State {
     }
 }
 
+/// Image reference (normalized) → the deployments of this node's desired state that use
+/// it, from `agent.db` in `data_dir` (none when no agent ever ran there): what `skiff
+/// image rm` must not remove.
+pub fn images_in_use(data_dir: &Path) -> Result<std::collections::BTreeMap<String, Vec<String>>, StateError> {
+    let mut m: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let db = data_dir.join("agent.db");
+    if !db.exists() {
+        return Ok(m);
+    }
+    for d in State::open(&db)?.desired()? {
+        m.entry(skiff_image::normalize_reference(&d.image)).or_default().push(d.name);
+    }
+    Ok(m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

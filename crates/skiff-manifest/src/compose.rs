@@ -1,10 +1,10 @@
 //! docker-compose → deployments.
 
-use crate::{interpolate, parse_duration_ms, shell_split, ManifestError};
+use crate::{interpolate, parse_duration_ms, shell_split, short, ManifestError};
 use serde_norway::{Mapping, Value};
 use skiff_model::{
-    parse_bytes, parse_cpus, Dependency, DependencyCondition, Deployment, DeviceMapping, HealthCheck, NetworkMode,
-    PlacementMode, PortMapping, Protocol, RestartPolicy, Volume, VolumeSource,
+    parse_bytes, parse_cpus, Dependency, DependencyCondition, Deployment, DeviceMapping, HealthCheck, PlacementMode,
+    PortMapping, Protocol, RestartPolicy, Volume, VolumeSource,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,7 +27,8 @@ struct Ctx<'a> {
 }
 
 /// Imports a compose file. `dir` resolves relative paths (bind mounts, env files);
-/// `env` supplies interpolation variables; `read_file` reads env files.
+/// `env` supplies interpolation variables, and `dir/.env` (as Compose reads it) the
+/// defaults for those `env` lacks; `read_file` reads `.env` and env files.
 pub fn import_compose(
     text: &str,
     dir: &Path,
@@ -35,6 +36,12 @@ pub fn import_compose(
     env: &dyn Fn(&str) -> Option<String>,
     read_file: &dyn Fn(&Path) -> std::io::Result<String>,
 ) -> R<ComposeImport> {
+    let dotenv = match read_file(&dir.join(".env")) {
+        Ok(t) => crate::parse_dotenv(&t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+        Err(e) => return Err(ManifestError::at(".env", format!("cannot be read: {e}"))),
+    };
+    let env = &move |k: &str| env(k).or_else(|| dotenv.get(k).cloned());
     let mut root: Value = serde_norway::from_str(text).map_err(|e| ManifestError::Yaml(e.to_string()))?;
     interpolate_all(&mut root, "", env)?;
     let top = root
@@ -349,17 +356,7 @@ fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deploy
             "labels" => key_values(cx, v, &path, &mut d.labels)?,
             "network_mode" => {
                 let s = str_of(v, &path)?;
-                d.network = match s.as_str() {
-                    "bridge" => NetworkMode::Bridge,
-                    "host" => NetworkMode::Host,
-                    "none" => NetworkMode::None,
-                    other => {
-                        return Err(ManifestError::at(
-                            &path,
-                            format!("{other:?} is not supported (bridge, host, none)"),
-                        ))
-                    }
-                };
+                d.network = short::network_mode(&s).map_err(|e| ManifestError::at(&path, e))?;
             }
             "stop_grace_period" => d.stop_grace_period_ms = duration(v, &path)?,
             "x-skiff-autoscale" => d.autoscale = Some(crate::hpa::spec(v, &path)?),
@@ -448,18 +445,7 @@ fn port(v: &Value, path: &str) -> R<PortMapping> {
 }
 
 fn volume(cx: &Ctx<'_>, v: &Value, path: &str) -> R<Volume> {
-    let source_of = |src: &str| -> VolumeSource {
-        if src.starts_with('/') || src.starts_with('.') || src.starts_with('~') {
-            let p = if let Some(rest) = src.strip_prefix("~/") {
-                (cx.env)("HOME").map(PathBuf::from).unwrap_or_default().join(rest)
-            } else {
-                cx.dir.join(src)
-            };
-            VolumeSource::Bind { path: normalize(&p) }
-        } else {
-            VolumeSource::Named { name: src.to_string() }
-        }
-    };
+    let home = (cx.env)("HOME").map(PathBuf::from);
     match v {
         Value::Mapping(m) => {
             let get = |k: &str| m.get(k).map(|x| str_of(x, &format!("{path}.{k}"))).transpose();
@@ -469,9 +455,9 @@ fn volume(cx: &Ctx<'_>, v: &Value, path: &str) -> R<Volume> {
             let read_only =
                 m.get("read_only").map(|x| bool_of(x, &format!("{path}.read_only"))).transpose()?.unwrap_or(false);
             let source = match (kind.as_str(), source) {
-                ("bind", Some(s)) => match source_of(&s) {
+                ("bind", Some(s)) => match short::volume_source(&s, cx.dir, home.as_deref()) {
                     b @ VolumeSource::Bind { .. } => b,
-                    VolumeSource::Named { name } => VolumeSource::Bind { path: normalize(&cx.dir.join(name)) },
+                    VolumeSource::Named { name } => VolumeSource::Bind { path: short::normalize(&cx.dir.join(name)) },
                 },
                 ("volume", Some(s)) => VolumeSource::Named { name: s },
                 ("bind", None) | ("volume", None) => return Err(ManifestError::at(path, "needs source")),
@@ -486,41 +472,9 @@ fn volume(cx: &Ctx<'_>, v: &Value, path: &str) -> R<Volume> {
         }
         other => {
             let s = str_of(other, path)?;
-            let parts: Vec<&str> = s.split(':').collect();
-            let (src, dst, mode) = match parts.as_slice() {
-                [dst] => {
-                    return Err(ManifestError::at(
-                        path,
-                        format!("{dst:?}: anonymous volumes are not supported; name it (name:{dst})"),
-                    ))
-                }
-                [src, dst] => (*src, *dst, ""),
-                [src, dst, mode] => (*src, *dst, *mode),
-                _ => return Err(ManifestError::at(path, format!("{s:?} is not SOURCE:TARGET[:ro]"))),
-            };
-            let read_only = match mode {
-                "" | "rw" => false,
-                "ro" => true,
-                m if m.split(',').all(|o| ["ro", "rw", "z", "Z"].contains(&o)) => m.split(',').any(|o| o == "ro"),
-                m => return Err(ManifestError::at(path, format!("mode {m:?} is not ro or rw"))),
-            };
-            Ok(Volume { source: source_of(src), target: dst.to_string(), read_only })
+            short::volume(&s, cx.dir, home.as_deref()).map_err(|e| ManifestError::at(path, e))
         }
     }
-}
-
-fn normalize(p: &Path) -> String {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            std::path::Component::CurDir => {}
-            c => out.push(c),
-        }
-    }
-    out.display().to_string()
 }
 
 fn device(s: &str, path: &str) -> R<DeviceMapping> {

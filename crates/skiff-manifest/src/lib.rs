@@ -13,6 +13,7 @@ mod compose;
 pub mod hpa;
 mod interpolate;
 mod k8s;
+pub mod short;
 
 pub use compose::{import_compose, ComposeImport};
 pub use interpolate::interpolate;

@@ -288,3 +288,21 @@ services:
         "services.a.x-skiff-wasm.timeout: \"soon\" is not a duration (examples: 10s, 1m30s, 500ms)"
     );
 }
+
+/// `.env` beside the compose file supplies what the environment lacks; the environment
+/// wins; an unreadable `.env` is an error, a missing one is not.
+#[test]
+fn dot_env_supplies_defaults_the_environment_wins() {
+    let yaml = "services:\n  web:\n    image: \"web:${TAG}\"\n    environment: [\"MODE=${MODE}\"]\n";
+    let env = |k: &str| (k == "MODE").then(|| "from-env".to_string());
+    let files = |p: &Path| match p.to_str() {
+        Some("/stack/.env") => Ok("TAG=1.2\nMODE=from-dotenv\n".to_string()),
+        _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")),
+    };
+    let c = import_compose(yaml, Path::new("/stack"), "s", &env, &files).unwrap();
+    assert_eq!(c.deployments[0].image, "web:1.2");
+    assert_eq!(c.deployments[0].env.get("MODE").map(String::as_str), Some("from-env"));
+    let denied = |_: &Path| Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied"));
+    let e = import_compose(yaml, Path::new("/stack"), "s", &env, &denied).unwrap_err().to_string();
+    assert_eq!(e, ".env: cannot be read: denied");
+}

@@ -131,10 +131,7 @@ pub fn load_compose(file: &Path) -> Result<ComposeImport> {
     let dir =
         file.canonicalize().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."));
     let default_project = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "default".into());
-    // `.env` next to the compose file supplies defaults; the process environment wins.
-    let dotenv =
-        std::fs::read_to_string(dir.join(".env")).map(|t| skiff_manifest::parse_dotenv(&t)).unwrap_or_default();
-    let env = move |k: &str| std::env::var(k).ok().or_else(|| dotenv.get(k).cloned());
+    let env = |k: &str| std::env::var(k).ok();
     skiff_manifest::import_compose(&text, &dir, &default_project, &env, &|p| std::fs::read_to_string(p))
         .with_context(|| format!("{}", file.display()))
 }

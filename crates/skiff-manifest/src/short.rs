@@ -1,0 +1,98 @@
+//! The short forms `docker run` flags and compose files share, parsed once so that
+//! `skiff run -v ./data:/data` and a compose `volumes: [./data:/data]` mean the same
+//! thing (a bind mount of `./data`), as they do in Docker.
+
+use skiff_model::{NetworkMode, Volume, VolumeSource};
+use std::path::{Path, PathBuf};
+
+/// A volume's source: a path (it starts with `/`, `.` or `~`) is a bind mount, resolved
+/// against `dir` and, for `~/`, against `home`; anything else names a volume.
+pub fn volume_source(src: &str, dir: &Path, home: Option<&Path>) -> VolumeSource {
+    if src.starts_with('/') || src.starts_with('.') || src.starts_with('~') {
+        let p = match src.strip_prefix("~/") {
+            Some(rest) => home.map(Path::to_path_buf).unwrap_or_default().join(rest),
+            None => dir.join(src),
+        };
+        VolumeSource::Bind { path: normalize(&p) }
+    } else {
+        VolumeSource::Named { name: src.to_string() }
+    }
+}
+
+/// `SOURCE:TARGET[:MODE]` (`MODE`: `ro`, `rw`, with `z`/`Z` allowed and ignored), the
+/// source as [`volume_source`] reads it. An anonymous volume (`TARGET` alone) is refused
+/// with how to name it.
+pub fn volume(s: &str, dir: &Path, home: Option<&Path>) -> Result<Volume, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (src, dst, mode) = match parts.as_slice() {
+        [dst] => return Err(format!("{dst:?}: anonymous volumes are not supported; name it (name:{dst})")),
+        [src, dst] => (*src, *dst, ""),
+        [src, dst, mode] => (*src, *dst, *mode),
+        _ => return Err(format!("{s:?} is not SOURCE:TARGET[:ro]")),
+    };
+    if src.is_empty() || dst.is_empty() {
+        return Err(format!("{s:?} is not SOURCE:TARGET[:ro]"));
+    }
+    let read_only = match mode {
+        "" | "rw" => false,
+        "ro" => true,
+        m if m.split(',').all(|o| ["ro", "rw", "z", "Z"].contains(&o)) => m.split(',').any(|o| o == "ro"),
+        m => return Err(format!("mode {m:?} is not ro or rw")),
+    };
+    Ok(Volume { source: volume_source(src, dir, home), target: dst.to_string(), read_only })
+}
+
+/// `bridge`, `host` or `none`.
+pub fn network_mode(s: &str) -> Result<NetworkMode, String> {
+    match s {
+        "bridge" => Ok(NetworkMode::Bridge),
+        "host" => Ok(NetworkMode::Host),
+        "none" => Ok(NetworkMode::None),
+        other => Err(format!("{other:?} is not supported (bridge, host, none)")),
+    }
+}
+
+/// `p` without `.` and `..` components (lexically, as Compose resolves bind sources).
+pub(crate) fn normalize(p: &Path) -> String {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_bind_and_names_are_volumes_the_same_for_run_and_compose() {
+        let dir = Path::new("/srv/app");
+        let home = Some(Path::new("/home/u"));
+        let v = |s: &str| volume(s, dir, home);
+        let bind = |p: &str| VolumeSource::Bind { path: p.into() };
+        assert_eq!(v("./data:/data").unwrap().source, bind("/srv/app/data"));
+        assert_eq!(
+            v("../shared:/s:ro").unwrap(),
+            Volume { source: bind("/srv/shared"), target: "/s".into(), read_only: true }
+        );
+        assert_eq!(v("~/cfg:/cfg").unwrap().source, bind("/home/u/cfg"));
+        assert_eq!(v("/abs:/x:rw").unwrap().source, bind("/abs"));
+        assert_eq!(
+            v("data:/data:ro,z").unwrap(),
+            Volume { source: VolumeSource::Named { name: "data".into() }, target: "/data".into(), read_only: true }
+        );
+        assert_eq!(v("/data").unwrap_err(), "\"/data\": anonymous volumes are not supported; name it (name:/data)");
+        assert_eq!(v("a:b:c:d").unwrap_err(), "\"a:b:c:d\" is not SOURCE:TARGET[:ro]");
+        assert_eq!(v(":/x").unwrap_err(), "\":/x\" is not SOURCE:TARGET[:ro]");
+        assert_eq!(v("a:/x:rx").unwrap_err(), "mode \"rx\" is not ro or rw");
+        assert_eq!(network_mode("host"), Ok(NetworkMode::Host));
+        assert_eq!(network_mode("overlay").unwrap_err(), "\"overlay\" is not supported (bridge, host, none)");
+    }
+}

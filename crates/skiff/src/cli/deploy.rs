@@ -1,0 +1,297 @@
+//! `skiff apply`, `skiff run` and `skiff delete`: what changes the desired state.
+
+use super::{client, parse_selector, Cli};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use skiff_model::api::{ApplyRequest, ApplyResponse};
+use skiff_model::{Deployment, DeviceMapping, PortMapping, RestartPolicy, RuntimeKind};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// An image reference, or (with the wasm runtime) a .wasm file on this machine.
+    pub image: String,
+    /// oci (a container under runc) or wasm (a WASI program under wasmtime); a .wasm file
+    /// implies wasm.
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// wasm: stop a command after this long (exit code 124); an HTTP component answers 504
+    /// to a request still running then (5s, 500ms, 1m).
+    #[arg(long = "wasm-timeout")]
+    pub wasm_timeout: Option<String>,
+    /// wasm HTTP components: serve from a pool of N pre-reserved instances, N requests at
+    /// a time (default: a fresh instance per request, no bound).
+    #[arg(long = "wasm-pool")]
+    pub wasm_pool: Option<u32>,
+    /// wasm: let the program connect to loopback, link-local (cloud metadata) and the
+    /// node's own addresses (out of bounds by default).
+    #[arg(long = "wasm-allow-local")]
+    pub wasm_allow_local: bool,
+    #[arg(long)]
+    pub name: Option<String>,
+    /// CPU limit in cores (0.5) or millicores (500m).
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Memory limit (512m, 1g, 512Mi); swap is limited to the same amount.
+    #[arg(short = 'm', long)]
+    pub memory: Option<String>,
+    #[arg(long)]
+    pub cpu_shares: Option<u64>,
+    #[arg(long)]
+    pub pids_limit: Option<i64>,
+    /// no | always | on-failure[:N] | unless-stopped
+    #[arg(long, default_value = "no")]
+    pub restart: String,
+    #[arg(short = 'e', long = "env")]
+    pub env: Vec<String>,
+    #[arg(short = 'p', long = "publish")]
+    pub publish: Vec<String>,
+    /// SOURCE:TARGET[:ro]; SOURCE is a host path (absolute) or a volume name.
+    #[arg(short = 'v', long = "volume")]
+    pub volume: Vec<String>,
+    #[arg(long, default_value = "bridge")]
+    pub network: String,
+    #[arg(long)]
+    pub read_only: bool,
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    #[arg(short = 'w', long)]
+    pub workdir: Option<String>,
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    #[arg(long)]
+    pub cap_add: Vec<String>,
+    #[arg(long)]
+    pub cap_drop: Vec<String>,
+    #[arg(long)]
+    pub device: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// Node label KEY=VALUE the instances must run on (repeatable).
+    #[arg(long = "selector")]
+    pub selector: Vec<String>,
+    /// Seconds between SIGTERM and SIGKILL on stop.
+    #[arg(long, default_value_t = 10)]
+    pub stop_timeout: u64,
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+pub fn print_apply(r: &ApplyResponse, dry_run: bool) {
+    let suffix = if dry_run { " (dry run)" } else { "" };
+    for (verb, names) in
+        [("created", &r.created), ("updated", &r.updated), ("unchanged", &r.unchanged), ("deleted", &r.deleted)]
+    {
+        for n in names {
+            println!("deployment {n} {verb}{suffix}");
+        }
+    }
+    for (instance, node) in &r.placement {
+        println!("  {instance} on {node}");
+    }
+    print_notes(r);
+}
+
+/// Warnings, and instances that found no node, on stderr: the apply itself succeeded.
+pub(super) fn print_notes(r: &ApplyResponse) {
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    for (d, why) in &r.unschedulable {
+        eprintln!("warning: {d}: {why}");
+    }
+}
+
+/// The .wasm file `skiff run` names instead of an image, if it does: an existing file
+/// that is a WebAssembly binary (a path that ends in .wasm must be one).
+pub(super) fn wasm_file(a: &RunArgs) -> Result<Option<PathBuf>> {
+    let p = PathBuf::from(&a.image);
+    let looks_like_file = a.image.ends_with(".wasm") || a.image.starts_with('.') || a.image.starts_with('/');
+    if !p.is_file() {
+        if a.image.ends_with(".wasm") {
+            bail!("{}: no such file (a .wasm file to run must exist on this machine)", a.image);
+        }
+        return Ok(None);
+    }
+    let mut head = [0u8; 8];
+    let n = std::io::Read::read(&mut std::fs::File::open(&p)?, &mut head)?;
+    if skiff_model::WasmKind::detect(&head[..n]).is_none() {
+        if looks_like_file {
+            bail!("{}: not a WebAssembly binary (no \\0asm module or component header)", a.image);
+        }
+        return Ok(None);
+    }
+    if a.runtime.as_deref().is_some_and(|r| RuntimeKind::parse(r) != Some(RuntimeKind::Wasm)) {
+        bail!("--runtime: {} is a WebAssembly file; it runs with --runtime wasm", a.image);
+    }
+    Ok(Some(p))
+}
+
+/// Checks a .wasm file (sha256 `digest`) as the node will (compiled into this machine's
+/// compile cache, imports and exports checked), then stores it as the image `reference`.
+/// Nothing is stored when the check fails.
+pub(super) fn import_wasm_file(data: &Path, file: &Path, digest: &str, reference: &str) -> Result<()> {
+    let module = skiff_image::WasmModule { path: file.to_path_buf(), id: digest.to_string() };
+    let what = skiff_runtime::wasm::check(&module, &data.join("wasm/cache"))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    skiff_image::ImageStore::open(data.join("images"))?.import_wasm(file, reference)?;
+    eprintln!("{}: {what}, stored as {reference}", file.display());
+    Ok(())
+}
+
+/// The deployment `skiff run` asks for, running `image`; `from_file`: the image is the
+/// .wasm file named on the command line (the wasm runtime, unless told otherwise).
+pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -> Result<Deployment> {
+    let base = image.rsplit('/').next().unwrap_or(&image).split([':', '@']).next().unwrap_or("app");
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => {
+            let suffix = skiff_sys::random::hex(2)?;
+            let clean: String =
+                base.to_ascii_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+            format!("{}-{suffix}", if clean.is_empty() { "app" } else { &clean })
+        }
+    };
+    let mut d = Deployment::new(name, image.clone());
+    d.runtime = match &a.runtime {
+        Some(r) => RuntimeKind::parse(r).with_context(|| format!("--runtime: {r:?} is not oci or wasm"))?,
+        None if from_file => RuntimeKind::Wasm,
+        None => RuntimeKind::Oci,
+    };
+    if let Some(t) = &a.wasm_timeout {
+        d.wasm.timeout_ms = Some(
+            skiff_manifest::parse_duration_ms(t)
+                .with_context(|| format!("--wasm-timeout: {t:?} is not a duration (examples: 5s, 500ms, 1m)"))?,
+        );
+    }
+    d.wasm.pool = a.wasm_pool;
+    d.wasm.allow_local = a.wasm_allow_local;
+    if let Some(c) = &a.cpus {
+        d.resources.cpus_millis = Some(skiff_model::parse_cpus(c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?);
+    }
+    if let Some(m) = &a.memory {
+        d.resources.memory_bytes = Some(skiff_model::parse_bytes(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?);
+    }
+    d.resources.cpu_shares = a.cpu_shares;
+    d.resources.pids_limit = a.pids_limit;
+    d.restart = RestartPolicy::parse(&a.restart)
+        .with_context(|| format!("--restart: {:?} is not no, always, on-failure[:N] or unless-stopped", a.restart))?;
+    for kv in &a.env {
+        match kv.split_once('=') {
+            Some((k, v)) => d.env.insert(k.into(), v.into()),
+            None => d.env.insert(kv.clone(), std::env::var(kv).unwrap_or_default()),
+        };
+    }
+    for p in &a.publish {
+        d.ports.push(PortMapping::parse(p).with_context(|| {
+            format!("--publish: {p:?} is not a port mapping (examples: 8080:80, 127.0.0.1:53:53/udp)")
+        })?);
+    }
+    // As `docker run -v`: a source that is a path (`/`, `.`, `~`) binds it, from the
+    // current directory; anything else names a volume. Compose reads the same way.
+    let cwd = std::env::current_dir().context("--volume: the current directory")?;
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    for v in &a.volume {
+        let vol =
+            skiff_manifest::short::volume(v, &cwd, home.as_deref()).map_err(|e| anyhow::anyhow!("--volume: {e}"))?;
+        d.volumes.push(vol);
+    }
+    d.network = skiff_manifest::short::network_mode(&a.network).map_err(|e| anyhow::anyhow!("--network: {e}"))?;
+    d.read_only = a.read_only;
+    d.user = a.user.clone();
+    d.working_dir = a.workdir.clone();
+    if let Some(e) = &a.entrypoint {
+        d.entrypoint = Some(if e.is_empty() { vec![] } else { vec![e.clone()] });
+    }
+    d.cap_add = a.cap_add.clone();
+    d.cap_drop = a.cap_drop.clone();
+    for dev in &a.device {
+        d.devices.push(
+            DeviceMapping::parse(dev).with_context(|| format!("--device: {dev:?} is not HOST[:CONTAINER[:rwm]]"))?,
+        );
+    }
+    d.replicas = a.replicas;
+    d.placement.node_selector = parse_selector(&a.selector)?;
+    d.stop_grace_period_ms = a.stop_timeout * 1000;
+    if !a.command.is_empty() {
+        d.command = Some(a.command.clone());
+    }
+    d.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(d)
+}
+
+/// `skiff apply -f FILE`: a Kubernetes manifest is applied as `kubectl apply` does (no
+/// pruning); a compose file replaces its whole stack.
+pub(super) async fn apply(cli: &Cli, file: &Path, dry_run: bool, selector: &[String]) -> Result<i32> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    // Kubernetes manifests are applied as `kubectl apply` does (no pruning); a compose
+    // file replaces its whole stack.
+    let (mut deployments, warnings, prune_stack, autoscalers) = if skiff_manifest::is_k8s(&text) {
+        let k = skiff_manifest::import_k8s(&text, "default").with_context(|| format!("{}", file.display()))?;
+        // An autoscaler for a Deployment applied earlier: the hub sets it on the
+        // stored one, in the same transaction.
+        (k.deployments, k.warnings, None, k.autoscalers)
+    } else {
+        let c = crate::up::load_compose(file)?;
+        (c.deployments, c.warnings, Some(c.project), vec![])
+    };
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let selector = parse_selector(selector)?;
+    for d in &mut deployments {
+        d.placement.node_selector.extend(selector.clone());
+    }
+    let req = ApplyRequest { deployments, prune_stack, dry_run, autoscalers };
+    let r: ApplyResponse = client(cli)?.post("/api/v1/apply", &req).await?;
+    print_apply(&r, dry_run);
+    Ok(0)
+}
+
+/// `skiff run IMAGE|FILE.wasm`.
+pub(super) async fn run(cli: &Cli, args: &RunArgs) -> Result<i32> {
+    // A .wasm file is stored as an image last, once the deployment is valid and the
+    // program checked: a refused run stores nothing.
+    let file = match wasm_file(args)? {
+        Some(f) => {
+            let digest = skiff_image::wasm::file_digest(&f)?;
+            Some((f, digest))
+        }
+        None => None,
+    };
+    let image = match &file {
+        Some((f, digest)) => skiff_image::wasm::reference_for(f, digest),
+        None => args.image.clone(),
+    };
+    let d = deployment_from_run(args, image, file.is_some())?;
+    if let Some((f, digest)) = &file {
+        import_wasm_file(&cli.data, f, digest, &d.image)?;
+    }
+    let name = d.name.clone();
+    let req = ApplyRequest { deployments: vec![d], ..Default::default() };
+    let r: ApplyResponse = client(cli)?.post("/api/v1/apply", &req).await?;
+    if r.unchanged.contains(&name) {
+        eprintln!("deployment {name} is already running with this spec");
+    }
+    print_notes(&r);
+    println!("{name}");
+    Ok(0)
+}
+
+pub(super) async fn delete(cli: &Cli, kind_or_name: &str, name: Option<&String>) -> Result<i32> {
+    let name = match (kind_or_name, name) {
+        ("deployment" | "deployments" | "deploy", Some(n)) => n.clone(),
+        ("node" | "nodes", Some(n)) => {
+            client(cli)?.delete(&format!("/api/v1/nodes/{n}")).await?;
+            println!("node {n} revoked: its certificate is no longer accepted");
+            return Ok(0);
+        }
+        (other, None) => other.to_string(),
+        (other, Some(_)) => {
+            bail!("cannot delete {other:?}: deployments and nodes can be deleted (skiff delete deployment|node NAME)")
+        }
+    };
+    client(cli)?.delete(&format!("/api/v1/deployments/{name}")).await?;
+    println!("deployment {name} deleted");
+    Ok(0)
+}

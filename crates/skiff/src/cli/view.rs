@@ -1,0 +1,311 @@
+//! `skiff get`, `describe`, `top`, `logs` and `exec`: what the hub shows of the fleet.
+
+use super::{client, Cli};
+use crate::client::Client;
+use crate::output::{self, Format};
+use anyhow::{bail, Context, Result};
+use skiff_model::api::DeploymentView;
+use skiff_model::{InstanceStatus, LogLine};
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TopKind {
+    #[value(alias = "node")]
+    Nodes,
+    #[value(alias = "instance", alias = "inst")]
+    Instances,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    #[value(alias = "node")]
+    Nodes,
+    #[value(alias = "deployment", alias = "deploy")]
+    Deployments,
+    #[value(alias = "instance", alias = "inst")]
+    Instances,
+    #[value(alias = "event")]
+    Events,
+    #[value(alias = "autoscaler", alias = "hpa")]
+    Autoscalers,
+    #[value(alias = "alert")]
+    Alerts,
+}
+
+pub(super) fn dash<T: ToString>(v: Option<T>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+}
+
+pub(super) fn instance_row(i: &InstanceStatus) -> Vec<String> {
+    use skiff_model::InstanceState as S;
+    let status = match i.state {
+        S::Running => format!("running {}", output::age(i.started_at_ms)),
+        S::Exited | S::Restarting | S::Failed => {
+            let oom = if i.oom_killed { ", oom" } else { "" };
+            let code = i.exit_code.map(|c| format!(" ({c}{oom})")).unwrap_or_default();
+            format!("{}{code}", i.state)
+        }
+        s => s.to_string(),
+    };
+    let ports = if i.ports.is_empty() { "-".into() } else { i.ports.join(",") };
+    vec![
+        i.name.clone(),
+        i.deployment.clone(),
+        status,
+        dash(i.health),
+        i.restarts.to_string(),
+        dash(i.pid),
+        dash(i.ip.as_ref()),
+        ports,
+        i.message.clone().unwrap_or_default(),
+    ]
+}
+
+pub(super) fn deployment_row(d: &DeploymentView) -> Vec<String> {
+    let running = d.instances.iter().filter(|i| i.state == skiff_model::InstanceState::Running).count();
+    let r = &d.spec.resources;
+    vec![
+        d.spec.name.clone(),
+        d.spec.stack.clone(),
+        format!("{running}/{}", d.spec.replicas),
+        d.spec.image.clone(),
+        dash(r.cpus_millis.map(skiff_model::format_cpus)),
+        dash(r.memory_bytes.map(skiff_model::format_bytes)),
+        d.spec.restart.to_string(),
+        d.revision.to_string(),
+    ]
+}
+
+/// Prints a list; with `watch`, again each time it changes (a long-poll per round).
+pub(super) async fn get(c: &Client, kind: Kind, f: Format, watch: bool) -> Result<i32> {
+    let path = match kind {
+        Kind::Instances => "/api/v1/instances",
+        Kind::Deployments => "/api/v1/deployments",
+        Kind::Nodes => "/api/v1/nodes",
+        Kind::Events => "/api/v1/events",
+        Kind::Autoscalers => "/api/v1/autoscalers",
+        Kind::Alerts => "/api/v1/alerts",
+    };
+    let mut tag: Option<String> = None;
+    loop {
+        let Some((body, new_tag)) = c.watch(path, tag.as_deref(), if tag.is_some() { 30 } else { 0 }).await? else {
+            continue;
+        };
+        match f {
+            Format::Table if tag.is_some() => println!(),
+            Format::Yaml if watch => println!("---"),
+            _ => {}
+        }
+        print_list(kind, &body, if watch && f == Format::Json { Format::JsonLine } else { f })?;
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        if !watch {
+            return Ok(0);
+        }
+        tag = Some(new_tag);
+    }
+}
+
+/// `kubectl top`-style tables: CPU in cores (`250m`), memory in binary units.
+pub(super) async fn top(c: &Client, kind: TopKind, f: Format) -> Result<i32> {
+    use skiff_model::metrics::{InstanceMetrics, MetricsSample, NodeMetrics};
+    let mut samples: Vec<MetricsSample> = c.get("/api/v1/metrics").await?;
+    samples.sort_by(|a, b| a.node.cmp(&b.node));
+    let cores = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{}m", (c * 1000.0).round() as u64));
+    let pct = |part: f64, whole: f64| if whole > 0.0 { format!("{:.0}%", part / whole * 100.0) } else { "-".into() };
+    match kind {
+        TopKind::Nodes => {
+            #[derive(serde::Serialize)]
+            struct Row<'a> {
+                name: &'a str,
+                time_ms: u64,
+                #[serde(flatten)]
+                host: &'a NodeMetrics,
+            }
+            let rows: Vec<Row> =
+                samples.iter().map(|s| Row { name: &s.node, time_ms: s.time_ms, host: &s.host }).collect();
+            let h = ["NAME", "CPU(cores)", "CPU%", "MEMORY", "MEMORY%", "DISK%", "LOAD1"];
+            output::print(&rows, f, &h, |r| {
+                let m = r.host;
+                vec![
+                    r.name.to_string(),
+                    cores(m.cpu_cores),
+                    m.cpu_cores.map_or("-".into(), |c| pct(c, f64::from(m.cpus))),
+                    skiff_model::format_bytes(m.memory_used_bytes),
+                    pct(m.memory_used_bytes as f64, m.memory_total_bytes as f64),
+                    pct(m.disk_used_bytes as f64, m.disk_total_bytes as f64),
+                    format!("{:.2}", m.load1),
+                ]
+            })?;
+        }
+        TopKind::Instances => {
+            #[derive(serde::Serialize)]
+            struct Row<'a> {
+                node: &'a str,
+                #[serde(flatten)]
+                instance: &'a InstanceMetrics,
+            }
+            let mut rows: Vec<Row> =
+                samples.iter().flat_map(|s| s.instances.iter().map(|i| Row { node: &s.node, instance: i })).collect();
+            rows.sort_by(|a, b| a.instance.instance.cmp(&b.instance.instance));
+            let h = ["NAME", "NODE", "CPU(cores)", "MEMORY", "NET RX", "NET TX", "RESTARTS"];
+            output::print(&rows, f, &h, |r| {
+                let i = r.instance;
+                vec![
+                    i.instance.clone(),
+                    r.node.to_string(),
+                    cores(i.cpu_cores),
+                    skiff_model::format_bytes(i.memory_bytes),
+                    skiff_model::format_bytes(i.rx_bytes),
+                    skiff_model::format_bytes(i.tx_bytes),
+                    i.restarts.to_string(),
+                ]
+            })?;
+        }
+    }
+    Ok(0)
+}
+
+pub(super) fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
+    let bad = |e: serde_json::Error| anyhow::anyhow!("the hub's answer is not the list asked for: {e}");
+    match kind {
+        Kind::Instances => {
+            let mut v: Vec<InstanceStatus> = serde_json::from_slice(body).map_err(bad)?;
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+            let h = ["NAME", "DEPLOYMENT", "STATUS", "HEALTH", "RESTARTS", "PID", "IP", "PORTS", "MESSAGE"];
+            output::print(&v, f, &h, instance_row)
+        }
+        Kind::Deployments => {
+            let v: Vec<DeploymentView> = serde_json::from_slice(body).map_err(bad)?;
+            let h = ["NAME", "STACK", "READY", "IMAGE", "CPUS", "MEMORY", "RESTART", "REVISION"];
+            output::print(&v, f, &h, deployment_row)
+        }
+        Kind::Nodes => {
+            let v: Vec<skiff_hub::NodeInfo> = serde_json::from_slice(body).map_err(bad)?;
+            let h = ["NAME", "STATE", "PLATFORM", "RUNTIMES", "RUNC", "INSTANCES"];
+            output::print(&v, f, &h, |n| {
+                let runc = n.versions.get("runc").cloned().unwrap_or_else(|| "-".into());
+                let flag = if n.warnings.is_empty() { "" } else { " (!)" };
+                vec![
+                    n.name.clone(),
+                    n.state.clone(),
+                    format!("{}/{}", n.os, n.arch),
+                    n.runtimes.join(","),
+                    format!("{runc}{flag}"),
+                    n.instances.to_string(),
+                ]
+            })?;
+            if f == Format::Table {
+                for n in v.iter().filter(|n| !n.warnings.is_empty()) {
+                    for w in &n.warnings {
+                        eprintln!("warning: node {}: {w}", n.name);
+                    }
+                }
+            }
+            Ok(())
+        }
+        Kind::Autoscalers => {
+            let v: Vec<skiff_hub::autoscaler::Status> = serde_json::from_slice(body).map_err(bad)?;
+            let h = ["DEPLOYMENT", "MIN", "MAX", "REPLICAS", "DESIRED", "CURRENT", "REASON"];
+            output::print(&v, f, &h, |a| {
+                let current = match (a.current_utilization, &a.current_average_value) {
+                    (Some(u), _) => format!("{u}%"),
+                    (None, Some(v)) => v.clone(),
+                    (None, None) => "-".into(),
+                };
+                vec![
+                    a.deployment.clone(),
+                    a.min_replicas.to_string(),
+                    a.max_replicas.to_string(),
+                    a.current_replicas.to_string(),
+                    a.desired_replicas.to_string(),
+                    current,
+                    a.reason.clone(),
+                ]
+            })
+        }
+        Kind::Alerts => {
+            let v: Vec<skiff_hub::alerts::Alert> = serde_json::from_slice(body).map_err(bad)?;
+            output::print(&v, f, &["ALERT", "STATE", "SINCE", "VALUE", "LABELS", "ACTION"], |a| {
+                let labels: Vec<String> =
+                    a.labels.iter().filter(|(k, _)| *k != "alertname").map(|(k, v)| format!("{k}={v}")).collect();
+                vec![
+                    a.alert.clone(),
+                    format!("{:?}", a.state).to_lowercase(),
+                    output::age(Some(a.active_at_ms)),
+                    format!("{:.3}", a.value),
+                    labels.join(","),
+                    a.action.clone().unwrap_or_default(),
+                ]
+            })
+        }
+        Kind::Events => {
+            let v: Vec<skiff_model::EventRecord> = serde_json::from_slice(body).map_err(bad)?;
+            output::print(&v, f, &["AGE", "OBJECT", "REASON", "MESSAGE"], |e| {
+                vec![output::age(Some(e.time_ms)), e.object.clone(), e.reason.clone(), e.message.clone()]
+            })
+        }
+    }
+}
+
+pub(super) async fn logs(c: &Client, name: &str, follow: bool, tail: Option<usize>, ts: bool) -> Result<i32> {
+    let mut q = format!("/api/v1/instances/{name}/logs?follow={follow}");
+    if let Some(t) = tail {
+        q.push_str(&format!("&tail={t}"));
+    }
+    let mut resp = c.stream(&q).await?;
+    let mut buf: Vec<u8> = vec![];
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    while let Some(chunk) = resp.chunk().await.context("reading the log stream")? {
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let Ok(l) = serde_json::from_slice::<LogLine>(&line) else {
+                continue;
+            };
+            let (prefix, stream) = match l.stream.rsplit_once('/') {
+                Some((inst, s)) => (format!("{inst} | "), s.to_string()),
+                None => (String::new(), l.stream.clone()),
+            };
+            let t = if ts { format!("{} ", l.time) } else { String::new() };
+            if stream == "stderr" {
+                let _ = writeln!(stderr.lock(), "{prefix}{t}{}", l.log);
+            } else {
+                let mut o = stdout.lock();
+                let _ = writeln!(o, "{prefix}{t}{}", l.log);
+                let _ = o.flush();
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub(super) async fn describe(cli: &Cli, kind: Kind, name: &str) -> Result<i32> {
+    let c = client(cli)?;
+    match kind {
+        Kind::Deployments => {
+            let v: DeploymentView = c.get(&format!("/api/v1/deployments/{name}")).await?;
+            print!("{}", serde_norway::to_string(&v)?);
+        }
+        Kind::Nodes => {
+            let nodes: Vec<skiff_hub::NodeInfo> = c.get("/api/v1/nodes").await?;
+            let n = nodes.into_iter().find(|n| n.name == name).with_context(|| format!("node {name:?} not found"))?;
+            print!("{}", serde_norway::to_string(&n)?);
+        }
+        _ => bail!("describe works on deployments and nodes"),
+    }
+    Ok(0)
+}
+
+pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String]) -> Result<i32> {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        argv: &'a [String],
+    }
+    let r: skiff_hub::ExecResult =
+        client(cli)?.post(&format!("/api/v1/instances/{instance}/exec"), &Body { argv: command }).await?;
+    print!("{}", r.stdout);
+    eprint!("{}", r.stderr);
+    Ok(r.code)
+}
