@@ -1,0 +1,390 @@
+//! The reconcile loop and its pass. `run` adopts what the node already runs, then
+//! reconciles whenever something happened (an exit, a new desired state, a health
+//! change, a finished pull or stop, a due start) and on its timers (samples, image GC,
+//! the resync safety net).
+//!
+//! Contract of one pass (`reconcile`): instances of deployments no longer desired are
+//! stopped; running instances whose shim ended are recorded as exited (and scheduled for
+//! restart by their policy); readiness is brought up to date; the update planner decides,
+//! per deployment, which old instances stay, retire or stop and which serve the ports;
+//! every slot without an instance gets a Pending row; every due start whose dependencies
+//! are met is started; hosts and published ports follow. A pass writes `agent.db` before
+//! it acts, so a pass interrupted anywhere is finished by the next.
+
+use crate::state::InstanceRow;
+use crate::supervise::{unmet_dependency, Peer};
+use crate::{blocking, rebuild, slot_of, update, Agent, AgentError};
+use skiff_image::Target;
+use skiff_model::rollout;
+use skiff_model::{Deployment, InstanceState, RuntimeKind};
+use skiff_runtime::network::list_netns;
+use skiff_runtime::time::now_ms;
+use skiff_runtime::Liveness;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{debug, info, warn};
+
+/// What a pass leaves for the loop to wait on.
+pub(crate) struct Pass {
+    /// When the next delayed start (restart back-off, pull retry) is due.
+    pub(crate) next_start_ms: Option<u64>,
+    /// Whether something must be polled soon (a new instance's port not answering yet).
+    pub(crate) poll: bool,
+}
+
+impl Agent {
+    /// Re-adopts what survived, removes leftovers, then reconciles until `shutdown`.
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), AgentError> {
+        self.adopt().await?;
+        let start = tokio::time::Instant::now();
+        let (mut next_gc, mut next_sample, mut next_resync) = (start, start, start + self.cfg.resync);
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= next_gc {
+                next_gc = now + self.cfg.image_gc_every;
+                self.prune_images().await;
+                let freed = self.prune_wasm_cache().await;
+                if freed > 0 {
+                    debug!(freed, "compiled wasm programs removed");
+                }
+            }
+            if now >= next_sample {
+                next_sample = now + self.cfg.metrics_every;
+                let me = Arc::clone(&self);
+                if let Err(e) = blocking(move || me.sample_metrics()).await {
+                    warn!(error = %e, "sampling metrics failed");
+                }
+            }
+            let full = now >= next_resync;
+            if full {
+                next_resync = now + self.cfg.resync;
+            }
+            // Sleep until the first of: the next due start, the next poll if something
+            // must be polled, the periodic work; an event (exit, new desired state, health
+            // change, finished pull or stop) wakes the loop before that.
+            let mut due = next_gc.min(next_sample).min(next_resync);
+            match self.reconcile(full).await {
+                Ok(pass) => {
+                    if let Some(at) = pass.next_start_ms {
+                        let after = Duration::from_millis(at.saturating_sub(now_ms()));
+                        due = due.min(tokio::time::Instant::now() + after);
+                    }
+                    if pass.poll || self.exits.any_unwatched() {
+                        due = due.min(tokio::time::Instant::now() + self.cfg.poll);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "reconcile failed");
+                    due = due.min(tokio::time::Instant::now() + self.cfg.poll);
+                }
+            }
+            tokio::select! {
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep_until(due) => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+        for (_, h) in self.health.lock().map(|mut m| std::mem::take(&mut *m)).unwrap_or_default() {
+            h.abort();
+        }
+        self.exits.clear();
+        Ok(())
+    }
+
+    pub(crate) async fn adopt(self: &Arc<Self>) -> Result<(), AgentError> {
+        let bridge = self.bridge.clone();
+        blocking(move || bridge.ensure()).await?;
+        let _ = self.images.clean_tmp();
+        let rows = self.db(|s| s.instances())?;
+        let mine: HashSet<String> = rows.iter().map(|r| r.container_id.clone()).collect();
+        let prefix = format!("{}-", self.node_id);
+        for kind in RuntimeKind::ALL {
+            let rt = self.runtimes.of(kind);
+            let leftovers: Vec<String> =
+                rt.known().into_iter().filter(|id| id.starts_with(&prefix) && !mine.contains(id)).collect();
+            for id in leftovers {
+                info!(container = %id, runtime = %kind, "removing leftover instance");
+                let rt = Arc::clone(&rt);
+                let _ = blocking(move || rt.remove(&id)).await;
+            }
+        }
+        let ns_prefix = format!("skiff-{}-", self.node_id);
+        for ns in list_netns(&ns_prefix) {
+            if !mine.iter().any(|id| self.netns_name(id) == ns) {
+                self.bridge.detach(&ns);
+            }
+        }
+        for r in rows.iter().filter(|r| r.state == InstanceState::Running) {
+            let rt = self.runtimes.of(r.spec.runtime);
+            let id = r.container_id.clone();
+            if let Liveness::Running { pid } = blocking(move || rt.liveness(&id)).await {
+                info!(instance = %r.name, pid, "re-adopted running instance");
+                if pid > 0 && r.pid != Some(pid) {
+                    // A rebuilt row has no pid yet; watched from here, it is not asked again.
+                    let name = r.name.clone();
+                    self.update_row(&name, |row| (row.pid != Some(pid)).then(|| row.pid = Some(pid)))?;
+                }
+                self.start_health(r);
+                self.watch_exit(r).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass. `full` looks at every running instance; otherwise only at those whose
+    /// shim ended or cannot be watched.
+    pub(crate) async fn reconcile(self: &Arc<Self>, full: bool) -> Result<Pass, AgentError> {
+        let now = now_ms();
+        let desired_slots = self.db(|s| s.desired_slots())?;
+        let desired: BTreeMap<&str, (&Deployment, &Vec<u32>)> =
+            desired_slots.iter().map(|(d, i)| (d.name.as_str(), (d, i))).collect();
+        let rows = self.db(|s| s.instances())?;
+        let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
+
+        // Instances of deployments this node no longer runs.
+        for r in rows.iter().filter(|r| !desired.contains_key(r.deployment.as_str())) {
+            self.spawn_stop(r, &stopping, false);
+        }
+
+        // Observe running instances: those whose shim ended (or is not watched).
+        for r in rows.iter().filter(|r| r.state == InstanceState::Running && !stopping.contains(&r.name)) {
+            if !full && self.exits.quiet(&r.container_id) {
+                continue;
+            }
+            let rt = self.runtimes.of(r.spec.runtime);
+            let id = r.container_id.clone();
+            let live = blocking(move || rt.liveness(&id)).await;
+            if !matches!(live, Liveness::Running { .. }) {
+                self.exits.forget(&r.container_id);
+            }
+            match live {
+                Liveness::Running { pid } => {
+                    if pid > 0 && r.pid != Some(pid) {
+                        let mut r = r.clone();
+                        r.pid = Some(pid);
+                        self.db(|s| s.put_instance(&r))?;
+                    }
+                    if !self.exits.quiet(&r.container_id) {
+                        self.watch_exit(r).await;
+                    }
+                }
+                Liveness::Exited(exit) => {
+                    let r = self.on_exit(r.clone(), exit, now, None);
+                    self.db(|s| s.put_instance(&r))?;
+                }
+                Liveness::Gone => {
+                    let exit = skiff_model::ExitStatus {
+                        code: 255,
+                        signal: None,
+                        oom_killed: false,
+                        finished_at_ms: now,
+                        message: None,
+                    };
+                    let cause = "container lost (node rebooted or its shim was killed)";
+                    let r = self.on_exit(r.clone(), exit, now, Some(("Lost", cause)));
+                    self.db(|s| s.put_instance(&r))?;
+                }
+            }
+        }
+        let poll = self.observe_readiness(now, full).await?;
+
+        // Updates: which old instances stay beside their replacements, which stop, and
+        // which serve the published ports.
+        let rows = self.db(|s| s.instances())?;
+        let mut serving = HashMap::new();
+        for (name, (d, slots)) in &desired {
+            let wanted = rollout::template_hash(d);
+            let insts: Vec<update::Inst> = rows
+                .iter()
+                .filter(|r| r.deployment == *name)
+                .filter_map(|r| {
+                    let tpl = rollout::template_hash(&r.spec);
+                    Some(update::Inst {
+                        name: r.name.clone(),
+                        slot: slot_of(r)?,
+                        tag: tpl[..6].to_string(),
+                        current: tpl == wanted,
+                        retiring: r.retiring,
+                        state: r.state,
+                        health: r.health,
+                        restarts: r.restarts,
+                        ready_since_ms: r.ready_since_ms,
+                        retire_at_ms: r.retire_at_ms,
+                        stopping: stopping.contains(&r.name),
+                    })
+                })
+                .collect();
+            let image_present = self.images.inspect_for(&d.image, Target::from(d.runtime)).is_ok();
+            let inp = update::Input { deployment: name, cfg: &d.update, slots, image_present, now };
+            let plan = update::plan(&inp, &insts);
+            // Serving names as they are once renames below are done.
+            let mut names = plan.serving;
+            for a in &plan.actions {
+                if let update::Action::Retire { name, to } | update::Action::Promote { name, to } = a {
+                    names.iter_mut().filter(|n| *n == name).for_each(|n| n.clone_from(to));
+                }
+            }
+            serving.insert(name.to_string(), names);
+            for a in plan.actions {
+                self.act(d, a, &rows, &stopping)?;
+            }
+        }
+        if let Ok(mut s) = self.serving.lock() {
+            *s = serving;
+        }
+
+        // Create rows for slots without a primary instance.
+        let rows = self.db(|s| s.instances())?;
+        let names: HashSet<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        for (d, slots) in desired.values() {
+            for &i in slots.iter() {
+                let name = d.instance_name(i);
+                if names.contains(name.as_str()) {
+                    continue;
+                }
+                let tpl = rollout::template_hash(d);
+                let id = self.container_id(&name, &tpl);
+                let row = InstanceRow::pending(name, d.name.clone(), id, (*d).clone());
+                self.db(|s| s.put_instance(&row))?;
+            }
+        }
+
+        // Start what is due and allowed.
+        let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
+        let rows = self.db(|s| s.instances())?;
+        for r in &rows {
+            let due = matches!(r.state, InstanceState::Pending | InstanceState::Restarting)
+                && r.next_start_ms.is_none_or(|t| t <= now);
+            if !due || stopping.contains(&r.name) || !desired.contains_key(r.deployment.as_str()) {
+                continue;
+            }
+            let peers: Vec<Peer<'_>> = rows
+                .iter()
+                .filter(|p| p.spec.stack == r.spec.stack)
+                .map(|p| Peer {
+                    deployment: &p.deployment,
+                    state: p.state,
+                    health: p.health,
+                    has_healthcheck: p.spec.healthcheck.is_some(),
+                    exit_code: p.exit_code,
+                })
+                .collect();
+            if let Some(wait) = unmet_dependency(&r.spec, &peers) {
+                if r.message.as_deref() != Some(&wait) {
+                    let mut r = r.clone();
+                    r.message = Some(wait);
+                    self.db(|s| s.put_instance(&r))?;
+                }
+                continue;
+            }
+            self.start_instance(r.clone()).await?;
+        }
+
+        self.sync_hosts_and_ports().await?;
+        let rows = self.db(|s| s.instances())?;
+        let next_start_ms = rows
+            .iter()
+            .filter(|r| matches!(r.state, InstanceState::Pending | InstanceState::Restarting))
+            .filter_map(|r| r.next_start_ms)
+            .min();
+        Ok(Pass { next_start_ms, poll })
+    }
+
+    /// Carries out one decision of the update planner.
+    pub(crate) fn act(
+        self: &Arc<Self>,
+        d: &Deployment,
+        a: update::Action,
+        rows: &[InstanceRow],
+        stopping: &HashSet<String>,
+    ) -> Result<(), AgentError> {
+        let row = |n: &str| rows.iter().find(|r| r.name == n).cloned();
+        match a {
+            update::Action::Stop { name, drop_image } => {
+                if let Some(r) = row(&name) {
+                    self.spawn_stop(&r, stopping, drop_image);
+                }
+            }
+            update::Action::Retire { name, to } => {
+                let Some(mut r) = row(&name) else { return Ok(()) };
+                if rows.iter().any(|x| x.name == to) {
+                    return Ok(());
+                }
+                self.stop_health(&name);
+                r.name = to.clone();
+                r.retiring = true;
+                self.db(|s| s.rename_instance(&r, &name))?;
+                self.rewrite_record(&r);
+                let msg = format!("kept as {to} until its replacement ({}) is ready", d.image);
+                self.event(&name, "Retiring", &msg);
+            }
+            update::Action::Promote { name, to } => {
+                let Some(mut r) = row(&name) else { return Ok(()) };
+                r.name = to.clone();
+                r.retiring = false;
+                r.retire_at_ms = None;
+                self.db(|s| s.rename_instance(&r, &name))?;
+                self.rewrite_record(&r);
+                self.event(&to, "RolledBack", &format!("{name} takes its place again"));
+                if r.state == InstanceState::Running {
+                    self.start_health(&r);
+                }
+            }
+            update::Action::Switch { names, retire_at_ms } => {
+                for n in &names {
+                    if let Some(mut r) = row(n) {
+                        r.retire_at_ms = Some(retire_at_ms);
+                        self.db(|s| s.put_instance(&r))?;
+                    }
+                }
+                let secs = retire_at_ms.saturating_sub(now_ms()) / 1000;
+                let msg = format!("traffic moved to the new instances; {} kept for {secs} s", names.join(", "));
+                self.event(&d.name, "Switched", &msg);
+            }
+            update::Action::NeedImage => {
+                if self.cfg.pull.is_some() {
+                    let _ = self.pull_missing(&d.instance_name(1), &d.image, d.runtime);
+                }
+            }
+            update::Action::Failed { name, why } => {
+                let Some(r) = row(&name) else { return Ok(()) };
+                let first = self.update_failed.lock().is_ok_and(|mut f| f.insert(r.container_id.clone()));
+                if first {
+                    self.event(&name, "UpdateFailed", &format!("new instance {why}; the old one keeps serving"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Updates an instance's record in its directory after a rename (see `rebuild`).
+    pub(crate) fn rewrite_record(&self, r: &InstanceRow) {
+        let dir = self.runtimes.of(r.spec.runtime).instance_dir(&r.container_id);
+        if dir.exists() {
+            if let Err(e) = rebuild::write_record(&dir, r) {
+                warn!(instance = %r.name, error = %e, "updating the instance's record");
+            }
+        }
+    }
+
+    /// Reads, changes and writes one instance row under the state lock; `f` returns
+    /// `None` to leave the row as it is. `Ok(None)` also when there is no such row.
+    pub(crate) fn update_row<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut InstanceRow) -> Option<T>,
+    ) -> Result<Option<T>, AgentError> {
+        self.db(|s| {
+            let Some(mut row) = s.instance(name)? else { return Ok(None) };
+            let out = f(&mut row);
+            if out.is_some() {
+                s.put_instance(&row)?;
+            }
+            Ok(out)
+        })
+    }
+}

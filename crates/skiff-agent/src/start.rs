@@ -1,0 +1,237 @@
+//! Steps *prepare* and *start*: the node's policy is checked first (nothing of a
+//! refused workload is made); then the bundle — image layers, volumes, /etc files,
+//! rootfs and spec — is made while the network namespace is set up beside it, and the
+//! runtime starts the instance. A start that fails counts as a run that exited 127 for
+//! the restart policy; a missing image sends the instance back to Pending.
+
+use crate::state::InstanceRow;
+use crate::{blocking, rebuild, Agent, AgentError};
+use skiff_image::Target;
+use skiff_model::{Deployment, Health, InstanceState, NetworkMode, RuntimeKind, VolumeSource};
+use skiff_runtime::network::{netns_path, veth_name};
+use skiff_runtime::time::now_ms;
+use skiff_runtime::{CreateRequest, Liveness, Runtime};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tracing::warn;
+
+impl Agent {
+    /// Resolves image, network and volumes, creates the container and starts its shim.
+    pub(crate) async fn start_instance(self: &Arc<Self>, mut r: InstanceRow) -> Result<(), AgentError> {
+        // The node's own policy first: nothing of a refused workload is made.
+        if let Err(v) = self.cfg.policy.check(&r.spec, &self.cfg.data_dir) {
+            let msg = v.to_string();
+            r.state = InstanceState::Failed;
+            r.next_start_ms = None;
+            r.message = Some(msg.clone());
+            self.db(|s| s.put_instance(&r))?;
+            self.event(&r.name, "PolicyViolation", &msg);
+            return Ok(());
+        }
+        if self.cfg.pull.is_some() && self.images.inspect_for(&r.spec.image, Target::from(r.spec.runtime)).is_err() {
+            let (message, retry_ms) = self.pull_missing(&r.name, &r.spec.image, r.spec.runtime);
+            r.state = InstanceState::Pending;
+            r.message = Some(message);
+            r.next_start_ms = Some(now_ms() + retry_ms);
+            self.db(|s| s.put_instance(&r))?;
+            return Ok(());
+        }
+        let me = Arc::clone(self);
+        let r2 = r.clone();
+        let res = blocking(move || me.start_blocking(&r2)).await;
+        let now = now_ms();
+        match res {
+            Ok((pid, ip)) => {
+                let restarted = r.state == InstanceState::Restarting;
+                if restarted {
+                    r.restarts += 1;
+                }
+                r.state = InstanceState::Running;
+                r.pid = Some(pid);
+                r.ip = ip.map(|i| i.to_string());
+                r.started_at_ms = Some(now);
+                r.next_start_ms = None;
+                r.message = None;
+                r.health = r.spec.healthcheck.as_ref().map(|_| Health::Starting);
+                r.health_failures = 0;
+                self.db(|s| s.put_instance(&r))?;
+                self.event(&r.name, if restarted { "Restarted" } else { "Started" }, &format!("pid {pid}"));
+                self.start_health(&r);
+                self.watch_exit(&r).await;
+            }
+            Err(AgentError::Image(e @ skiff_image::ImageError::NotFound(_))) => {
+                // The image may be loaded later: keep trying, slowly.
+                r.state = InstanceState::Pending;
+                r.message = Some(e.to_string());
+                r.next_start_ms = Some(now + 5_000);
+                self.db(|s| s.put_instance(&r))?;
+            }
+            Err(e) => {
+                warn!(instance = %r.name, error = %e, "start failed");
+                // Counts as a failed run (exit 127, as a shell reports) for the restart policy;
+                // an instance that will not be retried is Failed rather than Exited.
+                let exit = skiff_model::ExitStatus {
+                    code: 127,
+                    signal: None,
+                    oom_killed: false,
+                    finished_at_ms: now,
+                    message: None,
+                };
+                let mut r = self.on_exit(r, exit, now, Some(("Failed", &e.to_string())));
+                if r.state == InstanceState::Exited {
+                    r.state = InstanceState::Failed;
+                }
+                self.db(|s| s.put_instance(&r))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn start_blocking(&self, r: &InstanceRow) -> Result<(i32, Option<Ipv4Addr>), AgentError> {
+        let id = &r.container_id;
+        let rt = self.runtimes.of(r.spec.runtime);
+        if let Liveness::Running { pid } = rt.liveness(id) {
+            if pid > 0 {
+                return Ok((pid, r.ip.as_ref().and_then(|i| i.parse().ok())));
+            }
+        }
+        // The network namespace is set up on a second thread while the rootfs is mounted
+        // and the bundle written: its path is known in advance, only runc needs it ready.
+        let (ip, ns) = match r.spec.network {
+            NetworkMode::Bridge => {
+                let subnet = self.bridge.subnet;
+                let ip = self.db(|s| s.lease(&r.name, subnet.hosts(), &subnet.to_string()))?;
+                (Some(ip), Some(self.netns_name(id)))
+            }
+            NetworkMode::None | NetworkMode::Host => (None, None),
+        };
+        std::thread::scope(|scope| {
+            let net = scope.spawn(|| -> Result<(), AgentError> {
+                let (Some(ns), Some(ip)) = (&ns, ip) else { return Ok(()) };
+                let attached =
+                    netns_path(ns).exists() && Path::new(&format!("/sys/class/net/{}", veth_name(ns))).exists();
+                if !attached {
+                    self.bridge.attach(ns, ip)?;
+                }
+                Ok(())
+            });
+            let created = self.create_bundle(&*rt, r, ns.as_deref().map(netns_path), ip);
+            let net = net.join().unwrap_or_else(|_| Err(AgentError::Other("network setup panicked".into())));
+            created.and(net)
+        })?;
+        let pid = rt.start(id)?;
+        Ok((pid, ip))
+    }
+
+    /// Image, volumes, /etc files, rootfs and spec: everything but the network and start.
+    pub(crate) fn create_bundle(
+        &self,
+        rt: &dyn Runtime,
+        r: &InstanceRow,
+        netns: Option<PathBuf>,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<(), AgentError> {
+        let info = self.images.resolve_for(&r.spec.image, Target::from(r.spec.runtime))?;
+        let wasm = match r.spec.runtime {
+            RuntimeKind::Wasm => Some(self.wasm_module(&r.spec, &info)?),
+            RuntimeKind::Oci => None,
+        };
+        let layer_dirs =
+            info.layers.iter().map(|l| self.images.layer_dir(&l.diff_id)).collect::<Result<Vec<_>, _>>()?;
+        let volumes = self.volumes(&r.spec)?;
+        let hosts = if r.spec.network == NetworkMode::Host {
+            std::fs::read_to_string("/etc/hosts").unwrap_or_default()
+        } else {
+            self.hosts_for(&r.spec.stack, &r.name, ip)?
+        };
+        let req = CreateRequest {
+            id: r.container_id.clone(),
+            hostname: r.spec.hostname.clone().unwrap_or_else(|| r.name.clone()),
+            deployment: &r.spec,
+            image: &info,
+            layer_dirs,
+            netns,
+            hosts,
+            resolv_conf: resolv_conf(r.spec.network == NetworkMode::Host),
+            volumes,
+            wasm,
+        };
+        rt.create(&req)?;
+        // What a rebuild of agent.db finds this instance by (see `rebuild`).
+        let rec = InstanceRow { ip: ip.map(|i| i.to_string()), ..r.clone() };
+        rebuild::write_record(&rt.instance_dir(&r.container_id), &rec).map_err(AgentError::Other)?;
+        Ok(())
+    }
+
+    /// The WebAssembly program a wasm deployment runs: the artifact's module, or the file
+    /// its argv[0] names in a `wasi/wasm` image.
+    pub(crate) fn wasm_module(
+        &self,
+        d: &Deployment,
+        info: &skiff_image::ImageInfo,
+    ) -> Result<skiff_image::WasmModule, AgentError> {
+        let argv = skiff_runtime::wasm::argv(d, info);
+        Ok(self.images.wasm_module(info, argv.first().map(String::as_str))?)
+    }
+
+    pub(crate) fn volumes(&self, d: &Deployment) -> Result<Vec<(PathBuf, String, bool)>, AgentError> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut out = vec![];
+        let wasm = d.runtime == RuntimeKind::Wasm;
+        for v in &d.volumes {
+            let (src, named) = match &v.source {
+                VolumeSource::Bind { path } => (PathBuf::from(path), false),
+                VolumeSource::Named { name } => (self.cfg.data_dir.join("volumes").join(name).join("_data"), true),
+            };
+            let made = !src.exists();
+            let fail = |e: std::io::Error| AgentError::Other(format!("volume source {}: {e}", src.display()));
+            if made {
+                // As `docker run -v` does, a missing source becomes an empty directory
+                // (0755, as Docker makes it, whatever the agent's umask).
+                std::fs::create_dir_all(&src)
+                    .and_then(|_| std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o755)))
+                    .map_err(fail)?;
+            }
+            // A wasm program runs as an unprivileged user of its deployment's group: the
+            // volumes the agent made for it are that group's (setgid, so what one replica
+            // writes the others read), and the way to a named one is traversable. A named
+            // volume made for something else (a container's database, another wasm
+            // deployment) is never handed over: it stays as it is.
+            let gid_raw = skiff_runtime::wasm::gid_for(&d.name);
+            let ours = made || {
+                use std::os::unix::fs::MetadataExt;
+                named && std::fs::symlink_metadata(&src).is_ok_and(|m| m.is_dir() && m.gid() == gid_raw)
+            };
+            if wasm && named && !ours {
+                warn!(deployment = %d.name, volume = %src.display(), "named volume belongs to another deployment; left as it is");
+            }
+            if wasm && ours {
+                let gid = nix::unistd::Gid::from_raw(gid_raw);
+                nix::unistd::chown(&src, None, Some(gid)).map_err(|e| fail(e.into()))?;
+                std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o2770)).map_err(fail)?;
+                if let Some(parent) = src.parent().filter(|_| named) {
+                    skiff_sys::perms::traversable(parent).map_err(|e| AgentError::Other(e.to_string()))?;
+                }
+            }
+            out.push((src, v.target.clone(), v.read_only));
+        }
+        Ok(out)
+    }
+}
+
+/// The host's resolv.conf without loopback name servers, which a container's own
+/// network namespace cannot reach.
+fn resolv_conf(host_network: bool) -> String {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    if host_network {
+        return host;
+    }
+    host.lines()
+        .filter(|l| {
+            let mut it = l.split_whitespace();
+            !(it.next() == Some("nameserver") && it.next().is_some_and(|a| a.starts_with("127.") || a == "::1"))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}

@@ -1,0 +1,114 @@
+//! Step *stop*: an instance leaves its ports first (connections drain for up to 5 s),
+//! then gets its stop signal, the grace period and SIGKILL; then what was made for it is
+//! removed (bundle, rootfs, network namespace, address lease) and its row deleted. Stops
+//! run in the background, one per instance.
+
+use crate::state::InstanceRow;
+use crate::{blocking, Agent, DRAIN};
+use skiff_image::Target;
+use skiff_model::InstanceState;
+use skiff_runtime::{Liveness, Runtime};
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+impl Agent {
+    /// Stops and removes `r` in the background (once), first taking it off the ports
+    /// and waiting for its open connections to finish.
+    pub(crate) fn spawn_stop(self: &Arc<Self>, r: &InstanceRow, stopping: &HashSet<String>, drop_image: bool) {
+        if stopping.contains(&r.name) {
+            return;
+        }
+        if let Ok(mut s) = self.stopping.lock() {
+            if !s.insert(r.name.clone()) {
+                return;
+            }
+        }
+        let me = Arc::clone(self);
+        let r = r.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.sync_hosts_and_ports().await {
+                warn!(instance = %r.name, error = %e, "taking the instance off its ports");
+            }
+            me.drain(&r).await;
+            me.stop_and_remove(&r).await;
+            if drop_image {
+                me.drop_unused_image(&r.spec.image);
+            }
+            if let Ok(mut s) = me.stopping.lock() {
+                s.remove(&r.name);
+            }
+            me.notify.notify_one();
+        });
+    }
+
+    /// Waits (at most `DRAIN`) until the proxy holds no connection to the instance.
+    pub(crate) async fn drain(&self, r: &InstanceRow) {
+        let Some(ip) = r.ip.as_ref().and_then(|i| i.parse::<IpAddr>().ok()) else { return };
+        if r.spec.ports.is_empty() {
+            return;
+        }
+        let active = self.proxies.lock().await.active();
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        while active.count(ip) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// SIGTERM (or the image's stop signal), the grace period, SIGKILL; then removes the
+    /// container, its network namespace and its record.
+    pub(crate) async fn stop_and_remove(self: &Arc<Self>, r: &InstanceRow) {
+        self.stop_health(&r.name);
+        let id = r.container_id.clone();
+        let rt = self.runtimes.of(r.spec.runtime);
+        let grace = Duration::from_millis(r.spec.stop_grace_period_ms);
+        if r.state == InstanceState::Running {
+            let sig = self
+                .images
+                .inspect_for(&r.spec.image, Target::from(r.spec.runtime))
+                .ok()
+                .and_then(|i| i.config.stop_signal)
+                .unwrap_or_else(|| "TERM".into());
+            let (rt2, id2) = (Arc::clone(&rt), id.clone());
+            let _ = blocking(move || rt2.signal(&id2, sig.trim_start_matches("SIG"))).await;
+            if !self.wait_exit(&rt, &id, grace).await {
+                info!(instance = %r.name, "grace period over, killing");
+                let (rt2, id2) = (Arc::clone(&rt), id.clone());
+                let _ = blocking(move || rt2.signal(&id2, "KILL")).await;
+                self.wait_exit(&rt, &id, Duration::from_secs(10)).await;
+            }
+        }
+        let id2 = id.clone();
+        if let Err(e) = blocking(move || rt.remove(&id2)).await {
+            warn!(instance = %r.name, error = %e, "removing container");
+        }
+        self.bridge.detach(&self.netns_name(&id));
+        self.exits.forget(&id);
+        if let Ok(mut h) = self.hosts_written.lock() {
+            h.remove(&id);
+        }
+        let _ = self.db(|s| s.delete_instance(&r.name));
+        // A later container may get the same id (the same template again).
+        for set in [&self.answered, &self.update_failed] {
+            if let Ok(mut s) = set.lock() {
+                s.remove(&id);
+            }
+        }
+        self.event(&r.name, "Removed", "stopped and removed");
+    }
+
+    pub(crate) async fn wait_exit(&self, rt: &Arc<dyn Runtime>, id: &str, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            let rt = Arc::clone(rt);
+            let id2 = id.to_string();
+            match blocking(move || rt.liveness(&id2)).await {
+                Liveness::Running { .. } => tokio::time::sleep(Duration::from_millis(100)).await,
+                _ => return true,
+            }
+        }
+        false
+    }
+}
