@@ -7,7 +7,6 @@ use crate::state::InstanceRow;
 use crate::supervise::after_probe;
 use crate::{blocking, Agent, AgentError};
 use skiff_model::{Health, InstanceState};
-use skiff_runtime::time::now_ms;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,14 +77,14 @@ impl Agent {
         let name = r.name.clone();
         let id = r.container_id.clone();
         let runtime = r.spec.runtime;
-        let started = r.started_at_ms.unwrap_or_else(now_ms);
+        let started = r.started_at_ms.unwrap_or_else(|| me.now_ms());
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(hc.interval_ms)).await;
                 let rt = me.runtimes.of(runtime);
                 let (id2, argv, timeout) = (id.clone(), hc.argv(), Duration::from_millis(hc.timeout_ms));
                 let ok = matches!(blocking(move || rt.exec(&id2, &argv, timeout)).await, Ok(o) if o.code == 0);
-                let in_start = now_ms() < started + hc.start_period_ms;
+                let in_start = me.now_ms() < started + hc.start_period_ms;
                 // Read and written under one lock: the reconcile loop writes other fields
                 // of the same row meanwhile.
                 let changed = me.update_row(&name, |row| {

@@ -10,6 +10,8 @@
 pub mod admit;
 mod exit;
 mod exits;
+#[cfg(test)]
+mod fake;
 mod gc;
 mod health;
 pub mod join;
@@ -36,8 +38,8 @@ use skiff_model::rollout;
 use skiff_model::{Deployment, EventRecord, InstanceState, InstanceStatus, NetworkMode, RuntimeKind};
 use skiff_runtime::network::{veth_name, Bridge, Subnet};
 use skiff_runtime::runc::ExecOutput;
-use skiff_runtime::time::now_ms;
 use skiff_runtime::{OciRuntime, Runtime, WasmRuntime};
+use skiff_sys::time::Clock;
 use state::{InstanceRow, State};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -91,6 +93,11 @@ pub struct AgentConfig {
     pub require_runc_min: Option<String>,
     /// What workloads may ask of this node (`--policy`, `/etc/skiff/policy.yaml`).
     pub policy: policy::Policy,
+    /// What the agent reads the time from (the wall clock; in tests a `ManualClock`).
+    pub clock: Arc<dyn Clock>,
+    /// The runtime backends (`None`: runc and wasmtime under the data directory; tests
+    /// give fakes).
+    pub backends: Option<Backends>,
 }
 
 impl AgentConfig {
@@ -110,6 +117,8 @@ impl AgentConfig {
             // An hour at the default interval.
             metrics_buffer: 240,
             require_runc_min: None,
+            clock: skiff_sys::time::system(),
+            backends: None,
             policy: policy::Policy::default(),
         }
     }
@@ -127,7 +136,7 @@ pub struct Agent {
     versions: BTreeMap<String, String>,
     state: Mutex<State>,
     images: Arc<ImageStore>,
-    runtimes: Runtimes,
+    runtimes: Backends,
     bridge: Bridge,
     proxies: tokio::sync::Mutex<Proxies>,
     notify: Arc<Notify>,
@@ -152,12 +161,13 @@ pub struct Agent {
 }
 
 /// The node's runtime backends; each instance uses its deployment's.
-struct Runtimes {
-    oci: Arc<dyn Runtime>,
-    wasm: Arc<dyn Runtime>,
+#[derive(Clone)]
+pub struct Backends {
+    pub oci: Arc<dyn Runtime>,
+    pub wasm: Arc<dyn Runtime>,
 }
 
-impl Runtimes {
+impl Backends {
     fn of(&self, kind: RuntimeKind) -> Arc<dyn Runtime> {
         match kind {
             RuntimeKind::Oci => Arc::clone(&self.oci),
@@ -216,7 +226,6 @@ impl Agent {
     pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
         let data = &cfg.data_dir;
         std::fs::create_dir_all(data).map_err(|e| AgentError::Other(format!("creating {}: {e}", data.display())))?;
-        let oci = OciRuntime::new(data.join("instances"), data.join("runc"), &cfg.skiff_bin, "/skiff")?;
         let versions = runtime_versions();
         if let Some(min) = &cfg.require_runc_min {
             check_runc(versions.get("runc").map(String::as_str), min)?;
@@ -224,11 +233,14 @@ impl Agent {
         if let Some(w) = versions.get("runc").and_then(|v| skiff_model::platform::runc_advisory(v)) {
             warn!("{w}");
         }
-        let (mut state, moved) = State::open_or_recover(&data.join("agent.db"), now_ms())?;
+        let (mut state, moved) = State::open_or_recover(&data.join("agent.db"), cfg.clock.now_ms())?;
         let images = Arc::new(ImageStore::open(data.join("images"))?);
-        let runtimes = Runtimes {
-            oci: Arc::new(oci),
-            wasm: Arc::new(WasmRuntime::new(data.join("wasm/instances"), data.join("wasm/cache"), &cfg.skiff_bin)?),
+        let runtimes = match &cfg.backends {
+            Some(b) => b.clone(),
+            None => Backends {
+                oci: Arc::new(OciRuntime::new(data.join("instances"), data.join("runc"), &cfg.skiff_bin, "/skiff")?),
+                wasm: Arc::new(WasmRuntime::new(data.join("wasm/instances"), data.join("wasm/cache"), &cfg.skiff_bin)?),
+            },
         };
         let rebuilt = match &moved {
             Some(_) => {
@@ -293,6 +305,11 @@ impl Agent {
         &self.versions
     }
 
+    /// The time by the agent's clock.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.cfg.clock.now_ms()
+    }
+
     pub fn node_name(&self) -> &str {
         &self.cfg.node_name
     }
@@ -319,7 +336,7 @@ impl Agent {
 
     fn event(&self, object: &str, reason: &str, message: &str) {
         info!(object, reason, message, "event");
-        let _ = self.db(|s| s.event(now_ms(), object, reason, message));
+        let _ = self.db(|s| s.event(self.now_ms(), object, reason, message));
     }
 
     /// Unique per instance and template, so a replacement can run beside the old one.
@@ -359,7 +376,7 @@ impl Agent {
         let stats: Vec<_> = rows
             .iter()
             .filter(|r| r.state == InstanceState::Running)
-            .map(|r| (r, self.runtimes.of(r.spec.runtime).stats(&r.container_id), now_ms()))
+            .map(|r| (r, self.runtimes.of(r.spec.runtime).stats(&r.container_id), self.now_ms()))
             .collect();
         let running: Vec<metrics::Running<'_>> = stats
             .iter()
@@ -376,7 +393,7 @@ impl Agent {
                 read_at_ms: *at,
             })
             .collect();
-        let now = now_ms();
+        let now = self.now_ms();
         let bridge = &self.bridge.name;
         let net_dev = metrics::read_proc("/proc/net/dev");
         let sample = MetricsSample {

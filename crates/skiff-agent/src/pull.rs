@@ -6,7 +6,6 @@
 use crate::{Agent, PullState};
 use skiff_image::Target;
 use skiff_model::RuntimeKind;
-use skiff_runtime::time::now_ms;
 use std::sync::Arc;
 
 /// Wait after the `failures`-th failed pull of an image: 5 s doubling to 5 min.
@@ -21,7 +20,7 @@ impl Agent {
         let Some(mut opts) = self.cfg.pull.clone() else { return (format!("image {image} not found"), 5_000) };
         opts.platform = Some(Target::from(runtime).platform());
         let Ok(mut pulls) = self.pulls.lock() else { return ("image pulls: lock poisoned".into(), 5_000) };
-        let now = now_ms();
+        let now = self.now_ms();
         let failures = match pulls.get(image) {
             Some(PullState::Running) => return (format!("pulling {image}"), 1_000),
             Some(PullState::Failed { failures, retry_at_ms, error }) if *retry_at_ms > now => {
@@ -50,7 +49,7 @@ impl Agent {
                     let error = skiff_image::error::with_causes(&e);
                     me.event(&instance, "PullFailed", &format!("{image}: {error}"));
                     let failures = failures + 1;
-                    Some(PullState::Failed { failures, retry_at_ms: now_ms() + pull_backoff_ms(failures), error })
+                    Some(PullState::Failed { failures, retry_at_ms: me.now_ms() + pull_backoff_ms(failures), error })
                 }
             };
             if let Ok(mut pulls) = me.pulls.lock() {

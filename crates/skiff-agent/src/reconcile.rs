@@ -18,7 +18,6 @@ use skiff_image::Target;
 use skiff_model::rollout;
 use skiff_model::{Deployment, InstanceState, RuntimeKind};
 use skiff_runtime::network::list_netns;
-use skiff_runtime::time::now_ms;
 use skiff_runtime::Liveness;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -67,7 +66,7 @@ impl Agent {
             match self.reconcile(full).await {
                 Ok(pass) => {
                     if let Some(at) = pass.next_start_ms {
-                        let after = Duration::from_millis(at.saturating_sub(now_ms()));
+                        let after = Duration::from_millis(at.saturating_sub(self.now_ms()));
                         due = due.min(tokio::time::Instant::now() + after);
                     }
                     if pass.poll || self.exits.any_unwatched() {
@@ -138,7 +137,7 @@ impl Agent {
     /// One pass. `full` looks at every running instance; otherwise only at those whose
     /// shim ended or cannot be watched.
     pub(crate) async fn reconcile(self: &Arc<Self>, full: bool) -> Result<Pass, AgentError> {
-        let now = now_ms();
+        let now = self.now_ms();
         let desired_slots = self.db(|s| s.desired_slots())?;
         let desired: BTreeMap<&str, (&Deployment, &Vec<u32>)> =
             desired_slots.iter().map(|(d, i)| (d.name.as_str(), (d, i))).collect();
@@ -341,7 +340,7 @@ impl Agent {
                         self.db(|s| s.put_instance(&r))?;
                     }
                 }
-                let secs = retire_at_ms.saturating_sub(now_ms()) / 1000;
+                let secs = retire_at_ms.saturating_sub(self.now_ms()) / 1000;
                 let msg = format!("traffic moved to the new instances; {} kept for {secs} s", names.join(", "));
                 self.event(&d.name, "Switched", &msg);
             }
@@ -386,5 +385,149 @@ impl Agent {
             }
             Ok(out)
         })
+    }
+}
+
+/// The reconcile pass in-process: a [`crate::fake::FakeRuntime`] for runc and a
+/// `ManualClock` for time, so restart back-off, retries and stops are checked pass by
+/// pass, with no process started and no sleep.
+#[cfg(test)]
+mod tests {
+    use crate::fake::FakeRuntime;
+    use crate::{Agent, AgentConfig, Backends};
+    use skiff_model::{Deployment, InstanceState, InstanceStatus, NetworkMode, RestartPolicy};
+    use skiff_sys::time::{Clock, ManualClock};
+    use skiff_testkit::{ImageBuilder, LayerBuilder};
+    use std::sync::Arc;
+
+    const IMAGE: &str = "localhost/app:1";
+
+    struct Node {
+        _dir: tempfile::TempDir,
+        agent: Arc<Agent>,
+        rt: Arc<FakeRuntime>,
+        clock: Arc<ManualClock>,
+    }
+
+    impl Node {
+        fn new() -> Node {
+            let dir = tempfile::tempdir().unwrap();
+            let rt = Arc::new(FakeRuntime::new(dir.path().join("fake")));
+            let clock = ManualClock::at(1_000_000);
+            let mut cfg = AgentConfig::new(dir.path().join("data"));
+            cfg.clock = clock.clone();
+            cfg.backends = Some(Backends { oci: rt.clone(), wasm: rt.clone() });
+            cfg.image_gc = None;
+            let agent = Agent::open(cfg).unwrap();
+            let layer = LayerBuilder::new().file("hello", 0o644, b"hi").unwrap().finish().unwrap();
+            let image = ImageBuilder { layers: vec![layer], ..ImageBuilder::busybox().unwrap() };
+            let layout = dir.path().join("layout");
+            image.write_oci_layout(&layout, IMAGE).unwrap();
+            agent.images().load(&layout, None).unwrap();
+            Node { _dir: dir, agent, rt, clock }
+        }
+
+        fn run(&self, restart: RestartPolicy) {
+            let mut d = Deployment::new("app", IMAGE);
+            d.network = NetworkMode::None;
+            d.restart = restart;
+            self.agent.set_desired(&[d], 1).unwrap();
+        }
+
+        /// One full pass; returns when the next delayed start is due.
+        async fn pass(&self) -> Option<u64> {
+            self.agent.reconcile(true).await.unwrap().next_start_ms
+        }
+
+        fn one(&self) -> InstanceStatus {
+            let all = self.agent.instances().unwrap();
+            assert_eq!(all.len(), 1, "{all:?}");
+            all.into_iter().next().unwrap()
+        }
+
+        /// The running instance ends now with `code`.
+        fn exits(&self, code: i32) {
+            self.rt.exit(&self.one().container_id, code, self.clock.now_ms());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_always_instance_restarts_after_dockers_back_off_on_the_agents_clock() {
+        let n = Node::new();
+        n.run(RestartPolicy::Always);
+        assert_eq!(n.pass().await, None);
+        assert_eq!((n.one().state, n.rt.starts()), (InstanceState::Running, 1));
+        let t0 = n.clock.now_ms();
+        n.exits(1);
+        // Docker's back-off: 100 ms after a quick exit, doubling while exits stay quick.
+        assert_eq!(n.pass().await, Some(t0 + 100), "the loop sleeps until the restart is due");
+        assert_eq!((n.one().state, n.rt.starts()), (InstanceState::Restarting, 1));
+        n.clock.advance(99);
+        assert_eq!(n.pass().await, Some(t0 + 100));
+        assert_eq!(n.rt.starts(), 1, "not before the back-off");
+        n.clock.advance(1);
+        assert_eq!(n.pass().await, None);
+        let i = n.one();
+        assert_eq!((i.state, i.restarts, n.rt.starts()), (InstanceState::Running, 1, 2));
+        n.clock.advance(10);
+        n.exits(1);
+        assert_eq!(n.pass().await, Some(t0 + 110 + 200), "the second quick exit waits twice as long");
+        // An instance that ran 10 s before exiting starts again from 100 ms.
+        n.clock.advance(200);
+        n.pass().await;
+        n.clock.advance(10_000);
+        n.exits(0);
+        let t1 = n.clock.now_ms();
+        assert_eq!(n.pass().await, Some(t1 + 100), "a long run resets the back-off");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_failure_retries_its_limit_and_a_failed_start_counts_as_a_failed_run() {
+        let n = Node::new();
+        n.run(RestartPolicy::OnFailure { max_retries: Some(2) });
+        n.rt.fail_starts(1);
+        let due = n.pass().await.expect("a failed start is retried");
+        let i = n.one();
+        assert_eq!((i.state, i.exit_code, n.rt.starts()), (InstanceState::Restarting, Some(127), 0), "{i:?}");
+        n.clock.set(due);
+        n.pass().await;
+        assert_eq!((n.one().state, n.rt.starts()), (InstanceState::Running, 1));
+        n.exits(3);
+        let due = n.pass().await.expect("the second failure is the last retry");
+        n.clock.set(due);
+        n.pass().await;
+        assert_eq!(n.rt.starts(), 2);
+        n.exits(3);
+        assert_eq!(n.pass().await, None, "no third retry");
+        let i = n.one();
+        assert_eq!((i.state, i.exit_code, i.restarts), (InstanceState::Exited, Some(3), 2), "{i:?}");
+        // A clean exit of an on-failure instance is not restarted at all.
+        let n = Node::new();
+        n.run(RestartPolicy::OnFailure { max_retries: None });
+        n.pass().await;
+        n.exits(0);
+        assert_eq!(n.pass().await, None);
+        assert_eq!(n.one().state, InstanceState::Exited);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_instance_no_longer_desired_is_stopped_and_removed() {
+        let n = Node::new();
+        n.run(RestartPolicy::Always);
+        n.pass().await;
+        let id = n.one().container_id;
+        assert_eq!(n.rt.running(), std::slice::from_ref(&id));
+        n.agent.set_desired(&[], 2).unwrap();
+        n.pass().await;
+        // Stops run in the background; bounded wait for this one.
+        for _ in 0..500 {
+            if n.agent.all_gone(&["app".into()]) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(n.agent.all_gone(&["app".into()]), "{:?}", n.agent.instances());
+        assert_eq!(n.rt.signals().first().map(|(i, _)| i.as_str()), Some(id.as_str()), "stopped by a signal first");
+        assert!(n.rt.running().is_empty() && !n.rt.instance_dir_exists(&id), "and what was made for it removed");
     }
 }

@@ -9,7 +9,6 @@ use crate::{blocking, rebuild, Agent, AgentError};
 use skiff_image::Target;
 use skiff_model::{Deployment, Health, InstanceState, NetworkMode, RuntimeKind, VolumeSource};
 use skiff_runtime::network::{netns_path, veth_name};
-use skiff_runtime::time::now_ms;
 use skiff_runtime::{CreateRequest, Liveness, Runtime};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -33,14 +32,14 @@ impl Agent {
             let (message, retry_ms) = self.pull_missing(&r.name, &r.spec.image, r.spec.runtime);
             r.state = InstanceState::Pending;
             r.message = Some(message);
-            r.next_start_ms = Some(now_ms() + retry_ms);
+            r.next_start_ms = Some(self.now_ms() + retry_ms);
             self.db(|s| s.put_instance(&r))?;
             return Ok(());
         }
         let me = Arc::clone(self);
         let r2 = r.clone();
         let res = blocking(move || me.start_blocking(&r2)).await;
-        let now = now_ms();
+        let now = self.now_ms();
         match res {
             Ok((pid, ip)) => {
                 let restarted = r.state == InstanceState::Restarting;
