@@ -91,39 +91,140 @@ pub struct OwnLimits {
 /// The v1 controllers a skiff-made cgroup joins (those the host has).
 const OWN_V1: &[&str] = &["memory", "pids", "cpu", "cpuacct"];
 
+/// The cgroup a spare WebAssembly shim waits in. On v1 it enters it when it starts, and a
+/// start renames it to the instance's ([`Cgroups::adopt`]): moving a process between
+/// cgroups waits for an RCU grace period on the kernel's cgroup lock (about 9 ms here),
+/// which this takes off the start's path.
+pub fn spare_cgroup(pid: u32) -> String {
+    format!("/skiff/spare-{pid}")
+}
+
+/// The cgroup paths process `pid` is in, one per hierarchy: (controllers, path). Empty
+/// when it cannot be read (no such process).
+fn cgroups_of(pid: u32) -> Vec<(String, String)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
+            Some((ctrls.to_string(), path.to_string()))
+        })
+        .collect()
+}
+
+/// Whether `pid` is in `cg` in the hierarchy of `controller` (v2: `""`, the unified one).
+fn is_in(placed: &[(String, String)], controller: &str, cg: &str) -> bool {
+    placed.iter().any(|(ctrls, path)| {
+        let here = if controller.is_empty() { ctrls.is_empty() } else { ctrls.split(',').any(|c| c == controller) };
+        here && path == cg
+    })
+}
+
 impl Cgroups {
+    /// The v1 controllers of [`OWN_V1`] the host has, one per hierarchy: controllers
+    /// mounted together (`cpu` and `cpuacct` are links to `cpu,cpuacct` on most hosts)
+    /// are one hierarchy, entered once.
+    fn own_v1(&self) -> Vec<&'static str> {
+        let mut seen = vec![];
+        let mut out = vec![];
+        for ctrl in OWN_V1.iter().filter(|c| self.root.join(c).is_dir()) {
+            let real = fs::canonicalize(self.root.join(ctrl)).unwrap_or_else(|_| self.root.join(ctrl));
+            if !seen.contains(&real) {
+                seen.push(real);
+                out.push(*ctrl);
+            }
+        }
+        out
+    }
+
+    /// Writes `limits` into `cg`'s directory for `ctrl` (v1) or its one directory (v2).
+    fn write_limits(&self, ctrl: &str, d: &Path, limits: &OwnLimits) -> std::io::Result<()> {
+        let write = |file: &str, value: u64| fs::write(d.join(file), value.to_string());
+        match (self.version, ctrl) {
+            (CgroupVersion::V1, "memory") => limits.memory_max.map_or(Ok(()), |m| write("memory.limit_in_bytes", m)),
+            (CgroupVersion::V1, "pids") => limits.pids_max.map_or(Ok(()), |p| write("pids.max", p)),
+            (CgroupVersion::V1, _) => Ok(()),
+            (CgroupVersion::V2, _) => {
+                limits.memory_max.map_or(Ok(()), |m| write("memory.max", m))?;
+                limits.pids_max.map_or(Ok(()), |p| write("pids.max", p))
+            }
+        }
+    }
+
+    /// Renames the cgroup `from` (with the processes in it) to `to` and gives it
+    /// `limits`: what a start does with a spare shim's cgroup instead of moving the
+    /// spare. v1 only — v2 refuses renames — so `Ok(false)` there, and wherever a
+    /// hierarchy cannot be renamed (those renamed already are named back); the shim then
+    /// moves itself as usual.
+    pub fn adopt(&self, from: &str, to: &str, limits: &OwnLimits) -> std::io::Result<bool> {
+        if self.version != CgroupVersion::V1 {
+            return Ok(false);
+        }
+        let ctrls = self.own_v1();
+        let mut done: Vec<&str> = vec![];
+        for ctrl in &ctrls {
+            if fs::rename(self.dir(ctrl, from), self.dir(ctrl, to)).is_err() {
+                for back in done {
+                    let _ = fs::rename(self.dir(back, to), self.dir(back, from));
+                }
+                return Ok(false);
+            }
+            done.push(ctrl);
+        }
+        for ctrl in &ctrls {
+            self.write_limits(ctrl, &self.dir(ctrl, to), limits)?;
+        }
+        Ok(true)
+    }
+
+    /// Removes the cgroups of spare shims that are gone (killed before they could leave
+    /// theirs); one that holds a process is busy and stays.
+    pub fn sweep_spares(&self) {
+        let parents: Vec<PathBuf> = match self.version {
+            CgroupVersion::V1 => self.own_v1().iter().map(|c| self.dir(c, "/skiff")).collect(),
+            CgroupVersion::V2 => vec![self.dir("", "/skiff")],
+        };
+        for parent in parents {
+            for e in fs::read_dir(&parent).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with("spare-") {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+        }
+    }
+
+    /// Moves `pid` (if any) back to the root of each hierarchy and removes `cg`: a spare
+    /// shim that was never used, on its way out, or the cgroup a spare left when it moved
+    /// to its instance's. Best effort.
+    pub fn leave(&self, cg: &str, pid: Option<u32>) {
+        let ctrls: Vec<&str> = match self.version {
+            CgroupVersion::V1 => self.own_v1(),
+            CgroupVersion::V2 => vec![""],
+        };
+        for ctrl in ctrls {
+            let root = if ctrl.is_empty() { self.root.clone() } else { self.root.join(ctrl) };
+            if let Some(pid) = pid {
+                let _ = fs::write(root.join("cgroup.procs"), pid.to_string());
+            }
+            let _ = fs::remove_dir(self.dir(ctrl, cg));
+        }
+    }
+
     /// Makes `cg` (e.g. `/skiff/<id>`) with `limits` and moves process `pid` into it. On
     /// v2 the controllers are enabled down the path first.
     pub fn enter(&self, cg: &str, limits: &OwnLimits, pid: u32) -> std::io::Result<()> {
-        let write = |dir: &Path, file: &str, value: String| fs::write(dir.join(file), value);
+        // Where the process is already (a spare whose cgroup a start renamed), it is not
+        // moved again: a move waits for the kernel's cgroup lock even when it changes nothing.
+        let placed = cgroups_of(pid);
         match self.version {
             CgroupVersion::V1 => {
-                // Controllers mounted together (`cpu` and `cpuacct` are links to
-                // `cpu,cpuacct` on most hosts) are one hierarchy, entered once: each move
-                // waits for the kernel's cgroup lock, milliseconds of a start.
-                let mut seen = vec![];
-                for ctrl in OWN_V1.iter().filter(|c| self.root.join(c).is_dir()) {
-                    let real = fs::canonicalize(self.root.join(ctrl)).unwrap_or_else(|_| self.root.join(ctrl));
-                    if seen.contains(&real) {
-                        continue;
-                    }
-                    seen.push(real);
+                for ctrl in self.own_v1() {
                     let d = self.dir(ctrl, cg);
                     fs::create_dir_all(&d)?;
-                    match *ctrl {
-                        "memory" => {
-                            if let Some(m) = limits.memory_max {
-                                write(&d, "memory.limit_in_bytes", m.to_string())?;
-                            }
-                        }
-                        "pids" => {
-                            if let Some(p) = limits.pids_max {
-                                write(&d, "pids.max", p.to_string())?;
-                            }
-                        }
-                        _ => {}
+                    self.write_limits(ctrl, &d, limits)?;
+                    if !is_in(&placed, ctrl, cg) {
+                        fs::write(d.join("cgroup.procs"), pid.to_string())?;
                     }
-                    write(&d, "cgroup.procs", pid.to_string())?;
                 }
             }
             CgroupVersion::V2 => {
@@ -131,17 +232,14 @@ impl Cgroups {
                 let mut at = self.root.clone();
                 for part in Path::new(rel).components() {
                     // The parent hands memory and pids down to its children.
-                    write(&at, "cgroup.subtree_control", "+memory +pids".into())?;
+                    fs::write(at.join("cgroup.subtree_control"), "+memory +pids")?;
                     at.push(part);
                     fs::create_dir_all(&at)?;
                 }
-                if let Some(m) = limits.memory_max {
-                    write(&at, "memory.max", m.to_string())?;
+                self.write_limits("", &at, limits)?;
+                if !is_in(&placed, "", cg) {
+                    fs::write(at.join("cgroup.procs"), pid.to_string())?;
                 }
-                if let Some(p) = limits.pids_max {
-                    write(&at, "pids.max", p.to_string())?;
-                }
-                write(&at, "cgroup.procs", pid.to_string())?;
             }
         }
         Ok(())
@@ -306,6 +404,56 @@ mod tests {
         assert_eq!(fs::read_to_string(v2.join("skiff/w1/memory.max")).unwrap(), "100663296");
         assert_eq!(fs::read_to_string(v2.join("skiff/w1/pids.max")).unwrap(), "64");
         assert_eq!(fs::read_to_string(v2.join("skiff/w1/cgroup.procs")).unwrap(), "42");
+    }
+
+    /// A start renames a spare's cgroup to the instance's and sets its limits (v1); where
+    /// a hierarchy cannot be renamed, those renamed are named back and the shim moves
+    /// itself; v2 never renames.
+    #[test]
+    fn a_spares_cgroup_becomes_the_instances() {
+        let t = tempfile::tempdir().unwrap();
+        let v1 = t.path().join("v1");
+        for c in ["memory", "pids", "cpu"] {
+            fs::create_dir_all(v1.join(c).join("skiff/spare-7")).unwrap();
+        }
+        let cg = Cgroups::at(CgroupVersion::V1, &v1);
+        let limits = OwnLimits { memory_max: Some(64 << 20), pids_max: Some(32) };
+        assert!(cg.adopt(&spare_cgroup(7), "/skiff/w1", &limits).unwrap());
+        for c in ["memory", "pids", "cpu"] {
+            assert!(v1.join(c).join("skiff/w1").is_dir() && !v1.join(c).join("skiff/spare-7").exists(), "{c}");
+        }
+        assert_eq!(fs::read_to_string(v1.join("memory/skiff/w1/memory.limit_in_bytes")).unwrap(), "67108864");
+        assert_eq!(fs::read_to_string(v1.join("pids/skiff/w1/pids.max")).unwrap(), "32");
+        // `cpu` has no spare directory to rename: nothing stays renamed.
+        for c in ["memory", "pids"] {
+            fs::create_dir_all(v1.join(c).join("skiff/spare-8")).unwrap();
+        }
+        assert!(!cg.adopt(&spare_cgroup(8), "/skiff/w2", &limits).unwrap());
+        for c in ["memory", "pids"] {
+            assert!(v1.join(c).join("skiff/spare-8").is_dir() && !v1.join(c).join("skiff/w2").exists(), "{c}");
+        }
+        // Gone spares' cgroups are swept; an instance's stays.
+        cg.sweep_spares();
+        assert!(!v1.join("memory/skiff/spare-8").exists() && v1.join("memory/skiff/w1").is_dir());
+        let v2 = t.path().join("v2");
+        fs::create_dir_all(v2.join("skiff/spare-9")).unwrap();
+        assert!(!Cgroups::at(CgroupVersion::V2, &v2).adopt(&spare_cgroup(9), "/skiff/w3", &limits).unwrap());
+        assert!(v2.join("skiff/spare-9").is_dir());
+    }
+
+    #[test]
+    fn a_process_already_in_its_cgroup_is_not_moved_again() {
+        let placed = vec![
+            ("cpu,cpuacct".to_string(), "/skiff/w1".to_string()),
+            ("memory".to_string(), "/skiff/w1".to_string()),
+            ("pids".to_string(), "/user.slice".to_string()),
+            (String::new(), "/skiff/w1".to_string()),
+        ];
+        assert!(is_in(&placed, "cpu", "/skiff/w1") && is_in(&placed, "cpuacct", "/skiff/w1"));
+        assert!(is_in(&placed, "memory", "/skiff/w1") && !is_in(&placed, "pids", "/skiff/w1"));
+        assert!(is_in(&placed, "", "/skiff/w1"), "v2's unified hierarchy has no controllers listed");
+        assert!(!is_in(&placed, "memory", "/skiff/w2"));
+        assert!(!cgroups_of(std::process::id()).is_empty(), "this process's own cgroups are read");
     }
 
     #[test]

@@ -107,6 +107,7 @@ pub struct WasmRuntime {
 /// pre-forked worker of servers and the zygote of Android, for one runtime. When the
 /// agent goes away the spare reads EOF and exits.
 struct Spare {
+    pid: u32,
     stdin: std::process::ChildStdin,
     stdout: std::io::BufReader<std::process::ChildStdout>,
 }
@@ -124,23 +125,37 @@ impl Spare {
             .stderr(std::process::Stdio::null())
             .spawn()
             .ok()?;
-        let (stdin, stdout) = (child.stdin.take()?, child.stdout.take()?);
+        let (stdin, stdout, pid) = (child.stdin.take()?, child.stdout.take()?, child.id());
         shim::reap(child);
         let mut stdout = std::io::BufReader::new(stdout);
         let mut line = String::new();
         stdout.read_line(&mut line).ok()?;
-        (line.trim() == "ready").then_some(Spare { stdin, stdout })
+        (line.trim() == "ready").then_some(Spare { pid, stdin, stdout })
     }
 
-    /// Hands it `bundle`: its answer, or None when it is gone (start another way).
-    fn run(mut self, bundle: &Path, id: &str) -> Option<Result<i32, shim::ShimError>> {
+    /// Hands it `bundle`: its answer, or None when it is gone (start another way). Its
+    /// cgroup becomes the instance's `cgroup` first, where the host allows (v1), so the
+    /// shim need not move.
+    fn run(
+        mut self,
+        bundle: &Path,
+        id: &str,
+        cgroup: Option<&(String, crate::cgroup::OwnLimits)>,
+    ) -> Option<Result<i32, shim::ShimError>> {
         use std::io::Write;
-        writeln!(self.stdin, "{}", bundle.display()).ok()?;
-        self.stdin.flush().ok()?;
-        match shim::read_answer(&mut self.stdout, id) {
-            Err(shim::ShimError::NoAnswer { .. }) => None,
-            answer => Some(answer),
+        let cgroups = crate::cgroup::Cgroups::detect();
+        let own = crate::cgroup::spare_cgroup(self.pid);
+        let adopted = cgroup.is_some_and(|(cg, limits)| cgroups.adopt(&own, cg, limits).unwrap_or(false));
+        let sent = writeln!(self.stdin, "{}", bundle.display()).and_then(|_| self.stdin.flush());
+        let answer = match sent.map(|_| shim::read_answer(&mut self.stdout, id)) {
+            Err(_) | Ok(Err(shim::ShimError::NoAnswer { .. })) => None,
+            Ok(answer) => Some(answer),
+        };
+        if !adopted {
+            // Left empty once the shim moved to its own (or the spare is gone).
+            cgroups.leave(&own, None);
         }
+        answer
     }
 }
 
@@ -214,6 +229,8 @@ impl WasmRuntime {
                 source: e.source,
             })?;
         }
+        // Spares killed before they could leave their cgroups.
+        crate::cgroup::Cgroups::detect().sweep_spares();
         Ok(WasmRuntime {
             root,
             cache_dir: cache_dir.into(),
@@ -331,7 +348,8 @@ impl Runtime for WasmRuntime {
     fn start(&self, id: &str) -> Result<i32, RuntimeError> {
         if self.use_spares {
             let spare = self.spare.lock().ok().and_then(|mut s| s.take());
-            let answer = spare.and_then(|s| s.run(&self.dir(id), id));
+            let cgroup = spare.as_ref().and_then(|_| self.shim_spec(id)).and_then(|w| w.cgroup);
+            let answer = spare.and_then(|s| s.run(&self.dir(id), id, cgroup.as_ref()));
             // The next spare starts once this start is answered: starting it meanwhile
             // (a process and wasmtime's set-up) takes the CPU from the start being made.
             self.refill();
@@ -474,9 +492,17 @@ pub fn spare_main(root: &Path) -> i32 {
             return 1;
         }
     };
+    // Waits in a cgroup of its own, which a start renames to the instance's (v1): the
+    // move into a cgroup is made now, not during that start.
+    let cgroups = crate::cgroup::Cgroups::detect();
+    let (pid, own) = (std::process::id(), crate::cgroup::spare_cgroup(std::process::id()));
+    if cgroups.version == crate::cgroup::CgroupVersion::V1 {
+        let _ = cgroups.enter(&own, &Default::default(), pid);
+    }
     report("ready".into());
     let mut line = String::new();
     if !matches!(std::io::stdin().lock().read_line(&mut line), Ok(n) if n > 0) {
+        cgroups.leave(&own, Some(pid));
         return 0;
     }
     let bundle = PathBuf::from(line.trim_end());

@@ -258,9 +258,44 @@ fn a_wasm_program_runs_unprivileged_in_its_own_cgroup_and_network_namespace() ->
     n.up(None)?;
     let ticker = wasm::write(n.data(), "ticker.wasm", &wasm::ticker(200)?)?;
     let ticker = ticker.to_str().unwrap();
-    n.ok(&["run", ticker, "--name", "t", "--network", "none", "--memory", "8m"])?;
-    let t = n.wait_running("t-1")?;
+    // The first start launches a shim; the second is made by the spare shim the first
+    // left ready, whose cgroup (entered when it started) becomes the instance's.
+    check_wasm_instance(&n, ticker, "t", None)?;
+    let instances = n.data().join("wasm/instances");
+    let spare = wait_for(30 * SEC, "a spare shim", || {
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(&format!("shim --spare {}", instances.display())).then_some(pid)
+        })
+    })?;
+    let v1 = !Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    if v1 {
+        let spare_cg = skiff_runtime::cgroup::spare_cgroup(spare);
+        wait_for(10 * SEC, "the spare in its own cgroup", || {
+            let cgroups = std::fs::read_to_string(format!("/proc/{spare}/cgroup")).ok()?;
+            cgroups.lines().any(|l| l.contains(":memory:") && l.ends_with(&spare_cg)).then_some(())
+        })?;
+    }
+    check_wasm_instance(&n, ticker, "u", Some(spare))?;
+    if v1 {
+        let left = format!("/sys/fs/cgroup/memory{}", skiff_runtime::cgroup::spare_cgroup(spare));
+        assert!(!Path::new(&left).exists(), "the spare's cgroup became the instance's: {left} is gone");
+    }
+    Ok(())
+}
+
+/// Runs `ticker` as `name` and checks that it runs unprivileged, with no network, in its
+/// own cgroup with its limit, and that its cgroup goes with it. `spare`: the pid the
+/// instance must have (the spare shim that became it).
+fn check_wasm_instance(n: &Node, ticker: &str, name: &str, spare: Option<u32>) -> R {
+    n.ok(&["run", ticker, "--name", name, "--network", "none", "--memory", "8m"])?;
+    let t = n.wait_running(&format!("{name}-1"))?;
     let pid = t.pid.unwrap();
+    if let Some(spare) = spare {
+        assert_eq!(pid as u32, spare, "the spare shim became the instance");
+    }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).unwrap_or("").trim().to_string();
     let uid = skiff_runtime::wasm::uid_for(&t.container_id);
@@ -282,7 +317,7 @@ fn a_wasm_program_runs_unprivileged_in_its_own_cgroup_and_network_namespace() ->
     // Its log still grows (written as that user), and the agent still stops it.
     let logs = n.data().join("wasm/instances").join(&t.container_id).join("state/container.log");
     wait_for(10 * SEC, "ticks", || (std::fs::read_to_string(&logs).ok()?.lines().count() > 2).then_some(()))?;
-    n.ok(&["delete", "deployment", "t"])?;
+    n.ok(&["delete", "deployment", name])?;
     wait_for(30 * SEC, "the instance gone", || n.instances().ok()?.is_empty().then_some(()))?;
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
     // Its cgroup goes with it (in every hierarchy it entered).
