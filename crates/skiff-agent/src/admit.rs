@@ -56,10 +56,18 @@ impl Agent {
     }
 
     /// Compiles `d`'s program into the cache and checks its imports and exports; says
-    /// what the program is. The image must be in the store.
+    /// what the program is. The image must be in the store. A program is checked once
+    /// per agent: the answer depends only on its content (its id) and this build.
     fn check_wasm(&self, d: &Deployment) -> Result<&'static str, String> {
         let info = self.images().resolve_for(&d.image, Target::Wasm).map_err(|e| e.to_string())?;
         let module = self.wasm_module(d, &info).map_err(|e| e.to_string())?;
-        skiff_runtime::wasm::check(&module, &self.cfg.data_dir.join("wasm/cache"))
+        if let Some(kind) = self.wasm_checked.lock().ok().and_then(|c| c.get(&module.id).copied()) {
+            return Ok(kind);
+        }
+        let kind = skiff_runtime::wasm::check(&module, &self.cfg.data_dir.join("wasm/cache"))?;
+        if let Ok(mut c) = self.wasm_checked.lock() {
+            c.insert(module.id, kind);
+        }
+        Ok(kind)
     }
 }

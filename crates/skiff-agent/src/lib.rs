@@ -158,6 +158,8 @@ pub struct Agent {
     hosts_written: Mutex<HashMap<String, String>>,
     /// Bumped when the state database changed ([`Agent::subscribe`]).
     changes: tokio::sync::watch::Sender<u64>,
+    /// WebAssembly programs (by content id) admission found runnable, and what they are.
+    wasm_checked: Mutex<HashMap<String, &'static str>>,
 }
 
 /// The node's runtime backends; each instance uses its deployment's.
@@ -286,6 +288,7 @@ impl Agent {
             exits: exits::Exits::new(notify),
             hosts_written: Default::default(),
             changes: tokio::sync::watch::Sender::new(0),
+            wasm_checked: Default::default(),
         });
         if let (Some(aside), Some(r)) = (moved, rebuilt) {
             let msg = format!(

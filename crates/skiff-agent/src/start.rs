@@ -119,8 +119,19 @@ impl Agent {
             let net = net.join().unwrap_or_else(|_| Err(AgentError::Other("network setup panicked".into())));
             created.and(net)
         })?;
-        let pid = rt.start(id)?;
-        Ok((pid, ip))
+        // What a rebuild of agent.db finds this instance by (see `rebuild`): written
+        // durably beside the start, not before it (two fsyncs a start need not wait for).
+        let rec = InstanceRow { ip: ip.map(|i| i.to_string()), ..r.clone() };
+        let dir = rt.instance_dir(id);
+        let (started, recorded) = std::thread::scope(|scope| {
+            let recorded = scope.spawn(|| rebuild::write_record(&dir, &rec));
+            let started = rt.start(id);
+            (started, recorded.join().unwrap_or_else(|_| Err("writing the record panicked".into())))
+        });
+        if let Err(e) = recorded {
+            warn!(instance = %r.name, error = %e, "the instance's record was not written; a rebuild of agent.db will not find it");
+        }
+        Ok((started?, ip))
     }
 
     /// Image, volumes, /etc files, rootfs and spec: everything but the network and start.
@@ -157,9 +168,6 @@ impl Agent {
             wasm,
         };
         rt.create(&req)?;
-        // What a rebuild of agent.db finds this instance by (see `rebuild`).
-        let rec = InstanceRow { ip: ip.map(|i| i.to_string()), ..r.clone() };
-        rebuild::write_record(&rt.instance_dir(&r.container_id), &rec).map_err(AgentError::Other)?;
         Ok(())
     }
 
