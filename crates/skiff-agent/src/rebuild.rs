@@ -15,10 +15,19 @@ use std::path::Path;
 /// The record in each instance directory.
 pub const RECORD: &str = "instance.json";
 
+/// Why an instance's record could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("encoding the instance's record: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error(transparent)]
+    Write(#[from] skiff_sys::durable::DurableError),
+}
+
 /// Writes `row` as the instance's record (durably: a rebuild after a power cut needs it).
-pub fn write_record(dir: &Path, row: &InstanceRow) -> Result<(), String> {
-    let bytes = serde_json::to_vec_pretty(row).map_err(|e| e.to_string())?;
-    skiff_sys::durable::write(&dir.join(RECORD), &bytes, 0o600).map_err(|e| e.to_string())
+pub fn write_record(dir: &Path, row: &InstanceRow) -> Result<(), RecordError> {
+    let bytes = serde_json::to_vec_pretty(row)?;
+    Ok(skiff_sys::durable::write(&dir.join(RECORD), &bytes, 0o600)?)
 }
 
 /// The records found in `dirs` (instance directories); unreadable ones are skipped.

@@ -126,10 +126,14 @@ impl Agent {
         let (started, recorded) = std::thread::scope(|scope| {
             let recorded = scope.spawn(|| rebuild::write_record(&dir, &rec));
             let started = rt.start(id);
-            (started, recorded.join().unwrap_or_else(|_| Err("writing the record panicked".into())))
+            (started, recorded.join())
         });
-        if let Err(e) = recorded {
-            warn!(instance = %r.name, error = %e, "the instance's record was not written; a rebuild of agent.db will not find it");
+        match recorded {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(instance = %r.name, error = %e, "instance record not written: a rebuild of agent.db will not find it")
+            }
+            Err(_) => warn!(instance = %r.name, "writing the instance record panicked"),
         }
         Ok((started?, ip))
     }
