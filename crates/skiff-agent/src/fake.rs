@@ -19,6 +19,8 @@ struct Table {
     starts: usize,
     signals: Vec<(String, String)>,
     failing_starts: usize,
+    /// `create` makes no directory (so nothing can be written into it).
+    no_dirs: bool,
 }
 
 pub(crate) struct FakeRuntime {
@@ -44,6 +46,11 @@ impl FakeRuntime {
     /// How many times instances were started.
     pub(crate) fn starts(&self) -> usize {
         self.with(|t| t.starts)
+    }
+
+    /// From now on `create` makes no instance directory.
+    pub(crate) fn without_dirs(&self) {
+        self.with(|t| t.no_dirs = true);
     }
 
     /// The next `n` starts fail.
@@ -76,7 +83,13 @@ impl Runtime for FakeRuntime {
 
     fn create(&self, req: &CreateRequest<'_>) -> Result<(), RuntimeError> {
         let dir = self.instance_dir(&req.id);
-        std::fs::create_dir_all(&dir).map_err(|source| RuntimeError::Io { op: "create", path: dir.clone(), source })?;
+        if !self.with(|t| t.no_dirs) {
+            std::fs::create_dir_all(&dir).map_err(|source| RuntimeError::Io {
+                op: "create",
+                path: dir.clone(),
+                source,
+            })?;
+        }
         self.with(|t| {
             t.live.entry(req.id.clone()).or_insert(Liveness::Gone);
         });

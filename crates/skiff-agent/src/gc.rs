@@ -61,6 +61,10 @@ impl Agent {
                     me.wasm_module(d, &info).ok().map(|m| m.id)
                 })
                 .collect();
+            // Admission's memory of checked programs goes only as far as the cache does.
+            if let Ok(mut checked) = me.wasm_checked.lock() {
+                checked.retain(|id, _| keep.contains(id));
+            }
             skiff_runtime::wasm::prune_cache(&me.cfg.data_dir.join("wasm/cache"), |id| keep.contains(id))
         })
         .await

@@ -1,7 +1,7 @@
 //! Rebuilding `agent.db` from the node itself, when it was found corrupt: every instance
 //! directory holds `instance.json`, the record of what the agent created it as (name,
-//! deployment, address, container id), written when the instance is created. From those
-//! the agent knows again which containers are its own (and adopts them, same pids), which
+//! deployment, address, container id), written as the instance starts (one whose record
+//! cannot be written is stopped again). From those the agent knows again which containers are its own (and adopts them, same pids), which
 //! addresses they hold, and — until the hub sends the node's assignment again — what to
 //! keep running: the deployments and slots of those instances. Nothing running is
 //! stopped or restarted by the rebuild; events and unshipped samples are lost with the

@@ -148,6 +148,9 @@ impl Agent {
         for r in rows.iter().filter(|r| !desired.contains_key(r.deployment.as_str())) {
             self.spawn_stop(r, &stopping, false);
         }
+        // Those just handed to a stop are not observed below: a stop that ended meanwhile
+        // has deleted the row, and recording its exit would bring the row back.
+        let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
 
         // Observe running instances: those whose shim ended (or is not watched).
         for r in rows.iter().filter(|r| r.state == InstanceState::Running && !stopping.contains(&r.name)) {
@@ -508,6 +511,21 @@ mod tests {
         n.exits(0);
         assert_eq!(n.pass().await, None);
         assert_eq!(n.one().state, InstanceState::Exited);
+    }
+
+    /// No instance runs without the record a rebuild of agent.db finds it by: one whose
+    /// record cannot be written is killed, and the start counts as failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_instance_whose_record_cannot_be_written_does_not_stay_running() {
+        let n = Node::new();
+        n.rt.without_dirs();
+        n.run(RestartPolicy::No);
+        n.pass().await;
+        let i = n.one();
+        assert_eq!(n.rt.starts(), 1, "started beside the record's write");
+        assert_eq!(n.rt.signals(), [(i.container_id.clone(), "KILL".to_string())], "then killed");
+        assert_eq!((i.state, i.exit_code), (InstanceState::Failed, Some(127)), "{i:?}");
+        assert!(i.message.is_some_and(|m| m.contains("record was not written")));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -128,14 +128,16 @@ impl Agent {
             let started = rt.start(id);
             (started, recorded.join())
         });
-        match recorded {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                warn!(instance = %r.name, error = %e, "instance record not written: a rebuild of agent.db will not find it")
-            }
-            Err(_) => warn!(instance = %r.name, "writing the instance record panicked"),
-        }
-        Ok((started?, ip))
+        let pid = started?;
+        // No instance runs without its record (a rebuild could not find it): one whose
+        // record could not be written is stopped, and the start counts as failed.
+        let unrecorded = match recorded {
+            Ok(Ok(())) => return Ok((pid, ip)),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "writing it panicked".to_string(),
+        };
+        let _ = rt.signal(id, "KILL");
+        Err(AgentError::Other(format!("the instance's record was not written ({unrecorded}); stopped")))
     }
 
     /// Image, volumes, /etc files, rootfs and spec: everything but the network and start.

@@ -136,13 +136,15 @@ impl Hub {
     /// a fleet learns the images' platforms), then stores it atomically and places it.
     /// Invalid input changes nothing.
     pub async fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse, ApplyError> {
-        let req = &self.attach_autoscalers(req)?;
-        self.check(req)?;
+        let attached = self.attach_autoscalers(req)?;
+        self.check(&attached)?;
         let warnings = self
             .nodes
-            .admit(&req.deployments)
+            .admit(&attached.deployments)
             .await
             .map_err(|(name, e)| ApplyError::Invalid(format!("deployments.{name}.image: {e}")))?;
+        // From the request again: a stored deployment an autoscaler attaches to is read
+        // anew, not as it was before the admission (a pull may have taken minutes).
         let resp = self.commit(req)?;
         Ok(ApplyResponse { warnings, ..resp })
     }

@@ -455,7 +455,9 @@ fn volume(cx: &Ctx<'_>, v: &Value, path: &str) -> R<Volume> {
             let read_only =
                 m.get("read_only").map(|x| bool_of(x, &format!("{path}.read_only"))).transpose()?.unwrap_or(false);
             let source = match (kind.as_str(), source) {
-                ("bind", Some(s)) => match short::volume_source(&s, cx.dir, home.as_deref()) {
+                ("bind", Some(s)) => match short::volume_source(&s, cx.dir, home.as_deref())
+                    .map_err(|e| ManifestError::at(format!("{path}.source"), e))?
+                {
                     b @ VolumeSource::Bind { .. } => b,
                     VolumeSource::Named { name } => VolumeSource::Bind { path: short::normalize(&cx.dir.join(name)) },
                 },

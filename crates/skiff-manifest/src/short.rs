@@ -6,17 +6,21 @@ use skiff_model::{NetworkMode, Volume, VolumeSource};
 use std::path::{Path, PathBuf};
 
 /// A volume's source: a path (it starts with `/`, `.` or `~`) is a bind mount, resolved
-/// against `dir` and, for `~/`, against `home`; anything else names a volume.
-pub fn volume_source(src: &str, dir: &Path, home: Option<&Path>) -> VolumeSource {
-    if src.starts_with('/') || src.starts_with('.') || src.starts_with('~') {
-        let p = match src.strip_prefix("~/") {
-            Some(rest) => home.map(Path::to_path_buf).unwrap_or_default().join(rest),
-            None => dir.join(src),
-        };
-        VolumeSource::Bind { path: normalize(&p) }
-    } else {
-        VolumeSource::Named { name: src.to_string() }
+/// against `dir` and, for `~` and `~/`, against `home`; anything else names a volume.
+/// `~user` forms, and `~` without a home, are refused.
+pub fn volume_source(src: &str, dir: &Path, home: Option<&Path>) -> Result<VolumeSource, String> {
+    if !(src.starts_with('/') || src.starts_with('.') || src.starts_with('~')) {
+        return Ok(VolumeSource::Named { name: src.to_string() });
     }
+    let p = match src.strip_prefix('~') {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => match home {
+            Some(h) => h.join(rest.trim_start_matches('/')),
+            None => return Err(format!("{src:?}: ~ needs HOME, which is not set")),
+        },
+        Some(_) => return Err(format!("{src:?}: ~user paths are not supported; give the path")),
+        None => dir.join(src),
+    };
+    Ok(VolumeSource::Bind { path: normalize(&p) })
 }
 
 /// `SOURCE:TARGET[:MODE]` (`MODE`: `ro`, `rw`, with `z`/`Z` allowed and ignored), the
@@ -39,7 +43,7 @@ pub fn volume(s: &str, dir: &Path, home: Option<&Path>) -> Result<Volume, String
         m if m.split(',').all(|o| ["ro", "rw", "z", "Z"].contains(&o)) => m.split(',').any(|o| o == "ro"),
         m => return Err(format!("mode {m:?} is not ro or rw")),
     };
-    Ok(Volume { source: volume_source(src, dir, home), target: dst.to_string(), read_only })
+    Ok(Volume { source: volume_source(src, dir, home)?, target: dst.to_string(), read_only })
 }
 
 /// `bridge`, `host` or `none`.
@@ -92,6 +96,9 @@ mod tests {
         assert_eq!(v("a:b:c:d").unwrap_err(), "\"a:b:c:d\" is not SOURCE:TARGET[:ro]");
         assert_eq!(v(":/x").unwrap_err(), "\":/x\" is not SOURCE:TARGET[:ro]");
         assert_eq!(v("a:/x:rx").unwrap_err(), "mode \"rx\" is not ro or rw");
+        assert_eq!(v("~:/h").unwrap().source, bind("/home/u"));
+        assert_eq!(v("~bob/x:/x").unwrap_err(), "\"~bob/x\": ~user paths are not supported; give the path");
+        assert_eq!(volume("~/x:/x", dir, None).unwrap_err(), "\"~/x\": ~ needs HOME, which is not set");
         assert_eq!(network_mode("host"), Ok(NetworkMode::Host));
         assert_eq!(network_mode("overlay").unwrap_err(), "\"overlay\" is not supported (bridge, host, none)");
     }

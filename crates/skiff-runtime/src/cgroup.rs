@@ -151,30 +151,29 @@ impl Cgroups {
         }
     }
 
-    /// Renames the cgroup `from` (with the processes in it) to `to` and gives it
-    /// `limits`: what a start does with a spare shim's cgroup instead of moving the
-    /// spare. v1 only — v2 refuses renames — so `Ok(false)` there, and wherever a
-    /// hierarchy cannot be renamed (those renamed already are named back); the shim then
-    /// moves itself as usual.
-    pub fn adopt(&self, from: &str, to: &str, limits: &OwnLimits) -> std::io::Result<bool> {
+    /// Renames the cgroup `from` (with the processes in it) to `to`: what a start does
+    /// with a spare shim's cgroup instead of moving the spare. An empty `to` left by an
+    /// earlier run of the same instance is removed first. The limits are written by the
+    /// shim's own [`Cgroups::enter`] once its program is loaded, as without a spare. v1
+    /// only — v2 refuses renames — so false there, and wherever a hierarchy cannot be
+    /// renamed (those renamed already are named back); the shim then moves itself.
+    pub fn adopt(&self, from: &str, to: &str) -> bool {
         if self.version != CgroupVersion::V1 {
-            return Ok(false);
+            return false;
         }
-        let ctrls = self.own_v1();
         let mut done: Vec<&str> = vec![];
-        for ctrl in &ctrls {
-            if fs::rename(self.dir(ctrl, from), self.dir(ctrl, to)).is_err() {
+        for ctrl in self.own_v1() {
+            let target = self.dir(ctrl, to);
+            let _ = fs::remove_dir(&target);
+            if fs::rename(self.dir(ctrl, from), &target).is_err() {
                 for back in done {
                     let _ = fs::rename(self.dir(back, to), self.dir(back, from));
                 }
-                return Ok(false);
+                return false;
             }
             done.push(ctrl);
         }
-        for ctrl in &ctrls {
-            self.write_limits(ctrl, &self.dir(ctrl, to), limits)?;
-        }
-        Ok(true)
+        true
     }
 
     /// Removes the cgroups of spare shims that are gone (killed before they could leave
@@ -193,19 +192,16 @@ impl Cgroups {
         }
     }
 
-    /// Moves `pid` (if any) back to the root of each hierarchy and removes `cg`: a spare
-    /// shim that was never used, on its way out, or the cgroup a spare left when it moved
-    /// to its instance's. Best effort.
-    pub fn leave(&self, cg: &str, pid: Option<u32>) {
+    /// Moves `pid` back to the root of each hierarchy and removes `cg`: a spare shim that
+    /// was never used, on its way out. Best effort.
+    pub fn leave(&self, cg: &str, pid: u32) {
         let ctrls: Vec<&str> = match self.version {
             CgroupVersion::V1 => self.own_v1(),
             CgroupVersion::V2 => vec![""],
         };
         for ctrl in ctrls {
             let root = if ctrl.is_empty() { self.root.clone() } else { self.root.join(ctrl) };
-            if let Some(pid) = pid {
-                let _ = fs::write(root.join("cgroup.procs"), pid.to_string());
-            }
+            let _ = fs::write(root.join("cgroup.procs"), pid.to_string());
             let _ = fs::remove_dir(self.dir(ctrl, cg));
         }
     }
@@ -406,7 +402,7 @@ mod tests {
         assert_eq!(fs::read_to_string(v2.join("skiff/w1/cgroup.procs")).unwrap(), "42");
     }
 
-    /// A start renames a spare's cgroup to the instance's and sets its limits (v1); where
+    /// A start renames a spare's cgroup to the instance's (v1); where
     /// a hierarchy cannot be renamed, those renamed are named back and the shim moves
     /// itself; v2 never renames.
     #[test]
@@ -417,18 +413,19 @@ mod tests {
             fs::create_dir_all(v1.join(c).join("skiff/spare-7")).unwrap();
         }
         let cg = Cgroups::at(CgroupVersion::V1, &v1);
-        let limits = OwnLimits { memory_max: Some(64 << 20), pids_max: Some(32) };
-        assert!(cg.adopt(&spare_cgroup(7), "/skiff/w1", &limits).unwrap());
+        // An empty directory of the instance's earlier run is replaced.
+        fs::create_dir_all(v1.join("memory/skiff/w1")).unwrap();
+        fs::write(v1.join("memory/skiff/spare-7/mark"), "spare").unwrap();
+        assert!(cg.adopt(&spare_cgroup(7), "/skiff/w1"));
         for c in ["memory", "pids", "cpu"] {
             assert!(v1.join(c).join("skiff/w1").is_dir() && !v1.join(c).join("skiff/spare-7").exists(), "{c}");
         }
-        assert_eq!(fs::read_to_string(v1.join("memory/skiff/w1/memory.limit_in_bytes")).unwrap(), "67108864");
-        assert_eq!(fs::read_to_string(v1.join("pids/skiff/w1/pids.max")).unwrap(), "32");
+        assert!(v1.join("memory/skiff/w1/mark").exists(), "the spare's own directory, renamed");
         // `cpu` has no spare directory to rename: nothing stays renamed.
         for c in ["memory", "pids"] {
             fs::create_dir_all(v1.join(c).join("skiff/spare-8")).unwrap();
         }
-        assert!(!cg.adopt(&spare_cgroup(8), "/skiff/w2", &limits).unwrap());
+        assert!(!cg.adopt(&spare_cgroup(8), "/skiff/w2"));
         for c in ["memory", "pids"] {
             assert!(v1.join(c).join("skiff/spare-8").is_dir() && !v1.join(c).join("skiff/w2").exists(), "{c}");
         }
@@ -437,7 +434,7 @@ mod tests {
         assert!(!v1.join("memory/skiff/spare-8").exists() && v1.join("memory/skiff/w1").is_dir());
         let v2 = t.path().join("v2");
         fs::create_dir_all(v2.join("skiff/spare-9")).unwrap();
-        assert!(!Cgroups::at(CgroupVersion::V2, &v2).adopt(&spare_cgroup(9), "/skiff/w3", &limits).unwrap());
+        assert!(!Cgroups::at(CgroupVersion::V2, &v2).adopt(&spare_cgroup(9), "/skiff/w3"));
         assert!(v2.join("skiff/spare-9").is_dir());
     }
 

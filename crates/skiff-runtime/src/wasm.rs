@@ -136,24 +136,20 @@ impl Spare {
     /// Hands it `bundle`: its answer, or None when it is gone (start another way). Its
     /// cgroup becomes the instance's `cgroup` first, where the host allows (v1), so the
     /// shim need not move.
-    fn run(
-        mut self,
-        bundle: &Path,
-        id: &str,
-        cgroup: Option<&(String, crate::cgroup::OwnLimits)>,
-    ) -> Option<Result<i32, shim::ShimError>> {
+    fn run(mut self, bundle: &Path, id: &str, cgroup: Option<&str>) -> Option<Result<i32, shim::ShimError>> {
         use std::io::Write;
         let cgroups = crate::cgroup::Cgroups::detect();
         let own = crate::cgroup::spare_cgroup(self.pid);
-        let adopted = cgroup.is_some_and(|(cg, limits)| cgroups.adopt(&own, cg, limits).unwrap_or(false));
+        let adopted = cgroup.is_some_and(|cg| cgroups.adopt(&own, cg));
         let sent = writeln!(self.stdin, "{}", bundle.display()).and_then(|_| self.stdin.flush());
         let answer = match sent.map(|_| shim::read_answer(&mut self.stdout, id)) {
             Err(_) | Ok(Err(shim::ShimError::NoAnswer { .. })) => None,
             Ok(answer) => Some(answer),
         };
         if !adopted {
-            // Left empty once the shim moved to its own (or the spare is gone).
-            cgroups.leave(&own, None);
+            // Left empty once the shim moved to its own, or once a spare that failed has
+            // exited (which may take a moment: removed in the background, with retries).
+            let _ = std::thread::Builder::new().name("spare-cgroup".into()).spawn(move || cgroups.remove(&own));
         }
         answer
     }
@@ -348,8 +344,8 @@ impl Runtime for WasmRuntime {
     fn start(&self, id: &str) -> Result<i32, RuntimeError> {
         if self.use_spares {
             let spare = self.spare.lock().ok().and_then(|mut s| s.take());
-            let cgroup = spare.as_ref().and_then(|_| self.shim_spec(id)).and_then(|w| w.cgroup);
-            let answer = spare.and_then(|s| s.run(&self.dir(id), id, cgroup.as_ref()));
+            let cgroup = spare.as_ref().and_then(|_| self.shim_spec(id)).and_then(|w| w.cgroup).map(|(cg, _)| cg);
+            let answer = spare.and_then(|s| s.run(&self.dir(id), id, cgroup.as_deref()));
             // The next spare starts once this start is answered: starting it meanwhile
             // (a process and wasmtime's set-up) takes the CPU from the start being made.
             self.refill();
@@ -496,13 +492,16 @@ pub fn spare_main(root: &Path) -> i32 {
     // move into a cgroup is made now, not during that start.
     let cgroups = crate::cgroup::Cgroups::detect();
     let (pid, own) = (std::process::id(), crate::cgroup::spare_cgroup(std::process::id()));
-    if cgroups.version == crate::cgroup::CgroupVersion::V1 {
+    let v1 = cgroups.version == crate::cgroup::CgroupVersion::V1;
+    if v1 {
         let _ = cgroups.enter(&own, &Default::default(), pid);
     }
     report("ready".into());
     let mut line = String::new();
     if !matches!(std::io::stdin().lock().read_line(&mut line), Ok(n) if n > 0) {
-        cgroups.leave(&own, Some(pid));
+        if v1 {
+            cgroups.leave(&own, pid);
+        }
         return 0;
     }
     let bundle = PathBuf::from(line.trim_end());
