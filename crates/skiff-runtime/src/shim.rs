@@ -230,6 +230,9 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
     diag(bundle, &format!("container {} started, pid {pid}", cfg.id));
 
     let (code, signal) = wait_for(pid);
+    // When it ended, as Docker's FinishedAt: the restart back-off counts from here, not
+    // from after the clean-up below (`runc delete` is a process of its own).
+    let finished_at_ms = crate::time::now_ms();
     for c in copiers {
         let _ = c.join();
     }
@@ -238,7 +241,7 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
     if let Err(e) = runc.delete(&cfg.id) {
         diag(bundle, &format!("runc delete: {e}"));
     }
-    let exit = ExitStatus { code, signal, oom_killed, finished_at_ms: crate::time::now_ms(), message: None };
+    let exit = ExitStatus { code, signal, oom_killed, finished_at_ms, message: None };
     write_exit(bundle, &exit);
     Ok(())
 }
