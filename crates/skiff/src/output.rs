@@ -13,6 +13,19 @@ pub enum Format {
     JsonLine,
 }
 
+/// Writes `text` to stdout. A reader that went away (`| head`, `| grep -q`) ends the
+/// command as SIGPIPE ends other tools (exit 141), not with a panic (Rust ignores the
+/// signal, so the write fails instead).
+pub fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+    }
+}
+
 /// Prints `rows` as an aligned table with `headers`.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -32,7 +45,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
                 s.push_str(&format!("{c:<width$}   ", width = w[i]));
             }
         }
-        println!("{}", s.trim_end());
+        emit(&format!("{}\n", s.trim_end()));
     };
     line(headers.iter().map(|s| s.to_string()).collect());
     for r in rows {
@@ -53,9 +66,9 @@ pub fn print<T: Serialize>(items: &[T], f: Format, headers: &[&str], row: impl F
 
 pub fn structured<T: Serialize + ?Sized>(v: &T, f: Format) -> Result<()> {
     match f {
-        Format::Yaml => print!("{}", serde_norway::to_string(v)?),
-        Format::Json | Format::Table => println!("{}", serde_json::to_string_pretty(v)?),
-        Format::JsonLine => println!("{}", serde_json::to_string(v)?),
+        Format::Yaml => emit(&serde_norway::to_string(v)?),
+        Format::Json | Format::Table => emit(&format!("{}\n", serde_json::to_string_pretty(v)?)),
+        Format::JsonLine => emit(&format!("{}\n", serde_json::to_string(v)?)),
     }
     Ok(())
 }

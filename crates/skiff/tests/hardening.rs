@@ -352,3 +352,20 @@ fn skiff_up_off_loopback_serves_tls_only() -> R {
     assert!(!plain.contains("ok"), "no plain HTTP: {plain:?}");
     Ok(())
 }
+
+/// A command whose reader went away (`skiff get ... | grep -q`, `| head`) ends as other
+/// tools do on SIGPIPE (exit 141, nothing on stderr), not with a panic and a backtrace.
+#[test]
+fn a_reader_that_went_away_ends_the_command_quietly() -> R {
+    let data = tempfile::tempdir()?;
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let out = std::process::Command::new(common::bin())
+        .args(["--data", &data.path().display().to_string(), "image", "ls"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()?;
+    assert_eq!(out.status.code(), Some(141), "{out:?}");
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}

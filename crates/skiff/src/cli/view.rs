@@ -91,13 +91,11 @@ pub(super) async fn get(c: &Client, kind: Kind, f: Format, watch: bool) -> Resul
             continue;
         };
         match f {
-            Format::Table if tag.is_some() => println!(),
-            Format::Yaml if watch => println!("---"),
+            Format::Table if tag.is_some() => output::emit("\n"),
+            Format::Yaml if watch => output::emit("---\n"),
             _ => {}
         }
         print_list(kind, &body, if watch && f == Format::Json { Format::JsonLine } else { f })?;
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
         if !watch {
             return Ok(0);
         }
@@ -255,7 +253,6 @@ pub(super) async fn logs(c: &Client, name: &str, follow: bool, tail: Option<usiz
     let mut resp = c.stream(&q).await?;
     let mut buf: Vec<u8> = vec![];
     use std::io::Write;
-    let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     while let Some(chunk) = resp.chunk().await.context("reading the log stream")? {
         buf.extend_from_slice(&chunk);
@@ -272,9 +269,7 @@ pub(super) async fn logs(c: &Client, name: &str, follow: bool, tail: Option<usiz
             if stream == "stderr" {
                 let _ = writeln!(stderr.lock(), "{prefix}{t}{}", l.log);
             } else {
-                let mut o = stdout.lock();
-                let _ = writeln!(o, "{prefix}{t}{}", l.log);
-                let _ = o.flush();
+                output::emit(&format!("{prefix}{t}{}\n", l.log));
             }
         }
     }
