@@ -156,17 +156,18 @@ impl Hub {
         let mut out = ApplyRequest { autoscalers: vec![], ..req.clone() };
         for (i, a) in req.autoscalers.iter().enumerate() {
             let path = if a.path.is_empty() { format!("autoscalers[{i}]") } else { a.path.clone() };
-            let d = match out.deployments.iter_mut().find(|d| d.name == a.target) {
-                Some(d) => d,
+            let at = match out.deployments.iter().position(|d| d.name == a.target) {
+                Some(at) => at,
                 None => {
                     let Some(stored) = self.store.get(&a.target)? else {
                         let e = format!("{path}.spec.scaleTargetRef: deployment {:?} not found", a.target);
                         return Err(ApplyError::Invalid(e));
                     };
                     out.deployments.push(stored.spec);
-                    out.deployments.last_mut().ok_or_else(|| ApplyError::Internal("pushed and gone".into()))?
+                    out.deployments.len() - 1
                 }
             };
+            let d = &mut out.deployments[at];
             d.autoscale = Some(a.spec.clone());
             d.validate().map_err(|e| ApplyError::Invalid(format!("{path}: {e}")))?;
         }

@@ -136,11 +136,11 @@ impl Spare {
     /// Hands it `bundle`: its answer, or None when it is gone (start another way). Its
     /// cgroup becomes the instance's `cgroup` first, where the host allows (v1), so the
     /// shim need not move.
-    fn run(mut self, bundle: &Path, id: &str, cgroup: Option<&str>) -> Option<Result<i32, shim::ShimError>> {
+    fn run(mut self, bundle: &Path, id: &str, cgroup: &str) -> Option<Result<i32, shim::ShimError>> {
         use std::io::Write;
         let cgroups = crate::cgroup::Cgroups::detect();
         let own = crate::cgroup::spare_cgroup(self.pid);
-        let adopted = cgroup.is_some_and(|cg| cgroups.adopt(&own, cg));
+        let adopted = cgroups.adopt(&own, cgroup);
         let sent = writeln!(self.stdin, "{}", bundle.display()).and_then(|_| self.stdin.flush());
         let answer = match sent.map(|_| shim::read_answer(&mut self.stdout, id)) {
             Err(_) | Ok(Err(shim::ShimError::NoAnswer { .. })) => None,
@@ -344,8 +344,7 @@ impl Runtime for WasmRuntime {
     fn start(&self, id: &str) -> Result<i32, RuntimeError> {
         if self.use_spares {
             let spare = self.spare.lock().ok().and_then(|mut s| s.take());
-            let cgroup = spare.as_ref().and_then(|_| self.shim_spec(id)).and_then(|w| w.cgroup).map(|(cg, _)| cg);
-            let answer = spare.and_then(|s| s.run(&self.dir(id), id, cgroup.as_deref()));
+            let answer = spare.and_then(|s| s.run(&self.dir(id), id, &cgroup_of(id)));
             // The next spare starts once this start is answered: starting it meanwhile
             // (a process and wasmtime's set-up) takes the CPU from the start being made.
             self.refill();

@@ -46,7 +46,8 @@ pub struct RunArgs {
     pub env: Vec<String>,
     #[arg(short = 'p', long = "publish")]
     pub publish: Vec<String>,
-    /// SOURCE:TARGET[:ro]; SOURCE is a host path (absolute) or a volume name.
+    /// SOURCE:TARGET[:ro]; a SOURCE starting with /, . or ~ is a host path (./data from
+    /// the current directory, as compose reads it), anything else a volume name.
     #[arg(short = 'v', long = "volume")]
     pub volume: Vec<String>,
     #[arg(long, default_value = "bridge")]
