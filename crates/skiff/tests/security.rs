@@ -150,6 +150,16 @@ fn a_stolen_node_reaches_nothing_beyond_its_own_slots() -> R {
     let r = rt.block_on(stolen.get(format!("{server}/api/v1/nodes/node-b/assignments")).send())?;
     assert_eq!(r.status(), 403);
 
+    // Its certificate is no API credential: it cannot attach an autoscaler to a
+    // deployment (which would rescale it onto other nodes), and `web` is unchanged.
+    let hpa = serde_json::json!({"deployments": [], "autoscalers": [{"target": "web", "spec": {
+        "minReplicas": 1, "maxReplicas": 20,
+        "metrics": [{"resource": "cpu", "targetType": "AverageValue", "averageValue": "1m"}]}}]});
+    let r = rt.block_on(stolen.post(format!("{server}/api/v1/apply")).json(&hpa).send())?;
+    assert_eq!(r.status(), 401);
+    let web = h.ok(&["describe", "deployment", "web"])?;
+    assert!(web.contains("replicas: 2") && !web.contains("maxReplicas"), "no autoscaler was attached: {web}");
+
     // a claims b's instance as its own.
     let mut forged = on_b.clone();
     forged.node = "node-a".into();
