@@ -35,7 +35,10 @@ start_up() {
   mkdir -p "$data"
   "$BIN/xtask" demo-image "$data/layout" >/dev/null
   "$SKIFF" --data "$data" image load "$data/layout" >/dev/null 2>&1
-  "$SKIFF" --data "$data" up --listen 127.0.0.1:0 --bridge skbench0 --subnet 10.250.0.0/24 "$@" >"$data/up.log" 2>&1 &
+  # A developer's RUST_BACKTRACE makes every error capture a backtrace, which reads the
+  # whole unwind table into memory: measure what a node runs, without it.
+  env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE \
+    "$SKIFF" --data "$data" up --listen 127.0.0.1:0 --bridge skbench0 --subnet 10.250.0.0/24 "$@" >"$data/up.log" 2>&1 &
   UP_PID=$!
   for _ in $(seq 1 100); do
     [ -f "$data/admin.conf" ] && "$SKIFF" --data "$data" get nodes >/dev/null 2>&1 && return 0

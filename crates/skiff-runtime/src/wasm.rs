@@ -527,9 +527,12 @@ pub fn check(module: &skiff_image::WasmModule, cache_dir: &Path) -> Result<&'sta
 /// Removes compiled programs of other wasmtime builds and of modules `keep` rejects;
 /// returns the bytes freed.
 pub fn prune_cache(cache_dir: &Path, keep: impl Fn(&str) -> bool) -> u64 {
-    let Ok(engine) = skiff_wasm::engine::engine(None, None) else { return 0 };
+    if !cache_dir.is_dir() {
+        return 0;
+    }
+    let engine_id = || skiff_wasm::engine::engine(None, None).ok().map(|e| skiff_wasm::engine::id(&e));
     match skiff_wasm::cache::Cache::open(cache_dir) {
-        Ok(c) => c.prune(&skiff_wasm::engine::id(&engine), keep),
+        Ok(c) => c.prune(engine_id, keep),
         Err(_) => 0,
     }
 }

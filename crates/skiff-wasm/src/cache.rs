@@ -157,28 +157,69 @@ impl Cache {
         compiled.map_err(invalid)
     }
 
-    /// Removes artifacts of other engines, and of modules `keep` says no longer exist.
-    /// Returns the bytes freed.
     /// Removes artifacts of other engines, and those `keep` rejects unless compiled in the
-    /// last [`MIN_AGE`]; returns the bytes freed.
-    pub fn prune(&self, engine_id: &str, keep: impl Fn(&str) -> bool) -> u64 {
+    /// last [`MIN_AGE`]; returns the bytes freed. `engine_id` is asked for only when there
+    /// is an artifact to judge: building an engine to learn its identity loads the whole
+    /// compiler, which a node that runs no WebAssembly should never page in.
+    pub fn prune(&self, engine_id: impl FnOnce() -> Option<String>, keep: impl Fn(&str) -> bool) -> u64 {
         let mut freed = 0;
         let Ok(rd) = fs::read_dir(&self.dir) else { return 0 };
+        let mut engine_id = Some(engine_id);
+        let mut current: Option<String> = None;
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(stem) = name.strip_suffix(".cwasm").or_else(|| name.strip_suffix(".sha256")) else {
                 continue;
             };
             let Some((module_id, engine)) = stem.rsplit_once('-') else { continue };
+            if let Some(f) = engine_id.take() {
+                match f() {
+                    Some(id) => current = Some(id),
+                    // Without the engine's identity nothing can be judged stale.
+                    None => return 0,
+                }
+            }
             // A program compiled in the last minutes may be one being checked for a
             // deployment not stored yet (as image GC's minimum age).
             let young =
                 e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() < MIN_AGE);
-            if engine != engine_id || (!keep(module_id) && !young) {
+            if current.as_deref() != Some(engine) || (!keep(module_id) && !young) {
                 freed += e.metadata().map(|m| m.len()).unwrap_or(0);
                 let _ = fs::remove_file(e.path());
             }
         }
         freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_asks_for_the_engine_only_when_there_is_an_artifact() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        fs::write(dir.path().join("notes.txt"), "not an artifact").unwrap();
+        let asked = std::cell::Cell::new(0);
+        let id = || {
+            asked.set(asked.get() + 1);
+            Some("e1".to_string())
+        };
+        assert_eq!(cache.prune(id, |_| false), 0);
+        assert_eq!(asked.get(), 0, "no artifact: no engine built");
+
+        fs::write(dir.path().join("m1-e1.cwasm"), "current").unwrap();
+        fs::write(dir.path().join("m1-e0.cwasm"), "stale!!").unwrap();
+        let id = || {
+            asked.set(asked.get() + 1);
+            Some("e1".to_string())
+        };
+        assert_eq!(cache.prune(id, |_| true), 7, "the other engine's artifact goes");
+        assert_eq!(asked.get(), 1, "asked once for all artifacts");
+        assert!(dir.path().join("m1-e1.cwasm").exists());
+        // An engine that cannot be built judges nothing stale.
+        assert_eq!(cache.prune(|| None, |_| false), 0);
+        assert!(dir.path().join("m1-e1.cwasm").exists());
     }
 }

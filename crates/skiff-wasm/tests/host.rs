@@ -146,16 +146,16 @@ fn the_second_start_loads_the_compiled_artifact_and_a_damaged_one_is_recompiled(
     // Pruning for the default engine keeps its artifact only.
     let engine_id = skiff_wasm::engine::id(&skiff_wasm::engine::engine(None, None).unwrap());
     let cache = skiff_wasm::cache::Cache::open(&s.cache_dir).unwrap();
-    assert!(cache.prune(&engine_id, |_| true) > 0);
+    assert!(cache.prune(|| Some(engine_id.clone()), |_| true) > 0);
     assert!(cache.artifact_path(&s.module_id, &engine_id).exists());
     assert!(skiff_wasm::prepare(&s).unwrap().cached);
-    cache.prune(&engine_id, |_| false);
+    cache.prune(|| Some(engine_id.clone()), |_| false);
     assert!(skiff_wasm::prepare(&s).unwrap().cached, "just compiled: kept (it may be for an apply in flight)");
     let old = std::time::SystemTime::now() - skiff_wasm::cache::MIN_AGE * 2;
     for e in std::fs::read_dir(&s.cache_dir).unwrap().flatten() {
         std::fs::File::options().write(true).open(e.path()).unwrap().set_modified(old).unwrap();
     }
-    cache.prune(&engine_id, |_| false);
+    cache.prune(|| Some(engine_id.clone()), |_| false);
     assert!(!skiff_wasm::prepare(&s).unwrap().cached);
 }
 
