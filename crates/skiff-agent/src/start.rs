@@ -13,7 +13,7 @@ use skiff_runtime::{CreateRequest, Liveness, Runtime};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tracing::warn;
+use tracing::{debug, warn};
 
 impl Agent {
     /// Resolves image, network and volumes, creates the container and starts its shim.
@@ -89,6 +89,7 @@ impl Agent {
 
     pub(crate) fn start_blocking(&self, r: &InstanceRow) -> Result<(i32, Option<Ipv4Addr>), AgentError> {
         let id = &r.container_id;
+        let t0 = std::time::Instant::now();
         let rt = self.runtimes.of(r.spec.runtime);
         if let Liveness::Running { pid } = rt.liveness(id) {
             if pid > 0 {
@@ -119,6 +120,7 @@ impl Agent {
             let net = net.join().unwrap_or_else(|_| Err(AgentError::Other("network setup panicked".into())));
             created.and(net)
         })?;
+        let prepared = t0.elapsed();
         // What a rebuild of agent.db finds this instance by (see `rebuild`): written
         // durably beside the start, not before it (two fsyncs a start need not wait for).
         let rec = InstanceRow { ip: ip.map(|i| i.to_string()), ..r.clone() };
@@ -129,6 +131,8 @@ impl Agent {
             (started, recorded.join())
         });
         let pid = started?;
+        debug!(instance = %r.name, prepared_ms = prepared.as_secs_f64() * 1e3,
+            started_ms = t0.elapsed().as_secs_f64() * 1e3, "started");
         // No instance runs without its record (a rebuild could not find it): one whose
         // record could not be written is stopped, and the start counts as failed.
         let unrecorded = match recorded {

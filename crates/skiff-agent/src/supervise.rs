@@ -31,7 +31,13 @@ pub fn after_exit(
     }
     let ran = started_at_ms.map(|s| exit.finished_at_ms.saturating_sub(s)).unwrap_or(0);
     let streak = if ran >= BACKOFF_RESET_MS { 0 } else { streak };
-    AfterExit::Restart { at_ms: now_ms + restart_backoff_ms(streak), streak: streak + 1 }
+    // The back-off counts from the exit, as Docker's does: the milliseconds the agent took
+    // to learn of it (the shim's `runc delete`) are not added on top. An exit time that is
+    // ahead of the agent's clock, or older than the back-off, is not trusted.
+    let backoff = restart_backoff_ms(streak);
+    let exited = exit.finished_at_ms;
+    let from = if exited <= now_ms && now_ms - exited < backoff { exited } else { now_ms };
+    AfterExit::Restart { at_ms: from + backoff, streak: streak + 1 }
 }
 
 /// What the supervisor knows about another deployment's instances.
@@ -115,6 +121,16 @@ mod tests {
             after_exit(p, &exit(1, 20_000), Some(10_000), 5, 5, 20_000),
             AfterExit::Restart { at_ms: 20_100, streak: 1 }
         );
+    }
+
+    #[test]
+    fn backoff_counts_from_the_exit_when_its_time_is_sane() {
+        let p = RestartPolicy::Always;
+        // Learnt of 9 ms after the exit: the restart is 100 ms after the exit.
+        assert_eq!(after_exit(p, &exit(1, 1000), Some(900), 0, 0, 1009), AfterExit::Restart { at_ms: 1100, streak: 1 });
+        // An exit "in the future" (another clock) or older than the back-off: from now.
+        assert_eq!(after_exit(p, &exit(1, 1050), Some(900), 0, 0, 1009), AfterExit::Restart { at_ms: 1109, streak: 1 });
+        assert_eq!(after_exit(p, &exit(1, 500), Some(400), 0, 0, 1009), AfterExit::Restart { at_ms: 1109, streak: 1 });
     }
 
     #[test]

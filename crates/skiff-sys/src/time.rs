@@ -13,6 +13,11 @@ pub fn now_ms() -> u64 {
 pub trait Clock: Send + Sync {
     /// Milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
+
+    /// How long until `at_ms` (zero once it has passed).
+    fn until(&self, at_ms: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(at_ms.saturating_sub(self.now_ms()))
+    }
 }
 
 /// The wall clock ([`now_ms`]).
@@ -22,6 +27,13 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
         now_ms()
+    }
+
+    /// Not rounded to the millisecond: a restart due at `at_ms` is not started up to a
+    /// millisecond late because `now_ms` truncates.
+    fn until(&self, at_ms: u64) -> std::time::Duration {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        std::time::Duration::from_millis(at_ms).saturating_sub(now)
     }
 }
 
@@ -67,5 +79,16 @@ mod tests {
         c.set(5);
         assert_eq!(c.now_ms(), 5);
         assert!(SystemClock.now_ms() > 1_600_000_000_000, "the wall clock is past 2020");
+    }
+
+    #[test]
+    fn until_counts_down_to_zero() {
+        let c = ManualClock::at(1_000);
+        assert_eq!(c.until(1_250), std::time::Duration::from_millis(250));
+        assert_eq!(c.until(900), std::time::Duration::ZERO);
+        let now = SystemClock.now_ms();
+        let d = SystemClock.until(now + 1_000);
+        assert!(d <= std::time::Duration::from_millis(1_000), "{d:?}");
+        assert_eq!(SystemClock.until(now - 1), std::time::Duration::ZERO);
     }
 }
