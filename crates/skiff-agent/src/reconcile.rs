@@ -16,12 +16,11 @@ use crate::supervise::{unmet_dependency, Peer};
 use crate::{blocking, rebuild, slot_of, update, Agent, AgentError};
 use skiff_image::Target;
 use skiff_model::rollout;
-use skiff_model::{Deployment, InstanceState, RuntimeKind};
+use skiff_model::{Deployment, InstanceState, NetworkMode, RuntimeKind};
 use skiff_runtime::network::list_netns;
 use skiff_runtime::Liveness;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 use tracing::{debug, info, warn};
 
 /// What a pass leaves for the loop to wait on.
@@ -66,7 +65,7 @@ impl Agent {
             match self.reconcile(full).await {
                 Ok(pass) => {
                     if let Some(at) = pass.next_start_ms {
-                        let after = Duration::from_millis(at.saturating_sub(self.now_ms()));
+                        let after = self.cfg.clock.until(at);
                         due = due.min(tokio::time::Instant::now() + after);
                     }
                     if pass.poll || self.exits.any_unwatched() {
@@ -91,12 +90,31 @@ impl Agent {
             h.abort();
         }
         self.exits.clear();
+        self.remove_nat_if_unused().await;
         Ok(())
     }
 
+    /// On shutdown the NAT rules go, unless instances on the bridge outlive the agent
+    /// (they keep reaching the outside while it is away).
+    async fn remove_nat_if_unused(self: &Arc<Self>) {
+        let Some(nat) = self.nat.clone() else { return };
+        let on_bridge = self.db(|s| s.instances()).map(|rows| {
+            rows.iter().any(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge)
+        });
+        match on_bridge {
+            Ok(false) => blocking(move || nat.remove()).await,
+            Ok(true) => info!(bridge = %nat.bridge, "instances on the bridge keep running: its NAT rules stay"),
+            Err(e) => warn!(error = %e, "NAT rules left in place"),
+        }
+    }
+
     pub(crate) async fn adopt(self: &Arc<Self>) -> Result<(), AgentError> {
-        let bridge = self.bridge.clone();
-        blocking(move || bridge.ensure()).await?;
+        let (bridge, nat) = (self.bridge.clone(), self.nat.clone());
+        blocking(move || {
+            bridge.ensure()?;
+            nat.map_or(Ok(()), |n| n.ensure())
+        })
+        .await?;
         let _ = self.images.clean_tmp();
         let rows = self.db(|s| s.instances())?;
         let mine: HashSet<String> = rows.iter().map(|r| r.container_id.clone()).collect();
@@ -421,6 +439,7 @@ mod tests {
             cfg.clock = clock.clone();
             cfg.backends = Some(Backends { oci: rt.clone(), wasm: rt.clone() });
             cfg.image_gc = None;
+            cfg.firewall = None;
             let agent = Agent::open(cfg).unwrap();
             let layer = LayerBuilder::new().file("hello", 0o644, b"hi").unwrap().finish().unwrap();
             let image = ImageBuilder { layers: vec![layer], ..ImageBuilder::busybox().unwrap() };

@@ -9,6 +9,7 @@
 
 pub mod cgroup;
 pub mod logs;
+pub mod nat;
 pub mod network;
 pub mod oci;
 pub mod procfs;

@@ -18,6 +18,8 @@ pub enum NetError {
     Exhausted(String),
     #[error("network interface {0} exists and is not a bridge (choose another with --bridge)")]
     NotABridge(String),
+    #[error("{command}: {message}")]
+    Firewall { command: String, message: String },
 }
 
 fn ip(args: &[&str]) -> Result<(), NetError> {

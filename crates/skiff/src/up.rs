@@ -4,6 +4,7 @@
 //! would); the next `skiff up` re-adopts them.
 
 use crate::cli::Cli;
+use crate::cli::{parse_firewall, Fw};
 use crate::config::ClientConfig;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -36,6 +37,11 @@ pub struct UpArgs {
     /// Subnet for bridge-mode instances (the bridge takes .1).
     #[arg(long, default_value = "10.213.0.0/20")]
     pub subnet: String,
+    /// Firewall that masquerades the bridge's traffic to the outside (as Docker's bridge):
+    /// auto (nft when installed, else iptables), nft, iptables, or none (instances then
+    /// reach only this host).
+    #[arg(long, default_value = "auto", value_parser = parse_firewall)]
+    pub firewall: Fw,
     /// Disk use (percent) above which unused images are pruned; 0 turns pruning off.
     #[arg(long, default_value_t = 85, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub image_gc_high: u8,
@@ -174,6 +180,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     let mut acfg = AgentConfig::new(data);
     acfg.bridge_name = args.bridge.clone();
     acfg.subnet = args.subnet.clone();
+    acfg.firewall = args.firewall.0;
     acfg.image_gc = match args.image_gc_high {
         0 => None,
         high => Some(

@@ -245,3 +245,11 @@ mod tests {
         assert!(super::image::parse_rate("0").is_err() && super::image::parse_rate("fast").is_err());
     }
 }
+
+/// `--firewall`: the one that writes the bridge's NAT rules (`None`: no NAT).
+#[derive(Debug, Clone, Copy)]
+pub struct Fw(pub Option<skiff_runtime::nat::Firewall>);
+
+pub fn parse_firewall(s: &str) -> std::result::Result<Fw, String> {
+    skiff_runtime::nat::Firewall::parse(s).map(Fw)
+}

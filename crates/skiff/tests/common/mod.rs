@@ -360,6 +360,12 @@ impl Node {
                 }
             }
         }
+        // NAT rules a killed agent left (with either firewall).
+        if let Ok(subnet) = skiff_runtime::network::Subnet::parse(&self.subnet) {
+            for firewall in [skiff_runtime::nat::Firewall::Nft, skiff_runtime::nat::Firewall::Iptables] {
+                skiff_runtime::nat::Nat { bridge: self.bridge.clone(), subnet, firewall }.remove();
+            }
+        }
         let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
     }
 }
