@@ -10,6 +10,7 @@
 pub mod cgroup;
 pub mod logs;
 pub mod nat;
+pub mod netlink;
 pub mod network;
 pub mod oci;
 pub mod procfs;

@@ -44,17 +44,24 @@ impl Firewall {
     }
 }
 
+/// Where `tool` is: on `PATH`, or in the sbin directories a service's `PATH` may lack.
+fn locate(tool: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/sbin"].map(std::path::PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
 fn found(tool: &str) -> bool {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/local/bin"]
-        .iter()
-        .any(|d| std::path::Path::new(d).join(tool).exists())
+    locate(tool).is_some()
 }
 
 /// Runs `tool args` with `stdin`; the error names the command and carries its stderr.
 fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
     use std::io::Write;
     let err = |m: String| NetError::Firewall { command: format!("{tool} {}", args.join(" ")), message: m };
-    let mut child = Command::new(tool)
+    let mut child = Command::new(locate(tool).unwrap_or_else(|| tool.into()))
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())

@@ -1,17 +1,18 @@
 //! Node networking for the `bridge` mode: one Linux bridge per node and, per instance, a
-//! network namespace joined to it by a veth pair. Done with iproute2's `ip`, so there is
-//! no netlink code to maintain and no iptables dependency (published ports go through the
-//! agent's userspace proxy).
+//! network namespace joined to it by a veth pair. Done through netlink
+//! ([`crate::netlink`]): no iproute2 needed on the node. Published ports go through the
+//! agent's userspace proxy; outbound NAT is [`crate::nat`].
 
+use crate::netlink::{netns_add, netns_del, NlError, Rtnl, NETNS_DIR};
+use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::Command;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum NetError {
-    #[error("ip {args}: {message}")]
-    Ip { args: String, message: String },
+    #[error(transparent)]
+    Netlink(#[from] NlError),
     #[error("{0:?} is not an IPv4 subnet like 10.213.0.0/24")]
     BadSubnet(String),
     #[error("subnet {0} has no free address left")]
@@ -20,42 +21,6 @@ pub enum NetError {
     NotABridge(String),
     #[error("{command}: {message}")]
     Firewall { command: String, message: String },
-}
-
-fn ip(args: &[&str]) -> Result<(), NetError> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| NetError::Ip { args: args.join(" "), message: e.to_string() })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(NetError::Ip { args: args.join(" "), message: String::from_utf8_lossy(&out.stderr).trim().to_string() })
-    }
-}
-
-/// Runs `ip [pre...] -batch -` with `script` on stdin; stops at the first failing line.
-fn ip_batch(pre: &[&str], script: &str) -> Result<(), NetError> {
-    use std::io::Write;
-    let args = format!("{} -batch -", pre.join(" "));
-    let err = |m: String| NetError::Ip { args: args.clone(), message: m };
-    let mut child = Command::new("ip")
-        .args(pre)
-        .args(["-batch", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| err(e.to_string()))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).map_err(|e| err(e.to_string()))?;
-    }
-    let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()))
-    }
 }
 
 /// A subnet such as `10.213.0.0/24`: `.1` is the bridge, instances get the rest.
@@ -119,58 +84,72 @@ impl Bridge {
     /// come and go, and an instance that cached the old one sends its answers (and its
     /// resets) to an address nobody holds until it asks again.
     pub fn ensure(&self) -> Result<(), NetError> {
-        let mac = mac_of(self.subnet.gateway());
-        if !exists(&format!("/sys/class/net/{}", self.name)) {
-            ip(&["link", "add", &self.name, "address", &mac, "type", "bridge"])?;
-        } else if !exists(&format!("/sys/class/net/{}/bridge", self.name)) {
-            return Err(NetError::NotABridge(self.name.clone()));
-        } else if std::fs::read_to_string(format!("/sys/class/net/{}/address", self.name))
-            .is_ok_and(|a| a.trim() != mac)
-        {
-            ip(&["link", "set", &self.name, "address", &mac])?;
+        let mac = mac_bytes(self.subnet.gateway());
+        let mut nl = Rtnl::open()?;
+        match nl.kind(&self.name) {
+            Ok(Some(netlink_packet_route::link::InfoKind::Bridge)) => {
+                let now = std::fs::read_to_string(format!("/sys/class/net/{}/address", self.name)).unwrap_or_default();
+                if now.trim() != mac_of(self.subnet.gateway()) {
+                    nl.set_link(&self.name, Some(mac), None, false)?;
+                }
+            }
+            Ok(_) => return Err(NetError::NotABridge(self.name.clone())),
+            Err(e) if e.source.raw_os_error() == Some(libc::ENODEV) => nl.add_bridge(&self.name, mac)?,
+            Err(e) => return Err(e.into()),
         }
-        let cidr = format!("{}/{}", self.subnet.gateway(), self.subnet.prefix);
-        let _ = ip(&["addr", "add", &cidr, "dev", &self.name]); // EEXIST is fine
-        ip(&["link", "set", &self.name, "up"])
+        nl.add_address(&self.name, self.subnet.gateway(), self.subnet.prefix)?;
+        nl.set_link(&self.name, None, None, true)?;
+        Ok(())
     }
 
     pub fn remove(&self) {
-        let _ = ip(&["link", "del", &self.name]);
+        if let Ok(mut nl) = Rtnl::open() {
+            let _ = nl.del_link(&self.name);
+        }
     }
 
     /// Creates `netns` with `eth0` at `addr`, joined to the bridge through a veth pair.
-    /// Two `ip -batch` runs (host side, then inside the namespace) instead of seven.
     pub fn attach(&self, netns: &str, addr: Ipv4Addr) -> Result<PathBuf, NetError> {
-        let host_if = veth_name(netns);
         self.detach(netns);
-        let host = format!(
-            "netns add {netns}\nlink add {host_if} type veth peer name eth0 netns {netns}\nlink set {host_if} master {}\nlink set {host_if} up\n",
-            self.name
-        );
-        let inside = format!(
-            "link set eth0 address {}\naddr add {addr}/{} dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via {}\n",
-            mac_of(addr),
-            self.subnet.prefix,
-            self.subnet.gateway()
-        );
-        let r = ip_batch(&[], &host).and_then(|_| ip_batch(&["-n", netns], &inside));
-        if let Err(e) = r {
+        let r = self.attach_inner(netns, addr);
+        if r.is_err() {
             self.detach(netns);
-            return Err(e);
         }
-        Ok(netns_path(netns))
+        r
+    }
+
+    fn attach_inner(&self, netns: &str, addr: Ipv4Addr) -> Result<PathBuf, NetError> {
+        let host_if = veth_name(netns);
+        let path = netns_add(netns)?;
+        let ns = File::open(&path).map_err(|e| NlError { op: format!("open network namespace {netns}"), source: e })?;
+        let mut host = Rtnl::open()?;
+        let bridge = host.index(&self.name)?.ok_or_else(|| NetError::NotABridge(self.name.clone()))?;
+        host.add_veth(&host_if, "eth0", &ns)?;
+        host.set_link(&host_if, None, Some(bridge), true)?;
+        let mut inside = Rtnl::open_in(&ns)?;
+        inside.set_link("eth0", Some(mac_bytes(addr)), None, false)?;
+        inside.add_address("eth0", addr, self.subnet.prefix)?;
+        inside.set_link("eth0", None, None, true)?;
+        inside.set_link("lo", None, None, true)?;
+        inside.add_default_route(self.subnet.gateway())?;
+        Ok(path)
     }
 
     /// Removes the namespace and its veth (idempotent).
     pub fn detach(&self, netns: &str) {
         let host_if = veth_name(netns);
         if exists(&format!("/sys/class/net/{host_if}")) {
-            let _ = ip(&["link", "del", &host_if]);
+            if let Ok(mut nl) = Rtnl::open() {
+                let _ = nl.del_link(&host_if);
+            }
         }
-        if exists(&netns_path(netns).display().to_string()) {
-            let _ = ip(&["netns", "del", netns]);
-        }
+        netns_del(netns);
     }
+}
+
+fn mac_bytes(addr: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = addr.octets();
+    [0x02, 0x42, a, b, c, d]
 }
 
 /// The MAC address of the instance at `addr`, derived from it as Docker does: when an
@@ -182,7 +161,7 @@ pub fn mac_of(addr: Ipv4Addr) -> String {
 }
 
 pub fn netns_path(netns: &str) -> PathBuf {
-    PathBuf::from("/var/run/netns").join(netns)
+    PathBuf::from(NETNS_DIR).join(netns)
 }
 
 /// Interface names are limited to 15 bytes: `vsk` + 10 hex digits of a hash.
@@ -194,7 +173,7 @@ pub fn veth_name(netns: &str) -> String {
 
 /// Namespaces left behind with the given prefix (for cleanup at startup).
 pub fn list_netns(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/var/run/netns")
+    std::fs::read_dir(NETNS_DIR)
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())

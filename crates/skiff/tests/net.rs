@@ -1,7 +1,8 @@
-//! The node's own networking against a real kernel: outbound NAT through nftables and
+//! The node's own networking against a real kernel: bridge, veth and namespaces made
+//! through netlink with no iproute2 on the agent's PATH; outbound NAT through nftables and
 //! through iptables, beside a host whose FORWARD policy drops (as installing docker.io
-//! leaves it). One test: it changes the host's FORWARD policy for its duration, which no
-//! other test in this binary may see.
+//! leaves it). The tests of this binary run one at a time: one changes the host's FORWARD
+//! policy for its duration.
 
 mod common;
 
@@ -9,7 +10,10 @@ use anyhow::{bail, Context, Result};
 use common::{wait_for, Node, Uplink, IMAGE};
 use skiff_testkit::require_privileged;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
+
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Sets iptables' FORWARD policy for as long as it lives; the old one comes back on drop.
 struct ForwardPolicy {
@@ -102,6 +106,7 @@ fn nft_table(n: &Node) -> String {
 #[test]
 fn containers_reach_the_outside_through_nat_with_nftables_and_with_iptables() -> Result<()> {
     require_privileged!();
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for tool in ["nft", "iptables"] {
         if !have(tool) {
             bail!("{tool} is not installed (scripts/deps.sh installs it)");
@@ -152,5 +157,49 @@ fn containers_reach_the_outside_through_nat_with_nftables_and_with_iptables() ->
         let table = nft_table(&n);
         assert!(run("nft", &["list", "table", "ip", &table]).is_err(), "{firewall}: nft table {table} left behind");
     }
+    Ok(())
+}
+
+#[test]
+fn the_agent_sets_up_bridge_networking_without_iproute2() -> Result<()> {
+    require_privileged!();
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The agent's PATH holds runc and nothing else: no `ip` to run.
+    let tools = tempfile::tempdir()?;
+    let runc = run("sh", &["-c", "command -v runc"])?;
+    std::os::unix::fs::symlink(runc.trim(), tools.path().join("runc"))?;
+    let mut n = Node::new()?;
+    n.up_env.push(("PATH".into(), tools.path().display().to_string()));
+    n.up_with(None, &["--firewall", "none"])?;
+    n.ok(&["run", IMAGE, "--name", "idle", "--", "sleep", "1000000"])?;
+    let ip = n.wait_running("idle-1")?.ip.context("idle-1 has no address")?;
+    let gateway = n.subnet.replace(".0/24", ".1");
+
+    // The bridge holds the gateway's address and a MAC derived from it.
+    let bridge = run("ip", &["-o", "-4", "addr", "show", &n.bridge])?;
+    assert!(bridge.contains(&format!("{gateway}/24")), "{bridge}");
+    // The instance's namespace: eth0 with its address and derived MAC, up; lo up; the
+    // default route through the gateway.
+    let ns = instance_netns(&n)?;
+    let eth0 = run("ip", &["-n", &ns, "-o", "addr", "show", "eth0"])?;
+    assert!(eth0.contains(&format!("inet {ip}/24")), "{eth0}");
+    let link = run("ip", &["-n", &ns, "link", "show", "eth0"])?;
+    let octets: Vec<u8> = ip.split('.').filter_map(|o| o.parse().ok()).collect();
+    let mac = format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", octets[0], octets[1], octets[2], octets[3]);
+    assert!(link.contains(&mac) && link.contains("state UP"), "{link}");
+    let lo = run("ip", &["-n", &ns, "link", "show", "lo"])?;
+    assert!(lo.contains("UP"), "{lo}");
+    let routes = run("ip", &["-n", &ns, "route"])?;
+    assert!(routes.contains(&format!("default via {gateway}")), "{routes}");
+    // Traffic flows both ways: the host answers (a reset from a closed port).
+    let knock = n.ok(&["exec", "idle-1", "--", "sh", "-c", &format!("wget -q -O - http://{gateway}:9/ 2>&1; true")])?;
+    assert!(knock.contains("refused"), "the gateway did not answer: {knock}");
+
+    // Deleting the instance removes its namespace and veth.
+    n.ok(&["delete", "deployment", "idle"])?;
+    wait_for(Duration::from_secs(30), "idle's instance to go", || n.instances().ok()?.is_empty().then_some(()))?;
+    assert!(!std::path::Path::new("/var/run/netns").join(&ns).exists(), "{ns} left behind");
+    let veths = run("ip", &["-o", "link", "show", "master", &n.bridge])?;
+    assert!(veths.trim().is_empty(), "veths left on the bridge: {veths}");
     Ok(())
 }

@@ -27,6 +27,8 @@ pub struct Node {
     pub up_log: PathBuf,
     /// `RUST_LOG` of the processes this node starts.
     pub rust_log: String,
+    /// More environment for `skiff up` (a `PATH` without some tool, say).
+    pub up_env: Vec<(String, String)>,
 }
 
 /// A TCP port that was free a moment ago.
@@ -73,6 +75,7 @@ impl Node {
             up: None,
             up_log: PathBuf::new(),
             rust_log: "info".into(),
+            up_env: Vec::new(),
         };
         Ok(node)
     }
@@ -166,8 +169,13 @@ impl Node {
         let mut cmd = self.up_command(compose);
         cmd.args(extra);
         let _ = std::fs::remove_file(self.data().join("admin.conf"));
-        let child =
-            cmd.env("RUST_LOG", &self.rust_log).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
+        let child = cmd
+            .env("RUST_LOG", &self.rust_log)
+            .envs(self.up_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
         self.up = Some(child);
         wait_for(Duration::from_secs(30), "the hub API", || {
             if let Some(c) = self.up.as_mut() {

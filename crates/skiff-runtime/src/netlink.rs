@@ -1,0 +1,281 @@
+//! Links, addresses, routes and named network namespaces through netlink, so a node needs
+//! no iproute2 (BusyBox's `ip`, on OpenWrt and Yocto images, has no `-batch` and no
+//! `netns`). Messages are built with `netlink-packet-route` and sent on a blocking
+//! `NETLINK_ROUTE` socket, one request at a time, each acknowledged.
+//!
+//! A socket belongs to the network namespace it was opened in: [`Rtnl::open_in`] opens
+//! one on a short-lived thread that first joins the target namespace.
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol};
+use netlink_packet_route::route::{RouteScope, RouteType};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// What a request failed with: the operation, and the kernel's error (an errno).
+#[derive(Debug, thiserror::Error)]
+#[error("{op}: {source}")]
+pub struct NlError {
+    pub op: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl NlError {
+    fn new(op: impl Into<String>, source: std::io::Error) -> Self {
+        NlError { op: op.into(), source }
+    }
+
+    /// The request found what it was to make already there.
+    pub fn exists(&self) -> bool {
+        self.source.raw_os_error() == Some(libc::EEXIST)
+    }
+}
+
+/// A `NETLINK_ROUTE` socket in one network namespace.
+pub struct Rtnl {
+    sock: Socket,
+    seq: u32,
+}
+
+impl Rtnl {
+    /// A socket in the caller's network namespace.
+    pub fn open() -> Result<Self, NlError> {
+        let op = |e| NlError::new("open a netlink socket", e);
+        let mut sock = Socket::new(NETLINK_ROUTE).map_err(op)?;
+        sock.bind_auto().map_err(op)?;
+        sock.connect(&SocketAddr::new(0, 0)).map_err(op)?;
+        Ok(Rtnl { sock, seq: 0 })
+    }
+
+    /// A socket in the network namespace `ns` (a bind-mounted namespace file): opened on a
+    /// thread that joins `ns` first, so no other thread of the process changes namespace.
+    pub fn open_in(ns: &File) -> Result<Self, NlError> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| NlError::new("join the network namespace", e.into()))?;
+                Rtnl::open()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(NlError::new("open a netlink socket", std::io::Error::other("thread panicked"))))
+        })
+    }
+
+    /// Sends one request and waits for its acknowledgement (or the answer it asks for).
+    fn request(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>, NlError> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        self.sock.send(&buf, 0).map_err(|e| NlError::new(op, e))?;
+        let mut answers = Vec::new();
+        // Bounded: an acknowledged request ends with its ACK or error; no dumps are asked.
+        for _ in 0..64 {
+            let (data, _) = self.sock.recv_from_full().map_err(|e| NlError::new(op, e))?;
+            let mut at = 0;
+            while at < data.len() {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[at..])
+                    .map_err(|e| NlError::new(op, std::io::Error::other(e.to_string())))?;
+                let len = reply.header.length as usize;
+                if reply.header.sequence_number == self.seq {
+                    match reply.payload {
+                        NetlinkPayload::Error(e) => {
+                            return match e.code {
+                                None => Ok(answers),
+                                Some(code) => Err(NlError::new(op, std::io::Error::from_raw_os_error(-code.get()))),
+                            };
+                        }
+                        NetlinkPayload::InnerMessage(m) => answers.push(m),
+                        NetlinkPayload::Done(_) => return Ok(answers),
+                        _ => {}
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                at += len.next_multiple_of(4);
+            }
+        }
+        Err(NlError::new(op, std::io::Error::other("no acknowledgement")))
+    }
+
+    /// The index of the interface `name`, if it exists.
+    pub fn index(&mut self, name: &str) -> Result<Option<u32>, NlError> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.request(&format!("find interface {name}"), RouteNetlinkMessage::GetLink(m), 0) {
+            Ok(answers) => Ok(answers.into_iter().find_map(|a| match a {
+                RouteNetlinkMessage::NewLink(l) => Some(l.header.index),
+                _ => None,
+            })),
+            Err(e) if e.source.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn must_index(&mut self, name: &str) -> Result<u32, NlError> {
+        self.index(name)?.ok_or_else(|| {
+            NlError::new(format!("find interface {name}"), std::io::Error::from_raw_os_error(libc::ENODEV))
+        })
+    }
+
+    /// The kind of the interface `name` (`bridge`, `veth`, ...), if it has one.
+    pub fn kind(&mut self, name: &str) -> Result<Option<InfoKind>, NlError> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        let answers = self.request(&format!("find interface {name}"), RouteNetlinkMessage::GetLink(m), 0)?;
+        Ok(answers.into_iter().find_map(|a| match a {
+            RouteNetlinkMessage::NewLink(l) => l.attributes.into_iter().find_map(|at| match at {
+                LinkAttribute::LinkInfo(infos) => infos.into_iter().find_map(|i| match i {
+                    LinkInfo::Kind(k) => Some(k),
+                    _ => None,
+                }),
+                _ => None,
+            }),
+            _ => None,
+        }))
+    }
+
+    /// Creates a bridge with the MAC address `mac`.
+    pub fn add_bridge(&mut self, name: &str, mac: [u8; 6]) -> Result<(), NlError> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        m.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
+        self.request(&format!("create bridge {name}"), RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)
+            .map(drop)
+    }
+
+    /// Creates a veth pair: `name` here, `peer` in the namespace `ns`.
+    pub fn add_veth(&mut self, name: &str, peer: &str, ns: &File) -> Result<(), NlError> {
+        let mut p = LinkMessage::default();
+        p.attributes.push(LinkAttribute::IfName(peer.to_string()));
+        p.attributes.push(LinkAttribute::NetNsFd(ns.as_raw_fd()));
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
+        ]));
+        self.request(&format!("create veth {name}"), RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)
+            .map(drop)
+    }
+
+    /// Changes the interface `name`: its MAC address, its bridge, up.
+    pub fn set_link(&mut self, name: &str, mac: Option<[u8; 6]>, bridge: Option<u32>, up: bool) -> Result<(), NlError> {
+        let index = self.must_index(name)?;
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        if up {
+            m.header.flags = LinkFlags::Up;
+            m.header.change_mask = LinkFlags::Up;
+        }
+        if let Some(mac) = mac {
+            m.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        }
+        if let Some(b) = bridge {
+            m.attributes.push(LinkAttribute::Controller(b));
+        }
+        self.request(&format!("set up interface {name}"), RouteNetlinkMessage::SetLink(m), 0).map(drop)
+    }
+
+    /// Gives `name` the address `addr/prefix` (an address it already has is fine).
+    pub fn add_address(&mut self, name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), NlError> {
+        let index = self.must_index(name)?;
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.prefix_len = prefix;
+        m.header.index = index;
+        m.attributes.push(AddressAttribute::Local(addr.into()));
+        m.attributes.push(AddressAttribute::Address(addr.into()));
+        let bits = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        m.attributes.push(AddressAttribute::Broadcast(Ipv4Addr::from(u32::from(addr) | !bits)));
+        match self.request(
+            &format!("add address {addr}/{prefix} to {name}"),
+            RouteNetlinkMessage::NewAddress(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Err(e) if e.exists() => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    /// The default route, through `gateway`.
+    pub fn add_default_route(&mut self, gateway: Ipv4Addr) -> Result<(), NlError> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.protocol = RouteProtocol::Boot;
+        m.header.scope = RouteScope::Universe;
+        m.header.kind = RouteType::Unicast;
+        m.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+        self.request(
+            &format!("add the default route via {gateway}"),
+            RouteNetlinkMessage::NewRoute(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
+    }
+
+    /// Removes the interface `name` (gone already is fine).
+    pub fn del_link(&mut self, name: &str) -> Result<(), NlError> {
+        let Some(index) = self.index(name)? else { return Ok(()) };
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        match self.request(&format!("remove interface {name}"), RouteNetlinkMessage::DelLink(m), 0) {
+            Err(e) if e.source.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+            r => r.map(drop),
+        }
+    }
+}
+
+/// Where named network namespaces live (as iproute2's `ip netns`).
+pub const NETNS_DIR: &str = "/var/run/netns";
+
+/// Creates the named network namespace `name`: a new namespace, kept by a bind mount of it
+/// on `/var/run/netns/NAME` (as `ip netns add`), made on a thread that ends afterwards.
+pub fn netns_add(name: &str) -> Result<PathBuf, NlError> {
+    let path = Path::new(NETNS_DIR).join(name);
+    let op = format!("create network namespace {name}");
+    std::fs::create_dir_all(NETNS_DIR).map_err(|e| NlError::new(&op, e))?;
+    std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| NlError::new(&op, e))?;
+    let made = std::thread::scope(|s| {
+        s.spawn(|| -> nix::Result<()> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+            nix::mount::mount(
+                Some("/proc/thread-self/ns/net"),
+                &path,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        })
+        .join()
+        .unwrap_or(Err(nix::Error::EIO))
+    });
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&path);
+        return Err(NlError::new(&op, e.into()));
+    }
+    Ok(path)
+}
+
+/// Removes the named network namespace (gone already is fine).
+pub fn netns_del(name: &str) {
+    let path = Path::new(NETNS_DIR).join(name);
+    let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_file(&path);
+}
