@@ -36,7 +36,7 @@ use skiff_image::ImageStore;
 use skiff_model::metrics::MetricsSample;
 use skiff_model::rollout;
 use skiff_model::{Deployment, EventRecord, InstanceState, InstanceStatus, NetworkMode, RuntimeKind};
-use skiff_runtime::nat::{Firewall, Nat};
+use skiff_runtime::nat::{Firewall, FirewallSetting, Nat};
 use skiff_runtime::network::{veth_name, Bridge, Subnet};
 use skiff_runtime::runc::ExecOutput;
 use skiff_runtime::{OciRuntime, Runtime, WasmRuntime};
@@ -99,8 +99,8 @@ pub struct AgentConfig {
     /// The runtime backends (`None`: runc and wasmtime under the data directory; tests
     /// give fakes).
     pub backends: Option<Backends>,
-    /// What writes the bridge's outbound NAT (`None`: instances reach only this host).
-    pub firewall: Option<Firewall>,
+    /// What writes the bridge's outbound NAT (none: instances reach only this host).
+    pub firewall: FirewallSetting,
 }
 
 impl AgentConfig {
@@ -122,7 +122,7 @@ impl AgentConfig {
             require_runc_min: None,
             clock: skiff_sys::time::system(),
             backends: None,
-            firewall: Firewall::detect(),
+            firewall: FirewallSetting::auto(),
             policy: policy::Policy::default(),
         }
     }
@@ -142,8 +142,9 @@ pub struct Agent {
     images: Arc<ImageStore>,
     runtimes: Backends,
     bridge: Bridge,
-    /// The bridge's outbound NAT, written at start.
-    nat: Option<Nat>,
+    /// The bridge's outbound NAT, written at start (with no firewall: the rules an earlier
+    /// start may have left, removed then).
+    nat: Nat,
     proxies: tokio::sync::Mutex<Proxies>,
     notify: Arc<Notify>,
     stopping: Mutex<HashSet<String>>,
@@ -272,7 +273,11 @@ impl Agent {
             }
         };
         let bridge = Bridge { name: cfg.bridge_name.clone(), subnet: Subnet::parse(&cfg.subnet)? };
-        let nat = cfg.firewall.map(|firewall| Nat { bridge: bridge.name.clone(), subnet: bridge.subnet, firewall });
+        let nat = Nat {
+            bridge: bridge.name.clone(),
+            subnet: bridge.subnet,
+            firewall: cfg.firewall.firewall.unwrap_or(Firewall::Nft),
+        };
         let notify = Arc::new(Notify::new());
         let agent = Arc::new(Agent {
             cfg,

@@ -97,7 +97,10 @@ impl Agent {
     /// On shutdown the NAT rules go, unless instances on the bridge outlive the agent
     /// (they keep reaching the outside while it is away).
     async fn remove_nat_if_unused(self: &Arc<Self>) {
-        let Some(nat) = self.nat.clone() else { return };
+        if self.cfg.firewall.firewall.is_none() {
+            return;
+        }
+        let nat = self.nat.clone();
         let on_bridge = self.db(|s| s.instances()).map(|rows| {
             rows.iter().any(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge)
         });
@@ -109,10 +112,24 @@ impl Agent {
     }
 
     pub(crate) async fn adopt(self: &Arc<Self>) -> Result<(), AgentError> {
-        let (bridge, nat) = (self.bridge.clone(), self.nat.clone());
-        blocking(move || {
+        let (bridge, nat, setting) = (self.bridge.clone(), self.nat.clone(), self.cfg.firewall);
+        blocking(move || -> Result<(), AgentError> {
             bridge.ensure()?;
-            nat.map_or(Ok(()), |n| n.ensure())
+            if setting.firewall.is_none() {
+                nat.remove();
+                return Ok(());
+            }
+            match nat.ensure() {
+                Ok(()) => Ok(()),
+                // Asked for by name: the operator wants NAT or no agent.
+                Err(e) if setting.explicit => {
+                    Err(AgentError::Other(format!("outbound NAT: {e} (--firewall none runs without it)")))
+                }
+                Err(e) => {
+                    warn!(error = %e, "outbound NAT not set up: instances on the bridge reach only this host");
+                    Ok(())
+                }
+            }
         })
         .await?;
         let _ = self.images.clean_tmp();
@@ -439,7 +456,7 @@ mod tests {
             cfg.clock = clock.clone();
             cfg.backends = Some(Backends { oci: rt.clone(), wasm: rt.clone() });
             cfg.image_gc = None;
-            cfg.firewall = None;
+            cfg.firewall = skiff_runtime::nat::FirewallSetting::none();
             let agent = Agent::open(cfg).unwrap();
             let layer = LayerBuilder::new().file("hello", 0o644, b"hi").unwrap().finish().unwrap();
             let image = ImageBuilder { layers: vec![layer], ..ImageBuilder::busybox().unwrap() };

@@ -1,14 +1,18 @@
 //! Outbound NAT for the node's bridge, as Docker's bridge driver does it: forwarding on,
-//! the bridge's subnet masqueraded on its way out of any other interface, and traffic
-//! forwarded to and from the bridge accepted even where the host's FORWARD policy is DROP
-//! (installing docker.io sets it so).
+//! the bridge's subnet masqueraded on its way out of any other interface, traffic
+//! forwarded from the bridge (and answers back to it) accepted even where the host's
+//! FORWARD policy is DROP (installing docker.io sets it so), and new connections forwarded
+//! into the bridge from elsewhere dropped: with forwarding on, a LAN host routing the
+//! bridge's subnet through the node must not reach unpublished ports (published ports go
+//! through the agent's proxy, host-local traffic, never forwarded).
 //!
-//! Two firewalls are supported, chosen at start: nftables (`nft`, current Debian and
-//! OpenWrt's fw4) with one table of our own per bridge, replaced atomically; and iptables
-//! (legacy or its nft back end) with a chain of our own per bridge. Where `iptables` is
-//! present and its FORWARD chain drops by default, the accept rules also go there: in
-//! nftables a packet must pass every base chain on the hook, so an accept in our table
-//! does not undo a drop in another.
+//! Two firewalls are supported, chosen at start: nftables (`nft`) with one table of our own
+//! per bridge, replaced atomically; and iptables (legacy or its nft back end) with a chain
+//! of our own per bridge in the filter and nat tables. Where `iptables` is present and its
+//! FORWARD chain drops by default, the accept rules also go there: a packet must pass
+//! every base chain on the hook, so an accept in our table does not undo a drop in another.
+//! Other nftables rulesets that drop forwarded traffic (OpenWrt's fw4, firewalld) are not
+//! changed: they need a zone or rule of their own for the bridge.
 
 use crate::network::{NetError, Subnet};
 use std::process::{Command, Stdio};
@@ -33,14 +37,33 @@ impl Firewall {
         }
     }
 
-    pub fn parse(s: &str) -> Result<Option<Firewall>, String> {
+    pub fn parse(s: &str) -> Result<FirewallSetting, String> {
+        let explicit = |f| Ok(FirewallSetting { firewall: Some(f), explicit: true });
         match s {
-            "auto" => Ok(Firewall::detect()),
-            "nft" | "nftables" => Ok(Some(Firewall::Nft)),
-            "iptables" => Ok(Some(Firewall::Iptables)),
-            "none" => Ok(None),
+            "auto" => Ok(FirewallSetting::auto()),
+            "nft" | "nftables" => explicit(Firewall::Nft),
+            "iptables" => explicit(Firewall::Iptables),
+            "none" => Ok(FirewallSetting { firewall: None, explicit: true }),
             other => Err(format!("{other:?} is not a firewall: use auto, nft, iptables or none")),
         }
+    }
+}
+
+/// `--firewall`: which firewall writes the rules, and whether it was asked for by name
+/// (then a failure to write them stops the agent; found by `auto`, it is a warning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FirewallSetting {
+    pub firewall: Option<Firewall>,
+    pub explicit: bool,
+}
+
+impl FirewallSetting {
+    pub fn auto() -> Self {
+        FirewallSetting { firewall: Firewall::detect(), explicit: false }
+    }
+
+    pub fn none() -> Self {
+        FirewallSetting { firewall: None, explicit: true }
     }
 }
 
@@ -61,7 +84,11 @@ fn found(tool: &str) -> bool {
 fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
     use std::io::Write;
     let err = |m: String| NetError::Firewall { command: format!("{tool} {}", args.join(" ")), message: m };
+    // iptables waits for the xtables lock another writer (Docker, firewalld) holds, instead
+    // of failing at once and being read as "no such rule".
+    let wait: &[&str] = if tool == "iptables" { &["-w", "5"] } else { &[] };
     let mut child = Command::new(locate(tool).unwrap_or_else(|| tool.into()))
+        .args(wait)
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
@@ -88,7 +115,7 @@ pub struct Nat {
 }
 
 impl Nat {
-    /// nftables' table (identifiers allow letters, digits, `_` and `.`).
+    /// nftables' table: the bridge's name with anything but letters, digits and `_` as `_`.
     fn table(&self) -> String {
         let name: String =
             self.bridge.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
@@ -100,114 +127,103 @@ impl Nat {
         format!("SKIFF-{}", self.bridge)
     }
 
-    /// The nftables script that replaces our table in one transaction.
+    /// The nftables script that replaces our table in one transaction (numeric priorities:
+    /// srcnat is 100 and filter 0, names older nft does not know).
     pub fn nft_script(&self) -> String {
         let (t, br, net) = (self.table(), &self.bridge, self.subnet);
         format!(
             "table ip {t}\ndelete table ip {t}\n\
              table ip {t} {{\n\
-             \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \tchain postrouting {{\n\t\ttype nat hook postrouting priority 100; policy accept;\n\
              \t\tip saddr {net} oifname != \"{br}\" masquerade\n\t}}\n\
-             \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\
+             \tchain forward {{\n\t\ttype filter hook forward priority 0; policy accept;\n\
              \t\tiifname \"{br}\" accept\n\
-             \t\toifname \"{br}\" ct state established,related accept\n\t}}\n\
+             \t\toifname \"{br}\" ct state established,related accept\n\
+             \t\toifname \"{br}\" drop\n\t}}\n\
              }}\n"
         )
     }
 
-    /// The iptables rules as (table, chain, rule) for `-A`/`-D`.
+    /// The rules of our filter chain, in order, for `-A`.
     fn iptables_forward(&self) -> Vec<Vec<String>> {
-        let br = self.bridge.clone();
-        vec![
-            vec!["-i".into(), br.clone(), "-j".into(), "ACCEPT".into()],
-            vec![
-                "-o".into(),
-                br,
-                "-m".into(),
-                "conntrack".into(),
-                "--ctstate".into(),
-                "RELATED,ESTABLISHED".into(),
-                "-j".into(),
-                "ACCEPT".into(),
-            ],
-        ]
+        let br = self.bridge.as_str();
+        let rules: [&[&str]; 3] = [
+            &["-i", br, "-j", "ACCEPT"],
+            &["-o", br, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
+            &["-o", br, "-j", "DROP"],
+        ];
+        rules.iter().map(|r| r.iter().map(|a| a.to_string()).collect()).collect()
     }
 
     fn iptables_masquerade(&self) -> Vec<String> {
-        vec![
-            "-s".into(),
-            self.subnet.to_string(),
-            "!".into(),
-            "-o".into(),
-            self.bridge.clone(),
-            "-j".into(),
-            "MASQUERADE".into(),
-        ]
+        let net = self.subnet.to_string();
+        ["-s", &net, "!", "-o", &self.bridge, "-j", "MASQUERADE"].iter().map(|a| a.to_string()).collect()
     }
 
     /// Turns forwarding on and writes the rules (idempotent: a restarted agent replaces
-    /// what a killed one left).
+    /// what a killed one left). On failure nothing of ours is left half-written.
     pub fn ensure(&self) -> Result<(), NetError> {
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .map_err(|e| NetError::Firewall { command: "enable ip_forward".into(), message: e.to_string() })?;
+        let r = self.write();
+        if r.is_err() {
+            self.remove();
+        }
+        r
+    }
+
+    fn write(&self) -> Result<(), NetError> {
         match self.firewall {
             Firewall::Nft => {
                 run("nft", &["-f", "-"], Some(&self.nft_script()))?;
                 // iptables' own FORWARD chain (docker.io's DROP policy) must accept too.
                 if found("iptables") && iptables_forward_drops() {
-                    self.ensure_iptables_forward()?;
+                    self.ensure_iptables_chain("filter", "FORWARD", &self.iptables_forward())?;
                 }
             }
             Firewall::Iptables => {
-                self.ensure_iptables_forward()?;
-                let rule = self.iptables_masquerade();
-                let r: Vec<&str> = rule.iter().map(String::as_str).collect();
-                if run("iptables", &[&["-t", "nat", "-C", "POSTROUTING"][..], &r].concat(), None).is_err() {
-                    run("iptables", &[&["-t", "nat", "-A", "POSTROUTING"][..], &r].concat(), None)?;
-                }
+                self.ensure_iptables_chain("filter", "FORWARD", &self.iptables_forward())?;
+                self.ensure_iptables_chain("nat", "POSTROUTING", &[self.iptables_masquerade()])?;
             }
         }
-        Ok(())
+        // Last: nothing is forwarded before the rules that guard the bridge are in place.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| NetError::Firewall { command: "enable ip_forward".into(), message: e.to_string() })
     }
 
-    /// Our chain in iptables' filter table, jumped to first from FORWARD.
-    fn ensure_iptables_forward(&self) -> Result<(), NetError> {
+    /// Our chain `SKIFF-<bridge>` in `table`, holding `rules`, jumped to first from `from`.
+    fn ensure_iptables_chain(&self, table: &str, from: &str, rules: &[Vec<String>]) -> Result<(), NetError> {
         let chain = self.chain();
-        let _ = run("iptables", &["-N", &chain], None); // exists: fine
-        run("iptables", &["-F", &chain], None)?;
-        for rule in self.iptables_forward() {
+        let ipt = |args: &[&str]| run("iptables", &[&["-t", table][..], args].concat(), None);
+        let _ = ipt(&["-N", &chain]); // exists: fine
+        ipt(&["-F", &chain])?;
+        for rule in rules {
             let r: Vec<&str> = rule.iter().map(String::as_str).collect();
-            run("iptables", &[&["-A", &chain][..], &r].concat(), None)?;
+            ipt(&[&["-A", &chain][..], &r].concat())?;
         }
-        if run("iptables", &["-C", "FORWARD", "-j", &chain], None).is_err() {
-            run("iptables", &["-I", "FORWARD", "-j", &chain], None)?;
+        if ipt(&["-C", from, "-j", &chain]).is_err() {
+            ipt(&["-I", from, "-j", &chain])?;
         }
         Ok(())
     }
 
-    /// Removes every rule [`Nat::ensure`] wrote (forwarding stays on, as Docker leaves it).
+    /// Removes every rule [`Nat::ensure`] wrote, with either firewall (one chosen at an
+    /// earlier start leaves nothing behind either); forwarding stays on, as Docker leaves it.
     pub fn remove(&self) {
-        if self.firewall == Firewall::Nft {
+        if found("nft") {
             let _ = run("nft", &["delete", "table", "ip", &self.table()], None);
-        } else {
-            let rule = self.iptables_masquerade();
-            let r: Vec<&str> = rule.iter().map(String::as_str).collect();
-            // Bounded: a rule added twice (two agents racing) is deleted twice.
-            for _ in 0..8 {
-                if run("iptables", &[&["-t", "nat", "-D", "POSTROUTING"][..], &r].concat(), None).is_err() {
-                    break;
-                }
-            }
         }
         if found("iptables") {
             let chain = self.chain();
-            for _ in 0..8 {
-                if run("iptables", &["-D", "FORWARD", "-j", &chain], None).is_err() {
-                    break;
+            for (table, from) in [("filter", "FORWARD"), ("nat", "POSTROUTING")] {
+                let ipt = |args: &[&str]| run("iptables", &[&["-t", table][..], args].concat(), None);
+                // Bounded: a jump added twice (two agents racing) is deleted twice.
+                for _ in 0..8 {
+                    if ipt(&["-D", from, "-j", &chain]).is_err() {
+                        break;
+                    }
                 }
+                let _ = ipt(&["-F", &chain]);
+                let _ = ipt(&["-X", &chain]);
             }
-            let _ = run("iptables", &["-F", &chain], None);
-            let _ = run("iptables", &["-X", &chain], None);
         }
     }
 }
@@ -228,16 +244,20 @@ mod tests {
         let s = nat.nft_script();
         assert!(s.starts_with("table ip skiff_sk_t1\ndelete table ip skiff_sk_t1\n"), "{s}");
         assert!(s.contains("ip saddr 10.99.0.0/24 oifname != \"sk-t1\" masquerade"), "{s}");
-        assert!(s.contains("oifname \"sk-t1\" ct state established,related accept"), "{s}");
+        assert!(s.contains("oifname \"sk-t1\" ct state established,related accept\n\t\toifname \"sk-t1\" drop"), "{s}");
         assert_eq!(nat.chain(), "SKIFF-sk-t1");
         assert_eq!(nat.iptables_masquerade().join(" "), "-s 10.99.0.0/24 ! -o sk-t1 -j MASQUERADE");
     }
 
     #[test]
     fn firewalls_parse() {
-        assert_eq!(Firewall::parse("nft"), Ok(Some(Firewall::Nft)));
-        assert_eq!(Firewall::parse("iptables"), Ok(Some(Firewall::Iptables)));
-        assert_eq!(Firewall::parse("none"), Ok(None));
+        assert_eq!(Firewall::parse("nft"), Ok(FirewallSetting { firewall: Some(Firewall::Nft), explicit: true }));
+        assert_eq!(
+            Firewall::parse("iptables"),
+            Ok(FirewallSetting { firewall: Some(Firewall::Iptables), explicit: true })
+        );
+        assert_eq!(Firewall::parse("none"), Ok(FirewallSetting::none()));
+        assert!(!Firewall::parse("auto").unwrap().explicit);
         assert!(Firewall::parse("pf").unwrap_err().contains("auto, nft, iptables or none"));
     }
 }

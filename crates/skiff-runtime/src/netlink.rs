@@ -51,6 +51,11 @@ impl Rtnl {
     pub fn open() -> Result<Self, NlError> {
         let op = |e| NlError::new("open a netlink socket", e);
         let mut sock = Socket::new(NETLINK_ROUTE).map_err(op)?;
+        // The kernel answers at once; a request never answered fails instead of holding a
+        // thread forever.
+        let timeout = nix::sys::time::TimeVal::new(5, 0);
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)
+            .map_err(|e| op(e.into()))?;
         sock.bind_auto().map_err(op)?;
         sock.connect(&SocketAddr::new(0, 0)).map_err(op)?;
         Ok(Rtnl { sock, seq: 0 })
@@ -58,11 +63,11 @@ impl Rtnl {
 
     /// A socket in the network namespace `ns` (a bind-mounted namespace file): opened on a
     /// thread that joins `ns` first, so no other thread of the process changes namespace.
-    pub fn open_in(ns: &File) -> Result<Self, NlError> {
+    pub fn open_in(ns: &File, name: &str) -> Result<Self, NlError> {
         std::thread::scope(|s| {
             s.spawn(|| {
                 nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| NlError::new("join the network namespace", e.into()))?;
+                    .map_err(|e| NlError::new(format!("join network namespace {name}"), e.into()))?;
                 Rtnl::open()
             })
             .join()
@@ -189,7 +194,13 @@ impl Rtnl {
         if let Some(b) = bridge {
             m.attributes.push(LinkAttribute::Controller(b));
         }
-        self.request(&format!("set up interface {name}"), RouteNetlinkMessage::SetLink(m), 0).map(drop)
+        let what =
+            [mac.map(|_| "set the MAC address of"), bridge.map(|_| "add to the bridge"), up.then_some("bring up")]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(", ");
+        self.request(&format!("{what} interface {name}"), RouteNetlinkMessage::SetLink(m), 0).map(drop)
     }
 
     /// Gives `name` the address `addr/prefix` (an address it already has is fine).
@@ -251,6 +262,7 @@ pub fn netns_add(name: &str) -> Result<PathBuf, NlError> {
     let path = Path::new(NETNS_DIR).join(name);
     let op = format!("create network namespace {name}");
     std::fs::create_dir_all(NETNS_DIR).map_err(|e| NlError::new(&op, e))?;
+    shared_netns_dir();
     std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| NlError::new(&op, e))?;
     let made = std::thread::scope(|s| {
         s.spawn(|| -> nix::Result<()> {
@@ -271,6 +283,26 @@ pub fn netns_add(name: &str) -> Result<PathBuf, NlError> {
         return Err(NlError::new(&op, e.into()));
     }
     Ok(path)
+}
+
+/// Makes `/var/run/netns` a shared mount, as `ip netns add` does (once per process): a
+/// mount namespace made later (by another tool) then sees a namespace's removal instead
+/// of keeping its own copy of the bind mount, which would keep the namespace alive.
+fn shared_netns_dir() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        use nix::mount::{mount, MsFlags};
+        let shared =
+            || mount(None::<&str>, NETNS_DIR, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>);
+        if shared().is_err() {
+            // Not a mount point yet: bind it onto itself first.
+            let bound =
+                mount(Some(NETNS_DIR), NETNS_DIR, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>);
+            if bound.is_ok() {
+                let _ = shared();
+            }
+        }
+    });
 }
 
 /// Removes the named network namespace (gone already is fine).

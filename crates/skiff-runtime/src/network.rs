@@ -19,6 +19,8 @@ pub enum NetError {
     Exhausted(String),
     #[error("network interface {0} exists and is not a bridge (choose another with --bridge)")]
     NotABridge(String),
+    #[error("bridge {0} is missing (removed while the agent ran?): restart the agent to make it again")]
+    NoBridge(String),
     #[error("{command}: {message}")]
     Firewall { command: String, message: String },
 }
@@ -72,10 +74,6 @@ pub struct Bridge {
     pub subnet: Subnet,
 }
 
-fn exists(path: &str) -> bool {
-    std::path::Path::new(path).exists()
-}
-
 impl Bridge {
     /// Creates the bridge (idempotent) and gives it the gateway address.
     ///
@@ -123,10 +121,10 @@ impl Bridge {
         let path = netns_add(netns)?;
         let ns = File::open(&path).map_err(|e| NlError { op: format!("open network namespace {netns}"), source: e })?;
         let mut host = Rtnl::open()?;
-        let bridge = host.index(&self.name)?.ok_or_else(|| NetError::NotABridge(self.name.clone()))?;
+        let bridge = host.index(&self.name)?.ok_or_else(|| NetError::NoBridge(self.name.clone()))?;
         host.add_veth(&host_if, "eth0", &ns)?;
         host.set_link(&host_if, None, Some(bridge), true)?;
-        let mut inside = Rtnl::open_in(&ns)?;
+        let mut inside = Rtnl::open_in(&ns, netns)?;
         inside.set_link("eth0", Some(mac_bytes(addr)), None, false)?;
         inside.add_address("eth0", addr, self.subnet.prefix)?;
         inside.set_link("eth0", None, None, true)?;
@@ -137,11 +135,9 @@ impl Bridge {
 
     /// Removes the namespace and its veth (idempotent).
     pub fn detach(&self, netns: &str) {
-        let host_if = veth_name(netns);
-        if exists(&format!("/sys/class/net/{host_if}")) {
-            if let Ok(mut nl) = Rtnl::open() {
-                let _ = nl.del_link(&host_if);
-            }
+        // Asked of the kernel, not of /sys (which may show another namespace's links).
+        if let Ok(mut nl) = Rtnl::open() {
+            let _ = nl.del_link(&veth_name(netns));
         }
         netns_del(netns);
     }

@@ -40,6 +40,23 @@ impl Drop for ForwardPolicy {
     }
 }
 
+/// Puts the host's `ip_forward` back as it was (the agent turns it on).
+struct IpForward(String);
+
+impl IpForward {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+
+    fn save() -> Result<Self> {
+        Ok(IpForward(std::fs::read_to_string(Self::PATH)?))
+    }
+}
+
+impl Drop for IpForward {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
 fn run(tool: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(tool).args(args).output().with_context(|| format!("running {tool}"))?;
     if !out.status.success() {
@@ -119,13 +136,17 @@ fn containers_reach_the_outside_through_nat_with_nftables_and_with_iptables() ->
     let port = 18_080;
     let _server = Server::start(&wan.netns, port)?;
     let url = format!("http://{wan_ip}:{port}/hello");
+    let _forwarding = IpForward::save()?;
     let _policy = ForwardPolicy::set("DROP")?;
 
     for firewall in ["none", "nft", "iptables"] {
         let mut n = Node::new()?;
-        n.up_with(None, &["--firewall", firewall])?;
-        n.ok(&["run", IMAGE, "--name", "idle", "--", "sleep", "1000000"])?;
-        n.wait_running("idle-1")?;
+        n.firewall = firewall;
+        n.up_with(None, &[])?;
+        // idle serves a file on 8080, which nothing outside the node may reach.
+        let serve = "echo inside > /tmp/i && httpd -p 8080 -h /tmp && exec sleep 1000000";
+        n.ok(&["run", IMAGE, "--name", "idle", "--", "sh", "-c", serve])?;
+        let ip = n.wait_running("idle-1")?.ip.context("idle-1 has no address")?;
         let got = fetch(&n, &url)?;
         if firewall == "none" {
             // The control: without our rules the host drops (or cannot answer) the traffic.
@@ -133,11 +154,33 @@ fn containers_reach_the_outside_through_nat_with_nftables_and_with_iptables() ->
         } else {
             assert_eq!(got.trim(), "hello from the wan\nstatus=0", "through {firewall}: {}", n.log());
             assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")?.trim(), "1");
+            // Forwarding is on, yet a host that routes the bridge's subnet through the node
+            // cannot open connections to an instance, even where FORWARD accepts by default.
+            let _accepting = ForwardPolicy::set("ACCEPT")?;
+            let route = ["-n", &wan.netns, "route", "add", &n.subnet, "via", &wan.host_ip];
+            run("ip", &route)?;
+            let knock = run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &wan.netns,
+                    "sh",
+                    "-c",
+                    &format!("timeout 5 busybox wget -q -O - http://{ip}:8080/i; echo status=$?"),
+                ],
+            );
+            let _ = run("ip", &["-n", &wan.netns, "route", "del", &n.subnet]);
+            let knock = knock?;
+            assert!(
+                !knock.contains("inside") && !knock.contains("status=0"),
+                "{firewall}: the wan reached idle-1: {knock}"
+            );
         }
         // The rules stay while an instance on the bridge outlives the agent (asked from
         // inside its namespace: with the agent gone there is no `skiff exec`)...
         let netns = instance_netns(&n)?;
-        n.kill_up()?;
+        n.terminate_up()?;
         if firewall != "none" {
             let got = run(
                 "ip",
@@ -145,15 +188,26 @@ fn containers_reach_the_outside_through_nat_with_nftables_and_with_iptables() ->
             )?;
             assert_eq!(got.trim(), "hello from the wan", "{firewall}: the agent is away");
         }
+        // ...are written once however often the agent starts...
+        n.up_with(None, &[])?;
+        let chain = format!("SKIFF-{}", n.bridge);
+        let jumps = |table: &str, from: &str| -> Result<usize> {
+            Ok(run("iptables", &["-t", table, "-S", from])?
+                .lines()
+                .filter(|l| l.ends_with(&format!("-j {chain}")))
+                .count())
+        };
+        let expected = if firewall == "iptables" { 1 } else { 0 };
+        assert_eq!(jumps("nat", "POSTROUTING")?, expected, "{firewall}: masquerade jumps");
+        if firewall != "none" {
+            assert_eq!(jumps("filter", "FORWARD")?, 1, "{firewall}: FORWARD jumps (its policy drops)");
+        }
         // ...and go when the node shuts down with nothing left on the bridge.
-        n.up_with(None, &["--firewall", firewall])?;
         n.ok(&["delete", "deployment", "idle"])?;
         wait_for(Duration::from_secs(30), "idle's instance to go", || n.instances().ok()?.is_empty().then_some(()))?;
         n.interrupt_up()?;
-        let chain = format!("SKIFF-{}", n.bridge);
         assert!(run("iptables", &["-S", &chain]).is_err(), "{firewall}: iptables chain {chain} left behind");
-        let nat = run("iptables", &["-t", "nat", "-S", "POSTROUTING"])?;
-        assert!(!nat.contains(&n.subnet), "{firewall}: masquerade left behind: {nat}");
+        assert!(run("iptables", &["-t", "nat", "-S", &chain]).is_err(), "{firewall}: nat chain {chain} left behind");
         let table = nft_table(&n);
         assert!(run("nft", &["list", "table", "ip", &table]).is_err(), "{firewall}: nft table {table} left behind");
     }
@@ -170,7 +224,7 @@ fn the_agent_sets_up_bridge_networking_without_iproute2() -> Result<()> {
     std::os::unix::fs::symlink(runc.trim(), tools.path().join("runc"))?;
     let mut n = Node::new()?;
     n.up_env.push(("PATH".into(), tools.path().display().to_string()));
-    n.up_with(None, &["--firewall", "none"])?;
+    n.up_with(None, &[])?;
     n.ok(&["run", IMAGE, "--name", "idle", "--", "sleep", "1000000"])?;
     let ip = n.wait_running("idle-1")?.ip.context("idle-1 has no address")?;
     let gateway = n.subnet.replace(".0/24", ".1");

@@ -226,6 +226,14 @@ fn report(e: &anyhow::Error) -> String {
     skiff_image::error::with_causes(e.as_ref())
 }
 
+/// `--firewall`: which firewall writes the bridge's NAT rules, and whether it was named.
+#[derive(Debug, Clone, Copy)]
+pub struct Fw(pub skiff_runtime::nat::FirewallSetting);
+
+pub fn parse_firewall(s: &str) -> std::result::Result<Fw, String> {
+    skiff_runtime::nat::Firewall::parse(s).map(Fw)
+}
+
 #[cfg(test)]
 mod tests {
     /// clap's own checks of every subcommand (duplicate argument ids across flattened
@@ -244,12 +252,4 @@ mod tests {
         assert_eq!(super::image::parse_rate("2M"), Ok(2 << 20));
         assert!(super::image::parse_rate("0").is_err() && super::image::parse_rate("fast").is_err());
     }
-}
-
-/// `--firewall`: the one that writes the bridge's NAT rules (`None`: no NAT).
-#[derive(Debug, Clone, Copy)]
-pub struct Fw(pub Option<skiff_runtime::nat::Firewall>);
-
-pub fn parse_firewall(s: &str) -> std::result::Result<Fw, String> {
-    skiff_runtime::nat::Firewall::parse(s).map(Fw)
 }

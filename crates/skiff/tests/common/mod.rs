@@ -29,6 +29,9 @@ pub struct Node {
     pub rust_log: String,
     /// More environment for `skiff up` (a `PATH` without some tool, say).
     pub up_env: Vec<(String, String)>,
+    /// `skiff up --firewall`: `none` (tests leave the host's forwarding and firewall
+    /// alone) unless a test of NAT asks for one.
+    pub firewall: &'static str,
 }
 
 /// A TCP port that was free a moment ago.
@@ -76,6 +79,7 @@ impl Node {
             up_log: PathBuf::new(),
             rust_log: "info".into(),
             up_env: Vec::new(),
+            firewall: "none",
         };
         Ok(node)
     }
@@ -139,6 +143,8 @@ impl Node {
             // Samples every second, so `skiff top` has figures quickly.
             "--metrics-interval",
             "1",
+            "--firewall",
+            self.firewall,
         ]);
         if let Some(f) = compose {
             cmd.arg("-f").arg(f);
@@ -267,6 +273,22 @@ impl Node {
         if let Some(mut c) = self.up.take() {
             c.kill()?;
             c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM to `skiff up` (a service manager stopping it): it exits, leaving workloads
+    /// running.
+    pub fn terminate_up(&mut self) -> Result<()> {
+        if let Some(mut c) = self.up.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let st = wait_for(Duration::from_secs(60), "skiff up to exit on SIGTERM", || c.try_wait().ok().flatten());
+            if st.is_err() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            st?;
         }
         Ok(())
     }
