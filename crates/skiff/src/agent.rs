@@ -7,7 +7,7 @@
 //! is unreachable it keeps running (and restarting) what it has, and a restart of the
 //! agent — or of the machine — brings the same workloads back from local state.
 
-use crate::cli::{parse_firewall, Fw};
+use crate::cli::BridgeArgs;
 use anyhow::{Context, Result};
 use clap::Args;
 use skiff_agent::join::Identity;
@@ -34,15 +34,8 @@ pub struct AgentArgs {
     /// Node label KEY=VALUE (repeatable), e.g. site=factory-3.
     #[arg(long = "label")]
     pub labels: Vec<String>,
-    #[arg(long, default_value = "skiff0")]
-    pub bridge: String,
-    #[arg(long, default_value = "10.213.0.0/20")]
-    pub subnet: String,
-    /// Firewall that masquerades the bridge's traffic to the outside (as Docker's bridge):
-    /// auto (nft when installed, else iptables), nft, iptables, or none (instances then
-    /// reach only this host).
-    #[arg(long, default_value = "auto", value_parser = parse_firewall)]
-    pub firewall: Fw,
+    #[command(flatten)]
+    pub net: BridgeArgs,
     /// Seconds between checks for changed status (sent only when it changed).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub heartbeat: u64,
@@ -71,9 +64,7 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     skiff_sys::connlimit::raise_fd_limit();
     let labels = crate::cli::parse_selector(&args.labels).context("--label")?;
     let mut acfg = AgentConfig::new(data);
-    acfg.bridge_name = args.bridge.clone();
-    acfg.subnet = args.subnet.clone();
-    acfg.firewall = args.firewall.0;
+    args.net.apply(&mut acfg);
     if let Some(n) = &args.node_name {
         acfg.node_name = n.clone();
     }

@@ -3,8 +3,8 @@
 //! Ctrl-C, which stops the stack. SIGTERM leaves workloads running (as an agent upgrade
 //! would); the next `skiff up` re-adopts them.
 
+use crate::cli::BridgeArgs;
 use crate::cli::Cli;
-use crate::cli::{parse_firewall, Fw};
 use crate::config::ClientConfig;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -31,17 +31,8 @@ pub struct UpArgs {
     pub listen: String,
     #[arg(long)]
     pub node_name: Option<String>,
-    /// Name of the node's bridge.
-    #[arg(long, default_value = "skiff0")]
-    pub bridge: String,
-    /// Subnet for bridge-mode instances (the bridge takes .1).
-    #[arg(long, default_value = "10.213.0.0/20")]
-    pub subnet: String,
-    /// Firewall that masquerades the bridge's traffic to the outside (as Docker's bridge):
-    /// auto (nft when installed, else iptables), nft, iptables, or none (instances then
-    /// reach only this host).
-    #[arg(long, default_value = "auto", value_parser = parse_firewall)]
-    pub firewall: Fw,
+    #[command(flatten)]
+    pub net: BridgeArgs,
     /// Disk use (percent) above which unused images are pruned; 0 turns pruning off.
     #[arg(long, default_value_t = 85, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub image_gc_high: u8,
@@ -178,9 +169,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     crate::secure_data_dir(data)?;
     skiff_sys::connlimit::raise_fd_limit();
     let mut acfg = AgentConfig::new(data);
-    acfg.bridge_name = args.bridge.clone();
-    acfg.subnet = args.subnet.clone();
-    acfg.firewall = args.firewall.0;
+    args.net.apply(&mut acfg);
     acfg.image_gc = match args.image_gc_high {
         0 => None,
         high => Some(

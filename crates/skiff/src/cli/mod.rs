@@ -226,12 +226,32 @@ fn report(e: &anyhow::Error) -> String {
     skiff_image::error::with_causes(e.as_ref())
 }
 
-/// `--firewall`: which firewall writes the bridge's NAT rules, and whether it was named.
-#[derive(Debug, Clone, Copy)]
-pub struct Fw(pub skiff_runtime::nat::FirewallSetting);
+/// The node's bridge network, as `skiff up` and `skiff agent` take it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BridgeArgs {
+    /// Name of the node's bridge.
+    #[arg(long, default_value = "skiff0")]
+    pub bridge: String,
+    /// Subnet for bridge-mode instances (the bridge takes .1).
+    #[arg(long, default_value = "10.213.0.0/20")]
+    pub subnet: String,
+    /// Firewall that masquerades the bridge's traffic to the outside (as Docker's bridge):
+    /// auto (nft when installed, else iptables), nft, iptables, or none (instances then
+    /// reach only this host).
+    #[arg(long, default_value = "auto", value_parser = parse_firewall)]
+    pub firewall: skiff_runtime::nat::FirewallSetting,
+}
 
-pub fn parse_firewall(s: &str) -> std::result::Result<Fw, String> {
-    skiff_runtime::nat::Firewall::parse(s).map(Fw)
+impl BridgeArgs {
+    pub fn apply(&self, cfg: &mut skiff_agent::AgentConfig) {
+        cfg.bridge_name = self.bridge.clone();
+        cfg.subnet = self.subnet.clone();
+        cfg.firewall = self.firewall;
+    }
+}
+
+fn parse_firewall(s: &str) -> std::result::Result<skiff_runtime::nat::FirewallSetting, String> {
+    skiff_runtime::nat::Firewall::parse(s)
 }
 
 #[cfg(test)]
