@@ -44,6 +44,8 @@ impl NlError {
 pub struct Rtnl {
     sock: Socket,
     seq: u32,
+    /// The namespace the socket is in, when not the caller's.
+    ns: Option<File>,
 }
 
 impl Rtnl {
@@ -58,21 +60,15 @@ impl Rtnl {
             .map_err(|e| op(e.into()))?;
         sock.bind_auto().map_err(op)?;
         sock.connect(&SocketAddr::new(0, 0)).map_err(op)?;
-        Ok(Rtnl { sock, seq: 0 })
+        Ok(Rtnl { sock, seq: 0, ns: None })
     }
 
     /// A socket in the network namespace `ns` (a bind-mounted namespace file): opened on a
     /// thread that joins `ns` first, so no other thread of the process changes namespace.
     pub fn open_in(ns: &File, name: &str) -> Result<Self, NlError> {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| NlError::new(format!("join network namespace {name}"), e.into()))?;
-                Rtnl::open()
-            })
-            .join()
-            .unwrap_or_else(|_| Err(NlError::new("open a netlink socket", std::io::Error::other("thread panicked"))))
-        })
+        let mut nl = in_netns(ns, name, Rtnl::open)?;
+        nl.ns = Some(ns.try_clone().map_err(|e| NlError::new(format!("open network namespace {name}"), e))?);
+        Ok(nl)
     }
 
     /// Sends one request and waits for its acknowledgement (or the answer it asks for).
@@ -117,17 +113,18 @@ impl Rtnl {
         Err(NlError::new(op, std::io::Error::other("no acknowledgement")))
     }
 
-    /// The index of the interface `name`, if it exists.
+    /// The index of the interface `name` in the socket's namespace, if it exists. Asked
+    /// with `if_nametoindex`, not netlink: decoding a link's every attribute is code and
+    /// memory a node need not spend.
     pub fn index(&mut self, name: &str) -> Result<Option<u32>, NlError> {
-        let mut m = LinkMessage::default();
-        m.attributes.push(LinkAttribute::IfName(name.to_string()));
-        match self.request(&format!("find interface {name}"), RouteNetlinkMessage::GetLink(m), 0) {
-            Ok(answers) => Ok(answers.into_iter().find_map(|a| match a {
-                RouteNetlinkMessage::NewLink(l) => Some(l.header.index),
-                _ => None,
-            })),
-            Err(e) if e.source.raw_os_error() == Some(libc::ENODEV) => Ok(None),
-            Err(e) => Err(e),
+        let find = || match nix::net::if_::if_nametoindex(name) {
+            Ok(i) => Ok(Some(i)),
+            Err(nix::Error::ENODEV | nix::Error::ENXIO) => Ok(None),
+            Err(e) => Err(NlError::new(format!("find interface {name}"), e.into())),
+        };
+        match &self.ns {
+            None => find(),
+            Some(ns) => in_netns(ns, name, find),
         }
     }
 
@@ -135,23 +132,6 @@ impl Rtnl {
         self.index(name)?.ok_or_else(|| {
             NlError::new(format!("find interface {name}"), std::io::Error::from_raw_os_error(libc::ENODEV))
         })
-    }
-
-    /// The kind of the interface `name` (`bridge`, `veth`, ...), if it has one.
-    pub fn kind(&mut self, name: &str) -> Result<Option<InfoKind>, NlError> {
-        let mut m = LinkMessage::default();
-        m.attributes.push(LinkAttribute::IfName(name.to_string()));
-        let answers = self.request(&format!("find interface {name}"), RouteNetlinkMessage::GetLink(m), 0)?;
-        Ok(answers.into_iter().find_map(|a| match a {
-            RouteNetlinkMessage::NewLink(l) => l.attributes.into_iter().find_map(|at| match at {
-                LinkAttribute::LinkInfo(infos) => infos.into_iter().find_map(|i| match i {
-                    LinkInfo::Kind(k) => Some(k),
-                    _ => None,
-                }),
-                _ => None,
-            }),
-            _ => None,
-        }))
     }
 
     /// Creates a bridge with the MAC address `mac`.
@@ -243,14 +223,29 @@ impl Rtnl {
 
     /// Removes the interface `name` (gone already is fine).
     pub fn del_link(&mut self, name: &str) -> Result<(), NlError> {
-        let Some(index) = self.index(name)? else { return Ok(()) };
         let mut m = LinkMessage::default();
-        m.header.index = index;
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
         match self.request(&format!("remove interface {name}"), RouteNetlinkMessage::DelLink(m), 0) {
             Err(e) if e.source.raw_os_error() == Some(libc::ENODEV) => Ok(()),
             r => r.map(drop),
         }
     }
+}
+
+/// Runs `f` on a short-lived thread that first joins the network namespace `ns` (named
+/// `name` in errors), so no other thread of the process changes namespace.
+fn in_netns<T: Send>(ns: &File, name: &str, f: impl FnOnce() -> Result<T, NlError> + Send) -> Result<T, NlError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| NlError::new(format!("join network namespace {name}"), e.into()))?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(NlError::new(format!("network namespace {name}"), std::io::Error::other("thread panicked")))
+        })
+    })
 }
 
 /// Where named network namespaces live (as iproute2's `ip netns`).

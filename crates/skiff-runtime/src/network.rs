@@ -84,16 +84,15 @@ impl Bridge {
     pub fn ensure(&self) -> Result<(), NetError> {
         let mac = mac_bytes(self.subnet.gateway());
         let mut nl = Rtnl::open()?;
-        match nl.kind(&self.name) {
-            Ok(Some(netlink_packet_route::link::InfoKind::Bridge)) => {
-                let now = std::fs::read_to_string(format!("/sys/class/net/{}/address", self.name)).unwrap_or_default();
-                if now.trim() != mac_of(self.subnet.gateway()) {
-                    nl.set_link(&self.name, Some(mac), None, false)?;
-                }
-            }
-            Ok(_) => return Err(NetError::NotABridge(self.name.clone())),
-            Err(e) if e.source.raw_os_error() == Some(libc::ENODEV) => nl.add_bridge(&self.name, mac)?,
-            Err(e) => return Err(e.into()),
+        let sys = format!("/sys/class/net/{}", self.name);
+        if nl.index(&self.name)?.is_none() {
+            nl.add_bridge(&self.name, mac)?;
+        } else if !std::path::Path::new(&sys).join("bridge").exists() {
+            return Err(NetError::NotABridge(self.name.clone()));
+        } else if std::fs::read_to_string(format!("{sys}/address")).unwrap_or_default().trim()
+            != mac_of(self.subnet.gateway())
+        {
+            nl.set_link(&self.name, Some(mac), None, false)?;
         }
         nl.add_address(&self.name, self.subnet.gateway(), self.subnet.prefix)?;
         nl.set_link(&self.name, None, None, true)?;
