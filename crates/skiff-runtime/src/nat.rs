@@ -86,7 +86,7 @@ fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetErro
     let err = |m: String| NetError::Firewall { command: format!("{tool} {}", args.join(" ")), message: m };
     // iptables waits for the xtables lock another writer (Docker, firewalld) holds, instead
     // of failing at once and being read as "no such rule".
-    let wait: &[&str] = if tool == "iptables" { &["-w", "5"] } else { &[] };
+    let wait: &[&str] = if tool.starts_with("iptables") { &["-w", "5"] } else { &[] };
     let mut child = Command::new(locate(tool).unwrap_or_else(|| tool.into()))
         .args(wait)
         .args(args)
@@ -193,12 +193,10 @@ impl Nat {
     fn ensure_iptables_chain(&self, table: &str, from: &str, rules: &[Vec<String>]) -> Result<(), NetError> {
         let chain = self.chain();
         let ipt = |args: &[&str]| run("iptables", &[&["-t", table][..], args].concat(), None);
-        let _ = ipt(&["-N", &chain]); // exists: fine
-        ipt(&["-F", &chain])?;
-        for rule in rules {
-            let r: Vec<&str> = rule.iter().map(String::as_str).collect();
-            ipt(&[&["-A", &chain][..], &r].concat())?;
-        }
+        // The chain's rules replaced in one commit (declaring a chain empties it): a
+        // restarted agent leaves no moment in which running instances' traffic meets a
+        // half-written chain.
+        run("iptables-restore", &["--noflush"], Some(&iptables_restore_script(table, &chain, rules)))?;
         if ipt(&["-C", from, "-j", &chain]).is_err() {
             ipt(&["-I", from, "-j", &chain])?;
         }
@@ -228,6 +226,17 @@ impl Nat {
     }
 }
 
+/// `iptables-restore` input that empties `chain` in `table` (making it if need be) and fills
+/// it with `rules`.
+fn iptables_restore_script(table: &str, chain: &str, rules: &[Vec<String>]) -> String {
+    let mut s = format!("*{table}\n:{chain} - [0:0]\n");
+    for rule in rules {
+        s.push_str(&format!("-A {chain} {}\n", rule.join(" ")));
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
 /// Whether iptables' filter FORWARD chain drops what no rule accepts.
 fn iptables_forward_drops() -> bool {
     run("iptables", &["-S", "FORWARD"], None).is_ok_and(|s| s.lines().any(|l| l.trim() == "-P FORWARD DROP"))
@@ -247,6 +256,10 @@ mod tests {
         assert!(s.contains("oifname \"sk-t1\" ct state established,related accept\n\t\toifname \"sk-t1\" drop"), "{s}");
         assert_eq!(nat.chain(), "SKIFF-sk-t1");
         assert_eq!(nat.iptables_masquerade().join(" "), "-s 10.99.0.0/24 ! -o sk-t1 -j MASQUERADE");
+        assert_eq!(
+            iptables_restore_script("nat", &nat.chain(), &[nat.iptables_masquerade()]),
+            "*nat\n:SKIFF-sk-t1 - [0:0]\n-A SKIFF-sk-t1 -s 10.99.0.0/24 ! -o sk-t1 -j MASQUERADE\nCOMMIT\n"
+        );
     }
 
     #[test]
