@@ -116,14 +116,14 @@ pub struct Nat {
 
 impl Nat {
     /// nftables' table: the bridge's name with anything but letters, digits and `_` as `_`.
-    fn table(&self) -> String {
+    pub fn table(&self) -> String {
         let name: String =
             self.bridge.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
         format!("skiff_{name}")
     }
 
     /// iptables' chain for this bridge (at most 28 bytes: `SKIFF-` and a 15-byte name).
-    fn chain(&self) -> String {
+    pub fn chain(&self) -> String {
         format!("SKIFF-{}", self.bridge)
     }
 

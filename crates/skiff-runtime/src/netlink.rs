@@ -71,8 +71,8 @@ impl Rtnl {
         Ok(nl)
     }
 
-    /// Sends one request and waits for its acknowledgement (or the answer it asks for).
-    fn request(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>, NlError> {
+    /// Sends one request and waits for its acknowledgement.
+    fn request(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<(), NlError> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
@@ -82,7 +82,6 @@ impl Rtnl {
         let mut buf = vec![0u8; packet.buffer_len()];
         packet.serialize(&mut buf);
         self.sock.send(&buf, 0).map_err(|e| NlError::new(op, e))?;
-        let mut answers = Vec::new();
         // Bounded: an acknowledged request ends with its ACK or error; no dumps are asked.
         for _ in 0..64 {
             let (data, _) = self.sock.recv_from_full().map_err(|e| NlError::new(op, e))?;
@@ -92,16 +91,11 @@ impl Rtnl {
                     .map_err(|e| NlError::new(op, std::io::Error::other(e.to_string())))?;
                 let len = reply.header.length as usize;
                 if reply.header.sequence_number == self.seq {
-                    match reply.payload {
-                        NetlinkPayload::Error(e) => {
-                            return match e.code {
-                                None => Ok(answers),
-                                Some(code) => Err(NlError::new(op, std::io::Error::from_raw_os_error(-code.get()))),
-                            };
-                        }
-                        NetlinkPayload::InnerMessage(m) => answers.push(m),
-                        NetlinkPayload::Done(_) => return Ok(answers),
-                        _ => {}
+                    if let NetlinkPayload::Error(e) = reply.payload {
+                        return match e.code {
+                            None => Ok(()),
+                            Some(code) => Err(NlError::new(op, std::io::Error::from_raw_os_error(-code.get()))),
+                        };
                     }
                 }
                 if len == 0 {
@@ -141,7 +135,6 @@ impl Rtnl {
         m.attributes.push(LinkAttribute::Address(mac.to_vec()));
         m.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
         self.request(&format!("create bridge {name}"), RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)
-            .map(drop)
     }
 
     /// Creates a veth pair: `name` here, `peer` in the namespace `ns`.
@@ -156,7 +149,6 @@ impl Rtnl {
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
         ]));
         self.request(&format!("create veth {name}"), RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)
-            .map(drop)
     }
 
     /// Changes the interface `name`: its MAC address, its bridge, up.
@@ -180,7 +172,7 @@ impl Rtnl {
                 .flatten()
                 .collect::<Vec<_>>()
                 .join(", ");
-        self.request(&format!("{what} interface {name}"), RouteNetlinkMessage::SetLink(m), 0).map(drop)
+        self.request(&format!("{what} interface {name}"), RouteNetlinkMessage::SetLink(m), 0)
     }
 
     /// Gives `name` the address `addr/prefix` (an address it already has is fine).
@@ -200,7 +192,7 @@ impl Rtnl {
             NLM_F_CREATE | NLM_F_EXCL,
         ) {
             Err(e) if e.exists() => Ok(()),
-            r => r.map(drop),
+            r => r,
         }
     }
 
@@ -218,7 +210,6 @@ impl Rtnl {
             RouteNetlinkMessage::NewRoute(m),
             NLM_F_CREATE | NLM_F_EXCL,
         )
-        .map(drop)
     }
 
     /// Removes the interface `name` (gone already is fine).
@@ -227,7 +218,7 @@ impl Rtnl {
         m.attributes.push(LinkAttribute::IfName(name.to_string()));
         match self.request(&format!("remove interface {name}"), RouteNetlinkMessage::DelLink(m), 0) {
             Err(e) if e.source.raw_os_error() == Some(libc::ENODEV) => Ok(()),
-            r => r.map(drop),
+            r => r,
         }
     }
 }

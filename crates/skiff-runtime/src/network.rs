@@ -151,8 +151,7 @@ fn mac_bytes(addr: Ipv4Addr) -> [u8; 6] {
 /// address passes to a new instance (a replacement during an update), neighbours' ARP
 /// caches still hold the right address, so the new instance is reachable at once.
 pub fn mac_of(addr: Ipv4Addr) -> String {
-    let [a, b, c, d] = addr.octets();
-    format!("02:42:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+    mac_bytes(addr).map(|b| format!("{b:02x}")).join(":")
 }
 
 pub fn netns_path(netns: &str) -> PathBuf {

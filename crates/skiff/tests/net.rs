@@ -115,11 +115,6 @@ fn have(tool: &str) -> bool {
     Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
-fn nft_table(n: &Node) -> String {
-    let name: String = n.bridge.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    format!("skiff_{name}")
-}
-
 #[test]
 fn containers_reach_the_outside_through_nat_with_nftables_and_with_iptables() -> Result<()> {
     require_privileged!();
@@ -190,7 +185,8 @@ fn containers_reach_the_outside_through_nat_with_nftables_and_with_iptables() ->
         }
         // ...are written once however often the agent starts...
         n.up_with(None, &[])?;
-        let chain = format!("SKIFF-{}", n.bridge);
+        let names = n.nat().context("the node's subnet")?;
+        let chain = names.chain();
         let jumps = |table: &str, from: &str| -> Result<usize> {
             Ok(run("iptables", &["-t", table, "-S", from])?
                 .lines()
@@ -208,7 +204,7 @@ fn containers_reach_the_outside_through_nat_with_nftables_and_with_iptables() ->
         n.interrupt_up()?;
         assert!(run("iptables", &["-S", &chain]).is_err(), "{firewall}: iptables chain {chain} left behind");
         assert!(run("iptables", &["-t", "nat", "-S", &chain]).is_err(), "{firewall}: nat chain {chain} left behind");
-        let table = nft_table(&n);
+        let table = names.table();
         assert!(run("nft", &["list", "table", "ip", &table]).is_err(), "{firewall}: nft table {table} left behind");
     }
     Ok(())
@@ -238,8 +234,7 @@ fn the_agent_sets_up_bridge_networking_without_iproute2() -> Result<()> {
     let eth0 = run("ip", &["-n", &ns, "-o", "addr", "show", "eth0"])?;
     assert!(eth0.contains(&format!("inet {ip}/24")), "{eth0}");
     let link = run("ip", &["-n", &ns, "link", "show", "eth0"])?;
-    let octets: Vec<u8> = ip.split('.').filter_map(|o| o.parse().ok()).collect();
-    let mac = format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", octets[0], octets[1], octets[2], octets[3]);
+    let mac = skiff_runtime::network::mac_of(ip.parse()?);
     assert!(link.contains(&mac) && link.contains("state UP"), "{link}");
     let lo = run("ip", &["-n", &ns, "link", "show", "lo"])?;
     assert!(lo.contains("UP"), "{lo}");

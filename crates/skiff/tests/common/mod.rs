@@ -277,6 +277,16 @@ impl Node {
         Ok(())
     }
 
+    /// The NAT rules this node's agent writes (their names: nft table, iptables chains).
+    pub fn nat(&self) -> Option<skiff_runtime::nat::Nat> {
+        let subnet = skiff_runtime::network::Subnet::parse(&self.subnet).ok()?;
+        Some(skiff_runtime::nat::Nat {
+            bridge: self.bridge.clone(),
+            subnet,
+            firewall: skiff_runtime::nat::Firewall::Nft,
+        })
+    }
+
     /// SIGTERM to `skiff up` (a service manager stopping it): it exits, leaving workloads
     /// running.
     pub fn terminate_up(&mut self) -> Result<()> {
@@ -390,11 +400,9 @@ impl Node {
                 }
             }
         }
-        // NAT rules a killed agent left (with either firewall).
-        if let Ok(subnet) = skiff_runtime::network::Subnet::parse(&self.subnet) {
-            for firewall in [skiff_runtime::nat::Firewall::Nft, skiff_runtime::nat::Firewall::Iptables] {
-                skiff_runtime::nat::Nat { bridge: self.bridge.clone(), subnet, firewall }.remove();
-            }
+        // NAT rules a killed agent left (`remove` clears both firewalls' rules).
+        if let Some(nat) = self.nat() {
+            nat.remove();
         }
         let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
     }
