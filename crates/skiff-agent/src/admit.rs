@@ -16,6 +16,8 @@ pub enum AdmitError {
     /// Stored, but not for this runtime's platform: that is the telling part.
     #[error("{stored}, and pulling it failed: {pull}")]
     WrongPlatform { stored: ImageError, pull: ImageError },
+    #[error("{0}")]
+    Untrusted(String),
     #[error("{image} is not a program the wasm runtime can run: {why}")]
     NotRunnable { image: String, why: String },
 }
@@ -26,11 +28,24 @@ impl Agent {
     pub async fn ensure_image(&self, d: &Deployment) -> Result<(), AdmitError> {
         let image = &d.image;
         let target = Target::from(d.runtime);
-        let Err(stored) = self.images().inspect_for(image, target) else { return Ok(()) };
+        let Err(stored) = self.images().inspect_for(image, target) else {
+            return self.judge_stored(&d.name, image).await.map_err(AdmitError::Untrusted);
+        };
         let mut opts = self.pull_options().cloned().unwrap_or_default();
         opts.platform = Some(target.platform());
+        if !self.image_policy().rules.is_empty() {
+            opts.policy = Some(Arc::clone(&self.cfg.policy.image_policy));
+        }
         match skiff_image::registry::pull(Arc::clone(self.images()), image, &opts).await {
-            Ok(_) => Ok(()),
+            Ok(rep) => match &rep.trust {
+                Some(j) => self.record_judgement(&d.name, image, &rep.digest, j).map_err(AdmitError::Untrusted),
+                None => Ok(()),
+            },
+            Err(e @ ImageError::Untrusted { .. }) => {
+                let msg = e.to_string();
+                self.event(&d.name, "Untrusted", &msg);
+                Err(AdmitError::Untrusted(msg))
+            }
             Err(pull) => Err(match stored {
                 ImageError::NotFound(_) => AdmitError::NotPulled { image: image.clone(), pull },
                 stored => AdmitError::WrongPlatform { stored, pull },

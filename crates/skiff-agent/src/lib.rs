@@ -28,6 +28,7 @@ pub mod state;
 mod stop;
 pub mod supervise;
 pub mod tls;
+mod trust;
 pub mod tunnel;
 pub mod update;
 
@@ -167,6 +168,10 @@ pub struct Agent {
     changes: tokio::sync::watch::Sender<u64>,
     /// WebAssembly programs (by content id) admission found runnable, and what they are.
     wasm_checked: Mutex<HashMap<String, &'static str>>,
+    /// Image digests whose signatures the image policy accepted (`trust.rs`).
+    trusted: Mutex<HashSet<String>>,
+    /// Image digests the image policy warned about (one event each).
+    warned: Mutex<HashSet<String>>,
 }
 
 /// The node's runtime backends; each instance uses its deployment's.
@@ -232,7 +237,11 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + '
 }
 
 impl Agent {
-    pub fn open(cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
+    pub fn open(mut cfg: AgentConfig) -> Result<Arc<Self>, AgentError> {
+        // Every pull of this node meets the image rules of its policy.
+        if let Some(pull) = cfg.pull.as_mut().filter(|_| !cfg.policy.image_policy.rules.is_empty()) {
+            pull.policy = Some(Arc::clone(&cfg.policy.image_policy));
+        }
         let data = &cfg.data_dir;
         std::fs::create_dir_all(data).map_err(|e| AgentError::Other(format!("creating {}: {e}", data.display())))?;
         let versions = runtime_versions();
@@ -302,6 +311,8 @@ impl Agent {
             hosts_written: Default::default(),
             changes: tokio::sync::watch::Sender::new(0),
             wasm_checked: Default::default(),
+            trusted: Default::default(),
+            warned: Default::default(),
         });
         if let (Some(aside), Some(r)) = (moved, rebuilt) {
             let msg = format!(

@@ -13,6 +13,10 @@
 //!   allowed: ["/dev/ttyUSB*", /dev/video0]  # host devices that may be mapped; absent: any
 //! host_network: false                    # the host's network namespace (default: true)
 //! privileged: false                      # cap_add: [ALL] (default: true)
+//! images:                                # signed images (`skiff_image::policy`): the first
+//!   - match: "registry.example.com/**"   # rule naming an image decides
+//!     mode: enforce                      # enforce | warn
+//!     keys: [/etc/skiff/keys/fleet.pub]  # cosign public keys (files or PEM text)
 //! ```
 //!
 //! Without a file the policy is Docker's allowance, with one exception that no file
@@ -42,6 +46,12 @@ pub struct Policy {
     pub host_network: Option<bool>,
     #[serde(default)]
     pub privileged: Option<bool>,
+    /// Which images must be signed, by whom (see `skiff_image::policy`).
+    #[serde(default)]
+    pub images: Vec<skiff_image::policy::RawRule>,
+    /// `images`, checked and with their keys read.
+    #[serde(skip)]
+    pub image_policy: std::sync::Arc<skiff_image::policy::ImagePolicy>,
     /// Where it was read from (for messages).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -90,17 +100,29 @@ impl Policy {
         };
         let text = std::fs::read_to_string(&path)
             .map_err(|e| PolicyError::Read { path: path.clone(), message: e.to_string() })?;
-        let mut p = Policy::parse(&text).map_err(|message| PolicyError::Invalid { path: path.clone(), message })?;
+        let base = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let mut p = Policy::parse_at(&text, &base, Some(&path))
+            .map_err(|message| PolicyError::Invalid { path: path.clone(), message })?;
         p.source = Some(path);
         Ok(p)
     }
 
     /// Parses and checks a policy file's text; errors name the field.
     pub fn parse(text: &str) -> Result<Policy, String> {
+        Policy::parse_at(text, Path::new("/"), None)
+    }
+
+    /// [`Policy::parse`] with key files of `images:` read relative to `base`.
+    fn parse_at(text: &str, base: &Path, source: Option<&Path>) -> Result<Policy, String> {
         if text.trim().is_empty() {
             return Ok(Policy::default());
         }
-        let p: Policy = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+        let mut p: Policy = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+        p.image_policy = std::sync::Arc::new(skiff_image::policy::ImagePolicy::from_rules(
+            &p.images,
+            source.map(Path::to_path_buf),
+            |f| std::fs::read_to_string(base.join(f)),
+        )?);
         for (i, c) in p.capabilities.allowed.iter().flatten().enumerate() {
             if normalize_cap(c).is_none() {
                 return Err(format!("capabilities.allowed[{i}]: {c:?} is not a capability"));

@@ -43,11 +43,18 @@ impl Agent {
                     let msg =
                         format!("{image} ({}) from {}, {} B received", rep.digest, rep.endpoint, rep.bytes_received);
                     me.event(&instance, "Pulled", &msg);
+                    if let Some(j) = &rep.trust {
+                        let _ = me.record_judgement(&instance, &image, &rep.digest, j);
+                    }
                     None
                 }
                 Err(e) => {
                     let error = skiff_image::error::with_causes(&e);
-                    me.event(&instance, "PullFailed", &format!("{image}: {error}"));
+                    let reason = match e {
+                        skiff_image::ImageError::Untrusted { .. } => "Untrusted",
+                        _ => "PullFailed",
+                    };
+                    me.event(&instance, reason, &format!("{image}: {error}"));
                     let failures = failures + 1;
                     Some(PullState::Failed { failures, retry_at_ms: me.now_ms() + pull_backoff_ms(failures), error })
                 }

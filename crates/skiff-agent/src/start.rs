@@ -1,5 +1,5 @@
 //! Steps *prepare* and *start*: the node's policy is checked first (nothing of a
-//! refused workload is made); then the bundle — image layers, volumes, /etc files,
+//! refused workload is made), then the image's signatures (`trust.rs`); then the bundle — image layers, volumes, /etc files,
 //! rootfs and spec — is made while the network namespace is set up beside it, and the
 //! runtime starts the instance. A start that fails counts as a run that exited 127 for
 //! the restart policy; a missing image sends the instance back to Pending.
@@ -33,6 +33,14 @@ impl Agent {
             r.state = InstanceState::Pending;
             r.message = Some(message);
             r.next_start_ms = Some(self.now_ms() + retry_ms);
+            self.db(|s| s.put_instance(&r))?;
+            return Ok(());
+        }
+        // Signed as the node's image rules ask (judged with the signatures kept beside it).
+        if let Err(msg) = self.judge_stored(&r.name, &r.spec.image).await {
+            r.state = InstanceState::Failed;
+            r.next_start_ms = None;
+            r.message = Some(msg);
             self.db(|s| s.put_instance(&r))?;
             return Ok(());
         }

@@ -37,6 +37,8 @@ pub enum ImageError {
     BadPlatform(String),
     #[error("the image store is busy: a pull or load is running; nothing was collected (try again when it ends)")]
     Busy,
+    #[error("image {image} ({digest}) is refused by the image policy ({policy}): {reason}")]
+    Untrusted { image: String, digest: String, policy: String, reason: String },
     #[error("image {reference} is used by {users}; remove those first")]
     InUse { reference: String, users: String },
 }

@@ -12,10 +12,12 @@ pub mod digest;
 pub mod error;
 pub mod gc;
 pub mod hosts;
+pub mod policy;
 pub mod reference;
 pub mod registry;
 mod save;
 pub mod store;
+pub mod trust;
 pub mod unpack;
 pub mod wasm;
 

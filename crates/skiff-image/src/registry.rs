@@ -110,6 +110,8 @@ pub struct PullOptions {
     pub docker_config: Option<PathBuf>,
     /// Bytes per second over all downloads of the pull.
     pub limit_rate: Option<u64>,
+    /// Which images must be signed by whom (`/etc/skiff/policy.yaml`).
+    pub policy: Option<Arc<crate::policy::ImagePolicy>>,
     pub progress: Progress,
 }
 
@@ -123,6 +125,7 @@ impl Default for PullOptions {
             parallel: 3,
             docker_config: std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")),
             limit_rate: None,
+            policy: None,
             progress: Arc::new(|_| {}),
         }
     }
@@ -144,6 +147,8 @@ pub struct PullReport {
     pub bytes_received: u64,
     pub blobs_fetched: usize,
     pub blobs_present: usize,
+    /// How the image policy judged the image (`None`: no rule names it).
+    pub trust: Option<crate::trust::Judgement>,
 }
 
 /// A token bucket without burst credit: after `n` bytes, wait until `n / rate` seconds
@@ -306,8 +311,30 @@ impl Client {
         accept: Option<&str>,
         range_from: u64,
     ) -> Result<reqwest::Response, ImageError> {
+        self.send(reqwest::Method::GET, what, path, accept, range_from, None).await
+    }
+
+    /// Sends a request with auth, answering one bearer challenge. `path` is below the
+    /// endpoint, or a whole URL (an upload's `Location`). A body is `(content type, bytes)`.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        what: &str,
+        path: &str,
+        accept: Option<&str>,
+        range_from: u64,
+        body: Option<(&str, bytes::Bytes)>,
+    ) -> Result<reqwest::Response, ImageError> {
+        let url = if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.endpoint.base)
+        };
         for round in 0..2 {
-            let mut req = self.http.get(format!("{}{path}", self.endpoint.base));
+            let mut req = self.http.request(method.clone(), &url);
+            if let Some((ct, b)) = &body {
+                req = req.header(reqwest::header::CONTENT_TYPE, *ct).body(b.clone());
+            }
             if let Some(a) = accept {
                 req = req.header(reqwest::header::ACCEPT, a);
             }
@@ -446,6 +473,155 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Uploads a small blob unless the registry has it (monolithic upload: POST, then PUT).
+    async fn upload_blob(&self, bytes: &[u8]) -> Result<Descriptor, ImageError> {
+        use reqwest::Method;
+        let digest = format!("sha256:{}", sha256_of(bytes));
+        let what = format!("upload {digest}");
+        let repo = &self.r.repository;
+        let head = self.send(Method::HEAD, &what, &format!("/v2/{repo}/blobs/{digest}"), None, 0, None).await?;
+        if !head.status().is_success() {
+            let resp = self.send(Method::POST, &what, &format!("/v2/{repo}/blobs/uploads/"), None, 0, None).await?;
+            let location =
+                resp.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let status = resp.status();
+            if status != reqwest::StatusCode::ACCEPTED {
+                let body = resp.text().await.unwrap_or_default();
+                return Err(self.err(&what, Self::status_problem(status, &body)));
+            }
+            let location = location.ok_or_else(|| self.err(&what, "upload started without a Location"))?;
+            let sep = if location.contains('?') { '&' } else { '?' };
+            let url = format!("{location}{sep}digest={digest}");
+            let body = Some(("application/octet-stream", bytes::Bytes::copy_from_slice(bytes)));
+            let resp = self.send(Method::PUT, &what, &url, None, 0, body).await?;
+            let status = resp.status();
+            if !status.is_success() {
+                let body = resp.text().await.unwrap_or_default();
+                return Err(self.err(&what, Self::status_problem(status, &body)));
+            }
+        }
+        Ok(Descriptor {
+            media_type: String::new(),
+            digest,
+            size: bytes.len() as u64,
+            platform: None,
+            annotations: Default::default(),
+        })
+    }
+
+    async fn put_manifest(&self, tag: &str, media_type: &str, bytes: Vec<u8>) -> Result<(), ImageError> {
+        let what = format!("manifest {}:{tag}", self.r.repository);
+        let path = format!("/v2/{}/manifests/{tag}", self.r.repository);
+        let resp = self.send(reqwest::Method::PUT, &what, &path, None, 0, Some((media_type, bytes.into()))).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(self.err(&what, Self::status_problem(status, &body)));
+        }
+        Ok(())
+    }
+}
+
+/// What `sign` did.
+#[derive(Debug, Clone)]
+pub struct SignReport {
+    /// The manifest (or index) digest signed.
+    pub digest: String,
+    /// `registry/repo:sha256-<hex>.sig`.
+    pub signature_ref: String,
+    /// False when the registry already held this very signature.
+    pub added: bool,
+}
+
+/// Signs the manifest `reference` names, as `cosign sign --key` does: the simple-signing
+/// payload is uploaded and its signature added as a layer of the tag `sha256-<hex>.sig`
+/// (keeping the signatures already there). Goes to the registry itself, never a mirror.
+pub async fn sign(
+    reference: &str,
+    key: &crate::trust::PrivateKey,
+    opts: &PullOptions,
+) -> Result<SignReport, ImageError> {
+    use crate::trust;
+    let r = RemoteRef::parse(reference)?;
+    let http = http_client(opts)?;
+    let mut res = Err(ImageError::BadReference(reference.to_string()));
+    for endpoint in opts.registries.endpoints(&r.registry, &opts.insecure).into_iter().filter(|e| !e.mirror) {
+        let client = Client::new(&http, &endpoint, &r, opts, Default::default(), None);
+        res = sign_at(&client, reference, key, opts).await;
+        match &res {
+            Err(ImageError::Unreachable { .. }) if endpoint.probe => continue,
+            _ => break,
+        }
+    }
+    return res;
+
+    async fn sign_at(
+        client: &Client,
+        reference: &str,
+        key: &trust::PrivateKey,
+        opts: &PullOptions,
+    ) -> Result<SignReport, ImageError> {
+        let (_, digest) = client.manifest(&client.r.reference, opts).await?;
+        let repository = crate::policy::repository_of(reference);
+        let payload = trust::payload(&repository, &digest);
+        let signature =
+            key.sign(&payload).map_err(|e| ImageError::Malformed { what: "key".into(), problem: e.to_string() })?;
+        let tag = trust::signature_tag(&digest)?;
+        let mut layers = match client.manifest(&tag, opts).await {
+            Ok((b, d)) => {
+                let m: Manifest = serde_json::from_slice(&b)
+                    .map_err(|e| ImageError::Malformed { what: d, problem: e.to_string() })?;
+                m.layers.unwrap_or_default()
+            }
+            Err(ImageError::Registry { problem, .. }) if problem.starts_with("not found") => vec![],
+            Err(e) => return Err(e),
+        };
+        let signature_ref = format!("{repository}:{tag}");
+        let mut layer = client.upload_blob(&payload).await?;
+        layer.media_type = trust::SIMPLE_SIGNING.into();
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&signature);
+        // ECDSA signatures differ each time: an existing one by the same key over the same
+        // payload counts as this one.
+        let public = trust::PublicKey::from_pem(&key.public_pem)
+            .map_err(|e| ImageError::Malformed { what: "key".into(), problem: e.to_string() })?;
+        let have = layers.iter().any(|l| {
+            l.digest == layer.digest
+                && l.annotations.get(trust::SIGNATURE_ANNOTATION).is_some_and(|s| {
+                    base64::engine::general_purpose::STANDARD.decode(s).is_ok_and(|s| public.verify(&payload, &s))
+                })
+        });
+        if have {
+            return Ok(SignReport { digest, signature_ref, added: false });
+        }
+        layer.annotations.insert(trust::SIGNATURE_ANNOTATION.into(), b64);
+        layers.push(layer);
+        // cosign's config: an empty image whose diff_ids are the payloads.
+        let config = serde_json::json!({
+            "architecture": "", "created": "0001-01-01T00:00:00Z",
+            "history": [{"created": "0001-01-01T00:00:00Z"}], "os": "",
+            "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.digest.clone()).collect::<Vec<_>>()},
+            "config": {}
+        });
+        let config_bytes = serde_json::to_vec(&config).unwrap_or_default();
+        let mut config_desc = client.upload_blob(&config_bytes).await?;
+        config_desc.media_type = crate::store::MT_OCI_CONFIG.into();
+        let m = Manifest {
+            schema_version: 2,
+            media_type: Some(MT_OCI_MANIFEST.into()),
+            config: Some(config_desc),
+            layers: Some(layers),
+            manifests: None,
+        };
+        let bytes =
+            serde_json::to_vec(&m).map_err(|e| ImageError::Malformed { what: tag.clone(), problem: e.to_string() })?;
+        client.put_manifest(&tag, MT_OCI_MANIFEST, bytes).await?;
+        opts.note(&format!("{reference}: signed {digest} as {signature_ref}"));
+        Ok(SignReport { digest, signature_ref, added: true })
+    }
+}
+
 /// 200 ms doubling to 10 s, with up to 50 % jitter (seeded by what is retried).
 fn backoff(failures: u32, what: &str) -> Duration {
     let base = (200u64 << failures.min(6)).min(10_000);
@@ -561,6 +737,22 @@ async fn pull_inner(
             a.push(p);
         }
     };
+    // Signatures first: an image the policy refuses is not downloaded at all.
+    // Without a rule they are still kept when the registry has them (one small request),
+    // so that a rule made later, or a node the image is carried to, can judge it offline.
+    let (trust, signatures) = match opts.policy.as_deref().and_then(|p| Some((p, p.rule_for(reference)?))) {
+        Some((policy, rule)) => {
+            let (j, sigs) = check_signatures(client, reference, &top_digest, policy, rule, opts).await?;
+            (Some(j), sigs)
+        }
+        None => match fetch_signatures(client, &top_digest, opts).await {
+            Ok(sigs) => (None, sigs),
+            Err(e) => {
+                tracing::debug!("{reference}: signatures not read: {e}");
+                (None, vec![])
+            }
+        },
+    };
     let (manifest, manifest_digest) = if top.is_index() {
         let want = opts.platform.clone().unwrap_or_else(crate::store::host_platform);
         let list = top.manifests.clone().unwrap_or_default();
@@ -596,6 +788,7 @@ async fn pull_inner(
         reference: crate::normalize_reference(reference),
         digest: top_digest.clone(),
         endpoint: client.endpoint.host.clone(),
+        trust,
         ..Default::default()
     };
     let all = || std::iter::once(&config).chain(&layers);
@@ -682,9 +875,123 @@ async fn pull_inner(
         remember(store.blob_path(&top_digest));
     }
     store.put_blob_bytes(&top_bytes, Some(&top_digest))?;
+    if !signatures.is_empty() {
+        store.put_signatures(&top_digest, &signatures)?;
+    }
     store.tag(reference, &top_digest)?;
     say(format!("{reference}: pulled {top_digest}"));
     Ok(report)
+}
+
+/// The cosign signatures of the manifest `digest` in the client's repository (the tag
+/// `sha256-<hex>.sig`; none when there is no such tag), payloads read and verified
+/// against their digests.
+async fn fetch_signatures(
+    client: &Client,
+    digest: &str,
+    opts: &PullOptions,
+) -> Result<Vec<crate::trust::StoredSignature>, ImageError> {
+    use crate::trust;
+    let tag = trust::signature_tag(digest)?;
+    let (bytes, d) = match client.manifest(&tag, opts).await {
+        Ok(m) => m,
+        Err(ImageError::Registry { problem, .. }) if problem.starts_with("not found") => return Ok(vec![]),
+        Err(e) => return Err(e),
+    };
+    let m: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| ImageError::Malformed { what: d, problem: e.to_string() })?;
+    let mut sigs = vec![];
+    for layer in trust::signature_layers(&m).into_iter().take(MAX_SIGNATURES) {
+        sha256_hex(&layer.digest)?;
+        let what = format!("signature payload {}", layer.digest);
+        let path = format!("/v2/{}/blobs/{}", client.r.repository, layer.digest);
+        let (payload, _) = client.small_once(&what, &path, None, &layer.digest).await.map_err(|(e, _)| e)?;
+        sigs.push(trust::StoredSignature::new(layer.clone(), &payload));
+    }
+    Ok(sigs)
+}
+
+/// The signatures the registry of `reference` holds for its manifest `digest` (mirrors
+/// first, as for a pull): for an image stored without them.
+pub async fn signatures(
+    reference: &str,
+    digest: &str,
+    opts: &PullOptions,
+) -> Result<Vec<crate::trust::StoredSignature>, ImageError> {
+    let r = RemoteRef::parse(reference)?;
+    let http = http_client(opts)?;
+    let mut res = Ok(vec![]);
+    for endpoint in opts.registries.endpoints(&r.registry, &opts.insecure) {
+        let client = Client::new(&http, &endpoint, &r, opts, Default::default(), None);
+        res = fetch_signatures(&client, digest, opts).await;
+        if res.as_ref().is_ok_and(|s| !s.is_empty()) {
+            break;
+        }
+    }
+    res
+}
+
+/// Checks the signatures `reference` has in its registry against `rule` without pulling
+/// the image (`skiff image verify`): the digest judged and the judgement. A refusal is an
+/// answer here, not an error.
+pub async fn verify(
+    reference: &str,
+    rule: &crate::policy::Rule,
+    opts: &PullOptions,
+) -> Result<(String, crate::trust::Judgement), ImageError> {
+    let r = RemoteRef::parse(reference)?;
+    let http = http_client(opts)?;
+    let policy = crate::policy::ImagePolicy { rules: vec![rule.clone()], source: None };
+    let warn = crate::policy::Rule { mode: crate::policy::Mode::Warn, ..rule.clone() };
+    let mut res = Err(ImageError::BadReference(reference.to_string()));
+    for endpoint in opts.registries.endpoints(&r.registry, &opts.insecure) {
+        let client = Client::new(&http, &endpoint, &r, opts, Default::default(), None);
+        res = async {
+            let (_, digest) = client.manifest(&r.reference, opts).await?;
+            let (j, _) = check_signatures(&client, reference, &digest, &policy, &warn, opts).await?;
+            Ok((digest, crate::trust::Judgement { mode: rule.mode, ..j }))
+        }
+        .await;
+        if res.is_ok() {
+            break;
+        }
+    }
+    res
+}
+
+/// At most this many signatures of one image are read.
+const MAX_SIGNATURES: usize = 32;
+
+/// Reads the cosign signatures of `digest` (the tag `sha256-<hex>.sig` of the same
+/// repository) and judges them by `rule`; refuses, before anything is stored, an image the
+/// rule enforces and no signature vouches for. Returns the signatures to keep beside it.
+async fn check_signatures(
+    client: &Client,
+    reference: &str,
+    digest: &str,
+    policy: &crate::policy::ImagePolicy,
+    rule: &crate::policy::Rule,
+    opts: &PullOptions,
+) -> Result<(crate::trust::Judgement, Vec<crate::trust::StoredSignature>), ImageError> {
+    use crate::trust::{self, Judgement, Verdict};
+    let sigs = fetch_signatures(client, digest, opts).await?;
+    let verdict = trust::verify_stored(&sigs, &crate::policy::repository_of(reference), digest, rule);
+    let judgement = Judgement { mode: rule.mode, verdict };
+    match &judgement.verdict {
+        Verdict::Verified { key } => opts.note(&format!("{reference}: signature verified (key {key})")),
+        Verdict::Rejected(reason) if judgement.allows() => {
+            opts.note(&format!("{reference}: WARNING: not trusted ({reason}); the image policy only warns"))
+        }
+        Verdict::Rejected(reason) => {
+            return Err(ImageError::Untrusted {
+                image: reference.to_string(),
+                digest: digest.to_string(),
+                policy: policy.source_name(),
+                reason: reason.clone(),
+            })
+        }
+    }
+    Ok((judgement, sigs))
 }
 
 /// Unpacks a layer as its bytes arrive, in a blocking task fed through a bounded channel,

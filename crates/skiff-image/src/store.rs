@@ -470,6 +470,18 @@ impl ImageStore {
         self.write_refs(&refs)
     }
 
+    /// The manifest or index digest `reference` points at (`name@sha256:…` names it).
+    pub fn top_digest(&self, reference: &str) -> Result<String, ImageError> {
+        let refs = self.refs()?;
+        if let Some(d) = refs.get(&normalize_reference(reference)).or_else(|| refs.get(reference)) {
+            return Ok(d.clone());
+        }
+        match reference.rsplit_once('@') {
+            Some((_, d)) if self.has_blob(d) => Ok(d.to_string()),
+            _ => Err(ImageError::NotFound(reference.to_string())),
+        }
+    }
+
     /// Resolves a reference (`name:tag`, a short name, or an image/manifest digest) to a
     /// runnable image for the host platform, unpacking its layers if needed.
     pub fn resolve(&self, reference: &str) -> Result<ImageInfo, ImageError> {
@@ -724,6 +736,14 @@ impl ImageStore {
             let name = e.file_name().to_string_lossy().into_owned();
             if !keep_blob_hex.contains(&name) {
                 freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(e.path()).ctx("remove", e.path())?;
+            }
+        }
+        // Signatures go with the image they sign.
+        let sigs = self.root.join("signatures");
+        for e in fs::read_dir(&sigs).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.strip_suffix(".json").is_some_and(|hex| keep_blob_hex.contains(hex)) {
                 fs::remove_file(e.path()).ctx("remove", e.path())?;
             }
         }

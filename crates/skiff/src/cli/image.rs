@@ -50,6 +50,39 @@ pub enum ImageCmd {
     Inspect { reference: String },
     /// Remove blobs and layers no image needs.
     Prune,
+    /// Sign an image in its registry as `cosign sign --key` does (the tag
+    /// sha256-<digest>.sig; `cosign verify` accepts it).
+    Sign {
+        reference: String,
+        /// Private key: PEM PKCS#8, ECDSA P-256 or Ed25519 (`skiff image keygen`, `openssl genpkey`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Registry reached over plain HTTP (loopback registries always are).
+        #[arg(long = "insecure-registry")]
+        insecure_registry: Vec<String>,
+    },
+    /// Check an image's cosign signatures in its registry against public keys, without
+    /// pulling it. Exit status 1 when no trusted signature vouches for it.
+    Verify {
+        reference: String,
+        /// Public key (PEM), repeatable: any one of them may have signed.
+        #[arg(long, required = true)]
+        key: Vec<PathBuf>,
+        /// Accept a signature made for another repository (only the digest must match).
+        #[arg(long)]
+        any_identity: bool,
+        /// Registry reached over plain HTTP (loopback registries always are).
+        #[arg(long = "insecure-registry")]
+        insecure_registry: Vec<String>,
+    },
+    /// Make a signing key pair: PREFIX.key (private, PKCS#8, mode 0600) and PREFIX.pub.
+    Keygen {
+        #[arg(short = 'o', long = "output", default_value = "cosign")]
+        output: PathBuf,
+        /// Ed25519 instead of ECDSA P-256 (cosign's default).
+        #[arg(long)]
+        ed25519: bool,
+    },
 }
 
 /// Pull settings for the CLI: the registries config (`--registries`, else the default
@@ -103,7 +136,8 @@ pub(super) fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
         ImageCmd::Inspect { reference } => {
             println!("{}", serde_json::to_string_pretty(&store.inspect(reference)?)?);
         }
-        ImageCmd::Pull { .. } => {}
+        ImageCmd::Pull { .. } | ImageCmd::Sign { .. } | ImageCmd::Verify { .. } => {}
+        ImageCmd::Keygen { output, ed25519 } => keygen(output, *ed25519)?,
         ImageCmd::Save { references, output } => {
             store.save(references, output)?;
             println!("saved {} image(s) to {}", references.len(), output.display());
@@ -116,13 +150,97 @@ pub(super) fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
     Ok(0)
 }
 
+/// `skiff image keygen`: a key pair for `skiff image sign` (refuses to overwrite).
+fn keygen(prefix: &Path, ed25519: bool) -> Result<()> {
+    let private = skiff_image::trust::PrivateKey::generate_pem(ed25519)?;
+    let public = skiff_image::trust::PrivateKey::from_pem(&private)?.public_pem;
+    let (key_path, pub_path) = (prefix.with_extension("key"), prefix.with_extension("pub"));
+    for p in [&key_path, &pub_path] {
+        anyhow::ensure!(!p.exists(), "{} exists; not overwriting it", p.display());
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?;
+    f.write_all(private.as_bytes())?;
+    std::fs::write(&pub_path, public).map_err(|e| anyhow::anyhow!("{}: {e}", pub_path.display()))?;
+    println!("Private key written to {}", key_path.display());
+    println!("Public key written to {}", pub_path.display());
+    Ok(())
+}
+
+fn read_text(p: &Path) -> Result<String> {
+    std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+}
+
+/// `skiff image sign` and `skiff image verify`: signatures in the registry.
+async fn signatures(cli: &Cli, cmd: &ImageCmd) -> Result<i32> {
+    use skiff_image::trust::{PrivateKey, PublicKey, Verdict};
+    let mut opts = pull_options(cli)?;
+    match cmd {
+        ImageCmd::Sign { reference, key, insecure_registry } => {
+            let key =
+                PrivateKey::from_pem(&read_text(key)?).map_err(|e| anyhow::anyhow!("--key {}: {e}", key.display()))?;
+            opts.insecure = insecure_registry.clone();
+            let r = skiff_image::registry::sign(reference, &key, &opts).await?;
+            if r.added {
+                println!("Signed {} ({}): {}", reference, r.digest, r.signature_ref);
+            } else {
+                println!("{} ({}) already carries this key's signature: {}", reference, r.digest, r.signature_ref);
+            }
+            Ok(0)
+        }
+        ImageCmd::Verify { reference, key, any_identity, insecure_registry } => {
+            let keys = key
+                .iter()
+                .map(|k| PublicKey::from_pem(&read_text(k)?).map_err(|e| anyhow::anyhow!("--key {}: {e}", k.display())))
+                .collect::<Result<Vec<_>>>()?;
+            let identity = if *any_identity {
+                skiff_image::trust::IdentityCheck::Any
+            } else {
+                skiff_image::trust::IdentityCheck::Repository
+            };
+            let rule = skiff_image::policy::Rule {
+                pattern: "**".into(),
+                mode: skiff_image::policy::Mode::Enforce,
+                keys,
+                identity,
+            };
+            opts.insecure = insecure_registry.clone();
+            opts.progress = std::sync::Arc::new(|_| {});
+            let (digest, j) = skiff_image::registry::verify(reference, &rule, &opts).await?;
+            match j.verdict {
+                Verdict::Verified { key } => {
+                    println!("{reference} ({digest}): verified, signed by key {key}");
+                    Ok(0)
+                }
+                Verdict::Rejected(why) => {
+                    eprintln!("{reference} ({digest}): NOT verified: {why}");
+                    Ok(1)
+                }
+            }
+        }
+        _ => image(&cli.data, cmd),
+    }
+}
+
 /// `skiff image pull`: into this machine's store, with its own flags over `--registries`.
 pub(super) async fn pull(cli: &Cli, cmd: &ImageCmd) -> Result<i32> {
     let ImageCmd::Pull { reference, platform, insecure_registry, limit_rate, max_concurrent_downloads } = cmd else {
-        return image(&cli.data, cmd);
+        return signatures(cli, cmd).await;
     };
     let store = std::sync::Arc::new(skiff_image::ImageStore::open(cli.data.join("images"))?);
     let mut opts = pull_options(cli)?;
+    // The node's image rules apply to what is pulled into its store by hand too.
+    let policy = skiff_image::policy::ImagePolicy::load(Path::new(skiff_agent::policy::DEFAULT_PATH), false)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if !policy.rules.is_empty() {
+        opts.policy = Some(std::sync::Arc::new(policy));
+    }
     opts.platform = platform.as_deref().map(skiff_image::registry::parse_platform).transpose()?;
     opts.insecure = insecure_registry.clone();
     opts.limit_rate = *limit_rate;

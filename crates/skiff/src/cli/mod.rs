@@ -215,7 +215,9 @@ async fn run(cli: Cli) -> Result<i32> {
             view::logs(&client(cli)?, name, *follow, *tail, *timestamps).await
         }
         Cmd::Exec { instance, command } => view::exec(cli, instance, command).await,
-        Cmd::Image(cmd @ ImageCmd::Pull { .. }) => image::pull(cli, cmd).await,
+        Cmd::Image(cmd @ (ImageCmd::Pull { .. } | ImageCmd::Sign { .. } | ImageCmd::Verify { .. })) => {
+            image::pull(cli, cmd).await
+        }
         Cmd::Image(cmd) => image::image(&cli.data, cmd),
         Cmd::Shim { .. } => Ok(0),
     }

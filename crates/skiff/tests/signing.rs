@@ -1,0 +1,175 @@
+//! Signed images against a real `docker-registry`: `skiff image keygen/sign/verify`, and a
+//! node whose policy (`images:` rules) enforces or warns — a signed image runs; an
+//! unsigned one, one signed by another key, and one carrying another image's signature
+//! are refused with an `Untrusted` event naming image, digest and reason; `warn` runs it
+//! and says so; an image that reached the store without a pull meets the same rule.
+
+#![allow(clippy::unwrap_used)] // tests may panic on setup failures
+
+mod common;
+
+use common::{wait_for, Node};
+use skiff_model::InstanceState;
+use std::time::Duration;
+
+type R = anyhow::Result<()>;
+const SEC: Duration = Duration::from_secs(1);
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// An image of busybox plus a file saying `tag`, so each tag has its own digest.
+fn image(tag: &str) -> anyhow::Result<skiff_testkit::ImageBuilder> {
+    let layer = skiff_testkit::LayerBuilder::new().file("version", 0o644, tag.as_bytes())?.finish()?;
+    Ok(skiff_testkit::ImageBuilder::busybox()?.layer(layer))
+}
+
+/// Copies the signature manifest of `from` (a digest) to the signature tag of `to` in the
+/// same repository: an attacker re-using a signature made for another image.
+fn copy_signature(port: u16, repo: &str, from: &str, to: &str) -> R {
+    let tag = |d: &str| format!("sha256-{}.sig", d.trim_start_matches("sha256:"));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let c = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}/v2/{repo}/manifests");
+        let mt = "application/vnd.oci.image.manifest.v1+json";
+        let body = c.get(format!("{base}/{}", tag(from))).header("Accept", mt).send().await?.bytes().await?;
+        let put = c.put(format!("{base}/{}", tag(to))).header("Content-Type", mt).body(body).send().await?;
+        anyhow::ensure!(put.status().is_success(), "PUT: {}", put.status());
+        Ok(())
+    })
+}
+
+#[test]
+fn signed_images_run_and_the_policy_refuses_or_warns_about_the_rest() -> R {
+    skiff_testkit::require_registry_tools!();
+    let reg = skiff_testkit::registry::Registry::start()?;
+    let push = |name: &str| -> anyhow::Result<String> {
+        let layout = tempfile::tempdir()?;
+        image(name)?.write_oci_layout(layout.path(), "x")?;
+        reg.push(layout.path(), name)?;
+        Ok(format!("127.0.0.1:{}/{name}", reg.port))
+    };
+    let (good, other_key, unsigned, reused, warned) =
+        (push("fleet/app:1")?, push("fleet/app:2")?, push("fleet/plain:1")?, push("fleet/app:3")?, push("lab/app:1")?);
+    let late = push("fleet/late:1")?;
+    let mut n = Node::new()?;
+    let keys = n.data().join("keys");
+    std::fs::create_dir(&keys)?;
+    let (fleet, other) = (keys.join("fleet"), keys.join("other"));
+    n.ok(&["image", "keygen", "-o", fleet.to_str().unwrap()])?;
+    n.ok(&["image", "keygen", "--ed25519", "-o", other.to_str().unwrap()])?;
+    assert!(n.cli(&["image", "keygen", "-o", fleet.to_str().unwrap()])?.status.code() != Some(0), "no overwrite");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(keys.join("fleet.key"))?.permissions().mode() & 0o777, 0o600);
+
+    // Sign: idempotent per key; verify answers per key.
+    let fkey = keys.join("fleet.key");
+    let out = n.ok(&["image", "sign", &good, "--key", fkey.to_str().unwrap()])?;
+    assert!(out.contains("Signed") && out.contains(".sig"), "{out}");
+    let again = n.ok(&["image", "sign", &good, "--key", fkey.to_str().unwrap()])?;
+    assert!(again.contains("already carries"), "{again}");
+    n.ok(&["image", "sign", &warned, "--key", fkey.to_str().unwrap()])?;
+    n.ok(&["image", "sign", &other_key, "--key", keys.join("other.key").to_str().unwrap()])?;
+    let fpub = keys.join("fleet.pub");
+    let ok = n.ok(&["image", "verify", &good, "--key", fpub.to_str().unwrap()])?;
+    assert!(ok.contains("verified"), "{ok}");
+    let no = n.cli(&["image", "verify", &other_key, "--key", fpub.to_str().unwrap()])?;
+    assert_eq!(no.status.code(), Some(1));
+    assert!(stderr(&no).contains("no trusted key made the signature"), "{}", stderr(&no));
+    let both = n.ok(&[
+        "image",
+        "verify",
+        &other_key,
+        "--key",
+        fpub.to_str().unwrap(),
+        "--key",
+        keys.join("other.pub").to_str().unwrap(),
+    ])?;
+    assert!(both.contains("verified"), "{both}");
+
+    // fleet/app:3 carries the signature of fleet/app:1.
+    n.ok(&["image", "pull", &good])?;
+    n.ok(&["image", "pull", &reused])?;
+    let (good_digest, reused_digest) = (n.image_digest(&good)?, n.image_digest(&reused)?);
+    n.ok(&["image", "rm", &reused])?;
+    copy_signature(reg.port, "fleet/app", &good_digest, &reused_digest)?;
+
+    // Pulled before it was signed: the node fetches the signature when it needs it.
+    n.ok(&["image", "pull", &late])?;
+    n.ok(&["image", "sign", &late, "--key", fkey.to_str().unwrap()])?;
+
+    // An image that reaches the store without a pull (a file, a USB stick).
+    n.load(&image("local")?, &format!("127.0.0.1:{}/fleet/local:1", reg.port))?;
+
+    let policy = n.write(
+        "policy.yaml",
+        &format!(
+            "images:\n  - match: \"127.0.0.1:{p}/fleet/**\"\n    keys: [{k}]\n  - match: \"127.0.0.1:{p}/lab/*\"\n    mode: warn\n    keys: [{o}]\n",
+            p = reg.port,
+            k = fpub.display(),
+            o = keys.join("other.pub").display(),
+        ),
+    )?;
+    n.up_with(None, &["--policy", policy.to_str().unwrap()])?;
+
+    n.ok(&["run", &good, "--name", "good", "--restart", "always", "--", "sleep", "1000"])?;
+    n.wait_running("good-1")?;
+
+    n.ok(&["run", &late, "--name", "late", "--", "sleep", "1000"])?;
+    n.wait_running("late-1")?;
+
+    let refused = |name: &str, img: &str, why: &str| -> R {
+        let out = n.cli(&["run", img, "--name", name, "--", "sleep", "1000"])?;
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{name} ran");
+        assert!(
+            err.contains("refused by the image policy") && err.contains(why) && err.contains("sha256:"),
+            "{name}: {err}"
+        );
+        let ev = n.events()?;
+        let e = ev.iter().find(|e| e.reason == "Untrusted" && e.message.contains(img)).expect("an Untrusted event");
+        assert!(e.message.contains(why), "{name}: {}", e.message);
+        Ok(())
+    };
+    refused("unsigned", &unsigned, "no signature")?;
+    refused("otherkey", &other_key, "no trusted key made the signature")?;
+    refused("reused", &reused, &format!("the signature is for {good_digest}, not {reused_digest}"))?;
+    refused("local", &format!("127.0.0.1:{}/fleet/local:1", reg.port), "no signature")?;
+    // A refused pull stores nothing.
+    assert!(n.cli(&["image", "inspect", &unsigned])?.status.code() != Some(0));
+
+    // warn: runs, and the event says what is wrong.
+    n.ok(&["run", &warned, "--name", "warned", "--", "sleep", "1000"])?;
+    n.wait_running("warned-1")?;
+    let ev = n.events()?;
+    let e = ev.iter().find(|e| e.reason == "Untrusted" && e.message.contains(&warned)).expect("a warning event");
+    assert!(e.message.contains("only warns") && e.message.contains("no trusted key"), "{}", e.message);
+
+    // The signatures kept beside the image judge it again when a new agent starts it,
+    // offline: the registry is gone, the agent restarted (workloads outlive it), and the
+    // container killed, so the restart policy starts it anew.
+    drop(reg);
+    n.terminate_up()?;
+    n.up_with(None, &["--policy", policy.to_str().unwrap()])?;
+    let before = n.wait_running("good-1")?;
+    let pid = nix::unistd::Pid::from_raw(before.pid.unwrap_or_default());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)?;
+    wait_for(60 * SEC, "good-1 started again", || {
+        n.instance("good-1").ok().filter(|i| i.restarts > before.restarts && i.state == InstanceState::Running)
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_policy_with_a_mistake_is_refused_at_start_naming_the_field() -> R {
+    let n = Node::bare()?;
+    let bad = n.write("policy.yaml", "images:\n  - match: \"**\"\n    keys: [/nonexistent/k.pub]\n")?;
+    let out = n.up_refused_with(None, &["--policy", bad.to_str().unwrap()])?;
+    assert!(stderr(&out).contains("images[0].keys[0]: /nonexistent/k.pub"), "{}", stderr(&out));
+    let bad = n.write("policy2.yaml", "images:\n  - match: \"**\"\n    mode: strict\n    keys: [/k]\n")?;
+    let out = n.up_refused_with(None, &["--policy", bad.to_str().unwrap()])?;
+    assert!(stderr(&out).contains("images[0].mode: \"strict\" is not one of enforce, warn"), "{}", stderr(&out));
+    Ok(())
+}
