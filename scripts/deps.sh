@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages skiff needs, from Debian's archive. Idempotent; needs root.
 set -euo pipefail
-# gcc and libc6-dev build the static probes the security tests run inside containers.
-PACKAGES=(runc busybox-static iproute2 nftables iptables util-linux ca-certificates docker-registry skopeo gcc libc6-dev "$@")
+# gcc and libc6-dev build the static probes the security tests run inside containers;
+# runsc (gVisor) is the sandboxed runtime class.
+PACKAGES=(runc runsc busybox-static iproute2 nftables iptables util-linux ca-certificates docker-registry skopeo gcc libc6-dev "$@")
 export DEBIAN_FRONTEND=noninteractive
 if [ "$(id -u)" != 0 ]; then
   echo "scripts/deps.sh: run as root (containers, cgroups and network namespaces need it)" >&2

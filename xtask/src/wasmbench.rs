@@ -91,7 +91,7 @@ impl Bench {
 
     fn runtime(&self, kind: RuntimeKind, spare: bool) -> &dyn Runtime {
         match (kind, spare) {
-            (RuntimeKind::Oci, _) => &self.oci,
+            (RuntimeKind::Oci | RuntimeKind::Runsc, _) => &self.oci,
             (RuntimeKind::Wasm, true) => &self.wasm,
             (RuntimeKind::Wasm, false) => &self.wasm_launch,
         }
@@ -111,7 +111,7 @@ impl Bench {
         let layer_dirs = info.layers.iter().map(|l| self.store.layer_dir(&l.diff_id)).collect::<Result<_, _>>()?;
         let wasm = match kind {
             RuntimeKind::Wasm => Some(self.store.wasm_module(&info, None)?),
-            RuntimeKind::Oci => None,
+            RuntimeKind::Oci | RuntimeKind::Runsc => None,
         };
         let req = CreateRequest {
             id: id.clone(),
@@ -222,7 +222,7 @@ impl Bench {
         for i in 0..count {
             let started = match kind {
                 RuntimeKind::Wasm => self.start(kind, true, IDLE, &[]),
-                RuntimeKind::Oci => self.start(kind, true, BUSYBOX, &["sleep", "1000000"]),
+                RuntimeKind::Oci | RuntimeKind::Runsc => self.start(kind, true, BUSYBOX, &["sleep", "1000000"]),
             };
             match started {
                 Ok(id) => ids.push(id),
@@ -242,7 +242,7 @@ impl Bench {
         for id in &ids {
             let dir = match kind {
                 RuntimeKind::Wasm => self.dir.join("wasm/instances").join(id),
-                RuntimeKind::Oci => self.dir.join("instances").join(id),
+                RuntimeKind::Oci | RuntimeKind::Runsc => self.dir.join("instances").join(id),
             };
             let mut pids = vec![];
             if let Ok(p) = std::fs::read_to_string(dir.join("shim.pid")) {
@@ -409,7 +409,7 @@ pub fn run(skiff: &str, dir: &str, iterations: &str, counts: &[&str]) -> Result<
             let [pss, uss, anon, drop] = b.memory(kind, n)?;
             let what = match kind {
                 RuntimeKind::Wasm => "wasm (its shim)",
-                RuntimeKind::Oci => "container (shim + process)",
+                RuntimeKind::Oci | RuntimeKind::Runsc => "container (shim + process)",
             };
             println!("  {what:<30} {n:>7} {pss:>9.0} {uss:>9.0} {anon:>9.0} {drop:>12.0}");
         }

@@ -18,6 +18,8 @@ pub enum AdmitError {
     WrongPlatform { stored: ImageError, pull: ImageError },
     #[error("{0}")]
     Untrusted(String),
+    #[error("this node does not offer the {runtime} runtime: {why}")]
+    RuntimeUnavailable { runtime: RuntimeKind, why: String },
     #[error("{image} is not a program the wasm runtime can run: {why}")]
     NotRunnable { image: String, why: String },
 }
@@ -56,6 +58,9 @@ impl Agent {
     /// Whether this node can run `d` now: [`Agent::ensure_image`], then, for a wasm
     /// deployment, its program compiled and checked (on a blocking thread).
     pub async fn admit(self: &Arc<Self>, d: &Deployment) -> Result<(), AdmitError> {
+        if let (RuntimeKind::Runsc, Err(why)) = (d.runtime, crate::runsc_status()) {
+            return Err(AdmitError::RuntimeUnavailable { runtime: d.runtime, why: why.clone() });
+        }
         self.ensure_image(d).await?;
         if d.runtime != RuntimeKind::Wasm {
             return Ok(());

@@ -179,6 +179,7 @@ pub struct Agent {
 pub struct Backends {
     pub oci: Arc<dyn Runtime>,
     pub wasm: Arc<dyn Runtime>,
+    pub runsc: Arc<dyn Runtime>,
 }
 
 impl Backends {
@@ -186,8 +187,16 @@ impl Backends {
         match kind {
             RuntimeKind::Oci => Arc::clone(&self.oci),
             RuntimeKind::Wasm => Arc::clone(&self.wasm),
+            RuntimeKind::Runsc => Arc::clone(&self.runsc),
         }
     }
+}
+
+/// Whether gVisor runs on this machine: its version, or why not. Probed once per process
+/// (a sandbox running `true`, about 0.1 s), when the agent opens.
+pub fn runsc_status() -> &'static Result<String, String> {
+    static STATUS: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    STATUS.get_or_init(|| skiff_runtime::runc::probe_runsc(skiff_runtime::runc::RUNSC_DEFAULT_PLATFORM))
 }
 
 /// Refuses a runc older than `min` (or one whose version is unknown).
@@ -208,7 +217,11 @@ fn check_runc(found: Option<&str>, min: &str) -> Result<(), AgentError> {
 /// Versions of what runs workloads on this machine (`runc` → `1.1.5`).
 pub fn runtime_versions() -> BTreeMap<String, String> {
     let runc = skiff_runtime::runc::Runc::new("");
-    runc.version().map(|v| ("runc".to_string(), v)).into_iter().collect()
+    let mut v: BTreeMap<String, String> = runc.version().map(|v| ("runc".to_string(), v)).into_iter().collect();
+    if let Ok(runsc) = runsc_status() {
+        v.insert("runsc".into(), runsc.clone());
+    }
+    v
 }
 
 /// The runtimes this build offers (`wasm` needs the cargo feature).
@@ -216,6 +229,9 @@ pub fn runtimes() -> Vec<String> {
     let mut v = vec![RuntimeKind::Oci.to_string()];
     if skiff_runtime::wasm::AVAILABLE {
         v.push(RuntimeKind::Wasm.to_string());
+    }
+    if runsc_status().is_ok() {
+        v.push(RuntimeKind::Runsc.to_string());
     }
     v
 }
@@ -244,6 +260,10 @@ impl Agent {
         }
         let data = &cfg.data_dir;
         std::fs::create_dir_all(data).map_err(|e| AgentError::Other(format!("creating {}: {e}", data.display())))?;
+        // gVisor is offered only where a sandbox runs (about 0.1 s to find out).
+        if let Err(why) = runsc_status() {
+            info!("the runsc runtime (gVisor) is not offered: {why}");
+        }
         let versions = runtime_versions();
         if let Some(min) = &cfg.require_runc_min {
             check_runc(versions.get("runc").map(String::as_str), min)?;
@@ -258,6 +278,16 @@ impl Agent {
             None => Backends {
                 oci: Arc::new(OciRuntime::new(data.join("instances"), data.join("runc"), &cfg.skiff_bin, "/skiff")?),
                 wasm: Arc::new(WasmRuntime::new(data.join("wasm/instances"), data.join("wasm/cache"), &cfg.skiff_bin)?),
+                runsc: Arc::new(OciRuntime::with_runc(
+                    "runsc",
+                    data.join("runsc/instances"),
+                    skiff_runtime::runc::Runc::runsc(
+                        data.join("runsc/state"),
+                        skiff_runtime::runc::RUNSC_DEFAULT_PLATFORM,
+                    ),
+                    &cfg.skiff_bin,
+                    "/skiff",
+                )?),
             },
         };
         let rebuilt = match &moved {

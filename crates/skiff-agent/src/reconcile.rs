@@ -454,7 +454,7 @@ mod tests {
             let clock = ManualClock::at(1_000_000);
             let mut cfg = AgentConfig::new(dir.path().join("data"));
             cfg.clock = clock.clone();
-            cfg.backends = Some(Backends { oci: rt.clone(), wasm: rt.clone() });
+            cfg.backends = Some(Backends { oci: rt.clone(), wasm: rt.clone(), runsc: rt.clone() });
             cfg.image_gc = None;
             cfg.firewall = skiff_runtime::nat::FirewallSetting::none();
             let agent = Agent::open(cfg).unwrap();

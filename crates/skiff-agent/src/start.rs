@@ -19,13 +19,18 @@ impl Agent {
     /// Resolves image, network and volumes, creates the container and starts its shim.
     pub(crate) async fn start_instance(self: &Arc<Self>, mut r: InstanceRow) -> Result<(), AgentError> {
         // The node's own policy first: nothing of a refused workload is made.
-        if let Err(v) = self.cfg.policy.check(&r.spec, &self.cfg.data_dir) {
-            let msg = v.to_string();
+        let refused = match (r.spec.runtime, crate::runsc_status()) {
+            (RuntimeKind::Runsc, Err(why)) => {
+                Some(("RuntimeUnavailable", format!("this node cannot run runsc: {why}")))
+            }
+            _ => self.cfg.policy.check(&r.spec, &self.cfg.data_dir).err().map(|v| ("PolicyViolation", v.to_string())),
+        };
+        if let Some((reason, msg)) = refused {
             r.state = InstanceState::Failed;
             r.next_start_ms = None;
             r.message = Some(msg.clone());
             self.db(|s| s.put_instance(&r))?;
-            self.event(&r.name, "PolicyViolation", &msg);
+            self.event(&r.name, reason, &msg);
             return Ok(());
         }
         if self.cfg.pull.is_some() && self.images.inspect_for(&r.spec.image, Target::from(r.spec.runtime)).is_err() {
@@ -163,7 +168,7 @@ impl Agent {
         let info = self.images.resolve_for(&r.spec.image, Target::from(r.spec.runtime))?;
         let wasm = match r.spec.runtime {
             RuntimeKind::Wasm => Some(self.wasm_module(&r.spec, &info)?),
-            RuntimeKind::Oci => None,
+            RuntimeKind::Oci | RuntimeKind::Runsc => None,
         };
         let layer_dirs =
             info.layers.iter().map(|l| self.images.layer_dir(&l.diff_id)).collect::<Result<Vec<_>, _>>()?;

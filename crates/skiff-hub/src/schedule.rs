@@ -120,6 +120,9 @@ fn mismatch(d: &Deployment, n: &NodeView, platforms: Option<&Platforms>) -> Opti
     if d.placement.node_selector.iter().any(|(k, v)| n.labels.get(k) != Some(v)) {
         return Some("didn't match the node selector");
     }
+    if d.runtime == RuntimeKind::Runsc && !n.runtimes.iter().any(|r| r == RuntimeKind::Runsc.as_str()) {
+        return Some("don't offer the runsc runtime (gVisor)");
+    }
     if d.runtime == RuntimeKind::Wasm {
         if !n.runtimes.iter().any(|r| r == RuntimeKind::Wasm.as_str()) {
             return Some("don't offer the wasm runtime");
@@ -447,6 +450,21 @@ mod tests {
         assert_eq!(where_(&p, "web").len(), 200);
         let again = schedule(&[g, r], &none(), &nodes, &p.slots, 0);
         assert_eq!(again.slots, p.slots, "stable");
+    }
+
+    #[test]
+    fn runsc_goes_only_to_nodes_that_offer_gvisor() {
+        let mut nodes = vec![node("a", "amd64", &[]), node("b", "amd64", &[])];
+        nodes[1].runtimes.push("runsc".into());
+        let mut d = dep("sandboxed", 2);
+        d.runtime = RuntimeKind::Runsc;
+        let p = schedule(std::slice::from_ref(&d), &BTreeMap::new(), &nodes, &[], 0);
+        assert_eq!(p.slots.len(), 2);
+        assert!(p.slots.iter().all(|s| s.node == "b"));
+        nodes[1].runtimes.pop();
+        let p = schedule(std::slice::from_ref(&d), &BTreeMap::new(), &nodes, &[], 0);
+        assert!(p.slots.is_empty());
+        assert!(p.unschedulable["sandboxed"].contains("runsc"), "{}", p.unschedulable["sandboxed"]);
     }
 
     #[test]

@@ -70,7 +70,7 @@ impl Target {
 impl From<skiff_model::RuntimeKind> for Target {
     fn from(kind: skiff_model::RuntimeKind) -> Self {
         match kind {
-            skiff_model::RuntimeKind::Oci => Target::Host,
+            skiff_model::RuntimeKind::Oci | skiff_model::RuntimeKind::Runsc => Target::Host,
             skiff_model::RuntimeKind::Wasm => Target::Wasm,
         }
     }

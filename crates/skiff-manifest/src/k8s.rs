@@ -524,11 +524,13 @@ spec:
         assert_eq!(d.runtime, skiff_model::RuntimeKind::Wasm);
         let d = &import_k8s(&base.replace("RC", "runc"), "default").unwrap().deployments[0];
         assert_eq!(d.runtime, skiff_model::RuntimeKind::Oci);
+        let d = &import_k8s(&base.replace("RC", "gvisor"), "default").unwrap().deployments[0];
+        assert_eq!(d.runtime, skiff_model::RuntimeKind::Runsc);
         let e = import_k8s(&base.replace("RC", "kata"), "default").unwrap_err().to_string();
         assert_eq!(
             e,
             "Deployment/w.spec.template.spec.runtimeClassName: \"kata\" is not a runtime skiff has \
-             (oci or runc; wasm, wasmtime or io.containerd.wasmtime.v1)"
+             (oci or runc; runsc or gvisor; wasm, wasmtime or io.containerd.wasmtime.v1)"
         );
     }
 

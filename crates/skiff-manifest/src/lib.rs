@@ -119,13 +119,16 @@ pub fn runtime_named(name: &str, path: &str) -> Result<skiff_model::RuntimeKind,
     }
     match name {
         "io.containerd.runc.v1" | "io.containerd.runc.v2" => Ok(RuntimeKind::Oci),
+        "io.containerd.runsc.v1" => Ok(RuntimeKind::Runsc),
         "io.containerd.wasmtime.v1"
         | "io.containerd.wasmtime.v2"
         | "io.containerd.wasmedge.v1"
         | "io.containerd.wasmer.v1" => Ok(RuntimeKind::Wasm),
         other => Err(ManifestError::at(
             path,
-            format!("{other:?} is not a runtime skiff has (oci or runc; wasm, wasmtime or io.containerd.wasmtime.v1)"),
+            format!(
+                "{other:?} is not a runtime skiff has (oci or runc; runsc or gvisor; wasm, wasmtime or io.containerd.wasmtime.v1)"
+            ),
         )),
     }
 }

@@ -273,7 +273,7 @@ services:
 
     assert_eq!(
         err("services:\n  a:\n    image: x\n    runtime: nvidia\n"),
-        "services.a.runtime: \"nvidia\" is not a runtime skiff has (oci or runc; wasm, wasmtime or io.containerd.wasmtime.v1)"
+        "services.a.runtime: \"nvidia\" is not a runtime skiff has (oci or runc; runsc or gvisor; wasm, wasmtime or io.containerd.wasmtime.v1)"
     );
     assert_eq!(
         err("services:\n  a:\n    image: x\n    x-skiff-wasm: {timeout: 5s}\n"),

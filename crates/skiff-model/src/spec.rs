@@ -80,10 +80,13 @@ pub enum RuntimeKind {
     Oci,
     /// A WASI program (preview 1 module or preview 2 component) run by wasmtime.
     Wasm,
+    /// An OCI container sandboxed by gVisor (`runsc`): its system calls are served by a
+    /// user-space kernel, not the host's.
+    Runsc,
 }
 
 impl RuntimeKind {
-    pub const ALL: [RuntimeKind; 2] = [RuntimeKind::Oci, RuntimeKind::Wasm];
+    pub const ALL: [RuntimeKind; 3] = [RuntimeKind::Oci, RuntimeKind::Wasm, RuntimeKind::Runsc];
 
     pub fn is_default(&self) -> bool {
         *self == RuntimeKind::Oci
@@ -93,16 +96,23 @@ impl RuntimeKind {
         match self {
             RuntimeKind::Oci => "oci",
             RuntimeKind::Wasm => "wasm",
+            RuntimeKind::Runsc => "runsc",
         }
     }
 
-    /// `oci` or `wasm` (also `runc` and `wasmtime`, the programs behind them).
+    /// `oci`, `wasm` or `runsc` (also `runc`, `wasmtime` and `gvisor`, the programs behind them).
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "oci" | "runc" => Some(RuntimeKind::Oci),
             "wasm" | "wasmtime" => Some(RuntimeKind::Wasm),
+            "runsc" | "gvisor" => Some(RuntimeKind::Runsc),
             _ => None,
         }
+    }
+
+    /// Whether instances are OCI containers (an image for the host's platform, unpacked).
+    pub fn is_container(&self) -> bool {
+        *self != RuntimeKind::Wasm
     }
 }
 

@@ -161,6 +161,8 @@ impl Deployment {
             let (min, spelled) = match self.runtime {
                 RuntimeKind::Oci => (6 << 20, "6MiB"),
                 RuntimeKind::Wasm => (WASM_PAGE, "64KiB (one wasm page)"),
+                // The limit covers gVisor's own kernel (the Sentry) too.
+                RuntimeKind::Runsc => (RUNSC_MIN_MEMORY, "64MiB (gVisor's own kernel counts against it)"),
             };
             if m < min {
                 return Err(ValidationError::new(
@@ -261,9 +263,15 @@ impl Deployment {
     /// capabilities, devices, host name or shell, so asking for them is an error rather
     /// than something silently dropped.
     fn validate_runtime(&self) -> Result<(), ValidationError> {
-        if self.runtime == RuntimeKind::Oci {
+        if self.runtime.is_container() {
             if !self.wasm.is_default() {
                 return Err(ValidationError::new("wasm", "is only read by the wasm runtime (runtime: wasm)"));
+            }
+            if self.runtime == RuntimeKind::Runsc && self.network == crate::NetworkMode::Host {
+                return Err(ValidationError::new(
+                    "network",
+                    "host is not for a sandbox: gVisor's own network stack would take the host's interfaces (runtime: runsc)",
+                ));
             }
             return Ok(());
         }
@@ -300,6 +308,8 @@ impl Deployment {
 
 /// The size of a WebAssembly memory page.
 pub const WASM_PAGE: u64 = 64 << 10;
+/// The least memory limit a gVisor sandbox is given.
+pub const RUNSC_MIN_MEMORY: u64 = 64 << 20;
 
 /// A node label key: `site`, `camera`, `skiff.dev/zone`.
 pub fn is_label_key(k: &str) -> bool {
@@ -367,6 +377,35 @@ mod tests {
             None,
         );
         check(|d| d.update.max_failure_ratio = -0.5, Some("update.max_failure_ratio: must be between 0 and 1"));
+    }
+
+    #[test]
+    fn runsc_rules() {
+        let runsc = |d: &mut Deployment| d.runtime = RuntimeKind::Runsc;
+        check(runsc, None);
+        check(
+            |d| {
+                runsc(d);
+                d.resources.memory_bytes = Some(32 << 20);
+            },
+            Some("resources.memory: 33554432 bytes is below the minimum of 64MiB (gVisor's own kernel counts against it)"),
+        );
+        check(
+            |d| {
+                runsc(d);
+                d.network = crate::NetworkMode::Host;
+            },
+            Some("network: host is not for a sandbox: gVisor's own network stack would take the host's interfaces (runtime: runsc)"),
+        );
+        check(
+            |d| {
+                runsc(d);
+                d.wasm.pool = Some(2);
+            },
+            Some("wasm: is only read by the wasm runtime (runtime: wasm)"),
+        );
+        assert_eq!(RuntimeKind::parse("gvisor"), Some(RuntimeKind::Runsc));
+        assert!(RuntimeKind::Runsc.is_container() && !RuntimeKind::Wasm.is_container());
     }
 
     #[test]

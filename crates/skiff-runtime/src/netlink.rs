@@ -226,16 +226,20 @@ impl Rtnl {
 /// Runs `f` on a short-lived thread that first joins the network namespace `ns` (named
 /// `name` in errors), so no other thread of the process changes namespace.
 fn in_netns<T: Send>(ns: &File, name: &str, f: impl FnOnce() -> Result<T, NlError> + Send) -> Result<T, NlError> {
+    on_thread_in(ns, f).map_err(|e| NlError::new(format!("join network namespace {name}"), e)).and_then(|r| r)
+}
+
+/// Runs `f` on a short-lived thread that first joins the network namespace `ns`: what
+/// it starts (a process forked from that thread) is born in the namespace, and no other
+/// thread of the process changes namespace.
+pub fn on_thread_in<T: Send>(ns: &File, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| NlError::new(format!("join network namespace {name}"), e.into()))?;
-            f()
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            Ok(f())
         })
         .join()
-        .unwrap_or_else(|_| {
-            Err(NlError::new(format!("network namespace {name}"), std::io::Error::other("thread panicked")))
-        })
+        .unwrap_or_else(|_| Err(std::io::Error::other("thread panicked")))
     })
 }
 

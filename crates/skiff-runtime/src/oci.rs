@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub struct OciRuntime {
+    /// `oci` (runc) or `runsc` (gVisor).
+    kind: &'static str,
     root: PathBuf,
     runc: Runc,
     skiff_bin: PathBuf,
@@ -58,13 +60,24 @@ impl OciRuntime {
         skiff_bin: impl Into<PathBuf>,
         cgroup_parent: &str,
     ) -> Result<Self, RuntimeError> {
+        Self::with_runc("oci", root, Runc::new(runc_root.into()), skiff_bin, cgroup_parent)
+    }
+
+    /// The same backend over another runc-compatible binary (`runsc`), named `kind`.
+    pub fn with_runc(
+        kind: &'static str,
+        root: impl Into<PathBuf>,
+        runc: Runc,
+        skiff_bin: impl Into<PathBuf>,
+        cgroup_parent: &str,
+    ) -> Result<Self, RuntimeError> {
         let root = root.into();
-        let runc_root = runc_root.into();
         fs::create_dir_all(&root).map_err(io("create", &root))?;
-        fs::create_dir_all(&runc_root).map_err(io("create", &runc_root))?;
+        fs::create_dir_all(&runc.root).map_err(io("create", &runc.root))?;
         Ok(OciRuntime {
+            kind,
             root,
-            runc: Runc::new(runc_root),
+            runc,
             skiff_bin: skiff_bin.into(),
             cgroups: Cgroups::detect(),
             cgroup_parent: cgroup_parent.to_string(),
@@ -83,6 +96,19 @@ impl OciRuntime {
 
     pub fn runc(&self) -> &Runc {
         &self.runc
+    }
+
+    /// The runner for instance `id`: a gVisor sandbox is reached from inside the network
+    /// namespace it was started in (its shim settings say which).
+    fn runc_for(&self, id: &str) -> Runc {
+        if !self.runc.is_runsc() {
+            return self.runc.clone();
+        }
+        let netns = fs::read(self.dir(id).join(shim::SHIM_CONFIG))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ShimConfig>(&b).ok())
+            .and_then(|c| c.start_in_netns);
+        self.runc.in_netns(netns)
     }
 
     fn mount_rootfs(&self, id: &str, layers: &[PathBuf]) -> Result<PathBuf, RuntimeError> {
@@ -121,7 +147,7 @@ impl OciRuntime {
 
 impl Runtime for OciRuntime {
     fn kind(&self) -> &'static str {
-        "oci"
+        self.kind
     }
 
     fn create(&self, req: &CreateRequest<'_>) -> Result<(), RuntimeError> {
@@ -155,10 +181,16 @@ impl Runtime for OciRuntime {
             })?;
             let p = dir.join("config.json");
             fs::write(&p, serde_json::to_vec_pretty(&spec).unwrap_or_default()).map_err(io("write", &p))?;
+            let mut runc_args = self.runc.args.clone();
+            if self.runc.is_runsc() {
+                runc_args.push(Runc::runsc_network(req.netns.as_deref()).to_string());
+            }
             let shim_cfg = ShimConfig {
                 id: req.id.clone(),
                 runc: self.runc.bin.clone(),
                 runc_root: self.runc.root.clone(),
+                runc_args,
+                start_in_netns: req.netns.clone().filter(|_| self.runc.is_runsc()),
                 cgroups_path: self.cgroups_path(&req.id),
                 log_max_bytes: self.log_max_bytes,
                 log_max_files: self.log_max_files,
@@ -191,7 +223,7 @@ impl Runtime for OciRuntime {
         if !self.runc.root.join(id).exists() {
             return Liveness::Gone;
         }
-        match self.runc.state(id) {
+        match self.runc_for(id).state(id) {
             Some(s) if s.status == "running" || s.status == "created" || s.status == "paused" => {
                 Liveness::Running { pid: s.pid }
             }
@@ -211,11 +243,11 @@ impl Runtime for OciRuntime {
     }
 
     fn signal(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {
-        Ok(self.runc.kill(id, signal)?)
+        Ok(self.runc_for(id).kill(id, signal)?)
     }
 
     fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecOutput, RuntimeError> {
-        Ok(self.runc.exec(id, argv, timeout)?)
+        Ok(self.runc_for(id).exec(id, argv, timeout)?)
     }
 
     fn update_hosts(&self, id: &str, hosts: &str) -> Result<(), RuntimeError> {
@@ -229,9 +261,10 @@ impl Runtime for OciRuntime {
     }
 
     fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        if self.runc.state(id).is_some() {
-            let _ = self.runc.kill(id, "KILL");
-            let _ = self.runc.delete(id);
+        let runc = self.runc_for(id);
+        if runc.state(id).is_some() {
+            let _ = runc.kill(id, "KILL");
+            let _ = runc.delete(id);
         }
         let dir = self.dir(id);
         let rootfs = dir.join("rootfs");

@@ -1,4 +1,5 @@
-//! A thin, synchronous wrapper over the `runc` command line.
+//! A thin, synchronous wrapper over the `runc` command line — and gVisor's `runsc`, which
+//! speaks the same one.
 
 use serde::Deserialize;
 use std::io::Read;
@@ -21,14 +22,26 @@ pub enum RuncError {
 pub struct Runc {
     pub bin: PathBuf,
     pub root: PathBuf,
+    /// Global flags before each command (`--platform=ptrace` for runsc).
+    pub args: Vec<String>,
+    /// The network namespace commands run in: a gVisor sandbox answers on an abstract
+    /// unix socket, which only processes in its network namespace reach. When the file
+    /// cannot be opened (the namespace is gone) commands run where the caller is.
+    pub netns: Option<PathBuf>,
 }
 
-/// `1.1.5` from `runc version 1.1.5+ds1\ncommit: ...`.
+/// `1.1.5` from `runc version 1.1.5+ds1\ncommit: ...` (and `0.0~20221219.0` from
+/// `runsc version 0.0~20221219.0`).
 pub fn parse_version(out: &str) -> Option<String> {
-    let v = out.lines().next()?.strip_prefix("runc version ")?.trim();
+    let first = out.lines().next()?;
+    let v = first.strip_prefix("runc version ").or_else(|| first.strip_prefix("runsc version "))?.trim();
     let v = v.split('+').next()?.trim();
     (!v.is_empty()).then(|| v.to_string())
 }
+
+/// gVisor's platforms that need nothing of the host but ptrace (`systrap` is newer
+/// runsc's default, `ptrace` older ones'; `kvm` needs /dev/kvm).
+pub const RUNSC_DEFAULT_PLATFORM: &str = "ptrace";
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RuncState {
@@ -46,7 +59,51 @@ pub struct ExecOutput {
 
 impl Runc {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Runc { bin: PathBuf::from("runc"), root: root.into() }
+        Runc { bin: PathBuf::from("runc"), root: root.into(), args: vec![], netns: None }
+    }
+
+    /// gVisor's `runsc` on `platform`, its state under `root`. Each sandbox's network is
+    /// chosen when it starts ([`Runc::runsc_network`]).
+    pub fn runsc(root: impl Into<PathBuf>, platform: &str) -> Self {
+        Runc {
+            bin: PathBuf::from("runsc"),
+            root: root.into(),
+            args: vec![format!("--platform={platform}")],
+            netns: None,
+        }
+    }
+
+    /// Whether this is gVisor's runsc.
+    pub fn is_runsc(&self) -> bool {
+        self.bin.file_name().is_some_and(|n| n == "runsc")
+    }
+
+    /// runsc's network flag for a sandbox in `netns` (none: no network at all).
+    ///
+    /// In a namespace it is `--network=host` with runsc started inside that namespace (the
+    /// shim's `start_in_netns`): the Sentry's sockets are host sockets, but in the
+    /// instance's own namespace — the veth on the node's bridge — as with runc. gVisor's
+    /// netstack (`--network=sandbox`) is not used: runsc before 2023 mistakes every
+    /// namespace for the root one on kernels since 6.x, which expose
+    /// `net.core.rmem_default` per namespace, and refuses to start.
+    pub fn runsc_network(netns: Option<&Path>) -> &'static str {
+        match netns {
+            Some(_) => "--network=host",
+            None => "--network=none",
+        }
+    }
+
+    /// This runner with its commands run in `netns`.
+    pub fn in_netns(&self, netns: Option<PathBuf>) -> Runc {
+        Runc { netns, ..self.clone() }
+    }
+
+    /// Runs `f` (which starts a process) in [`Runc::netns`] when it can be joined.
+    pub fn spawning<T: Send>(&self, f: impl FnOnce() -> std::io::Result<T> + Send) -> std::io::Result<T> {
+        match self.netns.as_ref().and_then(|p| std::fs::File::open(p).ok()) {
+            Some(ns) => crate::netlink::on_thread_in(&ns, f)?,
+            None => f(),
+        }
     }
 
     /// The runc version (`1.1.5` from `runc version 1.1.5+ds1`), if runc answers.
@@ -57,16 +114,13 @@ impl Runc {
 
     pub fn command(&self) -> Command {
         let mut c = Command::new(&self.bin);
-        c.arg("--root").arg(&self.root);
+        c.arg("--root").arg(&self.root).args(&self.args);
         c
     }
 
     fn run(&self, op: &'static str, id: &str, args: &[&str]) -> Result<Vec<u8>, RuncError> {
         let out = self
-            .command()
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
+            .spawning(|| self.command().args(args).stdin(Stdio::null()).output())
             .map_err(|source| RuncError::Spawn { bin: self.bin.clone(), source })?;
         if !out.status.success() {
             return Err(RuncError::Failed {
@@ -101,14 +155,16 @@ impl Runc {
     /// Runs `argv` inside the container, capturing output, killed after `timeout`.
     pub fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecOutput, RuncError> {
         let mut child = self
-            .command()
-            .arg("exec")
-            .arg(id)
-            .args(argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
+            .spawning(|| {
+                self.command()
+                    .arg("exec")
+                    .arg(id)
+                    .args(argv)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+            })
             .map_err(|source| RuncError::Spawn { bin: self.bin.clone(), source })?;
         let t_out = drain(child.stdout.take());
         let t_err = drain(child.stderr.take());
@@ -130,6 +186,51 @@ impl Runc {
         let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
         Ok(ExecOutput { code, stdout, stderr })
     }
+}
+
+/// Whether gVisor runs here: `runsc do true` in a throw-away sandbox (no network, the
+/// host's root read-only under an overlay), bounded to 30 s. `Ok(version)`, or why not
+/// (not installed, the kernel refuses its platform, ...).
+pub fn probe_runsc(platform: &str) -> Result<String, String> {
+    let root = std::env::temp_dir().join(format!("skiff-runsc-probe-{}", std::process::id()));
+    let runc = Runc::runsc(&root, platform);
+    let version = match Command::new(&runc.bin).arg("--version").stdin(Stdio::null()).output() {
+        Ok(out) => parse_version(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|| "unknown".into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err("runsc is not installed".into()),
+        Err(e) => return Err(format!("runsc: {e}")),
+    };
+    let res = (|| {
+        let mut child = runc
+            .command()
+            .args([Runc::runsc_network(None), "do", "true"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("runsc: {e}"))?;
+        let err = drain(child.stderr.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("runsc --platform={platform} do true did not finish in 30 s"));
+                }
+            }
+        };
+        let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).trim().to_string();
+        if status.success() {
+            Ok(version)
+        } else {
+            let last = stderr.lines().last().unwrap_or("no output").to_string();
+            Err(format!("runsc --platform={platform} cannot run a sandbox here ({status}): {last}"))
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&root);
+    res
 }
 
 /// The most of each of an exec's stdout and stderr that is kept.

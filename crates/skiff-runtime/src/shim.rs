@@ -33,6 +33,13 @@ pub struct ShimConfig {
     pub runc: PathBuf,
     #[serde(default)]
     pub runc_root: PathBuf,
+    /// Global flags of the runtime binary (runsc's platform).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runc_args: Vec<String>,
+    /// A network namespace the runtime binary is started in (runsc with `--network=host`
+    /// takes the namespace it is started in as the sandbox's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_in_netns: Option<PathBuf>,
     #[serde(default)]
     pub cgroups_path: String,
     pub log_max_bytes: u64,
@@ -182,7 +189,12 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
         return crate::wasm::run_shim(bundle, &cfg, report, None);
     }
     nix::sys::prctl::set_child_subreaper(true).map_err(|e| format!("set_child_subreaper: {e}"))?;
-    let runc = Runc { bin: cfg.runc.clone(), root: cfg.runc_root.clone() };
+    let runc = Runc {
+        bin: cfg.runc.clone(),
+        root: cfg.runc_root.clone(),
+        args: cfg.runc_args.clone(),
+        netns: cfg.start_in_netns.clone(),
+    };
     let runc_log = bundle.join("runc.log");
     let _ = std::fs::remove_file(&runc_log);
 
@@ -190,9 +202,8 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
     let (err_r, err_w) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
     // `runc run --detach` is create + start in one process; the container keeps the pipes
     // as its stdout/stderr and, once runc exits, becomes our child (we are its subreaper).
-    let status = runc
-        .command()
-        .arg("--log")
+    let mut run = runc.command();
+    run.arg("--log")
         .arg(&runc_log)
         .arg("--log-format")
         .arg("json")
@@ -205,9 +216,16 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
         .arg(&cfg.id)
         .stdin(Stdio::null())
         .stdout(out_w)
-        .stderr(err_w)
-        .status()
-        .map_err(|e| format!("running runc: {e}"))?;
+        .stderr(err_w);
+    if let Some(ns) = &cfg.start_in_netns {
+        // Started elsewhere the sandbox would take the host's network.
+        std::fs::metadata(ns).map_err(|e| format!("{}: {e}", ns.display()))?;
+    }
+    let status = runc.spawning(|| run.status()).map_err(|e| format!("running {}: {e}", runc.bin.display()));
+    // The command holds our copies of the pipes' write ends: only without them do the
+    // copiers see the end of the output when the container is gone.
+    drop(run);
+    let status = status?;
     if !status.success() {
         let msg = last_log_error(&runc_log).unwrap_or_else(|| format!("runc run exited with {status}"));
         let _ = runc.delete(&cfg.id);

@@ -303,6 +303,8 @@ impl Runtime for WasmRuntime {
             id: req.id.clone(),
             runc: PathBuf::new(),
             runc_root: PathBuf::new(),
+            runc_args: vec![],
+            start_in_netns: None,
             cgroups_path: String::new(),
             log_max_bytes: self.log_max_bytes,
             log_max_files: self.log_max_files,

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 pub struct RunArgs {
     /// An image reference, or (with the wasm runtime) a .wasm file on this machine.
     pub image: String,
-    /// oci (a container under runc) or wasm (a WASI program under wasmtime); a .wasm file
-    /// implies wasm.
+    /// oci (a container under runc), runsc (a container in a gVisor sandbox) or wasm (a
+    /// WASI program under wasmtime); a .wasm file implies wasm.
     #[arg(long)]
     pub runtime: Option<String>,
     /// wasm: stop a command after this long (exit code 124); an HTTP component answers 504
@@ -155,7 +155,7 @@ pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -
     };
     let mut d = Deployment::new(name, image.clone());
     d.runtime = match &a.runtime {
-        Some(r) => RuntimeKind::parse(r).with_context(|| format!("--runtime: {r:?} is not oci or wasm"))?,
+        Some(r) => RuntimeKind::parse(r).with_context(|| format!("--runtime: {r:?} is not oci, runsc or wasm"))?,
         None if from_file => RuntimeKind::Wasm,
         None => RuntimeKind::Oci,
     };

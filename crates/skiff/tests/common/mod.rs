@@ -368,13 +368,21 @@ impl Node {
                 let _ = Command::new("runc").arg("--root").arg(&runc_root).args(["delete", "--force", id]).output();
             }
         }
-        // WebAssembly instances are shims with no runc container behind them.
-        let shims = data.join("wasm/instances").display().to_string();
+        // WebAssembly instances are shims with no runc container behind them; gVisor
+        // sandboxes are processes (shim, runsc-sandbox, runsc-gofer) naming their bundle.
+        let owned = [data.join("wasm/instances"), data.join("runsc/")].map(|p| p.display().to_string());
         for pid in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Ok(pid) = pid.file_name().to_string_lossy().parse::<i32>() else { continue };
-            if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&shims))
+            if std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| owned.iter().any(|o| String::from_utf8_lossy(&c).contains(o.as_str())))
             {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let runsc_root = data.join("runsc/state");
+        if let Ok(out) = Command::new("runsc").arg("--root").arg(&runsc_root).args(["list", "-q"]).output() {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = Command::new("runsc").arg("--root").arg(&runsc_root).args(["delete", "--force", id]).output();
             }
         }
         if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
