@@ -217,11 +217,13 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
         .stdin(Stdio::null())
         .stdout(out_w)
         .stderr(err_w);
-    if let Some(ns) = &cfg.start_in_netns {
-        // Started elsewhere the sandbox would take the host's network.
-        std::fs::metadata(ns).map_err(|e| format!("{}: {e}", ns.display()))?;
-    }
-    let status = runc.spawning(|| run.status()).map_err(|e| format!("running {}: {e}", runc.bin.display()));
+    // Started anywhere else the sandbox would take that namespace's network: no fallback.
+    let status = match &cfg.start_in_netns {
+        Some(ns) => std::fs::File::open(ns)
+            .and_then(|f| crate::netlink::on_thread_in(&f, || run.status())?)
+            .map_err(|e| format!("running {} in {}: {e}", runc.bin.display(), ns.display())),
+        None => run.status().map_err(|e| format!("running {}: {e}", runc.bin.display())),
+    };
     // The command holds our copies of the pipes' write ends: only without them do the
     // copiers see the end of the output when the container is gone.
     drop(run);
