@@ -124,6 +124,8 @@ impl Bench {
             resolv_conf: String::new(),
             volumes: vec![(self.fifo_dir.clone(), "/b".into(), false)],
             wasm,
+            cdi_devices: vec![],
+            cdi_edits: vec![],
         };
         rt.create(&req)?;
         rt.start(&id)?;

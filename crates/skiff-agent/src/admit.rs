@@ -18,10 +18,23 @@ pub enum AdmitError {
     WrongPlatform { stored: ImageError, pull: ImageError },
     #[error("{0}")]
     Untrusted(String),
+    #[error("{0}")]
+    Devices(String),
     #[error("this node does not offer the {runtime} runtime: {why}")]
     RuntimeUnavailable { runtime: RuntimeKind, why: String },
     #[error("{image} is not a program the wasm runtime can run: {why}")]
     NotRunnable { image: String, why: String },
+}
+
+impl AdmitError {
+    /// The deployment's field the refusal is about.
+    pub fn field(&self) -> &'static str {
+        match self {
+            AdmitError::Devices(_) => "device_requests",
+            AdmitError::RuntimeUnavailable { .. } => "runtime",
+            _ => "image",
+        }
+    }
 }
 
 impl Agent {
@@ -61,6 +74,7 @@ impl Agent {
         if let (RuntimeKind::Runsc, Err(why)) = (d.runtime, crate::runsc_status()) {
             return Err(AdmitError::RuntimeUnavailable { runtime: d.runtime, why: why.clone() });
         }
+        self.check_devices(d).map_err(AdmitError::Devices)?;
         self.ensure_image(d).await?;
         if d.runtime != RuntimeKind::Wasm {
             return Ok(());

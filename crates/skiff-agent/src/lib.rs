@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admit;
+mod devices;
 mod exit;
 mod exits;
 #[cfg(test)]
@@ -102,6 +103,8 @@ pub struct AgentConfig {
     pub backends: Option<Backends>,
     /// What writes the bridge's outbound NAT (none: instances reach only this host).
     pub firewall: FirewallSetting,
+    /// Where CDI device specs are read from, lowest priority first.
+    pub cdi_dirs: Vec<PathBuf>,
 }
 
 impl AgentConfig {
@@ -124,6 +127,7 @@ impl AgentConfig {
             clock: skiff_sys::time::system(),
             backends: None,
             firewall: FirewallSetting::auto(),
+            cdi_dirs: skiff_runtime::cdi::DEFAULT_DIRS.iter().map(PathBuf::from).collect(),
             policy: policy::Policy::default(),
         }
     }

@@ -196,6 +196,19 @@ impl Policy {
                 }
             }
         }
+        if let Some(allowed) = &self.devices.allowed {
+            // CDI devices by name (`nvidia.com/gpu=*` allows any GPU, a count included).
+            for r in &d.device_requests {
+                let names: Vec<String> = if r.ids.is_empty() {
+                    vec![format!("{}=*", r.kind)]
+                } else {
+                    r.ids.iter().map(|i| format!("{}={i}", r.kind)).collect()
+                };
+                if let Some(n) = names.iter().find(|n| !allowed.iter().any(|p| glob(p, n))) {
+                    return Err(self.violation("devices.allowed", format!("device {n}")));
+                }
+            }
+        }
         if d.network == NetworkMode::Host && self.host_network == Some(false) {
             return Err(self.violation("host_network", "network: host".into()));
         }

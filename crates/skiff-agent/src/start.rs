@@ -41,6 +41,14 @@ impl Agent {
             self.db(|s| s.put_instance(&r))?;
             return Ok(());
         }
+        // Devices held by other instances: wait for them, as for an image.
+        if let Err(crate::devices::NotGranted::Busy(m)) = self.try_grant(&r)? {
+            r.state = InstanceState::Pending;
+            r.message = Some(format!("waiting for devices: {m}"));
+            r.next_start_ms = Some(self.now_ms() + 5_000);
+            self.db(|s| s.put_instance(&r))?;
+            return Ok(());
+        }
         // Signed as the node's image rules ask (judged with the signatures kept beside it).
         if let Err(msg) = self.judge_stored(&r.name, &r.spec.image).await {
             r.state = InstanceState::Failed;
@@ -178,6 +186,7 @@ impl Agent {
         } else {
             self.hosts_for(&r.spec.stack, &r.name, ip)?
         };
+        let (cdi_devices, cdi_edits) = self.grant_devices(r)?;
         let req = CreateRequest {
             id: r.container_id.clone(),
             hostname: r.spec.hostname.clone().unwrap_or_else(|| r.name.clone()),
@@ -189,6 +198,8 @@ impl Agent {
             resolv_conf: resolv_conf(r.spec.network == NetworkMode::Host),
             volumes,
             wasm,
+            cdi_devices,
+            cdi_edits,
         };
         rt.create(&req)?;
         Ok(())

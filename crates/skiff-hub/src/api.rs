@@ -263,7 +263,7 @@ fn node_error(e: crate::NodeError) -> ApiError {
         N::NoInstance(_) => StatusCode::NOT_FOUND,
         N::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
         N::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        N::Refused(_) => StatusCode::BAD_REQUEST,
+        N::Refused(_) | N::RefusedField { .. } => StatusCode::BAD_REQUEST,
         N::Failed(_) => StatusCode::CONFLICT,
     };
     ApiError(status, e.to_string())

@@ -138,11 +138,13 @@ impl Hub {
     pub async fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse, ApplyError> {
         let attached = self.attach_autoscalers(req)?;
         self.check(&attached)?;
-        let warnings = self
-            .nodes
-            .admit(&attached.deployments)
-            .await
-            .map_err(|(name, e)| ApplyError::Invalid(format!("deployments.{name}.image: {e}")))?;
+        let warnings = self.nodes.admit(&attached.deployments).await.map_err(|(name, e)| {
+            let field = match &e {
+                NodeError::RefusedField { field, .. } => field,
+                _ => "image",
+            };
+            ApplyError::Invalid(format!("deployments.{name}.{field}: {e}"))
+        })?;
         // From the request again: a stored deployment an autoscaler attaches to is read
         // anew, not as it was before the admission (a pull may have taken minutes).
         let resp = self.commit(req)?;

@@ -23,6 +23,9 @@ pub enum NodeError {
     /// runtime refuses); the message says why.
     #[error("{0}")]
     Refused(String),
+    /// Refused for what one field of the deployment asks (`device_requests`, `runtime`).
+    #[error("{message}")]
+    RefusedField { field: &'static str, message: String },
     /// The node failed doing it (its state, its tunnel); the message says how.
     #[error("{0}")]
     Failed(String),

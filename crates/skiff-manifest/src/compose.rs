@@ -3,8 +3,8 @@
 use crate::{interpolate, parse_duration_ms, shell_split, short, ManifestError};
 use serde_norway::{Mapping, Value};
 use skiff_model::{
-    parse_bytes, parse_cpus, Dependency, DependencyCondition, Deployment, DeviceMapping, HealthCheck, PlacementMode,
-    PortMapping, Protocol, RestartPolicy, Volume, VolumeSource,
+    parse_bytes, parse_cpus, Dependency, DependencyCondition, Deployment, DeviceMapping, DeviceRequest, HealthCheck,
+    PlacementMode, PortMapping, Protocol, RestartPolicy, Volume, VolumeSource,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -350,7 +350,18 @@ fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deploy
             "cap_drop" => d.cap_drop = list_of_strings(v, &path)?,
             "devices" => {
                 for (i, s) in list_of_strings(v, &path)?.iter().enumerate() {
-                    d.devices.push(device(s, &format!("{path}[{i}]"))?);
+                    // compose-spec: an entry may be a CDI device name.
+                    if !s.starts_with('/') && s.contains('=') {
+                        let r = DeviceRequest::parse_cdi(s).ok_or_else(|| {
+                            ManifestError::at(
+                                format!("{path}[{i}]"),
+                                format!("{s:?} is not a CDI device name (vendor.com/class=NAME)"),
+                            )
+                        })?;
+                        d.device_requests.push(r);
+                    } else {
+                        d.devices.push(device(s, &format!("{path}[{i}]"))?);
+                    }
                 }
             }
             "labels" => key_values(cx, v, &path, &mut d.labels)?,
@@ -479,6 +490,70 @@ fn volume(cx: &Ctx<'_>, v: &Value, path: &str) -> R<Volume> {
     }
 }
 
+/// `deploy.resources.reservations.devices[i]`: `device_ids` naming CDI devices
+/// (`nvidia.com/gpu=0`, or bare ids of the driver's kind), or a `count` (`all`, the
+/// default) of the kind `driver` / `capabilities` name (`nvidia`, `gpu`: nvidia.com/gpu;
+/// `cdi` needs qualified ids).
+fn device_reservation(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<Vec<DeviceRequest>> {
+    let m = mapping(v, path)?;
+    let mut driver = None;
+    let mut caps = vec![];
+    let mut ids = vec![];
+    let mut count = None;
+    for (k, x) in m {
+        let k = key_str(k, path)?;
+        let p = format!("{path}.{k}");
+        match k.as_str() {
+            "driver" => driver = Some(str_of(x, &p)?),
+            "capabilities" => caps = list_of_strings(x, &p)?,
+            "device_ids" => ids = list_of_strings(x, &p)?,
+            "count" => {
+                count = Some(match x.as_str() {
+                    Some("all") => 0,
+                    _ => u32::try_from(int(x, &p)?)
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| ManifestError::at(&p, "must be all or a number of 1 or more"))?,
+                })
+            }
+            _ => cx.warnings.push(format!("{p}: not supported yet, ignored")),
+        }
+    }
+    if count.is_some() && !ids.is_empty() {
+        return Err(ManifestError::at(path, "count and device_ids exclude each other"));
+    }
+    let kind = match (driver.as_deref(), caps.iter().any(|c| c == "gpu")) {
+        (Some("nvidia"), _) | (None, true) => Some(skiff_model::GPU_KIND.to_string()),
+        (Some(k), _) if k.contains('/') => Some(k.to_string()),
+        _ => None,
+    };
+    let mut out = vec![];
+    for (i, id) in ids.iter().enumerate() {
+        let p = format!("{path}.device_ids[{i}]");
+        let r = if id.contains('=') {
+            DeviceRequest::parse_cdi(id)
+        } else {
+            kind.as_ref().map(|k| DeviceRequest { kind: k.clone(), ids: vec![id.clone()], count: 0 })
+        };
+        out.push(r.ok_or_else(|| {
+            ManifestError::at(
+                &p,
+                format!("{id:?} is not a CDI device name (vendor.com/class=NAME), and no driver names its kind"),
+            )
+        })?);
+    }
+    if ids.is_empty() {
+        let kind = kind.ok_or_else(|| {
+            ManifestError::at(path, "names no device kind: give capabilities: [gpu], driver: nvidia, or CDI device_ids")
+        })?;
+        out.push(DeviceRequest { kind, ids: vec![], count: count.unwrap_or(0) });
+    }
+    for r in &out {
+        r.check().map_err(|e| ManifestError::at(path, e))?;
+    }
+    Ok(out)
+}
+
 fn device(s: &str, path: &str) -> R<DeviceMapping> {
     DeviceMapping::parse(s).ok_or_else(|| ManifestError::at(path, format!("{s:?} is not HOST[:CONTAINER[:rwm]]")))
 }
@@ -598,6 +673,12 @@ fn deploy(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<()> 
                             ("memory", false) => d.resources.memory_bytes = Some(bytes(lv, &lp)?),
                             ("memory", true) => d.resources.memory_reservation_bytes = Some(bytes(lv, &lp)?),
                             ("pids", false) => d.resources.pids_limit = Some(int(lv, &lp)?),
+                            ("devices", true) => {
+                                let list = lv.as_sequence().ok_or_else(|| ManifestError::at(&lp, "must be a list"))?;
+                                for (i, dv) in list.iter().enumerate() {
+                                    d.device_requests.extend(device_reservation(cx, dv, &format!("{lp}[{i}]"))?);
+                                }
+                            }
                             _ => cx.warnings.push(format!("{lp}: not supported yet, ignored")),
                         }
                     }

@@ -294,7 +294,27 @@ fn workload(
         for (section, reservation) in [("limits", false), ("requests", true)] {
             let Some(sv) = get(r, section) else { continue };
             let sp = format!("{rp}.{section}");
-            unknown(sv, &["cpu", "memory"], &sp, warnings);
+            // Extended resources (`nvidia.com/gpu: 1`) are CDI kinds; Kubernetes wants
+            // requests equal to limits for them, so limits decide.
+            let extended: Vec<&str> = sv
+                .as_mapping()
+                .map(|m| m.keys().filter_map(Value::as_str).filter(|k| k.contains('/')).collect())
+                .unwrap_or_default();
+            let mut known = vec!["cpu", "memory"];
+            known.extend(&extended);
+            unknown(sv, &known, &sp, warnings);
+            for kind in extended.iter().filter(|_| !reservation) {
+                let kp = format!("{sp}.{kind}");
+                let n = get(sv, kind).map(|x| string(x, &kp)).transpose()?.unwrap_or_default();
+                let count = n
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| ManifestError::at(&kp, format!("{n:?} is not a whole number of devices")))?;
+                let r = skiff_model::DeviceRequest { kind: kind.to_string(), ids: vec![], count };
+                r.check().map_err(|e| ManifestError::at(&kp, e))?;
+                d.device_requests.push(r);
+            }
             if let Some(c) = get(sv, "cpu") {
                 let s = string(c, &format!("{sp}.cpu"))?;
                 let m =
@@ -515,6 +535,19 @@ spec:
         let three = import_k8s(&APP.replace("replicas: 1", "replicas: 3"), "default").unwrap();
         assert_eq!(three.deployments[0].replicas, 3, "replicas behind one host port are balanced by the node proxy");
         assert!(err("kind: [").contains("not valid YAML"));
+    }
+
+    #[test]
+    fn extended_resources_are_cdi_device_requests() {
+        let base = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: w}\nspec:\n  template:\n    spec:\n      containers: [{name: c, image: i, resources: {limits: LIM, requests: LIM}}]\n";
+        let d =
+            &import_k8s(&base.replace("LIM", "{nvidia.com/gpu: 2, memory: 1Gi}"), "default").unwrap().deployments[0];
+        assert_eq!(
+            d.device_requests,
+            [skiff_model::DeviceRequest { kind: "nvidia.com/gpu".into(), ids: vec![], count: 2 }]
+        );
+        let e = import_k8s(&base.replace("LIM", "{nvidia.com/gpu: 0.5}"), "default").unwrap_err().to_string();
+        assert!(e.contains("resources.limits.nvidia.com/gpu: \"0.5\" is not a whole number of devices"), "{e}");
     }
 
     #[test]

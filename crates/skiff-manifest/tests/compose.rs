@@ -306,3 +306,39 @@ fn dot_env_supplies_defaults_the_environment_wins() {
     let e = import_compose(yaml, Path::new("/stack"), "s", &env, &denied).unwrap_err().to_string();
     assert_eq!(e, ".env: cannot be read: denied");
 }
+
+#[test]
+fn cdi_devices_and_gpu_reservations() {
+    use skiff_model::DeviceRequest;
+    let req = |kind: &str, ids: &[&str], count| DeviceRequest {
+        kind: kind.into(),
+        ids: ids.iter().map(|s| s.to_string()).collect(),
+        count,
+    };
+    // Docker's GPU examples, and CDI names in devices.
+    let c = import(
+        "services:\n  a:\n    image: i\n    devices: [/dev/ttyUSB0, vendor.com/fpga=all]\n    deploy:\n      resources:\n        reservations:\n          devices:\n            - {driver: nvidia, count: 1, capabilities: [gpu]}\n            - {capabilities: [gpu], device_ids: ['0', '3']}\n            - {driver: cdi, device_ids: [intel.com/gpu=card1]}\n            - {capabilities: [gpu]}\n",
+    )
+    .unwrap();
+    let d = &c.deployments[0];
+    assert_eq!(d.devices.len(), 1);
+    assert_eq!(
+        d.device_requests,
+        [
+            req("vendor.com/fpga", &["all"], 0),
+            req("nvidia.com/gpu", &[], 1),
+            req("nvidia.com/gpu", &["0"], 0),
+            req("nvidia.com/gpu", &["3"], 0),
+            req("intel.com/gpu", &["card1"], 0),
+            req("nvidia.com/gpu", &[], 0),
+        ]
+    );
+    assert!(err("services:\n  a:\n    image: i\n    devices: [vendor/=x]\n")
+        .contains("services.a.devices[0]: \"vendor/=x\" is not a CDI device name"));
+    let e = err("services:\n  a:\n    image: i\n    deploy: {resources: {reservations: {devices: [{driver: cdi, device_ids: ['0']}]}}}\n");
+    assert!(e.contains("services.a.deploy.resources.reservations.devices[0].device_ids[0]"), "{e}");
+    let e = err("services:\n  a:\n    image: i\n    deploy: {resources: {reservations: {devices: [{count: 2}]}}}\n");
+    assert!(e.contains("names no device kind"), "{e}");
+    let e = err("services:\n  a:\n    image: i\n    deploy: {resources: {reservations: {devices: [{capabilities: [gpu], count: 0}]}}}\n");
+    assert!(e.contains("count: must be all or a number of 1 or more"), "{e}");
+}

@@ -47,6 +47,11 @@ pub struct Deployment {
     pub cap_drop: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceMapping>,
+    /// Devices named through CDI (accelerators): `--device vendor.com/class=NAME`,
+    /// `--gpus`, compose `deploy.resources.reservations.devices`, Kubernetes extended
+    /// resources such as `nvidia.com/gpu: 1`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_requests: Vec<DeviceRequest>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     #[serde(default = "one")]
@@ -253,6 +258,7 @@ impl Deployment {
             cap_add: vec![],
             cap_drop: vec![],
             devices: vec![],
+            device_requests: vec![],
             labels: BTreeMap::new(),
             replicas: 1,
             placement: Placement::default(),
@@ -524,6 +530,74 @@ pub struct DeviceMapping {
 }
 fn rwm() -> String {
     "rwm".to_string()
+}
+
+/// Devices of one CDI kind an instance needs: particular ones (`ids`), or a `count` of
+/// any (0: every device of the kind the node has).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRequest {
+    /// The CDI kind, `vendor.com/class` (`nvidia.com/gpu`).
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub count: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The kind Docker's `--gpus` and compose's `capabilities: [gpu]` mean.
+pub const GPU_KIND: &str = "nvidia.com/gpu";
+
+impl DeviceRequest {
+    /// A fully qualified CDI name, `vendor.com/class=name`: that one device.
+    pub fn parse_cdi(s: &str) -> Option<Self> {
+        let (kind, id) = s.split_once('=')?;
+        let r = DeviceRequest { kind: kind.to_string(), ids: vec![id.to_string()], count: 0 };
+        r.check().ok().map(|_| r)
+    }
+
+    /// Docker's `--gpus`: `all`, a count, or `device=ID[,ID...]` (or `"device=0,1"`).
+    pub fn parse_gpus(s: &str) -> Option<Self> {
+        let s = s.trim_matches('"');
+        let gpu = |ids: Vec<String>, count| DeviceRequest { kind: GPU_KIND.into(), ids, count };
+        if s == "all" {
+            return Some(gpu(vec![], 0));
+        }
+        if let Some(list) = s.strip_prefix("device=") {
+            let ids: Vec<String> = list.split(',').map(str::trim).filter(|i| !i.is_empty()).map(String::from).collect();
+            return (!ids.is_empty()).then(|| gpu(ids, 0));
+        }
+        s.parse::<u32>().ok().filter(|n| *n > 0).map(|n| gpu(vec![], n))
+    }
+
+    /// CDI's naming rules: `vendor.com/class`, ids of [A-Za-z0-9_.:-].
+    pub fn check(&self) -> Result<(), String> {
+        let word = |w: &str, extra: &str| {
+            w.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+                && w.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+        };
+        match self.kind.split_once('/') {
+            Some((vendor, class)) if word(vendor, "._-") && word(class, "_-") => {}
+            _ => return Err(format!("{:?} is not a CDI kind (vendor.com/class)", self.kind)),
+        }
+        if let Some(bad) = self.ids.iter().find(|i| !word(i, "_.:-")) {
+            return Err(format!("{bad:?} is not a CDI device name"));
+        }
+        Ok(())
+    }
+
+    /// How the request reads: `nvidia.com/gpu=0`, `2 × nvidia.com/gpu`, `nvidia.com/gpu=all`.
+    pub fn describe(&self) -> String {
+        match (self.ids.as_slice(), self.count) {
+            ([], 0) => format!("{}=all", self.kind),
+            ([], n) => format!("{n} × {}", self.kind),
+            (ids, _) => ids.iter().map(|i| format!("{}={i}", self.kind)).collect::<Vec<_>>().join(", "),
+        }
+    }
 }
 
 impl DeviceMapping {

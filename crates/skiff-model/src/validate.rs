@@ -256,6 +256,9 @@ impl Deployment {
                 return Err(ValidationError::new(format!("depends_on[{i}]"), "a deployment cannot depend on itself"));
             }
         }
+        for (i, r) in self.device_requests.iter().enumerate() {
+            r.check().map_err(|e| ValidationError::new(format!("device_requests[{i}]"), e))?;
+        }
         self.validate_runtime()
     }
 
@@ -280,6 +283,7 @@ impl Deployment {
             ("cap_add", !self.cap_add.is_empty()),
             ("cap_drop", !self.cap_drop.is_empty()),
             ("devices", !self.devices.is_empty()),
+            ("device_requests", !self.device_requests.is_empty()),
             ("hostname", self.hostname.is_some()),
             ("working_dir", self.working_dir.is_some()),
             ("resources.cpu_shares", self.resources.cpu_shares.is_some()),

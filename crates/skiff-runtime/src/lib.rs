@@ -7,6 +7,7 @@
 //! to the agent; the agent learns about exits from `exit.json`.
 #![forbid(unsafe_code)]
 
+pub mod cdi;
 pub mod cgroup;
 pub mod logs;
 pub mod nat;
@@ -68,6 +69,9 @@ pub struct CreateRequest<'a> {
     pub volumes: Vec<(PathBuf, String, bool)>,
     /// The WebAssembly program (the `wasm` backend only).
     pub wasm: Option<skiff_image::WasmModule>,
+    /// CDI devices the instance gets (qualified names), and the edits that give them.
+    pub cdi_devices: Vec<String>,
+    pub cdi_edits: Vec<(String, cdi::ContainerEdits)>,
 }
 
 /// What the backend knows about an instance right now.

@@ -178,6 +178,8 @@ impl Runtime for OciRuntime {
                 volumes: req.volumes.clone(),
                 cgroups_path: self.cgroups_path(&req.id),
                 cgroupns: self.cgroups.version == crate::cgroup::CgroupVersion::V2,
+                cdi_devices: &req.cdi_devices,
+                cdi_edits: &req.cdi_edits,
             })?;
             let p = dir.join("config.json");
             fs::write(&p, serde_json::to_vec_pretty(&spec).unwrap_or_default()).map_err(io("write", &p))?;

@@ -144,7 +144,15 @@ pub struct SpecInput<'a> {
     /// A cgroup namespace of its own (as Docker gives on cgroup v2 hosts), so the
     /// container sees its own cgroup as the root of the hierarchy.
     pub cgroupns: bool,
+    /// CDI devices (qualified names, kept as the annotation [`CDI_ANNOTATION`]) and their
+    /// container edits.
+    pub cdi_devices: &'a [String],
+    pub cdi_edits: &'a [(String, crate::cdi::ContainerEdits)],
 }
+
+/// The spec annotation naming the CDI devices an instance holds (comma-separated): how the
+/// agent knows which devices are taken.
+pub const CDI_ANNOTATION: &str = "skiff.dev/cdi-devices";
 
 /// The capability set after `cap_add` / `cap_drop`, Docker's rules: drop `ALL` first,
 /// then add; add `ALL` means every capability.
@@ -348,7 +356,7 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         resources["pids"] = json!({"limit": p});
     }
 
-    let spec = json!({
+    let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": false,
@@ -373,13 +381,17 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
             "seccomp": crate::seccomp::profile(&caps),
         },
     });
+    if !input.cdi_devices.is_empty() {
+        spec["annotations"] = json!({CDI_ANNOTATION: input.cdi_devices.join(",")});
+    }
+    crate::cdi::apply(&mut spec, input.cdi_edits).map_err(|e| SpecError::Invalid(e.to_string()))?;
     // Type-check against the OCI runtime spec schema before handing it to runc.
     let typed: oci_spec::runtime::Spec =
         serde_json::from_value(spec.clone()).map_err(|e| SpecError::Invalid(e.to_string()))?;
     serde_json::to_value(&typed).map_err(|e| SpecError::Invalid(e.to_string()))
 }
 
-fn device_numbers(p: &Path) -> Option<(&'static str, u64, u64)> {
+pub(crate) fn device_numbers(p: &Path) -> Option<(&'static str, u64, u64)> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let m = std::fs::metadata(p).ok()?;
     let kind = if m.file_type().is_char_device() {
@@ -409,6 +421,8 @@ mod tests {
             volumes: vec![("/data/v".into(), "/v".into(), true)],
             cgroups_path: "/skiff/x".into(),
             cgroupns: false,
+            cdi_devices: &[],
+            cdi_edits: &[],
         }
     }
 

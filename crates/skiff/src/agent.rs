@@ -53,6 +53,9 @@ pub struct AgentArgs {
     /// network (YAML; default /etc/skiff/policy.yaml when it exists).
     #[arg(long)]
     pub policy: Option<std::path::PathBuf>,
+    /// Where CDI device specs are read from (repeatable; default /etc/cdi and /var/run/cdi).
+    #[arg(long = "cdi-spec-dir")]
+    pub cdi_spec_dir: Vec<std::path::PathBuf>,
 }
 
 pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
@@ -72,6 +75,9 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     acfg.metrics_every = Duration::from_secs(args.metrics_interval);
     acfg.require_runc_min = args.require_runc_min.clone();
     acfg.policy = skiff_agent::policy::Policy::load(args.policy.as_deref())?;
+    if !args.cdi_spec_dir.is_empty() {
+        acfg.cdi_dirs = args.cdi_spec_dir.clone();
+    }
     let id = Identity::new(data);
     let spec = skiff_agent::join::node_spec(labels);
     let token = join_token(args)?;

@@ -57,7 +57,12 @@ impl LocalNode for LocalAgent {
     }
 
     fn admit<'a>(&'a self, d: &'a Deployment) -> BoxFuture<'a, Result<(), NodeError>> {
-        Box::pin(async move { self.agent.admit(d).await.map_err(|e| NodeError::Refused(e.to_string())) })
+        Box::pin(async move {
+            self.agent.admit(d).await.map_err(|e| match e.field() {
+                "image" => NodeError::Refused(e.to_string()),
+                field => NodeError::RefusedField { field, message: e.to_string() },
+            })
+        })
     }
 
     fn runtimes(&self) -> Vec<String> {

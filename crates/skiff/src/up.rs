@@ -50,6 +50,9 @@ pub struct UpArgs {
     /// network (YAML; default /etc/skiff/policy.yaml when it exists).
     #[arg(long)]
     pub policy: Option<std::path::PathBuf>,
+    /// Where CDI device specs are read from (repeatable; default /etc/cdi and /var/run/cdi).
+    #[arg(long = "cdi-spec-dir")]
+    pub cdi_spec_dir: Vec<std::path::PathBuf>,
     #[command(flatten)]
     pub conns: crate::hub::ConnArgs,
     #[command(flatten)]
@@ -185,6 +188,9 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     acfg.metrics_every = std::time::Duration::from_secs(args.metrics_interval);
     acfg.require_runc_min = args.require_runc_min.clone();
     acfg.policy = skiff_agent::policy::Policy::load(args.policy.as_deref())?;
+    if !args.cdi_spec_dir.is_empty() {
+        acfg.cdi_dirs = args.cdi_spec_dir.clone();
+    }
     let agent = Agent::open(acfg)?;
     if let Some(i) = &import {
         for d in &i.deployments {

@@ -4,7 +4,7 @@ use super::{client, parse_selector, Cli};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use skiff_model::api::{ApplyRequest, ApplyResponse};
-use skiff_model::{Deployment, DeviceMapping, PortMapping, RestartPolicy, RuntimeKind};
+use skiff_model::{Deployment, DeviceMapping, DeviceRequest, PortMapping, RestartPolicy, RuntimeKind};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -64,8 +64,14 @@ pub struct RunArgs {
     pub cap_add: Vec<String>,
     #[arg(long)]
     pub cap_drop: Vec<String>,
+    /// A host device, HOST[:CONTAINER[:rwm]], or a CDI device, vendor.com/class=NAME
+    /// (`nvidia.com/gpu=0`, `nvidia.com/gpu=all`), repeatable.
     #[arg(long)]
     pub device: Vec<String>,
+    /// GPUs, as Docker's --gpus: all, a count, or device=ID[,ID] (CDI kind nvidia.com/gpu);
+    /// the instance is placed only where that many are free.
+    #[arg(long)]
+    pub gpus: Option<String>,
     #[arg(long, default_value_t = 1)]
     pub replicas: u32,
     /// Node label KEY=VALUE the instances must run on (repeatable).
@@ -207,8 +213,22 @@ pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -
     d.cap_add = a.cap_add.clone();
     d.cap_drop = a.cap_drop.clone();
     for dev in &a.device {
-        d.devices.push(
-            DeviceMapping::parse(dev).with_context(|| format!("--device: {dev:?} is not HOST[:CONTAINER[:rwm]]"))?,
+        if !dev.starts_with('/') && dev.contains('=') {
+            d.device_requests.push(
+                DeviceRequest::parse_cdi(dev)
+                    .with_context(|| format!("--device: {dev:?} is not a CDI device name (vendor.com/class=NAME)"))?,
+            );
+            continue;
+        }
+        d.devices
+            .push(DeviceMapping::parse(dev).with_context(|| {
+                format!("--device: {dev:?} is not HOST[:CONTAINER[:rwm]] or vendor.com/class=NAME")
+            })?);
+    }
+    if let Some(g) = &a.gpus {
+        d.device_requests.push(
+            DeviceRequest::parse_gpus(g)
+                .with_context(|| format!("--gpus: {g:?} is not all, a count or device=ID[,ID...]"))?,
         );
     }
     d.replicas = a.replicas;
