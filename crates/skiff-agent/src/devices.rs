@@ -31,7 +31,17 @@ impl NotGranted {
     }
 }
 
+/// How many devices of each kind a registry has.
+pub fn counts(reg: &Registry) -> std::collections::BTreeMap<String, u32> {
+    reg.inventory().into_iter().map(|(k, v)| (k, v.len() as u32)).collect()
+}
+
 impl Agent {
+    /// How many CDI devices of each kind this node has now.
+    pub fn device_counts(&self) -> std::collections::BTreeMap<String, u32> {
+        counts(&self.cdi_registry())
+    }
+
     /// The node's CDI devices now.
     pub fn cdi_registry(&self) -> Registry {
         Registry::load(&self.cfg.cdi_dirs)

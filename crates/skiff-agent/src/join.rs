@@ -269,7 +269,7 @@ fn pinned(ca_pem: &str) -> Result<reqwest::Client, JoinError> {
 }
 
 /// What this machine offers, as the node reports it at join.
-pub fn node_spec(labels: std::collections::BTreeMap<String, String>) -> NodeSpec {
+pub fn node_spec(labels: std::collections::BTreeMap<String, String>, cdi_dirs: &[std::path::PathBuf]) -> NodeSpec {
     let (arch, variant) = skiff_model::platform::host_arch();
     let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
@@ -286,5 +286,6 @@ pub fn node_spec(labels: std::collections::BTreeMap<String, String>) -> NodeSpec
         memory_bytes: mem_kib * 1024,
         runtimes: crate::runtimes(),
         versions: crate::runtime_versions(),
+        devices: crate::devices::counts(&skiff_runtime::cdi::Registry::load(cdi_dirs)),
     }
 }

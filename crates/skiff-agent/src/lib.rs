@@ -8,7 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admit;
-mod devices;
+pub mod devices;
 mod exit;
 mod exits;
 #[cfg(test)]

@@ -104,6 +104,7 @@ where
         revision: agent.desired_revision().unwrap_or(0),
         runtimes: Some(crate::runtimes()),
         versions: Some(agent.versions().clone()),
+        devices: Some(agent.device_counts()),
     };
     if ws.send(Message::Text(frame(&hello).into())).await.is_err() {
         return;

@@ -52,6 +52,22 @@ pub const EVENT_MESSAGE_MAX: usize = 4096;
 
 /// What a node says about its runtimes and their versions is kept in the store and shown:
 /// bounded in count and length.
+/// A node's device counts are bounded as its other facts: at most 64 kinds, each a CDI
+/// kind of up to 128 characters, at most 4096 of each.
+fn check_devices(devices: &BTreeMap<String, u32>) -> Result<(), FleetError> {
+    let ok = devices.len() <= 64
+        && devices.iter().all(|(k, n)| {
+            k.len() <= 128
+                && *n <= 4096
+                && skiff_model::DeviceRequest { kind: k.clone(), ids: vec![], count: 1 }.check().is_ok()
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(FleetError::Invalid("spec.devices: at most 64 CDI kinds (vendor.com/class), up to 4096 of each".into()))
+    }
+}
+
 fn check_facts(runtimes: &[String], versions: &BTreeMap<String, String>) -> Result<(), FleetError> {
     let short = |s: &str, max: usize| !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control);
     if runtimes.len() > 16 || !runtimes.iter().all(|r| short(r, 32)) {
@@ -329,6 +345,7 @@ impl Fleet {
             return Err(FleetError::Invalid("spec: os and arch are required".into()));
         }
         check_facts(&req.spec.runtimes, &req.spec.versions)?;
+        check_devices(&req.spec.devices)?;
         let cert = self
             .ca
             .sign_node(&req.node, &req.csr, now, self.cert_ttl)
@@ -430,8 +447,10 @@ impl Fleet {
         name: &str,
         runtimes: Option<&[String]>,
         versions: Option<&BTreeMap<String, String>>,
+        devices: Option<&BTreeMap<String, u32>>,
     ) -> Result<(), FleetError> {
         check_facts(runtimes.unwrap_or_default(), versions.unwrap_or(&BTreeMap::new()))?;
+        check_devices(devices.unwrap_or(&BTreeMap::new()))?;
         let Some(rec) = self.store.node(name).map_err(internal)? else { return Ok(()) };
         let mut info = rec.info.clone();
         if let Some(r) = runtimes {
@@ -439,6 +458,9 @@ impl Fleet {
         }
         if let Some(v) = versions {
             info.versions = v.clone();
+        }
+        if let Some(d) = devices {
+            info.devices = d.clone();
         }
         if info == rec.info {
             return Ok(());
@@ -460,7 +482,7 @@ impl Fleet {
 
     /// [`Fleet::set_node_facts`] for runtimes only.
     pub fn set_runtimes(&self, name: &str, runtimes: &[String]) -> Result<(), FleetError> {
-        self.set_node_facts(name, Some(runtimes), None)
+        self.set_node_facts(name, Some(runtimes), None, None)
     }
 
     /// The node record behind a connection's certificate, if it may act as `name`.
@@ -677,6 +699,7 @@ impl Fleet {
                     memory_bytes: n.info.memory_bytes,
                     runtimes: n.info.runtimes,
                     versions: n.info.versions,
+                    devices: n.info.devices,
                     state,
                     state_since_ms: since,
                 }

@@ -58,6 +58,10 @@ pub trait LocalNode: NodeLink {
     fn runtimes(&self) -> Vec<String>;
     /// Versions of what runs workloads (`runc` → `1.1.5`).
     fn versions(&self) -> BTreeMap<String, String>;
+    /// CDI devices by kind.
+    fn devices(&self) -> BTreeMap<String, u32> {
+        BTreeMap::new()
+    }
     /// Its newest resource sample.
     fn metrics(&self) -> Option<skiff_model::metrics::MetricsSample>;
     /// Changes whenever its state does (watches wait on it).
@@ -74,6 +78,9 @@ pub struct NodeInfo {
     /// Runtime backends it offers (`oci`, `wasm`).
     #[serde(default)]
     pub runtimes: Vec<String>,
+    /// CDI devices by kind (`nvidia.com/gpu` → 2).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub devices: BTreeMap<String, u32>,
     /// Why it is NotReady.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,

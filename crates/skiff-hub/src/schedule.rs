@@ -43,6 +43,8 @@ pub struct NodeView {
     pub runtimes: Vec<String>,
     /// Versions of what runs workloads (`runc` → `1.1.5`).
     pub versions: BTreeMap<String, String>,
+    /// CDI devices by kind (`nvidia.com/gpu` → 2).
+    pub devices: BTreeMap<String, u32>,
     pub state: NodeState,
     /// When `state` last changed, in ms since the epoch.
     pub state_since_ms: u64,
@@ -93,11 +95,13 @@ pub fn arch_runs(arch: &str, variant: Option<&str>, img_arch: &str, img_variant:
 /// instances of anything on the node, then the node's name.
 type Rank<'a> = (usize, usize, u32, &'a str);
 
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone)]
 struct Used {
     cpu: u64,
     mem: u64,
     all: u32,
+    /// CDI devices by kind.
+    devices: BTreeMap<String, u32>,
 }
 
 /// Counts one more instance of `d` on `n`.
@@ -107,6 +111,26 @@ fn take<'n>(used: &mut BTreeMap<&'n str, Used>, n: &'n NodeView, d: &Deployment)
     u.cpu += cpu;
     u.mem += mem;
     u.all += 1;
+    for (kind, k) in devices_needed(d, n) {
+        *u.devices.entry(kind).or_default() += k;
+    }
+}
+
+/// The devices one instance of `d` takes on `n`, by kind: its ids (`all`: every one the
+/// node has), its count, or all of the kind.
+fn devices_needed(d: &Deployment, n: &NodeView) -> BTreeMap<String, u32> {
+    let mut out: BTreeMap<String, u32> = BTreeMap::new();
+    for r in &d.device_requests {
+        let has = n.devices.get(&r.kind).copied().unwrap_or(0);
+        let k = match (r.ids.as_slice(), r.count) {
+            (ids, _) if ids.iter().any(|i| i == "all") => has.max(1),
+            ([], 0) => has.max(1),
+            ([], c) => c,
+            (ids, _) => ids.len() as u32,
+        };
+        *out.entry(r.kind.clone()).or_default() += k;
+    }
+    out
 }
 
 fn need(d: &Deployment) -> (u64, u64) {
@@ -119,6 +143,9 @@ fn need(d: &Deployment) -> (u64, u64) {
 fn mismatch(d: &Deployment, n: &NodeView, platforms: Option<&Platforms>) -> Option<&'static str> {
     if d.placement.node_selector.iter().any(|(k, v)| n.labels.get(k) != Some(v)) {
         return Some("didn't match the node selector");
+    }
+    if d.device_requests.iter().any(|r| n.devices.get(&r.kind).copied().unwrap_or(0) == 0) {
+        return Some("have none of the requested devices");
     }
     if d.runtime == RuntimeKind::Runsc && !n.runtimes.iter().any(|r| r == RuntimeKind::Runsc.as_str()) {
         return Some("don't offer the runsc runtime (gVisor)");
@@ -148,6 +175,11 @@ fn no_room(d: &Deployment, n: &NodeView, used: &Used) -> Option<&'static str> {
     }
     if used.mem + mem > n.memory_bytes {
         return Some("Insufficient memory");
+    }
+    for (kind, k) in devices_needed(d, n) {
+        if used.devices.get(&kind).copied().unwrap_or(0) + k > n.devices.get(&kind).copied().unwrap_or(0) {
+            return Some("Insufficient devices");
+        }
     }
     None
 }
@@ -218,7 +250,7 @@ pub fn schedule(
                     if mismatch(d, n, plat).is_some() {
                         continue; // not a node this deployment is for
                     }
-                    let u = used.get(n.name.as_str()).copied().unwrap_or_default();
+                    let u = used.get(n.name.as_str()).cloned().unwrap_or_default();
                     match no_room(d, n, &u) {
                         None => {
                             while taken.contains(&next) {
@@ -252,7 +284,7 @@ pub fn schedule(
                     let mut best: Option<(Rank<'_>, &NodeView)> = None;
                     refused.clear();
                     for n in nodes {
-                        let u = used.get(n.name.as_str()).copied().unwrap_or_default();
+                        let u = used.get(n.name.as_str()).cloned().unwrap_or_default();
                         if n.state != NodeState::Ready {
                             *refused.entry("were not ready").or_default() += 1;
                             continue;
@@ -316,6 +348,7 @@ mod tests {
             memory_bytes: 4 << 30,
             runtimes: vec!["oci".into()],
             versions: BTreeMap::new(),
+            devices: BTreeMap::new(),
             state: NodeState::Ready,
             state_since_ms: 0,
         }
@@ -450,6 +483,29 @@ mod tests {
         assert_eq!(where_(&p, "web").len(), 200);
         let again = schedule(&[g, r], &none(), &nodes, &p.slots, 0);
         assert_eq!(again.slots, p.slots, "stable");
+    }
+
+    #[test]
+    fn device_requests_place_by_free_devices() {
+        let mut nodes = vec![node("cpu", "amd64", &[]), node("jetson", "arm64", &[]), node("rig", "amd64", &[])];
+        nodes[1].devices.insert("nvidia.com/gpu".into(), 1);
+        nodes[2].devices.insert("nvidia.com/gpu".into(), 2);
+        let mut d = dep("infer", 4);
+        d.device_requests = vec![skiff_model::DeviceRequest { kind: "nvidia.com/gpu".into(), ids: vec![], count: 1 }];
+        let p = schedule(std::slice::from_ref(&d), &BTreeMap::new(), &nodes, &[], 0);
+        let mut on: Vec<&str> = p.slots.iter().map(|s| s.node.as_str()).collect();
+        on.sort();
+        assert_eq!(on, ["jetson", "rig", "rig"], "one GPU each, three GPUs in all");
+        assert_eq!(
+            p.unschedulable["infer"],
+            "1 instance(s) not placed: 0/3 nodes are available: 2 Insufficient devices, 1 have none of the requested devices"
+        );
+        // Kept slots hold their devices: a second deployment finds none free.
+        let mut other = dep("other", 1);
+        other.device_requests = d.device_requests.clone();
+        let p2 = schedule(&[d, other], &BTreeMap::new(), &nodes, &p.slots, 0);
+        assert!(p2.slots.iter().all(|s| s.deployment == "infer"));
+        assert!(p2.unschedulable.contains_key("other"));
     }
 
     #[test]

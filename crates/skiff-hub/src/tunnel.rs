@@ -75,8 +75,10 @@ pub async fn serve(
                         continue;
                     }
                     match control {
-                        Ok(Control::Hello { revision, runtimes, versions }) => {
-                            if let Err(e) = f.set_node_facts(&name, runtimes.as_deref(), versions.as_ref()) {
+                        Ok(Control::Hello { revision, runtimes, versions, devices }) => {
+                            if let Err(e) =
+                                f.set_node_facts(&name, runtimes.as_deref(), versions.as_ref(), devices.as_ref())
+                            {
                                 tracing::warn!(node = %name, error = ?e, "recording runtimes");
                             }
                             node_rev = Some(revision);

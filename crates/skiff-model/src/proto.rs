@@ -43,6 +43,10 @@ pub struct NodeSpec {
     /// Versions of what runs workloads (`runc` → `1.1.5`), as the node found them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub versions: BTreeMap<String, String>,
+    /// CDI devices, how many of each kind (`nvidia.com/gpu` → 2): what `--gpus` and
+    /// device requests are placed by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub devices: BTreeMap<String, u32>,
 }
 
 fn oci_only() -> Vec<String> {
@@ -226,6 +230,9 @@ pub enum Control {
         /// Versions of what runs workloads (runc), as at join (absent from older agents).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         versions: Option<BTreeMap<String, String>>,
+        /// CDI devices by kind, as now (absent from older agents).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        devices: Option<BTreeMap<String, u32>>,
     },
     /// Agent → hub: instances and unshipped events, when they changed.
     Status { status: NodeStatus },

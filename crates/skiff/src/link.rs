@@ -73,6 +73,10 @@ impl LocalNode for LocalAgent {
         self.agent.versions().clone()
     }
 
+    fn devices(&self) -> std::collections::BTreeMap<String, u32> {
+        self.agent.device_counts()
+    }
+
     fn metrics(&self) -> Option<skiff_model::metrics::MetricsSample> {
         self.agent.latest_metrics()
     }

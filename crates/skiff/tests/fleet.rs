@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::fleet::{agent, agent_with, hub, hub_instances, hub_on, start_agent, start_agent_in, wait_placed};
+use common::fleet::{
+    agent, agent_with, hub, hub_instances, hub_on, start_agent, start_agent_in, wait_placed, wait_ready,
+};
 use common::{wait_for, Node, IMAGE};
 use skiff_model::{InstanceState, InstanceStatus};
 use std::time::Duration;
@@ -595,5 +597,38 @@ fn wasm_programs_go_to_nodes_offering_the_runtime_and_are_pulled_for_it() -> R {
     assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains(why), "{out:?}");
     assert!(!hub_instances(&h).iter().any(|i| i.deployment == "box"));
     drop(a);
+    Ok(())
+}
+
+/// CDI devices are node resources: the hub learns each node's device counts and places
+/// instances asking for devices only where enough are free, saying why the rest wait.
+#[test]
+fn device_requests_are_placed_where_the_devices_are() -> R {
+    skiff_testkit::require_privileged!();
+    let h = hub()?;
+    let token = h.ok(&["token", "create"])?.trim().to_string();
+    let plain = agent(&h, &token, "plain-1", &[])?;
+    let cdi = tempfile::tempdir()?;
+    std::fs::write(
+        cdi.path().join("accel.yaml"),
+        "cdiVersion: 0.6.0\nkind: example.com/accel\ndevices:\n  - {name: '0', containerEdits: {env: [ACCEL=0], deviceNodes: [{path: /dev/accel0, hostPath: /dev/null}]}}\n",
+    )?;
+    let accel = agent_with(&h, &token, "accel-1", &[], &["--cdi-spec-dir", cdi.path().to_str().unwrap()])?;
+    wait_ready(&h, "plain-1")?;
+    wait_ready(&h, "accel-1")?;
+    let nodes: Vec<serde_json::Value> = serde_json::from_str(&h.ok(&["get", "nodes", "-o", "json"])?)?;
+    let of = |n: &str| nodes.iter().find(|x| x["name"] == n).map(|x| x["devices"].clone());
+    assert_eq!(of("accel-1"), Some(serde_json::json!({"example.com/accel": 1})), "{nodes:?}");
+    assert_eq!(of("plain-1"), Some(serde_json::Value::Null), "{nodes:?}");
+
+    let compose = h.write(
+        "infer.yaml",
+        "services:\n  infer:\n    image: localhost/skiff-test:1\n    command: [sleep, '1000']\n    deploy:\n      replicas: 2\n      resources: {reservations: {devices: [{driver: example.com/accel, count: 1}]}}\n",
+    )?;
+    let out = h.cli(&["apply", "-f", compose.to_str().unwrap()])?;
+    let why = "0/2 nodes are available: 1 Insufficient devices, 1 have none of the requested devices";
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains(why), "{out:?}");
+    wait_placed(&h, &[("accel-1", "infer-1")])?;
+    drop((plain, accel));
     Ok(())
 }
