@@ -128,6 +128,10 @@ fn choose(reg: &Registry, r: &DeviceRequest, held: &BTreeSet<String>) -> Result<
     }
     let all: Vec<String> = have.iter().map(|d| format!("{}={d}", r.kind)).collect();
     if r.count == 0 {
+        // All of the kind, as `=all`: only when none is held.
+        if let Some(taken) = all.iter().find(|n| held.contains(*n)) {
+            return Err(NotGranted::Busy(format!("{taken} is held by another instance on this node")));
+        }
         return Ok(all);
     }
     let free: Vec<String> = all.into_iter().filter(|n| !held.contains(n)).collect();
@@ -175,7 +179,8 @@ mod tests {
             choose(&r, &gpu(&[], 3), &none).unwrap_err(),
             NotGranted::Missing("needs 3 × nvidia.com/gpu, this node has 2 × nvidia.com/gpu".into())
         );
-        assert_eq!(choose(&r, &gpu(&[], 0), &held).unwrap().len(), 2, "all");
+        assert_eq!(choose(&r, &gpu(&[], 0), &none).unwrap().len(), 2, "all");
+        assert!(matches!(choose(&r, &gpu(&[], 0), &held), Err(NotGranted::Busy(_))), "all waits for held ones");
         assert_eq!(choose(&r, &gpu(&["1"], 0), &held).unwrap(), ["nvidia.com/gpu=1"]);
         assert!(
             matches!(choose(&r, &gpu(&["0"], 0), &held), Err(NotGranted::Busy(m)) if m.contains("held by another"))

@@ -134,7 +134,9 @@ impl Policy {
             .chain([("devices.allowed", p.devices.allowed.iter().flatten().collect())])
         {
             for (i, path) in list.iter().enumerate() {
-                if !path.starts_with('/') {
+                // devices.allowed also names CDI devices (`nvidia.com/gpu=*`).
+                let cdi = field == "devices.allowed" && skiff_model::DeviceRequest::looks_like_cdi(path);
+                if !path.starts_with('/') && !cdi {
                     return Err(format!("{field}[{i}]: {path:?} is not an absolute path"));
                 }
             }
@@ -258,6 +260,25 @@ mod tests {
             target: "/host".into(),
             read_only: false,
         });
+    }
+
+    #[test]
+    fn cdi_devices_meet_devices_allowed() {
+        let p = Policy::parse("devices: {allowed: [/dev/ttyUSB*, nvidia.com/gpu=*]}\n").unwrap();
+        let data = std::path::Path::new("/var/lib/skiff");
+        let with = |kind: &str, ids: &[&str], count| {
+            let mut d = Deployment::new("x", "i");
+            d.device_requests = vec![skiff_model::DeviceRequest {
+                kind: kind.into(),
+                ids: ids.iter().map(|s| s.to_string()).collect(),
+                count,
+            }];
+            p.check(&d, data).err().map(|v| v.what)
+        };
+        assert_eq!(with("nvidia.com/gpu", &[], 1), None);
+        assert_eq!(with("nvidia.com/gpu", &["0"], 0), None);
+        assert_eq!(with("vendor.com/fpga", &["0"], 0), Some("device vendor.com/fpga=0".into()));
+        assert!(Policy::parse("devices: {allowed: [dev/x]}\n").unwrap_err().contains("devices.allowed[0]"));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! again with those kept signatures — an image loaded from a file, or pulled before the
 //! rule existed, meets the same rule, offline too. Every refusal is an `Untrusted` event
 //! naming the image, its digest and the reason; under `warn` the event is recorded once
-//! per image digest and the image runs.
+//! per image digest and the image runs. Verified images are remembered per name and digest.
 
 use crate::Agent;
 use skiff_image::trust::{Judgement, Verdict};
@@ -23,14 +23,22 @@ impl Agent {
     /// registry, when this node pulls, and kept.
     pub(crate) async fn judge_stored(&self, instance: &str, image: &str) -> Result<(), String> {
         let policy = self.image_policy();
-        if policy.rules.is_empty() || policy.rule_for(image).is_none() {
+        if policy.rules.is_empty() {
             return Ok(());
         }
         let digest = self.images.top_digest(image).unwrap_or_default();
-        if self.trusted.lock().is_ok_and(|t| t.contains(&digest)) {
+        // Remembered per name and digest: the same digest under another name may meet
+        // another rule.
+        let key = format!("{digest} {image}");
+        if self.trusted.lock().is_ok_and(|t| t.contains(&key)) {
             return Ok(());
         }
-        if let (Some(opts), Ok(true)) = (&self.cfg.pull, self.images.signatures(&digest).map(|s| s.is_empty())) {
+        let named = !image.starts_with("sha256:") && !image.contains('@');
+        if let (Some(opts), Ok(true), true) = (
+            &self.cfg.pull,
+            self.images.signatures(&digest).map(|s| s.is_empty()),
+            named && policy.rule_for(image).is_some(),
+        ) {
             match skiff_image::registry::signatures(image, &digest, opts).await {
                 Ok(sigs) if !sigs.is_empty() => {
                     if let Err(e) = self.images.put_signatures(&digest, &sigs) {
@@ -49,10 +57,18 @@ impl Agent {
                 verdict: Verdict::Rejected(format!("its signatures cannot be read: {e}")),
             },
         };
-        self.record_judgement(instance, image, &digest, &judgement)
+        let verified = matches!(judgement.verdict, Verdict::Verified { .. });
+        let res = self.record_judgement(instance, image, &digest, &judgement);
+        if verified {
+            if let Ok(mut t) = self.trusted.lock() {
+                t.insert(key);
+            }
+        }
+        res
     }
 
     /// Turns a judgement into events: a refusal each time, a warning once per digest.
+    /// (Verified images are remembered by [`Agent::judge_stored`], per name and digest.)
     pub(crate) fn record_judgement(
         &self,
         instance: &str,
@@ -61,12 +77,7 @@ impl Agent {
         j: &Judgement,
     ) -> Result<(), String> {
         match &j.verdict {
-            Verdict::Verified { .. } => {
-                if let Ok(mut t) = self.trusted.lock() {
-                    t.insert(digest.to_string());
-                }
-                Ok(())
-            }
+            Verdict::Verified { .. } => Ok(()),
             Verdict::Rejected(reason) if j.allows() => {
                 let first = self.warned.lock().is_ok_and(|mut w| w.insert(digest.to_string()));
                 if first {

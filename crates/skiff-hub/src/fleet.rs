@@ -50,8 +50,6 @@ pub const EVENTS_PER_NODE: usize = 1000;
 /// The longest event message kept from a node (longer ones are cut).
 pub const EVENT_MESSAGE_MAX: usize = 4096;
 
-/// What a node says about its runtimes and their versions is kept in the store and shown:
-/// bounded in count and length.
 /// A node's device counts are bounded as its other facts: at most 64 kinds, each a CDI
 /// kind of up to 128 characters, at most 4096 of each.
 fn check_devices(devices: &BTreeMap<String, u32>) -> Result<(), FleetError> {
@@ -68,6 +66,8 @@ fn check_devices(devices: &BTreeMap<String, u32>) -> Result<(), FleetError> {
     }
 }
 
+/// What a node says about its runtimes and their versions is kept in the store and shown:
+/// bounded in count and length.
 fn check_facts(runtimes: &[String], versions: &BTreeMap<String, String>) -> Result<(), FleetError> {
     let short = |s: &str, max: usize| !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control);
     if runtimes.len() > 16 || !runtimes.iter().all(|r| short(r, 32)) {

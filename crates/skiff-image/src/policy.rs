@@ -142,14 +142,25 @@ impl ImagePolicy {
     }
 }
 
-/// `registry/repository` of a reference, normalised as Docker does.
+/// `registry/repository` of a reference, normalised as Docker does, with one spelling
+/// per registry: the host lower-cased, `:443` dropped, Docker Hub's aliases
+/// (`index.docker.io`, `registry-1.docker.io`) as `docker.io` — every spelling a pull
+/// reaches the same server by meets the same rule.
 pub fn repository_of(reference: &str) -> String {
     let full = crate::normalize_reference(reference);
     let name = full.split('@').next().unwrap_or(&full);
-    match name.rsplit_once(':') {
-        Some((n, tag)) if !tag.contains('/') => n.to_string(),
-        _ => name.to_string(),
-    }
+    let name = match name.rsplit_once(':') {
+        Some((n, tag)) if !tag.contains('/') => n,
+        _ => name,
+    };
+    let (host, path) = name.split_once('/').unwrap_or((name, ""));
+    let host = host.to_ascii_lowercase();
+    let host = host.strip_suffix(":443").unwrap_or(&host);
+    let host = match crate::hosts::canonical_registry(host) {
+        "registry-1.docker.io" => "docker.io",
+        h => h,
+    };
+    format!("{host}/{path}")
 }
 
 /// `*`: any run of characters but `/`; `**`: any run of characters.

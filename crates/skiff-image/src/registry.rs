@@ -952,7 +952,9 @@ pub async fn verify(
             Ok((digest, crate::trust::Judgement { mode: rule.mode, ..j }))
         }
         .await;
-        if res.is_ok() {
+        // A mirror without the signature tags must not hide the registry's.
+        let verified = matches!(&res, Ok((_, j)) if matches!(j.verdict, crate::trust::Verdict::Verified { .. }));
+        if verified || (res.is_ok() && !endpoint.mirror) {
             break;
         }
     }
@@ -974,8 +976,15 @@ async fn check_signatures(
     opts: &PullOptions,
 ) -> Result<(crate::trust::Judgement, Vec<crate::trust::StoredSignature>), ImageError> {
     use crate::trust::{self, Judgement, Verdict};
-    let sigs = fetch_signatures(client, digest, opts).await?;
-    let verdict = trust::verify_stored(&sigs, &crate::policy::repository_of(reference), digest, rule);
+    // Signatures that cannot be read are no signatures: refused under enforce, a warning
+    // under warn (the pull goes on).
+    let (sigs, verdict) = match fetch_signatures(client, digest, opts).await {
+        Ok(sigs) => {
+            let v = trust::verify_stored(&sigs, &crate::policy::repository_of(reference), digest, rule);
+            (sigs, v)
+        }
+        Err(e) => (vec![], Verdict::Rejected(format!("its signatures cannot be read: {e}"))),
+    };
     let judgement = Judgement { mode: rule.mode, verdict };
     match &judgement.verdict {
         Verdict::Verified { key } => opts.note(&format!("{reference}: signature verified (key {key})")),

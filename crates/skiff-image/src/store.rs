@@ -470,16 +470,28 @@ impl ImageStore {
         self.write_refs(&refs)
     }
 
-    /// The manifest or index digest `reference` points at (`name@sha256:…` names it).
+    /// The manifest or index digest `reference` points at, however it is spelled: a
+    /// name, `name@sha256:…`, a manifest digest, or an image ID (as `inspect` finds it).
     pub fn top_digest(&self, reference: &str) -> Result<String, ImageError> {
         let refs = self.refs()?;
         if let Some(d) = refs.get(&normalize_reference(reference)).or_else(|| refs.get(reference)) {
             return Ok(d.clone());
         }
         match reference.rsplit_once('@') {
-            Some((_, d)) if self.has_blob(d) => Ok(d.to_string()),
-            _ => Err(ImageError::NotFound(reference.to_string())),
+            Some((_, d)) if self.has_blob(d) => return Ok(d.to_string()),
+            Some(_) => return Err(ImageError::NotFound(reference.to_string())),
+            None => {}
         }
+        if reference.starts_with("sha256:") && self.has_blob(reference) {
+            return Ok(reference.to_string());
+        }
+        let info = self.inspect(reference)?;
+        Ok(refs.get(&info.reference).cloned().unwrap_or(info.manifest_digest))
+    }
+
+    /// Every name in the store that points at the manifest or index `digest`.
+    pub fn names_of(&self, digest: &str) -> Result<Vec<String>, ImageError> {
+        Ok(self.refs()?.into_iter().filter(|(_, d)| d == digest).map(|(r, _)| r).collect())
     }
 
     /// Resolves a reference (`name:tag`, a short name, or an image/manifest digest) to a

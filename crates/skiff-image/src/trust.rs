@@ -107,7 +107,7 @@ impl PublicKey {
 }
 
 /// A private key to sign with: PEM PKCS#8 (`PRIVATE KEY`), ECDSA P-256 or Ed25519 — what
-/// `openssl genpkey` and `skiff image key generate` write.
+/// `openssl genpkey` and `skiff image keygen` write.
 pub struct PrivateKey {
     pair: SigningPair,
     /// The matching public key, PEM.
@@ -133,7 +133,7 @@ impl PrivateKey {
             }
             l if l.starts_with("ENCRYPTED") => {
                 return Err(KeyError::Unsupported(format!(
-                    "{l}; export it unencrypted as PKCS#8 (`openssl pkcs8 -topk8 -nocrypt`) or make one with `skiff image key generate`"
+                    "{l}; export it unencrypted as PKCS#8 (`openssl pkcs8 -topk8 -nocrypt`) or make one with `skiff image keygen`"
                 )))
             }
             other => return Err(KeyError::Label(other.to_string())),
@@ -309,9 +309,10 @@ fn verify_one(
     identity: IdentityCheck,
 ) -> Result<String, String> {
     let b64 = s.layer.annotations.get(SIGNATURE_ANNOTATION).ok_or("a signature layer has no signature annotation")?;
-    let signature = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .map_err(|e| format!("a signature is not base64: {e}"))?;
+    // Some signers wrap the base64 in lines.
+    let b64: String = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let signature =
+        base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| format!("a signature is not base64: {e}"))?;
     let key = keys
         .iter()
         .find(|k| k.verify(&s.payload, &signature))
@@ -418,13 +419,30 @@ impl crate::ImageStore {
     }
 
     /// Judges the stored image `reference` by `policy` with the signatures kept beside it:
-    /// `None` when no rule names the image. For a node that got the image from a file, a
-    /// bundle or before the policy existed.
+    /// `None` when no rule names it. However the image is named (a digest, an image ID,
+    /// another tag), every name the store has for its digest meets its rule, and the
+    /// strictest outcome counts: an enforcing rejection, then a warning, then a
+    /// verification. For a node that got the image from a file, a bundle or before the
+    /// policy existed.
     pub fn judge(&self, reference: &str, policy: &ImagePolicy) -> Result<Option<Judgement>, crate::ImageError> {
-        let Some(rule) = policy.rule_for(reference) else { return Ok(None) };
         let digest = self.top_digest(reference)?;
-        let verdict = verify_stored(&self.signatures(&digest)?, &repository_of(reference), &digest, rule);
-        Ok(Some(Judgement { mode: rule.mode, verdict }))
+        let mut names = self.names_of(&digest)?;
+        names.push(reference.to_string());
+        let sigs = self.signatures(&digest)?;
+        let mut out: Option<Judgement> = None;
+        for name in &names {
+            let Some(rule) = policy.rule_for(name) else { continue };
+            let j = Judgement { mode: rule.mode, verdict: verify_stored(&sigs, &repository_of(name), &digest, rule) };
+            let rank = |j: &Judgement| match (&j.verdict, j.mode) {
+                (Verdict::Rejected(_), Mode::Enforce) => 2,
+                (Verdict::Rejected(_), Mode::Warn) => 1,
+                (Verdict::Verified { .. }, _) => 0,
+            };
+            if out.as_ref().is_none_or(|o| rank(&j) > rank(o)) {
+                out = Some(j);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -447,6 +465,9 @@ mod tests {
     #[test]
     fn repository_identity_ignores_tags_and_docker_hub_spelling() {
         assert!(same_repository("busybox", "docker.io/library/busybox"));
+        // cosign names Docker Hub images index.docker.io/...
+        assert!(same_repository("index.docker.io/library/busybox", "busybox:1.36"));
+        assert!(same_repository("Registry.Example.com:443/plant/app", "registry.example.com/plant/app"));
         assert!(same_repository("127.0.0.1:5000/app:v1", "127.0.0.1:5000/app"));
         assert!(!same_repository("127.0.0.1:5000/app", "127.0.0.1:5000/other"));
         assert!(!same_repository("127.0.0.1:5001/app", "127.0.0.1:5000/app"));
@@ -575,6 +596,21 @@ mod tests {
         assert!(
             matches!(verify(&both, CI, &digest, &[key], IdentityCheck::Repository), Verdict::Rejected(r) if r.contains("made for 192.168.64.2:5000/cosign-signed-single-sample"))
         );
+    }
+
+    #[test]
+    fn an_rsa_signature_made_by_cosign_verifies() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cosign/containers-image/");
+        let read = |f: &str| std::fs::read(format!("{dir}{f}")).unwrap();
+        let cert = read("pki-rsa-leaf.pem");
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&cert).unwrap();
+        let x509 = pem.parse_x509().unwrap();
+        let key = PublicKey::from_spki_der(x509.public_key().raw).unwrap();
+        let (layer, p) = containers_image_signature(&read("signature-pki-rsa"));
+        let digest = format!("sha256:{}", crate::digest::sha256_of(&read("manifest-pki.json")));
+        let signed = [Signed { layer: &layer, payload: p }];
+        let v = verify(&signed, CI, &digest, std::slice::from_ref(&key), IdentityCheck::Any);
+        assert_eq!(v, Verdict::Verified { key: key.id.clone() });
     }
 
     #[test]

@@ -351,7 +351,7 @@ fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deploy
             "devices" => {
                 for (i, s) in list_of_strings(v, &path)?.iter().enumerate() {
                     // compose-spec: an entry may be a CDI device name.
-                    if !s.starts_with('/') && s.contains('=') {
+                    if DeviceRequest::looks_like_cdi(s) {
                         let r = DeviceRequest::parse_cdi(s).ok_or_else(|| {
                             ManifestError::at(
                                 format!("{path}[{i}]"),

@@ -553,6 +553,11 @@ fn is_zero(n: &u32) -> bool {
 pub const GPU_KIND: &str = "nvidia.com/gpu";
 
 impl DeviceRequest {
+    /// Whether `s` is meant as a CDI name (`vendor.com/class=name`) rather than a host path.
+    pub fn looks_like_cdi(s: &str) -> bool {
+        !s.starts_with('/') && s.contains('=')
+    }
+
     /// A fully qualified CDI name, `vendor.com/class=name`: that one device.
     pub fn parse_cdi(s: &str) -> Option<Self> {
         let (kind, id) = s.split_once('=')?;

@@ -276,6 +276,13 @@ impl Deployment {
                     "host is not for a sandbox: gVisor's own network stack would take the host's interfaces (runtime: runsc)",
                 ));
             }
+            if self.runtime == RuntimeKind::Runsc && (!self.devices.is_empty() || !self.device_requests.is_empty()) {
+                let field = if self.devices.is_empty() { "device_requests" } else { "devices" };
+                return Err(ValidationError::new(
+                    field,
+                    "a gVisor sandbox passes no host devices through (runtime: runsc); use runtime: oci",
+                ));
+            }
             return Ok(());
         }
         let unsupported = [

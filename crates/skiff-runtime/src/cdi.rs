@@ -126,21 +126,13 @@ pub struct Registry {
 pub fn parse_name(s: &str) -> Result<(&str, &str), CdiError> {
     let bad = || CdiError::BadName(s.to_string());
     let (kind, name) = s.split_once('=').ok_or_else(bad)?;
-    let (vendor, class) = kind.split_once('/').ok_or_else(bad)?;
-    let word = |w: &str, extra: &str| {
-        !w.is_empty()
-            && w.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-            && w.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
-    };
-    if !word(vendor, "._-") || !word(class, "_-") || !word(name, "_.:-") {
-        return Err(bad());
-    }
+    skiff_model::DeviceRequest::parse_cdi(s).ok_or_else(bad)?;
     Ok((kind, name))
 }
 
 /// Whether `s` looks like a CDI device name rather than a host path.
 pub fn is_cdi_name(s: &str) -> bool {
-    !s.starts_with('/') && s.contains('=') && parse_name(s).is_ok()
+    skiff_model::DeviceRequest::looks_like_cdi(s) && parse_name(s).is_ok()
 }
 
 impl Registry {
@@ -183,6 +175,11 @@ impl Registry {
     fn add(&mut self, spec: SpecFile) -> Result<(), String> {
         let (vendor, class) =
             spec.kind.split_once('/').ok_or_else(|| format!("kind {:?} is not vendor/class", spec.kind))?;
+        parse_name(&format!("{vendor}/{class}=x"))
+            .map_err(|_| format!("kind {:?} is not vendor.com/class", spec.kind))?;
+        if spec.devices.is_empty() {
+            return Err(format!("kind {} lists no devices", spec.kind));
+        }
         for d in &spec.devices {
             parse_name(&format!("{vendor}/{class}={}", d.name)).map_err(|e| e.to_string())?;
             if d.name == "all" {
@@ -273,6 +270,9 @@ pub fn apply(spec: &mut Value, edits: &[(String, ContainerEdits)]) -> Result<(),
             if !matches!(kind.as_str(), "c" | "b" | "u" | "p") {
                 return Err(err(format!("device node {}: type {kind:?} is not c, b, u or p", d.path)));
             }
+            if !clean(&d.path) || !clean(&host) {
+                return Err(err(format!("device node {}: . or .. in the path", d.path)));
+            }
             let perms = d.permissions.clone().unwrap_or_else(|| "rwm".into());
             if perms.is_empty() || !perms.chars().all(|c| "rwm".contains(c)) {
                 return Err(err(format!("device node {}: permissions {perms:?} are not a subset of rwm", d.path)));
@@ -282,12 +282,24 @@ pub fn apply(spec: &mut Value, edits: &[(String, ContainerEdits)]) -> Result<(),
             node["uid"] = json!(d.uid.unwrap_or(0));
             node["gid"] = json!(d.gid.unwrap_or(0));
             push(spec, &["linux", "devices"], node);
-            let rule = json!({"allow": true, "type": kind, "major": major, "minor": minor, "access": perms});
-            push(spec, &["linux", "resources", "devices"], rule);
+            // The cgroup knows character and block devices: `u` (unbuffered) is a
+            // character device, a FIFO (`p`) needs no rule.
+            let cg = match kind.as_str() {
+                "b" => Some("b"),
+                "p" => None,
+                _ => Some("c"),
+            };
+            if let Some(cg) = cg {
+                let rule = json!({"allow": true, "type": cg, "major": major, "minor": minor, "access": perms});
+                push(spec, &["linux", "resources", "devices"], rule);
+            }
         }
         for m in &e.mounts {
-            if !m.container_path.starts_with('/') || !m.host_path.starts_with('/') {
-                return Err(err(format!("mount {} -> {}: paths must be absolute", m.host_path, m.container_path)));
+            if !clean(&m.container_path) || !clean(&m.host_path) {
+                return Err(err(format!(
+                    "mount {} -> {}: paths must be absolute, without . or ..",
+                    m.host_path, m.container_path
+                )));
             }
             let kind = m.kind.clone().unwrap_or_else(|| "bind".into());
             let mut options = m.options.clone();
@@ -305,6 +317,9 @@ pub fn apply(spec: &mut Value, edits: &[(String, ContainerEdits)]) -> Result<(),
                 }
                 other => return Err(err(format!("hook {other:?} is not an OCI hook stage"))),
             };
+            if !clean(&h.path) {
+                return Err(err(format!("hook {}: the path must be absolute, without . or ..", h.path)));
+            }
             let mut hook = json!({"path": h.path, "args": h.args, "env": h.env});
             if let Some(t) = h.timeout {
                 hook["timeout"] = json!(t);
@@ -316,6 +331,11 @@ pub fn apply(spec: &mut Value, edits: &[(String, ContainerEdits)]) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// An absolute path without `.` or `..` components.
+fn clean(p: &str) -> bool {
+    p.starts_with('/') && !p.split('/').any(|c| c == "." || c == "..")
 }
 
 /// Appends `v` to the array at `path`, creating objects and the array on the way.
@@ -406,9 +426,12 @@ containerEdits:
         std::fs::write(dir.path().join("bad.json"), "{").unwrap();
         std::fs::write(dir.path().join("named-all.yaml"), "cdiVersion: 0.5.0\nkind: x.com/y\ndevices: [{name: all}]\n")
             .unwrap();
+        std::fs::write(dir.path().join("empty.yaml"), "cdiVersion: 0.5.0\nkind: x.com/y\n").unwrap();
+        std::fs::write(dir.path().join("badkind.yaml"), "cdiVersion: 0.5.0\nkind: 'x y/z'\ndevices: [{name: a}]\n")
+            .unwrap();
         let r = Registry::load(&[dir.path().to_path_buf(), "/nonexistent".into()]);
         assert_eq!(r.inventory().len(), 1);
-        assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
+        assert_eq!(r.problems.len(), 4, "{:?}", r.problems);
         let mut spec = json!({"process": {"env": []}});
         let bad = vec![(
             "x".to_string(),
@@ -422,5 +445,18 @@ containerEdits:
             },
         )];
         assert!(apply(&mut spec, &bad).unwrap_err().to_string().contains("not a device node"));
+        let edits = |e: ContainerEdits| vec![("x".to_string(), e)];
+        let mount = |h: &str, c: &str| ContainerEdits {
+            mounts: vec![Mount { host_path: h.into(), container_path: c.into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let e = apply(&mut spec, &edits(mount("/etc/../root", "/x"))).unwrap_err().to_string();
+        assert!(e.contains("without . or .."), "{e}");
+        assert!(apply(&mut spec, &edits(mount("/etc/hostname", "x/../../y"))).is_err());
+        let hook = ContainerEdits {
+            hooks: vec![Hook { hook_name: "prestart".into(), path: "bin/sh".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        assert!(apply(&mut spec, &edits(hook)).unwrap_err().to_string().contains("hook bin/sh"));
     }
 }

@@ -222,7 +222,8 @@ impl Runtime for OciRuntime {
             return Liveness::Running { pid: read_pid(&dir, shim::PID_FILE).unwrap_or(0) };
         }
         // runc keeps its state in <root>/<id>: without it there is nothing to ask about.
-        if !self.runc.root.join(id).exists() {
+        // (runsc names its state files otherwise, so it is always asked.)
+        if !self.runc.is_runsc() && !self.runc.root.join(id).exists() {
             return Liveness::Gone;
         }
         match self.runc_for(id).state(id) {

@@ -192,7 +192,14 @@ impl Runc {
 /// host's root read-only under an overlay), bounded to 30 s. `Ok(version)`, or why not
 /// (not installed, the kernel refuses its platform, ...).
 pub fn probe_runsc(platform: &str) -> Result<String, String> {
-    let root = std::env::temp_dir().join(format!("skiff-runsc-probe-{}", std::process::id()));
+    // A fresh directory of our own (created, not reused: nobody else's symlink or
+    // directory is written through).
+    let name = skiff_sys::random::hex(8).map_err(|e| format!("random: {e}"))?;
+    let root = std::env::temp_dir().join(format!("skiff-runsc-probe-{name}"));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+    }
     let runc = Runc::runsc(&root, platform);
     let version = match Command::new(&runc.bin).arg("--version").stdin(Stdio::null()).output() {
         Ok(out) => parse_version(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|| "unknown".into()),

@@ -79,7 +79,9 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
         acfg.cdi_dirs = args.cdi_spec_dir.clone();
     }
     let id = Identity::new(data);
-    let spec = skiff_agent::join::node_spec(labels, &acfg.cdi_dirs);
+    // Probes runsc (a sandbox started): off the async workers.
+    let dirs = acfg.cdi_dirs.clone();
+    let spec = tokio::task::spawn_blocking(move || skiff_agent::join::node_spec(labels, &dirs)).await?;
     let token = join_token(args)?;
     let node = skiff_agent::join::join(&id, &args.hub, token.as_deref(), &acfg.node_name, spec).await?;
     acfg.node_name = node.clone();

@@ -59,7 +59,7 @@ services:
     assert!(!host.contains(logs.lines().next().unwrap_or_default().trim()), "{logs} is the host's kernel");
     let inside = n.ok(&["exec", "web-1", "--", "cat", "/proc/version"])?;
     assert_eq!(inside.trim(), logs.lines().find(|l| l.contains("Linux version")).unwrap_or_default().trim());
-    // The published port reaches the server through the sandbox's own network stack.
+    // The published port reaches the server through the sandbox (gVisor's sockets in the instance's namespace).
     let page = wait_for(30 * SEC, "the published port", || http_get(port, "/").ok().filter(|p| !p.is_empty()))?;
     assert_eq!(page, "hello from skiff\n");
     n.wait_instance("web-1", 30 * SEC, "healthy", |i| i.health == Some(Health::Healthy))?;

@@ -150,6 +150,7 @@ fn signed_images_run_and_the_policy_refuses_or_warns_about_the_rest() -> R {
     // The signatures kept beside the image judge it again when a new agent starts it,
     // offline: the registry is gone, the agent restarted (workloads outlive it), and the
     // container killed, so the restart policy starts it anew.
+    let reg_port = reg.port;
     drop(reg);
     n.terminate_up()?;
     n.up_with(None, &["--policy", policy.to_str().unwrap()])?;
@@ -159,6 +160,18 @@ fn signed_images_run_and_the_policy_refuses_or_warns_about_the_rest() -> R {
     wait_for(60 * SEC, "good-1 started again", || {
         n.instance("good-1").ok().filter(|i| i.restarts > before.restarts && i.state == InstanceState::Running)
     })?;
+    // ... while the new agent still refuses what is not signed, by any name: the loaded
+    // image by its image ID, and under a tag no rule names.
+    let local = format!("127.0.0.1:{}/fleet/local:1", reg_port);
+    let id = {
+        let v: serde_json::Value = serde_json::from_str(&n.ok(&["image", "inspect", &local])?)?;
+        v["config_digest"].as_str().unwrap_or_default().trim_start_matches("sha256:")[..16].to_string()
+    };
+    for (name, img) in [("byid", id.as_str()), ("bydigest", &n.image_digest(&local)?)] {
+        let out = n.cli(&["run", img, "--name", name, "--", "sleep", "1000"])?;
+        let err = stderr(&out);
+        assert!(!out.status.success() && err.contains("refused by the image policy"), "{name}: {err}");
+    }
     Ok(())
 }
 

@@ -213,7 +213,7 @@ pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -
     d.cap_add = a.cap_add.clone();
     d.cap_drop = a.cap_drop.clone();
     for dev in &a.device {
-        if !dev.starts_with('/') && dev.contains('=') {
+        if DeviceRequest::looks_like_cdi(dev) {
             d.device_requests.push(
                 DeviceRequest::parse_cdi(dev)
                     .with_context(|| format!("--device: {dev:?} is not a CDI device name (vendor.com/class=NAME)"))?,

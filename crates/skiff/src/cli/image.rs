@@ -154,7 +154,12 @@ pub(super) fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
 fn keygen(prefix: &Path, ed25519: bool) -> Result<()> {
     let private = skiff_image::trust::PrivateKey::generate_pem(ed25519)?;
     let public = skiff_image::trust::PrivateKey::from_pem(&private)?.public_pem;
-    let (key_path, pub_path) = (prefix.with_extension("key"), prefix.with_extension("pub"));
+    let with = |ext: &str| {
+        let mut p = prefix.as_os_str().to_owned();
+        p.push(ext);
+        PathBuf::from(p)
+    };
+    let (key_path, pub_path) = (with(".key"), with(".pub"));
     for p in [&key_path, &pub_path] {
         anyhow::ensure!(!p.exists(), "{} exists; not overwriting it", p.display());
     }
