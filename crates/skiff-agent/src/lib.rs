@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admit;
+pub mod detect;
 pub mod devices;
 mod exit;
 mod exits;
@@ -105,6 +106,9 @@ pub struct AgentConfig {
     pub firewall: FirewallSetting,
     /// Where CDI device specs are read from, lowest priority first.
     pub cdi_dirs: Vec<PathBuf>,
+    /// Runtime threat-detection rules (`None`: detection off; `skiff up` and `skiff agent`
+    /// turn it on with the shipped rules unless `--no-detect`).
+    pub detect: Option<Vec<detect::rules::Rule>>,
 }
 
 impl AgentConfig {
@@ -128,6 +132,7 @@ impl AgentConfig {
             backends: None,
             firewall: FirewallSetting::auto(),
             cdi_dirs: skiff_runtime::cdi::DEFAULT_DIRS.iter().map(PathBuf::from).collect(),
+            detect: None,
             policy: policy::Policy::default(),
         }
     }
@@ -176,6 +181,10 @@ pub struct Agent {
     trusted: Mutex<HashSet<String>>,
     /// Image digests the image policy warned about (one event each).
     warned: Mutex<HashSet<String>>,
+    /// Instances a detection rule stopped (not started again by this agent).
+    security_stopped: Mutex<HashSet<String>>,
+    /// The threat detector's counters, when it runs.
+    detect_stats: std::sync::OnceLock<Arc<detect::Stats>>,
 }
 
 /// The node's runtime backends; each instance uses its deployment's.
@@ -347,7 +356,17 @@ impl Agent {
             wasm_checked: Default::default(),
             trusted: Default::default(),
             warned: Default::default(),
+            security_stopped: Default::default(),
+            detect_stats: Default::default(),
         });
+        if let Some(rules) = agent.cfg.detect.clone() {
+            match detect::Detector::start(&agent, rules) {
+                Ok(d) => {
+                    let _ = agent.detect_stats.set(d.stats);
+                }
+                Err(e) => warn!("runtime threat detection is off: the kernel's process events cannot be read: {e}"),
+            }
+        }
         if let (Some(aside), Some(r)) = (moved, rebuilt) {
             let msg = format!(
                 "agent.db was unreadable and is kept as {}; rebuilt from the node: {} instance(s) of {} deployment(s) \
@@ -473,6 +492,11 @@ impl Agent {
     }
 
     /// How this agent pulls images it lacks (`None`: it does not).
+    /// The threat detector's counters, when it runs.
+    pub fn detect_stats(&self) -> Option<&Arc<detect::Stats>> {
+        self.detect_stats.get()
+    }
+
     pub fn pull_options(&self) -> Option<&skiff_image::registry::PullOptions> {
         self.cfg.pull.as_ref()
     }

@@ -20,6 +20,9 @@ impl Agent {
     pub(crate) async fn start_instance(self: &Arc<Self>, mut r: InstanceRow) -> Result<(), AgentError> {
         // The node's own policy first: nothing of a refused workload is made.
         let refused = match (r.spec.runtime, crate::runsc_status()) {
+            _ if self.stopped_by_rule(&r.name) => {
+                Some(("SecurityAction", "stopped by a threat-detection rule; not started again".to_string()))
+            }
             (RuntimeKind::Runsc, Err(why)) => {
                 Some(("RuntimeUnavailable", format!("this node cannot run runsc: {why}")))
             }

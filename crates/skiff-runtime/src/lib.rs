@@ -14,6 +14,7 @@ pub mod nat;
 pub mod netlink;
 pub mod network;
 pub mod oci;
+pub mod procconn;
 pub mod procfs;
 pub mod runc;
 pub mod seccomp;

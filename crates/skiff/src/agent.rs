@@ -56,6 +56,13 @@ pub struct AgentArgs {
     /// Where CDI device specs are read from (repeatable; default /etc/cdi and /var/run/cdi).
     #[arg(long = "cdi-spec-dir")]
     pub cdi_spec_dir: Vec<std::path::PathBuf>,
+    /// Runtime threat-detection rules (Falco's YAML subset) beside the shipped ones;
+    /// repeatable, later files override earlier rules of the same name.
+    #[arg(long = "detect-rules")]
+    pub detect_rules: Vec<std::path::PathBuf>,
+    /// No runtime threat detection.
+    #[arg(long = "no-detect", conflicts_with = "detect_rules")]
+    pub no_detect: bool,
 }
 
 pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
@@ -77,6 +84,11 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     acfg.policy = skiff_agent::policy::Policy::load(args.policy.as_deref())?;
     if !args.cdi_spec_dir.is_empty() {
         acfg.cdi_dirs = args.cdi_spec_dir.clone();
+    }
+    if !args.no_detect {
+        acfg.detect = Some(
+            skiff_agent::detect::load_rules(&args.detect_rules).map_err(|e| anyhow::anyhow!("--detect-rules: {e}"))?,
+        );
     }
     let id = Identity::new(data);
     // Probes runsc (a sandbox started): off the async workers.

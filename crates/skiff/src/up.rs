@@ -53,6 +53,13 @@ pub struct UpArgs {
     /// Where CDI device specs are read from (repeatable; default /etc/cdi and /var/run/cdi).
     #[arg(long = "cdi-spec-dir")]
     pub cdi_spec_dir: Vec<std::path::PathBuf>,
+    /// Runtime threat-detection rules (Falco's YAML subset) beside the shipped ones;
+    /// repeatable, later files override earlier rules of the same name.
+    #[arg(long = "detect-rules")]
+    pub detect_rules: Vec<std::path::PathBuf>,
+    /// No runtime threat detection.
+    #[arg(long = "no-detect", conflicts_with = "detect_rules")]
+    pub no_detect: bool,
     #[command(flatten)]
     pub conns: crate::hub::ConnArgs,
     #[command(flatten)]
@@ -190,6 +197,11 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     acfg.policy = skiff_agent::policy::Policy::load(args.policy.as_deref())?;
     if !args.cdi_spec_dir.is_empty() {
         acfg.cdi_dirs = args.cdi_spec_dir.clone();
+    }
+    if !args.no_detect {
+        acfg.detect = Some(
+            skiff_agent::detect::load_rules(&args.detect_rules).map_err(|e| anyhow::anyhow!("--detect-rules: {e}"))?,
+        );
     }
     let agent = Agent::open(acfg)?;
     if let Some(i) = &import {

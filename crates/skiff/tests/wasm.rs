@@ -241,7 +241,9 @@ fn bad_programs_and_bad_input_are_refused_with_nothing_stored() -> R {
         err(&["run", &hello, "--runtime", "wasm", "--wasm-pool", "0"])?.contains("wasm.pool: 0 is outside 1..=1000")
     );
     assert!(err(&["run", "missing.wasm"])?.contains("missing.wasm: no such file"));
-    assert!(err(&["run", common::IMAGE, "--runtime", "crun"])?.contains("--runtime: \"crun\" is not oci or wasm"));
+    assert!(
+        err(&["run", common::IMAGE, "--runtime", "crun"])?.contains("--runtime: \"crun\" is not oci, runsc or wasm")
+    );
     // A container image is no WebAssembly program: the apply is refused, naming the field.
     let f = n.write(
         "wrong.yaml",

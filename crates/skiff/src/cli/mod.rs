@@ -67,6 +67,10 @@ pub enum Cmd {
         /// Keep printing the list each time it changes (JSON and YAML: one document per change).
         #[arg(short = 'w', long)]
         watch: bool,
+        /// Events only: `security` keeps threat-detection alerts and actions, refused
+        /// images and policy violations.
+        #[arg(long = "type", value_enum)]
+        event_type: Option<view::EventType>,
     },
     /// Show one deployment (or node) in detail.
     Describe { kind: Kind, name: String },
@@ -205,7 +209,9 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Token(t) => token::token(&client(cli)?, t).await,
         Cmd::Apply { file, dry_run, selector } => deploy::apply(cli, file, *dry_run, selector).await,
         Cmd::Run(args) => deploy::run(cli, args).await,
-        Cmd::Get { kind, output, watch } => view::get(&client(cli)?, *kind, *output, *watch).await,
+        Cmd::Get { kind, output, watch, event_type } => {
+            view::get(&client(cli)?, *kind, *output, *watch, *event_type).await
+        }
         Cmd::Top { kind, output } => view::top(&client(cli)?, *kind, *output).await,
         Cmd::Rollout(cmd) => rollout::rollout(&client(cli)?, cmd).await,
         Cmd::Autoscale(AutoscaleCmd::Simulate { file }) => rollout::simulate(file),

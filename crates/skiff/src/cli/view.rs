@@ -75,8 +75,20 @@ pub(super) fn deployment_row(d: &DeploymentView) -> Vec<String> {
     ]
 }
 
+/// Which events `get events --type` keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventType {
+    Security,
+}
+
+/// Reasons of security events: threat detection, signatures, the node's policy.
+pub const SECURITY_REASONS: &[&str] = &["SecurityAlert", "SecurityAction", "Untrusted", "PolicyViolation"];
+
 /// Prints a list; with `watch`, again each time it changes (a long-poll per round).
-pub(super) async fn get(c: &Client, kind: Kind, f: Format, watch: bool) -> Result<i32> {
+pub(super) async fn get(c: &Client, kind: Kind, f: Format, watch: bool, event_type: Option<EventType>) -> Result<i32> {
+    if event_type.is_some() && kind != Kind::Events {
+        anyhow::bail!("--type: only events have a type");
+    }
     let path = match kind {
         Kind::Instances => "/api/v1/instances",
         Kind::Deployments => "/api/v1/deployments",
@@ -95,6 +107,14 @@ pub(super) async fn get(c: &Client, kind: Kind, f: Format, watch: bool) -> Resul
             Format::Yaml if watch => output::emit("---\n"),
             _ => {}
         }
+        let body = match event_type {
+            Some(EventType::Security) => {
+                let mut v: Vec<skiff_model::EventRecord> = serde_json::from_slice(&body)?;
+                v.retain(|e| SECURITY_REASONS.contains(&e.reason.as_str()));
+                serde_json::to_vec(&v)?
+            }
+            None => body,
+        };
         print_list(kind, &body, if watch && f == Format::Json { Format::JsonLine } else { f })?;
         if !watch {
             return Ok(0);

@@ -1,0 +1,227 @@
+//! Runtime threat detection: every program a container starts, as the kernel reports it
+//! (the process connector, no polling), attributed to its instance by cgroup and judged by
+//! Falco-style rules (`rules.rs`: the shipped set, then the node's files). A match is a
+//! `SecurityAlert` event on the instance — shipped to the hub with the node's other
+//! events, kept while it is offline — and the rule's `action` (`restart`: the container
+//! is killed and its restart policy applies; `stop`: killed and not started again by this
+//! agent).
+//!
+//! Cost: nothing while nothing starts; per exec on the host, one read of
+//! `/proc/PID/cgroup` (host processes end there), and for a container's process a few more
+//! small `/proc` reads. The thread reads events as they come; a burst that overflows the
+//! socket's 4 MiB buffer loses events, counted and logged.
+
+pub mod rules;
+
+use crate::Agent;
+use rules::{Action, Event, Rule};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// What the detector knows of one container.
+#[derive(Debug, Clone)]
+struct Known {
+    instance: String,
+    deployment: String,
+    image: String,
+    /// The overlay's writable layer: a program found there was not in the image.
+    upper: std::path::PathBuf,
+}
+
+/// Counters, for tests and the bench.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub execs: AtomicU64,
+    pub in_containers: AtomicU64,
+    pub alerts: AtomicU64,
+    pub lost: AtomicU64,
+}
+
+/// Loads the shipped rules and the node's rule files (`--detect-rules`, in order).
+pub fn load_rules(files: &[std::path::PathBuf]) -> Result<Vec<Rule>, String> {
+    let mut texts = vec![("default rules".to_string(), rules::DEFAULT_RULES.to_string())];
+    for f in files {
+        let t = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        texts.push((f.display().to_string(), t));
+    }
+    let refs: Vec<(&str, &str)> = texts.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    rules::parse(&refs)
+}
+
+/// The container id of a process, from its cgroup path (`…/skiff/<id>`), if it is one of
+/// ours.
+fn container_of(cgroup: &str) -> Option<&str> {
+    cgroup.lines().find_map(|l| {
+        let path = l.splitn(3, ':').nth(2)?;
+        let rest = &path[path.find("/skiff/")? + "/skiff/".len()..];
+        let id = rest.split('/').next()?;
+        (!id.is_empty()).then_some(id)
+    })
+}
+
+fn read(path: String) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+/// The fields of process `pid` of container `id`; `None` when it is already gone.
+fn describe(pid: i32, id: &str, k: &Known) -> Option<Event> {
+    let comm = read(format!("/proc/{pid}/comm"))?.trim_end().to_string();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?.to_string_lossy().into_owned();
+    let mut cmdline: String =
+        read(format!("/proc/{pid}/cmdline"))?.split('\0').filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
+    cmdline.truncate(1024);
+    let status = read(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+    let vpid = field("NSpid:").and_then(|v| v.split_whitespace().last()).unwrap_or("0").to_string();
+    let ppid = field("PPid:").unwrap_or("0").to_string();
+    let uid = field("Uid:").and_then(|v| v.split_whitespace().next()).unwrap_or("0").to_string();
+    let pname = read(format!("/proc/{ppid}/comm")).map(|s| s.trim_end().to_string()).unwrap_or_default();
+    // Written after the start: the file is in the overlay's upper layer.
+    let rel = exe.trim_start_matches('/');
+    let writable = !rel.is_empty() && k.upper.join(rel).exists();
+    let fields = [
+        ("evt.type", "execve".to_string()),
+        ("proc.name", comm),
+        ("proc.exe", exe),
+        ("proc.cmdline", cmdline),
+        ("proc.pid", pid.to_string()),
+        ("proc.vpid", vpid),
+        ("proc.pname", pname),
+        ("proc.exe_writable", writable.to_string()),
+        ("user.uid", uid),
+        ("container.id", id.to_string()),
+        ("container.name", k.instance.clone()),
+        ("container.deployment", k.deployment.clone()),
+        ("container.image", k.image.clone()),
+    ];
+    Some(Event { evt_type: "execve".into(), fields: fields.into_iter().collect() })
+}
+
+pub struct Detector {
+    pub stats: Arc<Stats>,
+}
+
+impl Detector {
+    /// Starts the detector thread for `agent` with `rules`. Fails when the kernel's process
+    /// connector cannot be opened (no CAP_NET_ADMIN, a kernel without it).
+    pub fn start(agent: &Arc<Agent>, rules: Vec<Rule>) -> std::io::Result<Detector> {
+        let mut events = skiff_runtime::procconn::ProcEvents::open()?;
+        let stats = Arc::new(Stats::default());
+        let (weak, st) = (Arc::downgrade(agent), Arc::clone(&stats));
+        std::thread::Builder::new().name("detect".into()).spawn(move || {
+            let mut known: HashMap<String, Option<Known>> = HashMap::new();
+            loop {
+                let batch = match events.recv() {
+                    Ok(b) => b,
+                    Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) => {
+                        let n = st.lost.fetch_add(1, Ordering::Relaxed);
+                        if n.is_power_of_two() {
+                            warn!("threat detection lost process events in a burst ({} times so far)", n + 1);
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!("threat detection stopped: {e}");
+                        return;
+                    }
+                };
+                let Some(agent) = weak.upgrade() else { return };
+                for skiff_runtime::procconn::ProcEvent::Exec { pid, tgid } in batch {
+                    if pid != tgid {
+                        continue;
+                    }
+                    st.execs.fetch_add(1, Ordering::Relaxed);
+                    let Some(cg) = read(format!("/proc/{pid}/cgroup")) else { continue };
+                    let Some(id) = container_of(&cg) else { continue };
+                    st.in_containers.fetch_add(1, Ordering::Relaxed);
+                    if !known.contains_key(id) {
+                        if known.len() > 4096 {
+                            known.clear();
+                        }
+                        known.insert(id.to_string(), agent.detect_lookup(id));
+                    }
+                    let Some(Some(k)) = known.get(id) else { continue };
+                    let Some(ev) = describe(pid, id, k) else { continue };
+                    for r in rules.iter().filter(|r| rules::eval(&r.condition, &ev)) {
+                        st.alerts.fetch_add(1, Ordering::Relaxed);
+                        agent.security_alert(k, r, &ev);
+                    }
+                }
+            }
+        })?;
+        Ok(Detector { stats })
+    }
+}
+
+impl Agent {
+    /// The instance behind container `id`, if it is this agent's.
+    fn detect_lookup(&self, id: &str) -> Option<Known> {
+        let rows = self.db(|s| s.instances()).ok()?;
+        let r = rows.into_iter().find(|r| r.container_id == id)?;
+        let upper = self.runtimes.of(r.spec.runtime).instance_dir(id).join("upper");
+        Some(Known { instance: r.name, deployment: r.spec.name.clone(), image: r.spec.image.clone(), upper })
+    }
+
+    /// Records a rule's match and carries out its action.
+    fn security_alert(self: &Arc<Self>, k: &Known, r: &Rule, ev: &Event) {
+        let msg = format!("{:?} {}: {}", r.priority, r.name, rules::render(&r.output, ev));
+        info!(instance = %k.instance, "{msg}");
+        self.event(&k.instance, "SecurityAlert", &msg);
+        if r.action == Action::None {
+            return;
+        }
+        if r.action == Action::Stop {
+            if let Ok(mut s) = self.security_stopped.lock() {
+                s.insert(k.instance.clone());
+            }
+        }
+        let id = ev.fields.get("container.id").cloned().unwrap_or_default();
+        let rt = self.runtimes.of(self.runtime_of(&k.instance));
+        let what = if r.action == Action::Stop { "stopped" } else { "restarted" };
+        match rt.signal(&id, "KILL") {
+            Ok(()) => self.event(&k.instance, "SecurityAction", &format!("{what} by rule {:?}", r.name)),
+            Err(e) => warn!(instance = %k.instance, "rule {:?}: {e}", r.name),
+        }
+    }
+
+    fn runtime_of(&self, instance: &str) -> skiff_model::RuntimeKind {
+        self.db(|s| s.instances())
+            .ok()
+            .and_then(|rows| rows.into_iter().find(|r| r.name == instance).map(|r| r.spec.runtime))
+            .unwrap_or_default()
+    }
+
+    /// Whether a rule stopped `instance` (it is not started again by this agent).
+    pub(crate) fn stopped_by_rule(&self, instance: &str) -> bool {
+        self.security_stopped.lock().is_ok_and(|s| s.contains(instance))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containers_are_found_by_cgroup_on_v1_and_v2() {
+        let v1 = "12:memory:/skiff/ab12-web-1-3f\n1:name=systemd:/user.slice\n";
+        assert_eq!(container_of(v1), Some("ab12-web-1-3f"));
+        let v2 = "0::/skiff/ab12-web-1-3f\n";
+        assert_eq!(container_of(v2), Some("ab12-web-1-3f"));
+        assert_eq!(container_of("0::/system.slice/sshd.service\n"), None);
+        assert_eq!(container_of("0::/skiff/\n"), None);
+    }
+
+    #[test]
+    fn the_shipped_rules_load() {
+        assert!(load_rules(&[]).unwrap().len() >= 4);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("local.yaml");
+        std::fs::write(&f, "- rule: Terminal shell in container\n  enabled: false\n").unwrap();
+        let r = load_rules(std::slice::from_ref(&f)).unwrap();
+        assert!(!r.iter().any(|r| r.name == "Terminal shell in container"));
+        std::fs::write(&f, "- rule: x\n  condition: proc.nope = 1\n  output: o\n").unwrap();
+        assert!(load_rules(&[f]).unwrap_err().contains("proc.nope"));
+    }
+}
