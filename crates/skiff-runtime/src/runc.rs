@@ -168,17 +168,8 @@ impl Runc {
             .map_err(|source| RuncError::Spawn { bin: self.bin.clone(), source })?;
         let t_out = drain(child.stdout.take());
         let t_err = drain(child.stderr.take());
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(RuncError::Timeout { id: id.to_string(), timeout });
-                }
-            }
+        let Some(status) = wait_bounded(&mut child, timeout) else {
+            return Err(RuncError::Timeout { id: id.to_string(), timeout });
         };
         let stdout = t_out.join().unwrap_or_default();
         let stderr = t_err.join().unwrap_or_default();
@@ -216,17 +207,8 @@ pub fn probe_runsc(platform: &str) -> Result<String, String> {
             .spawn()
             .map_err(|e| format!("runsc: {e}"))?;
         let err = drain(child.stderr.take());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!("runsc --platform={platform} do true did not finish in 30 s"));
-                }
-            }
+        let Some(status) = wait_bounded(&mut child, Duration::from_secs(30)) else {
+            return Err(format!("runsc --platform={platform} do true did not finish in 30 s"));
         };
         let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).trim().to_string();
         if status.success() {
@@ -238,6 +220,22 @@ pub fn probe_runsc(platform: &str) -> Result<String, String> {
     })();
     let _ = std::fs::remove_dir_all(&root);
     res
+}
+
+/// Waits for `child` at most `limit`; past it, kills it and says `None`.
+fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
 }
 
 /// The most of each of an exec's stdout and stderr that is kept.

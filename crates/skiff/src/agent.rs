@@ -45,24 +45,8 @@ pub struct AgentArgs {
     /// Serve this node's metrics for Prometheus at http://ADDR/metrics (e.g. 127.0.0.1:9337).
     #[arg(long)]
     pub metrics_listen: Option<String>,
-    /// Refuse to start with a runc older than this version (e.g. 1.2.8: runc before it has
-    /// container-escape flaws).
-    #[arg(long)]
-    pub require_runc_min: Option<String>,
-    /// What workloads may ask of this node: bind mounts, capabilities, devices, host
-    /// network (YAML; default /etc/skiff/policy.yaml when it exists).
-    #[arg(long)]
-    pub policy: Option<std::path::PathBuf>,
-    /// Where CDI device specs are read from (repeatable; default /etc/cdi and /var/run/cdi).
-    #[arg(long = "cdi-spec-dir")]
-    pub cdi_spec_dir: Vec<std::path::PathBuf>,
-    /// Runtime threat-detection rules (Falco's YAML subset) beside the shipped ones;
-    /// repeatable, later files override earlier rules of the same name.
-    #[arg(long = "detect-rules")]
-    pub detect_rules: Vec<std::path::PathBuf>,
-    /// No runtime threat detection.
-    #[arg(long = "no-detect", conflicts_with = "detect_rules")]
-    pub no_detect: bool,
+    #[command(flatten)]
+    pub node: crate::cli::NodeArgs,
 }
 
 pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
@@ -80,16 +64,7 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     }
     acfg.pull = Some(crate::cli::pull_options(cli)?);
     acfg.metrics_every = Duration::from_secs(args.metrics_interval);
-    acfg.require_runc_min = args.require_runc_min.clone();
-    acfg.policy = skiff_agent::policy::Policy::load(args.policy.as_deref())?;
-    if !args.cdi_spec_dir.is_empty() {
-        acfg.cdi_dirs = args.cdi_spec_dir.clone();
-    }
-    if !args.no_detect {
-        acfg.detect = Some(
-            skiff_agent::detect::load_rules(&args.detect_rules).map_err(|e| anyhow::anyhow!("--detect-rules: {e}"))?,
-        );
-    }
+    args.node.apply(&mut acfg)?;
     let id = Identity::new(data);
     // Probes runsc (a sandbox started): off the async workers.
     let dirs = acfg.cdi_dirs.clone();

@@ -42,24 +42,8 @@ pub struct UpArgs {
     /// Seconds between resource samples (`skiff top`, `/metrics`, the autoscaler).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub metrics_interval: u64,
-    /// Refuse to start with a runc older than this version (e.g. 1.2.8: runc before it has
-    /// container-escape flaws).
-    #[arg(long)]
-    pub require_runc_min: Option<String>,
-    /// What workloads may ask of this node: bind mounts, capabilities, devices, host
-    /// network (YAML; default /etc/skiff/policy.yaml when it exists).
-    #[arg(long)]
-    pub policy: Option<std::path::PathBuf>,
-    /// Where CDI device specs are read from (repeatable; default /etc/cdi and /var/run/cdi).
-    #[arg(long = "cdi-spec-dir")]
-    pub cdi_spec_dir: Vec<std::path::PathBuf>,
-    /// Runtime threat-detection rules (Falco's YAML subset) beside the shipped ones;
-    /// repeatable, later files override earlier rules of the same name.
-    #[arg(long = "detect-rules")]
-    pub detect_rules: Vec<std::path::PathBuf>,
-    /// No runtime threat detection.
-    #[arg(long = "no-detect", conflicts_with = "detect_rules")]
-    pub no_detect: bool,
+    #[command(flatten)]
+    pub node: crate::cli::NodeArgs,
     #[command(flatten)]
     pub conns: crate::hub::ConnArgs,
     #[command(flatten)]
@@ -193,16 +177,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     let pull = crate::cli::pull_options(cli)?;
     acfg.pull = Some(pull);
     acfg.metrics_every = std::time::Duration::from_secs(args.metrics_interval);
-    acfg.require_runc_min = args.require_runc_min.clone();
-    acfg.policy = skiff_agent::policy::Policy::load(args.policy.as_deref())?;
-    if !args.cdi_spec_dir.is_empty() {
-        acfg.cdi_dirs = args.cdi_spec_dir.clone();
-    }
-    if !args.no_detect {
-        acfg.detect = Some(
-            skiff_agent::detect::load_rules(&args.detect_rules).map_err(|e| anyhow::anyhow!("--detect-rules: {e}"))?,
-        );
-    }
+    args.node.apply(&mut acfg)?;
     let agent = Agent::open(acfg)?;
     if let Some(i) = &import {
         for d in &i.deployments {

@@ -234,6 +234,46 @@ fn report(e: &anyhow::Error) -> String {
     skiff_image::error::with_causes(e.as_ref())
 }
 
+/// What a node allows and watches, as `skiff up` and `skiff agent` take it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// Refuse to start with a runc older than this version (e.g. 1.2.8: runc before it has
+    /// container-escape flaws).
+    #[arg(long)]
+    pub require_runc_min: Option<String>,
+    /// What workloads may ask of this node: bind mounts, capabilities, devices, host
+    /// network (YAML; default /etc/skiff/policy.yaml when it exists).
+    #[arg(long)]
+    pub policy: Option<std::path::PathBuf>,
+    /// Where CDI device specs are read from (repeatable; default /etc/cdi and /var/run/cdi).
+    #[arg(long = "cdi-spec-dir")]
+    pub cdi_spec_dir: Vec<std::path::PathBuf>,
+    /// Runtime threat-detection rules (Falco's YAML subset) beside the shipped ones;
+    /// repeatable, later files override earlier rules of the same name.
+    #[arg(long = "detect-rules")]
+    pub detect_rules: Vec<std::path::PathBuf>,
+    /// No runtime threat detection.
+    #[arg(long = "no-detect", conflicts_with = "detect_rules")]
+    pub no_detect: bool,
+}
+
+impl NodeArgs {
+    /// Reads the policy and rule files (errors name the flag and the field).
+    pub fn apply(&self, cfg: &mut skiff_agent::AgentConfig) -> Result<()> {
+        cfg.require_runc_min = self.require_runc_min.clone();
+        cfg.policy = skiff_agent::policy::Policy::load(self.policy.as_deref())?;
+        if !self.cdi_spec_dir.is_empty() {
+            cfg.cdi_dirs = self.cdi_spec_dir.clone();
+        }
+        if !self.no_detect {
+            let rules = skiff_agent::detect::load_rules(&self.detect_rules)
+                .map_err(|e| anyhow::anyhow!("--detect-rules: {e}"))?;
+            cfg.detect = Some(rules);
+        }
+        Ok(())
+    }
+}
+
 /// The node's bridge network, as `skiff up` and `skiff agent` take it.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BridgeArgs {
