@@ -7,14 +7,14 @@
 //! agent).
 //!
 //! Cost: nothing while nothing starts; per exec on the host, one read of
-//! `/proc/PID/cgroup` (host processes end there), and for a container's process a few more
-//! small `/proc` reads. The thread reads events as they come; a burst that overflows the
+//! `/proc/PID/cgroup` (host processes end there), and for a container's process the few
+//! `/proc` reads the rules' conditions ask for (fields are read lazily). The thread reads events as they come; a burst that overflows the
 //! socket's 4 MiB buffer loses events, counted and logged.
 
 pub mod rules;
 
 use crate::Agent;
-use rules::{Action, Event, Rule};
+use rules::{Action, Rule};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -65,38 +65,64 @@ fn read(path: String) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
 
-/// The fields of process `pid` of container `id`; `None` when it is already gone.
-fn describe(pid: i32, id: &str, k: &Known) -> Option<Event> {
-    let comm = read(format!("/proc/{pid}/comm"))?.trim_end().to_string();
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?.to_string_lossy().into_owned();
-    let mut cmdline: String =
-        read(format!("/proc/{pid}/cmdline"))?.split('\0').filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
-    cmdline.truncate(1024);
-    let status = read(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
-    let vpid = field("NSpid:").and_then(|v| v.split_whitespace().last()).unwrap_or("0").to_string();
-    let ppid = field("PPid:").unwrap_or("0").to_string();
-    let uid = field("Uid:").and_then(|v| v.split_whitespace().next()).unwrap_or("0").to_string();
-    let pname = read(format!("/proc/{ppid}/comm")).map(|s| s.trim_end().to_string()).unwrap_or_default();
-    // Written after the start: the file is in the overlay's upper layer.
-    let rel = exe.trim_start_matches('/');
-    let writable = !rel.is_empty() && k.upper.join(rel).exists();
-    let fields = [
-        ("evt.type", "execve".to_string()),
-        ("proc.name", comm),
-        ("proc.exe", exe),
-        ("proc.cmdline", cmdline),
-        ("proc.pid", pid.to_string()),
-        ("proc.vpid", vpid),
-        ("proc.pname", pname),
-        ("proc.exe_writable", writable.to_string()),
-        ("user.uid", uid),
-        ("container.id", id.to_string()),
-        ("container.name", k.instance.clone()),
-        ("container.deployment", k.deployment.clone()),
-        ("container.image", k.image.clone()),
-    ];
-    Some(Event { evt_type: "execve".into(), fields: fields.into_iter().collect() })
+/// Process `pid` of container `id` as rules see it: each field read from `/proc` when a
+/// condition first asks for it (most programs are judged on their name and executable
+/// alone), then kept. A process gone meanwhile has no more fields.
+struct Proc<'a> {
+    pid: i32,
+    id: &'a str,
+    known: &'a Known,
+    cache: std::cell::RefCell<HashMap<String, Option<String>>>,
+}
+
+impl Proc<'_> {
+    fn read_field(&self, name: &str) -> Option<String> {
+        let pid = self.pid;
+        let status_field = |key: &str| {
+            let status = read(format!("/proc/{pid}/status"))?;
+            status.lines().find_map(|l| l.strip_prefix(key)).map(|v| v.trim().to_string())
+        };
+        Some(match name {
+            "evt.type" => "execve".into(),
+            "proc.pid" => pid.to_string(),
+            "proc.name" => read(format!("/proc/{pid}/comm"))?.trim_end().to_string(),
+            "proc.exe" => std::fs::read_link(format!("/proc/{pid}/exe")).ok()?.to_string_lossy().into_owned(),
+            "proc.cmdline" => {
+                let raw = read(format!("/proc/{pid}/cmdline"))?;
+                let mut c = raw.split('\0').filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
+                c.truncate(1024);
+                c
+            }
+            "proc.vpid" => status_field("NSpid:")?.split_whitespace().last()?.to_string(),
+            "user.uid" => status_field("Uid:")?.split_whitespace().next()?.to_string(),
+            "proc.pname" => {
+                let ppid = status_field("PPid:")?;
+                read(format!("/proc/{ppid}/comm"))?.trim_end().to_string()
+            }
+            // Written after the start: the file is in the overlay's upper layer.
+            "proc.exe_writable" => {
+                let exe = rules::Fields::field(self, "proc.exe")?;
+                let rel = exe.trim_start_matches('/');
+                (!rel.is_empty() && self.known.upper.join(rel).exists()).to_string()
+            }
+            "container.id" => self.id.to_string(),
+            "container.name" => self.known.instance.clone(),
+            "container.deployment" => self.known.deployment.clone(),
+            "container.image" => self.known.image.clone(),
+            _ => return None,
+        })
+    }
+}
+
+impl rules::Fields for Proc<'_> {
+    fn field(&self, name: &str) -> Option<String> {
+        if let Some(v) = self.cache.borrow().get(name) {
+            return v.clone();
+        }
+        let v = self.read_field(name);
+        self.cache.borrow_mut().insert(name.to_string(), v.clone());
+        v
+    }
 }
 
 pub struct Detector {
@@ -143,10 +169,10 @@ impl Detector {
                         known.insert(id.to_string(), agent.detect_lookup(id));
                     }
                     let Some(Some(k)) = known.get(id) else { continue };
-                    let Some(ev) = describe(pid, id, k) else { continue };
+                    let ev = Proc { pid, id, known: k, cache: Default::default() };
                     for r in rules.iter().filter(|r| rules::eval(&r.condition, &ev)) {
                         st.alerts.fetch_add(1, Ordering::Relaxed);
-                        agent.security_alert(k, r, &ev);
+                        agent.security_alert(k, id, r, &ev);
                     }
                 }
             }
@@ -165,7 +191,7 @@ impl Agent {
     }
 
     /// Records a rule's match and carries out its action.
-    fn security_alert(self: &Arc<Self>, k: &Known, r: &Rule, ev: &Event) {
+    fn security_alert(self: &Arc<Self>, k: &Known, id: &str, r: &Rule, ev: &impl rules::Fields) {
         let msg = format!("{:?} {}: {}", r.priority, r.name, rules::render(&r.output, ev));
         info!(instance = %k.instance, "{msg}");
         self.event(&k.instance, "SecurityAlert", &msg);
@@ -177,10 +203,9 @@ impl Agent {
                 s.insert(k.instance.clone());
             }
         }
-        let id = ev.fields.get("container.id").cloned().unwrap_or_default();
         let rt = self.runtimes.of(self.runtime_of(&k.instance));
         let what = if r.action == Action::Stop { "stopped" } else { "restarted" };
-        match rt.signal(&id, "KILL") {
+        match rt.signal(id, "KILL") {
             Ok(()) => self.event(&k.instance, "SecurityAction", &format!("{what} by rule {:?}", r.name)),
             Err(e) => warn!(instance = %k.instance, "rule {:?}: {e}", r.name),
         }

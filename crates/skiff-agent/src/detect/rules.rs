@@ -30,6 +30,18 @@ pub struct Event {
     pub fields: BTreeMap<&'static str, String>,
 }
 
+/// Where a rule reads an event's fields from: a map (tests, and a whole event), or the
+/// detector's lazy view of a live process, which reads only what a condition asks for.
+pub trait Fields {
+    fn field(&self, name: &str) -> Option<String>;
+}
+
+impl Fields for Event {
+    fn field(&self, name: &str) -> Option<String> {
+        self.fields.get(name).cloned()
+    }
+}
+
 /// The fields a condition or an output may name.
 pub const FIELDS: &[&str] = &[
     "evt.type",
@@ -218,13 +230,13 @@ fn field_at(s: &str) -> &str {
 }
 
 /// The output with `%field` replaced by the event's values.
-pub fn render(output: &str, ev: &Event) -> String {
+pub fn render(output: &str, ev: &impl Fields) -> String {
     let mut out = String::new();
     let mut rest = output;
     while let Some(i) = rest.find('%') {
         out.push_str(&rest[..i]);
         let f = field_at(&rest[i + 1..]);
-        out.push_str(ev.fields.get(f).map(String::as_str).unwrap_or("<NA>"));
+        out.push_str(ev.field(f).as_deref().unwrap_or("<NA>"));
         rest = &rest[i + 1 + f.len()..];
     }
     out.push_str(rest);
@@ -232,15 +244,16 @@ pub fn render(output: &str, ev: &Event) -> String {
 }
 
 /// Whether `e` holds for `ev`.
-pub fn eval(e: &Expr, ev: &Event) -> bool {
+pub fn eval(e: &Expr, ev: &impl Fields) -> bool {
     match e {
         Expr::And(a, b) => eval(a, ev) && eval(b, ev),
         Expr::Or(a, b) => eval(a, ev) || eval(b, ev),
         Expr::Not(a) => !eval(a, ev),
         Expr::Const(b) => *b,
-        Expr::Truthy(f) => ev.fields.get(f.as_str()).is_some_and(|v| v == "true"),
+        Expr::Truthy(f) => ev.field(f).is_some_and(|v| v == "true"),
         Expr::Cmp { field, op, values } => {
-            let Some(v) = ev.fields.get(field.as_str()) else { return false };
+            let Some(v) = ev.field(field) else { return false };
+            let v = &v;
             let first = values.first().map(String::as_str).unwrap_or_default();
             let num = |s: &str| s.parse::<i64>().ok();
             match op {
