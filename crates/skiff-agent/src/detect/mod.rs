@@ -72,14 +72,16 @@ struct Proc<'a> {
     pid: i32,
     id: &'a str,
     known: &'a Known,
-    cache: std::cell::RefCell<HashMap<String, Option<String>>>,
+    cache: std::cell::RefCell<HashMap<&'static str, Option<String>>>,
+    /// `/proc/PID/status`, read once for the fields it holds.
+    status: std::cell::OnceCell<Option<String>>,
 }
 
 impl Proc<'_> {
     fn read_field(&self, name: &str) -> Option<String> {
         let pid = self.pid;
         let status_field = |key: &str| {
-            let status = read(format!("/proc/{pid}/status"))?;
+            let status = self.status.get_or_init(|| read(format!("/proc/{pid}/status"))).as_ref()?;
             status.lines().find_map(|l| l.strip_prefix(key)).map(|v| v.trim().to_string())
         };
         Some(match name {
@@ -120,7 +122,10 @@ impl rules::Fields for Proc<'_> {
             return v.clone();
         }
         let v = self.read_field(name);
-        self.cache.borrow_mut().insert(name.to_string(), v.clone());
+        // Only known fields are cached (rules name no others: they are checked at load).
+        if let Some(key) = rules::FIELDS.iter().find(|f| **f == name) {
+            self.cache.borrow_mut().insert(key, v.clone());
+        }
         v
     }
 }
@@ -169,7 +174,7 @@ impl Detector {
                         known.insert(id.to_string(), agent.detect_lookup(id));
                     }
                     let Some(Some(k)) = known.get(id) else { continue };
-                    let ev = Proc { pid, id, known: k, cache: Default::default() };
+                    let ev = Proc { pid, id, known: k, cache: Default::default(), status: Default::default() };
                     for r in rules.iter().filter(|r| rules::eval(&r.condition, &ev)) {
                         st.alerts.fetch_add(1, Ordering::Relaxed);
                         agent.security_alert(k, id, r, &ev);
