@@ -184,7 +184,8 @@ impl Runc {
 /// (not installed, the kernel refuses its platform, ...).
 pub fn probe_runsc(platform: &str) -> Result<String, String> {
     // A fresh directory of our own (created, not reused: nobody else's symlink or
-    // directory is written through).
+    // directory is written through). Empty ones a killed probe left are removed first.
+    sweep_probe_dirs(&std::env::temp_dir());
     let name = skiff_sys::random::hex(8).map_err(|e| format!("random: {e}"))?;
     let root = std::env::temp_dir().join(format!("skiff-runsc-probe-{name}"));
     {
@@ -220,6 +221,21 @@ pub fn probe_runsc(platform: &str) -> Result<String, String> {
     })();
     let _ = std::fs::remove_dir_all(&root);
     res
+}
+
+/// Removes empty `skiff-runsc-probe-*` directories older than a minute under `dir` (a
+/// probe killed half-way cannot remove its own); anything else is left alone.
+fn sweep_probe_dirs(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let stale = e.file_name().to_string_lossy().starts_with("skiff-runsc-probe-")
+            && std::fs::symlink_metadata(e.path()).is_ok_and(|m| {
+                m.is_dir() && m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a.as_secs() > 60)
+            });
+        if stale {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
 }
 
 /// Waits for `child` at most `limit`; past it, kills it and says `None`.
@@ -262,4 +278,31 @@ pub fn last_log_error(log: &Path) -> Option<String> {
         let v: serde_json::Value = serde_json::from_str(l).ok()?;
         (v["level"] == "error").then(|| v["msg"].as_str().map(str::to_string))?
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_empty_probe_dirs_are_swept_and_nothing_else() {
+        let t = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(600);
+        let mk = |name: &str, age: bool| {
+            let p = t.path().join(name);
+            std::fs::create_dir(&p).unwrap();
+            if age {
+                std::fs::File::open(&p).unwrap().set_modified(old).unwrap();
+            }
+            p
+        };
+        let stale = mk("skiff-runsc-probe-aa", true);
+        let fresh = mk("skiff-runsc-probe-bb", false);
+        let other = mk("somebody-else", true);
+        let full = mk("skiff-runsc-probe-cc", false);
+        std::fs::write(full.join("state"), "x").unwrap();
+        std::fs::File::open(&full).unwrap().set_modified(old).unwrap();
+        sweep_probe_dirs(t.path());
+        assert!(!stale.exists() && fresh.exists() && other.exists() && full.exists());
+    }
 }
