@@ -1101,6 +1101,25 @@ mod tests {
         assert_eq!(f.events(None, 10)[0].node.as_deref(), Some("a"));
     }
 
+    /// A node's device counts only steer placement onto that node, and are bounded: a
+    /// node claiming a kind that is no CDI kind, or implausibly many devices, is refused and
+    /// what the hub holds of it stays as it was.
+    #[test]
+    fn a_node_cannot_claim_unbounded_or_malformed_devices() {
+        let (_t, f) = fleet();
+        let tok = any(&f);
+        let mut bad = join_req(&tok, "a");
+        bad.spec.devices.insert("not a kind".into(), 1);
+        assert!(matches!(f.join(&bad), Err(FleetError::Invalid(m)) if m.starts_with("spec.devices")));
+        f.join(&join_req(&tok, "a")).unwrap();
+        let claim = |k: &str, n: u32| f.set_node_facts("a", None, None, Some(&[(k.to_string(), n)].into()));
+        assert!(matches!(claim("nvidia.com/gpu", 1_000_000), Err(FleetError::Invalid(_))));
+        assert!(matches!(claim("../../etc", 1), Err(FleetError::Invalid(_))));
+        assert!(f.store.node("a").unwrap().unwrap().info.devices.is_empty());
+        claim("nvidia.com/gpu", 2).unwrap();
+        assert_eq!(f.store.node("a").unwrap().unwrap().info.devices["nvidia.com/gpu"], 2);
+    }
+
     #[test]
     fn a_node_changing_its_runtimes_every_second_moves_the_revision_once_a_minute() {
         let (_t, f) = fleet();

@@ -26,6 +26,7 @@ struct Known {
     instance: String,
     deployment: String,
     image: String,
+    runtime: skiff_model::RuntimeKind,
     /// The overlay's writable layer: a program found there was not in the image.
     upper: std::path::PathBuf,
 }
@@ -192,7 +193,13 @@ impl Agent {
         let rows = self.db(|s| s.instances()).ok()?;
         let r = rows.into_iter().find(|r| r.container_id == id)?;
         let upper = self.runtimes.of(r.spec.runtime).instance_dir(id).join("upper");
-        Some(Known { instance: r.name, deployment: r.spec.name.clone(), image: r.spec.image.clone(), upper })
+        Some(Known {
+            instance: r.name,
+            deployment: r.spec.name.clone(),
+            image: r.spec.image.clone(),
+            runtime: r.spec.runtime,
+            upper,
+        })
     }
 
     /// Records a rule's match and carries out its action.
@@ -208,19 +215,12 @@ impl Agent {
                 s.insert(k.instance.clone());
             }
         }
-        let rt = self.runtimes.of(self.runtime_of(&k.instance));
+        let rt = self.runtimes.of(k.runtime);
         let what = if r.action == Action::Stop { "stopped" } else { "restarted" };
         match rt.signal(id, "KILL") {
             Ok(()) => self.event(&k.instance, "SecurityAction", &format!("{what} by rule {:?}", r.name)),
             Err(e) => warn!(instance = %k.instance, "rule {:?}: {e}", r.name),
         }
-    }
-
-    fn runtime_of(&self, instance: &str) -> skiff_model::RuntimeKind {
-        self.db(|s| s.instances())
-            .ok()
-            .and_then(|rows| rows.into_iter().find(|r| r.name == instance).map(|r| r.spec.runtime))
-            .unwrap_or_default()
     }
 
     /// Whether a rule stopped `instance` (it is not started again by this agent).
