@@ -18,7 +18,7 @@ impl Agent {
     }
 
     /// Judges the stored image `image` for `instance`: `Err` with the message to show when
-    /// the policy refuses it. Verified images are remembered by digest. An image stored
+    /// the policy refuses it. Verified images are remembered per name and digest. An image stored
     /// without signatures (pulled before this version kept them) has them fetched from its
     /// registry, when this node pulls, and kept.
     pub(crate) async fn judge_stored(&self, instance: &str, image: &str) -> Result<(), String> {

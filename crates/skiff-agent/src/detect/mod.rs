@@ -62,8 +62,20 @@ fn container_of(cgroup: &str) -> Option<&str> {
     })
 }
 
+/// A `/proc` file as text. What a workload controls (its arguments, its name) may be any
+/// bytes: read lossily, so bytes that are no UTF-8 cannot hide a process from the rules.
 fn read(path: String) -> Option<String> {
-    std::fs::read_to_string(path).ok()
+    std::fs::read(path).ok().map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// `/proc/PID/cmdline` as one line of at most 1024 bytes (cut on a character boundary).
+fn cmdline(raw: &str) -> String {
+    let c = raw.split('\0').filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
+    let mut end = c.len().min(1024);
+    while !c.is_char_boundary(end) {
+        end -= 1;
+    }
+    c[..end].to_string()
 }
 
 /// Process `pid` of container `id` as rules see it: each field read from `/proc` when a
@@ -90,12 +102,7 @@ impl Proc<'_> {
             "proc.pid" => pid.to_string(),
             "proc.name" => read(format!("/proc/{pid}/comm"))?.trim_end().to_string(),
             "proc.exe" => std::fs::read_link(format!("/proc/{pid}/exe")).ok()?.to_string_lossy().into_owned(),
-            "proc.cmdline" => {
-                let raw = read(format!("/proc/{pid}/cmdline"))?;
-                let mut c = raw.split('\0').filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
-                c.truncate(1024);
-                c
-            }
+            "proc.cmdline" => cmdline(&read(format!("/proc/{pid}/cmdline"))?),
             "proc.vpid" => status_field("NSpid:")?.split_whitespace().last()?.to_string(),
             "user.uid" => status_field("Uid:")?.split_whitespace().next()?.to_string(),
             "proc.pname" => {
@@ -241,6 +248,21 @@ mod tests {
         assert_eq!(container_of(v2), Some("ab12-web-1-3f"));
         assert_eq!(container_of("0::/system.slice/sshd.service\n"), None);
         assert_eq!(container_of("0::/skiff/\n"), None);
+    }
+
+    #[test]
+    fn a_workload_cannot_crash_or_dodge_the_detector_with_its_arguments() {
+        // A long argument of multi-byte characters is cut on a character boundary.
+        // ("sh -c x" is 7 bytes: byte 1024 falls inside a two-byte "é".)
+        let long = format!("sh\0-c\0x{}", "é".repeat(800));
+        let c = cmdline(&long);
+        assert!(c.len() == 1023 && c.starts_with("sh -c xé"), "{}", c.len());
+        // Bytes that are no UTF-8 still leave the rest of the line readable.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("cmdline");
+        std::fs::write(&f, b"cat\0/etc/shadow\0\xff\xfe").unwrap();
+        let line = cmdline(&read(f.display().to_string()).unwrap());
+        assert!(line.starts_with("cat /etc/shadow"), "{line}");
     }
 
     #[test]

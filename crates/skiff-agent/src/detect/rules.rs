@@ -276,7 +276,8 @@ fn glob(p: &str, s: &str) -> bool {
     match p.split_once('*') {
         None => p == s,
         Some((head, rest)) => {
-            s.starts_with(head) && (0..=s.len() - head.len()).any(|i| glob(rest, &s[head.len() + i..]))
+            let Some(after) = s.strip_prefix(head) else { return false };
+            (0..=after.len()).filter(|i| after.is_char_boundary(*i)).any(|i| glob(rest, &after[i..]))
         }
     }
 }
@@ -543,6 +544,9 @@ mod tests {
         assert!(!e("a", "5", "/tmp/a", "x"));
         assert!(!e("a", "50", "/usr/bin/a", "x"));
         assert!(!e("a", "50", "/tmp/a", "y"));
+        // Multi-byte text (a workload's own arguments) is matched, never sliced apart.
+        assert!(e("a", "50", "/tmp/a", "ééxéé"));
+        assert!(!e("a", "50", "/tmp/a", "éééé"));
         // A later file disables or replaces a rule.
         let off = parse(&[("f", file), ("g", "- rule: r\n  enabled: false\n")]).unwrap();
         assert!(off.is_empty());
