@@ -126,6 +126,7 @@ impl Bench {
             wasm,
             cdi_devices: vec![],
             cdi_edits: vec![],
+            seccomp_audit: Default::default(),
         };
         rt.create(&req)?;
         rt.start(&id)?;

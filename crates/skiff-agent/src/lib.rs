@@ -183,8 +183,8 @@ pub struct Agent {
     warned: Mutex<HashSet<String>>,
     /// Instances a detection rule stopped (not started again by this agent).
     security_stopped: Mutex<HashSet<String>>,
-    /// The threat detector's counters, when it runs.
-    detect_stats: std::sync::OnceLock<Arc<detect::Stats>>,
+    /// The threat detector, when it runs.
+    detector: std::sync::OnceLock<detect::Detector>,
 }
 
 /// The node's runtime backends; each instance uses its deployment's.
@@ -357,12 +357,12 @@ impl Agent {
             trusted: Default::default(),
             warned: Default::default(),
             security_stopped: Default::default(),
-            detect_stats: Default::default(),
+            detector: Default::default(),
         });
         if let Some(rules) = agent.cfg.detect.clone() {
             match detect::Detector::start(&agent, rules) {
                 Ok(d) => {
-                    let _ = agent.detect_stats.set(d.stats);
+                    let _ = agent.detector.set(d);
                 }
                 Err(e) => warn!("runtime threat detection is off: the kernel's process events cannot be read: {e}"),
             }
@@ -494,7 +494,7 @@ impl Agent {
     /// How this agent pulls images it lacks (`None`: it does not).
     /// The threat detector's counters, when it runs.
     pub fn detect_stats(&self) -> Option<&Arc<detect::Stats>> {
-        self.detect_stats.get()
+        self.detector.get().map(|d| &d.stats)
     }
 
     pub fn pull_options(&self) -> Option<&skiff_image::registry::PullOptions> {

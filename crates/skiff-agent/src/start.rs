@@ -203,6 +203,11 @@ impl Agent {
             wasm,
             cdi_devices,
             cdi_edits,
+            // runc's containers only: gVisor's programs make their calls to its own kernel.
+            seccomp_audit: match r.spec.runtime {
+                RuntimeKind::Oci => self.detector.get().map(|d| d.seccomp_audit).unwrap_or_default(),
+                _ => Default::default(),
+            },
         };
         rt.create(&req)?;
         Ok(())

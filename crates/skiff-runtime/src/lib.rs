@@ -7,8 +7,11 @@
 //! to the agent; the agent learns about exits from `exit.json`.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod cdi;
 pub mod cgroup;
+pub mod conntrack;
+pub mod fswrites;
 pub mod logs;
 pub mod nat;
 pub mod netlink;
@@ -73,6 +76,8 @@ pub struct CreateRequest<'a> {
     /// CDI devices the instance gets (qualified names), and the edits that give them.
     pub cdi_devices: Vec<String>,
     pub cdi_edits: Vec<(String, cdi::ContainerEdits)>,
+    /// What the container's seccomp filter reports to the audit log.
+    pub seccomp_audit: seccomp::Audit,
 }
 
 /// What the backend knows about an instance right now.

@@ -45,6 +45,12 @@ impl ProcEvents {
     }
 }
 
+impl std::os::fd::AsFd for ProcEvents {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
 /// `PROC_CN_MCAST_LISTEN` in a cn_msg in a netlink message from port `port`.
 fn listen_message(port: u32) -> Vec<u8> {
     let mut m = Vec::with_capacity(40);

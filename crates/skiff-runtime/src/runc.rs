@@ -112,6 +112,15 @@ impl Runc {
         parse_version(&String::from_utf8_lossy(&out.stdout))
     }
 
+    /// The seccomp filter flags this runc applies (`runc features`, runc 1.1 and later;
+    /// `SECCOMP_FILTER_FLAG_LOG` from runc 1.2). Empty when it says none or cannot say.
+    pub fn seccomp_flags(&self) -> Vec<String> {
+        let Ok(out) = Command::new(&self.bin).arg("features").stdin(Stdio::null()).output() else { return vec![] };
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let flags = v["linux"]["seccomp"]["supportedFlags"].as_array().cloned().unwrap_or_default();
+        flags.iter().filter_map(|f| f.as_str().map(str::to_string)).collect()
+    }
+
     pub fn command(&self) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("--root").arg(&self.root).args(&self.args);

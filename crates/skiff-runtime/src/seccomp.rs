@@ -225,9 +225,43 @@ pub fn profile_for(caps: &[String], host: &Host) -> Value {
     out
 }
 
-/// The filter for a container with `caps` on this machine.
-pub fn profile(caps: &[String]) -> Value {
-    profile_for(caps, &Host::current())
+/// The filter for a container with `caps` on this machine, reporting what `audit` asks.
+pub fn profile(caps: &[String], audit: Audit) -> Value {
+    with_audit(profile_for(caps, &Host::current()), audit)
+}
+
+/// What a container's filter reports to the kernel's audit log, for the threat detector
+/// (`crate::audit` reads it). Without either, the filter is moby's and logs nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Audit {
+    /// Each `listen` call is allowed and logged (`SCMP_ACT_LOG`): a new listening socket.
+    pub listens: bool,
+    /// Each refused call is logged (`SECCOMP_FILTER_FLAG_LOG`; runc 1.2 and later take
+    /// the flag, see `Runc::seccomp_flags`).
+    pub denials: bool,
+}
+
+/// The system calls whose every use the detector is told of when `Audit::listens`.
+const LOGGED: &[&str] = &["listen"];
+
+/// `profile` with `audit`'s logging: the logged calls leave the allow rules (a call in
+/// two rules is an error for libseccomp) for one rule of their own.
+pub fn with_audit(mut profile: Value, audit: Audit) -> Value {
+    if audit.listens {
+        if let Some(rules) = profile["syscalls"].as_array_mut() {
+            for r in rules.iter_mut().filter(|r| r["action"] == "SCMP_ACT_ALLOW") {
+                if let Some(names) = r["names"].as_array_mut() {
+                    names.retain(|n| !n.as_str().is_some_and(|n| LOGGED.contains(&n)));
+                }
+            }
+            rules.retain(|r| r["names"].as_array().is_none_or(|n| !n.is_empty()));
+            rules.push(json!({"names": LOGGED, "action": "SCMP_ACT_LOG"}));
+        }
+    }
+    if audit.denials {
+        profile["flags"] = json!(["SECCOMP_FILTER_FLAG_LOG"]);
+    }
+    profile
 }
 
 #[cfg(test)]
@@ -282,6 +316,22 @@ mod tests {
         for extra in ["ptrace", "process_vm_readv", "name_to_handle_at", "adjtimex"] {
             assert!(!allows(&p, extra, None), "{extra}");
         }
+    }
+
+    #[test]
+    fn listens_and_denials_are_logged_only_when_asked() {
+        let caps: Vec<String> = crate::spec::DEFAULT_CAPS.iter().map(|s| s.to_string()).collect();
+        let plain = profile_for(&caps, &amd64());
+        assert_eq!(with_audit(plain.clone(), Audit::default()), plain);
+        let p = with_audit(plain, Audit { listens: true, denials: true });
+        let rules = p["syscalls"].as_array().unwrap();
+        let naming =
+            |call: &str| rules.iter().filter(|r| r["names"].as_array().unwrap().iter().any(|n| n == call)).count();
+        assert_eq!(naming("listen"), 1, "listen is in one rule only");
+        assert!(rules.iter().any(|r| r["action"] == "SCMP_ACT_LOG" && r["names"] == json!(["listen"])));
+        assert!(allows(&p, "accept4", None) && allows(&p, "bind", None), "the rest of the allow rule stays");
+        assert_eq!(p["flags"], json!(["SECCOMP_FILTER_FLAG_LOG"]));
+        assert!(rules.iter().all(|r| !r["names"].as_array().unwrap().is_empty()));
     }
 
     #[test]

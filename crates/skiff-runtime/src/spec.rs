@@ -148,6 +148,8 @@ pub struct SpecInput<'a> {
     /// container edits.
     pub cdi_devices: &'a [String],
     pub cdi_edits: &'a [(String, crate::cdi::ContainerEdits)],
+    /// What the seccomp filter reports to the audit log (the threat detector's).
+    pub seccomp_audit: crate::seccomp::Audit,
 }
 
 /// The spec annotation naming the CDI devices an instance holds (comma-separated): how the
@@ -378,7 +380,7 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
             "devices": devices,
             "maskedPaths": masked_paths(),
             "readonlyPaths": READONLY_PATHS,
-            "seccomp": crate::seccomp::profile(&caps),
+            "seccomp": crate::seccomp::profile(&caps, input.seccomp_audit),
         },
     });
     if !input.cdi_devices.is_empty() {
@@ -423,6 +425,7 @@ mod tests {
             cgroupns: false,
             cdi_devices: &[],
             cdi_edits: &[],
+            seccomp_audit: Default::default(),
         }
     }
 

@@ -1,21 +1,45 @@
-//! Runtime threat detection: every program a container starts, as the kernel reports it
-//! (the process connector, no polling), attributed to its instance by cgroup and judged by
-//! Falco-style rules (`rules.rs`: the shipped set, then the node's files). A match is a
-//! `SecurityAlert` event on the instance — shipped to the hub with the node's other
-//! events, kept while it is offline — and the rule's `action` (`restart`: the container
-//! is killed and its restart policy applies; `stop`: killed and not started again by this
-//! agent).
+//! Runtime threat detection: what containers do, as the kernel reports it — no polling,
+//! one thread waiting on four sources — attributed to its instance and judged by
+//! Falco-style rules (`rules.rs`: the shipped set, then the node's files):
 //!
-//! Cost: nothing while nothing starts; per exec on the host, one read of
+//! | event (`evt.type`) | source | attributed by |
+//! |---|---|---|
+//! | `execve`: a program started | the process connector | the process's cgroup |
+//! | `open` (`evt.is_open_write`): a file written | fanotify on each container's overlay | the writer's cgroup |
+//! | `listen`: a listening socket | the seccomp filter's `SCMP_ACT_LOG` on `listen`, read from the audit multicast | the caller's cgroup |
+//! | `seccomp`: a call the filter refused | the same records (`SECCOMP_FILTER_FLAG_LOG`, runc ≥ 1.2) | the caller's cgroup |
+//! | `connect`: a new flow out of a container | connection tracking's events in the host's namespace | its source address |
+//!
+//! A match is a `SecurityAlert` event on the instance — shipped to the hub with the
+//! node's other events, kept while it is offline — and the rule's `action` (`restart`:
+//! the container is killed and its restart policy applies; `stop`: killed and not started
+//! again by this agent).
+//!
+//! Limits: a process that exits within microseconds of its exec can be gone before its
+//! command line is read (its fields are `<NA>`); a container's overlay is watched from its
+//! entrypoint's exec, so what runc itself writes while setting it up is not reported;
+//! gVisor (`runsc`) containers run their programs inside the sandbox, where none of these
+//! sources reach; flows are seen only for bridge-networked containers whose traffic the
+//! host tracks (the outbound NAT does).
+//!
+//! Cost: nothing while nothing happens; per exec on the host, one read of
 //! `/proc/PID/cgroup` (host processes end there), and for a container's process the few
-//! `/proc` reads the rules' conditions ask for (fields are read lazily). The thread reads events as they come; a burst that overflows the
-//! socket's 4 MiB buffer loses events, counted and logged.
+//! `/proc` reads the rules' conditions ask for (fields are read lazily); per new flow on
+//! the host, a parse and a map lookup. A burst that overflows a socket's buffer loses
+//! events, counted and logged.
 
 pub mod rules;
 
 use crate::Agent;
 use rules::{Action, Rule};
-use std::collections::HashMap;
+use skiff_runtime::audit::{AuditEvents, SeccompRecord};
+use skiff_runtime::conntrack::{Flow, NewFlows};
+use skiff_runtime::fswrites::FileWrites;
+use skiff_runtime::procconn::{ProcEvent, ProcEvents};
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tracing::{info, warn};
@@ -28,7 +52,9 @@ struct Known {
     image: String,
     runtime: skiff_model::RuntimeKind,
     /// The overlay's writable layer: a program found there was not in the image.
-    upper: std::path::PathBuf,
+    upper: PathBuf,
+    /// The overlay, as the node mounts it.
+    rootfs: PathBuf,
 }
 
 /// Counters, for tests and the bench.
@@ -36,6 +62,9 @@ struct Known {
 pub struct Stats {
     pub execs: AtomicU64,
     pub in_containers: AtomicU64,
+    pub writes: AtomicU64,
+    pub flows: AtomicU64,
+    pub seccomp: AtomicU64,
     pub alerts: AtomicU64,
     pub lost: AtomicU64,
 }
@@ -78,31 +107,71 @@ fn cmdline(raw: &str) -> String {
     c[..end].to_string()
 }
 
-/// Process `pid` of container `id` as rules see it: each field read from `/proc` when a
-/// condition first asks for it (most programs are judged on their name and executable
-/// alone), then kept. A process gone meanwhile has no more fields.
-struct Proc<'a> {
-    pid: i32,
+fn exe_of(pid: i32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.to_string_lossy().into_owned())
+}
+
+/// None once the process has exited: a zombie's command line reads empty.
+fn cmdline_of(pid: i32) -> Option<String> {
+    read(format!("/proc/{pid}/cmdline")).map(|c| cmdline(&c)).filter(|c| !c.is_empty())
+}
+
+/// One event from the kernel.
+#[derive(Debug)]
+enum What {
+    Exec,
+    /// A file written, as the container names it.
+    Write(String),
+    Connect(Flow),
+    Seccomp(SeccompRecord),
+}
+
+impl What {
+    fn evt_type(&self) -> &'static str {
+        match self {
+            What::Exec => "execve",
+            What::Write(_) => "open",
+            What::Connect(_) => "connect",
+            What::Seccomp(r) if r.action() == "log" && r.syscall_name() == Some("listen") => "listen",
+            What::Seccomp(_) => "seccomp",
+        }
+    }
+}
+
+/// One event of container `id` as rules see it: the event's own fields, and those of
+/// process `pid` (none for a flow) read from `/proc` when a condition first asks for them
+/// (most programs are judged on their name and executable alone), then kept. A process
+/// gone meanwhile has no more fields.
+struct Ev<'a> {
+    pid: Option<i32>,
     id: &'a str,
     known: &'a Known,
+    what: &'a What,
     cache: std::cell::RefCell<HashMap<&'static str, Option<String>>>,
     /// `/proc/PID/status`, read once for the fields it holds.
     status: std::cell::OnceCell<Option<String>>,
+    /// The socket a `listen` made listen, found once.
+    listening: std::cell::OnceCell<Option<(IpAddr, u16)>>,
 }
 
-impl Proc<'_> {
-    fn read_field(&self, name: &str) -> Option<String> {
-        let pid = self.pid;
+impl Ev<'_> {
+    /// The fields a process loses when it exits, read at once. A process that exits
+    /// within microseconds of its exec can still be gone first: its fields are then `<NA>`.
+    fn early(pid: i32) -> HashMap<&'static str, Option<String>> {
+        HashMap::from([("proc.exe", exe_of(pid)), ("proc.cmdline", cmdline_of(pid))])
+    }
+
+    fn proc_field(&self, name: &str) -> Option<String> {
+        let pid = self.pid?;
         let status_field = |key: &str| {
             let status = self.status.get_or_init(|| read(format!("/proc/{pid}/status"))).as_ref()?;
             status.lines().find_map(|l| l.strip_prefix(key)).map(|v| v.trim().to_string())
         };
         Some(match name {
-            "evt.type" => "execve".into(),
             "proc.pid" => pid.to_string(),
             "proc.name" => read(format!("/proc/{pid}/comm"))?.trim_end().to_string(),
-            "proc.exe" => std::fs::read_link(format!("/proc/{pid}/exe")).ok()?.to_string_lossy().into_owned(),
-            "proc.cmdline" => cmdline(&read(format!("/proc/{pid}/cmdline"))?),
+            "proc.exe" => exe_of(pid)?,
+            "proc.cmdline" => cmdline_of(pid)?,
             "proc.vpid" => status_field("NSpid:")?.split_whitespace().last()?.to_string(),
             "user.uid" => status_field("Uid:")?.split_whitespace().next()?.to_string(),
             "proc.pname" => {
@@ -115,16 +184,69 @@ impl Proc<'_> {
                 let rel = exe.trim_start_matches('/');
                 (!rel.is_empty() && self.known.upper.join(rel).exists()).to_string()
             }
+            _ => return None,
+        })
+    }
+
+    /// The `fd.*` fields: the file written, the flow's ends (client = local = the
+    /// container, server = remote), or the socket a `listen` opened.
+    fn fd_field(&self, name: &str) -> Option<String> {
+        let ends = match self.what {
+            What::Write(path) => {
+                let p = std::path::Path::new(path);
+                return match name {
+                    "fd.name" => Some(path.clone()),
+                    "fd.directory" => p.parent().map(|d| d.display().to_string()),
+                    "fd.filename" => p.file_name().map(|f| f.to_string_lossy().into_owned()),
+                    _ => None,
+                };
+            }
+            What::Connect(f) => Some(((f.src, f.sport), (f.dst, f.dport), f.l4proto())),
+            What::Seccomp(_) if self.what.evt_type() == "listen" => {
+                let (ip, port) = (*self.listening.get_or_init(|| self.pid.and_then(listening_socket)))?;
+                Some(((ip, port), (ip, port), "tcp".to_string()))
+            }
+            _ => None,
+        };
+        let ((lip, lport), (rip, rport), proto) = ends?;
+        let sock = |ip: IpAddr, port: u16| match ip {
+            IpAddr::V6(_) => format!("[{ip}]:{port}"),
+            IpAddr::V4(_) => format!("{ip}:{port}"),
+        };
+        Some(match name {
+            "fd.name" if self.what.evt_type() == "listen" => sock(lip, lport),
+            "fd.name" => format!("{}->{}", sock(lip, lport), sock(rip, rport)),
+            "fd.l4proto" => proto,
+            "fd.cip" | "fd.lip" => lip.to_string(),
+            "fd.sip" | "fd.rip" => rip.to_string(),
+            "fd.cport" | "fd.lport" => lport.to_string(),
+            "fd.sport" | "fd.rport" => rport.to_string(),
+            _ => return None,
+        })
+    }
+
+    fn read_field(&self, name: &str) -> Option<String> {
+        Some(match name {
+            "evt.type" => self.what.evt_type().to_string(),
+            "evt.is_open_write" => matches!(self.what, What::Write(_)).to_string(),
             "container.id" => self.id.to_string(),
             "container.name" => self.known.instance.clone(),
             "container.deployment" => self.known.deployment.clone(),
             "container.image" => self.known.image.clone(),
-            _ => return None,
+            "seccomp.syscall" | "seccomp.action" => {
+                let What::Seccomp(r) = self.what else { return None };
+                match name {
+                    "seccomp.action" => r.action().to_string(),
+                    _ => r.syscall_name().map(str::to_string).unwrap_or_else(|| r.syscall.to_string()),
+                }
+            }
+            n if n.starts_with("fd.") => return self.fd_field(n),
+            n => return self.proc_field(n),
         })
     }
 }
 
-impl rules::Fields for Proc<'_> {
+impl rules::Fields for Ev<'_> {
     fn field(&self, name: &str) -> Option<String> {
         if let Some(v) = self.cache.borrow().get(name) {
             return v.clone();
@@ -138,59 +260,244 @@ impl rules::Fields for Proc<'_> {
     }
 }
 
+/// The TCP socket process `pid` listens on: its socket inodes matched with the listening
+/// entries of its network namespace. The seccomp record is written as `listen` is
+/// entered, so the socket may be a moment from listening: looked for a few times, 1 ms
+/// apart.
+fn listening_socket(pid: i32) -> Option<(IpAddr, u16)> {
+    for _ in 0..10 {
+        let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()?
+            .filter_map(|e| {
+                let l = std::fs::read_link(e.ok()?.path()).ok()?;
+                let l = l.to_str()?;
+                Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+            })
+            .collect();
+        for table in ["tcp", "tcp6"] {
+            let text = read(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+            if let Some(found) = text.lines().skip(1).find_map(|l| listening_entry(l, &inodes)) {
+                return Some(found);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    None
+}
+
+/// A line of `/proc/net/tcp{,6}` in LISTEN state (`0A`) whose inode is one of `inodes`.
+fn listening_entry(line: &str, inodes: &HashSet<String>) -> Option<(IpAddr, u16)> {
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    if cols.get(3) != Some(&"0A") || !inodes.contains(*cols.get(9)?) {
+        return None;
+    }
+    let (addr, port) = cols.get(1)?.split_once(':')?;
+    // The kernel prints each 32-bit word of the address as a number of this machine.
+    let words: Vec<[u8; 4]> = (0..addr.len() / 8)
+        .map(|i| u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok().map(u32::to_ne_bytes))
+        .collect::<Option<_>>()?;
+    let ip = match words.as_slice() {
+        [a] => IpAddr::from(*a),
+        [a, b, c, d] => IpAddr::from(<[u8; 16]>::try_from([*a, *b, *c, *d].concat()).ok()?),
+        _ => return None,
+    };
+    Some((ip, u16::from_str_radix(port, 16).ok()?))
+}
+
+/// The running detector, as the agent holds it.
 pub struct Detector {
     pub stats: Arc<Stats>,
+    /// What containers' seccomp filters report for it.
+    pub seccomp_audit: skiff_runtime::seccomp::Audit,
+}
+
+/// The kernel's event sources the detector waits on. Only the process events are
+/// required; each other source that cannot be opened is logged and left out.
+struct Sources {
+    procs: ProcEvents,
+    audit: Option<AuditEvents>,
+    flows: Option<NewFlows>,
+    writes: Option<FileWrites>,
+}
+
+fn optional<T>(what: &str, r: std::io::Result<T>) -> Option<T> {
+    r.map_err(|e| warn!("threat detection runs without {what}: {e}")).ok()
+}
+
+/// What the detector thread keeps between events.
+#[derive(Default)]
+struct Seen {
+    /// Containers by id (None: not one of this agent's).
+    known: HashMap<String, Option<Known>>,
+    /// Container ids by address, rebuilt when a container was first seen since.
+    ips: HashMap<IpAddr, String>,
+    ips_stale: bool,
 }
 
 impl Detector {
     /// Starts the detector thread for `agent` with `rules`. Fails when the kernel's process
     /// connector cannot be opened (no CAP_NET_ADMIN, a kernel without it).
     pub fn start(agent: &Arc<Agent>, rules: Vec<Rule>) -> std::io::Result<Detector> {
-        let mut events = skiff_runtime::procconn::ProcEvents::open()?;
+        let mut src = Sources {
+            procs: ProcEvents::open()?,
+            audit: optional("seccomp records (listening sockets, refused calls)", AuditEvents::open()),
+            flows: optional("connection tracking events (outbound connections)", NewFlows::open()),
+            writes: optional("fanotify (files written)", FileWrites::open()),
+        };
+        let denials = src.audit.is_some()
+            && skiff_runtime::runc::Runc::new("").seccomp_flags().iter().any(|f| f == "SECCOMP_FILTER_FLAG_LOG");
+        if src.audit.is_some() && !denials {
+            info!("refused system calls are not reported: this runc cannot load seccomp filters with SECCOMP_FILTER_FLAG_LOG (runc 1.2 can)");
+        }
+        let seccomp_audit = skiff_runtime::seccomp::Audit { listens: src.audit.is_some(), denials };
         let stats = Arc::new(Stats::default());
         let (weak, st) = (Arc::downgrade(agent), Arc::clone(&stats));
-        std::thread::Builder::new().name("detect".into()).spawn(move || {
-            let mut known: HashMap<String, Option<Known>> = HashMap::new();
-            loop {
-                let batch = match events.recv() {
-                    Ok(b) => b,
-                    Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) => {
-                        let n = st.lost.fetch_add(1, Ordering::Relaxed);
-                        if n.is_power_of_two() {
-                            warn!("threat detection lost process events in a burst ({} times so far)", n + 1);
-                        }
-                        continue;
-                    }
+        let mut seen = Seen { ips_stale: true, ..Default::default() };
+        // Containers that run already (the agent restarted) are watched from now.
+        if let Some(w) = &src.writes {
+            for k in agent.detect_running() {
+                let _ = w.watch(&k.rootfs);
+            }
+        }
+        std::thread::Builder::new().name("detect".into()).spawn(move || loop {
+            let ready = {
+                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                let mut fds = vec![PollFd::new(src.procs.as_fd(), PollFlags::POLLIN)];
+                fds.extend(src.audit.as_ref().map(|a| PollFd::new(a.as_fd(), PollFlags::POLLIN)));
+                fds.extend(src.flows.as_ref().map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN)));
+                fds.extend(src.writes.as_ref().map(|w| PollFd::new(w.as_fd(), PollFlags::POLLIN)));
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) => fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect::<Vec<_>>(),
+                    Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => {
                         warn!("threat detection stopped: {e}");
                         return;
                     }
-                };
-                let Some(agent) = weak.upgrade() else { return };
-                for skiff_runtime::procconn::ProcEvent::Exec { pid, tgid } in batch {
-                    if pid != tgid {
-                        continue;
+                }
+            };
+            let Some(agent) = weak.upgrade() else { return };
+            let mut events: Vec<(Option<i32>, What)> = vec![];
+            let mut ready = ready.into_iter();
+            if ready.next() == Some(true) {
+                match src.procs.recv() {
+                    Ok(b) => {
+                        events.extend(b.into_iter().filter_map(|ProcEvent::Exec { pid, tgid }| {
+                            (pid == tgid).then_some((Some(pid), What::Exec))
+                        }))
                     }
-                    st.execs.fetch_add(1, Ordering::Relaxed);
-                    let Some(cg) = read(format!("/proc/{pid}/cgroup")) else { continue };
-                    let Some(id) = container_of(&cg) else { continue };
-                    st.in_containers.fetch_add(1, Ordering::Relaxed);
-                    if !known.contains_key(id) {
-                        if known.len() > 4096 {
-                            known.clear();
-                        }
-                        known.insert(id.to_string(), agent.detect_lookup(id));
-                    }
-                    let Some(Some(k)) = known.get(id) else { continue };
-                    let ev = Proc { pid, id, known: k, cache: Default::default(), status: Default::default() };
-                    for r in rules.iter().filter(|r| rules::eval(&r.condition, &ev)) {
-                        st.alerts.fetch_add(1, Ordering::Relaxed);
-                        agent.security_alert(k, id, r, &ev);
+                    Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) => st.lost(),
+                    Err(e) => {
+                        warn!("threat detection stopped: {e}");
+                        return;
                     }
                 }
             }
+            if let Some(a) = src.audit.as_mut().filter(|_| ready.next() == Some(true)) {
+                match a.recv() {
+                    Ok(recs) => events.extend(recs.into_iter().map(|r| (Some(r.pid), What::Seccomp(r)))),
+                    Err(_) => st.lost(),
+                }
+            }
+            if let Some(f) = src.flows.as_mut().filter(|_| ready.next() == Some(true)) {
+                match f.recv() {
+                    Ok(flows) => events.extend(flows.into_iter().map(|f| (None, What::Connect(f)))),
+                    Err(_) => st.lost(),
+                }
+            }
+            if let Some(w) = src.writes.as_ref().filter(|_| ready.next() == Some(true)) {
+                match w.recv() {
+                    Ok(ws) => events.extend(ws.into_iter().map(|w| (Some(w.pid), What::Write(w.path)))),
+                    Err(_) => st.lost(),
+                }
+            }
+            for (pid, what) in events {
+                judge(&agent, &rules, &st, &mut seen, src.writes.as_ref(), pid, what);
+            }
         })?;
-        Ok(Detector { stats })
+        Ok(Detector { stats, seccomp_audit })
+    }
+}
+
+impl Stats {
+    fn lost(&self) {
+        let n = self.lost.fetch_add(1, Ordering::Relaxed);
+        if n.is_power_of_two() {
+            warn!("threat detection lost events in a burst ({} times so far)", n + 1);
+        }
+    }
+}
+
+/// Attributes one event to its container and runs the rules on it.
+fn judge(
+    agent: &Arc<Agent>,
+    rules: &[Rule],
+    st: &Stats,
+    seen: &mut Seen,
+    writes: Option<&FileWrites>,
+    pid: Option<i32>,
+    what: What,
+) {
+    let counter = match what {
+        What::Exec => &st.execs,
+        What::Write(_) => &st.writes,
+        What::Connect(_) => &st.flows,
+        What::Seccomp(_) => &st.seccomp,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let id = match (&what, pid) {
+        (What::Connect(f), _) => {
+            if seen.ips_stale {
+                seen.ips = agent.detect_addresses();
+                seen.ips_stale = false;
+            }
+            let Some(id) = seen.ips.get(&f.src) else { return };
+            id.clone()
+        }
+        (_, Some(pid)) => {
+            let Some(cg) = read(format!("/proc/{pid}/cgroup")) else { return };
+            let Some(id) = container_of(&cg) else { return };
+            id.to_string()
+        }
+        (_, None) => return,
+    };
+    if matches!(what, What::Exec) {
+        st.in_containers.fetch_add(1, Ordering::Relaxed);
+    }
+    // What a process loses first when it exits (its memory: the command line, the
+    // executable) is read before anything slower.
+    let early = pid.filter(|_| matches!(what, What::Exec)).map(Ev::early).unwrap_or_default();
+    if !seen.known.contains_key(&id) {
+        if seen.known.len() > 4096 {
+            seen.known.clear();
+        }
+        let k = agent.detect_lookup(&id);
+        if let (Some(k), Some(w)) = (&k, writes) {
+            if k.runtime == skiff_model::RuntimeKind::Oci {
+                if let Err(e) = w.watch(&k.rootfs) {
+                    warn!(instance = %k.instance, "files written in it are not watched: {e}");
+                }
+            }
+        }
+        seen.known.insert(id.clone(), k);
+        seen.ips_stale = true;
+    }
+    let Some(Some(k)) = seen.known.get(&id) else { return };
+    let what = match what {
+        What::Write(p) => What::Write(skiff_runtime::fswrites::in_container(&p, &k.rootfs)),
+        w => w,
+    };
+    let ev = Ev {
+        pid,
+        id: &id,
+        known: k,
+        what: &what,
+        cache: early.into(),
+        status: Default::default(),
+        listening: Default::default(),
+    };
+    for r in rules.iter().filter(|r| rules::eval(&r.condition, &ev)) {
+        st.alerts.fetch_add(1, Ordering::Relaxed);
+        agent.security_alert(k, &id, r, &ev);
     }
 }
 
@@ -198,15 +505,34 @@ impl Agent {
     /// The instance behind container `id`, if it is this agent's.
     fn detect_lookup(&self, id: &str) -> Option<Known> {
         let rows = self.db(|s| s.instances()).ok()?;
-        let r = rows.into_iter().find(|r| r.container_id == id)?;
-        let upper = self.runtimes.of(r.spec.runtime).instance_dir(id).join("upper");
-        Some(Known {
+        rows.into_iter().find(|r| r.container_id == id).map(|r| self.detect_known(r))
+    }
+
+    fn detect_known(&self, r: crate::state::InstanceRow) -> Known {
+        let dir = self.runtimes.of(r.spec.runtime).instance_dir(&r.container_id);
+        Known {
             instance: r.name,
             deployment: r.spec.name.clone(),
             image: r.spec.image.clone(),
             runtime: r.spec.runtime,
-            upper,
-        })
+            upper: dir.join("upper"),
+            rootfs: dir.join("rootfs"),
+        }
+    }
+
+    /// The runc containers running now.
+    fn detect_running(&self) -> Vec<Known> {
+        let rows = self.db(|s| s.instances()).unwrap_or_default();
+        rows.into_iter()
+            .filter(|r| r.pid.is_some() && r.spec.runtime == skiff_model::RuntimeKind::Oci)
+            .map(|r| self.detect_known(r))
+            .collect()
+    }
+
+    /// Container ids by their address on a bridge.
+    fn detect_addresses(&self) -> HashMap<IpAddr, String> {
+        let rows = self.db(|s| s.instances()).unwrap_or_default();
+        rows.into_iter().filter_map(|r| Some((r.ip.as_deref()?.parse().ok()?, r.container_id))).collect()
     }
 
     /// Records a rule's match and carries out its action.
@@ -263,6 +589,20 @@ mod tests {
         std::fs::write(&f, b"cat\0/etc/shadow\0\xff\xfe").unwrap();
         let line = cmdline(&read(f.display().to_string()).unwrap());
         assert!(line.starts_with("cat /etc/shadow"), "{line}");
+    }
+
+    #[test]
+    fn listening_sockets_are_found_by_inode_in_both_tables() {
+        let inodes: HashSet<String> = ["4242".to_string()].into();
+        // Lines of /proc/net/tcp and tcp6 as this machine prints them.
+        let v4 = "   1: 00000000:1E61 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(listening_entry(v4, &inodes), Some((IpAddr::from([0, 0, 0, 0]), 7777)));
+        let lo = v4.replace("00000000:1E61", &format!("{:08X}:1E61", u32::from_ne_bytes([127, 0, 0, 1])));
+        assert_eq!(listening_entry(&lo, &inodes), Some((IpAddr::from([127, 0, 0, 1]), 7777)));
+        let v6 = "   0: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(listening_entry(v6, &inodes), Some(("::".parse().unwrap(), 80)));
+        assert_eq!(listening_entry(&v4.replace(" 0A ", " 01 "), &inodes), None, "not listening");
+        assert_eq!(listening_entry(&v4.replace("4242", "99"), &inodes), None, "another process's socket");
     }
 
     #[test]

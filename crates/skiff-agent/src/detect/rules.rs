@@ -57,7 +57,35 @@ pub const FIELDS: &[&str] = &[
     "container.name",
     "container.deployment",
     "container.image",
+    "evt.is_open_write",
+    "fd.name",
+    "fd.directory",
+    "fd.filename",
+    "fd.l4proto",
+    "fd.cip",
+    "fd.sip",
+    "fd.lip",
+    "fd.rip",
+    "fd.cport",
+    "fd.sport",
+    "fd.lport",
+    "fd.rport",
+    "fd.cnet",
+    "fd.snet",
+    "fd.lnet",
+    "fd.rnet",
+    "seccomp.syscall",
+    "seccomp.action",
 ];
+
+/// The network fields: each compares its address field with networks (`10.0.0.0/8`) or
+/// addresses, with `=`, `!=` and `in`.
+const NET_FIELDS: &[(&str, &str)] =
+    &[("fd.cnet", "fd.cip"), ("fd.snet", "fd.sip"), ("fd.lnet", "fd.lip"), ("fd.rnet", "fd.rip")];
+
+fn network(s: &str) -> Option<ipnet::IpNet> {
+    s.parse().ok().or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Priority {
@@ -150,11 +178,20 @@ struct Item {
     tags: Vec<String>,
 }
 
+struct RawRule {
+    name: String,
+    condition: String,
+    output: String,
+    priority: String,
+    action: String,
+    enabled: bool,
+}
+
 /// Parses rule files (in order; a later rule of the same name replaces an earlier one).
 pub fn parse(files: &[(&str, &str)]) -> Result<Vec<Rule>, String> {
     let mut macros: BTreeMap<String, String> = BTreeMap::new();
     let mut lists: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut raw_rules: Vec<(String, String, String, String, String)> = vec![];
+    let mut raw_rules: Vec<RawRule> = vec![];
     for (file, text) in files {
         let items: Vec<Item> = if text.trim().is_empty() {
             vec![]
@@ -165,17 +202,29 @@ pub fn parse(files: &[(&str, &str)]) -> Result<Vec<Rule>, String> {
             let at = |what: &str| format!("{file}: item {i} ({what})");
             let _ = (&it.desc, &it.tags);
             match (&it.rule, &it.macro_, &it.list) {
-                (Some(r), None, None) => {
-                    if it.enabled == Some(false) {
-                        raw_rules.retain(|x| &x.0 != r);
-                        continue;
+                // A rule without a condition changes one defined before: turns it on or
+                // off, or gives it another priority or action (Falco's overrides).
+                (Some(r), None, None) if it.condition.is_none() => match raw_rules.iter_mut().find(|x| &x.name == r) {
+                    Some(x) => {
+                        x.enabled = it.enabled.unwrap_or(x.enabled);
+                        x.priority = it.priority.clone().unwrap_or_else(|| x.priority.clone());
+                        x.action = it.action.clone().unwrap_or_else(|| x.action.clone());
+                        x.output = it.output.clone().unwrap_or_else(|| x.output.clone());
                     }
-                    let cond = it.condition.clone().ok_or_else(|| format!("{}: condition missing", at(r)))?;
+                    None if it.enabled == Some(false) => {}
+                    None => return Err(format!("{}: condition missing (and no rule of that name before)", at(r))),
+                },
+                (Some(r), None, None) => {
                     let output = it.output.clone().ok_or_else(|| format!("{}: output missing", at(r)))?;
-                    let prio = it.priority.clone().unwrap_or_else(|| "WARNING".into());
-                    let action = it.action.clone().unwrap_or_else(|| "none".into());
-                    raw_rules.retain(|x| &x.0 != r);
-                    raw_rules.push((r.clone(), cond, output, prio, action));
+                    raw_rules.retain(|x| &x.name != r);
+                    raw_rules.push(RawRule {
+                        name: r.clone(),
+                        condition: it.condition.clone().unwrap_or_default(),
+                        output,
+                        priority: it.priority.clone().unwrap_or_else(|| "WARNING".into()),
+                        action: it.action.clone().unwrap_or_else(|| "none".into()),
+                        enabled: it.enabled.unwrap_or(true),
+                    });
                 }
                 (None, Some(m), None) => {
                     let cond = it.condition.clone().ok_or_else(|| format!("{}: condition missing", at(m)))?;
@@ -198,7 +247,8 @@ pub fn parse(files: &[(&str, &str)]) -> Result<Vec<Rule>, String> {
         }
     }
     let mut rules = vec![];
-    for (name, cond, output, prio, action) in raw_rules {
+    // A rule turned off is still checked: a mistake in it shows before it is turned on.
+    for RawRule { name, condition: cond, output, priority: prio, action, enabled } in raw_rules {
         let bad = |e: String| format!("rule {name:?}: {e}");
         let condition = Parser::new(&cond, &macros, &lists, 0).and_then(|mut p| p.parse_all()).map_err(bad)?;
         check_output(&output).map_err(bad)?;
@@ -209,7 +259,9 @@ pub fn parse(files: &[(&str, &str)]) -> Result<Vec<Rule>, String> {
             "restart" => Action::Restart,
             other => return Err(bad(format!("action {other:?} is not none, stop or restart"))),
         };
-        rules.push(Rule { name, condition, output, priority, action });
+        if enabled {
+            rules.push(Rule { name, condition, output, priority, action });
+        }
     }
     Ok(rules)
 }
@@ -251,6 +303,16 @@ pub fn eval(e: &Expr, ev: &impl Fields) -> bool {
         Expr::Not(a) => !eval(a, ev),
         Expr::Const(b) => *b,
         Expr::Truthy(f) => ev.field(f).is_some_and(|v| v == "true"),
+        Expr::Cmp { field, op, values } if field.ends_with("net") => {
+            let Some((_, addr)) = NET_FIELDS.iter().find(|(f, _)| f == field) else { return false };
+            let Some(ip) = ev.field(addr).and_then(|a| a.parse::<std::net::IpAddr>().ok()) else { return false };
+            let inside = values.iter().filter_map(|n| network(n)).any(|n| n.contains(&ip));
+            if *op == Op::Ne {
+                !inside
+            } else {
+                inside
+            }
+        }
         Expr::Cmp { field, op, values } => {
             let Some(v) = ev.field(field) else { return false };
             let v = &v;
@@ -445,6 +507,14 @@ impl<'a> Parser<'a> {
             let v = self.next().ok_or_else(|| format!("{t}: a value follows the operator"))?;
             vec![v.trim_start_matches('"').to_string()]
         };
+        if NET_FIELDS.iter().any(|(f, _)| *f == t) {
+            if !matches!(op, Op::Eq | Op::Ne | Op::In) {
+                return Err(format!("{t} takes =, != or in"));
+            }
+            if let Some(bad) = values.iter().find(|v| network(v).is_none()) {
+                return Err(format!("{t}: {bad:?} is not a network (10.0.0.0/8) or an address"));
+            }
+        }
         Ok(Expr::Cmp { field: t, op, values })
     }
 }
@@ -476,6 +546,36 @@ pub const DEFAULT_RULES: &str = r#"
   desc: A network reconnaissance or transfer tool was started
   condition: spawned_process and container and proc.name in (nc, ncat, netcat, nmap, socat, tcpdump)
   output: "Network tool started (instance=%container.name cmdline=%proc.cmdline)"
+  priority: NOTICE
+- macro: open_write
+  condition: evt.type = open and evt.is_open_write
+- rule: Write below etc
+  desc: A file below /etc was written in a container (its configuration changed at run time)
+  condition: open_write and container and fd.name pmatch (/etc)
+  output: "File below /etc written (instance=%container.name file=%fd.name cmdline=%proc.cmdline)"
+  priority: ERROR
+- rule: Write below binary dir
+  desc: A file below a directory of programs or libraries was written in a container
+  condition: open_write and container and fd.name pmatch (/bin, /sbin, /usr, /lib, /lib32, /lib64)
+  output: "File below a binary directory written (instance=%container.name file=%fd.name cmdline=%proc.cmdline)"
+  priority: ERROR
+- rule: Listening socket opened in container
+  desc: A program other than the container's main process started listening for connections (a backdoor, a tunnel)
+  condition: evt.type = listen and container and proc.vpid != 1
+  output: "New listening socket (instance=%container.name port=%fd.lport cmdline=%proc.cmdline)"
+  priority: NOTICE
+- list: allowed_outbound_destination_networks
+  items: []
+- rule: Unexpected outbound connection destination
+  desc: A container connected out of its node to an address outside the allowed networks (turn it on, with the list, in a rule file of the node)
+  condition: evt.type = connect and container and not fd.rnet in (allowed_outbound_destination_networks)
+  output: "Outbound connection outside the allowed networks (instance=%container.name connection=%fd.name proto=%fd.l4proto)"
+  priority: NOTICE
+  enabled: false
+- rule: System call refused by seccomp
+  desc: The container's seccomp filter refused a call (exploits and escapes try calls containers do not need)
+  condition: evt.type = seccomp and container
+  output: "System call refused (instance=%container.name syscall=%seccomp.syscall action=%seccomp.action process=%proc.name)"
   priority: NOTICE
 "#;
 
@@ -550,6 +650,46 @@ mod tests {
         // A later file disables or replaces a rule.
         let off = parse(&[("f", file), ("g", "- rule: r\n  enabled: false\n")]).unwrap();
         assert!(off.is_empty());
+        // ... or turns a rule shipped off back on, with another action.
+        let on = parse(&[
+            ("f", &file.replace("action: stop", "enabled: false")),
+            ("g", "- rule: r\n  enabled: true\n  action: restart\n"),
+        ])
+        .unwrap();
+        assert_eq!(on.iter().map(|r| (r.name.as_str(), r.action)).collect::<Vec<_>>(), [("r", Action::Restart)]);
+    }
+
+    #[test]
+    fn networks_match_addresses_by_prefix() {
+        let file = "- list: ok\n  items: [\"10.0.0.0/8\", \"2001:db8::/32\", 192.0.2.7]\n- rule: out\n  condition: evt.type = connect and not fd.rnet in (ok)\n  output: \"%fd.name\"\n";
+        let rules = parse(&[("f", file)]).unwrap();
+        let to = |ip: &str| eval(&rules[0].condition, &ev(&[("evt.type", "connect"), ("fd.rip", ip)]));
+        assert!(!to("10.1.2.3") && !to("2001:db8::1") && !to("192.0.2.7"));
+        assert!(to("192.0.2.8") && to("8.8.8.8") && to("2001:db9::1"));
+        let inside = Expr::Cmp { field: "fd.rnet".into(), op: Op::In, values: vec!["0.0.0.0/0".into()] };
+        assert!(!eval(&inside, &ev(&[("evt.type", "connect")])), "no address is in no network");
+        let bad = parse(&[("f", "- rule: r\n  condition: fd.rnet in (10.0.0.0/33)\n  output: o\n")]).unwrap_err();
+        assert!(bad.contains("\"10.0.0.0/33\" is not a network"), "{bad}");
+        let op = parse(&[("f", "- rule: r\n  condition: fd.rnet startswith 10\n  output: o\n")]).unwrap_err();
+        assert!(op.contains("fd.rnet takes =, != or in"), "{op}");
+    }
+
+    #[test]
+    fn shipped_rules_judge_writes_listens_flows_and_refused_calls() {
+        let rules = parse(&[("default", DEFAULT_RULES)]).unwrap();
+        let fired = |pairs: &[(&'static str, &str)]| {
+            let mut e = ev(&[("container.id", "abc"), ("container.name", "web-1")]);
+            e.fields.extend(pairs.iter().map(|(k, v)| (*k, v.to_string())));
+            rules.iter().filter(|r| eval(&r.condition, &e)).map(|r| r.name.clone()).collect::<Vec<_>>()
+        };
+        let write = |f: &str| fired(&[("evt.type", "open"), ("evt.is_open_write", "true"), ("fd.name", f)]);
+        assert_eq!(write("/etc/passwd"), ["Write below etc"]);
+        assert_eq!(write("/usr/lib/libc.so"), ["Write below binary dir"]);
+        assert!(write("/etcetera/x").is_empty() && write("/tmp/x").is_empty() && write("/var/lib/db").is_empty());
+        assert_eq!(fired(&[("evt.type", "listen"), ("proc.vpid", "12")]), ["Listening socket opened in container"]);
+        assert!(fired(&[("evt.type", "listen"), ("proc.vpid", "1")]).is_empty(), "the main process serves");
+        assert!(fired(&[("evt.type", "connect"), ("fd.rip", "1.1.1.1")]).is_empty(), "shipped off");
+        assert_eq!(fired(&[("evt.type", "seccomp"), ("seccomp.syscall", "mount")]), ["System call refused by seccomp"]);
     }
 
     #[test]
