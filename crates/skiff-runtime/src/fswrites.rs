@@ -30,9 +30,15 @@ impl FileWrites {
         Ok(FileWrites { fan })
     }
 
-    /// Watches the filesystem mounted at `rootfs`. The mark ends with the filesystem
-    /// (the container's overlay is unmounted when it is removed).
+    /// Watches the overlay mounted at `rootfs`. The mark ends with the filesystem (the
+    /// container's overlay is unmounted when it is removed). Anything but an overlay is
+    /// refused: a directory whose overlay is not mounted (after a reboot) would otherwise
+    /// mark the node's own filesystem whole.
     pub fn watch(&self, rootfs: &Path) -> std::io::Result<()> {
+        let fs = nix::sys::statfs::statfs(rootfs)?;
+        if fs.filesystem_type() != nix::sys::statfs::OVERLAYFS_SUPER_MAGIC {
+            return Err(std::io::Error::other(format!("{} is not an overlay mount", rootfs.display())));
+        }
         self.fan.mark(
             MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_FILESYSTEM,
             MaskFlags::FAN_CLOSE_WRITE,
@@ -90,5 +96,14 @@ mod tests {
         let root = Path::new("/var/lib/skiff/containers/ab-web-1/rootfs");
         assert_eq!(in_container("/var/lib/skiff/containers/ab-web-1/rootfs/etc/passwd", root), "/etc/passwd");
         assert_eq!(in_container("/etc/passwd", root), "/etc/passwd");
+    }
+
+    #[test]
+    fn only_an_overlay_is_watched() {
+        // Marking a plain directory would watch the whole filesystem it lies on.
+        let Ok(w) = FileWrites::open() else { return eprintln!("fanotify needs CAP_SYS_ADMIN: skipped") };
+        let dir = tempfile::tempdir().unwrap();
+        let err = w.watch(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("is not an overlay mount"), "{err}");
     }
 }
