@@ -25,7 +25,9 @@ impl FileWrites {
     pub fn open() -> std::io::Result<Self> {
         let fan = Fanotify::init(
             InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
-            EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
+            // Non-blocking: the event's file is opened for us, and a FIFO opened for
+            // reading would otherwise wait for a writer.
+            EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC | EventFFlags::O_NONBLOCK,
         )?;
         Ok(FileWrites { fan })
     }

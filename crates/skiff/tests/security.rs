@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::fleet::{agent, hub, hub_instances, hub_with, start_agent, wait_placed};
+use common::fleet::{agent, hub, hub_instances, hub_with, start_agent, wait_placed, wait_ready};
 use common::{wait_for, Node, IMAGE};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
@@ -134,6 +134,10 @@ fn a_stolen_node_reaches_nothing_beyond_its_own_slots() -> R {
     let t = token(&h, &[])?;
     let a = agent(&h, &t, "node-a", &[])?;
     let _b = agent(&h, &t, "node-b", &[])?;
+    // Both Ready before the run: a node still starting up would leave both replicas to
+    // the other one (a join is done before the agent's first hello).
+    wait_ready(&h, "node-a")?;
+    wait_ready(&h, "node-b")?;
     h.ok(&["run", IMAGE, "--name", "web", "--replicas", "2", "--", "sleep", "100000"])?;
     let placed = wait_for(60 * SEC, "web on both nodes", || {
         let all = hub_instances(&h);
