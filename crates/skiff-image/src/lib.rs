@@ -12,6 +12,7 @@ pub mod digest;
 pub mod error;
 pub mod gc;
 pub mod hosts;
+pub mod notation;
 pub mod policy;
 pub mod reference;
 pub mod registry;

@@ -10,15 +10,24 @@
 //!         -----BEGIN PUBLIC KEY-----
 //!         ...
 //!     identity: repository                      # repository (default) | any
+//!   - match: "registry.example.com/vendor/*"
+//!     notation:                                 # Notation signatures (X.509)
+//!       trust_store:                            # root certificates: files or PEM
+//!         - /etc/skiff/notation/vendor-ca.pem
+//!       identities:                             # whom they may vouch for, or "*"
+//!         - "x509.subject: C=US, O=Vendor, CN=release"
 //! ```
 //!
 //! The first rule whose pattern matches an image's name (normalised: `busybox` is
 //! `docker.io/library/busybox`) decides; an image no rule matches is not checked. In a
 //! pattern `*` stands for any characters but `/`, `**` for any characters.
+//! A rule may name cosign keys, a Notation trust store, or both: one signature either
+//! verifies is enough.
 //! Under `enforce` an image without a valid signature by one of the keys is refused before
 //! it is stored (and, if it got into the store some other way, before it runs); under
 //! `warn` it is used and the node records an event.
 
+use crate::notation::{Certificate, Identity, TrustPolicy};
 use crate::trust::{IdentityCheck, PublicKey};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -35,6 +44,8 @@ pub struct Rule {
     pub mode: Mode,
     pub keys: Vec<PublicKey>,
     pub identity: IdentityCheck,
+    /// Notation: the trust store and trusted identities.
+    pub notation: Option<TrustPolicy>,
 }
 
 /// The rules of a node, in order.
@@ -55,6 +66,17 @@ pub struct RawRule {
     #[serde(default)]
     pub keys: Vec<String>,
     pub identity: Option<String>,
+    pub notation: Option<RawNotation>,
+}
+
+/// A rule's `notation:` as written.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNotation {
+    #[serde(default)]
+    pub trust_store: Vec<String>,
+    #[serde(default)]
+    pub identities: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -112,20 +134,54 @@ impl ImagePolicy {
                 Some("any") => IdentityCheck::Any,
                 Some(other) => return Err(format!("{}: {other:?} is not one of repository, any", at("identity"))),
             };
-            if r.keys.is_empty() {
-                return Err(format!("{}: no key: list at least one public key (a file or PEM text)", at("keys")));
+            if r.keys.is_empty() && r.notation.is_none() {
+                return Err(format!(
+                    "{}: no key: list at least one public key (a file or PEM text), or give notation:",
+                    at("keys")
+                ));
             }
+            // A file named, or the PEM itself.
+            let text = |at: &str, v: &str| {
+                if v.contains("-----BEGIN") {
+                    Ok(v.to_string())
+                } else {
+                    read(Path::new(v)).map_err(|e| format!("{at}: {v}: {e}"))
+                }
+            };
             let mut keys = vec![];
             for (k, key) in r.keys.iter().enumerate() {
                 let at = at(&format!("keys[{k}]"));
-                let pem = if key.contains("-----BEGIN") {
-                    key.clone()
-                } else {
-                    read(Path::new(key)).map_err(|e| format!("{at}: {key}: {e}"))?
-                };
-                keys.push(PublicKey::from_pem(&pem).map_err(|e| format!("{at}: {e}"))?);
+                keys.push(PublicKey::from_pem(&text(&at, key)?).map_err(|e| format!("{at}: {e}"))?);
             }
-            rules.push(Rule { pattern, mode, keys, identity });
+            let notation = match &r.notation {
+                None => None,
+                Some(n) => {
+                    if n.trust_store.is_empty() {
+                        return Err(format!("{}: list at least one root certificate", at("notation.trust_store")));
+                    }
+                    if n.identities.is_empty() {
+                        return Err(format!(
+                            "{}: list whom the trust store vouches for (\"x509.subject: C=.., O=.., CN=..\") or \"*\"",
+                            at("notation.identities")
+                        ));
+                    }
+                    let mut roots = vec![];
+                    for (k, c) in n.trust_store.iter().enumerate() {
+                        let at = at(&format!("notation.trust_store[{k}]"));
+                        roots.extend(Certificate::from_pem_bundle(&text(&at, c)?).map_err(|e| format!("{at}: {e}"))?);
+                    }
+                    let identities = n
+                        .identities
+                        .iter()
+                        .enumerate()
+                        .map(|(k, i)| {
+                            Identity::parse(i).map_err(|e| format!("{}: {e}", at(&format!("notation.identities[{k}]"))))
+                        })
+                        .collect::<Result<_, _>>()?;
+                    Some(TrustPolicy { roots, identities })
+                }
+            };
+            rules.push(Rule { pattern, mode, keys, identity, notation });
         }
         Ok(ImagePolicy { rules, source })
     }
@@ -243,5 +299,30 @@ mod tests {
         assert!(e("images:\n  - match: a\n    keys: [/k.pub]\n    identity: who\n").contains("images[0].identity"));
         assert!(e("images:\n  - match: a\n    keys: [/k.pub]\n    color: red\n").contains("unknown field `color`"));
         assert!(parse("").unwrap().rules.is_empty());
+    }
+
+    #[test]
+    fn notation_trust_stores_and_identities_are_read_and_checked() {
+        let root = include_str!("../tests/fixtures/notation/root-e2e.pem");
+        let indented: String = root.lines().map(|l| format!("          {l}\n")).collect();
+        let p = parse(&format!(
+            "images:\n  - match: \"**\"\n    notation:\n      trust_store:\n        - |\n{indented}      identities: [\"x509.subject: C=US, O=Notary\", \"*\"]\n"
+        ))
+        .unwrap();
+        let n = p.rules[0].notation.as_ref().unwrap();
+        assert_eq!((n.roots.len(), n.identities.len()), (1, 2));
+        assert!(n.roots[0].subject.contains("CN=e2e") && p.rules[0].keys.is_empty());
+        let e = |t: &str| parse(t).unwrap_err();
+        let rule = |n: &str| format!("images:\n  - match: a\n    notation:\n{n}");
+        assert!(e(&rule("      identities: [\"*\"]\n")).contains("images[0].notation.trust_store: list at least one"));
+        assert!(e(&rule("      trust_store: [/k.pub]\n")).contains("images[0].notation.identities: list whom"));
+        let bad_store = e(&rule("      trust_store: [/k.pub]\n      identities: [\"*\"]\n"));
+        assert!(
+            bad_store.contains("images[0].notation.trust_store[0]") && bad_store.contains("want CERTIFICATE"),
+            "{bad_store}"
+        );
+        let bad_identity =
+            e(&rule(&format!("      trust_store:\n        - |\n{indented}      identities: [\"CN=x\"]\n")));
+        assert!(bad_identity.contains("images[0].notation.identities[0]"), "{bad_identity}");
     }
 }

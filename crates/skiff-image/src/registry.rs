@@ -883,10 +883,26 @@ async fn pull_inner(
     Ok(report)
 }
 
-/// The cosign signatures of the manifest `digest` in the client's repository (the tag
-/// `sha256-<hex>.sig`; none when there is no such tag), payloads read and verified
-/// against their digests.
+/// The signatures of the manifest `digest` in the client's repository: cosign's and
+/// Notation's, each read and checked against its digest.
 async fn fetch_signatures(
+    client: &Client,
+    digest: &str,
+    opts: &PullOptions,
+) -> Result<Vec<crate::trust::StoredSignature>, ImageError> {
+    let mut sigs = fetch_cosign(client, digest, opts).await?;
+    sigs.extend(fetch_notation(client, digest, opts).await?);
+    Ok(sigs)
+}
+
+/// Whether a registry answered that it has no such manifest or tag.
+fn not_found(e: &ImageError) -> bool {
+    matches!(e, ImageError::Registry { problem, .. } if problem.starts_with("not found"))
+}
+
+/// The cosign signatures of `digest` (the tag `sha256-<hex>.sig`; none when there is no
+/// such tag).
+async fn fetch_cosign(
     client: &Client,
     digest: &str,
     opts: &PullOptions,
@@ -895,7 +911,7 @@ async fn fetch_signatures(
     let tag = trust::signature_tag(digest)?;
     let (bytes, d) = match client.manifest(&tag, opts).await {
         Ok(m) => m,
-        Err(ImageError::Registry { problem, .. }) if problem.starts_with("not found") => return Ok(vec![]),
+        Err(e) if not_found(&e) => return Ok(vec![]),
         Err(e) => return Err(e),
     };
     let m: Manifest =
@@ -909,6 +925,149 @@ async fn fetch_signatures(
         sigs.push(trust::StoredSignature::new(layer.clone(), &payload));
     }
     Ok(sigs)
+}
+
+/// The artifacts referring to `digest`: the OCI referrers API's index, or where the
+/// registry has none (the Distribution registry 2.x) the index its tag fallback keeps
+/// (`sha256-<hex>`). `None` when there is neither.
+async fn referrers(client: &Client, digest: &str, opts: &PullOptions) -> Result<Option<serde_json::Value>, ImageError> {
+    let path = format!("/v2/{}/referrers/{digest}", client.r.repository);
+    let index = match client.small_once("referrers", &path, Some(MT_OCI_INDEX), "").await {
+        Ok((b, _)) => b,
+        Err(_) => match client.manifest(&referrers_tag(digest)?, opts).await {
+            Ok((b, _)) => b,
+            Err(e) if not_found(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        },
+    };
+    let v: serde_json::Value = serde_json::from_slice(&index)
+        .map_err(|e| ImageError::Malformed { what: format!("referrers of {digest}"), problem: e.to_string() })?;
+    Ok(Some(v))
+}
+
+/// The tag of the referrers fallback: `sha256-<hex>`.
+fn referrers_tag(digest: &str) -> Result<String, ImageError> {
+    Ok(format!("sha256-{}", sha256_hex(digest)?))
+}
+
+/// The Notation signatures of `digest`: referrers of the signature artifact type whose
+/// `subject` is `digest`, each envelope read and checked against its digest.
+async fn fetch_notation(
+    client: &Client,
+    digest: &str,
+    opts: &PullOptions,
+) -> Result<Vec<crate::trust::StoredSignature>, ImageError> {
+    use crate::notation;
+    let Some(index) = referrers(client, digest, opts).await? else { return Ok(vec![]) };
+    let mut sigs = vec![];
+    let listed = index["manifests"].as_array().cloned().unwrap_or_default();
+    for d in listed.iter().filter(|d| d["artifactType"] == notation::ARTIFACT_TYPE).take(MAX_SIGNATURES) {
+        let Some(sig_digest) = d["digest"].as_str() else { continue };
+        sha256_hex(sig_digest)?;
+        let (bytes, _) = client.manifest(sig_digest, opts).await?;
+        let m: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ImageError::Malformed { what: sig_digest.to_string(), problem: e.to_string() })?;
+        let kind = m["artifactType"].as_str().or(m["config"]["mediaType"].as_str());
+        if m["subject"]["digest"] != digest || kind != Some(notation::ARTIFACT_TYPE) {
+            continue;
+        }
+        for layer in m["layers"].as_array().into_iter().flatten() {
+            let Ok(layer) = serde_json::from_value::<Descriptor>(layer.clone()) else { continue };
+            if ![notation::JWS, notation::COSE].contains(&layer.media_type.as_str()) {
+                continue;
+            }
+            sha256_hex(&layer.digest)?;
+            let what = format!("signature envelope {}", layer.digest);
+            let path = format!("/v2/{}/blobs/{}", client.r.repository, layer.digest);
+            let (envelope, _) = client.small_once(&what, &path, None, &layer.digest).await.map_err(|(e, _)| e)?;
+            sigs.push(crate::trust::StoredSignature::new(layer, &envelope));
+        }
+    }
+    Ok(sigs)
+}
+
+/// Signs the manifest `reference` names as `notation sign` does (a JWS envelope, ES256,
+/// scheme `notary.x509`, by `key` whose certificate heads `chain_pem`): the signature is
+/// an artifact whose subject is the manifest, listed in the referrers fallback index
+/// where the registry has no referrers API. Goes to the registry itself, never a mirror.
+pub async fn sign_notation(
+    reference: &str,
+    key: &crate::trust::PrivateKey,
+    chain_pem: &str,
+    opts: &PullOptions,
+) -> Result<SignReport, ImageError> {
+    let r = RemoteRef::parse(reference)?;
+    let http = http_client(opts)?;
+    let mut res = Err(ImageError::BadReference(reference.to_string()));
+    for endpoint in opts.registries.endpoints(&r.registry, &opts.insecure).into_iter().filter(|e| !e.mirror) {
+        let client = Client::new(&http, &endpoint, &r, opts, Default::default(), None);
+        res = notation_at(&client, reference, key, chain_pem, opts).await;
+        match &res {
+            Err(ImageError::Unreachable { .. }) if endpoint.probe => continue,
+            _ => break,
+        }
+    }
+    return res;
+
+    async fn notation_at(
+        client: &Client,
+        reference: &str,
+        key: &crate::trust::PrivateKey,
+        chain_pem: &str,
+        opts: &PullOptions,
+    ) -> Result<SignReport, ImageError> {
+        use crate::notation;
+        use serde_json::json;
+        let (bytes, digest) = client.manifest(&client.r.reference, opts).await?;
+        let head: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let media_type = head["mediaType"].as_str().unwrap_or(MT_OCI_MANIFEST).to_string();
+        let subject = json!({"mediaType": media_type, "digest": digest, "size": bytes.len()});
+        let now = notation::format_rfc3339(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+        );
+        let envelope = notation::sign(&subject, key, chain_pem, &now)
+            .map_err(|problem| ImageError::Malformed { what: "notation signature".into(), problem })?;
+        let layer = client.upload_blob(&envelope).await?;
+        let config = client.upload_blob(b"{}").await?;
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": MT_OCI_MANIFEST,
+            "config": {"mediaType": notation::ARTIFACT_TYPE, "digest": config.digest, "size": config.size},
+            "layers": [{"mediaType": notation::JWS, "digest": layer.digest, "size": layer.size}],
+            "subject": subject,
+            "annotations": {"org.opencontainers.image.created": now},
+        });
+        let manifest_bytes = serde_json::to_vec(&manifest).unwrap_or_default();
+        let sig_digest = format!("sha256:{}", sha256_of(&manifest_bytes));
+        let size = manifest_bytes.len();
+        client.put_manifest(&sig_digest, MT_OCI_MANIFEST, manifest_bytes).await?;
+        // A registry with the referrers API lists it by its subject; others need the
+        // fallback index (read, added to, written back).
+        let path = format!("/v2/{}/referrers/{digest}", client.r.repository);
+        if client.small_once("referrers", &path, Some(MT_OCI_INDEX), "").await.is_err() {
+            let tag = referrers_tag(&digest)?;
+            let mut index = match client.manifest(&tag, opts).await {
+                Ok((b, d)) => serde_json::from_slice::<serde_json::Value>(&b)
+                    .map_err(|e| ImageError::Malformed { what: d, problem: e.to_string() })?,
+                Err(e) if not_found(&e) => json!({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": []}),
+                Err(e) => return Err(e),
+            };
+            let entry = json!({
+                "mediaType": MT_OCI_MANIFEST, "digest": sig_digest, "size": size,
+                "artifactType": notation::ARTIFACT_TYPE,
+                "annotations": {"org.opencontainers.image.created": now},
+            });
+            match index["manifests"].as_array_mut() {
+                Some(list) => list.push(entry),
+                None => index["manifests"] = json!([entry]),
+            }
+            client.put_manifest(&tag, MT_OCI_INDEX, serde_json::to_vec(&index).unwrap_or_default()).await?;
+        }
+        let repository = crate::policy::repository_of(reference);
+        let signature_ref = format!("{repository}@{sig_digest}");
+        opts.note(&format!("{reference}: signed {digest} with Notation as {signature_ref}"));
+        Ok(SignReport { digest, signature_ref, added: true })
+    }
 }
 
 /// The signatures the registry of `reference` holds for its manifest `digest` (mirrors
@@ -987,7 +1146,7 @@ async fn check_signatures(
     };
     let judgement = Judgement { mode: rule.mode, verdict };
     match &judgement.verdict {
-        Verdict::Verified { key } => opts.note(&format!("{reference}: signature verified (key {key})")),
+        Verdict::Verified { key } => opts.note(&format!("{reference}: signature verified ({key})")),
         Verdict::Rejected(reason) if judgement.allows() => {
             opts.note(&format!("{reference}: WARNING: not trusted ({reason}); the image policy only warns"))
         }

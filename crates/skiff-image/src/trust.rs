@@ -110,6 +110,8 @@ impl PublicKey {
 /// `openssl genpkey` and `skiff image keygen` write.
 pub struct PrivateKey {
     pair: SigningPair,
+    /// The PKCS#8 document (a JWS signature needs the key again, signing in another form).
+    pkcs8: Vec<u8>,
     /// The matching public key, PEM.
     pub public_pem: String,
 }
@@ -152,7 +154,7 @@ impl PrivateKey {
             SigningPair::P256(k) => spki_der(&P256_SPKI_PREFIX, k.public_key().as_ref()),
             SigningPair::Ed25519(k) => spki_der(&ED25519_SPKI_PREFIX, k.public_key().as_ref()),
         };
-        Ok(PrivateKey { pair, public_pem: to_pem("PUBLIC KEY", &spki) })
+        Ok(PrivateKey { pair, pkcs8: p.contents.clone(), public_pem: to_pem("PUBLIC KEY", &spki) })
     }
 
     /// A new key, PEM PKCS#8: ECDSA P-256 (cosign's default), or Ed25519.
@@ -176,6 +178,23 @@ impl PrivateKey {
                 .map_err(|_| KeyError::Der("signing failed".into())),
             SigningPair::Ed25519(k) => Ok(k.sign(message).as_ref().to_vec()),
         }
+    }
+}
+
+impl PrivateKey {
+    /// A JWS `ES256` signature of `message` (r and s, 32 bytes each): ECDSA P-256 keys only.
+    pub fn sign_es256(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let rng = ring::rand::SystemRandom::new();
+        let k = ring::signature::EcdsaKeyPair::from_pkcs8(&sig::ECDSA_P256_SHA256_FIXED_SIGNING, &self.pkcs8, &rng)
+            .map_err(|_| KeyError::Unsupported("a key that is not ECDSA P-256 (Notation signs with ES256)".into()))?;
+        k.sign(&rng, message).map(|s| s.as_ref().to_vec()).map_err(|_| KeyError::Der("signing failed".into()))
+    }
+
+    /// The SubjectPublicKeyInfo of the key, DER.
+    pub fn public_spki(&self) -> Vec<u8> {
+        x509_parser::pem::Pem::read(std::io::Cursor::new(self.public_pem.as_bytes()))
+            .map(|(p, _)| p.contents)
+            .unwrap_or_default()
     }
 }
 
@@ -261,7 +280,11 @@ pub enum IdentityCheck {
 /// What verification concluded: the key that vouched, or why none did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    Verified { key: String },
+    /// `key` names who signed: the key's id (`key sha256:…` from [`verify_stored`]) or
+    /// the Notation signing certificate (`certificate CN=…`).
+    Verified {
+        key: String,
+    },
     Rejected(String),
 }
 
@@ -370,22 +393,56 @@ impl Judgement {
     }
 }
 
-/// [`verify`] over stored signatures.
+/// The signatures kept for an image judged by `rule`: cosign's with its keys, Notation's
+/// with its trust store; one that verifies is enough. A rejection names what was wrong
+/// with each kind.
 pub fn verify_stored(stored: &[StoredSignature], repository: &str, digest: &str, rule: &Rule) -> Verdict {
-    let payloads: Vec<Option<Vec<u8>>> = stored.iter().map(StoredSignature::payload_bytes).collect();
-    let signed: Vec<Signed<'_>> = stored
-        .iter()
-        .zip(payloads)
-        .filter(|(s, _)| s.layer.media_type == SIMPLE_SIGNING)
-        .filter_map(|(s, p)| Some(Signed { layer: &s.layer, payload: p? }))
-        .collect();
     if stored.is_empty() {
         return Verdict::Rejected(format!(
-            "no signature (the registry has no {})",
+            "no signature (the registry has no {} and no Notation signature refers to it)",
             signature_tag(digest).unwrap_or_default()
         ));
     }
-    verify(&signed, repository, digest, &rule.keys, rule.identity)
+    let mut why = vec![];
+    if !rule.keys.is_empty() {
+        let payloads: Vec<Option<Vec<u8>>> = stored.iter().map(StoredSignature::payload_bytes).collect();
+        let signed: Vec<Signed<'_>> = stored
+            .iter()
+            .zip(payloads)
+            .filter(|(s, _)| s.layer.media_type == SIMPLE_SIGNING)
+            .filter_map(|(s, p)| Some(Signed { layer: &s.layer, payload: p? }))
+            .collect();
+        match verify(&signed, repository, digest, &rule.keys, rule.identity) {
+            Verdict::Verified { key } => return Verdict::Verified { key: format!("key {key}") },
+            Verdict::Rejected(r) => why.push(r),
+        }
+    }
+    if let Some(trust) = &rule.notation {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default();
+        let envelopes: Vec<&StoredSignature> = stored
+            .iter()
+            .filter(|s| [crate::notation::JWS, crate::notation::COSE].contains(&s.layer.media_type.as_str()))
+            .collect();
+        if envelopes.is_empty() {
+            why.push("no Notation signature".into());
+        }
+        for s in envelopes {
+            let outcome = match (s.layer.media_type.as_str(), s.payload_bytes()) {
+                (crate::notation::COSE, _) => Err("a COSE envelope (skiff verifies Notation's JWS ones)".into()),
+                (_, None) => Err("an unreadable envelope".into()),
+                (_, Some(env)) => crate::notation::verify(&env, digest, trust, now),
+            };
+            match outcome {
+                Ok(who) => return Verdict::Verified { key: who },
+                Err(e) => why.push(format!("Notation: {e}")),
+            }
+        }
+    }
+    why.dedup();
+    Verdict::Rejected(why.join("; "))
 }
 
 impl crate::ImageStore {

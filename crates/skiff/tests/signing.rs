@@ -186,3 +186,87 @@ fn a_policy_with_a_mistake_is_refused_at_start_naming_the_field() -> R {
     assert!(stderr(&out).contains("images[0].mode: \"strict\" is not one of enforce, warn"), "{}", stderr(&out));
     Ok(())
 }
+
+/// Notation beside cosign: `skiff image sign --cert` makes what `notation sign` makes (an
+/// artifact referring to the image, listed in the referrers fallback tag this registry
+/// needs); a node trusting the signer's root runs the image, and refuses an image signed
+/// under another root, by an untrusted identity, or not at all.
+#[test]
+fn notation_signatures_are_made_found_and_judged() -> R {
+    skiff_testkit::require_registry_tools!();
+    let reg = skiff_testkit::registry::Registry::start()?;
+    let push = |name: &str| -> anyhow::Result<String> {
+        let layout = tempfile::tempdir()?;
+        image(name)?.write_oci_layout(layout.path(), "x")?;
+        reg.push(layout.path(), name)?;
+        Ok(format!("127.0.0.1:{}/{name}", reg.port))
+    };
+    let (good, rogue, intern, unsigned) =
+        (push("vendor/app:1")?, push("vendor/app:2")?, push("vendor/app:3")?, push("vendor/app:4")?);
+    let mut n = Node::new()?;
+    let release = skiff_testkit::tls::code_signing("release")?;
+    let other = skiff_testkit::tls::code_signing("release")?;
+    let files = |p: &skiff_testkit::tls::CodeSigning, name: &str| -> anyhow::Result<(String, String, String)> {
+        let key = n.write(&format!("{name}.key"), &p.key_pem)?;
+        let chain = n.write(&format!("{name}.chain.pem"), &p.chain_pem)?;
+        let root = n.write(&format!("{name}.root.pem"), &p.root_pem)?;
+        Ok((key.display().to_string(), chain.display().to_string(), root.display().to_string()))
+    };
+    let (key, chain, root) = files(&release, "release")?;
+    let (okey, ochain, _) = files(&other, "other")?;
+    let out = n.ok(&["image", "sign", &good, "--key", &key, "--cert", &chain])?;
+    assert!(out.contains("Signed") && out.contains("with Notation") && out.contains("/vendor/app@sha256:"), "{out}");
+    n.ok(&["image", "sign", &rogue, "--key", &okey, "--cert", &ochain])?;
+    // The intern's root is in the trust store too, but the intern is no trusted identity.
+    let intern_pki = skiff_testkit::tls::code_signing("intern")?;
+    let (ikey, ichain, iroot) = files(&intern_pki, "intern")?;
+    n.ok(&["image", "sign", &intern, "--key", &ikey, "--cert", &ichain])?;
+    // A key that is not the certificate's is refused before anything is pushed.
+    let mismatch = n.cli(&["image", "sign", &unsigned, "--key", &okey, "--cert", &chain])?;
+    assert!(!mismatch.status.success() && stderr(&mismatch).contains("not the one of the first certificate"));
+
+    // `image verify` with a trust store.
+    let ok = n.ok(&[
+        "image",
+        "verify",
+        &good,
+        "--trust-store",
+        &root,
+        "--trusted-identity",
+        "x509.subject: O=skiff, CN=release",
+    ])?;
+    assert!(ok.contains("verified, signed by certificate") && ok.contains("CN=release"), "{ok}");
+    let no = n.cli(&["image", "verify", &rogue, "--trust-store", &root])?;
+    assert_eq!(no.status.code(), Some(1));
+    assert!(stderr(&no).contains("does not lead to the trust store"), "{}", stderr(&no));
+
+    let policy = n.write(
+        "policy.yaml",
+        &format!(
+            "images:\n  - match: \"127.0.0.1:{p}/vendor/**\"\n    notation:\n      trust_store: [{root}, {iroot}]\n      identities: [\"x509.subject: C=US, O=skiff, CN=release\"]\n",
+            p = reg.port,
+        ),
+    )?;
+    n.up_with(None, &["--policy", policy.to_str().unwrap()])?;
+    n.ok(&["run", &good, "--name", "good", "--", "sleep", "1000"])?;
+    n.wait_running("good-1")?;
+    for (name, img, why) in [
+        ("rogue", &rogue, "does not lead to the trust store"),
+        ("intern", &intern, "is not a trusted identity"),
+        ("unsigned", &unsigned, "no signature"),
+    ] {
+        let out = n.cli(&["run", img, "--name", name, "--", "sleep", "1000"])?;
+        let err = stderr(&out);
+        assert!(
+            !out.status.success() && err.contains("refused by the image policy") && err.contains(why),
+            "{name}: {err}"
+        );
+    }
+    // The envelope is kept beside the image: a restarted agent judges it offline.
+    drop(reg);
+    n.terminate_up()?;
+    n.up_with(None, &["--policy", policy.to_str().unwrap()])?;
+    n.ok(&["run", &good, "--name", "again", "--", "sleep", "1000"])?;
+    n.wait_running("again-1")?;
+    Ok(())
+}

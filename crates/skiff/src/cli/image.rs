@@ -51,23 +51,35 @@ pub enum ImageCmd {
     /// Remove blobs and layers no image needs.
     Prune,
     /// Sign an image in its registry as `cosign sign --key` does (the tag
-    /// sha256-<digest>.sig; `cosign verify` accepts it).
+    /// sha256-<digest>.sig; `cosign verify` accepts it), or with `--cert` as `notation
+    /// sign` does (a JWS envelope referring to the image; `notation verify` accepts it).
     Sign {
         reference: String,
         /// Private key: PEM PKCS#8, ECDSA P-256 or Ed25519 (`skiff image keygen`, `openssl genpkey`).
         #[arg(long)]
         key: PathBuf,
+        /// Sign with Notation: the key's certificate (code signing), then its issuers (PEM).
+        #[arg(long)]
+        cert: Option<PathBuf>,
         /// Registry reached over plain HTTP (loopback registries always are).
         #[arg(long = "insecure-registry")]
         insecure_registry: Vec<String>,
     },
-    /// Check an image's cosign signatures in its registry against public keys, without
-    /// pulling it. Exit status 1 when no trusted signature vouches for it.
+    /// Check an image's signatures in its registry — cosign's against public keys,
+    /// Notation's against a trust store — without pulling it. Exit status 1 when no
+    /// trusted signature vouches for it.
     Verify {
         reference: String,
         /// Public key (PEM), repeatable: any one of them may have signed.
-        #[arg(long, required = true)]
+        #[arg(long, required_unless_present = "trust_store")]
         key: Vec<PathBuf>,
+        /// Notation: root certificates (PEM), repeatable.
+        #[arg(long = "trust-store")]
+        trust_store: Vec<PathBuf>,
+        /// Notation: whom the trust store vouches for ("x509.subject: C=US, O=Example, CN=signer"),
+        /// repeatable; `*` for anyone it vouches for.
+        #[arg(long = "trusted-identity", requires = "trust_store", default_value = "*")]
+        trusted_identity: Vec<String>,
         /// Accept a signature made for another repository (only the digest must match).
         #[arg(long)]
         any_identity: bool,
@@ -187,19 +199,25 @@ async fn signatures(cli: &Cli, cmd: &ImageCmd) -> Result<i32> {
     use skiff_image::trust::{PrivateKey, PublicKey, Verdict};
     let mut opts = pull_options(cli)?;
     match cmd {
-        ImageCmd::Sign { reference, key, insecure_registry } => {
+        ImageCmd::Sign { reference, key, cert, insecure_registry } => {
             let key =
                 PrivateKey::from_pem(&read_text(key)?).map_err(|e| anyhow::anyhow!("--key {}: {e}", key.display()))?;
             opts.insecure = insecure_registry.clone();
-            let r = skiff_image::registry::sign(reference, &key, &opts).await?;
+            let r = match cert {
+                Some(c) => skiff_image::registry::sign_notation(reference, &key, &read_text(c)?, &opts)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--cert {}: {e}", c.display()))?,
+                None => skiff_image::registry::sign(reference, &key, &opts).await?,
+            };
             if r.added {
-                println!("Signed {} ({}): {}", reference, r.digest, r.signature_ref);
+                let how = if cert.is_some() { " with Notation" } else { "" };
+                println!("Signed {} ({}){how}: {}", reference, r.digest, r.signature_ref);
             } else {
                 println!("{} ({}) already carries this key's signature: {}", reference, r.digest, r.signature_ref);
             }
             Ok(0)
         }
-        ImageCmd::Verify { reference, key, any_identity, insecure_registry } => {
+        ImageCmd::Verify { reference, key, trust_store, trusted_identity, any_identity, insecure_registry } => {
             let keys = key
                 .iter()
                 .map(|k| PublicKey::from_pem(&read_text(k)?).map_err(|e| anyhow::anyhow!("--key {}: {e}", k.display())))
@@ -209,18 +227,38 @@ async fn signatures(cli: &Cli, cmd: &ImageCmd) -> Result<i32> {
             } else {
                 skiff_image::trust::IdentityCheck::Repository
             };
+            let notation = if trust_store.is_empty() {
+                None
+            } else {
+                let mut roots = vec![];
+                for f in trust_store {
+                    roots.extend(
+                        skiff_image::notation::Certificate::from_pem_bundle(&read_text(f)?)
+                            .map_err(|e| anyhow::anyhow!("--trust-store {}: {e}", f.display()))?,
+                    );
+                }
+                let identities = trusted_identity
+                    .iter()
+                    .map(|i| {
+                        skiff_image::notation::Identity::parse(i)
+                            .map_err(|e| anyhow::anyhow!("--trusted-identity: {e}"))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(skiff_image::notation::TrustPolicy { roots, identities })
+            };
             let rule = skiff_image::policy::Rule {
                 pattern: "**".into(),
                 mode: skiff_image::policy::Mode::Enforce,
                 keys,
                 identity,
+                notation,
             };
             opts.insecure = insecure_registry.clone();
             opts.progress = std::sync::Arc::new(|_| {});
             let (digest, j) = skiff_image::registry::verify(reference, &rule, &opts).await?;
             match j.verdict {
                 Verdict::Verified { key } => {
-                    println!("{reference} ({digest}): verified, signed by key {key}");
+                    println!("{reference} ({digest}): verified, signed by {key}");
                     Ok(0)
                 }
                 Verdict::Rejected(why) => {
