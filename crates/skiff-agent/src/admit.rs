@@ -20,6 +20,9 @@ pub enum AdmitError {
     Untrusted(String),
     #[error("{0}")]
     Devices(String),
+    /// The deployment's signature rule does not parse (a key, a certificate).
+    #[error("{0}")]
+    Signature(String),
     #[error("this node does not offer the {runtime} runtime: {why}")]
     RuntimeUnavailable { runtime: RuntimeKind, why: String },
     #[error("{image} is not a program the wasm runtime can run: {why}")]
@@ -31,6 +34,7 @@ impl AdmitError {
     pub fn field(&self) -> &'static str {
         match self {
             AdmitError::Devices(_) => "device_requests",
+            AdmitError::Signature(_) => "signature",
             AdmitError::RuntimeUnavailable { .. } => "runtime",
             _ => "image",
         }
@@ -44,7 +48,7 @@ impl Agent {
         let image = &d.image;
         let target = Target::from(d.runtime);
         let Err(stored) = self.images().inspect_for(image, target) else {
-            return self.judge_stored(&d.name, image).await.map_err(AdmitError::Untrusted);
+            return self.judge_stored(&d.name, d).await.map_err(AdmitError::Untrusted);
         };
         let mut opts = self.pull_options().cloned().unwrap_or_default();
         opts.platform = Some(target.platform());
@@ -52,10 +56,17 @@ impl Agent {
             opts.policy = Some(Arc::clone(&self.cfg.policy.image_policy));
         }
         match skiff_image::registry::pull(Arc::clone(self.images()), image, &opts).await {
-            Ok(rep) => match &rep.trust {
-                Some(j) => self.record_judgement(&d.name, image, &rep.digest, j).map_err(AdmitError::Untrusted),
-                None => Ok(()),
-            },
+            Ok(rep) => {
+                if let Some(j) = &rep.trust {
+                    let source = self.image_policy().source_name();
+                    self.record_judgement(&d.name, image, &rep.digest, j, &source).map_err(AdmitError::Untrusted)?;
+                }
+                // The deployment's own rule, with the signatures the pull kept.
+                match crate::trust::deployment_policy(d).map_err(|(f, p)| AdmitError::Signature(format!("{f}: {p}")))? {
+                    Some(_) => self.judge_stored(&d.name, d).await.map_err(AdmitError::Untrusted),
+                    None => Ok(()),
+                }
+            }
             Err(e @ ImageError::Untrusted { .. }) => {
                 let msg = e.to_string();
                 self.event(&d.name, "Untrusted", &msg);
@@ -75,6 +86,7 @@ impl Agent {
             return Err(AdmitError::RuntimeUnavailable { runtime: d.runtime, why: why.clone() });
         }
         self.check_devices(d).map_err(AdmitError::Devices)?;
+        crate::trust::deployment_policy(d).map_err(|(f, p)| AdmitError::Signature(format!("{f}: {p}")))?;
         self.ensure_image(d).await?;
         if d.runtime != RuntimeKind::Wasm {
             return Ok(());

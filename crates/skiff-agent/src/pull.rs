@@ -44,7 +44,8 @@ impl Agent {
                         format!("{image} ({}) from {}, {} B received", rep.digest, rep.endpoint, rep.bytes_received);
                     me.event(&instance, "Pulled", &msg);
                     if let Some(j) = &rep.trust {
-                        let _ = me.record_judgement(&instance, &image, &rep.digest, j);
+                        let source = me.image_policy().source_name();
+                        let _ = me.record_judgement(&instance, &image, &rep.digest, j, &source);
                     }
                     None
                 }

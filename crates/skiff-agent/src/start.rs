@@ -53,7 +53,7 @@ impl Agent {
             return Ok(());
         }
         // Signed as the node's image rules ask (judged with the signatures kept beside it).
-        if let Err(msg) = self.judge_stored(&r.name, &r.spec.image).await {
+        if let Err(msg) = self.judge_stored(&r.name, &r.spec).await {
             r.state = InstanceState::Failed;
             r.next_start_ms = None;
             r.message = Some(msg);

@@ -9,7 +9,36 @@
 //! per image digest and the image runs. Verified images are remembered per name and digest.
 
 use crate::Agent;
+use skiff_image::policy::{ImagePolicy, RawNotation, RawRule};
 use skiff_image::trust::{Judgement, Verdict};
+use skiff_model::Deployment;
+
+/// A deployment's own signature rule (`signature:`) as an image policy of one rule for
+/// its image; `Err((field, problem))` when a key or certificate does not parse.
+pub(crate) fn deployment_policy(d: &Deployment) -> Result<Option<ImagePolicy>, (String, String)> {
+    let Some(s) = &d.signature else { return Ok(None) };
+    let raw = RawRule {
+        pattern: Some("**".into()),
+        mode: s.mode.clone(),
+        keys: s.keys.clone(),
+        identity: s.identity.clone(),
+        notation: s
+            .notation
+            .as_ref()
+            .map(|n| RawNotation { trust_store: n.trust_store.clone(), identities: n.identities.clone() }),
+    };
+    let source = Some(format!("deployment {}", d.name).into());
+    let no_files = |_: &std::path::Path| -> std::io::Result<String> {
+        Err(std::io::Error::other("a deployment carries keys as PEM text, not file names"))
+    };
+    ImagePolicy::from_rules(&[raw], source, no_files).map(Some).map_err(|e| {
+        let e = e.strip_prefix("images[0].").unwrap_or(&e);
+        match e.split_once(": ") {
+            Some((field, problem)) => (format!("signature.{field}"), problem.to_string()),
+            None => ("signature".into(), e.to_string()),
+        }
+    })
+}
 
 impl Agent {
     /// The node's image rules (none: no image is checked).
@@ -21,8 +50,21 @@ impl Agent {
     /// the policy refuses it. Verified images are remembered per name and digest. An image stored
     /// without signatures (pulled before this version kept them) has them fetched from its
     /// registry, when this node pulls, and kept.
-    pub(crate) async fn judge_stored(&self, instance: &str, image: &str) -> Result<(), String> {
-        let policy = self.image_policy();
+    pub(crate) async fn judge_stored(&self, instance: &str, d: &Deployment) -> Result<(), String> {
+        let image = d.image.as_str();
+        self.judge_by(instance, image, self.image_policy(), true).await?;
+        // The deployment's own rule, when it has one (not remembered: it may change with
+        // the deployment; judging kept signatures is local).
+        match deployment_policy(d) {
+            Ok(Some(p)) => self.judge_by(instance, image, &p, false).await,
+            Ok(None) => Ok(()),
+            Err((field, problem)) => Err(format!("{field}: {problem}")),
+        }
+    }
+
+    /// Judges the stored `image` by `policy` (the node's, or a deployment's);
+    /// `remember` keeps a verification for the next start.
+    async fn judge_by(&self, instance: &str, image: &str, policy: &ImagePolicy, remember: bool) -> Result<(), String> {
         if policy.rules.is_empty() {
             return Ok(());
         }
@@ -30,7 +72,7 @@ impl Agent {
         // Remembered per name and digest: the same digest under another name may meet
         // another rule.
         let key = format!("{digest} {image}");
-        if self.trusted.lock().is_ok_and(|t| t.contains(&key)) {
+        if remember && self.trusted.lock().is_ok_and(|t| t.contains(&key)) {
             return Ok(());
         }
         let named = !image.starts_with("sha256:") && !image.contains('@');
@@ -58,8 +100,8 @@ impl Agent {
             },
         };
         let verified = matches!(judgement.verdict, Verdict::Verified { .. });
-        let res = self.record_judgement(instance, image, &digest, &judgement);
-        if verified {
+        let res = self.record_judgement(instance, image, &digest, &judgement, &policy.source_name());
+        if verified && remember {
             if let Ok(mut t) = self.trusted.lock() {
                 t.insert(key);
             }
@@ -75,6 +117,7 @@ impl Agent {
         image: &str,
         digest: &str,
         j: &Judgement,
+        source: &str,
     ) -> Result<(), String> {
         match &j.verdict {
             Verdict::Verified { .. } => Ok(()),
@@ -82,21 +125,40 @@ impl Agent {
                 let first = self.warned.lock().is_ok_and(|mut w| w.insert(digest.to_string()));
                 if first {
                     let msg = format!(
-                        "{image} ({digest}): {reason}; running it because the image policy ({}) only warns",
-                        self.image_policy().source_name()
+                        "{image} ({digest}): {reason}; running it because the image policy ({source}) only warns"
                     );
                     self.event(instance, "Untrusted", &msg);
                 }
                 Ok(())
             }
             Verdict::Rejected(reason) => {
-                let msg = format!(
-                    "image {image} ({digest}) is refused by the image policy ({}): {reason}",
-                    self.image_policy().source_name()
-                );
+                let msg = format!("image {image} ({digest}) is refused by the image policy ({source}): {reason}");
                 self.event(instance, "Untrusted", &msg);
                 Err(msg)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deployment_rule_that_does_not_parse_names_its_field() {
+        let mut d = Deployment::new("web", "img:1");
+        assert_eq!(deployment_policy(&d), Ok(None));
+        let garbage = "-----BEGIN PUBLIC KEY-----\nnot base64\n-----END PUBLIC KEY-----\n";
+        d.signature = Some(skiff_model::SignatureRule { keys: vec![garbage.into()], ..Default::default() });
+        let (field, problem) = deployment_policy(&d).unwrap_err();
+        assert_eq!(field, "signature.keys[0]", "{problem}");
+        let key =
+            skiff_image::trust::PrivateKey::from_pem(&skiff_image::trust::PrivateKey::generate_pem(false).unwrap())
+                .unwrap()
+                .public_pem;
+        d.signature =
+            Some(skiff_model::SignatureRule { keys: vec![key], mode: Some("warn".into()), ..Default::default() });
+        let p = deployment_policy(&d).unwrap().unwrap();
+        assert_eq!((p.rules[0].mode, p.source_name()), (skiff_image::policy::Mode::Warn, "deployment web".to_string()));
     }
 }

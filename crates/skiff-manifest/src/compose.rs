@@ -203,6 +203,27 @@ fn key_values(cx: &Ctx<'_>, v: &Value, path: &str, out: &mut BTreeMap<String, St
     Ok(())
 }
 
+/// `x-skiff-signature`: the deployment's signature rule; a key or certificate given as a
+/// file name (relative to the compose file) is read into it, since the rule travels.
+fn signature(cx: &Ctx<'_>, v: &Value, path: &str) -> R<skiff_model::SignatureRule> {
+    let mut rule: skiff_model::SignatureRule =
+        serde_norway::from_value(v.clone()).map_err(|e| ManifestError::at(path, e.to_string()))?;
+    let read = |field: String, s: &mut String| -> R<()> {
+        if !s.contains("-----BEGIN") {
+            let p = cx.dir.join(&*s);
+            *s = (cx.read_file)(&p).map_err(|e| ManifestError::at(&field, format!("reading {}: {e}", p.display())))?;
+        }
+        Ok(())
+    };
+    for (i, k) in rule.keys.iter_mut().enumerate() {
+        read(format!("{path}.keys[{i}]"), k)?;
+    }
+    for (i, c) in rule.notation.iter_mut().flat_map(|n| n.trust_store.iter_mut()).enumerate() {
+        read(format!("{path}.notation.trust_store[{i}]"), c)?;
+    }
+    Ok(rule)
+}
+
 fn env_file(cx: &Ctx<'_>, file: &str, path: &str, out: &mut BTreeMap<String, String>) -> R<()> {
     let p = cx.dir.join(file);
     let text = (cx.read_file)(&p).map_err(|e| ManifestError::at(path, format!("reading {}: {e}", p.display())))?;
@@ -371,6 +392,7 @@ fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deploy
             }
             "stop_grace_period" => d.stop_grace_period_ms = duration(v, &path)?,
             "x-skiff-autoscale" => d.autoscale = Some(crate::hpa::spec(v, &path)?),
+            "x-skiff-signature" => d.signature = Some(signature(cx, v, &path)?),
             "runtime" | "x-skiff-runtime" => d.runtime = crate::runtime_named(&str_of(v, &path)?, &path)?,
             // Docker+Wasm marks a WASI service by its platform; others follow the node.
             "platform" => {

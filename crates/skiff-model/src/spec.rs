@@ -52,6 +52,10 @@ pub struct Deployment {
     /// resources such as `nvidia.com/gpu: 1`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub device_requests: Vec<DeviceRequest>,
+    /// Signatures its image must carry, beside the node's own image policy
+    /// (`skiff run --verify-key`, compose `x-skiff-signature`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<SignatureRule>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     #[serde(default = "one")]
@@ -259,6 +263,7 @@ impl Deployment {
             cap_drop: vec![],
             devices: vec![],
             device_requests: vec![],
+            signature: None,
             labels: BTreeMap::new(),
             replicas: 1,
             placement: Placement::default(),
@@ -530,6 +535,81 @@ pub struct DeviceMapping {
 }
 fn rwm() -> String {
     "rwm".to_string()
+}
+
+/// A deployment's own signature rule: an `images:` rule of a node's policy for this
+/// deployment's image alone. Keys and certificates are PEM text, not file names: the
+/// deployment travels to every node that runs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignatureRule {
+    /// `enforce` (the default) or `warn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// cosign public keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    /// `repository` (the default) or `any`: which repository a cosign signature may name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notation: Option<NotationRule>,
+}
+
+/// Notation: root certificates and the identities they vouch for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotationRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_store: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+}
+
+impl SignatureRule {
+    /// What can be checked without parsing keys (the node parses them at admission):
+    /// `Err((field below signature, problem))`.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        if !matches!(self.mode.as_deref(), None | Some("enforce") | Some("warn")) {
+            return Err((
+                "mode".into(),
+                format!("{:?} is not one of enforce, warn", self.mode.as_deref().unwrap_or("")),
+            ));
+        }
+        if !matches!(self.identity.as_deref(), None | Some("repository") | Some("any")) {
+            let id = self.identity.as_deref().unwrap_or("");
+            return Err(("identity".into(), format!("{id:?} is not one of repository, any")));
+        }
+        if self.keys.is_empty() && self.notation.is_none() {
+            return Err(("keys".into(), "no key: give at least one public key, or notation".into()));
+        }
+        let pems = self.keys.iter().map(|k| ("keys", k));
+        let certs = self.notation.iter().flat_map(|n| n.trust_store.iter().map(|c| ("notation.trust_store", c)));
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for (field, pem) in pems.chain(certs) {
+            let i = counts.entry(field).or_default();
+            let at = format!("{field}[{i}]");
+            *i += 1;
+            if !pem.contains("-----BEGIN") {
+                return Err((at, "is not PEM text (a deployment carries the key itself, not a file name)".into()));
+            }
+            if pem.len() > 64 * 1024 {
+                return Err((at, "is larger than 64 KiB".into()));
+            }
+        }
+        if counts.values().any(|n| *n > 32) {
+            return Err(("keys".into(), "more than 32 keys or certificates".into()));
+        }
+        if let Some(n) = &self.notation {
+            if n.trust_store.is_empty() {
+                return Err(("notation.trust_store".into(), "list at least one root certificate".into()));
+            }
+            if n.identities.is_empty() {
+                return Err(("notation.identities".into(), "list whom the trust store vouches for, or \"*\"".into()));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Devices of one CDI kind an instance needs: particular ones (`ids`), or a `count` of

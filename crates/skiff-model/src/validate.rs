@@ -256,6 +256,9 @@ impl Deployment {
                 return Err(ValidationError::new(format!("depends_on[{i}]"), "a deployment cannot depend on itself"));
             }
         }
+        if let Some(sig) = &self.signature {
+            sig.check().map_err(|(f, p)| ValidationError::new(format!("signature.{f}"), p))?;
+        }
         for (i, r) in self.device_requests.iter().enumerate() {
             r.check().map_err(|e| ValidationError::new(format!("device_requests[{i}]"), e))?;
         }
@@ -362,6 +365,31 @@ mod tests {
         check(
             |d| d.devices = vec![crate::DeviceMapping::parse("/dev/bus/usb/../../sda").unwrap()],
             Some("devices[0]: paths must not have . or .. parts"),
+        );
+    }
+
+    #[test]
+    fn a_deployment_s_signature_rule_is_checked_naming_the_field() {
+        let rule = |f: fn(&mut crate::SignatureRule)| {
+            move |d: &mut Deployment| {
+                let mut r = crate::SignatureRule {
+                    keys: vec!["-----BEGIN PUBLIC KEY-----\nMFk=\n-----END PUBLIC KEY-----\n".into()],
+                    ..Default::default()
+                };
+                f(&mut r);
+                d.signature = Some(r);
+            }
+        };
+        check(rule(|_| {}), None);
+        check(rule(|r| r.mode = Some("strict".into())), Some("signature.mode: \"strict\" is not one of enforce, warn"));
+        check(rule(|r| r.keys.clear()), Some("signature.keys: no key: give at least one public key, or notation"));
+        check(
+            rule(|r| r.keys.push("/etc/skiff/k.pub".into())),
+            Some("signature.keys[1]: is not PEM text (a deployment carries the key itself, not a file name)"),
+        );
+        check(
+            rule(|r| r.notation = Some(crate::NotationRule { trust_store: vec![], identities: vec!["*".into()] })),
+            Some("signature.notation.trust_store: list at least one root certificate"),
         );
     }
 

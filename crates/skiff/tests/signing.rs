@@ -270,3 +270,75 @@ fn notation_signatures_are_made_found_and_judged() -> R {
     n.wait_running("again-1")?;
     Ok(())
 }
+
+/// A deployment's own rule (`skiff run --verify-key`, compose `x-skiff-signature`) binds
+/// its image on a node whose policy names no image, and travels with the deployment.
+#[test]
+fn a_deployment_brings_its_own_signature_rule() -> R {
+    skiff_testkit::require_registry_tools!();
+    let reg = skiff_testkit::registry::Registry::start()?;
+    let push = |name: &str| -> anyhow::Result<String> {
+        let layout = tempfile::tempdir()?;
+        image(name)?.write_oci_layout(layout.path(), "x")?;
+        reg.push(layout.path(), name)?;
+        Ok(format!("127.0.0.1:{}/{name}", reg.port))
+    };
+    let (signed, unsigned) = (push("team/app:1")?, push("team/app:2")?);
+    let mut n = Node::new()?;
+    let k = n.data().join("team");
+    n.ok(&["image", "keygen", "-o", k.to_str().unwrap()])?;
+    let (key, public) = (format!("{}.key", k.display()), format!("{}.pub", k.display()));
+    n.ok(&["image", "sign", &signed, "--key", &key])?;
+    n.up_with(None, &[])?;
+
+    n.ok(&["run", &signed, "--name", "good", "--verify-key", &public, "--", "sleep", "1000"])?;
+    n.wait_running("good-1")?;
+    // The rule is part of the deployment: its key, as PEM text.
+    let all: Vec<serde_json::Value> = serde_json::from_str(&n.ok(&["get", "deployments", "-o", "json"])?)?;
+    let d = &all.iter().find(|d| d["spec"]["name"] == "good").expect("the deployment")["spec"];
+    assert!(d["signature"]["keys"][0].as_str().unwrap_or_default().contains("BEGIN PUBLIC KEY"), "{d}");
+
+    let out = n.cli(&["run", &unsigned, "--name", "bad", "--verify-key", &public, "--", "sleep", "1000"])?;
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("(deployment bad)") && err.contains("no signature"), "{err}");
+    assert!(n.events()?.iter().any(|e| e.reason == "Untrusted" && e.message.contains("deployment bad")));
+    // warn runs it, with an event.
+    n.ok(&[
+        "run",
+        &unsigned,
+        "--name",
+        "tolerated",
+        "--verify-key",
+        &public,
+        "--verify-mode",
+        "warn",
+        "--",
+        "sleep",
+        "1000",
+    ])?;
+    n.wait_running("tolerated-1")?;
+
+    // Compose: the key file is read relative to the compose file.
+    let compose = n.write(
+        "compose.yaml",
+        &format!(
+            "services:\n  web:\n    image: {signed}\n    command: [sleep, '1000']\n    x-skiff-signature:\n      keys: [team.pub]\n"
+        ),
+    )?;
+    assert_eq!(
+        compose.with_file_name("team.pub").display().to_string(),
+        public,
+        "the key lies beside the compose file"
+    );
+    n.ok(&["apply", "-f", compose.to_str().unwrap()])?;
+    wait_for(60 * SEC, "web from compose", || n.instance("web-1").ok().filter(|i| i.state == InstanceState::Running))?;
+    let bad =
+        n.write("bad.yaml", "services:\n  web:\n    image: x\n    x-skiff-signature:\n      keys: [missing.pub]\n")?;
+    let out = n.cli(&["apply", "-f", bad.to_str().unwrap()])?;
+    assert!(
+        stderr(&out).contains("x-skiff-signature.keys[0]") && stderr(&out).contains("missing.pub"),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}

@@ -72,6 +72,14 @@ pub struct RunArgs {
     /// the instance is placed only where that many are free.
     #[arg(long)]
     pub gpus: Option<String>,
+    /// Run only an image signed with this cosign public key (PEM file), repeatable; checked
+    /// on every node beside its own image policy.
+    #[arg(long = "verify-key")]
+    pub verify_key: Vec<std::path::PathBuf>,
+    /// With --verify-key: enforce (refuse an image no key signed) or warn (run it, with an
+    /// event).
+    #[arg(long = "verify-mode", requires = "verify_key", value_parser = ["enforce", "warn"])]
+    pub verify_mode: Option<String>,
     #[arg(long, default_value_t = 1)]
     pub replicas: u32,
     /// Node label KEY=VALUE the instances must run on (repeatable).
@@ -230,6 +238,16 @@ pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -
             DeviceRequest::parse_gpus(g)
                 .with_context(|| format!("--gpus: {g:?} is not all, a count or device=ID[,ID...]"))?,
         );
+    }
+    if !a.verify_key.is_empty() {
+        let mut keys = vec![];
+        for k in &a.verify_key {
+            let pem = std::fs::read_to_string(k).with_context(|| format!("--verify-key {}", k.display()))?;
+            skiff_image::trust::PublicKey::from_pem(&pem)
+                .map_err(|e| anyhow::anyhow!("--verify-key {}: {e}", k.display()))?;
+            keys.push(pem);
+        }
+        d.signature = Some(skiff_model::SignatureRule { mode: a.verify_mode.clone(), keys, ..Default::default() });
     }
     d.replicas = a.replicas;
     d.placement.node_selector = parse_selector(&a.selector)?;
