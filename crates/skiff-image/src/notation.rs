@@ -202,10 +202,7 @@ pub fn verify(envelope: &[u8], digest: &str, policy: &TrustPolicy, now: i64) -> 
     check_signing_certificate(leaf)?;
     let trusted = policy.identities.iter().any(|i| match i {
         Identity::Any => true,
-        Identity::Subject(want) => {
-            let have = subject_attributes(leaf);
-            want.iter().all(|w| have.contains(w))
-        }
+        Identity::Subject(want) => subject_attributes(leaf).is_some_and(|have| want.iter().all(|w| have.contains(w))),
     });
     if !trusted {
         return Err(format!("the signing certificate's subject ({}) is not a trusted identity", leaf.subject()));
@@ -237,11 +234,20 @@ fn check_chain(chain: &[X509Certificate<'_>], ders: &[Vec<u8>], policy: &TrustPo
         if !issuer.is_ca() {
             return Err(format!("certificate {} issued {} but is no CA", issuer.subject(), child.subject()));
         }
+        if let Ok(Some(ku)) = issuer.key_usage() {
+            if !ku.value.key_cert_sign() {
+                return Err(format!("certificate {} may not sign certificates (key usage)", issuer.subject()));
+            }
+        }
+        weak_signature(child)?;
         child
             .verify_signature(Some(issuer.public_key()))
             .map_err(|_| format!("certificate {} is not signed by {}", child.subject(), issuer.subject()))?;
     }
     let (last, last_der) = chain.last().zip(ders.last()).ok_or("no certificate")?;
+    if root_is_not(last_der, policy) {
+        weak_signature(last)?;
+    }
     let anchored = policy.roots.iter().any(|root| {
         root.der == *last_der
             || X509Certificate::from_der(&root.der).is_ok_and(|(_, r)| {
@@ -254,25 +260,70 @@ fn check_chain(chain: &[X509Certificate<'_>], ders: &[Vec<u8>], policy: &TrustPo
     Ok(())
 }
 
-/// The signing certificate may sign, and sign code, when it says what it is for.
+/// Whether `der` is none of the trust store's certificates (whose own signatures are
+/// not what makes them trusted).
+fn root_is_not(der: &[u8], policy: &TrustPolicy) -> bool {
+    !policy.roots.iter().any(|r| r.der == der)
+}
+
+/// Refuses a certificate signed with SHA-1 (x509-parser would verify it, as RSA keys
+/// from 1024 bits; Notation accepts neither).
+fn weak_signature(c: &X509Certificate<'_>) -> Result<(), String> {
+    use x509_parser::oid_registry as oids;
+    let alg = &c.signature_algorithm.algorithm;
+    if *alg == oids::OID_PKCS1_SHA1WITHRSA || *alg == oids::OID_SHA1_WITH_RSA {
+        return Err(format!("certificate {} is signed with SHA-1", c.subject()));
+    }
+    Ok(())
+}
+
+/// The signing certificate may sign, and sign code, when it says what it is for; it is
+/// no CA (a chain of one self-signed signing certificate is fine).
 fn check_signing_certificate(leaf: &X509Certificate<'_>) -> Result<(), String> {
+    if leaf.is_ca() {
+        return Err(format!("certificate {} is a CA, not a signing certificate", leaf.subject()));
+    }
     if let Ok(Some(ku)) = leaf.key_usage() {
         if !ku.value.digital_signature() {
             return Err(format!("certificate {} may not make signatures (key usage)", leaf.subject()));
         }
     }
     if let Ok(Some(eku)) = leaf.extended_key_usage() {
-        if !eku.value.code_signing && !eku.value.any {
+        if !eku.value.code_signing {
             return Err(format!("certificate {} is not for code signing (extended key usage)", leaf.subject()));
         }
     }
     Ok(())
 }
 
-/// A certificate's subject as (attribute, value) pairs, named as x509-parser writes
-/// them (`C`, `ST`, `L`, `O`, `OU`, `CN`, ...).
-fn subject_attributes(c: &X509Certificate<'_>) -> Vec<(String, String)> {
-    parse_dn(&c.subject().to_string()).unwrap_or_default()
+/// A certificate's subject as (attribute, value) pairs, read from its parsed names (not
+/// from text: a value may hold `, O=...`). `None` for a subject a trusted identity cannot
+/// be matched against: an attribute twice, or several in one RDN (Notation refuses both).
+fn subject_attributes(c: &X509Certificate<'_>) -> Option<Vec<(String, String)>> {
+    use x509_parser::oid_registry as oids;
+    let short = [
+        (oids::OID_X509_COUNTRY_NAME, "C"),
+        (oids::OID_X509_STATE_OR_PROVINCE_NAME, "ST"),
+        (oids::OID_X509_LOCALITY_NAME, "L"),
+        (oids::OID_X509_ORGANIZATION_NAME, "O"),
+        (oids::OID_X509_ORGANIZATIONAL_UNIT, "OU"),
+        (oids::OID_X509_COMMON_NAME, "CN"),
+    ];
+    let mut out: Vec<(String, String)> = vec![];
+    for rdn in c.subject().iter_rdn() {
+        let attrs: Vec<_> = rdn.iter().collect();
+        let [a] = attrs.as_slice() else { return None };
+        let name = short
+            .iter()
+            .find(|(oid, _)| oid == a.attr_type())
+            .map(|(_, n)| n.to_string())
+            .unwrap_or_else(|| a.attr_type().to_id_string());
+        if out.iter().any(|(n, _)| *n == name) {
+            return None;
+        }
+        out.push((name, a.as_str().ok()?.to_string()));
+    }
+    Some(out)
 }
 
 /// A JWS envelope, as `notation sign` makes one (scheme `notary.x509`, `ES256`), for the
@@ -356,7 +407,10 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
             sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60)
         }
     };
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+    if !(0..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return None;
+    }
+    if !(0..24).contains(&hh) || !(0..60).contains(&mm) || !(0..=60).contains(&ss) {
         return None;
     }
     // Days from the civil date (Howard Hinnant's algorithm).
@@ -458,6 +512,19 @@ mod tests {
         assert!(sign(&target, &other, &pki.chain_pem, "2026-12-04T10:00:00Z")
             .unwrap_err()
             .contains("not the one of the first certificate"));
+        // A subject whose value reads like more attributes is not those attributes.
+        let spoof = skiff_testkit::tls::code_signing("evil, CN=release").unwrap();
+        let spoof_key = crate::trust::PrivateKey::from_pem(&spoof.key_pem).unwrap();
+        let env = sign(&target, &spoof_key, &spoof.chain_pem, "2026-12-04T10:00:00Z").unwrap();
+        let spoof_store = TrustPolicy {
+            roots: Certificate::from_pem_bundle(&spoof.root_pem).unwrap(),
+            identities: vec![Identity::parse("x509.subject: O=skiff, CN=release").unwrap()],
+        };
+        let e = verify(&env, E2E_DIGEST, &spoof_store, NOW).unwrap_err();
+        assert!(e.contains("not a trusted identity"), "{e}");
+        assert!(
+            parse_rfc3339("99999999999-01-01T00:00:00Z").is_none() && parse_rfc3339("2026-01-01T25:00:00Z").is_none()
+        );
         // A CA certificate is no signer: it may not sign code.
         let root_only = skiff_testkit::tls::code_signing("x").unwrap();
         let e = sign(&target, &key, &root_only.root_pem, "2026-12-04T10:00:00Z").unwrap_err();

@@ -523,6 +523,28 @@ impl Client {
     }
 }
 
+/// Runs `f` against the registry of `reference` itself, never a mirror (what is pushed
+/// belongs there), trying its endpoints in order while one that was only a probe is
+/// unreachable.
+async fn at_registry<T>(
+    reference: &str,
+    opts: &PullOptions,
+    f: impl AsyncFn(&Client) -> Result<T, ImageError>,
+) -> Result<T, ImageError> {
+    let r = RemoteRef::parse(reference)?;
+    let http = http_client(opts)?;
+    let mut res = Err(ImageError::BadReference(reference.to_string()));
+    for endpoint in opts.registries.endpoints(&r.registry, &opts.insecure).into_iter().filter(|e| !e.mirror) {
+        let client = Client::new(&http, &endpoint, &r, opts, Default::default(), None);
+        res = f(&client).await;
+        match &res {
+            Err(ImageError::Unreachable { .. }) if endpoint.probe => continue,
+            _ => break,
+        }
+    }
+    res
+}
+
 /// What `sign` did.
 #[derive(Debug, Clone)]
 pub struct SignReport {
@@ -543,18 +565,7 @@ pub async fn sign(
     opts: &PullOptions,
 ) -> Result<SignReport, ImageError> {
     use crate::trust;
-    let r = RemoteRef::parse(reference)?;
-    let http = http_client(opts)?;
-    let mut res = Err(ImageError::BadReference(reference.to_string()));
-    for endpoint in opts.registries.endpoints(&r.registry, &opts.insecure).into_iter().filter(|e| !e.mirror) {
-        let client = Client::new(&http, &endpoint, &r, opts, Default::default(), None);
-        res = sign_at(&client, reference, key, opts).await;
-        match &res {
-            Err(ImageError::Unreachable { .. }) if endpoint.probe => continue,
-            _ => break,
-        }
-    }
-    return res;
+    return at_registry(reference, opts, async |client| sign_at(client, reference, key, opts).await).await;
 
     async fn sign_at(
         client: &Client,
@@ -891,7 +902,13 @@ async fn fetch_signatures(
     opts: &PullOptions,
 ) -> Result<Vec<crate::trust::StoredSignature>, ImageError> {
     let mut sigs = fetch_cosign(client, digest, opts).await?;
-    sigs.extend(fetch_notation(client, digest, opts).await?);
+    // Notation's artifacts are looked up beside: a registry that answers that lookup
+    // badly must not cost the cosign signatures already read.
+    match fetch_notation(client, digest, opts).await {
+        Ok(n) => sigs.extend(n),
+        Err(e) if sigs.is_empty() => return Err(e),
+        Err(e) => tracing::debug!("{digest}: Notation signatures not read: {e}"),
+    }
     Ok(sigs)
 }
 
@@ -976,6 +993,11 @@ async fn fetch_notation(
             if ![notation::JWS, notation::COSE].contains(&layer.media_type.as_str()) {
                 continue;
             }
+            // Envelopes are a few KiB (a certificate chain and a timestamp): bounded in
+            // size and number, whatever a registry lists.
+            if layer.size > MAX_ENVELOPE || sigs.len() >= MAX_SIGNATURES {
+                continue;
+            }
             sha256_hex(&layer.digest)?;
             let what = format!("signature envelope {}", layer.digest);
             let path = format!("/v2/{}/blobs/{}", client.r.repository, layer.digest);
@@ -996,18 +1018,8 @@ pub async fn sign_notation(
     chain_pem: &str,
     opts: &PullOptions,
 ) -> Result<SignReport, ImageError> {
-    let r = RemoteRef::parse(reference)?;
-    let http = http_client(opts)?;
-    let mut res = Err(ImageError::BadReference(reference.to_string()));
-    for endpoint in opts.registries.endpoints(&r.registry, &opts.insecure).into_iter().filter(|e| !e.mirror) {
-        let client = Client::new(&http, &endpoint, &r, opts, Default::default(), None);
-        res = notation_at(&client, reference, key, chain_pem, opts).await;
-        match &res {
-            Err(ImageError::Unreachable { .. }) if endpoint.probe => continue,
-            _ => break,
-        }
-    }
-    return res;
+    return at_registry(reference, opts, async |client| notation_at(client, reference, key, chain_pem, opts).await)
+        .await;
 
     async fn notation_at(
         client: &Client,
@@ -1122,6 +1134,8 @@ pub async fn verify(
 
 /// At most this many signatures of one image are read.
 const MAX_SIGNATURES: usize = 32;
+/// The largest Notation envelope read.
+const MAX_ENVELOPE: u64 = 256 << 10;
 
 /// Reads the cosign signatures of `digest` (the tag `sha256-<hex>.sig` of the same
 /// repository) and judges them by `rule`; refuses, before anything is stored, an image the

@@ -5,7 +5,7 @@
 //! other actions when the filter was loaded with `SECCOMP_FILTER_FLAG_LOG`. Needs
 //! CAP_AUDIT_READ (root).
 
-use netlink_sys::{protocols::NETLINK_AUDIT, Socket, SocketAddr};
+use netlink_sys::protocols::NETLINK_AUDIT;
 use std::os::fd::{AsFd, BorrowedFd};
 
 const AUDIT_NLGRP_READLOG: u32 = 1;
@@ -62,39 +62,24 @@ impl SeccompRecord {
     }
 }
 
-pub struct AuditEvents {
-    sock: Socket,
-    buf: Vec<u8>,
-}
+/// The audit log's read-only multicast group: seccomp's records.
+pub struct AuditEvents(crate::multicast::Multicast);
 
 impl AuditEvents {
-    /// Joins the audit log's read-only multicast group.
     pub fn open() -> std::io::Result<Self> {
-        let mut sock = Socket::new(NETLINK_AUDIT)?;
-        sock.bind(&SocketAddr::new(0, 1 << (AUDIT_NLGRP_READLOG - 1)))?;
-        let _ = sock.set_rx_buf_sz(1 << 20);
-        sock.set_non_blocking(true)?;
-        Ok(AuditEvents { sock, buf: Vec::with_capacity(64 << 10) })
+        crate::multicast::Multicast::join(NETLINK_AUDIT, AUDIT_NLGRP_READLOG, 1 << 20).map(AuditEvents)
     }
 
-    /// The seccomp records waiting (none when nothing is; other records are skipped).
-    /// A receive buffer overrun is `Err` with `ENOBUFS`.
+    /// The seccomp records waiting (other records are skipped); see
+    /// [`crate::multicast::Multicast::drain`].
     pub fn recv(&mut self) -> std::io::Result<Vec<SeccompRecord>> {
-        let mut out = vec![];
-        loop {
-            self.buf.clear();
-            match self.sock.recv(&mut self.buf, 0) {
-                Ok(n) => out.extend(parse(&self.buf[..n.min(self.buf.len())])),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(out),
-                Err(e) => return Err(e),
-            }
-        }
+        self.0.drain(parse)
     }
 }
 
 impl AsFd for AuditEvents {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.sock.as_fd()
+        self.0.as_fd()
     }
 }
 

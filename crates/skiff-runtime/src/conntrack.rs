@@ -4,7 +4,7 @@
 //! flows are tracked (the outbound NAT needs it): each new flow is reported once, with
 //! the container's address as its source. Needs CAP_NET_ADMIN (root).
 
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use netlink_sys::protocols::NETLINK_NETFILTER;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 
@@ -47,39 +47,23 @@ impl Flow {
     }
 }
 
-pub struct NewFlows {
-    sock: Socket,
-    buf: Vec<u8>,
-}
+/// The host's new-connection events.
+pub struct NewFlows(crate::multicast::Multicast);
 
 impl NewFlows {
-    /// Subscribes to the host's new-connection events.
     pub fn open() -> std::io::Result<Self> {
-        let mut sock = Socket::new(NETLINK_NETFILTER)?;
-        sock.bind(&SocketAddr::new(0, 1 << (NFNLGRP_CONNTRACK_NEW - 1)))?;
-        let _ = sock.set_rx_buf_sz(2 << 20);
-        sock.set_non_blocking(true)?;
-        Ok(NewFlows { sock, buf: Vec::with_capacity(64 << 10) })
+        crate::multicast::Multicast::join(NETLINK_NETFILTER, NFNLGRP_CONNTRACK_NEW, 2 << 20).map(NewFlows)
     }
 
-    /// The new flows waiting (none when nothing is). A receive buffer overrun is `Err`
-    /// with `ENOBUFS`.
+    /// The new flows waiting; see [`crate::multicast::Multicast::drain`].
     pub fn recv(&mut self) -> std::io::Result<Vec<Flow>> {
-        let mut out = vec![];
-        loop {
-            self.buf.clear();
-            match self.sock.recv(&mut self.buf, 0) {
-                Ok(n) => out.extend(parse(&self.buf[..n.min(self.buf.len())])),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(out),
-                Err(e) => return Err(e),
-            }
-        }
+        self.0.drain(parse)
     }
 }
 
 impl AsFd for NewFlows {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.sock.as_fd()
+        self.0.as_fd()
     }
 }
 

@@ -37,8 +37,13 @@ impl FileWrites {
     /// refused: a directory whose overlay is not mounted (after a reboot) would otherwise
     /// mark the node's own filesystem whole.
     pub fn watch(&self, rootfs: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
         let fs = nix::sys::statfs::statfs(rootfs)?;
-        if fs.filesystem_type() != nix::sys::statfs::OVERLAYFS_SUPER_MAGIC {
+        // An overlay, and mounted there: on a node whose own root is an overlay (a
+        // read-only image, an agent in a container) a plain directory is on one too.
+        let parent = rootfs.parent().unwrap_or(Path::new("/"));
+        let own_mount = std::fs::metadata(rootfs)?.dev() != std::fs::metadata(parent)?.dev();
+        if fs.filesystem_type() != nix::sys::statfs::OVERLAYFS_SUPER_MAGIC || !own_mount {
             return Err(std::io::Error::other(format!("{} is not an overlay mount", rootfs.display())));
         }
         self.fan.mark(
@@ -50,27 +55,33 @@ impl FileWrites {
         Ok(())
     }
 
-    /// The writes waiting (none when nothing is).
-    pub fn recv(&self) -> std::io::Result<Vec<Write>> {
-        let mut out = vec![];
-        loop {
+    /// The writes waiting (none when nothing is), at most [`crate::multicast::BATCH`] and
+    /// then what the last read brought; the flag says the kernel's queue overflowed
+    /// (events were lost).
+    pub fn recv(&self) -> std::io::Result<(Vec<Write>, bool)> {
+        let (mut out, mut lost) = (vec![], false);
+        while out.len() < crate::multicast::BATCH {
             let events = match self.fan.read_events() {
                 Ok(e) => e,
-                Err(nix::errno::Errno::EAGAIN) => return Ok(out),
+                Err(nix::errno::Errno::EAGAIN) => break,
                 Err(e) => return Err(e.into()),
             };
             if events.is_empty() {
-                return Ok(out);
+                break;
             }
             for ev in events {
                 // An overflow (the queue of 16384 events was full) has no file.
-                let Some(fd) = ev.fd() else { continue };
+                let Some(fd) = ev.fd() else {
+                    lost |= ev.mask().contains(MaskFlags::FAN_Q_OVERFLOW);
+                    continue;
+                };
                 let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
                 if let Ok(p) = std::fs::read_link(link) {
                     out.push(Write { pid: ev.pid(), path: p.to_string_lossy().into_owned() });
                 }
             }
         }
+        Ok((out, lost))
     }
 }
 

@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod conntrack;
 pub mod fswrites;
 pub mod logs;
+pub mod multicast;
 pub mod nat;
 pub mod netlink;
 pub mod network;

@@ -249,13 +249,27 @@ const LOGGED: &[&str] = &["listen"];
 pub fn with_audit(mut profile: Value, audit: Audit) -> Value {
     if audit.listens {
         if let Some(rules) = profile["syscalls"].as_array_mut() {
-            for r in rules.iter_mut().filter(|r| r["action"] == "SCMP_ACT_ALLOW") {
-                if let Some(names) = r["names"].as_array_mut() {
-                    names.retain(|n| !n.as_str().is_some_and(|n| LOGGED.contains(&n)));
+            // Only a call the profile allows outright, and names nowhere else, is logged
+            // instead: one it refuses, or allows on conditions, stays as it is.
+            let names = |r: &Value, call: &str| r["names"].as_array().is_some_and(|n| n.iter().any(|n| n == call));
+            let outright = |r: &Value| r["action"] == "SCMP_ACT_ALLOW" && r["args"].is_null();
+            let freed: Vec<&str> = LOGGED
+                .iter()
+                .copied()
+                .filter(|c| {
+                    rules.iter().any(|r| outright(r) && names(r, c))
+                        && !rules.iter().any(|r| !outright(r) && names(r, c))
+                })
+                .collect();
+            for r in rules.iter_mut().filter(|r| outright(r)) {
+                if let Some(n) = r["names"].as_array_mut() {
+                    n.retain(|n| !n.as_str().is_some_and(|n| freed.contains(&n)));
                 }
             }
             rules.retain(|r| r["names"].as_array().is_none_or(|n| !n.is_empty()));
-            rules.push(json!({"names": LOGGED, "action": "SCMP_ACT_LOG"}));
+            if !freed.is_empty() {
+                rules.push(json!({"names": freed, "action": "SCMP_ACT_LOG"}));
+            }
         }
     }
     if audit.denials {
@@ -332,6 +346,9 @@ mod tests {
         assert!(allows(&p, "accept4", None) && allows(&p, "bind", None), "the rest of the allow rule stays");
         assert_eq!(p["flags"], json!(["SECCOMP_FILTER_FLAG_LOG"]));
         assert!(rules.iter().all(|r| !r["names"].as_array().unwrap().is_empty()));
+        // The deny-all fallback stays deny-all.
+        let deny = json!({"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1, "syscalls": []});
+        assert_eq!(with_audit(deny.clone(), Audit { listens: true, denials: false }), deny);
     }
 
     #[test]

@@ -14,7 +14,7 @@ type R = anyhow::Result<()>;
 const SEC: Duration = Duration::from_secs(1);
 
 fn security(n: &Node) -> Vec<EventRecord> {
-    n.ok(&["get", "events", "--type", "security", "-o", "json"])
+    n.ok(&["get", "events", "--type", "Security", "-o", "json"])
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default()

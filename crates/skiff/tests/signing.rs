@@ -25,6 +25,14 @@ fn image(tag: &str) -> anyhow::Result<skiff_testkit::ImageBuilder> {
     Ok(skiff_testkit::ImageBuilder::busybox()?.layer(layer))
 }
 
+/// Pushes `image(name)` to `reg` as `name`; its reference there.
+fn push(reg: &skiff_testkit::registry::Registry, name: &str) -> anyhow::Result<String> {
+    let layout = tempfile::tempdir()?;
+    image(name)?.write_oci_layout(layout.path(), "x")?;
+    reg.push(layout.path(), name)?;
+    Ok(format!("127.0.0.1:{}/{name}", reg.port))
+}
+
 /// Copies the signature manifest of `from` (a digest) to the signature tag of `to` in the
 /// same repository: an attacker re-using a signature made for another image.
 fn copy_signature(port: u16, repo: &str, from: &str, to: &str) -> R {
@@ -45,12 +53,7 @@ fn copy_signature(port: u16, repo: &str, from: &str, to: &str) -> R {
 fn signed_images_run_and_the_policy_refuses_or_warns_about_the_rest() -> R {
     skiff_testkit::require_registry_tools!();
     let reg = skiff_testkit::registry::Registry::start()?;
-    let push = |name: &str| -> anyhow::Result<String> {
-        let layout = tempfile::tempdir()?;
-        image(name)?.write_oci_layout(layout.path(), "x")?;
-        reg.push(layout.path(), name)?;
-        Ok(format!("127.0.0.1:{}/{name}", reg.port))
-    };
+    let push = |name: &str| push(&reg, name);
     let (good, other_key, unsigned, reused, warned) =
         (push("fleet/app:1")?, push("fleet/app:2")?, push("fleet/plain:1")?, push("fleet/app:3")?, push("lab/app:1")?);
     let late = push("fleet/late:1")?;
@@ -195,12 +198,7 @@ fn a_policy_with_a_mistake_is_refused_at_start_naming_the_field() -> R {
 fn notation_signatures_are_made_found_and_judged() -> R {
     skiff_testkit::require_registry_tools!();
     let reg = skiff_testkit::registry::Registry::start()?;
-    let push = |name: &str| -> anyhow::Result<String> {
-        let layout = tempfile::tempdir()?;
-        image(name)?.write_oci_layout(layout.path(), "x")?;
-        reg.push(layout.path(), name)?;
-        Ok(format!("127.0.0.1:{}/{name}", reg.port))
-    };
+    let push = |name: &str| push(&reg, name);
     let (good, rogue, intern, unsigned) =
         (push("vendor/app:1")?, push("vendor/app:2")?, push("vendor/app:3")?, push("vendor/app:4")?);
     let mut n = Node::new()?;
@@ -277,12 +275,7 @@ fn notation_signatures_are_made_found_and_judged() -> R {
 fn a_deployment_brings_its_own_signature_rule() -> R {
     skiff_testkit::require_registry_tools!();
     let reg = skiff_testkit::registry::Registry::start()?;
-    let push = |name: &str| -> anyhow::Result<String> {
-        let layout = tempfile::tempdir()?;
-        image(name)?.write_oci_layout(layout.path(), "x")?;
-        reg.push(layout.path(), name)?;
-        Ok(format!("127.0.0.1:{}/{name}", reg.port))
-    };
+    let push = |name: &str| push(&reg, name);
     let (signed, unsigned) = (push("team/app:1")?, push("team/app:2")?);
     let mut n = Node::new()?;
     let k = n.data().join("team");

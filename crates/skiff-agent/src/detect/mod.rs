@@ -94,7 +94,16 @@ fn container_of(cgroup: &str) -> Option<&str> {
 /// A `/proc` file as text. What a workload controls (its arguments, its name) may be any
 /// bytes: read lossily, so bytes that are no UTF-8 cannot hide a process from the rules.
 fn read(path: String) -> Option<String> {
-    std::fs::read(path).ok().map(|b| String::from_utf8_lossy(&b).into_owned())
+    read_capped(path, 1 << 20)
+}
+
+/// At most `max` bytes of a `/proc` file: what a workload controls (its arguments, its
+/// socket table) may be large.
+fn read_capped(path: String, max: u64) -> Option<String> {
+    use std::io::Read;
+    let mut b = vec![];
+    std::fs::File::open(path).ok()?.take(max).read_to_end(&mut b).ok()?;
+    Some(String::from_utf8_lossy(&b).into_owned())
 }
 
 /// `/proc/PID/cmdline` as one line of at most 1024 bytes (cut on a character boundary).
@@ -113,7 +122,7 @@ fn exe_of(pid: i32) -> Option<String> {
 
 /// None once the process has exited: a zombie's command line reads empty.
 fn cmdline_of(pid: i32) -> Option<String> {
-    read(format!("/proc/{pid}/cmdline")).map(|c| cmdline(&c)).filter(|c| !c.is_empty())
+    read_capped(format!("/proc/{pid}/cmdline"), 4096).map(|c| cmdline(&c)).filter(|c| !c.is_empty())
 }
 
 /// One event from the kernel.
@@ -265,9 +274,13 @@ impl rules::Fields for Ev<'_> {
 /// entered, so the socket may be a moment from listening: looked for a few times, 1 ms
 /// apart.
 fn listening_socket(pid: i32) -> Option<(IpAddr, u16)> {
-    for _ in 0..10 {
+    // Bounded in time and in what is read: a process with a million descriptors or a
+    // namespace with a huge socket table costs the detector no more than this.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(20);
+    while std::time::Instant::now() < deadline {
         let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .ok()?
+            .take(4096)
             .filter_map(|e| {
                 let l = std::fs::read_link(e.ok()?.path()).ok()?;
                 let l = l.to_str()?;
@@ -275,7 +288,7 @@ fn listening_socket(pid: i32) -> Option<(IpAddr, u16)> {
             })
             .collect();
         for table in ["tcp", "tcp6"] {
-            let text = read(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+            let text = read_capped(format!("/proc/{pid}/net/{table}"), 4 << 20).unwrap_or_default();
             if let Some(found) = text.lines().skip(1).find_map(|l| listening_entry(l, &inodes)) {
                 return Some(found);
             }
@@ -332,6 +345,51 @@ struct Seen {
     /// Container ids by address, rebuilt when a container was first seen since.
     ips: HashMap<IpAddr, String>,
     ips_stale: bool,
+    /// When the address map was last rebuilt for an address it lacked.
+    ips_rebuilt: Option<std::time::Instant>,
+    /// Alerts per (instance, rule) in the current minute, and how many were held back.
+    alerts: Windows,
+}
+
+/// One minute of one rule's alerts for one instance.
+struct Window {
+    start: std::time::Instant,
+    sent: u32,
+    held: u32,
+}
+
+/// At most this many alerts of one rule for one instance a minute: a workload looping on
+/// what a rule watches must not flood the node's events (and push older alerts out
+/// before they reach the hub). The rest are counted and reported.
+const ALERTS_PER_MINUTE: u32 = 10;
+
+type Windows = HashMap<(String, String), Window>;
+
+/// Whether an alert of `rule` for `instance` goes out now; a note to send with it about
+/// alerts held back.
+fn admit_alert(alerts: &mut Windows, instance: &str, rule: &str) -> (bool, Option<String>) {
+    let now = std::time::Instant::now();
+    if alerts.len() > 4096 {
+        alerts.retain(|_, w| now.duration_since(w.start).as_secs() < 60);
+    }
+    let w = alerts.entry((instance.to_string(), rule.to_string())).or_insert(Window { start: now, sent: 0, held: 0 });
+    let mut note = None;
+    if now.duration_since(w.start).as_secs() >= 60 {
+        if w.held > 0 {
+            note = Some(format!("{} more alerts of rule {rule:?} were held back in the minute before", w.held));
+        }
+        *w = Window { start: now, sent: 0, held: 0 };
+    }
+    if w.sent < ALERTS_PER_MINUTE {
+        w.sent += 1;
+        if w.sent == ALERTS_PER_MINUTE {
+            note = Some(format!("alerts of rule {rule:?} are held back for the rest of the minute (at most {ALERTS_PER_MINUTE} a minute)"));
+        }
+        (true, note)
+    } else {
+        w.held += 1;
+        (false, note)
+    }
 }
 
 impl Detector {
@@ -406,7 +464,12 @@ impl Detector {
             }
             if let Some(w) = src.writes.as_ref().filter(|_| ready.next() == Some(true)) {
                 match w.recv() {
-                    Ok(ws) => events.extend(ws.into_iter().map(|w| (Some(w.pid), What::Write(w.path)))),
+                    Ok((ws, lost)) => {
+                        if lost {
+                            st.lost();
+                        }
+                        events.extend(ws.into_iter().map(|w| (Some(w.pid), What::Write(w.path))));
+                    }
                     Err(_) => st.lost(),
                 }
             }
@@ -446,9 +509,14 @@ fn judge(
     counter.fetch_add(1, Ordering::Relaxed);
     let id = match (&what, pid) {
         (What::Connect(f), _) => {
-            if seen.ips_stale {
+            // Rebuilt when a container was first seen since, and for an address it lacks
+            // (an instance whose address was recorded after that), at most once a second.
+            let lacks = !seen.ips.contains_key(&f.src)
+                && seen.ips_rebuilt.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+            if seen.ips_stale || lacks {
                 seen.ips = agent.detect_addresses();
                 seen.ips_stale = false;
+                seen.ips_rebuilt = Some(std::time::Instant::now());
             }
             let Some(id) = seen.ips.get(&f.src) else { return };
             id.clone()
@@ -497,7 +565,11 @@ fn judge(
     };
     for r in rules.iter().filter(|r| rules::eval(&r.condition, &ev)) {
         st.alerts.fetch_add(1, Ordering::Relaxed);
-        agent.security_alert(k, &id, r, &ev);
+        let (send, note) = admit_alert(&mut seen.alerts, &k.instance, &r.name);
+        if let Some(note) = note {
+            agent.event(&k.instance, "SecurityAlert", &note);
+        }
+        agent.security_alert(k, &id, r, &ev, send);
     }
 }
 
@@ -535,11 +607,14 @@ impl Agent {
         rows.into_iter().filter_map(|r| Some((r.ip.as_deref()?.parse().ok()?, r.container_id))).collect()
     }
 
-    /// Records a rule's match and carries out its action.
-    fn security_alert(self: &Arc<Self>, k: &Known, id: &str, r: &Rule, ev: &impl rules::Fields) {
-        let msg = format!("{:?} {}: {}", r.priority, r.name, rules::render(&r.output, ev));
-        info!(instance = %k.instance, "{msg}");
-        self.event(&k.instance, "SecurityAlert", &msg);
+    /// Records a rule's match (unless alerts of it are held back: `send`) and carries out
+    /// its action (always).
+    fn security_alert(self: &Arc<Self>, k: &Known, id: &str, r: &Rule, ev: &impl rules::Fields, send: bool) {
+        if send {
+            let msg = format!("{:?} {}: {}", r.priority, r.name, rules::render(&r.output, ev));
+            info!(instance = %k.instance, "{msg}");
+            self.event(&k.instance, "SecurityAlert", &msg);
+        }
         if r.action == Action::None {
             return;
         }
@@ -589,6 +664,21 @@ mod tests {
         std::fs::write(&f, b"cat\0/etc/shadow\0\xff\xfe").unwrap();
         let line = cmdline(&read(f.display().to_string()).unwrap());
         assert!(line.starts_with("cat /etc/shadow"), "{line}");
+    }
+
+    #[test]
+    fn a_flood_of_one_rule_is_held_back_and_counted() {
+        let mut seen = Windows::default();
+        let sent: Vec<(bool, Option<String>)> = (0..15).map(|_| admit_alert(&mut seen, "web-1", "r")).collect();
+        assert_eq!(sent.iter().filter(|(s, _)| *s).count(), ALERTS_PER_MINUTE as usize);
+        assert!(sent[ALERTS_PER_MINUTE as usize - 1].1.as_deref().is_some_and(|n| n.contains("held back")));
+        // Other rules and instances have their own minute.
+        assert!(admit_alert(&mut seen, "web-2", "r").0 && admit_alert(&mut seen, "web-1", "other").0);
+        // A minute later the count held back is reported with the next alert.
+        let w = seen.get_mut(&("web-1".to_string(), "r".to_string())).unwrap();
+        w.start -= std::time::Duration::from_secs(61);
+        let (send, note) = admit_alert(&mut seen, "web-1", "r");
+        assert!(send && note.is_some_and(|n| n.starts_with("5 more alerts")));
     }
 
     #[test]

@@ -314,7 +314,9 @@ pub fn eval(e: &Expr, ev: &impl Fields) -> bool {
             }
         }
         Expr::Cmp { field, op, values } => {
-            let Some(v) = ev.field(field) else { return false };
+            // A field that cannot be read (a process gone meanwhile) differs from every
+            // value: `proc.vpid != 1` must not hide an event whose process exited.
+            let Some(v) = ev.field(field) else { return *op == Op::Ne };
             let v = &v;
             let first = values.first().map(String::as_str).unwrap_or_default();
             let num = |s: &str| s.parse::<i64>().ok();

@@ -69,7 +69,7 @@ pub enum Cmd {
         watch: bool,
         /// Events only: `security` keeps threat-detection alerts and actions, refused
         /// images and policy violations.
-        #[arg(long = "type", value_enum)]
+        #[arg(long = "type", value_enum, ignore_case = true)]
         event_type: Option<view::EventType>,
     },
     /// Show one deployment (or node) in detail.
