@@ -42,6 +42,10 @@ fn shells_new_binaries_and_rule_actions_are_caught() -> R {
         security(&n)
             .into_iter()
             .find(|e| e.reason == "SecurityAlert" && e.message.contains("Terminal shell in container"))
+    })
+    .inspect_err(|_| {
+        // What the node saw and logged, for a failure on a loaded machine.
+        eprintln!("security events: {:?}\nnode log:\n{}", security(&n), n.log());
     })?;
     assert_eq!(alert.object, "web-1");
     assert!(

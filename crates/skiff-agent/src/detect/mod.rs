@@ -55,6 +55,14 @@ struct Known {
     upper: PathBuf,
     /// The overlay, as the node mounts it.
     rootfs: PathBuf,
+    /// Its device number when it was looked up (a remade overlay has another).
+    rootfs_dev: Option<u64>,
+}
+
+/// The device number of what is mounted at `rootfs`.
+fn overlay_dev(rootfs: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(rootfs).ok().map(|m| m.dev())
 }
 
 /// Counters, for tests and the bench.
@@ -534,7 +542,11 @@ fn judge(
     // What a process loses first when it exits (its memory: the command line, the
     // executable) is read before anything slower.
     let early = pid.filter(|_| matches!(what, What::Exec)).map(Ev::early).unwrap_or_default();
-    if !seen.known.contains_key(&id) {
+    // A container id comes back when an instance is removed and made again: a program
+    // started on another overlay than the one seen is a new container.
+    let remade = matches!(what, What::Exec)
+        && seen.known.get(&id).is_some_and(|k| k.as_ref().is_some_and(|k| k.rootfs_dev != overlay_dev(&k.rootfs)));
+    if remade || !seen.known.contains_key(&id) {
         if seen.known.len() > 4096 {
             seen.known.clear();
         }
@@ -588,6 +600,7 @@ impl Agent {
             image: r.spec.image.clone(),
             runtime: r.spec.runtime,
             upper: dir.join("upper"),
+            rootfs_dev: overlay_dev(&dir.join("rootfs")),
             rootfs: dir.join("rootfs"),
         }
     }
