@@ -516,6 +516,8 @@ fn judge(
     };
     counter.fetch_add(1, Ordering::Relaxed);
     let id = match (&what, pid) {
+        // A flow from the node itself (loopback) is no container's.
+        (What::Connect(f), _) if f.src.is_loopback() => return,
         (What::Connect(f), _) => {
             // Rebuilt when a container was first seen since, and for an address it lacks
             // (an instance whose address was recorded after that), at most once a second.
