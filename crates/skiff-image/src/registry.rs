@@ -1474,6 +1474,12 @@ mod tests {
             ("registry-1.docker.io", "library/busybox", "latest")
         );
         assert!(!crate::hosts::is_loopback(&r.registry));
+        // Docker Hub named by host, and a tag beside a digest (the digest decides).
+        let r = RemoteRef::parse("docker.io/busybox").unwrap();
+        assert_eq!((r.registry.as_str(), r.repository.as_str()), ("registry-1.docker.io", "library/busybox"));
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = RemoteRef::parse(&format!("busybox:1.36@{d}")).unwrap();
+        assert_eq!((r.repository.as_str(), r.reference.as_str()), ("library/busybox", d.as_str()));
         for bad in ["", "a b", "Reg/UPPER:1", "x@sha256:zz"] {
             assert!(RemoteRef::parse(bad).is_err(), "{bad}");
         }
