@@ -62,10 +62,7 @@ impl Agent {
                     self.record_judgement(&d.name, image, &rep.digest, j, &source).map_err(AdmitError::Untrusted)?;
                 }
                 // The deployment's own rule, with the signatures the pull kept.
-                match crate::trust::deployment_policy(d).map_err(|(f, p)| AdmitError::Signature(format!("{f}: {p}")))? {
-                    Some(_) => self.judge_stored(&d.name, d).await.map_err(AdmitError::Untrusted),
-                    None => Ok(()),
-                }
+                self.judge_deployment(&d.name, d).await.map_err(AdmitError::Untrusted)
             }
             Err(e @ ImageError::Untrusted { .. }) => {
                 let msg = e.to_string();
@@ -86,7 +83,7 @@ impl Agent {
             return Err(AdmitError::RuntimeUnavailable { runtime: d.runtime, why: why.clone() });
         }
         self.check_devices(d).map_err(AdmitError::Devices)?;
-        crate::trust::deployment_policy(d).map_err(|(f, p)| AdmitError::Signature(format!("{f}: {p}")))?;
+        crate::trust::deployment_policy(d).map_err(AdmitError::Signature)?;
         self.ensure_image(d).await?;
         if d.runtime != RuntimeKind::Wasm {
             return Ok(());

@@ -14,8 +14,9 @@ use skiff_image::trust::{Judgement, Verdict};
 use skiff_model::Deployment;
 
 /// A deployment's own signature rule (`signature:`) as an image policy of one rule for
-/// its image; `Err((field, problem))` when a key or certificate does not parse.
-pub(crate) fn deployment_policy(d: &Deployment) -> Result<Option<ImagePolicy>, (String, String)> {
+/// its image; `Err` names the field when a key or certificate does not parse
+/// (`signature.keys[0]: ...`).
+pub(crate) fn deployment_policy(d: &Deployment) -> Result<Option<ImagePolicy>, String> {
     let Some(s) = &d.signature else { return Ok(None) };
     let raw = RawRule {
         pattern: Some("**".into()),
@@ -31,13 +32,7 @@ pub(crate) fn deployment_policy(d: &Deployment) -> Result<Option<ImagePolicy>, (
     let no_files = |_: &std::path::Path| -> std::io::Result<String> {
         Err(std::io::Error::other("a deployment carries keys as PEM text, not file names"))
     };
-    ImagePolicy::from_rules(&[raw], source, no_files).map(Some).map_err(|e| {
-        let e = e.strip_prefix("images[0].").unwrap_or(&e);
-        match e.split_once(": ") {
-            Some((field, problem)) => (format!("signature.{field}"), problem.to_string()),
-            None => ("signature".into(), e.to_string()),
-        }
-    })
+    ImagePolicy::from_rule(&raw, "signature", source, no_files).map(Some)
 }
 
 impl Agent {
@@ -53,12 +48,15 @@ impl Agent {
     pub(crate) async fn judge_stored(&self, instance: &str, d: &Deployment) -> Result<(), String> {
         let image = d.image.as_str();
         self.judge_by(instance, image, self.image_policy(), true).await?;
-        // The deployment's own rule, when it has one (not remembered: it may change with
-        // the deployment; judging kept signatures is local).
-        match deployment_policy(d) {
-            Ok(Some(p)) => self.judge_by(instance, image, &p, false).await,
-            Ok(None) => Ok(()),
-            Err((field, problem)) => Err(format!("{field}: {problem}")),
+        self.judge_deployment(instance, d).await
+    }
+
+    /// Judges the stored image of `d` by the deployment's own rule, when it has one (not
+    /// remembered: it may change with the deployment; judging kept signatures is local).
+    pub(crate) async fn judge_deployment(&self, instance: &str, d: &Deployment) -> Result<(), String> {
+        match deployment_policy(d)? {
+            Some(p) => self.judge_by(instance, &d.image, &p, false).await,
+            None => Ok(()),
         }
     }
 
@@ -150,8 +148,8 @@ mod tests {
         assert_eq!(deployment_policy(&d), Ok(None));
         let garbage = "-----BEGIN PUBLIC KEY-----\nnot base64\n-----END PUBLIC KEY-----\n";
         d.signature = Some(skiff_model::SignatureRule { keys: vec![garbage.into()], ..Default::default() });
-        let (field, problem) = deployment_policy(&d).unwrap_err();
-        assert_eq!(field, "signature.keys[0]", "{problem}");
+        let e = deployment_policy(&d).unwrap_err();
+        assert!(e.starts_with("signature.keys[0]: "), "{e}");
         let key =
             skiff_image::trust::PrivateKey::from_pem(&skiff_image::trust::PrivateKey::generate_pem(false).unwrap())
                 .unwrap()

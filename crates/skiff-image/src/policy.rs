@@ -111,9 +111,30 @@ impl ImagePolicy {
         source: Option<PathBuf>,
         read: impl Fn(&Path) -> std::io::Result<String>,
     ) -> Result<Self, String> {
+        Self::named_rules(raw, source, read, |i| format!("images[{i}]"))
+    }
+
+    /// As [`ImagePolicy::from_rules`] for one rule whose errors name it `name`
+    /// (`signature.keys[0]: ...` for a deployment's `signature:`).
+    pub fn from_rule(
+        raw: &RawRule,
+        name: &str,
+        source: Option<PathBuf>,
+        read: impl Fn(&Path) -> std::io::Result<String>,
+    ) -> Result<Self, String> {
+        Self::named_rules(std::slice::from_ref(raw), source, read, |_| name.to_string())
+    }
+
+    fn named_rules(
+        raw: &[RawRule],
+        source: Option<PathBuf>,
+        read: impl Fn(&Path) -> std::io::Result<String>,
+        name: impl Fn(usize) -> String,
+    ) -> Result<Self, String> {
         let mut rules = vec![];
         for (i, r) in raw.iter().enumerate() {
-            let at = |f: &str| format!("images[{i}].{f}");
+            let rule = name(i);
+            let at = |f: &str| format!("{rule}.{f}");
             let pattern = r
                 .pattern
                 .clone()

@@ -948,10 +948,9 @@ async fn fetch_cosign(
 /// registry has none (the Distribution registry 2.x) the index its tag fallback keeps
 /// (`sha256-<hex>`). `None` when there is neither.
 async fn referrers(client: &Client, digest: &str, opts: &PullOptions) -> Result<Option<serde_json::Value>, ImageError> {
-    let path = format!("/v2/{}/referrers/{digest}", client.r.repository);
-    let index = match client.small_once("referrers", &path, Some(MT_OCI_INDEX), "").await {
-        Ok((b, _)) => b,
-        Err(_) => match client.manifest(&referrers_tag(digest)?, opts).await {
+    let index = match referrers_api(client, digest).await {
+        Some(b) => b,
+        None => match client.manifest(&referrers_tag(digest)?, opts).await {
             Ok((b, _)) => b,
             Err(e) if not_found(&e) => return Ok(None),
             Err(e) => return Err(e),
@@ -960,6 +959,13 @@ async fn referrers(client: &Client, digest: &str, opts: &PullOptions) -> Result<
     let v: serde_json::Value = serde_json::from_slice(&index)
         .map_err(|e| ImageError::Malformed { what: format!("referrers of {digest}"), problem: e.to_string() })?;
     Ok(Some(v))
+}
+
+/// The referrers API's index of `digest`; `None` where the registry has no such API
+/// (or does not answer it).
+async fn referrers_api(client: &Client, digest: &str) -> Option<Vec<u8>> {
+    let path = format!("/v2/{}/referrers/{digest}", client.r.repository);
+    client.small_once("referrers", &path, Some(MT_OCI_INDEX), "").await.ok().map(|(b, _)| b)
 }
 
 /// The tag of the referrers fallback: `sha256-<hex>`.
@@ -1055,8 +1061,7 @@ pub async fn sign_notation(
         client.put_manifest(&sig_digest, MT_OCI_MANIFEST, manifest_bytes).await?;
         // A registry with the referrers API lists it by its subject; others need the
         // fallback index (read, added to, written back).
-        let path = format!("/v2/{}/referrers/{digest}", client.r.repository);
-        if client.small_once("referrers", &path, Some(MT_OCI_INDEX), "").await.is_err() {
+        if referrers_api(client, &digest).await.is_none() {
             let tag = referrers_tag(&digest)?;
             let mut index = match client.manifest(&tag, opts).await {
                 Ok((b, d)) => serde_json::from_slice::<serde_json::Value>(&b)

@@ -260,6 +260,26 @@ fn notation_signatures_are_made_found_and_judged() -> R {
             "{name}: {err}"
         );
     }
+    // A deployment's own rule only adds to the node's: one that merely warns does not let
+    // in what the node's policy refuses.
+    let k = n.data().join("lenient");
+    n.ok(&["image", "keygen", "-o", k.to_str().unwrap()])?;
+    let lenient = format!("{}.pub", k.display());
+    let out = n.cli(&[
+        "run",
+        &rogue,
+        "--name",
+        "lenient",
+        "--verify-key",
+        &lenient,
+        "--verify-mode",
+        "warn",
+        "--",
+        "sleep",
+        "1000",
+    ])?;
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("does not lead to the trust store"), "{err}");
     // The envelope is kept beside the image: a restarted agent judges it offline.
     drop(reg);
     n.terminate_up()?;
