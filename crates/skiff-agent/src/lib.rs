@@ -34,7 +34,6 @@ mod trust;
 pub mod tunnel;
 pub mod update;
 
-use proxy::Proxies;
 use skiff_image::ImageStore;
 use skiff_model::metrics::MetricsSample;
 use skiff_model::rollout;
@@ -155,7 +154,7 @@ pub struct Agent {
     /// The bridge's outbound NAT, written at start (with no firewall: the rules an earlier
     /// start may have left, removed then).
     nat: Nat,
-    proxies: tokio::sync::Mutex<Proxies>,
+    ports: tokio::sync::Mutex<publish::Ports>,
     notify: Arc<Notify>,
     stopping: Mutex<HashSet<String>>,
     health: Mutex<HashMap<String, JoinHandle<()>>>,
@@ -163,8 +162,9 @@ pub struct Agent {
     pulls: Mutex<HashMap<String, PullState>>,
     sampler: metrics::Sampler,
     latest_metrics: Mutex<Option<MetricsSample>>,
-    /// Per deployment, the instances its published ports send traffic to.
-    serving: Mutex<HashMap<String, Vec<String>>>,
+    /// Per deployment, the instances its published ports send traffic to (none until the
+    /// loop has first judged it).
+    serving: Mutex<Option<HashMap<String, Vec<String>>>>,
     /// Containers whose published port has answered once.
     answered: Mutex<HashSet<String>>,
     /// Containers whose failed update was reported.
@@ -340,7 +340,7 @@ impl Agent {
             runtimes,
             bridge,
             nat,
-            proxies: Default::default(),
+            ports: Default::default(),
             notify: Arc::clone(&notify),
             stopping: Default::default(),
             health: Default::default(),

@@ -1,6 +1,8 @@
-//! Published ports: a userspace proxy in the agent, listening on the host and forwarding
-//! to instances' bridge addresses (TCP streams and UDP datagrams), round robin over the
-//! instances that serve. No iptables needed.
+//! Published ports where the node has no firewall of ours (`--firewall none`, or none
+//! that could be written) and for IPv6 host addresses: a userspace proxy in the agent,
+//! listening on the host and forwarding to instances' bridge addresses (TCP streams and
+//! UDP datagrams), round robin over the instances that serve. It stops with the agent;
+//! the kernel's rules ([`skiff_runtime::ports`]) do not.
 //!
 //! A published port faces whatever network the node is on: TCP connections are capped in
 //! total and per source address (over the cap a connection is closed at once), and one

@@ -1,13 +1,96 @@
 //! Step *publish*: each running instance's /etc/hosts names its stack's peers (written
 //! only on a change), and published ports send traffic to the instances the update
 //! planner says serve.
+//!
+//! Where the node's firewall is ours (`--firewall nft|iptables`, or found by `auto`), the
+//! kernel forwards published IPv4 ports ([`skiff_runtime::ports`]): they keep answering
+//! while the agent restarts. The agent holds a socket on each such port, so a port another
+//! program uses is reported instead of silently taken over, and no other program can take
+//! it later. Without a firewall (and for IPv6 addresses) the agent's proxy forwards.
 
-use crate::proxy::PortKey;
-use crate::{Agent, AgentError};
-use skiff_model::{InstanceState, NetworkMode};
+use crate::proxy::{PortKey, Proxies};
+use crate::{blocking, Agent, AgentError};
+use skiff_model::{InstanceState, NetworkMode, Protocol};
+use skiff_runtime::nat::Nat;
+use skiff_runtime::ports::PortRule;
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
+
+/// Who forwards the published ports.
+#[derive(Default)]
+pub(crate) struct Ports {
+    pub proxies: Proxies,
+    /// Set once the node's firewall rules are written: the kernel forwards IPv4 ports.
+    pub kernel: Option<KernelPorts>,
+}
+
+#[derive(Default)]
+pub(crate) struct KernelPorts {
+    /// The rules last written (none yet at start: those of an earlier run stay until the
+    /// first sync replaces them).
+    written: Option<Vec<PortRule>>,
+    held: HashMap<PortKey, Held>,
+}
+
+/// A socket bound on a published port, so nothing else binds it.
+enum Held {
+    Tcp(#[allow(dead_code)] std::net::TcpListener),
+    Udp(#[allow(dead_code)] std::net::UdpSocket),
+}
+
+impl KernelPorts {
+    /// Forwards exactly `ports` (each with its targets); the ports that cannot be
+    /// published, with why.
+    async fn sync(&mut self, nat: &Nat, ports: HashMap<PortKey, Vec<SocketAddr>>) -> Vec<(PortKey, String)> {
+        let mut errors = vec![];
+        self.held.retain(|k, _| ports.contains_key(k));
+        let mut rules = vec![];
+        for (key, targets) in ports {
+            let IpAddr::V4(bind) = key.bind.ip() else { continue };
+            if !self.held.contains_key(&key) {
+                let held = match key.protocol {
+                    Protocol::Tcp => std::net::TcpListener::bind(key.bind).map(Held::Tcp),
+                    Protocol::Udp => std::net::UdpSocket::bind(key.bind).map(Held::Udp),
+                };
+                match held {
+                    Ok(h) => {
+                        self.held.insert(key.clone(), h);
+                    }
+                    Err(e) => {
+                        errors.push((key, e.to_string()));
+                        continue;
+                    }
+                }
+            }
+            let mut targets: Vec<SocketAddrV4> = targets
+                .into_iter()
+                .filter_map(|t| match t {
+                    SocketAddr::V4(v4) => Some(v4),
+                    SocketAddr::V6(_) => None,
+                })
+                .collect();
+            targets.sort();
+            let bind = (!bind.is_unspecified()).then_some(bind);
+            rules.push(PortRule { protocol: key.protocol, bind, port: key.bind.port(), targets });
+        }
+        rules.sort();
+        if self.written.as_ref() != Some(&rules) {
+            let (nat, new) = (nat.clone(), rules.clone());
+            match blocking(move || nat.publish(&new)).await {
+                Ok(()) => self.written = Some(rules),
+                Err(e) => {
+                    for r in &rules {
+                        let bind = IpAddr::V4(r.bind.unwrap_or(Ipv4Addr::UNSPECIFIED));
+                        let key = PortKey { bind: SocketAddr::new(bind, r.port), protocol: r.protocol };
+                        errors.push((key, e.to_string()));
+                    }
+                }
+            }
+        }
+        errors
+    }
+}
 
 impl Agent {
     /// `/etc/hosts` for one instance: itself plus every addressed instance of its stack,
@@ -34,9 +117,11 @@ impl Agent {
         // (the loop's and a stop's) would otherwise race, and the older state, written
         // last, put an instance that was drained and stopped back on its ports (a
         // connection there hangs until the connect times out).
-        let mut proxies = self.proxies.lock().await;
+        let mut forwarders = self.ports.lock().await;
         let rows = self.db(|s| s.instances())?;
-        let serving = self.serving.lock().map(|s| s.clone()).unwrap_or_default();
+        // Until the loop has judged which instances serve (just after a start), ports keep
+        // what they had: for the kernel's rules, those the earlier run wrote.
+        let serving = self.serving.lock().ok().and_then(|s| s.clone());
         let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
         // Each published port with the instances that serve it and the deployment's
         // instance names (to report a port that cannot be bound).
@@ -52,8 +137,8 @@ impl Agent {
                     }
                 }
             }
-            let serves =
-                !stopping.contains(&r.name) && serving.get(&r.deployment).is_some_and(|names| names.contains(&r.name));
+            let serves = !stopping.contains(&r.name)
+                && serving.as_ref().is_some_and(|s| s.get(&r.deployment).is_some_and(|n| n.contains(&r.name)));
             for p in &r.spec.ports {
                 let bind_ip: IpAddr =
                     p.host_ip.as_ref().and_then(|i| i.parse().ok()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
@@ -65,17 +150,33 @@ impl Agent {
                 }
             }
         }
-        let mut port_errors = vec![];
-        for (key, (targets, names)) in &ports {
+        if serving.is_none() {
+            return Ok(());
+        }
+        let mut failed: Vec<(PortKey, String)> = vec![];
+        let owners: HashMap<PortKey, Vec<String>> = ports.iter().map(|(k, (_, n))| (k.clone(), n.clone())).collect();
+        let Ports { proxies, kernel } = &mut *forwarders;
+        let (by_kernel, by_proxy): (HashMap<_, _>, HashMap<_, _>) = ports
+            .into_iter()
+            .map(|(k, (targets, _))| (k, targets))
+            .partition(|(k, _)| kernel.is_some() && k.bind.is_ipv4());
+        for (key, targets) in &by_proxy {
             if let Err(e) = proxies.ensure(key.clone(), targets.clone()).await {
-                for n in names {
-                    port_errors.push((n.clone(), format!("publishing {}: {e}", key.bind)));
-                }
+                failed.push((key.clone(), e.to_string()));
             }
         }
-        let keep: Vec<PortKey> = ports.into_keys().collect();
+        let keep: Vec<PortKey> = by_proxy.into_keys().collect();
         proxies.retain(&keep);
-        drop(proxies);
+        if let Some(k) = kernel {
+            failed.extend(k.sync(&self.nat, by_kernel).await);
+        }
+        drop(forwarders);
+        let mut port_errors = vec![];
+        for (key, e) in failed {
+            for n in owners.get(&key).into_iter().flatten() {
+                port_errors.push((n.clone(), format!("publishing {}: {e}", key.bind)));
+            }
+        }
         for (name, msg) in port_errors {
             if let Some(mut r) = self.db(|s| s.instance(&name))? {
                 if r.message.as_deref() != Some(&msg) {

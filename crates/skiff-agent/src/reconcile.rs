@@ -113,25 +113,29 @@ impl Agent {
 
     pub(crate) async fn adopt(self: &Arc<Self>) -> Result<(), AgentError> {
         let (bridge, nat, setting) = (self.bridge.clone(), self.nat.clone(), self.cfg.firewall);
-        blocking(move || -> Result<(), AgentError> {
+        // Whether the node's firewall rules are ours: then the kernel forwards published ports.
+        let firewall = blocking(move || -> Result<bool, AgentError> {
             bridge.ensure()?;
             if setting.firewall.is_none() {
                 nat.remove();
-                return Ok(());
+                return Ok(false);
             }
             match nat.ensure() {
-                Ok(()) => Ok(()),
+                Ok(()) => Ok(true),
                 // Asked for by name: the operator wants NAT or no agent.
                 Err(e) if setting.explicit => {
                     Err(AgentError::Other(format!("outbound NAT: {e} (--firewall none runs without it)")))
                 }
                 Err(e) => {
                     warn!(error = %e, "outbound NAT not set up: instances on the bridge reach only this host");
-                    Ok(())
+                    Ok(false)
                 }
             }
         })
         .await?;
+        if firewall {
+            self.ports.lock().await.kernel.get_or_insert_with(Default::default);
+        }
         let _ = self.images.clean_tmp();
         let rows = self.db(|s| s.instances())?;
         let mine: HashSet<String> = rows.iter().map(|r| r.container_id.clone()).collect();
@@ -271,7 +275,7 @@ impl Agent {
             }
         }
         if let Ok(mut s) = self.serving.lock() {
-            *s = serving;
+            *s = Some(serving);
         }
 
         // Create rows for slots without a primary instance.

@@ -44,16 +44,29 @@ impl Agent {
         });
     }
 
-    /// Waits (at most `DRAIN`) until the proxy holds no connection to the instance.
+    /// Waits (at most `DRAIN`) until no published port holds a connection to the instance:
+    /// the proxy's, and the kernel's (counted in the host's connection table).
     pub(crate) async fn drain(&self, r: &InstanceRow) {
         let Some(ip) = r.ip.as_ref().and_then(|i| i.parse::<IpAddr>().ok()) else { return };
         if r.spec.ports.is_empty() {
             return;
         }
-        let active = self.proxies.lock().await.active();
+        let (active, kernel) = {
+            let ports = self.ports.lock().await;
+            (ports.proxies.active(), ports.kernel.is_some())
+        };
         let deadline = tokio::time::Instant::now() + DRAIN;
-        while active.count(ip) > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        while tokio::time::Instant::now() < deadline {
+            // A table that cannot be read counts as drained (as the proxy's would).
+            let forwarded = if kernel {
+                blocking(move || skiff_runtime::conntrack::forwarded_to(ip)).await.unwrap_or(0)
+            } else {
+                0
+            };
+            if active.count(ip) == 0 && forwarded == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(if kernel { 100 } else { 25 })).await;
         }
     }
 

@@ -3,6 +3,9 @@
 //! container on a bridge reaches anything beyond its node through the host, where its
 //! flows are tracked (the outbound NAT needs it): each new flow is reported once, with
 //! the container's address as its source. Needs CAP_NET_ADMIN (root).
+//!
+//! [`forwarded_to`] dumps the table instead, to count a published port's open connections
+//! to an instance that is to stop.
 
 use netlink_sys::protocols::NETLINK_NETFILTER;
 use std::net::IpAddr;
@@ -11,9 +14,20 @@ use std::os::fd::{AsFd, BorrowedFd};
 const NFNLGRP_CONNTRACK_NEW: u32 = 1;
 /// `NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW`.
 const CT_NEW: u16 = 1 << 8;
+/// `NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET`.
+const CT_GET: u16 = 1 << 8 | 1;
 /// nlmsghdr (16) + nfgenmsg (4).
 const ATTRS_AT: usize = 20;
 const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_STATUS: u16 = 3;
+const CTA_PROTOINFO: u16 = 4;
+const CTA_PROTOINFO_TCP: u16 = 1;
+const CTA_PROTOINFO_TCP_STATE: u16 = 1;
+/// `IPS_DST_NAT`: the flow's destination was rewritten (a published port's DNAT).
+const IPS_DST_NAT: u32 = 1 << 5;
+/// TCP states from SYN_SENT to LAST_ACK: the connection may still carry data.
+const TCP_OPEN_STATES: std::ops::RangeInclusive<u8> = 1..=6;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -65,6 +79,99 @@ impl AsFd for NewFlows {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
     }
+}
+
+/// Open TCP connections whose destination was rewritten (DNAT) to `to`: a published
+/// port's connections to an instance, which must end before the instance stops. Counted
+/// from a dump of the host's connection table (bounded by the kernel's table size, with a
+/// 5 s receive timeout).
+pub fn forwarded_to(to: IpAddr) -> std::io::Result<usize> {
+    use netlink_sys::{Socket, SocketAddr};
+    let mut sock = Socket::new(NETLINK_NETFILTER)?;
+    let timeout = nix::sys::time::TimeVal::new(5, 0);
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
+    sock.bind_auto()?;
+    sock.connect(&SocketAddr::new(0, 0))?;
+    let family = match to {
+        IpAddr::V4(_) => libc::AF_INET,
+        IpAddr::V6(_) => libc::AF_INET6,
+    };
+    sock.send(&dump_request(family as u8), 0)?;
+    let mut count = 0;
+    // Bounded: the dump ends with NLMSG_DONE; a table of millions of flows is a few
+    // thousand datagrams.
+    for _ in 0..1_000_000 {
+        let (data, _) = sock.recv_from_full()?;
+        match dump_part(&data, to) {
+            DumpPart::More(n) => count += n,
+            DumpPart::Done(n) => return Ok(count + n),
+            DumpPart::Failed(errno) => return Err(std::io::Error::from_raw_os_error(errno)),
+        }
+    }
+    Err(std::io::Error::other("connection table dump did not end"))
+}
+
+fn dump_request(family: u8) -> Vec<u8> {
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_DUMP: u16 = 0x300;
+    let mut m = Vec::with_capacity(ATTRS_AT);
+    m.extend_from_slice(&(ATTRS_AT as u32).to_ne_bytes());
+    m.extend_from_slice(&CT_GET.to_ne_bytes());
+    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    m.extend_from_slice(&[family, 0, 0, 0]); // nfgenmsg: family, version 0, resource 0
+    m
+}
+
+enum DumpPart {
+    More(usize),
+    Done(usize),
+    Failed(i32),
+}
+
+/// The open forwarded connections to `to` in one datagram of a dump, and whether the
+/// dump ended there.
+fn dump_part(mut b: &[u8], to: IpAddr) -> DumpPart {
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    let mut n = 0;
+    while b.len() >= 16 {
+        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        if len < 16 || len > b.len() {
+            break;
+        }
+        match u16::from_ne_bytes([b[4], b[5]]) {
+            NLMSG_DONE => return DumpPart::Done(n),
+            NLMSG_ERROR => {
+                let code = b.get(16..20).map(|e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]])).unwrap_or(0);
+                if code != 0 {
+                    return DumpPart::Failed(-code);
+                }
+            }
+            CT_NEW if len >= ATTRS_AT && open_forward_to(&b[ATTRS_AT..len], to) => n += 1,
+            _ => {}
+        }
+        b = &b[((len + 3) & !3).min(b.len())..];
+    }
+    DumpPart::More(n)
+}
+
+/// Whether a dumped flow is an open TCP connection DNAT'd to `to` (its answers come from it).
+fn open_forward_to(b: &[u8], to: IpAddr) -> bool {
+    let status = find(b, CTA_STATUS).and_then(|s| s.get(..4)).map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]));
+    if status.is_none_or(|s| s & IPS_DST_NAT == 0) {
+        return false;
+    }
+    let from = find(b, CTA_TUPLE_REPLY)
+        .and_then(|t| find(t, CTA_TUPLE_IP))
+        .and_then(|ips| find(ips, CTA_IP_V4_SRC).or_else(|| find(ips, CTA_IP_V6_SRC)))
+        .and_then(ip);
+    let state = find(b, CTA_PROTOINFO)
+        .and_then(|p| find(p, CTA_PROTOINFO_TCP))
+        .and_then(|t| find(t, CTA_PROTOINFO_TCP_STATE))
+        .and_then(|s| s.first().copied());
+    from == Some(to) && state.is_some_and(|s| TCP_OPEN_STATES.contains(&s))
 }
 
 /// Netlink attributes: (type without its flags, payload).
@@ -190,5 +297,33 @@ mod tests {
         assert_eq!(f[0].l4proto(), "tcp");
         assert_eq!(f[1].dport, 8080);
         assert!(parse(&b[..30]).is_empty(), "a short datagram");
+    }
+
+    #[test]
+    fn a_dump_counts_open_forwarded_connections_to_one_address() {
+        let flow = |reply_src: [u8; 4], status: u32, tcp_state: u8| {
+            [
+                nested(CTA_TUPLE_REPLY, &[nested(CTA_TUPLE_IP, &[attr(CTA_IP_V4_SRC, &reply_src)])]),
+                attr(CTA_STATUS, &status.to_be_bytes()),
+                nested(CTA_PROTOINFO, &[nested(CTA_PROTOINFO_TCP, &[attr(CTA_PROTOINFO_TCP_STATE, &[tcp_state])])]),
+            ]
+            .concat()
+        };
+        let to = IpAddr::from([10, 88, 0, 5]);
+        let mut b = message(CT_NEW, flow([10, 88, 0, 5], IPS_DST_NAT | 0x8, 3)); // established
+        b.extend(message(CT_NEW, flow([10, 88, 0, 5], IPS_DST_NAT, 7))); // time_wait: over
+        b.extend(message(CT_NEW, flow([10, 88, 0, 5], 0x8, 3))); // not forwarded by us
+        b.extend(message(CT_NEW, flow([10, 88, 0, 6], IPS_DST_NAT, 3))); // another instance
+        b.extend(message(CT_NEW, flow([10, 88, 0, 5], IPS_DST_NAT, 5))); // close_wait
+        assert!(matches!(dump_part(&b, to), DumpPart::More(2)));
+        b.extend(message(3, vec![])); // NLMSG_DONE
+        assert!(matches!(dump_part(&b, to), DumpPart::Done(2)));
+        let mut err = message(2, vec![]);
+        err.truncate(16);
+        err.extend_from_slice(&(-libc::EPERM).to_ne_bytes());
+        let len = err.len() as u32;
+        err[0..4].copy_from_slice(&len.to_ne_bytes());
+        assert!(matches!(dump_part(&err, to), DumpPart::Failed(libc::EPERM)));
+        assert_eq!(dump_request(2).len(), ATTRS_AT);
     }
 }

@@ -18,6 +18,7 @@ pub mod nat;
 pub mod netlink;
 pub mod network;
 pub mod oci;
+pub mod ports;
 pub mod procconn;
 pub mod procfs;
 pub mod runc;

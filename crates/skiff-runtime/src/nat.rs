@@ -68,7 +68,7 @@ impl FirewallSetting {
 }
 
 /// Where `tool` is: on `PATH`, or in the sbin directories a service's `PATH` may lack.
-fn locate(tool: &str) -> Option<std::path::PathBuf> {
+pub(crate) fn locate(tool: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/sbin"].map(std::path::PathBuf::from))
@@ -76,12 +76,12 @@ fn locate(tool: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn found(tool: &str) -> bool {
+pub(crate) fn found(tool: &str) -> bool {
     locate(tool).is_some()
 }
 
 /// Runs `tool args` with `stdin`; the error names the command and carries its stderr.
-fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
+pub(crate) fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
     use std::io::Write;
     let err = |m: String| NetError::Firewall { command: format!("{tool} {}", args.join(" ")), message: m };
     // iptables waits for the xtables lock another writer (Docker, firewalld) holds, instead
@@ -135,10 +135,13 @@ impl Nat {
             "table ip {t}\ndelete table ip {t}\n\
              table ip {t} {{\n\
              \tchain postrouting {{\n\t\ttype nat hook postrouting priority 100; policy accept;\n\
-             \t\tip saddr {net} oifname != \"{br}\" masquerade\n\t}}\n\
+             \t\tip saddr {net} oifname != \"{br}\" masquerade\n\
+             \t\toifname \"{br}\" ip saddr 127.0.0.0/8 masquerade\n\
+             \t\toifname \"{br}\" ip saddr {net} ct status dnat masquerade\n\t}}\n\
              \tchain forward {{\n\t\ttype filter hook forward priority 0; policy accept;\n\
              \t\tiifname \"{br}\" accept\n\
              \t\toifname \"{br}\" ct state established,related accept\n\
+             \t\toifname \"{br}\" ct status dnat accept\n\
              \t\toifname \"{br}\" drop\n\t}}\n\
              }}\n"
         )
@@ -147,17 +150,23 @@ impl Nat {
     /// The rules of our filter chain, in order, for `-A`.
     fn iptables_forward(&self) -> Vec<Vec<String>> {
         let br = self.bridge.as_str();
-        let rules: [&[&str]; 3] = [
+        let rules: [&[&str]; 4] = [
             &["-i", br, "-j", "ACCEPT"],
             &["-o", br, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
+            &["-o", br, "-m", "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT"],
             &["-o", br, "-j", "DROP"],
         ];
-        rules.iter().map(|r| r.iter().map(|a| a.to_string()).collect()).collect()
+        strings(&rules)
     }
 
-    fn iptables_masquerade(&self) -> Vec<String> {
-        let net = self.subnet.to_string();
-        ["-s", &net, "!", "-o", &self.bridge, "-j", "MASQUERADE"].iter().map(|a| a.to_string()).collect()
+    fn iptables_masquerade(&self) -> Vec<Vec<String>> {
+        let (net, br) = (self.subnet.to_string(), self.bridge.as_str());
+        let rules: [&[&str]; 3] = [
+            &["-s", &net, "!", "-o", br, "-j", "MASQUERADE"],
+            &["-s", "127.0.0.0/8", "-o", br, "-j", "MASQUERADE"],
+            &["-s", &net, "-o", br, "-m", "conntrack", "--ctstate", "DNAT", "-j", "MASQUERADE"],
+        ];
+        strings(&rules)
     }
 
     /// Turns forwarding on and writes the rules (idempotent: a restarted agent replaces
@@ -176,12 +185,13 @@ impl Nat {
                 run("nft", &["-f", "-"], Some(&self.nft_script()))?;
                 // iptables' own FORWARD chain (docker.io's DROP policy) must accept too.
                 if found("iptables") && iptables_forward_drops() {
-                    self.ensure_iptables_chain("filter", "FORWARD", &self.iptables_forward())?;
+                    ensure_iptables_chain(&self.chain(), "filter", "FORWARD", &[], &self.iptables_forward())?;
                 }
             }
             Firewall::Iptables => {
-                self.ensure_iptables_chain("filter", "FORWARD", &self.iptables_forward())?;
-                self.ensure_iptables_chain("nat", "POSTROUTING", &[self.iptables_masquerade()])?;
+                let chain = self.chain();
+                ensure_iptables_chain(&chain, "filter", "FORWARD", &[], &self.iptables_forward())?;
+                ensure_iptables_chain(&chain, "nat", "POSTROUTING", &[], &self.iptables_masquerade())?;
             }
         }
         // Last: nothing is forwarded before the rules that guard the bridge are in place.
@@ -189,41 +199,59 @@ impl Nat {
             .map_err(|e| NetError::Firewall { command: "enable ip_forward".into(), message: e.to_string() })
     }
 
-    /// Our chain `SKIFF-<bridge>` in `table`, holding `rules`, jumped to first from `from`.
-    fn ensure_iptables_chain(&self, table: &str, from: &str, rules: &[Vec<String>]) -> Result<(), NetError> {
-        let chain = self.chain();
-        let ipt = |args: &[&str]| run("iptables", &[&["-t", table][..], args].concat(), None);
-        // The chain's rules replaced in one commit (declaring a chain empties it): a
-        // restarted agent leaves no moment in which running instances' traffic meets a
-        // half-written chain.
-        run("iptables-restore", &["--noflush"], Some(&iptables_restore_script(table, &chain, rules)))?;
-        if ipt(&["-C", from, "-j", &chain]).is_err() {
-            ipt(&["-I", from, "-j", &chain])?;
-        }
-        Ok(())
-    }
-
-    /// Removes every rule [`Nat::ensure`] wrote, with either firewall (one chosen at an
-    /// earlier start leaves nothing behind either); forwarding stays on, as Docker leaves it.
+    /// Removes every rule [`Nat::ensure`] and [`Nat::publish`] wrote, with either firewall
+    /// (one chosen at an earlier start leaves nothing behind either); forwarding stays on,
+    /// as Docker leaves it.
     pub fn remove(&self) {
+        self.remove_ports();
         if found("nft") {
             let _ = run("nft", &["delete", "table", "ip", &self.table()], None);
         }
         if found("iptables") {
             let chain = self.chain();
             for (table, from) in [("filter", "FORWARD"), ("nat", "POSTROUTING")] {
-                let ipt = |args: &[&str]| run("iptables", &[&["-t", table][..], args].concat(), None);
-                // Bounded: a jump added twice (two agents racing) is deleted twice.
-                for _ in 0..8 {
-                    if ipt(&["-D", from, "-j", &chain]).is_err() {
-                        break;
-                    }
-                }
-                let _ = ipt(&["-F", &chain]);
-                let _ = ipt(&["-X", &chain]);
+                remove_iptables_chain(&chain, table, from, &[]);
             }
         }
     }
+}
+
+pub(crate) fn strings(rules: &[&[&str]]) -> Vec<Vec<String>> {
+    rules.iter().map(|r| r.iter().map(|a| a.to_string()).collect()).collect()
+}
+
+/// Our chain `chain` in `table`, holding `rules`, jumped to first from `from` (for packets
+/// that match `when`).
+pub(crate) fn ensure_iptables_chain(
+    chain: &str,
+    table: &str,
+    from: &str,
+    when: &[&str],
+    rules: &[Vec<String>],
+) -> Result<(), NetError> {
+    let ipt = |args: &[&str]| run("iptables", &[&["-t", table][..], args].concat(), None);
+    // The chain's rules replaced in one commit (declaring a chain empties it): a restarted
+    // agent leaves no moment in which running instances' traffic meets a half-written chain.
+    run("iptables-restore", &["--noflush"], Some(&iptables_restore_script(table, chain, rules)))?;
+    let jump = [&[from], when, &["-j", chain]].concat();
+    if ipt(&[&["-C"][..], &jump].concat()).is_err() {
+        ipt(&[&["-I"][..], &jump].concat())?;
+    }
+    Ok(())
+}
+
+/// Removes `chain` from `table` and its jumps from `from` (made with `when`).
+pub(crate) fn remove_iptables_chain(chain: &str, table: &str, from: &str, when: &[&str]) {
+    let ipt = |args: &[&str]| run("iptables", &[&["-t", table][..], args].concat(), None);
+    let jump = [&["-D", from], when, &["-j", chain]].concat();
+    // Bounded: a jump added twice (two agents racing) is deleted twice.
+    for _ in 0..8 {
+        if ipt(&jump).is_err() {
+            break;
+        }
+    }
+    let _ = ipt(&["-F", chain]);
+    let _ = ipt(&["-X", chain]);
 }
 
 /// `iptables-restore` input that empties `chain` in `table` (making it if need be) and fills
@@ -253,13 +281,19 @@ mod tests {
         let s = nat.nft_script();
         assert!(s.starts_with("table ip skiff_sk_t1\ndelete table ip skiff_sk_t1\n"), "{s}");
         assert!(s.contains("ip saddr 10.99.0.0/24 oifname != \"sk-t1\" masquerade"), "{s}");
-        assert!(s.contains("oifname \"sk-t1\" ct state established,related accept\n\t\toifname \"sk-t1\" drop"), "{s}");
+        assert!(
+            s.contains("oifname \"sk-t1\" ct status dnat accept\n\t\toifname \"sk-t1\" drop"),
+            "a published port's connections pass, nothing else: {s}"
+        );
+        assert!(s.contains("oifname \"sk-t1\" ip saddr 10.99.0.0/24 ct status dnat masquerade"), "hairpin: {s}");
         assert_eq!(nat.chain(), "SKIFF-sk-t1");
-        assert_eq!(nat.iptables_masquerade().join(" "), "-s 10.99.0.0/24 ! -o sk-t1 -j MASQUERADE");
+        assert_eq!(nat.iptables_masquerade()[0].join(" "), "-s 10.99.0.0/24 ! -o sk-t1 -j MASQUERADE");
         assert_eq!(
-            iptables_restore_script("nat", &nat.chain(), &[nat.iptables_masquerade()]),
+            iptables_restore_script("nat", &nat.chain(), &nat.iptables_masquerade()[..1]),
             "*nat\n:SKIFF-sk-t1 - [0:0]\n-A SKIFF-sk-t1 -s 10.99.0.0/24 ! -o sk-t1 -j MASQUERADE\nCOMMIT\n"
         );
+        let forward: Vec<String> = nat.iptables_forward().iter().map(|r| r.join(" ")).collect();
+        assert_eq!(forward[2..], ["-o sk-t1 -m conntrack --ctstate DNAT -j ACCEPT", "-o sk-t1 -j DROP"]);
     }
 
     #[test]

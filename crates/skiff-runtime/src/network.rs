@@ -1,7 +1,7 @@
 //! Node networking for the `bridge` mode: one Linux bridge per node and, per instance, a
 //! network namespace joined to it by a veth pair. Done through netlink
-//! ([`crate::netlink`]): no iproute2 needed on the node. Published ports go through the
-//! agent's userspace proxy; outbound NAT is [`crate::nat`].
+//! ([`crate::netlink`]): no iproute2 needed on the node. Outbound NAT is [`crate::nat`];
+//! published ports are the kernel's DNAT ([`crate::ports`]) or the agent's proxy.
 
 use crate::netlink::{netns_add, netns_del, NlError, Rtnl, NETNS_DIR};
 use std::fs::File;

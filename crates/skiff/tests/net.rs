@@ -1,16 +1,19 @@
 //! The node's own networking against a real kernel: bridge, veth and namespaces made
 //! through netlink with no iproute2 on the agent's PATH; outbound NAT through nftables and
 //! through iptables, beside a host whose FORWARD policy drops (as installing docker.io
-//! leaves it). The tests of this binary run one at a time: one changes the host's FORWARD
-//! policy for its duration.
+//! leaves it); published ports forwarded by the kernel, answering while the agent is away.
+//! The tests of this binary run one at a time: one changes the host's FORWARD policy for
+//! its duration.
 
 mod common;
 
 use anyhow::{bail, Context, Result};
 use common::{wait_for, Node, Uplink, IMAGE};
 use skiff_testkit::require_privileged;
+use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -100,14 +103,13 @@ fn fetch(n: &Node, url: &str) -> Result<String> {
     n.ok(&["exec", "idle-1", "--", "sh", "-c", &format!("timeout 5 wget -q -O - {url}; echo status=$?")])
 }
 
-/// The network namespace of this node's only instance.
-fn instance_netns(n: &Node) -> Result<String> {
-    let state = skiff_agent::state::State::open(&n.data().join("agent.db"))?;
-    let id = state.meta("node_id")?.context("no node id in agent.db")?;
-    let mut found = skiff_runtime::network::list_netns(&format!("skiff-{id}-"));
-    match (found.pop(), found.is_empty()) {
-        (Some(ns), true) => Ok(ns),
-        _ => bail!("expected one instance namespace of node {id}"),
+/// The network namespace of this node's instance `name`.
+fn instance_netns(n: &Node, name: &str) -> Result<String> {
+    let id = node_id(n)?;
+    let found = skiff_runtime::network::list_netns(&format!("skiff-{id}-{name}-"));
+    match found.as_slice() {
+        [ns] => Ok(ns.clone()),
+        _ => bail!("expected one namespace of {name} on node {id}, found {found:?}"),
     }
 }
 
@@ -174,7 +176,7 @@ fn containers_reach_the_outside_through_nat_with_nftables_and_with_iptables() ->
         }
         // The rules stay while an instance on the bridge outlives the agent (asked from
         // inside its namespace: with the agent gone there is no `skiff exec`)...
-        let netns = instance_netns(&n)?;
+        let netns = instance_netns(&n, "idle-1")?;
         n.terminate_up()?;
         if firewall != "none" {
             let got = run(
@@ -230,7 +232,7 @@ fn the_agent_sets_up_bridge_networking_without_iproute2() -> Result<()> {
     assert!(bridge.contains(&format!("{gateway}/24")), "{bridge}");
     // The instance's namespace: eth0 with its address and derived MAC, up; lo up; the
     // default route through the gateway.
-    let ns = instance_netns(&n)?;
+    let ns = instance_netns(&n, "idle-1")?;
     let eth0 = run("ip", &["-n", &ns, "-o", "addr", "show", "eth0"])?;
     assert!(eth0.contains(&format!("inet {ip}/24")), "{eth0}");
     let link = run("ip", &["-n", &ns, "link", "show", "eth0"])?;
@@ -251,4 +253,193 @@ fn the_agent_sets_up_bridge_networking_without_iproute2() -> Result<()> {
     let veths = run("ip", &["-o", "link", "show", "master", &n.bridge])?;
     assert!(veths.trim().is_empty(), "veths left on the bridge: {veths}");
     Ok(())
+}
+
+/// What `http://ADDR:PORT/i` answers, asked from the test's process (bounded).
+fn get(addr: &str, port: u16) -> Result<String> {
+    use std::io::{Read, Write};
+    let to: std::net::SocketAddr = format!("{addr}:{port}").parse()?;
+    let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    write!(s, "GET /i HTTP/1.0\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_string()).context("an answer without a body")
+}
+
+/// Which instances answer on `port` in `tries` requests from the host's loopback.
+fn answering(port: u16, tries: usize) -> BTreeSet<String> {
+    (0..tries).filter_map(|_| get("127.0.0.1", port).ok()).collect()
+}
+
+/// Requests to a published port every 50 ms from another thread, until stopped (at most
+/// 2,000): how many were answered, and the failures.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Prober {
+    fn start(port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, vec![]);
+            for _ in 0..2_000 {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                match get("127.0.0.1", port) {
+                    Ok(b) if b.starts_with("web-") => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (ok, failed)
+        });
+        Prober { stop, thread }
+    }
+
+    fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or((0, vec!["the prober panicked".into()]))
+    }
+}
+
+#[test]
+fn published_ports_are_forwarded_by_the_kernel_and_answer_while_the_agent_is_away() -> Result<()> {
+    require_privileged!();
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let wan = Uplink::new()?;
+    let _forwarding = IpForward::save()?;
+    for firewall in ["nft", "iptables"] {
+        let mut n = Node::new()?;
+        n.firewall = firewall;
+        n.up_with(None, &[])?;
+        let nat = n.nat().context("the node's subnet")?;
+        let gateway = n.subnet.replace(".0/24", ".1");
+        let port = common::free_port();
+        let serve = "hostname > /tmp/i && exec httpd -f -p 8080 -h /tmp";
+        let publish = format!("{port}:8080");
+        n.ok(&["run", IMAGE, "--name", "web", "--replicas", "2", "-p", &publish, "--", "sh", "-c", serve])?;
+        // Both replicas answer on the port, in turn.
+        let both = wait_for(Duration::from_secs(60), "both replicas to answer on the published port", || {
+            Some(answering(port, 12)).filter(|seen| seen.len() == 2)
+        })?;
+        assert_eq!(both, BTreeSet::from(["web-1".to_string(), "web-2".to_string()]), "{firewall}");
+        // The kernel forwards it, not a proxy.
+        let rules = if firewall == "nft" {
+            run("nft", &["list", "table", "ip", &nat.ports_table()])?
+        } else {
+            run("iptables", &["-t", "nat", "-S", &nat.ports_chain()])?
+        };
+        assert!(rules.contains(&format!("dport {port}")), "{firewall}: {rules}");
+        // From another network, to the host's address there...
+        let from_wan = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &wan.netns,
+                "sh",
+                "-c",
+                &format!("timeout 5 busybox wget -q -O - http://{}:{port}/i; echo status=$?", wan.host_ip),
+            ],
+        )?;
+        assert!(from_wan.starts_with("web-") && from_wan.contains("status=0"), "{firewall}: from the wan: {from_wan}");
+        // ...and from an instance, to the gateway (the answer comes back the way it went).
+        for _ in 0..4 {
+            let cmd = format!("wget -q -O - http://{gateway}:{port}/i; echo status=$?");
+            let hairpin = n.ok(&["exec", "web-1", "--", "sh", "-c", &cmd])?;
+            assert!(hairpin.starts_with("web-") && hairpin.contains("status=0"), "{firewall}: hairpin: {hairpin}");
+        }
+
+        // The agent is killed and started again: the port answers throughout.
+        let prober = Prober::start(port);
+        std::thread::sleep(Duration::from_millis(500));
+        n.kill_up()?;
+        std::thread::sleep(Duration::from_secs(2));
+        let away = get("127.0.0.1", port);
+        assert!(away.as_ref().is_ok_and(|b| b.starts_with("web-")), "{firewall}: with the agent away: {away:?}");
+        n.up_with(None, &[])?;
+        wait_for(Duration::from_secs(30), "the restarted agent to report web-1", || n.wait_running("web-1").ok())?;
+        std::thread::sleep(Duration::from_secs(2));
+        let (ok, failed) = prober.finish();
+        assert!(
+            failed.is_empty(),
+            "{firewall}: {} of {} requests failed around the restart: {failed:?}\n{}",
+            failed.len(),
+            ok + failed.len(),
+            n.log()
+        );
+        assert!(ok >= 40, "{firewall}: only {ok} requests answered");
+        assert_eq!(answering(port, 12).len(), 2, "{firewall}: both replicas serve after the restart");
+
+        // A port another program holds is reported, not taken over.
+        let busy = std::net::TcpListener::bind("0.0.0.0:0")?;
+        let busy_port = busy.local_addr()?.port();
+        let publish = format!("{busy_port}:8080");
+        n.ok(&["run", IMAGE, "--name", "other", "-p", &publish, "--", "sh", "-c", serve])?;
+        let other = n.wait_instance("other-1", Duration::from_secs(30), "a port error", |i| {
+            i.message.as_deref().is_some_and(|m| m.contains("publishing"))
+        })?;
+        assert!(other.message.as_deref().is_some_and(|m| m.contains("in use")), "{firewall}: {other:?}");
+        drop(busy);
+
+        // A neighbour on the bridge cannot reach the host's loopback-only services (a local
+        // DNS resolver, say), although the bridge routes 127.0.0.0/8 for the published
+        // ports (route_localnet).
+        let secret = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let secret_at = secret.local_addr()?;
+        secret.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let route_localnet = format!("/proc/sys/net/ipv4/conf/{}/route_localnet", n.bridge);
+        assert_eq!(std::fs::read_to_string(&route_localnet)?.trim(), "1");
+        let ns = instance_netns(&n, "web-1")?;
+        // The neighbour sends to 127.0.0.1 through its gateway (its own loopback routes gone).
+        for local in ["127.0.0.0/8", "127.0.0.1"] {
+            run("ip", &["-n", &ns, "route", "del", "local", local, "dev", "lo", "table", "local"])?;
+        }
+        run("ip", &["-n", &ns, "route", "add", "127.0.0.0/8", "via", &gateway])?;
+        let knock = |what: &str| -> Result<bool> {
+            let path = skiff_runtime::network::netns_path(&ns);
+            std::thread::spawn(move || -> Result<()> {
+                let f = std::fs::File::open(path)?;
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                std::net::UdpSocket::bind("0.0.0.0:0")?.send_to(b"knock", secret_at)?;
+                Ok(())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+            let mut buf = [0u8; 16];
+            let reached = secret.recv_from(&mut buf).is_ok();
+            eprintln!("{firewall}: {what}: reached={reached}");
+            Ok(reached)
+        };
+        assert!(!knock("with the drop")?, "{firewall}: a neighbour reached the host's {secret_at}");
+        // The control: without the drop, the same datagram arrives.
+        if firewall == "nft" {
+            run("nft", &["flush", "chain", "ip", &nat.ports_table(), "raw"])?;
+        } else {
+            run("iptables", &["-t", "raw", "-F", &nat.ports_chain()])?;
+        }
+        assert!(knock("without the drop (control)")?, "{firewall}: the control did not reach {secret_at}");
+
+        // Everything goes when the node shuts down with nothing left.
+        for d in ["web", "other"] {
+            n.ok(&["delete", "deployment", d])?;
+        }
+        wait_for(Duration::from_secs(30), "the instances to go", || n.instances().ok()?.is_empty().then_some(()))?;
+        n.interrupt_up()?;
+        assert!(run("nft", &["list", "table", "ip", &nat.ports_table()]).is_err(), "{firewall}: ports table left");
+        for table in ["nat", "filter", "raw"] {
+            let left = run("iptables", &["-t", table, "-S", &nat.ports_chain()]);
+            assert!(left.is_err(), "{firewall}: {table} chain left: {left:?}");
+        }
+    }
+    Ok(())
+}
+
+fn node_id(n: &Node) -> Result<String> {
+    let state = skiff_agent::state::State::open(&n.data().join("agent.db"))?;
+    state.meta("node_id")?.context("no node id in agent.db")
 }

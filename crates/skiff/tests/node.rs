@@ -586,9 +586,23 @@ services:
 
 #[test]
 fn rolling_and_blue_green_updates_fail_no_request_and_a_broken_version_rolls_back() -> R {
+    updates_fail_no_request("none")
+}
+
+/// The same updates with the published port forwarded by the kernel (nftables): a
+/// stopping instance is drained by its connections in the host's connection table.
+#[test]
+fn updates_through_kernel_forwarded_ports_fail_no_request() -> R {
+    updates_fail_no_request("nft")
+}
+
+/// Rolling and blue-green updates under steady traffic through the published port (the
+/// agent's proxy with `firewall` none, else the kernel's rules).
+fn updates_fail_no_request(firewall: &'static str) -> R {
     use skiff_testkit::traffic::{report, Traffic};
     require_privileged!();
     let mut n = Node::new()?;
+    n.firewall = firewall;
     // Each proxied connection's fate, for a request that fails.
     n.rust_log = "info,skiff_agent::proxy=debug".into();
     let port = free_port();

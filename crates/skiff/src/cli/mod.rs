@@ -283,9 +283,10 @@ pub struct BridgeArgs {
     /// Subnet for bridge-mode instances (the bridge takes .1).
     #[arg(long, default_value = "10.213.0.0/20")]
     pub subnet: String,
-    /// Firewall that masquerades the bridge's traffic to the outside (as Docker's bridge):
+    /// Firewall that masquerades the bridge's traffic to the outside (as Docker's bridge)
+    /// and forwards published ports in the kernel, so they answer while the agent restarts:
     /// auto (nft when installed, else iptables), nft, iptables, or none (instances then
-    /// reach only this host).
+    /// reach only this host, and the agent's proxy forwards published ports).
     #[arg(long, default_value = "auto", value_parser = parse_firewall)]
     pub firewall: skiff_runtime::nat::FirewallSetting,
 }
