@@ -155,6 +155,8 @@ pub struct Agent {
     /// start may have left, removed then).
     nat: Nat,
     ports: tokio::sync::Mutex<publish::Ports>,
+    /// Who is on which network of the bridge (enforced where the firewall is ours).
+    lan: Mutex<Option<skiff_runtime::isolation::Lan>>,
     notify: Arc<Notify>,
     stopping: Mutex<HashSet<String>>,
     health: Mutex<HashMap<String, JoinHandle<()>>>,
@@ -341,6 +343,7 @@ impl Agent {
             bridge,
             nat,
             ports: Default::default(),
+            lan: Default::default(),
             notify: Arc::clone(&notify),
             stopping: Default::default(),
             health: Default::default(),

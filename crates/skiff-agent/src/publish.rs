@@ -10,12 +10,16 @@
 
 use crate::proxy::{PortKey, Proxies};
 use crate::{blocking, Agent, AgentError};
-use skiff_model::{InstanceState, NetworkMode, Protocol};
+use skiff_model::{Deployment, InstanceState, NetworkMode, Protocol};
+use skiff_runtime::isolation::{Lan, Member};
 use skiff_runtime::nat::Nat;
+use skiff_runtime::network::netns_path;
+use skiff_runtime::network::veth_name;
 use skiff_runtime::ports::PortRule;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
+use tracing::warn;
 
 /// Who forwards the published ports.
 #[derive(Default)]
@@ -93,16 +97,54 @@ impl KernelPorts {
 }
 
 impl Agent {
-    /// `/etc/hosts` for one instance: itself plus every addressed instance of its stack,
-    /// reachable by instance name and by deployment (service) name.
-    pub(crate) fn hosts_for(&self, stack: &str, me: &str, my_ip: Option<Ipv4Addr>) -> Result<String, AgentError> {
+    /// The node's networks, when its firewall is ours and `nft` is there to enforce them
+    /// (the bridge family): the instances on the bridge that run now.
+    pub(crate) fn open_lan(&self, rows: &[crate::state::InstanceRow]) -> Result<(), AgentError> {
+        let mut lan = Lan::default();
+        for r in rows.iter().filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge) {
+            let ns = self.netns_name(&r.container_id);
+            if let (Some(ip), true) = (r.ip.as_ref().and_then(|i| i.parse().ok()), netns_path(&ns).exists()) {
+                lan.admit(&veth_name(&ns), Member { ip, networks: r.spec.joined_networks() });
+            }
+        }
+        lan.write(&self.nat)?;
+        if let Ok(mut l) = self.lan.lock() {
+            *l = Some(lan);
+        }
+        Ok(())
+    }
+
+    /// Joins an instance to its networks on the bridge: before its process starts, so its
+    /// first packets already pass.
+    pub(crate) fn lan_admit(&self, netns: &str, ip: Ipv4Addr, spec: &Deployment) -> Result<(), AgentError> {
+        let Ok(mut guard) = self.lan.lock() else { return Err(AgentError::Other("the network table's lock".into())) };
+        let Some(lan) = guard.as_mut() else { return Ok(()) };
+        lan.admit(&veth_name(netns), Member { ip, networks: spec.joined_networks() });
+        Ok(lan.write(&self.nat)?)
+    }
+
+    /// Takes an instance off the bridge's networks (before its veth goes).
+    pub(crate) fn lan_forget(&self, netns: &str) {
+        let Ok(mut guard) = self.lan.lock() else { return };
+        let Some(lan) = guard.as_mut() else { return };
+        lan.forget(&veth_name(netns));
+        if let Err(e) = lan.write(&self.nat) {
+            warn!(error = %e, "rewriting the bridge's network table");
+        }
+    }
+
+    /// `/etc/hosts` for one instance: itself plus every addressed instance that shares a
+    /// network with it, reachable by instance name and by deployment (service) name.
+    pub(crate) fn hosts_for(&self, spec: &Deployment, me: &str, my_ip: Option<Ipv4Addr>) -> Result<String, AgentError> {
         let rows = self.db(|s| s.instances())?;
+        let mine: HashSet<String> = spec.joined_networks().into_iter().collect();
         let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
         if let Some(ip) = my_ip {
             let dep = rows.iter().find(|r| r.name == me).map(|r| r.deployment.clone()).unwrap_or_default();
             out.push_str(&format!("{ip}\t{me} {dep}\n"));
         }
-        for r in rows.iter().filter(|r| r.spec.stack == stack && r.name != me && r.state == InstanceState::Running) {
+        let shares = |r: &&crate::state::InstanceRow| r.spec.joined_networks().iter().any(|n| mine.contains(n));
+        for r in rows.iter().filter(|r| r.name != me && r.state == InstanceState::Running).filter(shares) {
             // Switched away from (blue-green): reachable by its own name, not the service's.
             let service = if r.retire_at_ms.is_some() { "" } else { r.deployment.as_str() };
             if let Some(ip) = &r.ip {
@@ -128,7 +170,7 @@ impl Agent {
         let mut ports: HashMap<PortKey, (Vec<SocketAddr>, Vec<String>)> = HashMap::new();
         for r in rows.iter().filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge) {
             let my_ip = r.ip.as_ref().and_then(|i| i.parse().ok());
-            if let Ok(h) = self.hosts_for(&r.spec.stack, &r.name, my_ip) {
+            if let Ok(h) = self.hosts_for(&r.spec, &r.name, my_ip) {
                 // Written only when it changed since this agent last wrote it.
                 let same = self.hosts_written.lock().is_ok_and(|w| w.get(&r.container_id) == Some(&h));
                 if !same && self.runtimes.of(r.spec.runtime).update_hosts(&r.container_id, &h).is_ok() {

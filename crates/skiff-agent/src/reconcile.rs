@@ -138,6 +138,18 @@ impl Agent {
         }
         let _ = self.images.clean_tmp();
         let rows = self.db(|s| s.instances())?;
+        if firewall && skiff_runtime::nat::found("nft") {
+            let me = Arc::clone(self);
+            let running = rows.clone();
+            if let Err(e) = blocking(move || me.open_lan(&running)).await {
+                if self.cfg.firewall.explicit {
+                    return Err(e);
+                }
+                warn!(error = %e, "networks on the bridge not enforced: stacks can reach each other");
+            }
+        } else if firewall {
+            warn!("nft is not installed: networks on the bridge are not enforced (stacks can reach each other)");
+        }
         let mine: HashSet<String> = rows.iter().map(|r| r.container_id.clone()).collect();
         let prefix = format!("{}-", self.node_id);
         for kind in RuntimeKind::ALL {
@@ -153,6 +165,7 @@ impl Agent {
         let ns_prefix = format!("skiff-{}-", self.node_id);
         for ns in list_netns(&ns_prefix) {
             if !mine.iter().any(|id| self.netns_name(id) == ns) {
+                self.lan_forget(&ns);
                 self.bridge.detach(&ns);
             }
         }

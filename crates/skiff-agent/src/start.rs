@@ -138,7 +138,7 @@ impl Agent {
                 if !attached {
                     self.bridge.attach(ns, ip)?;
                 }
-                Ok(())
+                self.lan_admit(ns, ip, &r.spec)
             });
             let created = self.create_bundle(&*rt, r, ns.as_deref().map(netns_path), ip);
             let net = net.join().unwrap_or_else(|_| Err(AgentError::Other("network setup panicked".into())));
@@ -187,7 +187,7 @@ impl Agent {
         let hosts = if r.spec.network == NetworkMode::Host {
             std::fs::read_to_string("/etc/hosts").unwrap_or_default()
         } else {
-            self.hosts_for(&r.spec.stack, &r.name, ip)?
+            self.hosts_for(&r.spec, &r.name, ip)?
         };
         let (cdi_devices, cdi_edits) = self.grant_devices(r)?;
         let req = CreateRequest {

@@ -97,6 +97,7 @@ impl Agent {
         if let Err(e) = blocking(move || rt.remove(&id2)).await {
             warn!(instance = %r.name, error = %e, "removing container");
         }
+        self.lan_forget(&self.netns_name(&id));
         self.bridge.detach(&self.netns_name(&id));
         self.exits.forget(&id);
         if let Ok(mut h) = self.hosts_written.lock() {

@@ -49,11 +49,13 @@ pub fn import_compose(
         .ok_or_else(|| ManifestError::at("(root)", "a compose file must be a mapping with a services key"))?;
     let mut cx = Ctx { dir, env, read_file, warnings: vec![] };
     let mut services = None;
+    let mut networks_at = None;
     let mut project = sanitize_project(default_project);
     for (k, v) in top {
         let key = key_str(k, "(root)")?;
         match key.as_str() {
             "services" => services = Some(v),
+            "networks" => networks_at = Some(v),
             "name" => project = sanitize_project(&str_of(v, "name")?),
             "version" => {}
             "volumes" => {
@@ -81,10 +83,11 @@ pub fn import_compose(
     if services.is_empty() {
         return Err(ManifestError::at("services", "must define at least one service"));
     }
+    let nets = networks(&mut cx, &project, networks_at)?;
     let mut deployments = vec![];
     for (name, svc) in services {
         let name = key_str(name, "services")?;
-        let d = service(&mut cx, &project, &name, svc)?;
+        let d = service(&mut cx, &project, &nets, &name, svc)?;
         deployments.push(d);
     }
     Ok(ComposeImport { project, deployments, warnings: cx.warnings })
@@ -296,11 +299,97 @@ fn mapping<'v>(v: &'v Value, path: &str) -> R<&'v Mapping> {
     v.as_mapping().ok_or_else(|| ManifestError::at(path, "must be a mapping"))
 }
 
-fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deployment> {
+/// Top-level `networks:`: each key's network on the node, named as Compose names it
+/// (`name:` as written, an external one by its key, the others `<project>_<key>`).
+fn networks(cx: &mut Ctx<'_>, project: &str, v: Option<&Value>) -> R<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let Some(m) = v.filter(|v| !v.is_null()).map(|v| mapping(v, "networks")).transpose()? else { return Ok(out) };
+    for (k, def) in m {
+        let key = key_str(k, "networks")?;
+        let path = format!("networks.{key}");
+        let (mut external, mut name) = (false, None);
+        if let Some(dm) = def.as_mapping() {
+            for (dk, dv) in dm {
+                let dkey = key_str(dk, &path)?;
+                let p = format!("{path}.{dkey}");
+                match dkey.as_str() {
+                    "external" => {
+                        external = match dv {
+                            // The old form: `external: {name: N}`.
+                            Value::Mapping(em) => {
+                                if let Some(n) = em.get("name") {
+                                    name = Some(str_of(n, &format!("{p}.name"))?);
+                                }
+                                true
+                            }
+                            other => bool_of(other, &p)?,
+                        }
+                    }
+                    "name" => name = Some(str_of(dv, &p)?),
+                    "driver" => {
+                        let driver = str_of(dv, &p)?;
+                        if driver != "bridge" {
+                            cx.warnings.push(format!(
+                                "{p}: {driver:?} is not supported yet: joined as a network on the node's bridge"
+                            ));
+                        }
+                    }
+                    // Meaningless on one bridge: any instance may join any network.
+                    "attachable" => {}
+                    _ => cx.warnings.push(format!("{p}: not supported yet, ignored")),
+                }
+            }
+        } else if !def.is_null() {
+            return Err(ManifestError::at(&path, "must be a mapping"));
+        }
+        let resolved = match (external, name) {
+            (_, Some(n)) => n,
+            (true, None) => key.clone(),
+            (false, None) => format!("{project}_{key}"),
+        };
+        out.insert(key, resolved);
+    }
+    Ok(out)
+}
+
+/// A service's `networks:` (a list of keys, or a mapping of keys to their options): the
+/// keys, with where each was written.
+fn service_networks(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<Vec<(String, String)>> {
+    let mut keys = vec![];
+    match v {
+        Value::Sequence(s) => {
+            for (i, x) in s.iter().enumerate() {
+                let p = format!("{path}[{i}]");
+                keys.push((str_of(x, &p)?, p));
+            }
+        }
+        Value::Mapping(m) => {
+            for (k, opts) in m {
+                let key = key_str(k, path)?;
+                let p = format!("{path}.{key}");
+                match opts {
+                    Value::Null => {}
+                    Value::Mapping(om) => {
+                        for (ok, _) in om {
+                            cx.warnings.push(format!("{p}.{}: not supported yet, ignored", key_str(ok, &p)?));
+                        }
+                    }
+                    _ => return Err(ManifestError::at(&p, "must be a mapping")),
+                }
+                keys.push((key, p));
+            }
+        }
+        _ => return Err(ManifestError::at(path, "must be a list or a mapping")),
+    }
+    Ok(keys)
+}
+
+fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, String>, name: &str, svc: &Value) -> R<Deployment> {
     let base = format!("services.{name}");
     let m = mapping(svc, &base)?;
     let mut d = Deployment::new(name, "");
     d.stack = project.to_string();
+    let mut net_keys = vec![];
     let mut image = None;
     let mut env_files = vec![];
     let mut env = BTreeMap::new();
@@ -390,6 +479,7 @@ fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deploy
                 let s = str_of(v, &path)?;
                 d.network = short::network_mode(&s).map_err(|e| ManifestError::at(&path, e))?;
             }
+            "networks" => net_keys = service_networks(cx, v, &path)?,
             "stop_grace_period" => d.stop_grace_period_ms = duration(v, &path)?,
             "x-skiff-autoscale" => d.autoscale = Some(crate::hpa::spec(v, &path)?),
             "x-skiff-signature" => d.signature = Some(signature(cx, v, &path)?),
@@ -430,6 +520,23 @@ fn service(cx: &mut Ctx<'_>, project: &str, name: &str, svc: &Value) -> R<Deploy
     };
     if has_build {
         cx.warnings.push(format!("{base}.build: not supported, the image is used as is"));
+    }
+    // Without `networks:` a service joins the project's default network, which the file
+    // may rename or make external under `networks: default:`.
+    let implicit = format!("{project}_default");
+    let default = nets.get("default").cloned().unwrap_or_else(|| implicit.clone());
+    if net_keys.is_empty() && default != implicit {
+        d.networks = vec![default.clone()];
+    }
+    for (key, p) in net_keys {
+        let n = match nets.get(&key) {
+            Some(n) => n.clone(),
+            None if key == "default" => default.clone(),
+            None => return Err(ManifestError::at(p, format!("network {key:?} is not declared under networks"))),
+        };
+        if !d.networks.contains(&n) {
+            d.networks.push(n);
+        }
     }
     d.validate().map_err(|e| ManifestError::at(format!("{base}.{}", e.field), e.problem))?;
     Ok(d)

@@ -111,7 +111,6 @@ fn unsupported_keys_warn_with_their_path() {
     assert_eq!(
         c.warnings,
         [
-            "networks: not supported yet, ignored",
             "services.web.logging: not supported yet, ignored",
             "services.web.deploy.endpoint_mode: not supported yet, ignored",
             "services.web.deploy.placement.max_replicas_per_node: not supported yet, ignored"
@@ -341,4 +340,66 @@ fn cdi_devices_and_gpu_reservations() {
     assert!(e.contains("names no device kind"), "{e}");
     let e = err("services:\n  a:\n    image: i\n    deploy: {resources: {reservations: {devices: [{capabilities: [gpu], count: 0}]}}}\n");
     assert!(e.contains("count: must be all or a number of 1 or more"), "{e}");
+}
+
+#[test]
+fn networks_are_named_as_compose_names_them() {
+    let c = import(
+        r#"
+name: shop
+services:
+  web:
+    image: web
+    networks: [front, default]
+  db:
+    image: db
+    networks:
+      back:
+        aliases: [database]
+      plant:
+  lone:
+    image: lone
+networks:
+  front: {}
+  back:
+    driver: bridge
+    internal: true
+  plant:
+    external: true
+  legacy:
+    external:
+      name: old-plant
+  renamed:
+    name: custom
+"#,
+    )
+    .unwrap();
+    let by = |n: &str| c.deployments.iter().find(|d| d.name == n).unwrap();
+    assert_eq!(by("web").networks, ["shop_front", "shop_default"]);
+    assert_eq!(by("db").networks, ["shop_back", "plant"]);
+    assert!(by("lone").networks.is_empty(), "the implicit default network");
+    assert_eq!(by("lone").joined_networks(), ["shop_default"]);
+    assert!(c.warnings.contains(&"networks.back.internal: not supported yet, ignored".to_string()), "{:?}", c.warnings);
+    assert!(c.warnings.iter().any(|w| w.starts_with("services.db.networks.back.aliases")), "{:?}", c.warnings);
+
+    // A renamed or external default network is where services without networks go.
+    let c =
+        import("services:\n  a:\n    image: a\nnetworks:\n  default:\n    external: true\n    name: lan\n").unwrap();
+    assert_eq!(c.deployments[0].networks, ["lan"]);
+
+    assert_eq!(
+        err("services:\n  a:\n    image: a\n    networks: [nowhere]\n"),
+        "services.a.networks[0]: network \"nowhere\" is not declared under networks"
+    );
+    assert_eq!(
+        err("services:\n  a:\n    image: a\n    network_mode: host\n    networks: [default]\n"),
+        "services.a.networks: joins networks on the bridge: needs network: bridge"
+    );
+    assert_eq!(
+        err("services:\n  a:\n    image: a\n    networks: [x]\nnetworks:\n  x:\n    name: \"bad name\"\n"),
+        "services.a.networks[0]: \"bad name\" is not a network name (letters, digits, '_', '.' and '-', at most 64 characters)"
+    );
+    let macvlan =
+        import("services:\n  a:\n    image: a\n    networks: [lan]\nnetworks:\n  lan:\n    driver: macvlan\n").unwrap();
+    assert!(macvlan.warnings.iter().any(|w| w.contains("networks.lan.driver: \"macvlan\" is not supported yet")));
 }

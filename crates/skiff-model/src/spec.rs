@@ -39,6 +39,11 @@ pub struct Deployment {
     pub depends_on: Vec<Dependency>,
     #[serde(default)]
     pub network: NetworkMode,
+    /// The networks it joins on the bridge (as Docker's user-defined networks): its
+    /// instances reach, and resolve by name, only instances that share one with them.
+    /// Empty: its stack's own, `<stack>_default`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
     #[serde(default)]
     pub read_only: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -239,6 +244,15 @@ fn default_grace() -> u64 {
 }
 
 impl Deployment {
+    /// The networks its instances join: those named, else its stack's own.
+    pub fn joined_networks(&self) -> Vec<String> {
+        if self.networks.is_empty() {
+            vec![format!("{}_default", self.stack)]
+        } else {
+            self.networks.clone()
+        }
+    }
+
     /// A deployment with defaults for everything but its name and image.
     pub fn new(name: impl Into<String>, image: impl Into<String>) -> Self {
         Deployment {
@@ -258,6 +272,7 @@ impl Deployment {
             healthcheck: None,
             depends_on: vec![],
             network: NetworkMode::default(),
+            networks: vec![],
             read_only: false,
             cap_add: vec![],
             cap_drop: vec![],

@@ -1,6 +1,6 @@
 //! Validation of desired state. Every error names the field and the problem.
 
-use crate::{Deployment, RuntimeKind, VolumeSource};
+use crate::{Deployment, NetworkMode, RuntimeKind, VolumeSource};
 use thiserror::Error;
 
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -15,6 +15,9 @@ impl ValidationError {
         ValidationError { field: field.into(), problem: problem.into() }
     }
 }
+
+/// Networks one deployment may join.
+pub const MAX_NETWORKS: usize = 16;
 
 /// A DNS label: lower-case letters, digits and `-`, starting with a letter or digit, at
 /// most 63 characters. Used for deployment and stack names, which become host names.
@@ -97,11 +100,41 @@ pub fn normalize_cap(c: &str) -> Option<String> {
 }
 
 impl Deployment {
+    fn check_networks(&self) -> Result<(), ValidationError> {
+        if self.networks.is_empty() {
+            return Ok(());
+        }
+        if self.network != NetworkMode::Bridge {
+            return Err(ValidationError::new("networks", "joins networks on the bridge: needs network: bridge"));
+        }
+        if self.networks.len() > MAX_NETWORKS {
+            return Err(ValidationError::new("networks", format!("more than {MAX_NETWORKS} networks")));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, n) in self.networks.iter().enumerate() {
+            let field = format!("networks[{i}]");
+            let ok = n.len() <= 64
+                && n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+            if !ok {
+                return Err(ValidationError::new(
+                    field,
+                    format!("{n:?} is not a network name (letters, digits, '_', '.' and '-', at most 64 characters)"),
+                ));
+            }
+            if !seen.insert(n) {
+                return Err(ValidationError::new(field, format!("{n:?} is listed twice")));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks everything that can be checked without I/O. `skiff apply`, `skiff run` and the
     /// hub call this before anything is stored.
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_name("name", &self.name)?;
         check_name("stack", &self.stack)?;
+        self.check_networks()?;
         if self.image.trim().is_empty() {
             return Err(ValidationError::new("image", "must not be empty"));
         }

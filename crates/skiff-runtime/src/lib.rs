@@ -12,6 +12,7 @@ pub mod cdi;
 pub mod cgroup;
 pub mod conntrack;
 pub mod fswrites;
+pub mod isolation;
 pub mod logs;
 pub mod multicast;
 pub mod nat;

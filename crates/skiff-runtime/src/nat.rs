@@ -76,7 +76,7 @@ pub(crate) fn locate(tool: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-pub(crate) fn found(tool: &str) -> bool {
+pub fn found(tool: &str) -> bool {
     locate(tool).is_some()
 }
 
@@ -199,13 +199,14 @@ impl Nat {
             .map_err(|e| NetError::Firewall { command: "enable ip_forward".into(), message: e.to_string() })
     }
 
-    /// Removes every rule [`Nat::ensure`] and [`Nat::publish`] wrote, with either firewall
+    /// Removes every rule [`Nat::ensure`], [`Nat::publish`] and [`crate::isolation::Lan`] wrote, with either firewall
     /// (one chosen at an earlier start leaves nothing behind either); forwarding stays on,
     /// as Docker leaves it.
     pub fn remove(&self) {
         self.remove_ports();
         if found("nft") {
             let _ = run("nft", &["delete", "table", "ip", &self.table()], None);
+            let _ = run("nft", &["delete", "table", "bridge", &self.lan_table()], None);
         }
         if found("iptables") {
             let chain = self.chain();

@@ -443,3 +443,111 @@ fn node_id(n: &Node) -> Result<String> {
     let state = skiff_agent::state::State::open(&n.data().join("agent.db"))?;
     state.meta("node_id")?.context("no node id in agent.db")
 }
+
+/// What `wget` inside instance `from` gets from `url`, with its exit status last.
+fn wget_in(n: &Node, from: &str, url: &str) -> Result<String> {
+    n.ok(&["exec", from, "--", "sh", "-c", &format!("timeout 3 wget -q -O - {url} 2>&1; echo status=$?")])
+}
+
+/// Echo requests the instance's namespace has received (`/proc/net/snmp`, Icmp InEchos).
+fn echoes_received(ns: &str) -> Result<u64> {
+    let snmp = run("ip", &["netns", "exec", ns, "cat", "/proc/net/snmp"])?;
+    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
+    let (names, values) = (icmp.next().context("Icmp header")?, icmp.next().context("Icmp values")?);
+    let at = names.split_whitespace().position(|f| f == "InEchos").context("InEchos")?;
+    Ok(values.split_whitespace().nth(at).context("InEchos value")?.parse()?)
+}
+
+#[test]
+fn stacks_reach_each_other_only_through_a_shared_network_and_cannot_forge_addresses() -> Result<()> {
+    require_privileged!();
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut n = Node::new()?;
+    n.firewall = "nft";
+    n.up_with(None, &[])?;
+    let serve = "hostname > /tmp/i && exec httpd -f -p 8080 -h /tmp";
+    let sleeper = |name: &str, networks: &str| {
+        format!("  {name}:\n    image: {IMAGE}\n    command: [\"sleep\", \"1000000\"]\n{networks}")
+    };
+    // Stack a: a server on its own network and on the shared "plant", and a client.
+    let a = format!(
+        "name: a\nservices:\n  web:\n    image: {IMAGE}\n    command: [\"sh\", \"-c\", \"{serve}\"]\n    \
+         networks: [default, plant]\n{}networks:\n  plant:\n    external: true\n",
+        sleeper("client", "")
+    );
+    // Stack b: a neighbour on nothing shared. Stack c: a gauge on the plant network.
+    let b = format!("name: b\nservices:\n{}", sleeper("probe", ""));
+    let c = format!(
+        "name: c\nservices:\n{}networks:\n  plant:\n    external: true\n",
+        sleeper("gauge", "    networks: [plant]\n")
+    );
+    for (file, text) in [("a.yaml", a), ("b.yaml", b), ("c.yaml", c)] {
+        let path = n.write(file, &text)?;
+        n.ok(&["apply", "-f", &path.to_string_lossy()])?;
+    }
+    let mut ip = std::collections::HashMap::new();
+    for i in ["web-1", "client-1", "probe-1", "gauge-1"] {
+        ip.insert(i, n.wait_running(i)?.ip.with_context(|| format!("{i} has no address"))?);
+    }
+    let web = format!("http://{}:8080/i", ip["web-1"]);
+    let check = |n: &Node| -> Result<()> {
+        // Same stack: by name and by address.
+        let got = wget_in(n, "client-1", "http://web:8080/i")?;
+        assert_eq!(got.trim(), "web-1\nstatus=0", "client -> web by name");
+        assert_eq!(wget_in(n, "client-1", &web)?.trim(), "web-1\nstatus=0", "client -> web");
+        // Another stack on nothing shared: not by address, and no name for it.
+        let got = wget_in(n, "probe-1", &web)?;
+        assert!(!got.contains("web-1") && !got.contains("status=0"), "probe (stack b) reached web: {got}");
+        let hosts = n.ok(&["exec", "probe-1", "--", "cat", "/etc/hosts"])?;
+        assert!(!hosts.contains(&ip["web-1"]) && !hosts.contains("client"), "probe's /etc/hosts: {hosts}");
+        // A stack on the shared network reaches web, by name too, but not web's stack-mate.
+        let got = wget_in(n, "gauge-1", "http://web:8080/i")?;
+        assert_eq!(got.trim(), "web-1\nstatus=0", "gauge -> web over plant by name");
+        let got = wget_in(n, "gauge-1", &format!("http://{}:9/", ip["client-1"]))?;
+        assert!(!got.contains("refused"), "gauge reached client (not on plant): {got}");
+        Ok(())
+    };
+    check(&n)?;
+
+    // The agent is killed and started again: the table is rebuilt from what runs.
+    n.kill_up()?;
+    n.up_with(None, &[])?;
+    n.wait_running("web-1")?;
+    check(&n)?;
+
+    // probe forges client's address (root on the host gives its namespace that address,
+    // as CAP_NET_RAW inside would let it write such packets) and pings web with it: the
+    // bridge drops the frames at probe's port. The control: without that rule they arrive.
+    let (probe_ns, web_ns) = (instance_netns(&n, "probe-1")?, instance_netns(&n, "web-1")?);
+    let forged = format!("{}/32", ip["client-1"]);
+    run("ip", &["-n", &probe_ns, "addr", "add", &forged, "dev", "eth0"])?;
+    let web_mac = skiff_runtime::network::mac_of(ip["web-1"].parse()?);
+    run("ip", &["-n", &probe_ns, "neigh", "replace", &ip["web-1"], "lladdr", &web_mac, "dev", "eth0"])?;
+    let ping = |what: &str| -> Result<u64> {
+        let before = echoes_received(&web_ns)?;
+        let _ = run(
+            "ip",
+            &["netns", "exec", &probe_ns, "busybox", "ping", "-c", "2", "-W", "1", "-I", &ip["client-1"], &ip["web-1"]],
+        );
+        let got = echoes_received(&web_ns)? - before;
+        eprintln!("{what}: {got} echo requests arrived");
+        Ok(got)
+    };
+    assert_eq!(ping("forged")?, 0, "frames with client's address left probe's port");
+    let nat = n.nat().context("the node's subnet")?;
+    run("nft", &["flush", "chain", "bridge", &nat.lan_table(), "prerouting"])?;
+    assert!(ping("forged, without the check (control)")? > 0, "the control's echo requests did not arrive");
+    // And without the forward rules, probe reaches web with its own address: what kept it
+    // out above was the network rule.
+    run("nft", &["flush", "chain", "bridge", &nat.lan_table(), "forward"])?;
+    let got = wget_in(&n, "probe-1", &web)?;
+    assert_eq!(got.trim(), "web-1\nstatus=0", "the control: probe -> web without the forward rules");
+
+    for d in ["web", "client", "probe", "gauge"] {
+        n.ok(&["delete", "deployment", d])?;
+    }
+    wait_for(Duration::from_secs(30), "the instances to go", || n.instances().ok()?.is_empty().then_some(()))?;
+    n.interrupt_up()?;
+    assert!(run("nft", &["list", "table", "bridge", &nat.lan_table()]).is_err(), "the bridge table was left");
+    Ok(())
+}

@@ -50,8 +50,10 @@ pub struct RunArgs {
     /// the current directory, as compose reads it), anything else a volume name.
     #[arg(short = 'v', long = "volume")]
     pub volume: Vec<String>,
-    #[arg(long, default_value = "bridge")]
-    pub network: String,
+    /// bridge (the default), host, none, or the name of a network to join on the bridge
+    /// (repeat to join several): instances reach only instances that share a network.
+    #[arg(long)]
+    pub network: Vec<String>,
     #[arg(long)]
     pub read_only: bool,
     #[arg(short = 'u', long)]
@@ -211,7 +213,15 @@ pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -
             skiff_manifest::short::volume(v, &cwd, home.as_deref()).map_err(|e| anyhow::anyhow!("--volume: {e}"))?;
         d.volumes.push(vol);
     }
-    d.network = skiff_manifest::short::network_mode(&a.network).map_err(|e| anyhow::anyhow!("--network: {e}"))?;
+    for n in &a.network {
+        match n.as_str() {
+            "bridge" | "host" | "none" if a.network.len() == 1 => {
+                d.network = skiff_manifest::short::network_mode(n).map_err(|e| anyhow::anyhow!("--network: {e}"))?;
+            }
+            "bridge" | "host" | "none" => anyhow::bail!("--network: {n} cannot be combined with other networks"),
+            name => d.networks.push(name.to_string()),
+        }
+    }
     d.read_only = a.read_only;
     d.user = a.user.clone();
     d.working_dir = a.workdir.clone();
