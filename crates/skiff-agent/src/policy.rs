@@ -12,6 +12,8 @@
 //! devices:
 //!   allowed: ["/dev/ttyUSB*", /dev/video0]  # host devices that may be mapped; absent: any
 //! host_network: false                    # the host's network namespace (default: true)
+//! macvlan:                               # addresses on host segments (default: any)
+//!   parents: [eth1]                      # the interfaces instances may join; [] = none
 //! privileged: false                      # cap_add: [ALL] (default: true)
 //! images:                                # signed images (`skiff_image::policy`): the first
 //!   - match: "registry.example.com/**"   # rule naming an image decides
@@ -44,6 +46,9 @@ pub struct Policy {
     pub devices: Allowed,
     #[serde(default)]
     pub host_network: Option<bool>,
+    /// Which host interfaces `network: macvlan` may use (absent: any).
+    #[serde(default)]
+    pub macvlan: Option<MacvlanRule>,
     #[serde(default)]
     pub privileged: Option<bool>,
     /// Which images must be signed, by whom (see `skiff_image::policy`).
@@ -71,6 +76,13 @@ pub struct PathRules {
 pub struct Allowed {
     #[serde(default)]
     pub allowed: Option<Vec<String>>,
+}
+
+/// `macvlan:` in the node's policy: the host interfaces instances may join.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MacvlanRule {
+    pub parents: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +226,11 @@ impl Policy {
         if d.network == NetworkMode::Host && self.host_network == Some(false) {
             return Err(self.violation("host_network", "network: host".into()));
         }
+        if let (Some(rule), Some(m)) = (&self.macvlan, &d.macvlan) {
+            if !rule.parents.iter().any(|p| p == &m.parent) {
+                return Err(self.violation("macvlan.parents", format!("macvlan on {}", m.parent)));
+            }
+        }
         Ok(())
     }
 }
@@ -320,6 +337,7 @@ mod tests {
              capabilities: {allowed: [NET_ADMIN]}\n\
              devices: {allowed: ['/dev/ttyUSB*']}\n\
              host_network: false\n\
+             macvlan: {parents: [eth1]}\n\
              privileged: false\n",
         )
         .unwrap();
@@ -343,6 +361,21 @@ mod tests {
         assert_eq!(check(&|d| d.devices.push(usb("/dev/ttyUSB0"))), None);
         assert_eq!(check(&|d| d.devices.push(usb("/dev/sda"))), Some("devices.allowed"));
         assert_eq!(check(&|d| d.network = NetworkMode::Host), Some("host_network"));
+        let macvlan = |parent: &str| skiff_model::Macvlan {
+            parent: parent.into(),
+            subnet: None,
+            gateway: None,
+            ip_range: None,
+            ip: Some("192.168.1.5".into()),
+        };
+        let on = |parent: &'static str| {
+            move |d: &mut Deployment| {
+                d.network = NetworkMode::Macvlan;
+                d.macvlan = Some(macvlan(parent));
+            }
+        };
+        assert_eq!(check(&on("eth1")), None);
+        assert_eq!(check(&on("eth0")), Some("macvlan.parents"));
         for (bad, field) in [
             ("capabilities: {allowed: [FLY]}", "capabilities.allowed[0]"),
             ("bind_mounts: {allowed: [srv]}", "bind_mounts.allowed[0]"),

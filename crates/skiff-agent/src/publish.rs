@@ -143,7 +143,13 @@ impl Agent {
             let dep = rows.iter().find(|r| r.name == me).map(|r| r.deployment.clone()).unwrap_or_default();
             out.push_str(&format!("{ip}\t{me} {dep}\n"));
         }
-        let shares = |r: &&crate::state::InstanceRow| r.spec.joined_networks().iter().any(|n| mine.contains(n));
+        // Peers on the bridge only: a macvlan instance is on another segment (and the host
+        // cannot reach it through the parent), and sees no peers itself.
+        let shares = |r: &&crate::state::InstanceRow| {
+            spec.network == NetworkMode::Bridge
+                && r.spec.network == NetworkMode::Bridge
+                && r.spec.joined_networks().iter().any(|n| mine.contains(n))
+        };
         for r in rows.iter().filter(|r| r.name != me && r.state == InstanceState::Running).filter(shares) {
             // Switched away from (blue-green): reachable by its own name, not the service's.
             let service = if r.retire_at_ms.is_some() { "" } else { r.deployment.as_str() };

@@ -8,7 +8,7 @@ use crate::state::InstanceRow;
 use crate::{blocking, rebuild, Agent, AgentError};
 use skiff_image::Target;
 use skiff_model::{Deployment, Health, InstanceState, NetworkMode, RuntimeKind, VolumeSource};
-use skiff_runtime::network::{netns_path, veth_name};
+use skiff_runtime::network::{netns_path, veth_name, MacvlanLink};
 use skiff_runtime::{CreateRequest, Liveness, Runtime};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -122,17 +122,27 @@ impl Agent {
         }
         // The network namespace is set up on a second thread while the rootfs is mounted
         // and the bundle written: its path is known in advance, only runc needs it ready.
-        let (ip, ns) = match r.spec.network {
+        let (ip, ns, macvlan) = match r.spec.network {
             NetworkMode::Bridge => {
                 let subnet = self.bridge.subnet;
                 let ip = self.db(|s| s.lease(&r.name, subnet.hosts(), &subnet.to_string()))?;
-                (Some(ip), Some(self.netns_name(id)))
+                (Some(ip), Some(self.netns_name(id)), None)
             }
-            NetworkMode::None | NetworkMode::Host => (None, None),
+            NetworkMode::Macvlan => {
+                let (link, ip) = self.macvlan_link(r)?;
+                (Some(ip), Some(self.netns_name(id)), Some(link))
+            }
+            NetworkMode::None | NetworkMode::Host => (None, None, None),
         };
         std::thread::scope(|scope| {
             let net = scope.spawn(|| -> Result<(), AgentError> {
                 let (Some(ns), Some(ip)) = (&ns, ip) else { return Ok(()) };
+                if let Some(link) = &macvlan {
+                    if !netns_path(ns).exists() {
+                        link.attach(ns, ip)?;
+                    }
+                    return Ok(());
+                }
                 let attached =
                     netns_path(ns).exists() && Path::new(&format!("/sys/class/net/{}", veth_name(ns))).exists();
                 if !attached {
@@ -166,6 +176,27 @@ impl Agent {
         };
         let _ = rt.signal(id, "KILL");
         Err(AgentError::Other(format!("the instance's record was not written ({unrecorded}); stopped")))
+    }
+
+    /// A macvlan instance's interface and address: the subnet as given or the parent's on
+    /// this node; the fixed address, or one leased from the range.
+    fn macvlan_link(&self, r: &InstanceRow) -> Result<(MacvlanLink, Ipv4Addr), AgentError> {
+        let m = r.spec.macvlan.as_ref().ok_or_else(|| AgentError::Other("network: macvlan without macvlan".into()))?;
+        let bad = |what: &str, v: &str| AgentError::Other(format!("macvlan.{what}: {v:?} does not parse"));
+        let prefix = match &m.subnet {
+            Some(s) => s.parse::<ipnet::Ipv4Net>().map_err(|_| bad("subnet", s))?.prefix_len(),
+            None => MacvlanLink::parent_subnet(&m.parent)?.1,
+        };
+        let gateway = m.gateway.as_deref().map(|g| g.parse::<Ipv4Addr>().map_err(|_| bad("gateway", g))).transpose()?;
+        let ip = match (&m.ip, &m.ip_range) {
+            (Some(ip), _) => ip.parse().map_err(|_| bad("ip", ip))?,
+            (None, Some(range)) => {
+                let net = range.parse::<ipnet::Ipv4Net>().map_err(|_| bad("ip_range", range))?;
+                self.db(|s| s.lease(&r.name, net.hosts().filter(|h| Some(*h) != gateway), range))?
+            }
+            (None, None) => return Err(AgentError::Other("macvlan: needs ip or ip_range".into())),
+        };
+        Ok((MacvlanLink { parent: m.parent.clone(), prefix, gateway }, ip))
     }
 
     /// Image, volumes, /etc files, rootfs and spec: everything but the network and start.

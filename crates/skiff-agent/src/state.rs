@@ -322,8 +322,14 @@ impl State {
             .query_row("SELECT ip FROM leases WHERE instance = ?1", [instance], |r| r.get::<_, String>(0))
             .optional()?
         {
-            if let Ok(ip) = ip.parse() {
-                return Ok(ip);
+            // A lease from another subnet (the deployment moved to another network) is
+            // given back.
+            let within = |ip: &Ipv4Addr| subnet.parse::<ipnet::Ipv4Net>().map_or(true, |n| n.contains(ip));
+            match ip.parse::<Ipv4Addr>() {
+                Ok(ip) if within(&ip) => return Ok(ip),
+                _ => {
+                    self.conn.execute("DELETE FROM leases WHERE instance = ?1", [instance])?;
+                }
             }
         }
         let mut st = self.conn.prepare("SELECT ip FROM leases")?;

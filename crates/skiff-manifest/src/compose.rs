@@ -4,7 +4,7 @@ use crate::{interpolate, parse_duration_ms, shell_split, short, ManifestError};
 use serde_norway::{Mapping, Value};
 use skiff_model::{
     parse_bytes, parse_cpus, Dependency, DependencyCondition, Deployment, DeviceMapping, DeviceRequest, HealthCheck,
-    PlacementMode, PortMapping, Protocol, RestartPolicy, Volume, VolumeSource,
+    NetworkMode, PlacementMode, PortMapping, Protocol, RestartPolicy, Volume, VolumeSource,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -299,15 +299,24 @@ fn mapping<'v>(v: &'v Value, path: &str) -> R<&'v Mapping> {
     v.as_mapping().ok_or_else(|| ManifestError::at(path, "must be a mapping"))
 }
 
+/// A network of the file, as the node sees it.
+struct Net {
+    /// Its name on the node.
+    name: String,
+    /// `driver: macvlan`: the segment (addresses per service).
+    macvlan: Option<skiff_model::Macvlan>,
+}
+
 /// Top-level `networks:`: each key's network on the node, named as Compose names it
 /// (`name:` as written, an external one by its key, the others `<project>_<key>`).
-fn networks(cx: &mut Ctx<'_>, project: &str, v: Option<&Value>) -> R<BTreeMap<String, String>> {
+fn networks(cx: &mut Ctx<'_>, project: &str, v: Option<&Value>) -> R<BTreeMap<String, Net>> {
     let mut out = BTreeMap::new();
     let Some(m) = v.filter(|v| !v.is_null()).map(|v| mapping(v, "networks")).transpose()? else { return Ok(out) };
     for (k, def) in m {
         let key = key_str(k, "networks")?;
         let path = format!("networks.{key}");
-        let (mut external, mut name) = (false, None);
+        let (mut external, mut name, mut driver) = (false, None, None);
+        let (mut parent, mut ipam) = (None, None);
         if let Some(dm) = def.as_mapping() {
             for (dk, dv) in dm {
                 let dkey = key_str(dk, &path)?;
@@ -326,14 +335,17 @@ fn networks(cx: &mut Ctx<'_>, project: &str, v: Option<&Value>) -> R<BTreeMap<St
                         }
                     }
                     "name" => name = Some(str_of(dv, &p)?),
-                    "driver" => {
-                        let driver = str_of(dv, &p)?;
-                        if driver != "bridge" {
-                            cx.warnings.push(format!(
-                                "{p}: {driver:?} is not supported yet: joined as a network on the node's bridge"
-                            ));
+                    "driver" => driver = Some((str_of(dv, &p)?, p)),
+                    "driver_opts" => {
+                        for (ok, ov) in mapping(dv, &p)? {
+                            let okey = key_str(ok, &p)?;
+                            match okey.as_str() {
+                                "parent" => parent = Some(str_of(ov, &format!("{p}.parent"))?),
+                                _ => cx.warnings.push(format!("{p}.{okey}: not supported yet, ignored")),
+                            }
                         }
                     }
+                    "ipam" => ipam = Some((dv, p)),
                     // Meaningless on one bridge: any instance may join any network.
                     "attachable" => {}
                     _ => cx.warnings.push(format!("{p}: not supported yet, ignored")),
@@ -342,41 +354,110 @@ fn networks(cx: &mut Ctx<'_>, project: &str, v: Option<&Value>) -> R<BTreeMap<St
         } else if !def.is_null() {
             return Err(ManifestError::at(&path, "must be a mapping"));
         }
+        let macvlan = match driver {
+            Some((d, p)) if d == "macvlan" => {
+                let parent = parent.ok_or_else(|| {
+                    ManifestError::at(format!("{path}.driver_opts.parent"), "is required for macvlan")
+                })?;
+                let mut m = skiff_model::Macvlan { parent, subnet: None, gateway: None, ip_range: None, ip: None };
+                if let Some((v, p)) = ipam {
+                    macvlan_ipam(cx, &mut m, v, &p)?;
+                }
+                let _ = p;
+                Some(m)
+            }
+            Some((d, p)) => {
+                if d != "bridge" {
+                    cx.warnings
+                        .push(format!("{p}: {d:?} is not supported yet: joined as a network on the node's bridge"));
+                }
+                if let Some((_, p)) = ipam {
+                    cx.warnings
+                        .push(format!("{p}: not supported yet, ignored (instances get the node's bridge subnet)"));
+                }
+                None
+            }
+            None => {
+                if let Some((_, p)) = ipam {
+                    cx.warnings
+                        .push(format!("{p}: not supported yet, ignored (instances get the node's bridge subnet)"));
+                }
+                None
+            }
+        };
         let resolved = match (external, name) {
             (_, Some(n)) => n,
             (true, None) => key.clone(),
             (false, None) => format!("{project}_{key}"),
         };
-        out.insert(key, resolved);
+        out.insert(key, Net { name: resolved, macvlan });
     }
     Ok(out)
 }
 
-/// A service's `networks:` (a list of keys, or a mapping of keys to their options): the
-/// keys, with where each was written.
-fn service_networks(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<Vec<(String, String)>> {
+/// A macvlan network's `ipam.config[0]`: subnet, ip_range and gateway.
+fn macvlan_ipam(cx: &mut Ctx<'_>, m: &mut skiff_model::Macvlan, v: &Value, path: &str) -> R<()> {
+    for (k, x) in mapping(v, path)? {
+        let key = key_str(k, path)?;
+        let p = format!("{path}.{key}");
+        match key.as_str() {
+            "config" => {
+                let list = x.as_sequence().ok_or_else(|| ManifestError::at(&p, "must be a list"))?;
+                for (i, c) in list.iter().enumerate() {
+                    let cp = format!("{p}[{i}]");
+                    if i > 0 {
+                        cx.warnings.push(format!("{cp}: only the first subnet is used"));
+                        continue;
+                    }
+                    for (ck, cv) in mapping(c, &cp)? {
+                        let ckey = key_str(ck, &cp)?;
+                        let vp = format!("{cp}.{ckey}");
+                        match ckey.as_str() {
+                            "subnet" => m.subnet = Some(str_of(cv, &vp)?),
+                            "ip_range" => m.ip_range = Some(str_of(cv, &vp)?),
+                            "gateway" => m.gateway = Some(str_of(cv, &vp)?),
+                            _ => cx.warnings.push(format!("{vp}: not supported yet, ignored")),
+                        }
+                    }
+                }
+            }
+            "driver" => {}
+            _ => cx.warnings.push(format!("{p}: not supported yet, ignored")),
+        }
+    }
+    Ok(())
+}
+
+/// A service's `networks:` (a list of keys, or a mapping of keys to their options): each
+/// key, where it was written, and its `ipv4_address`.
+fn service_networks(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<Vec<(String, String, Option<String>)>> {
     let mut keys = vec![];
     match v {
         Value::Sequence(s) => {
             for (i, x) in s.iter().enumerate() {
                 let p = format!("{path}[{i}]");
-                keys.push((str_of(x, &p)?, p));
+                keys.push((str_of(x, &p)?, p, None));
             }
         }
         Value::Mapping(m) => {
             for (k, opts) in m {
                 let key = key_str(k, path)?;
                 let p = format!("{path}.{key}");
+                let mut ip = None;
                 match opts {
                     Value::Null => {}
                     Value::Mapping(om) => {
-                        for (ok, _) in om {
-                            cx.warnings.push(format!("{p}.{}: not supported yet, ignored", key_str(ok, &p)?));
+                        for (ok, ov) in om {
+                            let okey = key_str(ok, &p)?;
+                            match okey.as_str() {
+                                "ipv4_address" => ip = Some(str_of(ov, &format!("{p}.{okey}"))?),
+                                _ => cx.warnings.push(format!("{p}.{okey}: not supported yet, ignored")),
+                            }
                         }
                     }
                     _ => return Err(ManifestError::at(&p, "must be a mapping")),
                 }
-                keys.push((key, p));
+                keys.push((key, p, ip));
             }
         }
         _ => return Err(ManifestError::at(path, "must be a list or a mapping")),
@@ -384,7 +465,7 @@ fn service_networks(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<Vec<(String, S
     Ok(keys)
 }
 
-fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, String>, name: &str, svc: &Value) -> R<Deployment> {
+fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: &str, svc: &Value) -> R<Deployment> {
     let base = format!("services.{name}");
     let m = mapping(svc, &base)?;
     let mut d = Deployment::new(name, "");
@@ -524,18 +605,45 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, String>, nam
     // Without `networks:` a service joins the project's default network, which the file
     // may rename or make external under `networks: default:`.
     let implicit = format!("{project}_default");
-    let default = nets.get("default").cloned().unwrap_or_else(|| implicit.clone());
+    let default = nets.get("default").map(|n| n.name.clone()).unwrap_or_else(|| implicit.clone());
     if net_keys.is_empty() && default != implicit {
         d.networks = vec![default.clone()];
     }
-    for (key, p) in net_keys {
-        let n = match nets.get(&key) {
-            Some(n) => n.clone(),
-            None if key == "default" => default.clone(),
+    let listed = net_keys.len();
+    for (key, p, ip) in net_keys {
+        let net = match nets.get(&key) {
+            Some(n) => n,
+            None if key == "default" => {
+                if !d.networks.contains(&default) {
+                    d.networks.push(default.clone());
+                }
+                continue;
+            }
             None => return Err(ManifestError::at(p, format!("network {key:?} is not declared under networks"))),
         };
-        if !d.networks.contains(&n) {
-            d.networks.push(n);
+        if let Some(m) = &net.macvlan {
+            if listed > 1 {
+                return Err(ManifestError::at(
+                    p,
+                    "a macvlan network cannot be joined beside others (not supported yet)",
+                ));
+            }
+            if d.network != NetworkMode::Bridge {
+                return Err(ManifestError::at(p, "network_mode and networks cannot be combined"));
+            }
+            d.network = NetworkMode::Macvlan;
+            d.macvlan = Some(skiff_model::Macvlan {
+                ip: ip.clone(),
+                ip_range: if ip.is_some() { None } else { m.ip_range.clone() },
+                ..m.clone()
+            });
+            continue;
+        }
+        if ip.is_some() {
+            cx.warnings.push(format!("{p}.ipv4_address: not supported yet on the bridge, ignored"));
+        }
+        if !d.networks.contains(&net.name) {
+            d.networks.push(net.name.clone());
         }
     }
     d.validate().map_err(|e| ManifestError::at(format!("{base}.{}", e.field), e.problem))?;

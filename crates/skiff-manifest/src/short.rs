@@ -2,7 +2,7 @@
 //! `skiff run -v ./data:/data` and a compose `volumes: [./data:/data]` mean the same
 //! thing (a bind mount of `./data`), as they do in Docker.
 
-use skiff_model::{NetworkMode, Volume, VolumeSource};
+use skiff_model::{Macvlan, NetworkMode, Volume, VolumeSource};
 use std::path::{Path, PathBuf};
 
 /// A volume's source: a path (it starts with `/`, `.` or `~`) is a bind mount, resolved
@@ -44,6 +44,29 @@ pub fn volume(s: &str, dir: &Path, home: Option<&Path>) -> Result<Volume, String
         m => return Err(format!("mode {m:?} is not ro or rw")),
     };
     Ok(Volume { source: volume_source(src, dir, home)?, target: dst.to_string(), read_only })
+}
+
+/// `macvlan:PARENT[,ip=A][,ip_range=CIDR][,subnet=CIDR][,gateway=A]` (`--network`).
+pub fn macvlan(s: &str) -> Result<Macvlan, String> {
+    let rest = s.strip_prefix("macvlan:").ok_or_else(|| format!("{s:?} is not macvlan:PARENT[,ip=...]"))?;
+    let mut parts = rest.split(',');
+    let parent = parts.next().unwrap_or_default().to_string();
+    if parent.is_empty() {
+        return Err("macvlan: needs the parent interface (macvlan:eth0,ip=...)".into());
+    }
+    let mut m = Macvlan { parent, subnet: None, gateway: None, ip_range: None, ip: None };
+    for p in parts {
+        let (k, v) = p.split_once('=').ok_or_else(|| format!("{p:?} is not key=value"))?;
+        let slot = match k {
+            "ip" => &mut m.ip,
+            "ip_range" | "ip-range" => &mut m.ip_range,
+            "subnet" => &mut m.subnet,
+            "gateway" => &mut m.gateway,
+            other => return Err(format!("{other:?} is not a macvlan option (ip, ip_range, subnet, gateway)")),
+        };
+        *slot = Some(v.to_string());
+    }
+    Ok(m)
 }
 
 /// `bridge`, `host` or `none`.
@@ -100,6 +123,16 @@ mod tests {
         assert_eq!(v("~bob/x:/x").unwrap_err(), "\"~bob/x\": ~user paths are not supported; give the path");
         assert_eq!(volume("~/x:/x", dir, None).unwrap_err(), "\"~/x\": ~ needs HOME, which is not set");
         assert_eq!(network_mode("host"), Ok(NetworkMode::Host));
+        let m = macvlan("macvlan:eth0,ip=192.168.1.50,gateway=192.168.1.1").unwrap();
+        assert_eq!(
+            (m.parent.as_str(), m.ip.as_deref(), m.gateway.as_deref()),
+            ("eth0", Some("192.168.1.50"), Some("192.168.1.1"))
+        );
+        assert_eq!(
+            macvlan("macvlan:eth0,mode=vepa").unwrap_err(),
+            "\"mode\" is not a macvlan option (ip, ip_range, subnet, gateway)"
+        );
+        assert!(macvlan("macvlan:").is_err());
         assert_eq!(network_mode("overlay").unwrap_err(), "\"overlay\" is not supported (bridge, host, none)");
     }
 }

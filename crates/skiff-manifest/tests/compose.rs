@@ -399,7 +399,57 @@ networks:
         err("services:\n  a:\n    image: a\n    networks: [x]\nnetworks:\n  x:\n    name: \"bad name\"\n"),
         "services.a.networks[0]: \"bad name\" is not a network name (letters, digits, '_', '.' and '-', at most 64 characters)"
     );
-    let macvlan =
-        import("services:\n  a:\n    image: a\n    networks: [lan]\nnetworks:\n  lan:\n    driver: macvlan\n").unwrap();
-    assert!(macvlan.warnings.iter().any(|w| w.contains("networks.lan.driver: \"macvlan\" is not supported yet")));
+}
+
+#[test]
+fn macvlan_networks_give_services_addresses_on_the_parent_s_segment() {
+    let c = import(
+        r#"
+services:
+  cam:
+    image: cam
+    networks:
+      lan:
+        ipv4_address: 192.168.1.50
+  workers:
+    image: w
+    deploy: {replicas: 3}
+    networks: [lan]
+networks:
+  lan:
+    driver: macvlan
+    driver_opts: {parent: eth0}
+    ipam:
+      config:
+        - subnet: 192.168.1.0/24
+          ip_range: 192.168.1.64/27
+          gateway: 192.168.1.1
+"#,
+    )
+    .unwrap();
+    let cam = &c.deployments[0];
+    assert_eq!(cam.network, NetworkMode::Macvlan);
+    let m = cam.macvlan.as_ref().unwrap();
+    assert_eq!((m.parent.as_str(), m.ip.as_deref(), m.ip_range.as_deref()), ("eth0", Some("192.168.1.50"), None));
+    let w = c.deployments[1].macvlan.as_ref().unwrap();
+    assert_eq!(
+        (w.subnet.as_deref(), w.ip_range.as_deref(), w.gateway.as_deref()),
+        (Some("192.168.1.0/24"), Some("192.168.1.64/27"), Some("192.168.1.1"))
+    );
+    assert!(c.deployments[1].networks.is_empty());
+
+    let lan = "networks:\n  lan:\n    driver: macvlan\n";
+    assert_eq!(
+        err(&format!("services:\n  a:\n    image: a\n    networks: [lan]\n{lan}")),
+        "networks.lan.driver_opts.parent: is required for macvlan"
+    );
+    let lan = format!("{lan}    driver_opts: {{parent: eth0}}\n");
+    assert_eq!(
+        err(&format!("services:\n  a:\n    image: a\n    networks: [lan]\n{lan}")),
+        "services.a.macvlan: needs ip or ip_range: addresses on a shared segment are never guessed"
+    );
+    assert_eq!(
+        err(&format!("services:\n  a:\n    image: a\n    networks: [lan, default]\n{lan}")),
+        "services.a.networks[0]: a macvlan network cannot be joined beside others (not supported yet)"
+    );
 }

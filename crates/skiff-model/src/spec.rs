@@ -44,6 +44,9 @@ pub struct Deployment {
     /// Empty: its stack's own, `<stack>_default`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<String>,
+    /// With `network: macvlan`: the segment and addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub macvlan: Option<Macvlan>,
     #[serde(default)]
     pub read_only: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -273,6 +276,7 @@ impl Deployment {
             depends_on: vec![],
             network: NetworkMode::default(),
             networks: vec![],
+            macvlan: None,
             read_only: false,
             cap_add: vec![],
             cap_drop: vec![],
@@ -520,6 +524,31 @@ pub enum NetworkMode {
     Bridge,
     Host,
     None,
+    /// An address of its own on the segment of a host interface (Docker's macvlan driver):
+    /// see [`Macvlan`].
+    Macvlan,
+}
+
+/// `network: macvlan`: each instance gets an interface of its own on `parent`'s segment,
+/// with its own MAC and address, as a separate device on the plant network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Macvlan {
+    /// The host interface whose segment it joins (`eth0`).
+    pub parent: String,
+    /// The segment's subnet (`192.168.1.0/24`); unset: the parent's own on each node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// The default route; unset: none (the segment only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Where instances' addresses are leased from (a CIDR inside the subnet, kept out of
+    /// the segment's DHCP pool by whoever runs it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_range: Option<String>,
+    /// One fixed address (a deployment of one replica).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

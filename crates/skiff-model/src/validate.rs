@@ -100,7 +100,75 @@ pub fn normalize_cap(c: &str) -> Option<String> {
 }
 
 impl Deployment {
+    fn check_macvlan(&self) -> Result<(), ValidationError> {
+        let m = match (self.network, &self.macvlan) {
+            (NetworkMode::Macvlan, Some(m)) => m,
+            (NetworkMode::Macvlan, None) => {
+                return Err(ValidationError::new("macvlan", "network: macvlan needs its parent interface"))
+            }
+            (_, Some(_)) => return Err(ValidationError::new("macvlan", "is only for network: macvlan")),
+            (_, None) => return Ok(()),
+        };
+        let iface_ok = !m.parent.is_empty()
+            && m.parent.len() <= 15
+            && m.parent.chars().all(|c| c.is_ascii_alphanumeric() || "_.-@".contains(c))
+            && m.parent != "."
+            && m.parent != "..";
+        if !iface_ok {
+            return Err(ValidationError::new("macvlan.parent", format!("{:?} is not an interface name", m.parent)));
+        }
+        let cidr = |field: &str, v: &Option<String>| -> Result<Option<ipnet::Ipv4Net>, ValidationError> {
+            v.as_deref()
+                .map(|s| {
+                    s.parse::<ipnet::Ipv4Net>().map_err(|_| {
+                        ValidationError::new(field, format!("{s:?} is not an IPv4 subnet like 192.168.1.0/24"))
+                    })
+                })
+                .transpose()
+        };
+        let addr = |field: &str, v: &Option<String>| -> Result<Option<std::net::Ipv4Addr>, ValidationError> {
+            v.as_deref()
+                .map(|s| s.parse().map_err(|_| ValidationError::new(field, format!("{s:?} is not an IPv4 address"))))
+                .transpose()
+        };
+        let subnet = cidr("macvlan.subnet", &m.subnet)?;
+        let range = cidr("macvlan.ip_range", &m.ip_range)?;
+        let gateway = addr("macvlan.gateway", &m.gateway)?;
+        let ip = addr("macvlan.ip", &m.ip)?;
+        match (ip, range) {
+            (None, None) => {
+                return Err(ValidationError::new(
+                    "macvlan",
+                    "needs ip or ip_range: addresses on a shared segment are never guessed",
+                ))
+            }
+            (Some(_), Some(_)) => return Err(ValidationError::new("macvlan.ip", "and ip_range exclude each other")),
+            (Some(_), None) if self.replicas > 1 || self.autoscale.is_some() => {
+                return Err(ValidationError::new("macvlan.ip", "is one address: for several replicas set ip_range"))
+            }
+            _ => {}
+        }
+        if let Some(subnet) = subnet {
+            let inside = |field: &str, a: Option<std::net::Ipv4Addr>| match a {
+                Some(a) if !subnet.contains(&a) => {
+                    Err(ValidationError::new(field, format!("{a} is not in the subnet {subnet}")))
+                }
+                _ => Ok(()),
+            };
+            inside("macvlan.ip", ip)?;
+            inside("macvlan.gateway", gateway)?;
+            if let Some(r) = range.filter(|r| !subnet.contains(r)) {
+                return Err(ValidationError::new("macvlan.ip_range", format!("{r} is not in the subnet {subnet}")));
+            }
+        }
+        if range.is_some_and(|r| r.prefix_len() > 30) {
+            return Err(ValidationError::new("macvlan.ip_range", "holds no usable address (at most /30)"));
+        }
+        Ok(())
+    }
+
     fn check_networks(&self) -> Result<(), ValidationError> {
+        self.check_macvlan()?;
         if self.networks.is_empty() {
             return Ok(());
         }
@@ -449,6 +517,62 @@ mod tests {
             None,
         );
         check(|d| d.update.max_failure_ratio = -0.5, Some("update.max_failure_ratio: must be between 0 and 1"));
+    }
+
+    #[test]
+    fn macvlan_needs_a_parent_and_addresses_it_was_given() {
+        let mv = |m: crate::Macvlan| {
+            move |d: &mut Deployment| {
+                d.network = NetworkMode::Macvlan;
+                d.macvlan = Some(m);
+            }
+        };
+        let base = crate::Macvlan {
+            parent: "eth0".into(),
+            subnet: Some("192.168.1.0/24".into()),
+            gateway: Some("192.168.1.1".into()),
+            ip_range: Some("192.168.1.64/28".into()),
+            ip: None,
+        };
+        check(mv(base.clone()), None);
+        check(mv(crate::Macvlan { ip_range: None, ip: Some("192.168.1.50".into()), ..base.clone() }), None);
+        check(
+            mv(crate::Macvlan { ip_range: None, ..base.clone() }),
+            Some("macvlan: needs ip or ip_range: addresses on a shared segment are never guessed"),
+        );
+        check(
+            mv(crate::Macvlan { ip: Some("10.0.0.5".into()), ip_range: None, ..base.clone() }),
+            Some("macvlan.ip: 10.0.0.5 is not in the subnet 192.168.1.0/24"),
+        );
+        check(
+            mv(crate::Macvlan { ip_range: Some("10.0.0.0/28".into()), ..base.clone() }),
+            Some("macvlan.ip_range: 10.0.0.0/28 is not in the subnet 192.168.1.0/24"),
+        );
+        check(
+            mv(crate::Macvlan { parent: "eth0/../x".into(), ..base.clone() }),
+            Some("macvlan.parent: \"eth0/../x\" is not an interface name"),
+        );
+        check(
+            mv(crate::Macvlan { subnet: Some("192.168.1.0".into()), ..base.clone() }),
+            Some("macvlan.subnet: \"192.168.1.0\" is not an IPv4 subnet like 192.168.1.0/24"),
+        );
+        let fixed = crate::Macvlan { ip_range: None, ip: Some("192.168.1.50".into()), ..base.clone() };
+        check(
+            |d| {
+                mv(fixed)(d);
+                d.replicas = 2;
+            },
+            Some("macvlan.ip: is one address: for several replicas set ip_range"),
+        );
+        check(|d| d.network = NetworkMode::Macvlan, Some("macvlan: network: macvlan needs its parent interface"));
+        check(|d| d.macvlan = Some(base.clone()), Some("macvlan: is only for network: macvlan"));
+        check(
+            |d| {
+                mv(base.clone())(d);
+                d.ports = vec![crate::PortMapping::parse("8080:80").unwrap()];
+            },
+            Some("ports: published ports need the bridge network mode"),
+        );
     }
 
     #[test]

@@ -10,7 +10,9 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoMacVlan, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, MacVlanMode,
+};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol};
 use netlink_packet_route::route::{RouteScope, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -149,6 +151,20 @@ impl Rtnl {
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
         ]));
         self.request(&format!("create veth {name}"), RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)
+    }
+
+    /// Creates `name` in the network namespace `ns` as a macvlan (bridge mode) of the
+    /// interface with index `parent` in this socket's namespace.
+    pub fn add_macvlan(&mut self, name: &str, parent: u32, ns: &File) -> Result<(), NlError> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        m.attributes.push(LinkAttribute::Link(parent));
+        m.attributes.push(LinkAttribute::NetNsFd(ns.as_raw_fd()));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::MacVlan),
+            LinkInfo::Data(InfoData::MacVlan(vec![InfoMacVlan::Mode(MacVlanMode::Bridge)])),
+        ]));
+        self.request(&format!("create macvlan {name}"), RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)
     }
 
     /// Changes the interface `name`: its MAC address, its bridge, up.

@@ -21,6 +21,10 @@ pub enum NetError {
     NotABridge(String),
     #[error("bridge {0} is missing (removed while the agent ran?): restart the agent to make it again")]
     NoBridge(String),
+    #[error("macvlan parent interface {0:?} does not exist on this node")]
+    NoParent(String),
+    #[error("macvlan parent interface {0:?} has no IPv4 address to take the subnet from: set macvlan.subnet")]
+    ParentWithoutSubnet(String),
     #[error("{command}: {message}")]
     Firewall { command: String, message: String },
 }
@@ -139,6 +143,60 @@ impl Bridge {
             let _ = nl.del_link(&veth_name(netns));
         }
         netns_del(netns);
+    }
+}
+
+/// An instance's own interface on a host interface's segment (Docker's macvlan driver,
+/// bridge mode): `eth0` in the instance's namespace, with its own MAC (derived from its
+/// address, as on the bridge) and address; a default route only through a gateway named.
+/// The host itself cannot reach it through the parent (macvlan's rule); the segment can.
+#[derive(Debug, Clone)]
+pub struct MacvlanLink {
+    pub parent: String,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+}
+
+impl MacvlanLink {
+    /// The subnet of `parent`'s first IPv4 address on this host.
+    pub fn parent_subnet(parent: &str) -> Result<(Ipv4Addr, u8), NetError> {
+        let addrs =
+            nix::ifaddrs::getifaddrs().map_err(|e| NlError { op: "list addresses".into(), source: e.into() })?;
+        for a in addrs.filter(|a| a.interface_name == parent) {
+            let (Some(ip), Some(mask)) = (a.address, a.netmask) else { continue };
+            if let (Some(ip), Some(mask)) = (ip.as_sockaddr_in(), mask.as_sockaddr_in()) {
+                let prefix = u32::from(mask.ip()).count_ones() as u8;
+                return Ok((ip.ip(), prefix));
+            }
+        }
+        Err(NetError::ParentWithoutSubnet(parent.to_string()))
+    }
+
+    /// Creates `netns` with its macvlan `eth0` at `addr` (replacing what a crash left).
+    pub fn attach(&self, netns: &str, addr: Ipv4Addr) -> Result<PathBuf, NetError> {
+        netns_del(netns);
+        let r = self.attach_inner(netns, addr);
+        if r.is_err() {
+            netns_del(netns);
+        }
+        r
+    }
+
+    fn attach_inner(&self, netns: &str, addr: Ipv4Addr) -> Result<PathBuf, NetError> {
+        let mut host = Rtnl::open()?;
+        let parent = host.index(&self.parent)?.ok_or_else(|| NetError::NoParent(self.parent.clone()))?;
+        let path = netns_add(netns)?;
+        let ns = File::open(&path).map_err(|e| NlError { op: format!("open network namespace {netns}"), source: e })?;
+        host.add_macvlan("eth0", parent, &ns)?;
+        let mut inside = Rtnl::open_in(&ns, netns)?;
+        inside.set_link("eth0", Some(mac_bytes(addr)), None, false)?;
+        inside.add_address("eth0", addr, self.prefix)?;
+        inside.set_link("eth0", None, None, true)?;
+        inside.set_link("lo", None, None, true)?;
+        if let Some(gw) = self.gateway {
+            inside.add_default_route(gw)?;
+        }
+        Ok(path)
     }
 }
 

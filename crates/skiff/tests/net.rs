@@ -551,3 +551,116 @@ fn stacks_reach_each_other_only_through_a_shared_network_and_cannot_forge_addres
     assert!(run("nft", &["list", "table", "bridge", &nat.lan_table()]).is_err(), "the bridge table was left");
     Ok(())
 }
+
+/// A segment of the "plant network": a veth pair whose host end is the macvlan parent and
+/// whose other end is a device on the segment — a namespace serving `hello` over HTTP.
+/// Removed on drop.
+struct Segment {
+    parent: String,
+    ns: String,
+    /// The segment's first three octets.
+    net: String,
+    _server: Option<Server>,
+}
+
+impl Segment {
+    fn new() -> Result<Self> {
+        let id = std::process::id() % 100_000;
+        let (parent, ns, net) = (format!("skmv{id}"), format!("skmvp{id}"), format!("10.252.{}", id % 250));
+        run("ip", &["netns", "add", &ns])?;
+        let mut seg = Segment { parent: parent.clone(), ns: ns.clone(), net: net.clone(), _server: None };
+        run("ip", &["link", "add", &parent, "type", "veth", "peer", "name", "skmvdev", "netns", &ns])?;
+        run("ip", &["addr", "add", &format!("{net}.1/24"), "dev", &parent])?;
+        run("ip", &["link", "set", &parent, "up"])?;
+        run("ip", &["-n", &ns, "addr", "add", &format!("{net}.2/24"), "dev", "skmvdev"])?;
+        run("ip", &["-n", &ns, "link", "set", "skmvdev", "up"])?;
+        run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+        seg._server = Some(Server::start(&ns, 8080)?);
+        Ok(seg)
+    }
+
+    /// What `url` answers, asked from the segment's device.
+    fn fetch(&self, url: &str) -> Result<String> {
+        run(
+            "ip",
+            &["netns", "exec", &self.ns, "sh", "-c", &format!("timeout 5 busybox wget -q -O - {url}; echo status=$?")],
+        )
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.ns]);
+        let _ = run("ip", &["link", "del", &self.parent]);
+    }
+}
+
+#[test]
+fn macvlan_gives_instances_their_own_addresses_on_the_parent_s_segment() -> Result<()> {
+    require_privileged!();
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let seg = Segment::new()?;
+    let mut n = Node::new()?;
+    n.up_with(None, &[])?;
+    let serve = "hostname > /tmp/i && exec httpd -f -p 8080 -h /tmp";
+    // One instance at a fixed address; the subnet is the parent's own on this node.
+    let fixed = format!("{}.10", seg.net);
+    let network = format!("macvlan:{},ip={fixed}", seg.parent);
+    n.ok(&["run", IMAGE, "--name", "cam", "--network", &network, "--", "sh", "-c", serve])?;
+    let cam = n.wait_running("cam-1")?;
+    assert_eq!(cam.ip.as_deref(), Some(fixed.as_str()));
+    // The segment reaches it at its address, and it reaches the segment.
+    assert_eq!(seg.fetch(&format!("http://{fixed}:8080/i"))?.trim(), "cam-1\nstatus=0");
+    let cmd = format!("timeout 5 wget -q -O - http://{}.2:8080/hello; echo status=$?", seg.net);
+    assert_eq!(n.ok(&["exec", "cam-1", "--", "sh", "-c", &cmd])?.trim(), "hello from the wan\nstatus=0");
+    // Its MAC is derived from its address, as on the bridge.
+    let ns = instance_netns(&n, "cam-1")?;
+    let link = run("ip", &["-d", "-n", &ns, "link", "show", "eth0"])?;
+    assert!(
+        link.contains(&skiff_runtime::network::mac_of(fixed.parse()?)) && link.contains("macvlan mode bridge"),
+        "{link}"
+    );
+
+    // Replicas leased from a range, as a compose file with an ipam config asks.
+    let compose = format!(
+        "name: plant\nservices:\n  workers:\n    image: {IMAGE}\n    command: [\"sh\", \"-c\", \"{serve}\"]\n    \
+         deploy: {{replicas: 2}}\n    networks: [lan]\nnetworks:\n  lan:\n    driver: macvlan\n    \
+         driver_opts: {{parent: {}}}\n    ipam:\n      config:\n        - subnet: {net}.0/24\n          \
+         ip_range: {net}.64/29\n",
+        seg.parent,
+        net = seg.net
+    );
+    let file = n.write("plant.yaml", &compose)?;
+    n.ok(&["apply", "-f", &file.to_string_lossy()])?;
+    let range = skiff_runtime::network::Subnet::parse(&format!("{}.64/29", seg.net))?;
+    let mut seen = BTreeSet::new();
+    for w in ["workers-1", "workers-2"] {
+        let ip = n.wait_running(w)?.ip.with_context(|| format!("{w} has no address"))?;
+        assert!(range.contains(ip.parse()?), "{w} at {ip}, outside {range}");
+        assert_eq!(seg.fetch(&format!("http://{ip}:8080/i"))?.trim(), format!("{w}\nstatus=0"));
+        seen.insert(ip);
+    }
+    assert_eq!(seen.len(), 2, "two replicas, two addresses: {seen:?}");
+
+    // A parent this node lacks: the instance fails, naming it.
+    n.ok(&[
+        "run",
+        IMAGE,
+        "--name",
+        "lost",
+        "--network",
+        "macvlan:skmvnone0,ip=10.9.9.9,subnet=10.9.9.0/24",
+        "--",
+        "sleep",
+        "1000000",
+    ])?;
+    let lost = n.wait_instance("lost-1", Duration::from_secs(30), "a message", |i| i.message.is_some())?;
+    assert!(lost.message.as_deref().is_some_and(|m| m.contains("skmvnone0")), "{lost:?}");
+
+    for d in ["cam", "workers", "lost"] {
+        n.ok(&["delete", "deployment", d])?;
+    }
+    wait_for(Duration::from_secs(30), "the instances to go", || n.instances().ok()?.is_empty().then_some(()))?;
+    assert!(!skiff_runtime::network::netns_path(&ns).exists(), "{ns} left behind");
+    Ok(())
+}

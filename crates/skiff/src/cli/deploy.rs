@@ -4,7 +4,7 @@ use super::{client, parse_selector, Cli};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use skiff_model::api::{ApplyRequest, ApplyResponse};
-use skiff_model::{Deployment, DeviceMapping, DeviceRequest, PortMapping, RestartPolicy, RuntimeKind};
+use skiff_model::{Deployment, DeviceMapping, DeviceRequest, NetworkMode, PortMapping, RestartPolicy, RuntimeKind};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -50,8 +50,10 @@ pub struct RunArgs {
     /// the current directory, as compose reads it), anything else a volume name.
     #[arg(short = 'v', long = "volume")]
     pub volume: Vec<String>,
-    /// bridge (the default), host, none, or the name of a network to join on the bridge
-    /// (repeat to join several): instances reach only instances that share a network.
+    /// bridge (the default), host, none, macvlan:PARENT[,ip=A|ip_range=CIDR][,subnet=CIDR]
+    /// [,gateway=A] (an address of its own on PARENT's segment), or the name of a network
+    /// to join on the bridge (repeat to join several): instances reach only instances that
+    /// share a network.
     #[arg(long)]
     pub network: Vec<String>,
     #[arg(long)]
@@ -219,6 +221,11 @@ pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -
                 d.network = skiff_manifest::short::network_mode(n).map_err(|e| anyhow::anyhow!("--network: {e}"))?;
             }
             "bridge" | "host" | "none" => anyhow::bail!("--network: {n} cannot be combined with other networks"),
+            m if m.starts_with("macvlan:") && a.network.len() == 1 => {
+                d.network = NetworkMode::Macvlan;
+                d.macvlan = Some(skiff_manifest::short::macvlan(m).map_err(|e| anyhow::anyhow!("--network: {e}"))?);
+            }
+            m if m.starts_with("macvlan:") => anyhow::bail!("--network: {m} cannot be combined with other networks"),
             name => d.networks.push(name.to_string()),
         }
     }
