@@ -12,8 +12,8 @@
 //! devices:
 //!   allowed: ["/dev/ttyUSB*", /dev/video0]  # host devices that may be mapped; absent: any
 //! host_network: false                    # the host's network namespace (default: true)
-//! macvlan:                               # addresses on host segments (default: any)
-//!   parents: [eth1]                      # the interfaces instances may join; [] = none
+//! macvlan:                               # addresses on host segments (default: any,
+//!   parents: [eth1]                      # none with host_network: false); [] = none
 //! privileged: false                      # cap_add: [ALL] (default: true)
 //! images:                                # signed images (`skiff_image::policy`): the first
 //!   - match: "registry.example.com/**"   # rule naming an image decides
@@ -226,9 +226,17 @@ impl Policy {
         if d.network == NetworkMode::Host && self.host_network == Some(false) {
             return Err(self.violation("host_network", "network: host".into()));
         }
-        if let (Some(rule), Some(m)) = (&self.macvlan, &d.macvlan) {
-            if !rule.parents.iter().any(|p| p == &m.parent) {
-                return Err(self.violation("macvlan.parents", format!("macvlan on {}", m.parent)));
+        if let Some(m) = &d.macvlan {
+            match &self.macvlan {
+                Some(rule) if !rule.parents.iter().any(|p| p == &m.parent) => {
+                    return Err(self.violation("macvlan.parents", format!("macvlan on {}", m.parent)));
+                }
+                // A node that keeps workloads off the host's network keeps them off its
+                // segments too, unless its policy names the parents it allows.
+                None if self.host_network == Some(false) => {
+                    return Err(self.violation("host_network", format!("macvlan on {}", m.parent)));
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -376,6 +384,12 @@ mod tests {
         };
         assert_eq!(check(&on("eth1")), None);
         assert_eq!(check(&on("eth0")), Some("macvlan.parents"));
+        // Without a macvlan rule, host_network: false keeps instances off segments too.
+        let strict = Policy::parse("host_network: false\n").unwrap();
+        let mut d = Deployment::new("web", "img");
+        on("eth1")(&mut d);
+        assert_eq!(strict.check(&d, data).err().map(|v| v.rule), Some("host_network"));
+        assert!(Policy::parse("{}").unwrap().check(&d, data).is_ok(), "no policy: any parent");
         for (bad, field) in [
             ("capabilities: {allowed: [FLY]}", "capabilities.allowed[0]"),
             ("bind_mounts: {allowed: [srv]}", "bind_mounts.allowed[0]"),

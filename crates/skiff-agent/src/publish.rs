@@ -13,13 +13,17 @@ use crate::{blocking, Agent, AgentError};
 use skiff_model::{Deployment, InstanceState, NetworkMode, Protocol};
 use skiff_runtime::isolation::{Lan, Member};
 use skiff_runtime::nat::Nat;
-use skiff_runtime::network::netns_path;
 use skiff_runtime::network::veth_name;
 use skiff_runtime::ports::PortRule;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use tracing::warn;
+
+/// Whether the host has an interface `name`.
+fn has_link(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
 
 /// Who forwards the published ports.
 #[derive(Default)]
@@ -37,10 +41,23 @@ pub(crate) struct KernelPorts {
     held: HashMap<PortKey, Held>,
 }
 
-/// A socket bound on a published port, so nothing else binds it.
-enum Held {
-    Tcp(#[allow(dead_code)] std::net::TcpListener),
-    Udp(#[allow(dead_code)] std::net::UdpSocket),
+/// A socket bound on a published port (not listening: should the rules ever be missing, a
+/// client is refused rather than left hanging in a backlog nobody accepts from), so
+/// nothing else binds it.
+struct Held(#[allow(dead_code)] std::os::fd::OwnedFd);
+
+impl Held {
+    fn bind(key: &PortKey) -> std::io::Result<Held> {
+        use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+        let SocketAddr::V4(at) = key.bind else { return Err(std::io::Error::other("not an IPv4 address")) };
+        let kind = match key.protocol {
+            Protocol::Tcp => SockType::Stream,
+            Protocol::Udp => SockType::Datagram,
+        };
+        let fd = socket(AddressFamily::Inet, kind, SockFlag::SOCK_CLOEXEC, None)?;
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(at))?;
+        Ok(Held(fd))
+    }
 }
 
 impl KernelPorts {
@@ -53,11 +70,7 @@ impl KernelPorts {
         for (key, targets) in ports {
             let IpAddr::V4(bind) = key.bind.ip() else { continue };
             if !self.held.contains_key(&key) {
-                let held = match key.protocol {
-                    Protocol::Tcp => std::net::TcpListener::bind(key.bind).map(Held::Tcp),
-                    Protocol::Udp => std::net::UdpSocket::bind(key.bind).map(Held::Udp),
-                };
-                match held {
+                match Held::bind(&key) {
                     Ok(h) => {
                         self.held.insert(key.clone(), h);
                     }
@@ -80,8 +93,8 @@ impl KernelPorts {
         }
         rules.sort();
         if self.written.as_ref() != Some(&rules) {
-            let (nat, new) = (nat.clone(), rules.clone());
-            match blocking(move || nat.publish(&new)).await {
+            let (nat, new, first) = (nat.clone(), rules.clone(), self.written.is_none());
+            match blocking(move || nat.publish(&new, first)).await {
                 Ok(()) => self.written = Some(rules),
                 Err(e) => {
                     for r in &rules {
@@ -101,11 +114,13 @@ impl Agent {
     /// (the bridge family): the instances on the bridge that run now.
     pub(crate) fn open_lan(&self, rows: &[crate::state::InstanceRow]) -> Result<(), AgentError> {
         let mut lan = Lan::default();
-        for r in rows.iter().filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge) {
+        // Every instance whose veth exists, whatever its row says (one killed with the
+        // agent between its start and its row's update is running all the same).
+        for r in rows.iter().filter(|r| r.spec.network == NetworkMode::Bridge) {
             let ns = self.netns_name(&r.container_id);
-            if let (Some(ip), true) = (r.ip.as_ref().and_then(|i| i.parse().ok()), netns_path(&ns).exists()) {
-                lan.admit(&veth_name(&ns), Member { ip, networks: r.spec.joined_networks() });
-            }
+            let veth = veth_name(&ns);
+            let (Some(ip), true) = (r.ip.as_ref().and_then(|i| i.parse().ok()), has_link(&veth)) else { continue };
+            lan.admit(&veth, Member { ip, networks: r.spec.joined_networks() });
         }
         lan.write(&self.nat)?;
         if let Ok(mut l) = self.lan.lock() {
@@ -121,6 +136,38 @@ impl Agent {
         let Some(lan) = guard.as_mut() else { return Ok(()) };
         lan.admit(&veth_name(netns), Member { ip, networks: spec.joined_networks() });
         Ok(lan.write(&self.nat)?)
+    }
+
+    /// Whether the kernel still holds the rules this agent wrote (a restarted nftables
+    /// service flushes the whole ruleset): what is missing is written again, so networks
+    /// are enforced again and `route_localnet` never stays on without its loopback drop.
+    pub(crate) async fn recheck_firewall(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        let lan_missing = blocking(move || {
+            let Ok(mut guard) = me.lan.lock() else { return false };
+            let Some(lan) = guard.as_mut() else { return false };
+            if skiff_runtime::nat::run_ok("nft", &["list", "table", "bridge", &me.nat.lan_table()]) {
+                return false;
+            }
+            lan.rewrite();
+            if let Err(e) = lan.write(&me.nat) {
+                warn!(error = %e, "writing the bridge's network table again");
+            }
+            true
+        })
+        .await;
+        let mut ports = self.ports.lock().await;
+        if let Some(k) = ports.kernel.as_mut().filter(|k| k.written.is_some()) {
+            let nat = self.nat.clone();
+            if !blocking(move || nat.ports_present()).await {
+                warn!("the published ports' rules were gone: writing them again");
+                k.written = None;
+            }
+        }
+        drop(ports);
+        if lan_missing {
+            warn!("the bridge's network table was gone: written again");
+        }
     }
 
     /// Takes an instance off the bridge's networks (before its veth goes).

@@ -165,8 +165,12 @@ impl Agent {
         let ns_prefix = format!("skiff-{}-", self.node_id);
         for ns in list_netns(&ns_prefix) {
             if !mine.iter().any(|id| self.netns_name(id) == ns) {
-                self.lan_forget(&ns);
-                self.bridge.detach(&ns);
+                let (me, ns) = (Arc::clone(self), ns.clone());
+                blocking(move || {
+                    me.lan_forget(&ns);
+                    me.bridge.detach(&ns);
+                })
+                .await;
             }
         }
         for r in rows.iter().filter(|r| r.state == InstanceState::Running) {
@@ -338,6 +342,9 @@ impl Agent {
             self.start_instance(r.clone()).await?;
         }
 
+        if full {
+            self.recheck_firewall().await;
+        }
         self.sync_hosts_and_ports().await?;
         let rows = self.db(|s| s.instances())?;
         let next_start_ms = rows

@@ -117,7 +117,13 @@ impl Agent {
         let rt = self.runtimes.of(r.spec.runtime);
         if let Liveness::Running { pid } = rt.liveness(id) {
             if pid > 0 {
-                return Ok((pid, r.ip.as_ref().and_then(|i| i.parse().ok())));
+                let ip = r.ip.as_ref().and_then(|i| i.parse().ok());
+                // Running already (the agent died between its start and its row's update):
+                // on the bridge's networks all the same.
+                if let (NetworkMode::Bridge, Some(ip)) = (r.spec.network, ip) {
+                    self.lan_admit(&self.netns_name(id), ip, &r.spec)?;
+                }
+                return Ok((pid, ip));
             }
         }
         // The network namespace is set up on a second thread while the rootfs is mounted
@@ -182,17 +188,33 @@ impl Agent {
     /// this node; the fixed address, or one leased from the range.
     fn macvlan_link(&self, r: &InstanceRow) -> Result<(MacvlanLink, Ipv4Addr), AgentError> {
         let m = r.spec.macvlan.as_ref().ok_or_else(|| AgentError::Other("network: macvlan without macvlan".into()))?;
+        // The node's own bridge and instances' veths are not segments: an instance there
+        // would sit beside the others outside every rule of the bridge.
+        if m.parent == self.bridge.name || m.parent.starts_with("vsk") || m.parent == "lo" {
+            return Err(AgentError::Other(format!(
+                "macvlan.parent: {:?} is this node's bridge, an instance's interface or loopback",
+                m.parent
+            )));
+        }
         let bad = |what: &str, v: &str| AgentError::Other(format!("macvlan.{what}: {v:?} does not parse"));
-        let prefix = match &m.subnet {
-            Some(s) => s.parse::<ipnet::Ipv4Net>().map_err(|_| bad("subnet", s))?.prefix_len(),
-            None => MacvlanLink::parent_subnet(&m.parent)?.1,
+        let own = MacvlanLink::parent_subnet(&m.parent).ok();
+        let prefix = match (&m.subnet, own) {
+            (Some(s), _) => s.parse::<ipnet::Ipv4Net>().map_err(|_| bad("subnet", s))?.prefix_len(),
+            (None, Some((_, p))) => p,
+            (None, None) => return Err(skiff_runtime::network::NetError::ParentWithoutSubnet(m.parent.clone()).into()),
         };
         let gateway = m.gateway.as_deref().map(|g| g.parse::<Ipv4Addr>().map_err(|_| bad("gateway", g))).transpose()?;
         let ip = match (&m.ip, &m.ip_range) {
             (Some(ip), _) => ip.parse().map_err(|_| bad("ip", ip))?,
             (None, Some(range)) => {
                 let net = range.parse::<ipnet::Ipv4Net>().map_err(|_| bad("ip_range", range))?;
-                self.db(|s| s.lease(&r.name, net.hosts().filter(|h| Some(*h) != gateway), range))?
+                // Starting at the instance's slot: replicas on other nodes of the same
+                // segment (each node leases on its own) take other addresses.
+                let hosts: Vec<Ipv4Addr> =
+                    net.hosts().filter(|h| Some(*h) != gateway && Some(*h) != own.map(|o| o.0)).collect();
+                let start = crate::slot_of(r).unwrap_or(1).saturating_sub(1) as usize % hosts.len().max(1);
+                let (tail, head) = hosts.split_at(start.min(hosts.len()));
+                self.db(|s| s.lease(&r.name, head.iter().chain(tail).copied(), range))?
             }
             (None, None) => return Err(AgentError::Other("macvlan: needs ip or ip_range".into())),
         };

@@ -57,9 +57,15 @@ impl Agent {
         };
         let deadline = tokio::time::Instant::now() + DRAIN;
         while tokio::time::Instant::now() < deadline {
-            // A table that cannot be read counts as drained (as the proxy's would).
+            // A table that cannot be read counts as drained, said once.
             let forwarded = if kernel {
-                blocking(move || skiff_runtime::conntrack::forwarded_to(ip)).await.unwrap_or(0)
+                match blocking(move || skiff_runtime::conntrack::forwarded_to(ip)).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        warn!(instance = %r.name, error = %e, "reading the connection table: not draining");
+                        0
+                    }
+                }
             } else {
                 0
             };
@@ -97,8 +103,21 @@ impl Agent {
         if let Err(e) = blocking(move || rt.remove(&id2)).await {
             warn!(instance = %r.name, error = %e, "removing container");
         }
-        self.lan_forget(&self.netns_name(&id));
-        self.bridge.detach(&self.netns_name(&id));
+        let (me, ns) = (Arc::clone(self), self.netns_name(&id));
+        let kernel_ports = self.ports.lock().await.kernel.is_some();
+        let ip = r.ip.as_ref().and_then(|i| i.parse::<IpAddr>().ok());
+        blocking(move || {
+            me.lan_forget(&ns);
+            me.bridge.detach(&ns);
+            // Flows a published port's DNAT pointed at the address go with it (a steady
+            // UDP client would otherwise keep sending to whoever leases it next).
+            if let (true, Some(ip)) = (kernel_ports, ip) {
+                if let Err(e) = skiff_runtime::conntrack::forget_forwarded_to(ip) {
+                    warn!(%ip, error = %e, "forgetting the address's forwarded flows");
+                }
+            }
+        })
+        .await;
         self.exits.forget(&id);
         if let Ok(mut h) = self.hosts_written.lock() {
             h.remove(&id);

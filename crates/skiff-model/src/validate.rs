@@ -143,7 +143,11 @@ impl Deployment {
                 ))
             }
             (Some(_), Some(_)) => return Err(ValidationError::new("macvlan.ip", "and ip_range exclude each other")),
-            (Some(_), None) if self.replicas > 1 || self.autoscale.is_some() => {
+            (Some(_), None)
+                if self.replicas > 1
+                    || self.autoscale.is_some()
+                    || self.placement.mode == crate::PlacementMode::Global =>
+            {
                 return Err(ValidationError::new("macvlan.ip", "is one address: for several replicas set ip_range"))
             }
             _ => {}

@@ -16,6 +16,8 @@ const NFNLGRP_CONNTRACK_NEW: u32 = 1;
 const CT_NEW: u16 = 1 << 8;
 /// `NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET`.
 const CT_GET: u16 = 1 << 8 | 1;
+/// `NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE`.
+const CT_DELETE: u16 = 1 << 8 | 2;
 /// nlmsghdr (16) + nfgenmsg (4).
 const ATTRS_AT: usize = 20;
 const CTA_TUPLE_ORIG: u16 = 1;
@@ -109,6 +111,86 @@ pub fn forwarded_to(to: IpAddr) -> std::io::Result<usize> {
         }
     }
     Err(std::io::Error::other("connection table dump did not end"))
+}
+
+/// Deletes every tracked flow whose destination was rewritten (DNAT) to `to`, of any
+/// protocol: after an instance stops, a steady UDP client (syslog, CoAP) would otherwise
+/// keep its flow, and so its packets, pointed at the address, which the next instance to
+/// lease it then receives. Returns how many were deleted.
+pub fn forget_forwarded_to(to: IpAddr) -> std::io::Result<usize> {
+    use netlink_sys::{Socket, SocketAddr};
+    let mut sock = Socket::new(NETLINK_NETFILTER)?;
+    let timeout = nix::sys::time::TimeVal::new(5, 0);
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
+    sock.bind_auto()?;
+    sock.connect(&SocketAddr::new(0, 0))?;
+    let family = match to {
+        IpAddr::V4(_) => libc::AF_INET,
+        IpAddr::V6(_) => libc::AF_INET6,
+    } as u8;
+    sock.send(&dump_request(family), 0)?;
+    let mut tuples = vec![];
+    'dump: for _ in 0..1_000_000 {
+        let (data, _) = sock.recv_from_full()?;
+        let mut b = &data[..];
+        while b.len() >= 16 {
+            let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+            if len < 16 || len > b.len() {
+                break;
+            }
+            match u16::from_ne_bytes([b[4], b[5]]) {
+                3 => break 'dump, // NLMSG_DONE
+                CT_NEW if len >= ATTRS_AT => {
+                    if let Some(t) = forwarded_tuple(&b[ATTRS_AT..len], to) {
+                        tuples.push(t);
+                    }
+                }
+                _ => {}
+            }
+            b = &b[((len + 3) & !3).min(b.len())..];
+        }
+    }
+    let n = tuples.len();
+    for t in tuples {
+        // Gone already (it timed out in between) is fine.
+        let _ = sock.send(&delete_request(family, &t), 0);
+    }
+    Ok(n)
+}
+
+/// The original-direction tuple attribute (as the kernel sent it) of a flow DNAT'd to `to`.
+fn forwarded_tuple(b: &[u8], to: IpAddr) -> Option<Vec<u8>> {
+    let status = find(b, CTA_STATUS).and_then(|s| s.get(..4)).map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))?;
+    let from = find(b, CTA_TUPLE_REPLY)
+        .and_then(|t| find(t, CTA_TUPLE_IP))
+        .and_then(|ips| find(ips, CTA_IP_V4_SRC).or_else(|| find(ips, CTA_IP_V6_SRC)))
+        .and_then(ip)?;
+    if status & IPS_DST_NAT == 0 || from != to {
+        return None;
+    }
+    let orig = find(b, CTA_TUPLE_ORIG)?;
+    // The attribute again, header and all: its payload, with a nested type.
+    let mut attr = Vec::with_capacity(4 + orig.len());
+    attr.extend_from_slice(&((4 + orig.len()) as u16).to_ne_bytes());
+    attr.extend_from_slice(&(CTA_TUPLE_ORIG | 0x8000).to_ne_bytes());
+    attr.extend_from_slice(orig);
+    while attr.len() % 4 != 0 {
+        attr.push(0);
+    }
+    Some(attr)
+}
+
+fn delete_request(family: u8, tuple: &[u8]) -> Vec<u8> {
+    const NLM_F_REQUEST: u16 = 1;
+    let mut m = Vec::with_capacity(ATTRS_AT + tuple.len());
+    m.extend_from_slice(&((ATTRS_AT + tuple.len()) as u32).to_ne_bytes());
+    m.extend_from_slice(&CT_DELETE.to_ne_bytes());
+    m.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    m.extend_from_slice(&2u32.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[family, 0, 0, 0]);
+    m.extend_from_slice(tuple);
+    m
 }
 
 fn dump_request(family: u8) -> Vec<u8> {
@@ -325,5 +407,25 @@ mod tests {
         err[0..4].copy_from_slice(&len.to_ne_bytes());
         assert!(matches!(dump_part(&err, to), DumpPart::Failed(libc::EPERM)));
         assert_eq!(dump_request(2).len(), ATTRS_AT);
+    }
+
+    #[test]
+    fn a_forwarded_flow_is_deleted_by_its_original_tuple() {
+        let orig = nested(CTA_TUPLE_ORIG, &[nested(CTA_TUPLE_IP, &[attr(CTA_IP_V4_SRC, &[192, 168, 1, 9])])]);
+        let flow = |reply_src: [u8; 4], status: u32| {
+            [
+                orig.clone(),
+                nested(CTA_TUPLE_REPLY, &[nested(CTA_TUPLE_IP, &[attr(CTA_IP_V4_SRC, &reply_src)])]),
+                attr(CTA_STATUS, &status.to_be_bytes()),
+            ]
+            .concat()
+        };
+        let to = IpAddr::from([10, 88, 0, 5]);
+        assert_eq!(forwarded_tuple(&flow([10, 88, 0, 5], IPS_DST_NAT), to), Some(orig.clone()));
+        assert_eq!(forwarded_tuple(&flow([10, 88, 0, 5], 0), to), None, "not ours");
+        assert_eq!(forwarded_tuple(&flow([10, 88, 0, 6], IPS_DST_NAT), to), None, "another address");
+        let del = delete_request(2, &orig);
+        assert_eq!(u16::from_ne_bytes([del[4], del[5]]), CT_DELETE);
+        assert_eq!(&del[ATTRS_AT..], &orig[..]);
     }
 }

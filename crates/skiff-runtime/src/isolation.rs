@@ -5,19 +5,28 @@
 //! bridge (family `bridge`, `skiff_<bridge>_lan`), replaced in one transaction whenever an
 //! instance joins or leaves:
 //!
-//! - *prerouting*: a frame from one of our veths must carry that instance's own IPv4
-//!   address (IP and ARP); anything else from it (a forged source, IPv6, VLAN tags) is
-//!   dropped. A workload with `CAP_NET_RAW` (Docker's default) can therefore not pose as a
-//!   neighbour to slip past the rules below, or as another instance to the host.
-//! - *forward*: IPv4 between two instances passes only if both addresses are in one
-//!   network's set.
+//! - *prerouting*: a frame from one of our veths must carry that instance's own MAC and
+//!   IPv4 address (IP, and ARP's sender fields too); anything else from it (a forged
+//!   address, IPv6, VLAN tags) is dropped before the bridge learns its source MAC. A
+//!   workload with `CAP_NET_RAW` (Docker's default) can therefore neither pose as a
+//!   neighbour to slip past the rule below, nor steal a neighbour's frames by claiming its
+//!   MAC.
+//! - *forward*: a frame passes from one port to another only if both ports are in one
+//!   network's set (unicast, and each copy of a broadcast or multicast, which the bridge
+//!   checks per output port).
 //!
 //! Traffic to the host and beyond (the gateway, published ports, the outside) is routed,
-//! not bridged, and is left to [`crate::nat`] and [`crate::ports`]. The bridge family needs
-//! no `br_netfilter`; it needs `nft` (with `--firewall iptables` too).
+//! not bridged, and is left to [`crate::nat`] and [`crate::ports`] — except the routed way
+//! round these rules, which prerouting drops too: a frame from an instance to the
+//! gateway's MAC for another instance's address (the host would route it from the bridge
+//! back onto the bridge; a published port's hairpin is addressed to the host, not to an
+//! instance). It is dropped here rather than in the IP family because where
+//! `br_netfilter` is loaded (Docker loads it) bridged frames also cross the IP forward
+//! hook from the bridge to the bridge, indistinguishable from routed ones. The bridge
+//! family needs no `br_netfilter`; it needs `nft` (with `--firewall iptables` too).
 
 use crate::nat::{run, Nat};
-use crate::network::NetError;
+use crate::network::{mac_of, NetError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
@@ -51,8 +60,11 @@ impl Lan {
         self.members.remove(veth);
     }
 
-    /// The table for the members as they are.
-    pub fn script(&self, table: &str) -> String {
+    /// The table for the members as they are, on the bridge of `nat`.
+    pub fn script(&self, nat: &Nat) -> String {
+        let table = nat.lan_table();
+        let (subnet, gateway) = (nat.subnet, nat.subnet.gateway());
+        let gateway_mac = mac_of(gateway);
         let elements = |items: Vec<String>| {
             if items.is_empty() {
                 String::new()
@@ -61,46 +73,54 @@ impl Lan {
             }
         };
         let veths = elements(self.members.keys().map(|v| format!("\"{v}\"")).collect());
-        let ports = elements(self.members.iter().map(|(v, m)| format!("\"{v}\" . {}", m.ip)).collect());
-        let mut networks: BTreeMap<&str, BTreeSet<Ipv4Addr>> = BTreeMap::new();
-        for m in self.members.values() {
+        let ports =
+            elements(self.members.iter().map(|(v, m)| format!("\"{v}\" . {} . {}", mac_of(m.ip), m.ip)).collect());
+        let mut networks: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (veth, m) in &self.members {
             for n in &m.networks {
-                networks.entry(n).or_default().insert(m.ip);
+                networks.entry(n).or_default().insert(veth);
             }
         }
         let mut sets = String::new();
         let mut rules = String::new();
-        // Sets are numbered (network names may hold characters nft's names may not); the
-        // comment names each.
-        for (i, (name, ips)) in networks.iter().enumerate() {
-            let ips = elements(ips.iter().map(Ipv4Addr::to_string).collect());
-            sets.push_str(&format!("\tset net{i} {{ type ipv4_addr;{ips} comment \"{}\"; }}\n", quoted(name)));
-            rules.push_str(&format!("\t\tip saddr @net{i} ip daddr @net{i} accept\n"));
+        // Sets are numbered (network names may hold characters nft's names may not); a
+        // comment line names each.
+        for (i, (name, veths)) in networks.iter().enumerate() {
+            let members = elements(veths.iter().map(|v| format!("\"{v}\"")).collect());
+            sets.push_str(&format!("\t# net{i}: {}\n\tset net{i} {{ type ifname;{members} }}\n", quoted(name)));
+            rules.push_str(&format!("\t\tiifname @net{i} oifname @net{i} accept\n"));
         }
         format!(
             "table bridge {table}\ndelete table bridge {table}\n\
              table bridge {table} {{\n\
              \tset veths {{ type ifname;{veths} }}\n\
-             \tset ports {{ type ifname . ipv4_addr;{ports} }}\n\
+             \tset ports {{ type ifname . ether_addr . ipv4_addr;{ports} }}\n\
              {sets}\
              \tchain prerouting {{\n\t\ttype filter hook prerouting priority -200; policy accept;\n\
              \t\tiifname != @veths accept\n\
-             \t\tmeta protocol ip iifname . ip saddr @ports accept\n\
-             \t\tmeta protocol arp iifname . arp saddr ip @ports accept\n\
+             \t\tether daddr {gateway_mac} ip daddr {subnet} ip daddr != {gateway} drop\n\
+             \t\tmeta protocol ip iifname . ether saddr . ip saddr @ports accept\n\
+             \t\tmeta protocol arp iifname . ether saddr . arp saddr ip @ports \
+             iifname . arp saddr ether . arp saddr ip @ports accept\n\
              \t\tdrop\n\t}}\n\
              \tchain forward {{\n\t\ttype filter hook forward priority 0; policy accept;\n\
              \t\tiifname != @veths accept\n\
              \t\toifname != @veths accept\n\
-             \t\tmeta protocol != ip accept\n\
              {rules}\
              \t\tdrop\n\t}}\n\
              }}\n"
         )
     }
 
+    /// Forgets what was written, so the next [`Lan::write`] writes (the table was found
+    /// missing: someone flushed the ruleset).
+    pub fn rewrite(&mut self) {
+        self.written = None;
+    }
+
     /// Writes the table if it changed since the last write.
     pub fn write(&mut self, nat: &Nat) -> Result<(), NetError> {
-        let script = self.script(&nat.lan_table());
+        let script = self.script(nat);
         if self.written.as_ref() == Some(&script) {
             return Ok(());
         }
@@ -119,9 +139,11 @@ fn quoted(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nat::Firewall;
+    use crate::network::Subnet;
 
     #[test]
-    fn instances_pass_only_within_a_shared_network_and_only_with_their_own_address() {
+    fn ports_pass_only_within_a_shared_network_and_only_with_their_own_addresses() {
         let mut lan = Lan::default();
         let m = |last: u8, nets: &[&str]| Member {
             ip: Ipv4Addr::new(10, 9, 0, last),
@@ -130,21 +152,23 @@ mod tests {
         lan.admit("vska", m(2, &["a_default", "plant"]));
         lan.admit("vskb", m(3, &["b_default"]));
         lan.admit("vskc", m(4, &["plant"]));
-        let s = lan.script("skiff_br_lan");
+        let nat = Nat { bridge: "br".into(), subnet: Subnet::parse("10.9.0.0/24").unwrap(), firewall: Firewall::Nft };
+        let s = lan.script(&nat);
         assert!(s.starts_with("table bridge skiff_br_lan\ndelete table bridge skiff_br_lan\n"), "{s}");
-        assert!(s.contains("set veths { type ifname; elements = { \"vska\", \"vskb\", \"vskc\" }; }"), "{s}");
-        assert!(s.contains("elements = { \"vska\" . 10.9.0.2, \"vskb\" . 10.9.0.3, \"vskc\" . 10.9.0.4 };"), "{s}");
-        assert!(s.contains("set net0 { type ipv4_addr; elements = { 10.9.0.2 }; comment \"a_default\"; }"), "{s}");
         assert!(
-            s.contains("set net2 { type ipv4_addr; elements = { 10.9.0.2, 10.9.0.4 }; comment \"plant\"; }"),
-            "{s}"
+            s.contains("ether daddr 02:42:0a:09:00:01 ip daddr 10.9.0.0/24 ip daddr != 10.9.0.1 drop"),
+            "routed: {s}"
         );
-        assert_eq!(s.matches("ip saddr @net").count(), 3, "{s}");
-        assert!(s.contains("meta protocol ip iifname . ip saddr @ports accept\n\t\tmeta protocol arp iifname . arp saddr ip @ports accept\n\t\tdrop"), "{s}");
+        assert!(s.contains("set veths { type ifname; elements = { \"vska\", \"vskb\", \"vskc\" }; }"), "{s}");
+        assert!(s.contains("\"vska\" . 02:42:0a:09:00:02 . 10.9.0.2, \"vskb\" . 02:42:0a:09:00:03 . 10.9.0.3"), "{s}");
+        assert!(s.contains("\t# net0: a_default\n\tset net0 { type ifname; elements = { \"vska\" }; }"), "{s}");
+        assert!(s.contains("set net2 { type ifname; elements = { \"vska\", \"vskc\" }; }"), "{s}");
+        assert_eq!(s.matches("oifname @net").count(), 3, "{s}");
+        assert!(s.contains("iifname . arp saddr ether . arp saddr ip @ports accept\n\t\tdrop"), "{s}");
         lan.forget("vska");
         lan.forget("vskb");
         lan.forget("vskc");
-        let empty = lan.script("t");
+        let empty = lan.script(&nat);
         assert!(empty.contains("set veths { type ifname; }") && !empty.contains("@net0"), "{empty}");
     }
 }

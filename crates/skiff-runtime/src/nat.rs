@@ -80,6 +80,11 @@ pub fn found(tool: &str) -> bool {
     locate(tool).is_some()
 }
 
+/// Whether `tool args` succeeds.
+pub fn run_ok(tool: &str, args: &[&str]) -> bool {
+    run(tool, args, None).is_ok()
+}
+
 /// Runs `tool args` with `stdin`; the error names the command and carries its stderr.
 pub(crate) fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
     use std::io::Write;
@@ -174,7 +179,9 @@ impl Nat {
     pub fn ensure(&self) -> Result<(), NetError> {
         let r = self.write();
         if r.is_err() {
-            self.remove();
+            // Only what this call wrote: running instances keep their published ports and
+            // their networks' rules.
+            self.remove_nat();
         }
         r
     }
@@ -205,8 +212,15 @@ impl Nat {
     pub fn remove(&self) {
         self.remove_ports();
         if found("nft") {
-            let _ = run("nft", &["delete", "table", "ip", &self.table()], None);
             let _ = run("nft", &["delete", "table", "bridge", &self.lan_table()], None);
+        }
+        self.remove_nat();
+    }
+
+    /// Removes the outbound NAT's table or chains (with either firewall).
+    fn remove_nat(&self) {
+        if found("nft") {
+            let _ = run("nft", &["delete", "table", "ip", &self.table()], None);
         }
         if found("iptables") {
             let chain = self.chain();

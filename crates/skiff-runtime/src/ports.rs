@@ -90,7 +90,8 @@ impl Nat {
             "table ip {t}\ndelete table ip {t}\n\
              table ip {t} {{\n\
              \tchain raw {{\n\t\ttype filter hook prerouting priority -300; policy accept;\n\
-             \t\tiifname \"{br}\" ip daddr 127.0.0.0/8 drop\n\t}}\n\
+             \t\tiifname \"{br}\" ip daddr 127.0.0.0/8 drop\n\
+             \t\tiifname \"{br}\" ip saddr 127.0.0.0/8 drop\n\t}}\n\
              \tchain prerouting {{\n\t\ttype nat hook prerouting priority -100; policy accept;\n\
              \t\tfib daddr type local jump ports\n\t}}\n\
              \tchain output {{\n\t\ttype nat hook output priority -100; policy accept;\n\
@@ -126,24 +127,45 @@ impl Nat {
     }
 
     /// Makes the kernel forward exactly `rules` (replacing what was there, in one
-    /// transaction per table). On failure the earlier rules stay.
-    pub fn publish(&self, rules: &[PortRule]) -> Result<(), NetError> {
+    /// transaction per table). On failure the earlier rules stay. `first` (the first write
+    /// of an agent's run) also removes what the other firewall may hold from an earlier run.
+    pub fn publish(&self, rules: &[PortRule], first: bool) -> Result<(), NetError> {
         match self.firewall {
             Firewall::Nft => {
                 run("nft", &["-f", "-"], Some(&self.nft_ports_script(rules)))?;
+                if first && found("iptables") {
+                    self.remove_iptables_ports();
+                }
             }
             Firewall::Iptables => {
+                if first && found("nft") {
+                    let _ = run("nft", &["delete", "table", "ip", &self.ports_table()], None);
+                }
                 let chain = self.ports_chain();
                 let (dnat, drop) = self.iptables_ports(rules);
-                let loopback = [&["-i", self.bridge.as_str(), "-d", "127.0.0.0/8", "-j", "DROP"][..]];
+                let br = self.bridge.as_str();
+                let loopback = [
+                    &["-i", br, "-d", "127.0.0.0/8", "-j", "DROP"][..],
+                    &["-i", br, "-s", "127.0.0.0/8", "-j", "DROP"],
+                ];
                 ensure_iptables_chain(&chain, "raw", "PREROUTING", &[], &strings(&loopback))?;
                 ensure_iptables_chain(&chain, "filter", "INPUT", &[], &drop)?;
                 ensure_iptables_chain(&chain, "nat", "PREROUTING", LOCAL, &dnat)?;
                 ensure_iptables_chain(&chain, "nat", "OUTPUT", LOCAL, &dnat)?;
             }
         }
-        // Last: the drop of loopback-addressed packets from the bridge is in place.
-        self.set_route_localnet(true)
+        // Last: the drop of loopback-addressed packets from the bridge is in place. Only
+        // while a port is published: nothing else needs it.
+        self.set_route_localnet(!rules.is_empty())
+    }
+
+    /// Whether the ports' rules are still in the kernel (a flushed ruleset took them, and
+    /// with them the loopback drop that `route_localnet` needs).
+    pub fn ports_present(&self) -> bool {
+        match self.firewall {
+            Firewall::Nft => run("nft", &["list", "table", "ip", &self.ports_table()], None).is_ok(),
+            Firewall::Iptables => run("iptables", &["-t", "raw", "-S", &self.ports_chain()], None).is_ok(),
+        }
     }
 
     fn set_route_localnet(&self, on: bool) -> Result<(), NetError> {
@@ -163,12 +185,16 @@ impl Nat {
             let _ = run("nft", &["delete", "table", "ip", &self.ports_table()], None);
         }
         if found("iptables") {
-            let chain = self.ports_chain();
-            remove_iptables_chain(&chain, "raw", "PREROUTING", &[]);
-            remove_iptables_chain(&chain, "filter", "INPUT", &[]);
-            remove_iptables_chain(&chain, "nat", "PREROUTING", LOCAL);
-            remove_iptables_chain(&chain, "nat", "OUTPUT", LOCAL);
+            self.remove_iptables_ports();
         }
+    }
+
+    fn remove_iptables_ports(&self) {
+        let chain = self.ports_chain();
+        remove_iptables_chain(&chain, "raw", "PREROUTING", &[]);
+        remove_iptables_chain(&chain, "filter", "INPUT", &[]);
+        remove_iptables_chain(&chain, "nat", "PREROUTING", LOCAL);
+        remove_iptables_chain(&chain, "nat", "OUTPUT", LOCAL);
     }
 }
 
@@ -201,6 +227,7 @@ mod tests {
         assert!(s.contains("\t\tip daddr 127.0.0.1 udp dport 53 dnat to 10.99.0.5:5353\n"), "{s}");
         assert!(s.contains("\t\ttcp dport 9000 drop\n"), "{s}");
         assert!(s.contains("iifname \"sk-t1\" ip daddr 127.0.0.0/8 drop"), "{s}");
+        assert!(s.contains("iifname \"sk-t1\" ip saddr 127.0.0.0/8 drop"), "{s}");
         assert_eq!(s.matches("fib daddr type local jump ports").count(), 2, "prerouting and output: {s}");
     }
 

@@ -2,6 +2,24 @@
 //! the logic lives in the library crates.
 #![forbid(unsafe_code)]
 
+/// `println!` for the command's output: a reader that went away ends the command quietly
+/// (exit 141, as SIGPIPE ends other tools) instead of a panic ([`output::emit`]).
+macro_rules! outln {
+    () => {
+        $crate::output::emit("\n")
+    };
+    ($($arg:tt)*) => {
+        $crate::output::emit(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` through [`output::emit`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::emit(&format!($($arg)*))
+    };
+}
+
 mod agent;
 mod cli;
 mod client;

@@ -431,6 +431,9 @@ fn published_ports_are_forwarded_by_the_kernel_and_answer_while_the_agent_is_awa
         wait_for(Duration::from_secs(30), "the instances to go", || n.instances().ok()?.is_empty().then_some(()))?;
         n.interrupt_up()?;
         assert!(run("nft", &["list", "table", "ip", &nat.ports_table()]).is_err(), "{firewall}: ports table left");
+        if let Ok(v) = std::fs::read_to_string(&route_localnet) {
+            assert_eq!(v.trim(), "0", "{firewall}: route_localnet left on");
+        }
         for table in ["nat", "filter", "raw"] {
             let left = run("iptables", &["-t", table, "-S", &nat.ports_chain()]);
             assert!(left.is_err(), "{firewall}: {table} chain left: {left:?}");
@@ -509,37 +512,80 @@ fn stacks_reach_each_other_only_through_a_shared_network_and_cannot_forge_addres
     };
     check(&n)?;
 
-    // The agent is killed and started again: the table is rebuilt from what runs.
+    // The agent is killed and its table deleted while it is away: started again, it
+    // rebuilds the table from what runs.
+    let nat = n.nat().context("the node's subnet")?;
+    let gateway = n.subnet.replace(".0/24", ".1");
     n.kill_up()?;
+    run("nft", &["delete", "table", "bridge", &nat.lan_table()])?;
     n.up_with(None, &[])?;
     n.wait_running("web-1")?;
     check(&n)?;
 
-    // probe forges client's address (root on the host gives its namespace that address,
-    // as CAP_NET_RAW inside would let it write such packets) and pings web with it: the
-    // bridge drops the frames at probe's port. The control: without that rule they arrive.
+    // The routed way round: probe sends its packets for web to the gateway's MAC, so the
+    // host would route them from the bridge back onto it.
     let (probe_ns, web_ns) = (instance_netns(&n, "probe-1")?, instance_netns(&n, "web-1")?);
-    let forged = format!("{}/32", ip["client-1"]);
-    run("ip", &["-n", &probe_ns, "addr", "add", &forged, "dev", "eth0"])?;
-    let web_mac = skiff_runtime::network::mac_of(ip["web-1"].parse()?);
-    run("ip", &["-n", &probe_ns, "neigh", "replace", &ip["web-1"], "lladdr", &web_mac, "dev", "eth0"])?;
-    let ping = |what: &str| -> Result<u64> {
+    let gateway_mac = skiff_runtime::network::mac_of(gateway.parse()?);
+    run("ip", &["-n", &probe_ns, "neigh", "replace", &ip["web-1"], "lladdr", &gateway_mac, "dev", "eth0"])?;
+    let echoes = |what: &str, src: &str| -> Result<u64> {
         let before = echoes_received(&web_ns)?;
-        let _ = run(
-            "ip",
-            &["netns", "exec", &probe_ns, "busybox", "ping", "-c", "2", "-W", "1", "-I", &ip["client-1"], &ip["web-1"]],
-        );
+        let ping = ["netns", "exec", &probe_ns, "busybox", "ping", "-c", "2", "-W", "1", "-I", src, &ip["web-1"]];
+        let _ = run("ip", &ping);
         let got = echoes_received(&web_ns)? - before;
         eprintln!("{what}: {got} echo requests arrived");
         Ok(got)
     };
-    assert_eq!(ping("forged")?, 0, "frames with client's address left probe's port");
-    let nat = n.nat().context("the node's subnet")?;
+    assert_eq!(echoes("routed through the gateway", &ip["probe-1"])?, 0, "probe reached web through the host");
+
+    // probe claims client's MAC: the bridge must not learn it on probe's port.
+    let client_ns = instance_netns(&n, "client-1")?;
+    let (client_mac, probe_mac) = (
+        skiff_runtime::network::mac_of(ip["client-1"].parse()?),
+        skiff_runtime::network::mac_of(ip["probe-1"].parse()?),
+    );
+    let learned_on = |mac: &str| -> Result<String> {
+        let fdb = run("bridge", &["fdb", "show", "br", &n.bridge])?;
+        Ok(fdb.lines().find(|l| l.starts_with(mac)).and_then(|l| l.split_whitespace().nth(2)).unwrap_or("").to_string())
+    };
+    let client_port = skiff_runtime::network::veth_name(&client_ns);
+    let probe_port = skiff_runtime::network::veth_name(&probe_ns);
+    n.ok(&["exec", "client-1", "--", "sh", "-c", &format!("ping -c 1 -W 1 {gateway} >/dev/null; true")])?;
+    assert_eq!(learned_on(&client_mac)?, client_port);
+    let claim = |what: &str| -> Result<String> {
+        run("ip", &["-n", &probe_ns, "link", "set", "eth0", "address", &client_mac])?;
+        let _ = run("ip", &["netns", "exec", &probe_ns, "busybox", "ping", "-c", "1", "-W", "1", &gateway]);
+        run("ip", &["-n", &probe_ns, "link", "set", "eth0", "address", &probe_mac])?;
+        let port = learned_on(&client_mac)?;
+        eprintln!("{what}: client's MAC learned on {port}");
+        Ok(port)
+    };
+    assert_eq!(claim("claimed")?, client_port, "probe took client's MAC");
+
+    // probe forges client's address (root on the host gives its namespace that address,
+    // as CAP_NET_RAW inside would let it write such packets) and pings web with it: the
+    // bridge drops the frames at probe's port.
+    let forged = format!("{}/32", ip["client-1"]);
+    run("ip", &["-n", &probe_ns, "addr", "add", &forged, "dev", "eth0"])?;
+    let web_mac = skiff_runtime::network::mac_of(ip["web-1"].parse()?);
+    run("ip", &["-n", &probe_ns, "neigh", "replace", &ip["web-1"], "lladdr", &web_mac, "dev", "eth0"])?;
+    assert_eq!(echoes("forged", &ip["client-1"])?, 0, "frames with client's address left probe's port");
+
+    // The controls. Without the bridge's prerouting rules, the MAC claim and the routed
+    // way round get through...
     run("nft", &["flush", "chain", "bridge", &nat.lan_table(), "prerouting"])?;
-    assert!(ping("forged, without the check (control)")? > 0, "the control's echo requests did not arrive");
-    // And without the forward rules, probe reaches web with its own address: what kept it
-    // out above was the network rule.
+    assert_eq!(claim("claimed, without the checks (control)")?, probe_port, "the MAC control failed");
+    run("ip", &["-n", &probe_ns, "neigh", "replace", &ip["web-1"], "lladdr", &gateway_mac, "dev", "eth0"])?;
+    {
+        let _accepting = ForwardPolicy::set("ACCEPT")?;
+        assert!(echoes("routed, without the checks (control)", &ip["probe-1"])? > 0, "the routed control failed");
+    }
+    // ...and without the forward rules too (a forged address is also stopped there: probe's
+    // port is on no network of web's), the forged frames arrive, and probe reaches web
+    // with its own address: what kept it out above were the network rules.
+    run("ip", &["-n", &probe_ns, "neigh", "replace", &ip["web-1"], "lladdr", &web_mac, "dev", "eth0"])?;
     run("nft", &["flush", "chain", "bridge", &nat.lan_table(), "forward"])?;
+    assert!(echoes("forged, without the checks (control)", &ip["client-1"])? > 0, "the forged control failed");
+    run("ip", &["-n", &probe_ns, "addr", "del", &forged, "dev", "eth0"])?;
     let got = wget_in(&n, "probe-1", &web)?;
     assert_eq!(got.trim(), "web-1\nstatus=0", "the control: probe -> web without the forward rules");
 
@@ -642,6 +688,12 @@ fn macvlan_gives_instances_their_own_addresses_on_the_parent_s_segment() -> Resu
     }
     assert_eq!(seen.len(), 2, "two replicas, two addresses: {seen:?}");
 
+    // The node's own bridge is no segment: refused, naming it.
+    let on_bridge = format!("macvlan:{},ip=10.9.9.8,subnet=10.9.9.0/24", n.bridge);
+    n.ok(&["run", IMAGE, "--name", "sneak", "--network", &on_bridge, "--", "sleep", "1000000"])?;
+    let sneak = n.wait_instance("sneak-1", Duration::from_secs(30), "a message", |i| i.message.is_some())?;
+    assert!(sneak.message.as_deref().is_some_and(|m| m.contains("this node's bridge")), "{sneak:?}");
+
     // A parent this node lacks: the instance fails, naming it.
     n.ok(&[
         "run",
@@ -657,7 +709,7 @@ fn macvlan_gives_instances_their_own_addresses_on_the_parent_s_segment() -> Resu
     let lost = n.wait_instance("lost-1", Duration::from_secs(30), "a message", |i| i.message.is_some())?;
     assert!(lost.message.as_deref().is_some_and(|m| m.contains("skmvnone0")), "{lost:?}");
 
-    for d in ["cam", "workers", "lost"] {
+    for d in ["cam", "workers", "lost", "sneak"] {
         n.ok(&["delete", "deployment", d])?;
     }
     wait_for(Duration::from_secs(30), "the instances to go", || n.instances().ok()?.is_empty().then_some(()))?;

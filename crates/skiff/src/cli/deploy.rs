@@ -102,11 +102,11 @@ pub fn print_apply(r: &ApplyResponse, dry_run: bool) {
         [("created", &r.created), ("updated", &r.updated), ("unchanged", &r.unchanged), ("deleted", &r.deleted)]
     {
         for n in names {
-            println!("deployment {n} {verb}{suffix}");
+            outln!("deployment {n} {verb}{suffix}");
         }
     }
     for (instance, node) in &r.placement {
-        println!("  {instance} on {node}");
+        outln!("  {instance} on {node}");
     }
     print_notes(r);
 }
@@ -330,7 +330,7 @@ pub(super) async fn run(cli: &Cli, args: &RunArgs) -> Result<i32> {
         eprintln!("deployment {name} is already running with this spec");
     }
     print_notes(&r);
-    println!("{name}");
+    outln!("{name}");
     Ok(0)
 }
 
@@ -339,7 +339,7 @@ pub(super) async fn delete(cli: &Cli, kind_or_name: &str, name: Option<&String>)
         ("deployment" | "deployments" | "deploy", Some(n)) => n.clone(),
         ("node" | "nodes", Some(n)) => {
             client(cli)?.delete(&format!("/api/v1/nodes/{n}")).await?;
-            println!("node {n} revoked: its certificate is no longer accepted");
+            outln!("node {n} revoked: its certificate is no longer accepted");
             return Ok(0);
         }
         (other, None) => other.to_string(),
@@ -348,6 +348,6 @@ pub(super) async fn delete(cli: &Cli, kind_or_name: &str, name: Option<&String>)
         }
     };
     client(cli)?.delete(&format!("/api/v1/deployments/{name}")).await?;
-    println!("deployment {name} deleted");
+    outln!("deployment {name} deleted");
     Ok(0)
 }

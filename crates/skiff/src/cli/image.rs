@@ -127,7 +127,7 @@ pub(super) fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
         ImageCmd::Load { file, tag } => {
             eprintln!("loading {} ...", file.display());
             for r in store.load(file, tag.as_deref())? {
-                println!("Loaded image: {r}");
+                outln!("Loaded image: {r}");
             }
         }
         ImageCmd::Ls { output: f } => {
@@ -143,20 +143,20 @@ pub(super) fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
         }
         ImageCmd::Rm { reference } => {
             store.remove(reference, &skiff_agent::state::images_in_use(data)?)?;
-            println!("Untagged: {reference}");
+            outln!("Untagged: {reference}");
         }
         ImageCmd::Inspect { reference } => {
-            println!("{}", serde_json::to_string_pretty(&store.inspect(reference)?)?);
+            outln!("{}", serde_json::to_string_pretty(&store.inspect(reference)?)?);
         }
         ImageCmd::Pull { .. } | ImageCmd::Sign { .. } | ImageCmd::Verify { .. } => {}
         ImageCmd::Keygen { output, ed25519 } => keygen(output, *ed25519)?,
         ImageCmd::Save { references, output } => {
             store.save(references, output)?;
-            println!("saved {} image(s) to {}", references.len(), output.display());
+            outln!("saved {} image(s) to {}", references.len(), output.display());
         }
         ImageCmd::Prune => {
             let freed = store.gc()?;
-            println!("freed {}", skiff_model::format_bytes(freed));
+            outln!("freed {}", skiff_model::format_bytes(freed));
         }
     }
     Ok(0)
@@ -185,8 +185,8 @@ fn keygen(prefix: &Path, ed25519: bool) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?;
     f.write_all(private.as_bytes())?;
     std::fs::write(&pub_path, public).map_err(|e| anyhow::anyhow!("{}: {e}", pub_path.display()))?;
-    println!("Private key written to {}", key_path.display());
-    println!("Public key written to {}", pub_path.display());
+    outln!("Private key written to {}", key_path.display());
+    outln!("Public key written to {}", pub_path.display());
     Ok(())
 }
 
@@ -211,9 +211,9 @@ async fn signatures(cli: &Cli, cmd: &ImageCmd) -> Result<i32> {
             };
             if r.added {
                 let how = if cert.is_some() { " with Notation" } else { "" };
-                println!("Signed {} ({}){how}: {}", reference, r.digest, r.signature_ref);
+                outln!("Signed {} ({}){how}: {}", reference, r.digest, r.signature_ref);
             } else {
-                println!("{} ({}) already carries this key's signature: {}", reference, r.digest, r.signature_ref);
+                outln!("{} ({}) already carries this key's signature: {}", reference, r.digest, r.signature_ref);
             }
             Ok(0)
         }
@@ -258,7 +258,7 @@ async fn signatures(cli: &Cli, cmd: &ImageCmd) -> Result<i32> {
             let (digest, j) = skiff_image::registry::verify(reference, &rule, &opts).await?;
             match j.verdict {
                 Verdict::Verified { key } => {
-                    println!("{reference} ({digest}): verified, signed by {key}");
+                    outln!("{reference} ({digest}): verified, signed by {key}");
                     Ok(0)
                 }
                 Verdict::Rejected(why) => {
@@ -289,7 +289,7 @@ pub(super) async fn pull(cli: &Cli, cmd: &ImageCmd) -> Result<i32> {
     opts.limit_rate = *limit_rate;
     opts.parallel = usize::from(*max_concurrent_downloads);
     let r = skiff_image::registry::pull(store, reference, &opts).await?;
-    println!(
+    outln!(
         "{} {} from {} ({} fetched, {} already present, {} received)",
         r.reference,
         r.digest,

@@ -82,8 +82,8 @@ pub(super) async fn rollout(c: &Client, cmd: &RolloutCmd) -> Result<i32> {
                         return Ok(1);
                     };
                     let why = r.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
-                    println!("{name} revision {pinned}: {}{why}", r.state.as_str());
-                    println!(
+                    outln!("{name} revision {pinned}: {}{why}", r.state.as_str());
+                    outln!(
                         "{name} revision {}: {} ({})",
                         s.revision,
                         s.state.as_str(),
@@ -95,7 +95,7 @@ pub(super) async fn rollout(c: &Client, cmd: &RolloutCmd) -> Result<i32> {
                 if *output != Format::Table {
                     output::structured(&s, *output)?;
                 } else if line != last {
-                    println!("{line}");
+                    outln!("{line}");
                 }
                 last = line;
                 match s.state {
@@ -130,7 +130,7 @@ pub(super) async fn rollout(c: &Client, cmd: &RolloutCmd) -> Result<i32> {
         RolloutCmd::Undo { name, to_revision } => {
             let body = skiff_model::rollout::UndoRequest { to_revision: *to_revision };
             let r: Revision = c.post(&format!("/api/v1/deployments/{name}/undo"), &body).await?;
-            println!("{name} rolled back: revision {} ({}, {})", r.revision, r.image, r.cause);
+            outln!("{name} rolled back: revision {} ({}, {})", r.revision, r.image, r.cause);
             Ok(0)
         }
     }
@@ -143,6 +143,6 @@ pub(super) fn simulate(file: &Path) -> Result<i32> {
     let scenario: Scenario =
         serde_json::from_str(&text).with_context(|| format!("{}: not a scenario", file.display()))?;
     let situation = scenario.check().with_context(|| format!("{}", file.display()))?;
-    println!("{}", serde_json::to_string_pretty(&decide(&situation))?);
+    outln!("{}", serde_json::to_string_pretty(&decide(&situation))?);
     Ok(0)
 }

@@ -37,7 +37,7 @@ pub(super) async fn token(c: &Client, cmd: &TokenCmd) -> Result<i32> {
         TokenCmd::Create { ttl, uses, replace, role } => {
             let body = serde_json::json!({ "ttl_seconds": ttl, "uses": uses, "replace": replace, "role": role });
             let t: skiff_hub::tokens::CreatedToken = c.post("/api/v1/tokens", &body).await?;
-            println!("{}", t.token);
+            outln!("{}", t.token);
             let until = t.expires_ms.map(|e| format!("until {}", output::time_of(e))).unwrap_or("until revoked".into());
             if t.role == skiff_hub::store::TokenRole::Join {
                 eprintln!(
@@ -63,7 +63,7 @@ pub(super) async fn token(c: &Client, cmd: &TokenCmd) -> Result<i32> {
         }
         TokenCmd::Revoke { id } => {
             c.delete(&format!("/api/v1/tokens/{id}")).await?;
-            println!("token {id} revoked");
+            outln!("token {id} revoked");
         }
     }
     Ok(0)

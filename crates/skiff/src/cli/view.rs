@@ -301,12 +301,12 @@ pub(super) async fn describe(cli: &Cli, kind: Kind, name: &str) -> Result<i32> {
     match kind {
         Kind::Deployments => {
             let v: DeploymentView = c.get(&format!("/api/v1/deployments/{name}")).await?;
-            print!("{}", serde_norway::to_string(&v)?);
+            out!("{}", serde_norway::to_string(&v)?);
         }
         Kind::Nodes => {
             let nodes: Vec<skiff_hub::NodeInfo> = c.get("/api/v1/nodes").await?;
             let n = nodes.into_iter().find(|n| n.name == name).with_context(|| format!("node {name:?} not found"))?;
-            print!("{}", serde_norway::to_string(&n)?);
+            out!("{}", serde_norway::to_string(&n)?);
         }
         _ => bail!("describe works on deployments and nodes"),
     }
@@ -320,7 +320,7 @@ pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String]) -> Resul
     }
     let r: skiff_hub::ExecResult =
         client(cli)?.post(&format!("/api/v1/instances/{instance}/exec"), &Body { argv: command }).await?;
-    print!("{}", r.stdout);
+    out!("{}", r.stdout);
     eprint!("{}", r.stderr);
     Ok(r.code)
 }
