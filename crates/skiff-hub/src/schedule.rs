@@ -137,11 +137,22 @@ fn need(d: &Deployment) -> (u64, u64) {
     (d.resources.cpus_reservation_millis.unwrap_or(0), d.resources.memory_reservation_bytes.unwrap_or(0))
 }
 
+/// A node's label `key`: its own, else Kubernetes' well-known labels every node has
+/// (`kubernetes.io/hostname`, `kubernetes.io/arch`, `kubernetes.io/os`).
+fn label<'a>(n: &'a NodeView, key: &str) -> Option<&'a str> {
+    n.labels.get(key).map(String::as_str).or(match key {
+        "kubernetes.io/hostname" => Some(n.name.as_str()),
+        "kubernetes.io/arch" => Some(n.arch.as_str()),
+        "kubernetes.io/os" => Some("linux"),
+        _ => None,
+    })
+}
+
 /// Why `n` is not a node `d` is for (its labels, runtime or architecture), if it is not.
 /// A WebAssembly deployment runs on any architecture, on nodes offering the wasm runtime,
 /// from an image that has a wasm platform.
 fn mismatch(d: &Deployment, n: &NodeView, platforms: Option<&Platforms>) -> Option<&'static str> {
-    if d.placement.node_selector.iter().any(|(k, v)| n.labels.get(k) != Some(v)) {
+    if d.placement.node_selector.iter().any(|(k, v)| label(n, k) != Some(v.as_str())) {
         return Some("didn't match the node selector");
     }
     if d.device_requests.iter().any(|r| n.devices.get(&r.kind).copied().unwrap_or(0) == 0) {
@@ -404,6 +415,26 @@ mod tests {
             "1 instance(s) not placed: 0/3 nodes are available: 1 Insufficient memory, \
              1 didn't match the node selector, 1 have an architecture the image is not built for"
         );
+    }
+
+    #[test]
+    fn every_node_carries_kubernetes_well_known_labels() {
+        let nodes = [node("gw-1", "arm64", &[]), node("gw-2", "amd64", &[])];
+        let mut d = dep("mqtt", 1);
+        d.placement.node_selector.insert("kubernetes.io/hostname".into(), "gw-2".into());
+        d.placement.node_selector.insert("kubernetes.io/os".into(), "linux".into());
+        let p = schedule(std::slice::from_ref(&d), &none(), &nodes, &[], 0);
+        assert_eq!(where_(&p, "mqtt"), [(1, "gw-2".into())]);
+        let mut d = dep("infer", 1);
+        d.placement.node_selector.insert("kubernetes.io/arch".into(), "arm64".into());
+        let p = schedule(&[d], &none(), &nodes, &[], 0);
+        assert_eq!(where_(&p, "infer"), [(1, "gw-1".into())]);
+        // A node's own label of the same name wins.
+        let labelled = [node("gw-3", "amd64", &[("kubernetes.io/hostname", "renamed")])];
+        let mut d = dep("x", 1);
+        d.placement.node_selector.insert("kubernetes.io/hostname".into(), "renamed".into());
+        let p = schedule(&[d], &none(), &labelled, &[], 0);
+        assert_eq!(where_(&p, "x"), [(1, "gw-3".into())]);
     }
 
     #[test]

@@ -43,7 +43,12 @@ pub fn import_compose(
     };
     let env = &move |k: &str| env(k).or_else(|| dotenv.get(k).cloned());
     let mut root: Value = serde_norway::from_str(text).map_err(|e| ManifestError::Yaml(e.to_string()))?;
+    // `<<: *defaults`: YAML merge keys, as Compose applies them.
+    root.apply_merge().map_err(|e| ManifestError::Yaml(e.to_string()))?;
     interpolate_all(&mut root, "", env)?;
+    if root.is_null() {
+        root = Value::Mapping(Mapping::new());
+    }
     let top = root
         .as_mapping()
         .ok_or_else(|| ManifestError::at("(root)", "a compose file must be a mapping with a services key"))?;
@@ -77,17 +82,64 @@ pub fn import_compose(
             other => cx.warnings.push(format!("{other}: not supported yet, ignored")),
         }
     }
-    let services = services
-        .and_then(Value::as_mapping)
-        .ok_or_else(|| ManifestError::at("services", "is required and must be a mapping"))?;
+    let empty = Mapping::new();
+    let services = match services {
+        None | Some(Value::Null) => &empty,
+        Some(v) => v.as_mapping().ok_or_else(|| ManifestError::at("services", "must be a mapping"))?,
+    };
     if services.is_empty() {
-        return Err(ManifestError::at("services", "must define at least one service"));
+        cx.warnings.push("services: the file defines no services".into());
     }
     let nets = networks(&mut cx, &project, networks_at)?;
-    let mut deployments = vec![];
+    // Services with `profiles:` run only when one of them is active (COMPOSE_PROFILES, as
+    // Compose reads it).
+    let active: Vec<String> = (cx.env)("COMPOSE_PROFILES")
+        .map(|p| p.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+        .unwrap_or_default();
+    let mut names = BTreeMap::new();
+    for name in services.keys() {
+        let name = key_str(name, "services")?;
+        let d = deployment_name(&name);
+        if let Some(other) = names.insert(d.clone(), name.clone()) {
+            return Err(ManifestError::at(
+                format!("services.{name}"),
+                format!("is named {d:?} on the node, as {other:?} is (names are lower-case there)"),
+            ));
+        }
+    }
+    // Each service with `extends` resolved, and whether it runs: no profiles, an active
+    // one, or a running service depends on it (Compose starts those too).
+    let mut resolved = vec![];
     for (name, svc) in services {
         let name = key_str(name, "services")?;
-        let d = service(&mut cx, &project, &nets, &name, svc)?;
+        let svc = extended(&mut cx, services, &name, svc, 0)?;
+        let profiles = match svc.as_mapping().and_then(|m| m.get("profiles")) {
+            Some(p) => list_of_strings(p, &format!("services.{name}.profiles"))?,
+            None => vec![],
+        };
+        let on = profiles.is_empty() || profiles.iter().any(|w| active.contains(w) || (w == "*" && !active.is_empty()));
+        resolved.push((name, svc, profiles, on));
+    }
+    for _ in 0..resolved.len() {
+        let wanted: Vec<String> = resolved.iter().filter(|r| r.3).flat_map(|r| dependency_names(&r.1)).collect();
+        let mut changed = false;
+        for r in resolved.iter_mut().filter(|r| !r.3 && wanted.contains(&r.0)) {
+            r.3 = true;
+            changed = true;
+        }
+        if !changed {
+            break;
+        }
+    }
+    let mut deployments = vec![];
+    for (name, svc, profiles, on) in &resolved {
+        if !on {
+            cx.warnings.push(format!(
+                "services.{name}: not started (its profiles {profiles:?} are not active; set COMPOSE_PROFILES)"
+            ));
+            continue;
+        }
+        let d = service(&mut cx, &project, &nets, name, svc)?;
         deployments.push(d);
     }
     Ok(ComposeImport { project, deployments, warnings: cx.warnings })
@@ -252,7 +304,14 @@ fn env_file(cx: &Ctx<'_>, file: &str, path: &str, out: &mut BTreeMap<String, Str
 
 fn cpus(v: &Value, path: &str) -> R<u64> {
     let s = str_of(v, path)?;
-    parse_cpus(&s).map_err(|e| ManifestError::at(path, e.to_string()))
+    parse_cpus(&s).or_else(|e| {
+        // Less than a thousandth of a core (Docker counts in billionths): the least skiff
+        // counts, one thousandth.
+        match s.trim().parse::<f64>() {
+            Ok(x) if x > 0.0 && x < 0.001 => Ok(1),
+            _ => Err(ManifestError::at(path, e.to_string())),
+        }
+    })
 }
 
 fn bytes(v: &Value, path: &str) -> R<u64> {
@@ -395,6 +454,104 @@ fn networks(cx: &mut Ctx<'_>, project: &str, v: Option<&Value>) -> R<BTreeMap<St
     Ok(out)
 }
 
+/// The services a service's `depends_on` names, as written.
+fn dependency_names(svc: &Value) -> Vec<String> {
+    match svc.as_mapping().and_then(|m| m.get("depends_on")) {
+        Some(Value::Sequence(l)) => l.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        Some(Value::Mapping(m)) => m.keys().filter_map(|k| k.as_str().map(str::to_string)).collect(),
+        _ => vec![],
+    }
+}
+
+/// A service's deployment name: Compose allows capitals and dots in service names, a
+/// deployment's name is a host name (lower-case letters, digits, `-` and `_`).
+fn deployment_name(service: &str) -> String {
+    service.chars().map(|c| if c == '.' { '-' } else { c.to_ascii_lowercase() }).collect()
+}
+
+/// Keys whose lists replace the base's under `extends` (as Compose merges them); other
+/// lists are joined, mappings merged key by key, scalars replaced.
+const REPLACED_LISTS: &[&str] = &["command", "entrypoint", "test", "dns", "dns_search", "tmpfs"];
+
+/// `extends:` resolved: the base service (in this file, or `file:` beside it), its own
+/// `extends` first, with the service's keys over it. At most 8 deep.
+fn extended(cx: &mut Ctx<'_>, services: &Mapping, name: &str, svc: &Value, depth: usize) -> R<Value> {
+    let path = format!("services.{name}.extends");
+    let Some(ext) = svc.as_mapping().and_then(|m| m.get("extends")) else { return Ok(svc.clone()) };
+    if depth >= 8 {
+        return Err(ManifestError::at(&path, "extends more than 8 services deep (a loop?)"));
+    }
+    let (base_name, file) = match ext {
+        Value::String(s) => (s.clone(), None),
+        Value::Mapping(m) => {
+            let base = m.get("service").map(|v| str_of(v, &format!("{path}.service"))).transpose()?;
+            let file = m.get("file").map(|v| str_of(v, &format!("{path}.file"))).transpose()?;
+            (base.ok_or_else(|| ManifestError::at(&path, "needs service"))?, file)
+        }
+        _ => return Err(ManifestError::at(&path, "must be a service name or a mapping")),
+    };
+    let base = match file {
+        None => {
+            let b = services
+                .get(base_name.as_str())
+                .ok_or_else(|| ManifestError::at(&path, format!("no service {base_name:?} in this file")))?;
+            extended(cx, services, &base_name, b, depth + 1)?
+        }
+        Some(f) => {
+            let p = cx.dir.join(&f);
+            let text =
+                (cx.read_file)(&p).map_err(|e| ManifestError::at(&path, format!("reading {}: {e}", p.display())))?;
+            let mut other: Value =
+                serde_norway::from_str(&text).map_err(|e| ManifestError::at(&path, format!("{}: {e}", p.display())))?;
+            other.apply_merge().map_err(|e| ManifestError::at(&path, format!("{}: {e}", p.display())))?;
+            interpolate_all(&mut other, "", cx.env)?;
+            let others = other
+                .get("services")
+                .and_then(Value::as_mapping)
+                .cloned()
+                .ok_or_else(|| ManifestError::at(&path, format!("{} has no services", p.display())))?;
+            let b = others
+                .get(base_name.as_str())
+                .ok_or_else(|| ManifestError::at(&path, format!("no service {base_name:?} in {}", p.display())))?;
+            extended(cx, &others, &base_name, b, depth + 1)?
+        }
+    };
+    let mut out = base;
+    if let Some(m) = out.as_mapping_mut() {
+        m.remove("extends");
+    }
+    let mut own = svc.clone();
+    if let Some(m) = own.as_mapping_mut() {
+        m.remove("extends");
+    }
+    merge_into(&mut out, own, "");
+    Ok(out)
+}
+
+fn merge_into(base: &mut Value, over: Value, key: &str) {
+    match (base, over) {
+        (Value::Mapping(b), Value::Mapping(o)) => {
+            for (k, v) in o {
+                let name = k.as_str().unwrap_or_default().to_string();
+                match b.get_mut(&k) {
+                    Some(existing) => merge_into(existing, v, &name),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (Value::Sequence(b), Value::Sequence(o)) if !REPLACED_LISTS.contains(&key) => {
+            for v in o {
+                if !b.contains(&v) {
+                    b.push(v);
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
 /// A macvlan network's `ipam.config[0]`: subnet, ip_range and gateway.
 fn macvlan_ipam(cx: &mut Ctx<'_>, m: &mut skiff_model::Macvlan, v: &Value, path: &str) -> R<()> {
     for (k, x) in mapping(v, path)? {
@@ -468,7 +625,7 @@ fn service_networks(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<Vec<(String, S
 fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: &str, svc: &Value) -> R<Deployment> {
     let base = format!("services.{name}");
     let m = mapping(svc, &base)?;
-    let mut d = Deployment::new(name, "");
+    let mut d = Deployment::new(deployment_name(name), "");
     d.stack = project.to_string();
     let mut net_keys = vec![];
     let mut image = None;
@@ -488,18 +645,23 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
                 Value::Sequence(s) => {
                     for (i, x) in s.iter().enumerate() {
                         let p = format!("{path}[{i}]");
-                        let f = match x {
-                            Value::Mapping(fm) => fm
-                                .get("path")
-                                .map(|p2| str_of(p2, &p))
-                                .transpose()?
-                                .ok_or_else(|| ManifestError::at(&p, "needs a path"))?,
-                            other => str_of(other, &p)?,
+                        let (f, required) = match x {
+                            Value::Mapping(fm) => (
+                                fm.get("path")
+                                    .map(|p2| str_of(p2, &p))
+                                    .transpose()?
+                                    .ok_or_else(|| ManifestError::at(&p, "needs a path"))?,
+                                fm.get("required")
+                                    .map(|r| bool_of(r, &format!("{p}.required")))
+                                    .transpose()?
+                                    .unwrap_or(true),
+                            ),
+                            other => (str_of(other, &p)?, true),
                         };
-                        env_files.push((f, p));
+                        env_files.push((f, p, required));
                     }
                 }
-                other => env_files.push((str_of(other, &path)?, path.clone())),
+                other => env_files.push((str_of(other, &path)?, path.clone(), true)),
             },
             "ports" => {
                 let s = v.as_sequence().ok_or_else(|| ManifestError::at(&path, "must be a list"))?;
@@ -510,7 +672,22 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
             "volumes" => {
                 let s = v.as_sequence().ok_or_else(|| ManifestError::at(&path, "must be a list"))?;
                 for (i, x) in s.iter().enumerate() {
-                    d.volumes.push(volume(cx, x, &format!("{path}[{i}]"))?);
+                    let p = format!("{path}[{i}]");
+                    let is_tmpfs = x.as_mapping().and_then(|m| m.get("type")).and_then(Value::as_str) == Some("tmpfs");
+                    if is_tmpfs {
+                        d.tmpfs.push(tmpfs_volume(x, &p)?);
+                    } else {
+                        d.volumes.push(volume(cx, x, &p)?);
+                    }
+                }
+            }
+            "tmpfs" => {
+                let list = match v {
+                    Value::Sequence(_) => list_of_strings(v, &path)?,
+                    other => vec![str_of(other, &path)?],
+                };
+                for (i, t) in list.iter().enumerate() {
+                    d.tmpfs.push(tmpfs_short(t, &format!("{path}[{i}]"))?);
                 }
             }
             "restart" => {
@@ -561,6 +738,8 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
                 d.network = short::network_mode(&s).map_err(|e| ManifestError::at(&path, e))?;
             }
             "networks" => net_keys = service_networks(cx, v, &path)?,
+            // Handled before: the service runs only with an active profile.
+            "profiles" => {}
             "stop_grace_period" => d.stop_grace_period_ms = duration(v, &path)?,
             "x-skiff-autoscale" => d.autoscale = Some(crate::hpa::spec(v, &path)?),
             "x-skiff-signature" => d.signature = Some(signature(cx, v, &path)?),
@@ -581,8 +760,12 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
             _ => cx.warnings.push(format!("{path}: not supported yet, ignored")),
         }
     }
-    for (f, p) in env_files {
+    for (f, p, required) in env_files {
         let mut from_file = BTreeMap::new();
+        // `required: false`: a missing file is no error (any other failure still is).
+        if !required && (cx.read_file)(&cx.dir.join(&f)).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+            continue;
+        }
         env_file(cx, &f, &p, &mut from_file)?;
         for (k, v) in from_file {
             env.entry(k).or_insert(v); // `environment:` wins over env_file
@@ -690,6 +873,54 @@ fn port(v: &Value, path: &str) -> R<PortMapping> {
             })
         }
     }
+}
+
+/// `tmpfs:` entries: `/run` or `/run:size=64m,mode=1777` (options as `mount -t tmpfs`).
+fn tmpfs_short(s: &str, path: &str) -> R<skiff_model::Tmpfs> {
+    let (target, opts) = s.split_once(':').unwrap_or((s, ""));
+    let mut t = skiff_model::Tmpfs { target: target.to_string(), size_bytes: None, mode: None };
+    for o in opts.split(',').filter(|o| !o.is_empty()) {
+        match o.split_once('=') {
+            Some(("size", v)) => {
+                t.size_bytes = Some(parse_bytes(v).map_err(|e| ManifestError::at(path, e.to_string()))?);
+            }
+            Some(("mode", v)) => {
+                t.mode = Some(
+                    u32::from_str_radix(v, 8)
+                        .map_err(|_| ManifestError::at(path, format!("mode {v:?} is not octal")))?,
+                );
+            }
+            // Mount flags Docker passes through (noexec, uid=...): the defaults are kept.
+            _ => {}
+        }
+    }
+    Ok(t)
+}
+
+/// A volume of `type: tmpfs`: `target`, and `tmpfs: {size, mode}`.
+fn tmpfs_volume(v: &Value, path: &str) -> R<skiff_model::Tmpfs> {
+    let m = mapping(v, path)?;
+    let target = m
+        .get("target")
+        .map(|x| str_of(x, &format!("{path}.target")))
+        .transpose()?
+        .ok_or_else(|| ManifestError::at(path, "needs target"))?;
+    let mut t = skiff_model::Tmpfs { target, size_bytes: None, mode: None };
+    if let Some(o) = m.get("tmpfs") {
+        let om = mapping(o, &format!("{path}.tmpfs"))?;
+        if let Some(size) = om.get("size") {
+            t.size_bytes = Some(bytes(size, &format!("{path}.tmpfs.size"))?);
+        }
+        if let Some(mode) = om.get("mode") {
+            let p = format!("{path}.tmpfs.mode");
+            // Written as 1777 (read as octal, as Docker does) or as a number.
+            let text = scalar(mode).ok_or_else(|| ManifestError::at(&p, "must be a number"))?;
+            t.mode = Some(
+                u32::from_str_radix(&text, 8).map_err(|_| ManifestError::at(&p, format!("{text:?} is not octal")))?,
+            );
+        }
+    }
+    Ok(t)
 }
 
 fn volume(cx: &Ctx<'_>, v: &Value, path: &str) -> R<Volume> {
@@ -836,6 +1067,10 @@ fn healthcheck(v: &Value, path: &str) -> R<Option<HealthCheck>> {
             "interval" => hc.interval_ms = duration(x, &p)?,
             "timeout" => hc.timeout_ms = duration(x, &p)?,
             "start_period" => hc.start_period_ms = duration(x, &p)?,
+            // Accepted; checks in the start period run at `interval`.
+            "start_interval" => {
+                duration(x, &p)?;
+            }
             "retries" => hc.retries = int(x, &p)?.try_into().map_err(|_| ManifestError::at(&p, "must be 0 or more"))?,
             "disable" => {}
             _ => return Err(ManifestError::at(&p, "unknown healthcheck key")),
@@ -851,7 +1086,7 @@ fn depends_on(v: &Value, path: &str) -> R<Vec<Dependency>> {
     match v {
         Value::Sequence(_) => Ok(list_of_strings(v, path)?
             .into_iter()
-            .map(|name| Dependency { name, condition: DependencyCondition::ServiceStarted })
+            .map(|name| Dependency { name: deployment_name(&name), condition: DependencyCondition::ServiceStarted })
             .collect()),
         Value::Mapping(m) => {
             let mut out = vec![];
@@ -872,7 +1107,7 @@ fn depends_on(v: &Value, path: &str) -> R<Vec<Dependency>> {
                         }
                     };
                 }
-                out.push(Dependency { name, condition });
+                out.push(Dependency { name: deployment_name(&name), condition });
             }
             Ok(out)
         }
@@ -1052,8 +1287,50 @@ fn update_config(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) ->
     Ok(())
 }
 
-/// `constraints: ["node.labels.site==factory-3"]` (equality on node labels, as the
-/// scheduler matches them) and `preferences: [{spread: node.labels.site}]`.
+/// One of Swarm's placement constraints as a node selector: `node.labels.KEY==V`, and the
+/// node's own attributes under Kubernetes' well-known labels, which every node has
+/// (`node.hostname` → `kubernetes.io/hostname`, `node.platform.arch` →
+/// `kubernetes.io/arch` in Go's names, `node.platform.os` → `kubernetes.io/os`). Every
+/// node is a worker: `node.role==worker` holds everywhere, `node.role==manager` is
+/// warned about and ignored, as are `!=` and `node.id` constraints. `None`: nothing to
+/// select on.
+fn constraint(cx: &mut Ctx<'_>, c: &str, path: &str) -> R<Option<(String, String)>> {
+    let ignored = |cx: &mut Ctx<'_>, why: &str| {
+        cx.warnings.push(format!("{path}: {c:?} {why}, ignored"));
+        Ok(None)
+    };
+    if c.contains("!=") {
+        return ignored(cx, "is not supported yet (only ==)");
+    }
+    let Some((lhs, rhs)) = c.split_once("==") else {
+        return Err(ManifestError::at(path, format!("{c:?} is not KEY==VALUE")));
+    };
+    let (lhs, rhs) = (lhs.trim(), rhs.trim().to_string());
+    if let Some(key) = lhs.strip_prefix("node.labels.") {
+        return Ok(Some((key.to_string(), rhs)));
+    }
+    match lhs {
+        "node.hostname" => Ok(Some(("kubernetes.io/hostname".into(), rhs))),
+        "node.platform.os" => Ok(Some(("kubernetes.io/os".into(), rhs.to_lowercase()))),
+        "node.platform.arch" => {
+            let arch = match rhs.as_str() {
+                "x86_64" => "amd64",
+                "aarch64" | "armv8" => "arm64",
+                "armv7l" | "armv7" | "armhf" => "arm",
+                other => other,
+            };
+            Ok(Some(("kubernetes.io/arch".into(), arch.to_string())))
+        }
+        "node.role" if rhs == "worker" => Ok(None),
+        "node.role" => ignored(cx, "has no match (skiff's nodes are all workers; the hub is not a node)"),
+        "node.id" | "engine.labels" => ignored(cx, "is not supported yet"),
+        _ if lhs.starts_with("engine.labels.") => ignored(cx, "is not supported yet"),
+        _ => Err(ManifestError::at(path, format!("{c:?}: {lhs:?} is not a placement attribute"))),
+    }
+}
+
+/// `constraints: ["node.labels.site==factory-3"]` (see [`constraint`]) and
+/// `preferences: [{spread: node.labels.site}]`.
 fn placement(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<()> {
     for (k, x) in mapping(v, path)? {
         let k = key_str(k, path)?;
@@ -1062,13 +1339,9 @@ fn placement(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<(
             "constraints" => {
                 for (i, c) in list_of_strings(x, &p)?.iter().enumerate() {
                     let cp = format!("{p}[{i}]");
-                    let (lhs, rhs) = c.split_once("==").ok_or_else(|| {
-                        ManifestError::at(&cp, format!("{c:?}: only node.labels.KEY==VALUE constraints are supported"))
-                    })?;
-                    let key = lhs.trim().strip_prefix("node.labels.").ok_or_else(|| {
-                        ManifestError::at(&cp, format!("{c:?}: only node.labels.KEY==VALUE constraints are supported"))
-                    })?;
-                    d.placement.node_selector.insert(key.to_string(), rhs.trim().to_string());
+                    if let Some((key, value)) = constraint(cx, c, &cp)? {
+                        d.placement.node_selector.insert(key, value);
+                    }
                 }
             }
             "preferences" => {

@@ -86,6 +86,39 @@ struct Service {
     ports: Vec<(Value, String)>,
 }
 
+/// Kinds that configure a cluster rather than run workloads: skipped with a warning.
+const NOT_ACTED_ON: &[&str] = &[
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+    "Ingress",
+    "IngressClass",
+    "Namespace",
+    "ResourceQuota",
+    "LimitRange",
+    "PriorityClass",
+    "CustomResourceDefinition",
+    "PodSecurityPolicy",
+    "StorageClass",
+    "ValidatingWebhookConfiguration",
+    "MutatingWebhookConfiguration",
+    "APIService",
+];
+
+/// Whether a document is a custom resource: its API group is a domain outside
+/// Kubernetes' own (`cert-manager.io/v1`, not `apps/v1` or `networking.k8s.io/v1`).
+fn is_custom(v: &Value) -> bool {
+    let api = get(v, "apiVersion").and_then(Value::as_str).unwrap_or_default();
+    match api.rsplit_once('/') {
+        Some((group, _)) => group.contains('.') && !group.ends_with(".k8s.io") && group != "k8s.io",
+        None => false,
+    }
+}
+
 /// Imports every document of `text`. `namespace` names the stack when a manifest has none.
 pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
     let mut out = K8sImport { deployments: vec![], warnings: vec![], autoscalers: vec![] };
@@ -118,7 +151,25 @@ pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
             }
             "Service" => {
                 let spec = get(&v, "spec").ok_or_else(|| ManifestError::at(&path, "spec is required"))?;
-                unknown(spec, &["selector", "ports", "type"], &format!("{path}.spec"), &mut out.warnings);
+                unknown(spec, &["selector", "ports", "type", "clusterIP"], &format!("{path}.spec"), &mut out.warnings);
+                let kind = get(spec, "type").and_then(Value::as_str).unwrap_or("ClusterIP");
+                match kind {
+                    "NodePort" | "LoadBalancer" => {}
+                    "ClusterIP" => {
+                        // Reached inside the cluster only: nothing on the nodes' own ports.
+                        out.warnings.push(format!(
+                            "{path}: a ClusterIP service publishes no port on the nodes (its pods are reached by \
+                             their Deployment's name)"
+                        ));
+                        continue;
+                    }
+                    other => {
+                        return Err(ManifestError::at(
+                            format!("{path}.spec.type"),
+                            format!("{other:?} is not supported (ClusterIP, NodePort, LoadBalancer)"),
+                        ))
+                    }
+                }
                 let selector = match get(spec, "selector") {
                     Some(s) => map_of_strings(s, &format!("{path}.spec.selector"))?,
                     None => return Err(ManifestError::at(format!("{path}.spec.selector"), "is required")),
@@ -138,6 +189,17 @@ pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
                 out.autoscalers.push(AttachAutoscaler { spec: crate::hpa::spec(spec, &sp)?, target, path });
             }
             "" => return Err(ManifestError::at(format!("document {}", n + 1), "kind is required")),
+            // Access control, disruption budgets, network policy, ingress and the like
+            // configure a Kubernetes cluster, not the workloads: kubectl applies each
+            // object on its own, so these are reported and the rest imported.
+            k if NOT_ACTED_ON.contains(&k) => {
+                out.warnings.push(format!("{path}: kind {k} is not acted on by skiff, skipped"));
+            }
+            // A custom resource of another project (its API group is not Kubernetes' own).
+            _ if is_custom(&v) => {
+                let api = get(&v, "apiVersion").and_then(Value::as_str).unwrap_or_default();
+                out.warnings.push(format!("{path}: custom resource ({api}) is not acted on by skiff, skipped"));
+            }
             other => {
                 return Err(ManifestError::at(
                     path,
@@ -517,6 +579,35 @@ spec:
     }
 
     #[test]
+    fn cluster_configuration_is_skipped_and_cluster_ip_publishes_nothing() {
+        let extra = "---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: web}\n\
+                     ---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: rb}\n\
+                     ---\napiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: pdb}\n\
+                     ---\napiVersion: cert-manager.io/v1\nkind: Certificate\nmetadata: {name: tls}\n\
+                     ---\napiVersion: v1\nkind: Service\nmetadata: {name: internal}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n";
+        let k = import_k8s(&format!("{APP}{extra}"), "default").unwrap();
+        assert_eq!(k.deployments.len(), 2);
+        assert_eq!(
+            k.deployments[0].ports.len(),
+            1,
+            "only the NodePort service publishes: {:?}",
+            k.deployments[0].ports
+        );
+        for w in [
+            "ServiceAccount/web: kind ServiceAccount is not acted on by skiff, skipped",
+            "RoleBinding/rb: kind RoleBinding is not acted on by skiff, skipped",
+            "PodDisruptionBudget/pdb: kind PodDisruptionBudget is not acted on by skiff, skipped",
+            "Certificate/tls: custom resource (cert-manager.io/v1) is not acted on by skiff, skipped",
+        ] {
+            assert!(k.warnings.iter().any(|x| x == w), "{w}: {:?}", k.warnings);
+        }
+        assert!(k.warnings.iter().any(|w| w.starts_with("Service/internal: a ClusterIP service publishes no port")));
+        // A kind of Kubernetes' own that skiff would have to act on is still refused.
+        let e = import_k8s("apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\n", "default").unwrap_err();
+        assert!(e.to_string().contains("kind \"StatefulSet\" is not supported"), "{e}");
+    }
+
+    #[test]
     fn bad_manifests_name_the_field() {
         let err = |t: &str| import_k8s(t, "default").unwrap_err().to_string();
         let base = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: w}\nspec:\n  template:\n    spec:\n      containers: [{name: c, image: i}]\n";
@@ -530,7 +621,7 @@ spec:
             .contains("one container per pod"));
         assert!(err(&base.replace("image: i}", "image: i, resources: {limits: {memory: 12XB}}}"))
             .contains("Deployment/w.spec.template.spec.containers[0].resources.limits.memory"));
-        assert!(err(&format!("{base}---\napiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  selector: {{app: nope}}\n  ports: [{{port: 80}}]\n")).contains("Service/s.spec.selector: selects no Deployment"));
+        assert!(err(&format!("{base}---\napiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  type: NodePort\n  selector: {{app: nope}}\n  ports: [{{port: 80}}]\n")).contains("Service/s.spec.selector: selects no Deployment"));
         assert!(err("apiVersion: v1\nkind: Deployment\nspec: {}\n").contains("metadata.name is required"));
         let three = import_k8s(&APP.replace("replicas: 1", "replicas: 3"), "default").unwrap();
         assert_eq!(three.deployments[0].replicas, 3, "replicas behind one host port are balanced by the node proxy");

@@ -127,12 +127,12 @@ fn errors_name_the_path_and_problem() {
         ("services:\n  web:\n    image: a\n    restart: sometimes\n", "services.web.restart: \"sometimes\" is not a restart policy (no, always, on-failure[:N], unless-stopped)"),
         ("services:\n  web:\n    command: x\n", "services.web.image: is required"),
         ("services:\n  web:\n    image: a\n    deploy: {replicas: -1}\n", "services.web.deploy.replicas: -1 must be 0 or more"),
-        ("services:\n  Web:\n    image: a\n", "services.Web.name: \"Web\" is not a valid name (lower-case letters, digits, '-' and '_', at most 63 characters)"),
+        ("services:\n  web!:\n    image: a\n", "services.web!.name: \"web!\" is not a valid name (lower-case letters, digits, '-' and '_', at most 63 characters)"),
         ("services:\n  web:\n    image: a\n    healthcheck: {test: [CMD], interval: soon}\n", "services.web.healthcheck.interval: \"soon\" is not a duration (examples: 10s, 1m30s, 500ms)"),
         ("services:\n  web:\n    image: a\n    env_file: missing.env\n", "services.web.env_file: reading /stack/missing.env: no such file"),
         ("services:\n  web:\n    image: ${NOPE:?set NOPE}\n", "services.web.image: required variable NOPE is missing a value: set NOPE"),
         ("services:\n  web:\n    image: a\n    read_only: maybe\n", "services.web.read_only: \"maybe\" is not a boolean"),
-        ("services: []\n", "services: is required and must be a mapping"),
+        ("services: []\n", "services: must be a mapping"),
         ("- a\n", "(root): a compose file must be a mapping with a services key"),
         ("services:\n  web:\n    image: a\n    volumes: [\"/only\"]\n", "services.web.volumes[0]: \"/only\": anonymous volumes are not supported; name it (name:/only)"),
         ("services:\n  web:\n    image: a\n    deploy: {resources: {limits: {memory: 1k}}}\n", "services.web.resources.memory: 1024 bytes is below the minimum of 6MiB"),
@@ -191,7 +191,7 @@ services:
 
     for (yaml, want) in [
         ("services:\n  a:\n    image: a\n    deploy:\n      mode: daemon\n", "services.a.deploy.mode: \"daemon\" is not replicated or global"),
-        ("services:\n  a:\n    image: a\n    deploy:\n      placement:\n        constraints: [\"node.role==manager\"]\n", "services.a.deploy.placement.constraints[0]: \"node.role==manager\": only node.labels.KEY==VALUE constraints are supported"),
+        ("services:\n  a:\n    image: a\n    deploy:\n      placement:\n        constraints: [\"node.spaceship==x\"]\n", "services.a.deploy.placement.constraints[0]: \"node.spaceship==x\": \"node.spaceship\" is not a placement attribute"),
         ("services:\n  a:\n    image: a\n    deploy:\n      placement:\n        preferences: [{spread: node.id}]\n", "services.a.deploy.placement.preferences[0].spread: \"node.id\" must be node.labels.KEY"),
         ("services:\n  a:\n    image: a\n    deploy:\n      placement:\n        constraints: [\"node.labels.bad key==x\"]\n", "placement.node_selector.bad key"),
     ] {
@@ -451,5 +451,141 @@ networks:
     assert_eq!(
         err(&format!("services:\n  a:\n    image: a\n    networks: [lan, default]\n{lan}")),
         "services.a.networks[0]: a macvlan network cannot be joined beside others (not supported yet)"
+    );
+}
+
+#[test]
+fn valid_files_compose_accepts_are_accepted() {
+    // YAML merge keys, capitals and dots in service names (depends_on follows them).
+    let c = import(
+        r#"
+x-base: &base
+  image: base:1
+  environment: {A: "1"}
+  restart: always
+services:
+  serviceA:
+    <<: *base
+    environment: {B: "2"}
+  web.api:
+    <<: *base
+    depends_on: [serviceA]
+"#,
+    )
+    .unwrap();
+    let a = &c.deployments[0];
+    assert_eq!((a.name.as_str(), a.image.as_str()), ("servicea", "base:1"));
+    assert_eq!(a.env.get("B").map(String::as_str), Some("2"));
+    assert!(!a.env.contains_key("A"), "an explicit key wins over the merged one, as YAML says");
+    assert_eq!(a.restart, RestartPolicy::Always);
+    assert_eq!(c.deployments[1].name, "web-api");
+    assert_eq!(c.deployments[1].depends_on[0].name, "servicea");
+    assert_eq!(
+        err("services:\n  Web:\n    image: a\n  web:\n    image: b\n"),
+        "services.web: is named \"web\" on the node, as \"Web\" is (names are lower-case there)"
+    );
+
+    // An empty file, or one with no services, defines nothing.
+    for empty in ["", "services: {}\n", "x-note: nothing yet\n"] {
+        let c = import(empty).unwrap();
+        assert!(c.deployments.is_empty() && c.warnings.iter().any(|w| w.contains("no services")), "{empty:?}");
+    }
+
+    // healthcheck.start_interval, an optional env file that is missing, tiny reservations.
+    let c = import(
+        "services:\n  a:\n    image: a\n    healthcheck:\n      test: [CMD, true]\n      start_interval: 1s\n    \
+         env_file:\n      - path: missing.env\n        required: false\n      - app.env\n    \
+         deploy:\n      resources:\n        reservations: {cpus: '0.0001'}\n",
+    )
+    .unwrap();
+    let a = &c.deployments[0];
+    assert_eq!(a.env.get("A").map(String::as_str), Some("from-file"));
+    assert_eq!(a.resources.cpus_reservation_millis, Some(1));
+    assert!(err("services:\n  a:\n    image: a\n    env_file:\n      - path: missing.env\n").contains("missing.env"));
+
+    // Swarm's placement attributes.
+    let c = import(
+        "services:\n  a:\n    image: a\n    deploy:\n      placement:\n        constraints:\n          \
+         - node.hostname==gw-1\n          - node.platform.arch==aarch64\n          - node.role==worker\n          \
+         - node.role==manager\n          - node.labels.site!=lab\n",
+    )
+    .unwrap();
+    let sel = &c.deployments[0].placement.node_selector;
+    assert_eq!(sel.get("kubernetes.io/hostname").map(String::as_str), Some("gw-1"));
+    assert_eq!(sel.get("kubernetes.io/arch").map(String::as_str), Some("arm64"));
+    assert_eq!(sel.len(), 2, "{sel:?}");
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+}
+
+#[test]
+fn extends_and_profiles() {
+    let c = import(
+        r#"
+services:
+  base:
+    image: base:1
+    environment: {A: "1", B: "1"}
+    ports: ["8080:80"]
+    command: ["serve", "--base"]
+  web:
+    extends: base
+    environment: {B: "2"}
+    ports: ["9090:90"]
+    command: ["serve"]
+  debug:
+    image: tools
+    profiles: [debug]
+  migrate:
+    image: migrate
+    profiles: [tools]
+  app:
+    image: app
+    depends_on: [migrate]
+"#,
+    )
+    .unwrap();
+    let by = |n: &str| c.deployments.iter().find(|d| d.name == n);
+    let web = by("web").unwrap();
+    assert_eq!(web.image, "base:1");
+    assert_eq!((web.env["A"].as_str(), web.env["B"].as_str()), ("1", "2"));
+    assert_eq!(web.ports.len(), 2, "lists are joined");
+    assert_eq!(web.command.as_deref(), Some(&["serve".to_string()][..]), "a command replaces the base's");
+    assert!(by("debug").is_none(), "a service of an inactive profile is not started");
+    assert!(c.warnings.iter().any(|w| w.starts_with("services.debug: not started")), "{:?}", c.warnings);
+    assert!(by("migrate").is_some(), "a service another depends on is started, whatever its profile");
+
+    let with_profile = import_compose(
+        "services:\n  debug:\n    image: tools\n    profiles: [debug]\n",
+        Path::new("/stack"),
+        "p",
+        &|k| (k == "COMPOSE_PROFILES").then(|| "debug".to_string()),
+        &files,
+    )
+    .unwrap();
+    assert_eq!(with_profile.deployments.len(), 1);
+
+    assert_eq!(
+        err("services:\n  a:\n    extends: nowhere\n    image: a\n"),
+        "services.a.extends: no service \"nowhere\" in this file"
+    );
+    assert!(err("services:\n  a:\n    extends: b\n  b:\n    extends: a\n").contains("more than 8"));
+}
+
+#[test]
+fn tmpfs_as_a_key_and_as_a_volume() {
+    let c = import(
+        "services:\n  a:\n    image: a\n    tmpfs: [/run, \"/cache:size=64m,mode=700\"]\n    volumes:\n      \
+         - type: tmpfs\n        target: /scratch\n        tmpfs: {size: 1g, mode: 1770}\n",
+    )
+    .unwrap();
+    let t = &c.deployments[0].tmpfs;
+    assert_eq!(t.len(), 3);
+    assert_eq!((t[0].target.as_str(), t[0].size_bytes, t[0].mode), ("/run", None, None));
+    assert_eq!((t[1].target.as_str(), t[1].size_bytes, t[1].mode), ("/cache", Some(64 << 20), Some(0o700)));
+    assert_eq!((t[2].target.as_str(), t[2].size_bytes, t[2].mode), ("/scratch", Some(1 << 30), Some(0o1770)));
+    assert!(c.deployments[0].volumes.is_empty());
+    assert_eq!(
+        err("services:\n  a:\n    image: a\n    tmpfs: relative\n"),
+        "services.a.tmpfs[0].target: \"relative\" is not an absolute path below / without . or .."
     );
 }

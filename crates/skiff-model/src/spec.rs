@@ -29,6 +29,9 @@ pub struct Deployment {
     pub ports: Vec<PortMapping>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
+    /// Memory-backed directories (`tmpfs:`, volumes of `type: tmpfs`), empty at each start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tmpfs: Vec<Tmpfs>,
     #[serde(default)]
     pub resources: Resources,
     #[serde(default)]
@@ -270,6 +273,7 @@ impl Deployment {
             hostname: None,
             ports: vec![],
             volumes: vec![],
+            tmpfs: vec![],
             resources: Resources::default(),
             restart: RestartPolicy::default(),
             healthcheck: None,
@@ -506,6 +510,19 @@ pub enum VolumeSource {
     Bind { path: String },
     /// A named volume, created under the node's data directory.
     Named { name: String },
+}
+
+/// A tmpfs mounted at `target` (`nosuid`, `nodev`; Docker's defaults otherwise).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tmpfs {
+    pub target: String,
+    /// At most this many bytes (unset: half the node's memory, the kernel's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    /// Permission bits of its root (unset: 1777).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

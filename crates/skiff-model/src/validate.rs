@@ -309,6 +309,17 @@ impl Deployment {
         if self.network != crate::NetworkMode::Bridge && !self.ports.is_empty() {
             return Err(ValidationError::new("ports", "published ports need the bridge network mode"));
         }
+        for (i, t) in self.tmpfs.iter().enumerate() {
+            if !is_clean_absolute(&t.target) || t.target == "/" {
+                return Err(ValidationError::new(
+                    format!("tmpfs[{i}].target"),
+                    format!("{:?} is not an absolute path below / without . or ..", t.target),
+                ));
+            }
+            if t.mode.is_some_and(|m| m > 0o7777) {
+                return Err(ValidationError::new(format!("tmpfs[{i}].mode"), "is more than 7777 (octal)"));
+            }
+        }
         for (i, v) in self.volumes.iter().enumerate() {
             if !v.target.starts_with('/') {
                 return Err(ValidationError::new(
@@ -398,6 +409,7 @@ impl Deployment {
             ("cap_add", !self.cap_add.is_empty()),
             ("cap_drop", !self.cap_drop.is_empty()),
             ("devices", !self.devices.is_empty()),
+            ("tmpfs", !self.tmpfs.is_empty()),
             ("device_requests", !self.device_requests.is_empty()),
             ("hostname", self.hostname.is_some()),
             ("working_dir", self.working_dir.is_some()),

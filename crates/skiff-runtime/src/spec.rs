@@ -307,6 +307,13 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         }
         mounts.push(json!({"destination": dst, "type": "bind", "source": src, "options": opts}));
     }
+    for t in &d.tmpfs {
+        let mut opts = vec!["nosuid".to_string(), "nodev".to_string(), format!("mode={:o}", t.mode.unwrap_or(0o1777))];
+        if let Some(size) = t.size_bytes {
+            opts.push(format!("size={size}"));
+        }
+        mounts.push(json!({"destination": t.target, "type": "tmpfs", "source": "tmpfs", "options": opts}));
+    }
 
     let mut namespaces =
         vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"})];
@@ -427,6 +434,22 @@ mod tests {
             cdi_edits: &[],
             seccomp_audit: Default::default(),
         }
+    }
+
+    #[test]
+    fn tmpfs_mounts_carry_size_and_mode() {
+        let t = tempfile::tempdir().unwrap();
+        let mut d = Deployment::new("web", "img");
+        d.tmpfs = vec![
+            skiff_model::Tmpfs { target: "/run".into(), size_bytes: Some(64 << 20), mode: Some(0o755) },
+            skiff_model::Tmpfs { target: "/cache".into(), size_bytes: None, mode: None },
+        ];
+        let s = generate(&input(&d, &ImageConfig::default(), t.path())).unwrap();
+        let mounts = s["mounts"].as_array().unwrap();
+        let at = |dst: &str| mounts.iter().find(|m| m["destination"] == dst).cloned().unwrap();
+        assert_eq!(at("/run")["type"], "tmpfs");
+        assert_eq!(at("/run")["options"], json!(["nosuid", "nodev", "mode=755", format!("size={}", 64 << 20)]));
+        assert_eq!(at("/cache")["options"], json!(["nosuid", "nodev", "mode=1777"]));
     }
 
     #[test]

@@ -323,6 +323,20 @@ fn volumes_read_only_rootfs_and_network_modes() -> R {
     n.ok(&["run", IMAGE, "--name", "vol2", "-v", "cache:/cache", "--", "sleep", "1000"])?;
     n.wait_running("vol2-1")?;
     assert_eq!(n.ok(&["exec", "vol2-1", "--", "cat", "/cache/f"])?, "kept\n");
+    // A tmpfs (compose `tmpfs:`) is writable on a read-only rootfs, with its size and mode.
+    let file = n.write(
+        "tmpfs.yaml",
+        &format!("services:\n  scratch:\n    image: {IMAGE}\n    command: [sleep, \"1000\"]\n    read_only: true\n    tmpfs: [\"/scratch:size=1m,mode=700\"]\n"),
+    )?;
+    n.ok(&["apply", "-f", &file.to_string_lossy()])?;
+    n.wait_running("scratch-1")?;
+    n.ok(&["exec", "scratch-1", "--", "sh", "-c", "echo x > /scratch/f"])?;
+    let mounts = n.ok(&["exec", "scratch-1", "--", "cat", "/proc/mounts"])?;
+    let line = mounts.lines().find(|l| l.split_whitespace().nth(1) == Some("/scratch")).unwrap_or_default();
+    assert!(
+        line.starts_with("tmpfs /scratch tmpfs") && line.contains("size=1024k") && line.contains("mode=700"),
+        "{mounts}"
+    );
 
     n.ok(&["run", IMAGE, "--name", "isolated", "--network", "none", "--", "sleep", "1000"])?;
     n.ok(&["run", IMAGE, "--name", "hostnet", "--network", "host", "--", "sleep", "1000"])?;
