@@ -88,29 +88,13 @@ impl AsFd for NewFlows {
 /// from a dump of the host's connection table (bounded by the kernel's table size, with a
 /// 5 s receive timeout).
 pub fn forwarded_to(to: IpAddr) -> std::io::Result<usize> {
-    use netlink_sys::{Socket, SocketAddr};
-    let mut sock = Socket::new(NETLINK_NETFILTER)?;
-    let timeout = nix::sys::time::TimeVal::new(5, 0);
-    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
-    sock.bind_auto()?;
-    sock.connect(&SocketAddr::new(0, 0))?;
-    let family = match to {
-        IpAddr::V4(_) => libc::AF_INET,
-        IpAddr::V6(_) => libc::AF_INET6,
-    };
-    sock.send(&dump_request(family as u8), 0)?;
     let mut count = 0;
-    // Bounded: the dump ends with NLMSG_DONE; a table of millions of flows is a few
-    // thousand datagrams.
-    for _ in 0..1_000_000 {
-        let (data, _) = sock.recv_from_full()?;
-        match dump_part(&data, to) {
-            DumpPart::More(n) => count += n,
-            DumpPart::Done(n) => return Ok(count + n),
-            DumpPart::Failed(errno) => return Err(std::io::Error::from_raw_os_error(errno)),
+    dump(to, |flow| {
+        if open_forward_to(flow, to) {
+            count += 1;
         }
-    }
-    Err(std::io::Error::other("connection table dump did not end"))
+    })?;
+    Ok(count)
 }
 
 /// Deletes every tracked flow whose destination was rewritten (DNAT) to `to`, of any
@@ -118,54 +102,49 @@ pub fn forwarded_to(to: IpAddr) -> std::io::Result<usize> {
 /// keep its flow, and so its packets, pointed at the address, which the next instance to
 /// lease it then receives. Returns how many were deleted.
 pub fn forget_forwarded_to(to: IpAddr) -> std::io::Result<usize> {
+    let mut tuples = vec![];
+    let sock = dump(to, |flow| tuples.extend(forwarded_tuple(flow, to)))?;
+    let n = tuples.len();
+    for t in tuples {
+        // Gone already (it timed out in between) is fine.
+        let _ = sock.send(&delete_request(family_of(to), &t), 0);
+    }
+    Ok(n)
+}
+
+fn family_of(a: IpAddr) -> u8 {
+    match a {
+        IpAddr::V4(_) => libc::AF_INET as u8,
+        IpAddr::V6(_) => libc::AF_INET6 as u8,
+    }
+}
+
+/// Dumps the host's connection table of `to`'s family, handing each flow's attributes to
+/// `each`; the socket, for requests that follow.
+fn dump(to: IpAddr, mut each: impl FnMut(&[u8])) -> std::io::Result<netlink_sys::Socket> {
     use netlink_sys::{Socket, SocketAddr};
     let mut sock = Socket::new(NETLINK_NETFILTER)?;
     let timeout = nix::sys::time::TimeVal::new(5, 0);
     nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
-    let family = match to {
-        IpAddr::V4(_) => libc::AF_INET,
-        IpAddr::V6(_) => libc::AF_INET6,
-    } as u8;
-    sock.send(&dump_request(family), 0)?;
-    let mut tuples = vec![];
-    'dump: for _ in 0..1_000_000 {
+    sock.send(&dump_request(family_of(to)), 0)?;
+    // Bounded: the dump ends with NLMSG_DONE; a table of millions of flows is a few
+    // thousand datagrams.
+    for _ in 0..1_000_000 {
         let (data, _) = sock.recv_from_full()?;
-        let mut b = &data[..];
-        while b.len() >= 16 {
-            let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
-            if len < 16 || len > b.len() {
-                break;
-            }
-            match u16::from_ne_bytes([b[4], b[5]]) {
-                3 => break 'dump, // NLMSG_DONE
-                CT_NEW if len >= ATTRS_AT => {
-                    if let Some(t) = forwarded_tuple(&b[ATTRS_AT..len], to) {
-                        tuples.push(t);
-                    }
-                }
-                _ => {}
-            }
-            b = &b[((len + 3) & !3).min(b.len())..];
+        match dump_part(&data, &mut each) {
+            DumpPart::More => {}
+            DumpPart::Done => return Ok(sock),
+            DumpPart::Failed(errno) => return Err(std::io::Error::from_raw_os_error(errno)),
         }
     }
-    let n = tuples.len();
-    for t in tuples {
-        // Gone already (it timed out in between) is fine.
-        let _ = sock.send(&delete_request(family, &t), 0);
-    }
-    Ok(n)
+    Err(std::io::Error::other("connection table dump did not end"))
 }
 
 /// The original-direction tuple attribute (as the kernel sent it) of a flow DNAT'd to `to`.
 fn forwarded_tuple(b: &[u8], to: IpAddr) -> Option<Vec<u8>> {
-    let status = find(b, CTA_STATUS).and_then(|s| s.get(..4)).map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))?;
-    let from = find(b, CTA_TUPLE_REPLY)
-        .and_then(|t| find(t, CTA_TUPLE_IP))
-        .and_then(|ips| find(ips, CTA_IP_V4_SRC).or_else(|| find(ips, CTA_IP_V6_SRC)))
-        .and_then(ip)?;
-    if status & IPS_DST_NAT == 0 || from != to {
+    if !forwarded_by_us(b, to) {
         return None;
     }
     let orig = find(b, CTA_TUPLE_ORIG)?;
@@ -207,53 +186,53 @@ fn dump_request(family: u8) -> Vec<u8> {
 }
 
 enum DumpPart {
-    More(usize),
-    Done(usize),
+    More,
+    Done,
     Failed(i32),
 }
 
-/// The open forwarded connections to `to` in one datagram of a dump, and whether the
-/// dump ended there.
-fn dump_part(mut b: &[u8], to: IpAddr) -> DumpPart {
+/// Hands each flow of one datagram of a dump to `each`; whether the dump ended there.
+fn dump_part(mut b: &[u8], each: &mut impl FnMut(&[u8])) -> DumpPart {
     const NLMSG_ERROR: u16 = 2;
     const NLMSG_DONE: u16 = 3;
-    let mut n = 0;
     while b.len() >= 16 {
         let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
         if len < 16 || len > b.len() {
             break;
         }
         match u16::from_ne_bytes([b[4], b[5]]) {
-            NLMSG_DONE => return DumpPart::Done(n),
+            NLMSG_DONE => return DumpPart::Done,
             NLMSG_ERROR => {
                 let code = b.get(16..20).map(|e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]])).unwrap_or(0);
                 if code != 0 {
                     return DumpPart::Failed(-code);
                 }
             }
-            CT_NEW if len >= ATTRS_AT && open_forward_to(&b[ATTRS_AT..len], to) => n += 1,
+            CT_NEW if len >= ATTRS_AT => each(&b[ATTRS_AT..len]),
             _ => {}
         }
         b = &b[((len + 3) & !3).min(b.len())..];
     }
-    DumpPart::More(n)
+    DumpPart::More
 }
 
-/// Whether a dumped flow is an open TCP connection DNAT'd to `to` (its answers come from it).
-fn open_forward_to(b: &[u8], to: IpAddr) -> bool {
+/// Whether a dumped flow's destination was rewritten to `to` (its answers come from it).
+fn forwarded_by_us(b: &[u8], to: IpAddr) -> bool {
     let status = find(b, CTA_STATUS).and_then(|s| s.get(..4)).map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]));
-    if status.is_none_or(|s| s & IPS_DST_NAT == 0) {
-        return false;
-    }
     let from = find(b, CTA_TUPLE_REPLY)
         .and_then(|t| find(t, CTA_TUPLE_IP))
         .and_then(|ips| find(ips, CTA_IP_V4_SRC).or_else(|| find(ips, CTA_IP_V6_SRC)))
         .and_then(ip);
+    status.is_some_and(|s| s & IPS_DST_NAT != 0) && from == Some(to)
+}
+
+/// Whether a dumped flow is an open TCP connection DNAT'd to `to`.
+fn open_forward_to(b: &[u8], to: IpAddr) -> bool {
     let state = find(b, CTA_PROTOINFO)
         .and_then(|p| find(p, CTA_PROTOINFO_TCP))
         .and_then(|t| find(t, CTA_PROTOINFO_TCP_STATE))
         .and_then(|s| s.first().copied());
-    from == Some(to) && state.is_some_and(|s| TCP_OPEN_STATES.contains(&s))
+    forwarded_by_us(b, to) && state.is_some_and(|s| TCP_OPEN_STATES.contains(&s))
 }
 
 /// Netlink attributes: (type without its flags, payload).
@@ -397,15 +376,20 @@ mod tests {
         b.extend(message(CT_NEW, flow([10, 88, 0, 5], 0x8, 3))); // not forwarded by us
         b.extend(message(CT_NEW, flow([10, 88, 0, 6], IPS_DST_NAT, 3))); // another instance
         b.extend(message(CT_NEW, flow([10, 88, 0, 5], IPS_DST_NAT, 5))); // close_wait
-        assert!(matches!(dump_part(&b, to), DumpPart::More(2)));
+        let count = |b: &[u8]| {
+            let mut n = 0;
+            let part = dump_part(b, &mut |f: &[u8]| n += usize::from(open_forward_to(f, to)));
+            (part, n)
+        };
+        assert!(matches!(count(&b), (DumpPart::More, 2)));
         b.extend(message(3, vec![])); // NLMSG_DONE
-        assert!(matches!(dump_part(&b, to), DumpPart::Done(2)));
+        assert!(matches!(count(&b), (DumpPart::Done, 2)));
         let mut err = message(2, vec![]);
         err.truncate(16);
         err.extend_from_slice(&(-libc::EPERM).to_ne_bytes());
         let len = err.len() as u32;
         err[0..4].copy_from_slice(&len.to_ne_bytes());
-        assert!(matches!(dump_part(&err, to), DumpPart::Failed(libc::EPERM)));
+        assert!(matches!(count(&err), (DumpPart::Failed(libc::EPERM), 0)));
         assert_eq!(dump_request(2).len(), ATTRS_AT);
     }
 

@@ -103,6 +103,12 @@ fn fetch(n: &Node, url: &str) -> Result<String> {
     n.ok(&["exec", "idle-1", "--", "sh", "-c", &format!("timeout 5 wget -q -O - {url}; echo status=$?")])
 }
 
+/// What `url` answers, asked from network namespace `ns` (bounded), with wget's exit
+/// status last.
+fn wget_from(ns: &str, url: &str) -> Result<String> {
+    run("ip", &["netns", "exec", ns, "sh", "-c", &format!("timeout 5 busybox wget -q -O - {url}; echo status=$?")])
+}
+
 /// The network namespace of this node's instance `name`.
 fn instance_netns(n: &Node, name: &str) -> Result<String> {
     let id = node_id(n)?;
@@ -156,17 +162,7 @@ fn containers_reach_the_outside_through_nat_with_nftables_and_with_iptables() ->
             let _accepting = ForwardPolicy::set("ACCEPT")?;
             let route = ["-n", &wan.netns, "route", "add", &n.subnet, "via", &wan.host_ip];
             run("ip", &route)?;
-            let knock = run(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &wan.netns,
-                    "sh",
-                    "-c",
-                    &format!("timeout 5 busybox wget -q -O - http://{ip}:8080/i; echo status=$?"),
-                ],
-            );
+            let knock = wget_from(&wan.netns, &format!("http://{ip}:8080/i"));
             let _ = run("ip", &["-n", &wan.netns, "route", "del", &n.subnet]);
             let knock = knock?;
             assert!(
@@ -335,17 +331,7 @@ fn published_ports_are_forwarded_by_the_kernel_and_answer_while_the_agent_is_awa
         };
         assert!(rules.contains(&format!("dport {port}")), "{firewall}: {rules}");
         // From another network, to the host's address there...
-        let from_wan = run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &wan.netns,
-                "sh",
-                "-c",
-                &format!("timeout 5 busybox wget -q -O - http://{}:{port}/i; echo status=$?", wan.host_ip),
-            ],
-        )?;
+        let from_wan = wget_from(&wan.netns, &format!("http://{}:{port}/i", wan.host_ip))?;
         assert!(from_wan.starts_with("web-") && from_wan.contains("status=0"), "{firewall}: from the wan: {from_wan}");
         // ...and from an instance, to the gateway (the answer comes back the way it went).
         for _ in 0..4 {
@@ -627,10 +613,7 @@ impl Segment {
 
     /// What `url` answers, asked from the segment's device.
     fn fetch(&self, url: &str) -> Result<String> {
-        run(
-            "ip",
-            &["netns", "exec", &self.ns, "sh", "-c", &format!("timeout 5 busybox wget -q -O - {url}; echo status=$?")],
-        )
+        wget_from(&self.ns, url)
     }
 }
 
