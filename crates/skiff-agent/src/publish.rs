@@ -120,7 +120,7 @@ impl Agent {
             let ns = self.netns_name(&r.container_id);
             let veth = veth_name(&ns);
             let (Some(ip), true) = (r.ip.as_ref().and_then(|i| i.parse().ok()), has_link(&veth)) else { continue };
-            lan.admit(&veth, Member { ip, networks: r.spec.joined_networks() });
+            lan.insert(&veth, Member { ip, networks: r.spec.joined_networks() });
         }
         lan.write(&self.nat)?;
         if let Ok(mut l) = self.lan.lock() {
@@ -134,8 +134,7 @@ impl Agent {
     pub(crate) fn lan_admit(&self, netns: &str, ip: Ipv4Addr, spec: &Deployment) -> Result<(), AgentError> {
         let Ok(mut guard) = self.lan.lock() else { return Err(AgentError::Other("the network table's lock".into())) };
         let Some(lan) = guard.as_mut() else { return Ok(()) };
-        lan.admit(&veth_name(netns), Member { ip, networks: spec.joined_networks() });
-        Ok(lan.write(&self.nat)?)
+        Ok(lan.admit(&self.nat, &veth_name(netns), Member { ip, networks: spec.joined_networks() })?)
     }
 
     /// Whether the kernel still holds the rules this agent wrote (a restarted nftables
@@ -174,8 +173,7 @@ impl Agent {
     pub(crate) fn lan_forget(&self, netns: &str) {
         let Ok(mut guard) = self.lan.lock() else { return };
         let Some(lan) = guard.as_mut() else { return };
-        lan.forget(&veth_name(netns));
-        if let Err(e) = lan.write(&self.nat) {
+        if let Err(e) = lan.forget(&self.nat, &veth_name(netns)) {
             warn!(error = %e, "rewriting the bridge's network table");
         }
     }

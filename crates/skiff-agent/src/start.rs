@@ -154,11 +154,21 @@ impl Agent {
                 if !attached {
                     self.bridge.attach(ns, ip)?;
                 }
-                self.lan_admit(ns, ip, &r.spec)
+                Ok(())
+            });
+            // The bridge's network table names the veth before it exists: written beside
+            // the namespace, not after it (both are done before runc starts the process).
+            let lan = scope.spawn(|| -> Result<(), AgentError> {
+                match (&ns, ip, &macvlan) {
+                    (Some(ns), Some(ip), None) => self.lan_admit(ns, ip, &r.spec),
+                    _ => Ok(()),
+                }
             });
             let created = self.create_bundle(&*rt, r, ns.as_deref().map(netns_path), ip);
-            let net = net.join().unwrap_or_else(|_| Err(AgentError::Other("network setup panicked".into())));
-            created.and(net)
+            let panicked = |what: &str| AgentError::Other(format!("{what} panicked"));
+            let net = net.join().unwrap_or_else(|_| Err(panicked("network setup")));
+            let lan = lan.join().unwrap_or_else(|_| Err(panicked("the network table's update")));
+            created.and(net).and(lan)
         })?;
         let prepared = t0.elapsed();
         // What a rebuild of agent.db finds this instance by (see `rebuild`): written
