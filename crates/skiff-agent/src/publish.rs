@@ -1,6 +1,7 @@
-//! Step *publish*: each running instance's /etc/hosts names its stack's peers (written
-//! only on a change), and published ports send traffic to the instances the update
-//! planner says serve.
+//! Step *publish*: each running instance's /etc/hosts names the peers that share a
+//! network with it (written only on a change), published ports send traffic to the
+//! instances the update planner says serve, and the bridge's network table
+//! ([`skiff_runtime::isolation`]) follows instances as they start and go.
 //!
 //! Where the node's firewall is ours (`--firewall nft|iptables`, or found by `auto`), the
 //! kernel forwards published IPv4 ports ([`skiff_runtime::ports`]): they keep answering

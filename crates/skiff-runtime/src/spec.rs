@@ -440,6 +440,7 @@ mod tests {
     fn tmpfs_mounts_carry_size_and_mode() {
         let t = tempfile::tempdir().unwrap();
         let mut d = Deployment::new("web", "img");
+        d.command = Some(vec!["true".into()]);
         d.tmpfs = vec![
             skiff_model::Tmpfs { target: "/run".into(), size_bytes: Some(64 << 20), mode: Some(0o755) },
             skiff_model::Tmpfs { target: "/cache".into(), size_bytes: None, mode: None },
