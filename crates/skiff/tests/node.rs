@@ -830,3 +830,27 @@ fn skiff_up_stops_when_its_agent_loop_dies() -> anyhow::Result<()> {
     assert!(log.contains("the agent stopped") && log.contains("is not a bridge"), "{log}");
     Ok(())
 }
+
+#[test]
+fn run_takes_docker_habits_detach_env_files_and_labels() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.up(None)?;
+    let env = n.write("app.env", "# settings\nA=from-file\nB=from-file\n\nC\n")?;
+    let env = env.to_string_lossy().to_string();
+    let args = ["run", IMAGE, "-d", "--name", "envs", "--env-file", &env, "-e", "B=flag", "-l", "team=edge"];
+    n.ok(&[&args[..], &["--", "sleep", "1000"]].concat())?;
+    n.wait_running("envs-1")?;
+    let got = n.ok(&["exec", "envs-1", "--", "sh", "-c", "echo \"$A-$B-${C-unset}\""])?;
+    assert_eq!(
+        got.trim(),
+        "from-file-flag-",
+        "the file first, --env over it; a bare key takes the shell's (unset: empty)"
+    );
+    let deployments = n.ok(&["get", "deployments", "-o", "json"])?;
+    assert!(deployments.contains("\"team\": \"edge\""), "{deployments}");
+    let missing = n.cli(&["run", IMAGE, "--name", "nope", "--env-file", "/nonexistent.env"])?;
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && err.contains("--env-file /nonexistent.env"), "{err}");
+    Ok(())
+}

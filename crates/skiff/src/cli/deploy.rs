@@ -27,23 +27,39 @@ pub struct RunArgs {
     /// node's own addresses (out of bounds by default).
     #[arg(long = "wasm-allow-local")]
     pub wasm_allow_local: bool,
+    /// The deployment's name (default: from the image's name).
     #[arg(long)]
     pub name: Option<String>,
+    /// Accepted for `docker run -d` habits: `skiff run` always returns once the deployment
+    /// is stored, and the node runs it.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
     /// CPU limit in cores (0.5) or millicores (500m).
     #[arg(long)]
     pub cpus: Option<String>,
     /// Memory limit (512m, 1g, 512Mi); swap is limited to the same amount.
     #[arg(short = 'm', long)]
     pub memory: Option<String>,
+    /// Relative CPU weight (1024 is the default).
     #[arg(long)]
     pub cpu_shares: Option<u64>,
+    /// At most this many processes and threads.
     #[arg(long)]
     pub pids_limit: Option<i64>,
     /// no | always | on-failure[:N] | unless-stopped
     #[arg(long, default_value = "no")]
     pub restart: String,
+    /// KEY=VALUE, or KEY to take its value from this shell (repeatable).
     #[arg(short = 'e', long = "env")]
     pub env: Vec<String>,
+    /// A file of KEY=VALUE lines (`#` comments; a bare KEY takes this shell's value),
+    /// read before `--env` (repeatable).
+    #[arg(long = "env-file")]
+    pub env_file: Vec<std::path::PathBuf>,
+    /// A label KEY=VALUE on the deployment (repeatable).
+    #[arg(short = 'l', long = "label")]
+    pub label: Vec<String>,
+    /// [IP:]HOST_PORT:CONTAINER_PORT[/udp], or PORT (repeatable).
     #[arg(short = 'p', long = "publish")]
     pub publish: Vec<String>,
     /// SOURCE:TARGET[:ro]; a SOURCE starting with /, . or ~ is a host path (./data from
@@ -56,16 +72,22 @@ pub struct RunArgs {
     /// share a network.
     #[arg(long)]
     pub network: Vec<String>,
+    /// Mount the image's root filesystem read-only.
     #[arg(long)]
     pub read_only: bool,
+    /// USER[:GROUP], by name (from the image's /etc/passwd) or number.
     #[arg(short = 'u', long)]
     pub user: Option<String>,
+    /// The working directory inside the container.
     #[arg(short = 'w', long)]
     pub workdir: Option<String>,
+    /// Replaces the image's entrypoint (a command line, split as a shell would).
     #[arg(long)]
     pub entrypoint: Option<String>,
+    /// A capability beyond Docker's default set (NET_ADMIN, SYS_TIME, ...), repeatable.
     #[arg(long)]
     pub cap_add: Vec<String>,
+    /// A capability to drop from the default set (or ALL), repeatable.
     #[arg(long)]
     pub cap_drop: Vec<String>,
     /// A host device, HOST[:CONTAINER[:rwm]], or a CDI device, vendor.com/class=NAME
@@ -84,6 +106,7 @@ pub struct RunArgs {
     /// event).
     #[arg(long = "verify-mode", requires = "verify_key", value_parser = ["enforce", "warn"])]
     pub verify_mode: Option<String>,
+    /// How many instances to run.
     #[arg(long, default_value_t = 1)]
     pub replicas: u32,
     /// Node label KEY=VALUE the instances must run on (repeatable).
@@ -92,6 +115,7 @@ pub struct RunArgs {
     /// Seconds between SIGTERM and SIGKILL on stop.
     #[arg(long, default_value_t = 10)]
     pub stop_timeout: u64,
+    /// The command and its arguments, after `--` (default: the image's).
     #[arg(last = true)]
     pub command: Vec<String>,
 }
@@ -195,11 +219,24 @@ pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -
     d.resources.pids_limit = a.pids_limit;
     d.restart = RestartPolicy::parse(&a.restart)
         .with_context(|| format!("--restart: {:?} is not no, always, on-failure[:N] or unless-stopped", a.restart))?;
-    for kv in &a.env {
+    let set_env = |env: &mut std::collections::BTreeMap<String, String>, kv: &str| {
         match kv.split_once('=') {
-            Some((k, v)) => d.env.insert(k.into(), v.into()),
-            None => d.env.insert(kv.clone(), std::env::var(kv).unwrap_or_default()),
+            Some((k, v)) => env.insert(k.into(), v.into()),
+            None => env.insert(kv.to_string(), std::env::var(kv).unwrap_or_default()),
         };
+    };
+    for f in &a.env_file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("--env-file {}", f.display()))?;
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            set_env(&mut d.env, line);
+        }
+    }
+    for kv in &a.env {
+        set_env(&mut d.env, kv);
+    }
+    for kv in &a.label {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        d.labels.insert(k.to_string(), v.to_string());
     }
     for p in &a.publish {
         d.ports.push(PortMapping::parse(p).with_context(|| {
