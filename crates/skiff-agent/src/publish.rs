@@ -14,17 +14,12 @@ use crate::{blocking, Agent, AgentError};
 use skiff_model::{Deployment, InstanceState, NetworkMode, Protocol};
 use skiff_runtime::isolation::{Lan, Member};
 use skiff_runtime::nat::Nat;
-use skiff_runtime::network::veth_name;
+use skiff_runtime::network::{has_link, veth_name};
 use skiff_runtime::ports::PortRule;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use tracing::warn;
-
-/// Whether the host has an interface `name`.
-fn has_link(name: &str) -> bool {
-    std::path::Path::new("/sys/class/net").join(name).exists()
-}
 
 /// Who forwards the published ports.
 #[derive(Default)]
@@ -217,9 +212,10 @@ impl Agent {
         // what they had: for the kernel's rules, those the earlier run wrote.
         let serving = self.serving.lock().ok().and_then(|s| s.clone());
         let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
-        // Each published port with the instances that serve it and the deployment's
+        // Each published port with the instances that serve it, and the deployment's
         // instance names (to report a port that cannot be bound).
-        let mut ports: HashMap<PortKey, (Vec<SocketAddr>, Vec<String>)> = HashMap::new();
+        let mut ports: HashMap<PortKey, Vec<SocketAddr>> = HashMap::new();
+        let mut owners: HashMap<PortKey, Vec<String>> = HashMap::new();
         for r in rows.iter().filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge) {
             let my_ip = r.ip.as_ref().and_then(|i| i.parse().ok());
             if let Ok(h) = self.hosts_for(&r.spec, &r.name, my_ip) {
@@ -237,10 +233,10 @@ impl Agent {
                 let bind_ip: IpAddr =
                     p.host_ip.as_ref().and_then(|i| i.parse().ok()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
                 let key = PortKey { bind: SocketAddr::new(bind_ip, p.host_port), protocol: p.protocol };
-                let entry = ports.entry(key).or_default();
-                entry.1.push(r.name.clone());
+                owners.entry(key.clone()).or_default().push(r.name.clone());
+                let targets = ports.entry(key).or_default();
                 if let (true, Some(ip)) = (serves, my_ip) {
-                    entry.0.push(SocketAddr::new(IpAddr::V4(ip), p.container_port));
+                    targets.push(SocketAddr::new(IpAddr::V4(ip), p.container_port));
                 }
             }
         }
@@ -248,12 +244,9 @@ impl Agent {
             return Ok(());
         }
         let mut failed: Vec<(PortKey, String)> = vec![];
-        let owners: HashMap<PortKey, Vec<String>> = ports.iter().map(|(k, (_, n))| (k.clone(), n.clone())).collect();
         let Ports { proxies, kernel } = &mut *forwarders;
-        let (by_kernel, by_proxy): (HashMap<_, _>, HashMap<_, _>) = ports
-            .into_iter()
-            .map(|(k, (targets, _))| (k, targets))
-            .partition(|(k, _)| kernel.is_some() && k.bind.is_ipv4());
+        let (by_kernel, by_proxy): (HashMap<_, _>, HashMap<_, _>) =
+            ports.into_iter().partition(|(k, _)| kernel.is_some() && k.bind.is_ipv4());
         for (key, targets) in &by_proxy {
             if let Err(e) = proxies.ensure(key.clone(), targets.clone()).await {
                 failed.push((key.clone(), e.to_string()));

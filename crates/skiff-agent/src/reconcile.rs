@@ -164,13 +164,9 @@ impl Agent {
         }
         let ns_prefix = format!("skiff-{}-", self.node_id);
         for ns in list_netns(&ns_prefix) {
+            // Not a row's: never in the network table (built from rows), only its veth to go.
             if !mine.iter().any(|id| self.netns_name(id) == ns) {
-                let (me, ns) = (Arc::clone(self), ns.clone());
-                blocking(move || {
-                    me.lan_forget(&ns);
-                    me.bridge.detach(&ns);
-                })
-                .await;
+                self.bridge.detach(&ns);
             }
         }
         for r in rows.iter().filter(|r| r.state == InstanceState::Running) {

@@ -8,10 +8,10 @@ use crate::state::InstanceRow;
 use crate::{blocking, rebuild, Agent, AgentError};
 use skiff_image::Target;
 use skiff_model::{Deployment, Health, InstanceState, NetworkMode, RuntimeKind, VolumeSource};
-use skiff_runtime::network::{netns_path, veth_name, MacvlanLink};
+use skiff_runtime::network::{has_link, netns_path, veth_name, MacvlanLink};
 use skiff_runtime::{CreateRequest, Liveness, Runtime};
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use tracing::{debug, warn};
 
@@ -149,8 +149,7 @@ impl Agent {
                     }
                     return Ok(());
                 }
-                let attached =
-                    netns_path(ns).exists() && Path::new(&format!("/sys/class/net/{}", veth_name(ns))).exists();
+                let attached = netns_path(ns).exists() && has_link(&veth_name(ns));
                 if !attached {
                     self.bridge.attach(ns, ip)?;
                 }

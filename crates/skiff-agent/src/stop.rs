@@ -104,7 +104,8 @@ impl Agent {
             warn!(instance = %r.name, error = %e, "removing container");
         }
         let (me, ns) = (Arc::clone(self), self.netns_name(&id));
-        let kernel_ports = self.ports.lock().await.kernel.is_some();
+        // Only an instance with published ports can have DNAT'd flows to forget.
+        let kernel_ports = !r.spec.ports.is_empty() && self.ports.lock().await.kernel.is_some();
         let ip = r.ip.as_ref().and_then(|i| i.parse::<IpAddr>().ok());
         blocking(move || {
             me.lan_forget(&ns);

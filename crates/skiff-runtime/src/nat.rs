@@ -192,13 +192,13 @@ impl Nat {
                 run("nft", &["-f", "-"], Some(&self.nft_script()))?;
                 // iptables' own FORWARD chain (docker.io's DROP policy) must accept too.
                 if found("iptables") && iptables_forward_drops() {
-                    ensure_iptables_chain(&self.chain(), "filter", "FORWARD", &[], &self.iptables_forward())?;
+                    ensure_iptables_chain(&self.chain(), "filter", &[("FORWARD", &[])], &self.iptables_forward())?;
                 }
             }
             Firewall::Iptables => {
                 let chain = self.chain();
-                ensure_iptables_chain(&chain, "filter", "FORWARD", &[], &self.iptables_forward())?;
-                ensure_iptables_chain(&chain, "nat", "POSTROUTING", &[], &self.iptables_masquerade())?;
+                ensure_iptables_chain(&chain, "filter", &[("FORWARD", &[])], &self.iptables_forward())?;
+                ensure_iptables_chain(&chain, "nat", &[("POSTROUTING", &[])], &self.iptables_masquerade())?;
             }
         }
         // Last: nothing is forwarded before the rules that guard the bridge are in place.
@@ -225,7 +225,7 @@ impl Nat {
         if found("iptables") {
             let chain = self.chain();
             for (table, from) in [("filter", "FORWARD"), ("nat", "POSTROUTING")] {
-                remove_iptables_chain(&chain, table, from, &[]);
+                remove_iptables_chain(&chain, table, &[(from, &[])]);
             }
         }
     }
@@ -235,34 +235,37 @@ pub(crate) fn strings(rules: &[&[&str]]) -> Vec<Vec<String>> {
     rules.iter().map(|r| r.iter().map(|a| a.to_string()).collect()).collect()
 }
 
-/// Our chain `chain` in `table`, holding `rules`, jumped to first from `from` (for packets
-/// that match `when`).
+/// Our chain `chain` in `table`, holding `rules`, jumped to first from each `(from, when)`
+/// (the base chain, and the match its packets need).
 pub(crate) fn ensure_iptables_chain(
     chain: &str,
     table: &str,
-    from: &str,
-    when: &[&str],
+    jumps: &[(&str, &[&str])],
     rules: &[Vec<String>],
 ) -> Result<(), NetError> {
     let ipt = |args: &[&str]| run("iptables", &[&["-t", table][..], args].concat(), None);
     // The chain's rules replaced in one commit (declaring a chain empties it): a restarted
     // agent leaves no moment in which running instances' traffic meets a half-written chain.
     run("iptables-restore", &["--noflush"], Some(&iptables_restore_script(table, chain, rules)))?;
-    let jump = [&[from], when, &["-j", chain]].concat();
-    if ipt(&[&["-C"][..], &jump].concat()).is_err() {
-        ipt(&[&["-I"][..], &jump].concat())?;
+    for (from, when) in jumps {
+        let jump = [&[*from], *when, &["-j", chain]].concat();
+        if ipt(&[&["-C"][..], &jump].concat()).is_err() {
+            ipt(&[&["-I"][..], &jump].concat())?;
+        }
     }
     Ok(())
 }
 
-/// Removes `chain` from `table` and its jumps from `from` (made with `when`).
-pub(crate) fn remove_iptables_chain(chain: &str, table: &str, from: &str, when: &[&str]) {
+/// Removes `chain` from `table` and its jumps from each `(from, when)`.
+pub(crate) fn remove_iptables_chain(chain: &str, table: &str, jumps: &[(&str, &[&str])]) {
     let ipt = |args: &[&str]| run("iptables", &[&["-t", table][..], args].concat(), None);
-    let jump = [&["-D", from], when, &["-j", chain]].concat();
-    // Bounded: a jump added twice (two agents racing) is deleted twice.
-    for _ in 0..8 {
-        if ipt(&jump).is_err() {
-            break;
+    for (from, when) in jumps {
+        let jump = [&["-D", *from], *when, &["-j", chain]].concat();
+        // Bounded: a jump added twice (two agents racing) is deleted twice.
+        for _ in 0..8 {
+            if ipt(&jump).is_err() {
+                break;
+            }
         }
     }
     let _ = ipt(&["-F", chain]);

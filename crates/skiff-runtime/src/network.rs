@@ -212,6 +212,11 @@ pub fn mac_of(addr: Ipv4Addr) -> String {
     mac_bytes(addr).map(|b| format!("{b:02x}")).join(":")
 }
 
+/// Whether the host has an interface `name` (as its /sys shows the agent's namespace).
+pub fn has_link(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
+
 pub fn netns_path(netns: &str) -> PathBuf {
     PathBuf::from(NETNS_DIR).join(netns)
 }

@@ -68,8 +68,12 @@ impl PortRule {
     }
 }
 
-/// iptables' match for a jump to the nat chain: packets for one of the host's addresses.
-const LOCAL: &[&str] = &["-m", "addrtype", "--dst-type", "LOCAL"];
+/// iptables' jumps to the nat chain: from PREROUTING and OUTPUT, for packets to one of the
+/// host's addresses.
+const NAT_JUMPS: &[(&str, &[&str])] = &[
+    ("PREROUTING", &["-m", "addrtype", "--dst-type", "LOCAL"]),
+    ("OUTPUT", &["-m", "addrtype", "--dst-type", "LOCAL"]),
+];
 
 impl Nat {
     /// nftables' table of the published ports.
@@ -148,10 +152,9 @@ impl Nat {
                     &["-i", br, "-d", "127.0.0.0/8", "-j", "DROP"][..],
                     &["-i", br, "-s", "127.0.0.0/8", "-j", "DROP"],
                 ];
-                ensure_iptables_chain(&chain, "raw", "PREROUTING", &[], &strings(&loopback))?;
-                ensure_iptables_chain(&chain, "filter", "INPUT", &[], &drop)?;
-                ensure_iptables_chain(&chain, "nat", "PREROUTING", LOCAL, &dnat)?;
-                ensure_iptables_chain(&chain, "nat", "OUTPUT", LOCAL, &dnat)?;
+                ensure_iptables_chain(&chain, "raw", &[("PREROUTING", &[])], &strings(&loopback))?;
+                ensure_iptables_chain(&chain, "filter", &[("INPUT", &[])], &drop)?;
+                ensure_iptables_chain(&chain, "nat", NAT_JUMPS, &dnat)?;
             }
         }
         // Last: the drop of loopback-addressed packets from the bridge is in place. Only
@@ -191,10 +194,9 @@ impl Nat {
 
     fn remove_iptables_ports(&self) {
         let chain = self.ports_chain();
-        remove_iptables_chain(&chain, "raw", "PREROUTING", &[]);
-        remove_iptables_chain(&chain, "filter", "INPUT", &[]);
-        remove_iptables_chain(&chain, "nat", "PREROUTING", LOCAL);
-        remove_iptables_chain(&chain, "nat", "OUTPUT", LOCAL);
+        remove_iptables_chain(&chain, "raw", &[("PREROUTING", &[])]);
+        remove_iptables_chain(&chain, "filter", &[("INPUT", &[])]);
+        remove_iptables_chain(&chain, "nat", NAT_JUMPS);
     }
 }
 
