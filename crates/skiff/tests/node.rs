@@ -615,6 +615,10 @@ fn updates_through_kernel_forwarded_ports_fail_no_request() -> R {
 fn updates_fail_no_request(firewall: &'static str) -> R {
     use skiff_testkit::traffic::{report, Traffic};
     require_privileged!();
+    // The two variants one at a time: side by side on 2 cores, each one's rollbacks (a
+    // crash loop's back-off, health checks) ran past the waits below.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut n = Node::new()?;
     n.firewall = firewall;
     // Each proxied connection's fate, for a request that fails.
