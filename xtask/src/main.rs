@@ -45,6 +45,35 @@ fn main() -> Result<()> {
             println!("built a {mib} MiB image with {layers} data layers in {}", dir.display());
             Ok(())
         }
+        ["delta-images", dir, rest @ ..] if rest.is_empty() || rest.len() == 2 => {
+            // Two versions of an image (OCI layouts DIR/v1 and DIR/v2, named
+            // localhost/delta:1 and :2): busybox plus one data layer. Without files, a 50 MiB
+            // file whose second version has a 1 MiB edit in the middle and an appended file;
+            // with OLD NEW, those two files as /usr/local/bin/app.
+            let (old, new, name) = match rest {
+                [old, new] => (std::fs::read(old)?, std::fs::read(new)?, "usr/local/bin/app"),
+                _ => {
+                    let old = skiff_testkit::incompressible(50 << 20, 11);
+                    let mut new = old.clone();
+                    new[25 << 20..26 << 20].copy_from_slice(&skiff_testkit::incompressible(1 << 20, 12));
+                    (old, new, "data/blob")
+                }
+            };
+            let dir = std::path::Path::new(dir);
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)?;
+            }
+            let v1 = skiff_testkit::LayerBuilder::new().file(name, 0o755, &old)?;
+            let mut v2 = skiff_testkit::LayerBuilder::new().file(name, 0o755, &new)?;
+            if rest.is_empty() {
+                v2 = v2.file("data/appended", 0o644, &skiff_testkit::incompressible(64 << 10, 13))?;
+            }
+            skiff_testkit::ImageBuilder::busybox()?.layer(v1.finish()?).write_oci_layout(&dir.join("v1"), "localhost/delta:1")?;
+            skiff_testkit::ImageBuilder::busybox()?.layer(v2.finish()?).write_oci_layout(&dir.join("v2"), "localhost/delta:2")?;
+            println!("built localhost/delta:1 and :2 in {}", dir.display());
+            Ok(())
+        }
+        ["chunk-sizes", old, new] => chunk_sizes(old, new),
         ["fault-proxy", listen_port_file, upstream, cut_after, counter_file] => {
             // A TCP proxy for benchmarks: 127.0.0.1:<port> -> UPSTREAM (host:port), cutting
             // every connection after CUT_AFTER bytes (0 = never). Writes its port to
@@ -136,7 +165,34 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | http-load PORT STOP_FILE MAX_SECS | wasm-programs DIR | wasm-bench SKIFF DIR ITERATIONS COUNTS... | wasm-bench-cli SKIFF DATA ITERATIONS WASM_IMAGE CONTAINER_IMAGE"
+            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | delta-images DIR [OLD NEW] | chunk-sizes OLD NEW | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | http-load PORT STOP_FILE MAX_SECS | wasm-programs DIR | wasm-bench SKIFF DIR ITERATIONS COUNTS... | wasm-bench-cli SKIFF DATA ITERATIONS WASM_IMAGE CONTAINER_IMAGE"
         ),
     }
+}
+
+/// For average chunk sizes from 4 to 64 KiB: how many bytes of NEW are in chunks OLD
+/// lacks, and the size of NEW's chunk list. How `skiff_image::chunks::AVG_SIZE` was chosen.
+fn chunk_sizes(old: &str, new: &str) -> Result<()> {
+    use skiff_image::chunks::{ChunkRef, Chunker, ENTRY_LEN};
+    let (old, new) = (std::fs::read(old)?, std::fs::read(new)?);
+    let cut = |data: &[u8], avg: usize| {
+        let mut chunker = Chunker::with_sizes(avg / 4, avg, avg * 4);
+        let mut out = vec![];
+        let mut sink = |c: &[u8]| -> Result<(), ()> {
+            out.push(ChunkRef::of(c));
+            Ok(())
+        };
+        let _ = chunker.push(data, &mut sink);
+        let _ = chunker.finish(&mut sink);
+        out
+    };
+    println!("{:>8} {:>12} {:>8} {:>10}", "avg", "delta bytes", "% of new", "index");
+    for avg in [4 << 10, 8 << 10, 16 << 10, 32 << 10, 64 << 10] {
+        let have: std::collections::HashSet<[u8; 32]> = cut(&old, avg).iter().map(|c| c.digest).collect();
+        let chunks = cut(&new, avg);
+        let delta: u64 = chunks.iter().filter(|c| !have.contains(&c.digest)).map(|c| u64::from(c.len)).sum();
+        let index = chunks.len() * ENTRY_LEN;
+        println!("{:>7}K {delta:>12} {:>7.1}% {index:>10}", avg >> 10, delta as f64 * 100.0 / new.len().max(1) as f64);
+    }
+    Ok(())
 }

@@ -39,6 +39,8 @@ pub enum ImageError {
     Busy,
     #[error("image {image} ({digest}) is refused by the image policy ({policy}): {reason}")]
     Untrusted { image: String, digest: String, policy: String, reason: String },
+    #[error("bundle {path}: needs {chunks} chunks ({bytes} bytes) that neither it nor this node's images hold: {since}; nothing was loaded", path = path.display())]
+    BundleIncomplete { path: PathBuf, chunks: u64, bytes: u64, since: String },
     #[error("image {reference} is used by {users}; remove those first")]
     InUse { reference: String, users: String },
 }

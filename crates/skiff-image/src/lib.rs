@@ -8,6 +8,8 @@
 //! matched.
 
 pub mod bomb;
+pub mod bundle;
+pub mod chunks;
 pub mod digest;
 pub mod error;
 pub mod gc;

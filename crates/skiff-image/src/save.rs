@@ -47,7 +47,9 @@ impl ImageStore {
                 for l in &info.layers {
                     let name = format!("{}/layer.tar", sha256_hex(&l.diff_id)?);
                     if written.insert(name.clone()) {
-                        self.append_layer(&mut b, &name, &l.digest).ctx("write", &tmp)?;
+                        // A layer rebuilt from chunks is kept as its tar, named by its diff_id.
+                        let blob = if self.has_blob(&l.digest) { &l.digest } else { &l.diff_id };
+                        self.append_layer(&mut b, &name, blob).ctx("write", &tmp)?;
                     }
                     layers.push(name);
                 }

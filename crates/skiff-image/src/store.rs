@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! <root>/blobs/sha256/<hex>     verified blobs: manifests, indexes, configs, layer tars
+//!                               (a layer rebuilt from chunks: its tar, named by its diff_id)
 //! <root>/layers/<diff-id-hex>/  unpacked layers in overlay form (see `unpack`)
+//! <root>/chunks/<diff-id-hex>   each unpacked layer's chunk index (see `chunks`)
 //! <root>/refs.json              reference -> top manifest (or index) digest
 //! <root>/tmp/                   partial work; `partial-*` downloads are kept for a resume,
 //!                               the rest may be deleted at startup
@@ -12,6 +14,7 @@
 //! Registry pulls and loads plug in at `put_blob_*` and `tag`: whatever brings the bytes,
 //! they enter the store only through digest verification.
 
+use crate::chunks::{ChunkIndex, ChunkingReader};
 use crate::digest::{sha256_hex, sha256_of, HashingReader};
 use crate::error::IoContext;
 use crate::wasm::Target;
@@ -326,7 +329,10 @@ impl ImageStore {
         if dst.exists() {
             return Ok(dst);
         }
-        let blob = self.blob_path(&layer.digest)?;
+        // A layer rebuilt from chunks is kept as its uncompressed tar, named by its diff_id.
+        let digest =
+            if !self.has_blob(&layer.digest) && self.has_blob(&layer.diff_id) { &layer.diff_id } else { &layer.digest };
+        let blob = self.blob_path(digest)?;
         let f = fs::File::open(&blob).ctx("open", &blob)?;
         let tmp = self.unpack_to_tmp(layer, BufReader::new(f))?;
         self.place_layer(layer, &tmp)
@@ -351,7 +357,9 @@ impl ImageStore {
                 Box::new(head)
             };
             let cap = crate::bomb::Cap::for_layer(layer.size, &self.root);
-            let mut hashing = HashingReader::new(crate::bomb::Capped::new(decompressed, cap.clone()));
+            // Chunked as it passes, for the layer's chunk index.
+            let mut chunking = ChunkingReader::new(crate::bomb::Capped::new(decompressed, cap.clone()));
+            let mut hashing = HashingReader::new(&mut chunking);
             let unpacked = crate::unpack_layer(&mut hashing, &tmp);
             if let Some(why) = cap.exceeded() {
                 return Err(ImageError::TooLarge { digest: layer.digest.clone(), limit: cap.limit(), why });
@@ -364,6 +372,10 @@ impl ImageStore {
                     expected: layer.diff_id.clone(),
                     actual,
                 });
+            }
+            let index = ChunkIndex { source: layer.digest.clone(), chunks: chunking.finish() };
+            if let Err(e) = self.put_chunk_index(&layer.diff_id, &index) {
+                tracing::warn!(layer = %layer.diff_id, "chunk index not kept (later updates send the whole layer): {e}");
             }
             Ok(())
         })();
@@ -435,7 +447,7 @@ impl ImageStore {
         if let Some(info) = self.cache.lock().ok().and_then(|c| c.as_ref()?.images.get(&key).cloned()) {
             return Ok(info);
         }
-        let info = self.image_for(reference, top, target)?;
+        let info = self.image_for(reference, top, &target.platform())?;
         if let Ok(mut c) = self.cache.lock() {
             if let Some(c) = c.as_mut() {
                 c.images.insert(key, info.clone());
@@ -548,14 +560,22 @@ impl ImageStore {
         self.image_cached(&name, &top, target)
     }
 
-    fn image_for(&self, reference: &str, top: &str, target: Target) -> Result<ImageInfo, ImageError> {
+    /// `inspect` for the entry of a multi-platform image made for `platform` (which need
+    /// not be this machine's: a bundle made here for devices of another kind).
+    pub fn inspect_platform(&self, reference: &str, platform: &Platform) -> Result<ImageInfo, ImageError> {
+        let top = self.top_digest(reference)?;
+        let name = self.names_of(&top)?.into_iter().next().unwrap_or_else(|| reference.to_string());
+        self.image_for(&name, &top, platform)
+    }
+
+    fn image_for(&self, reference: &str, top: &str, want: &Platform) -> Result<ImageInfo, ImageError> {
         let m: Manifest = self.read_json(top)?;
         let (manifest_digest, m) = if m.is_index() {
             // Only the entries that were pulled (or loaded) count: a pull stores the one
             // platform it was asked for.
             let list = m.manifests.unwrap_or_default();
             let stored: Vec<Descriptor> = list.into_iter().filter(|d| self.has_blob(&d.digest)).collect();
-            let d = choose_platform(&stored, &target.platform(), reference)?;
+            let d = choose_platform(&stored, want, reference)?;
             (d.digest.clone(), self.read_json::<Manifest>(&d.digest)?)
         } else {
             (top.to_string(), m)
@@ -564,17 +584,11 @@ impl ImageStore {
             what: manifest_digest.clone(),
             problem: "manifest has no config".into(),
         })?;
-        let wrong_kind = |have: String| ImageError::NoPlatform {
-            reference: reference.to_string(),
-            want: target.platform().to_string(),
-            have,
-        };
+        let wrong_kind =
+            |have: String| ImageError::NoPlatform { reference: reference.to_string(), want: want.to_string(), have };
         if crate::wasm::is_artifact(&m) {
             let info = self.artifact_for(reference, manifest_digest, config_desc, m)?;
-            return match target {
-                Target::Wasm => Ok(info),
-                Target::Host => Err(wrong_kind(info.platform)),
-            };
+            return if want.is_wasm() { Ok(info) } else { Err(wrong_kind(info.platform)) };
         }
         let layers = m.layers.unwrap_or_default();
         let cfg: ConfigFile = self.read_json(&config_desc.digest)?;
@@ -603,7 +617,7 @@ impl ImageStore {
         let platform = Platform { architecture: cfg.architecture, os: cfg.os, variant: cfg.variant };
         // A single manifest is what it is: a wasi/wasm image runs no container, a container
         // image no WebAssembly program.
-        if platform.is_wasm() != (target == Target::Wasm) {
+        if platform.is_wasm() != want.is_wasm() {
             return Err(wrong_kind(platform.to_string()));
         }
         Ok(ImageInfo {
@@ -740,8 +754,12 @@ impl ImageStore {
                 }
             }
         }
-        let keep_blob_hex: BTreeSet<String> =
-            keep_blobs.iter().map(|d| d.trim_start_matches("sha256:").to_string()).collect();
+        // A layer rebuilt from chunks keeps its uncompressed tar, named by its diff_id.
+        let keep_blob_hex: BTreeSet<String> = keep_blobs
+            .iter()
+            .map(|d| d.trim_start_matches("sha256:").to_string())
+            .chain(keep_layers.iter().cloned())
+            .collect();
         let mut freed = 0;
         let blobs = self.root.join("blobs/sha256");
         for e in fs::read_dir(&blobs).ctx("read", &blobs)?.flatten() {
@@ -764,6 +782,13 @@ impl ImageStore {
             let name = e.file_name().to_string_lossy().into_owned();
             if !keep_layers.contains(&name) {
                 fs::remove_dir_all(e.path()).ctx("remove", e.path())?;
+            }
+        }
+        // Chunk indexes go with their layers.
+        let chunks = self.root.join("chunks");
+        for e in fs::read_dir(&chunks).into_iter().flatten().flatten() {
+            if !keep_layers.contains(&*e.file_name().to_string_lossy()) {
+                fs::remove_file(e.path()).ctx("remove", e.path())?;
             }
         }
         Ok(freed)

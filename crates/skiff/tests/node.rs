@@ -858,3 +858,57 @@ fn run_takes_docker_habits_detach_env_files_and_labels() -> R {
     assert!(!missing.status.success() && err.contains("--env-file /nonexistent.env"), "{err}");
     Ok(())
 }
+
+/// `skiff bundle`: a node without a registry gets v2 of an app as a file holding only what
+/// v1 lacks, runs it under runc, and a node without v1 refuses the file and stores nothing.
+#[test]
+fn a_delta_bundle_updates_a_node_that_holds_the_old_image() -> R {
+    require_privileged!();
+    use sha2::Digest as _;
+    let (v1, v2) = ("localhost/bundled:1", "localhost/bundled:2");
+    let old = skiff_testkit::incompressible(4 << 20, 21);
+    let mut new = old.clone();
+    new[2 << 20..(2 << 20) + (128 << 10)].copy_from_slice(&skiff_testkit::incompressible(128 << 10, 22));
+    let image = |data: &[u8], extra: bool| -> anyhow::Result<skiff_testkit::ImageBuilder> {
+        let mut l = skiff_testkit::LayerBuilder::new().file("data/blob", 0o644, data)?;
+        if extra {
+            l = l.file("data/added", 0o644, b"appended\n")?;
+        }
+        Ok(skiff_testkit::ImageBuilder::busybox()?.layer(l.finish()?))
+    };
+    let build = Node::bare()?;
+    build.load(&image(&old, false)?, v1)?;
+    build.load(&image(&new, true)?, v2)?;
+    let file = build.data().join("app-2.bundle");
+    let f = file.to_str().unwrap_or_default();
+    let said = build.ok(&["bundle", "create", v2, "--since", v1, "-o", f])?;
+    assert!(said.contains("wrote") && said.contains(v2), "{said}");
+    let size = std::fs::metadata(&file)?.len();
+    assert!(size < 1 << 20, "a {size}-byte bundle for a 128 KiB edit of a 4 MiB file");
+    let shown = build.ok(&["bundle", "inspect", f])?;
+    assert!(shown.contains(&format!("since:     {v1}")), "{shown}");
+    let json: serde_json::Value = serde_json::from_str(&build.ok(&["bundle", "inspect", f, "-o", "json"])?)?;
+    assert_eq!(json["since"]["reference"], v1);
+
+    let mut n = Node::bare()?;
+    n.load(&image(&old, false)?, v1)?;
+    let said = n.ok(&["bundle", "load", f])?;
+    assert!(said.contains(&format!("Loaded image: {v2}")) && said.contains("1 layers rebuilt"), "{said}");
+    n.up(None)?;
+    n.ok(&["run", v2, "--name", "app", "--", "sleep", "1000"])?;
+    n.wait_running("app-1")?;
+    let got = n.ok(&["exec", "app-1", "--", "sh", "-c", "sha256sum /data/blob; cat /data/added"])?;
+    assert_eq!(got, format!("{}  /data/blob\nappended\n", hex::encode(sha2::Sha256::digest(&new))));
+
+    let fresh = Node::bare()?;
+    let out = fresh.cli(&["bundle", "load", f])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&format!("--since {v1}")) && err.contains("nothing was loaded"),
+        "{err}"
+    );
+    assert_eq!(fresh.ok(&["image", "ls", "-o", "json"])?.trim(), "[]");
+    let bad = fresh.cli(&["bundle", "create", v2, "-o", "/tmp/x.bundle", "--platform", "linux"])?;
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not a platform"));
+    Ok(())
+}

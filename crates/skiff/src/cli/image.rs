@@ -97,6 +97,87 @@ pub enum ImageCmd {
     },
 }
 
+#[derive(Subcommand)]
+pub enum BundleCmd {
+    /// Write IMAGE to a bundle file: the manifest, config and the chunks of its layers,
+    /// less every chunk the layers of --since hold.
+    Create {
+        image: String,
+        /// An older image the receiving nodes hold: its chunks are left out.
+        #[arg(long)]
+        since: Option<String>,
+        /// os/arch[/variant] of a multi-platform image (default: this machine's).
+        #[arg(long)]
+        platform: Option<String>,
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
+    /// Rebuild and store the image in a bundle (every layer checked against its diff_id).
+    Load { file: PathBuf },
+    /// Show what a bundle holds.
+    Inspect {
+        file: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+}
+
+pub(super) fn bundle(data: &Path, cmd: &BundleCmd) -> Result<i32> {
+    use skiff_model::format_bytes;
+    match cmd {
+        BundleCmd::Create { image, since, platform, output } => {
+            let platform = platform.as_deref().map(skiff_image::registry::parse_platform).transpose()?;
+            let store = skiff_image::ImageStore::open(data.join("images"))?;
+            eprintln!("bundling {image}{} ...", since.as_ref().map(|s| format!(" --since {s}")).unwrap_or_default());
+            let h = store.bundle_create(image, since.as_deref(), platform.as_ref(), output)?;
+            outln!(
+                "wrote {}: {} ({}), {} of {} in {} chunks ({} compressed)",
+                output.display(),
+                h.reference,
+                h.platform,
+                format_bytes(h.carried_bytes),
+                format_bytes(h.tar_bytes()),
+                h.carried_chunks,
+                format_bytes(h.carried_compressed),
+            );
+        }
+        BundleCmd::Load { file } => {
+            let store = skiff_image::ImageStore::open(data.join("images"))?;
+            eprintln!("loading bundle {} ...", file.display());
+            let l = store.bundle_load(file)?;
+            outln!(
+                "Loaded image: {} ({} layers rebuilt: {} from the bundle, {} reused from this node; {} already here)",
+                l.reference,
+                l.layers_rebuilt,
+                format_bytes(l.bytes_from_bundle),
+                format_bytes(l.bytes_reused),
+                l.layers_present,
+            );
+        }
+        BundleCmd::Inspect { file, output: f } => {
+            let (h, size) = skiff_image::bundle::inspect(file)?;
+            if *f != Format::Table {
+                return output::structured(&h, *f).map(|()| 0);
+            }
+            outln!("image:     {} ({})", h.reference, h.platform);
+            outln!("manifest:  {}", h.manifest);
+            match &h.since {
+                Some(s) => outln!("since:     {} ({})", s.reference, s.manifest),
+                None => outln!("since:     - (a complete image)"),
+            }
+            outln!("layers:    {} ({} uncompressed)", h.layers.len(), format_bytes(h.tar_bytes()));
+            outln!(
+                "carries:   {} chunks, {} ({} compressed); file {}",
+                h.carried_chunks,
+                format_bytes(h.carried_bytes),
+                format_bytes(h.carried_compressed),
+                format_bytes(size)
+            );
+        }
+    }
+    Ok(0)
+}
+
 /// Pull settings for the CLI: the registries config (`--registries`, else the default
 /// path when it exists) and progress on stderr.
 pub fn pull_options(cli: &Cli) -> Result<skiff_image::registry::PullOptions> {

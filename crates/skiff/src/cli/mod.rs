@@ -112,6 +112,10 @@ pub enum Cmd {
     /// Manage the local image store.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Images in one file for nodes without a registry: whole, or only what an older
+    /// image lacks (`--since`).
+    #[command(subcommand)]
+    Bundle(image::BundleCmd),
     /// Run the hub: the control plane for many nodes, over TLS with its own CA.
     Hub(crate::hub::HubArgs),
     /// Run this machine as a node of a hub (joins on first start with --token).
@@ -225,6 +229,7 @@ async fn run(cli: Cli) -> Result<i32> {
             image::pull(cli, cmd).await
         }
         Cmd::Image(cmd) => image::image(&cli.data, cmd),
+        Cmd::Bundle(cmd) => image::bundle(&cli.data, cmd),
         Cmd::Shim { .. } => Ok(0),
     }
 }

@@ -1,0 +1,526 @@
+//! Delta bundles: an image in one file for a node with no link to a registry (the
+//! `docker save` on a USB stick), carrying only the chunks an older image lacks.
+//!
+//! A bundle is a tar:
+//!
+//! ```text
+//! skiff-bundle.json          Header: what the bundle holds and what it was made --since
+//! blobs/sha256/<hex>         the top manifest (or index), the platform's manifest, config
+//! signatures.json            the signatures kept for the top digest (when there are any)
+//! layers/<diff-id-hex>       each layer's chunk list (chunks::encode_list)
+//! carried                    the chunk list of the chunks in `chunks.gz`, in order
+//! chunks.gz                  those chunks, concatenated, gzip-compressed
+//! ```
+//!
+//! Loading rebuilds each layer's exact tar from the carried chunks and the chunks of layers
+//! the node holds, and unpacks it only if it hashes to the diff_id the config names; the
+//! manifest and config enter the store by their digests. What the bundle's header says is
+//! only believed where those digests vouch for it. A bundle that needs chunks the node
+//! lacks is refused before anything is written, naming the image it was made against.
+
+use crate::chunks::{self, ChunkRef, Pool};
+use crate::digest::{sha256_hex, sha256_of};
+use crate::error::IoContext;
+use crate::store::{LayerRef, Manifest, Platform};
+use crate::trust::StoredSignature;
+use crate::{ImageError, ImageStore};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+
+pub const FORMAT: u32 = 1;
+type Entry<'a> = tar::Entry<'a, BufReader<fs::File>>;
+const HEADER: &str = "skiff-bundle.json";
+const CARRIED: &str = "carried";
+const CHUNKS: &str = "chunks.gz";
+/// Bounds on what a bundle's metadata may make us hold in memory.
+const MAX_JSON: u64 = 16 << 20;
+const MAX_LIST: u64 = 256 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Header {
+    pub format: u32,
+    /// The name the image is stored under when loaded.
+    pub reference: String,
+    /// The manifest or index `reference` points at.
+    pub top: String,
+    /// The manifest of `platform` (`top` itself for a single-platform image).
+    pub manifest: String,
+    pub config: String,
+    pub platform: String,
+    /// The image whose chunks were left out; `None` for a complete image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Since>,
+    pub layers: Vec<BundleLayer>,
+    /// min, average and max chunk size the chunk lists were cut with.
+    pub chunk_sizes: [u32; 3],
+    /// The chunks in `chunks.gz`.
+    pub carried_chunks: u64,
+    /// Their bytes before and after compression.
+    pub carried_bytes: u64,
+    pub carried_compressed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Since {
+    pub reference: String,
+    pub manifest: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BundleLayer {
+    pub digest: String,
+    pub diff_id: String,
+    /// The layer blob's size (as the manifest says).
+    pub size: u64,
+    /// The uncompressed tar's size, and how many chunks it is cut into.
+    pub tar_size: u64,
+    pub chunks: u64,
+}
+
+impl Header {
+    pub fn tar_bytes(&self) -> u64 {
+        self.layers.iter().map(|l| l.tar_size).sum()
+    }
+}
+
+/// What a load did.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Loaded {
+    pub reference: String,
+    pub manifest: String,
+    pub layers_rebuilt: usize,
+    pub layers_present: usize,
+    /// Uncompressed bytes taken from the bundle, and from layers the node held.
+    pub bytes_from_bundle: u64,
+    pub bytes_reused: u64,
+}
+
+fn sizes() -> [u32; 3] {
+    [chunks::MIN_SIZE as u32, chunks::AVG_SIZE as u32, chunks::MAX_SIZE as u32]
+}
+
+fn damaged(path: &Path, problem: impl Into<String>) -> ImageError {
+    ImageError::Malformed { what: format!("bundle {}", path.display()), problem: problem.into() }
+}
+
+fn add_entry<W: Write>(b: &mut tar::Builder<W>, name: &str, size: u64, data: impl Read) -> std::io::Result<()> {
+    let mut h = tar::Header::new_ustar();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, name, data)
+}
+
+/// Copies `r` to `w` as it is read.
+struct Tee<R, W> {
+    r: R,
+    w: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.r.read(buf)?;
+        self.w.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+impl ImageStore {
+    /// Writes a bundle of `reference` (for `platform`, else this machine's) to `out`,
+    /// leaving out every chunk the layers of `since` hold.
+    pub fn bundle_create(
+        &self,
+        reference: &str,
+        since: Option<&str>,
+        platform: Option<&Platform>,
+        out: &Path,
+    ) -> Result<Header, ImageError> {
+        let _lease = self.lease()?;
+        let want = platform.cloned().unwrap_or_else(crate::store::host_platform);
+        let info = self.inspect_platform(reference, &want)?;
+        if info.wasm.is_some() {
+            return Err(ImageError::UnsupportedMediaType(format!(
+                "{reference} is a WebAssembly artifact; bundles carry container images (write it with `skiff image save`)"
+            )));
+        }
+        let top = self.top_digest(reference)?;
+        let mut old = HashSet::new();
+        let since = match since {
+            Some(s) => {
+                let o = self.inspect_platform(s, &want)?;
+                for l in &o.layers {
+                    old.extend(self.chunk_index(l)?.chunks.iter().map(|c| c.digest));
+                }
+                Some(Since { reference: o.reference, manifest: o.manifest_digest })
+            }
+            None => None,
+        };
+        let mut lists = vec![];
+        let mut carried: Vec<ChunkRef> = vec![];
+        let mut taken = HashSet::new();
+        for l in &info.layers {
+            let index = self.chunk_index(l)?;
+            for c in &index.chunks {
+                if !old.contains(&c.digest) && taken.insert(c.digest) {
+                    carried.push(*c);
+                }
+            }
+            lists.push(index.chunks);
+        }
+        let tmp = self.tmp_dir("bundle")?;
+        let res = (|| {
+            let gz_path = tmp.join(CHUNKS);
+            self.write_chunks(&info.layers, &lists, &taken, &gz_path)?;
+            let header = Header {
+                format: FORMAT,
+                reference: info.reference.clone(),
+                top: top.clone(),
+                manifest: info.manifest_digest.clone(),
+                config: info.config_digest.clone(),
+                platform: info.platform.clone(),
+                since,
+                layers: info
+                    .layers
+                    .iter()
+                    .zip(&lists)
+                    .map(|(l, c)| BundleLayer {
+                        digest: l.digest.clone(),
+                        diff_id: l.diff_id.clone(),
+                        size: l.size,
+                        tar_size: c.iter().map(|c| u64::from(c.len)).sum(),
+                        chunks: c.len() as u64,
+                    })
+                    .collect(),
+                chunk_sizes: sizes(),
+                carried_chunks: carried.len() as u64,
+                carried_bytes: carried.iter().map(|c| u64::from(c.len)).sum(),
+                carried_compressed: fs::metadata(&gz_path).ctx("stat", &gz_path)?.len(),
+            };
+            let partial = tmp.join("bundle.tar");
+            let file = fs::File::create(&partial).ctx("create", &partial)?;
+            let mut b = tar::Builder::new(BufWriter::new(file));
+            let json = serde_json::to_vec_pretty(&header)
+                .map_err(|e| ImageError::Malformed { what: "bundle header".into(), problem: e.to_string() })?;
+            add_entry(&mut b, HEADER, json.len() as u64, &json[..]).ctx("write", &partial)?;
+            let mut blobs = vec![top.clone(), info.manifest_digest.clone(), info.config_digest.clone()];
+            blobs.dedup();
+            for d in &blobs {
+                let bytes = self.read_blob(d)?;
+                let name = format!("blobs/sha256/{}", sha256_hex(d)?);
+                add_entry(&mut b, &name, bytes.len() as u64, &bytes[..]).ctx("write", &partial)?;
+            }
+            let sigs = self.signatures(&top)?;
+            if !sigs.is_empty() {
+                let bytes = serde_json::to_vec(&sigs)
+                    .map_err(|e| ImageError::Malformed { what: "signatures".into(), problem: e.to_string() })?;
+                add_entry(&mut b, "signatures.json", bytes.len() as u64, &bytes[..]).ctx("write", &partial)?;
+            }
+            for (l, c) in info.layers.iter().zip(&lists) {
+                let bytes = chunks::encode_list(c);
+                let name = format!("layers/{}", sha256_hex(&l.diff_id)?);
+                add_entry(&mut b, &name, bytes.len() as u64, &bytes[..]).ctx("write", &partial)?;
+            }
+            let bytes = chunks::encode_list(&carried);
+            add_entry(&mut b, CARRIED, bytes.len() as u64, &bytes[..]).ctx("write", &partial)?;
+            let gz = fs::File::open(&gz_path).ctx("open", &gz_path)?;
+            add_entry(&mut b, CHUNKS, header.carried_compressed, BufReader::new(gz)).ctx("write", &partial)?;
+            let w = b.into_inner().ctx("write", &partial)?;
+            w.into_inner()
+                .map_err(|e| ImageError::Io { op: "write", path: partial.clone(), source: e.into_error() })?
+                .sync_all()
+                .ctx("sync", &partial)?;
+            // Renamed when whole; across filesystems, copied beside `out` first.
+            if fs::rename(&partial, out).is_err() {
+                let beside = out.with_extension("partial");
+                fs::copy(&partial, &beside).ctx("write", &beside)?;
+                fs::rename(&beside, out).ctx("rename", out)?;
+            }
+            Ok(header)
+        })();
+        let _ = fs::remove_dir_all(&tmp);
+        res
+    }
+
+    /// Writes the chunks of `layers` that are in `wanted` (each once, in stream order)
+    /// into a gzip file, reading each layer that has one once.
+    fn write_chunks(
+        &self,
+        layers: &[LayerRef],
+        lists: &[Vec<ChunkRef>],
+        wanted: &HashSet<[u8; 32]>,
+        path: &Path,
+    ) -> Result<(), ImageError> {
+        let file = fs::File::create(path).ctx("create", path)?;
+        let mut gz = flate2::write::GzEncoder::new(BufWriter::new(file), flate2::Compression::default());
+        let mut written = HashSet::new();
+        let mut buf = vec![0u8; chunks::MAX_SIZE];
+        for (l, list) in layers.iter().zip(lists) {
+            if !list.iter().any(|c| wanted.contains(&c.digest) && !written.contains(&c.digest)) {
+                continue;
+            }
+            let index = self.chunk_index(l)?;
+            let source = if self.has_blob(&l.diff_id) { l.diff_id.clone() } else { index.source.clone() };
+            let mut r = self.open_layer_stream(&source)?;
+            let blob = self.blob_path(&source)?;
+            for c in list {
+                let chunk = &mut buf[..c.len as usize];
+                r.read_exact(chunk).ctx("read", &blob)?;
+                if wanted.contains(&c.digest) && written.insert(c.digest) {
+                    if ChunkRef::of(chunk).digest != c.digest {
+                        return Err(ImageError::Malformed {
+                            what: format!("layer {}", l.diff_id),
+                            problem: "a chunk read back from the store does not match its index (the store is damaged)"
+                                .into(),
+                        });
+                    }
+                    gz.write_all(chunk).ctx("write", path)?;
+                }
+            }
+        }
+        gz.finish().ctx("write", path)?.into_inner().map_err(|e| e.into_error()).ctx("write", path)?;
+        Ok(())
+    }
+
+    /// Loads a bundle: checks that every chunk it needs is in it or in a layer this node
+    /// holds, rebuilds and verifies each layer, then stores and tags the image.
+    pub fn bundle_load(&self, path: &Path) -> Result<Loaded, ImageError> {
+        let _lease = self.lease()?;
+        let file = fs::File::open(path).ctx("open", path)?;
+        let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
+        let mut entries = archive.entries().ctx("read", path)?;
+        let mut next = || -> Result<Option<(String, Entry<'_>)>, ImageError> {
+            match entries.next() {
+                None => Ok(None),
+                Some(e) => {
+                    let e = e.ctx("read", path)?;
+                    let name = e.path().ctx("read", path)?.to_string_lossy().into_owned();
+                    Ok(Some((name, e)))
+                }
+            }
+        };
+        let read_small = |name: &str, e: &mut Entry<'_>, limit: u64| {
+            if e.size() > limit {
+                return Err(damaged(path, format!("{name} is {} bytes (at most {limit})", e.size())));
+            }
+            let mut v = Vec::with_capacity(e.size() as usize);
+            e.read_to_end(&mut v).ctx("read", path)?;
+            Ok(v)
+        };
+        let first = next().map_err(|e| damaged(path, format!("not a skiff bundle (not a tar archive: {e})")))?;
+        let header: Header = match first {
+            Some((name, mut e)) if name == HEADER => {
+                let bytes = read_small(&name, &mut e, MAX_JSON)?;
+                let v: serde_json::Value =
+                    serde_json::from_slice(&bytes).map_err(|e| damaged(path, format!("{HEADER}: {e}")))?;
+                let format = v.get("format").and_then(|f| f.as_u64()).unwrap_or(0);
+                if format != u64::from(FORMAT) {
+                    return Err(damaged(path, format!("bundle format {format}; this skiff reads format {FORMAT}")));
+                }
+                serde_json::from_value(v).map_err(|e| damaged(path, format!("{HEADER}: {e}")))?
+            }
+            _ => return Err(damaged(path, format!("not a skiff bundle (its first entry is not {HEADER})"))),
+        };
+        if header.chunk_sizes != sizes() {
+            return Err(damaged(
+                path,
+                format!("made with chunk sizes {:?}; this skiff cuts {:?}", header.chunk_sizes, sizes()),
+            ));
+        }
+        let mut blobs = BTreeMap::new();
+        let mut sigs: Vec<StoredSignature> = vec![];
+        let mut lists = BTreeMap::new();
+        let mut carried = None;
+        let mut gz_entry = None;
+        while let Some((name, mut e)) = next()? {
+            if let Some(hex) = name.strip_prefix("blobs/sha256/") {
+                let bytes = read_small(&name, &mut e, MAX_JSON)?;
+                let digest = format!("sha256:{hex}");
+                sha256_hex(&digest).map_err(|_| damaged(path, format!("{name}: not a digest")))?;
+                if sha256_of(&bytes) != hex {
+                    return Err(damaged(path, format!("{name} does not match its digest")));
+                }
+                blobs.insert(digest, bytes);
+            } else if name == "signatures.json" {
+                let bytes = read_small(&name, &mut e, MAX_JSON)?;
+                sigs = serde_json::from_slice(&bytes).map_err(|e| damaged(path, format!("{name}: {e}")))?;
+            } else if let Some(hex) = name.strip_prefix("layers/") {
+                let bytes = read_small(&name, &mut e, MAX_LIST)?;
+                lists.insert(format!("sha256:{hex}"), chunks::decode_list(&bytes, &name)?);
+            } else if name == CARRIED {
+                let bytes = read_small(&name, &mut e, MAX_LIST)?;
+                carried = Some(chunks::decode_list(&bytes, &name)?);
+            } else if name == CHUNKS {
+                gz_entry = Some(e);
+                break;
+            } else {
+                return Err(damaged(path, format!("unexpected entry {name}")));
+            }
+        }
+        let (Some(carried), Some(gz_entry)) = (carried, gz_entry) else {
+            return Err(damaged(path, format!("truncated: no {CARRIED} or {CHUNKS}")));
+        };
+        let layers = self.check_bundle_image(path, &header, &blobs)?;
+        let list_of = |l: &LayerRef| {
+            lists.get(&l.diff_id).ok_or_else(|| damaged(path, format!("no chunk list for layer {}", l.diff_id)))
+        };
+        // What must be rebuilt, and where each chunk comes from: all of it is known
+        // before anything is written.
+        let todo: Vec<&LayerRef> =
+            layers.iter().filter(|l| !self.layer_dir(&l.diff_id).is_ok_and(|d| d.exists())).collect();
+        let in_bundle: HashSet<[u8; 32]> = carried.iter().map(|c| c.digest).collect();
+        let mut local = HashSet::new();
+        for l in &todo {
+            local.extend(list_of(l)?.iter().filter(|c| !in_bundle.contains(&c.digest)).map(|c| c.digest));
+        }
+        let found = self.find_chunks(&local)?;
+        if found.len() < local.len() {
+            let missing: Vec<&ChunkRef> = todo
+                .iter()
+                .flat_map(|l| list_of(l).into_iter().flatten())
+                .filter(|c| local.contains(&c.digest) && !found.contains_key(&c.digest))
+                .collect::<Vec<_>>();
+            let mut seen = HashSet::new();
+            let (n, bytes) = missing
+                .iter()
+                .filter(|c| seen.insert(c.digest))
+                .fold((0u64, 0u64), |(n, b), c| (n + 1, b + u64::from(c.len)));
+            return Err(ImageError::BundleIncomplete {
+                path: path.to_path_buf(),
+                chunks: n,
+                bytes,
+                since: match &header.since {
+                    Some(s) => {
+                        format!("it was made --since {} ({}); load or pull that image first", s.reference, s.manifest)
+                    }
+                    None => "it claims to be complete, so it is damaged".into(),
+                },
+            });
+        }
+        let tmp = self.tmp_dir("bundle-load")?;
+        let res = (|| {
+            let mut pool = Pool::create(tmp.join("pool"))?;
+            let mut gz = flate2::read::MultiGzDecoder::new(BufReader::with_capacity(256 << 10, gz_entry));
+            let mut buf = vec![0u8; chunks::MAX_SIZE];
+            for (i, c) in carried.iter().enumerate() {
+                let chunk = &mut buf[..c.len as usize];
+                gz.read_exact(chunk)
+                    .map_err(|e| damaged(path, format!("{CHUNKS}: chunk {} of {}: {e}", i + 1, carried.len())))?;
+                if ChunkRef::of(chunk).digest != c.digest {
+                    return Err(damaged(
+                        path,
+                        format!("chunk {} of {} ({}) does not match its digest", i + 1, carried.len(), c.name()),
+                    ));
+                }
+                pool.put(c.digest, chunk)?;
+            }
+            self.gather_chunks(&found, &mut pool)?;
+            let mut loaded = Loaded {
+                reference: header.reference.clone(),
+                manifest: header.manifest.clone(),
+                layers_rebuilt: 0,
+                layers_present: layers.len() - todo.len(),
+                bytes_from_bundle: 0,
+                bytes_reused: 0,
+            };
+            for l in &todo {
+                let list = list_of(l)?;
+                for c in list.iter() {
+                    if in_bundle.contains(&c.digest) {
+                        loaded.bytes_from_bundle += u64::from(c.len);
+                    } else {
+                        loaded.bytes_reused += u64::from(c.len);
+                    }
+                }
+                // The tar is kept (by its diff_id) as the source of later deltas.
+                let tar_path = tmp.join("layer.tar");
+                let tar = fs::File::create(&tar_path).ctx("create", &tar_path)?;
+                let mut w = BufWriter::new(tar);
+                let unpacked = self.unpack_to_tmp(l, Tee { r: pool.reader(list), w: &mut w })?;
+                let tar = w.into_inner().map_err(|e| e.into_error()).ctx("write", &tar_path);
+                if let Err(e) = tar.and_then(|f| f.sync_all().ctx("sync", &tar_path)) {
+                    let _ = fs::remove_dir_all(&unpacked);
+                    return Err(e);
+                }
+                crate::store::durable_rename(&tar_path, &self.blob_path(&l.diff_id)?)?;
+                self.place_layer(l, &unpacked)?;
+                loaded.layers_rebuilt += 1;
+            }
+            for (digest, bytes) in &blobs {
+                self.put_blob_bytes(bytes, Some(digest))?;
+            }
+            if !sigs.is_empty() {
+                self.put_signatures(&header.top, &sigs)?;
+            }
+            self.tag(&header.reference, &header.top)?;
+            Ok(loaded)
+        })();
+        let _ = fs::remove_dir_all(&tmp);
+        res
+    }
+
+    /// The layers of the bundle's image, from its manifest and config (which the digests
+    /// vouch for), checked against what the header says.
+    fn check_bundle_image(
+        &self,
+        path: &Path,
+        header: &Header,
+        blobs: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<Vec<LayerRef>, ImageError> {
+        let blob = |d: &str| blobs.get(d).ok_or_else(|| damaged(path, format!("blob {d} is missing")));
+        crate::registry::RemoteRef::parse(&header.reference)
+            .map_err(|e| damaged(path, format!("reference {:?}: {e}", header.reference)))?;
+        let json = |d: &str| -> Result<serde_json::Value, ImageError> {
+            serde_json::from_slice(blob(d)?).map_err(|e| damaged(path, format!("blob {d}: {e}")))
+        };
+        let top: Manifest = serde_json::from_value(json(&header.top)?)
+            .map_err(|e| damaged(path, format!("blob {}: {e}", header.top)))?;
+        if header.top != header.manifest && !top.manifests.iter().flatten().any(|d| d.digest == header.manifest) {
+            return Err(damaged(path, format!("{} does not list manifest {}", header.top, header.manifest)));
+        }
+        let m: Manifest = serde_json::from_value(json(&header.manifest)?)
+            .map_err(|e| damaged(path, format!("blob {}: {e}", header.manifest)))?;
+        if m.config.as_ref().map(|c| c.digest.as_str()) != Some(header.config.as_str()) {
+            return Err(damaged(path, format!("manifest {} does not name config {}", header.manifest, header.config)));
+        }
+        let cfg = json(&header.config)?;
+        let diff_ids: Vec<String> = cfg
+            .pointer("/rootfs/diff_ids")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .ok_or_else(|| damaged(path, format!("config {} has no rootfs.diff_ids", header.config)))?;
+        let layers = m.layers.unwrap_or_default();
+        if layers.len() != diff_ids.len() || layers.len() != header.layers.len() {
+            return Err(damaged(path, "the manifest, config and header disagree on the number of layers"));
+        }
+        let mut out = vec![];
+        for ((l, diff_id), h) in layers.iter().zip(diff_ids).zip(&header.layers) {
+            sha256_hex(&l.digest)?;
+            sha256_hex(&diff_id)?;
+            if h.digest != l.digest || h.diff_id != diff_id {
+                return Err(damaged(path, format!("the header's layer {} is not the manifest's", h.digest)));
+            }
+            out.push(LayerRef { digest: l.digest.clone(), diff_id, size: l.size });
+        }
+        Ok(out)
+    }
+}
+
+/// A bundle's header (read from its first entry) and the file's size.
+pub fn inspect(path: &Path) -> Result<(Header, u64), ImageError> {
+    let file = fs::File::open(path).ctx("open", path)?;
+    let size = file.metadata().ctx("stat", path)?.len();
+    let mut archive = tar::Archive::new(BufReader::new(file));
+    let mut entries = archive.entries().ctx("read", path)?;
+    let not_bundle = || damaged(path, format!("not a skiff bundle (its first entry is not {HEADER})"));
+    let mut e = entries.next().ok_or_else(not_bundle)?.map_err(|_| not_bundle())?;
+    if e.path().ctx("read", path)?.to_string_lossy() != HEADER || e.size() > MAX_JSON {
+        return Err(not_bundle());
+    }
+    let mut bytes = vec![];
+    e.read_to_end(&mut bytes).ctx("read", path)?;
+    let header = serde_json::from_slice(&bytes).map_err(|e| damaged(path, format!("{HEADER}: {e}")))?;
+    Ok((header, size))
+}
