@@ -45,7 +45,8 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/join", post(join))
         .route("/api/v1/nodes/{name}/assignments", get(assignments))
         .route("/api/v1/nodes/{name}/status", axum::routing::put(node_status))
-        .route("/api/v1/nodes/{name}/tunnel", get(tunnel));
+        .route("/api/v1/nodes/{name}/tunnel", get(tunnel))
+        .route("/api/v1/nodes/{name}/images/{call}", post(images));
     Router::new()
         .route("/api/v1/tokens", post(create_token).get(list_tokens))
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
@@ -509,6 +510,27 @@ async fn assignments(
         None => f.assignment(&name).map_err(fleet_error)?,
     };
     Ok(Json(a).into_response())
+}
+
+/// The image proxy, for nodes: `resolve` (JSON) and `chunks` (sha256 digests → bytes).
+async fn images(
+    State(hub): State<Shared>,
+    peer: Option<axum::Extension<crate::tls::Peer>>,
+    Path((name, call)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let f = fleet_of(&hub)?;
+    f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
+    let proxy = f.image_proxy().ok_or_else(|| not_found("this hub proxies no images"))?;
+    let (handler, content_type) = match call.as_str() {
+        "resolve" => (&proxy.resolve, "application/json"),
+        "chunks" => (&proxy.chunks, "application/octet-stream"),
+        other => return Err(not_found(format!("no image call {other:?} (resolve, chunks)"))),
+    };
+    match handler(body.to_vec()).await {
+        Ok(bytes) => Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response()),
+        Err((status, msg)) => Err(ApiError(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), msg)),
+    }
 }
 
 /// The node's tunnel: a WebSocket its agent keeps open, carrying logs and exec.

@@ -134,6 +134,8 @@ pub struct Fleet {
     tunnel_serial: std::sync::atomic::AtomicU64,
     /// How the platforms of an image are found out (the registry, in `skiff hub`).
     lookup: Option<PlatformLookup>,
+    /// The image proxy agents pull through (the binary wires it to an image store).
+    images: Option<ImageProxy>,
     /// Image → the platforms it was last seen to have; absent: any architecture.
     platforms: Mutex<BTreeMap<String, Platforms>>,
     /// Deployment → why some of its instances have no node, as of the last placement.
@@ -198,6 +200,18 @@ impl Allowed {
 }
 
 /// Finds out which `(architecture, variant)`s an image is built for.
+/// One call of the image proxy: the request body in, the answer (or an HTTP status and a
+/// message) out.
+pub type ImageCall = Arc<dyn Fn(Vec<u8>) -> crate::BoxFuture<'static, Result<Vec<u8>, (u16, String)>> + Send + Sync>;
+
+/// The hub's image proxy (`skiff_image::proxy`): `resolve` takes a JSON request and
+/// answers JSON, `chunks` takes sha256 digests and answers the chunks' bytes.
+#[derive(Clone)]
+pub struct ImageProxy {
+    pub resolve: ImageCall,
+    pub chunks: ImageCall,
+}
+
 pub type PlatformLookup = Arc<dyn Fn(String) -> crate::BoxFuture<'static, Result<Platforms, String>> + Send + Sync>;
 
 /// How long a platform lookup may take before the image counts as "any architecture".
@@ -222,6 +236,7 @@ impl Fleet {
             dirty: std::sync::atomic::AtomicBool::new(false),
             tunnel_serial: std::sync::atomic::AtomicU64::new(1),
             lookup: None,
+            images: None,
             platforms: Mutex::new(BTreeMap::new()),
             unschedulable: Mutex::new(BTreeMap::new()),
             samples: Mutex::new(BTreeMap::new()),
@@ -246,6 +261,15 @@ impl Fleet {
     pub fn with_platform_lookup(mut self, lookup: PlatformLookup) -> Self {
         self.lookup = Some(lookup);
         self
+    }
+
+    pub fn with_image_proxy(mut self, images: ImageProxy) -> Self {
+        self.images = Some(images);
+        self
+    }
+
+    pub fn image_proxy(&self) -> Option<&ImageProxy> {
+        self.images.as_ref()
     }
 
     /// Looks up the platforms of `images` (concurrently, each within 10 s) so that

@@ -115,20 +115,6 @@ fn add_entry<W: Write>(b: &mut tar::Builder<W>, name: &str, size: u64, data: imp
     b.append_data(&mut h, name, data)
 }
 
-/// Copies `r` to `w` as it is read.
-struct Tee<R, W> {
-    r: R,
-    w: W,
-}
-
-impl<R: Read, W: Write> Read for Tee<R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.r.read(buf)?;
-        self.w.write_all(&buf[..n])?;
-        Ok(n)
-    }
-}
-
 impl ImageStore {
     /// Writes a bundle of `reference` (for `platform`, else this machine's) to `out`,
     /// leaving out every chunk the layers of `since` hold.
@@ -435,18 +421,7 @@ impl ImageStore {
                         loaded.bytes_reused += u64::from(c.len);
                     }
                 }
-                // The tar is kept (by its diff_id) as the source of later deltas.
-                let tar_path = tmp.join("layer.tar");
-                let tar = fs::File::create(&tar_path).ctx("create", &tar_path)?;
-                let mut w = BufWriter::new(tar);
-                let unpacked = self.unpack_to_tmp(l, Tee { r: pool.reader(list), w: &mut w })?;
-                let tar = w.into_inner().map_err(|e| e.into_error()).ctx("write", &tar_path);
-                if let Err(e) = tar.and_then(|f| f.sync_all().ctx("sync", &tar_path)) {
-                    let _ = fs::remove_dir_all(&unpacked);
-                    return Err(e);
-                }
-                crate::store::durable_rename(&tar_path, &self.blob_path(&l.diff_id)?)?;
-                self.place_layer(l, &unpacked)?;
+                self.rebuild_layer(l, list, &pool, &tmp)?;
                 loaded.layers_rebuilt += 1;
             }
             for (digest, bytes) in &blobs {

@@ -381,20 +381,102 @@ impl ImageStore {
         }
         Ok(())
     }
+
+    /// Rebuilds a layer's tar from `list` in `pool`, unpacks it (checking the diff_id)
+    /// and keeps the tar, by its diff_id, as the source of later deltas.
+    pub(crate) fn rebuild_layer(
+        &self,
+        l: &LayerRef,
+        list: &[ChunkRef],
+        pool: &Pool,
+        tmp: &std::path::Path,
+    ) -> Result<(), ImageError> {
+        let tar_path = tmp.join(format!("layer-{}.tar", sha256_hex(&l.diff_id)?));
+        let tar = fs::File::create(&tar_path).ctx("create", &tar_path)?;
+        let mut w = std::io::BufWriter::new(tar);
+        let unpacked = self.unpack_to_tmp(l, Tee { r: pool.reader(list), w: &mut w });
+        let unpacked = match unpacked {
+            Ok(u) => u,
+            Err(e) => {
+                let _ = fs::remove_file(&tar_path);
+                return Err(e);
+            }
+        };
+        let tar = w.into_inner().map_err(|e| e.into_error()).ctx("write", &tar_path);
+        if let Err(e) = tar.and_then(|f| f.sync_all().ctx("sync", &tar_path)) {
+            let _ = fs::remove_dir_all(&unpacked);
+            let _ = fs::remove_file(&tar_path);
+            return Err(e);
+        }
+        crate::store::durable_rename(&tar_path, &self.blob_path(&l.diff_id)?)?;
+        self.place_layer(l, &unpacked)?;
+        Ok(())
+    }
 }
 
-/// Chunks kept in one temporary file while an image is rebuilt.
+/// Copies `r` to `w` as it is read.
+struct Tee<R, W> {
+    r: R,
+    w: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.r.read(buf)?;
+        self.w.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// Chunks kept in one file while an image is rebuilt: records of the chunk's sha256, its
+/// length (u32 LE) and its bytes. A pool under `tmp/partial-*` outlives a killed pull:
+/// reopened, it keeps every whole record whose bytes match its digest and drops the rest.
 pub struct Pool {
     path: PathBuf,
     file: fs::File,
     end: u64,
     at: HashMap<[u8; 32], (u64, u32)>,
+    keep: bool,
 }
 
 impl Pool {
+    /// A new pool, removed when dropped.
     pub fn create(path: PathBuf) -> Result<Pool, ImageError> {
         let file = fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).ctx("create", &path)?;
-        Ok(Pool { path, file, end: 0, at: HashMap::new() })
+        Ok(Pool { path, file, end: 0, at: HashMap::new(), keep: false })
+    }
+
+    /// The pool at `path`, with the chunks a earlier run left in it; kept when dropped
+    /// (the caller removes it once the image is stored).
+    pub fn resume(path: PathBuf) -> Result<Pool, ImageError> {
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .ctx("open", &path)?;
+        let mut at = HashMap::new();
+        let mut end = 0u64;
+        let mut r = BufReader::new(&mut file);
+        let mut head = [0u8; ENTRY_LEN];
+        let mut buf = vec![0u8; MAX_SIZE];
+        while r.read_exact(&mut head).is_ok() {
+            let c = match decode_list(&head, "pool") {
+                Ok(c) => c[0],
+                Err(_) => break,
+            };
+            let data = &mut buf[..c.len as usize];
+            if r.read_exact(data).is_err() || ChunkRef::of(data).digest != c.digest {
+                break;
+            }
+            at.insert(c.digest, (end + ENTRY_LEN as u64, c.len));
+            end += (ENTRY_LEN + c.len as usize) as u64;
+        }
+        drop(r);
+        file.set_len(end).ctx("truncate", &path)?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(end)).ctx("seek", &path)?;
+        Ok(Pool { path, file, end, at, keep: true })
     }
 
     pub fn contains(&self, digest: &[u8; 32]) -> bool {
@@ -406,9 +488,12 @@ impl Pool {
         if self.at.contains_key(&digest) {
             return Ok(());
         }
-        self.file.write_all(data).ctx("write", &self.path)?;
-        self.at.insert(digest, (self.end, data.len() as u32));
-        self.end += data.len() as u64;
+        let len = data.len() as u32;
+        let mut rec = encode_list(&[ChunkRef { digest, len }]);
+        rec.extend_from_slice(data);
+        self.file.write_all(&rec).ctx("write", &self.path)?;
+        self.at.insert(digest, (self.end + ENTRY_LEN as u64, len));
+        self.end += rec.len() as u64;
         Ok(())
     }
 
@@ -416,11 +501,18 @@ impl Pool {
     pub fn reader<'a>(&'a self, chunks: &'a [ChunkRef]) -> PoolReader<'a> {
         PoolReader { pool: self, chunks, next: 0, buf: Vec::new(), at: 0 }
     }
+
+    /// Removes a resumable pool.
+    pub fn discard(mut self) {
+        self.keep = false;
+    }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        if !self.keep {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -540,6 +632,43 @@ mod tests {
         assert_eq!(back, d);
         let path = dir.path().join("pool");
         drop(pool);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_resumed_pool_keeps_whole_chunks_and_drops_a_torn_or_damaged_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("partial-pool");
+        let d = data(300_000, 7);
+        let chunks = chunks_of(&d);
+        assert!(chunks.len() >= 4);
+        let mut off = 0;
+        let mut pool = Pool::resume(path.clone()).unwrap();
+        for c in &chunks[..3] {
+            pool.put(c.digest, &d[off..off + c.len as usize]).unwrap();
+            off += c.len as usize;
+        }
+        drop(pool);
+        assert!(path.exists(), "a resumable pool outlives its process");
+        // The third record torn half-way, as by a kill.
+        let full = fs::metadata(&path).unwrap().len();
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(full - u64::from(chunks[2].len) / 2).unwrap();
+        let pool = Pool::resume(path.clone()).unwrap();
+        assert!(pool.contains(&chunks[0].digest) && pool.contains(&chunks[1].digest));
+        assert!(!pool.contains(&chunks[2].digest));
+        let mut back = vec![];
+        pool.reader(&chunks[..2]).read_to_end(&mut back).unwrap();
+        assert_eq!(back, d[..(chunks[0].len + chunks[1].len) as usize]);
+        drop(pool);
+        // A flipped byte in the second record: only the first survives.
+        let mut bytes = fs::read(&path).unwrap();
+        let at = ENTRY_LEN * 2 + chunks[0].len as usize + 10;
+        bytes[at] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let pool = Pool::resume(path.clone()).unwrap();
+        assert!(pool.contains(&chunks[0].digest) && !pool.contains(&chunks[1].digest));
+        pool.discard();
         assert!(!path.exists());
     }
 }

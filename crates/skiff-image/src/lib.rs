@@ -16,6 +16,7 @@ pub mod gc;
 pub mod hosts;
 pub mod notation;
 pub mod policy;
+pub mod proxy;
 pub mod reference;
 pub mod registry;
 mod save;

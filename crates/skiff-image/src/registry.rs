@@ -113,6 +113,8 @@ pub struct PullOptions {
     /// Which images must be signed by whom (`/etc/skiff/policy.yaml`).
     pub policy: Option<Arc<crate::policy::ImagePolicy>>,
     pub progress: Progress,
+    /// The hub's image proxy, tried before the registry (an agent of a hub).
+    pub hub: Option<crate::proxy::HubImages>,
 }
 
 impl Default for PullOptions {
@@ -127,12 +129,13 @@ impl Default for PullOptions {
             limit_rate: None,
             policy: None,
             progress: Arc::new(|_| {}),
+            hub: None,
         }
     }
 }
 
 impl PullOptions {
-    fn note(&self, line: &str) {
+    pub(crate) fn note(&self, line: &str) {
         (self.progress)(PullEvent::Note(line));
     }
 }
@@ -634,7 +637,7 @@ pub async fn sign(
 }
 
 /// 200 ms doubling to 10 s, with up to 50 % jitter (seeded by what is retried).
-fn backoff(failures: u32, what: &str) -> Duration {
+pub(crate) fn backoff(failures: u32, what: &str) -> Duration {
     let base = (200u64 << failures.min(6)).min(10_000);
     let seed = format!("{what}{failures}{}", std::process::id());
     let jitter = u64::from(sha256_of(seed.as_bytes()).as_bytes()[0]) * base / 512;
@@ -670,6 +673,15 @@ fn http_client(opts: &PullOptions) -> Result<reqwest::Client, ImageError> {
 /// are removed again; partial layer downloads stay for a resume.
 pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -> Result<PullReport, ImageError> {
     let r = RemoteRef::parse(reference)?;
+    // Through the hub first: only the chunks this node lacks cross the link. A hub that
+    // cannot help leaves the pull to the registry; a refusal by the policy stands.
+    if let Some(hub) = &opts.hub {
+        match crate::proxy::pull(Arc::clone(&store), hub, reference, opts).await {
+            Ok(rep) => return Ok(rep),
+            Err(e @ ImageError::Untrusted { .. }) => return Err(e),
+            Err(e) => opts.note(&format!("{reference}: not through the hub ({e}); pulling from the registry")),
+        }
+    }
     let _lease = store.lease()?;
     let endpoints = opts.registries.endpoints(&r.registry, &opts.insecure);
     let http = http_client(opts)?;

@@ -45,8 +45,29 @@ pub struct AgentArgs {
     /// Serve this node's metrics for Prometheus at http://ADDR/metrics (e.g. 127.0.0.1:9337).
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// Pull images straight from their registries, not through the hub's image proxy
+    /// (which sends only the chunks this node lacks).
+    #[arg(long)]
+    pub pull_direct: bool,
     #[command(flatten)]
     pub node: crate::cli::NodeArgs,
+}
+
+/// The hub's image proxy for this node, reached with the node's certificate (read at
+/// each pull: it is renewed).
+fn hub_images(hub: &str, node: &str, id: Arc<Identity>) -> skiff_image::proxy::HubImages {
+    skiff_image::proxy::HubImages {
+        base: format!("{}/api/v1/nodes/{node}/images", hub.trim_end_matches('/')),
+        client: Arc::new(move || {
+            let tls = id.tls().map_err(|e| e.to_string())?;
+            reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .connect_timeout(Duration::from_secs(10))
+                .read_timeout(Duration::from_secs(60))
+                .build()
+                .map_err(|e| skiff_image::error::with_causes(&e))
+        }),
+    }
 }
 
 pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
@@ -72,6 +93,11 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     let token = join_token(args)?;
     let node = skiff_agent::join::join(&id, &args.hub, token.as_deref(), &acfg.node_name, spec).await?;
     acfg.node_name = node.clone();
+    if !args.pull_direct {
+        if let Some(pull) = acfg.pull.as_mut() {
+            pull.hub = Some(hub_images(&args.hub, &node, Arc::new(Identity::new(data))));
+        }
+    }
     let agent = Agent::open(acfg)?;
     if let Some(addr) = &args.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-listen {addr}"))?;

@@ -22,6 +22,10 @@ pub struct HubArgs {
     /// e.g. 90d, 12h, 30m.
     #[arg(long, default_value = "90d", value_parser = crate::cli::parse_duration)]
     pub node_cert_ttl: Duration,
+    /// Bound on the images the hub keeps for its nodes (pulled once from the registry,
+    /// served as chunks); the least recently asked for go first. 0 proxies no images.
+    #[arg(long, default_value = "20G", value_parser = parse_cache_size)]
+    pub image_cache_size: u64,
     #[command(flatten)]
     pub conns: ConnArgs,
     #[command(flatten)]
@@ -70,11 +74,13 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let ca_pem = ca.pem().to_string();
     let lookup = platform_lookup(cli)?;
     let clock = skiff_hub::clock::system();
-    let fleet = Arc::new(
-        skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store), Arc::clone(&clock))?
-            .with_platform_lookup(lookup)
-            .with_cert_ttl(args.node_cert_ttl),
-    );
+    let mut fleet = skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store), Arc::clone(&clock))?
+        .with_platform_lookup(lookup)
+        .with_cert_ttl(args.node_cert_ttl);
+    if args.image_cache_size > 0 {
+        fleet = fleet.with_image_proxy(image_proxy(cli, args.image_cache_size)?);
+    }
+    let fleet = Arc::new(fleet);
     let admin_token = crate::up::admin_token(data)?;
     let host = args.advertise.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
     let host = if host.contains(':') { format!("[{host}]") } else { host };
@@ -132,6 +138,62 @@ pub fn server_tls(
     names.dedup();
     let (cert, key) = ca.server_cert(&names)?;
     skiff_hub::tls::server_config(&cert, &key, ca.pem()).map_err(anyhow::Error::msg)
+}
+
+fn parse_cache_size(s: &str) -> Result<u64, String> {
+    skiff_model::parse_bytes(s).map_err(|e| e.to_string())
+}
+
+/// The image proxy over `<data>/images`: pulls with the hub's registries settings, keeps
+/// at most `limit` bytes (least recently resolved images evicted first).
+fn image_proxy(cli: &crate::cli::Cli, limit: u64) -> Result<skiff_hub::fleet::ImageProxy> {
+    use skiff_image::proxy::{self, ResolveRequest};
+    let store = Arc::new(skiff_image::ImageStore::open(cli.data.join("images"))?);
+    let opts = skiff_image::registry::PullOptions { progress: Arc::new(|_| {}), ..crate::cli::pull_options(cli)? };
+    let used = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
+    let st = Arc::clone(&store);
+    let resolve: skiff_hub::fleet::ImageCall = Arc::new(move |body: Vec<u8>| {
+        let (store, opts, used) = (Arc::clone(&st), opts.clone(), Arc::clone(&used));
+        Box::pin(async move {
+            let req: ResolveRequest = serde_json::from_slice(&body).map_err(|e| (400, format!("request: {e}")))?;
+            skiff_image::registry::RemoteRef::parse(&req.reference).map_err(|e| (400, e.to_string()))?;
+            let r = proxy::resolve(Arc::clone(&store), &req, &opts).await.map_err(|e| {
+                let status = match e {
+                    skiff_image::ImageError::BadPlatform(_) | skiff_image::ImageError::NoPlatform { .. } => 400,
+                    skiff_image::ImageError::NotFound(_) => 404,
+                    _ => 502,
+                };
+                (status, skiff_image::error::with_causes(&e))
+            })?;
+            let order = {
+                let mut u = used.lock().map_err(|_| (500, "lock poisoned".to_string()))?;
+                u.insert(r.reference.clone(), skiff_runtime::time::now_ms());
+                let mut v: Vec<(u64, String)> = u.iter().map(|(k, t)| (*t, k.clone())).collect();
+                v.sort();
+                v.into_iter().map(|(_, k)| k).collect::<Vec<_>>()
+            };
+            let st = Arc::clone(&store);
+            let evicted = tokio::task::spawn_blocking(move || st.evict_lru(limit, &order)).await;
+            if let Ok(Ok(gone)) = &evicted {
+                if let Ok(mut u) = used.lock() {
+                    for g in gone {
+                        u.remove(g);
+                    }
+                }
+            }
+            serde_json::to_vec(&r).map_err(|e| (500, e.to_string()))
+        })
+    });
+    let chunks: skiff_hub::fleet::ImageCall = Arc::new(move |body: Vec<u8>| {
+        let store = Arc::clone(&store);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || store.proxy_chunks(&body))
+                .await
+                .map_err(|e| (500, e.to_string()))?
+                .map_err(|e| (404, skiff_image::error::with_causes(&e)))
+        })
+    });
+    Ok(skiff_hub::fleet::ImageProxy { resolve, chunks })
 }
 
 /// The hub reads an image's platforms from its registry (mirrors and CA as a pull would

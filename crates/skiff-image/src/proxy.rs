@@ -1,0 +1,490 @@
+//! The hub as image proxy: it pulls an image from the registry once (with its own
+//! credentials and mirrors), keeps it, and serves each agent the manifest, config,
+//! signatures and every layer's chunk list; the agent fetches only the chunks that no
+//! layer it holds has, several per request, rebuilds each layer's exact tar and checks its
+//! diff_id. An agent that cannot get an image from its hub pulls from the registry.
+//!
+//! ```text
+//! POST <base>/resolve  {"reference", "platform"}  -> Resolved (JSON)
+//! POST <base>/chunks   N × 32-byte sha256          -> the N chunks, concatenated
+//! ```
+//! `<base>` is `/api/v1/nodes/<node>/images` on the hub, behind the node's certificate.
+//!
+//! Architecture Invariant: the hub vouches for nothing. The agent checks the manifest and
+//! config by their digests (the top digest is what the reference resolved to, and what
+//! signatures sign), each chunk by its sha256 and each layer by the config's diff_id.
+
+use crate::chunks::{self, ChunkRef, Pool, MAX_SIZE};
+use crate::digest::{sha256_hex, sha256_of};
+use crate::error::{with_causes, IoContext};
+use crate::registry::{PullOptions, PullReport};
+use crate::store::{choose_platform, LayerRef, Manifest, Platform};
+use crate::trust::StoredSignature;
+use crate::{ImageError, ImageStore};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Chunks asked for in one request (at most `MAX_BATCH * MAX_SIZE` bytes back).
+pub const MAX_BATCH: usize = 256;
+/// A batch is closed once it holds this many bytes.
+const BATCH_BYTES: u64 = 4 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResolveRequest {
+    pub reference: String,
+    /// `os/arch[/variant]`.
+    pub platform: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Resolved {
+    pub reference: String,
+    /// The manifest or index the reference points at.
+    pub top: String,
+    /// Top, the platform's manifest and its config, base64, by digest.
+    pub blobs: BTreeMap<String, String>,
+    #[serde(default)]
+    pub signatures: Vec<StoredSignature>,
+    pub layers: Vec<ProxyLayer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyLayer {
+    pub digest: String,
+    pub diff_id: String,
+    pub size: u64,
+    /// The chunk list (`chunks::encode_list`), base64.
+    pub chunks: String,
+}
+
+/// How an agent reaches its hub's image proxy.
+#[derive(Clone)]
+pub struct HubImages {
+    /// `https://hub:port/api/v1/nodes/<node>/images`.
+    pub base: String,
+    /// A client that presents the node's certificate (made per pull: it is renewed).
+    pub client: Arc<dyn Fn() -> Result<reqwest::Client, String> + Send + Sync>,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(s: &str, what: &str) -> Result<Vec<u8>, ImageError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|e| ImageError::Malformed { what: what.into(), problem: format!("not base64: {e}") })
+}
+
+fn proxy_err(what: impl Into<String>, problem: impl Into<String>) -> ImageError {
+    ImageError::Registry { registry: "hub".into(), what: what.into(), problem: problem.into() }
+}
+
+// ---- the hub's side ----
+
+/// Resolves `reference` for `platform` in the hub's store: pulled from the registry (a
+/// tag may have moved), or as stored when the registry cannot be reached. Each layer's
+/// tar is kept uncompressed beside it so chunks can be read at their offsets.
+pub async fn resolve(store: Arc<ImageStore>, req: &ResolveRequest, opts: &PullOptions) -> Result<Resolved, ImageError> {
+    let platform = crate::registry::parse_platform(&req.platform)?;
+    let opts = PullOptions { platform: Some(platform.clone()), ..opts.clone() };
+    if let Err(e) = crate::registry::pull(Arc::clone(&store), &req.reference, &opts).await {
+        if store.top_digest(&req.reference).is_err() {
+            return Err(e);
+        }
+        tracing::warn!(image = %req.reference, "serving the stored image: the registry failed: {e}");
+    }
+    let reference = req.reference.clone();
+    tokio::task::spawn_blocking(move || store.resolved(&reference, &platform))
+        .await
+        .map_err(|e| proxy_err("resolve", e.to_string()))?
+}
+
+impl ImageStore {
+    fn resolved(&self, reference: &str, platform: &Platform) -> Result<Resolved, ImageError> {
+        let _lease = self.lease()?;
+        let info = self.inspect_platform(reference, platform)?;
+        if info.wasm.is_some() {
+            return Err(ImageError::UnsupportedMediaType(format!(
+                "{reference} is a WebAssembly artifact; the hub proxies container images"
+            )));
+        }
+        let top = self.top_digest(reference)?;
+        let mut blobs = BTreeMap::new();
+        for d in [&top, &info.manifest_digest, &info.config_digest] {
+            blobs.insert(d.clone(), b64(&self.read_blob(d)?));
+        }
+        let mut layers = vec![];
+        for l in &info.layers {
+            self.keep_tar(l)?;
+            let index = self.chunk_index(l)?;
+            layers.push(ProxyLayer {
+                digest: l.digest.clone(),
+                diff_id: l.diff_id.clone(),
+                size: l.size,
+                chunks: b64(&chunks::encode_list(&index.chunks)),
+            });
+        }
+        Ok(Resolved { reference: info.reference, top: top.clone(), blobs, signatures: self.signatures(&top)?, layers })
+    }
+
+    /// Keeps a layer's uncompressed tar as the blob named by its diff_id.
+    fn keep_tar(&self, l: &LayerRef) -> Result<(), ImageError> {
+        if self.has_blob(&l.diff_id) {
+            return Ok(());
+        }
+        let tmp = self.tmp_dir("tar")?;
+        let res = (|| {
+            let path = tmp.join("layer.tar");
+            let mut f = fs::File::create(&path).ctx("create", &path)?;
+            std::io::copy(&mut self.open_layer_stream(&l.digest)?, &mut f).ctx("write", &path)?;
+            drop(f);
+            self.put_blob_file(&path, Some(&l.diff_id)).map(|_| ())
+        })();
+        let _ = fs::remove_dir_all(&tmp);
+        res
+    }
+
+    /// Removes the least recently used images of `order` (oldest first; the last, just
+    /// served, stays) while the store's blobs take more than `limit` bytes. Returns the
+    /// references removed.
+    pub fn evict_lru(&self, limit: u64, order: &[String]) -> Result<Vec<String>, ImageError> {
+        let mut gone = vec![];
+        for r in order.iter().take(order.len().saturating_sub(1)) {
+            if self.blob_bytes()? <= limit {
+                break;
+            }
+            match self.remove(r, &Default::default()) {
+                Ok(()) | Err(ImageError::NotFound(_)) => gone.push(r.clone()),
+                // Untagged; collected by the next eviction once no pull runs.
+                Err(ImageError::Busy) => {
+                    gone.push(r.clone());
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+            tracing::info!(image = %r, "evicted from the image cache (least recently used)");
+        }
+        Ok(gone)
+    }
+
+    fn blob_bytes(&self) -> Result<u64, ImageError> {
+        let dir = self.root().join("blobs/sha256");
+        let entries = fs::read_dir(&dir).ctx("read", &dir)?;
+        Ok(entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+    }
+
+    /// The chunks named in `body` (32 bytes each), concatenated, read from the kept tars.
+    pub fn proxy_chunks(&self, body: &[u8]) -> Result<Vec<u8>, ImageError> {
+        use std::os::unix::fs::FileExt;
+        if body.is_empty() || !body.len().is_multiple_of(32) || body.len() / 32 > MAX_BATCH {
+            return Err(proxy_err("chunks", format!("want 1 to {MAX_BATCH} sha256 digests of 32 bytes each")));
+        }
+        let wanted: Vec<[u8; 32]> = body
+            .chunks_exact(32)
+            .map(|d| {
+                let mut a = [0u8; 32];
+                a.copy_from_slice(d);
+                a
+            })
+            .collect();
+        let set: HashSet<[u8; 32]> = wanted.iter().copied().collect();
+        let found = self.find_chunks(&set)?;
+        let mut out = Vec::new();
+        for d in &wanted {
+            let loc =
+                found.get(d).ok_or_else(|| proxy_err("chunks", format!("no chunk sha256:{} here", hex::encode(d))))?;
+            let path = self.blob_path(&loc.diff_id)?;
+            let f = fs::File::open(&path).ctx("open", &path)?;
+            let start = out.len();
+            out.resize(start + loc.len as usize, 0);
+            f.read_exact_at(&mut out[start..], loc.offset).ctx("read", &path)?;
+        }
+        Ok(out)
+    }
+}
+
+// ---- the agent's side ----
+
+/// Pulls `reference` through the hub's image proxy into `store`: only chunks no stored
+/// layer has cross the link. A pull that is cut resumes from the chunks it kept.
+pub async fn pull(
+    store: Arc<ImageStore>,
+    hub: &HubImages,
+    reference: &str,
+    opts: &PullOptions,
+) -> Result<PullReport, ImageError> {
+    let client = (hub.client)().map_err(|e| proxy_err("client", e))?;
+    let platform = opts.platform.clone().unwrap_or_else(crate::store::host_platform);
+    let req = ResolveRequest { reference: reference.to_string(), platform: platform.to_string() };
+    let url = format!("{}/resolve", hub.base);
+    // The hub may be pulling the image from its registry meanwhile.
+    let resp = client
+        .post(&url)
+        .timeout(Duration::from_secs(900))
+        .json(&req)
+        .send()
+        .await
+        .map_err(|e| proxy_err("resolve", with_causes(&e)))?;
+    let status = resp.status();
+    let body = resp.bytes().await.map_err(|e| proxy_err("resolve", with_causes(&e)))?;
+    if !status.is_success() {
+        let msg = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        return Err(proxy_err("resolve", format!("HTTP {status}: {msg}")));
+    }
+    let r: Resolved = serde_json::from_slice(&body).map_err(|e| proxy_err("resolve", e.to_string()))?;
+    let mut received = body.len() as u64;
+    let _lease = store.lease()?;
+    let (layers, lists, blobs) = check(&r, reference, &platform)?;
+    // The image policy judges the signatures the hub passed on, before any chunk moves.
+    let trust = match opts.policy.as_deref().and_then(|p| Some((p, p.rule_for(reference)?))) {
+        Some((policy, rule)) => {
+            let v = crate::trust::verify_stored(&r.signatures, &crate::policy::repository_of(reference), &r.top, rule);
+            let j = crate::trust::Judgement { mode: rule.mode, verdict: v };
+            if let (crate::trust::Verdict::Rejected(reason), false) = (&j.verdict, j.allows()) {
+                return Err(ImageError::Untrusted {
+                    image: reference.to_string(),
+                    digest: r.top.clone(),
+                    policy: policy.source_name(),
+                    reason: reason.clone(),
+                });
+            }
+            Some(j)
+        }
+        None => None,
+    };
+    let todo: Vec<usize> =
+        (0..layers.len()).filter(|&i| !store.layer_dir(&layers[i].diff_id).is_ok_and(|d| d.exists())).collect();
+    let pool_path = store.root().join("tmp").join(format!("partial-chunks-{}", sha256_hex(&r.top)?));
+    let mut pool = {
+        let p = pool_path.clone();
+        tokio::task::spawn_blocking(move || Pool::resume(p)).await.map_err(|e| proxy_err("pool", e.to_string()))??
+    };
+    // Chunks from layers this node holds, then the rest from the hub.
+    let mut need = HashSet::new();
+    for &i in &todo {
+        need.extend(lists[i].iter().map(|c| c.digest).filter(|d| !pool.contains(d)));
+    }
+    let (st, n) = (Arc::clone(&store), need.clone());
+    let (found, mut pool) = tokio::task::spawn_blocking(move || -> Result<_, ImageError> {
+        let found = st.find_chunks(&n)?;
+        st.gather_chunks(&found, &mut pool)?;
+        Ok((found, pool))
+    })
+    .await
+    .map_err(|e| proxy_err("gather", e.to_string()))??;
+    let mut remote: Vec<ChunkRef> = vec![];
+    let mut seen = HashSet::new();
+    for &i in &todo {
+        for c in &lists[i] {
+            if need.contains(&c.digest) && !found.contains_key(&c.digest) && seen.insert(c.digest) {
+                remote.push(*c);
+            }
+        }
+    }
+    let reused: u64 = found.values().map(|l| u64::from(l.len)).sum();
+    let total: u64 = remote.iter().map(|c| u64::from(c.len)).sum();
+    opts.note(&format!(
+        "{reference}: {} chunks ({} B) from the hub, {} B from layers on this node",
+        remote.len(),
+        total,
+        reused
+    ));
+    (opts.progress)(crate::registry::PullEvent::Total { size: total + reused, present: reused });
+    received += fetch(&client, &hub.base, &remote, &mut pool, opts, reference).await?;
+    let (st, r2, rebuilt) = (Arc::clone(&store), r.clone(), todo.len());
+    tokio::task::spawn_blocking(move || -> Result<(), ImageError> {
+        let tmp = st.tmp_dir("rebuild")?;
+        let res = (|| {
+            for &i in &todo {
+                st.rebuild_layer(&layers[i], &lists[i], &pool, &tmp)?;
+            }
+            for (digest, bytes) in &blobs {
+                st.put_blob_bytes(bytes, Some(digest))?;
+            }
+            if !r2.signatures.is_empty() {
+                st.put_signatures(&r2.top, &r2.signatures)?;
+            }
+            Ok(())
+        })();
+        let _ = fs::remove_dir_all(&tmp);
+        if res.is_ok() {
+            pool.discard();
+        }
+        res
+    })
+    .await
+    .map_err(|e| proxy_err("rebuild", e.to_string()))??;
+    store.tag(reference, &r.top)?;
+    opts.note(&format!("{reference}: pulled {} through the hub", r.top));
+    Ok(PullReport {
+        reference: crate::normalize_reference(reference),
+        digest: r.top.clone(),
+        endpoint: "hub".into(),
+        bytes_received: received,
+        blobs_fetched: rebuilt,
+        blobs_present: r.layers.len() - rebuilt,
+        trust,
+    })
+}
+
+type Checked = (Vec<LayerRef>, Vec<Vec<ChunkRef>>, BTreeMap<String, Vec<u8>>);
+
+/// The layers of a resolved image as its manifest and config (checked by their digests)
+/// name them, with the hub's chunk lists.
+fn check(r: &Resolved, reference: &str, platform: &Platform) -> Result<Checked, ImageError> {
+    let mut blobs = BTreeMap::new();
+    for (d, b) in &r.blobs {
+        let bytes = unb64(b, d)?;
+        if sha256_of(&bytes) != sha256_hex(d)? {
+            return Err(proxy_err(d.clone(), "blob does not match its digest"));
+        }
+        blobs.insert(d.clone(), bytes);
+    }
+    let json = |d: &str| -> Result<serde_json::Value, ImageError> {
+        let b = blobs.get(d).ok_or_else(|| proxy_err(d, "blob missing from the hub's answer"))?;
+        serde_json::from_slice(b).map_err(|e| proxy_err(d, e.to_string()))
+    };
+    let parse = |d: &str| -> Result<Manifest, ImageError> {
+        serde_json::from_value(json(d)?).map_err(|e| proxy_err(d, e.to_string()))
+    };
+    let top = parse(&r.top)?;
+    let (m, _) = if top.is_index() {
+        let list = top.manifests.clone().unwrap_or_default();
+        let d = choose_platform(&list, platform, reference)?.digest.clone();
+        (parse(&d)?, d)
+    } else {
+        (top, r.top.clone())
+    };
+    let config = m.config.as_ref().ok_or_else(|| proxy_err(&r.top, "manifest has no config"))?;
+    let diff_ids: Vec<String> = json(&config.digest)?
+        .pointer("/rootfs/diff_ids")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .ok_or_else(|| proxy_err(&config.digest, "config has no rootfs.diff_ids"))?;
+    let layers = m.layers.clone().unwrap_or_default();
+    if layers.len() != diff_ids.len() || layers.len() != r.layers.len() {
+        return Err(proxy_err(&r.top, "the manifest, config and the hub disagree on the number of layers"));
+    }
+    let mut out = vec![];
+    let mut lists = vec![];
+    for ((l, diff_id), p) in layers.iter().zip(diff_ids).zip(&r.layers) {
+        sha256_hex(&diff_id)?;
+        if p.diff_id != diff_id || p.digest != l.digest {
+            return Err(proxy_err(&p.digest, "the hub's layer is not the manifest's"));
+        }
+        lists.push(chunks::decode_list(&unb64(&p.chunks, &p.digest)?, &p.digest)?);
+        out.push(LayerRef { digest: l.digest.clone(), diff_id, size: l.size });
+    }
+    Ok((out, lists, blobs))
+}
+
+/// Answers with damaged chunks before the hub is given up on.
+const DAMAGED_LIMIT: u32 = 3;
+
+enum Failure {
+    /// The request failed or was cut: asked again (what had arrived is kept).
+    Link(String),
+    /// A chunk did not match its digest.
+    Damaged(String),
+}
+
+/// Fetches `remote` into `pool` in batches, each chunk checked as it arrives; a cut
+/// request is asked again for what it had not delivered. Returns the bytes received.
+async fn fetch(
+    client: &reqwest::Client,
+    base: &str,
+    remote: &[ChunkRef],
+    pool: &mut Pool,
+    opts: &PullOptions,
+    reference: &str,
+) -> Result<u64, ImageError> {
+    let url = format!("{base}/chunks");
+    let mut received = 0u64;
+    let (mut failures, mut damaged) = (0u32, 0u32);
+    let total: u64 = remote.iter().map(|c| u64::from(c.len)).sum();
+    let mut done = 0u64;
+    loop {
+        let left: Vec<&ChunkRef> = remote.iter().filter(|c| !pool.contains(&c.digest)).collect();
+        if left.is_empty() {
+            return Ok(received);
+        }
+        let mut batch = vec![];
+        let mut bytes = 0u64;
+        for c in left {
+            if batch.len() == MAX_BATCH || bytes >= BATCH_BYTES {
+                break;
+            }
+            bytes += u64::from(c.len);
+            batch.push(*c);
+        }
+        let body: Vec<u8> = batch.iter().flat_map(|c| c.digest).collect();
+        let res = async {
+            let resp = client
+                .post(&url)
+                .timeout(Duration::from_secs(300))
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| Failure::Link(with_causes(&e)))?;
+            if !resp.status().is_success() {
+                let status = resp.status();
+                return Err(Failure::Link(format!("HTTP {status}: {}", resp.text().await.unwrap_or_default())));
+            }
+            let mut resp = resp;
+            let mut buf: Vec<u8> = Vec::with_capacity(MAX_SIZE);
+            let mut next = 0usize;
+            while let Some(piece) = resp.chunk().await.map_err(|e| Failure::Link(with_causes(&e)))? {
+                received += piece.len() as u64;
+                buf.extend_from_slice(&piece);
+                while let Some(c) = batch.get(next).filter(|c| buf.len() >= c.len as usize) {
+                    let data: Vec<u8> = buf.drain(..c.len as usize).collect();
+                    if ChunkRef::of(&data).digest != c.digest {
+                        return Err(Failure::Damaged(format!("chunk {} does not match its digest", c.name())));
+                    }
+                    pool.put(c.digest, &data).map_err(|e| Failure::Link(e.to_string()))?;
+                    done += u64::from(c.len);
+                    next += 1;
+                }
+            }
+            if next < batch.len() {
+                return Err(Failure::Link(format!("the answer ended after {next} of {} chunks", batch.len())));
+            }
+            Ok(())
+        }
+        .await;
+        (opts.progress)(crate::registry::PullEvent::Blob { digest: reference, size: total, done });
+        match res {
+            Ok(()) => failures = 0,
+            Err(f) => {
+                // A damaged chunk is asked for again (it may have been damaged on the way),
+                // but a hub that keeps serving damaged ones is left for the registry.
+                let (e, limit) = match f {
+                    Failure::Link(e) => (e, opts.max_attempts.max(1)),
+                    Failure::Damaged(e) => {
+                        damaged += 1;
+                        (e, if damaged >= DAMAGED_LIMIT { 0 } else { u32::MAX })
+                    }
+                };
+                failures += 1;
+                if failures >= limit {
+                    return Err(ImageError::Transfer {
+                        registry: "hub".into(),
+                        what: format!("{reference}: chunks"),
+                        message: e,
+                        attempts: failures,
+                    });
+                }
+                let wait = crate::registry::backoff(failures, reference);
+                opts.note(&format!("{reference}: fetching chunks from the hub failed ({e}); again in {wait:?}"));
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
