@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admit;
+pub mod cache;
 pub mod detect;
 pub mod devices;
 mod exit;
@@ -88,6 +89,8 @@ pub struct AgentConfig {
     pub image_gc_every: Duration,
     /// How images that are not in the store are pulled (`None`: they wait to be loaded).
     pub pull: Option<skiff_image::registry::PullOptions>,
+    /// The address this node serves its site's image cache at (reported to the hub).
+    pub cache_url: Option<String>,
     /// How often node and instances are sampled (CPU, memory, network, disk).
     pub metrics_every: Duration,
     /// Samples kept on disk until the hub acknowledges them (the newest win).
@@ -123,6 +126,7 @@ impl AgentConfig {
             image_gc: Some(skiff_image::GcPolicy::default()),
             image_gc_every: Duration::from_secs(30),
             pull: None,
+            cache_url: None,
             metrics_every: Duration::from_secs(15),
             // An hour at the default interval.
             metrics_buffer: 240,
@@ -164,6 +168,8 @@ pub struct Agent {
     pulls: Mutex<HashMap<String, PullState>>,
     sampler: metrics::Sampler,
     latest_metrics: Mutex<Option<MetricsSample>>,
+    /// Image bytes by where they came from: hub, site cache, registry, reused on this node.
+    image_bytes: [std::sync::atomic::AtomicU64; 4],
     /// Per deployment, the instances its published ports send traffic to (none until the
     /// loop has first judged it).
     serving: Mutex<Option<HashMap<String, Vec<String>>>>,
@@ -350,6 +356,7 @@ impl Agent {
             pulls: Default::default(),
             sampler: Default::default(),
             latest_metrics: Default::default(),
+            image_bytes: Default::default(),
             serving: Default::default(),
             answered: Default::default(),
             update_failed: Default::default(),
@@ -507,6 +514,35 @@ impl Agent {
     /// The newest sample of this node and its instances.
     pub fn latest_metrics(&self) -> Option<MetricsSample> {
         self.latest_metrics.lock().ok()?.clone()
+    }
+
+    /// Counts a pull's bytes by where they came from.
+    pub(crate) fn count_image_bytes(&self, rep: &skiff_image::registry::PullReport) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let b = &self.image_bytes;
+        if rep.endpoint == "hub" {
+            b[0].fetch_add(rep.bytes_received.saturating_sub(rep.bytes_from_cache), Relaxed);
+            b[1].fetch_add(rep.bytes_from_cache, Relaxed);
+        } else {
+            b[2].fetch_add(rep.bytes_received, Relaxed);
+        }
+        b[3].fetch_add(rep.bytes_reused, Relaxed);
+    }
+
+    /// `skiff_image_bytes_total{source}` in the text exposition format.
+    pub fn image_bytes_text(&self) -> String {
+        let mut out = String::from(
+            "# HELP skiff_image_bytes Image bytes this node pulled, by source (reused: taken from layers it held).\n\
+             # TYPE skiff_image_bytes counter\n",
+        );
+        for (source, n) in ["hub", "site_cache", "registry", "reused"].iter().zip(&self.image_bytes) {
+            let n = n.load(std::sync::atomic::Ordering::Relaxed);
+            out.push_str(&format!(
+                "skiff_image_bytes_total{{node=\"{}\",source=\"{source}\"}} {n}\n",
+                self.cfg.node_name
+            ));
+        }
+        out
     }
 
     /// What keeps the node from taking new work, by its newest sample (see

@@ -40,8 +40,15 @@ impl Agent {
             let res = skiff_image::registry::pull(Arc::clone(&me.images), &image, &opts).await;
             let state = match res {
                 Ok(rep) => {
-                    let msg =
+                    me.count_image_bytes(&rep);
+                    let mut msg =
                         format!("{image} ({}) from {}, {} B received", rep.digest, rep.endpoint, rep.bytes_received);
+                    if rep.bytes_from_cache > 0 || rep.bytes_reused > 0 {
+                        msg += &format!(
+                            " ({} B of them from the site cache; {} B reused from layers on this node)",
+                            rep.bytes_from_cache, rep.bytes_reused
+                        );
+                    }
                     me.event(&instance, "Pulled", &msg);
                     if let Some(j) = &rep.trust {
                         let source = me.image_policy().source_name();

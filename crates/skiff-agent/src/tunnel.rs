@@ -249,6 +249,7 @@ where
                     events_through: events.last().map(|(id, _)| *id).unwrap_or(0),
                     events: events.into_iter().map(|(_, e)| e).collect(),
                     problems,
+                    cache: agent.cfg.cache_url.clone(),
                 };
                 if ws.send(Message::Text(frame(&Control::Status { status }).into())).await.is_err() {
                     break;

@@ -46,7 +46,8 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/nodes/{name}/assignments", get(assignments))
         .route("/api/v1/nodes/{name}/status", axum::routing::put(node_status))
         .route("/api/v1/nodes/{name}/tunnel", get(tunnel))
-        .route("/api/v1/nodes/{name}/images/{call}", post(images));
+        .route("/api/v1/nodes/{name}/images/{call}", post(images))
+        .route("/api/v1/nodes/{name}/site-caches", get(site_caches));
     Router::new()
         .route("/api/v1/tokens", post(create_token).get(list_tokens))
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
@@ -512,6 +513,17 @@ async fn assignments(
     Ok(Json(a).into_response())
 }
 
+/// The image caches of the node's site and the site's token.
+async fn site_caches(
+    State(hub): State<Shared>,
+    peer: Option<axum::Extension<crate::tls::Peer>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let f = fleet_of(&hub)?;
+    f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
+    Ok(Json(f.site_caches(&name).map_err(fleet_error)?).into_response())
+}
+
 /// The image proxy, for nodes: `resolve` (JSON) and `chunks` (sha256 digests → bytes).
 async fn images(
     State(hub): State<Shared>,
@@ -523,7 +535,19 @@ async fn images(
     f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
     let proxy = f.image_proxy().ok_or_else(|| not_found("this hub proxies no images"))?;
     let (handler, content_type) = match call.as_str() {
-        "resolve" => (&proxy.resolve, "application/json"),
+        "resolve" => {
+            let image = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("reference").and_then(|r| r.as_str()).map(String::from))
+                .ok_or_else(|| bad("request: want {\"reference\": IMAGE, \"platform\": OS/ARCH}"))?;
+            if !f.may_pull(&name, &image) {
+                return Err(ApiError(
+                    StatusCode::FORBIDDEN,
+                    format!("image {image} is not in the work of node {name} (or of its site, for a site cache)"),
+                ));
+            }
+            (&proxy.resolve, "application/json")
+        }
         "chunks" => (&proxy.chunks, "application/octet-stream"),
         other => return Err(not_found(format!("no image call {other:?} (resolve, chunks)"))),
     };

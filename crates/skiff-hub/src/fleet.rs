@@ -97,6 +97,8 @@ struct Seen {
     state: NodeState,
     since_ms: u64,
     problems: Vec<String>,
+    /// The site image cache the node serves, as it last reported.
+    cache: Option<String>,
 }
 
 impl Seen {
@@ -210,6 +212,14 @@ pub type ImageCall = Arc<dyn Fn(Vec<u8>) -> crate::BoxFuture<'static, Result<Vec
 pub struct ImageProxy {
     pub resolve: ImageCall,
     pub chunks: ImageCall,
+}
+
+/// A site cache's address as a node reports it: `http://host:port`, nothing more.
+fn valid_cache_url(u: &str) -> bool {
+    u.len() <= 256
+        && u.strip_prefix("http://").is_some_and(|rest| {
+            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
 }
 
 pub type PlatformLookup = Arc<dyn Fn(String) -> crate::BoxFuture<'static, Result<Platforms, String>> + Send + Sync>;
@@ -563,7 +573,13 @@ impl Fleet {
         let changed = match self.seen.lock() {
             Ok(mut seen) => seen
                 .entry(node.to_string())
-                .or_insert(Seen { last_ms: now, state: NodeState::Unknown, since_ms: now, problems: vec![] })
+                .or_insert(Seen {
+                    last_ms: now,
+                    state: NodeState::Unknown,
+                    since_ms: now,
+                    problems: vec![],
+                    cache: None,
+                })
                 .heard(now),
             Err(_) => false,
         };
@@ -625,6 +641,7 @@ impl Fleet {
         }
         if let Ok(mut seen) = self.seen.lock() {
             if let Some(s) = seen.get_mut(node) {
+                s.cache = status.cache.filter(|u| valid_cache_url(u));
                 if s.problems != status.problems {
                     s.problems = status.problems;
                     if s.heard(self.clock.now_ms()) {
@@ -731,6 +748,32 @@ impl Fleet {
             .collect())
     }
 
+    /// The image caches of `node`'s site: the Ready nodes with the same `site` label
+    /// that serve one (not `node` itself), and the site's token.
+    pub fn site_caches(&self, node: &str) -> Result<skiff_model::proto::SiteCaches, FleetError> {
+        let nodes = self.store.nodes().map_err(internal)?;
+        let site = nodes.iter().find(|n| n.name == node).and_then(|n| n.info.labels.get("site").cloned());
+        let Some(site) = site else { return Ok(Default::default()) };
+        let now = self.clock.now_ms();
+        let mut caches = vec![];
+        for n in &nodes {
+            if n.name == node || n.info.labels.get("site") != Some(&site) {
+                continue;
+            }
+            if self.state_of(&n.name, now).0 != NodeState::Ready {
+                continue;
+            }
+            if let Some(url) = self.seen.lock().ok().and_then(|s| s.get(&n.name).and_then(|x| x.cache.clone())) {
+                caches.push(url);
+            }
+        }
+        Ok(skiff_model::proto::SiteCaches {
+            token: self.ca.derive_secret(&format!("site-cache:{site}")),
+            site: Some(site),
+            caches,
+        })
+    }
+
     /// The problems a node last reported (why it is NotReady).
     pub fn problems(&self, node: &str) -> Vec<String> {
         self.seen.lock().ok().and_then(|s| s.get(node).map(|x| x.problems.clone())).unwrap_or_default()
@@ -810,6 +853,24 @@ impl Fleet {
             Some(a) => (**a).clone(),
             None => Assignment { revision: at.revision, deployments: vec![] },
         })
+    }
+
+    /// Whether `node` may have the hub pull `image` for it: an image of a deployment the
+    /// node is assigned — or, for a node serving its site's cache, assigned to any node of
+    /// its site. A node never reaches images beyond its own work (and its site's).
+    pub fn may_pull(&self, node: &str, image: &str) -> bool {
+        let Ok(at) = self.at_revision() else { return false };
+        let has = |n: &str| at.nodes.get(n).is_some_and(|a| a.deployments.iter().any(|d| d.spec.image == image));
+        if has(node) {
+            return true;
+        }
+        let serves_cache = self.seen.lock().is_ok_and(|s| s.get(node).is_some_and(|x| x.cache.is_some()));
+        if !serves_cache {
+            return false;
+        }
+        let Ok(nodes) = self.store.nodes() else { return false };
+        let site = nodes.iter().find(|n| n.name == node).and_then(|n| n.info.labels.get("site"));
+        site.is_some_and(|site| nodes.iter().any(|n| n.info.labels.get("site") == Some(site) && has(&n.name)))
     }
 
     /// What `node` may report, as of the current revision.
@@ -1155,6 +1216,46 @@ mod tests {
             let _ = f.set_runtimes("a", &flip);
         }
         assert_eq!(f.store.revision().unwrap(), rev + 1);
+    }
+
+    #[test]
+    fn a_node_may_have_the_hub_pull_only_its_own_images_and_a_cache_its_sites() {
+        let (_t, f) = fleet();
+        let tok = any(&f);
+        for (n, site) in [("gw", "s1"), ("n1", "s1"), ("other", "s2")] {
+            let mut req = join_req(&tok, n);
+            req.spec.labels = [("site".to_string(), site.to_string())].into();
+            f.join(&req).unwrap();
+            f.heartbeat(n, NodeStatus::default()).unwrap();
+        }
+        let mut web = Deployment::new("web", "registry.example/web:1");
+        web.placement.node_selector = [("site".to_string(), "s1".to_string())].into();
+        let mut db = Deployment::new("db", "registry.example/db:1");
+        db.placement.node_selector = [("site".to_string(), "s2".to_string())].into();
+        f.store.apply(&[web, db], None, false, 1).unwrap();
+        f.reschedule().unwrap();
+        let web_on = if f.may_pull("gw", "registry.example/web:1") { "gw" } else { "n1" };
+        let web_off = if web_on == "gw" { "n1" } else { "gw" };
+        assert!(f.may_pull(web_on, "registry.example/web:1"));
+        assert!(!f.may_pull(web_off, "registry.example/web:1"), "not its work");
+        assert!(!f.may_pull(web_on, "registry.example/db:1"), "another site's work");
+        assert!(f.may_pull("other", "registry.example/db:1") && !f.may_pull("other", "registry.example/web:1"));
+        assert!(!f.may_pull("gw", "registry.example/secret:1"));
+        // Serving the site's cache: the site's images, not another site's.
+        let cache = NodeStatus { cache: Some("http://10.0.0.2:5050".into()), ..Default::default() };
+        f.heartbeat(web_off, cache.clone()).unwrap();
+        assert!(f.may_pull(web_off, "registry.example/web:1"));
+        assert!(!f.may_pull(web_off, "registry.example/db:1"));
+        let site = f.site_caches(web_on).unwrap();
+        assert_eq!((site.site.as_deref(), site.caches.clone()), (Some("s1"), vec!["http://10.0.0.2:5050".to_string()]));
+        assert_eq!(site.token.len(), 64);
+        assert_eq!(f.site_caches(web_off).unwrap().token, site.token, "one token per site");
+        assert!(f.site_caches(web_off).unwrap().caches.is_empty(), "not its own cache");
+        let other = f.site_caches("other").unwrap();
+        assert!(other.caches.is_empty() && other.token != site.token);
+        // A cache address that is not http://host:port is not believed.
+        f.heartbeat(web_off, NodeStatus { cache: Some("http://x/../evil".into()), ..Default::default() }).unwrap();
+        assert!(f.site_caches(web_on).unwrap().caches.is_empty());
     }
 
     #[test]

@@ -133,15 +133,18 @@ pub fn names() -> Vec<String> {
 }
 
 /// Serves `GET /metrics` with what `samples` returns, every series included (an agent's
-/// own endpoint: one node, bounded by what runs on it).
+/// own endpoint: one node, bounded by what runs on it), then what `extra` writes (the
+/// agent's own counters, in the text format).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     samples: impl Fn() -> Vec<MetricsSample> + Clone + Send + Sync + 'static,
+    extra: impl Fn() -> String + Clone + Send + Sync + 'static,
 ) -> std::io::Result<()> {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let text = render(&samples(), usize::MAX, skiff_sys::time::now_ms());
+            let mut text = render(&samples(), usize::MAX, skiff_sys::time::now_ms());
+            text.push_str(&extra());
             async move { ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text) }
         }),
     );

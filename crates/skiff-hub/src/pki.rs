@@ -95,6 +95,13 @@ impl Ca {
         &self.pem
     }
 
+    /// A secret for `purpose`, derived from the CA's key (HMAC-SHA256): the same on every
+    /// start and every hub sharing the CA, unknown to anyone without the key.
+    pub fn derive_secret(&self, purpose: &str) -> String {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.key.serialize_der());
+        hex::encode(ring::hmac::sign(&key, purpose.as_bytes()).as_ref())
+    }
+
     /// The sha256 of the CA certificate (DER), as join tokens carry it.
     pub fn fingerprint(&self) -> Result<String, PkiError> {
         Ok(sha256_hex(&first_der(&self.pem)?))

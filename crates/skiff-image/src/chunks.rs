@@ -437,17 +437,19 @@ pub struct Pool {
     end: u64,
     at: HashMap<[u8; 32], (u64, u32)>,
     keep: bool,
+    /// A resumable pool is one process's at a time (two pulls of one image wait in turn).
+    _lock: Option<nix::fcntl::Flock<fs::File>>,
 }
 
 impl Pool {
     /// A new pool, removed when dropped.
     pub fn create(path: PathBuf) -> Result<Pool, ImageError> {
         let file = fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).ctx("create", &path)?;
-        Ok(Pool { path, file, end: 0, at: HashMap::new(), keep: false })
+        Ok(Pool { path, file, end: 0, at: HashMap::new(), keep: false, _lock: None })
     }
 
-    /// The pool at `path`, with the chunks a earlier run left in it; kept when dropped
-    /// (the caller removes it once the image is stored).
+    /// The pool at `path`, with the chunks an earlier run left in it; kept when dropped
+    /// (the caller removes it once the image is stored). Waits while another holds it.
     pub fn resume(path: PathBuf) -> Result<Pool, ImageError> {
         let mut file = fs::OpenOptions::new()
             .read(true)
@@ -456,6 +458,8 @@ impl Pool {
             .truncate(false)
             .open(&path)
             .ctx("open", &path)?;
+        let lock = nix::fcntl::Flock::lock(file.try_clone().ctx("open", &path)?, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| ImageError::Io { op: "lock", path: path.clone(), source: e.into() })?;
         let mut at = HashMap::new();
         let mut end = 0u64;
         let mut r = BufReader::new(&mut file);
@@ -476,7 +480,7 @@ impl Pool {
         drop(r);
         file.set_len(end).ctx("truncate", &path)?;
         std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(end)).ctx("seek", &path)?;
-        Ok(Pool { path, file, end, at, keep: true })
+        Ok(Pool { path, file, end, at, keep: true, _lock: Some(lock) })
     }
 
     pub fn contains(&self, digest: &[u8; 32]) -> bool {

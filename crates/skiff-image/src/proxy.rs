@@ -66,9 +66,14 @@ pub struct ProxyLayer {
 pub struct HubImages {
     /// `https://hub:port/api/v1/nodes/<node>/images`.
     pub base: String,
+    /// `https://hub:port/api/v1/nodes/<node>/site-caches`: the site's caches and token.
+    pub site_caches: String,
     /// A client that presents the node's certificate (made per pull: it is renewed).
     pub client: Arc<dyn Fn() -> Result<reqwest::Client, String> + Send + Sync>,
 }
+
+/// Where a site cache answers (`<url>/skiff/v1/images/resolve`, `.../chunks`).
+pub const CACHE_PATH: &str = "/skiff/v1/images";
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -85,6 +90,18 @@ fn proxy_err(what: impl Into<String>, problem: impl Into<String>) -> ImageError 
 }
 
 // ---- the hub's side ----
+
+/// One pull at a time per image (several nodes asking a hub or a site cache for the same
+/// update wait for the first pull and share it).
+#[derive(Default)]
+pub struct Flights(tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Flights {
+    pub async fn enter(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = Arc::clone(self.0.lock().await.entry(key.to_string()).or_default());
+        lock.lock_owned().await
+    }
+}
 
 /// Resolves `reference` for `platform` in the hub's store: pulled from the registry (a
 /// tag may have moved), or as stored when the registry cannot be reached. Each layer's
@@ -105,7 +122,8 @@ pub async fn resolve(store: Arc<ImageStore>, req: &ResolveRequest, opts: &PullOp
 }
 
 impl ImageStore {
-    fn resolved(&self, reference: &str, platform: &Platform) -> Result<Resolved, ImageError> {
+    /// The answer to a resolve for an image this store holds (a site cache answers with it).
+    pub fn resolved(&self, reference: &str, platform: &Platform) -> Result<Resolved, ImageError> {
         let _lease = self.lease()?;
         let info = self.inspect_platform(reference, platform)?;
         if info.wasm.is_some() {
@@ -260,13 +278,13 @@ pub async fn pull(
         }
         None => None,
     };
+    // Another pull of the same image (the node's own, beside the site cache's) goes first.
+    let pool_path = store.root().join("tmp").join(format!("partial-chunks-{}", sha256_hex(&r.top)?));
+    let mut pool = tokio::task::spawn_blocking(move || Pool::resume(pool_path))
+        .await
+        .map_err(|e| proxy_err("pool", e.to_string()))??;
     let todo: Vec<usize> =
         (0..layers.len()).filter(|&i| !store.layer_dir(&layers[i].diff_id).is_ok_and(|d| d.exists())).collect();
-    let pool_path = store.root().join("tmp").join(format!("partial-chunks-{}", sha256_hex(&r.top)?));
-    let mut pool = {
-        let p = pool_path.clone();
-        tokio::task::spawn_blocking(move || Pool::resume(p)).await.map_err(|e| proxy_err("pool", e.to_string()))??
-    };
     // Chunks from layers this node holds, then the rest from the hub.
     let mut need = HashSet::new();
     for &i in &todo {
@@ -298,7 +316,13 @@ pub async fn pull(
         reused
     ));
     (opts.progress)(crate::registry::PullEvent::Total { size: total + reused, present: reused });
-    received += fetch(&client, &hub.base, &remote, &mut pool, opts, reference).await?;
+    // A cache of this node's site first: the site's WAN carries each chunk once.
+    let mut from_cache = 0;
+    if !remote.is_empty() {
+        from_cache = from_site_cache(&client, hub, &req, &r.top, &remote, &mut pool, opts).await;
+        received += from_cache;
+    }
+    received += fetch(&client, &hub.base, None, &remote, &mut pool, opts, reference).await?;
     let (st, r2, rebuilt) = (Arc::clone(&store), r.clone(), todo.len());
     tokio::task::spawn_blocking(move || -> Result<(), ImageError> {
         let tmp = st.tmp_dir("rebuild")?;
@@ -329,10 +353,74 @@ pub async fn pull(
         digest: r.top.clone(),
         endpoint: "hub".into(),
         bytes_received: received,
+        bytes_from_cache: from_cache,
+        bytes_reused: reused,
         blobs_fetched: rebuilt,
         blobs_present: r.layers.len() - rebuilt,
         trust,
     })
+}
+
+/// Fetches what it can of `remote` from a cache of the node's site (which pulls the image
+/// through its own hub first, once for the site). Returns the bytes received from it; what
+/// it could not give is left for the hub.
+async fn from_site_cache(
+    client: &reqwest::Client,
+    hub: &HubImages,
+    req: &ResolveRequest,
+    top: &str,
+    remote: &[ChunkRef],
+    pool: &mut Pool,
+    opts: &PullOptions,
+) -> u64 {
+    let site: skiff_model::proto::SiteCaches = match async {
+        let resp = client.get(&hub.site_caches).timeout(Duration::from_secs(30)).send().await?;
+        resp.error_for_status()?.json().await
+    }
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!("site caches not known: {}", with_causes(&e));
+            return 0;
+        }
+    };
+    let Ok(plain) = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build() else { return 0 };
+    let mut got = 0;
+    for url in &site.caches {
+        let base = format!("{}{CACHE_PATH}", url.trim_end_matches('/'));
+        let resolved = async {
+            let resp = plain
+                .post(format!("{base}/resolve"))
+                .bearer_auth(&site.token)
+                .timeout(Duration::from_secs(900))
+                .json(req)
+                .send()
+                .await
+                .map_err(|e| with_causes(&e))?;
+            let resp = resp.error_for_status().map_err(|e| with_causes(&e))?;
+            let r: Resolved = resp.json().await.map_err(|e| with_causes(&e))?;
+            // The hub says which image the reference is; a cache only supplies chunks.
+            if r.top != top {
+                return Err(format!("it holds {} for {}, the hub says {top}", r.top, req.reference));
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = resolved {
+            opts.note(&format!("{}: site cache {url} cannot help ({e})", req.reference));
+            continue;
+        }
+        let opts = PullOptions { max_attempts: 3, ..opts.clone() };
+        match fetch(&plain, &base, Some(&site.token), remote, pool, &opts, &req.reference).await {
+            Ok(n) => got += n,
+            Err(e) => opts.note(&format!("{}: site cache {url} failed ({e}); the hub sends the rest", req.reference)),
+        }
+        if remote.iter().all(|c| pool.contains(&c.digest)) {
+            break;
+        }
+    }
+    got
 }
 
 type Checked = (Vec<LayerRef>, Vec<Vec<ChunkRef>>, BTreeMap<String, Vec<u8>>);
@@ -400,6 +488,7 @@ enum Failure {
 async fn fetch(
     client: &reqwest::Client,
     base: &str,
+    token: Option<&str>,
     remote: &[ChunkRef],
     pool: &mut Pool,
     opts: &PullOptions,
@@ -426,13 +515,11 @@ async fn fetch(
         }
         let body: Vec<u8> = batch.iter().flat_map(|c| c.digest).collect();
         let res = async {
-            let resp = client
-                .post(&url)
-                .timeout(Duration::from_secs(300))
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| Failure::Link(with_causes(&e)))?;
+            let mut request = client.post(&url).timeout(Duration::from_secs(300)).body(body);
+            if let Some(t) = token {
+                request = request.bearer_auth(t);
+            }
+            let resp = request.send().await.map_err(|e| Failure::Link(with_causes(&e)))?;
             if !resp.status().is_success() {
                 let status = resp.status();
                 return Err(Failure::Link(format!("HTTP {status}: {}", resp.text().await.unwrap_or_default())));
@@ -486,5 +573,72 @@ async fn fetch(
                 tokio::time::sleep(wait).await;
             }
         }
+    }
+}
+
+// ---- a site cache as a registry mirror ----
+
+impl ImageStore {
+    /// The manifest a registry mirror answers for `name` (the repository, without the
+    /// registry) and `reference` (a tag or a manifest digest), with its media type; `None`
+    /// when the store holds no such image. Layers held only as tars (an image pulled
+    /// through the hub has no compressed blobs) are named by their diff_ids in a rewritten
+    /// manifest, so a tag pulls; a manifest asked for by digest is served as stored.
+    pub fn mirror_manifest(&self, name: &str, reference: &str) -> Result<Option<(String, Vec<u8>)>, ImageError> {
+        let media = |m: &Manifest| {
+            m.media_type.clone().unwrap_or_else(|| {
+                if m.is_index() { crate::store::MT_OCI_INDEX } else { crate::store::MT_OCI_MANIFEST }.to_string()
+            })
+        };
+        if reference.starts_with("sha256:") {
+            sha256_hex(reference)?;
+            if !self.has_blob(reference) {
+                return Ok(None);
+            }
+            let bytes = self.read_blob(reference)?;
+            let m: Manifest = serde_json::from_slice(&bytes)
+                .map_err(|e| ImageError::Malformed { what: reference.into(), problem: e.to_string() })?;
+            return Ok(Some((media(&m), bytes)));
+        }
+        let same_repo = |repo: &str| repo == name || repo.strip_prefix("library/") == Some(name);
+        let found = self.list()?.into_iter().find(|s| {
+            crate::registry::RemoteRef::parse(&s.reference)
+                .is_ok_and(|r| same_repo(&r.repository) && r.reference == reference)
+        });
+        let Some(found) = found else { return Ok(None) };
+        let info = match self.inspect(&found.reference) {
+            Ok(i) if i.wasm.is_none() => i,
+            _ => return Ok(None),
+        };
+        let bytes = self.read_blob(&info.manifest_digest)?;
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| ImageError::Malformed { what: info.manifest_digest.clone(), problem: e.to_string() })?;
+        if info.layers.iter().all(|l| self.has_blob(&l.digest)) {
+            return Ok(Some((media(&m), bytes)));
+        }
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ImageError::Malformed { what: info.manifest_digest.clone(), problem: e.to_string() })?;
+        let mut layers = vec![];
+        for (d, l) in m.layers.iter().flatten().zip(&info.layers) {
+            if self.has_blob(&l.digest) {
+                layers.push(
+                    serde_json::to_value(d)
+                        .map_err(|e| ImageError::Malformed { what: l.digest.clone(), problem: e.to_string() })?,
+                );
+            } else {
+                let size = fs::metadata(self.blob_path(&l.diff_id)?).ctx("stat", self.blob_path(&l.diff_id)?)?.len();
+                layers.push(
+                    serde_json::json!({"mediaType": crate::store::MT_OCI_LAYER, "digest": l.diff_id, "size": size}),
+                );
+            }
+        }
+        v["layers"] = serde_json::Value::Array(layers);
+        v["mediaType"] = serde_json::Value::String(crate::store::MT_OCI_MANIFEST.into());
+        if let Some(c) = v.get_mut("config") {
+            c["mediaType"] = serde_json::Value::String(crate::store::MT_OCI_CONFIG.into());
+        }
+        let out = serde_json::to_vec(&v)
+            .map_err(|e| ImageError::Malformed { what: "manifest".into(), problem: e.to_string() })?;
+        Ok(Some((crate::store::MT_OCI_MANIFEST.into(), out)))
     }
 }

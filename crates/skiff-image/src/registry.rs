@@ -146,8 +146,12 @@ pub struct PullReport {
     pub digest: String,
     /// Where the image came from: the registry or one of its mirrors (`host:port`).
     pub endpoint: String,
-    /// Bytes received from the registry for blobs and manifests.
+    /// Bytes received from the registry for blobs and manifests (or from the hub).
     pub bytes_received: u64,
+    /// Through the hub: bytes a cache of the node's site sent (counted in
+    /// `bytes_received`), and bytes taken from layers the node held.
+    pub bytes_from_cache: u64,
+    pub bytes_reused: u64,
     pub blobs_fetched: usize,
     pub blobs_present: usize,
     /// How the image policy judged the image (`None`: no rule names it).
@@ -1258,6 +1262,27 @@ async fn fetch_blob(
     let hex = sha256_hex(&desc.digest)?.to_string();
     let short = &hex[..12];
     let partial = store.root().join("tmp").join(format!("partial-{hex}"));
+    // One download of a blob at a time in a store (two pulls sharing a layer, a hub
+    // serving several nodes): the second finds it stored.
+    let lock_path = store.root().join("tmp").join(format!("lock-{hex}"));
+    let _one = tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .ctx("open", &lock_path)?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| ImageError::Io {
+            op: "lock",
+            path: lock_path,
+            source: e.into(),
+        })
+    })
+    .await
+    .map_err(|e| ImageError::Malformed { what: "download task".into(), problem: e.to_string() })??;
+    if store.has_blob(&desc.digest) {
+        return Ok(());
+    }
     let what = format!("blob {}", desc.digest);
     let mut last_err = String::new();
     // Only attempts that make no progress count against `max_attempts` and back off: a

@@ -221,6 +221,10 @@ impl Stamp {
     }
 }
 
+/// `refs.json` is read, changed and written back: one change at a time in this process
+/// (two pulls ending together, an eviction beside a pull).
+static REFS_WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn io_tmp_name(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
@@ -477,6 +481,7 @@ impl ImageStore {
                 problem: "cannot tag a blob that is not stored".into(),
             });
         }
+        let _one = REFS_WRITE.lock();
         let mut refs = self.refs()?;
         refs.insert(normalize_reference(reference), digest.to_string());
         self.write_refs(&refs)
@@ -685,6 +690,7 @@ impl ImageStore {
     /// Removes a reference, then every blob and layer no reference needs any more.
     /// `in_use` lists references that running workloads need; those are refused.
     pub fn remove(&self, reference: &str, in_use: &BTreeMap<String, Vec<String>>) -> Result<(), ImageError> {
+        let one = REFS_WRITE.lock();
         let mut refs = self.refs()?;
         let norm = normalize_reference(reference);
         let key = if refs.contains_key(&norm) {
@@ -699,6 +705,7 @@ impl ImageStore {
         }
         refs.remove(&key);
         self.write_refs(&refs)?;
+        drop(one);
         self.gc()?;
         Ok(())
     }
@@ -709,6 +716,7 @@ impl ImageStore {
 
     /// Removes one reference as it is spelled in `refs.json` (blobs stay until collected).
     pub(crate) fn untag(&self, reference: &str) -> Result<(), ImageError> {
+        let _one = REFS_WRITE.lock();
         let mut refs = self.refs()?;
         if refs.remove(reference).is_some() {
             self.write_refs(&refs)?;

@@ -136,6 +136,18 @@ pub struct NodeStatus {
     /// NotReady while any is reported.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+    /// Where this node serves its site's image cache (`skiff agent --serve-cache`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+}
+
+/// The image caches of a node's site (nodes with the same `site` label that serve one),
+/// and the token the site's caches take from its nodes (the same for the whole site).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteCaches {
+    pub site: Option<String>,
+    pub caches: Vec<String>,
+    pub token: String,
 }
 
 /// The hub's answer to a status report.

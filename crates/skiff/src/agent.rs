@@ -49,8 +49,59 @@ pub struct AgentArgs {
     /// (which sends only the chunks this node lacks).
     #[arg(long)]
     pub pull_direct: bool,
+    /// Serve this node's site (nodes with the same `site` label) as its image cache on
+    /// ADDR (e.g. 0.0.0.0:5050): they fetch chunks here first, so an update crosses the
+    /// WAN once. Also a read-only registry mirror of the images held, over plain HTTP.
+    #[arg(long, value_name = "ADDR")]
+    pub serve_cache: Option<std::net::SocketAddr>,
+    /// The URL the site reaches the cache at (default: http://ADDR; needed when ADDR is
+    /// 0.0.0.0 or [::]).
+    #[arg(long, value_name = "URL", requires = "serve_cache")]
+    pub cache_advertise: Option<String>,
     #[command(flatten)]
     pub node: crate::cli::NodeArgs,
+}
+
+/// `--cache-advertise`: `http://host:port`.
+fn cache_url(u: &str) -> Result<String> {
+    let rest = u.strip_prefix("http://").context("--cache-advertise: must start with http://")?;
+    let rest = rest.trim_end_matches('/');
+    anyhow::ensure!(
+        !rest.is_empty()
+            && !rest.contains('/')
+            && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)),
+        "--cache-advertise {u:?}: want http://HOST:PORT"
+    );
+    Ok(format!("http://{rest}"))
+}
+
+/// Keeps the site cache's token as the hub says it (asked now, then every 10 minutes;
+/// every 10 s until the first answer).
+async fn site_token(cache: Arc<skiff_agent::cache::SiteCache>, hub: skiff_image::proxy::HubImages) {
+    loop {
+        let got = async {
+            let client = (hub.client)().map_err(anyhow::Error::msg)?;
+            let resp = client.get(&hub.site_caches).timeout(Duration::from_secs(30)).send().await?;
+            let site: skiff_model::proto::SiteCaches = resp.error_for_status()?.json().await?;
+            anyhow::Ok(site)
+        }
+        .await;
+        let wait = match got {
+            Ok(site) if site.site.is_some() => {
+                cache.set_token(site.token);
+                600
+            }
+            Ok(_) => {
+                tracing::warn!("--serve-cache: this node has no `site` label, so no site's nodes use its cache");
+                600
+            }
+            Err(e) => {
+                tracing::warn!("--serve-cache: the site's token: {e}");
+                10
+            }
+        };
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+    }
 }
 
 /// The hub's image proxy for this node, reached with the node's certificate (read at
@@ -58,6 +109,7 @@ pub struct AgentArgs {
 fn hub_images(hub: &str, node: &str, id: Arc<Identity>) -> skiff_image::proxy::HubImages {
     skiff_image::proxy::HubImages {
         base: format!("{}/api/v1/nodes/{node}/images", hub.trim_end_matches('/')),
+        site_caches: format!("{}/api/v1/nodes/{node}/site-caches", hub.trim_end_matches('/')),
         client: Arc::new(move || {
             let tls = id.tls().map_err(|e| e.to_string())?;
             reqwest::Client::builder()
@@ -98,11 +150,40 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
             pull.hub = Some(hub_images(&args.hub, &node, Arc::new(Identity::new(data))));
         }
     }
+    let cache_listener = match args.serve_cache {
+        Some(addr) => {
+            acfg.cache_url = Some(match &args.cache_advertise {
+                Some(u) => cache_url(u)?,
+                None if addr.ip().is_unspecified() => anyhow::bail!(
+                    "--serve-cache {addr}: say with --cache-advertise http://LAN-ADDRESS:{} where the site reaches it",
+                    addr.port()
+                ),
+                None => format!("http://{addr}"),
+            });
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--serve-cache {addr}"))?)
+        }
+        None => None,
+    };
     let agent = Agent::open(acfg)?;
+    if let Some(listener) = cache_listener {
+        let cache = skiff_agent::cache::SiteCache::new(Arc::clone(&agent));
+        let router = skiff_agent::cache::router(Arc::clone(&cache));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!("site cache: {e}");
+            }
+        });
+        tokio::spawn(site_token(cache, hub_images(&args.hub, &node, Arc::new(Identity::new(data)))));
+    }
     if let Some(addr) = &args.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-listen {addr}"))?;
         let a = Arc::clone(&agent);
-        tokio::spawn(skiff_hub::metrics::serve(listener, move || a.latest_metrics().into_iter().collect()));
+        let b = Arc::clone(&agent);
+        tokio::spawn(skiff_hub::metrics::serve(
+            listener,
+            move || a.latest_metrics().into_iter().collect(),
+            move || b.image_bytes_text(),
+        ));
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx));

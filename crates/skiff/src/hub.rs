@@ -151,12 +151,14 @@ fn image_proxy(cli: &crate::cli::Cli, limit: u64) -> Result<skiff_hub::fleet::Im
     let store = Arc::new(skiff_image::ImageStore::open(cli.data.join("images"))?);
     let opts = skiff_image::registry::PullOptions { progress: Arc::new(|_| {}), ..crate::cli::pull_options(cli)? };
     let used = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
+    let flights = Arc::new(proxy::Flights::default());
     let st = Arc::clone(&store);
     let resolve: skiff_hub::fleet::ImageCall = Arc::new(move |body: Vec<u8>| {
-        let (store, opts, used) = (Arc::clone(&st), opts.clone(), Arc::clone(&used));
+        let (store, opts, used, flights) = (Arc::clone(&st), opts.clone(), Arc::clone(&used), Arc::clone(&flights));
         Box::pin(async move {
             let req: ResolveRequest = serde_json::from_slice(&body).map_err(|e| (400, format!("request: {e}")))?;
             skiff_image::registry::RemoteRef::parse(&req.reference).map_err(|e| (400, e.to_string()))?;
+            let _one = flights.enter(&req.reference).await;
             let r = proxy::resolve(Arc::clone(&store), &req, &opts).await.map_err(|e| {
                 let status = match e {
                     skiff_image::ImageError::BadPlatform(_) | skiff_image::ImageError::NoPlatform { .. } => 400,

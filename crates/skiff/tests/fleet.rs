@@ -672,7 +672,10 @@ fn an_update_through_the_hub_sends_only_the_changed_chunks() -> R {
     let hub_port: u16 = h.server()?.rsplit(':').next().unwrap_or_default().parse()?;
     let link = skiff_testkit::registry::FaultProxy::start(hub_port, None, None)?;
     let mut a = Node::new()?;
-    start_agent(&mut a, &format!("https://127.0.0.1:{}", link.port), Some(&token), Some("edge-1"), &[])?;
+    let metrics_port = common::free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let server = format!("https://127.0.0.1:{}", link.port);
+    start_agent_in(None, &mut a, &server, Some(&token), Some("edge-1"), &[], &["--metrics-listen", &metrics])?;
     wait_ready(&h, "edge-1")?;
     let down = || link.down.load(std::sync::atomic::Ordering::Relaxed);
     let pulled = |v: u8| -> anyhow::Result<String> {
@@ -700,6 +703,13 @@ fn an_update_through_the_hub_sends_only_the_changed_chunks() -> R {
     assert!(second < 1536 << 10, "v2 took {second} B over the link (v1 took {first} B)");
     let got = h.ok(&["exec", "app-1", "--", "sh", "-c", "sha256sum /data/blob; cat /data/added"])?;
     assert_eq!(got, format!("{}  /data/blob\nappended\n", hex::encode(sha2::Sha256::digest(&new))));
+    // The node counts where its image bytes came from.
+    let text = common::http_get(metrics_port, "/metrics")?;
+    let count = |source: &str| -> u64 {
+        let key = format!("skiff_image_bytes_total{{node=\"edge-1\",source=\"{source}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&key)?.parse().ok()).unwrap_or(0)
+    };
+    assert!(count("hub") > 8 << 20 && count("reused") > 7 << 20 && count("registry") == 0, "{text}");
 
     // A hub whose kept copy of v2 is damaged (a byte inside the edit): a node that needs
     // those chunks refuses them, and pulls v2 from the registry instead, intact.
@@ -729,5 +739,115 @@ fn an_update_through_the_hub_sends_only_the_changed_chunks() -> R {
     assert!(log.contains("does not match its digest"), "the agent says why it left the hub");
     h.ok(&["delete", "deployment", "app"])?;
     wait_placed(&h, &[])?;
+    Ok(())
+}
+
+/// A site behind one WAN link: the gateway serves the site's image cache, so an image and
+/// then its update cross the WAN once for three nodes; the cache is also a read-only
+/// registry mirror (skopeo copies from it) and makes no pull for a caller without the
+/// site's token.
+#[test]
+fn a_site_downloads_an_update_over_the_wan_once() -> R {
+    skiff_testkit::require_registry_tools!();
+    let reg = skiff_testkit::registry::Registry::start()?;
+    let tmp = tempfile::tempdir()?;
+    let old = skiff_testkit::incompressible(8 << 20, 41);
+    let mut new = old.clone();
+    new[2 << 20..(2 << 20) + (256 << 10)].copy_from_slice(&skiff_testkit::incompressible(256 << 10, 42));
+    for (v, data) in [(1, &old), (2, &new)] {
+        let l = skiff_testkit::LayerBuilder::new().file("data/blob", 0o644, data)?.finish()?;
+        let dir = tmp.path().join(format!("v{v}"));
+        skiff_testkit::ImageBuilder::busybox()?.layer(l).write_oci_layout(&dir, "app")?;
+        reg.push(&dir, &format!("edge/site:{v}"))?;
+    }
+    let at = |v: u8| format!("127.0.0.1:{}/edge/site:{v}", reg.port);
+    let app = |v: u8| {
+        format!(
+            "name: site\nservices:\n  app:\n    image: {}\n    command: [sleep, '1000']\n    stop_grace_period: 1s\n    \
+             deploy: {{mode: global}}\n",
+            at(v)
+        )
+    };
+    let h = hub()?;
+    let token = h.ok(&["token", "create"])?.trim().to_string();
+    let hub_port: u16 = h.server()?.rsplit(':').next().unwrap_or_default().parse()?;
+    let wan = skiff_testkit::registry::FaultProxy::start(hub_port, None, None)?;
+    let server = format!("https://127.0.0.1:{}", wan.port);
+    let cache_port = common::free_port();
+    let cache_addr = format!("127.0.0.1:{cache_port}");
+    let mut gw = Node::new()?;
+    let extra = ["--serve-cache", cache_addr.as_str()];
+    common::fleet::start_agent_in(None, &mut gw, &server, Some(&token), Some("gw"), &["site=plant-1"], &extra)?;
+    let mut nodes = vec![];
+    for name in ["n1", "n2"] {
+        let mut n = Node::new()?;
+        start_agent(&mut n, &server, Some(&token), Some(name), &["site=plant-1"])?;
+        nodes.push(n);
+    }
+    for name in ["gw", "n1", "n2"] {
+        wait_ready(&h, name)?;
+    }
+    let down = || wan.down.load(std::sync::atomic::Ordering::Relaxed);
+    let roll = |v: u8| -> anyhow::Result<(u64, Vec<String>)> {
+        let (before, since) = (down(), now_ms());
+        apply(&h, "app.yaml", &app(v), &[])?;
+        h.ok(&["rollout", "status", "app", "--timeout", "120s"])?;
+        let pulled = wait_for(30 * SEC, "three Pulled events", || {
+            let evs: Vec<skiff_model::EventRecord> =
+                serde_json::from_str(&h.ok(&["get", "events", "-o", "json"]).ok()?).ok()?;
+            let p: Vec<String> = evs
+                .into_iter()
+                .filter(|e| e.reason == "Pulled" && e.time_ms >= since && e.message.contains(&at(v)))
+                .map(|e| format!("{}: {}", e.node.unwrap_or_default(), e.message))
+                .collect();
+            (p.len() == 3).then_some(p)
+        })?;
+        Ok((down() - before, pulled))
+    };
+    let (first, said) = roll(1)?;
+    eprintln!("v1 over the WAN: {first} B\n{}", said.join("\n"));
+    for n in std::iter::once(&gw).chain(&nodes) {
+        let log = std::fs::read_to_string(&n.up_log).unwrap_or_default();
+        for l in log.lines().filter(|l| l.contains("not through") || l.contains("cannot help") || l.contains("failed"))
+        {
+            eprintln!("LOG {l}");
+        }
+    }
+    assert!(first > 8 << 20 && first < 10 << 20, "8 MiB crossed once for three nodes, not {first} B");
+    let (second, said) = roll(2)?;
+    eprintln!("v2 over the WAN: {second} B\n{}", said.join("\n"));
+    assert!(second < 1 << 20, "the 256 KiB edit crossed once for three nodes, not {second} B");
+    for n in ["n1", "n2"] {
+        assert!(
+            said.iter().any(|p| p.starts_with(&format!("{n}: "))
+                && p.contains("from the site cache")
+                && !p.contains("(0 B of them")),
+            "{n} took chunks from the cache: {said:?}"
+        );
+    }
+
+    // A read-only registry mirror: skopeo copies v2 from the cache.
+    let copied = tmp.path().join("copied");
+    let out = std::process::Command::new("skopeo")
+        .args(["copy", "-q", "--src-tls-verify=false", &format!("docker://{cache_addr}/edge/site:2")])
+        .arg(format!("oci:{}:site", copied.display()))
+        .output()?;
+    assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+    // No pull for a caller without the site's token.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", cache_port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let body = format!("{{\"reference\":\"{}\",\"platform\":\"linux/amd64\"}}", at(1));
+    write!(
+        s,
+        "POST /skiff/v1/images/resolve HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    assert!(answer.starts_with("HTTP/1.0 401") || answer.starts_with("HTTP/1.1 401"), "{answer}");
+    h.ok(&["delete", "deployment", "app"])?;
+    wait_placed(&h, &[])?;
+    drop(nodes);
     Ok(())
 }
