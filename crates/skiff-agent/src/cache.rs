@@ -33,11 +33,13 @@ pub struct SiteCache {
     token: Mutex<Option<String>>,
     /// One pull at a time per image.
     pulls: skiff_image::proxy::Flights,
+    /// The layers of the images resolved here: the only ones chunks are served from.
+    served: Mutex<std::collections::HashSet<String>>,
 }
 
 impl SiteCache {
     pub fn new(agent: Arc<Agent>) -> Arc<Self> {
-        Arc::new(SiteCache { agent, token: Mutex::new(None), pulls: Default::default() })
+        Arc::new(SiteCache { agent, token: Mutex::new(None), pulls: Default::default(), served: Default::default() })
     }
 
     pub fn set_token(&self, token: String) {
@@ -90,18 +92,26 @@ async fn resolve(State(c): State<Arc<SiteCache>>, headers: HeaderMap, body: Byte
     let Some(mut opts) = c.agent.cfg.pull.clone() else {
         return error(StatusCode::NOT_FOUND, "this node pulls no images");
     };
+    let Some(hub) = opts.hub.clone() else {
+        return error(StatusCode::NOT_FOUND, "this node pulls from registries, not through a hub");
+    };
     opts.platform = Some(platform.clone());
     let _one = c.pulls.enter(&req.reference).await;
     let images = Arc::clone(c.agent.images());
-    // A tag may have moved: pulled again (through the hub, only what changed).
-    if let Err(e) = skiff_image::registry::pull(Arc::clone(&images), &req.reference, &opts).await {
-        if images.top_digest(&req.reference).is_err() {
-            return error(StatusCode::BAD_GATEWAY, skiff_image::error::with_causes(&e));
-        }
+    // Through the hub only (never straight from a registry with this node's credentials):
+    // the hub decides whether the site may have the image. Pulled again each time, for a
+    // tag may have moved; only what changed crosses.
+    if let Err(e) = skiff_image::proxy::pull(Arc::clone(&images), &hub, &req.reference, &opts).await {
+        return error(StatusCode::BAD_GATEWAY, skiff_image::error::with_causes(&e));
     }
     let reference = req.reference.clone();
     match tokio::task::spawn_blocking(move || images.resolved(&reference, &platform)).await {
-        Ok(Ok(r)) => axum::Json(r).into_response(),
+        Ok(Ok(r)) => {
+            if let Ok(mut s) = c.served.lock() {
+                s.extend(r.layers.iter().map(|l| l.diff_id.clone()));
+            }
+            axum::Json(r).into_response()
+        }
         Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, skiff_image::error::with_causes(&e)),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -112,7 +122,8 @@ async fn chunks(State(c): State<Arc<SiteCache>>, headers: HeaderMap, body: Bytes
         return error(StatusCode::UNAUTHORIZED, "a site cache serves the nodes of its site (token)");
     }
     let images = Arc::clone(c.agent.images());
-    match tokio::task::spawn_blocking(move || images.proxy_chunks(&body)).await {
+    let layers = c.served.lock().map(|s| s.clone()).unwrap_or_default();
+    match tokio::task::spawn_blocking(move || images.proxy_chunks(&body, &layers)).await {
         Ok(Ok(bytes)) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
         Ok(Err(e)) => error(StatusCode::NOT_FOUND, skiff_image::error::with_causes(&e)),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

@@ -551,7 +551,7 @@ async fn images(
         "chunks" => (&proxy.chunks, "application/octet-stream"),
         other => return Err(not_found(format!("no image call {other:?} (resolve, chunks)"))),
     };
-    match handler(body.to_vec()).await {
+    match handler(name, body.to_vec()).await {
         Ok(bytes) => Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response()),
         Err((status, msg)) => Err(ApiError(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), msg)),
     }

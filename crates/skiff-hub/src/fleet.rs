@@ -13,7 +13,7 @@ use crate::tls::Peer;
 use skiff_model::metrics::MetricsSample;
 use skiff_model::proto::{Assigned, Assignment, JoinRequest, JoinResponse, NodeStatus, StatusAck};
 use skiff_model::{Deployment, EventRecord, InstanceStatus};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// A node is Ready while its heartbeats arrive within this long of each other.
@@ -138,6 +138,10 @@ pub struct Fleet {
     lookup: Option<PlatformLookup>,
     /// The image proxy agents pull through (the binary wires it to an image store).
     images: Option<ImageProxy>,
+    /// The nodes the operator lets serve their site's image cache (`skiff hub
+    /// --site-cache NODE`): a node's own word that it serves one is not enough, since it
+    /// opens the site's images to it.
+    site_cache_nodes: BTreeSet<String>,
     /// Image → the platforms it was last seen to have; absent: any architecture.
     platforms: Mutex<BTreeMap<String, Platforms>>,
     /// Deployment → why some of its instances have no node, as of the last placement.
@@ -201,10 +205,10 @@ impl Allowed {
     }
 }
 
-/// Finds out which `(architecture, variant)`s an image is built for.
-/// One call of the image proxy: the request body in, the answer (or an HTTP status and a
-/// message) out.
-pub type ImageCall = Arc<dyn Fn(Vec<u8>) -> crate::BoxFuture<'static, Result<Vec<u8>, (u16, String)>> + Send + Sync>;
+/// One call of the image proxy: the asking node and the request body in, the answer (or an
+/// HTTP status and a message) out.
+pub type ImageCall =
+    Arc<dyn Fn(String, Vec<u8>) -> crate::BoxFuture<'static, Result<Vec<u8>, (u16, String)>> + Send + Sync>;
 
 /// The hub's image proxy (`skiff_image::proxy`): `resolve` takes a JSON request and
 /// answers JSON, `chunks` takes sha256 digests and answers the chunks' bytes.
@@ -214,14 +218,7 @@ pub struct ImageProxy {
     pub chunks: ImageCall,
 }
 
-/// A site cache's address as a node reports it: `http://host:port`, nothing more.
-fn valid_cache_url(u: &str) -> bool {
-    u.len() <= 256
-        && u.strip_prefix("http://").is_some_and(|rest| {
-            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-        })
-}
-
+/// Finds out which `(architecture, variant)`s an image is built for.
 pub type PlatformLookup = Arc<dyn Fn(String) -> crate::BoxFuture<'static, Result<Platforms, String>> + Send + Sync>;
 
 /// How long a platform lookup may take before the image counts as "any architecture".
@@ -247,6 +244,7 @@ impl Fleet {
             tunnel_serial: std::sync::atomic::AtomicU64::new(1),
             lookup: None,
             images: None,
+            site_cache_nodes: BTreeSet::new(),
             platforms: Mutex::new(BTreeMap::new()),
             unschedulable: Mutex::new(BTreeMap::new()),
             samples: Mutex::new(BTreeMap::new()),
@@ -275,6 +273,11 @@ impl Fleet {
 
     pub fn with_image_proxy(mut self, images: ImageProxy) -> Self {
         self.images = Some(images);
+        self
+    }
+
+    pub fn with_site_caches(mut self, nodes: impl IntoIterator<Item = String>) -> Self {
+        self.site_cache_nodes = nodes.into_iter().collect();
         self
     }
 
@@ -641,7 +644,8 @@ impl Fleet {
         }
         if let Ok(mut seen) = self.seen.lock() {
             if let Some(s) = seen.get_mut(node) {
-                s.cache = status.cache.filter(|u| valid_cache_url(u));
+                let allowed = self.site_cache_nodes.contains(node);
+                s.cache = status.cache.filter(|u| allowed && skiff_model::proto::valid_cache_url(u));
                 if s.problems != status.problems {
                     s.problems = status.problems;
                     if s.heard(self.clock.now_ms()) {
@@ -1221,15 +1225,20 @@ mod tests {
     #[test]
     fn a_node_may_have_the_hub_pull_only_its_own_images_and_a_cache_its_sites() {
         let (_t, f) = fleet();
+        let f = f.with_site_caches(["gw".to_string(), "n1".to_string()]);
         let tok = any(&f);
-        for (n, site) in [("gw", "s1"), ("n1", "s1"), ("other", "s2")] {
+        for (n, site) in [("gw", "s1"), ("n1", "s1"), ("rogue", "s1"), ("other", "s2")] {
             let mut req = join_req(&tok, n);
             req.spec.labels = [("site".to_string(), site.to_string())].into();
+            if n != "rogue" {
+                req.spec.labels.insert("tier".into(), "edge".into());
+            }
             f.join(&req).unwrap();
             f.heartbeat(n, NodeStatus::default()).unwrap();
         }
         let mut web = Deployment::new("web", "registry.example/web:1");
-        web.placement.node_selector = [("site".to_string(), "s1".to_string())].into();
+        web.placement.node_selector =
+            [("site".to_string(), "s1".to_string()), ("tier".to_string(), "edge".to_string())].into();
         let mut db = Deployment::new("db", "registry.example/db:1");
         db.placement.node_selector = [("site".to_string(), "s2".to_string())].into();
         f.store.apply(&[web, db], None, false, 1).unwrap();
@@ -1253,6 +1262,10 @@ mod tests {
         assert!(f.site_caches(web_off).unwrap().caches.is_empty(), "not its own cache");
         let other = f.site_caches("other").unwrap();
         assert!(other.caches.is_empty() && other.token != site.token);
+        // A node of the site the operator did not name serves no cache, whatever it says.
+        f.heartbeat("rogue", NodeStatus { cache: Some("http://10.0.0.9:5050".into()), ..Default::default() }).unwrap();
+        assert!(!f.may_pull("rogue", "registry.example/web:1"));
+        assert!(!f.site_caches(web_on).unwrap().caches.contains(&"http://10.0.0.9:5050".to_string()));
         // A cache address that is not http://host:port is not believed.
         f.heartbeat(web_off, NodeStatus { cache: Some("http://x/../evil".into()), ..Default::default() }).unwrap();
         assert!(f.site_caches(web_on).unwrap().caches.is_empty());

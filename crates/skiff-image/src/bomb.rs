@@ -68,7 +68,7 @@ impl Cap {
 
 /// Bytes free on the store's filesystem for layers (free space less the reserve), if
 /// the filesystem can be asked.
-fn free_for_layers(root: &Path) -> Option<u64> {
+pub(crate) fn free_for_layers(root: &Path) -> Option<u64> {
     let st = nix::sys::statvfs::statvfs(root).ok()?;
     let frsize = st.fragment_size() as u64;
     let total = (st.blocks() as u64).saturating_mul(frsize);

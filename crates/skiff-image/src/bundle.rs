@@ -21,7 +21,7 @@
 use crate::chunks::{self, ChunkRef, Pool};
 use crate::digest::{sha256_hex, sha256_of};
 use crate::error::IoContext;
-use crate::store::{LayerRef, Manifest, Platform};
+use crate::store::{LayerRef, Platform};
 use crate::trust::StoredSignature;
 use crate::{ImageError, ImageStore};
 use serde::{Deserialize, Serialize};
@@ -321,23 +321,39 @@ impl ImageStore {
         let mut lists = BTreeMap::new();
         let mut carried = None;
         let mut gz_entry = None;
+        // Only what the header names, each once, and all of it within one budget.
+        let named: HashSet<&str> =
+            [&header.top, &header.manifest, &header.config].into_iter().map(|d| d.as_str()).collect();
+        let layer_ids: HashSet<&str> = header.layers.iter().map(|l| l.diff_id.as_str()).collect();
+        let mut budget = MAX_LIST;
         while let Some((name, mut e)) = next()? {
+            let mut take = |limit: u64| {
+                let bytes = read_small(&name, &mut e, limit.min(budget))?;
+                budget -= bytes.len() as u64;
+                Ok::<_, ImageError>(bytes)
+            };
             if let Some(hex) = name.strip_prefix("blobs/sha256/") {
-                let bytes = read_small(&name, &mut e, MAX_JSON)?;
                 let digest = format!("sha256:{hex}");
-                sha256_hex(&digest).map_err(|_| damaged(path, format!("{name}: not a digest")))?;
+                if !named.contains(digest.as_str()) || blobs.contains_key(&digest) {
+                    return Err(damaged(path, format!("unexpected entry {name}")));
+                }
+                let bytes = take(MAX_JSON)?;
                 if sha256_of(&bytes) != hex {
                     return Err(damaged(path, format!("{name} does not match its digest")));
                 }
                 blobs.insert(digest, bytes);
             } else if name == "signatures.json" {
-                let bytes = read_small(&name, &mut e, MAX_JSON)?;
+                let bytes = take(MAX_JSON)?;
                 sigs = serde_json::from_slice(&bytes).map_err(|e| damaged(path, format!("{name}: {e}")))?;
             } else if let Some(hex) = name.strip_prefix("layers/") {
-                let bytes = read_small(&name, &mut e, MAX_LIST)?;
-                lists.insert(format!("sha256:{hex}"), chunks::decode_list(&bytes, &name)?);
+                let diff_id = format!("sha256:{hex}");
+                if !layer_ids.contains(diff_id.as_str()) || lists.contains_key(&diff_id) {
+                    return Err(damaged(path, format!("unexpected entry {name}")));
+                }
+                let bytes = take(MAX_LIST)?;
+                lists.insert(diff_id, chunks::decode_list(&bytes, &name)?);
             } else if name == CARRIED {
-                let bytes = read_small(&name, &mut e, MAX_LIST)?;
+                let bytes = take(MAX_LIST)?;
                 carried = Some(chunks::decode_list(&bytes, &name)?);
             } else if name == CHUNKS {
                 gz_entry = Some(e);
@@ -350,6 +366,18 @@ impl ImageStore {
             return Err(damaged(path, format!("truncated: no {CARRIED} or {CHUNKS}")));
         };
         let layers = self.check_bundle_image(path, &header, &blobs)?;
+        // Every carried chunk belongs to a layer, once; together no more than the disk holds.
+        let listed: HashSet<[u8; 32]> = lists.values().flatten().map(|c| c.digest).collect();
+        let mut seen = HashSet::new();
+        if let Some(c) = carried.iter().find(|c| !listed.contains(&c.digest) || !seen.insert(c.digest)) {
+            return Err(damaged(path, format!("it carries chunk {} twice or for no layer", c.name())));
+        }
+        let carried_bytes: u64 = carried.iter().map(|c| u64::from(c.len)).sum();
+        if let Some(free) = crate::bomb::free_for_layers(self.root()) {
+            if carried_bytes > free {
+                return Err(damaged(path, format!("its chunks take {carried_bytes} bytes; the disk has {free} left")));
+            }
+        }
         let list_of = |l: &LayerRef| {
             lists.get(&l.diff_id).ok_or_else(|| damaged(path, format!("no chunk list for layer {}", l.diff_id)))
         };
@@ -445,41 +473,30 @@ impl ImageStore {
         header: &Header,
         blobs: &BTreeMap<String, Vec<u8>>,
     ) -> Result<Vec<LayerRef>, ImageError> {
-        let blob = |d: &str| blobs.get(d).ok_or_else(|| damaged(path, format!("blob {d} is missing")));
         crate::registry::RemoteRef::parse(&header.reference)
             .map_err(|e| damaged(path, format!("reference {:?}: {e}", header.reference)))?;
-        let json = |d: &str| -> Result<serde_json::Value, ImageError> {
-            serde_json::from_slice(blob(d)?).map_err(|e| damaged(path, format!("blob {d}: {e}")))
-        };
-        let top: Manifest = serde_json::from_value(json(&header.top)?)
-            .map_err(|e| damaged(path, format!("blob {}: {e}", header.top)))?;
-        if header.top != header.manifest && !top.manifests.iter().flatten().any(|d| d.digest == header.manifest) {
-            return Err(damaged(path, format!("{} does not list manifest {}", header.top, header.manifest)));
-        }
-        let m: Manifest = serde_json::from_value(json(&header.manifest)?)
-            .map_err(|e| damaged(path, format!("blob {}: {e}", header.manifest)))?;
-        if m.config.as_ref().map(|c| c.digest.as_str()) != Some(header.config.as_str()) {
+        let bad = |d: &str, problem: String| damaged(path, format!("blob {d}: {problem}"));
+        let platform = crate::registry::parse_platform(&header.platform)?;
+        let image = crate::store::image_from_blobs(
+            blobs,
+            &header.top,
+            Some(&header.manifest),
+            &platform,
+            &header.reference,
+            &bad,
+        )?;
+        if image.config != header.config {
             return Err(damaged(path, format!("manifest {} does not name config {}", header.manifest, header.config)));
         }
-        let cfg = json(&header.config)?;
-        let diff_ids: Vec<String> = cfg
-            .pointer("/rootfs/diff_ids")
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .ok_or_else(|| damaged(path, format!("config {} has no rootfs.diff_ids", header.config)))?;
-        let layers = m.layers.unwrap_or_default();
-        if layers.len() != diff_ids.len() || layers.len() != header.layers.len() {
+        if image.layers.len() != header.layers.len() {
             return Err(damaged(path, "the manifest, config and header disagree on the number of layers"));
         }
-        let mut out = vec![];
-        for ((l, diff_id), h) in layers.iter().zip(diff_ids).zip(&header.layers) {
-            sha256_hex(&l.digest)?;
-            sha256_hex(&diff_id)?;
-            if h.digest != l.digest || h.diff_id != diff_id {
+        for (l, h) in image.layers.iter().zip(&header.layers) {
+            if h.digest != l.digest || h.diff_id != l.diff_id {
                 return Err(damaged(path, format!("the header's layer {} is not the manifest's", h.digest)));
             }
-            out.push(LayerRef { digest: l.digest.clone(), diff_id, size: l.size });
         }
-        Ok(out)
+        Ok(image.layers)
     }
 }
 

@@ -263,7 +263,7 @@ impl ImageStore {
         })
     }
 
-    fn stored_chunk_index(&self, diff_id: &str) -> Result<Option<ChunkIndex>, ImageError> {
+    pub(crate) fn stored_chunk_index(&self, diff_id: &str) -> Result<Option<ChunkIndex>, ImageError> {
         let path = self.index_path(diff_id)?;
         match fs::read(&path) {
             Ok(b) => ChunkIndex::decode(&b, &path.display().to_string()),
@@ -291,7 +291,7 @@ impl ImageStore {
 
     /// The blob holding a layer's stream: the uncompressed tar (named by its diff_id, as a
     /// rebuilt layer is kept) when stored, else the layer blob.
-    fn layer_source(&self, diff_id: &str, digest: &str) -> Result<String, ImageError> {
+    pub(crate) fn layer_source(&self, diff_id: &str, digest: &str) -> Result<String, ImageError> {
         if self.has_blob(diff_id) {
             return Ok(diff_id.to_string());
         }
@@ -319,18 +319,32 @@ impl ImageStore {
     /// Where each of `wanted` is found among the layers this store holds (only those
     /// found are in the answer). Reads every index once; memory is bounded by `wanted`.
     pub fn find_chunks(&self, wanted: &HashSet<[u8; 32]>) -> Result<HashMap<[u8; 32], Location>, ImageError> {
-        let mut found = HashMap::new();
         let dir = self.chunks_dir();
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
             Err(e) => return Err(ImageError::Io { op: "read", path: dir, source: e }),
         };
-        for e in entries.flatten() {
+        let layers = entries.flatten().map(|e| format!("sha256:{}", e.file_name().to_string_lossy()));
+        self.find_chunks_in(wanted, layers, false)
+    }
+
+    /// `find_chunks` among `layers` only; with `tar_only`, only in layers whose tar is kept
+    /// (read at offsets, as a proxy does).
+    pub(crate) fn find_chunks_in(
+        &self,
+        wanted: &HashSet<[u8; 32]>,
+        layers: impl IntoIterator<Item = String>,
+        tar_only: bool,
+    ) -> Result<HashMap<[u8; 32], Location>, ImageError> {
+        let mut found = HashMap::new();
+        for diff_id in layers {
             if found.len() == wanted.len() {
                 break;
             }
-            let diff_id = format!("sha256:{}", e.file_name().to_string_lossy());
+            if tar_only && !self.has_blob(&diff_id) {
+                continue;
+            }
             // Only layers that are whole: unpacked, with a stream to read them from.
             if sha256_hex(&diff_id).is_err() || !self.layer_dir(&diff_id).is_ok_and(|d| d.exists()) {
                 continue;
@@ -394,7 +408,22 @@ impl ImageStore {
         let tar_path = tmp.join(format!("layer-{}.tar", sha256_hex(&l.diff_id)?));
         let tar = fs::File::create(&tar_path).ctx("create", &tar_path)?;
         let mut w = std::io::BufWriter::new(tar);
-        let unpacked = self.unpack_to_tmp(l, Tee { r: pool.reader(list), w: &mut w });
+        // The chunks as they are (not what the unpacker makes of them: a gzip of the tar
+        // would unpack to the diff_id too) must hash to the diff_id: that is the blob kept.
+        let mut raw = crate::digest::HashingReader::new(Tee { r: pool.reader(list), w: &mut w });
+        let unpacked = self.unpack_to_tmp(l, &mut raw).and_then(|u| match raw.finish() {
+            Ok(hex) if format!("sha256:{hex}") == l.diff_id => Ok(u),
+            other => {
+                let _ = fs::remove_dir_all(&u);
+                Err(ImageError::Malformed {
+                    what: format!("layer {}", l.diff_id),
+                    problem: match other {
+                        Ok(hex) => format!("its chunks make sha256:{hex}, not the uncompressed tar"),
+                        Err(e) => e.to_string(),
+                    },
+                })
+            }
+        });
         let unpacked = match unpacked {
             Ok(u) => u,
             Err(e) => {
@@ -451,15 +480,26 @@ impl Pool {
     /// The pool at `path`, with the chunks an earlier run left in it; kept when dropped
     /// (the caller removes it once the image is stored). Waits while another holds it.
     pub fn resume(path: PathBuf) -> Result<Pool, ImageError> {
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .ctx("open", &path)?;
-        let lock = nix::fcntl::Flock::lock(file.try_clone().ctx("open", &path)?, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| ImageError::Io { op: "lock", path: path.clone(), source: e.into() })?;
+        use std::os::unix::fs::MetadataExt;
+        // Locked, and still the file at `path`: a pull that finished meanwhile removed the
+        // one we waited on (then we start a new one).
+        let (mut file, lock) = loop {
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .ctx("open", &path)?;
+            let lock = crate::gc::lock_exclusive(file.try_clone().ctx("open", &path)?, &path)?;
+            let same = match (file.metadata(), fs::metadata(&path)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            };
+            if same {
+                break (file, lock);
+            }
+        };
         let mut at = HashMap::new();
         let mut end = 0u64;
         let mut r = BufReader::new(&mut file);
@@ -479,7 +519,6 @@ impl Pool {
         }
         drop(r);
         file.set_len(end).ctx("truncate", &path)?;
-        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(end)).ctx("seek", &path)?;
         Ok(Pool { path, file, end, at, keep: true, _lock: Some(lock) })
     }
 
@@ -492,10 +531,12 @@ impl Pool {
         if self.at.contains_key(&digest) {
             return Ok(());
         }
+        use std::os::unix::fs::FileExt;
         let len = data.len() as u32;
         let mut rec = encode_list(&[ChunkRef { digest, len }]);
         rec.extend_from_slice(data);
-        self.file.write_all(&rec).ctx("write", &self.path)?;
+        // At the end as recorded: a write that failed half-way is written over by the next.
+        self.file.write_all_at(&rec, self.end).ctx("write", &self.path)?;
         self.at.insert(digest, (self.end + ENTRY_LEN as u64, len));
         self.end += rec.len() as u64;
         Ok(())

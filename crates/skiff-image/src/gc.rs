@@ -71,16 +71,20 @@ fn lock_file(store: &ImageStore) -> Result<File, ImageError> {
     std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).ctx("open", &p)
 }
 
+/// Waits for `arg` on `f` (the file at `path`, for messages).
+fn lock(f: File, arg: FlockArg, path: &std::path::Path) -> Result<Flock<File>, ImageError> {
+    Flock::lock(f, arg).map_err(|(_, e)| ImageError::Io { op: "lock", path: path.to_path_buf(), source: e.into() })
+}
+
+/// Waits for the exclusive lock of `f` (a partial download, a chunk pool).
+pub(crate) fn lock_exclusive(f: File, path: &std::path::Path) -> Result<Flock<File>, ImageError> {
+    lock(f, FlockArg::LockExclusive, path)
+}
+
 impl ImageStore {
     /// A shared lease for a pull or load; waits only while a collection runs.
     pub fn lease(&self) -> Result<Lease, ImageError> {
-        let f = lock_file(self)?;
-        let p = self.root().join("gc.lock");
-        Flock::lock(f, FlockArg::LockShared).map(Lease).map_err(|(_, e)| ImageError::Io {
-            op: "lock",
-            path: p,
-            source: std::io::Error::from(e),
-        })
+        lock(lock_file(self)?, FlockArg::LockShared, &self.root().join("gc.lock")).map(Lease)
     }
 
     /// The exclusive lock for collection, or `None` while a pull or load holds a lease.

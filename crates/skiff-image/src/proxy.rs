@@ -18,7 +18,7 @@ use crate::chunks::{self, ChunkRef, Pool, MAX_SIZE};
 use crate::digest::{sha256_hex, sha256_of};
 use crate::error::{with_causes, IoContext};
 use crate::registry::{PullOptions, PullReport};
-use crate::store::{choose_platform, LayerRef, Manifest, Platform};
+use crate::store::{LayerRef, Manifest, Platform};
 use crate::trust::StoredSignature;
 use crate::{ImageError, ImageStore};
 use base64::Engine as _;
@@ -196,12 +196,14 @@ impl ImageStore {
         Ok(entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
     }
 
-    /// The chunks named in `body` (32 bytes each), concatenated, read from the kept tars.
-    pub fn proxy_chunks(&self, body: &[u8]) -> Result<Vec<u8>, ImageError> {
+    /// The chunks named in `body` (32 bytes each), concatenated, read from the kept tars
+    /// of `layers` (the layers of images the asker resolved here) and checked.
+    pub fn proxy_chunks(&self, body: &[u8], layers: &HashSet<String>) -> Result<Vec<u8>, ImageError> {
         use std::os::unix::fs::FileExt;
         if body.is_empty() || !body.len().is_multiple_of(32) || body.len() / 32 > MAX_BATCH {
             return Err(proxy_err("chunks", format!("want 1 to {MAX_BATCH} sha256 digests of 32 bytes each")));
         }
+        let _lease = self.lease()?;
         let wanted: Vec<[u8; 32]> = body
             .chunks_exact(32)
             .map(|d| {
@@ -211,19 +213,77 @@ impl ImageStore {
             })
             .collect();
         let set: HashSet<[u8; 32]> = wanted.iter().copied().collect();
-        let found = self.find_chunks(&set)?;
+        let found = self.find_chunks_in(&set, layers.iter().cloned(), true)?;
         let mut out = Vec::new();
         for d in &wanted {
-            let loc =
-                found.get(d).ok_or_else(|| proxy_err("chunks", format!("no chunk sha256:{} here", hex::encode(d))))?;
+            let loc = found.get(d).ok_or_else(|| {
+                proxy_err("chunks", format!("no chunk sha256:{} in the images resolved here", hex::encode(d)))
+            })?;
             let path = self.blob_path(&loc.diff_id)?;
-            let f = fs::File::open(&path).ctx("open", &path)?;
             let start = out.len();
             out.resize(start + loc.len as usize, 0);
-            f.read_exact_at(&mut out[start..], loc.offset).ctx("read", &path)?;
+            let read = |buf: &mut [u8]| -> Result<bool, ImageError> {
+                let f = fs::File::open(&path).ctx("open", &path)?;
+                f.read_exact_at(buf, loc.offset).ctx("read", &path)?;
+                Ok(ChunkRef::of(buf).digest == *d)
+            };
+            // A kept tar that went bad on disk is made again from the layer's blob, once.
+            let good = read(&mut out[start..])? || (self.repair_tar(&loc.diff_id)? && read(&mut out[start..])?);
+            if !good {
+                return Err(proxy_err("chunks", format!("the kept tar of layer {} is damaged", loc.diff_id)));
+            }
         }
         Ok(out)
     }
+
+    /// Makes a layer's kept tar again from its (compressed) blob; false when there is none.
+    fn repair_tar(&self, diff_id: &str) -> Result<bool, ImageError> {
+        let Some(index) = self.stored_chunk_index(diff_id)? else { return Ok(false) };
+        if index.source == diff_id || !self.has_blob(&index.source) {
+            return Ok(false);
+        }
+        tracing::warn!(layer = %diff_id, "the kept tar does not match its digest; made again from {}", index.source);
+        let path = self.blob_path(diff_id)?;
+        fs::remove_file(&path).ctx("remove", &path)?;
+        self.keep_tar(&LayerRef { digest: index.source, diff_id: diff_id.to_string(), size: 0 })?;
+        Ok(true)
+    }
+}
+
+/// Reads at most `limit` bytes of an answer (a hub, a cache or an error page may be
+/// anyone's: memory is not theirs to take).
+async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(piece) = resp.chunk().await.map_err(|e| with_causes(&e))? {
+        if out.len() + piece.len() > limit {
+            return Err(format!("the answer is longer than {limit} bytes"));
+        }
+        out.extend_from_slice(&piece);
+    }
+    Ok(out)
+}
+
+/// The answer to a resolve (its manifests, config and chunk lists) is at most this long.
+const MAX_RESOLVED: usize = 64 << 20;
+
+/// An unsuccessful answer as a message: its JSON `error`, else its text (both capped).
+async fn failure(resp: reqwest::Response) -> String {
+    let status = resp.status();
+    let body = read_capped(resp, 64 << 10).await.unwrap_or_default();
+    let msg = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    format!("HTTP {status}: {msg}")
+}
+
+/// The caches of the node's site and the site's token, as its hub tells them.
+pub async fn site_caches(client: &reqwest::Client, url: &str) -> Result<skiff_model::proto::SiteCaches, String> {
+    let resp = client.get(url).timeout(Duration::from_secs(30)).send().await.map_err(|e| with_causes(&e))?;
+    if !resp.status().is_success() {
+        return Err(failure(resp).await);
+    }
+    serde_json::from_slice(&read_capped(resp, 1 << 20).await?).map_err(|e| e.to_string())
 }
 
 // ---- the agent's side ----
@@ -248,15 +308,10 @@ pub async fn pull(
         .send()
         .await
         .map_err(|e| proxy_err("resolve", with_causes(&e)))?;
-    let status = resp.status();
-    let body = resp.bytes().await.map_err(|e| proxy_err("resolve", with_causes(&e)))?;
-    if !status.is_success() {
-        let msg = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-        return Err(proxy_err("resolve", format!("HTTP {status}: {msg}")));
+    if !resp.status().is_success() {
+        return Err(proxy_err("resolve", failure(resp).await));
     }
+    let body = read_capped(resp, MAX_RESOLVED).await.map_err(|e| proxy_err("resolve", e))?;
     let r: Resolved = serde_json::from_slice(&body).map_err(|e| proxy_err("resolve", e.to_string()))?;
     let mut received = body.len() as u64;
     let _lease = store.lease()?;
@@ -373,15 +428,10 @@ async fn from_site_cache(
     pool: &mut Pool,
     opts: &PullOptions,
 ) -> u64 {
-    let site: skiff_model::proto::SiteCaches = match async {
-        let resp = client.get(&hub.site_caches).timeout(Duration::from_secs(30)).send().await?;
-        resp.error_for_status()?.json().await
-    }
-    .await
-    {
+    let site = match site_caches(client, &hub.site_caches).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::debug!("site caches not known: {}", with_causes(&e));
+            tracing::debug!("site caches not known: {e}");
             return 0;
         }
     };
@@ -398,8 +448,11 @@ async fn from_site_cache(
                 .send()
                 .await
                 .map_err(|e| with_causes(&e))?;
-            let resp = resp.error_for_status().map_err(|e| with_causes(&e))?;
-            let r: Resolved = resp.json().await.map_err(|e| with_causes(&e))?;
+            if !resp.status().is_success() {
+                return Err(failure(resp).await);
+            }
+            let r: Resolved =
+                serde_json::from_slice(&read_capped(resp, MAX_RESOLVED).await?).map_err(|e| e.to_string())?;
             // The hub says which image the reference is; a cache only supplies chunks.
             if r.top != top {
                 return Err(format!("it holds {} for {}, the hub says {top}", r.top, req.reference));
@@ -426,7 +479,7 @@ async fn from_site_cache(
 type Checked = (Vec<LayerRef>, Vec<Vec<ChunkRef>>, BTreeMap<String, Vec<u8>>);
 
 /// The layers of a resolved image as its manifest and config (checked by their digests)
-/// name them, with the hub's chunk lists.
+/// name them, with the hub's chunk lists; the blobs kept are top, manifest and config only.
 fn check(r: &Resolved, reference: &str, platform: &Platform) -> Result<Checked, ImageError> {
     let mut blobs = BTreeMap::new();
     for (d, b) in &r.blobs {
@@ -436,41 +489,20 @@ fn check(r: &Resolved, reference: &str, platform: &Platform) -> Result<Checked, 
         }
         blobs.insert(d.clone(), bytes);
     }
-    let json = |d: &str| -> Result<serde_json::Value, ImageError> {
-        let b = blobs.get(d).ok_or_else(|| proxy_err(d, "blob missing from the hub's answer"))?;
-        serde_json::from_slice(b).map_err(|e| proxy_err(d, e.to_string()))
-    };
-    let parse = |d: &str| -> Result<Manifest, ImageError> {
-        serde_json::from_value(json(d)?).map_err(|e| proxy_err(d, e.to_string()))
-    };
-    let top = parse(&r.top)?;
-    let (m, _) = if top.is_index() {
-        let list = top.manifests.clone().unwrap_or_default();
-        let d = choose_platform(&list, platform, reference)?.digest.clone();
-        (parse(&d)?, d)
-    } else {
-        (top, r.top.clone())
-    };
-    let config = m.config.as_ref().ok_or_else(|| proxy_err(&r.top, "manifest has no config"))?;
-    let diff_ids: Vec<String> = json(&config.digest)?
-        .pointer("/rootfs/diff_ids")
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .ok_or_else(|| proxy_err(&config.digest, "config has no rootfs.diff_ids"))?;
-    let layers = m.layers.clone().unwrap_or_default();
-    if layers.len() != diff_ids.len() || layers.len() != r.layers.len() {
-        return Err(proxy_err(&r.top, "the manifest, config and the hub disagree on the number of layers"));
+    let bad = |d: &str, problem: String| proxy_err(d, problem);
+    let image = crate::store::image_from_blobs(&blobs, &r.top, None, platform, reference, &bad)?;
+    blobs.retain(|d, _| *d == r.top || *d == image.manifest || *d == image.config);
+    if image.layers.len() != r.layers.len() {
+        return Err(proxy_err(&r.top, "the manifest and the hub disagree on the number of layers"));
     }
-    let mut out = vec![];
     let mut lists = vec![];
-    for ((l, diff_id), p) in layers.iter().zip(diff_ids).zip(&r.layers) {
-        sha256_hex(&diff_id)?;
-        if p.diff_id != diff_id || p.digest != l.digest {
+    for (l, p) in image.layers.iter().zip(&r.layers) {
+        if p.diff_id != l.diff_id || p.digest != l.digest {
             return Err(proxy_err(&p.digest, "the hub's layer is not the manifest's"));
         }
         lists.push(chunks::decode_list(&unb64(&p.chunks, &p.digest)?, &p.digest)?);
-        out.push(LayerRef { digest: l.digest.clone(), diff_id, size: l.size });
     }
-    Ok((out, lists, blobs))
+    Ok((image.layers, lists, blobs))
 }
 
 /// Answers with damaged chunks before the hub is given up on.
@@ -479,6 +511,8 @@ const DAMAGED_LIMIT: u32 = 3;
 enum Failure {
     /// The request failed or was cut: asked again (what had arrived is kept).
     Link(String),
+    /// The server says it will not: not asked again.
+    Refused(String),
     /// A chunk did not match its digest.
     Damaged(String),
 }
@@ -520,9 +554,12 @@ async fn fetch(
                 request = request.bearer_auth(t);
             }
             let resp = request.send().await.map_err(|e| Failure::Link(with_causes(&e)))?;
-            if !resp.status().is_success() {
-                let status = resp.status();
-                return Err(Failure::Link(format!("HTTP {status}: {}", resp.text().await.unwrap_or_default())));
+            let status = resp.status();
+            if !status.is_success() {
+                let msg = failure(resp).await;
+                // The server will not give these chunks (not a passing trouble of the link).
+                let last = status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429;
+                return Err(if last { Failure::Refused(msg) } else { Failure::Link(msg) });
             }
             let mut resp = resp;
             let mut buf: Vec<u8> = Vec::with_capacity(MAX_SIZE);
@@ -530,6 +567,13 @@ async fn fetch(
             while let Some(piece) = resp.chunk().await.map_err(|e| Failure::Link(with_causes(&e)))? {
                 received += piece.len() as u64;
                 buf.extend_from_slice(&piece);
+                let owed: usize = batch[next..].iter().map(|c| c.len as usize).sum();
+                if buf.len() > owed {
+                    return Err(Failure::Damaged(format!(
+                        "the answer holds more than the {} chunks asked",
+                        batch.len()
+                    )));
+                }
                 while let Some(c) = batch.get(next).filter(|c| buf.len() >= c.len as usize) {
                     let data: Vec<u8> = buf.drain(..c.len as usize).collect();
                     if ChunkRef::of(&data).digest != c.digest {
@@ -554,6 +598,7 @@ async fn fetch(
                 // but a hub that keeps serving damaged ones is left for the registry.
                 let (e, limit) = match f {
                     Failure::Link(e) => (e, opts.max_attempts.max(1)),
+                    Failure::Refused(e) => (e, 0),
                     Failure::Damaged(e) => {
                         damaged += 1;
                         (e, if damaged >= DAMAGED_LIMIT { 0 } else { u32::MAX })
@@ -640,5 +685,117 @@ impl ImageStore {
         let out = serde_json::to_vec(&v)
             .map_err(|e| ImageError::Malformed { what: "manifest".into(), problem: e.to_string() })?;
         Ok(Some((crate::store::MT_OCI_MANIFEST.into(), out)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-route HTTP server on loopback: the n-th request (from 0) gets `answer(n)` as
+    /// (status, body). Returns its base URL and the request count.
+    async fn server(answer: impl Fn(usize) -> (u16, Vec<u8>) + Send + Sync + 'static) -> (String, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", l.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&count);
+        tokio::spawn(async move {
+            for _ in 0..50 {
+                let Ok((mut s, _)) = l.accept().await else { return };
+                let mut req = vec![];
+                let mut buf = [0u8; 4096];
+                // Headers, then as much body as Content-Length says.
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                }
+                let text = String::from_utf8_lossy(&req).to_lowercase();
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: ").and_then(|v| v.trim().parse().ok()))
+                    .unwrap_or(0);
+                let head = req.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4).unwrap_or(req.len());
+                let mut have = req.len() - head;
+                while have < len {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    have += n;
+                }
+                let (status, body) = answer(c.fetch_add(1, Ordering::SeqCst));
+                let head =
+                    format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+            }
+        });
+        (base, count)
+    }
+
+    fn chunks_and_bytes() -> (Vec<ChunkRef>, Vec<u8>) {
+        let data = skiff_testkit::incompressible(200_000, 9);
+        (chunks::chunk_stream(&data[..]).unwrap(), data)
+    }
+
+    #[tokio::test]
+    async fn a_chunk_damaged_on_the_way_is_refused_and_asked_again() {
+        let (list, data) = chunks_and_bytes();
+        let good = data.clone();
+        let (base, count) = server(move |n| {
+            let mut body = good.clone();
+            if n == 0 {
+                body[100] ^= 1;
+            }
+            (200, body)
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = Pool::create(dir.path().join("pool")).unwrap();
+        let opts = PullOptions { max_attempts: 3, ..Default::default() };
+        let client = reqwest::Client::new();
+        let got = fetch(&client, &base, None, &list, &mut pool, &opts, "t").await.unwrap();
+        assert_eq!(count.load(Ordering::SeqCst), 2, "the damaged answer, then a good one");
+        assert!(got > data.len() as u64, "the damaged answer counts too: {got}");
+        let mut back = vec![];
+        std::io::Read::read_to_end(&mut pool.reader(&list), &mut back).unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_sends_more_than_asked_or_refuses_is_given_up() {
+        let (list, data) = chunks_and_bytes();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = PullOptions { max_attempts: 20, ..Default::default() };
+        let client = reqwest::Client::new();
+        // Every answer damaged: given up after three, not twenty.
+        let bad = data.clone();
+        let (base, count) = server(move |_| {
+            let mut b = bad.clone();
+            b[0] ^= 1;
+            (200, b)
+        })
+        .await;
+        let mut pool = Pool::create(dir.path().join("p1")).unwrap();
+        let e = fetch(&client, &base, None, &list, &mut pool, &opts, "t").await.unwrap_err();
+        assert!(e.to_string().contains("does not match its digest"), "{e}");
+        assert_eq!(count.load(Ordering::SeqCst), DAMAGED_LIMIT as usize);
+        // More bytes than the chunks asked for: refused as damaged, memory not taken.
+        let more = [data.clone(), vec![0u8; 1 << 20]].concat();
+        let (base, _) = server(move |_| (200, more.clone())).await;
+        let mut pool = Pool::create(dir.path().join("p2")).unwrap();
+        let e = fetch(&client, &base, None, &list[..1], &mut pool, &opts, "t").await.unwrap_err();
+        assert!(e.to_string().contains("more than the"), "{e}");
+        // A refusal (403) is final at once.
+        let (base, count) = server(|_| (403, br#"{"error":"not yours"}"#.to_vec())).await;
+        let mut pool = Pool::create(dir.path().join("p3")).unwrap();
+        let e = fetch(&client, &base, None, &list, &mut pool, &opts, "t").await.unwrap_err();
+        assert!(e.to_string().contains("not yours"), "{e}");
+        assert_eq!(count.load(Ordering::SeqCst), 1);
     }
 }

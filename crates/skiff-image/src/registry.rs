@@ -678,11 +678,12 @@ fn http_client(opts: &PullOptions) -> Result<reqwest::Client, ImageError> {
 pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -> Result<PullReport, ImageError> {
     let r = RemoteRef::parse(reference)?;
     // Through the hub first: only the chunks this node lacks cross the link. A hub that
-    // cannot help leaves the pull to the registry; a refusal by the policy stands.
+    // cannot help leaves the pull to the registry.
+    // (A refusal by the policy there is judged again here, with the registry's signatures:
+    // the hub may have failed to read them.)
     if let Some(hub) = &opts.hub {
         match crate::proxy::pull(Arc::clone(&store), hub, reference, opts).await {
             Ok(rep) => return Ok(rep),
-            Err(e @ ImageError::Untrusted { .. }) => return Err(e),
             Err(e) => opts.note(&format!("{reference}: not through the hub ({e}); pulling from the registry")),
         }
     }
@@ -724,6 +725,10 @@ pub async fn pull(store: Arc<ImageStore>, reference: &str, opts: &PullOptions) -
     }
     res.map(|mut rep| {
         rep.bytes_received = received.load(Ordering::Relaxed);
+        // Chunks an earlier pull through the hub kept for a resume are not needed now.
+        if let Ok(hex) = sha256_hex(&rep.digest) {
+            let _ = std::fs::remove_file(store.root().join("tmp").join(format!("partial-chunks-{hex}")));
+        }
         rep
     })
 }
@@ -1266,17 +1271,8 @@ async fn fetch_blob(
     // serving several nodes): the second finds it stored.
     let lock_path = store.root().join("tmp").join(format!("lock-{hex}"));
     let _one = tokio::task::spawn_blocking(move || {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .ctx("open", &lock_path)?;
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| ImageError::Io {
-            op: "lock",
-            path: lock_path,
-            source: e.into(),
-        })
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path);
+        crate::gc::lock_exclusive(f.ctx("open", &lock_path)?, &lock_path)
     })
     .await
     .map_err(|e| ImageError::Malformed { what: "download task".into(), problem: e.to_string() })??;

@@ -835,6 +835,61 @@ impl ImageStore {
     }
 }
 
+/// An image as its blobs say: the manifest, its config and its layers.
+pub(crate) struct FromBlobs {
+    pub manifest: String,
+    pub config: String,
+    pub layers: Vec<LayerRef>,
+}
+
+/// Reads an image out of `blobs` (each already checked against its digest) that reached us
+/// without the store: through the hub, a site cache or a bundle. `top` is a manifest or an
+/// index; the manifest is `manifest` when given (top itself or listed in it), else top's
+/// entry for `platform`. `bad` makes the error for a blob and a problem.
+pub(crate) fn image_from_blobs(
+    blobs: &BTreeMap<String, Vec<u8>>,
+    top: &str,
+    manifest: Option<&str>,
+    platform: &Platform,
+    reference: &str,
+    bad: &dyn Fn(&str, String) -> ImageError,
+) -> Result<FromBlobs, ImageError> {
+    let json = |d: &str| -> Result<serde_json::Value, ImageError> {
+        let b = blobs.get(d).ok_or_else(|| bad(d, "blob is missing".into()))?;
+        serde_json::from_slice(b).map_err(|e| bad(d, e.to_string()))
+    };
+    let parse = |d: &str| -> Result<Manifest, ImageError> {
+        serde_json::from_value(json(d)?).map_err(|e| bad(d, e.to_string()))
+    };
+    let t = parse(top)?;
+    let manifest = match manifest {
+        Some(m) if m == top => m.to_string(),
+        Some(m) if t.manifests.iter().flatten().any(|d| d.digest == m) => m.to_string(),
+        Some(m) => return Err(bad(top, format!("does not list manifest {m}"))),
+        None if t.is_index() => {
+            choose_platform(t.manifests.as_deref().unwrap_or_default(), platform, reference)?.digest.clone()
+        }
+        None => top.to_string(),
+    };
+    let m = parse(&manifest)?;
+    let config = m.config.as_ref().ok_or_else(|| bad(&manifest, "manifest has no config".into()))?.digest.clone();
+    let diff_ids: Vec<String> = json(&config)?
+        .pointer("/rootfs/diff_ids")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .ok_or_else(|| bad(&config, "config has no rootfs.diff_ids".into()))?;
+    let descs = m.layers.unwrap_or_default();
+    if descs.len() != diff_ids.len() {
+        return Err(bad(&config, format!("config lists {} diff_ids for {} layers", diff_ids.len(), descs.len())));
+    }
+    let mut layers = vec![];
+    for (l, diff_id) in descs.iter().zip(diff_ids) {
+        sha256_hex(&l.digest)?;
+        sha256_hex(&diff_id)?;
+        layers.push(LayerRef { digest: l.digest.clone(), diff_id, size: l.size });
+    }
+    Ok(FromBlobs { manifest, config, layers })
+}
+
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {

@@ -29,6 +29,15 @@ fn versions(dir: &Path) -> anyhow::Result<(std::path::PathBuf, std::path::PathBu
     Ok((l1, l2))
 }
 
+/// A store "a" that holds both versions, and their layouts.
+fn holding_both(dir: &Path) -> anyhow::Result<(ImageStore, std::path::PathBuf, std::path::PathBuf)> {
+    let (l1, l2) = versions(dir)?;
+    let a = store(dir, "a");
+    a.load(&l1, None)?;
+    a.load(&l2, None)?;
+    Ok((a, l1, l2))
+}
+
 fn store(dir: &Path, name: &str) -> ImageStore {
     ImageStore::open(dir.join(name)).unwrap()
 }
@@ -45,10 +54,7 @@ fn assert_untouched(s: &ImageStore, before: &[String]) {
 fn a_delta_bundle_carries_the_changed_chunks_and_rebuilds_the_exact_layer() -> R {
     require_privileged!();
     let tmp = tempfile::tempdir()?;
-    let (l1, l2) = versions(tmp.path())?;
-    let a = store(tmp.path(), "a");
-    a.load(&l1, None)?;
-    a.load(&l2, None)?;
+    let (a, l1, _) = holding_both(tmp.path())?;
     // v2 is signed (as a pull from a registry with cosign signatures keeps them).
     let (policy, sig) = signed(&a.top_digest(V2)?)?;
     a.put_signatures(&a.top_digest(V2)?, &[sig])?;
@@ -143,10 +149,7 @@ fn tar_of(s: &ImageStore, l: &skiff_image::store::LayerRef) -> Vec<u8> {
 fn a_delta_bundle_is_refused_where_the_old_image_is_missing_and_a_damaged_one_anywhere() -> R {
     require_privileged!();
     let tmp = tempfile::tempdir()?;
-    let (l1, l2) = versions(tmp.path())?;
-    let a = store(tmp.path(), "a");
-    a.load(&l1, None)?;
-    a.load(&l2, None)?;
+    let (a, l1, _) = holding_both(tmp.path())?;
     let out = tmp.path().join("v2.bundle");
     a.bundle_create(V2, Some(V1), None, &out)?;
 
@@ -174,7 +177,7 @@ fn a_delta_bundle_is_refused_where_the_old_image_is_missing_and_a_damaged_one_an
     let damaged = tmp.path().join("damaged.bundle");
     std::fs::write(&damaged, &bad)?;
     let err = b.bundle_load(&damaged).unwrap_err().to_string();
-    assert!(err.contains("damaged.bundle") && err.contains("chunks.gz") || err.contains("does not match"), "{err}");
+    assert!(err.contains("damaged.bundle") && (err.contains("chunks.gz") || err.contains("does not match")), "{err}");
     assert_untouched(&b, &[V1.to_string()]);
 
     // Not a bundle at all, and a header of a newer format.

@@ -141,6 +141,14 @@ pub struct NodeStatus {
     pub cache: Option<String>,
 }
 
+/// A site cache's address as a node states it: `http://host:port`, nothing more.
+pub fn valid_cache_url(u: &str) -> bool {
+    u.len() <= 256
+        && u.strip_prefix("http://").is_some_and(|rest| {
+            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+}
+
 /// The image caches of a node's site (nodes with the same `site` label that serve one),
 /// and the token the site's caches take from its nodes (the same for the whole site).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -64,28 +64,19 @@ pub struct AgentArgs {
 
 /// `--cache-advertise`: `http://host:port`.
 fn cache_url(u: &str) -> Result<String> {
-    let rest = u.strip_prefix("http://").context("--cache-advertise: must start with http://")?;
-    let rest = rest.trim_end_matches('/');
-    anyhow::ensure!(
-        !rest.is_empty()
-            && !rest.contains('/')
-            && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)),
-        "--cache-advertise {u:?}: want http://HOST:PORT"
-    );
-    Ok(format!("http://{rest}"))
+    let u = u.trim_end_matches('/');
+    anyhow::ensure!(skiff_model::proto::valid_cache_url(u), "--cache-advertise {u:?}: want http://HOST:PORT");
+    Ok(u.to_string())
 }
 
 /// Keeps the site cache's token as the hub says it (asked now, then every 10 minutes;
 /// every 10 s until the first answer).
 async fn site_token(cache: Arc<skiff_agent::cache::SiteCache>, hub: skiff_image::proxy::HubImages) {
     loop {
-        let got = async {
-            let client = (hub.client)().map_err(anyhow::Error::msg)?;
-            let resp = client.get(&hub.site_caches).timeout(Duration::from_secs(30)).send().await?;
-            let site: skiff_model::proto::SiteCaches = resp.error_for_status()?.json().await?;
-            anyhow::Ok(site)
-        }
-        .await;
+        let got = match (hub.client)() {
+            Ok(client) => skiff_image::proxy::site_caches(&client, &hub.site_caches).await,
+            Err(e) => Err(e),
+        };
         let wait = match got {
             Ok(site) if site.site.is_some() => {
                 cache.set_token(site.token);

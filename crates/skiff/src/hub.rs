@@ -26,6 +26,10 @@ pub struct HubArgs {
     /// served as chunks); the least recently asked for go first. 0 proxies no images.
     #[arg(long, default_value = "20G", value_parser = parse_cache_size)]
     pub image_cache_size: u64,
+    /// A node allowed to serve its site's image cache (`skiff agent --serve-cache`), which
+    /// gives it the images of every node with its `site` label; repeatable.
+    #[arg(long = "site-cache", value_name = "NODE")]
+    pub site_caches: Vec<String>,
     #[command(flatten)]
     pub conns: ConnArgs,
     #[command(flatten)]
@@ -76,7 +80,8 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let clock = skiff_hub::clock::system();
     let mut fleet = skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store), Arc::clone(&clock))?
         .with_platform_lookup(lookup)
-        .with_cert_ttl(args.node_cert_ttl);
+        .with_cert_ttl(args.node_cert_ttl)
+        .with_site_caches(args.site_caches.iter().cloned());
     if args.image_cache_size > 0 {
         fleet = fleet.with_image_proxy(image_proxy(cli, args.image_cache_size)?);
     }
@@ -152,9 +157,13 @@ fn image_proxy(cli: &crate::cli::Cli, limit: u64) -> Result<skiff_hub::fleet::Im
     let opts = skiff_image::registry::PullOptions { progress: Arc::new(|_| {}), ..crate::cli::pull_options(cli)? };
     let used = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
     let flights = Arc::new(proxy::Flights::default());
-    let st = Arc::clone(&store);
-    let resolve: skiff_hub::fleet::ImageCall = Arc::new(move |body: Vec<u8>| {
+    // The layers each node was answered with: the only ones it may ask chunks of.
+    let served =
+        Arc::new(std::sync::Mutex::new(std::collections::HashMap::<String, std::collections::HashSet<String>>::new()));
+    let (st, sv) = (Arc::clone(&store), Arc::clone(&served));
+    let resolve: skiff_hub::fleet::ImageCall = Arc::new(move |node: String, body: Vec<u8>| {
         let (store, opts, used, flights) = (Arc::clone(&st), opts.clone(), Arc::clone(&used), Arc::clone(&flights));
+        let served = Arc::clone(&sv);
         Box::pin(async move {
             let req: ResolveRequest = serde_json::from_slice(&body).map_err(|e| (400, format!("request: {e}")))?;
             skiff_image::registry::RemoteRef::parse(&req.reference).map_err(|e| (400, e.to_string()))?;
@@ -167,6 +176,9 @@ fn image_proxy(cli: &crate::cli::Cli, limit: u64) -> Result<skiff_hub::fleet::Im
                 };
                 (status, skiff_image::error::with_causes(&e))
             })?;
+            if let Ok(mut s) = served.lock() {
+                s.entry(node).or_default().extend(r.layers.iter().map(|l| l.diff_id.clone()));
+            }
             let order = {
                 let mut u = used.lock().map_err(|_| (500, "lock poisoned".to_string()))?;
                 u.insert(r.reference.clone(), skiff_runtime::time::now_ms());
@@ -186,10 +198,11 @@ fn image_proxy(cli: &crate::cli::Cli, limit: u64) -> Result<skiff_hub::fleet::Im
             serde_json::to_vec(&r).map_err(|e| (500, e.to_string()))
         })
     });
-    let chunks: skiff_hub::fleet::ImageCall = Arc::new(move |body: Vec<u8>| {
+    let chunks: skiff_hub::fleet::ImageCall = Arc::new(move |node: String, body: Vec<u8>| {
         let store = Arc::clone(&store);
+        let layers = served.lock().ok().and_then(|s| s.get(&node).cloned()).unwrap_or_default();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || store.proxy_chunks(&body))
+            tokio::task::spawn_blocking(move || store.proxy_chunks(&body, &layers))
                 .await
                 .map_err(|e| (500, e.to_string()))?
                 .map_err(|e| (404, skiff_image::error::with_causes(&e)))

@@ -908,7 +908,8 @@ fn a_delta_bundle_updates_a_node_that_holds_the_old_image() -> R {
         "{err}"
     );
     assert_eq!(fresh.ok(&["image", "ls", "-o", "json"])?.trim(), "[]");
-    let bad = fresh.cli(&["bundle", "create", v2, "-o", "/tmp/x.bundle", "--platform", "linux"])?;
+    let out = fresh.data().join("x.bundle");
+    let bad = fresh.cli(&["bundle", "create", v2, "-o", out.to_str().unwrap_or_default(), "--platform", "linux"])?;
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not a platform"));
     Ok(())
 }
