@@ -3,13 +3,22 @@
 set -euo pipefail
 # gcc and libc6-dev build the static probes the security tests run inside containers;
 # runsc (gVisor) is the sandboxed runtime class.
-PACKAGES=(runc runsc busybox-static iproute2 nftables iptables util-linux ca-certificates docker-registry skopeo gcc libc6-dev "$@")
+# docker.io: the tests start a Docker daemon of their own (a LAN host pulling through a
+# site cache); its service is kept from starting at install (it would set the host's
+# FORWARD policy to DROP), see below.
+PACKAGES=(runc runsc busybox-static iproute2 nftables iptables util-linux ca-certificates docker-registry skopeo gcc libc6-dev docker.io "$@")
 export DEBIAN_FRONTEND=noninteractive
 if [ "$(id -u)" != 0 ]; then
   echo "scripts/deps.sh: run as root (containers, cgroups and network namespaces need it)" >&2
   exit 1
 fi
 apt-get update -qq
+# No service starts during the install (invoke-rc.d asks policy-rc.d; 101: not allowed).
+NO_START=/usr/sbin/policy-rc.d
+if [ ! -e "$NO_START" ]; then
+  printf '#!/bin/sh\nexit 101\n' >"$NO_START" && chmod +x "$NO_START"
+  trap 'rm -f "$NO_START"' EXIT
+fi
 apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: installing Debian's Rust toolchain (a newer rustup toolchain works too)" >&2

@@ -451,3 +451,86 @@ impl Drop for Tmpfs {
         let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
     }
 }
+
+/// A Docker daemon of the test's own (Debian's `docker.io`): its own data root, sockets
+/// and managed containerd under `dir`, no bridge and no iptables rules (the host's
+/// forwarding policy is left alone). Stopped, and its mounts removed, on drop.
+pub struct Dockerd {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    sock: String,
+}
+
+impl Dockerd {
+    pub fn start(dir: &Path, extra: &[&str]) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let sock = format!("unix://{}", dir.join("docker.sock").display());
+        let log = std::fs::File::create(dir.join("dockerd.log"))?;
+        let child = std::process::Command::new("dockerd")
+            .arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("docker.pid"))
+            .args(["-H", &sock, "--bridge", "none", "--iptables=false", "--ip6tables=false", "--ip-masq=false"])
+            .args(extra)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let d = Dockerd { child, dir: dir.to_path_buf(), sock };
+        for _ in 0..300 {
+            if d.cli(&["info"]).is_ok() {
+                return Ok(d);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        anyhow::bail!("dockerd did not start: {}", std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default())
+    }
+
+    /// Runs `docker ARGS` against this daemon; its stdout, or an error with its stderr.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new("docker").args(["-H", &self.sock]).args(args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "docker {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let _ = nix_kill(self.child.id());
+        for _ in 0..150 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // What a daemon that did not stop cleanly leaves mounted under its roots.
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+            let root = self.dir.display().to_string();
+            let mut under: Vec<&str> =
+                mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|m| m.starts_with(&root)).collect();
+            under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+            for m in under {
+                let _ = std::process::Command::new("umount").arg("-l").arg(m).status();
+            }
+        }
+    }
+}
+
+/// SIGTERM to `pid` (docker stops its containers and containerd on it).
+fn nix_kill(pid: u32) -> std::io::Result<()> {
+    let st = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("kill failed"))
+    }
+}

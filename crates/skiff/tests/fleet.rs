@@ -649,16 +649,29 @@ fn an_update_through_the_hub_sends_only_the_changed_chunks() -> R {
     let old = skiff_testkit::incompressible(8 << 20, 31);
     let mut new = old.clone();
     new[4 << 20..(4 << 20) + (256 << 10)].copy_from_slice(&skiff_testkit::incompressible(256 << 10, 32));
-    for (v, data) in [(1, &old), (2, &new)] {
+    for (v, data) in [(1, &old), (2, &new), (3, &new)] {
         let mut l = skiff_testkit::LayerBuilder::new().file("data/blob", 0o644, data)?;
         if v > 1 {
-            l = l.file("data/added", 0o644, b"appended\n")?;
+            l = l.file("data/added", 0o644, format!("appended {}\n", v.max(2) - 1).as_bytes())?;
         }
         let dir = tmp.path().join(format!("v{v}"));
         skiff_testkit::ImageBuilder::busybox()?.layer(l.finish()?).write_oci_layout(&dir, "app")?;
         reg.push(&dir, &format!("edge/delta:{v}"))?;
     }
     let at = |v: u8| format!("127.0.0.1:{}/edge/delta:{v}", reg.port);
+    // v1 and v2 are signed; the node's policy wants it (v3 is not: refused, via the hub).
+    let key = tmp.path().join("fleet");
+    let keys = [key.with_extension("key"), key.with_extension("pub")].map(|p| p.display().to_string());
+    let h0 = Node::bare()?;
+    h0.ok(&["image", "keygen", "-o", &key.display().to_string()])?;
+    for v in [1, 2] {
+        h0.ok(&["image", "sign", &at(v), "--key", &keys[0]])?;
+    }
+    let policy = tmp.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!("images:\n  - match: \"127.0.0.1:{}/edge/**\"\n    keys: [{}]\n", reg.port, keys[1]),
+    )?;
     let app = |v: u8| {
         format!(
             "name: delta\nservices:\n  app:\n    image: {}\n    command: [sleep, '1000']\n    stop_grace_period: 1s\n",
@@ -675,7 +688,9 @@ fn an_update_through_the_hub_sends_only_the_changed_chunks() -> R {
     let metrics_port = common::free_port();
     let metrics = format!("127.0.0.1:{metrics_port}");
     let server = format!("https://127.0.0.1:{}", link.port);
-    start_agent_in(None, &mut a, &server, Some(&token), Some("edge-1"), &[], &["--metrics-listen", &metrics])?;
+    let policy_arg = policy.display().to_string();
+    let extra = ["--metrics-listen", metrics.as_str(), "--policy", policy_arg.as_str()];
+    start_agent_in(None, &mut a, &server, Some(&token), Some("edge-1"), &[], &extra)?;
     wait_ready(&h, "edge-1")?;
     let down = || link.down.load(std::sync::atomic::Ordering::Relaxed);
     let pulled = |v: u8| -> anyhow::Result<String> {
@@ -702,7 +717,19 @@ fn an_update_through_the_hub_sends_only_the_changed_chunks() -> R {
     eprintln!("over the agent's link: v1 {first} B, v2 {second} B; the agent says: {said}");
     assert!(second < 1536 << 10, "v2 took {second} B over the link (v1 took {first} B)");
     let got = h.ok(&["exec", "app-1", "--", "sh", "-c", "sha256sum /data/blob; cat /data/added"])?;
-    assert_eq!(got, format!("{}  /data/blob\nappended\n", hex::encode(sha2::Sha256::digest(&new))));
+    assert_eq!(got, format!("{}  /data/blob\nappended 1\n", hex::encode(sha2::Sha256::digest(&new))));
+    // The signatures came through the hub: the node judged them before any chunk moved.
+    // An unsigned v3 is refused (and stored nowhere on the node).
+    let since = now_ms();
+    apply(&h, "app.yaml", &app(3), &[])?;
+    wait_for(60 * SEC, "v3 refused as untrusted", || {
+        let evs: Vec<skiff_model::EventRecord> =
+            serde_json::from_str(&h.ok(&["get", "events", "-o", "json"]).ok()?).ok()?;
+        evs.into_iter().find(|e| e.reason == "Untrusted" && e.time_ms >= since && e.message.contains(&at(3)))
+    })?;
+    assert!(a.cli(&["image", "inspect", &at(3)])?.status.code() != Some(0));
+    apply(&h, "app.yaml", &app(2), &[])?;
+    h.ok(&["rollout", "status", "app", "--timeout", "90s"])?;
     // The node counts where its image bytes came from.
     let text = common::http_get(metrics_port, "/metrics")?;
     let count = |source: &str| -> u64 {
@@ -726,16 +753,19 @@ fn an_update_through_the_hub_sends_only_the_changed_chunks() -> R {
             .then_some(())
     });
     wiped?;
+    // (v3 holds the same file: its copy is damaged too, whichever the hub reads from.)
     let hub_images = skiff_image::ImageStore::open(h.data().join("images"))?;
-    let data = hub_images.inspect(&at(2))?.layers[1].diff_id.clone();
-    let tar = hub_images.blob_path(&data)?;
-    let mut bytes = std::fs::read(&tar)?;
-    bytes[(4 << 20) + (128 << 10)] ^= 0x01;
-    std::fs::write(&tar, &bytes)?;
+    for v in [2, 3] {
+        let data = hub_images.inspect(&at(v))?.layers[1].diff_id.clone();
+        let tar = hub_images.blob_path(&data)?;
+        let mut bytes = std::fs::read(&tar)?;
+        bytes[(4 << 20) + (128 << 10)] ^= 0x01;
+        std::fs::write(&tar, &bytes)?;
+    }
     let said = pulled(2)?;
     assert!(said.contains("from hub"), "{said}");
     let got = h.ok(&["exec", "app-1", "--", "sh", "-c", "sha256sum /data/blob; cat /data/added"])?;
-    assert_eq!(got, format!("{}  /data/blob\nappended\n", hex::encode(sha2::Sha256::digest(&new))));
+    assert_eq!(got, format!("{}  /data/blob\nappended 1\n", hex::encode(sha2::Sha256::digest(&new))));
     let log = std::fs::read_to_string(&h.up_log).unwrap_or_default();
     assert!(log.contains("the kept tar does not match its digest"), "the hub says what it mended");
     h.ok(&["delete", "deployment", "app"])?;
@@ -759,9 +789,10 @@ fn a_site_downloads_an_update_over_the_wan_once() -> R {
         let l = skiff_testkit::LayerBuilder::new().file("data/blob", 0o644, data)?.finish()?;
         let dir = tmp.path().join(format!("v{v}"));
         skiff_testkit::ImageBuilder::busybox()?.layer(l).write_oci_layout(&dir, "app")?;
-        reg.push(&dir, &format!("edge/site:{v}"))?;
+        // Named as Docker Hub names its official images, for Docker's registry mirror.
+        reg.push(&dir, &format!("library/site:{v}"))?;
     }
-    let at = |v: u8| format!("127.0.0.1:{}/edge/site:{v}", reg.port);
+    let at = |v: u8| format!("127.0.0.1:{}/library/site:{v}", reg.port);
     let app = |v: u8| {
         format!(
             "name: site\nservices:\n  app:\n    image: {}\n    command: [sleep, '1000']\n    stop_grace_period: 1s\n    \
@@ -827,13 +858,29 @@ fn a_site_downloads_an_update_over_the_wan_once() -> R {
         );
     }
 
-    // A read-only registry mirror: skopeo copies v2 from the cache.
+    // A read-only registry mirror: skopeo copies v2 from the cache, and a Docker daemon
+    // with the cache as its registry mirror pulls `site:2` (Docker Hub is out of reach:
+    // only the mirror can have answered).
     let copied = tmp.path().join("copied");
     let out = std::process::Command::new("skopeo")
-        .args(["copy", "-q", "--src-tls-verify=false", &format!("docker://{cache_addr}/edge/site:2")])
+        .args(["copy", "-q", "--src-tls-verify=false", &format!("docker://{cache_addr}/library/site:2")])
         .arg(format!("oci:{}:site", copied.display()))
         .output()?;
     assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+    let docker = skiff_testkit::Dockerd::start(
+        &tmp.path().join("docker"),
+        &["--registry-mirror", &format!("http://{cache_addr}"), "--insecure-registry", &cache_addr],
+    )?;
+    docker.cli(&["pull", "-q", "site:2"])?;
+    let layers = docker.cli(&["image", "inspect", "-f", "{{json .RootFS.Layers}}", "site:2"])?;
+    let want: Vec<String> = skiff_image::ImageStore::open(gw.data().join("images"))?
+        .inspect(&at(2))?
+        .layers
+        .into_iter()
+        .map(|l| l.diff_id)
+        .collect();
+    assert_eq!(serde_json::from_str::<Vec<String>>(&layers)?, want, "Docker holds the same layers");
+    drop(docker);
     // No pull for a caller without the site's token.
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", cache_port))?;

@@ -679,8 +679,13 @@ fn updates_fail_no_request(firewall: &'static str) -> R {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "a failed rollout exits 1: {text}");
     assert!(text.contains("revision 4: failed") && text.contains("web-1 is unhealthy"), "{text}");
-    let out = wait_for(30 * SEC, "the rollback to complete", || {
+    // Bounds, not timings: on a loaded 2-core machine a rollback past health checks and
+    // crash-loop back-offs has taken over 30 s.
+    let out = wait_for(90 * SEC, "the rollback to complete", || {
         n.ok(&["rollout", "status", "web", "--no-wait"]).ok().filter(|o| o.contains("revision 5: complete"))
+    })
+    .with_context(|| {
+        format!("status: {:?}\ninstances: {:#?}", n.ok(&["rollout", "status", "web", "--no-wait"]), n.instances().ok())
     })?;
     assert!(out.contains("2 of 2 updated"), "{out}");
     let history = n.ok(&["rollout", "history", "web"])?;
@@ -703,8 +708,11 @@ fn updates_fail_no_request(firewall: &'static str) -> R {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success() && text.contains("revision 6: failed"), "{text}");
     assert!(text.contains("web-1 restarted") || text.contains("web-1 exited"), "{text}");
-    wait_for(30 * SEC, "the second rollback to complete", || {
+    wait_for(90 * SEC, "the second rollback to complete", || {
         n.ok(&["rollout", "status", "web", "--no-wait"]).ok().filter(|o| o.contains("revision 7: complete"))
+    })
+    .with_context(|| {
+        format!("status: {:?}\ninstances: {:#?}", n.ok(&["rollout", "status", "web", "--no-wait"]), n.instances().ok())
     })?;
     let s = traffic.samples();
     assert!(s[before_v5..].iter().filter_map(|x| x.body.as_deref().ok()).all(|b| b.trim() == "v3"), "v3 kept serving");
