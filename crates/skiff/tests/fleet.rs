@@ -899,3 +899,55 @@ fn a_site_downloads_an_update_over_the_wan_once() -> R {
     drop(nodes);
     Ok(())
 }
+
+/// A pull through the hub killed half-way (the agent SIGKILLed over a slow link) resumes
+/// from the chunks it kept: the image crosses the link about once, not once and a half.
+#[test]
+fn a_pull_killed_half_way_resumes_from_the_chunks_it_kept() -> R {
+    skiff_testkit::require_registry_tools!();
+    let reg = skiff_testkit::registry::Registry::start()?;
+    let tmp = tempfile::tempdir()?;
+    let data = skiff_testkit::incompressible(16 << 20, 51);
+    let l = skiff_testkit::LayerBuilder::new().file("data/blob", 0o644, &data)?.finish()?;
+    skiff_testkit::ImageBuilder::busybox()?.layer(l).write_oci_layout(&tmp.path().join("v1"), "app")?;
+    reg.push(&tmp.path().join("v1"), "edge/big:1")?;
+    let image = format!("127.0.0.1:{}/edge/big:1", reg.port);
+    let h = hub()?;
+    let token = h.ok(&["token", "create"])?.trim().to_string();
+    let hub_port: u16 = h.server()?.rsplit(':').next().unwrap_or_default().parse()?;
+    // 2 MiB/s per connection: the 16 MiB layer takes seconds, time to pull the plug.
+    let link = skiff_testkit::registry::FaultProxy::start_with(hub_port, None, None, Some(2 << 20))?;
+    let server = format!("https://127.0.0.1:{}", link.port);
+    let mut a = Node::new()?;
+    start_agent(&mut a, &server, Some(&token), Some("edge-1"), &[])?;
+    wait_ready(&h, "edge-1")?;
+    let down = || link.down.load(std::sync::atomic::Ordering::Relaxed);
+    let before = down();
+    apply(&h, "big.yaml", &format!("services:\n  big:\n    image: {image}\n    command: [sleep, '1000']\n"), &[])?;
+    let pool = |a: &Node| -> u64 {
+        std::fs::read_dir(a.data().join("images/tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("partial-chunks-"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    wait_for(60 * SEC, "6 MiB of chunks kept", || (pool(&a) > 6 << 20).then_some(()))?;
+    a.kill_up()?;
+    let kept = pool(&a);
+    let first = down() - before;
+    start_agent(&mut a, &server, None, None, &[])?;
+    h.ok(&["rollout", "status", "big", "--timeout", "120s"])?;
+    let total = down() - before;
+    eprintln!("kept {kept} B at the kill ({first} B had crossed); {total} B in all for a {} B layer", data.len());
+    assert!(pool(&a) == 0, "the pool goes once the image is stored");
+    assert!(total < data.len() as u64 + (3 << 20), "resumed, not started over: {total} B for {} B", data.len());
+    let got = h.ok(&["exec", "big-1", "--", "sha256sum", "/data/blob"])?;
+    use sha2::Digest as _;
+    assert!(got.starts_with(&hex::encode(sha2::Sha256::digest(&data))), "{got}");
+    h.ok(&["delete", "deployment", "big"])?;
+    wait_placed(&h, &[])?;
+    Ok(())
+}
