@@ -106,15 +106,6 @@ fn damaged(path: &Path, problem: impl Into<String>) -> ImageError {
     ImageError::Malformed { what: format!("bundle {}", path.display()), problem: problem.into() }
 }
 
-fn add_entry<W: Write>(b: &mut tar::Builder<W>, name: &str, size: u64, data: impl Read) -> std::io::Result<()> {
-    let mut h = tar::Header::new_ustar();
-    h.set_size(size);
-    h.set_mode(0o644);
-    h.set_mtime(0);
-    h.set_entry_type(tar::EntryType::Regular);
-    b.append_data(&mut h, name, data)
-}
-
 impl ImageStore {
     /// Writes a bundle of `reference` (for `platform`, else this machine's) to `out`,
     /// leaving out every chunk the layers of `since` hold.
@@ -191,34 +182,32 @@ impl ImageStore {
             let mut b = tar::Builder::new(BufWriter::new(file));
             let json = serde_json::to_vec_pretty(&header)
                 .map_err(|e| ImageError::Malformed { what: "bundle header".into(), problem: e.to_string() })?;
-            add_entry(&mut b, HEADER, json.len() as u64, &json[..]).ctx("write", &partial)?;
+            crate::save::add_entry(&mut b, HEADER, json.len() as u64, &json[..]).ctx("write", &partial)?;
             let mut blobs = vec![top.clone(), info.manifest_digest.clone(), info.config_digest.clone()];
             blobs.dedup();
             for d in &blobs {
                 let bytes = self.read_blob(d)?;
                 let name = format!("blobs/sha256/{}", sha256_hex(d)?);
-                add_entry(&mut b, &name, bytes.len() as u64, &bytes[..]).ctx("write", &partial)?;
+                crate::save::add_entry(&mut b, &name, bytes.len() as u64, &bytes[..]).ctx("write", &partial)?;
             }
             let sigs = self.signatures(&top)?;
             if !sigs.is_empty() {
                 let bytes = serde_json::to_vec(&sigs)
                     .map_err(|e| ImageError::Malformed { what: "signatures".into(), problem: e.to_string() })?;
-                add_entry(&mut b, "signatures.json", bytes.len() as u64, &bytes[..]).ctx("write", &partial)?;
+                crate::save::add_entry(&mut b, "signatures.json", bytes.len() as u64, &bytes[..])
+                    .ctx("write", &partial)?;
             }
             for (l, c) in info.layers.iter().zip(&lists) {
                 let bytes = chunks::encode_list(c);
                 let name = format!("layers/{}", sha256_hex(&l.diff_id)?);
-                add_entry(&mut b, &name, bytes.len() as u64, &bytes[..]).ctx("write", &partial)?;
+                crate::save::add_entry(&mut b, &name, bytes.len() as u64, &bytes[..]).ctx("write", &partial)?;
             }
             let bytes = chunks::encode_list(&carried);
-            add_entry(&mut b, CARRIED, bytes.len() as u64, &bytes[..]).ctx("write", &partial)?;
+            crate::save::add_entry(&mut b, CARRIED, bytes.len() as u64, &bytes[..]).ctx("write", &partial)?;
             let gz = fs::File::open(&gz_path).ctx("open", &gz_path)?;
-            add_entry(&mut b, CHUNKS, header.carried_compressed, BufReader::new(gz)).ctx("write", &partial)?;
-            let w = b.into_inner().ctx("write", &partial)?;
-            w.into_inner()
-                .map_err(|e| ImageError::Io { op: "write", path: partial.clone(), source: e.into_error() })?
-                .sync_all()
-                .ctx("sync", &partial)?;
+            crate::save::add_entry(&mut b, CHUNKS, header.carried_compressed, BufReader::new(gz))
+                .ctx("write", &partial)?;
+            crate::save::finish_tar(b, &partial)?;
             // Renamed when whole; across filesystems, copied beside `out` first.
             if fs::rename(&partial, out).is_err() {
                 let beside = out.with_extension("partial");
@@ -248,8 +237,7 @@ impl ImageStore {
             if !list.iter().any(|c| wanted.contains(&c.digest) && !written.contains(&c.digest)) {
                 continue;
             }
-            let index = self.chunk_index(l)?;
-            let source = if self.has_blob(&l.diff_id) { l.diff_id.clone() } else { index.source.clone() };
+            let source = self.layer_source(&l.diff_id, &l.digest)?;
             let mut r = self.open_layer_stream(&source)?;
             let blob = self.blob_path(&source)?;
             for c in list {

@@ -12,12 +12,32 @@ use std::io::{BufReader, Read};
 use std::path::Path;
 
 fn add_bytes<W: std::io::Write>(b: &mut tar::Builder<W>, path: &str, data: &[u8]) -> std::io::Result<()> {
+    add_entry(b, path, data.len() as u64, data)
+}
+
+/// A regular file of `size` bytes read from `data` (mode 0644, time 0: archives of the
+/// same content are the same bytes).
+pub(crate) fn add_entry<W: std::io::Write>(
+    b: &mut tar::Builder<W>,
+    path: &str,
+    size: u64,
+    data: impl Read,
+) -> std::io::Result<()> {
     let mut h = tar::Header::new_ustar();
-    h.set_size(data.len() as u64);
+    h.set_size(size);
     h.set_mode(0o644);
     h.set_mtime(0);
     h.set_entry_type(tar::EntryType::Regular);
     b.append_data(&mut h, path, data)
+}
+
+/// Ends a tar written to `path` through a buffer, and syncs it.
+pub(crate) fn finish_tar(b: tar::Builder<std::io::BufWriter<fs::File>>, path: &Path) -> Result<(), ImageError> {
+    let w = b.into_inner().ctx("write", path)?;
+    w.into_inner()
+        .map_err(|e| ImageError::Io { op: "write", path: path.to_path_buf(), source: e.into_error() })?
+        .sync_all()
+        .ctx("sync", path)
 }
 
 impl ImageStore {
@@ -71,11 +91,7 @@ impl ImageStore {
             let r = serde_json::to_vec(&repositories)
                 .map_err(|e| ImageError::Malformed { what: "repositories".into(), problem: e.to_string() })?;
             add_bytes(&mut b, "repositories", &r).ctx("write", &tmp)?;
-            let w = b.into_inner().ctx("write", &tmp)?;
-            w.into_inner()
-                .map_err(|e| ImageError::Io { op: "write", path: tmp.clone(), source: e.into_error() })?
-                .sync_all()
-                .ctx("sync", &tmp)?;
+            finish_tar(b, &tmp)?;
             fs::rename(&tmp, out).ctx("rename", out)
         })();
         if res.is_err() {
@@ -120,11 +136,7 @@ impl ImageStore {
             .map_err(|e| ImageError::Malformed { what: "index.json".into(), problem: e.to_string() })?;
         add_bytes(&mut b, "index.json", &index).ctx("write", tmp)?;
         add_bytes(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).ctx("write", tmp)?;
-        let w = b.into_inner().ctx("write", tmp)?;
-        w.into_inner()
-            .map_err(|e| ImageError::Io { op: "write", path: tmp.to_path_buf(), source: e.into_error() })?
-            .sync_all()
-            .ctx("sync", tmp)
+        finish_tar(b, tmp)
     }
 
     /// Appends a layer blob as an uncompressed tar entry (decompressed into `tmp/` first,
