@@ -293,16 +293,8 @@ impl Agent {
 
         // Create rows for slots without a primary instance.
         let rows = self.db(|s| s.instances())?;
-        let names: HashSet<&str> = rows.iter().map(|r| r.name.as_str()).collect();
         for (d, slots) in desired.values() {
-            for &i in slots.iter() {
-                let name = d.instance_name(i);
-                if names.contains(name.as_str()) {
-                    continue;
-                }
-                let tpl = rollout::template_hash(d);
-                let id = self.container_id(&name, &tpl);
-                let row = InstanceRow::pending(name, d.name.clone(), id, (*d).clone());
+            for row in missing_primaries(d, slots, &rows, |name, tpl| self.container_id(name, tpl)) {
                 self.db(|s| s.put_instance(&row))?;
             }
         }
@@ -444,6 +436,39 @@ impl Agent {
             Ok(out)
         })
     }
+}
+
+/// New rows for `d`'s slots that have no primary instance. A slot whose kept (retiring)
+/// instance has the wanted template gets none: the planner promotes that one back (a stop
+/// that ended after the planner looked leaves the slot empty for a moment). A new row's
+/// container id is one no row holds (the same template in the same slot again would
+/// otherwise name a kept instance's container).
+fn missing_primaries(
+    d: &Deployment,
+    slots: &[u32],
+    rows: &[InstanceRow],
+    id_of: impl Fn(&str, &str) -> String,
+) -> Vec<InstanceRow> {
+    let tpl = rollout::template_hash(d);
+    let mut taken: HashSet<String> = rows.iter().map(|r| r.container_id.clone()).collect();
+    let mut out = Vec::new();
+    for &i in slots {
+        let name = d.instance_name(i);
+        let kept = |r: &&InstanceRow| {
+            r.deployment == d.name && r.retiring && slot_of(r) == Some(i) && rollout::template_hash(&r.spec) == tpl
+        };
+        if rows.iter().any(|r| r.name == name) || rows.iter().any(|r| kept(&r)) {
+            continue;
+        }
+        let base = id_of(&name, &tpl);
+        let id = (1..)
+            .map(|n| if n == 1 { base.clone() } else { format!("{base}-{n}") })
+            .find(|id| !taken.contains(id))
+            .unwrap_or(base);
+        taken.insert(id.clone());
+        out.push(InstanceRow::pending(name, d.name.clone(), id, d.clone()));
+    }
+    out
 }
 
 /// The reconcile pass in-process: a [`crate::fake::FakeRuntime`] for runc and a
@@ -603,5 +628,35 @@ mod tests {
         assert!(n.agent.all_gone(&["app".into()]), "{:?}", n.agent.instances());
         assert_eq!(n.rt.signals().first().map(|(i, _)| i.as_str()), Some(id.as_str()), "stopped by a signal first");
         assert!(n.rt.running().is_empty() && !n.rt.instance_dir_exists(&id), "and what was made for it removed");
+    }
+
+    /// A rollback whose failed instance's stop ended after the planner looked: the slot
+    /// is empty for a moment, but its kept instance of the wanted template is promoted,
+    /// not doubled by a new one under the same container id (which killed the kept one).
+    #[test]
+    fn an_empty_slot_with_a_kept_instance_of_the_wanted_template_waits_for_its_promotion() {
+        use crate::state::InstanceRow;
+        let mut v3 = Deployment::new("web", IMAGE);
+        v3.env.insert("VERSION".into(), "v3".into());
+        let tpl = skiff_model::rollout::template_hash(&v3);
+        let id_of = |name: &str, tpl: &str| format!("n-{name}-{}", &tpl[..6]);
+        let mut kept = InstanceRow::pending("web-1-x".into(), "web".into(), id_of("web-1", &tpl), v3.clone());
+        kept.retiring = true;
+        let web2 = InstanceRow::pending("web-2".into(), "web".into(), id_of("web-2", &tpl), v3.clone());
+        let rows = [kept.clone(), web2];
+        assert!(super::missing_primaries(&v3, &[1, 2], &rows, id_of).is_empty(), "web-1 is promoted instead");
+
+        // Another template wanted: web-1 is new. And a container id already held (the
+        // kept one of the template after) is not given twice.
+        let mut v4 = v3.clone();
+        v4.env.insert("VERSION".into(), "v4".into());
+        let tpl4 = skiff_model::rollout::template_hash(&v4);
+        let mut held = kept;
+        held.container_id = id_of("web-1", &tpl4);
+        let new = super::missing_primaries(&v4, &[1, 2, 3], &[held], id_of);
+        let ids: Vec<&str> = new.iter().map(|r| r.container_id.as_str()).collect();
+        let base = id_of("web-1", &tpl4);
+        assert_eq!(ids, [format!("{base}-2"), id_of("web-2", &tpl4), id_of("web-3", &tpl4)]);
+        assert!(new.iter().all(|r| r.state == InstanceState::Pending));
     }
 }
