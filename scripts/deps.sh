@@ -6,7 +6,10 @@ set -euo pipefail
 # docker.io: the tests start a Docker daemon of their own (a LAN host pulling through a
 # site cache); its service is kept from starting at install (it would set the host's
 # FORWARD policy to DROP), see below.
-PACKAGES=(runc runsc busybox-static iproute2 nftables iptables util-linux ca-certificates docker-registry skopeo gcc libc6-dev docker.io "$@")
+# etcd-server: the hub's store for several hubs (its service is kept from starting too);
+# protobuf-compiler and libprotobuf-dev (its well-known types): the etcd client's build
+# compiles etcd's protocol files.
+PACKAGES=(runc runsc busybox-static iproute2 nftables iptables util-linux ca-certificates docker-registry skopeo gcc libc6-dev docker.io etcd-server protobuf-compiler libprotobuf-dev "$@")
 export DEBIAN_FRONTEND=noninteractive
 if [ "$(id -u)" != 0 ]; then
   echo "scripts/deps.sh: run as root (containers, cgroups and network namespaces need it)" >&2

@@ -12,6 +12,8 @@ pub mod api;
 pub mod autoscaler;
 pub mod clock;
 pub mod controllers;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod events;
 pub mod fleet;
 pub mod metrics;

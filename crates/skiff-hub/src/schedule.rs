@@ -51,7 +51,7 @@ pub struct NodeView {
 }
 
 /// One instance of a deployment on a node: `index` 2 of `web` is `web-2`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Slot {
     pub deployment: String,
     pub index: u32,

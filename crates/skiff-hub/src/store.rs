@@ -19,6 +19,14 @@ pub enum StoreError {
     Json(#[from] serde_json::Error),
     #[error("hub store lock poisoned")]
     Poisoned,
+    #[error("hub store: {0}")]
+    Etcd(String),
+    #[error("hub store: {0} exists already")]
+    Exists(String),
+    #[error("hub store: {0}")]
+    NotEmpty(String),
+    #[error("hub store: a dump of format {0}; this skiff reads format {DUMP_FORMAT}")]
+    DumpFormat(u32),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -90,6 +98,54 @@ pub trait Store: Send + Sync {
     fn slots(&self) -> Result<Vec<crate::schedule::Slot>, StoreError>;
     /// Replaces the placement; bumps the revision only when it changed. Returns the revision.
     fn set_slots(&self, slots: &[crate::schedule::Slot]) -> Result<u64, StoreError>;
+
+    /// Everything the store holds, for a backup or a move to another store.
+    fn export(&self) -> Result<Dump, StoreError>;
+    /// Fills an empty store from a dump; a store that holds anything is refused
+    /// ([`StoreError::NotEmpty`]) and left as it is.
+    fn import(&self, dump: &Dump) -> Result<(), StoreError>;
+}
+
+/// The whole of a store (`skiff hub backup`, `restore`, `migrate`), as JSON.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Dump {
+    /// The dump's format (this one: 1).
+    pub format: u32,
+    pub revision: u64,
+    pub deployments: Vec<DumpedDeployment>,
+    /// Each deployment's revisions, oldest first.
+    pub history: std::collections::BTreeMap<String, Vec<Revision>>,
+    pub tokens: Vec<TokenRecord>,
+    pub nodes: Vec<StoredNode>,
+    pub revoked: Vec<RevokedCert>,
+    pub slots: Vec<crate::schedule::Slot>,
+}
+
+pub const DUMP_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DumpedDeployment {
+    pub revision: u64,
+    pub spec: Deployment,
+}
+
+/// A node as a store keeps it: its record and what only the store needs (the key and
+/// the token it joined with, which tell a repeated join from a takeover).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredNode {
+    #[serde(flatten)]
+    pub record: NodeRecord,
+    pub key_sha256: Option<String>,
+    pub next_key_sha256: Option<String>,
+    pub token_id: Option<String>,
+}
+
+/// A revoked certificate serial, kept for good.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RevokedCert {
+    pub serial: String,
+    pub node: String,
+    pub revoked_ms: u64,
 }
 
 fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
@@ -756,6 +812,167 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn export(&self) -> Result<Dump, StoreError> {
+        let mut conn = self.conn()?;
+        // One read transaction: a consistent copy while the hub keeps running.
+        let tx = conn.transaction()?;
+        let revision =
+            tx.query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| r.get::<_, i64>(0))? as u64;
+        let deployments = {
+            let mut st = tx.prepare("SELECT revision, spec FROM deployments ORDER BY name")?;
+            let rows: Vec<(i64, String)> =
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            rows.into_iter()
+                .map(|(rev, spec)| Ok(DumpedDeployment { revision: rev as u64, spec: serde_json::from_str(&spec)? }))
+                .collect::<Result<Vec<_>, StoreError>>()?
+        };
+        let mut history = std::collections::BTreeMap::new();
+        {
+            let mut st = tx.prepare(
+                "SELECT revision, template, created_ms, state, cause, message, spec, nodes, deployment FROM history
+                 ORDER BY deployment, revision",
+            )?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(8)?, revision_row(r)?)))?;
+            for row in rows {
+                let (d, rev) = row?;
+                history.entry(d).or_insert_with(Vec::new).push(rev);
+            }
+        }
+        let tokens = {
+            let mut st = tx.prepare(&format!("SELECT {TOKEN_COLS} FROM join_tokens ORDER BY created_ms, id"))?;
+            let v = st.query_map([], token_row)?.collect::<Result<_, _>>()?;
+            v
+        };
+        let nodes = {
+            let mut st = tx.prepare(&format!(
+                "SELECT {NODE_COLS}, key_sha256, next_key_sha256, token_id FROM nodes ORDER BY name"
+            ))?;
+            // The record's info is JSON, read after the query.
+            let rows: Vec<(StoredNode, String)> = st
+                .query_map([], |r| {
+                    let (record, info) = node_row(r)?;
+                    Ok((
+                        StoredNode { record, key_sha256: r.get(8)?, next_key_sha256: r.get(9)?, token_id: r.get(10)? },
+                        info,
+                    ))
+                })?
+                .collect::<Result<_, _>>()?;
+            rows.into_iter()
+                .map(|(mut n, info)| {
+                    n.record.info = serde_json::from_str(&info)?;
+                    Ok(n)
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?
+        };
+        let revoked = {
+            let mut st = tx.prepare("SELECT serial, node, revoked_ms FROM revoked_certs ORDER BY serial")?;
+            let v = st
+                .query_map([], |r| {
+                    Ok(RevokedCert { serial: r.get(0)?, node: r.get(1)?, revoked_ms: r.get::<_, i64>(2)? as u64 })
+                })?
+                .collect::<Result<_, _>>()?;
+            v
+        };
+        drop(tx);
+        drop(conn);
+        Ok(Dump { format: DUMP_FORMAT, revision, deployments, history, tokens, nodes, revoked, slots: self.slots()? })
+    }
+
+    fn import(&self, dump: &Dump) -> Result<(), StoreError> {
+        if dump.format != DUMP_FORMAT {
+            return Err(StoreError::DumpFormat(dump.format));
+        }
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let held: i64 = tx.query_row(
+            "SELECT (SELECT value FROM meta WHERE key = 'revision') + (SELECT COUNT(*) FROM deployments)
+                  + (SELECT COUNT(*) FROM join_tokens) + (SELECT COUNT(*) FROM nodes)",
+            [],
+            |r| r.get(0),
+        )?;
+        if held > 0 {
+            return Err(StoreError::NotEmpty("the target already holds a fleet; restore into an empty one".into()));
+        }
+        tx.execute("UPDATE meta SET value = ?1 WHERE key = 'revision'", [dump.revision as i64])?;
+        for d in &dump.deployments {
+            tx.execute(
+                "INSERT INTO deployments (name, stack, revision, spec) VALUES (?1, ?2, ?3, ?4)",
+                params![d.spec.name, d.spec.stack, d.revision as i64, serde_json::to_string(&d.spec)?],
+            )?;
+        }
+        for (name, revs) in &dump.history {
+            for r in revs {
+                tx.execute(
+                    "INSERT INTO history (deployment, revision, template, created_ms, state, cause, message, spec, nodes)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![
+                        name,
+                        r.revision as i64,
+                        r.template,
+                        r.created_ms as i64,
+                        r.state.as_str(),
+                        r.cause,
+                        r.message,
+                        serde_json::to_string(&r.spec)?,
+                        r.nodes.as_ref().map(serde_json::to_string).transpose()?
+                    ],
+                )?;
+            }
+        }
+        for t in &dump.tokens {
+            tx.execute(
+                "INSERT INTO join_tokens (id, secret_sha256, created_ms, expires_ms, revoked, role, max_uses, used, replace_node)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    t.id,
+                    t.secret_sha256,
+                    t.created_ms as i64,
+                    t.expires_ms.map(|v| v as i64),
+                    t.revoked as i64,
+                    t.role.as_str(),
+                    t.max_uses.map(i64::from),
+                    i64::from(t.used),
+                    t.replace
+                ],
+            )?;
+        }
+        for n in &dump.nodes {
+            let r = &n.record;
+            tx.execute(
+                "INSERT INTO nodes (name, revision, cert_serial, revoked, joined_ms, info, not_after_ms, next_serial,
+                                    next_not_after_ms, key_sha256, next_key_sha256, token_id)
+                 VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    r.name,
+                    r.revision as i64,
+                    r.cert_serial,
+                    r.joined_ms as i64,
+                    serde_json::to_string(&r.info)?,
+                    r.not_after_ms.map(|v| v as i64),
+                    r.next_serial,
+                    r.next_not_after_ms.map(|v| v as i64),
+                    n.key_sha256,
+                    n.next_key_sha256,
+                    n.token_id
+                ],
+            )?;
+        }
+        for c in &dump.revoked {
+            tx.execute(
+                "INSERT OR IGNORE INTO revoked_certs (serial, node, revoked_ms) VALUES (?1, ?2, ?3)",
+                params![c.serial, c.node, c.revoked_ms as i64],
+            )?;
+        }
+        for s in &dump.slots {
+            tx.execute(
+                "INSERT INTO slots (deployment, idx, node) VALUES (?1, ?2, ?3)",
+                params![s.deployment, s.index as i64, s.node],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn revoke_node(&self, name: &str, now_ms: u64) -> Result<bool, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
@@ -766,161 +983,5 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok(n > 0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn history_keeps_ten_templates_not_scales() {
-        let t = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&t.path().join("hub.db")).unwrap();
-        let mut d = Deployment::new("web", "img:0");
-        s.apply(std::slice::from_ref(&d), None, false, 1_000).unwrap();
-        d.replicas = 3;
-        s.apply(std::slice::from_ref(&d), None, false, 2_000).unwrap();
-        let h = s.history("web").unwrap();
-        assert_eq!(h.len(), 1, "a scale is not a revision");
-        assert_eq!(h[0].state, RolloutState::Progressing);
-        assert_eq!(h[0].created_ms, 1_000, "a revision is stamped with the time it was given");
-        d.image = "img:dry".into();
-        s.apply(std::slice::from_ref(&d), None, true, 2_000).unwrap();
-        assert_eq!(s.history("web").unwrap().len(), 1, "a dry run records nothing");
-        for i in 1..=11 {
-            d.image = format!("img:{i}");
-            s.apply(std::slice::from_ref(&d), None, false, 2_000 + i).unwrap();
-        }
-        let h = s.history("web").unwrap();
-        assert_eq!(h.len(), 10);
-        assert_eq!((h[0].revision, h[9].revision, h[9].image.as_str()), (3, 12, "img:11"));
-        assert_eq!(h[9].created_ms, 2_011);
-        assert!(h[..9].iter().all(|r| r.state == RolloutState::Superseded));
-        assert_eq!(s.progressing().unwrap(), ["web"]);
-        s.set_rollout("web", 12, RolloutState::Failed, Some("apply"), Some("web-1 unhealthy")).unwrap();
-        assert!(s.progressing().unwrap().is_empty(), "only the newest revision counts");
-        let last = s.history("web").unwrap().pop().unwrap();
-        assert_eq!((last.state, last.message.as_deref()), (RolloutState::Failed, Some("web-1 unhealthy")));
-        s.delete("web").unwrap();
-        assert!(s.history("web").unwrap().is_empty());
-    }
-
-    #[test]
-    fn an_update_on_several_nodes_starts_with_its_first_wave() {
-        use crate::schedule::Slot;
-        let t = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&t.path().join("hub.db")).unwrap();
-        let mut d = Deployment::new("web", "img:1");
-        d.replicas = 3;
-        s.apply(std::slice::from_ref(&d), None, false, 1).unwrap();
-        let slot = |i: u32, n: &str| Slot { deployment: "web".into(), index: i, node: n.into() };
-        s.set_slots(&[slot(1, "b"), slot(2, "a"), slot(3, "c")]).unwrap();
-        assert_eq!(s.history("web").unwrap()[0].nodes, None, "a new deployment goes everywhere");
-        d.image = "img:2".into();
-        s.apply(std::slice::from_ref(&d), None, false, 1).unwrap();
-        assert_eq!(s.history("web").unwrap()[1].nodes, Some(vec!["a".to_string()]));
-        let rev = s.revision().unwrap();
-        assert!(s.set_wave("web", 2, &["a".into(), "b".into()]).unwrap() > rev, "a wave changes assignments");
-        assert_eq!(s.history("web").unwrap()[1].nodes.as_ref().map(Vec::len), Some(2));
-    }
-
-    #[test]
-    fn apply_is_atomic_and_revisioned() {
-        let t = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&t.path().join("hub.db")).unwrap();
-        let mut a = Deployment::new("a", "img");
-        a.stack = "demo".into();
-        let mut b = Deployment::new("b", "img");
-        b.stack = "demo".into();
-        let r = s.apply(&[a.clone(), b.clone()], Some("demo"), false, 1).unwrap();
-        assert_eq!(r.created, ["a", "b"]);
-        assert_eq!(s.revision().unwrap(), 2);
-        let r = s.apply(&[a.clone()], Some("demo"), true, 1).unwrap();
-        assert_eq!((r.unchanged.as_slice(), r.deleted.as_slice()), (&["a".to_string()][..], &["b".to_string()][..]));
-        assert_eq!(s.list().unwrap().len(), 2, "dry run changed nothing");
-        a.replicas = 3;
-        let r = s.apply(&[a], Some("demo"), false, 1).unwrap();
-        assert_eq!((r.updated.len(), r.deleted.len()), (1, 1));
-        assert_eq!(s.get("a").unwrap().unwrap().revision, 3);
-        assert!(s.delete("a").unwrap());
-        assert!(!s.delete("a").unwrap());
-    }
-
-    #[test]
-    fn tokens_and_nodes_persist_and_revoke() {
-        let t = tempfile::tempdir().unwrap();
-        let path = t.path().join("hub.db");
-        let s = SqliteStore::open(&path).unwrap();
-        let tok = TokenRecord {
-            id: "abc".into(),
-            secret_sha256: "h".into(),
-            created_ms: 1,
-            expires_ms: Some(100),
-            revoked: false,
-            role: TokenRole::Join,
-            max_uses: Some(2),
-            used: 0,
-            replace: Some("pi".into()),
-        };
-        s.create_token(&tok).unwrap();
-        assert!(s.create_token(&tok).is_err(), "ids are unique");
-        let info = NodeSpec { os: "linux".into(), arch: "arm64".into(), cpu_millis: 4000, ..Default::default() };
-        let join = |name, serial, now_ms| NodeJoin {
-            token_id: "abc",
-            name,
-            serial,
-            key_sha256: serial,
-            not_after_ms: 50,
-            info: &info,
-            now_ms,
-        };
-        let fresh = Joined { replaced: false, retry: false };
-        assert_eq!(s.join_node(&join("pi", "01", 5)).unwrap(), Ok(fresh.clone()));
-        assert_eq!(
-            s.join_node(&join("pi", "02", 6)).unwrap(),
-            Ok(Joined { replaced: true, retry: false }),
-            "made to replace pi"
-        );
-        assert!(s.is_revoked("01").unwrap() && !s.is_revoked("02").unwrap());
-        assert_eq!(s.join_node(&join("pi", "03", 7)).unwrap(), Err(JoinRefused::TokenUsedUp("abc".into(), 2)));
-        drop(s);
-        let s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.token("abc").unwrap(), Some(TokenRecord { used: 2, ..tok.clone() }));
-        let n = s.node("pi").unwrap().unwrap();
-        assert_eq!((n.cert_serial.as_str(), n.info.arch.as_str(), n.not_after_ms), ("02", "arm64", Some(50)));
-        // A renewed certificate counts once presented; the one before is then revoked.
-        s.renew_cert("pi", "04", 90, "k4").unwrap();
-        s.promote_cert("pi", "04", 8).unwrap();
-        let n = s.node("pi").unwrap().unwrap();
-        assert_eq!((n.cert_serial.as_str(), n.not_after_ms, n.next_serial), ("04", Some(90), None));
-        assert!(s.is_revoked("02").unwrap());
-        assert!(s.revoke_token("abc").unwrap() && s.token("abc").unwrap().unwrap().revoked);
-        assert!(!s.revoke_token("nope").unwrap());
-        assert!(s.revoke_node("pi", 9).unwrap() && s.nodes().unwrap().is_empty());
-        assert!(s.is_revoked("04").unwrap(), "a deleted node's certificate stays revoked");
-        let other = TokenRecord { id: "def".into(), replace: None, max_uses: None, ..tok };
-        s.create_token(&other).unwrap();
-        let again = NodeJoin {
-            token_id: "def",
-            name: "pi",
-            serial: "05",
-            key_sha256: "k5",
-            not_after_ms: 50,
-            info: &info,
-            now_ms: 10,
-        };
-        assert_eq!(s.join_node(&again).unwrap(), Ok(fresh), "a deleted node's name is free");
-        let taken = NodeJoin { serial: "06", key_sha256: "k6", ..again };
-        assert_eq!(s.join_node(&taken).unwrap(), Err(JoinRefused::NameTaken("pi".into())));
-        let retried = NodeJoin { serial: "07", key_sha256: "k5", ..again };
-        assert_eq!(
-            s.join_node(&retried).unwrap(),
-            Ok(Joined { replaced: false, retry: true }),
-            "the same key again: its answer was lost"
-        );
-        assert!(s.is_revoked("05").unwrap(), "the certificate it never received is revoked");
-        let late = NodeJoin { name: "pj", now_ms: 100, ..taken };
-        assert_eq!(s.join_node(&late).unwrap(), Err(JoinRefused::TokenExpired("def".into())));
     }
 }

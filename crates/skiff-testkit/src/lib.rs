@@ -3,6 +3,7 @@
 //! guards for privileged tests.
 #![forbid(unsafe_code)]
 
+pub mod etcd;
 pub mod registry;
 pub mod tls;
 pub mod traffic;

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 #[derive(Args)]
 pub struct HubArgs {
+    #[command(subcommand)]
+    pub action: Option<HubAction>,
     /// Address to serve the API and the node endpoints on (TLS).
     #[arg(long, default_value = "0.0.0.0:7443")]
     pub listen: String,
@@ -30,12 +32,202 @@ pub struct HubArgs {
     /// gives it the images of every node with its `site` label; repeatable.
     #[arg(long = "site-cache", value_name = "NODE")]
     pub site_caches: Vec<String>,
+    /// Where the fleet's state is kept: `sqlite` (hub.db in the data directory), or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`, shared by any number of hubs
+    /// (`etcds://` for TLS, with --etcd-ca). The prefix defaults to /skiff.
+    #[arg(long, default_value = "sqlite")]
+    pub store: String,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     #[command(flatten)]
     pub conns: ConnArgs,
     #[command(flatten)]
     pub autoscale: crate::up::AutoscaleArgs,
     #[command(flatten)]
     pub alerts: crate::up::AlertArgs,
+}
+
+/// The hub's state, kept apart from a running hub.
+#[derive(clap::Subcommand)]
+pub enum HubAction {
+    /// Write everything the store holds (deployments, their history, tokens, nodes,
+    /// revoked certificates, placement) and the hub's CA to FILE: a consistent copy, also
+    /// while hubs run. The file holds the CA's key: it is written readable by root only.
+    Backup {
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: std::path::PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Fill an empty store (and the data directory's CA) from a backup; a store that holds
+    /// a fleet already is refused and left as it is.
+    Restore {
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Copy one store into another, empty one, e.g. `--from sqlite --to etcd://HOST:2379`.
+    /// Stop the hubs on the old store first; start them on the new one after.
+    Migrate {
+        /// `sqlite` (the data directory's hub.db), `sqlite:PATH` or `etcd://...`.
+        #[arg(long)]
+        from: String,
+        /// The same forms as --from.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+}
+
+/// Which store a `skiff hub` action works on.
+#[derive(Args, Clone)]
+pub struct StoreArgs {
+    /// `sqlite` (the data directory's hub.db), `sqlite:PATH` or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (`etcds://` with --etcd-ca).
+    #[arg(long, default_value = "sqlite")]
+    pub store: String,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+/// A backup file: the store and the CA that signed its nodes' certificates.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Backup {
+    skiff_hub_backup: u32,
+    ca_pem: Option<String>,
+    ca_key: Option<String>,
+    store: skiff_hub::store::Dump,
+}
+
+pub fn action(cli: &crate::cli::Cli, action: &HubAction) -> Result<i32> {
+    let data = &cli.data;
+    let pki = data.join("pki");
+    match action {
+        HubAction::Backup { output, store } => {
+            let s = open_store(data, &store.store, &store.etcd)?;
+            let dump = s.export()?;
+            let read = |f: &str| std::fs::read_to_string(pki.join(f)).ok();
+            let b = Backup { skiff_hub_backup: 1, ca_pem: read("ca.pem"), ca_key: read("ca.key"), store: dump };
+            let text = serde_json::to_string_pretty(&b)?;
+            skiff_hub::pki::write_private(output, &text).with_context(|| format!("writing {}", output.display()))?;
+            let d = &b.store;
+            eprintln!(
+                "skiff: backed up revision {} ({} deployments, {} nodes, {} tokens{}) to {}",
+                d.revision,
+                d.deployments.len(),
+                d.nodes.len(),
+                d.tokens.len(),
+                if b.ca_key.is_some() { ", the CA" } else { "" },
+                output.display()
+            );
+            Ok(0)
+        }
+        HubAction::Restore { file, store } => {
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            let b: Backup =
+                serde_json::from_str(&text).with_context(|| format!("{}: not a skiff hub backup", file.display()))?;
+            if b.skiff_hub_backup != 1 {
+                anyhow::bail!(
+                    "{}: a backup of format {}; this skiff reads format 1",
+                    file.display(),
+                    b.skiff_hub_backup
+                );
+            }
+            // The CA first: a store whose nodes' certificates no CA here signed is useless.
+            if let (Some(pem), Some(key)) = (&b.ca_pem, &b.ca_key) {
+                let (have_pem, have_key) = (pki.join("ca.pem"), pki.join("ca.key"));
+                match std::fs::read_to_string(&have_pem) {
+                    Ok(p) if p == *pem => {}
+                    Ok(_) => anyhow::bail!(
+                        "{} holds another CA than the backup's; restore into a fresh data directory",
+                        pki.display()
+                    ),
+                    Err(_) => {
+                        crate::secure_data_dir(data)?;
+                        std::fs::create_dir_all(&pki)?;
+                        skiff_hub::pki::write_private(&have_key, key)?;
+                        skiff_hub::pki::write_private(&have_pem, pem)?;
+                    }
+                }
+            }
+            let s = open_store(data, &store.store, &store.etcd)?;
+            s.import(&b.store)?;
+            eprintln!("skiff: restored revision {} into {}", b.store.revision, store.store);
+            Ok(0)
+        }
+        HubAction::Migrate { from, to, etcd } => {
+            if from == to {
+                anyhow::bail!("--from and --to: the same store");
+            }
+            let (src, dst) = (open_store(data, from, etcd)?, open_store(data, to, etcd)?);
+            let dump = src.export()?;
+            dst.import(&dump)?;
+            anyhow::ensure!(dst.export()? == dump, "the copy in {to} differs from {from}; check both before use");
+            eprintln!(
+                "skiff: copied revision {} ({} deployments, {} nodes) from {from} to {to}",
+                dump.revision,
+                dump.deployments.len(),
+                dump.nodes.len()
+            );
+            Ok(0)
+        }
+    }
+}
+
+/// TLS to etcd (`--store etcds://...`).
+#[derive(Args, Clone, Default)]
+pub struct EtcdArgs {
+    /// The CA certificate (PEM) that signed etcd's server certificates.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) for etcd servers that ask for one (with --etcd-key).
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<std::path::PathBuf>,
+}
+
+/// Opens the hub's store as `--store` says.
+pub fn open_store(data: &std::path::Path, store: &str, etcd: &EtcdArgs) -> Result<Arc<dyn Store>> {
+    if store == "sqlite" || store.starts_with("sqlite:") {
+        if etcd.etcd_ca.is_some() || etcd.etcd_cert.is_some() {
+            anyhow::bail!("--etcd-ca, --etcd-cert: only with --store etcds://...");
+        }
+        let path = match store.strip_prefix("sqlite:") {
+            Some("") => anyhow::bail!("--store sqlite:PATH: the path is missing"),
+            Some(p) => std::path::PathBuf::from(p),
+            None => data.join("hub.db"),
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let s = SqliteStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        return Ok(Arc::new(s));
+    }
+    if !(store.starts_with("etcd://") || store.starts_with("etcds://")) {
+        anyhow::bail!("--store: {store:?} is neither sqlite nor etcd://HOST:PORT[,HOST:PORT...][/PREFIX]");
+    }
+    open_etcd(store, etcd)
+}
+
+#[cfg(feature = "etcd")]
+fn open_etcd(store: &str, etcd: &EtcdArgs) -> Result<Arc<dyn Store>> {
+    use skiff_hub::etcd::{EtcdStore, EtcdTarget, EtcdTls};
+    let tls = etcd.etcd_ca.clone().map(|ca| EtcdTls { ca, cert: etcd.etcd_cert.clone(), key: etcd.etcd_key.clone() });
+    if tls.is_none() && etcd.etcd_cert.is_some() {
+        anyhow::bail!("--etcd-cert: goes with --etcd-ca and --store etcds://...");
+    }
+    let target = EtcdTarget::parse(store, tls).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+    let s = EtcdStore::open(&target)?;
+    tracing::info!(endpoints = ?target.endpoints, prefix = %target.prefix, "the store is on etcd");
+    Ok(Arc::new(s))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn open_etcd(store: &str, _etcd: &EtcdArgs) -> Result<Arc<dyn Store>> {
+    anyhow::bail!("--store {store}: this skiff was built without its etcd feature (cargo build --features etcd)")
 }
 
 /// Limits on the API's connections (a flood from one address cannot lock the operator out).
@@ -63,13 +255,16 @@ impl ConnArgs {
 }
 
 pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
+    if let Some(a) = &args.action {
+        return action(cli, a);
+    }
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let data = &cli.data;
     crate::secure_data_dir(data)?;
     skiff_sys::connlimit::raise_fd_limit();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data.join("hub.db"))?);
+    let store = open_store(data, &args.store, &args.etcd)?;
     let ca = skiff_hub::pki::Ca::load_or_create(&data.join("pki"))?;
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;

@@ -116,7 +116,9 @@ pub enum Cmd {
     /// image lacks (`--since`).
     #[command(subcommand)]
     Bundle(image::BundleCmd),
-    /// Run the hub: the control plane for many nodes, over TLS with its own CA.
+    /// Run the hub: the control plane for many nodes, over TLS with its own CA; or back
+    /// up, restore or move its store.
+    #[command(args_conflicts_with_subcommands = true)]
     Hub(crate::hub::HubArgs),
     /// Run this machine as a node of a hub (joins on first start with --token).
     Agent(crate::agent::AgentArgs),

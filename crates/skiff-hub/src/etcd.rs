@@ -1,0 +1,806 @@
+//! The hub's store on etcd (`skiff hub --store etcd://HOST:2379[,HOST:2379...][/PREFIX]`):
+//! the same [`Store`] as SQLite, so any number of hubs can share one state.
+//!
+//! Layout, under the prefix (default `/skiff`), every value JSON:
+//! `revision` (the store's own counter, bumped as SQLite's is), `deployments/NAME`,
+//! `history/NAME` (a deployment's revisions, newest last), `progressing/NAME` (present
+//! while its newest revision rolls out), `tokens/ID`, `nodes/NAME`, `revoked/SERIAL`,
+//! `slots/DEPLOYMENT`, and `lock`, which every write rewrites.
+//!
+//! Every change is one etcd transaction, optimistic and serializable: the reads are made
+//! at one etcd revision, and the commit succeeds only if `lock` is unchanged since then
+//! (else the change is computed again from fresh reads, a bounded number of times). The
+//! hub writes on changes, not heartbeats, so writers seldom meet.
+//!
+//! The trait is synchronous (as SQLite is); the client is async, so requests go to a
+//! runtime of the store's own and the caller's thread waits for the answer, at most
+//! [`TIMEOUT`]. An unreachable etcd is an error naming the endpoints, never a hang.
+
+use crate::schedule::Slot;
+use crate::store::{
+    Dump, DumpedDeployment, JoinRefused, Joined, NodeJoin, NodeRecord, NodeSpec, RevokedCert, Store, StoreError,
+    Stored, StoredNode, TokenRecord, TokenRole, DUMP_FORMAT, HISTORY_LIMIT,
+};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use skiff_model::api::ApplyResponse;
+use skiff_model::rollout::{self, Revision, RolloutState};
+use skiff_model::Deployment;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+/// How long one request to etcd may take before the store says it is unreachable.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts at one change when other hubs keep changing the store meanwhile.
+const ATTEMPTS: usize = 20;
+/// etcd's default `--max-txn-ops`.
+const MAX_TXN_OPS: usize = 128;
+
+/// Where the store lives: `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`, with TLS files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTarget {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: the CA that signed its certificate, and a client certificate if it asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: std::path::PathBuf,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl EtcdTarget {
+    /// Parses `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (`etcds://` for TLS, whose files
+    /// are given apart). Errors name what is wrong.
+    pub fn parse(url: &str, tls: Option<EtcdTls>) -> Result<Self, String> {
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("{url:?}: expected etcd://HOST:PORT"))?;
+        let secure = match scheme {
+            "etcd" => false,
+            "etcds" => true,
+            _ => return Err(format!("{url:?}: the scheme must be etcd:// or etcds://")),
+        };
+        if secure != tls.is_some() {
+            return Err(format!("{url:?}: etcds:// goes with --etcd-ca (and etcd:// without it)"));
+        }
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((h, p)) => (h, format!("/{}", p.trim_matches('/'))),
+            None => (rest, "/skiff".to_string()),
+        };
+        if prefix == "/" || prefix.contains("//") {
+            return Err(format!("{url:?}: the prefix after the hosts must name a path, such as /skiff"));
+        }
+        let mut endpoints = Vec::new();
+        for h in hosts.split(',') {
+            let port = h.rsplit_once(':').map(|(_, p)| p);
+            match port.map(str::parse::<u16>) {
+                Some(Ok(p)) if p > 0 && !h.starts_with(':') => {}
+                _ => return Err(format!("{url:?}: {h:?} is not HOST:PORT")),
+            }
+            endpoints.push(format!("{}://{h}", if secure { "https" } else { "http" }));
+        }
+        Ok(EtcdTarget { endpoints, prefix, tls })
+    }
+}
+
+pub struct EtcdStore {
+    client: Client,
+    rt: Rt,
+    prefix: String,
+    endpoints: String,
+}
+
+/// The store's runtime, shut down without waiting: it may be dropped from async code,
+/// where a runtime may not block.
+struct Rt(Option<tokio::runtime::Runtime>);
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// One change: reads at one etcd revision (seeing its own writes), writes kept until the
+/// commit.
+struct Tx<'a> {
+    store: &'a EtcdStore,
+    at: i64,
+    lock_mod: i64,
+    writes: BTreeMap<String, Option<Vec<u8>>>,
+}
+
+impl Tx<'_> {
+    fn key(&self, k: &str) -> String {
+        format!("{}/{k}", self.store.prefix)
+    }
+
+    fn get<T: DeserializeOwned>(&self, k: &str) -> Result<Option<T>, StoreError> {
+        let key = self.key(k);
+        let raw = match self.writes.get(&key) {
+            Some(w) => w.clone(),
+            None => self.store.read(&key, false, self.at)?.into_iter().next().map(|(_, v)| v),
+        };
+        raw.map(|v| serde_json::from_slice(&v).map_err(StoreError::from)).transpose()
+    }
+
+    /// Every value under `dir/`, by key (without the directory).
+    fn list<T: DeserializeOwned>(&self, dir: &str) -> Result<BTreeMap<String, T>, StoreError> {
+        let p = self.key(&format!("{dir}/"));
+        let mut all: BTreeMap<String, Vec<u8>> = self.store.read(&p, true, self.at)?.into_iter().collect();
+        for (k, v) in self.writes.range(p.clone()..).take_while(|(k, _)| k.starts_with(&p)) {
+            match v {
+                Some(v) => all.insert(k.clone(), v.clone()),
+                None => all.remove(k),
+            };
+        }
+        all.into_iter().map(|(k, v)| Ok((k[p.len()..].to_string(), serde_json::from_slice(&v)?))).collect()
+    }
+
+    fn put<T: Serialize>(&mut self, k: &str, v: &T) -> Result<(), StoreError> {
+        let key = self.key(k);
+        self.writes.insert(key, Some(serde_json::to_vec(v)?));
+        Ok(())
+    }
+
+    fn delete(&mut self, k: &str) {
+        let key = self.key(k);
+        self.writes.insert(key, None);
+    }
+
+    fn bump(&mut self) -> Result<u64, StoreError> {
+        let rev = self.get::<u64>("revision")?.unwrap_or(0) + 1;
+        self.put("revision", &rev)?;
+        Ok(rev)
+    }
+
+    fn put_history(&mut self, name: &str, h: &[Revision]) -> Result<(), StoreError> {
+        if h.is_empty() {
+            self.delete(&format!("history/{name}"));
+        } else {
+            self.put(&format!("history/{name}"), &h)?;
+        }
+        if h.last().is_some_and(|r| r.state == RolloutState::Progressing) {
+            self.put(&format!("progressing/{name}"), &true)
+        } else {
+            self.delete(&format!("progressing/{name}"));
+            Ok(())
+        }
+    }
+
+    fn history(&self, name: &str) -> Result<Vec<Revision>, StoreError> {
+        Ok(self.get(&format!("history/{name}"))?.unwrap_or_default())
+    }
+
+    /// Revokes the node's current (and pending) certificate serials.
+    fn revoke_serials(&mut self, n: &StoredNode, now_ms: u64) -> Result<(), StoreError> {
+        let serials = std::iter::once(&n.record.cert_serial).chain(n.record.next_serial.as_ref());
+        for s in serials {
+            self.revoke(s, &n.record.name, now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// Records `serial` as revoked, unless it is already.
+    fn revoke(&mut self, serial: &str, node: &str, revoked_ms: u64) -> Result<(), StoreError> {
+        let k = format!("revoked/{serial}");
+        if self.get::<RevokedCert>(&k)?.is_none() {
+            self.put(&k, &RevokedCert { serial: serial.into(), node: node.into(), revoked_ms })?;
+        }
+        Ok(())
+    }
+
+    /// Appends a revision when `d`'s template differs from its newest one (as SQLite's
+    /// `record_revision`).
+    fn record_revision(
+        &mut self,
+        d: &Deployment,
+        old: Option<&Deployment>,
+        cause: &str,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut h = self.history(&d.name)?;
+        let tpl = rollout::template_hash(d);
+        let entry = |rev: u64, spec: &Deployment, state: RolloutState, cause: &str| Revision {
+            revision: rev,
+            template: rollout::template_hash(spec),
+            image: spec.image.clone(),
+            created_ms: now_ms,
+            state,
+            cause: cause.into(),
+            nodes: None,
+            message: None,
+            spec: spec.clone(),
+        };
+        let last = match (h.last(), old) {
+            (Some(r), _) if r.template == tpl => return Ok(()),
+            (Some(r), _) => r.revision,
+            (None, Some(o)) if rollout::template_hash(o) != tpl => {
+                h.push(entry(1, o, RolloutState::Complete, "stored before history was kept"));
+                1
+            }
+            (None, _) => 0,
+        };
+        for r in h.iter_mut().filter(|r| r.state == RolloutState::Progressing) {
+            r.state = RolloutState::Superseded;
+        }
+        let mut new = entry(last + 1, d, RolloutState::Progressing, cause);
+        // An update of a deployment on several nodes starts with its first wave.
+        let mut nodes: Vec<String> = self
+            .get::<Vec<(u32, String)>>(&format!("slots/{}", d.name))?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.1)
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        if last > 0 && nodes.len() > 1 {
+            new.nodes = Some(nodes.into_iter().take(d.update.wave_size as usize).collect());
+        }
+        h.push(new);
+        let keep_after = (last + 1).saturating_sub(HISTORY_LIMIT as u64);
+        h.retain(|r| r.revision > keep_after);
+        self.put_history(&d.name, &h)
+    }
+}
+
+impl EtcdStore {
+    /// Connects (at most [`TIMEOUT`]) and checks that etcd answers.
+    pub fn open(target: &EtcdTarget) -> Result<Self, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("skiff-etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Etcd(format!("starting the etcd client: {e}")))?;
+        let rt = Rt(Some(rt));
+        let handle = rt.0.as_ref().map(|r| r.handle().clone()).ok_or_else(|| StoreError::Etcd("no runtime".into()))?;
+        let endpoints = target.endpoints.join(",");
+        let mut opts = ConnectOptions::new().with_connect_timeout(TIMEOUT).with_timeout(TIMEOUT);
+        if let Some(tls) = &target.tls {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| StoreError::Etcd(format!("reading {}: {e}", p.display())))
+            };
+            let mut t =
+                etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?));
+            match (&tls.cert, &tls.key) {
+                (Some(c), Some(k)) => t = t.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?)),
+                (None, None) => {}
+                _ => return Err(StoreError::Etcd("--etcd-cert and --etcd-key go together".into())),
+            }
+            opts = opts.with_tls(t);
+        }
+        // Not `block_on`: the caller may be async code itself.
+        let eps = target.endpoints.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        handle.spawn(async move {
+            let _ = tx.send(tokio::time::timeout(TIMEOUT, Client::connect(eps, Some(opts))).await);
+        });
+        let client = match rx.recv_timeout(TIMEOUT + Duration::from_secs(1)) {
+            Ok(Ok(Ok(c))) => c,
+            Ok(Ok(Err(e))) => return Err(StoreError::Etcd(format!("etcd at {endpoints}: {e}"))),
+            _ => {
+                let secs = TIMEOUT.as_secs();
+                return Err(StoreError::Etcd(format!("etcd at {endpoints}: no answer within {secs} s")));
+            }
+        };
+        let s = EtcdStore { client, rt, prefix: target.prefix.clone(), endpoints };
+        s.revision()?;
+        Ok(s)
+    }
+
+    /// Runs `f` with a client on the store's runtime and waits for it (at most
+    /// [`TIMEOUT`]).
+    fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
+        let rt = self.rt.0.as_ref().ok_or_else(|| StoreError::Etcd("the store is closed".into()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let fut = f(self.client.clone());
+        rt.spawn(async move {
+            let _ = tx.send(tokio::time::timeout(TIMEOUT, fut).await);
+        });
+        let unreachable = || {
+            StoreError::Etcd(format!("etcd at {}: {what}: no answer within {} s", self.endpoints, TIMEOUT.as_secs()))
+        };
+        match rx.recv_timeout(TIMEOUT + Duration::from_secs(1)) {
+            Ok(Ok(Ok(v))) => Ok(v),
+            Ok(Ok(Err(e))) => Err(StoreError::Etcd(format!("etcd at {}: {what}: {e}", self.endpoints))),
+            Ok(Err(_)) | Err(_) => Err(unreachable()),
+        }
+    }
+
+    /// The values at `key` (or under it, with `prefix`) at etcd revision `at` (0: now).
+    fn read(&self, key: &str, prefix: bool, at: i64) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let key = key.to_string();
+        let (_, kvs) = self.read_at(key, prefix, at)?;
+        Ok(kvs.into_iter().map(|(k, v, _)| (k, v)).collect())
+    }
+
+    /// The values and their mod revisions, and the etcd revision they were read at.
+    #[allow(clippy::type_complexity)]
+    fn read_at(&self, key: String, prefix: bool, at: i64) -> Result<(i64, Vec<(String, Vec<u8>, i64)>), StoreError> {
+        self.call("read", move |mut c| async move {
+            let mut o = GetOptions::new();
+            if prefix {
+                o = o.with_prefix();
+            }
+            if at > 0 {
+                o = o.with_revision(at);
+            }
+            let r = c.get(key, Some(o)).await?;
+            let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+            let kvs = r
+                .kvs()
+                .iter()
+                .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec(), kv.mod_revision()))
+                .collect();
+            Ok((rev, kvs))
+        })
+    }
+
+    fn begin(&self) -> Result<Tx<'_>, StoreError> {
+        let (at, kvs) = self.read_at(format!("{}/lock", self.prefix), false, 0)?;
+        Ok(Tx { store: self, at, lock_mod: kvs.first().map(|k| k.2).unwrap_or(0), writes: BTreeMap::new() })
+    }
+
+    /// Applies the writes if nobody wrote since the reads; `false`: someone did.
+    fn commit(&self, tx: Tx<'_>) -> Result<bool, StoreError> {
+        if tx.writes.is_empty() {
+            return Ok(true);
+        }
+        if tx.writes.len() + 1 > MAX_TXN_OPS {
+            return Err(StoreError::Etcd(format!(
+                "one change would write {} keys; etcd takes at most {MAX_TXN_OPS} in a transaction",
+                tx.writes.len() + 1
+            )));
+        }
+        let lock = format!("{}/lock", self.prefix);
+        let mut ops: Vec<TxnOp> = tx
+            .writes
+            .into_iter()
+            .map(|(k, v)| match v {
+                Some(v) => TxnOp::put(k, v, None),
+                None => TxnOp::delete(k, None),
+            })
+            .collect();
+        ops.push(TxnOp::put(lock.clone(), Vec::new(), None));
+        let txn = Txn::new().when(vec![Compare::mod_revision(lock, CompareOp::Equal, tx.lock_mod)]).and_then(ops);
+        self.call("write", move |mut c| async move { Ok(c.txn(txn).await?.succeeded()) })
+    }
+
+    /// Runs one change, again from fresh reads while other writers get in between.
+    /// `f` returns the result and whether to write (a dry run does not).
+    fn change<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> Result<(T, bool), StoreError>) -> Result<T, StoreError> {
+        for _ in 0..ATTEMPTS {
+            let mut tx = self.begin()?;
+            let (out, write) = f(&mut tx)?;
+            if !write || self.commit(tx)? {
+                return Ok(out);
+            }
+        }
+        Err(StoreError::Etcd(format!("the store kept changing under {ATTEMPTS} attempts at one change; try again")))
+    }
+
+    /// Writes a batch of an import (no other writer is expected on an empty store).
+    fn write_unchecked(&self, batch: &mut Tx<'_>) -> Result<(), StoreError> {
+        let ops: Vec<TxnOp> = std::mem::take(&mut batch.writes)
+            .into_iter()
+            .map(|(k, v)| TxnOp::put(k, v.unwrap_or_default(), None))
+            .collect();
+        self.call("import", move |mut c| async move { c.txn(Txn::new().and_then(ops)).await.map(|_| ()) })
+    }
+
+    fn now(&self) -> Result<Tx<'_>, StoreError> {
+        Ok(Tx { store: self, at: 0, lock_mod: 0, writes: BTreeMap::new() })
+    }
+}
+
+impl Store for EtcdStore {
+    fn apply(
+        &self,
+        deployments: &[Deployment],
+        prune_stack: Option<&str>,
+        dry_run: bool,
+        now_ms: u64,
+    ) -> Result<ApplyResponse, StoreError> {
+        self.change(|tx| {
+            let mut resp = ApplyResponse::default();
+            for d in deployments {
+                let old: Option<DumpedDeployment> = tx.get(&format!("deployments/{}", d.name))?;
+                match old.map(|o| o.spec) {
+                    Some(o) if o == *d => resp.unchanged.push(d.name.clone()),
+                    prev => {
+                        if !dry_run {
+                            tx.record_revision(d, prev.as_ref(), "apply", now_ms)?;
+                        }
+                        let revision = tx.bump()?;
+                        tx.put(&format!("deployments/{}", d.name), &DumpedDeployment { revision, spec: d.clone() })?;
+                        if prev.is_some() {
+                            resp.updated.push(d.name.clone())
+                        } else {
+                            resp.created.push(d.name.clone())
+                        }
+                    }
+                }
+            }
+            if let Some(stack) = prune_stack {
+                let all: BTreeMap<String, DumpedDeployment> = tx.list("deployments")?;
+                for (n, doc) in all {
+                    if doc.spec.stack == stack && !deployments.iter().any(|d| d.name == n) {
+                        tx.bump()?;
+                        tx.delete(&format!("deployments/{n}"));
+                        tx.put_history(&n, &[])?;
+                        resp.deleted.push(n);
+                    }
+                }
+            }
+            Ok((resp, !dry_run))
+        })
+    }
+
+    fn list(&self) -> Result<Vec<Stored>, StoreError> {
+        let all: BTreeMap<String, DumpedDeployment> = self.now()?.list("deployments")?;
+        Ok(all.into_values().map(|d| Stored { revision: d.revision, spec: d.spec }).collect())
+    }
+
+    fn get(&self, name: &str) -> Result<Option<Stored>, StoreError> {
+        let d: Option<DumpedDeployment> = self.now()?.get(&format!("deployments/{name}"))?;
+        Ok(d.map(|d| Stored { revision: d.revision, spec: d.spec }))
+    }
+
+    fn delete(&self, name: &str) -> Result<bool, StoreError> {
+        self.change(|tx| {
+            let exists = tx.get::<DumpedDeployment>(&format!("deployments/{name}"))?.is_some();
+            if exists {
+                tx.delete(&format!("deployments/{name}"));
+                tx.bump()?;
+                tx.put_history(name, &[])?;
+            }
+            Ok((exists, exists))
+        })
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        Ok(self.now()?.get::<u64>("revision")?.unwrap_or(0))
+    }
+
+    fn create_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.change(|tx| {
+            if tx.get::<TokenRecord>(&format!("tokens/{}", t.id))?.is_some() {
+                return Err(StoreError::Exists(format!("token {}", t.id)));
+            }
+            tx.put(&format!("tokens/{}", t.id), t)?;
+            Ok(((), true))
+        })
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.now()?.get(&format!("tokens/{id}"))
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let mut v: Vec<TokenRecord> = self.now()?.list::<TokenRecord>("tokens")?.into_values().collect();
+        v.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        Ok(v)
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        self.change(|tx| {
+            let Some(mut t) = tx.get::<TokenRecord>(&format!("tokens/{id}"))? else { return Ok((false, false)) };
+            t.revoked = true;
+            tx.put(&format!("tokens/{id}"), &t)?;
+            Ok((true, true))
+        })
+    }
+
+    fn join_node(&self, j: &NodeJoin<'_>) -> Result<Result<Joined, JoinRefused>, StoreError> {
+        self.change(|tx| {
+            let Some(mut t) = tx.get::<TokenRecord>(&format!("tokens/{}", j.token_id))? else {
+                return Ok((Err(JoinRefused::UnknownToken(j.token_id.into())), false));
+            };
+            let row: Option<StoredNode> = tx.get(&format!("nodes/{}", j.name))?;
+            // The same device repeating a join whose answer it lost (see SQLite's).
+            let retry = row.as_ref().is_some_and(|n| {
+                n.key_sha256.as_deref() == Some(j.key_sha256) && n.token_id.as_deref() == Some(j.token_id)
+            });
+            let exists = row.is_some();
+            let refused = if t.role != TokenRole::Join {
+                Some(JoinRefused::NotAJoinToken(t.id.clone()))
+            } else if t.revoked {
+                Some(JoinRefused::TokenRevoked(t.id.clone()))
+            } else if t.expires_ms.is_some_and(|e| e <= j.now_ms) {
+                Some(JoinRefused::TokenExpired(t.id.clone()))
+            } else if !retry && t.max_uses.is_some_and(|m| t.used >= m) {
+                Some(JoinRefused::TokenUsedUp(t.id.clone(), t.used))
+            } else if exists && !retry && t.replace.as_deref() != Some(j.name) {
+                Some(JoinRefused::NameTaken(j.name.into()))
+            } else {
+                None
+            };
+            if let Some(r) = refused {
+                return Ok((Err(r), false));
+            }
+            if let Some(old) = &row {
+                tx.revoke_serials(old, j.now_ms)?;
+            }
+            if !retry {
+                t.used += 1;
+                tx.put(&format!("tokens/{}", t.id), &t)?;
+            }
+            let revision = tx.bump()?;
+            let doc = StoredNode {
+                record: NodeRecord {
+                    name: j.name.into(),
+                    revision,
+                    cert_serial: j.serial.into(),
+                    joined_ms: j.now_ms,
+                    info: j.info.clone(),
+                    not_after_ms: Some(j.not_after_ms),
+                    next_serial: None,
+                    next_not_after_ms: None,
+                },
+                key_sha256: Some(j.key_sha256.into()),
+                next_key_sha256: None,
+                token_id: Some(j.token_id.into()),
+            };
+            tx.put(&format!("nodes/{}", j.name), &doc)?;
+            Ok((Ok(Joined { replaced: exists && !retry, retry }), true))
+        })
+    }
+
+    fn set_node_info(&self, name: &str, info: &NodeSpec) -> Result<(), StoreError> {
+        self.change(|tx| {
+            let rev = tx.bump()?;
+            if let Some(mut n) = tx.get::<StoredNode>(&format!("nodes/{name}"))? {
+                n.record.info = info.clone();
+                n.record.revision = rev;
+                tx.put(&format!("nodes/{name}"), &n)?;
+            }
+            Ok(((), true))
+        })
+    }
+
+    fn renew_cert(&self, name: &str, serial: &str, not_after_ms: u64, key_sha256: &str) -> Result<(), StoreError> {
+        self.change(|tx| {
+            let Some(mut n) = tx.get::<StoredNode>(&format!("nodes/{name}"))? else { return Ok(((), false)) };
+            n.record.next_serial = Some(serial.into());
+            n.record.next_not_after_ms = Some(not_after_ms);
+            n.next_key_sha256 = Some(key_sha256.into());
+            tx.put(&format!("nodes/{name}"), &n)?;
+            Ok(((), true))
+        })
+    }
+
+    fn promote_cert(&self, name: &str, serial: &str, now_ms: u64) -> Result<(), StoreError> {
+        self.change(|tx| {
+            let Some(mut n) = tx.get::<StoredNode>(&format!("nodes/{name}"))? else { return Ok(((), false)) };
+            if n.record.next_serial.as_deref() != Some(serial) {
+                return Ok(((), false));
+            }
+            let old = n.record.cert_serial.clone();
+            tx.revoke(&old, name, now_ms)?;
+            n.record.cert_serial = serial.into();
+            n.record.not_after_ms = n.record.next_not_after_ms.take();
+            n.record.next_serial = None;
+            if let Some(k) = n.next_key_sha256.take() {
+                n.key_sha256 = Some(k);
+            }
+            tx.put(&format!("nodes/{name}"), &n)?;
+            Ok(((), true))
+        })
+    }
+
+    fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        Ok(self.now()?.get::<StoredNode>(&format!("nodes/{name}"))?.map(|n| n.record))
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        Ok(self.now()?.list::<StoredNode>("nodes")?.into_values().map(|n| n.record).collect())
+    }
+
+    fn revoke_node(&self, name: &str, now_ms: u64) -> Result<bool, StoreError> {
+        self.change(|tx| {
+            let Some(n) = tx.get::<StoredNode>(&format!("nodes/{name}"))? else { return Ok((false, false)) };
+            tx.revoke_serials(&n, now_ms)?;
+            tx.delete(&format!("nodes/{name}"));
+            tx.bump()?;
+            Ok((true, true))
+        })
+    }
+
+    fn is_revoked(&self, serial: &str) -> Result<bool, StoreError> {
+        Ok(self.now()?.get::<RevokedCert>(&format!("revoked/{serial}"))?.is_some())
+    }
+
+    fn history(&self, name: &str) -> Result<Vec<Revision>, StoreError> {
+        self.now()?.history(name)
+    }
+
+    fn progressing(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.now()?.list::<bool>("progressing")?.into_keys().collect())
+    }
+
+    fn set_wave(&self, name: &str, revision: u64, nodes: &[String]) -> Result<u64, StoreError> {
+        self.change(|tx| {
+            let mut h = tx.history(name)?;
+            if let Some(r) = h.iter_mut().find(|r| r.revision == revision) {
+                r.nodes = Some(nodes.to_vec());
+                tx.put_history(name, &h)?;
+            }
+            Ok((tx.bump()?, true))
+        })
+    }
+
+    fn set_rollout(
+        &self,
+        name: &str,
+        revision: u64,
+        state: RolloutState,
+        cause: Option<&str>,
+        message: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.change(|tx| {
+            let mut h = tx.history(name)?;
+            let Some(r) = h.iter_mut().find(|r| r.revision == revision) else { return Ok(((), false)) };
+            r.state = state;
+            if let Some(c) = cause {
+                r.cause = c.into();
+            }
+            if let Some(m) = message {
+                r.message = Some(m.into());
+            }
+            tx.put_history(name, &h)?;
+            Ok(((), true))
+        })
+    }
+
+    fn export(&self) -> Result<Dump, StoreError> {
+        // Every read at one etcd revision: a consistent copy while hubs keep running.
+        let tx = self.begin()?;
+        let slots: BTreeMap<String, Vec<(u32, String)>> = tx.list("slots")?;
+        Ok(Dump {
+            format: DUMP_FORMAT,
+            revision: tx.get::<u64>("revision")?.unwrap_or(0),
+            deployments: tx.list::<DumpedDeployment>("deployments")?.into_values().collect(),
+            history: tx.list("history")?,
+            tokens: {
+                let mut v: Vec<TokenRecord> = tx.list::<TokenRecord>("tokens")?.into_values().collect();
+                v.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+                v
+            },
+            nodes: tx.list::<StoredNode>("nodes")?.into_values().collect(),
+            revoked: tx.list::<RevokedCert>("revoked")?.into_values().collect(),
+            slots: flatten_slots(slots),
+        })
+    }
+
+    fn import(&self, dump: &Dump) -> Result<(), StoreError> {
+        if dump.format != DUMP_FORMAT {
+            return Err(StoreError::DumpFormat(dump.format));
+        }
+        let tx = self.begin()?;
+        if tx.get::<u64>("revision")?.is_some() {
+            return Err(StoreError::NotEmpty(format!(
+                "{} on etcd already holds a fleet; restore into an empty prefix",
+                self.prefix
+            )));
+        }
+        // More keys than one transaction takes: batches, and the revision last, so an
+        // import cut short leaves a store that counts as empty and can be imported again.
+        let mut batch = Tx { store: self, at: 0, lock_mod: tx.lock_mod, writes: BTreeMap::new() };
+        let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut put = |k: String, v: Result<Vec<u8>, serde_json::Error>| -> Result<(), StoreError> {
+            puts.push((k, v?));
+            Ok(())
+        };
+        for d in &dump.deployments {
+            put(format!("deployments/{}", d.spec.name), serde_json::to_vec(d))?;
+        }
+        for (name, h) in &dump.history {
+            put(format!("history/{name}"), serde_json::to_vec(h))?;
+            if h.last().is_some_and(|r| r.state == RolloutState::Progressing) {
+                put(format!("progressing/{name}"), serde_json::to_vec(&true))?;
+            }
+        }
+        for t in &dump.tokens {
+            put(format!("tokens/{}", t.id), serde_json::to_vec(t))?;
+        }
+        for n in &dump.nodes {
+            put(format!("nodes/{}", n.record.name), serde_json::to_vec(n))?;
+        }
+        for c in &dump.revoked {
+            put(format!("revoked/{}", c.serial), serde_json::to_vec(c))?;
+        }
+        let mut by_deployment: BTreeMap<&str, Vec<(u32, &str)>> = BTreeMap::new();
+        for s in &dump.slots {
+            by_deployment.entry(&s.deployment).or_default().push((s.index, &s.node));
+        }
+        for (d, s) in by_deployment {
+            put(format!("slots/{d}"), serde_json::to_vec(&s))?;
+        }
+        for chunk in puts.chunks(MAX_TXN_OPS - 1) {
+            batch.writes = chunk.iter().map(|(k, v)| (batch.key(k), Some(v.clone()))).collect();
+            self.write_unchecked(&mut batch)?;
+        }
+        batch.writes.clear();
+        batch.put("revision", &dump.revision)?;
+        self.write_unchecked(&mut batch)
+    }
+
+    fn slots(&self) -> Result<Vec<Slot>, StoreError> {
+        let all: BTreeMap<String, Vec<(u32, String)>> = self.now()?.list("slots")?;
+        Ok(flatten_slots(all))
+    }
+
+    fn set_slots(&self, slots: &[Slot]) -> Result<u64, StoreError> {
+        let mut sorted = slots.to_vec();
+        sorted.sort();
+        let mut wanted: BTreeMap<String, Vec<(u32, String)>> = BTreeMap::new();
+        for s in &sorted {
+            wanted.entry(s.deployment.clone()).or_default().push((s.index, s.node.clone()));
+        }
+        self.change(|tx| {
+            let now: BTreeMap<String, Vec<(u32, String)>> = tx.list("slots")?;
+            if now == wanted {
+                return Ok((tx.get::<u64>("revision")?.unwrap_or(0), false));
+            }
+            // Only what changed is written: one key per deployment whose placement moved.
+            for d in now.keys().filter(|d| !wanted.contains_key(*d)) {
+                tx.delete(&format!("slots/{d}"));
+            }
+            for (d, s) in wanted.iter().filter(|(d, s)| now.get(*d) != Some(s)) {
+                tx.put(&format!("slots/{d}"), s)?;
+            }
+            Ok((tx.bump()?, true))
+        })
+    }
+}
+
+/// Slots kept per deployment, as one sorted list.
+fn flatten_slots(all: BTreeMap<String, Vec<(u32, String)>>) -> Vec<Slot> {
+    let mut v: Vec<Slot> = all
+        .into_iter()
+        .flat_map(|(d, s)| s.into_iter().map(move |(index, node)| Slot { deployment: d.clone(), index, node }))
+        .collect();
+    v.sort();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_name_hosts_and_a_prefix_and_bad_ones_say_what_is_wrong() {
+        let t = EtcdTarget::parse("etcd://10.0.0.1:2379,10.0.0.2:2379", None).unwrap();
+        assert_eq!(t.endpoints, ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
+        assert_eq!(t.prefix, "/skiff");
+        assert_eq!(EtcdTarget::parse("etcd://h:2379/fleet/a/", None).unwrap().prefix, "/fleet/a");
+        let tls = EtcdTls { ca: "ca.pem".into(), cert: None, key: None };
+        let t = EtcdTarget::parse("etcds://h:2379", Some(tls.clone())).unwrap();
+        assert_eq!(t.endpoints, ["https://h:2379"]);
+        for (url, tls, why) in [
+            ("h:2379", None, "expected etcd://"),
+            ("http://h:2379", None, "etcd:// or etcds://"),
+            ("etcds://h:2379", None, "--etcd-ca"),
+            ("etcd://h:2379", Some(tls), "--etcd-ca"),
+            ("etcd://h", None, "\"h\" is not HOST:PORT"),
+            ("etcd://h:0", None, "is not HOST:PORT"),
+            ("etcd://:2379", None, "is not HOST:PORT"),
+            ("etcd://a:1,,b:2", None, "\"\" is not HOST:PORT"),
+            ("etcd://h:2379/", None, "must name a path"),
+        ] {
+            let e = EtcdTarget::parse(url, tls).unwrap_err();
+            assert!(e.contains(why), "{url}: {e}");
+        }
+    }
+}

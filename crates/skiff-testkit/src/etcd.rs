@@ -1,0 +1,135 @@
+//! A real etcd (Debian's `etcd-server`) on 127.0.0.1 for tests: one member or a
+//! cluster, each member a process in a directory of its own, stopped and removed on drop.
+
+use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// One etcd member.
+pub struct Member {
+    pub name: String,
+    /// `127.0.0.1:PORT` of its client API.
+    pub client: String,
+    peer: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// An etcd cluster of one or more members.
+pub struct Etcd {
+    pub members: Vec<Member>,
+    _tmp: tempfile::TempDir,
+}
+
+fn port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Etcd {
+    /// Starts `n` members and waits (at most 30 s) until each answers `/health`.
+    pub fn start(n: usize) -> Result<Etcd> {
+        let tmp = tempfile::tempdir()?;
+        let mut members = Vec::new();
+        for i in 0..n {
+            let name = format!("m{i}");
+            let (client, peer) = (format!("127.0.0.1:{}", port()?), format!("127.0.0.1:{}", port()?));
+            members.push(Member { dir: tmp.path().join(&name), name, client, peer, child: None });
+        }
+        let cluster: Vec<String> = members.iter().map(|m| format!("{}=http://{}", m.name, m.peer)).collect();
+        let cluster = cluster.join(",");
+        let mut e = Etcd { members, _tmp: tmp };
+        for m in &mut e.members {
+            m.spawn(&cluster, "new")?;
+        }
+        for m in &e.members {
+            m.wait_healthy(Duration::from_secs(30))?;
+        }
+        Ok(e)
+    }
+
+    /// `etcd://HOST:PORT,...` of every member, with `prefix`.
+    pub fn url(&self, prefix: &str) -> String {
+        let hosts: Vec<&str> = self.members.iter().map(|m| m.client.as_str()).collect();
+        format!("etcd://{}{prefix}", hosts.join(","))
+    }
+
+    /// Kills member `i` (SIGKILL: a machine lost, not a clean stop).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        let cluster: Vec<String> = self.members.iter().map(|m| format!("{}=http://{}", m.name, m.peer)).collect();
+        let cluster = cluster.join(",");
+        let m = &mut self.members[i];
+        m.spawn(&cluster, "existing")?;
+        m.wait_healthy(Duration::from_secs(30))
+    }
+}
+
+impl Member {
+    fn spawn(&mut self, cluster: &str, state: &str) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("etcd.log"))?;
+        let client = format!("http://{}", self.client);
+        let peer = format!("http://{}", self.peer);
+        let child = Command::new("etcd")
+            .args(["--name", &self.name, "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", cluster, "--initial-cluster-state", state])
+            .args(["--initial-cluster-token", "skiff-test", "--log-level", "warn"])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd (Debian's etcd-server; scripts/deps.sh installs it)")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn wait_healthy(&self, limit: Duration) -> Result<()> {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if health(&self.client).unwrap_or(false) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("etcd {} not healthy: {}", self.name, self.log())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Whether etcd at `addr` says it is healthy (it has a leader).
+fn health(addr: &str) -> Result<bool> {
+    let mut s = TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.contains("\"health\":\"true\""))
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The hub's store as an operator moves it: a hub on a real etcd, a backup taken while it
+//! runs, a new hub machine restored from it, and a move from SQLite to etcd; the node's
+//! workload runs on untouched through all of it.
+
+#![cfg(feature = "etcd")]
+#![allow(clippy::unwrap_used)] // tests may panic on setup failures
+
+mod common;
+
+use common::fleet::{agent, hub_instances, hub_with, wait_placed};
+use common::{wait_for, Node, IMAGE};
+use skiff_testkit::etcd::Etcd;
+use std::time::Duration;
+
+type R = anyhow::Result<()>;
+const SEC: Duration = Duration::from_secs(1);
+
+fn pids(h: &Node) -> Vec<(String, Option<i32>)> {
+    let mut v: Vec<_> = hub_instances(h).into_iter().map(|i| (i.name, i.pid)).collect();
+    v.sort();
+    v
+}
+
+/// `skiff hub` on `h`'s data directory, listening on `port`, with `extra` arguments.
+fn start_hub(h: &mut Node, port: &str, extra: &[&str]) -> R {
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["hub", "--listen", &listen, "--advertise", "127.0.0.1"];
+    args.extend(extra);
+    let _ = std::fs::remove_file(h.data().join("admin.conf"));
+    h.spawn(&args)?;
+    wait_for(30 * SEC, "the hub", || {
+        (h.data().join("admin.conf").exists() && h.cli(&["get", "nodes"]).ok()?.status.success()).then_some(())
+    })
+}
+
+#[test]
+fn a_hub_on_etcd_is_backed_up_restored_elsewhere_and_moved_back_while_its_node_runs_on() -> R {
+    skiff_testkit::require_privileged!();
+    let e = Etcd::start(1)?;
+    let fleet = e.url("/fleet");
+    let mut a = hub_with("127.0.0.1", &["--store", &fleet])?;
+    let token = a.ok(&["token", "create"])?.trim().to_string();
+    let node = agent(&a, &token, "edge-1", &[])?;
+    a.ok(&["run", IMAGE, "--name", "svc", "--restart", "always", "--", "sleep", "1000"])?;
+    wait_placed(&a, &[("edge-1", "svc-1")])?;
+    let before = pids(&a);
+    let server = a.server()?;
+    let port = server.rsplit(':').next().unwrap().to_string();
+
+    // A backup while the hub runs: the store from etcd, the CA from the data directory.
+    let backup = a.data().join("backup.json");
+    let out = a.ok(&["hub", "backup", "--store", &fleet, "-o", backup.to_str().unwrap()])?;
+    let meta = std::fs::metadata(&backup)?;
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077, 0, "it holds the CA's key");
+    let text = std::fs::read_to_string(&backup)?;
+    assert!(text.contains("\"svc\"") && text.contains("edge-1") && text.contains("PRIVATE KEY"), "{out}");
+
+    // The hub's machine is lost. A new one is restored from the backup (on SQLite) and
+    // takes its address: the node reconnects, and nothing restarts.
+    a.kill_up()?;
+    let mut c = Node::bare()?;
+    c.ok(&["hub", "restore", backup.to_str().unwrap()])?;
+    start_hub(&mut c, &port, &[])?;
+    common::fleet::wait_ready(&c, "edge-1")?;
+    wait_placed(&c, &[("edge-1", "svc-1")])?;
+    assert_eq!(pids(&c), before, "the same process through the move");
+    let again = c.cli(&["hub", "restore", backup.to_str().unwrap()])?;
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && err.contains("already holds a fleet"), "{err}");
+
+    // Back onto etcd under another prefix: stop the hub, migrate, start it on etcd.
+    c.kill_up()?;
+    let moved = e.url("/moved");
+    let out = c.cli(&["hub", "migrate", "--from", "sqlite", "--to", &moved])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 deployments, 1 nodes"));
+    start_hub(&mut c, &port, &["--store", &moved])?;
+    common::fleet::wait_ready(&c, "edge-1")?;
+    wait_placed(&c, &[("edge-1", "svc-1")])?;
+    assert_eq!(pids(&c), before);
+    // A change through the moved store reaches the node.
+    c.ok(&["delete", "deployment", "svc"])?;
+    wait_placed(&c, &[])?;
+
+    // Bad stores are refused with what is wrong.
+    for (store, says) in [
+        ("redis://127.0.0.1:6379", "neither sqlite nor etcd://"),
+        ("etcd://127.0.0.1", "is not HOST:PORT"),
+        ("etcd://127.0.0.1:1", "etcd at http://127.0.0.1:1"),
+        ("sqlite:", "the path is missing"),
+    ] {
+        let out = Node::bare()?.cli(&["hub", "--listen", "127.0.0.1:0", "--store", store])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{store}: {err}");
+    }
+    drop(node);
+    Ok(())
+}
