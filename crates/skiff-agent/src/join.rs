@@ -32,6 +32,8 @@ pub enum JoinError {
         "a join token is required to join (skiff token create, on the hub; then --token-file FILE or SKIFF_TOKEN)"
     )]
     NoToken,
+    #[error("no hub given to join (--hub URL)")]
+    NoHub,
     #[error(transparent)]
     BadToken(#[from] skiff_model::proto::BadToken),
     #[error("cannot reach the hub at {hub}: {message}")]
@@ -167,6 +169,37 @@ pub fn ca_fingerprint(pem_text: &str) -> Result<String, JoinError> {
 
 /// Joins the hub at `hub` unless this data directory already has; returns the node name.
 pub async fn join(
+    id: &Identity,
+    hubs: &[String],
+    token: Option<&str>,
+    name: &str,
+    spec: NodeSpec,
+) -> Result<String, JoinError> {
+    // Joined before: through one of these hubs (hubs of one store share one CA).
+    if let Ok(t) = std::fs::read_to_string(id.path("joined.json")) {
+        let j: Joined = serde_json::from_str(&t)
+            .map_err(|e| JoinError::File { path: id.path("joined.json"), message: e.to_string() })?;
+        let hub = hubs.iter().find(|h| **h == j.hub).unwrap_or(&j.hub);
+        if !hubs.contains(hub) {
+            return Err(JoinError::OtherHub { path: id.dir.clone(), joined: j.hub, wanted: hubs.join(",") });
+        }
+        return join_at(id, hub, token, name, spec).await;
+    }
+    // A first join through the first hub that answers (the others may be standbys).
+    let mut last = JoinError::NoHub;
+    for hub in hubs {
+        match join_at(id, hub, token, name, spec.clone()).await {
+            Err(e @ JoinError::Unreachable { .. }) => {
+                tracing::warn!(%hub, error = %e, "joining: trying the next hub");
+                last = e;
+            }
+            r => return r,
+        }
+    }
+    Err(last)
+}
+
+async fn join_at(
     id: &Identity,
     hub: &str,
     token: Option<&str>,

@@ -37,10 +37,21 @@ const SILENCE: Duration = Duration::from_secs(45);
 
 /// Keeps the one connection to the hub open (reconnecting with jittered back-off) and
 /// runs the protocol on it, until the task is dropped.
-pub async fn run(agent: Arc<Agent>, hub: String, node: String, id: Arc<Identity>, every: Duration) {
-    let url = format!("{}/api/v1/nodes/{node}/tunnel", hub.trim_end_matches('/').replacen("https://", "wss://", 1));
+/// With several hubs (one active, the others standing by), a failed connection tries the
+/// next one at once; the back-off applies once every hub has failed.
+pub async fn run(agent: Arc<Agent>, hubs: Vec<String>, node: String, id: Arc<Identity>, every: Duration) {
+    let urls: Vec<String> = hubs
+        .iter()
+        .map(|h| format!("{}/api/v1/nodes/{node}/tunnel", h.trim_end_matches('/').replacen("https://", "wss://", 1)))
+        .collect();
+    if urls.is_empty() {
+        tracing::error!("no hub to connect to");
+        return;
+    }
     let mut failures = 0u32;
+    let mut at = 0usize;
     loop {
+        let url = &urls[at % urls.len()];
         // Read at each connection: a renewal replaces the certificate.
         let tls = match id.tls() {
             Ok(t) => Arc::new(t),
@@ -67,20 +78,28 @@ pub async fn run(agent: Arc<Agent>, hub: String, node: String, id: Arc<Identity>
         match tokio::time::timeout(Duration::from_secs(10), dial).await {
             Ok(Ok((ws, _))) => {
                 failures = 0;
-                tracing::info!("connected to the hub");
+                tracing::info!(hub = %url, "connected to the hub");
                 serve(&agent, &id, ws, every).await;
-                tracing::warn!("lost the hub; running from local state");
+                tracing::warn!(hub = %url, "lost the hub; running from local state");
             }
             Ok(Err(e)) => {
                 failures += 1;
-                tracing::warn!("cannot connect to the hub: {e}");
+                at += 1;
+                tracing::warn!(hub = %url, "cannot connect to the hub: {e}");
             }
             Err(_) => {
                 failures += 1;
-                tracing::warn!("cannot connect to the hub: connecting took more than 10 s");
+                at += 1;
+                tracing::warn!(hub = %url, "cannot connect to the hub: connecting took more than 10 s");
             }
         }
-        tokio::time::sleep(backoff(failures)).await;
+        // The next hub at once (with a little jitter), until every one has failed.
+        let wait = if failures > 0 && !at.is_multiple_of(urls.len()) {
+            backoff(0) / 4
+        } else {
+            backoff(failures / urls.len() as u32)
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -18,7 +18,7 @@
 
 use crate::schedule::Slot;
 use crate::store::{
-    Dump, DumpedDeployment, JoinRefused, Joined, NodeJoin, NodeRecord, NodeSpec, RevokedCert, Store, StoreError,
+    Dump, DumpedDeployment, JoinRefused, Joined, Lead, NodeJoin, NodeRecord, NodeSpec, RevokedCert, Store, StoreError,
     Stored, StoredNode, TokenRecord, TokenRole, DUMP_FORMAT, HISTORY_LIMIT,
 };
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
@@ -29,6 +29,7 @@ use skiff_model::rollout::{self, Revision, RolloutState};
 use skiff_model::Deployment;
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long one request to etcd may take before the store says it is unreachable.
@@ -92,6 +93,11 @@ pub struct EtcdStore {
     rt: Rt,
     prefix: String,
     endpoints: String,
+    /// While this hub leads (and after it lost the lead): the value of the leader key
+    /// that every write requires.
+    fence: Arc<Mutex<Option<String>>>,
+    /// The lease this hub leads with.
+    lease: Arc<Mutex<Option<i64>>>,
 }
 
 /// The store's runtime, shut down without waiting: it may be dropped from async code,
@@ -289,7 +295,14 @@ impl EtcdStore {
                 return Err(StoreError::Etcd(format!("etcd at {endpoints}: no answer within {secs} s")));
             }
         };
-        let s = EtcdStore { client, rt, prefix: target.prefix.clone(), endpoints };
+        let s = EtcdStore {
+            client,
+            rt,
+            prefix: target.prefix.clone(),
+            endpoints,
+            fence: Default::default(),
+            lease: Default::default(),
+        };
         s.revision()?;
         Ok(s)
     }
@@ -373,8 +386,25 @@ impl EtcdStore {
             })
             .collect();
         ops.push(TxnOp::put(lock.clone(), Vec::new(), None));
-        let txn = Txn::new().when(vec![Compare::mod_revision(lock, CompareOp::Equal, tx.lock_mod)]).and_then(ops);
-        self.call("write", move |mut c| async move { Ok(c.txn(txn).await?.succeeded()) })
+        let mut when = vec![Compare::mod_revision(lock, CompareOp::Equal, tx.lock_mod)];
+        // A hub that leads writes only while it still does (a deposed one is fenced off).
+        let fence = self.fence.lock().map_err(|_| StoreError::Poisoned)?.clone();
+        if let Some(id) = &fence {
+            when.push(Compare::value(self.leader_key(), CompareOp::Equal, id.clone()));
+        }
+        let txn = Txn::new().when(when).and_then(ops);
+        let done = self.call("write", move |mut c| async move { Ok(c.txn(txn).await?.succeeded()) })?;
+        if !done && fence.is_some() {
+            let now = self.read(&self.leader_key(), false, 0)?.into_iter().next().map(|(_, v)| v);
+            if now.as_deref() != fence.as_deref().map(str::as_bytes) {
+                return Err(StoreError::Etcd("this hub is no longer the active one: its write is refused".into()));
+            }
+        }
+        Ok(done)
+    }
+
+    fn leader_key(&self) -> String {
+        format!("{}/leader", self.prefix)
     }
 
     /// Runs one change, again from fresh reads while other writers get in between.
@@ -663,6 +693,43 @@ impl Store for EtcdStore {
         })
     }
 
+    fn shared(&self, key: &str, value: &str) -> Result<String, StoreError> {
+        let k = format!("{}/shared/{key}", self.prefix);
+        let (k2, v) = (k.clone(), value.as_bytes().to_vec());
+        self.call("write", move |mut c| async move {
+            let txn = Txn::new()
+                .when(vec![Compare::create_revision(k2.clone(), CompareOp::Equal, 0)])
+                .and_then(vec![TxnOp::put(k2, v, None)]);
+            c.txn(txn).await.map(|_| ())
+        })?;
+        let kept = self.read(&k, false, 0)?.into_iter().next().map(|(_, v)| v);
+        let kept = kept.ok_or_else(|| StoreError::Etcd(format!("{k} vanished after it was written")))?;
+        String::from_utf8(kept).map_err(|_| StoreError::Etcd(format!("{k} is not text")))
+    }
+
+    fn campaign(&self, id: &str, ttl: Duration) -> Option<tokio::sync::watch::Receiver<Lead>> {
+        let rt = self.rt.0.as_ref()?;
+        let (tx, rx) = tokio::sync::watch::channel(Lead::Standby(None));
+        let c = Campaign {
+            client: self.client.clone(),
+            key: self.leader_key(),
+            id: id.to_string(),
+            ttl_s: ttl.as_secs().max(2) as i64,
+            fence: Arc::clone(&self.fence),
+            lease: Arc::clone(&self.lease),
+        };
+        rt.spawn(c.run(tx));
+        Some(rx)
+    }
+
+    fn resign(&self) {
+        let Some(lease) = self.lease.lock().ok().and_then(|mut l| l.take()) else { return };
+        match self.call("resign", move |mut c| async move { c.lease_revoke(lease).await.map(|_| ()) }) {
+            Ok(()) => tracing::info!("gave up the store's lease"),
+            Err(e) => tracing::warn!(error = %e, "giving up the store's lease: a standby takes over when it expires"),
+        }
+    }
+
     fn export(&self) -> Result<Dump, StoreError> {
         // Every read at one etcd revision: a consistent copy while hubs keep running.
         let tx = self.begin()?;
@@ -762,6 +829,103 @@ impl Store for EtcdStore {
             }
             Ok((tx.bump()?, true))
         })
+    }
+}
+
+/// One hub's bid for the store's lease: the leader key, put with a lease of `ttl_s` only
+/// where none exists; kept alive every third of the TTL. A keep-alive that fails or comes
+/// back expired ends the lead for good (the hub stops; a supervisor starts it again as a
+/// standby). The lease's TTL is what a takeover waits after a leader dies.
+struct Campaign {
+    client: Client,
+    key: String,
+    id: String,
+    ttl_s: i64,
+    fence: Arc<Mutex<Option<String>>>,
+    lease: Arc<Mutex<Option<i64>>>,
+}
+
+impl Campaign {
+    async fn run(self, tx: tokio::sync::watch::Sender<Lead>) {
+        let third = Duration::from_millis(self.ttl_s as u64 * 1000 / 3);
+        let lease = loop {
+            match self.try_lead().await {
+                Ok(Some(lease)) => break lease,
+                Ok(None) => {
+                    let who = self.leader().await;
+                    tx.send_if_modified(|l| {
+                        let new = Lead::Standby(who);
+                        (*l != new).then(|| *l = new).is_some()
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "campaigning for the store's lease"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if tx.is_closed() {
+                return;
+            }
+        };
+        // The fence before the news: no write of this hub's goes out unfenced.
+        if let Ok(mut f) = self.fence.lock() {
+            *f = Some(self.id.clone());
+        }
+        if let Ok(mut l) = self.lease.lock() {
+            *l = Some(lease);
+        }
+        let _ = tx.send(Lead::Active);
+        let why = self.keep(lease, third).await;
+        tracing::error!(%why, "lost the store's lease");
+        let _ = tx.send(Lead::Lost(why));
+    }
+
+    /// Puts the leader key if there is none; the lease if this hub now leads. Says who
+    /// leads otherwise.
+    async fn try_lead(&self) -> Result<Option<i64>, etcd_client::Error> {
+        let mut c = self.client.clone();
+        let lease = tokio::time::timeout(TIMEOUT, c.lease_grant(self.ttl_s, None))
+            .await
+            .map_err(|_| etcd_client::Error::LeaseKeepAliveError("no answer".into()))??
+            .id();
+        let put = TxnOp::put(self.key.clone(), self.id.clone(), Some(etcd_client::PutOptions::new().with_lease(lease)));
+        let txn =
+            Txn::new().when(vec![Compare::create_revision(self.key.clone(), CompareOp::Equal, 0)]).and_then(vec![put]);
+        let won = tokio::time::timeout(TIMEOUT, c.txn(txn))
+            .await
+            .map_err(|_| etcd_client::Error::LeaseKeepAliveError("no answer".into()))??
+            .succeeded();
+        if !won {
+            let _ = c.lease_revoke(lease).await;
+        }
+        Ok(won.then_some(lease))
+    }
+
+    /// The hub that leads now, as it names itself.
+    async fn leader(&self) -> Option<String> {
+        let mut c = self.client.clone();
+        let r = tokio::time::timeout(TIMEOUT, c.get(self.key.clone(), None)).await.ok()?.ok()?;
+        r.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+    }
+
+    /// Keeps the lease alive until it cannot; why it ended.
+    async fn keep(&self, lease: i64, every: Duration) -> String {
+        let mut c = self.client.clone();
+        let (mut keeper, mut stream) = match c.lease_keep_alive(lease).await {
+            Ok(k) => k,
+            Err(e) => return format!("keeping the lease alive: {e}"),
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = keeper.keep_alive().await {
+                return format!("keeping the lease alive: {e}");
+            }
+            match tokio::time::timeout(every, stream.message()).await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                Ok(Ok(Some(_))) => return "the lease expired (etcd did not hear from this hub in time)".into(),
+                Ok(Ok(None)) => return "etcd closed the keep-alive stream".into(),
+                Ok(Err(e)) => return format!("keeping the lease alive: {e}"),
+                Err(_) => return format!("no keep-alive answer within {} ms", every.as_millis()),
+            }
+        }
     }
 }
 

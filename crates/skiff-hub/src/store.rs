@@ -99,11 +99,40 @@ pub trait Store: Send + Sync {
     /// Replaces the placement; bumps the revision only when it changed. Returns the revision.
     fn set_slots(&self, slots: &[crate::schedule::Slot]) -> Result<u64, StoreError>;
 
+    /// A value every hub on this store shares (the CA, the admin token): `value` if the
+    /// store had none (it is kept), else the one kept. A store only one hub uses keeps
+    /// nothing: `value` itself.
+    fn shared(&self, _key: &str, value: &str) -> Result<String, StoreError> {
+        Ok(value.to_string())
+    }
+
+    /// Competes to be the one active hub of a store several hubs share; `None` when only
+    /// one hub can use it. The receiver says whether this hub leads now: it turns true
+    /// once the hub holds the store's lease, and false, for good, if it loses it (the hub
+    /// must then stop; writes made after are refused by the store).
+    fn campaign(&self, _id: &str, _ttl: std::time::Duration) -> Option<tokio::sync::watch::Receiver<Lead>> {
+        None
+    }
+
+    /// Gives up the lead now (a clean stop), so a standby need not wait out the lease.
+    fn resign(&self) {}
+
     /// Everything the store holds, for a backup or a move to another store.
     fn export(&self) -> Result<Dump, StoreError>;
     /// Fills an empty store from a dump; a store that holds anything is refused
     /// ([`StoreError::NotEmpty`]) and left as it is.
     fn import(&self, dump: &Dump) -> Result<(), StoreError>;
+}
+
+/// Where a hub stands among the hubs of its store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lead {
+    /// Another hub is active (named when known); this one takes over when it goes.
+    Standby(Option<String>),
+    /// This hub holds the store's lease.
+    Active,
+    /// This hub held the lease and lost it: it must stop acting.
+    Lost(String),
 }
 
 /// The whole of a store (`skiff hub backup`, `restore`, `migrate`), as JSON.

@@ -272,6 +272,7 @@ fn a_dump_fills_an_empty_store_of_either_kind_and_a_full_one_refuses_it() {
 mod on_etcd {
     use super::*;
     use skiff_hub::etcd::{EtcdStore, EtcdTarget};
+    use skiff_hub::store::Lead;
     use skiff_testkit::etcd::Etcd;
 
     fn open(e: &Etcd, prefix: &str) -> Arc<EtcdStore> {
@@ -377,5 +378,41 @@ mod on_etcd {
         let unreachable = EtcdStore::open(&EtcdTarget::parse("etcd://127.0.0.1:1", None).unwrap());
         let err = unreachable.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("127.0.0.1:1"), "{err}");
+    }
+
+    fn wait_lead(rx: &tokio::sync::watch::Receiver<Lead>, want: impl Fn(&Lead) -> bool) -> Lead {
+        for _ in 0..200 {
+            let now = rx.borrow().clone();
+            if want(&now) {
+                return now;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("lead still {:?}", rx.borrow())
+    }
+
+    /// One hub leads a store; another stands by, naming it. A leader whose lease is gone
+    /// (given up, or expired while etcd did not hear from it) is fenced off: its writes
+    /// are refused, the new leader's go through. Shared values are the first hub's.
+    #[test]
+    fn one_hub_leads_and_a_deposed_one_cannot_write() {
+        let e = Etcd::start(1).unwrap();
+        let (a, b) = (open(&e, "/f"), open(&e, "/f"));
+        let ttl = std::time::Duration::from_secs(2);
+        let la = a.campaign("hub-a", ttl).unwrap();
+        wait_lead(&la, |l| *l == Lead::Active);
+        let lb = b.campaign("hub-b", ttl).unwrap();
+        wait_lead(&lb, |l| *l == Lead::Standby(Some("hub-a".into())));
+        a.apply(&[Deployment::new("web", "img:1")], None, false, 1).unwrap();
+        assert_eq!(a.shared("ca", "a's").unwrap(), "a's");
+        assert_eq!(b.shared("ca", "b's").unwrap(), "a's", "the first hub's CA is everyone's");
+
+        a.resign();
+        wait_lead(&lb, |l| *l == Lead::Active);
+        wait_lead(&la, |l| matches!(l, Lead::Lost(_)));
+        let err = a.apply(&[Deployment::new("web", "img:2")], None, false, 2).unwrap_err().to_string();
+        assert!(err.contains("no longer the active one"), "{err}");
+        b.apply(&[Deployment::new("web", "img:3")], None, false, 3).unwrap();
+        assert_eq!(a.get("web").unwrap().unwrap().spec.image, "img:3", "reads still work");
     }
 }

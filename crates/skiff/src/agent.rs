@@ -17,9 +17,11 @@ use std::time::Duration;
 
 #[derive(Args)]
 pub struct AgentArgs {
-    /// The hub, e.g. https://hub.example:7443.
-    #[arg(long)]
-    pub hub: String,
+    /// The hub, e.g. https://hub.example:7443; several (repeated, or comma-separated) for
+    /// hubs sharing one store: the agent uses the one that is active and moves to another
+    /// when it goes.
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub hub: Vec<String>,
     /// A file holding the join token from `skiff token create` (needed to join only).
     /// Also read from $SKIFF_TOKEN.
     #[arg(long)]
@@ -138,7 +140,11 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     acfg.node_name = node.clone();
     if !args.pull_direct {
         if let Some(pull) = acfg.pull.as_mut() {
-            pull.hub = Some(hub_images(&args.hub, &node, Arc::new(Identity::new(data))));
+            pull.hub = Some(hub_images(
+                args.hub.first().map(String::as_str).unwrap_or_default(),
+                &node,
+                Arc::new(Identity::new(data)),
+            ));
         }
     }
     let cache_listener = match args.serve_cache {
@@ -164,7 +170,10 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
                 tracing::error!("site cache: {e}");
             }
         });
-        tokio::spawn(site_token(cache, hub_images(&args.hub, &node, Arc::new(Identity::new(data)))));
+        tokio::spawn(site_token(
+            cache,
+            hub_images(args.hub.first().map(String::as_str).unwrap_or_default(), &node, Arc::new(Identity::new(data))),
+        ));
     }
     if let Some(addr) = &args.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-listen {addr}"))?;
@@ -178,13 +187,13 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx));
-    let hub = args.hub.trim_end_matches('/').to_string();
-    eprintln!("skiff: agent {node} joined to {hub}; running from {}", data.display());
+    let hubs: Vec<String> = args.hub.iter().map(|h| h.trim_end_matches('/').to_string()).collect();
+    eprintln!("skiff: agent {node} joined to {}; running from {}", hubs.join(", "), data.display());
 
     id.tls()?;
     let every = Duration::from_secs(args.heartbeat);
     let mut tunnel =
-        tokio::spawn(skiff_agent::tunnel::run(Arc::clone(&agent), hub.clone(), node.clone(), Arc::new(id), every));
+        tokio::spawn(skiff_agent::tunnel::run(Arc::clone(&agent), hubs, node.clone(), Arc::new(id), every));
     tokio::select! {
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}

@@ -39,6 +39,10 @@ pub struct HubArgs {
     pub store: String,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    /// Hubs on one etcd store: one is active, the others stand by (not listening) and
+    /// one takes over within this time of the active one's loss.
+    #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
+    pub lease_ttl: Duration,
     #[command(flatten)]
     pub conns: ConnArgs,
     #[command(flatten)]
@@ -153,6 +157,9 @@ pub fn action(cli: &crate::cli::Cli, action: &HubAction) -> Result<i32> {
             }
             let s = open_store(data, &store.store, &store.etcd)?;
             s.import(&b.store)?;
+            if pki.join("ca.key").exists() {
+                s.shared("ca", &ca_json(&pki)?)?;
+            }
             eprintln!("skiff: restored revision {} into {}", b.store.revision, store.store);
             Ok(0)
         }
@@ -163,6 +170,10 @@ pub fn action(cli: &crate::cli::Cli, action: &HubAction) -> Result<i32> {
             let (src, dst) = (open_store(data, from, etcd)?, open_store(data, to, etcd)?);
             let dump = src.export()?;
             dst.import(&dump)?;
+            // Hubs started on the new store sign and trust with the CA its nodes know.
+            if pki.join("ca.key").exists() {
+                dst.shared("ca", &ca_json(&pki)?)?;
+            }
             anyhow::ensure!(dst.export()? == dump, "the copy in {to} differs from {from}; check both before use");
             eprintln!(
                 "skiff: copied revision {} ({} deployments, {} nodes) from {from} to {to}",
@@ -265,7 +276,15 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     crate::secure_data_dir(data)?;
     skiff_sys::connlimit::raise_fd_limit();
     let store = open_store(data, &args.store, &args.etcd)?;
-    let ca = skiff_hub::pki::Ca::load_or_create(&data.join("pki"))?;
+    // Several hubs on one store: one is active; this one waits for its turn.
+    let me = format!("{} (pid {}, {})", skiff_agent::hostname(), std::process::id(), args.listen);
+    let mut lead = store.campaign(&me, args.lease_ttl);
+    if let Some(l) = &mut lead {
+        if !wait_for_lead(l, &mut sigint, &mut sigterm).await? {
+            return Ok(0);
+        }
+    }
+    let ca = shared_ca(&*store, &data.join("pki"))?;
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
@@ -281,7 +300,7 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
         fleet = fleet.with_image_proxy(image_proxy(cli, args.image_cache_size)?);
     }
     let fleet = Arc::new(fleet);
-    let admin_token = crate::up::admin_token(data)?;
+    let admin_token = store.shared("admin_token", &crate::up::admin_token(data)?)?;
     let host = args.advertise.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
     let host = if host.contains(':') { format!("[{host}]") } else { host };
     let conf_path = data.join("admin.conf");
@@ -291,7 +310,7 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
         &ClientConfig { server: server.clone(), token: admin_token.clone(), ca: Some(ca_pem) },
     )?;
     let hub = Arc::new(
-        Hub::new(store, Arc::new(skiff_hub::nodes::Remote(fleet)), admin_token)
+        Hub::new(Arc::clone(&store), Arc::new(skiff_hub::nodes::Remote(fleet)), admin_token)
             .with_clock(clock)
             .with_autoscaler(args.autoscale.config(15))
             .with_alerts(args.alerts.load()?),
@@ -305,9 +324,27 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let mut server_task =
         tokio::spawn(skiff_hub::serve::serve(listener, skiff_hub::api::router(Arc::clone(&hub)), serving, stop_rx));
     eprintln!("skiff: hub on {server} (listening on {addr}), config in {}", conf_path.display());
+    let lost = async {
+        match lead.as_mut() {
+            Some(l) => loop {
+                if let skiff_hub::store::Lead::Lost(why) = &*l.borrow_and_update() {
+                    return why.clone();
+                }
+                if l.changed().await.is_err() {
+                    return "the store's campaign ended".to_string();
+                }
+            },
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}
+        why = lost => {
+            controllers.abort();
+            server_task.abort();
+            anyhow::bail!("this hub is no longer the active one ({why}); start it again to stand by");
+        }
         r = &mut server_task => {
             controllers.abort();
             return Err(crate::role_died("the API server", r));
@@ -319,8 +356,63 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     }
     controllers.abort();
     server_task.abort();
+    // A standby takes over now rather than after the lease runs out.
+    store.resign();
     eprintln!("skiff: hub stopped");
     Ok(0)
+}
+
+/// Waits until this hub leads its store (saying who does meanwhile); `false` when
+/// stopped by a signal first.
+async fn wait_for_lead(
+    lead: &mut tokio::sync::watch::Receiver<skiff_hub::store::Lead>,
+    sigint: &mut tokio::signal::unix::Signal,
+    sigterm: &mut tokio::signal::unix::Signal,
+) -> Result<bool> {
+    use skiff_hub::store::Lead;
+    loop {
+        match lead.borrow_and_update().clone() {
+            Lead::Active => {
+                eprintln!("skiff: hub active on its store");
+                return Ok(true);
+            }
+            Lead::Lost(why) => anyhow::bail!("lost the store's lease: {why}"),
+            // Still asking the store.
+            Lead::Standby(None) => {}
+            Lead::Standby(Some(who)) => {
+                eprintln!("skiff: hub standing by: {who} is active; this one takes over when it goes");
+            }
+        }
+        tokio::select! {
+            r = lead.changed() => r.context("the store's campaign ended")?,
+            _ = sigint.recv() => return Ok(false),
+            _ = sigterm.recv() => return Ok(false),
+        }
+    }
+}
+
+/// The hub's CA: the one every hub of the store shares (this data directory's, if the
+/// store had none yet), kept in the data directory too.
+fn shared_ca(store: &dyn Store, pki: &std::path::Path) -> Result<skiff_hub::pki::Ca> {
+    let local = skiff_hub::pki::Ca::load_or_create(pki)?;
+    let mine = ca_json(pki)?;
+    let kept = store.shared("ca", &mine)?;
+    if kept == mine {
+        return Ok(local);
+    }
+    let (pem, key): (String, String) = serde_json::from_str(&kept).context("the store's CA")?;
+    // The key first, as the CA is made: never a certificate without its key.
+    skiff_hub::pki::write_private(&pki.join("ca.key"), &key)?;
+    skiff_hub::pki::write_private(&pki.join("ca.pem"), &pem)?;
+    tracing::info!("took the CA the other hubs of the store share");
+    Ok(skiff_hub::pki::Ca::load_or_create(pki)?)
+}
+
+/// The data directory's CA, as the store shares it.
+fn ca_json(pki: &std::path::Path) -> Result<String> {
+    let read =
+        |f: &str| std::fs::read_to_string(pki.join(f)).with_context(|| format!("reading {}", pki.join(f).display()));
+    Ok(serde_json::to_string(&(read("ca.pem")?, read("ca.key")?))?)
 }
 
 /// The hub's TLS: a server certificate from its CA naming `advertise`, loopback, this

@@ -7,8 +7,8 @@
 
 mod common;
 
-use common::fleet::{agent, hub_instances, hub_with, wait_placed};
-use common::{wait_for, Node, IMAGE};
+use common::fleet::{agent, hub_instances, hub_with, start_agent_in, wait_placed, wait_ready};
+use common::{free_port, wait_for, Node, IMAGE};
 use skiff_testkit::etcd::Etcd;
 use std::time::Duration;
 
@@ -61,7 +61,7 @@ fn a_hub_on_etcd_is_backed_up_restored_elsewhere_and_moved_back_while_its_node_r
     let mut c = Node::bare()?;
     c.ok(&["hub", "restore", backup.to_str().unwrap()])?;
     start_hub(&mut c, &port, &[])?;
-    common::fleet::wait_ready(&c, "edge-1")?;
+    wait_ready(&c, "edge-1")?;
     wait_placed(&c, &[("edge-1", "svc-1")])?;
     assert_eq!(pids(&c), before, "the same process through the move");
     let again = c.cli(&["hub", "restore", backup.to_str().unwrap()])?;
@@ -75,7 +75,7 @@ fn a_hub_on_etcd_is_backed_up_restored_elsewhere_and_moved_back_while_its_node_r
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("1 deployments, 1 nodes"));
     start_hub(&mut c, &port, &["--store", &moved])?;
-    common::fleet::wait_ready(&c, "edge-1")?;
+    wait_ready(&c, "edge-1")?;
     wait_placed(&c, &[("edge-1", "svc-1")])?;
     assert_eq!(pids(&c), before);
     // A change through the moved store reaches the node.
@@ -93,6 +93,76 @@ fn a_hub_on_etcd_is_backed_up_restored_elsewhere_and_moved_back_while_its_node_r
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(says), "{store}: {err}");
     }
+    drop(node);
+    Ok(())
+}
+
+fn admin_token(h: &Node) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(h.data().join("admin.conf")).unwrap()).unwrap();
+    v["token"].as_str().unwrap_or_default().to_string()
+}
+
+/// Two hubs on one etcd: one active, one standing by (not listening). The active one is
+/// killed; the standby takes over within the lease, with the shared CA and admin token,
+/// and the node (given both hubs) follows it without restarting its workload. The first
+/// hub, back, stands by; a clean stop of the active one hands over at once.
+#[test]
+fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_restart() -> R {
+    skiff_testkit::require_privileged!();
+    let e = Etcd::start(1)?;
+    let store = e.url("/ha");
+    // A short lease for a (it dies; b waits that long), a long one for b (it stops
+    // cleanly and gives its lease up: a need not wait it out).
+    let mut a = hub_with("127.0.0.1", &["--store", &store, "--lease-ttl", "3s"])?;
+    let port_a = a.server()?.rsplit(':').next().unwrap().to_string();
+    let port_b = free_port().to_string();
+    let mut b = Node::bare()?;
+    let listen_b = format!("127.0.0.1:{port_b}");
+    b.spawn(&["hub", "--listen", &listen_b, "--advertise", "127.0.0.1", "--store", &store, "--lease-ttl", "60s"])?;
+    wait_for(30 * SEC, "hub b standing by", || b.log().contains("standing by").then_some(()))?;
+    let pid_a = a.up_pid().unwrap();
+    assert!(b.log().contains(&format!("(pid {pid_a}, ")), "names the active hub: {}", b.log());
+    assert!(std::net::TcpStream::connect(&listen_b).is_err(), "a standby does not listen");
+
+    let token = a.ok(&["token", "create"])?.trim().to_string();
+    let mut node = Node::new()?;
+    let hubs = format!("{},https://{listen_b}", a.server()?);
+    start_agent_in(None, &mut node, &hubs, Some(&token), Some("edge-1"), &[], &[])?;
+    wait_for(30 * SEC, "the agent to join", || node.data().join("pki/joined.json").exists().then_some(()))?;
+    a.ok(&["run", IMAGE, "--name", "svc", "--restart", "always", "--", "sleep", "1000"])?;
+    wait_placed(&a, &[("edge-1", "svc-1")])?;
+    let before = pids(&a);
+
+    // The active hub dies without a word (its lease is not given up).
+    a.kill_up()?;
+    let t0 = std::time::Instant::now();
+    wait_for(60 * SEC, "hub b active", || b.log().contains("hub active").then_some(()))?;
+    let took_over = t0.elapsed();
+    wait_for(30 * SEC, "hub b serving", || b.cli(&["get", "nodes"]).ok()?.status.success().then_some(()))?;
+    assert_eq!(admin_token(&b), admin_token(&a), "one admin token for the hubs of a store");
+    wait_ready(&b, "edge-1")?;
+    wait_placed(&b, &[("edge-1", "svc-1")])?;
+    let followed = t0.elapsed();
+    assert_eq!(pids(&b), before, "the workload ran on through the failover");
+    eprintln!("failover: hub a killed; hub b active after {took_over:?}, node edge-1 Ready on it after {followed:?}");
+    // A change through the new active hub reaches the node.
+    b.ok(&["run", IMAGE, "--name", "two", "--", "sleep", "1000"])?;
+    wait_placed(&b, &[("edge-1", "svc-1"), ("edge-1", "two-1")])?;
+
+    // Hub a comes back: it stands by. Hub b stops cleanly: a takes over at once.
+    let listen_a = format!("127.0.0.1:{port_a}");
+    a.spawn(&["hub", "--listen", &listen_a, "--advertise", "127.0.0.1", "--store", &store, "--lease-ttl", "3s"])?;
+    wait_for(30 * SEC, "hub a standing by", || a.log().contains("standing by").then_some(()))?;
+    let t1 = std::time::Instant::now();
+    b.terminate_up()?;
+    wait_for(30 * SEC, "hub a active", || a.log().contains("hub active").then_some(()))?;
+    // Bounds, not timings: well inside b's 60 s lease.
+    assert!(t1.elapsed() < Duration::from_secs(45), "a clean stop hands the lease over: {:?}", t1.elapsed());
+    wait_ready(&a, "edge-1")?;
+    wait_placed(&a, &[("edge-1", "svc-1"), ("edge-1", "two-1")])?;
+    a.ok(&["delete", "deployment", "svc"])?;
+    a.ok(&["delete", "deployment", "two"])?;
+    wait_placed(&a, &[])?;
     drop(node);
     Ok(())
 }
