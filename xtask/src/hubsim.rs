@@ -50,11 +50,27 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// A packed sample of a node with two instances, with figures of realistic size.
-fn sample(node: &str) -> skiff_model::metrics::PackedSample {
+/// The next sample of a quiet node with two instances: figures of realistic size that
+/// move a little (CPU and memory jitter, network counters grow), as an agent's do.
+fn sample(node: &str, n: u64) -> skiff_model::metrics::PackedSample {
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    (&skiff_model::metrics::MetricsSample::example(node, now)).into()
+    let mut m = skiff_model::metrics::MetricsSample::example(node, now);
+    // A cheap deterministic wobble per node and sample.
+    let h = |k: u64| (n.wrapping_mul(6364136223846793005).wrapping_add(k * 1442695040888963407) >> 33) % 1000;
+    m.host.cpu_cores = m.host.cpu_cores.map(|c| c * (0.9 + h(1) as f64 / 5000.0));
+    m.host.memory_used_bytes += h(2) * 4096;
+    m.host.rx_bytes += n * 20_000 + h(3);
+    m.host.tx_bytes += n * 5_000 + h(4);
+    m.host.load1 = 0.05 + h(5) as f64 / 10_000.0;
+    for (k, i) in m.instances.iter_mut().enumerate() {
+        let k = k as u64 * 10;
+        i.cpu_cores = i.cpu_cores.map(|c| c * (0.9 + h(k + 6) as f64 / 5000.0));
+        i.memory_bytes += h(k + 7) * 1024;
+        i.rx_bytes += n * 8_000 + h(k + 8);
+        i.tx_bytes += n * 2_000 + h(k + 9);
+    }
+    skiff_model::metrics::PackedSample::from(&m).sorted()
 }
 
 pub async fn run(
@@ -130,6 +146,8 @@ pub async fn run(
         );
         tokio::spawn(async move {
             use futures_util::{SinkExt, StreamExt};
+            use skiff_model::metrics::Shipment;
+            use skiff_model::proto::Control;
             use tokio_tungstenite::tungstenite::Message;
             // Spread the connects, as nodes that started at different times.
             tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 5_000)).await;
@@ -160,6 +178,9 @@ pub async fn run(
                         let mut sample_tick = tokio::time::interval(Duration::from_secs(metrics_secs.max(1)));
                         sample_tick.tick().await;
                         let mut through = 0u64;
+                        // As the agent ships them: whole first, then deltas, still figures batched.
+                        let mut shipper = skiff_model::metrics::Shipper::default();
+                        let mut pending = Vec::new();
                         loop {
                             let m = tokio::select! {
                                 m = ws.next() => match m {
@@ -168,8 +189,15 @@ pub async fn run(
                                 },
                                 _ = sample_tick.tick(), if metrics_secs > 0 => {
                                     through += 1;
-                                    let frame = serde_json::json!({"type": "metrics", "samples": [sample(&n.name)], "through": through});
-                                    if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
+                                    pending.push(sample(&n.name, through));
+                                    let c = match shipper.ship(&pending) {
+                                        Some(Shipment::Whole(samples)) => Control::Metrics { samples, through },
+                                        Some(Shipment::Deltas(samples)) => Control::MetricsDelta { samples, through },
+                                        None => continue,
+                                    };
+                                    pending.clear();
+                                    let frame = serde_json::to_string(&c).unwrap_or_default();
+                                    if ws.send(Message::Text(frame.into())).await.is_err() {
                                         break;
                                     }
                                     continue;

@@ -16,6 +16,7 @@
 use crate::join::Identity;
 use crate::Agent;
 use futures_util::{SinkExt, StreamExt};
+use skiff_model::metrics::{PackedSample, Shipment, Shipper};
 use skiff_model::proto::{Answer, Control, NodeStatus, Op, Reply, Request, CHUNK_BYTES, PING_EVERY, STREAM_WINDOW};
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,6 +138,7 @@ where
     let mut reported: Option<String> = None;
     // Samples sent on this connection (acknowledged or not): each goes out once per link.
     let mut metrics_sent = 0u64;
+    let mut shipper = Shipper::default();
     // A link that dies silently (no FIN, TCP retransmitting for minutes) is noticed by the
     // hub's pings stopping: the connection is dropped and made anew.
     let mut last_rx = tokio::time::Instant::now();
@@ -208,6 +210,16 @@ where
                     }
                 }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(Message::Ping(payload))) => {
+                    last_rx = tokio::time::Instant::now();
+                    // A ping's payload acknowledges samples (the id, as text).
+                    let through = std::str::from_utf8(&payload).ok().and_then(|t| t.parse::<u64>().ok());
+                    if let Some(through) = through.filter(|t| *t <= metrics_sent) {
+                        if let Err(e) = agent.metrics_shipped(through) {
+                            tracing::warn!("recording shipped samples: {e}");
+                        }
+                    }
+                }
                 Some(Ok(_)) => last_rx = tokio::time::Instant::now(),
             },
             out = rx.recv() => {
@@ -241,11 +253,18 @@ where
                 }
                 // Samples too wait in agent.db (bounded) until acknowledged. A backlog from a
                 // partition goes out at once, so the hub soon has the current one.
+                // Steady figures wait for a batch; the first on a connection goes whole,
+                // the rest as deltas (see `metrics::Shipper`).
                 let mut lost = false;
                 while let Ok(samples) = agent.unshipped_metrics(metrics_sent, METRICS_PER_FRAME) {
                     let Some(&(through, _)) = samples.last() else { break };
-                    let samples = samples.iter().map(|(_, s)| s.into()).collect();
-                    if ws.send(Message::Text(frame(&Control::Metrics { samples, through }).into())).await.is_err() {
+                    let packed: Vec<PackedSample> = samples.iter().map(|(_, s)| PackedSample::from(s).sorted()).collect();
+                    let Some(shipment) = shipper.ship(&packed) else { break };
+                    let c = match shipment {
+                        Shipment::Whole(samples) => Control::Metrics { samples, through },
+                        Shipment::Deltas(samples) => Control::MetricsDelta { samples, through },
+                    };
+                    if ws.send(Message::Text(frame(&c).into())).await.is_err() {
                         lost = true;
                         break;
                     }

@@ -10,9 +10,11 @@
 //! * Requests (hub → agent, `id` chosen by the hub, `op`: logs, exec, cancel) and
 //!   [`Reply`]s for that id: log lines then `end`, an exec result, or an error.
 //!
-//! Liveness: the hub pings every 20 s; any frame or pong marks the node seen.
+//! Liveness: the hub pings every 20 s unless the node was heard from in the last 10 s;
+//! any frame or pong marks the node seen. A ping's payload acknowledges resource samples.
 
 use crate::{BoxFuture, NodeError, NodeLink};
+use skiff_model::metrics::METRICS_BATCH;
 use skiff_model::proto::{Answer, Control, ExecResult, Op, Reply, Request, PING_EVERY, STREAM_WINDOW};
 use skiff_model::{EventRecord, InstanceStatus, LogLine};
 use std::collections::HashMap;
@@ -20,6 +22,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
+
+/// Sends the acknowledgement of samples received (if one is owed); false: the link is gone.
+async fn ack_now(socket: &mut axum::extract::ws::WebSocket, unacked: &mut Option<u64>) -> bool {
+    let Some(through) = unacked.take() else { return true };
+    let Ok(frame) = serde_json::to_string(&Control::MetricsAck { through }) else { return true };
+    socket.send(axum::extract::ws::Message::Text(frame.into())).await.is_ok()
+}
 
 /// Serves a node's tunnel until it closes: control frames, requests and liveness.
 pub async fn serve(
@@ -45,6 +54,11 @@ pub async fn serve(
     let mut node_rev: Option<u64> = None;
     let mut pushed: Option<Vec<skiff_model::proto::Assigned>> = None;
     let mut ping = tokio::time::interval(PING_EVERY);
+    // The sample deltas are made from (the last one received on this connection), and
+    // the newest sample id not yet acknowledged (the next ping says it).
+    let mut metrics_base: Option<skiff_model::metrics::PackedSample> = None;
+    let mut unacked: Option<u64> = None;
+    let mut last_ping = tokio::time::Instant::now();
     // A node whose link died silently stops answering: drop its tunnel (it will dial again).
     let mut last_rx = tokio::time::Instant::now();
     let send = |c: &Control| serde_json::to_string(c).ok();
@@ -117,11 +131,45 @@ pub async fn serve(
                             }
                         }
                         Ok(Control::Metrics { samples, through }) => {
+                            metrics_base = samples.last().cloned().map(|s| s.sorted());
+                            let backlog = samples.len() > METRICS_BATCH;
                             f.record_metrics(&name, samples.into_iter().map(|p| p.unpack(&name)).collect());
-                            if let Some(frame) = send(&Control::MetricsAck { through }) {
-                                if socket.send(Message::Text(frame.into())).await.is_err() {
-                                    break;
+                            unacked = Some(through);
+                            if backlog && !ack_now(&mut socket, &mut unacked).await {
+                                break;
+                            }
+                        }
+                        Ok(Control::MetricsDelta { samples, through }) => {
+                            // Each delta rebuilds a sample from the one before on this
+                            // connection; one that does not fit ends the tunnel (the node
+                            // reconnects and starts again from a whole sample).
+                            let mut got = Vec::with_capacity(samples.len());
+                            let mut base = metrics_base.take();
+                            for d in &samples {
+                                match base.as_ref().map(|b| d.apply(b)) {
+                                    Some(Ok(s)) => {
+                                        got.push(s.clone().unpack(&name));
+                                        base = Some(s);
+                                    }
+                                    Some(Err(e)) => {
+                                        tracing::warn!(node = %name, error = %e, "a metrics delta that does not fit");
+                                        base = None;
+                                        break;
+                                    }
+                                    None => break,
                                 }
+                            }
+                            if base.is_none() {
+                                break;
+                            }
+                            metrics_base = base;
+                            let backlog = got.len() > METRICS_BATCH;
+                            f.record_metrics(&name, got);
+                            unacked = Some(through);
+                            // A backlog (after a partition) frees the node's buffer at once;
+                            // a steady batch is acknowledged by the next ping.
+                            if backlog && !ack_now(&mut socket, &mut unacked).await {
+                                break;
                             }
                         }
                         Ok(_) | Err(_) => {}
@@ -153,9 +201,18 @@ pub async fn serve(
                 if last_rx.elapsed() > PING_EVERY * 3 {
                     break;
                 }
-                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                // A node heard from lately needs no ping, unless samples wait for their
+                // acknowledgement (the ping carries it) or it last heard from the hub two
+                // periods ago (it gives up after 45 s of silence).
+                let quiet = last_rx.elapsed() >= PING_EVERY / 2 || last_ping.elapsed() >= PING_EVERY * 3 / 2;
+                if unacked.is_none() && !quiet {
+                    continue;
+                }
+                let payload = unacked.take().map(|t| t.to_string().into_bytes()).unwrap_or_default();
+                if socket.send(Message::Ping(payload.into())).await.is_err() {
                     break;
                 }
+                last_ping = tokio::time::Instant::now();
             }
         }
         let Some(held) = node_rev.filter(|_| push) else { continue };

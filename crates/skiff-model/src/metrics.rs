@@ -183,6 +183,248 @@ impl PackedSample {
     }
 }
 
+/// A sample as the change from the one shipped before it on the same connection: the
+/// milliseconds since that one, then only the figures that changed, as `[field, change]`
+/// pairs flattened (`None` counts as -1). Instances are matched by name; one that
+/// changed is `[position, field, change, ...]` (its position in the sample before), one
+/// that is new is `["instance", "deployment", field values...]`, one that is gone is
+/// `[-1 - position]`. A node whose figures hold still ships little more than its time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeltaSample(pub i64, pub Vec<i64>, pub Vec<serde_json::Value>);
+
+/// Why a delta cannot be applied (a sender and a receiver that disagree on the base).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("metrics delta: {0}")]
+pub struct DeltaError(pub String);
+
+fn opt(v: Option<u64>) -> i64 {
+    v.map_or(-1, |v| v as i64)
+}
+
+fn unopt(v: i64) -> Option<u64> {
+    (v >= 0).then_some(v as u64)
+}
+
+fn host_fields(h: &PackedHost) -> [i64; 11] {
+    [
+        i64::from(h.0),
+        opt(h.1),
+        h.2 as i64,
+        h.3 as i64,
+        h.4 as i64,
+        h.5 as i64,
+        h.6 as i64,
+        h.7 as i64,
+        i64::from(h.8),
+        i64::from(h.9),
+        i64::from(h.10),
+    ]
+}
+
+fn host_from(f: [i64; 11]) -> PackedHost {
+    let u32_of = |v: i64| v.clamp(0, i64::from(u32::MAX)) as u32;
+    let u64_of = |v: i64| v.max(0) as u64;
+    PackedHost(
+        u32_of(f[0]),
+        unopt(f[1]),
+        u64_of(f[2]),
+        u64_of(f[3]),
+        u64_of(f[4]),
+        u64_of(f[5]),
+        u64_of(f[6]),
+        u64_of(f[7]),
+        u32_of(f[8]),
+        u32_of(f[9]),
+        u32_of(f[10]),
+    )
+}
+
+fn instance_fields(i: &PackedInstance) -> [i64; 6] {
+    [opt(i.2), i.3 as i64, i.4 as i64, i.5 as i64, i64::from(i.6), opt(i.7)]
+}
+
+fn instance_from(name: String, deployment: String, f: [i64; 6]) -> PackedInstance {
+    PackedInstance(
+        name,
+        deployment,
+        unopt(f[0]),
+        f[1].max(0) as u64,
+        f[2].max(0) as u64,
+        f[3].max(0) as u64,
+        f[4].clamp(0, i64::from(u32::MAX)) as u32,
+        unopt(f[5]),
+    )
+}
+
+/// `[field, change, ...]` for the fields of `new` that differ from `old`.
+fn changes(old: &[i64], new: &[i64]) -> Vec<i64> {
+    old.iter().zip(new).enumerate().filter(|(_, (o, n))| o != n).flat_map(|(i, (o, n))| [i as i64, n - o]).collect()
+}
+
+/// Applies `[field, change, ...]` pairs to `fields`.
+fn apply_changes<const N: usize>(fields: &mut [i64; N], pairs: &[i64]) -> Result<(), DeltaError> {
+    if !pairs.len().is_multiple_of(2) {
+        return Err(DeltaError("an odd number of field changes".into()));
+    }
+    for p in pairs.chunks(2) {
+        let f =
+            usize::try_from(p[0]).ok().filter(|f| *f < N).ok_or_else(|| DeltaError(format!("no field {}", p[0])))?;
+        fields[f] = fields[f].saturating_add(p[1]);
+    }
+    Ok(())
+}
+
+impl PackedSample {
+    /// With its instances in name order (the order deltas keep).
+    pub fn sorted(mut self) -> Self {
+        self.2.sort_by(|a, b| a.0.cmp(&b.0));
+        self
+    }
+
+    /// This sample as the change from `base` (both in name order).
+    pub fn delta_from(&self, base: &PackedSample) -> DeltaSample {
+        let host = changes(&host_fields(&base.1), &host_fields(&self.1));
+        let mut inst = Vec::new();
+        for (pos, old) in base.2.iter().enumerate() {
+            // Matched by name and deployment: the same name under another deployment is
+            // one instance gone and another new.
+            match self.2.iter().find(|i| i.0 == old.0 && i.1 == old.1) {
+                Some(new) => {
+                    let c = changes(&instance_fields(old), &instance_fields(new));
+                    if !c.is_empty() {
+                        let mut v = vec![serde_json::json!(pos)];
+                        v.extend(c.into_iter().map(serde_json::Value::from));
+                        inst.push(serde_json::Value::Array(v));
+                    }
+                }
+                None => inst.push(serde_json::json!([-1 - pos as i64])),
+            }
+        }
+        for new in &self.2 {
+            let kept = base.2.iter().any(|o| o.0 == new.0 && o.1 == new.1);
+            if !kept {
+                let mut v = vec![serde_json::json!(new.0), serde_json::json!(new.1)];
+                v.extend(instance_fields(new).into_iter().map(serde_json::Value::from));
+                inst.push(serde_json::Value::Array(v));
+            }
+        }
+        DeltaSample((self.0 as i64).saturating_sub(base.0 as i64), host, inst)
+    }
+}
+
+impl DeltaSample {
+    /// The sample this delta makes of `base`.
+    pub fn apply(&self, base: &PackedSample) -> Result<PackedSample, DeltaError> {
+        let mut host = host_fields(&base.1);
+        apply_changes(&mut host, &self.1)?;
+        let mut inst: Vec<Option<PackedInstance>> = base.2.iter().cloned().map(Some).collect();
+        let mut added = Vec::new();
+        let num = |v: &serde_json::Value| v.as_i64().ok_or_else(|| DeltaError(format!("{v} is not a number")));
+        for e in &self.2 {
+            let a = e.as_array().ok_or_else(|| DeltaError(format!("{e} is not a list")))?;
+            match a.first() {
+                Some(serde_json::Value::String(name)) => {
+                    let dep = a
+                        .get(1)
+                        .and_then(|d| d.as_str())
+                        .ok_or_else(|| DeltaError("a new instance without its deployment".into()))?;
+                    let vals: Vec<i64> = a[2..].iter().map(num).collect::<Result<_, _>>()?;
+                    let f: [i64; 6] =
+                        vals.try_into().map_err(|_| DeltaError(format!("instance {name}: not 6 figures")))?;
+                    added.push(instance_from(name.clone(), dep.to_string(), f));
+                }
+                Some(p) => {
+                    let p = num(p)?;
+                    let pos = if p < 0 { -1 - p } else { p };
+                    let slot = usize::try_from(pos)
+                        .ok()
+                        .and_then(|i| inst.get_mut(i))
+                        .ok_or_else(|| DeltaError(format!("no instance at {pos}")))?;
+                    if p < 0 {
+                        *slot = None;
+                        continue;
+                    }
+                    let old = slot.as_ref().ok_or_else(|| DeltaError(format!("instance {pos} is gone")))?;
+                    let mut f = instance_fields(old);
+                    let pairs: Vec<i64> = a[1..].iter().map(num).collect::<Result<_, _>>()?;
+                    apply_changes(&mut f, &pairs)?;
+                    *slot = Some(instance_from(old.0.clone(), old.1.clone(), f));
+                }
+                None => return Err(DeltaError("an empty instance entry".into())),
+            }
+        }
+        let instances: Vec<PackedInstance> = inst.into_iter().flatten().chain(added).collect();
+        Ok(PackedSample(base.0.saturating_add_signed(self.0), host_from(host), instances).sorted())
+    }
+}
+
+/// Samples held back while a node's figures hold still: they go out together, this many
+/// at most (a minute at the default 15 s).
+pub const METRICS_BATCH: usize = 4;
+
+/// How an agent ships its samples on one connection: the first whole, then each as the
+/// change from the one before (the hub keeps it); figures that hold still wait for a
+/// batch, a sample that moved goes out at once (an autoscaler must see a change soon).
+#[derive(Debug, Default)]
+pub struct Shipper {
+    base: Option<PackedSample>,
+}
+
+/// What to send for some samples (`through`: the id of the last).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shipment {
+    Whole(Vec<PackedSample>),
+    Deltas(Vec<DeltaSample>),
+}
+
+impl Shipper {
+    /// The frame for `samples` (oldest first), or `None` while they may wait.
+    pub fn ship(&mut self, samples: &[PackedSample]) -> Option<Shipment> {
+        let last = samples.last()?;
+        let moved = match &self.base {
+            None => true,
+            Some(b) => samples.iter().any(|s| s.moved_from(b)),
+        };
+        if !moved && samples.len() < METRICS_BATCH {
+            return None;
+        }
+        let out = match self.base.take() {
+            None => Shipment::Whole(samples.to_vec()),
+            Some(mut prev) => Shipment::Deltas(
+                samples
+                    .iter()
+                    .map(|s| {
+                        let d = s.delta_from(&prev);
+                        prev = s.clone();
+                        d
+                    })
+                    .collect(),
+            ),
+        };
+        self.base = Some(last.clone());
+        Some(out)
+    }
+}
+
+impl PackedSample {
+    /// Whether this sample differs from `base` enough to go out at once: an instance
+    /// came, went or restarted, or CPU or memory moved by a fifth (CPU by at least 50
+    /// millicores, memory by at least 16 MiB).
+    pub fn moved_from(&self, base: &PackedSample) -> bool {
+        let far = |a: Option<u64>, b: Option<u64>, min: u64| match (a, b) {
+            (Some(a), Some(b)) => a.abs_diff(b) >= min.max(a.max(b) / 5),
+            (a, b) => a.is_some() != b.is_some(),
+        };
+        fn set(s: &PackedSample) -> Vec<(&str, &str, u32)> {
+            s.2.iter().map(|i| (i.0.as_str(), i.1.as_str(), i.6)).collect()
+        }
+        set(self) != set(base)
+            || far(self.1 .1, base.1 .1, 50)
+            || far(Some(self.1 .3), Some(base.1 .3), 16 << 20)
+            || self.2.iter().zip(&base.2).any(|(a, b)| far(a.2, b.2, 50) || far(Some(a.3), Some(b.3), 16 << 20))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +441,68 @@ mod tests {
         assert_eq!(back.instances[0].cpu_cores, Some(0.013));
         assert_eq!((back.instances[1].memory_bytes, back.instances[1].restarts), (12_345_678, 2));
         assert_eq!(back.host.rx_bytes, s.host.rx_bytes);
+    }
+
+    /// A node's samples over a minute: counters grow, CPU moves, an instance restarts
+    /// under the same name and another comes. Each delta rebuilds the sample exactly, and
+    /// one of a node at rest is a small fraction of the sample.
+    #[test]
+    fn deltas_rebuild_each_sample_and_a_quiet_node_ships_little() {
+        let t0 = 1_764_030_000_000;
+        let s0 = PackedSample::from(&MetricsSample::example("n", t0)).sorted();
+        let mut m1 = MetricsSample::example("n", t0 + 15_000);
+        m1.host.rx_bytes += 4_096;
+        m1.host.cpu_cores = Some(0.2);
+        m1.instances[0].memory_bytes -= 100_000;
+        m1.instances[1].cpu_cores = None;
+        let s1 = PackedSample::from(&m1).sorted();
+        let mut m2 = m1.clone();
+        m2.time_ms += 15_000;
+        m2.instances.remove(0);
+        m2.instances.push(InstanceMetrics { instance: "a-new-1".into(), ..m1.instances[0].clone() });
+        let s2 = PackedSample::from(&m2).sorted();
+        let mut base = s0.clone();
+        for next in [&s1, &s2, &s1, &s0] {
+            let d = next.delta_from(&base);
+            let wire = serde_json::to_string(&d).unwrap();
+            let back: DeltaSample = serde_json::from_str(&wire).unwrap();
+            assert_eq!(&back.apply(&base).unwrap(), next, "{wire}");
+            base = next.clone();
+        }
+        let quiet = PackedSample(s0.0 + 15_000, s0.1.clone(), s0.2.clone()).delta_from(&s0);
+        let (q, full) = (serde_json::to_string(&quiet).unwrap(), serde_json::to_string(&s0).unwrap());
+        assert_eq!(q, "[15000,[],[]]");
+        assert!(q.len() * 10 < full.len(), "{q} vs {full}");
+        // A delta that does not fit its base is refused, not guessed.
+        let bad = DeltaSample(1, vec![99, 1], vec![]);
+        assert!(bad.apply(&s0).unwrap_err().to_string().contains("no field 99"));
+        let bad = DeltaSample(1, vec![], vec![serde_json::json!([7, 1, 1])]);
+        assert!(bad.apply(&s0).is_err());
+    }
+
+    /// Still figures wait for a batch of four; a moved one goes at once; the first on a
+    /// connection goes whole, the rest as deltas that rebuild what was sampled.
+    #[test]
+    fn the_shipper_batches_still_figures_and_ships_a_change_at_once() {
+        let at = |ms: u64, cpu: f64| {
+            let mut m = MetricsSample::example("n", 1_764_030_000_000 + ms);
+            m.instances[0].cpu_cores = Some(cpu);
+            m.host.rx_bytes += ms;
+            PackedSample::from(&m).sorted()
+        };
+        let mut s = Shipper::default();
+        let first = s.ship(&[at(0, 0.01)]).unwrap();
+        assert!(matches!(first, Shipment::Whole(ref v) if v.len() == 1));
+        assert_eq!(s.ship(&[at(15_000, 0.012)]), None, "still: waits");
+        assert_eq!(s.ship(&[at(15_000, 0.012), at(30_000, 0.011), at(45_000, 0.013)]), None);
+        let four = [at(15_000, 0.012), at(30_000, 0.011), at(45_000, 0.013), at(60_000, 0.012)];
+        let Some(Shipment::Deltas(d)) = s.ship(&four) else { panic!("a batch of four goes") };
+        let mut base = at(0, 0.01);
+        for (d, want) in d.iter().zip(&four) {
+            base = d.apply(&base).unwrap();
+            assert_eq!(&base, want);
+        }
+        let busy = at(75_000, 0.5);
+        assert!(matches!(s.ship(std::slice::from_ref(&busy)), Some(Shipment::Deltas(_))), "a CPU jump goes at once");
     }
 }

@@ -262,7 +262,12 @@ pub enum Control {
     Ack { events_through: u64 },
     /// Agent → hub: resource samples, oldest first, up to id `through` of the node's buffer.
     Metrics { samples: Vec<crate::metrics::PackedSample>, through: u64 },
-    /// Hub → agent: samples received up to this id.
+    /// Agent → hub: samples as changes, each from the one before it on this connection
+    /// (the first from the last sample sent on it), up to id `through`.
+    #[serde(rename = "metricsdelta")]
+    MetricsDelta { samples: Vec<crate::metrics::DeltaSample>, through: u64 },
+    /// Hub → agent: samples received up to this id. (A hub also says it in its pings'
+    /// payload, the id as decimal text: one frame fewer per batch on a metered link.)
     MetricsAck { through: u64 },
     /// Agent → hub: a CSR for a key the node just made, to renew its certificate before
     /// it expires (or when asked to).
