@@ -93,34 +93,7 @@ pub async fn run(
 
     // Join every node, 32 at a time.
     let t0 = Instant::now();
-    let sem = Arc::new(tokio::sync::Semaphore::new(32));
-    let mut joins = tokio::task::JoinSet::new();
-    for i in 0..nodes {
-        let (sem, plain, server, secret, ca) =
-            (Arc::clone(&sem), plain.clone(), server.clone(), secret.clone(), ca.clone());
-        joins.spawn(async move {
-            let _p = sem.acquire().await;
-            let name = format!("sim-{i:05}");
-            let (key, csr) = skiff_agent::join::node_csr(&name)?;
-            let spec = serde_json::json!({"os": "linux", "arch": "amd64", "cpu_millis": 4000, "memory_bytes": 4u64 << 30, "labels": {"site": format!("s{}", i % 50)}});
-            let resp = plain
-                .post(format!("{server}/api/v1/join"))
-                .json(&serde_json::json!({"token": secret, "node": name, "csr": csr, "spec": spec}))
-                .send()
-                .await?;
-            if !resp.status().is_success() {
-                bail!("join {name}: {}", resp.text().await?);
-            }
-            let j: serde_json::Value = resp.json().await?;
-            let cert = j["cert"].as_str().context("cert")?.to_string();
-            let tls = Arc::new(skiff_agent::tls::client_config(&ca, &cert, &key).map_err(anyhow::Error::msg)?);
-            anyhow::Ok(SimNode { name, tls })
-        });
-    }
-    let mut sims = vec![];
-    while let Some(r) = joins.join_next().await {
-        sims.push(Arc::new(r??));
-    }
+    let sims = join_all(&plain, &server, &secret, &ca, nodes).await?;
     let join_s = t0.elapsed().as_secs_f64();
     eprintln!("hub-sim: {nodes} nodes joined in {join_s:.1} s");
 
@@ -291,6 +264,172 @@ pub async fn run(
         "idle_bytes_per_node_per_minute": bytes_per_node_min.round(),
         "idle_kbit_per_s_per_node": ((bytes_per_node_min * 8.0 / 60.0 / 1000.0) * 1000.0).round() / 1000.0,
         "propagation_ms": {"p50": pct(&lat, 0.5).round(), "p99": pct(&lat, 0.99).round(), "max": pct(&lat, 1.0).round()},
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// Joins `nodes` simulated nodes (`sim-00000`, ...) through `server`, 32 at a time: a
+/// key made here and a CSR each, as agents join.
+async fn join_all(
+    plain: &reqwest::Client,
+    server: &str,
+    secret: &str,
+    ca: &str,
+    nodes: usize,
+) -> Result<Vec<Arc<SimNode>>> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut joins = tokio::task::JoinSet::new();
+    for i in 0..nodes {
+        let (sem, plain, server, secret, ca) =
+            (Arc::clone(&sem), plain.clone(), server.to_string(), secret.to_string(), ca.to_string());
+        joins.spawn(async move {
+            let _p = sem.acquire().await;
+            let name = format!("sim-{i:05}");
+            let (key, csr) = skiff_agent::join::node_csr(&name)?;
+            let spec = serde_json::json!({"os": "linux", "arch": "amd64", "cpu_millis": 4000, "memory_bytes": 4u64 << 30, "labels": {"site": format!("s{}", i % 50)}});
+            let resp = plain
+                .post(format!("{server}/api/v1/join"))
+                .json(&serde_json::json!({"token": secret, "node": name, "csr": csr, "spec": spec}))
+                .send()
+                .await?;
+            if !resp.status().is_success() {
+                bail!("join {name}: {}", resp.text().await?);
+            }
+            let j: serde_json::Value = resp.json().await?;
+            let cert = j["cert"].as_str().context("cert")?.to_string();
+            let tls = Arc::new(skiff_agent::tls::client_config(&ca, &cert, &key).map_err(anyhow::Error::msg)?);
+            anyhow::Ok(SimNode { name, tls })
+        });
+    }
+    let mut sims = vec![];
+    while let Some(r) = joins.join_next().await {
+        sims.push(Arc::new(r??));
+    }
+    Ok(sims)
+}
+
+fn addr_of(url: &str) -> Result<std::net::SocketAddr> {
+    url.trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .with_context(|| format!("{url}: a hub's address (host:port)"))
+}
+
+/// Nodes in state Ready at the hub at `server` (`None`: it does not answer).
+async fn ready_at(c: &reqwest::Client, server: &str, admin: &str) -> Option<usize> {
+    let r = c.get(format!("{server}/api/v1/nodes")).bearer_auth(admin).send().await.ok()?;
+    let v: Vec<serde_json::Value> = r.json().await.ok()?;
+    Some(v.iter().filter(|n| n["state"] == "Ready").count())
+}
+
+/// `xtask hub-ha ADMIN_CONF TOKEN NODES STANDBY_URL ACTIVE_PID`: `NODES` simulated agents
+/// given both hubs of one etcd store (the active one, then the standby), as `skiff agent
+/// --hub A,B` is. Once all are Ready at the active hub, it is SIGKILLed; prints the time
+/// until (a) the standby leads (it listens), (b) every node is Ready at it, (c) it
+/// serves its first apply.
+pub async fn ha(admin_conf: &str, token: &str, nodes: usize, standby: &str, active_pid: u32) -> Result<()> {
+    let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(admin_conf)?)?;
+    let server = conf["server"].as_str().context("server")?.to_string();
+    let ca = conf["ca"].as_str().context("ca")?.to_string();
+    let admin = conf["token"].as_str().context("token")?.to_string();
+    let t = skiff_model::proto::JoinToken::parse(token)?;
+    let secret = format!("{}.{}", t.id, t.secret);
+    let ca_cert = reqwest::Certificate::from_pem(ca.as_bytes())?;
+    let plain = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca_cert)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let sims = join_all(&plain, &server, &secret, &ca, nodes).await?;
+    let hubs = [server.clone(), standby.to_string()];
+    let addrs = [addr_of(&hubs[0])?, addr_of(&hubs[1])?];
+    for (i, n) in sims.iter().enumerate() {
+        let (n, hubs) = (Arc::clone(n), hubs.clone());
+        tokio::spawn(async move {
+            use futures_util::{SinkExt, StreamExt};
+            use tokio_tungstenite::tungstenite::Message;
+            tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 3_000)).await;
+            let mut at = 0usize;
+            loop {
+                let url = format!("{}/api/v1/nodes/{}/tunnel", hubs[at % 2].replacen("https://", "wss://", 1), n.name);
+                let src = std::net::SocketAddr::from(([127, 0, 0, 1 + (i % 8) as u8], 0));
+                let dial = async {
+                    let sock = tokio::net::TcpSocket::new_v4()?;
+                    sock.bind(src)?;
+                    sock.connect(addrs[at % 2]).await
+                };
+                let c = tokio_tungstenite::Connector::Rustls(Arc::clone(&n.tls));
+                let connected = match dial.await {
+                    Ok(stream) => {
+                        tokio_tungstenite::client_async_tls_with_config(url.as_str(), stream, None, Some(c)).await.ok()
+                    }
+                    Err(_) => None,
+                };
+                let Some((mut ws, _)) = connected else {
+                    // The next hub at once, with a little jitter (as the agent).
+                    at += 1;
+                    tokio::time::sleep(Duration::from_millis(200 + (i as u64 * 31) % 100)).await;
+                    continue;
+                };
+                let hello = serde_json::json!({"type": "hello", "revision": 0}).to_string();
+                let status = serde_json::json!({"type": "status", "status": {}}).to_string();
+                if ws.send(Message::Text(hello.into())).await.is_ok()
+                    && ws.send(Message::Text(status.into())).await.is_ok()
+                {
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+                // Lost the hub: as the agent, about a second, then again.
+                tokio::time::sleep(Duration::from_millis(1_000 + (i as u64 * 7) % 500)).await;
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while ready_at(&plain, &server, &admin).await.unwrap_or(0) < nodes {
+        if Instant::now() > deadline {
+            bail!("not every node Ready at the active hub within 300 s");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    eprintln!("hub-ha: {nodes} nodes Ready at {server}; killing it");
+    let _ = std::process::Command::new("kill").args(["-KILL", &active_pid.to_string()]).status();
+    let t0 = Instant::now();
+    let limit = Duration::from_secs(120);
+    let leads = loop {
+        if tokio::net::TcpStream::connect(addrs[1]).await.is_ok() {
+            break t0.elapsed();
+        }
+        if t0.elapsed() > limit {
+            bail!("the standby did not lead within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let probe = serde_json::json!({"deployments": [{"name": "after-failover", "image": "localhost/none:1", "replicas": 1}], "dry_run": false});
+    let mut applied = None;
+    let mut all_ready = None;
+    while applied.is_none() || all_ready.is_none() {
+        if t0.elapsed() > limit {
+            bail!("after {limit:?}: apply served {applied:?}, every node Ready {all_ready:?}");
+        }
+        if applied.is_none() {
+            let r = plain.post(format!("{standby}/api/v1/apply")).bearer_auth(&admin).json(&probe).send().await;
+            if r.is_ok_and(|r| r.status().is_success()) {
+                applied = Some(t0.elapsed());
+            }
+        }
+        if all_ready.is_none() && ready_at(&plain, standby, &admin).await.unwrap_or(0) >= nodes {
+            all_ready = Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64).unwrap_or(0);
+    let out = serde_json::json!({
+        "nodes": nodes,
+        "new_leader_ms": leads.as_millis() as u64,
+        "every_node_ready_ms": ms(all_ready),
+        "first_apply_ms": ms(applied),
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

@@ -1,8 +1,10 @@
 //! The live autoscaler: every sync period, for each deployment with `autoscale`, the
 //! situation is read from what nodes report (instances and their newest samples), the
 //! decision is Kubernetes' ([`skiff_model::autoscale::decide`]), and a change of replicas
-//! is stored like any other apply. Recommendations and scale events live in memory, as
-//! in kube-controller-manager: a hub restart forgets them (stabilization starts afresh).
+//! is stored like any other apply. Recommendations and scale events are kept in the
+//! store's state after each period (`autoscaler/NAME`) and read back when a hub starts,
+//! so a restart or a failover to another hub keeps stabilization windows running
+//! (kube-controller-manager forgets them).
 
 use crate::Hub;
 use serde::{Deserialize, Serialize};
@@ -15,6 +17,8 @@ use std::sync::Mutex;
 /// History older than this is dropped (the longest window or period Kubernetes allows).
 const KEEP_MS: u64 = 3_600_000;
 const EVENTS_KEPT: usize = 500;
+/// The store's state keys of the autoscalers' history.
+const STATE: &str = "autoscaler/";
 
 /// The controller's settings (kube-controller-manager's flags, plus the samples' window).
 #[derive(Debug, Clone, Copy)]
@@ -37,7 +41,7 @@ impl Default for Config {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Memory {
     /// (when, raw recommendation)
     recommendations: Vec<(u64, i32)>,
@@ -119,6 +123,32 @@ impl Default for Autoscaler {
 impl Autoscaler {
     pub fn new(config: Config) -> Self {
         Autoscaler { config, memory: Mutex::default(), events: crate::events::EventLog::new("autoscaler", EVENTS_KEPT) }
+    }
+
+    /// With the recommendations and scale events the store kept (unreadable ones are
+    /// skipped: a window starts afresh, as before they were kept).
+    pub fn load(self, store: &dyn crate::store::Store) -> Self {
+        match store.states(STATE) {
+            Ok(all) => {
+                if let Ok(mut m) = self.memory.lock() {
+                    for (k, v) in all {
+                        if let Ok(mem) = serde_json::from_str::<Memory>(&v) {
+                            m.insert(k[STATE.len()..].to_string(), mem);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the autoscalers' history: their windows start afresh"),
+        }
+        self
+    }
+
+    /// Keeps `name`'s recommendations and scale events in the store (or forgets them).
+    fn save(&self, store: &dyn crate::store::Store, name: &str) {
+        let text = self.memory.lock().ok().and_then(|m| m.get(name).and_then(|x| serde_json::to_string(x).ok()));
+        if let Err(e) = store.put_state(&format!("{STATE}{name}"), text.as_deref()) {
+            tracing::warn!(deployment = %name, error = %e, "keeping the autoscaler's history");
+        }
     }
 
     /// The newest decision for each autoscaled deployment.
@@ -216,11 +246,24 @@ impl Hub {
         let samples = index(&all_samples);
         let mut changed = vec![];
         let a = &self.autoscaler;
-        if let Ok(mut m) = a.memory.lock() {
-            m.retain(|name, _| deployments.iter().any(|d| &d.name == name && d.autoscale.is_some()));
+        let gone: Vec<String> = match a.memory.lock() {
+            Ok(mut m) => {
+                let gone = m
+                    .keys()
+                    .filter(|name| !deployments.iter().any(|d| &d.name == *name && d.autoscale.is_some()))
+                    .cloned()
+                    .collect();
+                m.retain(|name, _| deployments.iter().any(|d| &d.name == name && d.autoscale.is_some()));
+                gone
+            }
+            Err(_) => vec![],
+        };
+        for name in gone {
+            a.save(&*self.store, &name);
         }
         for d in &deployments {
             let Some(decision) = a.decide_for(d, &instances, &samples, now_ms) else { continue };
+            a.save(&*self.store, &d.name);
             let current = d.replicas as i32;
             if decision.desired_replicas == current {
                 continue;
@@ -240,5 +283,33 @@ impl Hub {
             self.sync_nodes()?;
         }
         Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{SqliteStore, Store};
+
+    /// What one hub's autoscaler remembered (the recommendations a scale-down window
+    /// looks back over, the scale events) is what the next hub on the store starts with;
+    /// an autoscaler removed is forgotten there too.
+    #[test]
+    fn recommendations_outlive_the_hub_that_made_them() {
+        let t = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&t.path().join("hub.db")).unwrap();
+        let a = Autoscaler::new(Config::default());
+        let mem =
+            Memory { recommendations: vec![(1_000, 5), (16_000, 2)], ups: vec![(1_000, 3)], downs: vec![], last: None };
+        a.memory.lock().unwrap().insert("web".into(), mem.clone());
+        a.save(&store, "web");
+        store.put_state("autoscaler/broken", Some("{not json")).unwrap();
+        let b = Autoscaler::new(Config::default()).load(&store);
+        let got = b.memory.lock().unwrap().clone();
+        assert_eq!(got.get("web"), Some(&mem));
+        assert!(!got.contains_key("broken"), "an unreadable record starts afresh");
+        b.memory.lock().unwrap().remove("web");
+        b.save(&store, "web");
+        assert!(store.states("autoscaler/web").unwrap().is_empty());
     }
 }

@@ -722,12 +722,36 @@ impl Store for EtcdStore {
         Some(rx)
     }
 
+    fn hubs(&self, add: Option<&str>) -> Result<Vec<String>, StoreError> {
+        if let Some(url) = add {
+            let (k, v) = (format!("{}/hubs/{url}", self.prefix), url.as_bytes().to_vec());
+            self.call("write", move |mut c| async move { c.put(k, v, None).await.map(|_| ()) })?;
+        }
+        let all = self.read(&format!("{}/hubs/", self.prefix), true, 0)?;
+        Ok(all.into_iter().map(|(_, v)| String::from_utf8_lossy(&v).into_owned()).collect())
+    }
+
     fn resign(&self) {
         let Some(lease) = self.lease.lock().ok().and_then(|mut l| l.take()) else { return };
         match self.call("resign", move |mut c| async move { c.lease_revoke(lease).await.map(|_| ()) }) {
             Ok(()) => tracing::info!("gave up the store's lease"),
             Err(e) => tracing::warn!(error = %e, "giving up the store's lease: a standby takes over when it expires"),
         }
+    }
+
+    fn put_state(&self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
+        self.change(|tx| {
+            match value {
+                Some(v) => tx.put(&format!("state/{key}"), &v)?,
+                None => tx.delete(&format!("state/{key}")),
+            }
+            Ok(((), true))
+        })
+    }
+
+    fn states(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let all: BTreeMap<String, String> = self.now()?.list("state")?;
+        Ok(all.into_iter().filter(|(k, _)| k.starts_with(prefix)).collect())
     }
 
     fn export(&self) -> Result<Dump, StoreError> {
@@ -747,6 +771,7 @@ impl Store for EtcdStore {
             nodes: tx.list::<StoredNode>("nodes")?.into_values().collect(),
             revoked: tx.list::<RevokedCert>("revoked")?.into_values().collect(),
             slots: flatten_slots(slots),
+            state: tx.list("state")?,
         })
     }
 
@@ -793,6 +818,9 @@ impl Store for EtcdStore {
         }
         for (d, s) in by_deployment {
             put(format!("slots/{d}"), serde_json::to_vec(&s))?;
+        }
+        for (k, v) in &dump.state {
+            put(format!("state/{k}"), serde_json::to_vec(v))?;
         }
         for chunk in puts.chunks(MAX_TXN_OPS - 1) {
             batch.writes = chunk.iter().map(|(k, v)| (batch.key(k), Some(v.clone()))).collect();

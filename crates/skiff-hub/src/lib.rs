@@ -88,14 +88,15 @@ pub struct Hub {
 
 impl Hub {
     /// A hub over `store` and `nodes` on the wall clock, with the autoscaler's default
-    /// settings and no alert rules.
+    /// settings (and the history its autoscalers kept in the store) and no alert rules.
     pub fn new(store: Arc<dyn Store>, nodes: Arc<dyn Nodes>, admin_token: String) -> Self {
+        let autoscaler = autoscaler::Autoscaler::new(Default::default()).load(&*store);
         Hub {
             store,
             nodes,
             admin_token,
             clock: clock::system(),
-            autoscaler: autoscaler::Autoscaler::new(Default::default()),
+            autoscaler,
             rollouts: Default::default(),
             alerts: Default::default(),
         }
@@ -105,8 +106,9 @@ impl Hub {
         Hub { clock, ..self }
     }
 
-    pub fn with_autoscaler(self, config: autoscaler::Config) -> Self {
-        Hub { autoscaler: autoscaler::Autoscaler::new(config), ..self }
+    pub fn with_autoscaler(mut self, config: autoscaler::Config) -> Self {
+        self.autoscaler.config = config;
+        self
     }
 
     pub fn with_alerts(self, alerts: alerts::Alerts) -> Self {

@@ -114,8 +114,20 @@ pub trait Store: Send + Sync {
         None
     }
 
+    /// The URLs of the hubs of this store (adding `add` first): a store only one hub
+    /// uses knows only that one.
+    fn hubs(&self, add: Option<&str>) -> Result<Vec<String>, StoreError> {
+        Ok(add.into_iter().map(String::from).collect())
+    }
+
     /// Gives up the lead now (a clean stop), so a standby need not wait out the lease.
     fn resign(&self) {}
+
+    /// Controllers' state that must outlive a hub (an autoscaler's stabilization window):
+    /// `value` under `key`, or no value (`None`).
+    fn put_state(&self, key: &str, value: Option<&str>) -> Result<(), StoreError>;
+    /// Every state value whose key starts with `prefix`, by key.
+    fn states(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError>;
 
     /// Everything the store holds, for a backup or a move to another store.
     fn export(&self) -> Result<Dump, StoreError>;
@@ -148,6 +160,9 @@ pub struct Dump {
     pub nodes: Vec<StoredNode>,
     pub revoked: Vec<RevokedCert>,
     pub slots: Vec<crate::schedule::Slot>,
+    /// Controllers' state ([`Store::put_state`]).
+    #[serde(default)]
+    pub state: std::collections::BTreeMap<String, String>,
 }
 
 pub const DUMP_FORMAT: u32 = 1;
@@ -259,6 +274,8 @@ const MIGRATIONS: &[&str] = &[
      DELETE FROM nodes WHERE revoked = 1;",
     // The token a node joined with: only that token may repeat its join.
     "ALTER TABLE nodes ADD COLUMN token_id TEXT;",
+    // Controllers' state that outlives the hub (autoscalers' windows).
+    "CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
 ];
 
 /// Revisions kept per deployment (Kubernetes' `revisionHistoryLimit`).
@@ -841,6 +858,25 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn put_state(&self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
+        let conn = self.conn()?;
+        match value {
+            Some(v) => conn.execute(
+                "INSERT INTO state (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, v],
+            )?,
+            None => conn.execute("DELETE FROM state WHERE key = ?1", [key])?,
+        };
+        Ok(())
+    }
+
+    fn states(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare("SELECT key, value FROM state WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key")?;
+        let v = st.query_map([prefix], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        Ok(v)
+    }
+
     fn export(&self) -> Result<Dump, StoreError> {
         let mut conn = self.conn()?;
         // One read transaction: a consistent copy while the hub keeps running.
@@ -902,9 +938,15 @@ impl Store for SqliteStore {
                 .collect::<Result<_, _>>()?;
             v
         };
+        let state = {
+            let mut st = tx.prepare("SELECT key, value FROM state ORDER BY key")?;
+            let v = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            v
+        };
         drop(tx);
         drop(conn);
-        Ok(Dump { format: DUMP_FORMAT, revision, deployments, history, tokens, nodes, revoked, slots: self.slots()? })
+        let slots = self.slots()?;
+        Ok(Dump { format: DUMP_FORMAT, revision, deployments, history, tokens, nodes, revoked, slots, state })
     }
 
     fn import(&self, dump: &Dump) -> Result<(), StoreError> {
@@ -997,6 +1039,9 @@ impl Store for SqliteStore {
                 "INSERT INTO slots (deployment, idx, node) VALUES (?1, ?2, ?3)",
                 params![s.deployment, s.index as i64, s.node],
             )?;
+        }
+        for (k, v) in &dump.state {
+            tx.execute("INSERT INTO state (key, value) VALUES (?1, ?2)", params![k, v])?;
         }
         tx.commit()?;
         Ok(())

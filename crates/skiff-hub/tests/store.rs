@@ -245,8 +245,13 @@ fn a_dump_fills_an_empty_store_of_either_kind_and_a_full_one_refuses_it() {
             Slot { deployment: "web".into(), index: 2, node: "pi".into() },
         ])
         .unwrap();
+        s.put_state("autoscaler/web", Some("{\"recommendations\":[[1,2]]}")).unwrap();
+        s.put_state("autoscaler/gone", Some("x")).unwrap();
+        s.put_state("autoscaler/gone", None).unwrap();
+        assert_eq!(s.states("autoscaler/").unwrap().len(), 1);
         let dump = s.export().unwrap();
         assert_eq!((dump.deployments.len(), dump.nodes.len(), dump.revoked.len()), (1, 1, 1), "{dump:#?}");
+        assert_eq!(dump.state.len(), 1);
         assert_eq!(dump.history["web"].len(), 2);
         assert_eq!(dump.nodes[0].next_key_sha256.as_deref(), Some("k3"));
         let json = serde_json::to_string(&dump).unwrap();

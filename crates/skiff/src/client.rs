@@ -21,7 +21,8 @@ pub struct ApiError {
 }
 
 impl Client {
-    pub fn new(cfg: ClientConfig) -> Result<Self> {
+    pub fn new(mut cfg: ClientConfig) -> Result<Self> {
+        cfg.server = cfg.answering();
         let mut b = reqwest::Client::builder();
         if let Some(ca) = &cfg.ca {
             // Pinned: the hub's own CA only, not the system roots.

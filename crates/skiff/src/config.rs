@@ -12,6 +12,32 @@ pub struct ClientConfig {
     /// The hub's CA (PEM): the only certificate authority the CLI trusts for `server`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<String>,
+    /// Other hubs of the same store (one is active at a time): the CLI uses the first of
+    /// `server` and these that answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<String>,
+}
+
+impl ClientConfig {
+    /// `server` if it answers, else the first of `servers` that does (a TCP connection
+    /// within a second each: a standby hub does not listen). `server` when none does, so
+    /// the error names it.
+    pub fn answering(&self) -> String {
+        if self.servers.is_empty() {
+            return self.server.clone();
+        }
+        let answers = |url: &str| {
+            let Ok(u) = reqwest::Url::parse(url) else { return false };
+            let (Some(host), Some(port)) = (u.host_str(), u.port_or_known_default()) else { return false };
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let addrs = std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).map(|a| a.collect::<Vec<_>>());
+            addrs
+                .unwrap_or_default()
+                .iter()
+                .any(|a| std::net::TcpStream::connect_timeout(a, std::time::Duration::from_secs(1)).is_ok())
+        };
+        std::iter::once(&self.server).chain(&self.servers).find(|s| answers(s)).unwrap_or(&self.server).clone()
+    }
 }
 
 pub fn find(explicit: Option<&Path>, data: &Path) -> Result<(PathBuf, ClientConfig)> {

@@ -278,6 +278,10 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let store = open_store(data, &args.store, &args.etcd)?;
     // Several hubs on one store: one is active; this one waits for its turn.
     let me = format!("{} (pid {}, {})", skiff_agent::hostname(), std::process::id(), args.listen);
+    // Known to the other hubs of the store before it waits (when its port is known).
+    if let Some(port) = args.listen.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).filter(|p| *p > 0) {
+        store.hubs(Some(&hub_url(&args.advertise, port)))?;
+    }
     let mut lead = store.campaign(&me, args.lease_ttl);
     if let Some(l) = &mut lead {
         if !wait_for_lead(l, &mut sigint, &mut sigterm).await? {
@@ -301,14 +305,31 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     }
     let fleet = Arc::new(fleet);
     let admin_token = store.shared("admin_token", &crate::up::admin_token(data)?)?;
-    let host = args.advertise.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
-    let host = if host.contains(':') { format!("[{host}]") } else { host };
     let conf_path = data.join("admin.conf");
-    let server = format!("https://{host}:{}", addr.port());
-    crate::config::write(
-        &conf_path,
-        &ClientConfig { server: server.clone(), token: admin_token.clone(), ca: Some(ca_pem) },
-    )?;
+    let server = hub_url(&args.advertise, addr.port());
+    // The other hubs of the store go into admin.conf too (the CLI uses whichever
+    // answers), and again whenever one is added.
+    let conf = ClientConfig { server: server.clone(), token: admin_token.clone(), ca: Some(ca_pem), servers: vec![] };
+    let others = |all: Vec<String>| all.into_iter().filter(|h| *h != server).collect::<Vec<_>>();
+    let mut known = others(store.hubs(Some(&server))?);
+    crate::config::write(&conf_path, &ClientConfig { servers: known.clone(), ..conf.clone() })?;
+    let (store2, conf_path2, server2) = (Arc::clone(&store), conf_path.clone(), server.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let s = Arc::clone(&store2);
+            let Ok(Ok(all)) = tokio::task::spawn_blocking(move || s.hubs(None)).await else { continue };
+            let now: Vec<String> = all.into_iter().filter(|h| *h != server2).collect();
+            if now != known {
+                known = now;
+                if let Err(e) =
+                    crate::config::write(&conf_path2, &ClientConfig { servers: known.clone(), ..conf.clone() })
+                {
+                    tracing::warn!(error = %e, "writing admin.conf");
+                }
+            }
+        }
+    });
     let hub = Arc::new(
         Hub::new(Arc::clone(&store), Arc::new(skiff_hub::nodes::Remote(fleet)), admin_token)
             .with_clock(clock)
@@ -360,6 +381,13 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     store.resign();
     eprintln!("skiff: hub stopped");
     Ok(0)
+}
+
+/// The URL operators and agents reach this hub by.
+fn hub_url(advertise: &[String], port: u16) -> String {
+    let host = advertise.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    format!("https://{host}:{port}")
 }
 
 /// Waits until this hub leads its store (saying who does meanwhile); `false` when

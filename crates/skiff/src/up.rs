@@ -193,14 +193,17 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let (tls, conf) = if addr.ip().is_loopback() {
-        (None, ClientConfig { server: format!("http://{addr}"), token: admin_token.clone(), ca: None })
+        (None, ClientConfig { server: format!("http://{addr}"), token: admin_token.clone(), ca: None, servers: vec![] })
     } else {
         let ca = skiff_hub::pki::Ca::load_or_create(&data.join("pki"))?;
         let tls = crate::hub::server_tls(&ca, addr, &[])?;
         let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
         let host = if host.contains(':') { format!("[{host}]") } else { host };
         let server = format!("https://{host}:{}", addr.port());
-        (Some(tls), ClientConfig { server, token: admin_token.clone(), ca: Some(ca.pem().to_string()) })
+        (
+            Some(tls),
+            ClientConfig { server, token: admin_token.clone(), ca: Some(ca.pem().to_string()), servers: vec![] },
+        )
     };
     let url = conf.server.clone();
     crate::config::write(&conf_path, &conf)?;

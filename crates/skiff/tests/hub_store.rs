@@ -133,6 +133,11 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     wait_placed(&a, &[("edge-1", "svc-1")])?;
     let before = pids(&a);
 
+    // The operator's config names every hub of the store (b registered as it started).
+    wait_for(30 * SEC, "hub b in a's admin.conf", || {
+        std::fs::read_to_string(a.data().join("admin.conf")).ok()?.contains(&listen_b).then_some(())
+    })?;
+
     // The active hub dies without a word (its lease is not given up).
     a.kill_up()?;
     let t0 = std::time::Instant::now();
@@ -140,6 +145,8 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     let took_over = t0.elapsed();
     wait_for(30 * SEC, "hub b serving", || b.cli(&["get", "nodes"]).ok()?.status.success().then_some(()))?;
     assert_eq!(admin_token(&b), admin_token(&a), "one admin token for the hubs of a store");
+    // The CLI with a's config reaches b now.
+    assert!(a.ok(&["get", "nodes"])?.contains("edge-1"));
     wait_ready(&b, "edge-1")?;
     wait_placed(&b, &[("edge-1", "svc-1")])?;
     let followed = t0.elapsed();
