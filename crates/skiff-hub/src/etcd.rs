@@ -39,6 +39,20 @@ const ATTEMPTS: usize = 20;
 /// etcd's default `--max-txn-ops`.
 const MAX_TXN_OPS: usize = 128;
 
+/// How long to wait before asking again while etcd is between leaders.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// Whether an error is etcd being between leaders or one member being gone (the next
+/// try reaches another), not an answer.
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        // 14: gRPC's UNAVAILABLE ("leader changed", "no leader", a member going away).
+        etcd_client::Error::GRpcStatus(s) => i32::from(s.code()) == 14 || s.message().contains("leader"),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
 /// Where the store lives: `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`, with TLS files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdTarget {
@@ -312,14 +326,25 @@ impl EtcdStore {
     fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(Client) -> Fut,
+        F: Fn(Client) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
         let rt = self.rt.0.as_ref().ok_or_else(|| StoreError::Etcd("the store is closed".into()))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let fut = f(self.client.clone());
+        let client = self.client.clone();
+        // Again while etcd is between leaders (a member lost), within the bound.
         rt.spawn(async move {
-            let _ = tx.send(tokio::time::timeout(TIMEOUT, fut).await);
+            let deadline = tokio::time::Instant::now() + TIMEOUT;
+            let r = loop {
+                match tokio::time::timeout_at(deadline, f(client.clone())).await {
+                    Ok(Err(e)) if transient(&e) && tokio::time::Instant::now() + RETRY < deadline => {
+                        tracing::debug!(error = %e, "etcd between leaders: again");
+                        tokio::time::sleep(RETRY).await;
+                    }
+                    r => break r,
+                }
+            };
+            let _ = tx.send(r);
         });
         let unreachable = || {
             StoreError::Etcd(format!("etcd at {}: {what}: no answer within {} s", self.endpoints, TIMEOUT.as_secs()))
@@ -341,22 +366,25 @@ impl EtcdStore {
     /// The values and their mod revisions, and the etcd revision they were read at.
     #[allow(clippy::type_complexity)]
     fn read_at(&self, key: String, prefix: bool, at: i64) -> Result<(i64, Vec<(String, Vec<u8>, i64)>), StoreError> {
-        self.call("read", move |mut c| async move {
-            let mut o = GetOptions::new();
-            if prefix {
-                o = o.with_prefix();
+        self.call("read", move |mut c| {
+            let key = key.clone();
+            async move {
+                let mut o = GetOptions::new();
+                if prefix {
+                    o = o.with_prefix();
+                }
+                if at > 0 {
+                    o = o.with_revision(at);
+                }
+                let r = c.get(key, Some(o)).await?;
+                let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+                let kvs = r
+                    .kvs()
+                    .iter()
+                    .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec(), kv.mod_revision()))
+                    .collect();
+                Ok((rev, kvs))
             }
-            if at > 0 {
-                o = o.with_revision(at);
-            }
-            let r = c.get(key, Some(o)).await?;
-            let rev = r.header().map(|h| h.revision()).unwrap_or(0);
-            let kvs = r
-                .kvs()
-                .iter()
-                .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec(), kv.mod_revision()))
-                .collect();
-            Ok((rev, kvs))
         })
     }
 
@@ -393,7 +421,10 @@ impl EtcdStore {
             when.push(Compare::value(self.leader_key(), CompareOp::Equal, id.clone()));
         }
         let txn = Txn::new().when(when).and_then(ops);
-        let done = self.call("write", move |mut c| async move { Ok(c.txn(txn).await?.succeeded()) })?;
+        let done = self.call("write", move |mut c| {
+            let txn = txn.clone();
+            async move { Ok(c.txn(txn).await?.succeeded()) }
+        })?;
         if !done && fence.is_some() {
             let now = self.read(&self.leader_key(), false, 0)?.into_iter().next().map(|(_, v)| v);
             if now.as_deref() != fence.as_deref().map(str::as_bytes) {
@@ -426,7 +457,10 @@ impl EtcdStore {
             .into_iter()
             .map(|(k, v)| TxnOp::put(k, v.unwrap_or_default(), None))
             .collect();
-        self.call("import", move |mut c| async move { c.txn(Txn::new().and_then(ops)).await.map(|_| ()) })
+        self.call("import", move |mut c| {
+            let ops = ops.clone();
+            async move { c.txn(Txn::new().and_then(ops)).await.map(|_| ()) }
+        })
     }
 
     fn now(&self) -> Result<Tx<'_>, StoreError> {
@@ -696,11 +730,11 @@ impl Store for EtcdStore {
     fn shared(&self, key: &str, value: &str) -> Result<String, StoreError> {
         let k = format!("{}/shared/{key}", self.prefix);
         let (k2, v) = (k.clone(), value.as_bytes().to_vec());
-        self.call("write", move |mut c| async move {
+        self.call("write", move |mut c| {
             let txn = Txn::new()
                 .when(vec![Compare::create_revision(k2.clone(), CompareOp::Equal, 0)])
-                .and_then(vec![TxnOp::put(k2, v, None)]);
-            c.txn(txn).await.map(|_| ())
+                .and_then(vec![TxnOp::put(k2.clone(), v.clone(), None)]);
+            async move { c.txn(txn).await.map(|_| ()) }
         })?;
         let kept = self.read(&k, false, 0)?.into_iter().next().map(|(_, v)| v);
         let kept = kept.ok_or_else(|| StoreError::Etcd(format!("{k} vanished after it was written")))?;
@@ -725,7 +759,10 @@ impl Store for EtcdStore {
     fn hubs(&self, add: Option<&str>) -> Result<Vec<String>, StoreError> {
         if let Some(url) = add {
             let (k, v) = (format!("{}/hubs/{url}", self.prefix), url.as_bytes().to_vec());
-            self.call("write", move |mut c| async move { c.put(k, v, None).await.map(|_| ()) })?;
+            self.call("write", move |mut c| {
+                let (k, v) = (k.clone(), v.clone());
+                async move { c.put(k, v, None).await.map(|_| ()) }
+            })?;
         }
         let all = self.read(&format!("{}/hubs/", self.prefix), true, 0)?;
         Ok(all.into_iter().map(|(_, v)| String::from_utf8_lossy(&v).into_owned()).collect())
@@ -934,25 +971,37 @@ impl Campaign {
         r.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
     }
 
-    /// Keeps the lease alive until it cannot; why it ended.
+    /// Keeps the lease alive until it cannot; why it ended. A keep-alive stream that
+    /// breaks (the etcd member it went to is gone) is made again on another, for as long
+    /// as the lease may still be alive; only an answer that the lease is gone, or no
+    /// answer within its TTL, ends the lead.
     async fn keep(&self, lease: i64, every: Duration) -> String {
-        let mut c = self.client.clone();
-        let (mut keeper, mut stream) = match c.lease_keep_alive(lease).await {
-            Ok(k) => k,
-            Err(e) => return format!("keeping the lease alive: {e}"),
-        };
+        let ttl = Duration::from_secs(self.ttl_s as u64);
+        let mut last_ok = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(every).await;
-            if let Err(e) = keeper.keep_alive().await {
-                return format!("keeping the lease alive: {e}");
+            if last_ok.elapsed() >= ttl {
+                return format!("no keep-alive answered within the lease's {} s", self.ttl_s);
             }
-            match tokio::time::timeout(every, stream.message()).await {
-                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                Ok(Ok(Some(_))) => return "the lease expired (etcd did not hear from this hub in time)".into(),
-                Ok(Ok(None)) => return "etcd closed the keep-alive stream".into(),
-                Ok(Err(e)) => return format!("keeping the lease alive: {e}"),
-                Err(_) => return format!("no keep-alive answer within {} ms", every.as_millis()),
+            let mut c = self.client.clone();
+            let (mut keeper, mut stream) = match tokio::time::timeout(every, c.lease_keep_alive(lease)).await {
+                Ok(Ok(k)) => k,
+                _ => {
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+            loop {
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(every, stream.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = tokio::time::Instant::now(),
+                    Ok(Ok(Some(_))) => return "the lease expired (etcd did not hear from this hub in time)".into(),
+                    _ => break,
+                }
+                tokio::time::sleep(every).await;
             }
+            tracing::warn!("the lease's keep-alive stream broke; making it again");
         }
     }
 }

@@ -56,6 +56,13 @@ impl Etcd {
         format!("etcd://{}{prefix}", hosts.join(","))
     }
 
+    /// The member that leads the cluster now (by its `etcd_server_is_leader` metric).
+    pub fn leader(&self) -> Option<usize> {
+        self.members.iter().position(|m| {
+            m.child.is_some() && get(&m.client, "/metrics").is_ok_and(|t| t.lines().any(|l| l == "etcd_server_is_leader 1"))
+        })
+    }
+
     /// Kills member `i` (SIGKILL: a machine lost, not a clean stop).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {
@@ -117,12 +124,17 @@ impl Member {
 
 /// Whether etcd at `addr` says it is healthy (it has a leader).
 fn health(addr: &str) -> Result<bool> {
+    Ok(get(addr, "/health")?.contains("\"health\":\"true\""))
+}
+
+/// A plain HTTP GET of `path` on etcd's client port: the whole answer.
+fn get(addr: &str, path: &str) -> Result<String> {
     let mut s = TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(1))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(s, "GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
-    Ok(out.contains("\"health\":\"true\""))
+    Ok(out)
 }
 
 impl Drop for Member {

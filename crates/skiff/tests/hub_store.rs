@@ -102,14 +102,15 @@ fn admin_token(h: &Node) -> String {
     v["token"].as_str().unwrap_or_default().to_string()
 }
 
-/// Two hubs on one etcd: one active, one standing by (not listening). The active one is
+/// Two hubs on a three-member etcd: one active, one standing by (not listening). The active one is
 /// killed; the standby takes over within the lease, with the shared CA and admin token,
 /// and the node (given both hubs) follows it without restarting its workload. The first
 /// hub, back, stands by; a clean stop of the active one hands over at once.
 #[test]
 fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_restart() -> R {
     skiff_testkit::require_privileged!();
-    let e = Etcd::start(1)?;
+    // A three-member etcd: losing one member changes nothing (checked below).
+    let mut e = Etcd::start(3)?;
     let store = e.url("/ha");
     // A short lease for a (it dies; b waits that long), a long one for b (it stops
     // cleanly and gives its lease up: a need not wait it out).
@@ -152,9 +153,13 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     let followed = t0.elapsed();
     assert_eq!(pids(&b), before, "the workload ran on through the failover");
     eprintln!("failover: hub a killed; hub b active after {took_over:?}, node edge-1 Ready on it after {followed:?}");
-    // A change through the new active hub reaches the node.
+    // etcd's leader member is lost: the hub goes on, and a change through it reaches the
+    // node.
+    let leader = e.leader().expect("etcd has a leader");
+    e.kill(leader);
     b.ok(&["run", IMAGE, "--name", "two", "--", "sleep", "1000"])?;
     wait_placed(&b, &[("edge-1", "svc-1"), ("edge-1", "two-1")])?;
+    assert!(b.log().contains("hub active") && !b.log().contains("lost the store"), "{}", b.log());
 
     // Hub a comes back: it stands by. Hub b stops cleanly: a takes over at once.
     let listen_a = format!("127.0.0.1:{port_a}");
