@@ -81,15 +81,7 @@ pub async fn run(
     hub_pid: u32,
     metrics_secs: u64,
 ) -> Result<()> {
-    let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(admin_conf)?)?;
-    let server = conf["server"].as_str().context("server")?.to_string();
-    let ca = conf["ca"].as_str().context("ca")?.to_string();
-    let admin = conf["token"].as_str().context("token")?.to_string();
-    let t = skiff_model::proto::JoinToken::parse(token)?;
-    let secret = format!("{}.{}", t.id, t.secret);
-    let ca_cert = reqwest::Certificate::from_pem(ca.as_bytes())?;
-    let plain =
-        reqwest::Client::builder().tls_built_in_root_certs(false).add_root_certificate(ca_cert.clone()).build()?;
+    let Conf { server, ca, admin, secret, plain } = conf(admin_conf, token)?;
 
     // Join every node, 32 at a time.
     let t0 = Instant::now();
@@ -269,6 +261,33 @@ pub async fn run(
     Ok(())
 }
 
+/// What a simulator needs from the hub's admin.conf and the join token.
+struct Conf {
+    server: String,
+    ca: String,
+    admin: String,
+    /// The token's credential (`id.secret`).
+    secret: String,
+    /// A client trusting the hub's CA only.
+    plain: reqwest::Client,
+}
+
+fn conf(admin_conf: &str, token: &str) -> Result<Conf> {
+    let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(admin_conf)?)?;
+    let server = conf["server"].as_str().context("server")?.to_string();
+    let ca = conf["ca"].as_str().context("ca")?.to_string();
+    let admin = conf["token"].as_str().context("token")?.to_string();
+    let t = skiff_model::proto::JoinToken::parse(token)?;
+    let secret = format!("{}.{}", t.id, t.secret);
+    let ca_cert = reqwest::Certificate::from_pem(ca.as_bytes())?;
+    let plain = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca_cert)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    Ok(Conf { server, ca, admin, secret, plain })
+}
+
 /// Joins `nodes` simulated nodes (`sim-00000`, ...) through `server`, 32 at a time: a
 /// key made here and a CSR each, as agents join.
 async fn join_all(
@@ -331,18 +350,7 @@ async fn ready_at(c: &reqwest::Client, server: &str, admin: &str) -> Option<usiz
 /// until (a) the standby leads (it listens), (b) every node is Ready at it, (c) it
 /// serves its first apply.
 pub async fn ha(admin_conf: &str, token: &str, nodes: usize, standby: &str, active_pid: u32) -> Result<()> {
-    let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(admin_conf)?)?;
-    let server = conf["server"].as_str().context("server")?.to_string();
-    let ca = conf["ca"].as_str().context("ca")?.to_string();
-    let admin = conf["token"].as_str().context("token")?.to_string();
-    let t = skiff_model::proto::JoinToken::parse(token)?;
-    let secret = format!("{}.{}", t.id, t.secret);
-    let ca_cert = reqwest::Certificate::from_pem(ca.as_bytes())?;
-    let plain = reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(ca_cert)
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let Conf { server, ca, admin, secret, plain } = conf(admin_conf, token)?;
     let sims = join_all(&plain, &server, &secret, &ca, nodes).await?;
     let hubs = [server.clone(), standby.to_string()];
     let addrs = [addr_of(&hubs[0])?, addr_of(&hubs[1])?];

@@ -19,7 +19,7 @@
 use crate::schedule::Slot;
 use crate::store::{
     Dump, DumpedDeployment, JoinRefused, Joined, Lead, NodeJoin, NodeRecord, NodeSpec, RevokedCert, Store, StoreError,
-    Stored, StoredNode, TokenRecord, TokenRole, DUMP_FORMAT, HISTORY_LIMIT,
+    Stored, StoredNode, TokenRecord, DUMP_FORMAT, HISTORY_LIMIT,
 };
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 use serde::de::DeserializeOwned;
@@ -577,20 +577,7 @@ impl Store for EtcdStore {
                 n.key_sha256.as_deref() == Some(j.key_sha256) && n.token_id.as_deref() == Some(j.token_id)
             });
             let exists = row.is_some();
-            let refused = if t.role != TokenRole::Join {
-                Some(JoinRefused::NotAJoinToken(t.id.clone()))
-            } else if t.revoked {
-                Some(JoinRefused::TokenRevoked(t.id.clone()))
-            } else if t.expires_ms.is_some_and(|e| e <= j.now_ms) {
-                Some(JoinRefused::TokenExpired(t.id.clone()))
-            } else if !retry && t.max_uses.is_some_and(|m| t.used >= m) {
-                Some(JoinRefused::TokenUsedUp(t.id.clone(), t.used))
-            } else if exists && !retry && t.replace.as_deref() != Some(j.name) {
-                Some(JoinRefused::NameTaken(j.name.into()))
-            } else {
-                None
-            };
-            if let Some(r) = refused {
+            if let Some(r) = crate::store::join_refusal(&t, j, exists, retry) {
                 return Ok((Err(r), false));
             }
             if let Some(old) = &row {

@@ -226,6 +226,44 @@ fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(NodeRecord, String)> {
 const TOKEN_COLS: &str = "id, secret_sha256, created_ms, expires_ms, revoked, role, max_uses, used, replace_node";
 const NODE_COLS: &str = "name, revision, cert_serial, joined_ms, info, not_after_ms, next_serial, next_not_after_ms";
 
+/// Why a join with token `t` is refused, if it is (`exists`: the name is taken; `retry`:
+/// by this very node, asking again with its key and token). Both stores judge by it.
+pub(crate) fn join_refusal(t: &TokenRecord, j: &NodeJoin<'_>, exists: bool, retry: bool) -> Option<JoinRefused> {
+    if t.role != TokenRole::Join {
+        Some(JoinRefused::NotAJoinToken(t.id.clone()))
+    } else if t.revoked {
+        Some(JoinRefused::TokenRevoked(t.id.clone()))
+    } else if t.expires_ms.is_some_and(|e| e <= j.now_ms) {
+        Some(JoinRefused::TokenExpired(t.id.clone()))
+    } else if !retry && t.max_uses.is_some_and(|m| t.used >= m) {
+        Some(JoinRefused::TokenUsedUp(t.id.clone(), t.used))
+    } else if exists && !retry && t.replace.as_deref() != Some(j.name) {
+        Some(JoinRefused::NameTaken(j.name.into()))
+    } else {
+        None
+    }
+}
+
+/// Inserts a token row (ids are unique: a second is an error).
+fn insert_token(conn: &Connection, t: &TokenRecord) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO join_tokens (id, secret_sha256, created_ms, expires_ms, revoked, role, max_uses, used, replace_node)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            t.id,
+            t.secret_sha256,
+            t.created_ms as i64,
+            t.expires_ms.map(|v| v as i64),
+            t.revoked as i64,
+            t.role.as_str(),
+            t.max_uses.map(i64::from),
+            i64::from(t.used),
+            t.replace
+        ],
+    )?;
+    Ok(())
+}
+
 /// Revokes the node's current (and pending) certificate serials.
 fn revoke_serials(tx: &rusqlite::Transaction<'_>, name: &str, now_ms: u64) -> Result<(), StoreError> {
     tx.execute(
@@ -617,22 +655,7 @@ impl Store for SqliteStore {
     }
 
     fn create_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
-        self.conn()?.execute(
-            "INSERT INTO join_tokens (id, secret_sha256, created_ms, expires_ms, revoked, role, max_uses, used, replace_node)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                t.id,
-                t.secret_sha256,
-                t.created_ms as i64,
-                t.expires_ms.map(|v| v as i64),
-                t.revoked as i64,
-                t.role.as_str(),
-                t.max_uses.map(i64::from),
-                i64::from(t.used),
-                t.replace
-            ],
-        )?;
-        Ok(())
+        insert_token(&*self.conn()?, t)
     }
 
     fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
@@ -669,20 +692,7 @@ impl Store for SqliteStore {
         // certificate for an existing name this way.
         let retry = row
             .is_some_and(|(key, token)| key.as_deref() == Some(j.key_sha256) && token.as_deref() == Some(j.token_id));
-        let refused = if t.role != TokenRole::Join {
-            Some(JoinRefused::NotAJoinToken(t.id.clone()))
-        } else if t.revoked {
-            Some(JoinRefused::TokenRevoked(t.id.clone()))
-        } else if t.expires_ms.is_some_and(|e| e <= j.now_ms) {
-            Some(JoinRefused::TokenExpired(t.id.clone()))
-        } else if !retry && t.max_uses.is_some_and(|m| t.used >= m) {
-            Some(JoinRefused::TokenUsedUp(t.id.clone(), t.used))
-        } else if exists && !retry && t.replace.as_deref() != Some(j.name) {
-            Some(JoinRefused::NameTaken(j.name.into()))
-        } else {
-            None
-        };
-        if let Some(r) = refused {
+        if let Some(r) = join_refusal(&t, j, exists, retry) {
             return Ok(Err(r));
         }
         if exists {
@@ -991,21 +1001,7 @@ impl Store for SqliteStore {
             }
         }
         for t in &dump.tokens {
-            tx.execute(
-                "INSERT INTO join_tokens (id, secret_sha256, created_ms, expires_ms, revoked, role, max_uses, used, replace_node)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
-                    t.id,
-                    t.secret_sha256,
-                    t.created_ms as i64,
-                    t.expires_ms.map(|v| v as i64),
-                    t.revoked as i64,
-                    t.role.as_str(),
-                    t.max_uses.map(i64::from),
-                    i64::from(t.used),
-                    t.replace
-                ],
-            )?;
+            insert_token(&tx, t)?;
         }
         for n in &dump.nodes {
             let r = &n.record;

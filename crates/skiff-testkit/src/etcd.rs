@@ -59,7 +59,8 @@ impl Etcd {
     /// The member that leads the cluster now (by its `etcd_server_is_leader` metric).
     pub fn leader(&self) -> Option<usize> {
         self.members.iter().position(|m| {
-            m.child.is_some() && get(&m.client, "/metrics").is_ok_and(|t| t.lines().any(|l| l == "etcd_server_is_leader 1"))
+            m.child.is_some()
+                && get(&m.client, "/metrics").is_ok_and(|t| t.lines().any(|l| l == "etcd_server_is_leader 1"))
         })
     }
 
