@@ -39,6 +39,13 @@ const ATTEMPTS: usize = 20;
 /// etcd's default `--max-txn-ops`.
 const MAX_TXN_OPS: usize = 128;
 
+/// A random number (a write's nonce).
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u64::from_le_bytes(b)
+}
+
 /// How long to wait before asking again while etcd is between leaders.
 const RETRY: Duration = Duration::from_millis(200);
 
@@ -329,6 +336,17 @@ impl EtcdStore {
         F: Fn(Client) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
+        self.call_with(what, true, f)
+    }
+
+    /// As `call`; without `retry` an error is returned as it comes (a write whose
+    /// outcome is unknown must not simply be sent again).
+    fn call_with<T, F, Fut>(&self, what: &str, retry: bool, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(Client) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
         let rt = self.rt.0.as_ref().ok_or_else(|| StoreError::Etcd("the store is closed".into()))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let client = self.client.clone();
@@ -337,7 +355,7 @@ impl EtcdStore {
             let deadline = tokio::time::Instant::now() + TIMEOUT;
             let r = loop {
                 match tokio::time::timeout_at(deadline, f(client.clone())).await {
-                    Ok(Err(e)) if transient(&e) && tokio::time::Instant::now() + RETRY < deadline => {
+                    Ok(Err(e)) if retry && transient(&e) && tokio::time::Instant::now() + RETRY < deadline => {
                         tracing::debug!(error = %e, "etcd between leaders: again");
                         tokio::time::sleep(RETRY).await;
                     }
@@ -413,7 +431,10 @@ impl EtcdStore {
                 None => TxnOp::delete(k, None),
             })
             .collect();
-        ops.push(TxnOp::put(lock.clone(), Vec::new(), None));
+        // The lock gets a value of this attempt's own: after an error that leaves the
+        // outcome unknown (etcd between leaders), reading it back says whether it landed.
+        let nonce = format!("{:016x}", rand_u64());
+        ops.push(TxnOp::put(lock.clone(), nonce.clone(), None));
         let mut when = vec![Compare::mod_revision(lock, CompareOp::Equal, tx.lock_mod)];
         // A hub that leads writes only while it still does (a deposed one is fenced off).
         let fence = self.fence.lock().map_err(|_| StoreError::Poisoned)?.clone();
@@ -421,10 +442,18 @@ impl EtcdStore {
             when.push(Compare::value(self.leader_key(), CompareOp::Equal, id.clone()));
         }
         let txn = Txn::new().when(when).and_then(ops);
-        let done = self.call("write", move |mut c| {
+        let sent = self.call_with("write", false, move |mut c| {
             let txn = txn.clone();
             async move { Ok(c.txn(txn).await?.succeeded()) }
-        })?;
+        });
+        let done = match sent {
+            Ok(done) => done,
+            Err(e) => {
+                // Landed or not: the lock says. Not landed: computed again from fresh reads.
+                let now = self.read(&format!("{}/lock", self.prefix), false, 0).map_err(|_| e)?;
+                now.first().is_some_and(|(_, v)| *v == nonce.as_bytes())
+            }
+        };
         if !done && fence.is_some() {
             let now = self.read(&self.leader_key(), false, 0)?.into_iter().next().map(|(_, v)| v);
             if now.as_deref() != fence.as_deref().map(str::as_bytes) {
@@ -451,16 +480,25 @@ impl EtcdStore {
         Err(StoreError::Etcd(format!("the store kept changing under {ATTEMPTS} attempts at one change; try again")))
     }
 
-    /// Writes a batch of an import (no other writer is expected on an empty store).
+    /// Writes a batch of an import, only while the store is still empty (no `revision`,
+    /// no hub leading it); puts are idempotent, so a batch may be sent again.
     fn write_unchecked(&self, batch: &mut Tx<'_>) -> Result<(), StoreError> {
         let ops: Vec<TxnOp> = std::mem::take(&mut batch.writes)
             .into_iter()
             .map(|(k, v)| TxnOp::put(k, v.unwrap_or_default(), None))
             .collect();
-        self.call("import", move |mut c| {
-            let ops = ops.clone();
-            async move { c.txn(Txn::new().and_then(ops)).await.map(|_| ()) }
-        })
+        let empty = vec![
+            Compare::create_revision(format!("{}/revision", self.prefix), CompareOp::Equal, 0),
+            Compare::create_revision(self.leader_key(), CompareOp::Equal, 0),
+        ];
+        let done = self.call("import", move |mut c| {
+            let txn = Txn::new().when(empty.clone()).and_then(ops.clone());
+            async move { c.txn(txn).await.map(|r| r.succeeded()) }
+        })?;
+        if !done {
+            return Err(StoreError::NotEmpty(format!("{} changed while it was being restored", self.prefix)));
+        }
+        Ok(())
     }
 
     fn now(&self) -> Result<Tx<'_>, StoreError> {
@@ -728,6 +766,11 @@ impl Store for EtcdStore {
         String::from_utf8(kept).map_err(|_| StoreError::Etcd(format!("{k} is not text")))
     }
 
+    fn shared_value(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let v = self.read(&format!("{}/shared/{key}", self.prefix), false, 0)?.into_iter().next().map(|(_, v)| v);
+        Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
     fn campaign(&self, id: &str, ttl: Duration) -> Option<tokio::sync::watch::Receiver<Lead>> {
         let rt = self.rt.0.as_ref()?;
         let (tx, rx) = tokio::sync::watch::channel(Lead::Standby(None));
@@ -807,6 +850,12 @@ impl Store for EtcdStore {
         if tx.get::<u64>("revision")?.is_some() {
             return Err(StoreError::NotEmpty(format!(
                 "{} on etcd already holds a fleet; restore into an empty prefix",
+                self.prefix
+            )));
+        }
+        if !self.read(&self.leader_key(), false, 0)?.is_empty() {
+            return Err(StoreError::NotEmpty(format!(
+                "a hub is running on {} (it holds the store's lease); stop it before restoring",
                 self.prefix
             )));
         }

@@ -106,6 +106,11 @@ pub trait Store: Send + Sync {
         Ok(value.to_string())
     }
 
+    /// The shared value under `key`, if the store keeps one.
+    fn shared_value(&self, _key: &str) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+
     /// Competes to be the one active hub of a store several hubs share; `None` when only
     /// one hub can use it. The receiver says whether this hub leads now: it turns true
     /// once the hub holds the store's lease, and false, for good, if it loses it (the hub
@@ -242,6 +247,10 @@ pub(crate) fn join_refusal(t: &TokenRecord, j: &NodeJoin<'_>, exists: bool, retr
     } else {
         None
     }
+}
+
+fn slot_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::schedule::Slot> {
+    Ok(crate::schedule::Slot { deployment: r.get(0)?, index: r.get::<_, i64>(1)? as u32, node: r.get(2)? })
 }
 
 /// Inserts a token row (ids are unique: a second is an error).
@@ -790,11 +799,7 @@ impl Store for SqliteStore {
     fn slots(&self) -> Result<Vec<crate::schedule::Slot>, StoreError> {
         let conn = self.conn()?;
         let mut st = conn.prepare("SELECT deployment, idx, node FROM slots ORDER BY deployment, idx")?;
-        let v = st
-            .query_map([], |r| {
-                Ok(crate::schedule::Slot { deployment: r.get(0)?, index: r.get::<_, i64>(1)? as u32, node: r.get(2)? })
-            })?
-            .collect::<Result<_, _>>()?;
+        let v = st.query_map([], slot_row)?.collect::<Result<_, _>>()?;
         Ok(v)
     }
 
@@ -953,9 +958,11 @@ impl Store for SqliteStore {
             let v = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
             v
         };
-        drop(tx);
-        drop(conn);
-        let slots = self.slots()?;
+        let slots = {
+            let mut st = tx.prepare("SELECT deployment, idx, node FROM slots ORDER BY deployment, idx")?;
+            let v = st.query_map([], slot_row)?.collect::<Result<_, _>>()?;
+            v
+        };
         Ok(Dump { format: DUMP_FORMAT, revision, deployments, history, tokens, nodes, revoked, slots, state })
     }
 

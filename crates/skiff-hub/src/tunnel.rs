@@ -14,7 +14,7 @@
 //! any frame or pong marks the node seen. A ping's payload acknowledges resource samples.
 
 use crate::{BoxFuture, NodeError, NodeLink};
-use skiff_model::metrics::METRICS_BATCH;
+use skiff_model::metrics::{MAX_INSTANCES, MAX_SAMPLES_PER_FRAME, METRICS_BATCH};
 use skiff_model::proto::{Answer, Control, ExecResult, Op, Reply, Request, PING_EVERY, STREAM_WINDOW};
 use skiff_model::{EventRecord, InstanceStatus, LogLine};
 use std::collections::HashMap;
@@ -53,7 +53,9 @@ pub async fn serve(
     // The revision the node holds (from its hello), and what was last pushed to it.
     let mut node_rev: Option<u64> = None;
     let mut pushed: Option<Vec<skiff_model::proto::Assigned>> = None;
-    let mut ping = tokio::time::interval(PING_EVERY);
+    // Ticks at half the ping period: a quiet node is pinged every 20 s, one heard from
+    // lately at least every 30 s (the agent gives up after 45 s without a word).
+    let mut ping = tokio::time::interval(PING_EVERY / 2);
     // The sample deltas are made from (the last one received on this connection), and
     // the newest sample id not yet acknowledged (the next ping says it).
     let mut metrics_base: Option<skiff_model::metrics::PackedSample> = None;
@@ -81,6 +83,10 @@ pub async fn serve(
                         Err(_) => !t.deliver(text.as_str()).await,
                     };
                     if budgeted && !budget.take(tokio::time::Instant::now()) {
+                        // A delta dropped would leave the next ones without their base.
+                        if matches!(control, Ok(Control::MetricsDelta { .. })) {
+                            break;
+                        }
                         if budget.dropped > FrameBudget::CLOSE_AFTER {
                             let msg = format!("sent more than {} control frames a second; tunnel closed", FrameBudget::PER_SECOND);
                             f.security.push(f.now_ms(), &name, "FrameFlood", msg);
@@ -130,7 +136,12 @@ pub async fn serve(
                                 }
                             }
                         }
+                        Ok(Control::Metrics { samples, .. }) if samples.len() > MAX_SAMPLES_PER_FRAME => break,
+                        Ok(Control::MetricsDelta { samples, .. }) if samples.len() > MAX_SAMPLES_PER_FRAME => break,
                         Ok(Control::Metrics { samples, through }) => {
+                            if samples.iter().any(|s| s.2.len() > MAX_INSTANCES) {
+                                break;
+                            }
                             metrics_base = samples.last().cloned().map(|s| s.sorted());
                             let backlog = samples.len() > METRICS_BATCH;
                             f.record_metrics(&name, samples.into_iter().map(|p| p.unpack(&name)).collect());
@@ -143,14 +154,12 @@ pub async fn serve(
                             // Each delta rebuilds a sample from the one before on this
                             // connection; one that does not fit ends the tunnel (the node
                             // reconnects and starts again from a whole sample).
-                            let mut got = Vec::with_capacity(samples.len());
+                            // The hub keeps each node's newest sample: only that one is
+                            // unpacked.
                             let mut base = metrics_base.take();
                             for d in &samples {
                                 match base.as_ref().map(|b| d.apply(b)) {
-                                    Some(Ok(s)) => {
-                                        got.push(s.clone().unpack(&name));
-                                        base = Some(s);
-                                    }
+                                    Some(Ok(s)) => base = Some(s),
                                     Some(Err(e)) => {
                                         tracing::warn!(node = %name, error = %e, "a metrics delta that does not fit");
                                         base = None;
@@ -159,12 +168,10 @@ pub async fn serve(
                                     None => break,
                                 }
                             }
-                            if base.is_none() {
-                                break;
-                            }
-                            metrics_base = base;
-                            let backlog = got.len() > METRICS_BATCH;
-                            f.record_metrics(&name, got);
+                            let Some(newest) = base else { break };
+                            metrics_base = Some(newest.clone());
+                            let backlog = samples.len() > METRICS_BATCH;
+                            f.record_metrics(&name, vec![newest.unpack(&name)]);
                             unacked = Some(through);
                             // A backlog (after a partition) frees the node's buffer at once;
                             // a steady batch is acknowledged by the next ping.
@@ -202,10 +209,11 @@ pub async fn serve(
                     break;
                 }
                 // A node heard from lately needs no ping, unless samples wait for their
-                // acknowledgement (the ping carries it) or it last heard from the hub two
-                // periods ago (it gives up after 45 s of silence).
-                let quiet = last_rx.elapsed() >= PING_EVERY / 2 || last_ping.elapsed() >= PING_EVERY * 3 / 2;
-                if unacked.is_none() && !quiet {
+                // acknowledgement (the ping carries it) or its last ping is 25 s old.
+                let since = last_ping.elapsed();
+                let wanted = unacked.is_some() || last_rx.elapsed() >= PING_EVERY / 2;
+                let due = (wanted && since + PING_EVERY / 4 >= PING_EVERY) || since >= PING_EVERY * 5 / 4;
+                if !due {
                     continue;
                 }
                 let payload = unacked.take().map(|t| t.to_string().into_bytes()).unwrap_or_default();

@@ -419,5 +419,12 @@ mod on_etcd {
         assert!(err.contains("no longer the active one"), "{err}");
         b.apply(&[Deployment::new("web", "img:3")], None, false, 3).unwrap();
         assert_eq!(a.get("web").unwrap().unwrap().spec.image, "img:3", "reads still work");
+
+        // A restore into an empty prefix that a hub already leads is refused.
+        let g = open(&e, "/g");
+        let lg = g.campaign("hub-g", ttl).unwrap();
+        wait_lead(&lg, |l| *l == Lead::Active);
+        let e = open(&e, "/g").import(&b.export().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("a hub is running"), "{e}");
     }
 }

@@ -197,8 +197,13 @@ pub struct DeltaSample(pub i64, pub Vec<i64>, pub Vec<serde_json::Value>);
 #[error("metrics delta: {0}")]
 pub struct DeltaError(pub String);
 
+/// A figure as a signed number (past `i64::MAX` it stays there: both ends convert alike).
+fn signed(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 fn opt(v: Option<u64>) -> i64 {
-    v.map_or(-1, |v| v as i64)
+    v.map_or(-1, signed)
 }
 
 fn unopt(v: i64) -> Option<u64> {
@@ -209,12 +214,12 @@ fn host_fields(h: &PackedHost) -> [i64; 11] {
     [
         i64::from(h.0),
         opt(h.1),
-        h.2 as i64,
-        h.3 as i64,
-        h.4 as i64,
-        h.5 as i64,
-        h.6 as i64,
-        h.7 as i64,
+        signed(h.2),
+        signed(h.3),
+        signed(h.4),
+        signed(h.5),
+        signed(h.6),
+        signed(h.7),
         i64::from(h.8),
         i64::from(h.9),
         i64::from(h.10),
@@ -240,7 +245,7 @@ fn host_from(f: [i64; 11]) -> PackedHost {
 }
 
 fn instance_fields(i: &PackedInstance) -> [i64; 6] {
-    [opt(i.2), i.3 as i64, i.4 as i64, i.5 as i64, i64::from(i.6), opt(i.7)]
+    [opt(i.2), signed(i.3), signed(i.4), signed(i.5), i64::from(i.6), opt(i.7)]
 }
 
 fn instance_from(name: String, deployment: String, f: [i64; 6]) -> PackedInstance {
@@ -258,7 +263,12 @@ fn instance_from(name: String, deployment: String, f: [i64; 6]) -> PackedInstanc
 
 /// `[field, change, ...]` for the fields of `new` that differ from `old`.
 fn changes(old: &[i64], new: &[i64]) -> Vec<i64> {
-    old.iter().zip(new).enumerate().filter(|(_, (o, n))| o != n).flat_map(|(i, (o, n))| [i as i64, n - o]).collect()
+    old.iter()
+        .zip(new)
+        .enumerate()
+        .filter(|(_, (o, n))| o != n)
+        .flat_map(|(i, (o, n))| [i as i64, n.wrapping_sub(*o)])
+        .collect()
 }
 
 /// Applies `[field, change, ...]` pairs to `fields`.
@@ -269,7 +279,7 @@ fn apply_changes<const N: usize>(fields: &mut [i64; N], pairs: &[i64]) -> Result
     for p in pairs.chunks(2) {
         let f =
             usize::try_from(p[0]).ok().filter(|f| *f < N).ok_or_else(|| DeltaError(format!("no field {}", p[0])))?;
-        fields[f] = fields[f].saturating_add(p[1]);
+        fields[f] = fields[f].wrapping_add(p[1]);
     }
     Ok(())
 }
@@ -354,9 +364,22 @@ impl DeltaSample {
             }
         }
         let instances: Vec<PackedInstance> = inst.into_iter().flatten().chain(added).collect();
+        if instances.len() > MAX_INSTANCES {
+            return Err(DeltaError(format!("{} instances in one sample, more than {MAX_INSTANCES}", instances.len())));
+        }
+        let mut names: Vec<&str> = instances.iter().map(|i| i.0.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err(DeltaError("an instance twice in one sample".into()));
+        }
         Ok(PackedSample(base.0.saturating_add_signed(self.0), host_from(host), instances).sorted())
     }
 }
+
+/// The most instances one sample may hold (a hub refuses a delta that makes more).
+pub const MAX_INSTANCES: usize = 1_024;
+/// The most samples one frame may carry (an agent sends at most 20).
+pub const MAX_SAMPLES_PER_FRAME: usize = 64;
 
 /// Samples held back while a node's figures hold still: they go out together, this many
 /// at most (a minute at the default 15 s).
@@ -478,6 +501,13 @@ mod tests {
         assert!(bad.apply(&s0).unwrap_err().to_string().contains("no field 99"));
         let bad = DeltaSample(1, vec![], vec![serde_json::json!([7, 1, 1])]);
         assert!(bad.apply(&s0).is_err());
+        // A node cannot grow the hub's copy without bound, nor name an instance twice.
+        let many: Vec<serde_json::Value> =
+            (0..=MAX_INSTANCES).map(|i| serde_json::json!([format!("x-{i}"), "x", 1, 1, 1, 1, 0, -1])).collect();
+        let e = DeltaSample(1, vec![], many).apply(&s0).unwrap_err().to_string();
+        assert!(e.contains("more than 1024"), "{e}");
+        let twice = DeltaSample(1, vec![], vec![serde_json::json!([s0.2[0].0, "other", 1, 1, 1, 1, 0, -1])]);
+        assert!(twice.apply(&s0).unwrap_err().to_string().contains("twice"));
     }
 
     /// Still figures wait for a batch of four; a moved one goes at once; the first on a

@@ -109,20 +109,26 @@ pub fn action(cli: &crate::cli::Cli, action: &HubAction) -> Result<i32> {
     let pki = data.join("pki");
     match action {
         HubAction::Backup { output, store } => {
+            if store.store == "sqlite" && !data.join("hub.db").exists() {
+                anyhow::bail!("{}: no hub store here (back up on the hub's --data, or name --store)", data.display());
+            }
             let s = open_store(data, &store.store, &store.etcd)?;
+            // The CA the store's hubs share, else this data directory's: nodes' certificates
+            // are only good with it.
+            let ca = fleet_ca(&*s, &pki)?.context(
+                "no CA to back up: neither the store nor this data directory's pki/ holds one (use the hub's --data)",
+            )?;
             let dump = s.export()?;
-            let read = |f: &str| std::fs::read_to_string(pki.join(f)).ok();
-            let b = Backup { skiff_hub_backup: 1, ca_pem: read("ca.pem"), ca_key: read("ca.key"), store: dump };
+            let b = Backup { skiff_hub_backup: 1, ca_pem: Some(ca.0), ca_key: Some(ca.1), store: dump };
             let text = serde_json::to_string_pretty(&b)?;
             skiff_hub::pki::write_private(output, &text).with_context(|| format!("writing {}", output.display()))?;
             let d = &b.store;
             eprintln!(
-                "skiff: backed up revision {} ({} deployments, {} nodes, {} tokens{}) to {}",
+                "skiff: backed up revision {} ({} deployments, {} nodes, {} tokens, the CA) to {}",
                 d.revision,
                 d.deployments.len(),
                 d.nodes.len(),
                 d.tokens.len(),
-                if b.ca_key.is_some() { ", the CA" } else { "" },
                 output.display()
             );
             Ok(0)
@@ -138,27 +144,37 @@ pub fn action(cli: &crate::cli::Cli, action: &HubAction) -> Result<i32> {
                     b.skiff_hub_backup
                 );
             }
-            // The CA first: a store whose nodes' certificates no CA here signed is useless.
-            if let (Some(pem), Some(key)) = (&b.ca_pem, &b.ca_key) {
-                let (have_pem, have_key) = (pki.join("ca.pem"), pki.join("ca.key"));
-                match std::fs::read_to_string(&have_pem) {
-                    Ok(p) if p == *pem => {}
-                    Ok(_) => anyhow::bail!(
-                        "{} holds another CA than the backup's; restore into a fresh data directory",
-                        pki.display()
-                    ),
-                    Err(_) => {
-                        crate::secure_data_dir(data)?;
-                        std::fs::create_dir_all(&pki)?;
-                        skiff_hub::pki::write_private(&have_key, key)?;
-                        skiff_hub::pki::write_private(&have_pem, pem)?;
-                    }
-                }
+            let (Some(pem), Some(key)) = (&b.ca_pem, &b.ca_key) else {
+                anyhow::bail!(
+                    "{}: the backup holds no CA: its nodes' certificates could not be checked",
+                    file.display()
+                );
+            };
+            let ca = serde_json::to_string(&(pem, key))?;
+            // Checked before anything is written: the data directory's CA and the store's
+            // (hubs share one) must be the backup's or none.
+            match std::fs::read_to_string(pki.join("ca.pem")) {
+                Ok(p) if p == *pem => {}
+                Ok(_) => anyhow::bail!(
+                    "{} holds another CA than the backup's; restore into a fresh data directory",
+                    pki.display()
+                ),
+                Err(_) => {}
             }
             let s = open_store(data, &store.store, &store.etcd)?;
+            if s.shared_value("ca")?.is_some_and(|kept| kept != ca) {
+                anyhow::bail!(
+                    "{}: the store keeps another CA than the backup's; restore into an empty one",
+                    store.store
+                );
+            }
             s.import(&b.store)?;
-            if pki.join("ca.key").exists() {
-                s.shared("ca", &ca_json(&pki)?)?;
+            s.shared("ca", &ca)?;
+            if !pki.join("ca.pem").exists() {
+                crate::secure_data_dir(data)?;
+                std::fs::create_dir_all(&pki)?;
+                skiff_hub::pki::write_private(&pki.join("ca.key"), key)?;
+                skiff_hub::pki::write_private(&pki.join("ca.pem"), pem)?;
             }
             eprintln!("skiff: restored revision {} into {}", b.store.revision, store.store);
             Ok(0)
@@ -168,12 +184,16 @@ pub fn action(cli: &crate::cli::Cli, action: &HubAction) -> Result<i32> {
                 anyhow::bail!("--from and --to: the same store");
             }
             let (src, dst) = (open_store(data, from, etcd)?, open_store(data, to, etcd)?);
+            let ca = fleet_ca(&*src, &pki)?
+                .context("no CA to carry: neither --from's store nor this data directory's pki/ holds one")?;
+            let ca = serde_json::to_string(&ca)?;
+            if dst.shared_value("ca")?.is_some_and(|kept| kept != ca) {
+                anyhow::bail!("{to}: the store keeps another CA than {from}'s; migrate into an empty one");
+            }
             let dump = src.export()?;
             dst.import(&dump)?;
             // Hubs started on the new store sign and trust with the CA its nodes know.
-            if pki.join("ca.key").exists() {
-                dst.shared("ca", &ca_json(&pki)?)?;
-            }
+            dst.shared("ca", &ca)?;
             anyhow::ensure!(dst.export()? == dump, "the copy in {to} differs from {from}; check both before use");
             eprintln!(
                 "skiff: copied revision {} ({} deployments, {} nodes) from {from} to {to}",
@@ -184,6 +204,16 @@ pub fn action(cli: &crate::cli::Cli, action: &HubAction) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// The fleet's CA (certificate, key): the one the store's hubs share, else the data
+/// directory's.
+fn fleet_ca(store: &dyn Store, pki: &std::path::Path) -> Result<Option<(String, String)>> {
+    if let Some(kept) = store.shared_value("ca")? {
+        return Ok(Some(serde_json::from_str(&kept).context("the store's CA")?));
+    }
+    let read = |f: &str| std::fs::read_to_string(pki.join(f)).ok();
+    Ok(read("ca.pem").zip(read("ca.key")))
 }
 
 /// TLS to etcd (`--store etcds://...`).
@@ -277,7 +307,10 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     skiff_sys::connlimit::raise_fd_limit();
     let store = open_store(data, &args.store, &args.etcd)?;
     // Several hubs on one store: one is active; this one waits for its turn.
-    let me = format!("{} (pid {}, {})", skiff_agent::hostname(), std::process::id(), args.listen);
+    // Unique even for hubs in containers sharing a host name and pid 1: the store fences
+    // writes by it.
+    let nonce = skiff_hub::pki::random_hex()?;
+    let me = format!("{} (pid {}, {}) {}", skiff_agent::hostname(), std::process::id(), args.listen, &nonce[..8]);
     // Known to the other hubs of the store before it waits (when its port is known).
     if let Some(port) = args.listen.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).filter(|p| *p > 0) {
         store.hubs(Some(&hub_url(&args.advertise, port)))?;
