@@ -665,6 +665,18 @@ fn updates_fail_no_request(firewall: &'static str) -> R {
         n.instances().ok().filter(|v| v.iter().all(|i| !i.retiring)).map(|_| ())
     })
     .with_context(|| format!("instances: {:#?}\nevents: {:#?}", n.instances().ok(), n.events().ok()))?;
+    // The sampler may still be in a request begun before the switch (bounded by its own
+    // timeouts; a request that failed is counted below).
+    wait_for(30 * SEC, "v3 answering through the port", || {
+        let s = traffic.samples();
+        s[before_v3..].iter().any(|x| x.body.as_deref().is_ok_and(|b| b.trim() == "v3")).then_some(())
+    })
+    .with_context(|| {
+        format!(
+            "samples since the switch: {:?}",
+            &traffic.samples()[before_v3..].iter().rev().take(5).collect::<Vec<_>>()
+        )
+    })?;
     let s = traffic.samples();
     let bodies: Vec<&str> = s[before_v3..].iter().filter_map(|x| x.body.as_deref().ok()).map(str::trim).collect();
     let first_v3 = bodies.iter().position(|b| *b == "v3").context("v3 answered")?;
