@@ -301,7 +301,7 @@ impl ImageStore {
         Err(malformed(diff_id, "neither the layer blob nor its uncompressed tar is stored"))
     }
 
-    /// A stored blob as the uncompressed stream it holds (gzip is inflated).
+    /// A stored blob as the uncompressed stream it holds (gzip and zstd are decoded).
     pub(crate) fn open_layer_stream(&self, digest: &str) -> Result<Box<dyn Read + Send>, ImageError> {
         let path = self.blob_path(digest)?;
         let f = fs::File::open(&path).ctx("open", &path)?;
@@ -309,8 +309,8 @@ impl ImageStore {
         let head = std::io::BufRead::fill_buf(&mut r).ctx("read", &path)?;
         if head.starts_with(&[0x1f, 0x8b]) {
             Ok(Box::new(BufReader::with_capacity(1 << 20, flate2::bufread::MultiGzDecoder::new(r))))
-        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-            Err(ImageError::UnsupportedMediaType(format!("zstd-compressed layer {digest}")))
+        } else if crate::zstd::is_zstd(head) {
+            Ok(Box::new(BufReader::with_capacity(1 << 20, crate::zstd::ZstdFrames::new(r))))
         } else {
             Ok(Box::new(r))
         }
@@ -405,12 +405,18 @@ impl ImageStore {
         pool: &Pool,
         tmp: &std::path::Path,
     ) -> Result<(), ImageError> {
+        self.keep_rebuilt(l, pool.reader(list), tmp)
+    }
+
+    /// Unpacks a layer's rebuilt tar `src` (checking the diff_id) and keeps the tar, by
+    /// its diff_id, as the source of later deltas. `tmp` holds the tar meanwhile.
+    pub(crate) fn keep_rebuilt(&self, l: &LayerRef, src: impl Read, tmp: &std::path::Path) -> Result<(), ImageError> {
         let tar_path = tmp.join(format!("layer-{}.tar", sha256_hex(&l.diff_id)?));
         let tar = fs::File::create(&tar_path).ctx("create", &tar_path)?;
         let mut w = std::io::BufWriter::new(tar);
         // The chunks as they are (not what the unpacker makes of them: a gzip of the tar
         // would unpack to the diff_id too) must hash to the diff_id: that is the blob kept.
-        let mut raw = crate::digest::HashingReader::new(Tee { r: pool.reader(list), w: &mut w });
+        let mut raw = crate::digest::HashingReader::new(Tee { r: src, w: &mut w });
         let unpacked = self.unpack_to_tmp(l, &mut raw).and_then(|u| match raw.finish() {
             Ok(hex) if format!("sha256:{hex}") == l.diff_id => Ok(u),
             other => {

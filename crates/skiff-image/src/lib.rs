@@ -9,6 +9,7 @@
 
 pub mod bomb;
 pub mod bundle;
+pub mod chunked;
 pub mod chunks;
 pub mod digest;
 pub mod error;
@@ -24,6 +25,7 @@ pub mod store;
 pub mod trust;
 pub mod unpack;
 pub mod wasm;
+pub mod zstd;
 
 mod load;
 

@@ -181,18 +181,18 @@ impl RateLimit {
     }
 }
 
-struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
-    endpoint: Endpoint,
-    r: RemoteRef,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) r: RemoteRef,
     token: Mutex<Option<String>>,
     basic: Option<String>,
     /// Attempts without progress before giving up on this endpoint.
-    attempts: u32,
-    received: Arc<AtomicU64>,
+    pub(crate) attempts: u32,
+    pub(crate) received: Arc<AtomicU64>,
     limit: Option<Arc<RateLimit>>,
     /// Set when another download of the pull failed: the rest stop at their next chunk.
-    cancel: std::sync::atomic::AtomicBool,
+    pub(crate) cancel: std::sync::atomic::AtomicBool,
 }
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -289,11 +289,11 @@ impl Client {
         Ok(vec![Platform { os: c.os, architecture: c.architecture, variant: c.variant }])
     }
 
-    fn err(&self, what: &str, problem: impl Into<String>) -> ImageError {
+    pub(crate) fn err(&self, what: &str, problem: impl Into<String>) -> ImageError {
         ImageError::Registry { registry: self.endpoint.host.clone(), what: what.to_string(), problem: problem.into() }
     }
 
-    fn status_problem(status: reqwest::StatusCode, body: &str) -> String {
+    pub(crate) fn status_problem(status: reqwest::StatusCode, body: &str) -> String {
         let detail = serde_json::from_str::<serde_json::Value>(body)
             .ok()
             .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_string))
@@ -318,18 +318,39 @@ impl Client {
         accept: Option<&str>,
         range_from: u64,
     ) -> Result<reqwest::Response, ImageError> {
-        self.send(reqwest::Method::GET, what, path, accept, range_from, None).await
+        let range = (range_from > 0).then(|| format!("bytes={range_from}-"));
+        self.send(reqwest::Method::GET, what, path, accept, range.as_deref(), None).await
+    }
+
+    /// GETs the byte ranges `ranges` (`Range: bytes=a-b,c-d...`, ends inclusive) of a blob.
+    pub(crate) async fn get_ranges(
+        &self,
+        what: &str,
+        digest: &str,
+        ranges: &str,
+    ) -> Result<reqwest::Response, ImageError> {
+        let path = format!("/v2/{}/blobs/{digest}", self.r.repository);
+        self.send(reqwest::Method::GET, what, &path, None, Some(ranges), None).await
+    }
+
+    /// Waits as the pull's rate limit says after `n` bytes arrived, and counts them.
+    pub(crate) async fn arrived(&self, n: usize) {
+        if let Some(l) = &self.limit {
+            l.take(n as u64).await;
+        }
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Sends a request with auth, answering one bearer challenge. `path` is below the
-    /// endpoint, or a whole URL (an upload's `Location`). A body is `(content type, bytes)`.
+    /// endpoint, or a whole URL (an upload's `Location`). A body is `(content type, bytes)`;
+    /// `range` a `Range` header's value.
     async fn send(
         &self,
         method: reqwest::Method,
         what: &str,
         path: &str,
         accept: Option<&str>,
-        range_from: u64,
+        range: Option<&str>,
         body: Option<(&str, bytes::Bytes)>,
     ) -> Result<reqwest::Response, ImageError> {
         let url = if path.starts_with("http://") || path.starts_with("https://") {
@@ -345,8 +366,8 @@ impl Client {
             if let Some(a) = accept {
                 req = req.header(reqwest::header::ACCEPT, a);
             }
-            if range_from > 0 {
-                req = req.header(reqwest::header::RANGE, format!("bytes={range_from}-"));
+            if let Some(r) = range {
+                req = req.header(reqwest::header::RANGE, r);
             }
             let token = self.token.lock().ok().and_then(|t| t.clone());
             if let Some(t) = token {
@@ -487,9 +508,9 @@ impl Client {
         let digest = format!("sha256:{}", sha256_of(bytes));
         let what = format!("upload {digest}");
         let repo = &self.r.repository;
-        let head = self.send(Method::HEAD, &what, &format!("/v2/{repo}/blobs/{digest}"), None, 0, None).await?;
+        let head = self.send(Method::HEAD, &what, &format!("/v2/{repo}/blobs/{digest}"), None, None, None).await?;
         if !head.status().is_success() {
-            let resp = self.send(Method::POST, &what, &format!("/v2/{repo}/blobs/uploads/"), None, 0, None).await?;
+            let resp = self.send(Method::POST, &what, &format!("/v2/{repo}/blobs/uploads/"), None, None, None).await?;
             let location =
                 resp.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
             let status = resp.status();
@@ -501,7 +522,7 @@ impl Client {
             let sep = if location.contains('?') { '&' } else { '?' };
             let url = format!("{location}{sep}digest={digest}");
             let body = Some(("application/octet-stream", bytes::Bytes::copy_from_slice(bytes)));
-            let resp = self.send(Method::PUT, &what, &url, None, 0, body).await?;
+            let resp = self.send(Method::PUT, &what, &url, None, None, body).await?;
             let status = resp.status();
             if !status.is_success() {
                 let body = resp.text().await.unwrap_or_default();
@@ -520,7 +541,7 @@ impl Client {
     async fn put_manifest(&self, tag: &str, media_type: &str, bytes: Vec<u8>) -> Result<(), ImageError> {
         let what = format!("manifest {}:{tag}", self.r.repository);
         let path = format!("/v2/{}/manifests/{tag}", self.r.repository);
-        let resp = self.send(reqwest::Method::PUT, &what, &path, None, 0, Some((media_type, bytes.into()))).await?;
+        let resp = self.send(reqwest::Method::PUT, &what, &path, None, None, Some((media_type, bytes.into()))).await?;
         let status = resp.status();
         if !status.is_success() {
             let body = resp.text().await.unwrap_or_default();
@@ -874,18 +895,41 @@ async fn pull_inner(
             let _permit = sem.acquire_owned().await;
             let layer =
                 diff_id.map(|diff_id| crate::store::LayerRef { digest: desc.digest.clone(), diff_id, size: desc.size });
+            let mut reused = 0;
             if !present {
-                fetch_blob(&store, &client, &desc, &opts, layer.as_ref()).await?;
+                // A zstd:chunked layer: only what the node lacks, when that is worth it.
+                let partial = match &layer {
+                    Some(l) => match crate::chunked::pull_layer(&store, &client, &desc, l, &opts).await {
+                        Ok(p) => p,
+                        Err(e) if client.cancel.load(Ordering::Relaxed) => return Err(e),
+                        Err(e) => {
+                            opts.note(&format!("{}: not by its parts ({e}); fetching the whole layer", desc.digest));
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                match partial {
+                    Some(p) => reused = p.reused,
+                    None => fetch_blob(&store, &client, &desc, &opts, layer.as_ref()).await?,
+                }
             }
             if client.cancel.load(Ordering::Relaxed) {
                 return Err(client.err(&desc.digest, "cancelled"));
             }
-            let Some(layer) = layer else { return Ok(()) };
+            let Some(layer) = layer else { return Ok(reused) };
             // Already unpacked while it downloaded, unless the download had to resume.
             let st = Arc::clone(&store);
-            tokio::task::spawn_blocking(move || st.ensure_layer(&layer).map(|_| ()))
-                .await
-                .map_err(|e| ImageError::Malformed { what: "unpack task".into(), problem: e.to_string() })?
+            tokio::task::spawn_blocking(move || {
+                st.ensure_layer(&layer)?;
+                // Its TOC, so that later versions are pulled by their parts.
+                if st.has_blob(&desc.digest) {
+                    st.keep_toc_from_blob(&desc, &layer.diff_id);
+                }
+                Ok(reused)
+            })
+            .await
+            .map_err(|e| ImageError::Malformed { what: "unpack task".into(), problem: e.to_string() })?
         });
     }
     // On the first failure the others are told to stop, and are waited for: what they
@@ -893,7 +937,10 @@ async fn pull_inner(
     let mut first_err = None;
     while let Some(r) = tasks.join_next().await {
         let err = match r {
-            Ok(Ok(())) => continue,
+            Ok(Ok(reused)) => {
+                report.bytes_reused += reused;
+                continue;
+            }
             Ok(Err(e)) => e,
             Err(e) => ImageError::Malformed { what: "download task".into(), problem: e.to_string() },
         };
@@ -1363,10 +1410,7 @@ async fn fetch_blob(
             }
             match resp.chunk().await {
                 Ok(Some(c)) => {
-                    if let Some(l) = &client.limit {
-                        l.take(c.len() as u64).await;
-                    }
-                    client.received.fetch_add(c.len() as u64, Ordering::Relaxed);
+                    client.arrived(c.len()).await;
                     got += c.len() as u64;
                     if got > desc.size {
                         let _ = std::fs::remove_file(&partial);

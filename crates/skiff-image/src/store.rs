@@ -5,6 +5,7 @@
 //!                               (a layer rebuilt from chunks: its tar, named by its diff_id)
 //! <root>/layers/<diff-id-hex>/  unpacked layers in overlay form (see `unpack`)
 //! <root>/chunks/<diff-id-hex>   each unpacked layer's chunk index (see `chunks`)
+//! <root>/tocs/<diff-id-hex>     a zstd:chunked layer's table of contents (see `chunked`)
 //! <root>/refs.json              reference -> top manifest (or index) digest
 //! <root>/tmp/                   partial work; `partial-*` downloads are kept for a resume,
 //!                               the rest may be deleted at startup
@@ -32,6 +33,7 @@ pub const MT_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.l
 pub const MT_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MT_OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const MT_OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const MT_OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Descriptor {
@@ -326,7 +328,7 @@ impl ImageStore {
             .map_err(|e| ImageError::Malformed { what: digest.to_string(), problem: e.to_string() })
     }
 
-    /// Unpacks a layer blob (plain or gzip tar) into `layers/<diff_id>`, verifying the
+    /// Unpacks a layer blob (a plain, gzip or zstd tar) into `layers/<diff_id>`, verifying the
     /// uncompressed digest. Idempotent.
     pub fn ensure_layer(&self, layer: &LayerRef) -> Result<PathBuf, ImageError> {
         let dst = self.layer_dir(&layer.diff_id)?;
@@ -342,7 +344,7 @@ impl ImageStore {
         self.place_layer(layer, &tmp)
     }
 
-    /// Unpacks a layer's (possibly gzip-compressed) bytes into a fresh hidden directory
+    /// Unpacks a layer's (possibly gzip- or zstd-compressed) bytes into a fresh hidden directory
     /// under `layers/` and checks the diff_id; the directory is removed on any failure.
     pub(crate) fn unpack_to_tmp(&self, layer: &LayerRef, mut src: impl Read) -> Result<PathBuf, ImageError> {
         let tmp = self.root.join("layers").join(format!(".{}", io_tmp_name("unpack")));
@@ -355,8 +357,8 @@ impl ImageStore {
             let decompressed: Box<dyn Read> = if n >= 2 && magic[..2] == [0x1f, 0x8b] {
                 let compressed = BufReader::with_capacity(256 << 10, head);
                 Box::new(BufReader::with_capacity(1 << 20, flate2::bufread::MultiGzDecoder::new(compressed)))
-            } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-                return Err(ImageError::UnsupportedMediaType(format!("zstd-compressed layer {}", layer.digest)));
+            } else if crate::zstd::is_zstd(&magic[..n]) {
+                Box::new(crate::zstd::ZstdFrames::new(BufReader::with_capacity(256 << 10, head)))
             } else {
                 Box::new(head)
             };
@@ -611,6 +613,7 @@ impl ImageStore {
                     ""
                     | MT_OCI_LAYER
                     | MT_OCI_LAYER_GZIP
+                    | MT_OCI_LAYER_ZSTD
                     | "application/vnd.docker.image.rootfs.diff.tar.gzip"
                     | "application/vnd.docker.image.rootfs.diff.tar" => {}
                     other => return Err(ImageError::UnsupportedMediaType(other.to_string())),
@@ -792,11 +795,12 @@ impl ImageStore {
                 fs::remove_dir_all(e.path()).ctx("remove", e.path())?;
             }
         }
-        // Chunk indexes go with their layers.
-        let chunks = self.root.join("chunks");
-        for e in fs::read_dir(&chunks).into_iter().flatten().flatten() {
-            if !keep_layers.contains(&*e.file_name().to_string_lossy()) {
-                fs::remove_file(e.path()).ctx("remove", e.path())?;
+        // Chunk indexes and zstd:chunked TOCs go with their layers.
+        for dir in ["chunks", "tocs"] {
+            for e in fs::read_dir(self.root.join(dir)).into_iter().flatten().flatten() {
+                if !keep_layers.contains(&*e.file_name().to_string_lossy()) {
+                    fs::remove_file(e.path()).ctx("remove", e.path())?;
+                }
             }
         }
         Ok(freed)

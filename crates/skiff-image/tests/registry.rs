@@ -21,6 +21,18 @@ fn opts() -> PullOptions {
     PullOptions { docker_config: None, ..Default::default() }
 }
 
+/// Collects the pull's notes (retries, fallbacks) as they are shown.
+fn noting(o: &mut PullOptions) -> Arc<std::sync::Mutex<Vec<String>>> {
+    let notes = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = Arc::clone(&notes);
+    o.progress = Arc::new(move |e| {
+        if let skiff_image::registry::PullEvent::Note(l) = e {
+            sink.lock().unwrap().push(l.to_string());
+        }
+    });
+    notes
+}
+
 fn arch_image(arch: &str, variant: Option<&str>) -> anyhow::Result<ImageBuilder> {
     let mut img = ImageBuilder::busybox()?.layer(LayerBuilder::new().file("arch", 0o644, arch.as_bytes())?.finish()?);
     img.architecture = arch.into();
@@ -264,13 +276,7 @@ fn mirrors_are_tried_first_and_fall_through() -> R {
     );
     let mut o = opts();
     o.registries = RegistriesConfig { mirrors, ..Default::default() };
-    let notes = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let sink = Arc::clone(&notes);
-    o.progress = Arc::new(move |e| {
-        if let skiff_image::registry::PullEvent::Note(l) = e {
-            sink.lock().unwrap().push(l.to_string());
-        }
-    });
+    let notes = noting(&mut o);
     let store = Arc::new(ImageStore::open(tmp.path().join("store"))?);
 
     // team/a: the dead mirror falls through, the second mirror serves it (upstream lacks it).
@@ -522,5 +528,121 @@ fn wasm_artifacts_and_wasi_platform_images_are_pulled_for_the_wasm_runtime() -> 
     let junk = tmp.path().join("junk.tar");
     std::fs::write(&junk, b"\0asm\x01\0\0\0 not really")?;
     assert!(other.load(&junk, Some("junk:1")).is_ok(), "stored as bytes; checked when it runs");
+    Ok(())
+}
+
+/// The app layer of the test's zstd:chunked images: a model file (an edit of 1 MiB in
+/// its middle between versions), a small config that changes, libraries that do not, and
+/// in the second version a new file.
+fn chunked_app_layer(model: &[u8], version: &str, added: bool) -> anyhow::Result<Vec<u8>> {
+    let mut l = LayerBuilder::new().dir("app", 0o755)?.file("app/model.bin", 0o644, model)?.file(
+        "app/broker.conf",
+        0o644,
+        format!("listen 1883\nversion {version}\n").as_bytes(),
+    )?;
+    for i in 0..20 {
+        l = l.file(&format!("app/lib{i}.so"), 0o644, &incompressible(20_000, 100 + i))?;
+    }
+    if added {
+        l = l.file("app/added.bin", 0o644, &incompressible(300_000, 13))?;
+    }
+    l.finish()
+}
+
+/// The (layer descriptor, TOC entries) of the last layer of `repo_tag` in `reg`.
+fn chunked_toc(reg: &Registry, repo_tag: &str) -> anyhow::Result<(skiff_image::store::Descriptor, serde_json::Value)> {
+    let out = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://127.0.0.1:{}/{repo_tag}", reg.port))
+        .output()?;
+    anyhow::ensure!(out.status.success(), "skopeo inspect: {}", String::from_utf8_lossy(&out.stderr));
+    let m: skiff_image::store::Manifest = serde_json::from_slice(&out.stdout)?;
+    let desc = m.layers.unwrap().pop().unwrap();
+    assert_eq!(desc.media_type, skiff_image::store::MT_OCI_LAYER_ZSTD);
+    let r = skiff_image::chunked::toc_ref(&desc).expect("zstd:chunked annotations")?;
+    let blob = std::fs::read(reg.blob_file(&desc.digest))?;
+    let raw = &blob[r.offset as usize..(r.offset + r.len) as usize];
+    let mut json = vec![];
+    std::io::Read::read_to_end(&mut skiff_image::zstd::ZstdFrames::new(raw), &mut json)?;
+    let toc: serde_json::Value = serde_json::from_slice(&json)?;
+    Ok((desc, toc["entries"].clone()))
+}
+
+#[test]
+fn zstd_chunked_layers_are_pulled_by_the_parts_the_node_lacks() -> R {
+    skiff_testkit::require_registry_tools!();
+    let reg = Registry::start()?;
+    let tmp = tempfile::tempdir()?;
+    const MODEL: usize = 24 << 20;
+    let old_model = incompressible(MODEL, 11);
+    let mut new_model = old_model.clone();
+    new_model[MODEL / 2..MODEL / 2 + (1 << 20)].copy_from_slice(&incompressible(1 << 20, 12));
+    for (tag, model, added) in [("1", &old_model, false), ("2", &new_model, true)] {
+        let layout = tmp.path().join(format!("app{tag}"));
+        ImageBuilder::busybox()?.layer(chunked_app_layer(model, tag, added)?).write_oci_layout(&layout, "app")?;
+        // skopeo writes containers/storage's zstd:chunked, as `podman push` does.
+        reg.push_with(&layout, &format!("team/app:{tag}"), &["--dest-compress-format", "zstd:chunked"])?;
+    }
+    let (layer2, toc2) = chunked_toc(&reg, "team/app:2")?;
+
+    // The first version is pulled whole (nothing to build on); its TOCs are kept.
+    let store = Arc::new(ImageStore::open(tmp.path().join("store"))?);
+    let v1 = format!("127.0.0.1:{}/team/app:1", reg.port);
+    rt().block_on(pull(Arc::clone(&store), &v1, &opts()))?;
+    assert_eq!(std::fs::read_dir(store.root().join("tocs"))?.count(), 2, "a TOC per zstd:chunked layer");
+
+    // The second: only the changed chunks, the new file and the tar headers cross the link.
+    let proxy = FaultProxy::start(reg.port, None, None)?;
+    let mut o = opts();
+    let notes = noting(&mut o);
+    let v2 = format!("127.0.0.1:{}/team/app:2", proxy.port);
+    let rep = rt().block_on(pull(Arc::clone(&store), &v2, &o))?;
+    let through = proxy.down.load(Ordering::Relaxed);
+    let notes = notes.lock().unwrap().clone();
+    eprintln!(
+        "figures: zstd:chunked layer {} B; pulled through the proxy {through} B ({:.1} %); reused {} B; notes: {notes:?}",
+        layer2.size,
+        through as f64 * 100.0 / layer2.size as f64,
+        rep.bytes_reused
+    );
+    assert!(notes.iter().any(|n| n.contains("zstd:chunked: fetching")), "{notes:?}");
+    assert!(through < 2_600_000, "{through} bytes through the proxy for a 1 MiB edit and a 300 kB file");
+    assert!(rep.bytes_reused >= (MODEL - (2 << 20)) as u64, "reused {}", rep.bytes_reused);
+    let info = store.resolve(&v2)?;
+    let dir = store.layer_dir(&info.layers.last().unwrap().diff_id)?;
+    assert!(std::fs::read(dir.join("app/model.bin"))? == new_model, "the edited file is whole");
+    assert_eq!(std::fs::read(dir.join("app/added.bin"))?, incompressible(300_000, 13));
+    assert_eq!(std::fs::read_to_string(dir.join("app/broker.conf"))?, "listen 1883\nversion 2\n");
+
+    // Any zstd client can read the same layers whole: a store with nothing pulls v2
+    // without ranges, and its diff_ids check out.
+    let fresh = Arc::new(ImageStore::open(tmp.path().join("fresh"))?);
+    let whole = rt().block_on(pull(Arc::clone(&fresh), &v2, &opts()))?;
+    assert_eq!(whole.bytes_reused, 0);
+    assert_eq!(fresh.resolve(&v2)?.layers, info.layers);
+
+    // A damaged part (a byte of the new file's frames, as the registry now sends it) is
+    // refused by its chunk digest; the whole blob then fails its own digest, and nothing of
+    // v2 is kept.
+    let added = toc2.as_array().unwrap().iter().find(|e| e["name"] == "app/added.bin").unwrap();
+    let (start, end) = (added["offset"].as_u64().unwrap(), added["endOffset"].as_u64().unwrap());
+    let path = reg.blob_file(&layer2.digest);
+    let mut blob = std::fs::read(&path)?;
+    blob[((start + end) / 2) as usize] ^= 0xff;
+    std::fs::write(&path, &blob)?;
+    let other = Arc::new(ImageStore::open(tmp.path().join("other"))?);
+    rt().block_on(pull(Arc::clone(&other), &v1, &opts()))?;
+    let mut o = opts();
+    o.max_attempts = 2;
+    let notes = noting(&mut o);
+    let err = rt().block_on(pull(Arc::clone(&other), &v2, &o)).unwrap_err();
+    assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
+    let notes = notes.lock().unwrap().clone();
+    assert!(
+        notes.iter().any(|n| n.contains("the chunk of app/added.bin at") && n.contains("does not match its digest")),
+        "{notes:?}"
+    );
+    assert_eq!(other.list()?.len(), 1, "only v1");
+    assert!(!other.layer_dir(&info.layers.last().unwrap().diff_id)?.exists());
     Ok(())
 }

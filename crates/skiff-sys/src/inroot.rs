@@ -48,27 +48,40 @@ pub fn read(root: &Path, path: &str, max: u64) -> Result<Vec<u8>, InRootError> {
 type Opener = fn(&Path, &str) -> std::io::Result<OwnedFd>;
 
 fn read_with(root: &Path, path: &str, max: u64, open: Opener) -> Result<Vec<u8>, InRootError> {
-    let io = |source: std::io::Error| {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            InRootError::NotFound { root: root.to_path_buf(), path: path.to_string() }
-        } else {
-            InRootError::Io { root: root.to_path_buf(), path: path.to_string(), source }
-        }
-    };
-    let fd = open(root, path).map_err(io)?;
-    let st = rustix::fs::fstat(&fd).map_err(|e| io(e.into()))?;
+    let (f, size) = open_regular_with(root, path, open)?;
+    let too_large = || InRootError::TooLarge { root: root.to_path_buf(), path: path.to_string(), max };
+    if size > max {
+        return Err(too_large());
+    }
+    let mut out = vec![];
+    f.take(max + 1).read_to_end(&mut out).map_err(|e| io_error(root, path, e))?;
+    if out.len() as u64 > max {
+        return Err(too_large());
+    }
+    Ok(out)
+}
+
+fn io_error(root: &Path, path: &str, source: std::io::Error) -> InRootError {
+    if source.kind() == std::io::ErrorKind::NotFound {
+        InRootError::NotFound { root: root.to_path_buf(), path: path.to_string() }
+    } else {
+        InRootError::Io { root: root.to_path_buf(), path: path.to_string(), source }
+    }
+}
+
+/// Opens the regular file `path` of the tree at `root` (resolved inside it) for reading.
+pub fn open_regular(root: &Path, path: &str) -> Result<std::fs::File, InRootError> {
+    open_regular_with(root, path, open).map(|(f, _)| f)
+}
+
+/// The regular file and its size; anything else is an error.
+fn open_regular_with(root: &Path, path: &str, open: Opener) -> Result<(std::fs::File, u64), InRootError> {
+    let fd = open(root, path).map_err(|e| io_error(root, path, e))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| io_error(root, path, e.into()))?;
     if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
         return Err(InRootError::NotRegular { root: root.to_path_buf(), path: path.to_string() });
     }
-    if st.st_size as u64 > max {
-        return Err(InRootError::TooLarge { root: root.to_path_buf(), path: path.to_string(), max });
-    }
-    let mut out = vec![];
-    std::fs::File::from(fd).take(max + 1).read_to_end(&mut out).map_err(io)?;
-    if out.len() as u64 > max {
-        return Err(InRootError::TooLarge { root: root.to_path_buf(), path: path.to_string(), max });
-    }
-    Ok(out)
+    Ok((std::fs::File::from(fd), st.st_size as u64))
 }
 
 /// Whether `path` names a regular file inside `root` (resolved inside it).

@@ -95,8 +95,13 @@ impl Registry {
 
     /// Pushes an OCI layout (all platforms of an index) as `repo:tag`.
     pub fn push(&self, layout: &Path, repo_tag: &str) -> anyhow::Result<()> {
+        self.push_with(layout, repo_tag, &[])
+    }
+
+    /// `push`, with more `skopeo copy` arguments (`--dest-compress-format zstd:chunked`).
+    pub fn push_with(&self, layout: &Path, repo_tag: &str, extra: &[&str]) -> anyhow::Result<()> {
         let mut cmd = Command::new("skopeo");
-        cmd.args(["copy", "--all", "--dest-tls-verify=false"]);
+        cmd.args(["copy", "--all", "--dest-tls-verify=false"]).args(extra);
         if let Some((u, p)) = &self.creds {
             cmd.arg(format!("--dest-creds={u}:{p}"));
         }
@@ -106,6 +111,18 @@ impl Registry {
             .output()?;
         anyhow::ensure!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
         Ok(())
+    }
+
+    /// Where the registry keeps the blob `digest` (`sha256:...`) on disk: a test damages
+    /// it there to stand for a registry or a link that corrupts.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2.min(hex.len())])
+            .join(hex)
+            .join("data")
     }
 
     /// A Docker `config.json` in `dir` holding `user:password` for this registry.
