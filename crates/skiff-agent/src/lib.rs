@@ -162,6 +162,8 @@ pub struct Agent {
     /// Who is on which network of the bridge (enforced where the firewall is ours).
     lan: Mutex<Option<skiff_runtime::isolation::Lan>>,
     notify: Arc<Notify>,
+    /// Container ids of the instances being stopped (by id, not name: a kept instance
+    /// promoted to the name of one still stopping is not stopping).
     stopping: Mutex<HashSet<String>>,
     health: Mutex<HashMap<String, JoinHandle<()>>>,
     /// Images being pulled, or whose last pull failed (and when to try again).

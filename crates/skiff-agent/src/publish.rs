@@ -227,7 +227,7 @@ impl Agent {
                     }
                 }
             }
-            let serves = !stopping.contains(&r.name)
+            let serves = !stopping.contains(&r.container_id)
                 && serving.as_ref().is_some_and(|s| s.get(&r.deployment).is_some_and(|n| n.contains(&r.name)));
             for p in &r.spec.ports {
                 let bind_ip: IpAddr =

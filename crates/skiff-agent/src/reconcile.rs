@@ -205,7 +205,7 @@ impl Agent {
         let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
 
         // Observe running instances: those whose shim ended (or is not watched).
-        for r in rows.iter().filter(|r| r.state == InstanceState::Running && !stopping.contains(&r.name)) {
+        for r in rows.iter().filter(|r| r.state == InstanceState::Running && !stopping.contains(&r.container_id)) {
             if !full && self.exits.quiet(&r.container_id) {
                 continue;
             }
@@ -268,7 +268,7 @@ impl Agent {
                         restarts: r.restarts,
                         ready_since_ms: r.ready_since_ms,
                         retire_at_ms: r.retire_at_ms,
-                        stopping: stopping.contains(&r.name),
+                        stopping: stopping.contains(&r.container_id),
                     })
                 })
                 .collect();
@@ -305,7 +305,7 @@ impl Agent {
         for r in &rows {
             let due = matches!(r.state, InstanceState::Pending | InstanceState::Restarting)
                 && r.next_start_ms.is_none_or(|t| t <= now);
-            if !due || stopping.contains(&r.name) || !desired.contains_key(r.deployment.as_str()) {
+            if !due || stopping.contains(&r.container_id) || !desired.contains_key(r.deployment.as_str()) {
                 continue;
             }
             let peers: Vec<Peer<'_>> = rows

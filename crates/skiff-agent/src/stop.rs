@@ -18,11 +18,11 @@ impl Agent {
     /// Stops and removes `r` in the background (once), first taking it off the ports
     /// and waiting for its open connections to finish.
     pub(crate) fn spawn_stop(self: &Arc<Self>, r: &InstanceRow, stopping: &HashSet<String>, drop_image: bool) {
-        if stopping.contains(&r.name) {
+        if stopping.contains(&r.container_id) {
             return;
         }
         if let Ok(mut s) = self.stopping.lock() {
-            if !s.insert(r.name.clone()) {
+            if !s.insert(r.container_id.clone()) {
                 return;
             }
         }
@@ -38,7 +38,7 @@ impl Agent {
                 me.drop_unused_image(&r.spec.image);
             }
             if let Ok(mut s) = me.stopping.lock() {
-                s.remove(&r.name);
+                s.remove(&r.container_id);
             }
             me.notify.notify_one();
         });
@@ -107,14 +107,22 @@ impl Agent {
         // Only an instance with published ports can have DNAT'd flows to forget.
         let kernel_ports = !r.spec.ports.is_empty() && self.ports.lock().await.kernel.is_some();
         let ip = r.ip.as_ref().and_then(|i| i.parse::<IpAddr>().ok());
+        // Never the flows of an address another instance holds now.
+        let shared = self.db(|s| s.instances()).is_ok_and(|rows| {
+            rows.iter().any(|o| o.container_id != r.container_id && o.ip.is_some() && o.ip == r.ip)
+        });
+        let ip = ip.filter(|_| !shared);
+        let name = r.name.clone();
         blocking(move || {
             me.lan_forget(&ns);
             me.bridge.detach(&ns);
             // Flows a published port's DNAT pointed at the address go with it (a steady
             // UDP client would otherwise keep sending to whoever leases it next).
             if let (true, Some(ip)) = (kernel_ports, ip) {
-                if let Err(e) = skiff_runtime::conntrack::forget_forwarded_to(ip) {
-                    warn!(%ip, error = %e, "forgetting the address's forwarded flows");
+                match skiff_runtime::conntrack::forget_forwarded_to(ip) {
+                    Ok(0) => {}
+                    Ok(n) => info!(instance = %name, %ip, flows = n, "forgot the address's forwarded flows"),
+                    Err(e) => warn!(%ip, error = %e, "forgetting the address's forwarded flows"),
                 }
             }
         })

@@ -100,7 +100,10 @@ pub fn forwarded_to(to: IpAddr) -> std::io::Result<usize> {
 /// Deletes every tracked flow whose destination was rewritten (DNAT) to `to`, of any
 /// protocol: after an instance stops, a steady UDP client (syslog, CoAP) would otherwise
 /// keep its flow, and so its packets, pointed at the address, which the next instance to
-/// lease it then receives. Returns how many were deleted.
+/// lease it then receives. An open TCP connection is never deleted: without its entry its
+/// packets go nowhere and its client hangs until a timeout, while kept, they reach the
+/// address and are answered (by the server, or with a reset). Returns how many were
+/// deleted.
 pub fn forget_forwarded_to(to: IpAddr) -> std::io::Result<usize> {
     let mut tuples = vec![];
     let sock = dump(to, |flow| tuples.extend(forwarded_tuple(flow, to)))?;
@@ -144,7 +147,7 @@ fn dump(to: IpAddr, mut each: impl FnMut(&[u8])) -> std::io::Result<netlink_sys:
 
 /// The original-direction tuple attribute (as the kernel sent it) of a flow DNAT'd to `to`.
 fn forwarded_tuple(b: &[u8], to: IpAddr) -> Option<Vec<u8>> {
-    if !forwarded_by_us(b, to) {
+    if !forwarded_by_us(b, to) || tcp_state(b).is_some_and(|s| TCP_OPEN_STATES.contains(&s)) {
         return None;
     }
     let orig = find(b, CTA_TUPLE_ORIG)?;
@@ -228,11 +231,15 @@ fn forwarded_by_us(b: &[u8], to: IpAddr) -> bool {
 
 /// Whether a dumped flow is an open TCP connection DNAT'd to `to`.
 fn open_forward_to(b: &[u8], to: IpAddr) -> bool {
-    let state = find(b, CTA_PROTOINFO)
+    forwarded_by_us(b, to) && tcp_state(b).is_some_and(|s| TCP_OPEN_STATES.contains(&s))
+}
+
+/// A TCP flow's state (none for other protocols).
+fn tcp_state(b: &[u8]) -> Option<u8> {
+    find(b, CTA_PROTOINFO)
         .and_then(|p| find(p, CTA_PROTOINFO_TCP))
         .and_then(|t| find(t, CTA_PROTOINFO_TCP_STATE))
-        .and_then(|s| s.first().copied());
-    forwarded_by_us(b, to) && state.is_some_and(|s| TCP_OPEN_STATES.contains(&s))
+        .and_then(|s| s.first().copied())
 }
 
 /// Netlink attributes: (type without its flags, payload).
@@ -408,6 +415,12 @@ mod tests {
         assert_eq!(forwarded_tuple(&flow([10, 88, 0, 5], IPS_DST_NAT), to), Some(orig.clone()));
         assert_eq!(forwarded_tuple(&flow([10, 88, 0, 5], 0), to), None, "not ours");
         assert_eq!(forwarded_tuple(&flow([10, 88, 0, 6], IPS_DST_NAT), to), None, "another address");
+        let tcp = |state: u8| {
+            let info = nested(CTA_PROTOINFO, &[nested(CTA_PROTOINFO_TCP, &[attr(CTA_PROTOINFO_TCP_STATE, &[state])])]);
+            [flow([10, 88, 0, 5], IPS_DST_NAT), info].concat()
+        };
+        assert_eq!(forwarded_tuple(&tcp(3), to), None, "an established connection is kept");
+        assert_eq!(forwarded_tuple(&tcp(7), to), Some(orig.clone()), "one in time_wait goes");
         let del = delete_request(2, &orig);
         assert_eq!(u16::from_ne_bytes([del[4], del[5]]), CT_DELETE);
         assert_eq!(&del[ATTRS_AT..], &orig[..]);
