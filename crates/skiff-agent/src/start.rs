@@ -267,7 +267,7 @@ impl Agent {
             cdi_edits,
             // runc's containers only: gVisor's programs make their calls to its own kernel.
             seccomp_audit: match r.spec.runtime {
-                RuntimeKind::Oci => self.detector.get().map(|d| d.seccomp_audit).unwrap_or_default(),
+                RuntimeKind::Oci => self.detector.get().map(|d| d.seccomp_audit.clone()).unwrap_or_default(),
                 _ => Default::default(),
             },
         };

@@ -108,9 +108,9 @@ impl Agent {
         let kernel_ports = !r.spec.ports.is_empty() && self.ports.lock().await.kernel.is_some();
         let ip = r.ip.as_ref().and_then(|i| i.parse::<IpAddr>().ok());
         // Never the flows of an address another instance holds now.
-        let shared = self.db(|s| s.instances()).is_ok_and(|rows| {
-            rows.iter().any(|o| o.container_id != r.container_id && o.ip.is_some() && o.ip == r.ip)
-        });
+        let shared = self
+            .db(|s| s.instances())
+            .is_ok_and(|rows| rows.iter().any(|o| o.container_id != r.container_id && o.ip.is_some() && o.ip == r.ip));
         let ip = ip.filter(|_| !shared);
         let name = r.name.clone();
         blocking(move || {

@@ -32,8 +32,8 @@ impl SeccompRecord {
     /// The call's name, when the architecture is one this module knows.
     pub fn syscall_name(&self) -> Option<&'static str> {
         let table = match self.arch {
-            AUDIT_ARCH_X86_64 => include_str!("../data/syscalls-x86_64.txt"),
-            AUDIT_ARCH_AARCH64 => include_str!("../data/syscalls-aarch64.txt"),
+            AUDIT_ARCH_X86_64 => SYSCALLS_X86_64,
+            AUDIT_ARCH_AARCH64 => SYSCALLS_AARCH64,
             _ => return None,
         };
         table.lines().find_map(|l| {
@@ -60,6 +60,15 @@ impl SeccompRecord {
     pub fn denied(&self) -> bool {
         !matches!(self.action(), "log" | "allow")
     }
+}
+
+/// System call numbers and names (`NR name` lines, `#` comments), from Linux's uapi headers.
+pub const SYSCALLS_X86_64: &str = include_str!("../data/syscalls-x86_64.txt");
+pub const SYSCALLS_AARCH64: &str = include_str!("../data/syscalls-aarch64.txt");
+
+/// The names in a table of [`SYSCALLS_X86_64`]'s form.
+pub fn syscall_names(table: &'static str) -> impl Iterator<Item = &'static str> {
+    table.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split_once(' ').map(|(_, n)| n.trim()))
 }
 
 /// The audit log's read-only multicast group: seccomp's records.

@@ -180,7 +180,7 @@ impl Runtime for OciRuntime {
                 cgroupns: self.cgroups.version == crate::cgroup::CgroupVersion::V2,
                 cdi_devices: &req.cdi_devices,
                 cdi_edits: &req.cdi_edits,
-                seccomp_audit: req.seccomp_audit,
+                seccomp_audit: req.seccomp_audit.clone(),
             })?;
             let p = dir.join("config.json");
             fs::write(&p, serde_json::to_vec_pretty(&spec).unwrap_or_default()).map_err(io("write", &p))?;

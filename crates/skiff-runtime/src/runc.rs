@@ -115,10 +115,20 @@ impl Runc {
     /// The seccomp filter flags this runc applies (`runc features`, runc 1.1 and later;
     /// `SECCOMP_FILTER_FLAG_LOG` from runc 1.2). Empty when it says none or cannot say.
     pub fn seccomp_flags(&self) -> Vec<String> {
+        self.seccomp_features("supportedFlags")
+    }
+
+    /// The seccomp actions this runc's libseccomp applies (`runc features`; runc 1.1 and
+    /// later). Empty when it cannot say.
+    pub fn seccomp_actions(&self) -> Vec<String> {
+        self.seccomp_features("actions")
+    }
+
+    fn seccomp_features(&self, key: &str) -> Vec<String> {
         let Ok(out) = Command::new(&self.bin).arg("features").stdin(Stdio::null()).output() else { return vec![] };
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let flags = v["linux"]["seccomp"]["supportedFlags"].as_array().cloned().unwrap_or_default();
-        flags.iter().filter_map(|f| f.as_str().map(str::to_string)).collect()
+        let list = v["linux"]["seccomp"][key].as_array().cloned().unwrap_or_default();
+        list.iter().filter_map(|f| f.as_str().map(str::to_string)).collect()
     }
 
     pub fn command(&self) -> Command {

@@ -24,6 +24,7 @@
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::HashSet;
 
 /// moby's profile, as shipped (see `data/README.md`).
 const MOBY_DEFAULT: &str = include_str!("../data/seccomp-default.json");
@@ -230,15 +231,21 @@ pub fn profile(caps: &[String], audit: Audit) -> Value {
     with_audit(profile_for(caps, &Host::current()), audit)
 }
 
-/// What a container's filter reports to the kernel's audit log, for the threat detector
-/// (`crate::audit` reads it). Without either, the filter is moby's and logs nothing.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What a container's filter reports to the threat detector: through the kernel's audit
+/// log (`crate::audit` reads it), or by handing calls to a listener. Without any, the
+/// filter is moby's and reports nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Audit {
     /// Each `listen` call is allowed and logged (`SCMP_ACT_LOG`): a new listening socket.
     pub listens: bool,
     /// Each refused call is logged (`SECCOMP_FILTER_FLAG_LOG`; runc 1.2 and later take
     /// the flag, see `Runc::seccomp_flags`).
     pub denials: bool,
+    /// Without `denials`: the calls no rule names (those the default action refuses with
+    /// EPERM) are handed to the listener at this socket (`SCMP_ACT_NOTIFY`, runc's
+    /// `listenerPath`), which refuses them with EPERM and reports them. runc does not take
+    /// NOTIFY as the default action, so each such call is named.
+    pub notify: Option<std::path::PathBuf>,
 }
 
 /// The system calls whose every use the detector is told of when `Audit::listens`.
@@ -274,8 +281,34 @@ pub fn with_audit(mut profile: Value, audit: Audit) -> Value {
     }
     if audit.denials {
         profile["flags"] = json!(["SECCOMP_FILTER_FLAG_LOG"]);
+    } else if let Some(path) = &audit.notify {
+        notify_unnamed(&mut profile, path);
     }
     profile
+}
+
+/// Names every call of the profile's native architecture that no rule names in one rule
+/// of its own, `SCMP_ACT_NOTIFY`, with the listener at `path`. Only where the default
+/// action refuses with EPERM (what the listener answers), and not for a deny-all profile.
+fn notify_unnamed(profile: &mut Value, path: &std::path::Path) {
+    let eperm = profile["defaultAction"] == "SCMP_ACT_ERRNO" && profile["defaultErrnoRet"].as_u64().unwrap_or(1) == 1;
+    let table = match profile["architectures"][0].as_str() {
+        Some("SCMP_ARCH_X86_64") => crate::audit::SYSCALLS_X86_64,
+        Some("SCMP_ARCH_AARCH64") => crate::audit::SYSCALLS_AARCH64,
+        _ => return,
+    };
+    let Some(rules) = profile["syscalls"].as_array_mut().filter(|r| eperm && !r.is_empty()) else { return };
+    let named: HashSet<String> = rules
+        .iter()
+        .flat_map(|r| r["names"].as_array().into_iter().flatten())
+        .filter_map(|n| n.as_str().map(str::to_string))
+        .collect();
+    let unnamed: Vec<&str> = crate::audit::syscall_names(table).filter(|n| !named.contains(*n)).collect();
+    if unnamed.is_empty() {
+        return;
+    }
+    rules.push(json!({"names": unnamed, "action": "SCMP_ACT_NOTIFY"}));
+    profile["listenerPath"] = json!(path);
 }
 
 #[cfg(test)]
@@ -337,7 +370,7 @@ mod tests {
         let caps: Vec<String> = crate::spec::DEFAULT_CAPS.iter().map(|s| s.to_string()).collect();
         let plain = profile_for(&caps, &amd64());
         assert_eq!(with_audit(plain.clone(), Audit::default()), plain);
-        let p = with_audit(plain, Audit { listens: true, denials: true });
+        let p = with_audit(plain, Audit { listens: true, denials: true, notify: None });
         let rules = p["syscalls"].as_array().unwrap();
         let naming =
             |call: &str| rules.iter().filter(|r| r["names"].as_array().unwrap().iter().any(|n| n == call)).count();
@@ -348,7 +381,45 @@ mod tests {
         assert!(rules.iter().all(|r| !r["names"].as_array().unwrap().is_empty()));
         // The deny-all fallback stays deny-all.
         let deny = json!({"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1, "syscalls": []});
-        assert_eq!(with_audit(deny.clone(), Audit { listens: true, denials: false }), deny);
+        let notify = Some(std::path::PathBuf::from("/run/skiff/seccomp.sock"));
+        assert_eq!(
+            with_audit(deny.clone(), Audit { listens: true, notify: notify.clone(), ..Default::default() }),
+            deny
+        );
+    }
+
+    #[test]
+    fn refused_calls_go_to_the_listener_where_the_flag_cannot_be_set() {
+        let caps: Vec<String> = crate::spec::DEFAULT_CAPS.iter().map(|s| s.to_string()).collect();
+        let plain = profile_for(&caps, &amd64());
+        let path = std::path::PathBuf::from("/run/skiff/seccomp.sock");
+        let p = with_audit(plain.clone(), Audit { listens: true, denials: false, notify: Some(path.clone()) });
+        assert_eq!(p["listenerPath"], json!("/run/skiff/seccomp.sock"));
+        assert_eq!(p["defaultAction"], "SCMP_ACT_ERRNO", "runc refuses NOTIFY as the default");
+        let rules = p["syscalls"].as_array().unwrap();
+        let notified: Vec<&str> = rules
+            .iter()
+            .filter(|r| r["action"] == "SCMP_ACT_NOTIFY")
+            .flat_map(|r| r["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()))
+            .collect();
+        for call in ["mount", "ptrace", "bpf", "kexec_load", "unshare", "init_module"] {
+            assert!(notified.contains(&call), "{call} is refused, so reported");
+        }
+        for call in ["read", "clone", "socket", "personality", "listen", "clone3"] {
+            assert!(!notified.contains(&call), "{call} is named by another rule");
+        }
+        // A notified call is in no other rule (libseccomp refuses a call in two).
+        for r in rules.iter().filter(|r| r["action"] != "SCMP_ACT_NOTIFY") {
+            for n in r["names"].as_array().unwrap() {
+                assert!(!notified.contains(&n.as_str().unwrap()), "{n} twice");
+            }
+        }
+        // The flag wins where runc takes it; an unknown architecture is left alone.
+        let flagged = with_audit(plain.clone(), Audit { listens: false, denials: true, notify: Some(path.clone()) });
+        assert!(flagged["listenerPath"].is_null());
+        let mut other = plain;
+        other["architectures"] = json!(["SCMP_ARCH_RISCV64"]);
+        assert!(with_audit(other, Audit { notify: Some(path), ..Default::default() })["listenerPath"].is_null());
     }
 
     #[test]

@@ -387,7 +387,7 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
             "devices": devices,
             "maskedPaths": masked_paths(),
             "readonlyPaths": READONLY_PATHS,
-            "seccomp": crate::seccomp::profile(&caps, input.seccomp_audit),
+            "seccomp": crate::seccomp::profile(&caps, input.seccomp_audit.clone()),
         },
     });
     if !input.cdi_devices.is_empty() {

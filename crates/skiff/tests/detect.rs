@@ -20,6 +20,11 @@ fn security(n: &Node) -> Vec<EventRecord> {
         .unwrap_or_default()
 }
 
+/// The first security event of `object` whose message holds `needle`, waited for.
+fn find_for(n: &Node, object: &str, what: &str, needle: &str) -> anyhow::Result<EventRecord> {
+    wait_for(30 * SEC, what, || security(n).into_iter().find(|e| e.object == object && e.message.contains(needle)))
+}
+
 #[test]
 fn shells_new_binaries_and_rule_actions_are_caught() -> R {
     let mut n = Node::new()?;
@@ -87,11 +92,15 @@ fn a_rule_file_with_a_mistake_is_refused_at_start() -> R {
     Ok(())
 }
 
-/// Whether this machine's runc loads seccomp filters with SECCOMP_FILTER_FLAG_LOG (runc
-/// 1.2 and later): only then are refused calls reported.
-fn runc_logs_denials() -> bool {
+/// Whether this machine's runc can report refused calls: by logging them
+/// (SECCOMP_FILTER_FLAG_LOG, runc 1.2 and later) or by handing them to the agent
+/// (SCMP_ACT_NOTIFY with a listener, runc 1.1).
+fn runc_reports_denials() -> bool {
     let out = std::process::Command::new("runc").arg("features").output();
-    out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("SECCOMP_FILTER_FLAG_LOG"))
+    out.is_ok_and(|o| {
+        let text = String::from_utf8_lossy(&o.stdout);
+        text.contains("SECCOMP_FILTER_FLAG_LOG") || text.contains("SCMP_ACT_NOTIFY")
+    })
 }
 
 #[test]
@@ -108,11 +117,7 @@ fn files_written_listening_sockets_and_outbound_connections_are_caught() -> R {
     n.up_with(None, &["--detect-rules", rules.to_str().unwrap()])?;
     n.ok(&["run", IMAGE, "--name", "web", "--", "sleep", "1000"])?;
     n.wait_running("web-1")?;
-    let find = |what: &str, needle: &str| {
-        wait_for(30 * SEC, what, || {
-            security(&n).into_iter().find(|e| e.object == "web-1" && e.message.contains(needle))
-        })
-    };
+    let find = |what: &str, needle: &str| find_for(&n, "web-1", what, needle);
 
     // A file below /etc changed at run time (the writer lives a second: see above).
     n.ok(&["exec", "web-1", "--", "sh", "-c", "echo evil > /etc/motd; sleep 1"])?;
@@ -131,13 +136,29 @@ fn files_written_listening_sockets_and_outbound_connections_are_caught() -> R {
     let c = find("the outbound-connection alert", "Outbound connection outside the allowed networks")?;
     assert!(c.message.contains(":9 proto=tcp"), "{}", c.message);
 
-    // A call the filter refuses (only reported where runc sets SECCOMP_FILTER_FLAG_LOG).
-    if runc_logs_denials() {
-        let _ = n.cli(&["exec", "web-1", "--", "sh", "-c", "mount -t tmpfs none /mnt; true"])?;
+    // A call the filter refuses: still refused (EPERM, as the filter's default says), and
+    // reported, from the container's main process and from a process `exec` started.
+    if runc_reports_denials() {
+        let out = n.cli(&["exec", "web-1", "--", "sh", "-c", "mount -t tmpfs none /mnt; echo rc=$?"])?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("rc=1") && text.contains("denied"), "mount is refused: {text}");
         let d = find("the seccomp alert", "System call refused")?;
         assert!(d.message.contains("syscall=mount") && d.message.contains("action=errno"), "{}", d.message);
+        assert!(d.message.contains("process=mount"), "{}", d.message);
+        n.ok(&[
+            "run",
+            IMAGE,
+            "--name",
+            "prober",
+            "--",
+            "sh",
+            "-c",
+            "sleep 1; unshare -m true; echo rc=$?; sleep 1000",
+        ])?;
+        let u = find_for(&n, "prober-1", "the main process's seccomp alert", "syscall=unshare")?;
+        assert!(u.message.contains("System call refused"), "{}", u.message);
     } else {
-        eprintln!("runc does not take SECCOMP_FILTER_FLAG_LOG here: refused calls are not reported");
+        eprintln!("runc can neither log nor hand over refused calls here: they are not reported");
     }
 
     // Writes of the container's main process to its own data, and the detector's own

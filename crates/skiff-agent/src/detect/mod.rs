@@ -1,5 +1,5 @@
 //! Runtime threat detection: what containers do, as the kernel reports it — no polling,
-//! one thread waiting on four sources — attributed to its instance and judged by
+//! one thread waiting on the kernel's sources — attributed to its instance and judged by
 //! Falco-style rules (`rules.rs`: the shipped set, then the node's files):
 //!
 //! | event (`evt.type`) | source | attributed by |
@@ -7,7 +7,7 @@
 //! | `execve`: a program started | the process connector | the process's cgroup |
 //! | `open` (`evt.is_open_write`): a file written | fanotify on each container's overlay | the writer's cgroup |
 //! | `listen`: a listening socket | the seccomp filter's `SCMP_ACT_LOG` on `listen`, read from the audit multicast | the caller's cgroup |
-//! | `seccomp`: a call the filter refused | the same records (`SECCOMP_FILTER_FLAG_LOG`, runc ≥ 1.2) | the caller's cgroup |
+//! | `seccomp`: a call the filter refused | the same records (`SECCOMP_FILTER_FLAG_LOG`, runc ≥ 1.2), or the call itself handed to the agent (`SCMP_ACT_NOTIFY`, runc 1.1), answered EPERM after it is judged | the caller's cgroup |
 //! | `connect`: a new flow out of a container | connection tracking's events in the host's namespace | its source address |
 //!
 //! A match is a `SecurityAlert` event on the instance — shipped to the hub with the
@@ -31,6 +31,7 @@
 pub mod rules;
 
 use crate::Agent;
+use nix::poll::PollFlags;
 use rules::{Action, Rule};
 use skiff_runtime::audit::{AuditEvents, SeccompRecord};
 use skiff_runtime::conntrack::{Flow, NewFlows};
@@ -339,6 +340,56 @@ struct Sources {
     audit: Option<AuditEvents>,
     flows: Option<NewFlows>,
     writes: Option<FileWrites>,
+    notify: Option<Notify>,
+}
+
+/// The listener containers' seccomp filters hand refused calls to (where runc cannot log
+/// them), and the notification descriptor of each filter runc sent it.
+struct Notify {
+    listener: std::os::unix::net::UnixListener,
+    filters: Vec<std::os::fd::OwnedFd>,
+}
+
+/// Filters listened to at once; a filter past that is dropped (its calls fail with ENOSYS).
+const MAX_FILTERS: usize = 8192;
+
+impl Notify {
+    /// Listens at `path` (only root may connect).
+    fn bind(path: &std::path::Path) -> std::io::Result<Notify> {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::remove_file(path);
+        let listener = std::os::unix::net::UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        Ok(Notify { listener, filters: vec![] })
+    }
+
+    /// Takes the filters runc connects with (its message is read with a bound).
+    fn accept(&mut self) {
+        for _ in 0..64 {
+            let Ok((mut stream, _)) = self.listener.accept() else { return };
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+            match skiff_sys::seccomp_notify::receive_listener(&mut stream) {
+                Ok(_) if self.filters.len() >= MAX_FILTERS => warn!("too many seccomp filters to listen to"),
+                Ok((_, fd)) => self.filters.push(fd),
+                Err(e) => warn!("a seccomp filter's listener message: {e}"),
+            }
+        }
+    }
+}
+
+/// The event of a call a filter handed over, read while its caller waits for the answer.
+fn notified(call: skiff_sys::seccomp_notify::Call) -> What {
+    let comm = read_capped(format!("/proc/{}/comm", call.pid), 64).unwrap_or_default();
+    What::Seccomp(SeccompRecord {
+        pid: call.pid as i32,
+        arch: call.arch,
+        syscall: call.nr as u32,
+        // Answered as the filter's default would: SECCOMP_RET_ERRNO (EPERM).
+        code: 0x0005_0000,
+        comm: comm.trim_end().to_string(),
+    })
 }
 
 fn optional<T>(what: &str, r: std::io::Result<T>) -> Option<T> {
@@ -409,13 +460,23 @@ impl Detector {
             audit: optional("seccomp records (listening sockets, refused calls)", AuditEvents::open()),
             flows: optional("connection tracking events (outbound connections)", NewFlows::open()),
             writes: optional("fanotify (files written)", FileWrites::open()),
+            notify: None,
         };
-        let denials = src.audit.is_some()
-            && skiff_runtime::runc::Runc::new("").seccomp_flags().iter().any(|f| f == "SECCOMP_FILTER_FLAG_LOG");
-        if src.audit.is_some() && !denials {
-            info!("refused system calls are not reported: this runc cannot load seccomp filters with SECCOMP_FILTER_FLAG_LOG (runc 1.2 can)");
+        let runc = skiff_runtime::runc::Runc::new("");
+        let denials = src.audit.is_some() && runc.seccomp_flags().iter().any(|f| f == "SECCOMP_FILTER_FLAG_LOG");
+        // Where runc cannot have refused calls logged, the filters hand them to the agent.
+        let socket = agent.cfg.data_dir.join("seccomp.sock");
+        if !denials && runc.seccomp_actions().iter().any(|a| a == "SCMP_ACT_NOTIFY") {
+            src.notify = optional("a seccomp listener (refused calls)", Notify::bind(&socket));
         }
-        let seccomp_audit = skiff_runtime::seccomp::Audit { listens: src.audit.is_some(), denials };
+        if !denials && src.notify.is_none() {
+            info!("refused system calls are not reported: this runc can neither log them (SECCOMP_FILTER_FLAG_LOG, runc 1.2) nor hand them over (SCMP_ACT_NOTIFY)");
+        }
+        let seccomp_audit = skiff_runtime::seccomp::Audit {
+            listens: src.audit.is_some(),
+            denials,
+            notify: src.notify.as_ref().map(|_| socket),
+        };
         let stats = Arc::new(Stats::default());
         let (weak, st) = (Arc::downgrade(agent), Arc::clone(&stats));
         let mut seen = Seen { ips_stale: true, ..Default::default() };
@@ -427,13 +488,17 @@ impl Detector {
         }
         std::thread::Builder::new().name("detect".into()).spawn(move || loop {
             let ready = {
-                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                use nix::poll::{poll, PollFd, PollTimeout};
                 let mut fds = vec![PollFd::new(src.procs.as_fd(), PollFlags::POLLIN)];
                 fds.extend(src.audit.as_ref().map(|a| PollFd::new(a.as_fd(), PollFlags::POLLIN)));
                 fds.extend(src.flows.as_ref().map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN)));
                 fds.extend(src.writes.as_ref().map(|w| PollFd::new(w.as_fd(), PollFlags::POLLIN)));
+                if let Some(n) = &src.notify {
+                    fds.push(PollFd::new(n.listener.as_fd(), PollFlags::POLLIN));
+                    fds.extend(n.filters.iter().map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN)));
+                }
                 match poll(&mut fds, PollTimeout::NONE) {
-                    Ok(_) => fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect::<Vec<_>>(),
+                    Ok(_) => fds.iter().map(|f| f.revents().unwrap_or(PollFlags::empty())).collect::<Vec<_>>(),
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => {
                         warn!("threat detection stopped: {e}");
@@ -443,8 +508,9 @@ impl Detector {
             };
             let Some(agent) = weak.upgrade() else { return };
             let mut events: Vec<(Option<i32>, What)> = vec![];
-            let mut ready = ready.into_iter();
-            if ready.next() == Some(true) {
+            let mut ready = ready.into_iter().map(|r| (!r.is_empty(), r));
+            let mut ready_next = || ready.next().map(|(any, _)| any);
+            if ready_next() == Some(true) {
                 match src.procs.recv() {
                     Ok(b) => {
                         events.extend(b.into_iter().filter_map(|ProcEvent::Exec { pid, tgid }| {
@@ -458,19 +524,19 @@ impl Detector {
                     }
                 }
             }
-            if let Some(a) = src.audit.as_mut().filter(|_| ready.next() == Some(true)) {
+            if let Some(a) = src.audit.as_mut().filter(|_| ready_next() == Some(true)) {
                 match a.recv() {
                     Ok(recs) => events.extend(recs.into_iter().map(|r| (Some(r.pid), What::Seccomp(r)))),
                     Err(_) => st.lost(),
                 }
             }
-            if let Some(f) = src.flows.as_mut().filter(|_| ready.next() == Some(true)) {
+            if let Some(f) = src.flows.as_mut().filter(|_| ready_next() == Some(true)) {
                 match f.recv() {
                     Ok(flows) => events.extend(flows.into_iter().map(|f| (None, What::Connect(f)))),
                     Err(_) => st.lost(),
                 }
             }
-            if let Some(w) = src.writes.as_ref().filter(|_| ready.next() == Some(true)) {
+            if let Some(w) = src.writes.as_ref().filter(|_| ready_next() == Some(true)) {
                 match w.recv() {
                     Ok((ws, lost)) => {
                         if lost {
@@ -480,6 +546,52 @@ impl Detector {
                     }
                     Err(_) => st.lost(),
                 }
+            }
+            // Refused calls wait for their answer: each is judged first (its process is
+            // there to be read), then refused with EPERM. A filter whose processes are
+            // all gone hangs up and is dropped.
+            if let Some(mut n) = src.notify.take() {
+                if ready_next() == Some(true) {
+                    n.accept();
+                }
+                let filters = std::mem::take(&mut n.filters);
+                for f in filters {
+                    let Some((_, revents)) = ready.next() else {
+                        n.filters.push(f);
+                        continue;
+                    };
+                    if revents.contains(PollFlags::POLLIN) {
+                        match skiff_sys::seccomp_notify::receive(f.as_fd()) {
+                            Ok(Some(call)) => {
+                                judge(
+                                    &agent,
+                                    &rules,
+                                    &st,
+                                    &mut seen,
+                                    src.writes.as_ref(),
+                                    Some(call.pid as i32),
+                                    notified(call),
+                                );
+                                if let Err(e) = skiff_sys::seccomp_notify::refuse(
+                                    f.as_fd(),
+                                    call.id,
+                                    nix::errno::Errno::EPERM as i32,
+                                ) {
+                                    warn!("answering a refused call: {e}");
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                warn!("reading a refused call: {e}");
+                                continue;
+                            }
+                        }
+                    }
+                    if !revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL) {
+                        n.filters.push(f);
+                    }
+                }
+                src.notify = Some(n);
             }
             for (pid, what) in events {
                 judge(&agent, &rules, &st, &mut seen, src.writes.as_ref(), pid, what);
