@@ -195,6 +195,9 @@ pub struct Agent {
     security_stopped: Mutex<HashSet<String>>,
     /// The threat detector, when it runs.
     detector: std::sync::OnceLock<detect::Detector>,
+    /// The listener seccomp filters hand refused calls to (`<data>/seccomp.sock`), where
+    /// the kernel and runc can: it answers them whether or not the detector runs.
+    seccomp_listener: Option<detect::refused::Listener>,
 }
 
 /// The node's runtime backends; each instance uses its deployment's.
@@ -283,6 +286,8 @@ impl Agent {
         }
         let data = &cfg.data_dir;
         std::fs::create_dir_all(data).map_err(|e| AgentError::Other(format!("creating {}: {e}", data.display())))?;
+        // Before any container is made or `exec`ed into: runc needs it answering.
+        let seccomp_listener = detect::refused::Listener::start(&data.join("seccomp.sock"));
         // gVisor is offered only where a sandbox runs (about 0.1 s to find out).
         if let Err(why) = runsc_status() {
             info!("the runsc runtime (gVisor) is not offered: {why}");
@@ -370,6 +375,7 @@ impl Agent {
             warned: Default::default(),
             security_stopped: Default::default(),
             detector: Default::default(),
+            seccomp_listener,
         });
         if let Some(rules) = agent.cfg.detect.clone() {
             match detect::Detector::start(&agent, rules) {

@@ -49,6 +49,8 @@ const MERGE_GAP: u64 = 4 << 10;
 const RANGES_PER_REQUEST: usize = 64;
 /// A partial pull is made only when it fetches at most this share of the blob (percent).
 const WORTH_PERCENT: u64 = 75;
+/// The longest run of zeros taken as such without fetching it.
+const MAX_ZEROS: u64 = 64 << 20;
 
 /// Where a zstd:chunked layer's TOC is, from the layer's annotations.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,7 +165,7 @@ impl Toc {
                     return Err(format!("{}: a chunk among the chunks of {}", e.name, reg.name));
                 }
                 let Some(prev) = out.last_mut() else { return Err(format!("{}: a chunk without its file", e.name)) };
-                if e.chunk_offset != prev.at + prev.len {
+                if Some(e.chunk_offset) != prev.at.checked_add(prev.len) {
                     return Err(format!("{}: the chunk at {} does not follow the one before", e.name, e.chunk_offset));
                 }
                 prev.end = e.offset;
@@ -213,8 +215,9 @@ impl Toc {
 /// Ends a file's chunks at its `endOffset` and checks that they hold its size.
 fn close_file(out: &mut [Piece], file: Option<(usize, &Entry)>) -> Result<(), String> {
     let Some((first, reg)) = file else { return Ok(()) };
-    let total: u64 = out[first..].iter().map(|p| p.len).sum();
-    if total != reg.size {
+    let total = out[first..].iter().try_fold(0u64, |t, p| t.checked_add(p.len));
+    if total != Some(reg.size) {
+        let total = total.map_or_else(|| "more than 2^64".to_string(), |t| t.to_string());
         return Err(format!("{}: its chunks hold {total} bytes, not {}", reg.name, reg.size));
     }
     if let Some(last) = out.last_mut() {
@@ -301,6 +304,23 @@ impl ImageStore {
         Toc::parse(&bytes).ok()
     }
 
+    /// The layers of the images this store holds from `registry`/`repository` (the
+    /// platform this node runs). Only those may give a partial pull its chunks: the TOC
+    /// that asks is the registry's word, and what the node finds (or not) shows in the
+    /// ranges it fetches, so looking in another repository's layers would let a registry
+    /// test guesses about their files.
+    pub(crate) fn layers_of_repository(&self, registry: &str, repository: &str) -> std::collections::HashSet<String> {
+        let mut out = std::collections::HashSet::new();
+        for reference in self.refs_map().unwrap_or_default().into_keys() {
+            let same = crate::registry::RemoteRef::parse(&reference)
+                .is_ok_and(|r| r.registry == registry && r.repository == repository);
+            if let (true, Ok(info)) = (same, self.resolve(&reference)) {
+                out.extend(info.layers.into_iter().map(|l| l.diff_id));
+            }
+        }
+        out
+    }
+
     /// The layers held whole (unpacked), by diff_id, with their directories.
     fn held_layers(&self) -> Vec<(String, PathBuf)> {
         let dir = self.root().join("layers");
@@ -318,26 +338,47 @@ impl ImageStore {
         out
     }
 
-    /// Which of `pieces` this store holds, each read and checked now: zero chunks, chunks
-    /// named in the TOCs of held layers, and chunks at the same path and offset in a held
-    /// layer (an unchanged file, or an edit that kept the file's length).
-    pub(crate) fn find_local(&self, pieces: &[Piece]) -> Vec<Option<Local>> {
+    /// Which of `pieces` the layers `allowed` hold, each read and checked now: zero
+    /// chunks, chunks named in the TOCs of those layers, and chunks at the same path and
+    /// offset in one of them (an unchanged file, or an edit that kept the file's length).
+    /// A place is read once however many pieces name it.
+    pub(crate) fn find_local(
+        &self,
+        pieces: &[Piece],
+        allowed: &std::collections::HashSet<String>,
+    ) -> Vec<Option<Local>> {
         let mut found: Vec<Option<Local>> = vec![None; pieces.len()];
         let mut wanted: HashMap<[u8; 32], Vec<usize>> = HashMap::new();
+        // Runs of zeros, by length (each length hashed once, and only up to a bound).
+        let mut zero_digests: HashMap<u64, [u8; 32]> = HashMap::new();
         for (i, p) in pieces.iter().enumerate() {
-            if p.zeros && matches(Ok(zeros(p.len)), p.len, &p.digest) {
+            let zero = p.zeros
+                && p.len <= MAX_ZEROS
+                && *zero_digests.entry(p.len).or_insert_with(|| {
+                    let mut h = Sha256::new();
+                    let _ = std::io::copy(&mut zeros(p.len), &mut h);
+                    h.finalize().into()
+                }) == p.digest;
+            if zero {
                 found[i] = Some(Local::Zeros);
             } else {
                 wanted.entry(p.digest).or_default().push(i);
             }
         }
-        let layers = self.held_layers();
+        let layers: Vec<(String, PathBuf)> =
+            self.held_layers().into_iter().filter(|(d, _)| allowed.contains(d)).collect();
+        // Each place read at most once, found or not.
+        let mut tried: std::collections::HashSet<(PathBuf, String, u64, u64)> = Default::default();
+        let mut check = |root: &PathBuf, name: &str, at: u64, len: u64, digest: &[u8; 32]| {
+            tried.insert((root.clone(), name.to_string(), at, len))
+                && matches(open_at(root, name, at, len), len, digest)
+        };
         for (diff_id, root) in &layers {
             let Some(held) = self.stored_toc(diff_id).and_then(|t| t.pieces(u64::MAX).ok()) else { continue };
             for h in held {
                 let Some(idx) = wanted.get(&h.digest) else { continue };
                 let open = idx.iter().any(|&i| found[i].is_none() && pieces[i].len == h.len);
-                if open && matches(open_at(root, &h.name, h.at, h.len), h.len, &h.digest) {
+                if open && check(root, &h.name, h.at, h.len, &h.digest) {
                     for &i in idx {
                         if found[i].is_none() && pieces[i].len == h.len {
                             found[i] = Some(Local::File { root: root.clone(), name: h.name.clone(), at: h.at });
@@ -351,7 +392,7 @@ impl ImageStore {
                 continue;
             }
             for (_, root) in &layers {
-                if matches(open_at(root, &p.name, p.at, p.len), p.len, &p.digest) {
+                if check(root, &p.name, p.at, p.len, &p.digest) {
                     found[i] = Some(Local::File { root: root.clone(), name: p.name.clone(), at: p.at });
                     break;
                 }
@@ -576,10 +617,18 @@ pub(crate) async fn pull_layer(
 ) -> Result<Option<Partial>, ImageError> {
     let Some(r) = toc_ref(desc) else { return Ok(None) };
     let r = r?;
-    if store.held_layers().is_empty() {
+    let hex = sha256_hex(&desc.digest)?.to_string();
+    let _one = crate::registry::one_download(store, &hex).await?;
+    if store.has_blob(&desc.digest) || store.layer_dir(&layer.diff_id).is_ok_and(|d| d.exists()) {
+        return Ok(Some(Partial { reused: 0 }));
+    }
+    let (st, registry, repository) = (Arc::clone(store), client.r.registry.clone(), client.r.repository.clone());
+    let allowed = tokio::task::spawn_blocking(move || st.layers_of_repository(&registry, &repository))
+        .await
+        .map_err(|e| ImageError::Malformed { what: "plan task".into(), problem: e.to_string() })?;
+    if allowed.is_empty() {
         return Ok(None);
     }
-    let hex = sha256_hex(&desc.digest)?.to_string();
     let short = hex[..12].to_string();
     let what = format!("blob {} (zstd:chunked)", desc.digest);
     // The TOC with the skippable frame's header before it: the data ends there.
@@ -594,9 +643,14 @@ pub(crate) async fn pull_layer(
     let json = decode_toc(&r, raw).map_err(|p| malformed(desc, p))?;
     let toc = Toc::parse(&json).map_err(|p| malformed(desc, p))?;
     let pieces = toc.pieces(data_end).map_err(|p| malformed(desc, p))?;
+    // The files together are no larger than the layer may unpack to.
+    let limit = crate::bomb::Cap::for_layer(desc.size, store.root()).limit();
+    if pieces.iter().try_fold(0u64, |t, p| t.checked_add(p.len)).is_none_or(|t| t > limit) {
+        return Err(malformed(desc, format!("its TOC names more than the {limit} bytes the layer may unpack to")));
+    }
     let st = Arc::clone(store);
     let plan = tokio::task::spawn_blocking(move || {
-        let local = st.find_local(&pieces);
+        let local = st.find_local(&pieces, &allowed);
         Plan::new(pieces, local, data_end)
     })
     .await
@@ -615,7 +669,7 @@ pub(crate) async fn pull_layer(
         desc.size,
         plan.ranges.len()
     ));
-    let parts_path = store.root().join("tmp").join(format!("chunked-{hex}"));
+    let parts_path = store.root().join("tmp").join(crate::store::io_tmp_name(&format!("chunked-{}", &hex[..12])));
     let parts = fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -628,9 +682,12 @@ pub(crate) async fn pull_layer(
         let (st, layer) = (Arc::clone(store), layer.clone());
         let tmp = store.root().join("tmp");
         tokio::task::spawn_blocking(move || {
-            let toc_json = json;
             st.keep_rebuilt(&layer, plan.stream(parts), &tmp)?;
-            st.put_toc(&layer.diff_id, &toc_json)
+            // Best effort: without it, later pulls still find unchanged files by path.
+            if let Err(e) = st.put_toc(&layer.diff_id, &json) {
+                tracing::warn!(layer = %layer.diff_id, "zstd:chunked TOC not kept: {e}");
+            }
+            Ok::<(), ImageError>(())
         })
         .await
         .map_err(|e| ImageError::Malformed { what: "rebuild task".into(), problem: e.to_string() })?
@@ -650,16 +707,24 @@ async fn fetch_small(
     start: u64,
     end: u64,
 ) -> Result<Option<Vec<u8>>, ImageError> {
-    let resp = client.get_ranges(what, digest, &format!("bytes={start}-{}", end - 1)).await?;
+    let mut resp = client.get_ranges(what, digest, &format!("bytes={start}-{}", end - 1)).await?;
     if resp.status().as_u16() != 206 {
         return Ok(None);
     }
-    let body = resp.bytes().await.map_err(|e| client.err(what, e.to_string()))?;
-    client.arrived(body.len()).await;
-    if body.len() as u64 != end - start {
-        return Err(client.err(what, format!("asked for {} bytes, got {}", end - start, body.len())));
+    let want = (end - start) as usize;
+    let mut body = Vec::with_capacity(want.min(1 << 20));
+    // Read no further than asked for: a registry cannot make the node hold more.
+    while let Some(c) = resp.chunk().await.map_err(|e| client.err(what, e.to_string()))? {
+        client.arrived(c.len()).await;
+        if body.len() + c.len() > want {
+            return Err(client.err(what, format!("asked for {want} bytes, got more")));
+        }
+        body.extend_from_slice(&c);
     }
-    Ok(Some(body.to_vec()))
+    if body.len() != want {
+        return Err(client.err(what, format!("asked for {want} bytes, got {}", body.len())));
+    }
+    Ok(Some(body))
 }
 
 /// Fetches `ranges` of the blob into `parts` at their own offsets, in multi-range
@@ -696,7 +761,7 @@ async fn fetch_ranges(
                 return Err(client
                     .err(what, format!("ranges refused: {}", crate::registry::Client::status_problem(status, ""))));
             }
-            read_parts(client, what, resp, desc.size, parts, &mut got, |n| {
+            read_parts(client, what, resp, desc.size, &batch, parts, &mut got, |n| {
                 done += n;
                 (opts.progress)(crate::registry::PullEvent::Blob { digest: &desc.digest, size: total, done });
             })
@@ -708,8 +773,10 @@ async fn fetch_ranges(
         let after: u64 = missing.iter().map(|(s, e)| e - s).sum();
         match outcome {
             Err(e @ ImageError::Registry { .. }) if after == before => return Err(e),
-            Err(e) if after == before => {
+            // A round that brought nothing counts against the attempts, an error or not.
+            r if after == before => {
                 failures += 1;
+                let e = r.err().unwrap_or_else(|| client.err(what, "the registry sent none of the ranges asked for"));
                 if failures >= client.attempts.max(1) {
                     return Err(e);
                 }
@@ -746,16 +813,21 @@ fn subtract(have: &[(u64, u64)], got: &[(u64, u64)]) -> Vec<(u64, u64)> {
 }
 
 /// Reads a 206 answer (one range, or `multipart/byteranges`) into `parts`, noting each
-/// whole range written in `got` (a range cut short counts up to where it was cut).
+/// range written in `got` (a range cut short counts up to where it was cut). Only parts
+/// inside the ranges `asked` are taken, each once: an answer cannot make the node write
+/// more than it asked for, nor go on forever.
+#[allow(clippy::too_many_arguments)]
 async fn read_parts(
     client: &crate::registry::Client,
     what: &str,
     resp: reqwest::Response,
     size: u64,
+    asked: &[(u64, u64)],
     parts: &fs::File,
     got: &mut Vec<(u64, u64)>,
     mut progress: impl FnMut(u64),
 ) -> Result<(), ImageError> {
+    let inside = |(s, e): (u64, u64)| asked.iter().any(|&(a, b)| a <= s && e <= b);
     let ct = resp.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let single = resp
         .headers()
@@ -771,11 +843,14 @@ async fn read_parts(
         .map(|b| b.trim_matches('"').to_string());
     let Some(boundary) = boundary else {
         let (s, e) = single.ok_or_else(|| client.err(what, "a 206 answer without Content-Range"))?;
+        if !inside((s, e)) {
+            return Err(client.err(what, format!("sent bytes {s}..{e}, which were not asked for")));
+        }
         return body.copy_to(client, what, parts, s, e, got, &mut progress).await;
     };
-    // Parts: `--boundary`, headers, a blank line, the bytes; then `--boundary--`. Bounded
-    // by the body's length.
-    loop {
+    // Parts: `--boundary`, headers, a blank line, the bytes; then `--boundary--`. At most
+    // one part per range asked for.
+    for _ in 0..=asked.len() {
         let mut line = body.line(client, what).await?;
         if line.is_empty() {
             line = body.line(client, what).await?;
@@ -799,8 +874,12 @@ async fn read_parts(
             }
         }
         let (s, e) = range.ok_or_else(|| client.err(what, "a part without Content-Range"))?;
+        if !inside((s, e)) || got.iter().any(|&(a, b)| a < e && s < b) {
+            return Err(client.err(what, format!("sent bytes {s}..{e}, which were not asked for")));
+        }
         body.copy_to(client, what, parts, s, e, got, &mut progress).await?;
     }
+    Err(client.err(what, "a multipart answer with more parts than ranges asked for"))
 }
 
 /// `bytes a-b/size` as `a..b+1`, checked against the blob's size.
@@ -898,8 +977,9 @@ impl Body {
         }
         .await;
         if pos > s {
-            got.push((s, pos));
-            got.sort_unstable();
+            // Kept sorted by insertion (parts come in order, mostly at the end).
+            let at = got.partition_point(|r| r.0 < s);
+            got.insert(at, (s, pos));
         }
         result
     }

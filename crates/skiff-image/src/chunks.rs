@@ -411,7 +411,7 @@ impl ImageStore {
     /// Unpacks a layer's rebuilt tar `src` (checking the diff_id) and keeps the tar, by
     /// its diff_id, as the source of later deltas. `tmp` holds the tar meanwhile.
     pub(crate) fn keep_rebuilt(&self, l: &LayerRef, src: impl Read, tmp: &std::path::Path) -> Result<(), ImageError> {
-        let tar_path = tmp.join(format!("layer-{}.tar", sha256_hex(&l.diff_id)?));
+        let tar_path = tmp.join(crate::store::io_tmp_name(&format!("layer-{}", &sha256_hex(&l.diff_id)?[..12])));
         let tar = fs::File::create(&tar_path).ctx("create", &tar_path)?;
         let mut w = std::io::BufWriter::new(tar);
         // The chunks as they are (not what the unpacker makes of them: a gzip of the tar

@@ -1302,6 +1302,21 @@ impl StreamUnpack {
     }
 }
 
+/// One download of a blob at a time in a store (two pulls sharing a layer, a hub serving
+/// several nodes): the second finds it stored. Held until dropped.
+pub(crate) async fn one_download(
+    store: &Arc<ImageStore>,
+    hex: &str,
+) -> Result<nix::fcntl::Flock<std::fs::File>, ImageError> {
+    let lock_path = store.root().join("tmp").join(format!("lock-{hex}"));
+    tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path);
+        crate::gc::lock_exclusive(f.ctx("open", &lock_path)?, &lock_path)
+    })
+    .await
+    .map_err(|e| ImageError::Malformed { what: "download task".into(), problem: e.to_string() })?
+}
+
 /// Downloads one blob with resume and retries, then verifies and commits it. A layer
 /// (`unpack`) downloaded from its first byte is unpacked on the way.
 async fn fetch_blob(
@@ -1314,15 +1329,7 @@ async fn fetch_blob(
     let hex = sha256_hex(&desc.digest)?.to_string();
     let short = &hex[..12];
     let partial = store.root().join("tmp").join(format!("partial-{hex}"));
-    // One download of a blob at a time in a store (two pulls sharing a layer, a hub
-    // serving several nodes): the second finds it stored.
-    let lock_path = store.root().join("tmp").join(format!("lock-{hex}"));
-    let _one = tokio::task::spawn_blocking(move || {
-        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path);
-        crate::gc::lock_exclusive(f.ctx("open", &lock_path)?, &lock_path)
-    })
-    .await
-    .map_err(|e| ImageError::Malformed { what: "download task".into(), problem: e.to_string() })??;
+    let _one = one_download(store, &hex).await?;
     if store.has_blob(&desc.digest) {
         return Ok(());
     }

@@ -227,7 +227,7 @@ impl Stamp {
 /// (two pulls ending together, an eviction beside a pull).
 static REFS_WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn io_tmp_name(prefix: &str) -> String {
+pub(crate) fn io_tmp_name(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))

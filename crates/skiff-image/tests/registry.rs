@@ -585,19 +585,21 @@ fn zstd_chunked_layers_are_pulled_by_the_parts_the_node_lacks() -> R {
     }
     let (layer2, toc2) = chunked_toc(&reg, "team/app:2")?;
 
-    // The first version is pulled whole (nothing to build on); its TOCs are kept.
+    // The first version is pulled whole (nothing to build on); its TOCs are kept. Both
+    // through a proxy that counts the bytes.
+    let proxy = FaultProxy::start(reg.port, None, None)?;
     let store = Arc::new(ImageStore::open(tmp.path().join("store"))?);
-    let v1 = format!("127.0.0.1:{}/team/app:1", reg.port);
+    let v1 = format!("127.0.0.1:{}/team/app:1", proxy.port);
     rt().block_on(pull(Arc::clone(&store), &v1, &opts()))?;
     assert_eq!(std::fs::read_dir(store.root().join("tocs"))?.count(), 2, "a TOC per zstd:chunked layer");
 
     // The second: only the changed chunks, the new file and the tar headers cross the link.
-    let proxy = FaultProxy::start(reg.port, None, None)?;
+    let before = proxy.down.load(Ordering::Relaxed);
     let mut o = opts();
     let notes = noting(&mut o);
     let v2 = format!("127.0.0.1:{}/team/app:2", proxy.port);
     let rep = rt().block_on(pull(Arc::clone(&store), &v2, &o))?;
-    let through = proxy.down.load(Ordering::Relaxed);
+    let through = proxy.down.load(Ordering::Relaxed) - before;
     let notes = notes.lock().unwrap().clone();
     eprintln!(
         "figures: zstd:chunked layer {} B; pulled through the proxy {through} B ({:.1} %); reused {} B; notes: {notes:?}",
@@ -620,6 +622,15 @@ fn zstd_chunked_layers_are_pulled_by_the_parts_the_node_lacks() -> R {
     let whole = rt().block_on(pull(Arc::clone(&fresh), &v2, &opts()))?;
     assert_eq!(whole.bytes_reused, 0);
     assert_eq!(fresh.resolve(&v2)?.layers, info.layers);
+
+    // Only layers of the same repository lend their files: what a node finds shows in the
+    // ranges it fetches, and a registry's TOC must not be able to test guesses about the
+    // files of images from elsewhere. A node holding v1 as other/app fetches v2 whole.
+    reg.push_with(&tmp.path().join("app1"), "other/app:1", &["--dest-compress-format", "zstd:chunked"])?;
+    let foreign = Arc::new(ImageStore::open(tmp.path().join("foreign"))?);
+    rt().block_on(pull(Arc::clone(&foreign), &format!("127.0.0.1:{}/other/app:1", proxy.port), &opts()))?;
+    let rep = rt().block_on(pull(Arc::clone(&foreign), &v2, &opts()))?;
+    assert_eq!(rep.bytes_reused, 0, "nothing taken from another repository's layers");
 
     // A damaged part (a byte of the new file's frames, as the registry now sends it) is
     // refused by its chunk digest; the whole blob then fails its own digest, and nothing of

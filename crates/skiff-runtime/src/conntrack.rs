@@ -100,10 +100,9 @@ pub fn forwarded_to(to: IpAddr) -> std::io::Result<usize> {
 /// Deletes every tracked flow whose destination was rewritten (DNAT) to `to`, of any
 /// protocol: after an instance stops, a steady UDP client (syslog, CoAP) would otherwise
 /// keep its flow, and so its packets, pointed at the address, which the next instance to
-/// lease it then receives. An open TCP connection is never deleted: without its entry its
-/// packets go nowhere and its client hangs until a timeout, while kept, they reach the
-/// address and are answered (by the server, or with a reset). Returns how many were
-/// deleted.
+/// lease it then receives; an open TCP connection's next packet, tracked again, meets the
+/// port's rules anew and is reset instead of going on to an address nobody answers at.
+/// Only for an address no instance holds any more. Returns how many were deleted.
 pub fn forget_forwarded_to(to: IpAddr) -> std::io::Result<usize> {
     let mut tuples = vec![];
     let sock = dump(to, |flow| tuples.extend(forwarded_tuple(flow, to)))?;
@@ -147,7 +146,7 @@ fn dump(to: IpAddr, mut each: impl FnMut(&[u8])) -> std::io::Result<netlink_sys:
 
 /// The original-direction tuple attribute (as the kernel sent it) of a flow DNAT'd to `to`.
 fn forwarded_tuple(b: &[u8], to: IpAddr) -> Option<Vec<u8>> {
-    if !forwarded_by_us(b, to) || tcp_state(b).is_some_and(|s| TCP_OPEN_STATES.contains(&s)) {
+    if !forwarded_by_us(b, to) {
         return None;
     }
     let orig = find(b, CTA_TUPLE_ORIG)?;
@@ -419,8 +418,8 @@ mod tests {
             let info = nested(CTA_PROTOINFO, &[nested(CTA_PROTOINFO_TCP, &[attr(CTA_PROTOINFO_TCP_STATE, &[state])])]);
             [flow([10, 88, 0, 5], IPS_DST_NAT), info].concat()
         };
-        assert_eq!(forwarded_tuple(&tcp(3), to), None, "an established connection is kept");
-        assert_eq!(forwarded_tuple(&tcp(7), to), Some(orig.clone()), "one in time_wait goes");
+        assert_eq!(forwarded_tuple(&tcp(3), to), Some(orig.clone()), "an established connection goes");
+        assert_eq!(forwarded_tuple(&tcp(7), to), Some(orig.clone()), "one in time_wait too");
         let del = delete_request(2, &orig);
         assert_eq!(u16::from_ne_bytes([del[4], del[5]]), CT_DELETE);
         assert_eq!(&del[ATTRS_AT..], &orig[..]);

@@ -26,6 +26,29 @@ pub struct Call {
     pub arch: u32,
 }
 
+/// Whether this kernel hands calls to a listener as this module needs: user notification
+/// itself (Linux 5.0, probed with `SECCOMP_GET_NOTIF_SIZES`) and a filter's descriptor
+/// hanging up once its processes are gone (Linux 5.8; before, each `exec`'s filter would
+/// be kept for ever).
+pub fn supported() -> bool {
+    let release = rustix::system::uname().release().to_string_lossy().into_owned();
+    let mut v = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    if (major, minor) < (5, 8) {
+        return false;
+    }
+    let mut sizes = libc::seccomp_notif_sizes { seccomp_notif: 0, seccomp_notif_resp: 0, seccomp_data: 0 };
+    // SAFETY: SECCOMP_GET_NOTIF_SIZES writes one `struct seccomp_notif_sizes` into the
+    // structure pointed at, which lives on this frame for the whole call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_seccomp, libc::SECCOMP_GET_NOTIF_SIZES, 0, &mut sizes as *mut libc::seccomp_notif_sizes)
+    };
+    // The kernel's structures must not be larger than the ones this code passes.
+    rc == 0
+        && usize::from(sizes.seccomp_notif) <= std::mem::size_of::<libc::seccomp_notif>()
+        && usize::from(sizes.seccomp_notif_resp) <= std::mem::size_of::<libc::seccomp_notif_resp>()
+}
+
 fn skipped(e: &std::io::Error) -> bool {
     // ENOENT: the caller died (or was interrupted) before the call was read or answered.
     matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINTR))
@@ -123,6 +146,15 @@ mod tests {
         std::io::Write::write_all(&mut b, b"{}").unwrap();
         drop(b);
         assert!(receive_listener(&mut a).unwrap_err().to_string().contains("no descriptor"));
+    }
+
+    #[test]
+    fn this_kernel_is_probed() {
+        // This machine's kernel (6.x) has user notification; the probe must say so.
+        let release = rustix::system::uname().release().to_string_lossy().into_owned();
+        if release.starts_with("6.") {
+            assert!(supported(), "{release}");
+        }
     }
 
     #[test]

@@ -28,10 +28,10 @@
 //! the host, a parse and a map lookup. A burst that overflows a socket's buffer loses
 //! events, counted and logged.
 
+pub mod refused;
 pub mod rules;
 
 use crate::Agent;
-use nix::poll::PollFlags;
 use rules::{Action, Rule};
 use skiff_runtime::audit::{AuditEvents, SeccompRecord};
 use skiff_runtime::conntrack::{Flow, NewFlows};
@@ -91,7 +91,7 @@ pub fn load_rules(files: &[std::path::PathBuf]) -> Result<Vec<Rule>, String> {
 
 /// The container id of a process, from its cgroup path (`…/skiff/<id>`), if it is one of
 /// ours.
-fn container_of(cgroup: &str) -> Option<&str> {
+pub(crate) fn container_of(cgroup: &str) -> Option<&str> {
     cgroup.lines().find_map(|l| {
         let path = l.splitn(3, ':').nth(2)?;
         let rest = &path[path.find("/skiff/")? + "/skiff/".len()..];
@@ -108,7 +108,7 @@ fn read(path: String) -> Option<String> {
 
 /// At most `max` bytes of a `/proc` file: what a workload controls (its arguments, its
 /// socket table) may be large.
-fn read_capped(path: String, max: u64) -> Option<String> {
+pub(crate) fn read_capped(path: String, max: u64) -> Option<String> {
     use std::io::Read;
     let mut b = vec![];
     std::fs::File::open(path).ok()?.take(max).read_to_end(&mut b).ok()?;
@@ -340,56 +340,8 @@ struct Sources {
     audit: Option<AuditEvents>,
     flows: Option<NewFlows>,
     writes: Option<FileWrites>,
-    notify: Option<Notify>,
-}
-
-/// The listener containers' seccomp filters hand refused calls to (where runc cannot log
-/// them), and the notification descriptor of each filter runc sent it.
-struct Notify {
-    listener: std::os::unix::net::UnixListener,
-    filters: Vec<std::os::fd::OwnedFd>,
-}
-
-/// Filters listened to at once; a filter past that is dropped (its calls fail with ENOSYS).
-const MAX_FILTERS: usize = 8192;
-
-impl Notify {
-    /// Listens at `path` (only root may connect).
-    fn bind(path: &std::path::Path) -> std::io::Result<Notify> {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::remove_file(path);
-        let listener = std::os::unix::net::UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        listener.set_nonblocking(true)?;
-        Ok(Notify { listener, filters: vec![] })
-    }
-
-    /// Takes the filters runc connects with (its message is read with a bound).
-    fn accept(&mut self) {
-        for _ in 0..64 {
-            let Ok((mut stream, _)) = self.listener.accept() else { return };
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
-            match skiff_sys::seccomp_notify::receive_listener(&mut stream) {
-                Ok(_) if self.filters.len() >= MAX_FILTERS => warn!("too many seccomp filters to listen to"),
-                Ok((_, fd)) => self.filters.push(fd),
-                Err(e) => warn!("a seccomp filter's listener message: {e}"),
-            }
-        }
-    }
-}
-
-/// The event of a call a filter handed over, read while its caller waits for the answer.
-fn notified(call: skiff_sys::seccomp_notify::Call) -> What {
-    let comm = read_capped(format!("/proc/{}/comm", call.pid), 64).unwrap_or_default();
-    What::Seccomp(SeccompRecord {
-        pid: call.pid as i32,
-        arch: call.arch,
-        syscall: call.nr as u32,
-        // Answered as the filter's default would: SECCOMP_RET_ERRNO (EPERM).
-        code: 0x0005_0000,
-        comm: comm.trim_end().to_string(),
-    })
+    /// Refused calls from the seccomp listener, and the socket that says some wait.
+    refused: Option<(std::sync::mpsc::Receiver<refused::Refused>, std::os::unix::net::UnixStream)>,
 }
 
 fn optional<T>(what: &str, r: std::io::Result<T>) -> Option<T> {
@@ -460,22 +412,22 @@ impl Detector {
             audit: optional("seccomp records (listening sockets, refused calls)", AuditEvents::open()),
             flows: optional("connection tracking events (outbound connections)", NewFlows::open()),
             writes: optional("fanotify (files written)", FileWrites::open()),
-            notify: None,
+            refused: None,
         };
         let runc = skiff_runtime::runc::Runc::new("");
         let denials = src.audit.is_some() && runc.seccomp_flags().iter().any(|f| f == "SECCOMP_FILTER_FLAG_LOG");
         // Where runc cannot have refused calls logged, the filters hand them to the agent.
-        let socket = agent.cfg.data_dir.join("seccomp.sock");
-        if !denials && runc.seccomp_actions().iter().any(|a| a == "SCMP_ACT_NOTIFY") {
-            src.notify = optional("a seccomp listener (refused calls)", Notify::bind(&socket));
+        let listener = agent.seccomp_listener.as_ref().filter(|_| !denials);
+        if let Some(l) = listener {
+            src.refused = optional("refused calls from the seccomp listener", l.report());
         }
-        if !denials && src.notify.is_none() {
-            info!("refused system calls are not reported: this runc can neither log them (SECCOMP_FILTER_FLAG_LOG, runc 1.2) nor hand them over (SCMP_ACT_NOTIFY)");
+        if !denials && src.refused.is_none() {
+            info!("refused system calls are not reported: this runc cannot log them (SECCOMP_FILTER_FLAG_LOG, runc 1.2), nor can they be handed over here (SCMP_ACT_NOTIFY, Linux 5.8)");
         }
         let seccomp_audit = skiff_runtime::seccomp::Audit {
             listens: src.audit.is_some(),
             denials,
-            notify: src.notify.as_ref().map(|_| socket),
+            notify: listener.filter(|_| src.refused.is_some()).map(|l| l.path.clone()),
         };
         let stats = Arc::new(Stats::default());
         let (weak, st) = (Arc::downgrade(agent), Arc::clone(&stats));
@@ -488,17 +440,14 @@ impl Detector {
         }
         std::thread::Builder::new().name("detect".into()).spawn(move || loop {
             let ready = {
-                use nix::poll::{poll, PollFd, PollTimeout};
+                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
                 let mut fds = vec![PollFd::new(src.procs.as_fd(), PollFlags::POLLIN)];
                 fds.extend(src.audit.as_ref().map(|a| PollFd::new(a.as_fd(), PollFlags::POLLIN)));
                 fds.extend(src.flows.as_ref().map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN)));
                 fds.extend(src.writes.as_ref().map(|w| PollFd::new(w.as_fd(), PollFlags::POLLIN)));
-                if let Some(n) = &src.notify {
-                    fds.push(PollFd::new(n.listener.as_fd(), PollFlags::POLLIN));
-                    fds.extend(n.filters.iter().map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN)));
-                }
+                fds.extend(src.refused.as_ref().map(|(_, w)| PollFd::new(w.as_fd(), PollFlags::POLLIN)));
                 match poll(&mut fds, PollTimeout::NONE) {
-                    Ok(_) => fds.iter().map(|f| f.revents().unwrap_or(PollFlags::empty())).collect::<Vec<_>>(),
+                    Ok(_) => fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect::<Vec<_>>(),
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => {
                         warn!("threat detection stopped: {e}");
@@ -508,9 +457,8 @@ impl Detector {
             };
             let Some(agent) = weak.upgrade() else { return };
             let mut events: Vec<(Option<i32>, What)> = vec![];
-            let mut ready = ready.into_iter().map(|r| (!r.is_empty(), r));
-            let mut ready_next = || ready.next().map(|(any, _)| any);
-            if ready_next() == Some(true) {
+            let mut ready = ready.into_iter();
+            if ready.next() == Some(true) {
                 match src.procs.recv() {
                     Ok(b) => {
                         events.extend(b.into_iter().filter_map(|ProcEvent::Exec { pid, tgid }| {
@@ -524,19 +472,19 @@ impl Detector {
                     }
                 }
             }
-            if let Some(a) = src.audit.as_mut().filter(|_| ready_next() == Some(true)) {
+            if let Some(a) = src.audit.as_mut().filter(|_| ready.next() == Some(true)) {
                 match a.recv() {
                     Ok(recs) => events.extend(recs.into_iter().map(|r| (Some(r.pid), What::Seccomp(r)))),
                     Err(_) => st.lost(),
                 }
             }
-            if let Some(f) = src.flows.as_mut().filter(|_| ready_next() == Some(true)) {
+            if let Some(f) = src.flows.as_mut().filter(|_| ready.next() == Some(true)) {
                 match f.recv() {
                     Ok(flows) => events.extend(flows.into_iter().map(|f| (None, What::Connect(f)))),
                     Err(_) => st.lost(),
                 }
             }
-            if let Some(w) = src.writes.as_ref().filter(|_| ready_next() == Some(true)) {
+            if let Some(w) = src.writes.as_ref().filter(|_| ready.next() == Some(true)) {
                 match w.recv() {
                     Ok((ws, lost)) => {
                         if lost {
@@ -547,54 +495,26 @@ impl Detector {
                     Err(_) => st.lost(),
                 }
             }
-            // Refused calls wait for their answer: each is judged first (its process is
-            // there to be read), then refused with EPERM. A filter whose processes are
-            // all gone hangs up and is dropped.
-            if let Some(mut n) = src.notify.take() {
-                if ready_next() == Some(true) {
-                    n.accept();
-                }
-                let filters = std::mem::take(&mut n.filters);
-                for f in filters {
-                    let Some((_, revents)) = ready.next() else {
-                        n.filters.push(f);
-                        continue;
-                    };
-                    if revents.contains(PollFlags::POLLIN) {
-                        match skiff_sys::seccomp_notify::receive(f.as_fd()) {
-                            Ok(Some(call)) => {
-                                judge(
-                                    &agent,
-                                    &rules,
-                                    &st,
-                                    &mut seen,
-                                    src.writes.as_ref(),
-                                    Some(call.pid as i32),
-                                    notified(call),
-                                );
-                                if let Err(e) = skiff_sys::seccomp_notify::refuse(
-                                    f.as_fd(),
-                                    call.id,
-                                    nix::errno::Errno::EPERM as i32,
-                                ) {
-                                    warn!("answering a refused call: {e}");
-                                }
-                            }
-                            Ok(None) => {}
-                            Err(e) => {
-                                warn!("reading a refused call: {e}");
-                                continue;
-                            }
-                        }
-                    }
-                    if !revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL) {
-                        n.filters.push(f);
-                    }
-                }
-                src.notify = Some(n);
+            let mut refused = vec![];
+            if let Some((rx, wake)) = src.refused.as_ref().filter(|_| ready.next() == Some(true)) {
+                let mut buf = [0u8; 256];
+                while matches!(std::io::Read::read(&mut &*wake, &mut buf), Ok(n) if n > 0) {}
+                refused.extend(rx.try_iter().take(4096));
+            }
+            for r in refused {
+                judge(
+                    &agent,
+                    &rules,
+                    &st,
+                    &mut seen,
+                    src.writes.as_ref(),
+                    Some(r.record.pid),
+                    What::Seccomp(r.record),
+                    Some(r.id),
+                );
             }
             for (pid, what) in events {
-                judge(&agent, &rules, &st, &mut seen, src.writes.as_ref(), pid, what);
+                judge(&agent, &rules, &st, &mut seen, src.writes.as_ref(), pid, what, None);
             }
         })?;
         Ok(Detector { stats, seccomp_audit })
@@ -611,6 +531,7 @@ impl Stats {
 }
 
 /// Attributes one event to its container and runs the rules on it.
+#[allow(clippy::too_many_arguments)]
 fn judge(
     agent: &Arc<Agent>,
     rules: &[Rule],
@@ -619,6 +540,8 @@ fn judge(
     writes: Option<&FileWrites>,
     pid: Option<i32>,
     what: What,
+    // The container, when the source already knows it (the caller may be gone by now).
+    id_hint: Option<String>,
 ) {
     let counter = match what {
         What::Exec => &st.execs,
@@ -627,10 +550,11 @@ fn judge(
         What::Seccomp(_) => &st.seccomp,
     };
     counter.fetch_add(1, Ordering::Relaxed);
-    let id = match (&what, pid) {
+    let id = match (&what, pid, id_hint) {
+        (_, _, Some(id)) => id,
         // A flow from the node itself (loopback) is no container's.
-        (What::Connect(f), _) if f.src.is_loopback() => return,
-        (What::Connect(f), _) => {
+        (What::Connect(f), _, None) if f.src.is_loopback() => return,
+        (What::Connect(f), _, None) => {
             // Rebuilt when a container was first seen since, and for an address it lacks
             // (an instance whose address was recorded after that), at most once a second.
             let lacks = !seen.ips.contains_key(&f.src)
@@ -643,12 +567,12 @@ fn judge(
             let Some(id) = seen.ips.get(&f.src) else { return };
             id.clone()
         }
-        (_, Some(pid)) => {
+        (_, Some(pid), None) => {
             let Some(cg) = read(format!("/proc/{pid}/cgroup")) else { return };
             let Some(id) = container_of(&cg) else { return };
             id.to_string()
         }
-        (_, None) => return,
+        (_, None, None) => return,
     };
     if matches!(what, What::Exec) {
         st.in_containers.fetch_add(1, Ordering::Relaxed);
