@@ -10,6 +10,7 @@
 //! <data>/pki/node.pem     its certificate
 //! <data>/pki/node.next.*  a renewed key and certificate on their way in
 //! <data>/pki/joined.json  which hub, under which name
+//! <data>/pki/hubs.json    every hub of the fleet's store, as the hubs last said
 //! ```
 //!
 //! Certificates expire (90 days by default) and are renewed over the tunnel when a third
@@ -133,6 +134,25 @@ impl Identity {
     fn write(&self, f: &str, text: &str) -> Result<(), JoinError> {
         skiff_sys::durable::write(&self.path(f), text.as_bytes(), 0o600)
             .map_err(|e| JoinError::File { path: e.path, message: e.source.to_string() })
+    }
+
+    /// Every hub of the fleet's store, as the hubs last said (at the join, then over the
+    /// tunnel): where the agent goes when its own hub is gone. Kept across restarts.
+    pub fn learned_hubs(&self) -> Vec<String> {
+        let Ok(bytes) = skiff_sys::regular::read(&self.path("hubs.json"), 64 << 10) else { return vec![] };
+        let list: Vec<String> = serde_json::from_slice(&bytes).unwrap_or_default();
+        skiff_model::proto::usable_hubs(&list)
+    }
+
+    /// Keeps the hubs a hub named (usable entries only); whether the list changed.
+    pub fn learn_hubs(&self, hubs: &[String]) -> Result<bool, JoinError> {
+        let list = skiff_model::proto::usable_hubs(hubs);
+        if list.is_empty() || list == self.learned_hubs() {
+            return Ok(false);
+        }
+        let text = serde_json::to_string_pretty(&list).map_err(|e| JoinError::Pki(e.to_string()))?;
+        self.write("hubs.json", &text)?;
+        Ok(true)
     }
 }
 
@@ -282,6 +302,7 @@ async fn join_at(
     // The record of the join last: a crash before it leaves a node that joins again.
     id.write("node.pem", &resp.cert)?;
     id.write("ca.pem", &resp.ca)?;
+    id.learn_hubs(&resp.hubs)?;
     skiff_sys::crash::point("agent.join.cert-written");
     let j = serde_json::to_vec_pretty(&Joined { hub: hub.to_string(), node: name.to_string() })
         .map_err(|e| JoinError::Pki(e.to_string()))?;

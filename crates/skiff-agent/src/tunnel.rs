@@ -39,19 +39,21 @@ const SILENCE: Duration = Duration::from_secs(45);
 /// Keeps the one connection to the hub open (reconnecting with jittered back-off) and
 /// runs the protocol on it, until the task is dropped.
 /// With several hubs (one active, the others standing by), a failed connection tries the
-/// next one at once; the back-off applies once every hub has failed.
+/// next one at once; the back-off applies once every hub has failed. The hubs are those
+/// given (`hubs`), then those the hubs named (`Identity::learned_hubs`, read again before
+/// each connection).
 pub async fn run(agent: Arc<Agent>, hubs: Vec<String>, node: String, id: Arc<Identity>, every: Duration) {
-    let urls: Vec<String> = hubs
-        .iter()
-        .map(|h| format!("{}/api/v1/nodes/{node}/tunnel", h.trim_end_matches('/').replacen("https://", "wss://", 1)))
-        .collect();
-    if urls.is_empty() {
-        tracing::error!("no hub to connect to");
-        return;
-    }
     let mut failures = 0u32;
     let mut at = 0usize;
     loop {
+        let urls: Vec<String> = candidates(&hubs, &id.learned_hubs())
+            .iter()
+            .map(|h| format!("{h}/api/v1/nodes/{node}/tunnel").replacen("https://", "wss://", 1))
+            .collect();
+        if urls.is_empty() {
+            tracing::error!("no hub to connect to");
+            return;
+        }
         let url = &urls[at % urls.len()];
         // Read at each connection: a renewal replaces the certificate.
         let tls = match id.tls() {
@@ -102,6 +104,18 @@ pub async fn run(agent: Arc<Agent>, hubs: Vec<String>, node: String, id: Arc<Ide
         };
         tokio::time::sleep(wait).await;
     }
+}
+
+/// The hubs to try, in order: those given, then those learned, once each.
+fn candidates(given: &[String], learned: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = vec![];
+    for h in given.iter().chain(learned) {
+        let h = h.trim_end_matches('/').to_string();
+        if !out.contains(&h) {
+            out.push(h);
+        }
+    }
+    out
 }
 
 fn frame(c: &Control) -> String {
@@ -175,6 +189,11 @@ where
                             }
                         }
                         Ok(Control::RenewNow) => renew_now = true,
+                        Ok(Control::Hubs { hubs }) => match id.learn_hubs(&hubs) {
+                            Ok(true) => tracing::info!(hubs = %hubs.join(", "), "the fleet's hubs"),
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!("keeping the fleet's hubs: {e}"),
+                        },
                         Ok(Control::Renewed { cert }) => {
                             let Some((key, _)) = renewing.take() else { continue };
                             match id.install_renewal(&key, &cert) {
@@ -383,6 +402,23 @@ async fn answer(agent: Arc<Agent>, op: Op, out: Replies) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn given_hubs_come_first_then_learned_ones_once_each() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            super::candidates(&v(&["https://a:1/", "https://b:1"]), &v(&["https://c:1", "https://a:1"])),
+            v(&["https://a:1", "https://b:1", "https://c:1"])
+        );
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("pki")).unwrap();
+        let id = crate::join::Identity::new(t.path());
+        assert!(id.learned_hubs().is_empty());
+        assert!(id.learn_hubs(&v(&["https://a:1", "http://x:1", "https://b:2"])).unwrap());
+        assert!(!id.learn_hubs(&v(&["https://a:1", "https://b:2"])).unwrap(), "unchanged");
+        assert!(!id.learn_hubs(&[]).unwrap(), "an empty list forgets nothing");
+        assert_eq!(id.learned_hubs(), v(&["https://a:1", "https://b:2"]));
+    }
+
     #[test]
     fn output_is_cut_at_character_boundaries() {
         let text = "aé".repeat(10);

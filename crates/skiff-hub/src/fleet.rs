@@ -158,6 +158,9 @@ pub struct Fleet {
     /// When each node last had a report refused with an event (one a minute at most, so a
     /// node cannot flush the security log or grow this with made-up names).
     refused: Mutex<HashMap<String, u64>>,
+    /// Every hub of the store (the binary keeps it current): told to nodes at their join,
+    /// when their tunnel opens and when it changes.
+    hubs: tokio::sync::watch::Sender<Vec<String>>,
 }
 
 /// How long a node certificate is valid unless the hub is told otherwise.
@@ -253,7 +256,23 @@ impl Fleet {
             runtimes_changed: Mutex::new(BTreeMap::new()),
             security: crate::events::EventLog::new("fleet", 1000),
             refused: Mutex::new(Default::default()),
+            hubs: tokio::sync::watch::channel(vec![]).0,
         })
+    }
+
+    /// The hubs of the store, as nodes should know them (usable entries only).
+    pub fn set_hubs(&self, hubs: &[String]) {
+        let list = skiff_model::proto::usable_hubs(hubs);
+        self.hubs.send_if_modified(|h| {
+            let changed = *h != list;
+            *h = list;
+            changed
+        });
+    }
+
+    /// The hubs nodes are told of, and their changes.
+    pub fn hubs(&self) -> tokio::sync::watch::Receiver<Vec<String>> {
+        self.hubs.subscribe()
     }
 
     /// Node certificates are valid this long (and renewed at two thirds of it).
@@ -409,7 +428,7 @@ impl Fleet {
             self.security.push(now, &req.node, "NodeReplaced", msg);
         }
         self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(JoinResponse { cert: cert.pem, ca: self.ca.pem().to_string() })
+        Ok(JoinResponse { cert: cert.pem, ca: self.ca.pem().to_string(), hubs: self.hubs.borrow().clone() })
     }
 
     /// Closes the node's tunnel and drops what it reported (it was replaced or revoked).

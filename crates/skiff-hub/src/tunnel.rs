@@ -26,7 +26,12 @@ use tokio::sync::mpsc;
 /// Sends the acknowledgement of samples received (if one is owed); false: the link is gone.
 async fn ack_now(socket: &mut axum::extract::ws::WebSocket, unacked: &mut Option<u64>) -> bool {
     let Some(through) = unacked.take() else { return true };
-    let Ok(frame) = serde_json::to_string(&Control::MetricsAck { through }) else { return true };
+    send_frame(socket, &Control::MetricsAck { through }).await
+}
+
+/// Sends one control frame; false when the socket is gone.
+async fn send_frame(socket: &mut axum::extract::ws::WebSocket, c: &Control) -> bool {
+    let Ok(frame) = serde_json::to_string(c) else { return true };
     socket.send(axum::extract::ws::Message::Text(frame.into())).await.is_ok()
 }
 
@@ -50,6 +55,8 @@ pub async fn serve(
     f.touch(&name);
     tracing::info!(node = %name, "tunnel open");
     let mut changes = f.subscribe();
+    // The store's hubs: told once the node said hello, and again when they change.
+    let mut hubs = f.hubs();
     // The revision the node holds (from its hello), and what was last pushed to it.
     let mut node_rev: Option<u64> = None;
     let mut pushed: Option<Vec<skiff_model::proto::Assigned>> = None;
@@ -103,6 +110,10 @@ pub async fn serve(
                             }
                             node_rev = Some(revision);
                             push = true;
+                            let list = hubs.borrow_and_update().clone();
+                            if !list.is_empty() && !send_frame(&mut socket, &Control::Hubs { hubs: list }).await {
+                                break;
+                            }
                             let stale = f.store_node(&name).is_some_and(|rec| f.should_renew(&rec, f.now_ms()));
                             if stale {
                                 if let Some(frame) = send(&Control::RenewNow) {
@@ -202,6 +213,15 @@ pub async fn serve(
                     break;
                 }
                 push = true;
+            }
+            r = hubs.changed(), if node_rev.is_some() => {
+                if r.is_err() {
+                    break;
+                }
+                let list = hubs.borrow_and_update().clone();
+                if !list.is_empty() && !send_frame(&mut socket, &Control::Hubs { hubs: list }).await {
+                    break;
+                }
             }
             _ = t.kick.notified() => break,
             _ = ping.tick() => {

@@ -68,6 +68,31 @@ pub struct JoinRequest {
 pub struct JoinResponse {
     pub cert: String,
     pub ca: String,
+    /// Every hub of the fleet's store (`https://` URLs), for the agent to follow when its
+    /// own goes away (absent from older hubs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<String>,
+}
+
+/// The most hubs a list may name, and the longest URL in it.
+pub const MAX_HUBS: usize = 32;
+pub const MAX_HUB_URL: usize = 256;
+
+/// The usable entries of a hub list, in order, once each: `https://` URLs of bounded
+/// length, at most [`MAX_HUBS`]. What a hub says is checked like any input.
+pub fn usable_hubs<'a>(list: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    let mut out: Vec<String> = vec![];
+    for h in list {
+        let h = h.trim().trim_end_matches('/');
+        let host = h.strip_prefix("https://").unwrap_or("");
+        let fine = !host.is_empty()
+            && h.len() <= MAX_HUB_URL
+            && host.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c));
+        if fine && out.len() < MAX_HUBS && !out.iter().any(|o| o == h) {
+            out.push(h.to_string());
+        }
+    }
+    out
 }
 
 /// A join token as `skiff token create` prints it: `SK1.<ca-sha256>.<id>.<secret>`, as K3s
@@ -277,6 +302,9 @@ pub enum Control {
     Renewed { cert: String },
     /// Hub → agent: renew now (the certificate is older than this hub allows).
     RenewNow,
+    /// Hub → agent: every hub of the fleet's store, on connecting and when the list
+    /// changes: where the agent goes when this hub is gone.
+    Hubs { hubs: Vec<String> },
 }
 
 /// How often the hub pings a tunnel; a node that answers nothing for three of these is
@@ -286,6 +314,30 @@ pub const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hub_lists_keep_only_usable_urls() {
+        let list: Vec<String> = [
+            "https://hub-a.example:8443/",
+            "https://hub-a.example:8443",
+            "http://plain:80",
+            "https://[::1]:8443",
+            "https://evil host/",
+            "https://",
+            "file:///etc/passwd",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(std::iter::once(format!("https://{}", "a".repeat(300))))
+        .collect();
+        assert_eq!(usable_hubs(&list), ["https://hub-a.example:8443", "https://[::1]:8443"]);
+        let many: Vec<String> = (0..100).map(|i| format!("https://h{i}:1")).collect();
+        assert_eq!(usable_hubs(&many).len(), MAX_HUBS);
+        let c: Control = serde_json::from_str(r#"{"type":"hubs","hubs":["https://a:1"]}"#).unwrap();
+        assert_eq!(c, Control::Hubs { hubs: vec!["https://a:1".into()] });
+        let old: JoinResponse = serde_json::from_str(r#"{"cert":"c","ca":"a"}"#).unwrap();
+        assert!(old.hubs.is_empty(), "an older hub's answer");
+    }
 
     #[test]
     fn frames_are_flat_json() {

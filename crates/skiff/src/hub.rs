@@ -343,16 +343,24 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     // The other hubs of the store go into admin.conf too (the CLI uses whichever
     // answers), and again whenever one is added.
     let conf = ClientConfig { server: server.clone(), token: admin_token.clone(), ca: Some(ca_pem), servers: vec![] };
-    let others = |all: Vec<String>| all.into_iter().filter(|h| *h != server).collect::<Vec<_>>();
-    let mut known = others(store.hubs(Some(&server))?);
+    // Nodes are told every hub (this one first), to follow when theirs goes away.
+    let with_me = |all: Vec<String>, me: &str| -> Vec<String> {
+        std::iter::once(me.to_string()).chain(all.into_iter().filter(|h| h != me)).collect()
+    };
+    let all = with_me(store.hubs(Some(&server))?, &server);
+    fleet.set_hubs(&all);
+    let mut known = all[1..].to_vec();
     crate::config::write(&conf_path, &ClientConfig { servers: known.clone(), ..conf.clone() })?;
-    let (store2, conf_path2, server2) = (Arc::clone(&store), conf_path.clone(), server.clone());
+    let (store2, conf_path2, server2, fleet2) =
+        (Arc::clone(&store), conf_path.clone(), server.clone(), Arc::clone(&fleet));
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(10)).await;
             let s = Arc::clone(&store2);
             let Ok(Ok(all)) = tokio::task::spawn_blocking(move || s.hubs(None)).await else { continue };
-            let now: Vec<String> = all.into_iter().filter(|h| *h != server2).collect();
+            let all = with_me(all, &server2);
+            fleet2.set_hubs(&all);
+            let now: Vec<String> = all[1..].to_vec();
             if now != known {
                 known = now;
                 if let Err(e) =

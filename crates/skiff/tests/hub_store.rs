@@ -104,7 +104,8 @@ fn admin_token(h: &Node) -> String {
 
 /// Two hubs on a three-member etcd: one active, one standing by (not listening). The active one is
 /// killed; the standby takes over within the lease, with the shared CA and admin token,
-/// and the node (given both hubs) follows it without restarting its workload. The first
+/// and the node (given hub a only: it learns b from the hubs) follows it without
+/// restarting its workload. The first
 /// hub, back, stands by; a clean stop of the active one hands over at once.
 #[test]
 fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_restart() -> R {
@@ -127,16 +128,20 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
 
     let token = a.ok(&["token", "create"])?.trim().to_string();
     let mut node = Node::new()?;
-    let hubs = format!("{},https://{listen_b}", a.server()?);
-    start_agent_in(None, &mut node, &hubs, Some(&token), Some("edge-1"), &[], &[])?;
+    // The agent is given hub a only: it learns the others from the hubs.
+    start_agent_in(None, &mut node, &a.server()?, Some(&token), Some("edge-1"), &[], &[])?;
     wait_for(30 * SEC, "the agent to join", || node.data().join("pki/joined.json").exists().then_some(()))?;
     a.ok(&["run", IMAGE, "--name", "svc", "--restart", "always", "--", "sleep", "1000"])?;
     wait_placed(&a, &[("edge-1", "svc-1")])?;
     let before = pids(&a);
 
-    // The operator's config names every hub of the store (b registered as it started).
+    // The operator's config names every hub of the store (b registered as it started),
+    // and so does the node's list, told over its tunnel.
     wait_for(30 * SEC, "hub b in a's admin.conf", || {
         std::fs::read_to_string(a.data().join("admin.conf")).ok()?.contains(&listen_b).then_some(())
+    })?;
+    wait_for(30 * SEC, "hub b in the node's list", || {
+        std::fs::read_to_string(node.data().join("pki/hubs.json")).ok()?.contains(&listen_b).then_some(())
     })?;
 
     // The active hub dies without a word (its lease is not given up).
