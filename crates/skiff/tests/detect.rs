@@ -167,5 +167,15 @@ fn files_written_listening_sockets_and_outbound_connections_are_caught() -> R {
     n.wait_running("quiet-1")?;
     std::thread::sleep(SEC);
     assert!(!security(&n).iter().any(|e| e.object == "quiet-1"), "{:?}", security(&n));
+
+    // The agent killed and started again without detection still listens for the filters
+    // of the containers it made (runc fails an `exec` that finds nobody): `exec` works,
+    // and a refused call is refused as before.
+    n.kill_up()?;
+    n.up_with(None, &["--no-detect"])?;
+    n.wait_running("web-1")?;
+    let out = n.cli(&["exec", "web-1", "--", "sh", "-c", "mount -t tmpfs none /mnt; echo rc=$?"])?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("rc=1") && text.contains("denied"), "after the restart: {text}");
     Ok(())
 }
