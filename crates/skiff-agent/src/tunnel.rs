@@ -41,20 +41,26 @@ const SILENCE: Duration = Duration::from_secs(45);
 /// With several hubs (one active, the others standing by), a failed connection tries the
 /// next one at once; the back-off applies once every hub has failed. The hubs are those
 /// given (`hubs`), then those the hubs named (`Identity::learned_hubs`, read again before
-/// each connection).
-pub async fn run(agent: Arc<Agent>, hubs: Vec<String>, node: String, id: Arc<Identity>, every: Duration) {
+/// each connection). `connected` is set to the hub a connection is made to (where the
+/// node's image pulls go).
+pub async fn run(
+    agent: Arc<Agent>,
+    hubs: Vec<String>,
+    node: String,
+    id: Arc<Identity>,
+    every: Duration,
+    connected: Arc<std::sync::RwLock<String>>,
+) {
     let mut failures = 0u32;
     let mut at = 0usize;
     loop {
-        let urls: Vec<String> = candidates(&hubs, &id.learned_hubs())
-            .iter()
-            .map(|h| format!("{h}/api/v1/nodes/{node}/tunnel").replacen("https://", "wss://", 1))
-            .collect();
-        if urls.is_empty() {
+        let bases = candidates(&hubs, &id.learned_hubs());
+        if bases.is_empty() {
             tracing::error!("no hub to connect to");
             return;
         }
-        let url = &urls[at % urls.len()];
+        let base = &bases[at % bases.len()];
+        let url = &format!("{base}/api/v1/nodes/{node}/tunnel").replacen("https://", "wss://", 1);
         // Read at each connection: a renewal replaces the certificate.
         let tls = match id.tls() {
             Ok(t) => Arc::new(t),
@@ -81,6 +87,9 @@ pub async fn run(agent: Arc<Agent>, hubs: Vec<String>, node: String, id: Arc<Ide
         match tokio::time::timeout(Duration::from_secs(10), dial).await {
             Ok(Ok((ws, _))) => {
                 failures = 0;
+                if let Ok(mut c) = connected.write() {
+                    c.clone_from(base);
+                }
                 tracing::info!(hub = %url, "connected to the hub");
                 serve(&agent, &id, ws, every).await;
                 tracing::warn!(hub = %url, "lost the hub; running from local state");
@@ -97,10 +106,10 @@ pub async fn run(agent: Arc<Agent>, hubs: Vec<String>, node: String, id: Arc<Ide
             }
         }
         // The next hub at once (with a little jitter), until every one has failed.
-        let wait = if failures > 0 && !at.is_multiple_of(urls.len()) {
+        let wait = if failures > 0 && !at.is_multiple_of(bases.len()) {
             backoff(0) / 4
         } else {
-            backoff(failures / urls.len() as u32)
+            backoff(failures / bases.len() as u32)
         };
         tokio::time::sleep(wait).await;
     }

@@ -64,12 +64,29 @@ pub struct ProxyLayer {
 /// How an agent reaches its hub's image proxy.
 #[derive(Clone)]
 pub struct HubImages {
-    /// `https://hub:port/api/v1/nodes/<node>/images`.
-    pub base: String,
-    /// `https://hub:port/api/v1/nodes/<node>/site-caches`: the site's caches and token.
-    pub site_caches: String,
+    /// The hub the node is connected to (`https://hub:port`; the agent's tunnel changes it
+    /// when it moves to another hub of the fleet).
+    pub hub: Arc<std::sync::RwLock<String>>,
+    pub node: String,
     /// A client that presents the node's certificate (made per pull: it is renewed).
     pub client: Arc<dyn Fn() -> Result<reqwest::Client, String> + Send + Sync>,
+}
+
+impl HubImages {
+    fn at(&self, what: &str) -> String {
+        let hub = self.hub.read().map(|h| h.trim_end_matches('/').to_string()).unwrap_or_default();
+        format!("{hub}/api/v1/nodes/{}/{what}", self.node)
+    }
+
+    /// `https://hub:port/api/v1/nodes/<node>/images`.
+    pub fn base(&self) -> String {
+        self.at("images")
+    }
+
+    /// `https://hub:port/api/v1/nodes/<node>/site-caches`: the site's caches and token.
+    pub fn site_caches(&self) -> String {
+        self.at("site-caches")
+    }
 }
 
 /// Where a site cache answers (`<url>/skiff/v1/images/resolve`, `.../chunks`).
@@ -299,7 +316,8 @@ pub async fn pull(
     let client = (hub.client)().map_err(|e| proxy_err("client", e))?;
     let platform = opts.platform.clone().unwrap_or_else(crate::store::host_platform);
     let req = ResolveRequest { reference: reference.to_string(), platform: platform.to_string() };
-    let url = format!("{}/resolve", hub.base);
+    let base = hub.base();
+    let url = format!("{base}/resolve");
     // The hub may be pulling the image from its registry meanwhile.
     let resp = client
         .post(&url)
@@ -377,7 +395,7 @@ pub async fn pull(
         from_cache = from_site_cache(&client, hub, &req, &r.top, &remote, &mut pool, opts).await;
         received += from_cache;
     }
-    received += fetch(&client, &hub.base, None, &remote, &mut pool, opts, reference).await?;
+    received += fetch(&client, &base, None, &remote, &mut pool, opts, reference).await?;
     let (st, r2, rebuilt) = (Arc::clone(&store), r.clone(), todo.len());
     tokio::task::spawn_blocking(move || -> Result<(), ImageError> {
         let tmp = st.tmp_dir("rebuild")?;
@@ -428,7 +446,7 @@ async fn from_site_cache(
     pool: &mut Pool,
     opts: &PullOptions,
 ) -> u64 {
-    let site = match site_caches(client, &hub.site_caches).await {
+    let site = match site_caches(client, &hub.site_caches()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!("site caches not known: {e}");

@@ -76,7 +76,7 @@ fn cache_url(u: &str) -> Result<String> {
 async fn site_token(cache: Arc<skiff_agent::cache::SiteCache>, hub: skiff_image::proxy::HubImages) {
     loop {
         let got = match (hub.client)() {
-            Ok(client) => skiff_image::proxy::site_caches(&client, &hub.site_caches).await,
+            Ok(client) => skiff_image::proxy::site_caches(&client, &hub.site_caches()).await,
             Err(e) => Err(e),
         };
         let wait = match got {
@@ -97,12 +97,13 @@ async fn site_token(cache: Arc<skiff_agent::cache::SiteCache>, hub: skiff_image:
     }
 }
 
-/// The hub's image proxy for this node, reached with the node's certificate (read at
-/// each pull: it is renewed).
-fn hub_images(hub: &str, node: &str, id: Arc<Identity>) -> skiff_image::proxy::HubImages {
+/// The hub's image proxy for this node at the hub it is connected to (`hub`, which the
+/// tunnel keeps current), reached with the node's certificate (read at each pull: it is
+/// renewed).
+fn hub_images(hub: &Arc<std::sync::RwLock<String>>, node: &str, id: Arc<Identity>) -> skiff_image::proxy::HubImages {
     skiff_image::proxy::HubImages {
-        base: format!("{}/api/v1/nodes/{node}/images", hub.trim_end_matches('/')),
-        site_caches: format!("{}/api/v1/nodes/{node}/site-caches", hub.trim_end_matches('/')),
+        hub: Arc::clone(hub),
+        node: node.to_string(),
         client: Arc::new(move || {
             let tls = id.tls().map_err(|e| e.to_string())?;
             reqwest::Client::builder()
@@ -138,13 +139,11 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     let token = join_token(args)?;
     let node = skiff_agent::join::join(&id, &args.hub, token.as_deref(), &acfg.node_name, spec).await?;
     acfg.node_name = node.clone();
+    // The hub the tunnel is connected to (the first given until it connects).
+    let connected = Arc::new(std::sync::RwLock::new(args.hub.first().cloned().unwrap_or_default()));
     if !args.pull_direct {
         if let Some(pull) = acfg.pull.as_mut() {
-            pull.hub = Some(hub_images(
-                args.hub.first().map(String::as_str).unwrap_or_default(),
-                &node,
-                Arc::new(Identity::new(data)),
-            ));
+            pull.hub = Some(hub_images(&connected, &node, Arc::new(Identity::new(data))));
         }
     }
     let cache_listener = match args.serve_cache {
@@ -170,10 +169,7 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
                 tracing::error!("site cache: {e}");
             }
         });
-        tokio::spawn(site_token(
-            cache,
-            hub_images(args.hub.first().map(String::as_str).unwrap_or_default(), &node, Arc::new(Identity::new(data))),
-        ));
+        tokio::spawn(site_token(cache, hub_images(&connected, &node, Arc::new(Identity::new(data)))));
     }
     if let Some(addr) = &args.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-listen {addr}"))?;
@@ -193,7 +189,7 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     id.tls()?;
     let every = Duration::from_secs(args.heartbeat);
     let mut tunnel =
-        tokio::spawn(skiff_agent::tunnel::run(Arc::clone(&agent), hubs, node.clone(), Arc::new(id), every));
+        tokio::spawn(skiff_agent::tunnel::run(Arc::clone(&agent), hubs, node.clone(), Arc::new(id), every, connected));
     tokio::select! {
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}

@@ -691,7 +691,9 @@ fn an_update_through_the_hub_sends_only_the_changed_chunks() -> R {
     let mut a = Node::new()?;
     let metrics_port = common::free_port();
     let metrics = format!("127.0.0.1:{metrics_port}");
-    let server = format!("https://127.0.0.1:{}", link.port);
+    // A hub that is down comes first: the agent joins and connects through the next one,
+    // and its image pulls go to the hub it is connected to.
+    let server = format!("https://127.0.0.1:{},https://127.0.0.1:{}", common::free_port(), link.port);
     let policy_arg = policy.display().to_string();
     let extra = ["--metrics-listen", metrics.as_str(), "--policy", policy_arg.as_str()];
     start_agent_in(None, &mut a, &server, Some(&token), Some("edge-1"), &[], &extra)?;
