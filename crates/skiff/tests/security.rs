@@ -189,11 +189,29 @@ fn a_stolen_node_reaches_nothing_beyond_its_own_slots() -> R {
     )
     .map_err(anyhow::Error::msg)?;
     let url = format!("{}/api/v1/nodes/node-a/tunnel", server.replacen("https://", "wss://", 1));
+    let tls = Arc::new(tls);
+    let connect = || {
+        let connector = tokio_tungstenite::Connector::Rustls(Arc::clone(&tls));
+        tokio_tungstenite::connect_async_tls_with_config(url.clone(), None, false, Some(connector))
+    };
+    // Whether the hub closes the tunnel within 20 s.
+    async fn closed_by_hub<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> bool
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let end = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(m) = ws.next().await {
+                if m.is_err() || matches!(m, Ok(tokio_tungstenite::tungstenite::Message::Close(_))) {
+                    break;
+                }
+            }
+        })
+        .await;
+        end.is_ok()
+    }
     let future = skiff_runtime::time::now_ms() + 3_600_000;
     let closed = rt.block_on(async {
-        let connector = tokio_tungstenite::Connector::Rustls(Arc::new(tls));
-        let (mut ws, _) =
-            tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, false, Some(connector)).await?;
+        let (mut ws, _) = connect().await?;
         let mut sample = skiff_model::metrics::MetricsSample::example("node-b", future);
         sample.instances[0].instance = on_a.name.clone();
         sample.instances[0].deployment = "web".into();
@@ -212,18 +230,31 @@ fn a_stolen_node_reaches_nothing_beyond_its_own_slots() -> R {
             }
         }
         // The hub closes a tunnel that floods.
-        let end = tokio::time::timeout(Duration::from_secs(20), async {
-            while let Some(m) = ws.next().await {
-                if m.is_err() || matches!(m, Ok(tokio_tungstenite::tungstenite::Message::Close(_))) {
-                    break;
-                }
-            }
-        })
-        .await;
-        anyhow::Ok(end.is_ok())
+        anyhow::Ok(closed_by_hub(&mut ws).await)
     })?;
     assert!(closed, "the flooding tunnel was closed");
     assert!(h.events()?.iter().any(|e| e.reason == "FrameFlood" && e.object == "node-a"));
+    // A frame past the hub's bounds ends the tunnel too: 65 samples in one delta frame
+    // (64 at most), and a sample of more than 1,024 instances.
+    for frame in [
+        serde_json::json!({"type": "metricsdelta", "samples": vec![serde_json::json!([1, [], []]); 65], "through": 1}),
+        {
+            let mut sample = skiff_model::metrics::MetricsSample::example("node-a", future);
+            let one = sample.instances[0].clone();
+            sample.instances = vec![one; 1025];
+            let packed: skiff_model::metrics::PackedSample = (&sample).into();
+            serde_json::json!({"type": "metrics", "samples": [packed], "through": 1})
+        },
+    ] {
+        let closed = rt.block_on(async {
+            let (mut ws, _) = connect().await?;
+            let hello = serde_json::json!({"type": "hello", "revision": 0}).to_string();
+            ws.send(tokio_tungstenite::tungstenite::Message::Text(hello.into())).await?;
+            ws.send(tokio_tungstenite::tungstenite::Message::Text(frame.to_string().into())).await?;
+            anyhow::Ok(closed_by_hub(&mut ws).await)
+        })?;
+        assert!(closed, "a tunnel sending {} was closed", frame["type"]);
+    }
     let samples: Vec<skiff_model::metrics::MetricsSample> = rt.block_on(async {
         let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(h.data().join("admin.conf"))?)?;
         let admin = conf["token"].as_str().unwrap_or_default().to_string();
