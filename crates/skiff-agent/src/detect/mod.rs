@@ -416,12 +416,15 @@ impl Detector {
         };
         let runc = skiff_runtime::runc::Runc::new("");
         let denials = src.audit.is_some() && runc.seccomp_flags().iter().any(|f| f == "SECCOMP_FILTER_FLAG_LOG");
-        // Where runc cannot have refused calls logged, the filters hand them to the agent.
-        let listener = agent.seccomp_listener.as_ref().filter(|_| !denials);
+        // Where runc cannot have refused calls logged, the filters hand them to the agent,
+        // while a rule looks at them (runc's handshake with the listener costs each
+        // container start a few milliseconds).
+        let wanted = rules.iter().any(Rule::watches_refused_calls);
+        let listener = agent.seccomp_listener.as_ref().filter(|_| !denials && wanted);
         if let Some(l) = listener {
             src.refused = optional("refused calls from the seccomp listener", l.report());
         }
-        if !denials && src.refused.is_none() {
+        if !denials && wanted && src.refused.is_none() {
             info!("refused system calls are not reported: this runc cannot log them (SECCOMP_FILTER_FLAG_LOG, runc 1.2), nor can they be handed over here (SCMP_ACT_NOTIFY, Linux 5.8)");
         }
         let seccomp_audit = skiff_runtime::seccomp::Audit {
@@ -754,6 +757,11 @@ mod tests {
         std::fs::write(&f, "- rule: Terminal shell in container\n  enabled: false\n").unwrap();
         let r = load_rules(std::slice::from_ref(&f)).unwrap();
         assert!(!r.iter().any(|r| r.name == "Terminal shell in container"));
+        // Refused calls are handed over only while a rule looks at them.
+        assert!(r.iter().any(|r| r.watches_refused_calls()));
+        std::fs::write(&f, "- rule: System call refused by seccomp\n  enabled: false\n").unwrap();
+        let r = load_rules(std::slice::from_ref(&f)).unwrap();
+        assert!(!r.iter().any(|r| r.watches_refused_calls()), "only the shipped rule names them");
         std::fs::write(&f, "- rule: x\n  condition: proc.nope = 1\n  output: o\n").unwrap();
         assert!(load_rules(&[f]).unwrap_err().contains("proc.nope"));
     }

@@ -132,6 +132,29 @@ pub struct Rule {
     pub action: Action,
 }
 
+impl Rule {
+    /// Whether the rule looks at refused system calls (`evt.type` `seccomp`, or a
+    /// `seccomp.*` field): only then are they handed to the agent, which costs each
+    /// container start runc's handshake with the listener.
+    pub fn watches_refused_calls(&self) -> bool {
+        self.condition.names_seccomp()
+    }
+}
+
+impl Expr {
+    fn names_seccomp(&self) -> bool {
+        match self {
+            Expr::And(a, b) | Expr::Or(a, b) => a.names_seccomp() || b.names_seccomp(),
+            Expr::Not(a) => a.names_seccomp(),
+            Expr::Cmp { field, values, .. } => {
+                field.starts_with("seccomp.") || (field == "evt.type" && values.iter().any(|v| v == "seccomp"))
+            }
+            Expr::Truthy(field) => field.starts_with("seccomp."),
+            Expr::Const(_) => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Expr {
     And(Box<Expr>, Box<Expr>),
