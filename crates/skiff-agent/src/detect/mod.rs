@@ -582,7 +582,14 @@ fn judge(
     }
     // What a process loses first when it exits (its memory: the command line, the
     // executable) is read before anything slower.
-    let early = pid.filter(|_| matches!(what, What::Exec)).map(Ev::early).unwrap_or_default();
+    let mut early = pid.filter(|_| matches!(what, What::Exec)).map(Ev::early).unwrap_or_default();
+    // A refused call's process name, read while it waited for its answer (it may have
+    // exited since).
+    if let What::Seccomp(r) = &what {
+        if !r.comm.is_empty() {
+            early.insert("proc.name", Some(r.comm.clone()));
+        }
+    }
     // A container id comes back when an instance is removed and made again: a program
     // started on another overlay than the one seen is a new container.
     let remade = matches!(what, What::Exec)
