@@ -29,6 +29,16 @@ async fn ack_now(socket: &mut axum::extract::ws::WebSocket, unacked: &mut Option
     send_frame(socket, &Control::MetricsAck { through }).await
 }
 
+/// Tells the node the store's hubs as they are now (nothing while none are known); false
+/// when the socket is gone.
+async fn tell_hubs(
+    socket: &mut axum::extract::ws::WebSocket,
+    hubs: &mut tokio::sync::watch::Receiver<Vec<String>>,
+) -> bool {
+    let list = hubs.borrow_and_update().clone();
+    list.is_empty() || send_frame(socket, &Control::Hubs { hubs: list }).await
+}
+
 /// Sends one control frame; false when the socket is gone.
 async fn send_frame(socket: &mut axum::extract::ws::WebSocket, c: &Control) -> bool {
     let Ok(frame) = serde_json::to_string(c) else { return true };
@@ -110,8 +120,7 @@ pub async fn serve(
                             }
                             node_rev = Some(revision);
                             push = true;
-                            let list = hubs.borrow_and_update().clone();
-                            if !list.is_empty() && !send_frame(&mut socket, &Control::Hubs { hubs: list }).await {
+                            if !tell_hubs(&mut socket, &mut hubs).await {
                                 break;
                             }
                             let stale = f.store_node(&name).is_some_and(|rec| f.should_renew(&rec, f.now_ms()));
@@ -218,8 +227,7 @@ pub async fn serve(
                 if r.is_err() {
                     break;
                 }
-                let list = hubs.borrow_and_update().clone();
-                if !list.is_empty() && !send_frame(&mut socket, &Control::Hubs { hubs: list }).await {
+                if !tell_hubs(&mut socket, &mut hubs).await {
                     break;
                 }
             }

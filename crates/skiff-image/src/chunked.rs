@@ -623,9 +623,7 @@ pub(crate) async fn pull_layer(
         return Ok(Some(Partial { reused: 0 }));
     }
     let (st, registry, repository) = (Arc::clone(store), client.r.registry.clone(), client.r.repository.clone());
-    let allowed = tokio::task::spawn_blocking(move || st.layers_of_repository(&registry, &repository))
-        .await
-        .map_err(|e| ImageError::Malformed { what: "plan task".into(), problem: e.to_string() })?;
+    let allowed = crate::error::blocking("plan", move || st.layers_of_repository(&registry, &repository)).await?;
     if allowed.is_empty() {
         return Ok(None);
     }
@@ -636,8 +634,8 @@ pub(crate) async fn pull_layer(
     let head = fetch_small(client, &what, &desc.digest, data_end, r.offset + r.len).await?;
     let Some(head) = head else { return Ok(None) };
     let (frame, raw) = head.split_at(8);
-    let skippable = frame[0] & 0xf0 == 0x50 && frame[1..4] == [0x2a, 0x4d, 0x18];
-    if !skippable || u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]) as u64 != r.len {
+    if !crate::zstd::is_skippable(frame) || u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]) as u64 != r.len
+    {
         return Err(malformed(desc, "the TOC is not in a skippable frame of its own"));
     }
     let json = decode_toc(&r, raw).map_err(|p| malformed(desc, p))?;
@@ -649,12 +647,11 @@ pub(crate) async fn pull_layer(
         return Err(malformed(desc, format!("its TOC names more than the {limit} bytes the layer may unpack to")));
     }
     let st = Arc::clone(store);
-    let plan = tokio::task::spawn_blocking(move || {
+    let plan = crate::error::blocking("plan", move || {
         let local = st.find_local(&pieces, &allowed);
         Plan::new(pieces, local, data_end)
     })
-    .await
-    .map_err(|e| ImageError::Malformed { what: "plan task".into(), problem: e.to_string() })?;
+    .await?;
     if !plan.worth_it(desc.size) {
         opts.note(&format!(
             "{short}: zstd:chunked, but {} of {} bytes would be fetched; fetching the whole layer",
@@ -681,7 +678,7 @@ pub(crate) async fn pull_layer(
         fetch_ranges(client, &what, desc, &plan.ranges, &parts, opts).await?;
         let (st, layer) = (Arc::clone(store), layer.clone());
         let tmp = store.root().join("tmp");
-        tokio::task::spawn_blocking(move || {
+        crate::error::blocking("rebuild", move || {
             st.keep_rebuilt(&layer, plan.stream(parts), &tmp)?;
             // Best effort: without it, later pulls still find unchanged files by path.
             if let Err(e) = st.put_toc(&layer.diff_id, &json) {
@@ -689,8 +686,7 @@ pub(crate) async fn pull_layer(
             }
             Ok::<(), ImageError>(())
         })
-        .await
-        .map_err(|e| ImageError::Malformed { what: "rebuild task".into(), problem: e.to_string() })?
+        .await?
     }
     .await;
     let _ = fs::remove_file(&parts_path);

@@ -45,6 +45,16 @@ pub enum ImageError {
     InUse { reference: String, users: String },
 }
 
+/// Runs `f` on the blocking pool; a task that panicked is an error naming `what`.
+pub(crate) async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ImageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ImageError::Malformed { what: format!("{what} task"), problem: e.to_string() })
+}
+
 pub(crate) trait IoContext<T> {
     fn ctx(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T, ImageError>;
 }

@@ -920,7 +920,7 @@ async fn pull_inner(
             let Some(layer) = layer else { return Ok(reused) };
             // Already unpacked while it downloaded, unless the download had to resume.
             let st = Arc::clone(&store);
-            tokio::task::spawn_blocking(move || {
+            crate::error::blocking("unpack", move || {
                 st.ensure_layer(&layer)?;
                 // Its TOC, so that later versions are pulled by their parts.
                 if st.has_blob(&desc.digest) {
@@ -928,8 +928,7 @@ async fn pull_inner(
                 }
                 Ok(reused)
             })
-            .await
-            .map_err(|e| ImageError::Malformed { what: "unpack task".into(), problem: e.to_string() })?
+            .await?
         });
     }
     // On the first failure the others are told to stop, and are waited for: what they
@@ -1309,12 +1308,11 @@ pub(crate) async fn one_download(
     hex: &str,
 ) -> Result<nix::fcntl::Flock<std::fs::File>, ImageError> {
     let lock_path = store.root().join("tmp").join(format!("lock-{hex}"));
-    tokio::task::spawn_blocking(move || {
+    crate::error::blocking("download", move || {
         let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path);
         crate::gc::lock_exclusive(f.ctx("open", &lock_path)?, &lock_path)
     })
-    .await
-    .map_err(|e| ImageError::Malformed { what: "download task".into(), problem: e.to_string() })?
+    .await?
 }
 
 /// Downloads one blob with resume and retries, then verifies and commits it. A layer

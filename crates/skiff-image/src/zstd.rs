@@ -19,7 +19,12 @@ pub const MAX_WINDOW: u64 = 64 << 20;
 /// Whether `head` starts a zstd frame (a skippable frame also counts: zstd:chunked
 /// layers never start with one, but a zstd stream may).
 pub fn is_zstd(head: &[u8]) -> bool {
-    head.starts_with(&MAGIC) || (head.len() >= 4 && head[1..4] == [0x2a, 0x4d, 0x18] && head[0] & 0xf0 == 0x50)
+    head.starts_with(&MAGIC) || is_skippable(head)
+}
+
+/// Whether `head` starts a skippable frame (magic `0x184D2A5?`, little-endian).
+pub fn is_skippable(head: &[u8]) -> bool {
+    head.len() >= 4 && head[1..4] == [0x2a, 0x4d, 0x18] && head[0] & 0xf0 == 0x50
 }
 
 /// `Read` over every frame of a zstd stream, in order.

@@ -7,7 +7,7 @@
 //! | `execve`: a program started | the process connector | the process's cgroup |
 //! | `open` (`evt.is_open_write`): a file written | fanotify on each container's overlay | the writer's cgroup |
 //! | `listen`: a listening socket | the seccomp filter's `SCMP_ACT_LOG` on `listen`, read from the audit multicast | the caller's cgroup |
-//! | `seccomp`: a call the filter refused | the same records (`SECCOMP_FILTER_FLAG_LOG`, runc ≥ 1.2), or the call itself handed to the agent (`SCMP_ACT_NOTIFY`, runc 1.1), answered EPERM after it is judged | the caller's cgroup |
+//! | `seccomp`: a call the filter refused | the same records (`SECCOMP_FILTER_FLAG_LOG`, runc ≥ 1.2), or the call itself handed to the agent's listener (`SCMP_ACT_NOTIFY`, runc 1.1: `refused.rs`), answered EPERM, then judged | the caller's cgroup (for a handed-over call, read while it waits) |
 //! | `connect`: a new flow out of a container | connection tracking's events in the host's namespace | its source address |
 //!
 //! A match is a `SecurityAlert` event on the instance — shipped to the hub with the
@@ -91,7 +91,7 @@ pub fn load_rules(files: &[std::path::PathBuf]) -> Result<Vec<Rule>, String> {
 
 /// The container id of a process, from its cgroup path (`…/skiff/<id>`), if it is one of
 /// ours.
-pub(crate) fn container_of(cgroup: &str) -> Option<&str> {
+fn container_of(cgroup: &str) -> Option<&str> {
     cgroup.lines().find_map(|l| {
         let path = l.splitn(3, ':').nth(2)?;
         let rest = &path[path.find("/skiff/")? + "/skiff/".len()..];
@@ -108,7 +108,7 @@ fn read(path: String) -> Option<String> {
 
 /// At most `max` bytes of a `/proc` file: what a workload controls (its arguments, its
 /// socket table) may be large.
-pub(crate) fn read_capped(path: String, max: u64) -> Option<String> {
+fn read_capped(path: String, max: u64) -> Option<String> {
     use std::io::Read;
     let mut b = vec![];
     std::fs::File::open(path).ok()?.take(max).read_to_end(&mut b).ok()?;

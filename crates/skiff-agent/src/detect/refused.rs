@@ -182,7 +182,7 @@ fn answer(f: &mut Filter, sink: &Mutex<Option<Sink>>, dropped: &mut u64) -> bool
     // Read while the caller waits: it cannot exit before its answer.
     let attributed = reporting
         .then(|| {
-            let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", call.pid)).ok()?;
+            let cgroup = super::read(format!("/proc/{}/cgroup", call.pid))?;
             let id = super::container_of(&cgroup)?.to_string();
             let comm = super::read_capped(format!("/proc/{}/comm", call.pid), 64).unwrap_or_default();
             Some((id, comm.trim_end().to_string()))
