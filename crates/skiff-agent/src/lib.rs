@@ -26,6 +26,7 @@ mod publish;
 mod pull;
 pub mod rebuild;
 mod reconcile;
+pub mod session;
 mod start;
 pub mod state;
 mod stop;

@@ -17,7 +17,10 @@ use crate::join::Identity;
 use crate::Agent;
 use futures_util::{SinkExt, StreamExt};
 use skiff_model::metrics::{PackedSample, Shipment, Shipper};
-use skiff_model::proto::{Answer, Control, NodeStatus, Op, Reply, Request, CHUNK_BYTES, PING_EVERY, STREAM_WINDOW};
+use skiff_model::proto::{
+    Answer, Control, NodeStatus, Op, Reply, Request, SessionInput, SessionOutput, CHUNK_BYTES, INPUT_WINDOW,
+    PING_EVERY, STREAM_WINDOW,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
@@ -154,8 +157,7 @@ where
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
     // Requests being answered, with the credit of each one's stream.
-    let mut running: std::collections::HashMap<u64, (tokio::task::JoinHandle<()>, Arc<tokio::sync::Semaphore>)> =
-        Default::default();
+    let mut running: std::collections::HashMap<u64, Running> = Default::default();
     let mut tick = tokio::time::interval(every.min(SILENCE / 4));
     // The instances last reported: status goes out only when it changed (or events wait).
     let mut reported: Option<String> = None;
@@ -218,20 +220,29 @@ where
                             let Ok(req) = serde_json::from_str::<Request>(t.as_str()) else { continue };
                             match req.op {
                                 Op::Cancel => {
-                                    if let Some((h, _)) = running.remove(&req.id) {
-                                        h.abort();
+                                    if let Some(r) = running.remove(&req.id) {
+                                        r.task.abort();
                                     }
                                 }
                                 Op::Credit { frames } => {
-                                    if let Some((_, credit)) = running.get(&req.id) {
-                                        credit.add_permits((frames.min(STREAM_WINDOW)) as usize);
+                                    if let Some(r) = running.get(&req.id) {
+                                        r.credit.add_permits((frames.min(STREAM_WINDOW)) as usize);
                                     }
                                 }
+                                Op::Input { data } => give(&mut running, req.id, SessionInput::Data(data)),
+                                Op::Resize { cols, rows } => give(&mut running, req.id, SessionInput::Resize { cols, rows }),
+                                Op::InputEnd => give(&mut running, req.id, SessionInput::End),
                                 op => {
                                     let credit = Arc::new(tokio::sync::Semaphore::new(STREAM_WINDOW as usize));
                                     let out = Replies { id: req.id, tx: tx.clone(), credit: Arc::clone(&credit) };
-                                    let h = tokio::spawn(answer(Arc::clone(agent), op, out));
-                                    running.insert(req.id, (h, credit));
+                                    let (input, task) = match op {
+                                        Op::Session { instance, spec } => {
+                                            let (in_tx, in_rx) = tokio::sync::mpsc::channel(INPUT_WINDOW as usize);
+                                            (Some(in_tx), tokio::spawn(session(Arc::clone(agent), instance, spec, in_rx, out)))
+                                        }
+                                        op => (None, tokio::spawn(answer(Arc::clone(agent), op, out))),
+                                    };
+                                    running.insert(req.id, Running { task, credit, input });
                                 }
                             }
                         }
@@ -323,10 +334,97 @@ where
                 reported = Some(now);
             }
         }
-        running.retain(|_, (h, _)| !h.is_finished());
+        running.retain(|_, r| !r.task.is_finished());
     }
-    for (h, _) in running.values() {
-        h.abort();
+    for r in running.values() {
+        r.task.abort();
+    }
+}
+
+/// A request being answered: its task, its stream's credit and, for a session, where its
+/// input goes.
+struct Running {
+    task: tokio::task::JoinHandle<()>,
+    credit: Arc<tokio::sync::Semaphore>,
+    input: Option<tokio::sync::mpsc::Sender<SessionInput>>,
+}
+
+/// Hands one input frame to its session without waiting: a hub that sends beyond the
+/// session's window loses the session (as an agent beyond its stream's window does).
+fn give(running: &mut std::collections::HashMap<u64, Running>, id: u64, input: SessionInput) {
+    let Some(r) = running.get(&id) else { return };
+    let Some(tx) = r.input.as_ref() else { return };
+    if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = tx.try_send(input) {
+        tracing::warn!(request = id, "the hub sent a session more input than its window; session ended");
+        if let Some(r) = running.remove(&id) {
+            r.task.abort();
+        }
+    }
+}
+
+/// Serves one interactive exec: its output goes back as `data` answers (within the
+/// stream's credit), its input comes as requests of the same id and is acknowledged
+/// (`took`) as it is passed on; `took 0` first says it started. The command's end is the
+/// last answer. When this task is aborted (the hub cancelled, the tunnel went), the
+/// session's channels drop and the command is killed.
+async fn session(
+    agent: Arc<Agent>,
+    instance: String,
+    spec: skiff_model::proto::SessionSpec,
+    mut input: tokio::sync::mpsc::Receiver<SessionInput>,
+    out: Replies,
+) {
+    let (to_cmd, mut from_cmd) = match agent.exec_session(&instance, spec).await {
+        Ok(s) => s,
+        Err(e) => {
+            out.send(Answer::Error(e.to_string())).await;
+            return;
+        }
+    };
+    if !out.send(Answer::Took { frames: 0 }).await {
+        return;
+    }
+    let mut took = 0u32;
+    let mut input_open = true;
+    // One input frame waiting for room on the command's side. Output keeps flowing while
+    // it waits: a command that stops reading its stdin until its stdout is read (`cat` of
+    // a large input) must not stall both.
+    let mut pending: Option<SessionInput> = None;
+    loop {
+        tokio::select! {
+            o = from_cmd.recv() => {
+                let a = match o {
+                    Some(SessionOutput::Stdout(data)) => Answer::Data { stream: "stdout".into(), data },
+                    Some(SessionOutput::Stderr(data)) => Answer::Data { stream: "stderr".into(), data },
+                    Some(SessionOutput::Exit(code)) => {
+                        Answer::Exec(skiff_model::proto::ExecResult { code, stdout: String::new(), stderr: String::new() })
+                    }
+                    Some(SessionOutput::Error(e)) => Answer::Error(e),
+                    None => Answer::Error("the exec ended without an exit code".into()),
+                };
+                let last = a.is_last();
+                if !out.send(a).await || last {
+                    return;
+                }
+            }
+            i = input.recv(), if input_open && pending.is_none() => match i {
+                Some(i) => pending = Some(i),
+                None => input_open = false,
+            },
+            room = to_cmd.reserve(), if pending.is_some() => {
+                match (room, pending.take()) {
+                    (Ok(room), Some(i)) => room.send(i),
+                    _ => input_open = false,
+                }
+                took += 1;
+                if took >= INPUT_WINDOW / 2 {
+                    if !out.send(Answer::Took { frames: took }).await {
+                        return;
+                    }
+                    took = 0;
+                }
+            }
+        }
     }
 }
 
@@ -405,6 +503,8 @@ async fn answer(agent: Arc<Agent>, op: Op, out: Replies) {
             let end = skiff_model::proto::ExecResult { code: r.code, stdout: String::new(), stderr: String::new() };
             out.send(Answer::Exec(end)).await;
         }
+        // Served by `session`, or routed to one.
+        Op::Session { .. } | Op::Input { .. } | Op::Resize { .. } | Op::InputEnd => {}
         Op::Cancel | Op::Credit { .. } => {}
     }
 }

@@ -60,7 +60,7 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/deployments/{name}/undo", post(rollout_undo))
         .route("/api/v1/instances", get(list_instances))
         .route("/api/v1/instances/{name}/logs", get(logs))
-        .route("/api/v1/instances/{name}/exec", post(exec))
+        .route("/api/v1/instances/{name}/exec", post(exec).get(exec_session))
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/events", get(events))
         .route("/api/v1/metrics", get(samples))
@@ -410,6 +410,17 @@ async fn exec(
     let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(60_000).min(3_600_000));
     let r = node.exec(&name, b.argv, timeout).await.map_err(node_error)?;
     Ok(Json(r).into_response())
+}
+
+/// The interactive exec (see [`skiff_model::api::ExecControl`] for its messages).
+async fn exec_session(
+    State(hub): State<Shared>,
+    Path(name): Path<String>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let node = hub.node_of(&name).ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
+    let ws = ws.max_message_size(MAX_BODY).max_frame_size(MAX_BODY);
+    Ok(ws.on_upgrade(move |socket| crate::session::serve(node, name, socket)))
 }
 
 async fn nodes(

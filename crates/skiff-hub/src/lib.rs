@@ -23,6 +23,7 @@ pub mod pki;
 pub mod rollouts;
 pub mod schedule;
 pub mod serve;
+pub mod session;
 pub mod store;
 pub mod tls;
 pub mod tokens;
@@ -40,7 +41,7 @@ use store::Store;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-pub use node::{version_warnings, LocalNode, NodeError, NodeInfo, NodeLink};
+pub use node::{version_warnings, LocalNode, NodeError, NodeInfo, NodeLink, Session};
 pub use skiff_model::proto::ExecResult;
 
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@
 //! an in-process node also offers ([`LocalNode`]), and how that fails ([`NodeError`]).
 
 use crate::BoxFuture;
-use skiff_model::proto::ExecResult;
+use skiff_model::proto::{ExecResult, SessionInput, SessionOutput, SessionSpec};
 use skiff_model::{Deployment, EventRecord, InstanceStatus, LogLine};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -44,6 +44,16 @@ pub trait NodeLink: Send + Sync {
         argv: Vec<String>,
         timeout: Duration,
     ) -> BoxFuture<'_, Result<ExecResult, NodeError>>;
+    /// Starts an interactive exec (`skiff exec -i/-t`) and returns its channels once it
+    /// runs.
+    fn session(&self, instance: &str, spec: SessionSpec) -> BoxFuture<'_, Result<Session, NodeError>>;
+}
+
+/// An interactive exec as the hub holds it: input in; output, then the exit code (or an
+/// error), out. Dropping `output` ends the command.
+pub struct Session {
+    pub input: mpsc::Sender<SessionInput>,
+    pub output: mpsc::Receiver<SessionOutput>,
 }
 
 /// A node in the hub's own process (`skiff up`'s agent): given its deployments directly,

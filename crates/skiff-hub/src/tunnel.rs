@@ -13,9 +13,12 @@
 //! Liveness: the hub pings every 20 s unless the node was heard from in the last 10 s;
 //! any frame or pong marks the node seen. A ping's payload acknowledges resource samples.
 
-use crate::{BoxFuture, NodeError, NodeLink};
+use crate::{BoxFuture, NodeError, NodeLink, Session};
 use skiff_model::metrics::{MAX_INSTANCES, MAX_SAMPLES_PER_FRAME, METRICS_BATCH};
-use skiff_model::proto::{Answer, Control, ExecResult, Op, Reply, Request, PING_EVERY, STREAM_WINDOW};
+use skiff_model::proto::{
+    Answer, Control, ExecResult, Op, Reply, Request, SessionInput, SessionOutput, SessionSpec, INPUT_WINDOW,
+    PING_EVERY, STREAM_WINDOW,
+};
 use skiff_model::{EventRecord, InstanceStatus, LogLine};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -410,6 +413,17 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// Sends another request of this stream's id (a session's input), waiting for room in
+    /// the outgoing queue; false when the tunnel is gone.
+    async fn send(&self, op: Op) -> bool {
+        match serde_json::to_string(&Request { id: self.id, op }) {
+            Ok(f) => self.tunnel.out.send(f).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
 impl Drop for Stream {
     fn drop(&mut self) {
         self.tunnel.cancel(self.id);
@@ -514,6 +528,85 @@ impl NodeLink for RemoteLink {
             }
         })
     }
+
+    fn session(&self, instance: &str, spec: SessionSpec) -> BoxFuture<'_, Result<Session, NodeError>> {
+        let instance = instance.to_string();
+        Box::pin(async move {
+            let mut answers = self.tunnel()?.request(Op::Session { instance, spec })?;
+            let (out_tx, out_rx) = mpsc::channel(64);
+            match tokio::time::timeout(SESSION_START, answers.next()).await {
+                Ok(Some(Answer::Took { .. })) => {}
+                Ok(Some(Answer::Error(e))) => return Err(NodeError::Failed(e)),
+                Ok(_) => {
+                    return Err(NodeError::Failed(format!("node {:?} closed the tunnel before answering", self.name)))
+                }
+                Err(_) => {
+                    return Err(NodeError::Failed(format!(
+                        "node {:?} did not start the exec in {SESSION_START:?} (is its agent older than the hub?)",
+                        self.name
+                    )))
+                }
+            }
+            let (in_tx, in_rx) = mpsc::channel(INPUT_WINDOW as usize);
+            tokio::spawn(relay_session(answers, in_rx, out_tx));
+            Ok(Session { input: in_tx, output: out_rx })
+        })
+    }
+}
+
+/// How long a node has to say a session started (an agent too old to know sessions says
+/// nothing at all).
+const SESSION_START: Duration = Duration::from_secs(30);
+
+/// Carries one session between the hub's caller and the agent: output answers to the
+/// caller, the caller's input down as requests within the agent's input window.
+async fn relay_session(
+    mut answers: Stream,
+    mut input: mpsc::Receiver<SessionInput>,
+    output: mpsc::Sender<SessionOutput>,
+) {
+    // Input frames the agent has not yet said it took.
+    let mut in_flight = 0u32;
+    let mut input_open = true;
+    loop {
+        tokio::select! {
+            a = answers.next() => {
+                let o = match a {
+                    Some(Answer::Data { stream, data }) if stream == "stderr" => SessionOutput::Stderr(data),
+                    Some(Answer::Data { data, .. }) => SessionOutput::Stdout(data),
+                    Some(Answer::Took { frames }) => {
+                        in_flight = in_flight.saturating_sub(frames);
+                        continue;
+                    }
+                    Some(Answer::Exec(r)) => SessionOutput::Exit(r.code),
+                    Some(Answer::Error(e)) => SessionOutput::Error(e),
+                    Some(_) => continue,
+                    None => SessionOutput::Error("the node's tunnel closed during the exec".into()),
+                };
+                let last = matches!(o, SessionOutput::Exit(_) | SessionOutput::Error(_));
+                // Dropping `answers` (returning) cancels the exec on the agent.
+                if output.send(o).await.is_err() || last {
+                    return;
+                }
+            }
+            i = input.recv(), if input_open && in_flight < INPUT_WINDOW => {
+                let op = match i {
+                    Some(SessionInput::Data(data)) => Op::Input { data },
+                    Some(SessionInput::Resize { cols, rows }) => Op::Resize { cols, rows },
+                    Some(SessionInput::End) | None => {
+                        input_open = false;
+                        Op::InputEnd
+                    }
+                };
+                if !answers.send(op).await {
+                    let _ = output.send(SessionOutput::Error("the node's tunnel closed during the exec".into())).await;
+                    return;
+                }
+                in_flight += 1;
+            }
+            _ = output.closed() => return,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -569,6 +662,47 @@ mod tests {
         let credit: Request = serde_json::from_str(&out_rx.recv().await.unwrap()).unwrap();
         assert_eq!(credit, Request { id: b.id, op: Op::Credit { frames: STREAM_WINDOW / 2 } });
         drop(stalled);
+    }
+
+    fn reply(id: u64, answer: Answer) -> String {
+        serde_json::to_string(&Reply { id, answer }).unwrap()
+    }
+
+    /// A session's input goes down within the agent's window (a terminal pasted into never
+    /// floods the node); its output comes up in order and ends with the exit code.
+    #[tokio::test]
+    async fn a_session_sends_input_within_its_window() {
+        let (out_tx, mut out_rx) = mpsc::channel(256);
+        let t = Arc::new(Tunnel::new(out_tx, 1));
+        let spec = SessionSpec { argv: vec!["sh".into()], tty: true, stdin: true, cols: 80, rows: 24 };
+        let answers = t.request(Op::Session { instance: "x".into(), spec }).unwrap();
+        let start: Request = serde_json::from_str(&out_rx.recv().await.unwrap()).unwrap();
+        let (in_tx, in_rx) = mpsc::channel(256);
+        let (o_tx, mut o_rx) = mpsc::channel(8);
+        tokio::spawn(relay_session(answers, in_rx, o_tx));
+        for i in 0..100u8 {
+            in_tx.send(SessionInput::Data(vec![i])).await.unwrap();
+        }
+        let mut sent = vec![];
+        while let Ok(Some(f)) = tokio::time::timeout(Duration::from_millis(300), out_rx.recv()).await {
+            sent.push(serde_json::from_str::<Request>(&f).unwrap());
+        }
+        assert_eq!(sent.len(), INPUT_WINDOW as usize, "no more than the window before the agent takes some");
+        assert_eq!(sent[0], Request { id: start.id, op: Op::Input { data: vec![0] } });
+        t.deliver(&reply(start.id, Answer::Took { frames: 16 })).await;
+        let mut more = 0;
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), out_rx.recv()).await {
+            more += 1;
+        }
+        assert_eq!(more, 16, "as many more as the agent took");
+        t.deliver(&reply(start.id, Answer::Data { stream: "stdout".into(), data: b"hi".to_vec() })).await;
+        t.deliver(&reply(start.id, Answer::Data { stream: "stderr".into(), data: vec![0xff] })).await;
+        t.deliver(&reply(start.id, Answer::Exec(ExecResult { code: 3, stdout: String::new(), stderr: String::new() })))
+            .await;
+        assert_eq!(o_rx.recv().await, Some(SessionOutput::Stdout(b"hi".to_vec())));
+        assert_eq!(o_rx.recv().await, Some(SessionOutput::Stderr(vec![0xff])), "bytes, not text");
+        assert_eq!(o_rx.recv().await, Some(SessionOutput::Exit(3)));
+        assert_eq!(o_rx.recv().await, None);
     }
 
     #[tokio::test]

@@ -72,3 +72,32 @@ pub struct EventRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
 }
+
+/// The interactive exec's WebSocket (`GET /api/v1/instances/{name}/exec`). The client's
+/// first message is a [`crate::proto::SessionSpec`] (JSON text); after it, binary
+/// messages are standard input (at most [`crate::proto::INPUT_CHUNK`] bytes each) and text
+/// messages are [`ExecControl`]s. The hub sends output as binary messages whose first
+/// byte names the stream ([`EXEC_STDOUT`], [`EXEC_STDERR`]), and ends with one
+/// [`ExecEnd`] text message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ExecControl {
+    /// The client's terminal has a new size.
+    Resize { cols: u16, rows: u16 },
+    /// Standard input ended.
+    Eof,
+}
+
+/// The first byte of an output message: standard output (a terminal's only stream).
+pub const EXEC_STDOUT: u8 = 1;
+/// The first byte of an output message: standard error.
+pub const EXEC_STDERR: u8 = 2;
+
+/// How an interactive exec ended: the command's exit code, or why it could not run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecEnd {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -11,9 +11,11 @@
 //!   `assign`s when the node's assignment differs from what the node holds and `ack`s
 //!   events. After a reconnect only a changed assignment is sent — a restarted hub
 //!   sends nothing to nodes that are current.
-//! * Requests (hub → agent, `id` chosen by the hub, `op`: logs, exec, cancel, credit)
-//!   and [`Reply`]s for that id: log lines then `end`; exec output in chunks then its
-//!   result; or an error.
+//! * Requests (hub → agent, `id` chosen by the hub, `op`: logs, exec, session, cancel,
+//!   credit) and [`Reply`]s for that id: log lines then `end`; exec output in chunks
+//!   then its result; or an error. A `session` (an interactive exec) also takes
+//!   requests of its id the other way: `input`, `resize` and `inputend`, at most
+//!   [`INPUT_WINDOW`] of them before the agent says it `took` them.
 //!
 //! Flow control: a request's stream may have at most [`STREAM_WINDOW`] frames in flight;
 //! the hub grants more (`credit`) as its consumer takes them. A slow `logs -f` reader or
@@ -212,11 +214,120 @@ pub enum Op {
         argv: Vec<String>,
         timeout_ms: u64,
     },
+    /// An interactive exec (`skiff exec -i/-t`): output streams back as `data` answers,
+    /// input goes down as `input`, `resize` and `inputend` requests of the same id.
+    Session {
+        instance: String,
+        spec: SessionSpec,
+    },
+    /// Bytes for a session's standard input (at most [`INPUT_CHUNK`]).
+    Input {
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// A session's terminal has a new size.
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
+    /// A session's standard input is at its end.
+    InputEnd,
     Cancel,
     /// The hub's consumer took `frames` more frames of this request's stream.
     Credit {
         frames: u32,
     },
+}
+
+/// Input frames (`input`, `resize`, `inputend`) of one session the hub may send before the
+/// agent says it took them (`took`): the agent holds at most this many per session.
+pub const INPUT_WINDOW: u32 = 32;
+
+/// The most bytes one input frame carries.
+pub const INPUT_CHUNK: usize = 16 * 1024;
+
+/// How an interactive exec is started (the API's first message, and the tunnel's
+/// `session` request).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSpec {
+    pub argv: Vec<String>,
+    /// A terminal in the container (`-t`): output is the terminal's, one stream.
+    #[serde(default)]
+    pub tty: bool,
+    /// Standard input is passed on (`-i`); without it the command reads nothing.
+    #[serde(default)]
+    pub stdin: bool,
+    /// The terminal's size at the start (0: 80 × 24).
+    #[serde(default)]
+    pub cols: u16,
+    #[serde(default)]
+    pub rows: u16,
+}
+
+impl SessionSpec {
+    /// Checks what a caller asked for, naming the field at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.argv.is_empty() {
+            return Err("argv: must not be empty".into());
+        }
+        if self.argv.len() > 1024 {
+            return Err(format!("argv: {} arguments (at most 1024)", self.argv.len()));
+        }
+        if self.argv.iter().map(String::len).sum::<usize>() > 128 * 1024 {
+            return Err("argv: more than 128 KiB".into());
+        }
+        if let Some(i) = self.argv.iter().position(|a| a.contains('\0')) {
+            return Err(format!("argv[{i}]: contains a NUL byte"));
+        }
+        for (field, v) in [("cols", self.cols), ("rows", self.rows)] {
+            if v > 4096 {
+                return Err(format!("{field}: {v} is larger than 4096"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The terminal's size at the start, 80 × 24 when not given.
+    pub fn size(&self) -> (u16, u16) {
+        (if self.cols == 0 { 80 } else { self.cols }, if self.rows == 0 { 24 } else { self.rows })
+    }
+}
+
+/// What a caller sends into an interactive exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionInput {
+    Data(Vec<u8>),
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
+    /// Standard input ended (a pipe's end; a terminal's Ctrl-D is a byte like any other).
+    End,
+}
+
+/// What comes out of one, ending with `Exit` or `Error`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionOutput {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(i32),
+    Error(String),
+}
+
+/// Bytes as base64 text in JSON frames.
+mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(text.as_bytes()).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Frames of one request's stream the agent may send before the hub grants more.
@@ -246,13 +357,23 @@ pub enum Answer {
     /// An exec's end: its exit code (output sent before in `output` chunks, or here by
     /// agents that predate chunks).
     Exec(ExecResult),
+    /// A piece of a session's output (`stdout` or `stderr`; a terminal's is `stdout`).
+    Data {
+        stream: String,
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// The agent took this many input frames of a session (0: the session started).
+    Took {
+        frames: u32,
+    },
     Error(String),
 }
 
 impl Answer {
     /// Whether more answers follow this one.
     pub fn is_last(&self) -> bool {
-        !matches!(self, Answer::Log(_) | Answer::Output { .. })
+        !matches!(self, Answer::Log(_) | Answer::Output { .. } | Answer::Data { .. } | Answer::Took { .. })
     }
 }
 
@@ -314,6 +435,34 @@ pub const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_frames_carry_bytes_and_specs_are_checked() {
+        let r = Request { id: 7, op: Op::Input { data: vec![0, 0xff, b'\r'] } };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"id":7,"op":"input","data":"AP8N"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        let a = Reply { id: 7, answer: Answer::Data { stream: "stdout".into(), data: vec![0xe2, 0x82] } };
+        assert_eq!(serde_json::from_str::<Reply>(&serde_json::to_string(&a).unwrap()).unwrap(), a);
+        assert!(!Answer::Took { frames: 0 }.is_last() && !a.answer.is_last());
+        assert!(serde_json::from_str::<Request>(r#"{"id":1,"op":"input","data":"not base64!"}"#).is_err());
+
+        let ok = SessionSpec { argv: vec!["sh".into()], tty: true, stdin: true, cols: 0, rows: 0 };
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(ok.size(), (80, 24));
+        let bad = |f: fn(&mut SessionSpec)| {
+            let mut s = ok.clone();
+            f(&mut s);
+            s.validate().unwrap_err()
+        };
+        assert_eq!(bad(|s| s.argv.clear()), "argv: must not be empty");
+        assert_eq!(bad(|s| s.argv = vec!["a\0b".into()]), "argv[0]: contains a NUL byte");
+        assert_eq!(bad(|s| s.cols = 5000), "cols: 5000 is larger than 4096");
+        assert!(serde_json::from_str::<SessionSpec>(r#"{"argv":["sh"],"tyy":true}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("tyy"));
+    }
 
     #[test]
     fn hub_lists_keep_only_usable_urls() {

@@ -108,6 +108,22 @@ pub trait Runtime: Send + Sync {
     fn watch_pid(&self, id: &str) -> Option<i32>;
     fn signal(&self, id: &str, signal: &str) -> Result<(), RuntimeError>;
     fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<runc::ExecOutput, RuntimeError>;
+    /// Starts `argv` in the instance on the given stdio and returns it running (see
+    /// [`runc::Runc::exec_spawn`]); the command's host pid is written to `pid_file`.
+    fn exec_spawn(
+        &self,
+        id: &str,
+        argv: &[String],
+        tty: bool,
+        pid_file: &std::path::Path,
+        stdio: [std::process::Stdio; 3],
+    ) -> Result<std::process::Child, RuntimeError> {
+        let _ = (argv, tty, pid_file, stdio);
+        Err(RuntimeError::Unsupported {
+            id: id.to_string(),
+            what: format!("exec: the {} runtime has no processes to run a command in", self.kind()),
+        })
+    }
     /// Rewrites the instance's /etc/hosts in place (the bind mount keeps its inode).
     fn update_hosts(&self, id: &str, hosts: &str) -> Result<(), RuntimeError>;
     /// Stops nothing: removes what `create` made. Call after the instance has exited.

@@ -254,6 +254,17 @@ impl Runtime for OciRuntime {
         Ok(self.runc_for(id).exec(id, argv, timeout)?)
     }
 
+    fn exec_spawn(
+        &self,
+        id: &str,
+        argv: &[String],
+        tty: bool,
+        pid_file: &Path,
+        stdio: [std::process::Stdio; 3],
+    ) -> Result<std::process::Child, RuntimeError> {
+        Ok(self.runc_for(id).exec_spawn(id, argv, tty, pid_file, stdio)?)
+    }
+
     fn update_hosts(&self, id: &str, hosts: &str) -> Result<(), RuntimeError> {
         let p = self.dir(id).join("hosts");
         if fs::read_to_string(&p).ok().as_deref() == Some(hosts) {

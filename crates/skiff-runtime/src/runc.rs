@@ -198,6 +198,33 @@ impl Runc {
     }
 }
 
+impl Runc {
+    /// Starts `argv` in the container in the foreground, on the given stdio (`runc exec`).
+    /// Its exit code is the command's (128 + the signal that ended it); the command's host
+    /// pid is written to `pid_file`. With `tty`, runc makes a terminal in the container
+    /// and copies between it and `stdio`, which should then be a terminal: runc passes on
+    /// its size at the start and again whenever it gets SIGWINCH.
+    pub fn exec_spawn(
+        &self,
+        id: &str,
+        argv: &[String],
+        tty: bool,
+        pid_file: &Path,
+        [stdin, stdout, stderr]: [Stdio; 3],
+    ) -> Result<std::process::Child, RuncError> {
+        self.spawning(|| {
+            let mut c = self.command();
+            c.arg("exec").arg("--pid-file").arg(pid_file);
+            if tty {
+                // As `docker exec -t`: programs that draw (top, vi) need to know the kind.
+                c.args(["--tty", "--env", "TERM=xterm"]);
+            }
+            c.arg(id).args(argv).stdin(stdin).stdout(stdout).stderr(stderr).spawn()
+        })
+        .map_err(|source| RuncError::Spawn { bin: self.bin.clone(), source })
+    }
+}
+
 /// Whether gVisor runs here: `runsc do true` in a throw-away sandbox (no network, the
 /// host's root read-only under an overlay), bounded to 30 s. `Ok(version)`, or why not
 /// (not installed, the kernel refuses its platform, ...).

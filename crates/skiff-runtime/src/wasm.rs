@@ -406,10 +406,18 @@ impl Runtime for WasmRuntime {
     }
 
     fn exec(&self, id: &str, _argv: &[String], _timeout: Duration) -> Result<ExecOutput, RuntimeError> {
-        Err(RuntimeError::Unsupported {
-            id: id.to_string(),
-            what: "exec: a WebAssembly instance has no shell or processes to run a command in".into(),
-        })
+        Err(no_exec(id))
+    }
+
+    fn exec_spawn(
+        &self,
+        id: &str,
+        _argv: &[String],
+        _tty: bool,
+        _pid_file: &Path,
+        _stdio: [std::process::Stdio; 3],
+    ) -> Result<std::process::Child, RuntimeError> {
+        Err(no_exec(id))
     }
 
     /// Names resolve through the host's resolver for now: nothing to rewrite.
@@ -643,5 +651,12 @@ pub(crate) fn run_shim(
             let n = sig as i32;
             finish(128 + n, Some(n), false, Some(format!("stopped by {}", sig.as_str())));
         }
+    }
+}
+
+fn no_exec(id: &str) -> RuntimeError {
+    RuntimeError::Unsupported {
+        id: id.to_string(),
+        what: "exec: a WebAssembly instance has no shell or processes to run a command in".into(),
     }
 }

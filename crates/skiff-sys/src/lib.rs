@@ -15,6 +15,7 @@ pub mod inroot;
 pub mod kept;
 pub mod perms;
 pub mod pidfd;
+pub mod pty;
 pub mod random;
 pub mod regular;
 pub mod seccomp_notify;

@@ -89,6 +89,48 @@ impl Client {
         Ok(Some((resp.bytes().await?.to_vec(), tag)))
     }
 
+    /// Opens a WebSocket to `path` (the interactive exec), with the token, trusting only
+    /// the config's CA.
+    pub async fn websocket(
+        &self,
+        path: &str,
+    ) -> Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = self.url(path);
+        let url = match url.strip_prefix("https://") {
+            Some(rest) => format!("wss://{rest}"),
+            None => url.replacen("http://", "ws://", 1),
+        };
+        let mut req = url.as_str().into_client_request().with_context(|| format!("the hub's address {url}"))?;
+        let auth = format!("Bearer {}", self.cfg.token).parse().context("the config's token is not a header value")?;
+        req.headers_mut().insert(reqwest::header::AUTHORIZATION, auth);
+        let connector = match (&self.cfg.ca, url.starts_with("wss://")) {
+            (Some(ca), true) => {
+                let tls = skiff_agent::tls::trusting(ca).map_err(|e| anyhow::anyhow!("the config's ca: {e}"))?;
+                Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls)))
+            }
+            (None, true) => anyhow::bail!("the config names no ca for the hub at {}: cannot check it", self.cfg.server),
+            _ => None,
+        };
+        let dial = tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector);
+        let (ws, _) = match tokio::time::timeout(std::time::Duration::from_secs(30), dial).await {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+                let status = resp.status();
+                let text = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().to_string();
+                let message = serde_json::from_str::<ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
+                return Err(ApiError { status, message }.into());
+            }
+            Ok(Err(e)) => {
+                return Err(anyhow::anyhow!(e)).with_context(|| {
+                    format!("cannot reach the hub at {} (is `skiff up` or `skiff hub` running?)", self.cfg.server)
+                })
+            }
+            Err(_) => anyhow::bail!("the hub at {} did not answer within 30 s", self.cfg.server),
+        };
+        Ok(ws)
+    }
+
     pub async fn stream(&self, path: &str) -> Result<reqwest::Response> {
         self.send(self.http.get(self.url(path))).await
     }

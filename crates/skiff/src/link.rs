@@ -2,7 +2,8 @@
 //! agent's own method and its error onto the hub's [`NodeError`] kinds. No logic here.
 
 use skiff_agent::{Agent, AgentError};
-use skiff_hub::{BoxFuture, ExecResult, LocalNode, NodeError, NodeLink};
+use skiff_hub::{BoxFuture, ExecResult, LocalNode, NodeError, NodeLink, Session};
+use skiff_model::proto::SessionSpec;
 use skiff_model::{Deployment, EventRecord, InstanceStatus, LogLine};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +49,14 @@ impl NodeLink for LocalAgent {
     ) -> BoxFuture<'_, Result<ExecResult, NodeError>> {
         let instance = instance.to_string();
         Box::pin(async move { self.agent.exec_result(&instance, argv, timeout).await.map_err(node_error) })
+    }
+
+    fn session(&self, instance: &str, spec: SessionSpec) -> BoxFuture<'_, Result<Session, NodeError>> {
+        let instance = instance.to_string();
+        Box::pin(async move {
+            let (input, output) = self.agent.exec_session(&instance, spec).await.map_err(node_error)?;
+            Ok(Session { input, output })
+        })
     }
 }
 

@@ -8,7 +8,7 @@ mod common;
 use common::fleet::{
     agent, agent_with, hub, hub_instances, hub_on, start_agent, start_agent_in, wait_placed, wait_ready,
 };
-use common::{wait_for, Node, IMAGE};
+use common::{wait_for, Node, Terminal, IMAGE};
 use skiff_model::{InstanceState, InstanceStatus};
 use std::time::Duration;
 
@@ -454,6 +454,28 @@ fn a_60_s_partition_restarts_nothing_and_heals_in_seconds() -> R {
         let now = after.iter().find(|i| i.name == b.name).unwrap();
         assert_eq!((now.pid, now.restarts), (b.pid, 0), "{} untouched after the heal", b.name);
     }
+    // An interactive shell reaches the node (in its own network namespace, behind its
+    // uplink) through its tunnel: typed into, resized, its exit code returned; input and
+    // output larger than the tunnel's windows flow both ways at once.
+    let mut t = Terminal::spawn(&h, &["exec", "-it", "chatty-1", "--", "sh"], (90, 30))?;
+    t.expect("# ", 30 * SEC)?;
+    t.send("stty size; hostname\r")?;
+    t.expect("30 90", 10 * SEC)?;
+    t.expect("chatty-1", 10 * SEC)?;
+    t.resize(132, 43)?;
+    t.send("stty size\r")?;
+    t.expect("43 132", 10 * SEC)?;
+    t.send("exit 5\r")?;
+    assert_eq!(t.wait(20 * SEC)?, 5);
+    let big: Vec<u8> = (0..2_000_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let out = h.cli_input(&["exec", "-i", "chatty-1", "--", "cat"], &big)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stdout == big,
+        "cat through the tunnel gave back {} of {} bytes, or others",
+        out.stdout.len(),
+        big.len()
+    );
     // Samples taken offline waited in agent.db (bounded); after the heal the hub has a
     // fresh one and the node's buffer is acknowledged past them.
     wait_for(30 * SEC, "a fresh sample of site-1 at the hub", || {

@@ -103,9 +103,19 @@ pub enum Cmd {
     /// Follow, list or undo a deployment's updates.
     #[command(subcommand)]
     Rollout(RolloutCmd),
-    /// Run a command in a running instance.
+    /// Run a command in a running instance, its output shown as it comes (any node: a
+    /// node behind NAT is reached through its tunnel). The exit code is the command's.
     Exec {
+        /// Pass standard input on to the command (a pipe, or with -t the keyboard).
+        #[arg(short, long)]
+        interactive: bool,
+        /// Give the command a terminal (as `docker exec -t`): with -i, a shell to type
+        /// into, sized as this one and resized with it; Ctrl-C and Ctrl-D go to it.
+        #[arg(short, long)]
+        tty: bool,
+        /// The instance (`skiff get instances`).
         instance: String,
+        /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -226,7 +236,9 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Logs { name, follow, tail, timestamps } => {
             view::logs(&client(cli)?, name, *follow, *tail, *timestamps).await
         }
-        Cmd::Exec { instance, command } => view::exec(cli, instance, command).await,
+        Cmd::Exec { interactive, tty, instance, command } => {
+            view::exec(cli, instance, command, *interactive, *tty).await
+        }
         Cmd::Image(cmd @ (ImageCmd::Pull { .. } | ImageCmd::Sign { .. } | ImageCmd::Verify { .. })) => {
             image::pull(cli, cmd).await
         }

@@ -313,14 +313,107 @@ pub(super) async fn describe(cli: &Cli, kind: Kind, name: &str) -> Result<i32> {
     Ok(0)
 }
 
-pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String]) -> Result<i32> {
-    #[derive(serde::Serialize)]
-    struct Body<'a> {
-        argv: &'a [String],
+/// `skiff exec`: the command runs in a session over a WebSocket to the hub (see
+/// `skiff_model::api::ExecControl`); output is shown as it comes, input (with -i) and
+/// window sizes (with -t) go the other way at the same time.
+pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String], interactive: bool, tty: bool) -> Result<i32> {
+    use futures_util::{SinkExt, StreamExt};
+    use skiff_model::api::{ExecControl, ExecEnd, EXEC_STDERR, EXEC_STDOUT};
+    use skiff_sys::pty;
+    use tokio_tungstenite::tungstenite::Message;
+    if tty && interactive && !pty::is_terminal(std::io::stdin()) {
+        bail!("the input device is not a TTY: -t with -i needs a terminal (use -i alone for a pipe)");
     }
-    let r: skiff_hub::ExecResult =
-        client(cli)?.post(&format!("/api/v1/instances/{instance}/exec"), &Body { argv: command }).await?;
-    out!("{}", r.stdout);
-    eprint!("{}", r.stderr);
-    Ok(r.code)
+    let (cols, rows) = pty::size(std::io::stdout()).or_else(|| pty::size(std::io::stdin())).unwrap_or((0, 0));
+    let spec = skiff_model::proto::SessionSpec { argv: command.to_vec(), tty, stdin: interactive, cols, rows };
+    spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ws = client(cli)?.websocket(&format!("/api/v1/instances/{instance}/exec")).await?;
+    let (mut to_hub, mut from_hub) = ws.split();
+    to_hub.send(Message::Text(serde_json::to_string(&spec)?.into())).await?;
+    let raw =
+        if tty && interactive { pty::RawStdin::enter().context("putting the terminal in raw mode")? } else { None };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(8);
+    let control = |c: &ExecControl| Message::Text(serde_json::to_string(c).unwrap_or_default().into());
+    if interactive {
+        // A thread, not tokio's stdin: a read that never returns must not hold up the exit.
+        let tx = tx.clone();
+        let eof = control(&ExecControl::Eof);
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin();
+            let mut buf = vec![0u8; skiff_model::proto::INPUT_CHUNK];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.blocking_send(eof);
+                        return;
+                    }
+                    Ok(n) => {
+                        if tx.blocking_send(Message::Binary(buf[..n].to_vec().into())).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    if tty {
+        let tx = tx.clone();
+        let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
+        tokio::spawn(async move {
+            while winch.recv().await.is_some() {
+                let Some((cols, rows)) = pty::size(std::io::stdout()).or_else(|| pty::size(std::io::stdin())) else {
+                    continue;
+                };
+                if tx.send(control(&ExecControl::Resize { cols, rows })).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let sender = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if to_hub.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
+    let end = loop {
+        match from_hub.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                use std::io::Write;
+                let Some((&stream, data)) = b.split_first() else { continue };
+                let w: &mut dyn Write = if stream == EXEC_STDERR { &mut stderr } else { &mut stdout };
+                if stream != EXEC_STDOUT && stream != EXEC_STDERR {
+                    continue;
+                }
+                if let Err(e) = w.write_all(data).and_then(|()| w.flush()) {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        // The reader went away: as SIGPIPE ends other tools (the command is
+                        // ended on the node when this connection closes).
+                        drop(raw);
+                        return Ok(141);
+                    }
+                }
+            }
+            Some(Ok(Message::Text(t))) => {
+                break serde_json::from_str::<ExecEnd>(t.as_str()).map_err(anyhow::Error::from)
+            }
+            Some(Ok(Message::Close(_))) | None => {
+                break Err(anyhow::anyhow!("the hub closed the exec before it ended"))
+            }
+            Some(Err(e)) => break Err(anyhow::anyhow!("the exec's connection: {e}")),
+            Some(Ok(_)) => {}
+        }
+    };
+    // The terminal is ours again before anything more is printed.
+    drop(raw);
+    sender.abort();
+    match end? {
+        ExecEnd { exit: Some(code), .. } => Ok(code),
+        ExecEnd { error: Some(e), .. } => bail!("{e}"),
+        ExecEnd { .. } => bail!("the hub ended the exec without saying how"),
+    }
 }

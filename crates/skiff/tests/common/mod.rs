@@ -109,6 +109,27 @@ impl Node {
             .context("running skiff")
     }
 
+    /// Runs the CLI with `input` on its standard input (then closed).
+    pub fn cli_input(&self, args: &[&str], input: &[u8]) -> Result<Output> {
+        use std::io::Write;
+        let mut child = Command::new(bin())
+            .arg("--data")
+            .arg(self.data())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running skiff")?;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        let input = input.to_vec();
+        // Written beside the reading: a command that echoes its input fills the pipes.
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output()?;
+        let _ = writer.join();
+        Ok(out)
+    }
+
     /// Runs the CLI and returns stdout, failing on a non-zero exit.
     pub fn ok(&self, args: &[&str]) -> Result<String> {
         let out = self.cli(args)?;
@@ -526,5 +547,99 @@ impl Drop for Uplink {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.netns]);
         let _ = ip(&["link", "del", &self.host_if]);
+    }
+}
+
+/// A skiff command on a real terminal (a pseudo-terminal this test made), as a person at
+/// a keyboard runs it: what it shows is collected, keys are typed, the window resized.
+/// Killed on drop.
+pub struct Terminal {
+    child: Child,
+    master: std::fs::File,
+    shown: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Terminal {
+    pub fn spawn(n: &Node, args: &[&str], (cols, rows): (u16, u16)) -> Result<Self> {
+        let pair = skiff_sys::pty::open(cols, rows)?;
+        let child = Command::new(bin())
+            .arg("--data")
+            .arg(n.data())
+            .args(args)
+            .stdin(Stdio::from(pair.slave.try_clone()?))
+            .stdout(Stdio::from(pair.slave.try_clone()?))
+            .stderr(Stdio::from(pair.slave))
+            .spawn()
+            .context("running skiff on a terminal")?;
+        let master = std::fs::File::from(pair.master);
+        let shown = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut reader, seen) = (master.try_clone()?, std::sync::Arc::clone(&shown));
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once the command and everything holding the terminal are gone.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                if let Ok(mut s) = seen.lock() {
+                    s.extend_from_slice(&buf[..n]);
+                }
+            }
+        });
+        Ok(Terminal { child, master, shown })
+    }
+
+    /// Everything shown so far, as text.
+    pub fn screen(&self) -> String {
+        self.shown.lock().map(|s| String::from_utf8_lossy(&s).into_owned()).unwrap_or_default()
+    }
+
+    /// Waits until `text` has been shown after what `expect` matched last time.
+    pub fn expect(&self, text: &str, limit: Duration) -> Result<()> {
+        wait_for(limit, &format!("{text:?} on the terminal"), || self.screen().contains(text).then_some(()))
+            .with_context(|| format!("the terminal shows:\n{}", self.screen()))?;
+        // Forget what was matched, so the next expect sees only what comes after it.
+        if let Ok(mut s) = self.shown.lock() {
+            let t = text.as_bytes();
+            if let Some(at) = s.windows(t.len()).position(|w| w == t) {
+                s.drain(..at + t.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// Types `keys`.
+    pub fn send(&mut self, keys: &str) -> Result<()> {
+        use std::io::Write;
+        self.master.write_all(keys.as_bytes())?;
+        Ok(())
+    }
+
+    /// Resizes the window and tells the command, as a terminal emulator does (the kernel
+    /// signals only a terminal's own session, which the command is not).
+    pub fn resize(&mut self, cols: u16, rows: u16) -> Result<()> {
+        skiff_sys::pty::resize(&self.master, cols, rows)?;
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGWINCH)?;
+        Ok(())
+    }
+
+    /// The command's exit code, waiting at most `limit`.
+    pub fn wait(&mut self, limit: Duration) -> Result<i32> {
+        let status = wait_for(limit, "the command on the terminal to end", || self.child.try_wait().ok().flatten())
+            .with_context(|| format!("the terminal shows:\n{}", self.screen()))?;
+        status.code().with_context(|| format!("ended by a signal: {status}"))
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -1,0 +1,208 @@
+//! Interactive exec (`skiff exec -i/-t`): a command in an instance whose standard streams
+//! are passed on as they come — on a terminal made for it when asked, as `docker exec -it`.
+//!
+//! With a terminal, `runc exec --tty` runs on one end of a pseudo-terminal the agent made
+//! (runc makes the container's own terminal and copies between the two, passing on our
+//! end's size at the start and on SIGWINCH); the agent reads and writes the other end.
+//! Without one, the command's stdin, stdout and stderr are pipes.
+//!
+//! The caller holds the two channels. The command's end (its exit code) is the last
+//! output, after every byte it wrote; a caller that drops the output channel ends the
+//! command (it is killed, as a terminal hung up).
+
+use crate::{blocking, Agent, AgentError};
+use skiff_model::proto::{SessionInput, SessionOutput, SessionSpec, INPUT_WINDOW};
+use skiff_model::InstanceState;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// The most bytes one output piece carries.
+const OUTPUT_CHUNK: usize = 32 * 1024;
+
+/// How long output is still read after the command ended (a background child of it may
+/// hold its pipes open for ever).
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// The two ends a caller holds: input in, output (then the exit code) out.
+pub type Session = (mpsc::Sender<SessionInput>, mpsc::Receiver<SessionOutput>);
+
+impl Agent {
+    /// Starts `spec.argv` in `instance` and returns its channels at once.
+    pub async fn exec_session(&self, instance: &str, spec: SessionSpec) -> Result<Session, AgentError> {
+        spec.validate().map_err(AgentError::Other)?;
+        let row = self.row(instance)?;
+        if row.state != InstanceState::Running {
+            return Err(AgentError::Runtime(skiff_runtime::RuntimeError::NotRunning(instance.into())));
+        }
+        let rt = self.runtimes.of(row.spec.runtime);
+        let tag = skiff_sys::random::hex(8).map_err(|e| AgentError::Other(format!("random: {e}")))?;
+        let pid_file = rt.instance_dir(&row.container_id).join(format!("exec-{tag}.pid"));
+        let io_err = |e: std::io::Error| AgentError::Other(format!("making the exec's terminal: {e}"));
+        let (cols, rows) = spec.size();
+        let (stdio, master) = if spec.tty {
+            let pair = skiff_sys::pty::open(cols, rows).map_err(io_err)?;
+            skiff_sys::pty::nonblocking(&pair.master).map_err(io_err)?;
+            let (a, b) = (pair.slave.try_clone().map_err(io_err)?, pair.slave.try_clone().map_err(io_err)?);
+            ([Stdio::from(a), Stdio::from(b), Stdio::from(pair.slave)], Some(pair.master))
+        } else {
+            let stdin = if spec.stdin { Stdio::piped() } else { Stdio::null() };
+            ([stdin, Stdio::piped(), Stdio::piped()], None)
+        };
+        let (id, argv, tty, pf) = (row.container_id.clone(), spec.argv.clone(), spec.tty, pid_file.clone());
+        let mut child = blocking(move || rt.exec_spawn(&id, &argv, tty, &pf, stdio)).await?;
+        let runc_pid = child.id();
+        tracing::info!(instance, tty = spec.tty, stdin = spec.stdin, "exec session started");
+
+        let (out_tx, out_rx) = mpsc::channel::<SessionOutput>(64);
+        let (in_tx, in_rx) = mpsc::channel::<SessionInput>(INPUT_WINDOW as usize);
+        let mut readers = vec![];
+        let writer: Option<Box<dyn AsyncWrite + Send + Unpin>>;
+        let mut resize_fd: Option<OwnedFd> = None;
+        let spawn_err = |e: std::io::Error| AgentError::Other(format!("reading the exec's output: {e}"));
+        match master {
+            Some(m) => {
+                let reader =
+                    tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(m.try_clone().map_err(spawn_err)?)
+                        .map_err(spawn_err)?;
+                readers.push(tokio::spawn(pass_on(reader, out_tx.clone(), SessionOutput::Stdout)));
+                resize_fd = Some(m.try_clone().map_err(spawn_err)?);
+                writer = if spec.stdin {
+                    Some(Box::new(tokio::net::unix::pipe::Sender::from_owned_fd_unchecked(m).map_err(spawn_err)?))
+                } else {
+                    None
+                };
+            }
+            None => {
+                if let Some(o) = child.stdout.take() {
+                    let o = tokio::process::ChildStdout::from_std(o).map_err(spawn_err)?;
+                    readers.push(tokio::spawn(pass_on(o, out_tx.clone(), SessionOutput::Stdout)));
+                }
+                if let Some(e) = child.stderr.take() {
+                    let e = tokio::process::ChildStderr::from_std(e).map_err(spawn_err)?;
+                    readers.push(tokio::spawn(pass_on(e, out_tx.clone(), SessionOutput::Stderr)));
+                }
+                writer = match child.stdin.take() {
+                    Some(i) => Some(Box::new(tokio::process::ChildStdin::from_std(i).map_err(spawn_err)?)),
+                    None => None,
+                };
+            }
+        }
+        tokio::spawn(feed(in_rx, writer, resize_fd, runc_pid));
+        let container = row.container_id.clone();
+        tokio::spawn(async move {
+            let mut waiting = tokio::task::spawn_blocking(move || child.wait());
+            let status = tokio::select! {
+                s = &mut waiting => s,
+                _ = out_tx.closed() => {
+                    // The caller is gone: end the command as a hung-up terminal would.
+                    kill_exec(&pid_file, &container, runc_pid);
+                    waiting.await
+                }
+            };
+            let code = match status {
+                Ok(Ok(s)) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    Ok(s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)))
+                }
+                Ok(Err(e)) => Err(format!("waiting for the exec: {e}")),
+                Err(e) => Err(format!("waiting for the exec: {e}")),
+            };
+            // Every byte it wrote, then its end.
+            let all = async {
+                for r in readers.iter_mut() {
+                    let _ = r.await;
+                }
+            };
+            if tokio::time::timeout(DRAIN, all).await.is_err() {
+                readers.iter().for_each(|r| r.abort());
+            }
+            let _ = std::fs::remove_file(&pid_file);
+            let last = match code {
+                Ok(c) => SessionOutput::Exit(c),
+                Err(e) => SessionOutput::Error(e),
+            };
+            let _ = out_tx.send(last).await;
+        });
+        Ok((in_tx, out_rx))
+    }
+}
+
+/// Copies one output stream into the session's channel until it ends (a terminal's end
+/// reads EIO once nothing holds the other end).
+async fn pass_on<R: AsyncRead + Unpin>(
+    mut from: R,
+    to: mpsc::Sender<SessionOutput>,
+    wrap: fn(Vec<u8>) -> SessionOutput,
+) {
+    let mut buf = vec![0u8; OUTPUT_CHUNK];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.send(wrap(buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Passes the caller's input on: bytes to the command's stdin (when it has one), a new
+/// size to the terminal (and SIGWINCH to runc, which passes it on), the end of input as
+/// a closed pipe.
+async fn feed(
+    mut input: mpsc::Receiver<SessionInput>,
+    mut writer: Option<Box<dyn AsyncWrite + Send + Unpin>>,
+    terminal: Option<OwnedFd>,
+    runc_pid: u32,
+) {
+    while let Some(i) = input.recv().await {
+        match i {
+            SessionInput::Data(bytes) => {
+                let Some(w) = writer.as_mut() else { continue };
+                if w.write_all(&bytes).await.is_err() || w.flush().await.is_err() {
+                    writer = None;
+                }
+            }
+            SessionInput::Resize { cols, rows } => {
+                let Some(t) = terminal.as_ref() else { continue };
+                if skiff_sys::pty::resize(t.as_fd(), cols.clamp(1, 4096), rows.clamp(1, 4096)).is_ok() {
+                    let pid = nix::unistd::Pid::from_raw(runc_pid as i32);
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGWINCH);
+                }
+            }
+            SessionInput::End => {
+                // A pipe's reader sees its end; a terminal is left as it is (its Ctrl-D
+                // is a byte the caller sends).
+                if terminal.is_none() {
+                    writer = None;
+                }
+            }
+        }
+    }
+}
+
+/// Kills the command of an exec whose caller left: by the pid runc wrote, if that process
+/// is still in the container's cgroup, else runc itself.
+fn kill_exec(pid_file: &Path, container: &str, runc_pid: u32) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let pid = std::fs::read_to_string(pid_file).ok().and_then(|t| t.trim().parse::<i32>().ok());
+    let in_container = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|c| c.lines().any(|l| l.trim_end().ends_with(&format!("/{container}"))))
+    };
+    match pid.filter(|p| *p > 1 && in_container(*p)) {
+        Some(p) => {
+            tracing::info!(pid = p, "the exec's caller left; killing its command");
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+        None => {
+            let _ = kill(Pid::from_raw(runc_pid as i32), Signal::SIGKILL);
+        }
+    }
+}

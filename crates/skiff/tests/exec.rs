@@ -1,0 +1,87 @@
+//! `skiff exec` end to end on one node: a real terminal (a pseudo-terminal the test makes,
+//! typed into as a person would), pipes, exit codes, and a caller that goes away.
+
+#![allow(clippy::unwrap_used)] // tests may panic on setup failures
+
+mod common;
+
+use common::{wait_for, Node, Terminal, IMAGE};
+use skiff_testkit::require_privileged;
+use std::time::Duration;
+
+type R = anyhow::Result<()>;
+const SEC: Duration = Duration::from_secs(1);
+
+/// Processes in the instance whose command line is `cmd`.
+fn running(n: &Node, instance: &str, cmd: &str) -> anyhow::Result<usize> {
+    let ps = n.ok(&["exec", instance, "--", "ps", "-o", "args"])?;
+    Ok(ps.lines().filter(|l| l.trim() == cmd).count())
+}
+
+#[test]
+fn exec_streams_pipes_and_gives_a_terminal() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.up(None)?;
+    n.ok(&["run", IMAGE, "--name", "box", "--", "sleep", "1000"])?;
+    n.wait_running("box-1")?;
+
+    // -i: a pipe in; stdout and stderr apart; the command's exit code.
+    let script = "read x; echo got $x; echo oops >&2; exit 4";
+    let out = n.cli_input(&["exec", "-i", "box-1", "--", "sh", "-c", script], b"hello\n")?;
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got hello\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+    // More than the windows hold, both ways at once: `cat` writes as it reads.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let out = n.cli_input(&["exec", "-i", "box-1", "--", "cat"], &big)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout == big, "cat gave back {} of {} bytes, or others", out.stdout.len(), big.len());
+    // Without -i the command reads nothing (its stdin is /dev/null), and ends.
+    let out = n.cli_input(&["exec", "box-1", "--", "sh", "-c", "cat; echo done"], b"ignored\n")?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
+    // -it needs a terminal, as in docker.
+    let out = n.cli_input(&["exec", "-it", "box-1", "--", "sh"], b"")?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the input device is not a TTY"), "{out:?}");
+    let out = n.cli(&["exec", "-i", "nothing-1", "--", "sh"])?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("instance \"nothing-1\" not found"), "{out:?}");
+
+    // -it on a real terminal: a shell sized as the window, resized with it.
+    let mut t = Terminal::spawn(&n, &["exec", "-it", "box-1", "--", "sh"], (100, 40))?;
+    t.expect("# ", 30 * SEC)?;
+    t.send("stty size; tty\r")?;
+    t.expect("40 100", 10 * SEC)?;
+    t.expect("/dev/pts/", 10 * SEC)?;
+    t.resize(120, 50)?;
+    t.send("stty size\r")?;
+    t.expect("50 120", 10 * SEC)?;
+    t.send("echo $TERM-$((6*7))\r")?;
+    t.expect("xterm-42", 10 * SEC)?;
+    // Ctrl-C interrupts the command in the foreground, not the shell.
+    t.send("echo started; sleep 600\r")?;
+    t.expect("started", 10 * SEC)?;
+    std::thread::sleep(SEC / 2);
+    t.send("\x03")?;
+    t.send("echo after-$((3+4))\r")?;
+    t.expect("after-7", 20 * SEC)?;
+    t.send("exit 3\r")?;
+    assert_eq!(t.wait(20 * SEC)?, 3, "the shell's exit code");
+    // Ctrl-D at the prompt ends the shell.
+    let mut t = Terminal::spawn(&n, &["exec", "-it", "box-1", "--", "sh"], (80, 24))?;
+    t.expect("# ", 30 * SEC)?;
+    t.send("\x04")?;
+    assert_eq!(t.wait(20 * SEC)?, 0);
+
+    // A caller that goes away ends its command in the container.
+    let mut t = Terminal::spawn(&n, &["exec", "-it", "box-1", "--", "sleep", "777"], (80, 24))?;
+    wait_for(30 * SEC, "sleep 777 in the instance", || running(&n, "box-1", "sleep 777").ok().filter(|c| *c == 1))?;
+    t.kill();
+    wait_for(30 * SEC, "sleep 777 to end", || running(&n, "box-1", "sleep 777").ok().filter(|c| *c == 0))?;
+    // Output comes as it is written, not at the end (a long command shows progress).
+    let mut t = Terminal::spawn(&n, &["exec", "box-1", "--", "sh", "-c", "echo first; sleep 600"], (80, 24))?;
+    t.expect("first", 20 * SEC)?;
+    t.kill();
+    wait_for(30 * SEC, "sleep 600 to end", || running(&n, "box-1", "sleep 600").ok().filter(|c| *c == 0))?;
+    Ok(())
+}
