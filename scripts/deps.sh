@@ -9,7 +9,9 @@ set -euo pipefail
 # etcd-server: the hub's store for several hubs (its service is kept from starting too);
 # protobuf-compiler and libprotobuf-dev (its well-known types): the etcd client's build
 # compiles etcd's protocol files.
-PACKAGES=(runc runsc busybox-static iproute2 nftables iptables util-linux ca-certificates docker-registry skopeo gcc libc6-dev docker.io etcd-server protobuf-compiler libprotobuf-dev "$@")
+# systemd (systemd-analyze checks the units; it need not be the running init), dpkg-dev
+# and binutils: the .deb is built, checked and installed by the tests.
+PACKAGES=(runc runsc busybox-static iproute2 nftables iptables util-linux ca-certificates docker-registry skopeo gcc libc6-dev docker.io etcd-server protobuf-compiler libprotobuf-dev systemd dpkg-dev binutils "$@")
 export DEBIAN_FRONTEND=noninteractive
 if [ "$(id -u)" != 0 ]; then
   echo "scripts/deps.sh: run as root (containers, cgroups and network namespaces need it)" >&2

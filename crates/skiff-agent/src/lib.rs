@@ -245,6 +245,8 @@ fn check_runc(found: Option<&str>, min: &str) -> Result<(), AgentError> {
 pub fn runtime_versions() -> BTreeMap<String, String> {
     let runc = skiff_runtime::runc::Runc::new("");
     let mut v: BTreeMap<String, String> = runc.version().map(|v| ("runc".to_string(), v)).into_iter().collect();
+    // The agent's own, for `skiff version`.
+    v.insert("skiff".into(), env!("CARGO_PKG_VERSION").into());
     if let Ok(runsc) = runsc_status() {
         v.insert("runsc".into(), runsc.clone());
     }

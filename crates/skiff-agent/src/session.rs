@@ -54,12 +54,15 @@ impl Agent {
         };
         let (id, argv, tty, pf) = (row.container_id.clone(), spec.argv.clone(), spec.tty, pid_file.clone());
         let mut child = blocking(move || rt.exec_spawn(&id, &argv, tty, &pf, stdio)).await?;
-        let runc_pid = child.id();
+        // Signals go through a pidfd: never to a later process given runc's pid number.
+        let runc = skiff_sys::pidfd::open(child.id() as i32).ok().map(std::sync::Arc::new);
         tracing::info!(instance, tty = spec.tty, stdin = spec.stdin, "exec session started");
 
         let (out_tx, out_rx) = mpsc::channel::<SessionOutput>(64);
         let (in_tx, in_rx) = mpsc::channel::<SessionInput>(INPUT_WINDOW as usize);
         let mut readers = vec![];
+        // Set once the command ended: output still unread is read until it stays quiet.
+        let (exited_tx, exited) = tokio::sync::watch::channel(false);
         let writer: Option<Box<dyn AsyncWrite + Send + Unpin>>;
         let mut resize_fd: Option<OwnedFd> = None;
         let spawn_err = |e: std::io::Error| AgentError::Other(format!("reading the exec's output: {e}"));
@@ -68,7 +71,7 @@ impl Agent {
                 let reader =
                     tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(m.try_clone().map_err(spawn_err)?)
                         .map_err(spawn_err)?;
-                readers.push(tokio::spawn(pass_on(reader, out_tx.clone(), SessionOutput::Stdout)));
+                readers.push(tokio::spawn(pass_on(reader, out_tx.clone(), SessionOutput::Stdout, exited.clone())));
                 resize_fd = Some(m.try_clone().map_err(spawn_err)?);
                 writer = if spec.stdin {
                     Some(Box::new(tokio::net::unix::pipe::Sender::from_owned_fd_unchecked(m).map_err(spawn_err)?))
@@ -79,11 +82,11 @@ impl Agent {
             None => {
                 if let Some(o) = child.stdout.take() {
                     let o = tokio::process::ChildStdout::from_std(o).map_err(spawn_err)?;
-                    readers.push(tokio::spawn(pass_on(o, out_tx.clone(), SessionOutput::Stdout)));
+                    readers.push(tokio::spawn(pass_on(o, out_tx.clone(), SessionOutput::Stdout, exited.clone())));
                 }
                 if let Some(e) = child.stderr.take() {
                     let e = tokio::process::ChildStderr::from_std(e).map_err(spawn_err)?;
-                    readers.push(tokio::spawn(pass_on(e, out_tx.clone(), SessionOutput::Stderr)));
+                    readers.push(tokio::spawn(pass_on(e, out_tx.clone(), SessionOutput::Stderr, exited.clone())));
                 }
                 writer = match child.stdin.take() {
                     Some(i) => Some(Box::new(tokio::process::ChildStdin::from_std(i).map_err(spawn_err)?)),
@@ -91,18 +94,20 @@ impl Agent {
                 };
             }
         }
-        tokio::spawn(feed(in_rx, writer, resize_fd, runc_pid));
+        tokio::spawn(feed(in_rx, writer, resize_fd, runc.clone()));
         let container = row.container_id.clone();
         tokio::spawn(async move {
             let mut waiting = tokio::task::spawn_blocking(move || child.wait());
             let status = tokio::select! {
+                biased;
                 s = &mut waiting => s,
                 _ = out_tx.closed() => {
                     // The caller is gone: end the command as a hung-up terminal would.
-                    kill_exec(&pid_file, &container, runc_pid);
+                    kill_exec(&pid_file, &container, runc.as_deref()).await;
                     waiting.await
                 }
             };
+            let _ = exited_tx.send(true);
             let code = match status {
                 Ok(Ok(s)) => {
                     use std::os::unix::process::ExitStatusExt;
@@ -111,14 +116,9 @@ impl Agent {
                 Ok(Err(e)) => Err(format!("waiting for the exec: {e}")),
                 Err(e) => Err(format!("waiting for the exec: {e}")),
             };
-            // Every byte it wrote, then its end.
-            let all = async {
-                for r in readers.iter_mut() {
-                    let _ = r.await;
-                }
-            };
-            if tokio::time::timeout(DRAIN, all).await.is_err() {
-                readers.iter().for_each(|r| r.abort());
+            // Every byte it wrote, then its end (the readers stop once nothing more comes).
+            for r in readers {
+                let _ = r.await;
             }
             let _ = std::fs::remove_file(&pid_file);
             let last = match code {
@@ -132,15 +132,35 @@ impl Agent {
 }
 
 /// Copies one output stream into the session's channel until it ends (a terminal's end
-/// reads EIO once nothing holds the other end).
+/// reads EIO once nothing holds the other end) or, after the command `exited`, stays quiet
+/// for [`DRAIN`] (a background child of it may hold its pipes open for ever). Waiting for
+/// room in the channel is never cut short: a slow caller gets every byte.
 async fn pass_on<R: AsyncRead + Unpin>(
     mut from: R,
     to: mpsc::Sender<SessionOutput>,
     wrap: fn(Vec<u8>) -> SessionOutput,
+    mut exited: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; OUTPUT_CHUNK];
+    let mut ended = false;
     loop {
-        match from.read(&mut buf).await {
+        ended = ended || *exited.borrow();
+        let read = if ended {
+            match tokio::time::timeout(DRAIN, from.read(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        } else {
+            tokio::select! {
+                r = from.read(&mut buf) => r,
+                changed = exited.changed() => {
+                    // A sender gone counts as the end too.
+                    ended = changed.is_err();
+                    continue;
+                }
+            }
+        };
+        match read {
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 if to.send(wrap(buf[..n].to_vec())).await.is_err() {
@@ -158,7 +178,7 @@ async fn feed(
     mut input: mpsc::Receiver<SessionInput>,
     mut writer: Option<Box<dyn AsyncWrite + Send + Unpin>>,
     terminal: Option<OwnedFd>,
-    runc_pid: u32,
+    runc: Option<std::sync::Arc<OwnedFd>>,
 ) {
     while let Some(i) = input.recv().await {
         match i {
@@ -171,8 +191,9 @@ async fn feed(
             SessionInput::Resize { cols, rows } => {
                 let Some(t) = terminal.as_ref() else { continue };
                 if skiff_sys::pty::resize(t.as_fd(), cols.clamp(1, 4096), rows.clamp(1, 4096)).is_ok() {
-                    let pid = nix::unistd::Pid::from_raw(runc_pid as i32);
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGWINCH);
+                    if let Some(r) = runc.as_deref() {
+                        let _ = skiff_sys::pidfd::winch(r);
+                    }
                 }
             }
             SessionInput::End => {
@@ -186,23 +207,34 @@ async fn feed(
     }
 }
 
-/// Kills the command of an exec whose caller left: by the pid runc wrote, if that process
-/// is still in the container's cgroup, else runc itself.
-fn kill_exec(pid_file: &Path, container: &str, runc_pid: u32) {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    let pid = std::fs::read_to_string(pid_file).ok().and_then(|t| t.trim().parse::<i32>().ok());
+/// Kills the command of an exec whose caller left: the process runc started (its pid from
+/// the pid file, waited for a moment if runc has not written it yet), held by a pidfd and
+/// checked to be in the container's cgroup before it is signalled; else runc itself.
+async fn kill_exec(pid_file: &Path, container: &str, runc: Option<&OwnedFd>) {
     let in_container = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .is_ok_and(|c| c.lines().any(|l| l.trim_end().ends_with(&format!("/{container}"))))
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| {
+            c.lines().any(|l| {
+                let l = l.trim_end();
+                l.ends_with(&format!("/{container}")) || l.contains(&format!("/{container}/"))
+            })
+        })
     };
-    match pid.filter(|p| *p > 1 && in_container(*p)) {
-        Some(p) => {
-            tracing::info!(pid = p, "the exec's caller left; killing its command");
-            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    for _ in 0..20 {
+        let pid = std::fs::read_to_string(pid_file).ok().and_then(|t| t.trim().parse::<i32>().ok());
+        if let Some(pid) = pid.filter(|p| *p > 1) {
+            // The pidfd first, then the check: the process checked is the one signalled.
+            if let Ok(fd) = skiff_sys::pidfd::open(pid) {
+                if in_container(pid) {
+                    tracing::info!(pid, "the exec's caller left; killing its command");
+                    let _ = skiff_sys::pidfd::kill(&fd);
+                    return;
+                }
+            }
+            break;
         }
-        None => {
-            let _ = kill(Pid::from_raw(runc_pid as i32), Signal::SIGKILL);
-        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(r) = runc {
+        let _ = skiff_sys::pidfd::kill(r);
     }
 }

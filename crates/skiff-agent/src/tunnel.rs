@@ -144,7 +144,7 @@ pub fn due_for_renewal((not_before, not_after): (u64, u64), now: u64) -> bool {
 /// new one).
 async fn serve<S>(agent: &Arc<Agent>, id: &Identity, mut ws: tokio_tungstenite::WebSocketStream<S>, every: Duration)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let hello = Control::Hello {
         revision: agent.desired_revision().unwrap_or(0),
@@ -155,7 +155,14 @@ where
     if ws.send(Message::Text(frame(&hello).into())).await.is_err() {
         return;
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
+    // Frames go out through a writer task that owns the socket's sending half: this loop
+    // never waits on a send while the hub may be waiting on it to read (a session's input
+    // against its output). Replies to requests come in on `tx`, the loop's own frames on
+    // `out`.
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
+    let (sink, mut ws) = ws.split();
+    let (out, own) = tokio::sync::mpsc::channel::<Message>(64);
+    let writer = tokio::spawn(write_frames(sink, rx, own));
     // Requests being answered, with the credit of each one's stream.
     let mut running: std::collections::HashMap<u64, Running> = Default::default();
     let mut tick = tokio::time::interval(every.min(SILENCE / 4));
@@ -261,12 +268,7 @@ where
                 }
                 Some(Ok(_)) => last_rx = tokio::time::Instant::now(),
             },
-            out = rx.recv() => {
-                let Some(f) = out else { break };
-                if ws.send(Message::Text(f.into())).await.is_err() {
-                    break;
-                }
-            }
+            _ = out.closed() => break,
             _ = tick.tick() => {
                 if last_rx.elapsed() > SILENCE {
                     tracing::warn!("no word from the hub for {SILENCE:?}; reconnecting");
@@ -280,7 +282,7 @@ where
                 if due && renewing.is_none() {
                     match crate::join::node_csr(agent.node_name()) {
                         Ok((key, csr)) => {
-                            if ws.send(Message::Text(frame(&Control::Renew { csr }).into())).await.is_err() {
+                            if !send_msg(&out, Message::Text(frame(&Control::Renew { csr }).into())).await {
                                 break;
                             }
                             tracing::info!("asked the hub to renew the node's certificate");
@@ -303,7 +305,7 @@ where
                         Shipment::Whole(samples) => Control::Metrics { samples, through },
                         Shipment::Deltas(samples) => Control::MetricsDelta { samples, through },
                     };
-                    if ws.send(Message::Text(frame(&c).into())).await.is_err() {
+                    if !send_msg(&out, Message::Text(frame(&c).into())).await {
                         lost = true;
                         break;
                     }
@@ -328,7 +330,7 @@ where
                     problems,
                     cache: agent.cfg.cache_url.clone(),
                 };
-                if ws.send(Message::Text(frame(&Control::Status { status }).into())).await.is_err() {
+                if !send_msg(&out, Message::Text(frame(&Control::Status { status }).into())).await {
                     break;
                 }
                 reported = Some(now);
@@ -339,6 +341,37 @@ where
     for r in running.values() {
         r.task.abort();
     }
+    drop(out);
+    writer.abort();
+}
+
+/// How long one frame may wait for the writer before the connection is given up on.
+const SEND_WAIT: Duration = Duration::from_secs(10);
+
+/// Queues one frame for the hub; false when the connection is gone or stuck.
+async fn send_msg(out: &tokio::sync::mpsc::Sender<Message>, m: Message) -> bool {
+    matches!(tokio::time::timeout(SEND_WAIT, out.send(m)).await, Ok(Ok(())))
+}
+
+/// Writes the connection's frames: replies to the hub's requests and the loop's own,
+/// until either side is gone.
+async fn write_frames<S>(
+    mut sink: futures_util::stream::SplitSink<tokio_tungstenite::WebSocketStream<S>, Message>,
+    mut replies: tokio::sync::mpsc::Receiver<String>,
+    mut own: tokio::sync::mpsc::Receiver<Message>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    loop {
+        let m = tokio::select! {
+            m = own.recv() => match m { Some(m) => m, None => break },
+            f = replies.recv() => match f { Some(f) => Message::Text(f.into()), None => break },
+        };
+        if sink.send(m).await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
 }
 
 /// A request being answered: its task, its stream's credit and, for a session, where its

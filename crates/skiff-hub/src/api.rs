@@ -66,6 +66,10 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/metrics", get(samples))
         .route("/api/v1/autoscalers", get(autoscalers))
         .route("/api/v1/alerts", get(alerts))
+        .route(
+            "/api/v1/version",
+            get(|| async { Json(skiff_model::api::Version { version: env!("CARGO_PKG_VERSION").into() }) }),
+        )
         .route("/metrics", get(prometheus))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&hub), auth))
         .merge(fleet)

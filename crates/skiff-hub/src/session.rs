@@ -11,6 +11,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How often the client is pinged (it is given up on after three periods of silence).
+const PING_EVERY: Duration = Duration::from_secs(20);
+
 /// How long the client has to send its spec.
 const SPEC_WAIT: Duration = Duration::from_secs(30);
 
@@ -38,25 +41,45 @@ pub async fn serve(node: Arc<dyn NodeLink>, instance: String, mut socket: WebSoc
         Err(e) => return end(&mut socket, ExecEnd { exit: None, error: Some(e.to_string()) }).await,
     };
     let mut pending: VecDeque<SessionInput> = VecDeque::new();
+    // A client whose link died without a word (a laptop shut, a NAT timeout) is noticed by
+    // its missing pongs: its command is ended, not left running for ever.
+    let mut ping = tokio::time::interval(PING_EVERY);
+    let mut last_rx = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            _ = ping.tick() => {
+                if pending.len() >= PENDING_INPUT {
+                    // Not reading now (the session is not taking input): nothing to judge.
+                    last_rx = tokio::time::Instant::now();
+                } else if last_rx.elapsed() > PING_EVERY * 3 {
+                    tracing::warn!(%instance, "the exec's client went silent; ending its command");
+                    return;
+                }
+                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    return;
+                }
+            }
             m = socket.recv(), if pending.len() < PENDING_INPUT => match m {
                 Some(Ok(Message::Binary(b))) => {
+                    last_rx = tokio::time::Instant::now();
                     pending.extend(b.chunks(INPUT_CHUNK).map(|c| SessionInput::Data(c.to_vec())));
                 }
-                Some(Ok(Message::Text(t))) => match serde_json::from_str::<ExecControl>(t.as_str()) {
-                    Ok(ExecControl::Resize { cols, rows }) => pending.push_back(SessionInput::Resize { cols, rows }),
-                    Ok(ExecControl::Eof) => pending.push_back(SessionInput::End),
-                    Err(e) => {
-                        let error = Some(format!("an exec control message: {e}"));
-                        return end(&mut socket, ExecEnd { exit: None, error }).await;
+                Some(Ok(Message::Text(t))) => {
+                    last_rx = tokio::time::Instant::now();
+                    match serde_json::from_str::<ExecControl>(t.as_str()) {
+                        Ok(ExecControl::Resize { cols, rows }) => pending.push_back(SessionInput::Resize { cols, rows }),
+                        Ok(ExecControl::Eof) => pending.push_back(SessionInput::End),
+                        Err(e) => {
+                            let error = Some(format!("an exec control message: {e}"));
+                            return end(&mut socket, ExecEnd { exit: None, error }).await;
+                        }
                     }
-                },
+                }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
                     // The client left: dropping `output` ends the command.
                     return;
                 }
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => last_rx = tokio::time::Instant::now(),
             },
             room = input.reserve(), if !pending.is_empty() => match (room, pending.pop_front()) {
                 (Ok(room), Some(i)) => room.send(i),

@@ -26,26 +26,57 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// Where the tunnel's frames go out: a writer task owns the socket's sending half, so the
+/// loop that reads never waits on a send (a node that sends while it is not reading — a
+/// session's output against its input — would otherwise hold both ends).
+type Out = mpsc::Sender<axum::extract::ws::Message>;
+
+/// How long one frame may wait for the writer before the tunnel is given up on.
+const SEND_WAIT: Duration = Duration::from_secs(10);
+
+/// Queues one message for the node; false when the tunnel is gone or stuck.
+async fn send_msg(out: &Out, m: axum::extract::ws::Message) -> bool {
+    matches!(tokio::time::timeout(SEND_WAIT, out.send(m)).await, Ok(Ok(())))
+}
+
 /// Sends the acknowledgement of samples received (if one is owed); false: the link is gone.
-async fn ack_now(socket: &mut axum::extract::ws::WebSocket, unacked: &mut Option<u64>) -> bool {
+async fn ack_now(out: &Out, unacked: &mut Option<u64>) -> bool {
     let Some(through) = unacked.take() else { return true };
-    send_frame(socket, &Control::MetricsAck { through }).await
+    send_frame(out, &Control::MetricsAck { through }).await
 }
 
 /// Tells the node the store's hubs as they are now (nothing while none are known); false
 /// when the socket is gone.
-async fn tell_hubs(
-    socket: &mut axum::extract::ws::WebSocket,
-    hubs: &mut tokio::sync::watch::Receiver<Vec<String>>,
-) -> bool {
+async fn tell_hubs(out: &Out, hubs: &mut tokio::sync::watch::Receiver<Vec<String>>) -> bool {
     let list = hubs.borrow_and_update().clone();
-    list.is_empty() || send_frame(socket, &Control::Hubs { hubs: list }).await
+    list.is_empty() || send_frame(out, &Control::Hubs { hubs: list }).await
 }
 
 /// Sends one control frame; false when the socket is gone.
-async fn send_frame(socket: &mut axum::extract::ws::WebSocket, c: &Control) -> bool {
+async fn send_frame(out: &Out, c: &Control) -> bool {
     let Ok(frame) = serde_json::to_string(c) else { return true };
-    socket.send(axum::extract::ws::Message::Text(frame.into())).await.is_ok()
+    send_msg(out, axum::extract::ws::Message::Text(frame.into())).await
+}
+
+/// Writes the tunnel's frames: requests from the hub's streams (`requests`) and the
+/// loop's own frames (`own`), until either side is gone.
+async fn write_frames(
+    mut sink: futures_util::stream::SplitSink<axum::extract::ws::WebSocket, axum::extract::ws::Message>,
+    mut requests: mpsc::Receiver<String>,
+    mut own: mpsc::Receiver<axum::extract::ws::Message>,
+) {
+    use axum::extract::ws::Message;
+    use futures_util::SinkExt;
+    loop {
+        let m = tokio::select! {
+            m = own.recv() => match m { Some(m) => m, None => break },
+            f = requests.recv() => match f { Some(f) => Message::Text(f.into()), None => break },
+        };
+        if sink.send(m).await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
 }
 
 /// Serves a node's tunnel until it closes: control frames, requests and liveness.
@@ -53,11 +84,15 @@ pub async fn serve(
     f: Arc<crate::fleet::Fleet>,
     name: String,
     peer: crate::tls::Peer,
-    mut socket: axum::extract::ws::WebSocket,
+    socket: axum::extract::ws::WebSocket,
 ) {
     use axum::extract::ws::Message;
-    let (tx, mut rx) = mpsc::channel::<String>(256);
+    use futures_util::StreamExt;
+    let (tx, rx) = mpsc::channel::<String>(256);
     let t = f.open_tunnel(&name, tx);
+    let (sink, mut socket) = socket.split();
+    let (out, own) = mpsc::channel::<Message>(64);
+    let writer = tokio::spawn(write_frames(sink, rx, own));
     // Checked again now that the tunnel is registered: a delete or a replacement between
     // the upgrade's check and here would otherwise leave this tunnel open.
     if let Err(e) = f.authorize(&peer, &name) {
@@ -90,7 +125,7 @@ pub async fn serve(
     loop {
         let mut push = false;
         tokio::select! {
-            m = socket.recv() => match m {
+            m = socket.next() => match m {
                 Some(Ok(Message::Text(text))) => {
                     f.touch(&name);
                     last_rx = tokio::time::Instant::now();
@@ -123,13 +158,13 @@ pub async fn serve(
                             }
                             node_rev = Some(revision);
                             push = true;
-                            if !tell_hubs(&mut socket, &mut hubs).await {
+                            if !tell_hubs(&out, &mut hubs).await {
                                 break;
                             }
                             let stale = f.store_node(&name).is_some_and(|rec| f.should_renew(&rec, f.now_ms()));
                             if stale {
                                 if let Some(frame) = send(&Control::RenewNow) {
-                                    if socket.send(Message::Text(frame.into())).await.is_err() {
+                                    if !send_msg(&out, Message::Text(frame.into())).await {
                                         break;
                                     }
                                 }
@@ -144,7 +179,7 @@ pub async fn serve(
                                 }
                             };
                             if let Some(frame) = send(&reply) {
-                                if socket.send(Message::Text(frame.into())).await.is_err() {
+                                if !send_msg(&out, Message::Text(frame.into())).await {
                                     break;
                                 }
                             }
@@ -153,7 +188,7 @@ pub async fn serve(
                             let ack = f.report(&name, status);
                             if ack.events_through > 0 {
                                 if let Some(frame) = send(&Control::Ack { events_through: ack.events_through }) {
-                                    if socket.send(Message::Text(frame.into())).await.is_err() {
+                                    if !send_msg(&out, Message::Text(frame.into())).await {
                                         break;
                                     }
                                 }
@@ -169,7 +204,7 @@ pub async fn serve(
                             let backlog = samples.len() > METRICS_BATCH;
                             f.record_metrics(&name, samples.into_iter().map(|p| p.unpack(&name)).collect());
                             unacked = Some(through);
-                            if backlog && !ack_now(&mut socket, &mut unacked).await {
+                            if backlog && !ack_now(&out, &mut unacked).await {
                                 break;
                             }
                         }
@@ -198,7 +233,7 @@ pub async fn serve(
                             unacked = Some(through);
                             // A backlog (after a partition) frees the node's buffer at once;
                             // a steady batch is acknowledged by the next ping.
-                            if backlog && !ack_now(&mut socket, &mut unacked).await {
+                            if backlog && !ack_now(&out, &mut unacked).await {
                                 break;
                             }
                         }
@@ -212,14 +247,7 @@ pub async fn serve(
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 Some(Ok(_)) => {}
             },
-            out = rx.recv() => match out {
-                Some(frame) => {
-                    if socket.send(Message::Text(frame.into())).await.is_err() {
-                        break;
-                    }
-                }
-                None => break,
-            },
+            _ = out.closed() => break,
             r = changes.changed() => {
                 if r.is_err() {
                     break;
@@ -230,7 +258,7 @@ pub async fn serve(
                 if r.is_err() {
                     break;
                 }
-                if !tell_hubs(&mut socket, &mut hubs).await {
+                if !tell_hubs(&out, &mut hubs).await {
                     break;
                 }
             }
@@ -248,7 +276,7 @@ pub async fn serve(
                     continue;
                 }
                 let payload = unacked.take().map(|t| t.to_string().into_bytes()).unwrap_or_default();
-                if socket.send(Message::Ping(payload.into())).await.is_err() {
+                if !send_msg(&out, Message::Ping(payload.into())).await {
                     break;
                 }
                 last_ping = tokio::time::Instant::now();
@@ -265,7 +293,7 @@ pub async fn serve(
             pushed = Some(a.deployments.clone());
             node_rev = Some(a.revision);
             if let Some(frame) = send(&Control::Assign { assignment: a }) {
-                if socket.send(Message::Text(frame.into())).await.is_err() {
+                if !send_msg(&out, Message::Text(frame.into())).await {
                     break;
                 }
             }
@@ -273,6 +301,8 @@ pub async fn serve(
             pushed = Some(a.deployments);
         }
     }
+    drop(out);
+    writer.abort();
     f.close_tunnel(&name, t.serial);
     tracing::info!(node = %name, "tunnel closed");
 }
@@ -380,7 +410,14 @@ impl Tunnel {
         let was_pending = self.pending.lock().map(|mut p| p.remove(&id).is_some()).unwrap_or(false);
         if was_pending {
             if let Ok(f) = serde_json::to_string(&Request { id, op: Op::Cancel }) {
-                let _ = self.out.try_send(f);
+                // A full queue must not lose the cancel (the agent would keep a session's
+                // command running): it waits for room in a task of its own.
+                if let Err(mpsc::error::TrySendError::Full(f)) = self.out.try_send(f) {
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        let out = self.out.clone();
+                        rt.spawn(async move { tokio::time::timeout(SEND_WAIT * 3, out.send(f)).await });
+                    }
+                }
             }
         }
     }

@@ -13,6 +13,7 @@ pub mod crash;
 pub mod durable;
 pub mod inroot;
 pub mod kept;
+pub mod notify;
 pub mod perms;
 pub mod pidfd;
 pub mod pty;

@@ -12,6 +12,16 @@ pub fn open(pid: i32) -> std::io::Result<OwnedFd> {
     Ok(rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK)?)
 }
 
+/// Kills the process a pidfd stands for (never a later process given its pid number).
+pub fn kill(fd: impl std::os::fd::AsFd) -> std::io::Result<()> {
+    Ok(rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL)?)
+}
+
+/// Tells the process a pidfd stands for that its terminal's window changed (SIGWINCH).
+pub fn winch(fd: impl std::os::fd::AsFd) -> std::io::Result<()> {
+    Ok(rustix::process::pidfd_send_signal(fd, rustix::process::Signal::WINCH)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -26,7 +36,9 @@ mod tests {
             rustix::event::poll(&mut fds, Some(&zero)).unwrap() == 1
         };
         assert!(!readable(&fd), "running");
-        child.kill().unwrap();
+        winch(&fd).unwrap();
+        assert!(!readable(&fd), "SIGWINCH is ignored by default");
+        kill(&fd).unwrap();
         child.wait().unwrap();
         assert!(readable(&fd), "ended");
         assert!(open(0).is_err());

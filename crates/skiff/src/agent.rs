@@ -190,6 +190,7 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     let every = Duration::from_secs(args.heartbeat);
     let mut tunnel =
         tokio::spawn(skiff_agent::tunnel::run(Arc::clone(&agent), hubs, node.clone(), Arc::new(id), every, connected));
+    crate::notify_ready();
     tokio::select! {
         _ = sigint.recv() => {}
         _ = sigterm.recv() => {}

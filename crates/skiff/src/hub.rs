@@ -386,6 +386,7 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let mut server_task =
         tokio::spawn(skiff_hub::serve::serve(listener, skiff_hub::api::router(Arc::clone(&hub)), serving, stop_rx));
     eprintln!("skiff: hub on {server} (listening on {addr}), config in {}", conf_path.display());
+    crate::notify_ready();
     let lost = async {
         match lead.as_mut() {
             Some(l) => loop {

@@ -25,6 +25,7 @@ mod cli;
 mod client;
 mod config;
 mod hub;
+mod install;
 mod link;
 mod output;
 mod progress;
@@ -39,6 +40,13 @@ pub(crate) fn secure_data_dir(data: &std::path::Path) -> anyhow::Result<()> {
     skiff_sys::perms::restrict_umask();
     skiff_sys::perms::secure_data_dir(data, &["wasm", "volumes"])?;
     Ok(())
+}
+
+/// Tells systemd (a unit of `Type=notify`) the role is serving; nothing outside systemd.
+pub(crate) fn notify_ready() {
+    if let Err(e) = skiff_sys::notify::ready() {
+        tracing::warn!("telling systemd the service is ready: {e}");
+    }
 }
 
 /// What a role's task (the agent's loop, the API server) returned when it ended.

@@ -6,11 +6,20 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Table,
+    /// A table with more columns (where a list has more to show).
+    Wide,
     Json,
     Yaml,
     /// Compact JSON on one line (`skiff get -w -o json`: one document per change).
     #[value(skip)]
     JsonLine,
+}
+
+impl Format {
+    /// A human table (plain or wide).
+    pub fn is_table(self) -> bool {
+        matches!(self, Format::Table | Format::Wide)
+    }
 }
 
 /// Writes `text` to stdout. A reader that went away (`| head`, `| grep -q`) ends the
@@ -56,7 +65,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
 /// A list as a table (one row per item) or, with `-o json|yaml`, as data.
 pub fn print<T: Serialize>(items: &[T], f: Format, headers: &[&str], row: impl Fn(&T) -> Vec<String>) -> Result<()> {
     match f {
-        Format::Table => {
+        Format::Table | Format::Wide => {
             table(headers, &items.iter().map(row).collect::<Vec<_>>());
             Ok(())
         }
@@ -67,7 +76,7 @@ pub fn print<T: Serialize>(items: &[T], f: Format, headers: &[&str], row: impl F
 pub fn structured<T: Serialize + ?Sized>(v: &T, f: Format) -> Result<()> {
     match f {
         Format::Yaml => emit(&serde_norway::to_string(v)?),
-        Format::Json | Format::Table => emit(&format!("{}\n", serde_json::to_string_pretty(v)?)),
+        Format::Json | Format::Table | Format::Wide => emit(&format!("{}\n", serde_json::to_string_pretty(v)?)),
         Format::JsonLine => emit(&format!("{}\n", serde_json::to_string(v)?)),
     }
     Ok(())

@@ -121,10 +121,15 @@ pub fn load_compose(file: &Path) -> Result<ComposeImport> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let dir =
         file.canonicalize().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."));
+    compose_in(&text, &dir).with_context(|| format!("{}", file.display()))
+}
+
+/// A compose file's text, read as if it were in `dir` (relative paths, `.env`, the
+/// default project name): a file's own directory, or the current one for standard input.
+pub fn compose_in(text: &str, dir: &Path) -> Result<ComposeImport> {
     let default_project = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "default".into());
     let env = |k: &str| std::env::var(k).ok();
-    skiff_manifest::import_compose(&text, &dir, &default_project, &env, &|p| std::fs::read_to_string(p))
-        .with_context(|| format!("{}", file.display()))
+    Ok(skiff_manifest::import_compose(text, dir, &default_project, &env, &|p| std::fs::read_to_string(p))?)
 }
 
 fn default_compose() -> Option<PathBuf> {
@@ -232,6 +237,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
         let r = hub.apply(&req).await?;
         crate::cli::print_apply(&r, false);
     }
+    crate::notify_ready();
     // A role that dies takes the process down (its supervisor restarts it): a hub that
     // accepted deployments no loop would ever start is worse than no hub.
     let interrupted = tokio::select! {

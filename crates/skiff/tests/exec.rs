@@ -37,6 +37,19 @@ fn exec_streams_pipes_and_gives_a_terminal() -> R {
     let out = n.cli_input(&["exec", "-i", "box-1", "--", "cat"], &big)?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout == big, "cat gave back {} of {} bytes, or others", out.stdout.len(), big.len());
+    // A reader that pauses gets every byte, though the command ended long before (its
+    // output waits in the session's buffers meanwhile).
+    let mut slow = std::process::Command::new(common::bin())
+        .arg("--data")
+        .arg(n.data())
+        .args(["exec", "box-1", "--", "head", "-c", "8000000", "/dev/zero"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(5 * SEC);
+    let mut got = vec![];
+    std::io::Read::read_to_end(&mut slow.stdout.take().unwrap(), &mut got)?;
+    assert!(slow.wait()?.success());
+    assert_eq!(got.len(), 8_000_000, "a paused reader lost output");
     // Without -i the command reads nothing (its stdin is /dev/null), and ends.
     let out = n.cli_input(&["exec", "box-1", "--", "sh", "-c", "cat; echo done"], b"ignored\n")?;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");

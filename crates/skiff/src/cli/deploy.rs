@@ -313,25 +313,79 @@ pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -
     Ok(d)
 }
 
-/// `skiff apply -f FILE`: a Kubernetes manifest is applied as `kubectl apply` does (no
+/// What one apply of `-f` files holds.
+pub(super) struct Manifests {
+    pub deployments: Vec<skiff_model::Deployment>,
+    pub warnings: Vec<String>,
+    /// A compose file's project: its stack is replaced whole.
+    pub prune_stack: Option<String>,
+    pub autoscalers: Vec<skiff_model::api::AttachAutoscaler>,
+}
+
+/// Reads the `-f` files (`-`: standard input, once): Kubernetes manifests, any number,
+/// applied together as `kubectl apply -f a -f b`; or one compose file (docker compose
+/// merges several as overrides, which skiff does not).
+pub(super) fn read_manifests(files: &[PathBuf]) -> Result<Manifests> {
+    let mut texts: Vec<(String, String, PathBuf)> = vec![];
+    let mut stdin_read = false;
+    for f in files {
+        if f.as_os_str() == "-" {
+            if stdin_read {
+                bail!("-f -: standard input can be read once");
+            }
+            stdin_read = true;
+            let mut t = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).context("reading standard input")?;
+            texts.push(("standard input".into(), t, std::env::current_dir().unwrap_or_else(|_| ".".into())));
+        } else {
+            let t = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let dir =
+                f.canonicalize().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_else(|| ".".into());
+            texts.push((f.display().to_string(), t, dir));
+        }
+    }
+    let compose: Vec<&(String, String, PathBuf)> =
+        texts.iter().filter(|(_, t, _)| !skiff_manifest::is_k8s(t)).collect();
+    if let Some((name, text, dir)) = compose.first() {
+        if texts.len() > 1 {
+            bail!(
+                "-f: {name} is a compose file, and several files were given: docker compose merges them as \
+                 overrides, which skiff does not; apply one compose file at a time"
+            );
+        }
+        let c = crate::up::compose_in(text, dir).with_context(|| name.clone())?;
+        return Ok(Manifests {
+            deployments: c.deployments,
+            warnings: c.warnings,
+            prune_stack: Some(c.project),
+            autoscalers: vec![],
+        });
+    }
+    let mut out = Manifests { deployments: vec![], warnings: vec![], prune_stack: None, autoscalers: vec![] };
+    for (name, text, _) in &texts {
+        // An autoscaler for a Deployment applied earlier: the hub sets it on the stored
+        // one, in the same transaction.
+        let k = skiff_manifest::import_k8s(text, "default").with_context(|| name.clone())?;
+        for d in k.deployments {
+            if out.deployments.iter().any(|x| x.name == d.name) {
+                bail!("{name}: deployment {:?} is also in an earlier file", d.name);
+            }
+            out.deployments.push(d);
+        }
+        out.warnings.extend(k.warnings.into_iter().map(|w| if texts.len() > 1 { format!("{name}: {w}") } else { w }));
+        out.autoscalers.extend(k.autoscalers);
+    }
+    Ok(out)
+}
+
+/// `skiff apply -f FILE...`: Kubernetes manifests are applied as `kubectl apply` does (no
 /// pruning); a compose file replaces its whole stack.
-pub(super) async fn apply(cli: &Cli, file: &Path, dry_run: bool, selector: &[String]) -> Result<i32> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    // Kubernetes manifests are applied as `kubectl apply` does (no pruning); a compose
-    // file replaces its whole stack.
-    let (mut deployments, warnings, prune_stack, autoscalers) = if skiff_manifest::is_k8s(&text) {
-        let k = skiff_manifest::import_k8s(&text, "default").with_context(|| format!("{}", file.display()))?;
-        // An autoscaler for a Deployment applied earlier: the hub sets it on the
-        // stored one, in the same transaction.
-        (k.deployments, k.warnings, None, k.autoscalers)
-    } else {
-        let c = crate::up::load_compose(file)?;
-        (c.deployments, c.warnings, Some(c.project), vec![])
-    };
+pub(super) async fn apply(cli: &Cli, files: &[PathBuf], dry_run: bool, selector: &[String]) -> Result<i32> {
+    let selector = parse_selector(selector)?;
+    let Manifests { mut deployments, warnings, prune_stack, autoscalers } = read_manifests(files)?;
     for w in &warnings {
         eprintln!("warning: {w}");
     }
-    let selector = parse_selector(selector)?;
     for d in &mut deployments {
         d.placement.node_selector.extend(selector.clone());
     }
@@ -368,6 +422,36 @@ pub(super) async fn run(cli: &Cli, args: &RunArgs) -> Result<i32> {
     }
     print_notes(&r);
     outln!("{name}");
+    Ok(0)
+}
+
+/// `skiff delete -f FILE...` (and `skiff down -f`): what the files applied — a compose
+/// file's whole stack (as `docker compose down`), a manifest's deployments. Deployments
+/// already gone are said so, not an error.
+pub(super) async fn delete_files(cli: &Cli, files: &[PathBuf]) -> Result<i32> {
+    let m = read_manifests(files)?;
+    let c = client(cli)?;
+    let mut names: Vec<String> = m.deployments.iter().map(|d| d.name.clone()).collect();
+    if let Some(stack) = &m.prune_stack {
+        let stored: Vec<skiff_model::api::DeploymentView> = c.get("/api/v1/deployments").await?;
+        for d in stored.into_iter().filter(|d| &d.spec.stack == stack) {
+            if !names.contains(&d.spec.name) {
+                names.push(d.spec.name);
+            }
+        }
+    }
+    for name in names {
+        match c.delete(&format!("/api/v1/deployments/{name}")).await {
+            Ok(()) => outln!("deployment {name} deleted"),
+            Err(e)
+                if e.downcast_ref::<crate::client::ApiError>()
+                    .is_some_and(|a| a.status == reqwest::StatusCode::NOT_FOUND) =>
+            {
+                eprintln!("deployment {name} was not there");
+            }
+            Err(e) => return Err(e),
+        }
+    }
     Ok(0)
 }
 

@@ -156,7 +156,7 @@ pub(super) fn bundle(data: &Path, cmd: &BundleCmd) -> Result<i32> {
         }
         BundleCmd::Inspect { file, output: f } => {
             let (h, size) = skiff_image::bundle::inspect(file)?;
-            if *f != Format::Table {
+            if !f.is_table() {
                 return output::structured(&h, *f).map(|()| 0);
             }
             outln!("image:     {} ({})", h.reference, h.platform);

@@ -3,6 +3,7 @@
 
 mod deploy;
 mod image;
+mod ops;
 mod rollout;
 mod token;
 mod view;
@@ -11,7 +12,7 @@ pub use deploy::print_apply;
 pub use image::pull_options;
 
 use crate::client::Client;
-use crate::output::Format;
+use crate::output::{self, Format};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use deploy::RunArgs;
@@ -38,6 +39,9 @@ pub struct Cli {
     /// More logging (--verbose info, twice for debug). RUST_LOG overrides.
     #[arg(long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// How log lines are written on stderr: `text`, or `json` (one object a line).
+    #[arg(long, global = true, value_enum, env = "SKIFF_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -48,8 +52,9 @@ pub enum Cmd {
     Up(crate::up::UpArgs),
     /// Create or update deployments from a compose file.
     Apply {
-        #[arg(short = 'f', long = "file")]
-        file: PathBuf,
+        /// A compose file, or Kubernetes manifests (repeatable); `-` reads standard input.
+        #[arg(short = 'f', long = "file", required = true)]
+        file: Vec<PathBuf>,
         /// Validate and show what would change, without changing anything.
         #[arg(long)]
         dry_run: bool,
@@ -59,9 +64,15 @@ pub enum Cmd {
     },
     /// Run an image as a deployment.
     Run(Box<RunArgs>),
-    /// List nodes, deployments, instances or events.
+    /// List nodes, deployments, instances or events (or show one by name).
     Get {
         kind: Kind,
+        /// Only this one (an error when there is none).
+        name: Option<String>,
+        /// Label selector for deployments, and instances by their deployment's labels:
+        /// `app=web`, `tier!=db`, `canary`, `!legacy`, comma-separated (all must match).
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
         /// Keep printing the list each time it changes (JSON and YAML: one document per change).
@@ -74,11 +85,22 @@ pub enum Cmd {
     },
     /// Show one deployment (or node) in detail.
     Describe { kind: Kind, name: String },
-    /// Delete a deployment (its instances are stopped: SIGTERM, grace period, SIGKILL).
+    /// Delete a deployment (its instances are stopped: SIGTERM, grace period, SIGKILL), a
+    /// node, or what files applied (`-f`).
     Delete {
-        /// `deployment` (may be left out).
-        kind_or_name: String,
+        /// `deployment` (may be left out) or `node`.
+        #[arg(required_unless_present = "file")]
+        kind_or_name: Option<String>,
         name: Option<String>,
+        /// Delete what these files applied: a compose file's whole stack, a manifest's
+        /// deployments (`-` reads standard input).
+        #[arg(short = 'f', long = "file", conflicts_with_all = ["kind_or_name", "name"])]
+        file: Vec<PathBuf>,
+    },
+    /// Remove what a compose file (or manifests) applied: `skiff delete -f FILE`.
+    Down {
+        #[arg(short = 'f', long = "file", required = true)]
+        file: Vec<PathBuf>,
     },
     /// Print the logs of an instance, or of every instance of a deployment.
     Logs {
@@ -90,6 +112,13 @@ pub enum Cmd {
         /// Prefix each line with its timestamp.
         #[arg(short, long)]
         timestamps: bool,
+        /// Only lines from this time on: a duration back from now (`10m`, `2h`) or an RFC
+        /// 3339 time (`2026-12-05T10:00:00Z`).
+        #[arg(long, value_parser = parse_when)]
+        since: Option<u64>,
+        /// Only lines up to this time (same forms); with -f, following ends there.
+        #[arg(long, value_parser = parse_when)]
+        until: Option<u64>,
     },
     /// Resource use of nodes or instances, from their newest samples.
     Top {
@@ -103,6 +132,46 @@ pub enum Cmd {
     /// Follow, list or undo a deployment's updates.
     #[command(subcommand)]
     Rollout(RolloutCmd),
+    /// Instances (as `docker ps`): name, deployment, state, health, restarts, address, ports.
+    Ps {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Set the replica count of deployments (`skiff scale web=3 api=1`), in one change.
+    Scale {
+        /// NAME=REPLICAS, one or more.
+        #[arg(required = true, value_name = "NAME=REPLICAS")]
+        items: Vec<String>,
+    },
+    /// Replace every instance of deployments, by each one's update strategy (as
+    /// `kubectl rollout restart`; follow with `skiff rollout status NAME`).
+    Restart {
+        #[arg(required = true, value_name = "DEPLOYMENT")]
+        names: Vec<String>,
+    },
+    /// Stop deployments: no instances, the replica count kept for `skiff start`.
+    Stop {
+        #[arg(required = true, value_name = "DEPLOYMENT")]
+        names: Vec<String>,
+    },
+    /// Start deployments `skiff stop` stopped, with the replica count they had.
+    Start {
+        #[arg(required = true, value_name = "DEPLOYMENT")]
+        names: Vec<String>,
+    },
+    /// Versions: this program's, the hub's, and each node's agent and runtimes.
+    Version,
+    /// Run a role (agent, hub, up) as a systemd service that survives reboots and
+    /// restarts without stopping containers.
+    Install(crate::install::InstallArgs),
+    /// Print a shell completion script (`skiff completion bash > /etc/bash_completion.d/skiff`).
+    Completion { shell: clap_complete::Shell },
+    /// Write man pages generated from this command line (skiff.1, skiff-run.1, ...).
+    #[command(hide = true)]
+    Man {
+        /// The directory to write them to.
+        dir: PathBuf,
+    },
     /// Run a command in a running instance, its output shown as it comes (any node: a
     /// node behind NAT is reached through its tunnel). The exit code is the command's.
     Exec {
@@ -174,9 +243,38 @@ fn parse_ttl(s: &str) -> Result<u64, String> {
     }
 }
 
+/// Writes a man page for `skiff` and one for each command (`skiff-run.1`), from the
+/// parser's own definition.
+fn man_pages(dir: &std::path::Path) -> Result<i32> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut pages = vec![("skiff".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        pages.push((format!("skiff-{}", sub.get_name()), sub.clone()));
+    }
+    for (name, c) in pages {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(c).title(name.to_uppercase()).render(&mut page)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+        outln!("{}", path.display());
+    }
+    Ok(0)
+}
+
+/// A point in time for `--since`/`--until` (ms since the epoch): a duration back from now
+/// or an RFC 3339 time.
+fn parse_when(s: &str) -> Result<u64, String> {
+    if let Some(secs) = skiff_image::notation::parse_rfc3339(s) {
+        return u64::try_from(secs).map(|s| s * 1000).map_err(|_| format!("{s:?} is before 1970"));
+    }
+    let back = parse_ttl(s).map_err(|_| format!("{s:?} is neither a duration (10m, 2h) nor an RFC 3339 time"))?;
+    Ok(skiff_sys::time::now_ms().saturating_sub(back * 1000))
+}
+
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    init_tracing(cli.verbose, matches!(cli.cmd, Cmd::Shim { .. }));
+    init_tracing(cli.verbose, matches!(cli.cmd, Cmd::Shim { .. }), cli.log_format);
     if let Cmd::Shim { bundle, daemon } = &cli.cmd {
         return skiff_runtime::shim::main(bundle, *daemon);
     }
@@ -196,7 +294,16 @@ pub fn main() -> i32 {
     }
 }
 
-fn init_tracing(verbose: u8, quiet: bool) {
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people.
+    Text,
+    /// One JSON object a line (time, level, message, fields), for log shippers.
+    Json,
+}
+
+fn init_tracing(verbose: u8, quiet: bool, format: LogFormat) {
     if quiet {
         return;
     }
@@ -207,8 +314,11 @@ fn init_tracing(verbose: u8, quiet: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let _ = match format {
+        LogFormat::Text => fmt.try_init(),
+        LogFormat::Json => fmt.json().flatten_event(true).try_init(),
+    };
 }
 
 fn client(cli: &Cli) -> Result<Client> {
@@ -225,17 +335,38 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Token(t) => token::token(&client(cli)?, t).await,
         Cmd::Apply { file, dry_run, selector } => deploy::apply(cli, file, *dry_run, selector).await,
         Cmd::Run(args) => deploy::run(cli, args).await,
-        Cmd::Get { kind, output, watch, event_type } => {
-            view::get(&client(cli)?, *kind, *output, *watch, *event_type).await
+        Cmd::Get { kind, name, selector, output, watch, event_type } => {
+            let only = view::Only::new(*kind, name.as_deref(), selector.as_deref())?;
+            view::get(&client(cli)?, *kind, *output, *watch, *event_type, &only).await
         }
         Cmd::Top { kind, output } => view::top(&client(cli)?, *kind, *output).await,
         Cmd::Rollout(cmd) => rollout::rollout(&client(cli)?, cmd).await,
         Cmd::Autoscale(AutoscaleCmd::Simulate { file }) => rollout::simulate(file),
         Cmd::Describe { kind, name } => view::describe(cli, *kind, name).await,
-        Cmd::Delete { kind_or_name, name } => deploy::delete(cli, kind_or_name, name.as_ref()).await,
-        Cmd::Logs { name, follow, tail, timestamps } => {
-            view::logs(&client(cli)?, name, *follow, *tail, *timestamps).await
+        Cmd::Delete { file, .. } | Cmd::Down { file } if !file.is_empty() => deploy::delete_files(cli, file).await,
+        Cmd::Delete { kind_or_name: Some(k), name, .. } => deploy::delete(cli, k, name.as_ref()).await,
+        Cmd::Delete { .. } | Cmd::Down { .. } => bail!("name what to delete, or give -f FILE"),
+        Cmd::Logs { name, follow, tail, timestamps, since, until } => {
+            let window = view::LogWindow { since_ms: *since, until_ms: *until };
+            view::logs(&client(cli)?, name, *follow, *tail, *timestamps, window).await
         }
+        Cmd::Ps { output } => {
+            view::get(&client(cli)?, Kind::Instances, *output, false, None, &view::Only::default()).await
+        }
+        Cmd::Scale { items } => ops::scale(&client(cli)?, items).await,
+        Cmd::Restart { names } => ops::restart(&client(cli)?, names, skiff_sys::time::now_ms()).await,
+        Cmd::Stop { names } => ops::stop(&client(cli)?, names).await,
+        Cmd::Start { names } => ops::start(&client(cli)?, names).await,
+        Cmd::Version => ops::version(client(cli).ok()).await,
+        Cmd::Install(args) => crate::install::install(args),
+        Cmd::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "skiff", &mut out);
+            output::emit(&String::from_utf8_lossy(&out));
+            Ok(0)
+        }
+        Cmd::Man { dir } => man_pages(dir),
         Cmd::Exec { interactive, tty, instance, command } => {
             view::exec(cli, instance, command, *interactive, *tty).await
         }
@@ -249,7 +380,7 @@ async fn run(cli: Cli) -> Result<i32> {
 }
 
 /// An error with its causes, each once: library errors often already say their source.
-fn report(e: &anyhow::Error) -> String {
+pub(crate) fn report(e: &anyhow::Error) -> String {
     skiff_image::error::with_causes(e.as_ref())
 }
 

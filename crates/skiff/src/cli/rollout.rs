@@ -92,7 +92,7 @@ pub(super) async fn rollout(c: &Client, cmd: &RolloutCmd) -> Result<i32> {
                     return Ok(if r.state == RolloutState::Complete { 0 } else { 1 });
                 }
                 let line = rollout_line(&s);
-                if *output != Format::Table {
+                if !output.is_table() {
                     output::structured(&s, *output)?;
                 } else if line != last {
                     outln!("{line}");

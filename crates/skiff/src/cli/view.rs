@@ -84,8 +84,119 @@ pub enum EventType {
 /// Reasons of security events: threat detection, signatures, the node's policy.
 pub const SECURITY_REASONS: &[&str] = &["SecurityAlert", "SecurityAction", "Untrusted", "PolicyViolation"];
 
+/// One requirement of a label selector (kubectl's equality-based ones).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    Absent(String),
+}
+
+/// What `skiff get` keeps of a list: one name, and a label selector.
+#[derive(Debug, Default)]
+pub struct Only {
+    name: Option<String>,
+    selector: Vec<Requirement>,
+}
+
+impl Only {
+    pub fn new(kind: Kind, name: Option<&str>, selector: Option<&str>) -> Result<Self> {
+        let mut reqs = vec![];
+        if let Some(sel) = selector {
+            if !matches!(kind, Kind::Deployments | Kind::Instances) {
+                bail!("-l: only deployments (and instances, by their deployment's) carry labels");
+            }
+            for part in sel.split(',').map(str::trim) {
+                let key_ok = |k: &str| {
+                    if skiff_model::validate::is_label_key(k) {
+                        Ok(k.to_string())
+                    } else {
+                        Err(anyhow::anyhow!("-l {sel:?}: {k:?} is not a label key"))
+                    }
+                };
+                let r = if let Some((k, v)) = part.split_once("!=") {
+                    Requirement::NotEquals(key_ok(k.trim())?, v.trim().to_string())
+                } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+                    Requirement::Equals(key_ok(k.trim())?, v.trim().to_string())
+                } else if let Some(k) = part.strip_prefix('!') {
+                    Requirement::Absent(key_ok(k.trim())?)
+                } else {
+                    Requirement::Exists(key_ok(part)?)
+                };
+                reqs.push(r);
+            }
+        }
+        Ok(Only { name: name.map(str::to_string), selector: reqs })
+    }
+
+    fn matches(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        self.selector.iter().all(|r| match r {
+            Requirement::Equals(k, v) => labels.get(k) == Some(v),
+            Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
+            Requirement::Exists(k) => labels.contains_key(k),
+            Requirement::Absent(k) => !labels.contains_key(k),
+        })
+    }
+
+    fn is_all(&self) -> bool {
+        self.name.is_none() && self.selector.is_empty()
+    }
+
+    /// The list in `body` with only what is asked for (`labels`: each deployment's, for
+    /// instances).
+    fn keep(
+        &self,
+        kind: Kind,
+        body: Vec<u8>,
+        labels: &std::collections::HashMap<String, std::collections::BTreeMap<String, String>>,
+    ) -> Result<Vec<u8>> {
+        if self.is_all() {
+            return Ok(body);
+        }
+        let mut v: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
+        let name_of = |x: &serde_json::Value| -> Option<String> {
+            let p = match kind {
+                Kind::Deployments => "/spec/name",
+                Kind::Events => "/object",
+                Kind::Autoscalers => "/deployment",
+                Kind::Alerts => "/alert",
+                Kind::Instances | Kind::Nodes => "/name",
+            };
+            x.pointer(p).and_then(|n| n.as_str()).map(str::to_string)
+        };
+        let empty = Default::default();
+        v.retain(|x| {
+            let named = self.name.as_ref().is_none_or(|n| name_of(x).as_deref() == Some(n.as_str()));
+            let labelled = self.selector.is_empty()
+                || match kind {
+                    Kind::Deployments => {
+                        let l: std::collections::BTreeMap<String, String> = x
+                            .pointer("/spec/labels")
+                            .and_then(|l| serde_json::from_value(l.clone()).ok())
+                            .unwrap_or_default();
+                        self.matches(&l)
+                    }
+                    _ => {
+                        let d = x.pointer("/deployment").and_then(|d| d.as_str()).unwrap_or_default();
+                        self.matches(labels.get(d).unwrap_or(&empty))
+                    }
+                };
+            named && labelled
+        });
+        Ok(serde_json::to_vec(&v)?)
+    }
+}
+
 /// Prints a list; with `watch`, again each time it changes (a long-poll per round).
-pub(super) async fn get(c: &Client, kind: Kind, f: Format, watch: bool, event_type: Option<EventType>) -> Result<i32> {
+pub(super) async fn get(
+    c: &Client,
+    kind: Kind,
+    f: Format,
+    watch: bool,
+    event_type: Option<EventType>,
+    only: &Only,
+) -> Result<i32> {
     if event_type.is_some() && kind != Kind::Events {
         anyhow::bail!("--type: only events have a type");
     }
@@ -103,7 +214,7 @@ pub(super) async fn get(c: &Client, kind: Kind, f: Format, watch: bool, event_ty
             continue;
         };
         match f {
-            Format::Table if tag.is_some() => output::emit("\n"),
+            f if f.is_table() && tag.is_some() => output::emit("\n"),
             Format::Yaml if watch => output::emit("---\n"),
             _ => {}
         }
@@ -115,6 +226,19 @@ pub(super) async fn get(c: &Client, kind: Kind, f: Format, watch: bool, event_ty
             }
             None => body,
         };
+        // Instances are selected by their deployment's labels.
+        let labels = if kind == Kind::Instances && !only.selector.is_empty() {
+            let ds: Vec<DeploymentView> = c.get("/api/v1/deployments").await?;
+            ds.into_iter().map(|d| (d.spec.name, d.spec.labels)).collect()
+        } else {
+            Default::default()
+        };
+        let body = only.keep(kind, body, &labels)?;
+        if let (Some(name), false) = (&only.name, watch) {
+            if body == b"[]" {
+                bail!("{} {name:?} not found", kind_name(kind));
+            }
+        }
         print_list(kind, &body, if watch && f == Format::Json { Format::JsonLine } else { f })?;
         if !watch {
             return Ok(0);
@@ -183,6 +307,18 @@ pub(super) async fn top(c: &Client, kind: TopKind, f: Format) -> Result<i32> {
     Ok(0)
 }
 
+/// A kind's name in messages (`deployment`).
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Nodes => "node",
+        Kind::Deployments => "deployment",
+        Kind::Instances => "instance",
+        Kind::Events => "events of",
+        Kind::Autoscalers => "autoscaler of",
+        Kind::Alerts => "alert",
+    }
+}
+
 pub(super) fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
     let bad = |e: serde_json::Error| anyhow::anyhow!("the hub's answer is not the list asked for: {e}");
     match kind {
@@ -190,11 +326,37 @@ pub(super) fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
             let mut v: Vec<InstanceStatus> = serde_json::from_slice(body).map_err(bad)?;
             v.sort_by(|a, b| a.name.cmp(&b.name));
             let h = ["NAME", "DEPLOYMENT", "STATUS", "HEALTH", "RESTARTS", "PID", "IP", "PORTS", "MESSAGE"];
+            if f == Format::Wide {
+                let h = [&h[..8], &["NODE", "IMAGE", "CONTAINER", "MESSAGE"]].concat();
+                return output::print(&v, f, &h, |i| {
+                    let mut row = instance_row(i);
+                    let message = row.pop().unwrap_or_default();
+                    let short: String = i.container_id.chars().take(12).collect();
+                    row.extend([i.node.clone(), i.image.clone(), short, message]);
+                    row
+                });
+            }
             output::print(&v, f, &h, instance_row)
         }
         Kind::Deployments => {
             let v: Vec<DeploymentView> = serde_json::from_slice(body).map_err(bad)?;
             let h = ["NAME", "STACK", "READY", "IMAGE", "CPUS", "MEMORY", "RESTART", "REVISION"];
+            if f == Format::Wide {
+                let pairs = |m: &std::collections::BTreeMap<String, String>| {
+                    let v: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    if v.is_empty() {
+                        "-".to_string()
+                    } else {
+                        v.join(",")
+                    }
+                };
+                let h = [&h[..], &["SELECTOR", "LABELS"]].concat();
+                return output::print(&v, f, &h, |d| {
+                    let mut row = deployment_row(d);
+                    row.extend([pairs(&d.spec.placement.node_selector), pairs(&d.spec.labels)]);
+                    row
+                });
+            }
             output::print(&v, f, &h, deployment_row)
         }
         Kind::Nodes => {
@@ -212,7 +374,7 @@ pub(super) fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
                     n.instances.to_string(),
                 ]
             })?;
-            if f == Format::Table {
+            if f.is_table() {
                 for n in v.iter().filter(|n| !n.warnings.is_empty()) {
                     for w in &n.warnings {
                         eprintln!("warning: node {}: {w}", n.name);
@@ -265,35 +427,121 @@ pub(super) fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
     }
 }
 
-pub(super) async fn logs(c: &Client, name: &str, follow: bool, tail: Option<usize>, ts: bool) -> Result<i32> {
-    let mut q = format!("/api/v1/instances/{name}/logs?follow={follow}");
-    if let Some(t) = tail {
-        q.push_str(&format!("&tail={t}"));
+/// The time window of `skiff logs --since/--until` (ms since the epoch).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogWindow {
+    pub since_ms: Option<u64>,
+    pub until_ms: Option<u64>,
+}
+
+impl LogWindow {
+    /// Where a line written at `time` (RFC 3339) stands: `Less` before the window,
+    /// `Greater` after it. A line whose time cannot be read is kept.
+    fn place(&self, time: &str) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        let Some(ms) = skiff_image::notation::parse_rfc3339(time).and_then(|s| u64::try_from(s).ok()).map(|s| s * 1000)
+        else {
+            return Ordering::Equal;
+        };
+        // Whole seconds: a line of the window's first second is kept.
+        if self.since_ms.is_some_and(|s| ms + 999 < s) {
+            Ordering::Less
+        } else if self.until_ms.is_some_and(|u| ms > u) {
+            Ordering::Greater
+        } else {
+            Ordering::Equal
+        }
     }
+
+    fn is_open(&self) -> bool {
+        self.since_ms.is_none() && self.until_ms.is_none()
+    }
+}
+
+pub(super) async fn logs(
+    c: &Client,
+    name: &str,
+    follow: bool,
+    tail: Option<usize>,
+    ts: bool,
+    window: LogWindow,
+) -> Result<i32> {
+    if let (Some(s), Some(u)) = (window.since_ms, window.until_ms) {
+        if s > u {
+            bail!("--since is after --until");
+        }
+    }
+    // An --until already past needs nothing followed.
+    let follow = follow && window.until_ms.is_none_or(|u| u > skiff_sys::time::now_ms());
+    let mut q = format!("/api/v1/instances/{name}/logs?follow={follow}");
+    // With a window, the tail is taken of what falls in it (here, not by the node).
+    let tail_here = if window.is_open() {
+        if let Some(t) = tail {
+            q.push_str(&format!("&tail={t}"));
+        }
+        None
+    } else {
+        tail
+    };
+    // Following ends at --until, though no line comes after it.
+    let until_wait = match (follow, window.until_ms) {
+        (true, Some(u)) => Some(std::time::Duration::from_millis(u.saturating_sub(skiff_sys::time::now_ms()))),
+        _ => None,
+    };
     let mut resp = c.stream(&q).await?;
     let mut buf: Vec<u8> = vec![];
-    use std::io::Write;
     let stderr = std::io::stderr();
-    while let Some(chunk) = resp.chunk().await.context("reading the log stream")? {
+    // With a tail of the window: the lines are kept until the stream (not followed) ends.
+    let mut held: std::collections::VecDeque<LogLine> = Default::default();
+    let deadline = until_wait.map(|w| tokio::time::Instant::now() + w);
+    loop {
+        let chunk = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, resp.chunk()).await {
+                Ok(c) => c,
+                Err(_) => break,
+            },
+            None => resp.chunk().await,
+        };
+        let Some(chunk) = chunk.context("reading the log stream")? else { break };
         buf.extend_from_slice(&chunk);
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
             let Ok(l) = serde_json::from_slice::<LogLine>(&line) else {
                 continue;
             };
-            let (prefix, stream) = match l.stream.rsplit_once('/') {
-                Some((inst, s)) => (format!("{inst} | "), s.to_string()),
-                None => (String::new(), l.stream.clone()),
-            };
-            let t = if ts { format!("{} ", l.time) } else { String::new() };
-            if stream == "stderr" {
-                let _ = writeln!(stderr.lock(), "{prefix}{t}{}", l.log);
-            } else {
-                output::emit(&format!("{prefix}{t}{}\n", l.log));
+            // A deployment's instances send their history one after another: a line past
+            // the window does not end it (following ends at --until's time).
+            if window.place(&l.time) != std::cmp::Ordering::Equal {
+                continue;
             }
+            if let (Some(t), false) = (tail_here, follow) {
+                held.push_back(l);
+                if held.len() > t {
+                    held.pop_front();
+                }
+                continue;
+            }
+            print_log_line(&l, ts, &stderr);
         }
     }
+    for l in &held {
+        print_log_line(l, ts, &stderr);
+    }
     Ok(0)
+}
+
+fn print_log_line(l: &LogLine, ts: bool, stderr: &std::io::Stderr) {
+    use std::io::Write;
+    let (prefix, stream) = match l.stream.rsplit_once('/') {
+        Some((inst, s)) => (format!("{inst} | "), s.to_string()),
+        None => (String::new(), l.stream.clone()),
+    };
+    let t = if ts { format!("{} ", l.time) } else { String::new() };
+    if stream == "stderr" {
+        let _ = writeln!(stderr.lock(), "{prefix}{t}{}", l.log);
+    } else {
+        output::emit(&format!("{prefix}{t}{}\n", l.log));
+    }
 }
 
 pub(super) async fn describe(cli: &Cli, kind: Kind, name: &str) -> Result<i32> {
@@ -316,6 +564,14 @@ pub(super) async fn describe(cli: &Cli, kind: Kind, name: &str) -> Result<i32> {
 /// `skiff exec`: the command runs in a session over a WebSocket to the hub (see
 /// `skiff_model::api::ExecControl`); output is shown as it comes, input (with -i) and
 /// window sizes (with -t) go the other way at the same time.
+/// How long `skiff exec` waits for a word from the hub (which pings every 20 s).
+const SESSION_SILENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether `e` is the hub answering with `status`.
+fn is_status(e: &anyhow::Error, status: reqwest::StatusCode) -> bool {
+    e.downcast_ref::<crate::client::ApiError>().is_some_and(|a| a.status == status)
+}
+
 pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String], interactive: bool, tty: bool) -> Result<i32> {
     use futures_util::{SinkExt, StreamExt};
     use skiff_model::api::{ExecControl, ExecEnd, EXEC_STDERR, EXEC_STDOUT};
@@ -327,7 +583,28 @@ pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String], interact
     let (cols, rows) = pty::size(std::io::stdout()).or_else(|| pty::size(std::io::stdin())).unwrap_or((0, 0));
     let spec = skiff_model::proto::SessionSpec { argv: command.to_vec(), tty, stdin: interactive, cols, rows };
     spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let ws = client(cli)?.websocket(&format!("/api/v1/instances/{instance}/exec")).await?;
+    let c = client(cli)?;
+    let path = format!("/api/v1/instances/{instance}/exec");
+    let ws = match c.websocket(&path).await {
+        Ok(ws) => ws,
+        // A hub older than sessions: a plain exec still runs there, its output at the end.
+        Err(e) if !interactive && !tty && is_status(&e, reqwest::StatusCode::METHOD_NOT_ALLOWED) => {
+            #[derive(serde::Serialize)]
+            struct Body<'a> {
+                argv: &'a [String],
+            }
+            let r: skiff_hub::ExecResult = c.post(&path, &Body { argv: command }).await?;
+            out!("{}", r.stdout);
+            eprint!("{}", r.stderr);
+            return Ok(r.code);
+        }
+        Err(e) => return Err(e),
+    };
+    // Signals are taken from here on: a resize before the session runs is not lost, and
+    // SIGTERM or SIGHUP give the terminal back before the process ends.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut winch = signal(SignalKind::window_change())?;
+    let (mut term, mut hup) = (signal(SignalKind::terminate())?, signal(SignalKind::hangup())?);
     let (mut to_hub, mut from_hub) = ws.split();
     to_hub.send(Message::Text(serde_json::to_string(&spec)?.into())).await?;
     let raw =
@@ -359,7 +636,6 @@ pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String], interact
     }
     if tty {
         let tx = tx.clone();
-        let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
         tokio::spawn(async move {
             while winch.recv().await.is_some() {
                 let Some((cols, rows)) = pty::size(std::io::stdout()).or_else(|| pty::size(std::io::stdin())) else {
@@ -381,7 +657,16 @@ pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String], interact
     });
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
     let end = loop {
-        match from_hub.next().await {
+        // The hub pings every 20 s: a minute of silence is a link gone dead.
+        let next = tokio::select! {
+            m = tokio::time::timeout(SESSION_SILENCE, from_hub.next()) => m,
+            _ = term.recv() => break Err(anyhow::anyhow!("terminated")),
+            _ = hup.recv() => break Err(anyhow::anyhow!("the terminal hung up")),
+        };
+        let Ok(next) = next else {
+            break Err(anyhow::anyhow!("no word from the hub for {SESSION_SILENCE:?}; the exec's link is gone"));
+        };
+        match next {
             Some(Ok(Message::Binary(b))) => {
                 use std::io::Write;
                 let Some((&stream, data)) = b.split_first() else { continue };
@@ -396,6 +681,7 @@ pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String], interact
                         drop(raw);
                         return Ok(141);
                     }
+                    break Err(anyhow::anyhow!("writing the command's output: {e}"));
                 }
             }
             Some(Ok(Message::Text(t))) => {

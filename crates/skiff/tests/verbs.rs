@@ -1,0 +1,126 @@
+//! The verbs Docker and kubectl users type from habit, end to end on one node (real
+//! `skiff up`, real runc): ps, get NAME / -l / -o wide, scale, restart, stop/start, apply
+//! from standard input and from several files, delete -f / down -f, version, and logs
+//! with a time window.
+
+#![allow(clippy::unwrap_used)] // tests may panic on setup failures
+
+mod common;
+
+use common::{wait_for, Node, IMAGE};
+use skiff_testkit::require_privileged;
+use std::time::Duration;
+
+type R = anyhow::Result<()>;
+const SEC: Duration = Duration::from_secs(1);
+
+fn k8s(name: &str, replicas: u32, labels: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\nspec:\n  replicas: {replicas}\n  \
+         selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      \
+         containers:\n      - name: main\n        image: {IMAGE}\n        command: [sh, -c, 'echo hello from {name}; sleep 1000']\n"
+    )
+}
+
+fn instance_names(n: &Node) -> Vec<String> {
+    n.instances().unwrap_or_default().into_iter().map(|i| i.name).collect()
+}
+
+#[test]
+fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.up(None)?;
+
+    // apply from standard input, and from several files at once (kubectl's way).
+    let out = n.cli_input(&["apply", "-f", "-"], k8s("front", 1, "tier: web").as_bytes())?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (a, b) =
+        (n.write("a.yaml", &k8s("api", 1, "tier: backend"))?, n.write("b.yaml", &k8s("db", 1, "tier: backend"))?);
+    n.ok(&["apply", "-f", a.to_str().unwrap(), "-f", b.to_str().unwrap()])?;
+    for i in ["front-1", "api-1", "db-1"] {
+        n.wait_running(i)?;
+    }
+    let compose = n.write(
+        "compose.yaml",
+        &format!("name: shop\nservices:\n  cart:\n    image: {IMAGE}\n    command: [sleep, '1000']\n"),
+    )?;
+    let twice = n.cli(&["apply", "-f", compose.to_str().unwrap(), "-f", a.to_str().unwrap()])?;
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("apply one compose file at a time"), "{twice:?}");
+    n.ok(&["apply", "-f", compose.to_str().unwrap()])?;
+    n.wait_running("cart-1")?;
+
+    // get NAME, -l, -o wide; ps.
+    let one = n.ok(&["get", "deployments", "api"])?;
+    assert!(one.contains("api") && !one.contains("front"), "{one}");
+    let missing = n.cli(&["get", "deployments", "nope"])?;
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("deployment \"nope\" not found"), "{missing:?}");
+    let backend = n.ok(&["get", "deployments", "-l", "tier=backend", "-o", "json"])?;
+    let names: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&backend)?
+        .iter()
+        .map(|d| d["spec"]["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(names, ["api", "db"]);
+    let not_web = n.ok(&["get", "instances", "-l", "tier!=web,tier", "-o", "json"])?;
+    assert!(not_web.contains("api-1") && not_web.contains("db-1") && !not_web.contains("front-1"), "{not_web}");
+    let bad = n.cli(&["get", "nodes", "-l", "x=y"])?;
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("-l: only deployments"), "{bad:?}");
+    let wide = n.ok(&["get", "instances", "-o", "wide"])?;
+    assert!(wide.lines().next().unwrap_or_default().contains("NODE") && wide.contains(IMAGE), "{wide}");
+    let ps = n.ok(&["ps"])?;
+    assert!(ps.contains("cart-1") && ps.contains("front-1"), "{ps}");
+
+    // scale: up and down, several at once; bad input changes nothing.
+    n.ok(&["scale", "api=3", "db=0"])?;
+    wait_for(60 * SEC, "api scaled to 3, db to 0", || {
+        let names = instance_names(&n);
+        let api = names.iter().filter(|i| i.starts_with("api-")).count();
+        (api == 3 && !names.iter().any(|i| i.starts_with("db-"))).then_some(())
+    })?;
+    let bad = n.cli(&["scale", "api=1", "front=x"])?;
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"front=x\": \"x\" is not a replica count"), "{bad:?}");
+    assert_eq!(instance_names(&n).iter().filter(|i| i.starts_with("api-")).count(), 3, "nothing half-applied");
+
+    // restart replaces every instance (new containers), by the update strategy.
+    let before = n.instance("front-1")?.container_id;
+    n.ok(&["restart", "front"])?;
+    wait_for(60 * SEC, "front-1 replaced", || {
+        let i = n.instance("front-1").ok()?;
+        (i.container_id != before && i.state == skiff_model::InstanceState::Running).then_some(())
+    })?;
+
+    // stop keeps the count, start brings it back.
+    n.ok(&["stop", "api"])?;
+    wait_for(60 * SEC, "api stopped", || (!instance_names(&n).iter().any(|i| i.starts_with("api-"))).then_some(()))?;
+    n.ok(&["start", "api"])?;
+    wait_for(60 * SEC, "api back at 3", || {
+        (instance_names(&n).iter().filter(|i| i.starts_with("api-")).count() == 3).then_some(())
+    })?;
+
+    // logs with a time window.
+    let all = n.ok(&["logs", "front-1"])?;
+    assert!(all.contains("hello from front"), "{all}");
+    assert_eq!(n.ok(&["logs", "front-1", "--until", "2000-01-01T00:00:00Z"])?, "", "nothing before 2000");
+    assert!(n.ok(&["logs", "front-1", "--since", "1h"])?.contains("hello from front"));
+    let later = n.ok(&["logs", "front-1", "--since", "2999-01-01T00:00:00Z"])?;
+    assert_eq!(later, "", "nothing written yet in 2999");
+    let bad = n.cli(&["logs", "front-1", "--since", "yesterday"])?;
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("neither a duration"), "{bad:?}");
+
+    // version: this program, the hub, the node's agent and runc.
+    let v = n.ok(&["version"])?;
+    let me = env!("CARGO_PKG_VERSION");
+    assert!(v.contains(&format!("client: skiff {me}")) && v.contains(&format!("hub: skiff {me}")), "{v}");
+    assert!(
+        v.lines().any(|l| l.starts_with("node ") && l.contains(&format!("skiff {me}")) && l.contains("runc ")),
+        "{v}"
+    );
+
+    // delete -f / down -f remove what the files applied.
+    n.ok(&["delete", "-f", a.to_str().unwrap(), "-f", b.to_str().unwrap()])?;
+    n.ok(&["down", "-f", compose.to_str().unwrap()])?;
+    let gone = n.cli(&["delete", "-f", a.to_str().unwrap()])?;
+    assert!(gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("deployment api was not there"));
+    wait_for(60 * SEC, "only front left", || (instance_names(&n) == ["front-1"]).then_some(()))?;
+    Ok(())
+}
