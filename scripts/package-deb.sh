@@ -16,8 +16,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 HOST=$(rustc -vV | sed -n 's/^host: //p')
 TARGET=${1:-$HOST}
+CC_PREFIX=
 case "$TARGET" in
-  x86_64-unknown-linux-gnu) ARCH=amd64 ;;
+  x86_64-unknown-linux-gnu) ARCH=amd64; CC_PREFIX=x86_64-linux-gnu ;;
   aarch64-unknown-linux-gnu) ARCH=arm64; CC_PREFIX=aarch64-linux-gnu ;;
   armv7-unknown-linux-gnueabihf) ARCH=armhf; CC_PREFIX=arm-linux-gnueabihf ;;
   *) echo "package-deb: no Debian architecture known for $TARGET" >&2; exit 2 ;;
@@ -31,7 +32,9 @@ else
     ENV_TARGET=$(echo "$TARGET" | tr 'a-z-' 'A-Z_')
     export "CARGO_TARGET_${ENV_TARGET}_LINKER=${CC_PREFIX}-gcc"
     export "CC_$(echo "$TARGET" | tr '-' '_')=${CC_PREFIX}-gcc"
-    cargo build --release --locked -p skiff --target "$TARGET" >&2
+    # Static, as build-release.sh builds for this machine: no libc version to depend on.
+    RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
+      cargo build --release --locked -p skiff --target "$TARGET" >&2
     BIN=target/$TARGET/release/skiff
     TOOL=$(scripts/build-release.sh)/skiff
   else
@@ -82,7 +85,33 @@ if [ -d /run/systemd/system ]; then
   systemctl daemon-reload >/dev/null 2>&1 || true
 fi
 POSTINST
-chmod 0755 "$STAGE/DEBIAN/postinst"
+# An upgrade restarts the services that run (KillMode=process: their containers run on).
+cat >>"$STAGE/DEBIAN/postinst" <<'POSTINST'
+if [ "$1" = configure ] && [ -n "$2" ] && [ -d /run/systemd/system ]; then
+  for u in skiff-agent skiff-hub skiff-up; do
+    systemctl try-restart "$u.service" >/dev/null 2>&1 || true
+  done
+fi
+POSTINST
+# Removal stops and disables the services first (their containers keep running until
+# the node is cleaned up: `skiff delete` before removing the package stops them).
+cat >"$STAGE/DEBIAN/prerm" <<'PRERM'
+#!/bin/sh
+set -e
+if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
+  for u in skiff-agent skiff-hub skiff-up; do
+    systemctl disable --now "$u.service" >/dev/null 2>&1 || true
+  done
+fi
+PRERM
+cat >"$STAGE/DEBIAN/postrm" <<'POSTRM'
+#!/bin/sh
+set -e
+if [ -d /run/systemd/system ]; then
+  systemctl daemon-reload >/dev/null 2>&1 || true
+fi
+POSTRM
+chmod 0755 "$STAGE/DEBIAN/postinst" "$STAGE/DEBIAN/prerm" "$STAGE/DEBIAN/postrm"
 OUT=${OUT_DIR:-target/deb}
 mkdir -p "$OUT"
 DEB="$OUT/skiff_${VERSION}_${ARCH}.deb"

@@ -131,6 +131,83 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// A TCP connection to `port` inside `instance`, as `kubectl port-forward` makes: to
+    /// 127.0.0.1 in the instance's own network namespace, so a server listening only on
+    /// its loopback is reached, whatever the network mode (a gVisor sandbox, whose
+    /// loopback is its own, at its address). Output is what the instance sends; input
+    /// goes to it; the end of input shuts the sending side; the session ends (exit 0)
+    /// when the instance closes the connection, or when the caller leaves.
+    pub async fn connect_session(&self, instance: &str, port: u16) -> Result<Session, AgentError> {
+        if port == 0 {
+            return Err(AgentError::Other("port: must be 1 to 65535".into()));
+        }
+        let row = self.row(instance)?;
+        if row.state != InstanceState::Running {
+            return Err(AgentError::Runtime(skiff_runtime::RuntimeError::NotRunning(instance.into())));
+        }
+        let pid = row.pid.ok_or_else(|| AgentError::Other(format!("instance {instance} has no process")))?;
+        let sandbox_ip = (row.spec.runtime == skiff_model::RuntimeKind::Runsc).then(|| row.ip.clone()).flatten();
+        let connected = blocking(move || -> std::io::Result<std::net::TcpStream> {
+            let wait = Duration::from_secs(10);
+            if let Some(ip) = sandbox_ip {
+                let ip: std::net::IpAddr = ip.parse().map_err(std::io::Error::other)?;
+                return std::net::TcpStream::connect_timeout(&(ip, port).into(), wait);
+            }
+            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+            let local = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+            skiff_runtime::netlink::on_thread_in(&ns, || std::net::TcpStream::connect_timeout(&local, wait))?
+        })
+        .await
+        .and_then(|s| {
+            s.set_nonblocking(true)?;
+            tokio::net::TcpStream::from_std(s)
+        })
+        .map_err(|e| AgentError::Other(format!("connecting to port {port} in {instance}: {e}")))?;
+        tracing::info!(instance, port, "port-forward connection");
+        let (mut from, mut to) = connected.into_split();
+        let (out_tx, out_rx) = mpsc::channel::<SessionOutput>(64);
+        let (in_tx, mut in_rx) = mpsc::channel::<SessionInput>(INPUT_WINDOW as usize);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; OUTPUT_CHUNK];
+            let end = loop {
+                let n = tokio::select! {
+                    r = from.read(&mut buf) => r,
+                    // The caller left: the connection goes with it.
+                    _ = out_tx.closed() => return,
+                };
+                match n {
+                    Ok(0) => break SessionOutput::Exit(0),
+                    Ok(n) => {
+                        if out_tx.send(SessionOutput::Stdout(buf[..n].to_vec())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => break SessionOutput::Error(format!("the connection to port {port}: {e}")),
+                }
+            };
+            let _ = out_tx.send(end).await;
+        });
+        tokio::spawn(async move {
+            while let Some(i) = in_rx.recv().await {
+                match i {
+                    SessionInput::Data(b) => {
+                        if to.write_all(&b).await.is_err() {
+                            return;
+                        }
+                    }
+                    SessionInput::End => {
+                        let _ = to.shutdown().await;
+                        return;
+                    }
+                    SessionInput::Resize { .. } => {}
+                }
+            }
+        });
+        Ok((in_tx, out_rx))
+    }
+}
+
 /// Copies one output stream into the session's channel until it ends (a terminal's end
 /// reads EIO once nothing holds the other end) or, after the command `exited`, stays quiet
 /// for [`DRAIN`] (a background child of it may hold its pipes open for ever). Waiting for

@@ -242,12 +242,18 @@ where
                                 op => {
                                     let credit = Arc::new(tokio::sync::Semaphore::new(STREAM_WINDOW as usize));
                                     let out = Replies { id: req.id, tx: tx.clone(), credit: Arc::clone(&credit) };
+                                    let (in_tx, in_rx) = tokio::sync::mpsc::channel(INPUT_WINDOW as usize);
+                                    let a = Arc::clone(agent);
                                     let (input, task) = match op {
                                         Op::Session { instance, spec } => {
-                                            let (in_tx, in_rx) = tokio::sync::mpsc::channel(INPUT_WINDOW as usize);
-                                            (Some(in_tx), tokio::spawn(session(Arc::clone(agent), instance, spec, in_rx, out)))
+                                            let open = async move { a.exec_session(&instance, spec).await };
+                                            (Some(in_tx), tokio::spawn(session(open, in_rx, out)))
                                         }
-                                        op => (None, tokio::spawn(answer(Arc::clone(agent), op, out))),
+                                        Op::Connect { instance, port } => {
+                                            let open = async move { a.connect_session(&instance, port).await };
+                                            (Some(in_tx), tokio::spawn(session(open, in_rx, out)))
+                                        }
+                                        op => (None, tokio::spawn(answer(a, op, out))),
                                     };
                                     running.insert(req.id, Running { task, credit, input });
                                 }
@@ -395,19 +401,18 @@ fn give(running: &mut std::collections::HashMap<u64, Running>, id: u64, input: S
     }
 }
 
-/// Serves one interactive exec: its output goes back as `data` answers (within the
-/// stream's credit), its input comes as requests of the same id and is acknowledged
-/// (`took`) as it is passed on; `took 0` first says it started. The command's end is the
-/// last answer. When this task is aborted (the hub cancelled, the tunnel went), the
-/// session's channels drop and the command is killed.
+/// Serves one session (an interactive exec, or a port-forward connection) once `open`
+/// made it: its output goes back as `data` answers (within the stream's credit), its
+/// input comes as requests of the same id and is acknowledged (`took`) as it is passed
+/// on; `took 0` first says it started. The end (an exit code) is the last answer. When
+/// this task is aborted (the hub cancelled, the tunnel went), the session's channels
+/// drop and its command or connection ends.
 async fn session(
-    agent: Arc<Agent>,
-    instance: String,
-    spec: skiff_model::proto::SessionSpec,
+    open: impl std::future::Future<Output = Result<crate::session::Session, crate::AgentError>>,
     mut input: tokio::sync::mpsc::Receiver<SessionInput>,
     out: Replies,
 ) {
-    let (to_cmd, mut from_cmd) = match agent.exec_session(&instance, spec).await {
+    let (to_cmd, mut from_cmd) = match open.await {
         Ok(s) => s,
         Err(e) => {
             out.send(Answer::Error(e.to_string())).await;
@@ -537,7 +542,7 @@ async fn answer(agent: Arc<Agent>, op: Op, out: Replies) {
             out.send(Answer::Exec(end)).await;
         }
         // Served by `session`, or routed to one.
-        Op::Session { .. } | Op::Input { .. } | Op::Resize { .. } | Op::InputEnd => {}
+        Op::Session { .. } | Op::Connect { .. } | Op::Input { .. } | Op::Resize { .. } | Op::InputEnd => {}
         Op::Cancel | Op::Credit { .. } => {}
     }
 }

@@ -61,6 +61,7 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/instances", get(list_instances))
         .route("/api/v1/instances/{name}/logs", get(logs))
         .route("/api/v1/instances/{name}/exec", post(exec).get(exec_session))
+        .route("/api/v1/instances/{name}/portforward", get(port_forward))
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/events", get(events))
         .route("/api/v1/metrics", get(samples))
@@ -425,6 +426,29 @@ async fn exec_session(
     let node = hub.node_of(&name).ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
     let ws = ws.max_message_size(MAX_BODY).max_frame_size(MAX_BODY);
     Ok(ws.on_upgrade(move |socket| crate::session::serve(node, name, socket)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardQuery {
+    port: u16,
+}
+
+/// One TCP connection to a port inside an instance (`skiff port-forward`), as a WebSocket
+/// carrying its bytes both ways.
+async fn port_forward(
+    State(hub): State<Shared>,
+    Path(name): Path<String>,
+    q: Result<Query<ForwardQuery>, axum::extract::rejection::QueryRejection>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| bad(format!("port: {}", e.body_text())))?;
+    if q.port == 0 {
+        return Err(bad("port: must be 1 to 65535"));
+    }
+    let node = hub.node_of(&name).ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
+    let ws = ws.max_message_size(MAX_BODY).max_frame_size(MAX_BODY);
+    Ok(ws.on_upgrade(move |socket| crate::session::serve_forward(node, name, q.port, socket)))
 }
 
 async fn nodes(

@@ -131,9 +131,15 @@ impl Hub {
         self.nodes.instances()
     }
 
-    /// The newest resource sample of every node.
+    /// The newest resource sample of every node, with only the instances that exist now
+    /// (a sample taken before an instance was removed does not show it again).
     pub fn metrics(&self) -> Vec<skiff_model::metrics::MetricsSample> {
-        self.nodes.metrics()
+        let live: std::collections::HashSet<String> = self.instances().into_iter().map(|i| i.name).collect();
+        let mut samples = self.nodes.metrics();
+        for s in &mut samples {
+            s.instances.retain(|i| live.contains(&i.instance));
+        }
+        samples
     }
 
     /// Validates the request against the whole desired state, has the nodes admit its
@@ -141,6 +147,8 @@ impl Hub {
     /// a fleet learns the images' platforms), then stores it atomically and places it.
     /// Invalid input changes nothing.
     pub async fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse, ApplyError> {
+        let kept = self.keep_restarts(req);
+        let req = kept.as_ref().unwrap_or(req);
         let attached = self.attach_autoscalers(req)?;
         self.check(&attached)?;
         let warnings = self.nodes.admit(&attached.deployments).await.map_err(|(name, e)| {
@@ -154,6 +162,25 @@ impl Hub {
         // anew, not as it was before the admission (a pull may have taken minutes).
         let resp = self.commit(req)?;
         Ok(ApplyResponse { warnings, ..resp })
+    }
+
+    /// The request with each stored deployment's restart mark (`skiff restart`) carried
+    /// over when the applied spec has none, as `kubectl apply` keeps the annotation
+    /// `kubectl rollout restart` set: re-applying an unchanged file replaces nothing.
+    /// `None` when there is nothing to carry.
+    fn keep_restarts(&self, req: &ApplyRequest) -> Option<ApplyRequest> {
+        use skiff_model::rollout::RESTARTED_AT;
+        let mut out: Option<ApplyRequest> = None;
+        for (i, d) in req.deployments.iter().enumerate() {
+            if d.labels.contains_key(RESTARTED_AT) {
+                continue;
+            }
+            let Ok(Some(stored)) = self.store.get(&d.name) else { continue };
+            let Some(mark) = stored.spec.labels.get(RESTARTED_AT) else { continue };
+            let o = out.get_or_insert_with(|| req.clone());
+            o.deployments[i].labels.insert(RESTARTED_AT.into(), mark.clone());
+        }
+        out
     }
 
     /// The request with its `autoscalers` set on their targets: one in the request itself,

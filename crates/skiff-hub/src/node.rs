@@ -47,6 +47,9 @@ pub trait NodeLink: Send + Sync {
     /// Starts an interactive exec (`skiff exec -i/-t`) and returns its channels once it
     /// runs.
     fn session(&self, instance: &str, spec: SessionSpec) -> BoxFuture<'_, Result<Session, NodeError>>;
+    /// Opens a TCP connection to `port` inside the instance (`skiff port-forward`), as a
+    /// session: output is what the instance sends, input what goes to it.
+    fn connect(&self, instance: &str, port: u16) -> BoxFuture<'_, Result<Session, NodeError>>;
 }
 
 /// An interactive exec as the hub holds it: input in; output, then the exit code (or an

@@ -36,10 +36,25 @@ pub async fn serve(node: Arc<dyn NodeLink>, instance: String, mut socket: WebSoc
         Err(e) => return end(&mut socket, ExecEnd { exit: None, error: Some(e) }).await,
     };
     tracing::info!(%instance, node = %node.name(), tty = spec.tty, stdin = spec.stdin, argv0 = %spec.argv[0], "exec");
-    let Session { input, mut output } = match node.session(&instance, spec).await {
-        Ok(s) => s,
-        Err(e) => return end(&mut socket, ExecEnd { exit: None, error: Some(e.to_string()) }).await,
-    };
+    match node.session(&instance, spec).await {
+        Ok(s) => relay(&instance, s, socket).await,
+        Err(e) => end(&mut socket, ExecEnd { exit: None, error: Some(e.to_string()) }).await,
+    }
+}
+
+/// Serves one port-forward connection's WebSocket: the instance's bytes out as stdout
+/// messages, the client's in as binary ones; `eof` shuts the sending side.
+pub async fn serve_forward(node: Arc<dyn NodeLink>, instance: String, port: u16, mut socket: WebSocket) {
+    tracing::info!(%instance, node = %node.name(), port, "port-forward");
+    match node.connect(&instance, port).await {
+        Ok(s) => relay(&instance, s, socket).await,
+        Err(e) => end(&mut socket, ExecEnd { exit: None, error: Some(e.to_string()) }).await,
+    }
+}
+
+/// Carries a session both ways until it ends or the client leaves (which ends it).
+async fn relay(instance: &str, session: Session, mut socket: WebSocket) {
+    let Session { input, mut output } = session;
     let mut pending: VecDeque<SessionInput> = VecDeque::new();
     // A client whose link died without a word (a laptop shut, a NAT timeout) is noticed by
     // its missing pongs: its command is ended, not left running for ever.
@@ -104,6 +119,9 @@ pub async fn serve(node: Arc<dyn NodeLink>, instance: String, mut socket: WebSoc
                 if socket.send(Message::Binary(msg.into())).await.is_err() {
                     return;
                 }
+                // The client took it: alive, though too busy to answer pings (a reader
+                // that paused writes nothing back while its output waits).
+                last_rx = tokio::time::Instant::now();
             }
         }
     }

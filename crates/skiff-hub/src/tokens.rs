@@ -135,8 +135,10 @@ pub fn authenticate(store: &dyn Store, admin_token: &str, bearer: &str, now_ms: 
 /// The role a request needs: metrics for the two metrics reads, read for any other read
 /// (tokens excepted), admin for everything else.
 pub fn required_role(method: &axum::http::Method, path: &str) -> TokenRole {
-    // An exec's WebSocket opens with a GET, and it runs commands: admin, as its POST.
-    let read = (method == axum::http::Method::GET || method == axum::http::Method::HEAD) && !path.ends_with("/exec");
+    // An exec's and a port-forward's WebSockets open with a GET, and they run commands
+    // or reach into instances: admin, as the exec's POST.
+    let acts = path.ends_with("/exec") || path.ends_with("/portforward");
+    let read = (method == axum::http::Method::GET || method == axum::http::Method::HEAD) && !acts;
     if read && (path == "/metrics" || path == "/api/v1/metrics") {
         TokenRole::Metrics
     } else if read && !path.starts_with("/api/v1/tokens") {
@@ -185,6 +187,7 @@ mod tests {
         assert_eq!(need(&Method::POST, "/api/v1/apply"), TokenRole::Admin);
         assert_eq!(need(&Method::POST, "/api/v1/instances/web-1/exec"), TokenRole::Admin);
         assert_eq!(need(&Method::GET, "/api/v1/instances/web-1/exec"), TokenRole::Admin, "the interactive exec");
+        assert_eq!(need(&Method::GET, "/api/v1/instances/web-1/portforward"), TokenRole::Admin);
         assert_eq!(need(&Method::DELETE, "/api/v1/deployments/web"), TokenRole::Admin);
     }
 

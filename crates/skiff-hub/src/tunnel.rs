@@ -567,9 +567,20 @@ impl NodeLink for RemoteLink {
     }
 
     fn session(&self, instance: &str, spec: SessionSpec) -> BoxFuture<'_, Result<Session, NodeError>> {
-        let instance = instance.to_string();
-        Box::pin(async move {
-            let mut answers = self.tunnel()?.request(Op::Session { instance, spec })?;
+        Box::pin(self.open_session(Op::Session { instance: instance.to_string(), spec }))
+    }
+
+    fn connect(&self, instance: &str, port: u16) -> BoxFuture<'_, Result<Session, NodeError>> {
+        Box::pin(self.open_session(Op::Connect { instance: instance.to_string(), port }))
+    }
+}
+
+impl RemoteLink {
+    /// Sends a request that opens a session (`session`, `connect`) and relays it once the
+    /// node says it started.
+    async fn open_session(&self, op: Op) -> Result<Session, NodeError> {
+        {
+            let mut answers = self.tunnel()?.request(op)?;
             let (out_tx, out_rx) = mpsc::channel(64);
             match tokio::time::timeout(SESSION_START, answers.next()).await {
                 Ok(Some(Answer::Took { .. })) => {}
@@ -587,7 +598,7 @@ impl NodeLink for RemoteLink {
             let (in_tx, in_rx) = mpsc::channel(INPUT_WINDOW as usize);
             tokio::spawn(relay_session(answers, in_rx, out_tx));
             Ok(Session { input: in_tx, output: out_rx })
-        })
+        }
     }
 }
 

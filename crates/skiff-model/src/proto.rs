@@ -220,6 +220,13 @@ pub enum Op {
         instance: String,
         spec: SessionSpec,
     },
+    /// A TCP connection to `port` inside an instance (`skiff port-forward`): a session
+    /// whose output is what the instance sends and whose input is what goes to it; its
+    /// `inputend` shuts the sending side, and it ends (exit 0) when the instance closes.
+    Connect {
+        instance: String,
+        port: u16,
+    },
     /// Bytes for a session's standard input (at most [`INPUT_CHUNK`]).
     Input {
         #[serde(with = "b64")]

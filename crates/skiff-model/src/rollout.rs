@@ -256,6 +256,11 @@ pub fn next_wave(current: usize, growth: u32, total: usize) -> usize {
 
 /// The part of a deployment whose change replaces instances: everything but the replica
 /// count, the autoscaler and the update settings (Kubernetes' pod template).
+/// The label `skiff restart` sets: a new value changes the template, so every instance is
+/// replaced by the update strategy (as `kubectl rollout restart`'s annotation). The hub
+/// keeps it when a later apply's spec has none.
+pub const RESTARTED_AT: &str = "skiff.dev/restarted-at";
+
 pub fn template(d: &Deployment) -> Deployment {
     let mut t = d.clone();
     t.replicas = 1;

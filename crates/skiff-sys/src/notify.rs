@@ -1,24 +1,38 @@
 //! systemd's readiness protocol (`sd_notify`): a unit of `Type=notify` is started once
 //! its process sends `READY=1` in a datagram to the socket named by `$NOTIFY_SOCKET`
 //! (a path, or `@name` for an abstract socket). Outside systemd it does nothing.
+//!
+//! The variable is taken out of the environment at start ([`take_from_env`]): a child
+//! that inherited it would answer for the service — runc, seeing it, waits for the
+//! container itself to say `READY=1` (every start would hang), and would hand systemd
+//! the container's pid as the service's.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
+use std::sync::OnceLock;
+
+static SOCKET: OnceLock<Option<OsString>> = OnceLock::new();
+
+/// Keeps `$NOTIFY_SOCKET` for this process and removes it from the environment children
+/// inherit. Call first thing in `main`, before any thread starts.
+pub fn take_from_env() {
+    let socket = std::env::var_os("NOTIFY_SOCKET");
+    if socket.is_some() {
+        std::env::remove_var("NOTIFY_SOCKET");
+    }
+    let _ = SOCKET.set(socket);
+}
+
+fn socket() -> Option<OsString> {
+    SOCKET.get_or_init(|| std::env::var_os("NOTIFY_SOCKET")).clone()
+}
 
 /// Tells systemd the service is ready; false when not run by systemd.
 pub fn ready() -> io::Result<bool> {
-    match std::env::var_os("NOTIFY_SOCKET") {
+    match socket() {
         Some(socket) => send(&socket, "READY=1\n").map(|()| true),
-        None => Ok(false),
-    }
-}
-
-/// Tells systemd the service is stopping.
-pub fn stopping() -> io::Result<bool> {
-    match std::env::var_os("NOTIFY_SOCKET") {
-        Some(socket) => send(&socket, "STOPPING=1\n").map(|()| true),
         None => Ok(false),
     }
 }

@@ -53,40 +53,64 @@ pub struct InstallArgs {
     pub flags: Vec<String>,
 }
 
-/// The files `install` writes (paths under `root`) and their contents.
+/// The flags as the service will get them: a relative path that names something here is
+/// made absolute (a service starts in `/`).
+fn absolute_flags(flags: &[String]) -> Vec<String> {
+    flags
+        .iter()
+        .map(|f| {
+            let (head, value) = match f.split_once('=') {
+                Some((k, v)) if k.starts_with("--") => (format!("{k}="), v),
+                _ => (String::new(), f.as_str()),
+            };
+            let p = Path::new(value);
+            if value.starts_with('-') || p.is_absolute() || !p.exists() {
+                return f.clone();
+            }
+            match p.canonicalize() {
+                Ok(abs) => format!("{head}{}", abs.display()),
+                Err(_) => f.clone(),
+            }
+        })
+        .collect()
+}
+
+/// The files `install` writes (paths under `root`) and their contents. A unit the
+/// package installed (`/lib/systemd/system`) is used as it is: only the flags are written.
 pub fn files(args: &InstallArgs, bin: &Path) -> Result<Vec<(PathBuf, String, u32)>> {
     let role = args.role;
+    if let Some(f) = args.flags.iter().find(|f| *f == "--token" || f.starts_with("--token=")) {
+        bail!("{f}: a service's flags are visible to every local user (/proc/PID/cmdline); use --token-file");
+    }
+    let flags = absolute_flags(&args.flags);
     // The role's own parser checks the flags now.
     let mut argv: Vec<String> = vec!["skiff".into()];
     if role == Role::Hub {
         argv.extend(["--data".into(), "/var/lib/skiff-hub".into()]);
     }
     argv.push(role.name().into());
-    argv.extend(args.flags.iter().cloned());
+    argv.extend(flags.iter().cloned());
     if let Err(e) = <crate::cli::Cli as clap::Parser>::try_parse_from(&argv) {
         bail!("the {} flags after --: {}", role.name(), e.render().to_string().trim());
     }
     // systemd splits `$VAR` at white space and takes quotes literally there.
     if let Some(f) =
-        args.flags.iter().find(|f| f.is_empty() || f.contains(|c: char| c.is_whitespace() || "\"'\\$".contains(c)))
+        flags.iter().find(|f| f.is_empty() || f.contains(|c: char| c.is_whitespace() || "\"'\\$".contains(c)))
     {
         bail!("the {} flag {f:?}: a service's flags cannot hold spaces, quotes, '\\' or '$'", role.name());
     }
-    let unit = role.unit().replace("/usr/bin/skiff ", &format!("{} ", bin.display()));
     let name = role.name();
     let under = |p: &str| args.root.join(p.trim_start_matches('/'));
-    Ok(vec![
-        (under(&format!("/etc/systemd/system/skiff-{name}.service")), unit, 0o644),
-        (
-            under(&format!("/etc/default/skiff-{name}")),
-            format!(
-                "# Flags of `skiff {name}` (written by skiff install).\n{}=\"{}\"\n",
-                role.variable(),
-                args.flags.join(" ")
-            ),
-            0o600,
-        ),
-    ])
+    let env =
+        format!("# Flags of `skiff {name}` (written by skiff install).\n{}=\"{}\"\n", role.variable(), flags.join(" "));
+    let mut out = vec![(under(&format!("/etc/default/skiff-{name}")), env, 0o600)];
+    let packaged =
+        under(&format!("/lib/systemd/system/skiff-{name}.service")).exists() && bin == Path::new("/usr/bin/skiff");
+    if !packaged {
+        let unit = role.unit().replace("/usr/bin/skiff ", &format!("{} ", bin.display()));
+        out.insert(0, (under(&format!("/etc/systemd/system/skiff-{name}.service")), unit, 0o644));
+    }
+    Ok(out)
 }
 
 pub fn install(args: &InstallArgs) -> Result<i32> {
@@ -108,7 +132,9 @@ pub fn install(args: &InstallArgs) -> Result<i32> {
         }
         return Ok(0);
     }
-    for cmd in [vec!["daemon-reload"], vec!["enable", "--now", unit.as_str()]] {
+    // A restart, not only a start: a running service takes its new flags (its
+    // containers run on through it).
+    for cmd in [vec!["daemon-reload"], vec!["enable", unit.as_str()], vec!["restart", unit.as_str()]] {
         let st = std::process::Command::new("systemctl").args(&cmd).status().context("running systemctl")?;
         if !st.success() {
             bail!("systemctl {} failed ({st})", cmd.join(" "));
@@ -149,6 +175,15 @@ mod tests {
         assert!(e.contains("the agent flags after --") && e.contains("--hubb"), "{e}");
         let e = files(&args(Role::Up, &["--listen", "127.0.0.1:1 x"]), bin).unwrap_err().to_string();
         assert!(e.contains("cannot hold spaces"), "{e}");
+        let e = files(&args(Role::Agent, &["--hub", "https://h:1", "--token", "secret"]), bin).unwrap_err().to_string();
+        assert!(e.contains("use --token-file"), "{e}");
+        // A relative path that names a file here is made absolute (services start in /).
+        let here = std::env::current_dir().unwrap();
+        let rel = "Cargo.toml";
+        assert!(here.join(rel).exists());
+        let abs = absolute_flags(&["-f".into(), rel.into(), "--policy=Cargo.toml".into(), "x".into()]);
+        let want = here.join(rel).canonicalize().unwrap().display().to_string();
+        assert_eq!(abs, vec!["-f".to_string(), want.clone(), format!("--policy={want}"), "x".into()]);
         let hub = files(&args(Role::Hub, &["--listen", "0.0.0.0:7443"]), bin).unwrap();
         assert!(hub[0].1.contains("ExecStart=/opt/skiff/bin/skiff --data /var/lib/skiff-hub hub $SKIFF_HUB_ARGS"));
     }

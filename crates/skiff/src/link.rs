@@ -58,6 +58,14 @@ impl NodeLink for LocalAgent {
             Ok(Session { input, output })
         })
     }
+
+    fn connect(&self, instance: &str, port: u16) -> BoxFuture<'_, Result<Session, NodeError>> {
+        let instance = instance.to_string();
+        Box::pin(async move {
+            let (input, output) = self.agent.connect_session(&instance, port).await.map_err(node_error)?;
+            Ok(Session { input, output })
+        })
+    }
 }
 
 impl LocalNode for LocalAgent {

@@ -83,6 +83,8 @@ pub(crate) fn role_died<T: RoleOutcome>(role: &str, r: Result<T, tokio::task::Jo
 }
 
 fn main() {
+    // Before any thread: no child (a shim, runc) may answer systemd for this service.
+    skiff_sys::notify::take_from_env();
     // The shim runs once per container for the container's whole life: enter it before
     // building the CLI parser so it touches as little of the binary as it can.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();

@@ -5,12 +5,17 @@
 
 mod common;
 
-use common::{wait_for, Node, Terminal, IMAGE};
+use common::{wait_for, Forward, Node, Terminal, IMAGE};
 use skiff_testkit::require_privileged;
 use std::time::Duration;
 
 type R = anyhow::Result<()>;
 const SEC: Duration = Duration::from_secs(1);
+
+/// Runs `script` with `sh -c` in box-1; its output.
+fn sh(n: &Node, script: &str) -> anyhow::Result<String> {
+    n.ok(&["exec", "box-1", "--", "sh", "-c", script])
+}
 
 /// Processes in the instance whose command line is `cmd`.
 fn running(n: &Node, instance: &str, cmd: &str) -> anyhow::Result<usize> {
@@ -59,6 +64,69 @@ fn exec_streams_pipes_and_gives_a_terminal() -> R {
     assert!(String::from_utf8_lossy(&out.stderr).contains("the input device is not a TTY"), "{out:?}");
     let out = n.cli(&["exec", "-i", "nothing-1", "--", "sh"])?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("instance \"nothing-1\" not found"), "{out:?}");
+
+    // cp both ways, as docker cp names things.
+    let here = n.data().join("cp");
+    std::fs::create_dir_all(here.join("model/sub"))?;
+    std::fs::write(here.join("hello.txt"), "hi there\n")?;
+    let blob: Vec<u8> = (0..5_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(here.join("model/weights"), &blob)?;
+    std::fs::write(here.join("model/sub/config"), "layers: 3\n")?;
+    let at = |p: &str| here.join(p).to_string_lossy().into_owned();
+    n.ok(&["cp", &at("hello.txt"), "box-1:/tmp/greeting"])?;
+    assert_eq!(n.ok(&["exec", "box-1", "--", "cat", "/tmp/greeting"])?, "hi there\n", "a file under a new name");
+    n.ok(&["cp", &at("model"), "box-1:/tmp"])?;
+    let listed = n.ok(&["exec", "box-1", "--", "sh", "-c", "cat /tmp/model/sub/config; wc -c < /tmp/model/weights"])?;
+    assert_eq!(listed, "layers: 3\n5000000\n", "a directory into an existing one, under its own name");
+    n.ok(&["cp", "box-1:/tmp/model", &at("back")])?;
+    assert!(std::fs::read(here.join("back/weights"))? == blob, "5 MB out of the instance, unchanged");
+    assert_eq!(std::fs::read_to_string(here.join("back/sub/config"))?, "layers: 3\n");
+    n.ok(&["cp", "box-1:/etc/hostname", &at("model")])?;
+    assert_eq!(
+        std::fs::read_to_string(here.join("model/hostname"))?.trim(),
+        "box-1",
+        "a file into an existing directory"
+    );
+    let missing = n.cli(&["cp", "box-1:/nope", &at("x")])?;
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("tar in box-1 ended with"), "{missing:?}");
+    assert!(!here.join("x").exists(), "nothing written for a failed copy");
+    let both = n.cli(&["cp", &at("hello.txt"), &at("y")])?;
+    assert!(String::from_utf8_lossy(&both.stderr).contains("one side must be INSTANCE:PATH"), "{both:?}");
+    // A container that sends a crafted archive (its own `tar`) writes nothing outside the
+    // destination.
+    let mut evil = vec![0u8; 512];
+    evil[..13].copy_from_slice(b"../escaped-cp");
+    evil[100..108].copy_from_slice(b"0000644\0");
+    evil[124..136].copy_from_slice(b"00000000004\0");
+    evil[156] = b'0';
+    evil[257..263].copy_from_slice(b"ustar\0");
+    evil[263..265].copy_from_slice(b"00");
+    evil[148..156].copy_from_slice(b"        ");
+    let sum: u32 = evil.iter().map(|b| u32::from(*b)).sum();
+    evil[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    evil.extend_from_slice(b"pwn\n");
+    evil.resize(512 * 2 + 1024, 0);
+    std::fs::write(here.join("evil.tar"), &evil)?;
+    n.ok(&["cp", &at("evil.tar"), "box-1:/tmp/evil.tar"])?;
+    sh(&n, "rm /bin/tar && printf '#!/bin/sh\\ncat /tmp/evil.tar\\n' > /bin/tar && chmod +x /bin/tar")?;
+    let _ = n.cli(&["cp", "box-1:/tmp/anything", &at("inside")])?;
+    assert!(
+        !here.join("escaped-cp").exists() && !n.data().join("escaped-cp").exists(),
+        "written outside the destination"
+    );
+
+    // port-forward: a local port reaches a server that listens only on the instance's own
+    // loopback (the deployment's name picks its instance).
+    sh(&n, "mkdir -p /www && echo forwarded-ok > /www/index.html && httpd -p 127.0.0.1:8081 -h /www")?;
+    let local = common::free_port();
+    let mut fwd = Forward::start(&n, &["port-forward", "box", &format!("{local}:8081")])?;
+    let page =
+        wait_for(30 * SEC, "the forwarded port", || common::http_get(local, "/").ok().filter(|p| !p.is_empty()))?;
+    assert_eq!(page, "forwarded-ok\n");
+    assert_eq!(common::http_get(local, "/")?, "forwarded-ok\n", "a second connection");
+    fwd.stop();
+    let bad = n.cli(&["port-forward", "box-1", "0"])?;
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not 1 to 65535"), "{bad:?}");
 
     // -it on a real terminal: a shell sized as the window, resized with it.
     let mut t = Terminal::spawn(&n, &["exec", "-it", "box-1", "--", "sh"], (100, 40))?;

@@ -476,6 +476,14 @@ fn a_60_s_partition_restarts_nothing_and_heals_in_seconds() -> R {
         out.stdout.len(),
         big.len()
     );
+    // A port inside the instance, forwarded from here through the node's tunnel.
+    let serve = "mkdir -p /www && echo through-the-tunnel > /www/index.html && httpd -p 127.0.0.1:8081 -h /www";
+    h.ok(&["exec", "chatty-1", "--", "sh", "-c", serve])?;
+    let local = common::free_port();
+    let _fwd = common::Forward::start(&h, &["port-forward", "chatty-1", &format!("{local}:8081")])?;
+    let page =
+        wait_for(30 * SEC, "the forwarded port", || common::http_get(local, "/").ok().filter(|p| !p.is_empty()))?;
+    assert_eq!(page, "through-the-tunnel\n");
     // Samples taken offline waited in agent.db (bounded); after the heal the hub has a
     // fresh one and the node's buffer is acknowledged past them.
     wait_for(30 * SEC, "a fresh sample of site-1 at the hub", || {

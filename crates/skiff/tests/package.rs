@@ -50,7 +50,9 @@ fn the_deb_installs_units_that_systemd_accepts_and_a_restart_keeps_containers() 
         .output()?;
     anyhow::ensure!(built.status.success(), "package-deb.sh: {}", String::from_utf8_lossy(&built.stderr));
     let deb = String::from_utf8_lossy(&built.stdout).trim().to_string();
-    assert!(deb.ends_with(&format!("skiff_{}_amd64.deb", env!("CARGO_PKG_VERSION"))), "{deb}");
+    let arch =
+        String::from_utf8_lossy(&Command::new("dpkg").arg("--print-architecture").output()?.stdout).trim().to_string();
+    assert!(deb.ends_with(&format!("skiff_{}_{arch}.deb", env!("CARGO_PKG_VERSION"))), "{deb}");
     let contents =
         String::from_utf8_lossy(&Command::new("dpkg-deb").args(["--contents", &deb]).output()?.stdout).into_owned();
     for f in [
@@ -97,14 +99,27 @@ fn the_deb_installs_units_that_systemd_accepts_and_a_restart_keeps_containers() 
     let bad = n.cli(&["install", "agent", "--root", d, "--no-start", "--", "--hubb", "x"])?;
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--hubb"), "{bad:?}");
 
+    // Under systemd (Type=notify): readiness reaches $NOTIFY_SOCKET, and no child takes
+    // the socket (runc, seeing it, would wait for the container to say it is ready).
+    let mut n = n;
+    let sock = n.data().join("notify.sock");
+    let listener = std::os::unix::net::UnixDatagram::bind(&sock)?;
+    listener.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    n.up_env.push(("NOTIFY_SOCKET".into(), sock.display().to_string()));
+    let ready = |l: &std::os::unix::net::UnixDatagram| -> anyhow::Result<String> {
+        let mut buf = [0u8; 256];
+        let k = l.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..k]).into_owned())
+    };
+    n.up(None)?;
+    assert_eq!(ready(&listener)?, "READY=1\n");
     // What systemd does on `systemctl restart` with KillMode=process: SIGTERM to the main
     // process only, then a new one. The containers run on, the same processes.
-    let mut n = n;
-    n.up(None)?;
     n.ok(&["run", IMAGE, "--name", "keep", "--", "sleep", "1000"])?;
     let before = n.wait_running("keep-1")?;
     n.terminate_up()?;
     n.up(None)?;
+    assert_eq!(ready(&listener)?, "READY=1\n");
     let after = n.wait_running("keep-1")?;
     assert_eq!((after.pid, after.restarts), (before.pid, 0), "the container ran on through the restart");
     Ok(())

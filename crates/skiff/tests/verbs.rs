@@ -89,12 +89,24 @@ fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
         (i.container_id != before && i.state == skiff_model::InstanceState::Running).then_some(())
     })?;
 
-    // stop keeps the count, start brings it back.
+    // Applying the unchanged file again keeps the restart: nothing is replaced (as
+    // kubectl keeps its restart annotation).
+    let again = n.cli_input(&["apply", "-f", "-"], k8s("front", 1, "tier: web").as_bytes())?;
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "deployment front unchanged", "{again:?}");
+
+    // stop keeps the count, start brings it back; a scale in between is what start uses.
     n.ok(&["stop", "api"])?;
     wait_for(60 * SEC, "api stopped", || (!instance_names(&n).iter().any(|i| i.starts_with("api-"))).then_some(()))?;
     n.ok(&["start", "api"])?;
     wait_for(60 * SEC, "api back at 3", || {
         (instance_names(&n).iter().filter(|i| i.starts_with("api-")).count() == 3).then_some(())
+    })?;
+    n.ok(&["stop", "api"])?;
+    n.ok(&["scale", "api=2"])?;
+    n.ok(&["stop", "api"])?;
+    n.ok(&["start", "api"])?;
+    wait_for(60 * SEC, "api at the 2 it was scaled to", || {
+        (instance_names(&n).iter().filter(|i| i.starts_with("api-")).count() == 2).then_some(())
     })?;
 
     // logs with a time window.
@@ -116,11 +128,27 @@ fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
         "{v}"
     );
 
+    // --log-format json: every log line one JSON object (for log shippers).
+    let out = std::process::Command::new(common::bin())
+        .args(["--data", n.data().to_str().unwrap(), "get", "nodes", "-o", "json"])
+        .env("RUST_LOG", "debug")
+        .env("SKIFF_LOG_FORMAT", "json")
+        .output()?;
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !logs.trim().is_empty(), "{out:?}");
+    for line in logs.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{line:?}: {e}"))?;
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+    }
+
     // delete -f / down -f remove what the files applied.
     n.ok(&["delete", "-f", a.to_str().unwrap(), "-f", b.to_str().unwrap()])?;
     n.ok(&["down", "-f", compose.to_str().unwrap()])?;
     let gone = n.cli(&["delete", "-f", a.to_str().unwrap()])?;
     assert!(gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("deployment api was not there"));
     wait_for(60 * SEC, "only front left", || (instance_names(&n) == ["front-1"]).then_some(()))?;
+    // `top` shows no instance that is gone, though the node's newest sample still has it.
+    let top = n.ok(&["top", "instances", "-o", "json"])?;
+    assert!(!top.contains("\"api-") && !top.contains("\"cart-"), "{top}");
     Ok(())
 }

@@ -425,28 +425,29 @@ pub(super) async fn run(cli: &Cli, args: &RunArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// `skiff delete -f FILE...` (and `skiff down -f`): what the files applied — a compose
-/// file's whole stack (as `docker compose down`), a manifest's deployments. Deployments
-/// already gone are said so, not an error.
+/// `skiff delete -f FILE...` (and `skiff down -f`): what the files applied. A compose
+/// file's stack goes whole, in one change (as `docker compose down`: its own project's
+/// deployments only); a manifest's deployments one by one, as `kubectl delete -f`, those
+/// already gone said so, not an error.
 pub(super) async fn delete_files(cli: &Cli, files: &[PathBuf]) -> Result<i32> {
     let m = read_manifests(files)?;
     let c = client(cli)?;
-    let mut names: Vec<String> = m.deployments.iter().map(|d| d.name.clone()).collect();
-    if let Some(stack) = &m.prune_stack {
-        let stored: Vec<skiff_model::api::DeploymentView> = c.get("/api/v1/deployments").await?;
-        for d in stored.into_iter().filter(|d| &d.spec.stack == stack) {
-            if !names.contains(&d.spec.name) {
-                names.push(d.spec.name);
-            }
+    if let Some(stack) = m.prune_stack {
+        let req = ApplyRequest { deployments: vec![], prune_stack: Some(stack.clone()), ..Default::default() };
+        let r: ApplyResponse = c.post("/api/v1/apply", &req).await?;
+        for name in &r.deleted {
+            outln!("deployment {name} deleted");
         }
+        if r.deleted.is_empty() {
+            eprintln!("stack {stack} has no deployments");
+        }
+        return Ok(0);
     }
-    for name in names {
+    for d in &m.deployments {
+        let name = &d.name;
         match c.delete(&format!("/api/v1/deployments/{name}")).await {
             Ok(()) => outln!("deployment {name} deleted"),
-            Err(e)
-                if e.downcast_ref::<crate::client::ApiError>()
-                    .is_some_and(|a| a.status == reqwest::StatusCode::NOT_FOUND) =>
-            {
+            Err(e) if super::view::is_status(&e, reqwest::StatusCode::NOT_FOUND) => {
                 eprintln!("deployment {name} was not there");
             }
             Err(e) => return Err(e),

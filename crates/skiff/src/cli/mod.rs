@@ -1,7 +1,9 @@
 //! Command-line surface (names are stable: tests and docs rely on them). This module
 //! holds the parser and the dispatch; each command group has its own file.
 
+mod cp;
 mod deploy;
+mod forward;
 mod image;
 mod ops;
 mod rollout;
@@ -158,6 +160,26 @@ pub enum Cmd {
     Start {
         #[arg(required = true, value_name = "DEPLOYMENT")]
         names: Vec<String>,
+    },
+    /// Copy files between this machine and an instance (any node): `skiff cp web-1:/etc/app.conf .`,
+    /// `skiff cp ./model web-1:/models/` (the instance needs `tar`, as `kubectl cp`).
+    Cp {
+        /// `INSTANCE:PATH` or a local path.
+        src: String,
+        /// `INSTANCE:PATH` or a local path (one side must be in an instance).
+        dst: String,
+    },
+    /// Forward local ports to a port inside an instance on any node (as `kubectl
+    /// port-forward`): `skiff port-forward web 8080:80`. Runs until Ctrl-C.
+    PortForward {
+        /// An instance, or a deployment (its first running instance).
+        target: String,
+        /// `[LOCAL:]REMOTE`: `8080`, `18080:80`, or `:80` for any free local port.
+        #[arg(required = true, value_name = "[LOCAL:]REMOTE")]
+        ports: Vec<String>,
+        /// The local address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        address: String,
     },
     /// Versions: this program's, the hub's, and each node's agent and runtimes.
     Version,
@@ -358,6 +380,10 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Stop { names } => ops::stop(&client(cli)?, names).await,
         Cmd::Start { names } => ops::start(&client(cli)?, names).await,
         Cmd::Version => ops::version(client(cli).ok()).await,
+        Cmd::Cp { src, dst } => cp::cp(&client(cli)?, src, dst).await,
+        Cmd::PortForward { target, ports, address } => {
+            forward::port_forward(client(cli)?, target, ports, address).await
+        }
         Cmd::Install(args) => crate::install::install(args),
         Cmd::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -470,5 +496,39 @@ mod tests {
         assert_eq!(super::report(&e), "loading the registries config: read /x: gone");
         assert_eq!(super::image::parse_rate("2M"), Ok(2 << 20));
         assert!(super::image::parse_rate("0").is_err() && super::image::parse_rate("fast").is_err());
+    }
+}
+
+#[cfg(test)]
+mod docs_tests {
+    /// Every `skiff` command in the operator pages (`docs/operations/*.md`, in ```sh
+    /// blocks) is one this command line takes.
+    #[test]
+    fn docs_commands_parse() {
+        use clap::Parser;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/operations");
+        let mut checked = 0;
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "md") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let mut in_sh = false;
+            for line in text.lines() {
+                if line.starts_with("```") {
+                    in_sh = line == "```sh";
+                    continue;
+                }
+                if in_sh && line.starts_with("skiff ") {
+                    let argv = skiff_manifest::shell_split(line).unwrap();
+                    if let Err(e) = super::Cli::try_parse_from(&argv) {
+                        panic!("{}: {line}: {e}", path.display());
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 30, "only {checked} commands found in {}", dir.display());
     }
 }

@@ -7,9 +7,7 @@ use anyhow::{bail, Context, Result};
 use skiff_model::api::{ApplyRequest, ApplyResponse, DeploymentView};
 use skiff_model::{Deployment, PlacementMode};
 
-/// The label a restart sets: a new value changes the template, so the instances are
-/// replaced by the deployment's own update strategy (as `kubectl rollout restart`).
-pub const RESTARTED_AT: &str = "skiff.dev/restarted-at";
+use skiff_model::rollout::RESTARTED_AT;
 
 /// The label `stop` keeps the replica count in, for `start`.
 pub const STOPPED_REPLICAS: &str = "skiff.dev/stopped-replicas";
@@ -67,6 +65,8 @@ pub(super) async fn scale(c: &Client, items: &[String]) -> Result<i32> {
             );
         }
         d.replicas = *n;
+        // A count set now is the one `start` would go back to.
+        d.labels.remove(STOPPED_REPLICAS);
         changed.push(d);
     }
     apply(c, changed).await?;

@@ -474,8 +474,9 @@ pub(super) async fn logs(
     // An --until already past needs nothing followed.
     let follow = follow && window.until_ms.is_none_or(|u| u > skiff_sys::time::now_ms());
     let mut q = format!("/api/v1/instances/{name}/logs?follow={follow}");
-    // With a window, the tail is taken of what falls in it (here, not by the node).
-    let tail_here = if window.is_open() {
+    // With a window, the tail is taken of what falls in it (here, not by the node); when
+    // following, the node takes the tail of what it has, and the window is kept of that.
+    let tail_here = if window.is_open() || follow {
         if let Some(t) = tail {
             q.push_str(&format!("&tail={t}"));
         }
@@ -568,7 +569,7 @@ pub(super) async fn describe(cli: &Cli, kind: Kind, name: &str) -> Result<i32> {
 const SESSION_SILENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Whether `e` is the hub answering with `status`.
-fn is_status(e: &anyhow::Error, status: reqwest::StatusCode) -> bool {
+pub(super) fn is_status(e: &anyhow::Error, status: reqwest::StatusCode) -> bool {
     e.downcast_ref::<crate::client::ApiError>().is_some_and(|a| a.status == status)
 }
 

@@ -643,3 +643,29 @@ impl Drop for Terminal {
         self.kill();
     }
 }
+
+/// `skiff port-forward` running in the background; killed on drop.
+pub struct Forward(std::process::Child);
+
+impl Forward {
+    pub fn start(n: &Node, args: &[&str]) -> Result<Self> {
+        let child = std::process::Command::new(bin())
+            .arg("--data")
+            .arg(n.data())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        Ok(Forward(child))
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,259 @@
+//! `skiff cp`: files between this machine and an instance on any node, as a tar stream
+//! over the exec session (the way `kubectl cp` works: the container needs `tar` and `sh`,
+//! as busybox has). Docker's naming rules: to an existing directory the source goes
+//! inside it under its own name; to any other path it is written under that name.
+//!
+//! What comes out of a container is untrusted: it is unpacked by the `tar` crate, which
+//! writes nothing outside the destination (no `..`, no absolute paths, no way out through
+//! a symlink it made), and sets no owners.
+
+use crate::client::Client;
+use anyhow::{bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use skiff_model::api::{ExecEnd, EXEC_STDERR, EXEC_STDOUT};
+use skiff_model::proto::{SessionSpec, INPUT_CHUNK};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use tokio_tungstenite::tungstenite::Message;
+
+/// `INSTANCE:PATH`, or a local path (one with a `/` before any `:`, or no `:` at all, is
+/// local: `./a:b` is a file here).
+#[derive(Debug, PartialEq, Eq)]
+enum Place {
+    Local(PathBuf),
+    Remote { instance: String, path: String },
+}
+
+fn place(s: &str) -> Result<Place> {
+    match s.split_once(':') {
+        Some((i, p)) if !i.is_empty() && !i.contains('/') => {
+            if p.is_empty() {
+                bail!("{s:?}: the path in the instance is missing (INSTANCE:/path)");
+            }
+            Ok(Place::Remote { instance: i.to_string(), path: p.to_string() })
+        }
+        _ if s.is_empty() => bail!("an empty path"),
+        _ => Ok(Place::Local(PathBuf::from(s))),
+    }
+}
+
+/// `path`'s last component and its directory, as the container's shell sees them.
+fn split_remote(path: &str) -> (String, String) {
+    let trimmed = path.trim_end_matches('/');
+    let trimmed = if trimmed.is_empty() { "/" } else { trimmed };
+    match trimmed.rsplit_once('/') {
+        Some(("", base)) => ("/".into(), base.into()),
+        Some((dir, base)) => (dir.into(), base.into()),
+        None => (".".into(), trimmed.into()),
+    }
+}
+
+pub(super) async fn cp(c: &Client, src: &str, dst: &str) -> Result<i32> {
+    match (place(src)?, place(dst)?) {
+        (Place::Remote { instance, path }, Place::Local(to)) => from_instance(c, &instance, &path, &to).await,
+        (Place::Local(from), Place::Remote { instance, path }) => to_instance(c, &instance, &from, &path).await,
+        (Place::Local(_), Place::Local(_)) => bail!("one side must be INSTANCE:PATH (both are local paths)"),
+        (Place::Remote { .. }, Place::Remote { .. }) => bail!("one side must be a local path (both are in instances)"),
+    }
+}
+
+/// Copies `path` out of `instance` to `to`.
+async fn from_instance(c: &Client, instance: &str, path: &str, to: &Path) -> Result<i32> {
+    let (dir, base) = split_remote(path);
+    let argv: Vec<String> = ["tar", "cf", "-", "-C", &dir, &base].iter().map(|s| s.to_string()).collect();
+    // Unpacked next to the destination, then moved into place: a failed copy leaves
+    // nothing half-written under the destination's name.
+    let into_dir = to.is_dir();
+    let parent = if into_dir {
+        to.to_path_buf()
+    } else {
+        to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+    };
+    if !parent.is_dir() {
+        bail!("{}: no such directory here", parent.display());
+    }
+    let stage = tempfile::Builder::new()
+        .prefix(".skiff-cp-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("a directory in {}", parent.display()))?;
+    let (reader, writer) = std::io::pipe()?;
+    let dest = stage.path().to_path_buf();
+    let unpack = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut a = tar::Archive::new(reader);
+        // Modes without setuid, setgid or sticky bits: nothing from a container gains
+        // root's rights on this machine.
+        a.set_preserve_permissions(false);
+        a.set_preserve_ownerships(false);
+        a.set_unpack_xattrs(false);
+        a.set_overwrite(true);
+        let r = a.unpack(&dest);
+        // Whatever is left unread (a refused archive) is drained, so the sender ends.
+        let mut rest = a.into_inner();
+        let _ = std::io::copy(&mut rest, &mut std::io::sink());
+        r
+    });
+    let (code, stderr) = piped(c, instance, argv, None::<std::io::Empty>, writer).await?;
+    let unpacked = unpack.join().map_err(|_| anyhow::anyhow!("unpacking panicked"))?;
+    if code != 0 {
+        bail!("tar in {instance} ended with {code}: {}", stderr.trim());
+    }
+    unpacked.context("unpacking what the instance sent")?;
+    let got = stage.path().join(&base);
+    let target = if into_dir { to.join(&base) } else { to.to_path_buf() };
+    if target.is_dir() && got.is_dir() {
+        bail!("{}: a directory is there already", target.display());
+    }
+    std::fs::rename(&got, &target).with_context(|| format!("moving into {}", target.display()))?;
+    Ok(0)
+}
+
+/// Copies `from` (a file or a directory here) to `path` in `instance`.
+async fn to_instance(c: &Client, instance: &str, from: &Path, path: &str) -> Result<i32> {
+    let meta = std::fs::symlink_metadata(from).with_context(|| format!("{}", from.display()))?;
+    let base = from
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .with_context(|| format!("{}: which file?", from.display()))?;
+    // Into an existing directory under its own name, else under the path's name.
+    let (target_dir, name) = if path.ends_with('/') || is_dir_in(c, instance, path).await? {
+        (path.trim_end_matches('/').to_string(), base)
+    } else {
+        split_remote(path)
+    };
+    let target_dir = if target_dir.is_empty() { "/".to_string() } else { target_dir };
+    let argv: Vec<String> = ["tar", "xf", "-", "-C", &target_dir].iter().map(|s| s.to_string()).collect();
+    let (reader, mut writer) = std::io::pipe()?;
+    let from = from.to_path_buf();
+    let pack = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut b = tar::Builder::new(&mut writer);
+        b.follow_symlinks(false);
+        if meta.is_dir() {
+            b.append_dir_all(&name, &from)?;
+        } else {
+            b.append_path_with_name(&from, &name)?;
+        }
+        b.finish()?;
+        drop(b);
+        writer.flush()
+    });
+    let (code, stderr) = piped(c, instance, argv, Some(reader), std::io::sink()).await?;
+    let packed = pack.join().map_err(|_| anyhow::anyhow!("packing panicked"))?;
+    packed.context("reading what to copy")?;
+    if code != 0 {
+        bail!("tar in {instance} ended with {code}: {}", stderr.trim());
+    }
+    Ok(0)
+}
+
+/// Whether `path` is a directory in the instance.
+async fn is_dir_in(c: &Client, instance: &str, path: &str) -> Result<bool> {
+    let argv = vec!["test".to_string(), "-d".to_string(), path.to_string()];
+    let (code, _) = piped(c, instance, argv, None::<std::io::Empty>, std::io::sink()).await?;
+    Ok(code == 0)
+}
+
+/// Runs `argv` in `instance` with `input` as its standard input (none: it reads
+/// nothing); its standard output goes to `output`. The exit code and what it wrote on
+/// standard error (the first 64 KiB).
+async fn piped(
+    c: &Client,
+    instance: &str,
+    argv: Vec<String>,
+    input: Option<impl Read + Send + 'static>,
+    mut output: impl Write + Send + 'static,
+) -> Result<(i32, String)> {
+    let spec = SessionSpec { argv, tty: false, stdin: input.is_some(), cols: 0, rows: 0 };
+    let ws = c.websocket(&format!("/api/v1/instances/{instance}/exec")).await?;
+    let (mut to_hub, mut from_hub) = ws.split();
+    to_hub.send(Message::Text(serde_json::to_string(&spec)?.into())).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(8);
+    if let Some(mut input) = input {
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; INPUT_CHUNK];
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let eof = serde_json::to_string(&skiff_model::api::ExecControl::Eof).unwrap_or_default();
+                        let _ = tx.blocking_send(Message::Text(eof.into()));
+                        return;
+                    }
+                    Ok(n) => {
+                        if tx.blocking_send(Message::Binary(buf[..n].to_vec().into())).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    } else {
+        drop(tx);
+    }
+    let sender = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if to_hub.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    // Output is written by a thread of its own: the pipe's reader may take its time.
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        while let Some(b) = out_rx.blocking_recv() {
+            output.write_all(&b)?;
+        }
+        output.flush()
+    });
+    let mut stderr = String::new();
+    let end = loop {
+        match from_hub.next().await {
+            Some(Ok(Message::Binary(b))) => match b.split_first() {
+                Some((&EXEC_STDOUT, data)) if out_tx.send(data.to_vec()).await.is_err() => {
+                    break Err(anyhow::anyhow!("the copy's receiving side stopped"));
+                }
+                Some((&EXEC_STDERR, data)) if stderr.len() < 64 << 10 => {
+                    stderr.push_str(&String::from_utf8_lossy(data))
+                }
+                _ => {}
+            },
+            Some(Ok(Message::Text(t))) => {
+                break serde_json::from_str::<ExecEnd>(t.as_str()).map_err(anyhow::Error::from)
+            }
+            Some(Ok(Message::Close(_))) | None => {
+                break Err(anyhow::anyhow!("the hub closed the copy before it ended"))
+            }
+            Some(Err(e)) => break Err(anyhow::anyhow!("the copy's connection: {e}")),
+            Some(Ok(_)) => {}
+        }
+    };
+    sender.abort();
+    drop(out_tx);
+    let written = writer.join().map_err(|_| anyhow::anyhow!("writing panicked"))?;
+    let code = match end? {
+        ExecEnd { exit: Some(code), .. } => code,
+        ExecEnd { error: Some(e), .. } => bail!("{e}"),
+        ExecEnd { .. } => bail!("the hub ended the copy without saying how"),
+    };
+    // A failed write here matters only if the command succeeded (else its error says more).
+    if code == 0 {
+        written.context("writing what the instance sent")?;
+    }
+    Ok((code, stderr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_are_read_as_docker_cp_reads_them() {
+        let r = |i: &str, p: &str| Place::Remote { instance: i.into(), path: p.into() };
+        assert_eq!(place("web-1:/etc/hosts").unwrap(), r("web-1", "/etc/hosts"));
+        assert_eq!(place("web-1:data").unwrap(), r("web-1", "data"));
+        assert_eq!(place("./a:b").unwrap(), Place::Local("./a:b".into()));
+        assert_eq!(place("out").unwrap(), Place::Local("out".into()));
+        assert!(place("web-1:").unwrap_err().to_string().contains("path in the instance is missing"));
+        assert_eq!(split_remote("/etc/hosts"), ("/etc".into(), "hosts".into()));
+        assert_eq!(split_remote("/data/"), ("/".into(), "data".into()));
+        assert_eq!(split_remote("rel"), (".".into(), "rel".into()));
+    }
+}
