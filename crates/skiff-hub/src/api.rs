@@ -363,19 +363,36 @@ async fn logs(
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
     let prefix = targets.len() > 1;
+    // The containers followed so far, by id: a replaced or added one (a rollout, a
+    // restart, a scale-up) is followed too once it appears, from its first line.
+    let mut seen: std::collections::HashSet<String> = hub
+        .instances()
+        .into_iter()
+        .filter(|i| i.name == name || i.deployment == name)
+        .map(|i| i.container_id)
+        .collect();
     for t in targets {
         let node = hub.node_of(&t).ok_or_else(|| not_found(format!("instance {t:?} not found")))?;
-        let mut lines = node.logs(&t, q.tail, q.follow).map_err(node_error)?;
-        let tx = tx.clone();
+        let lines = node.logs(&t, q.tail, q.follow).map_err(node_error)?;
+        tokio::spawn(pump_logs(lines, t, prefix, tx.clone()));
+    }
+    if q.follow {
+        let (hub, tx, name) = (Arc::clone(&hub), tx.clone(), name.clone());
         tokio::spawn(async move {
-            while let Some(mut l) = lines.recv().await {
-                if prefix {
-                    l.stream = format!("{t}/{}", l.stream);
-                }
-                let mut s = serde_json::to_string(&l).unwrap_or_default();
-                s.push('\n');
-                if tx.send(s).await.is_err() {
-                    return;
+            while !tx.is_closed() {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                for i in hub.instances() {
+                    if (i.name != name && i.deployment != name)
+                        || i.container_id.is_empty()
+                        || seen.contains(&i.container_id)
+                    {
+                        continue;
+                    }
+                    let Some(lines) = hub.node_of(&i.name).and_then(|n| n.logs(&i.name, None, true).ok()) else {
+                        continue;
+                    };
+                    seen.insert(i.container_id);
+                    tokio::spawn(pump_logs(lines, i.name, prefix, tx.clone()));
                 }
             }
         });
@@ -392,6 +409,26 @@ async fn logs(
         Some((Ok::<_, std::convert::Infallible>(next), rx))
     });
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+/// Passes one instance's log lines on as JSON lines (named by `instance` when several
+/// are interleaved), until either side ends.
+async fn pump_logs(
+    mut lines: tokio::sync::mpsc::Receiver<skiff_model::LogLine>,
+    instance: String,
+    prefix: bool,
+    tx: tokio::sync::mpsc::Sender<String>,
+) {
+    while let Some(mut l) = lines.recv().await {
+        if prefix {
+            l.stream = format!("{instance}/{}", l.stream);
+        }
+        let mut s = serde_json::to_string(&l).unwrap_or_default();
+        s.push('\n');
+        if tx.send(s).await.is_err() {
+            return;
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -41,9 +41,89 @@ pub fn normalize_reference(r: &str) -> String {
     format!("{name}{suffix}")
 }
 
+/// Checks a reference a user gives as a new name (`skiff image tag`) by Docker's grammar:
+/// lower-case path components of letters, digits and separators (`.`, `_`, `__`, `-`),
+/// an optional registry host (with a port) first, then an optional `:tag` of up to 128
+/// word characters, dots and dashes (not first), or `@sha256:` and 64 hex digits.
+pub fn validate_reference(r: &str) -> Result<(), String> {
+    let (name, digest) = match r.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (r, None),
+    };
+    if let Some(d) = digest {
+        let hex = d.strip_prefix("sha256:").ok_or_else(|| format!("{r:?}: the digest must be sha256:HEX"))?;
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(format!("{r:?}: the digest must be sha256 and 64 lower-case hex digits"));
+        }
+    }
+    let (name, tag) = match name.rsplit_once(':') {
+        Some((n, t)) if !t.contains('/') => (n, Some(t)),
+        _ => (name, None),
+    };
+    if let Some(t) = tag {
+        let ok = !t.is_empty()
+            && t.len() <= 128
+            && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            && !t.starts_with(['.', '-']);
+        if !ok {
+            return Err(format!("{r:?}: the tag {t:?} must be 1-128 letters, digits, '_', '.' or '-' (not first)"));
+        }
+    }
+    if name.is_empty() || name.len() > 255 {
+        return Err(format!("{r:?}: the name must be 1 to 255 characters"));
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    let first = parts[0];
+    if parts.len() > 1 && (first.contains(['.', ':']) || first == "localhost") {
+        let host_ok = first.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b))
+            && !first.starts_with(['.', '-', ':']);
+        if !host_ok {
+            return Err(format!("{r:?}: {first:?} is not a registry host"));
+        }
+        parts.remove(0);
+    }
+    for p in parts {
+        let ok = !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+            && p.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && p.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if !ok {
+            return Err(format!("{r:?}: {p:?} must be lower-case letters, digits and '.', '_' or '-' between them"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_names_follow_dockers_grammar() {
+        for ok in [
+            "busybox",
+            "app:1",
+            "reg.io:5000/team/app:v1.2-rc_1",
+            "localhost/x",
+            "a/b__c",
+            &format!("x@sha256:{}", "a".repeat(64)),
+        ] {
+            assert_eq!(validate_reference(ok), Ok(()), "{ok}");
+        }
+        for (bad, says) in [
+            ("Busybox", "lower-case"),
+            ("app:", "the tag"),
+            ("app:-x", "the tag"),
+            ("a//b", "lower-case"),
+            ("x@sha256:abc", "64 lower-case hex"),
+            ("x@md5:abc", "sha256:HEX"),
+            ("", "1 to 255"),
+            ("app-", "lower-case"),
+        ] {
+            let e = validate_reference(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn normalizes() {

@@ -125,7 +125,7 @@ impl Default for PullOptions {
             registries: RegistriesConfig::default(),
             max_attempts: 20,
             parallel: 3,
-            docker_config: std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")),
+            docker_config: docker_config_path(),
             limit_rate: None,
             policy: None,
             progress: Arc::new(|_| {}),
@@ -199,16 +199,122 @@ const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, applicat
 const MAX_MANIFEST: usize = 4 << 20;
 const MANIFEST_ATTEMPTS: u32 = 4;
 
+/// The Docker config this process reads and `skiff login` writes: `$DOCKER_CONFIG/config.json`,
+/// else `~/.docker/config.json` (as the Docker CLI).
+pub fn docker_config_path() -> Option<PathBuf> {
+    match std::env::var_os("DOCKER_CONFIG") {
+        Some(d) if !d.is_empty() => Some(PathBuf::from(d).join("config.json")),
+        _ => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")),
+    }
+}
+
+/// The key a registry's credentials have in a Docker config (`auths`, `credHelpers`):
+/// Docker Hub's is `https://index.docker.io/v1/`, others' their `host[:port]`.
+pub fn docker_config_key(registry: &str) -> String {
+    match crate::hosts::canonical_registry(registry) {
+        "registry-1.docker.io" => "https://index.docker.io/v1/".to_string(),
+        r => r.to_string(),
+    }
+}
+
+/// `user:password` (base64) for `registry` from a Docker config: its credential helper
+/// (`credHelpers`), its `auths` entry, or the config's store (`credsStore`), in that
+/// order, as the Docker CLI looks them up.
 fn basic_auth_from(config: Option<&PathBuf>, registry: &str) -> Option<String> {
     let text = std::fs::read_to_string(config?).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let auths = v.get("auths")?.as_object()?;
-    let want = [registry.to_string(), format!("https://{registry}"), format!("http://{registry}")];
-    let entry = auths
-        .iter()
-        .find(|(k, _)| want.iter().any(|w| k.trim_end_matches('/') == w || k.starts_with(&format!("{w}/"))))?
-        .1;
-    entry.get("auth")?.as_str().map(str::to_string)
+    let key = docker_config_key(registry);
+    let mut want = vec![registry.to_string(), format!("https://{registry}"), format!("http://{registry}")];
+    if key.starts_with("https://index.docker.io") {
+        want.extend(["https://index.docker.io/v1".into(), "index.docker.io".into(), "docker.io".into()]);
+    }
+    let matches = |k: &str| want.iter().any(|w| k.trim_end_matches('/') == w || k.starts_with(&format!("{w}/")));
+    if let Some(helper) = v
+        .get("credHelpers")
+        .and_then(|h| h.as_object())
+        .and_then(|h| h.iter().find(|(k, _)| matches(k)).and_then(|(_, helper)| helper.as_str()))
+    {
+        return credential_helper(helper, &key);
+    }
+    let entry = v.get("auths").and_then(|a| a.as_object()).and_then(|a| a.iter().find(|(k, _)| matches(k)));
+    if let Some(auth) = entry.and_then(|(_, e)| e.get("auth")).and_then(|a| a.as_str()) {
+        return Some(auth.to_string());
+    }
+    let store = v.get("credsStore").and_then(|s| s.as_str())?;
+    credential_helper(store, &key)
+}
+
+/// Asks a Docker credential helper (`docker-credential-NAME get`, the server on its
+/// stdin) for `server`'s credentials; bounded to 10 s. `None` when it has none.
+fn credential_helper(name: &str, server: &str) -> Option<String> {
+    use base64::Engine;
+    use std::io::Write;
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        tracing::warn!(helper = name, "a credential helper's name must be letters, digits, '-', '_' or '.'");
+        return None;
+    }
+    let mut child = std::process::Command::new(format!("docker-credential-{name}"))
+        .arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| tracing::warn!(helper = name, "credential helper: {e}"))
+        .ok()?;
+    let mut stdin = child.stdin.take()?;
+    let _ = stdin.write_all(server.as_bytes());
+    drop(stdin);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().ok()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            tracing::warn!(helper = name, "credential helper did not answer in 10 s");
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().ok().filter(|o| o.status.success())?;
+    #[derive(serde::Deserialize)]
+    struct Creds {
+        #[serde(rename = "Username")]
+        username: String,
+        #[serde(rename = "Secret")]
+        secret: String,
+    }
+    let c: Creds = serde_json::from_slice(&out.stdout).ok()?;
+    Some(base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.secret)))
+}
+
+/// Checks `user` and `password` against `registry` (`skiff login`): its `/v2/` with them,
+/// through its token server when it has one. Mirrors are not asked.
+pub async fn check_login(registry: &str, user: &str, password: &str, opts: &PullOptions) -> Result<(), ImageError> {
+    use base64::Engine;
+    let registry = crate::hosts::canonical_registry(registry);
+    let http = http_client(opts)?;
+    let r =
+        RemoteRef { registry: registry.into(), repository: "library/skiff-login".into(), reference: "latest".into() };
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut last = None;
+    for endpoint in opts.registries.endpoints(registry, &opts.insecure).into_iter().filter(|e| !e.mirror) {
+        let mut c = Client::new(&http, &endpoint, &r, opts, Arc::default(), None);
+        c.basic = Some(basic.clone());
+        match c.send(reqwest::Method::GET, "login", "/v2/", None, None, None).await {
+            Ok(resp) if resp.status().is_success() => return Ok(()),
+            Ok(resp) if resp.status() == reqwest::StatusCode::UNAUTHORIZED => {
+                return Err(c.err("login", "the user name or password is wrong"))
+            }
+            Ok(resp) => {
+                let status = resp.status();
+                let body = resp.text().await.unwrap_or_default();
+                return Err(c.err("login", Client::status_problem(status, &body)));
+            }
+            // HTTPS tried first on a registry that may be plain HTTP: the next endpoint.
+            Err(e @ ImageError::Unreachable { .. }) if endpoint.probe => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| ImageError::NotFound(format!("no endpoint for registry {registry}"))))
 }
 
 /// `Bearer realm="…",service="…",scope="…"` → its parameters.

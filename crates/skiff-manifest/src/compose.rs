@@ -333,6 +333,36 @@ fn duration(v: &Value, path: &str) -> R<u64> {
         .ok_or_else(|| ManifestError::at(path, format!("{s:?} is not a duration (examples: 10s, 1m30s, 500ms)")))
 }
 
+/// `logging: {driver: json-file, options: {max-size: 10m, max-file: "3"}}`: how the
+/// instances' log files are rotated (they are always JSON lines, as `json-file` writes).
+fn logging(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<skiff_model::LogOptions> {
+    let mut o = skiff_model::LogOptions::default();
+    for (k, x) in mapping(v, path)? {
+        let key = key_str(k, path)?;
+        let p = format!("{path}.{key}");
+        match key.as_str() {
+            "driver" => match str_of(x, &p)?.as_str() {
+                "json-file" | "local" => {}
+                other => cx.warnings.push(format!("{p}: {other:?} is not supported; logs are kept as json-file")),
+            },
+            "options" => {
+                for (ok, ov) in mapping(x, &p)? {
+                    let okey = key_str(ok, &p)?;
+                    let op = format!("{p}.{okey}");
+                    match okey.as_str() {
+                        "max-size" | "max-file" => {
+                            o.set(&okey, &str_of(ov, &op)?, &p).map_err(|e| ManifestError::at(&p, e.problem))?
+                        }
+                        _ => cx.warnings.push(format!("{op}: not supported yet, ignored")),
+                    }
+                }
+            }
+            _ => cx.warnings.push(format!("{p}: not supported yet, ignored")),
+        }
+    }
+    Ok(o)
+}
+
 /// `x-skiff-wasm: {timeout: 30s, pool: 8, allow_local: true}`: settings of the wasm runtime.
 fn wasm_options(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<skiff_model::WasmOptions> {
     let mut o = skiff_model::WasmOptions::default();
@@ -733,6 +763,7 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
                 }
             }
             "labels" => key_values(cx, v, &path, &mut d.labels)?,
+            "logging" => d.logging = logging(cx, v, &path)?,
             "network_mode" => {
                 let s = str_of(v, &path)?;
                 d.network = short::network_mode(&s).map_err(|e| ManifestError::at(&path, e))?;

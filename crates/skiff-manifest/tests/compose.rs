@@ -111,7 +111,7 @@ fn unsupported_keys_warn_with_their_path() {
     assert_eq!(
         c.warnings,
         [
-            "services.web.logging: not supported yet, ignored",
+            "services.web.logging.driver: \"syslog\" is not supported; logs are kept as json-file",
             "services.web.deploy.endpoint_mode: not supported yet, ignored",
             "services.web.deploy.placement.max_replicas_per_node: not supported yet, ignored"
         ]
@@ -588,4 +588,21 @@ fn tmpfs_as_a_key_and_as_a_volume() {
         err("services:\n  a:\n    image: a\n    tmpfs: relative\n"),
         "services.a.tmpfs[0].target: \"relative\" is not an absolute path below / without . or .."
     );
+}
+
+#[test]
+fn logging_options_rotate_the_log_files() {
+    let c = import(
+        "services:\n  web:\n    image: x\n    logging:\n      driver: json-file\n      options:\n        max-size: 5m\n        max-file: \"4\"\n        compress: \"true\"\n",
+    )
+    .unwrap();
+    let l = c.deployments[0].logging;
+    assert_eq!((l.max_size_bytes, l.max_files), (Some(5 << 20), Some(4)));
+    assert!(c.warnings.iter().any(|w| w.contains("services.web.logging.options.compress")), "{:?}", c.warnings);
+    let c = import("services:\n  web:\n    image: x\n    logging:\n      driver: syslog\n").unwrap();
+    assert!(c.warnings.iter().any(|w| w.contains("\"syslog\" is not supported")), "{:?}", c.warnings);
+    let e = err("services:\n  web:\n    image: x\n    logging:\n      options:\n        max-size: huge\n");
+    assert!(e.contains("services.web.logging.options: max-size: \"huge\" is not a size"), "{e}");
+    let e = err("services:\n  web:\n    image: x\n    logging:\n      options:\n        max-file: \"3\"\n");
+    assert!(e.contains("logging.max_file: needs max-size"), "{e}");
 }

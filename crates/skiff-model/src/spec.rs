@@ -89,6 +89,52 @@ pub struct Deployment {
     /// Settings only the `wasm` runtime reads.
     #[serde(default, skip_serializing_if = "WasmOptions::is_default")]
     pub wasm: WasmOptions,
+    /// How its instances' log files are kept (Docker's json-file `max-size`/`max-file`).
+    #[serde(default, skip_serializing_if = "LogOptions::is_default")]
+    pub logging: LogOptions,
+}
+
+/// A deployment's log files: each instance's is rotated at `max_size_bytes`, and
+/// `max_files` are kept in all; the node's defaults (10 MiB, 3) where not set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_files: Option<u32>,
+}
+
+impl LogOptions {
+    pub fn is_default(&self) -> bool {
+        *self == LogOptions::default()
+    }
+
+    /// Reads Docker's `--log-opt`/compose `logging.options` keys (`max-size=10m`,
+    /// `max-file=3`); `at` names where they came from in errors.
+    pub fn set(&mut self, key: &str, value: &str, at: &str) -> Result<(), crate::ValidationError> {
+        match key {
+            "max-size" => {
+                let b = crate::parse_bytes(value).map_err(|_| {
+                    crate::ValidationError::new(at, format!("max-size: {value:?} is not a size (10m, 1g)"))
+                })?;
+                self.max_size_bytes = Some(b);
+            }
+            "max-file" => {
+                let n = value
+                    .trim()
+                    .parse::<u32>()
+                    .map_err(|_| crate::ValidationError::new(at, format!("max-file: {value:?} is not a count")))?;
+                self.max_files = Some(n);
+            }
+            k => {
+                return Err(crate::ValidationError::new(
+                    at,
+                    format!("{k:?}: the json-file driver takes max-size and max-file"),
+                ))
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The runtime backend of a deployment's instances.
@@ -295,6 +341,7 @@ impl Deployment {
             update: Default::default(),
             runtime: RuntimeKind::default(),
             wasm: WasmOptions::default(),
+            logging: LogOptions::default(),
         }
     }
 

@@ -213,6 +213,20 @@ impl Deployment {
         if self.image.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(ValidationError::new("image", format!("{:?} is not an image reference", self.image)));
         }
+        if let Some(b) = self.logging.max_size_bytes {
+            if !(4096..=(64u64 << 30)).contains(&b) {
+                return Err(ValidationError::new("logging.max_size", format!("{b} bytes: must be 4 KiB to 64 GiB")));
+            }
+        }
+        if let Some(n) = self.logging.max_files {
+            if !(1..=100).contains(&n) {
+                return Err(ValidationError::new("logging.max_file", format!("{n}: must be 1 to 100")));
+            }
+            if self.logging.max_size_bytes.is_none() {
+                // As Docker: files are only rotated at a size.
+                return Err(ValidationError::new("logging.max_file", "needs max-size"));
+            }
+        }
         if self.replicas > 1000 {
             return Err(ValidationError::new("replicas", format!("{} is more than the limit of 1000", self.replicas)));
         }

@@ -195,8 +195,8 @@ impl Runtime for OciRuntime {
                 runc_args,
                 start_in_netns: req.netns.clone().filter(|_| self.runc.is_runsc()),
                 cgroups_path: self.cgroups_path(&req.id),
-                log_max_bytes: self.log_max_bytes,
-                log_max_files: self.log_max_files,
+                log_max_bytes: req.deployment.logging.max_size_bytes.unwrap_or(self.log_max_bytes),
+                log_max_files: req.deployment.logging.max_files.unwrap_or(self.log_max_files),
             };
             let p = dir.join(shim::SHIM_CONFIG);
             fs::write(&p, serde_json::to_vec_pretty(&shim_cfg).unwrap_or_default()).map_err(io("write", &p))

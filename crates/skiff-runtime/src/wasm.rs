@@ -306,8 +306,8 @@ impl Runtime for WasmRuntime {
             runc_args: vec![],
             start_in_netns: None,
             cgroups_path: String::new(),
-            log_max_bytes: self.log_max_bytes,
-            log_max_files: self.log_max_files,
+            log_max_bytes: req.deployment.logging.max_size_bytes.unwrap_or(self.log_max_bytes),
+            log_max_files: req.deployment.logging.max_files.unwrap_or(self.log_max_files),
         };
         let uid = uid_for(&req.id);
         let gid = gid_for(&req.deployment.name);

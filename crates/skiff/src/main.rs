@@ -26,6 +26,7 @@ mod client;
 mod config;
 mod hub;
 mod install;
+mod jsonpath;
 mod link;
 mod output;
 mod progress;

@@ -277,6 +277,19 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
             }
             eprintln!("stack {stack} stopped");
         }
+        // Everything else this node runs stops too, as stopping Docker's daemon stops its
+        // containers: nothing is left without a supervisor. Those deployments stay in the
+        // hub's store, and the next `skiff up` starts them again. (SIGTERM, a service
+        // manager's stop, leaves everything running instead, as Docker's live-restore.)
+        let rest: Vec<String> = agent.desired().unwrap_or_default().into_iter().map(|d| d.name).collect();
+        if !rest.is_empty() {
+            eprintln!("stopping {} (kept: the next skiff up starts them again) ...", rest.join(", "));
+            agent.set_desired(&[], hub.store.revision()?)?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while !agent.all_gone(&rest) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     } else {
         eprintln!("skiff: SIGTERM, leaving workloads running");
     }

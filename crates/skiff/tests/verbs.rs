@@ -65,6 +65,13 @@ fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
     assert!(not_web.contains("api-1") && not_web.contains("db-1") && !not_web.contains("front-1"), "{not_web}");
     let bad = n.cli(&["get", "nodes", "-l", "x=y"])?;
     assert!(String::from_utf8_lossy(&bad.stderr).contains("-l: only deployments"), "{bad:?}");
+    let names = n.ok(&["get", "deployments", "-l", "tier=backend", "-o", "jsonpath={.items[*].spec.name}"])?;
+    assert_eq!(names, "api db");
+    let each =
+        n.ok(&["get", "instances", "api-1", "-o", "jsonpath={range .items[*]}{.name}:{.state}{\"\\n\"}{end}"])?;
+    assert_eq!(each, "api-1:running\n");
+    let bad = n.cli(&["get", "deployments", "-o", "jsonpath={.items[*}"])?;
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("without its ']'"), "{bad:?}");
     let wide = n.ok(&["get", "instances", "-o", "wide"])?;
     assert!(wide.lines().next().unwrap_or_default().contains("NODE") && wide.contains(IMAGE), "{wide}");
     let ps = n.ok(&["ps"])?;
@@ -81,13 +88,37 @@ fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("\"front=x\": \"x\" is not a replica count"), "{bad:?}");
     assert_eq!(instance_names(&n).iter().filter(|i| i.starts_with("api-")).count(), 3, "nothing half-applied");
 
-    // restart replaces every instance (new containers), by the update strategy.
+    // restart replaces every instance (new containers), by the update strategy; a
+    // `logs -f` of the deployment follows the new container too.
+    let mut follow = std::process::Command::new(common::bin())
+        .args(["--data", n.data().to_str().unwrap(), "logs", "-f", "front"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let followed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (mut out, got) = (follow.stdout.take().unwrap(), std::sync::Arc::clone(&followed));
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(k) = std::io::Read::read(&mut out, &mut buf) {
+            if k == 0 {
+                return;
+            }
+            got.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..k]));
+        }
+    });
+    wait_for(30 * SEC, "the first container's line", || {
+        followed.lock().unwrap().contains("hello from front").then_some(())
+    })?;
     let before = n.instance("front-1")?.container_id;
     n.ok(&["restart", "front"])?;
     wait_for(60 * SEC, "front-1 replaced", || {
         let i = n.instance("front-1").ok()?;
         (i.container_id != before && i.state == skiff_model::InstanceState::Running).then_some(())
     })?;
+    wait_for(30 * SEC, "the new container's line in the same logs -f", || {
+        (followed.lock().unwrap().matches("hello from front").count() >= 2).then_some(())
+    })?;
+    let _ = follow.kill();
+    let _ = follow.wait();
 
     // Applying the unchanged file again keeps the restart: nothing is replaced (as
     // kubectl keeps its restart annotation).
@@ -108,6 +139,42 @@ fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
     wait_for(60 * SEC, "api at the 2 it was scaled to", || {
         (instance_names(&n).iter().filter(|i| i.starts_with("api-")).count() == 2).then_some(())
     })?;
+
+    // --log-opt: this deployment's log files rotate at 16 KiB, two kept.
+    let talk = "i=0; while [ $i -lt 3000 ]; do echo line-$i-padding-padding-padding; i=$((i+1)); done; sleep 1000";
+    n.ok(&[
+        "run",
+        IMAGE,
+        "--name",
+        "talk",
+        "--log-opt",
+        "max-size=16k",
+        "--log-opt",
+        "max-file=2",
+        "--",
+        "sh",
+        "-c",
+        talk,
+    ])?;
+    let talk1 = n.wait_running("talk-1")?;
+    let dir = n.data().join("instances").join(&talk1.container_id);
+    wait_for(30 * SEC, "the log rotated", || dir.join("container.log.1").exists().then_some(()))?;
+    wait_for(30 * SEC, "every line written", || {
+        std::fs::read_to_string(dir.join("container.log")).ok()?.contains("line-2999-").then_some(())
+    })?;
+    assert!(!dir.join("container.log.2").exists(), "two files kept in all");
+    for f in ["container.log", "container.log.1"] {
+        let size = std::fs::metadata(dir.join(f))?.len();
+        assert!(size <= (16 << 10) + 256, "{f}: {size} bytes");
+    }
+    let bad = n.cli(&["run", IMAGE, "--name", "nope", "--log-opt", "max-size=lots"])?;
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--log-opt: max-size: \"lots\" is not a size"), "{bad:?}");
+    let bad = n.cli(&["run", IMAGE, "--name", "nope", "--log-opt", "mode=non-blocking"])?;
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("the json-file driver takes max-size and max-file"),
+        "{bad:?}"
+    );
+    n.ok(&["delete", "deployment", "talk"])?;
 
     // logs with a time window.
     let all = n.ok(&["logs", "front-1"])?;
@@ -150,5 +217,33 @@ fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
     // `top` shows no instance that is gone, though the node's newest sample still has it.
     let top = n.ok(&["top", "instances", "-o", "json"])?;
     assert!(!top.contains("\"api-") && !top.contains("\"cart-"), "{top}");
+    Ok(())
+}
+
+/// One rule for `skiff up`'s end: Ctrl-C stops everything the node runs and leaves nothing
+/// behind (the given stack is removed; other deployments are kept and come back with the
+/// next `skiff up`); SIGTERM leaves everything running (tested in `package.rs`).
+#[test]
+fn ctrl_c_stops_everything_and_the_next_up_starts_what_was_kept() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    let compose = n.write(
+        "compose.yaml",
+        &format!("name: st\nservices:\n  svc:\n    image: {IMAGE}\n    command: [sleep, '1000']\n"),
+    )?;
+    n.up(Some(&compose))?;
+    n.ok(&["run", IMAGE, "--name", "extra", "--", "sleep", "1000"])?;
+    n.wait_running("svc-1")?;
+    n.wait_running("extra-1")?;
+    n.interrupt_up()?;
+    let runc =
+        std::process::Command::new("runc").arg("--root").arg(n.data().join("runc")).args(["list", "-q"]).output()?;
+    assert_eq!(String::from_utf8_lossy(&runc.stdout).trim(), "", "no container left running");
+    let id = skiff_agent::state::State::open(&n.data().join("agent.db"))?.meta("node_id")?.unwrap_or_default();
+    assert!(skiff_runtime::network::list_netns(&format!("skiff-{id}-")).is_empty(), "no network namespace left");
+    n.up(None)?;
+    n.wait_running("extra-1")?;
+    let names = instance_names(&n);
+    assert!(!names.iter().any(|i| i.starts_with("svc-")), "the stack Ctrl-C stopped is gone: {names:?}");
     Ok(())
 }

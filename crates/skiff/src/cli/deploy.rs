@@ -59,6 +59,10 @@ pub struct RunArgs {
     /// A label KEY=VALUE on the deployment (repeatable).
     #[arg(short = 'l', long = "label")]
     pub label: Vec<String>,
+    /// Log file options, as Docker's json-file driver: `max-size=10m`, `max-file=3`
+    /// (repeatable; the node's default is 10m and 3).
+    #[arg(long = "log-opt", value_name = "KEY=VALUE")]
+    pub log_opt: Vec<String>,
     /// [IP:]HOST_PORT:CONTAINER_PORT[/udp], or PORT (repeatable).
     #[arg(short = 'p', long = "publish")]
     pub publish: Vec<String>,
@@ -237,6 +241,10 @@ pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -
     for kv in &a.label {
         let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
         d.labels.insert(k.to_string(), v.to_string());
+    }
+    for kv in &a.log_opt {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--log-opt {kv:?}: want KEY=VALUE (max-size=10m)"))?;
+        d.logging.set(k, v, "--log-opt").map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     for p in &a.publish {
         d.ports.push(PortMapping::parse(p).with_context(|| {

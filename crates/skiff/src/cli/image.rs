@@ -46,6 +46,13 @@ pub enum ImageCmd {
     },
     /// Remove an image (refused while a deployment uses it).
     Rm { reference: String },
+    /// Give a stored image another name (as `docker tag`).
+    Tag {
+        /// The image: a name, an ID or a digest.
+        source: String,
+        /// The new name (`registry.example/team/app:2`).
+        target: String,
+    },
     /// Show an image's config and layers.
     Inspect { reference: String },
     /// Remove blobs and layers no image needs.
@@ -225,6 +232,12 @@ pub(super) fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
         ImageCmd::Rm { reference } => {
             store.remove(reference, &skiff_agent::state::images_in_use(data)?)?;
             outln!("Untagged: {reference}");
+        }
+        ImageCmd::Tag { source, target } => {
+            skiff_image::reference::validate_reference(target).map_err(|e| anyhow::anyhow!("TARGET: {e}"))?;
+            let digest = store.top_digest(source)?;
+            store.tag(target, &digest)?;
+            outln!("{} -> {digest}", skiff_image::reference::normalize_reference(target));
         }
         ImageCmd::Inspect { reference } => {
             outln!("{}", serde_json::to_string_pretty(&store.inspect(reference)?)?);

@@ -5,6 +5,7 @@ mod cp;
 mod deploy;
 mod forward;
 mod image;
+mod login;
 mod ops;
 mod rollout;
 mod token;
@@ -75,8 +76,10 @@ pub enum Cmd {
         /// `app=web`, `tier!=db`, `canary`, `!legacy`, comma-separated (all must match).
         #[arg(short = 'l', long = "selector")]
         selector: Option<String>,
-        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
-        output: Format,
+        /// table, wide, json, yaml, or jsonpath=TEMPLATE (kubectl's:
+        /// `jsonpath={.items[*].spec.name}`, `{range .items[*]}{.name}{"\n"}{end}`).
+        #[arg(short = 'o', long = "output", default_value = "table", value_parser = parse_get_output)]
+        output: GetOutput,
         /// Keep printing the list each time it changes (JSON and YAML: one document per change).
         #[arg(short = 'w', long)]
         watch: bool,
@@ -181,6 +184,26 @@ pub enum Cmd {
         #[arg(long, default_value = "127.0.0.1")]
         address: String,
     },
+    /// Keep a registry's credentials (Docker's config format, where pulls and `docker`
+    /// find them); checked against the registry first.
+    Login {
+        /// The registry (default: Docker Hub).
+        server: Option<String>,
+        #[arg(short, long)]
+        username: Option<String>,
+        /// The password on the command line (other local users can see it: prefer
+        /// --password-stdin).
+        #[arg(short, long)]
+        password: Option<String>,
+        /// Read the password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Forget a registry's credentials.
+    Logout {
+        /// The registry (default: Docker Hub).
+        server: Option<String>,
+    },
     /// Versions: this program's, the hub's, and each node's agent and runtimes.
     Version,
     /// Run a role (agent, hub, up) as a systemd service that survives reboots and
@@ -284,6 +307,22 @@ fn man_pages(dir: &std::path::Path) -> Result<i32> {
     Ok(0)
 }
 
+/// What `skiff get -o` prints: a format, or a kubectl jsonpath template.
+#[derive(Debug, Clone)]
+pub enum GetOutput {
+    Format(Format),
+    JsonPath(crate::jsonpath::Template),
+}
+
+fn parse_get_output(s: &str) -> Result<GetOutput, String> {
+    if let Some(t) = s.strip_prefix("jsonpath=") {
+        return crate::jsonpath::Template::parse(t).map(GetOutput::JsonPath);
+    }
+    <Format as clap::ValueEnum>::from_str(s, true)
+        .map(GetOutput::Format)
+        .map_err(|_| format!("{s:?}: want table, wide, json, yaml or jsonpath=TEMPLATE"))
+}
+
 /// A point in time for `--since`/`--until` (ms since the epoch): a duration back from now
 /// or an RFC 3339 time.
 fn parse_when(s: &str) -> Result<u64, String> {
@@ -359,7 +398,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Run(args) => deploy::run(cli, args).await,
         Cmd::Get { kind, name, selector, output, watch, event_type } => {
             let only = view::Only::new(*kind, name.as_deref(), selector.as_deref())?;
-            view::get(&client(cli)?, *kind, *output, *watch, *event_type, &only).await
+            view::get(&client(cli)?, *kind, output, *watch, *event_type, &only).await
         }
         Cmd::Top { kind, output } => view::top(&client(cli)?, *kind, *output).await,
         Cmd::Rollout(cmd) => rollout::rollout(&client(cli)?, cmd).await,
@@ -373,7 +412,8 @@ async fn run(cli: Cli) -> Result<i32> {
             view::logs(&client(cli)?, name, *follow, *tail, *timestamps, window).await
         }
         Cmd::Ps { output } => {
-            view::get(&client(cli)?, Kind::Instances, *output, false, None, &view::Only::default()).await
+            let output = GetOutput::Format(*output);
+            view::get(&client(cli)?, Kind::Instances, &output, false, None, &view::Only::default()).await
         }
         Cmd::Scale { items } => ops::scale(&client(cli)?, items).await,
         Cmd::Restart { names } => ops::restart(&client(cli)?, names, skiff_sys::time::now_ms()).await,
@@ -381,6 +421,10 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Start { names } => ops::start(&client(cli)?, names).await,
         Cmd::Version => ops::version(client(cli).ok()).await,
         Cmd::Cp { src, dst } => cp::cp(&client(cli)?, src, dst).await,
+        Cmd::Login { server, username, password, password_stdin } => {
+            login::login(cli, server.as_deref(), username.as_deref(), password.as_deref(), *password_stdin).await
+        }
+        Cmd::Logout { server } => login::logout(server.as_deref()),
         Cmd::PortForward { target, ports, address } => {
             forward::port_forward(client(cli)?, target, ports, address).await
         }

@@ -192,11 +192,15 @@ impl Only {
 pub(super) async fn get(
     c: &Client,
     kind: Kind,
-    f: Format,
+    output: &super::GetOutput,
     watch: bool,
     event_type: Option<EventType>,
     only: &Only,
 ) -> Result<i32> {
+    let (f, template) = match output {
+        super::GetOutput::Format(f) => (*f, None),
+        super::GetOutput::JsonPath(t) => (Format::Json, Some(t)),
+    };
     if event_type.is_some() && kind != Kind::Events {
         anyhow::bail!("--type: only events have a type");
     }
@@ -239,7 +243,17 @@ pub(super) async fn get(
                 bail!("{} {name:?} not found", kind_name(kind));
             }
         }
-        print_list(kind, &body, if watch && f == Format::Json { Format::JsonLine } else { f })?;
+        match template {
+            Some(t) => {
+                let items: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
+                let mut text = t.render(&items);
+                if watch && !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                output::emit(&text);
+            }
+            None => print_list(kind, &body, if watch && f == Format::Json { Format::JsonLine } else { f })?,
+        }
         if !watch {
             return Ok(0);
         }
