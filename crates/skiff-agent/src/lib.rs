@@ -640,16 +640,19 @@ impl Agent {
     }
 
     /// The instance's log: the last `tail` lines, then (with `follow`) new ones as they
-    /// come, until the instance is gone or the receiver is dropped.
+    /// come, until the instance's container is gone (removed, or replaced by a new one of
+    /// the same name, which the hub follows anew) or the receiver is dropped.
     pub fn log_stream(
         self: &Arc<Self>,
         instance: &str,
         tail: Option<usize>,
         follow: bool,
     ) -> Result<tokio::sync::mpsc::Receiver<skiff_model::LogLine>, AgentError> {
-        let path = self.log_path(instance)?;
-        let (me, name) = (Arc::clone(self), instance.to_string());
-        Ok(logs::stream(path, tail, follow, move || me.has_instance(&name)))
+        let row = self.row(instance)?;
+        let path = self.runtimes.of(row.spec.runtime).log_path(&row.container_id);
+        let (me, name, id) = (Arc::clone(self), instance.to_string(), row.container_id);
+        let alive = move || matches!(me.db(|s| s.instance(&name)), Ok(Some(r)) if r.container_id == id);
+        Ok(logs::stream(path, tail, follow, alive))
     }
 
     /// Runs `argv` in the instance; its output as text.

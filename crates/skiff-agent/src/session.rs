@@ -168,6 +168,7 @@ impl Agent {
         let (mut from, mut to) = connected.into_split();
         let (out_tx, out_rx) = mpsc::channel::<SessionOutput>(64);
         let (in_tx, mut in_rx) = mpsc::channel::<SessionInput>(INPUT_WINDOW as usize);
+        let caller = out_tx.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; OUTPUT_CHUNK];
             let end = loop {
@@ -192,8 +193,11 @@ impl Agent {
             while let Some(i) = in_rx.recv().await {
                 match i {
                     SessionInput::Data(b) => {
-                        if to.write_all(&b).await.is_err() {
-                            return;
+                        // A server that stops reading holds this write: the caller leaving
+                        // ends it (and the connection) all the same.
+                        tokio::select! {
+                            r = to.write_all(&b) => if r.is_err() { return },
+                            _ = caller.closed() => return,
                         }
                     }
                     SessionInput::End => {

@@ -379,9 +379,14 @@ async fn logs(
     if q.follow {
         let (hub, tx, name) = (Arc::clone(&hub), tx.clone(), name.clone());
         tokio::spawn(async move {
-            while !tx.is_closed() {
+            // Rounds in a row with nothing of the target: it was deleted, and the stream
+            // ends once its last lines are out (as kubectl's does).
+            let mut absent = 0;
+            while !tx.is_closed() && absent < 3 {
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                for i in hub.instances() {
+                let now = hub.instances();
+                absent = if now.iter().any(|i| i.name == name || i.deployment == name) { 0 } else { absent + 1 };
+                for i in now {
                     if (i.name != name && i.deployment != name)
                         || i.container_id.is_empty()
                         || seen.contains(&i.container_id)

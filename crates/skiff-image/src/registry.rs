@@ -217,64 +217,64 @@ pub fn docker_config_key(registry: &str) -> String {
     }
 }
 
+/// The keys a registry's entries may have in a Docker config.
+fn config_keys(registry: &str) -> Vec<String> {
+    let mut want = vec![registry.to_string(), format!("https://{registry}"), format!("http://{registry}")];
+    if docker_config_key(registry).starts_with("https://index.docker.io") {
+        want.extend(["https://index.docker.io/v1".into(), "index.docker.io".into(), "docker.io".into()]);
+    }
+    want
+}
+
+fn key_matches(want: &[String], k: &str) -> bool {
+    want.iter().any(|w| k.trim_end_matches('/') == w || k.starts_with(&format!("{w}/")))
+}
+
+/// The credential helper a Docker config names for `registry`: its own (`credHelpers`),
+/// else the config's store (`credsStore`).
+pub fn credential_helper_for(config: &serde_json::Value, registry: &str) -> Option<String> {
+    let want = config_keys(registry);
+    let own = config
+        .get("credHelpers")
+        .and_then(|h| h.as_object())
+        .and_then(|h| h.iter().find(|(k, _)| key_matches(&want, k)).and_then(|(_, helper)| helper.as_str()));
+    own.or_else(|| config.get("credsStore").and_then(|s| s.as_str())).map(str::to_string)
+}
+
 /// `user:password` (base64) for `registry` from a Docker config: its credential helper
 /// (`credHelpers`), its `auths` entry, or the config's store (`credsStore`), in that
 /// order, as the Docker CLI looks them up.
 fn basic_auth_from(config: Option<&PathBuf>, registry: &str) -> Option<String> {
     let text = std::fs::read_to_string(config?).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let want = config_keys(registry);
     let key = docker_config_key(registry);
-    let mut want = vec![registry.to_string(), format!("https://{registry}"), format!("http://{registry}")];
-    if key.starts_with("https://index.docker.io") {
-        want.extend(["https://index.docker.io/v1".into(), "index.docker.io".into(), "docker.io".into()]);
+    let own_helper =
+        v.get("credHelpers").and_then(|h| h.as_object()).is_some_and(|h| h.keys().any(|k| key_matches(&want, k)));
+    if own_helper {
+        return credential_helper_for(&v, registry).and_then(|h| helper_get(&h, &key));
     }
-    let matches = |k: &str| want.iter().any(|w| k.trim_end_matches('/') == w || k.starts_with(&format!("{w}/")));
-    if let Some(helper) = v
-        .get("credHelpers")
-        .and_then(|h| h.as_object())
-        .and_then(|h| h.iter().find(|(k, _)| matches(k)).and_then(|(_, helper)| helper.as_str()))
-    {
-        return credential_helper(helper, &key);
-    }
-    let entry = v.get("auths").and_then(|a| a.as_object()).and_then(|a| a.iter().find(|(k, _)| matches(k)));
+    let entry = v.get("auths").and_then(|a| a.as_object()).and_then(|a| a.iter().find(|(k, _)| key_matches(&want, k)));
     if let Some(auth) = entry.and_then(|(_, e)| e.get("auth")).and_then(|a| a.as_str()) {
         return Some(auth.to_string());
     }
-    let store = v.get("credsStore").and_then(|s| s.as_str())?;
-    credential_helper(store, &key)
+    credential_helper_for(&v, registry).and_then(|h| helper_get(&h, &key))
 }
 
-/// Asks a Docker credential helper (`docker-credential-NAME get`, the server on its
-/// stdin) for `server`'s credentials; bounded to 10 s. `None` when it has none.
-fn credential_helper(name: &str, server: &str) -> Option<String> {
+/// Credentials a helper gave lately, by (helper, server): a pull makes several clients,
+/// and a helper (`pass`, a keychain) may be slow; asked again after a minute.
+type HelperCache = std::collections::HashMap<(String, String), (std::time::Instant, Option<String>)>;
+static HELPER_CACHE: std::sync::LazyLock<Mutex<HelperCache>> = std::sync::LazyLock::new(Default::default);
+
+/// Asks a credential helper for `server`'s credentials (base64 `user:secret`).
+fn helper_get(name: &str, server: &str) -> Option<String> {
     use base64::Engine;
-    use std::io::Write;
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-        tracing::warn!(helper = name, "a credential helper's name must be letters, digits, '-', '_' or '.'");
-        return None;
-    }
-    let mut child = std::process::Command::new(format!("docker-credential-{name}"))
-        .arg("get")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| tracing::warn!(helper = name, "credential helper: {e}"))
-        .ok()?;
-    let mut stdin = child.stdin.take()?;
-    let _ = stdin.write_all(server.as_bytes());
-    drop(stdin);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while child.try_wait().ok()?.is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            tracing::warn!(helper = name, "credential helper did not answer in 10 s");
-            return None;
+    let k = (name.to_string(), server.to_string());
+    if let Some((at, v)) = HELPER_CACHE.lock().ok().and_then(|c| c.get(&k).cloned()) {
+        if at.elapsed() < Duration::from_secs(60) {
+            return v;
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    let out = child.wait_with_output().ok().filter(|o| o.status.success())?;
     #[derive(serde::Deserialize)]
     struct Creds {
         #[serde(rename = "Username")]
@@ -282,8 +282,53 @@ fn credential_helper(name: &str, server: &str) -> Option<String> {
         #[serde(rename = "Secret")]
         secret: String,
     }
-    let c: Creds = serde_json::from_slice(&out.stdout).ok()?;
-    Some(base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.secret)))
+    let got = run_credential_helper(name, "get", server.as_bytes())
+        .map_err(|e| tracing::warn!(helper = name, "credential helper: {e}"))
+        .ok()
+        .and_then(|out| serde_json::from_slice::<Creds>(&out).ok())
+        .map(|c| base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.secret)));
+    if let Ok(mut c) = HELPER_CACHE.lock() {
+        c.insert(k, (std::time::Instant::now(), got.clone()));
+    }
+    got
+}
+
+/// Runs `docker-credential-NAME ACTION` (`get`, `store`, `erase`) with `input` on its
+/// stdin, bounded to 10 s; its stdout.
+pub fn run_credential_helper(name: &str, action: &str, input: &[u8]) -> Result<Vec<u8>, String> {
+    use std::io::Write;
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        return Err(format!("{name:?}: a credential helper's name is letters, digits, '-', '_' or '.'"));
+    }
+    let bin = format!("docker-credential-{name}");
+    let mut child = std::process::Command::new(&bin)
+        .arg(action)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{bin}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{bin} {action} did not answer in 10 s"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("{bin}: {e}")),
+        }
+    }
+    let out = child.wait_with_output().map_err(|e| format!("{bin}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{bin} {action}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(out.stdout)
 }
 
 /// Checks `user` and `password` against `registry` (`skiff login`): its `/v2/` with them,
@@ -311,6 +356,12 @@ pub async fn check_login(registry: &str, user: &str, password: &str, opts: &Pull
             }
             // HTTPS tried first on a registry that may be plain HTTP: the next endpoint.
             Err(e @ ImageError::Unreachable { .. }) if endpoint.probe => last = Some(e),
+            // The token server turned the credentials away.
+            Err(ImageError::Registry { what, problem, .. })
+                if what == "token" && problem.starts_with("authentication required") =>
+            {
+                return Err(c.err("login", "the user name or password is wrong (the token server refused them)"))
+            }
             Err(e) => return Err(e),
         }
     }
@@ -406,7 +457,7 @@ impl Client {
             .map(|m| format!(": {m}"))
             .unwrap_or_default();
         let what = match status.as_u16() {
-            401 => "authentication required (credentials go in ~/.docker/config.json)".to_string(),
+            401 => "authentication required (skiff login, or credentials in the Docker config)".to_string(),
             403 => "access denied".to_string(),
             404 => "not found".to_string(),
             429 => "rate limited by the registry; retry later".to_string(),
@@ -501,7 +552,7 @@ impl Client {
             }
             return Ok(resp);
         }
-        Err(self.err(what, "authentication required (credentials go in ~/.docker/config.json)"))
+        Err(self.err(what, "authentication required (skiff login, or credentials in the Docker config)"))
     }
 
     async fn fetch_token(&self, params: &[(String, String)]) -> Result<(), ImageError> {

@@ -319,7 +319,7 @@ fn registry_answers_give_precise_messages() -> R {
                 json,
                 r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
             )?,
-            "authentication required (credentials go in ~/.docker/config.json)",
+            "authentication required (skiff login, or credentials in the Docker config)",
         ),
         (StatusServer::start(403, json, "{}")?, "manifest team/x:1: access denied"),
         (StatusServer::start(200, "application/vnd.oci.image.manifest.v1+json", "{not json")?, "key must be a string"),

@@ -351,7 +351,7 @@ fn logging(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<skiff_model::LogOptions
                     let op = format!("{p}.{okey}");
                     match okey.as_str() {
                         "max-size" | "max-file" => {
-                            o.set(&okey, &str_of(ov, &op)?, &p).map_err(|e| ManifestError::at(&p, e.problem))?
+                            o.set(&okey, &str_of(ov, &op)?).map_err(|e| ManifestError::at(&op, e))?
                         }
                         _ => cx.warnings.push(format!("{op}: not supported yet, ignored")),
                     }

@@ -602,7 +602,7 @@ fn logging_options_rotate_the_log_files() {
     let c = import("services:\n  web:\n    image: x\n    logging:\n      driver: syslog\n").unwrap();
     assert!(c.warnings.iter().any(|w| w.contains("\"syslog\" is not supported")), "{:?}", c.warnings);
     let e = err("services:\n  web:\n    image: x\n    logging:\n      options:\n        max-size: huge\n");
-    assert!(e.contains("services.web.logging.options: max-size: \"huge\" is not a size"), "{e}");
+    assert!(e.contains("services.web.logging.options.max-size: \"huge\" is not a size"), "{e}");
     let e = err("services:\n  web:\n    image: x\n    logging:\n      options:\n        max-file: \"3\"\n");
-    assert!(e.contains("logging.max_file: needs max-size"), "{e}");
+    assert!(e.contains("services.web.logging.max_files: needs max-size"), "{e}");
 }

@@ -109,29 +109,18 @@ impl LogOptions {
         *self == LogOptions::default()
     }
 
-    /// Reads Docker's `--log-opt`/compose `logging.options` keys (`max-size=10m`,
-    /// `max-file=3`); `at` names where they came from in errors.
-    pub fn set(&mut self, key: &str, value: &str, at: &str) -> Result<(), crate::ValidationError> {
+    /// Reads one of Docker's `--log-opt`/compose `logging.options` keys (`max-size` =
+    /// `10m`, `max-file` = `3`); the error says what is wrong with the value (or the key).
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         match key {
             "max-size" => {
-                let b = crate::parse_bytes(value).map_err(|_| {
-                    crate::ValidationError::new(at, format!("max-size: {value:?} is not a size (10m, 1g)"))
-                })?;
-                self.max_size_bytes = Some(b);
+                self.max_size_bytes =
+                    Some(crate::parse_bytes(value).map_err(|_| format!("{value:?} is not a size (10m, 1g)"))?);
             }
             "max-file" => {
-                let n = value
-                    .trim()
-                    .parse::<u32>()
-                    .map_err(|_| crate::ValidationError::new(at, format!("max-file: {value:?} is not a count")))?;
-                self.max_files = Some(n);
+                self.max_files = Some(value.trim().parse::<u32>().map_err(|_| format!("{value:?} is not a count"))?);
             }
-            k => {
-                return Err(crate::ValidationError::new(
-                    at,
-                    format!("{k:?}: the json-file driver takes max-size and max-file"),
-                ))
-            }
+            _ => return Err("the json-file driver takes max-size and max-file".into()),
         }
         Ok(())
     }

@@ -215,16 +215,19 @@ impl Deployment {
         }
         if let Some(b) = self.logging.max_size_bytes {
             if !(4096..=(64u64 << 30)).contains(&b) {
-                return Err(ValidationError::new("logging.max_size", format!("{b} bytes: must be 4 KiB to 64 GiB")));
+                return Err(ValidationError::new(
+                    "logging.max_size_bytes",
+                    format!("{b} bytes: must be 4 KiB to 64 GiB"),
+                ));
             }
         }
         if let Some(n) = self.logging.max_files {
             if !(1..=100).contains(&n) {
-                return Err(ValidationError::new("logging.max_file", format!("{n}: must be 1 to 100")));
+                return Err(ValidationError::new("logging.max_files", format!("{n}: must be 1 to 100")));
             }
             if self.logging.max_size_bytes.is_none() {
                 // As Docker: files are only rotated at a size.
-                return Err(ValidationError::new("logging.max_file", "needs max-size"));
+                return Err(ValidationError::new("logging.max_files", "needs max-size"));
             }
         }
         if self.replicas > 1000 {

@@ -53,26 +53,50 @@ pub struct InstallArgs {
     pub flags: Vec<String>,
 }
 
-/// The flags as the service will get them: a relative path that names something here is
-/// made absolute (a service starts in `/`).
+/// Flags whose values are paths, in any role.
+const PATH_FLAGS: &[&str] = &[
+    "-f",
+    "--file",
+    "--token-file",
+    "--policy",
+    "--detect-rules",
+    "--cdi-spec-dir",
+    "--alert-rules",
+    "--etcd-ca",
+    "--etcd-cert",
+    "--etcd-key",
+    "--registries",
+    "--data",
+    "--config",
+];
+
+/// The flags as the service will get them: a relative path given to a path flag is made
+/// absolute from here (a service starts in `/`); nothing else is touched.
 fn absolute_flags(flags: &[String]) -> Vec<String> {
-    flags
-        .iter()
-        .map(|f| {
-            let (head, value) = match f.split_once('=') {
-                Some((k, v)) if k.starts_with("--") => (format!("{k}="), v),
-                _ => (String::new(), f.as_str()),
-            };
-            let p = Path::new(value);
-            if value.starts_with('-') || p.is_absolute() || !p.exists() {
-                return f.clone();
+    let abs = |v: &str| -> String {
+        let p = Path::new(v);
+        if v.is_empty() || v == "-" || p.is_absolute() {
+            return v.to_string();
+        }
+        std::path::absolute(p).map(|a| a.display().to_string()).unwrap_or_else(|_| v.to_string())
+    };
+    let mut out = Vec::with_capacity(flags.len());
+    let mut next_is_path = false;
+    for f in flags {
+        if next_is_path {
+            out.push(abs(f));
+            next_is_path = false;
+            continue;
+        }
+        match f.split_once('=') {
+            Some((k, v)) if PATH_FLAGS.contains(&k) => out.push(format!("{k}={}", abs(v))),
+            _ => {
+                next_is_path = PATH_FLAGS.contains(&f.as_str());
+                out.push(f.clone());
             }
-            match p.canonicalize() {
-                Ok(abs) => format!("{head}{}", abs.display()),
-                Err(_) => f.clone(),
-            }
-        })
-        .collect()
+        }
+    }
+    out
 }
 
 /// The files `install` writes (paths under `root`) and their contents. A unit the
@@ -177,13 +201,27 @@ mod tests {
         assert!(e.contains("cannot hold spaces"), "{e}");
         let e = files(&args(Role::Agent, &["--hub", "https://h:1", "--token", "secret"]), bin).unwrap_err().to_string();
         assert!(e.contains("use --token-file"), "{e}");
-        // A relative path that names a file here is made absolute (services start in /).
+        // A relative path given to a path flag is made absolute (services start in /);
+        // other values are left alone, though a file of that name may be here.
         let here = std::env::current_dir().unwrap();
-        let rel = "Cargo.toml";
-        assert!(here.join(rel).exists());
-        let abs = absolute_flags(&["-f".into(), rel.into(), "--policy=Cargo.toml".into(), "x".into()]);
-        let want = here.join(rel).canonicalize().unwrap().display().to_string();
-        assert_eq!(abs, vec!["-f".to_string(), want.clone(), format!("--policy={want}"), "x".into()]);
+        let flags: Vec<String> =
+            ["-f", "compose.yaml", "--policy=p.yaml", "--name", "Cargo.toml", "--token-file", "/etc/t"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let at = |f: &str| here.join(f).display().to_string();
+        assert_eq!(
+            absolute_flags(&flags),
+            vec![
+                "-f".to_string(),
+                at("compose.yaml"),
+                format!("--policy={}", at("p.yaml")),
+                "--name".into(),
+                "Cargo.toml".into(),
+                "--token-file".into(),
+                "/etc/t".into()
+            ]
+        );
         let hub = files(&args(Role::Hub, &["--listen", "0.0.0.0:7443"]), bin).unwrap();
         assert!(hub[0].1.contains("ExecStart=/opt/skiff/bin/skiff --data /var/lib/skiff-hub hub $SKIFF_HUB_ARGS"));
     }

@@ -64,9 +64,13 @@ impl Template {
 
     /// The template applied to a list.
     pub fn render(&self, items: &[Value]) -> String {
-        let root = serde_json::json!({"kind": "List", "items": items});
+        self.render_at(&serde_json::json!({"kind": "List", "items": items}))
+    }
+
+    /// The template applied to one object (`skiff get KIND NAME`, as kubectl's).
+    pub fn render_at(&self, root: &Value) -> String {
         let mut out = String::new();
-        render(&self.0, &root, &mut out);
+        render(&self.0, root, &mut out);
         out
     }
 }
@@ -97,9 +101,12 @@ fn steps(expr: &str, t: &str) -> Result<Vec<Step>, String> {
             let inner = r[..end].trim();
             out.push(match inner {
                 "*" => Step::All,
+                i if i.starts_with(['\'', '"']) => Step::Field(i.trim_matches(['\'', '"']).to_string()),
                 i => match i.parse::<usize>() {
                     Ok(n) => Step::Index(n),
-                    Err(_) => Step::Field(i.trim_matches(['\'', '"']).to_string()),
+                    // Filters, slices and negative indexes are not read here: an error,
+                    // not an empty answer.
+                    Err(_) => return Err(bad(&format!("[{i}]: only [*], [N] and ['name'] are supported"))),
                 },
             });
             s = &r[end + 1..];
@@ -188,12 +195,17 @@ mod tests {
         assert_eq!(r("names: {.items[*].spec.name}!"), "names: web db!");
         assert_eq!(r("{.items[5].spec.name}"), "", "nothing there: nothing printed");
         assert_eq!(r("{.items[0].labels}"), "{\"tier\":\"front\"}");
+        let one = Template::parse("{.spec.name}").unwrap().render_at(&items[1]);
+        assert_eq!(one, "db", "one object named: it is the root");
         for (bad, says) in [
             ("{.items[*}", "without its ']'"),
             ("{range .items[*]}x", "without its {end}"),
             ("{end}", "without its {range}"),
             ("{items}", "starts with '.'"),
             ("{.items", "without its '}'"),
+            ("{.items[?(@.x==\"y\")]}", "only [*], [N] and ['name']"),
+            ("{.items[-1]}", "only [*], [N] and ['name']"),
+            ("{.items[0:2]}", "only [*], [N] and ['name']"),
         ] {
             let e = Template::parse(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");

@@ -265,6 +265,14 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     // Nothing rescales while the stack stops.
     controllers.abort();
     if interrupted {
+        // A second Ctrl-C does not wait for the stop: it ends the process at once (the
+        // containers left are adopted by the next start).
+        tokio::spawn(async move {
+            if sigint.recv().await.is_some() {
+                eprintln!("\nskiff: second Ctrl-C, leaving now");
+                std::process::exit(130);
+            }
+        });
         if let Some(stack) = &stack {
             eprintln!("\nstopping stack {stack} ...");
             let names: Vec<String> =

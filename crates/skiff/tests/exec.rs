@@ -12,6 +12,28 @@ use std::time::Duration;
 type R = anyhow::Result<()>;
 const SEC: Duration = Duration::from_secs(1);
 
+/// One ustar entry (`kind` `0` file, `1` hard link, `2` symlink) with `data`, written by
+/// hand: a hostile archive's names are what no archiver would write.
+fn tar_entry(name: &str, kind: u8, link: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = vec![0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = kind;
+    h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    h.extend_from_slice(data);
+    h.resize(512 + data.len().div_ceil(512) * 512, 0);
+    h
+}
+
 /// Runs `script` with `sh -c` in box-1; its output.
 fn sh(n: &Node, script: &str) -> anyhow::Result<String> {
     n.ok(&["exec", "box-1", "--", "sh", "-c", script])
@@ -93,27 +115,24 @@ fn exec_streams_pipes_and_gives_a_terminal() -> R {
     let both = n.cli(&["cp", &at("hello.txt"), &at("y")])?;
     assert!(String::from_utf8_lossy(&both.stderr).contains("one side must be INSTANCE:PATH"), "{both:?}");
     // A container that sends a crafted archive (its own `tar`) writes nothing outside the
-    // destination.
-    let mut evil = vec![0u8; 512];
-    evil[..13].copy_from_slice(b"../escaped-cp");
-    evil[100..108].copy_from_slice(b"0000644\0");
-    evil[124..136].copy_from_slice(b"00000000004\0");
-    evil[156] = b'0';
-    evil[257..263].copy_from_slice(b"ustar\0");
-    evil[263..265].copy_from_slice(b"00");
-    evil[148..156].copy_from_slice(b"        ");
-    let sum: u32 = evil.iter().map(|b| u32::from(*b)).sum();
-    evil[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-    evil.extend_from_slice(b"pwn\n");
-    evil.resize(512 * 2 + 1024, 0);
+    // destination: not through `..`, not through a symlink it made, not as a hard link to a
+    // file of this machine; and the copy fails.
+    let outside = here.display().to_string();
+    let mut evil = vec![];
+    evil.extend(tar_entry("../escaped-cp", b'0', "", b"pwn\n"));
+    evil.extend(tar_entry("link", b'2', &outside, b""));
+    evil.extend(tar_entry("link/through-link", b'0', "", b"pwn\n"));
+    evil.extend(tar_entry("hard", b'1', "/etc/hostname", b""));
+    evil.resize(evil.len() + 1024, 0);
     std::fs::write(here.join("evil.tar"), &evil)?;
     n.ok(&["cp", &at("evil.tar"), "box-1:/tmp/evil.tar"])?;
     sh(&n, "rm /bin/tar && printf '#!/bin/sh\\ncat /tmp/evil.tar\\n' > /bin/tar && chmod +x /bin/tar")?;
-    let _ = n.cli(&["cp", "box-1:/tmp/anything", &at("inside")])?;
-    assert!(
-        !here.join("escaped-cp").exists() && !n.data().join("escaped-cp").exists(),
-        "written outside the destination"
-    );
+    let evil_cp = n.cli(&["cp", "box-1:/tmp/anything", &at("inside")])?;
+    assert!(!evil_cp.status.success(), "{evil_cp:?}");
+    for f in ["escaped-cp", "through-link", "inside"] {
+        assert!(!here.join(f).exists(), "{f} written outside the destination");
+    }
+    assert!(!n.data().join("escaped-cp").exists());
 
     // port-forward: a local port reaches a server that listens only on the instance's own
     // loopback (the deployment's name picks its instance).

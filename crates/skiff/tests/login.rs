@@ -56,7 +56,7 @@ fn login_keeps_credentials_where_pulls_find_them() -> R {
     let anon = run(&["image", "pull", &image("1")], "")?;
     assert!(!anon.status.success() && says(&anon).contains("authentication required"), "{}", says(&anon));
     let wrong = run(&["login", &server, "-u", USER, "--password-stdin"], "nope\n")?;
-    assert!(!wrong.status.success(), "{}", says(&wrong));
+    assert!(!wrong.status.success() && says(&wrong).contains("the user name or password is wrong"), "{}", says(&wrong));
     assert!(!docker.join("config.json").exists(), "nothing kept for wrong credentials");
     let no_user = run(&["login", &server, "--password-stdin"], "x\n")?;
     assert!(says(&no_user).contains("-u/--username"), "{}", says(&no_user));
@@ -77,6 +77,9 @@ fn login_keeps_credentials_where_pulls_find_them() -> R {
     assert!(says(&run(&["image", "ls"], "")?).contains("localhost/mine:edge"));
     let bad = run(&["image", "tag", &image("1"), "Mine:x"], "")?;
     assert!(!bad.status.success() && says(&bad).contains("TARGET"), "{}", says(&bad));
+    let digest = format!("localhost/mine@sha256:{}", "a".repeat(64));
+    let bad = run(&["image", "tag", &image("1"), &digest], "")?;
+    assert!(!bad.status.success() && says(&bad).contains("a tag cannot carry a digest"), "{}", says(&bad));
 
     // logout forgets them: the next pull is refused again.
     let out = run(&["logout", &server], "")?;
@@ -102,5 +105,23 @@ fn login_keeps_credentials_where_pulls_find_them() -> R {
     let helped = skiff(&data, &docker, Some(&path), &["image", "pull", &image("2")], "")?;
     assert!(helped.status.success(), "{}", says(&helped));
     assert_eq!(std::fs::read_to_string(&asked)?, server, "the helper was asked for this registry");
+    // With a helper named, login stores through it (`store`, the credentials as JSON on
+    // its stdin), not in the file.
+    let stored = skiff(
+        &data,
+        &docker,
+        Some(&path),
+        &["login", &server, "-u", USER, "--password-stdin"],
+        &format!("{PASSWORD}\n"),
+    )?;
+    assert!(stored.status.success(), "{}", says(&stored));
+    let given: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&asked)?)?;
+    assert_eq!(
+        (given["ServerURL"].as_str(), given["Username"].as_str()),
+        (Some(server.as_str()), Some(USER)),
+        "{given}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config)?)?;
+    assert_eq!(v["auths"], serde_json::json!({}), "no password in the file: {v}");
     Ok(())
 }

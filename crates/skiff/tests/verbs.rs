@@ -67,9 +67,10 @@ fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("-l: only deployments"), "{bad:?}");
     let names = n.ok(&["get", "deployments", "-l", "tier=backend", "-o", "jsonpath={.items[*].spec.name}"])?;
     assert_eq!(names, "api db");
-    let each =
-        n.ok(&["get", "instances", "api-1", "-o", "jsonpath={range .items[*]}{.name}:{.state}{\"\\n\"}{end}"])?;
-    assert_eq!(each, "api-1:running\n");
+    let range = "jsonpath={range .items[*]}{.name}:{.state}{\"\\n\"}{end}";
+    let each = n.ok(&["get", "instances", "-l", "tier=backend", "-o", range])?;
+    assert_eq!(each, "api-1:running\ndb-1:running\n");
+    assert_eq!(n.ok(&["get", "instances", "api-1", "-o", "jsonpath={.name}"])?, "api-1", "one named: the root");
     let bad = n.cli(&["get", "deployments", "-o", "jsonpath={.items[*}"])?;
     assert!(String::from_utf8_lossy(&bad.stderr).contains("without its ']'"), "{bad:?}");
     let wide = n.ok(&["get", "instances", "-o", "wide"])?;
@@ -117,8 +118,7 @@ fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
     wait_for(30 * SEC, "the new container's line in the same logs -f", || {
         (followed.lock().unwrap().matches("hello from front").count() >= 2).then_some(())
     })?;
-    let _ = follow.kill();
-    let _ = follow.wait();
+    // (kept running: it ends by itself when `front` is deleted, below)
 
     // Applying the unchanged file again keeps the restart: nothing is replaced (as
     // kubectl keeps its restart annotation).
@@ -168,10 +168,11 @@ fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
         assert!(size <= (16 << 10) + 256, "{f}: {size} bytes");
     }
     let bad = n.cli(&["run", IMAGE, "--name", "nope", "--log-opt", "max-size=lots"])?;
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("--log-opt: max-size: \"lots\" is not a size"), "{bad:?}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--log-opt max-size: \"lots\" is not a size"), "{bad:?}");
     let bad = n.cli(&["run", IMAGE, "--name", "nope", "--log-opt", "mode=non-blocking"])?;
     assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("the json-file driver takes max-size and max-file"),
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("--log-opt mode: the json-file driver takes max-size and max-file"),
         "{bad:?}"
     );
     n.ok(&["delete", "deployment", "talk"])?;
@@ -214,9 +215,16 @@ fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
     let gone = n.cli(&["delete", "-f", a.to_str().unwrap()])?;
     assert!(gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("deployment api was not there"));
     wait_for(60 * SEC, "only front left", || (instance_names(&n) == ["front-1"]).then_some(()))?;
+    // The `logs -f front` started before the restart ends once front is deleted.
+    n.ok(&["delete", "deployment", "front"])?;
+    let ended = wait_for(60 * SEC, "logs -f to end with its deployment", || follow.try_wait().ok().flatten());
+    if ended.is_err() {
+        let _ = follow.kill();
+    }
+    assert!(ended?.success());
     // `top` shows no instance that is gone, though the node's newest sample still has it.
     let top = n.ok(&["top", "instances", "-o", "json"])?;
-    assert!(!top.contains("\"api-") && !top.contains("\"cart-"), "{top}");
+    assert!(!top.contains("\"api-") && !top.contains("\"cart-") && !top.contains("\"front-"), "{top}");
     Ok(())
 }
 

@@ -30,7 +30,9 @@ fn place(s: &str) -> Result<Place> {
             if p.is_empty() {
                 bail!("{s:?}: the path in the instance is missing (INSTANCE:/path)");
             }
-            Ok(Place::Remote { instance: i.to_string(), path: p.to_string() })
+            // As docker cp: a relative path in the container is from its root.
+            let path = if p.starts_with('/') { p.to_string() } else { format!("/{p}") };
+            Ok(Place::Remote { instance: i.to_string(), path })
         }
         _ if s.is_empty() => bail!("an empty path"),
         _ => Ok(Place::Local(PathBuf::from(s))),
@@ -83,6 +85,7 @@ async fn from_instance(c: &Client, instance: &str, path: &str, to: &Path) -> Res
         // Modes without setuid, setgid or sticky bits: nothing from a container gains
         // root's rights on this machine.
         a.set_preserve_permissions(false);
+        a.set_mask(0o022);
         a.set_preserve_ownerships(false);
         a.set_unpack_xattrs(false);
         a.set_overwrite(true);
@@ -138,10 +141,12 @@ async fn to_instance(c: &Client, instance: &str, from: &Path, path: &str) -> Res
     });
     let (code, stderr) = piped(c, instance, argv, Some(reader), std::io::sink()).await?;
     let packed = pack.join().map_err(|_| anyhow::anyhow!("packing panicked"))?;
-    packed.context("reading what to copy")?;
+    // The instance's side first: its tar failing early breaks our pipe, and its own
+    // message says why.
     if code != 0 {
         bail!("tar in {instance} ended with {code}: {}", stderr.trim());
     }
+    packed.context("reading what to copy")?;
     Ok(0)
 }
 
@@ -248,7 +253,7 @@ mod tests {
     fn places_are_read_as_docker_cp_reads_them() {
         let r = |i: &str, p: &str| Place::Remote { instance: i.into(), path: p.into() };
         assert_eq!(place("web-1:/etc/hosts").unwrap(), r("web-1", "/etc/hosts"));
-        assert_eq!(place("web-1:data").unwrap(), r("web-1", "data"));
+        assert_eq!(place("web-1:data").unwrap(), r("web-1", "/data"), "from the container's root, as docker cp");
         assert_eq!(place("./a:b").unwrap(), Place::Local("./a:b".into()));
         assert_eq!(place("out").unwrap(), Place::Local("out".into()));
         assert!(place("web-1:").unwrap_err().to_string().contains("path in the instance is missing"));

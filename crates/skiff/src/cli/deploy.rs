@@ -244,7 +244,7 @@ pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -
     }
     for kv in &a.log_opt {
         let (k, v) = kv.split_once('=').with_context(|| format!("--log-opt {kv:?}: want KEY=VALUE (max-size=10m)"))?;
-        d.logging.set(k, v, "--log-opt").map_err(|e| anyhow::anyhow!("{e}"))?;
+        d.logging.set(k, v).map_err(|e| anyhow::anyhow!("--log-opt {k}: {e}"))?;
     }
     for p in &a.publish {
         d.ports.push(PortMapping::parse(p).with_context(|| {

@@ -63,7 +63,15 @@ pub(super) async fn port_forward(c: Client, target: &str, specs: &[String], addr
         let (c, instance) = (Arc::clone(&c), instance.clone());
         tasks.spawn(async move {
             loop {
-                let Ok((conn, peer)) = l.accept().await else { continue };
+                let (conn, peer) = match l.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors, say: not a busy loop.
+                        eprintln!("port-forward: accepting: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let (c, instance) = (Arc::clone(&c), instance.clone());
                 tokio::spawn(async move {
                     if let Err(e) = forward(&c, &instance, remote, conn).await {

@@ -234,6 +234,10 @@ pub(super) fn image(data: &Path, cmd: &ImageCmd) -> Result<i32> {
             outln!("Untagged: {reference}");
         }
         ImageCmd::Tag { source, target } => {
+            if target.contains('@') {
+                // A digest names content: it cannot be given to other content.
+                anyhow::bail!("TARGET {target:?}: a tag cannot carry a digest (name[:tag])");
+            }
             skiff_image::reference::validate_reference(target).map_err(|e| anyhow::anyhow!("TARGET: {e}"))?;
             let digest = store.top_digest(source)?;
             store.tag(target, &digest)?;

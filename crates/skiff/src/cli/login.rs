@@ -81,10 +81,23 @@ pub(super) async fn login(
     skiff_image::registry::check_login(&registry, user, &password, &opts).await?;
     let path = docker_config_path().context("neither DOCKER_CONFIG nor HOME is set: no place for credentials")?;
     let mut config = read_config(&path)?;
+    let key = docker_config_key(&registry);
+    // Where the config keeps this registry's credentials in a helper, they go there (as
+    // `docker login` does), not in the file.
+    if let Some(helper) =
+        skiff_image::registry::credential_helper_for(&serde_json::Value::Object(config.clone()), &registry)
+    {
+        let creds = serde_json::json!({"ServerURL": key, "Username": user, "Secret": password});
+        skiff_image::registry::run_credential_helper(&helper, "store", creds.to_string().as_bytes())
+            .map_err(|e| anyhow::anyhow!("storing the credentials with the config's helper: {e}"))?;
+        eprintln!("credentials kept by docker-credential-{helper}");
+        outln!("Login Succeeded");
+        return Ok(0);
+    }
     let auths = config.entry("auths").or_insert_with(|| serde_json::json!({}));
     let Some(auths) = auths.as_object_mut() else { bail!("{}: \"auths\" is not an object", path.display()) };
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    auths.insert(docker_config_key(&registry), serde_json::json!({ "auth": auth }));
+    auths.insert(key, serde_json::json!({ "auth": auth }));
     write_config(&path, &config)?;
     eprintln!("credentials kept in {} (mode 0600)", path.display());
     outln!("Login Succeeded");
@@ -96,6 +109,12 @@ pub(super) fn logout(server: Option<&str>) -> Result<i32> {
     let key = docker_config_key(&registry);
     let path = docker_config_path().context("neither DOCKER_CONFIG nor HOME is set")?;
     let mut config = read_config(&path)?;
+    if let Some(helper) =
+        skiff_image::registry::credential_helper_for(&serde_json::Value::Object(config.clone()), &registry)
+    {
+        skiff_image::registry::run_credential_helper(&helper, "erase", key.as_bytes())
+            .map_err(|e| anyhow::anyhow!("erasing the credentials with the config's helper: {e}"))?;
+    }
     let removed = config.get_mut("auths").and_then(|a| a.as_object_mut()).and_then(|a| a.remove(&key)).is_some();
     if !removed {
         outln!("Not logged in to {key}");

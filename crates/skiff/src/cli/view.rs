@@ -246,7 +246,11 @@ pub(super) async fn get(
         match template {
             Some(t) => {
                 let items: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
-                let mut text = t.render(&items);
+                // One object named: it is the template's root, as kubectl's.
+                let mut text = match (&only.name, items.as_slice()) {
+                    (Some(_), [one]) => t.render_at(one),
+                    _ => t.render(&items),
+                };
                 if watch && !text.ends_with('\n') {
                     text.push('\n');
                 }
