@@ -6,6 +6,8 @@
 #   scripts/package-deb.sh aarch64-unknown-linux-gnu    # arm64 (see "Cross-compiling" below)
 #   scripts/package-deb.sh armv7-unknown-linux-gnueabihf # armhf
 #   SKIFF_BIN=path/to/skiff scripts/package-deb.sh      # package a binary built already
+#   SKIFF_BIN=arm64/skiff SKIFF_TOOL=target/debug/skiff scripts/package-deb.sh aarch64-unknown-linux-gnu
+#                                  # a foreign binary built already; this machine's makes the docs
 #
 # Cross-compiling: `rustup target add TRIPLE`, and a C cross compiler for ring and
 # SQLite (Debian: gcc-aarch64-linux-gnu, gcc-arm-linux-gnueabihf); this script sets the
@@ -26,7 +28,7 @@ esac
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 if [ -n "${SKIFF_BIN:-}" ]; then
   BIN=$SKIFF_BIN
-  TOOL=$SKIFF_BIN
+  TOOL=${SKIFF_TOOL:-$SKIFF_BIN}
 else
   if [ "$TARGET" != "$HOST" ]; then
     ENV_TARGET=$(echo "$TARGET" | tr 'a-z-' 'A-Z_')
@@ -36,7 +38,7 @@ else
     RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
       cargo build --release --locked -p skiff --target "$TARGET" >&2
     BIN=target/$TARGET/release/skiff
-    TOOL=$(scripts/build-release.sh)/skiff
+    TOOL=${SKIFF_TOOL:-$(scripts/build-release.sh)/skiff}
   else
     BIN=$(scripts/build-release.sh)/skiff
     TOOL=$BIN
