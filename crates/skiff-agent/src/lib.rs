@@ -630,6 +630,15 @@ impl Agent {
     }
 
     /// The log file of an instance.
+    /// The instance's row, if it is running (exec and its sessions need a live process).
+    pub(crate) fn running_row(&self, instance: &str) -> Result<InstanceRow, AgentError> {
+        let row = self.row(instance)?;
+        if row.state != InstanceState::Running {
+            return Err(AgentError::Runtime(skiff_runtime::RuntimeError::NotRunning(instance.into())));
+        }
+        Ok(row)
+    }
+
     pub fn log_path(&self, instance: &str) -> Result<PathBuf, AgentError> {
         let row = self.row(instance)?;
         Ok(self.runtimes.of(row.spec.runtime).log_path(&row.container_id))
@@ -671,10 +680,7 @@ impl Agent {
     }
 
     pub async fn exec(&self, instance: &str, argv: Vec<String>, timeout: Duration) -> Result<ExecOutput, AgentError> {
-        let row = self.row(instance)?;
-        if row.state != InstanceState::Running {
-            return Err(AgentError::Runtime(skiff_runtime::RuntimeError::NotRunning(instance.into())));
-        }
+        let row = self.running_row(instance)?;
         let rt = self.runtimes.of(row.spec.runtime);
         Ok(blocking(move || rt.exec(&row.container_id, &argv, timeout)).await?)
     }

@@ -12,7 +12,6 @@
 
 use crate::{blocking, Agent, AgentError};
 use skiff_model::proto::{SessionInput, SessionOutput, SessionSpec, INPUT_WINDOW};
-use skiff_model::InstanceState;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
@@ -34,10 +33,7 @@ impl Agent {
     /// Starts `spec.argv` in `instance` and returns its channels at once.
     pub async fn exec_session(&self, instance: &str, spec: SessionSpec) -> Result<Session, AgentError> {
         spec.validate().map_err(AgentError::Other)?;
-        let row = self.row(instance)?;
-        if row.state != InstanceState::Running {
-            return Err(AgentError::Runtime(skiff_runtime::RuntimeError::NotRunning(instance.into())));
-        }
+        let row = self.running_row(instance)?;
         let rt = self.runtimes.of(row.spec.runtime);
         let tag = skiff_sys::random::hex(8).map_err(|e| AgentError::Other(format!("random: {e}")))?;
         let pid_file = rt.instance_dir(&row.container_id).join(format!("exec-{tag}.pid"));
@@ -142,10 +138,7 @@ impl Agent {
         if port == 0 {
             return Err(AgentError::Other("port: must be 1 to 65535".into()));
         }
-        let row = self.row(instance)?;
-        if row.state != InstanceState::Running {
-            return Err(AgentError::Runtime(skiff_runtime::RuntimeError::NotRunning(instance.into())));
-        }
+        let row = self.running_row(instance)?;
         let pid = row.pid.ok_or_else(|| AgentError::Other(format!("instance {instance} has no process")))?;
         let sandbox_ip = (row.spec.runtime == skiff_model::RuntimeKind::Runsc).then(|| row.ip.clone()).flatten();
         let connected = blocking(move || -> std::io::Result<std::net::TcpStream> {

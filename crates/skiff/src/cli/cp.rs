@@ -157,6 +157,28 @@ async fn is_dir_in(c: &Client, instance: &str, path: &str) -> Result<bool> {
     Ok(code == 0)
 }
 
+/// Sends what `input` gives as a session's standard input (binary messages, then `eof`),
+/// from a thread: a read that never returns (a terminal's) must not hold up the exit.
+pub(super) fn send_input(mut input: impl Read + Send + 'static, tx: tokio::sync::mpsc::Sender<Message>) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; INPUT_CHUNK];
+        loop {
+            match input.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let eof = serde_json::to_string(&skiff_model::api::ExecControl::Eof).unwrap_or_default();
+                    let _ = tx.blocking_send(Message::Text(eof.into()));
+                    return;
+                }
+                Ok(n) => {
+                    if tx.blocking_send(Message::Binary(buf[..n].to_vec().into())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// Runs `argv` in `instance` with `input` as its standard input (none: it reads
 /// nothing); its standard output goes to `output`. The exit code and what it wrote on
 /// standard error (the first 64 KiB).
@@ -172,26 +194,9 @@ async fn piped(
     let (mut to_hub, mut from_hub) = ws.split();
     to_hub.send(Message::Text(serde_json::to_string(&spec)?.into())).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(8);
-    if let Some(mut input) = input {
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; INPUT_CHUNK];
-            loop {
-                match input.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        let eof = serde_json::to_string(&skiff_model::api::ExecControl::Eof).unwrap_or_default();
-                        let _ = tx.blocking_send(Message::Text(eof.into()));
-                        return;
-                    }
-                    Ok(n) => {
-                        if tx.blocking_send(Message::Binary(buf[..n].to_vec().into())).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-    } else {
-        drop(tx);
+    match input {
+        Some(input) => send_input(input, tx),
+        None => drop(tx),
     }
     let sender = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {

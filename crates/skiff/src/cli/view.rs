@@ -631,27 +631,7 @@ pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String], interact
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(8);
     let control = |c: &ExecControl| Message::Text(serde_json::to_string(c).unwrap_or_default().into());
     if interactive {
-        // A thread, not tokio's stdin: a read that never returns must not hold up the exit.
-        let tx = tx.clone();
-        let eof = control(&ExecControl::Eof);
-        std::thread::spawn(move || {
-            use std::io::Read;
-            let mut stdin = std::io::stdin();
-            let mut buf = vec![0u8; skiff_model::proto::INPUT_CHUNK];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.blocking_send(eof);
-                        return;
-                    }
-                    Ok(n) => {
-                        if tx.blocking_send(Message::Binary(buf[..n].to_vec().into())).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
+        super::cp::send_input(std::io::stdin(), tx.clone());
     }
     if tty {
         let tx = tx.clone();
