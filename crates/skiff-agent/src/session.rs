@@ -33,6 +33,9 @@ impl Agent {
     /// Starts `spec.argv` in `instance` and returns its channels at once.
     pub async fn exec_session(&self, instance: &str, spec: SessionSpec) -> Result<Session, AgentError> {
         spec.validate().map_err(AgentError::Other)?;
+        if spec.attach {
+            return self.attach_session(instance, &spec).await;
+        }
         let row = self.running_row(instance)?;
         let rt = self.runtimes.of(row.spec.runtime);
         let tag = skiff_sys::random::hex(8).map_err(|e| AgentError::Other(format!("random: {e}")))?;
@@ -128,6 +131,92 @@ impl Agent {
 }
 
 impl Agent {
+    /// Attaches to `instance`'s own process through its shim (see
+    /// `skiff_runtime::attach`): its output from now on; input and window sizes to its
+    /// terminal or stdin (the shim drops input unless it was started with `stdin_open`).
+    /// The session ends with the instance's exit code when it ends; a caller that leaves
+    /// only detaches.
+    async fn attach_session(&self, instance: &str, spec: &SessionSpec) -> Result<Session, AgentError> {
+        use skiff_runtime::attach::{self, ATTACH_SOCKET, IN_DATA, IN_RESIZE, OUT_STDERR};
+        let row = self.running_row(instance)?;
+        if !row.spec.runtime.is_container() {
+            return Err(AgentError::Other(format!(
+                "instance {instance} is a WebAssembly program: it has no terminal or stdin to attach to \
+                 (its output: skiff logs -f {instance})"
+            )));
+        }
+        let dir = self.runtimes.of(row.spec.runtime).instance_dir(&row.container_id);
+        let failed = |e: std::io::Error| {
+            AgentError::Other(format!(
+                "attaching to {instance}: {e} (an instance started by an older skiff takes attachments once restarted)"
+            ))
+        };
+        let (guard, path) = attach::socket_path(&dir, ATTACH_SOCKET, std::process::id()).map_err(failed)?;
+        let conn = tokio::net::UnixStream::connect(&path).await.map_err(failed)?;
+        drop(guard);
+        tracing::info!(instance, tty = row.spec.tty, stdin = row.spec.stdin_open, "attached");
+        let (mut from, mut to) = conn.into_split();
+        if spec.tty && row.spec.tty {
+            let (cols, rows) = spec.size();
+            send_frame(&mut to, IN_RESIZE, &attach::resize_bytes(cols, rows)).await.map_err(failed)?;
+        }
+        let (out_tx, out_rx) = mpsc::channel::<SessionOutput>(64);
+        let (in_tx, mut in_rx) = mpsc::channel::<SessionInput>(INPUT_WINDOW as usize);
+        let caller = out_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    f = next_frame(&mut from) => f,
+                    // The caller left: detach (the instance runs on).
+                    _ = out_tx.closed() => return,
+                };
+                let Ok(Some((kind, data))) = frame else { break };
+                for piece in data.chunks(OUTPUT_CHUNK) {
+                    let out = if kind == OUT_STDERR { SessionOutput::Stderr } else { SessionOutput::Stdout };
+                    if out_tx.send(out(piece.to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            // The shim writes the exit before it lets attachments go; a moment's wait
+            // covers a file system slower than the socket.
+            let mut end = None;
+            for _ in 0..20 {
+                end = skiff_runtime::shim::recorded_exit(&dir);
+                if end.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let last = match end {
+                Some(exit) => SessionOutput::Exit(exit.code),
+                None => SessionOutput::Error(
+                    "the attachment was dropped: it fell behind the instance's output (the instance runs on)".into(),
+                ),
+            };
+            let _ = out_tx.send(last).await;
+        });
+        tokio::spawn(async move {
+            while let Some(i) = in_rx.recv().await {
+                let sent = match i {
+                    SessionInput::Data(b) => tokio::select! {
+                        r = send_frame(&mut to, IN_DATA, &b) => r,
+                        _ = caller.closed() => return,
+                    },
+                    SessionInput::Resize { cols, rows } => {
+                        send_frame(&mut to, IN_RESIZE, &attach::resize_bytes(cols, rows)).await
+                    }
+                    // The instance's stdin stays open for the next attachment.
+                    SessionInput::End => Ok(()),
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok((in_tx, out_rx))
+    }
+
     /// A TCP connection to `port` inside `instance`, as `kubectl port-forward` makes: to
     /// 127.0.0.1 in the instance's own network namespace, so a server listening only on
     /// its loopback is reached, whatever the network mode (a gVisor sandbox, whose
@@ -203,6 +292,27 @@ impl Agent {
         });
         Ok((in_tx, out_rx))
     }
+}
+
+/// One frame to an instance's shim (see `skiff_runtime::attach`).
+async fn send_frame(to: &mut (impl AsyncWrite + Unpin), kind: u8, data: &[u8]) -> std::io::Result<()> {
+    let mut frame = Vec::with_capacity(data.len() + 5);
+    skiff_runtime::attach::write_frame(&mut frame, kind, data)?;
+    to.write_all(&frame).await
+}
+
+/// The next frame from an instance's shim; `None` at the end.
+async fn next_frame(from: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+    let mut head = [0u8; 5];
+    match from.read_exact(&mut head).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let (kind, len) = skiff_runtime::attach::frame_head(&head)?;
+    let mut data = vec![0u8; len];
+    from.read_exact(&mut data).await?;
+    Ok(Some((kind, data)))
 }
 
 /// Copies one output stream into the session's channel until it ends (a terminal's end

@@ -35,7 +35,7 @@ pub async fn serve(node: Arc<dyn NodeLink>, instance: String, mut socket: WebSoc
         Ok(s) => s,
         Err(e) => return end(&mut socket, ExecEnd { exit: None, error: Some(e) }).await,
     };
-    tracing::info!(%instance, node = %node.name(), tty = spec.tty, stdin = spec.stdin, argv0 = %spec.argv[0], "exec");
+    tracing::info!(%instance, node = %node.name(), tty = spec.tty, stdin = spec.stdin, argv0 = spec.argv.first().map_or("", |a| a.as_str()), attach = spec.attach, "exec");
     match node.session(&instance, spec).await {
         Ok(s) => relay(&instance, s, socket).await,
         Err(e) => end(&mut socket, ExecEnd { exit: None, error: Some(e.to_string()) }).await,

@@ -722,7 +722,7 @@ mod tests {
     async fn a_session_sends_input_within_its_window() {
         let (out_tx, mut out_rx) = mpsc::channel(256);
         let t = Arc::new(Tunnel::new(out_tx, 1));
-        let spec = SessionSpec { argv: vec!["sh".into()], tty: true, stdin: true, cols: 80, rows: 24 };
+        let spec = SessionSpec { argv: vec!["sh".into()], tty: true, stdin: true, cols: 80, rows: 24, attach: false };
         let answers = t.request(Op::Session { instance: "x".into(), spec }).unwrap();
         let start: Request = serde_json::from_str(&out_rx.recv().await.unwrap()).unwrap();
         let (in_tx, in_rx) = mpsc::channel(256);

@@ -744,6 +744,8 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
             "working_dir" => d.working_dir = Some(str_of(v, &path)?),
             "hostname" => d.hostname = Some(str_of(v, &path)?),
             "read_only" => d.read_only = bool_of(v, &path)?,
+            "tty" => d.tty = bool_of(v, &path)?,
+            "stdin_open" => d.stdin_open = bool_of(v, &path)?,
             "cap_add" => d.cap_add = list_of_strings(v, &path)?,
             "cap_drop" => d.cap_drop = list_of_strings(v, &path)?,
             "devices" => {

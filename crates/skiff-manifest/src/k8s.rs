@@ -314,7 +314,7 @@ fn workload(
     let cp = format!("{pp}.containers[0]");
     unknown(
         containers,
-        &["name", "image", "command", "args", "env", "ports", "resources", "workingDir"],
+        &["name", "image", "command", "args", "env", "ports", "resources", "workingDir", "tty", "stdin"],
         &cp,
         warnings,
     );
@@ -334,6 +334,11 @@ fn workload(
     }
     if let Some(a) = get(containers, "args") {
         d.command = Some(strings(a, &format!("{cp}.args"))?);
+    }
+    for (key, field) in [("tty", &mut d.tty), ("stdin", &mut d.stdin_open)] {
+        if let Some(b) = get(containers, key) {
+            *field = b.as_bool().ok_or_else(|| ManifestError::at(format!("{cp}.{key}"), "must be true or false"))?;
+        }
     }
     if let Some(w) = get(containers, "workingDir") {
         d.working_dir = Some(string(w, &format!("{cp}.workingDir"))?);
@@ -656,6 +661,17 @@ spec:
             "Deployment/w.spec.template.spec.runtimeClassName: \"kata\" is not a runtime skiff has \
              (oci or runc; runsc or gvisor; wasm, wasmtime or io.containerd.wasmtime.v1)"
         );
+    }
+
+    #[test]
+    fn tty_and_stdin_are_read() {
+        let base = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: w}\nspec:\n  template:\n    spec:\n      containers: [{name: c, image: i, TERM}]\n";
+        let d = &import_k8s(&base.replace("TERM", "tty: true, stdin: true"), "default").unwrap().deployments[0];
+        assert!(d.tty && d.stdin_open);
+        let d = &import_k8s(&base.replace("TERM", "tty: false"), "default").unwrap().deployments[0];
+        assert!(!d.tty && !d.stdin_open);
+        let e = import_k8s(&base.replace("TERM", "tty: yes-please"), "default").unwrap_err().to_string();
+        assert!(e.ends_with("containers[0].tty: must be true or false"), "{e}");
     }
 
     #[test]

@@ -64,6 +64,8 @@ services:
     user: "1000:1000"
     working_dir: /www
     read_only: true
+    tty: true
+    stdin_open: true
     cap_add: [NET_ADMIN]
     cap_drop: [ALL]
     labels: [team=edge]
@@ -99,6 +101,7 @@ services:
     assert_eq!((hc.interval_ms, hc.timeout_ms, hc.retries, hc.start_period_ms), (2000, 1000, 5, 10_000));
     assert_eq!(web.depends_on[0].condition, DependencyCondition::ServiceHealthy);
     assert!(web.read_only);
+    assert!(web.tty && web.stdin_open);
     assert_eq!(web.labels["team"], "edge");
     assert_eq!(c.deployments[1].network, NetworkMode::Host);
     assert_eq!(c.deployments[1].stop_grace_period_ms, 90_000);

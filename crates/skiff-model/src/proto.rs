@@ -255,10 +255,17 @@ pub const INPUT_CHUNK: usize = 16 * 1024;
 
 /// How an interactive exec is started (the API's first message, and the tunnel's
 /// `session` request).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionSpec {
+    /// The command (empty when attaching).
+    #[serde(default)]
     pub argv: Vec<String>,
+    /// Attach to the instance's own process (`skiff attach`) instead of running a
+    /// command: its output from now on, input to its terminal or stdin when it keeps one
+    /// open; leaving never stops it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attach: bool,
     /// A terminal in the container (`-t`): output is the terminal's, one stream.
     #[serde(default)]
     pub tty: bool,
@@ -275,7 +282,10 @@ pub struct SessionSpec {
 impl SessionSpec {
     /// Checks what a caller asked for, naming the field at fault.
     pub fn validate(&self) -> Result<(), String> {
-        if self.argv.is_empty() {
+        if self.attach && !self.argv.is_empty() {
+            return Err("argv: attaching runs no command".into());
+        }
+        if !self.attach && self.argv.is_empty() {
             return Err("argv: must not be empty".into());
         }
         if self.argv.len() > 1024 {
@@ -454,7 +464,11 @@ mod tests {
         assert!(!Answer::Took { frames: 0 }.is_last() && !a.answer.is_last());
         assert!(serde_json::from_str::<Request>(r#"{"id":1,"op":"input","data":"not base64!"}"#).is_err());
 
-        let ok = SessionSpec { argv: vec!["sh".into()], tty: true, stdin: true, cols: 0, rows: 0 };
+        let ok = SessionSpec { argv: vec!["sh".into()], tty: true, stdin: true, ..Default::default() };
+        let attach = SessionSpec { attach: true, ..Default::default() };
+        assert_eq!(attach.validate(), Ok(()));
+        let both = SessionSpec { attach: true, ..ok.clone() };
+        assert_eq!(both.validate(), Err("argv: attaching runs no command".to_string()));
         assert_eq!(ok.validate(), Ok(()));
         assert_eq!(ok.size(), (80, 24));
         let bad = |f: fn(&mut SessionSpec)| {

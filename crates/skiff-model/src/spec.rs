@@ -52,6 +52,14 @@ pub struct Deployment {
     pub macvlan: Option<Macvlan>,
     #[serde(default)]
     pub read_only: bool,
+    /// Its process runs on a terminal (`run -t`, compose `tty`, Kubernetes `tty`), held
+    /// by the instance's shim for `skiff attach`; its output is the terminal's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
+    /// Its standard input stays open for `skiff attach` to write to (`run -i`, compose
+    /// `stdin_open`, Kubernetes `stdin`); without it the process reads nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin_open: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cap_add: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -317,6 +325,8 @@ impl Deployment {
             networks: vec![],
             macvlan: None,
             read_only: false,
+            tty: false,
+            stdin_open: false,
             cap_add: vec![],
             cap_drop: vec![],
             devices: vec![],

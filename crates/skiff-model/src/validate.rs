@@ -430,6 +430,8 @@ impl Deployment {
             ("device_requests", !self.device_requests.is_empty()),
             ("hostname", self.hostname.is_some()),
             ("working_dir", self.working_dir.is_some()),
+            ("tty", self.tty),
+            ("stdin_open", self.stdin_open),
             ("resources.cpu_shares", self.resources.cpu_shares.is_some()),
             ("resources.pids", self.resources.pids_limit.is_some()),
         ];
@@ -701,6 +703,13 @@ mod tests {
                 d.wasm.timeout_ms = Some(0);
             },
             Some("wasm.timeout: must be greater than 0"),
+        );
+        check(
+            |d| {
+                wasm(d);
+                d.tty = true;
+            },
+            Some("tty: is not supported by the wasm runtime"),
         );
         check(|d| d.wasm.timeout_ms = Some(1000), Some("wasm: is only read by the wasm runtime (runtime: wasm)"));
         assert_eq!(RuntimeKind::parse("wasmtime"), Some(RuntimeKind::Wasm));

@@ -7,6 +7,7 @@
 //! to the agent; the agent learns about exits from `exit.json`.
 #![forbid(unsafe_code)]
 
+pub mod attach;
 pub mod audit;
 pub mod cdi;
 pub mod cgroup;

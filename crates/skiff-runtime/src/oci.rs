@@ -197,6 +197,8 @@ impl Runtime for OciRuntime {
                 cgroups_path: self.cgroups_path(&req.id),
                 log_max_bytes: req.deployment.logging.max_size_bytes.unwrap_or(self.log_max_bytes),
                 log_max_files: req.deployment.logging.max_files.unwrap_or(self.log_max_files),
+                tty: req.deployment.tty,
+                stdin_open: req.deployment.stdin_open,
             };
             let p = dir.join(shim::SHIM_CONFIG);
             fs::write(&p, serde_json::to_vec_pretty(&shim_cfg).unwrap_or_default()).map_err(io("write", &p))

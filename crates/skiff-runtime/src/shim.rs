@@ -13,6 +13,7 @@
 //!    the runc container, and finally writes `exit.json` (atomically). An `exit.json`
 //!    therefore always means: the container is gone and the id is free again.
 
+use crate::attach;
 use crate::cgroup::Cgroups;
 use crate::logs::{LogWriter, MAX_LINE};
 use crate::runc::{last_log_error, Runc};
@@ -44,12 +45,20 @@ pub struct ShimConfig {
     pub cgroups_path: String,
     pub log_max_bytes: u64,
     pub log_max_files: u32,
+    /// The container runs on a terminal the shim holds (`process.terminal` in its spec).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
+    /// Its stdin stays open for attachments to write to.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin_open: bool,
 }
 
 pub const SHIM_CONFIG: &str = "shim.json";
 pub const EXIT_FILE: &str = "exit.json";
 pub const LOG_FILE: &str = "container.log";
 pub const PID_FILE: &str = "init.pid";
+/// Where runc sends a terminal container's terminal (only while it starts).
+pub const CONSOLE_SOCKET: &str = "console.sock";
 pub const SHIM_PID_FILE: &str = "shim.pid";
 /// The shim's identity, `<boot id> <start time>` ([`crate::procfs::identity`]): tells the
 /// shim from a later process that got its pid.
@@ -180,6 +189,7 @@ pub(crate) fn begin(bundle: &Path) -> Result<ShimConfig, String> {
     let _ = std::fs::write(bundle.join(SHIM_ID_FILE), crate::procfs::identity(pid).unwrap_or_default());
     let _ = std::fs::remove_file(bundle.join(EXIT_FILE));
     let _ = std::fs::remove_file(bundle.join(PID_FILE));
+    let _ = std::fs::remove_file(bundle.join(crate::attach::ATTACH_SOCKET));
     Ok(cfg)
 }
 
@@ -198,25 +208,57 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
     let runc_log = bundle.join("runc.log");
     let _ = std::fs::remove_file(&runc_log);
 
-    let (out_r, out_w) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
-    let (err_r, err_w) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+    // With a terminal, runc makes it and sends us its master end over a console socket;
+    // else the container's stdout and stderr are two pipes (and stdin a third, kept open
+    // for attachments, with `stdin_open`).
+    let mut console = None;
+    let mut stdio = [Stdio::null(), Stdio::null(), Stdio::null()];
+    let mut readers: Vec<(std::fs::File, u8, &str)> = vec![];
+    let mut stdin_w = None;
+    if cfg.tty {
+        let (guard, path) = crate::attach::socket_path(bundle, CONSOLE_SOCKET, std::process::id())
+            .map_err(|e| format!("the console socket: {e}"))?;
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| format!("the console socket: {e}"))?;
+        console = Some((guard, path, listener));
+    } else {
+        let (out_r, out_w) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+        let (err_r, err_w) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+        stdio[1] = out_w.into();
+        stdio[2] = err_w.into();
+        readers.push((std::fs::File::from(std::os::fd::OwnedFd::from(out_r)), attach::OUT_STDOUT, "stdout"));
+        readers.push((std::fs::File::from(std::os::fd::OwnedFd::from(err_r)), attach::OUT_STDERR, "stderr"));
+        if cfg.stdin_open {
+            let (in_r, in_w) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+            stdio[0] = in_r.into();
+            stdin_w = Some(std::fs::File::from(std::os::fd::OwnedFd::from(in_w)));
+        }
+    }
     // `runc run --detach` is create + start in one process; the container keeps the pipes
-    // as its stdout/stderr and, once runc exits, becomes our child (we are its subreaper).
+    // as its stdio and, once runc exits, becomes our child (we are its subreaper).
     let mut run = runc.command();
-    run.arg("--log")
-        .arg(&runc_log)
-        .arg("--log-format")
-        .arg("json")
-        .arg("run")
-        .arg("--detach")
-        .arg("--bundle")
+    run.arg("--log").arg(&runc_log).arg("--log-format").arg("json").arg("run").arg("--detach");
+    if let Some((_, path, _)) = &console {
+        run.arg("--console-socket").arg(path);
+    }
+    let [stdin, stdout, stderr] = stdio;
+    run.arg("--bundle")
         .arg(bundle)
         .arg("--pid-file")
         .arg(bundle.join(PID_FILE))
         .arg(&cfg.id)
-        .stdin(Stdio::null())
-        .stdout(out_w)
-        .stderr(err_w);
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(stderr);
+    // runc connects while it creates the container: take the terminal meanwhile.
+    let terminal = console.map(|(guard, path, listener)| {
+        std::thread::spawn(move || {
+            let _guard = guard;
+            let got = listener.accept().and_then(|(conn, _)| skiff_sys::pty::recv_fd(&conn));
+            let _ = std::fs::remove_file(path);
+            got
+        })
+    });
     // Started anywhere else the sandbox would take that namespace's network: no fallback.
     let status = match &cfg.start_in_netns {
         Some(ns) => std::fs::File::open(ns)
@@ -237,15 +279,36 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .ok_or_else(|| "runc run wrote no pid".to_string())?;
+    let input = match terminal {
+        Some(t) => {
+            let master = t
+                .join()
+                .map_err(|_| "taking the terminal failed".to_string())?
+                .map_err(|e| format!("taking the container's terminal: {e}"))?;
+            let master = std::fs::File::from(master);
+            let reader = master.try_clone().map_err(|e| format!("the terminal: {e}"))?;
+            readers.push((reader, attach::OUT_STDOUT, "stdout"));
+            attach::Input::Terminal { master, stdin_open: cfg.stdin_open }
+        }
+        None => stdin_w.map_or(attach::Input::None, attach::Input::Pipe),
+    };
+    let attachments = attach::Attachments::default();
+    if let Err(e) = attachments.serve(bundle, input) {
+        // The container runs all the same; only `skiff attach` cannot reach it.
+        diag(bundle, &format!("no attachments: {e}"));
+    }
 
     let log = Arc::new(Mutex::new(
         LogWriter::open(&bundle.join(LOG_FILE), cfg.log_max_bytes, cfg.log_max_files)
             .map_err(|e| format!("opening the log: {e}"))?,
     ));
-    let copiers = [(out_r, "stdout"), (err_r, "stderr")].map(|(r, stream)| {
-        let log = Arc::clone(&log);
-        std::thread::spawn(move || copy_lines(r, stream, &log))
-    });
+    let copiers: Vec<_> = readers
+        .into_iter()
+        .map(|(r, kind, stream)| {
+            let (log, attachments) = (Arc::clone(&log), attachments.clone());
+            std::thread::spawn(move || copy_output(r, kind, stream, &log, &attachments))
+        })
+        .collect();
     report(format!("ok {pid}"));
     diag(bundle, &format!("container {} started, pid {pid}", cfg.id));
 
@@ -263,25 +326,61 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
     }
     let exit = ExitStatus { code, signal, oom_killed, finished_at_ms, message: None };
     write_exit(bundle, &exit);
+    // Attachments end after `exit.json` is there: they read the exit code from it.
+    attachments.close();
+    let _ = std::fs::remove_file(bundle.join(attach::ATTACH_SOCKET));
     Ok(())
 }
 
-fn copy_lines(r: std::io::PipeReader, stream: &str, log: &Mutex<LogWriter>) {
-    let mut r = BufReader::with_capacity(64 * 1024, r);
-    let mut buf = Vec::with_capacity(256);
+/// Copies one output stream of the container, as it comes, to its attachments, and line
+/// by line to its log (a terminal's "\r\n" ends a line as "\n" does; a line longer than
+/// [`MAX_LINE`] is split). Ends at the end of the stream (a terminal's master reads EIO
+/// once the container's side is closed).
+fn copy_output(
+    mut r: std::fs::File,
+    kind: u8,
+    stream: &str,
+    log: &Mutex<LogWriter>,
+    attachments: &attach::Attachments,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut line: Vec<u8> = Vec::with_capacity(256);
+    let flush = |line: &mut Vec<u8>| {
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        if let Ok(mut w) = log.lock() {
+            let _ = w.write(stream, line);
+        }
+        line.clear();
+    };
     loop {
-        buf.clear();
-        match (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                if buf.last() == Some(&b'\n') {
-                    buf.pop();
+        let n = match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        attachments.send(kind, &buf[..n]);
+        for piece in buf[..n].split_inclusive(|b| *b == b'\n') {
+            let mut piece = piece;
+            loop {
+                let room = MAX_LINE - line.len();
+                let (now, rest) = piece.split_at(piece.len().min(room));
+                line.extend_from_slice(now);
+                piece = rest;
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                    flush(&mut line);
+                } else if line.len() == MAX_LINE {
+                    flush(&mut line);
                 }
-                if let Ok(mut w) = log.lock() {
-                    let _ = w.write(stream, &buf);
+                if piece.is_empty() {
+                    break;
                 }
             }
         }
+    }
+    if !line.is_empty() {
+        flush(&mut line);
     }
 }
 

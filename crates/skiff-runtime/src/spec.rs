@@ -368,7 +368,7 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
     let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": {
-            "terminal": false,
+            "terminal": d.tty,
             "user": {"uid": uid, "gid": gid, "additionalGids": [gid]},
             "args": args,
             "env": env(d, img, &input.hostname),

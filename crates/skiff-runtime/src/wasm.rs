@@ -308,6 +308,8 @@ impl Runtime for WasmRuntime {
             cgroups_path: String::new(),
             log_max_bytes: req.deployment.logging.max_size_bytes.unwrap_or(self.log_max_bytes),
             log_max_files: req.deployment.logging.max_files.unwrap_or(self.log_max_files),
+            tty: false,
+            stdin_open: false,
         };
         let uid = uid_for(&req.id);
         let gid = gid_for(&req.deployment.name);

@@ -38,6 +38,26 @@ pub fn nonblocking(fd: impl AsFd) -> io::Result<()> {
     Ok(rustix::fs::fcntl_setfl(&fd, flags | OFlags::NONBLOCK)?)
 }
 
+/// Receives the file descriptor a process sent over `socket` (`SCM_RIGHTS`), as runc
+/// sends a container's terminal to its `--console-socket`. The bytes sent with it (the
+/// terminal's name) are discarded.
+pub fn recv_fd(socket: impl AsFd) -> io::Result<OwnedFd> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut ancillary = RecvAncillaryBuffer::new(&mut space);
+    let mut name = [0u8; 4096];
+    let mut iov = [io::IoSliceMut::new(&mut name)];
+    rustix::net::recvmsg(&socket, &mut iov, &mut ancillary, RecvFlags::CMSG_CLOEXEC)?;
+    for message in ancillary.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = message {
+            if let Some(fd) = fds.next() {
+                return Ok(fd);
+            }
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::InvalidData, "no file descriptor came with the message"))
+}
+
 /// A terminal's window size as (columns, rows); `None` when `fd` is not a terminal.
 pub fn size(fd: impl AsFd) -> Option<(u16, u16)> {
     let ws = rustix::termios::tcgetwinsize(fd).ok()?;
@@ -97,5 +117,23 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         assert!(!super::is_terminal(&f));
         assert_eq!(super::size(&f), None);
+    }
+
+    #[test]
+    fn a_terminal_passes_over_a_socket() {
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        use std::os::fd::AsFd;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let p = super::open(90, 30).unwrap();
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut ancillary = SendAncillaryBuffer::new(&mut space);
+        let fds = [p.master.as_fd()];
+        assert!(ancillary.push(SendAncillaryMessage::ScmRights(&fds)));
+        rustix::net::sendmsg(&a, &[std::io::IoSlice::new(b"/dev/pts/9")], &mut ancillary, SendFlags::empty()).unwrap();
+        let got = super::recv_fd(&b).unwrap();
+        assert_eq!(super::size(&got), Some((90, 30)));
+        // Nothing sent with it: a clear error, not a hang (the writer closed).
+        drop(a);
+        assert!(super::recv_fd(&b).is_err());
     }
 }

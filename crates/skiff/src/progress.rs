@@ -117,6 +117,18 @@ fn bars() -> Progress {
     })
 }
 
+/// A spinner with a message on a terminal's stderr (the message once as a line
+/// otherwise), for a wait of unknown length; gone when dropped.
+pub fn waiting(message: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        eprintln!("{message}");
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner().with_message(message.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -185,3 +185,70 @@ fn exec_streams_pipes_and_gives_a_terminal() -> R {
     wait_for(30 * SEC, "sleep 600 to end", || running(&n, "box-1", "sleep 600").ok().filter(|c| *c == 0))?;
     Ok(())
 }
+
+#[test]
+fn attach_reaches_a_terminal_its_shim_holds() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.up(None)?;
+    n.ok(&["run", "-d", "-it", IMAGE, "--name", "term", "--", "sh"])?;
+    n.wait_running("term-1")?;
+
+    // Attached from a real terminal: the container's own shell, sized as the window.
+    let mut t = Terminal::spawn(&n, &["attach", "term-1"], (100, 40))?;
+    t.send("X=kept; stty size\r")?;
+    t.expect("40 100", 20 * SEC)?;
+    t.resize(120, 50)?;
+    t.send("stty size; echo hi-$((6*7))\r")?;
+    t.expect("50 120", 10 * SEC)?;
+    t.expect("hi-42", 10 * SEC)?;
+    // Ctrl-P Ctrl-Q detaches; the shell runs on.
+    t.send("\x10\x11")?;
+    t.expect("read escape sequence", 10 * SEC)?;
+    assert_eq!(t.wait(20 * SEC)?, 0);
+    assert!(n.ok(&["ps"])?.lines().any(|l| l.contains("term-1") && l.contains("running")), "{}", n.ok(&["ps"])?);
+    // What the terminal showed is in its log, line by line.
+    let logs = n.ok(&["logs", "term-1"])?;
+    assert!(logs.lines().any(|l| l == "hi-42"), "{logs:?}");
+
+    // The terminal is the shim's: an agent killed and started again attaches to the same
+    // shell (its variable still set).
+    n.kill_up()?;
+    n.up(None)?;
+    n.wait_running("term-1")?;
+    let mut t = Terminal::spawn(&n, &["attach", "term-1"], (80, 24))?;
+    t.send("echo again-$X\r")?;
+    t.expect("again-kept", 20 * SEC)?;
+    // Not from a pipe: the keys go to a terminal.
+    let out = n.cli_input(&["attach", "term-1"], b"")?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the input device is not a TTY"), "{out:?}");
+    let out = n.cli(&["attach", "--detach-keys", "ctrl-1", "term-1"])?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--detach-keys: \"ctrl-1\" is not a key"), "{out:?}");
+    // The shell's exit ends the attachment with its code.
+    t.send("exit 5\r")?;
+    assert_eq!(t.wait(20 * SEC)?, 5, "the instance's exit code");
+
+    // Without a terminal: stdin kept open (-i) takes what an attachment pipes in; stdout
+    // and stderr come apart.
+    let script = "read l; echo got-$l; echo oops >&2; exit 7";
+    n.ok(&["run", "-d", "-i", IMAGE, "--name", "pipe", "--restart", "no", "--", "sh", "-c", script])?;
+    n.wait_running("pipe-1")?;
+    let out = n.cli_input(&["attach", "pipe-1"], b"one\n")?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got-one\n", "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+    assert_eq!(out.status.code(), Some(7));
+
+    // `run -it` without -d: this terminal is the container's once it runs.
+    let out = n.cli_input(&["run", "-it", IMAGE, "--name", "nope", "--", "sh"], b"")?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the input device is not a TTY"), "{out:?}");
+    assert!(n.cli(&["get", "deployments", "nope"]).is_ok_and(|o| !o.status.success()), "nothing stored");
+    let mut t =
+        Terminal::spawn(&n, &["run", "-it", "--restart", "no", IMAGE, "--name", "direct", "--", "sh"], (80, 24))?;
+    n.wait_running("direct-1")?;
+    std::thread::sleep(SEC);
+    t.send("echo direct-$((2*3))\r")?;
+    t.expect("direct-6", 20 * SEC)?;
+    t.send("exit\r")?;
+    assert_eq!(t.wait(20 * SEC)?, 0);
+    Ok(())
+}

@@ -159,7 +159,13 @@ async fn is_dir_in(c: &Client, instance: &str, path: &str) -> Result<bool> {
 
 /// Sends what `input` gives as a session's standard input (binary messages, then `eof`),
 /// from a thread: a read that never returns (a terminal's) must not hold up the exit.
-pub(super) fn send_input(mut input: impl Read + Send + 'static, tx: tokio::sync::mpsc::Sender<Message>) {
+/// With `detach`, its keys are held back as they are typed; once they are all typed the
+/// sender is told and nothing more is read.
+pub(super) fn send_input(
+    mut input: impl Read + Send + 'static,
+    tx: tokio::sync::mpsc::Sender<Message>,
+    mut detach: Option<(DetachKeys, tokio::sync::mpsc::Sender<()>)>,
+) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; INPUT_CHUNK];
         loop {
@@ -170,13 +176,75 @@ pub(super) fn send_input(mut input: impl Read + Send + 'static, tx: tokio::sync:
                     return;
                 }
                 Ok(n) => {
-                    if tx.blocking_send(Message::Binary(buf[..n].to_vec().into())).is_err() {
+                    let (bytes, detached) = match detach.as_mut() {
+                        Some((keys, _)) => keys.feed(&buf[..n]),
+                        None => (buf[..n].to_vec(), false),
+                    };
+                    if !bytes.is_empty() && tx.blocking_send(Message::Binary(bytes.into())).is_err() {
+                        return;
+                    }
+                    if detached {
+                        if let Some((_, told)) = detach.take() {
+                            let _ = told.blocking_send(());
+                        }
                         return;
                     }
                 }
             }
         }
     });
+}
+
+/// Keys that detach from an attached terminal (Docker's `--detach-keys`), and how much of
+/// them was typed so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct DetachKeys {
+    keys: Vec<u8>,
+    typed: usize,
+}
+
+impl DetachKeys {
+    /// Docker's spelling: comma-separated keys, each `ctrl-X` (X a letter or one of
+    /// `@[\]^_`) or one character.
+    pub(super) fn parse(s: &str) -> Result<DetachKeys, String> {
+        let mut keys = vec![];
+        for k in s.split(',') {
+            let byte = match k.strip_prefix("ctrl-").map(str::as_bytes) {
+                Some([c]) if c.is_ascii_alphabetic() => c.to_ascii_lowercase() - b'a' + 1,
+                Some([c]) if b"@[\\]^_".contains(c) => c - b'@',
+                None if k.len() == 1 && k.is_ascii() => k.as_bytes()[0],
+                _ => {
+                    return Err(format!(
+                        "{k:?} is not a key (a letter or sign, or ctrl- with a letter or one of @[\\]^_)"
+                    ))
+                }
+            };
+            keys.push(byte);
+        }
+        Ok(DetachKeys { keys, typed: 0 })
+    }
+
+    /// Takes typed bytes: what to pass on, and whether the keys are now all typed (what
+    /// came after them is dropped). Keys of an unfinished sequence are held back, and
+    /// passed on as typed once a different key breaks it.
+    pub(super) fn feed(&mut self, input: &[u8]) -> (Vec<u8>, bool) {
+        let mut out = Vec::with_capacity(input.len());
+        for &b in input {
+            if b != self.keys[self.typed] {
+                out.extend_from_slice(&self.keys[..self.typed]);
+                self.typed = 0;
+                if b != self.keys[0] {
+                    out.push(b);
+                    continue;
+                }
+            }
+            self.typed += 1;
+            if self.typed == self.keys.len() {
+                return (out, true);
+            }
+        }
+        (out, false)
+    }
 }
 
 /// Runs `argv` in `instance` with `input` as its standard input (none: it reads
@@ -189,13 +257,13 @@ async fn piped(
     input: Option<impl Read + Send + 'static>,
     mut output: impl Write + Send + 'static,
 ) -> Result<(i32, String)> {
-    let spec = SessionSpec { argv, tty: false, stdin: input.is_some(), cols: 0, rows: 0 };
+    let spec = SessionSpec { argv, stdin: input.is_some(), ..Default::default() };
     let ws = c.websocket(&format!("/api/v1/instances/{instance}/exec")).await?;
     let (mut to_hub, mut from_hub) = ws.split();
     to_hub.send(Message::Text(serde_json::to_string(&spec)?.into())).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(8);
     match input {
-        Some(input) => send_input(input, tx),
+        Some(input) => send_input(input, tx, None),
         None => drop(tx),
     }
     let sender = tokio::spawn(async move {
@@ -253,6 +321,26 @@ async fn piped(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detach_keys_are_read_and_watched_for_as_docker_does() {
+        let mut k = DetachKeys::parse("ctrl-p,ctrl-q").unwrap();
+        assert_eq!(k.keys, vec![0x10, 0x11]);
+        assert_eq!(k.feed(b"ls\r"), (b"ls\r".to_vec(), false));
+        // Half the sequence is held back, then passed on when broken.
+        assert_eq!(k.feed(b"\x10"), (vec![], false));
+        assert_eq!(k.feed(b"x"), (b"\x10x".to_vec(), false));
+        // Ctrl-P twice: the first goes on, the second may start the sequence.
+        assert_eq!(k.feed(b"a\x10\x10"), (b"a\x10".to_vec(), false));
+        assert_eq!(k.feed(b"\x11after"), (vec![], true));
+        let mut k = DetachKeys::parse("ctrl-@,ctrl-_,Z").unwrap();
+        assert_eq!(k.keys, vec![0, 0x1f, b'Z']);
+        assert_eq!(k.feed(b"\0\x1fZ"), (vec![], true));
+        assert_eq!(DetachKeys::parse("ctrl-A").unwrap().keys, vec![1]);
+        for bad in ["", "ctrl-", "ctrl-1", "ab", "ctrl-p,,ctrl-q", "é"] {
+            assert!(DetachKeys::parse(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn places_are_read_as_docker_cp_reads_them() {

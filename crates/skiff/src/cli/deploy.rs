@@ -34,6 +34,14 @@ pub struct RunArgs {
     /// is stored, and the node runs it.
     #[arg(short = 'd', long)]
     pub detach: bool,
+    /// Keep the container's standard input open for `skiff attach` (as `docker run -i`);
+    /// with -t and without -d, this terminal is attached once it runs.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Run the container on a terminal its shim holds (as `docker run -t`), for
+    /// `skiff attach`.
+    #[arg(short = 't', long)]
+    pub tty: bool,
     /// CPU limit in cores (0.5) or millicores (500m).
     #[arg(long)]
     pub cpus: Option<String>,
@@ -275,6 +283,8 @@ pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -
         }
     }
     d.read_only = a.read_only;
+    d.tty = a.tty;
+    d.stdin_open = a.interactive;
     d.user = a.user.clone();
     d.working_dir = a.workdir.clone();
     if let Some(e) = &a.entrypoint {
@@ -405,6 +415,9 @@ pub(super) async fn apply(cli: &Cli, files: &[PathBuf], dry_run: bool, selector:
 
 /// `skiff run IMAGE|FILE.wasm`.
 pub(super) async fn run(cli: &Cli, args: &RunArgs) -> Result<i32> {
+    if args.interactive && args.tty && !args.detach && !skiff_sys::pty::is_terminal(std::io::stdin()) {
+        anyhow::bail!("the input device is not a TTY: -it needs a terminal (add -d to start it detached)");
+    }
     // A .wasm file is stored as an image last, once the deployment is valid and the
     // program checked: a refused run stores nothing.
     let file = match wasm_file(args)? {
@@ -429,6 +442,11 @@ pub(super) async fn run(cli: &Cli, args: &RunArgs) -> Result<i32> {
         eprintln!("deployment {name} is already running with this spec");
     }
     print_notes(&r);
+    if (args.interactive || args.tty) && !args.detach {
+        // As `docker run -it`: this terminal becomes the container's once it runs.
+        let instance = super::view::first_running(cli, &name).await?;
+        return super::view::attach(cli, &instance, !args.interactive, super::view::DEFAULT_DETACH_KEYS).await;
+    }
     outln!("{name}");
     Ok(0)
 }

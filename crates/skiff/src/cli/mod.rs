@@ -233,6 +233,21 @@ pub enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Attach this terminal to an instance's own process (as `docker attach`): its output
+    /// from now on, and (when it was started with -i / stdin_open) your input; on a
+    /// terminal container (-t / tty) keys and window size go to its terminal. Ctrl-P
+    /// Ctrl-Q detaches and leaves it running; its exit ends the attachment with its code.
+    Attach {
+        /// Only watch: send no input.
+        #[arg(long)]
+        no_stdin: bool,
+        /// The keys that detach, as Docker spells them (ctrl-p,ctrl-q; a letter, ctrl-@ to
+        /// ctrl-_, or a single character each).
+        #[arg(long, default_value = view::DEFAULT_DETACH_KEYS)]
+        detach_keys: String,
+        /// The instance (`skiff ps`).
+        instance: String,
+    },
     /// Manage the local image store.
     #[command(subcommand)]
     Image(ImageCmd),
@@ -440,6 +455,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Exec { interactive, tty, instance, command } => {
             view::exec(cli, instance, command, *interactive, *tty).await
         }
+        Cmd::Attach { no_stdin, detach_keys, instance } => view::attach(cli, instance, *no_stdin, detach_keys).await,
         Cmd::Image(cmd @ (ImageCmd::Pull { .. } | ImageCmd::Sign { .. } | ImageCmd::Verify { .. })) => {
             image::pull(cli, cmd).await
         }

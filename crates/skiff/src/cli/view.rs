@@ -5,6 +5,7 @@ use crate::client::Client;
 use crate::output::{self, Format};
 use anyhow::{bail, Context, Result};
 use skiff_model::api::DeploymentView;
+use skiff_model::proto::SessionSpec;
 use skiff_model::{InstanceStatus, LogLine};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -592,15 +593,11 @@ pub(super) fn is_status(e: &anyhow::Error, status: reqwest::StatusCode) -> bool 
 }
 
 pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String], interactive: bool, tty: bool) -> Result<i32> {
-    use futures_util::{SinkExt, StreamExt};
-    use skiff_model::api::{ExecControl, ExecEnd, EXEC_STDERR, EXEC_STDOUT};
-    use skiff_sys::pty;
-    use tokio_tungstenite::tungstenite::Message;
-    if tty && interactive && !pty::is_terminal(std::io::stdin()) {
+    if tty && interactive && !skiff_sys::pty::is_terminal(std::io::stdin()) {
         bail!("the input device is not a TTY: -t with -i needs a terminal (use -i alone for a pipe)");
     }
-    let (cols, rows) = pty::size(std::io::stdout()).or_else(|| pty::size(std::io::stdin())).unwrap_or((0, 0));
-    let spec = skiff_model::proto::SessionSpec { argv: command.to_vec(), tty, stdin: interactive, cols, rows };
+    let (cols, rows) = terminal_size().unwrap_or((0, 0));
+    let spec = SessionSpec { argv: command.to_vec(), tty, stdin: interactive, cols, rows, attach: false };
     spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     let c = client(cli)?;
     let path = format!("/api/v1/instances/{instance}/exec");
@@ -619,25 +616,98 @@ pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String], interact
         }
         Err(e) => return Err(e),
     };
+    session(ws, &spec, None).await
+}
+
+/// Docker's default detach keys.
+pub(super) const DEFAULT_DETACH_KEYS: &str = "ctrl-p,ctrl-q";
+
+/// `skiff attach`: a session on the instance's own process (see
+/// `skiff_runtime::attach`), shaped by what it was started with (its deployment's `tty`
+/// and `stdin_open`). The detach keys end it and leave the instance running.
+pub(super) async fn attach(cli: &Cli, instance: &str, no_stdin: bool, detach_keys: &str) -> Result<i32> {
+    let keys = super::cp::DetachKeys::parse(detach_keys).map_err(|e| anyhow::anyhow!("--detach-keys: {e}"))?;
+    let c = client(cli)?;
+    let all: Vec<InstanceStatus> = c.get("/api/v1/instances").await?;
+    let i = all.iter().find(|i| i.name == instance).with_context(|| format!("instance {instance:?} not found"))?;
+    let d: DeploymentView = c.get(&format!("/api/v1/deployments/{}", i.deployment)).await?;
+    let (tty, stdin) = (d.spec.tty, d.spec.stdin_open && !no_stdin);
+    if tty && stdin && !skiff_sys::pty::is_terminal(std::io::stdin()) {
+        bail!("the input device is not a TTY: {instance} runs on a terminal; attach from one, or with --no-stdin");
+    }
+    let (cols, rows) = terminal_size().unwrap_or((0, 0));
+    let spec = SessionSpec { argv: vec![], tty, stdin, cols, rows, attach: true };
+    let ws = c.websocket(&format!("/api/v1/instances/{instance}/exec")).await?;
+    // Keys are watched for on a terminal only: a pipe's bytes are data.
+    session(ws, &spec, (tty && stdin).then_some(keys)).await
+}
+
+/// The first running instance of deployment `name`, waited for (its image may be pulled
+/// first) for up to ten minutes; an instance that failed or exited is an error.
+pub(super) async fn first_running(cli: &Cli, name: &str) -> Result<String> {
+    let c = client(cli)?;
+    let progress = crate::progress::waiting(&format!("waiting for {name} to start"));
+    for _ in 0..1200 {
+        let d: DeploymentView = c.get(&format!("/api/v1/deployments/{name}")).await?;
+        if let Some(i) = d.instances.iter().find(|i| i.state == skiff_model::InstanceState::Running) {
+            progress.finish_and_clear();
+            return Ok(i.name.clone());
+        }
+        if let Some(i) = d.instances.iter().find(|i| i.state == skiff_model::InstanceState::Failed) {
+            progress.finish_and_clear();
+            bail!("{} failed: {}", i.name, i.message.as_deref().unwrap_or("no reason given"));
+        }
+        if let Some(i) = d.instances.iter().find(|i| i.state == skiff_model::InstanceState::Exited) {
+            progress.finish_and_clear();
+            bail!("{} exited with code {} before it could be attached", i.name, i.exit_code.unwrap_or(-1));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    progress.finish_and_clear();
+    bail!("{name} did not start within 10 minutes (skiff describe deployments {name})")
+}
+
+/// This terminal's size, from stdout or else stdin.
+fn terminal_size() -> Option<(u16, u16)> {
+    use skiff_sys::pty;
+    pty::size(std::io::stdout()).or_else(|| pty::size(std::io::stdin()))
+}
+
+/// Runs one session on an open WebSocket to the hub: output is shown as it comes, input
+/// (with `spec.stdin`) and window sizes (with `spec.tty`) go the other way at the same
+/// time; the terminal is raw while keys go to a remote one. With `detach`, those keys end
+/// the session at once (exit 0) and the remote side runs on.
+async fn session(
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    spec: &SessionSpec,
+    detach: Option<super::cp::DetachKeys>,
+) -> Result<i32> {
+    use futures_util::{SinkExt, StreamExt};
+    use skiff_model::api::{ExecControl, ExecEnd, EXEC_STDERR, EXEC_STDOUT};
+    use skiff_sys::pty;
+    use tokio_tungstenite::tungstenite::Message;
+    let (tty, interactive) = (spec.tty, spec.stdin);
     // Signals are taken from here on: a resize before the session runs is not lost, and
     // SIGTERM or SIGHUP give the terminal back before the process ends.
     use tokio::signal::unix::{signal, SignalKind};
     let mut winch = signal(SignalKind::window_change())?;
     let (mut term, mut hup) = (signal(SignalKind::terminate())?, signal(SignalKind::hangup())?);
     let (mut to_hub, mut from_hub) = ws.split();
-    to_hub.send(Message::Text(serde_json::to_string(&spec)?.into())).await?;
+    to_hub.send(Message::Text(serde_json::to_string(spec)?.into())).await?;
     let raw =
         if tty && interactive { pty::RawStdin::enter().context("putting the terminal in raw mode")? } else { None };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(8);
     let control = |c: &ExecControl| Message::Text(serde_json::to_string(c).unwrap_or_default().into());
+    // A channel, not a oneshot: the loop below polls it again after its sender is gone.
+    let (detached_tx, mut detached) = tokio::sync::mpsc::channel::<()>(1);
     if interactive {
-        super::cp::send_input(std::io::stdin(), tx.clone());
+        super::cp::send_input(std::io::stdin(), tx.clone(), detach.map(|k| (k, detached_tx)));
     }
     if tty {
         let tx = tx.clone();
         tokio::spawn(async move {
             while winch.recv().await.is_some() {
-                let Some((cols, rows)) = pty::size(std::io::stdout()).or_else(|| pty::size(std::io::stdin())) else {
+                let Some((cols, rows)) = terminal_size() else {
                     continue;
                 };
                 if tx.send(control(&ExecControl::Resize { cols, rows })).await.is_err() {
@@ -661,6 +731,13 @@ pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String], interact
             m = tokio::time::timeout(SESSION_SILENCE, from_hub.next()) => m,
             _ = term.recv() => break Err(anyhow::anyhow!("terminated")),
             _ = hup.recv() => break Err(anyhow::anyhow!("the terminal hung up")),
+            Some(()) = detached.recv() => {
+                // As Docker says it; the remote side runs on.
+                drop(raw);
+                sender.abort();
+                eprintln!("read escape sequence");
+                return Ok(0);
+            }
         };
         let Ok(next) = next else {
             break Err(anyhow::anyhow!("no word from the hub for {SESSION_SILENCE:?}; the exec's link is gone"));
