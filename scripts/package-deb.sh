@@ -35,8 +35,11 @@ else
     export "CARGO_TARGET_${ENV_TARGET}_LINKER=${CC_PREFIX}-gcc"
     export "CC_$(echo "$TARGET" | tr '-' '_')=${CC_PREFIX}-gcc"
     # Static, as build-release.sh builds for this machine: no libc version to depend on.
-    RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
-      cargo build --release --locked -p skiff --target "$TARGET" >&2
+    # Not for armhf: a static glibc binary for armv7 crashes at its start (seen under
+    # qemu-arm; the dynamic one runs), so that package depends on libc6 instead.
+    FLAGS="-C target-feature=+crt-static -C relocation-model=static"
+    [ "$ARCH" = armhf ] && FLAGS=
+    RUSTFLAGS="$FLAGS" cargo build --release --locked -p skiff --target "$TARGET" >&2
     BIN=target/$TARGET/release/skiff
     TOOL=${SKIFF_TOOL:-$(scripts/build-release.sh)/skiff}
   else
@@ -61,6 +64,12 @@ install -d "$STAGE/usr/share/bash-completion/completions" "$STAGE/usr/share/zsh/
 "$TOOL" completion fish >"$STAGE/usr/share/fish/vendor_completions.d/skiff.fish"
 printf 'skiff\nLicense: Apache-2.0\n' >"$STAGE/usr/share/doc/skiff/copyright"
 mkdir -p "$STAGE/DEBIAN"
+# A dynamically linked binary needs a glibc at least as new as the newest symbol it uses.
+LIBC_DEPENDS=
+if readelf -d "$BIN" | grep -q NEEDED; then
+  GLIBC=$(readelf --dyn-syms -W "$BIN" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -V | tail -1)
+  LIBC_DEPENDS="libc6 (>= ${GLIBC:-2.17}), "
+fi
 SIZE=$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)
 cat >"$STAGE/DEBIAN/control" <<CONTROL
 Package: skiff
@@ -68,7 +77,7 @@ Version: $VERSION
 Architecture: $ARCH
 Maintainer: skiff developers <skiff@localhost>
 Installed-Size: $SIZE
-Depends: runc
+Depends: ${LIBC_DEPENDS}runc
 Recommends: nftables | iptables
 Suggests: runsc
 Section: admin

@@ -345,7 +345,8 @@ struct LogQuery {
 }
 
 /// Newline-delimited JSON `LogLine`s of an instance, or of every instance of a
-/// deployment (each line then carries the instance name in `stream` as `name/stdout`).
+/// deployment (each line then carries the instance name in `stream` as `name/stdout`,
+/// however many there are).
 async fn logs(
     State(hub): State<Shared>,
     Path(name): Path<String>,
@@ -362,7 +363,9 @@ async fn logs(
         return Err(not_found(format!("no instance or deployment named {name:?}")));
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
-    let prefix = targets.len() > 1;
+    // A deployment's lines always carry their instance's name (as `docker compose logs`):
+    // one instance now may be several after a scale or during a rollout.
+    let prefix = hub.node_of(&name).is_none();
     // The containers followed so far, by id: a replaced or added one (a rollout, a
     // restart, a scale-up) is followed too once it appears, from its first line.
     let mut seen: std::collections::HashSet<String> = hub

@@ -87,6 +87,9 @@ pub struct NodeInfo {
     pub state: String,
     pub arch: String,
     pub os: String,
+    /// Its labels (`skiff agent --label`), which placement selects on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     pub instances: usize,
     /// Runtime backends it offers (`oci`, `wasm`).
     #[serde(default)]

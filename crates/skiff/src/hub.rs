@@ -58,6 +58,7 @@ pub enum HubAction {
     /// revoked certificates, placement) and the hub's CA to FILE: a consistent copy, also
     /// while hubs run. The file holds the CA's key: it is written readable by root only.
     Backup {
+        /// The backup file to write (it holds the CA's key: keep it as secret).
         #[arg(short = 'o', long, value_name = "FILE")]
         output: std::path::PathBuf,
         #[command(flatten)]
@@ -66,6 +67,7 @@ pub enum HubAction {
     /// Fill an empty store (and the data directory's CA) from a backup; a store that holds
     /// a fleet already is refused and left as it is.
     Restore {
+        /// A file `skiff hub backup` wrote.
         file: std::path::PathBuf,
         #[command(flatten)]
         store: StoreArgs,

@@ -29,6 +29,7 @@ pub struct UpArgs {
     /// admin token must never cross a network in clear.
     #[arg(long, default_value = "127.0.0.1:7080")]
     pub listen: String,
+    /// This node's name (default: the machine's host name).
     #[arg(long)]
     pub node_name: Option<String>,
     #[command(flatten)]

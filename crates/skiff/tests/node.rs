@@ -173,7 +173,7 @@ services:
     assert!(client.started_at_ms >= server.started_at_ms);
     assert_eq!(http_get(port, "/")?, "hello from skiff\n", "published port answers from the host");
     let logs = wait_for(10 * SEC, "client output", || n.ok(&["logs", "client"]).ok().filter(|l| l.contains("hello")))?;
-    assert_eq!(logs.trim(), "hello from skiff", "the client reached the server by service name");
+    assert_eq!(logs.trim(), "client-1 | hello from skiff", "the client reached the server by service name");
     let out = n.ok(&["exec", "client-1", "--", "cat", "/etc/hosts"])?;
     assert!(out.contains("server-1 server"), "{out}");
     let table = n.ok(&["get", "instances"])?;

@@ -109,6 +109,10 @@ fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
     wait_for(30 * SEC, "the first container's line", || {
         followed.lock().unwrap().contains("hello from front").then_some(())
     })?;
+    assert!(
+        followed.lock().unwrap().contains("front-1 | hello from front"),
+        "a deployment's lines name their instance"
+    );
     let before = n.instance("front-1")?.container_id;
     n.ok(&["restart", "front"])?;
     wait_for(60 * SEC, "front-1 replaced", || {

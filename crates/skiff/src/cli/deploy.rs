@@ -379,19 +379,18 @@ pub(super) fn read_manifests(files: &[PathBuf]) -> Result<Manifests> {
             autoscalers: vec![],
         });
     }
-    let mut out = Manifests { deployments: vec![], warnings: vec![], prune_stack: None, autoscalers: vec![] };
-    for (name, text, _) in &texts {
-        // An autoscaler for a Deployment applied earlier: the hub sets it on the stored
-        // one, in the same transaction.
-        let k = skiff_manifest::import_k8s(text, "default").with_context(|| name.clone())?;
-        for d in k.deployments {
-            if out.deployments.iter().any(|x| x.name == d.name) {
-                bail!("{name}: deployment {:?} is also in an earlier file", d.name);
-            }
-            out.deployments.push(d);
+    // One set, as kubectl reads several files: a Service or an autoscaler in one file
+    // selects a Deployment in another.
+    let names: Vec<&str> = texts.iter().map(|(n, _, _)| n.as_str()).collect();
+    let joined: String = texts.iter().map(|(_, t, _)| format!("---\n{t}\n")).collect();
+    let k = skiff_manifest::import_k8s(&joined, "default").with_context(|| names.join(", "))?;
+    let mut out =
+        Manifests { deployments: vec![], warnings: k.warnings, prune_stack: None, autoscalers: k.autoscalers };
+    for d in k.deployments {
+        if out.deployments.iter().any(|x| x.name == d.name) {
+            bail!("{}: deployment {:?} is defined twice", names.join(", "), d.name);
         }
-        out.warnings.extend(k.warnings.into_iter().map(|w| if texts.len() > 1 { format!("{name}: {w}") } else { w }));
-        out.autoscalers.extend(k.autoscalers);
+        out.deployments.push(d);
     }
     Ok(out)
 }

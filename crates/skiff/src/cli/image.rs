@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 pub enum ImageCmd {
     /// Load images from a `docker save` tarball, an OCI layout directory or an oci-archive.
     Load {
+        /// The tarball, OCI layout directory or oci-archive.
         file: PathBuf,
         /// Name for an image whose archive does not name it.
         #[arg(long)]
@@ -18,6 +19,7 @@ pub enum ImageCmd {
     /// Pull an image from a registry (resumable, verified; the variant for this machine
     /// unless --platform says otherwise).
     Pull {
+        /// The image (`registry.example/app:2`, `busybox`, `app@sha256:...`).
         reference: String,
         /// os/arch[/variant], e.g. linux/arm64 or linux/arm/v7.
         #[arg(long)]
@@ -34,18 +36,24 @@ pub enum ImageCmd {
     },
     /// Write images to a `docker save` tarball (for `docker load`, `skopeo`, `skiff image load`).
     Save {
+        /// The images (one or more).
         #[arg(required = true)]
         references: Vec<String>,
+        /// The tarball to write.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
     },
     /// List images.
     Ls {
+        /// table, json or yaml.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
     },
     /// Remove an image (refused while a deployment uses it).
-    Rm { reference: String },
+    Rm {
+        /// The image: a name, an ID or a digest.
+        reference: String,
+    },
     /// Give a stored image another name (as `docker tag`).
     Tag {
         /// The image: a name, an ID or a digest.
@@ -54,13 +62,17 @@ pub enum ImageCmd {
         target: String,
     },
     /// Show an image's config and layers.
-    Inspect { reference: String },
+    Inspect {
+        /// The image: a name, an ID or a digest.
+        reference: String,
+    },
     /// Remove blobs and layers no image needs.
     Prune,
     /// Sign an image in its registry as `cosign sign --key` does (the tag
     /// sha256-<digest>.sig; `cosign verify` accepts it), or with `--cert` as `notation
     /// sign` does (a JWS envelope referring to the image; `notation verify` accepts it).
     Sign {
+        /// The image in its registry (signed by digest).
         reference: String,
         /// Private key: PEM PKCS#8, ECDSA P-256 or Ed25519 (`skiff image keygen`, `openssl genpkey`).
         #[arg(long)]
@@ -76,6 +88,7 @@ pub enum ImageCmd {
     /// Notation's against a trust store — without pulling it. Exit status 1 when no
     /// trusted signature vouches for it.
     Verify {
+        /// The image in its registry.
         reference: String,
         /// Public key (PEM), repeatable: any one of them may have signed.
         #[arg(long, required_unless_present = "trust_store")]
@@ -96,6 +109,7 @@ pub enum ImageCmd {
     },
     /// Make a signing key pair: PREFIX.key (private, PKCS#8, mode 0600) and PREFIX.pub.
     Keygen {
+        /// PREFIX of the two files.
         #[arg(short = 'o', long = "output", default_value = "cosign")]
         output: PathBuf,
         /// Ed25519 instead of ECDSA P-256 (cosign's default).
@@ -109,6 +123,7 @@ pub enum BundleCmd {
     /// Write IMAGE to a bundle file: the manifest, config and the chunks of its layers,
     /// less every chunk the layers of --since hold.
     Create {
+        /// The image to carry (stored here).
         image: String,
         /// An older image the receiving nodes hold: its chunks are left out.
         #[arg(long)]
@@ -116,14 +131,20 @@ pub enum BundleCmd {
         /// os/arch[/variant] of a multi-platform image (default: this machine's).
         #[arg(long)]
         platform: Option<String>,
+        /// The bundle file to write.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
     },
     /// Rebuild and store the image in a bundle (every layer checked against its diff_id).
-    Load { file: PathBuf },
+    Load {
+        /// The bundle file.
+        file: PathBuf,
+    },
     /// Show what a bundle holds.
     Inspect {
+        /// The bundle file.
         file: PathBuf,
+        /// table, json or yaml.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
     },

@@ -69,6 +69,7 @@ pub enum Cmd {
     Run(Box<RunArgs>),
     /// List nodes, deployments, instances or events (or show one by name).
     Get {
+        /// What to list: nodes, deployments, instances or events.
         kind: Kind,
         /// Only this one (an error when there is none).
         name: Option<String>,
@@ -89,13 +90,19 @@ pub enum Cmd {
         event_type: Option<view::EventType>,
     },
     /// Show one deployment (or node) in detail.
-    Describe { kind: Kind, name: String },
+    Describe {
+        /// deployment or node.
+        kind: Kind,
+        /// Its name.
+        name: String,
+    },
     /// Delete a deployment (its instances are stopped: SIGTERM, grace period, SIGKILL), a
     /// node, or what files applied (`-f`).
     Delete {
         /// `deployment` (may be left out) or `node`.
         #[arg(required_unless_present = "file")]
         kind_or_name: Option<String>,
+        /// The name, after a kind (`skiff delete node edge-7`).
         name: Option<String>,
         /// Delete what these files applied: a compose file's whole stack, a manifest's
         /// deployments (`-` reads standard input).
@@ -104,14 +111,20 @@ pub enum Cmd {
     },
     /// Remove what a compose file (or manifests) applied: `skiff delete -f FILE`.
     Down {
+        /// The compose file or manifests (repeatable; `-` reads standard input).
         #[arg(short = 'f', long = "file", required = true)]
         file: Vec<PathBuf>,
     },
     /// Print the logs of an instance, or of every instance of a deployment.
     Logs {
+        /// An instance (`web-1`), or a deployment: all its instances, each line prefixed
+        /// with its instance.
         name: String,
+        /// Keep printing new lines as they come, following replaced and added instances;
+        /// ends when the deployment is deleted.
         #[arg(short, long)]
         follow: bool,
+        /// Only the last N lines (of each instance).
         #[arg(long)]
         tail: Option<usize>,
         /// Prefix each line with its timestamp.
@@ -127,7 +140,9 @@ pub enum Cmd {
     },
     /// Resource use of nodes or instances, from their newest samples.
     Top {
+        /// nodes or instances.
         kind: TopKind,
+        /// table, wide, json or yaml.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
     },
@@ -139,6 +154,7 @@ pub enum Cmd {
     Rollout(RolloutCmd),
     /// Instances (as `docker ps`): name, deployment, state, health, restarts, address, ports.
     Ps {
+        /// table, wide (node, image, container id), json or yaml.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
     },
@@ -151,16 +167,19 @@ pub enum Cmd {
     /// Replace every instance of deployments, by each one's update strategy (as
     /// `kubectl rollout restart`; follow with `skiff rollout status NAME`).
     Restart {
+        /// The deployments (one or more).
         #[arg(required = true, value_name = "DEPLOYMENT")]
         names: Vec<String>,
     },
     /// Stop deployments: no instances, the replica count kept for `skiff start`.
     Stop {
+        /// The deployments (one or more).
         #[arg(required = true, value_name = "DEPLOYMENT")]
         names: Vec<String>,
     },
     /// Start deployments `skiff stop` stopped, with the replica count they had.
     Start {
+        /// The deployments (one or more).
         #[arg(required = true, value_name = "DEPLOYMENT")]
         names: Vec<String>,
     },
@@ -189,6 +208,7 @@ pub enum Cmd {
     Login {
         /// The registry (default: Docker Hub).
         server: Option<String>,
+        /// The user name (asked for on a terminal when not given).
         #[arg(short, long)]
         username: Option<String>,
         /// The password on the command line (other local users can see it: prefer
@@ -210,7 +230,10 @@ pub enum Cmd {
     /// restarts without stopping containers.
     Install(crate::install::InstallArgs),
     /// Print a shell completion script (`skiff completion bash > /etc/bash_completion.d/skiff`).
-    Completion { shell: clap_complete::Shell },
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Write man pages generated from this command line (skiff.1, skiff-run.1, ...).
     #[command(hide = true)]
     Man {
@@ -561,6 +584,36 @@ mod tests {
 
 #[cfg(test)]
 mod docs_tests {
+    /// Every command and argument says what it is (`--help`, man pages, completions).
+    #[test]
+    fn every_argument_has_help() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.is_hide_set() && cmd.get_name() == "shim" {
+                return;
+            }
+            if cmd.get_about().is_none() {
+                missing.push(format!("{path} (the command)"));
+            }
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" || a.is_hide_set() {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = vec![];
+        walk(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
+    }
+
     /// Every `skiff` command in the operator pages (`docs/operations/*.md`, in ```sh
     /// blocks) is one this command line takes.
     #[test]
@@ -581,7 +634,11 @@ mod docs_tests {
                     continue;
                 }
                 if in_sh && line.starts_with("skiff ") {
-                    let argv = skiff_manifest::shell_split(line).unwrap();
+                    let mut argv = skiff_manifest::shell_split(line).unwrap();
+                    // A redirection or pipe is the shell's, not the command's.
+                    if let Some(i) = argv.iter().position(|a| ["<", ">", ">>", "|"].contains(&a.as_str())) {
+                        argv.truncate(i);
+                    }
                     if let Err(e) = super::Cli::try_parse_from(&argv) {
                         panic!("{}: {line}: {e}", path.display());
                     }

@@ -14,6 +14,7 @@ pub enum AutoscaleCmd {
     /// Print, as JSON, what the autoscaler decides for the situation in FILE (Kubernetes
     /// HPA semantics; see the README's reference).
     Simulate {
+        /// The situation: the autoscaler's spec, replicas and metric samples (YAML or JSON).
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
@@ -23,6 +24,7 @@ pub enum AutoscaleCmd {
 pub enum RolloutCmd {
     /// Follow the newest revision's rollout until it completes (exit 0) or fails (exit 1).
     Status {
+        /// The deployment.
         name: String,
         /// Print the state once instead of following it.
         #[arg(long)]
@@ -30,18 +32,24 @@ pub enum RolloutCmd {
         /// Give up after this long, e.g. 90s or 10m (exit 1).
         #[arg(long, value_parser = parse_ttl, default_value = "10m")]
         timeout: u64,
+        /// table, json or yaml.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
     },
     /// The deployment's revisions (the newest 10), oldest first.
     History {
+        /// The deployment.
         name: String,
+        /// table, json or yaml.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Format,
     },
     /// Go back to the previous revision, or to --to-revision N.
     Undo {
+        /// The deployment.
         name: String,
+        /// The revision to go back to (`skiff rollout history NAME`); default: the one
+        /// before the current.
         #[arg(long)]
         to_revision: Option<u64>,
     },

@@ -29,7 +29,10 @@ pub enum TokenCmd {
     /// List tokens (without their secrets).
     Ls,
     /// Stop a token from being used (nodes that joined with it stay).
-    Revoke { id: String },
+    Revoke {
+        /// The token's id (`skiff token ls`).
+        id: String,
+    },
 }
 
 pub(super) async fn token(c: &Client, cmd: &TokenCmd) -> Result<i32> {

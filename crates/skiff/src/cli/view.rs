@@ -361,18 +361,10 @@ pub(super) fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
             let v: Vec<DeploymentView> = serde_json::from_slice(body).map_err(bad)?;
             let h = ["NAME", "STACK", "READY", "IMAGE", "CPUS", "MEMORY", "RESTART", "REVISION"];
             if f == Format::Wide {
-                let pairs = |m: &std::collections::BTreeMap<String, String>| {
-                    let v: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    if v.is_empty() {
-                        "-".to_string()
-                    } else {
-                        v.join(",")
-                    }
-                };
                 let h = [&h[..], &["SELECTOR", "LABELS"]].concat();
                 return output::print(&v, f, &h, |d| {
                     let mut row = deployment_row(d);
-                    row.extend([pairs(&d.spec.placement.node_selector), pairs(&d.spec.labels)]);
+                    row.extend([label_pairs(&d.spec.placement.node_selector), label_pairs(&d.spec.labels)]);
                     row
                 });
             }
@@ -380,18 +372,25 @@ pub(super) fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
         }
         Kind::Nodes => {
             let v: Vec<skiff_hub::NodeInfo> = serde_json::from_slice(body).map_err(bad)?;
-            let h = ["NAME", "STATE", "PLATFORM", "RUNTIMES", "RUNC", "INSTANCES"];
+            let mut h = vec!["NAME", "STATE", "PLATFORM", "RUNTIMES", "RUNC", "INSTANCES"];
+            if f == Format::Wide {
+                h.push("LABELS");
+            }
             output::print(&v, f, &h, |n| {
                 let runc = n.versions.get("runc").cloned().unwrap_or_else(|| "-".into());
                 let flag = if n.warnings.is_empty() { "" } else { " (!)" };
-                vec![
+                let mut row = vec![
                     n.name.clone(),
                     n.state.clone(),
                     format!("{}/{}", n.os, n.arch),
                     n.runtimes.join(","),
                     format!("{runc}{flag}"),
                     n.instances.to_string(),
-                ]
+                ];
+                if f == Format::Wide {
+                    row.push(label_pairs(&n.labels));
+                }
+                row
             })?;
             if f.is_table() {
                 for n in v.iter().filter(|n| !n.warnings.is_empty()) {
@@ -548,6 +547,16 @@ pub(super) async fn logs(
         print_log_line(l, ts, &stderr);
     }
     Ok(0)
+}
+
+/// Labels as `k=v,k2=v2` (`-` for none), for a table cell.
+fn label_pairs(m: &std::collections::BTreeMap<String, String>) -> String {
+    let v: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if v.is_empty() {
+        "-".to_string()
+    } else {
+        v.join(",")
+    }
 }
 
 fn print_log_line(l: &LogLine, ts: bool, stderr: &std::io::Stderr) {
