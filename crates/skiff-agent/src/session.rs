@@ -132,12 +132,13 @@ impl Agent {
 
 impl Agent {
     /// Attaches to `instance`'s own process through its shim (see
-    /// `skiff_runtime::attach`): its output from now on; input and window sizes to its
-    /// terminal or stdin (the shim drops input unless it was started with `stdin_open`).
-    /// The session ends with the instance's exit code when it ends; a caller that leaves
-    /// only detaches.
+    /// `skiff_runtime::attach`): its output from now on (with `replay`, what the shim kept
+    /// from before first); input and window sizes to its terminal or stdin (the shim drops
+    /// input unless it was started with `stdin_open`). The session ends with the
+    /// instance's exit code when it ends; a caller that leaves only detaches.
     async fn attach_session(&self, instance: &str, spec: &SessionSpec) -> Result<Session, AgentError> {
-        use skiff_runtime::attach::{self, ATTACH_SOCKET, IN_DATA, IN_RESIZE, OUT_STDERR};
+        use skiff_runtime::attach::{self, ATTACH_SOCKET, HELLO_REPLAY, IN_CLOSE, IN_DATA, IN_HELLO, IN_RESIZE};
+        use skiff_runtime::attach::{OUT_EXIT, OUT_STDERR};
         let row = self.running_row(instance)?;
         if !row.spec.runtime.is_container() {
             return Err(AgentError::Other(format!(
@@ -147,55 +148,63 @@ impl Agent {
         }
         let dir = self.runtimes.of(row.spec.runtime).instance_dir(&row.container_id);
         let failed = |e: std::io::Error| {
-            AgentError::Other(format!(
-                "attaching to {instance}: {e} (an instance started by an older skiff takes attachments once restarted)"
-            ))
+            let hint = match e.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    " (it has just ended, or was started by an older skiff: it takes attachments once restarted)"
+                }
+                _ => "",
+            };
+            AgentError::Other(format!("attaching to {instance}: {e}{hint}"))
         };
-        let (guard, path) = attach::socket_path(&dir, ATTACH_SOCKET, std::process::id()).map_err(failed)?;
+        let d = dir.clone();
+        let (guard, path) =
+            blocking(move || attach::socket_path(&d, ATTACH_SOCKET, std::process::id())).await.map_err(failed)?;
         let conn = tokio::net::UnixStream::connect(&path).await.map_err(failed)?;
         drop(guard);
         tracing::info!(instance, tty = row.spec.tty, stdin = row.spec.stdin_open, "attached");
         let (mut from, mut to) = conn.into_split();
-        if spec.tty && row.spec.tty {
-            let (cols, rows) = spec.size();
-            send_frame(&mut to, IN_RESIZE, &attach::resize_bytes(cols, rows)).await.map_err(failed)?;
+        let flags = if spec.replay { HELLO_REPLAY } else { 0 };
+        send_frame(&mut to, IN_HELLO, &[flags]).await.map_err(failed)?;
+        // Only a caller on a terminal sizes the container's (a script that watches must
+        // not shrink a person's).
+        if spec.tty && row.spec.tty && spec.cols > 0 && spec.rows > 0 {
+            send_frame(&mut to, IN_RESIZE, &attach::resize_bytes(spec.cols, spec.rows)).await.map_err(failed)?;
         }
         let (out_tx, out_rx) = mpsc::channel::<SessionOutput>(64);
         let (in_tx, mut in_rx) = mpsc::channel::<SessionInput>(INPUT_WINDOW as usize);
         let caller = out_tx.clone();
         tokio::spawn(async move {
-            loop {
+            let last = loop {
                 let frame = tokio::select! {
                     f = next_frame(&mut from) => f,
                     // The caller left: detach (the instance runs on).
                     _ = out_tx.closed() => return,
                 };
-                let Ok(Some((kind, data))) = frame else { break };
-                for piece in data.chunks(OUTPUT_CHUNK) {
-                    let out = if kind == OUT_STDERR { SessionOutput::Stderr } else { SessionOutput::Stdout };
-                    if out_tx.send(out(piece.to_vec())).await.is_err() {
-                        return;
+                match frame {
+                    Ok(Some((OUT_EXIT, code))) => match attach::exit_code(&code) {
+                        Some(c) => break SessionOutput::Exit(c),
+                        None => break SessionOutput::Error("the shim sent a malformed exit".into()),
+                    },
+                    Ok(Some((kind, data))) => {
+                        for piece in data.chunks(OUTPUT_CHUNK) {
+                            let out = if kind == OUT_STDERR { SessionOutput::Stderr } else { SessionOutput::Stdout };
+                            if out_tx.send(out(piece.to_vec())).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        break SessionOutput::Error(
+                            "the attachment ended before the instance did: it fell behind the instance's output, \
+                             or the shim ended (the instance may run on)"
+                                .into(),
+                        )
                     }
                 }
-            }
-            // The shim writes the exit before it lets attachments go; a moment's wait
-            // covers a file system slower than the socket.
-            let mut end = None;
-            for _ in 0..20 {
-                end = skiff_runtime::shim::recorded_exit(&dir);
-                if end.is_some() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let last = match end {
-                Some(exit) => SessionOutput::Exit(exit.code),
-                None => SessionOutput::Error(
-                    "the attachment was dropped: it fell behind the instance's output (the instance runs on)".into(),
-                ),
             };
             let _ = out_tx.send(last).await;
         });
+        let stdin_once = spec.stdin_once;
         tokio::spawn(async move {
             while let Some(i) = in_rx.recv().await {
                 let sent = match i {
@@ -206,7 +215,9 @@ impl Agent {
                     SessionInput::Resize { cols, rows } => {
                         send_frame(&mut to, IN_RESIZE, &attach::resize_bytes(cols, rows)).await
                     }
-                    // The instance's stdin stays open for the next attachment.
+                    // As `docker run -i`: the end of this input is the end of the
+                    // instance's; a plain attach leaves it open for the next one.
+                    SessionInput::End if stdin_once => send_frame(&mut to, IN_CLOSE, &[]).await,
                     SessionInput::End => Ok(()),
                 };
                 if sent.is_err() {

@@ -4,7 +4,7 @@
 //! run in the background, one per instance.
 
 use crate::state::InstanceRow;
-use crate::{blocking, Agent, DRAIN};
+use crate::{blocking, Agent, AgentError, DRAIN};
 use skiff_image::Target;
 use skiff_model::InstanceState;
 use skiff_runtime::{Liveness, Runtime};
@@ -17,6 +17,25 @@ use tracing::{info, warn};
 impl Agent {
     /// Stops and removes `r` in the background (once), first taking it off the ports
     /// and waiting for its open connections to finish.
+    /// `skiff restart INSTANCE`: the instance is stopped and removed as any stop does it
+    /// (off its ports, drained, signal and grace period), and the next pass starts a new
+    /// one in its slot, as a deleted pod is replaced. Returns once the stop has begun.
+    pub fn replace(self: &Arc<Self>, instance: &str) -> Result<(), AgentError> {
+        let r = self.row(instance)?;
+        if r.retiring {
+            return Err(AgentError::Other(format!(
+                "{instance} is an old instance kept during an update: it is not replaced"
+            )));
+        }
+        let stopping = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
+        if stopping.contains(&r.container_id) {
+            return Err(AgentError::Other(format!("{instance} is stopping already")));
+        }
+        self.event(instance, "Replacing", "restarted by request: a new container takes its place");
+        self.spawn_stop(&r, &stopping, false);
+        Ok(())
+    }
+
     pub(crate) fn spawn_stop(self: &Arc<Self>, r: &InstanceRow, stopping: &HashSet<String>, drop_image: bool) {
         if stopping.contains(&r.container_id) {
             return;

@@ -541,6 +541,14 @@ async fn answer(agent: Arc<Agent>, op: Op, out: Replies) {
             let end = skiff_model::proto::ExecResult { code: r.code, stdout: String::new(), stderr: String::new() };
             out.send(Answer::Exec(end)).await;
         }
+        Op::Replace { instance } => match agent.replace(&instance) {
+            Ok(()) => {
+                out.send(Answer::End).await;
+            }
+            Err(e) => {
+                out.send(Answer::Error(e.to_string())).await;
+            }
+        },
         // Served by `session`, or routed to one.
         Op::Session { .. } | Op::Connect { .. } | Op::Input { .. } | Op::Resize { .. } | Op::InputEnd => {}
         Op::Cancel | Op::Credit { .. } => {}

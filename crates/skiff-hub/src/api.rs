@@ -62,6 +62,7 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/instances/{name}/logs", get(logs))
         .route("/api/v1/instances/{name}/exec", post(exec).get(exec_session))
         .route("/api/v1/instances/{name}/portforward", get(port_forward))
+        .route("/api/v1/instances/{name}/restart", post(restart_instance))
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/events", get(events))
         .route("/api/v1/metrics", get(samples))
@@ -460,6 +461,13 @@ async fn exec(
     let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(60_000).min(3_600_000));
     let r = node.exec(&name, b.argv, timeout).await.map_err(node_error)?;
     Ok(Json(r).into_response())
+}
+
+/// `skiff restart web-1`: the instance's node replaces it with a new container.
+async fn restart_instance(State(hub): State<Shared>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let node = hub.node_of(&name).ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
+    node.replace(&name).await.map_err(node_error)?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "restarting": name }))).into_response())
 }
 
 /// The interactive exec (see [`skiff_model::api::ExecControl`] for its messages).

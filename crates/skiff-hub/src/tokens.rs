@@ -188,6 +188,7 @@ mod tests {
         assert_eq!(need(&Method::POST, "/api/v1/instances/web-1/exec"), TokenRole::Admin);
         assert_eq!(need(&Method::GET, "/api/v1/instances/web-1/exec"), TokenRole::Admin, "the interactive exec");
         assert_eq!(need(&Method::GET, "/api/v1/instances/web-1/portforward"), TokenRole::Admin);
+        assert_eq!(need(&Method::POST, "/api/v1/instances/web-1/restart"), TokenRole::Admin);
         assert_eq!(need(&Method::DELETE, "/api/v1/deployments/web"), TokenRole::Admin);
     }
 

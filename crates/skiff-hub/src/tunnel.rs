@@ -573,6 +573,19 @@ impl NodeLink for RemoteLink {
     fn connect(&self, instance: &str, port: u16) -> BoxFuture<'_, Result<Session, NodeError>> {
         Box::pin(self.open_session(Op::Connect { instance: instance.to_string(), port }))
     }
+
+    fn replace(&self, instance: &str) -> BoxFuture<'_, Result<(), NodeError>> {
+        let op = Op::Replace { instance: instance.to_string() };
+        Box::pin(async move {
+            let mut answers = self.tunnel()?.request(op)?;
+            match tokio::time::timeout(Duration::from_secs(30), answers.next()).await {
+                Ok(Some(Answer::End)) => Ok(()),
+                Ok(Some(Answer::Error(e))) => Err(NodeError::Failed(e)),
+                Ok(_) => Err(NodeError::Failed(format!("node {:?} closed the tunnel before answering", self.name))),
+                Err(_) => Err(NodeError::Timeout(self.name.clone())),
+            }
+        })
+    }
 }
 
 impl RemoteLink {
@@ -722,7 +735,8 @@ mod tests {
     async fn a_session_sends_input_within_its_window() {
         let (out_tx, mut out_rx) = mpsc::channel(256);
         let t = Arc::new(Tunnel::new(out_tx, 1));
-        let spec = SessionSpec { argv: vec!["sh".into()], tty: true, stdin: true, cols: 80, rows: 24, attach: false };
+        let spec =
+            SessionSpec { argv: vec!["sh".into()], tty: true, stdin: true, cols: 80, rows: 24, ..Default::default() };
         let answers = t.request(Op::Session { instance: "x".into(), spec }).unwrap();
         let start: Request = serde_json::from_str(&out_rx.recv().await.unwrap()).unwrap();
         let (in_tx, in_rx) = mpsc::channel(256);

@@ -227,6 +227,12 @@ pub enum Op {
         instance: String,
         port: u16,
     },
+    /// Replace one instance (`skiff restart web-1`): its container is stopped as a stop
+    /// stops it (signal, grace period) and a new one of the same spec takes its place.
+    /// Answered `end` once the stop has begun.
+    Replace {
+        instance: String,
+    },
     /// Bytes for a session's standard input (at most [`INPUT_CHUNK`]).
     Input {
         #[serde(with = "b64")]
@@ -266,6 +272,14 @@ pub struct SessionSpec {
     /// open; leaving never stops it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub attach: bool,
+    /// Attaching: first the output its shim kept from before (up to 64 KiB), as
+    /// `skiff run -it` shows what the container wrote before it attached.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replay: bool,
+    /// Attaching: the end of this input closes the instance's stdin (a pipe), as
+    /// `docker run -i` does; otherwise it stays open for the next attachment.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin_once: bool,
     /// A terminal in the container (`-t`): output is the terminal's, one stream.
     #[serde(default)]
     pub tty: bool,
@@ -284,6 +298,10 @@ impl SessionSpec {
     pub fn validate(&self) -> Result<(), String> {
         if self.attach && !self.argv.is_empty() {
             return Err("argv: attaching runs no command".into());
+        }
+        if !self.attach && (self.replay || self.stdin_once) {
+            let field = if self.replay { "replay" } else { "stdin_once" };
+            return Err(format!("{field}: only for attaching"));
         }
         if !self.attach && self.argv.is_empty() {
             return Err("argv: must not be empty".into());

@@ -59,6 +59,8 @@ pub const LOG_FILE: &str = "container.log";
 pub const PID_FILE: &str = "init.pid";
 /// Where runc sends a terminal container's terminal (only while it starts).
 pub const CONSOLE_SOCKET: &str = "console.sock";
+/// How long a terminal container's runtime may take to send its terminal.
+const CONSOLE_WAIT: Duration = Duration::from_secs(60);
 pub const SHIM_PID_FILE: &str = "shim.pid";
 /// The shim's identity, `<boot id> <start time>` ([`crate::procfs::identity`]): tells the
 /// shim from a later process that got its pid.
@@ -254,7 +256,7 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
     let terminal = console.map(|(guard, path, listener)| {
         std::thread::spawn(move || {
             let _guard = guard;
-            let got = listener.accept().and_then(|(conn, _)| skiff_sys::pty::recv_fd(&conn));
+            let got = accept_within(&listener, CONSOLE_WAIT).and_then(|conn| skiff_sys::pty::recv_fd(&conn));
             let _ = std::fs::remove_file(path);
             got
         })
@@ -275,38 +277,50 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
         let _ = runc.delete(&cfg.id);
         return Err(msg);
     }
-    let pid: i32 = std::fs::read_to_string(bundle.join(PID_FILE))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| "runc run wrote no pid".to_string())?;
-    let input = match terminal {
-        Some(t) => {
-            let master = t
-                .join()
-                .map_err(|_| "taking the terminal failed".to_string())?
-                .map_err(|e| format!("taking the container's terminal: {e}"))?;
-            let master = std::fs::File::from(master);
-            let reader = master.try_clone().map_err(|e| format!("the terminal: {e}"))?;
-            readers.push((reader, attach::OUT_STDOUT, "stdout"));
-            attach::Input::Terminal { master, stdin_open: cfg.stdin_open }
+    // The container runs from here on: a step that fails below takes it down again, so
+    // no container is left without its shim (no log, no exit, nothing to attach to).
+    let started = (|| -> Result<(i32, attach::Input, LogWriter), String> {
+        let pid: i32 = std::fs::read_to_string(bundle.join(PID_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| "runc run wrote no pid".to_string())?;
+        let input = match terminal {
+            Some(t) => {
+                let master = t
+                    .join()
+                    .map_err(|_| "taking the terminal failed".to_string())?
+                    .map_err(|e| format!("taking the container's terminal: {e}"))?;
+                let master = std::fs::File::from(master);
+                let reader = master.try_clone().map_err(|e| format!("the terminal: {e}"))?;
+                readers.push((reader, attach::OUT_STDOUT, "stdout"));
+                attach::Input::Terminal { master, stdin_open: cfg.stdin_open }
+            }
+            None => stdin_w.map_or(attach::Input::None, |w| attach::Input::Pipe(Mutex::new(Some(w)))),
+        };
+        let log = LogWriter::open(&bundle.join(LOG_FILE), cfg.log_max_bytes, cfg.log_max_files)
+            .map_err(|e| format!("opening the log: {e}"))?;
+        Ok((pid, input, log))
+    })();
+    let (pid, input, log) = match started {
+        Ok(s) => s,
+        Err(msg) => {
+            let _ = runc.kill(&cfg.id, "KILL");
+            let _ = runc.delete(&cfg.id);
+            return Err(msg);
         }
-        None => stdin_w.map_or(attach::Input::None, attach::Input::Pipe),
     };
     let attachments = attach::Attachments::default();
     if let Err(e) = attachments.serve(bundle, input) {
         // The container runs all the same; only `skiff attach` cannot reach it.
         diag(bundle, &format!("no attachments: {e}"));
     }
-
-    let log = Arc::new(Mutex::new(
-        LogWriter::open(&bundle.join(LOG_FILE), cfg.log_max_bytes, cfg.log_max_files)
-            .map_err(|e| format!("opening the log: {e}"))?,
-    ));
+    let log = Arc::new(Mutex::new(log));
     let copiers: Vec<_> = readers
         .into_iter()
         .map(|(r, kind, stream)| {
             let (log, attachments) = (Arc::clone(&log), attachments.clone());
-            std::thread::spawn(move || copy_output(r, kind, stream, &log, &attachments))
+            let tty = cfg.tty;
+            std::thread::spawn(move || copy_output(r, kind, stream, tty, &log, &attachments))
         })
         .collect();
     report(format!("ok {pid}"));
@@ -326,29 +340,27 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
     }
     let exit = ExitStatus { code, signal, oom_killed, finished_at_ms, message: None };
     write_exit(bundle, &exit);
-    // Attachments end after `exit.json` is there: they read the exit code from it.
-    attachments.close();
+    // Attachments get the exit code after all the output, once `exit.json` is there.
+    attachments.close(code);
     let _ = std::fs::remove_file(bundle.join(attach::ATTACH_SOCKET));
     Ok(())
 }
 
 /// Copies one output stream of the container, as it comes, to its attachments, and line
-/// by line to its log (a terminal's "\r\n" ends a line as "\n" does; a line longer than
-/// [`MAX_LINE`] is split). Ends at the end of the stream (a terminal's master reads EIO
-/// once the container's side is closed).
+/// by line to its log (a line longer than [`MAX_LINE`] is split; on a terminal, whose
+/// lines end "\r\n", the "\r" before a "\n" is dropped). Ends at the end of the stream (a
+/// terminal's master reads EIO once the container's side is closed).
 fn copy_output(
     mut r: std::fs::File,
     kind: u8,
     stream: &str,
+    tty: bool,
     log: &Mutex<LogWriter>,
     attachments: &attach::Attachments,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut line: Vec<u8> = Vec::with_capacity(256);
     let flush = |line: &mut Vec<u8>| {
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
         if let Ok(mut w) = log.lock() {
             let _ = w.write(stream, line);
         }
@@ -356,31 +368,56 @@ fn copy_output(
     };
     loop {
         let n = match r.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break,
             Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
         };
         attachments.send(kind, &buf[..n]);
-        for piece in buf[..n].split_inclusive(|b| *b == b'\n') {
-            let mut piece = piece;
-            loop {
+        for mut piece in buf[..n].split_inclusive(|b| *b == b'\n') {
+            while !piece.is_empty() {
                 let room = MAX_LINE - line.len();
                 let (now, rest) = piece.split_at(piece.len().min(room));
                 line.extend_from_slice(now);
                 piece = rest;
                 if line.last() == Some(&b'\n') {
                     line.pop();
+                    if tty && line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
                     flush(&mut line);
                 } else if line.len() == MAX_LINE {
                     flush(&mut line);
-                }
-                if piece.is_empty() {
-                    break;
                 }
             }
         }
     }
     if !line.is_empty() {
         flush(&mut line);
+    }
+}
+
+/// Accepts one connection on `listener`, waiting at most `limit`.
+fn accept_within(
+    listener: &std::os::unix::net::UnixListener,
+    limit: Duration,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    listener.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false)?;
+                return Ok(conn);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the runtime sent no terminal"))
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

@@ -66,6 +66,11 @@ impl NodeLink for LocalAgent {
             Ok(Session { input, output })
         })
     }
+
+    fn replace(&self, instance: &str) -> BoxFuture<'_, Result<(), NodeError>> {
+        let r = self.agent.replace(instance).map_err(node_error);
+        Box::pin(async move { r })
+    }
 }
 
 impl LocalNode for LocalAgent {

@@ -125,8 +125,23 @@ impl Docs {
         Ok(Docs { hub, agent: None, others: vec![], _registry: registry, work, map, roots: 0 })
     }
 
+    /// The pages' names mapped, in one pass (a mapped value is never mapped again).
     fn subst(&self, text: &str) -> String {
-        self.map.iter().fold(text.to_string(), |t, (from, to)| t.replace(from, to))
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        'scan: while !rest.is_empty() {
+            for (from, to) in &self.map {
+                if let Some(after) = rest.strip_prefix(from.as_str()) {
+                    out.push_str(to);
+                    rest = after;
+                    continue 'scan;
+                }
+            }
+            let c = rest.chars().next().unwrap_or_default();
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+        out
     }
 
     fn write(&self, name: &str, text: &str) -> R {
@@ -266,7 +281,8 @@ impl Docs {
         Ok(())
     }
 
-    /// A command that keeps running: it prints something, then is stopped.
+    /// A command that keeps running: it prints something and is still running (it
+    /// follows) a moment later; then it is stopped.
     fn follow(&self, line: &str, args: &[&str]) -> R {
         let log = self.work.path().join("follow.out");
         let mut child = Command::new(common::bin())
@@ -276,10 +292,16 @@ impl Docs {
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::process::Stdio::null())
             .spawn()?;
-        let shown = wait_for(30 * SEC, line, || std::fs::read_to_string(&log).ok().filter(|t| t.lines().count() >= 2));
+        let shown = wait_for(30 * SEC, line, || {
+            std::fs::read_to_string(&log).ok().filter(|t| t.lines().any(|l| !l.trim().is_empty()))
+        });
+        std::thread::sleep(SEC);
+        let following = matches!(child.try_wait(), Ok(None));
         let _ = child.kill();
         let _ = child.wait();
-        println!("$ {line}\n{}", shown?);
+        let shown = shown?;
+        println!("$ {line}\n{shown}");
+        anyhow::ensure!(following, "{line} ended instead of following");
         Ok(())
     }
 }

@@ -238,17 +238,46 @@ fn attach_reaches_a_terminal_its_shim_holds() -> R {
     assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
     assert_eq!(out.status.code(), Some(7));
 
-    // `run -it` without -d: this terminal is the container's once it runs.
+    // `run -it` without -d: this terminal is the container's once it runs, with what it
+    // showed before (its prompt).
     let out = n.cli_input(&["run", "-it", IMAGE, "--name", "nope", "--", "sh"], b"")?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("the input device is not a TTY"), "{out:?}");
     assert!(n.cli(&["get", "deployments", "nope"]).is_ok_and(|o| !o.status.success()), "nothing stored");
     let mut t =
         Terminal::spawn(&n, &["run", "-it", "--restart", "no", IMAGE, "--name", "direct", "--", "sh"], (80, 24))?;
-    n.wait_running("direct-1")?;
-    std::thread::sleep(SEC);
+    t.expect("# ", 60 * SEC)?;
     t.send("echo direct-$((2*3))\r")?;
     t.expect("direct-6", 20 * SEC)?;
-    t.send("exit\r")?;
-    assert_eq!(t.wait(20 * SEC)?, 0);
+    t.send("exit 4\r")?;
+    assert_eq!(t.wait(20 * SEC)?, 4);
+    // `run -i` from a pipe: the end of the input is the end of the container's stdin.
+    let out = n.cli_input(
+        &["run", "-i", "--restart", "no", IMAGE, "--name", "piped", "--", "sh", "-c", "cat; echo eof"],
+        b"one\ntwo\n",
+    )?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\neof\n", "{out:?}");
+    assert_eq!(out.status.code(), Some(0));
+    // A command over before it could be attached: its output and its code all the same.
+    let out =
+        n.cli(&["run", "-t", "--restart", "no", IMAGE, "--name", "quick", "--", "sh", "-c", "echo done-fast; exit 3"])?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("done-fast"), "{out:?}");
+    assert_eq!(out.status.code(), Some(3));
+    // A watcher without a terminal does not resize a terminal container (a person's).
+    n.ok(&["run", "-d", "-it", IMAGE, "--name", "sized", "--", "sh"])?;
+    n.wait_running("sized-1")?;
+    let mut t = Terminal::spawn(&n, &["attach", "sized-1"], (132, 43))?;
+    t.send("stty size\r")?;
+    t.expect("43 132", 20 * SEC)?;
+    let mut watcher = std::process::Command::new(common::bin())
+        .args(["--data", n.data().to_str().unwrap(), "attach", "--no-stdin", "sized-1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(2 * SEC);
+    t.send("stty size; echo after-watcher\r")?;
+    t.expect("after-watcher", 20 * SEC)?;
+    assert!(!t.screen().contains("24 80"), "{}", t.screen());
+    let _ = watcher.kill();
+    let _ = watcher.wait();
     Ok(())
 }

@@ -144,6 +144,23 @@ fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
         (instance_names(&n).iter().filter(|i| i.starts_with("api-")).count() == 2).then_some(())
     })?;
 
+    // One instance: restart replaces it alone (a new process in its slot); its sibling
+    // runs on. stop and start name the deployment, and say so.
+    let (one, other) = (n.wait_running("api-1")?, n.wait_running("api-2")?);
+    let said = n.ok(&["restart", "api-1"])?;
+    assert!(said.contains("instance api-1 restarting"), "{said}");
+    wait_for(60 * SEC, "api-1 replaced", || {
+        let i = n.instance("api-1").ok()?;
+        (i.state == skiff_model::InstanceState::Running && i.pid.is_some() && i.pid != one.pid).then_some(())
+    })?;
+    assert_eq!(n.instance("api-2")?.pid, other.pid, "its sibling was not touched");
+    let refused = n.cli(&["stop", "api-2"])?;
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && text.contains("api-2 is an instance of deployment api"), "{text}");
+    assert_eq!(n.instance("api-2")?.pid, other.pid);
+    let missing = n.cli(&["restart", "nothing-9"])?;
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no deployment or instance named \"nothing-9\""));
+
     // --log-opt: this deployment's log files rotate at 16 KiB, two kept.
     let talk = "i=0; while [ $i -lt 3000 ]; do echo line-$i-padding-padding-padding; i=$((i+1)); done; sleep 1000";
     n.ok(&[

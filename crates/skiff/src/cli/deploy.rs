@@ -442,9 +442,20 @@ pub(super) async fn run(cli: &Cli, args: &RunArgs) -> Result<i32> {
     }
     print_notes(&r);
     if (args.interactive || args.tty) && !args.detach {
-        // As `docker run -it`: this terminal becomes the container's once it runs.
-        let instance = super::view::first_running(cli, &name).await?;
-        return super::view::attach(cli, &instance, !args.interactive, super::view::DEFAULT_DETACH_KEYS).await;
+        // As `docker run -it`: this terminal becomes the container's once it runs, with
+        // what it wrote before then; the end of piped input is the end of its stdin.
+        let how = super::view::Attach { no_stdin: !args.interactive, replay: true, stdin_once: true };
+        return match super::view::first_running(cli, &name).await? {
+            super::view::Started::Running(instance) => {
+                super::view::attach(cli, &instance, how, super::view::DEFAULT_DETACH_KEYS).await
+            }
+            // Over before it could be attached (`run -t IMAGE ls`): its output and code.
+            super::view::Started::Exited(instance, code) => {
+                let c = client(cli)?;
+                super::view::logs(&c, &instance, false, None, false, super::view::LogWindow::default()).await?;
+                Ok(code)
+            }
+        };
     }
     outln!("{name}");
     Ok(0)

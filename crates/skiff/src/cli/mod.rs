@@ -165,10 +165,11 @@ pub enum Cmd {
         items: Vec<String>,
     },
     /// Replace every instance of deployments, by each one's update strategy (as
-    /// `kubectl rollout restart`; follow with `skiff rollout status NAME`).
+    /// `kubectl rollout restart`; follow with `skiff rollout status NAME`); or one
+    /// instance (`skiff restart web-1`: a new container in its place, on its node).
     Restart {
-        /// The deployments (one or more).
-        #[arg(required = true, value_name = "DEPLOYMENT")]
+        /// Deployments or instances (one or more).
+        #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
     },
     /// Stop deployments: no instances, the replica count kept for `skiff start`.
@@ -478,7 +479,10 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Exec { interactive, tty, instance, command } => {
             view::exec(cli, instance, command, *interactive, *tty).await
         }
-        Cmd::Attach { no_stdin, detach_keys, instance } => view::attach(cli, instance, *no_stdin, detach_keys).await,
+        Cmd::Attach { no_stdin, detach_keys, instance } => {
+            let how = view::Attach { no_stdin: *no_stdin, ..Default::default() };
+            view::attach(cli, instance, how, detach_keys).await
+        }
         Cmd::Image(cmd @ (ImageCmd::Pull { .. } | ImageCmd::Sign { .. } | ImageCmd::Verify { .. })) => {
             image::pull(cli, cmd).await
         }

@@ -33,8 +33,25 @@ fn parse_scale(items: &[String]) -> Result<Vec<(String, u32)>> {
 }
 
 async fn stored(c: &Client, name: &str) -> Result<Deployment> {
-    let v: DeploymentView = c.get(&format!("/api/v1/deployments/{name}")).await?;
-    Ok(v.spec)
+    match c.get::<DeploymentView>(&format!("/api/v1/deployments/{name}")).await {
+        Ok(v) => Ok(v.spec),
+        Err(e) if super::view::is_status(&e, reqwest::StatusCode::NOT_FOUND) => match instance(c, name).await? {
+            Some(i) => Err(anyhow::anyhow!(
+                "{name} is an instance of deployment {dep}: its instances run as the deployment says \
+                 (`skiff restart {name}` replaces this one, `skiff scale {dep}=N` sets how many run, \
+                 `skiff stop {dep}` stops them all)",
+                dep = i.deployment
+            )),
+            None => Err(e),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// The instance named `name`, if the hub lists one.
+async fn instance(c: &Client, name: &str) -> Result<Option<skiff_model::InstanceStatus>> {
+    let all: Vec<skiff_model::InstanceStatus> = c.get("/api/v1/instances").await?;
+    Ok(all.into_iter().find(|i| i.name == name))
 }
 
 /// Applies changed deployments in one transaction.
@@ -103,12 +120,35 @@ async fn change_each(
 
 /// `skiff restart NAME...`: every instance replaced, by the deployment's update strategy
 /// (`skiff rollout status NAME` follows it).
+/// An instance's name (not a deployment's) is replaced alone, by its node: a new
+/// container of the same spec in its place, as `docker restart` (or deleting a pod).
 pub(super) async fn restart(c: &Client, names: &[String], now_ms: u64) -> Result<i32> {
-    change_each(c, names, "restarting", |d| {
-        d.labels.insert(RESTARTED_AT.into(), now_ms.to_string());
-        Ok(None)
-    })
-    .await
+    let mut deployments = vec![];
+    let mut instances = vec![];
+    for name in names {
+        let is_deployment = match c.get::<DeploymentView>(&format!("/api/v1/deployments/{name}")).await {
+            Ok(_) => true,
+            Err(e) if super::view::is_status(&e, reqwest::StatusCode::NOT_FOUND) => false,
+            Err(e) => return Err(e),
+        };
+        match (is_deployment, instance(c, name).await?) {
+            (true, _) => deployments.push(name.clone()),
+            (false, Some(_)) => instances.push(name.clone()),
+            (false, None) => bail!("no deployment or instance named {name:?}"),
+        }
+    }
+    if !deployments.is_empty() {
+        change_each(c, &deployments, "restarting", |d| {
+            d.labels.insert(RESTARTED_AT.into(), now_ms.to_string());
+            Ok(None)
+        })
+        .await?;
+    }
+    for name in instances {
+        let _: serde_json::Value = c.post(&format!("/api/v1/instances/{name}/restart"), &serde_json::json!({})).await?;
+        outln!("instance {name} restarting (a new container takes its place)");
+    }
+    Ok(0)
 }
 
 /// `skiff stop NAME...`: no instances, the count kept for `start`.

@@ -606,7 +606,7 @@ pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String], interact
         bail!("the input device is not a TTY: -t with -i needs a terminal (use -i alone for a pipe)");
     }
     let (cols, rows) = terminal_size().unwrap_or((0, 0));
-    let spec = SessionSpec { argv: command.to_vec(), tty, stdin: interactive, cols, rows, attach: false };
+    let spec = SessionSpec { argv: command.to_vec(), tty, stdin: interactive, cols, rows, ..Default::default() };
     spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     let c = client(cli)?;
     let path = format!("/api/v1/instances/{instance}/exec");
@@ -634,7 +634,19 @@ pub(super) const DEFAULT_DETACH_KEYS: &str = "ctrl-p,ctrl-q";
 /// `skiff attach`: a session on the instance's own process (see
 /// `skiff_runtime::attach`), shaped by what it was started with (its deployment's `tty`
 /// and `stdin_open`). The detach keys end it and leave the instance running.
-pub(super) async fn attach(cli: &Cli, instance: &str, no_stdin: bool, detach_keys: &str) -> Result<i32> {
+/// How `skiff attach` (or `skiff run -it`) attaches.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Attach {
+    /// Send no input.
+    pub no_stdin: bool,
+    /// Show first what the instance wrote before (`run -it`).
+    pub replay: bool,
+    /// The end of this input closes the instance's stdin (`run -i`).
+    pub stdin_once: bool,
+}
+
+pub(super) async fn attach(cli: &Cli, instance: &str, how: Attach, detach_keys: &str) -> Result<i32> {
+    let Attach { no_stdin, replay, stdin_once } = how;
     let keys = super::cp::DetachKeys::parse(detach_keys).map_err(|e| anyhow::anyhow!("--detach-keys: {e}"))?;
     let c = client(cli)?;
     let all: Vec<InstanceStatus> = c.get("/api/v1/instances").await?;
@@ -645,22 +657,30 @@ pub(super) async fn attach(cli: &Cli, instance: &str, no_stdin: bool, detach_key
         bail!("the input device is not a TTY: {instance} runs on a terminal; attach from one, or with --no-stdin");
     }
     let (cols, rows) = terminal_size().unwrap_or((0, 0));
-    let spec = SessionSpec { argv: vec![], tty, stdin, cols, rows, attach: true };
+    let spec = SessionSpec { tty, stdin, cols, rows, attach: true, replay, stdin_once, ..Default::default() };
     let ws = c.websocket(&format!("/api/v1/instances/{instance}/exec")).await?;
     // Keys are watched for on a terminal only: a pipe's bytes are data.
     session(ws, &spec, (tty && stdin).then_some(keys)).await
 }
 
+/// An instance `skiff run -it` waited for.
+pub(super) enum Started {
+    Running(String),
+    /// It ended before it could be attached: its name and exit code.
+    Exited(String, i32),
+}
+
 /// The first running instance of deployment `name`, waited for (its image may be pulled
-/// first) for up to ten minutes; an instance that failed or exited is an error.
-pub(super) async fn first_running(cli: &Cli, name: &str) -> Result<String> {
+/// first) for up to ten minutes; or one that already ended. One that could not start is
+/// an error.
+pub(super) async fn first_running(cli: &Cli, name: &str) -> Result<Started> {
     let c = client(cli)?;
     let progress = crate::progress::waiting(&format!("waiting for {name} to start"));
     for _ in 0..1200 {
         let d: DeploymentView = c.get(&format!("/api/v1/deployments/{name}")).await?;
         if let Some(i) = d.instances.iter().find(|i| i.state == skiff_model::InstanceState::Running) {
             progress.finish_and_clear();
-            return Ok(i.name.clone());
+            return Ok(Started::Running(i.name.clone()));
         }
         if let Some(i) = d.instances.iter().find(|i| i.state == skiff_model::InstanceState::Failed) {
             progress.finish_and_clear();
@@ -668,7 +688,7 @@ pub(super) async fn first_running(cli: &Cli, name: &str) -> Result<String> {
         }
         if let Some(i) = d.instances.iter().find(|i| i.state == skiff_model::InstanceState::Exited) {
             progress.finish_and_clear();
-            bail!("{} exited with code {} before it could be attached", i.name, i.exit_code.unwrap_or(-1));
+            return Ok(Started::Exited(i.name.clone(), i.exit_code.unwrap_or(255)));
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
@@ -725,10 +745,12 @@ async fn session(
             }
         });
     }
-    drop(tx);
+    // Kept to end the session after what was queued (detach keys).
+    let closer = tx;
     let sender = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
-            if to_hub.send(m).await.is_err() {
+            let last = matches!(m, Message::Close(_));
+            if to_hub.send(m).await.is_err() || last {
                 return;
             }
         }
@@ -741,9 +763,13 @@ async fn session(
             _ = term.recv() => break Err(anyhow::anyhow!("terminated")),
             _ = hup.recv() => break Err(anyhow::anyhow!("the terminal hung up")),
             Some(()) = detached.recv() => {
-                // As Docker says it; the remote side runs on.
+                // What was typed before the keys goes first; then, as Docker says it, the
+                // remote side runs on.
+                let wait = std::time::Duration::from_secs(2);
+                if closer.send(Message::Close(None)).await.is_ok() {
+                    let _ = tokio::time::timeout(wait, sender).await;
+                }
                 drop(raw);
-                sender.abort();
                 eprintln!("read escape sequence");
                 return Ok(0);
             }
