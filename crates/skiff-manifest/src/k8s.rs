@@ -121,12 +121,23 @@ fn is_custom(v: &Value) -> bool {
 
 /// Imports every document of `text`. `namespace` names the stack when a manifest has none.
 pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
+    import_k8s_files(&[("", text)], namespace)
+}
+
+/// Imports the documents of several files as one set, as kubectl reads them: a Service
+/// or an autoscaler in one selects a Deployment in another. With more than one file,
+/// errors and warnings start with the file's name (and count documents within it).
+pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport> {
     let mut out = K8sImport { deployments: vec![], warnings: vec![], autoscalers: vec![] };
     let mut pod_labels: Vec<BTreeMap<String, String>> = vec![];
     let mut paths: Vec<String> = vec![];
     let mut services: Vec<Service> = vec![];
-    for (n, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let v = <Value as serde::Deserialize>::deserialize(doc).map_err(|e| ManifestError::Yaml(e.to_string()))?;
+    let docs = files.iter().flat_map(|(file, text)| {
+        serde_norway::Deserializer::from_str(text).enumerate().map(move |(n, doc)| (*file, n, doc))
+    });
+    for (file, n, doc) in docs {
+        let at = |p: String| if files.len() > 1 { format!("{file}: {p}") } else { p };
+        let v = <Value as serde::Deserialize>::deserialize(doc).map_err(|e| ManifestError::Yaml(at(e.to_string())))?;
         if v.is_null() {
             continue;
         }
@@ -134,9 +145,9 @@ pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
         let name = get(&v, "metadata")
             .and_then(|m| get(m, "name"))
             .and_then(Value::as_str)
-            .ok_or_else(|| ManifestError::at(format!("document {}", n + 1), "metadata.name is required"))?
+            .ok_or_else(|| ManifestError::at(at(format!("document {}", n + 1)), "metadata.name is required"))?
             .to_string();
-        let path = format!("{kind}/{name}");
+        let path = at(format!("{kind}/{name}"));
         let stack = get(&v, "metadata")
             .and_then(|m| get(m, "namespace"))
             .and_then(Value::as_str)
@@ -144,6 +155,9 @@ pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
             .to_string();
         match kind.as_str() {
             "Deployment" | "DaemonSet" => {
+                if let Some(i) = out.deployments.iter().position(|d| d.name == name) {
+                    return Err(ManifestError::at(&path, format!("{name:?} is defined already, by {}", paths[i])));
+                }
                 let (d, labels) = workload(&v, &kind, &name, &stack, &path, &mut out.warnings)?;
                 out.deployments.push(d);
                 pod_labels.push(labels);
@@ -188,7 +202,7 @@ pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
                 let target = crate::hpa::target(spec, &sp)?;
                 out.autoscalers.push(AttachAutoscaler { spec: crate::hpa::spec(spec, &sp)?, target, path });
             }
-            "" => return Err(ManifestError::at(format!("document {}", n + 1), "kind is required")),
+            "" => return Err(ManifestError::at(at(format!("document {}", n + 1)), "kind is required")),
             // Access control, disruption budgets, network policy, ingress and the like
             // configure a Kubernetes cluster, not the workloads: kubectl applies each
             // object on its own, so these are reported and the rest imported.
@@ -661,6 +675,27 @@ spec:
             "Deployment/w.spec.template.spec.runtimeClassName: \"kata\" is not a runtime skiff has \
              (oci or runc; runsc or gvisor; wasm, wasmtime or io.containerd.wasmtime.v1)"
         );
+    }
+
+    #[test]
+    fn several_files_are_one_set_and_errors_name_the_file() {
+        let dep = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api}\nspec:\n  template:\n    metadata: {labels: {app: api}}\n    spec:\n      containers: [{name: c, image: i}]\n";
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: api}\nspec:\n  type: NodePort\n  selector: {app: api}\n  ports: [{port: 80, nodePort: 30080}]\n";
+        let k = import_k8s_files(&[("api.yaml", dep), ("svc.yaml", svc)], "default").unwrap();
+        assert_eq!(k.deployments[0].ports[0].host_port, 30080, "the Service in another file publishes");
+        let e = import_k8s_files(&[("api.yaml", dep), ("svc.yaml", &svc.replace("app: api", "app: nope"))], "default")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "svc.yaml: Service/api.spec.selector: selects no Deployment or DaemonSet in these manifests");
+        let e = import_k8s_files(&[("a.yaml", dep), ("b.yaml", &format!("---\n{dep}"))], "default")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "b.yaml: Deployment/api: \"api\" is defined already, by a.yaml: Deployment/api");
+        let e =
+            import_k8s_files(&[("a.yaml", dep), ("b.yaml", "kind: Deployment\n")], "default").unwrap_err().to_string();
+        assert_eq!(e, "b.yaml: document 1: metadata.name is required");
+        let one = import_k8s(&dep.replace("image: i", "image: i, bogus: 1"), "default").unwrap();
+        assert!(one.warnings.iter().all(|w| w.starts_with("Deployment/api")), "one file: no prefix {:?}", one.warnings);
     }
 
     #[test]

@@ -380,18 +380,14 @@ pub(super) fn read_manifests(files: &[PathBuf]) -> Result<Manifests> {
         });
     }
     // One set, as kubectl reads several files: a Service or an autoscaler in one file
-    // selects a Deployment in another.
-    let names: Vec<&str> = texts.iter().map(|(n, _, _)| n.as_str()).collect();
-    let joined: String = texts.iter().map(|(_, t, _)| format!("---\n{t}\n")).collect();
-    let k = skiff_manifest::import_k8s(&joined, "default").with_context(|| names.join(", "))?;
-    let mut out =
-        Manifests { deployments: vec![], warnings: k.warnings, prune_stack: None, autoscalers: k.autoscalers };
-    for d in k.deployments {
-        if out.deployments.iter().any(|x| x.name == d.name) {
-            bail!("{}: deployment {:?} is defined twice", names.join(", "), d.name);
-        }
-        out.deployments.push(d);
-    }
+    // selects a Deployment in another (errors name the file).
+    let files: Vec<(&str, &str)> = texts.iter().map(|(n, t, _)| (n.as_str(), t.as_str())).collect();
+    let k = skiff_manifest::import_k8s_files(&files, "default").with_context(|| match files.as_slice() {
+        [(one, _)] => one.to_string(),
+        _ => "the manifests".to_string(),
+    })?;
+    let out =
+        Manifests { deployments: k.deployments, warnings: k.warnings, prune_stack: None, autoscalers: k.autoscalers };
     Ok(out)
 }
 
