@@ -48,6 +48,22 @@ impl Agent {
             (None, None) => ("Exited", format!("exited with code {}", exit.code)),
         };
         self.event(&r.name, reason, &what);
+        if r.held {
+            // `skiff stop INSTANCE`: it stays stopped, whatever its restart policy.
+            r.restart_requested = false;
+            r.state = InstanceState::Exited;
+            r.next_start_ms = None;
+            r.message = Some(format!("{what}; {}", crate::HELD));
+            return r;
+        }
+        if r.restart_requested {
+            // `skiff restart INSTANCE`: again at once, from its own spec.
+            r.restart_requested = false;
+            r.state = InstanceState::Restarting;
+            r.next_start_ms = Some(now);
+            r.message = Some(format!("{what}; restarted by request"));
+            return r;
+        }
         match after_exit(r.spec.restart, &exit, r.started_at_ms, r.streak, r.restarts, now) {
             AfterExit::Restart { at_ms, streak } => {
                 r.state = InstanceState::Restarting;

@@ -166,6 +166,9 @@ pub struct Agent {
     /// Container ids of the instances being stopped (by id, not name: a kept instance
     /// promoted to the name of one still stopping is not stopping).
     stopping: Mutex<HashSet<String>>,
+    /// Operators' actions on single instances (name, container id, action), carried out
+    /// at the start of the next pass, the only writer of rows they change.
+    requests: Mutex<Vec<(String, String, skiff_model::proto::InstanceAction)>>,
     health: Mutex<HashMap<String, JoinHandle<()>>>,
     /// Images being pulled, or whose last pull failed (and when to try again).
     pulls: Mutex<HashMap<String, PullState>>,
@@ -268,6 +271,9 @@ pub fn runtimes() -> Vec<String> {
 /// The longest a stopping instance's open connections are waited for.
 pub(crate) const DRAIN: Duration = Duration::from_secs(5);
 
+/// What a stopped instance's message says (`skiff stop INSTANCE`).
+pub(crate) const HELD: &str = "stopped by request (skiff start runs it again)";
+
 #[derive(Debug, Clone)]
 pub(crate) enum PullState {
     Running,
@@ -362,6 +368,7 @@ impl Agent {
             lan: Default::default(),
             notify: Arc::clone(&notify),
             stopping: Default::default(),
+            requests: Default::default(),
             health: Default::default(),
             pulls: Default::default(),
             sampler: Default::default(),

@@ -190,6 +190,7 @@ impl Agent {
     /// shim ended or cannot be watched.
     pub(crate) async fn reconcile(self: &Arc<Self>, full: bool) -> Result<Pass, AgentError> {
         let now = self.now_ms();
+        self.carry_out_requests(now)?;
         let desired_slots = self.db(|s| s.desired_slots())?;
         let desired: BTreeMap<&str, (&Deployment, &Vec<u32>)> =
             desired_slots.iter().map(|(d, i)| (d.name.as_str(), (d, i))).collect();
@@ -305,7 +306,7 @@ impl Agent {
         for r in &rows {
             let due = matches!(r.state, InstanceState::Pending | InstanceState::Restarting)
                 && r.next_start_ms.is_none_or(|t| t <= now);
-            if !due || stopping.contains(&r.container_id) || !desired.contains_key(r.deployment.as_str()) {
+            if !due || r.held || stopping.contains(&r.container_id) || !desired.contains_key(r.deployment.as_str()) {
                 continue;
             }
             let peers: Vec<Peer<'_>> = rows

@@ -194,11 +194,27 @@ impl Agent {
                         }
                     }
                     Ok(None) | Err(_) => {
-                        break SessionOutput::Error(
-                            "the attachment ended before the instance did: it fell behind the instance's output, \
-                             or the shim ended (the instance may run on)"
-                                .into(),
-                        )
+                        // No exit frame: a shim from before them, or this one fell behind
+                        // and was cut off. The exit file says which, if it comes.
+                        let d = dir.clone();
+                        let exit = blocking(move || {
+                            (0..20).find_map(|_| {
+                                let e = skiff_runtime::shim::recorded_exit(&d);
+                                if e.is_none() {
+                                    std::thread::sleep(Duration::from_millis(100));
+                                }
+                                e
+                            })
+                        })
+                        .await;
+                        break match exit {
+                            Some(e) => SessionOutput::Exit(e.code),
+                            None => SessionOutput::Error(
+                                "the attachment ended before the instance did: it fell behind the instance's \
+                                 output (the instance runs on)"
+                                    .into(),
+                            ),
+                        };
                     }
                 }
             };
@@ -208,7 +224,11 @@ impl Agent {
         tokio::spawn(async move {
             while let Some(i) = in_rx.recv().await {
                 let sent = match i {
+                    // A write that can go now goes, though the caller has just left (the
+                    // keys typed before a detach); one the instance does not take does not
+                    // outlive the caller.
                     SessionInput::Data(b) => tokio::select! {
+                        biased;
                         r = send_frame(&mut to, IN_DATA, &b) => r,
                         _ = caller.closed() => return,
                     },

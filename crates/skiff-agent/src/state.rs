@@ -78,6 +78,14 @@ pub struct InstanceRow {
     /// Blue-green: no longer serving; stops at this time.
     #[serde(default)]
     pub retire_at_ms: Option<u64>,
+    /// Stopped by `skiff stop INSTANCE`: not started again, whatever its restart policy,
+    /// until `skiff start INSTANCE`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
+    /// `skiff restart INSTANCE`: its container is being ended; its exit starts it again
+    /// at once, from its own spec.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restart_requested: bool,
 }
 
 impl InstanceRow {
@@ -104,6 +112,8 @@ impl InstanceRow {
             retiring: false,
             ready_since_ms: None,
             retire_at_ms: None,
+            held: false,
+            restart_requested: false,
         }
     }
 }

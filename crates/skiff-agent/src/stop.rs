@@ -4,8 +4,9 @@
 //! run in the background, one per instance.
 
 use crate::state::InstanceRow;
-use crate::{blocking, Agent, AgentError, DRAIN};
+use crate::{blocking, Agent, AgentError, DRAIN, HELD};
 use skiff_image::Target;
+use skiff_model::proto::InstanceAction;
 use skiff_model::InstanceState;
 use skiff_runtime::{Liveness, Runtime};
 use std::collections::HashSet;
@@ -17,22 +18,84 @@ use tracing::{info, warn};
 impl Agent {
     /// Stops and removes `r` in the background (once), first taking it off the ports
     /// and waiting for its open connections to finish.
-    /// `skiff restart INSTANCE`: the instance is stopped and removed as any stop does it
-    /// (off its ports, drained, signal and grace period), and the next pass starts a new
-    /// one in its slot, as a deleted pod is replaced. Returns once the stop has begun.
-    pub fn replace(self: &Arc<Self>, instance: &str) -> Result<(), AgentError> {
+    /// `skiff restart|stop|start INSTANCE` on this node: checked now, carried out at the
+    /// start of the next pass (see [`Agent::carry_out_requests`]).
+    /// - restart: its container gets its stop signal and grace period and starts again
+    ///   at once from the instance's own spec (an old version stays the old version);
+    /// - stop: the same, and it is held stopped, whatever its restart policy, until
+    ///   `start` (or an update replaces it);
+    /// - start: one held stopped runs again.
+    pub fn act_on(self: &Arc<Self>, instance: &str, action: InstanceAction) -> Result<(), AgentError> {
         let r = self.row(instance)?;
         if r.retiring {
             return Err(AgentError::Other(format!(
-                "{instance} is an old instance kept during an update: it is not replaced"
+                "{instance} is an old instance kept while its replacement starts: it is not acted on"
             )));
         }
-        let stopping = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
-        if stopping.contains(&r.container_id) {
-            return Err(AgentError::Other(format!("{instance} is stopping already")));
+        let stopping = self.stopping.lock().map(|s| s.contains(&r.container_id)).unwrap_or(false);
+        if stopping {
+            return Err(AgentError::Other(format!("{instance} is being stopped and removed already")));
         }
-        self.event(instance, "Replacing", "restarted by request: a new container takes its place");
-        self.spawn_stop(&r, &stopping, false);
+        let (what, message) = match action {
+            InstanceAction::Restart => ("Restarting", "restart requested"),
+            InstanceAction::Stop => ("Stopping", "stop requested"),
+            InstanceAction::Start => ("Starting", "start requested"),
+        };
+        self.event(instance, what, message);
+        if let Ok(mut q) = self.requests.lock() {
+            q.push((r.name, r.container_id, action));
+        }
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Carries out the operators' requests on single instances, first in a pass (no row
+    /// the pass read is changed under it). A request whose instance was replaced or
+    /// renamed since it was made is dropped.
+    pub(crate) fn carry_out_requests(self: &Arc<Self>, now: u64) -> Result<(), AgentError> {
+        let requests = self.requests.lock().map(|mut q| std::mem::take(&mut *q)).unwrap_or_default();
+        for (name, id, action) in requests {
+            let Some(mut r) = self.db(|s| s.instance(&name))? else { continue };
+            if r.container_id != id || r.retiring {
+                continue;
+            }
+            let running = r.state == InstanceState::Running;
+            match action {
+                InstanceAction::Restart | InstanceAction::Stop => {
+                    if action == InstanceAction::Stop {
+                        r.held = true;
+                    } else {
+                        r.held = false;
+                        r.restart_requested = running;
+                    }
+                    if !running {
+                        // Nothing to end: held now, or due now.
+                        r.state = if r.held { InstanceState::Exited } else { InstanceState::Restarting };
+                        r.next_start_ms = (!r.held).then_some(now);
+                        r.message = Some(if r.held { HELD.into() } else { "restarted by request".into() });
+                    }
+                    self.db(|s| s.put_instance(&r))?;
+                    if running {
+                        // Its exit is seen as any exit is, and `on_exit` reads the marks.
+                        let me = Arc::clone(self);
+                        tokio::spawn(async move {
+                            me.end_container(&r).await;
+                            me.notify.notify_one();
+                        });
+                    }
+                }
+                InstanceAction::Start if r.held => {
+                    r.held = false;
+                    if !running {
+                        r.state = InstanceState::Restarting;
+                        r.next_start_ms = Some(now);
+                        r.message = Some("started by request".into());
+                    }
+                    self.db(|s| s.put_instance(&r))?;
+                }
+                InstanceAction::Start => {}
+            }
+        }
         Ok(())
     }
 
@@ -95,9 +158,9 @@ impl Agent {
         }
     }
 
-    /// SIGTERM (or the image's stop signal), the grace period, SIGKILL; then removes the
-    /// container, its network namespace and its record.
-    pub(crate) async fn stop_and_remove(self: &Arc<Self>, r: &InstanceRow) {
+    /// The container's stop signal (SIGTERM or the image's), its grace period, then
+    /// SIGKILL; returns once it has exited (or the kill's wait is over).
+    pub(crate) async fn end_container(&self, r: &InstanceRow) {
         self.stop_health(&r.name);
         let id = r.container_id.clone();
         let rt = self.runtimes.of(r.spec.runtime);
@@ -118,6 +181,14 @@ impl Agent {
                 self.wait_exit(&rt, &id, Duration::from_secs(10)).await;
             }
         }
+    }
+
+    /// SIGTERM (or the image's stop signal), the grace period, SIGKILL; then removes the
+    /// container, its network namespace and its record.
+    pub(crate) async fn stop_and_remove(self: &Arc<Self>, r: &InstanceRow) {
+        self.end_container(r).await;
+        let id = r.container_id.clone();
+        let rt = self.runtimes.of(r.spec.runtime);
         let id2 = id.clone();
         if let Err(e) = blocking(move || rt.remove(&id2)).await {
             warn!(instance = %r.name, error = %e, "removing container");

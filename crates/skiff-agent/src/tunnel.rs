@@ -224,7 +224,19 @@ where
                         }
                         Ok(_) => {}
                         Err(_) => {
-                            let Ok(req) = serde_json::from_str::<Request>(t.as_str()) else { continue };
+                            let Ok(req) = serde_json::from_str::<Request>(t.as_str()) else {
+                                // A newer hub's request: answered, not left to time out.
+                                if let Some(id) = unknown_request_id(t.as_str()) {
+                                    let answer = Answer::Error(format!(
+                                        "this node's agent (skiff {}) does not know this request: upgrade it",
+                                        env!("CARGO_PKG_VERSION")
+                                    ));
+                                    if let Ok(f) = serde_json::to_string(&Reply { id, answer }) {
+                                        let _ = tx.try_send(f);
+                                    }
+                                }
+                                continue;
+                            };
                             match req.op {
                                 Op::Cancel => {
                                     if let Some(r) = running.remove(&req.id) {
@@ -490,6 +502,15 @@ impl Replies {
     }
 }
 
+/// The id of a frame that carries one but is no request this agent knows.
+fn unknown_request_id(text: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct WithId {
+        id: u64,
+    }
+    serde_json::from_str::<WithId>(text).ok().map(|w| w.id)
+}
+
 /// `text` in pieces of at most `max` bytes, cut at character boundaries.
 fn chunks(text: &str, max: usize) -> impl Iterator<Item = &str> {
     let mut rest = text;
@@ -541,7 +562,7 @@ async fn answer(agent: Arc<Agent>, op: Op, out: Replies) {
             let end = skiff_model::proto::ExecResult { code: r.code, stdout: String::new(), stderr: String::new() };
             out.send(Answer::Exec(end)).await;
         }
-        Op::Replace { instance } => match agent.replace(&instance) {
+        Op::Act { instance, action } => match agent.act_on(&instance, action) {
             Ok(()) => {
                 out.send(Answer::End).await;
             }
@@ -557,6 +578,14 @@ async fn answer(agent: Arc<Agent>, op: Op, out: Replies) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_request_of_a_newer_hub_is_answered_by_its_id() {
+        let newer = r#"{"id":7,"op":"teleport","instance":"web-1"}"#;
+        assert!(serde_json::from_str::<skiff_model::proto::Request>(newer).is_err());
+        assert_eq!(super::unknown_request_id(newer), Some(7));
+        assert_eq!(super::unknown_request_id(r#"{"type":"renewed"}"#), None);
+    }
+
     #[test]
     fn given_hubs_come_first_then_learned_ones_once_each() {
         let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();

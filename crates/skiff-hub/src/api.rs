@@ -62,7 +62,7 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/instances/{name}/logs", get(logs))
         .route("/api/v1/instances/{name}/exec", post(exec).get(exec_session))
         .route("/api/v1/instances/{name}/portforward", get(port_forward))
-        .route("/api/v1/instances/{name}/restart", post(restart_instance))
+        .route("/api/v1/instances/{name}/{action}", post(act_on_instance))
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/events", get(events))
         .route("/api/v1/metrics", get(samples))
@@ -463,11 +463,16 @@ async fn exec(
     Ok(Json(r).into_response())
 }
 
-/// `skiff restart web-1`: the instance's node replaces it with a new container.
-async fn restart_instance(State(hub): State<Shared>, Path(name): Path<String>) -> Result<Response, ApiError> {
+/// `skiff restart|stop|start web-1`: the instance's node acts on it.
+async fn act_on_instance(
+    State(hub): State<Shared>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let act = skiff_model::proto::InstanceAction::parse(&action)
+        .ok_or_else(|| not_found(format!("no action {action:?} on instances (restart, stop, start)")))?;
     let node = hub.node_of(&name).ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
-    node.replace(&name).await.map_err(node_error)?;
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "restarting": name }))).into_response())
+    node.act(&name, act).await.map_err(node_error)?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "instance": name, "action": action }))).into_response())
 }
 
 /// The interactive exec (see [`skiff_model::api::ExecControl`] for its messages).

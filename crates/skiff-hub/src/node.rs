@@ -50,9 +50,9 @@ pub trait NodeLink: Send + Sync {
     /// Opens a TCP connection to `port` inside the instance (`skiff port-forward`), as a
     /// session: output is what the instance sends, input what goes to it.
     fn connect(&self, instance: &str, port: u16) -> BoxFuture<'_, Result<Session, NodeError>>;
-    /// Replaces one instance with a new container of the same spec (`skiff restart web-1`);
-    /// returns once its stop has begun.
-    fn replace(&self, instance: &str) -> BoxFuture<'_, Result<(), NodeError>>;
+    /// Restarts, stops or starts one instance (`skiff restart web-1`); returns once the
+    /// node has begun.
+    fn act(&self, instance: &str, action: skiff_model::proto::InstanceAction) -> BoxFuture<'_, Result<(), NodeError>>;
 }
 
 /// An interactive exec as the hub holds it: input in; output, then the exit code (or an

@@ -90,10 +90,20 @@ async fn relay(instance: &str, session: Session, mut socket: WebSocket) {
                         }
                     }
                 }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                    // The client left: dropping `output` ends the command.
+                Some(Ok(Message::Close(_))) => {
+                    // The client left (an attach detaching, say): what it sent before goes
+                    // on, for a moment; then dropping `output` ends the command.
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                        for i in pending.drain(..) {
+                            if input.send(i).await.is_err() {
+                                return;
+                            }
+                        }
+                    })
+                    .await;
                     return;
                 }
+                Some(Err(_)) | None => return,
                 Some(Ok(_)) => last_rx = tokio::time::Instant::now(),
             },
             room = input.reserve(), if !pending.is_empty() => match (room, pending.pop_front()) {

@@ -16,8 +16,8 @@
 use crate::{BoxFuture, NodeError, NodeLink, Session};
 use skiff_model::metrics::{MAX_INSTANCES, MAX_SAMPLES_PER_FRAME, METRICS_BATCH};
 use skiff_model::proto::{
-    Answer, Control, ExecResult, Op, Reply, Request, SessionInput, SessionOutput, SessionSpec, INPUT_WINDOW,
-    PING_EVERY, STREAM_WINDOW,
+    Answer, Control, ExecResult, InstanceAction, Op, Reply, Request, SessionInput, SessionOutput, SessionSpec,
+    INPUT_WINDOW, PING_EVERY, STREAM_WINDOW,
 };
 use skiff_model::{EventRecord, InstanceStatus, LogLine};
 use std::collections::HashMap;
@@ -574,8 +574,8 @@ impl NodeLink for RemoteLink {
         Box::pin(self.open_session(Op::Connect { instance: instance.to_string(), port }))
     }
 
-    fn replace(&self, instance: &str) -> BoxFuture<'_, Result<(), NodeError>> {
-        let op = Op::Replace { instance: instance.to_string() };
+    fn act(&self, instance: &str, action: InstanceAction) -> BoxFuture<'_, Result<(), NodeError>> {
+        let op = Op::Act { instance: instance.to_string(), action };
         Box::pin(async move {
             let mut answers = self.tunnel()?.request(op)?;
             match tokio::time::timeout(Duration::from_secs(30), answers.next()).await {

@@ -227,11 +227,11 @@ pub enum Op {
         instance: String,
         port: u16,
     },
-    /// Replace one instance (`skiff restart web-1`): its container is stopped as a stop
-    /// stops it (signal, grace period) and a new one of the same spec takes its place.
-    /// Answered `end` once the stop has begun.
-    Replace {
+    /// An operator's action on one instance (`skiff restart|stop|start web-1`), answered
+    /// `end` once it has begun.
+    Act {
         instance: String,
+        action: InstanceAction,
     },
     /// Bytes for a session's standard input (at most [`INPUT_CHUNK`]).
     Input {
@@ -250,6 +250,31 @@ pub enum Op {
     Credit {
         frames: u32,
     },
+}
+
+/// What `skiff restart|stop|start INSTANCE` does to one instance on its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceAction {
+    /// A new container of the same spec in its place (its container is stopped as any
+    /// stop does it: off its ports, signal, grace period).
+    Restart,
+    /// Its container stopped (signal, grace period) and not started again, whatever its
+    /// restart policy, until `start` (or its deployment replaces it).
+    Stop,
+    /// A stopped one started again.
+    Start,
+}
+
+impl InstanceAction {
+    pub fn parse(s: &str) -> Option<InstanceAction> {
+        match s {
+            "restart" => Some(InstanceAction::Restart),
+            "stop" => Some(InstanceAction::Stop),
+            "start" => Some(InstanceAction::Start),
+            _ => None,
+        }
+    }
 }
 
 /// Input frames (`input`, `resize`, `inputend`) of one session the hub may send before the

@@ -135,7 +135,8 @@ pub enum Input {
 }
 
 impl Input {
-    /// A container that stops reading holds this attachment's input, nothing else.
+    /// A container that stops reading holds this write (and, on a pipe, the other
+    /// attachments' input behind it); never its output or its log.
     fn write(&self, data: &[u8]) {
         match self {
             Input::Terminal { master, stdin_open: true } => {
@@ -184,7 +185,8 @@ struct State {
     recent: VecDeque<Piece>,
     recent_bytes: usize,
     next_id: u64,
-    ended: bool,
+    /// The container's exit code, once it has ended.
+    ended: Option<i32>,
 }
 
 /// The attachments of one container: output is offered to each and kept for replays.
@@ -265,32 +267,40 @@ impl Attachments {
         let (tx, rx) = sync_channel::<Piece>(QUEUE);
         let id = {
             let Ok(mut st) = self.state.lock() else { return };
-            if st.ended {
-                return;
-            }
             let id = st.next_id;
             st.next_id += 1;
             let c = Conn { id, queue: tx, socket };
             // Under the same lock as `send`: the replay and what follows it have no gap.
-            let replayed = flags & HELLO_REPLAY == 0 || st.recent.iter().all(|p| offer(&c, p.clone()));
-            if replayed {
+            let mut open = flags & HELLO_REPLAY == 0 || st.recent.iter().all(|p| offer(&c, p.clone()));
+            if let Some(code) = st.ended {
+                // Too late for output as it comes: the replay (if asked), then the end.
+                if open {
+                    offer(&c, (OUT_EXIT, Arc::from(code.to_be_bytes().as_slice())));
+                }
+                open = false;
+            } else if open {
                 st.conns.push(c);
+            }
+            // The writer is known before `close` can look for it (it takes the list
+            // after this lock).
+            let writer = std::thread::Builder::new().name("attach-out".into()).stack_size(64 * 1024).spawn(move || {
+                while let Ok((kind, data)) = rx.recv() {
+                    if write_frame(&mut out, kind, &data).is_err() {
+                        break;
+                    }
+                }
+                // Dropped, left, or the container ended: the attachment ends.
+                let _ = out.shutdown(std::net::Shutdown::Both);
+            });
+            if let (Ok(w), Ok(mut ws)) = (writer, self.writers.lock()) {
+                ws.retain(|w| !w.is_finished());
+                ws.push(w);
+            }
+            if !open {
+                return;
             }
             id
         };
-        let writer = std::thread::Builder::new().name("attach-out".into()).stack_size(64 * 1024).spawn(move || {
-            while let Ok((kind, data)) = rx.recv() {
-                if write_frame(&mut out, kind, &data).is_err() {
-                    break;
-                }
-            }
-            // Dropped, left, or the container ended: the attachment ends.
-            let _ = out.shutdown(std::net::Shutdown::Both);
-        });
-        if let (Ok(w), Ok(mut ws)) = (writer, self.writers.lock()) {
-            ws.retain(|w| !w.is_finished());
-            ws.push(w);
-        }
         while let Ok(Some((kind, data))) = read_frame(&mut conn) {
             match kind {
                 IN_DATA => input.write(&data),
@@ -311,7 +321,7 @@ impl Attachments {
     /// then ends; waits (at most [`FLUSH_WAIT`]) for them to take it all.
     pub fn close(&self, code: i32) {
         if let Ok(mut st) = self.state.lock() {
-            st.ended = true;
+            st.ended = Some(code);
             let exit: Piece = (OUT_EXIT, Arc::from(code.to_be_bytes().as_slice()));
             for c in std::mem::take(&mut st.conns) {
                 offer(&c, exit.clone());

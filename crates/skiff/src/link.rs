@@ -67,8 +67,8 @@ impl NodeLink for LocalAgent {
         })
     }
 
-    fn replace(&self, instance: &str) -> BoxFuture<'_, Result<(), NodeError>> {
-        let r = self.agent.replace(instance).map_err(node_error);
+    fn act(&self, instance: &str, action: skiff_model::proto::InstanceAction) -> BoxFuture<'_, Result<(), NodeError>> {
+        let r = self.agent.act_on(instance, action).map_err(node_error);
         Box::pin(async move { r })
     }
 }

@@ -443,18 +443,29 @@ pub(super) async fn run(cli: &Cli, args: &RunArgs) -> Result<i32> {
         let how = super::view::Attach { no_stdin: !args.interactive, replay: true, stdin_once: true };
         return match super::view::first_running(cli, &name).await? {
             super::view::Started::Running(instance) => {
-                super::view::attach(cli, &instance, how, super::view::DEFAULT_DETACH_KEYS).await
+                match super::view::attach(cli, &instance, how, super::view::DEFAULT_DETACH_KEYS).await {
+                    Ok(code) => Ok(code),
+                    // It ended between the look and the attach: as below.
+                    Err(e) => match super::view::first_running(cli, &name).await {
+                        Ok(super::view::Started::Exited(instance, code)) => output_and_code(cli, &instance, code).await,
+                        _ => Err(e),
+                    },
+                }
             }
             // Over before it could be attached (`run -t IMAGE ls`): its output and code.
-            super::view::Started::Exited(instance, code) => {
-                let c = client(cli)?;
-                super::view::logs(&c, &instance, false, None, false, super::view::LogWindow::default()).await?;
-                Ok(code)
-            }
+            super::view::Started::Exited(instance, code) => output_and_code(cli, &instance, code).await,
         };
     }
     outln!("{name}");
     Ok(0)
+}
+
+/// What an instance that already ended wrote, and its exit code (`skiff run -t` of a
+/// command over before it could be attached).
+async fn output_and_code(cli: &Cli, instance: &str, code: i32) -> Result<i32> {
+    let c = client(cli)?;
+    super::view::logs(&c, instance, false, None, false, super::view::LogWindow::default()).await?;
+    Ok(code)
 }
 
 /// `skiff delete -f FILE...` (and `skiff down -f`): what the files applied. A compose

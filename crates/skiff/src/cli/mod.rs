@@ -172,16 +172,18 @@ pub enum Cmd {
         #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
     },
-    /// Stop deployments: no instances, the replica count kept for `skiff start`.
+    /// Stop deployments: no instances, the replica count kept for `skiff start`; or one
+    /// instance (`skiff stop web-1`): stopped, and held so whatever its restart policy.
     Stop {
-        /// The deployments (one or more).
-        #[arg(required = true, value_name = "DEPLOYMENT")]
+        /// Deployments or instances (one or more).
+        #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
     },
-    /// Start deployments `skiff stop` stopped, with the replica count they had.
+    /// Start deployments `skiff stop` stopped, with the replica count they had; or an
+    /// instance `skiff stop` stopped.
     Start {
-        /// The deployments (one or more).
-        #[arg(required = true, value_name = "DEPLOYMENT")]
+        /// Deployments or instances (one or more).
+        #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
     },
     /// Copy files between this machine and an instance (any node): `skiff cp web-1:/etc/app.conf .`,

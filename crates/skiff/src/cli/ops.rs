@@ -33,25 +33,53 @@ fn parse_scale(items: &[String]) -> Result<Vec<(String, u32)>> {
 }
 
 async fn stored(c: &Client, name: &str) -> Result<Deployment> {
-    match c.get::<DeploymentView>(&format!("/api/v1/deployments/{name}")).await {
-        Ok(v) => Ok(v.spec),
-        Err(e) if super::view::is_status(&e, reqwest::StatusCode::NOT_FOUND) => match instance(c, name).await? {
-            Some(i) => Err(anyhow::anyhow!(
-                "{name} is an instance of deployment {dep}: its instances run as the deployment says \
-                 (`skiff restart {name}` replaces this one, `skiff scale {dep}=N` sets how many run, \
-                 `skiff stop {dep}` stops them all)",
-                dep = i.deployment
-            )),
-            None => Err(e),
-        },
-        Err(e) => Err(e),
-    }
+    let v: DeploymentView = c.get(&format!("/api/v1/deployments/{name}")).await?;
+    Ok(v.spec)
 }
 
-/// The instance named `name`, if the hub lists one.
-async fn instance(c: &Client, name: &str) -> Result<Option<skiff_model::InstanceStatus>> {
+/// `names` parted into deployments and instances; `deployment/NAME` and `instance/NAME`
+/// say which when a name is both. A name that is neither, or both unsaid, is an error
+/// before anything is changed.
+async fn deployments_and_instances(c: &Client, names: &[String]) -> Result<(Vec<String>, Vec<String>)> {
     let all: Vec<skiff_model::InstanceStatus> = c.get("/api/v1/instances").await?;
-    Ok(all.into_iter().find(|i| i.name == name))
+    let (mut deployments, mut instances) = (vec![], vec![]);
+    for given in names {
+        if let Some(n) = given.strip_prefix("deployment/") {
+            deployments.push(n.to_string());
+            continue;
+        }
+        let (name, only_instance) = match given.strip_prefix("instance/") {
+            Some(n) => (n, true),
+            None => (given.as_str(), false),
+        };
+        let instance = all.iter().find(|i| i.name == name);
+        let deployment = match c.get::<DeploymentView>(&format!("/api/v1/deployments/{name}")).await {
+            Ok(_) => !only_instance,
+            Err(e) if super::view::is_status(&e, reqwest::StatusCode::NOT_FOUND) => false,
+            Err(e) => return Err(e),
+        };
+        match (deployment, instance) {
+            (true, Some(i)) => bail!(
+                "{name:?} is a deployment and an instance of deployment {}: say deployment/{name} or instance/{name}",
+                i.deployment
+            ),
+            (true, None) => deployments.push(name.to_string()),
+            (false, Some(_)) => instances.push(name.to_string()),
+            (false, None) if only_instance => bail!("no instance named {name:?}"),
+            (false, None) => bail!("no deployment or instance named {name:?}"),
+        }
+    }
+    Ok((deployments, instances))
+}
+
+/// Asks each instance's node to `action` it (`skiff restart|stop|start web-1`).
+async fn act_on_instances(c: &Client, instances: &[String], action: &str, done: &str) -> Result<()> {
+    for name in instances {
+        let _: serde_json::Value =
+            c.post(&format!("/api/v1/instances/{name}/{action}"), &serde_json::json!({})).await?;
+        outln!("instance {name} {done}");
+    }
+    Ok(())
 }
 
 /// Applies changed deployments in one transaction.
@@ -119,24 +147,11 @@ async fn change_each(
 }
 
 /// `skiff restart NAME...`: every instance replaced, by the deployment's update strategy
-/// (`skiff rollout status NAME` follows it).
-/// An instance's name (not a deployment's) is replaced alone, by its node: a new
-/// container of the same spec in its place, as `docker restart` (or deleting a pod).
+/// (`skiff rollout status NAME` follows it). An instance's name (not a deployment's) is
+/// replaced alone, by its node: a new container of the same spec in its place, as
+/// `docker restart` (or deleting a pod).
 pub(super) async fn restart(c: &Client, names: &[String], now_ms: u64) -> Result<i32> {
-    let mut deployments = vec![];
-    let mut instances = vec![];
-    for name in names {
-        let is_deployment = match c.get::<DeploymentView>(&format!("/api/v1/deployments/{name}")).await {
-            Ok(_) => true,
-            Err(e) if super::view::is_status(&e, reqwest::StatusCode::NOT_FOUND) => false,
-            Err(e) => return Err(e),
-        };
-        match (is_deployment, instance(c, name).await?) {
-            (true, _) => deployments.push(name.clone()),
-            (false, Some(_)) => instances.push(name.clone()),
-            (false, None) => bail!("no deployment or instance named {name:?}"),
-        }
-    }
+    let (deployments, instances) = deployments_and_instances(c, names).await?;
     if !deployments.is_empty() {
         change_each(c, &deployments, "restarting", |d| {
             d.labels.insert(RESTARTED_AT.into(), now_ms.to_string());
@@ -144,45 +159,54 @@ pub(super) async fn restart(c: &Client, names: &[String], now_ms: u64) -> Result
         })
         .await?;
     }
-    for name in instances {
-        let _: serde_json::Value = c.post(&format!("/api/v1/instances/{name}/restart"), &serde_json::json!({})).await?;
-        outln!("instance {name} restarting (a new container takes its place)");
-    }
+    act_on_instances(c, &instances, "restart", "restarting (a new container takes its place)").await?;
     Ok(0)
 }
 
-/// `skiff stop NAME...`: no instances, the count kept for `start`.
+/// `skiff stop NAME...`: no instances, the count kept for `start`. An instance's name:
+/// that one stopped and held so (whatever its restart policy) until `skiff start` names it.
 pub(super) async fn stop(c: &Client, names: &[String]) -> Result<i32> {
-    change_each(c, names, "stopped", |d| {
-        replicated(d)?;
-        if d.autoscale.is_some() {
-            bail!(
-                "deployment {} has an autoscaler, which would start it again: `skiff scale` it within its range",
-                d.name
-            );
-        }
-        if d.replicas == 0 {
-            return Ok(Some("stopped"));
-        }
-        d.labels.insert(STOPPED_REPLICAS.into(), d.replicas.to_string());
-        d.replicas = 0;
-        Ok(None)
-    })
-    .await
+    let (deployments, instances) = deployments_and_instances(c, names).await?;
+    if !deployments.is_empty() {
+        change_each(c, &deployments, "stopped", |d| {
+            replicated(d)?;
+            if d.autoscale.is_some() {
+                bail!(
+                    "deployment {} has an autoscaler, which would start it again: `skiff scale` it within its range",
+                    d.name
+                );
+            }
+            if d.replicas == 0 {
+                return Ok(Some("stopped"));
+            }
+            d.labels.insert(STOPPED_REPLICAS.into(), d.replicas.to_string());
+            d.replicas = 0;
+            Ok(None)
+        })
+        .await?;
+    }
+    act_on_instances(c, &instances, "stop", "stopping").await?;
+    Ok(0)
 }
 
-/// `skiff start NAME...`: the count `stop` kept (1 when it kept none).
+/// `skiff start NAME...`: the count `stop` kept (1 when it kept none); an instance's
+/// name: that one, stopped by `skiff stop`, runs again.
 pub(super) async fn start(c: &Client, names: &[String]) -> Result<i32> {
-    change_each(c, names, "started", |d| {
-        replicated(d)?;
-        let kept = d.labels.remove(STOPPED_REPLICAS);
-        if d.replicas > 0 && kept.is_none() {
-            return Ok(Some("running"));
-        }
-        d.replicas = kept.and_then(|k| k.parse().ok()).unwrap_or(1).max(d.replicas);
-        Ok(None)
-    })
-    .await
+    let (deployments, instances) = deployments_and_instances(c, names).await?;
+    if !deployments.is_empty() {
+        change_each(c, &deployments, "started", |d| {
+            replicated(d)?;
+            let kept = d.labels.remove(STOPPED_REPLICAS);
+            if d.replicas > 0 && kept.is_none() {
+                return Ok(Some("running"));
+            }
+            d.replicas = kept.and_then(|k| k.parse().ok()).unwrap_or(1).max(d.replicas);
+            Ok(None)
+        })
+        .await?;
+    }
+    act_on_instances(c, &instances, "start", "starting").await?;
+    Ok(0)
 }
 
 /// `skiff version`: this program's, the hub's and each node's (agent and runtimes).

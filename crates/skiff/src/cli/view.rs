@@ -766,7 +766,7 @@ async fn session(
                 // What was typed before the keys goes first; then, as Docker says it, the
                 // remote side runs on.
                 let wait = std::time::Duration::from_secs(2);
-                if closer.send(Message::Close(None)).await.is_ok() {
+                if let Ok(Ok(())) = tokio::time::timeout(wait, closer.send(Message::Close(None))).await {
                     let _ = tokio::time::timeout(wait, sender).await;
                 }
                 drop(raw);
