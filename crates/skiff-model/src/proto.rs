@@ -256,8 +256,8 @@ pub enum Op {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceAction {
-    /// A new container of the same spec in its place (its container is stopped as any
-    /// stop does it: off its ports, signal, grace period).
+    /// Its container ended (stop signal, grace period) and started again at once from the
+    /// instance's own spec.
     Restart,
     /// Its container stopped (signal, grace period) and not started again, whatever its
     /// restart policy, until `start` (or its deployment replaces it).

@@ -109,6 +109,16 @@ fn exec_streams_pipes_and_gives_a_terminal() -> R {
         "box-1",
         "a file into an existing directory"
     );
+    // A directory's contents (`DIR/.`), both ways; a directory onto one of its name merges.
+    n.ok(&["cp", &format!("{}/.", at("model")), "box-1:/tmp/flat"])?;
+    assert_eq!(sh(&n, "cat /tmp/flat/sub/config; wc -c < /tmp/flat/weights")?, "layers: 3\n5000000\n");
+    n.ok(&["cp", "box-1:/tmp/flat/.", &at("contents")])?;
+    assert!(std::fs::read(here.join("contents/weights"))? == blob, "the contents, not the directory");
+    assert_eq!(std::fs::read_to_string(here.join("contents/sub/config"))?, "layers: 3\n");
+    sh(&n, "echo changed > /tmp/model/sub/config")?;
+    n.ok(&["cp", "box-1:/tmp/model", &at("")])?;
+    assert_eq!(std::fs::read_to_string(here.join("model/sub/config"))?, "changed\n", "merged into model/");
+    assert!(here.join("model/hostname").exists(), "what was there is kept");
     let missing = n.cli(&["cp", "box-1:/nope", &at("x")])?;
     assert!(String::from_utf8_lossy(&missing.stderr).contains("tar in box-1 ended with"), "{missing:?}");
     assert!(!here.join("x").exists(), "nothing written for a failed copy");

@@ -59,10 +59,22 @@ pub(super) async fn cp(c: &Client, src: &str, dst: &str) -> Result<i32> {
     }
 }
 
-/// Copies `path` out of `instance` to `to`.
+/// Whether a path names a directory's contents (`dir/.`, as docker cp reads it).
+fn contents_of(path: &str) -> Option<&str> {
+    path.strip_suffix("/.").or((path == ".").then_some("."))
+}
+
+/// Copies `path` out of `instance` to `to` (`path/.`: its contents, into `to`).
 async fn from_instance(c: &Client, instance: &str, path: &str, to: &Path) -> Result<i32> {
-    let (dir, base) = split_remote(path);
+    let contents = contents_of(path).map(|p| if p.is_empty() { "/" } else { p });
+    let (dir, base) = match contents {
+        Some(p) => (p.to_string(), ".".to_string()),
+        None => split_remote(path),
+    };
     let argv: Vec<String> = ["tar", "cf", "-", "-C", &dir, &base].iter().map(|s| s.to_string()).collect();
+    if contents.is_some() && !to.exists() {
+        std::fs::create_dir(to).with_context(|| format!("making {}", to.display()))?;
+    }
     // Unpacked next to the destination, then moved into place: a failed copy leaves
     // nothing half-written under the destination's name.
     let into_dir = to.is_dir();
@@ -101,36 +113,80 @@ async fn from_instance(c: &Client, instance: &str, path: &str, to: &Path) -> Res
         bail!("tar in {instance} ended with {code}: {}", stderr.trim());
     }
     unpacked.context("unpacking what the instance sent")?;
+    if contents.is_some() {
+        merge_into(stage.path(), to)?;
+        return Ok(0);
+    }
     let got = stage.path().join(&base);
     let target = if into_dir { to.join(&base) } else { to.to_path_buf() };
-    if target.is_dir() && got.is_dir() {
-        bail!("{}: a directory is there already", target.display());
+    if is_real_dir(&target) && is_real_dir(&got) {
+        // As docker cp: into the directory that is there, what it holds kept.
+        merge_into(&got, &target)?;
+        return Ok(0);
     }
     std::fs::rename(&got, &target).with_context(|| format!("moving into {}", target.display()))?;
     Ok(0)
 }
 
+/// A directory, not a symlink to one.
+fn is_real_dir(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
+}
+
+/// Moves what `from` holds into the directory `to`: a directory into one of the same name
+/// there, anything else in place of what has its name (a symlink there is replaced, never
+/// followed: nothing lands outside `to`).
+fn merge_into(from: &Path, to: &Path) -> Result<()> {
+    for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if is_real_dir(&src) && is_real_dir(&dst) {
+            merge_into(&src, &dst)?;
+            continue;
+        }
+        if is_real_dir(&dst) {
+            bail!("{}: a directory is there, and a file comes", dst.display());
+        }
+        if std::fs::symlink_metadata(&dst).is_ok() {
+            std::fs::remove_file(&dst).with_context(|| format!("replacing {}", dst.display()))?;
+        }
+        std::fs::rename(&src, &dst).with_context(|| format!("moving into {}", dst.display()))?;
+    }
+    Ok(())
+}
+
 /// Copies `from` (a file or a directory here) to `path` in `instance`.
 async fn to_instance(c: &Client, instance: &str, from: &Path, path: &str) -> Result<i32> {
+    let contents = from.to_str().and_then(contents_of).is_some();
     let meta = std::fs::symlink_metadata(from).with_context(|| format!("{}", from.display()))?;
-    let base = from
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .with_context(|| format!("{}: which file?", from.display()))?;
-    // Into an existing directory under its own name, else under the path's name.
-    let (target_dir, name) = if path.ends_with('/') || is_dir_in(c, instance, path).await? {
+    if contents && !meta.is_dir() {
+        bail!("{}: not a directory", from.display());
+    }
+    let base = match from.file_name() {
+        _ if contents => ".".to_string(),
+        Some(n) => n.to_string_lossy().into_owned(),
+        None => bail!("{}: which file?", from.display()),
+    };
+    // A directory's contents into the path (made if missing); else into an existing
+    // directory under its own name, or under the path's name.
+    let (target_dir, name) = if contents || path.ends_with('/') || is_dir_in(c, instance, path).await? {
         (path.trim_end_matches('/').to_string(), base)
     } else {
         split_remote(path)
     };
     let target_dir = if target_dir.is_empty() { "/".to_string() } else { target_dir };
-    let argv: Vec<String> = ["tar", "xf", "-", "-C", &target_dir].iter().map(|s| s.to_string()).collect();
+    let mut argv: Vec<String> = ["tar", "xf", "-", "-C", &target_dir].iter().map(|s| s.to_string()).collect();
+    if contents {
+        let script = "mkdir -p \"$1\" && exec tar xf - -C \"$1\"";
+        argv = ["sh", "-c", script, "sh", &target_dir].iter().map(|s| s.to_string()).collect();
+    }
     let (reader, mut writer) = std::io::pipe()?;
     let from = from.to_path_buf();
     let pack = std::thread::spawn(move || -> std::io::Result<()> {
         let mut b = tar::Builder::new(&mut writer);
         b.follow_symlinks(false);
         if meta.is_dir() {
+            // `name` is "." for a directory's contents: its entries at the top.
             b.append_dir_all(&name, &from)?;
         } else {
             b.append_path_with_name(&from, &name)?;
@@ -353,5 +409,31 @@ mod tests {
         assert_eq!(split_remote("/etc/hosts"), ("/etc".into(), "hosts".into()));
         assert_eq!(split_remote("/data/"), ("/".into(), "data".into()));
         assert_eq!(split_remote("rel"), (".".into(), "rel".into()));
+        assert_eq!(contents_of("/data/."), Some("/data"));
+        assert_eq!(contents_of("/."), Some(""));
+        assert_eq!(contents_of("./model/."), Some("./model"));
+        assert_eq!(contents_of("/data/.x"), None);
+    }
+
+    #[test]
+    fn merging_keeps_what_is_there_and_never_follows_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let (from, to, outside) = (t.path().join("from"), t.path().join("to"), t.path().join("outside"));
+        for d in [from.join("sub"), to.join("sub"), outside.clone()] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(from.join("sub/new"), "new").unwrap();
+        std::fs::write(from.join("top"), "fresh").unwrap();
+        std::fs::create_dir(from.join("link")).unwrap();
+        std::fs::write(from.join("link/x"), "x").unwrap();
+        std::fs::write(to.join("sub/kept"), "kept").unwrap();
+        std::fs::write(to.join("top"), "stale").unwrap();
+        std::os::unix::fs::symlink(&outside, to.join("link")).unwrap();
+        merge_into(&from, &to).unwrap();
+        assert_eq!(std::fs::read_to_string(to.join("sub/kept")).unwrap(), "kept");
+        assert_eq!(std::fs::read_to_string(to.join("sub/new")).unwrap(), "new");
+        assert_eq!(std::fs::read_to_string(to.join("top")).unwrap(), "fresh");
+        assert!(is_real_dir(&to.join("link")), "the symlink was replaced by the directory");
+        assert!(std::fs::read_dir(&outside).unwrap().next().is_none(), "nothing written through the symlink");
     }
 }

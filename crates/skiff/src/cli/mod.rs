@@ -166,7 +166,7 @@ pub enum Cmd {
     },
     /// Replace every instance of deployments, by each one's update strategy (as
     /// `kubectl rollout restart`; follow with `skiff rollout status NAME`); or one
-    /// instance (`skiff restart web-1`: a new container in its place, on its node).
+    /// instance (`skiff restart web-1`: ended and started again on its node).
     Restart {
         /// Deployments or instances (one or more).
         #[arg(required = true, value_name = "NAME")]

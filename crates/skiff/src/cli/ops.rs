@@ -147,9 +147,9 @@ async fn change_each(
 }
 
 /// `skiff restart NAME...`: every instance replaced, by the deployment's update strategy
-/// (`skiff rollout status NAME` follows it). An instance's name (not a deployment's) is
-/// replaced alone, by its node: a new container of the same spec in its place, as
-/// `docker restart` (or deleting a pod).
+/// (`skiff rollout status NAME` follows it). An instance's name (not a deployment's):
+/// that one alone, on its node, ended (stop signal, grace period) and started again from
+/// its own spec, as `docker restart`.
 pub(super) async fn restart(c: &Client, names: &[String], now_ms: u64) -> Result<i32> {
     let (deployments, instances) = deployments_and_instances(c, names).await?;
     if !deployments.is_empty() {
@@ -159,7 +159,7 @@ pub(super) async fn restart(c: &Client, names: &[String], now_ms: u64) -> Result
         })
         .await?;
     }
-    act_on_instances(c, &instances, "restart", "restarting (a new container takes its place)").await?;
+    act_on_instances(c, &instances, "restart", "restarting").await?;
     Ok(0)
 }
 
