@@ -590,10 +590,7 @@ pub(super) async fn describe(cli: &Cli, kind: Kind, name: &str) -> Result<i32> {
     Ok(0)
 }
 
-/// `skiff exec`: the command runs in a session over a WebSocket to the hub (see
-/// `skiff_model::api::ExecControl`); output is shown as it comes, input (with -i) and
-/// window sizes (with -t) go the other way at the same time.
-/// How long `skiff exec` waits for a word from the hub (which pings every 20 s).
+/// How long a session waits for a word from the hub (which pings every 20 s).
 const SESSION_SILENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Whether `e` is the hub answering with `status`.
@@ -601,6 +598,9 @@ pub(super) fn is_status(e: &anyhow::Error, status: reqwest::StatusCode) -> bool 
     e.downcast_ref::<crate::client::ApiError>().is_some_and(|a| a.status == status)
 }
 
+/// `skiff exec`: the command runs in a session over a WebSocket to the hub (see
+/// `skiff_model::api::ExecControl`); output is shown as it comes, input (with -i) and
+/// window sizes (with -t) go the other way at the same time.
 pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String], interactive: bool, tty: bool) -> Result<i32> {
     if tty && interactive && !skiff_sys::pty::is_terminal(std::io::stdin()) {
         bail!("the input device is not a TTY: -t with -i needs a terminal (use -i alone for a pipe)");
@@ -631,9 +631,6 @@ pub(super) async fn exec(cli: &Cli, instance: &str, command: &[String], interact
 /// Docker's default detach keys.
 pub(super) const DEFAULT_DETACH_KEYS: &str = "ctrl-p,ctrl-q";
 
-/// `skiff attach`: a session on the instance's own process (see
-/// `skiff_runtime::attach`), shaped by what it was started with (its deployment's `tty`
-/// and `stdin_open`). The detach keys end it and leave the instance running.
 /// How `skiff attach` (or `skiff run -it`) attaches.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Attach {
@@ -645,6 +642,9 @@ pub(super) struct Attach {
     pub stdin_once: bool,
 }
 
+/// `skiff attach`: a session on the instance's own process (see
+/// `skiff_runtime::attach`), shaped by what it was started with (its deployment's `tty`
+/// and `stdin_open`). The detach keys end it and leave the instance running.
 pub(super) async fn attach(cli: &Cli, instance: &str, how: Attach, detach_keys: &str) -> Result<i32> {
     let Attach { no_stdin, replay, stdin_once } = how;
     let keys = super::cp::DetachKeys::parse(detach_keys).map_err(|e| anyhow::anyhow!("--detach-keys: {e}"))?;
