@@ -60,40 +60,44 @@ impl Agent {
                 continue;
             }
             let running = r.state == InstanceState::Running;
+            // One not running has nothing to end: held now, or due now.
+            let due_now = |r: &mut InstanceRow, why: &str| {
+                r.state = InstanceState::Restarting;
+                r.next_start_ms = Some(now);
+                r.message = Some(why.into());
+            };
             match action {
-                InstanceAction::Restart | InstanceAction::Stop => {
-                    if action == InstanceAction::Stop {
-                        r.held = true;
-                    } else {
-                        r.held = false;
-                        r.restart_requested = running;
-                    }
+                InstanceAction::Stop => {
+                    r.held = true;
                     if !running {
-                        // Nothing to end: held now, or due now.
-                        r.state = if r.held { InstanceState::Exited } else { InstanceState::Restarting };
-                        r.next_start_ms = (!r.held).then_some(now);
-                        r.message = Some(if r.held { HELD.into() } else { "restarted by request".into() });
-                    }
-                    self.db(|s| s.put_instance(&r))?;
-                    if running {
-                        // Its exit is seen as any exit is, and `on_exit` reads the marks.
-                        let me = Arc::clone(self);
-                        tokio::spawn(async move {
-                            me.end_container(&r).await;
-                            me.notify.notify_one();
-                        });
+                        r.state = InstanceState::Exited;
+                        r.next_start_ms = None;
+                        r.message = Some(HELD.into());
                     }
                 }
-                InstanceAction::Start if r.held => {
+                InstanceAction::Restart => {
+                    r.held = false;
+                    r.restart_requested = running;
+                    if !running {
+                        due_now(&mut r, "restarted by request");
+                    }
+                }
+                InstanceAction::Start if !r.held => continue,
+                InstanceAction::Start => {
                     r.held = false;
                     if !running {
-                        r.state = InstanceState::Restarting;
-                        r.next_start_ms = Some(now);
-                        r.message = Some("started by request".into());
+                        due_now(&mut r, "started by request");
                     }
-                    self.db(|s| s.put_instance(&r))?;
                 }
-                InstanceAction::Start => {}
+            }
+            self.db(|s| s.put_instance(&r))?;
+            if running && action != InstanceAction::Start {
+                // Its exit is seen as any exit is, and `on_exit` reads the marks.
+                let me = Arc::clone(self);
+                tokio::spawn(async move {
+                    me.end_container(&r).await;
+                    me.notify.notify_one();
+                });
             }
         }
         Ok(())
