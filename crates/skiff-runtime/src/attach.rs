@@ -391,6 +391,10 @@ mod tests {
         let a = Attachments::default();
         a.send(OUT_STDOUT, b"before-");
         a.serve(dir.path(), Input::Pipe(Mutex::new(Some(std::fs::File::from(OwnedFd::from(stdin_w)))))).unwrap();
+        // Only root (the agent) may connect: no local user reaches a container's terminal.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(ATTACH_SOCKET)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "attach.sock is {:o}", mode & 0o777);
         let connect = || UnixStream::connect(dir.path().join(ATTACH_SOCKET)).unwrap();
         let (mut fast, mut slow, mut late) = (connect(), connect(), connect());
         hello(&mut fast, HELLO_REPLAY);
