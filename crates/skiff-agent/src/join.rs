@@ -92,6 +92,12 @@ impl Identity {
             .map_err(|e| JoinError::Pki(format!("the node's certificate: {e}")))
     }
 
+    /// The node's certificate and key (PEM), a renewal finished first.
+    pub fn pair(&self) -> Result<(String, String), JoinError> {
+        self.finish_renewal()?;
+        Ok((self.read("node.pem")?, self.read("node.key")?))
+    }
+
     /// When the node's certificate expires (ms since the epoch).
     pub fn not_after_ms(&self) -> Result<u64, JoinError> {
         Ok(validity(&self.read("node.pem")?)?.1)

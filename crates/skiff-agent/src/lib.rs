@@ -19,6 +19,7 @@ mod gc;
 mod health;
 pub mod join;
 pub mod logs;
+pub mod mesh;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
@@ -112,6 +113,12 @@ pub struct AgentConfig {
     /// Runtime threat-detection rules (`None`: detection off; `skiff up` and `skiff agent`
     /// turn it on with the shipped rules unless `--no-detect`).
     pub detect: Option<Vec<detect::rules::Rule>>,
+    /// The range services' virtual addresses come from (`--service-range`); `None`: the
+    /// node offers no fleet services (no DNS of ours, no virtual addresses).
+    pub services: Option<(std::net::Ipv4Addr, u8)>,
+    /// Where other nodes' agents reach this one directly (`--mesh-advertise`), told to the
+    /// hub.
+    pub mesh_advertise: Option<String>,
 }
 
 impl AgentConfig {
@@ -138,6 +145,35 @@ impl AgentConfig {
             cdi_dirs: skiff_runtime::cdi::DEFAULT_DIRS.iter().map(PathBuf::from).collect(),
             detect: None,
             policy: policy::Policy::default(),
+            services: None,
+            mesh_advertise: None,
+        }
+    }
+}
+
+/// The node's DNS socket for its instances, on the bridge's gateway address (the bridge
+/// made now if it is not there yet). A range that overlaps the bridge's subnet is an
+/// error; a port 53 another program holds there only turns the node's DNS off.
+fn open_dns(
+    bridge: &Bridge,
+    (net, prefix): (std::net::Ipv4Addr, u8),
+) -> Result<Option<std::net::UdpSocket>, AgentError> {
+    let range = Subnet::parse(&format!("{net}/{prefix}"))?;
+    if range.contains(bridge.subnet.base) || bridge.subnet.contains(range.base) {
+        return Err(AgentError::Other(format!(
+            "the service range {range} overlaps the bridge's subnet {}: give another with --service-range",
+            bridge.subnet
+        )));
+    }
+    bridge.ensure()?;
+    match std::net::UdpSocket::bind((bridge.subnet.gateway(), 53)).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) => {
+            warn!(
+                "the node's DNS for its instances is off ({}:53: {e}); they use the host's resolvers",
+                bridge.subnet.gateway()
+            );
+            Ok(None)
         }
     }
 }
@@ -202,6 +238,13 @@ pub struct Agent {
     /// The listener seccomp filters hand refused calls to (`<data>/seccomp.sock`), where
     /// the kernel and runc can: it answers them whether or not the detector runs.
     seccomp_listener: Option<detect::refused::Listener>,
+    /// The hub's last word on the fleet's services (`mesh.json`), for `mesh::Mesh`.
+    mesh_view: tokio::sync::watch::Sender<Arc<skiff_model::mesh::MeshView>>,
+    /// The DNS socket on the gateway's address, bound at open (before any instance gets
+    /// its resolv.conf) and taken by `mesh::Mesh::run`.
+    dns_socket: Mutex<Option<std::net::UdpSocket>>,
+    /// Whether instances on the bridge are given the node's DNS.
+    dns: bool,
 }
 
 /// The node's runtime backends; each instance uses its deployment's.
@@ -354,6 +397,15 @@ impl Agent {
             subnet: bridge.subnet,
             firewall: cfg.firewall.firewall.unwrap_or(Firewall::Nft),
         };
+        let dns_socket = match cfg.services {
+            Some(range) => Some(open_dns(&bridge, range)?),
+            None => None,
+        }
+        .flatten();
+        let mesh_view = skiff_sys::regular::read(&data.join("mesh.json"), 16 << 20)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         let notify = Arc::new(Notify::new());
         let agent = Arc::new(Agent {
             cfg,
@@ -386,6 +438,9 @@ impl Agent {
             security_stopped: Default::default(),
             detector: Default::default(),
             seccomp_listener,
+            mesh_view: tokio::sync::watch::Sender::new(Arc::new(mesh_view)),
+            dns: dns_socket.is_some(),
+            dns_socket: Mutex::new(dns_socket),
         });
         if let Some(rules) = agent.cfg.detect.clone() {
             match detect::Detector::start(&agent, rules) {

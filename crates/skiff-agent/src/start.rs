@@ -260,7 +260,10 @@ impl Agent {
             layer_dirs,
             netns,
             hosts,
-            resolv_conf: resolv_conf(r.spec.network == NetworkMode::Host),
+            resolv_conf: resolv_conf(
+                r.spec.network,
+                Some(self.bridge.subnet.gateway()).filter(|_| self.dns && r.spec.network == NetworkMode::Bridge),
+            ),
             volumes,
             wasm,
             cdi_devices,
@@ -332,17 +335,27 @@ impl Agent {
 }
 
 /// The host's resolv.conf without loopback name servers, which a container's own
-/// network namespace cannot reach.
-fn resolv_conf(host_network: bool) -> String {
+/// network namespace cannot reach; with the node's DNS (`dns`, on the bridge), that
+/// alone as the name server (it forwards what is not the fleet's to the host's).
+fn resolv_conf(network: NetworkMode, dns: Option<std::net::Ipv4Addr>) -> String {
     let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    if host_network {
+    if network == NetworkMode::Host {
         return host;
     }
-    host.lines()
+    let mut out: String = host
+        .lines()
         .filter(|l| {
             let mut it = l.split_whitespace();
-            !(it.next() == Some("nameserver") && it.next().is_some_and(|a| a.starts_with("127.") || a == "::1"))
+            match (it.next(), it.next()) {
+                (Some("nameserver"), _) if dns.is_some() => false,
+                (Some("nameserver"), Some(a)) => !(a.starts_with("127.") || a == "::1"),
+                _ => true,
+            }
         })
         .map(|l| format!("{l}\n"))
-        .collect()
+        .collect();
+    if let Some(ip) = dns {
+        out.push_str(&format!("nameserver {ip}\n"));
+    }
+    out
 }

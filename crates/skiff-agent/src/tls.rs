@@ -4,7 +4,7 @@
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::sync::Arc;
 
-fn certs(pem_text: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn certs(pem_text: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let blocks = pem::parse_many(pem_text).map_err(|e| format!("not PEM: {e}"))?;
     Ok(blocks
         .into_iter()
@@ -13,7 +13,7 @@ fn certs(pem_text: &str) -> Result<Vec<CertificateDer<'static>>, String> {
         .collect())
 }
 
-fn key(pem_text: &str) -> Result<PrivateKeyDer<'static>, String> {
+pub(crate) fn key(pem_text: &str) -> Result<PrivateKeyDer<'static>, String> {
     let b = pem::parse(pem_text).map_err(|e| format!("not a PEM key: {e}"))?;
     PrivateKeyDer::try_from(b.into_contents()).map_err(|e| format!("unsupported key: {e}"))
 }

@@ -207,6 +207,11 @@ where
                             }
                         }
                         Ok(Control::RenewNow) => renew_now = true,
+                        Ok(Control::Services { view }) => {
+                            if let Err(e) = agent.set_mesh_view(view) {
+                                tracing::warn!("{e}");
+                            }
+                        }
                         Ok(Control::Hubs { hubs }) => match id.learn_hubs(&hubs) {
                             Ok(true) => tracing::info!(hubs = %hubs.join(", "), "the fleet's hubs"),
                             Ok(false) => {}
@@ -347,6 +352,7 @@ where
                     events: events.into_iter().map(|(_, e)| e).collect(),
                     problems,
                     cache: agent.cfg.cache_url.clone(),
+                    mesh: agent.cfg.mesh_advertise.clone(),
                 };
                 if !send_msg(&out, Message::Text(frame(&Control::Status { status }).into())).await {
                     break;

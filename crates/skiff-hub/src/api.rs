@@ -47,7 +47,8 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/nodes/{name}/status", axum::routing::put(node_status))
         .route("/api/v1/nodes/{name}/tunnel", get(tunnel))
         .route("/api/v1/nodes/{name}/images/{call}", post(images))
-        .route("/api/v1/nodes/{name}/site-caches", get(site_caches));
+        .route("/api/v1/nodes/{name}/site-caches", get(site_caches))
+        .route("/api/v1/nodes/{name}/mesh/{service}/{port}", get(mesh_relay));
     Router::new()
         .route("/api/v1/tokens", post(create_token).get(list_tokens))
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
@@ -64,6 +65,7 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/instances/{name}/portforward", get(port_forward))
         .route("/api/v1/instances/{name}/{action}", post(act_on_instance))
         .route("/api/v1/nodes", get(nodes))
+        .route("/api/v1/services", get(services))
         .route("/api/v1/events", get(events))
         .route("/api/v1/metrics", get(samples))
         .route("/api/v1/autoscalers", get(autoscalers))
@@ -236,6 +238,62 @@ async fn list_deployments(
         Ok(stored.into_iter().map(|s| view(&all, &why, s)).collect::<Vec<_>>())
     })
     .await
+}
+
+async fn services(
+    State(hub): State<Shared>,
+    Query(q): Query<WatchQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    watched(&q, &headers, hub.changes(), || service_list(&hub)).await
+}
+
+/// Every deployment that serves ports on the bridge is a service: its ports, and per node
+/// its instances that serve of all.
+fn service_list(hub: &Hub) -> Result<Vec<skiff_model::mesh::ServiceInfo>, ApiError> {
+    use skiff_model::mesh::{service_ports, virtual_addresses, Endpoint, ServiceInfo, DEFAULT_SERVICE_RANGE};
+    let specs: Vec<skiff_model::Deployment> = hub
+        .store
+        .list()
+        .map_err(internal)?
+        .into_iter()
+        .map(|s| s.spec)
+        .filter(|d| d.network == skiff_model::NetworkMode::Bridge && !service_ports(d).is_empty())
+        .collect();
+    let all = hub.instances();
+    let sites: std::collections::BTreeMap<String, String> =
+        node_list(hub)?.into_iter().filter_map(|n| Some((n.name, n.labels.get("site")?.clone()))).collect();
+    let vips = virtual_addresses(DEFAULT_SERVICE_RANGE, specs.iter().map(|d| d.name.as_str()));
+    Ok(specs
+        .iter()
+        .map(|d| {
+            let mut by_node: std::collections::BTreeMap<&str, (u32, u32)> = Default::default();
+            for i in all.iter().filter(|i| i.deployment == d.name) {
+                let e = by_node.entry(i.node.as_str()).or_default();
+                e.0 += u32::from(crate::fleet::serves(i));
+                e.1 += 1;
+            }
+            let endpoints = by_node
+                .into_iter()
+                .map(|(node, (ready, total))| Endpoint {
+                    node: node.to_string(),
+                    site: sites.get(node).cloned(),
+                    mesh: None,
+                    ready,
+                    total,
+                })
+                .collect();
+            ServiceInfo {
+                name: d.name.clone(),
+                stack: d.stack.clone(),
+                aliases: d.aliases.clone(),
+                address: vips.get(&d.name).map(|a| a.to_string()).unwrap_or_default(),
+                ports: service_ports(d),
+                networks: d.joined_networks(),
+                endpoints,
+            }
+        })
+        .collect())
 }
 
 async fn get_deployment(
@@ -652,6 +710,25 @@ async fn images(
         Ok(bytes) => Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response()),
         Err((status, msg)) => Err(ApiError(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), msg)),
     }
+}
+
+/// A node's call to a fleet service it cannot reach directly, relayed to a node that runs
+/// it over that node's tunnel (as port-forward's connections are).
+async fn mesh_relay(
+    State(hub): State<Shared>,
+    peer: Option<axum::Extension<crate::tls::Peer>>,
+    Path((name, service, port)): Path<(String, String, u16)>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let f = Arc::clone(fleet_of(&hub)?);
+    f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
+    static TURN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let turn = TURN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (node, instance, target) = f.relay_target(&name, &service, port, turn).map_err(fleet_error)?;
+    tracing::debug!(from = %name, %service, to = %node, %instance, "mesh relay");
+    let link: Arc<dyn crate::node::NodeLink> = Arc::new(crate::tunnel::RemoteLink { name: node, fleet: f });
+    let ws = ws.max_message_size(MAX_BODY).max_frame_size(MAX_BODY);
+    Ok(ws.on_upgrade(move |socket| crate::session::serve_forward(link, instance, target, socket)))
 }
 
 /// The node's tunnel: a WebSocket its agent keeps open, carrying logs and exec.

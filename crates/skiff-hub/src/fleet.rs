@@ -5,6 +5,8 @@
 //! with the one certificate the hub last signed for it (a re-join or a revoke retires the
 //! old one).
 
+mod mesh;
+
 use crate::clock::Clock;
 use crate::pki::Ca;
 use crate::schedule::{self, NodeState, NodeView, Plan, Platforms};
@@ -15,6 +17,8 @@ use skiff_model::proto::{Assigned, Assignment, JoinRequest, JoinResponse, NodeSt
 use skiff_model::{Deployment, EventRecord, InstanceStatus};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+
+pub use mesh::serves;
 
 /// A node is Ready while its heartbeats arrive within this long of each other.
 pub const HEARTBEAT_GRACE_MS: u64 = 40_000;
@@ -99,6 +103,8 @@ struct Seen {
     problems: Vec<String>,
     /// The site image cache the node serves, as it last reported.
     cache: Option<String>,
+    /// Where its agent takes direct connections for the fleet's services.
+    mesh: Option<String>,
 }
 
 impl Seen {
@@ -161,6 +167,9 @@ pub struct Fleet {
     /// Every hub of the store (the binary keeps it current): told to nodes at their join,
     /// when their tunnel opens and when it changes.
     hubs: tokio::sync::watch::Sender<Vec<String>>,
+    /// Bumped when a node's instances that serve, or its mesh address, changed.
+    mesh_gen: tokio::sync::watch::Sender<u64>,
+    mesh_table: Mutex<Option<Arc<mesh::MeshTable>>>,
 }
 
 /// How long a node certificate is valid unless the hub is told otherwise.
@@ -257,6 +266,8 @@ impl Fleet {
             security: crate::events::EventLog::new("fleet", 1000),
             refused: Mutex::new(Default::default()),
             hubs: tokio::sync::watch::channel(vec![]).0,
+            mesh_gen: tokio::sync::watch::channel(0).0,
+            mesh_table: Mutex::new(None),
         })
     }
 
@@ -601,6 +612,7 @@ impl Fleet {
                     since_ms: now,
                     problems: vec![],
                     cache: None,
+                    mesh: None,
                 })
                 .heard(now),
             Err(_) => false,
@@ -658,13 +670,23 @@ impl Fleet {
                 self.security.push(now, node, "ReportRefused", msg);
             }
         }
+        // What the fleet's services are made of: which instances serve, per deployment.
+        let serving = |v: &[InstanceStatus]| -> BTreeMap<(String, String), bool> {
+            v.iter().map(|i| ((i.deployment.clone(), i.name.clone()), mesh::serves(i))).collect()
+        };
+        let mut moved = false;
         if let Ok(mut st) = self.statuses.lock() {
+            let new = serving(&instances);
+            moved |= st.get(node).is_none_or(|old| serving(old) != new);
             st.insert(node.to_string(), instances);
         }
         if let Ok(mut seen) = self.seen.lock() {
             if let Some(s) = seen.get_mut(node) {
                 let allowed = self.site_cache_nodes.contains(node);
                 s.cache = status.cache.filter(|u| allowed && skiff_model::proto::valid_cache_url(u));
+                let mesh = status.mesh.filter(|a| skiff_model::mesh::valid_mesh_addr(a));
+                moved |= s.mesh != mesh;
+                s.mesh = mesh;
                 if s.problems != status.problems {
                     s.problems = status.problems;
                     if s.heard(self.clock.now_ms()) {
@@ -672,6 +694,9 @@ impl Fleet {
                     }
                 }
             }
+        }
+        if moved {
+            self.mesh_moved();
         }
         ack
     }
@@ -1150,6 +1175,73 @@ mod tests {
             template: template.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn nodes_learn_only_the_services_they_share_a_network_with_and_whom_to_serve() {
+        let (_t, f) = fleet();
+        let tok = any(&f);
+        for (n, site) in [("a", "s1"), ("b", "s1"), ("c", "s2"), ("d", "s1")] {
+            let mut req = join_req(&tok, n);
+            req.spec.labels = [("site".to_string(), site.to_string()), ("role".to_string(), n.to_string())].into();
+            f.join(&req).unwrap();
+            f.heartbeat(n, NodeStatus::default()).unwrap();
+        }
+        let on = |d: &mut Deployment, n: &str| d.placement.node_selector = [("role".to_string(), n.to_string())].into();
+        let mut db = Deployment::new("db", "img");
+        db.stack = "shop".into();
+        db.expose = vec![skiff_model::mesh::ServicePort { port: 5432, target: 5432 }];
+        on(&mut db, "b");
+        let mut db_far = db.clone();
+        db_far.name = "db2".into();
+        on(&mut db_far, "c");
+        let mut client = Deployment::new("client", "img");
+        client.stack = "shop".into();
+        on(&mut client, "a");
+        let mut stranger = Deployment::new("stranger", "img");
+        stranger.stack = "other".into();
+        on(&mut stranger, "d");
+        f.store.apply(&[db.clone(), db_far.clone(), client, stranger], None, false, 1).unwrap();
+        f.reschedule().unwrap();
+        let running = |node: &str, d: &Deployment, health| InstanceStatus {
+            state: skiff_model::InstanceState::Running,
+            pid: Some(42),
+            health,
+            ..status(node, &d.name, &format!("{}-1", d.name), &skiff_model::rollout::template_hash(d))
+        };
+        let report = |node: &str, i: InstanceStatus, mesh: Option<&str>| {
+            let st = NodeStatus { instances: vec![i], mesh: mesh.map(str::to_string), ..Default::default() };
+            f.heartbeat(node, st).unwrap();
+        };
+        report("b", running("b", &db, None), Some("10.0.0.2:7946"));
+        report("c", running("c", &db_far, None), None);
+        let view = f.mesh_view("a").unwrap();
+        let names: Vec<&str> = view.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["db", "db2"], "the services of a's stack that serve ports");
+        let ep = &view.services[0].endpoints;
+        assert_eq!(ep.len(), 1);
+        assert_eq!((ep[0].node.as_str(), ep[0].ready, ep[0].total), ("b", 1, 1));
+        assert_eq!((ep[0].site.as_deref(), ep[0].mesh.as_deref()), (Some("s1"), Some("10.0.0.2:7946")));
+        assert!(view.clients.is_empty(), "a serves nothing");
+        // b serves db to the nodes of its stack (a, and c which runs db2), not to d.
+        let b = f.mesh_view("b").unwrap();
+        let callers: Vec<&str> = b.clients["db"].iter().map(String::as_str).collect();
+        assert_eq!(callers, ["a", "c"]);
+        assert!(b.services.iter().all(|s| s.endpoints.iter().all(|e| e.node != "b")), "its own are not endpoints");
+        // Another stack's node learns nothing of them and cannot have them relayed.
+        assert!(f.mesh_view("d").unwrap().services.is_empty());
+        assert!(matches!(f.relay_target("d", "db", 5432, 0), Err(FleetError::Forbidden(_))));
+        assert_eq!(f.relay_target("a", "db", 5432, 0).unwrap(), ("b".to_string(), "db-1".to_string(), 5432));
+        assert!(matches!(f.relay_target("a", "db", 80, 0), Err(FleetError::NotFound(_))));
+        // An instance that stops serving is no endpoint any more, and the view changes.
+        let gen = *f.mesh_changes().borrow();
+        report("b", running("b", &db, Some(skiff_model::Health::Unhealthy)), Some("10.0.0.2:7946"));
+        assert!(*f.mesh_changes().borrow() > gen, "a change of who serves wakes the tunnels");
+        assert_eq!(f.mesh_view("a").unwrap().services[0].endpoints[0].ready, 0);
+        assert!(matches!(f.relay_target("a", "db", 5432, 0), Err(FleetError::NotFound(_))));
+        // A mesh address that is not host:port is not believed.
+        report("b", running("b", &db, None), Some("not an address"));
+        assert_eq!(f.mesh_view("a").unwrap().services[0].endpoints[0].mesh, None);
     }
 
     #[test]

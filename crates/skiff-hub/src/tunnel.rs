@@ -103,6 +103,9 @@ pub async fn serve(
     f.touch(&name);
     tracing::info!(node = %name, "tunnel open");
     let mut changes = f.subscribe();
+    // The fleet's services this node may reach, told after the hello and on each change.
+    let mut mesh_changes = f.mesh_changes();
+    let mut pushed_view: Option<skiff_model::mesh::MeshView> = None;
     // The store's hubs: told once the node said hello, and again when they change.
     let mut hubs = f.hubs();
     // The revision the node holds (from its hello), and what was last pushed to it.
@@ -254,6 +257,12 @@ pub async fn serve(
                 }
                 push = true;
             }
+            r = mesh_changes.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                push = true;
+            }
             r = hubs.changed(), if node_rev.is_some() => {
                 if r.is_err() {
                     break;
@@ -283,6 +292,18 @@ pub async fn serve(
             }
         }
         let Some(held) = node_rev.filter(|_| push) else { continue };
+        match f.mesh_view(&name) {
+            Ok(view) if pushed_view.as_ref() != Some(&view) => {
+                if let Some(frame) = send(&Control::Services { view: view.clone() }) {
+                    if !send_msg(&out, Message::Text(frame.into())).await {
+                        break;
+                    }
+                }
+                pushed_view = Some(view);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(node = %name, error = %e, "the fleet's services"),
+        }
         let Ok(a) = f.assignment(&name) else { continue };
         // Behind on first contact: send once. Later: only when this node's part changed.
         let stale = match &pushed {

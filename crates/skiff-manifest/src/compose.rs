@@ -699,6 +699,17 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
                     d.ports.push(port(p, &format!("{path}[{i}]"))?);
                 }
             }
+            "expose" => {
+                let s = v.as_sequence().ok_or_else(|| ManifestError::at(&path, "must be a list"))?;
+                for (i, x) in s.iter().enumerate() {
+                    let p = format!("{path}[{i}]");
+                    for port in exposed(x, &p, &mut cx.warnings)? {
+                        if !d.expose.iter().any(|e| e.port == port) {
+                            d.expose.push(skiff_model::mesh::ServicePort { port, target: port });
+                        }
+                    }
+                }
+            }
             "volumes" => {
                 let s = v.as_sequence().ok_or_else(|| ManifestError::at(&path, "must be a list"))?;
                 for (i, x) in s.iter().enumerate() {
@@ -1401,4 +1412,34 @@ fn placement(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<(
         }
     }
     Ok(())
+}
+
+/// One `expose` entry: `80`, `"80"`, `"80/tcp"`, or a range `"8000-8010"` (at most 64
+/// ports). UDP is warned about: the fleet's services carry TCP.
+fn exposed(v: &Value, path: &str, warnings: &mut Vec<String>) -> R<Vec<u16>> {
+    let text = match v {
+        Value::Number(n) => n.to_string(),
+        other => str_of(other, path)?,
+    };
+    let (ports, proto) = text.split_once('/').unwrap_or((text.as_str(), "tcp"));
+    let one = |p: &str| -> R<u16> {
+        p.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+            ManifestError::at(path, format!("{text:?} is not a port (1 to 65535), a range A-B or PORT/PROTOCOL"))
+        })
+    };
+    let (a, b) = match ports.split_once('-') {
+        Some((a, b)) => (one(a)?, one(b)?),
+        None => (one(ports)?, one(ports)?),
+    };
+    if b < a || b - a >= 64 {
+        return Err(ManifestError::at(path, format!("{text:?}: a range of 1 to 64 ports, low to high")));
+    }
+    match proto {
+        "tcp" => Ok((a..=b).collect()),
+        "udp" => {
+            warnings.push(format!("{path}: {text:?}: UDP is not carried between nodes; only published UDP ports work"));
+            Ok(vec![])
+        }
+        other => Err(ManifestError::at(path, format!("{other:?} is not a protocol (tcp, udp)"))),
+    }
 }

@@ -82,8 +82,11 @@ fn unknown(v: &Value, known: &[&str], path: &str, warnings: &mut Vec<String>) {
 
 struct Service {
     path: String,
+    name: String,
     selector: BTreeMap<String, String>,
     ports: Vec<(Value, String)>,
+    /// NodePort and LoadBalancer: published on the nodes too.
+    publish: bool,
 }
 
 /// Kinds that configure a cluster rather than run workloads: skipped with a warning.
@@ -130,6 +133,7 @@ pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
 pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport> {
     let mut out = K8sImport { deployments: vec![], warnings: vec![], autoscalers: vec![] };
     let mut pod_labels: Vec<BTreeMap<String, String>> = vec![];
+    let mut named_ports: Vec<BTreeMap<String, u16>> = vec![];
     let mut paths: Vec<String> = vec![];
     let mut services: Vec<Service> = vec![];
     let docs = files.iter().flat_map(|(file, text)| {
@@ -158,32 +162,28 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
                 if let Some(i) = out.deployments.iter().position(|d| d.name == name) {
                     return Err(ManifestError::at(&path, format!("{name:?} is defined already, by {}", paths[i])));
                 }
-                let (d, labels) = workload(&v, &kind, &name, &stack, &path, &mut out.warnings)?;
+                let (d, labels, named) = workload(&v, &kind, &name, &stack, &path, &mut out.warnings)?;
                 out.deployments.push(d);
                 pod_labels.push(labels);
+                named_ports.push(named);
                 paths.push(path);
             }
             "Service" => {
                 let spec = get(&v, "spec").ok_or_else(|| ManifestError::at(&path, "spec is required"))?;
                 unknown(spec, &["selector", "ports", "type", "clusterIP"], &format!("{path}.spec"), &mut out.warnings);
                 let kind = get(spec, "type").and_then(Value::as_str).unwrap_or("ClusterIP");
-                match kind {
-                    "NodePort" | "LoadBalancer" => {}
-                    "ClusterIP" => {
-                        // Reached inside the cluster only: nothing on the nodes' own ports.
-                        out.warnings.push(format!(
-                            "{path}: a ClusterIP service publishes no port on the nodes (its pods are reached by \
-                             their Deployment's name)"
-                        ));
-                        continue;
-                    }
+                // A ClusterIP service is a fleet service only (its name and ports reach
+                // the pods from any node); the others publish on the nodes too.
+                let publish = match kind {
+                    "NodePort" | "LoadBalancer" => true,
+                    "ClusterIP" => false,
                     other => {
                         return Err(ManifestError::at(
                             format!("{path}.spec.type"),
                             format!("{other:?} is not supported (ClusterIP, NodePort, LoadBalancer)"),
                         ))
                     }
-                }
+                };
                 let selector = match get(spec, "selector") {
                     Some(s) => map_of_strings(s, &format!("{path}.spec.selector"))?,
                     None => return Err(ManifestError::at(format!("{path}.spec.selector"), "is required")),
@@ -194,7 +194,7 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
                     }
                     _ => return Err(ManifestError::at(format!("{path}.spec.ports"), "must be a list")),
                 };
-                services.push(Service { path, selector, ports });
+                services.push(Service { path, name, selector, ports, publish });
             }
             "HorizontalPodAutoscaler" => {
                 let spec = get(&v, "spec").ok_or_else(|| ManifestError::at(&path, "spec is required"))?;
@@ -243,9 +243,18 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
                 get(p, "port").ok_or_else(|| ManifestError::at(format!("{path}.port"), "is required"))?,
                 &format!("{path}.port"),
             )?;
-            let target = match get(p, "targetPort") {
-                Some(t) => port(t, &format!("{path}.targetPort"))?,
-                None => svc_port,
+            // By number, or by the name of a container port of every selected workload.
+            let target_of = |i: usize, workload: &str| -> R<u16> {
+                match get(p, "targetPort") {
+                    Some(Value::String(n)) => named_ports[i].get(n).copied().ok_or_else(|| {
+                        ManifestError::at(
+                            format!("{path}.targetPort"),
+                            format!("{n:?} names no container port of {workload}"),
+                        )
+                    }),
+                    Some(t) => port(t, &format!("{path}.targetPort")),
+                    None => Ok(svc_port),
+                }
             };
             let host = match get(p, "nodePort") {
                 Some(n) => port(n, &format!("{path}.nodePort"))?,
@@ -257,12 +266,26 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
                 o => return Err(ManifestError::at(format!("{path}.protocol"), format!("{o:?} is not TCP or UDP"))),
             };
             for &i in &targets {
-                out.deployments[i].ports.push(PortMapping {
-                    host_ip: None,
-                    host_port: host,
-                    container_port: target,
-                    protocol,
-                });
+                let target = target_of(i, &out.deployments[i].name)?;
+                let d = &mut out.deployments[i];
+                if s.publish {
+                    d.ports.push(PortMapping { host_ip: None, host_port: host, container_port: target, protocol });
+                }
+                match d.expose.iter().find(|e| e.port == svc_port) {
+                    _ if protocol != Protocol::Tcp => {}
+                    None => d.expose.push(skiff_model::mesh::ServicePort { port: svc_port, target }),
+                    // One address per deployment: a port means one target port, whichever
+                    // of its Services is called.
+                    Some(e) if e.target != target => out.warnings.push(format!(
+                        "{path}: port {svc_port} of {} already reaches its port {}; this Service's {svc_port} -> \
+                         {target} does not",
+                        d.name, e.target
+                    )),
+                    Some(_) => {}
+                }
+                if s.name != d.name && !d.aliases.contains(&s.name) {
+                    d.aliases.push(s.name.clone());
+                }
             }
         }
     }
@@ -287,6 +310,10 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
     Ok(out)
 }
 
+/// A workload imported: the deployment, its pods' labels (what Services select), and its
+/// container ports by name (what a Service's `targetPort` may name).
+type Workload = (Deployment, BTreeMap<String, String>, BTreeMap<String, u16>);
+
 fn workload(
     v: &Value,
     kind: &str,
@@ -294,7 +321,7 @@ fn workload(
     stack: &str,
     path: &str,
     warnings: &mut Vec<String>,
-) -> R<(Deployment, BTreeMap<String, String>)> {
+) -> R<Workload> {
     let spec = get(v, "spec").ok_or_else(|| ManifestError::at(format!("{path}.spec"), "is required"))?;
     unknown(
         spec,
@@ -422,12 +449,17 @@ fn workload(
             }
         }
     }
+    // Ports by name, for a Service's `targetPort: NAME`.
+    let mut named = BTreeMap::new();
     if let Some(Value::Sequence(ports)) = get(containers, "ports") {
         for (i, p) in ports.iter().enumerate() {
             // Container ports only document what listens; publishing is the Service's job
             // (or `hostPort`, which publishes on the node as Kubernetes does).
             let pp = format!("{cp}.ports[{i}]");
             unknown(p, &["containerPort", "hostPort", "protocol", "name"], &pp, warnings);
+            if let (Some(n), Some(c)) = (get(p, "name").and_then(Value::as_str), get(p, "containerPort")) {
+                named.insert(n.to_string(), port(c, &format!("{pp}.containerPort"))?);
+            }
             if let Some(h) = get(p, "hostPort") {
                 let cport = get(p, "containerPort")
                     .ok_or_else(|| ManifestError::at(format!("{pp}.containerPort"), "is required"))?;
@@ -485,7 +517,7 @@ fn workload(
             .map_err(|_| ManifestError::at(format!("{path}.spec.replicas"), format!("{n} must be 0 or more")))?;
     }
     strategy(&mut d, spec, &format!("{path}.spec"), warnings)?;
-    Ok((d, labels))
+    Ok((d, labels, named))
 }
 
 /// `strategy` (Deployment) or `updateStrategy` (DaemonSet), with Kubernetes' defaults of
@@ -603,7 +635,7 @@ spec:
                      ---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: rb}\n\
                      ---\napiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: pdb}\n\
                      ---\napiVersion: cert-manager.io/v1\nkind: Certificate\nmetadata: {name: tls}\n\
-                     ---\napiVersion: v1\nkind: Service\nmetadata: {name: internal}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n";
+                     ---\napiVersion: v1\nkind: Service\nmetadata: {name: internal}\nspec:\n  selector: {app: web}\n  ports: [{port: 8081, targetPort: 8080}]\n";
         let k = import_k8s(&format!("{APP}{extra}"), "default").unwrap();
         assert_eq!(k.deployments.len(), 2);
         assert_eq!(
@@ -620,10 +652,40 @@ spec:
         ] {
             assert!(k.warnings.iter().any(|x| x == w), "{w}: {:?}", k.warnings);
         }
-        assert!(k.warnings.iter().any(|w| w.starts_with("Service/internal: a ClusterIP service publishes no port")));
+        // The ClusterIP service is a fleet service: its name and port reach web's 8080.
+        use skiff_model::mesh::ServicePort;
+        assert!(
+            k.deployments[0].expose.contains(&ServicePort { port: 8081, target: 8080 }),
+            "{:?}",
+            k.deployments[0].expose
+        );
+        assert!(k.deployments[0].aliases.contains(&"internal".to_string()));
+        assert!(!k.warnings.iter().any(|w| w.contains("Service/internal")), "{:?}", k.warnings);
         // A kind of Kubernetes' own that skiff would have to act on is still refused.
         let e = import_k8s("apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\n", "default").unwrap_err();
         assert!(e.to_string().contains("kind \"StatefulSet\" is not supported"), "{e}");
+    }
+
+    #[test]
+    fn a_target_port_may_name_a_container_port() {
+        let app = APP.replace("ports: [{containerPort: 80}]", "ports: [{containerPort: 8080, name: http}]");
+        let svc = "---\napiVersion: v1\nkind: Service\nmetadata: {name: front}\nspec:\n  selector: {app: web}\n  ports: [{port: 8000, targetPort: http}]\n";
+        let k = import_k8s(&format!("{app}{svc}"), "default").unwrap();
+        let web = k.deployments.iter().find(|d| d.name == "web").unwrap();
+        assert!(web.expose.contains(&skiff_model::mesh::ServicePort { port: 8000, target: 8080 }), "{:?}", web.expose);
+        // Another Service on a port already served, to another target: warned, not merged.
+        let clash = svc.replace("port: 8000", "port: 80").replace("name: front", "name: other");
+        let k = import_k8s(&format!("{app}{clash}"), "default").unwrap();
+        assert!(
+            k.warnings
+                .iter()
+                .any(|w| w.starts_with("Service/other.spec.ports[0]: port 80 of web already reaches its port 80")),
+            "{:?}",
+            k.warnings
+        );
+        let bad = svc.replace("targetPort: http", "targetPort: grpc");
+        let e = import_k8s(&format!("{app}{bad}"), "default").unwrap_err().to_string();
+        assert!(e.contains("Service/front.spec.ports[0].targetPort: \"grpc\" names no container port of web"), "{e}");
     }
 
     #[test]

@@ -166,6 +166,10 @@ pub struct NodeStatus {
     /// Where this node serves its site's image cache (`skiff agent --serve-cache`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<String>,
+    /// Where this node's agent takes direct connections from other nodes' agents for the
+    /// fleet's services (`host:port`, `skiff agent --mesh-advertise`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
 }
 
 /// A site cache's address as a node states it: `http://host:port`, nothing more.
@@ -486,6 +490,9 @@ pub enum Control {
     /// Hub → agent: every hub of the fleet's store, on connecting and when the list
     /// changes: where the agent goes when this hub is gone.
     Hubs { hubs: Vec<String> },
+    /// Hub → agent: the fleet's services this node may reach and who may reach its own,
+    /// after the hello and whenever that changes.
+    Services { view: crate::mesh::MeshView },
 }
 
 /// How often the hub pings a tunnel; a node that answers nothing for three of these is

@@ -27,6 +27,13 @@ pub struct Deployment {
     pub hostname: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortMapping>,
+    /// Ports it serves to its peers as a fleet service (compose `expose`, a Kubernetes
+    /// Service's `port` → `targetPort`), beside the container ports it publishes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose: Vec<crate::mesh::ServicePort>,
+    /// Other names its service answers to (Kubernetes Services that select it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
     /// Memory-backed directories (`tmpfs:`, volumes of `type: tmpfs`), empty at each start.
@@ -315,6 +322,8 @@ impl Deployment {
             user: None,
             hostname: None,
             ports: vec![],
+            expose: vec![],
+            aliases: vec![],
             volumes: vec![],
             tmpfs: vec![],
             resources: Resources::default(),

@@ -171,6 +171,38 @@ impl Deployment {
         Ok(())
     }
 
+    /// What it serves as a fleet service: ports once each, names as DNS labels.
+    fn check_service(&self) -> Result<(), ValidationError> {
+        if self.expose.len() > 64 {
+            return Err(ValidationError::new("expose", "more than 64 ports"));
+        }
+        for (i, p) in self.expose.iter().enumerate() {
+            if p.port == 0 || p.target == 0 {
+                return Err(ValidationError::new(format!("expose[{i}]"), "ports are 1 to 65535"));
+            }
+            if self.expose[..i].iter().any(|o| o.port == p.port) {
+                return Err(ValidationError::new(format!("expose[{i}]"), format!("port {} is exposed twice", p.port)));
+            }
+        }
+        if self.aliases.len() > 16 {
+            return Err(ValidationError::new("aliases", "more than 16 names"));
+        }
+        for (i, a) in self.aliases.iter().enumerate() {
+            let label = !a.is_empty()
+                && a.len() <= 63
+                && a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && a.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && !a.ends_with('-');
+            if !label {
+                return Err(ValidationError::new(
+                    format!("aliases[{i}]"),
+                    format!("{a:?} is not a DNS label (lower-case letters, digits and '-', at most 63 characters)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn check_networks(&self) -> Result<(), ValidationError> {
         self.check_macvlan()?;
         if self.networks.is_empty() {
@@ -207,6 +239,7 @@ impl Deployment {
         check_name("name", &self.name)?;
         check_name("stack", &self.stack)?;
         self.check_networks()?;
+        self.check_service()?;
         if self.image.trim().is_empty() {
             return Err(ValidationError::new("image", "must not be empty"));
         }

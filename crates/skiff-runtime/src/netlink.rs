@@ -228,6 +228,34 @@ impl Rtnl {
         )
     }
 
+    /// Makes every address of `net/prefix` one of the host's own (a `local` route in the
+    /// local table, on `lo`: Linux's "AnyIP"), so a program can listen on any of them
+    /// without each being added to an interface. There already is fine.
+    pub fn add_local_route(&mut self, net: Ipv4Addr, prefix: u8) -> Result<(), NlError> {
+        let lo = self.must_index("lo")?;
+        match self.request(
+            &format!("add the local route {net}/{prefix}"),
+            RouteNetlinkMessage::NewRoute(local_route(net, prefix, lo)),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Err(e) if e.exists() => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Removes the route [`Rtnl::add_local_route`] made (gone already is fine).
+    pub fn del_local_route(&mut self, net: Ipv4Addr, prefix: u8) -> Result<(), NlError> {
+        let lo = self.must_index("lo")?;
+        match self.request(
+            &format!("remove the local route {net}/{prefix}"),
+            RouteNetlinkMessage::DelRoute(local_route(net, prefix, lo)),
+            0,
+        ) {
+            Err(e) if e.source.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            r => r,
+        }
+    }
+
     /// Removes the interface `name` (gone already is fine).
     pub fn del_link(&mut self, name: &str) -> Result<(), NlError> {
         let mut m = LinkMessage::default();
@@ -237,6 +265,20 @@ impl Rtnl {
             r => r,
         }
     }
+}
+
+fn local_route(net: Ipv4Addr, prefix: u8, lo: u32) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    // RT_TABLE_LOCAL (netlink-packet-route names only main and unspec).
+    m.header.table = 255;
+    m.header.protocol = RouteProtocol::Boot;
+    m.header.scope = RouteScope::Host;
+    m.header.kind = RouteType::Local;
+    m.header.destination_prefix_length = prefix;
+    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(net)));
+    m.attributes.push(RouteAttribute::Oif(lo));
+    m
 }
 
 /// Runs `f` on a short-lived thread that first joins the network namespace `ns` (named

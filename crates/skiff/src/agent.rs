@@ -60,8 +60,32 @@ pub struct AgentArgs {
     /// 0.0.0.0 or [::]).
     #[arg(long, value_name = "URL", requires = "serve_cache")]
     pub cache_advertise: Option<String>,
+    /// Take direct connections from other nodes' agents for the fleet's services on ADDR
+    /// (e.g. 0.0.0.0:7946; mutual TLS with the nodes' certificates). Without it, other
+    /// nodes reach this one's services through the hub's relay.
+    #[arg(long, value_name = "ADDR")]
+    pub mesh_listen: Option<std::net::SocketAddr>,
+    /// Where other nodes reach --mesh-listen (HOST:PORT; default: ADDR, unless it is
+    /// 0.0.0.0 or [::]).
+    #[arg(long, value_name = "HOST:PORT", requires = "mesh_listen")]
+    pub mesh_advertise: Option<String>,
     #[command(flatten)]
     pub node: crate::cli::NodeArgs,
+}
+
+/// `--mesh-advertise`, or `--mesh-listen` when it names an address.
+fn mesh_advertise(args: &AgentArgs) -> Result<Option<String>> {
+    let Some(listen) = args.mesh_listen else { return Ok(None) };
+    let a = match &args.mesh_advertise {
+        Some(a) => a.clone(),
+        None if listen.ip().is_unspecified() => anyhow::bail!(
+            "--mesh-listen {listen}: say with --mesh-advertise LAN-ADDRESS:{} where other nodes reach it",
+            listen.port()
+        ),
+        None => listen.to_string(),
+    };
+    anyhow::ensure!(skiff_model::mesh::valid_mesh_addr(&a), "--mesh-advertise {a:?}: want HOST:PORT");
+    Ok(Some(a))
 }
 
 /// `--cache-advertise`: `http://host:port`.
@@ -132,6 +156,8 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     acfg.pull = Some(crate::cli::pull_options(cli)?);
     acfg.metrics_every = Duration::from_secs(args.metrics_interval);
     args.node.apply(&mut acfg)?;
+    acfg.mesh_advertise = mesh_advertise(args)?;
+    let site = labels.get("site").cloned();
     let id = Identity::new(data);
     // Probes runsc (a sandbox started): off the async workers.
     let dirs = acfg.cdi_dirs.clone();
@@ -182,6 +208,13 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
         ));
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mesh_cfg = skiff_agent::mesh::MeshConfig {
+        listen: args.mesh_listen,
+        site,
+        identity: Some(Arc::new(Identity::new(data))),
+        hub: Some(Arc::clone(&connected)),
+    };
+    let mesh = skiff_agent::mesh::Mesh::new(Arc::clone(&agent), mesh_cfg).map(|m| tokio::spawn(m.run(stop_rx.clone())));
     let mut agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx));
     let hubs: Vec<String> = args.hub.iter().map(|h| h.trim_end_matches('/').to_string()).collect();
     eprintln!("skiff: agent {node} joined to {}; running from {}", hubs.join(", "), data.display());
@@ -208,6 +241,9 @@ pub async fn agent(cli: &crate::cli::Cli, args: &AgentArgs) -> Result<i32> {
     // Workloads keep running: they belong to the node, not to this process.
     let _ = stop_tx.send(true);
     let _ = agent_task.await;
+    if let Some(m) = mesh {
+        let _ = m.await;
+    }
     eprintln!("skiff: agent stopped, workloads left running");
     Ok(0)
 }

@@ -222,6 +222,9 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     hub.sync_nodes()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // One node: its services are its own (names and virtual addresses, no other node).
+    let mesh = skiff_agent::mesh::Mesh::new(Arc::clone(&agent), Default::default())
+        .map(|m| tokio::spawn(m.run(stop_rx.clone())));
     let mut agent_task = tokio::spawn(Arc::clone(&agent).run(stop_rx.clone()));
     let router = skiff_hub::api::router(Arc::clone(&hub));
     let serving = args.conns.serve_config(tls);
@@ -304,6 +307,9 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     }
     let _ = stop_tx.send(true);
     let _ = agent_task.await;
+    if let Some(m) = mesh {
+        let _ = m.await;
+    }
     let _ = server.await;
     Ok(0)
 }

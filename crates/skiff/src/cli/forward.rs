@@ -5,12 +5,7 @@
 
 use crate::client::Client;
 use anyhow::{bail, Context, Result};
-use futures_util::{SinkExt, StreamExt};
-use skiff_model::api::{ExecControl, ExecEnd, EXEC_STDOUT};
-use skiff_model::proto::INPUT_CHUNK;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::Message;
 
 /// `[LOCAL:]REMOTE` (`8080`, `18080:80`, `:80` for any free local port).
 fn ports(s: &str) -> Result<(u16, u16)> {
@@ -90,53 +85,7 @@ pub(super) async fn port_forward(c: Client, target: &str, specs: &[String], addr
 /// Carries one local connection to the instance's port and back.
 async fn forward(c: &Client, instance: &str, port: u16, conn: tokio::net::TcpStream) -> Result<()> {
     let ws = c.websocket(&format!("/api/v1/instances/{instance}/portforward?port={port}")).await?;
-    let (mut to_hub, mut from_hub) = ws.split();
-    let (mut rd, mut wr) = conn.into_split();
-    let up = async move {
-        let mut buf = vec![0u8; INPUT_CHUNK];
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => {
-                    let eof = serde_json::to_string(&ExecControl::Eof).unwrap_or_default();
-                    let _ = to_hub.send(Message::Text(eof.into())).await;
-                    // Kept open: the answer may still come (the instance closes first).
-                    std::future::pending::<()>().await;
-                }
-                Ok(n) => {
-                    if to_hub.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    };
-    let down = async move {
-        while let Some(m) = from_hub.next().await {
-            match m? {
-                Message::Binary(b) => {
-                    if let Some((&EXEC_STDOUT, data)) = b.split_first() {
-                        wr.write_all(data).await?;
-                    }
-                }
-                Message::Text(t) => {
-                    let end: ExecEnd = serde_json::from_str(t.as_str())?;
-                    let _ = wr.shutdown().await;
-                    if let Some(e) = end.error {
-                        bail!("{e}");
-                    }
-                    return Ok(());
-                }
-                Message::Close(_) => break,
-                _ => {}
-            }
-        }
-        let _ = wr.shutdown().await;
-        Ok(())
-    };
-    tokio::select! {
-        r = down => r,
-        () = up => Ok(()),
-    }
+    skiff_agent::mesh::relay::splice(ws, conn).await.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 #[cfg(test)]

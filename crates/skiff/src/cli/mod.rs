@@ -554,6 +554,27 @@ pub struct BridgeArgs {
     /// reach only this host, and the agent's proxy forwards published ports).
     #[arg(long, default_value = "auto", value_parser = parse_firewall)]
     pub firewall: skiff_runtime::nat::FirewallSetting,
+    /// Where services' virtual addresses come from (instances resolve a service's name,
+    /// through the node's DNS, to one of them); clear of the subnet and of the host's own
+    /// networks. `none`: no fleet services on this node (instances use the host's
+    /// resolvers, and reach peers on this node by name only).
+    #[arg(long, default_value = "10.213.128.0/17", value_parser = parse_service_range)]
+    pub service_range: ServiceRange,
+}
+
+/// `--service-range`: a subnet, or none.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceRange(pub Option<(std::net::Ipv4Addr, u8)>);
+
+fn parse_service_range(s: &str) -> std::result::Result<ServiceRange, String> {
+    if s == "none" {
+        return Ok(ServiceRange(None));
+    }
+    let net = skiff_runtime::network::Subnet::parse(s).map_err(|e| e.to_string())?;
+    if !(8..=28).contains(&net.prefix) {
+        return Err(format!("{s}: a service range is a /8 to a /28"));
+    }
+    Ok(ServiceRange(Some((net.base, net.prefix))))
 }
 
 impl BridgeArgs {
@@ -561,6 +582,7 @@ impl BridgeArgs {
         cfg.bridge_name = self.bridge.clone();
         cfg.subnet = self.subnet.clone();
         cfg.firewall = self.firewall;
+        cfg.services = self.service_range.0;
     }
 }
 

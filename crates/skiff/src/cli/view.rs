@@ -30,6 +30,9 @@ pub enum Kind {
     Autoscalers,
     #[value(alias = "alert")]
     Alerts,
+    /// The fleet's services: every deployment that serves ports on the bridge.
+    #[value(alias = "service", alias = "svc")]
+    Services,
 }
 
 pub(super) fn dash<T: ToString>(v: Option<T>) -> String {
@@ -162,7 +165,7 @@ impl Only {
                 Kind::Events => "/object",
                 Kind::Autoscalers => "/deployment",
                 Kind::Alerts => "/alert",
-                Kind::Instances | Kind::Nodes => "/name",
+                Kind::Instances | Kind::Nodes | Kind::Services => "/name",
             };
             x.pointer(p).and_then(|n| n.as_str()).map(str::to_string)
         };
@@ -212,6 +215,7 @@ pub(super) async fn get(
         Kind::Events => "/api/v1/events",
         Kind::Autoscalers => "/api/v1/autoscalers",
         Kind::Alerts => "/api/v1/alerts",
+        Kind::Services => "/api/v1/services",
     };
     let mut tag: Option<String> = None;
     loop {
@@ -335,6 +339,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Events => "events of",
         Kind::Autoscalers => "autoscaler of",
         Kind::Alerts => "alert",
+        Kind::Services => "service",
     }
 }
 
@@ -434,6 +439,37 @@ pub(super) fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
                     labels.join(","),
                     a.action.clone().unwrap_or_default(),
                 ]
+            })
+        }
+        Kind::Services => {
+            let v: Vec<skiff_model::mesh::ServiceInfo> = serde_json::from_slice(body).map_err(bad)?;
+            let mut h = vec!["NAME", "STACK", "ADDRESS", "PORTS", "ENDPOINTS"];
+            if f == Format::Wide {
+                h.extend(["NETWORKS", "ALIASES"]);
+            }
+            output::print(&v, f, &h, |s| {
+                let ports: Vec<String> = s
+                    .ports
+                    .iter()
+                    .map(|p| if p.port == p.target { p.port.to_string() } else { format!("{}->{}", p.port, p.target) })
+                    .collect();
+                // Instances that serve, of all, on each node.
+                let eps: Vec<String> =
+                    s.endpoints.iter().map(|e| format!("{}:{}/{}", e.node, e.ready, e.total)).collect();
+                let mut row = vec![
+                    s.name.clone(),
+                    s.stack.clone(),
+                    s.address.clone(),
+                    ports.join(","),
+                    if eps.is_empty() { "-".into() } else { eps.join(",") },
+                ];
+                if f == Format::Wide {
+                    row.extend([
+                        s.networks.join(","),
+                        if s.aliases.is_empty() { "-".into() } else { s.aliases.join(",") },
+                    ]);
+                }
+                row
             })
         }
         Kind::Events => {
@@ -585,7 +621,12 @@ pub(super) async fn describe(cli: &Cli, kind: Kind, name: &str) -> Result<i32> {
             let n = nodes.into_iter().find(|n| n.name == name).with_context(|| format!("node {name:?} not found"))?;
             out!("{}", serde_norway::to_string(&n)?);
         }
-        _ => bail!("describe works on deployments and nodes"),
+        Kind::Services => {
+            let all: Vec<skiff_model::mesh::ServiceInfo> = c.get("/api/v1/services").await?;
+            let s = all.into_iter().find(|s| s.name == name).with_context(|| format!("service {name:?} not found"))?;
+            out!("{}", serde_norway::to_string(&s)?);
+        }
+        _ => bail!("describe works on deployments, nodes and services"),
     }
     Ok(0)
 }

@@ -1,0 +1,201 @@
+//! The node's DNS resolver for its instances (as Docker's 127.0.0.11), on the bridge's
+//! gateway address: the fleet's service names get their virtual address, any other name
+//! goes to the host's own resolvers. Only instances on the bridge are answered, and each
+//! only with the services it may reach.
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long an answer may be kept: short, so a service that moves is found again soon.
+const TTL: u32 = 5;
+
+/// What to do with a query.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// This answer.
+    Answer(Vec<u8>),
+    /// Not a name of ours: ask the upstream resolvers.
+    Forward,
+    /// Not a DNS query: nothing.
+    Drop,
+}
+
+/// Answers `query` with `lookup`, which gives a name's addresses if it is a peer or a
+/// service the asking instance may reach (none: not a name of ours).
+pub fn answer(query: &[u8], lookup: impl Fn(&str) -> Vec<Ipv4Addr>) -> Reply {
+    let Ok(msg) = Message::from_vec(query) else { return Reply::Drop };
+    if msg.metadata.message_type != MessageType::Query {
+        return Reply::Drop;
+    }
+    let (Some(q), OpCode::Query) = (msg.queries.first(), msg.metadata.op_code) else { return Reply::Forward };
+    let name = q.name().to_ascii();
+    let ips = lookup(&name);
+    if ips.is_empty() {
+        return Reply::Forward;
+    }
+    let mut resp = Message::response(msg.metadata.id, msg.metadata.op_code);
+    resp.metadata.recursion_desired = msg.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.metadata.authoritative = true;
+    resp.metadata.response_code = ResponseCode::NoError;
+    resp.queries.push(q.clone());
+    // A name of ours has an IPv4 address and nothing else: other types get an empty
+    // answer (not an error, which would end the client's search for the A record).
+    if q.query_type() == RecordType::A {
+        for ip in ips {
+            resp.answers.push(Record::from_rdata(q.name().clone(), TTL, RData::A(A(ip))));
+        }
+    }
+    match resp.to_vec() {
+        Ok(b) => Reply::Answer(b),
+        Err(_) => Reply::Drop,
+    }
+}
+
+/// The host's resolvers (loopback ones too: the agent runs on the host).
+pub fn upstreams() -> Vec<SocketAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next() == Some("nameserver")).then(|| it.next()).flatten()
+        })
+        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .take(3)
+        .collect()
+}
+
+/// Asks the upstream resolvers in turn (2 s each) and gives the first answer.
+async fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    for up in upstreams {
+        let bind: SocketAddr = if up.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().ok()?;
+        let Ok(sock) = tokio::net::UdpSocket::bind(bind).await else { continue };
+        if sock.send_to(query, up).await.is_err() {
+            continue;
+        }
+        let mut buf = vec![0u8; 4096];
+        if let Ok(Ok((n, from))) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await {
+            if from == *up {
+                buf.truncate(n);
+                return Some(buf);
+            }
+        }
+    }
+    None
+}
+
+/// The addresses a name has for the instance at an address.
+pub type Lookup = Arc<dyn Fn(Ipv4Addr, &str) -> Vec<Ipv4Addr> + Send + Sync>;
+
+/// Serves queries on `socket` until the task is dropped. `lookup(client, name)`: the
+/// virtual address `name` has for the instance at `client`; `is_client`: whether an
+/// address is an instance's (others are not answered at all).
+pub async fn serve(
+    socket: tokio::net::UdpSocket,
+    lookup: Lookup,
+    is_client: Arc<dyn Fn(Ipv4Addr) -> bool + Send + Sync>,
+) {
+    let socket = Arc::new(socket);
+    let upstreams: Arc<[SocketAddr]> = upstreams().into();
+    // Forwarded queries in flight, bounded: a flood waits for the network, not memory.
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, from) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("dns: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let SocketAddr::V4(from4) = from else { continue };
+        let client = *from4.ip();
+        if !is_client(client) {
+            continue;
+        }
+        let query = &buf[..n];
+        match answer(query, |name| lookup(client, name)) {
+            Reply::Answer(b) => {
+                let _ = socket.send_to(&b, from).await;
+            }
+            Reply::Drop => {}
+            Reply::Forward => {
+                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else { continue };
+                let (socket, upstreams, query) = (Arc::clone(&socket), Arc::clone(&upstreams), query.to_vec());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match forward(&query, &upstreams).await {
+                        Some(b) => {
+                            let _ = socket.send_to(&b, from).await;
+                        }
+                        None => {
+                            // No upstream answered: say so, rather than let the client wait.
+                            if let Ok(q) = Message::from_vec(&query) {
+                                let mut r =
+                                    Message::error_msg(q.metadata.id, q.metadata.op_code, ResponseCode::ServFail);
+                                r.queries = q.queries;
+                                if let Ok(b) = r.to_vec() {
+                                    let _ = socket.send_to(&b, from).await;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+
+    fn query(name: &str, t: RecordType) -> Vec<u8> {
+        let mut m = Message::new(4242, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.queries.push(Query::query(Name::from_ascii(name).unwrap(), t));
+        m.to_vec().unwrap()
+    }
+
+    fn lookup(name: &str) -> Vec<Ipv4Addr> {
+        match name.trim_end_matches('.') {
+            "db" => vec![Ipv4Addr::new(10, 213, 130, 7)],
+            "web" => vec![Ipv4Addr::new(10, 213, 0, 2), Ipv4Addr::new(10, 213, 0, 3)],
+            _ => vec![],
+        }
+    }
+
+    #[test]
+    fn a_service_name_gets_its_virtual_address_and_others_go_upstream() {
+        let Reply::Answer(b) = answer(&query("db.", RecordType::A), lookup) else { panic!("no answer") };
+        let m = Message::from_vec(&b).unwrap();
+        assert_eq!((m.metadata.id, m.metadata.message_type), (4242, MessageType::Response));
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(m.answers[0].data, RData::A(A(Ipv4Addr::new(10, 213, 130, 7))));
+        assert_eq!(m.answers[0].ttl, TTL);
+        // AAAA for a service: an empty answer, not NXDOMAIN.
+        let Reply::Answer(b) = answer(&query("db.", RecordType::AAAA), lookup) else { panic!("no answer") };
+        let m = Message::from_vec(&b).unwrap();
+        assert!(m.answers.is_empty() && m.metadata.response_code == ResponseCode::NoError);
+        // Instances of a peer on this node: each of their addresses.
+        let Reply::Answer(b) = answer(&query("web.", RecordType::A), lookup) else { panic!("no answer") };
+        assert_eq!(Message::from_vec(&b).unwrap().answers.len(), 2);
+        assert_eq!(answer(&query("example.org.", RecordType::A), lookup), Reply::Forward);
+        assert_eq!(answer(b"\x00\x01garbage", lookup), Reply::Drop);
+    }
+
+    #[test]
+    fn responses_are_not_answered() {
+        let Reply::Answer(b) = answer(&query("db.", RecordType::A), lookup) else { panic!("no answer") };
+        assert_eq!(answer(&b, lookup), Reply::Drop, "an answer sent to us is no question");
+    }
+}

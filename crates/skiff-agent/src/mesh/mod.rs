@@ -1,0 +1,543 @@
+//! Fleet services on the node ([`skiff_model::mesh`]): every deployment is a service its
+//! peers reach by name, on this node or any other.
+//!
+//! - **Names:** `dns.rs` answers the instances on the bridge (at the gateway's address):
+//!   a service they may reach resolves to its virtual address, other names go to the
+//!   host's resolvers.
+//! - **Virtual addresses:** the service range is made the host's own with one `local`
+//!   route ("AnyIP"), and the agent listens on each `(virtual address, port)` a service
+//!   answers on. A connection goes to an instance of this node that serves (round
+//!   robin), else to another node with ready instances — one of this node's `site`
+//!   first — directly to that node's agent over mutual TLS (`peer.rs`), else relayed
+//!   through the hub (`relay.rs`) when no direct path works.
+//! - **Who reaches what:** a caller must be an instance of this node sharing a network
+//!   with the service (stacks stay apart as on one node); a node calling in must be one
+//!   the hub listed as a client of that service.
+//! - **Offline:** the hub's last [`MeshView`] is kept in `mesh.json`; while the hub is
+//!   away, and after a restart, nodes that reach each other directly keep their services.
+//!
+//! Architecture Invariant: the mesh only ever connects to instances of this node that
+//! serve the service asked for; it never reaches the host or another address for a peer.
+
+pub mod dns;
+mod peer;
+pub mod relay;
+
+use crate::join::Identity;
+use crate::{Agent, AgentError};
+use skiff_model::mesh::{answers_to, service_ports, Dial, Endpoint, MeshView, Service, DIAL_LINE_MAX};
+use skiff_model::{InstanceState, NetworkMode};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+/// How the node takes part in the fleet's services beyond its own instances.
+#[derive(Default, Clone)]
+pub struct MeshConfig {
+    /// Where other nodes' agents connect directly (`--mesh-listen`); none: this node's
+    /// services are reached through the hub's relay only.
+    pub listen: Option<SocketAddr>,
+    /// The node's `site` label: endpoints of the same site are preferred.
+    pub site: Option<String>,
+    /// The node's identity (joined to a hub): needed to reach other nodes at all.
+    pub identity: Option<Arc<Identity>>,
+    /// The hub the agent's tunnel is connected to (the relay).
+    pub hub: Option<Arc<RwLock<String>>>,
+}
+
+/// An instance of this node that may call services.
+#[derive(Debug, Clone)]
+struct Caller {
+    stack: String,
+    networks: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    service: Service,
+    vip: Ipv4Addr,
+    /// This node's instances that serve it.
+    local: Vec<Ipv4Addr>,
+}
+
+/// An instance of this node as its peers' `/etc/hosts` name it.
+#[derive(Debug, Clone)]
+struct Peer {
+    names: Vec<String>,
+    ip: Ipv4Addr,
+    networks: BTreeSet<String>,
+}
+
+/// What the node knows of the fleet's services at one moment.
+#[derive(Debug, Default)]
+struct Catalog {
+    /// This node's instances, by the names `/etc/hosts` gives them.
+    peers: Vec<Peer>,
+    entries: BTreeMap<String, Entry>,
+    by_vip: HashMap<Ipv4Addr, String>,
+    callers: HashMap<Ipv4Addr, Caller>,
+    /// Service → the nodes that may call it (the hub's word).
+    clients: BTreeMap<String, BTreeSet<String>>,
+}
+
+fn reaches(c: &Caller, s: &Service) -> bool {
+    s.networks.iter().any(|n| c.networks.contains(n))
+}
+
+impl Catalog {
+    /// The addresses `name` has for the instance at `caller`: as its `/etc/hosts` says
+    /// (peers on this node sharing a network, any port), else a service's virtual
+    /// address (its ports, on any node).
+    fn resolve(&self, caller: Ipv4Addr, name: &str) -> Vec<Ipv4Addr> {
+        let Some(c) = self.callers.get(&caller) else { return vec![] };
+        let q = name.trim_end_matches('.').to_ascii_lowercase();
+        let near: Vec<Ipv4Addr> = self
+            .peers
+            .iter()
+            .filter(|p| p.names.contains(&q) && p.networks.iter().any(|n| c.networks.contains(n)))
+            .map(|p| p.ip)
+            .collect();
+        if !near.is_empty() {
+            return near;
+        }
+        self.entries
+            .values()
+            .filter(|e| reaches(c, &e.service) && answers_to(&e.service, &c.stack, &q))
+            .map(|e| e.vip)
+            .take(1)
+            .collect()
+    }
+}
+
+impl Agent {
+    /// The hub's last word on the fleet's services (kept in `mesh.json`).
+    pub fn set_mesh_view(&self, view: MeshView) -> Result<(), AgentError> {
+        if **self.mesh_view.borrow() == view {
+            return Ok(());
+        }
+        let bytes = serde_json::to_vec(&view).map_err(|e| AgentError::Other(e.to_string()))?;
+        skiff_sys::durable::write(&self.cfg.data_dir.join("mesh.json"), &bytes, 0o600)
+            .map_err(|e| AgentError::Other(format!("keeping the fleet's services: {e}")))?;
+        self.mesh_view.send_replace(Arc::new(view));
+        Ok(())
+    }
+
+    fn catalog(&self, view: &MeshView, range: (Ipv4Addr, u8)) -> Result<Catalog, AgentError> {
+        let desired = self.desired()?;
+        let rows = self.db(|s| s.instances())?;
+        let serving = self.serving.lock().ok().and_then(|s| s.clone());
+        let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
+        let running = rows
+            .iter()
+            .filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge)
+            .filter_map(|r| Some((r, r.ip.as_ref()?.parse::<Ipv4Addr>().ok()?)));
+        let mut local: BTreeMap<&str, Vec<Ipv4Addr>> = BTreeMap::new();
+        let mut callers = HashMap::new();
+        let mut peers = vec![];
+        for (r, ip) in running {
+            let networks: BTreeSet<String> = r.spec.joined_networks().into_iter().collect();
+            // As `hosts_for` names them: switched away from (blue-green), by its own name only.
+            let mut names = vec![r.name.clone()];
+            if r.retire_at_ms.is_none() {
+                names.push(r.deployment.clone());
+            }
+            peers.push(Peer { names, ip, networks: networks.clone() });
+            callers.insert(ip, Caller { stack: r.spec.stack.clone(), networks });
+            let serves = !stopping.contains(&r.container_id)
+                && match &serving {
+                    Some(s) => s.get(&r.deployment).is_some_and(|n| n.contains(&r.name)),
+                    None => r.ready_since_ms.is_some(),
+                };
+            if serves {
+                local.entry(r.deployment.as_str()).or_default().push(ip);
+            }
+        }
+        let mut services: BTreeMap<String, Service> = BTreeMap::new();
+        for d in desired.iter().filter(|d| d.network == NetworkMode::Bridge) {
+            let ports = service_ports(d);
+            if ports.is_empty() {
+                continue;
+            }
+            let s = Service {
+                name: d.name.clone(),
+                stack: d.stack.clone(),
+                aliases: d.aliases.clone(),
+                networks: d.joined_networks(),
+                ports,
+                endpoints: vec![],
+            };
+            services.insert(d.name.clone(), s);
+        }
+        for s in &view.services {
+            match services.get_mut(&s.name) {
+                Some(mine) => mine.endpoints.clone_from(&s.endpoints),
+                None => {
+                    services.insert(s.name.clone(), s.clone());
+                }
+            }
+        }
+        let vips = skiff_model::mesh::virtual_addresses(range, services.keys().map(String::as_str));
+        let mut entries = BTreeMap::new();
+        let mut by_vip = HashMap::new();
+        for (name, service) in services {
+            let Some(vip) = vips.get(&name).copied() else { continue };
+            let local = local.get(name.as_str()).cloned().unwrap_or_default();
+            by_vip.insert(vip, name.clone());
+            entries.insert(name, Entry { service, vip, local });
+        }
+        Ok(Catalog { peers, entries, by_vip, callers, clients: view.clients.clone() })
+    }
+}
+
+/// The fleet's services on this node: names, virtual addresses, and the paths to other
+/// nodes. Runs beside the reconcile loop (`Mesh::run`).
+pub struct Mesh {
+    agent: Arc<Agent>,
+    cfg: MeshConfig,
+    range: (Ipv4Addr, u8),
+    catalog: RwLock<Arc<Catalog>>,
+    turn: AtomicUsize,
+    /// Nodes whose direct path failed lately (tried again after a minute).
+    unreachable: Mutex<HashMap<String, Instant>>,
+}
+
+/// How long a node whose direct path failed is reached through the relay only.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(60);
+/// Connecting to another node's agent (TCP and TLS) may take this long.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl Mesh {
+    /// The mesh of `agent`, when it offers fleet services (`AgentConfig::services`).
+    pub fn new(agent: Arc<Agent>, cfg: MeshConfig) -> Option<Arc<Self>> {
+        let range = agent.cfg.services?;
+        Some(Arc::new(Mesh {
+            agent,
+            cfg,
+            range,
+            catalog: Default::default(),
+            turn: AtomicUsize::new(0),
+            unreachable: Default::default(),
+        }))
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.read().map(|c| Arc::clone(&c)).unwrap_or_default()
+    }
+
+    /// Keeps names, listeners and the direct path up until `shutdown`; then removes the
+    /// service range's route (the listeners die with the process anyway).
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let (net, prefix) = self.range;
+        let routed = crate::blocking(move || skiff_runtime::netlink::Rtnl::open()?.add_local_route(net, prefix)).await;
+        if let Err(e) = routed {
+            warn!("fleet services are off: the service range {net}/{prefix} cannot be routed here: {e}");
+            return;
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(socket) = self.agent.dns_socket.lock().ok().and_then(|mut s| s.take()) {
+            match tokio::net::UdpSocket::from_std(socket) {
+                Ok(socket) => {
+                    let (m1, m2) = (Arc::clone(&self), Arc::clone(&self));
+                    tasks.spawn(dns::serve(
+                        socket,
+                        Arc::new(move |caller, name: &str| m1.catalog().resolve(caller, name)),
+                        Arc::new(move |caller| m2.catalog().callers.contains_key(&caller)),
+                    ));
+                }
+                Err(e) => warn!("fleet DNS is off: {e}"),
+            }
+        }
+        if let (Some(addr), Some(_)) = (self.cfg.listen, &self.cfg.identity) {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    info!(%addr, "taking direct connections from other nodes' agents");
+                    tasks.spawn(Arc::clone(&self).inbound(l));
+                }
+                Err(e) => warn!("--mesh-listen {addr}: {e}; other nodes reach this one through the hub"),
+            }
+        }
+        let mut listeners: HashMap<SocketAddrV4, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut refused: HashSet<SocketAddrV4> = HashSet::new();
+        let mut changes = self.agent.subscribe();
+        let mut views = self.agent.mesh_view.subscribe();
+        loop {
+            let view = Arc::clone(&views.borrow_and_update());
+            let (agent, range) = (Arc::clone(&self.agent), self.range);
+            match crate::blocking(move || agent.catalog(&view, range)).await {
+                Ok(c) => {
+                    let c = Arc::new(c);
+                    self.sync_listeners(&c, &mut listeners, &mut refused);
+                    if let Ok(mut slot) = self.catalog.write() {
+                        *slot = c;
+                    }
+                }
+                Err(e) => warn!("fleet services: {e}"),
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = views.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = shutdown.changed() => break,
+            }
+            // A burst of changes (a rollout) is taken in one step.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for (_, h) in listeners {
+            h.abort();
+        }
+        tasks.abort_all();
+        let _ = crate::blocking(move || skiff_runtime::netlink::Rtnl::open()?.del_local_route(net, prefix)).await;
+    }
+
+    /// Listens on every `(virtual address, port)` the catalog has, and on nothing else.
+    fn sync_listeners(
+        self: &Arc<Self>,
+        c: &Catalog,
+        listeners: &mut HashMap<SocketAddrV4, tokio::task::JoinHandle<()>>,
+        refused: &mut HashSet<SocketAddrV4>,
+    ) {
+        let wanted: HashSet<SocketAddrV4> = c
+            .entries
+            .values()
+            .flat_map(|e| e.service.ports.iter().map(move |p| SocketAddrV4::new(e.vip, p.port)))
+            .collect();
+        listeners.retain(|a, h| {
+            let keep = wanted.contains(a) && !h.is_finished();
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        refused.retain(|a| wanted.contains(a));
+        for a in wanted {
+            if listeners.contains_key(&a) {
+                continue;
+            }
+            let bound = std::net::TcpListener::bind(a)
+                .and_then(|l| l.set_nonblocking(true).map(|_| l))
+                .and_then(tokio::net::TcpListener::from_std);
+            match bound {
+                Ok(l) => {
+                    refused.remove(&a);
+                    listeners.insert(a, tokio::spawn(Arc::clone(self).accept(l, a)));
+                }
+                Err(e) => {
+                    if refused.insert(a) {
+                        warn!(address = %a, "a service's virtual address cannot be listened on: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn accept(self: Arc<Self>, l: tokio::net::TcpListener, at: SocketAddrV4) {
+        loop {
+            match l.accept().await {
+                Ok((conn, peer)) => {
+                    let m = Arc::clone(&self);
+                    tokio::spawn(async move {
+                        if let Err(e) = m.call(conn, peer, at).await {
+                            debug!(%peer, service = %at, "fleet service call: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(address = %at, "accepting: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// One instance's connection to a service's virtual address.
+    async fn call(&self, mut conn: TcpStream, peer: SocketAddr, at: SocketAddrV4) -> Result<(), String> {
+        let _ = conn.set_nodelay(true);
+        let c = self.catalog();
+        let IpAddr::V4(from) = peer.ip() else { return Err("not an instance".into()) };
+        let caller = c.callers.get(&from).ok_or("not an instance of this node")?;
+        let name = c.by_vip.get(at.ip()).ok_or("no service at this address")?;
+        let e = c.entries.get(name).ok_or("no service at this address")?;
+        if !reaches(caller, &e.service) {
+            return Err(format!("{from} shares no network with {name}"));
+        }
+        let port = e.service.ports.iter().find(|p| p.port == at.port()).ok_or("not a port of the service")?;
+        if !e.local.is_empty() {
+            let ip = e.local[self.turn.fetch_add(1, Ordering::Relaxed) % e.local.len()];
+            let mut to = connect(SocketAddr::from((ip, port.target))).await?;
+            return splice(&mut conn, &mut to).await;
+        }
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        for ep in
+            skiff_model::mesh::by_locality(&e.service.endpoints, self.cfg.site.as_deref(), turn).into_iter().take(3)
+        {
+            let Some(addr) = ep.mesh.as_deref().filter(|_| self.reachable(&ep.node)) else { continue };
+            match self.direct(ep, addr, name, at.port()).await {
+                Ok(mut to) => return splice(&mut conn, &mut to).await,
+                Err(err) => {
+                    info!(node = %ep.node, %addr, "no direct path ({err}); relaying through the hub for a minute");
+                    if let Ok(mut u) = self.unreachable.lock() {
+                        u.insert(ep.node.clone(), Instant::now());
+                    }
+                }
+            }
+        }
+        self.relay(conn, name, at.port()).await
+    }
+
+    fn reachable(&self, node: &str) -> bool {
+        self.unreachable.lock().map(|u| u.get(node).is_none_or(|t| t.elapsed() > UNREACHABLE_FOR)).unwrap_or(true)
+    }
+
+    /// A connection to `service` through `ep`'s agent, at `addr`, once it said `ok`.
+    async fn direct(
+        &self,
+        ep: &Endpoint,
+        addr: &str,
+        service: &str,
+        port: u16,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let id = self.cfg.identity.as_ref().ok_or("this node has not joined a hub")?;
+        let tls = peer::client_config(id, &ep.node)?;
+        let dial = async {
+            let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            let name = rustls::pki_types::ServerName::try_from("skiff-node").map_err(|e| e.to_string())?;
+            tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.map_err(|e| e.to_string())
+        };
+        let mut s = tokio::time::timeout(DIAL_TIMEOUT, dial).await.map_err(|_| "timed out".to_string())??;
+        let mut line =
+            serde_json::to_string(&Dial { service: service.to_string(), port }).map_err(|e| e.to_string())?;
+        line.push('\n');
+        s.write_all(line.as_bytes()).await.map_err(|e| e.to_string())?;
+        let answer =
+            tokio::time::timeout(DIAL_TIMEOUT, read_line(&mut s)).await.map_err(|_| "no answer".to_string())??;
+        match answer.as_str() {
+            "ok" => Ok(s),
+            other => Err(format!("node {} said: {other}", ep.node)),
+        }
+    }
+
+    /// The connection carried by the hub to a node that runs the service.
+    async fn relay(&self, conn: TcpStream, service: &str, port: u16) -> Result<(), String> {
+        let (Some(id), Some(hub)) = (&self.cfg.identity, &self.cfg.hub) else {
+            return Err(format!("no instance of {service} serves on this node"));
+        };
+        let base = hub.read().map(|h| h.clone()).unwrap_or_default();
+        let node = &self.agent.cfg.node_name;
+        let url = format!("{base}/api/v1/nodes/{node}/mesh/{service}/{port}").replacen("https://", "wss://", 1);
+        let tls = id.tls().map_err(|e| e.to_string())?;
+        let connector = tokio_tungstenite::Connector::Rustls(Arc::new(tls));
+        let dial = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(connector));
+        let (ws, _) = tokio::time::timeout(Duration::from_secs(10), dial)
+            .await
+            .map_err(|_| "the hub's relay: timed out".to_string())?
+            .map_err(|e| format!("the hub's relay: {e}"))?;
+        relay::splice(ws, conn).await
+    }
+
+    /// Direct connections from other nodes' agents.
+    async fn inbound(self: Arc<Self>, l: tokio::net::TcpListener) {
+        // Bounded: each holds a TLS session and a connection to an instance.
+        let slots = Arc::new(tokio::sync::Semaphore::new(1024));
+        loop {
+            let (tcp, peer) = match l.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("mesh: accepting: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else { continue };
+            let m = Arc::clone(&self);
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(e) = m.serve_peer(tcp).await {
+                    info!(%peer, "mesh: a direct connection refused: {e}");
+                }
+            });
+        }
+    }
+
+    async fn serve_peer(&self, tcp: TcpStream) -> Result<(), String> {
+        let _ = tcp.set_nodelay(true);
+        let id = self.cfg.identity.as_ref().ok_or("not joined")?;
+        let cfg = peer::server_config(id)?;
+        let accept = tokio_rustls::TlsAcceptor::from(Arc::new(cfg)).accept(tcp);
+        let mut s = tokio::time::timeout(Duration::from_secs(10), accept)
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS: {e}"))?;
+        let node = s
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(peer::common_name)
+            .ok_or("no node certificate")?;
+        let line = tokio::time::timeout(Duration::from_secs(10), read_line(&mut s))
+            .await
+            .map_err(|_| "no request".to_string())??;
+        let dial: Dial = serde_json::from_str(&line).map_err(|e| format!("a bad request: {e}"))?;
+        let c = self.catalog();
+        let target = (|| {
+            if !c.clients.get(&dial.service).is_some_and(|n| n.contains(&node)) {
+                return Err(format!("node {node} may not reach {}", dial.service));
+            }
+            let e = c.entries.get(&dial.service).filter(|e| !e.local.is_empty());
+            let e = e.ok_or_else(|| format!("no instance of {} serves on this node", dial.service))?;
+            let p = e.service.ports.iter().find(|p| p.port == dial.port);
+            let p = p.ok_or_else(|| format!("{} has no port {}", dial.service, dial.port))?;
+            let ip = e.local[self.turn.fetch_add(1, Ordering::Relaxed) % e.local.len()];
+            Ok(SocketAddr::from((ip, p.target)))
+        })();
+        let mut to = match target {
+            Ok(t) => connect(t).await,
+            Err(e) => Err(e),
+        };
+        let answer = match &to {
+            Ok(_) => "ok\n".to_string(),
+            Err(e) => format!("{}\n", e.replace('\n', " ")),
+        };
+        s.write_all(answer.as_bytes()).await.map_err(|e| e.to_string())?;
+        match &mut to {
+            Ok(to) => splice(&mut s, to).await,
+            Err(e) => Err(format!("node {node}: {e}")),
+        }
+    }
+}
+
+async fn connect(to: SocketAddr) -> Result<TcpStream, String> {
+    let c = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(to)).await;
+    let s = c.map_err(|_| format!("{to}: timed out"))?.map_err(|e| format!("{to}: {e}"))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+async fn splice<A, B>(a: &mut A, b: &mut B) -> Result<(), String>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::io::copy_bidirectional(a, b).await.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// One line (without its `\n`), read a byte at a time so nothing after it is taken.
+async fn read_line<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, String> {
+    let mut line = Vec::new();
+    loop {
+        let b = s.read_u8().await.map_err(|e| e.to_string())?;
+        if b == b'\n' {
+            return String::from_utf8(line).map_err(|_| "not text".to_string());
+        }
+        if line.len() >= DIAL_LINE_MAX {
+            return Err("a line too long".into());
+        }
+        line.push(b);
+    }
+}

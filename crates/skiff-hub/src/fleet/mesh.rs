@@ -1,0 +1,171 @@
+//! The fleet's services as the hub sees them (`skiff_model::mesh`): what each node may
+//! reach and who may reach its own ([`Fleet::mesh_view`]), the node a relayed call goes to
+//! ([`Fleet::relay_target`]).
+//!
+//! Architecture Invariant: a node is told only of services that share a network with
+//! something it runs, and only the nodes the hub lists as a service's clients may call
+//! it directly; the relay asks the same view. What a node reaches through the mesh is
+//! what its own workloads could reach on one machine.
+
+use super::{internal, Fleet, FleetError};
+use skiff_model::mesh::{by_locality, service_ports, Endpoint, MeshView, Service};
+use skiff_model::{Health, InstanceState, InstanceStatus, NetworkMode};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// Every service with its endpoints, and every node's networks, at one revision and one
+/// generation of node reports: views for thousands of nodes are cut from one table.
+#[derive(Debug, Default)]
+pub(crate) struct MeshTable {
+    key: (u64, u64),
+    services: BTreeMap<String, (Service, BTreeMap<String, Endpoint>)>,
+    nets: BTreeMap<String, BTreeSet<String>>,
+    sites: BTreeMap<String, String>,
+}
+
+/// Whether a reported instance serves: running, and healthy where it is checked.
+pub fn serves(i: &InstanceStatus) -> bool {
+    i.state == InstanceState::Running
+        && i.pid.is_some()
+        && !matches!(i.health, Some(Health::Starting | Health::Unhealthy))
+}
+
+impl Fleet {
+    /// Changes when what the services' endpoints are made of may have (a node's report or
+    /// its mesh address); the revision's own changes come through `subscribe`.
+    pub fn mesh_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.mesh_gen.subscribe()
+    }
+
+    pub(crate) fn mesh_moved(&self) {
+        self.mesh_gen.send_modify(|g| *g += 1);
+    }
+
+    fn mesh_table(&self) -> Result<Arc<MeshTable>, FleetError> {
+        let at = self.at_revision()?;
+        let key = (at.revision, *self.mesh_gen.borrow());
+        if let Some(t) = self.mesh_table.lock().ok().and_then(|t| t.as_ref().filter(|t| t.key == key).cloned()) {
+            return Ok(t);
+        }
+        let records = self.store.nodes().map_err(internal)?;
+        let sites: BTreeMap<String, String> =
+            records.iter().filter_map(|n| Some((n.name.clone(), n.info.labels.get("site")?.clone()))).collect();
+        let joined: BTreeSet<&str> = records.iter().map(|n| n.name.as_str()).collect();
+        let mesh: BTreeMap<String, String> = self
+            .seen
+            .lock()
+            .map(|s| s.iter().filter_map(|(n, x)| Some((n.clone(), x.mesh.clone()?))).collect())
+            .unwrap_or_default();
+        let statuses = self.statuses.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut t = MeshTable { key, sites, ..Default::default() };
+        for (node, a) in at.nodes.iter().filter(|(n, _)| joined.contains(n.as_str())) {
+            let bridge = a.deployments.iter().filter(|d| d.spec.network == NetworkMode::Bridge);
+            let nets = t.nets.entry(node.clone()).or_default();
+            for d in bridge {
+                nets.extend(d.spec.joined_networks());
+                let ports = service_ports(&d.spec);
+                if ports.is_empty() {
+                    continue;
+                }
+                let reported: Vec<&InstanceStatus> = statuses
+                    .get(node)
+                    .map(|v| v.iter().filter(|i| i.deployment == d.spec.name).collect())
+                    .unwrap_or_default();
+                let ready = reported.iter().filter(|i| serves(i)).count() as u32;
+                let (_, eps) = t.services.entry(d.spec.name.clone()).or_insert_with(|| {
+                    let s = Service {
+                        name: d.spec.name.clone(),
+                        stack: d.spec.stack.clone(),
+                        aliases: d.spec.aliases.clone(),
+                        networks: d.spec.joined_networks(),
+                        ports,
+                        endpoints: vec![],
+                    };
+                    (s, BTreeMap::new())
+                });
+                eps.insert(
+                    node.clone(),
+                    Endpoint {
+                        node: node.clone(),
+                        site: t.sites.get(node).cloned(),
+                        mesh: mesh.get(node).cloned(),
+                        ready,
+                        total: d.indexes.len() as u32,
+                    },
+                );
+            }
+        }
+        let t = Arc::new(t);
+        if let Ok(mut slot) = self.mesh_table.lock() {
+            *slot = Some(Arc::clone(&t));
+        }
+        Ok(t)
+    }
+
+    /// What `node` is told of the fleet's services: those sharing a network with
+    /// something it runs (with their endpoints on other nodes), and for each service it
+    /// runs the other nodes that may call it.
+    pub fn mesh_view(&self, node: &str) -> Result<MeshView, FleetError> {
+        let t = self.mesh_table()?;
+        let empty = BTreeSet::new();
+        let mine = t.nets.get(node).unwrap_or(&empty);
+        let shares = |nets: &BTreeSet<String>, s: &Service| s.networks.iter().any(|n| nets.contains(n));
+        let mut view = MeshView::default();
+        for (name, (s, eps)) in &t.services {
+            if shares(mine, s) {
+                let mut s = s.clone();
+                s.endpoints = eps.values().filter(|e| e.node != node).cloned().collect();
+                view.services.push(s);
+            }
+            if eps.contains_key(node) {
+                let callers: BTreeSet<String> = t
+                    .nets
+                    .iter()
+                    .filter(|(n, nets)| n.as_str() != node && shares(nets, s))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                view.clients.insert(name.clone(), callers);
+            }
+        }
+        Ok(view)
+    }
+
+    /// Where a call of `node` to `service:port` through the relay goes: a node with an
+    /// instance that serves it (`node`'s site first), that instance, and its port.
+    pub fn relay_target(
+        &self,
+        node: &str,
+        service: &str,
+        port: u16,
+        turn: usize,
+    ) -> Result<(String, String, u16), FleetError> {
+        let view = self.mesh_view(node)?;
+        let s = view
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .ok_or_else(|| FleetError::Forbidden(format!("node {node:?} may not reach service {service:?}")))?;
+        let p = s
+            .ports
+            .iter()
+            .find(|p| p.port == port)
+            .ok_or_else(|| FleetError::NotFound(format!("service {service:?} has no port {port}")))?;
+        let site = self.mesh_table()?.sites.get(node).cloned();
+        let statuses = self.statuses.lock().map(|s| s.clone()).unwrap_or_default();
+        for ep in by_locality(&s.endpoints, site.as_deref(), turn) {
+            let mut ready: Vec<&InstanceStatus> = statuses
+                .get(&ep.node)
+                .map(|v| v.iter().filter(|i| i.deployment == service && serves(i)).collect())
+                .unwrap_or_default();
+            // Instances being replaced only when no other serves.
+            if ready.iter().any(|i| !i.retiring) {
+                ready.retain(|i| !i.retiring);
+            }
+            if !ready.is_empty() {
+                let i = ready[turn % ready.len()];
+                return Ok((ep.node.clone(), i.name.clone(), p.target));
+            }
+        }
+        Err(FleetError::NotFound(format!("no instance of {service:?} serves on another node")))
+    }
+}

@@ -1,0 +1,297 @@
+//! Fleet services: every deployment is a service its peers reach by name, on its node or
+//! any other.
+//!
+//! Each node answers its instances' DNS queries (on the bridge's gateway address) with a
+//! *virtual address* per service, taken from the node's service range
+//! ([`DEFAULT_SERVICE_RANGE`] unless told otherwise) by [`virtual_addresses`] (the same
+//! function on every node and the hub, so a name resolves alike on nodes of one range).
+//! The agent holds every `(virtual address, port)` a service answers on and sends each
+//! connection to an endpoint: an instance on its own node first, then a node of its own
+//! `site`, then any; directly over mutual TLS to the other node's agent when that node
+//! can be reached ([`Dial`] opens the connection), else relayed through the hub.
+//!
+//! The hub tells each node, in a [`MeshView`], the services it may reach (those sharing a
+//! network with something it runs) with their endpoints on other nodes, and which nodes
+//! may reach each of its own: a node reaches nothing past that, and serves no one else.
+
+use crate::Deployment;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+/// Where services' virtual addresses come from unless a node is told otherwise: beside
+/// the default bridge subnet (`10.213.0.0/20`), clear of it.
+pub const DEFAULT_SERVICE_RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 213, 128, 0), 17);
+
+/// A port a service answers on (`port`, as its clients call it) and the port of its
+/// instances that serves it (`target`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
+    pub target: u16,
+}
+
+/// A service as one node needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// The deployment's name.
+    pub name: String,
+    pub stack: String,
+    /// Other names it answers to (a Kubernetes Service that selects it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// The networks its instances join: only instances sharing one reach it.
+    pub networks: Vec<String>,
+    pub ports: Vec<ServicePort>,
+    /// Its instances on other nodes, by node.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A node that runs instances of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub node: String,
+    /// The node's `site` label: a client prefers endpoints of its own site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Where the node's agent takes direct connections (`host:port`); none: relayed only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+    /// Its instances that serve (running, and healthy where checked), of `total`.
+    pub ready: u32,
+    pub total: u32,
+}
+
+/// What the hub tells a node of the fleet's services.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshView {
+    /// The services the node's instances may reach, with their endpoints elsewhere.
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// For each deployment the node runs: the other nodes that may reach it.
+    #[serde(default)]
+    pub clients: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// One service as `skiff get services` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub stack: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// Its virtual address in the default service range.
+    pub address: String,
+    pub ports: Vec<ServicePort>,
+    pub networks: Vec<String>,
+    /// Per node: its instances that serve, of all.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// The first line of a direct connection between agents (JSON): which service and port
+/// the caller wants. The answer is one line too: `ok`, or why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dial {
+    pub service: String,
+    pub port: u16,
+}
+
+/// The longest first line either side of a direct connection sends.
+pub const DIAL_LINE_MAX: usize = 512;
+
+/// The ports `d` answers on as a service: what it `expose`s (compose `expose`, a
+/// Kubernetes Service's ports), then the container ports it publishes, each port once.
+pub fn service_ports(d: &Deployment) -> Vec<ServicePort> {
+    let mut out: Vec<ServicePort> = vec![];
+    let published = d.ports.iter().map(|p| ServicePort { port: p.container_port, target: p.container_port });
+    for p in d.expose.iter().copied().chain(published) {
+        if !out.iter().any(|o| o.port == p.port) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Whether `s` is a mesh address a node may state: `host:port`, short and plain.
+pub fn valid_mesh_addr(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else { return false };
+    s.len() <= 128
+        && !host.is_empty()
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-[]:".contains(&b))
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+fn fnv(s: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// Each service's virtual address in `range`: where its name's hash points, or the next
+/// free one when another service has it (names in order of their hash, then name, so the
+/// same set gives the same addresses everywhere). More names than addresses: the rest
+/// get none.
+pub fn virtual_addresses<'a>(
+    (base, prefix): (Ipv4Addr, u8),
+    names: impl IntoIterator<Item = &'a str>,
+) -> BTreeMap<String, Ipv4Addr> {
+    let size = 1u32.checked_shl(32 - u32::from(prefix.clamp(8, 30))).unwrap_or(4);
+    // .0 and the last address are never handed out.
+    let usable = size - 2;
+    let mut names: Vec<(u32, &str)> = names.into_iter().map(|n| (fnv(n) % usable, n)).collect();
+    names.sort();
+    names.dedup();
+    let mut taken = BTreeSet::new();
+    let mut out = BTreeMap::new();
+    for (h, n) in names {
+        let mut slot = h;
+        for _ in 0..usable {
+            if taken.insert(slot) {
+                out.insert(n.to_string(), Ipv4Addr::from(u32::from(base) + 1 + slot));
+                break;
+            }
+            slot = (slot + 1) % usable;
+        }
+    }
+    out
+}
+
+/// The endpoints worth calling, in the order to try them: those with ready instances,
+/// of `site` first, each group turned by `turn` so calls spread over nodes.
+pub fn by_locality<'a>(endpoints: &'a [Endpoint], site: Option<&str>, turn: usize) -> Vec<&'a Endpoint> {
+    let ready = endpoints.iter().filter(|e| e.ready > 0);
+    let (mut near, mut far): (Vec<&Endpoint>, Vec<&Endpoint>) =
+        ready.partition(|e| site.is_some() && e.site.as_deref() == site);
+    for group in [&mut near, &mut far] {
+        if !group.is_empty() {
+            let n = turn % group.len();
+            group.rotate_left(n);
+        }
+    }
+    near.extend(far);
+    near
+}
+
+/// The names a service answers to for a client in `client_stack`: its name and aliases,
+/// bare when the client is of the same stack, and everywhere as `NAME.STACK`,
+/// `NAME.STACK.svc` and `NAME.STACK.svc.cluster.local` (Kubernetes' form, the stack being
+/// the namespace of imported manifests).
+pub fn answers_to(s: &Service, client_stack: &str, query: &str) -> bool {
+    let q = query.trim_end_matches('.').to_ascii_lowercase();
+    std::iter::once(&s.name).chain(&s.aliases).any(|n| {
+        let stacked = format!("{n}.{}", s.stack);
+        (q == *n && s.stack == client_stack)
+            || q == stacked
+            || q == format!("{stacked}.svc")
+            || q == format!("{stacked}.svc.cluster.local")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{PortMapping, Protocol};
+
+    #[test]
+    fn addresses_are_stable_distinct_and_inside_the_range() {
+        let r = DEFAULT_SERVICE_RANGE;
+        let a = virtual_addresses(r, ["web", "db", "cache"]);
+        let b = virtual_addresses(r, ["cache", "web", "db", "db"]);
+        assert_eq!(a, b, "the same set gives the same addresses, whatever the order");
+        let set: BTreeSet<_> = a.values().collect();
+        assert_eq!(set.len(), 3);
+        for ip in a.values() {
+            let o = ip.octets();
+            assert_eq!((o[0], o[1]), (10, 213));
+            assert!(o[2] >= 128, "{ip} inside 10.213.128.0/17");
+            assert!(*ip != Ipv4Addr::new(10, 213, 128, 0) && *ip != Ipv4Addr::new(10, 213, 255, 255));
+        }
+        // Many names: every one gets its own address, colliding hashes included.
+        let names: Vec<String> = (0..5000).map(|i| format!("svc-{i}")).collect();
+        let many = virtual_addresses(r, names.iter().map(String::as_str));
+        assert_eq!(many.values().collect::<BTreeSet<_>>().len(), 5000);
+        // A range too small for them all: distinct addresses while they last.
+        let small = virtual_addresses((Ipv4Addr::new(10, 9, 0, 0), 30), ["a", "b", "c"]);
+        assert_eq!(small.len(), 2);
+        assert_ne!(small.values().next(), small.values().nth(1));
+        // A name keeps its address when an unrelated one is added (no collision here).
+        let more = virtual_addresses(r, ["web", "db", "cache", "queue"]);
+        assert_eq!(more["web"], a["web"]);
+    }
+
+    #[test]
+    fn endpoints_of_the_same_site_come_first_and_calls_spread() {
+        let ep = |node: &str, site: Option<&str>, ready: u32| Endpoint {
+            node: node.into(),
+            site: site.map(str::to_string),
+            mesh: None,
+            ready,
+            total: 1,
+        };
+        let all = vec![
+            ep("far-1", Some("b"), 1),
+            ep("near-1", Some("a"), 1),
+            ep("near-2", Some("a"), 1),
+            ep("down", Some("a"), 0),
+        ];
+        let names = |turn| by_locality(&all, Some("a"), turn).iter().map(|e| e.node.clone()).collect::<Vec<_>>();
+        assert_eq!(names(0), ["near-1", "near-2", "far-1"], "no unready node, its own site first");
+        assert_eq!(names(1), ["near-2", "near-1", "far-1"]);
+        let anywhere = by_locality(&all, None, 0);
+        assert_eq!(anywhere.len(), 3);
+    }
+
+    #[test]
+    fn names_answer_within_their_stack_and_qualified_everywhere() {
+        let s = Service {
+            name: "db".into(),
+            stack: "shop".into(),
+            aliases: vec!["postgres".into()],
+            networks: vec!["shop_default".into()],
+            ports: vec![],
+            endpoints: vec![],
+        };
+        assert!(answers_to(&s, "shop", "db"));
+        assert!(answers_to(&s, "shop", "DB."));
+        assert!(answers_to(&s, "shop", "postgres"));
+        assert!(!answers_to(&s, "other", "db"), "bare names stay in their stack");
+        assert!(answers_to(&s, "other", "db.shop"));
+        assert!(answers_to(&s, "other", "postgres.shop.svc.cluster.local"));
+        assert!(answers_to(&s, "other", "db.shop.svc"));
+        assert!(!answers_to(&s, "shop", "db.other"));
+        assert!(!answers_to(&s, "shop", "tasks.db"));
+    }
+
+    #[test]
+    fn ports_are_what_it_exposes_then_what_it_publishes() {
+        let mut d = Deployment::new("web", "img");
+        d.expose = vec![ServicePort { port: 80, target: 8080 }];
+        d.ports = vec![
+            PortMapping { host_ip: None, host_port: 8080, container_port: 8080, protocol: Protocol::Tcp },
+            PortMapping { host_ip: None, host_port: 9090, container_port: 80, protocol: Protocol::Tcp },
+        ];
+        assert_eq!(
+            service_ports(&d),
+            vec![ServicePort { port: 80, target: 8080 }, ServicePort { port: 8080, target: 8080 }]
+        );
+    }
+
+    #[test]
+    fn mesh_addresses_are_host_and_port() {
+        assert!(valid_mesh_addr("10.0.0.2:7946"));
+        assert!(valid_mesh_addr("gw.example:7946"));
+        assert!(valid_mesh_addr("[::1]:7946"));
+        for bad in ["10.0.0.2", ":7946", "a b:1", "h:0", "h:99999", &format!("{}:1", "a".repeat(200))] {
+            assert!(!valid_mesh_addr(bad), "{bad}");
+        }
+    }
+}
