@@ -314,14 +314,7 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
 /// container ports by name (what a Service's `targetPort` may name).
 type Workload = (Deployment, BTreeMap<String, String>, BTreeMap<String, u16>);
 
-fn workload(
-    v: &Value,
-    kind: &str,
-    name: &str,
-    stack: &str,
-    path: &str,
-    warnings: &mut Vec<String>,
-) -> R<Workload> {
+fn workload(v: &Value, kind: &str, name: &str, stack: &str, path: &str, warnings: &mut Vec<String>) -> R<Workload> {
     let spec = get(v, "spec").ok_or_else(|| ManifestError::at(format!("{path}.spec"), "is required"))?;
     unknown(
         spec,

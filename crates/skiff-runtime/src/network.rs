@@ -91,6 +91,9 @@ impl Bridge {
         let sys = format!("/sys/class/net/{}", self.name);
         if nl.index(&self.name)?.is_none() {
             nl.add_bridge(&self.name, mac)?;
+        } else if !std::path::Path::new(&sys).exists() {
+            // /sys shows another network namespace's links (an agent started with
+            // `nsenter --net`): what it says of this one cannot be read there.
         } else if !std::path::Path::new(&sys).join("bridge").exists() {
             return Err(NetError::NotABridge(self.name.clone()));
         } else if std::fs::read_to_string(format!("{sys}/address")).unwrap_or_default().trim()

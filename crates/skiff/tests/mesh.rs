@@ -155,3 +155,221 @@ fn services_are_reached_by_name_across_nodes_directly_relayed_and_while_the_hub_
     answers(&a, &client, "http://db:8080/", "db on db-1")?;
     Ok(())
 }
+
+fn ip(ns: Option<&str>, args: &[&str]) -> R {
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns]);
+    }
+    let out = cmd.args(args).output()?;
+    anyhow::ensure!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+fn in_ns(ns: &str, program: &str, args: &[&str], input: &str) -> R {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child.stdin.take().unwrap().write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "{program} in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// A small internet: the host reaches a "cloud" namespace (the hub) over a veth; a "wan"
+/// namespace routes between the cloud and two site routers, each masquerading its own
+/// site's LAN, so the sites reach the cloud but never each other. Removed on drop.
+struct Wan {
+    names: Vec<String>,
+    host_if: String,
+    host_route: String,
+    /// The hub's address (cloud's side of the wan), site A's and site B's LAN host.
+    hub_ip: String,
+    site_a: (String, String),
+    site_b: (String, String),
+    cloud: (String, String),
+}
+
+impl Wan {
+    fn new() -> anyhow::Result<Self> {
+        let k = std::process::id() % 250;
+        let tag = std::process::id() % 100_000;
+        let ns = |n: &str| format!("skw{tag}{n}");
+        let names: Vec<String> = ["c", "w", "ra", "sa", "rb", "sb"].iter().map(|n| ns(n)).collect();
+        let host_if = format!("skw{tag}h");
+        let wan = Wan {
+            names: names.clone(),
+            host_if: host_if.clone(),
+            host_route: format!("10.252.{k}.0/24"),
+            hub_ip: format!("10.252.{k}.2"),
+            site_a: (ns("sa"), format!("10.255.{k}.2")),
+            site_b: (ns("sb"), format!("10.255.{k}.130")),
+            cloud: (ns("c"), format!("skw{tag}cw")),
+        };
+        for n in &names {
+            ip(None, &["netns", "add", n])?;
+            ip(Some(n), &["link", "set", "lo", "up"])?;
+        }
+        // (namespace a, its address, namespace b, its address, prefix)
+        let (c, w, ra, sa, rb, sb) = (&names[0], &names[1], &names[2], &names[3], &names[4], &names[5]);
+        let links = [
+            (c, format!("10.252.{k}.2"), w, format!("10.252.{k}.1"), 24, "cw"),
+            (w, format!("10.253.{k}.1"), ra, format!("10.253.{k}.2"), 24, "wa"),
+            (w, format!("10.254.{k}.1"), rb, format!("10.254.{k}.2"), 24, "wb"),
+            (ra, format!("10.255.{k}.1"), sa, format!("10.255.{k}.2"), 25, "la"),
+            (rb, format!("10.255.{k}.129"), sb, format!("10.255.{k}.130"), 25, "lb"),
+        ];
+        for (a, a_ip, b, b_ip, prefix, name) in &links {
+            let (ia, ib) = (format!("skw{tag}{name}"), format!("skw{tag}{name}p"));
+            ip(None, &["link", "add", &ia, "netns", a, "type", "veth", "peer", "name", &ib, "netns", b])?;
+            ip(Some(a), &["addr", "add", &format!("{a_ip}/{prefix}"), "dev", &ia])?;
+            ip(Some(b), &["addr", "add", &format!("{b_ip}/{prefix}"), "dev", &ib])?;
+            ip(Some(a), &["link", "set", &ia, "up"])?;
+            ip(Some(b), &["link", "set", &ib, "up"])?;
+        }
+        // The host's way to the cloud (the operator's CLI reaches the hub).
+        ip(None, &["link", "add", &host_if, "type", "veth", "peer", "name", &format!("{host_if}p"), "netns", c])?;
+        ip(None, &["addr", "add", &format!("10.251.{k}.1/24"), "dev", &host_if])?;
+        ip(None, &["link", "set", &host_if, "up"])?;
+        ip(Some(c), &["addr", "add", &format!("10.251.{k}.2/24"), "dev", &format!("{host_if}p")])?;
+        ip(Some(c), &["link", "set", &format!("{host_if}p"), "up"])?;
+        ip(None, &["route", "add", &wan.host_route, "via", &format!("10.251.{k}.2")])?;
+        // Routes: the cloud knows the routers' wan sides; routers and sites go out by default.
+        for net in [format!("10.253.{k}.0/24"), format!("10.254.{k}.0/24")] {
+            ip(Some(c), &["route", "add", &net, "via", &format!("10.252.{k}.1")])?;
+        }
+        ip(Some(ra), &["route", "add", "default", "via", &format!("10.253.{k}.1")])?;
+        ip(Some(rb), &["route", "add", "default", "via", &format!("10.254.{k}.1")])?;
+        ip(Some(sa), &["route", "add", "default", "via", &format!("10.255.{k}.1")])?;
+        ip(Some(sb), &["route", "add", "default", "via", &format!("10.255.{k}.129")])?;
+        for r in [w, ra, rb] {
+            in_ns(r, "sysctl", &["-qw", "net.ipv4.ip_forward=1"], "")?;
+        }
+        for (r, out) in [(ra, format!("skw{tag}wap")), (rb, format!("skw{tag}wbp"))] {
+            let rules = format!(
+                "table ip skwnat {{\n chain post {{\n  type nat hook postrouting priority 100;\n  oifname \"{out}\" masquerade\n }}\n}}\n"
+            );
+            in_ns(r, "nft", &["-f", "-"], &rules)?;
+        }
+        Ok(wan)
+    }
+}
+
+impl Drop for Wan {
+    fn drop(&mut self) {
+        let _ = ip(None, &["route", "del", &self.host_route]);
+        let _ = ip(None, &["link", "del", &self.host_if]);
+        for n in &self.names {
+            let _ = ip(None, &["netns", "del", n]);
+        }
+    }
+}
+
+const SITES: &str = r#"
+name: plant
+services:
+  db:
+    image: localhost/skiff-test:1
+    command: ["sh", "-c", "mkdir -p /www && echo db on $$HOSTNAME > /www/index.html && touch /www/ok && exec httpd -f -p 8080 -h /www"]
+    expose: ["8080"]
+    healthcheck: {test: [CMD, test, -f, /www/ok], interval: 1s, timeout: 5s, retries: 1}
+    deploy:
+      replicas: 2
+      placement: {constraints: ["node.labels.db==yes"], preferences: [{spread: node.labels.site}]}
+  slow:
+    image: localhost/skiff-test:1
+    command: ["sh", "-c", "printf '#!/bin/sh\\nsleep 4\\necho late\\n' > /slow && chmod +x /slow && exec nc -ll -p 9000 -e /slow"]
+    expose: ["9000"]
+    deploy: {placement: {constraints: ["node.labels.db==yes", "node.labels.site==a"]}}
+  client:
+    image: localhost/skiff-test:1
+    command: ["sleep", "3600"]
+    deploy: {placement: {constraints: ["node.labels.role==client"]}}
+"#;
+
+#[test]
+fn across_nat_sites_a_call_prefers_its_own_site_moves_when_unready_and_survives_losing_the_hub() -> R {
+    skiff_testkit::require_privileged!();
+    // Declared first, so dropped last: after the processes inside it are gone.
+    let wan = Wan::new()?;
+    let _routes = Routes((3..6).map(range).collect());
+    let mut h = Node::bare()?;
+    let listen = format!("{}:0", wan.hub_ip);
+    h.spawn_in(Some(&wan.cloud.0), &["hub", "--listen", &listen, "--advertise", &wan.hub_ip])?;
+    wait_for(30 * SEC, "the hub", || {
+        (h.data().join("admin.conf").exists() && h.cli(&["get", "nodes"]).ok()?.status.success()).then_some(())
+    })?;
+    let token = h.ok(&["token", "create", "--uses", "3"])?.trim().to_string();
+    let server = h.server()?;
+    let (sa, sa_ip) = &wan.site_a;
+    let (sb, sb_ip) = &wan.site_b;
+    let start = |ns: &str, name: &str, labels: &[&str], range_i: u32, mesh: String| -> anyhow::Result<Node> {
+        let mut n = Node::new()?;
+        let r = range(range_i);
+        let extra = ["--service-range", r.as_str(), "--mesh-listen", mesh.as_str()];
+        common::fleet::start_agent_in(Some(ns), &mut n, &server, Some(&token), Some(name), labels, &extra)?;
+        wait_for(30 * SEC, "the agent to join", || n.data().join("pki/joined.json").exists().then_some(()))?;
+        Ok(n)
+    };
+    let a1 = start(sa, "a1", &["site=a", "role=client"], 3, format!("{sa_ip}:{}", free_port()))?;
+    let a2 = start(sa, "a2", &["site=a", "db=yes"], 4, format!("{sa_ip}:{}", free_port()))?;
+    // b1 states its LAN address, which site A cannot reach: calls to it are relayed.
+    let _b1 = start(sb, "b1", &["site=b", "db=yes"], 5, format!("{sb_ip}:{}", free_port()))?;
+    let file = h.write("plant.yaml", SITES)?;
+    h.ok(&["apply", "-f", file.to_str().unwrap()])?;
+    let placed = wait_for(90 * SEC, "client-1 on a1, db on a2 and b1", || {
+        let all = common::fleet::hub_instances(&h);
+        let on = |node: &str, d: &str| {
+            all.iter().any(|i| i.node == node && i.deployment == d && i.state == skiff_model::InstanceState::Running)
+        };
+        (on("a1", "client") && on("a2", "db") && on("b1", "db") && on("a2", "slow")).then_some(all)
+    });
+    let all = placed.map_err(|e| {
+        let nodes = h.ok(&["get", "nodes"]).unwrap_or_default();
+        let inst = h.ok(&["get", "instances", "-o", "wide"]).unwrap_or_default();
+        anyhow::anyhow!("{e}\n{nodes}\n{inst}\n{}\n--- a1:\n{}", h.log(), a1.log())
+    })?;
+    let id = |name: &str| all.iter().find(|i| i.name == name).unwrap().container_id.clone();
+    let on_a2 = all.iter().find(|i| i.node == "a2").unwrap();
+    let on_b1 = all.iter().find(|i| i.node == "b1").unwrap();
+    let client = id("client-1");
+    let (near, far) = (format!("db on {}", on_a2.name), format!("db on {}", on_b1.name));
+
+    // Its own site first: every call goes to a2's instance (directly, agent to agent).
+    answers(&a1, &client, "http://db:8080/", &near)?;
+    for _ in 0..5 {
+        assert_eq!(wget(&a1, &client, "http://db:8080/").unwrap(), near);
+    }
+    // a2's instance stops being ready: calls go to b1's, across the NAT, through the hub.
+    let unready = |n: &Node, c: &str, cmd: &str| {
+        Command::new("runc").arg("--root").arg(n.data().join("runc")).args(["exec", c, "sh", "-c", cmd]).output()
+    };
+    unready(&a2, &on_a2.container_id, "rm /www/ok")?;
+    answers(&a1, &client, "http://db:8080/", &far)?;
+    // Ready again: back to its own site.
+    unready(&a2, &on_a2.container_id, "touch /www/ok")?;
+    answers(&a1, &client, "http://db:8080/", &near)?;
+
+    // The cloud loses its link: calls within the site go on, those open then (the
+    // answer comes 4 s later) and new ones.
+    let (runc_root, c) = (a1.data().join("runc"), client.clone());
+    let open = std::thread::spawn(move || {
+        Command::new("runc")
+            .arg("--root")
+            .arg(runc_root)
+            .args(["exec", &c, "sh", "-c", "sleep 8 | nc slow 9000"])
+            .output()
+    });
+    std::thread::sleep(2 * SEC);
+    ip(Some(&wan.cloud.0), &["link", "set", &wan.cloud.1, "down"])?;
+    let late = open.join().unwrap()?;
+    assert_eq!(String::from_utf8_lossy(&late.stdout).trim(), "late", "{}", String::from_utf8_lossy(&late.stderr));
+    for _ in 0..5 {
+        assert_eq!(wget(&a1, &client, "http://db:8080/").unwrap(), near);
+    }
+    Ok(())
+}

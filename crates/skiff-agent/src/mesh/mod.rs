@@ -378,7 +378,10 @@ impl Mesh {
             let Some(addr) = ep.mesh.as_deref().filter(|_| self.reachable(&ep.node)) else { continue };
             match self.direct(ep, addr, name, at.port()).await {
                 Ok(mut to) => return splice(&mut conn, &mut to).await,
-                Err(err) => {
+                // It answered, but serves none now (its word is newer than the hub's
+                // view): the next endpoint.
+                Err(Dialed::Refused(err)) => debug!(node = %ep.node, "{err}"),
+                Err(Dialed::Unreachable(err)) => {
                     info!(node = %ep.node, %addr, "no direct path ({err}); relaying through the hub for a minute");
                     if let Ok(mut u) = self.unreachable.lock() {
                         u.insert(ep.node.clone(), Instant::now());
@@ -400,25 +403,29 @@ impl Mesh {
         addr: &str,
         service: &str,
         port: u16,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-        let id = self.cfg.identity.as_ref().ok_or("this node has not joined a hub")?;
-        let tls = peer::client_config(id, &ep.node)?;
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Dialed> {
+        let id = self.cfg.identity.as_ref().ok_or(Dialed::Refused("this node has not joined a hub".into()))?;
+        let tls = peer::client_config(id, &ep.node).map_err(Dialed::Refused)?;
         let dial = async {
             let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
             let _ = tcp.set_nodelay(true);
             let name = rustls::pki_types::ServerName::try_from("skiff-node").map_err(|e| e.to_string())?;
             tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.map_err(|e| e.to_string())
         };
-        let mut s = tokio::time::timeout(DIAL_TIMEOUT, dial).await.map_err(|_| "timed out".to_string())??;
-        let mut line =
-            serde_json::to_string(&Dial { service: service.to_string(), port }).map_err(|e| e.to_string())?;
+        let lost = Dialed::Unreachable;
+        let mut s =
+            tokio::time::timeout(DIAL_TIMEOUT, dial).await.map_err(|_| lost("timed out".into()))?.map_err(lost)?;
+        let mut line = serde_json::to_string(&Dial { service: service.to_string(), port })
+            .map_err(|e| Dialed::Refused(e.to_string()))?;
         line.push('\n');
-        s.write_all(line.as_bytes()).await.map_err(|e| e.to_string())?;
-        let answer =
-            tokio::time::timeout(DIAL_TIMEOUT, read_line(&mut s)).await.map_err(|_| "no answer".to_string())??;
+        s.write_all(line.as_bytes()).await.map_err(|e| lost(e.to_string()))?;
+        let answer = tokio::time::timeout(DIAL_TIMEOUT, read_line(&mut s))
+            .await
+            .map_err(|_| lost("no answer".into()))?
+            .map_err(lost)?;
         match answer.as_str() {
             "ok" => Ok(s),
-            other => Err(format!("node {} said: {other}", ep.node)),
+            other => Err(Dialed::Refused(format!("node {} said: {other}", ep.node))),
         }
     }
 
@@ -510,6 +517,14 @@ impl Mesh {
             Err(e) => Err(format!("node {node}: {e}")),
         }
     }
+}
+
+/// Why a direct connection to another node's agent was not made.
+enum Dialed {
+    /// No TLS session with it (down, or behind NAT): the relay, for a while.
+    Unreachable(String),
+    /// It answered, but will not serve this call.
+    Refused(String),
 }
 
 async fn connect(to: SocketAddr) -> Result<TcpStream, String> {
