@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 
 mod flood;
 mod hubsim;
+mod meshprobe;
 mod wasmbench;
 
 fn main() -> Result<()> {
@@ -140,6 +141,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        ["mesh-probe", rest @ ..] => meshprobe::run(rest),
         ["wasm-bench", skiff, dir, iterations, counts @ ..] => wasmbench::run(skiff, dir, iterations, counts),
         ["wasm-bench-cli", skiff, data, iterations, wasm, container] => {
             wasmbench::cli(skiff, data, iterations, wasm, container)
@@ -169,7 +171,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | delta-images DIR [OLD NEW] | chunk-sizes OLD NEW | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | hub-ha ADMIN_CONF TOKEN NODES STANDBY_URL ACTIVE_PID | http-load PORT STOP_FILE MAX_SECS | wasm-programs DIR | wasm-bench SKIFF DIR ITERATIONS COUNTS... | wasm-bench-cli SKIFF DATA ITERATIONS WASM_IMAGE CONTAINER_IMAGE"
+            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | delta-images DIR [OLD NEW] | chunk-sizes OLD NEW | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | hub-ha ADMIN_CONF TOKEN NODES STANDBY_URL ACTIVE_PID | http-load PORT STOP_FILE MAX_SECS | mesh-probe serve ADDR / rr ADDR COUNT / bulk ADDR MIB | wasm-programs DIR | wasm-bench SKIFF DIR ITERATIONS COUNTS... | wasm-bench-cli SKIFF DATA ITERATIONS WASM_IMAGE CONTAINER_IMAGE"
         ),
     }
 }

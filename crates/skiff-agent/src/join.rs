@@ -92,10 +92,18 @@ impl Identity {
             .map_err(|e| JoinError::Pki(format!("the node's certificate: {e}")))
     }
 
-    /// The node's certificate and key (PEM), a renewal finished first.
-    pub fn pair(&self) -> Result<(String, String), JoinError> {
-        self.finish_renewal()?;
+    /// The node's certificate and key (PEM) as they are now. Finishing a renewal is left
+    /// to the tunnel (`tls`), which alone installs one: a reader elsewhere (the mesh, on
+    /// every call) finishing it halfway would pair the new certificate with the old key.
+    pub fn current_pair(&self) -> Result<(String, String), JoinError> {
         Ok((self.read("node.pem")?, self.read("node.key")?))
+    }
+
+    /// As `tls`, with the pair as it is now (see `current_pair`).
+    pub fn current_tls(&self) -> Result<rustls::ClientConfig, JoinError> {
+        let (cert, key) = self.current_pair()?;
+        crate::tls::client_config(&self.ca()?, &cert, &key)
+            .map_err(|e| JoinError::Pki(format!("the node's certificate: {e}")))
     }
 
     /// When the node's certificate expires (ms since the epoch).

@@ -396,6 +396,7 @@ impl Agent {
             bridge: bridge.name.clone(),
             subnet: bridge.subnet,
             firewall: cfg.firewall.firewall.unwrap_or(Firewall::Nft),
+            services: cfg.services.and_then(|(net, prefix)| Subnet::parse(&format!("{net}/{prefix}")).ok()),
         };
         let dns_socket = match cfg.services {
             Some(range) => Some(open_dns(&bridge, range)?),

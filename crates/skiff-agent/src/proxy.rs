@@ -121,7 +121,7 @@ impl Proxies {
         let shared: Targets = Arc::new(RwLock::new(Arc::new(targets)));
         let task = match key.protocol {
             Protocol::Tcp => {
-                let l = TcpListener::bind(key.bind).await?;
+                let l = crate::mesh::listen_beside_services(key.bind)?;
                 tokio::spawn(tcp_loop(l, Arc::clone(&shared), self.active.clone(), self.conns.clone(), self.idle))
             }
             Protocol::Udp => {
@@ -468,11 +468,14 @@ mod tests {
         let mut b = [0u8; 4];
         c.read_exact(&mut b).await.unwrap();
         assert_eq!(&b, b"ping");
-        let mut other = Proxies::default();
-        assert!(other.ensure(key(port, Protocol::Tcp), vec![target]).await.is_err(), "bind conflict is reported");
+        // Another program holding a port: publishing on it is refused, not shared.
         p.retain(&[]);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(other.ensure(key(port, Protocol::Tcp), vec![target]).await.is_ok(), "port released after retain");
+        let program = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let mut other = Proxies::default();
+        assert!(other.ensure(key(port, Protocol::Tcp), vec![target]).await.is_err(), "bind conflict is reported");
+        drop(program);
+        assert!(other.ensure(key(port, Protocol::Tcp), vec![target]).await.is_ok(), "port released");
     }
 
     /// A server on 127.0.0.<n> that answers every connection with `name` and closes.

@@ -320,6 +320,13 @@ impl State {
         Ok(())
     }
 
+    /// Every lease: instance name → address (as stored).
+    pub fn leases(&self) -> Result<std::collections::HashMap<String, String>, StateError> {
+        let mut st = self.conn.prepare("SELECT instance, ip FROM leases")?;
+        let all = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        Ok(all.collect::<Result<_, _>>()?)
+    }
+
     /// The instance's address: its existing lease, or the lowest free one.
     pub fn lease(
         &self,

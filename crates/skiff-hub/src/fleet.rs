@@ -468,6 +468,8 @@ impl Fleet {
         }
         let cert = self.ca.sign_node(name, csr, now, self.cert_ttl).map_err(|e| FleetError::Invalid(e.to_string()))?;
         self.store.renew_cert(name, &cert.serial, cert.not_after_ms, &cert.key_sha256).map_err(internal)?;
+        // Peers take direct connections by serial: they learn the new one.
+        self.mesh_moved();
         if let Ok(mut m) = self.renewed.lock() {
             m.insert(name.to_string(), now);
         }
@@ -574,6 +576,7 @@ impl Fleet {
         if rec.next_serial.as_ref() == Some(serial) {
             // The node uses its renewed certificate: the one before is retired.
             self.store.promote_cert(who, serial, self.clock.now_ms()).map_err(internal)?;
+            self.mesh_moved();
             return self.store.node(who).map_err(internal)?.ok_or_else(|| FleetError::Forbidden("gone".into()));
         }
         Err(FleetError::Forbidden(format!("this certificate of node {who:?} has been replaced")))
@@ -1223,6 +1226,10 @@ mod tests {
         assert_eq!((ep[0].node.as_str(), ep[0].ready, ep[0].total), ("b", 1, 1));
         assert_eq!((ep[0].site.as_deref(), ep[0].mesh.as_deref()), (Some("s1"), Some("10.0.0.2:7946")));
         assert!(view.clients.is_empty(), "a serves nothing");
+        // Direct connections are made only with the certificate the hub knows b holds.
+        let b_serial = f.store.node("b").unwrap().unwrap().cert_serial;
+        assert_eq!(view.certs.get("b"), Some(&vec![b_serial]));
+        assert!(!view.certs.contains_key("d"), "only the nodes the view names");
         // b serves db to the nodes of its stack (a, and c which runs db2), not to d.
         let b = f.mesh_view("b").unwrap();
         let callers: Vec<&str> = b.clients["db"].iter().map(String::as_str).collect();

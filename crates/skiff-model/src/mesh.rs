@@ -76,6 +76,11 @@ pub struct MeshView {
     /// For each deployment the node runs: the other nodes that may reach it.
     #[serde(default)]
     pub clients: BTreeMap<String, BTreeSet<String>>,
+    /// The certificate serials (hex) each node named above holds now (its current one and
+    /// a renewal it asked for): a direct connection is made or taken only with one of them,
+    /// so a deleted node's certificate, or a replaced one, reaches nothing.
+    #[serde(default)]
+    pub certs: BTreeMap<String, Vec<String>>,
 }
 
 /// One service as `skiff get services` shows it.

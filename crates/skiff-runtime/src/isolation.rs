@@ -197,7 +197,12 @@ mod tests {
         lan.insert("vska", m(2, &["a_default", "plant"]));
         lan.insert("vskb", m(3, &["b_default"]));
         lan.insert("vskc", m(4, &["plant"]));
-        let nat = Nat { bridge: "br".into(), subnet: Subnet::parse("10.9.0.0/24").unwrap(), firewall: Firewall::Nft };
+        let nat = Nat {
+            bridge: "br".into(),
+            subnet: Subnet::parse("10.9.0.0/24").unwrap(),
+            firewall: Firewall::Nft,
+            services: None,
+        };
         let s = lan.script(&nat);
         assert!(s.starts_with("table bridge skiff_br_lan\ndelete table bridge skiff_br_lan\n"), "{s}");
         assert!(

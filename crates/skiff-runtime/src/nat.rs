@@ -117,6 +117,9 @@ pub struct Nat {
     pub bridge: String,
     pub subnet: Subnet,
     pub firewall: Firewall,
+    /// The fleet services' virtual addresses (local to the host, the agent's own): never
+    /// taken by a published port's rules.
+    pub services: Option<Subnet>,
 }
 
 impl Nat {
@@ -294,8 +297,12 @@ mod tests {
 
     #[test]
     fn the_nft_table_is_named_for_the_bridge_and_masquerades_only_leaving_traffic() {
-        let nat =
-            Nat { bridge: "sk-t1".into(), subnet: Subnet::parse("10.99.0.0/24").unwrap(), firewall: Firewall::Nft };
+        let nat = Nat {
+            bridge: "sk-t1".into(),
+            subnet: Subnet::parse("10.99.0.0/24").unwrap(),
+            firewall: Firewall::Nft,
+            services: None,
+        };
         let s = nat.nft_script();
         assert!(s.starts_with("table ip skiff_sk_t1\ndelete table ip skiff_sk_t1\n"), "{s}");
         assert!(s.contains("ip saddr 10.99.0.0/24 oifname != \"sk-t1\" masquerade"), "{s}");

@@ -89,7 +89,10 @@ impl Nat {
     /// The nftables script that replaces the ports table in one transaction.
     pub fn nft_ports_script(&self, rules: &[PortRule]) -> String {
         let (t, br) = (self.ports_table(), &self.bridge);
+        // The services' virtual addresses are the host's own but the agent's: first out.
+        let services = self.services.map(|s| format!("\t\tip daddr {s} return\n")).unwrap_or_default();
         let ports: String = rules.iter().map(|r| format!("\t\t{}\n", r.nft())).collect();
+        let ports = format!("{services}{ports}");
         format!(
             "table ip {t}\ndelete table ip {t}\n\
              table ip {t} {{\n\
@@ -108,6 +111,12 @@ impl Nat {
     /// iptables' rules: (nat chain: the DNATs, filter chain: drops for ports nobody serves).
     fn iptables_ports(&self, rules: &[PortRule]) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
         let (mut dnat, mut drop) = (vec![], vec![]);
+        // The services' virtual addresses are the host's own but the agent's: first out.
+        if let Some(s) = self.services {
+            let back = vec!["-d".to_string(), s.to_string(), "-j".to_string(), "RETURN".to_string()];
+            dnat.push(back.clone());
+            drop.push(back);
+        }
         for r in rules {
             let n = r.targets.len();
             if n == 0 {
@@ -206,7 +215,7 @@ mod tests {
     use crate::network::Subnet;
 
     fn nat(firewall: Firewall) -> Nat {
-        Nat { bridge: "sk-t1".into(), subnet: Subnet::parse("10.99.0.0/24").unwrap(), firewall }
+        Nat { bridge: "sk-t1".into(), subnet: Subnet::parse("10.99.0.0/24").unwrap(), firewall, services: None }
     }
 
     fn rules() -> Vec<PortRule> {

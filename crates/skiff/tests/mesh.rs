@@ -72,8 +72,8 @@ name: shop
 services:
   db:
     image: localhost/skiff-test:1
-    command: ["sh", "-c", "mkdir -p /www && echo db on $$HOSTNAME > /www/index.html && exec httpd -f -p 8080 -h /www"]
-    expose: ["8080"]
+    command: ["sh", "-c", "mkdir -p /www && echo db on $$HOSTNAME > /www/index.html && exec httpd -f -p PORT -h /www"]
+    expose: ["PORT"]
     deploy: {placement: {constraints: ["node.labels.role==b"]}}
   far:
     image: localhost/skiff-test:1
@@ -91,7 +91,9 @@ name: other
 services:
   stranger:
     image: localhost/skiff-test:1
-    command: ["sleep", "3600"]
+    command: ["sh", "-c", "mkdir -p /www && echo stranger > /www/index.html && exec httpd -f -p 8080 -h /www"]
+    # The same port as db's, published on the client's node: db's calls are not taken.
+    ports: ["PORT:8080"]
     deploy: {placement: {constraints: ["node.labels.role==a"]}}
 "#;
 
@@ -115,30 +117,39 @@ fn services_are_reached_by_name_across_nodes_directly_relayed_and_while_the_hub_
     )?;
     // Node c takes no inbound connection: it is reached through the hub only.
     let _c = agent_with(&h, &token, "node-c", &["role=c", "site=s2"], &["--service-range", &rc])?;
-    let stack = h.write("shop.yaml", STACK)?;
+    let port = free_port();
+    let stack = h.write("shop.yaml", &STACK.replace("PORT", &port.to_string()))?;
     h.ok(&["apply", "-f", stack.to_str().unwrap()])?;
-    let other = h.write("other.yaml", OTHER)?;
+    let other = h.write("other.yaml", &OTHER.replace("PORT", &port.to_string()))?;
     h.ok(&["apply", "-f", other.to_str().unwrap()])?;
     let all =
         wait_placed(&h, &[("node-a", "client-1"), ("node-a", "stranger-1"), ("node-b", "db-1"), ("node-c", "far-1")])?;
     let id = |name: &str| all.iter().find(|i| i.name == name).unwrap().container_id.clone();
     let (client, stranger) = (id("client-1"), id("stranger-1"));
 
+    let db_url = format!("http://db:{port}/");
     // By name across nodes: directly to node b's agent, relayed to node c.
-    answers(&a, &client, "http://db:8080/", "db on db-1")?;
+    answers(&a, &client, &db_url, "db on db-1")?;
     answers(&a, &client, "http://far:8080/", "far on far-1")?;
     // Kubernetes' and the stack-qualified forms of the name.
-    answers(&a, &client, "http://db.shop:8080/", "db on db-1")?;
-    answers(&a, &client, "http://db.shop.svc.cluster.local:8080/", "db on db-1")?;
+    answers(&a, &client, &format!("http://db.shop:{port}/"), "db on db-1")?;
+    answers(&a, &client, &format!("http://db.shop.svc.cluster.local:{port}/"), "db on db-1")?;
     // Another stack's instance on the same node finds neither the name nor the address.
-    let e = wget(&a, &stranger, "http://db:8080/").unwrap_err();
+    let e = wget(&a, &stranger, &db_url).unwrap_err();
     assert!(e.contains("bad address") || e.contains("resolve"), "{e}");
-    assert!(wget(&a, &stranger, "http://db.shop:8080/").is_err(), "another stack cannot call it by its full name");
+    assert!(
+        wget(&a, &stranger, &format!("http://db.shop:{port}/")).is_err(),
+        "another stack cannot call it by its full name"
+    );
+    // The stranger's port, published on node a, is the same number as db's: both work.
+    let published = wait_for(30 * SEC, "the stranger's published port", || common::http_get(port, "/").ok());
+    assert_eq!(published?.trim(), "stranger");
+    answers(&a, &client, &db_url, "db on db-1")?;
 
     // `skiff get services`: each service, its port, where it runs and what serves.
     let listed = h.ok(&["get", "services"])?;
     let line = |name: &str| listed.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_default().to_string();
-    assert!(line("db").contains("8080") && line("db").contains("node-b:1/1"), "{listed}");
+    assert!(line("db").contains(&port.to_string()) && line("db").contains("node-b:1/1"), "{listed}");
     assert!(line("far").contains("node-c:1/1"), "{listed}");
     assert!(line("client").is_empty(), "a deployment that serves no port is no service: {listed}");
     let described = h.ok(&["describe", "service", "db"])?;
@@ -147,12 +158,12 @@ fn services_are_reached_by_name_across_nodes_directly_relayed_and_while_the_hub_
 
     // The hub goes away: the direct path needs no hub, the relay does.
     h.kill_up()?;
-    answers(&a, &client, "http://db:8080/", "db on db-1")?;
+    answers(&a, &client, &db_url, "db on db-1")?;
     assert!(wget(&a, &client, "http://far:8080/").is_err(), "no relay without the hub");
     // A restarted agent has the services it last heard of, and reaches them directly.
     a.interrupt_up()?;
     common::fleet::start_agent_in(None, &mut a, &h.server()?, None, None, &[], &a_args)?;
-    answers(&a, &client, "http://db:8080/", "db on db-1")?;
+    answers(&a, &client, &db_url, "db on db-1")?;
     Ok(())
 }
 

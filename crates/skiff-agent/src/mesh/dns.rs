@@ -5,7 +5,7 @@
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,16 +24,30 @@ pub enum Reply {
     Drop,
 }
 
+/// `msg`'s answer with `code` and nothing else.
+fn refuse(msg: &Message, code: ResponseCode) -> Reply {
+    let mut r = Message::error_msg(msg.metadata.id, msg.metadata.op_code, code);
+    r.queries.clone_from(&msg.queries);
+    r.to_vec().map(Reply::Answer).unwrap_or(Reply::Drop)
+}
+
 /// Answers `query` with `lookup`, which gives a name's addresses if it is a peer or a
-/// service the asking instance may reach (none: not a name of ours).
+/// service the asking instance may reach (none: not a name of ours). Only standard
+/// queries of one question are answered or forwarded: what else a resolver may take
+/// (updates, notifies) an instance does not send to the host's.
 pub fn answer(query: &[u8], lookup: impl Fn(&str) -> Vec<Ipv4Addr>) -> Reply {
     let Ok(msg) = Message::from_vec(query) else { return Reply::Drop };
     if msg.metadata.message_type != MessageType::Query {
         return Reply::Drop;
     }
-    let (Some(q), OpCode::Query) = (msg.queries.first(), msg.metadata.op_code) else { return Reply::Forward };
-    let name = q.name().to_ascii();
-    let ips = lookup(&name);
+    if msg.metadata.op_code != OpCode::Query {
+        return refuse(&msg, ResponseCode::NotImp);
+    }
+    let [q] = msg.queries.as_slice() else { return refuse(&msg, ResponseCode::FormErr) };
+    if q.query_class() != DNSClass::IN {
+        return Reply::Forward;
+    }
+    let ips = lookup(&q.name().to_ascii());
     if ips.is_empty() {
         return Reply::Forward;
     }
@@ -56,7 +70,8 @@ pub fn answer(query: &[u8], lookup: impl Fn(&str) -> Vec<Ipv4Addr>) -> Reply {
     }
 }
 
-/// The host's resolvers (loopback ones too: the agent runs on the host).
+/// The host's resolvers (loopback ones too: the agent runs on the host), read at each
+/// forward (a DHCP lease may change them).
 pub fn upstreams() -> Vec<SocketAddr> {
     let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     text.lines()
@@ -71,8 +86,8 @@ pub fn upstreams() -> Vec<SocketAddr> {
 }
 
 /// Asks the upstream resolvers in turn (2 s each) and gives the first answer.
-async fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
-    for up in upstreams {
+async fn forward(query: &[u8]) -> Option<Vec<u8>> {
+    for up in upstreams() {
         let bind: SocketAddr = if up.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().ok()?;
         let Ok(sock) = tokio::net::UdpSocket::bind(bind).await else { continue };
         if sock.send_to(query, up).await.is_err() {
@@ -80,7 +95,7 @@ async fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
         }
         let mut buf = vec![0u8; 4096];
         if let Ok(Ok((n, from))) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await {
-            if from == *up {
+            if from == up {
                 buf.truncate(n);
                 return Some(buf);
             }
@@ -92,18 +107,23 @@ async fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
 /// The addresses a name has for the instance at an address.
 pub type Lookup = Arc<dyn Fn(Ipv4Addr, &str) -> Vec<Ipv4Addr> + Send + Sync>;
 
+/// Queries one instance may have in flight (past that they are dropped, as a resolver
+/// under load drops): one asking slow names waits for its own, not its neighbours'.
+const QUERIES_PER_CLIENT: usize = 8;
+/// How long a query from an address the node does not know yet waits for it to be known
+/// (an instance starting asks before the catalog has it).
+const UNKNOWN_WAIT: Duration = Duration::from_millis(300);
+
 /// Serves queries on `socket` until the task is dropped. `lookup(client, name)`: the
-/// virtual address `name` has for the instance at `client`; `is_client`: whether an
-/// address is an instance's (others are not answered at all).
+/// addresses `name` has for the instance at `client`; `is_client`: whether an address is
+/// an instance's (others are not answered at all).
 pub async fn serve(
     socket: tokio::net::UdpSocket,
     lookup: Lookup,
     is_client: Arc<dyn Fn(Ipv4Addr) -> bool + Send + Sync>,
 ) {
     let socket = Arc::new(socket);
-    let upstreams: Arc<[SocketAddr]> = upstreams().into();
-    // Forwarded queries in flight, bounded: a flood waits for the network, not memory.
-    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    let in_flight = super::PerAddress::default();
     let mut buf = vec![0u8; 4096];
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
@@ -116,39 +136,33 @@ pub async fn serve(
         };
         let SocketAddr::V4(from4) = from else { continue };
         let client = *from4.ip();
-        if !is_client(client) {
-            continue;
-        }
-        let query = &buf[..n];
-        match answer(query, |name| lookup(client, name)) {
-            Reply::Answer(b) => {
+        let Some(slot) = in_flight.take(std::net::IpAddr::V4(client), QUERIES_PER_CLIENT) else { continue };
+        let (socket, lookup, is_client, query) =
+            (Arc::clone(&socket), Arc::clone(&lookup), Arc::clone(&is_client), buf[..n].to_vec());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if !is_client(client) {
+                tokio::time::sleep(UNKNOWN_WAIT).await;
+                if !is_client(client) {
+                    return;
+                }
+            }
+            let reply = match answer(&query, |name| lookup(client, name)) {
+                Reply::Answer(b) => Some(b),
+                Reply::Drop => None,
+                // No upstream answered: say so, rather than let the client wait.
+                Reply::Forward => match forward(&query).await {
+                    Some(b) => Some(b),
+                    None => Message::from_vec(&query).ok().and_then(|q| match refuse(&q, ResponseCode::ServFail) {
+                        Reply::Answer(b) => Some(b),
+                        _ => None,
+                    }),
+                },
+            };
+            if let Some(b) = reply {
                 let _ = socket.send_to(&b, from).await;
             }
-            Reply::Drop => {}
-            Reply::Forward => {
-                let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else { continue };
-                let (socket, upstreams, query) = (Arc::clone(&socket), Arc::clone(&upstreams), query.to_vec());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match forward(&query, &upstreams).await {
-                        Some(b) => {
-                            let _ = socket.send_to(&b, from).await;
-                        }
-                        None => {
-                            // No upstream answered: say so, rather than let the client wait.
-                            if let Ok(q) = Message::from_vec(&query) {
-                                let mut r =
-                                    Message::error_msg(q.metadata.id, q.metadata.op_code, ResponseCode::ServFail);
-                                r.queries = q.queries;
-                                if let Ok(b) = r.to_vec() {
-                                    let _ = socket.send_to(&b, from).await;
-                                }
-                            }
-                        }
-                    }
-                });
-            }
-        }
+        });
     }
 }
 
@@ -191,6 +205,17 @@ mod tests {
         assert_eq!(Message::from_vec(&b).unwrap().answers.len(), 2);
         assert_eq!(answer(&query("example.org.", RecordType::A), lookup), Reply::Forward);
         assert_eq!(answer(b"\x00\x01garbage", lookup), Reply::Drop);
+        // An update is not forwarded to the host's resolvers: refused here.
+        let mut update = Message::new(7, MessageType::Query, OpCode::Update);
+        update.queries.push(Query::query(Name::from_ascii("db.").unwrap(), RecordType::SOA));
+        let Reply::Answer(b) = answer(&update.to_vec().unwrap(), lookup) else { panic!("not refused") };
+        assert_eq!(Message::from_vec(&b).unwrap().metadata.response_code, ResponseCode::NotImp);
+        // Two questions at once: refused, not forwarded.
+        let mut two = Message::new(8, MessageType::Query, OpCode::Query);
+        two.queries.push(Query::query(Name::from_ascii("a.").unwrap(), RecordType::A));
+        two.queries.push(Query::query(Name::from_ascii("b.").unwrap(), RecordType::A));
+        let Reply::Answer(b) = answer(&two.to_vec().unwrap(), lookup) else { panic!("not refused") };
+        assert_eq!(Message::from_vec(&b).unwrap().metadata.response_code, ResponseCode::FormErr);
     }
 
     #[test]

@@ -83,6 +83,8 @@ struct Catalog {
     callers: HashMap<Ipv4Addr, Caller>,
     /// Service → the nodes that may call it (the hub's word).
     clients: BTreeMap<String, BTreeSet<String>>,
+    /// Node → the certificate serials it holds (the hub's word).
+    certs: BTreeMap<String, Vec<String>>,
 }
 
 fn reaches(c: &Caller, s: &Service) -> bool {
@@ -104,6 +106,16 @@ impl Catalog {
             .collect();
         if !near.is_empty() {
             return near;
+        }
+        // Swarm's `tasks.NAME`: the instances behind a service, those of this node that
+        // serve (the only ones an instance can reach by address).
+        if let Some(service) = q.strip_prefix("tasks.") {
+            return self
+                .entries
+                .values()
+                .filter(|e| reaches(c, &e.service) && answers_to(&e.service, &c.stack, service))
+                .flat_map(|e| e.local.iter().copied())
+                .collect();
         }
         self.entries
             .values()
@@ -129,25 +141,31 @@ impl Agent {
 
     fn catalog(&self, view: &MeshView, range: (Ipv4Addr, u8)) -> Result<Catalog, AgentError> {
         let desired = self.desired()?;
-        let rows = self.db(|s| s.instances())?;
+        let (rows, leases) = self.db(|s| Ok((s.instances()?, s.leases()?)))?;
         let serving = self.serving.lock().ok().and_then(|s| s.clone());
         let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
-        let running = rows
-            .iter()
-            .filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge)
-            .filter_map(|r| Some((r, r.ip.as_ref()?.parse::<Ipv4Addr>().ok()?)));
+        // Every instance with an address on the bridge may call — by its lease, which it
+        // has before it starts (and asks for names before its row says it runs); only
+        // running ones are peers and serve.
+        let addressed = rows.iter().filter(|r| r.spec.network == NetworkMode::Bridge).filter_map(|r| {
+            let ip = r.ip.as_ref().or_else(|| leases.get(&r.name))?;
+            Some((r, ip.parse::<Ipv4Addr>().ok()?))
+        });
         let mut local: BTreeMap<&str, Vec<Ipv4Addr>> = BTreeMap::new();
         let mut callers = HashMap::new();
         let mut peers = vec![];
-        for (r, ip) in running {
+        for (r, ip) in addressed {
             let networks: BTreeSet<String> = r.spec.joined_networks().into_iter().collect();
+            callers.insert(ip, Caller { stack: r.spec.stack.clone(), networks: networks.clone() });
+            if r.state != InstanceState::Running {
+                continue;
+            }
             // As `hosts_for` names them: switched away from (blue-green), by its own name only.
             let mut names = vec![r.name.clone()];
             if r.retire_at_ms.is_none() {
                 names.push(r.deployment.clone());
             }
-            peers.push(Peer { names, ip, networks: networks.clone() });
-            callers.insert(ip, Caller { stack: r.spec.stack.clone(), networks });
+            peers.push(Peer { names, ip, networks });
             let serves = !stopping.contains(&r.container_id)
                 && match &serving {
                     Some(s) => s.get(&r.deployment).is_some_and(|n| n.contains(&r.name)),
@@ -190,7 +208,7 @@ impl Agent {
             by_vip.insert(vip, name.clone());
             entries.insert(name, Entry { service, vip, local });
         }
-        Ok(Catalog { peers, entries, by_vip, callers, clients: view.clients.clone() })
+        Ok(Catalog { peers, entries, by_vip, callers, clients: view.clients.clone(), certs: view.certs.clone() })
     }
 }
 
@@ -204,6 +222,8 @@ pub struct Mesh {
     turn: AtomicUsize,
     /// Nodes whose direct path failed lately (tried again after a minute).
     unreachable: Mutex<HashMap<String, Instant>>,
+    /// Connections open per calling instance (and per peer address calling in).
+    calls: PerAddress,
 }
 
 /// How long a node whose direct path failed is reached through the relay only.
@@ -222,6 +242,7 @@ impl Mesh {
             catalog: Default::default(),
             turn: AtomicUsize::new(0),
             unreachable: Default::default(),
+            calls: Default::default(),
         }))
     }
 
@@ -233,10 +254,13 @@ impl Mesh {
     /// service range's route (the listeners die with the process anyway).
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let (net, prefix) = self.range;
+        // Without the route, names still resolve (instances were given this DNS), but
+        // only to peers on this node: no virtual address can be listened on.
         let routed = crate::blocking(move || skiff_runtime::netlink::Rtnl::open()?.add_local_route(net, prefix)).await;
-        if let Err(e) = routed {
-            warn!("fleet services are off: the service range {net}/{prefix} cannot be routed here: {e}");
-            return;
+        if let Err(e) = &routed {
+            warn!(
+                "services on other nodes are out of reach: the service range {net}/{prefix} cannot be routed here: {e}"
+            );
         }
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(socket) = self.agent.dns_socket.lock().ok().and_then(|mut s| s.take()) {
@@ -269,7 +293,10 @@ impl Mesh {
             let view = Arc::clone(&views.borrow_and_update());
             let (agent, range) = (Arc::clone(&self.agent), self.range);
             match crate::blocking(move || agent.catalog(&view, range)).await {
-                Ok(c) => {
+                Ok(mut c) => {
+                    if routed.is_err() {
+                        c.entries.clear();
+                    }
                     let c = Arc::new(c);
                     self.sync_listeners(&c, &mut listeners, &mut refused);
                     if let Ok(mut slot) = self.catalog.write() {
@@ -291,7 +318,9 @@ impl Mesh {
             h.abort();
         }
         tasks.abort_all();
-        let _ = crate::blocking(move || skiff_runtime::netlink::Rtnl::open()?.del_local_route(net, prefix)).await;
+        if routed.is_ok() {
+            let _ = crate::blocking(move || skiff_runtime::netlink::Rtnl::open()?.del_local_route(net, prefix)).await;
+        }
     }
 
     /// Listens on every `(virtual address, port)` the catalog has, and on nothing else.
@@ -318,10 +347,7 @@ impl Mesh {
             if listeners.contains_key(&a) {
                 continue;
             }
-            let bound = std::net::TcpListener::bind(a)
-                .and_then(|l| l.set_nonblocking(true).map(|_| l))
-                .and_then(tokio::net::TcpListener::from_std);
-            match bound {
+            match listen_beside_services(SocketAddr::V4(a)) {
                 Ok(l) => {
                     refused.remove(&a);
                     listeners.insert(a, tokio::spawn(Arc::clone(self).accept(l, a)));
@@ -339,8 +365,13 @@ impl Mesh {
         loop {
             match l.accept().await {
                 Ok((conn, peer)) => {
+                    let Some(taken) = self.calls.take(peer.ip(), CALLS_PER_INSTANCE) else {
+                        debug!(%peer, "too many calls open; refused");
+                        continue;
+                    };
                     let m = Arc::clone(&self);
                     tokio::spawn(async move {
+                        let _taken = taken;
                         if let Err(e) = m.call(conn, peer, at).await {
                             debug!(%peer, service = %at, "fleet service call: {e}");
                         }
@@ -405,7 +436,8 @@ impl Mesh {
         port: u16,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Dialed> {
         let id = self.cfg.identity.as_ref().ok_or(Dialed::Refused("this node has not joined a hub".into()))?;
-        let tls = peer::client_config(id, &ep.node).map_err(Dialed::Refused)?;
+        let serials = self.catalog().certs.get(&ep.node).cloned().unwrap_or_default();
+        let tls = peer::client_config(id, &ep.node, &serials).map_err(Dialed::Refused)?;
         let dial = async {
             let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
             let _ = tcp.set_nodelay(true);
@@ -437,7 +469,7 @@ impl Mesh {
         let base = hub.read().map(|h| h.clone()).unwrap_or_default();
         let node = &self.agent.cfg.node_name;
         let url = format!("{base}/api/v1/nodes/{node}/mesh/{service}/{port}").replacen("https://", "wss://", 1);
-        let tls = id.tls().map_err(|e| e.to_string())?;
+        let tls = id.current_tls().map_err(|e| e.to_string())?;
         let connector = tokio_tungstenite::Connector::Rustls(Arc::new(tls));
         let dial = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(connector));
         let (ws, _) = tokio::time::timeout(Duration::from_secs(10), dial)
@@ -461,9 +493,10 @@ impl Mesh {
                 }
             };
             let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else { continue };
+            let Some(taken) = self.calls.take(peer.ip(), CONNS_PER_PEER) else { continue };
             let m = Arc::clone(&self);
             tokio::spawn(async move {
-                let _permit = permit;
+                let _permit = (permit, taken);
                 if let Err(e) = m.serve_peer(tcp).await {
                     info!(%peer, "mesh: a direct connection refused: {e}");
                 }
@@ -480,13 +513,17 @@ impl Mesh {
             .await
             .map_err(|_| "TLS handshake timed out".to_string())?
             .map_err(|e| format!("TLS: {e}"))?;
-        let node = s
+        let (node, serial) = s
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .and_then(peer::common_name)
+            .and_then(peer::identity)
             .ok_or("no node certificate")?;
+        if !self.catalog().certs.get(&node).is_some_and(|known| known.contains(&serial)) {
+            // A deleted node, or a certificate since replaced: nothing, not even a reason.
+            return Err(format!("node {node}: certificate {serial} is not one the hub knows"));
+        }
         let line = tokio::time::timeout(Duration::from_secs(10), read_line(&mut s))
             .await
             .map_err(|_| "no request".to_string())??;
@@ -507,9 +544,10 @@ impl Mesh {
             Ok(t) => connect(t).await,
             Err(e) => Err(e),
         };
+        // The caller learns whether, not this node's addresses.
         let answer = match &to {
             Ok(_) => "ok\n".to_string(),
-            Err(e) => format!("{}\n", e.replace('\n', " ")),
+            Err(_) => format!("no instance of {} can take the call here\n", dial.service.replace('\n', " ")),
         };
         s.write_all(answer.as_bytes()).await.map_err(|e| e.to_string())?;
         match &mut to {
@@ -519,12 +557,62 @@ impl Mesh {
     }
 }
 
+/// Connections (or queries) in flight per address, bounded: one instance or one peer
+/// cannot take all of the agent's descriptors.
+#[derive(Default, Clone)]
+pub(crate) struct PerAddress(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One of an address's connections, given back when dropped.
+pub(crate) struct Taken(PerAddress, IpAddr);
+
+impl PerAddress {
+    pub(crate) fn take(&self, a: IpAddr, max: usize) -> Option<Taken> {
+        let mut m = self.0.lock().ok()?;
+        let n = m.entry(a).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Taken(self.clone(), a))
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Ok(mut m) = (self.0).0.lock() {
+            if let Some(n) = m.get_mut(&self.1) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.1);
+                }
+            }
+        }
+    }
+}
+
+/// Calls one instance may have open through the mesh, and direct connections one peer
+/// address may hold.
+const CALLS_PER_INSTANCE: usize = 256;
+const CONNS_PER_PEER: usize = 256;
+
 /// Why a direct connection to another node's agent was not made.
 enum Dialed {
     /// No TLS session with it (down, or behind NAT): the relay, for a while.
     Unreachable(String),
     /// It answered, but will not serve this call.
     Refused(String),
+}
+
+/// A TCP listener that may share its port with the services' listeners on their virtual
+/// addresses (and theirs with the node's published ports): both set `SO_REUSEPORT`, so a
+/// service on port 5432 and a published 5432 can both be. The kernel gives each
+/// connection to the most specific address bound.
+pub(crate) fn listen_beside_services(at: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = if at.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(at)?;
+    s.listen(1024)
 }
 
 async fn connect(to: SocketAddr) -> Result<TcpStream, String> {
@@ -539,7 +627,9 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::io::copy_bidirectional(a, b).await.map(|_| ()).map_err(|e| e.to_string())
+    // 64 KiB a read (tokio's default is 8): a bulk transfer takes a few syscalls and TLS
+    // records per read instead of many.
+    tokio::io::copy_bidirectional_with_sizes(a, b, 64 << 10, 64 << 10).await.map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// One line (without its `\n`), read a byte at a time so nothing after it is taken.
@@ -554,5 +644,54 @@ async fn read_line<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, String> {
             return Err("a line too long".into());
         }
         line.push(b);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skiff_model::mesh::ServicePort;
+
+    fn caller(stack: &str, nets: &[&str]) -> Caller {
+        Caller { stack: stack.into(), networks: nets.iter().map(|n| n.to_string()).collect() }
+    }
+
+    fn entry(name: &str, stack: &str, vip: [u8; 4], local: &[[u8; 4]]) -> Entry {
+        Entry {
+            service: Service {
+                name: name.into(),
+                stack: stack.into(),
+                aliases: vec!["pg".into()],
+                networks: vec![format!("{stack}_default")],
+                ports: vec![ServicePort { port: 5432, target: 5432 }],
+                endpoints: vec![],
+            },
+            vip: vip.into(),
+            local: local.iter().map(|a| Ipv4Addr::from(*a)).collect(),
+        }
+    }
+
+    #[test]
+    fn names_resolve_to_peers_here_then_to_virtual_addresses_within_shared_networks() {
+        let mut c = Catalog::default();
+        c.callers.insert([10, 0, 0, 2].into(), caller("shop", &["shop_default"]));
+        c.callers.insert([10, 0, 0, 9].into(), caller("other", &["other_default"]));
+        c.peers.push(Peer {
+            names: vec!["web-1".into(), "web".into()],
+            ip: [10, 0, 0, 3].into(),
+            networks: ["shop_default".to_string()].into(),
+        });
+        c.entries.insert("db".into(), entry("db", "shop", [10, 213, 130, 1], &[]));
+        c.entries.insert("web".into(), entry("web", "shop", [10, 213, 130, 2], &[[10, 0, 0, 3]]));
+        let at = |from: [u8; 4], q: &str| c.resolve(from.into(), q);
+        let ip = |a: [u8; 4]| vec![Ipv4Addr::from(a)];
+        assert_eq!(at([10, 0, 0, 2], "web"), ip([10, 0, 0, 3]), "a peer on this node: its own address, any port");
+        assert_eq!(at([10, 0, 0, 2], "db"), ip([10, 213, 130, 1]), "elsewhere: the virtual address");
+        assert_eq!(at([10, 0, 0, 2], "pg.shop.svc.cluster.local."), ip([10, 213, 130, 1]));
+        assert_eq!(at([10, 0, 0, 2], "tasks.web"), ip([10, 0, 0, 3]));
+        assert!(at([10, 0, 0, 2], "tasks.db").is_empty(), "no instance of db here");
+        assert!(at([10, 0, 0, 9], "db").is_empty() && at([10, 0, 0, 9], "db.shop").is_empty(), "another stack");
+        assert!(at([10, 0, 0, 9], "web").is_empty(), "another stack's peer");
+        assert!(at([192, 168, 1, 5], "db").is_empty(), "not an instance of this node");
     }
 }

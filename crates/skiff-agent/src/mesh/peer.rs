@@ -32,18 +32,20 @@ fn node_verifier(ca_pem: &str) -> Result<Arc<dyn ClientCertVerifier>, String> {
         .map_err(|e| format!("node certificate verifier: {e}"))
 }
 
-/// The common name of a certificate: the node name the hub wrote into it.
-pub(crate) fn common_name(der: &CertificateDer<'_>) -> Option<String> {
+/// The common name of a certificate (the node name the hub wrote into it) and its serial
+/// in hex (as the hub keeps it).
+pub(crate) fn identity(der: &CertificateDer<'_>) -> Option<(String, String)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
-    cn
+    Some((cn?, hex::encode(cert.raw_serial())))
 }
 
 /// Accepts the server only if its certificate is a node certificate of the fleet that
-/// names `node`.
+/// names `node`, with one of the serials the hub says `node` holds.
 #[derive(Debug)]
 struct PeerIs {
     node: String,
+    serials: Vec<String>,
     verifier: Arc<dyn ClientCertVerifier>,
     provider: Arc<CryptoProvider>,
 }
@@ -58,9 +60,14 @@ impl ServerCertVerifier for PeerIs {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         self.verifier.verify_client_cert(end_entity, intermediates, now)?;
-        match common_name(end_entity) {
-            Some(cn) if cn == self.node => Ok(ServerCertVerified::assertion()),
-            other => Err(rustls::Error::General(format!("expected node {:?}, the peer is {other:?}", self.node))),
+        match identity(end_entity) {
+            Some((cn, serial)) if cn == self.node && self.serials.contains(&serial) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            other => Err(rustls::Error::General(format!(
+                "expected node {:?} with a certificate the hub knows, the peer is {other:?}",
+                self.node
+            ))),
         }
     }
 
@@ -87,12 +94,17 @@ impl ServerCertVerifier for PeerIs {
     }
 }
 
-/// The TLS client for a direct connection to `node`'s agent.
-pub(crate) fn client_config(id: &Identity, node: &str) -> Result<rustls::ClientConfig, String> {
-    let (cert, key) = id.pair().map_err(|e| e.to_string())?;
+/// The TLS client for a direct connection to `node`'s agent, holding one of `serials`.
+pub(crate) fn client_config(id: &Identity, node: &str, serials: &[String]) -> Result<rustls::ClientConfig, String> {
+    let (cert, key) = id.current_pair().map_err(|e| e.to_string())?;
     let ca = id.ca().map_err(|e| e.to_string())?;
     let p = provider();
-    let verifier = PeerIs { node: node.to_string(), verifier: node_verifier(&ca)?, provider: Arc::clone(&p) };
+    let verifier = PeerIs {
+        node: node.to_string(),
+        serials: serials.to_vec(),
+        verifier: node_verifier(&ca)?,
+        provider: Arc::clone(&p),
+    };
     rustls::ClientConfig::builder_with_provider(p)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -105,7 +117,7 @@ pub(crate) fn client_config(id: &Identity, node: &str) -> Result<rustls::ClientC
 /// The TLS server for direct connections from other nodes' agents: a node certificate of
 /// the fleet is required.
 pub(crate) fn server_config(id: &Identity) -> Result<rustls::ServerConfig, String> {
-    let (cert, key) = id.pair().map_err(|e| e.to_string())?;
+    let (cert, key) = id.current_pair().map_err(|e| e.to_string())?;
     let ca = id.ca().map_err(|e| e.to_string())?;
     rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()

@@ -21,6 +21,8 @@ pub(crate) struct MeshTable {
     services: BTreeMap<String, (Service, BTreeMap<String, Endpoint>)>,
     nets: BTreeMap<String, BTreeSet<String>>,
     sites: BTreeMap<String, String>,
+    /// Each joined node's certificate serials (current, and a renewal's).
+    certs: BTreeMap<String, Vec<String>>,
 }
 
 /// Whether a reported instance serves: running, and healthy where it is checked.
@@ -51,13 +53,17 @@ impl Fleet {
         let sites: BTreeMap<String, String> =
             records.iter().filter_map(|n| Some((n.name.clone(), n.info.labels.get("site")?.clone()))).collect();
         let joined: BTreeSet<&str> = records.iter().map(|n| n.name.as_str()).collect();
+        let certs: BTreeMap<String, Vec<String>> = records
+            .iter()
+            .map(|n| (n.name.clone(), std::iter::once(n.cert_serial.clone()).chain(n.next_serial.clone()).collect()))
+            .collect();
         let mesh: BTreeMap<String, String> = self
             .seen
             .lock()
             .map(|s| s.iter().filter_map(|(n, x)| Some((n.clone(), x.mesh.clone()?))).collect())
             .unwrap_or_default();
         let statuses = self.statuses.lock().map(|s| s.clone()).unwrap_or_default();
-        let mut t = MeshTable { key, sites, ..Default::default() };
+        let mut t = MeshTable { key, sites, certs, ..Default::default() };
         for (node, a) in at.nodes.iter().filter(|(n, _)| joined.contains(n.as_str())) {
             let bridge = a.deployments.iter().filter(|d| d.spec.network == NetworkMode::Bridge);
             let nets = t.nets.entry(node.clone()).or_default();
@@ -125,6 +131,16 @@ impl Fleet {
                     .map(|(n, _)| n.clone())
                     .collect();
                 view.clients.insert(name.clone(), callers);
+            }
+        }
+        let named = view
+            .services
+            .iter()
+            .flat_map(|s| s.endpoints.iter().map(|e| &e.node))
+            .chain(view.clients.values().flatten());
+        for n in named {
+            if let Some(c) = t.certs.get(n) {
+                view.certs.insert(n.clone(), c.clone());
             }
         }
         Ok(view)

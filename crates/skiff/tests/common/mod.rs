@@ -305,6 +305,7 @@ impl Node {
             bridge: self.bridge.clone(),
             subnet,
             firewall: skiff_runtime::nat::Firewall::Nft,
+            services: None,
         })
     }
 
@@ -434,6 +435,22 @@ impl Node {
             nat.remove();
         }
         let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        remove_service_route_if_unused();
+    }
+}
+
+/// The default service range's `local` route, once no agent of any test runs: an agent
+/// removes it when it stops, one killed on purpose leaves it behind.
+fn remove_service_route_if_unused() {
+    let running = std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|p| {
+        let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else { return false };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        args.first().is_some_and(|a| a.ends_with(b"skiff")) && args.iter().any(|a| *a == b"agent" || *a == b"up")
+    });
+    if !running {
+        let (net, prefix) = skiff_model::mesh::DEFAULT_SERVICE_RANGE;
+        let r = format!("{net}/{prefix}");
+        let _ = Command::new("ip").args(["route", "del", "local", &r, "dev", "lo", "table", "local"]).output();
     }
 }
 
