@@ -151,13 +151,13 @@ impl AgentConfig {
     }
 }
 
+/// The node's DNS sockets (UDP, and TCP when it can be had).
+type DnsSockets = (std::net::UdpSocket, Option<std::net::TcpListener>);
+
 /// The node's DNS socket for its instances, on the bridge's gateway address (the bridge
 /// made now if it is not there yet). A range that overlaps the bridge's subnet is an
 /// error; a port 53 another program holds there only turns the node's DNS off.
-fn open_dns(
-    bridge: &Bridge,
-    (net, prefix): (std::net::Ipv4Addr, u8),
-) -> Result<Option<std::net::UdpSocket>, AgentError> {
+fn open_dns(bridge: &Bridge, (net, prefix): (std::net::Ipv4Addr, u8)) -> Result<Option<DnsSockets>, AgentError> {
     let range = Subnet::parse(&format!("{net}/{prefix}"))?;
     if range.contains(bridge.subnet.base) || bridge.subnet.contains(range.base) {
         return Err(AgentError::Other(format!(
@@ -166,8 +166,16 @@ fn open_dns(
         )));
     }
     bridge.ensure()?;
-    match std::net::UdpSocket::bind((bridge.subnet.gateway(), 53)).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
-        Ok(s) => Ok(Some(s)),
+    let at = (bridge.subnet.gateway(), 53);
+    match std::net::UdpSocket::bind(at).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+        Ok(s) => {
+            // TCP too, for answers too long for UDP; without it, those fail.
+            let tcp = std::net::TcpListener::bind(at).and_then(|l| l.set_nonblocking(true).map(|_| l));
+            if let Err(e) = &tcp {
+                warn!("the node's DNS for its instances answers over UDP only ({}:53/tcp: {e})", at.0);
+            }
+            Ok(Some((s, tcp.ok())))
+        }
         Err(e) => {
             warn!(
                 "the node's DNS for its instances is off ({}:53: {e}); they use the host's resolvers",
@@ -242,7 +250,7 @@ pub struct Agent {
     mesh_view: tokio::sync::watch::Sender<Arc<skiff_model::mesh::MeshView>>,
     /// The DNS socket on the gateway's address, bound at open (before any instance gets
     /// its resolv.conf) and taken by `mesh::Mesh::run`.
-    dns_socket: Mutex<Option<std::net::UdpSocket>>,
+    dns_socket: Mutex<Option<DnsSockets>>,
     /// Whether instances on the bridge are given the node's DNS.
     dns: bool,
 }

@@ -104,6 +104,94 @@ async fn forward(query: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// Asks the upstream resolvers over TCP (a truncated answer's retry), in turn.
+async fn forward_tcp(query: &[u8]) -> Option<Vec<u8>> {
+    use tokio::io::AsyncWriteExt;
+    for up in upstreams() {
+        let ask = async {
+            let mut c = tokio::net::TcpStream::connect(up).await?;
+            c.write_all(&framed(query)).await?;
+            read_framed(&mut c).await
+        };
+        if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_secs(3), ask).await {
+            return Some(b);
+        }
+    }
+    None
+}
+
+/// A message as DNS over TCP sends it: its length (two bytes), then itself.
+fn framed(m: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(m.len() + 2);
+    out.extend_from_slice(&(m.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
+    out.extend_from_slice(&m[..m.len().min(usize::from(u16::MAX))]);
+    out
+}
+
+async fn read_framed<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let n = s.read_u16().await?;
+    let mut b = vec![0u8; usize::from(n)];
+    s.read_exact(&mut b).await?;
+    Ok(b)
+}
+
+/// What a query gets, wherever it came from: our answer, an upstream's (over `tcp` or
+/// UDP), or SERVFAIL when none answered.
+async fn reply_to(query: &[u8], lookup: impl Fn(&str) -> Vec<Ipv4Addr>, tcp: bool) -> Option<Vec<u8>> {
+    match answer(query, lookup) {
+        Reply::Answer(b) => Some(b),
+        Reply::Drop => None,
+        Reply::Forward => {
+            let got = if tcp { forward_tcp(query).await } else { forward(query).await };
+            match got {
+                Some(b) => Some(b),
+                // No upstream answered: say so, rather than let the client wait.
+                None => Message::from_vec(query).ok().and_then(|q| match refuse(&q, ResponseCode::ServFail) {
+                    Reply::Answer(b) => Some(b),
+                    _ => None,
+                }),
+            }
+        }
+    }
+}
+
+/// DNS over TCP on `listener` (answers too long for UDP are asked again this way): the
+/// same answers, at most 16 queries a connection, 10 s of silence ends it.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    lookup: Lookup,
+    is_client: Arc<dyn Fn(Ipv4Addr) -> bool + Send + Sync>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let open = super::PerAddress::default();
+    loop {
+        let Ok((mut conn, from)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let SocketAddr::V4(from4) = from else { continue };
+        let client = *from4.ip();
+        if !is_client(client) {
+            continue;
+        }
+        let Some(taken) = open.take(std::net::IpAddr::V4(client), QUERIES_PER_CLIENT) else { continue };
+        let lookup = Arc::clone(&lookup);
+        tokio::spawn(async move {
+            let _taken = taken;
+            for _ in 0..16 {
+                let Ok(Ok(query)) = tokio::time::timeout(Duration::from_secs(10), read_framed(&mut conn)).await else {
+                    return;
+                };
+                let Some(b) = reply_to(&query, |name| lookup(client, name), true).await else { return };
+                if conn.write_all(&framed(&b)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
 /// The addresses a name has for the instance at an address.
 pub type Lookup = Arc<dyn Fn(Ipv4Addr, &str) -> Vec<Ipv4Addr> + Send + Sync>;
 
@@ -147,19 +235,7 @@ pub async fn serve(
                     return;
                 }
             }
-            let reply = match answer(&query, |name| lookup(client, name)) {
-                Reply::Answer(b) => Some(b),
-                Reply::Drop => None,
-                // No upstream answered: say so, rather than let the client wait.
-                Reply::Forward => match forward(&query).await {
-                    Some(b) => Some(b),
-                    None => Message::from_vec(&query).ok().and_then(|q| match refuse(&q, ResponseCode::ServFail) {
-                        Reply::Answer(b) => Some(b),
-                        _ => None,
-                    }),
-                },
-            };
-            if let Some(b) = reply {
+            if let Some(b) = reply_to(&query, |name| lookup(client, name), false).await {
                 let _ = socket.send_to(&b, from).await;
             }
         });
@@ -216,6 +292,23 @@ mod tests {
         two.queries.push(Query::query(Name::from_ascii("b.").unwrap(), RecordType::A));
         let Reply::Answer(b) = answer(&two.to_vec().unwrap(), lookup) else { panic!("not refused") };
         assert_eq!(Message::from_vec(&b).unwrap().metadata.response_code, ResponseCode::FormErr);
+    }
+
+    #[tokio::test]
+    async fn over_tcp_queries_are_framed_by_their_length() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        let lookup: Lookup = Arc::new(|_, name: &str| lookup(name));
+        tokio::spawn(serve_tcp(l, lookup, Arc::new(|c: Ipv4Addr| c.is_loopback())));
+        let mut c = tokio::net::TcpStream::connect(at).await.unwrap();
+        for id in [1u16, 2] {
+            let mut q = Message::new(id, MessageType::Query, OpCode::Query);
+            q.queries.push(Query::query(Name::from_ascii("web.").unwrap(), RecordType::A));
+            c.write_all(&framed(&q.to_vec().unwrap())).await.unwrap();
+            let m = Message::from_vec(&read_framed(&mut c).await.unwrap()).unwrap();
+            assert_eq!((m.metadata.id, m.answers.len()), (id, 2), "two queries on one connection");
+        }
     }
 
     #[test]

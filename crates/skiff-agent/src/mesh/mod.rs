@@ -263,17 +263,19 @@ impl Mesh {
             );
         }
         let mut tasks = tokio::task::JoinSet::new();
-        if let Some(socket) = self.agent.dns_socket.lock().ok().and_then(|mut s| s.take()) {
-            match tokio::net::UdpSocket::from_std(socket) {
+        if let Some((udp, tcp)) = self.agent.dns_socket.lock().ok().and_then(|mut s| s.take()) {
+            let (m1, m2) = (Arc::clone(&self), Arc::clone(&self));
+            let lookup: dns::Lookup = Arc::new(move |caller, name: &str| m1.catalog().resolve(caller, name));
+            let is_client: Arc<dyn Fn(Ipv4Addr) -> bool + Send + Sync> =
+                Arc::new(move |caller| m2.catalog().callers.contains_key(&caller));
+            match tokio::net::UdpSocket::from_std(udp) {
                 Ok(socket) => {
-                    let (m1, m2) = (Arc::clone(&self), Arc::clone(&self));
-                    tasks.spawn(dns::serve(
-                        socket,
-                        Arc::new(move |caller, name: &str| m1.catalog().resolve(caller, name)),
-                        Arc::new(move |caller| m2.catalog().callers.contains_key(&caller)),
-                    ));
+                    tasks.spawn(dns::serve(socket, Arc::clone(&lookup), Arc::clone(&is_client)));
                 }
                 Err(e) => warn!("fleet DNS is off: {e}"),
+            }
+            if let Some(l) = tcp.and_then(|l| tokio::net::TcpListener::from_std(l).ok()) {
+                tasks.spawn(dns::serve_tcp(l, lookup, is_client));
             }
         }
         if let (Some(addr), Some(_)) = (self.cfg.listen, &self.cfg.identity) {
