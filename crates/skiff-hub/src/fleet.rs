@@ -1226,6 +1226,7 @@ mod tests {
         assert_eq!((ep[0].node.as_str(), ep[0].ready, ep[0].total), ("b", 1, 1));
         assert_eq!((ep[0].site.as_deref(), ep[0].mesh.as_deref()), (Some("s1"), Some("10.0.0.2:7946")));
         assert!(view.clients.is_empty(), "a serves nothing");
+        assert_eq!(view.site.as_deref(), Some("s1"), "its own site, as it joined");
         // Direct connections are made only with the certificate the hub knows b holds.
         let b_serial = f.store.node("b").unwrap().unwrap().cert_serial;
         assert_eq!(view.certs.get("b"), Some(&vec![b_serial]));

@@ -81,6 +81,9 @@ pub struct MeshView {
     /// so a deleted node's certificate, or a replaced one, reaches nothing.
     #[serde(default)]
     pub certs: BTreeMap<String, Vec<String>>,
+    /// The node's own `site` label, as the hub has it (the labels were given at join).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// One service as `skiff get services` shows it.

@@ -85,6 +85,8 @@ struct Catalog {
     clients: BTreeMap<String, BTreeSet<String>>,
     /// Node → the certificate serials it holds (the hub's word).
     certs: BTreeMap<String, Vec<String>>,
+    /// This node's site (the hub's word, or `--label site=` at this start).
+    site: Option<String>,
 }
 
 fn reaches(c: &Caller, s: &Service) -> bool {
@@ -208,7 +210,15 @@ impl Agent {
             by_vip.insert(vip, name.clone());
             entries.insert(name, Entry { service, vip, local });
         }
-        Ok(Catalog { peers, entries, by_vip, callers, clients: view.clients.clone(), certs: view.certs.clone() })
+        Ok(Catalog {
+            peers,
+            entries,
+            by_vip,
+            callers,
+            clients: view.clients.clone(),
+            certs: view.certs.clone(),
+            site: view.site.clone(),
+        })
     }
 }
 
@@ -405,9 +415,8 @@ impl Mesh {
             return splice(&mut conn, &mut to).await;
         }
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        for ep in
-            skiff_model::mesh::by_locality(&e.service.endpoints, self.cfg.site.as_deref(), turn).into_iter().take(3)
-        {
+        let site = self.cfg.site.as_deref().or(c.site.as_deref());
+        for ep in skiff_model::mesh::by_locality(&e.service.endpoints, site, turn).into_iter().take(3) {
             let Some(addr) = ep.mesh.as_deref().filter(|_| self.reachable(&ep.node)) else { continue };
             match self.direct(ep, addr, name, at.port()).await {
                 Ok(mut to) => return splice(&mut conn, &mut to).await,
@@ -630,7 +639,8 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     // 64 KiB a read (tokio's default is 8): a bulk transfer takes a few syscalls and TLS
-    // records per read instead of many.
+    // records per read instead of many. (256 KiB and AES-128 first measured no better:
+    // 894 against 844 MiB/s, within the noise, for four times the memory a call.)
     tokio::io::copy_bidirectional_with_sizes(a, b, 64 << 10, 64 << 10).await.map(|_| ()).map_err(|e| e.to_string())
 }
 

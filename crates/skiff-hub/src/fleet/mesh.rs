@@ -116,7 +116,7 @@ impl Fleet {
         let empty = BTreeSet::new();
         let mine = t.nets.get(node).unwrap_or(&empty);
         let shares = |nets: &BTreeSet<String>, s: &Service| s.networks.iter().any(|n| nets.contains(n));
-        let mut view = MeshView::default();
+        let mut view = MeshView { site: t.sites.get(node).cloned(), ..Default::default() };
         for (name, (s, eps)) in &t.services {
             if shares(mine, s) {
                 let mut s = s.clone();
