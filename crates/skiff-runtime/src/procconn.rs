@@ -30,8 +30,11 @@ impl ProcEvents {
         let mut sock = Socket::new(NETLINK_CONNECTOR)?;
         sock.bind(&SocketAddr::new(0, CN_IDX_PROC))?;
         sock.send(&listen_message(std::process::id()), 0)?;
-        // A burst of execs must not overflow the socket between two reads.
+        // A burst of execs must not overflow the socket between two reads. SO_RCVBUF is
+        // capped by net.core.rmem_max (often 208 KiB, where every fork and exit of the host
+        // also arrives); root may force it past that.
         let _ = sock.set_rx_buf_sz(4 << 20);
+        let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBufForce, &(4 << 20));
         Ok(ProcEvents { sock, buf: Vec::with_capacity(64 << 10) })
     }
 

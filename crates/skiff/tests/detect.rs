@@ -42,13 +42,21 @@ fn shells_new_binaries_and_rule_actions_are_caught() -> R {
     // Someone gets a shell in the container. (It lives a second, as a shell someone works
     // in does: a process gone within microseconds of its exec may have lost its command
     // line and executable before any reader of /proc gets to them.)
-    n.ok(&["exec", "web-1", "--", "sh", "-c", "echo hi; sleep 1"])?;
-    let alert = wait_for(30 * SEC, "the shell alert", || {
-        security(&n)
-            .into_iter()
-            .find(|e| e.reason == "SecurityAlert" && e.message.contains("Terminal shell in container"))
-    })
-    .inspect_err(|_| {
+    // The kernel's process events are a lossy channel under load (the node logs "lost
+    // events"): a shell whose exec was lost is started again, at most three times.
+    let mut alert = Err(anyhow::anyhow!("no shell started"));
+    for _ in 0..3 {
+        n.ok(&["exec", "web-1", "--", "sh", "-c", "echo hi; sleep 1"])?;
+        alert = wait_for(10 * SEC, "the shell alert", || {
+            security(&n)
+                .into_iter()
+                .find(|e| e.reason == "SecurityAlert" && e.message.contains("Terminal shell in container"))
+        });
+        if alert.is_ok() {
+            break;
+        }
+    }
+    let alert = alert.inspect_err(|_| {
         // What the node saw and logged, for a failure on a loaded machine.
         eprintln!("security events: {:?}\nnode log:\n{}", security(&n), n.log());
     })?;

@@ -526,9 +526,10 @@ impl Detector {
 
 impl Stats {
     fn lost(&self) {
-        let n = self.lost.fetch_add(1, Ordering::Relaxed);
+        // Said the 1st, 2nd, 4th, 8th... time.
+        let n = self.lost.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
-            warn!("threat detection lost events in a burst ({} times so far)", n + 1);
+            warn!("threat detection lost events in a burst ({n} times so far)");
         }
     }
 }
