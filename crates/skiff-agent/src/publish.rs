@@ -233,8 +233,7 @@ impl Agent {
                     }
                 }
             }
-            let serves = !stopping.contains(&r.container_id)
-                && serving.as_ref().is_some_and(|s| s.get(&r.deployment).is_some_and(|n| n.contains(&r.name)));
+            let serves = serving.as_ref().is_some_and(|s| serves(s, &stopping, r));
             for p in &r.spec.ports {
                 let bind_ip: IpAddr =
                     p.host_ip.as_ref().and_then(|i| i.parse().ok()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
@@ -281,4 +280,15 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Whether instance `r` serves: the loop judged it one of its deployment's serving
+/// instances (`serving`), and it is not being stopped. Published ports and the fleet's
+/// services send traffic only to these.
+pub(crate) fn serves(
+    serving: &HashMap<String, Vec<String>>,
+    stopping: &HashSet<String>,
+    r: &crate::state::InstanceRow,
+) -> bool {
+    !stopping.contains(&r.container_id) && serving.get(&r.deployment).is_some_and(|n| n.contains(&r.name))
 }

@@ -251,24 +251,18 @@ async fn services(
 /// Every deployment that serves ports on the bridge is a service: its ports, and per node
 /// its instances that serve of all.
 fn service_list(hub: &Hub) -> Result<Vec<skiff_model::mesh::ServiceInfo>, ApiError> {
-    use skiff_model::mesh::{service_ports, virtual_addresses, Endpoint, ServiceInfo, DEFAULT_SERVICE_RANGE};
-    let specs: Vec<skiff_model::Deployment> = hub
-        .store
-        .list()
-        .map_err(internal)?
-        .into_iter()
-        .map(|s| s.spec)
-        .filter(|d| d.network == skiff_model::NetworkMode::Bridge && !service_ports(d).is_empty())
-        .collect();
+    use skiff_model::mesh::{virtual_addresses, Endpoint, Service, ServiceInfo, DEFAULT_SERVICE_RANGE};
+    let services: Vec<Service> =
+        hub.store.list().map_err(internal)?.into_iter().filter_map(|s| Service::of(&s.spec)).collect();
     let all = hub.instances();
     let sites: std::collections::BTreeMap<String, String> =
         node_list(hub)?.into_iter().filter_map(|n| Some((n.name, n.labels.get("site")?.clone()))).collect();
-    let vips = virtual_addresses(DEFAULT_SERVICE_RANGE, specs.iter().map(|d| d.name.as_str()));
-    Ok(specs
-        .iter()
-        .map(|d| {
+    let vips = virtual_addresses(DEFAULT_SERVICE_RANGE, services.iter().map(|s| s.name.as_str()));
+    Ok(services
+        .into_iter()
+        .map(|s| {
             let mut by_node: std::collections::BTreeMap<&str, (u32, u32)> = Default::default();
-            for i in all.iter().filter(|i| i.deployment == d.name) {
+            for i in all.iter().filter(|i| i.deployment == s.name) {
                 let e = by_node.entry(i.node.as_str()).or_default();
                 e.0 += u32::from(crate::fleet::serves(i));
                 e.1 += 1;
@@ -284,12 +278,12 @@ fn service_list(hub: &Hub) -> Result<Vec<skiff_model::mesh::ServiceInfo>, ApiErr
                 })
                 .collect();
             ServiceInfo {
-                name: d.name.clone(),
-                stack: d.stack.clone(),
-                aliases: d.aliases.clone(),
-                address: vips.get(&d.name).map(|a| a.to_string()).unwrap_or_default(),
-                ports: service_ports(d),
-                networks: d.joined_networks(),
+                address: vips.get(&s.name).map(|a| a.to_string()).unwrap_or_default(),
+                name: s.name,
+                stack: s.stack,
+                aliases: s.aliases,
+                ports: s.ports,
+                networks: s.networks,
                 endpoints,
             }
         })

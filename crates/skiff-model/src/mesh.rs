@@ -50,6 +50,27 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
 }
 
+impl Service {
+    /// `d` as a service, without endpoints: a deployment on the bridge that serves ports
+    /// (none otherwise).
+    pub fn of(d: &Deployment) -> Option<Service> {
+        let ports = service_ports(d);
+        (d.network == crate::NetworkMode::Bridge && !ports.is_empty()).then(|| Service {
+            name: d.name.clone(),
+            stack: d.stack.clone(),
+            aliases: d.aliases.clone(),
+            networks: d.joined_networks(),
+            ports,
+            endpoints: vec![],
+        })
+    }
+
+    /// Whether something joined to `networks` reaches it (they share one).
+    pub fn shares_a_network(&self, networks: &BTreeSet<String>) -> bool {
+        self.networks.iter().any(|n| networks.contains(n))
+    }
+}
+
 /// A node that runs instances of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -291,6 +312,19 @@ mod tests {
             service_ports(&d),
             vec![ServicePort { port: 80, target: 8080 }, ServicePort { port: 8080, target: 8080 }]
         );
+    }
+
+    #[test]
+    fn a_deployment_is_a_service_on_the_bridge_with_ports() {
+        let mut d = Deployment::new("web", "img");
+        assert_eq!(Service::of(&d), None, "no port: no service");
+        d.expose = vec![ServicePort { port: 80, target: 8080 }];
+        let s = Service::of(&d).unwrap();
+        assert_eq!((s.networks.clone(), s.ports.clone()), (vec!["default_default".to_string()], d.expose.clone()));
+        assert!(s.shares_a_network(&["default_default".to_string()].into()));
+        assert!(!s.shares_a_network(&["other_default".to_string()].into()));
+        d.network = crate::NetworkMode::Host;
+        assert_eq!(Service::of(&d), None, "host network: not on the bridge");
     }
 
     #[test]

@@ -164,7 +164,7 @@ pub async fn serve_tcp(
     is_client: Arc<dyn Fn(Ipv4Addr) -> bool + Send + Sync>,
 ) {
     use tokio::io::AsyncWriteExt;
-    let open = super::PerAddress::default();
+    let open = super::per_address(usize::MAX, QUERIES_PER_CLIENT);
     loop {
         let Ok((mut conn, from)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -175,7 +175,7 @@ pub async fn serve_tcp(
         if !is_client(client) {
             continue;
         }
-        let Some(taken) = open.take(std::net::IpAddr::V4(client), QUERIES_PER_CLIENT) else { continue };
+        let Ok(taken) = open.try_enter(std::net::IpAddr::V4(client)) else { continue };
         let lookup = Arc::clone(&lookup);
         tokio::spawn(async move {
             let _taken = taken;
@@ -211,7 +211,7 @@ pub async fn serve(
     is_client: Arc<dyn Fn(Ipv4Addr) -> bool + Send + Sync>,
 ) {
     let socket = Arc::new(socket);
-    let in_flight = super::PerAddress::default();
+    let in_flight = super::per_address(usize::MAX, QUERIES_PER_CLIENT);
     let mut buf = vec![0u8; 4096];
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
@@ -224,7 +224,7 @@ pub async fn serve(
         };
         let SocketAddr::V4(from4) = from else { continue };
         let client = *from4.ip();
-        let Some(slot) = in_flight.take(std::net::IpAddr::V4(client), QUERIES_PER_CLIENT) else { continue };
+        let Ok(slot) = in_flight.try_enter(std::net::IpAddr::V4(client)) else { continue };
         let (socket, lookup, is_client, query) =
             (Arc::clone(&socket), Arc::clone(&lookup), Arc::clone(&is_client), buf[..n].to_vec());
         tokio::spawn(async move {

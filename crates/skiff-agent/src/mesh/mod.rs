@@ -25,8 +25,9 @@ pub mod relay;
 
 use crate::join::Identity;
 use crate::{Agent, AgentError};
-use skiff_model::mesh::{answers_to, service_ports, Dial, Endpoint, MeshView, Service, DIAL_LINE_MAX};
+use skiff_model::mesh::{answers_to, Dial, Endpoint, MeshView, Service, DIAL_LINE_MAX};
 use skiff_model::{InstanceState, NetworkMode};
+use skiff_sys::connlimit::{ConnCounter, ConnLimits};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -89,10 +90,6 @@ struct Catalog {
     site: Option<String>,
 }
 
-fn reaches(c: &Caller, s: &Service) -> bool {
-    s.networks.iter().any(|n| c.networks.contains(n))
-}
-
 impl Catalog {
     /// The addresses `name` has for the instance at `caller`: as its `/etc/hosts` says
     /// (peers on this node sharing a network, any port), else a service's virtual
@@ -115,13 +112,13 @@ impl Catalog {
             return self
                 .entries
                 .values()
-                .filter(|e| reaches(c, &e.service) && answers_to(&e.service, &c.stack, service))
+                .filter(|e| e.service.shares_a_network(&c.networks) && answers_to(&e.service, &c.stack, service))
                 .flat_map(|e| e.local.iter().copied())
                 .collect();
         }
         self.entries
             .values()
-            .filter(|e| reaches(c, &e.service) && answers_to(&e.service, &c.stack, &q))
+            .filter(|e| e.service.shares_a_network(&c.networks) && answers_to(&e.service, &c.stack, &q))
             .map(|e| e.vip)
             .take(1)
             .collect()
@@ -168,31 +165,17 @@ impl Agent {
                 names.push(r.deployment.clone());
             }
             peers.push(Peer { names, ip, networks });
-            let serves = !stopping.contains(&r.container_id)
-                && match &serving {
-                    Some(s) => s.get(&r.deployment).is_some_and(|n| n.contains(&r.name)),
-                    None => r.ready_since_ms.is_some(),
-                };
+            // Before the loop first judged (just after a start): those ready by their row.
+            let serves = match &serving {
+                Some(s) => crate::publish::serves(s, &stopping, r),
+                None => !stopping.contains(&r.container_id) && r.ready_since_ms.is_some(),
+            };
             if serves {
                 local.entry(r.deployment.as_str()).or_default().push(ip);
             }
         }
-        let mut services: BTreeMap<String, Service> = BTreeMap::new();
-        for d in desired.iter().filter(|d| d.network == NetworkMode::Bridge) {
-            let ports = service_ports(d);
-            if ports.is_empty() {
-                continue;
-            }
-            let s = Service {
-                name: d.name.clone(),
-                stack: d.stack.clone(),
-                aliases: d.aliases.clone(),
-                networks: d.joined_networks(),
-                ports,
-                endpoints: vec![],
-            };
-            services.insert(d.name.clone(), s);
-        }
+        let mut services: BTreeMap<String, Service> =
+            desired.iter().filter_map(Service::of).map(|s| (s.name.clone(), s)).collect();
         for s in &view.services {
             match services.get_mut(&s.name) {
                 Some(mine) => mine.endpoints.clone_from(&s.endpoints),
@@ -232,8 +215,8 @@ pub struct Mesh {
     turn: AtomicUsize,
     /// Nodes whose direct path failed lately (tried again after a minute).
     unreachable: Mutex<HashMap<String, Instant>>,
-    /// Connections open per calling instance (and per peer address calling in).
-    calls: PerAddress,
+    /// Calls open per calling instance.
+    calls: ConnCounter,
 }
 
 /// How long a node whose direct path failed is reached through the relay only.
@@ -252,7 +235,7 @@ impl Mesh {
             catalog: Default::default(),
             turn: AtomicUsize::new(0),
             unreachable: Default::default(),
-            calls: Default::default(),
+            calls: per_address(usize::MAX, CALLS_PER_INSTANCE),
         }))
     }
 
@@ -377,7 +360,7 @@ impl Mesh {
         loop {
             match l.accept().await {
                 Ok((conn, peer)) => {
-                    let Some(taken) = self.calls.take(peer.ip(), CALLS_PER_INSTANCE) else {
+                    let Ok(taken) = self.calls.try_enter(peer.ip()) else {
                         debug!(%peer, "too many calls open; refused");
                         continue;
                     };
@@ -405,12 +388,11 @@ impl Mesh {
         let caller = c.callers.get(&from).ok_or("not an instance of this node")?;
         let name = c.by_vip.get(at.ip()).ok_or("no service at this address")?;
         let e = c.entries.get(name).ok_or("no service at this address")?;
-        if !reaches(caller, &e.service) {
+        if !e.service.shares_a_network(&caller.networks) {
             return Err(format!("{from} shares no network with {name}"));
         }
         let port = e.service.ports.iter().find(|p| p.port == at.port()).ok_or("not a port of the service")?;
-        if !e.local.is_empty() {
-            let ip = e.local[self.turn.fetch_add(1, Ordering::Relaxed) % e.local.len()];
+        if let Some(ip) = self.next_local(e) {
             let mut to = connect(SocketAddr::from((ip, port.target))).await?;
             return splice(&mut conn, &mut to).await;
         }
@@ -432,6 +414,12 @@ impl Mesh {
             }
         }
         self.relay(conn, name, at.port()).await
+    }
+
+    /// The next of this node's instances that serve `e` (round robin), if any.
+    fn next_local(&self, e: &Entry) -> Option<Ipv4Addr> {
+        let n = e.local.len();
+        (n > 0).then(|| e.local[self.turn.fetch_add(1, Ordering::Relaxed) % n])
     }
 
     fn reachable(&self, node: &str) -> bool {
@@ -493,7 +481,7 @@ impl Mesh {
     /// Direct connections from other nodes' agents.
     async fn inbound(self: Arc<Self>, l: tokio::net::TcpListener) {
         // Bounded: each holds a TLS session and a connection to an instance.
-        let slots = Arc::new(tokio::sync::Semaphore::new(1024));
+        let open = per_address(CONNS_FROM_PEERS, CONNS_PER_PEER);
         loop {
             let (tcp, peer) = match l.accept().await {
                 Ok(x) => x,
@@ -503,11 +491,10 @@ impl Mesh {
                     continue;
                 }
             };
-            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else { continue };
-            let Some(taken) = self.calls.take(peer.ip(), CONNS_PER_PEER) else { continue };
+            let Ok(taken) = open.try_enter(peer.ip()) else { continue };
             let m = Arc::clone(&self);
             tokio::spawn(async move {
-                let _permit = (permit, taken);
+                let _taken = taken;
                 if let Err(e) = m.serve_peer(tcp).await {
                     info!(%peer, "mesh: a direct connection refused: {e}");
                 }
@@ -544,11 +531,12 @@ impl Mesh {
             if !c.clients.get(&dial.service).is_some_and(|n| n.contains(&node)) {
                 return Err(format!("node {node} may not reach {}", dial.service));
             }
-            let e = c.entries.get(&dial.service).filter(|e| !e.local.is_empty());
-            let e = e.ok_or_else(|| format!("no instance of {} serves on this node", dial.service))?;
+            let e = c.entries.get(&dial.service);
+            let (e, ip) = e
+                .and_then(|e| Some((e, self.next_local(e)?)))
+                .ok_or_else(|| format!("no instance of {} serves on this node", dial.service))?;
             let p = e.service.ports.iter().find(|p| p.port == dial.port);
             let p = p.ok_or_else(|| format!("{} has no port {}", dial.service, dial.port))?;
-            let ip = e.local[self.turn.fetch_add(1, Ordering::Relaxed) % e.local.len()];
             Ok(SocketAddr::from((ip, p.target)))
         })();
         let mut to = match target {
@@ -568,43 +556,17 @@ impl Mesh {
     }
 }
 
-/// Connections (or queries) in flight per address, bounded: one instance or one peer
-/// cannot take all of the agent's descriptors.
-#[derive(Default, Clone)]
-pub(crate) struct PerAddress(Arc<Mutex<HashMap<IpAddr, usize>>>);
-
-/// One of an address's connections, given back when dropped.
-pub(crate) struct Taken(PerAddress, IpAddr);
-
-impl PerAddress {
-    pub(crate) fn take(&self, a: IpAddr, max: usize) -> Option<Taken> {
-        let mut m = self.0.lock().ok()?;
-        let n = m.entry(a).or_default();
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(Taken(self.clone(), a))
-    }
-}
-
-impl Drop for Taken {
-    fn drop(&mut self) {
-        if let Ok(mut m) = (self.0).0.lock() {
-            if let Some(n) = m.get_mut(&self.1) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    m.remove(&self.1);
-                }
-            }
-        }
-    }
-}
-
 /// Calls one instance may have open through the mesh, and direct connections one peer
-/// address may hold.
+/// address may hold (1,024 in all): one instance or peer cannot take all of the agent's
+/// descriptors.
 const CALLS_PER_INSTANCE: usize = 256;
 const CONNS_PER_PEER: usize = 256;
+const CONNS_FROM_PEERS: usize = 1024;
+
+/// At most `per_ip` open from one address (and `total` in all).
+pub(crate) fn per_address(total: usize, per_ip: usize) -> ConnCounter {
+    ConnCounter::new(ConnLimits { total, per_ip, rate_per_ip: None })
+}
 
 /// Why a direct connection to another node's agent was not made.
 enum Dialed {

@@ -8,7 +8,7 @@
 //! what its own workloads could reach on one machine.
 
 use super::{internal, Fleet, FleetError};
-use skiff_model::mesh::{by_locality, service_ports, Endpoint, MeshView, Service};
+use skiff_model::mesh::{by_locality, Endpoint, MeshView, Service};
 use skiff_model::{Health, InstanceState, InstanceStatus, NetworkMode};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -69,26 +69,13 @@ impl Fleet {
             let nets = t.nets.entry(node.clone()).or_default();
             for d in bridge {
                 nets.extend(d.spec.joined_networks());
-                let ports = service_ports(&d.spec);
-                if ports.is_empty() {
-                    continue;
-                }
+                let Some(service) = Service::of(&d.spec) else { continue };
                 let reported: Vec<&InstanceStatus> = statuses
                     .get(node)
                     .map(|v| v.iter().filter(|i| i.deployment == d.spec.name).collect())
                     .unwrap_or_default();
                 let ready = reported.iter().filter(|i| serves(i)).count() as u32;
-                let (_, eps) = t.services.entry(d.spec.name.clone()).or_insert_with(|| {
-                    let s = Service {
-                        name: d.spec.name.clone(),
-                        stack: d.spec.stack.clone(),
-                        aliases: d.spec.aliases.clone(),
-                        networks: d.spec.joined_networks(),
-                        ports,
-                        endpoints: vec![],
-                    };
-                    (s, BTreeMap::new())
-                });
+                let (_, eps) = t.services.entry(d.spec.name.clone()).or_insert_with(|| (service, BTreeMap::new()));
                 eps.insert(
                     node.clone(),
                     Endpoint {
@@ -115,10 +102,9 @@ impl Fleet {
         let t = self.mesh_table()?;
         let empty = BTreeSet::new();
         let mine = t.nets.get(node).unwrap_or(&empty);
-        let shares = |nets: &BTreeSet<String>, s: &Service| s.networks.iter().any(|n| nets.contains(n));
         let mut view = MeshView { site: t.sites.get(node).cloned(), ..Default::default() };
         for (name, (s, eps)) in &t.services {
-            if shares(mine, s) {
+            if s.shares_a_network(mine) {
                 let mut s = s.clone();
                 s.endpoints = eps.values().filter(|e| e.node != node).cloned().collect();
                 view.services.push(s);
@@ -127,7 +113,7 @@ impl Fleet {
                 let callers: BTreeSet<String> = t
                     .nets
                     .iter()
-                    .filter(|(n, nets)| n.as_str() != node && shares(nets, s))
+                    .filter(|(n, nets)| n.as_str() != node && s.shares_a_network(nets))
                     .map(|(n, _)| n.clone())
                     .collect();
                 view.clients.insert(name.clone(), callers);
