@@ -204,7 +204,21 @@ impl Agent {
                 out.push_str(&format!("{ip}\t{} {service}\n", r.name).replace(" \n", "\n"));
             }
         }
+        out.push_str(&self.extra_hosts(spec));
         Ok(out)
+    }
+
+    /// `/etc/hosts` lines of the deployment's `extra_hosts`, `host-gateway` being the node
+    /// as its bridge's instances reach it.
+    pub(crate) fn extra_hosts(&self, d: &Deployment) -> String {
+        let gateway = self.bridge.subnet.gateway().to_string();
+        d.extra_hosts
+            .iter()
+            .map(|h| {
+                let ip = if h.ip == skiff_model::options::HOST_GATEWAY { &gateway } else { &h.ip };
+                format!("{ip}\t{}\n", h.host)
+            })
+            .collect()
     }
 
     pub(crate) async fn sync_hosts_and_ports(self: &Arc<Self>) -> Result<(), AgentError> {

@@ -247,7 +247,7 @@ impl Agent {
             info.layers.iter().map(|l| self.images.layer_dir(&l.diff_id)).collect::<Result<Vec<_>, _>>()?;
         let volumes = self.volumes(&r.spec)?;
         let hosts = if r.spec.network == NetworkMode::Host {
-            std::fs::read_to_string("/etc/hosts").unwrap_or_default()
+            std::fs::read_to_string("/etc/hosts").unwrap_or_default() + &self.extra_hosts(&r.spec)
         } else {
             self.hosts_for(&r.spec, &r.name, ip)?
         };
@@ -263,6 +263,7 @@ impl Agent {
             resolv_conf: resolv_conf(
                 r.spec.network,
                 Some(self.bridge.subnet.gateway()).filter(|_| self.dns && r.spec.network == NetworkMode::Bridge),
+                &r.spec.dns,
             ),
             volumes,
             wasm,
@@ -336,10 +337,12 @@ impl Agent {
 
 /// The host's resolv.conf without loopback name servers, which a container's own
 /// network namespace cannot reach; with the node's DNS (`dns`, on the bridge), that
-/// alone as the name server (it forwards what is not the fleet's to the host's).
-fn resolv_conf(network: NetworkMode, dns: Option<std::net::Ipv4Addr>) -> String {
+/// alone as the name server (it forwards what is not the fleet's to the host's, or to the
+/// deployment's own servers). The deployment's servers, search domains and options
+/// replace the host's.
+fn resolv_conf(network: NetworkMode, dns: Option<std::net::Ipv4Addr>, own: &skiff_model::options::DnsConfig) -> String {
     let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    if network == NetworkMode::Host {
+    if network == NetworkMode::Host && own.is_default() {
         return host;
     }
     let mut out: String = host
@@ -347,15 +350,24 @@ fn resolv_conf(network: NetworkMode, dns: Option<std::net::Ipv4Addr>) -> String 
         .filter(|l| {
             let mut it = l.split_whitespace();
             match (it.next(), it.next()) {
-                (Some("nameserver"), _) if dns.is_some() => false,
-                (Some("nameserver"), Some(a)) => !(a.starts_with("127.") || a == "::1"),
+                (Some("nameserver"), _) if dns.is_some() || !own.servers.is_empty() => false,
+                (Some("nameserver"), Some(a)) => network == NetworkMode::Host || !(a.starts_with("127.") || a == "::1"),
+                (Some("search" | "domain"), _) if !own.search.is_empty() => false,
+                (Some("options"), _) if !own.options.is_empty() => false,
                 _ => true,
             }
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    if let Some(ip) = dns {
-        out.push_str(&format!("nameserver {ip}\n"));
+    match dns {
+        Some(ip) => out.push_str(&format!("nameserver {ip}\n")),
+        None => own.servers.iter().for_each(|s| out.push_str(&format!("nameserver {s}\n"))),
+    }
+    if !own.search.is_empty() {
+        out.push_str(&format!("search {}\n", own.search.join(" ")));
+    }
+    if !own.options.is_empty() {
+        out.push_str(&format!("options {}\n", own.options.join(" ")));
     }
     out
 }

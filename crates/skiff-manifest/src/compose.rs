@@ -785,6 +785,14 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
             // Handled before: the service runs only with an active profile.
             "profiles" => {}
             "stop_grace_period" => d.stop_grace_period_ms = duration(v, &path)?,
+            "sysctls" => key_values(cx, v, &path, &mut d.sysctls)?,
+            "ulimits" => d.ulimits = ulimits(v, &path)?,
+            "shm_size" => d.shm_size_bytes = Some(bytes(v, &path)?),
+            "init" => d.init = bool_of(v, &path)?,
+            "extra_hosts" => d.extra_hosts = extra_hosts(v, &path)?,
+            "dns" => d.dns.servers = one_or_many(v, &path)?,
+            "dns_search" => d.dns.search = one_or_many(v, &path)?,
+            "dns_opt" => d.dns.options = list_of_strings(v, &path)?,
             "x-skiff-autoscale" => d.autoscale = Some(crate::hpa::spec(v, &path)?),
             "x-skiff-signature" => d.signature = Some(signature(cx, v, &path)?),
             "runtime" | "x-skiff-runtime" => d.runtime = crate::runtime_named(&str_of(v, &path)?, &path)?,
@@ -875,6 +883,70 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
     }
     d.validate().map_err(|e| ManifestError::at(format!("{base}.{}", e.field), e.problem))?;
     Ok(d)
+}
+
+/// A string or a list of strings (`dns: 8.8.8.8`, `dns: [8.8.8.8, 9.9.9.9]`).
+fn one_or_many(v: &Value, path: &str) -> R<Vec<String>> {
+    match v {
+        Value::Sequence(_) => list_of_strings(v, path),
+        other => Ok(vec![str_of(other, path)?]),
+    }
+}
+
+/// `ulimits: {nproc: 65535, nofile: {soft: 20000, hard: 40000}}`.
+fn ulimits(v: &Value, path: &str) -> R<BTreeMap<String, skiff_model::options::Ulimit>> {
+    let value = |x: &Value, p: &str| -> R<u64> {
+        let text = scalar(x).ok_or_else(|| ManifestError::at(p, "must be a number"))?;
+        skiff_model::options::Ulimit::value(&text).map_err(|e| ManifestError::at(p, e))
+    };
+    let mut out = BTreeMap::new();
+    for (k, x) in mapping(v, path)? {
+        let name = key_str(k, path)?;
+        let p = format!("{path}.{name}");
+        let u = match x {
+            Value::Mapping(m) => {
+                let get = |key: &str| {
+                    m.get(key)
+                        .map(|y| value(y, &format!("{p}.{key}")))
+                        .transpose()?
+                        .ok_or_else(|| ManifestError::at(&p, format!("needs {key}")))
+                };
+                skiff_model::options::Ulimit { soft: get("soft")?, hard: get("hard")? }
+            }
+            other => {
+                let n = value(other, &p)?;
+                skiff_model::options::Ulimit { soft: n, hard: n }
+            }
+        };
+        out.insert(name, u);
+    }
+    Ok(out)
+}
+
+/// `extra_hosts`: a list of `HOST:IP` / `HOST=IP`, or a mapping of host to address (or a
+/// list of addresses).
+fn extra_hosts(v: &Value, path: &str) -> R<Vec<skiff_model::options::ExtraHost>> {
+    use skiff_model::options::ExtraHost;
+    match v {
+        Value::Sequence(_) => list_of_strings(v, path)?
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ExtraHost::parse(s).map_err(|e| ManifestError::at(format!("{path}[{i}]"), e)))
+            .collect(),
+        Value::Mapping(m) => {
+            let mut out = vec![];
+            for (k, x) in m {
+                let host = key_str(k, path)?;
+                let p = format!("{path}.{host}");
+                for ip in one_or_many(x, &p)? {
+                    let ip = ip.trim_start_matches('[').trim_end_matches(']').to_string();
+                    out.push(ExtraHost { host: host.clone(), ip });
+                }
+            }
+            Ok(out)
+        }
+        _ => Err(ManifestError::at(path, "must be a list of HOST:IP or a mapping")),
+    }
 }
 
 fn port(v: &Value, path: &str) -> R<PortMapping> {

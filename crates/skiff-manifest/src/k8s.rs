@@ -331,7 +331,16 @@ fn workload(v: &Value, kind: &str, name: &str, stack: &str, path: &str, warnings
     let pp = format!("{path}.spec.template.spec");
     unknown(
         pod,
-        &["containers", "nodeSelector", "restartPolicy", "terminationGracePeriodSeconds", "runtimeClassName"],
+        &[
+            "containers",
+            "nodeSelector",
+            "restartPolicy",
+            "terminationGracePeriodSeconds",
+            "runtimeClassName",
+            "hostAliases",
+            "dnsConfig",
+            "securityContext",
+        ],
         &pp,
         warnings,
     );
@@ -470,6 +479,7 @@ fn workload(v: &Value, kind: &str, name: &str, stack: &str, path: &str, warnings
             }
         }
     }
+    pod_options(&mut d, pod, &pp, warnings)?;
     if let Some(ns) = get(pod, "nodeSelector") {
         d.placement.node_selector = map_of_strings(ns, &format!("{pp}.nodeSelector"))?;
     }
@@ -551,9 +561,89 @@ fn strategy(d: &mut Deployment, spec: &Value, path: &str, warnings: &mut Vec<Str
     Ok(())
 }
 
+/// A pod's `hostAliases` (lines of /etc/hosts), `dnsConfig` (its own name servers, search
+/// domains and options) and `securityContext.sysctls`.
+fn pod_options(d: &mut Deployment, pod: &Value, pp: &str, warnings: &mut Vec<String>) -> R<()> {
+    if let Some(Value::Sequence(aliases)) = get(pod, "hostAliases") {
+        for (i, a) in aliases.iter().enumerate() {
+            let ap = format!("{pp}.hostAliases[{i}]");
+            unknown(a, &["ip", "hostnames"], &ap, warnings);
+            let ip = get(a, "ip").map(|x| string(x, &format!("{ap}.ip"))).transpose()?.unwrap_or_default();
+            let names = get(a, "hostnames").map(|h| strings(h, &format!("{ap}.hostnames"))).transpose()?;
+            for host in names.unwrap_or_default() {
+                d.extra_hosts.push(skiff_model::options::ExtraHost { host, ip: ip.clone() });
+            }
+        }
+    }
+    if let Some(dc) = get(pod, "dnsConfig") {
+        let dp = format!("{pp}.dnsConfig");
+        unknown(dc, &["nameservers", "searches", "options"], &dp, warnings);
+        if let Some(n) = get(dc, "nameservers") {
+            d.dns.servers = strings(n, &format!("{dp}.nameservers"))?;
+        }
+        if let Some(sv) = get(dc, "searches") {
+            d.dns.search = strings(sv, &format!("{dp}.searches"))?;
+        }
+        if let Some(Value::Sequence(opts)) = get(dc, "options") {
+            for (i, o) in opts.iter().enumerate() {
+                let op = format!("{dp}.options[{i}]");
+                let name = get(o, "name").map(|x| string(x, &format!("{op}.name"))).transpose()?.unwrap_or_default();
+                match get(o, "value").map(|x| string(x, &format!("{op}.value"))).transpose()? {
+                    Some(v) => d.dns.options.push(format!("{name}:{v}")),
+                    None => d.dns.options.push(name),
+                }
+            }
+        }
+    }
+    if let Some(sc) = get(pod, "securityContext") {
+        let sp = format!("{pp}.securityContext");
+        unknown(sc, &["sysctls"], &sp, warnings);
+        if let Some(Value::Sequence(list)) = get(sc, "sysctls") {
+            for (i, x) in list.iter().enumerate() {
+                let xp = format!("{sp}.sysctls[{i}]");
+                let name = get(x, "name")
+                    .map(|n| string(n, &format!("{xp}.name")))
+                    .transpose()?
+                    .ok_or_else(|| ManifestError::at(format!("{xp}.name"), "is required"))?;
+                let value = get(x, "value").map(|v| string(v, &format!("{xp}.value"))).transpose()?.unwrap_or_default();
+                d.sysctls.insert(name, value);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_aliases_dns_config_and_sysctls_map_over() {
+        let m = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      hostAliases: [{ip: 10.1.2.3, hostnames: [foo.local, bar.local]}]
+      dnsConfig:
+        nameservers: [1.2.3.4]
+        searches: [ns1.svc.cluster-domain.example]
+        options: [{name: ndots, value: "2"}, {name: edns0}]
+      securityContext: {sysctls: [{name: net.ipv4.ip_local_port_range, value: "32768 60999"}]}
+      containers: [{name: web, image: web}]
+"#;
+        let i = import_k8s(m, "default").unwrap();
+        let d = &i.deployments[0];
+        assert_eq!(d.extra_hosts.len(), 2);
+        assert_eq!((d.extra_hosts[1].host.as_str(), d.extra_hosts[1].ip.as_str()), ("bar.local", "10.1.2.3"));
+        assert_eq!(d.dns.servers, ["1.2.3.4"]);
+        assert_eq!(d.dns.options, ["ndots:2", "edns0"]);
+        assert_eq!(d.sysctls["net.ipv4.ip_local_port_range"], "32768 60999");
+        assert!(i.warnings.is_empty(), "{:?}", i.warnings);
+    }
 
     const APP: &str = r#"
 apiVersion: apps/v1

@@ -609,3 +609,56 @@ fn logging_options_rotate_the_log_files() {
     let e = err("services:\n  web:\n    image: x\n    logging:\n      options:\n        max-file: \"3\"\n");
     assert!(e.contains("services.web.logging.max_files: needs max-size"), "{e}");
 }
+
+#[test]
+fn sysctls_ulimits_shm_init_extra_hosts_and_dns() {
+    let c = import(
+        r#"
+services:
+  web:
+    image: web
+    sysctls: [net.core.somaxconn=1024]
+    ulimits: {nproc: 65535, nofile: {soft: 20000, hard: 40000}, memlock: -1}
+    shm_size: 256m
+    init: true
+    extra_hosts: ["db:10.0.0.5", "gw=host-gateway", "v6:[fe80::1]"]
+    dns: 9.9.9.9
+    dns_search: [corp.example, example]
+    dns_opt: [ndots:2]
+  other:
+    image: web
+    extra_hosts: {db: 10.0.0.6, twice: [10.0.0.7, 10.0.0.8]}
+    dns: [1.1.1.1, 8.8.8.8]
+"#,
+    )
+    .unwrap();
+    let web = &c.deployments[0];
+    assert_eq!(web.sysctls["net.core.somaxconn"], "1024");
+    assert_eq!(web.ulimits["nproc"], skiff_model::options::Ulimit { soft: 65535, hard: 65535 });
+    assert_eq!(web.ulimits["nofile"], skiff_model::options::Ulimit { soft: 20000, hard: 40000 });
+    assert_eq!(web.ulimits["memlock"].hard, u64::MAX);
+    assert_eq!(web.shm_size_bytes, Some(256 << 20));
+    assert!(web.init);
+    let hosts: Vec<(&str, &str)> = web.extra_hosts.iter().map(|h| (h.host.as_str(), h.ip.as_str())).collect();
+    assert_eq!(hosts, [("db", "10.0.0.5"), ("gw", "host-gateway"), ("v6", "fe80::1")]);
+    assert_eq!(web.dns.servers, ["9.9.9.9"]);
+    assert_eq!(web.dns.search, ["corp.example", "example"]);
+    assert_eq!(web.dns.options, ["ndots:2"]);
+    let other = &c.deployments[1];
+    assert_eq!(other.extra_hosts.len(), 3);
+    assert_eq!(other.dns.servers, ["1.1.1.1", "8.8.8.8"]);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+    for (yaml, says) in [
+        ("services: {a: {image: x, sysctls: {kernel.hostname: x}}}", "services.a.sysctls.kernel.hostname"),
+        ("services: {a: {image: x, network_mode: host, sysctls: {net.core.somaxconn: 1}}}", "network of its own"),
+        ("services: {a: {image: x, ulimits: {nofile: {soft: 2}}}}", "services.a.ulimits.nofile: needs hard"),
+        ("services: {a: {image: x, ulimits: {nofile: lots}}}", "services.a.ulimits.nofile"),
+        ("services: {a: {image: x, extra_hosts: [nohost]}}", "services.a.extra_hosts[0]"),
+        ("services: {a: {image: x, dns: [dns.example]}}", "services.a.dns.servers[0]"),
+        ("services: {a: {image: x, shm_size: 1}}", "services.a.shm_size"),
+    ] {
+        let e = err(yaml);
+        assert!(e.contains(says), "{yaml}: {e}");
+    }
+}

@@ -10,6 +10,7 @@ pub mod api;
 pub mod autoscale;
 pub mod mesh;
 pub mod metrics;
+pub mod options;
 pub mod platform;
 pub mod proto;
 pub mod quantity;

@@ -107,6 +107,28 @@ pub struct Deployment {
     /// How its instances' log files are kept (Docker's json-file `max-size`/`max-file`).
     #[serde(default, skip_serializing_if = "LogOptions::is_default")]
     pub logging: LogOptions,
+    /// Kernel parameters of its own namespaces (`--sysctl`, compose `sysctls`, a pod's
+    /// `securityContext.sysctls`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sysctls: BTreeMap<String, String>,
+    /// Process limits by Docker's names (`nofile`, `nproc`, ...; `--ulimit`, compose `ulimits`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ulimits: BTreeMap<String, crate::options::Ulimit>,
+    /// The size of `/dev/shm` (Docker's default is 64 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size_bytes: Option<u64>,
+    /// A small init runs as its process 1: it forwards signals to the command and reaps
+    /// the zombies of its orphans (`--init`, compose `init`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init: bool,
+    /// Lines of `/etc/hosts` beside its own (`--add-host`, compose `extra_hosts`, a pod's
+    /// `hostAliases`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_hosts: Vec<crate::options::ExtraHost>,
+    /// Its own name servers, search domains and resolver options (`--dns*`, compose
+    /// `dns*`, a pod's `dnsConfig`).
+    #[serde(default, skip_serializing_if = "crate::options::DnsConfig::is_default")]
+    pub dns: crate::options::DnsConfig,
 }
 
 /// A deployment's log files: each instance's is rotated at `max_size_bytes`, and
@@ -350,6 +372,12 @@ impl Deployment {
             runtime: RuntimeKind::default(),
             wasm: WasmOptions::default(),
             logging: LogOptions::default(),
+            sysctls: BTreeMap::new(),
+            ulimits: BTreeMap::new(),
+            shm_size_bytes: None,
+            init: false,
+            extra_hosts: vec![],
+            dns: Default::default(),
         }
     }
 

@@ -428,6 +428,14 @@ impl Deployment {
         for (i, r) in self.device_requests.iter().enumerate() {
             r.check().map_err(|e| ValidationError::new(format!("device_requests[{i}]"), e))?;
         }
+        crate::options::check(
+            &self.sysctls,
+            &self.ulimits,
+            self.shm_size_bytes,
+            &self.extra_hosts,
+            &self.dns,
+            self.network != crate::NetworkMode::Host,
+        )?;
         self.validate_runtime()
     }
 
@@ -467,6 +475,10 @@ impl Deployment {
             ("stdin_open", self.stdin_open),
             ("resources.cpu_shares", self.resources.cpu_shares.is_some()),
             ("resources.pids", self.resources.pids_limit.is_some()),
+            ("sysctls", !self.sysctls.is_empty()),
+            ("ulimits", !self.ulimits.is_empty()),
+            ("shm_size", self.shm_size_bytes.is_some()),
+            ("init", self.init),
         ];
         if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
             return Err(ValidationError::new(*field, "is not supported by the wasm runtime"));

@@ -181,6 +181,7 @@ impl Runtime for OciRuntime {
                 cdi_devices: &req.cdi_devices,
                 cdi_edits: &req.cdi_edits,
                 seccomp_audit: req.seccomp_audit.clone(),
+                init: if req.deployment.init { Some(init_binary(&req.id)?) } else { None },
             })?;
             let p = dir.join("config.json");
             fs::write(&p, serde_json::to_vec_pretty(&spec).unwrap_or_default()).map_err(io("write", &p))?;
@@ -348,4 +349,20 @@ impl Runtime for OciRuntime {
         }
         ids
     }
+}
+
+/// The binary an instance's init runs from: this one (see `skiff_sys::init`) when it is
+/// built static, as released, so it runs in any image; else a static init of the host's
+/// (Debian's `tini`).
+fn init_binary(id: &str) -> Result<PathBuf, RuntimeError> {
+    let exe = std::env::current_exe().ok().filter(|e| skiff_sys::init::is_static_elf(e));
+    exe.or_else(|| skiff_sys::init::HOST_INITS.iter().map(PathBuf::from).find(|p| skiff_sys::init::is_static_elf(p)))
+        .ok_or_else(|| RuntimeError::Unsupported {
+            id: id.to_string(),
+            what: format!(
+                "init: this skiff binary is dynamically linked (it cannot run inside an image) and no static init \
+             is installed ({})",
+                skiff_sys::init::HOST_INITS.join(", ")
+            ),
+        })
 }

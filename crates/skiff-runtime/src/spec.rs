@@ -150,6 +150,9 @@ pub struct SpecInput<'a> {
     pub cdi_edits: &'a [(String, crate::cdi::ContainerEdits)],
     /// What the seccomp filter reports to the audit log (the threat detector's).
     pub seccomp_audit: crate::seccomp::Audit,
+    /// The host's init binary, mounted at [`skiff_sys::init::PATH`] as process 1 when the
+    /// deployment asks for an init.
+    pub init: Option<PathBuf>,
 }
 
 /// The spec annotation naming the CDI devices an instance holds (comma-separated): how the
@@ -279,7 +282,7 @@ pub fn resolve_user(spec: Option<&str>, rootfs: &Path) -> Result<(u32, u32), Spe
 pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
     let d = input.deployment;
     let img = input.image;
-    let args = argv(d, img)?;
+    let mut args = argv(d, img)?;
     let (uid, gid) = resolve_user(d.user.as_deref().or(img.user.as_deref()), input.rootfs)?;
     let cwd = d
         .working_dir
@@ -287,12 +290,13 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         .or_else(|| img.working_dir.clone().filter(|w| !w.is_empty()))
         .unwrap_or_else(|| "/".into());
     let caps = capabilities(&d.cap_add, &d.cap_drop);
+    let shm_size = format!("size={}", d.shm_size_bytes.map(|b| b.div_ceil(1024)).unwrap_or(65536)) + "k";
 
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
         json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
-        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", shm_size]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
         json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
@@ -306,6 +310,14 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
             opts.push("ro");
         }
         mounts.push(json!({"destination": dst, "type": "bind", "source": src, "options": opts}));
+    }
+    match (&input.init, d.init) {
+        (Some(init), true) => {
+            mounts.push(json!({"destination": skiff_sys::init::PATH, "type": "bind", "source": init, "options": ["rbind", "rprivate", "ro"]}));
+            args.splice(0..0, [skiff_sys::init::PATH.to_string(), "--".to_string()]);
+        }
+        (None, true) => return Err(SpecError::Invalid("init: no init binary to mount".into())),
+        _ => {}
     }
     for t in &d.tmpfs {
         let mut opts = vec!["nosuid".to_string(), "nodev".to_string(), format!("mode={:o}", t.mode.unwrap_or(0o1777))];
@@ -390,6 +402,17 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
             "seccomp": crate::seccomp::profile(&caps, input.seccomp_audit.clone()),
         },
     });
+    if !d.sysctls.is_empty() {
+        spec["linux"]["sysctl"] = json!(d.sysctls);
+    }
+    if !d.ulimits.is_empty() {
+        let rlimits: Vec<Value> = d
+            .ulimits
+            .iter()
+            .map(|(name, u)| json!({"type": skiff_model::options::Ulimit::resource(name), "soft": u.soft, "hard": u.hard}))
+            .collect();
+        spec["process"]["rlimits"] = json!(rlimits);
+    }
     if !input.cdi_devices.is_empty() {
         spec["annotations"] = json!({CDI_ANNOTATION: input.cdi_devices.join(",")});
     }
@@ -433,7 +456,45 @@ mod tests {
             cdi_devices: &[],
             cdi_edits: &[],
             seccomp_audit: Default::default(),
+            init: None,
         }
+    }
+
+    #[test]
+    fn sysctls_ulimits_shm_and_init_reach_the_spec() {
+        let t = tempfile::tempdir().unwrap();
+        let mut d = Deployment::new("web", "img");
+        d.command = Some(vec!["serve".into(), "-v".into()]);
+        d.sysctls = BTreeMap::from([("net.core.somaxconn".to_string(), "1024".to_string())]);
+        d.ulimits = BTreeMap::from([
+            ("nofile".to_string(), skiff_model::options::Ulimit { soft: 1024, hard: 2048 }),
+            ("core".to_string(), skiff_model::options::Ulimit { soft: u64::MAX, hard: u64::MAX }),
+        ]);
+        d.shm_size_bytes = Some(256 << 20);
+        d.init = true;
+        let img = ImageConfig::default();
+        // Without an init binary to mount, asking for one is an error, not a silent skip.
+        assert!(generate(&input(&d, &img, t.path())).is_err());
+        let s = generate(&SpecInput { init: Some("/usr/bin/skiff".into()), ..input(&d, &img, t.path()) }).unwrap();
+        assert_eq!(s["linux"]["sysctl"], json!({"net.core.somaxconn": "1024"}));
+        assert_eq!(
+            s["process"]["rlimits"],
+            json!([
+                {"type": "RLIMIT_CORE", "soft": u64::MAX, "hard": u64::MAX},
+                {"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 2048},
+            ])
+        );
+        let mounts = s["mounts"].as_array().unwrap();
+        let at = |dst: &str| mounts.iter().find(|m| m["destination"] == dst).cloned().unwrap();
+        assert!(at("/dev/shm")["options"].as_array().unwrap().contains(&json!("size=262144k")));
+        assert_eq!(at("/sbin/docker-init")["source"], "/usr/bin/skiff");
+        assert_eq!(s["process"]["args"], json!(["/sbin/docker-init", "--", "serve", "-v"]));
+        d.init = false;
+        d.shm_size_bytes = None;
+        let s = generate(&input(&d, &img, t.path())).unwrap();
+        assert_eq!(s["process"]["args"], json!(["serve", "-v"]));
+        let mounts = s["mounts"].as_array().unwrap();
+        assert!(mounts.iter().any(|m| m["destination"] == "/dev/shm" && m["options"][4] == "size=65536k"));
     }
 
     #[test]

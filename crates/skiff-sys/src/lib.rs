@@ -11,6 +11,7 @@
 pub mod connlimit;
 pub mod crash;
 pub mod durable;
+pub mod init;
 pub mod inroot;
 pub mod kept;
 pub mod notify;

@@ -84,11 +84,15 @@ pub(crate) fn role_died<T: RoleOutcome>(role: &str, r: Result<T, tokio::task::Jo
 }
 
 fn main() {
+    // A container's process 1 (`--init`): the binary mounted as /sbin/docker-init.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.first().is_some_and(|a| skiff_sys::init::is_init(a)) {
+        std::process::exit(skiff_sys::init::main(&args[1..]));
+    }
     // Before any thread: no child (a shim, runc) may answer systemd for this service.
     skiff_sys::notify::take_from_env();
     // The shim runs once per container for the container's whole life: enter it before
     // building the CLI parser so it touches as little of the binary as it can.
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.len() == 4 && args[1] == "shim" && args[2] == "--spare" {
         std::process::exit(skiff_runtime::wasm::spare_main(std::path::Path::new(&args[3])));
     }

@@ -350,6 +350,154 @@ fn volumes_read_only_rootfs_and_network_modes() -> R {
     Ok(())
 }
 
+/// skiff's own init (what a released, static binary mounts as /sbin/docker-init), run on
+/// the host: the command's exit code, signals passed on, orphans reaped.
+#[test]
+fn skiffs_own_init_passes_signals_and_exit_codes_and_reaps_orphans() -> R {
+    use std::os::unix::process::CommandExt;
+    let init = || {
+        let mut c = std::process::Command::new(common::bin());
+        c.arg0("docker-init");
+        c
+    };
+    assert_eq!(init().args(["--", "sh", "-c", "exit 7"]).status()?.code(), Some(7));
+    assert_eq!(init().args(["/no/such/program"]).status()?.code(), Some(127));
+    assert_eq!(init().status()?.code(), Some(2), "no command");
+    // An orphan (the subshell's `sleep 1`) comes to the init, which reaps it: no zombie
+    // among its children by the time the command ends.
+    let mut c = init()
+        .args(["--", "sh", "-c", "(sleep 1 &); sleep 3; cat /proc/$PPID/task/$PPID/children"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = c.id();
+    std::thread::sleep(2 * SEC);
+    let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))?;
+    for kid in kids.split_whitespace() {
+        let stat = std::fs::read_to_string(format!("/proc/{kid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next()).unwrap_or_default();
+        assert_ne!(state, Some('Z'), "a zombie under the init: {stat}");
+    }
+    assert!(c.wait()?.success());
+    // SIGTERM to the init reaches the command (which ends by it: 128 + 15).
+    let mut c = init().args(["--", "sleep", "100"]).spawn()?;
+    std::thread::sleep(SEC / 2);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+    assert_eq!(c.wait()?.code(), Some(143));
+    Ok(())
+}
+
+/// Processes of an instance in the zombie state (from inside it).
+fn zombies(n: &Node, instance: &str) -> anyhow::Result<usize> {
+    let stats = n.ok(&["exec", instance, "--", "sh", "-c", "cat /proc/[0-9]*/stat 2>/dev/null"])?;
+    // `PID (COMM) STATE ...`: the state follows the command's closing parenthesis.
+    Ok(stats.lines().filter(|l| l.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'))).count())
+}
+
+#[test]
+fn sysctls_ulimits_shm_init_hosts_and_dns_reach_the_container() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.up(None)?;
+    // An orphan (the subshell's `sleep 1`) is left to process 1 to reap: the init does;
+    // `sleep` as process 1 (no init) never does, and its zombie stays.
+    let orphan = "(sleep 1 &); exec sleep 1000";
+    let file = n.write(
+        "opts.yaml",
+        &format!(
+            r#"services:
+  tuned:
+    image: {IMAGE}
+    command: [sh, -c, "{orphan}"]
+    init: true
+    sysctls: {{net.core.somaxconn: "1024"}}
+    ulimits: {{nofile: {{soft: 1000, hard: 2000}}, core: 0}}
+    shm_size: 128m
+    extra_hosts: ["db.example:10.1.2.3", "host.docker.internal=host-gateway"]
+    dns_search: corp.example
+    dns_opt: ["ndots:2"]
+  plain:
+    image: {IMAGE}
+    command: [sh, -c, "{orphan}"]
+    stop_grace_period: 2s
+"#
+        ),
+    )?;
+    n.ok(&["apply", "-f", &file.to_string_lossy()])?;
+    n.wait_running("tuned-1")?;
+    n.wait_running("plain-1")?;
+    let read = |path: &str| n.ok(&["exec", "tuned-1", "--", "cat", path]);
+    assert_eq!(read("/proc/sys/net/core/somaxconn")?.trim(), "1024");
+    assert_eq!(n.ok(&["exec", "plain-1", "--", "cat", "/proc/sys/net/core/somaxconn"])?.trim(), "4096", "own netns");
+    let limits = n.ok(&["exec", "tuned-1", "--", "sh", "-c", "ulimit -Sn; ulimit -Hn; ulimit -c"])?;
+    assert_eq!(limits.split_whitespace().collect::<Vec<_>>(), ["1000", "2000", "0"], "{limits}");
+    let mounts = read("/proc/mounts")?;
+    let shm = mounts.lines().find(|l| l.split_whitespace().nth(1) == Some("/dev/shm")).unwrap_or_default();
+    assert!(shm.contains("size=131072k"), "{mounts}");
+    assert!(read("/proc/1/cmdline")?.starts_with("/sbin/docker-init\0--\0sh\0"), "the init is process 1");
+    let hosts = read("/etc/hosts")?;
+    assert!(hosts.contains("10.1.2.3\tdb.example\n"), "{hosts}");
+    let gateway = n.ok(&["exec", "tuned-1", "--", "sh", "-c", "ip route | awk '/default/ {print $3}'"])?;
+    assert!(hosts.contains(&format!("{}\thost.docker.internal\n", gateway.trim())), "{hosts} / {gateway}");
+    let resolv = read("/etc/resolv.conf")?;
+    assert!(resolv.contains("search corp.example\n") && resolv.contains("options ndots:2\n"), "{resolv}");
+    // The orphan's zombie: reaped under the init, kept without one.
+    wait_for(30 * SEC, "the orphan's end", || (zombies(&n, "plain-1").ok()? == 1).then_some(()))?;
+    assert_eq!(zombies(&n, "tuned-1")?, 0, "the init reaps orphans");
+    // The init passes SIGTERM on (the command ends by it: 128 + 15); `sleep` as process 1
+    // ignores it and is killed after its grace period (137).
+    n.ok(&["stop", "tuned-1"])?;
+    n.ok(&["stop", "plain-1"])?;
+    let code = |name: &str| {
+        n.wait_instance(name, 60 * SEC, "stopped", |i| i.state == InstanceState::Exited).map(|i| i.exit_code)
+    };
+    assert_eq!(code("tuned-1")?, Some(143));
+    assert_eq!(code("plain-1")?, Some(137));
+
+    // The same through `skiff run`'s flags, and bad values named.
+    n.ok(&[
+        "run",
+        IMAGE,
+        "--name",
+        "flags",
+        "--init",
+        "--ulimit",
+        "nofile=300:400",
+        "--sysctl",
+        "kernel.shmmni=2048",
+        "--add-host",
+        "a.example:10.9.9.9",
+        "--dns-option",
+        "timeout:1",
+        "--shm-size",
+        "1m",
+        "--",
+        "sleep",
+        "1000",
+    ])?;
+    n.wait_running("flags-1")?;
+    let got = n.ok(&["exec", "flags-1", "--", "sh", "-c",
+        "ulimit -n; cat /proc/sys/kernel/shmmni; grep a.example /etc/hosts; grep options /etc/resolv.conf; grep /dev/shm /proc/mounts"])?;
+    for want in ["300\n", "2048\n", "10.9.9.9\ta.example", "options timeout:1", "size=1024k"] {
+        assert!(got.contains(want), "{want:?} in {got}");
+    }
+    for (args, says) in [
+        (&["--sysctl", "kernel.hostname=x"][..], "sysctls.kernel.hostname"),
+        (&["--sysctl", "net.core.somaxconn=1", "--network", "host"][..], "network of its own"),
+        (&["--ulimit", "nofile=9:1"][..], "ulimits.nofile"),
+        (&["--ulimit", "files=1"][..], "ulimits.files"),
+        (&["--add-host", "nohost"][..], "--add-host"),
+        (&["--dns", "127.0.0.1"][..], "loopback"),
+    ] {
+        let mut argv = vec!["run", IMAGE, "--name", "bad"];
+        argv.extend_from_slice(args);
+        let out = n.cli(&argv)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+    }
+    assert!(!n.ok(&["get", "deployments"])?.contains("bad"), "nothing half-applied");
+    Ok(())
+}
+
 #[test]
 fn run_and_up_pull_from_a_registry() -> R {
     skiff_testkit::require_registry_tools!();

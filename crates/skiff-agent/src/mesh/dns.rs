@@ -85,9 +85,10 @@ pub fn upstreams() -> Vec<SocketAddr> {
         .collect()
 }
 
-/// Asks the upstream resolvers in turn (2 s each) and gives the first answer.
-async fn forward(query: &[u8]) -> Option<Vec<u8>> {
-    for up in upstreams() {
+/// Asks the upstream resolvers (`own`, else the host's) in turn (2 s each) and gives the
+/// first answer.
+async fn forward(query: &[u8], own: &[SocketAddr]) -> Option<Vec<u8>> {
+    for up in or_hosts(own) {
         let bind: SocketAddr = if up.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().ok()?;
         let Ok(sock) = tokio::net::UdpSocket::bind(bind).await else { continue };
         if sock.send_to(query, up).await.is_err() {
@@ -105,9 +106,9 @@ async fn forward(query: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Asks the upstream resolvers over TCP (a truncated answer's retry), in turn.
-async fn forward_tcp(query: &[u8]) -> Option<Vec<u8>> {
+async fn forward_tcp(query: &[u8], own: &[SocketAddr]) -> Option<Vec<u8>> {
     use tokio::io::AsyncWriteExt;
-    for up in upstreams() {
+    for up in or_hosts(own) {
         let ask = async {
             let mut c = tokio::net::TcpStream::connect(up).await?;
             c.write_all(&framed(query)).await?;
@@ -118,6 +119,15 @@ async fn forward_tcp(query: &[u8]) -> Option<Vec<u8>> {
         }
     }
     None
+}
+
+/// A caller's own name servers (its deployment's `dns`), or the host's.
+fn or_hosts(own: &[SocketAddr]) -> Vec<SocketAddr> {
+    if own.is_empty() {
+        upstreams()
+    } else {
+        own.iter().take(3).copied().collect()
+    }
 }
 
 /// A message as DNS over TCP sends it: its length (two bytes), then itself.
@@ -138,12 +148,17 @@ async fn read_framed<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> std::io::Res
 
 /// What a query gets, wherever it came from: our answer, an upstream's (over `tcp` or
 /// UDP), or SERVFAIL when none answered.
-async fn reply_to(query: &[u8], lookup: impl Fn(&str) -> Vec<Ipv4Addr>, tcp: bool) -> Option<Vec<u8>> {
+async fn reply_to(
+    query: &[u8],
+    lookup: impl Fn(&str) -> Vec<Ipv4Addr>,
+    own: &[SocketAddr],
+    tcp: bool,
+) -> Option<Vec<u8>> {
     match answer(query, lookup) {
         Reply::Answer(b) => Some(b),
         Reply::Drop => None,
         Reply::Forward => {
-            let got = if tcp { forward_tcp(query).await } else { forward(query).await };
+            let got = if tcp { forward_tcp(query, own).await } else { forward(query, own).await };
             match got {
                 Some(b) => Some(b),
                 // No upstream answered: say so, rather than let the client wait.
@@ -158,11 +173,7 @@ async fn reply_to(query: &[u8], lookup: impl Fn(&str) -> Vec<Ipv4Addr>, tcp: boo
 
 /// DNS over TCP on `listener` (answers too long for UDP are asked again this way): the
 /// same answers, at most 16 queries a connection, 10 s of silence ends it.
-pub async fn serve_tcp(
-    listener: tokio::net::TcpListener,
-    lookup: Lookup,
-    is_client: Arc<dyn Fn(Ipv4Addr) -> bool + Send + Sync>,
-) {
+pub async fn serve_tcp(listener: tokio::net::TcpListener, lookup: Lookup, client_of: ClientOf) {
     use tokio::io::AsyncWriteExt;
     let open = super::per_address(usize::MAX, QUERIES_PER_CLIENT);
     loop {
@@ -172,9 +183,7 @@ pub async fn serve_tcp(
         };
         let SocketAddr::V4(from4) = from else { continue };
         let client = *from4.ip();
-        if !is_client(client) {
-            continue;
-        }
+        let Some(own) = client_of(client) else { continue };
         let Ok(taken) = open.try_enter(std::net::IpAddr::V4(client)) else { continue };
         let lookup = Arc::clone(&lookup);
         tokio::spawn(async move {
@@ -183,7 +192,7 @@ pub async fn serve_tcp(
                 let Ok(Ok(query)) = tokio::time::timeout(Duration::from_secs(10), read_framed(&mut conn)).await else {
                     return;
                 };
-                let Some(b) = reply_to(&query, |name| lookup(client, name), true).await else { return };
+                let Some(b) = reply_to(&query, |name| lookup(client, name), &own, true).await else { return };
                 if conn.write_all(&framed(&b)).await.is_err() {
                     return;
                 }
@@ -195,6 +204,9 @@ pub async fn serve_tcp(
 /// The addresses a name has for the instance at an address.
 pub type Lookup = Arc<dyn Fn(Ipv4Addr, &str) -> Vec<Ipv4Addr> + Send + Sync>;
 
+/// Whether an address is an instance's, and if so its own name servers (empty: the host's).
+pub type ClientOf = Arc<dyn Fn(Ipv4Addr) -> Option<Vec<SocketAddr>> + Send + Sync>;
+
 /// Queries one instance may have in flight (past that they are dropped, as a resolver
 /// under load drops): one asking slow names waits for its own, not its neighbours'.
 const QUERIES_PER_CLIENT: usize = 8;
@@ -203,13 +215,9 @@ const QUERIES_PER_CLIENT: usize = 8;
 const UNKNOWN_WAIT: Duration = Duration::from_millis(300);
 
 /// Serves queries on `socket` until the task is dropped. `lookup(client, name)`: the
-/// addresses `name` has for the instance at `client`; `is_client`: whether an address is
-/// an instance's (others are not answered at all).
-pub async fn serve(
-    socket: tokio::net::UdpSocket,
-    lookup: Lookup,
-    is_client: Arc<dyn Fn(Ipv4Addr) -> bool + Send + Sync>,
-) {
+/// addresses `name` has for the instance at `client`; `client_of`: whether an address is
+/// an instance's (others are not answered at all), and where its other names are asked.
+pub async fn serve(socket: tokio::net::UdpSocket, lookup: Lookup, client_of: ClientOf) {
     let socket = Arc::new(socket);
     let in_flight = super::per_address(usize::MAX, QUERIES_PER_CLIENT);
     let mut buf = vec![0u8; 4096];
@@ -225,17 +233,19 @@ pub async fn serve(
         let SocketAddr::V4(from4) = from else { continue };
         let client = *from4.ip();
         let Ok(slot) = in_flight.try_enter(std::net::IpAddr::V4(client)) else { continue };
-        let (socket, lookup, is_client, query) =
-            (Arc::clone(&socket), Arc::clone(&lookup), Arc::clone(&is_client), buf[..n].to_vec());
+        let (socket, lookup, client_of, query) =
+            (Arc::clone(&socket), Arc::clone(&lookup), Arc::clone(&client_of), buf[..n].to_vec());
         tokio::spawn(async move {
             let _slot = slot;
-            if !is_client(client) {
-                tokio::time::sleep(UNKNOWN_WAIT).await;
-                if !is_client(client) {
-                    return;
+            let own = match client_of(client) {
+                Some(own) => own,
+                None => {
+                    tokio::time::sleep(UNKNOWN_WAIT).await;
+                    let Some(own) = client_of(client) else { return };
+                    own
                 }
-            }
-            if let Some(b) = reply_to(&query, |name| lookup(client, name), false).await {
+            };
+            if let Some(b) = reply_to(&query, |name| lookup(client, name), &own, false).await {
                 let _ = socket.send_to(&b, from).await;
             }
         });
@@ -300,7 +310,7 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let at = l.local_addr().unwrap();
         let lookup: Lookup = Arc::new(|_, name: &str| lookup(name));
-        tokio::spawn(serve_tcp(l, lookup, Arc::new(|c: Ipv4Addr| c.is_loopback())));
+        tokio::spawn(serve_tcp(l, lookup, Arc::new(|c: Ipv4Addr| c.is_loopback().then(Vec::new))));
         let mut c = tokio::net::TcpStream::connect(at).await.unwrap();
         for id in [1u16, 2] {
             let mut q = Message::new(id, MessageType::Query, OpCode::Query);

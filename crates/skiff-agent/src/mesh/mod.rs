@@ -56,6 +56,8 @@ pub struct MeshConfig {
 struct Caller {
     stack: String,
     networks: BTreeSet<String>,
+    /// Its deployment's own name servers (`dns`), asked for names not the fleet's.
+    dns: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -155,7 +157,9 @@ impl Agent {
         let mut peers = vec![];
         for (r, ip) in addressed {
             let networks: BTreeSet<String> = r.spec.joined_networks().into_iter().collect();
-            callers.insert(ip, Caller { stack: r.spec.stack.clone(), networks: networks.clone() });
+            let dns =
+                r.spec.dns.servers.iter().filter_map(|s| s.parse().ok()).map(|ip| SocketAddr::new(ip, 53)).collect();
+            callers.insert(ip, Caller { stack: r.spec.stack.clone(), networks: networks.clone(), dns });
             if r.state != InstanceState::Running {
                 continue;
             }
@@ -259,16 +263,16 @@ impl Mesh {
         if let Some((udp, tcp)) = self.agent.dns_socket.lock().ok().and_then(|mut s| s.take()) {
             let (m1, m2) = (Arc::clone(&self), Arc::clone(&self));
             let lookup: dns::Lookup = Arc::new(move |caller, name: &str| m1.catalog().resolve(caller, name));
-            let is_client: Arc<dyn Fn(Ipv4Addr) -> bool + Send + Sync> =
-                Arc::new(move |caller| m2.catalog().callers.contains_key(&caller));
+            let client_of: dns::ClientOf =
+                Arc::new(move |caller| m2.catalog().callers.get(&caller).map(|c| c.dns.clone()));
             match tokio::net::UdpSocket::from_std(udp) {
                 Ok(socket) => {
-                    tasks.spawn(dns::serve(socket, Arc::clone(&lookup), Arc::clone(&is_client)));
+                    tasks.spawn(dns::serve(socket, Arc::clone(&lookup), Arc::clone(&client_of)));
                 }
                 Err(e) => warn!("fleet DNS is off: {e}"),
             }
             if let Some(l) = tcp.and_then(|l| tokio::net::TcpListener::from_std(l).ok()) {
-                tasks.spawn(dns::serve_tcp(l, lookup, is_client));
+                tasks.spawn(dns::serve_tcp(l, lookup, client_of));
             }
         }
         if let (Some(addr), Some(_)) = (self.cfg.listen, &self.cfg.identity) {
@@ -627,7 +631,7 @@ mod tests {
     use skiff_model::mesh::ServicePort;
 
     fn caller(stack: &str, nets: &[&str]) -> Caller {
-        Caller { stack: stack.into(), networks: nets.iter().map(|n| n.to_string()).collect() }
+        Caller { stack: stack.into(), networks: nets.iter().map(|n| n.to_string()).collect(), dns: vec![] }
     }
 
     fn entry(name: &str, stack: &str, vip: [u8; 4], local: &[[u8; 4]]) -> Entry {

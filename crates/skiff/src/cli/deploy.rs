@@ -118,6 +118,31 @@ pub struct RunArgs {
     /// event).
     #[arg(long = "verify-mode", requires = "verify_key", value_parser = ["enforce", "warn"])]
     pub verify_mode: Option<String>,
+    /// A kernel parameter of the container's own namespaces, KEY=VALUE
+    /// (net.core.somaxconn=1024, kernel.shmmax=...), repeatable.
+    #[arg(long)]
+    pub sysctl: Vec<String>,
+    /// A process limit, NAME=SOFT[:HARD] (nofile=1024:4096; -1 for none), repeatable.
+    #[arg(long)]
+    pub ulimit: Vec<String>,
+    /// The size of /dev/shm (64m by default).
+    #[arg(long = "shm-size")]
+    pub shm_size: Option<String>,
+    /// Run an init as process 1: it passes signals on and reaps zombies.
+    #[arg(long)]
+    pub init: bool,
+    /// A line of /etc/hosts, HOST:IP (IP may be host-gateway: this node), repeatable.
+    #[arg(long = "add-host")]
+    pub add_host: Vec<String>,
+    /// A name server for what is not the fleet's (repeatable, at most 3).
+    #[arg(long)]
+    pub dns: Vec<String>,
+    /// A DNS search domain (repeatable).
+    #[arg(long = "dns-search")]
+    pub dns_search: Vec<String>,
+    /// A resolver option (ndots:2, timeout:1; repeatable).
+    #[arg(long = "dns-option")]
+    pub dns_option: Vec<String>,
     /// How many instances to run.
     #[arg(long, default_value_t = 1)]
     pub replicas: u32,
@@ -321,6 +346,26 @@ pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -
         }
         d.signature = Some(skiff_model::SignatureRule { mode: a.verify_mode.clone(), keys, ..Default::default() });
     }
+    for kv in &a.sysctl {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--sysctl {kv:?}: want KEY=VALUE"))?;
+        d.sysctls.insert(k.to_string(), v.to_string());
+    }
+    for u in &a.ulimit {
+        let (name, limit) = skiff_model::options::Ulimit::parse(u).map_err(|e| anyhow::anyhow!("--ulimit: {e}"))?;
+        d.ulimits.insert(name, limit);
+    }
+    if let Some(s) = &a.shm_size {
+        d.shm_size_bytes = Some(skiff_model::parse_bytes(s).map_err(|e| anyhow::anyhow!("--shm-size: {e}"))?);
+    }
+    d.init = a.init;
+    for h in &a.add_host {
+        d.extra_hosts.push(skiff_model::options::ExtraHost::parse(h).map_err(|e| anyhow::anyhow!("--add-host: {e}"))?);
+    }
+    d.dns = skiff_model::options::DnsConfig {
+        servers: a.dns.clone(),
+        search: a.dns_search.clone(),
+        options: a.dns_option.clone(),
+    };
     d.replicas = a.replicas;
     d.placement.node_selector = parse_selector(&a.selector)?;
     d.stop_grace_period_ms = a.stop_timeout * 1000;

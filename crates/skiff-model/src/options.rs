@@ -1,0 +1,265 @@
+//! What Docker's `run` sets about a container besides its resources: kernel parameters
+//! (`--sysctl`), process limits (`--ulimit`), `/dev/shm`'s size, an init process,
+//! `/etc/hosts` entries (`--add-host`) and name resolution (`--dns*`). Compose and
+//! Kubernetes files set the same through their own keys.
+
+use crate::validate::ValidationError;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A process limit: the soft value a process starts with, the hard one it may raise it to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ulimit {
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Docker's ulimit names and the resource each is (`RLIMIT_` + upper case).
+pub const ULIMIT_NAMES: &[&str] = &[
+    "as",
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
+];
+
+impl Ulimit {
+    /// `NAME=SOFT[:HARD]` (`--ulimit nofile=1024:4096`); `-1` is unlimited.
+    pub fn parse(s: &str) -> Result<(String, Ulimit), String> {
+        let (name, value) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NAME=SOFT[:HARD]"))?;
+        let (soft, hard) = value.split_once(':').unwrap_or((value, value));
+        let u = Ulimit { soft: Self::value(soft)?, hard: Self::value(hard)? };
+        Ok((name.to_string(), u))
+    }
+
+    /// A limit's value: a count, or `-1` / `unlimited` for none.
+    pub fn value(s: &str) -> Result<u64, String> {
+        match s.trim() {
+            "-1" | "unlimited" | "infinity" => Ok(u64::MAX),
+            t => t.parse::<u64>().map_err(|_| format!("{t:?} is not a limit (a count, or -1 for none)")),
+        }
+    }
+
+    /// The OCI spec's name of a limit (`nofile` → `RLIMIT_NOFILE`).
+    pub fn resource(name: &str) -> String {
+        format!("RLIMIT_{}", name.to_ascii_uppercase())
+    }
+}
+
+/// A line of `/etc/hosts` beside the instance's own: `host` at `ip`, or at the node's
+/// bridge gateway for `host-gateway` (as Docker's `--add-host host.docker.internal:host-gateway`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraHost {
+    pub host: String,
+    pub ip: String,
+}
+
+/// The address Docker spells for "the host, as the container reaches it".
+pub const HOST_GATEWAY: &str = "host-gateway";
+
+impl ExtraHost {
+    /// `HOST:IP` or `HOST=IP` (compose accepts both; an IPv6 address may be in brackets).
+    pub fn parse(s: &str) -> Result<ExtraHost, String> {
+        let (host, ip) = match s.split_once('=') {
+            Some(x) => x,
+            None => s.split_once(':').ok_or_else(|| format!("{s:?} is not HOST:IP"))?,
+        };
+        let ip = ip.trim().trim_start_matches('[').trim_end_matches(']');
+        Ok(ExtraHost { host: host.trim().to_string(), ip: ip.to_string() })
+    }
+}
+
+/// How its instances resolve names: its own name servers (asked for what is not the
+/// fleet's), search domains and resolver options, in place of the node's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+}
+
+impl DnsConfig {
+    pub fn is_default(&self) -> bool {
+        *self == DnsConfig::default()
+    }
+}
+
+/// Kernel parameters a container may set for itself: those of the namespaces it has of
+/// its own (Docker's list). `net.*` needs a network namespace of its own.
+fn sysctl_allowed(key: &str, own_network: bool) -> Result<(), &'static str> {
+    const IPC: &[&str] = &[
+        "kernel.msgmax",
+        "kernel.msgmnb",
+        "kernel.msgmni",
+        "kernel.sem",
+        "kernel.shmall",
+        "kernel.shmmax",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+    ];
+    if IPC.contains(&key) || key.starts_with("fs.mqueue.") {
+        return Ok(());
+    }
+    if key.starts_with("net.") {
+        return if own_network { Ok(()) } else { Err("sets the host's network: it needs a network of its own") };
+    }
+    Err("is not namespaced (kernel.msg*, kernel.sem, kernel.shm*, fs.mqueue.*, net.*): it would set the host's")
+}
+
+/// Checks the options of a deployment that runs in `own_network` (not the host's).
+pub(crate) fn check(
+    sysctls: &BTreeMap<String, String>,
+    ulimits: &BTreeMap<String, Ulimit>,
+    shm_size: Option<u64>,
+    extra_hosts: &[ExtraHost],
+    dns: &DnsConfig,
+    own_network: bool,
+) -> Result<(), ValidationError> {
+    if sysctls.len() > 64 {
+        return Err(ValidationError::new("sysctls", "more than 64"));
+    }
+    for (k, v) in sysctls {
+        let field = format!("sysctls.{k}");
+        let well_formed = !k.is_empty()
+            && k.len() <= 128
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+            && !k.split(['.', '/']).any(|p| p.is_empty() || p == "..");
+        if !well_formed {
+            return Err(ValidationError::new(field, "is not a kernel parameter's name"));
+        }
+        sysctl_allowed(k, own_network).map_err(|why| ValidationError::new(&field, why))?;
+        if v.len() > 4096 || v.chars().any(|c| c == '\n' || c == '\0') {
+            return Err(ValidationError::new(field, "the value must be one line of at most 4096 bytes"));
+        }
+    }
+    for (k, u) in ulimits {
+        let field = format!("ulimits.{k}");
+        if !ULIMIT_NAMES.contains(&k.as_str()) {
+            return Err(ValidationError::new(field, format!("is not a limit ({})", ULIMIT_NAMES.join(", "))));
+        }
+        if u.soft > u.hard {
+            return Err(ValidationError::new(field, format!("soft {} is above hard {}", u.soft, u.hard)));
+        }
+    }
+    if let Some(s) = shm_size {
+        if !(4096..=(64u64 << 30)).contains(&s) {
+            return Err(ValidationError::new("shm_size", format!("{s} bytes: must be 4 KiB to 64 GiB")));
+        }
+    }
+    if extra_hosts.len() > 256 {
+        return Err(ValidationError::new("extra_hosts", "more than 256"));
+    }
+    for (i, h) in extra_hosts.iter().enumerate() {
+        let field = format!("extra_hosts[{i}]");
+        let name_ok = !h.host.is_empty()
+            && h.host.len() <= 253
+            && h.host.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+        if !name_ok {
+            return Err(ValidationError::new(field, format!("{:?} is not a host name", h.host)));
+        }
+        if h.ip != HOST_GATEWAY && h.ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(ValidationError::new(field, format!("{:?} is not an IP address or host-gateway", h.ip)));
+        }
+    }
+    if dns.servers.len() > 3 {
+        return Err(ValidationError::new("dns.servers", "more than 3 (a resolver asks at most 3)"));
+    }
+    for (i, s) in dns.servers.iter().enumerate() {
+        let field = format!("dns.servers[{i}]");
+        match s.parse::<std::net::IpAddr>() {
+            Err(_) => return Err(ValidationError::new(field, format!("{s:?} is not an IP address"))),
+            // The node's DNS asks them from the host: a loopback one would be the node's
+            // own services, which no instance reaches otherwise.
+            Ok(ip) if ip.is_loopback() || ip.is_unspecified() => {
+                return Err(ValidationError::new(field, format!("{s}: a loopback name server is the node's own")))
+            }
+            Ok(_) => {}
+        }
+    }
+    for (what, list) in [("search", &dns.search), ("options", &dns.options)] {
+        if list.len() > 32 {
+            return Err(ValidationError::new(format!("dns.{what}"), "more than 32"));
+        }
+        for (i, s) in list.iter().enumerate() {
+            if s.is_empty() || s.len() > 253 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ValidationError::new(format!("dns.{what}[{i}]"), format!("{s:?} is not one word")));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ulimits_parse_as_docker_writes_them() {
+        assert_eq!(Ulimit::parse("nofile=1024:4096").unwrap(), ("nofile".into(), Ulimit { soft: 1024, hard: 4096 }));
+        assert_eq!(Ulimit::parse("core=0").unwrap().1, Ulimit { soft: 0, hard: 0 });
+        assert_eq!(Ulimit::parse("memlock=-1:-1").unwrap().1, Ulimit { soft: u64::MAX, hard: u64::MAX });
+        assert!(Ulimit::parse("nofile").is_err());
+        assert!(Ulimit::parse("nofile=lots").is_err());
+        assert_eq!(Ulimit::resource("nofile"), "RLIMIT_NOFILE");
+    }
+
+    #[test]
+    fn extra_hosts_take_both_separators_and_brackets() {
+        assert_eq!(ExtraHost::parse("db:10.0.0.5").unwrap(), ExtraHost { host: "db".into(), ip: "10.0.0.5".into() });
+        assert_eq!(ExtraHost::parse("db=::1").unwrap().ip, "::1");
+        assert_eq!(ExtraHost::parse("v6:[fe80::1]").unwrap().ip, "fe80::1");
+        assert!(ExtraHost::parse("nothing").is_err());
+    }
+
+    #[test]
+    fn checks_name_the_field() {
+        let none: BTreeMap<String, String> = BTreeMap::new();
+        let no_limits: BTreeMap<String, Ulimit> = BTreeMap::new();
+        let ok = |s: &BTreeMap<String, String>, own| check(s, &no_limits, None, &[], &DnsConfig::default(), own);
+        let one = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        assert!(ok(&one("net.core.somaxconn", "1024"), true).is_ok());
+        assert!(ok(&one("kernel.shmmax", "1"), false).is_ok());
+        let e = ok(&one("net.ipv4.ip_forward", "1"), false).unwrap_err();
+        assert_eq!(e.field, "sysctls.net.ipv4.ip_forward");
+        let e = ok(&one("kernel.hostname", "x"), true).unwrap_err();
+        assert!(e.problem.contains("not namespaced"), "{e}");
+        assert!(ok(&one("net/../../x", "1"), true).is_err());
+        assert!(ok(&one("net.core.somaxconn", "1\nkernel.x=1"), true).is_err());
+
+        let limits = BTreeMap::from([("nofile".to_string(), Ulimit { soft: 10, hard: 5 })]);
+        let e = check(&none, &limits, None, &[], &DnsConfig::default(), true).unwrap_err();
+        assert_eq!(e.field, "ulimits.nofile");
+        let limits = BTreeMap::from([("files".to_string(), Ulimit { soft: 1, hard: 1 })]);
+        assert!(check(&none, &limits, None, &[], &DnsConfig::default(), true).is_err());
+
+        let hosts = [ExtraHost { host: "gw".into(), ip: HOST_GATEWAY.into() }];
+        assert!(check(&none, &no_limits, None, &hosts, &DnsConfig::default(), true).is_ok());
+        let hosts = [ExtraHost { host: "bad host".into(), ip: "1.2.3.4".into() }];
+        assert_eq!(
+            check(&none, &no_limits, None, &hosts, &DnsConfig::default(), true).unwrap_err().field,
+            "extra_hosts[0]"
+        );
+        let dns = DnsConfig { servers: vec!["dns.example".into()], ..Default::default() };
+        assert_eq!(check(&none, &no_limits, None, &[], &dns, true).unwrap_err().field, "dns.servers[0]");
+        let dns = DnsConfig { servers: vec!["127.0.0.53".into()], ..Default::default() };
+        assert!(check(&none, &no_limits, None, &[], &dns, true).unwrap_err().problem.contains("loopback"));
+        assert_eq!(check(&none, &no_limits, Some(1), &[], &DnsConfig::default(), true).unwrap_err().field, "shm_size");
+    }
+}
