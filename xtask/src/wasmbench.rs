@@ -123,6 +123,7 @@ impl Bench {
             hosts: "127.0.0.1\tlocalhost\n".into(),
             resolv_conf: String::new(),
             volumes: vec![(self.fifo_dir.clone(), "/b".into(), false)],
+            fill_volumes: vec![],
             wasm,
             cdi_devices: vec![],
             cdi_edits: vec![],

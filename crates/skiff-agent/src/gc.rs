@@ -43,6 +43,30 @@ impl Agent {
         }
     }
 
+    /// Removes the anonymous volumes of slots whose deployment is no longer on the node
+    /// (neither desired nor with an instance left).
+    pub async fn prune_anonymous_volumes(self: &Arc<Self>) {
+        let (Ok(desired), Ok(rows)) = (self.db(|s| s.desired()), self.db(|s| s.instances())) else { return };
+        let mut kept: HashSet<String> = desired.into_iter().map(|d| d.name).collect();
+        kept.extend(rows.into_iter().map(|r| r.deployment));
+        let dir = self.cfg.data_dir.join("volumes").join(crate::start::ANONYMOUS);
+        let removed = blocking(move || {
+            let mut removed = vec![];
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let owner = e.file_name().to_string_lossy().to_string();
+                let deployment = owner.rsplit_once('-').map_or(owner.as_str(), |(d, _)| d);
+                if !kept.contains(deployment) && std::fs::remove_dir_all(e.path()).is_ok() {
+                    removed.push(owner);
+                }
+            }
+            removed
+        })
+        .await;
+        if !removed.is_empty() {
+            info!(slots = %removed.join(", "), "anonymous volumes of deployments gone from the node removed");
+        }
+    }
+
     /// Removes compiled WebAssembly programs that no desired deployment or instance runs,
     /// and those of another wasmtime build (after an upgrade). Returns the bytes freed.
     pub async fn prune_wasm_cache(self: &Arc<Self>) -> u64 {

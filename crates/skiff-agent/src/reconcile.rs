@@ -42,6 +42,7 @@ impl Agent {
             if now >= next_gc {
                 next_gc = now + self.cfg.image_gc_every;
                 self.prune_images().await;
+                self.prune_anonymous_volumes().await;
                 let freed = self.prune_wasm_cache().await;
                 if freed > 0 {
                     debug!(freed, "compiled wasm programs removed");

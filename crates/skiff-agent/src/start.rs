@@ -245,7 +245,7 @@ impl Agent {
         };
         let layer_dirs =
             info.layers.iter().map(|l| self.images.layer_dir(&l.diff_id)).collect::<Result<Vec<_>, _>>()?;
-        let volumes = self.volumes(&r.spec)?;
+        let (volumes, fill) = self.volumes(&r.spec, &anonymous_owner(r))?;
         let hosts = if r.spec.network == NetworkMode::Host {
             std::fs::read_to_string("/etc/hosts").unwrap_or_default() + &self.extra_hosts(&r.spec)
         } else {
@@ -266,6 +266,7 @@ impl Agent {
                 &r.spec.dns,
             ),
             volumes,
+            fill_volumes: fill,
             wasm,
             cdi_devices,
             cdi_edits,
@@ -290,16 +291,32 @@ impl Agent {
         Ok(self.images.wasm_module(info, argv.first().map(String::as_str))?)
     }
 
-    pub(crate) fn volumes(&self, d: &Deployment) -> Result<Vec<(PathBuf, String, bool)>, AgentError> {
+    /// The volumes of an instance (`owner`: its slot, for anonymous ones), resolved and
+    /// made: (host path, target, read only), and those just made (volumes, not host
+    /// paths) that the image's content at their target is to fill.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn volumes(
+        &self,
+        d: &Deployment,
+        owner: &str,
+    ) -> Result<(Vec<(PathBuf, String, bool)>, Vec<(PathBuf, String)>), AgentError> {
         use std::os::unix::fs::PermissionsExt;
         let mut out = vec![];
+        let mut fill = vec![];
         let wasm = d.runtime == RuntimeKind::Wasm;
-        for v in &d.volumes {
+        let volumes = self.cfg.data_dir.join("volumes");
+        for (i, v) in d.volumes.iter().enumerate() {
             let (src, named) = match &v.source {
                 VolumeSource::Bind { path } => (PathBuf::from(path), false),
-                VolumeSource::Named { name } => (self.cfg.data_dir.join("volumes").join(name).join("_data"), true),
+                VolumeSource::Named { name } => (volumes.join(name).join("_data"), true),
+                VolumeSource::Anonymous => {
+                    (volumes.join(ANONYMOUS).join(owner).join(i.to_string()).join("_data"), true)
+                }
             };
             let made = !src.exists();
+            if made && named && !wasm {
+                fill.push((src.clone(), v.target.clone()));
+            }
             let fail = |e: std::io::Error| AgentError::Other(format!("volume source {}: {e}", src.display()));
             if made {
                 // As `docker run -v` does, a missing source becomes an empty directory
@@ -331,7 +348,20 @@ impl Agent {
             }
             out.push((src, v.target.clone(), v.read_only));
         }
-        Ok(out)
+        Ok((out, fill))
+    }
+}
+
+/// Where anonymous volumes live, under the node's `volumes` (not a volume name: those
+/// start with a letter or digit).
+pub(crate) const ANONYMOUS: &str = ".anonymous";
+
+/// Whose anonymous volumes an instance mounts: its deployment's slot (`web-2`), which
+/// keeps them across restarts and updates; the instance's own name without a slot.
+fn anonymous_owner(r: &InstanceRow) -> String {
+    match crate::slot_of(r) {
+        Some(slot) => format!("{}-{slot}", r.deployment),
+        None => r.name.clone(),
     }
 }
 

@@ -1053,11 +1053,12 @@ fn volume(cx: &Ctx<'_>, v: &Value, path: &str) -> R<Volume> {
                 ("bind", Some(s)) => match short::volume_source(&s, cx.dir, home.as_deref())
                     .map_err(|e| ManifestError::at(format!("{path}.source"), e))?
                 {
-                    b @ VolumeSource::Bind { .. } => b,
                     VolumeSource::Named { name } => VolumeSource::Bind { path: short::normalize(&cx.dir.join(name)) },
+                    b => b,
                 },
                 ("volume", Some(s)) => VolumeSource::Named { name: s },
-                ("bind", None) | ("volume", None) => return Err(ManifestError::at(path, "needs source")),
+                ("volume", None) => VolumeSource::Anonymous,
+                ("bind", None) => return Err(ManifestError::at(path, "needs source")),
                 (other, _) => {
                     return Err(ManifestError::at(
                         format!("{path}.type"),

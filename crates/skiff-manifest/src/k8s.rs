@@ -52,6 +52,9 @@ fn strings(v: &Value, path: &str) -> R<Vec<String>> {
 }
 
 fn map_of_strings(v: &Value, path: &str) -> R<BTreeMap<String, String>> {
+    if v.is_null() {
+        return Ok(BTreeMap::new()); // `nodeSelector:` with nothing under it
+    }
     let m = v.as_mapping().ok_or_else(|| ManifestError::at(path, "must be a mapping"))?;
     let mut out = BTreeMap::new();
     for (k, x) in m {
@@ -107,6 +110,9 @@ const NOT_ACTED_ON: &[&str] = &[
     "CustomResourceDefinition",
     "PodSecurityPolicy",
     "StorageClass",
+    "PersistentVolume",
+    "CSIDriver",
+    "CSINode",
     "ValidatingWebhookConfiguration",
     "MutatingWebhookConfiguration",
     "APIService",
@@ -158,7 +164,7 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
             .unwrap_or(namespace)
             .to_string();
         match kind.as_str() {
-            "Deployment" | "DaemonSet" => {
+            "Deployment" | "DaemonSet" | "ReplicaSet" | "ReplicationController" | "Pod" => {
                 if let Some(i) = out.deployments.iter().position(|d| d.name == name) {
                     return Err(ManifestError::at(&path, format!("{name:?} is defined already, by {}", paths[i])));
                 }
@@ -196,6 +202,11 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
                 };
                 services.push(Service { path, name, selector, ports, publish });
             }
+            // A claim is the named volume of its name on each node that mounts it.
+            "PersistentVolumeClaim" => out.warnings.push(format!(
+                "{path}: a named volume {name:?} on each node that runs a pod mounting it; its storage class, size \
+                 and access modes are not enforced"
+            )),
             "HorizontalPodAutoscaler" => {
                 let spec = get(&v, "spec").ok_or_else(|| ManifestError::at(&path, "spec is required"))?;
                 let sp = format!("{path}.spec");
@@ -218,8 +229,9 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
                 return Err(ManifestError::at(
                     path,
                     format!(
-                        "kind {other:?} is not supported (Deployment, DaemonSet, Service, HorizontalPodAutoscaler)"
-                    ),
+                    "kind {other:?} is not supported (Deployment, DaemonSet, ReplicaSet, ReplicationController, Pod, \
+                         Service, HorizontalPodAutoscaler, PersistentVolumeClaim, ConfigMap, Secret)"
+                ),
                 ))
             }
         }
@@ -315,20 +327,27 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
 type Workload = (Deployment, BTreeMap<String, String>, BTreeMap<String, u16>);
 
 fn workload(v: &Value, kind: &str, name: &str, stack: &str, path: &str, warnings: &mut Vec<String>) -> R<Workload> {
-    let spec = get(v, "spec").ok_or_else(|| ManifestError::at(format!("{path}.spec"), "is required"))?;
-    unknown(
-        spec,
-        &["replicas", "selector", "template", "strategy", "updateStrategy", "minReadySeconds"],
-        &format!("{path}.spec"),
-        warnings,
-    );
-    let tpl = get(spec, "template").ok_or_else(|| ManifestError::at(format!("{path}.spec.template"), "is required"))?;
+    // A Pod is its own template (one instance); the controllers hold one in spec.template.
+    let (spec, tpl, tp) = if kind == "Pod" {
+        (&Value::Null, v, path.to_string())
+    } else {
+        let spec = get(v, "spec").ok_or_else(|| ManifestError::at(format!("{path}.spec"), "is required"))?;
+        unknown(
+            spec,
+            &["replicas", "selector", "template", "strategy", "updateStrategy", "minReadySeconds"],
+            &format!("{path}.spec"),
+            warnings,
+        );
+        let tpl =
+            get(spec, "template").ok_or_else(|| ManifestError::at(format!("{path}.spec.template"), "is required"))?;
+        (spec, tpl, format!("{path}.spec.template"))
+    };
     let labels = match get(tpl, "metadata").and_then(|m| get(m, "labels")) {
-        Some(l) => map_of_strings(l, &format!("{path}.spec.template.metadata.labels"))?,
+        Some(l) => map_of_strings(l, &format!("{tp}.metadata.labels"))?,
         None => BTreeMap::new(),
     };
-    let pod = get(tpl, "spec").ok_or_else(|| ManifestError::at(format!("{path}.spec.template.spec"), "is required"))?;
-    let pp = format!("{path}.spec.template.spec");
+    let pod = get(tpl, "spec").ok_or_else(|| ManifestError::at(format!("{tp}.spec"), "is required"))?;
+    let pp = format!("{tp}.spec");
     unknown(
         pod,
         &[
@@ -340,6 +359,7 @@ fn workload(v: &Value, kind: &str, name: &str, stack: &str, path: &str, warnings
             "hostAliases",
             "dnsConfig",
             "securityContext",
+            "volumes",
         ],
         &pp,
         warnings,
@@ -357,7 +377,19 @@ fn workload(v: &Value, kind: &str, name: &str, stack: &str, path: &str, warnings
     let cp = format!("{pp}.containers[0]");
     unknown(
         containers,
-        &["name", "image", "command", "args", "env", "ports", "resources", "workingDir", "tty", "stdin"],
+        &[
+            "name",
+            "image",
+            "command",
+            "args",
+            "env",
+            "ports",
+            "resources",
+            "workingDir",
+            "tty",
+            "stdin",
+            "volumeMounts",
+        ],
         &cp,
         warnings,
     );
@@ -480,6 +512,7 @@ fn workload(v: &Value, kind: &str, name: &str, stack: &str, path: &str, warnings
         }
     }
     pod_options(&mut d, pod, &pp, warnings)?;
+    volumes(&mut d, pod, containers, &pp, &cp, warnings)?;
     if let Some(ns) = get(pod, "nodeSelector") {
         d.placement.node_selector = map_of_strings(ns, &format!("{pp}.nodeSelector"))?;
     }
@@ -561,6 +594,96 @@ fn strategy(d: &mut Deployment, spec: &Value, path: &str, warnings: &mut Vec<Str
     Ok(())
 }
 
+/// A pod's volumes as its container mounts them: a `persistentVolumeClaim` is the named
+/// volume of the claim's name on the node, `hostPath` a bind mount, `emptyDir` a volume of
+/// the instance's own (`medium: Memory`: a tmpfs). Others are warned about and not mounted.
+fn volumes(
+    d: &mut Deployment,
+    pod: &Value,
+    container: &Value,
+    pp: &str,
+    cp: &str,
+    warnings: &mut Vec<String>,
+) -> R<()> {
+    use skiff_model::{Tmpfs, Volume, VolumeSource};
+    let mut sources: BTreeMap<String, (Option<VolumeSource>, Option<u64>)> = BTreeMap::new();
+    if let Some(Value::Sequence(list)) = get(pod, "volumes") {
+        for (i, v) in list.iter().enumerate() {
+            let vp = format!("{pp}.volumes[{i}]");
+            let name = get(v, "name")
+                .map(|n| string(n, &format!("{vp}.name")))
+                .transpose()?
+                .ok_or_else(|| ManifestError::at(format!("{vp}.name"), "is required"))?;
+            let source = if let Some(c) = get(v, "persistentVolumeClaim") {
+                let claim = get(c, "claimName")
+                    .map(|n| string(n, &format!("{vp}.persistentVolumeClaim.claimName")))
+                    .transpose()?
+                    .ok_or_else(|| ManifestError::at(format!("{vp}.persistentVolumeClaim.claimName"), "is required"))?;
+                (Some(VolumeSource::Named { name: claim }), None)
+            } else if let Some(h) = get(v, "hostPath") {
+                let path = get(h, "path")
+                    .map(|n| string(n, &format!("{vp}.hostPath.path")))
+                    .transpose()?
+                    .ok_or_else(|| ManifestError::at(format!("{vp}.hostPath.path"), "is required"))?;
+                (Some(VolumeSource::Bind { path }), None)
+            } else if let Some(e) = get(v, "emptyDir") {
+                match get(e, "medium").and_then(Value::as_str) {
+                    Some("Memory") => {
+                        let size = match get(e, "sizeLimit") {
+                            Some(s) => {
+                                let text = string(s, &format!("{vp}.emptyDir.sizeLimit"))?;
+                                let m = skiff_model::autoscale::milli_value(&text).ok().filter(|m| *m > 0).ok_or_else(
+                                    || {
+                                        ManifestError::at(
+                                            format!("{vp}.emptyDir.sizeLimit"),
+                                            format!("{text:?} is not a size"),
+                                        )
+                                    },
+                                )?;
+                                Some((m as u64).div_ceil(1000))
+                            }
+                            None => None,
+                        };
+                        (None, Some(size.unwrap_or(0)))
+                    }
+                    _ => (Some(VolumeSource::Anonymous), None),
+                }
+            } else {
+                let kind = v.as_mapping().and_then(|m| m.keys().filter_map(Value::as_str).find(|k| *k != "name"));
+                warnings.push(format!("{vp}: {} volumes are not supported yet; not mounted", kind.unwrap_or("these")));
+                continue;
+            };
+            sources.insert(name, source);
+        }
+    }
+    let Some(Value::Sequence(mounts)) = get(container, "volumeMounts") else { return Ok(()) };
+    for (i, m) in mounts.iter().enumerate() {
+        let mp = format!("{cp}.volumeMounts[{i}]");
+        unknown(m, &["name", "mountPath", "readOnly"], &mp, warnings);
+        let field = |key: &str| {
+            get(m, key)
+                .map(|x| string(x, &format!("{mp}.{key}")))
+                .transpose()?
+                .ok_or_else(|| ManifestError::at(format!("{mp}.{key}"), "is required"))
+        };
+        let (name, target) = (field("name")?, field("mountPath")?);
+        let read_only = get(m, "readOnly").and_then(Value::as_bool).unwrap_or(false);
+        match sources.get(&name) {
+            Some((Some(source), _)) => d.volumes.push(Volume { source: source.clone(), target, read_only }),
+            Some((None, size)) => {
+                d.tmpfs.push(Tmpfs { target, size_bytes: size.filter(|s| *s > 0), mode: None });
+            }
+            None if get(pod, "volumes").is_some_and(|v| {
+                v.as_sequence().is_some_and(|l| l.iter().any(|x| get(x, "name").and_then(Value::as_str) == Some(&name)))
+            }) => {} // warned about above
+            None => {
+                return Err(ManifestError::at(format!("{mp}.name"), format!("{name:?} is not a volume of the pod")))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A pod's `hostAliases` (lines of /etc/hosts), `dnsConfig` (its own name servers, search
 /// domains and options) and `securityContext.sysctls`.
 fn pod_options(d: &mut Deployment, pod: &Value, pp: &str, warnings: &mut Vec<String>) -> R<()> {
@@ -616,6 +739,83 @@ fn pod_options(d: &mut Deployment, pod: &Value, pp: &str, warnings: &mut Vec<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use skiff_model::VolumeSource;
+
+    #[test]
+    fn pods_replication_controllers_claims_and_volumes() {
+        let m = r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: data}
+spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: pv}
+spec: {capacity: {storage: 1Gi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, labels: {app: db}}
+spec:
+  restartPolicy: OnFailure
+  volumes:
+  - {name: data, persistentVolumeClaim: {claimName: data}}
+  - {name: host, hostPath: {path: /srv/logs}}
+  - {name: scratch, emptyDir: {}}
+  - {name: fast, emptyDir: {medium: Memory, sizeLimit: 64Mi}}
+  - {name: nfs, nfs: {server: x, path: /}}
+  containers:
+  - name: db
+    image: db
+    volumeMounts:
+    - {name: data, mountPath: /var/lib/db}
+    - {name: host, mountPath: /logs, readOnly: true}
+    - {name: scratch, mountPath: /tmp/s}
+    - {name: fast, mountPath: /cache}
+    - {name: nfs, mountPath: /nfs}
+---
+apiVersion: v1
+kind: ReplicationController
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {app: web}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      nodeSelector:
+      containers: [{name: web, image: web}]
+"#;
+        let i = import_k8s(m, "default").unwrap();
+        let db = &i.deployments[0];
+        assert_eq!((db.name.as_str(), db.replicas), ("db", 1));
+        assert_eq!(db.restart, RestartPolicy::OnFailure { max_retries: None });
+        let v: Vec<(&VolumeSource, &str, bool)> =
+            db.volumes.iter().map(|v| (&v.source, v.target.as_str(), v.read_only)).collect();
+        assert_eq!(
+            v,
+            [
+                (&VolumeSource::Named { name: "data".into() }, "/var/lib/db", false),
+                (&VolumeSource::Bind { path: "/srv/logs".into() }, "/logs", true),
+                (&VolumeSource::Anonymous, "/tmp/s", false),
+            ]
+        );
+        assert_eq!(db.tmpfs[0].target, "/cache");
+        assert_eq!(db.tmpfs[0].size_bytes, Some(64 << 20));
+        let web = &i.deployments[1];
+        assert_eq!((web.name.as_str(), web.replicas), ("web", 2));
+        let said = i.warnings.join("\n");
+        assert!(said.contains("PersistentVolumeClaim/data: a named volume"), "{said}");
+        assert!(said.contains("PersistentVolume/pv: kind PersistentVolume is not acted on"), "{said}");
+        assert!(said.contains("Pod/db.spec.volumes[4]: nfs volumes are not supported yet"), "{said}");
+        let bad = m.replace("- {name: nfs, mountPath: /nfs}", "- {name: nope, mountPath: /nfs}");
+        let e = import_k8s(&bad, "default").unwrap_err().to_string();
+        assert!(
+            e.contains("Pod/db.spec.containers[0].volumeMounts[4].name: \"nope\" is not a volume of the pod"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn host_aliases_dns_config_and_sysctls_map_over() {
@@ -776,8 +976,9 @@ spec:
         let err = |t: &str| import_k8s(t, "default").unwrap_err().to_string();
         let base = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: w}\nspec:\n  template:\n    spec:\n      containers: [{name: c, image: i}]\n";
         assert_eq!(
-            err("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n"),
-            "ConfigMap/c: kind \"ConfigMap\" is not supported (Deployment, DaemonSet, Service, HorizontalPodAutoscaler)"
+            err("apiVersion: v1\nkind: Widget\nmetadata: {name: c}\n"),
+            "Widget/c: kind \"Widget\" is not supported (Deployment, DaemonSet, ReplicaSet, ReplicationController, Pod, \
+             Service, HorizontalPodAutoscaler, PersistentVolumeClaim, ConfigMap, Secret)"
         );
         assert!(err(&base.replace("spec:\n  template", "spec:\n  replicas: -2\n  template"))
             .contains("Deployment/w.spec.replicas: -2 must be 0 or more"));

@@ -24,12 +24,13 @@ pub fn volume_source(src: &str, dir: &Path, home: Option<&Path>) -> Result<Volum
 }
 
 /// `SOURCE:TARGET[:MODE]` (`MODE`: `ro`, `rw`, with `z`/`Z` allowed and ignored), the
-/// source as [`volume_source`] reads it. An anonymous volume (`TARGET` alone) is refused
-/// with how to name it.
+/// source as [`volume_source`] reads it; `TARGET` alone is an anonymous volume.
 pub fn volume(s: &str, dir: &Path, home: Option<&Path>) -> Result<Volume, String> {
     let parts: Vec<&str> = s.split(':').collect();
     let (src, dst, mode) = match parts.as_slice() {
-        [dst] => return Err(format!("{dst:?}: anonymous volumes are not supported; name it (name:{dst})")),
+        [dst] if !dst.is_empty() => {
+            return Ok(Volume { source: VolumeSource::Anonymous, target: dst.to_string(), read_only: false })
+        }
         [src, dst] => (*src, *dst, ""),
         [src, dst, mode] => (*src, *dst, *mode),
         _ => return Err(format!("{s:?} is not SOURCE:TARGET[:ro]")),
@@ -115,7 +116,7 @@ mod tests {
             v("data:/data:ro,z").unwrap(),
             Volume { source: VolumeSource::Named { name: "data".into() }, target: "/data".into(), read_only: true }
         );
-        assert_eq!(v("/data").unwrap_err(), "\"/data\": anonymous volumes are not supported; name it (name:/data)");
+        assert_eq!(v("/data").unwrap().source, VolumeSource::Anonymous);
         assert_eq!(v("a:b:c:d").unwrap_err(), "\"a:b:c:d\" is not SOURCE:TARGET[:ro]");
         assert_eq!(v(":/x").unwrap_err(), "\":/x\" is not SOURCE:TARGET[:ro]");
         assert_eq!(v("a:/x:rx").unwrap_err(), "mode \"rx\" is not ro or rw");

@@ -593,6 +593,11 @@ pub enum VolumeSource {
     Bind { path: String },
     /// A named volume, created under the node's data directory.
     Named { name: String },
+    /// A volume of one instance slot's own (compose's `- /path`, a Kubernetes `emptyDir`):
+    /// made under the node's data directory for `<deployment>-<slot>`, filled from the
+    /// image's content at its target when new (as Docker fills volumes), kept across that
+    /// slot's restarts and updates, removed once its deployment is gone from the node.
+    Anonymous,
 }
 
 /// A tmpfs mounted at `target` (`nosuid`, `nodev`; Docker's defaults otherwise).

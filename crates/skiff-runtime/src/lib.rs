@@ -75,6 +75,9 @@ pub struct CreateRequest<'a> {
     pub resolv_conf: String,
     /// (host path, container path, read only), resolved and existing.
     pub volumes: Vec<(PathBuf, String, bool)>,
+    /// (host path, container path) of volumes just made, to fill from the image's content
+    /// at that path (as Docker fills a new volume) before the container runs.
+    pub fill_volumes: Vec<(PathBuf, String)>,
     /// The WebAssembly program (the `wasm` backend only).
     pub wasm: Option<skiff_image::WasmModule>,
     /// CDI devices the instance gets (qualified names), and the edits that give them.

@@ -155,6 +155,7 @@ impl Runtime for OciRuntime {
         fs::create_dir_all(&dir).map_err(io("create", &dir))?;
         let rootfs = self.mount_rootfs(&req.id, &req.layer_dirs)?;
         let r = (|| {
+            fill_volumes(&rootfs, &req.fill_volumes)?;
             let files = [
                 ("hosts", req.hosts.as_str(), "/etc/hosts"),
                 ("resolv.conf", req.resolv_conf.as_str(), "/etc/resolv.conf"),
@@ -365,4 +366,73 @@ fn init_binary(id: &str) -> Result<PathBuf, RuntimeError> {
                 skiff_sys::init::HOST_INITS.join(", ")
             ),
         })
+}
+
+/// Copies what the image holds at each volume's target into the new volume: the rootfs
+/// is mounted and nothing runs in it yet. A target reached through a symbolic link of the
+/// image is not followed (the link would be resolved on the host, outside the image):
+/// that volume stays empty.
+fn fill_volumes(rootfs: &Path, fills: &[(PathBuf, String)]) -> Result<(), RuntimeError> {
+    for (volume, target) in fills {
+        let mut from = rootfs.to_path_buf();
+        let mut inside = true;
+        for c in Path::new(target).components() {
+            if let std::path::Component::Normal(part) = c {
+                from.push(part);
+                match fs::symlink_metadata(&from) {
+                    Ok(m) if !m.file_type().is_symlink() => {}
+                    _ => {
+                        inside = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if !inside || !from.is_dir() {
+            continue;
+        }
+        let out = std::process::Command::new("cp")
+            .arg("-a")
+            .arg("--")
+            .arg(from.join("."))
+            .arg(volume)
+            .output()
+            .map_err(io("run cp for", volume))?;
+        if !out.status.success() {
+            return Err(RuntimeError::Io {
+                op: "fill",
+                path: volume.clone(),
+                source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volumes_are_filled_from_the_image_but_never_through_its_links() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("rootfs");
+        fs::create_dir_all(root.join("app/node_modules/left-pad")).unwrap();
+        fs::write(root.join("app/node_modules/left-pad/index.js"), "pad").unwrap();
+        // An image's link to a host directory: followed on the host, it would copy the
+        // host's files into the container's volume.
+        let host = t.path().join("host-secrets");
+        fs::create_dir_all(&host).unwrap();
+        fs::write(host.join("key"), "secret").unwrap();
+        std::os::unix::fs::symlink(&host, root.join("data")).unwrap();
+        let (a, b, c) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
+        for d in [&a, &b, &c] {
+            fs::create_dir_all(d).unwrap();
+        }
+        let fills = [(a.clone(), "/app/node_modules".into()), (b.clone(), "/data".into()), (c.clone(), "/none".into())];
+        fill_volumes(&root, &fills).unwrap();
+        assert_eq!(fs::read_to_string(a.join("left-pad/index.js")).unwrap(), "pad");
+        assert_eq!(fs::read_dir(&b).unwrap().count(), 0, "not through the image's link");
+        assert_eq!(fs::read_dir(&c).unwrap().count(), 0, "nothing there in the image");
+    }
 }

@@ -178,9 +178,9 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
     assert!(malformed.1.contains("request body"), "{}", malformed.1);
     assert_eq!(badtoken.0, 401);
     assert!(badtoken.1.contains("token: unknown token"), "{}", badtoken.1);
-    let bad_kind = h.write("cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n")?;
+    let bad_kind = h.write("cm.yaml", "apiVersion: v1\nkind: Widget\nmetadata: {name: c}\n")?;
     let out = h.cli(&["apply", "-f", bad_kind.to_str().unwrap()])?;
-    assert!(String::from_utf8_lossy(&out.stderr).contains("kind \"ConfigMap\" is not supported"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kind \"Widget\" is not supported"));
     let negative = h.write("neg.yaml", "services:\n  w:\n    image: x\n    deploy: {replicas: -1}\n")?;
     let out = h.cli(&["apply", "-f", negative.to_str().unwrap()])?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("services.w.deploy.replicas: -1 must be 0 or more"));

@@ -338,6 +338,32 @@ fn volumes_read_only_rootfs_and_network_modes() -> R {
         "{mounts}"
     );
 
+    // An anonymous volume (compose's `- /etc`) starts with what the image has there (as
+    // a new named volume does), and keeps what was written across its slot's restarts.
+    let file = n.write(
+        "anon.yaml",
+        &format!("services:\n  anon:\n    image: {IMAGE}\n    command: [sleep, \"1000\"]\n    stop_grace_period: 1s\n    volumes: [\"/etc\", \"fresh:/bin\"]\n"),
+    )?;
+    n.ok(&["apply", "-f", &file.to_string_lossy()])?;
+    let first = n.wait_running("anon-1")?;
+    assert!(n.ok(&["exec", "anon-1", "--", "cat", "/etc/passwd"])?.starts_with("root:"), "filled from the image");
+    assert!(n.data().join("volumes/fresh/_data/busybox").is_file(), "a new named volume is filled too");
+    let mounts = n.ok(&["exec", "anon-1", "--", "cat", "/proc/mounts"])?;
+    assert!(mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/etc")), "{mounts}");
+    n.ok(&["exec", "anon-1", "--", "sh", "-c", "echo kept > /etc/mine"])?;
+    n.ok(&["restart", "anon-1"])?;
+    wait_for(60 * SEC, "anon-1 replaced", || {
+        let i = n.instance("anon-1").ok()?;
+        (i.state == InstanceState::Running && i.pid.is_some() && i.pid != first.pid).then_some(())
+    })?;
+    assert_eq!(n.ok(&["exec", "anon-1", "--", "cat", "/etc/mine"])?, "kept\n");
+    let anon = n.data().join("volumes/.anonymous/anon-1");
+    assert!(anon.is_dir());
+    // Gone with its deployment (the node's cleanup runs every 30 s).
+    n.ok(&["delete", "anon"])?;
+    wait_for(90 * SEC, "the anonymous volume removed", || (!anon.exists()).then_some(()))?;
+    assert!(n.data().join("volumes/fresh/_data/busybox").is_file(), "named volumes stay");
+
     n.ok(&["run", IMAGE, "--name", "isolated", "--network", "none", "--", "sleep", "1000"])?;
     n.ok(&["run", IMAGE, "--name", "hostnet", "--network", "host", "--", "sleep", "1000"])?;
     let iso = n.wait_running("isolated-1")?;
