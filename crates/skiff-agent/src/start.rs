@@ -245,7 +245,8 @@ impl Agent {
         };
         let layer_dirs =
             info.layers.iter().map(|l| self.images.layer_dir(&l.diff_id)).collect::<Result<Vec<_>, _>>()?;
-        let (volumes, fill) = self.volumes(&r.spec, &anonymous_owner(r))?;
+        let (mut volumes, fill) = self.volumes(&r.spec, &anonymous_owner(r))?;
+        volumes.extend(write_files(&rt.instance_dir(&r.container_id), &r.spec)?);
         let hosts = if r.spec.network == NetworkMode::Host {
             std::fs::read_to_string("/etc/hosts").unwrap_or_default() + &self.extra_hosts(&r.spec)
         } else {
@@ -350,6 +351,60 @@ impl Agent {
         }
         Ok((out, fill))
     }
+}
+
+/// Writes the deployment's files (ConfigMap and Secret volumes, compose configs and
+/// secrets) beside the instance, `<instance dir>/files/<n>`, readable by the container's
+/// users as the mode says (only root's: the directory above is the agent's): the mounts
+/// to add, read-only. Written anew at each start, so they are the spec's.
+fn write_files(dir: &std::path::Path, d: &Deployment) -> Result<Vec<(PathBuf, String, bool)>, AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = vec![];
+    if d.files.is_empty() {
+        return Ok(out);
+    }
+    let base = dir.join("files");
+    let fail = |p: &std::path::Path, e: String| AgentError::Other(format!("files: {}: {e}", p.display()));
+    if base.exists() {
+        std::fs::remove_dir_all(&base).map_err(|e| fail(&base, e.to_string()))?;
+    }
+    for (i, m) in d.files.iter().enumerate() {
+        let root = base.join(i.to_string());
+        std::fs::create_dir_all(&root).map_err(|e| fail(&root, e.to_string()))?;
+        let single = m.files.len() == 1 && m.files[0].path.is_empty();
+        for f in &m.files {
+            let p = if single { root.join("file") } else { root.join(&f.path) };
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| fail(parent, e.to_string()))?;
+            }
+            std::fs::write(&p, f.content().map_err(|e| fail(&p, e))?).map_err(|e| fail(&p, e.to_string()))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode))
+                .map_err(|e| fail(&p, e.to_string()))?;
+        }
+        // The directories are traversable (the files' own modes say who reads them).
+        for e in walk_dirs(&root) {
+            std::fs::set_permissions(&e, std::fs::Permissions::from_mode(0o755))
+                .map_err(|x| fail(&e, x.to_string()))?;
+        }
+        out.push((if single { root.join("file") } else { root }, m.target.clone(), true));
+    }
+    Ok(out)
+}
+
+/// `root` and the directories below it.
+fn walk_dirs(root: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        let here = out[i].clone();
+        for e in std::fs::read_dir(&here).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.push(e.path());
+            }
+        }
+        i += 1;
+    }
+    out
 }
 
 /// Where anonymous volumes live, under the node's `volumes` (not a volume name: those

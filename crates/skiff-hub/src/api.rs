@@ -162,7 +162,7 @@ fn view(
 ) -> DeploymentView {
     let instances = all.iter().filter(|i| i.deployment == s.spec.name).cloned().collect();
     let unschedulable = unschedulable.get(&s.spec.name).cloned();
-    DeploymentView { revision: s.revision, spec: s.spec, instances, unschedulable }
+    DeploymentView { revision: s.revision, spec: s.spec.redacted(), instances, unschedulable }
 }
 
 fn unschedulable(hub: &Hub) -> BTreeMap<String, String> {

@@ -164,21 +164,47 @@ impl Hub {
         Ok(ApplyResponse { warnings, ..resp })
     }
 
-    /// The request with each stored deployment's restart mark (`skiff restart`) carried
-    /// over when the applied spec has none, as `kubectl apply` keeps the annotation
-    /// `kubectl rollout restart` set: re-applying an unchanged file replaces nothing.
-    /// `None` when there is nothing to carry.
+    /// The request with what readers never see carried over from each stored deployment:
+    /// its restart mark (`skiff restart`) when the applied spec has none, as `kubectl
+    /// apply` keeps the annotation `kubectl rollout restart` set (re-applying an unchanged
+    /// file replaces nothing), and the content of secret files given as redacted (a spec
+    /// read back, scaled and applied again keeps its secrets). `None`: nothing to carry.
     fn keep_restarts(&self, req: &ApplyRequest) -> Option<ApplyRequest> {
+        use skiff_model::options::REDACTED;
         use skiff_model::rollout::RESTARTED_AT;
         let mut out: Option<ApplyRequest> = None;
         for (i, d) in req.deployments.iter().enumerate() {
-            if d.labels.contains_key(RESTARTED_AT) {
+            let redacted = d.files.iter().any(|m| m.secret && m.files.iter().any(|f| f.data == REDACTED))
+                || d.secret_env.iter().any(|k| d.env.get(k).is_some_and(|v| v == REDACTED));
+            if d.labels.contains_key(RESTARTED_AT) && !redacted {
                 continue;
             }
             let Ok(Some(stored)) = self.store.get(&d.name) else { continue };
-            let Some(mark) = stored.spec.labels.get(RESTARTED_AT) else { continue };
-            let o = out.get_or_insert_with(|| req.clone());
-            o.deployments[i].labels.insert(RESTARTED_AT.into(), mark.clone());
+            if let (Some(mark), false) = (stored.spec.labels.get(RESTARTED_AT), d.labels.contains_key(RESTARTED_AT)) {
+                let o = out.get_or_insert_with(|| req.clone());
+                o.deployments[i].labels.insert(RESTARTED_AT.into(), mark.clone());
+            }
+            if redacted {
+                let o = out.get_or_insert_with(|| req.clone());
+                let dep = &mut o.deployments[i];
+                for k in &dep.secret_env {
+                    if let (Some(v), Some(old)) = (dep.env.get_mut(k), stored.spec.env.get(k)) {
+                        if v == REDACTED {
+                            v.clone_from(old);
+                        }
+                    }
+                }
+                for m in dep.files.iter_mut().filter(|m| m.secret) {
+                    let Some(was) = stored.spec.files.iter().find(|s| s.secret && s.target == m.target) else {
+                        continue;
+                    };
+                    for f in m.files.iter_mut().filter(|f| f.data == REDACTED) {
+                        if let Some(old) = was.files.iter().find(|o| o.path == f.path) {
+                            f.data = old.data.clone();
+                        }
+                    }
+                }
+            }
         }
         out
     }

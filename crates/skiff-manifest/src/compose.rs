@@ -24,6 +24,9 @@ struct Ctx<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     read_file: &'a dyn Fn(&Path) -> std::io::Result<String>,
     warnings: Vec<String>,
+    /// Top-level `secrets` (true) and `configs` (false) by name: their content, or `None`
+    /// for an `external` one (kept elsewhere; nothing here can read it).
+    given: BTreeMap<(bool, String), Option<Vec<u8>>>,
 }
 
 /// Imports a compose file. `dir` resolves relative paths (bind mounts, env files);
@@ -52,7 +55,7 @@ pub fn import_compose(
     let top = root
         .as_mapping()
         .ok_or_else(|| ManifestError::at("(root)", "a compose file must be a mapping with a services key"))?;
-    let mut cx = Ctx { dir, env, read_file, warnings: vec![] };
+    let mut cx = Ctx { dir, env, read_file, warnings: vec![], given: BTreeMap::new() };
     let mut services = None;
     let mut networks_at = None;
     let mut project = sanitize_project(default_project);
@@ -63,6 +66,7 @@ pub fn import_compose(
             "networks" => networks_at = Some(v),
             "name" => project = sanitize_project(&str_of(v, "name")?),
             "version" => {}
+            "secrets" | "configs" => top_level_files(&mut cx, key == "secrets", v)?,
             "volumes" => {
                 if let Some(m) = v.as_mapping() {
                     for (n, def) in m {
@@ -808,6 +812,7 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
                 }
             }
             "x-skiff-wasm" => d.wasm = wasm_options(cx, v, &path)?,
+            "secrets" | "configs" => service_files(cx, &mut d, key == "secrets", v, &path)?,
             k if k.starts_with("x-") => {}
             _ => cx.warnings.push(format!("{path}: not supported yet, ignored")),
         }
@@ -883,6 +888,95 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
     }
     d.validate().map_err(|e| ManifestError::at(format!("{base}.{}", e.field), e.problem))?;
     Ok(d)
+}
+
+/// Top-level `secrets:` or `configs:`: each from a `file` (relative to the compose file),
+/// an `environment` variable, a config's `content`, or `external`.
+fn top_level_files(cx: &mut Ctx<'_>, secret: bool, v: &Value) -> R<()> {
+    let what = if secret { "secrets" } else { "configs" };
+    for (k, def) in mapping(v, what)? {
+        let name = key_str(k, what)?;
+        let p = format!("{what}.{name}");
+        let m = mapping(def, &p)?;
+        let get = |key: &str| m.get(key).map(|x| str_of(x, &format!("{p}.{key}"))).transpose();
+        let content = if let Some(f) = get("file")? {
+            let at = short::normalize(&cx.dir.join(&f));
+            let text = (cx.read_file)(Path::new(&at))
+                .map_err(|e| ManifestError::at(format!("{p}.file"), format!("reading {at}: {e}")))?;
+            Some(text.into_bytes())
+        } else if let Some(var) = get("environment")? {
+            let value = (cx.env)(&var)
+                .ok_or_else(|| ManifestError::at(format!("{p}.environment"), format!("{var} is not set")))?;
+            Some(value.into_bytes())
+        } else if let (Some(c), false) = (get("content")?, secret) {
+            Some(c.into_bytes())
+        } else if m.get("external").is_some_and(|x| bool_of(x, &format!("{p}.external")).unwrap_or(false)) {
+            None
+        } else {
+            let from = if secret { "file or environment" } else { "file, environment or content" };
+            return Err(ManifestError::at(p, format!("needs {from} (or external: true)")));
+        };
+        cx.given.insert((secret, name), content);
+    }
+    Ok(())
+}
+
+/// A service's `secrets:` or `configs:`, short (`- name`) or long (`source`, `target`,
+/// `mode`; `uid`/`gid` warned about): each one file, read-only, at `/run/secrets/NAME`
+/// (a secret) or `/NAME` (a config) unless `target` says where; mode 0444.
+fn service_files(cx: &mut Ctx<'_>, d: &mut Deployment, secret: bool, v: &Value, path: &str) -> R<()> {
+    let s = v.as_sequence().ok_or_else(|| ManifestError::at(path, "must be a list"))?;
+    for (i, x) in s.iter().enumerate() {
+        let p = format!("{path}[{i}]");
+        let (source, target, mode) = match x {
+            Value::Mapping(m) => {
+                for k in m.keys().filter_map(Value::as_str) {
+                    match k {
+                        "source" | "target" | "mode" => {}
+                        other => cx.warnings.push(format!("{p}.{other}: not supported yet, ignored")),
+                    }
+                }
+                let get = |key: &str| m.get(key).map(|y| str_of(y, &format!("{p}.{key}"))).transpose();
+                let source = get("source")?.ok_or_else(|| ManifestError::at(&p, "needs source"))?;
+                let mode = match m.get("mode") {
+                    Some(y) => {
+                        let text =
+                            scalar(y).ok_or_else(|| ManifestError::at(format!("{p}.mode"), "must be a number"))?;
+                        // Written as 0440 (octal) or as the number YAML read.
+                        let n =
+                            if text.starts_with('0') { u32::from_str_radix(&text, 8).ok() } else { text.parse().ok() };
+                        n.filter(|n| *n <= 0o777).ok_or_else(|| {
+                            ManifestError::at(format!("{p}.mode"), format!("{text:?} is not a file mode"))
+                        })?
+                    }
+                    None => 0o444,
+                };
+                (source, get("target")?, mode)
+            }
+            other => (str_of(other, &p)?, None, 0o444),
+        };
+        let content = match cx.given.get(&(secret, source.clone())) {
+            Some(Some(c)) => c.clone(),
+            Some(None) => {
+                cx.warnings.push(format!("{p}: {source:?} is external (kept elsewhere); not mounted"));
+                continue;
+            }
+            None => {
+                let what = if secret { "secrets" } else { "configs" };
+                return Err(ManifestError::at(p, format!("{source:?} is not declared under the top-level {what}")));
+            }
+        };
+        let target = match target {
+            Some(t) if t.starts_with('/') => t,
+            Some(t) if secret => format!("/run/secrets/{t}"),
+            Some(t) => format!("/{t}"),
+            None if secret => format!("/run/secrets/{source}"),
+            None => format!("/{source}"),
+        };
+        let file = skiff_model::options::MountedFile::new("", &content, mode);
+        d.files.push(skiff_model::options::FileMount { target, files: vec![file], secret });
+    }
+    Ok(())
 }
 
 /// A string or a list of strings (`dns: 8.8.8.8`, `dns: [8.8.8.8, 9.9.9.9]`).

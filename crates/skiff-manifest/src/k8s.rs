@@ -142,15 +142,21 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
     let mut named_ports: Vec<BTreeMap<String, u16>> = vec![];
     let mut paths: Vec<String> = vec![];
     let mut services: Vec<Service> = vec![];
-    let docs = files.iter().flat_map(|(file, text)| {
+    let texts: Vec<(&str, String)> = files.iter().map(|(f, t)| (*f, octal_modes(t))).collect();
+    let docs = texts.iter().flat_map(|(file, text)| {
         serde_norway::Deserializer::from_str(text).enumerate().map(move |(n, doc)| (*file, n, doc))
     });
+    let mut parsed = vec![];
     for (file, n, doc) in docs {
         let at = |p: String| if files.len() > 1 { format!("{file}: {p}") } else { p };
         let v = <Value as serde::Deserialize>::deserialize(doc).map_err(|e| ManifestError::Yaml(at(e.to_string())))?;
-        if v.is_null() {
-            continue;
+        if !v.is_null() {
+            parsed.push((file, n, v));
         }
+    }
+    let objects = Objects::read(&parsed, files.len() > 1)?;
+    for (file, n, v) in parsed {
+        let at = |p: String| if files.len() > 1 { format!("{file}: {p}") } else { p };
         let kind = get(&v, "kind").and_then(Value::as_str).unwrap_or_default().to_string();
         let name = get(&v, "metadata")
             .and_then(|m| get(m, "name"))
@@ -168,7 +174,7 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
                 if let Some(i) = out.deployments.iter().position(|d| d.name == name) {
                     return Err(ManifestError::at(&path, format!("{name:?} is defined already, by {}", paths[i])));
                 }
-                let (d, labels, named) = workload(&v, &kind, &name, &stack, &path, &mut out.warnings)?;
+                let (d, labels, named) = workload(&v, &kind, &name, &stack, &path, &objects, &mut out.warnings)?;
                 out.deployments.push(d);
                 pod_labels.push(labels);
                 named_ports.push(named);
@@ -207,6 +213,12 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
                 "{path}: a named volume {name:?} on each node that runs a pod mounting it; its storage class, size \
                  and access modes are not enforced"
             )),
+            // Read before the workloads, which take what they use of them.
+            "ConfigMap" | "Secret" => {
+                if !objects.was_used(kind == "Secret", &name) {
+                    out.warnings.push(format!("{path}: used by no workload in these manifests, skipped"));
+                }
+            }
             "HorizontalPodAutoscaler" => {
                 let spec = get(&v, "spec").ok_or_else(|| ManifestError::at(&path, "spec is required"))?;
                 let sp = format!("{path}.spec");
@@ -316,6 +328,7 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
         }
     }
     out.autoscalers = external;
+    out.warnings.extend(objects.missing.take());
     for (d, path) in out.deployments.iter().zip(&paths) {
         d.validate().map_err(|e| ManifestError::at(path, e.to_string()))?;
     }
@@ -326,7 +339,15 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
 /// container ports by name (what a Service's `targetPort` may name).
 type Workload = (Deployment, BTreeMap<String, String>, BTreeMap<String, u16>);
 
-fn workload(v: &Value, kind: &str, name: &str, stack: &str, path: &str, warnings: &mut Vec<String>) -> R<Workload> {
+fn workload(
+    v: &Value,
+    kind: &str,
+    name: &str,
+    stack: &str,
+    path: &str,
+    objects: &Objects,
+    warnings: &mut Vec<String>,
+) -> R<Workload> {
     // A Pod is its own template (one instance); the controllers hold one in spec.template.
     let (spec, tpl, tp) = if kind == "Pod" {
         (&Value::Null, v, path.to_string())
@@ -383,6 +404,7 @@ fn workload(v: &Value, kind: &str, name: &str, stack: &str, path: &str, warnings
             "command",
             "args",
             "env",
+            "envFrom",
             "ports",
             "resources",
             "workingDir",
@@ -421,13 +443,77 @@ fn workload(v: &Value, kind: &str, name: &str, stack: &str, path: &str, warnings
     if let Some(Value::Sequence(env)) = get(containers, "env") {
         for (i, e) in env.iter().enumerate() {
             let ep = format!("{cp}.env[{i}]");
-            unknown(e, &["name", "value"], &ep, warnings);
+            unknown(e, &["name", "value", "valueFrom"], &ep, warnings);
             let k = get(e, "name")
                 .map(|n| string(n, &format!("{ep}.name")))
                 .transpose()?
                 .ok_or_else(|| ManifestError::at(format!("{ep}.name"), "is required"))?;
+            if let Some(from) = get(e, "valueFrom") {
+                let fp = format!("{ep}.valueFrom");
+                let (secret, r) = match (get(from, "configMapKeyRef"), get(from, "secretKeyRef")) {
+                    (Some(r), _) => (false, r),
+                    (_, Some(r)) => (true, r),
+                    _ => {
+                        warnings.push(format!("{fp}: only configMapKeyRef and secretKeyRef are supported; not set"));
+                        continue;
+                    }
+                };
+                let rp = format!("{fp}.{}", if secret { "secretKeyRef" } else { "configMapKeyRef" });
+                let field = |key: &str| {
+                    get(r, key)
+                        .map(|x| string(x, &format!("{rp}.{key}")))
+                        .transpose()?
+                        .ok_or_else(|| ManifestError::at(format!("{rp}.{key}"), "is required"))
+                };
+                let (obj, key) = (field("name")?, field("key")?);
+                let optional = get(r, "optional").and_then(Value::as_bool).unwrap_or(false);
+                let Some(data) = objects.take(secret, &obj, optional, &rp)? else { continue };
+                match data.get(&key) {
+                    Some(v) => {
+                        let text = String::from_utf8(v.clone())
+                            .map_err(|_| ManifestError::at(format!("{rp}.key"), format!("{key:?} is not text")))?;
+                        d.env.insert(k.clone(), text);
+                        if secret && !d.secret_env.contains(&k) {
+                            d.secret_env.push(k);
+                        }
+                    }
+                    None if optional => {}
+                    None => return Err(ManifestError::at(format!("{rp}.key"), format!("{obj} has no key {key:?}"))),
+                }
+                continue;
+            }
             let val = get(e, "value").map(|x| string(x, &format!("{ep}.value"))).transpose()?.unwrap_or_default();
             d.env.insert(k, val);
+        }
+    }
+    if let Some(Value::Sequence(from)) = get(containers, "envFrom") {
+        for (i, e) in from.iter().enumerate() {
+            let ep = format!("{cp}.envFrom[{i}]");
+            unknown(e, &["configMapRef", "secretRef", "prefix"], &ep, warnings);
+            let (secret, r, rp) = match (get(e, "configMapRef"), get(e, "secretRef")) {
+                (Some(r), _) => (false, r, format!("{ep}.configMapRef")),
+                (_, Some(r)) => (true, r, format!("{ep}.secretRef")),
+                _ => return Err(ManifestError::at(ep, "needs configMapRef or secretRef")),
+            };
+            let obj = get(r, "name")
+                .map(|x| string(x, &format!("{rp}.name")))
+                .transpose()?
+                .ok_or_else(|| ManifestError::at(format!("{rp}.name"), "is required"))?;
+            let optional = get(r, "optional").and_then(Value::as_bool).unwrap_or(false);
+            let prefix = get(e, "prefix").map(|p| string(p, &format!("{ep}.prefix"))).transpose()?.unwrap_or_default();
+            let Some(data) = objects.take(secret, &obj, optional, &rp)? else { continue };
+            for (k, v) in data {
+                // As Kubernetes: keys that are no variable name are skipped; `env` wins.
+                let Ok(text) = String::from_utf8(v.clone()) else { continue };
+                let name = format!("{prefix}{k}");
+                if d.env.contains_key(&name) {
+                    continue;
+                }
+                d.env.insert(name.clone(), text);
+                if secret {
+                    d.secret_env.push(name);
+                }
+            }
         }
     }
     if let Some(r) = get(containers, "resources") {
@@ -512,7 +598,7 @@ fn workload(v: &Value, kind: &str, name: &str, stack: &str, path: &str, warnings
         }
     }
     pod_options(&mut d, pod, &pp, warnings)?;
-    volumes(&mut d, pod, containers, &pp, &cp, warnings)?;
+    volumes(&mut d, pod, containers, &pp, &cp, objects, warnings)?;
     if let Some(ns) = get(pod, "nodeSelector") {
         d.placement.node_selector = map_of_strings(ns, &format!("{pp}.nodeSelector"))?;
     }
@@ -594,19 +680,169 @@ fn strategy(d: &mut Deployment, spec: &Value, path: &str, warnings: &mut Vec<Str
     Ok(())
 }
 
+/// The files of a `configMap` or `secret` volume (`c`): every key, or its `items`, with
+/// `defaultMode` (0644) or an item's `mode`. `None`: the object is not in the manifests.
+fn object_files(
+    c: &Value,
+    secret: bool,
+    vp: &str,
+    objects: &Objects,
+) -> R<Option<Vec<skiff_model::options::MountedFile>>> {
+    use skiff_model::options::MountedFile;
+    let cp = format!("{vp}.{}", if secret { "secret" } else { "configMap" });
+    let name_key = if secret { "secretName" } else { "name" };
+    let obj = get(c, name_key)
+        .map(|x| string(x, &format!("{cp}.{name_key}")))
+        .transpose()?
+        .ok_or_else(|| ManifestError::at(format!("{cp}.{name_key}"), "is required"))?;
+    let optional = get(c, "optional").and_then(Value::as_bool).unwrap_or(false);
+    let mode = |x: Option<&Value>, p: &str| -> R<Option<u32>> {
+        x.map(|m| {
+            m.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| *n <= 0o777)
+                .ok_or_else(|| ManifestError::at(p, "must be a file mode (0 to 0777)"))
+        })
+        .transpose()
+    };
+    let default_mode = mode(get(c, "defaultMode"), &format!("{cp}.defaultMode"))?.unwrap_or(0o644);
+    let Some(data) = objects.take(secret, &obj, optional, &cp)? else { return Ok(None) };
+    let Some(Value::Sequence(items)) = get(c, "items") else {
+        return Ok(Some(data.iter().map(|(k, content)| MountedFile::new(k.clone(), content, default_mode)).collect()));
+    };
+    let mut files = vec![];
+    for (j, it) in items.iter().enumerate() {
+        let ip = format!("{cp}.items[{j}]");
+        let text = |key: &str| get(it, key).map(|k| string(k, &format!("{ip}.{key}"))).transpose();
+        let (key, path) = (text("key")?.unwrap_or_default(), text("path")?.unwrap_or_default());
+        let m = mode(get(it, "mode"), &format!("{ip}.mode"))?.unwrap_or(default_mode);
+        match data.get(&key) {
+            Some(content) => files.push(MountedFile::new(path, content, m)),
+            None if optional => {}
+            None => return Err(ManifestError::at(format!("{ip}.key"), format!("{obj} has no key {key:?}"))),
+        }
+    }
+    Ok(Some(files))
+}
+
+/// File modes as Kubernetes reads them: its YAML is 1.1, where `mode: 0600` is octal; the
+/// YAML 1.2 parser here would read 600. `mode:` and `defaultMode:` values of a 0 and
+/// octal digits are written as the number they mean.
+fn octal_modes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("ode:") {
+        let (head, tail) = rest.split_at(at + 4);
+        out.push_str(head);
+        let is_mode = head.ends_with("mode:") || head.ends_with("defaultMode:");
+        let spaces = tail.len() - tail.trim_start_matches([' ', '\t']).len();
+        let value = &tail[spaces..];
+        let digits = value.chars().take_while(char::is_ascii_digit).count();
+        let end = value[digits..].chars().next();
+        let octal = &value[..digits];
+        let ends = end.is_none_or(|c| c.is_whitespace() || c == ',' || c == '}' || c == '#');
+        match u32::from_str_radix(octal, 8) {
+            Ok(n) if is_mode && digits > 1 && octal.starts_with('0') && ends => {
+                out.push_str(&tail[..spaces]);
+                out.push_str(&n.to_string());
+                rest = &value[digits..];
+            }
+            _ => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The ConfigMaps and Secrets of the manifests, by (is a Secret, name): each key's
+/// content. Workloads take what they use; what none used is warned about.
+struct Objects {
+    by: BTreeMap<(bool, String), BTreeMap<String, Vec<u8>>>,
+    used: std::cell::RefCell<std::collections::BTreeSet<(bool, String)>>,
+    /// Warnings for references to objects these manifests do not hold.
+    missing: std::cell::RefCell<Vec<String>>,
+}
+
+impl Objects {
+    fn read(docs: &[(&str, usize, Value)], many_files: bool) -> R<Objects> {
+        use base64::Engine;
+        let mut by = BTreeMap::new();
+        for (file, _, v) in docs {
+            let kind = get(v, "kind").and_then(Value::as_str).unwrap_or_default();
+            let secret = match kind {
+                "ConfigMap" => false,
+                "Secret" => true,
+                _ => continue,
+            };
+            let Some(name) = get(v, "metadata").and_then(|m| get(m, "name")).and_then(Value::as_str) else { continue };
+            let path = if many_files { format!("{file}: {kind}/{name}") } else { format!("{kind}/{name}") };
+            let mut data = BTreeMap::new();
+            // Plain text: a ConfigMap's `data`, a Secret's `stringData`; base64: a
+            // ConfigMap's `binaryData`, a Secret's `data`.
+            let (plain, encoded) = if secret { ("stringData", "data") } else { ("data", "binaryData") };
+            if let Some(m) = get(v, encoded) {
+                for (k, x) in map_of_strings(m, &format!("{path}.{encoded}"))? {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(x.trim())
+                        .map_err(|_| ManifestError::at(format!("{path}.{encoded}.{k}"), "is not base64"))?;
+                    data.insert(k, bytes);
+                }
+            }
+            if let Some(m) = get(v, plain) {
+                for (k, x) in map_of_strings(m, &format!("{path}.{plain}"))? {
+                    data.insert(k, x.into_bytes());
+                }
+            }
+            if by.insert((secret, name.to_string()), data).is_some() {
+                return Err(ManifestError::at(path, "is defined twice"));
+            }
+        }
+        Ok(Objects { by, used: Default::default(), missing: Default::default() })
+    }
+
+    /// The content of a ConfigMap (or Secret) a workload refers to at `path`; `None` when
+    /// these manifests do not hold it (said as a warning unless it is optional: skiff
+    /// keeps no objects besides the manifests', so what it would give is not given).
+    fn take(&self, secret: bool, name: &str, optional: bool, path: &str) -> R<Option<BTreeMap<String, Vec<u8>>>> {
+        let key = (secret, name.to_string());
+        match self.by.get(&key) {
+            Some(d) => {
+                self.used.borrow_mut().insert(key);
+                Ok(Some(d.clone()))
+            }
+            None => {
+                if !optional {
+                    let kind = if secret { "Secret" } else { "ConfigMap" };
+                    self.missing.borrow_mut().push(format!(
+                        "{path}: {kind} {name:?} is not in these manifests (apply it with them); not given"
+                    ));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn was_used(&self, secret: bool, name: &str) -> bool {
+        self.used.borrow().contains(&(secret, name.to_string()))
+    }
+}
+
 /// A pod's volumes as its container mounts them: a `persistentVolumeClaim` is the named
 /// volume of the claim's name on the node, `hostPath` a bind mount, `emptyDir` a volume of
 /// the instance's own (`medium: Memory`: a tmpfs). Others are warned about and not mounted.
+#[allow(clippy::too_many_arguments)]
 fn volumes(
     d: &mut Deployment,
     pod: &Value,
     container: &Value,
     pp: &str,
     cp: &str,
+    objects: &Objects,
     warnings: &mut Vec<String>,
 ) -> R<()> {
     use skiff_model::{Tmpfs, Volume, VolumeSource};
     let mut sources: BTreeMap<String, (Option<VolumeSource>, Option<u64>)> = BTreeMap::new();
+    let mut given: BTreeMap<String, (Vec<skiff_model::options::MountedFile>, bool)> = BTreeMap::new();
     if let Some(Value::Sequence(list)) = get(pod, "volumes") {
         for (i, v) in list.iter().enumerate() {
             let vp = format!("{pp}.volumes[{i}]");
@@ -626,6 +862,13 @@ fn volumes(
                     .transpose()?
                     .ok_or_else(|| ManifestError::at(format!("{vp}.hostPath.path"), "is required"))?;
                 (Some(VolumeSource::Bind { path }), None)
+            } else if let Some((secret, c)) =
+                get(v, "configMap").map(|c| (false, c)).or(get(v, "secret").map(|c| (true, c)))
+            {
+                if let Some(files) = object_files(c, secret, &vp, objects)? {
+                    given.insert(name, (files, secret));
+                }
+                continue;
             } else if let Some(e) = get(v, "emptyDir") {
                 match get(e, "medium").and_then(Value::as_str) {
                     Some("Memory") => {
@@ -668,6 +911,10 @@ fn volumes(
         };
         let (name, target) = (field("name")?, field("mountPath")?);
         let read_only = get(m, "readOnly").and_then(Value::as_bool).unwrap_or(false);
+        if let Some((files, secret)) = given.get(&name) {
+            d.files.push(skiff_model::options::FileMount { target, files: files.clone(), secret: *secret });
+            continue;
+        }
         match sources.get(&name) {
             Some((Some(source), _)) => d.volumes.push(Volume { source: source.clone(), target, read_only }),
             Some((None, size)) => {
@@ -815,6 +1062,96 @@ spec:
             e.contains("Pod/db.spec.containers[0].volumeMounts[4].name: \"nope\" is not a volume of the pod"),
             "{e}"
         );
+    }
+
+    #[test]
+    #[allow(clippy::type_complexity)]
+    fn config_maps_and_secrets_give_variables_and_files() {
+        let m = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      volumes:
+      - {name: conf, configMap: {name: web-conf, items: [{key: nginx.conf, path: conf.d/site.conf, mode: 0600}]}}
+      - {name: all, configMap: {name: web-conf, defaultMode: 0640}}
+      - {name: tls, secret: {secretName: web-tls}}
+      - {name: gone, configMap: {name: elsewhere}}
+      containers:
+      - name: web
+        image: web
+        env:
+        - {name: MODE, valueFrom: {configMapKeyRef: {name: web-conf, key: mode}}}
+        - {name: PASS, valueFrom: {secretKeyRef: {name: web-tls, key: password}}}
+        - {name: OPT, valueFrom: {secretKeyRef: {name: nope, key: x, optional: true}}}
+        - {name: POD, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+        envFrom: [{configMapRef: {name: web-conf}, prefix: CFG_}]
+        volumeMounts:
+        - {name: conf, mountPath: /etc/nginx}
+        - {name: all, mountPath: /etc/all}
+        - {name: tls, mountPath: /etc/tls, readOnly: true}
+        - {name: gone, mountPath: /etc/gone}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: web-conf}
+data: {mode: edge, nginx.conf: "server {}"}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: web-tls}
+data: {password: c2VjcmV0}
+stringData: {key.pem: PEM}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: unused}
+data: {a: b}
+"#;
+        let i = import_k8s(m, "default").unwrap();
+        let d = &i.deployments[0];
+        assert_eq!(d.env["MODE"], "edge");
+        assert_eq!(d.env["PASS"], "secret");
+        assert_eq!(d.env["CFG_mode"], "edge");
+        assert!(!d.env.contains_key("OPT") && !d.env.contains_key("POD"));
+        assert_eq!(d.secret_env, ["PASS"]);
+        let f: Vec<(&str, Vec<(&str, String, u32)>, bool)> = d
+            .files
+            .iter()
+            .map(|m| {
+                let files = m
+                    .files
+                    .iter()
+                    .map(|f| (f.path.as_str(), String::from_utf8(f.content().unwrap()).unwrap(), f.mode))
+                    .collect();
+                (m.target.as_str(), files, m.secret)
+            })
+            .collect();
+        assert_eq!(
+            f,
+            [
+                ("/etc/nginx", vec![("conf.d/site.conf", "server {}".to_string(), 0o600)], false),
+                ("/etc/all", vec![("mode", "edge".into(), 0o640), ("nginx.conf", "server {}".into(), 0o640)], false),
+                ("/etc/tls", vec![("key.pem", "PEM".into(), 0o644), ("password", "secret".into(), 0o644)], true),
+            ]
+        );
+        let said = i.warnings.join("\n");
+        assert!(said.contains("ConfigMap/unused: used by no workload"), "{said}");
+        assert!(said.contains("volumes[3].configMap: ConfigMap \"elsewhere\" is not in these manifests"), "{said}");
+        assert!(said.contains("env[3].valueFrom: only configMapKeyRef and secretKeyRef"), "{said}");
+        assert!(!said.contains("nope"), "an optional one is not warned about: {said}");
+        // Readers never see a secret's content.
+        let shown = serde_norway::to_string(&d.clone().redacted()).unwrap();
+        assert!(
+            !shown.contains("c2VjcmV0") && !shown.contains("PASS: secret") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        let bad = m.replace("key: nginx.conf", "key: missing.conf");
+        let e = import_k8s(&bad, "default").unwrap_err().to_string();
+        assert!(e.contains("volumes[0].configMap.items[0].key: web-conf has no key \"missing.conf\""), "{e}");
     }
 
     #[test]

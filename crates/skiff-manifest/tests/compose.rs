@@ -661,3 +661,57 @@ services:
         assert!(e.contains(says), "{yaml}: {e}");
     }
 }
+
+#[test]
+fn secrets_and_configs_become_read_only_files() {
+    let c = import(
+        r#"
+services:
+  web:
+    image: web
+    secrets: [db_pass, {source: api_key, target: key.txt, mode: 0400}]
+    configs: [site, {source: app, target: /etc/app.conf}]
+secrets:
+  db_pass: {file: ./app.env}
+  api_key: {environment: FROM_ENV}
+  vault: {external: true}
+configs:
+  site: {content: "hello"}
+  app: {file: app.env}
+"#,
+    )
+    .unwrap();
+    let web = &c.deployments[0];
+    let got: Vec<(&str, String, u32, bool)> = web
+        .files
+        .iter()
+        .map(|m| {
+            (m.target.as_str(), String::from_utf8(m.files[0].content().unwrap()).unwrap(), m.files[0].mode, m.secret)
+        })
+        .collect();
+    let env_file = "# comment\nA=from-file\nB=\"quoted\"\nexport C=c\n".to_string();
+    assert_eq!(
+        got,
+        [
+            ("/run/secrets/db_pass", env_file.clone(), 0o444, true),
+            ("/run/secrets/key.txt", "yes".to_string(), 0o400, true),
+            ("/site", "hello".to_string(), 0o444, false),
+            ("/etc/app.conf", env_file, 0o444, false),
+        ]
+    );
+    for (yaml, says) in [
+        (
+            "services: {a: {image: x, secrets: [nope]}}",
+            "services.a.secrets[0]: \"nope\" is not declared under the top-level secrets",
+        ),
+        ("services: {a: {image: x}}\nsecrets: {s: {file: ./missing}}", "secrets.s.file: reading /stack/missing"),
+        ("services: {a: {image: x}}\nsecrets: {s: {content: x}}", "secrets.s: needs file or environment"),
+        (
+            "services: {a: {image: x, secrets: [{source: s, mode: 999}]}}\nsecrets: {s: {environment: FROM_ENV}}",
+            "services.a.secrets[0].mode",
+        ),
+    ] {
+        let e = err(yaml);
+        assert!(e.contains(says), "{yaml}: {e}");
+    }
+}

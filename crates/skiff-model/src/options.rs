@@ -206,6 +206,92 @@ pub(crate) fn check(
     Ok(())
 }
 
+/// Files a deployment is given (a Kubernetes ConfigMap or Secret volume, compose
+/// `configs` and `secrets`): written on the node beside the instance, mounted read-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileMount {
+    /// Where: a directory that holds only these files, or (one file of path "") the file.
+    pub target: String,
+    pub files: Vec<MountedFile>,
+    /// A secret's: its content is never shown (`get`, `describe`), only its size.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secret: bool,
+}
+
+/// One file of a [`FileMount`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountedFile {
+    /// Below the mount's target (`conf.d/app.conf`); "" when the mount is this one file.
+    #[serde(default)]
+    pub path: String,
+    /// The content, base64 (a ConfigMap's `binaryData` is not text).
+    pub data: String,
+    /// Permission bits (Kubernetes' `defaultMode` 0644; compose's 0444).
+    pub mode: u32,
+}
+
+/// What a redacted secret's data reads as.
+pub const REDACTED: &str = "<redacted>";
+
+/// The most content a deployment's files may hold in all (Kubernetes' limit for one
+/// ConfigMap or Secret).
+pub const FILES_MAX_BYTES: usize = 1 << 20;
+
+impl MountedFile {
+    pub fn new(path: impl Into<String>, content: &[u8], mode: u32) -> Self {
+        use base64::Engine;
+        MountedFile { path: path.into(), data: base64::engine::general_purpose::STANDARD.encode(content), mode }
+    }
+
+    /// The content, decoded.
+    pub fn content(&self) -> Result<Vec<u8>, String> {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.decode(&self.data).map_err(|e| format!("data is not base64: {e}"))
+    }
+}
+
+/// Checks a deployment's file mounts: clean paths, modes, the size bound, no target twice.
+pub(crate) fn check_files(mounts: &[FileMount]) -> Result<(), ValidationError> {
+    let mut total = 0usize;
+    let mut targets = std::collections::HashSet::new();
+    for (i, m) in mounts.iter().enumerate() {
+        let field = format!("files[{i}]");
+        if !crate::validate::is_clean_absolute(&m.target) || m.target == "/" {
+            return Err(ValidationError::new(
+                format!("{field}.target"),
+                format!("{:?} is not an absolute path below / without . or ..", m.target),
+            ));
+        }
+        if !targets.insert(m.target.as_str()) {
+            return Err(ValidationError::new(format!("{field}.target"), format!("{:?} is mounted twice", m.target)));
+        }
+        let single = m.files.len() == 1 && m.files[0].path.is_empty();
+        for (j, f) in m.files.iter().enumerate() {
+            let ff = format!("{field}.files[{j}]");
+            let clean = f.path.split('/').all(|p| !p.is_empty() && p != "." && p != "..");
+            if !single && (f.path.is_empty() || f.path.starts_with('/') || !clean || f.path.len() > 253) {
+                return Err(ValidationError::new(
+                    format!("{ff}.path"),
+                    format!("{:?} is not a relative path without . or ..", f.path),
+                ));
+            }
+            if f.mode > 0o777 {
+                return Err(ValidationError::new(
+                    format!("{ff}.mode"),
+                    format!("{:o} is more than 777 (octal)", f.mode),
+                ));
+            }
+            total += f.content().map_err(|e| ValidationError::new(format!("{ff}.data"), e))?.len();
+        }
+        if total > FILES_MAX_BYTES {
+            return Err(ValidationError::new("files", format!("more than {FILES_MAX_BYTES} bytes in all")));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

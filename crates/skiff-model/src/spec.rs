@@ -129,6 +129,13 @@ pub struct Deployment {
     /// `dns*`, a pod's `dnsConfig`).
     #[serde(default, skip_serializing_if = "crate::options::DnsConfig::is_default")]
     pub dns: crate::options::DnsConfig,
+    /// Files it is given, mounted read-only (ConfigMap and Secret volumes, compose
+    /// `configs` and `secrets`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<crate::options::FileMount>,
+    /// Variables of `env` whose values are secrets (a Kubernetes Secret's): never shown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_env: Vec<String>,
 }
 
 /// A deployment's log files: each instance's is rotated at `max_size_bytes`, and
@@ -331,6 +338,22 @@ impl Deployment {
         }
     }
 
+    /// The deployment as shown to readers: every secret variable's and file's content replaced by
+    /// [`crate::options::REDACTED`].
+    pub fn redacted(mut self) -> Self {
+        for k in &self.secret_env {
+            if let Some(v) = self.env.get_mut(k) {
+                *v = crate::options::REDACTED.to_string();
+            }
+        }
+        for m in self.files.iter_mut().filter(|m| m.secret) {
+            for f in &mut m.files {
+                f.data = crate::options::REDACTED.to_string();
+            }
+        }
+        self
+    }
+
     /// A deployment with defaults for everything but its name and image.
     pub fn new(name: impl Into<String>, image: impl Into<String>) -> Self {
         Deployment {
@@ -378,6 +401,8 @@ impl Deployment {
             init: false,
             extra_hosts: vec![],
             dns: Default::default(),
+            files: vec![],
+            secret_env: vec![],
         }
     }
 

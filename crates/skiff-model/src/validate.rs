@@ -428,6 +428,7 @@ impl Deployment {
         for (i, r) in self.device_requests.iter().enumerate() {
             r.check().map_err(|e| ValidationError::new(format!("device_requests[{i}]"), e))?;
         }
+        crate::options::check_files(&self.files)?;
         crate::options::check(
             &self.sysctls,
             &self.ulimits,
@@ -479,6 +480,7 @@ impl Deployment {
             ("ulimits", !self.ulimits.is_empty()),
             ("shm_size", self.shm_size_bytes.is_some()),
             ("init", self.init),
+            ("files", !self.files.is_empty()),
         ];
         if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
             return Err(ValidationError::new(*field, "is not supported by the wasm runtime"));

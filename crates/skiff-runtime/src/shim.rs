@@ -261,6 +261,11 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
             got
         })
     });
+    // runc and the container start with Docker's umask (022), not the agent's 077: the
+    // directories runc makes for mount points (`/run/secrets`) must be traversable by the
+    // container's users, and its programs' files readable as they expect. Put back once
+    // runc is done.
+    let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     // Started anywhere else the sandbox would take that namespace's network: no fallback.
     let status = match &cfg.start_in_netns {
         Some(ns) => std::fs::File::open(ns)
@@ -268,6 +273,7 @@ fn run(bundle: &Path, report: &dyn Fn(String)) -> Result<(), String> {
             .map_err(|e| format!("running {} in {}: {e}", runc.bin.display(), ns.display())),
         None => run.status().map_err(|e| format!("running {}: {e}", runc.bin.display())),
     };
+    nix::sys::stat::umask(umask);
     // The command holds our copies of the pipes' write ends: only without them do the
     // copiers see the end of the output when the container is gone.
     drop(run);

@@ -525,6 +525,88 @@ fn sysctls_ulimits_shm_init_hosts_and_dns_reach_the_container() -> R {
 }
 
 #[test]
+fn config_maps_secrets_and_compose_configs_reach_the_container_and_secrets_stay_unseen() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.up(None)?;
+    n.write("pass.txt", "s3cr3t-from-file")?;
+    let compose = n.write(
+        "files.yaml",
+        &format!(
+            r#"services:
+  app:
+    image: {IMAGE}
+    command: [sleep, "1000"]
+    user: "1000"
+    secrets: [db_pass]
+    configs: [{{source: site, target: /etc/site.conf, mode: 0440}}]
+secrets:
+  db_pass: {{file: ./pass.txt}}
+configs:
+  site: {{content: "listen 80"}}
+"#
+        ),
+    )?;
+    n.ok(&["apply", "-f", &compose.to_string_lossy()])?;
+    n.wait_running("app-1")?;
+    let exec = |i: &str, cmd: &str| n.ok(&["exec", i, "--", "sh", "-c", cmd]);
+    assert_eq!(exec("app-1", "cat /run/secrets/db_pass")?, "s3cr3t-from-file", "read as its user (1000)");
+    assert_eq!(exec("app-1", "stat -c %a /run/secrets/db_pass /etc/site.conf")?, "444\n440\n");
+    assert!(
+        !n.cli(&["exec", "app-1", "--", "sh", "-c", "echo x > /run/secrets/db_pass"])?.status.success(),
+        "read-only"
+    );
+
+    let k8s = n.write(
+        "k8s.yaml",
+        &format!(
+            r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web}}
+spec:
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      volumes: [{{name: conf, configMap: {{name: web-conf, items: [{{key: a.conf, path: conf.d/a.conf}}]}}}}]
+      containers:
+      - name: web
+        image: {IMAGE}
+        command: [sleep, "1000"]
+        env: [{{name: TOKEN, valueFrom: {{secretKeyRef: {{name: web-secret, key: token}}}}}}]
+        volumeMounts: [{{name: conf, mountPath: /etc/web}}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: web-conf}}
+data: {{a.conf: "mode edge"}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: web-secret}}
+stringData: {{token: tok-123}}
+"#
+        ),
+    )?;
+    n.ok(&["apply", "-f", &k8s.to_string_lossy()])?;
+    n.wait_running("web-1")?;
+    // The ConfigMap volume holds only its files (the image's /etc/web would be hidden).
+    assert_eq!(exec("web-1", "find /etc/web -type f")?, "/etc/web/conf.d/a.conf\n");
+    assert_eq!(exec("web-1", "cat /etc/web/conf.d/a.conf; echo; echo $TOKEN")?, "mode edge\ntok-123\n");
+    // Readers see no secret: not the file's, not the variable's.
+    let shown = n.ok(&["get", "deployments", "-o", "yaml"])?;
+    assert!(!shown.contains("tok-123") && !shown.contains("s3cr3t"), "{shown}");
+    assert!(shown.contains("<redacted>"), "{shown}");
+    assert!(shown.contains("mode edge") || shown.contains("bW9kZSBlZGdl"), "a ConfigMap is no secret: {shown}");
+    // Read back, scaled and applied again: the secrets are kept.
+    n.ok(&["scale", "web=2", "app=2"])?;
+    n.wait_running("web-2")?;
+    n.wait_running("app-2")?;
+    assert_eq!(exec("web-2", "echo $TOKEN")?, "tok-123\n");
+    assert_eq!(exec("app-2", "cat /run/secrets/db_pass")?, "s3cr3t-from-file");
+    Ok(())
+}
+
+#[test]
 fn run_and_up_pull_from_a_registry() -> R {
     skiff_testkit::require_registry_tools!();
     let reg = skiff_testkit::registry::Registry::start()?;
