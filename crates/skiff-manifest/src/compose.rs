@@ -15,6 +15,28 @@ pub struct ComposeImport {
     pub deployments: Vec<Deployment>,
     /// Keys that were ignored, each naming its path.
     pub warnings: Vec<String>,
+    /// The services' `build:` sections, in file order.
+    pub builds: Vec<BuildSpec>,
+}
+
+/// How one service's image is built (compose `build:`), into the tag its deployment runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildSpec {
+    /// The compose service's name.
+    pub service: String,
+    /// The image it is tagged as: the service's `image`, else `localhost/PROJECT-SERVICE:latest`.
+    pub tag: String,
+    /// Whether the service names no image of its own: it runs only what is built.
+    pub build_only: bool,
+    /// The build context, a directory on this machine.
+    pub context: PathBuf,
+    /// The Dockerfile, relative to the context (`Dockerfile` when unset).
+    pub dockerfile: Option<String>,
+    /// A Dockerfile given in the compose file itself (`dockerfile_inline`).
+    pub dockerfile_inline: Option<String>,
+    pub args: BTreeMap<String, String>,
+    /// The stage of a multi-stage Dockerfile to build up to.
+    pub target: Option<String>,
 }
 
 type R<T> = Result<T, ManifestError>;
@@ -24,6 +46,7 @@ struct Ctx<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     read_file: &'a dyn Fn(&Path) -> std::io::Result<String>,
     warnings: Vec<String>,
+    builds: Vec<BuildSpec>,
     /// Top-level `secrets` (true) and `configs` (false) by name: their content, or `None`
     /// for an `external` one (kept elsewhere; nothing here can read it).
     given: BTreeMap<(bool, String), Option<Vec<u8>>>,
@@ -55,7 +78,7 @@ pub fn import_compose(
     let top = root
         .as_mapping()
         .ok_or_else(|| ManifestError::at("(root)", "a compose file must be a mapping with a services key"))?;
-    let mut cx = Ctx { dir, env, read_file, warnings: vec![], given: BTreeMap::new() };
+    let mut cx = Ctx { dir, env, read_file, warnings: vec![], builds: vec![], given: BTreeMap::new() };
     let mut services = None;
     let mut networks_at = None;
     let mut project = sanitize_project(default_project);
@@ -146,7 +169,7 @@ pub fn import_compose(
         let d = service(&mut cx, &project, &nets, name, svc)?;
         deployments.push(d);
     }
-    Ok(ComposeImport { project, deployments, warnings: cx.warnings })
+    Ok(ComposeImport { project, deployments, warnings: cx.warnings, builds: cx.builds })
 }
 
 fn sanitize_project(s: &str) -> String {
@@ -665,13 +688,13 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
     let mut image = None;
     let mut env_files = vec![];
     let mut env = BTreeMap::new();
-    let mut has_build = false;
+    let mut build = None;
     for (k, v) in m {
         let key = key_str(k, &base)?;
         let path = format!("{base}.{key}");
         match key.as_str() {
             "image" => image = Some(str_of(v, &path)?),
-            "build" => has_build = true,
+            "build" => build = Some(build_spec(cx, v, &path)?),
             "command" => d.command = Some(argv(v, &path)?),
             "entrypoint" => d.entrypoint = Some(argv(v, &path)?),
             "environment" => key_values(cx, v, &path, &mut env)?,
@@ -829,18 +852,19 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
         }
     }
     d.env = env;
-    d.image = match image {
-        Some(i) => i,
-        None if has_build => {
-            return Err(ManifestError::at(
-                format!("{base}.build"),
-                "building images is not supported; build elsewhere, then set image",
-            ))
-        }
-        None => return Err(ManifestError::at(format!("{base}.image"), "is required")),
+    // A service with both runs its image (pulled, or built by `skiff build`); one with a
+    // build only runs what is built, under the name compose gives it.
+    let build_only = image.is_none();
+    d.image = match (image, &build) {
+        (Some(i), _) => i,
+        (None, Some(_)) => format!("localhost/{project}-{}:latest", d.name),
+        (None, None) => return Err(ManifestError::at(format!("{base}.image"), "is required")),
     };
-    if has_build {
-        cx.warnings.push(format!("{base}.build: not supported, the image is used as is"));
+    if let Some(b) = build {
+        if !build_only {
+            cx.warnings.push(format!("{base}.build: the image {} is pulled as it is (skiff build builds it)", d.image));
+        }
+        cx.builds.push(BuildSpec { service: name.to_string(), tag: d.image.clone(), build_only, ..b });
     }
     // Without `networks:` a service joins the project's default network, which the file
     // may rename or make external under `networks: default:`.
@@ -888,6 +912,53 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
     }
     d.validate().map_err(|e| ManifestError::at(format!("{base}.{}", e.field), e.problem))?;
     Ok(d)
+}
+
+/// A service's `build:`: a context directory, or `context`, `dockerfile`,
+/// `dockerfile_inline`, `args` and `target` (other keys warned about). A context that is
+/// not a directory here (a Git URL) is refused.
+fn build_spec(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<BuildSpec> {
+    let mut b = BuildSpec {
+        service: String::new(),
+        tag: String::new(),
+        build_only: false,
+        context: cx.dir.to_path_buf(),
+        dockerfile: None,
+        dockerfile_inline: None,
+        args: BTreeMap::new(),
+        target: None,
+    };
+    let mut context = None;
+    match v {
+        Value::Mapping(m) => {
+            for (k, x) in m {
+                let key = key_str(k, path)?;
+                let p = format!("{path}.{key}");
+                match key.as_str() {
+                    "context" => context = Some(str_of(x, &p)?),
+                    "dockerfile" => b.dockerfile = Some(str_of(x, &p)?),
+                    "dockerfile_inline" => b.dockerfile_inline = Some(str_of(x, &p)?),
+                    "args" => key_values(cx, x, &p, &mut b.args)?,
+                    "target" => b.target = Some(str_of(x, &p)?),
+                    _ => cx.warnings.push(format!("{p}: not supported yet, ignored")),
+                }
+            }
+        }
+        other => context = Some(str_of(other, path)?),
+    }
+    if let Some(c) = context {
+        if c.contains("://") || c.starts_with("git@") {
+            return Err(ManifestError::at(
+                path,
+                format!("{c:?}: a remote build context is not supported; clone it here"),
+            ));
+        }
+        b.context = PathBuf::from(short::normalize(&cx.dir.join(&c)));
+    }
+    if b.dockerfile.is_some() && b.dockerfile_inline.is_some() {
+        return Err(ManifestError::at(path, "dockerfile and dockerfile_inline exclude each other"));
+    }
+    Ok(b)
 }
 
 /// Top-level `secrets:` or `configs:`: each from a `file` (relative to the compose file),

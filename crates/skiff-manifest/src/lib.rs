@@ -15,7 +15,7 @@ mod interpolate;
 mod k8s;
 pub mod short;
 
-pub use compose::{import_compose, ComposeImport};
+pub use compose::{import_compose, BuildSpec, ComposeImport};
 pub use interpolate::interpolate;
 pub use k8s::{import_k8s, import_k8s_files, is_k8s, K8sImport};
 

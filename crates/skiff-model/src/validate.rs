@@ -29,6 +29,21 @@ pub fn is_clean_absolute(path: &str) -> bool {
     rest.is_empty() || rest.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
+/// A named volume's name, as Docker takes it: a letter or digit, then letters, digits,
+/// `_`, `.` and `-` (it is a directory of the node's `volumes`: never `.` or `..`, no `/`).
+pub fn check_volume_name(field: &str, name: &str) -> Result<(), ValidationError> {
+    let ok = name.len() <= 128
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        return Ok(());
+    }
+    Err(ValidationError::new(
+        field,
+        format!("{name:?} is not a volume name (a letter or digit, then letters, digits, '_', '.' or '-')"),
+    ))
+}
+
 pub fn check_name(field: &str, name: &str) -> Result<(), ValidationError> {
     let ok = !name.is_empty()
         && name.len() <= 63
@@ -384,7 +399,7 @@ impl Deployment {
                         format!("{path:?} must be an absolute path without . or .. parts"),
                     ));
                 }
-                VolumeSource::Named { name } => check_name(&format!("volumes[{i}].source"), name)?,
+                VolumeSource::Named { name } => check_volume_name(&format!("volumes[{i}].source"), name)?,
                 _ => {}
             }
         }

@@ -21,6 +21,7 @@ macro_rules! out {
 }
 
 mod agent;
+mod build;
 mod cli;
 mod client;
 mod config;

@@ -133,7 +133,7 @@ pub fn compose_in(text: &str, dir: &Path) -> Result<ComposeImport> {
     Ok(skiff_manifest::import_compose(text, dir, &default_project, &env, &|p| std::fs::read_to_string(p))?)
 }
 
-fn default_compose() -> Option<PathBuf> {
+pub(crate) fn default_compose() -> Option<PathBuf> {
     ["compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml"]
         .iter()
         .map(PathBuf::from)
@@ -167,6 +167,11 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let data = &cli.data;
     crate::secure_data_dir(data)?;
+    // As `docker compose up`: a service that only builds its image has it built when the
+    // store lacks it.
+    if let Some(i) = &import {
+        crate::build::build_all(data, &i.builds, &[], true)?;
+    }
     skiff_sys::connlimit::raise_fd_limit();
     let mut acfg = AgentConfig::new(data);
     args.net.apply(&mut acfg);

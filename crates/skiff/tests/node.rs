@@ -606,6 +606,49 @@ stringData: {{token: tok-123}}
     Ok(())
 }
 
+/// A service with only a `build:` (a quarter of real compose files have one): `skiff up`
+/// builds it with buildah, multi-stage, with its build arguments and target, and runs it;
+/// `skiff build` builds again on its own.
+#[test]
+fn build_only_services_are_built_and_run() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    let ctx = n.dir.path().join("app");
+    std::fs::create_dir_all(&ctx)?;
+    std::fs::copy("/bin/busybox", ctx.join("busybox"))?;
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        r#"FROM scratch AS base
+COPY busybox /bin/busybox
+FROM base AS build
+ARG GREETING=none
+RUN ["/bin/busybox", "sh", "-c", "/bin/busybox mkdir -p /out && /bin/busybox echo built $GREETING > /out/msg"]
+FROM base AS final
+COPY --from=build /out/msg /msg
+CMD ["/bin/busybox", "sleep", "1000"]
+FROM base AS broken
+RUN ["/bin/busybox", "false"]
+"#,
+    )?;
+    let compose = n.up_compose(
+        "name: bt\nservices:\n  app:\n    build: {context: ./app, args: {GREETING: hi}, target: final}\n    stop_grace_period: 1s\n",
+    )?;
+    n.wait_running("app-1")?;
+    assert_eq!(n.ok(&["exec", "app-1", "--", "/bin/busybox", "cat", "/msg"])?, "built hi\n");
+    let images = n.ok(&["image", "ls"])?;
+    assert!(images.contains("localhost/bt-app:latest"), "{images}");
+    // `skiff build` alone: the broken stage, when it is the target, fails the build.
+    n.ok(&["build", "-f", &compose.to_string_lossy()])?;
+    let broken =
+        n.write("broken.yaml", "name: bt\nservices:\n  app:\n    build: {context: ./app, target: broken}\n")?;
+    let out = n.cli(&["build", "-f", &broken.to_string_lossy()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("services.app.build: buildah failed"), "{err}");
+    let out = n.cli(&["build", "-f", &compose.to_string_lossy(), "nope"])?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope: no service of that name has a build section"));
+    Ok(())
+}
+
 #[test]
 fn run_and_up_pull_from_a_registry() -> R {
     skiff_testkit::require_registry_tools!();

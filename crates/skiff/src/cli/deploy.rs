@@ -383,6 +383,8 @@ pub(super) struct Manifests {
     /// A compose file's project: its stack is replaced whole.
     pub prune_stack: Option<String>,
     pub autoscalers: Vec<skiff_model::api::AttachAutoscaler>,
+    /// A compose file's `build:` sections.
+    pub builds: Vec<skiff_manifest::BuildSpec>,
 }
 
 /// Reads the `-f` files (`-`: standard input, once): Kubernetes manifests, any number,
@@ -422,6 +424,7 @@ pub(super) fn read_manifests(files: &[PathBuf]) -> Result<Manifests> {
             warnings: c.warnings,
             prune_stack: Some(c.project),
             autoscalers: vec![],
+            builds: c.builds,
         });
     }
     // One set, as kubectl reads several files: a Service or an autoscaler in one file
@@ -431,8 +434,13 @@ pub(super) fn read_manifests(files: &[PathBuf]) -> Result<Manifests> {
         [(one, _)] => one.to_string(),
         _ => "the manifests".to_string(),
     })?;
-    let out =
-        Manifests { deployments: k.deployments, warnings: k.warnings, prune_stack: None, autoscalers: k.autoscalers };
+    let out = Manifests {
+        deployments: k.deployments,
+        warnings: k.warnings,
+        prune_stack: None,
+        autoscalers: k.autoscalers,
+        builds: vec![],
+    };
     Ok(out)
 }
 
@@ -440,9 +448,29 @@ pub(super) fn read_manifests(files: &[PathBuf]) -> Result<Manifests> {
 /// pruning); a compose file replaces its whole stack.
 pub(super) async fn apply(cli: &Cli, files: &[PathBuf], dry_run: bool, selector: &[String]) -> Result<i32> {
     let selector = parse_selector(selector)?;
-    let Manifests { mut deployments, warnings, prune_stack, autoscalers } = read_manifests(files)?;
+    let Manifests { mut deployments, warnings, prune_stack, autoscalers, builds } = read_manifests(files)?;
     for w in &warnings {
         eprintln!("warning: {w}");
+    }
+    // Images only built here run on this machine's node (`skiff up`'s): built into its
+    // store when missing. A fleet's nodes pull theirs from a registry.
+    let unbuilt: Vec<&skiff_manifest::BuildSpec> =
+        builds.iter().filter(|b| b.build_only && !crate::build::is_built(&cli.data, &b.tag)).collect();
+    if !unbuilt.is_empty() && !dry_run {
+        if !cli.data.join("images").is_dir() {
+            let b = unbuilt[0];
+            bail!(
+                "services.{}.build: no image store here ({}) to build {} into; on a fleet, build and push it to a \
+                 registry (skiff build, then image: REGISTRY/NAME)",
+                b.service,
+                cli.data.display(),
+                b.tag
+            );
+        }
+        crate::build::build_all(&cli.data, &builds, &[], true)?;
+    }
+    for b in unbuilt.iter().filter(|_| dry_run) {
+        eprintln!("{}: {} would be built (dry run: not built)", b.service, b.tag);
     }
     for d in &mut deployments {
         d.placement.node_selector.extend(selector.clone());

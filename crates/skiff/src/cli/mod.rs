@@ -65,6 +65,15 @@ pub enum Cmd {
         #[arg(long = "selector")]
         selector: Vec<String>,
     },
+    /// Build the images of a compose file's services that have a `build:` section (with
+    /// buildah), into this machine's image store.
+    Build {
+        /// The compose file (default: compose.yaml, docker-compose.yml, ... here).
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+        /// Only these services.
+        services: Vec<String>,
+    },
     /// Run an image as a deployment.
     Run(Box<RunArgs>),
     /// List nodes, deployments, instances or events (or show one by name).
@@ -489,6 +498,18 @@ async fn run(cli: Cli) -> Result<i32> {
             image::pull(cli, cmd).await
         }
         Cmd::Image(cmd) => image::image(&cli.data, cmd),
+        Cmd::Build { file, services } => {
+            let file = file.clone().or_else(crate::up::default_compose).context(
+                "-f: no compose file given, and none here (compose.yaml, compose.yml, docker-compose.yml, \
+                 docker-compose.yaml)",
+            )?;
+            let import = crate::up::load_compose(&file)?;
+            let n = crate::build::build_all(&cli.data, &import.builds, services, false)?;
+            if n == 0 {
+                eprintln!("{}: no service has a build section", file.display());
+            }
+            Ok(0)
+        }
         Cmd::Bundle(cmd) => image::bundle(&cli.data, cmd),
         Cmd::Shim { .. } => Ok(0),
     }
