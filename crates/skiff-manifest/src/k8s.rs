@@ -86,6 +86,7 @@ fn unknown(v: &Value, known: &[&str], path: &str, warnings: &mut Vec<String>) {
 struct Service {
     path: String,
     name: String,
+    stack: String,
     selector: BTreeMap<String, String>,
     ports: Vec<(Value, String)>,
     /// NodePort and LoadBalancer: published on the nodes too.
@@ -137,6 +138,13 @@ pub fn import_k8s(text: &str, namespace: &str) -> R<K8sImport> {
 /// or an autoscaler in one selects a Deployment in another. With more than one file,
 /// errors and warnings start with the file's name (and count documents within it).
 pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport> {
+    import_k8s_beside(files, namespace, &[])
+}
+
+/// [`import_k8s_files`] beside the deployments already `stored`: a Service that selects
+/// no workload of these files selects stored ones of its namespace by their pods' labels
+/// (as kubectl applies a Service on its own); those come out changed, to apply again.
+pub fn import_k8s_beside(files: &[(&str, &str)], namespace: &str, stored: &[Deployment]) -> R<K8sImport> {
     let mut out = K8sImport { deployments: vec![], warnings: vec![], autoscalers: vec![] };
     let mut pod_labels: Vec<BTreeMap<String, String>> = vec![];
     let mut named_ports: Vec<BTreeMap<String, u16>> = vec![];
@@ -206,7 +214,7 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
                     }
                     _ => return Err(ManifestError::at(format!("{path}.spec.ports"), "must be a list")),
                 };
-                services.push(Service { path, name, selector, ports, publish });
+                services.push(Service { path, name, stack: stack.clone(), selector, ports, publish });
             }
             // A claim is the named volume of its name on each node that mounts it.
             "PersistentVolumeClaim" => out.warnings.push(format!(
@@ -225,10 +233,13 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
                 // Metrics of the workload's own (Pods, Object, External) are not read yet:
                 // the workload runs at its replica count, unscaled, rather than not at all.
                 let types: Vec<&str> = match get(spec, "metrics") {
-                    Some(Value::Sequence(l)) => l.iter().filter_map(|m| get(m, "type").and_then(Value::as_str)).collect(),
+                    Some(Value::Sequence(l)) => {
+                        l.iter().filter_map(|m| get(m, "type").and_then(Value::as_str)).collect()
+                    }
                     _ => vec![],
                 };
-                if let Some(t) = types.iter().find(|t| ["Pods", "Object", "External", "ContainerResource"].contains(t)) {
+                if let Some(t) = types.iter().find(|t| ["Pods", "Object", "External", "ContainerResource"].contains(t))
+                {
                     out.warnings.push(format!(
                         "{path}: {t} metrics are not supported yet (Resource: cpu or memory); this autoscaler is \
                          not applied"
@@ -262,16 +273,30 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
         }
     }
     for s in services {
-        let targets: Vec<usize> = pod_labels
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| s.selector.iter().all(|(k, v)| l.get(k) == Some(v)))
-            .map(|(i, _)| i)
-            .collect();
+        let selects = |l: &BTreeMap<String, String>| {
+            !s.selector.is_empty() && s.selector.iter().all(|(k, v)| l.get(k) == Some(v))
+        };
+        let mut targets: Vec<usize> =
+            pod_labels.iter().enumerate().filter(|(_, l)| selects(l)).map(|(i, _)| i).collect();
+        if targets.is_empty() {
+            for d in stored.iter().filter(|d| d.stack == s.stack && selects(&d.pod_labels)) {
+                let at = match out.deployments.iter().position(|x| x.name == d.name) {
+                    Some(at) => at,
+                    None => {
+                        out.deployments.push(d.clone());
+                        pod_labels.push(d.pod_labels.clone());
+                        named_ports.push(BTreeMap::new());
+                        paths.push(format!("deployment {} (stored)", d.name));
+                        out.deployments.len() - 1
+                    }
+                };
+                targets.push(at);
+            }
+        }
         if targets.is_empty() {
             return Err(ManifestError::at(
                 format!("{}.spec.selector", s.path),
-                "selects no Deployment or DaemonSet in these manifests",
+                "selects no Deployment or DaemonSet in these manifests, nor a stored one",
             ));
         }
         for (p, path) in &s.ports {
@@ -305,8 +330,9 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
             for &i in &targets {
                 let target = target_of(i, &out.deployments[i].name)?;
                 let d = &mut out.deployments[i];
-                if s.publish {
-                    d.ports.push(PortMapping { host_ip: None, host_port: host, container_port: target, protocol });
+                let published = PortMapping { host_ip: None, host_port: host, container_port: target, protocol };
+                if s.publish && !d.ports.contains(&published) {
+                    d.ports.push(published);
                 }
                 match d.expose.iter().find(|e| e.port == svc_port) {
                     _ if protocol != Protocol::Tcp => {}
@@ -434,6 +460,7 @@ fn workload(
         .ok_or_else(|| ManifestError::at(format!("{cp}.image"), "is required"))?;
     let mut d = Deployment::new(name, image);
     d.stack = stack.to_string();
+    d.pod_labels = labels.clone();
     d.labels = get(v, "metadata")
         .and_then(|m| get(m, "labels"))
         .map(|l| map_of_strings(l, &format!("{path}.metadata.labels")))
@@ -1168,6 +1195,27 @@ data: {a: b}
     }
 
     #[test]
+    fn a_service_on_its_own_selects_stored_deployments_of_its_namespace() {
+        let app = import_k8s(APP, "default").unwrap();
+        let web = app.deployments.iter().find(|d| d.name == "web").unwrap().clone();
+        assert_eq!(web.pod_labels["app"], "web");
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: front}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports: [{port: 8080, targetPort: 80, nodePort: 30080}]\n";
+        assert!(import_k8s(svc, "default").unwrap_err().to_string().contains("nor a stored one"));
+        let k = import_k8s_beside(&[("", svc)], "default", std::slice::from_ref(&web)).unwrap();
+        let d = &k.deployments[0];
+        assert_eq!(d.name, "web");
+        assert!(d.expose.contains(&skiff_model::mesh::ServicePort { port: 8080, target: 80 }), "{:?}", d.expose);
+        assert!(d.aliases.contains(&"front".to_string()), "{:?}", d.aliases);
+        assert_eq!(d.ports.iter().filter(|p| p.host_port == 30080).count(), 1);
+        // Applied again on what it made: nothing more.
+        let again = import_k8s_beside(&[("", svc)], "default", std::slice::from_ref(d)).unwrap();
+        assert_eq!(&again.deployments[0], d);
+        // Another namespace's deployment is not selected.
+        let other = Deployment { stack: "cams".into(), ..web.clone() };
+        assert!(import_k8s_beside(&[("", svc)], "default", &[other]).is_err());
+    }
+
+    #[test]
     fn host_aliases_dns_config_and_sysctls_map_over() {
         let m = r#"
 apiVersion: apps/v1
@@ -1382,7 +1430,7 @@ spec:
         let e = import_k8s_files(&[("api.yaml", dep), ("svc.yaml", &svc.replace("app: api", "app: nope"))], "default")
             .unwrap_err()
             .to_string();
-        assert_eq!(e, "svc.yaml: Service/api.spec.selector: selects no Deployment or DaemonSet in these manifests");
+        assert_eq!(e, "svc.yaml: Service/api.spec.selector: selects no Deployment or DaemonSet in these manifests, nor a stored one");
         let e = import_k8s_files(&[("a.yaml", dep), ("b.yaml", &format!("---\n{dep}"))], "default")
             .unwrap_err()
             .to_string();

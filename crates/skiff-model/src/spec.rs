@@ -136,6 +136,10 @@ pub struct Deployment {
     /// Variables of `env` whose values are secrets (a Kubernetes Secret's): never shown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secret_env: Vec<String>,
+    /// The labels of its pods (a Kubernetes template's): what a Service applied later,
+    /// in a file of its own, selects it by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_labels: BTreeMap<String, String>,
 }
 
 /// A deployment's log files: each instance's is rotated at `max_size_bytes`, and
@@ -403,6 +407,7 @@ impl Deployment {
             dns: Default::default(),
             files: vec![],
             secret_env: vec![],
+            pod_labels: BTreeMap::new(),
         }
     }
 

@@ -597,6 +597,16 @@ stringData: {{token: tok-123}}
     assert!(!shown.contains("tok-123") && !shown.contains("s3cr3t"), "{shown}");
     assert!(shown.contains("<redacted>"), "{shown}");
     assert!(shown.contains("mode edge") || shown.contains("bW9kZSBlZGdl"), "a ConfigMap is no secret: {shown}");
+    // A Service in a file of its own selects the stored deployment (as kubectl applies
+    // it); its secrets, read back redacted, are kept.
+    let svc = n.write(
+        "svc.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: front}\nspec:\n  selector: {app: web}\n  ports: [{port: 8080, targetPort: 80}]\n",
+    )?;
+    n.ok(&["apply", "-f", &svc.to_string_lossy()])?;
+    let services = n.ok(&["get", "services", "-o", "wide"])?;
+    let line = services.lines().find(|l| l.starts_with("web ")).unwrap_or_default();
+    assert!(line.contains("8080") && line.contains("front"), "{services}");
     // Read back, scaled and applied again: the secrets are kept.
     n.ok(&["scale", "web=2", "app=2"])?;
     n.wait_running("web-2")?;

@@ -3,7 +3,7 @@
 use super::{client, parse_selector, Cli};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use skiff_model::api::{ApplyRequest, ApplyResponse};
+use skiff_model::api::{ApplyRequest, ApplyResponse, DeploymentView};
 use skiff_model::{Deployment, DeviceMapping, DeviceRequest, NetworkMode, PortMapping, RestartPolicy, RuntimeKind};
 use std::path::{Path, PathBuf};
 
@@ -387,11 +387,23 @@ pub(super) struct Manifests {
     pub builds: Vec<skiff_manifest::BuildSpec>,
 }
 
-/// Reads the `-f` files (`-`: standard input, once): Kubernetes manifests, any number,
-/// applied together as `kubectl apply -f a -f b`; or one compose file (docker compose
-/// merges several as overrides, which skiff does not).
+/// The `-f` files read (`-`: standard input, once): (name, text, directory).
+type Texts = Vec<(String, String, PathBuf)>;
+
+/// Reads the `-f` files: Kubernetes manifests, any number, applied together as `kubectl
+/// apply -f a -f b`; or one compose file (docker compose merges several as overrides,
+/// which skiff does not).
 pub(super) fn read_manifests(files: &[PathBuf]) -> Result<Manifests> {
-    let mut texts: Vec<(String, String, PathBuf)> = vec![];
+    import_texts(read_texts(files)?, &[])
+}
+
+/// Whether manifests hold a Kubernetes Service (which may select stored deployments).
+fn has_k8s_service(texts: &Texts) -> bool {
+    texts.iter().any(|(_, t, _)| skiff_manifest::is_k8s(t) && t.contains("Service"))
+}
+
+fn read_texts(files: &[PathBuf]) -> Result<Texts> {
+    let mut texts: Texts = vec![];
     let mut stdin_read = false;
     for f in files {
         if f.as_os_str() == "-" {
@@ -409,6 +421,11 @@ pub(super) fn read_manifests(files: &[PathBuf]) -> Result<Manifests> {
             texts.push((f.display().to_string(), t, dir));
         }
     }
+    Ok(texts)
+}
+
+/// The manifests of `texts`, a Service selecting `stored` deployments too.
+fn import_texts(texts: Texts, stored: &[skiff_model::Deployment]) -> Result<Manifests> {
     let compose: Vec<&(String, String, PathBuf)> =
         texts.iter().filter(|(_, t, _)| !skiff_manifest::is_k8s(t)).collect();
     if let Some((name, text, dir)) = compose.first() {
@@ -430,7 +447,7 @@ pub(super) fn read_manifests(files: &[PathBuf]) -> Result<Manifests> {
     // One set, as kubectl reads several files: a Service or an autoscaler in one file
     // selects a Deployment in another (errors name the file).
     let files: Vec<(&str, &str)> = texts.iter().map(|(n, t, _)| (n.as_str(), t.as_str())).collect();
-    let k = skiff_manifest::import_k8s_files(&files, "default").with_context(|| match files.as_slice() {
+    let k = skiff_manifest::import_k8s_beside(&files, "default", stored).with_context(|| match files.as_slice() {
         [(one, _)] => one.to_string(),
         _ => "the manifests".to_string(),
     })?;
@@ -448,7 +465,14 @@ pub(super) fn read_manifests(files: &[PathBuf]) -> Result<Manifests> {
 /// pruning); a compose file replaces its whole stack.
 pub(super) async fn apply(cli: &Cli, files: &[PathBuf], dry_run: bool, selector: &[String]) -> Result<i32> {
     let selector = parse_selector(selector)?;
-    let Manifests { mut deployments, warnings, prune_stack, autoscalers, builds } = read_manifests(files)?;
+    // A Service applied on its own selects deployments already stored.
+    let texts = read_texts(files)?;
+    let c = client(cli)?;
+    let stored: Vec<skiff_model::Deployment> = match has_k8s_service(&texts) {
+        true => c.get::<Vec<DeploymentView>>("/api/v1/deployments").await?.into_iter().map(|v| v.spec).collect(),
+        false => vec![],
+    };
+    let Manifests { mut deployments, warnings, prune_stack, autoscalers, builds } = import_texts(texts, &stored)?;
     for w in &warnings {
         eprintln!("warning: {w}");
     }
@@ -476,7 +500,7 @@ pub(super) async fn apply(cli: &Cli, files: &[PathBuf], dry_run: bool, selector:
         d.placement.node_selector.extend(selector.clone());
     }
     let req = ApplyRequest { deployments, prune_stack, dry_run, autoscalers };
-    let r: ApplyResponse = client(cli)?.post("/api/v1/apply", &req).await?;
+    let r: ApplyResponse = c.post("/api/v1/apply", &req).await?;
     print_apply(&r, dry_run);
     Ok(0)
 }
