@@ -306,12 +306,13 @@ impl Agent {
         let mut fill = vec![];
         let wasm = d.runtime == RuntimeKind::Wasm;
         let volumes = self.cfg.data_dir.join("volumes");
-        for (i, v) in d.volumes.iter().enumerate() {
+        for v in &d.volumes {
             let (src, named) = match &v.source {
                 VolumeSource::Bind { path } => (PathBuf::from(path), false),
                 VolumeSource::Named { name } => (volumes.join(name).join("_data"), true),
+                // By its target: a volume added or moved in an update keeps its own data.
                 VolumeSource::Anonymous => {
-                    (volumes.join(ANONYMOUS).join(owner).join(i.to_string()).join("_data"), true)
+                    (volumes.join(ANONYMOUS).join(owner).join(target_key(&v.target)).join("_data"), true)
                 }
             };
             let made = !src.exists();
@@ -410,6 +411,13 @@ fn walk_dirs(root: &std::path::Path) -> Vec<PathBuf> {
 /// Where anonymous volumes live, under the node's `volumes` (not a volume name: those
 /// start with a letter or digit).
 pub(crate) const ANONYMOUS: &str = ".anonymous";
+
+/// An anonymous volume's directory name: its target's FNV-1a hash (a target may be any
+/// path; a name must be one short component).
+fn target_key(target: &str) -> String {
+    let h = target.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("{h:016x}")
+}
 
 /// Whose anonymous volumes an instance mounts: its deployment's slot (`web-2`), which
 /// keeps them across restarts and updates; the instance's own name without a slot.

@@ -344,7 +344,11 @@ async fn rollout_status(
 
 async fn rollout_history(State(hub): State<Shared>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let h = hub.rollout_history(&name).map_err(hub_error)?;
-    Ok(Json(h.ok_or_else(|| not_found(format!("deployment {name:?} not found")))?).into_response())
+    let h = h.ok_or_else(|| not_found(format!("deployment {name:?} not found")))?;
+    // Readers never see a secret, in any revision.
+    let h: Vec<skiff_model::rollout::Revision> =
+        h.into_iter().map(|r| skiff_model::rollout::Revision { spec: r.spec.redacted(), ..r }).collect();
+    Ok(Json(h).into_response())
 }
 
 async fn rollout_undo(
@@ -357,7 +361,8 @@ async fn rollout_undo(
         return Err(not_found(format!("deployment {name:?} not found")));
     }
     let now = hub.clock.now_ms();
-    Ok(Json(hub.rollout_undo(&name, req.to_revision, now).map_err(hub_error)?).into_response())
+    let r = hub.rollout_undo(&name, req.to_revision, now).map_err(hub_error)?;
+    Ok(Json(skiff_model::rollout::Revision { spec: r.spec.redacted(), ..r }).into_response())
 }
 
 async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {

@@ -149,6 +149,15 @@ impl Hub {
     pub async fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse, ApplyError> {
         let kept = self.keep_restarts(req);
         let req = kept.as_ref().unwrap_or(req);
+        for d in &req.deployments {
+            if let Some(field) = skiff_model::options::redacted_left(d) {
+                return Err(ApplyError::Invalid(format!(
+                    "deployments.{}.{field}: reads {}, and no stored secret is there to keep; give its content",
+                    d.name,
+                    skiff_model::options::REDACTED
+                )));
+            }
+        }
         let attached = self.attach_autoscalers(req)?;
         self.check(&attached)?;
         let warnings = self.nodes.admit(&attached.deployments).await.map_err(|(name, e)| {

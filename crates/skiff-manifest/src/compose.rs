@@ -62,6 +62,23 @@ pub fn import_compose(
     env: &dyn Fn(&str) -> Option<String>,
     read_file: &dyn Fn(&Path) -> std::io::Result<String>,
 ) -> R<ComposeImport> {
+    import_file(text, dir, default_project, None, env, read_file, 0)
+}
+
+/// How deep `include` may go (a loop of files otherwise never ends).
+const INCLUDE_DEPTH: usize = 8;
+
+/// [`import_compose`] of one file; `project`: the including file's project, which an
+/// included file joins whatever its own `name:` says.
+fn import_file(
+    text: &str,
+    dir: &Path,
+    default_project: &str,
+    project_of_includer: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+    read_file: &dyn Fn(&Path) -> std::io::Result<String>,
+    depth: usize,
+) -> R<ComposeImport> {
     let dotenv = match read_file(&dir.join(".env")) {
         Ok(t) => crate::parse_dotenv(&t),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
@@ -81,6 +98,7 @@ pub fn import_compose(
     let mut cx = Ctx { dir, env, read_file, warnings: vec![], builds: vec![], given: BTreeMap::new() };
     let mut services = None;
     let mut networks_at = None;
+    let mut includes = None;
     let mut project = sanitize_project(default_project);
     for (k, v) in top {
         let key = key_str(k, "(root)")?;
@@ -88,6 +106,7 @@ pub fn import_compose(
             "services" => services = Some(v),
             "networks" => networks_at = Some(v),
             "name" => project = sanitize_project(&str_of(v, "name")?),
+            "include" => includes = Some(v),
             "version" => {}
             "secrets" | "configs" => top_level_files(&mut cx, key == "secrets", v)?,
             "volumes" => {
@@ -107,6 +126,58 @@ pub fn import_compose(
             }
             k if k.starts_with("x-") => {}
             other => cx.warnings.push(format!("{other}: not supported yet, ignored")),
+        }
+    }
+    if let Some(p) = project_of_includer {
+        project = p.to_string();
+    }
+    // `include`: other compose files whose services join this project, each read with
+    // its own directory (and `.env`) as Compose reads them.
+    let mut included = vec![];
+    if let Some(list) = includes {
+        let s = list.as_sequence().ok_or_else(|| ManifestError::at("include", "must be a list"))?;
+        for (i, entry) in s.iter().enumerate() {
+            let p = format!("include[{i}]");
+            let (paths, project_dir) = match entry {
+                Value::Mapping(m) => {
+                    for k in m.keys().filter_map(Value::as_str).filter(|k| !["path", "project_directory"].contains(k)) {
+                        cx.warnings.push(format!("{p}.{k}: not supported yet, ignored"));
+                    }
+                    let paths = match m.get("path") {
+                        Some(Value::Sequence(_)) => list_of_strings(&m["path"], &format!("{p}.path"))?,
+                        Some(x) => vec![str_of(x, &format!("{p}.path"))?],
+                        None => return Err(ManifestError::at(p, "needs path")),
+                    };
+                    let pd =
+                        m.get("project_directory").map(|x| str_of(x, &format!("{p}.project_directory"))).transpose()?;
+                    (paths, pd)
+                }
+                other => (vec![str_of(other, &p)?], None),
+            };
+            for path in paths {
+                if path.contains("://") || path.starts_with("oci:") || path.starts_with("git@") {
+                    return Err(ManifestError::at(
+                        &p,
+                        format!("{path:?}: a remote file is not supported; fetch it here"),
+                    ));
+                }
+                if depth >= INCLUDE_DEPTH {
+                    return Err(ManifestError::at(
+                        &p,
+                        format!("includes more than {INCLUDE_DEPTH} files deep (a loop?)"),
+                    ));
+                }
+                let file = PathBuf::from(short::normalize(&dir.join(&path)));
+                let text =
+                    read_file(&file).map_err(|e| ManifestError::at(&p, format!("reading {}: {e}", file.display())))?;
+                let base = match &project_dir {
+                    Some(d) => PathBuf::from(short::normalize(&dir.join(d))),
+                    None => file.parent().map(Path::to_path_buf).unwrap_or_else(|| dir.to_path_buf()),
+                };
+                let inner = import_file(&text, &base, &project, Some(&project), env, read_file, depth + 1)
+                    .map_err(|e| ManifestError::at(&p, format!("{}: {e}", file.display())))?;
+                included.push(inner);
+            }
         }
     }
     let empty = Mapping::new();
@@ -169,7 +240,21 @@ pub fn import_compose(
         let d = service(&mut cx, &project, &nets, name, svc)?;
         deployments.push(d);
     }
-    Ok(ComposeImport { project, deployments, warnings: cx.warnings, builds: cx.builds })
+    let mut out = ComposeImport { project, deployments, warnings: cx.warnings, builds: cx.builds };
+    for inner in included {
+        for d in inner.deployments {
+            if out.deployments.iter().any(|x| x.name == d.name) {
+                return Err(ManifestError::at(
+                    format!("services.{}", d.name),
+                    "is defined both here and in an included file",
+                ));
+            }
+            out.deployments.push(d);
+        }
+        out.warnings.extend(inner.warnings);
+        out.builds.extend(inner.builds);
+    }
+    Ok(out)
 }
 
 fn sanitize_project(s: &str) -> String {

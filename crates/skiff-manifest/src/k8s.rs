@@ -150,8 +150,7 @@ pub fn import_k8s_beside(files: &[(&str, &str)], namespace: &str, stored: &[Depl
     let mut named_ports: Vec<BTreeMap<String, u16>> = vec![];
     let mut paths: Vec<String> = vec![];
     let mut services: Vec<Service> = vec![];
-    let texts: Vec<(&str, String)> = files.iter().map(|(f, t)| (*f, octal_modes(t))).collect();
-    let docs = texts.iter().flat_map(|(file, text)| {
+    let docs = files.iter().flat_map(|(file, text)| {
         serde_norway::Deserializer::from_str(text).enumerate().map(move |(n, doc)| (*file, n, doc))
     });
     let mut parsed = vec![];
@@ -736,12 +735,16 @@ fn object_files(
         .transpose()?
         .ok_or_else(|| ManifestError::at(format!("{cp}.{name_key}"), "is required"))?;
     let optional = get(c, "optional").and_then(Value::as_bool).unwrap_or(false);
+    // Kubernetes reads YAML 1.1, where `0600` is octal; the parser here keeps such a
+    // value as the text it is.
     let mode = |x: Option<&Value>, p: &str| -> R<Option<u32>> {
         x.map(|m| {
-            m.as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .filter(|n| *n <= 0o777)
-                .ok_or_else(|| ManifestError::at(p, "must be a file mode (0 to 0777)"))
+            let n = match m {
+                Value::String(s) if s.starts_with('0') => u32::from_str_radix(s, 8).ok(),
+                Value::String(s) => s.parse().ok(),
+                other => other.as_u64().and_then(|n| u32::try_from(n).ok()),
+            };
+            n.filter(|n| *n <= 0o777).ok_or_else(|| ManifestError::at(p, "must be a file mode (0 to 0777)"))
         })
         .transpose()
     };
@@ -763,35 +766,6 @@ fn object_files(
         }
     }
     Ok(Some(files))
-}
-
-/// File modes as Kubernetes reads them: its YAML is 1.1, where `mode: 0600` is octal; the
-/// YAML 1.2 parser here would read 600. `mode:` and `defaultMode:` values of a 0 and
-/// octal digits are written as the number they mean.
-fn octal_modes(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find("ode:") {
-        let (head, tail) = rest.split_at(at + 4);
-        out.push_str(head);
-        let is_mode = head.ends_with("mode:") || head.ends_with("defaultMode:");
-        let spaces = tail.len() - tail.trim_start_matches([' ', '\t']).len();
-        let value = &tail[spaces..];
-        let digits = value.chars().take_while(char::is_ascii_digit).count();
-        let end = value[digits..].chars().next();
-        let octal = &value[..digits];
-        let ends = end.is_none_or(|c| c.is_whitespace() || c == ',' || c == '}' || c == '#');
-        match u32::from_str_radix(octal, 8) {
-            Ok(n) if is_mode && digits > 1 && octal.starts_with('0') && ends => {
-                out.push_str(&tail[..spaces]);
-                out.push_str(&n.to_string());
-                rest = &value[digits..];
-            }
-            _ => rest = tail,
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// The ConfigMaps and Secrets of the manifests, by (is a Secret, name): each key's
@@ -942,7 +916,7 @@ fn volumes(
     let Some(Value::Sequence(mounts)) = get(container, "volumeMounts") else { return Ok(()) };
     for (i, m) in mounts.iter().enumerate() {
         let mp = format!("{cp}.volumeMounts[{i}]");
-        unknown(m, &["name", "mountPath", "readOnly"], &mp, warnings);
+        unknown(m, &["name", "mountPath", "readOnly", "subPath"], &mp, warnings);
         let field = |key: &str| {
             get(m, key)
                 .map(|x| string(x, &format!("{mp}.{key}")))
@@ -951,21 +925,47 @@ fn volumes(
         };
         let (name, target) = (field("name")?, field("mountPath")?);
         let read_only = get(m, "readOnly").and_then(Value::as_bool).unwrap_or(false);
+        // `subPath`: one file of a ConfigMap or Secret at mountPath (the usual way to put a
+        // config file beside an image's others), or a directory below a hostPath.
+        let sub = get(m, "subPath").map(|x| string(x, &format!("{mp}.subPath"))).transpose()?;
+        let sp = format!("{mp}.subPath");
+        if let Some(s) = &sub {
+            if s.is_empty() || s.starts_with('/') || s.split('/').any(|p| p.is_empty() || p == "..") {
+                return Err(ManifestError::at(sp, format!("{s:?} is not a relative path without ..")));
+            }
+        }
         if let Some((files, secret)) = given.get(&name) {
-            d.files.push(skiff_model::options::FileMount { target, files: files.clone(), secret: *secret });
+            let files = match &sub {
+                None => files.clone(),
+                Some(s) => match files.iter().find(|f| &f.path == s) {
+                    Some(f) => vec![skiff_model::options::MountedFile { path: String::new(), ..f.clone() }],
+                    None => return Err(ManifestError::at(sp, format!("{s:?} is not a file of volume {name:?}"))),
+                },
+            };
+            d.files.push(skiff_model::options::FileMount { target, files, secret: *secret });
             continue;
         }
-        match sources.get(&name) {
-            Some((Some(source), _)) => d.volumes.push(Volume { source: source.clone(), target, read_only }),
-            Some((None, size)) => {
-                d.tmpfs.push(Tmpfs { target, size_bytes: size.filter(|s| *s > 0), mode: None });
+        match (sources.get(&name), &sub) {
+            (Some((Some(VolumeSource::Bind { path }), _)), Some(s)) => {
+                let source = VolumeSource::Bind { path: format!("{}/{s}", path.trim_end_matches('/')) };
+                d.volumes.push(Volume { source, target, read_only });
             }
-            None if get(pod, "volumes").is_some_and(|v| {
-                v.as_sequence().is_some_and(|l| l.iter().any(|x| get(x, "name").and_then(Value::as_str) == Some(&name)))
-            }) => {} // warned about above
-            None => {
-                return Err(ManifestError::at(format!("{mp}.name"), format!("{name:?} is not a volume of the pod")))
+            (Some(_), Some(_)) => {
+                return Err(ManifestError::at(sp, "is supported on configMap, secret and hostPath volumes only"))
             }
+            (s, _) => match s {
+                Some((Some(source), _)) => d.volumes.push(Volume { source: source.clone(), target, read_only }),
+                Some((None, size)) => {
+                    d.tmpfs.push(Tmpfs { target, size_bytes: size.filter(|s| *s > 0), mode: None });
+                }
+                None if get(pod, "volumes").is_some_and(|v| {
+                    v.as_sequence()
+                        .is_some_and(|l| l.iter().any(|x| get(x, "name").and_then(Value::as_str) == Some(&name)))
+                }) => {} // warned about above
+                None => {
+                    return Err(ManifestError::at(format!("{mp}.name"), format!("{name:?} is not a volume of the pod")))
+                }
+            },
         }
     }
     Ok(())
@@ -1134,6 +1134,7 @@ spec:
         - {name: all, mountPath: /etc/all}
         - {name: tls, mountPath: /etc/tls, readOnly: true}
         - {name: gone, mountPath: /etc/gone}
+        - {name: all, mountPath: /etc/nginx/nginx.conf, subPath: nginx.conf}
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -1176,6 +1177,7 @@ data: {a: b}
                 ("/etc/nginx", vec![("conf.d/site.conf", "server {}".to_string(), 0o600)], false),
                 ("/etc/all", vec![("mode", "edge".into(), 0o640), ("nginx.conf", "server {}".into(), 0o640)], false),
                 ("/etc/tls", vec![("key.pem", "PEM".into(), 0o644), ("password", "secret".into(), 0o644)], true),
+                ("/etc/nginx/nginx.conf", vec![("", "server {}".into(), 0o640)], false),
             ]
         );
         let said = i.warnings.join("\n");

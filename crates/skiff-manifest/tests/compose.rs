@@ -19,6 +19,12 @@ fn env(k: &str) -> Option<String> {
 fn files(p: &Path) -> std::io::Result<String> {
     match p.to_str() {
         Some("/stack/app.env") => Ok("# comment\nA=from-file\nB=\"quoted\"\nexport C=c\n".into()),
+        Some("/stack/sub/db.yaml") => {
+            Ok("name: other\nservices:\n  db:\n    image: db\n    env_file: [db.env]\n    volumes: [./data:/data]\n"
+                .into())
+        }
+        Some("/stack/sub/db.env") => Ok("WHERE=sub\n".into()),
+        Some("/stack/loop.yaml") => Ok("include: [loop.yaml]\nservices: {}\n".into()),
         _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")),
     }
 }
@@ -710,6 +716,30 @@ configs:
             "services: {a: {image: x, secrets: [{source: s, mode: 999}]}}\nsecrets: {s: {environment: FROM_ENV}}",
             "services.a.secrets[0].mode",
         ),
+    ] {
+        let e = err(yaml);
+        assert!(e.contains(says), "{yaml}: {e}");
+    }
+}
+
+#[test]
+fn included_files_join_the_project_read_from_their_own_directory() {
+    let c = import("include: [sub/db.yaml]\nservices:\n  web:\n    image: web\n    depends_on: [db]\n").unwrap();
+    assert_eq!(c.project, "mystack");
+    let db = c.deployments.iter().find(|d| d.name == "db").unwrap();
+    assert_eq!(db.stack, "mystack", "the including file's project, whatever the included file's name says");
+    assert_eq!(db.env["WHERE"], "sub", "its env_file read beside it");
+    assert_eq!(db.volumes[0].source, VolumeSource::Bind { path: "/stack/sub/data".into() });
+    let long = import("include: [{path: [sub/db.yaml]}]\nservices: {}\n").unwrap();
+    assert_eq!(long.deployments.len(), 1);
+    for (yaml, says) in [
+        (
+            "include: [sub/db.yaml]\nservices: {db: {image: x}}\n",
+            "services.db: is defined both here and in an included file",
+        ),
+        ("include: [missing.yaml]\nservices: {}\n", "include[0]: reading /stack/missing.yaml"),
+        ("include: [loop.yaml]\nservices: {}\n", "deep (a loop?)"),
+        ("include: [\"https://example.com/c.yaml\"]\nservices: {}\n", "a remote file is not supported"),
     ] {
         let e = err(yaml);
         assert!(e.contains(says), "{yaml}: {e}");

@@ -157,6 +157,20 @@ pub(crate) fn check(
         if u.soft > u.hard {
             return Err(ValidationError::new(field, format!("soft {} is above hard {}", u.soft, u.hard)));
         }
+        // Real-time scheduling escapes the cgroup's CPU limit on most kernels (no
+        // RT_GROUP_SCHED): one workload could starve the node and its agent. A nice
+        // ceiling above 20 lets it raise its priority over the node's own processes.
+        let starves = match k.as_str() {
+            "rtprio" | "rttime" => u.hard > 0,
+            "nice" => u.hard > 20,
+            _ => false,
+        };
+        if starves {
+            return Err(ValidationError::new(
+                field,
+                "would let the workload raise its scheduling priority over the node's (rtprio and rttime 0, nice at most 20)",
+            ));
+        }
     }
     if let Some(s) = shm_size {
         if !(4096..=(64u64 << 30)).contains(&s) {
@@ -187,7 +201,7 @@ pub(crate) fn check(
             Err(_) => return Err(ValidationError::new(field, format!("{s:?} is not an IP address"))),
             // The node's DNS asks them from the host: a loopback one would be the node's
             // own services, which no instance reaches otherwise.
-            Ok(ip) if ip.is_loopback() || ip.is_unspecified() => {
+            Ok(ip) if ip.to_canonical().is_loopback() || ip.to_canonical().is_unspecified() => {
                 return Err(ValidationError::new(field, format!("{s}: a loopback name server is the node's own")))
             }
             Ok(_) => {}
@@ -230,6 +244,17 @@ pub struct MountedFile {
     pub data: String,
     /// Permission bits (Kubernetes' `defaultMode` 0644; compose's 0444).
     pub mode: u32,
+}
+
+/// The first place of `d` where a secret still reads [`REDACTED`] (a spec read back
+/// whose secret is not stored): its field.
+pub fn redacted_left(d: &crate::Deployment) -> Option<String> {
+    if let Some(k) = d.secret_env.iter().find(|k| d.env.get(*k).is_some_and(|v| v == REDACTED)) {
+        return Some(format!("env.{k}"));
+    }
+    d.files.iter().enumerate().filter(|(_, m)| m.secret).find_map(|(i, m)| {
+        m.files.iter().position(|f| f.data == REDACTED).map(|j| format!("files[{i}].files[{j}].data"))
+    })
 }
 
 /// What a redacted secret's data reads as.
@@ -283,6 +308,11 @@ pub(crate) fn check_files(mounts: &[FileMount]) -> Result<(), ValidationError> {
                     format!("{:o} is more than 777 (octal)", f.mode),
                 ));
             }
+            // A secret read back redacted stands for the stored content (the hub puts it
+            // back, or refuses the apply).
+            if m.secret && f.data == REDACTED {
+                continue;
+            }
             total += f.content().map_err(|e| ValidationError::new(format!("{ff}.data"), e))?.len();
         }
         if total > FILES_MAX_BYTES {
@@ -334,6 +364,13 @@ mod tests {
         assert_eq!(e.field, "ulimits.nofile");
         let limits = BTreeMap::from([("files".to_string(), Ulimit { soft: 1, hard: 1 })]);
         assert!(check(&none, &limits, None, &[], &DnsConfig::default(), true).is_err());
+        for (name, hard) in [("rtprio", 99), ("rttime", u64::MAX), ("nice", 40)] {
+            let limits = BTreeMap::from([(name.to_string(), Ulimit { soft: 0, hard })]);
+            let e = check(&none, &limits, None, &[], &DnsConfig::default(), true).unwrap_err();
+            assert!(e.problem.contains("scheduling priority"), "{name}: {e}");
+        }
+        let limits = BTreeMap::from([("nice".to_string(), Ulimit { soft: 0, hard: 20 })]);
+        assert!(check(&none, &limits, None, &[], &DnsConfig::default(), true).is_ok());
 
         let hosts = [ExtraHost { host: "gw".into(), ip: HOST_GATEWAY.into() }];
         assert!(check(&none, &no_limits, None, &hosts, &DnsConfig::default(), true).is_ok());
@@ -344,8 +381,10 @@ mod tests {
         );
         let dns = DnsConfig { servers: vec!["dns.example".into()], ..Default::default() };
         assert_eq!(check(&none, &no_limits, None, &[], &dns, true).unwrap_err().field, "dns.servers[0]");
-        let dns = DnsConfig { servers: vec!["127.0.0.53".into()], ..Default::default() };
-        assert!(check(&none, &no_limits, None, &[], &dns, true).unwrap_err().problem.contains("loopback"));
+        for lo in ["127.0.0.53", "::1", "::ffff:127.0.0.1", "0.0.0.0", "::ffff:0.0.0.0"] {
+            let dns = DnsConfig { servers: vec![lo.into()], ..Default::default() };
+            assert!(check(&none, &no_limits, None, &[], &dns, true).unwrap_err().problem.contains("loopback"), "{lo}");
+        }
         assert_eq!(check(&none, &no_limits, Some(1), &[], &DnsConfig::default(), true).unwrap_err().field, "shm_size");
     }
 }

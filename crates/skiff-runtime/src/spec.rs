@@ -292,6 +292,7 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
     let caps = capabilities(&d.cap_add, &d.cap_drop);
     let shm_size = format!("size={}", d.shm_size_bytes.map(|b| b.div_ceil(1024)).unwrap_or(65536)) + "k";
 
+    let system = 7; // the mounts every container has, before the deployment's own
     let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
@@ -327,6 +328,10 @@ pub fn generate(input: &SpecInput<'_>) -> Result<Value, SpecError> {
         mounts.push(json!({"destination": t.target, "type": "tmpfs", "source": "tmpfs", "options": opts}));
     }
 
+    // As Docker orders them: a mount below another's target comes after it (`tmpfs:
+    // /run` must not hide `/run/secrets/db`, a ConfigMap's directory a file put in it).
+    let depth = |m: &Value| m["destination"].as_str().map_or(0, |d| d.split('/').filter(|c| !c.is_empty()).count());
+    mounts[system..].sort_by_key(depth);
     let mut namespaces =
         vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"})];
     if input.cgroupns {
@@ -495,6 +500,22 @@ mod tests {
         assert_eq!(s["process"]["args"], json!(["serve", "-v"]));
         let mounts = s["mounts"].as_array().unwrap();
         assert!(mounts.iter().any(|m| m["destination"] == "/dev/shm" && m["options"][4] == "size=65536k"));
+    }
+
+    #[test]
+    fn a_mount_below_another_comes_after_it() {
+        let t = tempfile::tempdir().unwrap();
+        let mut d = Deployment::new("web", "img");
+        d.command = Some(vec!["true".into()]);
+        d.tmpfs = vec![skiff_model::Tmpfs { target: "/run".into(), size_bytes: None, mode: None }];
+        let img = ImageConfig::default();
+        let mut i = input(&d, &img, t.path());
+        i.volumes =
+            vec![("/v/secret".into(), "/run/secrets/db".into(), true), ("/v/etc".into(), "/etc/app".into(), true)];
+        let s = generate(&i).unwrap();
+        let order: Vec<&str> =
+            s["mounts"].as_array().unwrap()[7..].iter().map(|m| m["destination"].as_str().unwrap()).collect();
+        assert_eq!(order, ["/run", "/etc/app", "/run/secrets/db"]);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `skiff build` and the builds `skiff up` and `skiff apply` do: a compose service's
-//! `build:` run by an existing builder, Debian's `buildah` (as root, `chroot` isolation,
-//! storage of its own under the data directory), then loaded into the node's image store
+//! `build:` run by an existing builder, Debian's `buildah` (as root, each step under runc
+//! on the host's network, storage of its own under the data directory), then loaded into the node's image store
 //! under the tag its deployment runs. Multi-stage Dockerfiles, `--target` and build
 //! arguments are buildah's own.
 
@@ -35,8 +35,11 @@ pub fn build(data: &Path, b: &BuildSpec) -> Result<()> {
         bail!("{field}: {} is not a file", dockerfile.display());
     }
     eprintln!("building {} from {} ...", b.tag, b.context.display());
+    // Each step in a runc container of its own (pid, mount, ipc and uts namespaces,
+    // Docker's default capabilities), not a chroot with every capability; on the host's
+    // network (buildah's own would add a bridge and firewall rules to the host).
     let mut args: Vec<std::ffi::OsString> =
-        vec!["build".into(), "--isolation".into(), "chroot".into(), "--layers".into()];
+        ["build", "--isolation", "oci", "--network", "host", "--layers"].into_iter().map(Into::into).collect();
     args.extend(["-f".into(), dockerfile.into_os_string()]);
     for (k, v) in &b.args {
         args.extend(["--build-arg".into(), format!("{k}={v}").into()]);
