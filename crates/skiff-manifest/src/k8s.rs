@@ -64,6 +64,14 @@ fn map_of_strings(v: &Value, path: &str) -> R<BTreeMap<String, String>> {
     Ok(out)
 }
 
+/// The string at `v.key`, which must be there; errors name `path.key`.
+fn required(v: &Value, key: &str, path: &str) -> R<String> {
+    get(v, key)
+        .map(|x| string(x, &format!("{path}.{key}")))
+        .transpose()?
+        .ok_or_else(|| ManifestError::at(format!("{path}.{key}"), "is required"))
+}
+
 fn port(v: &Value, path: &str) -> R<u16> {
     let n = v.as_u64().ok_or_else(|| ManifestError::at(path, "must be a port number"))?;
     u16::try_from(n)
@@ -453,10 +461,7 @@ fn workload(
         &cp,
         warnings,
     );
-    let image = get(containers, "image")
-        .map(|i| string(i, &format!("{cp}.image")))
-        .transpose()?
-        .ok_or_else(|| ManifestError::at(format!("{cp}.image"), "is required"))?;
+    let image = required(containers, "image", &cp)?;
     let mut d = Deployment::new(name, image);
     d.stack = stack.to_string();
     d.pod_labels = labels.clone();
@@ -483,10 +488,7 @@ fn workload(
         for (i, e) in env.iter().enumerate() {
             let ep = format!("{cp}.env[{i}]");
             unknown(e, &["name", "value", "valueFrom"], &ep, warnings);
-            let k = get(e, "name")
-                .map(|n| string(n, &format!("{ep}.name")))
-                .transpose()?
-                .ok_or_else(|| ManifestError::at(format!("{ep}.name"), "is required"))?;
+            let k = required(e, "name", &ep)?;
             if let Some(from) = get(e, "valueFrom") {
                 let fp = format!("{ep}.valueFrom");
                 let (secret, r) = match (get(from, "configMapKeyRef"), get(from, "secretKeyRef")) {
@@ -498,13 +500,7 @@ fn workload(
                     }
                 };
                 let rp = format!("{fp}.{}", if secret { "secretKeyRef" } else { "configMapKeyRef" });
-                let field = |key: &str| {
-                    get(r, key)
-                        .map(|x| string(x, &format!("{rp}.{key}")))
-                        .transpose()?
-                        .ok_or_else(|| ManifestError::at(format!("{rp}.{key}"), "is required"))
-                };
-                let (obj, key) = (field("name")?, field("key")?);
+                let (obj, key) = (required(r, "name", &rp)?, required(r, "key", &rp)?);
                 let optional = get(r, "optional").and_then(Value::as_bool).unwrap_or(false);
                 let Some(data) = objects.take(secret, &obj, optional, &rp)? else { continue };
                 match data.get(&key) {
@@ -534,10 +530,7 @@ fn workload(
                 (_, Some(r)) => (true, r, format!("{ep}.secretRef")),
                 _ => return Err(ManifestError::at(ep, "needs configMapRef or secretRef")),
             };
-            let obj = get(r, "name")
-                .map(|x| string(x, &format!("{rp}.name")))
-                .transpose()?
-                .ok_or_else(|| ManifestError::at(format!("{rp}.name"), "is required"))?;
+            let obj = required(r, "name", &rp)?;
             let optional = get(r, "optional").and_then(Value::as_bool).unwrap_or(false);
             let prefix = get(e, "prefix").map(|p| string(p, &format!("{ep}.prefix"))).transpose()?.unwrap_or_default();
             let Some(data) = objects.take(secret, &obj, optional, &rp)? else { continue };
@@ -730,10 +723,7 @@ fn object_files(
     use skiff_model::options::MountedFile;
     let cp = format!("{vp}.{}", if secret { "secret" } else { "configMap" });
     let name_key = if secret { "secretName" } else { "name" };
-    let obj = get(c, name_key)
-        .map(|x| string(x, &format!("{cp}.{name_key}")))
-        .transpose()?
-        .ok_or_else(|| ManifestError::at(format!("{cp}.{name_key}"), "is required"))?;
+    let obj = required(c, name_key, &cp)?;
     let optional = get(c, "optional").and_then(Value::as_bool).unwrap_or(false);
     // Kubernetes reads YAML 1.1, where `0600` is octal; the parser here keeps such a
     // value as the text it is.
@@ -860,21 +850,12 @@ fn volumes(
     if let Some(Value::Sequence(list)) = get(pod, "volumes") {
         for (i, v) in list.iter().enumerate() {
             let vp = format!("{pp}.volumes[{i}]");
-            let name = get(v, "name")
-                .map(|n| string(n, &format!("{vp}.name")))
-                .transpose()?
-                .ok_or_else(|| ManifestError::at(format!("{vp}.name"), "is required"))?;
+            let name = required(v, "name", &vp)?;
             let source = if let Some(c) = get(v, "persistentVolumeClaim") {
-                let claim = get(c, "claimName")
-                    .map(|n| string(n, &format!("{vp}.persistentVolumeClaim.claimName")))
-                    .transpose()?
-                    .ok_or_else(|| ManifestError::at(format!("{vp}.persistentVolumeClaim.claimName"), "is required"))?;
+                let claim = required(c, "claimName", &format!("{vp}.persistentVolumeClaim"))?;
                 (Some(VolumeSource::Named { name: claim }), None)
             } else if let Some(h) = get(v, "hostPath") {
-                let path = get(h, "path")
-                    .map(|n| string(n, &format!("{vp}.hostPath.path")))
-                    .transpose()?
-                    .ok_or_else(|| ManifestError::at(format!("{vp}.hostPath.path"), "is required"))?;
+                let path = required(h, "path", &format!("{vp}.hostPath"))?;
                 (Some(VolumeSource::Bind { path }), None)
             } else if let Some((secret, c)) =
                 get(v, "configMap").map(|c| (false, c)).or(get(v, "secret").map(|c| (true, c)))
@@ -917,13 +898,7 @@ fn volumes(
     for (i, m) in mounts.iter().enumerate() {
         let mp = format!("{cp}.volumeMounts[{i}]");
         unknown(m, &["name", "mountPath", "readOnly", "subPath"], &mp, warnings);
-        let field = |key: &str| {
-            get(m, key)
-                .map(|x| string(x, &format!("{mp}.{key}")))
-                .transpose()?
-                .ok_or_else(|| ManifestError::at(format!("{mp}.{key}"), "is required"))
-        };
-        let (name, target) = (field("name")?, field("mountPath")?);
+        let (name, target) = (required(m, "name", &mp)?, required(m, "mountPath", &mp)?);
         let read_only = get(m, "readOnly").and_then(Value::as_bool).unwrap_or(false);
         // `subPath`: one file of a ConfigMap or Secret at mountPath (the usual way to put a
         // config file beside an image's others), or a directory below a hostPath.
@@ -1011,10 +986,7 @@ fn pod_options(d: &mut Deployment, pod: &Value, pp: &str, warnings: &mut Vec<Str
         if let Some(Value::Sequence(list)) = get(sc, "sysctls") {
             for (i, x) in list.iter().enumerate() {
                 let xp = format!("{sp}.sysctls[{i}]");
-                let name = get(x, "name")
-                    .map(|n| string(n, &format!("{xp}.name")))
-                    .transpose()?
-                    .ok_or_else(|| ManifestError::at(format!("{xp}.name"), "is required"))?;
+                let name = required(x, "name", &xp)?;
                 let value = get(x, "value").map(|v| string(v, &format!("{xp}.value"))).transpose()?.unwrap_or_default();
                 d.sysctls.insert(name, value);
             }

@@ -35,7 +35,11 @@ fn outcomes() -> Vec<(String, String, String)> {
         let (outcome, detail) = match result {
             Ok(w) if w.is_empty() => ("accepted", String::new()),
             Ok(w) => ("warned", format!("{} warnings", w.len())),
-            Err(e) => ("refused", e.to_string().replace(['\t', '\n'], " ")),
+            // Paths as the corpus names them, wherever the checkout is.
+            Err(e) => (
+                "refused",
+                e.to_string().replace(['\t', '\n'], " ").replace(&corpus().display().to_string(), "<corpus>"),
+            ),
         };
         let kind = if k8s.exists() { "k8s" } else { "compose" };
         out.push((sample.to_string(), format!("{kind} {outcome}"), detail));
