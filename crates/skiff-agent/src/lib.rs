@@ -473,6 +473,11 @@ impl Agent {
     }
 
     /// Versions of what runs workloads (`runc` → `1.1.5`).
+    /// Whether the image store holds `image` (a runnable one for this machine).
+    pub fn has_image(&self, image: &str) -> bool {
+        self.images.inspect(image).is_ok()
+    }
+
     pub fn versions(&self) -> &BTreeMap<String, String> {
         &self.versions
     }

@@ -160,13 +160,18 @@ impl Hub {
         }
         let attached = self.attach_autoscalers(req)?;
         self.check(&attached)?;
-        let warnings = self.nodes.admit(&attached.deployments).await.map_err(|(name, e)| {
-            let field = match &e {
-                NodeError::RefusedField { field, .. } => field,
-                _ => "image",
-            };
-            ApplyError::Invalid(format!("deployments.{name}.{field}: {e}"))
-        })?;
+        // A dry run asks no node and no registry: it validates and plans, and says what
+        // each node would still have to pull.
+        let warnings = match req.dry_run {
+            true => vec![],
+            false => self.nodes.admit(&attached.deployments).await.map_err(|(name, e)| {
+                let field = match &e {
+                    NodeError::RefusedField { field, .. } => field,
+                    _ => "image",
+                };
+                ApplyError::Invalid(format!("deployments.{name}.{field}: {e}"))
+            })?,
+        };
         // From the request again: a stored deployment an autoscaler attaches to is read
         // anew, not as it was before the admission (a pull may have taken minutes).
         let resp = self.commit(req)?;
@@ -270,7 +275,9 @@ impl Hub {
         if req.dry_run {
             let mut all: Vec<_> = kept.into_iter().filter(|k| !ours(&k.name)).collect();
             all.extend(req.deployments.iter().cloned());
-            if let Some(plan) = self.nodes.plan(&all)? {
+            let plan = self.nodes.plan(&all)?;
+            resp.pulls = self.nodes.would_pull(&req.deployments, plan.as_ref());
+            if let Some(plan) = plan {
                 for s in plan.slots.iter().filter(|s| ours(&s.deployment)) {
                     resp.placement.insert(format!("{}-{}", s.deployment, s.index), s.node.clone());
                 }

@@ -70,6 +70,8 @@ pub trait LocalNode: NodeLink {
     /// Whether the node can run `d` now: its image is present or pulled now (as `docker
     /// run` does), and a WebAssembly program is one its runtime accepts.
     fn admit<'a>(&'a self, d: &'a Deployment) -> BoxFuture<'a, Result<(), NodeError>>;
+    /// Whether the node's store holds `image` for this machine (no pull needed).
+    fn has_image(&self, image: &str) -> bool;
     /// Runtime backends it offers (`oci`, `wasm`).
     fn runtimes(&self) -> Vec<String>;
     /// Versions of what runs workloads (`runc` → `1.1.5`).

@@ -64,12 +64,24 @@ pub trait Nodes: Send + Sync {
     fn fleet(&self) -> Option<&Arc<Fleet>> {
         None
     }
+    /// What a dry run of `ours` (placed by `plan`) would have each node pull: node → images.
+    fn would_pull(&self, ours: &[Deployment], plan: Option<&Plan>) -> BTreeMap<String, Vec<String>>;
 }
 
 /// One node in the hub's process: it runs every deployment.
 pub struct Embedded(pub Arc<dyn LocalNode>);
 
 impl Nodes for Embedded {
+    fn would_pull(&self, ours: &[Deployment], _plan: Option<&Plan>) -> BTreeMap<String, Vec<String>> {
+        let mut images: Vec<String> = ours.iter().map(|d| d.image.clone()).filter(|i| !self.0.has_image(i)).collect();
+        images.sort();
+        images.dedup();
+        if images.is_empty() {
+            return BTreeMap::new();
+        }
+        BTreeMap::from([(self.0.name(), images)])
+    }
+
     fn place(&self, store: &dyn Store) -> Result<(), PlaceError> {
         let rev = store.revision()?;
         let all: Vec<Deployment> = store.list()?.into_iter().map(|s| s.spec).collect();
@@ -152,6 +164,24 @@ impl Nodes for Embedded {
 pub struct Remote(pub Arc<Fleet>);
 
 impl Nodes for Remote {
+    /// Nodes report what runs, not what their stores hold: a node pulls an image none of
+    /// its instances runs now.
+    fn would_pull(&self, ours: &[Deployment], plan: Option<&Plan>) -> BTreeMap<String, Vec<String>> {
+        let Some(plan) = plan else { return BTreeMap::new() };
+        let running = self.instances();
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for s in &plan.slots {
+            let Some(d) = ours.iter().find(|d| d.name == s.deployment) else { continue };
+            let has = running.iter().any(|i| i.node == s.node && i.image == d.image);
+            let list = out.entry(s.node.clone()).or_default();
+            if !has && !list.contains(&d.image) {
+                list.push(d.image.clone());
+            }
+        }
+        out.retain(|_, l| !l.is_empty());
+        out
+    }
+
     fn place(&self, _store: &dyn Store) -> Result<(), PlaceError> {
         self.0.reschedule()?;
         Ok(())

@@ -45,6 +45,10 @@ pub struct ApplyResponse {
     /// What was applied but deserves a look (an image whose platforms are unknown).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// With `dry_run`: node → the images it would still have to pull for what would run
+    /// there (a node of the fleet: none of its instances runs that image now).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub pulls: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

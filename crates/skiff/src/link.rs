@@ -87,6 +87,10 @@ impl LocalNode for LocalAgent {
         })
     }
 
+    fn has_image(&self, image: &str) -> bool {
+        self.agent.has_image(image)
+    }
+
     fn runtimes(&self) -> Vec<String> {
         skiff_agent::runtimes()
     }

@@ -521,6 +521,17 @@ fn sysctls_ulimits_shm_init_hosts_and_dns_reach_the_container() -> R {
         assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
     }
     assert!(!n.ok(&["get", "deployments"])?.contains("bad"), "nothing half-applied");
+
+    // A dry run asks no registry: an image no registry can give is planned, and said to
+    // be pulled; one the node holds is not.
+    let dry = n.write(
+        "dry.yaml",
+        "services:\n  far:\n    image: 127.0.0.1:9/nowhere/app:1\n  near:\n    image: localhost/skiff-test:1\n",
+    )?;
+    let out = n.ok(&["apply", "--dry-run", "-f", &dry.to_string_lossy()])?;
+    assert!(out.contains("deployment far created (dry run)"), "{out}");
+    assert!(out.contains("would pull 127.0.0.1:9/nowhere/app:1") && !out.contains("would pull localhost"), "{out}");
+    assert!(!n.ok(&["get", "deployments"])?.contains("far"), "a dry run stores nothing");
     Ok(())
 }
 

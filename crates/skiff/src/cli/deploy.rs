@@ -169,6 +169,11 @@ pub fn print_apply(r: &ApplyResponse, dry_run: bool) {
     for (instance, node) in &r.placement {
         outln!("  {instance} on {node}");
     }
+    for (node, images) in &r.pulls {
+        for image in images {
+            outln!("  {node} would pull {image}");
+        }
+    }
     print_notes(r);
 }
 
