@@ -27,6 +27,8 @@ pub enum AdmitError {
     RuntimeUnavailable { runtime: RuntimeKind, why: String },
     #[error("{image} is not a program the wasm runtime can run: {why}")]
     NotRunnable { image: String, why: String },
+    #[error("{0}")]
+    Init(String),
 }
 
 impl AdmitError {
@@ -36,6 +38,7 @@ impl AdmitError {
             AdmitError::Devices(_) => "device_requests",
             AdmitError::Signature(_) => "signature",
             AdmitError::RuntimeUnavailable { .. } => "runtime",
+            AdmitError::Init(_) => "init",
             _ => "image",
         }
     }
@@ -83,6 +86,9 @@ impl Agent {
             return Err(AdmitError::RuntimeUnavailable { runtime: d.runtime, why: why.clone() });
         }
         self.check_devices(d).map_err(AdmitError::Devices)?;
+        if d.init {
+            skiff_runtime::oci::init_available().map_err(AdmitError::Init)?;
+        }
         crate::trust::deployment_policy(d).map_err(AdmitError::Signature)?;
         self.ensure_image(d).await?;
         if d.runtime != RuntimeKind::Wasm {

@@ -356,15 +356,20 @@ impl Runtime for OciRuntime {
 /// built static, as released, so it runs in any image; else a static init of the host's
 /// (Debian's `tini`).
 fn init_binary(id: &str) -> Result<PathBuf, RuntimeError> {
+    init_available().map_err(|what| RuntimeError::Unsupported { id: id.to_string(), what })
+}
+
+/// The init binary this node would mount (see [`init_binary`]), or why there is none:
+/// what admission asks before a deployment with `init` is taken.
+pub fn init_available() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().ok().filter(|e| skiff_sys::init::is_static_elf(e));
     exe.or_else(|| skiff_sys::init::HOST_INITS.iter().map(PathBuf::from).find(|p| skiff_sys::init::is_static_elf(p)))
-        .ok_or_else(|| RuntimeError::Unsupported {
-            id: id.to_string(),
-            what: format!(
+        .ok_or_else(|| {
+            format!(
                 "init: this skiff binary is dynamically linked (it cannot run inside an image) and no static init \
-             is installed ({})",
+                 is installed ({})",
                 skiff_sys::init::HOST_INITS.join(", ")
-            ),
+            )
         })
 }
 
