@@ -364,48 +364,34 @@ fn write_files(dir: &std::path::Path, d: &Deployment) -> Result<Vec<(PathBuf, St
     if d.files.is_empty() {
         return Ok(out);
     }
+    let fail = |p: &std::path::Path| {
+        let p = p.to_path_buf();
+        move |e: std::io::Error| AgentError::Other(format!("files: {}: {e}", p.display()))
+    };
+    let mode = |p: &std::path::Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
     let base = dir.join("files");
-    let fail = |p: &std::path::Path, e: String| AgentError::Other(format!("files: {}: {e}", p.display()));
     if base.exists() {
-        std::fs::remove_dir_all(&base).map_err(|e| fail(&base, e.to_string()))?;
+        std::fs::remove_dir_all(&base).map_err(fail(&base))?;
     }
     for (i, m) in d.files.iter().enumerate() {
         let root = base.join(i.to_string());
-        std::fs::create_dir_all(&root).map_err(|e| fail(&root, e.to_string()))?;
+        // Every directory here is traversable (the files' own modes say who reads them).
+        std::fs::create_dir_all(&root).and_then(|()| mode(&root, 0o755)).map_err(fail(&root))?;
         let single = m.files.len() == 1 && m.files[0].path.is_empty();
         for f in &m.files {
             let p = if single { root.join("file") } else { root.join(&f.path) };
-            if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| fail(parent, e.to_string()))?;
+            let parent = p.parent().unwrap_or(&root);
+            std::fs::create_dir_all(parent).map_err(fail(parent))?;
+            for a in parent.ancestors().take_while(|a| *a != root && a.starts_with(&root)) {
+                mode(a, 0o755).map_err(fail(a))?;
             }
-            std::fs::write(&p, f.content().map_err(|e| fail(&p, e))?).map_err(|e| fail(&p, e.to_string()))?;
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode))
-                .map_err(|e| fail(&p, e.to_string()))?;
-        }
-        // The directories are traversable (the files' own modes say who reads them).
-        for e in walk_dirs(&root) {
-            std::fs::set_permissions(&e, std::fs::Permissions::from_mode(0o755))
-                .map_err(|x| fail(&e, x.to_string()))?;
+            std::fs::write(&p, f.content().map_err(|e| fail(&p)(std::io::Error::other(e)))?)
+                .and_then(|()| mode(&p, f.mode))
+                .map_err(fail(&p))?;
         }
         out.push((if single { root.join("file") } else { root }, m.target.clone(), true));
     }
     Ok(out)
-}
-
-/// `root` and the directories below it.
-fn walk_dirs(root: &std::path::Path) -> Vec<PathBuf> {
-    let mut out = vec![root.to_path_buf()];
-    let mut i = 0;
-    while i < out.len() {
-        let here = out[i].clone();
-        for e in std::fs::read_dir(&here).into_iter().flatten().flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                out.push(e.path());
-            }
-        }
-        i += 1;
-    }
-    out
 }
 
 /// Where anonymous volumes live, under the node's `volumes` (not a volume name: those

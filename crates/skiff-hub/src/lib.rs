@@ -147,7 +147,7 @@ impl Hub {
     /// a fleet learns the images' platforms), then stores it atomically and places it.
     /// Invalid input changes nothing.
     pub async fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse, ApplyError> {
-        let kept = self.keep_restarts(req);
+        let kept = self.carry_over(req);
         let req = kept.as_ref().unwrap_or(req);
         for d in &req.deployments {
             if let Some(field) = skiff_model::options::redacted_left(d) {
@@ -183,13 +183,12 @@ impl Hub {
     /// apply` keeps the annotation `kubectl rollout restart` set (re-applying an unchanged
     /// file replaces nothing), and the content of secret files given as redacted (a spec
     /// read back, scaled and applied again keeps its secrets). `None`: nothing to carry.
-    fn keep_restarts(&self, req: &ApplyRequest) -> Option<ApplyRequest> {
+    fn carry_over(&self, req: &ApplyRequest) -> Option<ApplyRequest> {
         use skiff_model::options::REDACTED;
         use skiff_model::rollout::RESTARTED_AT;
         let mut out: Option<ApplyRequest> = None;
         for (i, d) in req.deployments.iter().enumerate() {
-            let redacted = d.files.iter().any(|m| m.secret && m.files.iter().any(|f| f.data == REDACTED))
-                || d.secret_env.iter().any(|k| d.env.get(k).is_some_and(|v| v == REDACTED));
+            let redacted = skiff_model::options::redacted_left(d).is_some();
             if d.labels.contains_key(RESTARTED_AT) && !redacted {
                 continue;
             }

@@ -835,11 +835,7 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
                 }
             }
             "tmpfs" => {
-                let list = match v {
-                    Value::Sequence(_) => list_of_strings(v, &path)?,
-                    other => vec![str_of(other, &path)?],
-                };
-                for (i, t) in list.iter().enumerate() {
+                for (i, t) in one_or_many(v, &path)?.iter().enumerate() {
                     d.tmpfs.push(tmpfs_short(t, &format!("{path}[{i}]"))?);
                 }
             }
@@ -1098,10 +1094,7 @@ fn service_files(cx: &mut Ctx<'_>, d: &mut Deployment, secret: bool, v: &Value, 
                     Some(y) => {
                         let text =
                             scalar(y).ok_or_else(|| ManifestError::at(format!("{p}.mode"), "must be a number"))?;
-                        // Written as 0440 (octal) or as the number YAML read.
-                        let n =
-                            if text.starts_with('0') { u32::from_str_radix(&text, 8).ok() } else { text.parse().ok() };
-                        n.filter(|n| *n <= 0o777).ok_or_else(|| {
+                        crate::file_mode(&text).ok_or_else(|| {
                             ManifestError::at(format!("{p}.mode"), format!("{text:?} is not a file mode"))
                         })?
                     }

@@ -729,12 +729,10 @@ fn object_files(
     // value as the text it is.
     let mode = |x: Option<&Value>, p: &str| -> R<Option<u32>> {
         x.map(|m| {
-            let n = match m {
-                Value::String(s) if s.starts_with('0') => u32::from_str_radix(s, 8).ok(),
-                Value::String(s) => s.parse().ok(),
-                other => other.as_u64().and_then(|n| u32::try_from(n).ok()),
-            };
-            n.filter(|n| *n <= 0o777).ok_or_else(|| ManifestError::at(p, "must be a file mode (0 to 0777)"))
+            string(m, p)
+                .ok()
+                .and_then(|t| crate::file_mode(&t))
+                .ok_or_else(|| ManifestError::at(p, "must be a file mode (0 to 0777)"))
         })
         .transpose()
     };

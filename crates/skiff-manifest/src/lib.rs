@@ -134,6 +134,14 @@ pub fn runtime_named(name: &str, path: &str) -> Result<skiff_model::RuntimeKind,
 }
 
 /// Parses compose durations: `1m30s`, `10s`, `500ms`, `1h`, `2.5s`; a bare number is seconds.
+/// A file's permission bits as compose and Kubernetes files write them: `0440` is octal
+/// (YAML 1.1, which both tools read, and which the parser here keeps as text), `420` the
+/// number itself; at most 0777.
+pub(crate) fn file_mode(text: &str) -> Option<u32> {
+    let n = if text.starts_with('0') { u32::from_str_radix(text, 8).ok() } else { text.parse().ok() };
+    n.filter(|n| *n <= 0o777)
+}
+
 pub fn parse_duration_ms(s: &str) -> Option<u64> {
     let s = s.trim();
     if s.is_empty() {
