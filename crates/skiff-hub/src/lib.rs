@@ -22,6 +22,7 @@ pub mod nodes;
 pub mod pki;
 pub mod rollouts;
 pub mod schedule;
+pub mod seal;
 pub mod serve;
 pub mod session;
 pub mod store;

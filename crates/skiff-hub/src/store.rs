@@ -27,6 +27,9 @@ pub enum StoreError {
     NotEmpty(String),
     #[error("hub store: a dump of format {0}; this skiff reads format {DUMP_FORMAT}")]
     DumpFormat(u32),
+    /// A sealed secret that does not open (see [`crate::seal`]).
+    #[error("hub store: {0}")]
+    Sealed(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]

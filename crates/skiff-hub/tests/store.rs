@@ -427,4 +427,34 @@ mod on_etcd {
         let e = open(&e, "/g").import(&b.export().unwrap()).unwrap_err().to_string();
         assert!(e.contains("a hub is running"), "{e}");
     }
+
+    /// On etcd, secrets are sealed where etcd keeps them (its data, its traffic, a copy of
+    /// its database): secret variables and files, the CA and the admin token every hub
+    /// shares. Hubs with the same key read them; a hub with another key is refused.
+    #[test]
+    fn secrets_are_sealed_in_etcd_and_a_hub_with_another_key_is_refused() {
+        use skiff_hub::seal::{SealedStore, SecretKey, SEALED};
+        let e = Etcd::start(1).unwrap();
+        let raw = open(&e, "/sealed");
+        let sealed = |k: u8| SealedStore::new(raw.clone(), SecretKey::from_bytes(&[k; 32]));
+        let a = sealed(7).unwrap();
+        let mut d = Deployment::new("db", "img:1");
+        d.env.insert("PASSWORD".into(), "hunter2-sealed".into());
+        d.secret_env = vec!["PASSWORD".into()];
+        a.apply(std::slice::from_ref(&d), None, false, 1).unwrap();
+        assert_eq!(a.shared("ca", "-----BEGIN PRIVATE KEY----- ca").unwrap(), "-----BEGIN PRIVATE KEY----- ca");
+        assert_eq!(a.get("db").unwrap().unwrap().spec, d);
+        // What etcd holds.
+        let kept = raw.get("db").unwrap().unwrap().spec.env["PASSWORD"].clone();
+        assert!(kept.starts_with(SEALED) && !kept.contains("hunter2"), "{kept}");
+        assert!(raw.history("db").unwrap()[0].spec.env["PASSWORD"].starts_with(SEALED));
+        let ca = raw.shared_value("ca").unwrap().unwrap();
+        assert!(ca.starts_with(SEALED) && !ca.contains("PRIVATE"), "{ca}");
+        // A second hub with the same key reads them; one with its own key cannot start.
+        let b = sealed(7).unwrap();
+        assert_eq!(b.shared("ca", "b's own").unwrap(), "-----BEGIN PRIVATE KEY----- ca", "the first hub's CA");
+        assert_eq!(b.get("db").unwrap().unwrap().spec, d);
+        let err = sealed(8).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("sealed with secrets key") && err.contains("--secrets-key"), "{err}");
+    }
 }

@@ -22,6 +22,28 @@ fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> D
 
 /// Replaces `path` with `bytes` (file mode `mode`), durably.
 pub fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableError> {
+    let tmp = written_beside(path, bytes, mode)?;
+    rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Makes `path` with `bytes` (file mode `mode`), durably, only if nothing is there:
+/// `false` (and nothing written) when something is. Of several processes making the
+/// same file at once, exactly one succeeds and the others read what it wrote.
+pub fn create_new(path: &Path, bytes: &[u8], mode: u32) -> Result<bool, DurableError> {
+    let tmp = written_beside(path, bytes, mode)?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => sync_parent(path).map(|_| true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(err("link", path)(e)),
+    }
+}
+
+/// `bytes` in a new, synced temporary file beside `path`.
+fn written_beside(path: &Path, bytes: &[u8], mode: u32) -> Result<std::path::PathBuf, DurableError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     // A fresh, unguessable name made only if nothing is there (never through a symlink):
     // the directory may be one that someone else can write to.
@@ -40,10 +62,7 @@ pub fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DurableError> {
         let _ = std::fs::remove_file(&tmp);
         return Err(err("write", &tmp)(e));
     }
-    drop(f);
-    rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+    Ok(tmp)
 }
 
 /// Renames `from` to `to` and flushes the directory (or directories) involved.
@@ -93,5 +112,16 @@ mod tests {
         super::sync_filesystem(t.path()).unwrap();
         let e = super::write(&t.path().join("missing/x"), b"", 0o600).unwrap_err();
         assert!(e.to_string().starts_with("create "), "{e}");
+    }
+
+    #[test]
+    fn create_new_makes_a_file_once_and_never_replaces_one() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("key");
+        assert!(super::create_new(&p, b"first", 0o600).unwrap());
+        assert!(!super::create_new(&p, b"second", 0o600).unwrap(), "a file is there");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "first");
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1, "no temporary left");
     }
 }

@@ -39,6 +39,8 @@ pub struct HubArgs {
     pub store: String,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub seal: SealArgs,
     /// Hubs on one etcd store: one is active, the others stand by (not listening) and
     /// one takes over within this time of the active one's loss.
     #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
@@ -83,6 +85,8 @@ pub enum HubAction {
         to: String,
         #[command(flatten)]
         etcd: EtcdArgs,
+        #[command(flatten)]
+        seal: SealArgs,
     },
 }
 
@@ -95,6 +99,26 @@ pub struct StoreArgs {
     pub store: String,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub seal: SealArgs,
+}
+
+/// The key the store's secrets are sealed with.
+#[derive(Args, Clone, Default)]
+pub struct SealArgs {
+    /// The key (base64 of 32 bytes, mode 0600) that seals the secrets the store holds
+    /// (secret variables and files, the shared CA key and admin token); made on first use.
+    /// Every hub of one store needs the same key. Default: <data>/pki/secrets.key.
+    #[arg(long, value_name = "FILE")]
+    pub secrets_key: Option<std::path::PathBuf>,
+}
+
+impl SealArgs {
+    /// The key file these args name, or the data directory's.
+    pub fn key(&self, data: &std::path::Path) -> Result<skiff_hub::seal::SecretKey> {
+        let path = self.secrets_key.clone().unwrap_or_else(|| data.join("pki").join("secrets.key"));
+        Ok(skiff_hub::seal::SecretKey::load_or_create(&path)?)
+    }
 }
 
 /// A backup file: the store and the CA that signed its nodes' certificates.
@@ -114,7 +138,7 @@ pub fn action(cli: &crate::cli::Cli, action: &HubAction) -> Result<i32> {
             if store.store == "sqlite" && !data.join("hub.db").exists() {
                 anyhow::bail!("{}: no hub store here (back up on the hub's --data, or name --store)", data.display());
             }
-            let s = open_store(data, &store.store, &store.etcd)?;
+            let s = open_store(data, &store.store, &store.etcd, &store.seal)?;
             // The CA the store's hubs share, else this data directory's: nodes' certificates
             // are only good with it.
             let ca = fleet_ca(&*s, &pki)?.context(
@@ -163,7 +187,7 @@ pub fn action(cli: &crate::cli::Cli, action: &HubAction) -> Result<i32> {
                 ),
                 Err(_) => {}
             }
-            let s = open_store(data, &store.store, &store.etcd)?;
+            let s = open_store(data, &store.store, &store.etcd, &store.seal)?;
             if s.shared_value("ca")?.is_some_and(|kept| kept != ca) {
                 anyhow::bail!(
                     "{}: the store keeps another CA than the backup's; restore into an empty one",
@@ -181,11 +205,11 @@ pub fn action(cli: &crate::cli::Cli, action: &HubAction) -> Result<i32> {
             eprintln!("skiff: restored revision {} into {}", b.store.revision, store.store);
             Ok(0)
         }
-        HubAction::Migrate { from, to, etcd } => {
+        HubAction::Migrate { from, to, etcd, seal } => {
             if from == to {
                 anyhow::bail!("--from and --to: the same store");
             }
-            let (src, dst) = (open_store(data, from, etcd)?, open_store(data, to, etcd)?);
+            let (src, dst) = (open_store(data, from, etcd, seal)?, open_store(data, to, etcd, seal)?);
             let ca = fleet_ca(&*src, &pki)?
                 .context("no CA to carry: neither --from's store nor this data directory's pki/ holds one")?;
             let ca = serde_json::to_string(&ca)?;
@@ -232,8 +256,14 @@ pub struct EtcdArgs {
     pub etcd_key: Option<std::path::PathBuf>,
 }
 
-/// Opens the hub's store as `--store` says.
-pub fn open_store(data: &std::path::Path, store: &str, etcd: &EtcdArgs) -> Result<Arc<dyn Store>> {
+/// Opens the hub's store as `--store` says, its secrets sealed with `seal`'s key.
+pub fn open_store(data: &std::path::Path, store: &str, etcd: &EtcdArgs, seal: &SealArgs) -> Result<Arc<dyn Store>> {
+    let raw = open_raw_store(data, store, etcd)?;
+    let key = seal.key(data)?;
+    Ok(Arc::new(skiff_hub::seal::SealedStore::new(raw, key)?))
+}
+
+fn open_raw_store(data: &std::path::Path, store: &str, etcd: &EtcdArgs) -> Result<Arc<dyn Store>> {
     if store == "sqlite" || store.starts_with("sqlite:") {
         if etcd.etcd_ca.is_some() || etcd.etcd_cert.is_some() {
             anyhow::bail!("--etcd-ca, --etcd-cert: only with --store etcds://...");
@@ -307,7 +337,7 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let data = &cli.data;
     crate::secure_data_dir(data)?;
     skiff_sys::connlimit::raise_fd_limit();
-    let store = open_store(data, &args.store, &args.etcd)?;
+    let store = open_store(data, &args.store, &args.etcd, &args.seal)?;
     // Several hubs on one store: one is active; this one waits for its turn.
     // Unique even for hubs in containers sharing a host name and pid 1: the store fences
     // writes by it.

@@ -9,7 +9,6 @@ use crate::config::ClientConfig;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use skiff_agent::{Agent, AgentConfig};
-use skiff_hub::store::{SqliteStore, Store};
 use skiff_hub::Hub;
 use skiff_manifest::ComposeImport;
 use skiff_model::api::ApplyRequest;
@@ -197,7 +196,7 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<i32> {
             }
         }
     }
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data.join("hub.db"))?);
+    let store = crate::hub::open_store(data, "sqlite", &Default::default(), &Default::default())?;
     let conf_path = data.join("admin.conf");
     let admin_token = admin_token(data)?;
     let listener =

@@ -118,9 +118,28 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     let mut a = hub_with("127.0.0.1", &["--store", &store, "--lease-ttl", "3s"])?;
     let port_a = a.server()?.rsplit(':').next().unwrap().to_string();
     let port_b = free_port().to_string();
+    // The store's secrets (the CA, the admin token) are sealed with a's key: a hub with
+    // a key of its own is refused, naming the flag that fixes it.
+    let out = Node::bare()?.cli(&["hub", "--listen", "127.0.0.1:0", "--store", &store])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("sealed with secrets key") && err.contains("--secrets-key"), "{err}");
+    let key = a.data().join("pki/secrets.key");
+    let key = key.to_str().unwrap();
     let mut b = Node::bare()?;
     let listen_b = format!("127.0.0.1:{port_b}");
-    b.spawn(&["hub", "--listen", &listen_b, "--advertise", "127.0.0.1", "--store", &store, "--lease-ttl", "60s"])?;
+    b.spawn(&[
+        "hub",
+        "--listen",
+        &listen_b,
+        "--advertise",
+        "127.0.0.1",
+        "--store",
+        &store,
+        "--lease-ttl",
+        "60s",
+        "--secrets-key",
+        key,
+    ])?;
     wait_for(30 * SEC, "hub b standing by", || b.log().contains("standing by").then_some(()))?;
     let pid_a = a.up_pid().unwrap();
     assert!(b.log().contains(&format!("(pid {pid_a}, ")), "names the active hub: {}", b.log());

@@ -608,6 +608,21 @@ stringData: {{token: tok-123}}
     assert!(!shown.contains("tok-123") && !shown.contains("s3cr3t"), "{shown}");
     assert!(shown.contains("<redacted>"), "{shown}");
     assert!(shown.contains("mode edge") || shown.contains("bW9kZSBlZGdl"), "a ConfigMap is no secret: {shown}");
+    // Nor does the hub's store on disk (its database and log) hold them: they are sealed
+    // with the key in pki/secrets.key.
+    use base64::Engine;
+    let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+    let mut stored = vec![];
+    for f in std::fs::read_dir(n.data())? {
+        let f = f?;
+        if f.file_name().to_string_lossy().starts_with("hub.db") {
+            stored.extend(std::fs::read(f.path())?);
+        }
+    }
+    let holds = |t: &str| stored.windows(t.len()).any(|w| w == t.as_bytes());
+    assert!(holds("web-secret") || holds("TOKEN"), "the store was read");
+    assert!(!holds("tok-123") && !holds(&b64("s3cr3t-from-file")[..20]), "a secret is in hub.db");
+    assert!(holds(&b64("mode edge")), "a ConfigMap is stored as it is");
     // A Service in a file of its own selects the stored deployment (as kubectl applies
     // it); its secrets, read back redacted, are kept.
     let svc = n.write(
