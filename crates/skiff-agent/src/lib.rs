@@ -770,6 +770,12 @@ impl Agent {
 }
 
 /// The slot an instance fills: `web-2` and, while it retires, `web-2-<tag>`.
+/// The instance whose network an instance of `network: service` shares: the named
+/// deployment's instance of the same number.
+pub(crate) fn network_owner(r: &InstanceRow) -> String {
+    format!("{}-{}", r.spec.network_service.as_deref().unwrap_or_default(), slot_of(r).unwrap_or(1))
+}
+
 pub(crate) fn slot_of(r: &InstanceRow) -> Option<u32> {
     let rest = r.name.strip_prefix(&r.deployment)?.strip_prefix('-')?;
     rest.split('-').next()?.parse().ok()

@@ -182,6 +182,18 @@ impl Agent {
 
     /// `/etc/hosts` for one instance: itself plus every addressed instance that shares a
     /// network with it, reachable by instance name and by deployment (service) name.
+    /// Writes `r`'s `/etc/hosts` as `hosts_for` makes it, when it changed since this agent
+    /// last wrote it.
+    fn write_hosts(&self, r: &crate::state::InstanceRow, spec: &Deployment, me: &str, ip: Option<Ipv4Addr>) {
+        let Ok(h) = self.hosts_for(spec, me, ip) else { return };
+        let same = self.hosts_written.lock().is_ok_and(|w| w.get(&r.container_id) == Some(&h));
+        if !same && self.runtimes.of(r.spec.runtime).update_hosts(&r.container_id, &h).is_ok() {
+            if let Ok(mut w) = self.hosts_written.lock() {
+                w.insert(r.container_id.clone(), h);
+            }
+        }
+    }
+
     pub(crate) fn hosts_for(&self, spec: &Deployment, me: &str, my_ip: Option<Ipv4Addr>) -> Result<String, AgentError> {
         let rows = self.db(|s| s.instances())?;
         let mine: HashSet<String> = spec.joined_networks().into_iter().collect();
@@ -236,17 +248,16 @@ impl Agent {
         // instance names (to report a port that cannot be bound).
         let mut ports: HashMap<PortKey, Vec<SocketAddr>> = HashMap::new();
         let mut owners: HashMap<PortKey, Vec<String>> = HashMap::new();
+        // An instance sharing another's network sees that one's hosts.
+        for r in rows.iter().filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Service) {
+            let owner = crate::network_owner(r);
+            if let Some(t) = rows.iter().find(|t| t.name == owner && t.spec.network == NetworkMode::Bridge) {
+                self.write_hosts(r, &t.spec, &t.name, t.ip.as_ref().and_then(|i| i.parse().ok()));
+            }
+        }
         for r in rows.iter().filter(|r| r.state == InstanceState::Running && r.spec.network == NetworkMode::Bridge) {
             let my_ip = r.ip.as_ref().and_then(|i| i.parse().ok());
-            if let Ok(h) = self.hosts_for(&r.spec, &r.name, my_ip) {
-                // Written only when it changed since this agent last wrote it.
-                let same = self.hosts_written.lock().is_ok_and(|w| w.get(&r.container_id) == Some(&h));
-                if !same && self.runtimes.of(r.spec.runtime).update_hosts(&r.container_id, &h).is_ok() {
-                    if let Ok(mut w) = self.hosts_written.lock() {
-                        w.insert(r.container_id.clone(), h);
-                    }
-                }
-            }
+            self.write_hosts(r, &r.spec, &r.name, my_ip);
             let serves = serving.as_ref().is_some_and(|s| serves(s, &stopping, r));
             for p in &r.spec.ports {
                 let bind_ip: IpAddr =

@@ -248,6 +248,22 @@ impl Agent {
         }
         let poll = self.observe_readiness(now, full).await?;
 
+        // An instance sharing another's network that was replaced (an update) or is gone
+        // starts again, in the new one: it would sit unreachable in the old.
+        let rows = self.db(|s| s.instances())?;
+        let shares = |r: &&InstanceRow| r.state == InstanceState::Running && r.spec.network == NetworkMode::Service;
+        for r in rows.iter().filter(shares).filter(|r| !stopping.contains(&r.container_id)) {
+            if !self.still_joined(r) {
+                let other = r.spec.network_service.as_deref().unwrap_or_default();
+                self.event(
+                    &r.name,
+                    "NetworkReplaced",
+                    &format!("{other}'s network was replaced or is gone: starting again"),
+                );
+                self.spawn_stop(r, &stopping, false);
+            }
+        }
+
         // Updates: which old instances stay beside their replacements, which stop, and
         // which serve the published ports.
         let rows = self.db(|s| s.instances())?;
@@ -321,7 +337,11 @@ impl Agent {
                     exit_code: p.exit_code,
                 })
                 .collect();
-            if let Some(wait) = unmet_dependency(&r.spec, &peers) {
+            let network = match r.spec.network {
+                NetworkMode::Service => self.joined_network(r).err().map(|e| e.to_string()),
+                _ => None,
+            };
+            if let Some(wait) = network.or_else(|| unmet_dependency(&r.spec, &peers)) {
                 if r.message.as_deref() != Some(&wait) {
                     let mut r = r.clone();
                     r.message = Some(wait);

@@ -138,6 +138,8 @@ impl Agent {
                 let (link, ip) = self.macvlan_link(r)?;
                 (Some(ip), Some(self.netns_name(id)), Some(link))
             }
+            // Another instance's namespace, joined as it is: nothing to attach.
+            NetworkMode::Service => (None, Some(self.joined_network(r)?.0), None),
             NetworkMode::None | NetworkMode::Host => (None, None, None),
         };
         std::thread::scope(|scope| {
@@ -191,6 +193,50 @@ impl Agent {
         };
         let _ = rt.signal(id, "KILL");
         Err(AgentError::Other(format!("the instance's record was not written ({unrecorded}); stopped")))
+    }
+
+    /// What an instance of `network: service` joins: the network namespace of the
+    /// deployment's instance of the same number, running on this node (its primary, not
+    /// one kept through an update), and that instance.
+    pub(crate) fn joined_network(&self, r: &InstanceRow) -> Result<(String, InstanceRow), AgentError> {
+        let (name, t) = self.network_owner(r)?;
+        let wait = |why: &str| AgentError::Other(format!("waiting for {name}'s network ({why})"));
+        let t = t.ok_or_else(|| wait("not here"))?;
+        if t.state != InstanceState::Running {
+            return Err(wait("not running"));
+        }
+        if !matches!(t.spec.network, NetworkMode::Bridge | NetworkMode::Macvlan) {
+            return Err(AgentError::Other(format!(
+                "network_service: {name} has no network of its own to share (network: {:?})",
+                t.spec.network
+            )));
+        }
+        let ns = self.netns_name(&t.container_id);
+        if !netns_path(&ns).exists() {
+            return Err(wait("no namespace yet"));
+        }
+        Ok((ns, t))
+    }
+
+    /// Whether a running instance of `network: service` is still in the network it
+    /// joined: `false` once that instance was replaced (a new namespace) or is gone.
+    pub(crate) fn still_joined(&self, r: &InstanceRow) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Some(pid) = r.pid.filter(|p| *p > 0) else { return true };
+        let Ok(mine) = std::fs::metadata(format!("/proc/{pid}/ns/net")) else { return true };
+        // Whatever its state (a restart keeps its namespace): the namespace it holds now.
+        let Ok((_, Some(t))) = self.network_owner(r) else { return false };
+        let ns = netns_path(&self.netns_name(&t.container_id));
+        std::fs::metadata(ns).is_ok_and(|m| (m.dev(), m.ino()) == (mine.dev(), mine.ino()))
+    }
+
+    /// The name of the instance whose network `r` shares, and its row if it has one.
+    fn network_owner(&self, r: &InstanceRow) -> Result<(String, Option<InstanceRow>), AgentError> {
+        let name = crate::network_owner(r);
+        let other = r.spec.network_service.as_deref().unwrap_or_default();
+        let rows = self.db(|s| s.instances())?;
+        let t = rows.into_iter().find(|x| x.name == name && x.deployment == other);
+        Ok((name, t))
     }
 
     /// A macvlan instance's interface and address: the subnet as given or the parent's on
@@ -247,24 +293,32 @@ impl Agent {
             info.layers.iter().map(|l| self.images.layer_dir(&l.diff_id)).collect::<Result<Vec<_>, _>>()?;
         let (mut volumes, fill) = self.volumes(&r.spec, &anonymous_owner(r))?;
         volumes.extend(write_files(&rt.instance_dir(&r.container_id), &r.spec)?);
-        let hosts = if r.spec.network == NetworkMode::Host {
-            std::fs::read_to_string("/etc/hosts").unwrap_or_default() + &self.extra_hosts(&r.spec)
-        } else {
-            self.hosts_for(&r.spec, &r.name, ip)?
+        // Sharing another instance's network is sharing its name, hosts and resolver too.
+        let joined = match r.spec.network {
+            NetworkMode::Service => Some(self.joined_network(r)?.1),
+            _ => None,
+        };
+        let net = joined.as_ref().unwrap_or(r);
+        let hosts = match net.spec.network {
+            NetworkMode::Host => std::fs::read_to_string("/etc/hosts").unwrap_or_default() + &self.extra_hosts(&r.spec),
+            _ if joined.is_some() => {
+                self.hosts_for(&net.spec, &net.name, net.ip.as_ref().and_then(|i| i.parse().ok()))?
+            }
+            _ => self.hosts_for(&r.spec, &r.name, ip)?,
         };
         let (cdi_devices, cdi_edits) = self.grant_devices(r)?;
         let req = CreateRequest {
             id: r.container_id.clone(),
-            hostname: r.spec.hostname.clone().unwrap_or_else(|| r.name.clone()),
+            hostname: net.spec.hostname.clone().unwrap_or_else(|| net.name.clone()),
             deployment: &r.spec,
             image: &info,
             layer_dirs,
             netns,
             hosts,
             resolv_conf: resolv_conf(
-                r.spec.network,
-                Some(self.bridge.subnet.gateway()).filter(|_| self.dns && r.spec.network == NetworkMode::Bridge),
-                &r.spec.dns,
+                net.spec.network,
+                Some(self.bridge.subnet.gateway()).filter(|_| self.dns && net.spec.network == NetworkMode::Bridge),
+                &net.spec.dns,
             ),
             volumes,
             fill_volumes: fill,

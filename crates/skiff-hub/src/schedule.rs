@@ -211,7 +211,8 @@ pub fn schedule(
     let by_name: BTreeMap<&str, &NodeView> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let mut used: BTreeMap<&str, Used> = nodes.iter().map(|n| (n.name.as_str(), Used::default())).collect();
     let mut deps: Vec<&Deployment> = deployments.iter().collect();
-    deps.sort_by(|a, b| a.name.cmp(&b.name));
+    // Those sharing another's network after the others: they go where it went.
+    deps.sort_by(|a, b| (a.network_service.is_some(), &a.name).cmp(&(b.network_service.is_some(), &b.name)));
     let wanted: BTreeSet<&str> = deps.iter().map(|d| d.name.as_str()).collect();
 
     // First pass: which current slots stay. Their reservations are counted before any new
@@ -252,6 +253,23 @@ pub fn schedule(
         let mut slots = kept.remove(d.name.as_str()).unwrap_or_default();
         let mut refused: BTreeMap<&'static str, usize> = BTreeMap::new();
         let mut missing = 0usize;
+        if let Some(owner) = &d.network_service {
+            match beside(d, owner, &deps, &plan.slots, &by_name, plat, &mut used, &mut slots) {
+                Ok(m) => missing = m,
+                Err(why) => {
+                    plan.unschedulable.insert(d.name.clone(), why);
+                    continue;
+                }
+            }
+            if missing > 0 {
+                let why = format!(
+                    "{missing} instance(s) not placed: {owner} has no instance of the same number on a node that fits"
+                );
+                plan.unschedulable.insert(d.name.clone(), why);
+            }
+            plan.slots.extend(slots);
+            continue;
+        }
         match d.placement.mode {
             PlacementMode::Global => {
                 let have: BTreeSet<String> = slots.iter().map(|s| s.node.clone()).collect();
@@ -341,6 +359,49 @@ pub fn schedule(
     plan
 }
 
+/// Places `d`, which shares `owner`'s network: each of its instances on the node of
+/// `owner`'s instance of the same number (`placed`), or not at all. `slots` (those kept)
+/// loses any that is elsewhere now. Returns how many were not placed; `Err` when `owner`
+/// is not one to share.
+#[allow(clippy::too_many_arguments)]
+fn beside<'n>(
+    d: &Deployment,
+    owner: &str,
+    deps: &[&Deployment],
+    placed: &[Slot],
+    by_name: &BTreeMap<&str, &'n NodeView>,
+    plat: Option<&Platforms>,
+    used: &mut BTreeMap<&'n str, Used>,
+    slots: &mut Vec<Slot>,
+) -> Result<usize, String> {
+    match deps.iter().find(|o| o.name == owner) {
+        None => return Err(format!("it shares the network of {owner}, which is not deployed")),
+        Some(o) if o.network_service.is_some() => {
+            return Err(format!("it shares the network of {owner}, which shares another's: name that one"))
+        }
+        Some(_) => {}
+    }
+    let of_owner: BTreeMap<u32, &str> =
+        placed.iter().filter(|s| s.deployment == owner).map(|s| (s.index, s.node.as_str())).collect();
+    slots.retain(|s| of_owner.get(&s.index) == Some(&s.node.as_str()));
+    let taken: BTreeSet<u32> = slots.iter().map(|s| s.index).collect();
+    let mut missing = 0;
+    for index in (1..=d.replicas).filter(|i| !taken.contains(i)) {
+        let Some(n) = of_owner.get(&index).and_then(|node| by_name.get(node)) else {
+            missing += 1;
+            continue;
+        };
+        let u = used.get(n.name.as_str()).cloned().unwrap_or_default();
+        if n.state != NodeState::Ready || mismatch(d, n, plat).or_else(|| no_room(d, n, &u)).is_some() {
+            missing += 1;
+            continue;
+        }
+        take(used, n, d);
+        slots.push(Slot { deployment: d.name.clone(), index, node: n.name.clone() });
+    }
+    Ok(missing)
+}
+
 fn spread_value<'a>(n: &'a NodeView, key: &Option<String>) -> Option<&'a String> {
     key.as_ref().and_then(|k| n.labels.get(k))
 }
@@ -392,6 +453,36 @@ mod tests {
         d.placement.spread_by = Some("site".into());
         let p = schedule(&[d], &none(), &nodes, &[], 0);
         assert_eq!(where_(&p, "web"), [(1, "a1".into()), (2, "b1".into())], "one per site first");
+    }
+
+    /// A deployment sharing another's network goes beside it, instance by instance, and
+    /// follows it when it moves.
+    #[test]
+    fn a_shared_network_places_each_instance_beside_its_owner() {
+        let nodes = [node("a", "amd64", &[]), node("b", "amd64", &[]), node("c", "amd64", &[])];
+        let mut side = dep("side", 3);
+        side.network = skiff_model::NetworkMode::Service;
+        side.network_service = Some("web".into());
+        // "side" sorts before "web": it is still placed after it.
+        let p = schedule(&[side.clone(), dep("web", 2)], &none(), &nodes, &[], 0);
+        assert_eq!(where_(&p, "web"), [(1, "a".into()), (2, "b".into())]);
+        assert_eq!(where_(&p, "side"), [(1, "a".into()), (2, "b".into())]);
+        let why = &p.unschedulable["side"];
+        assert!(why.starts_with("1 instance(s) not placed: web has no instance of the same number"), "{why}");
+        // web-2 moves (its node is gone): side-2 moves with it.
+        let moved: Vec<Slot> = p.slots.iter().filter(|s| s.node != "b").cloned().collect();
+        let p = schedule(&[side.clone(), dep("web", 2)], &none(), &[nodes[0].clone(), nodes[2].clone()], &moved, 0);
+        assert_eq!(where_(&p, "side"), [(1, "a".into()), (2, "c".into())]);
+        assert_eq!(where_(&p, "web"), where_(&p, "side"));
+        // Sharing one that shares, or one not deployed: said, nothing placed.
+        let mut third = side.clone();
+        third.name = "third".into();
+        third.network_service = Some("side".into());
+        let p = schedule(&[side.clone(), third, dep("web", 2)], &none(), &nodes, &[], 0);
+        assert!(p.unschedulable["third"].contains("which shares another's"), "{:?}", p.unschedulable);
+        assert!(where_(&p, "third").is_empty());
+        let p = schedule(&[side], &none(), &nodes, &[], 0);
+        assert_eq!(p.unschedulable["side"], "it shares the network of web, which is not deployed");
     }
 
     #[test]

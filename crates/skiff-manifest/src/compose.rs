@@ -254,6 +254,16 @@ fn import_file(
         out.warnings.extend(inner.warnings);
         out.builds.extend(inner.builds);
     }
+    for d in &out.deployments {
+        let Some(other) = &d.network_service else { continue };
+        if !out.deployments.iter().any(|x| x.name == *other) {
+            let path = format!("services.{}.network_mode", d.name);
+            return Err(ManifestError::at(
+                path,
+                format!("service {other:?} is not in the file (or not in an active profile)"),
+            ));
+        }
+    }
     Ok(out)
 }
 
@@ -887,7 +897,19 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
             "logging" => d.logging = logging(cx, v, &path)?,
             "network_mode" => {
                 let s = str_of(v, &path)?;
-                d.network = short::network_mode(&s).map_err(|e| ManifestError::at(&path, e))?;
+                if let Some(other) = s.strip_prefix("service:") {
+                    d.network = NetworkMode::Service;
+                    d.network_service = Some(deployment_name(other));
+                } else if s.starts_with("container:") {
+                    return Err(ManifestError::at(
+                        &path,
+                        format!(
+                            "{s:?}: a container outside the file is not supported (name its service: service:NAME)"
+                        ),
+                    ));
+                } else {
+                    d.network = short::network_mode(&s).map_err(|e| ManifestError::at(&path, e))?;
+                }
             }
             "networks" => net_keys = service_networks(cx, v, &path)?,
             // Handled before: the service runs only with an active profile.

@@ -745,3 +745,25 @@ fn included_files_join_the_project_read_from_their_own_directory() {
         assert!(e.contains(says), "{yaml}: {e}");
     }
 }
+
+/// `network_mode: service:NAME` shares that service's network (its instance of the same
+/// number); `container:` names something outside the file; a missing service is named.
+#[test]
+fn network_mode_service_shares_another_services_network() {
+    let i = import(
+        "services:\n  Web.App: {image: web, ports: ['8080:80']}\n  side: {image: side, network_mode: 'service:Web.App'}\n",
+    )
+    .unwrap();
+    let side = i.deployments.iter().find(|d| d.name == "side").unwrap();
+    assert_eq!(side.network, skiff_model::NetworkMode::Service);
+    assert_eq!(side.network_service.as_deref(), Some("web-app"));
+    assert!(side.validate().is_ok());
+    assert_eq!(
+        err("services:\n  side: {image: side, network_mode: 'service:db'}\n"),
+        "services.side.network_mode: service \"db\" is not in the file (or not in an active profile)"
+    );
+    assert!(err("services:\n  side: {image: side, network_mode: 'container:abc'}\n")
+        .starts_with("services.side.network_mode: \"container:abc\": a container outside the file is not supported"));
+    let e = err("services:\n  a: {image: a}\n  side: {image: s, network_mode: 'service:a', ports: ['80:80']}\n");
+    assert!(e.contains("ports") && e.contains("bridge"), "{e}");
+}

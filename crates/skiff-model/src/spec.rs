@@ -57,6 +57,11 @@ pub struct Deployment {
     /// With `network: macvlan`: the segment and addresses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub macvlan: Option<Macvlan>,
+    /// With `network: service`: the deployment whose network its instances share, each
+    /// that deployment's instance of the same number (compose `network_mode:
+    /// service:NAME`, a pod's second container): one address, one `localhost`, its ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_service: Option<String>,
     #[serde(default)]
     pub read_only: bool,
     /// Its process runs on a terminal (`run -t`, compose `tty`, Kubernetes `tty`), held
@@ -380,6 +385,7 @@ impl Deployment {
             healthcheck: None,
             depends_on: vec![],
             network: NetworkMode::default(),
+            network_service: None,
             networks: vec![],
             macvlan: None,
             read_only: false,
@@ -662,6 +668,8 @@ pub enum NetworkMode {
     /// An address of its own on the segment of a host interface (Docker's macvlan driver):
     /// see [`Macvlan`].
     Macvlan,
+    /// The network of another deployment's instance: see `Deployment::network_service`.
+    Service,
 }
 
 /// `network: macvlan`: each instance gets an interface of its own on `parent`'s segment,

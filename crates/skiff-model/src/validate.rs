@@ -218,8 +218,49 @@ impl Deployment {
         Ok(())
     }
 
+    /// `network: service`: what comes from the deployment whose network it shares cannot
+    /// be set here too (Docker refuses the same with `--network container:`).
+    fn check_network_service(&self) -> Result<(), ValidationError> {
+        let target = match (self.network, &self.network_service) {
+            (NetworkMode::Service, Some(t)) => t,
+            (NetworkMode::Service, None) => {
+                return Err(ValidationError::new("network_service", "network: service needs the deployment to share"))
+            }
+            (_, Some(_)) => return Err(ValidationError::new("network_service", "only with network: service")),
+            (_, None) => return Ok(()),
+        };
+        check_name("network_service", target)?;
+        if *target == self.name {
+            return Err(ValidationError::new("network_service", "is this deployment itself"));
+        }
+        let from = |field: &str| ValidationError::new(field, format!("comes from {target}, whose network it shares"));
+        if self.hostname.is_some() {
+            return Err(from("hostname"));
+        }
+        if !self.extra_hosts.is_empty() {
+            return Err(from("extra_hosts"));
+        }
+        if self.dns != Default::default() {
+            return Err(from("dns"));
+        }
+        if self.placement.mode == crate::PlacementMode::Global {
+            return Err(ValidationError::new(
+                "placement.mode",
+                format!("global: its instances follow {target}'s, one beside each of the same number"),
+            ));
+        }
+        if self.runtime != RuntimeKind::Oci {
+            return Err(ValidationError::new(
+                "runtime",
+                "only runc's containers share a network (gVisor and WebAssembly have stacks of their own)",
+            ));
+        }
+        Ok(())
+    }
+
     fn check_networks(&self) -> Result<(), ValidationError> {
         self.check_macvlan()?;
+        self.check_network_service()?;
         if self.networks.is_empty() {
             return Ok(());
         }
@@ -669,6 +710,45 @@ mod tests {
                 d.ports = vec![crate::PortMapping::parse("8080:80").unwrap()];
             },
             Some("ports: published ports need the bridge network mode"),
+        );
+    }
+
+    #[test]
+    fn a_shared_network_names_its_deployment_and_takes_what_comes_with_it() {
+        let shares = |d: &mut Deployment| {
+            d.network = NetworkMode::Service;
+            d.network_service = Some("db".into());
+        };
+        check(shares, None);
+        check(
+            |d| d.network = NetworkMode::Service,
+            Some("network_service: network: service needs the deployment to share"),
+        );
+        check(|d| d.network_service = Some("db".into()), Some("network_service: only with network: service"));
+        let with = |f: fn(&mut Deployment)| {
+            move |d: &mut Deployment| {
+                shares(d);
+                f(d)
+            }
+        };
+        check(with(|d| d.network_service = Some(d.name.clone())), Some("network_service: is this deployment itself"));
+        check(with(|d| d.network_service = Some("Bad Name".into())), Some("network_service: \"Bad Name\" is not a valid name (lower-case letters, digits, '-' and '_', at most 63 characters)"));
+        check(
+            with(|d| d.ports = vec![crate::PortMapping::parse("8080:80").unwrap()]),
+            Some("ports: published ports need the bridge network mode"),
+        );
+        check(with(|d| d.hostname = Some("h".into())), Some("hostname: comes from db, whose network it shares"));
+        check(
+            with(|d| d.networks = vec!["back".into()]),
+            Some("networks: joins networks on the bridge: needs network: bridge"),
+        );
+        check(
+            with(|d| d.placement.mode = crate::PlacementMode::Global),
+            Some("placement.mode: global: its instances follow db's, one beside each of the same number"),
+        );
+        check(
+            with(|d| d.runtime = RuntimeKind::Runsc),
+            Some("runtime: only runc's containers share a network (gVisor and WebAssembly have stacks of their own)"),
         );
     }
 

@@ -642,6 +642,65 @@ stringData: {{token: tok-123}}
     Ok(())
 }
 
+/// `network_mode: service:web`: the sidecar shares web's network (one address, one
+/// localhost, web's name and hosts). When web is replaced by an update, its network is
+/// new: the sidecar starts again in it, and still reaches web on localhost.
+#[test]
+fn a_sidecar_shares_its_services_network_and_follows_it_through_an_update() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.up(None)?;
+    let compose = |version: &str| {
+        format!(
+            r#"services:
+  web:
+    image: {IMAGE}
+    environment: {{VERSION: "{version}"}}
+    command: ["sh", "-c", "mkdir -p /www && echo web-$$VERSION > /www/index.html && exec httpd -f -p 8080 -h /www"]
+  side:
+    image: {IMAGE}
+    network_mode: "service:web"
+    command: [sleep, "1000"]
+"#
+        )
+    };
+    let file = n.write("side.yaml", &compose("1"))?;
+    n.ok(&["apply", "-f", &file.to_string_lossy()])?;
+    let web = n.wait_running("web-1")?;
+    n.wait_running("side-1")?;
+    let exec = |i: &str, cmd: &str| n.ok(&["exec", i, "--", "sh", "-c", cmd]);
+    let fetch = || exec("side-1", "wget -q -O- http://127.0.0.1:8080/");
+    assert_eq!(fetch()?, "web-1\n", "web's localhost");
+    assert_eq!(exec("side-1", "hostname")?, "web-1\n");
+    let ip = web.ip.clone().unwrap_or_default();
+    assert!(!ip.is_empty() && exec("side-1", "ip -4 addr show eth0")?.contains(&format!("{ip}/")), "web's address");
+    assert!(exec("side-1", "cat /etc/hosts")?.contains(&format!("{ip}\tweb-1 web")), "web's hosts");
+    assert_eq!(n.instance("side-1")?.ip, None, "no address of its own");
+
+    // web is replaced: side follows it into the new network.
+    let first = n.instance("side-1")?.pid;
+    n.write("side.yaml", &compose("2"))?;
+    n.ok(&["apply", "-f", &file.to_string_lossy()])?;
+    wait_for(Duration::from_secs(60), "side-1 reaching web v2", || {
+        let now = n.instance("side-1").ok()?;
+        (now.state == skiff_model::InstanceState::Running && now.pid.is_some())
+            .then(|| fetch().ok())
+            .flatten()
+            .filter(|b| b == "web-2\n")
+    })?;
+    assert_ne!(n.instance("side-1")?.pid, first, "started again");
+    assert!(n.events()?.iter().any(|e| e.reason == "NetworkReplaced"), "said why");
+    // Bad input is named.
+    let bad = n.write("bad.yaml", "services:\n  side: {image: x, network_mode: 'service:nope'}\n")?;
+    let out = n.cli(&["apply", "-f", &bad.to_string_lossy()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("services.side.network_mode: service \"nope\" is not in the file"),
+        "{err}"
+    );
+    Ok(())
+}
+
 /// A service with only a `build:` (a quarter of real compose files have one): `skiff up`
 /// builds it with buildah, multi-stage, with its build arguments and target, and runs it;
 /// `skiff build` builds again on its own.

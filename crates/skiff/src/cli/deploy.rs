@@ -79,9 +79,10 @@ pub struct RunArgs {
     #[arg(short = 'v', long = "volume")]
     pub volume: Vec<String>,
     /// bridge (the default), host, none, macvlan:PARENT[,ip=A|ip_range=CIDR][,subnet=CIDR]
-    /// [,gateway=A] (an address of its own on PARENT's segment), or the name of a network
-    /// to join on the bridge (repeat to join several): instances reach only instances that
-    /// share a network.
+    /// [,gateway=A] (an address of its own on PARENT's segment), service:NAME (the network
+    /// of deployment NAME's instance of the same number: one address and localhost, as
+    /// `docker run --network container:`), or the name of a network to join on the bridge
+    /// (repeat to join several): instances reach only instances that share a network.
     #[arg(long)]
     pub network: Vec<String>,
     /// Mount the image's root filesystem read-only.
@@ -309,6 +310,12 @@ pub(super) fn deployment_from_run(a: &RunArgs, image: String, from_file: bool) -
                 d.macvlan = Some(skiff_manifest::short::macvlan(m).map_err(|e| anyhow::anyhow!("--network: {e}"))?);
             }
             m if m.starts_with("macvlan:") => anyhow::bail!("--network: {m} cannot be combined with other networks"),
+            // As `docker run --network container:NAME`, by deployment.
+            m if m.starts_with("service:") && a.network.len() == 1 => {
+                d.network = NetworkMode::Service;
+                d.network_service = Some(m["service:".len()..].to_string());
+            }
+            m if m.starts_with("service:") => anyhow::bail!("--network: {m} cannot be combined with other networks"),
             name => d.networks.push(name.to_string()),
         }
     }
