@@ -53,7 +53,9 @@ impl Agent {
             r.restart_requested = false;
             r.state = InstanceState::Exited;
             r.next_start_ms = None;
-            r.message = Some(format!("{what}; {}", crate::HELD));
+            // A job that stopped it says why (its deadline, its backoff limit).
+            let job = r.message.take().filter(|m| m.starts_with(skiff_model::job::JOB_FAILED));
+            r.message = Some(job.unwrap_or_else(|| format!("{what}; {}", crate::HELD)));
             return r;
         }
         if r.restart_requested {

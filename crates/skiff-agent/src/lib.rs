@@ -17,6 +17,7 @@ mod exits;
 mod fake;
 mod gc;
 mod health;
+mod jobs;
 pub mod join;
 pub mod logs;
 pub mod mesh;

@@ -264,11 +264,24 @@ impl Agent {
             }
         }
 
+        // Jobs: their own controller (runs, schedules, limits), not the update planner.
+        let rows = self.db(|s| s.instances())?;
+        let mut job_wake: Option<u64> = None;
+        let mut job_create: HashSet<&str> = HashSet::new();
+        for (name, (d, _)) in &desired {
+            let Some(job) = &d.job else { continue };
+            let step = self.step_job(d, job, &rows, &stopping, now)?;
+            if step.create {
+                job_create.insert(name);
+            }
+            job_wake = job_wake.into_iter().chain(step.wake_ms).min();
+        }
+
         // Updates: which old instances stay beside their replacements, which stop, and
         // which serve the published ports.
         let rows = self.db(|s| s.instances())?;
         let mut serving = HashMap::new();
-        for (name, (d, slots)) in &desired {
+        for (name, (d, slots)) in desired.iter().filter(|(_, (d, _))| d.job.is_none()) {
             let wanted = rollout::template_hash(d);
             let insts: Vec<update::Inst> = rows
                 .iter()
@@ -311,7 +324,7 @@ impl Agent {
 
         // Create rows for slots without a primary instance.
         let rows = self.db(|s| s.instances())?;
-        for (d, slots) in desired.values() {
+        for (d, slots) in desired.values().filter(|(d, _)| d.job.is_none() || job_create.contains(d.name.as_str())) {
             for row in missing_primaries(d, slots, &rows, |name, tpl| self.container_id(name, tpl)) {
                 self.db(|s| s.put_instance(&row))?;
             }
@@ -320,11 +333,30 @@ impl Agent {
         // Start what is due and allowed.
         let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
         let rows = self.db(|s| s.instances())?;
+        // A job's instances running now (or between runs), for its parallelism.
+        let mut active: HashMap<String, u32> = HashMap::new();
+        for r in rows.iter().filter(|r| matches!(r.state, InstanceState::Running | InstanceState::Restarting)) {
+            *active.entry(r.deployment.clone()).or_default() += 1;
+        }
         for r in &rows {
             let due = matches!(r.state, InstanceState::Pending | InstanceState::Restarting)
                 && r.next_start_ms.is_none_or(|t| t <= now);
             if !due || r.held || stopping.contains(&r.container_id) || !desired.contains_key(r.deployment.as_str()) {
                 continue;
+            }
+            if let Some(job) = &r.spec.job {
+                let n = active.get(&r.deployment).copied().unwrap_or(0);
+                if let Some(wait) = crate::jobs::may_start(job, r, n) {
+                    if r.message.as_deref() != Some(&wait) {
+                        let mut r = r.clone();
+                        r.message = Some(wait);
+                        self.db(|s| s.put_instance(&r))?;
+                    }
+                    continue;
+                }
+                if r.state == InstanceState::Pending {
+                    *active.entry(r.deployment.clone()).or_default() += 1;
+                }
             }
             let peers: Vec<Peer<'_>> = rows
                 .iter()
@@ -361,6 +393,8 @@ impl Agent {
             .iter()
             .filter(|r| matches!(r.state, InstanceState::Pending | InstanceState::Restarting))
             .filter_map(|r| r.next_start_ms)
+            .chain(job_wake)
+            .chain(desired.values().filter_map(|(d, _)| crate::jobs::deadline_wake(d, &rows)))
             .min();
         Ok(Pass { next_start_ms, poll })
     }
@@ -555,6 +589,138 @@ mod tests {
         fn exits(&self, code: i32) {
             self.rt.exit(&self.one().container_id, code, self.clock.now_ms());
         }
+    }
+
+    fn job(n: &Node, spec: skiff_model::job::JobSpec, restart: RestartPolicy) {
+        let mut d = Deployment::new("j", IMAGE);
+        d.network = NetworkMode::None;
+        d.restart = restart;
+        d.replicas = spec.completions;
+        d.job = Some(spec);
+        d.validate().unwrap();
+        n.agent.set_desired(&[d], 1).unwrap();
+    }
+
+    fn inst(n: &Node, name: &str) -> InstanceStatus {
+        n.agent.instances().unwrap().into_iter().find(|i| i.name == name).unwrap()
+    }
+
+    fn run_of(n: &Node) -> skiff_model::job::RunStatus {
+        let all = n.agent.instances().unwrap();
+        let spec = skiff_model::job::JobSpec { completions: all.len().max(1) as u32, ..Default::default() };
+        skiff_model::job::run_status(&spec, &all.iter().collect::<Vec<_>>())
+    }
+
+    /// A job's instances run to completion, `parallelism` at once, and are not started
+    /// again once they succeeded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_runs_its_completions_parallelism_at_a_time_and_stops() {
+        let n = Node::new();
+        let spec = skiff_model::job::JobSpec { completions: 3, parallelism: 2, ..Default::default() };
+        job(&n, spec, RestartPolicy::OnFailure { max_retries: Some(6) });
+        n.pass().await;
+        assert_eq!(n.rt.starts(), 2, "parallelism 2");
+        let waiting = inst(&n, "j-3");
+        assert_eq!(waiting.state, InstanceState::Pending);
+        assert!(waiting.message.unwrap_or_default().contains("parallelism 2"));
+        n.rt.exit(&inst(&n, "j-1").container_id, 0, n.clock.now_ms());
+        n.pass().await;
+        assert_eq!((inst(&n, "j-1").state, inst(&n, "j-3").state), (InstanceState::Exited, InstanceState::Running));
+        for name in ["j-2", "j-3"] {
+            n.rt.exit(&inst(&n, name).container_id, 0, n.clock.now_ms());
+        }
+        n.pass().await;
+        n.clock.advance(60_000);
+        n.pass().await;
+        assert_eq!(n.rt.starts(), 3, "each once");
+        let run = run_of(&n);
+        assert_eq!((run.state, run.succeeded), (skiff_model::job::RunState::Complete, 3));
+    }
+
+    /// A run that passes its backoff limit, or its deadline, is stopped with why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_past_its_backoff_limit_or_deadline_is_stopped() {
+        let n = Node::new();
+        let spec = skiff_model::job::JobSpec { completions: 2, parallelism: 2, backoff_limit: 1, ..Default::default() };
+        job(&n, spec, RestartPolicy::OnFailure { max_retries: Some(1) });
+        n.pass().await;
+        for _ in 0..2 {
+            n.rt.exit(&inst(&n, "j-1").container_id, 1, n.clock.now_ms());
+            n.pass().await;
+            n.clock.advance(20_000);
+            n.pass().await;
+        }
+        let (one, two) = (inst(&n, "j-1"), inst(&n, "j-2"));
+        assert_eq!(one.state, InstanceState::Exited);
+        assert_eq!(two.state, InstanceState::Exited, "the other instance is stopped too: {two:?} {one:?}");
+        assert!(two.message.unwrap_or_default().starts_with("job failed: 2 failed runs (backoff limit 1)"));
+        assert_eq!(n.rt.signals().len(), 1, "the running one killed");
+        n.clock.advance(60_000);
+        n.pass().await;
+        assert_eq!(n.rt.starts(), 3, "never started again");
+
+        let n = Node::new();
+        let spec = skiff_model::job::JobSpec { active_deadline_seconds: Some(30), ..Default::default() };
+        job(&n, spec, RestartPolicy::No);
+        assert_eq!(n.pass().await, Some(1_000_000 + 30_000), "the loop wakes at the deadline");
+        n.clock.advance(30_000);
+        n.pass().await;
+        let one = inst(&n, "j-1");
+        assert_eq!(one.message.as_deref(), Some("job failed: its deadline of 30 s passed"));
+        assert!(n.agent.events(50).unwrap().iter().any(|e| e.reason == "JobFailed"));
+    }
+
+    /// A CronJob runs at its times by the node's clock (no hub): never a time twice,
+    /// the last run's instances replaced by the new run's, a late time skipped past its
+    /// starting deadline, and a run that goes on skipped under Forbid.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cron_job_runs_at_its_times_on_the_nodes_clock() {
+        let n = Node::new();
+        n.clock.set(1_796_527_800_000); // 03:30 UTC
+        let schedule = skiff_model::job::Schedule {
+            cron: "0 * * * *".into(),
+            time_zone: None,
+            concurrency_policy: skiff_model::job::ConcurrencyPolicy::Forbid,
+            starting_deadline_seconds: Some(600),
+            suspend: false,
+        };
+        let spec = skiff_model::job::JobSpec { schedule: Some(schedule), ..Default::default() };
+        job(&n, spec, RestartPolicy::No);
+        let four = 1_796_529_600_000;
+        assert_eq!(n.pass().await, Some(four), "first seen: waits for 04:00");
+        assert!(n.agent.instances().unwrap().is_empty());
+        n.clock.set(four + 1_000);
+        n.pass().await;
+        let first = inst(&n, "j-1");
+        assert_eq!((first.state, n.rt.starts()), (InstanceState::Running, 1), "the run of 04:00");
+        n.pass().await;
+        assert_eq!(n.rt.starts(), 1, "not twice");
+        // Still running at 05:00 (Forbid): skipped.
+        n.clock.set(four + 3_600_000);
+        n.pass().await;
+        assert_eq!(n.rt.starts(), 1);
+        assert!(n.agent.events(50).unwrap().iter().any(|e| e.reason == "RunSkipped"));
+        n.rt.exit(&first.container_id, 0, n.clock.now_ms());
+        n.pass().await;
+        // 06:00 passes while the agent is away; back at 06:20, 20 min late > 10 min: skipped.
+        n.clock.set(four + 2 * 3_600_000 + 20 * 60_000);
+        n.pass().await;
+        assert!(n.agent.events(50).unwrap().iter().any(|e| e.reason == "MissedSchedule"));
+        assert_eq!(n.rt.starts(), 1);
+        // 07:00: the finished run's instance goes, the new run's starts.
+        n.clock.set(four + 3 * 3_600_000);
+        n.pass().await;
+        for _ in 0..500 {
+            if n.rt.starts() == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            n.pass().await;
+        }
+        assert_eq!(n.rt.starts(), 2, "{:?}", n.agent.instances());
+        let second = inst(&n, "j-1");
+        assert_eq!(second.state, InstanceState::Running);
+        assert_eq!(second.started_at_ms, Some(four + 3 * 3_600_000));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,6 +66,7 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/instances/{name}/{action}", post(act_on_instance))
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/services", get(services))
+        .route("/api/v1/jobs", get(jobs))
         .route("/api/v1/events", get(events))
         .route("/api/v1/metrics", get(samples))
         .route("/api/v1/autoscalers", get(autoscalers))
@@ -248,6 +249,19 @@ async fn services(
     watched(&q, &headers, hub.changes(), || service_list(&hub)).await
 }
 
+async fn jobs(
+    State(hub): State<Shared>,
+    Query(q): Query<WatchQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    watched(&q, &headers, hub.changes(), || {
+        let stored: Vec<skiff_model::Deployment> =
+            hub.store.list().map_err(internal)?.into_iter().map(|s| s.spec).collect();
+        Ok(skiff_model::job::views(&stored, &hub.instances()))
+    })
+    .await
+}
+
 /// Every deployment that serves ports on the bridge is a service: its ports, and per node
 /// its instances that serve of all.
 fn service_list(hub: &Hub) -> Result<Vec<skiff_model::mesh::ServiceInfo>, ApiError> {
@@ -371,7 +385,9 @@ async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) 
         .list()
         .map_err(internal)?
         .into_iter()
-        .filter(|s| s.spec.depends_on.iter().any(|d| d.name == name))
+        .filter(|s| {
+            s.spec.depends_on.iter().any(|d| d.name == name) || s.spec.network_service.as_deref() == Some(&name)
+        })
         .map(|s| s.spec.name)
         .collect();
     if !dependents.is_empty() {

@@ -51,6 +51,11 @@ pub fn pass(hub: &Hub, n: u64, every: Every) {
             tracing::warn!(error = %e, "alerts");
         }
     }
+    if place {
+        if let Err(e) = hub.expire_jobs(now) {
+            tracing::warn!(error = %e, "finished jobs");
+        }
+    }
 }
 
 /// Runs the controllers every second until aborted. A fleet also learns the platforms

@@ -63,8 +63,12 @@ pub fn status(d: &Deployment, newest: Option<&Revision>, instances: &[InstanceSt
     let failures: Vec<String> = updated.iter().filter_map(|i| failure(i)).collect();
     let old_primaries = mine.iter().filter(|i| i.template != tpl && !i.retiring).count();
     let kept = d.update.strategy == Strategy::BlueGreen && old_primaries == 0;
-    let done = updated.len() as u32 == desired && ready == desired && (old == 0 || kept);
-    let failed = !failures.is_empty()
+    // A job's instances run to completion: nothing rolls out (a run's failure is the
+    // job's, shown by `skiff get jobs`, never a rollback).
+    let is_job = d.job.is_some();
+    let done = is_job || (updated.len() as u32 == desired && ready == desired && (old == 0 || kept));
+    let failed = !is_job
+        && !failures.is_empty()
         && (failures.len() as f64) > d.update.max_failure_ratio * f64::from(desired.max(1))
         && d.update.failure_action != FailureAction::Continue;
     let (state, message) = match newest.map(|r| r.state) {
@@ -180,6 +184,32 @@ impl Hub {
             .set_rollout(&cur.name, newest.revision, RolloutState::Progressing, Some(cause), None)
             .map_err(|e| ApplyError::Internal(e.to_string()))?;
         Ok(Revision { cause: cause.to_string(), ..newest })
+    }
+
+    /// Deletes each finished job (not a CronJob) whose `ttl_seconds_after_finished` has
+    /// passed since it finished, as Kubernetes' TTL controller does.
+    pub fn expire_jobs(&self, now_ms: u64) -> Result<(), HubError> {
+        let stored = self.store.list()?;
+        let due = |d: &Deployment| d.job.as_ref().filter(|j| j.schedule.is_none())?.ttl_seconds_after_finished;
+        if !stored.iter().any(|s| due(&s.spec).is_some()) {
+            return Ok(());
+        }
+        let instances = self.instances();
+        let specs: Vec<Deployment> = stored.into_iter().map(|s| s.spec).collect();
+        let mut deleted = false;
+        for v in skiff_model::job::views(&specs, &instances) {
+            let Some(ttl) = specs.iter().find(|d| d.name == v.name).and_then(due) else { continue };
+            let Some(finished) = v.run.finished_ms else { continue };
+            if finished + ttl * 1000 <= now_ms && self.store.delete(&v.name)? {
+                let msg = format!("finished {ttl} s ago (ttl_seconds_after_finished): deleted");
+                self.rollouts.event(now_ms, &v.name, "JobDeleted", msg);
+                deleted = true;
+            }
+        }
+        if deleted {
+            self.sync_nodes()?;
+        }
+        Ok(())
     }
 
     /// One pass of the rollout controller: completes or fails each deployment's newest

@@ -298,6 +298,11 @@ pub fn schedule(
                 }
             }
             PlacementMode::Replicated => {
+                if d.job.is_some() {
+                    // Kept instances of a job elsewhere than its first are placed again.
+                    let first = slots.iter().find(|s| s.index == 1).map(|s| s.node.clone());
+                    slots.retain(|s| first.as_ref().is_none_or(|f| *f == s.node));
+                }
                 let taken: BTreeSet<u32> = slots.iter().map(|s| s.index).collect();
                 // Instances of `d` per node and per spread domain, kept up to date below.
                 let mut on_node: BTreeMap<String, usize> = BTreeMap::new();
@@ -310,9 +315,11 @@ pub fn schedule(
                     }
                 }
                 for index in (1..=d.replicas).filter(|i| !taken.contains(i)) {
+                    // A job's instances run together, on the node of its first.
+                    let together = d.job.as_ref().and(slots.iter().find(|s| s.index == 1)).map(|s| s.node.clone());
                     let mut best: Option<(Rank<'_>, &NodeView)> = None;
                     refused.clear();
-                    for n in nodes {
+                    for n in nodes.iter().filter(|n| together.as_ref().is_none_or(|t| *t == n.name)) {
                         let u = used.get(n.name.as_str()).cloned().unwrap_or_default();
                         if n.state != NodeState::Ready {
                             *refused.entry("were not ready").or_default() += 1;
@@ -453,6 +460,17 @@ mod tests {
         d.placement.spread_by = Some("site".into());
         let p = schedule(&[d], &none(), &nodes, &[], 0);
         assert_eq!(where_(&p, "web"), [(1, "a1".into()), (2, "b1".into())], "one per site first");
+    }
+
+    /// A job's instances go together, on one node.
+    #[test]
+    fn a_jobs_instances_are_placed_together() {
+        let nodes = [node("a", "amd64", &[]), node("b", "amd64", &[])];
+        let mut j = dep("batch", 3);
+        j.job = Some(skiff_model::job::JobSpec { completions: 3, ..Default::default() });
+        let p = schedule(&[j.clone(), dep("web", 1)], &none(), &nodes, &[], 0);
+        let nodes_of: BTreeSet<String> = where_(&p, "batch").into_iter().map(|(_, n)| n).collect();
+        assert_eq!((where_(&p, "batch").len(), nodes_of.len()), (3, 1), "{:?}", p.slots);
     }
 
     /// A deployment sharing another's network goes beside it, instance by instance, and

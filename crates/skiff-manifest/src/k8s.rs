@@ -8,6 +8,7 @@
 use crate::ManifestError;
 use serde_norway::Value;
 use skiff_model::api::AttachAutoscaler;
+use skiff_model::job::{ConcurrencyPolicy, JobSpec, Schedule};
 use skiff_model::{Deployment, PlacementMode, PortMapping, Protocol, RestartPolicy};
 use std::collections::BTreeMap;
 
@@ -185,7 +186,7 @@ pub fn import_k8s_beside(files: &[(&str, &str)], namespace: &str, stored: &[Depl
             .unwrap_or(namespace)
             .to_string();
         match kind.as_str() {
-            "Deployment" | "DaemonSet" | "ReplicaSet" | "ReplicationController" | "Pod" => {
+            "Deployment" | "DaemonSet" | "ReplicaSet" | "ReplicationController" | "Pod" | "Job" | "CronJob" => {
                 if let Some(i) = out.deployments.iter().position(|d| d.name == name) {
                     return Err(ManifestError::at(&path, format!("{name:?} is defined already, by {}", paths[i])));
                 }
@@ -272,7 +273,7 @@ pub fn import_k8s_beside(files: &[(&str, &str)], namespace: &str, stored: &[Depl
                 return Err(ManifestError::at(
                     path,
                     format!(
-                    "kind {other:?} is not supported (Deployment, DaemonSet, ReplicaSet, ReplicationController, Pod, \
+                    "kind {other:?} is not supported (Deployment, DaemonSet, ReplicaSet, ReplicationController, Pod, Job, CronJob, \
                          Service, HorizontalPodAutoscaler, PersistentVolumeClaim, ConfigMap, Secret)"
                 ),
                 ))
@@ -394,20 +395,42 @@ fn workload(
     objects: &Objects,
     warnings: &mut Vec<String>,
 ) -> R<Workload> {
-    // A Pod is its own template (one instance); the controllers hold one in spec.template.
-    let (spec, tpl, tp) = if kind == "Pod" {
-        (&Value::Null, v, path.to_string())
+    // A Pod is its own template (one instance); the controllers hold one in spec.template,
+    // a CronJob in spec.jobTemplate.spec.template.
+    let (spec, sp, cron) = match kind {
+        "Pod" => (&Value::Null, path.to_string(), None),
+        "CronJob" => {
+            let cron = get(v, "spec").ok_or_else(|| ManifestError::at(format!("{path}.spec"), "is required"))?;
+            let jp = format!("{path}.spec.jobTemplate.spec");
+            let js = get(cron, "jobTemplate")
+                .and_then(|t| get(t, "spec"))
+                .ok_or_else(|| ManifestError::at(&jp, "is required"))?;
+            (js, jp, Some(cron))
+        }
+        _ => {
+            let spec = get(v, "spec").ok_or_else(|| ManifestError::at(format!("{path}.spec"), "is required"))?;
+            (spec, format!("{path}.spec"), None)
+        }
+    };
+    let known: &[&str] = match kind {
+        "Job" | "CronJob" => &[
+            "completions",
+            "parallelism",
+            "backoffLimit",
+            "activeDeadlineSeconds",
+            "ttlSecondsAfterFinished",
+            "template",
+            "selector",
+            "suspend",
+        ],
+        _ => &["replicas", "selector", "template", "strategy", "updateStrategy", "minReadySeconds"],
+    };
+    let (tpl, tp) = if kind == "Pod" {
+        (v, path.to_string())
     } else {
-        let spec = get(v, "spec").ok_or_else(|| ManifestError::at(format!("{path}.spec"), "is required"))?;
-        unknown(
-            spec,
-            &["replicas", "selector", "template", "strategy", "updateStrategy", "minReadySeconds"],
-            &format!("{path}.spec"),
-            warnings,
-        );
-        let tpl =
-            get(spec, "template").ok_or_else(|| ManifestError::at(format!("{path}.spec.template"), "is required"))?;
-        (spec, tpl, format!("{path}.spec.template"))
+        unknown(spec, known, &sp, warnings);
+        let tpl = get(spec, "template").ok_or_else(|| ManifestError::at(format!("{sp}.template"), "is required"))?;
+        (tpl, format!("{sp}.template"))
     };
     let labels = match get(tpl, "metadata").and_then(|m| get(m, "labels")) {
         Some(l) => map_of_strings(l, &format!("{tp}.metadata.labels"))?,
@@ -657,6 +680,22 @@ fn workload(
         })?;
         d.stop_grace_period_ms = s * 1000;
     }
+    if kind == "Job" || kind == "CronJob" {
+        let job = job_spec(spec, &sp, cron, &format!("{path}.spec"), warnings)?;
+        // Both retry the pod where it is (Never makes a new pod in Kubernetes), up to the
+        // backoff limit.
+        d.restart =
+            match d.restart {
+                RestartPolicy::Always => return Err(ManifestError::at(
+                    format!("{pp}.restartPolicy"),
+                    "a Job's pods run to completion: OnFailure or Never (Always is the default only for other kinds)",
+                )),
+                _ => RestartPolicy::OnFailure { max_retries: Some(job.backoff_limit) },
+            };
+        d.replicas = job.completions;
+        d.job = Some(job);
+        return Ok((d, labels, named));
+    }
     if kind == "DaemonSet" {
         d.placement.mode = PlacementMode::Global;
         if get(spec, "replicas").is_some() {
@@ -672,6 +711,91 @@ fn workload(
     }
     strategy(&mut d, spec, &format!("{path}.spec"), warnings)?;
     Ok((d, labels, named))
+}
+
+/// A Job's `spec` (at `jp`), with a CronJob's own `spec` (`cron`, at `cp`) around it.
+fn job_spec(js: &Value, jp: &str, cron: Option<&Value>, cp: &str, warnings: &mut Vec<String>) -> R<JobSpec> {
+    let num = |v: &Value, key: &str, p: &str| -> R<Option<u64>> {
+        get(v, key)
+            .map(|x| x.as_u64().ok_or_else(|| ManifestError::at(format!("{p}.{key}"), "must be a number, 0 or more")))
+            .transpose()
+    };
+    let small = |v: Option<u64>, key: &str| -> R<Option<u32>> {
+        v.map(|n| u32::try_from(n).map_err(|_| ManifestError::at(format!("{jp}.{key}"), "is too large"))).transpose()
+    };
+    let parallelism = small(num(js, "parallelism", jp)?, "parallelism")?;
+    let completions = match (small(num(js, "completions", jp)?, "completions")?, parallelism) {
+        (Some(c), _) => c,
+        // A work queue: each of the parallel pods must succeed here.
+        (None, Some(p)) if p > 1 => {
+            warnings.push(format!("{jp}.completions: not set (a work queue): runs as {p} completions"));
+            p
+        }
+        (None, _) => 1,
+    };
+    let mut job = JobSpec {
+        completions,
+        // Kubernetes never runs more at once than remain to complete.
+        parallelism: parallelism.unwrap_or(1).clamp(1, completions.max(1)),
+        backoff_limit: small(num(js, "backoffLimit", jp)?, "backoffLimit")?.unwrap_or(6),
+        active_deadline_seconds: num(js, "activeDeadlineSeconds", jp)?,
+        ttl_seconds_after_finished: num(js, "ttlSecondsAfterFinished", jp)?,
+        schedule: None,
+    };
+    if let Some(c) = cron {
+        unknown(
+            c,
+            &[
+                "schedule",
+                "timeZone",
+                "concurrencyPolicy",
+                "startingDeadlineSeconds",
+                "suspend",
+                "jobTemplate",
+                "successfulJobsHistoryLimit",
+                "failedJobsHistoryLimit",
+            ],
+            cp,
+            warnings,
+        );
+        for k in ["successfulJobsHistoryLimit", "failedJobsHistoryLimit"] {
+            if get(c, k).is_some() {
+                warnings.push(format!("{cp}.{k}: the last run's instances are kept until the next run"));
+            }
+        }
+        if job.ttl_seconds_after_finished.take().is_some() {
+            warnings.push(format!("{jp}.ttlSecondsAfterFinished: a run is kept until the next run"));
+        }
+        let policy = match get(c, "concurrencyPolicy").map(|p| string(p, &format!("{cp}.concurrencyPolicy"))) {
+            None => ConcurrencyPolicy::Allow,
+            Some(p) => match p?.as_str() {
+                "Allow" => ConcurrencyPolicy::Allow,
+                "Forbid" => ConcurrencyPolicy::Forbid,
+                "Replace" => ConcurrencyPolicy::Replace,
+                o => {
+                    return Err(ManifestError::at(
+                        format!("{cp}.concurrencyPolicy"),
+                        format!("{o:?} is not Allow, Forbid or Replace"),
+                    ))
+                }
+            },
+        };
+        if policy == ConcurrencyPolicy::Allow {
+            warnings.push(format!(
+                "{cp}.concurrencyPolicy: Allow runs no two runs at once on skiff (a time while one runs is skipped, as Forbid)"
+            ));
+        }
+        job.schedule = Some(Schedule {
+            cron: required(c, "schedule", cp)?,
+            time_zone: get(c, "timeZone").map(|z| string(z, &format!("{cp}.timeZone"))).transpose()?,
+            concurrency_policy: policy,
+            starting_deadline_seconds: num(c, "startingDeadlineSeconds", cp)?,
+            suspend: get(c, "suspend").and_then(Value::as_bool).unwrap_or(false),
+        });
+    } else if get(js, "suspend").and_then(Value::as_bool) == Some(true) {
+        return Err(ManifestError::at(format!("{jp}.suspend"), "a suspended Job is not supported"));
+    }
+    Ok(job)
 }
 
 /// `strategy` (Deployment) or `updateStrategy` (DaemonSet), with Kubernetes' defaults of
@@ -997,6 +1121,65 @@ fn pod_options(d: &mut Deployment, pod: &Value, pp: &str, warnings: &mut Vec<Str
 mod tests {
     use super::*;
     use skiff_model::VolumeSource;
+
+    #[test]
+    fn jobs_and_cron_jobs_become_run_to_completion_deployments() {
+        let m = r#"
+apiVersion: batch/v1
+kind: Job
+metadata: {name: migrate}
+spec:
+  completions: 3
+  parallelism: 5
+  backoffLimit: 2
+  activeDeadlineSeconds: 600
+  ttlSecondsAfterFinished: 60
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: m, image: "tool:1", command: [migrate]}]
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: upload}
+spec:
+  schedule: "30 2 * * *"
+  timeZone: Europe/Berlin
+  concurrencyPolicy: Replace
+  startingDeadlineSeconds: 300
+  successfulJobsHistoryLimit: 3
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: OnFailure
+          containers: [{name: u, image: "up:1"}]
+"#;
+        let i = import_k8s(m, "edge").unwrap();
+        let job = i.deployments.iter().find(|d| d.name == "migrate").unwrap();
+        let j = job.job.as_ref().unwrap();
+        assert_eq!((j.completions, j.parallelism, j.backoff_limit), (3, 3, 2), "parallelism capped at completions");
+        assert_eq!((j.active_deadline_seconds, j.ttl_seconds_after_finished), (Some(600), Some(60)));
+        assert_eq!((job.replicas, job.restart), (3, RestartPolicy::OnFailure { max_retries: Some(2) }));
+        let cron = i.deployments.iter().find(|d| d.name == "upload").unwrap();
+        let s = cron.job.as_ref().unwrap().schedule.as_ref().unwrap();
+        assert_eq!((s.cron.as_str(), s.time_zone.as_deref()), ("30 2 * * *", Some("Europe/Berlin")));
+        assert_eq!((s.concurrency_policy, s.starting_deadline_seconds), (ConcurrencyPolicy::Replace, Some(300)));
+        assert!(i.warnings.iter().any(|w| w.contains("successfulJobsHistoryLimit")), "{:?}", i.warnings);
+        for d in &i.deployments {
+            d.validate().unwrap();
+        }
+        let bad = |from: &str, to: &str| import_k8s(&m.replace(from, to), "edge").unwrap_err().to_string();
+        assert_eq!(
+            bad("restartPolicy: Never", "restartPolicy: Always"),
+            "Job/migrate.spec.template.spec.restartPolicy: a Job's pods run to completion: OnFailure or Never (Always is the default only for other kinds)"
+        );
+        assert_eq!(
+            bad("concurrencyPolicy: Replace", "concurrencyPolicy: Sometimes"),
+            "CronJob/upload.spec.concurrencyPolicy: \"Sometimes\" is not Allow, Forbid or Replace"
+        );
+        assert!(bad("30 2 * * *", "at night").contains("job.schedule: \"at night\" is not a cron pattern"));
+    }
 
     #[test]
     fn pods_replication_controllers_claims_and_volumes() {
@@ -1348,7 +1531,7 @@ spec:
         assert_eq!(
             err("apiVersion: v1\nkind: Widget\nmetadata: {name: c}\n"),
             "Widget/c: kind \"Widget\" is not supported (Deployment, DaemonSet, ReplicaSet, ReplicationController, Pod, \
-             Service, HorizontalPodAutoscaler, PersistentVolumeClaim, ConfigMap, Secret)"
+             Job, CronJob, Service, HorizontalPodAutoscaler, PersistentVolumeClaim, ConfigMap, Secret)"
         );
         assert!(err(&base.replace("spec:\n  template", "spec:\n  replicas: -2\n  template"))
             .contains("Deployment/w.spec.replicas: -2 must be 0 or more"));

@@ -8,6 +8,7 @@
 pub mod alerts;
 pub mod api;
 pub mod autoscale;
+pub mod job;
 pub mod mesh;
 pub mod metrics;
 pub mod options;

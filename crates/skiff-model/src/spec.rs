@@ -57,6 +57,9 @@ pub struct Deployment {
     /// With `network: macvlan`: the segment and addresses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub macvlan: Option<Macvlan>,
+    /// Run-to-completion work (a Kubernetes Job or CronJob): see [`crate::job`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<crate::job::JobSpec>,
     /// With `network: service`: the deployment whose network its instances share, each
     /// that deployment's instance of the same number (compose `network_mode:
     /// service:NAME`, a pod's second container): one address, one `localhost`, its ports.
@@ -386,6 +389,7 @@ impl Deployment {
             depends_on: vec![],
             network: NetworkMode::default(),
             network_service: None,
+            job: None,
             networks: vec![],
             macvlan: None,
             read_only: false,

@@ -258,6 +258,24 @@ impl Deployment {
         Ok(())
     }
 
+    fn check_job(&self) -> Result<(), ValidationError> {
+        let Some(job) = &self.job else { return Ok(()) };
+        job.check(self.replicas)?;
+        if !matches!(self.restart, crate::RestartPolicy::No | crate::RestartPolicy::OnFailure { .. }) {
+            return Err(ValidationError::new(
+                "restart",
+                "a job's instances run to completion: no or on-failure (Kubernetes' Never, OnFailure)",
+            ));
+        }
+        if self.placement.mode == crate::PlacementMode::Global {
+            return Err(ValidationError::new("placement.mode", "global: a job runs on one node"));
+        }
+        if self.autoscale.is_some() {
+            return Err(ValidationError::new("autoscale", "a job's instances are its completions"));
+        }
+        Ok(())
+    }
+
     fn check_networks(&self) -> Result<(), ValidationError> {
         self.check_macvlan()?;
         self.check_network_service()?;
@@ -293,6 +311,7 @@ impl Deployment {
     /// hub call this before anything is stored.
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_name("name", &self.name)?;
+        self.check_job()?;
         check_name("stack", &self.stack)?;
         self.check_networks()?;
         self.check_service()?;
@@ -749,6 +768,46 @@ mod tests {
         check(
             with(|d| d.runtime = RuntimeKind::Runsc),
             Some("runtime: only runc's containers share a network (gVisor and WebAssembly have stacks of their own)"),
+        );
+    }
+
+    #[test]
+    fn jobs_run_to_completion_on_one_node() {
+        let job = |j: crate::job::JobSpec| {
+            move |d: &mut Deployment| {
+                d.replicas = j.completions;
+                d.job = Some(j);
+            }
+        };
+        let base = crate::job::JobSpec { completions: 3, parallelism: 2, ..Default::default() };
+        check(job(base.clone()), None);
+        check(
+            |d| {
+                job(base.clone())(d);
+                d.replicas = 1;
+            },
+            Some("replicas: a job's instances are its completions (3), not 1"),
+        );
+        check(job(crate::job::JobSpec { completions: 0, ..base.clone() }), Some("job.completions: must be 1 to 100"));
+        check(job(crate::job::JobSpec { parallelism: 0, ..base.clone() }), Some("job.parallelism: must be 1 to 100"));
+        check(
+            |d| {
+                job(base.clone())(d);
+                d.restart = crate::RestartPolicy::Always;
+            },
+            Some("restart: a job's instances run to completion: no or on-failure (Kubernetes' Never, OnFailure)"),
+        );
+        let cron = |c: &str| crate::job::Schedule {
+            cron: c.into(),
+            time_zone: None,
+            concurrency_policy: Default::default(),
+            starting_deadline_seconds: None,
+            suspend: false,
+        };
+        check(job(crate::job::JobSpec { schedule: Some(cron("*/5 * * * *")), ..base.clone() }), None);
+        check(
+            job(crate::job::JobSpec { schedule: Some(cron("every day")), ..base.clone() }),
+            Some("job.schedule: \"every day\" is not a cron pattern: Invalid pattern: Pattern must have 5 fields when seconds are disallowed."),
         );
     }
 

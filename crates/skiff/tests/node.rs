@@ -701,6 +701,95 @@ fn a_sidecar_shares_its_services_network_and_follows_it_through_an_update() -> R
     Ok(())
 }
 
+/// Kubernetes Jobs and CronJobs under real runc: completions one at a time, a failed
+/// attempt retried, a finished job deleted after its TTL, and a CronJob's run at its time
+/// by the node's clock; `skiff get jobs` shows each.
+#[test]
+fn jobs_run_to_completion_and_cron_jobs_run_at_their_times() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.up(None)?;
+    // Outside the data directory (the node's policy refuses binds into it).
+    let tmp = tempfile::tempdir()?;
+    let work = tmp.path();
+    let m = n.write(
+        "jobs.yaml",
+        &format!(
+            r#"apiVersion: batch/v1
+kind: Job
+metadata: {{name: batch}}
+spec:
+  completions: 2
+  parallelism: 1
+  backoffLimit: 3
+  template:
+    spec:
+      restartPolicy: OnFailure
+      volumes: [{{name: w, hostPath: {{path: {work}}}}}]
+      containers:
+      - name: b
+        image: {IMAGE}
+        command: ["sh", "-c", "if mkdir /w/tried 2>/dev/null; then exit 1; fi; echo done-$(hostname)"]
+        volumeMounts: [{{name: w, mountPath: /w}}]
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {{name: short}}
+spec:
+  ttlSecondsAfterFinished: 1
+  template: {{spec: {{restartPolicy: Never, containers: [{{name: s, image: {IMAGE}, command: ["true"]}}]}}}}
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {{name: tick}}
+spec:
+  schedule: "* * * * *"
+  concurrencyPolicy: Forbid
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: Never
+          containers: [{{name: t, image: {IMAGE}, command: ["sh", "-c", "echo tick"]}}]
+"#,
+            work = work.display()
+        ),
+    )?;
+    n.ok(&["apply", "-f", &m.to_string_lossy()])?;
+    let jobs = || -> anyhow::Result<Vec<skiff_model::job::JobView>> {
+        Ok(serde_json::from_str(&n.ok(&["get", "jobs", "-o", "json"])?)?)
+    };
+    let job = |name: &str| jobs().ok()?.into_iter().find(|j| j.name == name);
+    use skiff_model::job::RunState;
+    let batch = wait_for(Duration::from_secs(60), "batch complete", || {
+        job("batch").filter(|j| j.run.state == RunState::Complete)
+    })
+    .with_context(|| format!("jobs: {:?}\ninstances: {:?}\nlog: {}", jobs().ok(), n.instances().ok(), n.log()))?;
+    assert_eq!((batch.run.succeeded, batch.run.failures), (2, 1), "{batch:?}");
+    let (one, two) = (n.instance("batch-1")?, n.instance("batch-2")?);
+    assert_eq!((one.restarts, one.exit_code, two.exit_code), (1, Some(0), Some(0)));
+    assert!(two.started_at_ms >= one.finished_at_ms, "parallelism 1: one at a time");
+    assert_eq!(n.ok(&["logs", "batch-2"])?, "done-batch-2\n");
+    let table = n.ok(&["get", "jobs"])?;
+    let line = table.lines().find(|l| l.starts_with("batch ")).unwrap_or_default();
+    assert!(line.contains("Complete") && line.contains("2/2"), "{table}");
+
+    // Finished, then deleted after its TTL by the hub.
+    wait_for(Duration::from_secs(60), "short deleted", || {
+        (!n.ok(&["get", "deployments"]).ok()?.contains("short")).then_some(())
+    })?;
+    assert!(n.events()?.iter().any(|e| e.reason == "JobDeleted" && e.object == "short"));
+
+    // The CronJob's first time comes within a minute; its run completes.
+    let tick = wait_for(Duration::from_secs(90), "tick's run complete", || {
+        job("tick").filter(|j| j.run.state == RunState::Complete)
+    })?;
+    assert_eq!(tick.schedule.as_deref(), Some("* * * * *"));
+    assert_eq!(n.ok(&["logs", "tick-1"])?, "tick\n");
+    assert!(n.events()?.iter().any(|e| e.reason == "RunStarted" && e.object == "tick"));
+    Ok(())
+}
+
 /// A service with only a `build:` (a quarter of real compose files have one): `skiff up`
 /// builds it with buildah, multi-stage, with its build arguments and target, and runs it;
 /// `skiff build` builds again on its own.

@@ -33,6 +33,9 @@ pub enum Kind {
     /// The fleet's services: every deployment that serves ports on the bridge.
     #[value(alias = "service", alias = "svc")]
     Services,
+    /// Jobs and CronJobs, each with its (last) run.
+    #[value(alias = "job", alias = "cronjobs", alias = "cronjob")]
+    Jobs,
 }
 
 pub(super) fn dash<T: ToString>(v: Option<T>) -> String {
@@ -165,7 +168,7 @@ impl Only {
                 Kind::Events => "/object",
                 Kind::Autoscalers => "/deployment",
                 Kind::Alerts => "/alert",
-                Kind::Instances | Kind::Nodes | Kind::Services => "/name",
+                Kind::Instances | Kind::Nodes | Kind::Services | Kind::Jobs => "/name",
             };
             x.pointer(p).and_then(|n| n.as_str()).map(str::to_string)
         };
@@ -216,6 +219,7 @@ pub(super) async fn get(
         Kind::Autoscalers => "/api/v1/autoscalers",
         Kind::Alerts => "/api/v1/alerts",
         Kind::Services => "/api/v1/services",
+        Kind::Jobs => "/api/v1/jobs",
     };
     let mut tag: Option<String> = None;
     loop {
@@ -340,6 +344,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Autoscalers => "autoscaler of",
         Kind::Alerts => "alert",
         Kind::Services => "service",
+        Kind::Jobs => "job",
     }
 }
 
@@ -470,6 +475,32 @@ pub(super) fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
                     ]);
                 }
                 row
+            })
+        }
+        Kind::Jobs => {
+            let v: Vec<skiff_model::job::JobView> = serde_json::from_slice(body).map_err(bad)?;
+            let h = ["NAME", "SCHEDULE", "STATUS", "COMPLETIONS", "FAILURES", "STARTED", "DURATION", "NODE", "MESSAGE"];
+            output::print(&v, f, &h, |j| {
+                let r = &j.run;
+                let status = match (j.suspended, r.state) {
+                    (true, _) => "Suspended".to_string(),
+                    (false, s) => format!("{s:?}"),
+                };
+                let took = match (r.started_ms, r.finished_ms) {
+                    (Some(s), Some(e)) => format!("{}s", e.saturating_sub(s) / 1000),
+                    _ => "-".into(),
+                };
+                vec![
+                    j.name.clone(),
+                    j.schedule.clone().unwrap_or_else(|| "-".into()),
+                    status,
+                    format!("{}/{}", r.succeeded, j.completions),
+                    r.failures.to_string(),
+                    output::age(r.started_ms),
+                    took,
+                    if j.nodes.is_empty() { "-".into() } else { j.nodes.join(",") },
+                    r.message.clone().unwrap_or_default(),
+                ]
             })
         }
         Kind::Events => {
