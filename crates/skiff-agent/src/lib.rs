@@ -228,6 +228,8 @@ pub struct Agent {
     answered: Mutex<HashSet<String>>,
     /// Containers whose failed update was reported.
     update_failed: Mutex<HashSet<String>>,
+    /// Job errors already told (as events), so a pass does not repeat them.
+    job_errors: Mutex<HashSet<String>>,
     /// Watches on running instances' shims: exits wake the loop.
     exits: exits::Exits,
     /// The /etc/hosts last written for each container (written again only on a change).
@@ -439,6 +441,7 @@ impl Agent {
             serving: Default::default(),
             answered: Default::default(),
             update_failed: Default::default(),
+            job_errors: Default::default(),
             exits: exits::Exits::new(notify),
             hosts_written: Default::default(),
             changes: tokio::sync::watch::Sender::new(0),

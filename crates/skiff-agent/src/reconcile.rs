@@ -268,14 +268,27 @@ impl Agent {
         let rows = self.db(|s| s.instances())?;
         let mut job_wake: Option<u64> = None;
         let mut job_create: HashSet<&str> = HashSet::new();
-        for (name, (d, _)) in &desired {
+        for (name, (d, slots)) in &desired {
             let Some(job) = &d.job else { continue };
-            let step = self.step_job(d, job, &rows, &stopping, now)?;
+            // One job that cannot be run (a time zone this node does not know) stops
+            // only itself.
+            let step = match self.step_job(d, job, slots, &rows, &stopping, now) {
+                Ok(step) => step,
+                Err(e) => {
+                    if self.job_errors.lock().is_ok_and(|mut seen| seen.insert(format!("{name}: {e}"))) {
+                        self.event(name, "JobError", &e.to_string());
+                    }
+                    continue;
+                }
+            };
             if step.create {
                 job_create.insert(name);
             }
             job_wake = job_wake.into_iter().chain(step.wake_ms).min();
         }
+        let jobs_here: HashSet<&str> =
+            desired.values().filter(|(d, _)| d.job.is_some()).map(|(d, _)| d.name.as_str()).collect();
+        self.forget_jobs(&jobs_here)?;
 
         // Updates: which old instances stay beside their replacements, which stop, and
         // which serve the published ports.
@@ -394,7 +407,7 @@ impl Agent {
             .filter(|r| matches!(r.state, InstanceState::Pending | InstanceState::Restarting))
             .filter_map(|r| r.next_start_ms)
             .chain(job_wake)
-            .chain(desired.values().filter_map(|(d, _)| crate::jobs::deadline_wake(d, &rows)))
+            .chain(desired.values().filter_map(|(d, _)| self.job_deadline_wake(d, &rows, now)))
             .min();
         Ok(Pass { next_start_ms, poll })
     }
@@ -605,10 +618,9 @@ mod tests {
         n.agent.instances().unwrap().into_iter().find(|i| i.name == name).unwrap()
     }
 
-    fn run_of(n: &Node) -> skiff_model::job::RunStatus {
+    fn run_of(n: &Node, spec: &skiff_model::job::JobSpec) -> skiff_model::job::RunStatus {
         let all = n.agent.instances().unwrap();
-        let spec = skiff_model::job::JobSpec { completions: all.len().max(1) as u32, ..Default::default() };
-        skiff_model::job::run_status(&spec, &all.iter().collect::<Vec<_>>())
+        skiff_model::job::run_status(spec, &all.iter().collect::<Vec<_>>())
     }
 
     /// A job's instances run to completion, `parallelism` at once, and are not started
@@ -617,7 +629,7 @@ mod tests {
     async fn a_job_runs_its_completions_parallelism_at_a_time_and_stops() {
         let n = Node::new();
         let spec = skiff_model::job::JobSpec { completions: 3, parallelism: 2, ..Default::default() };
-        job(&n, spec, RestartPolicy::OnFailure { max_retries: Some(6) });
+        job(&n, spec.clone(), RestartPolicy::OnFailure { max_retries: Some(6) });
         n.pass().await;
         assert_eq!(n.rt.starts(), 2, "parallelism 2");
         let waiting = inst(&n, "j-3");
@@ -633,7 +645,7 @@ mod tests {
         n.clock.advance(60_000);
         n.pass().await;
         assert_eq!(n.rt.starts(), 3, "each once");
-        let run = run_of(&n);
+        let run = run_of(&n, &spec);
         assert_eq!((run.state, run.succeeded), (skiff_model::job::RunState::Complete, 3));
     }
 
@@ -659,15 +671,67 @@ mod tests {
         n.pass().await;
         assert_eq!(n.rt.starts(), 3, "never started again");
 
+        // The job's limit, not the instance's: retries left (5) do not outlast it, and
+        // no retry is started past it.
+        let n = Node::new();
+        let spec = skiff_model::job::JobSpec { backoff_limit: 1, ..Default::default() };
+        job(&n, spec, RestartPolicy::OnFailure { max_retries: Some(5) });
+        n.pass().await;
+        for _ in 0..2 {
+            n.rt.exit(&inst(&n, "j-1").container_id, 1, n.clock.now_ms());
+            n.pass().await;
+            n.clock.advance(20_000);
+            n.pass().await;
+        }
+        let one = inst(&n, "j-1");
+        assert_eq!((one.state, n.rt.starts()), (InstanceState::Exited, 2), "{one:?}");
+        assert!(one.message.unwrap_or_default().starts_with("job failed: 2 failed runs"));
+
+        // The deadline counts from the run's start, not from a retry's.
         let n = Node::new();
         let spec = skiff_model::job::JobSpec { active_deadline_seconds: Some(30), ..Default::default() };
-        job(&n, spec, RestartPolicy::No);
+        job(&n, spec, RestartPolicy::OnFailure { max_retries: Some(5) });
         assert_eq!(n.pass().await, Some(1_000_000 + 30_000), "the loop wakes at the deadline");
-        n.clock.advance(30_000);
+        n.clock.advance(20_000);
+        n.rt.exit(&inst(&n, "j-1").container_id, 1, n.clock.now_ms());
         n.pass().await;
+        n.clock.advance(1_000);
+        n.pass().await;
+        assert_eq!((inst(&n, "j-1").state, n.rt.starts()), (InstanceState::Running, 2), "retried");
+        n.clock.advance(9_000);
+        assert_eq!(n.pass().await, None, "stopped: nothing more to wake for");
         let one = inst(&n, "j-1");
         assert_eq!(one.message.as_deref(), Some("job failed: its deadline of 30 s passed"));
         assert!(n.agent.events(50).unwrap().iter().any(|e| e.reason == "JobFailed"));
+    }
+
+    /// What is kept for a CronJob goes with it; a job changed runs again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_changed_job_runs_again_and_a_removed_ones_state_goes() {
+        let n = Node::new();
+        let spec = skiff_model::job::JobSpec::default();
+        job(&n, spec.clone(), RestartPolicy::No);
+        n.pass().await;
+        n.rt.exit(&inst(&n, "j-1").container_id, 0, n.clock.now_ms());
+        n.pass().await;
+        assert_eq!(inst(&n, "j-1").state, InstanceState::Exited);
+        let mut d = Deployment::new("j", IMAGE);
+        d.network = NetworkMode::None;
+        d.env.insert("V".into(), "2".into());
+        d.job = Some(spec);
+        n.agent.set_desired(std::slice::from_ref(&d), 2).unwrap();
+        for _ in 0..500 {
+            n.pass().await;
+            if n.rt.starts() == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(n.rt.starts(), 2, "ran again: {:?}", n.agent.instances());
+        assert!(n.agent.db(|s| s.meta_keys("job/")).unwrap().contains(&"job/j/started".to_string()));
+        n.agent.set_desired(&[], 3).unwrap();
+        n.pass().await;
+        assert!(n.agent.db(|s| s.meta_keys("job/")).unwrap().is_empty(), "forgotten with the job");
     }
 
     /// A CronJob runs at its times by the node's clock (no hub): never a time twice,

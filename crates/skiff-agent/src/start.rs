@@ -202,10 +202,18 @@ impl Agent {
         let (name, t) = self.network_owner(r)?;
         let wait = |why: &str| AgentError::Other(format!("waiting for {name}'s network ({why})"));
         let t = t.ok_or_else(|| wait("not here"))?;
+        // Stacks are kept apart: a network is shared only within one.
+        if t.spec.stack != r.spec.stack {
+            return Err(AgentError::Other(format!(
+                "network_service: {name} is of stack {:?}, not {:?}: a network is shared only within a stack",
+                t.spec.stack, r.spec.stack
+            )));
+        }
         if t.state != InstanceState::Running {
             return Err(wait("not running"));
         }
-        if !matches!(t.spec.network, NetworkMode::Bridge | NetworkMode::Macvlan) {
+        // Not a macvlan one: its interface (address, MAC) would outlive it in the sharer.
+        if t.spec.network != NetworkMode::Bridge {
             return Err(AgentError::Other(format!(
                 "network_service: {name} has no network of its own to share (network: {:?})",
                 t.spec.network

@@ -203,6 +203,26 @@ impl State {
         Ok(())
     }
 
+    /// Sets several meta values in one transaction (all or none).
+    pub fn set_metas(&mut self, values: &[(&str, &str)]) -> Result<(), StateError> {
+        let tx = self.conn.transaction()?;
+        for (k, v) in values {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [k, v],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every meta key that starts with `prefix`.
+    pub fn meta_keys(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+        let mut st = self.conn.prepare("SELECT key FROM meta WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key")?;
+        let v = st.query_map([prefix], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(v)
+    }
+
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StateError> {
         self.conn.execute(
             "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",

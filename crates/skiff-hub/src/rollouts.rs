@@ -187,21 +187,42 @@ impl Hub {
     }
 
     /// Deletes each finished job (not a CronJob) whose `ttl_seconds_after_finished` has
-    /// passed since it finished, as Kubernetes' TTL controller does.
+    /// passed, as Kubernetes' TTL controller does. Counted from when the hub first saw it
+    /// finished (kept in the store), not from a node's clock; a job others depend on (or
+    /// share the network of) stays.
     pub fn expire_jobs(&self, now_ms: u64) -> Result<(), HubError> {
-        let stored = self.store.list()?;
-        let due = |d: &Deployment| d.job.as_ref().filter(|j| j.schedule.is_none())?.ttl_seconds_after_finished;
-        if !stored.iter().any(|s| due(&s.spec).is_some()) {
+        const SEEN: &str = "jobs/finished/";
+        let specs: Vec<Deployment> = self.store.list()?.into_iter().map(|s| s.spec).collect();
+        let ttl_of = |d: &Deployment| d.job.as_ref().filter(|j| j.schedule.is_none())?.ttl_seconds_after_finished;
+        let seen: std::collections::BTreeMap<String, String> = self.store.states(SEEN)?.into_iter().collect();
+        // Marks of jobs gone (or no longer with a TTL) go too.
+        for k in seen.keys() {
+            if !specs.iter().any(|d| ttl_of(d).is_some() && k[SEEN.len()..] == d.name) {
+                self.store.put_state(k, None)?;
+            }
+        }
+        if !specs.iter().any(|d| ttl_of(d).is_some()) {
             return Ok(());
         }
         let instances = self.instances();
-        let specs: Vec<Deployment> = stored.into_iter().map(|s| s.spec).collect();
         let mut deleted = false;
         for v in skiff_model::job::views(&specs, &instances) {
-            let Some(ttl) = specs.iter().find(|d| d.name == v.name).and_then(due) else { continue };
-            let Some(finished) = v.run.finished_ms else { continue };
-            if finished + ttl * 1000 <= now_ms && self.store.delete(&v.name)? {
-                let msg = format!("finished {ttl} s ago (ttl_seconds_after_finished): deleted");
+            let Some(ttl) = specs.iter().find(|d| d.name == v.name).and_then(ttl_of) else { continue };
+            if v.run.finished_ms.is_none() {
+                continue;
+            }
+            let key = format!("{SEEN}{}", v.name);
+            let Some(since) = seen.get(&key).and_then(|s| s.parse::<u64>().ok()) else {
+                self.store.put_state(&key, Some(&now_ms.to_string()))?;
+                continue;
+            };
+            let needed = specs.iter().any(|d| {
+                d.depends_on.iter().any(|x| x.name == v.name) || d.network_service.as_deref() == Some(&v.name)
+            });
+            if since + ttl * 1000 <= now_ms && !needed && self.store.delete(&v.name)? {
+                self.store.put_state(&key, None)?;
+                let msg =
+                    format!("finished {} s ago (ttl_seconds_after_finished {ttl}): deleted", (now_ms - since) / 1000);
                 self.rollouts.event(now_ms, &v.name, "JobDeleted", msg);
                 deleted = true;
             }

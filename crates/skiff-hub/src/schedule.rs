@@ -386,6 +386,9 @@ fn beside<'n>(
         Some(o) if o.network_service.is_some() => {
             return Err(format!("it shares the network of {owner}, which shares another's: name that one"))
         }
+        Some(o) if o.stack != d.stack => {
+            return Err(format!("it shares the network of {owner}, of stack {:?}: only one of its own stack", o.stack))
+        }
         Some(_) => {}
     }
     let of_owner: BTreeMap<u32, &str> =
@@ -499,8 +502,15 @@ mod tests {
         let p = schedule(&[side.clone(), third, dep("web", 2)], &none(), &nodes, &[], 0);
         assert!(p.unschedulable["third"].contains("which shares another's"), "{:?}", p.unschedulable);
         assert!(where_(&p, "third").is_empty());
-        let p = schedule(&[side], &none(), &nodes, &[], 0);
+        let p = schedule(std::slice::from_ref(&side), &none(), &nodes, &[], 0);
         assert_eq!(p.unschedulable["side"], "it shares the network of web, which is not deployed");
+        let mut other = dep("web", 1);
+        other.stack = "other".into();
+        let p = schedule(&[side, other], &none(), &nodes, &[], 0);
+        assert_eq!(
+            p.unschedulable["side"],
+            "it shares the network of web, of stack \"other\": only one of its own stack"
+        );
     }
 
     #[test]

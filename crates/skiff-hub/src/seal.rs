@@ -35,6 +35,10 @@ pub const SEALED: &str = "sealed:v1:";
 /// The shared value (unsealed) that names the key a store's secrets are sealed with.
 const KEY_ID: &str = "secrets_key_id";
 
+/// The same, where a store keeps no shared values (SQLite): with controllers' state. It
+/// stays with the store: never in a dump (a restore seals with its own key).
+const KEY_STATE: &str = "seal/key_id";
+
 /// A key file could not be used.
 #[derive(Debug, thiserror::Error)]
 #[error("secrets key {path}: {what}")]
@@ -211,12 +215,22 @@ impl SealedStore {
     /// Wraps `inner`; refused when the store's secrets are sealed with another key (a hub
     /// of a shared store started with a key of its own).
     pub fn new(inner: Arc<dyn Store>, key: SecretKey) -> Result<Self, StoreError> {
-        let kept = inner.shared(KEY_ID, key.id())?;
-        if kept != key.id() {
-            return Err(StoreError::Sealed(format!(
+        let refused = |kept: &str| {
+            StoreError::Sealed(format!(
                 "the store's secrets are sealed with secrets key {kept}, and this hub's key is {}: give every hub of the store the same key file (--secrets-key; the first hub made it as <data>/pki/secrets.key)",
                 key.id()
-            )));
+            ))
+        };
+        let kept = inner.shared(KEY_ID, key.id())?;
+        if kept != key.id() {
+            return Err(refused(&kept));
+        }
+        if inner.shared_value(KEY_ID)?.is_none() {
+            match inner.states(KEY_STATE)?.into_iter().find(|(k, _)| k == KEY_STATE) {
+                Some((_, kept)) if kept != key.id() => return Err(refused(&kept)),
+                Some(_) => {}
+                None => inner.put_state(KEY_STATE, Some(key.id()))?,
+            }
         }
         Ok(SealedStore { inner, key })
     }
@@ -337,6 +351,7 @@ impl Store for SealedStore {
     /// and is as secret).
     fn export(&self) -> Result<Dump, StoreError> {
         let mut d = self.inner.export()?;
+        d.state.remove(KEY_STATE);
         for x in &mut d.deployments {
             x.spec = self.key.open_spec(std::mem::replace(&mut x.spec, Deployment::new("", "")))?;
         }
@@ -347,6 +362,7 @@ impl Store for SealedStore {
     }
     fn import(&self, dump: &Dump) -> Result<(), StoreError> {
         let mut d = dump.clone();
+        d.state.remove(KEY_STATE);
         for x in &mut d.deployments {
             x.spec = self.key.seal_spec(&x.spec);
         }
@@ -434,9 +450,13 @@ mod tests {
         }
         assert!(!has(&b64(b"-----PRIVATE KEY-----")), "the secret file is in hub.db");
         assert!(has(&b64(b"plain config")) && has(b"5432"), "what is not secret stays readable");
-        // Another key reads nothing of it.
+        // A hub with another key is refused at once (a lost or mistyped key file); and
+        // a sealed value read with another key does not open.
         let raw: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).unwrap());
-        let e = SealedStore::new(raw, key(2)).unwrap().get("db").unwrap_err().to_string();
+        let e = SealedStore::new(Arc::clone(&raw), key(2)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains(&format!("sealed with secrets key {}", key(1).id())) && e.contains("--secrets-key"), "{e}");
+        let sealed = raw.get("db").unwrap().unwrap().spec.env["POSTGRES_PASSWORD"].clone();
+        let e = key(2).open("deployments/db/env/POSTGRES_PASSWORD", &sealed).unwrap_err().to_string();
         assert!(e.contains("deployments/db/env/POSTGRES_PASSWORD") && e.contains("--secrets-key"), "{e}");
     }
 

@@ -25,6 +25,25 @@ pub fn check_apply(incoming: &[Deployment], existing: &[Deployment]) -> Result<(
             }
         }
     }
+    // A shared network: the owner of the same stack, on the bridge, sharing none itself
+    // (checked for the incoming ones, and the stored ones whose owner changes).
+    let incoming_named = |n: &str| incoming.iter().any(|d| d.name == n);
+    for m in &merged {
+        let Some(owner) = &m.network_service else { continue };
+        if !incoming_named(&m.name) && !incoming_named(owner) {
+            continue;
+        }
+        let field = format!("deployments.{}.network_service", m.name);
+        let Some(o) = merged.iter().find(|o| o.name == *owner && o.stack == m.stack) else {
+            return Err(ValidationError::new(field, format!("{owner:?} is not a deployment of stack {:?}", m.stack)));
+        };
+        if o.network != skiff_model::NetworkMode::Bridge {
+            return Err(ValidationError::new(
+                field,
+                format!("{owner} has no bridge network of its own to share (network: {:?})", o.network),
+            ));
+        }
+    }
     let mut ports: BTreeMap<(u16, skiff_model::Protocol), &str> = BTreeMap::new();
     // Stored deployments first, so a conflict is reported on the incoming one.
     for d in merged.iter().skip(incoming.len()).chain(merged.iter().take(incoming.len())) {
@@ -78,6 +97,37 @@ mod tests {
         let mut d = Deployment::new(name, "img");
         d.depends_on = on.iter().map(|n| Dependency { name: n.to_string(), condition: Default::default() }).collect();
         d
+    }
+
+    #[test]
+    fn a_shared_network_is_one_of_the_same_stack_on_the_bridge() {
+        let side = |owner: &str| {
+            let mut d = dep("side", &[]);
+            d.network = skiff_model::NetworkMode::Service;
+            d.network_service = Some(owner.into());
+            d
+        };
+        assert!(check_apply(&[side("web"), dep("web", &[])], &[]).is_ok());
+        let err = |i: &[Deployment], e: &[Deployment]| check_apply(i, e).unwrap_err().to_string();
+        assert_eq!(
+            err(&[side("web")], &[]),
+            "deployments.side.network_service: \"web\" is not a deployment of stack \"default\""
+        );
+        let mut other = dep("web", &[]);
+        other.stack = "other".into();
+        assert_eq!(
+            err(&[side("web")], &[other]),
+            "deployments.side.network_service: \"web\" is not a deployment of stack \"default\""
+        );
+        let mut host = dep("web", &[]);
+        host.network = skiff_model::NetworkMode::Host;
+        assert_eq!(
+            err(&[host], &[side("web")]),
+            "deployments.side.network_service: web has no bridge network of its own to share (network: Host)"
+        );
+        let mut chain = side("side");
+        chain.name = "third".into();
+        assert!(err(&[chain], &[side("web"), dep("web", &[])]).contains("has no bridge network of its own"));
     }
 
     #[test]

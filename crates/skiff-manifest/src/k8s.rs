@@ -713,6 +713,14 @@ fn workload(
     Ok((d, labels, named))
 }
 
+/// `v.key` as a boolean (false when absent).
+fn boolean(v: &Value, key: &str, path: &str) -> R<bool> {
+    match get(v, key) {
+        None => Ok(false),
+        Some(b) => b.as_bool().ok_or_else(|| ManifestError::at(format!("{path}.{key}"), "must be true or false")),
+    }
+}
+
 /// A Job's `spec` (at `jp`), with a CronJob's own `spec` (`cron`, at `cp`) around it.
 fn job_spec(js: &Value, jp: &str, cron: Option<&Value>, cp: &str, warnings: &mut Vec<String>) -> R<JobSpec> {
     let num = |v: &Value, key: &str, p: &str| -> R<Option<u64>> {
@@ -724,6 +732,9 @@ fn job_spec(js: &Value, jp: &str, cron: Option<&Value>, cp: &str, warnings: &mut
         v.map(|n| u32::try_from(n).map_err(|_| ManifestError::at(format!("{jp}.{key}"), "is too large"))).transpose()
     };
     let parallelism = small(num(js, "parallelism", jp)?, "parallelism")?;
+    if parallelism == Some(0) {
+        return Err(ManifestError::at(format!("{jp}.parallelism"), "0 (a paused job) is not supported"));
+    }
     let completions = match (small(num(js, "completions", jp)?, "completions")?, parallelism) {
         (Some(c), _) => c,
         // A work queue: each of the parallel pods must succeed here.
@@ -785,14 +796,19 @@ fn job_spec(js: &Value, jp: &str, cron: Option<&Value>, cp: &str, warnings: &mut
                 "{cp}.concurrencyPolicy: Allow runs no two runs at once on skiff (a time while one runs is skipped, as Forbid)"
             ));
         }
-        job.schedule = Some(Schedule {
+        let schedule = Schedule {
             cron: required(c, "schedule", cp)?,
             time_zone: get(c, "timeZone").map(|z| string(z, &format!("{cp}.timeZone"))).transpose()?,
             concurrency_policy: policy,
             starting_deadline_seconds: num(c, "startingDeadlineSeconds", cp)?,
-            suspend: get(c, "suspend").and_then(Value::as_bool).unwrap_or(false),
-        });
-    } else if get(js, "suspend").and_then(Value::as_bool) == Some(true) {
+            suspend: boolean(c, "suspend", cp)?,
+        };
+        if let Err(e) = schedule.parsed() {
+            let key = if e.contains("time zone") { "timeZone" } else { "schedule" };
+            return Err(ManifestError::at(format!("{cp}.{key}"), e));
+        }
+        job.schedule = Some(schedule);
+    } else if boolean(js, "suspend", jp)? {
         return Err(ManifestError::at(format!("{jp}.suspend"), "a suspended Job is not supported"));
     }
     Ok(job)
@@ -1178,7 +1194,20 @@ spec:
             bad("concurrencyPolicy: Replace", "concurrencyPolicy: Sometimes"),
             "CronJob/upload.spec.concurrencyPolicy: \"Sometimes\" is not Allow, Forbid or Replace"
         );
-        assert!(bad("30 2 * * *", "at night").contains("job.schedule: \"at night\" is not a cron pattern"));
+        assert!(bad("30 2 * * *", "at night")
+            .starts_with("CronJob/upload.spec.schedule: \"at night\" is not a cron pattern"));
+        assert_eq!(
+            bad("timeZone: Europe/Berlin", "timeZone: Moon/Base"),
+            "CronJob/upload.spec.timeZone: \"Moon/Base\" is not an IANA time zone"
+        );
+        assert_eq!(
+            bad("startingDeadlineSeconds: 300", "suspend: sometimes"),
+            "CronJob/upload.spec.suspend: must be true or false"
+        );
+        assert_eq!(
+            bad("parallelism: 5", "parallelism: 0"),
+            "Job/migrate.spec.parallelism: 0 (a paused job) is not supported"
+        );
     }
 
     #[test]

@@ -186,7 +186,9 @@ pub fn ended(i: &InstanceStatus) -> bool {
 pub fn run_status(job: &JobSpec, mine: &[&InstanceStatus]) -> RunStatus {
     let succeeded = mine.iter().filter(|i| ended(i) && i.exit_code == Some(0)).count() as u32;
     let failed_now = mine.iter().filter(|i| ended(i) && i.exit_code != Some(0)).count() as u32;
-    let failures = mine.iter().map(|i| i.restarts).sum::<u32>() + failed_now;
+    // A failed run waiting for its retry counts now (its restart counts only once made).
+    let waiting = mine.iter().filter(|i| i.state == InstanceState::Restarting).count() as u32;
+    let failures = mine.iter().map(|i| i.restarts).sum::<u32>() + failed_now + waiting;
     let active = mine.iter().filter(|i| !ended(i)).count() as u32;
     let started_ms = mine.iter().filter_map(|i| i.started_at_ms).min();
     let finished_ms = mine.iter().filter_map(|i| i.finished_at_ms).max();
@@ -316,8 +318,10 @@ mod tests {
         assert_eq!((s.state, s.succeeded, s.failures, s.active, s.finished_ms), (RunState::Running, 1, 1, 1, None));
         let s = st(&[ok.clone(), inst("j-2", InstanceState::Exited, Some(0), 1)]);
         assert_eq!((s.state, s.succeeded, s.finished_ms), (RunState::Complete, 2, Some(20)));
-        let s = st(&[ok.clone(), inst("j-2", InstanceState::Restarting, Some(1), 3)]);
-        assert_eq!(s.state, RunState::Failed, "3 failures > backoff limit 2");
+        let s = st(&[ok.clone(), inst("j-2", InstanceState::Restarting, Some(1), 1)]);
+        assert_eq!((s.state, s.failures), (RunState::Running, 2), "one retried, one waiting for its retry");
+        let s = st(&[ok.clone(), inst("j-2", InstanceState::Restarting, Some(1), 2)]);
+        assert_eq!(s.state, RunState::Failed, "3 failures > backoff limit 2, before a third retry");
         let s = st(&[ok.clone(), inst("j-2", InstanceState::Failed, Some(1), 1)]);
         assert_eq!(s.state, RunState::Failed, "no retry left");
         let mut stopped = running;

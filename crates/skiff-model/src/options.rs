@@ -118,7 +118,11 @@ fn sysctl_allowed(key: &str, own_network: bool) -> Result<(), &'static str> {
         return Ok(());
     }
     if key.starts_with("net.") {
-        return if own_network { Ok(()) } else { Err("sets the host's network: it needs a network of its own") };
+        return if own_network {
+            Ok(())
+        } else {
+            Err("needs a network of its own (not the host's, nor one shared with another)")
+        };
     }
     Err("is not namespaced (kernel.msg*, kernel.sem, kernel.shm*, fs.mqueue.*, net.*): it would set the host's")
 }

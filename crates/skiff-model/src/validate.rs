@@ -510,7 +510,9 @@ impl Deployment {
             self.shm_size_bytes,
             &self.extra_hosts,
             &self.dns,
-            self.network != crate::NetworkMode::Host,
+            // Sharing another's network is no network of its own: its `net.*` would be
+            // that instance's.
+            !matches!(self.network, crate::NetworkMode::Host | crate::NetworkMode::Service),
         )?;
         self.validate_runtime()
     }
@@ -757,6 +759,14 @@ mod tests {
             Some("ports: published ports need the bridge network mode"),
         );
         check(with(|d| d.hostname = Some("h".into())), Some("hostname: comes from db, whose network it shares"));
+        let e = {
+            let mut d = Deployment::new("web", "img:1");
+            with(|d| {
+                d.sysctls.insert("net.ipv4.ip_forward".into(), "1".into());
+            })(&mut d);
+            d.validate().unwrap_err().to_string()
+        };
+        assert!(e.starts_with("sysctls.net.ipv4.ip_forward") || e.contains("network of its own"), "{e}");
         check(
             with(|d| d.networks = vec!["back".into()]),
             Some("networks: joins networks on the bridge: needs network: bridge"),

@@ -154,6 +154,34 @@ fn a_stolen_node_reaches_nothing_beyond_its_own_slots() -> R {
     let r = rt.block_on(stolen.get(format!("{server}/api/v1/nodes/node-b/assignments")).send())?;
     assert_eq!(r.status(), 403);
 
+    // A secret reaches only the node whose workload uses it: a's assignment holds a's
+    // secret, never b's.
+    let secrets = |node: &str, value: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: s-{node}}}\nstringData: {{k: {value}}}\n---\n\
+             apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: sec-{node}}}\nspec:\n  template:\n    spec:\n\
+             \x20     nodeSelector: {{kubernetes.io/hostname: node-{node}}}\n\
+             \x20     containers: [{{name: c, image: \"{IMAGE}\", command: [sleep, \"100000\"],\n\
+             \x20       env: [{{name: K, valueFrom: {{secretKeyRef: {{name: s-{node}, key: k}}}}}}]}}]\n"
+        )
+    };
+    let file =
+        h.write("secrets.yaml", &format!("{}---\n{}", secrets("a", "for-node-a"), secrets("b", "only-for-node-b")))?;
+    h.ok(&["apply", "-f", &file.to_string_lossy()])?;
+    let assigned = || -> Option<String> {
+        let r = rt.block_on(stolen.get(format!("{server}/api/v1/nodes/node-a/assignments")).send()).ok()?;
+        rt.block_on(r.text()).ok()
+    };
+    wait_for(60 * SEC, "a's secret in a's assignment", || assigned()?.contains("for-node-a").then_some(()))?;
+    wait_for(60 * SEC, "sec-b placed on node-b", || {
+        hub_instances(&h).iter().any(|i| i.name == "sec-b-1" && i.node == "node-b").then_some(())
+    })?;
+    let mine = assigned().unwrap_or_default();
+    assert!(mine.contains("for-node-a"), "{mine}");
+    assert!(!mine.contains("only-for-node-b") && !mine.contains("sec-b"), "b's secret reached a: {mine}");
+    h.ok(&["delete", "deployment", "sec-a"])?;
+    h.ok(&["delete", "deployment", "sec-b"])?;
+
     // Its certificate is no API credential: it cannot attach an autoscaler to a
     // deployment (which would rescale it onto other nodes), and `web` is unchanged.
     let hpa = serde_json::json!({"deployments": [], "autoscalers": [{"target": "web", "spec": {
