@@ -649,6 +649,16 @@ mod tests {
         assert_eq!((run.state, run.succeeded), (skiff_model::job::RunState::Complete, 3));
     }
 
+    /// `j-1` fails, is retried (when its restart is due), and fails again.
+    async fn fail_twice(n: &Node) {
+        for _ in 0..2 {
+            n.rt.exit(&inst(n, "j-1").container_id, 1, n.clock.now_ms());
+            n.pass().await;
+            n.clock.advance(20_000);
+            n.pass().await;
+        }
+    }
+
     /// A run that passes its backoff limit, or its deadline, is stopped with why.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_job_past_its_backoff_limit_or_deadline_is_stopped() {
@@ -656,12 +666,7 @@ mod tests {
         let spec = skiff_model::job::JobSpec { completions: 2, parallelism: 2, backoff_limit: 1, ..Default::default() };
         job(&n, spec, RestartPolicy::OnFailure { max_retries: Some(1) });
         n.pass().await;
-        for _ in 0..2 {
-            n.rt.exit(&inst(&n, "j-1").container_id, 1, n.clock.now_ms());
-            n.pass().await;
-            n.clock.advance(20_000);
-            n.pass().await;
-        }
+        fail_twice(&n).await;
         let (one, two) = (inst(&n, "j-1"), inst(&n, "j-2"));
         assert_eq!(one.state, InstanceState::Exited);
         assert_eq!(two.state, InstanceState::Exited, "the other instance is stopped too: {two:?} {one:?}");
@@ -677,12 +682,7 @@ mod tests {
         let spec = skiff_model::job::JobSpec { backoff_limit: 1, ..Default::default() };
         job(&n, spec, RestartPolicy::OnFailure { max_retries: Some(5) });
         n.pass().await;
-        for _ in 0..2 {
-            n.rt.exit(&inst(&n, "j-1").container_id, 1, n.clock.now_ms());
-            n.pass().await;
-            n.clock.advance(20_000);
-            n.pass().await;
-        }
+        fail_twice(&n).await;
         let one = inst(&n, "j-1");
         assert_eq!((one.state, n.rt.starts()), (InstanceState::Exited, 2), "{one:?}");
         assert!(one.message.unwrap_or_default().starts_with("job failed: 2 failed runs"));
