@@ -148,7 +148,7 @@ impl Hub {
     /// a fleet learns the images' platforms), then stores it atomically and places it.
     /// Invalid input changes nothing.
     pub async fn apply(&self, req: &ApplyRequest) -> Result<ApplyResponse, ApplyError> {
-        let kept = self.carry_over(req);
+        let kept = self.carry_over(req)?;
         let req = kept.as_ref().unwrap_or(req);
         for d in &req.deployments {
             if let Some(field) = skiff_model::options::redacted_left(d) {
@@ -184,7 +184,7 @@ impl Hub {
     /// apply` keeps the annotation `kubectl rollout restart` set (re-applying an unchanged
     /// file replaces nothing), and the content of secret files given as redacted (a spec
     /// read back, scaled and applied again keeps its secrets). `None`: nothing to carry.
-    fn carry_over(&self, req: &ApplyRequest) -> Option<ApplyRequest> {
+    fn carry_over(&self, req: &ApplyRequest) -> Result<Option<ApplyRequest>, ApplyError> {
         use skiff_model::options::REDACTED;
         use skiff_model::rollout::RESTARTED_AT;
         let mut out: Option<ApplyRequest> = None;
@@ -193,7 +193,10 @@ impl Hub {
             if d.labels.contains_key(RESTARTED_AT) && !redacted {
                 continue;
             }
-            let Ok(Some(stored)) = self.store.get(&d.name) else { continue };
+            // A stored secret that does not open is an error of its own, not "none kept".
+            let Some(stored) = self.store.get(&d.name).map_err(|e| ApplyError::Internal(e.to_string()))? else {
+                continue;
+            };
             if let (Some(mark), false) = (stored.spec.labels.get(RESTARTED_AT), d.labels.contains_key(RESTARTED_AT)) {
                 let o = out.get_or_insert_with(|| req.clone());
                 o.deployments[i].labels.insert(RESTARTED_AT.into(), mark.clone());
@@ -220,7 +223,7 @@ impl Hub {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// The request with its `autoscalers` set on their targets: one in the request itself,
