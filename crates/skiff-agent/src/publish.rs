@@ -180,8 +180,6 @@ impl Agent {
         }
     }
 
-    /// `/etc/hosts` for one instance: itself plus every addressed instance that shares a
-    /// network with it, reachable by instance name and by deployment (service) name.
     /// Writes `r`'s `/etc/hosts` as `hosts_for` makes it, when it changed since this agent
     /// last wrote it.
     fn write_hosts(&self, r: &crate::state::InstanceRow, spec: &Deployment, me: &str, ip: Option<Ipv4Addr>) {
@@ -194,6 +192,8 @@ impl Agent {
         }
     }
 
+    /// `/etc/hosts` for one instance: itself plus every addressed instance that shares a
+    /// network with it, reachable by instance name and by deployment (service) name.
     pub(crate) fn hosts_for(&self, spec: &Deployment, me: &str, my_ip: Option<Ipv4Addr>) -> Result<String, AgentError> {
         let rows = self.db(|s| s.instances())?;
         let mine: HashSet<String> = spec.joined_networks().into_iter().collect();
