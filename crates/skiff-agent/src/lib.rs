@@ -28,6 +28,7 @@ mod publish;
 mod pull;
 pub mod rebuild;
 mod reconcile;
+pub mod scrape;
 pub mod session;
 mod start;
 pub mod state;
@@ -218,6 +219,10 @@ pub struct Agent {
     /// Images being pulled, or whose last pull failed (and when to try again).
     pulls: Mutex<HashMap<String, PullState>>,
     sampler: metrics::Sampler,
+    /// The names of workloads' own metrics to scrape and ship, and by container id the
+    /// series last scraped (see [`scrape`]).
+    scrape_names: Mutex<Vec<String>>,
+    scraped: Mutex<HashMap<String, Vec<skiff_model::metrics::Series>>>,
     latest_metrics: Mutex<Option<MetricsSample>>,
     /// Image bytes by where they came from: hub, site cache, registry, reused on this node.
     image_bytes: [std::sync::atomic::AtomicU64; 4],
@@ -436,6 +441,8 @@ impl Agent {
             health: Default::default(),
             pulls: Default::default(),
             sampler: Default::default(),
+            scrape_names: Mutex::default(),
+            scraped: Mutex::default(),
             latest_metrics: Default::default(),
             image_bytes: Default::default(),
             serving: Default::default(),
@@ -581,7 +588,13 @@ impl Agent {
             node: self.cfg.node_name.clone(),
             time_ms: now,
             host: self.sampler.node(&self.cfg.data_dir, &net_dev, |n| n == bridge || n.starts_with("vsk")),
-            instances: self.sampler.instances(&running, &net_dev),
+            instances: self
+                .sampler
+                .instances(&running, &net_dev)
+                .into_iter()
+                .zip(&running)
+                .map(|(m, r)| skiff_model::metrics::InstanceMetrics { series: self.scraped(r.container_id), ..m })
+                .collect(),
         };
         // Files of instances that ended are closed (those read in this round stay open).
         skiff_sys::kept::global().sweep();

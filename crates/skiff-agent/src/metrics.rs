@@ -178,6 +178,7 @@ impl Sampler {
                     tx_bytes,
                     restarts: r.restarts,
                     started_at_ms: r.started_at_ms,
+                    series: vec![],
                 }
             })
             .collect();

@@ -35,6 +35,7 @@ impl Agent {
     /// Re-adopts what survived, removes leftovers, then reconciles until `shutdown`.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<(), AgentError> {
         self.adopt().await?;
+        tokio::spawn(Arc::clone(&self).scrape_loop(shutdown.clone()));
         let start = tokio::time::Instant::now();
         let (mut next_gc, mut next_sample, mut next_resync) = (start, start, start + self.cfg.resync);
         loop {

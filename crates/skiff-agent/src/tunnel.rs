@@ -185,6 +185,7 @@ where
                     last_rx = tokio::time::Instant::now();
                     match serde_json::from_str::<Control>(t.as_str()) {
                         Ok(Control::Assign { assignment }) => {
+                            agent.set_scraped_metrics(assignment.metrics);
                             let all: Vec<_> =
                                 assignment.deployments.into_iter().map(|x| (x.spec, Some(x.indexes))).collect();
                             if let Err(e) = agent.set_desired_slots(&all, assignment.revision) {

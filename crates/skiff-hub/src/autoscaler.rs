@@ -8,7 +8,9 @@
 
 use crate::Hub;
 use serde::{Deserialize, Serialize};
-use skiff_model::autoscale::{decide, Decision, History, Phase, Pod, Recommendation, ScaleEvent, Settings};
+use skiff_model::autoscale::{
+    decide, Decision, History, Metric, Phase, Pod, Recommendation, ScaleEvent, Settings, Source,
+};
 use skiff_model::metrics::{InstanceMetrics, MetricsSample};
 use skiff_model::{Deployment, EventRecord, Health, InstanceState, InstanceStatus};
 use std::collections::{BTreeMap, HashMap};
@@ -86,7 +88,43 @@ fn index(samples: &[MetricsSample]) -> Samples<'_> {
         .collect()
 }
 
-fn pod(i: &InstanceStatus, d: &Deployment, sample: Option<&(u64, &InstanceMetrics)>, now_ms: u64, cfg: &Config) -> Pod {
+/// Series older than this do not count towards an Object or External metric (a node
+/// that went quiet keeps its last sample).
+const STALE_MS: u64 = 120_000;
+
+/// The sum of `m`'s series that `metric` selects, in milli-units (`None`: it has none).
+fn selected(m: &InstanceMetrics, metric: &Metric) -> Option<i64> {
+    let (name, selector) = metric.series()?;
+    let mut found = m.series.iter().filter(|s| s.matches(name, selector)).map(|s| s.value).peekable();
+    found.peek()?;
+    Some((found.sum::<f64>() * 1000.0).round() as i64)
+}
+
+/// An Object or External metric's value now: the series of the instances it covers,
+/// summed (`None`: none of them has one).
+fn measured(metric: &Metric, samples: &Samples<'_>, now_ms: u64) -> Option<i64> {
+    let covers = |m: &InstanceMetrics| match &metric.source {
+        Source::Object { object, .. } if object.kind == "Pod" => m.instance == object.name,
+        Source::Object { object, .. } => m.deployment == object.name,
+        Source::External { .. } => true,
+        Source::Resource(_) | Source::Pods { .. } => false,
+    };
+    let values: Vec<i64> = samples
+        .values()
+        .filter(|(t, m)| now_ms.saturating_sub(*t) <= STALE_MS && covers(m))
+        .filter_map(|(_, m)| selected(m, metric))
+        .collect();
+    (!values.is_empty()).then(|| values.iter().fold(0i64, |a, v| a.saturating_add(*v)))
+}
+
+fn pod(
+    i: &InstanceStatus,
+    d: &Deployment,
+    sample: Option<&(u64, &InstanceMetrics)>,
+    metrics: &[Metric],
+    now_ms: u64,
+    cfg: &Config,
+) -> Pod {
     let ago = |t: u64| now_ms.saturating_sub(t) as f64 / 1000.0;
     let slot = i.name.rsplit_once('-').and_then(|(_, n)| n.parse::<u32>().ok()).unwrap_or(0);
     let phase = match i.state {
@@ -110,6 +148,11 @@ fn pod(i: &InstanceStatus, d: &Deployment, sample: Option<&(u64, &InstanceMetric
         started_ago: started,
         requests: d.requests_milli(),
         usage: usage.unwrap_or([None, None]),
+        custom: metrics
+            .iter()
+            .filter(|m| matches!(m.source, Source::Pods { .. }))
+            .filter_map(|m| Some((m.series()?.0.to_string(), selected(sample?.1, m)?)))
+            .collect(),
         sampled: (sample.map(|&(t, _)| ago(t)).unwrap_or(0.0), cfg.metric_window_s),
     }
 }
@@ -174,11 +217,17 @@ impl Autoscaler {
         now_ms: u64,
     ) -> Option<Decision> {
         let spec = d.autoscale.as_ref()?;
-        let checked = spec.check(d.requests_milli()).ok()?;
+        let mut checked = spec.check(d.requests_milli()).ok()?;
+        for m in &mut checked.metrics {
+            m.current = measured(m, samples, now_ms);
+        }
         let pods: Vec<Pod> = instances
             .iter()
             .filter(|i| i.deployment == d.name && !i.retiring)
-            .map(|i| pod(i, d, samples.get(&(i.node.as_str(), i.name.as_str())), now_ms, &self.config))
+            .map(|i| {
+                let sample = samples.get(&(i.node.as_str(), i.name.as_str()));
+                pod(i, d, sample, &checked.metrics, now_ms, &self.config)
+            })
             .collect();
         let settings = Settings {
             tolerance_up: self.config.tolerance,
@@ -290,6 +339,78 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::store::{SqliteStore, Store};
+
+    /// Object and External values from what nodes shipped: a deployment's instances
+    /// summed (or one instance's), an External metric over every node, the selector's
+    /// labels matched, a sample gone stale left out.
+    #[test]
+    fn object_and_external_values_come_from_the_instances_they_cover() {
+        use skiff_model::autoscale::{MetricSpec, ObjectRef};
+        use skiff_model::metrics::Series;
+        let series = |instance: &str, deployment: &str, list: &[(&str, &str, f64)]| InstanceMetrics {
+            instance: instance.into(),
+            deployment: deployment.into(),
+            cpu_cores: None,
+            memory_bytes: 0,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            restarts: 0,
+            started_at_ms: None,
+            series: list
+                .iter()
+                .map(|(n, q, v)| Series {
+                    name: n.to_string(),
+                    labels: [("queue".to_string(), q.to_string())].into(),
+                    value: *v,
+                })
+                .collect(),
+        };
+        let now = 1_000_000;
+        let (g1, g2, other, old) = (
+            series("gw-1", "gw", &[("requests", "in", 10.0), ("requests", "out", 100.0)]),
+            series("gw-2", "gw", &[("requests", "in", 2.5)]),
+            series("db-1", "db", &[("requests", "in", 1.0), ("backlog", "in", 7.0)]),
+            series("gw-3", "gw", &[("requests", "in", 1000.0)]),
+        );
+        let samples: Samples<'_> = [
+            (("a", "gw-1"), (now - 5_000, &g1)),
+            (("b", "gw-2"), (now - 5_000, &g2)),
+            (("b", "db-1"), (now, &other)),
+            (("c", "gw-3"), (now - STALE_MS - 1, &old)),
+        ]
+        .into();
+        let metric = |kind: &str, object: Option<(&str, &str)>, name: &str, selector: &[(&str, &str)]| {
+            MetricSpec {
+                kind: Some(kind.into()),
+                name: Some(name.into()),
+                selector: selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                described_object: object.map(|(k, n)| ObjectRef { kind: k.into(), name: n.into() }),
+                target_type: "Value".into(),
+                value: Some("1".into()),
+                ..Default::default()
+            }
+            .check("m")
+            .unwrap()
+        };
+        let at = |m: &Metric| measured(m, &samples, now);
+        assert_eq!(at(&metric("Object", Some(("Deployment", "gw")), "requests", &[("queue", "in")])), Some(12_500));
+        assert_eq!(at(&metric("Object", Some(("Deployment", "gw")), "requests", &[])), Some(112_500));
+        assert_eq!(at(&metric("Object", Some(("Pod", "gw-2")), "requests", &[])), Some(2_500));
+        assert_eq!(at(&metric("Object", Some(("Deployment", "nothere")), "requests", &[])), None);
+        assert_eq!(at(&metric("External", None, "requests", &[("queue", "in")])), Some(13_500));
+        assert_eq!(at(&metric("External", None, "backlog", &[("queue", "out")])), None);
+        // A Pods metric is each pod's own, not summed here.
+        let pods = MetricSpec {
+            kind: Some("Pods".into()),
+            name: Some("requests".into()),
+            target_type: "AverageValue".into(),
+            average_value: Some("1".into()),
+            ..Default::default()
+        };
+        let pods = pods.check("m").unwrap();
+        assert_eq!(at(&pods), None);
+        assert_eq!(selected(&g1, &pods), Some(110_000));
+    }
 
     /// What one hub's autoscaler remembered (the recommendations a scale-down window
     /// looks back over, the scale events) is what the next hub on the store starts with;

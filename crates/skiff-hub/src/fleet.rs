@@ -184,6 +184,8 @@ struct AtRevision {
     nodes: BTreeMap<String, Arc<Assignment>>,
     /// Deployment → every template its history holds.
     templates: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// What agents scrape (see [`Assignment::metrics`]).
+    metrics: Vec<String>,
 }
 
 /// What a node may report: per deployment assigned to it, its slot numbers and every
@@ -724,6 +726,8 @@ impl Fleet {
             })
         });
         for m in &mut newest.instances {
+            m.series.retain(|s| s.value.is_finite());
+            m.series.truncate(skiff_model::metrics::MAX_SERIES);
             m.cpu_cores = m.cpu_cores.map(|c| if c.is_finite() { c.clamp(0.0, cores) } else { 0.0 });
             m.memory_bytes = m.memory_bytes.min(memory);
         }
@@ -902,7 +906,7 @@ impl Fleet {
         let at = self.at_revision()?;
         Ok(match at.nodes.get(node) {
             Some(a) => (**a).clone(),
-            None => Assignment { revision: at.revision, deployments: vec![] },
+            None => Assignment { revision: at.revision, deployments: vec![], metrics: at.metrics.clone() },
         })
     }
 
@@ -958,6 +962,9 @@ impl Fleet {
                 waves.insert(name.clone(), w);
             }
         }
+        // Every name an autoscaler reads from workloads' own metrics (any node's instance
+        // may be the one an Object or External metric sums).
+        let metrics = skiff_model::autoscale::scraped_names(specs.values().filter_map(|d| d.autoscale.as_ref()));
         let mut per_node: BTreeMap<String, BTreeMap<String, Vec<u32>>> = BTreeMap::new();
         for s in self.store.slots().map_err(internal)? {
             per_node.entry(s.node).or_default().entry(s.deployment).or_default().push(s.index);
@@ -975,10 +982,10 @@ impl Fleet {
                         Some(Assigned { spec: spec.clone(), indexes })
                     })
                     .collect();
-                (n, Arc::new(Assignment { revision, deployments }))
+                (n, Arc::new(Assignment { revision, deployments, metrics: metrics.clone() }))
             })
             .collect();
-        let at = Arc::new(AtRevision { revision, nodes, templates });
+        let at = Arc::new(AtRevision { revision, nodes, templates, metrics });
         if let Ok(mut c) = self.at_revision.lock() {
             *c = Some(Arc::clone(&at));
         }
@@ -1409,6 +1416,21 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         let same = rt.block_on(f.wait_assignment("a", a.revision, std::time::Duration::from_millis(20))).unwrap();
         assert_eq!(same, a, "nothing changed: the long-poll times out with the same assignment");
+        assert!(a.metrics.is_empty());
+        // An autoscaler on a workload's own metric: every node is told to scrape its name,
+        // also one that runs none of it (an External metric may be anyone's).
+        let mut q = Deployment::new("q", "img");
+        q.scrape = Some(skiff_model::metrics::Scrape { port: 9100, path: "/metrics".into() });
+        q.autoscale = Some(
+            serde_json::from_value(serde_json::json!({"maxReplicas": 3, "metrics": [
+                {"type": "Pods", "name": "queue_depth", "targetType": "AverageValue", "averageValue": "5"},
+                {"type": "External", "name": "backlog", "targetType": "Value", "value": "5"}]}))
+            .unwrap(),
+        );
+        f.store.apply(&[q], None, false, 2).unwrap();
+        f.reschedule().unwrap();
+        assert_eq!(f.assignment("a").unwrap().metrics, ["backlog", "queue_depth"]);
+        assert_eq!(f.assignment("b").unwrap().metrics, ["backlog", "queue_depth"]);
     }
 
     #[test]

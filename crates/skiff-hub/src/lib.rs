@@ -342,8 +342,8 @@ mod tests {
         let cpu = MetricSpec {
             resource: "cpu".into(),
             target_type: "AverageValue".into(),
-            average_utilization: None,
             average_value: Some("100m".into()),
+            ..Default::default()
         };
         let spec = AutoscaleSpec { min_replicas: min, max_replicas: max, metrics: vec![cpu], behavior: None };
         AttachAutoscaler { target: target.into(), spec, path: format!("HorizontalPodAutoscaler/{target}") }

@@ -172,6 +172,7 @@ mod tests {
                     tx_bytes: 20,
                     restarts: 1,
                     started_at_ms: None,
+                    series: vec![],
                 })
                 .collect(),
         }

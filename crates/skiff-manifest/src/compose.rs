@@ -1013,6 +1013,10 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
             d.networks.push(net.name.clone());
         }
     }
+    // Scraped for the autoscaler's own metrics as Prometheus' labels ask.
+    let ports: Vec<u16> = d.ports.iter().map(|p| p.container_port).chain(d.expose.iter().map(|p| p.target)).collect();
+    d.scrape = skiff_model::metrics::Scrape::from_annotations(&d.labels, &ports)
+        .map_err(|(k, e)| ManifestError::at(format!("{base}.labels.{k}"), e))?;
     d.validate().map_err(|e| ManifestError::at(format!("{base}.{}", e.field), e.problem))?;
     Ok(d)
 }

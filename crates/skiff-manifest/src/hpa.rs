@@ -3,7 +3,7 @@
 
 use crate::ManifestError;
 use serde_norway::Value;
-use skiff_model::autoscale::{AutoscaleSpec, Behavior, MetricSpec};
+use skiff_model::autoscale::{AutoscaleSpec, Behavior, MetricSpec, ObjectRef};
 
 type R<T> = Result<T, ManifestError>;
 
@@ -42,7 +42,7 @@ pub fn spec(v: &Value, path: &str) -> R<AutoscaleSpec> {
             resource: "cpu".into(),
             target_type: "Utilization".into(),
             average_utilization: Some(80),
-            average_value: None,
+            ..Default::default()
         }],
         Some(Value::Sequence(list)) => {
             list.iter().enumerate().map(|(i, x)| metric(x, &format!("{path}.metrics[{i}]"))).collect::<R<_>>()?
@@ -59,34 +59,71 @@ pub fn spec(v: &Value, path: &str) -> R<AutoscaleSpec> {
     Ok(AutoscaleSpec { min_replicas: min, max_replicas: max, metrics, behavior })
 }
 
-/// `{type: Resource, resource: {name: cpu, target: {type: Utilization, averageUtilization: 70}}}`.
+/// `{type: Resource, resource: {name: cpu, target: {type: Utilization, averageUtilization: 70}}}`,
+/// `{type: Pods, pods: {metric: {name, selector}, target}}`, `{type: Object, object: {metric,
+/// describedObject, target}}`, `{type: External, external: {metric, target}}`.
 fn metric(v: &Value, path: &str) -> R<MetricSpec> {
-    match get(v, "type").and_then(Value::as_str) {
-        Some("Resource") => {}
+    let kind = match get(v, "type").and_then(Value::as_str) {
+        Some(k @ ("Resource" | "Pods" | "Object" | "External")) => k,
         Some(other) => {
             return Err(ManifestError::at(
                 format!("{path}.type"),
-                format!("{other:?} metrics are not supported (Resource: cpu or memory)"),
+                format!("{other:?} metrics are not supported (Resource, Pods, Object or External)"),
             ))
         }
         None => return Err(ManifestError::at(format!("{path}.type"), "is required")),
-    }
-    let r = get(v, "resource").ok_or_else(|| ManifestError::at(format!("{path}.resource"), "is required"))?;
-    let name = get(r, "name").and_then(Value::as_str).unwrap_or_default();
-    let t = get(r, "target").ok_or_else(|| ManifestError::at(format!("{path}.resource.target"), "is required"))?;
-    let tp = format!("{path}.resource.target");
-    let average_value = match get(t, "averageValue") {
-        None => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Number(n)) => Some(n.to_string()),
-        Some(_) => return Err(ManifestError::at(format!("{tp}.averageValue"), "must be a quantity")),
     };
-    Ok(MetricSpec {
-        resource: name.to_string(),
+    let key = match kind {
+        "Resource" => "resource",
+        "Pods" => "pods",
+        "Object" => "object",
+        _ => "external",
+    };
+    let sp = format!("{path}.{key}");
+    let src = get(v, key).ok_or_else(|| ManifestError::at(&sp, "is required"))?;
+    let t = get(src, "target").ok_or_else(|| ManifestError::at(format!("{sp}.target"), "is required"))?;
+    let tp = format!("{sp}.target");
+    let quantity = |k: &str| -> R<Option<String>> {
+        match get(t, k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(_) => Err(ManifestError::at(format!("{tp}.{k}"), "must be a quantity")),
+        }
+    };
+    let mut m = MetricSpec {
+        kind: (kind != "Resource").then(|| kind.to_string()),
         target_type: get(t, "type").and_then(Value::as_str).unwrap_or_default().to_string(),
         average_utilization: int(get(t, "averageUtilization"), &format!("{tp}.averageUtilization"))?,
-        average_value,
-    })
+        average_value: quantity("averageValue")?,
+        value: quantity("value")?,
+        ..Default::default()
+    };
+    if kind == "Resource" {
+        m.resource = get(src, "name").and_then(Value::as_str).unwrap_or_default().to_string();
+        return Ok(m);
+    }
+    let mp = format!("{sp}.metric");
+    let metric = get(src, "metric").ok_or_else(|| ManifestError::at(&mp, "is required"))?;
+    m.name = get(metric, "name").and_then(Value::as_str).map(str::to_string);
+    if let Some(sel) = get(metric, "selector") {
+        if get(sel, "matchExpressions").is_some() {
+            return Err(ManifestError::at(
+                format!("{mp}.selector.matchExpressions"),
+                "is not supported (matchLabels is)",
+            ));
+        }
+        if let Some(l) = get(sel, "matchLabels") {
+            m.selector = crate::k8s::map_of_strings(l, &format!("{mp}.selector.matchLabels"))?;
+        }
+    }
+    if kind == "Object" {
+        let op = format!("{sp}.describedObject");
+        let o = get(src, "describedObject").ok_or_else(|| ManifestError::at(&op, "is required"))?;
+        let field = |k: &str| get(o, k).and_then(Value::as_str).unwrap_or_default().to_string();
+        m.described_object = Some(ObjectRef { kind: field("kind"), name: field("name") });
+    }
+    Ok(m)
 }
 
 /// The target of a HorizontalPodAutoscaler: `scaleTargetRef.name` of a Deployment.

@@ -52,7 +52,7 @@ fn strings(v: &Value, path: &str) -> R<Vec<String>> {
     s.iter().enumerate().map(|(i, x)| string(x, &format!("{path}[{i}]"))).collect()
 }
 
-fn map_of_strings(v: &Value, path: &str) -> R<BTreeMap<String, String>> {
+pub(crate) fn map_of_strings(v: &Value, path: &str) -> R<BTreeMap<String, String>> {
     if v.is_null() {
         return Ok(BTreeMap::new()); // `nodeSelector:` with nothing under it
     }
@@ -238,19 +238,18 @@ pub fn import_k8s_beside(files: &[(&str, &str)], namespace: &str, stored: &[Depl
             "HorizontalPodAutoscaler" => {
                 let spec = get(&v, "spec").ok_or_else(|| ManifestError::at(&path, "spec is required"))?;
                 let sp = format!("{path}.spec");
-                // Metrics of the workload's own (Pods, Object, External) are not read yet:
-                // the workload runs at its replica count, unscaled, rather than not at all.
+                // Per-container metrics: a pod here is one container, but a ContainerResource
+                // names the container, which is not kept.
                 let types: Vec<&str> = match get(spec, "metrics") {
                     Some(Value::Sequence(l)) => {
                         l.iter().filter_map(|m| get(m, "type").and_then(Value::as_str)).collect()
                     }
                     _ => vec![],
                 };
-                if let Some(t) = types.iter().find(|t| ["Pods", "Object", "External", "ContainerResource"].contains(t))
-                {
+                if types.contains(&"ContainerResource") {
                     out.warnings.push(format!(
-                        "{path}: {t} metrics are not supported yet (Resource: cpu or memory); this autoscaler is \
-                         not applied"
+                        "{path}: ContainerResource metrics are not supported yet (Resource, Pods, Object or External); \
+                         this autoscaler is not applied"
                     ));
                     continue;
                 }
@@ -626,14 +625,19 @@ fn workload(
     }
     // Ports by name, for a Service's `targetPort: NAME`.
     let mut named = BTreeMap::new();
+    let mut container_ports = vec![];
     if let Some(Value::Sequence(ports)) = get(containers, "ports") {
         for (i, p) in ports.iter().enumerate() {
             // Container ports only document what listens; publishing is the Service's job
             // (or `hostPort`, which publishes on the node as Kubernetes does).
             let pp = format!("{cp}.ports[{i}]");
             unknown(p, &["containerPort", "hostPort", "protocol", "name"], &pp, warnings);
-            if let (Some(n), Some(c)) = (get(p, "name").and_then(Value::as_str), get(p, "containerPort")) {
-                named.insert(n.to_string(), port(c, &format!("{pp}.containerPort"))?);
+            if let Some(c) = get(p, "containerPort") {
+                let c = port(c, &format!("{pp}.containerPort"))?;
+                container_ports.push(c);
+                if let Some(n) = get(p, "name").and_then(Value::as_str) {
+                    named.insert(n.to_string(), c);
+                }
             }
             if let Some(h) = get(p, "hostPort") {
                 let cport = get(p, "containerPort")
@@ -651,6 +655,12 @@ fn workload(
                 });
             }
         }
+    }
+    // Prometheus' annotations on the pod: where agents read its own metrics.
+    if let Some(a) = get(tpl, "metadata").and_then(|m| get(m, "annotations")) {
+        let ap = format!("{tp}.metadata.annotations");
+        d.scrape = skiff_model::metrics::Scrape::from_annotations(&map_of_strings(a, &ap)?, &container_ports)
+            .map_err(|(k, e)| ManifestError::at(format!("{ap}.{k}"), e))?;
     }
     pod_options(&mut d, pod, &pp, warnings)?;
     volumes(&mut d, pod, containers, &pp, &cp, objects, warnings)?;
@@ -1706,14 +1716,70 @@ spec:
             err(&format!("{APP}{}", hpa("web", "").replace("minReplicas: 2", "minReplicas: 20"))),
             "Deployment/web: autoscale.minReplicas: 20 is more than maxReplicas 10"
         );
-        // The workload's own metrics are not read yet: the autoscaler is left out, said so.
-        let k = import_k8s(&format!("{APP}{}", hpa("web", "").replace("type: Resource", "type: External")), "default")
-            .unwrap();
+        // Per-container metrics are not read: the autoscaler is left out, said so.
+        let k = import_k8s(
+            &format!(
+                "{APP}{}",
+                hpa("web", "").replace("type: Resource, resource", "type: ContainerResource, containerResource")
+            ),
+            "default",
+        )
+        .unwrap();
         assert!(k.deployments[0].autoscale.is_none());
-        assert!(k.warnings.iter().any(|w| w.contains("External metrics are not supported yet")), "{:?}", k.warnings);
+        assert!(
+            k.warnings.iter().any(|w| w.contains("ContainerResource metrics are not supported yet")),
+            "{:?}",
+            k.warnings
+        );
         assert_eq!(
             err(&hpa("web", "").replace("type: Resource", "type: Widgets")),
-            "HorizontalPodAutoscaler/web-hpa.spec.metrics[0].type: \"Widgets\" metrics are not supported (Resource: cpu or memory)"
+            "HorizontalPodAutoscaler/web-hpa.spec.metrics[0].type: \"Widgets\" metrics are not supported (Resource, Pods, Object or External)"
+        );
+        // The workload's own metrics, read where Prometheus' annotations say.
+        let own = |annotations: &str, metric: &str| {
+            let app = APP.replacen(
+                "metadata: {labels: {app: web}}",
+                &format!("metadata: {{labels: {{app: web}}, annotations: {{{annotations}}}}}"),
+                1,
+            );
+            let h = hpa("web", "").replacen(
+                "metrics: [{type: Resource, resource: {name: cpu, target: {type: Utilization, averageUtilization: 70}}}]",
+                &format!("metrics: [{metric}]"),
+                1,
+            );
+            import_k8s(&format!("{app}{h}"), "default")
+        };
+        let pods = "{type: Pods, pods: {metric: {name: queue_depth, selector: {matchLabels: {queue: in}}}, target: {type: AverageValue, averageValue: 5}}}";
+        let k = own("prometheus.io/scrape: \"true\", prometheus.io/path: /stats", pods).unwrap();
+        let web = &k.deployments[0];
+        assert_eq!(web.scrape, Some(skiff_model::metrics::Scrape { port: 80, path: "/stats".into() }));
+        let m = &web.autoscale.as_ref().unwrap().metrics[0];
+        assert_eq!(
+            (m.kind.as_deref(), m.name.as_deref(), m.average_value.as_deref()),
+            (Some("Pods"), Some("queue_depth"), Some("5"))
+        );
+        assert_eq!(m.selector.get("queue").map(String::as_str), Some("in"));
+        let k = own("prometheus.io/scrape: \"true\", prometheus.io/port: \"9102\"", "{type: Object, object: {metric: {name: requests}, describedObject: {apiVersion: apps/v1, kind: Deployment, name: gateway}, target: {type: Value, value: 10k}}}").unwrap();
+        assert_eq!(k.deployments[0].scrape.as_ref().map(|s| (s.port, s.path.as_str())), Some((9102, "/metrics")));
+        let ext =
+            "{type: External, external: {metric: {name: backlog}, target: {type: AverageValue, averageValue: 30}}}";
+        assert!(own("team: a", ext).unwrap().deployments[0].autoscale.is_some());
+        // A pods metric needs the workload scraped; bad annotations and selectors are named.
+        assert_eq!(
+            own("team: a", pods).unwrap_err().to_string(),
+            "Deployment/web: autoscale.metrics[0]: a Pods metric is read from the workload's own metrics: set prometheus.io/scrape (and /port, /path)"
+        );
+        assert_eq!(
+            own("prometheus.io/scrape: \"yes\"", ext).unwrap_err().to_string(),
+            "Deployment/web.spec.template.metadata.annotations.prometheus.io/scrape: \"yes\" is not \"true\" or \"false\""
+        );
+        assert_eq!(
+            own("prometheus.io/scrape: \"true\", prometheus.io/port: \"http\"", ext).unwrap_err().to_string(),
+            "Deployment/web.spec.template.metadata.annotations.prometheus.io/port: \"http\" is not a port number"
+        );
+        assert_eq!(
+            own("a: b", &ext.replace("{name: backlog}", "{name: backlog, selector: {matchExpressions: []}}")).unwrap_err().to_string(),
+            "HorizontalPodAutoscaler/web-hpa.spec.metrics[0].external.metric.selector.matchExpressions: is not supported (matchLabels is)"
         );
         assert_eq!(
             err(&hpa("web", "").replace("kind: Deployment", "kind: StatefulSet")),

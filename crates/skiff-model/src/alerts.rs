@@ -220,42 +220,11 @@ impl RuleFile {
     }
 }
 
-/// One sample line of a text exposition.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Series {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub value: f64,
-}
+pub use crate::metrics::Series;
 
-/// The samples of a Prometheus / OpenMetrics text exposition (comments skipped).
+/// The samples of a text exposition (see [`crate::metrics::parse_exposition`]).
 pub fn parse_exposition(text: &str) -> Vec<Series> {
-    let mut out = vec![];
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        let (head, value) = match line.rfind('}') {
-            Some(i) => (&line[..=i], line[i + 1..].trim()),
-            None => match line.split_once(' ') {
-                Some((h, v)) => (h, v.trim()),
-                None => continue,
-            },
-        };
-        let Some(value) = value.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) else { continue };
-        let (name, labels) = match head.split_once('{') {
-            None => (head.to_string(), BTreeMap::new()),
-            Some((n, rest)) => {
-                let mut labels = BTreeMap::new();
-                let mut body = rest.trim_end_matches('}');
-                while let Some((k, after)) = body.split_once("=\"") {
-                    let Some(end) = after.find('"') else { break };
-                    labels.insert(k.trim_start_matches(',').trim().to_string(), after[..end].to_string());
-                    body = &after[end + 1..];
-                }
-                (n.to_string(), labels)
-            }
-        };
-        out.push(Series { name, labels, value });
-    }
-    out
+    crate::metrics::parse_exposition(text).collect()
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The horizontal autoscaler's decision, as Kubernetes makes it (`autoscaling/v2`
 //! HorizontalPodAutoscaler, kube-controller-manager's replica calculator and behavior
-//! normalization), for one `Resource` metric (cpu or memory) with a `Utilization` or
-//! `AverageValue` target.
+//! normalization), for `Resource` metrics (cpu or memory, `Utilization` or `AverageValue`),
+//! `Pods` metrics (each pod's own metric, `AverageValue`), and `Object` and `External`
+//! metrics (one value, `Value` or `AverageValue`).
 //!
 //! Everything here is pure: the situation (pods, their readiness and samples, past
 //! recommendations and scale events) comes in as data with times relative to "now", so
@@ -20,7 +21,12 @@
 //! * Within tolerance (default 0.1 either way) nothing changes. With missing pods, they
 //!   count as using 100 % of their request (or the target, if higher) on the way down and
 //!   0 % on the way up; unready pods count as 0 % on the way up. If that flips the
-//!   direction or lands within tolerance, nothing changes.
+//!   direction or lands within tolerance, nothing changes. A Pods metric is averaged the
+//!   same way, but readiness is looked at for cpu only (Pending pods stay unready).
+//! * An Object or External `Value`: ratio = value / target; within tolerance nothing
+//!   changes, else ceil(ratio × running-and-ready pods) (from zero replicas: ceil(ratio)).
+//!   `AverageValue`: ceil(value / target) unless value / (target × replicas) is within
+//!   tolerance. An External metric's value is the sum of its series.
 //! * Without `behavior`: the highest recommendation of the last 300 s (the downscale
 //!   stabilization window), then at most max(2 × current, 4) and within min/max.
 //! * With `behavior`: recommendations are stabilized (scale-up: the lowest of the
@@ -111,17 +117,48 @@ fn default_window() -> f64 {
     30.0
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+/// One metric of an autoscaler, as `autoscaling/v2` names it but flat: `type` (default
+/// `Resource`), then the source's fields and the target's.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MetricSpec {
-    /// `cpu` or `memory`.
+    /// `Resource` (absent), `Pods`, `Object` or `External`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Resource metrics: `cpu` or `memory`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub resource: String,
-    /// `Utilization` or `AverageValue`.
+    /// Pods, Object and External metrics: the metric's name, as the workload exposes it
+    /// in the Prometheus text format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The series that count (`metric.selector.matchLabels`): every label must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+    /// Object metrics: what the value describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub described_object: Option<ObjectRef>,
+    /// `Utilization`, `AverageValue` or `Value`.
     pub target_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub average_utilization: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub average_value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Simulation scenarios only: the value an Object or External metric has now (for
+    /// External, the sum of its series).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_value: Option<String>,
+}
+
+/// The object an Object metric describes: a `Deployment` (its instances' series summed)
+/// or one instance (`Pod`, by its name such as `web-2`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectRef {
+    pub kind: String,
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,46 +188,178 @@ impl Resource {
     }
 }
 
-/// A checked metric: the resource and its target (a percentage, or milli-units).
+/// A checked metric's target: a percentage, or milli-units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Utilization(i32),
     AverageValue(i64),
+    Value(i64),
+}
+
+/// Where a checked metric's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Resource(Resource),
+    /// Each pod's own series of this name (those the selector picks, summed per pod).
+    Pods {
+        name: String,
+        selector: BTreeMap<String, String>,
+    },
+    /// One value describing an object.
+    Object {
+        name: String,
+        selector: BTreeMap<String, String>,
+        object: ObjectRef,
+    },
+    /// Series from anywhere, summed.
+    External {
+        name: String,
+        selector: BTreeMap<String, String>,
+    },
+}
+
+/// A checked metric. `current` is the measured value of an Object or External metric in
+/// milli-units (`None`: it could not be read); pods carry their own values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metric {
+    pub source: Source,
+    pub target: Target,
+    pub current: Option<i64>,
+}
+
+impl Metric {
+    /// The custom metric's name and selector (`None` for a Resource metric).
+    pub fn series(&self) -> Option<(&str, &BTreeMap<String, String>)> {
+        match &self.source {
+            Source::Resource(_) => None,
+            Source::Pods { name, selector }
+            | Source::Object { name, selector, .. }
+            | Source::External { name, selector } => Some((name, selector)),
+        }
+    }
+}
+
+/// Every metric name these autoscalers read from workloads' own metrics, sorted, once:
+/// what agents scrape and ship.
+pub fn scraped_names<'a>(specs: impl IntoIterator<Item = &'a AutoscaleSpec>) -> Vec<String> {
+    let names: std::collections::BTreeSet<String> =
+        specs.into_iter().flat_map(|a| a.metrics.iter().filter_map(|m| m.name.clone())).collect();
+    names.into_iter().collect()
+}
+
+/// Whether `s` is a Prometheus metric name (`[a-zA-Z_:][a-zA-Z0-9_:]*`).
+pub fn is_metric_name(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
 }
 
 impl MetricSpec {
-    pub fn check(&self, field: &str) -> Result<(Resource, Target), ScenarioError> {
-        let resource = Resource::parse(&self.resource)
-            .ok_or_else(|| invalid(format!("{field}.resource"), format!("{:?} is not cpu or memory", self.resource)))?;
-        let target = match (self.target_type.as_str(), self.average_utilization, &self.average_value) {
-            ("Utilization", Some(u), None) if u > 0 => Target::Utilization(u),
-            ("Utilization", Some(u), None) => {
-                return Err(invalid(format!("{field}.averageUtilization"), format!("{u} must be more than 0")))
-            }
-            ("Utilization", None, _) => {
-                return Err(invalid(format!("{field}.averageUtilization"), "required for targetType Utilization"))
-            }
-            ("AverageValue", None, Some(v)) => {
-                let m = milli_value(v).map_err(|e| invalid(format!("{field}.averageValue"), e))?;
-                if m <= 0 {
-                    return Err(invalid(format!("{field}.averageValue"), format!("{v:?} must be more than 0")));
-                }
-                Target::AverageValue(m)
-            }
-            ("AverageValue", _, None) => {
-                return Err(invalid(format!("{field}.averageValue"), "required for targetType AverageValue"))
-            }
-            ("Utilization" | "AverageValue", _, _) => {
-                return Err(invalid(field, "give averageUtilization or averageValue, as targetType says, not both"))
-            }
-            (other, _, _) => {
-                return Err(invalid(
-                    format!("{field}.targetType"),
-                    format!("{other:?} is not Utilization or AverageValue"),
-                ))
+    pub fn check(&self, field: &str) -> Result<Metric, ScenarioError> {
+        let kind = self.kind.as_deref().unwrap_or("Resource");
+        let at = |f: &str| format!("{field}.{f}");
+        let absent = |present: bool, f: &str, why: &str| {
+            if present {
+                Err(invalid(at(f), format!("is not for {kind} metrics ({why})")))
+            } else {
+                Ok(())
             }
         };
-        Ok((resource, target))
+        let name = || -> Result<String, ScenarioError> {
+            let n = self.name.as_deref().ok_or_else(|| invalid(at("name"), format!("required for {kind} metrics")))?;
+            if !is_metric_name(n) {
+                return Err(invalid(at("name"), format!("{n:?} is not a Prometheus metric name")));
+            }
+            Ok(n.to_string())
+        };
+        for (k, v) in &self.selector {
+            if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || v.contains('\n') {
+                return Err(invalid(at(&format!("selector.{k}")), "is not a label name and value"));
+            }
+        }
+        let (source, allowed): (Source, &[&str]) = match kind {
+            "Resource" => {
+                absent(self.name.is_some(), "name", "a resource is named in resource")?;
+                absent(!self.selector.is_empty(), "selector", "it selects series")?;
+                let r = Resource::parse(&self.resource)
+                    .ok_or_else(|| invalid(at("resource"), format!("{:?} is not cpu or memory", self.resource)))?;
+                (Source::Resource(r), &["Utilization", "AverageValue"])
+            }
+            "Pods" => (Source::Pods { name: name()?, selector: self.selector.clone() }, &["AverageValue"]),
+            "Object" => {
+                let o = self
+                    .described_object
+                    .clone()
+                    .ok_or_else(|| invalid(at("describedObject"), "required for Object metrics"))?;
+                if !matches!(o.kind.as_str(), "Deployment" | "Pod") {
+                    return Err(invalid(at("describedObject.kind"), format!("{:?} is not Deployment or Pod", o.kind)));
+                }
+                if o.name.is_empty() {
+                    return Err(invalid(at("describedObject.name"), "is required"));
+                }
+                (
+                    Source::Object { name: name()?, selector: self.selector.clone(), object: o },
+                    &["Value", "AverageValue"],
+                )
+            }
+            "External" => {
+                (Source::External { name: name()?, selector: self.selector.clone() }, &["Value", "AverageValue"])
+            }
+            other => return Err(invalid(at("type"), format!("{other:?} is not Resource, Pods, Object or External"))),
+        };
+        if kind != "Resource" && !self.resource.is_empty() {
+            return Err(invalid(at("resource"), format!("is not for {kind} metrics (they name a metric in name)")));
+        }
+        if kind != "Object" && self.described_object.is_some() {
+            return Err(invalid(at("describedObject"), format!("is not for {kind} metrics")));
+        }
+        let quantity = |f: &str, v: &str| -> Result<i64, ScenarioError> {
+            let m = milli_value(v).map_err(|e| invalid(at(f), e))?;
+            if m <= 0 {
+                return Err(invalid(at(f), format!("{v:?} must be more than 0")));
+            }
+            Ok(m)
+        };
+        let tt = self.target_type.as_str();
+        if !allowed.contains(&tt) {
+            return Err(invalid(
+                at("targetType"),
+                format!("{tt:?} is not a target of {kind} metrics ({})", allowed.join(" or ")),
+            ));
+        }
+        let given = [
+            ("averageUtilization", self.average_utilization.is_some()),
+            ("averageValue", self.average_value.is_some()),
+            ("value", self.value.is_some()),
+        ];
+        let wanted = match tt {
+            "Utilization" => "averageUtilization",
+            "AverageValue" => "averageValue",
+            _ => "value",
+        };
+        if let Some((other, _)) = given.iter().find(|(f, set)| *set && *f != wanted) {
+            return Err(invalid(field, format!("give {wanted} for targetType {tt}, not {other}")));
+        }
+        let target = match (tt, self.average_utilization, &self.average_value, &self.value) {
+            ("Utilization", Some(u), _, _) if u > 0 => Target::Utilization(u),
+            ("Utilization", Some(u), _, _) => {
+                return Err(invalid(at("averageUtilization"), format!("{u} must be more than 0")))
+            }
+            ("AverageValue", _, Some(v), _) => Target::AverageValue(quantity("averageValue", v)?),
+            ("Value", _, _, Some(v)) => Target::Value(quantity("value", v)?),
+            _ => return Err(invalid(at(wanted), format!("required for targetType {tt}"))),
+        };
+        let current = match &self.current_value {
+            None => None,
+            Some(_) if !matches!(kind, "Object" | "External") => {
+                return Err(invalid(
+                    at("currentValue"),
+                    "is for Object and External metrics (pods give theirs in usage)",
+                ))
+            }
+            Some(v) => Some(milli_value(v).map_err(|e| invalid(at("currentValue"), e))?),
+        };
+        Ok(Metric { source, target, current })
     }
 }
 
@@ -366,13 +535,24 @@ pub struct Pod {
     pub requests: [Option<i64>; 2],
     /// Its sample, by [`Resource::index`] (`None`: the metric is missing), in milli-units.
     pub usage: [Option<i64>; 2],
+    /// Its own metrics (Pods metrics) by name, in milli-units; absent: missing.
+    pub custom: BTreeMap<String, i64>,
     /// When the sample was taken (seconds ago) and the window it covers (seconds).
     pub sampled: (f64, f64),
 }
 
 impl Pod {
-    fn metric(&self, r: Resource) -> Option<i64> {
-        self.usage[r.index()]
+    fn metric(&self, source: &Source) -> Option<i64> {
+        match source {
+            Source::Resource(r) => self.usage[r.index()],
+            Source::Pods { name, .. } => self.custom.get(name).copied(),
+            Source::Object { .. } | Source::External { .. } => None,
+        }
+    }
+
+    /// Running and Ready, as `getReadyPodsCount` counts.
+    fn running_and_ready(&self) -> bool {
+        self.phase == Phase::Running && self.ready.is_some_and(|(r, _)| r)
     }
 }
 
@@ -419,30 +599,43 @@ impl PodIn {
             Some(None) => None,
             Some(Some(s)) => Some(ago("startedSecondsAgo", s)?),
         };
-        let amounts = |what: &str, map: &BTreeMap<String, String>| -> Result<[Option<i64>; 2], ScenarioError> {
+        // Resources by index; with `custom`, other names are the pod's own metrics.
+        let amounts = |what: &str,
+                       map: &BTreeMap<String, String>,
+                       mut custom: Option<&mut BTreeMap<String, i64>>|
+         -> Result<[Option<i64>; 2], ScenarioError> {
             let mut out = [None, None];
             for (k, q) in map {
                 let f = format!("{field}.{what}.{k}");
-                let r = Resource::parse(k).ok_or_else(|| invalid(&f, "not a resource (cpu or memory)"))?;
-                out[r.index()] = Some(match milli_value(q) {
+                let m = match milli_value(q) {
                     Ok(m) if m >= 0 => m,
                     Ok(_) => return Err(invalid(f, format!("{q:?} must not be negative"))),
                     Err(e) => return Err(invalid(f, e)),
-                });
+                };
+                match (Resource::parse(k), custom.as_deref_mut()) {
+                    (Some(r), _) => out[r.index()] = Some(m),
+                    (None, Some(c)) if is_metric_name(k) => {
+                        c.insert(k.clone(), m);
+                    }
+                    (None, Some(_)) => return Err(invalid(f, "not cpu, memory or a metric name")),
+                    (None, None) => return Err(invalid(f, "not a resource (cpu or memory)")),
+                }
             }
             Ok(out)
         };
+        let mut custom = BTreeMap::new();
         Ok(Pod {
             name: self.name.clone(),
             phase,
             deleting: self.deleting,
             ready,
             started_ago,
-            requests: amounts("requests", &self.requests)?,
+            requests: amounts("requests", &self.requests, None)?,
             usage: match &self.usage {
-                Some(u) => amounts("usage", u)?,
+                Some(u) => amounts("usage", u, Some(&mut custom))?,
                 None => [None, None],
             },
+            custom,
             sampled: (
                 ago("metricTimestampSecondsAgo", self.metric_timestamp_seconds_ago)?,
                 ago("metricWindowSeconds", self.metric_window_seconds)?,
@@ -479,7 +672,7 @@ pub struct Calculated {
 }
 
 /// Groups pods as Kubernetes' `groupPods`: (ready with metrics, unready, missing, ignored).
-fn group(pods: &[Pod], resource: Resource, s: &Settings) -> (usize, Vec<usize>, Vec<usize>, Vec<usize>) {
+fn group(pods: &[Pod], source: &Source, s: &Settings) -> (usize, Vec<usize>, Vec<usize>, Vec<usize>) {
     let (mut ready, mut unready, mut missing, mut ignored) = (0, vec![], vec![], vec![]);
     for (i, p) in pods.iter().enumerate() {
         if p.deleting || p.phase == Phase::Failed {
@@ -490,12 +683,12 @@ fn group(pods: &[Pod], resource: Resource, s: &Settings) -> (usize, Vec<usize>, 
             unready.push(i);
             continue;
         }
-        if p.metric(resource).is_none() {
+        if p.metric(source).is_none() {
             missing.push(i);
             continue;
         }
         let (metric_ago, window) = p.sampled;
-        if resource == Resource::Cpu {
+        if *source == Source::Resource(Resource::Cpu) {
             let not_ready = match (p.ready, p.started_ago) {
                 (None, _) | (_, None) => true,
                 (Some((status, transition_ago)), Some(started_ago)) => {
@@ -519,25 +712,26 @@ fn group(pods: &[Pod], resource: Resource, s: &Settings) -> (usize, Vec<usize>, 
     (ready, unready, missing, ignored)
 }
 
-/// Kubernetes' `GetResourceReplicas` (Utilization) and `GetRawResourceReplicas`
-/// (AverageValue).
-pub fn calculate(
-    current: i32,
-    resource: Resource,
-    target: Target,
-    pods: &[Pod],
-    s: &Settings,
-) -> Result<Calculated, String> {
-    if pods.is_empty() {
-        return Err("no pods returned by selector while calculating replica count".into());
+const NO_PODS: &str = "no pods returned by selector while calculating replica count";
+
+/// Kubernetes' `GetResourceReplicas` (Utilization), `GetRawResourceReplicas` and
+/// `GetMetricReplicas` (AverageValue of a resource or of the pods' own metric), and for
+/// Object and External metrics [`usage_replicas`].
+pub fn calculate(current: i32, metric: &Metric, pods: &[Pod], s: &Settings) -> Result<Calculated, String> {
+    let (source, target) = (&metric.source, metric.target);
+    if matches!(source, Source::Object { .. } | Source::External { .. }) {
+        return usage_replicas(current, metric, pods, s);
     }
-    let (ready_count, unready, missing, ignored) = group(pods, resource, s);
+    if pods.is_empty() {
+        return Err(NO_PODS.into());
+    }
+    let (ready_count, unready, missing, ignored) = group(pods, source, s);
     // Pod index → value, for the pods whose samples count.
     let mut metrics: BTreeMap<usize, i64> = pods
         .iter()
         .enumerate()
         .filter(|(i, _)| !ignored.contains(i) && !unready.contains(i))
-        .filter_map(|(i, p)| p.metric(resource).map(|v| (i, v)))
+        .filter_map(|(i, p)| p.metric(source).map(|v| (i, v)))
         .collect();
     if metrics.is_empty() {
         return Err("did not receive metrics for targeted pods (pods might be unready)".into());
@@ -545,6 +739,9 @@ pub fn calculate(
     let held = |why: &str| Some(why.to_string());
     match target {
         Target::Utilization(target_pct) => {
+            let Source::Resource(resource) = *source else {
+                return Err("Utilization is a target of Resource metrics only".into());
+            };
             let mut requests = BTreeMap::new();
             for (i, p) in pods.iter().enumerate() {
                 let r = p.requests[resource.index()]
@@ -617,6 +814,50 @@ pub fn calculate(
                 |replicas: i32, held: Option<String>| Ok(Calculated { replicas, utilization: None, average, held });
             rebalanced(current, ratio, new_ratio, metrics.len(), s, done)
         }
+        Target::Value(_) => Err("Value is a target of Object and External metrics only".into()),
+    }
+}
+
+/// Object and External metrics: one value (an External metric's series summed). A
+/// `Value` target: `GetObjectMetricReplicas`/`GetExternalMetricReplicas` (the ratio to the
+/// target times the ready pods, or from zero replicas its ceiling); `AverageValue`:
+/// `Get…PerPodMetricReplicas` (the value over the target per replica).
+fn usage_replicas(current: i32, metric: &Metric, pods: &[Pod], s: &Settings) -> Result<Calculated, String> {
+    let name = metric.series().map(|(n, _)| n).unwrap_or_default();
+    let usage = metric.current.ok_or_else(|| match &metric.source {
+        Source::Object { object, .. } => {
+            format!("unable to get metric {name}: no series of it on {} {}", object.kind, object.name)
+        }
+        _ => format!("unable to get external metric {name}: no series of it was reported"),
+    })?;
+    let within = |ratio: f64| Some(format!("usage ratio {ratio:.3} is within tolerance"));
+    match metric.target {
+        Target::Value(target) => {
+            let ratio = usage as f64 / target as f64;
+            if current == 0 {
+                let replicas = ratio.ceil() as i32;
+                return Ok(Calculated { replicas, utilization: None, average: usage, held: None });
+            }
+            if s.within(ratio) {
+                return Ok(Calculated { replicas: current, utilization: None, average: usage, held: within(ratio) });
+            }
+            if pods.is_empty() {
+                return Err(format!("unable to calculate ready pods: {NO_PODS}"));
+            }
+            let ready = pods.iter().filter(|p| p.running_and_ready()).count();
+            let replicas = (ratio * ready as f64).ceil() as i32;
+            Ok(Calculated { replicas, utilization: None, average: usage, held: None })
+        }
+        Target::AverageValue(target) => {
+            let ratio = usage as f64 / (target as f64 * f64::from(current));
+            let average = if current > 0 { (usage as f64 / f64::from(current)).ceil() as i64 } else { usage };
+            if s.within(ratio) {
+                return Ok(Calculated { replicas: current, utilization: None, average, held: within(ratio) });
+            }
+            let replicas = (usage as f64 / target as f64).ceil() as i32;
+            Ok(Calculated { replicas, utilization: None, average, held: None })
+        }
+        Target::Utilization(_) => Err("Utilization is a target of Resource metrics only".into()),
     }
 }
 
@@ -691,7 +932,7 @@ pub struct AutoscaleSpec {
 pub struct Checked {
     pub min: i32,
     pub max: i32,
-    pub metrics: Vec<(Resource, Target)>,
+    pub metrics: Vec<Metric>,
     behavior: Option<CheckedBehavior>,
 }
 
@@ -752,20 +993,31 @@ impl AutoscaleSpec {
         if self.metrics.is_empty() {
             return Err(invalid("metrics", "must list at least one metric"));
         }
-        let mut metrics = vec![];
+        let mut metrics: Vec<Metric> = vec![];
         for (i, m) in self.metrics.iter().enumerate() {
-            let (r, t) = m.check(&format!("metrics[{i}]"))?;
-            if matches!(t, Target::Utilization(_)) && requests[r.index()].is_none() {
-                return Err(invalid(
-                    format!("metrics[{i}]"),
-                    format!(
-                        "Utilization of {} needs a {} reservation or limit to be a percentage of",
-                        r.name(),
-                        r.name()
-                    ),
-                ));
+            let field = format!("metrics[{i}]");
+            if m.current_value.is_some() {
+                return Err(invalid(format!("{field}.currentValue"), "is for simulation scenarios only"));
             }
-            metrics.push((r, t));
+            let checked = m.check(&field)?;
+            if let (Source::Resource(r), Target::Utilization(_)) = (&checked.source, checked.target) {
+                if requests[r.index()].is_none() {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "Utilization of {} needs a {} reservation or limit to be a percentage of",
+                            r.name(),
+                            r.name()
+                        ),
+                    ));
+                }
+            }
+            if let Source::Pods { name, .. } = &checked.source {
+                if metrics.iter().any(|o| matches!(&o.source, Source::Pods { name: n, .. } if n == name)) {
+                    return Err(invalid(format!("{field}.name"), format!("the Pods metric {name} is listed twice")));
+                }
+            }
+            metrics.push(checked);
         }
         let behavior = self.behavior.as_ref().map(|b| b.check(DEFAULT_DOWNSCALE_STABILIZATION)).transpose()?;
         Ok(Checked { min: self.min_replicas, max: self.max_replicas, metrics, behavior })
@@ -822,7 +1074,7 @@ pub struct Situation {
     pub current: i32,
     pub min: i32,
     pub max: i32,
-    pub metrics: Vec<(Resource, Target)>,
+    pub metrics: Vec<Metric>,
     pub pods: Vec<Pod>,
     pub settings: Settings,
     /// `None`: no `behavior` (the older normalization).
@@ -995,10 +1247,29 @@ pub fn milli_value(q: &str) -> Result<i64, String> {
 }
 
 /// How Kubernetes names a metric in its reasons.
-fn metric_name(resource: Resource, target: Target) -> String {
-    match target {
-        Target::Utilization(_) => format!("{} resource utilization (percentage of request)", resource.name()),
-        Target::AverageValue(_) => format!("{} resource", resource.name()),
+fn metric_name(m: &Metric) -> String {
+    match (&m.source, m.target) {
+        (Source::Resource(r), Target::Utilization(_)) => {
+            format!("{} resource utilization (percentage of request)", r.name())
+        }
+        (Source::Resource(r), _) => format!("{} resource", r.name()),
+        (Source::Pods { name, .. }, _) => format!("pods metric {name}"),
+        (Source::Object { name, object, .. }, _) => format!("{} metric {name}", object.kind),
+        (Source::External { name, selector }, _) if selector.is_empty() => format!("external metric {name}"),
+        (Source::External { name, selector }, _) => {
+            let labels: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("external metric {name}({})", labels.join(","))
+        }
+    }
+}
+
+/// The condition reason Kubernetes gives when a metric of this kind cannot be read.
+fn failed_reason(m: &Metric) -> &'static str {
+    match m.source {
+        Source::Resource(_) => "FailedGetResourceMetric",
+        Source::Pods { .. } => "FailedGetPodsMetric",
+        Source::Object { .. } => "FailedGetObjectMetric",
+        Source::External { .. } => "FailedGetExternalMetric",
     }
 }
 
@@ -1006,15 +1277,15 @@ fn metric_name(resource: Resource, target: Target) -> String {
 /// one taken (`computeReplicasForMetrics`), then normalized.
 pub fn decide(s: &Situation) -> Decision {
     let mut best: Option<(String, Calculated)> = None;
-    let mut failed: Vec<String> = vec![];
-    for &(resource, target) in &s.metrics {
-        match calculate(s.current, resource, target, &s.pods, &s.settings) {
+    let mut failed: Vec<(&str, String)> = vec![];
+    for m in &s.metrics {
+        match calculate(s.current, m, &s.pods, &s.settings) {
             Ok(c) => {
                 if best.as_ref().is_none_or(|(_, b)| c.replicas > b.replicas) {
-                    best = Some((metric_name(resource, target), c));
+                    best = Some((metric_name(m), c));
                 }
             }
-            Err(e) => failed.push(e),
+            Err(e) => failed.push((failed_reason(m), e)),
         }
     }
     let (raw, utilization, average) = match &best {
@@ -1039,13 +1310,13 @@ pub fn decide(s: &Situation) -> Decision {
         return out(s.min, "Current number of replicas below Spec.MinReplicas".into());
     }
     // All metrics failed, or some did and the rest would scale down: no change.
-    if let Some(first) = failed.first() {
+    if let Some((reason, first)) = failed.first() {
         if best.is_none() || raw < s.current {
             let why = match s.metrics.len() {
                 1 => first.clone(),
                 n => format!("invalid metrics ({} invalid out of {n}), first error is: {first}", failed.len()),
             };
-            return out(s.current, format!("FailedGetResourceMetric: {why}"));
+            return out(s.current, format!("{reason}: {why}"));
         }
     }
     let Some((metric_name, c)) = best else {
@@ -1594,6 +1865,254 @@ mod tests {
         assert!(d.reason.contains("invalid metrics (1 invalid out of 2)"), "{}", d.reason);
         // cpu says up (8) and memory fails: scaling up goes ahead.
         assert_eq!(run(both("1", "", false)).desired_replicas, 8);
+    }
+
+    /// Pods, Object and External metrics: cases of Kubernetes' `replica_calculator_test.go`
+    /// (the custom-metric ones: `qps` levels in milli-units), then through `decide`.
+    #[test]
+    fn pods_object_and_external_metrics_as_kubernetes_calculates_them() {
+        let qps_pods = |levels: &[&str], ready: &[bool]| -> serde_json::Value {
+            json!(levels
+                .iter()
+                .zip(ready)
+                .enumerate()
+                .map(|(i, (l, r))| json!({"name": format!("p{i}"), "ready": r, "usage": {"qps": l}}))
+                .collect::<Vec<_>>())
+        };
+        let pods_metric =
+            |target: &str| json!({"type": "Pods", "name": "qps", "targetType": "AverageValue", "averageValue": target});
+        let object = |tt: &str, target: &str, current: &str| {
+            let key = if tt == "Value" { "value" } else { "averageValue" };
+            json!({"type": "Object", "name": "qps", "describedObject": {"kind": "Deployment", "name": "some-deployment"},
+                   "targetType": tt, key: target, "currentValue": current})
+        };
+        let external = |tt: &str, target: &str, current: &str| {
+            let key = if tt == "Value" { "value" } else { "averageValue" };
+            json!({"type": "External", "name": "qps", "selector": {"label": "value"}, "targetType": tt, key: target, "currentValue": current})
+        };
+        let three = qps_pods(&["20", "10", "30"], &[true, true, true]);
+        // (case, scenario, desired, raw, average)
+        let cases: Vec<(&str, serde_json::Value, i32, i32, &str)> = vec![
+            // TestReplicaCalcScaleUpCM: 60/3 = 20 per pod; 20/15 = 1.333; ceil(1.333 × 3) = 4.
+            (
+                "pods up",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": pods_metric("15"), "pods": three}),
+                4,
+                4,
+                "20",
+            ),
+            // TestReplicaCalcScaleUpCMUnreadyHotCpuNoLessScale: readiness is not looked at for
+            // a pods metric: (50+10+30)/3 = 30; 2 × 3 = 6.
+            (
+                "pods unready still count",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": pods_metric("15"),
+                    "pods": qps_pods(&["50", "10", "30"], &[false, true, false])}),
+                6,
+                6,
+                "30",
+            ),
+            // TestReplicaCalcScaleDownCM: (12+12+12+10+10)/5 = 11.2 of 20 → ceil(0.56 × 5) = 3.
+            (
+                "pods down",
+                json!({"currentReplicas": 5, "maxReplicas": 10, "metric": pods_metric("20"), "downscaleStabilizationSeconds": 0,
+                    "pods": qps_pods(&["12", "12", "12", "10", "10"], &[true; 5])}),
+                3,
+                3,
+                "11200m",
+            ),
+            // TestReplicaCalcToleranceCM: 20.666/20 is within 0.1.
+            (
+                "pods tolerance",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": pods_metric("20"),
+                    "pods": qps_pods(&["20", "21", "21"], &[true; 3])}),
+                3,
+                3,
+                "20666m",
+            ),
+            // A pod without the metric on the way up counts as 0: (20+30+0)/3 = 16.667 of 15
+            // → 1.111; ceil(1.111 × 3) = 4.
+            (
+                "pods missing on the way up",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": pods_metric("15"),
+                    "pods": [{"name": "a", "usage": {"qps": "20"}}, {"name": "b", "usage": {"qps": "30"}}, {"name": "c"}]}),
+                4,
+                4,
+                "25",
+            ),
+            // TestReplicaCalcScaleUpCMObject: 20/15 = 1.333 × 3 ready = 4.
+            (
+                "object value",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": object("Value", "15", "20"), "pods": three}),
+                4,
+                4,
+                "20",
+            ),
+            // Only running and ready pods count: 1.333 × 2 = 3.
+            (
+                "object value, one unready",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": object("Value", "15", "20"),
+                    "pods": qps_pods(&["1", "1", "1"], &[true, false, true])}),
+                3,
+                3,
+                "20",
+            ),
+            // TestReplicaCalcScaleUpCMPerPodObject: ceil(20/5) = 4; ceil(20/3) = 6.667 per pod.
+            (
+                "object average",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": object("AverageValue", "5", "20"), "pods": three}),
+                4,
+                4,
+                "6667m",
+            ),
+            // TestReplicaCalcToleranceCMObject: 20.666/20 within tolerance.
+            (
+                "object tolerance",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": object("Value", "20", "20666m"), "pods": three}),
+                3,
+                3,
+                "20666m",
+            ),
+            // TestReplicaCalcScaleUpCMExternal: 8.6/4.4 = 1.95 × 1 ready = 2.
+            (
+                "external value",
+                json!({"currentReplicas": 1, "maxReplicas": 10, "metric": external("Value", "4400m", "8600m"),
+                    "pods": qps_pods(&["1"], &[true])}),
+                2,
+                2,
+                "8600m",
+            ),
+            // TestReplicaCalcScaleUpPerPodCMExternal: ceil(8.6/2.15) = 4; 8.6/3 = 2.867.
+            (
+                "external average",
+                json!({"currentReplicas": 3, "maxReplicas": 10, "metric": external("AverageValue", "2150m", "8600m"), "pods": three}),
+                4,
+                4,
+                "2867m",
+            ),
+            // TestReplicaCalcScaleDownPerPodCMExternal: ceil(8.6/2.15) = 4 from 5.
+            (
+                "external average down",
+                json!({"currentReplicas": 5, "maxReplicas": 10, "metric": external("AverageValue", "2150m", "8600m"), "downscaleStabilizationSeconds": 0,
+                    "pods": qps_pods(&["1"; 5], &[true; 5])}),
+                4,
+                4,
+                "1720m",
+            ),
+            // From zero (minReplicas 0): the ceiling of the ratio, pods or none.
+            (
+                "external from zero",
+                json!({"currentReplicas": 0, "minReplicas": 0, "maxReplicas": 10, "metric": external("Value", "15", "20")}),
+                2,
+                2,
+                "20",
+            ),
+        ];
+        for (name, scenario, desired, raw, average) in cases {
+            let d = run(scenario);
+            assert_eq!(
+                (d.desired_replicas, d.raw_recommendation, d.current_average_value.as_deref()),
+                (desired, raw, Some(average)),
+                "{name}: {}",
+                d.reason
+            );
+        }
+        // Named as Kubernetes names them.
+        let d = run(json!({"currentReplicas": 3, "maxReplicas": 10, "metric": pods_metric("15"), "pods": three}));
+        assert!(d.reason.contains("pods metric qps above target"), "{}", d.reason);
+        let d = run(
+            json!({"currentReplicas": 1, "maxReplicas": 10, "metric": external("Value", "4400m", "8600m"), "pods": qps_pods(&["1"], &[true])}),
+        );
+        assert!(d.reason.contains("external metric qps(label=value) above target"), "{}", d.reason);
+        // No value for an object: nothing changes, and the reason says which metric.
+        let mut none = object("Value", "15", "1");
+        none.as_object_mut().unwrap().remove("currentValue");
+        let d = run(json!({"currentReplicas": 3, "maxReplicas": 10, "metric": none, "pods": three}));
+        assert_eq!(d.desired_replicas, 3);
+        assert!(d.reason.starts_with("FailedGetObjectMetric: unable to get metric qps"), "{}", d.reason);
+        // No pod has the pods metric.
+        let d = run(json!({"currentReplicas": 2, "maxReplicas": 10, "metric": pods_metric("15"),
+                           "pods": [{"name": "a"}, {"name": "b"}]}));
+        assert!(d.reason.starts_with("FailedGetPodsMetric: did not receive metrics"), "{}", d.reason);
+    }
+
+    #[test]
+    fn bad_metric_specs_name_the_field() {
+        let check = |m: serde_json::Value| {
+            let spec: MetricSpec = serde_json::from_value(m).unwrap();
+            spec.check("metrics[0]").map(|_| ()).map_err(|e| e.to_string())
+        };
+        let cases = [
+            (json!({"type": "Pods", "targetType": "AverageValue", "averageValue": "1"}), "metrics[0].name: required"),
+            (
+                json!({"type": "Pods", "name": "a-b", "targetType": "AverageValue", "averageValue": "1"}),
+                "not a Prometheus metric name",
+            ),
+            (
+                json!({"type": "Pods", "name": "qps", "targetType": "Value", "value": "1"}),
+                "metrics[0].targetType: \"Value\" is not a target of Pods metrics (AverageValue)",
+            ),
+            (
+                json!({"type": "Object", "name": "qps", "targetType": "Value", "value": "1"}),
+                "metrics[0].describedObject: required",
+            ),
+            (
+                json!({"type": "Object", "name": "qps", "describedObject": {"kind": "Ingress", "name": "x"}, "targetType": "Value", "value": "1"}),
+                "describedObject.kind: \"Ingress\" is not Deployment or Pod",
+            ),
+            (
+                json!({"type": "External", "name": "qps", "targetType": "Value", "averageValue": "1"}),
+                "give value for targetType Value, not averageValue",
+            ),
+            (
+                json!({"type": "External", "name": "qps", "targetType": "Value", "value": "0"}),
+                "metrics[0].value: \"0\" must be more than 0",
+            ),
+            (
+                json!({"type": "External", "name": "qps", "targetType": "Value", "value": "1", "resource": "cpu"}),
+                "metrics[0].resource: is not for External metrics",
+            ),
+            (
+                json!({"type": "Resource", "resource": "cpu", "name": "qps", "targetType": "Utilization", "averageUtilization": 5}),
+                "metrics[0].name: is not for Resource metrics",
+            ),
+            (
+                json!({"type": "Resource", "resource": "cpu", "targetType": "Value", "value": "1"}),
+                "\"Value\" is not a target of Resource metrics",
+            ),
+            (
+                json!({"type": "Custom", "name": "qps", "targetType": "Value", "value": "1"}),
+                "metrics[0].type: \"Custom\" is not Resource, Pods, Object or External",
+            ),
+            (
+                json!({"type": "Pods", "name": "qps", "targetType": "AverageValue", "averageValue": "1", "currentValue": "2"}),
+                "metrics[0].currentValue: is for Object and External metrics",
+            ),
+        ];
+        for (m, want) in cases {
+            let got = check(m.clone()).expect_err(&m.to_string());
+            assert!(got.contains(want), "{m}: {got}");
+        }
+        // A stored autoscaler takes no measured value, nor the same Pods metric twice.
+        let spec = |metrics: serde_json::Value| -> AutoscaleSpec {
+            serde_json::from_value(json!({"maxReplicas": 5, "metrics": metrics})).unwrap()
+        };
+        let e =
+            spec(json!([{"type": "External", "name": "q", "targetType": "Value", "value": "1", "currentValue": "1"}]))
+                .check([None, None])
+                .unwrap_err();
+        assert_eq!(e.to_string(), "metrics[0].currentValue: is for simulation scenarios only");
+        let p = json!({"type": "Pods", "name": "q", "targetType": "AverageValue", "averageValue": "1"});
+        let e = spec(json!([p, p])).check([None, None]).unwrap_err();
+        assert_eq!(e.to_string(), "metrics[1].name: the Pods metric q is listed twice");
+        // An older stored spec (no type) still reads as a Resource metric.
+        let old: MetricSpec =
+            serde_json::from_value(json!({"resource": "cpu", "targetType": "Utilization", "averageUtilization": 50}))
+                .unwrap();
+        assert_eq!(old.check("m").unwrap().source, Source::Resource(Resource::Cpu));
+        assert_eq!(
+            serde_json::to_value(&old).unwrap(),
+            json!({"resource": "cpu", "targetType": "Utilization", "averageUtilization": 50})
+        );
     }
 
     #[test]

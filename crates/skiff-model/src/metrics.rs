@@ -2,6 +2,62 @@
 //! hub, and what `skiff top`, `/metrics` and the autoscaler read.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Where an agent reads a workload's own metrics: `http://ADDRESS:port/path`, in the
+/// Prometheus text format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scrape {
+    pub port: u16,
+    pub path: String,
+}
+
+/// The annotation (Kubernetes) or label (compose) keys that ask for scraping.
+pub const SCRAPE_KEYS: [&str; 3] = ["prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path"];
+
+impl Scrape {
+    /// From `prometheus.io/scrape: "true"` with `prometheus.io/port` (default: the first
+    /// of the container's `ports`) and `prometheus.io/path` (default `/metrics`), as
+    /// Prometheus' Kubernetes discovery reads them. `Err((key, problem))`.
+    pub fn from_annotations(a: &BTreeMap<String, String>, ports: &[u16]) -> Result<Option<Scrape>, (String, String)> {
+        let [on, port, path] = SCRAPE_KEYS;
+        match a.get(on).map(|v| v.trim()) {
+            None | Some("false") => return Ok(None),
+            Some("true") => {}
+            Some(other) => return Err((on.into(), format!("{other:?} is not \"true\" or \"false\""))),
+        }
+        let port = match a.get(port) {
+            Some(p) => p
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| (port.to_string(), format!("{p:?} is not a port number")))?,
+            None => *ports.first().ok_or_else(|| {
+                (port.to_string(), "is required: the workload declares no container port to scrape".to_string())
+            })?,
+        };
+        let path = a.get(path).map_or("/metrics", |p| p.trim()).to_string();
+        let s = Scrape { port, path };
+        s.check().map_err(|e| (SCRAPE_KEYS[2].to_string(), e))?;
+        Ok(Some(s))
+    }
+
+    /// The problem with the port or path, if any.
+    pub fn check(&self) -> Result<(), String> {
+        if self.port == 0 {
+            return Err("port 0 cannot be scraped".into());
+        }
+        if !self.path.starts_with('/')
+            || self.path.len() > 1024
+            || self.path.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!("{:?} is not a URL path (such as /metrics)", self.path));
+        }
+        Ok(())
+    }
+}
 
 /// One instance at one moment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,6 +74,90 @@ pub struct InstanceMetrics {
     pub restarts: u32,
     /// When the instance started (for the autoscaler's CPU initialization period).
     pub started_at_ms: Option<u64>,
+    /// Its own metrics, scraped (only the names some autoscaler uses).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub series: Vec<Series>,
+}
+
+/// One series of a workload's own metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Series {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+impl Series {
+    /// Whether every label of `selector` is on the series with its value.
+    pub fn matches(&self, name: &str, selector: &BTreeMap<String, String>) -> bool {
+        self.name == name && selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// Most series one instance ships in a sample (a workload cannot flood the hub).
+pub const MAX_SERIES: usize = 64;
+/// The most labels a parsed series keeps, and the longest label name or value: a line
+/// past them is skipped.
+pub const MAX_LABELS: usize = 32;
+const MAX_LABEL_LEN: usize = 1024;
+
+/// The samples of a Prometheus (or OpenMetrics) text exposition, lazily: comments and
+/// lines that do not parse are skipped, and so are values that are not finite. Label
+/// values keep Prometheus' escapes (`\\`, `\"`, `\n`). The text may come from a
+/// workload: nothing in it can make this fail or keep much.
+pub fn parse_exposition(text: &str) -> impl Iterator<Item = Series> + '_ {
+    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).filter_map(sample_line)
+}
+
+/// One sample line: `name{label="value",...} value [timestamp]`.
+fn sample_line(line: &str) -> Option<Series> {
+    let end = line.find(|c: char| c == '{' || c.is_whitespace()).unwrap_or(line.len());
+    let name = &line[..end];
+    if !crate::autoscale::is_metric_name(name) {
+        return None;
+    }
+    let (labels, rest) = match line[end..].strip_prefix('{') {
+        Some(r) => label_set(r)?,
+        None => (BTreeMap::new(), &line[end..]),
+    };
+    let value: f64 = rest.split_whitespace().next()?.parse().ok()?;
+    value.is_finite().then(|| Series { name: name.to_string(), labels, value })
+}
+
+/// The labels up to the closing brace, and what follows it.
+fn label_set(mut r: &str) -> Option<(BTreeMap<String, String>, &str)> {
+    let mut labels = BTreeMap::new();
+    loop {
+        r = r.trim_start();
+        if let Some(after) = r.strip_prefix('}') {
+            return Some((labels, after));
+        }
+        let eq = r.find('=')?;
+        let key = r[..eq].trim();
+        if key.is_empty() || key.len() > MAX_LABEL_LEN || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return None;
+        }
+        r = r[eq + 1..].trim_start().strip_prefix('"')?;
+        let mut value = String::new();
+        let mut chars = r.char_indices();
+        let close = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        if value.len() > MAX_LABEL_LEN || labels.len() >= MAX_LABELS {
+            return None;
+        }
+        labels.insert(key.to_string(), value);
+        r = r[close + 1..].trim_start();
+        r = r.strip_prefix(',').unwrap_or(r);
+    }
 }
 
 /// The node at one moment.
@@ -61,6 +201,7 @@ impl MetricsSample {
             tx_bytes: 123_456,
             restarts: n,
             started_at_ms: Some(time_ms.saturating_sub(3_600_000)),
+            series: vec![],
         };
         MetricsSample {
             node: node.into(),
@@ -87,7 +228,18 @@ impl MetricsSample {
 /// in hundredths, the node name left out (the connection names it). About a third of
 /// the JSON object form, for links that pay per byte.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PackedSample(pub u64, pub PackedHost, pub Vec<PackedInstance>);
+pub struct PackedSample(
+    pub u64,
+    pub PackedHost,
+    pub Vec<PackedInstance>,
+    /// The instances' own metrics (absent when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub Vec<PackedSeries>,
+);
+
+/// instance, metric name, labels, value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PackedSeries(pub String, pub String, pub BTreeMap<String, String>, pub f64);
 
 /// cpus, CPU used (millicores), memory total and used, disk total and used, rx, tx, load
 /// 1/5/15 (hundredths).
@@ -143,13 +295,19 @@ impl From<&MetricsSample> for PackedSample {
                     )
                 })
                 .collect(),
+            s.instances
+                .iter()
+                .flat_map(|i| {
+                    i.series.iter().map(|x| PackedSeries(i.instance.clone(), x.name.clone(), x.labels.clone(), x.value))
+                })
+                .collect(),
         )
     }
 }
 
 impl PackedSample {
     pub fn unpack(self, node: &str) -> MetricsSample {
-        let PackedSample(time_ms, h, instances) = self;
+        let PackedSample(time_ms, h, instances, series) = self;
         MetricsSample {
             node: node.to_string(),
             time_ms,
@@ -169,6 +327,11 @@ impl PackedSample {
             instances: instances
                 .into_iter()
                 .map(|i| InstanceMetrics {
+                    series: series
+                        .iter()
+                        .filter(|x| x.0 == i.0)
+                        .map(|x| Series { name: x.1.clone(), labels: x.2.clone(), value: x.3 })
+                        .collect(),
                     instance: i.0,
                     deployment: i.1,
                     cpu_cores: cores(i.2),
@@ -190,7 +353,14 @@ impl PackedSample {
 /// that is new is `["instance", "deployment", field values...]`, one that is gone is
 /// `[-1 - position]`. A node whose figures hold still ships little more than its time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeltaSample(pub i64, pub Vec<i64>, pub Vec<serde_json::Value>);
+pub struct DeltaSample(
+    pub i64,
+    pub Vec<i64>,
+    pub Vec<serde_json::Value>,
+    /// The instances' own metrics whole, when they differ from the sample before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub Option<Vec<PackedSeries>>,
+);
 
 /// Why a delta cannot be applied (a sender and a receiver that disagree on the base).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -318,7 +488,8 @@ impl PackedSample {
                 inst.push(serde_json::Value::Array(v));
             }
         }
-        DeltaSample((self.0 as i64).saturating_sub(base.0 as i64), host, inst)
+        let series = (self.3 != base.3).then(|| self.3.clone());
+        DeltaSample((self.0 as i64).saturating_sub(base.0 as i64), host, inst, series)
     }
 }
 
@@ -372,7 +543,11 @@ impl DeltaSample {
         if names.windows(2).any(|w| w[0] == w[1]) {
             return Err(DeltaError("an instance twice in one sample".into()));
         }
-        Ok(PackedSample(base.0.saturating_add_signed(self.0), host_from(host), instances).sorted())
+        let series = self.3.clone().unwrap_or_else(|| base.3.clone());
+        if series.len() > MAX_INSTANCES * MAX_SERIES {
+            return Err(DeltaError(format!("{} series in one sample", series.len())));
+        }
+        Ok(PackedSample(base.0.saturating_add_signed(self.0), host_from(host), instances, series).sorted())
     }
 }
 
@@ -442,6 +617,7 @@ impl PackedSample {
             s.2.iter().map(|i| (i.0.as_str(), i.1.as_str(), i.6)).collect()
         }
         set(self) != set(base)
+            || self.3 != base.3
             || far(self.1 .1, base.1 .1, 50)
             || far(Some(self.1 .3), Some(base.1 .3), 16 << 20)
             || self.2.iter().zip(&base.2).any(|(a, b)| far(a.2, b.2, 50) || far(Some(a.3), Some(b.3), 16 << 20))
@@ -451,6 +627,88 @@ impl PackedSample {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_format_as_workloads_write_it() {
+        let text = r#"
+# HELP queue_depth Items waiting.
+# TYPE queue_depth gauge
+queue_depth{queue="in",path="/a,b}",note="say \"hi\"\\n"} 12.5
+queue_depth{queue="out"} 3 1700000000000
+queue_depth 7
+requests_total{code="200",} 1e3
+job:rate5m 2
+queue_depth{queue="broken} 1
+queue_depth{queue="nan"} NaN
+queue_depth{queue="inf"} +Inf
+queue_depth not-a-number
+# EOF
+"#;
+        type View<'a> = (&'a str, Vec<(&'a str, &'a str)>, f64);
+        let got: Vec<Series> = parse_exposition(text).collect();
+        let view: Vec<View> = got
+            .iter()
+            .map(|s| (s.name.as_str(), s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(), s.value))
+            .collect();
+        assert_eq!(
+            view,
+            vec![
+                ("queue_depth", vec![("note", "say \"hi\"\\n"), ("path", "/a,b}"), ("queue", "in")], 12.5),
+                ("queue_depth", vec![("queue", "out")], 3.0),
+                ("queue_depth", vec![], 7.0),
+                ("requests_total", vec![("code", "200")], 1000.0),
+                ("job:rate5m", vec![], 2.0),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_hostile_page_is_bounded() {
+        let one = |line: String| parse_exposition(&line).count();
+        let labels: String = (0..40).map(|i| format!("l{i}=\"v\"")).collect::<Vec<_>>().join(",");
+        assert_eq!(one(format!("m{{{labels}}} 1\n")), 0, "too many labels");
+        assert_eq!(one(format!("m{{a=\"{}\"}} 1\n", "x".repeat(MAX_LABEL_LEN + 1))), 0);
+        assert_eq!(one("m{a=\"1\" 1\n".into()), 0, "an unclosed label set");
+        assert_eq!(one("m{=\"1\"} 1\n".into()), 0);
+        assert_eq!(one("m{a=\"\\".into()), 0, "an escape at the end");
+        assert_eq!(one("m".into()), 0, "no value");
+        assert_eq!(one("1m 1".into()), 0, "not a metric name");
+    }
+
+    /// Scraped series ride along: whole in a packed sample, only when they changed in a
+    /// delta; a sample without any is the same bytes as before they existed.
+    #[test]
+    fn series_pack_and_delta() {
+        let mut s = MetricsSample::example("n", 1_764_030_000_000);
+        let plain = serde_json::to_string(&PackedSample::from(&s)).unwrap();
+        assert!(serde_json::from_str::<PackedSample>(&plain).unwrap().3.is_empty());
+        s.instances[1].series = vec![Series {
+            name: "queue_depth".into(),
+            labels: [("queue".to_string(), "in".to_string())].into(),
+            value: 12.5,
+        }];
+        let p0 = PackedSample::from(&s);
+        let back = serde_json::from_str::<PackedSample>(&serde_json::to_string(&p0).unwrap()).unwrap().unpack("n");
+        assert_eq!(back.instances[1].series, s.instances[1].series);
+        assert!(back.instances[0].series.is_empty());
+        // Unchanged: the delta leaves them out; changed: they come whole, and move the shipper.
+        let mut later = p0.clone();
+        later.0 += 15_000;
+        let d = later.delta_from(&p0);
+        assert_eq!(d.3, None);
+        assert!(!later.moved_from(&p0));
+        assert_eq!(d.apply(&p0).unwrap(), later);
+        later.3[0].3 = 40.0;
+        let d = later.delta_from(&p0);
+        assert!(d.3.is_some() && later.moved_from(&p0));
+        let wire: DeltaSample = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+        assert_eq!(wire.apply(&p0).unwrap().unpack("n").instances[1].series[0].value, 40.0);
+        // A series naming no instance of the sample is dropped when unpacked.
+        let mut stray = p0.clone();
+        stray.3.push(PackedSeries("someone-else".into(), "x".into(), BTreeMap::new(), 1.0));
+        let u = stray.unpack("n");
+        assert_eq!(u.instances.iter().map(|i| i.series.len()).sum::<usize>(), 1);
+    }
 
     #[test]
     fn packing_keeps_millicores_and_hundredths_and_is_small() {
@@ -492,21 +750,21 @@ mod tests {
             assert_eq!(&back.apply(&base).unwrap(), next, "{wire}");
             base = next.clone();
         }
-        let quiet = PackedSample(s0.0 + 15_000, s0.1.clone(), s0.2.clone()).delta_from(&s0);
+        let quiet = PackedSample(s0.0 + 15_000, s0.1.clone(), s0.2.clone(), vec![]).delta_from(&s0);
         let (q, full) = (serde_json::to_string(&quiet).unwrap(), serde_json::to_string(&s0).unwrap());
         assert_eq!(q, "[15000,[],[]]");
         assert!(q.len() * 10 < full.len(), "{q} vs {full}");
         // A delta that does not fit its base is refused, not guessed.
-        let bad = DeltaSample(1, vec![99, 1], vec![]);
+        let bad = DeltaSample(1, vec![99, 1], vec![], None);
         assert!(bad.apply(&s0).unwrap_err().to_string().contains("no field 99"));
-        let bad = DeltaSample(1, vec![], vec![serde_json::json!([7, 1, 1])]);
+        let bad = DeltaSample(1, vec![], vec![serde_json::json!([7, 1, 1])], None);
         assert!(bad.apply(&s0).is_err());
         // A node cannot grow the hub's copy without bound, nor name an instance twice.
         let many: Vec<serde_json::Value> =
             (0..=MAX_INSTANCES).map(|i| serde_json::json!([format!("x-{i}"), "x", 1, 1, 1, 1, 0, -1])).collect();
-        let e = DeltaSample(1, vec![], many).apply(&s0).unwrap_err().to_string();
+        let e = DeltaSample(1, vec![], many, None).apply(&s0).unwrap_err().to_string();
         assert!(e.contains("more than 1024"), "{e}");
-        let twice = DeltaSample(1, vec![], vec![serde_json::json!([s0.2[0].0, "other", 1, 1, 1, 1, 0, -1])]);
+        let twice = DeltaSample(1, vec![], vec![serde_json::json!([s0.2[0].0, "other", 1, 1, 1, 1, 0, -1])], None);
         assert!(twice.apply(&s0).unwrap_err().to_string().contains("twice"));
     }
 

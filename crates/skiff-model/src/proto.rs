@@ -140,6 +140,10 @@ impl std::fmt::Display for JoinToken {
 pub struct Assignment {
     pub revision: u64,
     pub deployments: Vec<Assigned>,
+    /// The names of workloads' own metrics that some autoscaler reads: what the agent
+    /// scrapes from its instances that ask for it (`Deployment::scrape`) and ships.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -103,6 +103,11 @@ pub struct Deployment {
     /// A horizontal autoscaler that sets `replicas` from CPU or memory use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<crate::autoscale::AutoscaleSpec>,
+    /// Where agents read the workload's own metrics (the Prometheus text format), which
+    /// Pods, Object and External autoscaler metrics use: the `prometheus.io/scrape`,
+    /// `/port` and `/path` annotations (Kubernetes) or labels (compose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrape: Option<crate::metrics::Scrape>,
     /// How instances are replaced when the template changes.
     #[serde(default, skip_serializing_if = "crate::rollout::UpdateConfig::is_default")]
     pub update: crate::rollout::UpdateConfig,
@@ -405,6 +410,7 @@ impl Deployment {
             placement: Placement::default(),
             stop_grace_period_ms: default_grace(),
             autoscale: None,
+            scrape: None,
             update: Default::default(),
             runtime: RuntimeKind::default(),
             wasm: WasmOptions::default(),

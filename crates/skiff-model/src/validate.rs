@@ -364,8 +364,22 @@ impl Deployment {
             if self.placement.mode == crate::PlacementMode::Global {
                 return Err(ValidationError::new("autoscale", "a global deployment runs one instance per node"));
             }
-            a.check(self.requests_milli())
+            let checked = a
+                .check(self.requests_milli())
                 .map_err(|e| ValidationError::new(format!("autoscale.{}", e.field), e.problem))?;
+            let own = checked.metrics.iter().position(|m| matches!(m.source, crate::autoscale::Source::Pods { .. }));
+            if let (Some(i), None) = (own, &self.scrape) {
+                return Err(ValidationError::new(
+                    format!("autoscale.metrics[{i}]"),
+                    "a Pods metric is read from the workload's own metrics: set prometheus.io/scrape (and /port, /path)",
+                ));
+            }
+        }
+        if let Some(s) = &self.scrape {
+            s.check().map_err(|e| ValidationError::new("scrape", e))?;
+            if self.network == crate::NetworkMode::None {
+                return Err(ValidationError::new("scrape", "a workload without a network cannot be scraped"));
+            }
         }
         self.update.check().map_err(|(field, problem)| ValidationError::new(format!("update.{field}"), problem))?;
         if self.placement.reschedule_after_ms == Some(0) {

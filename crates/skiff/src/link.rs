@@ -75,6 +75,10 @@ impl NodeLink for LocalAgent {
 
 impl LocalNode for LocalAgent {
     fn assign(&self, deployments: Vec<Deployment>, revision: u64) -> Result<(), NodeError> {
+        // It runs everything, so every autoscaler's metric may be its instances'.
+        self.agent.set_scraped_metrics(skiff_model::autoscale::scraped_names(
+            deployments.iter().filter_map(|d| d.autoscale.as_ref()),
+        ));
         self.agent.set_desired(&deployments, revision).map_err(node_error)
     }
 

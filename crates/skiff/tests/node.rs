@@ -982,6 +982,18 @@ fn metrics_show_cpu_burners_at_their_limits() -> R {
     Ok(())
 }
 
+/// The replica count the hub holds for `name`.
+fn replicas_of(n: &Node, name: &str) -> Option<u64> {
+    let all: Vec<serde_json::Value> = serde_json::from_str(&n.ok(&["get", "deployments", "-o", "json"]).ok()?).ok()?;
+    all.iter().find(|d| d["spec"]["name"] == name)?["spec"]["replicas"].as_u64()
+}
+
+/// The last decision of `name`'s autoscaler.
+fn autoscaler_of(n: &Node, name: &str) -> Option<serde_json::Value> {
+    let all: Vec<serde_json::Value> = serde_json::from_str(&n.ok(&["get", "autoscalers", "-o", "json"]).ok()?).ok()?;
+    all.into_iter().find(|a| a["deployment"] == name)
+}
+
 #[test]
 fn the_autoscaler_scales_out_on_cpu_and_back_in_when_load_stops() -> R {
     require_privileged!();
@@ -1001,16 +1013,8 @@ fn the_autoscaler_scales_out_on_cpu_and_back_in_when_load_stops() -> R {
     )?;
     n.up_with(Some(&compose), &["--autoscale-interval", "1"])?;
     n.wait_running("burn-1")?;
-    let replicas = |n: &Node| -> Option<u64> {
-        let all: Vec<serde_json::Value> =
-            serde_json::from_str(&n.ok(&["get", "deployments", "-o", "json"]).ok()?).ok()?;
-        all.iter().find(|d| d["spec"]["name"] == "burn")?["spec"]["replicas"].as_u64()
-    };
-    let status = |n: &Node| -> Option<serde_json::Value> {
-        let all: Vec<serde_json::Value> =
-            serde_json::from_str(&n.ok(&["get", "autoscalers", "-o", "json"]).ok()?).ok()?;
-        all.into_iter().find(|a| a["deployment"] == "burn")
-    };
+    let replicas = |n: &Node| replicas_of(n, "burn");
+    let status = |n: &Node| autoscaler_of(n, "burn");
     // Idle at 0 %: the autoscaler holds at its minimum.
     let idle = wait_for(Duration::from_secs(30), "a decision while idle", || status(&n))?;
     assert_eq!(idle["desiredReplicas"], 1, "{idle}");
@@ -1061,6 +1065,73 @@ fn the_autoscaler_scales_out_on_cpu_and_back_in_when_load_stops() -> R {
 }
 
 /// A compose file for the rollout test: `web` answers `VERSION` on a published port.
+/// An autoscaler on the workload's own Prometheus metric (a Pods metric): each instance
+/// serves `queue_depth` on /metrics, the agent scrapes it at every sample because of the
+/// `prometheus.io/*` labels, and the hub scales on its per-pod average.
+#[test]
+fn the_autoscaler_scales_on_a_workloads_own_prometheus_metric() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.rust_log = "info,skiff_agent::scrape=debug".into();
+    // Every instance serves the page written in /www/metrics of its own filesystem.
+    let compose = n.write(
+        "compose.yaml",
+        &format!(
+            "name: own\nservices:\n  queue:\n    image: {IMAGE}\n    stop_grace_period: 1s\n    \
+             command: [sh, -c, 'mkdir -p /www && echo queue_depth 0 > /www/metrics && exec httpd -f -p 9100 -h /www']\n    \
+             labels: {{prometheus.io/scrape: 'true', prometheus.io/port: '9100', prometheus.io/path: /metrics}}\n    \
+             x-skiff-autoscale:\n      minReplicas: 1\n      maxReplicas: 3\n      \
+             metrics: [{{type: Pods, pods: {{metric: {{name: queue_depth, selector: {{matchLabels: {{queue: in}}}}}}, \
+             target: {{type: AverageValue, averageValue: '5'}}}}}}]\n      \
+             behavior: {{scaleDown: {{stabilizationWindowSeconds: 2}}}}\n"
+        ),
+    )?;
+    n.up_with(Some(&compose), &["--autoscale-interval", "1"])?;
+    n.wait_running("queue-1")?;
+    let replicas = |n: &Node| replicas_of(n, "queue");
+    let status = |n: &Node| autoscaler_of(n, "queue");
+    let page = |n: &Node, instance: &str, text: &str| -> R {
+        n.ok(&["exec", instance, "--", "sh", "-c", &format!("printf '{text}' > /www/metrics")])?;
+        Ok(())
+    };
+    // The page has the metric but no series with queue="in": the metric is missing, and
+    // the autoscaler says so and holds.
+    let missing = wait_for(Duration::from_secs(30), "a decision without the series", || {
+        status(&n).filter(|s| s["reason"].as_str().is_some_and(|r| r.contains("did not receive metrics")))
+    })?;
+    assert!(missing["reason"].as_str().unwrap().starts_with("FailedGetPodsMetric: "), "{missing}");
+    assert_eq!(replicas(&n), Some(1));
+    // 12 waiting on the one instance (the other queue and other metrics do not count):
+    // 12/5 → ceil(2.4) = 3.
+    page(
+        &n,
+        "queue-1",
+        "# TYPE queue_depth gauge\\nqueue_depth{queue=\"in\"} 12\\nqueue_depth{queue=\"out\"} 500\\nother 9\\n",
+    )?;
+    wait_for(Duration::from_secs(60), "a scale-out to 3", || (replicas(&n)? == 3).then_some(()))
+        .with_context(|| format!("autoscaler: {:?}\nlog: {}", status(&n), n.log()))?;
+    let s = wait_for(Duration::from_secs(30), "the average shown", || {
+        status(&n).filter(|s| s["currentAverageValue"] == "12")
+    })?;
+    assert_eq!(s["desiredReplicas"], 3, "{s}");
+    let events = n.events()?;
+    let rescales: Vec<_> = events.iter().filter(|e| e.object == "queue" && e.reason == "SuccessfulRescale").collect();
+    assert!(
+        rescales.iter().any(
+            |e| e.message.starts_with("New size: 3;") && e.message.contains("pods metric queue_depth above target")
+        ),
+        "{rescales:?}"
+    );
+    // The new instances report 0 (their page's first line does not match the selector
+    // either: they are missing until written), then 1 each: (1+1+1)/3 = 1 of 5 → 1.
+    for i in ["queue-1", "queue-2", "queue-3"] {
+        n.wait_running(i)?;
+        page(&n, i, "queue_depth{queue=\"in\"} 1\\n")?;
+    }
+    wait_for(Duration::from_secs(60), "a scale-in to 1", || (replicas(&n)? == 1).then_some(()))?;
+    Ok(())
+}
+
 /// `listen` is the port httpd binds (not 80: the health check and the proxy both fail).
 fn versioned(port: u16, version: &str, listen: u16, update: &str) -> String {
     format!(
