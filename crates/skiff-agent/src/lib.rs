@@ -480,6 +480,12 @@ impl Agent {
             );
             agent.event(&agent.cfg.node_name, "StateRebuilt", &msg);
         }
+        // The names to scrape, as the last assignment gave them (a restarted agent is not
+        // sent its assignment again when nothing changed).
+        let names = agent.db(|s| s.meta(scrape::NAMES_KEY)).ok().flatten();
+        if let Some(names) = names.and_then(|n| serde_json::from_str::<Vec<String>>(&n).ok()) {
+            agent.set_scraped_names(names);
+        }
         Ok(agent)
     }
 

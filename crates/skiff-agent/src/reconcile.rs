@@ -912,4 +912,28 @@ mod tests {
         assert_eq!(ids, [format!("{base}-2"), id_of("web-2", &tpl4), id_of("web-3", &tpl4)]);
         assert!(new.iter().all(|r| r.state == InstanceState::Pending));
     }
+
+    /// The names to scrape survive the agent: an agent that restarts is not sent its
+    /// assignment again when nothing changed.
+    #[test]
+    fn the_metrics_to_scrape_are_kept_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let mut cfg = AgentConfig::new(dir.path().join("data"));
+            cfg.image_gc = None;
+            cfg.firewall = skiff_runtime::nat::FirewallSetting::none();
+            let rt = Arc::new(FakeRuntime::new(dir.path().join("fake")));
+            cfg.backends = Some(Backends { oci: rt.clone(), wasm: rt.clone(), runsc: rt });
+            Agent::open(cfg).unwrap()
+        };
+        let a = open();
+        a.set_scraped_metrics(vec!["queue_depth".into()]);
+        assert_eq!(*a.scrape_names.lock().unwrap(), ["queue_depth"]);
+        drop(a);
+        let b = open();
+        assert_eq!(*b.scrape_names.lock().unwrap(), ["queue_depth"]);
+        b.set_scraped_metrics(vec![]);
+        drop(b);
+        assert!(open().scrape_names.lock().unwrap().is_empty());
+    }
 }

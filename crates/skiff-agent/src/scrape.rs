@@ -10,7 +10,7 @@
 
 use crate::state::InstanceRow;
 use crate::Agent;
-use skiff_model::metrics::{parse_exposition, Series, MAX_SERIES};
+use skiff_model::metrics::{parse_exposition, series_bytes, Series, MAX_SERIES, MAX_SERIES_BYTES};
 use skiff_model::{InstanceState, NetworkMode};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -22,15 +22,43 @@ use tracing::debug;
 pub const MAX_BODY: usize = 1 << 20;
 /// How long one page may take.
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// The most series bytes one sample of the node carries (20 samples sent at once after a
+/// reconnect stay well within the hub's frame limit).
+const MAX_SAMPLE_SERIES_BYTES: usize = 16 << 10;
 
-/// The series of `text` whose name is in `wanted`, at most [`MAX_SERIES`].
+/// The series of `text` whose name is in `wanted`: at most [`MAX_SERIES`], and at most
+/// [`MAX_SERIES_BYTES`] of names and labels (a sample must stay well within a frame).
 pub fn parse(text: &str, wanted: &[String]) -> Vec<Series> {
-    parse_exposition(text).filter(|s| wanted.contains(&s.name)).take(MAX_SERIES).collect()
+    let mut bytes = 0;
+    parse_exposition(text)
+        .filter(|s| wanted.contains(&s.name))
+        .take(MAX_SERIES)
+        .take_while(|s| {
+            bytes += series_bytes(s);
+            bytes <= MAX_SERIES_BYTES
+        })
+        .collect()
 }
 
+/// Where the agent keeps the names to scrape.
+pub(crate) const NAMES_KEY: &str = "scrape/names";
+
 impl Agent {
-    /// The metric names to scrape and ship (from the hub's assignment).
+    /// The metric names to scrape and ship (from the hub's assignment), kept for the next
+    /// start.
     pub fn set_scraped_metrics(&self, names: Vec<String>) {
+        if self.scrape_names.lock().is_ok_and(|n| *n == names) {
+            return;
+        }
+        if let Ok(text) = serde_json::to_string(&names) {
+            if let Err(e) = self.db(|s| s.set_meta(NAMES_KEY, &text)) {
+                tracing::warn!(error = %e, "keeping the names of the metrics to scrape");
+            }
+        }
+        self.set_scraped_names(names);
+    }
+
+    pub(crate) fn set_scraped_names(&self, names: Vec<String>) {
         if let Ok(mut n) = self.scrape_names.lock() {
             *n = names;
         }
@@ -59,7 +87,11 @@ impl Agent {
     /// Scrapes every running instance that asks for it, while names are wanted; until
     /// `shutdown`.
     pub(crate) async fn scrape_loop(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let client = match reqwest::Client::builder().timeout(TIMEOUT).no_proxy().build() {
+        // No redirects: a workload must not point the agent (in the host's network) anywhere
+        // but at itself.
+        let client =
+            reqwest::Client::builder().timeout(TIMEOUT).no_proxy().redirect(reqwest::redirect::Policy::none()).build();
+        let client = match client {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "no HTTP client: workloads' own metrics are not read");
@@ -87,23 +119,41 @@ impl Agent {
                 Some((r.container_id.clone(), r.name.clone(), format!("http://{at}{}", s.path)))
             })
             .collect();
-        let wanted = &wanted;
-        let pages = futures_util::future::join_all(targets.iter().map(|(_, name, url)| async move {
-            match fetch(client, url).await {
-                Ok(text) => {
-                    let series = parse(&text, wanted);
-                    debug!(instance = %name, %url, series = series.len(), "scraped its metrics");
-                    Some(series)
-                }
-                Err(e) => {
-                    debug!(instance = %name, %url, error = %e, "scraping its metrics");
-                    None
+        // A few at a time: each page may hold up to MAX_BODY while it is read.
+        use futures_util::StreamExt;
+        let wanted = Arc::new(wanted);
+        let jobs: Vec<(String, String)> = targets.iter().map(|(_, name, url)| (name.clone(), url.clone())).collect();
+        let pages: Vec<Option<Vec<Series>>> = futures_util::stream::iter(jobs.into_iter().map(|(name, url)| {
+            let (client, wanted) = (client.clone(), Arc::clone(&wanted));
+            async move {
+                match fetch(&client, &url).await {
+                    Ok(text) => {
+                        let series = parse(&text, &wanted);
+                        debug!(instance = %name, %url, series = series.len(), "scraped its metrics");
+                        Some(series)
+                    }
+                    Err(e) => {
+                        debug!(instance = %name, %url, error = %e, "scraping its metrics");
+                        None
+                    }
                 }
             }
         }))
+        .buffered(4)
+        .collect()
         .await;
-        let found: HashMap<String, Vec<Series>> =
-            targets.into_iter().zip(pages).filter_map(|((id, _, _), page)| Some((id, page?))).collect();
+        // The node's whole sample stays bounded too: instances past the budget ship none.
+        let mut budget = MAX_SAMPLE_SERIES_BYTES;
+        let found: HashMap<String, Vec<Series>> = targets
+            .into_iter()
+            .zip(pages)
+            .filter_map(|((id, _, _), page)| {
+                let page = page?;
+                let size: usize = page.iter().map(series_bytes).sum();
+                budget = budget.checked_sub(size)?;
+                Some((id, page))
+            })
+            .collect();
         if let Ok(mut s) = self.scraped.lock() {
             *s = found;
         }

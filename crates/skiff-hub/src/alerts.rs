@@ -3,8 +3,10 @@
 //! matched for the rule's `for` makes it *firing*; one that stops matching resolves it.
 //! Active alerts are listed by `GET /api/v1/alerts` (`skiff get alerts`). A firing rule
 //! with `x-skiff-scale-out` raises its deployment's replicas when it starts firing and
-//! again every `for` while it keeps firing, up to `max`. State lives in memory: after a
-//! hub restart, alerts start pending again.
+//! again every `for` while it keeps firing, up to `max`. The active alerts are kept in the
+//! store's state (`alerts/active`, written when an alert starts, changes state, acts or
+//! resolves, not on every evaluation) and read back when a hub starts or takes over, so
+//! a firing alert neither starts pending again nor repeats a scale-out early.
 
 use crate::events::EventLog;
 use crate::{metrics, Hub};
@@ -56,13 +58,31 @@ pub struct ScaleOut {
 pub struct Alerts {
     rules: Vec<Rule>,
     active: Mutex<BTreeMap<(usize, String), Alert>>,
-    events: EventLog,
+    pub(crate) events: EventLog,
+    /// What was last written to the store (to write only changes).
+    saved: Mutex<Option<String>>,
 }
 
 impl Default for Alerts {
     fn default() -> Self {
-        Alerts { rules: vec![], active: Mutex::default(), events: EventLog::new("alerts", EVENTS_KEPT) }
+        Alerts {
+            rules: vec![],
+            active: Mutex::default(),
+            events: EventLog::new("alerts", EVENTS_KEPT),
+            saved: Mutex::default(),
+        }
     }
+}
+
+/// The store's state key of the active alerts.
+const STATE_KEY: &str = "alerts/active";
+
+/// An active alert as the store keeps it: its rule by group and name (rule files change
+/// between hubs), and when it last acted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Kept {
+    alert: Alert,
+    last_action_ms: Option<u64>,
 }
 
 fn key_of(labels: &BTreeMap<String, String>) -> String {
@@ -141,6 +161,58 @@ impl Alerts {
         due
     }
 
+    /// With the active alerts `store` kept, of rules this hub still has (others are
+    /// dropped; an unreadable record starts afresh, said once).
+    pub fn load(self, store: &dyn crate::store::Store) -> Self {
+        let kept = match store.states(STATE_KEY) {
+            Ok(v) => v.into_iter().find(|(k, _)| k == STATE_KEY).map(|(_, v)| v),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the active alerts: they start afresh");
+                None
+            }
+        };
+        let Some(text) = kept else { return self };
+        let Ok(list) = serde_json::from_str::<Vec<Kept>>(&text) else {
+            tracing::warn!("the active alerts kept are unreadable: they start afresh");
+            return self;
+        };
+        if let Ok(mut active) = self.active.lock() {
+            for k in list {
+                let Some(ri) = self.rules.iter().position(|r| r.group == k.alert.group && r.alert == k.alert.alert)
+                else {
+                    continue;
+                };
+                let mut a = k.alert;
+                a.last_action_ms = k.last_action_ms;
+                active.insert((ri, key_of(&a.labels)), a);
+            }
+        }
+        if let Ok(mut s) = self.saved.lock() {
+            *s = Some(text);
+        }
+        self
+    }
+
+    /// Writes the active alerts to `store` when they changed other than in value.
+    pub fn save(&self, store: &dyn crate::store::Store) {
+        let Ok(active) = self.active.lock() else { return };
+        let list: Vec<Kept> = active
+            .values()
+            .map(|a| Kept { alert: Alert { value: 0.0, ..a.clone() }, last_action_ms: a.last_action_ms })
+            .collect();
+        drop(active);
+        let Ok(text) = serde_json::to_string(&list) else { return };
+        let Ok(mut saved) = self.saved.lock() else { return };
+        if saved.as_deref() == Some(text.as_str()) || (saved.is_none() && list.is_empty()) {
+            return;
+        }
+        let value = (!list.is_empty()).then_some(text.as_str());
+        match store.put_state(STATE_KEY, value) {
+            Ok(()) => *saved = Some(text),
+            Err(e) => tracing::warn!(error = %e, "keeping the active alerts"),
+        }
+    }
+
     fn record(&self, key: &(usize, String), action: String) {
         if let Ok(mut active) = self.active.lock() {
             if let Some(a) = active.get_mut(key) {
@@ -167,6 +239,7 @@ impl Hub {
             self.alerts.events.push(now_ms, &so.deployment, reason, msg.clone());
             self.alerts.record(&so.key, msg);
         }
+        self.alerts.save(&*self.store);
         Ok(())
     }
 
@@ -235,6 +308,44 @@ mod tests {
         assert!(a.events().iter().any(|e| e.reason == "AlertResolved"));
         a.eval(&[cpu("pi-1", 0.9)], 122_000);
         assert_eq!(a.list()[0].state, AlertState::Pending);
+    }
+
+    /// A firing alert outlives its hub: the next one (same rule file) finds it firing and
+    /// does not scale out again before `for`; values alone write nothing; a rule gone from
+    /// the file drops its alerts.
+    #[test]
+    fn active_alerts_outlive_the_hub() {
+        use crate::store::{SqliteStore, Store};
+        let t = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&t.path().join("hub.db")).unwrap();
+        let rule = r#"{"alert": "NodeCpuHigh", "expr": "skiff_node_cpu_utilization > 0.8", "for": "1m",
+                "x-skiff-scale-out": {"deployment": "web", "step": 1, "max": 6}}"#;
+        let a = alerts(rule).load(&store);
+        a.eval(&[cpu("pi-1", 0.9)], 0);
+        a.save(&store);
+        assert_eq!(a.eval(&[cpu("pi-1", 0.9)], 60_000).len(), 1, "fires and scales out");
+        a.record(&(0, key_of(&a.list()[0].labels)), "scaled web from 1 to 2".into());
+        a.save(&store);
+        let written = store.states("alerts/active").unwrap();
+        a.eval(&[cpu("pi-1", 0.97)], 61_000);
+        a.save(&store);
+        assert_eq!(store.states("alerts/active").unwrap(), written, "a new value is not a change");
+
+        let b = alerts(rule).load(&store);
+        let l = b.list();
+        assert_eq!((l.len(), l[0].state, l[0].active_at_ms), (1, AlertState::Firing, 0));
+        assert_eq!(l[0].action.as_deref(), Some("scaled web from 1 to 2"));
+        assert!(b.eval(&[cpu("pi-1", 0.9)], 90_000).is_empty(), "no second scale-out before `for`");
+        assert_eq!(b.eval(&[cpu("pi-1", 0.9)], 120_000).len(), 1);
+        // Resolved: the record goes.
+        b.eval(&[cpu("pi-1", 0.1)], 121_000);
+        b.save(&store);
+        assert!(store.states("alerts/active").unwrap().is_empty());
+        // Another rule file: alerts of rules it does not have are dropped.
+        b.eval(&[cpu("pi-1", 0.9)], 122_000);
+        b.save(&store);
+        let other = alerts(&rule.replace("NodeCpuHigh", "Renamed")).load(&store);
+        assert!(other.list().is_empty());
     }
 
     #[test]

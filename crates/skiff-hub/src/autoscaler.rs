@@ -72,7 +72,7 @@ pub struct Status {
 pub struct Autoscaler {
     pub config: Config,
     memory: Mutex<BTreeMap<String, Memory>>,
-    events: crate::events::EventLog,
+    pub(crate) events: crate::events::EventLog,
 }
 
 /// A reported instance as the calculator sees a pod; `wanted` is whether its slot is
@@ -101,13 +101,18 @@ fn selected(m: &InstanceMetrics, metric: &Metric) -> Option<i64> {
 }
 
 /// An Object or External metric's value now: the series of the instances it covers,
-/// summed (`None`: none of them has one).
-fn measured(metric: &Metric, samples: &Samples<'_>, now_ms: u64) -> Option<i64> {
-    let covers = |m: &InstanceMetrics| match &metric.source {
-        Source::Object { object, .. } if object.kind == "Pod" => m.instance == object.name,
-        Source::Object { object, .. } => m.deployment == object.name,
-        Source::External { .. } => true,
-        Source::Resource(_) | Source::Pods { .. } => false,
+/// summed (`None`: none of them has one). Only instances of deployments `ours` accepts
+/// count (the scaled deployment's stack, as Kubernetes keeps both to a namespace): a
+/// workload elsewhere cannot steer this autoscaler.
+fn measured(metric: &Metric, samples: &Samples<'_>, now_ms: u64, ours: impl Fn(&str) -> bool) -> Option<i64> {
+    let covers = |m: &InstanceMetrics| {
+        ours(&m.deployment)
+            && match &metric.source {
+                Source::Object { object, .. } if object.kind == "Pod" => m.instance == object.name,
+                Source::Object { object, .. } => m.deployment == object.name,
+                Source::External { .. } => true,
+                Source::Resource(_) | Source::Pods { .. } => false,
+            }
     };
     let values: Vec<i64> = samples
         .values()
@@ -148,10 +153,14 @@ fn pod(
         started_ago: started,
         requests: d.requests_milli(),
         usage: usage.unwrap_or([None, None]),
+        // A quiet node's last sample does not stand for its pods for ever.
         custom: metrics
             .iter()
             .filter(|m| matches!(m.source, Source::Pods { .. }))
-            .filter_map(|m| Some((m.series()?.0.to_string(), selected(sample?.1, m)?)))
+            .filter_map(|m| {
+                let &(_, s) = sample.filter(|(t, _)| now_ms.saturating_sub(*t) <= STALE_MS)?;
+                Some((m.series()?.0.to_string(), selected(s, m)?))
+            })
             .collect(),
         sampled: (sample.map(|&(t, _)| ago(t)).unwrap_or(0.0), cfg.metric_window_s),
     }
@@ -214,12 +223,14 @@ impl Autoscaler {
         d: &Deployment,
         instances: &[InstanceStatus],
         samples: &Samples<'_>,
+        stacks: &HashMap<&str, &str>,
         now_ms: u64,
     ) -> Option<Decision> {
         let spec = d.autoscale.as_ref()?;
         let mut checked = spec.check(d.requests_milli()).ok()?;
+        let ours = |dep: &str| stacks.get(dep).is_some_and(|s| *s == d.stack);
         for m in &mut checked.metrics {
-            m.current = measured(m, samples, now_ms);
+            m.current = measured(m, samples, now_ms, ours);
         }
         let pods: Vec<Pod> = instances
             .iter()
@@ -310,8 +321,9 @@ impl Hub {
         for name in gone {
             a.save(&*self.store, &name);
         }
+        let stacks: HashMap<&str, &str> = deployments.iter().map(|d| (d.name.as_str(), d.stack.as_str())).collect();
         for d in &deployments {
-            let Some(decision) = a.decide_for(d, &instances, &samples, now_ms) else { continue };
+            let Some(decision) = a.decide_for(d, &instances, &samples, &stacks, now_ms) else { continue };
             a.save(&*self.store, &d.name);
             let current = d.replicas as i32;
             if decision.desired_replicas == current {
@@ -342,7 +354,7 @@ mod tests {
 
     /// Object and External values from what nodes shipped: a deployment's instances
     /// summed (or one instance's), an External metric over every node, the selector's
-    /// labels matched, a sample gone stale left out.
+    /// labels matched, a sample gone stale left out, another stack's instances too.
     #[test]
     fn object_and_external_values_come_from_the_instances_they_cover() {
         use skiff_model::autoscale::{MetricSpec, ObjectRef};
@@ -372,11 +384,13 @@ mod tests {
             series("db-1", "db", &[("requests", "in", 1.0), ("backlog", "in", 7.0)]),
             series("gw-3", "gw", &[("requests", "in", 1000.0)]),
         );
+        let stranger = series("x-1", "elsewhere", &[("requests", "in", 1e9)]);
         let samples: Samples<'_> = [
             (("a", "gw-1"), (now - 5_000, &g1)),
             (("b", "gw-2"), (now - 5_000, &g2)),
             (("b", "db-1"), (now, &other)),
             (("c", "gw-3"), (now - STALE_MS - 1, &old)),
+            (("d", "x-1"), (now, &stranger)),
         ]
         .into();
         let metric = |kind: &str, object: Option<(&str, &str)>, name: &str, selector: &[(&str, &str)]| {
@@ -392,7 +406,7 @@ mod tests {
             .check("m")
             .unwrap()
         };
-        let at = |m: &Metric| measured(m, &samples, now);
+        let at = |m: &Metric| measured(m, &samples, now, |d| d != "elsewhere");
         assert_eq!(at(&metric("Object", Some(("Deployment", "gw")), "requests", &[("queue", "in")])), Some(12_500));
         assert_eq!(at(&metric("Object", Some(("Deployment", "gw")), "requests", &[])), Some(112_500));
         assert_eq!(at(&metric("Object", Some(("Pod", "gw-2")), "requests", &[])), Some(2_500));

@@ -93,15 +93,11 @@ impl Hub {
     /// settings (and the history its autoscalers kept in the store) and no alert rules.
     pub fn new(store: Arc<dyn Store>, nodes: Arc<dyn Nodes>, admin_token: String) -> Self {
         let autoscaler = autoscaler::Autoscaler::new(Default::default()).load(&*store);
-        Hub {
-            store,
-            nodes,
-            admin_token,
-            clock: clock::system(),
-            autoscaler,
-            rollouts: Default::default(),
-            alerts: Default::default(),
-        }
+        let rollouts = rollouts::Rollouts::default();
+        // The hub's events outlive it (as the controllers' state does).
+        autoscaler.events.persist(Arc::clone(&store));
+        rollouts.events.persist(Arc::clone(&store));
+        Hub { store, nodes, admin_token, clock: clock::system(), autoscaler, rollouts, alerts: Default::default() }
     }
 
     pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
@@ -113,7 +109,10 @@ impl Hub {
         self
     }
 
+    /// With these alert rules, and the active alerts and alert events the store kept.
     pub fn with_alerts(self, alerts: alerts::Alerts) -> Self {
+        let alerts = alerts.load(&*self.store);
+        alerts.events.persist(Arc::clone(&self.store));
         Hub { alerts, ..self }
     }
 

@@ -14,7 +14,7 @@ use skiff_model::{Deployment, EventRecord, Health, InstanceState, InstanceStatus
 const EVENTS_KEPT: usize = 1_000;
 
 pub struct Rollouts {
-    events: crate::events::EventLog,
+    pub(crate) events: crate::events::EventLog,
 }
 
 impl Default for Rollouts {

@@ -110,7 +110,7 @@ pub async fn serve(
     let mut hubs = f.hubs();
     // The revision the node holds (from its hello), and what was last pushed to it.
     let mut node_rev: Option<u64> = None;
-    let mut pushed: Option<Vec<skiff_model::proto::Assigned>> = None;
+    let mut pushed: Option<(Vec<skiff_model::proto::Assigned>, Vec<String>)> = None;
     // Ticks at half the ping period: a quiet node is pinged every 20 s, one heard from
     // lately at least every 30 s (the agent gives up after 45 s without a word).
     let mut ping = tokio::time::interval(PING_EVERY / 2);
@@ -308,10 +308,10 @@ pub async fn serve(
         // Behind on first contact: send once. Later: only when this node's part changed.
         let stale = match &pushed {
             None => held != a.revision,
-            Some(p) => *p != a.deployments,
+            Some((d, m)) => *d != a.deployments || *m != a.metrics,
         };
         if stale {
-            pushed = Some(a.deployments.clone());
+            pushed = Some((a.deployments.clone(), a.metrics.clone()));
             node_rev = Some(a.revision);
             if let Some(frame) = send(&Control::Assign { assignment: a }) {
                 if !send_msg(&out, Message::Text(frame.into())).await {
@@ -319,7 +319,7 @@ pub async fn serve(
                 }
             }
         } else if pushed.is_none() {
-            pushed = Some(a.deployments);
+            pushed = Some((a.deployments, a.metrics));
         }
     }
     drop(out);

@@ -369,6 +369,15 @@ pub fn import_k8s_beside(files: &[(&str, &str)], namespace: &str, stored: &[Depl
                     format!("Deployment {:?} already has an autoscaler", a.target),
                 ))
             }
+            // A Pods metric of a workload nobody scrapes (a prometheus-adapter setup, say):
+            // the workload runs unscaled, said so, rather than not at all.
+            Some(d) if d.scrape.is_none() && a.spec.metrics.iter().any(|m| m.kind.as_deref() == Some("Pods")) => {
+                out.warnings.push(format!(
+                    "{}: a Pods metric is read from the workload's own metrics, and Deployment {:?} has no \
+                     prometheus.io/scrape annotation; this autoscaler is not applied",
+                    a.path, a.target
+                ));
+            }
             Some(d) => d.autoscale = Some(a.spec),
             None => external.push(a),
         }
@@ -1764,10 +1773,16 @@ spec:
         let ext =
             "{type: External, external: {metric: {name: backlog}, target: {type: AverageValue, averageValue: 30}}}";
         assert!(own("team: a", ext).unwrap().deployments[0].autoscale.is_some());
-        // A pods metric needs the workload scraped; bad annotations and selectors are named.
-        assert_eq!(
-            own("team: a", pods).unwrap_err().to_string(),
-            "Deployment/web: autoscale.metrics[0]: a Pods metric is read from the workload's own metrics: set prometheus.io/scrape (and /port, /path)"
+        // A pods metric needs the workload scraped: unscaled, said so (a prometheus-adapter
+        // setup); bad annotations and selectors are named.
+        let k = own("team: a", pods).unwrap();
+        assert!(k.deployments[0].autoscale.is_none());
+        assert!(
+            k.warnings
+                .iter()
+                .any(|w| w.contains("has no prometheus.io/scrape annotation; this autoscaler is not applied")),
+            "{:?}",
+            k.warnings
         );
         assert_eq!(
             own("prometheus.io/scrape: \"yes\"", ext).unwrap_err().to_string(),

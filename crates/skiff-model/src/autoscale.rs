@@ -291,6 +291,9 @@ impl MetricSpec {
                     .described_object
                     .clone()
                     .ok_or_else(|| invalid(at("describedObject"), "required for Object metrics"))?;
+                if o.kind.is_empty() {
+                    return Err(invalid(at("describedObject.kind"), "is required"));
+                }
                 if !matches!(o.kind.as_str(), "Deployment" | "Pod") {
                     return Err(invalid(at("describedObject.kind"), format!("{:?} is not Deployment or Pod", o.kind)));
                 }
@@ -733,6 +736,11 @@ pub fn calculate(current: i32, metric: &Metric, pods: &[Pod], s: &Settings) -> R
         .filter(|(i, _)| !ignored.contains(i) && !unready.contains(i))
         .filter_map(|(i, p)| p.metric(source).map(|v| (i, v)))
         .collect();
+    if let Source::Pods { name, .. } = source {
+        if pods.iter().all(|p| p.metric(source).is_none()) {
+            return Err(format!("unable to get metric {name}: no metrics returned from custom metrics API"));
+        }
+    }
     if metrics.is_empty() {
         return Err("did not receive metrics for targeted pods (pods might be unready)".into());
     }
@@ -795,14 +803,11 @@ pub fn calculate(current: i32, metric: &Metric, pods: &[Pod], s: &Settings) -> R
                 let replicas = (ratio * ready_count as f64).ceil() as i32;
                 return Ok(Calculated { replicas, utilization: None, average, held: None });
             }
-            if ratio < 1.0 {
-                for &i in &missing {
-                    metrics.insert(i, target_milli);
-                }
-            } else if ratio > 1.0 {
-                for &i in &missing {
-                    metrics.insert(i, 0);
-                }
+            // `calcPlainMetricReplicas`: unlike Utilization, a ratio of exactly 1 counts
+            // missing pods as 0.
+            let fill = if ratio < 1.0 { target_milli } else { 0 };
+            for &i in &missing {
+                metrics.insert(i, fill);
             }
             if scale_up_with_unready {
                 for &i in &unready {
@@ -849,8 +854,13 @@ fn usage_replicas(current: i32, metric: &Metric, pods: &[Pod], s: &Settings) -> 
             Ok(Calculated { replicas, utilization: None, average: usage, held: None })
         }
         Target::AverageValue(target) => {
-            let ratio = usage as f64 / (target as f64 * f64::from(current));
-            let average = if current > 0 { (usage as f64 / f64::from(current)).ceil() as i64 } else { usage };
+            // `statusReplicas`: the pods there are (the count asked for, when none is known).
+            let status = match pods.iter().filter(|p| !p.deleting).count() {
+                0 => current,
+                n => i32::try_from(n).unwrap_or(i32::MAX),
+            };
+            let ratio = usage as f64 / (target as f64 * f64::from(status));
+            let average = if status > 0 { (usage as f64 / f64::from(status)).ceil() as i64 } else { usage };
             if s.within(ratio) {
                 return Ok(Calculated { replicas: current, utilization: None, average, held: within(ratio) });
             }
@@ -909,7 +919,7 @@ fn utilization_ratio(
 
 /// (ratio, average milli-value): Kubernetes' `GetMetricUsageRatio`.
 fn usage_ratio(metrics: &BTreeMap<usize, i64>, target: i64) -> (f64, i64) {
-    let total: i64 = metrics.values().sum();
+    let total = metrics.values().fold(0i64, |a, v| a.saturating_add(*v));
     let average = total / metrics.len() as i64;
     (average as f64 / target as f64, average)
 }
@@ -1964,6 +1974,16 @@ mod tests {
                 4,
                 "6667m",
             ),
+            // Per pod over the pods there are (`statusReplicas`, 5 during a surge), not the 4
+            // asked for: 21/(5 × 5) = 0.84, so ceil(21/5) = 5; 4.2 per pod.
+            (
+                "object average over the pods there are",
+                json!({"currentReplicas": 4, "maxReplicas": 10, "metric": object("AverageValue", "5", "21"),
+                    "pods": qps_pods(&["1"; 5], &[true; 5])}),
+                5,
+                5,
+                "4200m",
+            ),
             // TestReplicaCalcToleranceCMObject: 20.666/20 within tolerance.
             (
                 "object tolerance",
@@ -2032,7 +2052,13 @@ mod tests {
         // No pod has the pods metric.
         let d = run(json!({"currentReplicas": 2, "maxReplicas": 10, "metric": pods_metric("15"),
                            "pods": [{"name": "a"}, {"name": "b"}]}));
-        assert!(d.reason.starts_with("FailedGetPodsMetric: did not receive metrics"), "{}", d.reason);
+        assert!(
+            d.reason.starts_with(
+                "FailedGetPodsMetric: unable to get metric qps: no metrics returned from custom metrics API"
+            ),
+            "{}",
+            d.reason
+        );
     }
 
     #[test]

@@ -18,8 +18,8 @@ pub const SCRAPE_KEYS: [&str; 3] = ["prometheus.io/scrape", "prometheus.io/port"
 
 impl Scrape {
     /// From `prometheus.io/scrape: "true"` with `prometheus.io/port` (default: the first
-    /// of the container's `ports`) and `prometheus.io/path` (default `/metrics`), as
-    /// Prometheus' Kubernetes discovery reads them. `Err((key, problem))`.
+    /// of the container's `ports`, else 80) and `prometheus.io/path` (default `/metrics`),
+    /// as Prometheus' Kubernetes discovery reads them. `Err((key, problem))`.
     pub fn from_annotations(a: &BTreeMap<String, String>, ports: &[u16]) -> Result<Option<Scrape>, (String, String)> {
         let [on, port, path] = SCRAPE_KEYS;
         match a.get(on).map(|v| v.trim()) {
@@ -34,9 +34,8 @@ impl Scrape {
                 .ok()
                 .filter(|p| *p > 0)
                 .ok_or_else(|| (port.to_string(), format!("{p:?} is not a port number")))?,
-            None => *ports.first().ok_or_else(|| {
-                (port.to_string(), "is required: the workload declares no container port to scrape".to_string())
-            })?,
+            // No port declared: Prometheus' default for http.
+            None => ports.first().copied().unwrap_or(80),
         };
         let path = a.get(path).map_or("/metrics", |p| p.trim()).to_string();
         let s = Scrape { port, path };
@@ -95,17 +94,24 @@ impl Series {
     }
 }
 
-/// Most series one instance ships in a sample (a workload cannot flood the hub).
+/// Most series one instance ships in a sample, and most bytes of their names and labels
+/// (a workload cannot flood the hub, nor make its node's samples too big to ship).
 pub const MAX_SERIES: usize = 64;
+pub const MAX_SERIES_BYTES: usize = 2 << 10;
 /// The most labels a parsed series keeps, and the longest label name or value: a line
 /// past them is skipped.
-pub const MAX_LABELS: usize = 32;
-const MAX_LABEL_LEN: usize = 1024;
+pub const MAX_LABELS: usize = 16;
+const MAX_LABEL_LEN: usize = 128;
+
+/// About how many bytes a series takes on the wire.
+pub fn series_bytes(s: &Series) -> usize {
+    16 + s.name.len() + s.labels.iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>()
+}
 
 /// The samples of a Prometheus (or OpenMetrics) text exposition, lazily: comments and
 /// lines that do not parse are skipped, and so are values that are not finite. Label
-/// values keep Prometheus' escapes (`\\`, `\"`, `\n`). The text may come from a
-/// workload: nothing in it can make this fail or keep much.
+/// values are unescaped (`\\`, `\"`, `\n`). The text may come from a workload: nothing in
+/// it can make this fail or keep much.
 pub fn parse_exposition(text: &str) -> impl Iterator<Item = Series> + '_ {
     text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).filter_map(sample_line)
 }
@@ -308,6 +314,11 @@ impl From<&MetricsSample> for PackedSample {
 impl PackedSample {
     pub fn unpack(self, node: &str) -> MetricsSample {
         let PackedSample(time_ms, h, instances, series) = self;
+        // Each instance's series, gathered once (a hostile frame cannot make this costly).
+        let mut by_instance: BTreeMap<String, Vec<Series>> = BTreeMap::new();
+        for x in series.into_iter().take(MAX_INSTANCES * MAX_SERIES) {
+            by_instance.entry(x.0).or_default().push(Series { name: x.1, labels: x.2, value: x.3 });
+        }
         MetricsSample {
             node: node.to_string(),
             time_ms,
@@ -327,11 +338,7 @@ impl PackedSample {
             instances: instances
                 .into_iter()
                 .map(|i| InstanceMetrics {
-                    series: series
-                        .iter()
-                        .filter(|x| x.0 == i.0)
-                        .map(|x| Series { name: x.1.clone(), labels: x.2.clone(), value: x.3 })
-                        .collect(),
+                    series: by_instance.remove(&i.0).unwrap_or_default(),
                     instance: i.0,
                     deployment: i.1,
                     cpu_cores: cores(i.2),

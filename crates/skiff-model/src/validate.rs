@@ -374,12 +374,17 @@ impl Deployment {
                     "a Pods metric is read from the workload's own metrics: set prometheus.io/scrape (and /port, /path)",
                 ));
             }
+            // The agent reads pages from the host: it cannot reach a macvlan child (the
+            // driver keeps parent and children apart) or a workload with no network.
+            if let (Some(i), crate::NetworkMode::None | crate::NetworkMode::Macvlan) = (own, self.network) {
+                return Err(ValidationError::new(
+                    format!("autoscale.metrics[{i}]"),
+                    "a Pods metric is scraped from the host, which cannot reach this workload's network",
+                ));
+            }
         }
         if let Some(s) = &self.scrape {
             s.check().map_err(|e| ValidationError::new("scrape", e))?;
-            if self.network == crate::NetworkMode::None {
-                return Err(ValidationError::new("scrape", "a workload without a network cannot be scraped"));
-            }
         }
         self.update.check().map_err(|(field, problem)| ValidationError::new(format!("update.{field}"), problem))?;
         if self.placement.reschedule_after_ms == Some(0) {
@@ -616,6 +621,49 @@ mod tests {
         let mut d = Deployment::new("web", "img:1");
         mutate(&mut d);
         assert_eq!(d.validate().err().map(|e| e.to_string()).as_deref(), want);
+    }
+
+    /// A Pods metric is read by scraping: the workload must ask for it, on a network the
+    /// host reaches; the scrape settings themselves are checked.
+    #[test]
+    fn pods_metrics_need_a_scraped_reachable_workload() {
+        let pods = || {
+            serde_json::from_value::<crate::autoscale::AutoscaleSpec>(serde_json::json!({"maxReplicas": 3,
+                "metrics": [{"type": "Pods", "name": "q", "targetType": "AverageValue", "averageValue": "5"}]}))
+            .unwrap()
+        };
+        let scrape = || Some(crate::metrics::Scrape { port: 9100, path: "/metrics".into() });
+        check(
+            |d| d.autoscale = Some(pods()),
+            Some("autoscale.metrics[0]: a Pods metric is read from the workload's own metrics: set prometheus.io/scrape (and /port, /path)"),
+        );
+        check(
+            |d| {
+                d.autoscale = Some(pods());
+                d.scrape = scrape();
+            },
+            None,
+        );
+        check(
+            |d| {
+                d.autoscale = Some(pods());
+                d.scrape = scrape();
+                d.network = crate::NetworkMode::None;
+            },
+            Some("autoscale.metrics[0]: a Pods metric is scraped from the host, which cannot reach this workload's network"),
+        );
+        // Declared without a Pods metric: kept, whatever the network.
+        check(
+            |d| {
+                d.scrape = scrape();
+                d.network = crate::NetworkMode::None;
+            },
+            None,
+        );
+        check(
+            |d| d.scrape = Some(crate::metrics::Scrape { port: 9100, path: "metrics".into() }),
+            Some("scrape: \"metrics\" is not a URL path (such as /metrics)"),
+        );
     }
 
     #[test]

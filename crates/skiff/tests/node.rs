@@ -1097,7 +1097,7 @@ fn the_autoscaler_scales_on_a_workloads_own_prometheus_metric() -> R {
     // The page has the metric but no series with queue="in": the metric is missing, and
     // the autoscaler says so and holds.
     let missing = wait_for(Duration::from_secs(30), "a decision without the series", || {
-        status(&n).filter(|s| s["reason"].as_str().is_some_and(|r| r.contains("did not receive metrics")))
+        status(&n).filter(|s| s["reason"].as_str().is_some_and(|r| r.contains("unable to get metric queue_depth")))
     })?;
     assert!(missing["reason"].as_str().unwrap().starts_with("FailedGetPodsMetric: "), "{missing}");
     assert_eq!(replicas(&n), Some(1));
