@@ -552,6 +552,31 @@ impl Agent {
         self.db(|s| s.desired())
     }
 
+    /// Persists (fsync) a hub's assignment, with the names of the metrics to scrape, then
+    /// acts on it.
+    pub fn set_assignment(
+        &self,
+        deployments: &[(Deployment, Option<Vec<u32>>)],
+        revision: u64,
+        metrics: &[String],
+    ) -> Result<(), AgentError> {
+        self.db(|s| s.set_assignment(deployments, revision, Some(metrics)))?;
+        self.set_scraped_names(metrics.to_vec());
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// The revision to tell a hub this node holds: 0 when the names of the metrics to
+    /// scrape were never stored with it (an agent from before them), so the hub sends
+    /// the whole assignment again.
+    pub fn hello_revision(&self) -> u64 {
+        let names = self.db(|s| s.meta(scrape::NAMES_KEY)).ok().flatten();
+        if names.is_none() {
+            return 0;
+        }
+        self.desired_revision().unwrap_or(0)
+    }
+
     /// Persists (fsync) what a hub placed on this node, then acts on it.
     pub fn set_desired_slots(
         &self,

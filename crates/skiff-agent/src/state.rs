@@ -240,8 +240,19 @@ impl State {
         deployments: &[(Deployment, Option<Vec<u32>>)],
         revision: u64,
     ) -> Result<(), StateError> {
+        self.set_assignment(deployments, revision, None)
+    }
+
+    /// As [`State::set_desired_slots`], with the names of the metrics to scrape (from a
+    /// hub's assignment) in the same transaction.
+    pub fn set_assignment(
+        &mut self,
+        deployments: &[(Deployment, Option<Vec<u32>>)],
+        revision: u64,
+        metrics: Option<&[String]>,
+    ) -> Result<(), StateError> {
         self.conn.pragma_update(None, "synchronous", "FULL")?;
-        let r = self.write_desired(deployments, revision);
+        let r = self.write_desired(deployments, revision, metrics);
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         r
     }
@@ -250,8 +261,15 @@ impl State {
         &mut self,
         deployments: &[(Deployment, Option<Vec<u32>>)],
         revision: u64,
+        metrics: Option<&[String]>,
     ) -> Result<(), StateError> {
         let tx = self.conn.transaction()?;
+        if let Some(names) = metrics {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [crate::scrape::NAMES_KEY, &serde_json::to_string(names)?],
+            )?;
+        }
         tx.execute("DELETE FROM deployments", [])?;
         for (d, idx) in deployments {
             let idx = idx.as_ref().map(serde_json::to_string).transpose()?;

@@ -147,7 +147,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let hello = Control::Hello {
-        revision: agent.desired_revision().unwrap_or(0),
+        revision: agent.hello_revision(),
         runtimes: Some(crate::runtimes()),
         versions: Some(agent.versions().clone()),
         devices: Some(agent.device_counts()),
@@ -185,10 +185,9 @@ where
                     last_rx = tokio::time::Instant::now();
                     match serde_json::from_str::<Control>(t.as_str()) {
                         Ok(Control::Assign { assignment }) => {
-                            agent.set_scraped_metrics(assignment.metrics);
                             let all: Vec<_> =
                                 assignment.deployments.into_iter().map(|x| (x.spec, Some(x.indexes))).collect();
-                            if let Err(e) = agent.set_desired_slots(&all, assignment.revision) {
+                            if let Err(e) = agent.set_assignment(&all, assignment.revision, &assignment.metrics) {
                                 // Not stored, not acted on: drop the connection, so the
                                 // hub (seeing the old revision in the next hello) sends it
                                 // again, instead of believing it delivered.

@@ -77,13 +77,17 @@ impl Default for Alerts {
 /// The store's state key of the active alerts.
 const STATE_KEY: &str = "alerts/active";
 
-/// An active alert as the store keeps it: its rule by group and name (rule files change
-/// between hubs), and when it last acted.
+/// An active alert as the store keeps it: its rule by group, name and expression (rule
+/// files change between hubs, and one name may have several rules), and when it last acted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Kept {
     alert: Alert,
+    expr: skiff_model::alerts::Expr,
     last_action_ms: Option<u64>,
 }
+
+/// The most the active alerts may take in the store (etcd takes requests of 1.5 MiB).
+const MAX_KEPT_BYTES: usize = 512 << 10;
 
 fn key_of(labels: &BTreeMap<String, String>) -> String {
     labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
@@ -178,7 +182,10 @@ impl Alerts {
         };
         if let Ok(mut active) = self.active.lock() {
             for k in list {
-                let Some(ri) = self.rules.iter().position(|r| r.group == k.alert.group && r.alert == k.alert.alert)
+                let Some(ri) = self
+                    .rules
+                    .iter()
+                    .position(|r| r.group == k.alert.group && r.alert == k.alert.alert && r.expr == k.expr)
                 else {
                     continue;
                 };
@@ -197,13 +204,21 @@ impl Alerts {
     pub fn save(&self, store: &dyn crate::store::Store) {
         let Ok(active) = self.active.lock() else { return };
         let list: Vec<Kept> = active
-            .values()
-            .map(|a| Kept { alert: Alert { value: 0.0, ..a.clone() }, last_action_ms: a.last_action_ms })
+            .iter()
+            .filter_map(|((ri, _), a)| {
+                let expr = self.rules.get(*ri)?.expr.clone();
+                Some(Kept { alert: Alert { value: 0.0, ..a.clone() }, expr, last_action_ms: a.last_action_ms })
+            })
             .collect();
         drop(active);
         let Ok(text) = serde_json::to_string(&list) else { return };
         let Ok(mut saved) = self.saved.lock() else { return };
         if saved.as_deref() == Some(text.as_str()) || (saved.is_none() && list.is_empty()) {
+            return;
+        }
+        if text.len() > MAX_KEPT_BYTES {
+            tracing::warn!(alerts = list.len(), bytes = text.len(), "too many active alerts to keep in the store");
+            *saved = Some(text);
             return;
         }
         let value = (!list.is_empty()).then_some(text.as_str());
@@ -230,7 +245,10 @@ impl Hub {
             return Ok(());
         }
         let text = metrics::render(&self.metrics(), metrics::MAX_INSTANCE_SERIES, now_ms);
-        for so in self.alerts.eval(&parse_exposition(&text), now_ms) {
+        let due = self.alerts.eval(&parse_exposition(&text), now_ms);
+        // Kept before acting: a hub that dies in between does not scale out twice.
+        self.alerts.save(&*self.store);
+        for so in due {
             let what = self.scale_out(&so);
             let (reason, msg) = match &what {
                 Ok(m) => ("AlertScaledOut", m.clone()),
@@ -327,9 +345,13 @@ mod tests {
         a.record(&(0, key_of(&a.list()[0].labels)), "scaled web from 1 to 2".into());
         a.save(&store);
         let written = store.states("alerts/active").unwrap();
+        assert_eq!(written.len(), 1);
+        // A new value alone writes nothing (a record taken away behind its back stays away).
+        store.put_state("alerts/active", None).unwrap();
         a.eval(&[cpu("pi-1", 0.97)], 61_000);
         a.save(&store);
-        assert_eq!(store.states("alerts/active").unwrap(), written, "a new value is not a change");
+        assert!(store.states("alerts/active").unwrap().is_empty(), "a new value is not a change");
+        store.put_state("alerts/active", Some(&written[0].1)).unwrap();
 
         let b = alerts(rule).load(&store);
         let l = b.list();

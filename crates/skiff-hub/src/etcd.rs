@@ -158,7 +158,14 @@ impl Tx<'_> {
 
     /// Every value under `dir/`, by key (without the directory).
     fn list<T: DeserializeOwned>(&self, dir: &str) -> Result<BTreeMap<String, T>, StoreError> {
-        let p = self.key(&format!("{dir}/"));
+        self.list_from(dir, "")
+    }
+
+    /// The values of `dir` whose keys (after `dir/`) start with `start`, by that key: one
+    /// prefix read, not the whole directory.
+    fn list_from<T: DeserializeOwned>(&self, dir: &str, start: &str) -> Result<BTreeMap<String, T>, StoreError> {
+        let base = self.key(&format!("{dir}/"));
+        let p = format!("{base}{start}");
         let mut all: BTreeMap<String, Vec<u8>> = self.store.read(&p, true, self.at)?.into_iter().collect();
         for (k, v) in self.writes.range(p.clone()..).take_while(|(k, _)| k.starts_with(&p)) {
             match v {
@@ -166,7 +173,7 @@ impl Tx<'_> {
                 None => all.remove(k),
             };
         }
-        all.into_iter().map(|(k, v)| Ok((k[p.len()..].to_string(), serde_json::from_slice(&v)?))).collect()
+        all.into_iter().map(|(k, v)| Ok((k[base.len()..].to_string(), serde_json::from_slice(&v)?))).collect()
     }
 
     fn put<T: Serialize>(&mut self, k: &str, v: &T) -> Result<(), StoreError> {
@@ -816,9 +823,25 @@ impl Store for EtcdStore {
         })
     }
 
+    fn put_states(&self, changes: &[(String, Option<String>)]) -> Result<(), StoreError> {
+        // Within etcd's operations per transaction.
+        for part in changes.chunks(100) {
+            self.change(|tx| {
+                for (key, value) in part {
+                    match value {
+                        Some(v) => tx.put(&format!("state/{key}"), v)?,
+                        None => tx.delete(&format!("state/{key}")),
+                    }
+                }
+                Ok(((), true))
+            })?;
+        }
+        Ok(())
+    }
+
     fn states(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
-        let all: BTreeMap<String, String> = self.now()?.list("state")?;
-        Ok(all.into_iter().filter(|(k, _)| k.starts_with(prefix)).collect())
+        let all: BTreeMap<String, String> = self.now()?.list_from("state", prefix)?;
+        Ok(all.into_iter().collect())
     }
 
     fn export(&self) -> Result<Dump, StoreError> {

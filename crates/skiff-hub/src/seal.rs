@@ -344,6 +344,9 @@ impl Store for SealedStore {
     fn put_state(&self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
         self.inner.put_state(key, value)
     }
+    fn put_states(&self, changes: &[(String, Option<String>)]) -> Result<(), StoreError> {
+        self.inner.put_states(changes)
+    }
     fn states(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
         self.inner.states(prefix)
     }

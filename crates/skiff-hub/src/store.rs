@@ -134,6 +134,13 @@ pub trait Store: Send + Sync {
     /// Controllers' state that must outlive a hub (an autoscaler's stabilization window):
     /// `value` under `key`, or no value (`None`).
     fn put_state(&self, key: &str, value: Option<&str>) -> Result<(), StoreError>;
+    /// Several state changes at once (in one transaction where the store has them).
+    fn put_states(&self, changes: &[(String, Option<String>)]) -> Result<(), StoreError> {
+        for (key, value) in changes {
+            self.put_state(key, value.as_deref())?;
+        }
+        Ok(())
+    }
     /// Every state value whose key starts with `prefix`, by key.
     fn states(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError>;
 

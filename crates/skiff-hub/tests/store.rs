@@ -249,9 +249,20 @@ fn a_dump_fills_an_empty_store_of_either_kind_and_a_full_one_refuses_it() {
         s.put_state("autoscaler/gone", Some("x")).unwrap();
         s.put_state("autoscaler/gone", None).unwrap();
         assert_eq!(s.states("autoscaler/").unwrap().len(), 1);
+        // Several at once, and a prefix that is not a whole directory.
+        let changes = [
+            ("events/a/1".to_string(), Some("one".to_string())),
+            ("events/ab/2".to_string(), Some("two".to_string())),
+            ("events/a/3".to_string(), Some("three".to_string())),
+            ("events/a/3".to_string(), None),
+        ];
+        s.put_states(&changes).unwrap();
+        assert_eq!(s.states("events/a/").unwrap(), [("events/a/1".to_string(), "one".to_string())], "{}", b.name);
+        assert_eq!(s.states("events/a").unwrap().len(), 2, "{}", b.name);
+        assert_eq!(s.states("events/").unwrap().len(), 2);
         let dump = s.export().unwrap();
         assert_eq!((dump.deployments.len(), dump.nodes.len(), dump.revoked.len()), (1, 1, 1), "{dump:#?}");
-        assert_eq!(dump.state.len(), 1);
+        assert_eq!(dump.state.len(), 3);
         assert_eq!(dump.history["web"].len(), 2);
         assert_eq!(dump.nodes[0].next_key_sha256.as_deref(), Some("k3"));
         let json = serde_json::to_string(&dump).unwrap();
