@@ -118,11 +118,7 @@ impl Expr {
                 (m.trim(), out)
             }
         };
-        let name_ok = |n: &str| {
-            !n.is_empty()
-                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-                && !n.starts_with(|c: char| c.is_ascii_digit())
-        };
+        let name_ok = crate::autoscale::is_metric_name;
         if !name_ok(metric) {
             return Err(format!("{metric:?} is not a metric name"));
         }
@@ -134,7 +130,7 @@ impl Expr {
 
     /// Whether a series is selected (same name, every matcher's label equal).
     pub fn selects(&self, s: &Series) -> bool {
-        s.name == self.metric && self.matchers.iter().all(|(k, v)| s.labels.get(k) == Some(v))
+        s.matches(&self.metric, &self.matchers)
     }
 }
 
