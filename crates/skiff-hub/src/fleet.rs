@@ -1305,11 +1305,19 @@ mod tests {
         sample.instances[0].cpu_cores = Some(1e9);
         sample.instances[1].instance = theirs.clone();
         sample.instances[1].deployment = "web".into();
+        // Scraped series go with their instance: none for b's, no more than the bound and
+        // only finite ones for its own.
+        let series = |value: f64| skiff_model::metrics::Series { name: "q".into(), labels: Default::default(), value };
+        sample.instances[0].series = (0..100).map(|i| series(f64::from(i))).chain([series(f64::NAN)]).collect();
+        sample.instances[1].series = vec![series(1e12)];
         f.record_metrics("a", vec![sample]);
         let m = f.metrics();
         assert_eq!(m.len(), 1);
         assert_eq!((m[0].node.as_str(), m[0].instances.len()), ("a", 1), "named after the sender; b's dropped");
         assert_eq!(m[0].instances[0].cpu_cores, Some(2.0), "capped at the node's 2 CPUs");
+        let kept = &m[0].instances[0].series;
+        assert_eq!(kept.len(), skiff_model::metrics::MAX_SERIES);
+        assert!(kept.iter().all(|s| s.value.is_finite() && s.value < 100.0), "{kept:?}");
         // Events carry the node that shipped them.
         let ev = EventRecord { time_ms: 1, object: theirs, reason: "Started".into(), message: "".into(), node: None };
         f.heartbeat("a", NodeStatus { events: vec![ev], events_through: 1, ..Default::default() }).unwrap();
