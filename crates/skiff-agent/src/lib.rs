@@ -817,16 +817,22 @@ impl Agent {
     }
 }
 
-/// The slot an instance fills: `web-2` and, while it retires, `web-2-<tag>`.
 /// The instance whose network an instance of `network: service` shares: the named
-/// deployment's instance of the same number.
+/// deployment's instance of the same number (never a stateful set's: the hub refuses it).
 pub(crate) fn network_owner(r: &InstanceRow) -> String {
     format!("{}-{}", r.spec.network_service.as_deref().unwrap_or_default(), slot_of(r).unwrap_or(1))
 }
 
+/// The names an instance answers to beside its own and its deployment's: a stateful set's
+/// through its governing service (`web-0.nginx`, ….svc.cluster.local).
+pub(crate) fn stable_names(r: &InstanceRow) -> Vec<String> {
+    slot_of(r).filter(|_| !r.retiring).map(|s| r.spec.stable_names(s)).unwrap_or_default()
+}
+
+/// The slot an instance fills: `web-2` and, while it retires, `web-2-<tag>` (a stateful
+/// set's `web-1` fills slot 2).
 pub(crate) fn slot_of(r: &InstanceRow) -> Option<u32> {
-    let rest = r.name.strip_prefix(&r.deployment)?.strip_prefix('-')?;
-    rest.split('-').next()?.parse().ok()
+    r.spec.slot_named(&r.name)
 }
 
 #[cfg(test)]

@@ -199,8 +199,11 @@ impl Agent {
         let mine: HashSet<String> = spec.joined_networks().into_iter().collect();
         let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
         if let Some(ip) = my_ip {
-            let dep = rows.iter().find(|r| r.name == me).map(|r| r.deployment.clone()).unwrap_or_default();
-            out.push_str(&format!("{ip}\t{me} {dep}\n"));
+            let row = rows.iter().find(|r| r.name == me);
+            let dep = row.map(|r| r.deployment.clone()).unwrap_or_default();
+            let stable: String =
+                row.map(crate::stable_names).unwrap_or_default().iter().map(|n| format!(" {n}")).collect();
+            out.push_str(&format!("{ip}\t{me} {dep}{stable}\n"));
         }
         // Peers on the bridge only: a macvlan instance is on another segment (and the host
         // cannot reach it through the parent), and sees no peers itself.
@@ -213,7 +216,8 @@ impl Agent {
             // Switched away from (blue-green): reachable by its own name, not the service's.
             let service = if r.retire_at_ms.is_some() { "" } else { r.deployment.as_str() };
             if let Some(ip) = &r.ip {
-                out.push_str(&format!("{ip}\t{} {service}\n", r.name).replace(" \n", "\n"));
+                let stable: String = crate::stable_names(r).iter().map(|n| format!(" {n}")).collect();
+                out.push_str(&format!("{ip}\t{} {service}{stable}\n", r.name).replace("  ", " ").replace(" \n", "\n"));
             }
         }
         out.push_str(&self.extra_hosts(spec));

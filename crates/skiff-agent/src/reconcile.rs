@@ -247,7 +247,7 @@ impl Agent {
                 }
             }
         }
-        let poll = self.observe_readiness(now, full).await?;
+        let mut poll = self.observe_readiness(now, full).await?;
 
         // An instance sharing another's network that was replaced (an update) or is gone
         // starts again, in the new one: it would sit unreachable in the old.
@@ -318,7 +318,15 @@ impl Agent {
                 })
                 .collect();
             let image_present = self.images.inspect_for(&d.image, Target::from(d.runtime)).is_ok();
-            let inp = update::Input { deployment: name, cfg: &d.update, slots, image_present, now };
+            let inp = update::Input {
+                deployment: name,
+                cfg: &d.update,
+                slots,
+                image_present,
+                now,
+                stateful: d.stateful.is_some(),
+                ordered: d.ordered(),
+            };
             let plan = update::plan(&inp, &insts);
             // Serving names as they are once renames below are done.
             let mut names = plan.serving;
@@ -371,6 +379,17 @@ impl Agent {
                 if r.state == InstanceState::Pending {
                     *active.entry(r.deployment.clone()).or_default() += 1;
                 }
+            }
+            if let Some((wait, soon)) =
+                desired.get(r.deployment.as_str()).and_then(|(d, slots)| before_it(d, slots, r, &rows, now))
+            {
+                poll |= soon;
+                if r.message.as_deref() != Some(&wait) {
+                    let mut r = r.clone();
+                    r.message = Some(wait);
+                    self.db(|s| s.put_instance(&r))?;
+                }
+                continue;
             }
             let peers: Vec<Peer<'_>> = rows
                 .iter()
@@ -506,6 +525,24 @@ impl Agent {
             Ok(out)
         })
     }
+}
+
+/// What a stateful set's new instance (`OrderedReady`) waits for: each lower slot of this
+/// node running and ready, as Kubernetes starts `web-1` once `web-0` is. Restarts of an
+/// instance that ran do not wait. The flag: worth looking again soon (the one waited for
+/// started in the last minute; readiness without a probe or a port has no event of its own).
+fn before_it(d: &Deployment, slots: &[u32], r: &InstanceRow, rows: &[InstanceRow], now: u64) -> Option<(String, bool)> {
+    if !d.ordered() || r.state != InstanceState::Pending {
+        return None;
+    }
+    let slot = slot_of(r)?;
+    let primary = |s: u32| rows.iter().find(|x| x.deployment == d.name && !x.retiring && slot_of(x) == Some(s));
+    let ready = |x: &InstanceRow| x.state == InstanceState::Running && x.ready_since_ms.is_some();
+    let waits = slots.iter().copied().filter(|&s| s < slot).find(|&s| !primary(s).is_some_and(ready))?;
+    let soon = primary(waits).is_some_and(|x| {
+        x.state == InstanceState::Running && x.started_at_ms.is_some_and(|t| now.saturating_sub(t) < 60_000)
+    });
+    Some((format!("waiting for {} to be ready (ordered start)", d.instance_name(waits)), soon))
 }
 
 /// New rows for `d`'s slots that have no primary instance. A slot whose kept (retiring)
@@ -881,6 +918,60 @@ mod tests {
         assert!(n.agent.all_gone(&["app".into()]), "{:?}", n.agent.instances());
         assert_eq!(n.rt.signals().first().map(|(i, _)| i.as_str()), Some(id.as_str()), "stopped by a signal first");
         assert!(n.rt.running().is_empty() && !n.rt.instance_dir_exists(&id), "and what was made for it removed");
+    }
+
+    /// A stateful set (`OrderedReady`) names its instances from 0, starts each once the
+    /// ones below it run and are ready, and scales down from the highest, one at a time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stateful_set_starts_in_order_and_stops_from_the_top() {
+        use skiff_model::stateful::{PodManagement, Stateful};
+        let n = Node::new();
+        let mut d = Deployment::new("db", IMAGE);
+        d.network = NetworkMode::None;
+        d.replicas = 3;
+        d.stateful = Some(Stateful { service: None, pod_management: PodManagement::OrderedReady });
+        d.update.max_surge = skiff_model::rollout::IntOrPercent::Int(0);
+        d.update.max_unavailable = skiff_model::rollout::IntOrPercent::Int(1);
+        d.validate().unwrap();
+        n.agent.set_desired(std::slice::from_ref(&d), 1).unwrap();
+        n.pass().await;
+        assert_eq!(n.rt.starts(), 1, "db-0 alone first");
+        assert_eq!(inst(&n, "db-0").state, InstanceState::Running);
+        let waiting = inst(&n, "db-1");
+        assert_eq!(waiting.state, InstanceState::Pending);
+        assert_eq!(waiting.message.as_deref(), Some("waiting for db-0 to be ready (ordered start)"));
+        // Each pass sees the last one ready (no probe, no port) and starts the next.
+        n.pass().await;
+        assert_eq!((n.rt.starts(), inst(&n, "db-1").state), (2, InstanceState::Running));
+        assert_eq!(inst(&n, "db-2").state, InstanceState::Pending);
+        n.pass().await;
+        n.pass().await;
+        assert_eq!(n.rt.starts(), 3);
+        let mut names: Vec<String> = n.agent.instances().unwrap().into_iter().map(|i| i.name).collect();
+        names.sort();
+        assert_eq!(names, ["db-0", "db-1", "db-2"]);
+
+        // Down to 1: db-2 goes first; db-1 only once db-2 is gone.
+        d.replicas = 1;
+        n.agent.set_desired(std::slice::from_ref(&d), 2).unwrap();
+        n.pass().await;
+        let stopped: Vec<String> = n.rt.signals().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(stopped, [inst(&n, "db-2").container_id], "the highest alone");
+        for _ in 0..500 {
+            if n.agent.instances().unwrap().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        n.pass().await;
+        for _ in 0..500 {
+            if n.agent.instances().unwrap().len() == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let left: Vec<String> = n.agent.instances().unwrap().into_iter().map(|i| i.name).collect();
+        assert_eq!(left, ["db-0"]);
     }
 
     /// A rollback whose failed instance's stop ended after the planner looked: the slot

@@ -372,6 +372,9 @@ impl Agent {
             let (src, named) = match &v.source {
                 VolumeSource::Bind { path } => (PathBuf::from(path), false),
                 VolumeSource::Named { name } => (volumes.join(name).join("_data"), true),
+                VolumeSource::Claim { name } => {
+                    (volumes.join(skiff_model::stateful::claim_volume(name, owner)).join("_data"), true)
+                }
                 // By its target: a volume added or moved in an update keeps its own data.
                 VolumeSource::Anonymous => {
                     (volumes.join(ANONYMOUS).join(owner).join(target_key(&v.target)).join("_data"), true)
@@ -467,11 +470,12 @@ fn target_key(target: &str) -> String {
     format!("{h:016x}")
 }
 
-/// Whose anonymous volumes an instance mounts: its deployment's slot (`web-2`), which
-/// keeps them across restarts and updates; the instance's own name without a slot.
+/// Whose anonymous volumes (and claim volumes) an instance mounts: its deployment's slot
+/// (`web-2`), which keeps them across restarts and updates; the instance's own name
+/// without a slot.
 fn anonymous_owner(r: &InstanceRow) -> String {
     match crate::slot_of(r) {
-        Some(slot) => format!("{}-{slot}", r.deployment),
+        Some(slot) => r.spec.instance_name(slot),
         None => r.name.clone(),
     }
 }

@@ -9,6 +9,7 @@
 //! retiring instance whose template is wanted again (a rollback) is promoted back.
 
 use skiff_model::rollout::{Strategy, UpdateConfig, CRASH_LOOP_RESTARTS};
+use skiff_model::stateful::slot_name;
 use skiff_model::{Health, InstanceState};
 
 /// What the planner knows about one instance of the deployment.
@@ -80,10 +81,10 @@ pub struct Input<'a> {
     /// Whether the wanted image is in the store.
     pub image_present: bool,
     pub now: u64,
-}
-
-pub fn slot_name(deployment: &str, slot: u32) -> String {
-    format!("{deployment}-{slot}")
+    /// A stateful set's: named from 0, replaced from the highest slot down.
+    pub stateful: bool,
+    /// Slots no longer wanted stop from the highest, one at a time (`OrderedReady`).
+    pub ordered: bool,
 }
 
 pub fn plan(inp: &Input<'_>, insts: &[Inst]) -> Plan {
@@ -94,10 +95,16 @@ pub fn plan(inp: &Input<'_>, insts: &[Inst]) -> Plan {
     let primary = |slot: u32| insts.iter().find(|i| !i.retiring && i.slot == slot);
     let stop = |i: &Inst, drop_image: bool| Action::Stop { name: i.name.clone(), drop_image };
 
-    // Slots no longer here, and retiring instances whose replacement is in place.
+    // Slots no longer here (ordered: the highest, once no other is stopping), and retiring
+    // instances whose replacement is in place.
+    let gone = |i: &&Inst| !inp.slots.contains(&i.slot);
+    let last_gone = insts.iter().filter(gone).filter(|i| !i.stopping).max_by_key(|i| i.slot);
+    let gone_stopping = insts.iter().filter(gone).any(|i| i.stopping);
     for i in insts.iter().filter(|i| !i.stopping) {
         if !inp.slots.contains(&i.slot) {
-            p.actions.push(stop(i, false));
+            if !inp.ordered || (!gone_stopping && last_gone.is_some_and(|l| l.name == i.name)) {
+                p.actions.push(stop(i, false));
+            }
             continue;
         }
         if !i.retiring {
@@ -109,7 +116,10 @@ pub fn plan(inp: &Input<'_>, insts: &[Inst]) -> Plan {
             match prim {
                 Some(pr) if !pr.stopping => p.actions.push(stop(pr, false)),
                 Some(_) => {}
-                None => p.actions.push(Action::Promote { name: i.name.clone(), to: slot_name(inp.deployment, i.slot) }),
+                None => p.actions.push(Action::Promote {
+                    name: i.name.clone(),
+                    to: slot_name(inp.deployment, i.slot, inp.stateful),
+                }),
             }
             continue;
         }
@@ -154,7 +164,8 @@ pub fn plan(inp: &Input<'_>, insts: &[Inst]) -> Plan {
             .filter(|i| !i.retiring && !i.current && !i.stopping && inp.slots.contains(&i.slot))
             .filter(|i| !p.actions.iter().any(|a| matches!(a, Action::Stop { name, .. } if *name == i.name)))
             .collect();
-        v.sort_by_key(|i| i.slot);
+        // A stateful set's from the highest down, as Kubernetes replaces them.
+        v.sort_by_key(|i| if inp.stateful { u32::MAX - i.slot } else { i.slot });
         v
     };
     // A batch waits for the previous one: every new primary ready for `delay_ms`.
@@ -237,7 +248,7 @@ mod tests {
     }
 
     fn run(cfg: &UpdateConfig, slots: &[u32], insts: &[Inst], now: u64) -> Plan {
-        let inp = Input { deployment: "web", cfg, slots, image_present: true, now };
+        let inp = Input { deployment: "web", cfg, slots, image_present: true, now, stateful: false, ordered: false };
         plan(&inp, insts)
     }
 
@@ -272,6 +283,38 @@ mod tests {
         let p = run(&cfg, &[1, 2], &state, 11_500);
         assert_eq!(p.actions[0], Action::Stop { name: "web-1-abc123".into(), drop_image: false });
         assert_eq!(p.serving, ["web-1", "web-2"], "a stopping instance leaves the proxy first");
+    }
+
+    /// A stateful set's update stops one instance at a time from the highest ordinal, and
+    /// its replacement comes under the same name.
+    #[test]
+    fn a_stateful_set_is_replaced_from_the_top_one_at_a_time() {
+        use skiff_model::rollout::IntOrPercent;
+        let cfg = UpdateConfig { max_surge: IntOrPercent::Int(0), max_unavailable: IntOrPercent::Int(1), ..fast() };
+        let old = [inst("db-0", 1, false), inst("db-1", 2, false), inst("db-2", 3, false)];
+        let inp = Input {
+            deployment: "db",
+            cfg: &cfg,
+            slots: &[1, 2, 3],
+            image_present: true,
+            now: 10_000,
+            stateful: true,
+            ordered: true,
+        };
+        assert_eq!(plan(&inp, &old).actions, [Action::Stop { name: "db-2".into(), drop_image: false }]);
+        // db-2's replacement not ready yet: nothing more.
+        let mut new = inst("db-2", 3, true);
+        new.ready_since_ms = None;
+        let state = [inst("db-0", 1, false), inst("db-1", 2, false), new.clone()];
+        assert!(plan(&inp, &state).actions.is_empty());
+        new.ready_since_ms = Some(9_000);
+        let state = [inst("db-0", 1, false), inst("db-1", 2, false), new];
+        assert_eq!(plan(&inp, &state).actions, [Action::Stop { name: "db-1".into(), drop_image: false }]);
+        // Scaling down while one is stopping stops no other.
+        let mut stopping = inst("db-2", 3, true);
+        stopping.stopping = true;
+        let inp = Input { slots: &[1], ..inp };
+        assert!(plan(&inp, &[inst("db-0", 1, true), inst("db-1", 2, true), stopping]).actions.is_empty());
     }
 
     #[test]
@@ -348,7 +391,15 @@ mod tests {
             max_unavailable: skiff_model::rollout::IntOrPercent::Int(1),
             ..fast()
         };
-        let inp = Input { deployment: "web", cfg: &download, slots: &[1, 2], image_present: false, now: 0 };
+        let inp = Input {
+            deployment: "web",
+            cfg: &download,
+            slots: &[1, 2],
+            image_present: false,
+            now: 0,
+            stateful: false,
+            ordered: false,
+        };
         assert_eq!(plan(&inp, &old).actions, [Action::NeedImage], "download-then-kill waits for the image");
         let delete = UpdateConfig { node_strategy: NodeStrategy::DeleteThenDownload, ..fast() };
         assert_eq!(run(&delete, &[1, 2], &old, 0).actions[0], Action::Stop { name: "web-1".into(), drop_image: true });

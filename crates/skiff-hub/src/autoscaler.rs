@@ -131,7 +131,7 @@ fn pod(
     cfg: &Config,
 ) -> Pod {
     let ago = |t: u64| now_ms.saturating_sub(t) as f64 / 1000.0;
-    let slot = i.name.rsplit_once('-').and_then(|(_, n)| n.parse::<u32>().ok()).unwrap_or(0);
+    let slot = d.slot_named(&i.name).unwrap_or(0);
     let phase = match i.state {
         InstanceState::Pending => Phase::Pending,
         InstanceState::Running | InstanceState::Restarting => Phase::Running,

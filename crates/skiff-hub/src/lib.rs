@@ -280,8 +280,10 @@ impl Hub {
             let plan = self.nodes.plan(&all)?;
             resp.pulls = self.nodes.would_pull(&req.deployments, plan.as_ref());
             if let Some(plan) = plan {
-                for s in plan.slots.iter().filter(|s| ours(&s.deployment)) {
-                    resp.placement.insert(format!("{}-{}", s.deployment, s.index), s.node.clone());
+                for s in plan.slots.iter() {
+                    if let Some(d) = req.deployments.iter().find(|d| d.name == s.deployment) {
+                        resp.placement.insert(d.instance_name(s.index), s.node.clone());
+                    }
                 }
                 resp.unschedulable = plan.unschedulable.into_iter().filter(|(d, _)| ours(d)).collect();
             }

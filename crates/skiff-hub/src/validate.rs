@@ -13,6 +13,18 @@ pub fn check_apply(incoming: &[Deployment], existing: &[Deployment]) -> Result<(
             return Err(ValidationError::new(format!("deployments.{}", d.name), "appears twice"));
         }
     }
+    // Instances are named from 1, or a stateful set's from 0: one becoming the other
+    // would give two instances one name (Kubernetes' kinds are different objects too).
+    for d in incoming {
+        if let Some(old) = existing.iter().find(|e| e.name == d.name && e.stateful.is_some() != d.stateful.is_some()) {
+            let (was, is) =
+                if old.stateful.is_some() { ("stateful set", "deployment") } else { ("deployment", "stateful set") };
+            return Err(ValidationError::new(
+                format!("deployments.{}.stateful", d.name),
+                format!("{} runs as a {was}; delete it before applying it as a {is}", d.name),
+            ));
+        }
+    }
     let merged: Vec<&Deployment> =
         incoming.iter().chain(existing.iter().filter(|e| !incoming.iter().any(|d| d.name == e.name))).collect();
     for d in incoming {
@@ -37,6 +49,9 @@ pub fn check_apply(incoming: &[Deployment], existing: &[Deployment]) -> Result<(
         let Some(o) = merged.iter().find(|o| o.name == *owner && o.stack == m.stack) else {
             return Err(ValidationError::new(field, format!("{owner:?} is not a deployment of stack {:?}", m.stack)));
         };
+        if o.stateful.is_some() {
+            return Err(ValidationError::new(field, format!("{owner} is a stateful set: its network is not shared")));
+        }
         if o.network != skiff_model::NetworkMode::Bridge {
             return Err(ValidationError::new(
                 field,
@@ -153,5 +168,18 @@ mod tests {
             check_apply(&[dep("a", &[]), dep("a", &[])], &[]).unwrap_err().to_string(),
             "deployments.a: appears twice"
         );
+        let mut set = dep("web", &[]);
+        set.stateful = Some(skiff_model::stateful::Stateful { service: None, pod_management: Default::default() });
+        set.update.max_surge = skiff_model::rollout::IntOrPercent::Int(0);
+        set.update.max_unavailable = skiff_model::rollout::IntOrPercent::Int(1);
+        assert_eq!(
+            check_apply(std::slice::from_ref(&set), &[dep("web", &[])]).unwrap_err().to_string(),
+            "deployments.web.stateful: web runs as a deployment; delete it before applying it as a stateful set"
+        );
+        assert!(check_apply(&[dep("web", &[])], &[set.clone()])
+            .unwrap_err()
+            .to_string()
+            .contains("runs as a stateful set"));
+        assert!(check_apply(&[set.clone()], &[set]).is_ok());
     }
 }

@@ -131,11 +131,11 @@ pub fn target(v: &Value, path: &str) -> R<String> {
     let r =
         get(v, "scaleTargetRef").ok_or_else(|| ManifestError::at(format!("{path}.scaleTargetRef"), "is required"))?;
     match get(r, "kind").and_then(Value::as_str) {
-        Some("Deployment") => {}
+        Some("Deployment" | "StatefulSet") => {}
         other => {
             return Err(ManifestError::at(
                 format!("{path}.scaleTargetRef.kind"),
-                format!("{} cannot be autoscaled (a Deployment can)", other.unwrap_or("(none)")),
+                format!("{} cannot be autoscaled (a Deployment or StatefulSet can)", other.unwrap_or("(none)")),
             ))
         }
     }

@@ -186,7 +186,8 @@ pub fn import_k8s_beside(files: &[(&str, &str)], namespace: &str, stored: &[Depl
             .unwrap_or(namespace)
             .to_string();
         match kind.as_str() {
-            "Deployment" | "DaemonSet" | "ReplicaSet" | "ReplicationController" | "Pod" | "Job" | "CronJob" => {
+            "Deployment" | "DaemonSet" | "StatefulSet" | "ReplicaSet" | "ReplicationController" | "Pod" | "Job"
+            | "CronJob" => {
                 if let Some(i) = out.deployments.iter().position(|d| d.name == name) {
                     return Err(ManifestError::at(&path, format!("{name:?} is defined already, by {}", paths[i])));
                 }
@@ -272,7 +273,7 @@ pub fn import_k8s_beside(files: &[(&str, &str)], namespace: &str, stored: &[Depl
                 return Err(ManifestError::at(
                     path,
                     format!(
-                    "kind {other:?} is not supported (Deployment, DaemonSet, ReplicaSet, ReplicationController, Pod, Job, CronJob, \
+                    "kind {other:?} is not supported (Deployment, DaemonSet, StatefulSet, ReplicaSet, ReplicationController, Pod, Job, CronJob, \
                          Service, HorizontalPodAutoscaler, PersistentVolumeClaim, ConfigMap, Secret)"
                 ),
                 ))
@@ -431,6 +432,17 @@ fn workload(
             "selector",
             "suspend",
         ],
+        "StatefulSet" => &[
+            "replicas",
+            "selector",
+            "template",
+            "updateStrategy",
+            "minReadySeconds",
+            "serviceName",
+            "podManagementPolicy",
+            "volumeClaimTemplates",
+            "revisionHistoryLimit",
+        ],
         _ => &["replicas", "selector", "template", "strategy", "updateStrategy", "minReadySeconds"],
     };
     let (tpl, tp) = if kind == "Pod" {
@@ -488,6 +500,7 @@ fn workload(
             "tty",
             "stdin",
             "volumeMounts",
+            "readinessProbe",
         ],
         &cp,
         warnings,
@@ -511,6 +524,9 @@ fn workload(
         if let Some(b) = get(containers, key) {
             *field = b.as_bool().ok_or_else(|| ManifestError::at(format!("{cp}.{key}"), "must be true or false"))?;
         }
+    }
+    if let Some(p) = get(containers, "readinessProbe") {
+        d.healthcheck = readiness(p, &format!("{cp}.readinessProbe"), warnings)?;
     }
     if let Some(w) = get(containers, "workingDir") {
         d.working_dir = Some(string(w, &format!("{cp}.workingDir"))?);
@@ -672,7 +688,8 @@ fn workload(
             .map_err(|(k, e)| ManifestError::at(format!("{ap}.{k}"), e))?;
     }
     pod_options(&mut d, pod, &pp, warnings)?;
-    volumes(&mut d, pod, containers, &pp, &cp, objects, warnings)?;
+    let claims = if kind == "StatefulSet" { claim_templates(spec, &sp, warnings)? } else { vec![] };
+    volumes(&mut d, pod, containers, &claims, &pp, &cp, objects, warnings)?;
     if let Some(ns) = get(pod, "nodeSelector") {
         d.placement.node_selector = map_of_strings(ns, &format!("{pp}.nodeSelector"))?;
     }
@@ -729,7 +746,116 @@ fn workload(
             .map_err(|_| ManifestError::at(format!("{path}.spec.replicas"), format!("{n} must be 0 or more")))?;
     }
     strategy(&mut d, spec, &format!("{path}.spec"), warnings)?;
+    if kind == "StatefulSet" {
+        stateful(&mut d, spec, &sp)?;
+    }
     Ok((d, labels, named))
+}
+
+/// A container's `readinessProbe` as the health check that decides its readiness (an
+/// unhealthy instance gets no traffic and holds updates and ordered starts, and is not
+/// restarted for it, as Kubernetes treats readiness). `exec` probes only: the others
+/// are warned about.
+fn readiness(p: &Value, path: &str, warnings: &mut Vec<String>) -> R<Option<skiff_model::HealthCheck>> {
+    unknown(
+        p,
+        &[
+            "exec",
+            "httpGet",
+            "tcpSocket",
+            "grpc",
+            "initialDelaySeconds",
+            "periodSeconds",
+            "timeoutSeconds",
+            "failureThreshold",
+            "successThreshold",
+        ],
+        path,
+        warnings,
+    );
+    let Some(exec) = get(p, "exec") else {
+        warnings.push(format!("{path}: only exec probes are supported yet; not checked"));
+        return Ok(None);
+    };
+    let test = get(exec, "command")
+        .map(|c| strings(c, &format!("{path}.exec.command")))
+        .transpose()?
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| ManifestError::at(format!("{path}.exec.command"), "is required"))?;
+    let secs = |key: &str, default: u64, min: u64| -> R<u64> {
+        match get(p, key) {
+            None => Ok(default),
+            Some(v) => v.as_u64().filter(|n| *n >= min).ok_or_else(|| {
+                ManifestError::at(format!("{path}.{key}"), format!("must be a whole number, at least {min}"))
+            }),
+        }
+    };
+    if secs("successThreshold", 1, 1)? != 1 {
+        warnings.push(format!("{path}.successThreshold: one success makes it ready here"));
+    }
+    Ok(Some(skiff_model::HealthCheck {
+        test,
+        shell: false,
+        interval_ms: secs("periodSeconds", 10, 1)? * 1000,
+        timeout_ms: secs("timeoutSeconds", 1, 1)? * 1000,
+        retries: u32::try_from(secs("failureThreshold", 3, 1)?).unwrap_or(u32::MAX),
+        start_period_ms: secs("initialDelaySeconds", 0, 0)? * 1000,
+    }))
+}
+
+/// A StatefulSet's own settings: its governing service, how its pods start, and its
+/// updates (one pod at a time from the highest, stopped before its replacement starts).
+fn stateful(d: &mut Deployment, spec: &Value, sp: &str) -> R<()> {
+    use skiff_model::rollout::IntOrPercent;
+    use skiff_model::stateful::{PodManagement, Stateful};
+    let service = get(spec, "serviceName").map(|s| string(s, &format!("{sp}.serviceName"))).transpose()?;
+    let pod_management = match get(spec, "podManagementPolicy")
+        .map(|p| string(p, &format!("{sp}.podManagementPolicy")))
+        .transpose()?
+        .as_deref()
+    {
+        None | Some("OrderedReady") => PodManagement::OrderedReady,
+        Some("Parallel") => PodManagement::Parallel,
+        Some(o) => {
+            return Err(ManifestError::at(
+                format!("{sp}.podManagementPolicy"),
+                format!("{o:?} is not OrderedReady or Parallel"),
+            ))
+        }
+    };
+    d.stateful = Some(Stateful { service: service.filter(|s| !s.is_empty()), pod_management });
+    // Kubernetes' StatefulSet: no surge; `maxUnavailable` (1 unless given) at a time.
+    let given =
+        get(spec, "updateStrategy").and_then(|u| get(u, "rollingUpdate")).and_then(|r| get(r, "maxUnavailable"));
+    d.update.max_surge = IntOrPercent::Int(0);
+    if given.is_none() {
+        d.update.max_unavailable = IntOrPercent::Int(1);
+    }
+    Ok(())
+}
+
+/// The claim templates of a StatefulSet: each becomes a volume of every instance's own.
+fn claim_templates(spec: &Value, sp: &str, warnings: &mut Vec<String>) -> R<Vec<String>> {
+    let Some(list) = get(spec, "volumeClaimTemplates") else { return Ok(vec![]) };
+    let Value::Sequence(list) = list else {
+        return Err(ManifestError::at(format!("{sp}.volumeClaimTemplates"), "must be a list"));
+    };
+    let mut out = vec![];
+    for (i, c) in list.iter().enumerate() {
+        let cp = format!("{sp}.volumeClaimTemplates[{i}]");
+        let name = get(c, "metadata")
+            .map(|m| required(m, "name", &format!("{cp}.metadata")))
+            .transpose()?
+            .ok_or_else(|| ManifestError::at(format!("{cp}.metadata.name"), "is required"))?;
+        skiff_model::validate::check_volume_name(&format!("{cp}.metadata.name"), &name)
+            .map_err(|e| ManifestError::at(format!("{cp}.metadata.name"), e.problem))?;
+        warnings.push(format!(
+            "{cp}: a named volume \"{name}-POD\" of each pod's own on the node that runs it; its storage class, size \
+             and access modes are not enforced"
+        ));
+        out.push(name);
+    }
+    Ok(out)
 }
 
 /// `v.key` as a boolean (false when absent).
@@ -996,6 +1122,7 @@ fn volumes(
     d: &mut Deployment,
     pod: &Value,
     container: &Value,
+    claims: &[String],
     pp: &str,
     cp: &str,
     objects: &Objects,
@@ -1050,6 +1177,12 @@ fn volumes(
             };
             sources.insert(name, source);
         }
+    }
+    // A claim template's name mounts each pod's own volume; it takes the place of a pod
+    // volume of that name, as the StatefulSet controller's `updateStorage` does.
+    for c in claims {
+        given.remove(c);
+        sources.insert(c.clone(), (Some(VolumeSource::Claim { name: c.clone() }), None));
     }
     let Some(Value::Sequence(mounts)) = get(container, "volumeMounts") else { return Ok(()) };
     for (i, m) in mounts.iter().enumerate() {
@@ -1546,8 +1679,95 @@ spec:
         assert!(k.deployments[0].aliases.contains(&"internal".to_string()));
         assert!(!k.warnings.iter().any(|w| w.contains("Service/internal")), "{:?}", k.warnings);
         // A kind of Kubernetes' own that skiff would have to act on is still refused.
-        let e = import_k8s("apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\n", "default").unwrap_err();
-        assert!(e.to_string().contains("kind \"StatefulSet\" is not supported"), "{e}");
+        let e =
+            import_k8s("apiVersion: apps/v1\nkind: ControllerRevision\nmetadata: {name: db}\n", "default").unwrap_err();
+        assert!(e.to_string().contains("kind \"ControllerRevision\" is not supported"), "{e}");
+    }
+
+    #[test]
+    fn stateful_sets_number_their_pods_and_give_each_its_own_volumes() {
+        const SET: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: nginx}
+spec:
+  clusterIP: None
+  selector: {app: nginx}
+  ports: [{port: 80, name: web}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: web, namespace: shop}
+spec:
+  serviceName: nginx
+  replicas: 3
+  selector: {matchLabels: {app: nginx}}
+  updateStrategy: {type: RollingUpdate, rollingUpdate: {partition: 1}}
+  template:
+    metadata: {labels: {app: nginx}}
+    spec:
+      containers:
+      - name: nginx
+        image: nginx-slim:0.8
+        ports: [{containerPort: 80, name: web}]
+        volumeMounts: [{name: www, mountPath: /usr/share/nginx/html}]
+  volumeClaimTemplates:
+  - metadata: {name: www}
+    spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
+"#;
+        use skiff_model::stateful::{PodManagement, Stateful};
+        let k = import_k8s(SET, "shop").unwrap();
+        let d = &k.deployments[0];
+        assert_eq!(
+            d.stateful,
+            Some(Stateful { service: Some("nginx".into()), pod_management: PodManagement::OrderedReady })
+        );
+        assert_eq!((d.replicas, d.instance_name(1).as_str()), (3, "web-0"));
+        assert_eq!(d.volumes[0].source, VolumeSource::Claim { name: "www".into() });
+        assert_eq!(d.update.budget(3).surge, 0, "stopped before its replacement starts");
+        assert_eq!(d.update.budget(3).unavailable, 1, "one at a time");
+        assert!(d.aliases.contains(&"nginx".to_string()), "the headless service's name reaches it");
+        let said = k.warnings.join("\n");
+        assert!(said.contains("volumeClaimTemplates[0]: a named volume \"www-POD\""), "{said}");
+        assert!(said.contains("rollingUpdate.partition"), "not acted on, said so: {said}");
+
+        // An exec readiness probe is the health check readiness comes from.
+        let probed = SET.replace(
+            "        ports: [{containerPort: 80, name: web}]",
+            "        ports: [{containerPort: 80, name: web}]\n        readinessProbe: {exec: {command: [test, -f, /ready]}, \
+             periodSeconds: 2, initialDelaySeconds: 5, failureThreshold: 4}",
+        );
+        let hc = import_k8s(&probed, "shop").unwrap().deployments[0].healthcheck.clone().unwrap();
+        assert_eq!(
+            (hc.test, hc.shell, hc.interval_ms, hc.timeout_ms, hc.retries, hc.start_period_ms),
+            (vec!["test".into(), "-f".into(), "/ready".into()], false, 2000, 1000, 4, 5000)
+        );
+        let http = probed.replace("exec: {command: [test, -f, /ready]}", "httpGet: {path: /, port: 80}");
+        let k = import_k8s(&http, "shop").unwrap();
+        assert!(k.deployments[0].healthcheck.is_none());
+        assert!(k.warnings.iter().any(|w| w.contains("readinessProbe: only exec probes")), "{:?}", k.warnings);
+        let bad = probed.replace("periodSeconds: 2", "periodSeconds: 0");
+        assert_eq!(
+            import_k8s(&bad, "shop").unwrap_err().to_string(),
+            "StatefulSet/web.spec.template.spec.containers[0].readinessProbe.periodSeconds: must be a whole number, at least 1"
+        );
+
+        let parallel = SET.replace("serviceName: nginx", "serviceName: nginx\n  podManagementPolicy: Parallel");
+        let k = import_k8s(&parallel, "shop").unwrap();
+        assert!(!k.deployments[0].ordered());
+        let bad = SET.replace("serviceName: nginx", "serviceName: nginx\n  podManagementPolicy: Sometimes");
+        assert_eq!(
+            import_k8s(&bad, "shop").unwrap_err().to_string(),
+            "StatefulSet/web.spec.podManagementPolicy: \"Sometimes\" is not OrderedReady or Parallel"
+        );
+        let clash = SET.replace("      containers:", "      volumes: [{name: www, emptyDir: {}}]\n      containers:");
+        let k = import_k8s(&clash, "shop").unwrap();
+        assert_eq!(k.deployments[0].volumes[0].source, VolumeSource::Claim { name: "www".into() }, "the template wins");
+        let unnamed = SET.replace("- metadata: {name: www}", "- metadata: {}");
+        assert!(import_k8s(&unnamed, "shop")
+            .unwrap_err()
+            .to_string()
+            .contains("volumeClaimTemplates[0].metadata.name"));
     }
 
     #[test]
@@ -1578,7 +1798,7 @@ spec:
         let base = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: w}\nspec:\n  template:\n    spec:\n      containers: [{name: c, image: i}]\n";
         assert_eq!(
             err("apiVersion: v1\nkind: Widget\nmetadata: {name: c}\n"),
-            "Widget/c: kind \"Widget\" is not supported (Deployment, DaemonSet, ReplicaSet, ReplicationController, Pod, \
+            "Widget/c: kind \"Widget\" is not supported (Deployment, DaemonSet, StatefulSet, ReplicaSet, ReplicationController, Pod, \
              Job, CronJob, Service, HorizontalPodAutoscaler, PersistentVolumeClaim, ConfigMap, Secret)"
         );
         assert!(err(&base.replace("spec:\n  template", "spec:\n  replicas: -2\n  template"))
@@ -1797,8 +2017,8 @@ spec:
             "HorizontalPodAutoscaler/web-hpa.spec.metrics[0].external.metric.selector.matchExpressions: is not supported (matchLabels is)"
         );
         assert_eq!(
-            err(&hpa("web", "").replace("kind: Deployment", "kind: StatefulSet")),
-            "HorizontalPodAutoscaler/web-hpa.spec.scaleTargetRef.kind: StatefulSet cannot be autoscaled (a Deployment can)"
+            err(&hpa("web", "").replace("kind: Deployment", "kind: DaemonSet")),
+            "HorizontalPodAutoscaler/web-hpa.spec.scaleTargetRef.kind: DaemonSet cannot be autoscaled (a Deployment or StatefulSet can)"
         );
         assert!(
             err(&hpa("web", "  behavior: {scaleUp: {surprise: 1}}\n")).contains("behavior: unknown field `surprise`")

@@ -17,6 +17,7 @@ pub mod proto;
 pub mod quantity;
 pub mod rollout;
 pub mod spec;
+pub mod stateful;
 pub mod status;
 pub mod validate;
 

@@ -60,6 +60,9 @@ pub struct Deployment {
     /// Run-to-completion work (a Kubernetes Job or CronJob): see [`crate::job`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<crate::job::JobSpec>,
+    /// A Kubernetes StatefulSet's numbered instances: see [`crate::stateful`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stateful: Option<crate::stateful::Stateful>,
     /// With `network: service`: the deployment whose network its instances share, each
     /// that deployment's instance of the same number (compose `network_mode:
     /// service:NAME`, a pod's second container): one address, one `localhost`, its ports.
@@ -395,6 +398,7 @@ impl Deployment {
             network: NetworkMode::default(),
             network_service: None,
             job: None,
+            stateful: None,
             networks: vec![],
             macvlan: None,
             read_only: false,
@@ -434,11 +438,6 @@ impl Deployment {
         let cpu = r.cpus_reservation_millis.or(r.cpus_millis).map(|m| m as i64);
         let mem = r.memory_reservation_bytes.or(r.memory_bytes).map(|b| (b as i64).saturating_mul(1000));
         [cpu, mem]
-    }
-
-    /// The name of replica `n` (1-based), e.g. `web-1`.
-    pub fn instance_name(&self, n: u32) -> String {
-        format!("{}-{n}", self.name)
     }
 }
 
@@ -644,6 +643,10 @@ pub enum VolumeSource {
     /// image's content at its target when new (as Docker fills volumes), kept across that
     /// slot's restarts and updates, removed once its deployment is gone from the node.
     Anonymous,
+    /// A named volume of each instance's own (a StatefulSet's `volumeClaimTemplates`):
+    /// `NAME-INSTANCE` (`www-web-0`, Kubernetes' name for its claim), kept when the
+    /// instance or its deployment goes, taken again by the instance of that name.
+    Claim { name: String },
 }
 
 /// A tmpfs mounted at `target` (`nosuid`, `nodev`; Docker's defaults otherwise).

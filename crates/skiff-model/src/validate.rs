@@ -312,6 +312,7 @@ impl Deployment {
     pub fn validate(&self) -> Result<(), ValidationError> {
         check_name("name", &self.name)?;
         self.check_job()?;
+        self.check_stateful()?;
         check_name("stack", &self.stack)?;
         self.check_networks()?;
         self.check_service()?;
@@ -478,7 +479,9 @@ impl Deployment {
                         format!("{path:?} must be an absolute path without . or .. parts"),
                     ));
                 }
-                VolumeSource::Named { name } => check_volume_name(&format!("volumes[{i}].source"), name)?,
+                VolumeSource::Named { name } | VolumeSource::Claim { name } => {
+                    check_volume_name(&format!("volumes[{i}].source"), name)?
+                }
                 _ => {}
             }
         }

@@ -293,3 +293,65 @@ fn ctrl_c_stops_everything_and_the_next_up_starts_what_was_kept() -> R {
     assert!(!names.iter().any(|i| i.starts_with("svc-")), "the stack Ctrl-C stopped is gone: {names:?}");
     Ok(())
 }
+
+/// A Kubernetes StatefulSet on one node (real runc): pods named from 0, each started once
+/// the one before it is ready (its exec readiness probe), each with a volume of its own
+/// that it finds again after a scale down and up, and a stable name through the headless
+/// service in `/etc/hosts` and the node's DNS.
+#[test]
+fn a_stateful_set_starts_in_order_and_keeps_each_pods_volume() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.up(None)?;
+    let set = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: db}}\nspec:\n  clusterIP: None\n  selector: {{app: web}}\n  \
+         ports: [{{port: 80}}]\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: web}}\nspec:\n  \
+         serviceName: db\n  replicas: 3\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: \
+         {{labels: {{app: web}}}}\n    spec:\n      containers:\n      - name: main\n        image: {IMAGE}\n        \
+         command: [sleep, '1000']\n        readinessProbe: {{exec: {{command: [test, -f, /tmp/ready]}}, periodSeconds: 1}}\n        \
+         volumeMounts: [{{name: data, mountPath: /data}}]\n  volumeClaimTemplates:\n  - metadata: {{name: data}}\n    \
+         spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}\n"
+    );
+    let file = n.write("set.yaml", &set)?;
+    n.ok(&["apply", "-f", file.to_str().unwrap()])?;
+    n.wait_running("web-0")?;
+    // web-0's probe fails until told otherwise: three failures make it unhealthy, and
+    // web-1 has not started meanwhile.
+    wait_for(60 * SEC, "web-0 unhealthy", || {
+        (n.instance("web-0").ok()?.health == Some(skiff_model::Health::Unhealthy)).then_some(())
+    })?;
+    let waiting = n.instance("web-1")?;
+    assert_eq!(waiting.state, skiff_model::InstanceState::Pending, "{waiting:?}");
+    assert_eq!(waiting.message.as_deref(), Some("waiting for web-0 to be ready (ordered start)"));
+    assert!(n.instance("web-2").is_ok_and(|i| i.state == skiff_model::InstanceState::Pending));
+    for (i, name) in ["web-0", "web-1", "web-2"].iter().enumerate() {
+        n.wait_running(name)?;
+        n.ok(&["exec", name, "--", "sh", "-c", &format!("echo {name} > /data/who; touch /tmp/ready")])?;
+        if let Some(next) = ["web-1", "web-2"].get(i) {
+            n.wait_running(next)?;
+        }
+    }
+    // Each its own volume, made under the node's data directory by Kubernetes' claim name.
+    for name in ["web-0", "web-1", "web-2"] {
+        let file = n.data().join(format!("volumes/data-{name}/_data/who"));
+        assert_eq!(std::fs::read_to_string(&file)?.trim(), name, "{}", file.display());
+    }
+    // Stable names: web-0.db, as /etc/hosts and the node's DNS give them to a peer.
+    let ip0 = n.instance("web-0")?.ip.unwrap_or_default();
+    let hosts = n.ok(&["exec", "web-1", "--", "cat", "/etc/hosts"])?;
+    assert!(hosts.lines().any(|l| l.starts_with(&format!("{ip0}\t")) && l.contains(" web-0.db ")), "{hosts}");
+    let dns = n.ok(&["exec", "web-1", "--", "nslookup", "web-0.db.default.svc.cluster.local"])?;
+    assert!(dns.contains(&ip0), "{dns}");
+
+    // Down to 1 (from the top), up to 2: web-1 finds its own data again.
+    n.ok(&["scale", "web=1"])?;
+    wait_for(60 * SEC, "web scaled to 1", || (instance_names(&n) == ["web-0"]).then_some(()))?;
+    n.ok(&["scale", "web=2"])?;
+    n.wait_running("web-1")?;
+    assert_eq!(n.ok(&["exec", "web-1", "--", "cat", "/data/who"])?.trim(), "web-1");
+    // Deleting the set keeps the volumes (Kubernetes' Retain), as it keeps claims.
+    n.ok(&["delete", "deployment", "web"])?;
+    wait_for(60 * SEC, "web gone", || instance_names(&n).is_empty().then_some(()))?;
+    assert!(n.data().join("volumes/data-web-2/_data/who").exists());
+    Ok(())
+}

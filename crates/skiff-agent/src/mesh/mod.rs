@@ -168,6 +168,7 @@ impl Agent {
             if r.retire_at_ms.is_none() {
                 names.push(r.deployment.clone());
             }
+            names.extend(crate::stable_names(r));
             peers.push(Peer { names, ip, networks });
             // Before the loop first judged (just after a start): those ready by their row.
             let serves = match &serving {
