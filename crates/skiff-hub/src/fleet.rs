@@ -6,6 +6,7 @@
 //! old one).
 
 mod mesh;
+mod ordered;
 
 use crate::clock::Clock;
 use crate::pki::Ca;
@@ -136,6 +137,9 @@ pub struct Fleet {
     tunnels: Mutex<BTreeMap<String, Arc<crate::tunnel::Tunnel>>>,
     /// Something placement depends on changed (a node joined or came back).
     dirty: std::sync::atomic::AtomicBool,
+    /// The last placement held back part of an ordered stateful set: a change in what
+    /// serves places again.
+    ordered_held: std::sync::atomic::AtomicBool,
     /// Every node's assignment, and every deployment's templates, at one revision (see
     /// `assignment`).
     at_revision: Mutex<Option<Arc<AtRevision>>>,
@@ -188,9 +192,9 @@ struct AtRevision {
     metrics: Vec<String>,
 }
 
-/// What a node may report: per deployment assigned to it, its slot numbers and every
-/// template the hub has had for it (an old version still running during an update is
-/// the node's as well).
+/// What a node may report: per deployment assigned to it, the numbers in its instances'
+/// names (slot numbers, a stateful set's from 0) and every template the hub has had for
+/// it (an old version still running during an update is the node's as well).
 #[derive(Debug, Default)]
 struct Allowed {
     deployments: BTreeMap<String, (std::collections::BTreeSet<u32>, std::collections::BTreeSet<String>)>,
@@ -255,6 +259,7 @@ impl Fleet {
             tunnels: Mutex::new(BTreeMap::new()),
             at_revision: Mutex::new(None),
             dirty: std::sync::atomic::AtomicBool::new(false),
+            ordered_held: std::sync::atomic::AtomicBool::new(false),
             tunnel_serial: std::sync::atomic::AtomicU64::new(1),
             lookup: None,
             images: None,
@@ -702,6 +707,9 @@ impl Fleet {
         }
         if moved {
             self.mesh_moved();
+            if self.ordered_held.load(std::sync::atomic::Ordering::Relaxed) {
+                self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         ack
     }
@@ -880,8 +888,18 @@ impl Fleet {
     pub fn reschedule(&self) -> Result<Plan, FleetError> {
         let deployments: Vec<Deployment> = self.store.list().map_err(internal)?.into_iter().map(|s| s.spec).collect();
         let current = self.store.slots().map_err(internal)?;
-        let plan =
+        let mut plan =
             schedule::schedule(&deployments, &self.known_platforms(), &self.views()?, &current, self.clock.now_ms());
+        // Every node's report, read only when an ordered stateful set needs it.
+        let held = deployments.iter().any(Deployment::ordered) && {
+            let reported: Vec<(String, InstanceStatus)> = self
+                .statuses
+                .lock()
+                .map(|s| s.iter().flat_map(|(n, v)| v.iter().map(|i| (n.clone(), i.clone()))).collect())
+                .unwrap_or_default();
+            ordered::hold(&deployments, &current, &reported, &mut plan)
+        };
+        self.ordered_held.store(held, std::sync::atomic::Ordering::Relaxed);
         self.store.set_slots(&plan.slots).map_err(internal)?;
         if let Ok(mut u) = self.unschedulable.lock() {
             u.clone_from(&plan.unschedulable);
@@ -934,7 +952,8 @@ impl Fleet {
         let mut allowed = Allowed::default();
         for a in at.nodes.get(node).iter().flat_map(|a| a.deployments.iter()) {
             let templates = at.templates.get(&a.spec.name).cloned().unwrap_or_default();
-            allowed.deployments.insert(a.spec.name.clone(), (a.indexes.iter().copied().collect(), templates));
+            let named = a.indexes.iter().map(|&n| a.spec.ordinal(n)).collect();
+            allowed.deployments.insert(a.spec.name.clone(), (named, templates));
         }
         allowed
     }
@@ -993,17 +1012,20 @@ impl Fleet {
     }
 
     /// The node an instance runs on, by the hub's own slot table (never by what nodes
-    /// report): `web-2` and a retiring `web-2-<tag>` are slot 2 of `web`.
+    /// report): `web-2` and a retiring `web-2-<tag>` are slot 2 of `web`, a stateful set's
+    /// `db-0` its slot 1.
     pub fn node_of_instance(&self, instance: &str) -> Option<String> {
-        let slots = self.store.slots().ok()?;
-        slots.into_iter().find_map(|s| {
-            let rest = instance.strip_prefix(&s.deployment)?.strip_prefix('-')?;
-            let (slot, tag) = match rest.split_once('-') {
-                Some((slot, tag)) => (slot, Some(tag)),
-                None => (rest, None),
-            };
-            let tag_ok = tag.is_none_or(|t| t.len() == 6 && t.chars().all(|c| c.is_ascii_hexdigit()));
-            (slot.parse::<u32>().ok() == Some(s.index) && tag_ok).then_some(s.node)
+        let at = self.at_revision().ok()?;
+        at.nodes.iter().find_map(|(node, a)| {
+            let holds = a.deployments.iter().any(|d| {
+                let Some(rest) = instance.strip_prefix(&d.spec.name).and_then(|r| r.strip_prefix('-')) else {
+                    return false;
+                };
+                let tag_ok =
+                    rest.split_once('-').is_none_or(|(_, t)| t.len() == 6 && t.chars().all(|c| c.is_ascii_hexdigit()));
+                tag_ok && d.spec.slot_named(instance).is_some_and(|s| d.indexes.contains(&s))
+            });
+            holds.then(|| node.clone())
         })
     }
 
@@ -1257,6 +1279,59 @@ mod tests {
         // A mesh address that is not host:port is not believed.
         report("b", running("b", &db, None), Some("not an address"));
         assert_eq!(f.mesh_view("a").unwrap().services[0].endpoints[0].mesh, None);
+    }
+
+    /// A stateful set over two nodes: db-1 is placed once db-0 is reported ready on its
+    /// node, and each instance is a service of its own (`db-0.pg`) whose endpoint and
+    /// relay reach that instance only.
+    #[test]
+    fn a_stateful_sets_instances_are_placed_in_order_and_reached_by_name() {
+        let (_t, f) = fleet();
+        let tok = any(&f);
+        for n in ["a", "b"] {
+            f.join(&join_req(&tok, n)).unwrap();
+            f.heartbeat(n, NodeStatus::default()).unwrap();
+        }
+        let mut db = Deployment::new("db", "img");
+        db.replicas = 2;
+        db.stateful =
+            Some(skiff_model::stateful::Stateful { service: Some("pg".into()), pod_management: Default::default() });
+        db.update.max_surge = skiff_model::rollout::IntOrPercent::Int(0);
+        db.update.max_unavailable = skiff_model::rollout::IntOrPercent::Int(1);
+        db.expose = vec![skiff_model::mesh::ServicePort { port: 5432, target: 5432 }];
+        let client = Deployment::new("client", "img");
+        f.store.apply(&[db.clone(), client], None, false, 1).unwrap();
+        f.reschedule().unwrap();
+        let placed = |f: &Fleet| -> Vec<(u32, String)> {
+            f.store.slots().unwrap().into_iter().filter(|s| s.deployment == "db").map(|s| (s.index, s.node)).collect()
+        };
+        assert_eq!(placed(&f).len(), 1, "db-0 alone until it is ready");
+        let node0 = placed(&f)[0].1.clone();
+        let running = |node: &str, name: &str| InstanceStatus {
+            state: skiff_model::InstanceState::Running,
+            pid: Some(42),
+            ..status(node, "db", name, &skiff_model::rollout::template_hash(&db))
+        };
+        f.heartbeat(&node0, NodeStatus { instances: vec![running(&node0, "db-0")], ..Default::default() }).unwrap();
+        f.tick(false).unwrap();
+        let now = placed(&f);
+        assert_eq!(now.len(), 2, "db-0 ready: db-1 placed");
+        let node1 = now.iter().find(|(i, _)| *i == 2).unwrap().1.clone();
+        assert_ne!(node0, node1);
+        assert_eq!(f.node_of_instance("db-0").as_deref(), Some(node0.as_str()), "exec and logs find it");
+        assert_eq!(f.node_of_instance("db-1").as_deref(), Some(node1.as_str()));
+        assert_eq!(f.node_of_instance("db-2"), None);
+        f.heartbeat(&node1, NodeStatus { instances: vec![running(&node1, "db-1")], ..Default::default() }).unwrap();
+        // The other node sees db-0.pg with db-0's node as its one endpoint.
+        let view = f.mesh_view(&node1).unwrap();
+        let zero = view.services.iter().find(|s| s.name == "db-0.pg").expect("db-0.pg");
+        assert_eq!(zero.instance.as_deref(), Some("db-0"));
+        let eps: Vec<(&str, u32, u32)> = zero.endpoints.iter().map(|e| (e.node.as_str(), e.ready, e.total)).collect();
+        assert_eq!(eps, [(node0.as_str(), 1, 1)]);
+        assert_eq!(f.relay_target(&node1, "db-0.pg", 5432, 0).unwrap(), (node0.clone(), "db-0".to_string(), 5432));
+        assert!(f.mesh_view(&node0).unwrap().clients.contains_key("db-0.pg"), "db-0's node serves it");
+        // The set's own service still spreads over both.
+        assert_eq!(f.relay_target(&node1, "db", 5432, 0).unwrap().0, node0);
     }
 
     #[test]

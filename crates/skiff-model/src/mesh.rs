@@ -48,6 +48,10 @@ pub struct Service {
     /// Its instances on other nodes, by node.
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// A stateful set's instance as a service of its own (`web-0.nginx`): the one
+    /// instance it reaches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 impl Service {
@@ -62,7 +66,26 @@ impl Service {
             networks: d.joined_networks(),
             ports,
             endpoints: vec![],
+            instance: None,
         })
+    }
+
+    /// The instance of stateful set `d` in `slot` as a service of its own, under its
+    /// stable name through the governing service (`web-0.nginx`, and so
+    /// `web-0.nginx.NAMESPACE.svc.cluster.local`), with the set's ports. None for other
+    /// deployments, or a set without a governing service or ports.
+    pub fn of_instance(d: &Deployment, slot: u32) -> Option<Service> {
+        let name = d.stable_names(slot).into_iter().next()?;
+        let s = Service::of(d)?;
+        Some(Service { name, aliases: vec![], instance: Some(d.instance_name(slot)), ..s })
+    }
+
+    /// Whether reported instance `name` of `deployment` serves it.
+    pub fn served_by(&self, deployment: &str, name: &str) -> bool {
+        match &self.instance {
+            Some(i) => i == name,
+            None => self.name == deployment,
+        }
     }
 
     /// Whether something joined to `networks` reaches it (they share one).
@@ -288,6 +311,7 @@ mod tests {
             networks: vec!["shop_default".into()],
             ports: vec![],
             endpoints: vec![],
+            instance: None,
         };
         assert!(answers_to(&s, "shop", "db"));
         assert!(answers_to(&s, "shop", "DB."));
@@ -323,6 +347,18 @@ mod tests {
         assert_eq!((s.networks.clone(), s.ports.clone()), (vec!["default_default".to_string()], d.expose.clone()));
         assert!(s.shares_a_network(&["default_default".to_string()].into()));
         assert!(!s.shares_a_network(&["other_default".to_string()].into()));
+        assert_eq!(Service::of_instance(&d, 1), None, "not a stateful set");
+        d.stateful = Some(crate::stateful::Stateful { service: Some("pg".into()), pod_management: Default::default() });
+        let one = Service::of_instance(&d, 2).unwrap();
+        assert_eq!(
+            (one.name.as_str(), one.instance.as_deref(), one.ports.clone()),
+            ("web-1.pg", Some("web-1"), d.expose.clone())
+        );
+        assert!(
+            answers_to(&one, "other", "web-1.pg.default.svc.cluster.local") && answers_to(&one, "default", "web-1.pg")
+        );
+        assert!(one.served_by("web", "web-1") && !one.served_by("web", "web-0"));
+        assert!(s.served_by("web", "web-0") && !s.served_by("db", "db-0"));
         d.network = crate::NetworkMode::Host;
         assert_eq!(Service::of(&d), None, "host network: not on the bridge");
     }

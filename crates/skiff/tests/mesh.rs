@@ -167,6 +167,58 @@ fn services_are_reached_by_name_across_nodes_directly_relayed_and_while_the_hub_
     Ok(())
 }
 
+const SET: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: pg, namespace: shop}
+spec: {clusterIP: None, selector: {app: db}, ports: [{port: PORT}]}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db, namespace: shop}
+spec:
+  serviceName: pg
+  replicas: 2
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      containers:
+      - name: db
+        image: localhost/skiff-test:1
+        command: [sh, -c, "mkdir -p /www && echo db on $HOSTNAME > /www/index.html && exec httpd -f -p PORT -h /www"]
+"#;
+
+/// A StatefulSet over two nodes: db-0 first (db-1 is placed once db-0 is reported
+/// ready), and each instance reached from the other node by its stable name through the
+/// governing service, `db-0.pg` and Kubernetes' `db-0.pg.shop.svc.cluster.local`.
+#[test]
+fn a_stateful_sets_instances_reach_each_other_by_name_across_nodes() -> R {
+    skiff_testkit::require_privileged!();
+    let _routes = Routes((6..8).map(range).collect());
+    let h = hub()?;
+    let token = h.ok(&["token", "create", "--uses", "2"])?.trim().to_string();
+    let (pa, pb) = (free_port(), free_port());
+    let (listen_a, listen_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let (ra, rb) = (range(6), range(7));
+    let a = agent_with(&h, &token, "node-a", &["role=a"], &["--service-range", &ra, "--mesh-listen", &listen_a])?;
+    let b = agent_with(&h, &token, "node-b", &["role=b"], &["--service-range", &rb, "--mesh-listen", &listen_b])?;
+    common::fleet::wait_ready(&h, "node-a")?;
+    common::fleet::wait_ready(&h, "node-b")?;
+    let port = free_port();
+    let set = h.write("set.yaml", &SET.replace("PORT", &port.to_string()))?;
+    h.ok(&["apply", "-f", set.to_str().unwrap()])?;
+    // Spread over the two nodes, db-0 on the first by name.
+    let all = wait_placed(&h, &[("node-a", "db-0"), ("node-b", "db-1")])?;
+    let id = |name: &str| all.iter().find(|i| i.name == name).unwrap().container_id.clone();
+    answers(&b, &id("db-1"), &format!("http://db-0.pg:{port}/"), "db on db-0")?;
+    answers(&b, &id("db-1"), &format!("http://db-0.pg.shop.svc.cluster.local:{port}/"), "db on db-0")?;
+    answers(&a, &id("db-0"), &format!("http://db-1.pg:{port}/"), "db on db-1")?;
+    // The set's own name spreads over both; a name of no instance resolves to nothing.
+    assert!(wget(&a, &id("db-0"), &format!("http://db-7.pg:{port}/")).is_err());
+    Ok(())
+}
+
 fn ip(ns: Option<&str>, args: &[&str]) -> R {
     let mut cmd = Command::new("ip");
     if let Some(ns) = ns {

@@ -152,7 +152,7 @@ impl Agent {
             let ip = r.ip.as_ref().or_else(|| leases.get(&r.name))?;
             Some((r, ip.parse::<Ipv4Addr>().ok()?))
         });
-        let mut local: BTreeMap<&str, Vec<Ipv4Addr>> = BTreeMap::new();
+        let mut local: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
         let mut callers = HashMap::new();
         let mut peers = vec![];
         for (r, ip) in addressed {
@@ -176,11 +176,19 @@ impl Agent {
                 None => !stopping.contains(&r.container_id) && r.ready_since_ms.is_some(),
             };
             if serves {
-                local.entry(r.deployment.as_str()).or_default().push(ip);
+                local.entry(r.deployment.clone()).or_default().push(ip);
+                // A stateful set's instance is also a service of its own.
+                if let Some(stable) = crate::stable_names(r).into_iter().next() {
+                    local.entry(stable).or_default().push(ip);
+                }
             }
         }
         let mut services: BTreeMap<String, Service> =
             desired.iter().filter_map(Service::of).map(|s| (s.name.clone(), s)).collect();
+        // A stateful set's instances here, each a service of its own.
+        for (d, slots) in self.db(|s| s.desired_slots())?.iter().filter(|(d, _)| d.stateful.is_some()) {
+            services.extend(slots.iter().filter_map(|&n| Service::of_instance(d, n)).map(|s| (s.name.clone(), s)));
+        }
         for s in &view.services {
             match services.get_mut(&s.name) {
                 Some(mine) => mine.endpoints.clone_from(&s.endpoints),
@@ -194,7 +202,7 @@ impl Agent {
         let mut by_vip = HashMap::new();
         for (name, service) in services {
             let Some(vip) = vips.get(&name).copied() else { continue };
-            let local = local.get(name.as_str()).cloned().unwrap_or_default();
+            let local = local.get(&name).cloned().unwrap_or_default();
             by_vip.insert(vip, name.clone());
             entries.insert(name, Entry { service, vip, local });
         }
@@ -644,6 +652,7 @@ mod tests {
                 networks: vec![format!("{stack}_default")],
                 ports: vec![ServicePort { port: 5432, target: 5432 }],
                 endpoints: vec![],
+                instance: None,
             },
             vip: vip.into(),
             local: local.iter().map(|a| Ipv4Addr::from(*a)).collect(),

@@ -70,22 +70,23 @@ impl Fleet {
             for d in bridge {
                 nets.extend(d.spec.joined_networks());
                 let Some(service) = Service::of(&d.spec) else { continue };
-                let reported: Vec<&InstanceStatus> = statuses
-                    .get(node)
-                    .map(|v| v.iter().filter(|i| i.deployment == d.spec.name).collect())
-                    .unwrap_or_default();
-                let ready = reported.iter().filter(|i| serves(i)).count() as u32;
-                let (_, eps) = t.services.entry(d.spec.name.clone()).or_insert_with(|| (service, BTreeMap::new()));
-                eps.insert(
-                    node.clone(),
-                    Endpoint {
+                // A stateful set's instances placed here, each a service of its own too.
+                let each = d.indexes.iter().filter_map(|&n| Service::of_instance(&d.spec, n)).map(|s| (s, 1));
+                for (service, total) in std::iter::once((service, d.indexes.len() as u32)).chain(each) {
+                    let ready = statuses
+                        .get(node)
+                        .map(|v| v.iter().filter(|i| service.served_by(&i.deployment, &i.name) && serves(i)).count())
+                        .unwrap_or_default() as u32;
+                    let endpoint = Endpoint {
                         node: node.clone(),
                         site: t.sites.get(node).cloned(),
                         mesh: mesh.get(node).cloned(),
                         ready,
-                        total: d.indexes.len() as u32,
-                    },
-                );
+                        total,
+                    };
+                    let (_, eps) = t.services.entry(service.name.clone()).or_insert_with(|| (service, BTreeMap::new()));
+                    eps.insert(node.clone(), endpoint);
+                }
             }
         }
         let t = Arc::new(t);
@@ -157,7 +158,7 @@ impl Fleet {
         for ep in by_locality(&s.endpoints, site.as_deref(), turn) {
             let mut ready: Vec<&InstanceStatus> = statuses
                 .get(&ep.node)
-                .map(|v| v.iter().filter(|i| i.deployment == service && serves(i)).collect())
+                .map(|v| v.iter().filter(|i| s.served_by(&i.deployment, &i.name) && serves(i)).collect())
                 .unwrap_or_default();
             // Instances being replaced only when no other serves.
             if ready.iter().any(|i| !i.retiring) {
