@@ -528,8 +528,8 @@ impl Agent {
 }
 
 /// What a stateful set's new instance (`OrderedReady`) waits for: each lower slot of this
-/// node running and ready, as Kubernetes starts `web-1` once `web-0` is. Restarts of an
-/// instance that ran do not wait. The flag: worth looking again soon (the one waited for
+/// node running and ready, as Kubernetes starts `web-1` once `web-0` is (one held by
+/// `skiff stop` is not waited for). Restarts of an instance that ran do not wait. The flag: worth looking again soon (the one waited for
 /// started in the last minute; readiness without a probe or a port has no event of its own).
 fn before_it(d: &Deployment, slots: &[u32], r: &InstanceRow, rows: &[InstanceRow], now: u64) -> Option<(String, bool)> {
     if !d.ordered() || r.state != InstanceState::Pending {
@@ -538,7 +538,9 @@ fn before_it(d: &Deployment, slots: &[u32], r: &InstanceRow, rows: &[InstanceRow
     let slot = slot_of(r)?;
     let primary = |s: u32| rows.iter().find(|x| x.deployment == d.name && !x.retiring && slot_of(x) == Some(s));
     let ready = |x: &InstanceRow| x.state == InstanceState::Running && x.ready_since_ms.is_some();
-    let waits = slots.iter().copied().filter(|&s| s < slot).find(|&s| !primary(s).is_some_and(ready))?;
+    // One stopped on purpose (`skiff stop`) is not waited for: nothing would start it.
+    let waits =
+        slots.iter().copied().filter(|&s| s < slot).find(|&s| !primary(s).is_some_and(|x| ready(x) || x.held))?;
     let soon = primary(waits).is_some_and(|x| {
         x.state == InstanceState::Running && x.started_at_ms.is_some_and(|t| now.saturating_sub(t) < 60_000)
     });
@@ -952,11 +954,12 @@ mod tests {
         assert_eq!(names, ["db-0", "db-1", "db-2"]);
 
         // Down to 1: db-2 goes first; db-1 only once db-2 is gone.
+        let top = inst(&n, "db-2").container_id;
         d.replicas = 1;
         n.agent.set_desired(std::slice::from_ref(&d), 2).unwrap();
         n.pass().await;
         let stopped: Vec<String> = n.rt.signals().into_iter().map(|(id, _)| id).collect();
-        assert_eq!(stopped, [inst(&n, "db-2").container_id], "the highest alone");
+        assert_eq!(stopped, [top], "the highest alone");
         for _ in 0..500 {
             if n.agent.instances().unwrap().len() == 2 {
                 break;

@@ -310,7 +310,10 @@ mod tests {
         new.ready_since_ms = Some(9_000);
         let state = [inst("db-0", 1, false), inst("db-1", 2, false), new];
         assert_eq!(plan(&inp, &state).actions, [Action::Stop { name: "db-1".into(), drop_image: false }]);
-        // Scaling down while one is stopping stops no other.
+        // Scaling down: the highest first, alone; none while one is stopping.
+        let down = Input { slots: &[1], ..inp };
+        let all = [inst("db-0", 1, true), inst("db-1", 2, true), inst("db-2", 3, true)];
+        assert_eq!(plan(&down, &all).actions, [Action::Stop { name: "db-2".into(), drop_image: false }]);
         let mut stopping = inst("db-2", 3, true);
         stopping.stopping = true;
         let inp = Input { slots: &[1], ..inp };

@@ -67,6 +67,9 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/services", get(services))
         .route("/api/v1/jobs", get(jobs))
+        .route("/api/v1/images", post(push_image))
+        .route("/api/v1/k8s-services", get(kept_services))
+        .route("/api/v1/k8s-services/{stack}/{name}", axum::routing::delete(forget_service))
         .route("/api/v1/events", get(events))
         .route("/api/v1/metrics", get(samples))
         .route("/api/v1/autoscalers", get(autoscalers))
@@ -723,6 +726,47 @@ async fn images(
     };
     match handler(name, body.to_vec()).await {
         Ok(bytes) => Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response()),
+        Err((status, msg)) => Err(ApiError(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), msg)),
+    }
+}
+
+/// The Kubernetes Services the hub keeps (as applied), which `skiff apply` reads.
+async fn kept_services(State(hub): State<Shared>) -> Result<Json<Vec<skiff_model::api::KeptService>>, ApiError> {
+    Ok(Json(hub.kept_services().map_err(internal)?))
+}
+
+/// `skiff delete -f` of a Service: the hub keeps it no more.
+async fn forget_service(
+    State(hub): State<Shared>,
+    Path((stack, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    match hub.forget_service(&stack, &name).map_err(internal)? {
+        true => Ok(StatusCode::NO_CONTENT),
+        false => Err(not_found(format!("service {stack}/{name} not found"))),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct PushQuery {
+    reference: String,
+    /// `sha256:…`: the build the pusher has; answered without a body if the hub holds it.
+    digest: Option<String>,
+}
+
+/// `POST /api/v1/images?reference=REF[&digest=D]`: an image built by the operator (an OCI
+/// archive in the body; none, when the hub already holds build `D`), kept by a fleet's hub and offered to the nodes that run it through the
+/// image proxy (`skiff apply` of a compose file with `build:` on a fleet).
+async fn push_image(
+    State(hub): State<Shared>,
+    Query(q): Query<PushQuery>,
+    body: axum::body::Body,
+) -> Result<Json<skiff_model::api::ImagePushed>, ApiError> {
+    let f = fleet_of(&hub)?;
+    let push = f.image_proxy().and_then(|p| p.push.clone()).ok_or_else(|| {
+        ApiError(StatusCode::CONFLICT, "this hub keeps no images: its nodes pull from registries".into())
+    })?;
+    match push(q.reference, q.digest, body).await {
+        Ok(p) => Ok(Json(p)),
         Err((status, msg)) => Err(ApiError(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), msg)),
     }
 }

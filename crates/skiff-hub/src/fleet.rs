@@ -217,7 +217,8 @@ impl Allowed {
             Some((slot, tag)) => (slot, Some(tag)),
             None => (rest, None),
         };
-        let slot_ok = slot.parse::<u32>().is_ok_and(|n| slots.contains(&n));
+        // As the agent writes it (`web-1`, never `web-01`): one name per slot.
+        let slot_ok = slot.parse::<u32>().is_ok_and(|n| n.to_string() == slot && slots.contains(&n));
         let tag_ok = tag.is_none_or(|t| i.template.starts_with(t) && t.len() == 6);
         (!slot_ok || !tag_ok).then(|| "it is not in a slot assigned to the node".to_string())
     }
@@ -234,7 +235,23 @@ pub type ImageCall =
 pub struct ImageProxy {
     pub resolve: ImageCall,
     pub chunks: ImageCall,
+    /// Takes an image the operator built (an OCI archive, streamed) into the hub's store
+    /// under a reference, to offer to nodes; none: this hub takes none.
+    pub push: Option<ImagePush>,
 }
+
+/// `push`: the reference, the digest the pusher has (the hub answers without the archive
+/// when it holds that build already: 404 asks for it) and the request's body in, the
+/// stored image out.
+pub type ImagePush = Arc<
+    dyn Fn(
+            String,
+            Option<String>,
+            axum::body::Body,
+        ) -> crate::BoxFuture<'static, Result<skiff_model::api::ImagePushed, (u16, String)>>
+        + Send
+        + Sync,
+>;
 
 /// Finds out which `(architecture, variant)`s an image is built for.
 pub type PlatformLookup = Arc<dyn Fn(String) -> crate::BoxFuture<'static, Result<Platforms, String>> + Send + Sync>;
@@ -730,7 +747,8 @@ impl Fleet {
         newest.instances.retain(|m| {
             allowed.deployments.get(&m.deployment).is_some_and(|(slots, _)| {
                 let rest = m.instance.strip_prefix(&m.deployment).and_then(|r| r.strip_prefix('-')).unwrap_or("");
-                rest.split('-').next().and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| slots.contains(&n))
+                let slot = rest.split('-').next().unwrap_or_default();
+                slot.parse::<u32>().is_ok_and(|n| n.to_string() == slot && slots.contains(&n))
             })
         });
         for m in &mut newest.instances {
@@ -888,8 +906,11 @@ impl Fleet {
     pub fn reschedule(&self) -> Result<Plan, FleetError> {
         let deployments: Vec<Deployment> = self.store.list().map_err(internal)?.into_iter().map(|s| s.spec).collect();
         let current = self.store.slots().map_err(internal)?;
+        // A stateful set's slot goes back to the node its volumes are on.
+        let last = ordered::last_nodes(&*self.store, &deployments).map_err(internal)?;
+        let placed = ordered::with_last_nodes(&deployments, &current, &last);
         let mut plan =
-            schedule::schedule(&deployments, &self.known_platforms(), &self.views()?, &current, self.clock.now_ms());
+            schedule::schedule(&deployments, &self.known_platforms(), &self.views()?, &placed, self.clock.now_ms());
         // Every node's report, read only when an ordered stateful set needs it.
         let held = deployments.iter().any(Deployment::ordered) && {
             let reported: Vec<(String, InstanceStatus)> = self
@@ -900,6 +921,7 @@ impl Fleet {
             ordered::hold(&deployments, &current, &reported, &mut plan)
         };
         self.ordered_held.store(held, std::sync::atomic::Ordering::Relaxed);
+        ordered::remember(&*self.store, &deployments, &plan, &last).map_err(internal)?;
         self.store.set_slots(&plan.slots).map_err(internal)?;
         if let Ok(mut u) = self.unschedulable.lock() {
             u.clone_from(&plan.unschedulable);
@@ -1306,6 +1328,7 @@ mod tests {
             f.store.slots().unwrap().into_iter().filter(|s| s.deployment == "db").map(|s| (s.index, s.node)).collect()
         };
         assert_eq!(placed(&f).len(), 1, "db-0 alone until it is ready");
+        assert!(f.unschedulable()["db"].contains("1 instance(s) wait"), "{:?}", f.unschedulable());
         let node0 = placed(&f)[0].1.clone();
         let running = |node: &str, name: &str| InstanceStatus {
             state: skiff_model::InstanceState::Running,
@@ -1332,6 +1355,10 @@ mod tests {
         assert!(f.mesh_view(&node0).unwrap().clients.contains_key("db-0.pg"), "db-0's node serves it");
         // The set's own service still spreads over both.
         assert_eq!(f.relay_target(&node1, "db", 5432, 0).unwrap().0, node0);
+        // Where each slot ran is kept: its volumes are there.
+        let kept = f.store.states("stateful/").unwrap();
+        let want = serde_json::json!({"1": node0, "2": node1}).to_string();
+        assert_eq!(kept, [("stateful/db".to_string(), want)]);
     }
 
     #[test]
@@ -1359,6 +1386,8 @@ mod tests {
                 status("a", "web", &theirs, &tpl),
                 status("a", "web", &format!("{mine}-abcdef"), "abcdef0123"),
                 status("b", "db", "db-1", &tpl),
+                // Its own slot spelt another way: a second instance of one slot.
+                status("a", "web", &format!("web-0{a_slot}"), &tpl),
             ],
             ..Default::default()
         };
@@ -1368,7 +1397,7 @@ mod tests {
         let refused = f.security.list();
         let events: Vec<_> = refused.iter().filter(|e| e.reason == "ReportRefused").collect();
         assert_eq!(events.len(), 1, "one event for one report: {refused:?}");
-        assert!(events[0].message.contains("reported 3 instance(s) not its own"), "{:?}", events[0]);
+        assert!(events[0].message.contains("reported 4 instance(s) not its own"), "{:?}", events[0]);
         // Routing follows the slot table, not reports.
         assert_eq!(f.node_of_instance(&theirs).as_deref(), Some("b"));
         assert_eq!(f.node_of_instance(&mine).as_deref(), Some("a"));

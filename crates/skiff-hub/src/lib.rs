@@ -88,6 +88,15 @@ pub struct Hub {
     pub alerts: alerts::Alerts,
 }
 
+/// Where the hub keeps Kubernetes Services as applied.
+const KEPT_SERVICES: &str = "k8s-services/";
+/// The most Services it keeps.
+pub const MAX_KEPT_SERVICES: usize = 1000;
+
+fn kept_key(stack: &str, name: &str) -> String {
+    format!("{KEPT_SERVICES}{stack}/{name}")
+}
+
 impl Hub {
     /// A hub over `store` and `nodes` on the wall clock, with the autoscaler's default
     /// settings (and the history its autoscalers kept in the store) and no alert rules.
@@ -253,6 +262,10 @@ impl Hub {
     /// The request checked against the desired state it would leave.
     fn check(&self, req: &ApplyRequest) -> Result<Vec<Deployment>, ApplyError> {
         let existing: Vec<_> = self.store.list()?.into_iter().map(|s| s.spec).collect();
+        validate::check_kind(&req.deployments, &existing).map_err(|e| ApplyError::Invalid(e.to_string()))?;
+        for k in &req.services {
+            k.check().map_err(|e| ApplyError::Invalid(e.to_string()))?;
+        }
         let kept: Vec<_> =
             existing.into_iter().filter(|e| req.prune_stack.as_deref() != Some(e.stack.as_str())).collect();
         validate::check_apply(&req.deployments, &kept).map_err(|e| ApplyError::Invalid(e.to_string()))?;
@@ -273,6 +286,9 @@ impl Hub {
             let _ = self.settle_progressing(&stored, now, false);
         }
         let mut resp = self.store.apply(&req.deployments, req.prune_stack.as_deref(), req.dry_run, now)?;
+        if !req.dry_run && !req.services.is_empty() {
+            self.keep_services(&req.services)?;
+        }
         let ours = |name: &str| req.deployments.iter().any(|d| d.name == name);
         if req.dry_run {
             let mut all: Vec<_> = kept.into_iter().filter(|k| !ours(&k.name)).collect();
@@ -292,6 +308,37 @@ impl Hub {
             resp.unschedulable = self.nodes.unschedulable().into_iter().filter(|(d, _)| ours(d)).collect();
         }
         Ok(resp)
+    }
+
+    /// Keeps Kubernetes Services as applied (`k8s-services/STACK/NAME`), at most
+    /// [`MAX_KEPT_SERVICES`] in all.
+    fn keep_services(&self, services: &[skiff_model::api::KeptService]) -> Result<(), ApplyError> {
+        let have = self.store.states(KEPT_SERVICES)?;
+        let new = services.iter().filter(|k| !have.iter().any(|(key, _)| *key == kept_key(&k.stack, &k.name))).count();
+        if have.len() + new > MAX_KEPT_SERVICES {
+            return Err(ApplyError::Invalid(format!("services: the hub keeps at most {MAX_KEPT_SERVICES} Services")));
+        }
+        let mut changes = vec![];
+        for k in services {
+            let json = serde_json::to_string(k).map_err(|e| ApplyError::Invalid(e.to_string()))?;
+            changes.push((kept_key(&k.stack, &k.name), Some(json)));
+        }
+        Ok(self.store.put_states(&changes)?)
+    }
+
+    /// The Kubernetes Services kept (see [`Hub::keep_services`]).
+    pub fn kept_services(&self) -> Result<Vec<skiff_model::api::KeptService>, store::StoreError> {
+        Ok(self.store.states(KEPT_SERVICES)?.into_iter().filter_map(|(_, v)| serde_json::from_str(&v).ok()).collect())
+    }
+
+    /// Forgets a kept Service; whether there was one.
+    pub fn forget_service(&self, stack: &str, name: &str) -> Result<bool, store::StoreError> {
+        let key = kept_key(stack, name);
+        if !self.store.states(&key)?.iter().any(|(k, _)| *k == key) {
+            return Ok(false);
+        }
+        self.store.put_state(&key, None)?;
+        Ok(true)
     }
 
     /// Whether the controllers may act: every node has reported since the hub started

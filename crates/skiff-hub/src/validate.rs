@@ -3,6 +3,36 @@
 use skiff_model::{Deployment, ValidationError};
 use std::collections::BTreeMap;
 
+/// Checks `incoming` against every stored deployment of its names (`stored`, before any
+/// prune): instances are named from 1, a stateful set's from 0, so one cannot become the
+/// other (a name would mean two instances), and a set's governing service and pod
+/// management do not change (Kubernetes' fields are immutable too): delete it first.
+pub fn check_kind(incoming: &[Deployment], stored: &[Deployment]) -> Result<(), ValidationError> {
+    for d in incoming {
+        let Some(old) = stored.iter().find(|e| e.name == d.name) else { continue };
+        let field = format!("deployments.{}.stateful", d.name);
+        match (&old.stateful, &d.stateful) {
+            (None, None) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (Some(_), Some(_)) => {
+                return Err(ValidationError::new(
+                    field,
+                    format!("a stateful set's service and pod management do not change; delete {} first", d.name),
+                ))
+            }
+            (was, _) => {
+                let (was, is) =
+                    if was.is_some() { ("stateful set", "deployment") } else { ("deployment", "stateful set") };
+                return Err(ValidationError::new(
+                    field,
+                    format!("{} runs as a {was}; delete it before applying it as a {is}", d.name),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Validates `incoming` as it would stand together with `existing` (the stored
 /// deployments it does not replace). Errors are prefixed with the deployment's name.
 pub fn check_apply(incoming: &[Deployment], existing: &[Deployment]) -> Result<(), ValidationError> {
@@ -11,18 +41,6 @@ pub fn check_apply(incoming: &[Deployment], existing: &[Deployment]) -> Result<(
         d.validate().map_err(|e| ValidationError::new(format!("deployments.{}.{}", d.name, e.field), e.problem))?;
         if seen.insert(d.name.clone(), ()).is_some() {
             return Err(ValidationError::new(format!("deployments.{}", d.name), "appears twice"));
-        }
-    }
-    // Instances are named from 1, or a stateful set's from 0: one becoming the other
-    // would give two instances one name (Kubernetes' kinds are different objects too).
-    for d in incoming {
-        if let Some(old) = existing.iter().find(|e| e.name == d.name && e.stateful.is_some() != d.stateful.is_some()) {
-            let (was, is) =
-                if old.stateful.is_some() { ("stateful set", "deployment") } else { ("deployment", "stateful set") };
-            return Err(ValidationError::new(
-                format!("deployments.{}.stateful", d.name),
-                format!("{} runs as a {was}; delete it before applying it as a {is}", d.name),
-            ));
         }
     }
     let merged: Vec<&Deployment> =
@@ -173,13 +191,16 @@ mod tests {
         set.update.max_surge = skiff_model::rollout::IntOrPercent::Int(0);
         set.update.max_unavailable = skiff_model::rollout::IntOrPercent::Int(1);
         assert_eq!(
-            check_apply(std::slice::from_ref(&set), &[dep("web", &[])]).unwrap_err().to_string(),
+            check_kind(std::slice::from_ref(&set), &[dep("web", &[])]).unwrap_err().to_string(),
             "deployments.web.stateful: web runs as a deployment; delete it before applying it as a stateful set"
         );
-        assert!(check_apply(&[dep("web", &[])], &[set.clone()])
+        assert!(check_kind(&[dep("web", &[])], &[set.clone()])
             .unwrap_err()
             .to_string()
             .contains("runs as a stateful set"));
-        assert!(check_apply(&[set.clone()], &[set]).is_ok());
+        assert!(check_kind(&[set.clone()], std::slice::from_ref(&set)).is_ok());
+        let mut other = set.clone();
+        other.stateful.as_mut().unwrap().service = Some("pg".into());
+        assert!(check_kind(&[other], &[set]).unwrap_err().to_string().contains("do not change"));
     }
 }

@@ -31,7 +31,7 @@ mod load;
 
 pub use error::ImageError;
 pub use gc::{GcPolicy, Pruned};
-pub use reference::normalize_reference;
+pub use reference::{normalize_reference, reference_name};
 pub use skiff_model::WasmKind;
 pub use store::{ImageConfig, ImageInfo, ImageStore, ImageSummary};
 pub use unpack::{unpack_layer, UnpackError};

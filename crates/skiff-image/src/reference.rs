@@ -3,6 +3,16 @@
 /// The names of Docker Hub.
 const DOCKER_HUB: &[&str] = &["docker.io", "index.docker.io", "registry-1.docker.io"];
 
+/// The normalised name of `r` without its tag or digest (`localhost:5000/app:1` →
+/// `localhost:5000/app`): what `NAME@DIGEST` is written with.
+pub fn reference_name(r: &str) -> String {
+    let n = normalize_reference(r);
+    match n.split_once('@') {
+        Some((name, _)) => name.to_string(),
+        None => n.rsplit_once(':').map_or(n.clone(), |(name, _)| name.to_string()),
+    }
+}
+
 /// Normalises an image reference. A reference with a digest keeps it (and drops a tag
 /// beside it); one without a tag gets `:latest`; a first component without `.`/`:` (and
 /// not `localhost`) means Docker Hub, whose one-part names are under `library/`.
@@ -97,6 +107,14 @@ pub fn validate_reference(r: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_references_name_is_without_its_tag_or_digest() {
+        assert_eq!(reference_name("localhost:5000/app:1"), "localhost:5000/app");
+        assert_eq!(reference_name("localhost/bt-app"), "localhost/bt-app");
+        assert_eq!(reference_name("busybox"), "docker.io/library/busybox");
+        assert_eq!(reference_name(&format!("x@sha256:{}", "a".repeat(64))), "docker.io/library/x");
+    }
 
     #[test]
     fn new_names_follow_dockers_grammar() {

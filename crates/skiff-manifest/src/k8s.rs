@@ -20,6 +20,8 @@ pub struct K8sImport {
     /// HorizontalPodAutoscalers whose Deployment is not in these manifests (the hub may
     /// have it).
     pub autoscalers: Vec<AttachAutoscaler>,
+    /// The Services of these manifests, for the hub to keep (see [`import_k8s_with`]).
+    pub services: Vec<skiff_model::api::KeptService>,
 }
 
 type R<T> = Result<T, ManifestError>;
@@ -100,6 +102,9 @@ struct Service {
     ports: Vec<(Value, String)>,
     /// NodePort and LoadBalancer: published on the nodes too.
     publish: bool,
+    /// Kept by the hub from an earlier apply: it selects workloads of these files only,
+    /// and none is no error.
+    kept: bool,
 }
 
 /// Kinds that configure a cluster rather than run workloads: skipped with a warning.
@@ -154,7 +159,21 @@ pub fn import_k8s_files(files: &[(&str, &str)], namespace: &str) -> R<K8sImport>
 /// no workload of these files selects stored ones of its namespace by their pods' labels
 /// (as kubectl applies a Service on its own); those come out changed, to apply again.
 pub fn import_k8s_beside(files: &[(&str, &str)], namespace: &str, stored: &[Deployment]) -> R<K8sImport> {
-    let mut out = K8sImport { deployments: vec![], warnings: vec![], autoscalers: vec![] };
+    import_k8s_with(files, namespace, stored, &[])
+}
+
+/// [`import_k8s_beside`] with the Services the hub `kept` from earlier applies: each
+/// selects the workloads of these files as if it were in them (kubectl applies a Service
+/// on its own, and it selects pods made later). A Service of these files that selects
+/// nothing yet is no error: it is returned in `services`, as every Service is, for the
+/// hub to keep.
+pub fn import_k8s_with(
+    files: &[(&str, &str)],
+    namespace: &str,
+    stored: &[Deployment],
+    kept: &[skiff_model::api::KeptService],
+) -> R<K8sImport> {
+    let mut out = K8sImport { deployments: vec![], warnings: vec![], autoscalers: vec![], services: vec![] };
     let mut pod_labels: Vec<BTreeMap<String, String>> = vec![];
     let mut named_ports: Vec<BTreeMap<String, u16>> = vec![];
     let mut paths: Vec<String> = vec![];
@@ -223,7 +242,11 @@ pub fn import_k8s_beside(files: &[(&str, &str)], namespace: &str, stored: &[Depl
                     }
                     _ => return Err(ManifestError::at(format!("{path}.spec.ports"), "must be a list")),
                 };
-                services.push(Service { path, name, stack: stack.clone(), selector, ports, publish });
+                let document = serde_norway::to_string(&v).map_err(|e| ManifestError::at(&path, e.to_string()))?;
+                let keep = skiff_model::api::KeptService { name: name.clone(), stack: stack.clone(), document };
+                keep.check().map_err(|e| ManifestError::at(&path, e.to_string()))?;
+                out.services.push(keep);
+                services.push(Service { path, name, stack: stack.clone(), selector, ports, publish, kept: false });
             }
             // A claim is the named volume of its name on each node that mounts it.
             "PersistentVolumeClaim" => out.warnings.push(format!(
@@ -280,13 +303,44 @@ pub fn import_k8s_beside(files: &[(&str, &str)], namespace: &str, stored: &[Depl
             }
         }
     }
+    // The kept ones these files do not hold again, as if they were in them.
+    let in_files: Vec<(String, String)> = services.iter().map(|s| (s.name.clone(), s.stack.clone())).collect();
+    for k in kept.iter().filter(|k| !in_files.contains(&(k.name.clone(), k.stack.clone()))) {
+        let from = format!("Service {}/{} (kept)", k.stack, k.name);
+        let v: Value = serde_norway::from_str(&k.document).map_err(|e| ManifestError::at(&from, e.to_string()))?;
+        let (Some(spec), Some(sel)) = (get(&v, "spec"), get(&v, "spec").and_then(|s| get(s, "selector"))) else {
+            continue;
+        };
+        let publish = matches!(get(spec, "type").and_then(Value::as_str), Some("NodePort" | "LoadBalancer"));
+        let path = format!("Service/{}", k.name);
+        let ports = match get(spec, "ports") {
+            Some(Value::Sequence(p)) => {
+                p.iter().enumerate().map(|(i, x)| (x.clone(), format!("{path}.spec.ports[{i}]"))).collect()
+            }
+            _ => continue,
+        };
+        let selector = map_of_strings(sel, &format!("{path}.spec.selector"))?;
+        services.push(Service {
+            path,
+            name: k.name.clone(),
+            stack: k.stack.clone(),
+            selector,
+            ports,
+            publish,
+            kept: true,
+        });
+    }
     for s in services {
         let selects = |l: &BTreeMap<String, String>| {
             !s.selector.is_empty() && s.selector.iter().all(|(k, v)| l.get(k) == Some(v))
         };
-        let mut targets: Vec<usize> =
-            pod_labels.iter().enumerate().filter(|(_, l)| selects(l)).map(|(i, _)| i).collect();
-        if targets.is_empty() {
+        let mut targets: Vec<usize> = pod_labels
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| selects(l) && out.deployments[*i].stack == s.stack)
+            .map(|(i, _)| i)
+            .collect();
+        if targets.is_empty() && !s.kept {
             for d in stored.iter().filter(|d| d.stack == s.stack && selects(&d.pod_labels)) {
                 let at = match out.deployments.iter().position(|x| x.name == d.name) {
                     Some(at) => at,
@@ -302,10 +356,14 @@ pub fn import_k8s_beside(files: &[(&str, &str)], namespace: &str, stored: &[Depl
             }
         }
         if targets.is_empty() {
-            return Err(ManifestError::at(
-                format!("{}.spec.selector", s.path),
-                "selects no Deployment or DaemonSet in these manifests, nor a stored one",
-            ));
+            if !s.kept {
+                out.warnings.push(format!(
+                    "{}: selects no workload of these manifests nor a stored one yet; kept, it reaches the \
+                     workloads it selects when they are applied",
+                    s.path
+                ));
+            }
+            continue;
         }
         for (p, path) in &s.ports {
             unknown(p, &["port", "targetPort", "nodePort", "protocol", "name"], path, &mut out.warnings);
@@ -831,6 +889,9 @@ fn stateful(d: &mut Deployment, spec: &Value, sp: &str) -> R<()> {
     if given.is_none() {
         d.update.max_unavailable = IntOrPercent::Int(1);
     }
+    // Across a fleet, one node's instances at a time (each node replaces its own from
+    // the highest, one at a time), rather than waves that double.
+    d.update.wave_growth = 1;
     Ok(())
 }
 
@@ -1536,7 +1597,15 @@ data: {a: b}
         let web = app.deployments.iter().find(|d| d.name == "web").unwrap().clone();
         assert_eq!(web.pod_labels["app"], "web");
         let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: front}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports: [{port: 8080, targetPort: 80, nodePort: 30080}]\n";
-        assert!(import_k8s(svc, "default").unwrap_err().to_string().contains("nor a stored one"));
+        // Alone, selecting nothing yet: kept, as kubectl keeps it, and said so.
+        let alone = import_k8s(svc, "default").unwrap();
+        assert!(alone.deployments.is_empty());
+        assert!(
+            alone.warnings.iter().any(|w| w.contains("Service/front: selects no workload")),
+            "{:?}",
+            alone.warnings
+        );
+        assert_eq!((alone.services[0].name.as_str(), alone.services[0].stack.as_str()), ("front", "default"));
         let k = import_k8s_beside(&[("", svc)], "default", std::slice::from_ref(&web)).unwrap();
         let d = &k.deployments[0];
         assert_eq!(d.name, "web");
@@ -1548,7 +1617,22 @@ data: {a: b}
         assert_eq!(&again.deployments[0], d);
         // Another namespace's deployment is not selected.
         let other = Deployment { stack: "cams".into(), ..web.clone() };
-        assert!(import_k8s_beside(&[("", svc)], "default", &[other]).is_err());
+        let k = import_k8s_beside(&[("", svc)], "default", &[other]).unwrap();
+        assert!(k.deployments.is_empty(), "kept, not applied to another namespace's");
+        // The Deployment applied later, alone: the kept Service selects it (its targetPort
+        // by the container port's name too), as if in the same files.
+        let named = svc.replace("targetPort: 80", "targetPort: http");
+        let kept = import_k8s(&named, "default").unwrap().services;
+        let deploy = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: w, image: web:1, ports: [{containerPort: 80, name: http}]}]\n";
+        let k = import_k8s_with(&[("", deploy)], "default", &[], &kept).unwrap();
+        let d = &k.deployments[0];
+        assert!(d.expose.contains(&skiff_model::mesh::ServicePort { port: 8080, target: 80 }), "{:?}", d.expose);
+        assert!(d.aliases.contains(&"front".to_string()) && d.ports.iter().any(|p| p.host_port == 30080));
+        assert!(k.services.is_empty() && k.warnings.is_empty(), "nothing new to keep or say: {:?}", k.warnings);
+        // Another namespace's kept Service does not reach it.
+        let far = skiff_model::api::KeptService { stack: "cams".into(), ..kept[0].clone() };
+        let k = import_k8s_with(&[("", deploy)], "default", &[], &[far]).unwrap();
+        assert!(k.deployments[0].aliases.is_empty());
     }
 
     #[test]
@@ -1726,6 +1810,7 @@ spec:
         assert_eq!(d.volumes[0].source, VolumeSource::Claim { name: "www".into() });
         assert_eq!(d.update.budget(3).surge, 0, "stopped before its replacement starts");
         assert_eq!(d.update.budget(3).unavailable, 1, "one at a time");
+        assert_eq!((d.update.wave_size, d.update.wave_growth), (1, 1), "one node at a time");
         assert!(d.aliases.contains(&"nginx".to_string()), "the headless service's name reaches it");
         let said = k.warnings.join("\n");
         assert!(said.contains("volumeClaimTemplates[0]: a named volume \"www-POD\""), "{said}");
@@ -1807,7 +1892,7 @@ spec:
             .contains("one container per pod"));
         assert!(err(&base.replace("image: i}", "image: i, resources: {limits: {memory: 12XB}}}"))
             .contains("Deployment/w.spec.template.spec.containers[0].resources.limits.memory"));
-        assert!(err(&format!("{base}---\napiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  type: NodePort\n  selector: {{app: nope}}\n  ports: [{{port: 80}}]\n")).contains("Service/s.spec.selector: selects no Deployment"));
+        assert!(err(&format!("{base}---\napiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  type: NodePort\n  ports: [{{port: 80}}]\n")).contains("Service/s.spec.selector: is required"));
         assert!(err("apiVersion: v1\nkind: Deployment\nspec: {}\n").contains("metadata.name is required"));
         let three = import_k8s(&APP.replace("replicas: 1", "replicas: 3"), "default").unwrap();
         assert_eq!(three.deployments[0].replicas, 3, "replicas behind one host port are balanced by the node proxy");
@@ -1850,10 +1935,14 @@ spec:
         let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: api}\nspec:\n  type: NodePort\n  selector: {app: api}\n  ports: [{port: 80, nodePort: 30080}]\n";
         let k = import_k8s_files(&[("api.yaml", dep), ("svc.yaml", svc)], "default").unwrap();
         assert_eq!(k.deployments[0].ports[0].host_port, 30080, "the Service in another file publishes");
-        let e = import_k8s_files(&[("api.yaml", dep), ("svc.yaml", &svc.replace("app: api", "app: nope"))], "default")
-            .unwrap_err()
-            .to_string();
-        assert_eq!(e, "svc.yaml: Service/api.spec.selector: selects no Deployment or DaemonSet in these manifests, nor a stored one");
+        let k = import_k8s_files(&[("api.yaml", dep), ("svc.yaml", &svc.replace("app: api", "app: nope"))], "default")
+            .unwrap();
+        assert!(k.deployments[0].ports.is_empty(), "selects nothing here");
+        assert!(
+            k.warnings.iter().any(|w| w.starts_with("svc.yaml: Service/api: selects no workload")),
+            "kept, said so with its file: {:?}",
+            k.warnings
+        );
         let e = import_k8s_files(&[("a.yaml", dep), ("b.yaml", &format!("---\n{dep}"))], "default")
             .unwrap_err()
             .to_string();

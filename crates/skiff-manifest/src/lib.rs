@@ -17,7 +17,7 @@ pub mod short;
 
 pub use compose::{import_compose, BuildSpec, ComposeImport};
 pub use interpolate::interpolate;
-pub use k8s::{import_k8s, import_k8s_beside, import_k8s_files, is_k8s, K8sImport};
+pub use k8s::{import_k8s, import_k8s_beside, import_k8s_files, import_k8s_with, is_k8s, K8sImport};
 
 use thiserror::Error;
 

@@ -17,6 +17,39 @@ pub struct ApplyRequest {
     /// transaction as the rest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub autoscalers: Vec<AttachAutoscaler>,
+    /// Kubernetes Services of these manifests, kept by the hub as kubectl keeps them: a
+    /// workload applied later is selected by them as if they were in its files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<KeptService>,
+}
+
+/// A Kubernetes Service as applied (`GET /api/v1/k8s-services`): its namespace (stack),
+/// name and document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeptService {
+    pub name: String,
+    pub stack: String,
+    /// The Service's YAML document.
+    pub document: String,
+}
+
+impl KeptService {
+    /// The largest document kept.
+    pub const MAX_DOCUMENT: usize = 64 * 1024;
+
+    /// Checks what the hub stores: names as deployments' are, a bounded document.
+    pub fn check(&self) -> Result<(), crate::ValidationError> {
+        crate::validate::check_name("services.name", &self.name)?;
+        crate::validate::check_name("services.stack", &self.stack)?;
+        if self.document.len() > Self::MAX_DOCUMENT {
+            return Err(crate::ValidationError::new(
+                format!("services.{}", self.name),
+                format!("the document is more than {} bytes", Self::MAX_DOCUMENT),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// An autoscaler for the stored deployment `target`.
@@ -110,4 +143,14 @@ pub struct ExecEnd {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Version {
     pub version: String,
+}
+
+/// `POST /api/v1/images?reference=REF`'s answer: the image a fleet's hub now offers its
+/// nodes (an image built where no registry is named), by tag and by digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePushed {
+    /// The tag as stored (normalised).
+    pub reference: String,
+    /// The manifest (or index) digest: `NAME@DIGEST` names this build for good.
+    pub digest: String,
 }

@@ -83,7 +83,7 @@ impl Service {
     /// Whether reported instance `name` of `deployment` serves it.
     pub fn served_by(&self, deployment: &str, name: &str) -> bool {
         match &self.instance {
-            Some(i) => i == name,
+            Some(i) => i == name && name.strip_prefix(deployment).is_some_and(|r| r.starts_with('-')),
             None => self.name == deployment,
         }
     }

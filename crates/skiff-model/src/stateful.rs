@@ -23,6 +23,7 @@ pub struct Stateful {
 
 /// Kubernetes' `podManagementPolicy`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum PodManagement {
     /// Instance `n` is started once every lower one runs and is ready; scaling down
     /// stops the highest first, one at a time.
@@ -46,7 +47,12 @@ impl Deployment {
     /// The slot an instance name (`web-2`, or while it retires `web-2-<tag>`) fills.
     pub fn slot_named(&self, name: &str) -> Option<u32> {
         let rest = name.strip_prefix(&self.name)?.strip_prefix('-')?;
-        let n: u32 = rest.split('-').next()?.parse().ok()?;
+        let number = rest.split('-').next()?;
+        let n: u32 = number.parse().ok()?;
+        // Only as the name is written: `web-1`, not `web-01` or `web-+1`.
+        if n.to_string() != number {
+            return None;
+        }
         if self.stateful.is_some() {
             n.checked_add(1)
         } else {
@@ -145,6 +151,7 @@ mod tests {
         assert_eq!(d.slot_named("web-0"), Some(1));
         assert_eq!(d.slot_named("web-2-abc123"), Some(3));
         assert_eq!(d.slot_named("webx-0"), None);
+        assert_eq!((d.slot_named("web-00"), d.slot_named("web-+0")), (None, None), "one spelling per slot");
         assert_eq!(
             d.stable_names(1),
             ["web-0.nginx", "web-0.nginx.default", "web-0.nginx.default.svc", "web-0.nginx.default.svc.cluster.local"]

@@ -17,10 +17,21 @@ pub fn is_built(data: &Path, tag: &str) -> bool {
 /// progress) goes to this terminal's standard error.
 pub fn build(data: &Path, b: &BuildSpec) -> Result<()> {
     let field = format!("services.{}.build", b.service);
+    let (archive, _) = build_archive(&data.join("build"), b)?;
+    let loaded = skiff_image::ImageStore::open(data.join("images"))?.load(&archive, Some(&b.tag));
+    let _ = std::fs::remove_file(&archive);
+    loaded.with_context(|| format!("{field}: loading the built image"))?;
+    eprintln!("built {}", b.tag);
+    Ok(())
+}
+
+/// Builds `b` with buildah's storage under `work` into an OCI archive there; returns the
+/// archive and the image's manifest digest.
+pub fn build_archive(work: &Path, b: &BuildSpec) -> Result<(std::path::PathBuf, String)> {
+    let field = format!("services.{}.build", b.service);
     if !b.context.is_dir() {
         bail!("{field}: context {} is not a directory", b.context.display());
     }
-    let work = data.join("build");
     std::fs::create_dir_all(work.join("tmp")).with_context(|| format!("{}", work.display()))?;
     let dockerfile = match (&b.dockerfile_inline, &b.dockerfile) {
         (Some(text), _) => {
@@ -48,15 +59,57 @@ pub fn build(data: &Path, b: &BuildSpec) -> Result<()> {
         args.extend(["--target".into(), t.into()]);
     }
     args.extend(["-t".into(), b.tag.clone().into(), b.context.clone().into_os_string()]);
-    buildah(&work, &args).with_context(|| field.clone())?;
+    buildah(work, &args).with_context(|| field.clone())?;
     let archive = work.join("tmp").join(format!("{}.tar", b.service));
-    let dest = format!("oci-archive:{}:{}", archive.display(), b.tag);
-    buildah(&work, &["push".into(), b.tag.clone().into(), dest.into()]).with_context(|| field.clone())?;
-    let loaded = skiff_image::ImageStore::open(data.join("images"))?.load(&archive, Some(&b.tag));
     let _ = std::fs::remove_file(&archive);
-    loaded.with_context(|| format!("{field}: loading the built image"))?;
-    eprintln!("built {}", b.tag);
-    Ok(())
+    let digest_file = work.join("tmp").join(format!("{}.digest", b.service));
+    let dest = format!("oci-archive:{}:{}", archive.display(), b.tag);
+    let push = ["push".into(), "--digestfile".into(), digest_file.clone().into(), b.tag.clone().into(), dest.into()];
+    buildah(work, &push).with_context(|| field.clone())?;
+    let digest = std::fs::read_to_string(&digest_file).unwrap_or_default().trim().to_string();
+    let _ = std::fs::remove_file(&digest_file);
+    Ok((archive, digest))
+}
+
+/// Builds `b` here and hands the image to the fleet's hub (`POST /api/v1/images`), which
+/// offers it to the nodes that run it; returns `NAME@DIGEST`, the reference that runs
+/// this build (a new build is a new reference, so its deployment rolls). The archive is
+/// sent only when the hub does not hold this build already.
+pub async fn build_and_push(c: &crate::client::Client, work: &Path, b: &BuildSpec) -> Result<String> {
+    let field = format!("services.{}.build", b.service);
+    let (work2, b2) = (work.to_path_buf(), b.clone());
+    let (archive, digest) = tokio::task::spawn_blocking(move || build_archive(&work2, &b2)).await??;
+    let name = skiff_image::reference_name(&b.tag);
+    let query = [("reference", b.tag.as_str()), ("digest", digest.as_str())];
+    let have = match c.post_bytes::<skiff_model::api::ImagePushed>("/api/v1/images", &query, vec![]).await {
+        Ok(p) if !digest.is_empty() => Some(p),
+        Ok(_) => None,
+        Err(e)
+            if e.downcast_ref::<crate::client::ApiError>()
+                .is_some_and(|a| a.status == reqwest::StatusCode::NOT_FOUND) =>
+        {
+            None
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&archive);
+            return Err(e.context(format!("{field}: offering {} to the hub", b.tag)));
+        }
+    };
+    let pushed = match have {
+        Some(p) => {
+            eprintln!("{} is on the hub already ({})", b.tag, p.digest);
+            p
+        }
+        None => {
+            let bytes = tokio::fs::read(&archive).await.with_context(|| format!("{}", archive.display()))?;
+            eprintln!("sending {} to the hub ({}) ...", b.tag, skiff_model::format_bytes(bytes.len() as u64));
+            c.post_bytes("/api/v1/images", &[("reference", b.tag.as_str())], bytes)
+                .await
+                .with_context(|| format!("{field}: sending {} to the hub", b.tag))?
+        }
+    };
+    let _ = std::fs::remove_file(&archive);
+    Ok(format!("{name}@{}", pushed.digest))
 }
 
 /// Runs buildah on its own storage under `work`, with Docker's umask (022) for what the

@@ -68,6 +68,18 @@ impl Client {
         Ok(self.send(self.http.post(self.url(path)).json(body)).await?.json().await?)
     }
 
+    /// POSTs raw `bytes` (an image archive) to `path` with `query`.
+    pub async fn post_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        bytes: Vec<u8>,
+    ) -> Result<T> {
+        let req =
+            self.http.post(self.url(path)).query(query).header(reqwest::header::CONTENT_TYPE, "application/x-tar");
+        Ok(self.send(req.body(bytes)).await?.json().await?)
+    }
+
     pub async fn delete(&self, path: &str) -> Result<()> {
         self.send(self.http.delete(self.url(path))).await?;
         Ok(())

@@ -359,14 +359,15 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let addr = listener.local_addr()?;
     let tls = server_tls(&ca, addr, &args.advertise)?;
     let ca_pem = ca.pem().to_string();
-    let lookup = platform_lookup(cli)?;
+    let pushed = Arc::new(Pushed::open(data)?);
+    let lookup = platform_lookup(cli, Arc::clone(&pushed))?;
     let clock = skiff_hub::clock::system();
     let mut fleet = skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store), Arc::clone(&clock))?
         .with_platform_lookup(lookup)
         .with_cert_ttl(args.node_cert_ttl)
         .with_site_caches(args.site_caches.iter().cloned());
     if args.image_cache_size > 0 {
-        fleet = fleet.with_image_proxy(image_proxy(cli, args.image_cache_size)?);
+        fleet = fleet.with_image_proxy(image_proxy(cli, args.image_cache_size, pushed)?);
     }
     let fleet = Arc::new(fleet);
     let admin_token = store.shared("admin_token", &crate::up::admin_token(data)?)?;
@@ -538,9 +539,119 @@ fn parse_cache_size(s: &str) -> Result<u64, String> {
     skiff_model::parse_bytes(s).map_err(|e| e.to_string())
 }
 
+/// The images operators pushed to this hub (built where no registry is named): served to
+/// nodes from the hub's store without asking a registry, never evicted. Kept in
+/// `<data>/pushed-images.json`.
+pub(crate) struct Pushed {
+    path: std::path::PathBuf,
+    refs: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// The largest image archive a push may send.
+const MAX_PUSH_BYTES: u64 = 8 << 30;
+
+impl Pushed {
+    fn open(data: &std::path::Path) -> Result<Self> {
+        let path = data.join("pushed-images.json");
+        let refs = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
+        };
+        Ok(Pushed { path, refs: std::sync::Mutex::new(refs) })
+    }
+
+    fn contains(&self, reference: &str) -> bool {
+        let r = skiff_image::normalize_reference(reference);
+        self.refs.lock().is_ok_and(|s| s.contains(&r))
+    }
+
+    fn add(&self, refs: &[String]) -> std::io::Result<()> {
+        let mut set = self.refs.lock().map_err(|_| std::io::Error::other("lock poisoned"))?;
+        set.extend(refs.iter().map(|r| skiff_image::normalize_reference(r)));
+        let bytes = serde_json::to_vec(&*set).map_err(std::io::Error::other)?;
+        skiff_sys::durable::write(&self.path, &bytes, 0o600).map_err(std::io::Error::other)
+    }
+
+    /// Streams an OCI archive into `store` as `reference`, tagged by digest as well.
+    async fn take(
+        &self,
+        store: Arc<skiff_image::ImageStore>,
+        reference: String,
+        digest: Option<String>,
+        body: axum::body::Body,
+    ) -> Result<skiff_model::api::ImagePushed, (u16, String)> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        skiff_image::registry::RemoteRef::parse(&reference).map_err(|e| (400, e.to_string()))?;
+        if reference.contains('@') {
+            return Err((400, format!("{reference}: push a tag, not a digest")));
+        }
+        let reference = skiff_image::normalize_reference(&reference);
+        let internal = |e: &dyn std::fmt::Display| (500, e.to_string());
+        // The same build again: tagged, nothing sent.
+        if let Some(d) = digest {
+            let by_digest = format!("{}@{d}", skiff_image::reference_name(&reference));
+            if !self.contains(&by_digest) {
+                return Err((404, format!("{by_digest} is not here: send its archive")));
+            }
+            let (st, r, dd) = (Arc::clone(&store), reference.clone(), d.clone());
+            tokio::task::spawn_blocking(move || st.tag(&r, &dd))
+                .await
+                .map_err(|e| internal(&e))?
+                .map_err(|e| (400, skiff_image::error::with_causes(&e)))?;
+            self.add(std::slice::from_ref(&reference)).map_err(|e| internal(&e))?;
+            return Ok(skiff_model::api::ImagePushed { reference, digest: d });
+        }
+        let dir = store.root().join("tmp");
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| internal(&e))?;
+        let archive = dir.join(format!("push-{}.tar", skiff_hub::pki::random_hex().map_err(|e| internal(&e))?));
+        let written = async {
+            let mut file = tokio::fs::File::create(&archive).await.map_err(|e| internal(&e))?;
+            let mut stream = body.into_data_stream();
+            let mut total = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| (400, format!("reading the archive: {e}")))?;
+                total += chunk.len() as u64;
+                if total > MAX_PUSH_BYTES {
+                    return Err((
+                        413,
+                        format!("an image archive may be {} at most", skiff_model::format_bytes(MAX_PUSH_BYTES)),
+                    ));
+                }
+                file.write_all(&chunk).await.map_err(|e| internal(&e))?;
+            }
+            file.sync_all().await.map_err(|e| internal(&e))
+        }
+        .await;
+        let loaded = match written {
+            Ok(()) => {
+                let (st, a, r) = (Arc::clone(&store), archive.clone(), reference.clone());
+                tokio::task::spawn_blocking(move || -> Result<String, skiff_image::ImageError> {
+                    st.load(&a, Some(&r))?;
+                    let digest = st.top_digest(&r)?;
+                    st.tag(&format!("{}@{digest}", skiff_image::reference_name(&r)), &digest)?;
+                    Ok(digest)
+                })
+                .await
+                .map_err(|e| internal(&e))
+                .and_then(|r| r.map_err(|e| (400, skiff_image::error::with_causes(&e))))
+            }
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_file(&archive).await;
+        let digest = loaded?;
+        let by_digest = format!("{}@{digest}", skiff_image::reference_name(&reference));
+        self.add(&[reference.clone(), by_digest]).map_err(|e| internal(&e))?;
+        tracing::info!(image = %reference, %digest, "image pushed: offered to the nodes that run it");
+        Ok(skiff_model::api::ImagePushed { reference, digest })
+    }
+}
+
 /// The image proxy over `<data>/images`: pulls with the hub's registries settings, keeps
-/// at most `limit` bytes (least recently resolved images evicted first).
-fn image_proxy(cli: &crate::cli::Cli, limit: u64) -> Result<skiff_hub::fleet::ImageProxy> {
+/// at most `limit` bytes (least recently resolved images evicted first; pushed images
+/// are served from the store as they are, and kept).
+fn image_proxy(cli: &crate::cli::Cli, limit: u64, pushed: Arc<Pushed>) -> Result<skiff_hub::fleet::ImageProxy> {
     use skiff_image::proxy::{self, ResolveRequest};
     let store = Arc::new(skiff_image::ImageStore::open(cli.data.join("images"))?);
     let opts = skiff_image::registry::PullOptions { progress: Arc::new(|_| {}), ..crate::cli::pull_options(cli)? };
@@ -549,24 +660,39 @@ fn image_proxy(cli: &crate::cli::Cli, limit: u64) -> Result<skiff_hub::fleet::Im
     // The layers each node was answered with: the only ones it may ask chunks of.
     let served =
         Arc::new(std::sync::Mutex::new(std::collections::HashMap::<String, std::collections::HashSet<String>>::new()));
-    let (st, sv) = (Arc::clone(&store), Arc::clone(&served));
+    let (st, sv, pu) = (Arc::clone(&store), Arc::clone(&served), Arc::clone(&pushed));
     let resolve: skiff_hub::fleet::ImageCall = Arc::new(move |node: String, body: Vec<u8>| {
         let (store, opts, used, flights) = (Arc::clone(&st), opts.clone(), Arc::clone(&used), Arc::clone(&flights));
-        let served = Arc::clone(&sv);
+        let (served, pushed) = (Arc::clone(&sv), Arc::clone(&pu));
         Box::pin(async move {
             let req: ResolveRequest = serde_json::from_slice(&body).map_err(|e| (400, format!("request: {e}")))?;
             skiff_image::registry::RemoteRef::parse(&req.reference).map_err(|e| (400, e.to_string()))?;
             let _one = flights.enter(&req.reference).await;
-            let r = proxy::resolve(Arc::clone(&store), &req, &opts).await.map_err(|e| {
+            let status_of = |e: skiff_image::ImageError| {
                 let status = match e {
                     skiff_image::ImageError::BadPlatform(_) | skiff_image::ImageError::NoPlatform { .. } => 400,
                     skiff_image::ImageError::NotFound(_) => 404,
                     _ => 502,
                 };
                 (status, skiff_image::error::with_causes(&e))
-            })?;
+            };
+            // A pushed image has no registry: the store's is the one.
+            let own = pushed.contains(&req.reference);
+            let r = if own {
+                let platform = skiff_image::registry::parse_platform(&req.platform).map_err(status_of)?;
+                let (st, reference) = (Arc::clone(&store), req.reference.clone());
+                tokio::task::spawn_blocking(move || st.resolved(&reference, &platform))
+                    .await
+                    .map_err(|e| (500, e.to_string()))?
+                    .map_err(status_of)?
+            } else {
+                proxy::resolve(Arc::clone(&store), &req, &opts).await.map_err(status_of)?
+            };
             if let Ok(mut s) = served.lock() {
                 s.entry(node).or_default().extend(r.layers.iter().map(|l| l.diff_id.clone()));
+            }
+            if own {
+                return serde_json::to_vec(&r).map_err(|e| (500, e.to_string()));
             }
             let order = {
                 let mut u = used.lock().map_err(|_| (500, "lock poisoned".to_string()))?;
@@ -587,6 +713,7 @@ fn image_proxy(cli: &crate::cli::Cli, limit: u64) -> Result<skiff_hub::fleet::Im
             serde_json::to_vec(&r).map_err(|e| (500, e.to_string()))
         })
     });
+    let store_push = Arc::clone(&store);
     let chunks: skiff_hub::fleet::ImageCall = Arc::new(move |node: String, body: Vec<u8>| {
         let store = Arc::clone(&store);
         let layers = served.lock().ok().and_then(|s| s.get(&node).cloned()).unwrap_or_default();
@@ -597,17 +724,34 @@ fn image_proxy(cli: &crate::cli::Cli, limit: u64) -> Result<skiff_hub::fleet::Im
                 .map_err(|e| (404, skiff_image::error::with_causes(&e)))
         })
     });
-    Ok(skiff_hub::fleet::ImageProxy { resolve, chunks })
+    let push: skiff_hub::fleet::ImagePush =
+        Arc::new(move |reference: String, digest: Option<String>, body: axum::body::Body| {
+            let (store, pushed) = (Arc::clone(&store_push), Arc::clone(&pushed));
+            Box::pin(async move { pushed.take(store, reference, digest, body).await })
+        });
+    Ok(skiff_hub::fleet::ImageProxy { resolve, chunks, push: Some(push) })
 }
 
 /// The hub reads an image's platforms from its registry (mirrors and CA as a pull would
 /// use them, from `--registries`): Linux ones only, so attestation entries (`unknown/unknown`)
 /// and other systems' images do not count.
-fn platform_lookup(cli: &crate::cli::Cli) -> Result<skiff_hub::fleet::PlatformLookup> {
+fn platform_lookup(cli: &crate::cli::Cli, pushed: Arc<Pushed>) -> Result<skiff_hub::fleet::PlatformLookup> {
     let opts = skiff_image::registry::PullOptions { progress: Arc::new(|_| {}), ..crate::cli::pull_options(cli)? };
+    let images = cli.data.join("images");
     Ok(Arc::new(move |image: String| {
         let opts = opts.clone();
+        // A pushed image's platform is the one it was built for, as stored here.
+        let own = pushed.contains(&image).then(|| images.clone());
         Box::pin(async move {
+            if let Some(root) = own {
+                let info = tokio::task::spawn_blocking(move || skiff_image::ImageStore::open(root)?.inspect(&image))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                let mut parts = info.platform.splitn(3, '/').skip(1);
+                let arch = parts.next().unwrap_or_default().to_string();
+                return Ok(vec![(arch, parts.next().map(str::to_string))]);
+            }
             let all = skiff_image::registry::platforms(&image, &opts).await.map_err(|e| e.to_string())?;
             Ok(all.into_iter().filter(|p| p.os == "linux").map(|p| (p.architecture, p.variant)).collect())
         })

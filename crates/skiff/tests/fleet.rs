@@ -987,3 +987,54 @@ fn a_pull_killed_half_way_resumes_from_the_chunks_it_kept() -> R {
     wait_placed(&h, &[])?;
     Ok(())
 }
+
+/// A compose service with only a `build:` on a fleet: `skiff apply` builds it where it
+/// runs (buildah), hands the image to the hub, and the node pulls it through the hub's
+/// image proxy (no registry anywhere) and runs it by digest. The same build is not sent
+/// again; a changed one rolls the service.
+#[test]
+fn an_image_built_by_the_operator_reaches_fleet_nodes_through_the_hub() -> R {
+    skiff_testkit::require_privileged!();
+    let h = hub()?;
+    let token = h.ok(&["token", "create"])?.trim().to_string();
+    let _a = agent(&h, &token, "edge-1", &[])?;
+    wait_ready(&h, "edge-1")?;
+    let ctx = h.dir.path().join("app");
+    std::fs::create_dir_all(&ctx)?;
+    std::fs::copy("/bin/busybox", ctx.join("busybox"))?;
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY msg /msg\nCMD [\"/bin/busybox\", \"sleep\", \"1000\"]\n",
+    )?;
+    std::fs::write(ctx.join("msg"), "v1\n")?;
+    let compose =
+        h.write("compose.yaml", "name: bt\nservices:\n  app:\n    build: ./app\n    stop_grace_period: 1s\n")?;
+    let file = compose.to_str().unwrap();
+    let first = h.cli(&["apply", "-f", file])?;
+    let said = String::from_utf8_lossy(&first.stderr).to_string();
+    assert!(first.status.success() && said.contains("sending localhost/bt-app:latest to the hub"), "{said}");
+    wait_placed(&h, &[("edge-1", "app-1")])?;
+    assert_eq!(h.ok(&["exec", "app-1", "--", "/bin/busybox", "cat", "/msg"])?, "v1\n");
+    let image = |h: &Node| -> String {
+        let out = h.ok(&["get", "deployments", "app", "-o", "json"]).unwrap();
+        let d: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let d = if d.is_array() { d[0].clone() } else { d };
+        d["spec"]["image"].as_str().map(str::to_string).unwrap_or(out)
+    };
+    let v1 = image(&h);
+    assert!(v1.starts_with("localhost/bt-app@sha256:"), "run by digest: {v1}");
+    // The same build again: nothing sent, nothing changed.
+    let again = h.cli(&["apply", "-f", file])?;
+    let said = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(again.status.success() && said.contains("is on the hub already"), "{said}");
+    assert!(!said.contains("sending"), "{said}");
+    assert_eq!(image(&h), v1);
+    // A changed build: a new digest, and the node runs it.
+    std::fs::write(ctx.join("msg"), "v2\n")?;
+    h.ok(&["apply", "-f", file])?;
+    assert_ne!(image(&h), v1);
+    wait_for(90 * SEC, "app-1 on the new build", || {
+        (h.ok(&["exec", "app-1", "--", "/bin/busybox", "cat", "/msg"]).ok()? == "v2\n").then_some(())
+    })?;
+    Ok(())
+}

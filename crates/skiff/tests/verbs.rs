@@ -355,3 +355,41 @@ fn a_stateful_set_starts_in_order_and_keeps_each_pods_volume() -> R {
     assert!(n.data().join("volumes/data-web-2/_data/who").exists());
     Ok(())
 }
+
+/// A Service applied before the Deployment it selects (kubectl applies each object on its
+/// own): kept by the hub, it reaches the Deployment applied later, its targetPort named
+/// by the container's port; `delete -f` forgets it.
+#[test]
+fn a_service_applied_before_its_deployment_reaches_it() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.up(None)?;
+    let port = common::free_port();
+    let svc = n.write(
+        "svc.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: front}}\nspec:\n  type: NodePort\n  selector: {{app: web}}\n  \
+             ports: [{{port: 8080, targetPort: http, nodePort: {port}}}]\n"
+        ),
+    )?;
+    let out = n.cli(&["apply", "-f", svc.to_str().unwrap()])?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains("Service/front: selects no workload"), "{said}");
+    let deploy = n.write(
+        "web.yaml",
+        &format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  \
+             template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers:\n      - name: web\n        \
+             image: {IMAGE}\n        command: [sh, -c, 'mkdir -p /www && echo hi > /www/index.html && exec httpd -f -p 80 -h /www']\n        \
+             ports: [{{containerPort: 80, name: http}}]\n"
+        ),
+    )?;
+    n.ok(&["apply", "-f", deploy.to_str().unwrap()])?;
+    n.wait_running("web-1")?;
+    let got = wait_for(60 * SEC, "the Service's node port", || common::http_get(port, "/").ok())?;
+    assert_eq!(got.trim(), "hi");
+    assert_eq!(n.ok(&["delete", "-f", svc.to_str().unwrap()])?.trim(), "service front deleted");
+    let again = n.cli(&["delete", "-f", svc.to_str().unwrap()])?;
+    assert!(String::from_utf8_lossy(&again.stderr).contains("service front was not there"), "{again:?}");
+    Ok(())
+}

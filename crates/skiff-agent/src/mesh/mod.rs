@@ -118,12 +118,16 @@ impl Catalog {
                 .flat_map(|e| e.local.iter().copied())
                 .collect();
         }
-        self.entries
+        // A name of the caller's own stack first (`db-0.pg`, a stateful set's instance),
+        // then another stack's qualified one (`db-0` of a stack named `pg`).
+        let found = self
+            .entries
             .values()
-            .filter(|e| e.service.shares_a_network(&c.networks) && answers_to(&e.service, &c.stack, &q))
-            .map(|e| e.vip)
-            .take(1)
-            .collect()
+            .filter(|e| e.service.shares_a_network(&c.networks) && answers_to(&e.service, &c.stack, &q));
+        let own = |e: &&Entry| e.service.stack == c.stack && (e.service.name == q || e.service.aliases.contains(&q));
+        let (mut first, rest): (Vec<&Entry>, Vec<&Entry>) = found.partition(own);
+        first.extend(rest);
+        first.into_iter().map(|e| e.vip).take(1).collect()
     }
 }
 
@@ -681,5 +685,17 @@ mod tests {
         assert!(at([10, 0, 0, 9], "db").is_empty() && at([10, 0, 0, 9], "db.shop").is_empty(), "another stack");
         assert!(at([10, 0, 0, 9], "web").is_empty(), "another stack's peer");
         assert!(at([192, 168, 1, 5], "db").is_empty(), "not an instance of this node");
+        // A stateful set's instance `db-0.pg` of stack shop, and a deployment `db-0` of a
+        // stack named `pg` on a network shop shares: the caller's own stack's name wins.
+        let mut set = entry("db-0.pg", "shop", [10, 213, 130, 3], &[]);
+        set.service.aliases.clear();
+        c.entries.insert("db-0.pg".into(), set);
+        let mut other = entry("db-0", "pg", [10, 213, 130, 4], &[]);
+        other.service.networks = vec!["shop_default".into()];
+        other.service.aliases.clear();
+        c.entries.insert("db-0".into(), other);
+        let at = |from: [u8; 4], q: &str| c.resolve(from.into(), q);
+        assert_eq!(at([10, 0, 0, 2], "db-0.pg"), ip([10, 213, 130, 3]));
+        assert_eq!(at([10, 0, 0, 2], "db-0.pg.svc"), ip([10, 213, 130, 4]), "the other by its full name");
     }
 }

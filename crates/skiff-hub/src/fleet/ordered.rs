@@ -1,17 +1,74 @@
 //! A stateful set's order across the fleet (`OrderedReady`): its instance `n` is placed
-//! only once every lower one is placed and reported ready by its node, and when it
-//! scales down an instance leaves only once every higher one is gone from its node's
-//! report. Each node also keeps the order among its own (the agent's `before_it` and
-//! update planner); this covers instances on different nodes.
+//! only once every lower one is placed and reported ready by the node it is placed on.
+//! Each node also keeps the order among its own (the agent's `before_it`, and its update
+//! planner stopping from the highest); this covers starts on different nodes.
 
 use crate::schedule::{Plan, Slot};
+use crate::store::{Store, StoreError};
 use skiff_model::{Deployment, InstanceStatus};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-/// Holds back, in `plan`, what an ordered stateful set must not do yet: new slots above
-/// one not yet ready, and removals below an instance still there. `current`: the slots
-/// stored now; `reported`: every node's instances. Returns whether anything was held
-/// (a later report may release it).
+/// Where each slot of a stateful set last ran, `stateful/NAME` → `{index: node}`: its
+/// volumes are there, so a slot placed again (a scale down and up, a hub restart) goes
+/// back to that node, as a pod goes back to its local volume.
+const WHERE: &str = "stateful/";
+
+pub(crate) type LastNodes = BTreeMap<String, BTreeMap<u32, String>>;
+
+/// The slots of the stateful sets' last placements, for those of `deployments`.
+pub(crate) fn last_nodes(store: &dyn Store, deployments: &[Deployment]) -> Result<LastNodes, StoreError> {
+    if !deployments.iter().any(|d| d.stateful.is_some()) {
+        return Ok(LastNodes::new());
+    }
+    Ok(store
+        .states(WHERE)?
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(WHERE)?.to_string(), serde_json::from_str(&v).ok()?)))
+        .collect())
+}
+
+/// `current` with each stateful set's wanted slots that are not placed put back on the
+/// node they last ran on (the scheduler keeps a current slot where it is, if it may).
+pub(crate) fn with_last_nodes(deployments: &[Deployment], current: &[Slot], last: &LastNodes) -> Vec<Slot> {
+    let mut out = current.to_vec();
+    for d in deployments.iter().filter(|d| d.stateful.is_some()) {
+        let Some(nodes) = last.get(&d.name) else { continue };
+        for (&index, node) in nodes.iter().filter(|(i, _)| **i <= d.replicas) {
+            if !current.iter().any(|s| s.deployment == d.name && s.index == index) {
+                out.push(Slot { deployment: d.name.clone(), index, node: node.clone() });
+            }
+        }
+    }
+    out
+}
+
+/// Remembers where the stateful sets' slots are placed now (written only when it moved).
+pub(crate) fn remember(
+    store: &dyn Store,
+    deployments: &[Deployment],
+    plan: &Plan,
+    last: &LastNodes,
+) -> Result<(), StoreError> {
+    let mut changes = vec![];
+    for d in deployments.iter().filter(|d| d.stateful.is_some()) {
+        let mut nodes = last.get(&d.name).cloned().unwrap_or_default();
+        for s in plan.slots.iter().filter(|s| s.deployment == d.name) {
+            nodes.insert(s.index, s.node.clone());
+        }
+        if last.get(&d.name) != Some(&nodes) {
+            let json = serde_json::to_string(&nodes)?;
+            changes.push((format!("{WHERE}{}", d.name), Some(json)));
+        }
+    }
+    if changes.is_empty() {
+        return Ok(());
+    }
+    store.put_states(&changes)
+}
+
+/// Holds back, in `plan`, the new slots of an ordered stateful set above one not yet
+/// ready (said in `unschedulable`). `current`: the slots stored now; `reported`: every
+/// node's instances. Returns whether anything was held (a later report may release it).
 pub(crate) fn hold(
     deployments: &[Deployment],
     current: &[Slot],
@@ -47,16 +104,15 @@ pub(crate) fn hold(
         let first_allowed = new.first().copied().filter(|&n| (1..n).all(ready));
         plan.slots
             .retain(|s| !mine(&s) || stored.contains(&(s.index, s.node.as_str())) || Some(s.index) == first_allowed);
-        held |= plan.slots.len() != before;
-        // Leaving: a stored slot past the replicas stays while a higher instance is reported.
-        let still = |index: u32| {
-            reported.iter().any(|(_, i)| i.deployment == d.name && d.slot_named(&i.name).is_some_and(|n| n > index))
-        };
-        for s in current.iter().filter(mine).filter(|s| s.index > d.replicas) {
-            if still(s.index) && !plan.slots.contains(s) {
-                plan.slots.push(s.clone());
-                held = true;
-            }
+        let this = plan.slots.len() != before;
+        held |= this;
+        // Which instance leaves first on a scale-down is each node's (from its highest);
+        // across nodes they leave together.
+        if this {
+            let n = new.len() - usize::from(first_allowed.is_some());
+            plan.unschedulable
+                .entry(d.name.clone())
+                .or_insert_with(|| format!("{n} instance(s) wait for the ones below them to be ready (ordered start)"));
         }
     }
     plan.slots.sort();
@@ -127,15 +183,13 @@ mod tests {
     }
 
     #[test]
-    fn leaving_instances_go_from_the_highest_down() {
-        let d = [set(1)];
-        let stored = [slot(1, "a"), slot(2, "b"), slot(3, "c")];
-        let there = [running("db-0", "a", None), running("db-1", "b", None), running("db-2", "c", None)];
-        let mut p = Plan { slots: vec![slot(1, "a")], ..Default::default() };
-        assert!(hold(&d, &stored, &there, &mut p));
-        assert_eq!(p.slots, [slot(1, "a"), slot(2, "b")], "db-2 leaves first; db-1 stays while db-2 is there");
-        let mut p = Plan { slots: vec![slot(1, "a")], ..Default::default() };
-        assert!(!hold(&d, &stored, &there[..2], &mut p), "db-2 gone: db-1 may leave");
-        assert_eq!(p.slots, [slot(1, "a")]);
+    fn a_slot_placed_again_goes_back_to_the_node_it_last_ran_on() {
+        let d = [set(3)];
+        let last: LastNodes =
+            [("db".to_string(), [(1, "a".to_string()), (2, "b".to_string()), (4, "d".to_string())].into())].into();
+        // Slot 1 is placed (kept as it is); 2 comes back to b; 4 is past the replicas.
+        let placed = with_last_nodes(&d, &[slot(1, "c")], &last);
+        assert_eq!(placed, [slot(1, "c"), slot(2, "b")]);
+        assert!(with_last_nodes(&[Deployment::new("db", "img")], &[], &last).is_empty(), "not a stateful set");
     }
 }

@@ -397,6 +397,8 @@ pub(super) struct Manifests {
     pub autoscalers: Vec<skiff_model::api::AttachAutoscaler>,
     /// A compose file's `build:` sections.
     pub builds: Vec<skiff_manifest::BuildSpec>,
+    /// The manifests' Services, for the hub to keep.
+    pub services: Vec<skiff_model::api::KeptService>,
 }
 
 /// The `-f` files read (`-`: standard input, once): (name, text, directory).
@@ -406,7 +408,7 @@ type Texts = Vec<(String, String, PathBuf)>;
 /// apply -f a -f b`; or one compose file (docker compose merges several as overrides,
 /// which skiff does not).
 pub(super) fn read_manifests(files: &[PathBuf]) -> Result<Manifests> {
-    import_texts(read_texts(files)?, &[])
+    import_texts(read_texts(files)?, &[], &[])
 }
 
 /// Whether manifests hold a Kubernetes Service (which may select stored deployments).
@@ -436,8 +438,13 @@ fn read_texts(files: &[PathBuf]) -> Result<Texts> {
     Ok(texts)
 }
 
-/// The manifests of `texts`, a Service selecting `stored` deployments too.
-fn import_texts(texts: Texts, stored: &[skiff_model::Deployment]) -> Result<Manifests> {
+/// The manifests of `texts`, a Service selecting `stored` deployments too, and the `kept`
+/// Services selecting their workloads.
+fn import_texts(
+    texts: Texts,
+    stored: &[skiff_model::Deployment],
+    kept: &[skiff_model::api::KeptService],
+) -> Result<Manifests> {
     let compose: Vec<&(String, String, PathBuf)> =
         texts.iter().filter(|(_, t, _)| !skiff_manifest::is_k8s(t)).collect();
     if let Some((name, text, dir)) = compose.first() {
@@ -454,21 +461,24 @@ fn import_texts(texts: Texts, stored: &[skiff_model::Deployment]) -> Result<Mani
             prune_stack: Some(c.project),
             autoscalers: vec![],
             builds: c.builds,
+            services: vec![],
         });
     }
     // One set, as kubectl reads several files: a Service or an autoscaler in one file
     // selects a Deployment in another (errors name the file).
     let files: Vec<(&str, &str)> = texts.iter().map(|(n, t, _)| (n.as_str(), t.as_str())).collect();
-    let k = skiff_manifest::import_k8s_beside(&files, "default", stored).with_context(|| match files.as_slice() {
-        [(one, _)] => one.to_string(),
-        _ => "the manifests".to_string(),
-    })?;
+    let k =
+        skiff_manifest::import_k8s_with(&files, "default", stored, kept).with_context(|| match files.as_slice() {
+            [(one, _)] => one.to_string(),
+            _ => "the manifests".to_string(),
+        })?;
     let out = Manifests {
         deployments: k.deployments,
         warnings: k.warnings,
         prune_stack: None,
         autoscalers: k.autoscalers,
         builds: vec![],
+        services: k.services,
     };
     Ok(out)
 }
@@ -484,26 +494,34 @@ pub(super) async fn apply(cli: &Cli, files: &[PathBuf], dry_run: bool, selector:
         true => c.get::<Vec<DeploymentView>>("/api/v1/deployments").await?.into_iter().map(|v| v.spec).collect(),
         false => vec![],
     };
-    let Manifests { mut deployments, warnings, prune_stack, autoscalers, builds } = import_texts(texts, &stored)?;
+    // Services applied before select the workloads of these manifests too.
+    let kept: Vec<skiff_model::api::KeptService> = match texts.iter().any(|(_, t, _)| skiff_manifest::is_k8s(t)) {
+        true => c.get("/api/v1/k8s-services").await?,
+        false => vec![],
+    };
+    let Manifests { mut deployments, warnings, prune_stack, autoscalers, builds, services } =
+        import_texts(texts, &stored, &kept)?;
     for w in &warnings {
         eprintln!("warning: {w}");
     }
-    // Images only built here run on this machine's node (`skiff up`'s): built into its
-    // store when missing. A fleet's nodes pull theirs from a registry.
+    // Images only built here: on this machine's node (`skiff up`'s data directory), built
+    // into its store when missing; on a fleet, built here and handed to the hub, which
+    // offers them to its nodes, and run by digest (a new build rolls the deployment).
+    let local = cli.data.join("agent.db").exists();
     let unbuilt: Vec<&skiff_manifest::BuildSpec> =
-        builds.iter().filter(|b| b.build_only && !crate::build::is_built(&cli.data, &b.tag)).collect();
+        builds.iter().filter(|b| b.build_only && !(local && crate::build::is_built(&cli.data, &b.tag))).collect();
     if !unbuilt.is_empty() && !dry_run {
-        if !cli.data.join("images").is_dir() {
-            let b = unbuilt[0];
-            bail!(
-                "services.{}.build: no image store here ({}) to build {} into; on a fleet, build and push it to a \
-                 registry (skiff build, then image: REGISTRY/NAME)",
-                b.service,
-                cli.data.display(),
-                b.tag
-            );
+        if local {
+            crate::build::build_all(&cli.data, &builds, &[], true)?;
+        } else {
+            let work = build_dir(cli);
+            for b in &unbuilt {
+                let by_digest = crate::build::build_and_push(&c, &work, b).await?;
+                for d in deployments.iter_mut().filter(|d| d.image == b.tag) {
+                    d.image.clone_from(&by_digest);
+                }
+            }
         }
-        crate::build::build_all(&cli.data, &builds, &[], true)?;
     }
     for b in unbuilt.iter().filter(|_| dry_run) {
         eprintln!("{}: {} would be built (dry run: not built)", b.service, b.tag);
@@ -511,10 +529,24 @@ pub(super) async fn apply(cli: &Cli, files: &[PathBuf], dry_run: bool, selector:
     for d in &mut deployments {
         d.placement.node_selector.extend(selector.clone());
     }
-    let req = ApplyRequest { deployments, prune_stack, dry_run, autoscalers };
+    let req = ApplyRequest { deployments, prune_stack, dry_run, autoscalers, services };
     let r: ApplyResponse = c.post("/api/v1/apply", &req).await?;
     print_apply(&r, dry_run);
     Ok(0)
+}
+
+/// Where the CLI builds images for a fleet: buildah's storage (its layer cache) under the
+/// data directory when it can write there, else under the user's cache.
+fn build_dir(cli: &Cli) -> std::path::PathBuf {
+    let data = cli.data.join("build");
+    if std::fs::create_dir_all(&data).is_ok() {
+        return data;
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("skiff/build")
 }
 
 /// `skiff run IMAGE|FILE.wasm`.
@@ -594,6 +626,15 @@ pub(super) async fn delete_files(cli: &Cli, files: &[PathBuf]) -> Result<i32> {
             eprintln!("stack {stack} has no deployments");
         }
         return Ok(0);
+    }
+    for k in &m.services {
+        match c.delete(&format!("/api/v1/k8s-services/{}/{}", k.stack, k.name)).await {
+            Ok(()) => outln!("service {} deleted", k.name),
+            Err(e) if super::view::is_status(&e, reqwest::StatusCode::NOT_FOUND) => {
+                eprintln!("service {} was not there", k.name);
+            }
+            Err(e) => return Err(e),
+        }
     }
     for d in &m.deployments {
         let name = &d.name;
