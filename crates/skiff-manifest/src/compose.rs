@@ -629,7 +629,11 @@ const REPLACED_LISTS: &[&str] = &["command", "entrypoint", "test", "dns", "dns_s
 /// `extends` first, with the service's keys over it. At most 8 deep.
 fn extended(cx: &mut Ctx<'_>, services: &Mapping, name: &str, svc: &Value, depth: usize) -> R<Value> {
     let path = format!("services.{name}.extends");
-    let Some(ext) = svc.as_mapping().and_then(|m| m.get("extends")) else { return Ok(svc.clone()) };
+    let Some(ext) = svc.as_mapping().and_then(|m| m.get("extends")) else {
+        let mut own = svc.clone();
+        untag(&mut own);
+        return Ok(own);
+    };
     if depth >= 8 {
         return Err(ManifestError::at(&path, "extends more than 8 services deep (a loop?)"));
     }
@@ -677,7 +681,33 @@ fn extended(cx: &mut Ctx<'_>, services: &Mapping, name: &str, svc: &Value, depth
         m.remove("extends");
     }
     merge_into(&mut out, own, "");
+    untag(&mut out);
     Ok(out)
+}
+
+/// Compose's merge tags: `!reset` (the value is dropped: back to the default) and
+/// `!override` (it replaces the base's instead of merging with it).
+fn tagged(v: &Value) -> Option<(&str, &Value)> {
+    let Value::Tagged(t) = v else { return None };
+    ["reset", "override"].into_iter().find(|n| t.tag == *n).map(|n| (n, &t.value))
+}
+
+/// What is left of the merge tags once merged: a `!reset` key is dropped, an `!override`
+/// is its value.
+fn untag(v: &mut Value) {
+    match v {
+        Value::Mapping(m) => {
+            m.retain(|_, x| tagged(x).is_none_or(|(n, _)| n != "reset"));
+            for (_, x) in m.iter_mut() {
+                if let Some((_, inner)) = tagged(x) {
+                    *x = inner.clone();
+                }
+                untag(x);
+            }
+        }
+        Value::Sequence(s) => s.iter_mut().for_each(untag),
+        _ => {}
+    }
 }
 
 fn merge_into(base: &mut Value, over: Value, key: &str) {
@@ -685,6 +715,17 @@ fn merge_into(base: &mut Value, over: Value, key: &str) {
         (Value::Mapping(b), Value::Mapping(o)) => {
             for (k, v) in o {
                 let name = k.as_str().unwrap_or_default().to_string();
+                match tagged(&v) {
+                    Some(("reset", _)) => {
+                        b.remove(&k);
+                        continue;
+                    }
+                    Some((_, inner)) => {
+                        b.insert(k, inner.clone());
+                        continue;
+                    }
+                    None => {}
+                }
                 match b.get_mut(&k) {
                     Some(existing) => merge_into(existing, v, &name),
                     None => {
@@ -818,7 +859,15 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
             "ports" => {
                 let s = v.as_sequence().ok_or_else(|| ManifestError::at(&path, "must be a list"))?;
                 for (i, p) in s.iter().enumerate() {
-                    d.ports.push(port(p, &format!("{path}[{i}]"))?);
+                    let at = format!("{path}[{i}]");
+                    let (mapping, range) = port(p, &at)?;
+                    if let Some(r) = range {
+                        cx.warnings.push(format!(
+                            "{at}: host ports {r}: the first, {}, is published (every instance on a node shares it)",
+                            mapping.host_port
+                        ));
+                    }
+                    d.ports.push(mapping);
                 }
             }
             "expose" => {
@@ -961,6 +1010,14 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
     d.image = match (image, &build) {
         (Some(i), _) => i,
         (None, Some(_)) => format!("localhost/{project}-{}:latest", d.name),
+        // Compose runs a provider service by a plugin of that name (`docker model`, a
+        // cloud's), which it refuses without; skiff has none.
+        (None, None) if m.contains_key("provider") => {
+            return Err(ManifestError::at(
+                format!("{base}.provider"),
+                "a provider service is run by a compose plugin, which skiff does not have; give the service an image",
+            ))
+        }
         (None, None) => return Err(ManifestError::at(format!("{base}.image"), "is required")),
     };
     if let Some(b) = build {
@@ -1218,7 +1275,9 @@ fn extra_hosts(v: &Value, path: &str) -> R<Vec<skiff_model::options::ExtraHost>>
     }
 }
 
-fn port(v: &Value, path: &str) -> R<PortMapping> {
+/// One `ports` entry, and the host port range it named (`"6005-6015:80"`: Docker picks a
+/// free one of the range per container; here the first is published).
+fn port(v: &Value, path: &str) -> R<(PortMapping, Option<String>)> {
     match v {
         Value::Mapping(m) => {
             let mut target = None;
@@ -1249,13 +1308,32 @@ fn port(v: &Value, path: &str) -> R<PortMapping> {
             if !ok(target) || !ok(published) {
                 return Err(ManifestError::at(path, "ports must be between 1 and 65535"));
             }
-            Ok(PortMapping { host_ip, host_port: published as u16, container_port: target as u16, protocol })
+            Ok((PortMapping { host_ip, host_port: published as u16, container_port: target as u16, protocol }, None))
         }
         other => {
             let s = str_of(other, path)?;
-            PortMapping::parse(&s).ok_or_else(|| {
+            let bad = || {
                 ManifestError::at(path, format!("{s:?} is not a port mapping (examples: 8080:80, 127.0.0.1:53:53/udp)"))
-            })
+            };
+            if let Some(m) = PortMapping::parse(&s) {
+                return Ok((m, None));
+            }
+            // A host range to one container port: `[IP:]A-B:C[/proto]`.
+            let (spec, proto) = s.rsplit_once('/').map_or((s.as_str(), None), |(a, p)| (a, Some(p)));
+            let (head, container) = spec.rsplit_once(':').ok_or_else(bad)?;
+            let (ip, range) = head.rsplit_once(':').map_or((None, head), |(ip, r)| (Some(ip), r));
+            let (a, b) = range.split_once('-').ok_or_else(bad)?;
+            let (first, last) = (a.parse::<u16>().map_err(|_| bad())?, b.parse::<u16>().map_err(|_| bad())?);
+            if first == 0 || last < first {
+                return Err(bad());
+            }
+            let one = format!(
+                "{}{first}:{container}{}",
+                ip.map(|i| format!("{i}:")).unwrap_or_default(),
+                proto.map(|p| format!("/{p}")).unwrap_or_default()
+            );
+            let m = PortMapping::parse(&one).ok_or_else(bad)?;
+            Ok((m, Some(range.to_string())))
         }
     }
 }

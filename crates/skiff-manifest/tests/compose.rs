@@ -767,3 +767,45 @@ fn network_mode_service_shares_another_services_network() {
     let e = err("services:\n  a: {image: a}\n  side: {image: s, network_mode: 'service:a', ports: ['80:80']}\n");
     assert!(e.contains("ports") && e.contains("bridge"), "{e}");
 }
+
+/// A range of host ports for one container port (Docker picks a free one per container):
+/// the first is published, said so; a malformed range is still an error.
+#[test]
+fn a_host_port_range_publishes_its_first_port() {
+    let c = import("services:\n  a:\n    image: x\n    ports: [\"6005-6015:80\", \"127.0.0.1:7000-7001:53/udp\"]\n")
+        .unwrap();
+    let p = &c.deployments[0].ports;
+    assert_eq!(p[0], skiff_model::PortMapping::parse("6005:80").unwrap());
+    assert_eq!(p[1], skiff_model::PortMapping::parse("127.0.0.1:7000:53/udp").unwrap());
+    assert!(
+        c.warnings.iter().any(|w| w.contains("ports[0]: host ports 6005-6015: the first, 6005")),
+        "{:?}",
+        c.warnings
+    );
+    for bad in ["6015-6005:80", "0-5:80", "a-b:80", "6005-:80"] {
+        assert!(
+            err(&format!("services:\n  a:\n    image: x\n    ports: [\"{bad}\"]\n")).contains("is not a port mapping"),
+            "{bad}"
+        );
+    }
+}
+
+/// Compose's merge tags in `extends`: `!reset` drops what the base set, `!override`
+/// replaces a list rather than merging it; left over where nothing is merged, a `!reset`
+/// is no value and an `!override` its own.
+#[test]
+fn reset_and_override_tags_change_what_extends_merges() {
+    let c = import(
+        "services:\n  init:\n    image: alpine\n    command: sleep infinity\n    ports: [\"80:80\"]\n    environment: {A: a}\n  \
+         base:\n    extends: {service: init}\n    command: !reset\n    ports: !override [\"81:81\"]\n  \
+         alone:\n    image: alpine\n    command: !reset\n    environment: !override {B: b}\n",
+    )
+    .unwrap();
+    let get = |n: &str| c.deployments.iter().find(|d| d.name == n).unwrap();
+    let base = get("base");
+    assert_eq!(base.command, None, "reset to the image's");
+    assert_eq!(base.ports, [skiff_model::PortMapping::parse("81:81").unwrap()], "replaced, not merged");
+    assert_eq!(base.env.get("A").map(String::as_str), Some("a"));
+    let alone = get("alone");
+    assert_eq!((alone.command.clone(), alone.env.get("B").map(String::as_str)), (None, Some("b")));
+}
