@@ -266,6 +266,15 @@ impl Hub {
         for k in &req.services {
             k.check().map_err(|e| ApplyError::Invalid(e.to_string()))?;
         }
+        if !req.services.is_empty() {
+            let have = self.store.states(KEPT_SERVICES)?;
+            let new = req.services.iter().filter(|k| !have.iter().any(|(key, _)| *key == kept_key(&k.stack, &k.name)));
+            if have.len() + new.count() > MAX_KEPT_SERVICES {
+                return Err(ApplyError::Invalid(format!(
+                    "services: the hub keeps at most {MAX_KEPT_SERVICES} Services"
+                )));
+            }
+        }
         let kept: Vec<_> =
             existing.into_iter().filter(|e| req.prune_stack.as_deref() != Some(e.stack.as_str())).collect();
         validate::check_apply(&req.deployments, &kept).map_err(|e| ApplyError::Invalid(e.to_string()))?;
@@ -285,10 +294,12 @@ impl Hub {
                 req.deployments.iter().filter_map(|d| self.store.get(&d.name).ok().flatten().map(|s| s.spec)).collect();
             let _ = self.settle_progressing(&stored, now, false);
         }
-        let mut resp = self.store.apply(&req.deployments, req.prune_stack.as_deref(), req.dry_run, now)?;
+        // The Services first: kept without their workloads is as kubectl keeps them; the
+        // workloads never go in without them.
         if !req.dry_run && !req.services.is_empty() {
             self.keep_services(&req.services)?;
         }
+        let mut resp = self.store.apply(&req.deployments, req.prune_stack.as_deref(), req.dry_run, now)?;
         let ours = |name: &str| req.deployments.iter().any(|d| d.name == name);
         if req.dry_run {
             let mut all: Vec<_> = kept.into_iter().filter(|k| !ours(&k.name)).collect();
@@ -310,14 +321,9 @@ impl Hub {
         Ok(resp)
     }
 
-    /// Keeps Kubernetes Services as applied (`k8s-services/STACK/NAME`), at most
-    /// [`MAX_KEPT_SERVICES`] in all.
+    /// Keeps Kubernetes Services as applied (`k8s-services/STACK/NAME`; `check` keeps
+    /// them to [`MAX_KEPT_SERVICES`] in all).
     fn keep_services(&self, services: &[skiff_model::api::KeptService]) -> Result<(), ApplyError> {
-        let have = self.store.states(KEPT_SERVICES)?;
-        let new = services.iter().filter(|k| !have.iter().any(|(key, _)| *key == kept_key(&k.stack, &k.name))).count();
-        if have.len() + new > MAX_KEPT_SERVICES {
-            return Err(ApplyError::Invalid(format!("services: the hub keeps at most {MAX_KEPT_SERVICES} Services")));
-        }
         let mut changes = vec![];
         for k in services {
             let json = serde_json::to_string(k).map_err(|e| ApplyError::Invalid(e.to_string()))?;

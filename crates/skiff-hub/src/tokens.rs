@@ -190,6 +190,9 @@ mod tests {
         assert_eq!(need(&Method::GET, "/api/v1/instances/web-1/portforward"), TokenRole::Admin);
         assert_eq!(need(&Method::POST, "/api/v1/instances/web-1/restart"), TokenRole::Admin);
         assert_eq!(need(&Method::DELETE, "/api/v1/deployments/web"), TokenRole::Admin);
+        assert_eq!(need(&Method::POST, "/api/v1/images"), TokenRole::Admin, "a pushed image");
+        assert_eq!(need(&Method::GET, "/api/v1/k8s-services"), TokenRole::Read);
+        assert_eq!(need(&Method::DELETE, "/api/v1/k8s-services/default/web"), TokenRole::Admin);
     }
 
     #[test]

@@ -1007,19 +1007,18 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
     // A service with both runs its image (pulled, or built by `skiff build`); one with a
     // build only runs what is built, under the name compose gives it.
     let build_only = image.is_none();
-    d.image = match (image, &build) {
-        (Some(i), _) => i,
-        (None, Some(_)) => format!("localhost/{project}-{}:latest", d.name),
-        // Compose runs a provider service by a plugin of that name (`docker model`, a
-        // cloud's), which it refuses without; skiff has none.
-        (None, None) if m.contains_key("provider") => {
-            return Err(ManifestError::at(
+    d.image =
+        match (image, &build) {
+            (Some(i), _) => i,
+            (None, Some(_)) => format!("localhost/{project}-{}:latest", d.name),
+            // Compose runs a provider service by a plugin of that name (`docker model`, a
+            // cloud's), which it refuses without; skiff has none.
+            (None, None) if m.contains_key("provider") => return Err(ManifestError::at(
                 format!("{base}.provider"),
                 "a provider service is run by a compose plugin, which skiff does not have; give the service an image",
-            ))
-        }
-        (None, None) => return Err(ManifestError::at(format!("{base}.image"), "is required")),
-    };
+            )),
+            (None, None) => return Err(ManifestError::at(format!("{base}.image"), "is required")),
+        };
     if let Some(b) = build {
         if !build_only {
             cx.warnings.push(format!("{base}.build: the image {} is pulled as it is (skiff build builds it)", d.image));

@@ -242,7 +242,26 @@ pub fn import_k8s_with(
                     }
                     _ => return Err(ManifestError::at(format!("{path}.spec.ports"), "must be a list")),
                 };
-                let document = serde_norway::to_string(&v).map_err(|e| ManifestError::at(&path, e.to_string()))?;
+                // What selecting takes, not annotations and the like (a bounded record).
+                let mut trimmed = serde_norway::Mapping::new();
+                for k in ["apiVersion", "kind"] {
+                    if let Some(x) = get(&v, k) {
+                        trimmed.insert(k.into(), x.clone());
+                    }
+                }
+                let mut meta = serde_norway::Mapping::new();
+                meta.insert("name".into(), name.clone().into());
+                meta.insert("namespace".into(), stack.clone().into());
+                trimmed.insert("metadata".into(), Value::Mapping(meta));
+                let mut keep_spec = serde_norway::Mapping::new();
+                for k in ["type", "selector", "ports"] {
+                    if let Some(x) = get(spec, k) {
+                        keep_spec.insert(k.into(), x.clone());
+                    }
+                }
+                trimmed.insert("spec".into(), Value::Mapping(keep_spec));
+                let document = serde_norway::to_string(&Value::Mapping(trimmed))
+                    .map_err(|e| ManifestError::at(&path, e.to_string()))?;
                 let keep = skiff_model::api::KeptService { name: name.clone(), stack: stack.clone(), document };
                 keep.check().map_err(|e| ManifestError::at(&path, e.to_string()))?;
                 out.services.push(keep);
@@ -305,21 +324,25 @@ pub fn import_k8s_with(
     }
     // The kept ones these files do not hold again, as if they were in them.
     let in_files: Vec<(String, String)> = services.iter().map(|s| (s.name.clone(), s.stack.clone())).collect();
+    let mut warnings_kept = vec![];
     for k in kept.iter().filter(|k| !in_files.contains(&(k.name.clone(), k.stack.clone()))) {
         let from = format!("Service {}/{} (kept)", k.stack, k.name);
-        let v: Value = serde_norway::from_str(&k.document).map_err(|e| ManifestError::at(&from, e.to_string()))?;
+        let Ok(v) = serde_norway::from_str::<Value>(&k.document) else {
+            warnings_kept.push(format!("{from}: its record does not parse; not applied"));
+            continue;
+        };
         let (Some(spec), Some(sel)) = (get(&v, "spec"), get(&v, "spec").and_then(|s| get(s, "selector"))) else {
             continue;
         };
         let publish = matches!(get(spec, "type").and_then(Value::as_str), Some("NodePort" | "LoadBalancer"));
-        let path = format!("Service/{}", k.name);
+        let path = from.clone();
         let ports = match get(spec, "ports") {
             Some(Value::Sequence(p)) => {
                 p.iter().enumerate().map(|(i, x)| (x.clone(), format!("{path}.spec.ports[{i}]"))).collect()
             }
             _ => continue,
         };
-        let selector = map_of_strings(sel, &format!("{path}.spec.selector"))?;
+        let Ok(selector) = map_of_strings(sel, &format!("{path}.spec.selector")) else { continue };
         services.push(Service {
             path,
             name: k.name.clone(),
@@ -365,56 +388,71 @@ pub fn import_k8s_with(
             }
             continue;
         }
-        for (p, path) in &s.ports {
-            unknown(p, &["port", "targetPort", "nodePort", "protocol", "name"], path, &mut out.warnings);
-            let svc_port = port(
-                get(p, "port").ok_or_else(|| ManifestError::at(format!("{path}.port"), "is required"))?,
-                &format!("{path}.port"),
-            )?;
-            // By number, or by the name of a container port of every selected workload.
-            let target_of = |i: usize, workload: &str| -> R<u16> {
-                match get(p, "targetPort") {
-                    Some(Value::String(n)) => named_ports[i].get(n).copied().ok_or_else(|| {
-                        ManifestError::at(
-                            format!("{path}.targetPort"),
-                            format!("{n:?} names no container port of {workload}"),
-                        )
-                    }),
-                    Some(t) => port(t, &format!("{path}.targetPort")),
-                    None => Ok(svc_port),
+        // A kept Service's problem (a port the new workload does not name) is said, and
+        // changes nothing; one of these files' is an error.
+        let before = s.kept.then(|| out.deployments.clone());
+        let applied = (|| -> R<()> {
+            for (p, path) in &s.ports {
+                unknown(p, &["port", "targetPort", "nodePort", "protocol", "name"], path, &mut out.warnings);
+                let svc_port = port(
+                    get(p, "port").ok_or_else(|| ManifestError::at(format!("{path}.port"), "is required"))?,
+                    &format!("{path}.port"),
+                )?;
+                // By number, or by the name of a container port of every selected workload.
+                let target_of = |i: usize, workload: &str| -> R<u16> {
+                    match get(p, "targetPort") {
+                        Some(Value::String(n)) => named_ports[i].get(n).copied().ok_or_else(|| {
+                            ManifestError::at(
+                                format!("{path}.targetPort"),
+                                format!("{n:?} names no container port of {workload}"),
+                            )
+                        }),
+                        Some(t) => port(t, &format!("{path}.targetPort")),
+                        None => Ok(svc_port),
+                    }
+                };
+                let host = match get(p, "nodePort") {
+                    Some(n) => port(n, &format!("{path}.nodePort"))?,
+                    None => svc_port,
+                };
+                let protocol = match get(p, "protocol").and_then(Value::as_str).unwrap_or("TCP") {
+                    "TCP" => Protocol::Tcp,
+                    "UDP" => Protocol::Udp,
+                    o => return Err(ManifestError::at(format!("{path}.protocol"), format!("{o:?} is not TCP or UDP"))),
+                };
+                for &i in &targets {
+                    let target = target_of(i, &out.deployments[i].name)?;
+                    let d = &mut out.deployments[i];
+                    let published = PortMapping { host_ip: None, host_port: host, container_port: target, protocol };
+                    if s.publish && !d.ports.contains(&published) {
+                        d.ports.push(published);
+                    }
+                    match d.expose.iter().find(|e| e.port == svc_port) {
+                        _ if protocol != Protocol::Tcp => {}
+                        None => d.expose.push(skiff_model::mesh::ServicePort { port: svc_port, target }),
+                        // One address per deployment: a port means one target port, whichever
+                        // of its Services is called.
+                        Some(e) if e.target != target => out.warnings.push(format!(
+                            "{path}: port {svc_port} of {} already reaches its port {}; this Service's {svc_port} -> \
+                             {target} does not",
+                            d.name, e.target
+                        )),
+                        Some(_) => {}
+                    }
+                    if s.name != d.name && !d.aliases.contains(&s.name) {
+                        d.aliases.push(s.name.clone());
+                    }
                 }
-            };
-            let host = match get(p, "nodePort") {
-                Some(n) => port(n, &format!("{path}.nodePort"))?,
-                None => svc_port,
-            };
-            let protocol = match get(p, "protocol").and_then(Value::as_str).unwrap_or("TCP") {
-                "TCP" => Protocol::Tcp,
-                "UDP" => Protocol::Udp,
-                o => return Err(ManifestError::at(format!("{path}.protocol"), format!("{o:?} is not TCP or UDP"))),
-            };
-            for &i in &targets {
-                let target = target_of(i, &out.deployments[i].name)?;
-                let d = &mut out.deployments[i];
-                let published = PortMapping { host_ip: None, host_port: host, container_port: target, protocol };
-                if s.publish && !d.ports.contains(&published) {
-                    d.ports.push(published);
+            }
+            Ok(())
+        })();
+        if let Err(e) = applied {
+            match before {
+                Some(b) => {
+                    out.deployments = b;
+                    out.warnings.push(format!("{e}; this kept Service is not applied"));
                 }
-                match d.expose.iter().find(|e| e.port == svc_port) {
-                    _ if protocol != Protocol::Tcp => {}
-                    None => d.expose.push(skiff_model::mesh::ServicePort { port: svc_port, target }),
-                    // One address per deployment: a port means one target port, whichever
-                    // of its Services is called.
-                    Some(e) if e.target != target => out.warnings.push(format!(
-                        "{path}: port {svc_port} of {} already reaches its port {}; this Service's {svc_port} -> \
-                         {target} does not",
-                        d.name, e.target
-                    )),
-                    Some(_) => {}
-                }
-                if s.name != d.name && !d.aliases.contains(&s.name) {
-                    d.aliases.push(s.name.clone());
-                }
+                None => return Err(e),
             }
         }
     }
@@ -443,6 +481,7 @@ pub fn import_k8s_with(
     }
     out.autoscalers = external;
     out.warnings.extend(objects.missing.take());
+    out.warnings.extend(warnings_kept);
     for (d, path) in out.deployments.iter().zip(&paths) {
         d.validate().map_err(|e| ManifestError::at(path, e.to_string()))?;
     }
@@ -1629,6 +1668,14 @@ data: {a: b}
         assert!(d.expose.contains(&skiff_model::mesh::ServicePort { port: 8080, target: 80 }), "{:?}", d.expose);
         assert!(d.aliases.contains(&"front".to_string()) && d.ports.iter().any(|p| p.host_port == 30080));
         assert!(k.services.is_empty() && k.warnings.is_empty(), "nothing new to keep or say: {:?}", k.warnings);
+        // A kept Service the new workload does not fit (no port named http): said, and
+        // nothing of it applied; the workload goes in.
+        let unnamed = deploy.replace(", name: http", "");
+        let k = import_k8s_with(&[("", &unnamed)], "default", &[], &kept).unwrap();
+        assert!(k.deployments[0].aliases.is_empty() && k.deployments[0].ports.is_empty());
+        assert!(k.warnings.iter().any(|w| w.contains("(kept)") && w.contains("not applied")), "{:?}", k.warnings);
+        // The record keeps what selecting takes, not annotations.
+        assert!(!kept[0].document.contains("annotations") && kept[0].document.contains("selector"));
         // Another namespace's kept Service does not reach it.
         let far = skiff_model::api::KeptService { stack: "cams".into(), ..kept[0].clone() };
         let k = import_k8s_with(&[("", deploy)], "default", &[], &[far]).unwrap();

@@ -26,11 +26,10 @@ pub struct ApplyRequest {
 /// A Kubernetes Service as applied (`GET /api/v1/k8s-services`): its namespace (stack),
 /// name and document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct KeptService {
     pub name: String,
     pub stack: String,
-    /// The Service's YAML document.
+    /// The Service's YAML document: its name, namespace, type, selector and ports.
     pub document: String,
 }
 

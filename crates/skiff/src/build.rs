@@ -60,14 +60,19 @@ pub fn build_archive(work: &Path, b: &BuildSpec) -> Result<(std::path::PathBuf, 
     }
     args.extend(["-t".into(), b.tag.clone().into(), b.context.clone().into_os_string()]);
     buildah(work, &args).with_context(|| field.clone())?;
-    let archive = work.join("tmp").join(format!("{}.tar", b.service));
-    let _ = std::fs::remove_file(&archive);
-    let digest_file = work.join("tmp").join(format!("{}.digest", b.service));
+    // Named by process too: two applies at once do not write one file.
+    let stem = format!("{}-{}", b.service, std::process::id());
+    let archive = work.join("tmp").join(format!("{stem}.tar"));
+    let digest_file = work.join("tmp").join(format!("{stem}.digest"));
     let dest = format!("oci-archive:{}:{}", archive.display(), b.tag);
     let push = ["push".into(), "--digestfile".into(), digest_file.clone().into(), b.tag.clone().into(), dest.into()];
-    buildah(work, &push).with_context(|| field.clone())?;
+    let pushed = buildah(work, &push).with_context(|| field.clone());
     let digest = std::fs::read_to_string(&digest_file).unwrap_or_default().trim().to_string();
     let _ = std::fs::remove_file(&digest_file);
+    if let Err(e) = pushed {
+        let _ = std::fs::remove_file(&archive);
+        return Err(e);
+    }
     Ok((archive, digest))
 }
 
@@ -98,18 +103,20 @@ pub async fn build_and_push(c: &crate::client::Client, work: &Path, b: &BuildSpe
     let pushed = match have {
         Some(p) => {
             eprintln!("{} is on the hub already ({})", b.tag, p.digest);
-            p
+            Ok(p)
         }
-        None => {
-            let bytes = tokio::fs::read(&archive).await.with_context(|| format!("{}", archive.display()))?;
-            eprintln!("sending {} to the hub ({}) ...", b.tag, skiff_model::format_bytes(bytes.len() as u64));
-            c.post_bytes("/api/v1/images", &[("reference", b.tag.as_str())], bytes)
-                .await
-                .with_context(|| format!("{field}: sending {} to the hub", b.tag))?
-        }
+        None => match tokio::fs::read(&archive).await.with_context(|| format!("{}", archive.display())) {
+            Ok(bytes) => {
+                eprintln!("sending {} to the hub ({}) ...", b.tag, skiff_model::format_bytes(bytes.len() as u64));
+                c.post_bytes("/api/v1/images", &[("reference", b.tag.as_str())], bytes)
+                    .await
+                    .with_context(|| format!("{field}: sending {} to the hub", b.tag))
+            }
+            Err(e) => Err(e),
+        },
     };
     let _ = std::fs::remove_file(&archive);
-    Ok(format!("{name}@{}", pushed.digest))
+    Ok(format!("{name}@{}", pushed?.digest))
 }
 
 /// Runs buildah on its own storage under `work`, with Docker's umask (022) for what the

@@ -567,15 +567,29 @@ impl Pushed {
     }
 
     fn add(&self, refs: &[String]) -> std::io::Result<()> {
+        self.change(|set| set.extend(refs.iter().map(|r| skiff_image::normalize_reference(r))))
+    }
+
+    fn remove(&self, reference: &str) -> std::io::Result<()> {
+        self.change(|set| {
+            set.remove(&skiff_image::normalize_reference(reference));
+        })
+    }
+
+    /// Changes the set on disk first, then in memory: they never disagree.
+    fn change(&self, f: impl FnOnce(&mut std::collections::BTreeSet<String>)) -> std::io::Result<()> {
         let mut set = self.refs.lock().map_err(|_| std::io::Error::other("lock poisoned"))?;
-        set.extend(refs.iter().map(|r| skiff_image::normalize_reference(r)));
-        let bytes = serde_json::to_vec(&*set).map_err(std::io::Error::other)?;
-        skiff_sys::durable::write(&self.path, &bytes, 0o600).map_err(std::io::Error::other)
+        let mut next = set.clone();
+        f(&mut next);
+        let bytes = serde_json::to_vec(&next).map_err(std::io::Error::other)?;
+        skiff_sys::durable::write(&self.path, &bytes, 0o600).map_err(std::io::Error::other)?;
+        *set = next;
+        Ok(())
     }
 
     /// Streams an OCI archive into `store` as `reference`, tagged by digest as well.
     async fn take(
-        &self,
+        self: Arc<Self>,
         store: Arc<skiff_image::ImageStore>,
         reference: String,
         digest: Option<String>,
@@ -588,63 +602,74 @@ impl Pushed {
             return Err((400, format!("{reference}: push a tag, not a digest")));
         }
         let reference = skiff_image::normalize_reference(&reference);
+        // Only names no registry serves: a push never shadows a registry's image.
+        if !reference.starts_with("localhost/") {
+            return Err((400, format!("{reference}: only localhost/NAME images are pushed (a built service's)")));
+        }
         let internal = |e: &dyn std::fmt::Display| (500, e.to_string());
-        // The same build again: tagged, nothing sent.
+        // The same build again: tagged, nothing sent (404: not here, send it).
         if let Some(d) = digest {
             let by_digest = format!("{}@{d}", skiff_image::reference_name(&reference));
+            let not_here = || (404, format!("{by_digest} is not here: send its archive"));
             if !self.contains(&by_digest) {
-                return Err((404, format!("{by_digest} is not here: send its archive")));
+                return Err(not_here());
             }
             let (st, r, dd) = (Arc::clone(&store), reference.clone(), d.clone());
-            tokio::task::spawn_blocking(move || st.tag(&r, &dd))
-                .await
-                .map_err(|e| internal(&e))?
-                .map_err(|e| (400, skiff_image::error::with_causes(&e)))?;
+            let tagged = tokio::task::spawn_blocking(move || st.tag(&r, &dd)).await.map_err(|e| internal(&e))?;
+            if tagged.is_err() {
+                // Recorded, but the store lost it: forgotten, and asked for again.
+                let _ = self.remove(&by_digest);
+                return Err(not_here());
+            }
             self.add(std::slice::from_ref(&reference)).map_err(|e| internal(&e))?;
             return Ok(skiff_model::api::ImagePushed { reference, digest: d });
         }
         let dir = store.root().join("tmp");
         tokio::fs::create_dir_all(&dir).await.map_err(|e| internal(&e))?;
-        let archive = dir.join(format!("push-{}.tar", skiff_hub::pki::random_hex().map_err(|e| internal(&e))?));
-        let written = async {
-            let mut file = tokio::fs::File::create(&archive).await.map_err(|e| internal(&e))?;
-            let mut stream = body.into_data_stream();
-            let mut total = 0u64;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| (400, format!("reading the archive: {e}")))?;
-                total += chunk.len() as u64;
-                if total > MAX_PUSH_BYTES {
-                    return Err((
-                        413,
-                        format!("an image archive may be {} at most", skiff_model::format_bytes(MAX_PUSH_BYTES)),
-                    ));
-                }
-                file.write_all(&chunk).await.map_err(|e| internal(&e))?;
+        let archive =
+            Removed(dir.join(format!("push-{}.tar", skiff_hub::pki::random_hex().map_err(|e| internal(&e))?)));
+        let mut file = tokio::fs::File::create(&archive.0).await.map_err(|e| internal(&e))?;
+        let mut stream = body.into_data_stream();
+        let mut total = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| (400, format!("reading the archive: {e}")))?;
+            total += chunk.len() as u64;
+            if total > MAX_PUSH_BYTES {
+                let most = skiff_model::format_bytes(MAX_PUSH_BYTES);
+                return Err((413, format!("an image archive may be {most} at most")));
             }
-            file.sync_all().await.map_err(|e| internal(&e))
+            file.write_all(&chunk).await.map_err(|e| internal(&e))?;
         }
-        .await;
-        let loaded = match written {
-            Ok(()) => {
-                let (st, a, r) = (Arc::clone(&store), archive.clone(), reference.clone());
-                tokio::task::spawn_blocking(move || -> Result<String, skiff_image::ImageError> {
-                    st.load(&a, Some(&r))?;
-                    let digest = st.top_digest(&r)?;
-                    st.tag(&format!("{}@{digest}", skiff_image::reference_name(&r)), &digest)?;
-                    Ok(digest)
-                })
-                .await
-                .map_err(|e| internal(&e))
-                .and_then(|r| r.map_err(|e| (400, skiff_image::error::with_causes(&e))))
+        file.sync_all().await.map_err(|e| internal(&e))?;
+        drop(file);
+        // Loaded and recorded to the end even if the request goes away meanwhile (a
+        // large image on a small hub): a later push finds it by its digest.
+        let (me, r) = (Arc::clone(&self), reference.clone());
+        let done = tokio::task::spawn_blocking(move || -> Result<String, (u16, String)> {
+            let bad = |e: skiff_image::ImageError| (400, skiff_image::error::with_causes(&e));
+            let names = store.load(&archive.0, Some(&r)).map_err(bad)?;
+            if names != [r.clone()] {
+                return Err((400, format!("the archive names {names:?}: one image, {r}, is expected")));
             }
-            Err(e) => Err(e),
-        };
-        let _ = tokio::fs::remove_file(&archive).await;
-        let digest = loaded?;
-        let by_digest = format!("{}@{digest}", skiff_image::reference_name(&reference));
-        self.add(&[reference.clone(), by_digest]).map_err(|e| internal(&e))?;
-        tracing::info!(image = %reference, %digest, "image pushed: offered to the nodes that run it");
+            let digest = store.top_digest(&r).map_err(bad)?;
+            let by_digest = format!("{}@{digest}", skiff_image::reference_name(&r));
+            store.tag(&by_digest, &digest).map_err(bad)?;
+            me.add(&[r.clone(), by_digest]).map_err(|e| (500, e.to_string()))?;
+            tracing::info!(image = %r, %digest, "image pushed: offered to the nodes that run it");
+            drop(archive);
+            Ok(digest)
+        });
+        let digest = done.await.map_err(|e| internal(&e))??;
         Ok(skiff_model::api::ImagePushed { reference, digest })
+    }
+}
+
+/// A file removed when dropped (a push's archive, whatever happens to the request).
+struct Removed(std::path::PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -681,10 +706,22 @@ fn image_proxy(cli: &crate::cli::Cli, limit: u64, pushed: Arc<Pushed>) -> Result
             let r = if own {
                 let platform = skiff_image::registry::parse_platform(&req.platform).map_err(status_of)?;
                 let (st, reference) = (Arc::clone(&store), req.reference.clone());
-                tokio::task::spawn_blocking(move || st.resolved(&reference, &platform))
-                    .await
-                    .map_err(|e| (500, e.to_string()))?
-                    .map_err(status_of)?
+                tokio::task::spawn_blocking(move || {
+                    // Built for one platform: a node of another gets no image to fail on.
+                    let built = skiff_image::registry::parse_platform(&st.inspect(&reference)?.platform)?;
+                    if (built.os.as_str(), built.architecture.as_str())
+                        != (platform.os.as_str(), platform.architecture.as_str())
+                    {
+                        return Err(skiff_image::ImageError::NotFound(format!(
+                            "{reference} was built for {}/{}, not {}/{}",
+                            built.os, built.architecture, platform.os, platform.architecture
+                        )));
+                    }
+                    st.resolved(&reference, &platform)
+                })
+                .await
+                .map_err(|e| (500, e.to_string()))?
+                .map_err(status_of)?
             } else {
                 proxy::resolve(Arc::clone(&store), &req, &opts).await.map_err(status_of)?
             };
@@ -756,4 +793,54 @@ fn platform_lookup(cli: &crate::cli::Cli, pushed: Arc<Pushed>) -> Result<skiff_h
             Ok(all.into_iter().filter(|p| p.os == "linux").map(|p| (p.architecture, p.variant)).collect())
         })
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive_of(dir: &std::path::Path) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_dir_all(".", dir).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    /// A pushed image: kept under its tag and digest, asked for again by digest without
+    /// its archive, never under a registry's name, and its archive gone in every case.
+    #[tokio::test]
+    async fn a_pushed_image_is_kept_by_tag_and_digest() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Arc::new(skiff_image::ImageStore::open(t.path().join("images")).unwrap());
+        let pushed = Arc::new(Pushed::open(t.path()).unwrap());
+        let push = |r: &str, d: Option<&str>, body: Vec<u8>| {
+            Arc::clone(&pushed).take(
+                Arc::clone(&store),
+                r.to_string(),
+                d.map(str::to_string),
+                axum::body::Body::from(body),
+            )
+        };
+        let e = push("docker.io/library/nginx:1", None, vec![]).await.unwrap_err();
+        assert_eq!(e.0, 400, "{e:?}");
+        assert!(e.1.contains("only localhost/NAME images"), "{e:?}");
+        let e = push("localhost/app:1", Some(&format!("sha256:{}", "a".repeat(64))), vec![]).await.unwrap_err();
+        assert_eq!(e.0, 404, "not here: send it");
+        assert_eq!(push("localhost/app:1", None, b"not a tar".to_vec()).await.unwrap_err().0, 400);
+
+        let layout = t.path().join("layout");
+        skiff_testkit::ImageBuilder::busybox().unwrap().write_oci_layout(&layout, "localhost/app:1").unwrap();
+        let p = push("localhost/app:1", None, archive_of(&layout)).await.unwrap();
+        assert_eq!(p.reference, "localhost/app:1");
+        let by_digest = format!("localhost/app@{}", p.digest);
+        assert!(pushed.contains("localhost/app:1") && pushed.contains(&by_digest));
+        assert_eq!(store.top_digest(&by_digest).unwrap(), p.digest);
+        // Again by digest: tagged, nothing sent.
+        let again = push("localhost/app:1", Some(&p.digest), vec![]).await.unwrap();
+        assert_eq!(again.digest, p.digest);
+        // Kept across a restart of the hub.
+        assert!(Pushed::open(t.path()).unwrap().contains(&by_digest));
+        let tmp: Vec<_> =
+            std::fs::read_dir(t.path().join("images/tmp")).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(!tmp.iter().any(|n| n.to_string_lossy().starts_with("push-")), "archives removed: {tmp:?}");
+    }
 }

@@ -496,7 +496,12 @@ pub(super) async fn apply(cli: &Cli, files: &[PathBuf], dry_run: bool, selector:
     };
     // Services applied before select the workloads of these manifests too.
     let kept: Vec<skiff_model::api::KeptService> = match texts.iter().any(|(_, t, _)| skiff_manifest::is_k8s(t)) {
-        true => c.get("/api/v1/k8s-services").await?,
+        true => match c.get("/api/v1/k8s-services").await {
+            Ok(k) => k,
+            // An older hub keeps none.
+            Err(e) if super::view::is_status(&e, reqwest::StatusCode::NOT_FOUND) => vec![],
+            Err(e) => return Err(e),
+        },
         false => vec![],
     };
     let Manifests { mut deployments, warnings, prune_stack, autoscalers, builds, services } =
@@ -629,6 +634,8 @@ pub(super) async fn delete_files(cli: &Cli, files: &[PathBuf]) -> Result<i32> {
     }
     for k in &m.services {
         match c.delete(&format!("/api/v1/k8s-services/{}/{}", k.stack, k.name)).await {
+            // As kubectl's: the Service goes; the workloads it reached keep its ports and
+            // name until they are applied again.
             Ok(()) => outln!("service {} deleted", k.name),
             Err(e) if super::view::is_status(&e, reqwest::StatusCode::NOT_FOUND) => {
                 eprintln!("service {} was not there", k.name);
