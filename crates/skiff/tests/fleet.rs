@@ -1029,6 +1029,9 @@ fn an_image_built_by_the_operator_reaches_fleet_nodes_through_the_hub() -> R {
     assert!(again.status.success() && said.contains("is on the hub already"), "{said}");
     assert!(!said.contains("sending"), "{said}");
     assert_eq!(image(&h), v1);
+    // A dry run builds nothing and plans against the build that runs.
+    let plan = h.ok(&["apply", "--dry-run", "-f", file])?;
+    assert!(plan.contains("deployment app unchanged (dry run)"), "{plan}");
     // A changed build: a new digest, and the node runs it.
     std::fs::write(ctx.join("msg"), "v2\n")?;
     h.ok(&["apply", "-f", file])?;

@@ -530,6 +530,19 @@ pub(super) async fn apply(cli: &Cli, files: &[PathBuf], dry_run: bool, selector:
     }
     for b in unbuilt.iter().filter(|_| dry_run) {
         eprintln!("{}: {} would be built (dry run: not built)", b.service, b.tag);
+        // On a fleet a build runs by digest: the plan compares with the build stored now.
+        if local {
+            continue;
+        }
+        let name = skiff_image::reference_name(&b.tag);
+        for d in deployments.iter_mut().filter(|d| d.image == b.tag) {
+            let path = format!("/api/v1/deployments/{}", d.name);
+            if let Ok(v) = c.get::<DeploymentView>(&path).await {
+                if v.spec.image.starts_with(&format!("{name}@")) {
+                    d.image = v.spec.image;
+                }
+            }
+        }
     }
     for d in &mut deployments {
         d.placement.node_selector.extend(selector.clone());
