@@ -368,9 +368,25 @@ impl Agent {
         let mut fill = vec![];
         let wasm = d.runtime == RuntimeKind::Wasm;
         let volumes = self.cfg.data_dir.join("volumes");
+        // A pod's volumes are its first container's slot's: `web-2`'s for `web-shipper-2`.
+        let pod = match (&d.pod_of, d.slot_named(owner)) {
+            (Some(first), Some(slot)) => format!("{first}-{slot}"),
+            _ => owner.to_string(),
+        };
         for v in &d.volumes {
             let (src, named) = match &v.source {
                 VolumeSource::Bind { path } => (PathBuf::from(path), false),
+                // Empty when new, as an emptyDir (not filled from either image).
+                VolumeSource::Pod { name } => {
+                    let src = volumes.join(ANONYMOUS).join(&pod).join(format!("pod-{name}")).join("_data");
+                    if !src.exists() {
+                        std::fs::create_dir_all(&src)
+                            .and_then(|_| std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o777)))
+                            .map_err(|e| AgentError::Other(format!("volume source {}: {e}", src.display())))?;
+                    }
+                    out.push((src, v.target.clone(), v.read_only));
+                    continue;
+                }
                 VolumeSource::Named { name } => (volumes.join(name).join("_data"), true),
                 VolumeSource::Claim { name } => {
                     (volumes.join(skiff_model::stateful::claim_volume(name, owner)).join("_data"), true)

@@ -306,13 +306,23 @@ impl State {
         for row in rows {
             let (spec, idx) = row?;
             let d: Deployment = serde_json::from_str(&spec)?;
-            let idx: Vec<u32> = match idx {
-                Some(i) => serde_json::from_str(&i)?,
-                None => (1..=d.replicas).collect(),
-            };
+            let idx: Option<Vec<u32>> = idx.map(|i| serde_json::from_str(&i)).transpose()?;
             out.push((d, idx));
         }
-        Ok(out)
+        // Without the hub's slots: a pod's other container has the slots of its first.
+        let own = |d: &Deployment, idx: &Option<Vec<u32>>| idx.clone().unwrap_or_else(|| (1..=d.replicas).collect());
+        let of_first: std::collections::BTreeMap<String, Vec<u32>> =
+            out.iter().map(|(d, i)| (d.name.clone(), own(d, i))).collect();
+        Ok(out
+            .into_iter()
+            .map(|(d, idx)| {
+                let slots = match (&idx, &d.pod_of) {
+                    (None, Some(first)) => of_first.get(first).cloned().unwrap_or_default(),
+                    _ => own(&d, &idx),
+                };
+                (d, slots)
+            })
+            .collect())
     }
 
     pub fn desired_revision(&self) -> Result<u64, StateError> {
@@ -503,7 +513,11 @@ mod tests {
             let mut s = State::open(&p).unwrap();
             let mut api = Deployment::new("api", "img");
             api.replicas = 5;
-            s.set_desired_slots(&[(Deployment::new("web", "img"), None), (api, Some(vec![2, 5]))], 7).unwrap();
+            let mut side = Deployment::new("web-side", "img");
+            side.pod_of = Some("web".into());
+            let mut web = Deployment::new("web", "img");
+            web.replicas = 2;
+            s.set_desired_slots(&[(web, None), (api, Some(vec![2, 5])), (side, None)], 7).unwrap();
             let c = || (2..10).map(|i| Ipv4Addr::new(10, 0, 0, i));
             assert_eq!(s.lease("web-1", c(), "n").unwrap(), Ipv4Addr::new(10, 0, 0, 2));
             assert_eq!(s.lease("web-2", c(), "n").unwrap(), Ipv4Addr::new(10, 0, 0, 3));
@@ -513,7 +527,11 @@ mod tests {
         let s = State::open(&p).unwrap();
         assert_eq!(s.desired().unwrap()[1].name, "web");
         let slots: Vec<(String, Vec<u32>)> = s.desired_slots().unwrap().into_iter().map(|(d, i)| (d.name, i)).collect();
-        assert_eq!(slots, [("api".to_string(), vec![2, 5]), ("web".to_string(), vec![1])], "placed numbers, or all");
+        assert_eq!(
+            slots,
+            [("api".to_string(), vec![2, 5]), ("web".to_string(), vec![1, 2]), ("web-side".to_string(), vec![1, 2])],
+            "placed numbers, or all; a pod's other container those of its first"
+        );
         assert_eq!(s.desired_revision().unwrap(), 7);
         s.delete_instance("web-1").unwrap();
         let c = (2..10).map(|i| Ipv4Addr::new(10, 0, 0, i));

@@ -239,7 +239,15 @@ async fn list_deployments(
         let stored = hub.store.list().map_err(internal)?;
         let all = hub.instances();
         let why = unschedulable(&hub);
-        Ok(stored.into_iter().map(|s| view(&all, &why, s)).collect::<Vec<_>>())
+        // A pod's other containers are shown with as many wanted as its first.
+        let counts: BTreeMap<String, u32> = stored.iter().map(|s| (s.spec.name.clone(), s.spec.replicas)).collect();
+        let mut views: Vec<DeploymentView> = stored.into_iter().map(|s| view(&all, &why, s)).collect();
+        for v in views.iter_mut() {
+            if let Some(n) = v.spec.pod_of.as_ref().and_then(|o| counts.get(o)) {
+                v.spec.replicas = *n;
+            }
+        }
+        Ok(views)
     })
     .await
 }
@@ -319,7 +327,12 @@ async fn get_deployment(
             .get(&name)
             .map_err(internal)?
             .ok_or_else(|| not_found(format!("deployment {name:?} not found")))?;
-        Ok(view(&hub.instances(), &unschedulable(&hub), s))
+        let owner = s.spec.pod_of.as_ref().map(|o| hub.store.get(o)).transpose().map_err(internal)?.flatten();
+        let mut v = view(&hub.instances(), &unschedulable(&hub), s);
+        if let Some(o) = owner {
+            v.spec.replicas = o.spec.replicas;
+        }
+        Ok(v)
     })
     .await
 }
@@ -383,13 +396,19 @@ async fn rollout_undo(
 }
 
 async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
-    let dependents: Vec<String> = hub
-        .store
-        .list()
-        .map_err(internal)?
+    let stored = hub.store.list().map_err(internal)?;
+    if !stored.iter().any(|s| s.spec.name == name) {
+        return Err(not_found(format!("deployment {name:?} not found")));
+    }
+    // A pod's other containers go with its first (as a pod goes whole).
+    let members: Vec<String> =
+        stored.iter().filter(|s| s.spec.pod_of.as_deref() == Some(&name)).map(|s| s.spec.name.clone()).collect();
+    let dependents: Vec<String> = stored
         .into_iter()
+        .filter(|s| !members.contains(&s.spec.name))
         .filter(|s| {
-            s.spec.depends_on.iter().any(|d| d.name == name) || s.spec.network_service.as_deref() == Some(&name)
+            let on = |n: &str| n == name || members.iter().any(|m| m == n);
+            s.spec.depends_on.iter().any(|d| on(&d.name)) || s.spec.network_service.as_deref().is_some_and(on)
         })
         .map(|s| s.spec.name)
         .collect();
@@ -398,6 +417,9 @@ async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) 
             StatusCode::CONFLICT,
             format!("deployment {name:?} is a dependency of {}; delete those first", dependents.join(", ")),
         ));
+    }
+    for m in &members {
+        hub.store.delete(m).map_err(internal)?;
     }
     if !hub.store.delete(&name).map_err(internal)? {
         return Err(not_found(format!("deployment {name:?} not found")));

@@ -211,8 +211,9 @@ pub fn schedule(
     let by_name: BTreeMap<&str, &NodeView> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let mut used: BTreeMap<&str, Used> = nodes.iter().map(|n| (n.name.as_str(), Used::default())).collect();
     let mut deps: Vec<&Deployment> = deployments.iter().collect();
-    // Those sharing another's network after the others: they go where it went.
-    deps.sort_by(|a, b| (a.network_service.is_some(), &a.name).cmp(&(b.network_service.is_some(), &b.name)));
+    // Those sharing another's network (or pod) after the others: they go where it went.
+    let beside_another = |d: &Deployment| d.network_service.is_some() || d.pod_of.is_some();
+    deps.sort_by(|a, b| (beside_another(a), &a.name).cmp(&(beside_another(b), &b.name)));
     let wanted: BTreeSet<&str> = deps.iter().map(|d| d.name.as_str()).collect();
 
     // First pass: which current slots stay. Their reservations are counted before any new
@@ -233,7 +234,10 @@ pub fn schedule(
             let Some(n) = by_name.get(s.node.as_str()) else { continue };
             let stays = match d.placement.mode {
                 PlacementMode::Global => seen_node.insert(s.node.clone()),
-                PlacementMode::Replicated => s.index >= 1 && s.index <= d.replicas && seen_idx.insert(s.index),
+                // A pod's other container: as many as its first has (checked beside it).
+                PlacementMode::Replicated => {
+                    s.index >= 1 && (d.pod_of.is_some() || s.index <= d.replicas) && seen_idx.insert(s.index)
+                }
             };
             let gone_too_long = d
                 .placement
@@ -253,7 +257,7 @@ pub fn schedule(
         let mut slots = kept.remove(d.name.as_str()).unwrap_or_default();
         let mut refused: BTreeMap<&'static str, usize> = BTreeMap::new();
         let mut missing = 0usize;
-        if let Some(owner) = &d.network_service {
+        if let Some(owner) = d.pod_of.as_ref().or(d.network_service.as_ref()) {
             match beside(d, owner, &deps, &plan.slots, &by_name, plat, &mut used, &mut slots) {
                 Ok(m) => missing = m,
                 Err(why) => {
@@ -396,7 +400,12 @@ fn beside<'n>(
     slots.retain(|s| of_owner.get(&s.index) == Some(&s.node.as_str()));
     let taken: BTreeSet<u32> = slots.iter().map(|s| s.index).collect();
     let mut missing = 0;
-    for index in (1..=d.replicas).filter(|i| !taken.contains(i)) {
+    // A pod's other container has one beside each of its first's, however many.
+    let wanted: Vec<u32> = match &d.pod_of {
+        Some(_) => of_owner.keys().copied().collect(),
+        None => (1..=d.replicas).collect(),
+    };
+    for index in wanted.into_iter().filter(|i| !taken.contains(i)) {
         let Some(n) = of_owner.get(&index).and_then(|node| by_name.get(node)) else {
             missing += 1;
             continue;
@@ -511,6 +520,33 @@ mod tests {
             p.unschedulable["side"],
             "it shares the network of web, of stack \"other\": only one of its own stack"
         );
+    }
+
+    /// A pod's other container runs one beside each of its first's instances, however
+    /// many it has (scaled, or one per node), whatever its own replicas say.
+    #[test]
+    fn a_pods_other_container_follows_its_first_instance_by_instance() {
+        let nodes = [node("a", "amd64", &[]), node("b", "amd64", &[]), node("c", "amd64", &[])];
+        let mut side = dep("web-shipper", 1);
+        side.pod_of = Some("web".into());
+        side.network = skiff_model::NetworkMode::Service;
+        side.network_service = Some("web".into());
+        let p = schedule(&[side.clone(), dep("web", 3)], &none(), &nodes, &[], 0);
+        assert_eq!(where_(&p, "web-shipper"), where_(&p, "web"));
+        assert_eq!(where_(&p, "web").len(), 3);
+        assert!(p.unschedulable.is_empty(), "{:?}", p.unschedulable);
+        // Scaled down: its third goes with the first's.
+        let p = schedule(&[side.clone(), dep("web", 2)], &none(), &nodes, &p.slots, 0);
+        assert_eq!(where_(&p, "web-shipper"), [(1, "a".into()), (2, "b".into())]);
+        // Beside a global one (on the host's network): one per node, the same numbers.
+        let mut web = dep("web", 1);
+        web.placement.mode = PlacementMode::Global;
+        web.network = skiff_model::NetworkMode::Host;
+        side.network = skiff_model::NetworkMode::Host;
+        side.network_service = None;
+        let p = schedule(&[side, web], &none(), &nodes, &[], 0);
+        assert_eq!(where_(&p, "web").len(), 3);
+        assert_eq!(where_(&p, "web-shipper"), where_(&p, "web"));
     }
 
     #[test]

@@ -77,6 +77,33 @@ pub fn check_apply(incoming: &[Deployment], existing: &[Deployment]) -> Result<(
             ));
         }
     }
+    // Another container of a pod: beside the first container's deployment, of the same
+    // stack, in the same network (the host's for both, or the first's).
+    for m in &merged {
+        let Some(owner) = &m.pod_of else { continue };
+        if !incoming_named(&m.name) && !incoming_named(owner) {
+            continue;
+        }
+        let field = format!("deployments.{}.pod_of", m.name);
+        let Some(o) = merged.iter().find(|o| o.name == *owner && o.stack == m.stack) else {
+            return Err(ValidationError::new(field, format!("{owner:?} is not a deployment of stack {:?}", m.stack)));
+        };
+        if o.pod_of.is_some() {
+            return Err(ValidationError::new(field, format!("{owner} is another's container itself: name that one")));
+        }
+        if (o.network == skiff_model::NetworkMode::Host) != (m.network == skiff_model::NetworkMode::Host) {
+            return Err(ValidationError::new(
+                field,
+                format!("{owner} and its pod's other containers are all on the host's network or none is"),
+            ));
+        }
+        if o.job.is_some() || o.stateful.is_some() {
+            return Err(ValidationError::new(
+                field,
+                format!("{owner} is a job or a stateful set: its pods have one container here"),
+            ));
+        }
+    }
     let mut ports: BTreeMap<(u16, skiff_model::Protocol), &str> = BTreeMap::new();
     // Stored deployments first, so a conflict is reported on the incoming one.
     for d in merged.iter().skip(incoming.len()).chain(merged.iter().take(incoming.len())) {
@@ -130,6 +157,43 @@ mod tests {
         let mut d = Deployment::new(name, "img");
         d.depends_on = on.iter().map(|n| Dependency { name: n.to_string(), condition: Default::default() }).collect();
         d
+    }
+
+    #[test]
+    fn a_pods_other_container_is_beside_a_first_of_its_stack() {
+        let member = |owner: &str| {
+            let mut d = dep("side", &[]);
+            d.pod_of = Some(owner.into());
+            d.network = skiff_model::NetworkMode::Service;
+            d.network_service = Some(owner.into());
+            d
+        };
+        assert!(check_apply(&[member("web"), dep("web", &[])], &[]).is_ok());
+        assert!(check_apply(&[member("web")], &[dep("web", &[])]).is_ok(), "beside a stored one");
+        let err = |i: &[Deployment], e: &[Deployment]| check_apply(i, e).unwrap_err().to_string();
+        let mut other_stack = dep("web", &[]);
+        other_stack.stack = "b".into();
+        assert_eq!(
+            err(&[member("web"), other_stack], &[]),
+            "deployments.side.network_service: \"web\" is not a deployment of stack \"default\""
+        );
+        let mut host = member("web");
+        host.network = skiff_model::NetworkMode::Host;
+        host.network_service = None;
+        assert_eq!(
+            err(&[host.clone(), dep("web", &[])], &[]),
+            "deployments.side.pod_of: web and its pod's other containers are all on the host's network or none is"
+        );
+        let mut web = dep("web", &[]);
+        web.network = skiff_model::NetworkMode::Host;
+        assert!(check_apply(&[host, web], &[]).is_ok());
+        let mut job = dep("web", &[]);
+        job.job = Some(skiff_model::job::JobSpec { completions: 1, parallelism: 1, ..Default::default() });
+        job.restart = skiff_model::RestartPolicy::No;
+        assert_eq!(
+            err(&[member("web"), job], &[]),
+            "deployments.side.pod_of: web is a job or a stateful set: its pods have one container here"
+        );
     }
 
     #[test]

@@ -210,11 +210,19 @@ pub fn import_k8s_with(
                 if let Some(i) = out.deployments.iter().position(|d| d.name == name) {
                     return Err(ManifestError::at(&path, format!("{name:?} is defined already, by {}", paths[i])));
                 }
-                let (d, labels, named) = workload(&v, &kind, &name, &stack, &path, &objects, &mut out.warnings)?;
-                out.deployments.push(d);
-                pod_labels.push(labels);
-                named_ports.push(named);
-                paths.push(path);
+                for (d, labels, named) in workload(&v, &kind, &name, &stack, &path, &objects, &mut out.warnings)? {
+                    let at = match &d.pod_of {
+                        Some(_) => format!("{path} (container {})", &d.name[name.len() + 1..]),
+                        None => path.clone(),
+                    };
+                    if let Some(i) = out.deployments.iter().position(|x| x.name == d.name) {
+                        return Err(ManifestError::at(&at, format!("{:?} is defined already, by {}", d.name, paths[i])));
+                    }
+                    out.deployments.push(d);
+                    pod_labels.push(labels);
+                    named_ports.push(named);
+                    paths.push(at);
+                }
             }
             "Service" => {
                 let spec = get(&v, "spec").ok_or_else(|| ManifestError::at(&path, "spec is required"))?;
@@ -364,7 +372,7 @@ pub fn import_k8s_with(
             .map(|(i, _)| i)
             .collect();
         if targets.is_empty() && !s.kept {
-            for d in stored.iter().filter(|d| d.stack == s.stack && selects(&d.pod_labels)) {
+            for d in stored.iter().filter(|d| d.stack == s.stack && d.pod_of.is_none() && selects(&d.pod_labels)) {
                 let at = match out.deployments.iter().position(|x| x.name == d.name) {
                     Some(at) => at,
                     None => {
@@ -500,7 +508,7 @@ fn workload(
     path: &str,
     objects: &Objects,
     warnings: &mut Vec<String>,
-) -> R<Workload> {
+) -> R<Vec<Workload>> {
     // A Pod is its own template (one instance); the controllers hold one in spec.template,
     // a CronJob in spec.jobTemplate.spec.template.
     let (spec, sp, cron) = match kind {
@@ -572,16 +580,145 @@ fn workload(
         warnings,
     );
     let containers = match get(pod, "containers") {
-        Some(Value::Sequence(c)) if c.len() == 1 => &c[0],
-        Some(Value::Sequence(c)) if c.len() > 1 => {
+        Some(Value::Sequence(c)) if !c.is_empty() => c,
+        _ => return Err(ManifestError::at(format!("{pp}.containers"), "must list at least one container")),
+    };
+    // What the pod's containers have in common, then each one's own.
+    let mut base = Deployment::new(name, "");
+    base.stack = stack.to_string();
+    base.pod_labels = labels.clone();
+    base.labels = get(v, "metadata")
+        .and_then(|m| get(m, "labels"))
+        .map(|l| map_of_strings(l, &format!("{path}.metadata.labels")))
+        .transpose()?
+        .unwrap_or_default();
+    pod_options(&mut base, pod, &pp, warnings)?;
+    if let Some(ns) = get(pod, "nodeSelector") {
+        base.placement.node_selector = map_of_strings(ns, &format!("{pp}.nodeSelector"))?;
+    }
+    // A RuntimeClass names the handler: `wasmtime` (or `wasm`) runs the pod's image as a
+    // WASI program, as runwasi's classes do.
+    if let Some(rc) = get(pod, "runtimeClassName") {
+        let rp = format!("{pp}.runtimeClassName");
+        base.runtime = crate::runtime_named(&string(rc, &rp)?, &rp)?;
+    }
+    base.restart = match get(pod, "restartPolicy").and_then(Value::as_str).unwrap_or("Always") {
+        "Always" => RestartPolicy::Always,
+        "OnFailure" => RestartPolicy::OnFailure { max_retries: None },
+        "Never" => RestartPolicy::No,
+        o => {
             return Err(ManifestError::at(
-                format!("{pp}.containers"),
-                "one container per pod is supported (sidecars are not)",
+                format!("{pp}.restartPolicy"),
+                format!("{o:?} is not Always, OnFailure or Never"),
             ))
         }
-        _ => return Err(ManifestError::at(format!("{pp}.containers"), "must list one container")),
     };
-    let cp = format!("{pp}.containers[0]");
+    if let Some(g) = get(pod, "terminationGracePeriodSeconds") {
+        let s = g.as_u64().ok_or_else(|| {
+            ManifestError::at(format!("{pp}.terminationGracePeriodSeconds"), "must be a number of seconds")
+        })?;
+        base.stop_grace_period_ms = s * 1000;
+    }
+    if kind == "Job" || kind == "CronJob" {
+        if containers.len() > 1 {
+            return Err(ManifestError::at(
+                format!("{pp}.containers"),
+                "a Job's pod of several containers is not supported (one container runs to completion)",
+            ));
+        }
+        let job = job_spec(spec, &sp, cron, &format!("{path}.spec"), warnings)?;
+        // Both retry the pod where it is (Never makes a new pod in Kubernetes), up to the
+        // backoff limit.
+        base.restart =
+            match base.restart {
+                RestartPolicy::Always => return Err(ManifestError::at(
+                    format!("{pp}.restartPolicy"),
+                    "a Job's pods run to completion: OnFailure or Never (Always is the default only for other kinds)",
+                )),
+                _ => RestartPolicy::OnFailure { max_retries: Some(job.backoff_limit) },
+            };
+        base.replicas = job.completions;
+        base.job = Some(job);
+    } else if kind == "DaemonSet" {
+        base.placement.mode = PlacementMode::Global;
+        if get(spec, "replicas").is_some() {
+            return Err(ManifestError::at(
+                format!("{path}.spec.replicas"),
+                "a DaemonSet runs one per matching node; replicas does not apply",
+            ));
+        }
+    } else if let Some(r) = get(spec, "replicas") {
+        let n = r.as_i64().ok_or_else(|| ManifestError::at(format!("{path}.spec.replicas"), "must be a number"))?;
+        base.replicas = u32::try_from(n)
+            .map_err(|_| ManifestError::at(format!("{path}.spec.replicas"), format!("{n} must be 0 or more")))?;
+    }
+    if base.job.is_none() {
+        strategy(&mut base, spec, &format!("{path}.spec"), warnings)?;
+    }
+    if kind == "StatefulSet" {
+        if containers.len() > 1 {
+            return Err(ManifestError::at(
+                format!("{pp}.containers"),
+                "a StatefulSet's pod of several containers is not supported yet (one container per pod)",
+            ));
+        }
+        stateful(&mut base, spec, &sp)?;
+    }
+    let claims = if kind == "StatefulSet" { claim_templates(spec, &sp, warnings)? } else { vec![] };
+    // A pod of several containers: the first is the deployment of the workload's name
+    // (what Services, autoscalers and `skiff scale` address); each other one a deployment
+    // `NAME-CONTAINER` beside each of its instances, in its network, with its volumes.
+    let shared = containers.len() > 1;
+    let mut out: Vec<Workload> = vec![];
+    let mut all_ports = vec![];
+    let mut all_named = BTreeMap::new();
+    for (i, c) in containers.iter().enumerate() {
+        let cp = format!("{pp}.containers[{i}]");
+        let mut d = base.clone();
+        d.image = required(c, "image", &cp)?;
+        if i > 0 {
+            let own = required(c, "name", &cp)?;
+            d.name = format!("{name}-{own}");
+            d.pod_of = Some(name.to_string());
+            d.network = skiff_model::NetworkMode::Service;
+            d.network_service = Some(name.to_string());
+            d.placement.mode = PlacementMode::Replicated;
+            d.update.wave_growth = base.update.wave_growth;
+        }
+        // Warnings about what the containers share are said once.
+        let mut said = vec![];
+        let (named, ports) = container(&mut d, c, &cp, objects, &mut said)?;
+        volumes(&mut d, pod, c, &claims, shared, &pp, &cp, objects, &mut said)?;
+        for w in said {
+            if !warnings.contains(&w) {
+                warnings.push(w);
+            }
+        }
+        all_ports.extend(ports);
+        all_named.extend(named);
+        // Only the first is selected by Services: the others are reached through its address.
+        out.push((d, if i == 0 { labels.clone() } else { BTreeMap::new() }, BTreeMap::new()));
+    }
+    // Prometheus' annotations on the pod: where agents read its own metrics (any of its
+    // containers' ports, in the one network they share).
+    if let Some(a) = get(tpl, "metadata").and_then(|m| get(m, "annotations")) {
+        let ap = format!("{tp}.metadata.annotations");
+        out[0].0.scrape = skiff_model::metrics::Scrape::from_annotations(&map_of_strings(a, &ap)?, &all_ports)
+            .map_err(|(k, e)| ManifestError::at(format!("{ap}.{k}"), e))?;
+    }
+    out[0].2 = all_named;
+    Ok(out)
+}
+
+/// One container of a pod onto its deployment: command, environment, resources, probe
+/// and ports. Returns its container ports by name and all of them.
+fn container(
+    d: &mut Deployment,
+    containers: &Value,
+    cp: &str,
+    objects: &Objects,
+    warnings: &mut Vec<String>,
+) -> R<(BTreeMap<String, u16>, Vec<u16>)> {
     unknown(
         containers,
         &[
@@ -599,18 +736,9 @@ fn workload(
             "volumeMounts",
             "readinessProbe",
         ],
-        &cp,
+        cp,
         warnings,
     );
-    let image = required(containers, "image", &cp)?;
-    let mut d = Deployment::new(name, image);
-    d.stack = stack.to_string();
-    d.pod_labels = labels.clone();
-    d.labels = get(v, "metadata")
-        .and_then(|m| get(m, "labels"))
-        .map(|l| map_of_strings(l, &format!("{path}.metadata.labels")))
-        .transpose()?
-        .unwrap_or_default();
     if let Some(c) = get(containers, "command") {
         d.entrypoint = Some(strings(c, &format!("{cp}.command"))?);
     }
@@ -778,75 +906,7 @@ fn workload(
             }
         }
     }
-    // Prometheus' annotations on the pod: where agents read its own metrics.
-    if let Some(a) = get(tpl, "metadata").and_then(|m| get(m, "annotations")) {
-        let ap = format!("{tp}.metadata.annotations");
-        d.scrape = skiff_model::metrics::Scrape::from_annotations(&map_of_strings(a, &ap)?, &container_ports)
-            .map_err(|(k, e)| ManifestError::at(format!("{ap}.{k}"), e))?;
-    }
-    pod_options(&mut d, pod, &pp, warnings)?;
-    let claims = if kind == "StatefulSet" { claim_templates(spec, &sp, warnings)? } else { vec![] };
-    volumes(&mut d, pod, containers, &claims, &pp, &cp, objects, warnings)?;
-    if let Some(ns) = get(pod, "nodeSelector") {
-        d.placement.node_selector = map_of_strings(ns, &format!("{pp}.nodeSelector"))?;
-    }
-    // A RuntimeClass names the handler: `wasmtime` (or `wasm`) runs the pod's image as a
-    // WASI program, as runwasi's classes do.
-    if let Some(rc) = get(pod, "runtimeClassName") {
-        let rp = format!("{pp}.runtimeClassName");
-        d.runtime = crate::runtime_named(&string(rc, &rp)?, &rp)?;
-    }
-    d.restart = match get(pod, "restartPolicy").and_then(Value::as_str).unwrap_or("Always") {
-        "Always" => RestartPolicy::Always,
-        "OnFailure" => RestartPolicy::OnFailure { max_retries: None },
-        "Never" => RestartPolicy::No,
-        o => {
-            return Err(ManifestError::at(
-                format!("{pp}.restartPolicy"),
-                format!("{o:?} is not Always, OnFailure or Never"),
-            ))
-        }
-    };
-    if let Some(g) = get(pod, "terminationGracePeriodSeconds") {
-        let s = g.as_u64().ok_or_else(|| {
-            ManifestError::at(format!("{pp}.terminationGracePeriodSeconds"), "must be a number of seconds")
-        })?;
-        d.stop_grace_period_ms = s * 1000;
-    }
-    if kind == "Job" || kind == "CronJob" {
-        let job = job_spec(spec, &sp, cron, &format!("{path}.spec"), warnings)?;
-        // Both retry the pod where it is (Never makes a new pod in Kubernetes), up to the
-        // backoff limit.
-        d.restart =
-            match d.restart {
-                RestartPolicy::Always => return Err(ManifestError::at(
-                    format!("{pp}.restartPolicy"),
-                    "a Job's pods run to completion: OnFailure or Never (Always is the default only for other kinds)",
-                )),
-                _ => RestartPolicy::OnFailure { max_retries: Some(job.backoff_limit) },
-            };
-        d.replicas = job.completions;
-        d.job = Some(job);
-        return Ok((d, labels, named));
-    }
-    if kind == "DaemonSet" {
-        d.placement.mode = PlacementMode::Global;
-        if get(spec, "replicas").is_some() {
-            return Err(ManifestError::at(
-                format!("{path}.spec.replicas"),
-                "a DaemonSet runs one per matching node; replicas does not apply",
-            ));
-        }
-    } else if let Some(r) = get(spec, "replicas") {
-        let n = r.as_i64().ok_or_else(|| ManifestError::at(format!("{path}.spec.replicas"), "must be a number"))?;
-        d.replicas = u32::try_from(n)
-            .map_err(|_| ManifestError::at(format!("{path}.spec.replicas"), format!("{n} must be 0 or more")))?;
-    }
-    strategy(&mut d, spec, &format!("{path}.spec"), warnings)?;
-    if kind == "StatefulSet" {
-        stateful(&mut d, spec, &sp)?;
-    }
-    Ok((d, labels, named))
+    Ok((named, container_ports))
 }
 
 /// A container's `readinessProbe` as the health check that decides its readiness (an
@@ -1223,6 +1283,7 @@ fn volumes(
     pod: &Value,
     container: &Value,
     claims: &[String],
+    shared: bool,
     pp: &str,
     cp: &str,
     objects: &Objects,
@@ -1266,8 +1327,16 @@ fn volumes(
                             }
                             None => None,
                         };
+                        if shared {
+                            warnings.push(format!(
+                                "{vp}: a memory emptyDir is a tmpfs of each container's own here, not shared \
+                                 between the pod's containers"
+                            ));
+                        }
                         (None, Some(size.unwrap_or(0)))
                     }
+                    // Shared by the pod's containers, or the one container's own.
+                    _ if shared => (Some(VolumeSource::Pod { name: name.clone() }), None),
                     _ => (Some(VolumeSource::Anonymous), None),
                 }
             } else {
@@ -1816,6 +1885,99 @@ spec:
     }
 
     #[test]
+    fn a_pods_other_containers_run_beside_the_first_in_its_network_with_its_volumes() {
+        let m = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata:
+      labels: {app: web}
+      annotations: {prometheus.io/scrape: "true", prometheus.io/port: "9100"}
+    spec:
+      nodeSelector: {site: a}
+      containers:
+      - name: app
+        image: app:1
+        ports: [{containerPort: 8080, name: http}]
+        resources: {requests: {cpu: 100m}}
+        volumeMounts: [{name: logs, mountPath: /var/log/app}, {name: cache, mountPath: /cache}]
+      - name: shipper
+        image: shipper:2
+        args: [--from, /logs]
+        ports: [{containerPort: 9100, name: metrics}]
+        volumeMounts: [{name: logs, mountPath: /logs, readOnly: true}, {name: scratch, mountPath: /tmp/s}]
+      volumes:
+      - {name: logs, emptyDir: {}}
+      - {name: cache, emptyDir: {}}
+      - {name: scratch, emptyDir: {medium: Memory}}
+      - {name: gone, gitRepo: {repository: x}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-metrics, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{port: 9100, targetPort: metrics}]
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: web, namespace: shop}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  minReplicas: 1
+  maxReplicas: 5
+  metrics: [{type: Resource, resource: {name: cpu, target: {type: Utilization, averageUtilization: 60}}}]
+"#;
+        let k = import_k8s(m, "default").unwrap();
+        let [web, side] = &k.deployments[..] else { panic!("{:?}", k.deployments) };
+        assert_eq!((web.name.as_str(), web.image.as_str(), web.pod_of.as_deref()), ("web", "app:1", None));
+        assert_eq!(
+            (side.name.as_str(), side.image.as_str(), side.pod_of.as_deref()),
+            ("web-shipper", "shipper:2", Some("web"))
+        );
+        assert_eq!((side.network, side.network_service.as_deref()), (skiff_model::NetworkMode::Service, Some("web")));
+        assert_eq!((side.stack.as_str(), side.command.clone()), ("shop", Some(vec!["--from".into(), "/logs".into()])));
+        assert_eq!(side.placement.node_selector, web.placement.node_selector, "the pod's placement, the same nodes");
+        // The pod's emptyDir is one directory both mount; the memory one each its own.
+        let pod = |n: &str| skiff_model::VolumeSource::Pod { name: n.into() };
+        let vols = |d: &Deployment| {
+            d.volumes.iter().map(|v| (v.source.clone(), v.target.clone(), v.read_only)).collect::<Vec<_>>()
+        };
+        assert_eq!(vols(web), [(pod("logs"), "/var/log/app".into(), false), (pod("cache"), "/cache".into(), false)]);
+        assert_eq!(vols(side), [(pod("logs"), "/logs".into(), true)]);
+        assert_eq!(side.tmpfs.len(), 1);
+        // The Service reaches the first container's deployment, at the port the other
+        // names; the autoscaler and the scrape are the first's too.
+        assert_eq!(web.expose, [skiff_model::mesh::ServicePort { port: 9100, target: 9100 }]);
+        assert!(side.expose.is_empty() && side.aliases.is_empty() && side.autoscale.is_none());
+        assert!(web.aliases.contains(&"web-metrics".to_string()));
+        assert!(web.autoscale.is_some());
+        assert_eq!(web.scrape.as_ref().map(|s| s.port), Some(9100));
+        assert_eq!(
+            k.warnings.iter().filter(|w| w.contains("gitRepo volumes are not supported")).count(),
+            1,
+            "a pod's warning is said once: {:?}",
+            k.warnings
+        );
+        assert!(k
+            .warnings
+            .iter()
+            .any(|w| w.contains("volumes[2]: a memory emptyDir is a tmpfs of each container's own")));
+        for d in &k.deployments {
+            d.validate().unwrap();
+        }
+        // A single container keeps its emptyDir as its own.
+        let one = m.replace("      - name: shipper\n        image: shipper:2\n        args: [--from, /logs]\n        ports: [{containerPort: 9100, name: metrics}]\n        volumeMounts: [{name: logs, mountPath: /logs, readOnly: true}, {name: scratch, mountPath: /tmp/s}]\n", "");
+        let k = import_k8s(&one.replace("targetPort: metrics", "targetPort: http"), "default").unwrap();
+        assert_eq!(k.deployments.len(), 1);
+        assert_eq!(k.deployments[0].volumes[0].source, skiff_model::VolumeSource::Anonymous);
+    }
+
+    #[test]
     fn stateful_sets_number_their_pods_and_give_each_its_own_volumes() {
         const SET: &str = r#"
 apiVersion: v1
@@ -1935,8 +2097,16 @@ spec:
         );
         assert!(err(&base.replace("spec:\n  template", "spec:\n  replicas: -2\n  template"))
             .contains("Deployment/w.spec.replicas: -2 must be 0 or more"));
-        assert!(err(&base.replace("[{name: c, image: i}]", "[{name: c, image: i}, {name: d, image: j}]"))
-            .contains("one container per pod"));
+        let two = base.replace("[{name: c, image: i}]", "[{name: c, image: i}, {name: d, image: j}]");
+        assert_eq!(
+            err(&two.replace("kind: Deployment", "kind: StatefulSet")),
+            "StatefulSet/w.spec.template.spec.containers: a StatefulSet's pod of several containers is not supported \
+             yet (one container per pod)"
+        );
+        assert!(err(&two.replace("{name: d, image: j}", "{image: j}")).contains("containers[1].name: is required"));
+        assert!(err(&format!("{two}---\n{}", base.replace("name: w}", "name: w-d}")))
+            .contains("Deployment/w-d: \"w-d\" is defined already, by Deployment/w (container d)"));
+        assert!(err(&base.replace("[{name: c, image: i}]", "[]")).contains("must list at least one container"));
         assert!(err(&base.replace("image: i}", "image: i, resources: {limits: {memory: 12XB}}}"))
             .contains("Deployment/w.spec.template.spec.containers[0].resources.limits.memory"));
         assert!(err(&format!("{base}---\napiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  type: NodePort\n  ports: [{{port: 80}}]\n")).contains("Service/s.spec.selector: is required"));

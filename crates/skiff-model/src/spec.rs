@@ -68,6 +68,13 @@ pub struct Deployment {
     /// service:NAME`, a pod's second container): one address, one `localhost`, its ports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_service: Option<String>,
+    /// Another container of this deployment's pods (a Kubernetes pod of several
+    /// containers): one instance beside each of that deployment's, of the same number on
+    /// the same node, however many it has (its own `replicas` are not read); it shares
+    /// that instance's network (`network: service`) or the host's, and its pod volumes
+    /// (`VolumeSource::Pod`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_of: Option<String>,
     #[serde(default)]
     pub read_only: bool,
     /// Its process runs on a terminal (`run -t`, compose `tty`, Kubernetes `tty`), held
@@ -397,6 +404,7 @@ impl Deployment {
             depends_on: vec![],
             network: NetworkMode::default(),
             network_service: None,
+            pod_of: None,
             job: None,
             stateful: None,
             networks: vec![],
@@ -647,6 +655,11 @@ pub enum VolumeSource {
     /// `NAME-INSTANCE` (`www-web-0`, Kubernetes' name for its claim), kept when the
     /// instance or its deployment goes, taken again by the instance of that name.
     Claim { name: String },
+    /// A volume of the pod's own (a Kubernetes `emptyDir` in a pod of several
+    /// containers): one directory per slot of the pod's first container's deployment
+    /// (`Deployment::pod_of`), mounted by each container of that pod that names it,
+    /// empty when new, removed with the anonymous volumes of that slot.
+    Pod { name: String },
 }
 
 /// A tmpfs mounted at `target` (`nosuid`, `nodev`; Docker's defaults otherwise).

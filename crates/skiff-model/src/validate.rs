@@ -258,6 +258,42 @@ impl Deployment {
         Ok(())
     }
 
+    /// Another container of `pod_of`'s pods: in its network (or both on the host's),
+    /// following its instances, so nothing of its own that would count or place them.
+    fn check_pod_of(&self) -> Result<(), ValidationError> {
+        let Some(owner) = &self.pod_of else { return Ok(()) };
+        check_name("pod_of", owner)?;
+        if *owner == self.name {
+            return Err(ValidationError::new("pod_of", "is this deployment itself"));
+        }
+        match (self.network, &self.network_service) {
+            (NetworkMode::Service, Some(n)) if n == owner => {}
+            (NetworkMode::Host, _) => {}
+            _ => {
+                return Err(ValidationError::new(
+                    "network",
+                    format!("a container of {owner}'s pods shares its network: network: service of {owner}, or host"),
+                ))
+            }
+        }
+        let follows = |field: &str, what: &str| {
+            ValidationError::new(field, format!("{what}: its instances follow {owner}'s, one beside each"))
+        };
+        if self.autoscale.is_some() {
+            return Err(follows("autoscale", "scale the pod's first container"));
+        }
+        if self.placement.mode == crate::PlacementMode::Global {
+            return Err(follows("placement.mode", "global"));
+        }
+        if self.stateful.is_some() {
+            return Err(follows("stateful", "a stateful set"));
+        }
+        if self.job.is_some() {
+            return Err(ValidationError::new("job", "a job's pod of several containers is not supported"));
+        }
+        Ok(())
+    }
+
     fn check_job(&self) -> Result<(), ValidationError> {
         let Some(job) = &self.job else { return Ok(()) };
         job.check(self.replicas)?;
@@ -279,6 +315,7 @@ impl Deployment {
     fn check_networks(&self) -> Result<(), ValidationError> {
         self.check_macvlan()?;
         self.check_network_service()?;
+        self.check_pod_of()?;
         if self.networks.is_empty() {
             return Ok(());
         }
@@ -479,7 +516,7 @@ impl Deployment {
                         format!("{path:?} must be an absolute path without . or .. parts"),
                     ));
                 }
-                VolumeSource::Named { name } | VolumeSource::Claim { name } => {
+                VolumeSource::Named { name } | VolumeSource::Claim { name } | VolumeSource::Pod { name } => {
                     check_volume_name(&format!("volumes[{i}].source"), name)?
                 }
                 _ => {}
@@ -796,6 +833,68 @@ mod tests {
                 d.ports = vec![crate::PortMapping::parse("8080:80").unwrap()];
             },
             Some("ports: published ports need the bridge network mode"),
+        );
+    }
+
+    #[test]
+    fn a_pods_other_container_shares_its_network_and_follows_its_instances() {
+        let member = |d: &mut Deployment| {
+            d.pod_of = Some("db".into());
+            d.network = NetworkMode::Service;
+            d.network_service = Some("db".into());
+        };
+        check(member, None);
+        check(
+            |d| {
+                d.pod_of = Some("db".into());
+                d.network = NetworkMode::Host;
+            },
+            None,
+        );
+        check(
+            |d| d.pod_of = Some("db".into()),
+            Some("network: a container of db's pods shares its network: network: service of db, or host"),
+        );
+        check(
+            |d| {
+                member(d);
+                d.network_service = Some("other".into());
+                d.pod_of = Some("db".into());
+            },
+            Some("network: a container of db's pods shares its network: network: service of db, or host"),
+        );
+        check(
+            |d| {
+                d.pod_of = Some(d.name.clone());
+            },
+            Some("pod_of: is this deployment itself"),
+        );
+        check(
+            |d| {
+                d.pod_of = Some("db".into());
+                d.network = NetworkMode::Host;
+                d.placement.mode = crate::PlacementMode::Global;
+            },
+            Some("placement.mode: global: its instances follow db's, one beside each"),
+        );
+        check(
+            |d| {
+                member(d);
+                d.stateful = Some(crate::stateful::Stateful { service: None, pod_management: Default::default() });
+                d.update.max_surge = crate::rollout::IntOrPercent::Int(0);
+            },
+            Some("stateful: a stateful set: its instances follow db's, one beside each"),
+        );
+        check(
+            |d| {
+                member(d);
+                d.volumes.push(crate::Volume {
+                    source: VolumeSource::Pod { name: "Bad/Name".into() },
+                    target: "/x".into(),
+                    read_only: false,
+                });
+            },
+            Some("volumes[0].source: \"Bad/Name\" is not a volume name (a letter or digit, then letters, digits, '_', '.' or '-')"),
         );
     }
 

@@ -356,6 +356,54 @@ fn a_stateful_set_starts_in_order_and_keeps_each_pods_volume() -> R {
     Ok(())
 }
 
+/// A pod of two containers: the second runs beside each instance of the first, in its
+/// network (`localhost` is the first's) with the pod's emptyDir shared; a Service reaches
+/// the first; scaling the first scales both; deleting it deletes both.
+#[test]
+fn a_pods_second_container_shares_its_network_and_volume_and_follows_its_scale() -> R {
+    require_privileged!();
+    let mut n = Node::new()?;
+    n.up(None)?;
+    let port = common::free_port();
+    let pod = n.write(
+        "pod.yaml",
+        &format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  \
+             template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers:\n      - name: app\n        \
+             image: {IMAGE}\n        command: [httpd, -f, -p, '80', -h, /www]\n        \
+             ports: [{{containerPort: 80, name: http}}]\n        volumeMounts: [{{name: www, mountPath: /www}}]\n      \
+             - name: writer\n        image: {IMAGE}\n        \
+             command: [sh, -c, 'echo from-the-writer > /out/index.html && exec sleep 1000']\n        \
+             volumeMounts: [{{name: www, mountPath: /out}}]\n      volumes: [{{name: www, emptyDir: {{}}}}]\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: front}}\nspec:\n  type: NodePort\n  selector: {{app: web}}\n  \
+             ports: [{{port: 8080, targetPort: http, nodePort: {port}}}]\n"
+        ),
+    )?;
+    n.ok(&["apply", "-f", pod.to_str().unwrap()])?;
+    n.wait_running("web-1")?;
+    n.wait_running("web-writer-1")?;
+    // What the writer put in the pod's volume is what the first serves, through the Service.
+    let got = wait_for(60 * SEC, "the Service's node port", || {
+        common::http_get(port, "/").ok().filter(|b| b.contains("from-the-writer"))
+    })?;
+    assert_eq!(got.trim(), "from-the-writer");
+    // One network: the writer reaches the first on its own localhost.
+    let local = n.ok(&["exec", "web-writer-1", "--", "wget", "-q", "-O", "-", "http://127.0.0.1/"])?;
+    assert_eq!(local.trim(), "from-the-writer");
+    // Scaling the first scales the pod.
+    n.ok(&["scale", "web=2"])?;
+    n.wait_running("web-writer-2")?;
+    n.wait_running("web-2")?;
+    assert_eq!(instance_names(&n), ["web-1", "web-2", "web-writer-1", "web-writer-2"]);
+    let second = n.ok(&["exec", "web-writer-2", "--", "wget", "-q", "-O", "-", "http://127.0.0.1/"])?;
+    assert_eq!(second.trim(), "from-the-writer");
+    // The pod goes whole.
+    n.ok(&["delete", "deployment", "web"])?;
+    wait_for(60 * SEC, "the pod gone", || instance_names(&n).is_empty().then_some(()))?;
+    assert!(n.cli(&["get", "deployment", "web-writer"])?.status.code() != Some(0));
+    Ok(())
+}
+
 /// A Service applied before the Deployment it selects (kubectl applies each object on its
 /// own): kept by the hub, it reaches the Deployment applied later, its targetPort named
 /// by the container's port; `delete -f` forgets it.

@@ -656,7 +656,10 @@ pub(super) async fn delete_files(cli: &Cli, files: &[PathBuf]) -> Result<i32> {
             Err(e) => return Err(e),
         }
     }
-    for d in &m.deployments {
+    // A pod's other containers first: its first's delete would take them along.
+    let mut order: Vec<&Deployment> = m.deployments.iter().collect();
+    order.sort_by_key(|d| d.pod_of.is_none());
+    for d in order {
         let name = &d.name;
         match c.delete(&format!("/api/v1/deployments/{name}")).await {
             Ok(()) => outln!("deployment {name} deleted"),
