@@ -145,7 +145,7 @@ impl Agent {
     }
 
     fn catalog(&self, view: &MeshView, range: (Ipv4Addr, u8)) -> Result<Catalog, AgentError> {
-        let desired = self.desired()?;
+        let desired = self.db(|s| s.desired_slots())?;
         let (rows, leases) = self.db(|s| Ok((s.instances()?, s.leases()?)))?;
         let serving = self.serving.lock().ok().and_then(|s| s.clone());
         let stopping: HashSet<String> = self.stopping.lock().map(|s| s.clone()).unwrap_or_default();
@@ -188,9 +188,9 @@ impl Agent {
             }
         }
         let mut services: BTreeMap<String, Service> =
-            desired.iter().filter_map(Service::of).map(|s| (s.name.clone(), s)).collect();
+            desired.iter().filter_map(|(d, _)| Service::of(d)).map(|s| (s.name.clone(), s)).collect();
         // A stateful set's instances here, each a service of its own.
-        for (d, slots) in self.db(|s| s.desired_slots())?.iter().filter(|(d, _)| d.stateful.is_some()) {
+        for (d, slots) in desired.iter().filter(|(d, _)| d.stateful.is_some()) {
             services.extend(slots.iter().filter_map(|&n| Service::of_instance(d, n)).map(|s| (s.name.clone(), s)));
         }
         for s in &view.services {
