@@ -92,6 +92,8 @@ pub(crate) fn hold(
             })
         };
         let before = plan.slots.len();
+        // Only new slots are held: which instance leaves first on a scale-down is each
+        // node's (from its highest); across nodes they leave together.
         let mut new: Vec<u32> = plan
             .slots
             .iter()
@@ -106,8 +108,6 @@ pub(crate) fn hold(
             .retain(|s| !mine(&s) || stored.contains(&(s.index, s.node.as_str())) || Some(s.index) == first_allowed);
         let this = plan.slots.len() != before;
         held |= this;
-        // Which instance leaves first on a scale-down is each node's (from its highest);
-        // across nodes they leave together.
         if this {
             let n = new.len() - usize::from(first_allowed.is_some());
             plan.unschedulable
