@@ -4,7 +4,8 @@ set -euo pipefail
 # gcc and libc6-dev build the static probes the security tests run inside containers;
 # runsc (gVisor) is the sandboxed runtime class. tini: its static build is the `--init` of
 # a skiff binary that is not static itself (a debug build; releases are their own init).
-# buildah: builds the images of compose services that have a `build:` section.
+# buildah: builds the images of compose services that have a `build:` section; git fetches
+# a build context given as a Git URL (and its daemon serves one to the tests).
 # docker.io: the tests start a Docker daemon of their own (a LAN host pulling through a
 # site cache); its service is kept from starting at install (it would set the host's
 # FORWARD policy to DROP), see below.
@@ -13,7 +14,7 @@ set -euo pipefail
 # compiles etcd's protocol files.
 # systemd (systemd-analyze checks the units; it need not be the running init), dpkg-dev
 # and binutils: the .deb is built, checked and installed by the tests.
-PACKAGES=(runc runsc busybox-static tini buildah iproute2 nftables iptables util-linux ca-certificates docker-registry skopeo gcc libc6-dev docker.io etcd-server protobuf-compiler libprotobuf-dev systemd dpkg-dev binutils "$@")
+PACKAGES=(runc runsc busybox-static tini buildah git iproute2 nftables iptables util-linux ca-certificates docker-registry skopeo gcc libc6-dev docker.io etcd-server protobuf-compiler libprotobuf-dev systemd dpkg-dev binutils "$@")
 export DEBIAN_FRONTEND=noninteractive
 if [ "$(id -u)" != 0 ]; then
   echo "scripts/deps.sh: run as root (containers, cgroups and network namespaces need it)" >&2

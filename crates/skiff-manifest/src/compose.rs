@@ -28,8 +28,11 @@ pub struct BuildSpec {
     pub tag: String,
     /// Whether the service names no image of its own: it runs only what is built.
     pub build_only: bool,
-    /// The build context, a directory on this machine.
+    /// The build context, a directory on this machine (unless `remote`).
     pub context: PathBuf,
+    /// A Git repository as the context (`https://…/repo.git#REF:DIR`, `git@…`, `git://…`,
+    /// `github.com/…`, as Docker takes them): fetched when built.
+    pub remote: Option<GitContext>,
     /// The Dockerfile, relative to the context (`Dockerfile` when unset).
     pub dockerfile: Option<String>,
     /// A Dockerfile given in the compose file itself (`dockerfile_inline`).
@@ -37,6 +40,46 @@ pub struct BuildSpec {
     pub args: BTreeMap<String, String>,
     /// The stage of a multi-stage Dockerfile to build up to.
     pub target: Option<String>,
+}
+
+/// A Git repository as a build context, as Docker reads one: `URL[#REF][:DIR]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitContext {
+    /// What `git` fetches from (`github.com/…` made `https://github.com/…`).
+    pub url: String,
+    /// A branch, tag or commit (the repository's `HEAD` when unset).
+    pub reference: Option<String>,
+    /// The context's directory in the repository (its root when unset).
+    pub dir: Option<String>,
+}
+
+impl GitContext {
+    /// `None` when `c` is no remote context (a directory); an error when it is one but
+    /// not one Git can fetch or its fragment does not parse.
+    pub fn parse(c: &str) -> Option<Result<GitContext, String>> {
+        let git = ["git://", "git@", "https://", "http://", "ssh://", "github.com/"];
+        if !git.iter().any(|p| c.starts_with(p)) {
+            return c.contains("://").then(|| Err("a remote build context is a Git URL (https, ssh or git)".into()));
+        }
+        let (url, fragment) = c.split_once('#').unwrap_or((c, ""));
+        let url = if url.starts_with("github.com/") { format!("https://{url}") } else { url.to_string() };
+        let (reference, dir) = fragment.split_once(':').unwrap_or((fragment, ""));
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        // Nothing git would read as an option, nor a way out of the checkout.
+        let bad_ref = |r: &str| r.starts_with('-') || r.chars().any(|ch| ch.is_whitespace() || ch.is_control());
+        if reference.is_empty() && !dir.is_empty() && fragment.starts_with(':') {
+            // `#:DIR`: the default branch's directory.
+        } else if bad_ref(reference) {
+            return Some(Err(format!("{reference:?} is not a branch, tag or commit")));
+        }
+        if dir.starts_with('/') || dir.split('/').any(|p| p == "..") {
+            return Some(Err(format!("{dir:?}: the directory is relative to the repository, without ..")));
+        }
+        if url.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+            return Some(Err("a URL has no spaces".into()));
+        }
+        Some(Ok(GitContext { url, reference: some(reference), dir: some(dir.trim_end_matches('/')) }))
+    }
 }
 
 type R<T> = Result<T, ManifestError>;
@@ -1077,15 +1120,15 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
     Ok(d)
 }
 
-/// A service's `build:`: a context directory, or `context`, `dockerfile`,
-/// `dockerfile_inline`, `args` and `target` (other keys warned about). A context that is
-/// not a directory here (a Git URL) is refused.
+/// A service's `build:`: a context directory or Git URL, or `context`, `dockerfile`,
+/// `dockerfile_inline`, `args` and `target` (other keys warned about).
 fn build_spec(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<BuildSpec> {
     let mut b = BuildSpec {
         service: String::new(),
         tag: String::new(),
         build_only: false,
         context: cx.dir.to_path_buf(),
+        remote: None,
         dockerfile: None,
         dockerfile_inline: None,
         args: BTreeMap::new(),
@@ -1110,13 +1153,10 @@ fn build_spec(cx: &mut Ctx<'_>, v: &Value, path: &str) -> R<BuildSpec> {
         other => context = Some(str_of(other, path)?),
     }
     if let Some(c) = context {
-        if c.contains("://") || c.starts_with("git@") {
-            return Err(ManifestError::at(
-                path,
-                format!("{c:?}: a remote build context is not supported; clone it here"),
-            ));
+        match GitContext::parse(&c) {
+            Some(g) => b.remote = Some(g.map_err(|e| ManifestError::at(path, format!("{c:?}: {e}")))?),
+            None => b.context = PathBuf::from(short::normalize(&cx.dir.join(&c))),
         }
-        b.context = PathBuf::from(short::normalize(&cx.dir.join(&c)));
     }
     if b.dockerfile.is_some() && b.dockerfile_inline.is_some() {
         return Err(ManifestError::at(path, "dockerfile and dockerfile_inline exclude each other"));

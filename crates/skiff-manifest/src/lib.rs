@@ -15,7 +15,7 @@ mod interpolate;
 mod k8s;
 pub mod short;
 
-pub use compose::{import_compose, BuildSpec, ComposeImport};
+pub use compose::{import_compose, BuildSpec, ComposeImport, GitContext};
 pub use interpolate::interpolate;
 pub use k8s::{import_k8s, import_k8s_beside, import_k8s_files, import_k8s_with, is_k8s, K8sImport};
 

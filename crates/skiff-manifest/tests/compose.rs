@@ -809,3 +809,28 @@ fn reset_and_override_tags_change_what_extends_merges() {
     let alone = get("alone");
     assert_eq!((alone.command.clone(), alone.env.get("B").map(String::as_str)), (None, Some("b")));
 }
+
+/// A Git URL as the context, as Docker takes one: `URL#REF:DIR`; the forms Git cannot
+/// fetch, an option for a reference and a way out of the checkout are refused.
+#[test]
+fn a_git_repository_is_a_build_context() {
+    let build = |c: &str| {
+        let i = import(&format!("services:\n  app:\n    build: {c}\n"))?;
+        Ok::<_, ManifestError>(i.builds[0].remote.clone())
+    };
+    let g = build("https://github.com/docker/compose.git").unwrap().unwrap();
+    assert_eq!((g.url.as_str(), g.reference, g.dir), ("https://github.com/docker/compose.git", None, None));
+    let g = build("github.com/acme/app#v1.2:src/web/").unwrap().unwrap();
+    assert_eq!(g.url, "https://github.com/acme/app");
+    assert_eq!((g.reference.as_deref(), g.dir.as_deref()), (Some("v1.2"), Some("src/web")));
+    let g = build("'git@host:acme/app.git#:svc'").unwrap().unwrap();
+    assert_eq!((g.url.as_str(), g.reference, g.dir.as_deref()), ("git@host:acme/app.git", None, Some("svc")));
+    assert_eq!(build("./app").unwrap(), None);
+    let refused = |c: &str| build(c).unwrap_err().to_string();
+    assert_eq!(
+        refused("ftp://host/ctx.tar"),
+        "services.app.build: \"ftp://host/ctx.tar\": a remote build context is a Git URL (https, ssh or git)"
+    );
+    assert!(refused("'git://h/r.git#--upload-pack=x'").contains("\"--upload-pack=x\" is not a branch, tag or commit"));
+    assert!(refused("git://h/r.git#main:../up").contains("relative to the repository, without .."));
+}

@@ -29,23 +29,31 @@ pub fn build(data: &Path, b: &BuildSpec) -> Result<()> {
 /// archive and the image's manifest digest.
 pub fn build_archive(work: &Path, b: &BuildSpec) -> Result<(std::path::PathBuf, String)> {
     let field = format!("services.{}.build", b.service);
-    if !b.context.is_dir() {
-        bail!("{field}: context {} is not a directory", b.context.display());
-    }
     std::fs::create_dir_all(work.join("tmp")).with_context(|| format!("{}", work.display()))?;
+    // A Git context is fetched for this build and removed after it.
+    let (_fetched, context) = match &b.remote {
+        Some(g) => {
+            let (f, c) = fetch_context(work, &b.service, g).with_context(|| field.clone())?;
+            (Some(f), c)
+        }
+        None => (None, b.context.clone()),
+    };
+    if !context.is_dir() {
+        bail!("{field}: context {} is not a directory", context.display());
+    }
     let dockerfile = match (&b.dockerfile_inline, &b.dockerfile) {
         (Some(text), _) => {
             let p = work.join("tmp").join(format!("Dockerfile.{}", b.service));
             std::fs::write(&p, text).with_context(|| format!("{}", p.display()))?;
             p
         }
-        (None, Some(f)) => b.context.join(f),
-        (None, None) => b.context.join("Dockerfile"),
+        (None, Some(f)) => context.join(f),
+        (None, None) => context.join("Dockerfile"),
     };
     if !dockerfile.is_file() {
         bail!("{field}: {} is not a file", dockerfile.display());
     }
-    eprintln!("building {} from {} ...", b.tag, b.context.display());
+    eprintln!("building {} from {} ...", b.tag, context.display());
     // Each step in a runc container of its own (pid, mount, ipc and uts namespaces,
     // Docker's default capabilities), not a chroot with every capability; on the host's
     // network (buildah's own would add a bridge and firewall rules to the host).
@@ -58,7 +66,7 @@ pub fn build_archive(work: &Path, b: &BuildSpec) -> Result<(std::path::PathBuf, 
     if let Some(t) = &b.target {
         args.extend(["--target".into(), t.into()]);
     }
-    args.extend(["-t".into(), b.tag.clone().into(), b.context.clone().into_os_string()]);
+    args.extend(["-t".into(), b.tag.clone().into(), context.into_os_string()]);
     buildah(work, &args).with_context(|| field.clone())?;
     // Named by process too: two applies at once do not write one file.
     let stem = format!("{}-{}", b.service, std::process::id());
@@ -117,6 +125,67 @@ pub async fn build_and_push(c: &crate::client::Client, work: &Path, b: &BuildSpe
     };
     let _ = std::fs::remove_file(&archive);
     Ok(format!("{name}@{}", pushed?.digest))
+}
+
+/// A Git context's checkout, removed when dropped.
+struct Fetched(std::path::PathBuf);
+
+impl Drop for Fetched {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Fetches a Git context as Docker does (the reference only, shallow; its submodules;
+/// without `.git`) into `work/tmp`; returns the checkout and the context's directory in it.
+fn fetch_context(work: &Path, service: &str, g: &skiff_manifest::GitContext) -> Result<(Fetched, std::path::PathBuf)> {
+    let dir = work.join("tmp").join(format!("context-{service}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
+    let fetched = Fetched(dir.clone());
+    let reference = g.reference.as_deref().unwrap_or("HEAD");
+    eprintln!("fetching the build context {} ({reference}) ...", g.url);
+    git(&dir, &["init", "-q"])?;
+    // A commit a server does not hand out by itself: every branch and tag, then it.
+    if git(&dir, &["fetch", "-q", "--depth", "1", "--", &g.url, reference]).is_err() {
+        git(&dir, &["fetch", "-q", "--tags", "--", &g.url, "+refs/heads/*:refs/remotes/origin/*"])?;
+        git(&dir, &["rev-parse", "-q", "--verify", &format!("{reference}^{{commit}}")])
+            .map_err(|_| anyhow::anyhow!("{}: no branch, tag or commit {reference:?}", g.url))?;
+        git(&dir, &["update-ref", "FETCH_HEAD", &format!("{reference}^{{commit}}")])?;
+    }
+    git(&dir, &["checkout", "-q", "--detach", "FETCH_HEAD"])?;
+    if dir.join(".gitmodules").exists() {
+        git(&dir, &["submodule", "update", "-q", "--init", "--recursive", "--depth", "1"])?;
+    }
+    let _ = std::fs::remove_dir_all(dir.join(".git"));
+    let context = match &g.dir {
+        Some(d) => dir.join(d),
+        None => dir.clone(),
+    };
+    if !context.is_dir() {
+        bail!("{}: {} is not a directory of {reference}", g.url, g.dir.as_deref().unwrap_or("."));
+    }
+    Ok((fetched, context))
+}
+
+/// Runs git in `dir`, never asking for a password (a build is not interactive), and
+/// giving up on a transfer that stalls for a minute.
+fn git(dir: &Path, args: &[&str]) -> Result<()> {
+    let status = std::process::Command::new("git")
+        .current_dir(dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .args(["-c", "http.lowSpeedLimit=1", "-c", "http.lowSpeedTime=60", "-c", "advice.detachedHead=false"])
+        .args(args)
+        .stdout(std::process::Stdio::from(std::io::stderr()))
+        .status();
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => bail!("git {} failed ({s})", args.first().unwrap_or(&"")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("a Git build context needs git, which is not installed (apt-get install git)")
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("running git")),
+    }
 }
 
 /// Runs buildah on its own storage under `work`, with Docker's umask (022) for what the

@@ -832,6 +832,61 @@ RUN ["/bin/busybox", "false"]
     assert!(!out.status.success() && err.contains("services.app.build: buildah failed"), "{err}");
     let out = n.cli(&["build", "-f", &compose.to_string_lossy(), "nope"])?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope: no service of that name has a build section"));
+
+    // The same context from a Git repository (served by git's own daemon on loopback),
+    // as Docker takes one: `URL#REF:DIR`, a tag and a directory in it.
+    let repo = n.dir.path().join("git/shop.git");
+    let work = n.dir.path().join("work");
+    std::fs::create_dir_all(work.join("deploy"))?;
+    for f in ["Dockerfile", "busybox"] {
+        std::fs::copy(ctx.join(f), work.join("deploy").join(f))?;
+    }
+    let git = |dir: &std::path::Path, args: &[&str]| -> R {
+        let out = std::process::Command::new("git")
+            .current_dir(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    git(&work, &["init", "-q", "-b", "main"])?;
+    git(&work, &["add", "."])?;
+    git(&work, &["commit", "-q", "-m", "v1"])?;
+    git(&work, &["tag", "v1"])?;
+    git(&work, &["clone", "-q", "--bare", ".", repo.to_str().unwrap_or_default()])?;
+    let port = common::free_port();
+    let _daemon = common::Started::spawn(std::process::Command::new("git").args([
+        "daemon",
+        "--reuseaddr",
+        "--export-all",
+        "--listen=127.0.0.1",
+        &format!("--port={port}"),
+        &format!("--base-path={}", n.dir.path().join("git").display()),
+    ]))?;
+    wait_for(30 * SEC, "git daemon", || std::net::TcpStream::connect(("127.0.0.1", port)).ok())?;
+    let remote = n.write(
+        "remote.yaml",
+        &format!(
+            "name: bt\nservices:\n  fromgit:\n    build: {{context: 'git://127.0.0.1:{port}/shop.git#v1:deploy', args: \
+             {{GREETING: git}}, target: final}}\n    command: [/bin/busybox, sleep, '1000']\n    stop_grace_period: 1s\n"
+        ),
+    )?;
+    n.ok(&["apply", "-f", &remote.to_string_lossy()])?;
+    n.wait_running("fromgit-1")?;
+    assert_eq!(n.ok(&["exec", "fromgit-1", "--", "/bin/busybox", "cat", "/msg"])?, "built git\n");
+    assert!(
+        std::fs::read_dir(n.data().join("build/tmp"))?
+            .all(|e| !e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("context-"))),
+        "the checkout is removed after the build"
+    );
+    let missing = n.write(
+        "missing.yaml",
+        &format!("name: bt\nservices:\n  fromgit:\n    build: 'git://127.0.0.1:{port}/shop.git#v9'\n"),
+    )?;
+    let out = n.cli(&["build", "-f", &missing.to_string_lossy()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no branch, tag or commit \"v9\""), "{err}");
     Ok(())
 }
 

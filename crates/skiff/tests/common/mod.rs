@@ -661,18 +661,12 @@ impl Drop for Terminal {
     }
 }
 
-/// `skiff port-forward` running in the background; killed on drop.
-pub struct Forward(std::process::Child);
+/// A process the test started (a `skiff port-forward`, a git daemon); killed on drop.
+pub struct Started(Child);
 
-impl Forward {
-    pub fn start(n: &Node, args: &[&str]) -> Result<Self> {
-        let child = std::process::Command::new(bin())
-            .arg("--data")
-            .arg(n.data())
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .spawn()?;
-        Ok(Forward(child))
+impl Started {
+    pub fn spawn(cmd: &mut std::process::Command) -> Result<Self> {
+        Ok(Started(cmd.stdout(Stdio::null()).spawn()?))
     }
 
     pub fn stop(&mut self) {
@@ -681,8 +675,17 @@ impl Forward {
     }
 }
 
-impl Drop for Forward {
+impl Drop for Started {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// `skiff port-forward` running in the background.
+pub struct Forward;
+
+impl Forward {
+    pub fn start(n: &Node, args: &[&str]) -> Result<Started> {
+        Started::spawn(Command::new(bin()).arg("--data").arg(n.data()).args(args))
     }
 }
