@@ -271,6 +271,9 @@ impl Hub {
         if d.autoscale.is_some() {
             return Err(format!("{} has an autoscaler, which sets its replicas", d.name));
         }
+        if let Some(first) = &d.pod_of {
+            return Err(format!("{} is another container of {first}'s pods: scale {first}", d.name));
+        }
         if d.replicas >= so.max {
             return Ok(format!("{} already at {} (max {})", d.name, d.replicas, so.max));
         }

@@ -166,7 +166,7 @@ fn view(
 ) -> DeploymentView {
     let instances = all.iter().filter(|i| i.deployment == s.spec.name).cloned().collect();
     let unschedulable = unschedulable.get(&s.spec.name).cloned();
-    DeploymentView { revision: s.revision, spec: s.spec.redacted(), instances, unschedulable }
+    DeploymentView { revision: s.revision, spec: s.spec.redacted(), instances, unschedulable, wanted: None }
 }
 
 fn unschedulable(hub: &Hub) -> BTreeMap<String, String> {
@@ -243,9 +243,7 @@ async fn list_deployments(
         let counts: BTreeMap<String, u32> = stored.iter().map(|s| (s.spec.name.clone(), s.spec.replicas)).collect();
         let mut views: Vec<DeploymentView> = stored.into_iter().map(|s| view(&all, &why, s)).collect();
         for v in views.iter_mut() {
-            if let Some(n) = v.spec.pod_of.as_ref().and_then(|o| counts.get(o)) {
-                v.spec.replicas = *n;
-            }
+            v.wanted = v.spec.pod_of.as_ref().and_then(|o| counts.get(o)).copied();
         }
         Ok(views)
     })
@@ -329,9 +327,7 @@ async fn get_deployment(
             .ok_or_else(|| not_found(format!("deployment {name:?} not found")))?;
         let owner = s.spec.pod_of.as_ref().map(|o| hub.store.get(o)).transpose().map_err(internal)?.flatten();
         let mut v = view(&hub.instances(), &unschedulable(&hub), s);
-        if let Some(o) = owner {
-            v.spec.replicas = o.spec.replicas;
-        }
+        v.wanted = owner.map(|o| o.spec.replicas);
         Ok(v)
     })
     .await

@@ -56,9 +56,12 @@ pub fn status(d: &Deployment, newest: Option<&Revision>, instances: &[InstanceSt
         .filter(|i| i.state == InstanceState::Running && matches!(i.health, None | Some(Health::Healthy)))
         .count() as u32;
     let old = mine.iter().filter(|i| i.template != tpl).count() as u32;
-    let desired = match d.placement.mode {
-        PlacementMode::Global => mine.iter().filter(|i| !i.retiring).count() as u32,
-        PlacementMode::Replicated => d.replicas,
+    let desired = match (&d.pod_of, d.placement.mode) {
+        // A pod's other container: one beside each of its first's (its own replicas are
+        // not read).
+        (Some(first), _) => instances.iter().filter(|i| i.deployment == *first && !i.retiring).count() as u32,
+        (None, PlacementMode::Global) => mine.iter().filter(|i| !i.retiring).count() as u32,
+        (None, PlacementMode::Replicated) => d.replicas,
     };
     let failures: Vec<String> = updated.iter().filter_map(|i| failure(i)).collect();
     let old_primaries = mine.iter().filter(|i| i.template != tpl && !i.retiring).count();

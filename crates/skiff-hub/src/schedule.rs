@@ -116,6 +116,20 @@ fn take<'n>(used: &mut BTreeMap<&'n str, Used>, n: &'n NodeView, d: &Deployment)
     }
 }
 
+/// What `take` took for one instance of `d` on `n`, given back (a kept slot dropped).
+fn give_back<'n>(used: &mut BTreeMap<&'n str, Used>, n: &'n NodeView, d: &Deployment) {
+    let u = used.entry(n.name.as_str()).or_default();
+    let (cpu, mem) = need(d);
+    u.cpu = u.cpu.saturating_sub(cpu);
+    u.mem = u.mem.saturating_sub(mem);
+    u.all = u.all.saturating_sub(1);
+    for (kind, k) in devices_needed(d, n) {
+        if let Some(have) = u.devices.get_mut(&kind) {
+            *have = have.saturating_sub(k);
+        }
+    }
+}
+
 /// The devices one instance of `d` takes on `n`, by kind: its ids (`all`: every one the
 /// node has), its count, or all of the kind.
 fn devices_needed(d: &Deployment, n: &NodeView) -> BTreeMap<String, u32> {
@@ -397,7 +411,16 @@ fn beside<'n>(
     }
     let of_owner: BTreeMap<u32, &str> =
         placed.iter().filter(|s| s.deployment == owner).map(|s| (s.index, s.node.as_str())).collect();
-    slots.retain(|s| of_owner.get(&s.index) == Some(&s.node.as_str()));
+    // Kept ones with nothing of the owner beside them any more go, and give back what
+    // the first pass reserved for them.
+    let (stay, gone): (Vec<Slot>, Vec<Slot>) =
+        std::mem::take(slots).into_iter().partition(|s| of_owner.get(&s.index) == Some(&s.node.as_str()));
+    *slots = stay;
+    for s in gone {
+        if let Some(n) = by_name.get(s.node.as_str()) {
+            give_back(used, n, d);
+        }
+    }
     let taken: BTreeSet<u32> = slots.iter().map(|s| s.index).collect();
     let mut missing = 0;
     // A pod's other container has one beside each of its first's, however many.

@@ -669,6 +669,23 @@ fn workload(
     // (what Services, autoscalers and `skiff scale` address); each other one a deployment
     // `NAME-CONTAINER` beside each of its instances, in its network, with its volumes.
     let shared = containers.len() > 1;
+    if shared && base.runtime != skiff_model::RuntimeKind::Oci {
+        return Err(ManifestError::at(
+            format!("{pp}.runtimeClassName"),
+            "a pod of several containers runs under runc here (its containers share one network namespace)",
+        ));
+    }
+    // How many of the pod's containers mount each volume.
+    let mut mounted_by: BTreeMap<String, usize> = BTreeMap::new();
+    for c in containers {
+        if let Some(Value::Sequence(m)) = get(c, "volumeMounts") {
+            let names: std::collections::BTreeSet<&str> =
+                m.iter().filter_map(|x| get(x, "name").and_then(Value::as_str)).collect();
+            for n in names {
+                *mounted_by.entry(n.to_string()).or_default() += 1;
+            }
+        }
+    }
     let mut out: Vec<Workload> = vec![];
     let mut all_ports = vec![];
     let mut all_named = BTreeMap::new();
@@ -679,16 +696,34 @@ fn workload(
         if i > 0 {
             let own = required(c, "name", &cp)?;
             d.name = format!("{name}-{own}");
+            skiff_model::validate::check_name("name", &d.name).map_err(|e| {
+                ManifestError::at(format!("{cp}.name"), format!("{}: the deployment of this container", e.problem))
+            })?;
             d.pod_of = Some(name.to_string());
             d.network = skiff_model::NetworkMode::Service;
             d.network_service = Some(name.to_string());
             d.placement.mode = PlacementMode::Replicated;
-            d.update.wave_growth = base.update.wave_growth;
+            // What the first's network has: hosts, DNS, its network's sysctls; Services
+            // select the first only.
+            d.extra_hosts.clear();
+            d.dns = Default::default();
+            d.hostname = None;
+            d.sysctls.retain(|k, _| !k.starts_with("net."));
+            d.pod_labels.clear();
         }
         // Warnings about what the containers share are said once.
         let mut said = vec![];
         let (named, ports) = container(&mut d, c, &cp, objects, &mut said)?;
-        volumes(&mut d, pod, c, &claims, shared, &pp, &cp, objects, &mut said)?;
+        volumes(&mut d, pod, c, &claims, shared.then_some(&mounted_by), &pp, &cp, objects, &mut said)?;
+        // One network: a container's host ports are published at the first's address.
+        if i > 0 {
+            let host_ports = std::mem::take(&mut d.ports);
+            for p in host_ports {
+                if !out[0].0.ports.contains(&p) {
+                    out[0].0.ports.push(p);
+                }
+            }
+        }
         for w in said {
             if !warnings.contains(&w) {
                 warnings.push(w);
@@ -1283,7 +1318,7 @@ fn volumes(
     pod: &Value,
     container: &Value,
     claims: &[String],
-    shared: bool,
+    shared: Option<&BTreeMap<String, usize>>,
     pp: &str,
     cp: &str,
     objects: &Objects,
@@ -1327,7 +1362,7 @@ fn volumes(
                             }
                             None => None,
                         };
-                        if shared {
+                        if shared.is_some_and(|m| m.get(&name).is_some_and(|n| *n > 1)) {
                             warnings.push(format!(
                                 "{vp}: a memory emptyDir is a tmpfs of each container's own here, not shared \
                                  between the pod's containers"
@@ -1336,7 +1371,7 @@ fn volumes(
                         (None, Some(size.unwrap_or(0)))
                     }
                     // Shared by the pod's containers, or the one container's own.
-                    _ if shared => (Some(VolumeSource::Pod { name: name.clone() }), None),
+                    _ if shared.is_some() => (Some(VolumeSource::Pod { name: name.clone() }), None),
                     _ => (Some(VolumeSource::Anonymous), None),
                 }
             } else {
@@ -1899,16 +1934,17 @@ spec:
       annotations: {prometheus.io/scrape: "true", prometheus.io/port: "9100"}
     spec:
       nodeSelector: {site: a}
+      hostAliases: [{ip: 10.0.0.9, hostnames: [plc]}]
       containers:
       - name: app
         image: app:1
         ports: [{containerPort: 8080, name: http}]
         resources: {requests: {cpu: 100m}}
-        volumeMounts: [{name: logs, mountPath: /var/log/app}, {name: cache, mountPath: /cache}]
+        volumeMounts: [{name: logs, mountPath: /var/log/app}, {name: cache, mountPath: /cache}, {name: scratch, mountPath: /tmp/a}]
       - name: shipper
         image: shipper:2
         args: [--from, /logs]
-        ports: [{containerPort: 9100, name: metrics}]
+        ports: [{containerPort: 9100, name: metrics}, {containerPort: 9200, hostPort: 19200}]
         volumeMounts: [{name: logs, mountPath: /logs, readOnly: true}, {name: scratch, mountPath: /tmp/s}]
       volumes:
       - {name: logs, emptyDir: {}}
@@ -1942,6 +1978,10 @@ spec:
         assert_eq!((side.network, side.network_service.as_deref()), (skiff_model::NetworkMode::Service, Some("web")));
         assert_eq!((side.stack.as_str(), side.command.clone()), ("shop", Some(vec!["--from".into(), "/logs".into()])));
         assert_eq!(side.placement.node_selector, web.placement.node_selector, "the pod's placement, the same nodes");
+        // What comes with the first's network is the first's: hosts, host ports, labels.
+        assert_eq!((web.extra_hosts.len(), side.extra_hosts.len()), (1, 0));
+        assert_eq!(web.ports.iter().map(|p| (p.host_port, p.container_port)).collect::<Vec<_>>(), [(19200, 9200)]);
+        assert!(side.ports.is_empty() && side.pod_labels.is_empty());
         // The pod's emptyDir is one directory both mount; the memory one each its own.
         let pod = |n: &str| skiff_model::VolumeSource::Pod { name: n.into() };
         let vols = |d: &Deployment| {
@@ -1949,7 +1989,7 @@ spec:
         };
         assert_eq!(vols(web), [(pod("logs"), "/var/log/app".into(), false), (pod("cache"), "/cache".into(), false)]);
         assert_eq!(vols(side), [(pod("logs"), "/logs".into(), true)]);
-        assert_eq!(side.tmpfs.len(), 1);
+        assert_eq!((web.tmpfs.len(), side.tmpfs.len()), (1, 1));
         // The Service reaches the first container's deployment, at the port the other
         // names; the autoscaler and the scrape are the first's too.
         assert_eq!(web.expose, [skiff_model::mesh::ServicePort { port: 9100, target: 9100 }]);
@@ -1971,7 +2011,7 @@ spec:
             d.validate().unwrap();
         }
         // A single container keeps its emptyDir as its own.
-        let one = m.replace("      - name: shipper\n        image: shipper:2\n        args: [--from, /logs]\n        ports: [{containerPort: 9100, name: metrics}]\n        volumeMounts: [{name: logs, mountPath: /logs, readOnly: true}, {name: scratch, mountPath: /tmp/s}]\n", "");
+        let one = m.replace("      - name: shipper\n        image: shipper:2\n        args: [--from, /logs]\n        ports: [{containerPort: 9100, name: metrics}, {containerPort: 9200, hostPort: 19200}]\n        volumeMounts: [{name: logs, mountPath: /logs, readOnly: true}, {name: scratch, mountPath: /tmp/s}]\n", "");
         let k = import_k8s(&one.replace("targetPort: metrics", "targetPort: http"), "default").unwrap();
         assert_eq!(k.deployments.len(), 1);
         assert_eq!(k.deployments[0].volumes[0].source, skiff_model::VolumeSource::Anonymous);
@@ -2107,6 +2147,15 @@ spec:
         assert!(err(&format!("{two}---\n{}", base.replace("name: w}", "name: w-d}")))
             .contains("Deployment/w-d: \"w-d\" is defined already, by Deployment/w (container d)"));
         assert!(err(&base.replace("[{name: c, image: i}]", "[]")).contains("must list at least one container"));
+        let long = format!("{{name: {}, image: j}}", "x".repeat(62));
+        assert!(
+            err(&two.replace("{name: d, image: j}", &long)).contains("containers[1].name: \"w-xxxx"),
+            "a name past 63 characters is said where it comes from"
+        );
+        assert!(err(
+            &two.replace("    spec:\n      containers", "    spec:\n      runtimeClassName: gvisor\n      containers")
+        )
+        .contains("spec.template.spec.runtimeClassName: a pod of several containers runs under runc here"));
         assert!(err(&base.replace("image: i}", "image: i, resources: {limits: {memory: 12XB}}}"))
             .contains("Deployment/w.spec.template.spec.containers[0].resources.limits.memory"));
         assert!(err(&format!("{base}---\napiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  type: NodePort\n  ports: [{{port: 80}}]\n")).contains("Service/s.spec.selector: is required"));

@@ -91,6 +91,10 @@ pub struct DeploymentView {
     /// Why some of its instances have no node (on a hub with remote nodes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unschedulable: Option<String>,
+    /// A pod's other container (`spec.pod_of`): how many instances it runs, as many as
+    /// its first wants (its own `replicas` are not read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wanted: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

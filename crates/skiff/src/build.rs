@@ -31,7 +31,7 @@ pub fn build_archive(work: &Path, b: &BuildSpec) -> Result<(std::path::PathBuf, 
     let field = format!("services.{}.build", b.service);
     std::fs::create_dir_all(work.join("tmp")).with_context(|| format!("{}", work.display()))?;
     // A Git context is fetched for this build and removed after it.
-    let (_fetched, context) = match &b.remote {
+    let (fetched, context) = match &b.remote {
         Some(g) => {
             let (f, c) = fetch_context(work, &b.service, g).with_context(|| field.clone())?;
             (Some(f), c)
@@ -52,6 +52,11 @@ pub fn build_archive(work: &Path, b: &BuildSpec) -> Result<(std::path::PathBuf, 
     };
     if !dockerfile.is_file() {
         bail!("{field}: {} is not a file", dockerfile.display());
+    }
+    if let (None, Some(f), Some(g)) = (&b.dockerfile_inline, &fetched, &b.remote) {
+        let root = f.0.canonicalize().with_context(|| field.clone())?;
+        let resolved = dockerfile.canonicalize().with_context(|| field.clone())?;
+        within(&root, &resolved, &without_credentials(&g.url)).with_context(|| field.clone())?;
     }
     eprintln!("building {} from {} ...", b.tag, context.display());
     // Each step in a runc container of its own (pid, mount, ipc and uts namespaces,
@@ -139,12 +144,20 @@ impl Drop for Fetched {
 /// Fetches a Git context as Docker does (the reference only, shallow; its submodules;
 /// without `.git`) into `work/tmp`; returns the checkout and the context's directory in it.
 fn fetch_context(work: &Path, service: &str, g: &skiff_manifest::GitContext) -> Result<(Fetched, std::path::PathBuf)> {
+    // Checkouts a build that was killed left behind (its process is gone).
+    for e in std::fs::read_dir(work.join("tmp")).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let pid = name.strip_prefix("context-").and_then(|r| r.rsplit_once('-')).map(|(_, pid)| pid.to_string());
+        if pid.is_some_and(|p| !Path::new("/proc").join(p).exists()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let dir = work.join("tmp").join(format!("context-{service}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
     let fetched = Fetched(dir.clone());
     let reference = g.reference.as_deref().unwrap_or("HEAD");
-    eprintln!("fetching the build context {} ({reference}) ...", g.url);
+    eprintln!("fetching the build context {} ({reference}) ...", without_credentials(&g.url));
     git(&dir, &["init", "-q"])?;
     // A commit a server does not hand out by itself: every branch and tag, then it.
     if git(&dir, &["fetch", "-q", "--depth", "1", "--", &g.url, reference]).is_err() {
@@ -158,23 +171,58 @@ fn fetch_context(work: &Path, service: &str, g: &skiff_manifest::GitContext) -> 
         git(&dir, &["submodule", "update", "-q", "--init", "--recursive", "--depth", "1"])?;
     }
     let _ = std::fs::remove_dir_all(dir.join(".git"));
+    // The context, followed through any link the repository holds, stays in the checkout:
+    // a link to `/` would make the host the context of a build that runs as root.
+    let root = dir.canonicalize().with_context(|| format!("{}", dir.display()))?;
     let context = match &g.dir {
-        Some(d) => dir.join(d),
-        None => dir.clone(),
+        Some(d) => root.join(d),
+        None => root.clone(),
     };
+    let shown = without_credentials(&g.url);
+    let missing = || anyhow::anyhow!("{shown}: {} is not a directory of {reference}", g.dir.as_deref().unwrap_or("."));
+    let context = context.canonicalize().map_err(|_| missing())?;
     if !context.is_dir() {
-        bail!("{}: {} is not a directory of {reference}", g.url, g.dir.as_deref().unwrap_or("."));
+        return Err(missing());
     }
+    within(&root, &context, &shown)?;
     Ok((fetched, context))
+}
+
+/// Refuses `path` (resolved) outside the checkout `root`.
+fn within(root: &Path, path: &Path, url: &str) -> Result<()> {
+    if !path.starts_with(root) {
+        bail!("{url}: {} leads out of the repository (a symbolic link)", path.display());
+    }
+    Ok(())
+}
+
+/// A URL as shown on a terminal: without a user's password or token.
+fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('/').unwrap_or((rest, "")) {
+            (authority, path) if authority.contains('@') => {
+                let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+                format!("{scheme}://***@{host}/{path}")
+            }
+            _ => url.to_string(),
+        },
+        None => url.to_string(),
+    }
 }
 
 /// Runs git in `dir`, never asking for a password (a build is not interactive), and
 /// giving up on a transfer that stalls for a minute.
 fn git(dir: &Path, args: &[&str]) -> Result<()> {
-    let status = std::process::Command::new("git")
+    let mut cmd = std::process::Command::new("git");
+    if std::env::var_os("GIT_SSH_COMMAND").is_none() {
+        cmd.env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes");
+    }
+    // No local paths or helper programs as submodules.
+    let status = cmd
         .current_dir(dir)
         .env("GIT_TERMINAL_PROMPT", "0")
         .args(["-c", "http.lowSpeedLimit=1", "-c", "http.lowSpeedTime=60", "-c", "advice.detachedHead=false"])
+        .args(["-c", "protocol.file.allow=never", "-c", "protocol.ext.allow=never"])
         .args(args)
         .stdout(std::process::Stdio::from(std::io::stderr()))
         .status();
@@ -229,4 +277,25 @@ pub fn build_all(data: &Path, builds: &[BuildSpec], only: &[String], missing_onl
         n += 1;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_is_shown_without_its_credentials() {
+        assert_eq!(without_credentials("https://bob:tok@git.example/r.git"), "https://***@git.example/r.git");
+        assert_eq!(without_credentials("https://git.example/a@b.git"), "https://git.example/a@b.git");
+        assert_eq!(without_credentials("git@host:r.git"), "git@host:r.git");
+    }
+
+    #[test]
+    fn a_path_out_of_the_checkout_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().canonicalize().unwrap();
+        assert!(within(&root, &root.join("a/b"), "u").is_ok());
+        let e = within(&root, Path::new("/etc"), "u").unwrap_err().to_string();
+        assert_eq!(e, "u: /etc leads out of the repository (a symbolic link)");
+    }
 }

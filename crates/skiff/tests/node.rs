@@ -850,6 +850,7 @@ RUN ["/bin/busybox", "false"]
         anyhow::ensure!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         Ok(())
     };
+    std::os::unix::fs::symlink("/etc", work.join("outside"))?;
     git(&work, &["init", "-q", "-b", "main"])?;
     git(&work, &["add", "."])?;
     git(&work, &["commit", "-q", "-m", "v1"])?;
@@ -884,9 +885,17 @@ RUN ["/bin/busybox", "false"]
         "missing.yaml",
         &format!("name: bt\nservices:\n  fromgit:\n    build: 'git://127.0.0.1:{port}/shop.git#v9'\n"),
     )?;
+    n.write(
+        "linked.yaml",
+        &format!("name: bt\nservices:\n  fromgit:\n    build: 'git://127.0.0.1:{port}/shop.git#v1:outside'\n"),
+    )?;
     let out = n.cli(&["build", "-f", &missing.to_string_lossy()])?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no branch, tag or commit \"v9\""), "{err}");
+    // A link in the repository to a host directory is no context.
+    let out = n.cli(&["build", "-f", &missing.to_string_lossy().replace("missing", "linked")])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("/etc leads out of the repository"), "{err}");
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 
 mod common;
 
+use anyhow::Context;
 use common::{wait_for, Node, IMAGE};
 use skiff_testkit::require_privileged;
 use std::time::Duration;
@@ -397,6 +398,24 @@ fn a_pods_second_container_shares_its_network_and_volume_and_follows_its_scale()
     assert_eq!(instance_names(&n), ["web-1", "web-2", "web-writer-1", "web-writer-2"]);
     let second = n.ok(&["exec", "web-writer-2", "--", "wget", "-q", "-O", "-", "http://127.0.0.1/"])?;
     assert_eq!(second.trim(), "from-the-writer");
+    // The other container is counted, rolled out and scaled as the first's.
+    let listed = n.ok(&["get", "deployments"])?;
+    assert!(listed.lines().any(|l| l.starts_with("web-writer ") && l.contains(" 2/2 ")), "{listed}");
+    let status = n.ok(&["rollout", "status", "web-writer", "--timeout", "60s"])?;
+    assert!(status.contains("complete (2 of 2 updated, 2 ready"), "{status}");
+    let out = n.cli(&["scale", "web-writer=3"])?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("another container of web's pods"), "{said}");
+    // Applied again without the writer: the pod's template is whole, the writer goes.
+    let text = std::fs::read_to_string(&pod)?;
+    let (head, rest) = text.split_once("      - name: writer").ok_or_else(|| anyhow::anyhow!("the writer"))?;
+    let alone = format!("{head}{}", &rest[rest.find("      volumes:").ok_or_else(|| anyhow::anyhow!("volumes"))?..]);
+    std::fs::write(&pod, alone)?;
+    let out = n.ok(&["apply", "-f", pod.to_str().unwrap()])?;
+    assert!(out.contains("deployment web-writer deleted: no longer a container of web's pods"), "{out}");
+    // (The manifest names no replicas: one, as applied.)
+    wait_for(60 * SEC, "the writer gone", || (instance_names(&n) == ["web-1"]).then_some(()))
+        .with_context(|| format!("{:#?}", n.instances().ok()))?;
     // The pod goes whole.
     n.ok(&["delete", "deployment", "web"])?;
     wait_for(60 * SEC, "the pod gone", || instance_names(&n).is_empty().then_some(()))?;

@@ -550,7 +550,32 @@ pub(super) async fn apply(cli: &Cli, files: &[PathBuf], dry_run: bool, selector:
     let req = ApplyRequest { deployments, prune_stack, dry_run, autoscalers, services };
     let r: ApplyResponse = c.post("/api/v1/apply", &req).await?;
     print_apply(&r, dry_run);
+    drop_left_containers(&c, &req.deployments, dry_run).await?;
     Ok(0)
+}
+
+/// A pod's template is applied whole (as kubectl replaces a pod's containers): a stored
+/// container of one of `sent`'s pods that the manifest no longer has is deleted.
+async fn drop_left_containers(c: &crate::client::Client, sent: &[Deployment], dry_run: bool) -> Result<()> {
+    let firsts: Vec<&str> = sent.iter().filter(|d| d.pod_of.is_none()).map(|d| d.name.as_str()).collect();
+    if firsts.is_empty() {
+        return Ok(());
+    }
+    let stored: Vec<DeploymentView> = c.get("/api/v1/deployments").await?;
+    for v in stored {
+        let Some(first) = v.spec.pod_of.as_deref().filter(|f| firsts.contains(f)) else { continue };
+        let name = &v.spec.name;
+        if sent.iter().any(|d| d.name == *name) {
+            continue;
+        }
+        if dry_run {
+            outln!("deployment {name} would be deleted: no longer a container of {first}'s pods");
+            continue;
+        }
+        c.delete(&format!("/api/v1/deployments/{name}")).await?;
+        outln!("deployment {name} deleted: no longer a container of {first}'s pods");
+    }
+    Ok(())
 }
 
 /// Where the CLI builds images for a fleet: buildah's storage (its layer cache) under the

@@ -90,6 +90,9 @@ async fn apply(c: &Client, deployments: Vec<Deployment>) -> Result<ApplyResponse
 }
 
 fn replicated(d: &Deployment) -> Result<()> {
+    if let Some(first) = &d.pod_of {
+        bail!("deployment {} is another container of {first}'s pods: it runs one beside each; scale {first}", d.name);
+    }
     if d.placement.mode == PlacementMode::Global {
         bail!("deployment {} runs one instance on every matching node (global): it has no replica count", d.name);
     }

@@ -73,7 +73,7 @@ pub(super) fn deployment_row(d: &DeploymentView) -> Vec<String> {
     vec![
         d.spec.name.clone(),
         d.spec.stack.clone(),
-        format!("{running}/{}", d.spec.replicas),
+        format!("{running}/{}", d.wanted.unwrap_or(d.spec.replicas)),
         d.spec.image.clone(),
         dash(r.cpus_millis.map(skiff_model::format_cpus)),
         dash(r.memory_bytes.map(skiff_model::format_bytes)),
