@@ -60,13 +60,7 @@ pub fn check_apply(incoming: &[Deployment], existing: &[Deployment]) -> Result<(
     let incoming_named = |n: &str| incoming.iter().any(|d| d.name == n);
     for m in &merged {
         let Some(owner) = &m.network_service else { continue };
-        if !incoming_named(&m.name) && !incoming_named(owner) {
-            continue;
-        }
-        let field = format!("deployments.{}.network_service", m.name);
-        let Some(o) = merged.iter().find(|o| o.name == *owner && o.stack == m.stack) else {
-            return Err(ValidationError::new(field, format!("{owner:?} is not a deployment of stack {:?}", m.stack)));
-        };
+        let Some((o, field)) = named_by(&merged, &incoming_named, m, owner, "network_service")? else { continue };
         if o.stateful.is_some() {
             return Err(ValidationError::new(field, format!("{owner} is a stateful set: its network is not shared")));
         }
@@ -81,13 +75,7 @@ pub fn check_apply(incoming: &[Deployment], existing: &[Deployment]) -> Result<(
     // stack, in the same network (the host's for both, or the first's).
     for m in &merged {
         let Some(owner) = &m.pod_of else { continue };
-        if !incoming_named(&m.name) && !incoming_named(owner) {
-            continue;
-        }
-        let field = format!("deployments.{}.pod_of", m.name);
-        let Some(o) = merged.iter().find(|o| o.name == *owner && o.stack == m.stack) else {
-            return Err(ValidationError::new(field, format!("{owner:?} is not a deployment of stack {:?}", m.stack)));
-        };
+        let Some((o, field)) = named_by(&merged, &incoming_named, m, owner, "pod_of")? else { continue };
         if o.pod_of.is_some() {
             return Err(ValidationError::new(field, format!("{owner} is another's container itself: name that one")));
         }
@@ -146,6 +134,25 @@ pub fn check_apply(incoming: &[Deployment], existing: &[Deployment]) -> Result<(
         }
     }
     Ok(())
+}
+
+/// The deployment of `m`'s stack that its `key` names (`owner`), with the field's path;
+/// `None` when neither `m` nor that one is applied now (nothing of theirs changes).
+fn named_by<'a>(
+    merged: &[&'a Deployment],
+    incoming_named: &dyn Fn(&str) -> bool,
+    m: &Deployment,
+    owner: &str,
+    key: &str,
+) -> Result<Option<(&'a Deployment, String)>, ValidationError> {
+    if !incoming_named(&m.name) && !incoming_named(owner) {
+        return Ok(None);
+    }
+    let field = format!("deployments.{}.{key}", m.name);
+    match merged.iter().find(|o| o.name == owner && o.stack == m.stack) {
+        Some(o) => Ok(Some((o, field))),
+        None => Err(ValidationError::new(field, format!("{owner:?} is not a deployment of stack {:?}", m.stack))),
+    }
 }
 
 #[cfg(test)]
