@@ -857,8 +857,10 @@ RUN ["/bin/busybox", "false"]
     git(&work, &["tag", "v1"])?;
     git(&work, &["clone", "-q", "--bare", ".", repo.to_str().unwrap_or_default()])?;
     let port = common::free_port();
-    let _daemon = common::Started::spawn(std::process::Command::new("git").args([
-        "daemon",
+    // git's daemon itself (`git daemon` would run it as a child, left behind on a kill).
+    let exec_path = std::process::Command::new("git").arg("--exec-path").output()?;
+    let daemon = std::path::Path::new(String::from_utf8_lossy(&exec_path.stdout).trim()).join("git-daemon");
+    let _daemon = common::Started::spawn(std::process::Command::new(daemon).args([
         "--reuseaddr",
         "--export-all",
         "--listen=127.0.0.1",
