@@ -426,10 +426,10 @@ async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) 
             format!("deployment {name:?} is a dependency of {}; delete those first", dependents.join(", ")),
         ));
     }
-    for m in &members {
-        hub.store.delete(m).map_err(internal)?;
-    }
-    if !hub.store.delete(&name).map_err(internal)? {
+    // The pod at once: never its first without some of its containers.
+    let mut pod = members;
+    pod.push(name.clone());
+    if !hub.store.delete_all(&pod).map_err(internal)?.contains(&name) {
         return Err(not_found(format!("deployment {name:?} not found")));
     }
     hub.sync_nodes().map_err(internal)?;

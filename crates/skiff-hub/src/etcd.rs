@@ -566,15 +566,19 @@ impl Store for EtcdStore {
         Ok(d.map(|d| Stored { revision: d.revision, spec: d.spec }))
     }
 
-    fn delete(&self, name: &str) -> Result<bool, StoreError> {
+    fn delete_all(&self, names: &[String]) -> Result<Vec<String>, StoreError> {
         self.change(|tx| {
-            let exists = tx.get::<DumpedDeployment>(&format!("deployments/{name}"))?.is_some();
-            if exists {
-                tx.delete(&format!("deployments/{name}"));
-                tx.bump()?;
-                tx.put_history(name, &[])?;
+            let mut gone = vec![];
+            for name in names {
+                if tx.get::<DumpedDeployment>(&format!("deployments/{name}"))?.is_some() {
+                    tx.delete(&format!("deployments/{name}"));
+                    tx.bump()?;
+                    tx.put_history(name, &[])?;
+                    gone.push(name.clone());
+                }
             }
-            Ok((exists, exists))
+            let changed = !gone.is_empty();
+            Ok((gone, changed))
         })
     }
 

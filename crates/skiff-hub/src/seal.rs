@@ -257,8 +257,8 @@ impl Store for SealedStore {
     fn get(&self, name: &str) -> Result<Option<Stored>, StoreError> {
         self.inner.get(name)?.map(|s| self.opened(s)).transpose()
     }
-    fn delete(&self, name: &str) -> Result<bool, StoreError> {
-        self.inner.delete(name)
+    fn delete_all(&self, names: &[String]) -> Result<Vec<String>, StoreError> {
+        self.inner.delete_all(names)
     }
     fn revision(&self) -> Result<u64, StoreError> {
         self.inner.revision()

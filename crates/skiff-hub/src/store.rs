@@ -51,7 +51,12 @@ pub trait Store: Send + Sync {
     fn list(&self) -> Result<Vec<Stored>, StoreError>;
     fn get(&self, name: &str) -> Result<Option<Stored>, StoreError>;
     /// Returns whether it existed.
-    fn delete(&self, name: &str) -> Result<bool, StoreError>;
+    fn delete(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(!self.delete_all(&[name.to_string()])?.is_empty())
+    }
+    /// Deletes these deployments (and their histories) together, atomically; returns
+    /// those that existed.
+    fn delete_all(&self, names: &[String]) -> Result<Vec<String>, StoreError>;
     fn revision(&self) -> Result<u64, StoreError>;
 
     fn create_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
@@ -656,16 +661,19 @@ impl Store for SqliteStore {
         })
     }
 
-    fn delete(&self, name: &str) -> Result<bool, StoreError> {
+    fn delete_all(&self, names: &[String]) -> Result<Vec<String>, StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
-        let n = tx.execute("DELETE FROM deployments WHERE name = ?1", [name])?;
-        if n > 0 {
-            bump(&tx)?;
-            tx.execute("DELETE FROM history WHERE deployment = ?1", [name])?;
+        let mut gone = vec![];
+        for name in names {
+            if tx.execute("DELETE FROM deployments WHERE name = ?1", [name])? > 0 {
+                bump(&tx)?;
+                tx.execute("DELETE FROM history WHERE deployment = ?1", [name])?;
+                gone.push(name.clone());
+            }
         }
         tx.commit()?;
-        Ok(n > 0)
+        Ok(gone)
     }
 
     fn revision(&self) -> Result<u64, StoreError> {

@@ -121,6 +121,14 @@ fn apply_is_atomic_and_revisioned() {
         assert_eq!(s.get("a").unwrap().unwrap().revision, 3);
         assert!(s.delete("a").unwrap());
         assert!(!s.delete("a").unwrap());
+        // Several at once (a pod): those that were there, in one change.
+        let (c, d) = (Deployment::new("c", "img"), Deployment::new("d", "img"));
+        s.apply(&[c, d], None, false, 2).unwrap();
+        let before = s.revision().unwrap();
+        let gone = s.delete_all(&["c".to_string(), "nope".to_string(), "d".to_string()]).unwrap();
+        assert_eq!(gone, ["c", "d"]);
+        assert!(s.list().unwrap().is_empty());
+        assert!(s.revision().unwrap() > before);
     });
 }
 
