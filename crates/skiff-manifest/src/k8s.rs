@@ -429,6 +429,17 @@ pub fn import_k8s_with(
                     o => return Err(ManifestError::at(format!("{path}.protocol"), format!("{o:?} is not TCP or UDP"))),
                 };
                 for &i in &targets {
+                    if out.deployments[i].network == skiff_model::NetworkMode::Host {
+                        let w = format!(
+                            "{path}: {} is on its nodes' own network (hostNetwork): reached at the node's address, \
+                             not through this Service",
+                            out.deployments[i].name
+                        );
+                        if !out.warnings.contains(&w) {
+                            out.warnings.push(w);
+                        }
+                        continue;
+                    }
                     let target = target_of(i, &out.deployments[i].name)?;
                     let d = &mut out.deployments[i];
                     let published = PortMapping { host_ip: None, host_port: host, container_port: target, protocol };
@@ -575,6 +586,7 @@ fn workload(
             "dnsConfig",
             "securityContext",
             "volumes",
+            "hostNetwork",
         ],
         &pp,
         warnings,
@@ -593,6 +605,11 @@ fn workload(
         .transpose()?
         .unwrap_or_default();
     pod_options(&mut base, pod, &pp, warnings)?;
+    // The node's own network: its ports are the node's (no Service publishes them).
+    let host_network = boolean(pod, "hostNetwork", &pp)?;
+    if host_network {
+        base.network = skiff_model::NetworkMode::Host;
+    }
     if let Some(ns) = get(pod, "nodeSelector") {
         base.placement.node_selector = map_of_strings(ns, &format!("{pp}.nodeSelector"))?;
     }
@@ -700,21 +717,38 @@ fn workload(
                 ManifestError::at(format!("{cp}.name"), format!("{}: the deployment of this container", e.problem))
             })?;
             d.pod_of = Some(name.to_string());
-            d.network = skiff_model::NetworkMode::Service;
-            d.network_service = Some(name.to_string());
             d.placement.mode = PlacementMode::Replicated;
-            // What the first's network has: hosts, DNS, its network's sysctls; Services
-            // select the first only.
-            d.extra_hosts.clear();
-            d.dns = Default::default();
-            d.hostname = None;
-            d.sysctls.retain(|k, _| !k.starts_with("net."));
+            // In the first's network: what that network has (hosts, DNS, its sysctls) is
+            // the first's.
+            if !host_network {
+                d.network = skiff_model::NetworkMode::Service;
+                d.network_service = Some(name.to_string());
+                d.extra_hosts.clear();
+                d.dns = Default::default();
+                d.hostname = None;
+                d.sysctls.retain(|k, _| !k.starts_with("net."));
+            }
+            // Services select the first only.
             d.pod_labels.clear();
         }
         // Warnings about what the containers share are said once.
         let mut said = vec![];
         let (named, ports) = container(&mut d, c, &cp, objects, &mut said)?;
         volumes(&mut d, pod, c, &claims, shared.then_some(&mounted_by), &pp, &cp, objects, &mut said)?;
+        // On the host's network a port is the node's own: `hostPort` names it again.
+        if host_network {
+            for p in std::mem::take(&mut d.ports) {
+                if p.host_port != p.container_port {
+                    return Err(ManifestError::at(
+                        format!("{cp}.ports"),
+                        format!(
+                            "hostPort {} differs from containerPort {}: on the host's network they are one",
+                            p.host_port, p.container_port
+                        ),
+                    ));
+                }
+            }
+        }
         // One network: a container's host ports are published at the first's address.
         if i > 0 {
             let host_ports = std::mem::take(&mut d.ports);
@@ -2015,6 +2049,52 @@ spec:
         let k = import_k8s(&one.replace("targetPort: metrics", "targetPort: http"), "default").unwrap();
         assert_eq!(k.deployments.len(), 1);
         assert_eq!(k.deployments[0].volumes[0].source, skiff_model::VolumeSource::Anonymous);
+    }
+
+    /// `hostNetwork`: the pod's containers on the node's own network, its ports the
+    /// node's (a Service does not publish them).
+    #[test]
+    fn a_host_network_pod_runs_on_the_nodes_network() {
+        let m = r#"
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: csi}
+spec:
+  selector: {matchLabels: {app: csi}}
+  template:
+    metadata: {labels: {app: csi}}
+    spec:
+      hostNetwork: true
+      hostAliases: [{ip: 10.0.0.9, hostnames: [plc]}]
+      containers:
+      - {name: registrar, image: reg:1, ports: [{containerPort: 9809, hostPort: 9809}]}
+      - {name: driver, image: drv:1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: csi}
+spec:
+  type: NodePort
+  selector: {app: csi}
+  ports: [{port: 9809}]
+"#;
+        let k = import_k8s(m, "default").unwrap();
+        let [first, driver] = &k.deployments[..] else { panic!("{:?}", k.deployments) };
+        assert_eq!((first.network, driver.network), (skiff_model::NetworkMode::Host, skiff_model::NetworkMode::Host));
+        assert_eq!((first.placement.mode, driver.placement.mode), (PlacementMode::Global, PlacementMode::Replicated));
+        assert_eq!((driver.pod_of.as_deref(), driver.network_service.as_deref()), (Some("csi"), None));
+        assert_eq!(driver.extra_hosts.len(), 1, "on the host's network each has its own hosts file");
+        assert!(first.ports.is_empty() && first.expose.is_empty());
+        assert!(
+            k.warnings.iter().any(|w| w.starts_with("Service/csi.spec.ports[0]: csi is on its nodes' own network")),
+            "{:?}",
+            k.warnings
+        );
+        for d in &k.deployments {
+            d.validate().unwrap();
+        }
+        let e = import_k8s(&m.replace("hostPort: 9809", "hostPort: 80"), "default").unwrap_err().to_string();
+        assert!(e.contains("containers[0].ports: hostPort 80 differs from containerPort 9809"), "{e}");
     }
 
     #[test]
