@@ -169,16 +169,6 @@ fn view(
     DeploymentView { revision: s.revision, spec: s.spec.redacted(), instances, unschedulable, wanted: None }
 }
 
-/// How many instances `d` wants: its replicas, or (global) as many as it runs.
-fn wanted(d: &skiff_model::Deployment, all: &[skiff_model::InstanceStatus]) -> u32 {
-    match d.placement.mode {
-        skiff_model::PlacementMode::Global => {
-            all.iter().filter(|i| i.deployment == d.name && !i.retiring).count() as u32
-        }
-        skiff_model::PlacementMode::Replicated => d.replicas,
-    }
-}
-
 fn unschedulable(hub: &Hub) -> BTreeMap<String, String> {
     hub.nodes.unschedulable()
 }
@@ -251,7 +241,7 @@ async fn list_deployments(
         let why = unschedulable(&hub);
         // A pod's other containers are shown with as many wanted as its first.
         let counts: BTreeMap<String, u32> =
-            stored.iter().map(|s| (s.spec.name.clone(), wanted(&s.spec, &all))).collect();
+            stored.iter().map(|s| (s.spec.name.clone(), crate::rollouts::wanted(&s.spec, &all))).collect();
         let mut views: Vec<DeploymentView> = stored.into_iter().map(|s| view(&all, &why, s)).collect();
         for v in views.iter_mut() {
             v.wanted = v.spec.pod_of.as_ref().and_then(|o| counts.get(o)).copied();
@@ -339,7 +329,7 @@ async fn get_deployment(
         let owner = s.spec.pod_of.as_ref().map(|o| hub.store.get(o)).transpose().map_err(internal)?.flatten();
         let all = hub.instances();
         let mut v = view(&all, &unschedulable(&hub), s);
-        v.wanted = owner.map(|o| wanted(&o.spec, &all));
+        v.wanted = owner.map(|o| crate::rollouts::wanted(&o.spec, &all));
         Ok(v)
     })
     .await

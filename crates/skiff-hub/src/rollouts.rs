@@ -46,6 +46,19 @@ fn failure(i: &InstanceStatus) -> Option<String> {
     }
 }
 
+/// How many instances `d` wants: its replicas, or (global) as many as it runs.
+pub(crate) fn wanted(d: &Deployment, instances: &[InstanceStatus]) -> u32 {
+    match d.placement.mode {
+        PlacementMode::Global => running(&d.name, instances),
+        PlacementMode::Replicated => d.replicas,
+    }
+}
+
+/// The instances of deployment `name` that are not retiring.
+fn running(name: &str, instances: &[InstanceStatus]) -> u32 {
+    instances.iter().filter(|i| i.deployment == name && !i.retiring).count() as u32
+}
+
 /// Where the rollout of `d`'s newest revision stands, from its instances.
 pub fn status(d: &Deployment, newest: Option<&Revision>, instances: &[InstanceStatus]) -> RolloutStatus {
     let tpl = rollout::template_hash(d);
@@ -56,12 +69,11 @@ pub fn status(d: &Deployment, newest: Option<&Revision>, instances: &[InstanceSt
         .filter(|i| i.state == InstanceState::Running && matches!(i.health, None | Some(Health::Healthy)))
         .count() as u32;
     let old = mine.iter().filter(|i| i.template != tpl).count() as u32;
-    let desired = match (&d.pod_of, d.placement.mode) {
+    let desired = match &d.pod_of {
         // A pod's other container: one beside each of its first's (its own replicas are
         // not read).
-        (Some(first), _) => instances.iter().filter(|i| i.deployment == *first && !i.retiring).count() as u32,
-        (None, PlacementMode::Global) => mine.iter().filter(|i| !i.retiring).count() as u32,
-        (None, PlacementMode::Replicated) => d.replicas,
+        Some(first) => running(first, instances),
+        None => wanted(d, instances),
     };
     let failures: Vec<String> = updated.iter().filter_map(|i| failure(i)).collect();
     let old_primaries = mine.iter().filter(|i| i.template != tpl && !i.retiring).count();

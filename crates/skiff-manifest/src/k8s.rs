@@ -595,6 +595,8 @@ fn workload(
         Some(Value::Sequence(c)) if !c.is_empty() => c,
         _ => return Err(ManifestError::at(format!("{pp}.containers"), "must list at least one container")),
     };
+    // A pod of several containers (they share its network and emptyDirs).
+    let shared = containers.len() > 1;
     // What the pod's containers have in common, then each one's own.
     let mut base = Deployment::new(name, "");
     base.stack = stack.to_string();
@@ -637,7 +639,7 @@ fn workload(
         base.stop_grace_period_ms = s * 1000;
     }
     if kind == "Job" || kind == "CronJob" {
-        if containers.len() > 1 {
+        if shared {
             return Err(ManifestError::at(
                 format!("{pp}.containers"),
                 "a Job's pod of several containers is not supported (one container runs to completion)",
@@ -673,7 +675,7 @@ fn workload(
         strategy(&mut base, spec, &format!("{path}.spec"), warnings)?;
     }
     if kind == "StatefulSet" {
-        if containers.len() > 1 {
+        if shared {
             return Err(ManifestError::at(
                 format!("{pp}.containers"),
                 "a StatefulSet's pod of several containers is not supported yet (one container per pod)",
@@ -685,7 +687,6 @@ fn workload(
     // A pod of several containers: the first is the deployment of the workload's name
     // (what Services, autoscalers and `skiff scale` address); each other one a deployment
     // `NAME-CONTAINER` beside each of its instances, in its network, with its volumes.
-    let shared = containers.len() > 1;
     if shared && base.runtime != skiff_model::RuntimeKind::Oci {
         return Err(ManifestError::at(
             format!("{pp}.runtimeClassName"),

@@ -54,9 +54,8 @@ pub fn build_archive(work: &Path, b: &BuildSpec) -> Result<(std::path::PathBuf, 
         bail!("{field}: {} is not a file", dockerfile.display());
     }
     if let (None, Some(f), Some(g)) = (&b.dockerfile_inline, &fetched, &b.remote) {
-        let root = f.0.canonicalize().with_context(|| field.clone())?;
         let resolved = dockerfile.canonicalize().with_context(|| field.clone())?;
-        within(&root, &resolved, &without_credentials(&g.url)).with_context(|| field.clone())?;
+        within(&f.0, &resolved, &without_credentials(&g.url)).with_context(|| field.clone())?;
     }
     eprintln!("building {} from {} ...", b.tag, context.display());
     // Each step in a runc container of its own (pid, mount, ipc and uts namespaces,
@@ -132,7 +131,7 @@ pub async fn build_and_push(c: &crate::client::Client, work: &Path, b: &BuildSpe
     Ok(format!("{name}@{}", pushed?.digest))
 }
 
-/// A Git context's checkout, removed when dropped.
+/// A Git context's checkout (its resolved path), removed when dropped.
 struct Fetched(std::path::PathBuf);
 
 impl Drop for Fetched {
@@ -155,15 +154,18 @@ fn fetch_context(work: &Path, service: &str, g: &skiff_manifest::GitContext) -> 
     let dir = work.join("tmp").join(format!("context-{service}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
-    let fetched = Fetched(dir.clone());
+    // Resolved once: what the context and Dockerfile must stay in.
+    let root = dir.canonicalize().with_context(|| format!("{}", dir.display()))?;
+    let fetched = Fetched(root.clone());
     let reference = g.reference.as_deref().unwrap_or("HEAD");
-    eprintln!("fetching the build context {} ({reference}) ...", without_credentials(&g.url));
+    let shown = without_credentials(&g.url);
+    eprintln!("fetching the build context {shown} ({reference}) ...");
     git(&dir, &["init", "-q"])?;
     // A commit a server does not hand out by itself: every branch and tag, then it.
     if git(&dir, &["fetch", "-q", "--depth", "1", "--", &g.url, reference]).is_err() {
         git(&dir, &["fetch", "-q", "--tags", "--", &g.url, "+refs/heads/*:refs/remotes/origin/*"])?;
         git(&dir, &["rev-parse", "-q", "--verify", &format!("{reference}^{{commit}}")])
-            .map_err(|_| anyhow::anyhow!("{}: no branch, tag or commit {reference:?}", g.url))?;
+            .map_err(|_| anyhow::anyhow!("{shown}: no branch, tag or commit {reference:?}"))?;
         git(&dir, &["update-ref", "FETCH_HEAD", &format!("{reference}^{{commit}}")])?;
     }
     git(&dir, &["checkout", "-q", "--detach", "FETCH_HEAD"])?;
@@ -173,12 +175,10 @@ fn fetch_context(work: &Path, service: &str, g: &skiff_manifest::GitContext) -> 
     let _ = std::fs::remove_dir_all(dir.join(".git"));
     // The context, followed through any link the repository holds, stays in the checkout:
     // a link to `/` would make the host the context of a build that runs as root.
-    let root = dir.canonicalize().with_context(|| format!("{}", dir.display()))?;
     let context = match &g.dir {
         Some(d) => root.join(d),
         None => root.clone(),
     };
-    let shown = without_credentials(&g.url);
     let missing = || anyhow::anyhow!("{shown}: {} is not a directory of {reference}", g.dir.as_deref().unwrap_or("."));
     let context = context.canonicalize().map_err(|_| missing())?;
     if !context.is_dir() {
@@ -217,11 +217,11 @@ fn git(dir: &Path, args: &[&str]) -> Result<()> {
     if std::env::var_os("GIT_SSH_COMMAND").is_none() {
         cmd.env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes");
     }
-    // No local paths or helper programs as submodules.
     let status = cmd
         .current_dir(dir)
         .env("GIT_TERMINAL_PROMPT", "0")
         .args(["-c", "http.lowSpeedLimit=1", "-c", "http.lowSpeedTime=60", "-c", "advice.detachedHead=false"])
+        // No local paths or helper programs as submodules.
         .args(["-c", "protocol.file.allow=never", "-c", "protocol.ext.allow=never"])
         .args(args)
         .stdout(std::process::Stdio::from(std::io::stderr()))

@@ -495,7 +495,8 @@ pub(super) async fn apply(cli: &Cli, files: &[PathBuf], dry_run: bool, selector:
         false => vec![],
     };
     // Services applied before select the workloads of these manifests too.
-    let kept: Vec<skiff_model::api::KeptService> = match texts.iter().any(|(_, t, _)| skiff_manifest::is_k8s(t)) {
+    let k8s = texts.iter().any(|(_, t, _)| skiff_manifest::is_k8s(t));
+    let kept: Vec<skiff_model::api::KeptService> = match k8s {
         true => match c.get("/api/v1/k8s-services").await {
             Ok(k) => k,
             // An older hub keeps none.
@@ -550,7 +551,10 @@ pub(super) async fn apply(cli: &Cli, files: &[PathBuf], dry_run: bool, selector:
     let req = ApplyRequest { deployments, prune_stack, dry_run, autoscalers, services };
     let r: ApplyResponse = c.post("/api/v1/apply", &req).await?;
     print_apply(&r, dry_run);
-    drop_left_containers(&c, &req.deployments, dry_run).await?;
+    // Only Kubernetes pods have other containers.
+    if k8s {
+        drop_left_containers(&c, &req.deployments, dry_run).await?;
+    }
     Ok(0)
 }
 
