@@ -51,12 +51,10 @@ impl Held {
             Protocol::Udp => SockType::Datagram,
         };
         let fd = socket(AddressFamily::Inet, kind, SockFlag::SOCK_CLOEXEC, None)?;
-        if key.protocol == Protocol::Tcp {
-            // Beside the fleet services' listeners on their virtual addresses (the same
-            // port on an address of the host's), which set it too; a program of its own
-            // on the port still stops this bind.
-            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReusePort, &true)?;
-        }
+        // Beside the fleet services' sockets on their virtual addresses (the same port
+        // on an address of the host's), which set it too; a program of its own on the
+        // port still stops this bind.
+        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReusePort, &true)?;
         bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(at))?;
         Ok(Held(fd))
     }

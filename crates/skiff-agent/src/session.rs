@@ -12,6 +12,7 @@
 
 use crate::{blocking, Agent, AgentError};
 use skiff_model::proto::{SessionInput, SessionOutput, SessionSpec, INPUT_WINDOW};
+use skiff_model::Protocol;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
@@ -254,31 +255,42 @@ impl Agent {
     /// loopback is its own, at its address). Output is what the instance sends; input
     /// goes to it; the end of input shuts the sending side; the session ends (exit 0)
     /// when the instance closes the connection, or when the caller leaves.
-    pub async fn connect_session(&self, instance: &str, port: u16) -> Result<Session, AgentError> {
+    ///
+    /// UDP (the mesh's relay): a socket connected to the port the same way, its datagrams
+    /// framed in both streams as between agents; the session ends after a minute without
+    /// one ([`crate::mesh::udp`]).
+    pub async fn connect_session(&self, instance: &str, port: u16, protocol: Protocol) -> Result<Session, AgentError> {
         if port == 0 {
             return Err(AgentError::Other("port: must be 1 to 65535".into()));
         }
         let row = self.running_row(instance)?;
         let pid = row.pid.ok_or_else(|| AgentError::Other(format!("instance {instance} has no process")))?;
         let sandbox_ip = (row.spec.runtime == skiff_model::RuntimeKind::Runsc).then(|| row.ip.clone()).flatten();
-        let connected = blocking(move || -> std::io::Result<std::net::TcpStream> {
+        let connected = blocking(move || -> std::io::Result<Connected> {
             let wait = Duration::from_secs(10);
-            if let Some(ip) = sandbox_ip {
-                let ip: std::net::IpAddr = ip.parse().map_err(std::io::Error::other)?;
-                return std::net::TcpStream::connect_timeout(&(ip, port).into(), wait);
+            let to = match &sandbox_ip {
+                Some(ip) => std::net::SocketAddr::new(ip.parse().map_err(std::io::Error::other)?, port),
+                None => std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
+            };
+            let open = move || match protocol {
+                Protocol::Tcp => std::net::TcpStream::connect_timeout(&to, wait).map(Connected::Tcp),
+                Protocol::Udp => {
+                    let s = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+                    s.connect(to)?;
+                    Ok(Connected::Udp(s))
+                }
+            };
+            if sandbox_ip.is_some() {
+                return open();
             }
             let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
-            let local = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
-            skiff_runtime::netlink::on_thread_in(&ns, || std::net::TcpStream::connect_timeout(&local, wait))?
+            skiff_runtime::netlink::on_thread_in(&ns, open)?
         })
         .await
-        .and_then(|s| {
-            s.set_nonblocking(true)?;
-            tokio::net::TcpStream::from_std(s)
-        })
+        .and_then(Connected::stream)
         .map_err(|e| AgentError::Other(format!("connecting to port {port} in {instance}: {e}")))?;
-        tracing::info!(instance, port, "port-forward connection");
-        let (mut from, mut to) = connected.into_split();
+        tracing::info!(instance, port, ?protocol, "port-forward connection");
+        let (mut from, mut to) = tokio::io::split(connected);
         let (out_tx, out_rx) = mpsc::channel::<SessionOutput>(64);
         let (in_tx, mut in_rx) = mpsc::channel::<SessionInput>(INPUT_WINDOW as usize);
         let caller = out_tx.clone();
@@ -324,6 +336,35 @@ impl Agent {
         Ok((in_tx, out_rx))
     }
 }
+
+/// A connection made inside an instance's network namespace.
+enum Connected {
+    Tcp(std::net::TcpStream),
+    Udp(std::net::UdpSocket),
+}
+
+impl Connected {
+    /// As a byte stream: a UDP socket's datagrams framed (each carried by a flow of
+    /// its own until it goes idle).
+    fn stream(self) -> std::io::Result<Box<dyn Stream>> {
+        match self {
+            Connected::Tcp(s) => {
+                s.set_nonblocking(true)?;
+                Ok(Box::new(tokio::net::TcpStream::from_std(s)?))
+            }
+            Connected::Udp(s) => {
+                s.set_nonblocking(true)?;
+                let s = tokio::net::UdpSocket::from_std(s)?;
+                let (near, far) = tokio::io::duplex(skiff_model::mesh::DATAGRAM_MAX * 2);
+                tokio::spawn(crate::mesh::udp::bridge(crate::mesh::udp::stream(far), crate::mesh::udp::socket(s)));
+                Ok(Box::new(near))
+            }
+        }
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
 /// One frame to an instance's shim (see `skiff_runtime::attach`).
 async fn send_frame(to: &mut (impl AsyncWrite + Unpin), kind: u8, data: &[u8]) -> std::io::Result<()> {

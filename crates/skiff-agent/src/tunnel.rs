@@ -266,8 +266,8 @@ where
                                             let open = async move { a.exec_session(&instance, spec).await };
                                             (Some(in_tx), tokio::spawn(session(open, in_rx, out)))
                                         }
-                                        Op::Connect { instance, port } => {
-                                            let open = async move { a.connect_session(&instance, port).await };
+                                        Op::Connect { instance, port, protocol } => {
+                                            let open = async move { a.connect_session(&instance, port, protocol).await };
                                             (Some(in_tx), tokio::spawn(session(open, in_rx, out)))
                                         }
                                         op => (None, tokio::spawn(answer(a, op, out))),

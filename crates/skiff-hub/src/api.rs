@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use skiff_model::api::{ApplyRequest, DeploymentView, ErrorBody};
+use skiff_model::Protocol;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -602,7 +603,7 @@ async fn port_forward(
     }
     let node = hub.node_of(&name).ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
     let ws = ws.max_message_size(MAX_BODY).max_frame_size(MAX_BODY);
-    Ok(ws.on_upgrade(move |socket| crate::session::serve_forward(node, name, q.port, socket)))
+    Ok(ws.on_upgrade(move |socket| crate::session::serve_forward(node, name, q.port, Protocol::Tcp, socket)))
 }
 
 async fn nodes(
@@ -797,17 +798,27 @@ async fn mesh_relay(
     State(hub): State<Shared>,
     peer: Option<axum::Extension<crate::tls::Peer>>,
     Path((name, service, port)): Path<(String, String, u16)>,
+    q: Result<Query<RelayQuery>, axum::extract::rejection::QueryRejection>,
     ws: axum::extract::WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| bad(format!("protocol: {}", e.body_text())))?;
     let f = Arc::clone(fleet_of(&hub)?);
     f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
     static TURN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let turn = TURN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (node, instance, target) = f.relay_target(&name, &service, port, turn).map_err(fleet_error)?;
-    tracing::debug!(from = %name, %service, to = %node, %instance, "mesh relay");
+    let (node, instance, target) = f.relay_target(&name, &service, port, q.protocol, turn).map_err(fleet_error)?;
+    tracing::debug!(from = %name, %service, to = %node, %instance, protocol = ?q.protocol, "mesh relay");
     let link: Arc<dyn crate::node::NodeLink> = Arc::new(crate::tunnel::RemoteLink { name: node, fleet: f });
     let ws = ws.max_message_size(MAX_BODY).max_frame_size(MAX_BODY);
-    Ok(ws.on_upgrade(move |socket| crate::session::serve_forward(link, instance, target, socket)))
+    Ok(ws.on_upgrade(move |socket| crate::session::serve_forward(link, instance, target, q.protocol, socket)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelayQuery {
+    /// `tcp` unless said.
+    #[serde(default)]
+    protocol: Protocol,
 }
 
 /// The node's tunnel: a WebSocket its agent keeps open, carrying logs and exec.

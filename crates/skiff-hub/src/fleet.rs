@@ -1233,6 +1233,7 @@ mod tests {
 
     #[test]
     fn nodes_learn_only_the_services_they_share_a_network_with_and_whom_to_serve() {
+        use skiff_model::Protocol::{Tcp, Udp};
         let (_t, f) = fleet();
         let tok = any(&f);
         for (n, site) in [("a", "s1"), ("b", "s1"), ("c", "s2"), ("d", "s1")] {
@@ -1244,7 +1245,8 @@ mod tests {
         let on = |d: &mut Deployment, n: &str| d.placement.node_selector = [("role".to_string(), n.to_string())].into();
         let mut db = Deployment::new("db", "img");
         db.stack = "shop".into();
-        db.expose = vec![skiff_model::mesh::ServicePort { port: 5432, target: 5432 }];
+        db.expose =
+            vec![skiff_model::mesh::ServicePort::tcp(5432, 5432), skiff_model::mesh::ServicePort::udp(53, 5353)];
         on(&mut db, "b");
         let mut db_far = db.clone();
         db_far.name = "db2".into();
@@ -1289,15 +1291,19 @@ mod tests {
         assert!(b.services.iter().all(|s| s.endpoints.iter().all(|e| e.node != "b")), "its own are not endpoints");
         // Another stack's node learns nothing of them and cannot have them relayed.
         assert!(f.mesh_view("d").unwrap().services.is_empty());
-        assert!(matches!(f.relay_target("d", "db", 5432, 0), Err(FleetError::Forbidden(_))));
-        assert_eq!(f.relay_target("a", "db", 5432, 0).unwrap(), ("b".to_string(), "db-1".to_string(), 5432));
-        assert!(matches!(f.relay_target("a", "db", 80, 0), Err(FleetError::NotFound(_))));
+        assert!(matches!(f.relay_target("d", "db", 5432, Tcp, 0), Err(FleetError::Forbidden(_))));
+        assert_eq!(f.relay_target("a", "db", 5432, Tcp, 0).unwrap(), ("b".to_string(), "db-1".to_string(), 5432));
+        assert!(matches!(f.relay_target("a", "db", 80, Tcp, 0), Err(FleetError::NotFound(_))));
+        // A UDP port is relayed over UDP only, to its target.
+        assert_eq!(f.relay_target("a", "db", 53, Udp, 0).unwrap().2, 5353);
+        assert!(matches!(f.relay_target("a", "db", 53, Tcp, 0), Err(FleetError::NotFound(_))));
+        assert!(matches!(f.relay_target("a", "db", 5432, Udp, 0), Err(FleetError::NotFound(_))));
         // An instance that stops serving is no endpoint any more, and the view changes.
         let gen = *f.mesh_changes().borrow();
         report("b", running("b", &db, Some(skiff_model::Health::Unhealthy)), Some("10.0.0.2:7946"));
         assert!(*f.mesh_changes().borrow() > gen, "a change of who serves wakes the tunnels");
         assert_eq!(f.mesh_view("a").unwrap().services[0].endpoints[0].ready, 0);
-        assert!(matches!(f.relay_target("a", "db", 5432, 0), Err(FleetError::NotFound(_))));
+        assert!(matches!(f.relay_target("a", "db", 5432, Tcp, 0), Err(FleetError::NotFound(_))));
         // A mesh address that is not host:port is not believed.
         report("b", running("b", &db, None), Some("not an address"));
         assert_eq!(f.mesh_view("a").unwrap().services[0].endpoints[0].mesh, None);
@@ -1320,7 +1326,7 @@ mod tests {
             Some(skiff_model::stateful::Stateful { service: Some("pg".into()), pod_management: Default::default() });
         db.update.max_surge = skiff_model::rollout::IntOrPercent::Int(0);
         db.update.max_unavailable = skiff_model::rollout::IntOrPercent::Int(1);
-        db.expose = vec![skiff_model::mesh::ServicePort { port: 5432, target: 5432 }];
+        db.expose = vec![skiff_model::mesh::ServicePort::tcp(5432, 5432)];
         let client = Deployment::new("client", "img");
         f.store.apply(&[db.clone(), client], None, false, 1).unwrap();
         f.reschedule().unwrap();
@@ -1351,10 +1357,13 @@ mod tests {
         assert_eq!(zero.instance.as_deref(), Some("db-0"));
         let eps: Vec<(&str, u32, u32)> = zero.endpoints.iter().map(|e| (e.node.as_str(), e.ready, e.total)).collect();
         assert_eq!(eps, [(node0.as_str(), 1, 1)]);
-        assert_eq!(f.relay_target(&node1, "db-0.pg", 5432, 0).unwrap(), (node0.clone(), "db-0".to_string(), 5432));
+        assert_eq!(
+            f.relay_target(&node1, "db-0.pg", 5432, skiff_model::Protocol::Tcp, 0).unwrap(),
+            (node0.clone(), "db-0".to_string(), 5432)
+        );
         assert!(f.mesh_view(&node0).unwrap().clients.contains_key("db-0.pg"), "db-0's node serves it");
         // The set's own service still spreads over both.
-        assert_eq!(f.relay_target(&node1, "db", 5432, 0).unwrap().0, node0);
+        assert_eq!(f.relay_target(&node1, "db", 5432, skiff_model::Protocol::Tcp, 0).unwrap().0, node0);
         // Where each slot ran is kept: its volumes are there.
         let kept = f.store.states("stateful/").unwrap();
         let want = serde_json::json!({"1": node0, "2": node1}).to_string();

@@ -3,7 +3,7 @@
 
 use crate::BoxFuture;
 use skiff_model::proto::{ExecResult, SessionInput, SessionOutput, SessionSpec};
-use skiff_model::{Deployment, EventRecord, InstanceStatus, LogLine};
+use skiff_model::{Deployment, EventRecord, InstanceStatus, LogLine, Protocol};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -49,7 +49,7 @@ pub trait NodeLink: Send + Sync {
     fn session(&self, instance: &str, spec: SessionSpec) -> BoxFuture<'_, Result<Session, NodeError>>;
     /// Opens a TCP connection to `port` inside the instance (`skiff port-forward`), as a
     /// session: output is what the instance sends, input what goes to it.
-    fn connect(&self, instance: &str, port: u16) -> BoxFuture<'_, Result<Session, NodeError>>;
+    fn connect(&self, instance: &str, port: u16, protocol: Protocol) -> BoxFuture<'_, Result<Session, NodeError>>;
     /// Restarts, stops or starts one instance (`skiff restart web-1`); returns once the
     /// node has begun.
     fn act(&self, instance: &str, action: skiff_model::proto::InstanceAction) -> BoxFuture<'_, Result<(), NodeError>>;

@@ -44,9 +44,15 @@ pub async fn serve(node: Arc<dyn NodeLink>, instance: String, mut socket: WebSoc
 
 /// Serves one port-forward connection's WebSocket: the instance's bytes out as stdout
 /// messages, the client's in as binary ones; `eof` shuts the sending side.
-pub async fn serve_forward(node: Arc<dyn NodeLink>, instance: String, port: u16, mut socket: WebSocket) {
-    tracing::info!(%instance, node = %node.name(), port, "port-forward");
-    match node.connect(&instance, port).await {
+pub async fn serve_forward(
+    node: Arc<dyn NodeLink>,
+    instance: String,
+    port: u16,
+    protocol: skiff_model::Protocol,
+    mut socket: WebSocket,
+) {
+    tracing::info!(%instance, node = %node.name(), port, ?protocol, "port-forward");
+    match node.connect(&instance, port, protocol).await {
         Ok(s) => relay(&instance, s, socket).await,
         Err(e) => end(&mut socket, ExecEnd { exit: None, error: Some(e.to_string()) }).await,
     }

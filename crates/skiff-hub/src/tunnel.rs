@@ -591,8 +591,13 @@ impl NodeLink for RemoteLink {
         Box::pin(self.open_session(Op::Session { instance: instance.to_string(), spec }))
     }
 
-    fn connect(&self, instance: &str, port: u16) -> BoxFuture<'_, Result<Session, NodeError>> {
-        Box::pin(self.open_session(Op::Connect { instance: instance.to_string(), port }))
+    fn connect(
+        &self,
+        instance: &str,
+        port: u16,
+        protocol: skiff_model::Protocol,
+    ) -> BoxFuture<'_, Result<Session, NodeError>> {
+        Box::pin(self.open_session(Op::Connect { instance: instance.to_string(), port, protocol }))
     }
 
     fn act(&self, instance: &str, action: InstanceAction) -> BoxFuture<'_, Result<(), NodeError>> {

@@ -917,9 +917,9 @@ fn service(cx: &mut Ctx<'_>, project: &str, nets: &BTreeMap<String, Net>, name: 
                 let s = v.as_sequence().ok_or_else(|| ManifestError::at(&path, "must be a list"))?;
                 for (i, x) in s.iter().enumerate() {
                     let p = format!("{path}[{i}]");
-                    for port in exposed(x, &p, &mut cx.warnings)? {
-                        if !d.expose.iter().any(|e| e.port == port) {
-                            d.expose.push(skiff_model::mesh::ServicePort { port, target: port });
+                    for port in exposed(x, &p)? {
+                        if !d.expose.contains(&port) {
+                            d.expose.push(port);
                         }
                     }
                 }
@@ -1873,9 +1873,9 @@ fn placement(cx: &mut Ctx<'_>, d: &mut Deployment, v: &Value, path: &str) -> R<(
     Ok(())
 }
 
-/// One `expose` entry: `80`, `"80"`, `"80/tcp"`, or a range `"8000-8010"` (at most 64
-/// ports). UDP is warned about: the fleet's services carry TCP.
-fn exposed(v: &Value, path: &str, warnings: &mut Vec<String>) -> R<Vec<u16>> {
+/// One `expose` entry: `80`, `"80"`, `"80/tcp"`, `"53/udp"`, or a range `"8000-8010"` (at
+/// most 64 ports).
+fn exposed(v: &Value, path: &str) -> R<Vec<skiff_model::mesh::ServicePort>> {
     let text = match v {
         Value::Number(n) => n.to_string(),
         other => str_of(other, path)?,
@@ -1893,12 +1893,10 @@ fn exposed(v: &Value, path: &str, warnings: &mut Vec<String>) -> R<Vec<u16>> {
     if b < a || b - a >= 64 {
         return Err(ManifestError::at(path, format!("{text:?}: a range of 1 to 64 ports, low to high")));
     }
-    match proto {
-        "tcp" => Ok((a..=b).collect()),
-        "udp" => {
-            warnings.push(format!("{path}: {text:?}: UDP is not carried between nodes; only published UDP ports work"));
-            Ok(vec![])
-        }
-        other => Err(ManifestError::at(path, format!("{other:?} is not a protocol (tcp, udp)"))),
-    }
+    let protocol = match proto {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        other => return Err(ManifestError::at(path, format!("{other:?} is not a protocol (tcp, udp)"))),
+    };
+    Ok((a..=b).map(|port| skiff_model::mesh::ServicePort { port, target: port, protocol }).collect())
 }

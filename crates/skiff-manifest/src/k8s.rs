@@ -446,9 +446,8 @@ pub fn import_k8s_with(
                     if s.publish && !d.ports.contains(&published) {
                         d.ports.push(published);
                     }
-                    match d.expose.iter().find(|e| e.port == svc_port) {
-                        _ if protocol != Protocol::Tcp => {}
-                        None => d.expose.push(skiff_model::mesh::ServicePort { port: svc_port, target }),
+                    match d.expose.iter().find(|e| e.is(svc_port, protocol)) {
+                        None => d.expose.push(skiff_model::mesh::ServicePort { port: svc_port, target, protocol }),
                         // One address per deployment: a port means one target port, whichever
                         // of its Services is called.
                         Some(e) if e.target != target => out.warnings.push(format!(
@@ -1787,12 +1786,18 @@ data: {a: b}
         let k = import_k8s_beside(&[("", svc)], "default", std::slice::from_ref(&web)).unwrap();
         let d = &k.deployments[0];
         assert_eq!(d.name, "web");
-        assert!(d.expose.contains(&skiff_model::mesh::ServicePort { port: 8080, target: 80 }), "{:?}", d.expose);
+        assert!(d.expose.contains(&skiff_model::mesh::ServicePort::tcp(8080, 80)), "{:?}", d.expose);
         assert!(d.aliases.contains(&"front".to_string()), "{:?}", d.aliases);
         assert_eq!(d.ports.iter().filter(|p| p.host_port == 30080).count(), 1);
         // Applied again on what it made: nothing more.
         let again = import_k8s_beside(&[("", svc)], "default", std::slice::from_ref(d)).unwrap();
         assert_eq!(&again.deployments[0], d);
+        // A UDP port is a UDP service port, beside a TCP one of the same number.
+        let dns = "apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec:\n  selector: {app: web}\n  ports: [{port: 53, targetPort: 5353, protocol: UDP}, {port: 53, targetPort: 5353}]\n";
+        let k = import_k8s_beside(&[("", dns)], "default", std::slice::from_ref(&web)).unwrap();
+        let both = [skiff_model::mesh::ServicePort::udp(53, 5353), skiff_model::mesh::ServicePort::tcp(53, 5353)];
+        assert!(both.iter().all(|p| k.deployments[0].expose.contains(p)), "{:?}", k.deployments[0].expose);
+        assert!(k.warnings.is_empty(), "{:?}", k.warnings);
         // Another namespace's deployment is not selected.
         let other = Deployment { stack: "cams".into(), ..web.clone() };
         let k = import_k8s_beside(&[("", svc)], "default", &[other]).unwrap();
@@ -1804,7 +1809,7 @@ data: {a: b}
         let deploy = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: w, image: web:1, ports: [{containerPort: 80, name: http}]}]\n";
         let k = import_k8s_with(&[("", deploy)], "default", &[], &kept).unwrap();
         let d = &k.deployments[0];
-        assert!(d.expose.contains(&skiff_model::mesh::ServicePort { port: 8080, target: 80 }), "{:?}", d.expose);
+        assert!(d.expose.contains(&skiff_model::mesh::ServicePort::tcp(8080, 80)), "{:?}", d.expose);
         assert!(d.aliases.contains(&"front".to_string()) && d.ports.iter().any(|p| p.host_port == 30080));
         assert!(k.services.is_empty() && k.warnings.is_empty(), "nothing new to keep or say: {:?}", k.warnings);
         // A kept Service the new workload does not fit (no port named http): said, and
@@ -1941,11 +1946,7 @@ spec:
         }
         // The ClusterIP service is a fleet service: its name and port reach web's 8080.
         use skiff_model::mesh::ServicePort;
-        assert!(
-            k.deployments[0].expose.contains(&ServicePort { port: 8081, target: 8080 }),
-            "{:?}",
-            k.deployments[0].expose
-        );
+        assert!(k.deployments[0].expose.contains(&ServicePort::tcp(8081, 8080)), "{:?}", k.deployments[0].expose);
         assert!(k.deployments[0].aliases.contains(&"internal".to_string()));
         assert!(!k.warnings.iter().any(|w| w.contains("Service/internal")), "{:?}", k.warnings);
         // A kind of Kubernetes' own that skiff would have to act on is still refused.
@@ -2027,7 +2028,7 @@ spec:
         assert_eq!((web.tmpfs.len(), side.tmpfs.len()), (1, 1));
         // The Service reaches the first container's deployment, at the port the other
         // names; the autoscaler and the scrape are the first's too.
-        assert_eq!(web.expose, [skiff_model::mesh::ServicePort { port: 9100, target: 9100 }]);
+        assert_eq!(web.expose, [skiff_model::mesh::ServicePort::tcp(9100, 9100)]);
         assert!(side.expose.is_empty() && side.aliases.is_empty() && side.autoscale.is_none());
         assert!(web.aliases.contains(&"web-metrics".to_string()));
         assert!(web.autoscale.is_some());
@@ -2191,7 +2192,7 @@ spec:
         let svc = "---\napiVersion: v1\nkind: Service\nmetadata: {name: front}\nspec:\n  selector: {app: web}\n  ports: [{port: 8000, targetPort: http}]\n";
         let k = import_k8s(&format!("{app}{svc}"), "default").unwrap();
         let web = k.deployments.iter().find(|d| d.name == "web").unwrap();
-        assert!(web.expose.contains(&skiff_model::mesh::ServicePort { port: 8000, target: 8080 }), "{:?}", web.expose);
+        assert!(web.expose.contains(&skiff_model::mesh::ServicePort::tcp(8000, 8080)), "{:?}", web.expose);
         // Another Service on a port already served, to another target: warned, not merged.
         let clash = svc.replace("port: 8000", "port: 80").replace("name: front", "name: other");
         let k = import_k8s(&format!("{app}{clash}"), "default").unwrap();

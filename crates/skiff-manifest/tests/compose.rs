@@ -790,6 +790,27 @@ fn a_host_port_range_publishes_its_first_port() {
     }
 }
 
+/// `expose`: ports its peers reach through the fleet's services, TCP or UDP, ranges
+/// spelled out, each port and protocol once; a protocol that is neither is an error.
+#[test]
+fn exposed_ports_are_tcp_or_udp_service_ports() {
+    use skiff_model::mesh::ServicePort;
+    let c = import("services:\n  dns:\n    image: x\n    expose: [53, \"53/udp\", \"5000-5001/udp\", \"53/tcp\"]\n")
+        .unwrap();
+    assert_eq!(
+        c.deployments[0].expose,
+        [
+            ServicePort::tcp(53, 53),
+            ServicePort::udp(53, 53),
+            ServicePort::udp(5000, 5000),
+            ServicePort::udp(5001, 5001)
+        ]
+    );
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let e = err("services:\n  dns:\n    image: x\n    expose: [\"53/sctp\"]\n");
+    assert!(e.starts_with("services.dns.expose[0]: \"sctp\" is not a protocol"), "{e}");
+}
+
 /// Compose's merge tags in `extends`: `!reset` drops what the base set, `!override`
 /// replaces a list rather than merging it; left over where nothing is merged, a `!reset`
 /// is no value and an `!override` its own.

@@ -14,7 +14,7 @@
 //! network with something it runs) with their endpoints on other nodes, and which nodes
 //! may reach each of its own: a node reaches nothing past that, and serves no one else.
 
-use crate::Deployment;
+use crate::{Deployment, Protocol};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -24,12 +24,45 @@ use std::net::Ipv4Addr;
 pub const DEFAULT_SERVICE_RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 213, 128, 0), 17);
 
 /// A port a service answers on (`port`, as its clients call it) and the port of its
-/// instances that serves it (`target`).
+/// instances that serves it (`target`), over TCP or UDP (a port number may be both, as
+/// DNS's 53 is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePort {
     pub port: u16,
     pub target: u16,
+    /// TCP unless said (and then not written, so TCP ports read as they always did).
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
+}
+
+impl ServicePort {
+    pub fn tcp(port: u16, target: u16) -> ServicePort {
+        ServicePort { port, target, protocol: Protocol::Tcp }
+    }
+
+    pub fn udp(port: u16, target: u16) -> ServicePort {
+        ServicePort { port, target, protocol: Protocol::Udp }
+    }
+
+    /// Whether it is `port` over `protocol`.
+    pub fn is(&self, port: u16, protocol: Protocol) -> bool {
+        self.port == port && self.protocol == protocol
+    }
+}
+
+impl std::fmt::Display for ServicePort {
+    /// `80`, `80->8080`, `53/udp`: as `get services` shows it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.port)?;
+        if self.target != self.port {
+            write!(f, "->{}", self.target)?;
+        }
+        if self.protocol == Protocol::Udp {
+            write!(f, "/udp")?;
+        }
+        Ok(())
+    }
 }
 
 /// A service as one node needs to know it.
@@ -152,7 +185,14 @@ pub struct ServiceInfo {
 pub struct Dial {
     pub service: String,
     pub port: u16,
+    /// UDP: after `ok`, each datagram travels as a 2-byte big-endian length and its
+    /// bytes, both ways ([`DATAGRAM_MAX`] at most).
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
 }
+
+/// The largest datagram the mesh carries (a UDP payload's limit over IPv4).
+pub const DATAGRAM_MAX: usize = 65_507;
 
 /// The longest first line either side of a direct connection sends.
 pub const DIAL_LINE_MAX: usize = 512;
@@ -161,9 +201,10 @@ pub const DIAL_LINE_MAX: usize = 512;
 /// Kubernetes Service's ports), then the container ports it publishes, each port once.
 pub fn service_ports(d: &Deployment) -> Vec<ServicePort> {
     let mut out: Vec<ServicePort> = vec![];
-    let published = d.ports.iter().map(|p| ServicePort { port: p.container_port, target: p.container_port });
+    let published =
+        d.ports.iter().map(|p| ServicePort { port: p.container_port, target: p.container_port, protocol: p.protocol });
     for p in d.expose.iter().copied().chain(published) {
-        if !out.iter().any(|o| o.port == p.port) {
+        if !out.iter().any(|o| o.is(p.port, p.protocol)) {
             out.push(p);
         }
     }
@@ -327,22 +368,37 @@ mod tests {
     #[test]
     fn ports_are_what_it_exposes_then_what_it_publishes() {
         let mut d = Deployment::new("web", "img");
-        d.expose = vec![ServicePort { port: 80, target: 8080 }];
+        d.expose = vec![ServicePort::tcp(80, 8080), ServicePort::udp(53, 5353)];
         d.ports = vec![
             PortMapping { host_ip: None, host_port: 8080, container_port: 8080, protocol: Protocol::Tcp },
             PortMapping { host_ip: None, host_port: 9090, container_port: 80, protocol: Protocol::Tcp },
+            // A published UDP port is a UDP service port, beside the TCP one of that number.
+            PortMapping { host_ip: None, host_port: 8080, container_port: 8080, protocol: Protocol::Udp },
+            PortMapping { host_ip: None, host_port: 53, container_port: 53, protocol: Protocol::Udp },
         ];
         assert_eq!(
             service_ports(&d),
-            vec![ServicePort { port: 80, target: 8080 }, ServicePort { port: 8080, target: 8080 }]
+            vec![
+                ServicePort::tcp(80, 8080),
+                ServicePort::udp(53, 5353),
+                ServicePort::tcp(8080, 8080),
+                ServicePort::udp(8080, 8080)
+            ]
         );
+        let shown: Vec<String> = service_ports(&d).iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["80->8080", "53->5353/udp", "8080", "8080/udp"]);
+        // TCP is written as before; UDP says so.
+        assert_eq!(serde_json::to_string(&ServicePort::tcp(80, 80)).unwrap(), r#"{"port":80,"target":80}"#);
+        let udp = r#"{"port":53,"target":53,"protocol":"udp"}"#;
+        assert_eq!(serde_json::to_string(&ServicePort::udp(53, 53)).unwrap(), udp);
+        assert_eq!(serde_json::from_str::<ServicePort>(udp).unwrap(), ServicePort::udp(53, 53));
     }
 
     #[test]
     fn a_deployment_is_a_service_on_the_bridge_with_ports() {
         let mut d = Deployment::new("web", "img");
         assert_eq!(Service::of(&d), None, "no port: no service");
-        d.expose = vec![ServicePort { port: 80, target: 8080 }];
+        d.expose = vec![ServicePort::tcp(80, 8080)];
         let s = Service::of(&d).unwrap();
         assert_eq!((s.networks.clone(), s.ports.clone()), (vec!["default_default".to_string()], d.expose.clone()));
         assert!(s.shares_a_network(&["default_default".to_string()].into()));

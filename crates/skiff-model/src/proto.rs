@@ -231,9 +231,13 @@ pub enum Op {
     /// A TCP connection to `port` inside an instance (`skiff port-forward`): a session
     /// whose output is what the instance sends and whose input is what goes to it; its
     /// `inputend` shuts the sending side, and it ends (exit 0) when the instance closes.
+    /// UDP (the mesh's relay): datagrams both ways, each framed as
+    /// [`crate::mesh::Dial`] says; it ends after a minute without one.
     Connect {
         instance: String,
         port: u16,
+        #[serde(default, skip_serializing_if = "crate::Protocol::is_tcp")]
+        protocol: crate::Protocol,
     },
     /// An operator's action on one instance (`skiff restart|stop|start web-1`), answered
     /// `end` once it has begun.

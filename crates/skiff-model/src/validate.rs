@@ -195,8 +195,8 @@ impl Deployment {
             if p.port == 0 || p.target == 0 {
                 return Err(ValidationError::new(format!("expose[{i}]"), "ports are 1 to 65535"));
             }
-            if self.expose[..i].iter().any(|o| o.port == p.port) {
-                return Err(ValidationError::new(format!("expose[{i}]"), format!("port {} is exposed twice", p.port)));
+            if self.expose[..i].iter().any(|o| o.is(p.port, p.protocol)) {
+                return Err(ValidationError::new(format!("expose[{i}]"), format!("port {p} is exposed twice")));
             }
         }
         if self.aliases.len() > 16 {

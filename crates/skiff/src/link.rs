@@ -59,10 +59,15 @@ impl NodeLink for LocalAgent {
         })
     }
 
-    fn connect(&self, instance: &str, port: u16) -> BoxFuture<'_, Result<Session, NodeError>> {
+    fn connect(
+        &self,
+        instance: &str,
+        port: u16,
+        protocol: skiff_model::Protocol,
+    ) -> BoxFuture<'_, Result<Session, NodeError>> {
         let instance = instance.to_string();
         Box::pin(async move {
-            let (input, output) = self.agent.connect_session(&instance, port).await.map_err(node_error)?;
+            let (input, output) = self.agent.connect_session(&instance, port, protocol).await.map_err(node_error)?;
             Ok(Session { input, output })
         })
     }

@@ -73,12 +73,12 @@ services:
   db:
     image: localhost/skiff-test:1
     command: ["sh", "-c", "mkdir -p /www && echo db on $$HOSTNAME > /www/index.html && exec httpd -f -p PORT -h /www"]
-    expose: ["PORT"]
+    expose: ["PORT", "UDPPORT/udp"]
     deploy: {placement: {constraints: ["node.labels.role==b"]}}
   far:
     image: localhost/skiff-test:1
     command: ["sh", "-c", "mkdir -p /www && echo far on $$HOSTNAME > /www/index.html && exec httpd -f -p 8080 -h /www"]
-    expose: ["8080"]
+    expose: ["8080", "UDPPORT/udp"]
     deploy: {placement: {constraints: ["node.labels.role==c"]}}
   client:
     image: localhost/skiff-test:1
@@ -117,14 +117,16 @@ fn services_are_reached_by_name_across_nodes_directly_relayed_and_while_the_hub_
     )?;
     // Node c takes no inbound connection: it is reached through the hub only.
     let _c = agent_with(&h, &token, "node-c", &["role=c", "site=s2"], &["--service-range", &rc])?;
-    let port = free_port();
-    let stack = h.write("shop.yaml", &STACK.replace("PORT", &port.to_string()))?;
+    let (port, udp_port) = (free_port(), free_port());
+    let stack =
+        h.write("shop.yaml", &STACK.replace("UDPPORT", &udp_port.to_string()).replace("PORT", &port.to_string()))?;
     h.ok(&["apply", "-f", stack.to_str().unwrap()])?;
     let other = h.write("other.yaml", &OTHER.replace("PORT", &port.to_string()))?;
     h.ok(&["apply", "-f", other.to_str().unwrap()])?;
     let all =
         wait_placed(&h, &[("node-a", "client-1"), ("node-a", "stranger-1"), ("node-b", "db-1"), ("node-c", "far-1")])?;
     let id = |name: &str| all.iter().find(|i| i.name == name).unwrap().container_id.clone();
+    let pid = |name: &str| all.iter().find(|i| i.name == name).unwrap().pid.unwrap();
     let (client, stranger) = (id("client-1"), id("stranger-1"));
 
     let db_url = format!("http://db:{port}/");
@@ -141,6 +143,17 @@ fn services_are_reached_by_name_across_nodes_directly_relayed_and_while_the_hub_
         wget(&a, &stranger, &format!("http://db.shop:{port}/")).is_err(),
         "another stack cannot call it by its full name"
     );
+    // UDP by name too: to node b directly, to node c through the hub's relay; each
+    // datagram's answer comes back from the service's address. Another stack's instance
+    // sending to the same address gets nothing.
+    let _db_udp = UdpEcho::start(pid("db-1"), udp_port, "db")?;
+    let _far_udp = UdpEcho::start(pid("far-1"), udp_port, "far")?;
+    let (db_vip, far_vip) = (resolve(&a, &client, "db")?, resolve(&a, &client, "far")?);
+    udp_answers(pid("client-1"), (db_vip, udp_port), "db")?;
+    udp_answers(pid("client-1"), (far_vip, udp_port), "far")?;
+    let strangers = in_netns(pid("stranger-1"), || std::net::UdpSocket::bind("0.0.0.0:0"))?;
+    assert_eq!(udp_call(&strangers, (db_vip, udp_port), "hi")?, None, "another stack's datagram is answered");
+
     // The stranger's port, published on node a, is the same number as db's: both work.
     let published = wait_for(30 * SEC, "the stranger's published port", || common::http_get(port, "/").ok());
     assert_eq!(published?.trim(), "stranger");
@@ -164,6 +177,93 @@ fn services_are_reached_by_name_across_nodes_directly_relayed_and_while_the_hub_
     a.interrupt_up()?;
     common::fleet::start_agent_in(None, &mut a, &h.server()?, None, None, &[], &a_args)?;
     answers(&a, &client, &db_url, "db on db-1")?;
+    Ok(())
+}
+
+/// The address `name` resolves to inside `container` (its node's DNS).
+fn resolve(n: &Node, container: &str, name: &str) -> anyhow::Result<std::net::Ipv4Addr> {
+    let out = Command::new("timeout")
+        .args(["20", "runc", "--root"])
+        .arg(n.data().join("runc"))
+        .args(["exec", container, "nslookup", name])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The last `Address:` is the answer's (the first is the server's).
+    let last = text.lines().filter_map(|l| l.strip_prefix("Address:")).next_back();
+    last.and_then(|a| a.trim().parse().ok()).ok_or_else(|| anyhow::anyhow!("nslookup {name}: {text}"))
+}
+
+/// Runs `f` on a thread in the network namespace of process `pid` (a container's): a
+/// socket made there stays there.
+fn in_netns<T: Send + 'static>(pid: i32, f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    std::thread::spawn(move || -> anyhow::Result<T> {
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(f()?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("a thread in the namespace panicked"))?
+}
+
+/// A UDP server on `port` inside a container: each datagram is answered `TAG:` and
+/// itself. Stops when dropped.
+struct UdpEcho(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl UdpEcho {
+    fn start(pid: i32, port: u16, tag: &str) -> anyhow::Result<UdpEcho> {
+        let s = in_netns(pid, move || std::net::UdpSocket::bind(("0.0.0.0", port)))?;
+        s.set_read_timeout(Some(SEC / 2))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (done, tag) = (std::sync::Arc::clone(&stop), tag.to_string());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            // Bounded: 10 minutes at most.
+            for _ in 0..1200 {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    let mut answer = format!("{tag}:").into_bytes();
+                    answer.extend_from_slice(&buf[..n]);
+                    let _ = s.send_to(&answer, from);
+                }
+            }
+        });
+        Ok(UdpEcho(stop))
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// One datagram to `to` and its answer, if one comes within two seconds.
+fn udp_call(s: &std::net::UdpSocket, to: (std::net::Ipv4Addr, u16), text: &str) -> anyhow::Result<Option<String>> {
+    s.set_read_timeout(Some(2 * SEC))?;
+    s.send_to(text.as_bytes(), to)?;
+    let mut buf = [0u8; 2048];
+    match s.recv_from(&mut buf) {
+        Ok((n, from)) => {
+            assert_eq!(from, to.into(), "the answer comes from the service's address");
+            Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned()))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// Waits until a datagram from the container of `pid` to `to` is answered by `tag`'s
+/// server, then checks that a flow keeps its boundaries and order: three more in a row.
+fn udp_answers(pid: i32, to: (std::net::Ipv4Addr, u16), tag: &str) -> R {
+    let s = in_netns(pid, || std::net::UdpSocket::bind("0.0.0.0:0"))?;
+    let want = format!("{tag}:hello");
+    wait_for(60 * SEC, &format!("a UDP answer from {tag}"), || {
+        udp_call(&s, to, "hello").ok().flatten().filter(|a| *a == want)
+    })?;
+    for i in 0..3 {
+        assert_eq!(udp_call(&s, to, &format!("n{i}"))?, Some(format!("{tag}:n{i}")));
+    }
     Ok(())
 }
 

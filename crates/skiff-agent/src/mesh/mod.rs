@@ -22,11 +22,12 @@
 pub mod dns;
 mod peer;
 pub mod relay;
+pub mod udp;
 
 use crate::join::Identity;
 use crate::{Agent, AgentError};
-use skiff_model::mesh::{answers_to, Dial, Endpoint, MeshView, Service, DIAL_LINE_MAX};
-use skiff_model::{InstanceState, NetworkMode};
+use skiff_model::mesh::{answers_to, Dial, Endpoint, MeshView, Service, ServicePort, DATAGRAM_MAX, DIAL_LINE_MAX};
+use skiff_model::{InstanceState, NetworkMode, Protocol};
 use skiff_sys::connlimit::{ConnCounter, ConnLimits};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -34,7 +35,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 /// How the node takes part in the fleet's services beyond its own instances.
@@ -297,8 +299,8 @@ impl Mesh {
                 Err(e) => warn!("--mesh-listen {addr}: {e}; other nodes reach this one through the hub"),
             }
         }
-        let mut listeners: HashMap<SocketAddrV4, tokio::task::JoinHandle<()>> = HashMap::new();
-        let mut refused: HashSet<SocketAddrV4> = HashSet::new();
+        let mut listeners: HashMap<Listened, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut refused: HashSet<Listened> = HashSet::new();
         let mut changes = self.agent.subscribe();
         let mut views = self.agent.mesh_view.subscribe();
         loop {
@@ -335,17 +337,18 @@ impl Mesh {
         }
     }
 
-    /// Listens on every `(virtual address, port)` the catalog has, and on nothing else.
+    /// Listens on every `(virtual address, port)` the catalog has, TCP or UDP, and on
+    /// nothing else.
     fn sync_listeners(
         self: &Arc<Self>,
         c: &Catalog,
-        listeners: &mut HashMap<SocketAddrV4, tokio::task::JoinHandle<()>>,
-        refused: &mut HashSet<SocketAddrV4>,
+        listeners: &mut HashMap<Listened, tokio::task::JoinHandle<()>>,
+        refused: &mut HashSet<Listened>,
     ) {
-        let wanted: HashSet<SocketAddrV4> = c
+        let wanted: HashSet<Listened> = c
             .entries
             .values()
-            .flat_map(|e| e.service.ports.iter().map(move |p| SocketAddrV4::new(e.vip, p.port)))
+            .flat_map(|e| e.service.ports.iter().map(move |p| (SocketAddrV4::new(e.vip, p.port), p.protocol)))
             .collect();
         listeners.retain(|a, h| {
             let keep = wanted.contains(a) && !h.is_finished();
@@ -355,18 +358,25 @@ impl Mesh {
             keep
         });
         refused.retain(|a| wanted.contains(a));
-        for a in wanted {
-            if listeners.contains_key(&a) {
+        for key @ (a, protocol) in wanted {
+            if listeners.contains_key(&key) {
                 continue;
             }
-            match listen_beside_services(SocketAddr::V4(a)) {
-                Ok(l) => {
-                    refused.remove(&a);
-                    listeners.insert(a, tokio::spawn(Arc::clone(self).accept(l, a)));
+            let task = match protocol {
+                Protocol::Tcp => {
+                    listen_beside_services(SocketAddr::V4(a)).map(|l| tokio::spawn(Arc::clone(self).accept(l, a)))
+                }
+                Protocol::Udp => udp::bind_beside_services(a)
+                    .map(|s| tokio::spawn(Arc::clone(self).accept_datagrams(Arc::new(s), a))),
+            };
+            match task {
+                Ok(task) => {
+                    refused.remove(&key);
+                    listeners.insert(key, task);
                 }
                 Err(e) => {
-                    if refused.insert(a) {
-                        warn!(address = %a, "a service's virtual address cannot be listened on: {e}");
+                    if refused.insert(key) {
+                        warn!(address = %a, ?protocol, "a service's virtual address cannot be listened on: {e}");
                     }
                 }
             }
@@ -400,6 +410,17 @@ impl Mesh {
     /// One instance's connection to a service's virtual address.
     async fn call(&self, mut conn: TcpStream, peer: SocketAddr, at: SocketAddrV4) -> Result<(), String> {
         let _ = conn.set_nodelay(true);
+        let (name, port) = self.called(peer, at, Protocol::Tcp)?;
+        match self.route(&name, port).await {
+            Route::Local(to) => splice(&mut conn, &mut connect(to).await?).await,
+            Route::Direct(mut to) => splice(&mut conn, &mut to).await,
+            Route::Relay => self.relay(conn, &name, port).await,
+        }
+    }
+
+    /// The service an instance calls at `at`, and its port there: only an instance of
+    /// this node sharing a network with it.
+    fn called(&self, peer: SocketAddr, at: SocketAddrV4, protocol: Protocol) -> Result<(String, ServicePort), String> {
         let c = self.catalog();
         let IpAddr::V4(from) = peer.ip() else { return Err("not an instance".into()) };
         let caller = c.callers.get(&from).ok_or("not an instance of this node")?;
@@ -408,17 +429,24 @@ impl Mesh {
         if !e.service.shares_a_network(&caller.networks) {
             return Err(format!("{from} shares no network with {name}"));
         }
-        let port = e.service.ports.iter().find(|p| p.port == at.port()).ok_or("not a port of the service")?;
+        let port = e.service.ports.iter().find(|p| p.is(at.port(), protocol)).ok_or("not a port of the service")?;
+        Ok((name.clone(), *port))
+    }
+
+    /// Where a call to `service`'s `port` goes: an instance of this node that serves it,
+    /// else a node of this one's site, else any, directly; else the hub's relay.
+    async fn route(&self, service: &str, port: ServicePort) -> Route {
+        let c = self.catalog();
+        let Some(e) = c.entries.get(service) else { return Route::Relay };
         if let Some(ip) = self.next_local(e) {
-            let mut to = connect(SocketAddr::from((ip, port.target))).await?;
-            return splice(&mut conn, &mut to).await;
+            return Route::Local(SocketAddr::from((ip, port.target)));
         }
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let site = self.cfg.site.as_deref().or(c.site.as_deref());
         for ep in skiff_model::mesh::by_locality(&e.service.endpoints, site, turn).into_iter().take(3) {
             let Some(addr) = ep.mesh.as_deref().filter(|_| self.reachable(&ep.node)) else { continue };
-            match self.direct(ep, addr, name, at.port()).await {
-                Ok(mut to) => return splice(&mut conn, &mut to).await,
+            match self.direct(ep, addr, service, port).await {
+                Ok(to) => return Route::Direct(Box::new(to)),
                 // It answered, but serves none now (its word is newer than the hub's
                 // view): the next endpoint.
                 Err(Dialed::Refused(err)) => debug!(node = %ep.node, "{err}"),
@@ -430,7 +458,67 @@ impl Mesh {
                 }
             }
         }
-        self.relay(conn, name, at.port()).await
+        Route::Relay
+    }
+
+    /// Datagrams to a service's UDP port on its virtual address: a flow per instance
+    /// address and port, each routed once as a connection is, the replies sent back
+    /// from the virtual address.
+    async fn accept_datagrams(self: Arc<Self>, sock: Arc<UdpSocket>, at: SocketAddrV4) {
+        let mut flows: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+        let mut buf = vec![0u8; DATAGRAM_MAX];
+        loop {
+            let (n, from) = match sock.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!(address = %at, "receiving: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let mut d = buf[..n].to_vec();
+            if let Some(tx) = flows.get(&from) {
+                match tx.try_send(d) {
+                    // Its flow ended (idle): a new one.
+                    Err(mpsc::error::TrySendError::Closed(back)) => d = back,
+                    // Taken, or dropped for a full queue (as a full socket buffer drops).
+                    _ => continue,
+                }
+            }
+            flows.retain(|_, tx| !tx.is_closed());
+            let Ok(taken) = self.calls.try_enter(from.ip()) else {
+                debug!(%from, "too many calls open; a datagram dropped");
+                continue;
+            };
+            let (tx, rx) = mpsc::channel(udp::FLOW_QUEUE);
+            let _ = tx.try_send(d);
+            flows.insert(from, tx);
+            let (m, back) = (Arc::clone(&self), Arc::clone(&sock));
+            tokio::spawn(async move {
+                let _taken = taken;
+                let caller = udp::End { from: rx, to: udp::Sink::Udp(back, Some(from)) };
+                if let Err(e) = m.flow(caller, from, at).await {
+                    debug!(%from, service = %at, "fleet service datagrams: {e}");
+                }
+            });
+        }
+    }
+
+    /// One instance's flow of datagrams to a service's UDP port.
+    async fn flow(&self, caller: udp::End, from: SocketAddr, at: SocketAddrV4) -> Result<(), String> {
+        let (name, port) = self.called(from, at, Protocol::Udp)?;
+        match self.route(&name, port).await {
+            Route::Local(to) => udp::bridge(caller, udp::socket(connect_udp(to).await?)).await,
+            Route::Direct(to) => udp::bridge(caller, udp::stream(to)).await,
+            Route::Relay => {
+                let (near, far) = tokio::io::duplex(DATAGRAM_MAX * 2);
+                tokio::select! {
+                    r = self.relay(far, &name, port) => return r,
+                    () = udp::bridge(caller, udp::stream(near)) => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The next of this node's instances that serve `e` (round robin), if any.
@@ -449,7 +537,7 @@ impl Mesh {
         ep: &Endpoint,
         addr: &str,
         service: &str,
-        port: u16,
+        port: ServicePort,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Dialed> {
         let id = self.cfg.identity.as_ref().ok_or(Dialed::Refused("this node has not joined a hub".into()))?;
         let serials = self.catalog().certs.get(&ep.node).cloned().unwrap_or_default();
@@ -463,8 +551,8 @@ impl Mesh {
         let lost = Dialed::Unreachable;
         let mut s =
             tokio::time::timeout(DIAL_TIMEOUT, dial).await.map_err(|_| lost("timed out".into()))?.map_err(lost)?;
-        let mut line = serde_json::to_string(&Dial { service: service.to_string(), port })
-            .map_err(|e| Dialed::Refused(e.to_string()))?;
+        let dial = Dial { service: service.to_string(), port: port.port, protocol: port.protocol };
+        let mut line = serde_json::to_string(&dial).map_err(|e| Dialed::Refused(e.to_string()))?;
         line.push('\n');
         s.write_all(line.as_bytes()).await.map_err(|e| lost(e.to_string()))?;
         let answer = tokio::time::timeout(DIAL_TIMEOUT, read_line(&mut s))
@@ -477,14 +565,20 @@ impl Mesh {
         }
     }
 
-    /// The connection carried by the hub to a node that runs the service.
-    async fn relay(&self, conn: TcpStream, service: &str, port: u16) -> Result<(), String> {
+    /// The connection (or a flow's framed datagrams) carried by the hub to a node that
+    /// runs the service.
+    async fn relay<C>(&self, conn: C, service: &str, port: ServicePort) -> Result<(), String>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
         let (Some(id), Some(hub)) = (&self.cfg.identity, &self.cfg.hub) else {
             return Err(format!("no instance of {service} serves on this node"));
         };
         let base = hub.read().map(|h| h.clone()).unwrap_or_default();
         let node = &self.agent.cfg.node_name;
-        let url = format!("{base}/api/v1/nodes/{node}/mesh/{service}/{port}").replacen("https://", "wss://", 1);
+        let udp = if port.protocol == Protocol::Udp { "?protocol=udp" } else { "" };
+        let url =
+            format!("{base}/api/v1/nodes/{node}/mesh/{service}/{}{udp}", port.port).replacen("https://", "wss://", 1);
         let tls = id.current_tls().map_err(|e| e.to_string())?;
         let connector = tokio_tungstenite::Connector::Rustls(Arc::new(tls));
         let dial = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(connector));
@@ -552,13 +646,14 @@ impl Mesh {
             let (e, ip) = e
                 .and_then(|e| Some((e, self.next_local(e)?)))
                 .ok_or_else(|| format!("no instance of {} serves on this node", dial.service))?;
-            let p = e.service.ports.iter().find(|p| p.port == dial.port);
-            let p = p.ok_or_else(|| format!("{} has no port {}", dial.service, dial.port))?;
+            let p = e.service.ports.iter().find(|p| p.is(dial.port, dial.protocol));
+            let p = p.ok_or_else(|| format!("{} has no port {} over {:?}", dial.service, dial.port, dial.protocol))?;
             Ok(SocketAddr::from((ip, p.target)))
         })();
-        let mut to = match target {
-            Ok(t) => connect(t).await,
-            Err(e) => Err(e),
+        let to = match (target, dial.protocol) {
+            (Ok(t), Protocol::Tcp) => connect(t).await.map(Called::Stream),
+            (Ok(t), Protocol::Udp) => connect_udp(t).await.map(Called::Datagrams),
+            (Err(e), _) => Err(e),
         };
         // The caller learns whether, not this node's addresses.
         let answer = match &to {
@@ -566,8 +661,12 @@ impl Mesh {
             Err(_) => format!("no instance of {} can take the call here\n", dial.service.replace('\n', " ")),
         };
         s.write_all(answer.as_bytes()).await.map_err(|e| e.to_string())?;
-        match &mut to {
-            Ok(to) => splice(&mut s, to).await,
+        match to {
+            Ok(Called::Stream(mut to)) => splice(&mut s, &mut to).await,
+            Ok(Called::Datagrams(to)) => {
+                udp::bridge(udp::stream(s), udp::socket(to)).await;
+                Ok(())
+            }
             Err(e) => Err(format!("node {node}: {e}")),
         }
     }
@@ -583,6 +682,25 @@ const CONNS_FROM_PEERS: usize = 1024;
 /// At most `per_ip` open from one address (and `total` in all).
 pub(crate) fn per_address(total: usize, per_ip: usize) -> ConnCounter {
     ConnCounter::new(ConnLimits { total, per_ip, rate_per_ip: None })
+}
+
+/// A `(virtual address, port)` the agent holds, over TCP or UDP.
+type Listened = (SocketAddrV4, Protocol);
+
+/// Where one call goes.
+enum Route {
+    /// An instance of this node (its address and target port).
+    Local(SocketAddr),
+    /// Another node's agent, which said it takes the call.
+    Direct(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Through the hub.
+    Relay,
+}
+
+/// What a direct connection from another node reaches here.
+enum Called {
+    Stream(TcpStream),
+    Datagrams(UdpSocket),
 }
 
 /// Why a direct connection to another node's agent was not made.
@@ -609,6 +727,13 @@ async fn connect(to: SocketAddr) -> Result<TcpStream, String> {
     let c = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(to)).await;
     let s = c.map_err(|_| format!("{to}: timed out"))?.map_err(|e| format!("{to}: {e}"))?;
     let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// A UDP socket connected to `to` (an instance of this node).
+async fn connect_udp(to: SocketAddr) -> Result<UdpSocket, String> {
+    let s = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).await.map_err(|e| e.to_string())?;
+    s.connect(to).await.map_err(|e| format!("{to}: {e}"))?;
     Ok(s)
 }
 
@@ -654,7 +779,7 @@ mod tests {
                 stack: stack.into(),
                 aliases: vec!["pg".into()],
                 networks: vec![format!("{stack}_default")],
-                ports: vec![ServicePort { port: 5432, target: 5432 }],
+                ports: vec![ServicePort::tcp(5432, 5432)],
                 endpoints: vec![],
                 instance: None,
             },

@@ -140,6 +140,7 @@ impl Fleet {
         node: &str,
         service: &str,
         port: u16,
+        protocol: skiff_model::Protocol,
         turn: usize,
     ) -> Result<(String, String, u16), FleetError> {
         let view = self.mesh_view(node)?;
@@ -148,11 +149,10 @@ impl Fleet {
             .iter()
             .find(|s| s.name == service)
             .ok_or_else(|| FleetError::Forbidden(format!("node {node:?} may not reach service {service:?}")))?;
-        let p = s
-            .ports
-            .iter()
-            .find(|p| p.port == port)
-            .ok_or_else(|| FleetError::NotFound(format!("service {service:?} has no port {port}")))?;
+        let p =
+            s.ports.iter().find(|p| p.is(port, protocol)).ok_or_else(|| {
+                FleetError::NotFound(format!("service {service:?} has no port {port} over {protocol:?}"))
+            })?;
         let site = self.mesh_table()?.sites.get(node).cloned();
         let statuses = self.statuses.lock().map(|s| s.clone()).unwrap_or_default();
         for ep in by_locality(&s.endpoints, site.as_deref(), turn) {

@@ -453,11 +453,7 @@ pub(super) fn print_list(kind: Kind, body: &[u8], f: Format) -> Result<()> {
                 h.extend(["NETWORKS", "ALIASES"]);
             }
             output::print(&v, f, &h, |s| {
-                let ports: Vec<String> = s
-                    .ports
-                    .iter()
-                    .map(|p| if p.port == p.target { p.port.to_string() } else { format!("{}->{}", p.port, p.target) })
-                    .collect();
+                let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
                 // Instances that serve, of all, on each node.
                 let eps: Vec<String> =
                     s.endpoints.iter().map(|e| format!("{}:{}/{}", e.node, e.ready, e.total)).collect();
