@@ -171,7 +171,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | delta-images DIR [OLD NEW] | chunk-sizes OLD NEW | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | hub-ha ADMIN_CONF TOKEN NODES STANDBY_URL ACTIVE_PID | http-load PORT STOP_FILE MAX_SECS | mesh-probe serve ADDR / rr ADDR COUNT / bulk ADDR MIB | wasm-programs DIR | wasm-bench SKIFF DIR ITERATIONS COUNTS... | wasm-bench-cli SKIFF DATA ITERATIONS WASM_IMAGE CONTAINER_IMAGE"
+            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | delta-images DIR [OLD NEW] | chunk-sizes OLD NEW | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | hub-ha ADMIN_CONF TOKEN NODES STANDBY_URL ACTIVE_PID | http-load PORT STOP_FILE MAX_SECS | mesh-probe serve ADDR / rr ADDR COUNT / bulk ADDR MIB / forward LISTEN UPSTREAM | wasm-programs DIR | wasm-bench SKIFF DIR ITERATIONS COUNTS... | wasm-bench-cli SKIFF DATA ITERATIONS WASM_IMAGE CONTAINER_IMAGE"
         ),
     }
 }

@@ -5,6 +5,9 @@
 //! - `rr ADDR COUNT`: COUNT 64-byte requests, one after another on one connection; prints
 //!   `p50_us p99_us` of their round trips.
 //! - `bulk ADDR MIB`: sends MIB MiB on one connection; prints `MiB/s`.
+//! - `forward LISTEN UPSTREAM`: a plain TCP forwarder (no encryption), copying in 64 KiB
+//!   reads as the agents do: two of them chained between the nodes are what any design
+//!   that relays through a process on each node costs before it encrypts a byte.
 
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
@@ -16,7 +19,8 @@ pub fn run(args: &[&str]) -> Result<()> {
         ["serve", addr] => serve(addr),
         ["rr", addr, count] => rr(addr, count.parse()?),
         ["bulk", addr, mib] => bulk(addr, mib.parse()?),
-        _ => bail!("usage: xtask mesh-probe serve ADDR | rr ADDR COUNT | bulk ADDR MIB"),
+        ["forward", listen, upstream] => forward(listen, upstream),
+        _ => bail!("usage: xtask mesh-probe serve ADDR | rr ADDR COUNT | bulk ADDR MIB | forward LISTEN UPSTREAM"),
     }
 }
 
@@ -47,6 +51,31 @@ fn serve(addr: &str) -> Result<()> {
                 }
             }
         });
+    }
+    Ok(())
+}
+
+fn forward(listen: &str, upstream: &str) -> Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    for conn in l.incoming() {
+        let Ok(down) = conn else { continue };
+        let Ok(up) = TcpStream::connect(upstream) else { continue };
+        for s in [&down, &up] {
+            s.set_nodelay(true)?;
+        }
+        let pipe = |mut from: TcpStream, mut to: TcpStream| {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 || to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            })
+        };
+        pipe(down.try_clone()?, up.try_clone()?);
+        pipe(up, down);
     }
     Ok(())
 }
