@@ -38,9 +38,8 @@ impl Etcd {
             let (client, peer) = (format!("127.0.0.1:{}", port()?), format!("127.0.0.1:{}", port()?));
             members.push(Member { dir: tmp.path().join(&name), name, client, peer, child: None });
         }
-        let cluster: Vec<String> = members.iter().map(|m| format!("{}=http://{}", m.name, m.peer)).collect();
-        let cluster = cluster.join(",");
         let mut e = Etcd { members, _tmp: tmp };
+        let cluster = e.cluster();
         for m in &mut e.members {
             m.spawn(&cluster, "new")?;
         }
@@ -74,11 +73,28 @@ impl Etcd {
 
     /// Starts member `i` again on its data.
     pub fn restart(&mut self, i: usize) -> Result<()> {
-        let cluster: Vec<String> = self.members.iter().map(|m| format!("{}=http://{}", m.name, m.peer)).collect();
-        let cluster = cluster.join(",");
+        let cluster = self.cluster();
         let m = &mut self.members[i];
         m.spawn(&cluster, "existing")?;
         m.wait_healthy(Duration::from_secs(30))
+    }
+
+    /// Starts every stopped member again on its data, then waits until each answers (a
+    /// cluster whose members all stopped has no leader until most are back).
+    pub fn restart_all(&mut self) -> Result<()> {
+        let cluster = self.cluster();
+        for m in self.members.iter_mut().filter(|m| m.child.is_none()) {
+            m.spawn(&cluster, "existing")?;
+        }
+        for m in &self.members {
+            m.wait_healthy(Duration::from_secs(30))?;
+        }
+        Ok(())
+    }
+
+    fn cluster(&self) -> String {
+        let cluster: Vec<String> = self.members.iter().map(|m| format!("{}=http://{}", m.name, m.peer)).collect();
+        cluster.join(",")
     }
 }
 

@@ -38,6 +38,24 @@ impl Client {
         Ok(Client { http, cfg })
     }
 
+    /// Why nothing answered: one hub not running, or no hub of a shared store leading.
+    fn unreachable(&self) -> String {
+        if self.cfg.servers.is_empty() {
+            return format!("cannot reach the hub at {} (is `skiff up` or `skiff hub` running?)", self.cfg.server);
+        }
+        let mut all: Vec<&str> = vec![];
+        for s in std::iter::once(&self.cfg.server).chain(&self.cfg.servers) {
+            if !all.contains(&s.as_str()) {
+                all.push(s);
+            }
+        }
+        format!(
+            "no hub answers ({}): the hubs of a shared store serve only while one of them holds the store's lease, \
+             so the store (etcd) may be out of reach; nothing was changed, and nodes keep running their workloads",
+            all.join(", ")
+        )
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.cfg.server.trim_end_matches('/'))
     }
@@ -48,9 +66,7 @@ impl Client {
             .send()
             .await
             .map_err(|e| anyhow::anyhow!(skiff_image::error::with_causes(&e)))
-            .with_context(|| {
-                format!("cannot reach the hub at {} (is `skiff up` or `skiff hub` running?)", self.cfg.server)
-            })?;
+            .with_context(|| self.unreachable())?;
         if resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_MODIFIED {
             return Ok(resp);
         }
@@ -133,11 +149,7 @@ impl Client {
                 let message = serde_json::from_str::<ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
                 return Err(ApiError { status, message }.into());
             }
-            Ok(Err(e)) => {
-                return Err(anyhow::anyhow!(e)).with_context(|| {
-                    format!("cannot reach the hub at {} (is `skiff up` or `skiff hub` running?)", self.cfg.server)
-                })
-            }
+            Ok(Err(e)) => return Err(anyhow::anyhow!(e)).with_context(|| self.unreachable()),
             Err(_) => anyhow::bail!("the hub at {} did not answer within 30 s", self.cfg.server),
         };
         Ok(ws)

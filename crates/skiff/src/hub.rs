@@ -337,7 +337,23 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let data = &cli.data;
     crate::secure_data_dir(data)?;
     skiff_sys::connlimit::raise_fd_limit();
-    let store = open_store(data, &args.store, &args.etcd, &args.seal)?;
+    // Started again after losing the store's lease (`stand_by_again`): the store was
+    // reached before, so it is waited for rather than given up on.
+    let again = std::env::var_os(STANDING_BY_AGAIN).is_some();
+    let store = loop {
+        match open_store(data, &args.store, &args.etcd, &args.seal) {
+            Ok(s) => break s,
+            Err(e) if again => {
+                tracing::warn!("waiting for the store: {e:#}");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = sigint.recv() => return Ok(0),
+                    _ = sigterm.recv() => return Ok(0),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
     // Several hubs on one store: one is active; this one waits for its turn.
     // Unique even for hubs in containers sharing a host name and pid 1: the store fences
     // writes by it.
@@ -345,7 +361,10 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     let me = format!("{} (pid {}, {}) {}", skiff_agent::hostname(), std::process::id(), args.listen, &nonce[..8]);
     // Known to the other hubs of the store before it waits (when its port is known).
     if let Some(port) = args.listen.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).filter(|p| *p > 0) {
-        store.hubs(Some(&hub_url(&args.advertise, port)))?;
+        // Registered again once it leads, if the store is away now.
+        if let Err(e) = store.hubs(Some(&hub_url(&args.advertise, port))) {
+            tracing::warn!("registering this hub with the store: {e}");
+        }
     }
     let mut lead = store.campaign(&me, args.lease_ttl);
     if let Some(l) = &mut lead {
@@ -439,7 +458,8 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
         why = lost => {
             controllers.abort();
             server_task.abort();
-            anyhow::bail!("this hub is no longer the active one ({why}); start it again to stand by");
+            eprintln!("skiff: hub lost the store's lease ({why}); standing by again");
+            return Err(stand_by_again());
         }
         r = &mut server_task => {
             controllers.abort();
@@ -456,6 +476,22 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     store.resign();
     eprintln!("skiff: hub stopped");
     Ok(0)
+}
+
+/// Set in the environment of a hub started again by [`stand_by_again`].
+const STANDING_BY_AGAIN: &str = "SKIFF_HUB_STANDING_BY_AGAIN";
+
+/// A hub that lost the store's lease (the store out of reach, or another hub leading)
+/// starts again as the same program with the same arguments: every connection of its
+/// time as the active hub closes (nodes move to the hub that leads), nothing it held in
+/// memory survives, and it stands by — waiting for the store if need be — to lead again.
+/// Only if that fails does it exit (the error says so).
+fn stand_by_again() -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_default();
+    let e = std::process::Command::new("/proc/self/exe").arg0(arg0).args(args).env(STANDING_BY_AGAIN, "1").exec();
+    anyhow::anyhow!("this hub is no longer the active one, and starting it again to stand by failed: {e}")
 }
 
 /// The URL operators and agents reach this hub by.

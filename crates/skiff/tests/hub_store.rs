@@ -97,6 +97,26 @@ fn a_hub_on_etcd_is_backed_up_restored_elsewhere_and_moved_back_while_its_node_r
     Ok(())
 }
 
+/// The node's containers and their processes, as its runc has them.
+fn runc_pids(n: &Node) -> anyhow::Result<Vec<(String, i64)>> {
+    let out = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(n.data().join("runc"))
+        .args(["list", "-f", "json"])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut all: Vec<(String, i64)> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| (c["id"].as_str().unwrap_or_default().to_string(), c["pid"].as_i64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    all.sort();
+    Ok(all)
+}
+
 fn admin_token(h: &Node) -> String {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(h.data().join("admin.conf")).unwrap()).unwrap();
     v["token"].as_str().unwrap_or_default().to_string()
@@ -105,8 +125,10 @@ fn admin_token(h: &Node) -> String {
 /// Two hubs on a three-member etcd: one active, one standing by (not listening). The active one is
 /// killed; the standby takes over within the lease, with the shared CA and admin token,
 /// and the node (given hub a only: it learns b from the hubs) follows it without
-/// restarting its workload. The first
-/// hub, back, stands by; a clean stop of the active one hands over at once.
+/// restarting its workload. The first hub, back, stands by; a clean stop of the active
+/// one hands over at once. Then every etcd member stops: the hub stands by again by
+/// itself, changes are refused with a reason, workloads run on, and when etcd returns
+/// the same hub process leads again.
 #[test]
 fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_restart() -> R {
     skiff_testkit::require_privileged!();
@@ -196,6 +218,40 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     assert!(t1.elapsed() < Duration::from_secs(45), "a clean stop hands the lease over: {:?}", t1.elapsed());
     wait_ready(&a, "edge-1")?;
     wait_placed(&a, &[("edge-1", "svc-1"), ("edge-1", "two-1")])?;
+
+    // Every etcd member stops. The hub loses its lease and stands by again by itself; a
+    // change is refused with a message that says why; the node's workloads run on.
+    let running = runc_pids(&node)?;
+    let led = a.log().matches("hub active").count();
+    for i in 0..e.members.len() {
+        e.kill(i);
+    }
+    wait_for(60 * SEC, "hub a to stand by again", || a.log().contains("standing by again").then_some(()))?;
+    let out = a.cli(&["run", IMAGE, "--name", "three", "--", "sleep", "1000"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no hub answers") && err.contains("nothing was changed"), "{err}");
+    assert_eq!(runc_pids(&node)?, running, "the workloads run on without the store");
+    // etcd comes back: the same hub process leads again, the node returns to it, and a
+    // change goes through; no container was restarted.
+    e.restart_all()?;
+    let t2 = std::time::Instant::now();
+    wait_for(60 * SEC, "hub a active again", || (a.log().matches("hub active").count() > led).then_some(()))?;
+    let led_again = t2.elapsed();
+    wait_for(30 * SEC, "hub a serving", || a.cli(&["get", "nodes"]).ok()?.status.success().then_some(()))?;
+    wait_ready(&a, "edge-1")?;
+    eprintln!("etcd back: hub a active again after {led_again:?}, node edge-1 Ready on it after {:?}", t2.elapsed());
+    let log = a.log();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("skiff: hub") || l.contains("waiting for the store"))
+        .map(str::trim)
+        .collect();
+    eprintln!("hub a said: {said:#?}");
+    a.ok(&["run", IMAGE, "--name", "three", "--", "sleep", "1000"])?;
+    wait_placed(&a, &[("edge-1", "svc-1"), ("edge-1", "three-1"), ("edge-1", "two-1")])?;
+    let kept: Vec<_> = runc_pids(&node)?.into_iter().filter(|(id, _)| running.iter().any(|(r, _)| r == id)).collect();
+    assert_eq!(kept, running, "no container restarted");
+    a.ok(&["delete", "deployment", "three"])?;
     a.ok(&["delete", "deployment", "svc"])?;
     a.ok(&["delete", "deployment", "two"])?;
     wait_placed(&a, &[])?;
