@@ -9,6 +9,7 @@ mod common;
 
 use common::fleet::{agent, hub_instances, hub_with, start_agent_in, wait_placed, wait_ready};
 use common::{free_port, wait_for, Node, IMAGE};
+use skiff_model::InstanceState;
 use skiff_testkit::etcd::Etcd;
 use std::time::Duration;
 
@@ -97,6 +98,20 @@ fn a_hub_on_etcd_is_backed_up_restored_elsewhere_and_moved_back_while_its_node_r
     Ok(())
 }
 
+/// Three instances updated one at a time, each counted ready 2 s after its start.
+const ROLL: &str = r#"
+name: ha
+services:
+  roll:
+    image: localhost/skiff-test:1
+    command: ["sleep", "1000"]
+    environment: {APP: "REV"}
+    stop_grace_period: 1s
+    deploy:
+      replicas: 3
+      update_config: {parallelism: 1, monitor: 2s, order: stop-first}
+"#;
+
 /// The node's containers and their processes, as its runc has them.
 fn runc_pids(n: &Node) -> anyhow::Result<Vec<(String, i64)>> {
     let out = std::process::Command::new("runc")
@@ -174,7 +189,14 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     wait_for(30 * SEC, "the agent to join", || node.data().join("pki/joined.json").exists().then_some(()))?;
     a.ok(&["run", IMAGE, "--name", "svc", "--restart", "always", "--", "sleep", "1000"])?;
     wait_placed(&a, &[("edge-1", "svc-1")])?;
-    let before = pids(&a);
+    // A scaled deployment, and one whose rolling update is under way when the hub dies.
+    a.ok(&["scale", "svc=2"])?;
+    let roll = a.write("roll.yaml", &ROLL.replace("REV", "1"))?;
+    a.ok(&["apply", "-f", roll.to_str().unwrap()])?;
+    let placed =
+        [("edge-1", "roll-1"), ("edge-1", "roll-2"), ("edge-1", "roll-3"), ("edge-1", "svc-1"), ("edge-1", "svc-2")];
+    let v1 = wait_placed(&a, &placed)?.into_iter().find(|i| i.deployment == "roll").unwrap().template;
+    let before = pids(&a).into_iter().filter(|(n, _)| n.starts_with("svc-")).collect::<Vec<_>>();
 
     // The operator's config names every hub of the store (b registered as it started),
     // and so does the node's list, told over its tunnel.
@@ -185,8 +207,23 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
         std::fs::read_to_string(node.data().join("pki/hubs.json")).ok()?.contains(&listen_b).then_some(())
     })?;
 
-    // The active hub dies without a word (its lease is not given up).
+    // The update starts (one instance at a time, each ready 2 s before the next); once its
+    // first new instance runs, the active hub dies without a word (its lease is not given
+    // up).
+    a.write("roll.yaml", &ROLL.replace("REV", "2"))?;
+    a.ok(&["apply", "-f", roll.to_str().unwrap()])?;
+    let updated_before = wait_for(60 * SEC, "the update's first new instance", || {
+        let new: Vec<(String, Option<i32>)> = hub_instances(&a)
+            .into_iter()
+            .filter(|i| {
+                i.deployment == "roll" && i.template != v1 && i.state == InstanceState::Running && i.pid.is_some()
+            })
+            .map(|i| (i.name, i.pid))
+            .collect();
+        (!new.is_empty()).then_some(new)
+    })?;
     a.kill_up()?;
+    assert!(updated_before.len() < 3, "the update was still under way: {updated_before:?}");
     let t0 = std::time::Instant::now();
     wait_for(60 * SEC, "hub b active", || b.log().contains("hub active").then_some(()))?;
     let took_over = t0.elapsed();
@@ -195,10 +232,21 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     // The CLI with a's config reaches b now.
     assert!(a.ok(&["get", "nodes"])?.contains("edge-1"));
     wait_ready(&b, "edge-1")?;
-    wait_placed(&b, &[("edge-1", "svc-1")])?;
     let followed = t0.elapsed();
-    assert_eq!(pids(&b), before, "the workload ran on through the failover");
+    // The update goes on from where it was: it completes, and the instances it had
+    // already replaced are not replaced again. The scaled deployment keeps its count.
+    b.ok(&["rollout", "status", "roll", "--timeout", "2m"])?;
+    let after = wait_placed(&b, &placed)?;
+    assert!(after.iter().filter(|i| i.deployment == "roll").all(|i| i.template != v1), "{after:?}");
+    for (name, pid) in &updated_before {
+        assert!(after.iter().any(|i| &i.name == name && &i.pid == pid), "{name} replaced again: {after:?}");
+    }
+    let svc: Vec<_> = pids(&b).into_iter().filter(|(n, _)| n.starts_with("svc-")).collect();
+    assert_eq!(svc, before, "the scaled deployment ran on through the failover, two instances");
     eprintln!("failover: hub a killed; hub b active after {took_over:?}, node edge-1 Ready on it after {followed:?}");
+    b.ok(&["delete", "deployment", "roll"])?;
+    b.ok(&["scale", "svc=1"])?;
+    wait_placed(&b, &[("edge-1", "svc-1")])?;
     // etcd's leader member is lost: the hub goes on, and a change through it reaches the
     // node.
     let leader = e.leader().expect("etcd has a leader");
@@ -221,7 +269,10 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
 
     // Every etcd member stops. The hub loses its lease and stands by again by itself; a
     // change is refused with a message that says why; the node's workloads run on.
-    let running = runc_pids(&node)?;
+    // (Those scaled away and deleted above are gone first: `sleep` ignores SIGTERM, so
+    // its grace period runs out.)
+    let running =
+        wait_for(60 * SEC, "svc-1 and two-1 alone on the node", || runc_pids(&node).ok().filter(|p| p.len() == 2))?;
     let led = a.log().matches("hub active").count();
     for i in 0..e.members.len() {
         e.kill(i);
