@@ -61,8 +61,9 @@ fn forward(listen: &str, upstream: &str) -> Result<()> {
         let Ok(down) = conn else { continue };
         let Ok(up) = TcpStream::connect(upstream) else { continue };
         for s in [&down, &up] {
-            s.set_nodelay(true)?;
+            let _ = s.set_nodelay(true);
         }
+        let (Ok(down2), Ok(up2)) = (down.try_clone(), up.try_clone()) else { continue };
         let pipe = |mut from: TcpStream, mut to: TcpStream| {
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 64 << 10];
@@ -74,7 +75,7 @@ fn forward(listen: &str, upstream: &str) -> Result<()> {
                 let _ = to.shutdown(std::net::Shutdown::Write);
             })
         };
-        pipe(down.try_clone()?, up.try_clone()?);
+        pipe(down2, up2);
         pipe(up, down);
     }
     Ok(())

@@ -44,20 +44,29 @@ struct Held(#[allow(dead_code)] std::os::fd::OwnedFd);
 
 impl Held {
     fn bind(key: &PortKey) -> std::io::Result<Held> {
-        use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+        use nix::sys::socket::SockType;
         let SocketAddr::V4(at) = key.bind else { return Err(std::io::Error::other("not an IPv4 address")) };
         let kind = match key.protocol {
             Protocol::Tcp => SockType::Stream,
             Protocol::Udp => SockType::Datagram,
         };
-        let fd = socket(AddressFamily::Inet, kind, SockFlag::SOCK_CLOEXEC, None)?;
-        // Beside the fleet services' sockets on their virtual addresses (the same port
-        // on an address of the host's), which set it too; a program of its own on the
-        // port still stops this bind.
-        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReusePort, &true)?;
-        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(at))?;
-        Ok(Held(fd))
+        Ok(Held(bind_reuseport(at, kind)?))
     }
+}
+
+/// A socket bound to `at` with `SO_REUSEPORT` (close-on-exec, non-blocking): a published
+/// port's and a fleet service's on its virtual address (the same port on another address
+/// of the host's) may both be bound; a program of its own on the port (or of another
+/// user) still stops the bind.
+pub(crate) fn bind_reuseport(
+    at: std::net::SocketAddrV4,
+    kind: nix::sys::socket::SockType,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockaddrIn};
+    let fd = socket(AddressFamily::Inet, kind, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(at))?;
+    Ok(fd)
 }
 
 impl KernelPorts {

@@ -257,8 +257,8 @@ impl Agent {
     /// when the instance closes the connection, or when the caller leaves.
     ///
     /// UDP (the mesh's relay): a socket connected to the port the same way, its datagrams
-    /// framed in both streams as between agents; the session ends after a minute without
-    /// one ([`crate::mesh::udp`]).
+    /// framed in both streams as between agents; the session ends after half a minute
+    /// without one ([`crate::mesh::udp`]).
     pub async fn connect_session(&self, instance: &str, port: u16, protocol: Protocol) -> Result<Session, AgentError> {
         if port == 0 {
             return Err(AgentError::Other("port: must be 1 to 65535".into()));
@@ -354,10 +354,7 @@ impl Connected {
             }
             Connected::Udp(s) => {
                 s.set_nonblocking(true)?;
-                let s = tokio::net::UdpSocket::from_std(s)?;
-                let (near, far) = tokio::io::duplex(skiff_model::mesh::DATAGRAM_MAX * 2);
-                tokio::spawn(crate::mesh::udp::bridge(crate::mesh::udp::stream(far), crate::mesh::udp::socket(s)));
-                Ok(Box::new(near))
+                Ok(Box::new(crate::mesh::udp::framed(tokio::net::UdpSocket::from_std(s)?)))
             }
         }
     }

@@ -21,6 +21,7 @@ use skiff_model::proto::{
     Answer, Control, NodeStatus, Op, Reply, Request, SessionInput, SessionOutput, CHUNK_BYTES, INPUT_WINDOW,
     PING_EVERY, STREAM_WINDOW,
 };
+use skiff_model::Protocol;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
@@ -266,8 +267,12 @@ where
                                             let open = async move { a.exec_session(&instance, spec).await };
                                             (Some(in_tx), tokio::spawn(session(open, in_rx, out)))
                                         }
-                                        Op::Connect { instance, port, protocol } => {
-                                            let open = async move { a.connect_session(&instance, port, protocol).await };
+                                        Op::Connect { instance, port } => {
+                                            let open = async move { a.connect_session(&instance, port, Protocol::Tcp).await };
+                                            (Some(in_tx), tokio::spawn(session(open, in_rx, out)))
+                                        }
+                                        Op::Datagrams { instance, port } => {
+                                            let open = async move { a.connect_session(&instance, port, Protocol::Udp).await };
                                             (Some(in_tx), tokio::spawn(session(open, in_rx, out)))
                                         }
                                         op => (None, tokio::spawn(answer(a, op, out))),
@@ -577,7 +582,12 @@ async fn answer(agent: Arc<Agent>, op: Op, out: Replies) {
             }
         },
         // Served by `session`, or routed to one.
-        Op::Session { .. } | Op::Connect { .. } | Op::Input { .. } | Op::Resize { .. } | Op::InputEnd => {}
+        Op::Session { .. }
+        | Op::Connect { .. }
+        | Op::Datagrams { .. }
+        | Op::Input { .. }
+        | Op::Resize { .. }
+        | Op::InputEnd => {}
         Op::Cancel | Op::Credit { .. } => {}
     }
 }

@@ -49,7 +49,8 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/nodes/{name}/tunnel", get(tunnel))
         .route("/api/v1/nodes/{name}/images/{call}", post(images))
         .route("/api/v1/nodes/{name}/site-caches", get(site_caches))
-        .route("/api/v1/nodes/{name}/mesh/{service}/{port}", get(mesh_relay));
+        .route("/api/v1/nodes/{name}/mesh/{service}/{port}", get(mesh_relay))
+        .route("/api/v1/nodes/{name}/mesh/{service}/{port}/udp", get(mesh_relay_udp));
     Router::new()
         .route("/api/v1/tokens", post(create_token).get(list_tokens))
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
@@ -798,27 +799,38 @@ async fn mesh_relay(
     State(hub): State<Shared>,
     peer: Option<axum::Extension<crate::tls::Peer>>,
     Path((name, service, port)): Path<(String, String, u16)>,
-    q: Result<Query<RelayQuery>, axum::extract::rejection::QueryRejection>,
     ws: axum::extract::WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let Query(q) = q.map_err(|e| bad(format!("protocol: {}", e.body_text())))?;
+    relay_to(hub, peer, (name, service, port), Protocol::Tcp, ws)
+}
+
+/// The same for a UDP port: a flow's datagrams, each framed (a path of its own, so a
+/// hub that predates it answers 404 rather than relay them to a TCP port).
+async fn mesh_relay_udp(
+    State(hub): State<Shared>,
+    peer: Option<axum::Extension<crate::tls::Peer>>,
+    Path((name, service, port)): Path<(String, String, u16)>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    relay_to(hub, peer, (name, service, port), Protocol::Udp, ws)
+}
+
+fn relay_to(
+    hub: Shared,
+    peer: Option<axum::Extension<crate::tls::Peer>>,
+    (name, service, port): (String, String, u16),
+    protocol: Protocol,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Result<Response, ApiError> {
     let f = Arc::clone(fleet_of(&hub)?);
     f.authorize(&peer.map(|p| p.0).unwrap_or_default(), &name).map_err(fleet_error)?;
     static TURN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let turn = TURN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (node, instance, target) = f.relay_target(&name, &service, port, q.protocol, turn).map_err(fleet_error)?;
-    tracing::debug!(from = %name, %service, to = %node, %instance, protocol = ?q.protocol, "mesh relay");
+    let (node, instance, target) = f.relay_target(&name, &service, port, protocol, turn).map_err(fleet_error)?;
+    tracing::debug!(from = %name, %service, to = %node, %instance, ?protocol, "mesh relay");
     let link: Arc<dyn crate::node::NodeLink> = Arc::new(crate::tunnel::RemoteLink { name: node, fleet: f });
     let ws = ws.max_message_size(MAX_BODY).max_frame_size(MAX_BODY);
-    Ok(ws.on_upgrade(move |socket| crate::session::serve_forward(link, instance, target, q.protocol, socket)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RelayQuery {
-    /// `tcp` unless said.
-    #[serde(default)]
-    protocol: Protocol,
+    Ok(ws.on_upgrade(move |socket| crate::session::serve_forward(link, instance, target, protocol, socket)))
 }
 
 /// The node's tunnel: a WebSocket its agent keeps open, carrying logs and exec.

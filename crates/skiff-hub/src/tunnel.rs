@@ -597,7 +597,11 @@ impl NodeLink for RemoteLink {
         port: u16,
         protocol: skiff_model::Protocol,
     ) -> BoxFuture<'_, Result<Session, NodeError>> {
-        Box::pin(self.open_session(Op::Connect { instance: instance.to_string(), port, protocol }))
+        let instance = instance.to_string();
+        Box::pin(self.open_session(match protocol {
+            skiff_model::Protocol::Tcp => Op::Connect { instance, port },
+            skiff_model::Protocol::Udp => Op::Datagrams { instance, port },
+        }))
     }
 
     fn act(&self, instance: &str, action: InstanceAction) -> BoxFuture<'_, Result<(), NodeError>> {

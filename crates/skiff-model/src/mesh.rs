@@ -121,6 +121,11 @@ impl Service {
         }
     }
 
+    /// Its port `port` over `protocol`, if it has one.
+    pub fn port(&self, port: u16, protocol: Protocol) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.is(port, protocol))
+    }
+
     /// Whether something joined to `networks` reaches it (they share one).
     pub fn shares_a_network(&self, networks: &BTreeSet<String>) -> bool {
         self.networks.iter().any(|n| networks.contains(n))

@@ -231,13 +231,17 @@ pub enum Op {
     /// A TCP connection to `port` inside an instance (`skiff port-forward`): a session
     /// whose output is what the instance sends and whose input is what goes to it; its
     /// `inputend` shuts the sending side, and it ends (exit 0) when the instance closes.
-    /// UDP (the mesh's relay): datagrams both ways, each framed as
-    /// [`crate::mesh::Dial`] says; it ends after a minute without one.
     Connect {
         instance: String,
         port: u16,
-        #[serde(default, skip_serializing_if = "crate::Protocol::is_tcp")]
-        protocol: crate::Protocol,
+    },
+    /// Datagrams to UDP `port` inside an instance (the mesh's relay): a session like
+    /// `connect`'s whose bytes are datagrams each framed as [`crate::mesh::Dial`] says;
+    /// it ends after half a minute without one. (A request of its own: an agent that
+    /// predates it says it does not know it, rather than open a TCP connection.)
+    Datagrams {
+        instance: String,
+        port: u16,
     },
     /// An operator's action on one instance (`skiff restart|stop|start web-1`), answered
     /// `end` once it has begun.

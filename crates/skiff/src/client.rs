@@ -38,9 +38,10 @@ impl Client {
         Ok(Client { http, cfg })
     }
 
-    /// Why nothing answered: one hub not running, or no hub of a shared store leading.
-    fn unreachable(&self) -> String {
-        if self.cfg.servers.is_empty() {
+    /// Why nothing answered: one hub not running, or (`refused`: no connection was made
+    /// at all, so no request went out) no hub of a shared store leading.
+    fn unreachable(&self, refused: bool) -> String {
+        if self.cfg.servers.is_empty() || !refused {
             return format!("cannot reach the hub at {} (is `skiff up` or `skiff hub` running?)", self.cfg.server);
         }
         let mut all: Vec<&str> = vec![];
@@ -61,12 +62,9 @@ impl Client {
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = req
-            .bearer_auth(&self.cfg.token)
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!(skiff_image::error::with_causes(&e)))
-            .with_context(|| self.unreachable())?;
+        let resp = req.bearer_auth(&self.cfg.token).send().await.map_err(|e| {
+            anyhow::anyhow!(skiff_image::error::with_causes(&e)).context(self.unreachable(e.is_connect()))
+        })?;
         if resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_MODIFIED {
             return Ok(resp);
         }
@@ -149,7 +147,11 @@ impl Client {
                 let message = serde_json::from_str::<ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
                 return Err(ApiError { status, message }.into());
             }
-            Ok(Err(e)) => return Err(anyhow::anyhow!(e)).with_context(|| self.unreachable()),
+            Ok(Err(e)) => {
+                use tokio_tungstenite::tungstenite::Error as WsError;
+                let refused = matches!(&e, WsError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
+                return Err(anyhow::anyhow!(e)).with_context(|| self.unreachable(refused));
+            }
             Err(_) => anyhow::bail!("the hub at {} did not answer within 30 s", self.cfg.server),
         };
         Ok(ws)

@@ -45,6 +45,10 @@ pub struct HubArgs {
     /// one takes over within this time of the active one's loss.
     #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
     pub lease_ttl: Duration,
+    /// Set by a hub that lost the store's lease and started itself again
+    /// (`stand_by_again`): the milliseconds it had led. Not for operators.
+    #[arg(long, hide = true)]
+    pub standing_by_again: Option<u64>,
     #[command(flatten)]
     pub conns: ConnArgs,
     #[command(flatten)]
@@ -338,12 +342,17 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     crate::secure_data_dir(data)?;
     skiff_sys::connlimit::raise_fd_limit();
     // Started again after losing the store's lease (`stand_by_again`): the store was
-    // reached before, so it is waited for rather than given up on.
-    let again = std::env::var_os(STANDING_BY_AGAIN).is_some();
+    // reached before, so while it cannot be reached it is waited for rather than given up
+    // on (any other error still ends the hub). One that led only briefly waits a little
+    // first: a store that comes and goes does not make it start over and over.
+    let again = args.standing_by_again.is_some();
+    if args.standing_by_again.is_some_and(|ms| ms < 30_000) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
     let store = loop {
         match open_store(data, &args.store, &args.etcd, &args.seal) {
             Ok(s) => break s,
-            Err(e) if again => {
+            Err(e) if again && matches!(e.downcast_ref(), Some(skiff_hub::store::StoreError::Etcd(_))) => {
                 tracing::warn!("waiting for the store: {e:#}");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -439,6 +448,7 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
         tokio::spawn(skiff_hub::serve::serve(listener, skiff_hub::api::router(Arc::clone(&hub)), serving, stop_rx));
     eprintln!("skiff: hub on {server} (listening on {addr}), config in {}", conf_path.display());
     crate::notify_ready();
+    let led_since = std::time::Instant::now();
     let lost = async {
         match lead.as_mut() {
             Some(l) => loop {
@@ -459,7 +469,11 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
             controllers.abort();
             server_task.abort();
             eprintln!("skiff: hub lost the store's lease ({why}); standing by again");
-            return Err(stand_by_again());
+            // Its lease given up where the store still hears (another hub then need
+            // not wait it out).
+            let s = Arc::clone(&store);
+            let _ = tokio::time::timeout(Duration::from_secs(2), tokio::task::spawn_blocking(move || s.resign())).await;
+            return Err(stand_by_again(led_since.elapsed()));
         }
         r = &mut server_task => {
             controllers.abort();
@@ -478,19 +492,26 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Set in the environment of a hub started again by [`stand_by_again`].
-const STANDING_BY_AGAIN: &str = "SKIFF_HUB_STANDING_BY_AGAIN";
-
 /// A hub that lost the store's lease (the store out of reach, or another hub leading)
 /// starts again as the same program with the same arguments: every connection of its
 /// time as the active hub closes (nodes move to the hub that leads), nothing it held in
 /// memory survives, and it stands by — waiting for the store if need be — to lead again.
 /// Only if that fails does it exit (the error says so).
-fn stand_by_again() -> anyhow::Error {
+fn stand_by_again(led: Duration) -> anyhow::Error {
     use std::os::unix::process::CommandExt;
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_default();
-    let e = std::process::Command::new("/proc/self/exe").arg0(arg0).args(args).env(STANDING_BY_AGAIN, "1").exec();
+    // The flag of an earlier start again is replaced, not repeated.
+    let mut kept = vec![];
+    while let Some(a) = args.next() {
+        if a == "--standing-by-again" {
+            args.next();
+        } else if !a.to_string_lossy().starts_with("--standing-by-again=") {
+            kept.push(a);
+        }
+    }
+    let led = format!("--standing-by-again={}", led.as_millis());
+    let e = std::process::Command::new("/proc/self/exe").arg0(arg0).args(kept).arg(led).exec();
     anyhow::anyhow!("this hub is no longer the active one, and starting it again to stand by failed: {e}")
 }
 

@@ -112,23 +112,19 @@ services:
       update_config: {parallelism: 1, monitor: 2s, order: stop-first}
 "#;
 
-/// The node's containers and their processes, as its runc has them.
+/// The node's containers and their processes, as its runc has them (at least one).
 fn runc_pids(n: &Node) -> anyhow::Result<Vec<(String, i64)>> {
     let out = std::process::Command::new("runc")
         .arg("--root")
         .arg(n.data().join("runc"))
         .args(["list", "-f", "json"])
         .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    let mut all: Vec<(String, i64)> = v
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|c| (c["id"].as_str().unwrap_or_default().to_string(), c["pid"].as_i64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default();
+    anyhow::ensure!(out.status.success(), "runc list: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    let mut all: Vec<(String, i64)> =
+        v.iter().map(|c| (c["id"].as_str().unwrap_or_default().to_string(), c["pid"].as_i64().unwrap_or(0))).collect();
     all.sort();
+    anyhow::ensure!(!all.is_empty() && all.iter().all(|(_, p)| *p > 0), "runc list: {all:?}");
     Ok(all)
 }
 
@@ -274,6 +270,7 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     let running =
         wait_for(60 * SEC, "svc-1 and two-1 alone on the node", || runc_pids(&node).ok().filter(|p| p.len() == 2))?;
     let led = a.log().matches("hub active").count();
+    let hub_pid = a.up_pid();
     for i in 0..e.members.len() {
         e.kill(i);
     }
@@ -288,6 +285,7 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     let t2 = std::time::Instant::now();
     wait_for(60 * SEC, "hub a active again", || (a.log().matches("hub active").count() > led).then_some(()))?;
     let led_again = t2.elapsed();
+    assert_eq!(a.up_pid(), hub_pid, "the same hub process");
     wait_for(30 * SEC, "hub a serving", || a.cli(&["get", "nodes"]).ok()?.status.success().then_some(()))?;
     wait_ready(&a, "edge-1")?;
     eprintln!("etcd back: hub a active again after {led_again:?}, node edge-1 Ready on it after {:?}", t2.elapsed());

@@ -151,8 +151,17 @@ fn services_are_reached_by_name_across_nodes_directly_relayed_and_while_the_hub_
     let (db_vip, far_vip) = (resolve(&a, &client, "db")?, resolve(&a, &client, "far")?);
     udp_answers(pid("client-1"), (db_vip, udp_port), "db")?;
     udp_answers(pid("client-1"), (far_vip, udp_port), "far")?;
+    // More flows than one instance may hold (64): the oldest make room, each is answered.
+    let many: Vec<std::net::UdpSocket> =
+        in_netns(pid("client-1"), || (0..66).map(|_| std::net::UdpSocket::bind("0.0.0.0:0")).collect())?;
+    for (i, s) in many.iter().enumerate() {
+        assert_eq!(udp_call(s, (db_vip, udp_port), &format!("f{i}"))?, Some(format!("db:f{i}")), "flow {i}");
+    }
     let strangers = in_netns(pid("stranger-1"), || std::net::UdpSocket::bind("0.0.0.0:0"))?;
-    assert_eq!(udp_call(&strangers, (db_vip, udp_port), "hi")?, None, "another stack's datagram is answered");
+    for i in 0..3 {
+        let got = udp_call(&strangers, (db_vip, udp_port), &format!("hi{i}"))?;
+        assert_eq!(got, None, "another stack's datagram is answered");
+    }
 
     // The stranger's port, published on node a, is the same number as db's: both work.
     let published = wait_for(30 * SEC, "the stranger's published port", || common::http_get(port, "/").ok());

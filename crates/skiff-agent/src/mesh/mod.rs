@@ -236,6 +236,9 @@ pub struct Mesh {
     unreachable: Mutex<HashMap<String, Instant>>,
     /// Calls open per calling instance.
     calls: ConnCounter,
+    /// UDP flows open per calling instance (apart from calls: a resolver's queries, a
+    /// flow each, do not crowd out its connections).
+    flows: ConnCounter,
 }
 
 /// How long a node whose direct path failed is reached through the relay only.
@@ -255,6 +258,7 @@ impl Mesh {
             turn: AtomicUsize::new(0),
             unreachable: Default::default(),
             calls: per_address(usize::MAX, CALLS_PER_INSTANCE),
+            flows: per_address(FLOWS, FLOWS_PER_INSTANCE),
         }))
     }
 
@@ -429,7 +433,7 @@ impl Mesh {
         if !e.service.shares_a_network(&caller.networks) {
             return Err(format!("{from} shares no network with {name}"));
         }
-        let port = e.service.ports.iter().find(|p| p.is(at.port(), protocol)).ok_or("not a port of the service")?;
+        let port = e.service.port(at.port(), protocol).ok_or("not a port of the service")?;
         Ok((name.clone(), *port))
     }
 
@@ -463,57 +467,92 @@ impl Mesh {
 
     /// Datagrams to a service's UDP port on its virtual address: a flow per instance
     /// address and port, each routed once as a connection is, the replies sent back
-    /// from the virtual address.
+    /// from the virtual address. Only an instance that may call the service starts a
+    /// flow; past its share of flows, its least recently used one here makes room. The
+    /// flows end with this task (the listener going away).
     async fn accept_datagrams(self: Arc<Self>, sock: Arc<UdpSocket>, at: SocketAddrV4) {
-        let mut flows: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+        struct Flow {
+            tx: mpsc::Sender<Vec<u8>>,
+            task: tokio::task::AbortHandle,
+            last: Instant,
+            /// Its place in the instance's share, given back as the entry goes.
+            _slot: skiff_sys::connlimit::ConnGuard,
+        }
+        let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
+        let mut tasks = tokio::task::JoinSet::new();
         let mut buf = vec![0u8; DATAGRAM_MAX];
         loop {
-            let (n, from) = match sock.recv_from(&mut buf).await {
-                Ok(x) => x,
-                Err(e) => {
-                    debug!(address = %at, "receiving: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+            let (n, from) = tokio::select! {
+                r = sock.recv_from(&mut buf) => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        debug!(address = %at, "receiving: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                // Ended flows are reaped as they end.
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             };
             let mut d = buf[..n].to_vec();
-            if let Some(tx) = flows.get(&from) {
-                match tx.try_send(d) {
+            if let Some(f) = flows.get_mut(&from) {
+                f.last = Instant::now();
+                match f.tx.try_send(d) {
                     // Its flow ended (idle): a new one.
                     Err(mpsc::error::TrySendError::Closed(back)) => d = back,
                     // Taken, or dropped for a full queue (as a full socket buffer drops).
                     _ => continue,
                 }
             }
-            flows.retain(|_, tx| !tx.is_closed());
-            let Ok(taken) = self.calls.try_enter(from.ip()) else {
-                debug!(%from, "too many calls open; a datagram dropped");
-                continue;
+            // Ended flows give their places back.
+            flows.retain(|_, f| !f.tx.is_closed());
+            // Checked before any flow is made for it: a stranger's datagrams cost nothing.
+            let (name, port) = match self.called(from, at, Protocol::Udp) {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(%from, service = %at, "a datagram dropped: {e}");
+                    continue;
+                }
+            };
+            let slot = match self.flows.try_enter(from.ip()) {
+                Ok(t) => t,
+                Err(_) => {
+                    // Its oldest flow here goes (a resolver's one-off queries, most likely).
+                    let oldest = flows.iter().filter(|(a, _)| a.ip() == from.ip()).min_by_key(|(_, f)| f.last);
+                    if let Some(f) = oldest.map(|(a, _)| *a).and_then(|a| flows.remove(&a)) {
+                        f.task.abort();
+                    }
+                    match self.flows.try_enter(from.ip()) {
+                        Ok(t) => t,
+                        Err(_) => {
+                            debug!(%from, "too many flows open; a datagram dropped");
+                            continue;
+                        }
+                    }
+                }
             };
             let (tx, rx) = mpsc::channel(udp::FLOW_QUEUE);
             let _ = tx.try_send(d);
-            flows.insert(from, tx);
             let (m, back) = (Arc::clone(&self), Arc::clone(&sock));
-            tokio::spawn(async move {
-                let _taken = taken;
+            let task = tasks.spawn(async move {
                 let caller = udp::End { from: rx, to: udp::Sink::Udp(back, Some(from)) };
-                if let Err(e) = m.flow(caller, from, at).await {
-                    debug!(%from, service = %at, "fleet service datagrams: {e}");
+                if let Err(e) = m.flow(caller, &name, port).await {
+                    debug!(%from, service = %name, "fleet service datagrams: {e}");
                 }
             });
+            flows.insert(from, Flow { tx, task, last: Instant::now(), _slot: slot });
         }
     }
 
     /// One instance's flow of datagrams to a service's UDP port.
-    async fn flow(&self, caller: udp::End, from: SocketAddr, at: SocketAddrV4) -> Result<(), String> {
-        let (name, port) = self.called(from, at, Protocol::Udp)?;
-        match self.route(&name, port).await {
+    async fn flow(&self, caller: udp::End, name: &str, port: ServicePort) -> Result<(), String> {
+        match self.route(name, port).await {
             Route::Local(to) => udp::bridge(caller, udp::socket(connect_udp(to).await?)).await,
             Route::Direct(to) => udp::bridge(caller, udp::stream(to)).await,
             Route::Relay => {
                 let (near, far) = tokio::io::duplex(DATAGRAM_MAX * 2);
                 tokio::select! {
-                    r = self.relay(far, &name, port) => return r,
+                    r = self.relay(far, name, port) => return r,
                     () = udp::bridge(caller, udp::stream(near)) => {}
                 }
             }
@@ -576,7 +615,7 @@ impl Mesh {
         };
         let base = hub.read().map(|h| h.clone()).unwrap_or_default();
         let node = &self.agent.cfg.node_name;
-        let udp = if port.protocol == Protocol::Udp { "?protocol=udp" } else { "" };
+        let udp = if port.protocol == Protocol::Udp { "/udp" } else { "" };
         let url =
             format!("{base}/api/v1/nodes/{node}/mesh/{service}/{}{udp}", port.port).replacen("https://", "wss://", 1);
         let tls = id.current_tls().map_err(|e| e.to_string())?;
@@ -646,7 +685,7 @@ impl Mesh {
             let (e, ip) = e
                 .and_then(|e| Some((e, self.next_local(e)?)))
                 .ok_or_else(|| format!("no instance of {} serves on this node", dial.service))?;
-            let p = e.service.ports.iter().find(|p| p.is(dial.port, dial.protocol));
+            let p = e.service.port(dial.port, dial.protocol);
             let p = p.ok_or_else(|| format!("{} has no port {} over {:?}", dial.service, dial.port, dial.protocol))?;
             Ok(SocketAddr::from((ip, p.target)))
         })();
@@ -676,6 +715,9 @@ impl Mesh {
 /// address may hold (1,024 in all): one instance or peer cannot take all of the agent's
 /// descriptors.
 const CALLS_PER_INSTANCE: usize = 256;
+/// UDP flows one instance may have open (its oldest goes for a new one), and all may.
+const FLOWS_PER_INSTANCE: usize = 64;
+const FLOWS: usize = 1024;
 const CONNS_PER_PEER: usize = 256;
 const CONNS_FROM_PEERS: usize = 1024;
 

@@ -14,9 +14,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-/// How long a flow lives without a datagram (conntrack keeps an answered UDP flow for
-/// 120 s, an unanswered one for 30).
-pub const FLOW_IDLE: Duration = Duration::from_secs(60);
+/// How long a flow lives without a datagram (conntrack's timeout for a UDP flow that is
+/// not a stream).
+pub const FLOW_IDLE: Duration = Duration::from_secs(30);
+
+/// How long a write to another agent's stream may wait: a peer that stops reading ends
+/// the flow rather than hold it.
+const WRITE_WAIT: Duration = Duration::from_secs(5);
 
 /// Datagrams a flow holds for its endpoint before it drops more (UDP's own answer to a
 /// slow receiver).
@@ -32,17 +36,27 @@ pub enum Sink {
 
 impl Sink {
     async fn send(&mut self, d: &[u8]) -> std::io::Result<()> {
-        match self {
+        let sent = match self {
             Sink::Udp(s, Some(to)) => s.send_to(d, *to).await.map(drop),
             Sink::Udp(s, None) => s.send(d).await.map(drop),
             Sink::Stream(w) => {
-                let len = u16::try_from(d.len()).map_err(|_| std::io::Error::other("a datagram too long"))?;
+                if d.len() > DATAGRAM_MAX {
+                    return Err(std::io::Error::other("a datagram too long"));
+                }
                 let mut frame = Vec::with_capacity(d.len() + 2);
-                frame.extend_from_slice(&len.to_be_bytes());
+                frame.extend_from_slice(&(d.len() as u16).to_be_bytes());
                 frame.extend_from_slice(d);
-                w.write_all(&frame).await?;
-                w.flush().await
+                let write = async {
+                    w.write_all(&frame).await?;
+                    w.flush().await
+                };
+                tokio::time::timeout(WRITE_WAIT, write).await.map_err(|_| std::io::Error::other("not read"))?
             }
+        };
+        match sent {
+            // A server not there (yet): ICMP's word, as for a datagram sent alone.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+            other => other,
         }
     }
 }
@@ -105,14 +119,27 @@ where
                 r = frame => r,
                 _ = tx.closed() => return,
             };
-            // The stream pushes back: a full queue waits here rather than drop.
+            // A full queue drops (as a full socket buffer does) rather than stall the
+            // stream, which would stall the other side's writes.
             match len {
-                Ok(len) if tx.send(buf[..len].to_vec()).await.is_ok() => {}
-                _ => return,
+                Ok(len) => {
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(buf[..len].to_vec()) {
+                        return;
+                    }
+                }
+                Err(_) => return,
             }
         }
     });
     End { from, to: Sink::Stream(Box::new(wr)) }
+}
+
+/// A socket connected to one peer as a byte stream of framed datagrams (a flow of its
+/// own carries them until it goes idle or the stream is dropped).
+pub fn framed(sock: UdpSocket) -> tokio::io::DuplexStream {
+    let (near, far) = tokio::io::duplex(DATAGRAM_MAX * 2);
+    tokio::spawn(bridge(stream(far), socket(sock)));
+    near
 }
 
 /// Carries datagrams between two sides until either ends, or neither sends for
@@ -144,14 +171,10 @@ async fn bridge_within(mut a: End, mut b: End, within: Duration) {
 }
 
 /// A UDP socket that may share its port with the node's published ports (both set
-/// `SO_REUSEPORT`; the kernel gives each datagram to the most specific address bound).
+/// `SO_REUSEPORT`, which only sockets of the same user may join; the kernel gives each
+/// datagram to the most specific address bound).
 pub fn bind_beside_services(at: std::net::SocketAddrV4) -> std::io::Result<UdpSocket> {
-    use nix::sys::socket::{bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
-    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
-    let fd = socket(AddressFamily::Inet, SockType::Datagram, flags, None)?;
-    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    setsockopt(&fd, sockopt::ReusePort, &true)?;
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(at))?;
+    let fd = crate::publish::bind_reuseport(at, nix::sys::socket::SockType::Datagram)?;
     UdpSocket::from_std(std::net::UdpSocket::from(fd))
 }
 

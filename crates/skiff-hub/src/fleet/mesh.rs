@@ -149,10 +149,9 @@ impl Fleet {
             .iter()
             .find(|s| s.name == service)
             .ok_or_else(|| FleetError::Forbidden(format!("node {node:?} may not reach service {service:?}")))?;
-        let p =
-            s.ports.iter().find(|p| p.is(port, protocol)).ok_or_else(|| {
-                FleetError::NotFound(format!("service {service:?} has no port {port} over {protocol:?}"))
-            })?;
+        let p = s
+            .port(port, protocol)
+            .ok_or_else(|| FleetError::NotFound(format!("service {service:?} has no port {port} over {protocol:?}")))?;
         let site = self.mesh_table()?.sites.get(node).cloned();
         let statuses = self.statuses.lock().map(|s| s.clone()).unwrap_or_default();
         for ep in by_locality(&s.endpoints, site.as_deref(), turn) {
