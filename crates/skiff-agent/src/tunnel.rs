@@ -152,6 +152,7 @@ where
         runtimes: Some(crate::runtimes()),
         versions: Some(agent.versions().clone()),
         devices: Some(agent.device_counts()),
+        features: Some(vec![skiff_model::proto::FEATURE_MESH_UDP.to_string()]),
     };
     if ws.send(Message::Text(frame(&hello).into())).await.is_err() {
         return;
@@ -232,7 +233,14 @@ where
                         Err(_) => {
                             let Ok(req) = serde_json::from_str::<Request>(t.as_str()) else {
                                 // A newer hub's request: answered, not left to time out.
-                                if let Some(id) = unknown_request_id(t.as_str()) {
+                                let Some(id) = unknown_request_id(t.as_str()) else {
+                                    // A control frame this agent cannot read (a newer hub's):
+                                    // said, not silently left.
+                                    let kind = control_kind(t.as_str());
+                                    tracing::warn!(%kind, "a frame from the hub this agent cannot read: upgrade it");
+                                    continue;
+                                };
+                                {
                                     let answer = Answer::Error(format!(
                                         "this node's agent (skiff {}) does not know this request: upgrade it",
                                         env!("CARGO_PKG_VERSION")
@@ -514,6 +522,17 @@ impl Replies {
 }
 
 /// The id of a frame that carries one but is no request this agent knows.
+/// The `type` of a control frame (at most 32 characters), or `?`.
+fn control_kind(text: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    let kind = serde_json::from_str::<Typed>(text).map(|t| t.kind).unwrap_or_else(|_| "?".into());
+    kind.chars().take(32).collect()
+}
+
 fn unknown_request_id(text: &str) -> Option<u64> {
     #[derive(serde::Deserialize)]
     struct WithId {

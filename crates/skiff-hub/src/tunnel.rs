@@ -111,6 +111,8 @@ pub async fn serve(
     // The revision the node holds (from its hello), and what was last pushed to it.
     let mut node_rev: Option<u64> = None;
     let mut pushed: Option<(Vec<skiff_model::proto::Assigned>, Vec<String>)> = None;
+    // Whether the node reads UDP service ports (its hello says).
+    let mut udp = false;
     // Ticks at half the ping period: a quiet node is pinged every 20 s, one heard from
     // lately at least every 30 s (the agent gives up after 45 s without a word).
     let mut ping = tokio::time::interval(PING_EVERY / 2);
@@ -153,7 +155,8 @@ pub async fn serve(
                         continue;
                     }
                     match control {
-                        Ok(Control::Hello { revision, runtimes, versions, devices }) => {
+                        Ok(Control::Hello { revision, runtimes, versions, devices, features }) => {
+                            udp = features.is_some_and(|f| f.iter().any(|x| x == skiff_model::proto::FEATURE_MESH_UDP));
                             if let Err(e) =
                                 f.set_node_facts(&name, runtimes.as_deref(), versions.as_ref(), devices.as_ref())
                             {
@@ -292,7 +295,7 @@ pub async fn serve(
             }
         }
         let Some(held) = node_rev.filter(|_| push) else { continue };
-        match f.mesh_view(&name) {
+        match f.mesh_view(&name).map(|v| if udp { v } else { v.tcp_only() }) {
             Ok(view) if pushed_view.as_ref() != Some(&view) => {
                 if let Some(frame) = send(&Control::Services { view: view.clone() }) {
                     if !send_msg(&out, Message::Text(frame.into())).await {
@@ -304,7 +307,10 @@ pub async fn serve(
             Ok(_) => {}
             Err(e) => tracing::warn!(node = %name, error = %e, "the fleet's services"),
         }
-        let Ok(a) = f.assignment(&name) else { continue };
+        let Ok(mut a) = f.assignment(&name) else { continue };
+        if !udp {
+            a.deployments.iter_mut().for_each(|d| skiff_model::mesh::tcp_only(&mut d.spec));
+        }
         // Behind on first contact: send once. Later: only when this node's part changed.
         let stale = match &pushed {
             None => held != a.revision,

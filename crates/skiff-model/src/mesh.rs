@@ -168,6 +168,21 @@ pub struct MeshView {
     pub site: Option<String>,
 }
 
+impl MeshView {
+    /// The view for an agent that predates UDP service ports: TCP ports only.
+    pub fn tcp_only(mut self) -> MeshView {
+        for s in &mut self.services {
+            s.ports.retain(|p| p.protocol.is_tcp());
+        }
+        self
+    }
+}
+
+/// `d` for an agent that predates UDP service ports: the UDP ports it exposes left out.
+pub fn tcp_only(d: &mut Deployment) {
+    d.expose.retain(|p| p.protocol.is_tcp());
+}
+
 /// One service as `skiff get services` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceInfo {
@@ -397,6 +412,21 @@ mod tests {
         let udp = r#"{"port":53,"target":53,"protocol":"udp"}"#;
         assert_eq!(serde_json::to_string(&ServicePort::udp(53, 53)).unwrap(), udp);
         assert_eq!(serde_json::from_str::<ServicePort>(udp).unwrap(), ServicePort::udp(53, 53));
+    }
+
+    /// An agent that predates UDP service ports is sent TCP ones only: nothing in its
+    /// frames it would refuse.
+    #[test]
+    fn an_older_agent_is_sent_tcp_ports_only() {
+        let mut d = Deployment::new("dns", "img");
+        d.expose = vec![ServicePort::udp(53, 53), ServicePort::tcp(53, 53)];
+        let view = MeshView { services: vec![Service::of(&d).unwrap()], ..Default::default() };
+        assert!(serde_json::to_string(&view).unwrap().contains("udp"));
+        let old = view.tcp_only();
+        assert_eq!(old.services[0].ports, [ServicePort::tcp(53, 53)]);
+        assert!(!serde_json::to_string(&old).unwrap().contains("protocol"));
+        tcp_only(&mut d);
+        assert_eq!(d.expose, [ServicePort::tcp(53, 53)]);
     }
 
     #[test]

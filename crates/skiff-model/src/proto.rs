@@ -208,6 +208,11 @@ pub struct ExecResult {
     pub stderr: String,
 }
 
+/// The agent reads UDP service ports (`ServicePort.protocol`) in its views and
+/// assignments: an agent that does not say so is sent TCP ports only (its
+/// `deny_unknown_fields` would refuse the whole frame).
+pub const FEATURE_MESH_UDP: &str = "mesh-udp";
+
 /// A request the hub sends down a node's tunnel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -475,6 +480,10 @@ pub enum Control {
         /// CDI devices by kind, as now (absent from older agents).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         devices: Option<BTreeMap<String, u32>>,
+        /// What the agent understands beyond what its fields say (absent from older
+        /// agents): [`FEATURE_MESH_UDP`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        features: Option<Vec<String>>,
     },
     /// Agent → hub: instances and unshipped events, when they changed.
     Status { status: NodeStatus },
