@@ -340,8 +340,19 @@ impl Agent {
                 self.act(d, a, &rows, &stopping)?;
             }
         }
-        if let Ok(mut s) = self.serving.lock() {
-            *s = Some(serving);
+        let changed = match self.serving.lock() {
+            Ok(mut s) => {
+                let changed = s.as_ref() != Some(&serving);
+                *s = Some(serving);
+                changed
+            }
+            Err(_) => false,
+        };
+        // Who serves changed without a row changing (an instance just judged ready): its
+        // watchers (the fleet services' catalog, the published ports) look again now, not
+        // at their next tick, when other nodes may already send it calls.
+        if changed {
+            self.changes.send_modify(|_| {});
         }
 
         // Create rows for slots without a primary instance.

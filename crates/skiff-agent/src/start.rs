@@ -82,6 +82,9 @@ impl Agent {
                 self.event(&r.name, if restarted { "Restarted" } else { "Started" }, &format!("pid {pid}"));
                 self.start_health(&r);
                 self.watch_exit(&r).await;
+                // The next pass judges its readiness now, not at the loop's next tick: the
+                // hub already counts it as serving, and other nodes' calls come at once.
+                self.notify.notify_one();
             }
             Err(AgentError::Image(e @ skiff_image::ImageError::NotFound(_))) => {
                 // The image may be loaded later: keep trying, slowly.
