@@ -969,7 +969,15 @@ mod tests {
         d.replicas = 1;
         n.agent.set_desired(std::slice::from_ref(&d), 2).unwrap();
         n.pass().await;
-        let stopped: Vec<String> = n.rt.signals().into_iter().map(|(id, _)| id).collect();
+        // The stop runs on a task of its own: its signal may come a moment after the pass.
+        let mut stopped: Vec<String> = vec![];
+        for _ in 0..500 {
+            stopped = n.rt.signals().into_iter().map(|(id, _)| id).collect();
+            if !stopped.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert_eq!(stopped, [top], "the highest alone");
         for _ in 0..500 {
             if n.agent.instances().unwrap().len() == 2 {
