@@ -121,6 +121,8 @@ pub struct AgentConfig {
     /// Where other nodes' agents reach this one directly (`--mesh-advertise`), told to the
     /// hub.
     pub mesh_advertise: Option<String>,
+    /// Below these the node reports DiskPressure or MemoryPressure and takes no new work.
+    pub pressure: metrics::Floors,
 }
 
 impl AgentConfig {
@@ -149,6 +151,7 @@ impl AgentConfig {
             policy: policy::Policy::default(),
             services: None,
             mesh_advertise: None,
+            pressure: metrics::Floors::default(),
         }
     }
 }
@@ -684,7 +687,7 @@ impl Agent {
     /// [`metrics::pressure`]); read where the sample is kept, without copying it.
     pub fn pressure(&self) -> Vec<String> {
         let latest = self.latest_metrics.lock();
-        latest.ok().and_then(|m| m.as_ref().map(|m| metrics::pressure(&m.host))).unwrap_or_default()
+        latest.ok().and_then(|m| m.as_ref().map(|m| metrics::pressure(&m.host, &self.cfg.pressure))).unwrap_or_default()
     }
 
     /// Samples not yet acknowledged by the hub and after id `sent`, oldest first.

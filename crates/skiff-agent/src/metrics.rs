@@ -74,24 +74,85 @@ pub fn parse_loadavg(text: &str) -> (f64, f64, f64) {
     }
 }
 
-/// Above this much of the data filesystem used, the node takes no new work.
-pub const DISK_PRESSURE_PERCENT: u64 = 95;
-/// Below this much memory available, likewise.
-pub const MEMORY_PRESSURE_PERCENT: u64 = 5;
+/// A floor of free space: a share of the whole, or an amount (`0`: no floor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Floor {
+    Percent(u8),
+    Bytes(u64),
+}
+
+impl Floor {
+    /// `5%` or a size (`2Gi`, `500m`, `0`), as kubelet's `--eviction-hard` thresholds.
+    pub fn parse(s: &str) -> Result<Floor, String> {
+        let t = s.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            return match p.trim().parse::<u8>() {
+                Ok(p) if p <= 100 => Ok(Floor::Percent(p)),
+                _ => Err(format!("{s:?}: want a percentage from 0% to 100%, or a size such as 2Gi")),
+            };
+        }
+        skiff_model::quantity::parse_bytes(t)
+            .map(Floor::Bytes)
+            .map_err(|_| format!("{s:?}: want a percentage such as 5%, or a size such as 2Gi"))
+    }
+
+    /// Whether `free` of `total` is below the floor (never when nothing is known).
+    fn under(self, free: u64, total: u64) -> bool {
+        total > 0
+            && match self {
+                Floor::Percent(p) => (free as u128) * 100 < (total as u128) * p as u128,
+                Floor::Bytes(b) => free < b,
+            }
+    }
+}
+
+impl std::fmt::Display for Floor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Floor::Percent(p) => write!(f, "{p}%"),
+            Floor::Bytes(b) => f.write_str(&skiff_model::format_bytes(*b)),
+        }
+    }
+}
+
+/// Below these the node takes no new work (`--disk-pressure-below`,
+/// `--memory-pressure-below`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Floors {
+    /// Free space on the data filesystem (available to unprivileged writers, as `df`).
+    pub disk: Floor,
+    /// Memory available (`MemAvailable`).
+    pub memory: Floor,
+}
+
+impl Default for Floors {
+    fn default() -> Self {
+        Floors { disk: Floor::Percent(5), memory: Floor::Percent(5) }
+    }
+}
 
 /// What keeps the node from taking new work, as the kubelet's DiskPressure and
 /// MemoryPressure conditions do (empty: nothing).
-pub fn pressure(h: &NodeMetrics) -> Vec<String> {
+pub fn pressure(h: &NodeMetrics, floors: &Floors) -> Vec<String> {
     let mut out = vec![];
-    if h.disk_total_bytes > 0 && h.disk_used_bytes * 100 >= h.disk_total_bytes * DISK_PRESSURE_PERCENT {
+    let percent = |free: u64, total: u64| (free as u128 * 100 / (total as u128).max(1)) as u64;
+    let disk_free = h.disk_total_bytes.saturating_sub(h.disk_used_bytes);
+    if floors.disk.under(disk_free, h.disk_total_bytes) {
         out.push(format!(
-            "DiskPressure: {}% of the data filesystem used",
-            h.disk_used_bytes * 100 / h.disk_total_bytes
+            "DiskPressure: {}% of the data filesystem free ({} MiB), below {}",
+            percent(disk_free, h.disk_total_bytes),
+            disk_free >> 20,
+            floors.disk
         ));
     }
     let available = h.memory_total_bytes.saturating_sub(h.memory_used_bytes);
-    if h.memory_total_bytes > 0 && available * 100 < h.memory_total_bytes * MEMORY_PRESSURE_PERCENT {
-        out.push(format!("MemoryPressure: {}% of memory available", available * 100 / h.memory_total_bytes));
+    if floors.memory.under(available, h.memory_total_bytes) {
+        out.push(format!(
+            "MemoryPressure: {}% of memory available ({} MiB), below {}",
+            percent(available, h.memory_total_bytes),
+            available >> 20,
+            floors.memory
+        ));
     }
     out
 }
@@ -213,20 +274,43 @@ mod tests {
     }
 
     #[test]
-    fn pressure_at_95_percent_disk_and_5_percent_memory() {
+    fn pressure_below_the_floors() {
         let h = |disk_used: u64, mem_used: u64| NodeMetrics {
-            disk_total_bytes: 100,
-            disk_used_bytes: disk_used,
-            memory_total_bytes: 100,
-            memory_used_bytes: mem_used,
+            disk_total_bytes: 100 << 20,
+            disk_used_bytes: disk_used << 20,
+            memory_total_bytes: 100 << 20,
+            memory_used_bytes: mem_used << 20,
             ..Default::default()
         };
-        assert!(pressure(&h(94, 95)).is_empty());
+        let d = Floors::default();
+        assert!(pressure(&h(95, 95), &d).is_empty(), "5% free is not below 5%");
         assert_eq!(
-            pressure(&h(95, 96)),
-            ["DiskPressure: 95% of the data filesystem used", "MemoryPressure: 4% of memory available"]
+            pressure(&h(96, 96), &d),
+            [
+                "DiskPressure: 4% of the data filesystem free (4 MiB), below 5%",
+                "MemoryPressure: 4% of memory available (4 MiB), below 5%"
+            ]
         );
-        assert!(pressure(&NodeMetrics::default()).is_empty(), "nothing known, nothing reported");
+        assert!(pressure(&NodeMetrics::default(), &d).is_empty(), "nothing known, nothing reported");
+        let off = Floors { disk: Floor::Bytes(0), memory: Floor::Percent(0) };
+        assert!(pressure(&h(100, 100), &off).is_empty(), "0 turns a floor off");
+        let abs = Floors { disk: Floor::Bytes(10 << 20), memory: Floor::Percent(100) };
+        assert_eq!(pressure(&h(91, 0), &abs), ["DiskPressure: 9% of the data filesystem free (9 MiB), below 10Mi"]);
+        assert!(pressure(&h(90, 0), &abs).is_empty(), "10 MiB free is not below 10 MiB");
+        assert_eq!(pressure(&h(0, 1), &abs), ["MemoryPressure: 99% of memory available (99 MiB), below 100%"]);
+        let huge = NodeMetrics { disk_total_bytes: u64::MAX, disk_used_bytes: u64::MAX, ..Default::default() };
+        assert_eq!(pressure(&huge, &d).len(), 1, "no overflow on a huge filesystem");
+    }
+
+    #[test]
+    fn floors_are_a_percentage_or_a_size() {
+        assert_eq!(Floor::parse("5%"), Ok(Floor::Percent(5)));
+        assert_eq!(Floor::parse("0"), Ok(Floor::Bytes(0)));
+        assert_eq!(Floor::parse("2Gi"), Ok(Floor::Bytes(2 << 30)));
+        assert_eq!(Floor::parse("500m"), Ok(Floor::Bytes(500 << 20)));
+        for bad in ["101%", "-1%", "five", "%", ""] {
+            assert!(Floor::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

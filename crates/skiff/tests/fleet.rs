@@ -221,7 +221,23 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
     h.ok(&["delete", "node", "site-a-1"])?;
     wait_for(30 * SEC, "node a refused after revocation", || a.log().contains("403 Forbidden").then_some(()))?;
     assert!(!h.ok(&["get", "nodes"])?.contains("site-a-1"));
-    drop((a, b, c));
+
+    // A node with less free disk than its floor says DiskPressure and takes no new work;
+    // a floor that makes no sense is refused, naming the flag.
+    let bad = Node::bare()?.cli(&["agent", "--hub", &h.server()?, "--disk-pressure-below", "120%"])?;
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("--disk-pressure-below") && err.contains("0% to 100%"), "{err}");
+    let d = agent_with(&h, &token, "site-d-1", &["site=d"], &["--disk-pressure-below", "100%"])?;
+    let described = wait_for(30 * SEC, "node d under disk pressure", || {
+        h.ok(&["describe", "node", "site-d-1"]).ok().filter(|t| t.contains("state: NotReady"))
+    })?;
+    assert!(described.contains("DiskPressure: ") && described.contains("below 100%"), "{described}");
+    let out = h.cli(&["run", IMAGE, "--name", "on-d", "--selector", "site=d", "--", "sleep", "1000"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("1 were not ready"), "{err}");
+    assert!(hub_instances(&h).iter().all(|i| i.deployment != "on-d"));
+    h.ok(&["delete", "deployment", "on-d"])?;
+    drop((a, b, c, d));
     Ok(())
 }
 

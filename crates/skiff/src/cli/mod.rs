@@ -541,12 +541,21 @@ pub struct NodeArgs {
     /// No runtime threat detection.
     #[arg(long = "no-detect", conflicts_with = "detect_rules")]
     pub no_detect: bool,
+    /// The node reports DiskPressure, and takes no new instances, while its data
+    /// filesystem has less free than this: a percentage of its size or a size (2Gi); 0: never.
+    #[arg(long, env = "SKIFF_DISK_PRESSURE_BELOW", default_value = "5%", value_parser = parse_floor)]
+    pub disk_pressure_below: skiff_agent::metrics::Floor,
+    /// Likewise MemoryPressure, while less memory than this is available.
+    #[arg(long, env = "SKIFF_MEMORY_PRESSURE_BELOW", default_value = "5%", value_parser = parse_floor)]
+    pub memory_pressure_below: skiff_agent::metrics::Floor,
 }
 
 impl NodeArgs {
     /// Reads the policy and rule files (errors name the flag and the field).
     pub fn apply(&self, cfg: &mut skiff_agent::AgentConfig) -> Result<()> {
         cfg.require_runc_min = self.require_runc_min.clone();
+        cfg.pressure =
+            skiff_agent::metrics::Floors { disk: self.disk_pressure_below, memory: self.memory_pressure_below };
         cfg.policy = skiff_agent::policy::Policy::load(self.policy.as_deref())?;
         if !self.cdi_spec_dir.is_empty() {
             cfg.cdi_dirs = self.cdi_spec_dir.clone();
@@ -558,6 +567,10 @@ impl NodeArgs {
         }
         Ok(())
     }
+}
+
+fn parse_floor(s: &str) -> Result<skiff_agent::metrics::Floor, String> {
+    skiff_agent::metrics::Floor::parse(s)
 }
 
 /// The node's bridge network, as `skiff up` and `skiff agent` take it.
