@@ -306,6 +306,19 @@ impl Docs {
     }
 }
 
+impl Docs {
+    /// What a failure is read with: the node as the hub sees it, and the agent's last words.
+    fn state(&self) -> String {
+        let node = self.hub.ok(&["describe", "node", NODE]).unwrap_or_else(|e| e.to_string());
+        let log = self.agent.as_ref().map(Node::log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        format!(
+            "--- describe node\n{node}--- the agent's last lines\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+}
+
 fn shell_quote(s: &str) -> String {
     if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=@,".contains(c)) {
         s.to_string()
@@ -329,7 +342,7 @@ fn the_operator_pages_run_as_written() -> R {
                 Block::Sh(lines) => {
                     for line in lines.iter().filter(|l| !l.trim().is_empty()) {
                         let mapped = docs.subst(line);
-                        docs.run(&mapped).map_err(|e| anyhow::anyhow!("{page}: {line}: {e:#}"))?;
+                        docs.run(&mapped).map_err(|e| anyhow::anyhow!("{page}: {line}: {e:#}\n{}", docs.state()))?;
                         ran += 1;
                     }
                 }
