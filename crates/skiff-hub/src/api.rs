@@ -35,6 +35,13 @@ fn not_found(msg: impl Into<String>) -> ApiError {
 fn internal(msg: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, msg.to_string())
 }
+/// A store's failure: 503 while the hub is cut off from it (nothing was changed).
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    match e {
+        crate::store::StoreError::OutOfReach(m) => ApiError(StatusCode::SERVICE_UNAVAILABLE, m),
+        e => internal(e),
+    }
+}
 
 type Shared = Arc<Hub>;
 
@@ -131,8 +138,27 @@ async fn auth(State(hub): State<Shared>, req: Request, next: Next) -> Response {
             ),
         )
         .into_response(),
-        Some(_) => next.run(req).await,
+        Some(_) => {
+            let mut resp = next.run(req).await;
+            if let Some(why) = hub.store.out_of_reach() {
+                if let Ok(v) = header::HeaderValue::from_str(&out_of_reach_warning(&why)) {
+                    resp.headers_mut().insert(header::WARNING, v);
+                }
+            }
+            resp
+        }
     }
+}
+
+/// The `Warning` header (RFC 7234's form, as Kubernetes' API sends warnings) of every
+/// answer while the hub is cut off from its store: what it shows may be stale.
+fn out_of_reach_warning(why: &str) -> String {
+    let why: String =
+        why.chars().map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' { c } else { ' ' }).collect();
+    format!(
+        "199 skiff \"the hub's store cannot be reached ({}): this is what the hub last read, and it changes nothing until the store answers\"",
+        why.split_whitespace().collect::<Vec<_>>().join(" ")
+    )
 }
 
 /// A JSON request body, or a 400 naming where it is wrong: `request body:
@@ -238,7 +264,7 @@ async fn list_deployments(
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     watched(&q, &headers, hub.changes(), || {
-        let stored = hub.store.list().map_err(internal)?;
+        let stored = hub.store.list().map_err(store_error)?;
         let all = hub.instances();
         let why = unschedulable(&hub);
         // A pod's other containers are shown with as many wanted as its first.
@@ -268,7 +294,7 @@ async fn jobs(
 ) -> Result<Response, ApiError> {
     watched(&q, &headers, hub.changes(), || {
         let stored: Vec<skiff_model::Deployment> =
-            hub.store.list().map_err(internal)?.into_iter().map(|s| s.spec).collect();
+            hub.store.list().map_err(store_error)?.into_iter().map(|s| s.spec).collect();
         Ok(skiff_model::job::views(&stored, &hub.instances()))
     })
     .await
@@ -279,7 +305,7 @@ async fn jobs(
 fn service_list(hub: &Hub) -> Result<Vec<skiff_model::mesh::ServiceInfo>, ApiError> {
     use skiff_model::mesh::{virtual_addresses, Endpoint, Service, ServiceInfo, DEFAULT_SERVICE_RANGE};
     let services: Vec<Service> =
-        hub.store.list().map_err(internal)?.into_iter().filter_map(|s| Service::of(&s.spec)).collect();
+        hub.store.list().map_err(store_error)?.into_iter().filter_map(|s| Service::of(&s.spec)).collect();
     let all = hub.instances();
     let sites: std::collections::BTreeMap<String, String> =
         node_list(hub)?.into_iter().filter_map(|n| Some((n.name, n.labels.get("site")?.clone()))).collect();
@@ -341,6 +367,7 @@ fn hub_error(e: crate::ApplyError) -> ApiError {
     match e {
         crate::ApplyError::Invalid(m) => bad(m),
         crate::ApplyError::Internal(m) => internal(m),
+        crate::ApplyError::Unavailable(m) => ApiError(StatusCode::SERVICE_UNAVAILABLE, m),
     }
 }
 
@@ -387,7 +414,7 @@ async fn rollout_undo(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let req: skiff_model::rollout::UndoRequest = if body.is_empty() { Default::default() } else { parse_body(&body)? };
-    if hub.store.get(&name).map_err(internal)?.is_none() {
+    if hub.store.get(&name).map_err(store_error)?.is_none() {
         return Err(not_found(format!("deployment {name:?} not found")));
     }
     let now = hub.clock.now_ms();
@@ -396,7 +423,7 @@ async fn rollout_undo(
 }
 
 async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
-    let stored = hub.store.list().map_err(internal)?;
+    let stored = hub.store.list().map_err(store_error)?;
     if !stored.iter().any(|s| s.spec.name == name) {
         return Err(not_found(format!("deployment {name:?} not found")));
     }
@@ -421,7 +448,7 @@ async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) 
     // The pod at once: never its first without some of its containers.
     let mut pod = members;
     pod.push(name.clone());
-    if !hub.store.delete_all(&pod).map_err(internal)?.contains(&name) {
+    if !hub.store.delete_all(&pod).map_err(store_error)?.contains(&name) {
         return Err(not_found(format!("deployment {name:?} not found")));
     }
     hub.sync_nodes().map_err(internal)?;
@@ -659,7 +686,7 @@ async fn create_token(State(hub): State<Shared>, body: axum::body::Bytes) -> Res
 }
 
 async fn list_tokens(State(hub): State<Shared>) -> Result<Response, ApiError> {
-    let mut v = hub.store.tokens().map_err(internal)?;
+    let mut v = hub.store.tokens().map_err(store_error)?;
     for t in &mut v {
         t.secret_sha256.clear();
     }
@@ -667,7 +694,7 @@ async fn list_tokens(State(hub): State<Shared>) -> Result<Response, ApiError> {
 }
 
 async fn revoke_token(State(hub): State<Shared>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    if !hub.store.revoke_token(&id).map_err(internal)? {
+    if !hub.store.revoke_token(&id).map_err(store_error)? {
         return Err(not_found(format!("token {id:?} not found")));
     }
     Ok(StatusCode::NO_CONTENT)

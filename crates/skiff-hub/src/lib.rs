@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod node;
 pub mod nodes;
 pub mod pki;
+pub mod remember;
 pub mod rollouts;
 pub mod schedule;
 pub mod seal;
@@ -51,11 +52,17 @@ pub enum ApplyError {
     Invalid(String),
     #[error("{0}")]
     Internal(String),
+    /// The store is out of reach: nothing was changed (503).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<store::StoreError> for ApplyError {
     fn from(e: store::StoreError) -> Self {
-        ApplyError::Internal(e.to_string())
+        match e {
+            store::StoreError::OutOfReach(m) => ApplyError::Unavailable(m),
+            e => ApplyError::Internal(e.to_string()),
+        }
     }
 }
 

@@ -21,6 +21,9 @@ pub enum StoreError {
     Poisoned,
     #[error("hub store: {0}")]
     Etcd(String),
+    /// The hub is cut off from its store (see [`crate::remember`]).
+    #[error("{0}")]
+    OutOfReach(String),
     #[error("hub store: {0} exists already")]
     Exists(String),
     #[error("hub store: {0}")]
@@ -135,6 +138,12 @@ pub trait Store: Send + Sync {
 
     /// Gives up the lead now (a clean stop), so a standby need not wait out the lease.
     fn resign(&self) {}
+
+    /// Why the hub answers from what it last read and writes nothing, while it does
+    /// (see [`crate::remember`]).
+    fn out_of_reach(&self) -> Option<String> {
+        None
+    }
 
     /// Controllers' state that must outlive a hub (an autoscaler's stabilization window):
     /// `value` under `key`, or no value (`None`).

@@ -20,6 +20,14 @@ pub struct ApiError {
     pub message: String,
 }
 
+/// Says the hub's `Warning` header (`199 skiff "TEXT"`) on stderr, once per command.
+fn warn_once(resp: &reqwest::Response) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let Some(text) = resp.headers().get(reqwest::header::WARNING).and_then(|v| v.to_str().ok()) else { return };
+    let text = text.split_once(" skiff ").map(|(_, t)| t).unwrap_or(text).trim_matches('"');
+    SAID.call_once(|| eprintln!("warning: {text}"));
+}
+
 impl Client {
     pub fn new(mut cfg: ClientConfig) -> Result<Self> {
         cfg.server = cfg.answering();
@@ -65,6 +73,7 @@ impl Client {
         let resp = req.bearer_auth(&self.cfg.token).send().await.map_err(|e| {
             anyhow::anyhow!(skiff_image::error::with_causes(&e)).context(self.unreachable(e.is_connect()))
         })?;
+        warn_once(&resp);
         if resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_MODIFIED {
             return Ok(resp);
         }

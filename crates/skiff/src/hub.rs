@@ -349,9 +349,9 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     if args.standing_by_again.is_some_and(|ms| ms < 30_000) {
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    let store = loop {
+    let remembering = loop {
         match open_store(data, &args.store, &args.etcd, &args.seal) {
-            Ok(s) => break s,
+            Ok(s) => break Arc::new(skiff_hub::remember::Remembering::new(s)),
             Err(e) if again && matches!(e.downcast_ref(), Some(skiff_hub::store::StoreError::Etcd(_))) => {
                 tracing::warn!("waiting for the store: {e:#}");
                 tokio::select! {
@@ -363,6 +363,7 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
             Err(e) => return Err(e),
         }
     };
+    let store: Arc<dyn Store> = Arc::clone(&remembering) as Arc<dyn Store>;
     // Several hubs on one store: one is active; this one waits for its turn.
     // Unique even for hubs in containers sharing a host name and pid 1: the store fences
     // writes by it.
@@ -467,13 +468,25 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
         _ = sigterm.recv() => {}
         why = lost => {
             controllers.abort();
-            server_task.abort();
-            eprintln!("skiff: hub lost the store's lease ({why}); standing by again");
-            // Its lease given up where the store still hears (another hub then need
-            // not wait it out).
-            let s = Arc::clone(&store);
-            let _ = tokio::time::timeout(Duration::from_secs(2), tokio::task::spawn_blocking(move || s.resign())).await;
-            return Err(stand_by_again(led_since.elapsed()));
+            // Cut off: it serves what it last read (nodes' tunnels, logs and exec too) and
+            // changes nothing, until the store answers again or another hub leads.
+            remembering.cut_off(&why);
+            eprintln!("skiff: hub lost the store's lease ({why}); serving what it last read, changing nothing");
+            let peers: Vec<String> = remembering.hubs(None).unwrap_or_default().into_iter().filter(|h| *h != server).collect();
+            tokio::select! {
+                _ = sigint.recv() => {}
+                _ = sigterm.recv() => {}
+                r = &mut server_task => return Err(crate::role_died("the API server", r)),
+                how = until_the_store_or_a_peer({ let r = Arc::clone(&remembering); move || r.answers() }, peers) => {
+                    server_task.abort();
+                    eprintln!("skiff: {how}; standing by again");
+                    // Its lease given up where the store hears (another hub then need
+                    // not wait it out).
+                    let s = Arc::clone(&store);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), tokio::task::spawn_blocking(move || s.resign())).await;
+                    return Err(stand_by_again(led_since.elapsed()));
+                }
+            }
         }
         r = &mut server_task => {
             controllers.abort();
@@ -490,6 +503,26 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     store.resign();
     eprintln!("skiff: hub stopped");
     Ok(0)
+}
+
+/// While cut off from the store: returns once the store answers again, or once another
+/// hub of the store answers on its address (hubs listen only while they lead, so it took
+/// over: this one's nodes should move to it). Asked every 2 s.
+async fn until_the_store_or_a_peer(answers: impl Fn() -> bool + Clone + Send + 'static, peers: Vec<String>) -> String {
+    loop {
+        let ask = answers.clone();
+        if tokio::task::spawn_blocking(ask).await.unwrap_or(false) {
+            return "the store answers again".into();
+        }
+        for p in &peers {
+            let Some(addr) = p.strip_prefix("https://").map(|a| a.trim_end_matches('/').to_string()) else { continue };
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(&addr)).await
+            {
+                return format!("the hub at {p} leads now");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// A hub that lost the store's lease (the store out of reach, or another hub leading)
@@ -855,6 +888,30 @@ fn platform_lookup(cli: &crate::cli::Cli, pushed: Arc<Pushed>) -> Result<skiff_h
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Cut off, a hub starts over once the store answers, or once another hub of the
+    /// store answers on its address (it leads: the nodes should move to it); not before.
+    #[tokio::test]
+    async fn a_cut_off_hub_waits_for_the_store_or_a_leading_peer() {
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = Arc::clone(&asked);
+        let back = move || count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1;
+        assert_eq!(until_the_store_or_a_peer(back, vec![]).await, "the store answers again");
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2, "asked again after a wait");
+
+        // A peer that does not listen is no reason; one that does is.
+        let gone = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            format!("https://{}", l.local_addr().unwrap())
+        };
+        let waited =
+            tokio::time::timeout(Duration::from_secs(3), until_the_store_or_a_peer(|| false, vec![gone.clone()]));
+        assert!(waited.await.is_err(), "still cut off");
+        let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", peer.local_addr().unwrap());
+        let how = until_the_store_or_a_peer(|| false, vec![gone, "http://not-a-hub".into(), url.clone()]).await;
+        assert_eq!(how, format!("the hub at {url} leads now"));
+    }
 
     fn archive_of(dir: &std::path::Path) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());

@@ -137,9 +137,9 @@ fn admin_token(h: &Node) -> String {
 /// killed; the standby takes over within the lease, with the shared CA and admin token,
 /// and the node (given hub a only: it learns b from the hubs) follows it without
 /// restarting its workload. The first hub, back, stands by; a clean stop of the active
-/// one hands over at once. Then every etcd member stops: the hub stands by again by
-/// itself, changes are refused with a reason, workloads run on, and when etcd returns
-/// the same hub process leads again.
+/// one hands over at once. Then every etcd member stops: the hub is cut off — it shows
+/// what it last read and reaches the node, changes are refused with a reason, workloads
+/// run on — and when etcd returns the same hub process stands by and leads again.
 #[test]
 fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_restart() -> R {
     skiff_testkit::require_privileged!();
@@ -263,8 +263,9 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     wait_ready(&a, "edge-1")?;
     wait_placed(&a, &[("edge-1", "svc-1"), ("edge-1", "two-1")])?;
 
-    // Every etcd member stops. The hub loses its lease and stands by again by itself; a
-    // change is refused with a message that says why; the node's workloads run on.
+    // Every etcd member stops. The hub loses its lease and is cut off: it shows what it
+    // last read (saying so), reaches the node through its tunnel, refuses every change
+    // with a message that says why and that nothing changed; the node's workloads run on.
     // (Those scaled away and deleted above are gone first: `sleep` ignores SIGTERM, so
     // its grace period runs out.)
     let running =
@@ -274,10 +275,26 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     for i in 0..e.members.len() {
         e.kill(i);
     }
-    wait_for(60 * SEC, "hub a to stand by again", || a.log().contains("standing by again").then_some(()))?;
-    let out = a.cli(&["run", IMAGE, "--name", "three", "--", "sleep", "1000"])?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("no hub answers") && err.contains("nothing was changed"), "{err}");
+    wait_for(60 * SEC, "hub a cut off from the store", || a.log().contains("serving what it last read").then_some(()))?;
+    let out = a.cli(&["get", "deployments"])?;
+    let (shown, said) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && shown.contains("svc") && shown.contains("two"), "{shown}{said}");
+    assert!(said.contains("warning: the hub's store cannot be reached") && said.contains("changes nothing"), "{said}");
+    assert!(a.ok(&["get", "nodes"])?.contains("edge-1"));
+    assert_eq!(a.ok(&["exec", "two-1", "--", "echo", "through the tunnel"])?.trim(), "through the tunnel");
+    for change in [
+        &["run", IMAGE, "--name", "three", "--", "sleep", "1000"][..],
+        &["scale", "svc=3"],
+        &["delete", "deployment", "two"],
+    ] {
+        let out = a.cli(change)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("cannot be reached") && err.contains("nothing was changed"),
+            "{change:?}: {err}"
+        );
+    }
+    assert!(a.ok(&["get", "deployments"])?.contains("two"));
     assert_eq!(runc_pids(&node)?, running, "the workloads run on without the store");
     // etcd comes back: the same hub process leads again, the node returns to it, and a
     // change goes through; no container was restarted.

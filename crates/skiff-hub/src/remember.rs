@@ -1,0 +1,362 @@
+//! A store that remembers what it last read, for a hub whose store goes out of reach.
+//!
+//! When the active hub of a shared store (etcd) loses the store's lease because the store
+//! no longer answers, it is [`Remembering::cut_off`]: from then on every read answers from
+//! the copy of its last successful read — `skiff get`, `describe`, logs and exec through
+//! the nodes' tunnels keep working — and every write is refused at once with a message
+//! that says nothing was changed ([`StoreError::OutOfReach`]). Nothing is written while cut
+//! off, so nothing is half-applied, and no controller runs (the hub stops them). The hub
+//! starts over as a standby once the store answers again (or another hub leads).
+//!
+//! A read that fails because the store did not answer, before the hub is cut off, answers
+//! from the same copy.
+//!
+//! Architecture Invariant: a hub cut off from its store changes nothing, anywhere.
+
+use crate::schedule::Slot;
+use crate::store::{
+    Dump, JoinRefused, Joined, Lead, NodeJoin, NodeRecord, NodeSpec, Store, StoreError, Stored, TokenRecord,
+};
+use skiff_model::api::ApplyResponse;
+use skiff_model::rollout::{Revision, RolloutState};
+use skiff_model::Deployment;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Entries kept per keyed read (a node by name, a serial's revocation): more are
+/// forgotten wholesale (every key comes from an authenticated caller).
+const KEYED_MAX: usize = 10_000;
+
+/// What the store last answered to each read.
+#[derive(Default)]
+struct Seen {
+    list: Option<Vec<Stored>>,
+    revision: Option<u64>,
+    tokens: Option<Vec<TokenRecord>>,
+    token: HashMap<String, Option<TokenRecord>>,
+    nodes: Option<Vec<NodeRecord>>,
+    node: HashMap<String, Option<NodeRecord>>,
+    revoked: HashMap<String, bool>,
+    history: HashMap<String, Vec<Revision>>,
+    progressing: Option<Vec<String>>,
+    slots: Option<Vec<Slot>>,
+    shared: HashMap<String, Option<String>>,
+    states: HashMap<String, Vec<(String, String)>>,
+    hubs: Option<Vec<String>>,
+}
+
+fn keep<V>(m: &mut HashMap<String, V>, k: &str, v: V) {
+    if m.len() >= KEYED_MAX && !m.contains_key(k) {
+        m.clear();
+    }
+    m.insert(k.to_string(), v);
+}
+
+pub struct Remembering {
+    inner: Arc<dyn Store>,
+    /// Why the store is out of reach, while it is.
+    cut: Mutex<Option<String>>,
+    seen: Mutex<Seen>,
+}
+
+impl Remembering {
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        Remembering { inner, cut: Mutex::new(None), seen: Mutex::new(Seen::default()) }
+    }
+
+    /// From now on reads answer from memory and writes are refused (`why` says why).
+    pub fn cut_off(&self, why: &str) {
+        if let Ok(mut c) = self.cut.lock() {
+            *c = Some(why.to_string());
+        }
+    }
+
+    /// Whether the store itself answers now (asked even while cut off).
+    pub fn answers(&self) -> bool {
+        self.inner.revision().is_ok()
+    }
+
+    fn why(&self) -> Option<String> {
+        self.cut.lock().ok().and_then(|c| c.clone())
+    }
+
+    fn refused(why: &str) -> StoreError {
+        StoreError::OutOfReach(format!(
+            "the hub's store cannot be reached ({why}); nothing was changed. The hub shows what it last read, \
+             and nodes keep running their workloads, until the store answers again"
+        ))
+    }
+
+    /// A read: from the store while it answers (the answer kept), else from the copy.
+    fn read<T: Clone>(
+        &self,
+        what: &str,
+        fresh: impl FnOnce() -> Result<T, StoreError>,
+        put: impl FnOnce(&mut Seen, &T),
+        get: impl FnOnce(&Seen) -> Option<T>,
+    ) -> Result<T, StoreError> {
+        let kept = |s: &Mutex<Seen>| s.lock().ok().and_then(|s| get(&s));
+        match self.why() {
+            Some(why) => kept(&self.seen).ok_or_else(|| {
+                StoreError::OutOfReach(format!(
+                    "the hub's store cannot be reached ({why}), and this hub has not read {what} before"
+                ))
+            }),
+            None => match fresh() {
+                Ok(v) => {
+                    if let Ok(mut s) = self.seen.lock() {
+                        put(&mut s, &v);
+                    }
+                    Ok(v)
+                }
+                Err(StoreError::Etcd(e)) => kept(&self.seen).ok_or(StoreError::Etcd(e)),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// A write: refused while cut off.
+    fn write<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match self.why() {
+            Some(why) => Err(Self::refused(&why)),
+            None => f(),
+        }
+    }
+}
+
+impl Store for Remembering {
+    fn apply(
+        &self,
+        deployments: &[Deployment],
+        prune_stack: Option<&str>,
+        dry_run: bool,
+        now_ms: u64,
+    ) -> Result<ApplyResponse, StoreError> {
+        self.write(|| self.inner.apply(deployments, prune_stack, dry_run, now_ms))
+    }
+
+    fn list(&self) -> Result<Vec<Stored>, StoreError> {
+        self.read("the deployments", || self.inner.list(), |s, v| s.list = Some(v.clone()), |s| s.list.clone())
+    }
+
+    fn get(&self, name: &str) -> Result<Option<Stored>, StoreError> {
+        self.read(
+            "the deployments",
+            || self.inner.get(name),
+            |_, _| {},
+            |s| s.list.as_ref().map(|l| l.iter().find(|d| d.spec.name == name).cloned()),
+        )
+    }
+
+    fn delete_all(&self, names: &[String]) -> Result<Vec<String>, StoreError> {
+        self.write(|| self.inner.delete_all(names))
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        self.read("the revision", || self.inner.revision(), |s, v| s.revision = Some(*v), |s| s.revision)
+    }
+
+    fn create_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.write(|| self.inner.create_token(t))
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.read(
+            "that token",
+            || self.inner.token(id),
+            |s, v| keep(&mut s.token, id, v.clone()),
+            |s| s.token.get(id).cloned().or_else(|| s.tokens.as_ref().map(|t| t.iter().find(|t| t.id == id).cloned())),
+        )
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.read("the tokens", || self.inner.tokens(), |s, v| s.tokens = Some(v.clone()), |s| s.tokens.clone())
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        self.write(|| self.inner.revoke_token(id))
+    }
+
+    fn join_node(&self, j: &NodeJoin<'_>) -> Result<Result<Joined, JoinRefused>, StoreError> {
+        self.write(|| self.inner.join_node(j))
+    }
+
+    fn set_node_info(&self, name: &str, info: &NodeSpec) -> Result<(), StoreError> {
+        self.write(|| self.inner.set_node_info(name, info))
+    }
+
+    fn renew_cert(&self, name: &str, serial: &str, not_after_ms: u64, key_sha256: &str) -> Result<(), StoreError> {
+        self.write(|| self.inner.renew_cert(name, serial, not_after_ms, key_sha256))
+    }
+
+    fn promote_cert(&self, name: &str, serial: &str, now_ms: u64) -> Result<(), StoreError> {
+        self.write(|| self.inner.promote_cert(name, serial, now_ms))
+    }
+
+    fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        self.read(
+            "that node",
+            || self.inner.node(name),
+            |s, v| keep(&mut s.node, name, v.clone()),
+            |s| {
+                s.node
+                    .get(name)
+                    .cloned()
+                    .or_else(|| s.nodes.as_ref().map(|n| n.iter().find(|n| n.name == name).cloned()))
+            },
+        )
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.read("the nodes", || self.inner.nodes(), |s, v| s.nodes = Some(v.clone()), |s| s.nodes.clone())
+    }
+
+    fn revoke_node(&self, name: &str, now_ms: u64) -> Result<bool, StoreError> {
+        self.write(|| self.inner.revoke_node(name, now_ms))
+    }
+
+    fn is_revoked(&self, serial: &str) -> Result<bool, StoreError> {
+        self.read(
+            "that certificate",
+            || self.inner.is_revoked(serial),
+            |s, v| keep(&mut s.revoked, serial, *v),
+            |s| s.revoked.get(serial).copied(),
+        )
+    }
+
+    fn history(&self, name: &str) -> Result<Vec<Revision>, StoreError> {
+        self.read(
+            "that history",
+            || self.inner.history(name),
+            |s, v| keep(&mut s.history, name, v.clone()),
+            |s| s.history.get(name).cloned(),
+        )
+    }
+
+    fn progressing(&self) -> Result<Vec<String>, StoreError> {
+        self.read(
+            "the rollouts",
+            || self.inner.progressing(),
+            |s, v| s.progressing = Some(v.clone()),
+            |s| s.progressing.clone(),
+        )
+    }
+
+    fn set_wave(&self, name: &str, revision: u64, nodes: &[String]) -> Result<u64, StoreError> {
+        self.write(|| self.inner.set_wave(name, revision, nodes))
+    }
+
+    fn set_rollout(
+        &self,
+        name: &str,
+        revision: u64,
+        state: RolloutState,
+        cause: Option<&str>,
+        message: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.write(|| self.inner.set_rollout(name, revision, state, cause, message))
+    }
+
+    fn slots(&self) -> Result<Vec<Slot>, StoreError> {
+        self.read("the placement", || self.inner.slots(), |s, v| s.slots = Some(v.clone()), |s| s.slots.clone())
+    }
+
+    fn set_slots(&self, slots: &[Slot]) -> Result<u64, StoreError> {
+        self.write(|| self.inner.set_slots(slots))
+    }
+
+    fn shared(&self, key: &str, value: &str) -> Result<String, StoreError> {
+        self.write(|| self.inner.shared(key, value))
+    }
+
+    fn shared_value(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.read(
+            "that shared value",
+            || self.inner.shared_value(key),
+            |s, v| keep(&mut s.shared, key, v.clone()),
+            |s| s.shared.get(key).cloned(),
+        )
+    }
+
+    fn campaign(&self, id: &str, ttl: std::time::Duration) -> Option<tokio::sync::watch::Receiver<Lead>> {
+        self.inner.campaign(id, ttl)
+    }
+
+    fn hubs(&self, add: Option<&str>) -> Result<Vec<String>, StoreError> {
+        if add.is_some() {
+            return self.write(|| self.inner.hubs(add));
+        }
+        self.read("the hubs", || self.inner.hubs(None), |s, v| s.hubs = Some(v.clone()), |s| s.hubs.clone())
+    }
+
+    fn resign(&self) {
+        self.inner.resign()
+    }
+
+    fn put_state(&self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
+        self.write(|| self.inner.put_state(key, value))
+    }
+
+    fn put_states(&self, changes: &[(String, Option<String>)]) -> Result<(), StoreError> {
+        self.write(|| self.inner.put_states(changes))
+    }
+
+    fn states(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(
+            "that state",
+            || self.inner.states(prefix),
+            |s, v| keep(&mut s.states, prefix, v.clone()),
+            |s| s.states.get(prefix).cloned(),
+        )
+    }
+
+    fn export(&self) -> Result<Dump, StoreError> {
+        self.write(|| self.inner.export())
+    }
+
+    fn import(&self, dump: &Dump) -> Result<(), StoreError> {
+        self.write(|| self.inner.import(dump))
+    }
+
+    fn out_of_reach(&self) -> Option<String> {
+        self.why()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    #[test]
+    fn cut_off_it_reads_what_it_saw_and_writes_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
+        let r = Remembering::new(Arc::clone(&inner));
+        r.apply(&[Deployment::new("web", "img:1")], None, false, 1).unwrap();
+        assert_eq!(r.list().unwrap().len(), 1);
+        assert_eq!(r.history("web").unwrap().len(), 1);
+        let rev = r.revision().unwrap();
+        assert!(r.out_of_reach().is_none());
+
+        r.cut_off("etcd at 127.0.0.1:2379 does not answer");
+        assert_eq!(r.out_of_reach().as_deref(), Some("etcd at 127.0.0.1:2379 does not answer"));
+        // Reads: what it saw, also a deployment by name from the list it read.
+        assert_eq!(r.list().unwrap()[0].spec.image, "img:1");
+        assert_eq!(r.get("web").unwrap().map(|s| s.spec.image), Some("img:1".into()));
+        assert_eq!(r.get("db").unwrap(), None);
+        assert_eq!(r.history("web").unwrap().len(), 1);
+        assert_eq!(r.revision().unwrap(), rev);
+        // What it never read is an error that says so.
+        let e = r.tokens().unwrap_err().to_string();
+        assert!(e.contains("does not answer") && e.contains("has not read the tokens"), "{e}");
+        // Writes: refused, naming the cause; the store is untouched.
+        let e = r.apply(&[Deployment::new("web", "img:2")], None, false, 2).unwrap_err().to_string();
+        assert!(e.contains("nothing was changed") && e.contains("does not answer"), "{e}");
+        assert!(r.delete("web").is_err() && r.put_state("k", Some("v")).is_err() && r.set_slots(&[]).is_err());
+        assert_eq!(inner.list().unwrap()[0].spec.image, "img:1");
+        assert_eq!(inner.revision().unwrap(), rev);
+        assert!(inner.states("k").unwrap().is_empty());
+        assert!(r.answers(), "the store itself is asked");
+    }
+}
