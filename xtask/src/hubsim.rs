@@ -9,7 +9,7 @@
 //! that often, as agents do every 15 s by default.
 
 use anyhow::{bail, Context, Result};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -354,8 +354,25 @@ pub async fn ha(admin_conf: &str, token: &str, nodes: usize, standby: &str, acti
     let sims = join_all(&plain, &server, &secret, &ca, nodes).await?;
     let hubs = [server.clone(), standby.to_string()];
     let addrs = [addr_of(&hubs[0])?, addr_of(&hubs[1])?];
+    // What the sims received, before and after the failover (by when their connection
+    // opened), and assignments among it; the revision each holds, sent in its hello as
+    // the agent does (`agent.db`), so a hub sends only what changed since.
+    let failed_over = Arc::new(AtomicBool::new(false));
+    let bytes = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let assigns = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let revisions: Arc<Vec<AtomicU64>> = Arc::new((0..nodes).map(|_| AtomicU64::new(0)).collect());
+    let digests: Arc<Vec<Mutex<Option<String>>>> = Arc::new((0..nodes).map(|_| Mutex::new(None)).collect());
+    let placed: Arc<Vec<AtomicBool>> = Arc::new((0..nodes).map(|_| AtomicBool::new(false)).collect());
     for (i, n) in sims.iter().enumerate() {
         let (n, hubs) = (Arc::clone(n), hubs.clone());
+        let (failed_over, bytes, assigns, revisions, digests) = (
+            Arc::clone(&failed_over),
+            Arc::clone(&bytes),
+            Arc::clone(&assigns),
+            Arc::clone(&revisions),
+            Arc::clone(&digests),
+        );
+        let placed = Arc::clone(&placed);
         tokio::spawn(async move {
             use futures_util::{SinkExt, StreamExt};
             use tokio_tungstenite::tungstenite::Message;
@@ -382,12 +399,33 @@ pub async fn ha(admin_conf: &str, token: &str, nodes: usize, standby: &str, acti
                     tokio::time::sleep(Duration::from_millis(200 + (i as u64 * 31) % 100)).await;
                     continue;
                 };
-                let hello = serde_json::json!({"type": "hello", "revision": 0}).to_string();
+                let phase = usize::from(failed_over.load(Ordering::SeqCst));
+                let held = revisions[i].load(Ordering::SeqCst);
+                let digest = digests[i].lock().ok().and_then(|d| d.clone());
+                let hello = serde_json::json!({"type": "hello", "revision": held, "digest": digest}).to_string();
                 let status = serde_json::json!({"type": "status", "status": {}}).to_string();
                 if ws.send(Message::Text(hello.into())).await.is_ok()
                     && ws.send(Message::Text(status.into())).await.is_ok()
                 {
-                    while let Some(Ok(_)) = ws.next().await {}
+                    while let Some(Ok(m)) = ws.next().await {
+                        bytes[phase].fetch_add(m.len() as u64, Ordering::Relaxed);
+                        let Message::Text(t) = m else { continue };
+                        if !t.as_str().starts_with(r#"{"type":"assign""#) {
+                            continue;
+                        }
+                        assigns[phase].fetch_add(1, Ordering::Relaxed);
+                        let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                        if let Some(r) = v["assignment"]["revision"].as_u64() {
+                            revisions[i].store(r, Ordering::SeqCst);
+                        }
+                        if let Ok(mut d) = digests[i].lock() {
+                            *d = v["assignment"]["digest"].as_str().map(String::from);
+                        }
+                        let everywhere = v["assignment"]["deployments"]
+                            .as_array()
+                            .is_some_and(|all| all.iter().any(|d| d["spec"]["name"] == "everywhere"));
+                        placed[i].store(everywhere, Ordering::SeqCst);
+                    }
                 }
                 // Lost the hub: as the agent, about a second, then again.
                 tokio::time::sleep(Duration::from_millis(1_000 + (i as u64 * 7) % 500)).await;
@@ -401,7 +439,23 @@ pub async fn ha(admin_conf: &str, token: &str, nodes: usize, standby: &str, acti
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    eprintln!("hub-ha: {nodes} nodes Ready at {server}; killing it");
+    // A deployment on every node: each holds an assignment worth resending.
+    let everywhere = serde_json::json!({"deployments": [{"name": "everywhere", "image": "localhost/none:1", "placement": {"mode": "global"}, "env": {"PAD": "x".repeat(512)}}], "dry_run": false});
+    let r = plain.post(format!("{server}/api/v1/apply")).bearer_auth(&admin).json(&everywhere).send().await?;
+    if !r.status().is_success() {
+        bail!("apply everywhere: {}", r.text().await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while placed.iter().any(|p| !p.load(Ordering::SeqCst)) {
+        if Instant::now() > deadline {
+            bail!("not every node assigned `everywhere` within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let first = (bytes[0].load(Ordering::SeqCst), assigns[0].load(Ordering::SeqCst));
+    eprintln!("hub-ha: {nodes} nodes Ready at {server} and assigned; killing it");
+    failed_over.store(true, Ordering::SeqCst);
     let _ = std::process::Command::new("kill").args(["-KILL", &active_pid.to_string()]).status();
     let t0 = Instant::now();
     let limit = Duration::from_secs(120);
@@ -432,12 +486,21 @@ pub async fn ha(admin_conf: &str, token: &str, nodes: usize, standby: &str, acti
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // What the resync cost: everything the nodes received from the new leader, over the
+    // same settling time as before the kill.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = (bytes[1].load(Ordering::SeqCst), assigns[1].load(Ordering::SeqCst));
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64).unwrap_or(0);
+    let per_node = |b: u64| (b as f64 / nodes as f64).round();
     let out = serde_json::json!({
         "nodes": nodes,
         "new_leader_ms": leads.as_millis() as u64,
         "every_node_ready_ms": ms(all_ready),
         "first_apply_ms": ms(applied),
+        "first_sync_bytes_per_node": per_node(first.0),
+        "first_sync_assignments": first.1,
+        "resync_bytes_per_node": per_node(after.0),
+        "resync_assignments": after.1,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

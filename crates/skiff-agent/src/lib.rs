@@ -562,8 +562,9 @@ impl Agent {
         deployments: &[(Deployment, Option<Vec<u32>>)],
         revision: u64,
         metrics: &[String],
+        digest: Option<&str>,
     ) -> Result<(), AgentError> {
-        self.db(|s| s.set_assignment(deployments, revision, Some(metrics)))?;
+        self.db(|s| s.set_assignment(deployments, revision, Some(metrics), digest))?;
         self.set_scraped_names(metrics.to_vec());
         self.notify.notify_one();
         Ok(())
@@ -578,6 +579,15 @@ impl Agent {
             return 0;
         }
         self.desired_revision().unwrap_or(0)
+    }
+
+    /// The hub's digest of the assignment held, to say in the hello (none while the
+    /// revision said is 0: the hub then sends the whole assignment).
+    pub fn hello_digest(&self) -> Option<String> {
+        if self.hello_revision() == 0 {
+            return None;
+        }
+        self.db(|s| s.meta(state::DIGEST_KEY)).ok().flatten()
     }
 
     /// Persists (fsync) what a hub placed on this node, then acts on it.

@@ -118,6 +118,9 @@ impl InstanceRow {
     }
 }
 
+/// The meta key of the hub's digest of the assignment held ([`State::set_assignment`]).
+pub const DIGEST_KEY: &str = "assignment_digest";
+
 pub struct State {
     conn: Connection,
 }
@@ -240,7 +243,7 @@ impl State {
         deployments: &[(Deployment, Option<Vec<u32>>)],
         revision: u64,
     ) -> Result<(), StateError> {
-        self.set_assignment(deployments, revision, None)
+        self.set_assignment(deployments, revision, None, None)
     }
 
     /// As [`State::set_desired_slots`], with the names of the metrics to scrape (from a
@@ -250,9 +253,10 @@ impl State {
         deployments: &[(Deployment, Option<Vec<u32>>)],
         revision: u64,
         metrics: Option<&[String]>,
+        digest: Option<&str>,
     ) -> Result<(), StateError> {
         self.conn.pragma_update(None, "synchronous", "FULL")?;
-        let r = self.write_desired(deployments, revision, metrics);
+        let r = self.write_desired(deployments, revision, metrics, digest);
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         r
     }
@@ -262,8 +266,17 @@ impl State {
         deployments: &[(Deployment, Option<Vec<u32>>)],
         revision: u64,
         metrics: Option<&[String]>,
+        digest: Option<&str>,
     ) -> Result<(), StateError> {
         let tx = self.conn.transaction()?;
+        // The hub's digest of exactly this assignment, or none (never an older one's).
+        match digest {
+            Some(d) => tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [DIGEST_KEY, d],
+            )?,
+            None => tx.execute("DELETE FROM meta WHERE key = ?1", [DIGEST_KEY])?,
+        };
         if let Some(names) = metrics {
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",

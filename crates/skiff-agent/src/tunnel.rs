@@ -153,6 +153,7 @@ where
         versions: Some(agent.versions().clone()),
         devices: Some(agent.device_counts()),
         features: Some(vec![skiff_model::proto::FEATURE_MESH_UDP.to_string()]),
+        digest: agent.hello_digest(),
     };
     if ws.send(Message::Text(frame(&hello).into())).await.is_err() {
         return;
@@ -189,7 +190,7 @@ where
                         Ok(Control::Assign { assignment }) => {
                             let all: Vec<_> =
                                 assignment.deployments.into_iter().map(|x| (x.spec, Some(x.indexes))).collect();
-                            if let Err(e) = agent.set_assignment(&all, assignment.revision, &assignment.metrics) {
+                            if let Err(e) = agent.set_assignment(&all, assignment.revision, &assignment.metrics, assignment.digest.as_deref()) {
                                 // Not stored, not acted on: drop the connection, so the
                                 // hub (seeing the old revision in the next hello) sends it
                                 // again, instead of believing it delivered.

@@ -946,7 +946,9 @@ impl Fleet {
         let at = self.at_revision()?;
         Ok(match at.nodes.get(node) {
             Some(a) => (**a).clone(),
-            None => Assignment { revision: at.revision, deployments: vec![], metrics: at.metrics.clone() },
+            None => {
+                Assignment { revision: at.revision, deployments: vec![], metrics: at.metrics.clone(), digest: None }
+            }
         })
     }
 
@@ -1023,7 +1025,7 @@ impl Fleet {
                         Some(Assigned { spec: spec.clone(), indexes })
                     })
                     .collect();
-                (n, Arc::new(Assignment { revision, deployments, metrics: metrics.clone() }))
+                (n, Arc::new(Assignment { revision, deployments, metrics: metrics.clone(), digest: None }))
             })
             .collect();
         let at = Arc::new(AtRevision { revision, nodes, templates, metrics });

@@ -108,8 +108,10 @@ pub async fn serve(
     let mut pushed_view: Option<skiff_model::mesh::MeshView> = None;
     // The store's hubs: told once the node said hello, and again when they change.
     let mut hubs = f.hubs();
-    // The revision the node holds (from its hello), and what was last pushed to it.
+    // The revision the node holds (from its hello) and the digest of its part, and what
+    // was last pushed to it.
     let mut node_rev: Option<u64> = None;
+    let mut node_digest: Option<String> = None;
     let mut pushed: Option<(Vec<skiff_model::proto::Assigned>, Vec<String>)> = None;
     // Whether the node reads UDP service ports (its hello says).
     let mut udp = false;
@@ -155,7 +157,8 @@ pub async fn serve(
                         continue;
                     }
                     match control {
-                        Ok(Control::Hello { revision, runtimes, versions, devices, features }) => {
+                        Ok(Control::Hello { revision, runtimes, versions, devices, features, digest }) => {
+                            node_digest = digest;
                             udp = features.is_some_and(|f| f.iter().any(|x| x == skiff_model::proto::FEATURE_MESH_UDP));
                             if let Err(e) =
                                 f.set_node_facts(&name, runtimes.as_deref(), versions.as_ref(), devices.as_ref())
@@ -311,14 +314,18 @@ pub async fn serve(
         if !udp {
             a.deployments.iter_mut().for_each(|d| skiff_model::mesh::tcp_only(&mut d.spec));
         }
-        // Behind on first contact: send once. Later: only when this node's part changed.
+        // Behind on first contact (another revision, and another part than the one the
+        // node holds — any hub's digest of it): send once. Later: only when this node's
+        // part changed.
+        let digest = assignment_digest(&a.deployments, &a.metrics);
         let stale = match &pushed {
-            None => held != a.revision,
+            None => held != a.revision && node_digest.as_deref() != Some(digest.as_str()),
             Some((d, m)) => *d != a.deployments || *m != a.metrics,
         };
         if stale {
             pushed = Some((a.deployments.clone(), a.metrics.clone()));
             node_rev = Some(a.revision);
+            a.digest = Some(digest);
             if let Some(frame) = send(&Control::Assign { assignment: a }) {
                 if !send_msg(&out, Message::Text(frame.into())).await {
                     break;
@@ -704,6 +711,15 @@ async fn relay_session(
             _ = output.closed() => return,
         }
     }
+}
+
+/// What a node's part is, as a hub tells it in an assignment and the node says it back
+/// in its hello ([`skiff_model::proto::Assignment::digest`]): sha256 of its JSON, 32 hex
+/// digits. Every hub of a store computes the same for the same part.
+pub fn assignment_digest(deployments: &[skiff_model::proto::Assigned], metrics: &[String]) -> String {
+    use sha2::Digest;
+    let json = serde_json::to_vec(&(deployments, metrics)).unwrap_or_default();
+    sha2::Sha256::digest(&json)[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

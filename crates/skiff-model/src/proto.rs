@@ -144,6 +144,11 @@ pub struct Assignment {
     /// scrapes from its instances that ask for it (`Deployment::scrape`) and ships.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<String>,
+    /// What the hub made of this node's part (deployments and metrics), as it sent it
+    /// (opaque; absent from older hubs). The agent keeps it and says it in its next
+    /// hello: a hub that finds the same part sends nothing, whatever the revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -484,6 +489,10 @@ pub enum Control {
         /// agents): [`FEATURE_MESH_UDP`].
         #[serde(default, skip_serializing_if = "Option::is_none")]
         features: Option<Vec<String>>,
+        /// The digest of the assignment the node holds, as the hub sent it
+        /// ([`Assignment::digest`]; absent from older agents).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     /// Agent → hub: instances and unshipped events, when they changed.
     Status { status: NodeStatus },

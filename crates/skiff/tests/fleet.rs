@@ -189,6 +189,18 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
     assert!(other.1.contains("node \\\"site-a-1\\\" may not act for node \\\"site-b-1\\\""), "{}", other.1);
     assert_eq!(anon, 401);
 
+    // A change that places nothing on these nodes moves the hub's revision on and is not
+    // sent to them. When the hub comes back below, each node's hello says the digest of
+    // the part it holds, and the hub sends it nothing again: the resync is incremental.
+    let out = h.cli(&["run", IMAGE, "--name", "nowhere", "--selector", "site=none", "--", "sleep", "1000"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let held = |n: &Node| -> anyhow::Result<(u64, Option<String>)> {
+        let s = skiff_agent::state::State::open(&n.data().join("agent.db"))?;
+        Ok((s.desired_revision()?, s.meta(skiff_agent::state::DIGEST_KEY)?))
+    };
+    let held_before = [held(&a)?, held(&b)?, held(&c)?];
+    assert!(held_before.iter().all(|(_, d)| d.is_some()), "{held_before:?}");
+
     // The hub goes away: the agents keep their workloads; agent b restarts meanwhile and
     // restores its instance from local state, same process, no restart.
     h.kill_up()?;
@@ -206,6 +218,10 @@ fn placement_offline_autonomy_and_node_authorization() -> R {
     h.spawn(&["hub", "--listen", &format!("127.0.0.1:{port}")])?;
     let after = wait_placed(&h, &PLACED)?;
     assert_eq!(pids(&after), pids(&before), "same processes, zero restarts");
+    wait_ready(&h, "site-a-1")?;
+    std::thread::sleep(2 * SEC);
+    assert_eq!([held(&a)?, held(&b)?, held(&c)?], held_before, "no assignment sent again");
+    h.ok(&["delete", "deployment", "nowhere"])?;
 
     // A change after the heal reaches the nodes: scale down.
     h.ok(&["delete", "deployment", "analyser"])?;
