@@ -134,27 +134,20 @@ impl Default for Floors {
 /// What keeps the node from taking new work, as the kubelet's DiskPressure and
 /// MemoryPressure conditions do (empty: nothing).
 pub fn pressure(h: &NodeMetrics, floors: &Floors) -> Vec<String> {
-    let mut out = vec![];
-    let percent = |free: u64, total: u64| (free as u128 * 100 / (total as u128).max(1)) as u64;
-    let disk_free = h.disk_total_bytes.saturating_sub(h.disk_used_bytes);
-    if floors.disk.under(disk_free, h.disk_total_bytes) {
-        out.push(format!(
-            "DiskPressure: {}% of the data filesystem free ({} MiB), below {}",
-            percent(disk_free, h.disk_total_bytes),
-            disk_free >> 20,
-            floors.disk
-        ));
-    }
-    let available = h.memory_total_bytes.saturating_sub(h.memory_used_bytes);
-    if floors.memory.under(available, h.memory_total_bytes) {
-        out.push(format!(
-            "MemoryPressure: {}% of memory available ({} MiB), below {}",
-            percent(available, h.memory_total_bytes),
-            available >> 20,
-            floors.memory
-        ));
-    }
-    out
+    let checks = [
+        ("DiskPressure", "of the data filesystem free", h.disk_total_bytes, h.disk_used_bytes, floors.disk),
+        ("MemoryPressure", "of memory available", h.memory_total_bytes, h.memory_used_bytes, floors.memory),
+    ];
+    checks
+        .into_iter()
+        .filter_map(|(condition, what, total, used, floor)| {
+            let free = total.saturating_sub(used);
+            let percent = (free as u128 * 100 / (total as u128).max(1)) as u64;
+            floor
+                .under(free, total)
+                .then(|| format!("{condition}: {percent}% {what} ({} MiB), below {floor}", free >> 20))
+        })
+        .collect()
 }
 
 /// What a sample is computed against: the previous CPU counters.

@@ -36,6 +36,9 @@ pub struct EventLog {
     /// The newest key time: keys only go forward, even on a hub whose clock is behind the
     /// one before it (the oldest key is the one trimmed, and the order is the one shown).
     last_ms: AtomicU64,
+    /// At most this many events of one node (`EventRecord::node`): a node that ships many
+    /// pushes out its own oldest, never another node's.
+    per_node: Option<usize>,
 }
 
 impl EventLog {
@@ -47,7 +50,14 @@ impl EventLog {
             writer: OnceLock::new(),
             seq: AtomicU64::new(0),
             last_ms: AtomicU64::new(0),
+            per_node: None,
         }
+    }
+
+    /// Keeps at most `n` events of any one node.
+    pub fn with_per_node(mut self, n: usize) -> Self {
+        self.per_node = Some(n.max(1));
+        self
     }
 
     fn prefix(&self) -> String {
@@ -107,7 +117,11 @@ impl EventLog {
                     }
                 }
             }
-            Err(e) => tracing::warn!(source = self.source, error = %e, "reading the events kept: starting afresh"),
+            Err(e) => {
+                // Not written either: keys this hub could not read back, it could not trim.
+                tracing::warn!(source = self.source, error = %e, "reading the events kept: these events stay in memory");
+                return;
+            }
         }
         let (tx, rx) = mpsc::channel();
         let source = self.source;
@@ -125,14 +139,45 @@ impl EventLog {
 
     pub fn push(&self, time_ms: u64, object: &str, reason: &str, message: String) {
         tracing::info!(source = self.source, object, reason, %message, "event");
-        let record = EventRecord { time_ms, object: object.into(), reason: reason.into(), message, node: None };
-        let key = self.key(time_ms);
+        self.record(
+            time_ms,
+            EventRecord { time_ms, object: object.into(), reason: reason.into(), message, node: None },
+        );
+    }
+
+    /// Records an event as it is (a node's, shipped to the hub), at `now_ms` by the
+    /// hub's clock (its place in the log: never a time a node wrote).
+    pub fn record(&self, now_ms: u64, record: EventRecord) {
+        let key = self.key(now_ms);
         let mut ops = vec![Op::Put(key.clone(), serde_json::to_string(&record).ok())];
         if let Ok(mut e) = self.events.lock() {
+            if let (Some(cap), Some(node)) = (self.per_node, record.node.as_deref()) {
+                let mut same = e.iter().enumerate().filter(|(_, (_, r))| r.node.as_deref() == Some(node));
+                if let Some((oldest, _)) = same.next() {
+                    if same.count() + 1 >= cap {
+                        ops.extend(e.remove(oldest).map(|(k, _)| Op::Put(k, None)));
+                    }
+                }
+            }
             e.push_back((key, record));
             while e.len() > self.limit {
                 ops.extend(e.pop_front().map(|(k, _)| Op::Put(k, None)));
             }
+        }
+        self.send(ops);
+    }
+
+    /// Forgets every event of `node`, here and in the store.
+    pub fn forget_node(&self, node: &str) {
+        let mut ops = vec![];
+        if let Ok(mut e) = self.events.lock() {
+            e.retain(|(k, r)| {
+                let keep = r.node.as_deref() != Some(node);
+                if !keep {
+                    ops.push(Op::Put(k.clone(), None));
+                }
+                keep
+            });
         }
         self.send(ops);
     }
@@ -214,5 +259,39 @@ mod tests {
         let other = EventLog::new("alerts", 3);
         other.persist(store);
         assert!(other.list().is_empty());
+    }
+
+    /// A node that ships many events pushes out its own oldest, never another node's;
+    /// the next hub on the store shows both nodes' events.
+    #[test]
+    fn a_chatty_node_pushes_out_only_its_own_events() {
+        let t = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
+        let log = EventLog::new("nodes", 10).with_per_node(3);
+        log.persist(Arc::clone(&store));
+        let ev = |node: &str, i: u64| EventRecord {
+            time_ms: 1_000 + i,
+            object: "web-1".into(),
+            reason: "Started".into(),
+            message: format!("{node} {i}"),
+            node: Some(node.into()),
+        };
+        log.record(1, ev("quiet", 0));
+        log.record(2, ev("quiet", 1));
+        for i in 2..50 {
+            log.record(1_000 + i, ev("chatty", i));
+        }
+        log.flush();
+        let shown = |l: &EventLog| l.list().into_iter().map(|e| e.message).collect::<Vec<_>>();
+        assert_eq!(shown(&log), ["quiet 0", "quiet 1", "chatty 47", "chatty 48", "chatty 49"]);
+        assert_eq!(store.states("events/nodes/").unwrap().len(), 5, "the pushed out are deleted");
+        let next = EventLog::new("nodes", 10).with_per_node(3);
+        next.persist(Arc::clone(&store));
+        assert_eq!(shown(&next), shown(&log));
+        // A deleted node's events go, in the store too.
+        next.forget_node("chatty");
+        next.flush();
+        assert_eq!(shown(&next), ["quiet 0", "quiet 1"]);
+        assert_eq!(store.states("events/nodes/").unwrap().len(), 2);
     }
 }

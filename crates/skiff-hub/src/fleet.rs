@@ -52,6 +52,13 @@ fn internal(e: impl std::fmt::Display) -> FleetError {
 
 /// Events kept per node on the hub.
 pub const EVENTS_PER_NODE: usize = 1000;
+/// Nodes' events kept in the store, in all and per node: what a hub that starts or takes
+/// over shows of what nodes shipped to the one before it.
+pub const STORED_NODE_EVENTS: usize = 5_000;
+pub const STORED_EVENTS_PER_NODE: usize = 100;
+/// The longest message of a node's event in the store (the whole log is read back in one
+/// request, within etcd's 4 MiB answers).
+pub const STORED_EVENT_MESSAGE_MAX: usize = 256;
 /// The longest event message kept from a node (longer ones are cut).
 pub const EVENT_MESSAGE_MAX: usize = 4096;
 
@@ -165,6 +172,8 @@ pub struct Fleet {
     runtimes_changed: Mutex<BTreeMap<String, u64>>,
     /// What nodes did that the hub refused: reports of instances not theirs, floods.
     pub security: crate::events::EventLog,
+    /// The events nodes shipped, as the store keeps them ([`Fleet::persist_events`]).
+    shipped: crate::events::EventLog,
     /// When each node last had a report refused with an event (one a minute at most, so a
     /// node cannot flush the security log or grow this with made-up names).
     refused: Mutex<HashMap<String, u64>>,
@@ -288,6 +297,7 @@ impl Fleet {
             renewed: Mutex::new(BTreeMap::new()),
             runtimes_changed: Mutex::new(BTreeMap::new()),
             security: crate::events::EventLog::new("fleet", 1000),
+            shipped: crate::events::EventLog::new("nodes", STORED_NODE_EVENTS).with_per_node(STORED_EVENTS_PER_NODE),
             refused: Mutex::new(Default::default()),
             hubs: tokio::sync::watch::channel(vec![]).0,
             mesh_gen: tokio::sync::watch::channel(0).0,
@@ -617,6 +627,11 @@ impl Fleet {
         if let Ok(mut m) = self.seen.lock() {
             m.remove(name);
         }
+        // What it shipped goes with it (a node joining later under its name starts clean).
+        if let Ok(mut ev) = self.events.lock() {
+            ev.remove(name);
+        }
+        self.shipped.forget_node(name);
         self.reschedule()?;
         Ok(())
     }
@@ -656,19 +671,24 @@ impl Fleet {
     /// that shipped them, whatever it wrote.
     pub fn report(&self, node: &str, status: NodeStatus) -> StatusAck {
         let ack = StatusAck { events_through: status.events_through };
-        if let Ok(mut ev) = self.events.lock() {
-            let q = ev.entry(node.to_string()).or_default();
-            q.extend(status.events.into_iter().map(|e| EventRecord {
+        let shipped: Vec<EventRecord> = status
+            .events
+            .into_iter()
+            .map(|e| EventRecord {
                 time_ms: e.time_ms,
                 object: cap_text(e.object, 256),
                 reason: cap_text(e.reason, 128),
                 message: cap_text(e.message, EVENT_MESSAGE_MAX),
                 node: Some(node.to_string()),
-            }));
-            while q.len() > EVENTS_PER_NODE {
-                q.pop_front();
-            }
+            })
+            .collect();
+        // The newest of a big batch only, in the store (a node keeps at most its share).
+        let now = self.clock.now_ms();
+        for r in shipped.iter().skip(shipped.len().saturating_sub(STORED_EVENTS_PER_NODE)) {
+            let message = cap_text(r.message.clone(), STORED_EVENT_MESSAGE_MAX);
+            self.shipped.record(now, EventRecord { message, ..r.clone() });
         }
+        self.remember_events(node, shipped);
         let allowed = self.allowed(node);
         let mut instances = status.instances;
         let mut refused: Vec<String> = vec![];
@@ -773,6 +793,42 @@ impl Fleet {
     /// Resolves when the placement revision may have moved past `after`.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    fn remember_events(&self, node: &str, events: Vec<EventRecord>) {
+        if let Ok(mut ev) = self.events.lock() {
+            let q = ev.entry(node.to_string()).or_default();
+            q.extend(events);
+            while q.len() > EVENTS_PER_NODE {
+                q.pop_front();
+            }
+        }
+    }
+
+    /// Keeps the fleet's security events and the events nodes ship in `store` too, and
+    /// shows what it kept of them: a hub that starts or takes over shows what nodes
+    /// shipped to the one before it, and what it refused of them.
+    pub fn persist_events(&self, store: Arc<dyn Store>) {
+        self.security.persist(Arc::clone(&store));
+        self.shipped.persist(store);
+        let mut by_node: BTreeMap<String, Vec<EventRecord>> = BTreeMap::new();
+        for r in self.shipped.list() {
+            if let Some(n) = r.node.clone() {
+                by_node.entry(n).or_default().push(r);
+            }
+        }
+        if let Ok(mut ev) = self.events.lock() {
+            for (n, kept) in by_node {
+                let q = ev.entry(n).or_default();
+                // Kept first, then what arrived since this hub started.
+                let since: Vec<EventRecord> = q.drain(..).collect();
+                q.extend(kept.into_iter().filter(|k| !since.contains(k)));
+                q.extend(since);
+                while q.len() > EVENTS_PER_NODE {
+                    q.pop_front();
+                }
+            }
+        }
     }
 
     /// Events nodes shipped (of one node, or all), oldest first, at most `limit` per node.
@@ -1109,6 +1165,33 @@ mod tests {
 
     fn peer(f: &Fleet, node: &str) -> Peer {
         Peer { node: Some(node.into()), serial: Some(f.store.node(node).unwrap().unwrap().cert_serial) }
+    }
+
+    /// What nodes shipped, and what the hub refused of them, outlive the hub: another
+    /// on the same store shows both.
+    #[test]
+    fn shipped_and_security_events_outlive_the_hub() {
+        let (t, f) = fleet();
+        f.persist_events(Arc::clone(&f.store));
+        let ev = |i: u64| EventRecord {
+            time_ms: 1_000 + i,
+            object: "web-1".into(),
+            reason: "Started".into(),
+            message: format!("pid {i}"),
+            node: Some("forged".into()),
+        };
+        let status = NodeStatus { events: (0..3).map(ev).collect(), events_through: 3, ..Default::default() };
+        f.report("pi-1", status);
+        f.security.push(2_000, "pi-2", "ReportRefused", "not its own".into());
+        f.shipped.flush();
+        f.security.flush();
+        let ca = Ca::load_or_create(&t.path().join("pki")).unwrap();
+        let next = Fleet::new(ca, Arc::clone(&f.store), crate::clock::system()).unwrap();
+        next.persist_events(Arc::clone(&f.store));
+        let shown = next.events(Some("pi-1"), 100);
+        assert_eq!(shown.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(), ["pid 0", "pid 1", "pid 2"]);
+        assert!(shown.iter().all(|e| e.node.as_deref() == Some("pi-1")), "the node that shipped them: {shown:?}");
+        assert_eq!(next.security.list().iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(), ["ReportRefused"]);
     }
 
     #[test]

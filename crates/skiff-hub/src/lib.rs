@@ -113,6 +113,9 @@ impl Hub {
         // The hub's events outlive it (as the controllers' state does).
         autoscaler.events.persist(Arc::clone(&store));
         rollouts.events.persist(Arc::clone(&store));
+        if let Some(f) = nodes.fleet() {
+            f.persist_events(Arc::clone(&store));
+        }
         Hub { store, nodes, admin_token, clock: clock::system(), autoscaler, rollouts, alerts: Default::default() }
     }
 

@@ -8,8 +8,9 @@
 //! off, so nothing is half-applied, and no controller runs (the hub stops them). The hub
 //! starts over as a standby once the store answers again (or another hub leads).
 //!
-//! A read that fails because the store did not answer, before the hub is cut off, answers
-//! from the same copy.
+//! Before the hub is cut off every read goes to the store (a failed one is an error, never
+//! an older copy: the controllers write what they read), and a write that changes who may
+//! do what forgets the copies of tokens, nodes and revoked certificates.
 //!
 //! Architecture Invariant: a hub cut off from its store changes nothing, anywhere.
 
@@ -109,7 +110,6 @@ impl Remembering {
                     }
                     Ok(v)
                 }
-                Err(StoreError::Etcd(e)) => kept(&self.seen).ok_or(StoreError::Etcd(e)),
                 Err(e) => Err(e),
             },
         }
@@ -121,6 +121,22 @@ impl Remembering {
             Some(why) => Err(Self::refused(&why)),
             None => f(),
         }
+    }
+
+    /// A write that changes who may do what (tokens, nodes, certificates): the copies
+    /// of those answers are forgotten, so a cut-off that comes before they are read
+    /// again refuses (the node lists are read again every second) rather than trusting a
+    /// revoked token or node.
+    fn write_identity<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let r = self.write(f);
+        if let Ok(mut s) = self.seen.lock() {
+            s.tokens = None;
+            s.token.clear();
+            s.nodes = None;
+            s.node.clear();
+            s.revoked.clear();
+        }
+        r
     }
 }
 
@@ -157,7 +173,7 @@ impl Store for Remembering {
     }
 
     fn create_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
-        self.write(|| self.inner.create_token(t))
+        self.write_identity(|| self.inner.create_token(t))
     }
 
     fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
@@ -174,23 +190,23 @@ impl Store for Remembering {
     }
 
     fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
-        self.write(|| self.inner.revoke_token(id))
+        self.write_identity(|| self.inner.revoke_token(id))
     }
 
     fn join_node(&self, j: &NodeJoin<'_>) -> Result<Result<Joined, JoinRefused>, StoreError> {
-        self.write(|| self.inner.join_node(j))
+        self.write_identity(|| self.inner.join_node(j))
     }
 
     fn set_node_info(&self, name: &str, info: &NodeSpec) -> Result<(), StoreError> {
-        self.write(|| self.inner.set_node_info(name, info))
+        self.write_identity(|| self.inner.set_node_info(name, info))
     }
 
     fn renew_cert(&self, name: &str, serial: &str, not_after_ms: u64, key_sha256: &str) -> Result<(), StoreError> {
-        self.write(|| self.inner.renew_cert(name, serial, not_after_ms, key_sha256))
+        self.write_identity(|| self.inner.renew_cert(name, serial, not_after_ms, key_sha256))
     }
 
     fn promote_cert(&self, name: &str, serial: &str, now_ms: u64) -> Result<(), StoreError> {
-        self.write(|| self.inner.promote_cert(name, serial, now_ms))
+        self.write_identity(|| self.inner.promote_cert(name, serial, now_ms))
     }
 
     fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
@@ -212,7 +228,7 @@ impl Store for Remembering {
     }
 
     fn revoke_node(&self, name: &str, now_ms: u64) -> Result<bool, StoreError> {
-        self.write(|| self.inner.revoke_node(name, now_ms))
+        self.write_identity(|| self.inner.revoke_node(name, now_ms))
     }
 
     fn is_revoked(&self, serial: &str) -> Result<bool, StoreError> {
@@ -358,5 +374,30 @@ mod tests {
         assert_eq!(inner.revision().unwrap(), rev);
         assert!(inner.states("k").unwrap().is_empty());
         assert!(r.answers(), "the store itself is asked");
+    }
+
+    /// A revoked token is not trusted from an older copy once the hub is cut off.
+    #[test]
+    fn identity_changes_forget_the_copies() {
+        let t = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
+        let r = Remembering::new(inner);
+        let tok = TokenRecord {
+            id: "t1".into(),
+            secret_sha256: "x".into(),
+            created_ms: 1,
+            expires_ms: None,
+            revoked: false,
+            role: Default::default(),
+            max_uses: None,
+            used: 0,
+            replace: None,
+        };
+        r.create_token(&tok).unwrap();
+        assert!(r.token("t1").unwrap().is_some_and(|t| !t.revoked));
+        assert!(r.revoke_token("t1").unwrap());
+        r.cut_off("gone");
+        let e = r.token("t1").unwrap_err().to_string();
+        assert!(e.contains("has not read that token"), "{e}");
     }
 }

@@ -319,13 +319,13 @@ pub async fn serve(
         // part changed.
         let digest = assignment_digest(&a.deployments, &a.metrics);
         let stale = match &pushed {
-            None => held != a.revision && node_digest.as_deref() != Some(digest.as_str()),
+            None => held != a.revision && (digest.is_none() || node_digest != digest),
             Some((d, m)) => *d != a.deployments || *m != a.metrics,
         };
         if stale {
             pushed = Some((a.deployments.clone(), a.metrics.clone()));
             node_rev = Some(a.revision);
-            a.digest = Some(digest);
+            a.digest = digest;
             if let Some(frame) = send(&Control::Assign { assignment: a }) {
                 if !send_msg(&out, Message::Text(frame.into())).await {
                     break;
@@ -716,10 +716,10 @@ async fn relay_session(
 /// What a node's part is, as a hub tells it in an assignment and the node says it back
 /// in its hello ([`skiff_model::proto::Assignment::digest`]): sha256 of its JSON, 32 hex
 /// digits. Every hub of a store computes the same for the same part.
-pub fn assignment_digest(deployments: &[skiff_model::proto::Assigned], metrics: &[String]) -> String {
+pub fn assignment_digest(deployments: &[skiff_model::proto::Assigned], metrics: &[String]) -> Option<String> {
     use sha2::Digest;
-    let json = serde_json::to_vec(&(deployments, metrics)).unwrap_or_default();
-    sha2::Sha256::digest(&json)[..16].iter().map(|b| format!("{b:02x}")).collect()
+    let json = serde_json::to_vec(&(deployments, metrics)).ok()?;
+    Some(sha2::Sha256::digest(&json)[..16].iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]

@@ -433,6 +433,8 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
             }
         }
     });
+    // Who else may lead, should this hub be cut off from the store (kept current above).
+    let peer_hubs = fleet.hubs();
     let hub = Arc::new(
         Hub::new(Arc::clone(&store), Arc::new(skiff_hub::nodes::Remote(fleet)), admin_token)
             .with_clock(clock)
@@ -472,7 +474,7 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
             // changes nothing, until the store answers again or another hub leads.
             remembering.cut_off(&why);
             eprintln!("skiff: hub lost the store's lease ({why}); serving what it last read, changing nothing");
-            let peers: Vec<String> = remembering.hubs(None).unwrap_or_default().into_iter().filter(|h| *h != server).collect();
+            let peers: Vec<String> = peer_hubs.borrow().iter().filter(|h| **h != server).cloned().collect();
             tokio::select! {
                 _ = sigint.recv() => {}
                 _ = sigterm.recv() => {}

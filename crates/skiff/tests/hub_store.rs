@@ -225,8 +225,14 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     let took_over = t0.elapsed();
     wait_for(30 * SEC, "hub b serving", || b.cli(&["get", "nodes"]).ok()?.status.success().then_some(()))?;
     assert_eq!(admin_token(&b), admin_token(&a), "one admin token for the hubs of a store");
-    // The CLI with a's config reaches b now.
+    // The CLI with a's config reaches b now. It shows what the node shipped to a (a
+    // shipped event is not shipped again): the hubs' store keeps nodes' events.
     assert!(a.ok(&["get", "nodes"])?.contains("edge-1"));
+    let events: Vec<skiff_model::EventRecord> = serde_json::from_str(&b.ok(&["get", "events", "-o", "json"])?)?;
+    assert!(
+        events.iter().any(|e| e.object == "svc-1" && e.reason == "Started" && e.node.as_deref() == Some("edge-1")),
+        "{events:?}"
+    );
     wait_ready(&b, "edge-1")?;
     let followed = t0.elapsed();
     // The update goes on from where it was: it completes, and the instances it had
