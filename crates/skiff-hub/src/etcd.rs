@@ -474,6 +474,34 @@ impl EtcdStore {
         format!("{}/leader", self.prefix)
     }
 
+    /// Writes keys no change reads to decide (state: events, controllers' memory) as they
+    /// are: fenced as every write, but without the store's lock, so a stream of events
+    /// never makes an apply start over. Puts and deletes of whole keys may be sent again.
+    fn put_fenced(&self, writes: Vec<(String, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let ops: Vec<TxnOp> = writes
+            .into_iter()
+            .map(|(k, v)| match v {
+                Some(v) => TxnOp::put(k, v, None),
+                None => TxnOp::delete(k, None),
+            })
+            .collect();
+        let fence = self.fence.lock().map_err(|_| StoreError::Poisoned)?.clone();
+        let when: Vec<Compare> =
+            fence.into_iter().map(|id| Compare::value(self.leader_key(), CompareOp::Equal, id)).collect();
+        let txn = Txn::new().when(when).and_then(ops);
+        let done = self.call("write", move |mut c| {
+            let txn = txn.clone();
+            async move { Ok(c.txn(txn).await?.succeeded()) }
+        })?;
+        if !done {
+            return Err(StoreError::Etcd("this hub is no longer the active one: its write is refused".into()));
+        }
+        Ok(())
+    }
+
     /// Runs one change, again from fresh reads while other writers get in between.
     /// `f` returns the result and whether to write (a dry run does not).
     fn change<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> Result<(T, bool), StoreError>) -> Result<T, StoreError> {
@@ -818,27 +846,19 @@ impl Store for EtcdStore {
     }
 
     fn put_state(&self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
-        self.change(|tx| {
-            match value {
-                Some(v) => tx.put(&format!("state/{key}"), &v)?,
-                None => tx.delete(&format!("state/{key}")),
-            }
-            Ok(((), true))
-        })
+        self.put_states(&[(key.to_string(), value.map(String::from))])
     }
 
     fn put_states(&self, changes: &[(String, Option<String>)]) -> Result<(), StoreError> {
         // Within etcd's operations per transaction.
         for part in changes.chunks(100) {
-            self.change(|tx| {
-                for (key, value) in part {
-                    match value {
-                        Some(v) => tx.put(&format!("state/{key}"), v)?,
-                        None => tx.delete(&format!("state/{key}")),
-                    }
-                }
-                Ok(((), true))
-            })?;
+            // One operation per key (etcd refuses a key twice in a transaction): the last.
+            let mut writes = BTreeMap::new();
+            for (key, value) in part {
+                let v = value.as_ref().map(serde_json::to_vec).transpose()?;
+                writes.insert(format!("{}/state/{key}", self.prefix), v);
+            }
+            self.put_fenced(writes.into_iter().collect())?;
         }
         Ok(())
     }

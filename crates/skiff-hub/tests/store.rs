@@ -436,6 +436,12 @@ mod on_etcd {
         wait_lead(&la, |l| matches!(l, Lead::Lost(_)));
         let err = a.apply(&[Deployment::new("web", "img:2")], None, false, 2).unwrap_err().to_string();
         assert!(err.contains("no longer the active one"), "{err}");
+        // State (events, controllers' memory) is fenced the same way, though written
+        // without the store's lock.
+        let err = a.put_state("events/x", Some("deposed")).unwrap_err().to_string();
+        assert!(err.contains("no longer the active one"), "{err}");
+        b.put_state("events/x", Some("active")).unwrap();
+        assert_eq!(a.states("events/").unwrap(), [("events/x".to_string(), "active".to_string())]);
         b.apply(&[Deployment::new("web", "img:3")], None, false, 3).unwrap();
         assert_eq!(a.get("web").unwrap().unwrap().spec.image, "img:3", "reads still work");
 
