@@ -330,3 +330,122 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     drop(node);
     Ok(())
 }
+
+/// A TCP forwarder on 127.0.0.1 to `to` that can be cut: every connection through it
+/// closed and no new one taken (a fault: the link from one hub to etcd). Stopped on drop.
+struct Cuttable {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Cuttable {
+    fn to(to: &str) -> anyhow::Result<Cuttable> {
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.set_nonblocking(true)?;
+        let port = l.local_addr()?.port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, o, to) = (cut.clone(), open.clone(), to.to_string());
+        std::thread::spawn(move || {
+            while !c.load(Ordering::SeqCst) {
+                let Ok((a, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let Ok(b) = std::net::TcpStream::connect(&to) else { continue };
+                let _ = a.set_nonblocking(false);
+                let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else { continue };
+                if let Ok(mut v) = o.lock() {
+                    v.extend([a.try_clone(), b.try_clone()].into_iter().flatten());
+                }
+                for (mut from, mut into) in [(a, b2), (b, a2)] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut into);
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Ok(Cuttable { port, cut, open })
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut v) = self.open.lock() {
+            for s in v.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+/// The active hub loses its link to etcd, while another hub of the store still reaches
+/// it: the first is cut off (it shows what it last read and changes nothing); the other
+/// takes over once the lease runs out; the first sees it answer, closes its connections
+/// and stands by; the node follows to the new leader; nothing restarts.
+#[test]
+fn a_hub_cut_off_from_etcd_hands_its_nodes_to_the_hub_that_still_reaches_it() -> R {
+    skiff_testkit::require_privileged!();
+    let e = Etcd::start(1)?;
+    let direct = e.url("/cut");
+    let member = direct.trim_start_matches("etcd://").split('/').next().unwrap().to_string();
+    let link = Cuttable::to(&member)?;
+    let via_link = format!("etcd://127.0.0.1:{}/cut", link.port);
+    let a = hub_with("127.0.0.1", &["--store", &via_link, "--lease-ttl", "3s"])?;
+    let key = a.data().join("pki/secrets.key");
+    let mut c = Node::bare()?;
+    let port_c = free_port().to_string();
+    let listen_c = format!("127.0.0.1:{port_c}");
+    let key = key.to_str().unwrap();
+    c.spawn(&[
+        "hub",
+        "--listen",
+        &listen_c,
+        "--advertise",
+        "127.0.0.1",
+        "--store",
+        &direct,
+        "--lease-ttl",
+        "3s",
+        "--secrets-key",
+        key,
+    ])?;
+    wait_for(30 * SEC, "hub c standing by", || c.log().contains("standing by").then_some(()))?;
+    let token = a.ok(&["token", "create"])?.trim().to_string();
+    let mut node = Node::new()?;
+    start_agent_in(None, &mut node, &a.server()?, Some(&token), Some("edge-1"), &[], &[])?;
+    wait_for(30 * SEC, "the agent to join", || node.data().join("pki/joined.json").exists().then_some(()))?;
+    a.ok(&["run", IMAGE, "--name", "svc", "--", "sleep", "1000"])?;
+    wait_placed(&a, &[("edge-1", "svc-1")])?;
+    // c is among the hubs a tells the node (and looks for, once cut off).
+    wait_for(30 * SEC, "hub c in the node's list", || {
+        std::fs::read_to_string(node.data().join("pki/hubs.json")).ok()?.contains(&listen_c).then_some(())
+    })?;
+    let running = runc_pids(&node)?;
+
+    link.cut();
+    wait_for(60 * SEC, "hub a cut off", || a.log().contains("serving what it last read").then_some(()))?;
+    wait_for(60 * SEC, "hub c active", || c.log().contains("hub active").then_some(()))?;
+    wait_for(60 * SEC, "hub a to see c lead and stand by", || {
+        a.log().contains(&format!("the hub at https://{listen_c} leads now; standing by again")).then_some(())
+    })?;
+    wait_ready(&c, "edge-1")?;
+    wait_placed(&c, &[("edge-1", "svc-1")])?;
+    c.ok(&["run", IMAGE, "--name", "after", "--", "sleep", "1000"])?;
+    wait_placed(&c, &[("edge-1", "after-1"), ("edge-1", "svc-1")])?;
+    let kept: Vec<_> = runc_pids(&node)?.into_iter().filter(|(id, _)| running.iter().any(|(r, _)| r == id)).collect();
+    assert_eq!(kept, running, "no container restarted");
+    c.ok(&["delete", "deployment", "after"])?;
+    c.ok(&["delete", "deployment", "svc"])?;
+    wait_placed(&c, &[])?;
+    drop(node);
+    Ok(())
+}
