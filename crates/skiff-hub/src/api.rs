@@ -655,6 +655,7 @@ fn fleet_error(e: crate::fleet::FleetError) -> ApiError {
         F::NotFound(m) => not_found(m),
         F::Conflict(m) => ApiError(StatusCode::CONFLICT, m),
         F::Internal(m) => internal(m),
+        F::Unavailable(m) => ApiError(StatusCode::SERVICE_UNAVAILABLE, m),
     }
 }
 

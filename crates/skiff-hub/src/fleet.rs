@@ -44,10 +44,21 @@ pub enum FleetError {
     /// 500
     #[error("{0}")]
     Internal(String),
+    /// 503: the store is out of reach (nothing was changed).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
-fn internal(e: impl std::fmt::Display) -> FleetError {
+fn failed(e: impl std::fmt::Display) -> FleetError {
     FleetError::Internal(e.to_string())
+}
+
+/// A store's failure: 503 while the hub is cut off from it, else 500.
+fn internal(e: crate::store::StoreError) -> FleetError {
+    match e {
+        crate::store::StoreError::OutOfReach(m) => FleetError::Unavailable(m),
+        e => FleetError::Internal(e.to_string()),
+    }
 }
 
 /// Events kept per node on the hub.
@@ -270,7 +281,7 @@ const LOOKUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Fleet {
     pub fn new(ca: Ca, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Result<Self, FleetError> {
-        let ca_sha256 = ca.fingerprint().map_err(internal)?;
+        let ca_sha256 = ca.fingerprint().map_err(failed)?;
         let rev = store.revision().map_err(internal)?;
         Ok(Fleet {
             ca,
@@ -433,9 +444,8 @@ impl Fleet {
         let now = self.clock.now_ms();
         let unauth = |m: &str| FleetError::Unauthenticated(format!("token: {m}"));
         let (id, secret) = req.token.split_once('.').ok_or_else(|| unauth("not <id>.<secret>"))?;
-        let rec = crate::tokens::lookup(&*self.store, id, secret)
-            .map_err(internal)?
-            .ok_or_else(|| unauth("unknown token"))?;
+        let rec =
+            crate::tokens::lookup(&*self.store, id, secret).map_err(failed)?.ok_or_else(|| unauth("unknown token"))?;
         skiff_model::validate::check_name("node", &req.node).map_err(|e| FleetError::Invalid(e.to_string()))?;
         for (k, v) in &req.spec.labels {
             if !skiff_model::validate::is_label_key(k) || v.len() > 63 || v.chars().any(char::is_whitespace) {

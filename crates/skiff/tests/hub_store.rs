@@ -292,6 +292,8 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
         &["run", IMAGE, "--name", "three", "--", "sleep", "1000"][..],
         &["scale", "svc=3"],
         &["delete", "deployment", "two"],
+        &["delete", "node", "edge-1"],
+        &["token", "create"],
     ] {
         let out = a.cli(change)?;
         let err = String::from_utf8_lossy(&out.stderr);
