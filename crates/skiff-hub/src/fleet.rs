@@ -185,6 +185,9 @@ pub struct Fleet {
     pub security: crate::events::EventLog,
     /// The events nodes shipped, as the store keeps them ([`Fleet::persist_events`]).
     shipped: crate::events::EventLog,
+    /// Whether the hub is cut off from its store (told to every node: they move to a
+    /// hub that leads, should one answer them).
+    cut_off: tokio::sync::watch::Sender<bool>,
     /// When each node last had a report refused with an event (one a minute at most, so a
     /// node cannot flush the security log or grow this with made-up names).
     refused: Mutex<HashMap<String, u64>>,
@@ -309,6 +312,7 @@ impl Fleet {
             runtimes_changed: Mutex::new(BTreeMap::new()),
             security: crate::events::EventLog::new("fleet", 1000),
             shipped: crate::events::EventLog::new("nodes", STORED_NODE_EVENTS).with_per_node(STORED_EVENTS_PER_NODE),
+            cut_off: tokio::sync::watch::channel(false).0,
             refused: Mutex::new(Default::default()),
             hubs: tokio::sync::watch::channel(vec![]).0,
             mesh_gen: tokio::sync::watch::channel(0).0,
@@ -329,6 +333,15 @@ impl Fleet {
     /// The hubs nodes are told of, and their changes.
     pub fn hubs(&self) -> tokio::sync::watch::Receiver<Vec<String>> {
         self.hubs.subscribe()
+    }
+
+    /// The hub is cut off from its store: every node is told.
+    pub fn set_cut_off(&self) {
+        self.cut_off.send_replace(true);
+    }
+
+    pub fn cut_off(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.cut_off.subscribe()
     }
 
     /// Node certificates are valid this long (and renewed at two thirds of it).

@@ -52,6 +52,12 @@ async fn tell_hubs(out: &Out, hubs: &mut tokio::sync::watch::Receiver<Vec<String
     list.is_empty() || send_frame(out, &Control::Hubs { hubs: list }).await
 }
 
+/// Tells the node this hub is cut off from its store, if it is (once).
+async fn tell_cut_off(out: &Out, cut_off: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    let cut = *cut_off.borrow_and_update();
+    !cut || send_frame(out, &Control::CutOff).await
+}
+
 /// Sends one control frame; false when the socket is gone.
 async fn send_frame(out: &Out, c: &Control) -> bool {
     let Ok(frame) = serde_json::to_string(c) else { return true };
@@ -106,8 +112,10 @@ pub async fn serve(
     // The fleet's services this node may reach, told after the hello and on each change.
     let mut mesh_changes = f.mesh_changes();
     let mut pushed_view: Option<skiff_model::mesh::MeshView> = None;
-    // The store's hubs: told once the node said hello, and again when they change.
+    // The store's hubs: told once the node said hello, and again when they change; and
+    // whether this hub is cut off from the store.
     let mut hubs = f.hubs();
+    let mut cut_off = f.cut_off();
     // The revision the node holds (from its hello) and the digest of its part, and what
     // was last pushed to it.
     let mut node_rev: Option<u64> = None;
@@ -167,7 +175,7 @@ pub async fn serve(
                             }
                             node_rev = Some(revision);
                             push = true;
-                            if !tell_hubs(&out, &mut hubs).await {
+                            if !tell_hubs(&out, &mut hubs).await || !tell_cut_off(&out, &mut cut_off).await {
                                 break;
                             }
                             let stale = f.store_node(&name).is_some_and(|rec| f.should_renew(&rec, f.now_ms()));
@@ -274,6 +282,11 @@ pub async fn serve(
                     break;
                 }
                 if !tell_hubs(&out, &mut hubs).await {
+                    break;
+                }
+            }
+            r = cut_off.changed(), if node_rev.is_some() => {
+                if r.is_err() || !tell_cut_off(&out, &mut cut_off).await {
                     break;
                 }
             }

@@ -523,6 +523,10 @@ pub enum Control {
     /// Hub → agent: the fleet's services this node may reach and who may reach its own,
     /// after the hello and whenever that changes.
     Services { view: crate::mesh::MeshView },
+    /// Hub → agent: this hub is cut off from its store (it shows what it last read and
+    /// changes nothing): the agent looks for another hub of the store that answers, and
+    /// moves to it.
+    CutOff,
 }
 
 /// How often the hub pings a tunnel; a node that answers nothing for three of these is

@@ -433,8 +433,10 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
             }
         }
     });
-    // Who else may lead, should this hub be cut off from the store (kept current above).
+    // Who else may lead, should this hub be cut off from the store (kept current above),
+    // and the nodes to tell.
     let peer_hubs = fleet.hubs();
+    let nodes_told = Arc::clone(&fleet);
     let hub = Arc::new(
         Hub::new(Arc::clone(&store), Arc::new(skiff_hub::nodes::Remote(fleet)), admin_token)
             .with_clock(clock)
@@ -473,6 +475,7 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
             // Cut off: it serves what it last read (nodes' tunnels, logs and exec too) and
             // changes nothing, until the store answers again or another hub leads.
             remembering.cut_off(&why);
+            nodes_told.set_cut_off();
             eprintln!("skiff: hub lost the store's lease ({why}); serving what it last read, changing nothing");
             let peers: Vec<String> = peer_hubs.borrow().iter().filter(|h| **h != server).cloned().collect();
             tokio::select! {
