@@ -419,8 +419,9 @@ where
 const CUT_OFF_PROBE: Duration = Duration::from_secs(5);
 
 /// The first of `hubs` (`https://HOST:PORT`) that takes a TCP connection within 2 s:
-/// hubs standing by do not listen, so one that does leads its store.
-async fn answering(hubs: &[String]) -> Option<String> {
+/// hubs standing by do not listen, so one that does leads its store. (The hub's own
+/// look for a peer that leads, while it is cut off, is this too.)
+pub async fn answering(hubs: &[String]) -> Option<String> {
     let tries = hubs.iter().map(|h| async move {
         let addr = h.strip_prefix("https://")?.split('/').next()?.to_string();
         let ok = matches!(

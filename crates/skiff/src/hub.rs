@@ -519,12 +519,8 @@ async fn until_the_store_or_a_peer(answers: impl Fn() -> bool + Clone + Send + '
         if tokio::task::spawn_blocking(ask).await.unwrap_or(false) {
             return "the store answers again".into();
         }
-        for p in &peers {
-            let Some(addr) = p.strip_prefix("https://").map(|a| a.trim_end_matches('/').to_string()) else { continue };
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(&addr)).await
-            {
-                return format!("the hub at {p} leads now");
-            }
+        if let Some(p) = skiff_agent::tunnel::answering(&peers).await {
+            return format!("the hub at {p} leads now");
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
