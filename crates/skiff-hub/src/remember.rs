@@ -55,6 +55,9 @@ fn keep<V>(m: &mut HashMap<String, V>, k: &str, v: V) {
 
 pub struct Remembering {
     inner: Arc<dyn Store>,
+    /// Whether copies are kept at all: only on a store hubs campaign for (etcd), the only
+    /// kind a hub can be cut off from; a SQLite hub pays nothing.
+    keeping: std::sync::atomic::AtomicBool,
     /// Why the store is out of reach, while it is.
     cut: Mutex<Option<String>>,
     seen: Mutex<Seen>,
@@ -62,7 +65,19 @@ pub struct Remembering {
 
 impl Remembering {
     pub fn new(inner: Arc<dyn Store>) -> Self {
-        Remembering { inner, cut: Mutex::new(None), seen: Mutex::new(Seen::default()) }
+        Remembering {
+            inner,
+            keeping: std::sync::atomic::AtomicBool::new(false),
+            cut: Mutex::new(None),
+            seen: Mutex::new(Seen::default()),
+        }
+    }
+
+    /// Keeps copies from now on, whatever the store (a store hubs campaign for turns
+    /// this on by itself).
+    pub fn keeping(self) -> Self {
+        self.keeping.store(true, std::sync::atomic::Ordering::Relaxed);
+        self
     }
 
     /// From now on reads answer from memory and writes are refused (`why` says why).
@@ -105,8 +120,10 @@ impl Remembering {
             }),
             None => match fresh() {
                 Ok(v) => {
-                    if let Ok(mut s) = self.seen.lock() {
-                        put(&mut s, &v);
+                    if self.keeping.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Ok(mut s) = self.seen.lock() {
+                            put(&mut s, &v);
+                        }
                     }
                     Ok(v)
                 }
@@ -295,7 +312,9 @@ impl Store for Remembering {
     }
 
     fn campaign(&self, id: &str, ttl: std::time::Duration) -> Option<tokio::sync::watch::Receiver<Lead>> {
-        self.inner.campaign(id, ttl)
+        let lead = self.inner.campaign(id, ttl);
+        self.keeping.store(lead.is_some(), std::sync::atomic::Ordering::Relaxed);
+        lead
     }
 
     fn hubs(&self, add: Option<&str>) -> Result<Vec<String>, StoreError> {
@@ -348,7 +367,7 @@ mod tests {
     fn cut_off_it_reads_what_it_saw_and_writes_nothing() {
         let t = tempfile::tempdir().unwrap();
         let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
-        let r = Remembering::new(Arc::clone(&inner));
+        let r = Remembering::new(Arc::clone(&inner)).keeping();
         r.apply(&[Deployment::new("web", "img:1")], None, false, 1).unwrap();
         assert_eq!(r.list().unwrap().len(), 1);
         assert_eq!(r.history("web").unwrap().len(), 1);
@@ -381,7 +400,7 @@ mod tests {
     fn identity_changes_forget_the_copies() {
         let t = tempfile::tempdir().unwrap();
         let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
-        let r = Remembering::new(inner);
+        let r = Remembering::new(inner).keeping();
         let tok = TokenRecord {
             id: "t1".into(),
             secret_sha256: "x".into(),

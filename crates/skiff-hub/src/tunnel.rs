@@ -330,15 +330,21 @@ pub async fn serve(
         // Behind on first contact (another revision, and another part than the one the
         // node holds — any hub's digest of it): send once. Later: only when this node's
         // part changed.
-        let digest = assignment_digest(&a.deployments, &a.metrics);
+        // The digest only where it is asked for: on first contact, and in what is sent
+        // (not on every wake of a tunnel whose part is unchanged).
+        let mut digest = None;
         let stale = match &pushed {
-            None => held != a.revision && (digest.is_none() || node_digest != digest),
+            None if held == a.revision => false,
+            None => {
+                digest = assignment_digest(&a.deployments, &a.metrics);
+                digest.is_none() || node_digest != digest
+            }
             Some((d, m)) => *d != a.deployments || *m != a.metrics,
         };
         if stale {
             pushed = Some((a.deployments.clone(), a.metrics.clone()));
             node_rev = Some(a.revision);
-            a.digest = digest;
+            a.digest = digest.or_else(|| assignment_digest(&a.deployments, &a.metrics));
             if let Some(frame) = send(&Control::Assign { assignment: a }) {
                 if !send_msg(&out, Message::Text(frame.into())).await {
                     break;
