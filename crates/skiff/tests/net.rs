@@ -148,7 +148,7 @@ fn containers_reach_the_outside_through_nat_with_nftables_and_with_iptables() ->
         n.up_with(None, &[])?;
         // idle serves a file on 8080, which nothing outside the node may reach.
         let serve = "echo inside > /tmp/i && httpd -p 8080 -h /tmp && exec sleep 1000000";
-        n.ok(&["run", IMAGE, "--name", "idle", "--", "sh", "-c", serve])?;
+        n.ok(&["run", IMAGE, "--name", "idle", "--stop-timeout", "1", "--", "sh", "-c", serve])?;
         let ip = n.wait_running("idle-1")?.ip.context("idle-1 has no address")?;
         let got = fetch(&n, &url)?;
         if firewall == "none" {
@@ -219,7 +219,7 @@ fn the_agent_sets_up_bridge_networking_without_iproute2() -> Result<()> {
     let mut n = Node::new()?;
     n.up_env.push(("PATH".into(), tools.path().display().to_string()));
     n.up_with(None, &[])?;
-    n.ok(&["run", IMAGE, "--name", "idle", "--", "sleep", "1000000"])?;
+    n.ok(&["run", IMAGE, "--name", "idle", "--stop-timeout", "1", "--", "sleep", "1000000"])?;
     let ip = n.wait_running("idle-1")?.ip.context("idle-1 has no address")?;
     let gateway = n.subnet.replace(".0/24", ".1");
 
@@ -317,7 +317,22 @@ fn published_ports_are_forwarded_by_the_kernel_and_answer_while_the_agent_is_awa
         let port = common::free_port();
         let serve = "hostname > /tmp/i && exec httpd -f -p 8080 -h /tmp";
         let publish = format!("{port}:8080");
-        n.ok(&["run", IMAGE, "--name", "web", "--replicas", "2", "-p", &publish, "--", "sh", "-c", serve])?;
+        n.ok(&[
+            "run",
+            IMAGE,
+            "--name",
+            "web",
+            "--stop-timeout",
+            "1",
+            "--replicas",
+            "2",
+            "-p",
+            &publish,
+            "--",
+            "sh",
+            "-c",
+            serve,
+        ])?;
         // Both replicas answer on the port, in turn.
         let both = wait_for(Duration::from_secs(60), "both replicas to answer on the published port", || {
             Some(answering(port, 12)).filter(|seen| seen.len() == 2)
@@ -365,7 +380,7 @@ fn published_ports_are_forwarded_by_the_kernel_and_answer_while_the_agent_is_awa
         let busy = std::net::TcpListener::bind("0.0.0.0:0")?;
         let busy_port = busy.local_addr()?.port();
         let publish = format!("{busy_port}:8080");
-        n.ok(&["run", IMAGE, "--name", "other", "-p", &publish, "--", "sh", "-c", serve])?;
+        n.ok(&["run", IMAGE, "--name", "other", "--stop-timeout", "1", "-p", &publish, "--", "sh", "-c", serve])?;
         let other = n.wait_instance("other-1", Duration::from_secs(30), "a port error", |i| {
             i.message.as_deref().is_some_and(|m| m.contains("publishing"))
         })?;
@@ -456,11 +471,11 @@ fn stacks_reach_each_other_only_through_a_shared_network_and_cannot_forge_addres
     n.up_with(None, &[])?;
     let serve = "hostname > /tmp/i && exec httpd -f -p 8080 -h /tmp";
     let sleeper = |name: &str, networks: &str| {
-        format!("  {name}:\n    image: {IMAGE}\n    command: [\"sleep\", \"1000000\"]\n{networks}")
+        format!("  {name}:\n    image: {IMAGE}\n    command: [\"sleep\", \"1000000\"]\n    stop_grace_period: 1s\n{networks}")
     };
     // Stack a: a server on its own network and on the shared "plant", and a client.
     let a = format!(
-        "name: a\nservices:\n  web:\n    image: {IMAGE}\n    command: [\"sh\", \"-c\", \"{serve}\"]\n    \
+        "name: a\nservices:\n  web:\n    image: {IMAGE}\n    command: [\"sh\", \"-c\", \"{serve}\"]\n    stop_grace_period: 1s\n    \
          networks: [default, plant]\n{}networks:\n  plant:\n    external: true\n",
         sleeper("client", "")
     );
@@ -635,7 +650,7 @@ fn macvlan_gives_instances_their_own_addresses_on_the_parent_s_segment() -> Resu
     // One instance at a fixed address; the subnet is the parent's own on this node.
     let fixed = format!("{}.10", seg.net);
     let network = format!("macvlan:{},ip={fixed}", seg.parent);
-    n.ok(&["run", IMAGE, "--name", "cam", "--network", &network, "--", "sh", "-c", serve])?;
+    n.ok(&["run", IMAGE, "--name", "cam", "--stop-timeout", "1", "--network", &network, "--", "sh", "-c", serve])?;
     let cam = n.wait_running("cam-1")?;
     assert_eq!(cam.ip.as_deref(), Some(fixed.as_str()));
     // The segment reaches it at its address, and it reaches the segment.
@@ -652,7 +667,7 @@ fn macvlan_gives_instances_their_own_addresses_on_the_parent_s_segment() -> Resu
 
     // Replicas leased from a range, as a compose file with an ipam config asks.
     let compose = format!(
-        "name: plant\nservices:\n  workers:\n    image: {IMAGE}\n    command: [\"sh\", \"-c\", \"{serve}\"]\n    \
+        "name: plant\nservices:\n  workers:\n    image: {IMAGE}\n    command: [\"sh\", \"-c\", \"{serve}\"]\n    stop_grace_period: 1s\n    \
          deploy: {{replicas: 2}}\n    networks: [lan]\nnetworks:\n  lan:\n    driver: macvlan\n    \
          driver_opts: {{parent: {}}}\n    ipam:\n      config:\n        - subnet: {net}.0/24\n          \
          ip_range: {net}.64/29\n",
@@ -673,7 +688,7 @@ fn macvlan_gives_instances_their_own_addresses_on_the_parent_s_segment() -> Resu
 
     // The node's own bridge is no segment: refused, naming it.
     let on_bridge = format!("macvlan:{},ip=10.9.9.8,subnet=10.9.9.0/24", n.bridge);
-    n.ok(&["run", IMAGE, "--name", "sneak", "--network", &on_bridge, "--", "sleep", "1000000"])?;
+    n.ok(&["run", IMAGE, "--name", "sneak", "--stop-timeout", "1", "--network", &on_bridge, "--", "sleep", "1000000"])?;
     let sneak = n.wait_instance("sneak-1", Duration::from_secs(30), "a message", |i| i.message.is_some())?;
     assert!(sneak.message.as_deref().is_some_and(|m| m.contains("this node's bridge")), "{sneak:?}");
 

@@ -19,7 +19,7 @@ fn k8s(name: &str, replicas: u32, labels: &str) -> String {
     format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\nspec:\n  replicas: {replicas}\n  \
          selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      \
-         containers:\n      - name: main\n        image: {IMAGE}\n        command: [sh, -c, 'echo hello from {name}; sleep 1000']\n"
+         terminationGracePeriodSeconds: 1\n      containers:\n      - name: main\n        image: {IMAGE}\n        command: [sh, -c, 'echo hello from {name}; sleep 1000']\n"
     )
 }
 
@@ -44,7 +44,7 @@ fn day_two_verbs_do_what_docker_and_kubectl_users_expect() -> R {
     }
     let compose = n.write(
         "compose.yaml",
-        &format!("name: shop\nservices:\n  cart:\n    image: {IMAGE}\n    command: [sleep, '1000']\n"),
+        &format!("name: shop\nservices:\n  cart:\n    image: {IMAGE}\n    command: [sleep, '1000']\n    stop_grace_period: 1s\n"),
     )?;
     let twice = n.cli(&["apply", "-f", compose.to_str().unwrap(), "-f", a.to_str().unwrap()])?;
     assert!(String::from_utf8_lossy(&twice.stderr).contains("apply one compose file at a time"), "{twice:?}");
@@ -276,10 +276,10 @@ fn ctrl_c_stops_everything_and_the_next_up_starts_what_was_kept() -> R {
     let mut n = Node::new()?;
     let compose = n.write(
         "compose.yaml",
-        &format!("name: st\nservices:\n  svc:\n    image: {IMAGE}\n    command: [sleep, '1000']\n"),
+        &format!("name: st\nservices:\n  svc:\n    image: {IMAGE}\n    command: [sleep, '1000']\n    stop_grace_period: 1s\n"),
     )?;
     n.up(Some(&compose))?;
-    n.ok(&["run", IMAGE, "--name", "extra", "--", "sleep", "1000"])?;
+    n.ok(&["run", IMAGE, "--name", "extra", "--stop-timeout", "1", "--", "sleep", "1000"])?;
     n.wait_running("svc-1")?;
     n.wait_running("extra-1")?;
     n.interrupt_up()?;
@@ -308,7 +308,7 @@ fn a_stateful_set_starts_in_order_and_keeps_each_pods_volume() -> R {
         "apiVersion: v1\nkind: Service\nmetadata: {{name: db}}\nspec:\n  clusterIP: None\n  selector: {{app: web}}\n  \
          ports: [{{port: 80}}]\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: web}}\nspec:\n  \
          serviceName: db\n  replicas: 3\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: \
-         {{labels: {{app: web}}}}\n    spec:\n      containers:\n      - name: main\n        image: {IMAGE}\n        \
+         {{labels: {{app: web}}}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: main\n        image: {IMAGE}\n        \
          command: [sleep, '1000']\n        readinessProbe: {{exec: {{command: [test, -f, /tmp/ready]}}, periodSeconds: 1}}\n        \
          volumeMounts: [{{name: data, mountPath: /data}}]\n  volumeClaimTemplates:\n  - metadata: {{name: data}}\n    \
          spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}\n"
@@ -370,7 +370,7 @@ fn a_pods_second_container_shares_its_network_and_volume_and_follows_its_scale()
         "pod.yaml",
         &format!(
             "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  \
-             template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers:\n      - name: app\n        \
+             template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: app\n        \
              image: {IMAGE}\n        command: [httpd, -f, -p, '80', -h, /www]\n        \
              ports: [{{containerPort: 80, name: http}}]\n        volumeMounts: [{{name: www, mountPath: /www}}]\n      \
              - name: writer\n        image: {IMAGE}\n        \

@@ -328,9 +328,21 @@ impl Node {
 
     /// SIGINT to `skiff up` (Ctrl-C): stops the stack and exits.
     pub fn interrupt_up(&mut self) -> Result<()> {
+        self.end_up(false)
+    }
+
+    /// SIGINT to `skiff up`; `fast` (a test's teardown): then SIGKILL to every container
+    /// of this node (runc's and gVisor's), so that the stop does not wait out the grace
+    /// period of each workload that ignores SIGTERM (a shell as PID 1 does). The agent
+    /// still stops and cleans up as it always does. (Killed after the SIGINT: before it,
+    /// a restart policy would start them again.)
+    fn end_up(&mut self, fast: bool) -> Result<()> {
         if let Some(mut c) = self.up.take() {
             let pid = nix::unistd::Pid::from_raw(c.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            if fast {
+                self.kill_workloads();
+            }
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {
                 if c.try_wait()?.is_some() {
@@ -343,6 +355,16 @@ impl Node {
             bail!("skiff up did not stop within 60 s of SIGINT");
         }
         Ok(())
+    }
+
+    /// SIGKILL to every container of this node (runc's and gVisor's).
+    fn kill_workloads(&self) {
+        let data = self.data();
+        for (tool, root) in [("runc", data.join("runc")), ("runsc", data.join("runsc/state"))] {
+            for id in containers(tool, &root) {
+                let _ = Command::new(tool).arg("--root").arg(&root).args(["kill", "--all", &id, "KILL"]).output();
+            }
+        }
     }
 
     pub fn instances(&self) -> Result<Vec<InstanceStatus>> {
@@ -382,14 +404,12 @@ impl Node {
     }
 
     pub fn cleanup(&mut self) {
-        let _ = self.interrupt_up();
+        let _ = self.end_up(true);
         let data = self.data().to_path_buf();
         // Whatever survived (a failed test, a killed agent): containers, mounts, netns.
         let runc_root = data.join("runc");
-        if let Ok(out) = Command::new("runc").arg("--root").arg(&runc_root).args(["list", "-q"]).output() {
-            for id in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = Command::new("runc").arg("--root").arg(&runc_root).args(["delete", "--force", id]).output();
-            }
+        for id in containers("runc", &runc_root) {
+            let _ = Command::new("runc").arg("--root").arg(&runc_root).args(["delete", "--force", &id]).output();
         }
         // WebAssembly instances are shims with no runc container behind them; gVisor
         // sandboxes are processes (shim, runsc-sandbox, runsc-gofer) naming their bundle.
@@ -403,10 +423,8 @@ impl Node {
             }
         }
         let runsc_root = data.join("runsc/state");
-        if let Ok(out) = Command::new("runsc").arg("--root").arg(&runsc_root).args(["list", "-q"]).output() {
-            for id in String::from_utf8_lossy(&out.stdout).lines() {
-                let _ = Command::new("runsc").arg("--root").arg(&runsc_root).args(["delete", "--force", id]).output();
-            }
+        for id in containers("runsc", &runsc_root) {
+            let _ = Command::new("runsc").arg("--root").arg(&runsc_root).args(["delete", "--force", &id]).output();
         }
         if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
             let prefix = data.display().to_string();
@@ -438,6 +456,12 @@ impl Node {
         let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
         remove_service_route_if_unused();
     }
+}
+
+/// The ids of the containers `tool` (runc, runsc) keeps state for under `root`.
+fn containers(tool: &str, root: &Path) -> Vec<String> {
+    let out = Command::new(tool).arg("--root").arg(root).args(["list", "--quiet"]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).lines().map(String::from).collect()).unwrap_or_default()
 }
 
 /// The default service range's `local` route, once no agent of any test runs: an agent
