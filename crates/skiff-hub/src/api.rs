@@ -352,9 +352,9 @@ async fn get_deployment(
         let s = hub
             .store
             .get(&name)
-            .map_err(internal)?
+            .map_err(store_error)?
             .ok_or_else(|| not_found(format!("deployment {name:?} not found")))?;
-        let owner = s.spec.pod_of.as_ref().map(|o| hub.store.get(o)).transpose().map_err(internal)?.flatten();
+        let owner = s.spec.pod_of.as_ref().map(|o| hub.store.get(o)).transpose().map_err(store_error)?.flatten();
         let all = hub.instances();
         let mut v = view(&all, &unschedulable(&hub), s);
         v.wanted = owner.map(|o| crate::rollouts::wanted(&o.spec, &all));
@@ -451,7 +451,7 @@ async fn delete_deployment(State(hub): State<Shared>, Path(name): Path<String>) 
     if !hub.store.delete_all(&pod).map_err(store_error)?.contains(&name) {
         return Err(not_found(format!("deployment {name:?} not found")));
     }
-    hub.sync_nodes().map_err(internal)?;
+    hub.sync_nodes().map_err(|e| hub_error(e.into()))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -643,7 +643,7 @@ async fn nodes(
 }
 
 fn node_list(hub: &Hub) -> Result<Vec<NodeInfo>, ApiError> {
-    hub.nodes.list(&hub.instances()).map_err(internal)
+    hub.nodes.list(&hub.instances()).map_err(|e| hub_error(e.into()))
 }
 
 fn fleet_error(e: crate::fleet::FleetError) -> ApiError {
@@ -682,6 +682,7 @@ async fn create_token(State(hub): State<Shared>, body: axum::body::Bytes) -> Res
         crate::tokens::TokenError::Invalid(m) => bad(m),
         crate::tokens::TokenError::NoFleet(m) => not_found(m),
         crate::tokens::TokenError::Internal(m) => internal(m),
+        crate::tokens::TokenError::Unavailable(m) => ApiError(StatusCode::SERVICE_UNAVAILABLE, m),
     })?;
     Ok((StatusCode::CREATED, Json(t)).into_response())
 }
@@ -782,7 +783,7 @@ async fn images(
 
 /// The Kubernetes Services the hub keeps (as applied), which `skiff apply` reads.
 async fn kept_services(State(hub): State<Shared>) -> Result<Json<Vec<skiff_model::api::KeptService>>, ApiError> {
-    Ok(Json(hub.kept_services().map_err(internal)?))
+    Ok(Json(hub.kept_services().map_err(store_error)?))
 }
 
 /// `skiff delete -f` of a Service: the hub keeps it no more.
@@ -790,7 +791,7 @@ async fn forget_service(
     State(hub): State<Shared>,
     Path((stack, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    match hub.forget_service(&stack, &name).map_err(internal)? {
+    match hub.forget_service(&stack, &name).map_err(store_error)? {
         true => Ok(StatusCode::NO_CONTENT),
         false => Err(not_found(format!("service {stack}/{name} not found"))),
     }

@@ -53,6 +53,14 @@ fn failed(e: impl std::fmt::Display) -> FleetError {
     FleetError::Internal(e.to_string())
 }
 
+/// A token's lookup that failed: 503 while the hub is cut off from its store, else 500.
+fn token_failed(e: crate::tokens::TokenError) -> FleetError {
+    match e {
+        crate::tokens::TokenError::Unavailable(m) => FleetError::Unavailable(m),
+        e => failed(e),
+    }
+}
+
 /// A store's failure: 503 while the hub is cut off from it, else 500.
 fn internal(e: crate::store::StoreError) -> FleetError {
     match e {
@@ -457,8 +465,9 @@ impl Fleet {
         let now = self.clock.now_ms();
         let unauth = |m: &str| FleetError::Unauthenticated(format!("token: {m}"));
         let (id, secret) = req.token.split_once('.').ok_or_else(|| unauth("not <id>.<secret>"))?;
-        let rec =
-            crate::tokens::lookup(&*self.store, id, secret).map_err(failed)?.ok_or_else(|| unauth("unknown token"))?;
+        let rec = crate::tokens::lookup(&*self.store, id, secret)
+            .map_err(token_failed)?
+            .ok_or_else(|| unauth("unknown token"))?;
         skiff_model::validate::check_name("node", &req.node).map_err(|e| FleetError::Invalid(e.to_string()))?;
         for (k, v) in &req.spec.labels {
             if !skiff_model::validate::is_label_key(k) || v.len() > 63 || v.chars().any(char::is_whitespace) {

@@ -68,7 +68,21 @@ impl From<store::StoreError> for ApplyError {
 
 impl From<nodes::PlaceError> for ApplyError {
     fn from(e: nodes::PlaceError) -> Self {
-        ApplyError::Internal(e.to_string())
+        match e {
+            nodes::PlaceError::Store(e) => e.into(),
+            nodes::PlaceError::Fleet(fleet::FleetError::Unavailable(m)) => ApplyError::Unavailable(m),
+            e => ApplyError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<HubError> for ApplyError {
+    fn from(e: HubError) -> Self {
+        match e {
+            HubError::Store(e) => e.into(),
+            HubError::Place(e) => e.into(),
+            HubError::Apply(e) => e,
+        }
     }
 }
 
@@ -212,7 +226,7 @@ impl Hub {
                 continue;
             }
             // A stored secret that does not open is an error of its own, not "none kept".
-            let Some(stored) = self.store.get(&d.name).map_err(|e| ApplyError::Internal(e.to_string()))? else {
+            let Some(stored) = self.store.get(&d.name)? else {
                 continue;
             };
             if let (Some(mark), false) = (stored.spec.labels.get(RESTARTED_AT), d.labels.contains_key(RESTARTED_AT)) {

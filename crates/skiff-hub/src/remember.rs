@@ -395,6 +395,65 @@ mod tests {
         assert!(r.answers(), "the store itself is asked");
     }
 
+    /// Through the real router, cut off: every change is a 503 that says why (never a
+    /// 500, which would tell the operator the hub is broken), and so is a read of what the
+    /// hub never saw; what it saw still answers.
+    #[test]
+    fn the_api_refuses_every_change_with_a_503_while_cut_off() {
+        use tower::ServiceExt;
+        let t = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
+        let r = Arc::new(Remembering::new(inner).keeping());
+        let store: Arc<dyn Store> = Arc::clone(&r) as Arc<dyn Store>;
+        let ca = crate::pki::Ca::load_or_create(&t.path().join("pki")).unwrap();
+        let fleet = crate::fleet::Fleet::new(ca, Arc::clone(&store), crate::clock::system()).unwrap();
+        let nodes = Arc::new(crate::nodes::Remote(Arc::new(fleet)));
+        let hub = Arc::new(crate::Hub::new(store, nodes, "admin".into()));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let call = |method: &str, path: &str, body: &str| -> (u16, String) {
+            let req = axum::http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("authorization", "Bearer admin")
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body.to_string()))
+                .unwrap();
+            rt.block_on(async {
+                let resp = crate::api::router(Arc::clone(&hub)).oneshot(req).await.unwrap();
+                let status = resp.status().as_u16();
+                let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+                (status, String::from_utf8_lossy(&bytes).into_owned())
+            })
+        };
+        let apply = |image: &str| format!(r#"{{"deployments":[{{"name":"web","image":"{image}"}}]}}"#);
+        for image in ["img:1", "img:2"] {
+            assert_eq!(call("POST", "/api/v1/apply", &apply(image)).0, 200);
+        }
+        for read in ["/api/v1/deployments/web", "/api/v1/deployments/web/history"] {
+            assert_eq!(call("GET", read, "").0, 200, "{read}");
+        }
+
+        r.cut_off("etcd at 127.0.0.1:2379 does not answer");
+        for (method, path, body) in [
+            ("POST", "/api/v1/apply", apply("img:3").as_str()),
+            ("POST", "/api/v1/deployments/web/undo", r#"{"to_revision":1}"#),
+            ("DELETE", "/api/v1/deployments/web", ""),
+            ("POST", "/api/v1/tokens", ""),
+            ("DELETE", "/api/v1/tokens/abc", ""),
+            ("DELETE", "/api/v1/nodes/edge-1", ""),
+            ("DELETE", "/api/v1/k8s-services/s/n", ""),
+            ("GET", "/api/v1/tokens", ""),
+        ] {
+            let (status, said) = call(method, path, body);
+            assert_eq!(status, 503, "{method} {path}: {said}");
+            assert!(said.contains("does not answer"), "{method} {path}: {said}");
+        }
+        for read in ["/api/v1/deployments/web", "/api/v1/deployments/web/history"] {
+            let (status, said) = call("GET", read, "");
+            assert!(status == 200 && said.contains("img:2"), "{read}: {status} {said}");
+        }
+    }
+
     /// A revoked token is not trusted from an older copy once the hub is cut off.
     #[test]
     fn identity_changes_forget_the_copies() {

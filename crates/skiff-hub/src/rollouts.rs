@@ -127,24 +127,22 @@ fn with_template(d: &Deployment, to: &Deployment) -> Deployment {
 
 impl Hub {
     fn history_of(&self, name: &str) -> Result<Vec<Revision>, ApplyError> {
-        self.store.history(name).map_err(|e| ApplyError::Internal(e.to_string()))
+        self.store.history(name).map_err(ApplyError::from)
     }
 
     /// The rollout of `name`'s newest revision (`None`: no such deployment).
     pub fn rollout_status(&self, name: &str) -> Result<Option<RolloutStatus>, ApplyError> {
-        let Some(d) = self.store.get(name).map_err(|e| ApplyError::Internal(e.to_string()))? else {
+        let Some(d) = self.store.get(name).map_err(ApplyError::from)? else {
             return Ok(None);
         };
         let h = self.history_of(name)?;
         let now = self.clock.now_ms();
-        self.settle(&d.spec, &h, &self.instances(), now, false)
-            .map(Some)
-            .map_err(|e| ApplyError::Internal(e.to_string()))
+        self.settle(&d.spec, &h, &self.instances(), now, false).map(Some).map_err(ApplyError::from)
     }
 
     /// `name`'s revision history, oldest first (`None`: no such deployment).
     pub fn rollout_history(&self, name: &str) -> Result<Option<Vec<Revision>>, ApplyError> {
-        if self.store.get(name).map_err(|e| ApplyError::Internal(e.to_string()))?.is_none() {
+        if self.store.get(name).map_err(ApplyError::from)?.is_none() {
             return Ok(None);
         }
         self.history_of(name).map(Some)
@@ -157,7 +155,7 @@ impl Hub {
         let cur = self
             .store
             .get(name)
-            .map_err(|e| ApplyError::Internal(e.to_string()))?
+            .map_err(ApplyError::from)?
             .ok_or_else(|| ApplyError::Invalid(format!("deployment {name:?} not found")))?;
         let h = self.history_of(name)?;
         let newest = h.last().map(|r| r.revision).unwrap_or(0);
@@ -197,7 +195,7 @@ impl Hub {
         let newest = h.last().cloned().ok_or_else(|| ApplyError::Internal("no revision recorded".into()))?;
         self.store
             .set_rollout(&cur.name, newest.revision, RolloutState::Progressing, Some(cause), None)
-            .map_err(|e| ApplyError::Internal(e.to_string()))?;
+            .map_err(ApplyError::from)?;
         Ok(Revision { cause: cause.to_string(), ..newest })
     }
 

@@ -50,6 +50,18 @@ pub enum TokenError {
     NoFleet(String),
     #[error("{0}")]
     Internal(String),
+    /// The store is out of reach: nothing was changed (503).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<crate::store::StoreError> for TokenError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::OutOfReach(m) => TokenError::Unavailable(m),
+            e => TokenError::Internal(e.to_string()),
+        }
+    }
 }
 
 /// Makes a token as `req` asks. A join token needs the fingerprint of the hub's CA (a hub
@@ -109,13 +121,13 @@ pub fn create(
         used: 0,
         replace: req.replace.clone(),
     };
-    store.create_token(&rec).map_err(|e| TokenError::Internal(e.to_string()))?;
+    store.create_token(&rec)?;
     Ok(CreatedToken { id, token, expires_ms, role: req.role })
 }
 
 /// The token record behind `<id>.<secret>` if the secret matches (in constant time).
 pub fn lookup(store: &dyn Store, id: &str, secret: &str) -> Result<Option<TokenRecord>, TokenError> {
-    let Some(rec) = store.token(id).map_err(|e| TokenError::Internal(e.to_string()))? else { return Ok(None) };
+    let Some(rec) = store.token(id)? else { return Ok(None) };
     let hash = crate::pki::secret_hash(secret);
     Ok(crate::api::constant_time_eq(hash.as_bytes(), rec.secret_sha256.as_bytes()).then_some(rec))
 }

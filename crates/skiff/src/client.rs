@@ -28,6 +28,14 @@ fn warn_once(resp: &reqwest::Response) {
     SAID.call_once(|| eprintln!("warning: {text}"));
 }
 
+/// The answer of a hub cut off from its store (it says so in a `Warning` header).
+fn cut_off(resp: &reqwest::Response) -> bool {
+    resp.headers()
+        .get(reqwest::header::WARNING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("199 skiff"))
+}
+
 impl Client {
     pub fn new(mut cfg: ClientConfig) -> Result<Self> {
         cfg.server = cfg.answering();
@@ -70,9 +78,15 @@ impl Client {
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = req.bearer_auth(&self.cfg.token).send().await.map_err(|e| {
+        let req = req.bearer_auth(&self.cfg.token).build().context("building the request")?;
+        let spare = req.try_clone();
+        let resp = self.http.execute(req).await.map_err(|e| {
             anyhow::anyhow!(skiff_image::error::with_causes(&e)).context(self.unreachable(e.is_connect()))
         })?;
+        let resp = match spare {
+            Some(spare) if cut_off(&resp) => self.elsewhere(spare).await.unwrap_or(resp),
+            _ => resp,
+        };
         warn_once(&resp);
         if resp.status().is_success() || resp.status() == reqwest::StatusCode::NOT_MODIFIED {
             return Ok(resp);
@@ -81,6 +95,31 @@ impl Client {
         let text = resp.text().await.unwrap_or_default();
         let message = serde_json::from_str::<ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
         Err(ApiError { status, message }.into())
+    }
+
+    /// `req` to the config's other hubs in turn: the answer of the first that is not cut
+    /// off from the store. A hub cut off answers from what it last read and refuses every
+    /// change, while another of the store may lead by now (a partition between it and
+    /// the store, not the CLI): that one is up to date and takes changes.
+    async fn elsewhere(&self, req: reqwest::Request) -> Option<reqwest::Response> {
+        let others = std::iter::once(&self.cfg.server).chain(&self.cfg.servers).filter(|s| **s != self.cfg.server);
+        for other in others {
+            let (Ok(base), Some(mut r)) = (reqwest::Url::parse(other), req.try_clone()) else { continue };
+            let url = r.url_mut();
+            if url.set_scheme(base.scheme()).is_err()
+                || url.set_host(base.host_str()).is_err()
+                || url.set_port(base.port_or_known_default()).is_err()
+            {
+                continue;
+            }
+            // One that failed in its own way (a node not yet back on its tunnel) is no
+            // better than the cut-off hub's answer.
+            match self.http.execute(r).await {
+                Ok(resp) if !cut_off(&resp) && !resp.status().is_server_error() => return Some(resp),
+                _ => continue,
+            }
+        }
+        None
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
@@ -168,5 +207,52 @@ impl Client {
 
     pub async fn stream(&self, path: &str) -> Result<reqwest::Response> {
         self.send(self.http.get(self.url(path))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use skiff_hub::store::{SqliteStore, Store};
+    use std::sync::Arc;
+
+    /// A real hub's API on loopback (plain HTTP) over `store`; its address.
+    async fn serve(store: Arc<dyn Store>, pki: &std::path::Path) -> String {
+        let ca = skiff_hub::pki::Ca::load_or_create(pki).unwrap();
+        let fleet = skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store), skiff_hub::clock::system()).unwrap();
+        let nodes = Arc::new(skiff_hub::nodes::Remote(Arc::new(fleet)));
+        let hub = Arc::new(skiff_hub::Hub::new(store, nodes, "admin".into()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, skiff_hub::api::router(hub)).await });
+        format!("http://{addr}")
+    }
+
+    /// Two hubs of one store; the config's first is cut off from it (a partition), the
+    /// other reaches it. A change and a read go to the one that reaches the store; with
+    /// no other hub named, the cut-off hub's refusal is what the CLI gets.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hub_cut_off_from_the_store_hands_the_request_to_one_that_is_not() {
+        let t = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
+        let remembering = Arc::new(skiff_hub::remember::Remembering::new(Arc::clone(&inner)).keeping());
+        let cut = serve(Arc::clone(&remembering) as Arc<dyn Store>, &t.path().join("pki")).await;
+        let reaching = serve(inner, &t.path().join("pki")).await;
+        remembering.cut_off("etcd at 127.0.0.1:2379 does not answer");
+        let config =
+            |servers: Vec<String>| ClientConfig { server: cut.clone(), token: "admin".into(), ca: None, servers };
+        let apply = serde_json::json!({"deployments": [{"name": "web", "image": "img:1"}]});
+
+        let alone = Client::new(config(vec![])).unwrap();
+        let e = alone.post::<_, serde_json::Value>("/api/v1/apply", &apply).await.unwrap_err();
+        let e = e.downcast_ref::<ApiError>().unwrap();
+        assert!(e.status == reqwest::StatusCode::SERVICE_UNAVAILABLE && e.message.contains("does not answer"), "{e}");
+
+        let both = Client::new(config(vec![reaching.clone()])).unwrap();
+        both.post::<_, serde_json::Value>("/api/v1/apply", &apply).await.unwrap();
+        let listed: Vec<serde_json::Value> = both.get("/api/v1/deployments").await.unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0]["spec"]["image"], "img:1", "{listed:?}");
     }
 }
