@@ -116,10 +116,22 @@ async fn auth(State(hub): State<Shared>, req: Request, next: Next) -> Response {
             let now = hub.clock.now_ms();
             tokio::task::spawn_blocking(move || crate::tokens::authenticate(&*store, &admin, &b, now))
                 .await
-                .ok()
-                .flatten()
+                .unwrap_or(Ok(None))
         }
-        None => None,
+        None => Ok(None),
+    };
+    // Cut off before the request came: every write it would make is refused.
+    let cut_before = hub.store.out_of_reach().is_some();
+    let role = match role {
+        Ok(r) => r,
+        // An API token the hub has not read since it was cut off: it cannot tell.
+        Err(e) => {
+            return cut_off_marked(
+                &hub,
+                ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+                cut_before,
+            )
+        }
     };
     match role {
         None => ApiError(
@@ -139,15 +151,24 @@ async fn auth(State(hub): State<Shared>, req: Request, next: Next) -> Response {
         )
         .into_response(),
         Some(_) => {
-            let mut resp = next.run(req).await;
-            if let Some(why) = hub.store.out_of_reach() {
-                if let Ok(v) = header::HeaderValue::from_str(&out_of_reach_warning(&why)) {
-                    resp.headers_mut().insert(header::WARNING, v);
-                }
-            }
-            resp
+            let resp = next.run(req).await;
+            cut_off_marked(&hub, resp, cut_before)
         }
     }
+}
+
+/// While the hub is cut off from its store: the `Warning` on every answer, and on a 503
+/// to a request that came once it was cut off, [`skiff_model::api::UNCHANGED_HEADER`]
+/// (nothing was written for it, so the CLI may send it to another hub).
+fn cut_off_marked(hub: &Hub, mut resp: Response, cut_before: bool) -> Response {
+    let Some(why) = hub.store.out_of_reach() else { return resp };
+    if let Ok(v) = header::HeaderValue::from_str(&out_of_reach_warning(&why)) {
+        resp.headers_mut().insert(header::WARNING, v);
+    }
+    if cut_before && resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut().insert(skiff_model::api::UNCHANGED_HEADER, header::HeaderValue::from_static("cut-off"));
+    }
+    resp
 }
 
 /// The `Warning` header (RFC 7234's form, as Kubernetes' API sends warnings) of every

@@ -5,7 +5,10 @@
 //! the copy of its last successful read — `skiff get`, `describe`, logs and exec through
 //! the nodes' tunnels keep working — and every write is refused at once with a message
 //! that says nothing was changed ([`StoreError::OutOfReach`]). Nothing is written while cut
-//! off, so nothing is half-applied, and no controller runs (the hub stops them). The hub
+//! off, so a request that comes once the hub is cut off changes nothing (the API marks its
+//! 503, and the CLI may send it to another hub); one under way at the moment of the cut-off
+//! may have made its first write and not its second. No controller runs (the hub stops
+//! them). The hub
 //! starts over as a standby once the store answers again (or another hub leads).
 //!
 //! Before the hub is cut off every read goes to the store (a failed one is an error, never
@@ -410,21 +413,23 @@ mod tests {
         let nodes = Arc::new(crate::nodes::Remote(Arc::new(fleet)));
         let hub = Arc::new(crate::Hub::new(store, nodes, "admin".into()));
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let call = |method: &str, path: &str, body: &str| -> (u16, String) {
+        let call_as = |bearer: &str, method: &str, path: &str, body: &str| -> (u16, String, bool) {
             let req = axum::http::Request::builder()
                 .method(method)
                 .uri(path)
-                .header("authorization", "Bearer admin")
+                .header("authorization", format!("Bearer {bearer}"))
                 .header("content-type", "application/json")
                 .body(axum::body::Body::from(body.to_string()))
                 .unwrap();
             rt.block_on(async {
                 let resp = crate::api::router(Arc::clone(&hub)).oneshot(req).await.unwrap();
                 let status = resp.status().as_u16();
+                let unchanged = resp.headers().get(skiff_model::api::UNCHANGED_HEADER).is_some_and(|v| v == "cut-off");
                 let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
-                (status, String::from_utf8_lossy(&bytes).into_owned())
+                (status, String::from_utf8_lossy(&bytes).into_owned(), unchanged)
             })
         };
+        let call = |method: &str, path: &str, body: &str| call_as("admin", method, path, body);
         let apply = |image: &str| format!(r#"{{"deployments":[{{"name":"web","image":"{image}"}}]}}"#);
         for image in ["img:1", "img:2"] {
             assert_eq!(call("POST", "/api/v1/apply", &apply(image)).0, 200);
@@ -444,13 +449,16 @@ mod tests {
             ("DELETE", "/api/v1/k8s-services/s/n", ""),
             ("GET", "/api/v1/tokens", ""),
         ] {
-            let (status, said) = call(method, path, body);
+            let (status, said, unchanged) = call(method, path, body);
             assert_eq!(status, 503, "{method} {path}: {said}");
-            assert!(said.contains("does not answer"), "{method} {path}: {said}");
+            assert!(said.contains("does not answer") && unchanged, "{method} {path}: {said} (marked: {unchanged})");
         }
+        // An API token it has not read since: it cannot tell (not "wrong token").
+        let (status, said, unchanged) = call_as("SKA1.abc.def", "GET", "/api/v1/deployments", "");
+        assert!(status == 503 && said.contains("does not answer") && unchanged, "{status} {said}");
         for read in ["/api/v1/deployments/web", "/api/v1/deployments/web/history"] {
-            let (status, said) = call("GET", read, "");
-            assert!(status == 200 && said.contains("img:2"), "{read}: {status} {said}");
+            let (status, said, unchanged) = call("GET", read, "");
+            assert!(status == 200 && said.contains("img:2") && !unchanged, "{read}: {status} {said}");
         }
     }
 

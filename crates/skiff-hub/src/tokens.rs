@@ -132,16 +132,28 @@ pub fn lookup(store: &dyn Store, id: &str, secret: &str) -> Result<Option<TokenR
     Ok(crate::api::constant_time_eq(hash.as_bytes(), rec.secret_sha256.as_bytes()).then_some(rec))
 }
 
-/// The role a bearer token grants: the hub's admin token, or a live API token.
-pub fn authenticate(store: &dyn Store, admin_token: &str, bearer: &str, now_ms: u64) -> Option<TokenRole> {
+/// The role a bearer token grants: the hub's admin token, or a live API token. An error
+/// only when the store is out of reach (the token may well be good): any other failure
+/// grants nothing.
+pub fn authenticate(
+    store: &dyn Store,
+    admin_token: &str,
+    bearer: &str,
+    now_ms: u64,
+) -> Result<Option<TokenRole>, TokenError> {
     if crate::api::constant_time_eq(bearer.as_bytes(), admin_token.as_bytes()) {
-        return Some(TokenRole::Admin);
+        return Ok(Some(TokenRole::Admin));
     }
-    let rest = bearer.strip_prefix("SKA1.")?;
-    let (id, secret) = rest.split_once('.')?;
-    let rec = lookup(store, id, secret).ok()??;
+    let Some((id, secret)) = bearer.strip_prefix("SKA1.").and_then(|rest| rest.split_once('.')) else {
+        return Ok(None);
+    };
+    let rec = match lookup(store, id, secret) {
+        Ok(Some(rec)) => rec,
+        Err(e @ TokenError::Unavailable(_)) => return Err(e),
+        Ok(None) | Err(_) => return Ok(None),
+    };
     let live = !rec.revoked && rec.expires_ms.is_none_or(|e| e > now_ms) && rec.role != TokenRole::Join;
-    live.then_some(rec.role)
+    Ok(live.then_some(rec.role))
 }
 
 /// The role a request needs: metrics for the two metrics reads, read for any other read
@@ -178,7 +190,7 @@ mod tests {
             (mk(TokenRole::Metrics, None), mk(TokenRole::Read, None), mk(TokenRole::Admin, None));
         let short = mk(TokenRole::Read, Some(5));
         assert!(metrics.starts_with("SKA1."));
-        let role = |tok: &str, at| authenticate(&s, "the-admin-token", tok, at);
+        let role = |tok: &str, at| authenticate(&s, "the-admin-token", tok, at).unwrap();
         assert_eq!(role("the-admin-token", now), Some(TokenRole::Admin));
         assert_eq!(role(&metrics, now), Some(TokenRole::Metrics));
         assert_eq!(role(&read, now), Some(TokenRole::Read));
@@ -215,7 +227,7 @@ mod tests {
         let j = create(&s, Some(&ca), &TokenRequest::default(), 0).unwrap();
         assert_eq!(j.expires_ms, Some(24 * 3600 * 1000));
         assert!(skiff_model::proto::JoinToken::parse(&j.token).is_ok());
-        assert_eq!(authenticate(&s, "x", &j.token, 1), None, "a join token is no API credential");
+        assert_eq!(authenticate(&s, "x", &j.token, 1).unwrap(), None, "a join token is no API credential");
         let bad = |r: TokenRequest, ca: Option<&str>| create(&s, ca, &r, 0).unwrap_err().to_string();
         assert!(bad(TokenRequest { ttl_seconds: Some(0), ..Default::default() }, Some(&ca)).starts_with("ttl:"));
         assert!(bad(TokenRequest { uses: Some(0), ..Default::default() }, Some(&ca)).starts_with("uses:"));

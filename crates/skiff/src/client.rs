@@ -9,6 +9,10 @@ use skiff_model::api::ErrorBody;
 pub struct Client {
     http: reqwest::Client,
     cfg: ClientConfig,
+    /// The hub this command moved to, from one cut off from the store (see `elsewhere`).
+    moved: std::sync::Mutex<Option<String>>,
+    /// For the other hubs tried then: with a short connect timeout, as `answering` has.
+    other_http: std::sync::OnceLock<reqwest::Client>,
 }
 
 /// The hub answered with an error: its status and what it said. Callers decide by the
@@ -28,37 +32,43 @@ fn warn_once(resp: &reqwest::Response) {
     SAID.call_once(|| eprintln!("warning: {text}"));
 }
 
-/// The answer of a hub cut off from its store (it says so in a `Warning` header).
-fn cut_off(resp: &reqwest::Response) -> bool {
-    resp.headers()
-        .get(reqwest::header::WARNING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.starts_with("199 skiff"))
+/// A hub's refusal that changed nothing because it was cut off from its store before the
+/// request came: the request may go to another hub as it is.
+fn refused_cut_off(resp: &reqwest::Response) -> bool {
+    resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
+        && resp.headers().get(skiff_model::api::UNCHANGED_HEADER).is_some_and(|v| v == "cut-off")
+}
+
+/// The HTTP client for `cfg`'s hubs, trusting only its CA (when it has one).
+fn http_client(cfg: &ClientConfig, connect_timeout: Option<std::time::Duration>) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder();
+    if let Some(t) = connect_timeout {
+        b = b.connect_timeout(t);
+    }
+    if let Some(ca) = &cfg.ca {
+        // Pinned: the hub's own CA only, not the system roots.
+        let cert = reqwest::Certificate::from_pem(ca.as_bytes()).context("the config's ca is not a PEM certificate")?;
+        b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
+    } else if cfg.server.starts_with("http://") {
+        // No TLS to verify (a hub on loopback): the system's roots are not read (some
+        // hundred files, most of a short command's time).
+        b = b.tls_built_in_root_certs(false);
+    }
+    b.build().context("building the HTTP client")
 }
 
 impl Client {
     pub fn new(mut cfg: ClientConfig) -> Result<Self> {
         cfg.server = cfg.answering();
-        let mut b = reqwest::Client::builder();
-        if let Some(ca) = &cfg.ca {
-            // Pinned: the hub's own CA only, not the system roots.
-            let cert =
-                reqwest::Certificate::from_pem(ca.as_bytes()).context("the config's ca is not a PEM certificate")?;
-            b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
-        } else if cfg.server.starts_with("http://") {
-            // No TLS to verify (a hub on loopback): the system's roots are not read (some
-            // hundred files, most of a short command's time).
-            b = b.tls_built_in_root_certs(false);
-        }
-        let http = b.build().context("building the HTTP client")?;
-        Ok(Client { http, cfg })
+        let http = http_client(&cfg, None)?;
+        Ok(Client { http, cfg, moved: Default::default(), other_http: Default::default() })
     }
 
     /// Why nothing answered: one hub not running, or (`refused`: no connection was made
     /// at all, so no request went out) no hub of a shared store leading.
     fn unreachable(&self, refused: bool) -> String {
         if self.cfg.servers.is_empty() || !refused {
-            return format!("cannot reach the hub at {} (is `skiff up` or `skiff hub` running?)", self.cfg.server);
+            return format!("cannot reach the hub at {} (is `skiff up` or `skiff hub` running?)", self.base());
         }
         let mut all: Vec<&str> = vec![];
         for s in std::iter::once(&self.cfg.server).chain(&self.cfg.servers) {
@@ -73,8 +83,13 @@ impl Client {
         )
     }
 
+    /// The hub this command talks to: the config's that answered, or the one it moved to.
+    fn base(&self) -> String {
+        self.moved.lock().ok().and_then(|m| m.clone()).unwrap_or_else(|| self.cfg.server.clone())
+    }
+
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.cfg.server.trim_end_matches('/'))
+        format!("{}{path}", self.base().trim_end_matches('/'))
     }
 
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
@@ -84,7 +99,7 @@ impl Client {
             anyhow::anyhow!(skiff_image::error::with_causes(&e)).context(self.unreachable(e.is_connect()))
         })?;
         let resp = match spare {
-            Some(spare) if cut_off(&resp) => self.elsewhere(spare).await.unwrap_or(resp),
+            Some(spare) if refused_cut_off(&resp) => self.elsewhere(spare).await.unwrap_or(resp),
             _ => resp,
         };
         warn_once(&resp);
@@ -97,13 +112,23 @@ impl Client {
         Err(ApiError { status, message }.into())
     }
 
-    /// `req` to the config's other hubs in turn: the answer of the first that is not cut
-    /// off from the store. A hub cut off answers from what it last read and refuses every
-    /// change, while another of the store may lead by now (a partition between it and
-    /// the store, not the CLI): that one is up to date and takes changes.
+    /// `req`, which a hub cut off from the store refused without changing anything, to
+    /// the config's other hubs in turn: the first answer that is not such a refusal, nor
+    /// a failure of that hub's own (a node not yet back on its tunnel is no better). Another
+    /// hub of the store may lead by now (a partition between the first and the store, not
+    /// the CLI); the rest of the command goes to it. Only refusals are sent again: an
+    /// answer the cut-off hub gave (a read of what it last saw, an exec, a restart through
+    /// a node's tunnel) stands, with its warning.
     async fn elsewhere(&self, req: reqwest::Request) -> Option<reqwest::Response> {
-        let others = std::iter::once(&self.cfg.server).chain(&self.cfg.servers).filter(|s| **s != self.cfg.server);
-        for other in others {
+        let current = self.base();
+        let http = match self.other_http.get() {
+            Some(h) => h,
+            None => {
+                let h = http_client(&self.cfg, Some(std::time::Duration::from_secs(2))).ok()?;
+                self.other_http.get_or_init(|| h)
+            }
+        };
+        for other in std::iter::once(&self.cfg.server).chain(&self.cfg.servers).filter(|s| **s != current) {
             let (Ok(base), Some(mut r)) = (reqwest::Url::parse(other), req.try_clone()) else { continue };
             let url = r.url_mut();
             if url.set_scheme(base.scheme()).is_err()
@@ -112,10 +137,13 @@ impl Client {
             {
                 continue;
             }
-            // One that failed in its own way (a node not yet back on its tunnel) is no
-            // better than the cut-off hub's answer.
-            match self.http.execute(r).await {
-                Ok(resp) if !cut_off(&resp) && !resp.status().is_server_error() => return Some(resp),
+            match http.execute(r).await {
+                Ok(resp) if !refused_cut_off(&resp) && !resp.status().is_server_error() => {
+                    if let Ok(mut m) = self.moved.lock() {
+                        *m = Some(other.clone());
+                    }
+                    return Some(resp);
+                }
                 _ => continue,
             }
         }
@@ -200,7 +228,7 @@ impl Client {
                 let refused = matches!(&e, WsError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
                 return Err(anyhow::anyhow!(e)).with_context(|| self.unreachable(refused));
             }
-            Err(_) => anyhow::bail!("the hub at {} did not answer within 30 s", self.cfg.server),
+            Err(_) => anyhow::bail!("the hub at {} did not answer within 30 s", self.base()),
         };
         Ok(ws)
     }
@@ -230,29 +258,35 @@ mod tests {
     }
 
     /// Two hubs of one store; the config's first is cut off from it (a partition), the
-    /// other reaches it. A change and a read go to the one that reaches the store; with
-    /// no other hub named, the cut-off hub's refusal is what the CLI gets.
+    /// other reaches it. A change the first refused goes to the other, and so does the
+    /// rest of that command; a read the cut-off hub answered stands (with its warning);
+    /// with no other hub named, the refusal is what the CLI gets.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_hub_cut_off_from_the_store_hands_the_request_to_one_that_is_not() {
+    async fn a_change_a_cut_off_hub_refused_goes_to_one_that_is_not() {
         let t = tempfile::tempdir().unwrap();
         let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
         let remembering = Arc::new(skiff_hub::remember::Remembering::new(Arc::clone(&inner)).keeping());
         let cut = serve(Arc::clone(&remembering) as Arc<dyn Store>, &t.path().join("pki")).await;
         let reaching = serve(inner, &t.path().join("pki")).await;
-        remembering.cut_off("etcd at 127.0.0.1:2379 does not answer");
         let config =
             |servers: Vec<String>| ClientConfig { server: cut.clone(), token: "admin".into(), ca: None, servers };
-        let apply = serde_json::json!({"deployments": [{"name": "web", "image": "img:1"}]});
+        let apply = |image: &str| serde_json::json!({"deployments": [{"name": "web", "image": image}]});
+        let image = |listed: &[serde_json::Value]| listed[0]["spec"]["image"].as_str().unwrap_or_default().to_string();
+        let before = Client::new(config(vec![])).unwrap();
+        before.post::<_, serde_json::Value>("/api/v1/apply", &apply("img:1")).await.unwrap();
+        assert_eq!(image(&before.get::<Vec<serde_json::Value>>("/api/v1/deployments").await.unwrap()), "img:1");
+        remembering.cut_off("etcd at 127.0.0.1:2379 does not answer");
 
         let alone = Client::new(config(vec![])).unwrap();
-        let e = alone.post::<_, serde_json::Value>("/api/v1/apply", &apply).await.unwrap_err();
+        let e = alone.post::<_, serde_json::Value>("/api/v1/apply", &apply("img:2")).await.unwrap_err();
         let e = e.downcast_ref::<ApiError>().unwrap();
         assert!(e.status == reqwest::StatusCode::SERVICE_UNAVAILABLE && e.message.contains("does not answer"), "{e}");
 
         let both = Client::new(config(vec![reaching.clone()])).unwrap();
-        both.post::<_, serde_json::Value>("/api/v1/apply", &apply).await.unwrap();
-        let listed: Vec<serde_json::Value> = both.get("/api/v1/deployments").await.unwrap();
-        assert_eq!(listed.len(), 1, "{listed:?}");
-        assert_eq!(listed[0]["spec"]["image"], "img:1", "{listed:?}");
+        both.post::<_, serde_json::Value>("/api/v1/apply", &apply("img:2")).await.unwrap();
+        assert_eq!(image(&both.get::<Vec<serde_json::Value>>("/api/v1/deployments").await.unwrap()), "img:2");
+        // A new command starts at the cut-off hub again, whose read stands: what it last saw.
+        let again = Client::new(config(vec![reaching])).unwrap();
+        assert_eq!(image(&again.get::<Vec<serde_json::Value>>("/api/v1/deployments").await.unwrap()), "img:1");
     }
 }

@@ -334,17 +334,21 @@ impl Node {
     /// SIGINT to `skiff up`; `fast` (a test's teardown): then SIGKILL to every container
     /// of this node (runc's and gVisor's), so that the stop does not wait out the grace
     /// period of each workload that ignores SIGTERM (a shell as PID 1 does). The agent
-    /// still stops and cleans up as it always does. (Killed after the SIGINT: before it,
-    /// a restart policy would start them again.)
+    /// still stops and cleans up as it always does. (Killed after the SIGINT, and again
+    /// each second until it exits: a restart policy may start one again meanwhile.)
     fn end_up(&mut self, fast: bool) -> Result<()> {
         if let Some(mut c) = self.up.take() {
             let pid = nix::unistd::Pid::from_raw(c.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-            if fast {
-                self.kill_workloads();
-            }
             let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline {
+            for round in 0.. {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                // Again each second: one the agent restarted before it took the SIGINT.
+                if fast && round % 10 == 0 {
+                    self.kill_workloads();
+                }
                 if c.try_wait()?.is_some() {
                     return Ok(());
                 }
