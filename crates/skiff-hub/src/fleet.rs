@@ -71,6 +71,13 @@ fn internal(e: crate::store::StoreError) -> FleetError {
 
 /// Events kept per node on the hub.
 pub const EVENTS_PER_NODE: usize = 1000;
+
+/// A node's events on the hub, down to the newest [`EVENTS_PER_NODE`].
+fn keep_newest(q: &mut std::collections::VecDeque<EventRecord>) {
+    while q.len() > EVENTS_PER_NODE {
+        q.pop_front();
+    }
+}
 /// Nodes' events kept in the store, in all and per node: what a hub that starts or takes
 /// over shows of what nodes shipped to the one before it.
 pub const STORED_NODE_EVENTS: usize = 5_000;
@@ -831,9 +838,7 @@ impl Fleet {
         if let Ok(mut ev) = self.events.lock() {
             let q = ev.entry(node.to_string()).or_default();
             q.extend(events);
-            while q.len() > EVENTS_PER_NODE {
-                q.pop_front();
-            }
+            keep_newest(q);
         }
     }
 
@@ -856,9 +861,7 @@ impl Fleet {
                 let since: Vec<EventRecord> = q.drain(..).collect();
                 q.extend(kept.into_iter().filter(|k| !since.contains(k)));
                 q.extend(since);
-                while q.len() > EVENTS_PER_NODE {
-                    q.pop_front();
-                }
+                keep_newest(q);
             }
         }
     }

@@ -8,8 +8,8 @@
 //! off, so a request that comes once the hub is cut off changes nothing (the API marks its
 //! 503, and the CLI may send it to another hub); one under way at the moment of the cut-off
 //! may have made its first write and not its second. No controller runs (the hub stops
-//! them). The hub
-//! starts over as a standby once the store answers again (or another hub leads).
+//! them). The hub starts over as a standby once the store answers again (or another hub
+//! leads).
 //!
 //! Before the hub is cut off every read goes to the store (a failed one is an error, never
 //! an older copy: the controllers write what they read), and a write that changes who may

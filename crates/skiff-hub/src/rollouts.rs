@@ -132,7 +132,7 @@ impl Hub {
 
     /// The rollout of `name`'s newest revision (`None`: no such deployment).
     pub fn rollout_status(&self, name: &str) -> Result<Option<RolloutStatus>, ApplyError> {
-        let Some(d) = self.store.get(name).map_err(ApplyError::from)? else {
+        let Some(d) = self.store.get(name)? else {
             return Ok(None);
         };
         let h = self.history_of(name)?;
@@ -142,7 +142,7 @@ impl Hub {
 
     /// `name`'s revision history, oldest first (`None`: no such deployment).
     pub fn rollout_history(&self, name: &str) -> Result<Option<Vec<Revision>>, ApplyError> {
-        if self.store.get(name).map_err(ApplyError::from)?.is_none() {
+        if self.store.get(name)?.is_none() {
             return Ok(None);
         }
         self.history_of(name).map(Some)
@@ -152,11 +152,7 @@ impl Hub {
     /// completed with another template (so an undo after an automatic rollback does not
     /// return to the revision that failed).
     pub fn rollout_undo(&self, name: &str, to: Option<u64>, now_ms: u64) -> Result<Revision, ApplyError> {
-        let cur = self
-            .store
-            .get(name)
-            .map_err(ApplyError::from)?
-            .ok_or_else(|| ApplyError::Invalid(format!("deployment {name:?} not found")))?;
+        let cur = self.store.get(name)?.ok_or_else(|| ApplyError::Invalid(format!("deployment {name:?} not found")))?;
         let h = self.history_of(name)?;
         let newest = h.last().map(|r| r.revision).unwrap_or(0);
         let target = match to {
@@ -193,9 +189,7 @@ impl Hub {
         self.commit(&ApplyRequest { deployments: vec![d], ..Default::default() })?;
         let h = self.history_of(&cur.name)?;
         let newest = h.last().cloned().ok_or_else(|| ApplyError::Internal("no revision recorded".into()))?;
-        self.store
-            .set_rollout(&cur.name, newest.revision, RolloutState::Progressing, Some(cause), None)
-            .map_err(ApplyError::from)?;
+        self.store.set_rollout(&cur.name, newest.revision, RolloutState::Progressing, Some(cause), None)?;
         Ok(Revision { cause: cause.to_string(), ..newest })
     }
 

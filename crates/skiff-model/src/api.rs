@@ -130,13 +130,13 @@ pub enum ExecControl {
 
 /// The first byte of an output message: standard output (a terminal's only stream).
 pub const EXEC_STDOUT: u8 = 1;
+/// The first byte of an output message: standard error.
+pub const EXEC_STDERR: u8 = 2;
 
 /// A header of a hub's 503 that was cut off from its store before the request came: it
 /// wrote nothing for it (every write is refused while cut off), so the request may go to
 /// another hub of the store as it is. Its value is `cut-off`.
 pub const UNCHANGED_HEADER: &str = "skiff-unchanged";
-/// The first byte of an output message: standard error.
-pub const EXEC_STDERR: u8 = 2;
 
 /// How an interactive exec ended: the command's exit code, or why it could not run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
