@@ -257,6 +257,64 @@ mod tests {
         format!("http://{addr}")
     }
 
+    /// A real hub's API on loopback over TLS with `cert_pem`/`key_pem` (from the CA in `pki`).
+    async fn serve_tls(store: Arc<dyn Store>, pki: &std::path::Path, cert_pem: &str, key_pem: &str) -> String {
+        let ca = skiff_hub::pki::Ca::load_or_create(pki).unwrap();
+        let tls = skiff_hub::tls::server_config(cert_pem, key_pem, ca.pem()).unwrap();
+        let fleet = skiff_hub::fleet::Fleet::new(ca, Arc::clone(&store), skiff_hub::clock::system()).unwrap();
+        let nodes = Arc::new(skiff_hub::nodes::Remote(Arc::new(fleet)));
+        let hub = Arc::new(skiff_hub::Hub::new(store, nodes, "admin".into()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = skiff_hub::serve::ServeConfig::new(Some(tls), 100, 100, 100.0);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            skiff_hub::serve::serve(listener, skiff_hub::api::router(hub), cfg, stopped).await;
+            drop(stop);
+        });
+        format!("https://{addr}")
+    }
+
+    /// Invariant 7: the CLI sends its admin token on to the other hubs of its config only
+    /// over TLS pinned to the fleet's CA, and a node's certificate (signed by that CA, but
+    /// for client authentication only and naming no address) does not pass for a hub's:
+    /// a node that listens on a hub's address gets no request, hence no token. The
+    /// control: a hub's own certificate from the same CA takes the change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_posing_as_a_hub_gets_no_request_and_no_token() {
+        let t = tempfile::tempdir().unwrap();
+        let ca = skiff_hub::pki::Ca::load_or_create(&t.path().join("pki")).unwrap();
+        let inner: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
+        let remembering = Arc::new(skiff_hub::remember::Remembering::new(Arc::clone(&inner)).keeping());
+        let cut = serve(Arc::clone(&remembering) as Arc<dyn Store>, &t.path().join("pki")).await;
+        remembering.cut_off("etcd at 127.0.0.1:2379 does not answer");
+        // The node's: its own key and CSR (asking for 127.0.0.1 would not help: the CA
+        // names the node only), signed as at its join.
+        let (node_key, csr) = skiff_agent::join::node_csr("edge-1").unwrap();
+        let now = skiff_runtime::time::now_ms();
+        let node = ca.sign_node("edge-1", &csr, now, std::time::Duration::from_secs(3600)).unwrap();
+        let posing_store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("posing.db")).unwrap());
+        let posing = serve_tls(Arc::clone(&posing_store), &t.path().join("pki"), &node.pem, &node_key).await;
+        let (hub_cert, hub_key) = ca.server_cert(&["127.0.0.1".to_string()]).unwrap();
+        let real = serve_tls(Arc::clone(&inner), &t.path().join("pki"), &hub_cert, &hub_key).await;
+        let config = |servers: Vec<String>| ClientConfig {
+            server: cut.clone(),
+            token: "admin".into(),
+            ca: Some(ca.pem().to_string()),
+            servers,
+        };
+        let apply = serde_json::json!({"deployments": [{"name": "web", "image": "img:1"}]});
+
+        let only_posing = Client::new(config(vec![posing.clone()])).unwrap();
+        let e = only_posing.post::<_, serde_json::Value>("/api/v1/apply", &apply).await.unwrap_err();
+        let e = e.downcast_ref::<ApiError>().unwrap();
+        assert_eq!(e.status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "the cut-off hub's refusal stands: {e}");
+        let with_real = Client::new(config(vec![posing, real])).unwrap();
+        with_real.post::<_, serde_json::Value>("/api/v1/apply", &apply).await.unwrap();
+        assert_eq!(inner.list().unwrap().len(), 1, "the hub took it");
+        assert!(posing_store.list().unwrap().is_empty(), "the node posing as a hub took nothing");
+    }
+
     /// Two hubs of one store; the config's first is cut off from it (a partition), the
     /// other reaches it. A change the first refused goes to the other, and so does the
     /// rest of that command; a read the cut-off hub answered stands (with its warning);
