@@ -42,7 +42,7 @@ const SILENCE: Duration = Duration::from_secs(45);
 
 /// Keeps the one connection to the hub open (reconnecting with jittered back-off) and
 /// runs the protocol on it, until the task is dropped.
-/// With several hubs (one active, the others standing by), a failed connection tries the
+/// With several hubs (any of a store's hubs serves), a failed connection tries the
 /// next one at once; the back-off applies once every hub has failed. The hubs are those
 /// given (`hubs`), then those the hubs named (`Identity::learned_hubs`, read again before
 /// each connection). `connected` is set to the hub a connection is made to (where the
@@ -95,14 +95,7 @@ pub async fn run(
                     c.clone_from(base);
                 }
                 tracing::info!(hub = %url, "connected to the hub");
-                let others: Vec<String> = bases.iter().filter(|b| *b != base).cloned().collect();
-                if let Some(to) = serve(&agent, &id, ws, every, others).await {
-                    // The hub was cut off from its store and another answers: that one
-                    // leads (standing-by hubs do not listen). Dialled at once.
-                    tracing::warn!(hub = %url, to = %to, "leaving a hub cut off from its store for one that answers");
-                    at = bases.iter().position(|b| *b == to).unwrap_or(at + 1);
-                    continue;
-                }
+                serve(&agent, &id, ws, every).await;
                 tracing::warn!(hub = %url, "lost the hub; running from local state");
             }
             Ok(Err(e)) => {
@@ -150,15 +143,7 @@ pub fn due_for_renewal((not_before, not_after): (u64, u64), now: u64) -> bool {
 
 /// Runs the protocol on one connection until it ends (or a renewed certificate wants a
 /// new one).
-/// Returns another hub to move to, when this one said it is cut off from its store and
-/// that one answers (`others`: the other hubs known).
-async fn serve<S>(
-    agent: &Arc<Agent>,
-    id: &Identity,
-    mut ws: tokio_tungstenite::WebSocketStream<S>,
-    every: Duration,
-    others: Vec<String>,
-) -> Option<String>
+async fn serve<S>(agent: &Arc<Agent>, id: &Identity, mut ws: tokio_tungstenite::WebSocketStream<S>, every: Duration)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -171,7 +156,7 @@ where
         digest: agent.hello_digest(),
     };
     if ws.send(Message::Text(frame(&hello).into())).await.is_err() {
-        return None;
+        return;
     }
     // Frames go out through a writer task that owns the socket's sending half: this loop
     // never waits on a send while the hub may be waiting on it to read (a session's input
@@ -196,10 +181,6 @@ where
     // The key of a renewal asked for on this connection, until its certificate comes.
     let mut renewing: Option<(String, tokio::time::Instant)> = None;
     let mut renew_now = false;
-    // Since the hub said it is cut off from its store: when the other hubs were last
-    // looked at, and the one that answered.
-    let mut cut_off: Option<tokio::time::Instant> = None;
-    let mut moving_to: Option<String> = None;
     loop {
         tokio::select! {
             m = ws.next() => match m {
@@ -229,11 +210,12 @@ where
                             }
                         }
                         Ok(Control::RenewNow) => renew_now = true,
-                        Ok(Control::CutOff) => {
-                            tracing::warn!("the hub is cut off from its store; looking for another hub that answers");
-                            let now = tokio::time::Instant::now();
-                            cut_off = Some(now.checked_sub(CUT_OFF_PROBE).unwrap_or(now));
-                        }
+                        // The hub itself hands its nodes over (it starts again, closing
+                        // this connection) once another hub of the store leads.
+                        Ok(Control::CutOff) => tracing::warn!(
+                            "the hub is cut off from its store: it shows what it last read and changes nothing; \
+                             staying on it until it hands over to a hub that reaches the store"
+                        ),
                         Ok(Control::Services { view }) => {
                             if let Err(e) = agent.set_mesh_view(view) {
                                 tracing::warn!("{e}");
@@ -335,13 +317,6 @@ where
                     tracing::warn!("no word from the hub for {SILENCE:?}; reconnecting");
                     break;
                 }
-                if cut_off.is_some_and(|at| at.elapsed() >= CUT_OFF_PROBE) {
-                    cut_off = Some(tokio::time::Instant::now());
-                    moving_to = answering(&others).await;
-                    if moving_to.is_some() {
-                        break;
-                    }
-                }
                 let due = renew_now || id.validity().is_ok_and(|v| due_for_renewal(v, skiff_runtime::time::now_ms()));
                 // An answer that never came (the hub refused, or restarted): ask again later.
                 if renewing.as_ref().is_some_and(|(_, at)| at.elapsed() > Duration::from_secs(300)) {
@@ -412,25 +387,6 @@ where
     }
     drop(out);
     writer.abort();
-    moving_to
-}
-
-/// How often the other hubs are looked at while this one is cut off from its store.
-const CUT_OFF_PROBE: Duration = Duration::from_secs(5);
-
-/// The first of `hubs` (`https://HOST:PORT`) that takes a TCP connection within 2 s:
-/// hubs standing by do not listen, so one that does leads its store. (The hub's own
-/// look for a peer that leads, while it is cut off, is this too.)
-pub async fn answering(hubs: &[String]) -> Option<String> {
-    let tries = hubs.iter().map(|h| async move {
-        let addr = h.strip_prefix("https://")?.split('/').next()?.to_string();
-        let ok = matches!(
-            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await,
-            Ok(Ok(_))
-        );
-        ok.then(|| h.clone())
-    });
-    futures_util::future::join_all(tries).await.into_iter().flatten().next()
 }
 
 /// How long one frame may wait for the writer before the connection is given up on.
@@ -664,21 +620,6 @@ async fn answer(agent: Arc<Agent>, op: Op, out: Replies) {
 
 #[cfg(test)]
 mod tests {
-    /// A hub that takes a connection leads (standing-by hubs do not listen); a dead
-    /// address or one that is not a hub's URL is passed over.
-    #[tokio::test]
-    async fn the_hub_that_answers_is_the_one_to_move_to() {
-        let dead = {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            format!("https://{}", l.local_addr().unwrap())
-        };
-        assert_eq!(super::answering(std::slice::from_ref(&dead)).await, None);
-        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let live = format!("https://{}", live.local_addr().unwrap());
-        let all = [dead, "http://not-a-hub".to_string(), live.clone()];
-        assert_eq!(super::answering(&all).await, Some(live));
-    }
-
     #[test]
     fn a_request_of_a_newer_hub_is_answered_by_its_id() {
         let newer = r#"{"id":7,"op":"teleport","instance":"web-1"}"#;

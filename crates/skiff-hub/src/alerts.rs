@@ -168,17 +168,29 @@ impl Alerts {
     /// With the active alerts `store` kept, of rules this hub still has (others are
     /// dropped; an unreadable record starts afresh, said once).
     pub fn load(self, store: &dyn crate::store::Store) -> Self {
+        self.reload(store);
+        self
+    }
+
+    /// The active alerts the store kept, in place of what this hub remembers (a hub
+    /// taking the lead goes on from the one before it: no alert fires twice).
+    pub fn reload(&self, store: &dyn crate::store::Store) {
         let kept = match store.states(STATE_KEY) {
-            Ok(v) => v.into_iter().find(|(k, _)| k == STATE_KEY).map(|(_, v)| v),
+            Ok(v) => {
+                if let Ok(mut a) = self.active.lock() {
+                    a.clear();
+                }
+                v.into_iter().find(|(k, _)| k == STATE_KEY).map(|(_, v)| v)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "reading the active alerts: they start afresh");
                 None
             }
         };
-        let Some(text) = kept else { return self };
+        let Some(text) = kept else { return };
         let Ok(list) = serde_json::from_str::<Vec<Kept>>(&text) else {
             tracing::warn!("the active alerts kept are unreadable: they start afresh");
-            return self;
+            return;
         };
         if let Ok(mut active) = self.active.lock() {
             for k in list {
@@ -197,7 +209,6 @@ impl Alerts {
         if let Ok(mut s) = self.saved.lock() {
             *s = Some(text);
         }
-        self
     }
 
     /// Writes the active alerts to `store` when they changed other than in value.

@@ -80,6 +80,7 @@ pub fn router(hub: Shared) -> Router {
         .route("/api/v1/k8s-services", get(kept_services))
         .route("/api/v1/k8s-services/{stack}/{name}", axum::routing::delete(forget_service))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/hub/peer", get(peer_state))
         .route("/api/v1/metrics", get(samples))
         .route("/api/v1/autoscalers", get(autoscalers))
         .route("/api/v1/alerts", get(alerts))
@@ -407,6 +408,42 @@ fn node_error(e: crate::NodeError) -> ApiError {
     ApiError(status, e.to_string())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerQuery {
+    #[serde(default)]
+    epoch: String,
+    #[serde(default)]
+    since: u64,
+    #[serde(default)]
+    samples: bool,
+}
+
+/// What another hub of the store asks each second: this hub's nodes that changed since
+/// it last asked (see `fleet/peers.rs`).
+async fn peer_state(
+    State(hub): State<Shared>,
+    q: Result<Query<PeerQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| bad(e.body_text()))?;
+    let f = fleet_of(&hub)?;
+    Ok(Json(f.peer_state(&q.epoch, q.since, q.samples)).into_response())
+}
+
+/// A `421 Misdirected Request` when `instance`'s node has its tunnel on another hub of
+/// the store: this hub cannot reach it, that one can (its URL in
+/// [`skiff_model::api::NODE_HUB_HEADER`]).
+fn elsewhere(hub: &Hub, instance: &str) -> Option<Response> {
+    let f = hub.nodes.fleet()?;
+    let node = f.node_of_instance(instance)?;
+    let other = f.hub_of(&node)?;
+    let msg = format!("instance {instance:?} runs on node {node:?}, whose tunnel is on the hub at {other}");
+    let mut resp = ApiError(StatusCode::MISDIRECTED_REQUEST, msg).into_response();
+    let v = header::HeaderValue::from_str(&other).ok()?;
+    resp.headers_mut().insert(skiff_model::api::NODE_HUB_HEADER, v);
+    Some(resp)
+}
+
 /// Where the newest revision's rollout stands (watchable).
 async fn rollout_status(
     State(hub): State<Shared>,
@@ -509,6 +546,16 @@ async fn logs(
     if targets.is_empty() {
         return Err(not_found(format!("no instance or deployment named {name:?}")));
     }
+    // Every one on another hub (one instance, or a deployment this hub holds no node of):
+    // the CLI asks that hub. A deployment spread over several hubs' nodes shows what this
+    // hub reaches.
+    let (here, away): (Vec<String>, Vec<String>) = targets.into_iter().partition(|t| elsewhere(&hub, t).is_none());
+    if here.is_empty() {
+        if let Some(resp) = away.first().and_then(|t| elsewhere(&hub, t)) {
+            return Ok(resp);
+        }
+    }
+    let targets = here;
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
     // A deployment's lines always carry their instance's name (as `docker compose logs`):
     // one instance now may be several after a scale or during a rollout.
@@ -603,6 +650,9 @@ async fn exec(
     if b.argv.is_empty() {
         return Err(bad("argv: must not be empty"));
     }
+    if let Some(resp) = elsewhere(&hub, &name) {
+        return Ok(resp);
+    }
     let node = hub.node_of(&name).ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
     let timeout = Duration::from_millis(b.timeout_ms.unwrap_or(60_000).min(3_600_000));
     let r = node.exec(&name, b.argv, timeout).await.map_err(node_error)?;
@@ -616,6 +666,9 @@ async fn act_on_instance(
 ) -> Result<Response, ApiError> {
     let act = skiff_model::proto::InstanceAction::parse(&action)
         .ok_or_else(|| not_found(format!("no action {action:?} on instances (restart, stop, start)")))?;
+    if let Some(resp) = elsewhere(&hub, &name) {
+        return Ok(resp);
+    }
     let node = hub.node_of(&name).ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
     node.act(&name, act).await.map_err(node_error)?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "instance": name, "action": action }))).into_response())
@@ -627,6 +680,9 @@ async fn exec_session(
     Path(name): Path<String>,
     ws: axum::extract::WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    if let Some(resp) = elsewhere(&hub, &name) {
+        return Ok(resp);
+    }
     let node = hub.node_of(&name).ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
     let ws = ws.max_message_size(MAX_BODY).max_frame_size(MAX_BODY);
     Ok(ws.on_upgrade(move |socket| crate::session::serve(node, name, socket)))
@@ -649,6 +705,9 @@ async fn port_forward(
     let Query(q) = q.map_err(|e| bad(format!("port: {}", e.body_text())))?;
     if q.port == 0 {
         return Err(bad("port: must be 1 to 65535"));
+    }
+    if let Some(resp) = elsewhere(&hub, &name) {
+        return Ok(resp);
     }
     let node = hub.node_of(&name).ok_or_else(|| not_found(format!("instance {name:?} not found")))?;
     let ws = ws.max_message_size(MAX_BODY).max_frame_size(MAX_BODY);

@@ -180,9 +180,17 @@ impl Autoscaler {
     /// With the recommendations and scale events the store kept (unreadable ones are
     /// skipped: a window starts afresh, as before they were kept).
     pub fn load(self, store: &dyn crate::store::Store) -> Self {
+        self.reload(store);
+        self
+    }
+
+    /// What the store kept, in place of what this hub remembers (a hub taking the lead
+    /// goes on from the windows of the one before it).
+    pub fn reload(&self, store: &dyn crate::store::Store) {
         match store.states(STATE) {
             Ok(all) => {
                 if let Ok(mut m) = self.memory.lock() {
+                    m.clear();
                     for (k, v) in all {
                         if let Ok(mem) = serde_json::from_str::<Memory>(&v) {
                             m.insert(k[STATE.len()..].to_string(), mem);
@@ -192,7 +200,6 @@ impl Autoscaler {
             }
             Err(e) => tracing::warn!(error = %e, "reading the autoscalers' history: their windows start afresh"),
         }
-        self
     }
 
     /// Keeps `name`'s recommendations and scale events in the store (or forgets them).

@@ -62,14 +62,21 @@ pub fn pass(hub: &Hub, n: u64, every: Every) {
 /// of the images already stored (they are learnt at each apply; this covers a restart).
 /// The task ends only if a pass panics (with that panic).
 pub fn spawn(hub: Arc<Hub>, every: Every) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(hub, every))
+}
+
+/// What [`spawn`] runs, for a task that does something first (taking the lead).
+pub async fn run(hub: Arc<Hub>, every: Every) {
     if let Some(f) = hub.nodes.fleet() {
         let f = Arc::clone(f);
-        let images: Vec<String> = match hub.store.list() {
-            Ok(all) => all.into_iter().map(|s| s.spec.image).collect(),
-            Err(e) => {
+        let h = Arc::clone(&hub);
+        let images: Vec<String> = match tokio::task::spawn_blocking(move || h.store.list()).await {
+            Ok(Ok(all)) => all.into_iter().map(|s| s.spec.image).collect(),
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "listing deployments for their platforms");
                 vec![]
             }
+            Err(_) => vec![],
         };
         tokio::spawn(async move {
             for w in f.learn_platforms(&images).await {
@@ -77,20 +84,18 @@ pub fn spawn(hub: Arc<Hub>, every: Every) -> tokio::task::JoinHandle<()> {
             }
         });
     }
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        for n in 0u64.. {
-            tick.tick().await;
-            let h = Arc::clone(&hub);
-            if let Err(e) = tokio::task::spawn_blocking(move || pass(&h, n, every)).await {
-                if e.is_panic() {
-                    // The task ends with the panic: its owner stops the process.
-                    std::panic::resume_unwind(e.into_panic());
-                }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for n in 0u64.. {
+        tick.tick().await;
+        let h = Arc::clone(&hub);
+        if let Err(e) = tokio::task::spawn_blocking(move || pass(&h, n, every)).await {
+            if e.is_panic() {
+                // The task ends with the panic: its owner stops the process.
+                std::panic::resume_unwind(e.into_panic());
             }
         }
-    })
+    }
 }
 
 #[cfg(test)]

@@ -182,6 +182,30 @@ impl EventLog {
         self.send(ops);
     }
 
+    /// Takes in what other hubs of the store kept since this one loaded (a hub that takes
+    /// the lead shows what the one before it recorded), the newest `limit` of all.
+    pub fn reload(&self, store: &dyn Store) {
+        let Ok(kept) = store.states(&self.prefix()) else { return };
+        let mut ops = vec![];
+        if let Ok(mut e) = self.events.lock() {
+            let have: std::collections::HashSet<String> = e.iter().map(|(k, _)| k.clone()).collect();
+            let mut all: Vec<(String, EventRecord)> = e.drain(..).collect();
+            for (k, v) in kept.into_iter().filter(|(k, _)| !have.contains(k)) {
+                if let Ok(r) = serde_json::from_str::<EventRecord>(&v) {
+                    all.push((k, r));
+                }
+            }
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            if let Some(t) = all.last().and_then(|(k, _)| key_time(k)) {
+                self.last_ms.fetch_max(t, Ordering::Relaxed);
+            }
+            let over = all.len().saturating_sub(self.limit);
+            ops.extend(all.drain(..over).map(|(k, _)| Op::Put(k, None)));
+            e.extend(all);
+        }
+        self.send(ops);
+    }
+
     pub fn list(&self) -> Vec<EventRecord> {
         self.events.lock().map(|e| e.iter().map(|(_, r)| r.clone()).collect()).unwrap_or_default()
     }

@@ -7,6 +7,7 @@
 
 mod mesh;
 mod ordered;
+mod peers;
 
 use crate::clock::Clock;
 use crate::pki::Ca;
@@ -20,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 pub use mesh::serves;
+pub use peers::{PeerNode, PeerState};
 
 /// A node is Ready while its heartbeats arrive within this long of each other.
 pub const HEARTBEAT_GRACE_MS: u64 = 40_000;
@@ -139,9 +141,24 @@ struct Seen {
     cache: Option<String>,
     /// Where its agent takes direct connections for the fleet's services.
     mesh: Option<String>,
+    /// The hub that holds its tunnel and told this one about it; none: heard here.
+    via: Option<String>,
 }
 
 impl Seen {
+    /// First heard of at `now`, state not known yet.
+    fn new(now: u64) -> Self {
+        Seen {
+            last_ms: now,
+            state: NodeState::Unknown,
+            since_ms: now,
+            problems: vec![],
+            cache: None,
+            mesh: None,
+            via: None,
+        }
+    }
+
     /// Heard from: Ready, or NotReady while it reports problems. Returns whether the
     /// state changed.
     fn heard(&mut self, now: u64) -> bool {
@@ -212,6 +229,18 @@ pub struct Fleet {
     /// Bumped when a node's instances that serve, or its mesh address, changed.
     mesh_gen: tokio::sync::watch::Sender<u64>,
     mesh_table: Mutex<Option<Arc<mesh::MeshTable>>>,
+    /// Whether this hub runs placement (see [`Fleet::set_leads`]).
+    leads: std::sync::atomic::AtomicBool,
+    /// The store's revision the last placement saw (a change made through another hub is
+    /// placed at the next tick).
+    placed_at: std::sync::atomic::AtomicU64,
+    /// What peers are told (see `peers.rs`): this start's epoch, the newest generation,
+    /// and the generation of each node's last change and last sample.
+    epoch: String,
+    generation: std::sync::atomic::AtomicU64,
+    changed_at: Mutex<HashMap<String, u64>>,
+    sampled_at: Mutex<HashMap<String, u64>>,
+    peers: Mutex<BTreeMap<String, peers::PeerView>>,
 }
 
 /// How long a node certificate is valid unless the hub is told otherwise.
@@ -332,6 +361,13 @@ impl Fleet {
             hubs: tokio::sync::watch::channel(vec![]).0,
             mesh_gen: tokio::sync::watch::channel(0).0,
             mesh_table: Mutex::new(None),
+            leads: std::sync::atomic::AtomicBool::new(true),
+            placed_at: std::sync::atomic::AtomicU64::new(0),
+            epoch: crate::pki::random_hex().map_err(failed)?,
+            generation: std::sync::atomic::AtomicU64::new(0),
+            changed_at: Mutex::new(HashMap::new()),
+            sampled_at: Mutex::new(HashMap::new()),
+            peers: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -443,6 +479,7 @@ impl Fleet {
                 old.kick.notify_one();
             }
         }
+        self.node_changed(node);
         t
     }
 
@@ -451,8 +488,11 @@ impl Fleet {
         if let Ok(mut m) = self.tunnels.lock() {
             if m.get(node).is_some_and(|t| t.serial == serial) {
                 m.remove(node);
+            } else {
+                return;
             }
         }
+        self.node_changed(node);
     }
 
     /// The hub's clock.
@@ -684,23 +724,21 @@ impl Fleet {
     /// The node was heard from (any frame or pong on its tunnel, or a status report).
     pub fn touch(&self, node: &str) {
         let now = self.clock.now_ms();
-        let changed = match self.seen.lock() {
-            Ok(mut seen) => seen
-                .entry(node.to_string())
-                .or_insert(Seen {
-                    last_ms: now,
-                    state: NodeState::Unknown,
-                    since_ms: now,
-                    problems: vec![],
-                    cache: None,
-                    mesh: None,
-                })
-                .heard(now),
-            Err(_) => false,
+        let (changed, arrived) = match self.seen.lock() {
+            Ok(mut seen) => {
+                let s = seen.entry(node.to_string()).or_insert_with(|| Seen::new(now));
+                // Held by another hub until now: heard here, it is this one's.
+                let arrived = s.via.take().is_some();
+                (s.heard(now), arrived)
+            }
+            Err(_) => (false, false),
         };
         if changed {
             // Placement runs on the next tick, once for however many nodes came up.
             self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if changed || arrived {
+            self.node_changed(node);
         }
     }
 
@@ -760,26 +798,34 @@ impl Fleet {
         let serving = |v: &[InstanceStatus]| -> BTreeMap<(String, String), bool> {
             v.iter().map(|i| ((i.deployment.clone(), i.name.clone()), mesh::serves(i))).collect()
         };
-        let mut moved = false;
+        let (mut moved, mut told) = (false, false);
         if let Ok(mut st) = self.statuses.lock() {
             let new = serving(&instances);
-            moved |= st.get(node).is_none_or(|old| serving(old) != new);
+            let old = st.get(node);
+            moved |= old.is_none_or(|old| serving(old) != new);
+            told |= old != Some(&instances);
             st.insert(node.to_string(), instances);
         }
         if let Ok(mut seen) = self.seen.lock() {
             if let Some(s) = seen.get_mut(node) {
                 let allowed = self.site_cache_nodes.contains(node);
-                s.cache = status.cache.filter(|u| allowed && skiff_model::proto::valid_cache_url(u));
+                let cache = status.cache.filter(|u| allowed && skiff_model::proto::valid_cache_url(u));
+                told |= s.cache != cache;
+                s.cache = cache;
                 let mesh = status.mesh.filter(|a| skiff_model::mesh::valid_mesh_addr(a));
                 moved |= s.mesh != mesh;
                 s.mesh = mesh;
                 if s.problems != status.problems {
+                    told = true;
                     s.problems = status.problems;
                     if s.heard(self.clock.now_ms()) {
                         self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
             }
+        }
+        if moved || told {
+            self.node_changed(node);
         }
         if moved {
             self.mesh_moved();
@@ -820,8 +866,11 @@ impl Fleet {
         if let Ok(mut all) = self.samples.lock() {
             if all.get(node).is_none_or(|m| m.time_ms < newest.time_ms) {
                 all.insert(node.to_string(), newest);
+            } else {
+                return;
             }
         }
+        self.node_sampled(node);
     }
 
     /// The newest sample of every node that shipped one.
@@ -848,6 +897,19 @@ impl Fleet {
     pub fn persist_events(&self, store: Arc<dyn Store>) {
         self.security.persist(Arc::clone(&store));
         self.shipped.persist(store);
+        self.show_kept();
+    }
+
+    /// What the other hubs of the store kept of nodes' events and refusals since this
+    /// one started (it takes the lead: it shows what nodes shipped to the one before).
+    pub fn reload_events(&self) {
+        self.security.reload(&*self.store);
+        self.shipped.reload(&*self.store);
+        self.show_kept();
+    }
+
+    /// Nodes' events as kept, each node's before what it shipped to this hub since.
+    fn show_kept(&self) {
         let mut by_node: BTreeMap<String, Vec<EventRecord>> = BTreeMap::new();
         for r in self.shipped.list() {
             if let Some(n) = r.node.clone() {
@@ -994,7 +1056,13 @@ impl Fleet {
     /// Places every deployment over the joined nodes and stores the result; wakes the
     /// nodes' long-polls and tunnels when the revision moved (by this placement or by any
     /// change to deployments before it, since `set_slots` returns the current revision).
+    /// A hub that does not lead places nothing (the one that leads places what it
+    /// stored at its next tick); it only wakes its own nodes.
     pub fn reschedule(&self) -> Result<Plan, FleetError> {
+        if !self.leads() {
+            self.revision_changed();
+            return Ok(Plan::default());
+        }
         let deployments: Vec<Deployment> = self.store.list().map_err(internal)?.into_iter().map(|s| s.spec).collect();
         let current = self.store.slots().map_err(internal)?;
         // A stateful set's slot goes back to the node its volumes are on.
@@ -1013,7 +1081,8 @@ impl Fleet {
         };
         self.ordered_held.store(held, std::sync::atomic::Ordering::Relaxed);
         ordered::remember(&*self.store, &deployments, &plan, &last).map_err(internal)?;
-        self.store.set_slots(&plan.slots).map_err(internal)?;
+        let revision = self.store.set_slots(&plan.slots).map_err(internal)?;
+        self.placed_at.store(revision, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut u) = self.unschedulable.lock() {
             u.clone_from(&plan.unschedulable);
         }
@@ -1021,10 +1090,16 @@ impl Fleet {
         Ok(plan)
     }
 
-    /// Places again if a node joined or came back since the last placement, or if `force`
-    /// (node states also change by time passing: heartbeats that stop).
+    /// Places again if a node joined or came back since the last placement, if the store
+    /// changed since (through another hub of it), or if `force` (node states also change
+    /// by time passing: heartbeats that stop). Only on the hub that leads.
     pub fn tick(&self, force: bool) -> Result<(), FleetError> {
-        if self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) || force {
+        if !self.leads() {
+            return Ok(());
+        }
+        let stored =
+            || self.store.revision().is_ok_and(|r| r > self.placed_at.load(std::sync::atomic::Ordering::Relaxed));
+        if self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) || force || stored() {
             self.reschedule()?;
         }
         Ok(())
@@ -1076,7 +1151,17 @@ impl Fleet {
     /// Every node's assignment and every deployment's templates at the current revision,
     /// computed in one pass per revision and shared: a change that wakes thousands of
     /// long-polls reads the store once, not once per node.
+    /// While the store cannot be read (cut off from it, or not answering), the last one
+    /// computed stands: what the hub last read, as its other reads then are.
     fn at_revision(&self) -> Result<Arc<AtRevision>, FleetError> {
+        let last = || self.at_revision.lock().ok().and_then(|c| c.clone());
+        match self.compute_at_revision() {
+            Ok(at) => Ok(at),
+            Err(e) => last().ok_or(e),
+        }
+    }
+
+    fn compute_at_revision(&self) -> Result<Arc<AtRevision>, FleetError> {
         let revision = self.store.revision().map_err(internal)?;
         let cached = self.at_revision.lock().ok().and_then(|c| c.as_ref().filter(|c| c.revision == revision).cloned());
         if let Some(c) = cached {
@@ -1167,7 +1252,7 @@ mod tests {
     use skiff_model::proto::JoinToken;
     use std::time::Duration;
 
-    fn fleet() -> (tempfile::TempDir, Fleet) {
+    pub(super) fn fleet() -> (tempfile::TempDir, Fleet) {
         let t = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
         let ca = Ca::load_or_create(&t.path().join("pki")).unwrap();
@@ -1175,7 +1260,7 @@ mod tests {
         (t, f)
     }
 
-    fn join_req(token: &str, node: &str) -> JoinRequest {
+    pub(super) fn join_req(token: &str, node: &str) -> JoinRequest {
         let (_key, csr) = crate::pki::tests::csr(node);
         let spec = NodeSpec {
             os: "linux".into(),
@@ -1194,7 +1279,7 @@ mod tests {
         JoinToken::parse(&t.token).unwrap().credential()
     }
 
-    fn any(f: &Fleet) -> String {
+    pub(super) fn any(f: &Fleet) -> String {
         token(f, TokenRequest::default())
     }
 
@@ -1341,7 +1426,7 @@ mod tests {
         assert_eq!(f.tunnel("a").map(|t| t.serial), Some(second.serial), "closing the older keeps the newer");
     }
 
-    fn status(node: &str, deployment: &str, name: &str, template: &str) -> InstanceStatus {
+    pub(super) fn status(node: &str, deployment: &str, name: &str, template: &str) -> InstanceStatus {
         InstanceStatus {
             name: name.into(),
             deployment: deployment.into(),

@@ -155,6 +155,22 @@ impl Hub {
         self.nodes.changes()
     }
 
+    /// This hub takes the lead of its shared store: what the controllers remember (the
+    /// autoscalers' windows, the active alerts) and the events, as the hub before it left
+    /// them in the store, then placement, from now on here.
+    pub fn take_lead(&self) -> Result<(), nodes::PlaceError> {
+        self.autoscaler.reload(&*self.store);
+        self.alerts.reload(&*self.store);
+        for log in [&self.autoscaler.events, &self.rollouts.events, &self.alerts.events] {
+            log.reload(&*self.store);
+        }
+        if let Some(f) = self.nodes.fleet() {
+            f.reload_events();
+            f.set_leads(true);
+        }
+        self.sync_nodes()
+    }
+
     /// Places the stored deployments and hands every node its share.
     pub fn sync_nodes(&self) -> Result<(), nodes::PlaceError> {
         self.nodes.place(&*self.store)

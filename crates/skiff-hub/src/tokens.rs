@@ -160,12 +160,13 @@ pub fn authenticate(
 /// (tokens excepted), admin for everything else.
 pub fn required_role(method: &axum::http::Method, path: &str) -> TokenRole {
     // An exec's and a port-forward's WebSockets open with a GET, and they run commands
-    // or reach into instances: admin, as the exec's POST.
+    // or reach into instances: admin, as the exec's POST. What hubs ask each other
+    // (`/api/v1/hub/`) is for hubs, which hold the admin token.
     let acts = path.ends_with("/exec") || path.ends_with("/portforward");
     let read = (method == axum::http::Method::GET || method == axum::http::Method::HEAD) && !acts;
     if read && (path == "/metrics" || path == "/api/v1/metrics") {
         TokenRole::Metrics
-    } else if read && !path.starts_with("/api/v1/tokens") {
+    } else if read && !path.starts_with("/api/v1/tokens") && !path.starts_with("/api/v1/hub/") {
         TokenRole::Read
     } else {
         TokenRole::Admin
@@ -208,6 +209,7 @@ mod tests {
         assert_eq!(need(&Method::GET, "/api/v1/deployments"), TokenRole::Read);
         assert_eq!(need(&Method::GET, "/api/v1/instances/web-1/logs"), TokenRole::Read);
         assert_eq!(need(&Method::GET, "/api/v1/tokens"), TokenRole::Admin);
+        assert_eq!(need(&Method::GET, "/api/v1/hub/peer"), TokenRole::Admin, "what hubs tell each other");
         assert_eq!(need(&Method::POST, "/api/v1/apply"), TokenRole::Admin);
         assert_eq!(need(&Method::POST, "/api/v1/instances/web-1/exec"), TokenRole::Admin);
         assert_eq!(need(&Method::GET, "/api/v1/instances/web-1/exec"), TokenRole::Admin, "the interactive exec");

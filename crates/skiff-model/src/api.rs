@@ -138,6 +138,11 @@ pub const EXEC_STDERR: u8 = 2;
 /// another hub of the store as it is. Its value is `cut-off`.
 pub const UNCHANGED_HEADER: &str = "skiff-unchanged";
 
+/// On a `421 Misdirected Request` for an instance whose node's tunnel another hub of the
+/// store holds: that hub's URL (one of the store's hubs; the CLI sends the request there
+/// only if its config names that hub too).
+pub const NODE_HUB_HEADER: &str = "skiff-node-hub";
+
 /// How an interactive exec ended: the command's exit code, or why it could not run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecEnd {

@@ -524,8 +524,8 @@ pub enum Control {
     /// after the hello and whenever that changes.
     Services { view: crate::mesh::MeshView },
     /// Hub → agent: this hub is cut off from its store (it shows what it last read and
-    /// changes nothing): the agent looks for another hub of the store that answers, and
-    /// moves to it.
+    /// changes nothing). The agent stays: the hub hands its nodes over, by starting again,
+    /// once another hub of the store leads.
     CutOff,
 }
 

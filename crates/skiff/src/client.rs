@@ -39,6 +39,28 @@ fn refused_cut_off(resp: &reqwest::Response) -> bool {
         && resp.headers().get(skiff_model::api::UNCHANGED_HEADER).is_some_and(|v| v == "cut-off")
 }
 
+/// The hub a `421 Misdirected Request` names as holding the instance's node (see
+/// [`skiff_model::api::NODE_HUB_HEADER`]), if the config names that hub too: the admin
+/// token goes only to hubs the operator's config lists.
+fn node_hub(cfg: &ClientConfig, status: reqwest::StatusCode, headers: &reqwest::header::HeaderMap) -> Option<String> {
+    if status != reqwest::StatusCode::MISDIRECTED_REQUEST {
+        return None;
+    }
+    let hub = headers.get(skiff_model::api::NODE_HUB_HEADER)?.to_str().ok()?.trim_end_matches('/');
+    std::iter::once(&cfg.server).chain(&cfg.servers).find(|s| s.trim_end_matches('/') == hub).cloned()
+}
+
+/// `req` sent to the hub at `base` instead.
+fn sent_to(req: &reqwest::Request, base: &str) -> Option<reqwest::Request> {
+    let base = reqwest::Url::parse(base).ok()?;
+    let mut r = req.try_clone()?;
+    let url = r.url_mut();
+    url.set_scheme(base.scheme()).ok()?;
+    url.set_host(base.host_str()).ok()?;
+    url.set_port(base.port_or_known_default()).ok()?;
+    Some(r)
+}
+
 /// The HTTP client for `cfg`'s hubs, trusting only its CA (when it has one).
 fn http_client(cfg: &ClientConfig, connect_timeout: Option<std::time::Duration>) -> Result<reqwest::Client> {
     let mut b = reqwest::Client::builder();
@@ -77,8 +99,9 @@ impl Client {
             }
         }
         format!(
-            "no hub answers ({}): the hubs of a shared store serve only while one of them holds the store's lease, \
-             so the store (etcd) may be out of reach; nothing was changed, and nodes keep running their workloads",
+            "no hub answers ({}): a hub of a shared store that starts again waits for the store before it \
+             serves, so the store (etcd) may be out of reach; nothing was changed, and nodes keep running their \
+             workloads",
             all.join(", ")
         )
     }
@@ -100,6 +123,13 @@ impl Client {
         })?;
         let resp = match spare {
             Some(spare) if refused_cut_off(&resp) => self.elsewhere(spare).await.unwrap_or(resp),
+            // The instance's node is on another hub of the store: asked there, once.
+            Some(spare) => match node_hub(&self.cfg, resp.status(), resp.headers()).and_then(|h| sent_to(&spare, &h)) {
+                Some(there) => self.http.execute(there).await.map_err(|e| {
+                    anyhow::anyhow!(skiff_image::error::with_causes(&e)).context(self.unreachable(e.is_connect()))
+                })?,
+                None => resp,
+            },
             _ => resp,
         };
         warn_once(&resp);
@@ -129,14 +159,7 @@ impl Client {
             }
         };
         for other in std::iter::once(&self.cfg.server).chain(&self.cfg.servers).filter(|s| **s != current) {
-            let (Ok(base), Some(mut r)) = (reqwest::Url::parse(other), req.try_clone()) else { continue };
-            let url = r.url_mut();
-            if url.set_scheme(base.scheme()).is_err()
-                || url.set_host(base.host_str()).is_err()
-                || url.set_port(base.port_or_known_default()).is_err()
-            {
-                continue;
-            }
+            let Some(r) = sent_to(&req, other) else { continue };
             match http.execute(r).await {
                 Ok(resp) if !refused_cut_off(&resp) && !resp.status().is_server_error() => {
                     if let Ok(mut m) = self.moved.lock() {
@@ -197,8 +220,29 @@ impl Client {
         &self,
         path: &str,
     ) -> Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+        match self.websocket_at(&self.base(), path).await? {
+            Ok(ws) => Ok(ws),
+            // The instance's node is on another hub of the store: dialled there, once.
+            Err(hub) => match self.websocket_at(&hub, path).await? {
+                Ok(ws) => Ok(ws),
+                Err(again) => anyhow::bail!("the hub at {hub} sent this to the hub at {again} in turn"),
+            },
+        }
+    }
+
+    /// The WebSocket at `base`, or the other hub that a `421` names.
+    async fn websocket_at(
+        &self,
+        base: &str,
+        path: &str,
+    ) -> Result<
+        std::result::Result<
+            tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+            String,
+        >,
+    > {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let url = self.url(path);
+        let url = format!("{}{path}", base.trim_end_matches('/'));
         let url = match url.strip_prefix("https://") {
             Some(rest) => format!("wss://{rest}"),
             None => url.replacen("http://", "ws://", 1),
@@ -219,6 +263,9 @@ impl Client {
             Ok(Ok(ws)) => ws,
             Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
                 let status = resp.status();
+                if let Some(hub) = node_hub(&self.cfg, status, resp.headers()) {
+                    return Ok(Err(hub));
+                }
                 let text = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().to_string();
                 let message = serde_json::from_str::<ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
                 return Err(ApiError { status, message }.into());
@@ -228,9 +275,9 @@ impl Client {
                 let refused = matches!(&e, WsError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
                 return Err(anyhow::anyhow!(e)).with_context(|| self.unreachable(refused));
             }
-            Err(_) => anyhow::bail!("the hub at {} did not answer within 30 s", self.base()),
+            Err(_) => anyhow::bail!("the hub at {base} did not answer within 30 s"),
         };
-        Ok(ws)
+        Ok(Ok(ws))
     }
 
     pub async fn stream(&self, path: &str) -> Result<reqwest::Response> {

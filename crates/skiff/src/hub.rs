@@ -4,7 +4,7 @@
 use crate::config::ClientConfig;
 use anyhow::{Context, Result};
 use clap::Args;
-use skiff_hub::store::{SqliteStore, Store};
+use skiff_hub::store::{Lead, SqliteStore, Store};
 use skiff_hub::Hub;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,8 +41,9 @@ pub struct HubArgs {
     pub etcd: EtcdArgs,
     #[command(flatten)]
     pub seal: SealArgs,
-    /// Hubs on one etcd store: one is active, the others stand by (not listening) and
-    /// one takes over within this time of the active one's loss.
+    /// Hubs on one etcd store: every one serves the API and nodes' tunnels, one of them
+    /// runs the controllers (placement, rollouts, the autoscaler, alerts), and another
+    /// takes that over within this time of its loss.
     #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
     pub lease_ttl: Duration,
     /// Set by a hub that lost the store's lease and started itself again
@@ -364,7 +365,7 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
         }
     };
     let store: Arc<dyn Store> = Arc::clone(&remembering) as Arc<dyn Store>;
-    // Several hubs on one store: one is active; this one waits for its turn.
+    // Several hubs on one store: all serve, one leads (runs the controllers).
     // Unique even for hubs in containers sharing a host name and pid 1: the store fences
     // writes by it.
     let nonce = skiff_hub::pki::random_hex()?;
@@ -377,11 +378,6 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
         }
     }
     let mut lead = store.campaign(&me, args.lease_ttl);
-    if let Some(l) = &mut lead {
-        if !wait_for_lead(l, &mut sigint, &mut sigterm).await? {
-            return Ok(0);
-        }
-    }
     let ca = shared_ca(&*store, &data.join("pki"))?;
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
@@ -398,6 +394,8 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
     if args.image_cache_size > 0 {
         fleet = fleet.with_image_proxy(image_proxy(cli, args.image_cache_size, pushed)?);
     }
+    // On a shared store, placement waits for the lease; alone, this hub leads.
+    fleet.set_leads(lead.is_none());
     let fleet = Arc::new(fleet);
     let admin_token = store.shared("admin_token", &crate::up::admin_token(data)?)?;
     let conf_path = data.join("admin.conf");
@@ -433,9 +431,11 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
             }
         }
     });
-    // Who else may lead, should this hub be cut off from the store (kept current above),
-    // and the nodes to tell.
-    let peer_hubs = fleet.hubs();
+    // What the other hubs' nodes are, asked of them each second (and who leads).
+    let peers = lead.is_some().then(|| {
+        let f = Arc::clone(&fleet);
+        tokio::spawn(crate::hub_peers::run(f, server.clone(), admin_token.clone()))
+    });
     let nodes_told = Arc::clone(&fleet);
     let hub = Arc::new(
         Hub::new(Arc::clone(&store), Arc::new(skiff_hub::nodes::Remote(fleet)), admin_token)
@@ -443,66 +443,103 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
             .with_autoscaler(args.autoscale.config(15))
             .with_alerts(args.alerts.load()?),
     );
-    // Placed once before serving; then joins and returning nodes within a second.
-    hub.sync_nodes()?;
-    let mut controllers =
-        skiff_hub::controllers::spawn(Arc::clone(&hub), crate::up::every(&args.autoscale, &args.alerts));
+    let every = crate::up::every(&args.autoscale, &args.alerts);
+    // A lone hub places once before serving; then joins and returning nodes within a
+    // second. On a shared store, the hub that leads does, from when it leads.
+    let mut controllers = None;
+    if lead.is_none() {
+        hub.sync_nodes()?;
+        controllers = Some(skiff_hub::controllers::spawn(Arc::clone(&hub), every));
+    }
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let serving = args.conns.serve_config(Some(tls));
     let mut server_task =
         tokio::spawn(skiff_hub::serve::serve(listener, skiff_hub::api::router(Arc::clone(&hub)), serving, stop_rx));
     eprintln!("skiff: hub on {server} (listening on {addr}), config in {}", conf_path.display());
     crate::notify_ready();
-    let led_since = std::time::Instant::now();
-    let lost = async {
-        match lead.as_mut() {
-            Some(l) => loop {
-                if let skiff_hub::store::Lead::Lost(why) = &*l.borrow_and_update() {
-                    return why.clone();
+    let mut led_since = std::time::Instant::now();
+    let ttl = args.lease_ttl;
+    let why = loop {
+        let leading = controllers.is_some();
+        let abort = controllers.as_ref().map(|c| c.abort_handle());
+        let controllers_died = async {
+            match controllers.as_mut() {
+                Some(c) => c.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sigint.recv() => break None,
+            _ = sigterm.recv() => break None,
+            r = &mut server_task => {
+                if let Some(a) = abort {
+                    a.abort();
                 }
-                if l.changed().await.is_err() {
-                    return "the store's campaign ended".to_string();
+                return Err(crate::role_died("the API server", r));
+            }
+            r = controllers_died => {
+                server_task.abort();
+                return Err(crate::role_died("the controllers", r));
+            }
+            why = store_gone({ let r = Arc::clone(&remembering); move || r.answers() }, ttl), if lead.is_some() && !leading => {
+                break Some(why);
+            }
+            l = next_lead(&mut lead) => match l {
+                Lead::Active if !leading => {
+                    // In a task of its own: the store's lease lost meanwhile is heard here.
+                    let h = Arc::clone(&hub);
+                    controllers = Some(tokio::spawn(async move {
+                        let took = Arc::clone(&h);
+                        match tokio::task::spawn_blocking(move || took.take_lead()).await {
+                            Ok(Err(e)) => tracing::warn!("placing on taking the lead: {e}"),
+                            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                            _ => {}
+                        }
+                        eprintln!("skiff: hub leads its store; it runs the controllers");
+                        skiff_hub::controllers::run(h, every).await
+                    }));
+                    led_since = std::time::Instant::now();
                 }
+                Lead::Standby(Some(who)) => eprintln!("skiff: hub serving; {who} leads the store, and this hub stands by to lead"),
+                Lead::Lost(why) => break Some(why),
+                _ => {}
             },
-            None => std::future::pending().await,
         }
     };
-    tokio::select! {
-        _ = sigint.recv() => {}
-        _ = sigterm.recv() => {}
-        why = lost => {
-            controllers.abort();
-            // Cut off: it serves what it last read (nodes' tunnels, logs and exec too) and
-            // changes nothing, until the store answers again or another hub leads.
-            remembering.cut_off(&why);
-            nodes_told.set_cut_off();
-            eprintln!("skiff: hub lost the store's lease ({why}); serving what it last read, changing nothing");
-            let peers: Vec<String> = peer_hubs.borrow().iter().filter(|h| **h != server).cloned().collect();
-            tokio::select! {
-                _ = sigint.recv() => {}
-                _ = sigterm.recv() => {}
-                r = &mut server_task => return Err(crate::role_died("the API server", r)),
-                how = until_the_store_or_a_peer({ let r = Arc::clone(&remembering); move || r.answers() }, peers) => {
-                    server_task.abort();
-                    eprintln!("skiff: {how}; standing by again");
-                    // Its lease given up where the store hears (another hub then need
-                    // not wait it out).
-                    let s = Arc::clone(&store);
-                    let _ = tokio::time::timeout(Duration::from_secs(2), tokio::task::spawn_blocking(move || s.resign())).await;
-                    return Err(stand_by_again(led_since.elapsed()));
+    if let Some(why) = why {
+        if let Some(c) = controllers.take() {
+            c.abort();
+        }
+        nodes_told.set_leads(false);
+        // Cut off: it serves what it last read (nodes' tunnels, logs and exec too) and
+        // changes nothing, until the store answers again or another hub leads.
+        remembering.cut_off(&why);
+        nodes_told.set_cut_off();
+        eprintln!("skiff: hub cut off from its store ({why}); serving what it last read, changing nothing");
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+            r = &mut server_task => return Err(crate::role_died("the API server", r)),
+            how = until_the_store_or_a_peer({ let r = Arc::clone(&remembering); move || r.answers() }, Arc::clone(&nodes_told)) => {
+                server_task.abort();
+                if let Some(p) = peers {
+                    p.abort();
                 }
+                eprintln!("skiff: {how}; standing by again");
+                // Its lease given up where the store hears (another hub then need
+                // not wait it out).
+                let s = Arc::clone(&store);
+                let _ = tokio::time::timeout(Duration::from_secs(2), tokio::task::spawn_blocking(move || s.resign())).await;
+                return Err(stand_by_again(led_since.elapsed()));
             }
         }
-        r = &mut server_task => {
-            controllers.abort();
-            return Err(crate::role_died("the API server", r));
-        }
-        r = &mut controllers => {
-            server_task.abort();
-            return Err(crate::role_died("the controllers", r));
-        }
     }
-    controllers.abort();
+    if let Some(c) = controllers {
+        c.abort();
+    }
+    if let Some(p) = peers {
+        p.abort();
+    }
     server_task.abort();
     // A standby takes over now rather than after the lease runs out.
     store.resign();
@@ -511,19 +548,47 @@ pub async fn hub(cli: &crate::cli::Cli, args: &HubArgs) -> Result<i32> {
 }
 
 /// While cut off from the store: returns once the store answers again, or once another
-/// hub of the store answers on its address (hubs listen only while they lead, so it took
-/// over: this one's nodes should move to it). Asked every 2 s.
-async fn until_the_store_or_a_peer(answers: impl Fn() -> bool + Clone + Send + 'static, peers: Vec<String>) -> String {
+/// hub of the store says it leads (this one's nodes should move to a hub that reaches the
+/// store). Asked every 2 s.
+async fn until_the_store_or_a_peer(
+    answers: impl Fn() -> bool + Clone + Send + 'static,
+    fleet: Arc<skiff_hub::fleet::Fleet>,
+) -> String {
     loop {
         let ask = answers.clone();
         if tokio::task::spawn_blocking(ask).await.unwrap_or(false) {
             return "the store answers again".into();
         }
-        if let Some(p) = skiff_agent::tunnel::answering(&peers).await {
+        if let Some(p) = fleet.leading_peer() {
             return format!("the hub at {p} leads now");
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+/// For a hub that does not lead: returns why once the store has not answered for `ttl`
+/// (asked every 2 s), as the lead of one that does would be lost by then.
+async fn store_gone(answers: impl Fn() -> bool + Clone + Send + 'static, ttl: Duration) -> String {
+    let mut since: Option<std::time::Instant> = None;
+    loop {
+        let ask = answers.clone();
+        if tokio::task::spawn_blocking(ask).await.unwrap_or(false) {
+            since = None;
+        } else if since.get_or_insert_with(std::time::Instant::now).elapsed() >= ttl {
+            return format!("the store did not answer for {} s", ttl.as_secs());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// The campaign's next news (never, for a store no hubs campaign for).
+async fn next_lead(lead: &mut Option<tokio::sync::watch::Receiver<Lead>>) -> Lead {
+    let Some(l) = lead.as_mut() else { return std::future::pending().await };
+    if l.changed().await.is_err() {
+        return Lead::Lost("the store's campaign ended".into());
+    }
+    let now = l.borrow_and_update().clone();
+    now
 }
 
 /// A hub that lost the store's lease (the store out of reach, or another hub leading)
@@ -554,35 +619,6 @@ fn hub_url(advertise: &[String], port: u16) -> String {
     let host = advertise.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
     let host = if host.contains(':') { format!("[{host}]") } else { host };
     format!("https://{host}:{port}")
-}
-
-/// Waits until this hub leads its store (saying who does meanwhile); `false` when
-/// stopped by a signal first.
-async fn wait_for_lead(
-    lead: &mut tokio::sync::watch::Receiver<skiff_hub::store::Lead>,
-    sigint: &mut tokio::signal::unix::Signal,
-    sigterm: &mut tokio::signal::unix::Signal,
-) -> Result<bool> {
-    use skiff_hub::store::Lead;
-    loop {
-        match lead.borrow_and_update().clone() {
-            Lead::Active => {
-                eprintln!("skiff: hub active on its store");
-                return Ok(true);
-            }
-            Lead::Lost(why) => anyhow::bail!("lost the store's lease: {why}"),
-            // Still asking the store.
-            Lead::Standby(None) => {}
-            Lead::Standby(Some(who)) => {
-                eprintln!("skiff: hub standing by: {who} is active; this one takes over when it goes");
-            }
-        }
-        tokio::select! {
-            r = lead.changed() => r.context("the store's campaign ended")?,
-            _ = sigint.recv() => return Ok(false),
-            _ = sigterm.recv() => return Ok(false),
-        }
-    }
 }
 
 /// The hub's CA: the one every hub of the store shares (this data directory's, if the
@@ -891,27 +927,38 @@ mod tests {
     use super::*;
 
     /// Cut off, a hub starts over once the store answers, or once another hub of the
-    /// store answers on its address (it leads: the nodes should move to it); not before.
+    /// store says it leads and is not cut off (the nodes should move to one that reaches
+    /// the store); not before.
     #[tokio::test]
     async fn a_cut_off_hub_waits_for_the_store_or_a_leading_peer() {
+        let t = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
+        let ca = skiff_hub::pki::Ca::load_or_create(&t.path().join("pki")).unwrap();
+        let fleet = Arc::new(skiff_hub::fleet::Fleet::new(ca, store, skiff_hub::clock::system()).unwrap());
         let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = Arc::clone(&asked);
         let back = move || count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1;
-        assert_eq!(until_the_store_or_a_peer(back, vec![]).await, "the store answers again");
+        assert_eq!(until_the_store_or_a_peer(back, Arc::clone(&fleet)).await, "the store answers again");
         assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2, "asked again after a wait");
 
-        // A peer that does not listen is no reason; one that does is.
-        let gone = {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            format!("https://{}", l.local_addr().unwrap())
+        // A peer that stands by, or leads but is cut off itself, is no reason; one that
+        // leads is.
+        let said = |leads: bool, cut_off: bool| skiff_hub::fleet::PeerState {
+            epoch: "e".into(),
+            generation: 0,
+            full: true,
+            leads,
+            cut_off,
+            nodes: vec![],
         };
+        fleet.merge_peer_state("https://b:1", said(false, false));
+        fleet.merge_peer_state("https://c:1", said(true, true));
         let waited =
-            tokio::time::timeout(Duration::from_secs(3), until_the_store_or_a_peer(|| false, vec![gone.clone()]));
+            tokio::time::timeout(Duration::from_secs(3), until_the_store_or_a_peer(|| false, Arc::clone(&fleet)));
         assert!(waited.await.is_err(), "still cut off");
-        let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("https://{}", peer.local_addr().unwrap());
-        let how = until_the_store_or_a_peer(|| false, vec![gone, "http://not-a-hub".into(), url.clone()]).await;
-        assert_eq!(how, format!("the hub at {url} leads now"));
+        fleet.merge_peer_state("https://c:1", said(true, false));
+        let how = until_the_store_or_a_peer(|| false, fleet).await;
+        assert_eq!(how, "the hub at https://c:1 leads now");
     }
 
     fn archive_of(dir: &std::path::Path) -> Vec<u8> {

@@ -26,6 +26,7 @@ mod cli;
 mod client;
 mod config;
 mod hub;
+mod hub_peers;
 mod install;
 mod jsonpath;
 mod link;

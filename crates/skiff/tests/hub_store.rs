@@ -133,7 +133,24 @@ fn admin_token(h: &Node) -> String {
     v["token"].as_str().unwrap_or_default().to_string()
 }
 
-/// Two hubs on a three-member etcd: one active, one standing by (not listening). The active one is
+/// How often the agent of node `edge-{i}` on `n` connected to hub `h` (by its log).
+fn tunnels_to(n: &Node, h: &Node, i: usize) -> usize {
+    let url = format!("{}/api/v1/nodes/edge-{i}/tunnel", h.server().unwrap().replacen("https://", "wss://", 1));
+    // The log's colours off (tracing colours a field's name apart from its value).
+    let mut plain = String::new();
+    let mut chars = n.log().chars().collect::<Vec<_>>().into_iter();
+    while let Some(ch) = chars.next() {
+        if ch == '\x1b' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            plain.push(ch);
+        }
+    }
+    let hub = format!("hub={url}");
+    plain.lines().filter(|l| l.contains("connected to the hub") && l.contains(&hub)).count()
+}
+
+/// Two hubs on a three-member etcd: one leads, one stands by (serving too). The one that leads is
 /// killed; the standby takes over within the lease, with the shared CA and admin token,
 /// and the node (given hub a only: it learns b from the hubs) follows it without
 /// restarting its workload. The first hub, back, stands by; a clean stop of the active
@@ -173,10 +190,10 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
         "--secrets-key",
         key,
     ])?;
-    wait_for(30 * SEC, "hub b standing by", || b.log().contains("standing by").then_some(()))?;
+    wait_for(30 * SEC, "hub b standing by", || b.log().contains("stands by to lead").then_some(()))?;
     let pid_a = a.up_pid().unwrap();
     assert!(b.log().contains(&format!("(pid {pid_a}, ")), "names the active hub: {}", b.log());
-    assert!(std::net::TcpStream::connect(&listen_b).is_err(), "a standby does not listen");
+    assert!(std::net::TcpStream::connect(&listen_b).is_ok(), "a hub that stands by serves too");
 
     let token = a.ok(&["token", "create"])?.trim().to_string();
     let mut node = Node::new()?;
@@ -221,7 +238,7 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     a.kill_up()?;
     assert!(updated_before.len() < 3, "the update was still under way: {updated_before:?}");
     let t0 = std::time::Instant::now();
-    wait_for(60 * SEC, "hub b active", || b.log().contains("hub active").then_some(()))?;
+    wait_for(60 * SEC, "hub b active", || b.log().contains("hub leads its store").then_some(()))?;
     let took_over = t0.elapsed();
     wait_for(30 * SEC, "hub b serving", || b.cli(&["get", "nodes"]).ok()?.status.success().then_some(()))?;
     assert_eq!(admin_token(&b), admin_token(&a), "one admin token for the hubs of a store");
@@ -233,6 +250,7 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
         events.iter().any(|e| e.object == "svc-1" && e.reason == "Started" && e.node.as_deref() == Some("edge-1")),
         "{events:?}"
     );
+    wait_for(60 * SEC, "edge-1 on hub b", || (tunnels_to(&node, &b, 1) > 0).then_some(()))?;
     wait_ready(&b, "edge-1")?;
     let followed = t0.elapsed();
     // The update goes on from where it was: it completes, and the instances it had
@@ -255,15 +273,18 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     e.kill(leader);
     b.ok(&["run", IMAGE, "--name", "two", "--", "sleep", "1000"])?;
     wait_placed(&b, &[("edge-1", "svc-1"), ("edge-1", "two-1")])?;
-    assert!(b.log().contains("hub active") && !b.log().contains("lost the store"), "{}", b.log());
+    assert!(b.log().contains("hub leads its store") && !b.log().contains("cut off from its store"), "{}", b.log());
 
     // Hub a comes back: it stands by. Hub b stops cleanly: a takes over at once.
     let listen_a = format!("127.0.0.1:{port_a}");
     a.spawn(&["hub", "--listen", &listen_a, "--advertise", "127.0.0.1", "--store", &store, "--lease-ttl", "3s"])?;
-    wait_for(30 * SEC, "hub a standing by", || a.log().contains("standing by").then_some(()))?;
+    wait_for(30 * SEC, "hub a standing by", || a.log().contains("stands by to lead").then_some(()))?;
     let t1 = std::time::Instant::now();
+    let dialled = tunnels_to(&node, &a, 1);
     b.terminate_up()?;
-    wait_for(30 * SEC, "hub a active", || a.log().contains("hub active").then_some(()))?;
+    wait_for(30 * SEC, "hub a active", || a.log().contains("hub leads its store").then_some(()))?;
+    // Ready on a already, as b last told it: wait for the node's own tunnel to a.
+    wait_for(60 * SEC, "edge-1 back on hub a", || (tunnels_to(&node, &a, 1) > dialled).then_some(()))?;
     // Bounds, not timings: well inside b's 60 s lease.
     assert!(t1.elapsed() < Duration::from_secs(45), "a clean stop hands the lease over: {:?}", t1.elapsed());
     wait_ready(&a, "edge-1")?;
@@ -276,7 +297,10 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     // its grace period runs out.)
     let running =
         wait_for(60 * SEC, "svc-1 and two-1 alone on the node", || runc_pids(&node).ok().filter(|p| p.len() == 2))?;
-    let led = a.log().matches("hub active").count();
+    // What the hub reads to reach an instance, it has read (the node dialled it a moment
+    // ago; what it shows once cut off is what it last read).
+    wait_for(30 * SEC, "an exec through hub a", || a.ok(&["exec", "two-1", "--", "true"]).ok())?;
+    let led = a.log().matches("hub leads its store").count();
     let hub_pid = a.up_pid();
     for i in 0..e.members.len() {
         e.kill(i);
@@ -288,7 +312,7 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     assert!(said.contains("warning: the hub's store cannot be reached") && said.contains("changes nothing"), "{said}");
     assert!(a.ok(&["get", "nodes"])?.contains("edge-1"));
     assert_eq!(a.ok(&["exec", "two-1", "--", "echo", "through the tunnel"])?.trim(), "through the tunnel");
-    // The node was told, and looks for another hub that answers (none does: b stopped).
+    // The node was told (and stays: no other hub leads, b stopped).
     wait_for(30 * SEC, "the node told of the cut-off", || {
         node.log().contains("the hub is cut off from its store").then_some(())
     })?;
@@ -312,7 +336,7 @@ fn a_standby_hub_takes_over_from_a_dead_one_and_the_node_follows_without_a_resta
     // change goes through; no container was restarted.
     e.restart_all()?;
     let t2 = std::time::Instant::now();
-    wait_for(60 * SEC, "hub a active again", || (a.log().matches("hub active").count() > led).then_some(()))?;
+    wait_for(60 * SEC, "hub a active again", || (a.log().matches("hub leads its store").count() > led).then_some(()))?;
     let led_again = t2.elapsed();
     assert_eq!(a.up_pid(), hub_pid, "the same hub process");
     wait_for(30 * SEC, "hub a serving", || a.cli(&["get", "nodes"]).ok()?.status.success().then_some(()))?;
@@ -424,7 +448,7 @@ fn a_hub_cut_off_from_etcd_hands_its_nodes_to_the_hub_that_still_reaches_it() ->
         "--secrets-key",
         key,
     ])?;
-    wait_for(30 * SEC, "hub c standing by", || c.log().contains("standing by").then_some(()))?;
+    wait_for(30 * SEC, "hub c standing by", || c.log().contains("stands by to lead").then_some(()))?;
     let token = a.ok(&["token", "create"])?.trim().to_string();
     let mut node = Node::new()?;
     start_agent_in(None, &mut node, &a.server()?, Some(&token), Some("edge-1"), &[], &[])?;
@@ -439,7 +463,7 @@ fn a_hub_cut_off_from_etcd_hands_its_nodes_to_the_hub_that_still_reaches_it() ->
 
     link.cut();
     wait_for(60 * SEC, "hub a cut off", || a.log().contains("serving what it last read").then_some(()))?;
-    wait_for(60 * SEC, "hub c active", || c.log().contains("hub active").then_some(()))?;
+    wait_for(60 * SEC, "hub c active", || c.log().contains("hub leads its store").then_some(()))?;
     wait_for(60 * SEC, "hub a to see c lead and stand by", || {
         a.log().contains(&format!("the hub at https://{listen_c} leads now; standing by again")).then_some(())
     })?;
@@ -453,5 +477,90 @@ fn a_hub_cut_off_from_etcd_hands_its_nodes_to_the_hub_that_still_reaches_it() ->
     c.ok(&["delete", "deployment", "svc"])?;
     wait_placed(&c, &[])?;
     drop(node);
+    Ok(())
+}
+
+/// Every hub of a store serves at once: three hubs on etcd, an agent dialling each. Every
+/// hub lists every node Ready (each learns the others' nodes from them); a change made
+/// through a hub that does not lead is placed by the one that does, onto nodes of all
+/// three; an exec sent to a hub that does not hold the instance's node goes to the one
+/// that does. A hub that stands by dies: its node moves to another hub. The hub that leads
+/// dies: another leads, its node moves too, and a scale goes through. No container
+/// restarts.
+#[test]
+fn every_hub_of_a_store_serves_its_own_nodes_and_the_one_that_leads_places_them_all() -> R {
+    skiff_testkit::require_privileged!();
+    let e = Etcd::start(1)?;
+    let store = e.url("/aa");
+    let mut a = hub_with("127.0.0.1", &["--store", &store, "--lease-ttl", "3s"])?;
+    wait_for(30 * SEC, "hub a leading", || a.log().contains("hub leads its store").then_some(()))?;
+    let key = a.data().join("pki/secrets.key");
+    let extra = ["--store", &store, "--lease-ttl", "3s", "--secrets-key", key.to_str().unwrap()];
+    let mut b = hub_with("127.0.0.1", &extra)?;
+    let c = hub_with("127.0.0.1", &extra)?;
+    let token = a.ok(&["token", "create", "--uses", "3"])?.trim().to_string();
+    let mut nodes = vec![];
+    for (i, h) in [&a, &b, &c].into_iter().enumerate() {
+        let mut n = Node::new()?;
+        // Each joins through its own hub, and dials it.
+        start_agent_in(None, &mut n, &h.server()?, Some(&token), Some(&format!("edge-{}", i + 1)), &[], &[])?;
+        nodes.push(n);
+    }
+    for h in [&a, &b, &c] {
+        for i in 1..=3 {
+            wait_ready(h, &format!("edge-{i}"))?;
+        }
+    }
+    for (i, h) in [&a, &b, &c].into_iter().enumerate() {
+        assert!(tunnels_to(&nodes[i], h, i + 1) > 0, "edge-{} on its own hub: {}", i + 1, nodes[i].log());
+    }
+    assert!(!b.log().contains("hub leads its store") && !c.log().contains("hub leads its store"));
+    // Through c, which does not lead: a places it, on every node (one each).
+    c.ok(&["run", IMAGE, "--name", "web", "--replicas", "3", "--stop-timeout", "1", "--", "sleep", "1000"])?;
+    let placed = wait_for(60 * SEC, "web on every node", || {
+        let v: Vec<_> = hub_instances(&b)
+            .into_iter()
+            .filter(|i| i.deployment == "web" && i.state == InstanceState::Running && i.pid.is_some())
+            .collect();
+        let mut on: Vec<&str> = v.iter().map(|i| i.node.as_str()).collect();
+        on.sort();
+        (on == ["edge-1", "edge-2", "edge-3"]).then_some(v)
+    })?;
+    let on = |n: &str| placed.iter().find(|i| i.node == n).unwrap().name.clone();
+    // Through a, to an instance on c's node: the CLI is sent on to c (once a's config
+    // names c, rewritten every 10 s).
+    wait_for(30 * SEC, "hub c in a's admin.conf", || {
+        let conf = std::fs::read_to_string(a.data().join("admin.conf")).ok()?;
+        conf.contains(c.server().ok()?.as_str()).then_some(())
+    })?;
+    assert_eq!(a.ok(&["exec", &on("edge-3"), "--", "echo", "through c"])?.trim(), "through c");
+    let before: Vec<(String, Option<i32>)> = placed.iter().map(|i| (i.name.clone(), i.pid)).collect();
+
+    // b, which stands by, dies: its node moves to another hub.
+    b.kill_up()?;
+    wait_for(60 * SEC, "edge-2 on another hub", || {
+        (tunnels_to(&nodes[1], &a, 2) + tunnels_to(&nodes[1], &c, 2) > 0).then_some(())
+    })?;
+    wait_for(30 * SEC, "an exec on edge-2 again", || {
+        a.ok(&["exec", &on("edge-2"), "--", "echo", "moved"]).ok().filter(|o| o.trim() == "moved")
+    })?;
+    // a, which leads, dies: c leads, and a's node moves to it.
+    a.kill_up()?;
+    wait_for(60 * SEC, "hub c leading", || c.log().contains("hub leads its store").then_some(()))?;
+    wait_for(60 * SEC, "edge-1 on hub c", || (tunnels_to(&nodes[0], &c, 1) > 0).then_some(()))?;
+    c.ok(&["scale", "web=4"])?;
+    let after = wait_for(60 * SEC, "web scaled to 4", || {
+        let v: Vec<_> = hub_instances(&c)
+            .into_iter()
+            .filter(|i| i.deployment == "web" && i.state == InstanceState::Running && i.pid.is_some())
+            .collect();
+        (v.len() == 4).then_some(v)
+    })?;
+    for (name, pid) in &before {
+        assert!(after.iter().any(|i| &i.name == name && &i.pid == pid), "{name} restarted: {after:?}");
+    }
+    c.ok(&["delete", "deployment", "web"])?;
+    wait_placed(&c, &[])?;
+    drop(nodes);
     Ok(())
 }
