@@ -42,7 +42,7 @@ const SILENCE: Duration = Duration::from_secs(45);
 
 /// Keeps the one connection to the hub open (reconnecting with jittered back-off) and
 /// runs the protocol on it, until the task is dropped.
-/// With several hubs (any of a store's hubs serves), a failed connection tries the
+/// With several hubs (any hub of a store serves), a failed connection tries the
 /// next one at once; the back-off applies once every hub has failed. The hubs are those
 /// given (`hubs`), then those the hubs named (`Identity::learned_hubs`, read again before
 /// each connection). `connected` is set to the hub a connection is made to (where the
@@ -57,6 +57,9 @@ pub async fn run(
 ) {
     let mut failures = 0u32;
     let mut at = 0usize;
+    // Hubs that said they were cut off from their store, and when: not moved to again for
+    // a while (with the store down for every hub, a node would go back and forth).
+    let mut cut_off_hubs: std::collections::HashMap<String, tokio::time::Instant> = Default::default();
     loop {
         let bases = candidates(&hubs, &id.learned_hubs());
         if bases.is_empty() {
@@ -95,7 +98,20 @@ pub async fn run(
                     c.clone_from(base);
                 }
                 tracing::info!(hub = %url, "connected to the hub");
-                serve(&agent, &id, ws, every).await;
+                cut_off_hubs.retain(|_, at| at.elapsed() < CUT_OFF_MEMORY);
+                let others: Vec<String> =
+                    bases.iter().filter(|b| *b != base && !cut_off_hubs.contains_key(*b)).cloned().collect();
+                let (to, cut) = serve(&agent, &id, ws, every, others).await;
+                if cut {
+                    cut_off_hubs.insert(base.clone(), tokio::time::Instant::now());
+                }
+                if let Some(to) = to {
+                    // The hub was cut off from its store and another answers, not known
+                    // to be cut off too. Dialled at once.
+                    tracing::warn!(hub = %url, to = %to, "leaving a hub cut off from its store for one that answers");
+                    at = bases.iter().position(|b| *b == to).unwrap_or(at + 1);
+                    continue;
+                }
                 tracing::warn!(hub = %url, "lost the hub; running from local state");
             }
             Ok(Err(e)) => {
@@ -143,7 +159,15 @@ pub fn due_for_renewal((not_before, not_after): (u64, u64), now: u64) -> bool {
 
 /// Runs the protocol on one connection until it ends (or a renewed certificate wants a
 /// new one).
-async fn serve<S>(agent: &Arc<Agent>, id: &Identity, mut ws: tokio_tungstenite::WebSocketStream<S>, every: Duration)
+/// Returns another hub to move to, when this one said it is cut off from its store and
+/// that one answers (`others`: the other hubs known), and whether it said so.
+async fn serve<S>(
+    agent: &Arc<Agent>,
+    id: &Identity,
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
+    every: Duration,
+    others: Vec<String>,
+) -> (Option<String>, bool)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -156,7 +180,7 @@ where
         digest: agent.hello_digest(),
     };
     if ws.send(Message::Text(frame(&hello).into())).await.is_err() {
-        return;
+        return (None, false);
     }
     // Frames go out through a writer task that owns the socket's sending half: this loop
     // never waits on a send while the hub may be waiting on it to read (a session's input
@@ -181,6 +205,10 @@ where
     // The key of a renewal asked for on this connection, until its certificate comes.
     let mut renewing: Option<(String, tokio::time::Instant)> = None;
     let mut renew_now = false;
+    // Since the hub said it is cut off from its store: when the other hubs were last
+    // looked at, and the one that answered.
+    let mut cut_off: Option<tokio::time::Instant> = None;
+    let mut moving_to: Option<String> = None;
     loop {
         tokio::select! {
             m = ws.next() => match m {
@@ -210,12 +238,11 @@ where
                             }
                         }
                         Ok(Control::RenewNow) => renew_now = true,
-                        // The hub itself hands its nodes over (it starts again, closing
-                        // this connection) once another hub of the store leads.
-                        Ok(Control::CutOff) => tracing::warn!(
-                            "the hub is cut off from its store: it shows what it last read and changes nothing; \
-                             staying on it until it hands over to a hub that reaches the store"
-                        ),
+                        Ok(Control::CutOff) => {
+                            tracing::warn!("the hub is cut off from its store; looking for another hub that answers");
+                            let now = tokio::time::Instant::now();
+                            cut_off = Some(now.checked_sub(CUT_OFF_PROBE).unwrap_or(now));
+                        }
                         Ok(Control::Services { view }) => {
                             if let Err(e) = agent.set_mesh_view(view) {
                                 tracing::warn!("{e}");
@@ -317,6 +344,13 @@ where
                     tracing::warn!("no word from the hub for {SILENCE:?}; reconnecting");
                     break;
                 }
+                if cut_off.is_some_and(|at| at.elapsed() >= CUT_OFF_PROBE) {
+                    cut_off = Some(tokio::time::Instant::now());
+                    moving_to = answering(&others).await;
+                    if moving_to.is_some() {
+                        break;
+                    }
+                }
                 let due = renew_now || id.validity().is_ok_and(|v| due_for_renewal(v, skiff_runtime::time::now_ms()));
                 // An answer that never came (the hub refused, or restarted): ask again later.
                 if renewing.as_ref().is_some_and(|(_, at)| at.elapsed() > Duration::from_secs(300)) {
@@ -387,6 +421,26 @@ where
     }
     drop(out);
     writer.abort();
+    (moving_to, cut_off.is_some())
+}
+
+/// How often the other hubs are looked at while this one is cut off from its store.
+const CUT_OFF_PROBE: Duration = Duration::from_secs(5);
+
+/// How long a hub that said it is cut off is not moved to again.
+const CUT_OFF_MEMORY: Duration = Duration::from_secs(300);
+
+/// The first of `hubs` (`https://HOST:PORT`) that takes a TCP connection within 2 s.
+pub async fn answering(hubs: &[String]) -> Option<String> {
+    let tries = hubs.iter().map(|h| async move {
+        let addr = h.strip_prefix("https://")?.split('/').next()?.to_string();
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await,
+            Ok(Ok(_))
+        );
+        ok.then(|| h.clone())
+    });
+    futures_util::future::join_all(tries).await.into_iter().flatten().next()
 }
 
 /// How long one frame may wait for the writer before the connection is given up on.
@@ -620,6 +674,21 @@ async fn answer(agent: Arc<Agent>, op: Op, out: Replies) {
 
 #[cfg(test)]
 mod tests {
+    /// A hub that takes a connection is one to move to; a dead address or one that is not
+    /// a hub's URL is passed over.
+    #[tokio::test]
+    async fn the_hub_that_answers_is_the_one_to_move_to() {
+        let dead = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            format!("https://{}", l.local_addr().unwrap())
+        };
+        assert_eq!(super::answering(std::slice::from_ref(&dead)).await, None);
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = format!("https://{}", live.local_addr().unwrap());
+        let all = [dead, "http://not-a-hub".to_string(), live.clone()];
+        assert_eq!(super::answering(&all).await, Some(live));
+    }
+
     #[test]
     fn a_request_of_a_newer_hub_is_answered_by_its_id() {
         let newer = r#"{"id":7,"op":"teleport","instance":"web-1"}"#;

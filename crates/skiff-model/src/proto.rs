@@ -524,8 +524,9 @@ pub enum Control {
     /// after the hello and whenever that changes.
     Services { view: crate::mesh::MeshView },
     /// Hub → agent: this hub is cut off from its store (it shows what it last read and
-    /// changes nothing). The agent stays: the hub hands its nodes over, by starting again,
-    /// once another hub of the store leads.
+    /// changes nothing). The agent looks for another hub of the store that answers (not
+    /// one that said this too in the last minutes) and moves to it; the hub also hands
+    /// its nodes over, by starting again, once another hub of the store says it leads.
     CutOff,
 }
 
