@@ -7,6 +7,7 @@
 use anyhow::{bail, Result};
 
 mod flood;
+mod hubfleet;
 mod hubsim;
 mod meshprobe;
 mod wasmbench;
@@ -92,6 +93,14 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(hubsim::run(conf, token, nodes.parse()?, idle.parse()?, pid.parse()?, metrics))
         }
+        ["hub-fleet", conf, token, nodes, per_part, hubs, pids, etcd, idle, dir] => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(hubfleet::run(conf, token, nodes.parse()?, per_part.parse()?, hubs, pids, etcd, idle.parse()?, dir))
+        }
+        ["hub-fleet-part", conf, token, first, count, hubs, dir, k] => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(hubfleet::part(conf, token, first.parse()?, count.parse()?, hubs, dir, k.parse()?))
+        }
         ["hub-ha", conf, token, nodes, standby, pid] => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(hubsim::ha(conf, token, nodes.parse()?, standby, pid.parse()?))
@@ -171,7 +180,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | delta-images DIR [OLD NEW] | chunk-sizes OLD NEW | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | hub-ha ADMIN_CONF TOKEN NODES STANDBY_URL ACTIVE_PID | http-load PORT STOP_FILE MAX_SECS | mesh-probe serve ADDR / rr ADDR COUNT / bulk ADDR MIB / forward LISTEN UPSTREAM | wasm-programs DIR | wasm-bench SKIFF DIR ITERATIONS COUNTS... | wasm-bench-cli SKIFF DATA ITERATIONS WASM_IMAGE CONTAINER_IMAGE"
+            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | delta-images DIR [OLD NEW] | chunk-sizes OLD NEW | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | hub-ha ADMIN_CONF TOKEN NODES STANDBY_URL ACTIVE_PID | hub-fleet ADMIN_CONF TOKEN NODES PER_PART HUBS HUB_PIDS ETCD_URL IDLE_SECS DIR | http-load PORT STOP_FILE MAX_SECS | mesh-probe serve ADDR / rr ADDR COUNT / bulk ADDR MIB / forward LISTEN UPSTREAM | wasm-programs DIR | wasm-bench SKIFF DIR ITERATIONS COUNTS... | wasm-bench-cli SKIFF DATA ITERATIONS WASM_IMAGE CONTAINER_IMAGE"
         ),
     }
 }

@@ -751,7 +751,11 @@ async fn cacerts(State(hub): State<Shared>) -> Result<Response, ApiError> {
 async fn join(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let f = fleet_of(&hub)?;
     let req: skiff_model::proto::JoinRequest = parse_body(&body)?;
-    Ok(Json(f.join(&req).map_err(fleet_error)?).into_response())
+    // Off the async threads: a join waits on the store (and on the hub's other changes),
+    // and many nodes join at once.
+    let f = Arc::clone(f);
+    let joined = tokio::task::spawn_blocking(move || f.join(&req)).await.map_err(internal)?;
+    Ok(Json(joined.map_err(fleet_error)?).into_response())
 }
 
 async fn create_token(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Response, ApiError> {

@@ -119,6 +119,9 @@ pub struct EtcdStore {
     fence: Arc<Mutex<Option<String>>>,
     /// The lease this hub leads with.
     lease: Arc<Mutex<Option<i64>>>,
+    /// One change of this hub's at a time: its changes never make each other start over
+    /// (every change is checked against the one `lock` key).
+    changing: Mutex<()>,
 }
 
 /// The store's runtime, shut down without waiting: it may be dropped from async code,
@@ -330,6 +333,7 @@ impl EtcdStore {
             endpoints,
             fence: Default::default(),
             lease: Default::default(),
+            changing: Mutex::new(()),
         };
         s.revision()?;
         Ok(s)
@@ -502,15 +506,20 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// Runs one change, again from fresh reads while other writers get in between.
+    /// Runs one change, again from fresh reads while other writers get in between: one
+    /// at a time in this hub, and after a random wait that doubles at each try against
+    /// the other hubs' (many hubs joining nodes at once do not starve one another).
     /// `f` returns the result and whether to write (a dry run does not).
     fn change<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> Result<(T, bool), StoreError>) -> Result<T, StoreError> {
-        for _ in 0..ATTEMPTS {
+        let _one = self.changing.lock().map_err(|_| StoreError::Poisoned)?;
+        for attempt in 0..ATTEMPTS {
             let mut tx = self.begin()?;
             let (out, write) = f(&mut tx)?;
             if !write || self.commit(tx)? {
                 return Ok(out);
             }
+            let ceiling_ms = 2u64 << attempt.min(7);
+            std::thread::sleep(Duration::from_millis(rand_u64() % ceiling_ms));
         }
         Err(StoreError::Etcd(format!("the store kept changing under {ATTEMPTS} attempts at one change; try again")))
     }

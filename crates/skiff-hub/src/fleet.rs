@@ -241,7 +241,13 @@ pub struct Fleet {
     changed_at: Mutex<HashMap<String, u64>>,
     sampled_at: Mutex<HashMap<String, u64>>,
     peers: Mutex<BTreeMap<String, peers::PeerView>>,
+    /// The store's revision as last read, and when: every tunnel's wake, report and pull
+    /// asks for it, and on etcd a read is a round trip (see [`Fleet::store_revision`]).
+    revision_read: Mutex<Option<(u64, std::time::Instant)>>,
 }
+
+/// How long a read of the store's revision stands for the fleet's many askers.
+const REVISION_FRESH: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How long a node certificate is valid unless the hub is told otherwise.
 pub const NODE_CERT_TTL: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
@@ -368,6 +374,7 @@ impl Fleet {
             changed_at: Mutex::new(HashMap::new()),
             sampled_at: Mutex::new(HashMap::new()),
             peers: Mutex::new(BTreeMap::new()),
+            revision_read: Mutex::new(None),
         })
     }
 
@@ -1035,7 +1042,7 @@ impl Fleet {
     /// Wakes the nodes' long-polls and tunnels after a change of the store's revision made
     /// outside `reschedule` (a rollout's next wave).
     pub fn revision_changed(&self) {
-        if let Ok(rev) = self.store.revision() {
+        if let Ok(rev) = self.read_revision() {
             self.changed.send_if_modified(|r| {
                 let newer = rev > *r;
                 if newer {
@@ -1162,7 +1169,7 @@ impl Fleet {
     }
 
     fn compute_at_revision(&self) -> Result<Arc<AtRevision>, FleetError> {
-        let revision = self.store.revision().map_err(internal)?;
+        let revision = self.store_revision()?;
         let cached = self.at_revision.lock().ok().and_then(|c| c.as_ref().filter(|c| c.revision == revision).cloned());
         if let Some(c) = cached {
             return Ok(c);
@@ -1209,6 +1216,24 @@ impl Fleet {
             *c = Some(Arc::clone(&at));
         }
         Ok(at)
+    }
+
+    /// The store's revision, read again at most every [`REVISION_FRESH`] (a change this
+    /// hub makes reads it at once, through [`Fleet::revision_changed`]).
+    fn store_revision(&self) -> Result<u64, FleetError> {
+        let kept = self.revision_read.lock().ok().and_then(|r| *r);
+        match kept {
+            Some((rev, at)) if at.elapsed() < REVISION_FRESH => Ok(rev),
+            _ => self.read_revision().map_err(internal),
+        }
+    }
+
+    fn read_revision(&self) -> Result<u64, crate::store::StoreError> {
+        let rev = self.store.revision()?;
+        if let Ok(mut r) = self.revision_read.lock() {
+            *r = Some((rev, std::time::Instant::now()));
+        }
+        Ok(rev)
     }
 
     /// The node an instance runs on, by the hub's own slot table (never by what nodes

@@ -368,6 +368,45 @@ mod on_etcd {
         assert!(other.list().unwrap().is_empty() && other.revision().unwrap() == 0);
     }
 
+    /// Three hubs joining nodes as fast as they can, sixteen at a time each (all hubs of a
+    /// store serve joins): every join goes through, none gives up for the others' writes
+    /// getting in between.
+    #[test]
+    fn many_hubs_joining_at_once_all_get_through() {
+        let e = Etcd::start(1).unwrap();
+        let hubs = [open(&e, "/busy"), open(&e, "/busy"), open(&e, "/busy")];
+        hubs[0].create_token(&token("t", None)).unwrap();
+        let info = NodeSpec::default();
+        let writers: Vec<_> = hubs
+            .iter()
+            .enumerate()
+            .flat_map(|(h, s)| (0..16).map(move |t| (h, t, Arc::clone(s))))
+            .map(|(h, t, s)| {
+                let info = info.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10 {
+                        let name = format!("h{h}-t{t}-n{i}");
+                        let j = NodeJoin {
+                            token_id: "t",
+                            name: &name,
+                            serial: &name,
+                            key_sha256: &name,
+                            not_after_ms: 9,
+                            info: &info,
+                            now_ms: 1,
+                        };
+                        s.join_node(&j).unwrap().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert_eq!(hubs[2].nodes().unwrap().len(), 3 * 16 * 10);
+        assert_eq!(hubs[1].token("t").unwrap().unwrap().used, 3 * 16 * 10);
+    }
+
     /// etcd gone: reads and writes fail with an error naming it, within the store's
     /// timeout, and nothing is half-written; etcd back: the same store serves again.
     #[test]
