@@ -955,7 +955,9 @@ async fn tunnel(
 ) -> Result<Response, ApiError> {
     let f = Arc::clone(fleet_of(&hub)?);
     let peer = peer.map(|p| p.0).unwrap_or_default();
-    f.authorize(&peer, &name).map_err(fleet_error)?;
+    // A store read: off the async threads (thousands of nodes dial at once).
+    let (f2, p2, n2) = (Arc::clone(&f), peer.clone(), name.clone());
+    tokio::task::spawn_blocking(move || f2.authorize(&p2, &n2)).await.map_err(internal)?.map_err(fleet_error)?;
     // Small buffers: tens of thousands of mostly idle tunnels, whose frames are small (the
     // default 128 KiB read buffer per connection would dominate the hub's memory).
     let ws = ws.read_buffer_size(8 << 10).write_buffer_size(0).max_message_size(MAX_BODY).max_frame_size(MAX_BODY);

@@ -100,8 +100,15 @@ pub async fn serve(
     let (out, own) = mpsc::channel::<Message>(64);
     let writer = tokio::spawn(write_frames(sink, rx, own));
     // Checked again now that the tunnel is registered: a delete or a replacement between
-    // the upgrade's check and here would otherwise leave this tunnel open.
-    if let Err(e) = f.authorize(&peer, &name) {
+    // the upgrade's check and here would otherwise leave this tunnel open. (Off the async
+    // threads, as the store's other reads on connecting: on etcd each is a round trip,
+    // and thousands of nodes connecting at once must not hold up TLS handshakes.)
+    let authorized = {
+        let (f, peer, name) = (Arc::clone(&f), peer.clone(), name.clone());
+        tokio::task::spawn_blocking(move || f.authorize(&peer, &name)).await
+    };
+    let authorized = authorized.unwrap_or_else(|e| Err(crate::fleet::FleetError::Internal(e.to_string())));
+    if let Err(e) = authorized {
         tracing::warn!(node = %name, error = %e, "tunnel refused");
         f.close_tunnel(&name, t.serial);
         return;
@@ -168,9 +175,16 @@ pub async fn serve(
                         Ok(Control::Hello { revision, runtimes, versions, devices, features, digest }) => {
                             node_digest = digest;
                             udp = features.is_some_and(|f| f.iter().any(|x| x == skiff_model::proto::FEATURE_MESH_UDP));
-                            if let Err(e) =
-                                f.set_node_facts(&name, runtimes.as_deref(), versions.as_ref(), devices.as_ref())
-                            {
+                            let (f2, n2) = (Arc::clone(&f), name.clone());
+                            let (recorded, stale) = tokio::task::spawn_blocking(move || {
+                                let recorded =
+                                    f2.set_node_facts(&n2, runtimes.as_deref(), versions.as_ref(), devices.as_ref());
+                                let stale = f2.store_node(&n2).is_some_and(|rec| f2.should_renew(&rec, f2.now_ms()));
+                                (recorded, stale)
+                            })
+                            .await
+                            .unwrap_or((Ok(()), false));
+                            if let Err(e) = recorded {
                                 tracing::warn!(node = %name, error = ?e, "recording runtimes");
                             }
                             node_rev = Some(revision);
@@ -178,7 +192,6 @@ pub async fn serve(
                             if !tell_hubs(&out, &mut hubs).await || !tell_cut_off(&out, &mut cut_off).await {
                                 break;
                             }
-                            let stale = f.store_node(&name).is_some_and(|rec| f.should_renew(&rec, f.now_ms()));
                             if stale {
                                 if let Some(frame) = send(&Control::RenewNow) {
                                     if !send_msg(&out, Message::Text(frame.into())).await {
