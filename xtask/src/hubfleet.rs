@@ -222,19 +222,7 @@ pub async fn run(
         let connected_s = t0.elapsed().as_secs_f64();
         eprintln!("hub-fleet: {nodes} nodes joined and connected in {connected_s:.0} s");
         // Every node Ready at the hub that leads (its own nodes and the other hubs').
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let r = plain.get(format!("{leader}/api/v1/nodes")).bearer_auth(&admin).send().await?;
-            let v: Vec<serde_json::Value> = r.json().await?;
-            let ready = v.iter().filter(|n| n["state"] == "Ready").count();
-            if ready >= nodes {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("only {ready} of {nodes} nodes Ready at the hub that leads after 600 s");
-            }
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        }
+        crate::hubsim::wait_ready(&plain, &leader, &admin, nodes, Duration::from_secs(600)).await?;
         eprintln!("hub-fleet: all Ready at the hub that leads; idle window of {idle_secs} s");
         tokio::time::sleep(Duration::from_secs(10)).await;
         let beats = || -> u64 {

@@ -195,19 +195,7 @@ pub async fn run(
 
     // Wait for every node to be Ready at the hub.
     let admin_client = plain.clone();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let r = admin_client.get(format!("{server}/api/v1/nodes")).bearer_auth(&admin).send().await?;
-        let v: Vec<serde_json::Value> = r.json().await?;
-        let ready = v.iter().filter(|n| n["state"] == "Ready").count();
-        if ready >= nodes {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {ready} of {nodes} nodes Ready after 300 s");
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
+    wait_ready(&admin_client, &server, &admin, nodes, Duration::from_secs(300)).await?;
     eprintln!("hub-sim: all Ready; idle window of {idle_secs} s");
     tokio::time::sleep(Duration::from_secs(5)).await;
 
@@ -356,6 +344,29 @@ pub(crate) fn addr_of(url: &str) -> Result<std::net::SocketAddr> {
         .unwrap_or_default()
         .parse()
         .with_context(|| format!("{url}: a hub's address (host:port)"))
+}
+
+/// Waits (at most `limit`) until the hub at `server` lists `nodes` nodes Ready.
+pub(crate) async fn wait_ready(
+    c: &reqwest::Client,
+    server: &str,
+    admin: &str,
+    nodes: usize,
+    limit: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let r = c.get(format!("{server}/api/v1/nodes")).bearer_auth(admin).send().await?;
+        let v: Vec<serde_json::Value> = r.json().await?;
+        let ready = v.iter().filter(|n| n["state"] == "Ready").count();
+        if ready >= nodes {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {ready} of {nodes} nodes Ready at {server} after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// Nodes in state Ready at the hub at `server` (`None`: it does not answer).

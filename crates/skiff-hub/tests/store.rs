@@ -317,6 +317,12 @@ mod on_etcd {
         }
     }
 
+    /// Joins node `name` with token `t`; whether the token let it.
+    fn join(s: &EtcdStore, name: &str, info: &NodeSpec) -> bool {
+        let j = NodeJoin { token_id: "t", name, serial: name, key_sha256: name, not_after_ms: 9, info, now_ms: 1 };
+        s.join_node(&j).unwrap().is_ok()
+    }
+
     /// Two hubs on one etcd: each sees what the other wrote, and writes made at the same
     /// time are all kept (every apply bumped the revision once; a token's uses are never
     /// exceeded, however the joins interleave).
@@ -336,17 +342,7 @@ mod on_etcd {
                     for i in 0..10 {
                         let d = Deployment::new(format!("{hub}{i}"), "img");
                         s.apply(&[d], None, false, i).unwrap();
-                        let name = format!("{hub}-node{i}");
-                        let j = NodeJoin {
-                            token_id: "t",
-                            name: &name,
-                            serial: &name,
-                            key_sha256: &name,
-                            not_after_ms: 9,
-                            info: &info,
-                            now_ms: 1,
-                        };
-                        joined += usize::from(s.join_node(&j).unwrap().is_ok());
+                        joined += usize::from(join(&s, &format!("{hub}-node{i}"), &info));
                     }
                     joined
                 })
@@ -385,17 +381,7 @@ mod on_etcd {
                 let info = info.clone();
                 std::thread::spawn(move || {
                     for i in 0..10 {
-                        let name = format!("h{h}-t{t}-n{i}");
-                        let j = NodeJoin {
-                            token_id: "t",
-                            name: &name,
-                            serial: &name,
-                            key_sha256: &name,
-                            not_after_ms: 9,
-                            info: &info,
-                            now_ms: 1,
-                        };
-                        s.join_node(&j).unwrap().unwrap();
+                        assert!(join(&s, &format!("h{h}-t{t}-n{i}"), &info));
                     }
                 })
             })
