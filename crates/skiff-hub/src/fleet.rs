@@ -809,7 +809,9 @@ impl Fleet {
         if let Ok(mut st) = self.statuses.lock() {
             let new = serving(&instances);
             let old = st.get(node);
-            moved |= old.is_none_or(|old| serving(old) != new);
+            // A node reporting for the first time with nothing that serves changes no
+            // service (thousands connecting at once would each rebuild every view).
+            moved |= old.map(|o| serving(o)).unwrap_or_default() != new;
             told |= old != Some(&instances);
             st.insert(node.to_string(), instances);
         }

@@ -223,7 +223,7 @@ impl Fleet {
                 let serving = |v: &[InstanceStatus]| -> BTreeMap<(String, String), bool> {
                     v.iter().map(|i| ((i.deployment.clone(), i.name.clone()), super::mesh::serves(i))).collect()
                 };
-                mesh |= all.get(&n.name).is_none_or(|old| serving(old) != serving(&n.instances));
+                mesh |= all.get(&n.name).map(|o| serving(o)).unwrap_or_default() != serving(&n.instances);
                 all.insert(n.name.clone(), n.instances);
             }
             if let Some(sample) = n.sample {
@@ -297,7 +297,9 @@ mod tests {
         assert_eq!(first.nodes.len(), 1);
         assert!(first.nodes[0].connected);
         assert_eq!(first.nodes[0].state, NodeState::Ready);
+        let mesh = *b.mesh_changes().borrow();
         b.merge_peer_state("https://a:1", first);
+        assert_eq!(*b.mesh_changes().borrow(), mesh, "a node that serves nothing changes no service");
         assert_eq!(b.state_of("n1", b.now_ms()).0, NodeState::Ready);
         assert_eq!(b.hub_of("n1").as_deref(), Some("https://a:1"));
         assert_eq!(a.hub_of("n1"), None, "held here");
