@@ -292,6 +292,32 @@ mod tests {
     use skiff_hub::store::{SqliteStore, Store};
     use std::sync::Arc;
 
+    /// A `421` sends the CLI, with its admin token, only to a hub its config lists: a
+    /// hub's (or anything's) word cannot draw the token to another address (invariant 7).
+    #[test]
+    fn a_misdirected_answer_is_followed_only_to_a_hub_the_config_lists() {
+        let cfg = ClientConfig {
+            server: "https://10.0.0.1:7443".into(),
+            token: "admin".into(),
+            ca: None,
+            servers: vec!["https://10.0.0.2:7443".into()],
+        };
+        let said = |hub: &str| {
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(skiff_model::api::NODE_HUB_HEADER, hub.parse().unwrap());
+            h
+        };
+        let misdirected = reqwest::StatusCode::MISDIRECTED_REQUEST;
+        assert_eq!(
+            node_hub(&cfg, misdirected, &said("https://10.0.0.2:7443/")).as_deref(),
+            Some("https://10.0.0.2:7443")
+        );
+        assert_eq!(node_hub(&cfg, misdirected, &said("https://attacker.example:7443")), None);
+        assert_eq!(node_hub(&cfg, misdirected, &said("https://10.0.0.2:7443.evil")), None);
+        assert_eq!(node_hub(&cfg, reqwest::StatusCode::OK, &said("https://10.0.0.2:7443")), None, "only a 421");
+        assert_eq!(node_hub(&cfg, misdirected, &reqwest::header::HeaderMap::new()), None);
+    }
+
     /// A real hub's API on loopback (plain HTTP) over `store`; its address.
     async fn serve(store: Arc<dyn Store>, pki: &std::path::Path) -> String {
         let ca = skiff_hub::pki::Ca::load_or_create(pki).unwrap();
