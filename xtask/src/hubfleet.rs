@@ -101,43 +101,28 @@ async fn tunnel(
     // Spread the connects, as nodes that started at different times.
     tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 20_000)).await;
     loop {
-        let c = tokio_tungstenite::Connector::Rustls(Arc::clone(&n.tls));
-        let small = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .read_buffer_size(8 << 10)
-            .write_buffer_size(0);
-        let src = std::net::SocketAddr::from(([127, 0, 0, 1 + (i % 8) as u8], 0));
-        let stream = async {
-            let sock = tokio::net::TcpSocket::new_v4()?;
-            sock.bind(src)?;
-            sock.connect(addr).await
-        };
-        if let Ok(stream) = stream.await {
-            if let Ok((mut ws, _)) =
-                tokio_tungstenite::client_async_tls_with_config(url.as_str(), stream, Some(small), Some(c)).await
+        if let Some(mut ws) = crate::hubsim::dial(i, addr, &url, &n.tls).await {
+            let hello = serde_json::json!({"type": "hello", "revision": 0}).to_string();
+            let status = serde_json::json!({"type": "status", "status": {}}).to_string();
+            if ws.send(Message::Text(hello.into())).await.is_ok() && ws.send(Message::Text(status.into())).await.is_ok()
             {
-                let hello = serde_json::json!({"type": "hello", "revision": 0}).to_string();
-                let status = serde_json::json!({"type": "status", "status": {}}).to_string();
-                if ws.send(Message::Text(hello.into())).await.is_ok()
-                    && ws.send(Message::Text(status.into())).await.is_ok()
-                {
-                    while let Some(Ok(m)) = ws.next().await {
-                        match m {
-                            Message::Ping(_) => {
-                                beats.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Message::Text(t) if t.as_str().starts_with(r#"{"type":"assign""#) => {
-                                let now = wall_ms();
-                                assigned[i].fetch_max(now, Ordering::Relaxed);
-                                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
-                                let has = v["assignment"]["deployments"]
-                                    .as_array()
-                                    .is_some_and(|d| d.iter().any(|x| x["spec"]["name"] == "probe"));
-                                if has && probe_at[i].load(Ordering::Relaxed) == 0 {
-                                    probe_at[i].store(now, Ordering::Relaxed);
-                                }
-                            }
-                            _ => {}
+                while let Some(Ok(m)) = ws.next().await {
+                    match m {
+                        Message::Ping(_) => {
+                            beats.fetch_add(1, Ordering::Relaxed);
                         }
+                        Message::Text(t) if t.as_str().starts_with(r#"{"type":"assign""#) => {
+                            let now = wall_ms();
+                            assigned[i].fetch_max(now, Ordering::Relaxed);
+                            let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
+                            let has = v["assignment"]["deployments"]
+                                .as_array()
+                                .is_some_and(|d| d.iter().any(|x| x["spec"]["name"] == "probe"));
+                            if has && probe_at[i].load(Ordering::Relaxed) == 0 {
+                                probe_at[i].store(now, Ordering::Relaxed);
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }

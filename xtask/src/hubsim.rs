@@ -117,23 +117,7 @@ pub async fn run(
             // Spread the connects, as nodes that started at different times.
             tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 5_000)).await;
             loop {
-                let c = tokio_tungstenite::Connector::Rustls(Arc::clone(&n.tls));
-                let small = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-                    .read_buffer_size(8 << 10)
-                    .write_buffer_size(0);
-                let src = std::net::SocketAddr::from(([127, 0, 0, 1 + (i % 8) as u8], 0));
-                let stream = async {
-                    let sock = tokio::net::TcpSocket::new_v4()?;
-                    sock.bind(src)?;
-                    sock.connect(hub_addr).await
-                };
-                let Ok(stream) = stream.await else {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    continue;
-                };
-                if let Ok((mut ws, _)) =
-                    tokio_tungstenite::client_async_tls_with_config(url.as_str(), stream, Some(small), Some(c)).await
-                {
+                if let Some(mut ws) = dial(i, hub_addr, &url, &n.tls).await {
                     let hello = serde_json::json!({"type": "hello", "revision": 0}).to_string();
                     let status = serde_json::json!({"type": "status", "status": {}}).to_string();
                     if ws.send(Message::Text(hello.into())).await.is_ok()
@@ -247,6 +231,27 @@ pub async fn run(
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// Simulated node `i`'s tunnel to `addr` (`url`), from 127.0.0.(1 + i % 8) — one source
+/// address has ~28k ephemeral ports to one hub port — with small WebSocket buffers, as
+/// the agent's; `None` when the connection or its TLS fails.
+pub(crate) async fn dial(
+    i: usize,
+    addr: std::net::SocketAddr,
+    url: &str,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Option<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+    let c = tokio_tungstenite::Connector::Rustls(Arc::clone(tls));
+    let small = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 << 10)
+        .write_buffer_size(0);
+    let src = std::net::SocketAddr::from(([127, 0, 0, 1 + (i % 8) as u8], 0));
+    let sock = tokio::net::TcpSocket::new_v4().ok()?;
+    sock.bind(src).ok()?;
+    let stream = sock.connect(addr).await.ok()?;
+    let (ws, _) = tokio_tungstenite::client_async_tls_with_config(url, stream, Some(small), Some(c)).await.ok()?;
+    Some(ws)
 }
 
 /// What a simulator needs from the hub's admin.conf and the join token.
@@ -378,7 +383,8 @@ async fn ready_at(c: &reqwest::Client, server: &str, admin: &str) -> Option<usiz
 
 /// Whether the hub at `server` leads its store (as it tells its peers).
 async fn leads(c: &reqwest::Client, server: &str, admin: &str) -> Option<bool> {
-    // A cursor of its own epoch far ahead: only its role, no nodes.
+    // The first answer (to no epoch of its own: every node) gives its epoch and
+    // generation; the second, asked from there, carries only its role.
     let q = [("epoch", "-"), ("since", "0")];
     let first: serde_json::Value =
         c.get(format!("{server}/api/v1/hub/peer")).query(&q).bearer_auth(admin).send().await.ok()?.json().await.ok()?;
