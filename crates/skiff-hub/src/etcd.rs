@@ -32,12 +32,66 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod watched;
+
 /// How long one request to etcd may take before the store says it is unreachable.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts at one change when other hubs keep changing the store meanwhile.
 const ATTEMPTS: usize = 20;
 /// etcd's default `--max-txn-ops`.
 const MAX_TXN_OPS: usize = 128;
+/// Keys per read of a directory: a whole directory of 100,000 nodes is ~100 MB.
+const PAGE: i64 = 1000;
+/// The largest answer the store takes from etcd (gRPC's default is 4 MB; one page of
+/// large deployments' histories may pass it).
+const MAX_MESSAGE: usize = 256 << 20;
+
+/// The first key after every key that starts with `prefix` (etcd's range end).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Every key under `dir` with its value and modification revision, read at etcd revision
+/// `at` (0: now) in pages of [`PAGE`] keys, all at one revision; and that revision.
+#[allow(clippy::type_complexity)]
+async fn read_pages(
+    client: Client,
+    dir: String,
+    at: i64,
+) -> Result<(i64, Vec<(String, Vec<u8>, i64)>), etcd_client::Error> {
+    let end = prefix_end(dir.as_bytes());
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+    let mut from = dir.into_bytes();
+    let mut rev = at;
+    let mut out = Vec::new();
+    loop {
+        let mut o = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if rev > 0 {
+            o = o.with_revision(rev);
+        }
+        let r = kv.get(from.clone(), Some(o)).await?;
+        if rev <= 0 {
+            rev = r.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        for kv in r.kvs() {
+            out.push((String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec(), kv.mod_revision()));
+        }
+        match (r.more(), r.kvs().last()) {
+            (true, Some(last)) => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok((rev, out)),
+        }
+    }
+}
 
 /// A random number (a write's nonce).
 fn rand_u64() -> u64 {
@@ -122,6 +176,8 @@ pub struct EtcdStore {
     /// One change of this hub's at a time: its changes never make each other start over
     /// (every change is checked against the one `lock` key).
     changing: Mutex<()>,
+    /// The node records, kept current by a watch.
+    watched: Arc<watched::Watched>,
 }
 
 /// The store's runtime, shut down without waiting: it may be dropped from async code,
@@ -334,8 +390,11 @@ impl EtcdStore {
             fence: Default::default(),
             lease: Default::default(),
             changing: Mutex::new(()),
+            watched: Arc::default(),
         };
         s.revision()?;
+        let keep = watched::keep(s.client.clone(), s.prefix.clone(), Arc::downgrade(&s.watched));
+        handle.spawn(keep);
         Ok(s)
     }
 
@@ -398,14 +457,11 @@ impl EtcdStore {
         self.call("read", move |mut c| {
             let key = key.clone();
             async move {
-                let mut o = GetOptions::new();
                 if prefix {
-                    o = o.with_prefix();
+                    return read_pages(c, key, at).await;
                 }
-                if at > 0 {
-                    o = o.with_revision(at);
-                }
-                let r = c.get(key, Some(o)).await?;
+                let o = (at > 0).then(|| GetOptions::new().with_revision(at));
+                let r = c.get(key, o).await?;
                 let rev = r.header().map(|h| h.revision()).unwrap_or(0);
                 let kvs = r
                     .kvs()
@@ -427,21 +483,14 @@ impl EtcdStore {
         if tx.writes.is_empty() {
             return Ok(true);
         }
-        if tx.writes.len() + 1 > MAX_TXN_OPS {
+        let mut ops = self.ops(tx.writes);
+        if ops.len() + 1 > MAX_TXN_OPS {
             return Err(StoreError::Etcd(format!(
                 "one change would write {} keys; etcd takes at most {MAX_TXN_OPS} in a transaction",
-                tx.writes.len() + 1
+                ops.len() + 1
             )));
         }
         let lock = format!("{}/lock", self.prefix);
-        let mut ops: Vec<TxnOp> = tx
-            .writes
-            .into_iter()
-            .map(|(k, v)| match v {
-                Some(v) => TxnOp::put(k, v, None),
-                None => TxnOp::delete(k, None),
-            })
-            .collect();
         // The lock gets a value of this attempt's own: after an error that leaves the
         // outcome unknown (etcd between leaders), reading it back says whether it landed.
         let nonce = format!("{:016x}", rand_u64());
@@ -476,6 +525,24 @@ impl EtcdStore {
 
     fn leader_key(&self) -> String {
         format!("{}/leader", self.prefix)
+    }
+
+    /// The operations of a transaction writing `writes`; with the marker the node records'
+    /// watch is read against, when they change a node record.
+    fn ops(&self, writes: BTreeMap<String, Option<Vec<u8>>>) -> Vec<TxnOp> {
+        let nodes = format!("{}/nodes/", self.prefix);
+        let marks = writes.keys().any(|k| k.starts_with(&nodes));
+        let mut ops: Vec<TxnOp> = writes
+            .into_iter()
+            .map(|(k, v)| match v {
+                Some(v) => TxnOp::put(k, v, None),
+                None => TxnOp::delete(k, None),
+            })
+            .collect();
+        if marks {
+            ops.push(TxnOp::put(format!("{}/{}", self.prefix, watched::MARKER), Vec::new(), None));
+        }
+        ops
     }
 
     /// Writes keys no change reads to decide (state: events, controllers' memory) as they
@@ -527,10 +594,7 @@ impl EtcdStore {
     /// Writes a batch of an import, only while the store is still empty (no `revision`,
     /// no hub leading it); puts are idempotent, so a batch may be sent again.
     fn write_unchecked(&self, batch: &mut Tx<'_>) -> Result<(), StoreError> {
-        let ops: Vec<TxnOp> = std::mem::take(&mut batch.writes)
-            .into_iter()
-            .map(|(k, v)| TxnOp::put(k, v.unwrap_or_default(), None))
-            .collect();
+        let ops = self.ops(std::mem::take(&mut batch.writes));
         let empty = vec![
             Compare::create_revision(format!("{}/revision", self.prefix), CompareOp::Equal, 0),
             Compare::create_revision(self.leader_key(), CompareOp::Equal, 0),
@@ -740,7 +804,14 @@ impl Store for EtcdStore {
         Ok(self.now()?.get::<StoredNode>(&format!("nodes/{name}"))?.map(|n| n.record))
     }
 
+    /// From the watch's copy once it has delivered the marker's last change (see
+    /// [`watched`]); read whole while it cannot.
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let marker = format!("{}/{}", self.prefix, watched::MARKER);
+        let (_, kvs) = self.read_at(marker, false, 0)?;
+        if let Some(nodes) = self.watched.nodes_at(kvs.first().map(|k| k.2).unwrap_or(0)) {
+            return Ok(nodes);
+        }
         Ok(self.now()?.list::<StoredNode>("nodes")?.into_values().map(|n| n.record).collect())
     }
 
@@ -951,6 +1022,7 @@ impl Store for EtcdStore {
         for (k, v) in &dump.state {
             put(format!("state/{k}"), serde_json::to_vec(v))?;
         }
+        // Room for the node records' marker.
         for chunk in puts.chunks(MAX_TXN_OPS - 1) {
             batch.writes = chunk.iter().map(|(k, v)| (batch.key(k), Some(v.clone()))).collect();
             self.write_unchecked(&mut batch)?;
@@ -1006,10 +1078,14 @@ impl Campaign {
     async fn run(self, tx: tokio::sync::watch::Sender<Lead>) {
         let third = Duration::from_millis(self.ttl_s as u64 * 1000 / 3);
         let lease = loop {
-            match self.try_lead().await {
+            // While a hub leads, a standby only reads who: a bid is a lease granted and
+            // revoked, two writes to etcd's log, twice a second per standby.
+            let who = self.leader().await;
+            let bid = if who.is_some() { Ok(None) } else { self.try_lead().await };
+            match bid {
                 Ok(Some(lease)) => break lease,
                 Ok(None) => {
-                    let who = self.leader().await;
+                    let who = if who.is_some() { who } else { self.leader().await };
                     tx.send_if_modified(|l| {
                         let new = Lead::Standby(who);
                         (*l != new).then(|| *l = new).is_some()

@@ -393,6 +393,36 @@ mod on_etcd {
         assert_eq!(hubs[1].token("t").unwrap().unwrap().used, 3 * 16 * 10);
     }
 
+    /// A hub's list of nodes is current the moment another hub's join or removal lands
+    /// (each hub keeps the records by a watch, and reads them once it has delivered the
+    /// marker every change of a record rewrites), and listing them again reads that
+    /// marker, not every record.
+    #[test]
+    fn a_hubs_node_list_is_current_at_once_and_not_read_whole_each_time() {
+        let e = Etcd::start(1).unwrap();
+        let (a, b) = (open(&e, "/watched"), open(&e, "/watched"));
+        a.create_token(&token("t", None)).unwrap();
+        let info = NodeSpec {
+            labels: (0..20).map(|i| (format!("label-{i}"), "x".repeat(50))).collect(),
+            ..Default::default()
+        };
+        for i in 0..150 {
+            let name = format!("n{i}");
+            assert!(join(&a, &name, &info));
+            assert!(b.nodes().unwrap().iter().any(|n| n.name == name), "{name} listed by the other hub at once");
+        }
+        assert!(b.revoke_node("n7", 2).unwrap());
+        assert!(!a.nodes().unwrap().iter().any(|n| n.name == "n7"), "gone at the other hub at once");
+        let whole = serde_json::to_vec(&a.nodes().unwrap()).unwrap().len() as f64;
+        let sent = || e.metric("etcd_network_client_grpc_sent_bytes_total");
+        let before = sent();
+        for _ in 0..20 {
+            assert_eq!(a.nodes().unwrap().len(), 149);
+        }
+        let per_list = (sent() - before) / 20.0;
+        assert!(per_list < whole / 20.0, "etcd sent {per_list} B per list of {whole} B of records");
+    }
+
     /// etcd gone: reads and writes fail with an error naming it, within the store's
     /// timeout, and nothing is half-written; etcd back: the same store serves again.
     #[test]

@@ -63,6 +63,21 @@ impl Etcd {
         })
     }
 
+    /// The sum of metric `name` (every label set) over the running members.
+    pub fn metric(&self, name: &str) -> f64 {
+        let value = |line: &str| {
+            let (key, v) = line.rsplit_once(' ')?;
+            let bare = key.split('{').next()?;
+            (bare == name).then(|| v.parse::<f64>().ok()).flatten()
+        };
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .filter_map(|m| get(&m.client, "/metrics").ok())
+            .map(|t| t.lines().filter_map(value).sum::<f64>())
+            .sum()
+    }
+
     /// Kills member `i` (SIGKILL: a machine lost, not a clean stop).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {

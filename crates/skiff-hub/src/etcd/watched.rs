@@ -1,0 +1,167 @@
+//! The node records as a watch keeps them: read whole once, then changed by etcd's
+//! events, so a hub that places 100,000 nodes every few seconds does not read them all
+//! from etcd each time (100 MB a read, which also takes etcd's CPU).
+//!
+//! Current, not merely recent: every change of a node record also rewrites one marker key
+//! ([`MARKER`]) in the same transaction, and the watch covers the marker. A reader reads
+//! the marker's modification revision (one small read) and takes the records once the
+//! watch has delivered that revision: what it gets is what a read of every record would
+//! have returned then, whichever hub wrote last. While the watch is down, or lags beyond
+//! [`CATCH_UP`], the reader reads the records from etcd as before.
+
+use super::TIMEOUT;
+use crate::store::{NodeRecord, StoredNode};
+use etcd_client::{Client, EventType, WatchOptions};
+use std::collections::BTreeMap;
+use std::sync::{Condvar, Mutex, Weak};
+use std::time::Duration;
+
+/// The key, beside `nodes/`, that every change of a node record rewrites.
+pub(super) const MARKER: &str = "nodes-changed";
+/// How long a reader waits for the watch to deliver the revision it read.
+const CATCH_UP: Duration = Duration::from_secs(1);
+/// How long after a broken watch the records are read again and a new one made.
+const AGAIN: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Cache {
+    /// While a watch keeps `nodes` current.
+    live: bool,
+    /// The etcd revision `nodes` is current at.
+    rev: i64,
+    nodes: BTreeMap<String, NodeRecord>,
+}
+
+/// The records and the watch's progress, shared with the task that keeps them.
+#[derive(Default)]
+pub(super) struct Watched {
+    cache: Mutex<Cache>,
+    moved: Condvar,
+}
+
+impl Watched {
+    /// The records once the watch has delivered etcd revision `at` (the marker's), or
+    /// `None`: no watch, or it has not caught up within [`CATCH_UP`].
+    pub(super) fn nodes_at(&self, at: i64) -> Option<Vec<NodeRecord>> {
+        let c = self.cache.lock().ok()?;
+        let (c, _) = self.moved.wait_timeout_while(c, CATCH_UP, |c| c.live && c.rev < at).ok()?;
+        (c.live && c.rev >= at).then(|| c.nodes.values().cloned().collect())
+    }
+
+    fn set(&self, f: impl FnOnce(&mut Cache)) {
+        if let Ok(mut c) = self.cache.lock() {
+            f(&mut c);
+        }
+        self.moved.notify_all();
+    }
+}
+
+/// Keeps `w` current for as long as the store holds it: reads every record under
+/// `PREFIX/nodes/`, watches `PREFIX/nodes` (the records and the marker) from the next
+/// revision, and starts again after a break (a compacted revision, a lost member).
+pub(super) async fn keep(client: Client, prefix: String, w: Weak<Watched>) {
+    loop {
+        let Some(watched) = w.upgrade() else { return };
+        if let Err(e) = follow(&client, &prefix, &watched).await {
+            tracing::debug!(error = %e, "watching the node records; reading them again");
+        }
+        watched.set(|c| c.live = false);
+        drop(watched);
+        tokio::time::sleep(AGAIN).await;
+    }
+}
+
+fn record(key: &[u8], value: &[u8], dir: &str) -> Option<(String, NodeRecord)> {
+    let name = std::str::from_utf8(key).ok()?.strip_prefix(dir)?;
+    match serde_json::from_slice::<StoredNode>(value) {
+        Ok(n) => Some((name.to_string(), n.record)),
+        Err(e) => {
+            tracing::warn!(node = name, error = %e, "a node record that does not read");
+            None
+        }
+    }
+}
+
+async fn follow(client: &Client, prefix: &str, w: &Watched) -> Result<(), String> {
+    let dir = format!("{prefix}/nodes/");
+    let (rev, kvs) = super::read_pages(client.clone(), dir.clone(), 0).await.map_err(|e| e.to_string())?;
+    let nodes: BTreeMap<String, NodeRecord> =
+        kvs.iter().filter_map(|(k, v, _)| record(k.as_bytes(), v, &dir)).collect();
+    let mut c = client.clone();
+    let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
+    let mut stream = tokio::time::timeout(TIMEOUT, c.watch(format!("{prefix}/nodes"), Some(opts)))
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| e.to_string())?;
+    w.set(|c| *c = Cache { live: true, rev, nodes });
+    while let Some(r) = stream.message().await.map_err(|e| e.to_string())? {
+        if r.canceled() {
+            return Err(format!("the watch was cancelled ({})", r.cancel_reason()));
+        }
+        if r.events().is_empty() {
+            continue;
+        }
+        w.set(|c| {
+            for e in r.events() {
+                let Some(kv) = e.kv() else { continue };
+                c.rev = c.rev.max(kv.mod_revision());
+                match e.event_type() {
+                    EventType::Put => {
+                        if let Some((name, n)) = record(kv.key(), kv.value(), &dir) {
+                            c.nodes.insert(name, n);
+                        }
+                    }
+                    EventType::Delete => {
+                        if let Some(name) = std::str::from_utf8(kv.key()).ok().and_then(|k| k.strip_prefix(&dir)) {
+                            c.nodes.remove(name);
+                        }
+                    }
+                }
+            }
+        });
+    }
+    Err("the watch ended".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn node(name: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            revision: 1,
+            cert_serial: "s".into(),
+            joined_ms: 1,
+            info: Default::default(),
+            not_after_ms: None,
+            next_serial: None,
+            next_not_after_ms: None,
+        }
+    }
+
+    /// A reader waits for the watch to deliver the revision it read; a watch that is
+    /// down, or does not get there in time, sends it to etcd instead.
+    #[test]
+    fn a_reader_waits_for_the_revision_it_read_and_never_takes_an_older_copy() {
+        let w = Arc::new(Watched::default());
+        assert!(w.nodes_at(0).is_none(), "no watch yet");
+        w.set(|c| *c = Cache { live: true, rev: 5, nodes: [("a".to_string(), node("a"))].into() });
+        assert_eq!(w.nodes_at(5).unwrap().len(), 1);
+        let later = Arc::clone(&w);
+        let event = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            later.set(|c| {
+                c.nodes.insert("b".into(), node("b"));
+                c.rev = 7;
+            });
+        });
+        let names: Vec<String> = w.nodes_at(7).unwrap().into_iter().map(|n| n.name).collect();
+        assert_eq!(names, ["a", "b"], "the copy as of revision 7, not the one before");
+        event.join().unwrap();
+        assert!(w.nodes_at(8).is_none(), "revision 8 never came: read from etcd");
+        w.set(|c| c.live = false);
+        assert!(w.nodes_at(7).is_none(), "a broken watch's copy is not used");
+    }
+}
