@@ -58,6 +58,19 @@ pub fn pass(hub: &Hub, n: u64, every: Every) {
     }
 }
 
+/// Resolves when the store's revision moves; never, for a store without [`Store::revisions`].
+///
+/// [`Store::revisions`]: crate::store::Store::revisions
+pub async fn store_moved(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    let live = match rx {
+        Some(r) => r.changed().await.is_ok(),
+        None => false,
+    };
+    if !live {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Runs the controllers every second until aborted. A fleet also learns the platforms
 /// of the images already stored (they are learnt at each apply; this covers a restart).
 /// The task ends only if a pass panics (with that panic).
@@ -86,10 +99,28 @@ pub async fn run(hub: Arc<Hub>, every: Every) {
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for n in 0u64.. {
-        tick.tick().await;
+    // Another hub's change (an apply through it, a node joining there) is placed as soon
+    // as the store says it moved, not at the next tick.
+    let mut moved = hub.store.revisions();
+    let mut n = 0u64;
+    loop {
         let h = Arc::clone(&hub);
-        if let Err(e) = tokio::task::spawn_blocking(move || pass(&h, n, every)).await {
+        let done = tokio::select! {
+            _ = tick.tick() => {
+                n += 1;
+                let n = n - 1;
+                tokio::task::spawn_blocking(move || pass(&h, n, every)).await
+            }
+            _ = store_moved(&mut moved) => {
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = h.nodes.tick(false) {
+                        tracing::warn!(error = %e, "placement");
+                    }
+                })
+                .await
+            }
+        };
+        if let Err(e) = done {
             if e.is_panic() {
                 // The task ends with the panic: its owner stops the process.
                 std::panic::resume_unwind(e.into_panic());

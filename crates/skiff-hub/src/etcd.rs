@@ -178,6 +178,8 @@ pub struct EtcdStore {
     changing: Mutex<()>,
     /// The node records, kept current by a watch.
     watched: Arc<watched::Watched>,
+    /// The store's revision, as a watch of its key sees it move.
+    revisions: tokio::sync::watch::Receiver<u64>,
 }
 
 /// The store's runtime, shut down without waiting: it may be dropped from async code,
@@ -382,6 +384,7 @@ impl EtcdStore {
                 return Err(StoreError::Etcd(format!("etcd at {endpoints}: no answer within {secs} s")));
             }
         };
+        let (moved, revisions) = tokio::sync::watch::channel(0);
         let s = EtcdStore {
             client,
             rt,
@@ -391,10 +394,12 @@ impl EtcdStore {
             lease: Default::default(),
             changing: Mutex::new(()),
             watched: Arc::default(),
+            revisions,
         };
         s.revision()?;
         let keep = watched::keep(s.client.clone(), s.prefix.clone(), Arc::downgrade(&s.watched));
         handle.spawn(keep);
+        handle.spawn(watched::follow_revision(s.client.clone(), format!("{}/revision", s.prefix), moved));
         Ok(s)
     }
 
@@ -915,6 +920,10 @@ impl Store for EtcdStore {
         }
         let all = self.read(&format!("{}/hubs/", self.prefix), true, 0)?;
         Ok(all.into_iter().map(|(_, v)| String::from_utf8_lossy(&v).into_owned()).collect())
+    }
+
+    fn revisions(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.revisions.clone())
     }
 
     fn resign(&self) {

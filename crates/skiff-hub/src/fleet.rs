@@ -1041,6 +1041,11 @@ impl Fleet {
         v
     }
 
+    /// The store's revision as it moves, where other hubs change the store too.
+    pub fn store_revisions(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.store.revisions()
+    }
+
     /// Wakes the nodes' long-polls and tunnels after a change of the store's revision made
     /// outside `reschedule` (a rollout's next wave).
     pub fn revision_changed(&self) {

@@ -331,6 +331,10 @@ impl Store for Remembering {
         self.inner.resign()
     }
 
+    fn revisions(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.inner.revisions()
+    }
+
     fn put_state(&self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
         self.write(|| self.inner.put_state(key, value))
     }

@@ -341,6 +341,9 @@ impl Store for SealedStore {
     fn resign(&self) {
         self.inner.resign()
     }
+    fn revisions(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.inner.revisions()
+    }
     fn put_state(&self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
         self.inner.put_state(key, value)
     }

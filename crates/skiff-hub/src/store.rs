@@ -139,6 +139,12 @@ pub trait Store: Send + Sync {
     /// Gives up the lead now (a clean stop), so a standby need not wait out the lease.
     fn resign(&self) {}
 
+    /// The store's revision as it moves, for a store other hubs change too: a hub learns
+    /// of another's change at once, not at its next look. `None`: only this hub changes it.
+    fn revisions(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// Why the hub answers from what it last read and writes nothing, while it does
     /// (see [`crate::remember`]).
     fn out_of_reach(&self) -> Option<String> {

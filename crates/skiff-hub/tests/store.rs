@@ -423,6 +423,23 @@ mod on_etcd {
         assert!(per_list < whole / 20.0, "etcd sent {per_list} B per list of {whole} B of records");
     }
 
+    /// A hub hears of another hub's change as it lands (a watch of the store's revision),
+    /// not at its next look.
+    #[test]
+    fn a_hub_hears_of_another_hubs_change_as_it_lands() {
+        let e = Etcd::start(1).unwrap();
+        let (a, b) = (open(&e, "/moves"), open(&e, "/moves"));
+        let mut moves = b.revisions().expect("a shared store says when it moves");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        for i in 0..3 {
+            a.apply(&[Deployment::new(format!("web{i}"), "img")], None, false, i).unwrap();
+            let now = a.revision().unwrap();
+            let wait = moves.wait_for(|r| *r == now);
+            let heard = rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(5), wait).await });
+            assert!(heard.is_ok(), "revision {now} heard by the other hub");
+        }
+    }
+
     /// etcd gone: reads and writes fail with an error naming it, within the store's
     /// timeout, and nothing is half-written; etcd back: the same store serves again.
     #[test]

@@ -1,7 +1,8 @@
 //! `skiff hub` on a shared store: each second, asks every other hub of the store what its
 //! nodes are (what changed since it last asked; see `skiff_hub::fleet::PeerState`), and
-//! wakes this hub's own nodes when the store's revision moved (a placement the hub that
-//! leads stored reaches every hub's nodes so).
+//! wakes this hub's own nodes when the store's revision moves (a placement the hub that
+//! leads stored reaches every hub's nodes so): at once where the store says so (etcd's
+//! watch), else at the next second.
 //!
 //! Hubs reach each other as the CLI reaches them: over TLS pinned to the fleet's CA, with
 //! the admin token; a node's certificate, for client authentication only, does not pass
@@ -16,6 +17,25 @@ const EVERY: Duration = Duration::from_secs(1);
 
 /// Runs until aborted. `me`: this hub's own URL (not asked).
 pub async fn run(fleet: Arc<Fleet>, me: String, token: String) {
+    tokio::join!(ask_peers(Arc::clone(&fleet), me, token), follow_store(fleet));
+}
+
+/// Wakes this hub's nodes as soon as the store's revision moves (a placement the hub
+/// that leads stored), not at the next question to the other hubs.
+async fn follow_store(fleet: Arc<Fleet>) {
+    let mut moved = fleet.store_revisions();
+    if moved.is_none() {
+        return;
+    }
+    loop {
+        skiff_hub::controllers::store_moved(&mut moved).await;
+        let f = Arc::clone(&fleet);
+        let _ = tokio::task::spawn_blocking(move || f.revision_changed()).await;
+    }
+}
+
+/// Asks every other hub each second what changed among its nodes.
+async fn ask_peers(fleet: Arc<Fleet>, me: String, token: String) {
     let http = match client(&fleet) {
         Ok(h) => h,
         Err(e) => {

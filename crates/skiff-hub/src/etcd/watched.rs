@@ -123,6 +123,45 @@ async fn follow(client: &Client, prefix: &str, w: &Watched) -> Result<(), String
     Err("the watch ended".into())
 }
 
+/// Sends the store's revision (the value of `key`) each time it moves, from its value
+/// now, until nobody listens; a broken watch is made again after [`AGAIN`].
+pub(super) async fn follow_revision(client: Client, key: String, tx: tokio::sync::watch::Sender<u64>) {
+    let send = |raw: &[u8]| {
+        if let Ok(rev) = serde_json::from_slice::<u64>(raw) {
+            tx.send_if_modified(|r| (rev > *r).then(|| *r = rev).is_some());
+        }
+    };
+    while !tx.is_closed() {
+        let mut c = client.clone();
+        let watched = async {
+            let now = c.get(key.clone(), None).await?;
+            if let Some(kv) = now.kvs().first() {
+                send(kv.value());
+            }
+            let from = now.header().map(|h| h.revision()).unwrap_or(0) + 1;
+            let mut stream = c.watch(key.clone(), Some(WatchOptions::new().with_start_revision(from))).await?;
+            while let Some(r) = stream.message().await? {
+                if r.canceled() {
+                    break;
+                }
+                for kv in r.events().iter().filter_map(|e| e.kv()) {
+                    send(kv.value());
+                }
+            }
+            Ok::<(), etcd_client::Error>(())
+        };
+        tokio::select! {
+            r = watched => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "watching the store's revision; again");
+                }
+            }
+            _ = tx.closed() => return,
+        }
+        tokio::time::sleep(AGAIN).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
