@@ -752,7 +752,8 @@ async fn join(State(hub): State<Shared>, body: axum::body::Bytes) -> Result<Resp
     let f = fleet_of(&hub)?;
     let req: skiff_model::proto::JoinRequest = parse_body(&body)?;
     // Off the async threads: a join waits on the store (and on the hub's other changes),
-    // and many nodes join at once.
+    // and many nodes join at once: a few at a time, the rest waiting without a thread.
+    let _turn = f.joining.acquire().await.map_err(internal)?;
     let f = Arc::clone(f);
     let joined = tokio::task::spawn_blocking(move || f.join(&req)).await.map_err(internal)?;
     Ok(Json(joined.map_err(fleet_error)?).into_response())

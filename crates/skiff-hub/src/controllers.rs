@@ -58,16 +58,41 @@ pub fn pass(hub: &Hub, n: u64, every: Every) {
     }
 }
 
-/// Resolves when the store's revision moves; never, for a store without [`Store::revisions`].
+/// The store's revision moving, as a hub acts on it: at once, but at most once a second
+/// (changes that come faster, as thousands of nodes joining, wait for the pass every
+/// caller also makes each second: each reads every node or wakes every tunnel). Never,
+/// for a store without [`Store::revisions`].
 ///
 /// [`Store::revisions`]: crate::store::Store::revisions
-pub async fn store_moved(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) {
-    let live = match rx {
-        Some(r) => r.changed().await.is_ok(),
-        None => false,
-    };
-    if !live {
-        std::future::pending::<()>().await;
+pub struct StoreMoves {
+    rx: Option<tokio::sync::watch::Receiver<u64>>,
+    last: Option<tokio::time::Instant>,
+}
+
+impl StoreMoves {
+    pub fn new(rx: Option<tokio::sync::watch::Receiver<u64>>) -> Self {
+        StoreMoves { rx, last: None }
+    }
+
+    /// Whether the store can say it moved.
+    pub fn says(&self) -> bool {
+        self.rx.is_some()
+    }
+
+    pub async fn next(&mut self) {
+        loop {
+            let live = match &mut self.rx {
+                Some(r) => r.changed().await.is_ok(),
+                None => false,
+            };
+            if !live {
+                std::future::pending::<()>().await;
+            }
+            if self.last.is_none_or(|l| l.elapsed() >= Duration::from_secs(1)) {
+                self.last = Some(tokio::time::Instant::now());
+                return;
+            }
+        }
     }
 }
 
@@ -101,7 +126,7 @@ pub async fn run(hub: Arc<Hub>, every: Every) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Another hub's change (an apply through it, a node joining there) is placed as soon
     // as the store says it moved, not at the next tick.
-    let mut moved = hub.store.revisions();
+    let mut moved = StoreMoves::new(hub.store.revisions());
     let mut n = 0u64;
     loop {
         let h = Arc::clone(&hub);
@@ -111,7 +136,7 @@ pub async fn run(hub: Arc<Hub>, every: Every) {
                 let n = n - 1;
                 tokio::task::spawn_blocking(move || pass(&h, n, every)).await
             }
-            _ = store_moved(&mut moved) => {
+            _ = moved.next() => {
                 tokio::task::spawn_blocking(move || {
                     if let Err(e) = h.nodes.tick(false) {
                         tracing::warn!(error = %e, "placement");

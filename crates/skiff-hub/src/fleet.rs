@@ -159,6 +159,16 @@ impl Seen {
         }
     }
 
+    /// Turns Unknown once silent past the heartbeat grace; whether it did just now.
+    fn went_silent(&mut self, now: u64) -> bool {
+        let silent = self.state != NodeState::Unknown && now.saturating_sub(self.last_ms) > HEARTBEAT_GRACE_MS;
+        if silent {
+            self.state = NodeState::Unknown;
+            self.since_ms = self.last_ms + HEARTBEAT_GRACE_MS;
+        }
+        silent
+    }
+
     /// Heard from: Ready, or NotReady while it reports problems. Returns whether the
     /// state changed.
     fn heard(&mut self, now: u64) -> bool {
@@ -172,6 +182,9 @@ impl Seen {
         changed
     }
 }
+
+/// Joins a hub serves at once; the others wait their turn without a thread.
+const JOINS_AT_ONCE: usize = 8;
 
 pub struct Fleet {
     pub ca: Ca,
@@ -244,6 +257,12 @@ pub struct Fleet {
     /// The store's revision as last read, and when: every tunnel's wake, report and pull
     /// asks for it, and on etcd a read is a round trip (see [`Fleet::store_revision`]).
     revision_read: Mutex<Option<(u64, std::time::Instant)>>,
+    /// When the hub last looked for its own nodes gone silent (`peers::sweep`).
+    swept_ms: std::sync::atomic::AtomicU64,
+    /// Joins in progress: a join waits on the store, one change of this hub's at a time,
+    /// so thousands joining at once would hold every blocking thread of the hub (and
+    /// nothing else that needs one, a tunnel's connect or a peer's question, would run).
+    pub(crate) joining: tokio::sync::Semaphore,
 }
 
 /// How long a read of the store's revision stands for the fleet's many askers.
@@ -375,6 +394,8 @@ impl Fleet {
             sampled_at: Mutex::new(HashMap::new()),
             peers: Mutex::new(BTreeMap::new()),
             revision_read: Mutex::new(None),
+            swept_ms: Default::default(),
+            joining: tokio::sync::Semaphore::new(JOINS_AT_ONCE),
         })
     }
 
@@ -955,10 +976,7 @@ impl Fleet {
         };
         match seen.get_mut(node) {
             Some(s) => {
-                if s.state != NodeState::Unknown && now.saturating_sub(s.last_ms) > HEARTBEAT_GRACE_MS {
-                    s.state = NodeState::Unknown;
-                    s.since_ms = s.last_ms + HEARTBEAT_GRACE_MS;
-                }
+                s.went_silent(now);
                 (s.state, s.since_ms)
             }
             None => (NodeState::Unknown, self.started_ms),

@@ -23,12 +23,12 @@ pub async fn run(fleet: Arc<Fleet>, me: String, token: String) {
 /// Wakes this hub's nodes as soon as the store's revision moves (a placement the hub
 /// that leads stored), not at the next question to the other hubs.
 async fn follow_store(fleet: Arc<Fleet>) {
-    let mut moved = fleet.store_revisions();
-    if moved.is_none() {
+    let mut moved = skiff_hub::controllers::StoreMoves::new(fleet.store_revisions());
+    if !moved.says() {
         return;
     }
     loop {
-        skiff_hub::controllers::store_moved(&mut moved).await;
+        moved.next().await;
         let f = Arc::clone(&fleet);
         let _ = tokio::task::spawn_blocking(move || f.revision_changed()).await;
     }

@@ -62,7 +62,15 @@ pub(super) struct PeerView {
     leads: bool,
     cut_off: bool,
     heard_ms: u64,
+    /// When its nodes were last counted heard from (see [`REFRESH_MS`]).
+    refreshed_ms: u64,
 }
+
+/// How often the nodes a peer holds are counted heard from, through it: well within
+/// the heartbeat grace, and not each second for each of 100,000 nodes.
+const REFRESH_MS: u64 = 5_000;
+/// How often a hub looks for its own nodes gone silent (every peer's question asks).
+const SWEEP_MS: u64 = 1_000;
 
 /// A peer that has not answered for this long is not counted as leading.
 const PEER_STALE_MS: u64 = 5_000;
@@ -102,19 +110,22 @@ impl Fleet {
     }
 
     /// Nodes held here whose heartbeats stopped are Unknown now: a change to tell peers.
+    /// At most every [`SWEEP_MS`], in one pass.
     fn sweep(&self, now: u64) {
-        let local: Vec<String> = match self.seen.lock() {
-            Ok(s) => s
-                .iter()
-                .filter(|(_, v)| v.via.is_none() && v.state != NodeState::Unknown)
-                .map(|(n, _)| n.clone())
+        let last = self.swept_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < SWEEP_MS {
+            return;
+        }
+        self.swept_ms.store(now, Ordering::Relaxed);
+        let silent: Vec<String> = match self.seen.lock() {
+            Ok(mut s) => s
+                .iter_mut()
+                .filter_map(|(n, v)| (v.via.is_none() && v.went_silent(now)).then(|| n.clone()))
                 .collect(),
             Err(_) => return,
         };
-        for n in local {
-            if self.state_of(&n, now).0 == NodeState::Unknown {
-                self.node_changed(&n);
-            }
+        for n in silent {
+            self.node_changed(&n);
         }
     }
 
@@ -134,7 +145,9 @@ impl Fleet {
             _ => BTreeSet::new(),
         };
         names.extend(sampled.iter().cloned());
-        let tunnels: BTreeSet<String> = self.tunnels.lock().map(|t| t.keys().cloned().collect()).unwrap_or_default();
+        // Only the names told of: the whole set of tunnels is 17,000 names on a busy hub.
+        let tunnels: BTreeSet<String> =
+            self.tunnels.lock().map(|t| names.iter().filter(|n| t.contains_key(*n)).cloned().collect()).unwrap_or_default();
         let nodes = names
             .into_iter()
             .filter_map(|name| {
@@ -174,7 +187,11 @@ impl Fleet {
     /// unless this hub holds the node's tunnel itself.
     pub fn merge_peer_state(&self, peer: &str, st: PeerState) {
         let now = self.clock.now_ms();
-        let tunnels: BTreeSet<String> = self.tunnels.lock().map(|t| t.keys().cloned().collect()).unwrap_or_default();
+        let tunnels: BTreeSet<String> = self
+            .tunnels
+            .lock()
+            .map(|t| st.nodes.iter().filter(|n| t.contains_key(&n.name)).map(|n| n.name.clone()).collect())
+            .unwrap_or_default();
         let (mut placement, mut mesh) = (false, false);
         let connected = {
             let Ok(mut peers) = self.peers.lock() else { return };
@@ -194,7 +211,15 @@ impl Fleet {
             v.leads = st.leads;
             v.cut_off = st.cut_off;
             v.heard_ms = now;
-            v.connected.clone()
+            let refresh = st.full || now.saturating_sub(v.refreshed_ms) >= REFRESH_MS;
+            if refresh {
+                v.refreshed_ms = now;
+            }
+            if refresh {
+                v.connected.clone()
+            } else {
+                BTreeSet::new()
+            }
         };
         let via = Some(peer.to_string());
         for n in st.nodes {
