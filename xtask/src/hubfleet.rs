@@ -239,6 +239,7 @@ pub async fn run(
         if !r.status().is_success() {
             bail!("apply: {}", r.text().await?);
         }
+        let answered_ms = wall_ms().saturating_sub(applied);
         std::fs::write(dir_p.join("probe"), applied.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(600);
         while (0..parts).any(|k| !dir_p.join(format!("part-{k}.lat")).exists()) {
@@ -258,6 +259,7 @@ pub async fn run(
             "hubs": hub_list.len(),
             "sim_processes": parts,
             "joined_and_connected_s": connected_s.round(),
+            "apply_answered_ms": answered_ms,
             "hub_rss_mib": rss,
             "hub_rss_total_mib": rss.iter().sum::<u64>(),
             "idle_window_s": secs.round(),

@@ -58,16 +58,19 @@ pub fn pass(hub: &Hub, n: u64, every: Every) {
     }
 }
 
-/// The store's revision moving, as a hub acts on it: at once, but at most once a second
-/// (changes that come faster, as thousands of nodes joining, wait for the pass every
-/// caller also makes each second: each reads every node or wakes every tunnel). Never,
-/// for a store without [`Store::revisions`].
+/// The store's revision moving, as a hub acts on it: at once, but at most once every
+/// [`MOVES_GAP`] (moves that come faster, as thousands of nodes joining, are taken
+/// together: each action reads every node or wakes every tunnel). Never, for a store
+/// without [`Store::revisions`].
 ///
 /// [`Store::revisions`]: crate::store::Store::revisions
 pub struct StoreMoves {
     rx: Option<tokio::sync::watch::Receiver<u64>>,
     last: Option<tokio::time::Instant>,
 }
+
+/// The least time between two actions on the store's moves.
+pub const MOVES_GAP: Duration = Duration::from_millis(200);
 
 impl StoreMoves {
     pub fn new(rx: Option<tokio::sync::watch::Receiver<u64>>) -> Self {
@@ -80,19 +83,21 @@ impl StoreMoves {
     }
 
     pub async fn next(&mut self) {
-        loop {
-            let live = match &mut self.rx {
-                Some(r) => r.changed().await.is_ok(),
-                None => false,
-            };
-            if !live {
-                std::future::pending::<()>().await;
-            }
-            if self.last.is_none_or(|l| l.elapsed() >= Duration::from_secs(1)) {
-                self.last = Some(tokio::time::Instant::now());
-                return;
-            }
+        let live = match &mut self.rx {
+            Some(r) => r.changed().await.is_ok(),
+            None => false,
+        };
+        if !live {
+            std::future::pending::<()>().await;
         }
+        if let Some(wait) = self.last.and_then(|l| MOVES_GAP.checked_sub(l.elapsed())) {
+            tokio::time::sleep(wait).await;
+        }
+        // The moves made meanwhile are taken with this one.
+        if let Some(r) = &mut self.rx {
+            r.borrow_and_update();
+        }
+        self.last = Some(tokio::time::Instant::now());
     }
 }
 
