@@ -313,16 +313,18 @@ pub(crate) async fn join_all_through(
             let name = format!("sim-{i:06}");
             let (key, csr) = skiff_agent::join::node_csr(&name)?;
             let spec = serde_json::json!({"os": "linux", "arch": "amd64", "cpu_millis": 4000, "memory_bytes": 4u64 << 30, "labels": {"site": format!("s{}", i % 50)}});
-            // As an agent does, a join that failed for the hub's own reasons is made again
-            // (a few times); one that was refused is an error.
+            // As an agent does, a join that failed for the hub's own reasons (busy: tens of
+            // thousands of others joining and connecting) is made again, for up to ten
+            // minutes; one that was refused is an error.
             let body = serde_json::json!({"token": secret, "node": name, "csr": csr, "spec": spec});
-            let mut tries = 0;
+            let (mut tries, until) = (0, Instant::now() + Duration::from_secs(600));
             let resp = loop {
                 tries += 1;
+                let last = Instant::now() > until;
                 match plain.post(format!("{server}/api/v1/join")).json(&body).send().await {
-                    Ok(r) if r.status().is_success() || (r.status().is_client_error() || tries >= 5) => break r,
-                    Err(e) if tries >= 5 => return Err(e.into()),
-                    _ => tokio::time::sleep(Duration::from_secs(1)).await,
+                    Ok(r) if r.status().is_success() || r.status().is_client_error() || last => break r,
+                    Err(e) if last => return Err(e.into()),
+                    _ => tokio::time::sleep(Duration::from_secs(tries.min(10))).await,
                 }
             };
             if !resp.status().is_success() {

@@ -118,10 +118,9 @@ impl Fleet {
         }
         self.swept_ms.store(now, Ordering::Relaxed);
         let silent: Vec<String> = match self.seen.lock() {
-            Ok(mut s) => s
-                .iter_mut()
-                .filter_map(|(n, v)| (v.via.is_none() && v.went_silent(now)).then(|| n.clone()))
-                .collect(),
+            Ok(mut s) => {
+                s.iter_mut().filter_map(|(n, v)| (v.via.is_none() && v.went_silent(now)).then(|| n.clone())).collect()
+            }
             Err(_) => return,
         };
         for n in silent {
@@ -146,8 +145,11 @@ impl Fleet {
         };
         names.extend(sampled.iter().cloned());
         // Only the names told of: the whole set of tunnels is 17,000 names on a busy hub.
-        let tunnels: BTreeSet<String> =
-            self.tunnels.lock().map(|t| names.iter().filter(|n| t.contains_key(*n)).cloned().collect()).unwrap_or_default();
+        let tunnels: BTreeSet<String> = self
+            .tunnels
+            .lock()
+            .map(|t| names.iter().filter(|n| t.contains_key(*n)).cloned().collect())
+            .unwrap_or_default();
         let nodes = names
             .into_iter()
             .filter_map(|name| {
