@@ -137,9 +137,9 @@ pub async fn run(hub: Arc<Hub>, every: Every) {
         let h = Arc::clone(&hub);
         let done = tokio::select! {
             _ = tick.tick() => {
+                let this = n;
                 n += 1;
-                let n = n - 1;
-                tokio::task::spawn_blocking(move || pass(&h, n, every)).await
+                tokio::task::spawn_blocking(move || pass(&h, this, every)).await
             }
             _ = moved.next() => {
                 tokio::task::spawn_blocking(move || {

@@ -213,11 +213,8 @@ impl Fleet {
             v.leads = st.leads;
             v.cut_off = st.cut_off;
             v.heard_ms = now;
-            let refresh = st.full || now.saturating_sub(v.refreshed_ms) >= REFRESH_MS;
-            if refresh {
+            if st.full || now.saturating_sub(v.refreshed_ms) >= REFRESH_MS {
                 v.refreshed_ms = now;
-            }
-            if refresh {
                 v.connected.clone()
             } else {
                 BTreeSet::new()
