@@ -217,7 +217,7 @@ where
                     match serde_json::from_str::<Control>(t.as_str()) {
                         Ok(Control::Assign { assignment }) => {
                             let all: Vec<_> =
-                                assignment.deployments.into_iter().map(|x| (x.spec, Some(x.indexes))).collect();
+                                assignment.deployments.into_iter().map(|x| (std::sync::Arc::unwrap_or_clone(x.spec), Some(x.indexes))).collect();
                             if let Err(e) = agent.set_assignment(&all, assignment.revision, &assignment.metrics, assignment.digest.as_deref()) {
                                 // Not stored, not acted on: drop the connection, so the
                                 // hub (seeing the old revision in the next hello) sends it

@@ -18,8 +18,8 @@
 
 use crate::schedule::Slot;
 use crate::store::{
-    Dump, DumpedDeployment, JoinRefused, Joined, Lead, NodeJoin, NodeRecord, NodeSpec, RevokedCert, Store, StoreError,
-    Stored, StoredNode, TokenRecord, DUMP_FORMAT, HISTORY_LIMIT,
+    Dump, DumpedDeployment, JoinRefused, Joined, Lead, NodeJoin, NodeList, NodeRecord, NodeSpec, RevokedCert, Store,
+    StoreError, Stored, StoredNode, TokenRecord, DUMP_FORMAT, HISTORY_LIMIT,
 };
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 use serde::de::DeserializeOwned;
@@ -66,6 +66,16 @@ async fn read_pages(
     dir: String,
     at: i64,
 ) -> Result<(i64, Vec<(String, Vec<u8>, i64)>), etcd_client::Error> {
+    read_pages_with(client, dir, at, false).await
+}
+
+/// [`read_pages`]; with `keys_only`, the keys and their mod revisions without the values.
+async fn read_pages_with(
+    client: Client,
+    dir: String,
+    at: i64,
+    keys_only: bool,
+) -> Result<(i64, Vec<(String, Vec<u8>, i64)>), etcd_client::Error> {
     let end = prefix_end(dir.as_bytes());
     let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
     let mut from = dir.into_bytes();
@@ -73,6 +83,9 @@ async fn read_pages(
     let mut out = Vec::new();
     loop {
         let mut o = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if keys_only {
+            o = o.with_keys_only();
+        }
         if rev > 0 {
             o = o.with_revision(rev);
         }
@@ -178,6 +191,12 @@ pub struct EtcdStore {
     changing: Mutex<()>,
     /// The node records, kept current by a watch.
     watched: Arc<watched::Watched>,
+    /// Reads of the marker the watch's copy is checked against, shared by those who ask
+    /// at once.
+    marker_reads: watched::SharedReads,
+    /// The placement as last read, with its keys' mod revisions.
+    #[allow(clippy::type_complexity)]
+    slots_read: Mutex<Option<(Vec<(String, i64)>, Arc<Vec<Slot>>)>>,
     /// The store's revision, as a watch of its key sees it move.
     revisions: tokio::sync::watch::Receiver<u64>,
 }
@@ -394,6 +413,8 @@ impl EtcdStore {
             lease: Default::default(),
             changing: Mutex::new(()),
             watched: Arc::default(),
+            marker_reads: Default::default(),
+            slots_read: Mutex::new(None),
             revisions,
         };
         s.revision()?;
@@ -526,6 +547,15 @@ impl EtcdStore {
             }
         }
         Ok(done)
+    }
+
+    /// The revision of the last change of a node record, as a read begun after this call
+    /// sees it (one read for all who ask at once).
+    fn marker_revision(&self) -> Result<i64, StoreError> {
+        self.marker_reads.get(|| {
+            let (_, kvs) = self.read_at(format!("{}/{}", self.prefix, watched::MARKER), false, 0)?;
+            Ok(kvs.first().map(|k| k.2).unwrap_or(0))
+        })
     }
 
     fn leader_key(&self) -> String {
@@ -805,19 +835,21 @@ impl Store for EtcdStore {
         })
     }
 
+    /// As [`EtcdStore::nodes`]: a node connecting looks its record up several times.
     fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        if let Some(n) = self.watched.node_at(self.marker_revision()?, name) {
+            return Ok(n);
+        }
         Ok(self.now()?.get::<StoredNode>(&format!("nodes/{name}"))?.map(|n| n.record))
     }
 
     /// From the watch's copy once it has delivered the marker's last change (see
     /// [`watched`]); read whole while it cannot.
-    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        let marker = format!("{}/{}", self.prefix, watched::MARKER);
-        let (_, kvs) = self.read_at(marker, false, 0)?;
-        if let Some(nodes) = self.watched.nodes_at(kvs.first().map(|k| k.2).unwrap_or(0)) {
+    fn nodes(&self) -> Result<NodeList, StoreError> {
+        if let Some(nodes) = self.watched.nodes_at(self.marker_revision()?) {
             return Ok(nodes);
         }
-        Ok(self.now()?.list::<StoredNode>("nodes")?.into_values().map(|n| n.record).collect())
+        Ok(Arc::new(self.now()?.list::<StoredNode>("nodes")?.into_values().map(|n| Arc::new(n.record)).collect()))
     }
 
     fn revoke_node(&self, name: &str, now_ms: u64) -> Result<bool, StoreError> {
@@ -1041,9 +1073,31 @@ impl Store for EtcdStore {
         self.write_unchecked(&mut batch)
     }
 
-    fn slots(&self) -> Result<Vec<Slot>, StoreError> {
-        let all: BTreeMap<String, Vec<(u32, String)>> = self.now()?.list("slots")?;
-        Ok(flatten_slots(all))
+    /// Read again only when a deployment's placement changed: every hub reads the
+    /// placement at each move of the store, and one deployment on 100,000 nodes is 2 MB.
+    /// Its keys' mod revisions (a keys-only read) tell whether the last read still holds.
+    fn slots(&self) -> Result<Arc<Vec<Slot>>, StoreError> {
+        let dir = format!("{}/slots/", self.prefix);
+        let (at, keys) = {
+            let dir = dir.clone();
+            self.call("read", move |c| read_pages_with(c, dir.clone(), 0, true))?
+        };
+        let stamp: Vec<(String, i64)> = keys.into_iter().map(|(k, _, m)| (k, m)).collect();
+        let kept =
+            self.slots_read.lock().ok().and_then(|k| k.as_ref().filter(|(s, _)| *s == stamp).map(|k| Arc::clone(&k.1)));
+        if let Some(slots) = kept {
+            return Ok(slots);
+        }
+        let (_, kvs) = self.read_at(dir.clone(), true, at)?;
+        let all = kvs
+            .iter()
+            .map(|(k, v, _)| Ok((k[dir.len()..].to_string(), serde_json::from_slice(v)?)))
+            .collect::<Result<BTreeMap<String, Vec<(u32, String)>>, StoreError>>()?;
+        let slots = Arc::new(flatten_slots(all));
+        if let Ok(mut k) = self.slots_read.lock() {
+            *k = Some((stamp, Arc::clone(&slots)));
+        }
+        Ok(slots)
     }
 
     fn set_slots(&self, slots: &[Slot]) -> Result<u64, StoreError> {

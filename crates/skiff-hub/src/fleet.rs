@@ -277,11 +277,30 @@ const NODE_CHANGE_EVERY_MS: u64 = 60_000;
 /// What the hub derives from its store once per revision, for every node.
 struct AtRevision {
     revision: u64,
-    nodes: BTreeMap<String, Arc<Assignment>>,
+    /// Each node's part (its `revision` is the one it was made at: [`Fleet::assignment`]
+    /// tells the current one). Shared with the next revision when what it is made of did
+    /// not change: a join moves the revision, and 100,000 parts are not made again.
+    nodes: Arc<BTreeMap<String, Arc<Assignment>>>,
     /// Deployment → every template its history holds.
     templates: BTreeMap<String, std::collections::BTreeSet<String>>,
     /// What agents scrape (see [`Assignment::metrics`]).
     metrics: Vec<String>,
+    /// What `nodes` was made of, besides `templates`.
+    made_of: PartsMadeOf,
+}
+
+/// The deployments, rolling waves and placement the nodes' parts were made from.
+#[derive(Default)]
+struct PartsMadeOf {
+    specs: BTreeMap<String, Arc<Deployment>>,
+    waves: BTreeMap<String, (std::collections::HashSet<String>, Arc<Deployment>)>,
+    slots: Arc<Vec<crate::schedule::Slot>>,
+}
+
+impl PartsMadeOf {
+    fn same(&self, o: &PartsMadeOf) -> bool {
+        self.specs == o.specs && self.waves == o.waves && (Arc::ptr_eq(&self.slots, &o.slots) || self.slots == o.slots)
+    }
 }
 
 /// What a node may report: per deployment assigned to it, the numbers in its instances'
@@ -697,6 +716,17 @@ impl Fleet {
 
     /// The node record behind a connection's certificate, if it may act as `name`.
     pub fn authorize(&self, peer: &Peer, name: &str) -> Result<NodeRecord, FleetError> {
+        self.check_node(peer, name, true)
+    }
+
+    /// [`Fleet::authorize`] again for a peer it let in moments ago, without the store's
+    /// list of revoked certificates: every revocation also removes or changes the node's
+    /// record (`revoke_node`, `promote_cert`), which is checked.
+    pub fn authorize_again(&self, peer: &Peer, name: &str) -> Result<NodeRecord, FleetError> {
+        self.check_node(peer, name, false)
+    }
+
+    fn check_node(&self, peer: &Peer, name: &str, revocations: bool) -> Result<NodeRecord, FleetError> {
         let (Some(who), Some(serial)) = (&peer.node, &peer.serial) else {
             return Err(FleetError::Unauthenticated("a node certificate is required (join first)".into()));
         };
@@ -705,7 +735,7 @@ impl Fleet {
             .node(who)
             .map_err(internal)?
             .ok_or_else(|| FleetError::Forbidden(format!("node {who:?} is not joined")))?;
-        if self.store.is_revoked(serial).map_err(internal)? {
+        if revocations && self.store.is_revoked(serial).map_err(internal)? {
             return Err(FleetError::Forbidden(format!("this certificate of node {who:?} has been revoked")));
         }
         if who != name {
@@ -989,19 +1019,20 @@ impl Fleet {
             .store
             .nodes()
             .map_err(internal)?
-            .into_iter()
+            .iter()
             .map(|n| {
                 let (state, since) = self.state_of(&n.name, now);
+                let i = &n.info;
                 NodeView {
-                    name: n.name,
-                    labels: n.info.labels,
-                    arch: n.info.arch,
-                    variant: n.info.variant,
-                    cpu_millis: n.info.cpu_millis,
-                    memory_bytes: n.info.memory_bytes,
-                    runtimes: n.info.runtimes,
-                    versions: n.info.versions,
-                    devices: n.info.devices,
+                    name: n.name.clone(),
+                    labels: i.labels.clone(),
+                    arch: i.arch.clone(),
+                    variant: i.variant.clone(),
+                    cpu_millis: i.cpu_millis,
+                    memory_bytes: i.memory_bytes,
+                    runtimes: i.runtimes.clone(),
+                    versions: i.versions.clone(),
+                    devices: i.devices.clone(),
                     state,
                     state_since_ms: since,
                 }
@@ -1017,7 +1048,7 @@ impl Fleet {
         let Some(site) = site else { return Ok(Default::default()) };
         let now = self.clock.now_ms();
         let mut caches = vec![];
-        for n in &nodes {
+        for n in nodes.iter() {
             if n.name == node || n.info.labels.get("site") != Some(&site) {
                 continue;
             }
@@ -1050,9 +1081,9 @@ impl Fleet {
             .store
             .slots()
             .unwrap_or_default()
-            .into_iter()
+            .iter()
             .filter(|s| s.deployment == deployment)
-            .map(|s| s.node)
+            .map(|s| s.node.clone())
             .collect();
         v.sort();
         v.dedup();
@@ -1143,7 +1174,7 @@ impl Fleet {
     pub fn assignment(&self, node: &str) -> Result<Assignment, FleetError> {
         let at = self.at_revision()?;
         Ok(match at.nodes.get(node) {
-            Some(a) => (**a).clone(),
+            Some(a) => Assignment { revision: at.revision, ..(**a).clone() },
             None => {
                 Assignment { revision: at.revision, deployments: vec![], metrics: at.metrics.clone(), digest: None }
             }
@@ -1195,12 +1226,12 @@ impl Fleet {
 
     fn compute_at_revision(&self) -> Result<Arc<AtRevision>, FleetError> {
         let revision = self.store_revision()?;
-        let cached = self.at_revision.lock().ok().and_then(|c| c.as_ref().filter(|c| c.revision == revision).cloned());
-        if let Some(c) = cached {
-            return Ok(c);
+        let last = self.at_revision.lock().ok().and_then(|c| c.clone());
+        if let Some(c) = last.as_ref().filter(|c| c.revision == revision) {
+            return Ok(Arc::clone(c));
         }
-        let specs: BTreeMap<String, Deployment> =
-            self.store.list().map_err(internal)?.into_iter().map(|s| (s.spec.name.clone(), s.spec)).collect();
+        let specs: BTreeMap<String, Arc<Deployment>> =
+            self.store.list().map_err(internal)?.into_iter().map(|s| (s.spec.name.clone(), Arc::new(s.spec))).collect();
         // Deployments rolling out in waves: nodes not reached yet keep the old template.
         let mut waves = BTreeMap::new();
         let mut templates: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
@@ -1209,40 +1240,54 @@ impl Fleet {
             let t = templates.entry(name.clone()).or_default();
             t.insert(skiff_model::rollout::template_hash(d));
             t.extend(history.iter().map(|r| r.template.clone()));
-            if let Some(w) = crate::rollouts::wave_of(d, &history) {
-                waves.insert(name.clone(), w);
+            if let Some((reached, base)) = crate::rollouts::wave_of(d, &history) {
+                let reached: std::collections::HashSet<String> = reached.into_iter().collect();
+                waves.insert(name.clone(), (reached, Arc::new(base)));
             }
         }
         // Every name an autoscaler reads from workloads' own metrics (any node's instance
         // may be the one an Object or External metric sums).
         let metrics = skiff_model::autoscale::scraped_names(specs.values().filter_map(|d| d.autoscale.as_ref()));
-        let mut per_node: BTreeMap<String, BTreeMap<String, Vec<u32>>> = BTreeMap::new();
-        for s in self.store.slots().map_err(internal)? {
-            per_node.entry(s.node).or_default().entry(s.deployment).or_default().push(s.index);
-        }
-        let nodes = per_node
-            .into_iter()
-            .map(|(n, deps)| {
-                let deployments = deps
-                    .into_iter()
-                    .filter_map(|(d, indexes)| {
-                        let spec = match waves.get(&d) {
-                            Some((reached, base)) if !reached.contains(&n) => base,
-                            _ => specs.get(&d)?,
-                        };
-                        Some(Assigned { spec: spec.clone(), indexes })
-                    })
-                    .collect();
-                (n, Arc::new(Assignment { revision, deployments, metrics: metrics.clone(), digest: None }))
-            })
-            .collect();
-        let at = Arc::new(AtRevision { revision, nodes, templates, metrics });
+        let made_of = PartsMadeOf { specs, waves, slots: self.store.slots().map_err(internal)? };
+        let nodes = match last {
+            Some(l) if l.made_of.same(&made_of) && l.templates == templates && l.metrics == metrics => {
+                Arc::clone(&l.nodes)
+            }
+            _ => Arc::new(parts(&made_of, &metrics, revision)),
+        };
+        let at = Arc::new(AtRevision { revision, nodes, templates, metrics, made_of });
         if let Ok(mut c) = self.at_revision.lock() {
             *c = Some(Arc::clone(&at));
         }
         Ok(at)
     }
+}
 
+/// Each node's part of `m`.
+fn parts(m: &PartsMadeOf, metrics: &[String], revision: u64) -> BTreeMap<String, Arc<Assignment>> {
+    let mut per_node: BTreeMap<&str, BTreeMap<&str, Vec<u32>>> = BTreeMap::new();
+    for s in m.slots.iter() {
+        per_node.entry(&s.node).or_default().entry(&s.deployment).or_default().push(s.index);
+    }
+    per_node
+        .into_iter()
+        .map(|(n, deps)| {
+            let deployments = deps
+                .into_iter()
+                .filter_map(|(d, indexes)| {
+                    let spec = match m.waves.get(d) {
+                        Some((reached, base)) if !reached.contains(n) => base,
+                        _ => m.specs.get(d)?,
+                    };
+                    Some(Assigned { spec: Arc::clone(spec), indexes })
+                })
+                .collect();
+            (n.to_string(), Arc::new(Assignment { revision, deployments, metrics: metrics.to_vec(), digest: None }))
+        })
+        .collect()
+}
+
+impl Fleet {
     /// The store's revision, read again at most every [`REVISION_FRESH`] (a change this
     /// hub makes reads it at once, through [`Fleet::revision_changed`]).
     fn store_revision(&self) -> Result<u64, FleetError> {
@@ -1586,7 +1631,13 @@ mod tests {
         f.store.apply(&[db.clone(), client], None, false, 1).unwrap();
         f.reschedule().unwrap();
         let placed = |f: &Fleet| -> Vec<(u32, String)> {
-            f.store.slots().unwrap().into_iter().filter(|s| s.deployment == "db").map(|s| (s.index, s.node)).collect()
+            f.store
+                .slots()
+                .unwrap()
+                .iter()
+                .filter(|s| s.deployment == "db")
+                .map(|s| (s.index, s.node.clone()))
+                .collect()
         };
         assert_eq!(placed(&f).len(), 1, "db-0 alone until it is ready");
         assert!(f.unschedulable()["db"].contains("1 instance(s) wait"), "{:?}", f.unschedulable());
@@ -1807,6 +1858,36 @@ mod tests {
         f.reschedule().unwrap();
         assert_eq!(f.assignment("a").unwrap().metrics, ["backlog", "queue_depth"]);
         assert_eq!(f.assignment("b").unwrap().metrics, ["backlog", "queue_depth"]);
+    }
+
+    /// A move of the store that changes no node's part (a join) tells every node the
+    /// new revision without making 100,000 parts again; a placement that moves makes them.
+    #[test]
+    fn parts_are_made_again_only_when_what_they_are_made_of_changed() {
+        let (_t, f) = fleet();
+        let tok = any(&f);
+        f.join(&join_req(&tok, "a")).unwrap();
+        f.heartbeat("a", NodeStatus::default()).unwrap();
+        f.tick(false).unwrap();
+        let mut web = Deployment::new("web", "img");
+        web.replicas = 2;
+        f.store.apply(std::slice::from_ref(&web), None, false, 1).unwrap();
+        f.reschedule().unwrap();
+        let before = f.at_revision().unwrap();
+        f.join(&join_req(&tok, "b")).unwrap();
+        f.revision_changed();
+        let after = f.at_revision().unwrap();
+        assert!(after.revision > before.revision, "a join moves the revision");
+        assert!(Arc::ptr_eq(&before.nodes, &after.nodes), "and changes no part: shared, not made again");
+        let a = f.assignment("a").unwrap();
+        assert_eq!(a.revision, after.revision, "a node is told the current revision");
+        assert_eq!(a.deployments[0].indexes, [1, 2]);
+        web.replicas = 3;
+        f.store.apply(&[web], None, false, 2).unwrap();
+        f.reschedule().unwrap();
+        let moved = f.at_revision().unwrap();
+        assert!(!Arc::ptr_eq(&after.nodes, &moved.nodes), "a new placement makes the parts again");
+        assert_eq!(f.assignment("a").unwrap().deployments[0].indexes, [1, 2, 3]);
     }
 
     #[test]

@@ -19,7 +19,7 @@
 
 use crate::schedule::Slot;
 use crate::store::{
-    Dump, JoinRefused, Joined, Lead, NodeJoin, NodeRecord, NodeSpec, Store, StoreError, Stored, TokenRecord,
+    Dump, JoinRefused, Joined, Lead, NodeJoin, NodeList, NodeRecord, NodeSpec, Store, StoreError, Stored, TokenRecord,
 };
 use skiff_model::api::ApplyResponse;
 use skiff_model::rollout::{Revision, RolloutState};
@@ -38,12 +38,12 @@ struct Seen {
     revision: Option<u64>,
     tokens: Option<Vec<TokenRecord>>,
     token: HashMap<String, Option<TokenRecord>>,
-    nodes: Option<Vec<NodeRecord>>,
+    nodes: Option<NodeList>,
     node: HashMap<String, Option<NodeRecord>>,
     revoked: HashMap<String, bool>,
     history: HashMap<String, Vec<Revision>>,
     progressing: Option<Vec<String>>,
-    slots: Option<Vec<Slot>>,
+    slots: Option<Arc<Vec<Slot>>>,
     shared: HashMap<String, Option<String>>,
     states: HashMap<String, Vec<(String, String)>>,
     hubs: Option<Vec<String>>,
@@ -235,15 +235,14 @@ impl Store for Remembering {
             || self.inner.node(name),
             |s, v| keep(&mut s.node, name, v.clone()),
             |s| {
-                s.node
-                    .get(name)
-                    .cloned()
-                    .or_else(|| s.nodes.as_ref().map(|n| n.iter().find(|n| n.name == name).cloned()))
+                s.node.get(name).cloned().or_else(|| {
+                    s.nodes.as_ref().map(|n| n.iter().find(|n| n.name == name).map(|n| NodeRecord::clone(n)))
+                })
             },
         )
     }
 
-    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+    fn nodes(&self) -> Result<NodeList, StoreError> {
         self.read("the nodes", || self.inner.nodes(), |s, v| s.nodes = Some(v.clone()), |s| s.nodes.clone())
     }
 
@@ -293,7 +292,7 @@ impl Store for Remembering {
         self.write(|| self.inner.set_rollout(name, revision, state, cause, message))
     }
 
-    fn slots(&self) -> Result<Vec<Slot>, StoreError> {
+    fn slots(&self) -> Result<Arc<Vec<Slot>>, StoreError> {
         self.read("the placement", || self.inner.slots(), |s, v| s.slots = Some(v.clone()), |s| s.slots.clone())
     }
 

@@ -290,7 +290,7 @@ impl Store for SealedStore {
     fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
         self.inner.node(name)
     }
-    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+    fn nodes(&self) -> Result<crate::store::NodeList, StoreError> {
         self.inner.nodes()
     }
     fn revoke_node(&self, name: &str, now_ms: u64) -> Result<bool, StoreError> {
@@ -318,7 +318,7 @@ impl Store for SealedStore {
     ) -> Result<(), StoreError> {
         self.inner.set_rollout(name, revision, state, cause, message)
     }
-    fn slots(&self) -> Result<Vec<crate::schedule::Slot>, StoreError> {
+    fn slots(&self) -> Result<std::sync::Arc<Vec<crate::schedule::Slot>>, StoreError> {
         self.inner.slots()
     }
     fn set_slots(&self, slots: &[crate::schedule::Slot]) -> Result<u64, StoreError> {

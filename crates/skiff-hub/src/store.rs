@@ -8,7 +8,7 @@ pub use skiff_model::proto::NodeSpec;
 use skiff_model::rollout::{self, Revision, RolloutState};
 use skiff_model::Deployment;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -40,6 +40,9 @@ pub struct Stored {
     pub revision: u64,
     pub spec: Deployment,
 }
+
+/// The node records as [`Store::nodes`] gives them: sorted by name, shared.
+pub type NodeList = Arc<Vec<Arc<NodeRecord>>>;
 
 pub trait Store: Send + Sync {
     /// Creates or updates `deployments` and (with `prune_stack`) deletes the stack's
@@ -81,7 +84,9 @@ pub trait Store: Send + Sync {
     /// The node now uses its renewed certificate: the previous one is revoked.
     fn promote_cert(&self, name: &str, serial: &str, now_ms: u64) -> Result<(), StoreError>;
     fn node(&self, name: &str) -> Result<Option<NodeRecord>, StoreError>;
-    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Every node record, sorted by name. Shared, not copied: a hub of 100,000 nodes
+    /// reads them at each placement and each change of the services' table.
+    fn nodes(&self) -> Result<NodeList, StoreError>;
     /// Revokes the node's certificates (for good) and forgets the node, so its name may
     /// join again with a new token. Returns whether it existed.
     fn revoke_node(&self, name: &str, now_ms: u64) -> Result<bool, StoreError>;
@@ -106,7 +111,7 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
 
     /// Where each instance is placed (see `schedule`).
-    fn slots(&self) -> Result<Vec<crate::schedule::Slot>, StoreError>;
+    fn slots(&self) -> Result<Arc<Vec<crate::schedule::Slot>>, StoreError>;
     /// Replaces the placement; bumps the revision only when it changed. Returns the revision.
     fn set_slots(&self, slots: &[crate::schedule::Slot]) -> Result<u64, StoreError>;
 
@@ -817,29 +822,31 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+    fn nodes(&self) -> Result<NodeList, StoreError> {
         let conn = self.conn()?;
         let mut st = conn.prepare(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name"))?;
         let rows: Vec<(NodeRecord, String)> = st.query_map([], node_row)?.collect::<Result<_, _>>()?;
-        rows.into_iter()
+        let nodes = rows
+            .into_iter()
             .map(|(mut n, info)| {
                 n.info = serde_json::from_str(&info)?;
-                Ok(n)
+                Ok(Arc::new(n))
             })
-            .collect()
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Arc::new(nodes))
     }
 
-    fn slots(&self) -> Result<Vec<crate::schedule::Slot>, StoreError> {
+    fn slots(&self) -> Result<Arc<Vec<crate::schedule::Slot>>, StoreError> {
         let conn = self.conn()?;
         let mut st = conn.prepare("SELECT deployment, idx, node FROM slots ORDER BY deployment, idx")?;
         let v = st.query_map([], slot_row)?.collect::<Result<_, _>>()?;
-        Ok(v)
+        Ok(Arc::new(v))
     }
 
     fn set_slots(&self, slots: &[crate::schedule::Slot]) -> Result<u64, StoreError> {
         let mut sorted = slots.to_vec();
         sorted.sort();
-        if self.slots()? == sorted {
+        if *self.slots()? == sorted {
             return self.revision();
         }
         let mut conn = self.conn()?;

@@ -105,7 +105,7 @@ pub async fn serve(
     // and thousands of nodes connecting at once must not hold up TLS handshakes.)
     let authorized = {
         let (f, peer, name) = (Arc::clone(&f), peer.clone(), name.clone());
-        tokio::task::spawn_blocking(move || f.authorize(&peer, &name)).await
+        tokio::task::spawn_blocking(move || f.authorize_again(&peer, &name)).await
     };
     let authorized = authorized.unwrap_or_else(|e| Err(crate::fleet::FleetError::Internal(e.to_string())));
     if let Err(e) = authorized {
@@ -338,7 +338,10 @@ pub async fn serve(
         }
         let Ok(mut a) = f.assignment(&name) else { continue };
         if !udp {
-            a.deployments.iter_mut().for_each(|d| skiff_model::mesh::tcp_only(&mut d.spec));
+            // A spec of its own only where there is something to leave out.
+            for d in a.deployments.iter_mut().filter(|d| d.spec.expose.iter().any(|p| !p.protocol.is_tcp())) {
+                skiff_model::mesh::tcp_only(std::sync::Arc::make_mut(&mut d.spec));
+            }
         }
         // Behind on first contact (another revision, and another part than the one the
         // node holds — any hub's digest of it): send once. Later: only when this node's

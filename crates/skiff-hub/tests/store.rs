@@ -410,9 +410,11 @@ mod on_etcd {
             let name = format!("n{i}");
             assert!(join(&a, &name, &info));
             assert!(b.nodes().unwrap().iter().any(|n| n.name == name), "{name} listed by the other hub at once");
+            assert!(b.node(&name).unwrap().is_some(), "{name} found by the other hub at once");
         }
         assert!(b.revoke_node("n7", 2).unwrap());
         assert!(!a.nodes().unwrap().iter().any(|n| n.name == "n7"), "gone at the other hub at once");
+        assert!(a.node("n7").unwrap().is_none(), "and not found there");
         let whole = serde_json::to_vec(&a.nodes().unwrap()).unwrap().len() as f64;
         let sent = || e.metric("etcd_network_client_grpc_sent_bytes_total");
         let before = sent();
@@ -421,6 +423,33 @@ mod on_etcd {
         }
         let per_list = (sent() - before) / 20.0;
         assert!(per_list < whole / 20.0, "etcd sent {per_list} B per list of {whole} B of records");
+    }
+
+    /// Another hub's placement is read at once, and a placement that did not change is
+    /// not read again (every hub reads it at each move of the store; one deployment on
+    /// 100,000 nodes is 2 MB).
+    #[test]
+    fn a_hubs_placement_is_current_at_once_and_not_read_whole_each_time() {
+        let e = Etcd::start(1).unwrap();
+        let (a, b) = (open(&e, "/placed"), open(&e, "/placed"));
+        a.apply(&[Deployment::new("web", "img")], None, false, 1).unwrap();
+        let placed = |n: u32, on: &str| -> Vec<Slot> {
+            (1..=n).map(|i| Slot { deployment: "web".into(), index: i, node: format!("{on}-{i}") }).collect()
+        };
+        a.set_slots(&placed(2000, "pi")).unwrap();
+        assert_eq!(*b.slots().unwrap(), placed(2000, "pi"));
+        let whole = serde_json::to_vec(&*b.slots().unwrap()).unwrap().len() as f64;
+        let sent = || e.metric("etcd_network_client_grpc_sent_bytes_total");
+        let before = sent();
+        for _ in 0..20 {
+            assert_eq!(b.slots().unwrap().len(), 2000);
+        }
+        let per_read = (sent() - before) / 20.0;
+        assert!(per_read < whole / 20.0, "etcd sent {per_read} B per read of a placement of {whole} B");
+        for (n, on) in [(2000, "jetson"), (1999, "jetson"), (0, "")] {
+            a.set_slots(&placed(n, on)).unwrap();
+            assert_eq!(*b.slots().unwrap(), placed(n, on), "another hub's new placement ({n} on {on}) at once");
+        }
     }
 
     /// A hub hears of another hub's change as it lands (a watch of the store's revision),

@@ -153,7 +153,9 @@ pub struct Assignment {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Assigned {
-    pub spec: Deployment,
+    /// Shared: a hub holds every node's assignment, and a deployment on every node is one
+    /// spec, not 100,000 copies of it.
+    pub spec: std::sync::Arc<Deployment>,
     pub indexes: Vec<u32>,
 }
 

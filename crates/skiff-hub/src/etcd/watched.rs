@@ -10,10 +10,10 @@
 //! [`CATCH_UP`], the reader reads the records from etcd as before.
 
 use super::TIMEOUT;
-use crate::store::{NodeRecord, StoredNode};
+use crate::store::{NodeList, NodeRecord, StoredNode};
 use etcd_client::{Client, EventType, WatchOptions};
 use std::collections::BTreeMap;
-use std::sync::{Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
 /// The key, beside `nodes/`, that every change of a node record rewrites.
@@ -29,7 +29,9 @@ struct Cache {
     live: bool,
     /// The etcd revision `nodes` is current at.
     rev: i64,
-    nodes: BTreeMap<String, NodeRecord>,
+    nodes: BTreeMap<String, Arc<NodeRecord>>,
+    /// `nodes` as a list, made at the first read after a change and shared until the next.
+    list: Option<NodeList>,
 }
 
 /// The records and the watch's progress, shared with the task that keeps them.
@@ -42,17 +44,103 @@ pub(super) struct Watched {
 impl Watched {
     /// The records once the watch has delivered etcd revision `at` (the marker's), or
     /// `None`: no watch, or it has not caught up within [`CATCH_UP`].
-    pub(super) fn nodes_at(&self, at: i64) -> Option<Vec<NodeRecord>> {
+    pub(super) fn nodes_at(&self, at: i64) -> Option<NodeList> {
+        let c = self.cache.lock().ok()?;
+        let (mut c, _) = self.moved.wait_timeout_while(c, CATCH_UP, |c| c.live && c.rev < at).ok()?;
+        if !(c.live && c.rev >= at) {
+            return None;
+        }
+        let c = &mut *c;
+        Some(Arc::clone(c.list.get_or_insert_with(|| Arc::new(c.nodes.values().cloned().collect()))))
+    }
+
+    /// One record (`Some(None)`: none of that name) once the watch has delivered `at`;
+    /// `None` as [`Watched::nodes_at`].
+    pub(super) fn node_at(&self, at: i64, name: &str) -> Option<Option<NodeRecord>> {
         let c = self.cache.lock().ok()?;
         let (c, _) = self.moved.wait_timeout_while(c, CATCH_UP, |c| c.live && c.rev < at).ok()?;
-        (c.live && c.rev >= at).then(|| c.nodes.values().cloned().collect())
+        (c.live && c.rev >= at).then(|| c.nodes.get(name).map(|n| NodeRecord::clone(n)))
     }
 
     fn set(&self, f: impl FnOnce(&mut Cache)) {
         if let Ok(mut c) = self.cache.lock() {
             f(&mut c);
+            c.list = None;
         }
         self.moved.notify_all();
+    }
+}
+
+/// The marker's revision, read at most once at a time however many ask: a reader gets
+/// the answer of a read that began after it asked (so it sees every change made before),
+/// sharing it with everyone else who asked meanwhile. Thousands of nodes connecting at
+/// once each look their record up several times; etcd answers a read per round trip, not
+/// one per lookup.
+#[derive(Default)]
+pub(super) struct SharedReads {
+    state: Mutex<Reads>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct Reads {
+    /// Reads begun, and the number of the last that answered, with its answer.
+    begun: u64,
+    answered: u64,
+    value: i64,
+    /// Whether one is under way.
+    reading: bool,
+}
+
+/// What a caller of [`SharedReads::get`] does.
+enum Turn {
+    /// A read begun after it asked has answered this.
+    Answered(i64),
+    /// It reads for everyone: this is the read's number.
+    Reads(u64),
+    /// It reads for itself (the read under way hangs).
+    Alone,
+}
+
+impl SharedReads {
+    /// The answer of a read begun after this call: `read` runs in one caller at a time,
+    /// the others wait for it (at most [`CATCH_UP`] each time round, then read alone). A
+    /// failed read is its caller's error; those who waited for it start another.
+    pub(super) fn get<E>(&self, read: impl FnOnce() -> Result<i64, E>) -> Result<i64, E> {
+        let n = match self.turn() {
+            Turn::Answered(v) => return Ok(v),
+            Turn::Reads(n) => n,
+            Turn::Alone => return read(),
+        };
+        let r = read();
+        if let Ok(mut s) = self.state.lock() {
+            s.reading = false;
+            if let Ok(v) = &r {
+                (s.answered, s.value) = (n, *v);
+            }
+        }
+        self.done.notify_all();
+        r
+    }
+
+    fn turn(&self) -> Turn {
+        let Ok(mut s) = self.state.lock() else { return Turn::Alone };
+        // A read under way began before this call: only the next one will do.
+        let need = s.begun + 1;
+        loop {
+            if s.answered >= need {
+                return Turn::Answered(s.value);
+            }
+            if !s.reading {
+                s.reading = true;
+                s.begun += 1;
+                return Turn::Reads(s.begun);
+            }
+            s = match self.done.wait_timeout(s, CATCH_UP) {
+                Ok((s, t)) if !t.timed_out() || s.answered >= need => s,
+                _ => return Turn::Alone,
+            };
+        }
     }
 }
 
@@ -85,15 +173,15 @@ fn record(key: &[u8], value: &[u8], dir: &str) -> Option<(String, NodeRecord)> {
 async fn follow(client: &Client, prefix: &str, w: &Watched) -> Result<(), String> {
     let dir = format!("{prefix}/nodes/");
     let (rev, kvs) = super::read_pages(client.clone(), dir.clone(), 0).await.map_err(|e| e.to_string())?;
-    let nodes: BTreeMap<String, NodeRecord> =
-        kvs.iter().filter_map(|(k, v, _)| record(k.as_bytes(), v, &dir)).collect();
+    let nodes: BTreeMap<String, Arc<NodeRecord>> =
+        kvs.iter().filter_map(|(k, v, _)| record(k.as_bytes(), v, &dir)).map(|(k, n)| (k, Arc::new(n))).collect();
     let mut c = client.clone();
     let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
     let mut stream = tokio::time::timeout(TIMEOUT, c.watch(format!("{prefix}/nodes"), Some(opts)))
         .await
         .map_err(|_| "no answer".to_string())?
         .map_err(|e| e.to_string())?;
-    w.set(|c| *c = Cache { live: true, rev, nodes });
+    w.set(|c| *c = Cache { live: true, rev, nodes, list: None });
     while let Some(r) = stream.message().await.map_err(|e| e.to_string())? {
         if r.canceled() {
             return Err(format!("the watch was cancelled ({})", r.cancel_reason()));
@@ -108,7 +196,7 @@ async fn follow(client: &Client, prefix: &str, w: &Watched) -> Result<(), String
                 match e.event_type() {
                     EventType::Put => {
                         if let Some((name, n)) = record(kv.key(), kv.value(), &dir) {
-                            c.nodes.insert(name, n);
+                            c.nodes.insert(name, Arc::new(n));
                         }
                     }
                     EventType::Delete => {
@@ -186,21 +274,60 @@ mod tests {
     fn a_reader_waits_for_the_revision_it_read_and_never_takes_an_older_copy() {
         let w = Arc::new(Watched::default());
         assert!(w.nodes_at(0).is_none(), "no watch yet");
-        w.set(|c| *c = Cache { live: true, rev: 5, nodes: [("a".to_string(), node("a"))].into() });
+        w.set(|c| {
+            *c = Cache { live: true, rev: 5, nodes: [("a".to_string(), Arc::new(node("a")))].into(), list: None }
+        });
         assert_eq!(w.nodes_at(5).unwrap().len(), 1);
         let later = Arc::clone(&w);
         let event = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
             later.set(|c| {
-                c.nodes.insert("b".into(), node("b"));
+                c.nodes.insert("b".into(), Arc::new(node("b")));
                 c.rev = 7;
             });
         });
-        let names: Vec<String> = w.nodes_at(7).unwrap().into_iter().map(|n| n.name).collect();
+        let names: Vec<String> = w.nodes_at(7).unwrap().iter().map(|n| n.name.clone()).collect();
         assert_eq!(names, ["a", "b"], "the copy as of revision 7, not the one before");
         event.join().unwrap();
         assert!(w.nodes_at(8).is_none(), "revision 8 never came: read from etcd");
         w.set(|c| c.live = false);
         assert!(w.nodes_at(7).is_none(), "a broken watch's copy is not used");
+    }
+
+    /// Many asking at once share few reads, and each gets the answer of a read begun
+    /// after it asked (never one already under way: it could miss a change made just
+    /// before); a failed read fails only its own caller.
+    #[test]
+    fn lookups_at_once_share_reads_begun_after_they_asked() {
+        use std::sync::atomic::{AtomicI64, Ordering};
+        let shared = Arc::new(SharedReads::default());
+        let begun = Arc::new(AtomicI64::new(0));
+        let callers = 16;
+        let start = Arc::new(std::sync::Barrier::new(callers));
+        let threads: Vec<_> = (0..callers)
+            .map(|_| {
+                let (shared, begun, start) = (Arc::clone(&shared), Arc::clone(&begun), Arc::clone(&start));
+                std::thread::spawn(move || {
+                    start.wait();
+                    let asked = begun.load(Ordering::SeqCst);
+                    let got = shared
+                        .get(|| {
+                            let n = begun.fetch_add(1, Ordering::SeqCst) + 1;
+                            std::thread::sleep(Duration::from_millis(100));
+                            Ok::<i64, String>(n)
+                        })
+                        .unwrap();
+                    assert!(got > asked, "read {got} began before the caller asked (after read {asked})");
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let reads = begun.load(Ordering::SeqCst);
+        assert!(reads <= 4, "{callers} lookups at once made {reads} reads");
+        // A failed read is its caller's error; the next caller reads again.
+        assert_eq!(shared.get(|| Err::<i64, _>("etcd is gone")), Err("etcd is gone"));
+        assert_eq!(shared.get(|| Ok::<i64, &str>(42)), Ok(42));
     }
 }

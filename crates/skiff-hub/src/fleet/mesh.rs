@@ -8,6 +8,7 @@
 //! what its own workloads could reach on one machine.
 
 use super::{internal, Fleet, FleetError};
+use crate::store::NodeList;
 use skiff_model::mesh::{by_locality, Endpoint, MeshView, Service};
 use skiff_model::{Health, InstanceState, InstanceStatus, NetworkMode};
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,9 +21,42 @@ pub(crate) struct MeshTable {
     key: (u64, u64),
     services: BTreeMap<String, (Service, BTreeMap<String, Endpoint>)>,
     nets: BTreeMap<String, BTreeSet<String>>,
-    sites: BTreeMap<String, String>,
-    /// Each joined node's certificate serials (current, and a renewal's).
-    certs: BTreeMap<String, Vec<String>>,
+    nodes: Arc<NodeFacts>,
+}
+
+/// The node records the table was made with, looked up by name (they come sorted): a
+/// join moves the revision, and the records of 100,000 nodes are not copied into maps at
+/// each move.
+#[derive(Debug, Default)]
+struct NodeFacts(NodeList);
+
+impl NodeFacts {
+    fn of(records: NodeList) -> NodeFacts {
+        if records.is_sorted_by(|a, b| a.name < b.name) {
+            return NodeFacts(records);
+        }
+        let mut v = Vec::clone(&records);
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        NodeFacts(Arc::new(v))
+    }
+
+    fn get(&self, node: &str) -> Option<&crate::store::NodeRecord> {
+        self.0.binary_search_by(|n| n.name.as_str().cmp(node)).ok().map(|i| &*self.0[i])
+    }
+
+    fn joined(&self, node: &str) -> bool {
+        self.get(node).is_some()
+    }
+
+    fn site(&self, node: &str) -> Option<String> {
+        self.get(node)?.info.labels.get("site").cloned()
+    }
+
+    /// The node's certificate serials (current, and a renewal's).
+    fn certs(&self, node: &str) -> Option<Vec<String>> {
+        let n = self.get(node)?;
+        Some(std::iter::once(n.cert_serial.clone()).chain(n.next_serial.clone()).collect())
+    }
 }
 
 /// Whether a reported instance serves: running, and healthy where it is checked.
@@ -46,25 +80,23 @@ impl Fleet {
     fn mesh_table(&self) -> Result<Arc<MeshTable>, FleetError> {
         let at = self.at_revision()?;
         let key = (at.revision, *self.mesh_gen.borrow());
-        if let Some(t) = self.mesh_table.lock().ok().and_then(|t| t.as_ref().filter(|t| t.key == key).cloned()) {
-            return Ok(t);
+        let last = self.mesh_table.lock().ok().and_then(|t| t.clone());
+        if let Some(t) = last.as_ref().filter(|t| t.key == key) {
+            return Ok(Arc::clone(t));
         }
         let records = self.store.nodes().map_err(internal)?;
-        let sites: BTreeMap<String, String> =
-            records.iter().filter_map(|n| Some((n.name.clone(), n.info.labels.get("site")?.clone()))).collect();
-        let joined: BTreeSet<&str> = records.iter().map(|n| n.name.as_str()).collect();
-        let certs: BTreeMap<String, Vec<String>> = records
-            .iter()
-            .map(|n| (n.name.clone(), std::iter::once(n.cert_serial.clone()).chain(n.next_serial.clone()).collect()))
-            .collect();
+        let nodes = match last {
+            Some(t) if Arc::ptr_eq(&t.nodes.0, &records) => Arc::clone(&t.nodes),
+            _ => Arc::new(NodeFacts::of(records)),
+        };
         let mesh: BTreeMap<String, String> = self
             .seen
             .lock()
             .map(|s| s.iter().filter_map(|(n, x)| Some((n.clone(), x.mesh.clone()?))).collect())
             .unwrap_or_default();
         let statuses = self.statuses.lock().map(|s| s.clone()).unwrap_or_default();
-        let mut t = MeshTable { key, sites, certs, ..Default::default() };
-        for (node, a) in at.nodes.iter().filter(|(n, _)| joined.contains(n.as_str())) {
+        let mut t = MeshTable { key, nodes, ..Default::default() };
+        for (node, a) in at.nodes.iter().filter(|(n, _)| t.nodes.joined(n)) {
             let bridge = a.deployments.iter().filter(|d| d.spec.network == NetworkMode::Bridge);
             let nets = t.nets.entry(node.clone()).or_default();
             for d in bridge {
@@ -79,7 +111,7 @@ impl Fleet {
                         .unwrap_or_default() as u32;
                     let endpoint = Endpoint {
                         node: node.clone(),
-                        site: t.sites.get(node).cloned(),
+                        site: t.nodes.site(node),
                         mesh: mesh.get(node).cloned(),
                         ready,
                         total,
@@ -103,7 +135,7 @@ impl Fleet {
         let t = self.mesh_table()?;
         let empty = BTreeSet::new();
         let mine = t.nets.get(node).unwrap_or(&empty);
-        let mut view = MeshView { site: t.sites.get(node).cloned(), ..Default::default() };
+        let mut view = MeshView { site: t.nodes.site(node), ..Default::default() };
         for (name, (s, eps)) in &t.services {
             if s.shares_a_network(mine) {
                 let mut s = s.clone();
@@ -126,8 +158,8 @@ impl Fleet {
             .flat_map(|s| s.endpoints.iter().map(|e| &e.node))
             .chain(view.clients.values().flatten());
         for n in named {
-            if let Some(c) = t.certs.get(n) {
-                view.certs.insert(n.clone(), c.clone());
+            if let Some(c) = t.nodes.certs(n) {
+                view.certs.insert(n.clone(), c);
             }
         }
         Ok(view)
@@ -152,7 +184,7 @@ impl Fleet {
         let p = s
             .port(port, protocol)
             .ok_or_else(|| FleetError::NotFound(format!("service {service:?} has no port {port} over {protocol:?}")))?;
-        let site = self.mesh_table()?.sites.get(node).cloned();
+        let site = self.mesh_table()?.nodes.site(node);
         let statuses = self.statuses.lock().map(|s| s.clone()).unwrap_or_default();
         for ep in by_locality(&s.endpoints, site.as_deref(), turn) {
             let mut ready: Vec<&InstanceStatus> = statuses
