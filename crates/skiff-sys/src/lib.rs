@@ -4,10 +4,12 @@
 //! that local users cannot read, and named crash points for fault-injection tests.
 //!
 //! Architecture Invariant: no `unsafe` (rustix and nix wrap the system calls) but the two
-//! seccomp ioctls of `seccomp_notify`, which neither wraps; nothing here knows about
+//! seccomp ioctls of `seccomp_notify` and glibc's `mallopt` in `arenas`, which neither
+//! wraps; nothing here knows about
 //! images, containers, the hub or the agent.
 #![deny(unsafe_code)]
 
+pub mod arenas;
 pub mod connlimit;
 pub mod crash;
 pub mod durable;

@@ -389,6 +389,11 @@ pub fn main() -> i32 {
     if let Cmd::Shim { bundle, daemon } = &cli.cmd {
         return skiff_runtime::shim::main(bundle, *daemon);
     }
+    // A hub's threads share two heaps: each of its threads' own heap kept what that thread
+    // freed of the copies a placement of every node needs (see `skiff_sys::arenas`).
+    if matches!(cli.cmd, Cmd::Hub(_)) && !skiff_sys::arenas::limit(2) {
+        tracing::debug!("the allocator's arenas are not limited here");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
