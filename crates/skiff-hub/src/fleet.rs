@@ -247,12 +247,10 @@ pub struct Fleet {
     /// The store's revision the last placement saw (a change made through another hub is
     /// placed at the next tick).
     placed_at: std::sync::atomic::AtomicU64,
-    /// What peers are told (see `peers.rs`): this start's epoch, the newest generation,
-    /// and the generation of each node's last change and last sample.
+    /// What peers are told (see `peers.rs`): this start's epoch, and the newest
+    /// generation with the generation of each node's last change and last sample.
     epoch: String,
-    generation: std::sync::atomic::AtomicU64,
-    changed_at: Mutex<HashMap<String, u64>>,
-    sampled_at: Mutex<HashMap<String, u64>>,
+    changes: Mutex<peers::Changes>,
     peers: Mutex<BTreeMap<String, peers::PeerView>>,
     /// The store's revision as last read, and when: every tunnel's wake, report and pull
     /// asks for it, and on etcd a read is a round trip (see [`Fleet::store_revision`]).
@@ -408,9 +406,7 @@ impl Fleet {
             leads: std::sync::atomic::AtomicBool::new(true),
             placed_at: std::sync::atomic::AtomicU64::new(0),
             epoch: crate::pki::random_hex().map_err(failed)?,
-            generation: std::sync::atomic::AtomicU64::new(0),
-            changed_at: Mutex::new(HashMap::new()),
-            sampled_at: Mutex::new(HashMap::new()),
+            changes: Default::default(),
             peers: Mutex::new(BTreeMap::new()),
             revision_read: Mutex::new(None),
             swept_ms: Default::default(),
