@@ -143,6 +143,9 @@ struct Seen {
     mesh: Option<String>,
     /// The hub that holds its tunnel and told this one about it; none: heard here.
     via: Option<String>,
+    /// The state (and since when) that hub last told: what the node is again once that
+    /// hub speaks for it after a silence here made it Unknown.
+    told: (NodeState, u64),
 }
 
 impl Seen {
@@ -156,7 +159,19 @@ impl Seen {
             cache: None,
             mesh: None,
             via: None,
+            told: (NodeState::Unknown, now),
         }
+    }
+
+    /// Heard from through the hub that holds it (it says the node is as it last told):
+    /// back to that state if a silence here turned it Unknown. Returns whether it did.
+    fn heard_via(&mut self, now: u64) -> bool {
+        self.last_ms = now;
+        let back = (self.state, self.since_ms) != self.told;
+        if back {
+            (self.state, self.since_ms) = self.told;
+        }
+        back
     }
 
     /// Turns Unknown once silent past the heartbeat grace; whether it did just now.

@@ -261,6 +261,7 @@ impl Fleet {
                 s.last_ms = now;
                 s.state = n.state;
                 s.since_ms = n.since_ms;
+                s.told = (n.state, n.since_ms);
                 s.problems = n.problems;
                 s.cache = n.cache;
                 s.mesh = n.mesh;
@@ -280,11 +281,13 @@ impl Fleet {
                 }
             }
         }
-        // The peer answered: the nodes it holds were heard from, through it.
+        // The peer answered: the nodes it holds were heard from, through it, and are as
+        // it last told (a node that went Unknown here while the peer did not answer,
+        // and did not change there meanwhile, is not told again).
         if let Ok(mut seen) = self.seen.lock() {
             for name in &connected {
                 if let Some(s) = seen.get_mut(name).filter(|s| s.via == via) {
-                    s.last_ms = now;
+                    placement |= s.heard_via(now);
                 }
             }
         }
@@ -484,5 +487,32 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(told.len(), threads * each, "changes numbered before an answer but left out of it");
+    }
+
+    /// A peer that did not answer for longer than the heartbeat grace: its nodes went
+    /// Unknown here. Once it answers again they are as it last told, though nothing of
+    /// them changed there (a change-only answer does not name them). At 100,000 nodes,
+    /// 5,608 stayed Unknown at the hub that leads after two peers were slow to answer.
+    #[test]
+    fn a_peers_nodes_are_as_it_told_again_once_it_answers_after_a_silence() {
+        let (_d, a) = fleet();
+        let t = tempfile::tempdir().unwrap();
+        let store: std::sync::Arc<dyn crate::store::Store> =
+            std::sync::Arc::new(crate::store::SqliteStore::open(&t.path().join("hub.db")).unwrap());
+        let ca = crate::pki::Ca::load_or_create(&t.path().join("pki")).unwrap();
+        let clock = crate::clock::ManualClock::at(a.now_ms());
+        let b = Fleet::new(ca, store, clock.clone()).unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::channel(4);
+        a.open_tunnel("n1", tx);
+        a.touch("n1");
+        b.merge_peer_state("https://a:1", a.peer_state("", 0, false));
+        assert_eq!(b.state_of("n1", b.now_ms()).0, NodeState::Ready);
+        clock.advance(crate::fleet::HEARTBEAT_GRACE_MS + 1_000);
+        assert_eq!(b.state_of("n1", b.now_ms()).0, NodeState::Unknown, "a's answers stopped");
+        let (epoch, since) = b.peer_cursor("https://a:1");
+        let again = a.peer_state(&epoch, since, false);
+        assert!(again.nodes.is_empty(), "nothing changed at a: {again:?}");
+        b.merge_peer_state("https://a:1", again);
+        assert_eq!(b.state_of("n1", b.now_ms()).0, NodeState::Ready, "a holds it and last told it Ready");
     }
 }
