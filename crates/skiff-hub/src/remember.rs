@@ -19,7 +19,8 @@
 
 use crate::schedule::Slot;
 use crate::store::{
-    Dump, JoinRefused, Joined, Lead, NodeJoin, NodeList, NodeRecord, NodeSpec, Store, StoreError, Stored, TokenRecord,
+    find_node, Dump, JoinRefused, Joined, Lead, NodeJoin, NodeList, NodeRecord, NodeSpec, Store, StoreError, Stored,
+    TokenRecord,
 };
 use skiff_model::api::ApplyResponse;
 use skiff_model::rollout::{Revision, RolloutState};
@@ -234,11 +235,7 @@ impl Store for Remembering {
             "that node",
             || self.inner.node(name),
             |s, v| keep(&mut s.node, name, v.clone()),
-            |s| {
-                s.node.get(name).cloned().or_else(|| {
-                    s.nodes.as_ref().map(|n| n.iter().find(|n| n.name == name).map(|n| NodeRecord::clone(n)))
-                })
-            },
+            |s| s.node.get(name).cloned().or_else(|| s.nodes.as_ref().map(|n| find_node(n, name).cloned())),
         )
     }
 

@@ -44,6 +44,11 @@ pub struct Stored {
 /// The node records as [`Store::nodes`] gives them: sorted by name, shared.
 pub type NodeList = Arc<Vec<Arc<NodeRecord>>>;
 
+/// The record named `name` in a [`NodeList`] (sorted by name, so a binary search).
+pub fn find_node<'a>(nodes: &'a [Arc<NodeRecord>], name: &str) -> Option<&'a NodeRecord> {
+    nodes.binary_search_by(|n| n.name.as_str().cmp(name)).ok().map(|i| &*nodes[i])
+}
+
 pub trait Store: Send + Sync {
     /// Creates or updates `deployments` and (with `prune_stack`) deletes the stack's
     /// others, atomically. With `dry_run` nothing is written.

@@ -31,17 +31,8 @@ pub(crate) struct MeshTable {
 struct NodeFacts(NodeList);
 
 impl NodeFacts {
-    fn of(records: NodeList) -> NodeFacts {
-        if records.is_sorted_by(|a, b| a.name < b.name) {
-            return NodeFacts(records);
-        }
-        let mut v = Vec::clone(&records);
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        NodeFacts(Arc::new(v))
-    }
-
     fn get(&self, node: &str) -> Option<&crate::store::NodeRecord> {
-        self.0.binary_search_by(|n| n.name.as_str().cmp(node)).ok().map(|i| &*self.0[i])
+        crate::store::find_node(&self.0, node)
     }
 
     fn joined(&self, node: &str) -> bool {
@@ -87,7 +78,7 @@ impl Fleet {
         let records = self.store.nodes().map_err(internal)?;
         let nodes = match last {
             Some(t) if Arc::ptr_eq(&t.nodes.0, &records) => Arc::clone(&t.nodes),
-            _ => Arc::new(NodeFacts::of(records)),
+            _ => Arc::new(NodeFacts(records)),
         };
         let mesh: BTreeMap<String, String> = self
             .seen
