@@ -1479,7 +1479,20 @@ mod tests {
         f.join(&join_req(&any_tok, "pi-1")).unwrap();
         assert!(matches!(f.authorize(&newer, "pi-1"), Err(FleetError::Forbidden(m)) if m.contains("revoked")));
         assert!(matches!(f.authorize(&old, "pi-1"), Err(FleetError::Forbidden(m)) if m.contains("revoked")));
-        assert!(f.authorize(&peer(&f, "pi-1"), "pi-1").is_ok());
+        // The tunnel's second check, which skips the revoked list, refuses them as well:
+        // the record they are checked against changed with every revocation.
+        for (gone, what) in [(&old, "replaced"), (&newer, "deleted, then joined again")] {
+            assert!(
+                matches!(f.authorize_again(gone, "pi-1"), Err(FleetError::Forbidden(_))),
+                "a certificate {what} passed the second check"
+            );
+        }
+        let current = peer(&f, "pi-1");
+        assert!(f.authorize(&current, "pi-1").is_ok() && f.authorize_again(&current, "pi-1").is_ok());
+        f.revoke_node("pi-1").unwrap();
+        assert!(
+            matches!(f.authorize_again(&current, "pi-1"), Err(FleetError::Forbidden(m)) if m.contains("not joined"))
+        );
     }
 
     #[test]
@@ -1510,6 +1523,11 @@ mod tests {
         assert!(matches!(f.renew(&b, "a", &csr), Err(FleetError::Forbidden(m)) if m.contains("may not act")));
         assert!(f.authorize(&renewed, "a").is_ok());
         assert!(matches!(f.authorize(&a, "a"), Err(FleetError::Forbidden(m)) if m.contains("revoked")));
+        assert!(
+            matches!(f.authorize_again(&a, "a"), Err(FleetError::Forbidden(m)) if m.contains("replaced")),
+            "the certificate a renewal retired fails the second check too"
+        );
+        assert!(matches!(f.authorize_again(&renewed, "b"), Err(FleetError::Forbidden(m)) if m.contains("may not act")));
         f.revoke_node("a").unwrap();
         assert!(matches!(f.authorize(&renewed, "a"), Err(FleetError::Forbidden(_))));
         // A tunnel left open with a deleted node's certificate cannot get a certificate
