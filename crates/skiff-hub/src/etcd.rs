@@ -13,8 +13,9 @@
 //! hub writes on changes, not heartbeats, so writers seldom meet.
 //!
 //! The trait is synchronous (as SQLite is); the client is async, so requests go to a
-//! runtime of the store's own and the caller's thread waits for the answer, at most
-//! [`TIMEOUT`]. An unreachable etcd is an error naming the endpoints, never a hang.
+//! runtime of the store's own and the caller's thread waits for the answer: one request
+//! at most [`TIMEOUT`], sent again within [`WINDOW`] while etcd is between leaders. An
+//! unreachable etcd is an error naming the endpoints, never a hang.
 
 use crate::schedule::Slot;
 use crate::store::{
@@ -32,10 +33,18 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod members;
 mod watched;
 
-/// How long one request to etcd may take before the store says it is unreachable.
+use members::Members;
+
+/// How long one request to etcd may take before it is given up.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request that may be sent again is, while etcd is between leaders, before
+/// the store says it is unreachable. A member lost makes the others elect a leader in
+/// seconds, longer on a loaded machine; a request that hung on a member meanwhile is
+/// sent again (two tries of [`TIMEOUT`]).
+pub const WINDOW: Duration = Duration::from_secs(12);
 /// Attempts at one change when other hubs keep changing the store meanwhile.
 const ATTEMPTS: usize = 20;
 /// etcd's default `--max-txn-ops`.
@@ -120,8 +129,12 @@ const RETRY: Duration = Duration::from_millis(200);
 /// try reaches another), not an answer.
 fn transient(e: &etcd_client::Error) -> bool {
     match e {
-        // 14: gRPC's UNAVAILABLE ("leader changed", "no leader", a member going away).
-        etcd_client::Error::GRpcStatus(s) => i32::from(s.code()) == 14 || s.message().contains("leader"),
+        // 14: gRPC's UNAVAILABLE ("leader changed", "no leader", a member going away, a
+        // request timed out in etcd); the channel's own limit (a request that hung on a
+        // member between leaders: CANCELLED, "Timeout expired").
+        etcd_client::Error::GRpcStatus(s) => {
+            i32::from(s.code()) == 14 || s.message().contains("leader") || s.message().contains("Timeout expired")
+        }
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         _ => false,
     }
@@ -177,7 +190,7 @@ impl EtcdTarget {
 }
 
 pub struct EtcdStore {
-    client: Client,
+    members: Arc<Members>,
     rt: Rt,
     prefix: String,
     endpoints: String,
@@ -392,11 +405,12 @@ impl EtcdStore {
         // Not `block_on`: the caller may be async code itself.
         let eps = target.endpoints.clone();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let first = rand_u64() as usize;
         handle.spawn(async move {
-            let _ = tx.send(tokio::time::timeout(TIMEOUT, Client::connect(eps, Some(opts))).await);
+            let _ = tx.send(tokio::time::timeout(TIMEOUT, Members::connect(&eps, opts, first)).await);
         });
-        let client = match rx.recv_timeout(TIMEOUT + Duration::from_secs(1)) {
-            Ok(Ok(Ok(c))) => c,
+        let members = match rx.recv_timeout(TIMEOUT + Duration::from_secs(1)) {
+            Ok(Ok(Ok(m))) => Arc::new(m),
             Ok(Ok(Err(e))) => return Err(StoreError::Etcd(format!("etcd at {endpoints}: {e}"))),
             _ => {
                 let secs = TIMEOUT.as_secs();
@@ -405,7 +419,7 @@ impl EtcdStore {
         };
         let (moved, revisions) = tokio::sync::watch::channel(0);
         let s = EtcdStore {
-            client,
+            members,
             rt,
             prefix: target.prefix.clone(),
             endpoints,
@@ -418,9 +432,9 @@ impl EtcdStore {
             revisions,
         };
         s.revision()?;
-        let keep = watched::keep(s.client.clone(), s.prefix.clone(), Arc::downgrade(&s.watched));
+        let keep = watched::keep(Arc::clone(&s.members), s.prefix.clone(), Arc::downgrade(&s.watched));
         handle.spawn(keep);
-        handle.spawn(watched::follow_revision(s.client.clone(), format!("{}/revision", s.prefix), moved));
+        handle.spawn(watched::follow_revision(Arc::clone(&s.members), format!("{}/revision", s.prefix), moved));
         Ok(s)
     }
 
@@ -445,25 +459,38 @@ impl EtcdStore {
     {
         let rt = self.rt.0.as_ref().ok_or_else(|| StoreError::Etcd("the store is closed".into()))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let client = self.client.clone();
-        // Again while etcd is between leaders (a member lost), within the bound.
+        let members = Arc::clone(&self.members);
+        // Again on the next member while one is lost, hung or between leaders, within the
+        // window; a member that refuses connections is tried again within one request's
+        // time only (every member refusing them is etcd down).
+        let window = if retry { WINDOW } else { TIMEOUT };
         rt.spawn(async move {
-            let deadline = tokio::time::Instant::now() + TIMEOUT;
+            let start = tokio::time::Instant::now();
+            let deadline = start + window;
             let r = loop {
-                match tokio::time::timeout_at(deadline, f(client.clone())).await {
-                    Ok(Err(e)) if retry && transient(&e) && tokio::time::Instant::now() + RETRY < deadline => {
-                        tracing::debug!(error = %e, "etcd between leaders: again");
-                        tokio::time::sleep(RETRY).await;
+                let this_try = deadline.min(tokio::time::Instant::now() + TIMEOUT);
+                let (member, client) = members.current();
+                let r = tokio::time::timeout_at(this_try, f(client)).await;
+                let (why, until) = match &r {
+                    Ok(Err(e @ (etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_)))) => {
+                        (e.to_string(), start + TIMEOUT)
                     }
-                    r => break r,
+                    Ok(Err(e)) if transient(e) => (e.to_string(), deadline),
+                    Err(_) => (format!("no answer within {} s", TIMEOUT.as_secs()), deadline),
+                    _ => break r,
+                };
+                members.failed(member, &why);
+                if !retry || tokio::time::Instant::now() + RETRY >= until {
+                    break r;
                 }
+                tracing::debug!(error = %why, "etcd: again");
+                tokio::time::sleep(RETRY).await;
             };
             let _ = tx.send(r);
         });
-        let unreachable = || {
-            StoreError::Etcd(format!("etcd at {}: {what}: no answer within {} s", self.endpoints, TIMEOUT.as_secs()))
-        };
-        match rx.recv_timeout(TIMEOUT + Duration::from_secs(1)) {
+        let unreachable =
+            || StoreError::Etcd(format!("etcd at {}: {what}: no answer within {} s", self.endpoints, window.as_secs()));
+        match rx.recv_timeout(window + Duration::from_secs(1)) {
             Ok(Ok(Ok(v))) => Ok(v),
             Ok(Ok(Err(e))) => Err(StoreError::Etcd(format!("etcd at {}: {what}: {e}", self.endpoints))),
             Ok(Err(_)) | Err(_) => Err(unreachable()),
@@ -931,7 +958,7 @@ impl Store for EtcdStore {
         let rt = self.rt.0.as_ref()?;
         let (tx, rx) = tokio::sync::watch::channel(Lead::Standby(None));
         let c = Campaign {
-            client: self.client.clone(),
+            members: Arc::clone(&self.members),
             key: self.leader_key(),
             id: id.to_string(),
             ttl_s: ttl.as_secs().max(2) as i64,
@@ -1129,7 +1156,7 @@ impl Store for EtcdStore {
 /// back expired ends the lead for good (the hub stops; a supervisor starts it again as a
 /// standby). The lease's TTL is what a takeover waits after a leader dies.
 struct Campaign {
-    client: Client,
+    members: Arc<Members>,
     key: String,
     id: String,
     ttl_s: i64,
@@ -1177,28 +1204,43 @@ impl Campaign {
     /// Puts the leader key if there is none; the lease if this hub now leads. Says who
     /// leads otherwise.
     async fn try_lead(&self) -> Result<Option<i64>, etcd_client::Error> {
-        let mut c = self.client.clone();
-        let lease = tokio::time::timeout(TIMEOUT, c.lease_grant(self.ttl_s, None))
-            .await
-            .map_err(|_| etcd_client::Error::LeaseKeepAliveError("no answer".into()))??
-            .id();
-        let put = TxnOp::put(self.key.clone(), self.id.clone(), Some(etcd_client::PutOptions::new().with_lease(lease)));
-        let txn =
-            Txn::new().when(vec![Compare::create_revision(self.key.clone(), CompareOp::Equal, 0)]).and_then(vec![put]);
-        let won = tokio::time::timeout(TIMEOUT, c.txn(txn))
-            .await
-            .map_err(|_| etcd_client::Error::LeaseKeepAliveError("no answer".into()))??
-            .succeeded();
-        if !won {
-            let _ = c.lease_revoke(lease).await;
+        let (member, mut c) = self.members.current();
+        let bid = async {
+            let lease = tokio::time::timeout(TIMEOUT, c.lease_grant(self.ttl_s, None))
+                .await
+                .map_err(|_| etcd_client::Error::LeaseKeepAliveError("no answer".into()))??
+                .id();
+            let with_lease = Some(etcd_client::PutOptions::new().with_lease(lease));
+            let put = TxnOp::put(self.key.clone(), self.id.clone(), with_lease);
+            let txn = Txn::new()
+                .when(vec![Compare::create_revision(self.key.clone(), CompareOp::Equal, 0)])
+                .and_then(vec![put]);
+            let won = tokio::time::timeout(TIMEOUT, c.txn(txn))
+                .await
+                .map_err(|_| etcd_client::Error::LeaseKeepAliveError("no answer".into()))??
+                .succeeded();
+            if !won {
+                let _ = c.lease_revoke(lease).await;
+            }
+            Ok(won.then_some(lease))
+        };
+        let r: Result<_, etcd_client::Error> = bid.await;
+        if let Err(e) = &r {
+            self.members.failed(member, &e.to_string());
         }
-        Ok(won.then_some(lease))
+        r
     }
 
     /// The hub that leads now, as it names itself.
     async fn leader(&self) -> Option<String> {
-        let mut c = self.client.clone();
-        let r = tokio::time::timeout(TIMEOUT, c.get(self.key.clone(), None)).await.ok()?.ok()?;
+        let (member, mut c) = self.members.current();
+        let r = match tokio::time::timeout(TIMEOUT, c.get(self.key.clone(), None)).await {
+            Ok(Ok(r)) => r,
+            _ => {
+                self.members.failed(member, "reading who leads");
+                return None;
+            }
+        };
         r.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
     }
 
@@ -1213,10 +1255,11 @@ impl Campaign {
             if last_ok.elapsed() >= ttl {
                 return format!("no keep-alive answered within the lease's {} s", self.ttl_s);
             }
-            let mut c = self.client.clone();
+            let (member, mut c) = self.members.current();
             let (mut keeper, mut stream) = match tokio::time::timeout(every, c.lease_keep_alive(lease)).await {
                 Ok(Ok(k)) => k,
                 _ => {
+                    self.members.failed(member, "making the lease's keep-alive stream");
                     tokio::time::sleep(RETRY).await;
                     continue;
                 }
@@ -1232,6 +1275,7 @@ impl Campaign {
                 }
                 tokio::time::sleep(every).await;
             }
+            self.members.failed(member, "the lease's keep-alive stream broke");
             tracing::warn!("the lease's keep-alive stream broke; making it again");
         }
     }

@@ -505,6 +505,43 @@ mod on_etcd {
         assert!(err.contains("127.0.0.1:1"), "{err}");
     }
 
+    /// The member that leads etcd is lost, round after round: killed (its connections
+    /// close) or hung (stopped, its connections left open). The store's reads and writes
+    /// made at once all go through: etcd elects another leader, and a request that hung on
+    /// a member meanwhile is sent again within the store's bound.
+    #[test]
+    fn losing_the_member_that_leads_etcd_fails_no_read_or_write() {
+        let mut e = Etcd::start(3).unwrap();
+        let s = open(&e, "/skiff");
+        s.apply(&[Deployment::new("web", "img:0")], None, false, 1).unwrap();
+        let rounds = 6;
+        for round in 1..=rounds {
+            let hang = round % 2 == 0;
+            let leader = e.leader().expect("etcd has a leader");
+            if hang {
+                e.freeze(leader, false);
+            } else {
+                e.kill(leader);
+            }
+            let t0 = std::time::Instant::now();
+            let how = if hang { "hung" } else { "killed" };
+            let at = |what: &str, err: StoreError| format!("round {round} (leader {how}): {what}: {err}");
+            let rev = s.revision().unwrap_or_else(|err| panic!("{}", at("revision", err)));
+            let now = s.get("web").unwrap_or_else(|err| panic!("{}", at("get", err))).unwrap();
+            assert_eq!(now.spec.image, format!("img:{}", round - 1));
+            let d = Deployment::new("web", format!("img:{round}"));
+            s.apply(&[d], None, false, round + 1).unwrap_or_else(|err| panic!("{}", at("apply", err)));
+            assert_eq!(s.revision().unwrap(), rev + 1, "round {round}: the apply landed once");
+            eprintln!("leader {how}: read, read, wrote, read in {:?}", t0.elapsed());
+            if hang {
+                e.freeze(leader, true);
+            } else {
+                e.restart(leader).unwrap();
+            }
+        }
+        assert_eq!(s.history("web").unwrap().len(), rounds as usize + 1);
+    }
+
     fn wait_lead(rx: &tokio::sync::watch::Receiver<Lead>, want: impl Fn(&Lead) -> bool) -> Lead {
         for _ in 0..200 {
             let now = rx.borrow().clone();

@@ -86,6 +86,16 @@ impl Etcd {
         }
     }
 
+    /// Stops member `i` (SIGSTOP: a machine that hangs, its connections left open) or,
+    /// with `run`, lets it go on (SIGCONT).
+    pub fn freeze(&mut self, i: usize, run: bool) {
+        if let Some(c) = &self.members[i].child {
+            use nix::sys::signal::{kill, Signal};
+            let signal = if run { Signal::SIGCONT } else { Signal::SIGSTOP };
+            let _ = kill(nix::unistd::Pid::from_raw(c.id() as i32), signal);
+        }
+    }
+
     /// Starts member `i` again on its data.
     pub fn restart(&mut self, i: usize) -> Result<()> {
         let cluster = self.cluster();

@@ -9,6 +9,7 @@
 //! have returned then, whichever hub wrote last. While the watch is down, or lags beyond
 //! [`CATCH_UP`], the reader reads the records from etcd as before.
 
+use super::Members;
 use super::TIMEOUT;
 use crate::store::{NodeList, NodeRecord, StoredNode};
 use etcd_client::{Client, EventType, WatchOptions};
@@ -147,11 +148,13 @@ impl SharedReads {
 /// Keeps `w` current for as long as the store holds it: reads every record under
 /// `PREFIX/nodes/`, watches `PREFIX/nodes` (the records and the marker) from the next
 /// revision, and starts again after a break (a compacted revision, a lost member).
-pub(super) async fn keep(client: Client, prefix: String, w: Weak<Watched>) {
+pub(super) async fn keep(members: Arc<Members>, prefix: String, w: Weak<Watched>) {
     loop {
         let Some(watched) = w.upgrade() else { return };
+        let (member, client) = members.current();
         if let Err(e) = follow(&client, &prefix, &watched).await {
             tracing::debug!(error = %e, "watching the node records; reading them again");
+            members.failed(member, &e);
         }
         watched.set(|c| c.live = false);
         drop(watched);
@@ -213,14 +216,14 @@ async fn follow(client: &Client, prefix: &str, w: &Watched) -> Result<(), String
 
 /// Sends the store's revision (the value of `key`) each time it moves, from its value
 /// now, until nobody listens; a broken watch is made again after [`AGAIN`].
-pub(super) async fn follow_revision(client: Client, key: String, tx: tokio::sync::watch::Sender<u64>) {
+pub(super) async fn follow_revision(members: Arc<Members>, key: String, tx: tokio::sync::watch::Sender<u64>) {
     let send = |raw: &[u8]| {
         if let Ok(rev) = serde_json::from_slice::<u64>(raw) {
             tx.send_if_modified(|r| (rev > *r).then(|| *r = rev).is_some());
         }
     };
     while !tx.is_closed() {
-        let mut c = client.clone();
+        let (member, mut c) = members.current();
         let watched = async {
             let now = c.get(key.clone(), None).await?;
             if let Some(kv) = now.kvs().first() {
@@ -242,6 +245,7 @@ pub(super) async fn follow_revision(client: Client, key: String, tx: tokio::sync
             r = watched => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "watching the store's revision; again");
+                    members.failed(member, &e.to_string());
                 }
             }
             _ = tx.closed() => return,
