@@ -129,11 +129,12 @@ const RETRY: Duration = Duration::from_millis(200);
 /// try reaches another), not an answer.
 fn transient(e: &etcd_client::Error) -> bool {
     match e {
-        // 14: gRPC's UNAVAILABLE ("leader changed", "no leader", a member going away, a
-        // request timed out in etcd); the channel's own limit (a request that hung on a
-        // member between leaders: CANCELLED, "Timeout expired").
+        // gRPC's UNAVAILABLE (14: "leader changed", "no leader", a member going away, a
+        // request timed out in etcd), CANCELLED (1: the connection closed under the request
+        // as its member died; the channel's own limit, a request that hung on a member
+        // between leaders) and DEADLINE_EXCEEDED (4).
         etcd_client::Error::GRpcStatus(s) => {
-            i32::from(s.code()) == 14 || s.message().contains("leader") || s.message().contains("Timeout expired")
+            matches!(i32::from(s.code()), 1 | 4 | 14) || s.message().contains("leader")
         }
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         _ => false,

@@ -29,8 +29,21 @@ fn port() -> Result<u16> {
 }
 
 impl Etcd {
-    /// Starts `n` members and waits (at most 30 s) until each answers `/health`.
+    /// Starts `n` members and waits (at most 30 s) until each answers `/health`. A port
+    /// taken between our finding it free and etcd binding it (other tests pick ports
+    /// too) is no failure: the cluster starts again on other ports, a few times.
     pub fn start(n: usize) -> Result<Etcd> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::start_once(n) {
+                Err(e) if tries < 5 && e.to_string().contains("address already in use") => continue,
+                r => return r,
+            }
+        }
+    }
+
+    fn start_once(n: usize) -> Result<Etcd> {
         let tmp = tempfile::tempdir()?;
         let mut members = Vec::new();
         for i in 0..n {
@@ -43,8 +56,12 @@ impl Etcd {
         for m in &mut e.members {
             m.spawn(&cluster, "new")?;
         }
-        for m in &e.members {
-            m.wait_healthy(Duration::from_secs(30))?;
+        for i in 0..e.members.len() {
+            if let Err(err) = e.members[i].wait_healthy(Duration::from_secs(30)) {
+                // The members that did start say so too: a port one of them could not take.
+                let taken = e.members.iter().any(|m| m.log().contains("address already in use"));
+                return Err(if taken { err.context("a port was taken: address already in use") } else { err });
+            }
         }
         Ok(e)
     }
@@ -111,7 +128,7 @@ impl Etcd {
         for m in self.members.iter_mut().filter(|m| m.child.is_none()) {
             m.spawn(&cluster, "existing")?;
         }
-        for m in &self.members {
+        for m in &mut self.members {
             m.wait_healthy(Duration::from_secs(30))?;
         }
         Ok(())
@@ -144,11 +161,15 @@ impl Member {
         Ok(())
     }
 
-    fn wait_healthy(&self, limit: Duration) -> Result<()> {
+    fn wait_healthy(&mut self, limit: Duration) -> Result<()> {
         let until = Instant::now() + limit;
         while Instant::now() < until {
             if health(&self.client).unwrap_or(false) {
                 return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                bail!("etcd {} exited ({status}): {}", self.name, self.log())
             }
             std::thread::sleep(Duration::from_millis(100));
         }
