@@ -114,10 +114,9 @@ async fn tunnel(
                         Message::Text(t) if t.as_str().starts_with(r#"{"type":"assign""#) => {
                             let now = wall_ms();
                             assigned[i].fetch_max(now, Ordering::Relaxed);
-                            let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
-                            let has = v["assignment"]["deployments"]
-                                .as_array()
-                                .is_some_and(|d| d.iter().any(|x| x["spec"]["name"] == "probe"));
+                            // Not parsed: the simulated nodes share this machine's two cores
+                            // with the hubs, where real ones parse on their own CPUs.
+                            let has = t.as_str().contains(r#"{"spec":{"name":"probe","#);
                             if has && probe_at[i].load(Ordering::Relaxed) == 0 {
                                 probe_at[i].store(now, Ordering::Relaxed);
                             }

@@ -5,7 +5,7 @@
 //! with the one certificate the hub last signed for it (a re-join or a revoke retires the
 //! old one).
 
-mod mesh;
+pub(crate) mod mesh;
 mod ordered;
 mod peers;
 
@@ -221,6 +221,9 @@ pub struct Fleet {
     /// Every node's assignment, and every deployment's templates, at one revision (see
     /// `assignment`).
     at_revision: Mutex<Option<Arc<AtRevision>>>,
+    /// Held while `at_revision` or the services' table is made: the thousands of tunnels
+    /// a change wakes wait for the one making it, rather than each making it again.
+    making: Mutex<()>,
     tunnel_serial: std::sync::atomic::AtomicU64,
     /// How the platforms of an image are found out (the registry, in `skiff hub`).
     lookup: Option<PlatformLookup>,
@@ -256,7 +259,9 @@ pub struct Fleet {
     hubs: tokio::sync::watch::Sender<Vec<String>>,
     /// Bumped when a node's instances that serve, or its mesh address, changed.
     mesh_gen: tokio::sync::watch::Sender<u64>,
-    mesh_table: Mutex<Option<Arc<mesh::MeshTable>>>,
+    /// The services' table, and the revision and generation of node reports it is current at.
+    #[allow(clippy::type_complexity)]
+    mesh_table: Mutex<Option<((u64, u64), Arc<mesh::MeshTable>)>>,
     /// Whether this hub runs placement (see [`Fleet::set_leads`]).
     leads: std::sync::atomic::AtomicBool,
     /// The store's revision the last placement saw (a change made through another hub is
@@ -294,6 +299,8 @@ struct AtRevision {
     /// tells the current one). Shared with the next revision when what it is made of did
     /// not change: a join moves the revision, and 100,000 parts are not made again.
     nodes: Arc<BTreeMap<String, Arc<Assignment>>>,
+    /// The JSON of every spec in `nodes`, made with them.
+    specs_json: Arc<crate::tunnel::SpecsJson>,
     /// Deployment → every template its history holds.
     templates: BTreeMap<String, std::collections::BTreeSet<String>>,
     /// What agents scrape (see [`Assignment::metrics`]).
@@ -399,6 +406,7 @@ impl Fleet {
             changed: tokio::sync::watch::channel(rev).0,
             tunnels: Mutex::new(BTreeMap::new()),
             at_revision: Mutex::new(None),
+            making: Mutex::new(()),
             dirty: std::sync::atomic::AtomicBool::new(false),
             ordered_held: std::sync::atomic::AtomicBool::new(false),
             tunnel_serial: std::sync::atomic::AtomicU64::new(1),
@@ -1183,13 +1191,20 @@ impl Fleet {
     /// per revision and shared, so a change that wakes thousands of long-polls reads the
     /// store once, not once per node.
     pub fn assignment(&self, node: &str) -> Result<Assignment, FleetError> {
+        self.assignment_and_specs(node).map(|(a, _)| a)
+    }
+
+    /// [`Fleet::assignment`], and the JSON of the specs it holds (made once per revision,
+    /// for every node's frame).
+    pub fn assignment_and_specs(&self, node: &str) -> Result<(Assignment, Arc<crate::tunnel::SpecsJson>), FleetError> {
         let at = self.at_revision()?;
-        Ok(match at.nodes.get(node) {
+        let a = match at.nodes.get(node) {
             Some(a) => Assignment { revision: at.revision, ..(**a).clone() },
             None => {
                 Assignment { revision: at.revision, deployments: vec![], metrics: at.metrics.clone(), digest: None }
             }
-        })
+        };
+        Ok((a, Arc::clone(&at.specs_json)))
     }
 
     /// Whether `node` may have the hub pull `image` for it: an image of a deployment the
@@ -1237,10 +1252,18 @@ impl Fleet {
 
     fn compute_at_revision(&self) -> Result<Arc<AtRevision>, FleetError> {
         let revision = self.store_revision()?;
-        let last = self.at_revision.lock().ok().and_then(|c| c.clone());
-        if let Some(c) = last.as_ref().filter(|c| c.revision == revision) {
-            return Ok(Arc::clone(c));
+        let kept = || {
+            let last = self.at_revision.lock().ok().and_then(|c| c.clone());
+            last.filter(|c| c.revision == revision)
+        };
+        if let Some(c) = kept() {
+            return Ok(c);
         }
+        let _one = self.making.lock().map_err(|_| failed("a lock was poisoned"))?;
+        if let Some(c) = kept() {
+            return Ok(c);
+        }
+        let last = self.at_revision.lock().ok().and_then(|c| c.clone());
         let specs: BTreeMap<String, Arc<Deployment>> =
             self.store.list().map_err(internal)?.into_iter().map(|s| (s.spec.name.clone(), Arc::new(s.spec))).collect();
         // Deployments rolling out in waves: nodes not reached yet keep the old template.
@@ -1260,13 +1283,16 @@ impl Fleet {
         // may be the one an Object or External metric sums).
         let metrics = skiff_model::autoscale::scraped_names(specs.values().filter_map(|d| d.autoscale.as_ref()));
         let made_of = PartsMadeOf { specs, waves, slots: self.store.slots().map_err(internal)? };
-        let nodes = match last {
+        let (nodes, specs_json) = match last {
             Some(l) if l.made_of.same(&made_of) && l.templates == templates && l.metrics == metrics => {
-                Arc::clone(&l.nodes)
+                (Arc::clone(&l.nodes), Arc::clone(&l.specs_json))
             }
-            _ => Arc::new(parts(&made_of, &metrics, revision)),
+            _ => {
+                let specs = made_of.specs.values().chain(made_of.waves.values().map(|(_, base)| base));
+                (Arc::new(parts(&made_of, &metrics, revision)), Arc::new(crate::tunnel::SpecsJson::of(specs)))
+            }
         };
-        let at = Arc::new(AtRevision { revision, nodes, templates, metrics, made_of });
+        let at = Arc::new(AtRevision { revision, nodes, specs_json, templates, metrics, made_of });
         if let Ok(mut c) = self.at_revision.lock() {
             *c = Some(Arc::clone(&at));
         }
@@ -1911,6 +1937,17 @@ mod tests {
         let a = f.assignment("a").unwrap();
         assert_eq!(a.revision, after.revision, "a node is told the current revision");
         assert_eq!(a.deployments[0].indexes, [1, 2]);
+        // The services' table: kept at another revision while the parts, the records and
+        // the reports are the same (SQLite reads the records anew: compared); made again
+        // when the reports move.
+        let table = f.mesh_table().unwrap();
+        assert!(Arc::ptr_eq(&table.parts, &after.nodes));
+        if let Ok(mut t) = f.mesh_table.lock() {
+            t.as_mut().unwrap().0 .0 = 0;
+        }
+        assert!(Arc::ptr_eq(&table, &f.mesh_table().unwrap()), "the same table: tunnels cut no new views");
+        f.mesh_moved();
+        assert!(!Arc::ptr_eq(&table, &f.mesh_table().unwrap()), "reports moved: a new table");
         web.replicas = 3;
         f.store.apply(&[web], None, false, 2).unwrap();
         f.reschedule().unwrap();

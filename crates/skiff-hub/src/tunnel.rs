@@ -16,10 +16,10 @@
 use crate::{BoxFuture, NodeError, NodeLink, Session};
 use skiff_model::metrics::{MAX_INSTANCES, MAX_SAMPLES_PER_FRAME, METRICS_BATCH};
 use skiff_model::proto::{
-    Answer, Control, ExecResult, InstanceAction, Op, Reply, Request, SessionInput, SessionOutput, SessionSpec,
-    INPUT_WINDOW, PING_EVERY, STREAM_WINDOW,
+    Answer, Assignment, Control, ExecResult, InstanceAction, Op, Reply, Request, SessionInput, SessionOutput,
+    SessionSpec, INPUT_WINDOW, PING_EVERY, STREAM_WINDOW,
 };
-use skiff_model::{EventRecord, InstanceStatus, LogLine};
+use skiff_model::{Deployment, EventRecord, InstanceStatus, LogLine};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -119,6 +119,7 @@ pub async fn serve(
     // The fleet's services this node may reach, told after the hello and on each change.
     let mut mesh_changes = f.mesh_changes();
     let mut pushed_view: Option<skiff_model::mesh::MeshView> = None;
+    let mut cut_from: Option<Arc<crate::fleet::mesh::MeshTable>> = None;
     // The store's hubs: told once the node said hello, and again when they change; and
     // whether this hub is cut off from the store.
     let mut hubs = f.hubs();
@@ -324,8 +325,19 @@ pub async fn serve(
             }
         }
         let Some(held) = node_rev.filter(|_| push) else { continue };
-        match f.mesh_view(&name).map(|v| if udp { v } else { v.tcp_only() }) {
-            Ok(view) if pushed_view.as_ref() != Some(&view) => {
+        // The view is cut again only from a table other than the one it was last cut from.
+        let table = match f.mesh_table() {
+            Ok(t) if !cut_from.as_ref().is_some_and(|c| Arc::ptr_eq(c, &t)) => Some(t),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(node = %name, error = %e, "the fleet's services");
+                None
+            }
+        };
+        if let Some(t) = table {
+            let view = crate::fleet::Fleet::view_in(&t, &name);
+            let view = if udp { view } else { view.tcp_only() };
+            if pushed_view.as_ref() != Some(&view) {
                 if let Some(frame) = send(&Control::Services { view: view.clone() }) {
                     if !send_msg(&out, Message::Text(frame.into())).await {
                         break;
@@ -333,10 +345,9 @@ pub async fn serve(
                 }
                 pushed_view = Some(view);
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(node = %name, error = %e, "the fleet's services"),
+            cut_from = Some(t);
         }
-        let Ok(mut a) = f.assignment(&name) else { continue };
+        let Ok((mut a, specs)) = f.assignment_and_specs(&name) else { continue };
         if !udp {
             // A spec of its own only where there is something to leave out.
             for d in a.deployments.iter_mut().filter(|d| d.spec.expose.iter().any(|p| !p.protocol.is_tcp())) {
@@ -348,21 +359,20 @@ pub async fn serve(
         // part changed.
         // The digest only where it is asked for: on first contact, and in what is sent
         // (not on every wake of a tunnel whose part is unchanged).
-        let mut digest = None;
+        let mut made = None;
         let stale = match &pushed {
             None if held == a.revision => false,
             None => {
-                digest = assignment_digest(&a.deployments, &a.metrics);
-                digest.is_none() || node_digest != digest
+                made = wire(&a, &specs);
+                made.as_ref().is_none_or(|w| node_digest.as_deref() != Some(w.digest.as_str()))
             }
             Some((d, m)) => *d != a.deployments || *m != a.metrics,
         };
         if stale {
             pushed = Some((a.deployments.clone(), a.metrics.clone()));
             node_rev = Some(a.revision);
-            a.digest = digest.or_else(|| assignment_digest(&a.deployments, &a.metrics));
-            if let Some(frame) = send(&Control::Assign { assignment: a }) {
-                if !send_msg(&out, Message::Text(frame.into())).await {
+            if let Some(w) = made.or_else(|| wire(&a, &specs)) {
+                if !send_msg(&out, Message::Text(w.frame.into())).await {
                     break;
                 }
             }
@@ -748,18 +758,125 @@ async fn relay_session(
     }
 }
 
-/// What a node's part is, as a hub tells it in an assignment and the node says it back
-/// in its hello ([`skiff_model::proto::Assignment::digest`]): sha256 of its JSON, 32 hex
-/// digits. Every hub of a store computes the same for the same part.
-pub fn assignment_digest(deployments: &[skiff_model::proto::Assigned], metrics: &[String]) -> Option<String> {
+/// Each distinct spec of the nodes' parts as JSON, made once per revision: a deployment on
+/// 100,000 nodes is serialized once by a hub, not twice for every node (its digest and its
+/// frame). By the spec's address, with the spec kept beside it, so that address is its own.
+#[derive(Default)]
+pub struct SpecsJson(HashMap<usize, (Arc<Deployment>, String)>);
+
+impl SpecsJson {
+    pub fn of<'a>(specs: impl IntoIterator<Item = &'a Arc<Deployment>>) -> Self {
+        let mut m = HashMap::new();
+        for s in specs {
+            if let Ok(j) = serde_json::to_string(&**s) {
+                m.insert(Arc::as_ptr(s) as usize, (Arc::clone(s), j));
+            }
+        }
+        SpecsJson(m)
+    }
+
+    fn get(&self, spec: &Arc<Deployment>) -> Option<&str> {
+        let (s, j) = self.0.get(&(Arc::as_ptr(spec) as usize))?;
+        Arc::ptr_eq(s, spec).then_some(j.as_str())
+    }
+}
+
+/// A node's assignment as it is sent.
+pub struct Wire {
+    /// What the node's part is, as a hub tells it in an assignment and the node says it
+    /// back in its hello ([`skiff_model::proto::Assignment::digest`]): sha256 of the JSON of
+    /// `[deployments, metrics]`, 32 hex digits. Every hub of a store makes the same of the
+    /// same part.
+    pub digest: String,
+    /// The `assign` frame, with that digest: the bytes serde makes of [`Control::Assign`].
+    pub frame: String,
+}
+
+/// `a` as it is sent, each spec's JSON taken from `specs` where it is there (made here
+/// where it is not: a spec the tunnel trimmed for a node).
+pub fn wire(a: &Assignment, specs: &SpecsJson) -> Option<Wire> {
     use sha2::Digest;
-    let json = serde_json::to_vec(&(deployments, metrics)).ok()?;
-    Some(sha2::Sha256::digest(&json)[..16].iter().map(|b| format!("{b:02x}")).collect())
+    let mut deps = Vec::with_capacity(1024);
+    deps.push(b'[');
+    for (i, d) in a.deployments.iter().enumerate() {
+        if i > 0 {
+            deps.push(b',');
+        }
+        deps.extend_from_slice(br#"{"spec":"#);
+        match specs.get(&d.spec) {
+            Some(j) => deps.extend_from_slice(j.as_bytes()),
+            None => serde_json::to_writer(&mut deps, &*d.spec).ok()?,
+        }
+        deps.extend_from_slice(br#","indexes":"#);
+        serde_json::to_writer(&mut deps, &d.indexes).ok()?;
+        deps.push(b'}');
+    }
+    deps.push(b']');
+    let metrics = serde_json::to_vec(&a.metrics).ok()?;
+    let mut h = sha2::Sha256::new();
+    for part in [&b"["[..], &deps, b",", &metrics, b"]"] {
+        h.update(part);
+    }
+    let digest: String = h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = Vec::with_capacity(deps.len() + metrics.len() + 128);
+    f.extend_from_slice(br#"{"type":"assign","assignment":{"revision":"#);
+    f.extend_from_slice(a.revision.to_string().as_bytes());
+    f.extend_from_slice(br#","deployments":"#);
+    f.extend_from_slice(&deps);
+    if !a.metrics.is_empty() {
+        f.extend_from_slice(br#","metrics":"#);
+        f.extend_from_slice(&metrics);
+    }
+    f.extend_from_slice(br#","digest":""#);
+    f.extend_from_slice(digest.as_bytes());
+    f.extend_from_slice(br#""}}"#);
+    Some(Wire { frame: String::from_utf8(f).ok()?, digest })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The frame made by hand is the frame serde makes of the assignment with its digest,
+    /// and the digest is sha256 of serde's JSON of the part; with metrics and without. A
+    /// spec's JSON comes from the cache, by the spec itself (an equal copy is made anew).
+    #[test]
+    fn an_assignment_is_sent_as_serde_makes_it_with_each_spec_made_once() {
+        use sha2::Digest;
+        use skiff_model::proto::Assigned;
+        let mut web = Deployment::new("web", "img:1");
+        web.env.insert("A".into(), "x \"quoted\" é".into());
+        let (web, db) = (Arc::new(web), Arc::new(Deployment::new("db", "img:2")));
+        let specs = SpecsJson::of([&web]);
+        for metrics in [vec![], vec!["rps".to_string(), "queue".to_string()]] {
+            let a = Assignment {
+                revision: 7,
+                deployments: vec![
+                    Assigned { spec: Arc::clone(&web), indexes: vec![1, 3] },
+                    Assigned { spec: Arc::clone(&db), indexes: vec![2] },
+                ],
+                metrics,
+                digest: None,
+            };
+            let w = wire(&a, &specs).unwrap();
+            let part = serde_json::to_vec(&(&a.deployments, &a.metrics)).unwrap();
+            let digest: String = sha2::Sha256::digest(&part)[..16].iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(w.digest, digest);
+            let sent = Control::Assign { assignment: Assignment { digest: Some(digest), ..a.clone() } };
+            assert_eq!(w.frame, serde_json::to_string(&sent).unwrap());
+        }
+        let mut cached = SpecsJson::of([&web]);
+        cached.0.values_mut().for_each(|(_, j)| *j = r#""made once""#.into());
+        let copy = Arc::new((*web).clone());
+        let a = |spec: &Arc<Deployment>| Assignment {
+            revision: 1,
+            deployments: vec![Assigned { spec: Arc::clone(spec), indexes: vec![1] }],
+            metrics: vec![],
+            digest: None,
+        };
+        assert!(wire(&a(&web), &cached).unwrap().frame.contains(r#"{"spec":"made once","indexes":[1]}"#));
+        assert!(!wire(&a(&copy), &cached).unwrap().frame.contains("made once"));
+    }
 
     #[test]
     fn a_flooding_node_runs_out_of_budget() {

@@ -18,7 +18,10 @@ use std::sync::Arc;
 /// generation of node reports: views for thousands of nodes are cut from one table.
 #[derive(Debug, Default)]
 pub(crate) struct MeshTable {
-    key: (u64, u64),
+    /// What it was made of: the generation of node reports, the nodes' parts (kept, so
+    /// the pointer stays theirs) and the node records (in `nodes`).
+    gen: u64,
+    pub(super) parts: Arc<BTreeMap<String, Arc<skiff_model::proto::Assignment>>>,
     services: BTreeMap<String, (Service, BTreeMap<String, Endpoint>)>,
     nets: BTreeMap<String, BTreeSet<String>>,
     nodes: Arc<NodeFacts>,
@@ -68,16 +71,45 @@ impl Fleet {
         self.mesh_gen.send_modify(|g| *g += 1);
     }
 
-    fn mesh_table(&self) -> Result<Arc<MeshTable>, FleetError> {
+    /// The table at the current revision and generation of node reports: the one made
+    /// last while the nodes' parts, their records and what they serve are the same (a
+    /// revision that moved none of them, as a join elsewhere, makes no new table, and
+    /// tunnels cut no new views from it).
+    pub(crate) fn mesh_table(&self) -> Result<Arc<MeshTable>, FleetError> {
         let at = self.at_revision()?;
-        let key = (at.revision, *self.mesh_gen.borrow());
-        let last = self.mesh_table.lock().ok().and_then(|t| t.clone());
-        if let Some(t) = last.as_ref().filter(|t| t.key == key) {
-            return Ok(Arc::clone(t));
+        let gen = *self.mesh_gen.borrow();
+        let key = (at.revision, gen);
+        let last = || self.mesh_table.lock().ok().and_then(|t| t.clone());
+        let current = |last: &Option<((u64, u64), Arc<MeshTable>)>| {
+            last.as_ref().filter(|(k, _)| *k == key).map(|(_, t)| Arc::clone(t))
+        };
+        if let Some(t) = current(&last()) {
+            return Ok(t);
+        }
+        let _one = self.making.lock().map_err(|_| super::failed("a lock was poisoned"))?;
+        let last = last();
+        if let Some(t) = current(&last) {
+            return Ok(t);
         }
         let records = self.store.nodes().map_err(internal)?;
+        let same_records = |t: &MeshTable| {
+            let (a, b) = (&t.nodes.0, &records);
+            Arc::ptr_eq(a, b)
+                || (a.len() == b.len() && a.iter().zip(b.iter()).all(|(x, y)| Arc::ptr_eq(x, y) || x == y))
+        };
+        let remember = |t: &Arc<MeshTable>| {
+            if let Ok(mut slot) = self.mesh_table.lock() {
+                *slot = Some((key, Arc::clone(t)));
+            }
+        };
+        if let Some((_, t)) = last.as_ref().filter(|(_, t)| t.gen == gen && Arc::ptr_eq(&t.parts, &at.nodes)) {
+            if same_records(t) {
+                remember(t);
+                return Ok(Arc::clone(t));
+            }
+        }
         let nodes = match last {
-            Some(t) if Arc::ptr_eq(&t.nodes.0, &records) => Arc::clone(&t.nodes),
+            Some((_, t)) if Arc::ptr_eq(&t.nodes.0, &records) => Arc::clone(&t.nodes),
             _ => Arc::new(NodeFacts(records)),
         };
         let mesh: BTreeMap<String, String> = self
@@ -86,7 +118,7 @@ impl Fleet {
             .map(|s| s.iter().filter_map(|(n, x)| Some((n.clone(), x.mesh.clone()?))).collect())
             .unwrap_or_default();
         let statuses = self.statuses.lock().map(|s| s.clone()).unwrap_or_default();
-        let mut t = MeshTable { key, nodes, ..Default::default() };
+        let mut t = MeshTable { gen, parts: Arc::clone(&at.nodes), nodes, ..Default::default() };
         for (node, a) in at.nodes.iter().filter(|(n, _)| t.nodes.joined(n)) {
             let bridge = a.deployments.iter().filter(|d| d.spec.network == NetworkMode::Bridge);
             let nets = t.nets.entry(node.clone()).or_default();
@@ -113,9 +145,7 @@ impl Fleet {
             }
         }
         let t = Arc::new(t);
-        if let Ok(mut slot) = self.mesh_table.lock() {
-            *slot = Some(Arc::clone(&t));
-        }
+        remember(&t);
         Ok(t)
     }
 
@@ -123,7 +153,12 @@ impl Fleet {
     /// something it runs (with their endpoints on other nodes), and for each service it
     /// runs the other nodes that may call it.
     pub fn mesh_view(&self, node: &str) -> Result<MeshView, FleetError> {
-        let t = self.mesh_table()?;
+        Ok(Self::view_in(&*self.mesh_table()?, node))
+    }
+
+    /// `node`'s view cut from table `t` (a tunnel that holds the table it cut the last
+    /// view from cuts none while the table stays the same).
+    pub(crate) fn view_in(t: &MeshTable, node: &str) -> MeshView {
         let empty = BTreeSet::new();
         let mine = t.nets.get(node).unwrap_or(&empty);
         let mut view = MeshView { site: t.nodes.site(node), ..Default::default() };
@@ -153,7 +188,7 @@ impl Fleet {
                 view.certs.insert(n.clone(), c);
             }
         }
-        Ok(view)
+        view
     }
 
     /// Where a call of `node` to `service:port` through the relay goes: a node with an
