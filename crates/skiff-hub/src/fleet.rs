@@ -318,8 +318,15 @@ struct PartsMadeOf {
 }
 
 impl PartsMadeOf {
+    /// Whether the parts made of `self` are those made of `o`: the same slots, and the same
+    /// spec and wave for every deployment placed (one stored but not placed yet, as at an
+    /// apply's own revision before the placement's, is in no node's part).
     fn same(&self, o: &PartsMadeOf) -> bool {
-        self.specs == o.specs && self.waves == o.waves && (Arc::ptr_eq(&self.slots, &o.slots) || self.slots == o.slots)
+        if !(Arc::ptr_eq(&self.slots, &o.slots) || self.slots == o.slots) {
+            return false;
+        }
+        let placed: BTreeSet<&str> = self.slots.iter().map(|s| s.deployment.as_str()).collect();
+        placed.into_iter().all(|d| self.specs.get(d) == o.specs.get(d) && self.waves.get(d) == o.waves.get(d))
     }
 }
 
@@ -1284,7 +1291,7 @@ impl Fleet {
         let metrics = skiff_model::autoscale::scraped_names(specs.values().filter_map(|d| d.autoscale.as_ref()));
         let made_of = PartsMadeOf { specs, waves, slots: self.store.slots().map_err(internal)? };
         let (nodes, specs_json) = match last {
-            Some(l) if l.made_of.same(&made_of) && l.templates == templates && l.metrics == metrics => {
+            Some(l) if l.made_of.same(&made_of) && l.metrics == metrics => {
                 (Arc::clone(&l.nodes), Arc::clone(&l.specs_json))
             }
             _ => {
@@ -1948,12 +1955,20 @@ mod tests {
         assert!(Arc::ptr_eq(&table, &f.mesh_table().unwrap()), "the same table: tunnels cut no new views");
         f.mesh_moved();
         assert!(!Arc::ptr_eq(&table, &f.mesh_table().unwrap()), "reports moved: a new table");
+        // Another deployment stored but not placed yet (an apply's own revision): no part
+        // holds it.
+        f.store.apply(&[web.clone(), Deployment::new("db", "img")], None, false, 2).unwrap();
+        f.revision_changed();
+        let stored = f.at_revision().unwrap();
+        assert!(stored.revision > after.revision);
+        assert!(Arc::ptr_eq(&after.nodes, &stored.nodes), "a deployment not placed is in no part");
         web.replicas = 3;
-        f.store.apply(&[web], None, false, 2).unwrap();
+        f.store.apply(&[web, Deployment::new("db", "img")], None, false, 3).unwrap();
         f.reschedule().unwrap();
         let moved = f.at_revision().unwrap();
         assert!(!Arc::ptr_eq(&after.nodes, &moved.nodes), "a new placement makes the parts again");
-        assert_eq!(f.assignment("a").unwrap().deployments[0].indexes, [1, 2, 3]);
+        let web = f.assignment("a").unwrap().deployments.into_iter().find(|d| d.spec.name == "web").unwrap();
+        assert_eq!(web.indexes, [1, 2, 3]);
     }
 
     #[test]
