@@ -1259,18 +1259,16 @@ impl Fleet {
 
     fn compute_at_revision(&self) -> Result<Arc<AtRevision>, FleetError> {
         let revision = self.store_revision()?;
-        let kept = || {
-            let last = self.at_revision.lock().ok().and_then(|c| c.clone());
-            last.filter(|c| c.revision == revision)
-        };
-        if let Some(c) = kept() {
+        let last = || self.at_revision.lock().ok().and_then(|c| c.clone());
+        let current = |l: &Option<Arc<AtRevision>>| l.as_ref().filter(|c| c.revision == revision).cloned();
+        if let Some(c) = current(&last()) {
             return Ok(c);
         }
         let _one = self.making.lock().map_err(|_| failed("a lock was poisoned"))?;
-        if let Some(c) = kept() {
+        let last = last();
+        if let Some(c) = current(&last) {
             return Ok(c);
         }
-        let last = self.at_revision.lock().ok().and_then(|c| c.clone());
         let specs: BTreeMap<String, Arc<Deployment>> =
             self.store.list().map_err(internal)?.into_iter().map(|s| (s.spec.name.clone(), Arc::new(s.spec))).collect();
         // Deployments rolling out in waves: nodes not reached yet keep the old template.
