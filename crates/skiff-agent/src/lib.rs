@@ -78,7 +78,11 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub node_name: String,
     pub bridge_name: String,
+    /// The pool each network's subnet on the bridge is cut from.
     pub subnet: String,
+    /// The prefix of each network's subnet (`None`: the pool's default, see
+    /// `Subnet::default_network_prefix`).
+    pub network_prefix: Option<u8>,
     /// The `skiff` binary that runs shims.
     pub skiff_bin: PathBuf,
     /// How often every instance is looked at again though nothing said it changed (a
@@ -132,6 +136,7 @@ impl AgentConfig {
             node_name: hostname(),
             bridge_name: "skiff0".into(),
             subnet: "10.213.0.0/20".into(),
+            network_prefix: None,
             skiff_bin: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("skiff")),
             resync: Duration::from_secs(60),
             poll: Duration::from_millis(250),
@@ -402,6 +407,13 @@ impl Agent {
             }
             None => None,
         };
+        let adopted = state.adopt_old_leases()?;
+        if adopted > 0 {
+            info!(
+                leases = adopted,
+                "counted leases from before networks had subnets of their own on their first network"
+            );
+        }
         let node_id = match state.meta("node_id")? {
             Some(id) => id,
             None => {
@@ -410,7 +422,15 @@ impl Agent {
                 id
             }
         };
-        let bridge = Bridge { name: cfg.bridge_name.clone(), subnet: Subnet::parse(&cfg.subnet)? };
+        let pool = Subnet::parse(&cfg.subnet)?;
+        let network_prefix = cfg.network_prefix.unwrap_or_else(|| pool.default_network_prefix());
+        if !(pool.prefix..=30).contains(&network_prefix) {
+            return Err(AgentError::Other(format!(
+                "--network-prefix: /{network_prefix} does not fit the pool {pool} (give /{} to /30)",
+                pool.prefix
+            )));
+        }
+        let bridge = Bridge { name: cfg.bridge_name.clone(), subnet: pool, network_prefix };
         let nat = Nat {
             bridge: bridge.name.clone(),
             subnet: bridge.subnet,
@@ -749,6 +769,7 @@ impl Agent {
             health: r.health,
             pid: r.pid.filter(|p| *p > 0 && r.state == InstanceState::Running),
             ip: r.ip.clone(),
+            networks: r.addresses.iter().map(|(n, a)| (n.clone(), a.to_string())).collect(),
             restarts: r.restarts,
             exit_code: r.exit_code,
             oom_killed: r.oom_killed,

@@ -16,7 +16,7 @@ use skiff_runtime::isolation::{Lan, Member};
 use skiff_runtime::nat::Nat;
 use skiff_runtime::network::{has_link, veth_name};
 use skiff_runtime::ports::PortRule;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use tracing::warn;
@@ -128,8 +128,11 @@ impl Agent {
         for r in rows.iter().filter(|r| r.spec.network == NetworkMode::Bridge) {
             let ns = self.netns_name(&r.container_id);
             let veth = veth_name(&ns);
-            let (Some(ip), true) = (r.ip.as_ref().and_then(|i| i.parse().ok()), has_link(&veth)) else { continue };
-            lan.insert(&veth, Member { ip, networks: r.spec.joined_networks() });
+            let addresses = r.all_addresses();
+            if addresses.is_empty() || !has_link(&veth) {
+                continue;
+            }
+            lan.insert(&veth, Member { addresses, networks: r.spec.joined_networks() });
         }
         lan.write(&self.nat)?;
         if let Ok(mut l) = self.lan.lock() {
@@ -140,10 +143,11 @@ impl Agent {
 
     /// Joins an instance to its networks on the bridge: before its process starts, so its
     /// first packets already pass.
-    pub(crate) fn lan_admit(&self, netns: &str, ip: Ipv4Addr, spec: &Deployment) -> Result<(), AgentError> {
+    /// `addresses`: the first is the one its MAC is derived from.
+    pub(crate) fn lan_admit(&self, netns: &str, addresses: Vec<Ipv4Addr>, spec: &Deployment) -> Result<(), AgentError> {
         let Ok(mut guard) = self.lan.lock() else { return Err(AgentError::Other("the network table's lock".into())) };
         let Some(lan) = guard.as_mut() else { return Ok(()) };
-        Ok(lan.admit(&self.nat, &veth_name(netns), Member { ip, networks: spec.joined_networks() })?)
+        Ok(lan.admit(&self.nat, &veth_name(netns), Member { addresses, networks: spec.joined_networks() })?)
     }
 
     /// Whether the kernel still holds the rules this agent wrote (a restarted nftables
@@ -203,7 +207,7 @@ impl Agent {
     /// network with it, reachable by instance name and by deployment (service) name.
     pub(crate) fn hosts_for(&self, spec: &Deployment, me: &str, my_ip: Option<Ipv4Addr>) -> Result<String, AgentError> {
         let rows = self.db(|s| s.instances())?;
-        let mine: HashSet<String> = spec.joined_networks().into_iter().collect();
+        let mine: BTreeSet<String> = spec.joined_networks().into_iter().collect();
         let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
         if let Some(ip) = my_ip {
             let row = rows.iter().find(|r| r.name == me);
@@ -222,7 +226,8 @@ impl Agent {
         for r in rows.iter().filter(|r| r.name != me && r.state == InstanceState::Running).filter(shares) {
             // Switched away from (blue-green): reachable by its own name, not the service's.
             let service = if r.retire_at_ms.is_some() { "" } else { r.deployment.as_str() };
-            if let Some(ip) = &r.ip {
+            // At its address on a network the two share.
+            if let Some(ip) = r.address_for(&mine) {
                 let stable: String = crate::stable_names(r).iter().map(|n| format!(" {n}")).collect();
                 out.push_str(&format!("{ip}\t{} {service}{stable}\n", r.name).replace("  ", " ").replace(" \n", "\n"));
             }

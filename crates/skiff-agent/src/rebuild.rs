@@ -68,8 +68,11 @@ pub fn rebuild(state: &mut State, records: Vec<InstanceRow>) -> Result<Rebuilt, 
         }
         row.state = InstanceState::Running;
         row.pid = None;
-        if let Some(ip) = &row.ip {
-            state.set_lease(&row.name, ip)?;
+        for (network, ip) in &row.addresses {
+            state.set_lease(&row.name, network, &ip.to_string())?;
+        }
+        if let (Some(ip), true) = (&row.ip, row.addresses.is_empty()) {
+            state.set_lease(&row.name, "", ip)?;
         }
         state.put_instance(&row)?;
         out.instances += 1;
@@ -110,6 +113,11 @@ mod tests {
             row("web-1", "web", "ab12cd34-web-1-aaaaaa", "10.0.0.2", false),
             row("web-3", "web", "ab12cd34-web-3-aaaaaa", "10.0.0.3", false),
             row("web-3-bbbbbb", "web", "ab12cd34-web-3-bbbbbb", "10.0.0.4", true),
+            InstanceRow {
+                addresses: [("web_default".to_string(), [10, 0, 1, 2].into()), ("plant".into(), [10, 0, 2, 2].into())]
+                    .into(),
+                ..row("db-1", "db", "ab12cd34-db-1-cccccc", "10.0.1.2", false)
+            },
         ]
         .iter()
         .enumerate()
@@ -122,16 +130,19 @@ mod tests {
         std::fs::write(t.path().join("junk").join(RECORD), "not json").unwrap();
         let dirs = std::fs::read_dir(t.path()).unwrap().flatten().map(|e| e.path());
         let records = read_records(dirs);
-        assert_eq!(records.len(), 3);
+        assert_eq!(records.len(), 4);
         let mut s = State::open(&t.path().join("agent.db")).unwrap();
         let r = rebuild(&mut s, records).unwrap();
-        assert_eq!(r, Rebuilt { node_id: Some("ab12cd34".into()), instances: 3, deployments: 1 });
+        assert_eq!(r, Rebuilt { node_id: Some("ab12cd34".into()), instances: 4, deployments: 2 });
         let desired = s.desired_slots().unwrap();
-        assert_eq!((desired[0].0.name.as_str(), desired[0].1.clone()), ("web", vec![1, 3]));
+        assert_eq!((desired[1].0.name.as_str(), desired[1].1.clone()), ("web", vec![1, 3]));
         assert_eq!(s.desired_revision().unwrap(), 0, "the hub sends the whole assignment again");
         assert!(s.instances().unwrap().iter().all(|i| i.state == InstanceState::Running && i.pid.is_none()));
         let lease = s.lease("web-3-bbbbbb", std::iter::empty(), "x").unwrap();
         assert_eq!(lease.to_string(), "10.0.0.4");
+        let mut db = s.leases().unwrap().remove("db-1").unwrap();
+        db.sort();
+        assert_eq!(db, [("plant".into(), [10, 0, 2, 2].into()), ("web_default".into(), [10, 0, 1, 2].into())]);
         assert_eq!(s.meta("node_id").unwrap().as_deref(), Some("ab12cd34"));
     }
 

@@ -4,7 +4,7 @@
 //! runtime starts the instance. A start that fails counts as a run that exited 127 for
 //! the restart policy; a missing image sends the instance back to Pending.
 
-use crate::state::InstanceRow;
+use crate::state::{Addresses, InstanceRow};
 use crate::{blocking, rebuild, Agent, AgentError};
 use skiff_image::Target;
 use skiff_model::{Deployment, Health, InstanceState, NetworkMode, RuntimeKind, VolumeSource};
@@ -65,7 +65,7 @@ impl Agent {
         let res = blocking(move || me.start_blocking(&r2)).await;
         let now = self.now_ms();
         match res {
-            Ok((pid, ip)) => {
+            Ok((pid, ip, addresses)) => {
                 let restarted = r.state == InstanceState::Restarting;
                 if restarted {
                     r.restarts += 1;
@@ -73,6 +73,7 @@ impl Agent {
                 r.state = InstanceState::Running;
                 r.pid = Some(pid);
                 r.ip = ip.map(|i| i.to_string());
+                r.addresses = addresses;
                 r.started_at_ms = Some(now);
                 r.next_start_ms = None;
                 r.message = None;
@@ -114,7 +115,9 @@ impl Agent {
         Ok(())
     }
 
-    pub(crate) fn start_blocking(&self, r: &InstanceRow) -> Result<(i32, Option<Ipv4Addr>), AgentError> {
+    /// Starts the instance: its pid, its address, and on the bridge its address on each
+    /// network.
+    pub(crate) fn start_blocking(&self, r: &InstanceRow) -> Result<(i32, Option<Ipv4Addr>, Addresses), AgentError> {
         let id = &r.container_id;
         let t0 = std::time::Instant::now();
         let rt = self.runtimes.of(r.spec.runtime);
@@ -123,40 +126,47 @@ impl Agent {
                 let ip = r.ip.as_ref().and_then(|i| i.parse().ok());
                 // Running already (the agent died between its start and its row's update):
                 // on the bridge's networks all the same.
-                if let (NetworkMode::Bridge, Some(ip)) = (r.spec.network, ip) {
-                    self.lan_admit(&self.netns_name(id), ip, &r.spec)?;
+                if r.spec.network == NetworkMode::Bridge && ip.is_some() {
+                    self.lan_admit(&self.netns_name(id), r.all_addresses(), &r.spec)?;
                 }
-                return Ok((pid, ip));
+                return Ok((pid, ip, r.addresses.clone()));
             }
         }
         // The network namespace is set up on a second thread while the rootfs is mounted
         // and the bundle written: its path is known in advance, only runc needs it ready.
-        let (ip, ns, macvlan) = match r.spec.network {
+        let (mut addrs, mut macvlan) = (vec![], None);
+        let ns = match r.spec.network {
             NetworkMode::Bridge => {
-                let subnet = self.bridge.subnet;
-                let ip = self.db(|s| s.lease(&r.name, subnet.hosts(), &subnet.to_string()))?;
-                (Some(ip), Some(self.netns_name(id)), None)
+                let (pool, prefix, networks) =
+                    (self.bridge.subnet, self.bridge.network_prefix, r.spec.joined_networks());
+                addrs = self.db(|s| s.network_leases(&r.name, &networks, pool, prefix))?;
+                Some(self.netns_name(id))
             }
             NetworkMode::Macvlan => {
-                let (link, ip) = self.macvlan_link(r)?;
-                (Some(ip), Some(self.netns_name(id)), Some(link))
+                macvlan = Some(self.macvlan_link(r)?);
+                Some(self.netns_name(id))
             }
             // Another instance's namespace, joined as it is: nothing to attach.
-            NetworkMode::Service => (None, Some(self.joined_network(r)?.0), None),
-            NetworkMode::None | NetworkMode::Host => (None, None, None),
+            NetworkMode::Service => Some(self.joined_network(r)?.0),
+            NetworkMode::None | NetworkMode::Host => None,
+        };
+        let ip = addrs.first().map(|a| a.ip).or(macvlan.as_ref().map(|(_, ip)| *ip));
+        let addresses: Addresses = match r.spec.network {
+            NetworkMode::Bridge => r.spec.joined_networks().into_iter().zip(addrs.iter().map(|a| a.ip)).collect(),
+            _ => Addresses::new(),
         };
         std::thread::scope(|scope| {
             let net = scope.spawn(|| -> Result<(), AgentError> {
-                let (Some(ns), Some(ip)) = (&ns, ip) else { return Ok(()) };
-                if let Some(link) = &macvlan {
+                let (Some(ns), Some(_)) = (&ns, ip) else { return Ok(()) };
+                if let Some((link, ip)) = &macvlan {
                     if !netns_path(ns).exists() {
-                        link.attach(ns, ip)?;
+                        link.attach(ns, *ip)?;
                     }
                     return Ok(());
                 }
                 let attached = netns_path(ns).exists() && has_link(&veth_name(ns));
                 if !attached {
-                    self.bridge.attach(ns, ip)?;
+                    self.bridge.attach(ns, &addrs)?;
                 }
                 Ok(())
             });
@@ -164,7 +174,7 @@ impl Agent {
             // the namespace, not after it (both are done before runc starts the process).
             let lan = scope.spawn(|| -> Result<(), AgentError> {
                 match (&ns, ip, &macvlan) {
-                    (Some(ns), Some(ip), None) => self.lan_admit(ns, ip, &r.spec),
+                    (Some(ns), Some(_), None) => self.lan_admit(ns, addrs.iter().map(|a| a.ip).collect(), &r.spec),
                     _ => Ok(()),
                 }
             });
@@ -177,7 +187,7 @@ impl Agent {
         let prepared = t0.elapsed();
         // What a rebuild of agent.db finds this instance by (see `rebuild`): written
         // durably beside the start, not before it (two fsyncs a start need not wait for).
-        let rec = InstanceRow { ip: ip.map(|i| i.to_string()), ..r.clone() };
+        let rec = InstanceRow { ip: ip.map(|i| i.to_string()), addresses: addresses.clone(), ..r.clone() };
         let dir = rt.instance_dir(id);
         let (started, recorded) = std::thread::scope(|scope| {
             let recorded = scope.spawn(|| rebuild::write_record(&dir, &rec));
@@ -190,7 +200,7 @@ impl Agent {
         // No instance runs without its record (a rebuild could not find it): one whose
         // record could not be written is stopped, and the start counts as failed.
         let unrecorded = match recorded {
-            Ok(Ok(())) => return Ok((pid, ip)),
+            Ok(Ok(())) => return Ok((pid, ip, addresses)),
             Ok(Err(e)) => e.to_string(),
             Err(_) => "writing it panicked".to_string(),
         };

@@ -6,6 +6,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use skiff_model::metrics::MetricsSample;
 use skiff_model::{Deployment, EventRecord, Health, InstanceState};
+use skiff_runtime::network::{Address, Subnet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::Path;
 use thiserror::Error;
@@ -18,6 +20,11 @@ pub enum StateError {
     Json(#[from] serde_json::Error),
     #[error("no free address left in {0}")]
     NoAddress(String),
+    #[error(
+        "no subnet of /{prefix} left in the pool {pool} for network {network:?} \
+         (one per network with instances here): give the node a larger --subnet or a longer --network-prefix"
+    )]
+    NoSubnet { network: String, pool: String, prefix: u8 },
     #[error("state database is corrupt: {0}")]
     Corrupt(String),
 }
@@ -44,7 +51,17 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE deployments ADD COLUMN indexes TEXT;",
     // 3: resource samples waiting to ship to the hub (bounded)
     "CREATE TABLE metrics (id INTEGER PRIMARY KEY AUTOINCREMENT, data TEXT NOT NULL);",
+    // 4: an address per (instance, network): each network has a subnet of its own on the
+    // node. '' is a macvlan lease, or one from before (the instance's one address).
+    "CREATE TABLE leases2 (ip TEXT PRIMARY KEY, instance TEXT NOT NULL, network TEXT NOT NULL DEFAULT '',
+                           UNIQUE (instance, network));
+     INSERT INTO leases2 (ip, instance) SELECT ip, instance FROM leases;
+     DROP TABLE leases;
+     ALTER TABLE leases2 RENAME TO leases;",
 ];
+
+/// An instance's address on each network it joined on the bridge.
+pub type Addresses = BTreeMap<String, Ipv4Addr>;
 
 /// One instance as the agent tracks it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,7 +76,13 @@ pub struct InstanceRow {
     #[serde(default)]
     pub health_failures: u32,
     pub pid: Option<i32>,
+    /// On the bridge, its address on its first network (the one its MAC is derived from,
+    /// that published ports and the host reach it at); on macvlan, its address.
     pub ip: Option<String>,
+    /// On the bridge, its address on each network it joined (each network's subnet is
+    /// its own). Empty for one started before (its `ip` is on all of them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub addresses: Addresses,
     pub restarts: u32,
     /// Consecutive quick failures, for the backoff.
     pub streak: u32,
@@ -89,6 +112,39 @@ pub struct InstanceRow {
 }
 
 impl InstanceRow {
+    /// On the bridge, its address on each network it joined, in the order it joined them
+    /// (the first is `ip`): as started, or, for one started before each network had a
+    /// subnet of its own, its one address on all of them.
+    pub fn network_addresses(&self) -> Vec<(String, Ipv4Addr)> {
+        let networks = self.spec.joined_networks();
+        if !self.addresses.is_empty() {
+            return networks
+                .into_iter()
+                .filter_map(|n| Some((self.addresses.get(&n).copied()?, n)))
+                .map(|(a, n)| (n, a))
+                .collect();
+        }
+        let Some(ip) = self.ip.as_deref().and_then(|i| i.parse().ok()) else { return vec![] };
+        networks.into_iter().map(|n| (n, ip)).collect()
+    }
+
+    /// The address a peer on `networks` reaches it at: on the first of its own networks
+    /// the peer joined too.
+    pub fn address_for(&self, networks: &BTreeSet<String>) -> Option<Ipv4Addr> {
+        self.network_addresses().into_iter().find(|(n, _)| networks.contains(n)).map(|(_, a)| a)
+    }
+
+    /// Every address it holds on the bridge, each once, `ip` (its MAC's) first.
+    pub fn all_addresses(&self) -> Vec<Ipv4Addr> {
+        let mut out: Vec<Ipv4Addr> = self.ip.as_deref().and_then(|i| i.parse().ok()).into_iter().collect();
+        for a in self.addresses.values() {
+            if !out.contains(a) {
+                out.push(*a);
+            }
+        }
+        out
+    }
+
     /// A new instance, not started yet.
     pub fn pending(name: String, deployment: String, container_id: String, spec: Deployment) -> Self {
         InstanceRow {
@@ -101,6 +157,7 @@ impl InstanceRow {
             health_failures: 0,
             pid: None,
             ip: None,
+            addresses: BTreeMap::new(),
             restarts: 0,
             streak: 0,
             exit_code: None,
@@ -373,10 +430,13 @@ impl State {
         Ok(())
     }
 
-    /// Records that `instance` holds `ip` (rebuilding leases from the instances).
-    pub fn set_lease(&self, instance: &str, ip: &str) -> Result<(), StateError> {
-        self.conn
-            .execute("INSERT INTO leases (ip, instance) VALUES (?1, ?2) ON CONFLICT(ip) DO NOTHING", [ip, instance])?;
+    /// Records that `instance` holds `ip` on `network` (rebuilding leases from the
+    /// instances; '' for a macvlan one).
+    pub fn set_lease(&self, instance: &str, network: &str, ip: &str) -> Result<(), StateError> {
+        self.conn.execute(
+            "INSERT INTO leases (ip, instance, network) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            [ip, instance, network],
+        )?;
         Ok(())
     }
 
@@ -386,20 +446,33 @@ impl State {
         Ok(())
     }
 
-    /// Every lease: instance name → address (as stored).
-    pub fn leases(&self) -> Result<std::collections::HashMap<String, String>, StateError> {
-        let mut st = self.conn.prepare("SELECT instance, ip FROM leases")?;
-        let all = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    /// Every lease: instance name → its addresses, with the network of each ('' for a
+    /// macvlan one, or one from before networks had subnets of their own).
+    pub fn leases(&self) -> Result<HashMap<String, Vec<(String, Ipv4Addr)>>, StateError> {
+        let mut out: HashMap<String, Vec<(String, Ipv4Addr)>> = HashMap::new();
+        for (ip, instance, network) in self.all_leases()? {
+            if let Ok(ip) = ip.parse() {
+                out.entry(instance).or_default().push((network, ip));
+            }
+        }
+        Ok(out)
+    }
+
+    fn all_leases(&self) -> Result<Vec<(String, String, String)>, StateError> {
+        let mut st = self.conn.prepare("SELECT ip, instance, network FROM leases")?;
+        let all = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(all.collect::<Result<_, _>>()?)
     }
 
-    /// The instance's address: its existing lease, or the lowest free one.
+    /// A macvlan instance's address: its existing lease, or the lowest free one of
+    /// `candidates` (leases of it on the bridge's networks are given back).
     pub fn lease(
         &self,
         instance: &str,
         candidates: impl Iterator<Item = Ipv4Addr>,
         subnet: &str,
     ) -> Result<Ipv4Addr, StateError> {
+        self.conn.execute("DELETE FROM leases WHERE instance = ?1 AND network != ''", [instance])?;
         if let Some(ip) = self
             .conn
             .query_row("SELECT ip FROM leases WHERE instance = ?1", [instance], |r| r.get::<_, String>(0))
@@ -416,8 +489,7 @@ impl State {
             }
         }
         let mut st = self.conn.prepare("SELECT ip FROM leases")?;
-        let used: std::collections::HashSet<String> =
-            st.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?;
+        let used: HashSet<String> = st.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?;
         for c in candidates {
             if !used.contains(&c.to_string()) {
                 self.conn.execute(
@@ -428,6 +500,92 @@ impl State {
             }
         }
         Err(StateError::NoAddress(subnet.to_string()))
+    }
+
+    /// Leases from before each network had a subnet of its own (network ''), of
+    /// instances on the bridge, are counted on their first network: that network's
+    /// subnet is then the one around them, so the new instances of a network that still
+    /// has such old ones here get addresses on-link with them (the old hold the whole
+    /// pool's prefix). Done at the agent's start.
+    pub fn adopt_old_leases(&self) -> Result<usize, StateError> {
+        let mut n = 0;
+        for r in self.instances()?.iter().filter(|r| r.spec.network == skiff_model::NetworkMode::Bridge) {
+            let (Some(ip), true, Some(first)) =
+                (&r.ip, r.addresses.is_empty(), r.spec.joined_networks().into_iter().next())
+            else {
+                continue;
+            };
+            n += self.conn.execute(
+                "UPDATE OR IGNORE leases SET network = ?1 WHERE instance = ?2 AND ip = ?3 AND network = ''",
+                [&first, &r.name, ip],
+            )?;
+        }
+        Ok(n)
+    }
+
+    /// A bridge instance's address on each of `networks`, in their order. Each network
+    /// has a subnet of prefix `prefix` cut from `pool`: the one its leases on this node
+    /// are in, else the lowest that holds no lease (so a network's subnet is free again
+    /// once its last instance here is gone). Within it, the instance keeps its lease, else
+    /// takes the lowest free address. Its leases on other networks are given back (it
+    /// left them), and so is one from outside its network's subnet.
+    pub fn network_leases(
+        &mut self,
+        instance: &str,
+        networks: &[String],
+        pool: Subnet,
+        prefix: u8,
+    ) -> Result<Vec<Address>, StateError> {
+        let tx = self.conn.transaction()?;
+        let mut rows: Vec<(Ipv4Addr, String, String)> = {
+            let mut st = tx.prepare("SELECT ip, instance, network FROM leases")?;
+            let all = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))?;
+            all.filter_map(|r| r.map(|(ip, i, n)| Some((ip.parse().ok()?, i, n))).transpose())
+                .collect::<Result<_, _>>()?
+        };
+        let give_back = |tx: &rusqlite::Transaction, rows: &mut Vec<(Ipv4Addr, String, String)>, net: &str| {
+            rows.retain(|(_, i, n)| !(i == instance && n == net));
+            tx.execute("DELETE FROM leases WHERE instance = ?1 AND network = ?2", [instance, net])
+        };
+        let left: BTreeSet<String> =
+            rows.iter().filter(|(_, i, n)| i == instance && !networks.contains(n)).map(|(_, _, n)| n.clone()).collect();
+        for n in &left {
+            give_back(&tx, &mut rows, n)?;
+        }
+        let mut out = Vec::with_capacity(networks.len());
+        for net in networks {
+            let theirs = rows.iter().filter(|(_, _, n)| n == net).find_map(|(ip, _, _)| pool.block_of(*ip, prefix));
+            let subnet = match theirs {
+                Some(b) => b,
+                None => pool
+                    .blocks(prefix)
+                    .find(|b| !rows.iter().any(|(ip, _, _)| b.contains(*ip)))
+                    .ok_or_else(|| StateError::NoSubnet { network: net.clone(), pool: pool.to_string(), prefix })?,
+            };
+            let mine = rows.iter().find(|(_, i, n)| i == instance && n == net).map(|(ip, _, _)| *ip);
+            let ip = match mine {
+                Some(ip) if subnet.contains(ip) => ip,
+                other => {
+                    if other.is_some() {
+                        give_back(&tx, &mut rows, net)?;
+                    }
+                    let used: HashSet<Ipv4Addr> = rows.iter().map(|(ip, _, _)| *ip).collect();
+                    let ip = subnet
+                        .hosts()
+                        .find(|h| !used.contains(h))
+                        .ok_or_else(|| StateError::NoAddress(format!("{subnet} (network {net})")))?;
+                    tx.execute(
+                        "INSERT INTO leases (ip, instance, network) VALUES (?1, ?2, ?3)",
+                        [ip.to_string().as_str(), instance, net],
+                    )?;
+                    rows.push((ip, instance.to_string(), net.clone()));
+                    ip
+                }
+            };
+            out.push(Address { ip, subnet });
+        }
+        tx.commit()?;
+        Ok(out)
     }
 
     pub fn event(&self, time_ms: u64, object: &str, reason: &str, message: &str) -> Result<(), StateError> {
@@ -556,5 +714,81 @@ mod tests {
         assert_eq!(since, [(2, "Exited".to_string())]);
         let full = (2..4).map(|i| Ipv4Addr::new(10, 0, 0, i));
         assert!(matches!(s.lease("x-1", full, "n"), Err(StateError::NoAddress(_))));
+    }
+
+    #[test]
+    fn each_network_gets_a_subnet_of_the_pool_and_each_instance_an_address_on_each_of_its_networks() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = State::open(&t.path().join("agent.db")).unwrap();
+        let pool = Subnet::parse("10.9.0.0/24").unwrap();
+        let nets = |n: &[&str]| n.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let at = |s: &mut State, i: &str, n: &[&str]| -> Vec<String> {
+            s.network_leases(i, &nets(n), pool, 28).unwrap().iter().map(|a| format!("{}@{}", a.ip, a.subnet)).collect()
+        };
+        // A lease from before networks had subnets of their own (network '') holds its address.
+        s.set_lease("old-1", "", "10.9.0.2").unwrap();
+        assert_eq!(at(&mut s, "a-1", &["a_default"]), ["10.9.0.18@10.9.0.16/28"], "the lowest subnet holding no lease");
+        assert_eq!(at(&mut s, "b-1", &["b_default"]), ["10.9.0.34@10.9.0.32/28"]);
+        assert_eq!(
+            at(&mut s, "a-2", &["a_default", "b_default"]),
+            ["10.9.0.19@10.9.0.16/28", "10.9.0.35@10.9.0.32/28"],
+            "one address per network, in the order joined"
+        );
+        assert_eq!(
+            at(&mut s, "a-2", &["a_default", "b_default"]),
+            ["10.9.0.19@10.9.0.16/28", "10.9.0.35@10.9.0.32/28"]
+        );
+        // It leaves b: that lease is given back.
+        assert_eq!(at(&mut s, "a-2", &["a_default"]), ["10.9.0.19@10.9.0.16/28"]);
+        let held = s.leases().unwrap();
+        assert_eq!(held["a-2"], [("a_default".to_string(), Ipv4Addr::new(10, 9, 0, 19))]);
+        // The last instance of b goes: its subnet is free for the next network.
+        s.delete_instance("b-1").unwrap();
+        assert_eq!(at(&mut s, "c-1", &["c_default"]), ["10.9.0.34@10.9.0.32/28"]);
+        // The old lease is given back when its instance starts again on the bridge.
+        assert_eq!(at(&mut s, "old-1", &["a_default"]), ["10.9.0.20@10.9.0.16/28"]);
+        assert!(!s.leases().unwrap()["old-1"].iter().any(|(n, _)| n.is_empty()));
+        assert_eq!(at(&mut s, "d-1", &["d_default"]), ["10.9.0.2@10.9.0.0/28"], "the first subnet is free again");
+        // 16 subnets of /28 in a /24: three are taken (d, a, c), thirteen more networks fit.
+        for i in 0..13 {
+            at(&mut s, &format!("n{i}-1"), &[&format!("n{i}")]);
+        }
+        let full = s.network_leases("z-1", &nets(&["z"]), pool, 28).unwrap_err();
+        assert!(full.to_string().contains("no subnet of /28 left in the pool 10.9.0.0/24 for network \"z\""), "{full}");
+        // A subnet's addresses run out (13 in a /28).
+        for i in 0..12 {
+            at(&mut s, &format!("d-{}", i + 2), &["d_default"]);
+        }
+        let e = s.network_leases("d-99", &nets(&["d_default"]), pool, 28).unwrap_err();
+        assert!(e.to_string().contains("no free address left in 10.9.0.0/28 (network d_default)"), "{e}");
+    }
+
+    #[test]
+    fn leases_from_before_subnets_per_network_are_kept_and_new_instances_join_them_on_link() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("agent.db");
+        {
+            // An agent.db as the agent before left it (schema 3): one lease per instance.
+            let c = Connection::open(&p).unwrap();
+            for m in &MIGRATIONS[..3] {
+                c.execute_batch(m).unwrap();
+            }
+            c.pragma_update(None, "user_version", 3).unwrap();
+            c.execute("INSERT INTO leases (ip, instance) VALUES ('10.9.0.5', 'web-1')", []).unwrap();
+        }
+        let mut s = State::open(&p).unwrap();
+        assert_eq!(s.leases().unwrap()["web-1"], [(String::new(), Ipv4Addr::new(10, 9, 0, 5))]);
+        let mut web = InstanceRow::pending("web-1".into(), "web".into(), "x-web-1".into(), Deployment::new("web", "i"));
+        web.ip = Some("10.9.0.5".into());
+        s.put_instance(&web).unwrap();
+        assert_eq!(s.adopt_old_leases().unwrap(), 1);
+        assert_eq!(s.leases().unwrap()["web-1"], [("default_default".to_string(), Ipv4Addr::new(10, 9, 0, 5))]);
+        let pool = Subnet::parse("10.9.0.0/24").unwrap();
+        let got = s.network_leases("web-2", &["default_default".to_string()], pool, 28).unwrap();
+        assert_eq!(got[0].subnet.to_string(), "10.9.0.0/28", "beside the old one");
+        let other = s.network_leases("db-1", &["other".to_string()], pool, 28).unwrap();
+        assert_eq!(other[0].subnet.to_string(), "10.9.0.16/28");
+        let again = s.network_leases("web-1", &["default_default".to_string()], pool, 28).unwrap();
+        assert_eq!(again[0].ip, Ipv4Addr::new(10, 9, 0, 5), "the old one keeps its address when started again");
     }
 }

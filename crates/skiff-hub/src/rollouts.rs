@@ -348,18 +348,10 @@ mod tests {
             container_id: name.into(),
             state,
             health,
-            pid: None,
-            ip: None,
-            restarts: 0,
-            exit_code: None,
-            oom_killed: false,
-            started_at_ms: None,
-            finished_at_ms: None,
-            message: None,
             image: d.image.clone(),
             ports: vec![],
             template: rollout::template_hash(d),
-            retiring: false,
+            ..Default::default()
         }
     }
 

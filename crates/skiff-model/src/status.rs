@@ -61,8 +61,13 @@ pub struct InstanceStatus {
     /// The container's init process as seen from the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<i32>,
+    /// On the bridge, its address on its first network; on macvlan, its address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// On the bridge, its address on each network it joined (each network has a subnet
+    /// of its own on the node).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub networks: std::collections::BTreeMap<String, String>,
     pub restarts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,

@@ -15,12 +15,15 @@
 //!   network's set (unicast, and each copy of a broadcast or multicast, which the bridge
 //!   checks per output port).
 //!
-//! Traffic to the host and beyond (the gateway, published ports, the outside) is routed,
-//! not bridged, and is left to [`crate::nat`] and [`crate::ports`] — except the routed way
+//! Each network has its own subnet on the node (Docker's address per network): an
+//! instance holds an address on each of its networks, all on its one veth, and reaches a
+//! peer at the peer's address on a network they share (on-link, so bridged). Traffic to
+//! the host and beyond (the gateways, published ports, the outside) is routed, not
+//! bridged, and is left to [`crate::nat`] and [`crate::ports`] — except the routed way
 //! round these rules, which prerouting drops too: a frame from an instance to the
-//! gateway's MAC for another instance's address (the host would route it from the bridge
-//! back onto the bridge; a published port's hairpin is addressed to the host, not to an
-//! instance). It is dropped here rather than in the IP family because where
+//! gateway's MAC for an instance's address (the host would route it from the bridge back
+//! onto the bridge, from one network's subnet to another's; a published port's hairpin is
+//! addressed to the host, not to an instance). It is dropped here rather than in the IP family because where
 //! `br_netfilter` is loaded (Docker loads it) bridged frames also cross the IP forward
 //! hook from the bridge to the bridge, indistinguishable from routed ones. The bridge
 //! family needs no `br_netfilter`; it needs `nft` (with `--firewall iptables` too).
@@ -30,11 +33,20 @@ use crate::network::{mac_of, NetError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-/// An instance on the bridge: its address and the networks it joined.
+/// An instance on the bridge: its addresses (one per network; its MAC is derived from
+/// the first) and the networks it joined.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
-    pub ip: Ipv4Addr,
+    pub addresses: Vec<Ipv4Addr>,
     pub networks: Vec<String>,
+}
+
+impl Member {
+    /// Its veth's elements of the `ports` set: the veth, its MAC, each address.
+    fn ports(&self, veth: &str) -> Vec<String> {
+        let mac = self.addresses.first().map(|a| mac_of(*a)).unwrap_or_default();
+        self.addresses.iter().map(|a| format!("\"{veth}\" . {mac} . {a}")).collect()
+    }
 }
 
 /// Who is on the bridge, by the host end of their veth. The table is written whole at
@@ -68,7 +80,7 @@ impl Lan {
         let same = self.members.get(veth) == Some(&member);
         let changed = self.members.insert(veth.to_string(), member.clone()).is_some() && !same;
         let script = match &self.sets {
-            Some(sets) if !changed => elements("add", &nat.lan_table(), veth, &member, sets),
+            Some(sets) if !changed => elements("add", &nat.lan_table(), veth, &member, sets, &BTreeMap::new()),
             _ => None,
         };
         match script {
@@ -80,7 +92,10 @@ impl Lan {
     /// Takes `veth` off its networks (its elements deleted, or the table written whole).
     pub fn forget(&mut self, nat: &Nat, veth: &str) -> Result<(), NetError> {
         let Some(member) = self.members.remove(veth) else { return Ok(()) };
-        let script = self.sets.as_ref().and_then(|sets| elements("delete", &nat.lan_table(), veth, &member, sets));
+        let script = self
+            .sets
+            .as_ref()
+            .and_then(|sets| elements("delete", &nat.lan_table(), veth, &member, sets, &self.members));
         match script {
             Some(s) => run("nft", &["-f", "-"], Some(&s)).map(|_| ()).or_else(|_| self.write(nat)),
             None => self.write(nat),
@@ -96,8 +111,7 @@ impl Lan {
     /// The table for the members as they are, on the bridge of `nat`.
     pub fn script(&self, nat: &Nat) -> String {
         let table = nat.lan_table();
-        let (subnet, gateway) = (nat.subnet, nat.subnet.gateway());
-        let gateway_mac = mac_of(gateway);
+        let gateway_mac = mac_of(nat.subnet.gateway());
         let elements = |items: Vec<String>| {
             if items.is_empty() {
                 String::new()
@@ -106,8 +120,9 @@ impl Lan {
             }
         };
         let veths = elements(self.members.keys().map(|v| format!("\"{v}\"")).collect());
-        let ports =
-            elements(self.members.iter().map(|(v, m)| format!("\"{v}\" . {} . {}", mac_of(m.ip), m.ip)).collect());
+        let ports = elements(self.members.iter().flat_map(|(v, m)| m.ports(v)).collect());
+        let held: BTreeSet<&Ipv4Addr> = self.members.values().flat_map(|m| &m.addresses).collect();
+        let addrs = elements(held.iter().map(|a| a.to_string()).collect());
         let mut networks: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for (veth, m) in &self.members {
             for n in &m.networks {
@@ -129,10 +144,11 @@ impl Lan {
              table bridge {table} {{\n\
              \tset veths {{ type ifname;{veths} }}\n\
              \tset ports {{ type ifname . ether_addr . ipv4_addr;{ports} }}\n\
+             \tset addrs {{ type ipv4_addr;{addrs} }}\n\
              {sets}\
              \tchain prerouting {{\n\t\ttype filter hook prerouting priority -200; policy accept;\n\
              \t\tiifname != @veths accept\n\
-             \t\tether daddr {gateway_mac} ip daddr {subnet} ip daddr != {gateway} drop\n\
+             \t\tether daddr {gateway_mac} ip daddr @addrs drop\n\
              \t\tmeta protocol ip iifname . ether saddr . ip saddr @ports accept\n\
              \t\tmeta protocol arp iifname . ether saddr . arp saddr ip @ports \
              iifname . arp saddr ether . arp saddr ip @ports accept\n\
@@ -163,12 +179,25 @@ impl Lan {
 
 /// The nft commands that `op` (`add` or `delete`) one member's elements; `None` if a
 /// network of its has no set in the table.
-fn elements(op: &str, table: &str, veth: &str, m: &Member, sets: &BTreeMap<String, usize>) -> Option<String> {
+/// `others`: the members besides it (an address one of them holds too, for a moment
+/// while an address passes on, stays in `addrs`).
+fn elements(
+    op: &str,
+    table: &str,
+    veth: &str,
+    m: &Member,
+    sets: &BTreeMap<String, usize>,
+    others: &BTreeMap<String, Member>,
+) -> Option<String> {
     let mut s = format!(
-        "{op} element bridge {table} veths {{ \"{veth}\" }}\n{op} element bridge {table} ports {{ \"{veth}\" . {} . {} }}\n",
-        mac_of(m.ip),
-        m.ip
+        "{op} element bridge {table} veths {{ \"{veth}\" }}\n{op} element bridge {table} ports {{ {} }}\n",
+        m.ports(veth).join(", "),
     );
+    let held = |a: &Ipv4Addr| others.iter().any(|(v, o)| v != veth && o.addresses.contains(a));
+    let addrs: Vec<String> = m.addresses.iter().filter(|a| !held(a)).map(|a| a.to_string()).collect();
+    if !addrs.is_empty() {
+        s.push_str(&format!("{op} element bridge {table} addrs {{ {} }}\n", addrs.join(", ")));
+    }
     for n in &m.networks {
         s.push_str(&format!("{op} element bridge {table} net{} {{ \"{veth}\" }}\n", sets.get(n)?));
     }
@@ -191,10 +220,12 @@ mod tests {
     fn ports_pass_only_within_a_shared_network_and_only_with_their_own_addresses() {
         let mut lan = Lan::default();
         let m = |last: u8, nets: &[&str]| Member {
-            ip: Ipv4Addr::new(10, 9, 0, last),
+            addresses: vec![Ipv4Addr::new(10, 9, 0, last)],
             networks: nets.iter().map(|n| n.to_string()).collect(),
         };
-        lan.insert("vska", m(2, &["a_default", "plant"]));
+        let mut two = m(2, &["a_default", "plant"]);
+        two.addresses.push(Ipv4Addr::new(10, 9, 0, 66));
+        lan.insert("vska", two);
         lan.insert("vskb", m(3, &["b_default"]));
         lan.insert("vskc", m(4, &["plant"]));
         let nat = Nat {
@@ -205,26 +236,41 @@ mod tests {
         };
         let s = lan.script(&nat);
         assert!(s.starts_with("table bridge skiff_br_lan\ndelete table bridge skiff_br_lan\n"), "{s}");
+        assert!(s.contains("ether daddr 02:42:0a:09:00:01 ip daddr @addrs drop"), "routed: {s}");
         assert!(
-            s.contains("ether daddr 02:42:0a:09:00:01 ip daddr 10.9.0.0/24 ip daddr != 10.9.0.1 drop"),
-            "routed: {s}"
+            s.contains("set addrs { type ipv4_addr; elements = { 10.9.0.2, 10.9.0.3, 10.9.0.4, 10.9.0.66 }; }"),
+            "{s}"
         );
         assert!(s.contains("set veths { type ifname; elements = { \"vska\", \"vskb\", \"vskc\" }; }"), "{s}");
-        assert!(s.contains("\"vska\" . 02:42:0a:09:00:02 . 10.9.0.2, \"vskb\" . 02:42:0a:09:00:03 . 10.9.0.3"), "{s}");
+        assert!(
+            s.contains(
+                "\"vska\" . 02:42:0a:09:00:02 . 10.9.0.2, \"vska\" . 02:42:0a:09:00:02 . 10.9.0.66, \
+                 \"vskb\" . 02:42:0a:09:00:03 . 10.9.0.3"
+            ),
+            "a second network's address, with the first one's MAC: {s}"
+        );
         assert!(s.contains("\t# net0: a_default\n\tset net0 { type ifname; elements = { \"vska\" }; }"), "{s}");
         assert!(s.contains("set net2 { type ifname; elements = { \"vska\", \"vskc\" }; }"), "{s}");
         assert_eq!(s.matches("oifname @net").count(), 3, "{s}");
         assert!(s.contains("iifname . arp saddr ether . arp saddr ip @ports accept\n\t\tdrop"), "{s}");
         let sets = lan.numbering();
         assert_eq!(sets.get("plant"), Some(&2));
-        let add = elements("add", "t", "vskd", &m(5, &["plant"]), &sets).unwrap();
+        let add = elements("add", "t", "vskd", &m(5, &["plant"]), &sets, &BTreeMap::new()).unwrap();
         assert_eq!(
             add,
             "add element bridge t veths { \"vskd\" }\nadd element bridge t ports { \"vskd\" . 02:42:0a:09:00:05 . 10.9.0.5 }\n\
-             add element bridge t net2 { \"vskd\" }\n"
+             add element bridge t addrs { 10.9.0.5 }\nadd element bridge t net2 { \"vskd\" }\n"
         );
-        assert!(elements("add", "t", "vske", &m(6, &["new"]), &sets).is_none(), "a new network needs the whole table");
+        assert!(
+            elements("add", "t", "vske", &m(6, &["new"]), &sets, &BTreeMap::new()).is_none(),
+            "a new network needs the whole table"
+        );
+        // An address another member holds too stays in `addrs` when this one leaves.
+        let others = BTreeMap::from([("vskc".to_string(), m(4, &["plant"]))]);
+        let del = elements("delete", "t", "vskd", &m(4, &["plant"]), &sets, &others).unwrap();
+        assert!(del.contains("delete element bridge t ports") && !del.contains(" addrs "), "{del}");
         let empty = Lan::default().script(&nat);
         assert!(empty.contains("set veths { type ifname; }") && !empty.contains("@net0"), "{empty}");
+        assert!(empty.contains("set addrs { type ipv4_addr; }"), "{empty}");
     }
 }

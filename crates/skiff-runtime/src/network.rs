@@ -64,6 +64,36 @@ impl Subnet {
         let mask = u32::MAX << (32 - self.prefix);
         u32::from(a) & mask == u32::from(self.base)
     }
+
+    /// The subnet of prefix `prefix` within this one that holds `a`.
+    pub fn block_of(&self, a: Ipv4Addr, prefix: u8) -> Option<Subnet> {
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        (self.contains(a) && prefix >= self.prefix && prefix <= 30)
+            .then(|| Subnet { base: Ipv4Addr::from(u32::from(a) & mask), prefix })
+    }
+
+    /// This subnet cut into subnets of prefix `prefix`, lowest first (none if it is
+    /// larger than this one or holds no instance).
+    pub fn blocks(&self, prefix: u8) -> impl Iterator<Item = Subnet> {
+        let (base, me) = (u32::from(self.base), self.prefix);
+        let count = if (me..=30).contains(&prefix) { 1u32 << (prefix - me) } else { 0 };
+        (0..count).map(move |i| Subnet { base: Ipv4Addr::from(base + (i << (32 - prefix))), prefix })
+    }
+
+    /// The prefix of each network's subnet in this pool when none is given: the pool cut
+    /// in 16, a /24 at most (so `10.213.0.0/20` gives 16 networks of 253 instances, a /24
+    /// 16 of 13), a /30 at least.
+    pub fn default_network_prefix(&self) -> u8 {
+        (self.prefix + 4).clamp(24, 30)
+    }
+}
+
+/// An instance's address on one network: the address, and its network's subnet on this
+/// node (`.1` of it is the bridge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Address {
+    pub ip: Ipv4Addr,
+    pub subnet: Subnet,
 }
 
 impl std::fmt::Display for Subnet {
@@ -72,10 +102,14 @@ impl std::fmt::Display for Subnet {
     }
 }
 
+/// The node's bridge. `subnet` is the pool its networks' subnets are cut from, each of
+/// prefix `network_prefix`: the bridge holds `.1` of the pool (its own address, where the
+/// node's DNS answers) and `.1` of each network's subnet (the instances' gateway there).
 #[derive(Debug, Clone)]
 pub struct Bridge {
     pub name: String,
     pub subnet: Subnet,
+    pub network_prefix: u8,
 }
 
 impl Bridge {
@@ -112,30 +146,41 @@ impl Bridge {
         }
     }
 
-    /// Creates `netns` with `eth0` at `addr`, joined to the bridge through a veth pair.
-    pub fn attach(&self, netns: &str, addr: Ipv4Addr) -> Result<PathBuf, NetError> {
+    /// Creates `netns` with `eth0` joined to the bridge through a veth pair, holding one
+    /// address per network (the first one's MAC, and its gateway the default route). The
+    /// bridge takes each network's gateway address first.
+    pub fn attach(&self, netns: &str, addrs: &[Address]) -> Result<PathBuf, NetError> {
         self.detach(netns);
-        let r = self.attach_inner(netns, addr);
+        let r = self.attach_inner(netns, addrs);
         if r.is_err() {
             self.detach(netns);
         }
         r
     }
 
-    fn attach_inner(&self, netns: &str, addr: Ipv4Addr) -> Result<PathBuf, NetError> {
+    fn attach_inner(&self, netns: &str, addrs: &[Address]) -> Result<PathBuf, NetError> {
+        let first = addrs.first().ok_or_else(|| NetError::BadSubnet("(no address)".into()))?;
         let host_if = veth_name(netns);
-        let path = netns_add(netns)?;
-        let ns = File::open(&path).map_err(|e| NlError { op: format!("open network namespace {netns}"), source: e })?;
         let mut host = Rtnl::open()?;
         let bridge = host.index(&self.name)?.ok_or_else(|| NetError::NoBridge(self.name.clone()))?;
+        for a in addrs {
+            // The pool's own gateway is the bridge's address already (over the whole pool).
+            if a.subnet.gateway() != self.subnet.gateway() {
+                host.add_address(&self.name, a.subnet.gateway(), a.subnet.prefix)?;
+            }
+        }
+        let path = netns_add(netns)?;
+        let ns = File::open(&path).map_err(|e| NlError { op: format!("open network namespace {netns}"), source: e })?;
         host.add_veth(&host_if, "eth0", &ns)?;
         host.set_link(&host_if, None, Some(bridge), true)?;
         let mut inside = Rtnl::open_in(&ns, netns)?;
-        inside.set_link("eth0", Some(mac_bytes(addr)), None, false)?;
-        inside.add_address("eth0", addr, self.subnet.prefix)?;
+        inside.set_link("eth0", Some(mac_bytes(first.ip)), None, false)?;
+        for a in addrs {
+            inside.add_address("eth0", a.ip, a.subnet.prefix)?;
+        }
         inside.set_link("eth0", None, None, true)?;
         inside.set_link("lo", None, None, true)?;
-        inside.add_default_route(self.subnet.gateway())?;
+        inside.add_default_route(first.subnet.gateway())?;
         Ok(path)
     }
 
@@ -260,6 +305,21 @@ mod tests {
             assert!(Subnet::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(veth_name("skiff-abc").len(), 13);
+        let pool = Subnet::parse("10.213.0.0/20").unwrap();
+        assert_eq!(pool.default_network_prefix(), 24);
+        assert_eq!(Subnet::parse("10.9.0.0/24").unwrap().default_network_prefix(), 28);
+        assert_eq!(Subnet::parse("10.0.0.0/8").unwrap().default_network_prefix(), 24);
+        let blocks: Vec<String> = pool.blocks(24).map(|b| b.to_string()).collect();
+        assert_eq!((blocks.len(), blocks[0].as_str(), blocks[15].as_str()), (16, "10.213.0.0/24", "10.213.15.0/24"));
+        assert_eq!(pool.blocks(19).count(), 0, "larger than the pool");
+        assert_eq!(pool.blocks(20).count(), 1);
+        let b = pool.block_of(Ipv4Addr::new(10, 213, 3, 77), 24).unwrap();
+        assert_eq!((b.to_string(), b.gateway()), ("10.213.3.0/24".into(), Ipv4Addr::new(10, 213, 3, 1)));
+        assert_eq!(pool.block_of(Ipv4Addr::new(10, 214, 3, 77), 24), None, "outside the pool");
+        assert_eq!(
+            Subnet::parse("10.9.0.0/24").unwrap().block_of(Ipv4Addr::new(10, 9, 0, 37), 28).map(|b| b.to_string()),
+            Some("10.9.0.32/28".into())
+        );
         assert_eq!(mac_of(Ipv4Addr::new(10, 213, 0, 12)), "02:42:0a:d5:00:0c");
     }
 }

@@ -230,7 +230,9 @@ fn the_agent_sets_up_bridge_networking_without_iproute2() -> Result<()> {
     // default route through the gateway.
     let ns = instance_netns(&n, "idle-1")?;
     let eth0 = run("ip", &["-n", &ns, "-o", "addr", "show", "eth0"])?;
-    assert!(eth0.contains(&format!("inet {ip}/24")), "{eth0}");
+    // On its network's own subnet: a /28 of the node's /24 pool (the first one, whose
+    // gateway is the pool's).
+    assert!(eth0.contains(&format!("inet {ip}/28")), "{eth0}");
     let link = run("ip", &["-n", &ns, "link", "show", "eth0"])?;
     let mac = skiff_runtime::network::mac_of(ip.parse()?);
     assert!(link.contains(&mac) && link.contains("state UP"), "{link}");
@@ -489,10 +491,33 @@ fn stacks_reach_each_other_only_through_a_shared_network_and_cannot_forge_addres
         let path = n.write(file, &text)?;
         n.ok(&["apply", "-f", &path.to_string_lossy()])?;
     }
-    let mut ip = std::collections::HashMap::new();
+    let (mut ip, mut on) = (std::collections::HashMap::new(), std::collections::HashMap::new());
     for i in ["web-1", "client-1", "probe-1", "gauge-1"] {
-        ip.insert(i, n.wait_running(i)?.ip.with_context(|| format!("{i} has no address"))?);
+        let st = n.wait_running(i)?;
+        ip.insert(i, st.ip.with_context(|| format!("{i} has no address"))?);
+        on.insert(i, st.networks);
     }
+    // Each network has a subnet of its own (a /28 of the node's /24 pool here), and web an
+    // address on each of its two: on a_default (its first, `ip`) and on plant, as its
+    // interface holds them.
+    let pool = skiff_runtime::network::Subnet::parse(&n.subnet)?;
+    let block = |a: &str| -> Result<String> {
+        Ok(pool.block_of(a.parse()?, 28).with_context(|| format!("{a} is outside the pool {pool}"))?.to_string())
+    };
+    let web_plant = on["web-1"].get("plant").context("web's address on plant")?.clone();
+    assert_eq!(on["web-1"].get("a_default"), Some(&ip["web-1"]), "{on:?}");
+    assert_eq!(on["client-1"].get("a_default"), Some(&ip["client-1"]), "{on:?}");
+    assert_eq!(on["gauge-1"].get("plant"), Some(&ip["gauge-1"]), "{on:?}");
+    assert_eq!(block(&ip["web-1"])?, block(&ip["client-1"])?, "one network, one subnet");
+    assert_eq!(block(&web_plant)?, block(&ip["gauge-1"])?, "one network, one subnet");
+    let subnets: std::collections::BTreeSet<String> =
+        [&ip["web-1"], &web_plant, &ip["probe-1"]].into_iter().map(|a| block(a)).collect::<Result<_>>()?;
+    assert_eq!(subnets.len(), 3, "a_default, plant and b_default each have their own: {subnets:?}");
+    let held = run("ip", &["-n", &instance_netns(&n, "web-1")?, "-4", "-o", "addr", "show", "dev", "eth0"])?;
+    assert!(
+        held.contains(&format!("{}/28", ip["web-1"])) && held.contains(&format!("{web_plant}/28")),
+        "web's interface: {held}"
+    );
     let web = format!("http://{}:8080/i", ip["web-1"]);
     let check = |n: &Node| -> Result<()> {
         // Same stack: by name and by address.
@@ -503,15 +528,31 @@ fn stacks_reach_each_other_only_through_a_shared_network_and_cannot_forge_addres
         let got = wget_in(n, "probe-1", &web)?;
         assert!(!got.contains("web-1") && !got.contains("status=0"), "probe (stack b) reached web: {got}");
         let hosts = n.ok(&["exec", "probe-1", "--", "cat", "/etc/hosts"])?;
-        assert!(!hosts.contains(&ip["web-1"]) && !hosts.contains("client"), "probe's /etc/hosts: {hosts}");
-        // A stack on the shared network reaches web, by name too, but not web's stack-mate.
+        let lists = |a: &str| hosts.lines().any(|l| l.split('\t').next() == Some(a));
+        assert!(!lists(&ip["web-1"]) && !lists(&web_plant) && !hosts.contains("client"), "probe's /etc/hosts: {hosts}");
+        // A stack on the shared network reaches web, by name too (at web's address on
+        // plant), but not web's stack-mate, nor web at its address on a_default.
         let got = wget_in(n, "gauge-1", "http://web:8080/i")?;
         assert_eq!(got.trim(), "web-1\nstatus=0", "gauge -> web over plant by name");
+        let hosts = n.ok(&["exec", "gauge-1", "--", "cat", "/etc/hosts"])?;
+        assert!(hosts.contains(&format!("{web_plant}\tweb-1 web\n")), "gauge's /etc/hosts: {hosts}");
+        let got = wget_in(n, "gauge-1", &web)?;
+        assert!(!got.contains("web-1") && !got.contains("status=0"), "gauge reached web on a_default: {got}");
         let got = wget_in(n, "gauge-1", &format!("http://{}:9/", ip["client-1"]))?;
         assert!(!got.contains("refused"), "gauge reached client (not on plant): {got}");
         Ok(())
     };
     check(&n)?;
+    // Each reaches the host (a reset from a closed port) through its own network's
+    // gateway, the bridge's address on that network's subnet.
+    for i in ["probe-1", "gauge-1"] {
+        let knock = format!("wget -q -O - http://{}:9/ 2>&1; true", n.subnet.replace(".0/24", ".1"));
+        let got = n.ok(&["exec", i, "--", "sh", "-c", &knock])?;
+        assert!(got.contains("refused"), "{i} did not reach the host: {got}");
+        let routes = run("ip", &["-n", &instance_netns(&n, i)?, "route"])?;
+        let gateway = pool.block_of(ip[i].parse()?, 28).context("block")?.gateway();
+        assert!(routes.contains(&format!("default via {gateway} ")), "{i}: {routes}");
+    }
 
     // The agent is killed and its table deleted while it is away: started again, it
     // rebuilds the table from what runs.
@@ -524,8 +565,11 @@ fn stacks_reach_each_other_only_through_a_shared_network_and_cannot_forge_addres
     check(&n)?;
 
     // The routed way round: probe sends its packets for web to the gateway's MAC, so the
-    // host would route them from the bridge back onto it.
+    // host would route them from the bridge back onto it. (Web's address is on another
+    // network's subnet, so that is probe's own route to it; the one below makes it on-link,
+    // so that the neighbour entries set here decide where the frames go.)
     let (probe_ns, web_ns) = (instance_netns(&n, "probe-1")?, instance_netns(&n, "web-1")?);
+    run("ip", &["-n", &probe_ns, "route", "add", &format!("{}/32", ip["web-1"]), "dev", "eth0"])?;
     let gateway_mac = skiff_runtime::network::mac_of(gateway.parse()?);
     run("ip", &["-n", &probe_ns, "neigh", "replace", &ip["web-1"], "lladdr", &gateway_mac, "dev", "eth0"])?;
     let echoes = |what: &str, src: &str| -> Result<u64> {
@@ -587,6 +631,8 @@ fn stacks_reach_each_other_only_through_a_shared_network_and_cannot_forge_addres
     run("nft", &["flush", "chain", "bridge", &nat.lan_table(), "forward"])?;
     assert!(echoes("forged, without the checks (control)", &ip["client-1"])? > 0, "the forged control failed");
     run("ip", &["-n", &probe_ns, "addr", "del", &forged, "dev", "eth0"])?;
+    // (Web's answers on-link too: bridged, as before networks had subnets of their own.)
+    run("ip", &["-n", &web_ns, "route", "add", &format!("{}/32", ip["probe-1"]), "dev", "eth0"])?;
     let got = wget_in(&n, "probe-1", &web)?;
     assert_eq!(got.trim(), "web-1\nstatus=0", "the control: probe -> web without the forward rules");
 

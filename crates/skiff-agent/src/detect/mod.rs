@@ -666,7 +666,9 @@ impl Agent {
     /// Container ids by their address on a bridge.
     fn detect_addresses(&self) -> HashMap<IpAddr, String> {
         let rows = self.db(|s| s.instances()).unwrap_or_default();
-        rows.into_iter().filter_map(|r| Some((r.ip.as_deref()?.parse().ok()?, r.container_id))).collect()
+        rows.into_iter()
+            .flat_map(|r| r.all_addresses().into_iter().map(move |a| (IpAddr::V4(a), r.container_id.clone())))
+            .collect()
     }
 
     /// Records a rule's match (unless alerts of it are held back: `send`) and carries out

@@ -62,20 +62,28 @@ struct Caller {
     dns: Vec<SocketAddr>,
 }
 
+/// An instance's address on each network it joined, the one the host reaches it at
+/// first (never empty).
+type Addrs = Vec<(String, Ipv4Addr)>;
+
+/// The address of `addrs` on the first of its networks among `networks`.
+fn on_shared(addrs: &Addrs, networks: &BTreeSet<String>) -> Option<Ipv4Addr> {
+    addrs.iter().find(|(n, _)| networks.contains(n)).map(|(_, a)| *a)
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
     service: Service,
     vip: Ipv4Addr,
     /// This node's instances that serve it.
-    local: Vec<Ipv4Addr>,
+    local: Vec<Addrs>,
 }
 
 /// An instance of this node as its peers' `/etc/hosts` name it.
 #[derive(Debug, Clone)]
 struct Peer {
     names: Vec<String>,
-    ip: Ipv4Addr,
-    networks: BTreeSet<String>,
+    addrs: Addrs,
 }
 
 /// What the node knows of the fleet's services at one moment.
@@ -104,8 +112,8 @@ impl Catalog {
         let near: Vec<Ipv4Addr> = self
             .peers
             .iter()
-            .filter(|p| p.names.contains(&q) && p.networks.iter().any(|n| c.networks.contains(n)))
-            .map(|p| p.ip)
+            .filter(|p| p.names.contains(&q))
+            .filter_map(|p| on_shared(&p.addrs, &c.networks))
             .collect();
         if !near.is_empty() {
             return near;
@@ -117,7 +125,7 @@ impl Catalog {
                 .entries
                 .values()
                 .filter(|e| e.service.shares_a_network(&c.networks) && answers_to(&e.service, &c.stack, service))
-                .flat_map(|e| e.local.iter().copied())
+                .flat_map(|e| e.local.iter().filter_map(|a| on_shared(a, &c.networks)))
                 .collect();
         }
         // A name of the caller's own stack first (`db-0.pg`, a stateful set's instance),
@@ -155,17 +163,32 @@ impl Agent {
         // has before it starts (and asks for names before its row says it runs); only
         // running ones are peers and serve.
         let addressed = rows.iter().filter(|r| r.spec.network == NetworkMode::Bridge).filter_map(|r| {
-            let ip = r.ip.as_ref().or_else(|| leases.get(&r.name))?;
-            Some((r, ip.parse::<Ipv4Addr>().ok()?))
+            let addrs: Addrs = match (&r.ip, leases.get(&r.name)) {
+                (Some(_), _) => r.network_addresses(),
+                // Not started yet: its leases, on its networks in their order.
+                (None, Some(held)) => r
+                    .spec
+                    .joined_networks()
+                    .into_iter()
+                    .filter_map(|n| Some((held.iter().find(|(h, _)| *h == n)?.1, n)))
+                    .map(|(a, n)| (n, a))
+                    .collect(),
+                (None, None) => vec![],
+            };
+            (!addrs.is_empty()).then_some((r, addrs))
         });
-        let mut local: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+        let mut local: BTreeMap<String, Vec<Addrs>> = BTreeMap::new();
         let mut callers = HashMap::new();
         let mut peers = vec![];
-        for (r, ip) in addressed {
+        for (r, addrs) in addressed {
             let networks: BTreeSet<String> = r.spec.joined_networks().into_iter().collect();
-            let dns =
+            let dns: Vec<SocketAddr> =
                 r.spec.dns.servers.iter().filter_map(|s| s.parse().ok()).map(|ip| SocketAddr::new(ip, 53)).collect();
-            callers.insert(ip, Caller { stack: r.spec.stack.clone(), networks: networks.clone(), dns });
+            // By whichever of its addresses it calls from.
+            for (_, ip) in &addrs {
+                callers
+                    .insert(*ip, Caller { stack: r.spec.stack.clone(), networks: networks.clone(), dns: dns.clone() });
+            }
             if r.state != InstanceState::Running {
                 continue;
             }
@@ -175,18 +198,18 @@ impl Agent {
                 names.push(r.deployment.clone());
             }
             names.extend(crate::stable_names(r));
-            peers.push(Peer { names, ip, networks });
+            peers.push(Peer { names, addrs: addrs.clone() });
             // Before the loop first judged (just after a start): those ready by their row.
             let serves = match &serving {
                 Some(s) => crate::publish::serves(s, &stopping, r),
                 None => !stopping.contains(&r.container_id) && r.ready_since_ms.is_some(),
             };
             if serves {
-                local.entry(r.deployment.clone()).or_default().push(ip);
                 // A stateful set's instance is also a service of its own.
                 if let Some(stable) = crate::stable_names(r).into_iter().next() {
-                    local.entry(stable).or_default().push(ip);
+                    local.entry(stable).or_default().push(addrs.clone());
                 }
+                local.entry(r.deployment.clone()).or_default().push(addrs);
             }
         }
         let mut services: BTreeMap<String, Service> =
@@ -563,7 +586,7 @@ impl Mesh {
     /// The next of this node's instances that serve `e` (round robin), if any.
     fn next_local(&self, e: &Entry) -> Option<Ipv4Addr> {
         let n = e.local.len();
-        (n > 0).then(|| e.local[self.turn.fetch_add(1, Ordering::Relaxed) % n])
+        (n > 0).then(|| e.local[self.turn.fetch_add(1, Ordering::Relaxed) % n].first().map(|(_, a)| *a)).flatten()
     }
 
     fn reachable(&self, node: &str) -> bool {
@@ -826,7 +849,7 @@ mod tests {
                 instance: None,
             },
             vip: vip.into(),
-            local: local.iter().map(|a| Ipv4Addr::from(*a)).collect(),
+            local: local.iter().map(|a| vec![(format!("{stack}_default"), Ipv4Addr::from(*a))]).collect(),
         }
     }
 
@@ -837,8 +860,7 @@ mod tests {
         c.callers.insert([10, 0, 0, 9].into(), caller("other", &["other_default"]));
         c.peers.push(Peer {
             names: vec!["web-1".into(), "web".into()],
-            ip: [10, 0, 0, 3].into(),
-            networks: ["shop_default".to_string()].into(),
+            addrs: vec![("shop_default".to_string(), [10, 0, 0, 3].into())],
         });
         c.entries.insert("db".into(), entry("db", "shop", [10, 213, 130, 1], &[]));
         c.entries.insert("web".into(), entry("web", "shop", [10, 213, 130, 2], &[[10, 0, 0, 3]]));
@@ -864,5 +886,21 @@ mod tests {
         let at = |from: [u8; 4], q: &str| c.resolve(from.into(), q);
         assert_eq!(at([10, 0, 0, 2], "db-0.pg"), ip([10, 213, 130, 3]));
         assert_eq!(at([10, 0, 0, 2], "db-0.pg.svc"), ip([10, 213, 130, 4]), "the other by its full name");
+        // A peer on two networks (an address on each): each caller gets the address on a
+        // network it shares, by whichever of its own addresses it asks from.
+        let two = vec![("shop_default".to_string(), [10, 0, 0, 4].into()), ("plant".to_string(), [10, 0, 1, 4].into())];
+        c.peers.push(Peer { names: vec!["api-1".into(), "api".into()], addrs: two.clone() });
+        let mut api = entry("api", "shop", [10, 213, 130, 5], &[]);
+        api.service.networks.push("plant".into());
+        api.local = vec![two];
+        c.entries.insert("api".into(), api);
+        c.callers.insert([10, 0, 1, 9].into(), caller("line", &["plant"]));
+        c.callers.insert([10, 0, 2, 9].into(), caller("line", &["plant"]));
+        let at = |from: [u8; 4], q: &str| c.resolve(from.into(), q);
+        assert_eq!(at([10, 0, 0, 2], "api"), ip([10, 0, 0, 4]));
+        assert_eq!(at([10, 0, 1, 9], "api"), ip([10, 0, 1, 4]), "on the network the caller shares");
+        assert_eq!(at([10, 0, 2, 9], "api"), ip([10, 0, 1, 4]), "by its other address");
+        assert_eq!(at([10, 0, 1, 9], "tasks.api.shop"), ip([10, 0, 1, 4]));
+        assert_eq!(at([10, 0, 0, 2], "tasks.api"), ip([10, 0, 0, 4]));
     }
 }

@@ -584,9 +584,15 @@ pub struct BridgeArgs {
     /// Name of the node's bridge.
     #[arg(long, default_value = "skiff0")]
     pub bridge: String,
-    /// Subnet for bridge-mode instances (the bridge takes .1).
+    /// Address pool of the bridge's networks: each network with instances on this node
+    /// gets a subnet of its own cut from it (as Docker's networks do), and the bridge
+    /// takes .1 of the pool and of each network's subnet.
     #[arg(long, default_value = "10.213.0.0/20")]
     pub subnet: String,
+    /// Prefix length of each network's subnet in the pool (default: the pool cut in 16,
+    /// at most a /24: a /20 pool gives 16 networks of 253 instances).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(8..=30))]
+    pub network_prefix: Option<u8>,
     /// Firewall that masquerades the bridge's traffic to the outside (as Docker's bridge)
     /// and forwards published ports in the kernel, so they answer while the agent restarts:
     /// auto (nft when installed, else iptables), nft, iptables, or none (instances then
@@ -620,6 +626,7 @@ impl BridgeArgs {
     pub fn apply(&self, cfg: &mut skiff_agent::AgentConfig) {
         cfg.bridge_name = self.bridge.clone();
         cfg.subnet = self.subnet.clone();
+        cfg.network_prefix = self.network_prefix;
         cfg.firewall = self.firewall;
         cfg.services = self.service_range.0;
     }
