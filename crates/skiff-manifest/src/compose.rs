@@ -626,15 +626,17 @@ fn networks(cx: &mut Ctx<'_>, project: &str, v: Option<&Value>) -> R<BTreeMap<St
                         .push(format!("{p}: {d:?} is not supported yet: joined as a network on the node's bridge"));
                 }
                 if let Some((_, p)) = ipam {
-                    cx.warnings
-                        .push(format!("{p}: not supported yet, ignored (instances get the node's bridge subnet)"));
+                    cx.warnings.push(format!(
+                        "{p}: not supported yet, ignored (the network gets a subnet of each node's pool, --subnet)"
+                    ));
                 }
                 None
             }
             None => {
                 if let Some((_, p)) = ipam {
-                    cx.warnings
-                        .push(format!("{p}: not supported yet, ignored (instances get the node's bridge subnet)"));
+                    cx.warnings.push(format!(
+                        "{p}: not supported yet, ignored (the network gets a subnet of each node's pool, --subnet)"
+                    ));
                 }
                 None
             }
