@@ -120,8 +120,10 @@ impl InstanceRow {
         if !self.addresses.is_empty() {
             return networks
                 .into_iter()
-                .filter_map(|n| Some((self.addresses.get(&n).copied()?, n)))
-                .map(|(a, n)| (n, a))
+                .filter_map(|n| {
+                    let a = *self.addresses.get(&n)?;
+                    Some((n, a))
+                })
                 .collect();
         }
         let Some(ip) = self.ip.as_deref().and_then(|i| i.parse().ok()) else { return vec![] };

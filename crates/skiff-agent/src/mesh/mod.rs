@@ -170,8 +170,10 @@ impl Agent {
                     .spec
                     .joined_networks()
                     .into_iter()
-                    .filter_map(|n| Some((held.iter().find(|(h, _)| *h == n)?.1, n)))
-                    .map(|(a, n)| (n, a))
+                    .filter_map(|n| {
+                        let a = held.iter().find(|(h, _)| *h == n)?.1;
+                        Some((n, a))
+                    })
                     .collect(),
                 (None, None) => vec![],
             };
