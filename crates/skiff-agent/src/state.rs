@@ -60,6 +60,20 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE leases2 RENAME TO leases;",
 ];
 
+/// Every lease whose address parses: (address, instance, network).
+fn all_leases(conn: &Connection) -> Result<Vec<(Ipv4Addr, String, String)>, StateError> {
+    let mut st = conn.prepare("SELECT ip, instance, network FROM leases")?;
+    let all = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))?;
+    let mut out = vec![];
+    for row in all {
+        let (ip, instance, network) = row?;
+        if let Ok(ip) = ip.parse() {
+            out.push((ip, instance, network));
+        }
+    }
+    Ok(out)
+}
+
 /// An instance's address on each network it joined on the bridge.
 pub type Addresses = BTreeMap<String, Ipv4Addr>;
 
@@ -452,18 +466,10 @@ impl State {
     /// macvlan one, or one from before networks had subnets of their own).
     pub fn leases(&self) -> Result<HashMap<String, Vec<(String, Ipv4Addr)>>, StateError> {
         let mut out: HashMap<String, Vec<(String, Ipv4Addr)>> = HashMap::new();
-        for (ip, instance, network) in self.all_leases()? {
-            if let Ok(ip) = ip.parse() {
-                out.entry(instance).or_default().push((network, ip));
-            }
+        for (ip, instance, network) in all_leases(&self.conn)? {
+            out.entry(instance).or_default().push((network, ip));
         }
         Ok(out)
-    }
-
-    fn all_leases(&self) -> Result<Vec<(String, String, String)>, StateError> {
-        let mut st = self.conn.prepare("SELECT ip, instance, network FROM leases")?;
-        let all = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        Ok(all.collect::<Result<_, _>>()?)
     }
 
     /// A macvlan instance's address: its existing lease, or the lowest free one of
@@ -539,12 +545,7 @@ impl State {
         prefix: u8,
     ) -> Result<Vec<Address>, StateError> {
         let tx = self.conn.transaction()?;
-        let mut rows: Vec<(Ipv4Addr, String, String)> = {
-            let mut st = tx.prepare("SELECT ip, instance, network FROM leases")?;
-            let all = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))?;
-            all.filter_map(|r| r.map(|(ip, i, n)| Some((ip.parse().ok()?, i, n))).transpose())
-                .collect::<Result<_, _>>()?
-        };
+        let mut rows = all_leases(&tx)?;
         let give_back = |tx: &rusqlite::Transaction, rows: &mut Vec<(Ipv4Addr, String, String)>, net: &str| {
             rows.retain(|(_, i, n)| !(i == instance && n == net));
             tx.execute("DELETE FROM leases WHERE instance = ?1 AND network = ?2", [instance, net])
