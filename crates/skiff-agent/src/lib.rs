@@ -375,6 +375,16 @@ impl Agent {
         if let Some(w) = versions.get("runc").and_then(|v| skiff_model::platform::runc_advisory(v)) {
             warn!("{w}");
         }
+        // The bridge's flags are checked before agent.db is opened (and its old leases
+        // adopted): a bad one changes nothing.
+        let pool = Subnet::parse(&cfg.subnet)?;
+        let network_prefix = cfg.network_prefix.unwrap_or_else(|| pool.default_network_prefix());
+        if !(pool.prefix..=30).contains(&network_prefix) {
+            return Err(AgentError::Other(format!(
+                "--network-prefix: /{network_prefix} does not fit the pool {pool} (give /{} to /30)",
+                pool.prefix
+            )));
+        }
         let (mut state, moved) = State::open_or_recover(&data.join("agent.db"), cfg.clock.now_ms())?;
         let images = Arc::new(ImageStore::open(data.join("images"))?);
         let runtimes = match &cfg.backends {
@@ -422,14 +432,6 @@ impl Agent {
                 id
             }
         };
-        let pool = Subnet::parse(&cfg.subnet)?;
-        let network_prefix = cfg.network_prefix.unwrap_or_else(|| pool.default_network_prefix());
-        if !(pool.prefix..=30).contains(&network_prefix) {
-            return Err(AgentError::Other(format!(
-                "--network-prefix: /{network_prefix} does not fit the pool {pool} (give /{} to /30)",
-                pool.prefix
-            )));
-        }
         let bridge = Bridge { name: cfg.bridge_name.clone(), subnet: pool, network_prefix };
         let nat = Nat {
             bridge: bridge.name.clone(),
