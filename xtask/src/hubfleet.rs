@@ -1,22 +1,25 @@
 //! `xtask hub-fleet`: many simulated agents spread over several `skiff hub`s of one etcd
 //! store, in several processes (one process may hold at most 20,000 open files here).
 //!
-//! `hub-fleet ADMIN_CONF TOKEN NODES PER_PART HUBS HUB_PIDS ETCD_URL IDLE_SECS DIR`: the
-//! orchestrator. Starts `NODES / PER_PART` parts (this program again, `hub-fleet-part`),
-//! waits until the hub that leads lists every node Ready, measures an idle window (each
-//! hub's RSS and CPU per node heartbeat, etcd's database size and writes per second,
-//! loopback bytes per node: agents' tunnels, hubs asking each other, hubs and etcd), then
-//! applies a deployment on every node through one hub and prints p50/p99 from the apply
-//! until each node holds it. `HUBS` and `HUB_PIDS` are comma-separated, the first hub
-//! the one that leads.
+//! `hub-fleet ADMIN_CONF TOKEN NODES PER_PART HUBS HUB_PIDS ETCD_URL IDLE_SECS DIR METRICS
+//! REPEAT`: the orchestrator. Starts `NODES / PER_PART` parts (this program again,
+//! `hub-fleet-part`), waits until the hub that leads lists every node Ready, measures an
+//! idle window (each hub's RSS and CPU per node heartbeat, etcd's database size and writes
+//! per second, loopback bytes per node: agents' tunnels, hubs asking each other, hubs and
+//! etcd), with `METRICS` 1 the same window again while every node ships samples every
+//! 15 s, then applies `REPEAT` deployments on every node (`probe-1`, ...) one after
+//! another through one hub and prints, for each, p50/p99 from the apply until each node
+//! holds it, and each hub's first, p50 and last. `HUBS` and `HUB_PIDS` are
+//! comma-separated, the first hub the one that leads.
 //!
 //! `hub-fleet-part ADMIN_CONF TOKEN FIRST COUNT HUBS DIR K`: nodes `sim-FIRST` ..
 //! `sim-FIRST+COUNT-1`, node i joining through and dialling hub `i % len(HUBS)`, as
 //! hub-sim's do (hello, status, the hub's pings). Writes `DIR/part-K.connected` once
-//! every node holds its first assignment, `DIR/part-K.beats` (pings so far) every two
-//! seconds, and once `DIR/probe` (the apply's wall-clock ms) exists and every node holds
-//! the probe, `DIR/part-K.lat` (each node's ms after the apply). Ends when `DIR/stop`
-//! exists.
+//! every node holds its first assignment and `DIR/part-K.beats` (pings so far); ships
+//! samples while `DIR/metrics` exists; arms the probe `DIR/probe` names
+//! (`DIR/part-K.armed.NAME`) and, once `DIR/applied.NAME` (the apply's wall-clock ms)
+//! exists and every node holds the probe, writes `DIR/part-K.lat.NAME` (each node's ms
+//! after the apply). Ends when `DIR/stop` exists.
 
 use crate::hubsim::{conf, join_all_through, rss_kib, Conf, SimNode};
 use anyhow::{bail, Context, Result};
@@ -33,6 +36,21 @@ fn cpu_ticks(pid: u32) -> u64 {
     crate::hubsim::hub_cpu_ticks(pid)
 }
 
+/// What a part's tunnels share with its loop: pings heard, when each node last got an
+/// assignment, the probe armed (its name) and when each node got it, and whether nodes
+/// ship samples now.
+#[derive(Default)]
+struct Shared {
+    beats: AtomicU64,
+    assigned: Vec<AtomicU64>,
+    probe: std::sync::Mutex<String>,
+    probe_at: Vec<AtomicU64>,
+    metrics: std::sync::atomic::AtomicBool,
+}
+
+/// Samples go every 15 s, the agent's default.
+const METRICS_EVERY: Duration = Duration::from_secs(15);
+
 /// One part: its nodes, their tunnels, until `DIR/stop`.
 pub async fn part(
     admin_conf: &str,
@@ -48,54 +66,57 @@ pub async fn part(
     let dir = Path::new(dir).to_path_buf();
     let sims = join_all_through(&plain, &hubs, &secret, &ca, first, count).await?;
     eprintln!("hub-fleet part {k}: {count} nodes joined");
-    let beats = Arc::new(AtomicU64::new(0));
-    let assigned: Arc<Vec<AtomicU64>> = Arc::new((0..count).map(|_| AtomicU64::new(0)).collect());
-    let probe_at: Arc<Vec<AtomicU64>> = Arc::new((0..count).map(|_| AtomicU64::new(0)).collect());
+    let shared = Arc::new(Shared {
+        assigned: (0..count).map(|_| AtomicU64::new(0)).collect(),
+        probe_at: (0..count).map(|_| AtomicU64::new(0)).collect(),
+        ..Default::default()
+    });
     for (i, n) in sims.iter().enumerate() {
         let hub = &hubs[(first + i) % hubs.len()];
         let addr = crate::hubsim::addr_of(hub)?;
         let url = format!("{}/api/v1/nodes/{}/tunnel", hub.replacen("https://", "wss://", 1), n.name);
-        let (n, beats, assigned, probe_at) =
-            (Arc::clone(n), Arc::clone(&beats), Arc::clone(&assigned), Arc::clone(&probe_at));
-        tokio::spawn(async move { tunnel(i, n, addr, url, beats, assigned, probe_at).await });
+        let (n, shared) = (Arc::clone(n), Arc::clone(&shared));
+        tokio::spawn(async move { tunnel(i, n, addr, url, shared).await });
     }
     let mut connected = false;
-    let mut lat_written = false;
-    let mut probe: Option<u64> = None;
+    // The probe armed and whether its latencies are written.
+    let mut armed: Option<(String, bool)> = None;
     loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         if dir.join("stop").exists() {
             return Ok(());
         }
-        std::fs::write(dir.join(format!("part-{k}.beats")), beats.load(Ordering::Relaxed).to_string())?;
-        if !connected && assigned.iter().all(|a| a.load(Ordering::Relaxed) > 0) {
+        std::fs::write(dir.join(format!("part-{k}.beats")), shared.beats.load(Ordering::Relaxed).to_string())?;
+        shared.metrics.store(dir.join("metrics").exists(), Ordering::Relaxed);
+        if !connected && shared.assigned.iter().all(|a| a.load(Ordering::Relaxed) > 0) {
             connected = true;
             std::fs::write(dir.join(format!("part-{k}.connected")), "")?;
         }
-        if probe.is_none() {
-            probe = std::fs::read_to_string(dir.join("probe")).ok().and_then(|t| t.trim().parse().ok());
-        }
-        if let (Some(applied), false) = (probe, lat_written) {
-            if probe_at.iter().all(|p| p.load(Ordering::Relaxed) > 0) {
-                let lat: Vec<String> =
-                    probe_at.iter().map(|p| p.load(Ordering::Relaxed).saturating_sub(applied).to_string()).collect();
-                std::fs::write(dir.join(format!("part-{k}.lat")), lat.join("\n"))?;
-                lat_written = true;
+        // A new probe: armed here (said in `part-K.armed.NAME`) before the orchestrator applies it.
+        let wanted = std::fs::read_to_string(dir.join("probe")).ok().map(|t| t.trim().to_string());
+        if let Some(name) = wanted.filter(|w| !w.is_empty() && armed.as_ref().is_none_or(|(a, _)| a != w)) {
+            shared.probe_at.iter().for_each(|p| p.store(0, Ordering::Relaxed));
+            if let Ok(mut p) = shared.probe.lock() {
+                p.clone_from(&name);
             }
+            std::fs::write(dir.join(format!("part-{k}.armed.{name}")), "")?;
+            armed = Some((name, false));
+        }
+        let Some((name, written)) = armed.as_mut().filter(|(_, w)| !*w) else { continue };
+        let applied = std::fs::read_to_string(dir.join(format!("applied.{name}"))).ok();
+        let Some(applied) = applied.and_then(|t| t.trim().parse::<u64>().ok()) else { continue };
+        if shared.probe_at.iter().all(|p| p.load(Ordering::Relaxed) > 0) {
+            let lat: Vec<String> =
+                shared.probe_at.iter().map(|p| p.load(Ordering::Relaxed).saturating_sub(applied).to_string()).collect();
+            std::fs::write(dir.join(format!("part-{k}.lat.{name}")), lat.join("\n"))?;
+            *written = true;
         }
     }
 }
 
-/// One node's tunnel, as hub-sim's: dialled again 5 s after it drops.
-async fn tunnel(
-    i: usize,
-    n: Arc<SimNode>,
-    addr: std::net::SocketAddr,
-    url: String,
-    beats: Arc<AtomicU64>,
-    assigned: Arc<Vec<AtomicU64>>,
-    probe_at: Arc<Vec<AtomicU64>>,
-) {
+/// One node's tunnel, as hub-sim's: dialled again 5 s after it drops; samples every 15 s
+/// while the part says so.
+async fn tunnel(i: usize, n: Arc<SimNode>, addr: std::net::SocketAddr, url: String, shared: Arc<Shared>) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     // Spread the connects, as nodes that started at different times.
@@ -106,19 +127,40 @@ async fn tunnel(
             let status = serde_json::json!({"type": "status", "status": {}}).to_string();
             if ws.send(Message::Text(hello.into())).await.is_ok() && ws.send(Message::Text(status.into())).await.is_ok()
             {
-                while let Some(Ok(m)) = ws.next().await {
+                let spread = Duration::from_millis((i as u64 * 7919) % METRICS_EVERY.as_millis() as u64);
+                let mut sample_tick = tokio::time::interval_at(tokio::time::Instant::now() + spread, METRICS_EVERY);
+                let mut samples = crate::hubsim::Samples::default();
+                loop {
+                    let m = tokio::select! {
+                        m = ws.next() => match m {
+                            Some(Ok(m)) => m,
+                            _ => break,
+                        },
+                        _ = sample_tick.tick() => {
+                            if !shared.metrics.load(Ordering::Relaxed) {
+                                continue;
+                            }
+                            let Some(frame) = samples.next_frame(&n.name) else { continue };
+                            if ws.send(Message::Text(frame.into())).await.is_err() {
+                                break;
+                            }
+                            continue;
+                        }
+                    };
                     match m {
                         Message::Ping(_) => {
-                            beats.fetch_add(1, Ordering::Relaxed);
+                            shared.beats.fetch_add(1, Ordering::Relaxed);
                         }
                         Message::Text(t) if t.as_str().starts_with(r#"{"type":"assign""#) => {
                             let now = wall_ms();
-                            assigned[i].fetch_max(now, Ordering::Relaxed);
+                            shared.assigned[i].fetch_max(now, Ordering::Relaxed);
                             // Not parsed: the simulated nodes share this machine's two cores
                             // with the hubs, where real ones parse on their own CPUs.
-                            let has = t.as_str().contains(r#"{"spec":{"name":"probe","#);
-                            if has && probe_at[i].load(Ordering::Relaxed) == 0 {
-                                probe_at[i].store(now, Ordering::Relaxed);
+                            let probe = shared.probe.lock().map(|p| p.clone()).unwrap_or_default();
+                            let has =
+                                !probe.is_empty() && t.as_str().contains(&format!(r#"{{"spec":{{"name":"{probe}","#));
+                            if has && shared.probe_at[i].load(Ordering::Relaxed) == 0 {
+                                shared.probe_at[i].store(now, Ordering::Relaxed);
                             }
                         }
                         _ => {}
@@ -127,6 +169,30 @@ async fn tunnel(
             }
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// What an idle window measured.
+struct Window {
+    cpu_ticks: u64,
+    beats: u64,
+    lo_bytes: u64,
+    /// The nodes' own (`hubsim::tunnel_bytes`).
+    tunnels: Option<u64>,
+    /// etcd's figures (database size, writes so far) at the start and at the end.
+    etcd: [Option<(f64, f64)>; 2],
+    secs: f64,
+}
+
+impl Window {
+    /// Loopback bytes (both directions once each) per node per minute.
+    fn per_node_min(&self, nodes: usize) -> f64 {
+        self.lo_bytes as f64 / nodes as f64 / self.secs * 60.0
+    }
+
+    /// The nodes' tunnels' bytes per node per minute, where they were counted.
+    fn tunnel_per_node_min(&self, nodes: usize) -> Option<f64> {
+        Some(self.tunnels? as f64 / nodes as f64 / self.secs * 60.0)
     }
 }
 
@@ -154,6 +220,8 @@ pub async fn run(
     etcd: &str,
     idle_secs: u64,
     dir: &str,
+    metrics: bool,
+    repeat: usize,
 ) -> Result<()> {
     let Conf { admin, plain, .. } = conf(admin_conf, token)?;
     let hub_list: Vec<String> = hubs.split(',').map(String::from).collect();
@@ -215,60 +283,123 @@ pub async fn run(
                 .filter_map(|t| t.trim().parse::<u64>().ok())
                 .sum()
         };
-        let cpu0: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
-        let (b0, lo0, e0, w0) = (beats(), crate::hubsim::lo_bytes(), etcd_figures(&plain, etcd).await, Instant::now());
-        tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-        let cpu1: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
-        let (b1, lo1, e1, secs) =
-            (beats(), crate::hubsim::lo_bytes(), etcd_figures(&plain, etcd).await, w0.elapsed().as_secs_f64());
+        // An idle window: hub CPU (ticks), pings heard, loopback bytes, etcd's figures.
+        let (pids, plain, beats) = (&pids, &plain, &beats);
+        let window = |secs: u64| async move {
+            let cpu0: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+            let (b0, lo0, e0, w0) = (beats(), crate::hubsim::lo_bytes(), etcd_figures(plain, etcd).await, Instant::now());
+            let t0 = crate::hubsim::tunnel_bytes();
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            let cpu1: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+            let (b1, lo1, e1) = (beats(), crate::hubsim::lo_bytes(), etcd_figures(plain, etcd).await);
+            let tunnels = crate::hubsim::tunnel_bytes().zip(t0).map(|(b, a)| b - a);
+            let (cpu_ticks, beats, lo_bytes, secs) = (cpu1 - cpu0, b1 - b0, lo1 - lo0, w0.elapsed().as_secs_f64());
+            Window { cpu_ticks, beats, lo_bytes, tunnels, etcd: [e0, e1], secs }
+        };
+        let quiet = window(idle_secs).await;
         let rss: Vec<u64> = pids.iter().map(|p| rss_kib(*p) / 1024).collect();
-        let beats_n = (b1 - b0).max(1) as f64;
-        let cpu_total: u64 = cpu1.iter().zip(&cpu0).map(|(a, b)| a - b).sum();
-        let cpu_us_per_beat = cpu_total as f64 / 100.0 * 1e6 / beats_n;
-        let bytes_per_node_min = (lo1 - lo0) as f64 / nodes as f64 / secs * 60.0;
-        let (db, writes) = match (e0, e1) {
-            (Some((_, w0)), Some((db, w1))) => (db, (w1 - w0) / secs),
+        let cpu_us_per_beat = quiet.cpu_ticks as f64 / 100.0 * 1e6 / quiet.beats.max(1) as f64;
+        let (db, writes) = match quiet.etcd {
+            [Some((_, w0)), Some((db, w1))] => (db, (w1 - w0) / quiet.secs),
             _ => (f64::NAN, f64::NAN),
         };
-        // A deployment on every node, through a hub that does not lead (the last).
+        let kbit = |bytes_per_node_min: f64| ((bytes_per_node_min * 8.0 / 60.0 / 1000.0) * 1000.0).round() / 1000.0;
+        // The same window with every node shipping samples every 15 s: from after each
+        // node's first sample (whole) for whole minutes (still figures go in batches of
+        // four, a minute's worth, as deltas).
+        let shipping = if metrics {
+            std::fs::write(dir_p.join("metrics"), "")?;
+            tokio::time::sleep(METRICS_EVERY + Duration::from_secs(5)).await;
+            let w = window(idle_secs.div_ceil(60).max(1) * 60).await;
+            std::fs::remove_file(dir_p.join("metrics"))?;
+            tokio::time::sleep(METRICS_EVERY).await;
+            let per_node_min = w.per_node_min(nodes);
+            let tunnels = w.tunnel_per_node_min(nodes);
+            serde_json::json!({
+                "window_s": w.secs.round(),
+                "tunnel_bytes_per_node_per_minute": tunnels.map(f64::round),
+                "tunnel_kbit_per_s_per_node": tunnels.map(kbit),
+                "idle_bytes_per_node_per_minute": per_node_min.round(),
+                "idle_kbit_per_s_per_node": kbit(per_node_min),
+                "hub_cpu_percent_of_a_core": (w.cpu_ticks as f64 / w.secs).round(),
+            })
+        } else {
+            serde_json::Value::Null
+        };
+        // Deployments on every node, one after another, each through a hub that does not
+        // lead (the last), each armed at every part before it is applied.
         let through = hub_list.last().context("HUBS")?;
-        let probe = serde_json::json!({"deployments": [{"name": "probe", "image": "localhost/none:1", "placement": {"mode": "global"}}], "dry_run": false});
-        let applied = wall_ms();
-        let r = plain.post(format!("{through}/api/v1/apply")).bearer_auth(&admin).json(&probe).send().await?;
-        if !r.status().is_success() {
-            bail!("apply: {}", r.text().await?);
-        }
-        let answered_ms = wall_ms().saturating_sub(applied);
-        std::fs::write(dir_p.join("probe"), applied.to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while (0..parts).any(|k| !dir_p.join(format!("part-{k}.lat")).exists()) {
-            if Instant::now() > deadline {
-                bail!("not every node got the probe within 600 s");
+        let mut applies = vec![];
+        for r in 1..=repeat.max(1) {
+            let name = format!("probe-{r}");
+            std::fs::write(dir_p.join("probe"), &name)?;
+            let armed = |k: usize| dir_p.join(format!("part-{k}.armed.{name}")).exists();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !(0..parts).all(armed) {
+                if Instant::now() > deadline {
+                    bail!("the parts did not arm {name} within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let probe = serde_json::json!({"deployments": [{"name": name, "image": "localhost/none:1", "placement": {"mode": "global"}}], "dry_run": false});
+            let applied = wall_ms();
+            let r = plain.post(format!("{through}/api/v1/apply")).bearer_auth(&admin).json(&probe).send().await?;
+            if !r.status().is_success() {
+                bail!("apply: {}", r.text().await?);
+            }
+            let answered_ms = wall_ms().saturating_sub(applied);
+            std::fs::write(dir_p.join(format!("applied.{name}")), applied.to_string())?;
+            let deadline = Instant::now() + Duration::from_secs(600);
+            let lat_file = |k: usize| dir_p.join(format!("part-{k}.lat.{name}"));
+            while (0..parts).any(|k| !lat_file(k).exists()) {
+                if Instant::now() > deadline {
+                    bail!("not every node got {name} within 600 s");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            // Each node's latency with the hub it dials (node i: hub i % hubs).
+            let mut by_hub: Vec<Vec<f64>> = vec![vec![]; hub_list.len()];
+            for k in 0..parts {
+                let text = std::fs::read_to_string(lat_file(k))?;
+                for (i, l) in text.lines().enumerate() {
+                    by_hub[(k * per_part + i) % hub_list.len()].push(l.parse::<f64>()?);
+                }
+            }
+            let mut lat: Vec<f64> = by_hub.iter().flatten().copied().collect();
+            lat.sort_by(|a, b| a.total_cmp(b));
+            let pct = |v: &[f64], p: f64| crate::hubsim::pct(v, p).round();
+            let hubs: Vec<serde_json::Value> = by_hub
+                .iter_mut()
+                .map(|v| {
+                    v.sort_by(|a, b| a.total_cmp(b));
+                    serde_json::json!({"first": pct(v, 0.0), "p50": pct(v, 0.5), "max": pct(v, 1.0)})
+                })
+                .collect();
+            applies.push(serde_json::json!({
+                "apply_answered_ms": answered_ms,
+                "p50": pct(&lat, 0.5), "p99": pct(&lat, 0.99), "max": pct(&lat, 1.0), "nodes": lat.len(),
+                "by_hub": hubs,
+            }));
         }
-        let mut lat: Vec<f64> = (0..parts)
-            .filter_map(|k| std::fs::read_to_string(dir_p.join(format!("part-{k}.lat"))).ok())
-            .flat_map(|t| t.lines().filter_map(|l| l.parse::<f64>().ok()).collect::<Vec<_>>())
-            .collect();
-        lat.sort_by(|a, b| a.total_cmp(b));
-        let pct = |p: f64| crate::hubsim::pct(&lat, p).round();
+        let quiet_per_node_min = quiet.per_node_min(nodes);
         let out = serde_json::json!({
             "nodes": nodes,
             "hubs": hub_list.len(),
             "sim_processes": parts,
             "joined_and_connected_s": connected_s.round(),
-            "apply_answered_ms": answered_ms,
             "hub_rss_mib": rss,
             "hub_rss_total_mib": rss.iter().sum::<u64>(),
-            "idle_window_s": secs.round(),
-            "heartbeats_in_window": b1 - b0,
+            "idle_window_s": quiet.secs.round(),
+            "heartbeats_in_window": quiet.beats,
             "hub_cpu_us_per_node_heartbeat": cpu_us_per_beat.round(),
-            "idle_bytes_per_node_per_minute": bytes_per_node_min.round(),
-            "idle_kbit_per_s_per_node": ((bytes_per_node_min * 8.0 / 60.0 / 1000.0) * 1000.0).round() / 1000.0,
+            "idle_bytes_per_node_per_minute": quiet_per_node_min.round(),
+            "idle_kbit_per_s_per_node": kbit(quiet_per_node_min),
+            "tunnel_bytes_per_node_per_minute": quiet.tunnel_per_node_min(nodes).map(f64::round),
+            "tunnel_kbit_per_s_per_node": quiet.tunnel_per_node_min(nodes).map(kbit),
+            "with_metrics_every_15s": shipping,
             "etcd_db_mib": (db / 1048576.0 * 10.0).round() / 10.0,
             "etcd_writes_per_s_idle": (writes * 100.0).round() / 100.0,
-            "apply_to_assignment_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0), "nodes": lat.len()},
+            "apply_to_assignment_ms": applies,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         Ok(())

@@ -43,6 +43,20 @@ pub(crate) fn lo_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// The nodes' own traffic: bytes to and from 127.0.1.0/24 (where `dial` connects from),
+/// both directions once each, as the counters of nftables table `inet SKIFF_BENCH_TABLE`
+/// (the bench made it) say; `None` without that table.
+pub(crate) fn tunnel_bytes() -> Option<u64> {
+    let table = std::env::var("SKIFF_BENCH_TABLE").ok()?;
+    let out = std::process::Command::new("nft").args(["-j", "list", "table", "inet", &table]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let rules = v["nftables"].as_array()?.iter().filter_map(|o| o["rule"]["expr"].as_array());
+    Some(rules.flatten().filter_map(|e| e["counter"]["bytes"].as_u64()).sum())
+}
+
 pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -73,6 +87,32 @@ fn sample(node: &str, n: u64) -> skiff_model::metrics::PackedSample {
     skiff_model::metrics::PackedSample::from(&m).sorted()
 }
 
+/// A simulated node's samples as the agent ships them: whole first, then deltas, still
+/// figures batched (`Shipper`).
+#[derive(Default)]
+pub(crate) struct Samples {
+    through: u64,
+    shipper: skiff_model::metrics::Shipper,
+    pending: Vec<skiff_model::metrics::PackedSample>,
+}
+
+impl Samples {
+    /// Takes `node`'s next sample; the frame to send, when one is due.
+    pub(crate) fn next_frame(&mut self, node: &str) -> Option<String> {
+        use skiff_model::metrics::Shipment;
+        use skiff_model::proto::Control;
+        self.through += 1;
+        let through = self.through;
+        self.pending.push(sample(node, through));
+        let c = match self.shipper.ship(&self.pending)? {
+            Shipment::Whole(samples) => Control::Metrics { samples, through },
+            Shipment::Deltas(samples) => Control::MetricsDelta { samples, through },
+        };
+        self.pending.clear();
+        serde_json::to_string(&c).ok()
+    }
+}
+
 pub async fn run(
     admin_conf: &str,
     token: &str,
@@ -93,8 +133,8 @@ pub async fn run(
     let heartbeats = Arc::new(AtomicU64::new(0));
     let got_probe: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; nodes]));
     let ws_url = server.replacen("https://", "wss://", 1);
-    // Sources spread over 127.0.0.1-8: one source address has ~28k ephemeral ports to
-    // one hub port, fewer than 100k nodes need.
+    // Sources spread over 127.0.1.1-8 (`dial`): one source address has ~28k ephemeral
+    // ports to one hub port, fewer than 100k nodes need.
     let hub_addr: std::net::SocketAddr = server
         .trim_start_matches("https://")
         .split('/')
@@ -111,8 +151,6 @@ pub async fn run(
         );
         tokio::spawn(async move {
             use futures_util::{SinkExt, StreamExt};
-            use skiff_model::metrics::Shipment;
-            use skiff_model::proto::Control;
             use tokio_tungstenite::tungstenite::Message;
             // Spread the connects, as nodes that started at different times.
             tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 5_000)).await;
@@ -126,10 +164,7 @@ pub async fn run(
                         // Samples as a node running two instances ships them (0: none).
                         let mut sample_tick = tokio::time::interval(Duration::from_secs(metrics_secs.max(1)));
                         sample_tick.tick().await;
-                        let mut through = 0u64;
-                        // As the agent ships them: whole first, then deltas, still figures batched.
-                        let mut shipper = skiff_model::metrics::Shipper::default();
-                        let mut pending = Vec::new();
+                        let mut samples = Samples::default();
                         loop {
                             let m = tokio::select! {
                                 m = ws.next() => match m {
@@ -137,15 +172,7 @@ pub async fn run(
                                     _ => break,
                                 },
                                 _ = sample_tick.tick(), if metrics_secs > 0 => {
-                                    through += 1;
-                                    pending.push(sample(&n.name, through));
-                                    let c = match shipper.ship(&pending) {
-                                        Some(Shipment::Whole(samples)) => Control::Metrics { samples, through },
-                                        Some(Shipment::Deltas(samples)) => Control::MetricsDelta { samples, through },
-                                        None => continue,
-                                    };
-                                    pending.clear();
-                                    let frame = serde_json::to_string(&c).unwrap_or_default();
+                                    let Some(frame) = samples.next_frame(&n.name) else { continue };
                                     if ws.send(Message::Text(frame.into())).await.is_err() {
                                         break;
                                     }
@@ -233,7 +260,7 @@ pub async fn run(
     Ok(())
 }
 
-/// Simulated node `i`'s tunnel to `addr` (`url`), from 127.0.0.(1 + i % 8) — one source
+/// Simulated node `i`'s tunnel to `addr` (`url`), from 127.0.1.(1 + i % 8) — one source
 /// address has ~28k ephemeral ports to one hub port — with small WebSocket buffers, as
 /// the agent's; `None` when the connection or its TLS fails.
 pub(crate) async fn dial(
@@ -246,7 +273,7 @@ pub(crate) async fn dial(
     let small = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(8 << 10)
         .write_buffer_size(0);
-    let src = std::net::SocketAddr::from(([127, 0, 0, 1 + (i % 8) as u8], 0));
+    let src = std::net::SocketAddr::from(([127, 0, 1, 1 + (i % 8) as u8], 0));
     let sock = tokio::net::TcpSocket::new_v4().ok()?;
     sock.bind(src).ok()?;
     let stream = sock.connect(addr).await.ok()?;

@@ -93,9 +93,15 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(hubsim::run(conf, token, nodes.parse()?, idle.parse()?, pid.parse()?, metrics))
         }
-        ["hub-fleet", conf, token, nodes, per_part, hubs, pids, etcd, idle, dir] => {
+        ["hub-fleet", conf, token, nodes, per_part, hubs, pids, etcd, idle, dir, metrics, repeat] => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            rt.block_on(hubfleet::run(conf, token, nodes.parse()?, per_part.parse()?, hubs, pids, etcd, idle.parse()?, dir))
+            let metrics = match *metrics {
+                "1" => true,
+                "0" => false,
+                other => anyhow::bail!("METRICS: {other:?} is neither 1 nor 0"),
+            };
+            let (nodes, per_part, idle, repeat) = (nodes.parse()?, per_part.parse()?, idle.parse()?, repeat.parse()?);
+            rt.block_on(hubfleet::run(conf, token, nodes, per_part, hubs, pids, etcd, idle, dir, metrics, repeat))
         }
         ["hub-fleet-part", conf, token, first, count, hubs, dir, k] => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -180,7 +186,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | delta-images DIR [OLD NEW] | chunk-sizes OLD NEW | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | hub-ha ADMIN_CONF TOKEN NODES STANDBY_URL ACTIVE_PID | hub-fleet ADMIN_CONF TOKEN NODES PER_PART HUBS HUB_PIDS ETCD_URL IDLE_SECS DIR | http-load PORT STOP_FILE MAX_SECS | mesh-probe serve ADDR / rr ADDR COUNT / bulk ADDR MIB / forward LISTEN UPSTREAM | wasm-programs DIR | wasm-bench SKIFF DIR ITERATIONS COUNTS... | wasm-bench-cli SKIFF DATA ITERATIONS WASM_IMAGE CONTAINER_IMAGE"
+            "usage: cargo xtask demo-image DIR | demo-image-tar FILE | bench-image DIR MIB LAYERS | delta-images DIR [OLD NEW] | chunk-sizes OLD NEW | fault-proxy PORTFILE UPSTREAM CUT COUNTERFILE | hub-sim ADMIN_CONF TOKEN NODES IDLE_SECS HUB_PID [METRICS_SECS] | hub-ha ADMIN_CONF TOKEN NODES STANDBY_URL ACTIVE_PID | hub-fleet ADMIN_CONF TOKEN NODES PER_PART HUBS HUB_PIDS ETCD_URL IDLE_SECS DIR METRICS(1|0) REPEAT | http-load PORT STOP_FILE MAX_SECS | mesh-probe serve ADDR / rr ADDR COUNT / bulk ADDR MIB / forward LISTEN UPSTREAM | wasm-programs DIR | wasm-bench SKIFF DIR ITERATIONS COUNTS... | wasm-bench-cli SKIFF DATA ITERATIONS WASM_IMAGE CONTAINER_IMAGE"
         ),
     }
 }
