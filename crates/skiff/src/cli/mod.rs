@@ -391,7 +391,11 @@ pub fn main() -> i32 {
     }
     // A hub's threads share two heaps: each of its threads' own heap kept what that thread
     // freed of the copies a placement of every node needs (see `skiff_sys::arenas`).
-    if matches!(cli.cmd, Cmd::Hub(_)) && !skiff_sys::arenas::limit(2) {
+    // And it keeps what it freed for the next apply, rather than giving it back and
+    // faulting it in again.
+    if matches!(cli.cmd, Cmd::Hub(_))
+        && !(skiff_sys::arenas::limit(2) && skiff_sys::arenas::keep_freed(64 << 20, 32 << 20))
+    {
         tracing::debug!("the allocator's arenas are not limited here");
     }
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
