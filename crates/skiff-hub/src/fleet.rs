@@ -51,6 +51,15 @@ pub enum FleetError {
     Unavailable(String),
 }
 
+/// Says how long a pass over every node took, where it took long enough to matter: a
+/// fleet of 100,000 nodes shows in the hub's log where an apply's time goes.
+pub(crate) fn took(what: &str, nodes: usize, since: std::time::Instant) {
+    let ms = since.elapsed().as_millis();
+    if ms >= 100 {
+        tracing::info!(nodes, ms, "{what}");
+    }
+}
+
 fn failed(e: impl std::fmt::Display) -> FleetError {
     FleetError::Internal(e.to_string())
 }
@@ -206,12 +215,19 @@ pub struct Fleet {
     pub ca_sha256: String,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    seen: Mutex<BTreeMap<String, Seen>>,
+    /// By node name (looked up on every frame, and for every node at each placement).
+    seen: Mutex<HashMap<String, Seen>>,
     statuses: Mutex<BTreeMap<String, Vec<InstanceStatus>>>,
     events: Mutex<BTreeMap<String, std::collections::VecDeque<EventRecord>>>,
     started_ms: u64,
     /// The newest placement revision, for long-polls.
     changed: tokio::sync::watch::Sender<u64>,
+    /// Wakes the tunnels: moves when a revision changed what nodes are told (their parts,
+    /// or the services' table); see [`Fleet::wake_tunnels`].
+    wake: tokio::sync::watch::Sender<u64>,
+    /// The parts and the table the tunnels were last woken for.
+    #[allow(clippy::type_complexity)]
+    woken: Mutex<Option<(Arc<BTreeMap<String, Arc<Assignment>>>, Arc<mesh::MeshTable>)>>,
     tunnels: Mutex<BTreeMap<String, Arc<crate::tunnel::Tunnel>>>,
     /// Something placement depends on changed (a node joined or came back).
     dirty: std::sync::atomic::AtomicBool,
@@ -405,12 +421,14 @@ impl Fleet {
             ca,
             ca_sha256,
             store,
-            seen: Mutex::new(BTreeMap::new()),
+            seen: Mutex::new(HashMap::new()),
             statuses: Mutex::new(BTreeMap::new()),
             events: Mutex::new(BTreeMap::new()),
             started_ms: clock.now_ms(),
             clock,
             changed: tokio::sync::watch::channel(rev).0,
+            wake: tokio::sync::watch::channel(0).0,
+            woken: Mutex::new(None),
             tunnels: Mutex::new(BTreeMap::new()),
             at_revision: Mutex::new(None),
             making: Mutex::new(()),
@@ -1125,13 +1143,42 @@ impl Fleet {
     /// outside `reschedule` (a rollout's next wave).
     pub fn revision_changed(&self) {
         if let Ok(rev) = self.read_revision() {
-            self.changed.send_if_modified(|r| {
+            let newer = self.changed.send_if_modified(|r| {
                 let newer = rev > *r;
                 if newer {
                     *r = rev;
                 }
                 newer
             });
+            if newer {
+                self.wake_tunnels();
+            }
+        }
+    }
+
+    /// Moves when the tunnels have something to look at: see [`Fleet::wake_tunnels`].
+    pub fn wakes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.wake.subscribe()
+    }
+
+    /// Wakes the tunnels if the current revision changed what nodes are told: every
+    /// node's part, or the node records the services' table is made of (a node's report
+    /// wakes them on its own, `mesh_changes`). Both are made here, once, on this thread,
+    /// before any tunnel looks. A revision that moved neither (an apply not placed yet, a
+    /// placement that moved no slot) wakes none of the thousands of tunnels; where they
+    /// cannot be made (the store is not answering), the tunnels are woken as for a change.
+    fn wake_tunnels(&self) {
+        let made = self.at_revision().and_then(|at| Ok((Arc::clone(&at.nodes), self.mesh_table()?)));
+        let moved = match made {
+            Ok((nodes, table)) => self.woken.lock().map_or(true, |mut w| {
+                let same = w.as_ref().is_some_and(|(n, t)| Arc::ptr_eq(n, &nodes) && t.same_records(&table));
+                *w = Some((nodes, table));
+                !same
+            }),
+            Err(_) => true,
+        };
+        if moved {
+            self.wake.send_modify(|g| *g += 1);
         }
     }
 
@@ -1152,13 +1199,18 @@ impl Fleet {
             self.revision_changed();
             return Ok(Plan::default());
         }
+        let started = std::time::Instant::now();
         let deployments: Vec<Deployment> = self.store.list().map_err(internal)?.into_iter().map(|s| s.spec).collect();
         let current = self.store.slots().map_err(internal)?;
         // A stateful set's slot goes back to the node its volumes are on.
         let last = ordered::last_nodes(&*self.store, &deployments).map_err(internal)?;
         let placed = ordered::with_last_nodes(&deployments, &current, &last);
-        let mut plan =
-            schedule::schedule(&deployments, &self.known_platforms(), &self.views()?, &placed, self.clock.now_ms());
+        let views = self.views()?;
+        took("read what placement is made of", views.len(), started);
+        let started = std::time::Instant::now();
+        let mut plan = schedule::schedule(&deployments, &self.known_platforms(), &views, &placed, self.clock.now_ms());
+        took("placed", views.len(), started);
+        let started = std::time::Instant::now();
         // Every node's report, read only when an ordered stateful set needs it.
         let held = deployments.iter().any(Deployment::ordered) && {
             let reported: Vec<(String, InstanceStatus)> = self
@@ -1171,6 +1223,7 @@ impl Fleet {
         self.ordered_held.store(held, std::sync::atomic::Ordering::Relaxed);
         ordered::remember(&*self.store, &deployments, &plan, &last).map_err(internal)?;
         let revision = self.store.set_slots(&plan.slots).map_err(internal)?;
+        took("stored the placement", views.len(), started);
         self.placed_at.store(revision, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut u) = self.unschedulable.lock() {
             u.clone_from(&plan.unschedulable);
@@ -1269,6 +1322,7 @@ impl Fleet {
         if let Some(c) = current(&last) {
             return Ok(c);
         }
+        let started = std::time::Instant::now();
         let specs: BTreeMap<String, Arc<Deployment>> =
             self.store.list().map_err(internal)?.into_iter().map(|s| (s.spec.name.clone(), Arc::new(s.spec))).collect();
         // Deployments rolling out in waves: nodes not reached yet keep the old template.
@@ -1288,13 +1342,18 @@ impl Fleet {
         // may be the one an Object or External metric sums).
         let metrics = skiff_model::autoscale::scraped_names(specs.values().filter_map(|d| d.autoscale.as_ref()));
         let made_of = PartsMadeOf { specs, waves, slots: self.store.slots().map_err(internal)? };
+        took("read what every node's part is made of", made_of.slots.len(), started);
         let (nodes, specs_json) = match last {
             Some(l) if l.made_of.same(&made_of) && l.metrics == metrics => {
                 (Arc::clone(&l.nodes), Arc::clone(&l.specs_json))
             }
             _ => {
+                let started = std::time::Instant::now();
                 let specs = made_of.specs.values().chain(made_of.waves.values().map(|(_, base)| base));
-                (Arc::new(parts(&made_of, &metrics, revision)), Arc::new(crate::tunnel::SpecsJson::of(specs)))
+                let made =
+                    (Arc::new(parts(&made_of, &metrics, revision)), Arc::new(crate::tunnel::SpecsJson::of(specs)));
+                took("made every node's part", made.0.len(), started);
+                made
             }
         };
         let at = Arc::new(AtRevision { revision, nodes, specs_json, templates, metrics, made_of });
@@ -1967,6 +2026,32 @@ mod tests {
         assert!(!Arc::ptr_eq(&after.nodes, &moved.nodes), "a new placement makes the parts again");
         let web = f.assignment("a").unwrap().deployments.into_iter().find(|d| d.spec.name == "web").unwrap();
         assert_eq!(web.indexes, [1, 2, 3]);
+    }
+
+    /// The tunnels wake when a revision changed what nodes are told: not at an apply's
+    /// own revision (stored, not placed yet), at its placement.
+    #[test]
+    fn tunnels_wake_when_a_placement_moves_not_when_an_apply_waits_for_one() {
+        let (_t, f) = fleet();
+        let tok = any(&f);
+        f.join(&join_req(&tok, "a")).unwrap();
+        f.heartbeat("a", NodeStatus::default()).unwrap();
+        f.tick(false).unwrap();
+        let web = Deployment::new("web", "img");
+        f.store.apply(std::slice::from_ref(&web), None, false, 1).unwrap();
+        f.reschedule().unwrap();
+        let mut wakes = f.wakes();
+        wakes.borrow_and_update();
+        let deployments = [web, Deployment::new("db", "img")];
+        f.store.apply(&deployments, None, false, 2).unwrap();
+        f.revision_changed();
+        assert!(!wakes.has_changed().unwrap(), "a deployment stored and not placed changes no node's part");
+        f.reschedule().unwrap();
+        assert!(wakes.has_changed().unwrap(), "its placement does");
+        assert_eq!(f.assignment("a").unwrap().deployments.len(), 2);
+        wakes.borrow_and_update();
+        f.reschedule().unwrap();
+        assert!(!wakes.has_changed().unwrap(), "placing the same again changes nothing");
     }
 
     #[test]

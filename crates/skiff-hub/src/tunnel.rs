@@ -115,7 +115,8 @@ pub async fn serve(
     }
     f.touch(&name);
     tracing::info!(node = %name, "tunnel open");
-    let mut changes = f.subscribe();
+    // Woken when what nodes are told changed (not at every move of the store's revision).
+    let mut changes = f.wakes();
     // The fleet's services this node may reach, told after the hello and on each change.
     let mut mesh_changes = f.mesh_changes();
     let mut pushed_view: Option<skiff_model::mesh::MeshView> = None;
