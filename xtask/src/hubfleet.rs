@@ -187,12 +187,17 @@ struct Window {
 impl Window {
     /// Loopback bytes (both directions once each) per node per minute.
     fn per_node_min(&self, nodes: usize) -> f64 {
-        self.lo_bytes as f64 / nodes as f64 / self.secs * 60.0
+        self.rate(self.lo_bytes, nodes)
     }
 
     /// The nodes' tunnels' bytes per node per minute, where they were counted.
     fn tunnel_per_node_min(&self, nodes: usize) -> Option<f64> {
-        Some(self.tunnels? as f64 / nodes as f64 / self.secs * 60.0)
+        Some(self.rate(self.tunnels?, nodes))
+    }
+
+    /// `bytes` over the window, per node per minute.
+    fn rate(&self, bytes: u64, nodes: usize) -> f64 {
+        bytes as f64 / nodes as f64 / self.secs * 60.0
     }
 }
 

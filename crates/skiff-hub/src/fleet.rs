@@ -1171,7 +1171,7 @@ impl Fleet {
         let made = self.at_revision().and_then(|at| Ok((Arc::clone(&at.nodes), self.mesh_table()?)));
         let moved = match made {
             Ok((nodes, table)) => self.woken.lock().map_or(true, |mut w| {
-                let same = w.as_ref().is_some_and(|(n, t)| Arc::ptr_eq(n, &nodes) && t.same_records(&table));
+                let same = w.as_ref().is_some_and(|(n, t)| Arc::ptr_eq(n, &nodes) && t.made_of_same_records(&table));
                 *w = Some((nodes, table));
                 !same
             }),

@@ -30,7 +30,7 @@ pub(crate) struct MeshTable {
 impl MeshTable {
     /// Whether `other` was made of the same node records as this table (the same
     /// [`NodeFacts`], kept while the records are).
-    pub(super) fn same_records(&self, other: &MeshTable) -> bool {
+    pub(super) fn made_of_same_records(&self, other: &MeshTable) -> bool {
         Arc::ptr_eq(&self.nodes, &other.nodes)
     }
 }
