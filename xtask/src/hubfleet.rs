@@ -122,7 +122,7 @@ async fn tunnel(i: usize, n: Arc<SimNode>, addr: std::net::SocketAddr, url: Stri
     // Spread the connects, as nodes that started at different times.
     tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 20_000)).await;
     loop {
-        if let Some(mut ws) = crate::hubsim::dial(i, addr, &url, &n.tls).await {
+        if let Some((mut ws, deflate)) = crate::hubsim::dial(i, addr, &url, &n.tls).await {
             let hello = serde_json::json!({"type": "hello", "revision": 0}).to_string();
             let status = serde_json::json!({"type": "status", "status": {}}).to_string();
             if ws.send(Message::Text(hello.into())).await.is_ok() && ws.send(Message::Text(status.into())).await.is_ok()
@@ -140,8 +140,8 @@ async fn tunnel(i: usize, n: Arc<SimNode>, addr: std::net::SocketAddr, url: Stri
                             if !shared.metrics.load(Ordering::Relaxed) {
                                 continue;
                             }
-                            let Some(frame) = samples.next_frame(&n.name) else { continue };
-                            if ws.send(Message::Text(frame.into())).await.is_err() {
+                            let Some(frame) = samples.next_frame(&n.name, deflate) else { continue };
+                            if ws.send(frame).await.is_err() {
                                 break;
                             }
                             continue;

@@ -71,7 +71,8 @@ fn sample(node: &str, n: u64) -> skiff_model::metrics::PackedSample {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     let mut m = skiff_model::metrics::MetricsSample::example(node, now);
     // A cheap deterministic wobble per node and sample.
-    let h = |k: u64| (n.wrapping_mul(6364136223846793005).wrapping_add(k * 1442695040888963407) >> 33) % 1000;
+    let h =
+        |k: u64| (n.wrapping_mul(6364136223846793005).wrapping_add(k.wrapping_mul(1442695040888963407)) >> 33) % 1000;
     m.host.cpu_cores = m.host.cpu_cores.map(|c| c * (0.9 + h(1) as f64 / 5000.0));
     m.host.memory_used_bytes += h(2) * 4096;
     m.host.rx_bytes += n * 20_000 + h(3);
@@ -97,8 +98,9 @@ pub(crate) struct Samples {
 }
 
 impl Samples {
-    /// Takes `node`'s next sample; the frame to send, when one is due.
-    pub(crate) fn next_frame(&mut self, node: &str) -> Option<String> {
+    /// Takes `node`'s next sample; the frame to send, when one is due (deflated when the
+    /// hub reads that, as the agent's).
+    pub(crate) fn next_frame(&mut self, node: &str, deflate: bool) -> Option<tokio_tungstenite::tungstenite::Message> {
         use skiff_model::metrics::Shipment;
         use skiff_model::proto::Control;
         self.through += 1;
@@ -109,7 +111,12 @@ impl Samples {
             Shipment::Deltas(samples) => Control::MetricsDelta { samples, through },
         };
         self.pending.clear();
-        serde_json::to_string(&c).ok()
+        let text = serde_json::to_string(&c).ok()?;
+        use tokio_tungstenite::tungstenite::Message;
+        Some(match deflate.then(|| skiff_model::proto::deflate_frame(&text)).flatten() {
+            Some(z) => Message::Binary(z.into()),
+            None => Message::Text(text.into()),
+        })
     }
 }
 
@@ -155,7 +162,7 @@ pub async fn run(
             // Spread the connects, as nodes that started at different times.
             tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 5_000)).await;
             loop {
-                if let Some(mut ws) = dial(i, hub_addr, &url, &n.tls).await {
+                if let Some((mut ws, deflate)) = dial(i, hub_addr, &url, &n.tls).await {
                     let hello = serde_json::json!({"type": "hello", "revision": 0}).to_string();
                     let status = serde_json::json!({"type": "status", "status": {}}).to_string();
                     if ws.send(Message::Text(hello.into())).await.is_ok()
@@ -172,8 +179,8 @@ pub async fn run(
                                     _ => break,
                                 },
                                 _ = sample_tick.tick(), if metrics_secs > 0 => {
-                                    let Some(frame) = samples.next_frame(&n.name) else { continue };
-                                    if ws.send(Message::Text(frame.into())).await.is_err() {
+                                    let Some(frame) = samples.next_frame(&n.name, deflate) else { continue };
+                                    if ws.send(frame).await.is_err() {
                                         break;
                                     }
                                     continue;
@@ -268,7 +275,7 @@ pub(crate) async fn dial(
     addr: std::net::SocketAddr,
     url: &str,
     tls: &Arc<rustls::ClientConfig>,
-) -> Option<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+) -> Option<(tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, bool)> {
     let c = tokio_tungstenite::Connector::Rustls(Arc::clone(tls));
     let small = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(8 << 10)
@@ -277,8 +284,9 @@ pub(crate) async fn dial(
     let sock = tokio::net::TcpSocket::new_v4().ok()?;
     sock.bind(src).ok()?;
     let stream = sock.connect(addr).await.ok()?;
-    let (ws, _) = tokio_tungstenite::client_async_tls_with_config(url, stream, Some(small), Some(c)).await.ok()?;
-    Some(ws)
+    let (ws, answer) = tokio_tungstenite::client_async_tls_with_config(url, stream, Some(small), Some(c)).await.ok()?;
+    let header = answer.headers().get(skiff_model::proto::TUNNEL_FEATURES).and_then(|v| v.to_str().ok());
+    Some((ws, skiff_model::proto::tunnel_reads(header, skiff_model::proto::FEATURE_DEFLATE)))
 }
 
 /// What a simulator needs from the hub's admin.conf and the join token.

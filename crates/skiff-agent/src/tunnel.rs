@@ -3,7 +3,7 @@
 //! Assignments come in and are persisted before they are acted on; status, events and
 //! resource samples go out when they change (and wait in `agent.db` until acknowledged);
 //! logs and exec requests are served on the same connection. The frames are
-//! [`skiff_model::proto`]'s.
+//! [`skiff_model::proto`]'s: the agent's own go deflated to a hub that says it reads them.
 //!
 //! While the hub is unreachable the agent keeps running from `agent.db`, and dials again
 //! with jittered back-off.
@@ -92,8 +92,10 @@ pub async fn run(
         let dial = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(connector));
         // Bounded: a SYN into a dead link would otherwise wait out the kernel's retries.
         match tokio::time::timeout(Duration::from_secs(10), dial).await {
-            Ok(Ok((ws, _))) => {
+            Ok(Ok((ws, answer))) => {
                 failures = 0;
+                let header = answer.headers().get(skiff_model::proto::TUNNEL_FEATURES).and_then(|v| v.to_str().ok());
+                let deflate = skiff_model::proto::tunnel_reads(header, skiff_model::proto::FEATURE_DEFLATE);
                 if let Ok(mut c) = connected.write() {
                     c.clone_from(base);
                 }
@@ -101,7 +103,7 @@ pub async fn run(
                 cut_off_hubs.retain(|_, at| at.elapsed() < CUT_OFF_MEMORY);
                 let others: Vec<String> =
                     bases.iter().filter(|b| *b != base && !cut_off_hubs.contains_key(*b)).cloned().collect();
-                let (to, cut) = serve(&agent, &id, ws, every, others).await;
+                let (to, cut) = serve(&agent, &id, ws, every, others, deflate).await;
                 if cut {
                     cut_off_hubs.insert(base.clone(), tokio::time::Instant::now());
                 }
@@ -151,6 +153,16 @@ fn frame(c: &Control) -> String {
     serde_json::to_string(c).unwrap_or_default()
 }
 
+/// `c` as it goes to the hub: deflated when the hub reads that (`deflate`) and it is
+/// shorter, else text.
+fn message(c: &Control, deflate: bool) -> Message {
+    let text = frame(c);
+    match deflate.then(|| skiff_model::proto::deflate_frame(&text)).flatten() {
+        Some(z) => Message::Binary(z.into()),
+        None => Message::Text(text.into()),
+    }
+}
+
 /// Whether a certificate valid from `not_before` to `not_after` (ms) should be renewed at
 /// `now`: when a third of its life is left.
 pub fn due_for_renewal((not_before, not_after): (u64, u64), now: u64) -> bool {
@@ -167,6 +179,7 @@ async fn serve<S>(
     mut ws: tokio_tungstenite::WebSocketStream<S>,
     every: Duration,
     others: Vec<String>,
+    deflate: bool,
 ) -> (Option<String>, bool)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -179,7 +192,7 @@ where
         features: Some(vec![skiff_model::proto::FEATURE_MESH_UDP.to_string()]),
         digest: agent.hello_digest(),
     };
-    if ws.send(Message::Text(frame(&hello).into())).await.is_err() {
+    if ws.send(message(&hello, deflate)).await.is_err() {
         return (None, false);
     }
     // Frames go out through a writer task that owns the socket's sending half: this loop
@@ -359,7 +372,7 @@ where
                 if due && renewing.is_none() {
                     match crate::join::node_csr(agent.node_name()) {
                         Ok((key, csr)) => {
-                            if !send_msg(&out, Message::Text(frame(&Control::Renew { csr }).into())).await {
+                            if !send_msg(&out, message(&Control::Renew { csr }, deflate)).await {
                                 break;
                             }
                             tracing::info!("asked the hub to renew the node's certificate");
@@ -382,7 +395,7 @@ where
                         Shipment::Whole(samples) => Control::Metrics { samples, through },
                         Shipment::Deltas(samples) => Control::MetricsDelta { samples, through },
                     };
-                    if !send_msg(&out, Message::Text(frame(&c).into())).await {
+                    if !send_msg(&out, message(&c, deflate)).await {
                         lost = true;
                         break;
                     }
@@ -408,7 +421,7 @@ where
                     cache: agent.cfg.cache_url.clone(),
                     mesh: agent.cfg.mesh_advertise.clone(),
                 };
-                if !send_msg(&out, Message::Text(frame(&Control::Status { status }).into())).await {
+                if !send_msg(&out, message(&Control::Status { status }, deflate)).await {
                     break;
                 }
                 reported = Some(now);

@@ -962,7 +962,13 @@ async fn tunnel(
     // Small buffers: tens of thousands of mostly idle tunnels, whose frames are small (the
     // default 128 KiB read buffer per connection would dominate the hub's memory).
     let ws = ws.read_buffer_size(8 << 10).write_buffer_size(0).max_message_size(MAX_BODY).max_frame_size(MAX_BODY);
-    Ok(ws.on_upgrade(move |socket| crate::tunnel::serve(f, name, peer, socket)))
+    let mut answer = ws.on_upgrade(move |socket| crate::tunnel::serve(f, name, peer, socket));
+    // The node may deflate its frames (an agent that predates the header never does).
+    answer.headers_mut().insert(
+        skiff_model::proto::TUNNEL_FEATURES,
+        axum::http::HeaderValue::from_static(skiff_model::proto::FEATURE_DEFLATE),
+    );
+    Ok(answer)
 }
 
 async fn node_status(

@@ -58,6 +58,25 @@ async fn tell_cut_off(out: &Out, cut_off: &mut tokio::sync::watch::Receiver<bool
     !cut || send_frame(out, &Control::CutOff).await
 }
 
+/// A deflated frame as the text it carries (the hub's header says nodes may send them);
+/// one that does not inflate to text within the hub's bound ends the tunnel.
+fn inflated<E>(
+    m: Option<Result<axum::extract::ws::Message, E>>,
+    node: &str,
+) -> Option<Result<axum::extract::ws::Message, E>> {
+    use axum::extract::ws::Message;
+    match m {
+        Some(Ok(Message::Binary(b))) => match skiff_model::proto::inflate_frame(&b, crate::api::MAX_BODY) {
+            Ok(text) => Some(Ok(Message::Text(text.into()))),
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "closing the tunnel");
+                None
+            }
+        },
+        m => m,
+    }
+}
+
 /// Sends one control frame; false when the socket is gone.
 async fn send_frame(out: &Out, c: &Control) -> bool {
     let Ok(frame) = serde_json::to_string(c) else { return true };
@@ -149,7 +168,7 @@ pub async fn serve(
     loop {
         let mut push = false;
         tokio::select! {
-            m = socket.next() => match m {
+            m = socket.next() => match inflated(m, &name) {
                 Some(Ok(Message::Text(text))) => {
                     f.touch(&name);
                     last_rx = tokio::time::Instant::now();

@@ -536,9 +536,83 @@ pub enum Control {
 /// dropped (it dials again).
 pub const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// The header of a hub's answer to a tunnel's upgrade that names the frame encodings it
+/// reads beyond text (comma-separated). A hub that predates it sends none, and is sent
+/// text only.
+pub const TUNNEL_FEATURES: &str = "skiff-tunnel-features";
+/// [`TUNNEL_FEATURES`]: the hub reads an agent's frames deflated (raw DEFLATE, RFC 1951)
+/// in binary frames. On a metered link a batch of samples is half its text's bytes.
+pub const FEATURE_DEFLATE: &str = "deflate";
+
+/// Whether a hub's [`TUNNEL_FEATURES`] header names `feature`.
+pub fn tunnel_reads(header: Option<&str>, feature: &str) -> bool {
+    header.is_some_and(|h| h.split(',').any(|f| f.trim() == feature))
+}
+
+/// Frames shorter than this go as text: DEFLATE's own bytes would eat what it saves.
+const DEFLATE_FROM: usize = 96;
+
+/// `text` deflated, when that is shorter than `text` (and `text` long enough to try).
+pub fn deflate_frame(text: &str) -> Option<Vec<u8>> {
+    use std::io::Write;
+    if text.len() < DEFLATE_FROM {
+        return None;
+    }
+    let mut z = flate2::write::DeflateEncoder::new(Vec::with_capacity(text.len() / 2), flate2::Compression::default());
+    z.write_all(text.as_bytes()).ok()?;
+    let out = z.finish().ok()?;
+    (out.len() < text.len()).then_some(out)
+}
+
+/// A deflated frame's text, refused past `max` bytes (a small frame that inflates to
+/// gigabytes is bounded like a long text frame).
+pub fn inflate_frame(bytes: &[u8], max: usize) -> Result<String, FrameError> {
+    use std::io::Read;
+    let mut text = String::new();
+    let mut z = flate2::read::DeflateDecoder::new(bytes).take(max as u64 + 1);
+    z.read_to_string(&mut text)
+        .map_err(|e| FrameError(format!("a deflated frame that does not inflate to text: {e}")))?;
+    if text.len() > max {
+        return Err(FrameError(format!("a deflated frame of more than {max} bytes")));
+    }
+    Ok(text)
+}
+
+/// A tunnel frame that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FrameError(pub String);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_deflate_when_it_pays_and_inflate_within_bounds() {
+        let batch = serde_json::to_string(&Control::MetricsAck { through: 7 }).unwrap();
+        assert_eq!(deflate_frame(&batch), None, "a short frame stays text");
+        let long = format!("{{\"type\":\"status\",\"pad\":\"{}\"}}", "ab".repeat(300));
+        let z = deflate_frame(&long).expect("deflated");
+        assert!(z.len() < long.len() / 4, "{} of {}", z.len(), long.len());
+        assert_eq!(inflate_frame(&z, 1 << 20).unwrap(), long);
+        // A bomb: small deflated, past the bound inflated.
+        let bomb = deflate_frame(&" ".repeat(3 << 20)).unwrap();
+        assert!(bomb.len() < 8 << 10);
+        assert!(inflate_frame(&bomb, 1 << 20).unwrap_err().0.contains("more than 1048576 bytes"));
+        assert!(inflate_frame(b"\xff\xfe not deflate", 1 << 20).is_err());
+        let not_text = {
+            use std::io::Write;
+            let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            z.write_all(&[0xff; 200]).unwrap();
+            z.finish().unwrap()
+        };
+        assert!(inflate_frame(&not_text, 1 << 20).is_err(), "not UTF-8");
+        // The hub's header: a list, read by name.
+        assert!(tunnel_reads(Some("deflate"), FEATURE_DEFLATE));
+        assert!(tunnel_reads(Some("zstd, deflate"), FEATURE_DEFLATE));
+        assert!(!tunnel_reads(Some("deflated"), FEATURE_DEFLATE));
+        assert!(!tunnel_reads(None, FEATURE_DEFLATE));
+    }
 
     #[test]
     fn session_frames_carry_bytes_and_specs_are_checked() {

@@ -239,7 +239,9 @@ fn a_stolen_node_reaches_nothing_beyond_its_own_slots() -> R {
     }
     let future = skiff_runtime::time::now_ms() + 3_600_000;
     let closed = rt.block_on(async {
-        let (mut ws, _) = connect().await?;
+        let (mut ws, answer) = connect().await?;
+        let header = answer.headers().get(skiff_model::proto::TUNNEL_FEATURES).and_then(|v| v.to_str().ok());
+        assert!(skiff_model::proto::tunnel_reads(header, skiff_model::proto::FEATURE_DEFLATE), "{header:?}");
         let mut sample = skiff_model::metrics::MetricsSample::example("node-b", future);
         sample.instances[0].instance = on_a.name.clone();
         sample.instances[0].deployment = "web".into();
@@ -247,8 +249,10 @@ fn a_stolen_node_reaches_nothing_beyond_its_own_slots() -> R {
         sample.instances[1].instance = on_b.name.clone();
         sample.instances[1].deployment = "web".into();
         let packed: skiff_model::metrics::PackedSample = (&sample).into();
+        // Deflated, as agents send frames to a hub that reads them.
         let frame = serde_json::json!({"type": "metrics", "samples": [packed], "through": 1}).to_string();
-        ws.send(tokio_tungstenite::tungstenite::Message::Text(frame.into())).await?;
+        let frame = skiff_model::proto::deflate_frame(&frame).expect("a sample deflates");
+        ws.send(tokio_tungstenite::tungstenite::Message::Binary(frame.into())).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         for i in 0..1000 {
             let runtimes = if i % 2 == 0 { vec!["oci"] } else { vec!["oci", "wasm"] };
@@ -282,6 +286,18 @@ fn a_stolen_node_reaches_nothing_beyond_its_own_slots() -> R {
             anyhow::Ok(closed_by_hub(&mut ws).await)
         })?;
         assert!(closed, "a tunnel sending {} was closed", frame["type"]);
+    }
+    // And a deflated frame that is not DEFLATE, or inflates past the hub's bound.
+    let bomb = skiff_model::proto::deflate_frame(&" ".repeat(2 << 20)).expect("spaces deflate");
+    for frame in [b"not deflate at all".to_vec(), bomb] {
+        let closed = rt.block_on(async {
+            let (mut ws, _) = connect().await?;
+            let hello = serde_json::json!({"type": "hello", "revision": 0}).to_string();
+            ws.send(tokio_tungstenite::tungstenite::Message::Text(hello.into())).await?;
+            ws.send(tokio_tungstenite::tungstenite::Message::Binary(frame.into())).await?;
+            anyhow::Ok(closed_by_hub(&mut ws).await)
+        })?;
+        assert!(closed, "a tunnel sending a bad deflated frame was closed");
     }
     let samples: Vec<skiff_model::metrics::MetricsSample> = rt.block_on(async {
         let conf: serde_json::Value = serde_json::from_slice(&std::fs::read(h.data().join("admin.conf"))?)?;
