@@ -1171,7 +1171,7 @@ impl Fleet {
         let made = self.at_revision().and_then(|at| Ok((Arc::clone(&at.nodes), self.mesh_table()?)));
         let moved = match made {
             Ok((nodes, table)) => self.woken.lock().map_or(true, |mut w| {
-                let same = w.as_ref().is_some_and(|(n, t)| Arc::ptr_eq(n, &nodes) && t.made_of_same_records(&table));
+                let same = w.as_ref().is_some_and(|(n, t)| Arc::ptr_eq(n, &nodes) && t.tells_the_same_of_nodes(&table));
                 *w = Some((nodes, table));
                 !same
             }),
@@ -2052,6 +2052,14 @@ mod tests {
         wakes.borrow_and_update();
         f.reschedule().unwrap();
         assert!(!wakes.has_changed().unwrap(), "placing the same again changes nothing");
+        // A node that joins runs nothing yet: no other node's view names it.
+        f.join(&join_req(&tok, "b")).unwrap();
+        f.revision_changed();
+        assert!(!wakes.has_changed().unwrap(), "a node joining with no part wakes no tunnel");
+        // A node that holds a part is named in views: a change to its record wakes them.
+        f.set_node_facts("a", Some(&["oci".to_string(), "wasm".to_string()]), None, None).unwrap();
+        f.revision_changed();
+        assert!(wakes.has_changed().unwrap(), "a's record changed");
     }
 
     #[test]
