@@ -877,6 +877,18 @@ impl Store for EtcdStore {
         if let Some(nodes) = self.watched.nodes_at(self.marker_revision()?) {
             return Ok(nodes);
         }
+        // Said (every 10 s at most): at 100,000 nodes this is 100 MB from etcd, and a new
+        // copy of every record.
+        static SAID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = skiff_sys::time::now_ms();
+        let said = SAID.load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(said) >= 10_000
+            && SAID
+                .compare_exchange(said, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!("reading every node record from etcd: the watch that keeps them is down or behind");
+        }
         Ok(Arc::new(self.now()?.list::<StoredNode>("nodes")?.into_values().map(|n| Arc::new(n.record)).collect()))
     }
 

@@ -139,7 +139,7 @@ pub async fn serve(
     // The fleet's services this node may reach, told after the hello and on each change.
     let mut mesh_changes = f.mesh_changes();
     let mut pushed_view: Option<skiff_model::mesh::MeshView> = None;
-    let mut cut_from: Option<Arc<crate::fleet::mesh::MeshTable>> = None;
+    let mut cut_from: Option<u64> = None;
     // The store's hubs: told once the node said hello, and again when they change; and
     // whether this hub is cut off from the store.
     let mut hubs = f.hubs();
@@ -347,7 +347,7 @@ pub async fn serve(
         let Some(held) = node_rev.filter(|_| push) else { continue };
         // The view is cut again only from a table other than the one it was last cut from.
         let table = match f.mesh_table() {
-            Ok(t) if !cut_from.as_ref().is_some_and(|c| Arc::ptr_eq(c, &t)) => Some(t),
+            Ok(t) if cut_from != Some(t.id()) => Some(t),
             Ok(_) => None,
             Err(e) => {
                 tracing::warn!(node = %name, error = %e, "the fleet's services");
@@ -365,7 +365,7 @@ pub async fn serve(
                 }
                 pushed_view = Some(view);
             }
-            cut_from = Some(t);
+            cut_from = Some(t.id());
         }
         let Ok((mut a, specs)) = f.assignment_and_specs(&name) else { continue };
         if !udp {
