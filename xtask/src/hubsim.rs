@@ -111,12 +111,7 @@ impl Samples {
             Shipment::Deltas(samples) => Control::MetricsDelta { samples, through },
         };
         self.pending.clear();
-        let text = serde_json::to_string(&c).ok()?;
-        use tokio_tungstenite::tungstenite::Message;
-        Some(match deflate.then(|| skiff_model::proto::deflate_frame(&text)).flatten() {
-            Some(z) => Message::Binary(z.into()),
-            None => Message::Text(text.into()),
-        })
+        Some(skiff_agent::tunnel::message(&c, deflate))
     }
 }
 

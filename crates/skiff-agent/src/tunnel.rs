@@ -154,8 +154,8 @@ fn frame(c: &Control) -> String {
 }
 
 /// `c` as it goes to the hub: deflated when the hub reads that (`deflate`) and it is
-/// shorter, else text.
-fn message(c: &Control, deflate: bool) -> Message {
+/// shorter, else text. (The hub simulators of `xtask` send theirs so too.)
+pub fn message(c: &Control, deflate: bool) -> Message {
     let text = frame(c);
     match deflate.then(|| skiff_model::proto::deflate_frame(&text)).flatten() {
         Some(z) => Message::Binary(z.into()),
