@@ -25,6 +25,9 @@ pub use peers::{PeerNode, PeerState};
 
 /// A node is Ready while its heartbeats arrive within this long of each other.
 pub const HEARTBEAT_GRACE_MS: u64 = 40_000;
+/// A forced tick places at least this long after the last placement, whatever changed
+/// (see [`Fleet::tick`]).
+const FORCED_PLACEMENT_EVERY_MS: u64 = 60_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FleetError {
@@ -283,6 +286,8 @@ pub struct Fleet {
     /// The store's revision the last placement saw (a change made through another hub is
     /// placed at the next tick).
     placed_at: std::sync::atomic::AtomicU64,
+    /// The hub clock's time just before the last placement read the nodes' states.
+    placed_ms: std::sync::atomic::AtomicU64,
     /// What peers are told (see `peers.rs`): this start's epoch, and the newest
     /// generation with the generation of each node's last change and last sample.
     epoch: String,
@@ -453,6 +458,7 @@ impl Fleet {
             mesh_table: Mutex::new(None),
             leads: std::sync::atomic::AtomicBool::new(true),
             placed_at: std::sync::atomic::AtomicU64::new(0),
+            placed_ms: std::sync::atomic::AtomicU64::new(0),
             epoch: crate::pki::random_hex().map_err(failed)?,
             changes: Default::default(),
             peers: Mutex::new(BTreeMap::new()),
@@ -1205,6 +1211,7 @@ impl Fleet {
         // A stateful set's slot goes back to the node its volumes are on.
         let last = ordered::last_nodes(&*self.store, &deployments).map_err(internal)?;
         let placed = ordered::with_last_nodes(&deployments, &current, &last);
+        let now = self.clock.now_ms();
         let views = self.views()?;
         took("read what placement is made of", views.len(), started);
         let started = std::time::Instant::now();
@@ -1225,6 +1232,7 @@ impl Fleet {
         let revision = self.store.set_slots(&plan.slots).map_err(internal)?;
         took("stored the placement", views.len(), started);
         self.placed_at.store(revision, std::sync::atomic::Ordering::Relaxed);
+        self.placed_ms.store(now, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut u) = self.unschedulable.lock() {
             u.clone_from(&plan.unschedulable);
         }
@@ -1233,18 +1241,56 @@ impl Fleet {
     }
 
     /// Places again if a node joined or came back since the last placement, if the store
-    /// changed since (through another hub of it), or if `force` (node states also change
-    /// by time passing: heartbeats that stop). Only on the hub that leads.
+    /// changed since (through another hub of it), or if `force` and time alone may have
+    /// moved the placement (see [`Fleet::time_moved_placement`]; and once a minute
+    /// whatever it finds). Only on the hub that leads.
     pub fn tick(&self, force: bool) -> Result<(), FleetError> {
+        use std::sync::atomic::Ordering::Relaxed;
         if !self.leads() {
             return Ok(());
         }
-        let stored =
-            || self.store.revision().is_ok_and(|r| r > self.placed_at.load(std::sync::atomic::Ordering::Relaxed));
-        if self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) || force || stored() {
+        let stored = || self.store.revision().is_ok_and(|r| r > self.placed_at.load(Relaxed));
+        let now = self.clock.now_ms();
+        let timed = || {
+            now.saturating_sub(self.placed_ms.load(Relaxed)) >= FORCED_PLACEMENT_EVERY_MS
+                || self.time_moved_placement(now)
+        };
+        if self.dirty.swap(false, Relaxed) || stored() || (force && timed()) {
             self.reschedule()?;
         }
         Ok(())
+    }
+
+    /// Whether time alone may have moved the placement since the last one: a node fell
+    /// silent (its state changes here), or a node that is not Ready has now been so for
+    /// some deployment's `reschedule_after`, and was not yet at the last placement.
+    /// Everything else that moves it says so (`dirty`, the store's revision). A fleet at
+    /// rest is not placed again every 5 s: at 100,000 nodes a placement is seconds of a
+    /// core, taken from pushing an apply to the nodes.
+    fn time_moved_placement(&self, now: u64) -> bool {
+        let fell_silent = self.seen.lock().map_or(true, |mut seen| {
+            let mut any = false;
+            for s in seen.values_mut() {
+                any |= s.went_silent(now);
+            }
+            any
+        });
+        if fell_silent {
+            return true;
+        }
+        let Ok(deployments) = self.store.list() else { return true };
+        let Some(after) = deployments.iter().filter_map(|d| d.spec.placement.reschedule_after_ms).min() else {
+            return false;
+        };
+        let Ok(nodes) = self.store.nodes() else { return true };
+        let last = self.placed_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let Ok(seen) = self.seen.lock() else { return true };
+        nodes.iter().any(|n| {
+            let (state, since) =
+                seen.get(&n.name).map_or((NodeState::Unknown, self.started_ms), |s| (s.state, s.since_ms));
+            let due = since.saturating_add(after);
+            state != NodeState::Ready && last < due && due <= now
+        })
     }
 
     /// The node's assignment at the current revision. Every node's is computed in one pass
@@ -2060,6 +2106,55 @@ mod tests {
         f.set_node_facts("a", Some(&["oci".to_string(), "wasm".to_string()]), None, None).unwrap();
         f.revision_changed();
         assert!(wakes.has_changed().unwrap(), "a's record changed");
+    }
+
+    /// A forced tick places again only when time moved something: a node falling silent,
+    /// a node away for a deployment's `reschedule_after`; else once a minute.
+    #[test]
+    fn a_fleet_at_rest_is_not_placed_again_at_every_forced_tick() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let t = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
+        let clock = crate::clock::ManualClock::at(1_000_000);
+        let f = Fleet::new(Ca::load_or_create(&t.path().join("pki")).unwrap(), store, clock.clone()).unwrap();
+        let tok = any(&f);
+        for n in ["a", "b"] {
+            f.join(&join_req(&tok, n)).unwrap();
+            f.heartbeat(n, NodeStatus::default()).unwrap();
+        }
+        let mut web = Deployment::new("web", "img");
+        web.placement.reschedule_after_ms = Some(30_000);
+        f.store.apply(&[web], None, false, 1).unwrap();
+        f.tick(true).unwrap();
+        let placed = || f.placed_ms.load(Relaxed);
+        let at_rest = placed();
+        assert_eq!(at_rest, 1_000_000);
+        let gone = f.store.slots().unwrap()[0].node.clone();
+        let stays = if gone == "a" { "b" } else { "a" };
+        // Both heard from every 5 s: nothing to place again.
+        for _ in 0..4 {
+            clock.advance(5_000);
+            f.heartbeat("a", NodeStatus::default()).unwrap();
+            f.heartbeat("b", NodeStatus::default()).unwrap();
+            f.tick(true).unwrap();
+        }
+        assert_eq!(placed(), at_rest, "nothing moved");
+        // `gone` falls silent (last heard at +0): placed again a minute after the last
+        // placement (+40 s), when it turns Unknown (silent past 40 s: at +45 s, Unknown
+        // since +40 s), and when it has been so for `reschedule_after` (+70 s), where its
+        // slot moves.
+        let mut placements = vec![];
+        for _ in 0..16 {
+            clock.advance(5_000);
+            f.heartbeat(stays, NodeStatus::default()).unwrap();
+            let before = placed();
+            f.tick(true).unwrap();
+            if placed() != before {
+                placements.push(placed() - 1_020_000);
+            }
+        }
+        assert_eq!(placements, [40_000, 45_000, 70_000], "the minute's pass, Unknown, reschedule_after");
+        assert_eq!(f.store.slots().unwrap()[0].node, stays);
     }
 
     #[test]
