@@ -180,7 +180,7 @@ pub async fn serve(
                         Ok(_) => true,
                         Err(_) => !t.deliver(text.as_str()).await,
                     };
-                    if budgeted && !budget.take(tokio::time::Instant::now()) {
+                    if budgeted && !budget.take_for(tokio::time::Instant::now(), text.len()) {
                         // A delta dropped would leave the next ones without their base.
                         if matches!(control, Ok(Control::MetricsDelta { .. })) {
                             break;
@@ -423,8 +423,13 @@ impl FrameBudget {
         FrameBudget { tokens: Self::BURST, at: now, dropped: 0 }
     }
 
-    /// Whether a frame arriving `now` is within budget.
-    fn take(&mut self, now: tokio::time::Instant) -> bool {
+    /// Each started 64 KiB of a frame's text costs a frame more: a long frame (or a
+    /// deflated one that inflates long) is not read at the price of a short one.
+    const BYTES_PER_FRAME: usize = 64 << 10;
+
+    /// Whether a frame of `len` bytes of text arriving `now` is within budget.
+    fn take_for(&mut self, now: tokio::time::Instant, len: usize) -> bool {
+        let cost = 1.0 + (len / Self::BYTES_PER_FRAME) as f64;
         let secs = now.saturating_duration_since(self.at).as_secs_f64();
         self.at = now;
         self.tokens = (self.tokens + secs * Self::PER_SECOND).min(Self::BURST);
@@ -432,8 +437,8 @@ impl FrameBudget {
             // A full bucket again: the node behaved for a while; old drops are forgiven.
             self.dropped = 0;
         }
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= cost {
+            self.tokens -= cost;
             true
         } else {
             self.dropped += 1;
@@ -902,14 +907,19 @@ mod tests {
     fn a_flooding_node_runs_out_of_budget() {
         let t0 = tokio::time::Instant::now();
         let mut b = FrameBudget::new(t0);
-        let taken = (0..1000).filter(|_| b.take(t0)).count();
+        let taken = (0..1000).filter(|_| b.take_for(t0, 0)).count();
         assert_eq!(taken, 200, "the burst");
         assert_eq!(b.dropped, 800);
         let later = t0 + Duration::from_secs(1);
-        assert_eq!((0..100).filter(|_| b.take(later)).count(), 20, "then 20 a second");
+        assert_eq!((0..100).filter(|_| b.take_for(later, 0)).count(), 20, "then 20 a second");
         assert!(b.dropped > FrameBudget::CLOSE_AFTER);
-        assert!(b.take(later + Duration::from_secs(11)));
+        assert!(b.take_for(later + Duration::from_secs(11), 0));
         assert_eq!(b.dropped, 0, "a node quiet long enough to refill starts again with a clean slate");
+        // Long frames cost more: 1 MiB of text is 17 frames' worth.
+        let t1 = later + Duration::from_secs(30);
+        let mut b = FrameBudget::new(t1);
+        assert_eq!((0..20).filter(|_| b.take_for(t1, 1 << 20)).count(), 11, "200 / 17");
+        assert!(b.take_for(t1, 100), "a short one still fits");
     }
 
     fn log(id: u64, text: &str) -> String {

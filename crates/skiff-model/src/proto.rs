@@ -551,8 +551,13 @@ pub fn tunnel_reads(header: Option<&str>, feature: &str) -> bool {
 
 /// Frames shorter than this go as text: DEFLATE's own bytes would eat what it saves.
 const DEFLATE_FROM: usize = 96;
+/// The most a deflated frame may grow when inflated (times its own length, plus 4 KiB):
+/// a node cannot make the hub read far more than it sent. An agent sends a frame that
+/// deflates better than this as text.
+pub const MAX_DEFLATE_RATIO: usize = 64;
 
-/// `text` deflated, when that is shorter than `text` (and `text` long enough to try).
+/// `text` deflated, when that is shorter than `text` (and `text` long enough to try), and
+/// within [`MAX_DEFLATE_RATIO`].
 pub fn deflate_frame(text: &str) -> Option<Vec<u8>> {
     use std::io::Write;
     if text.len() < DEFLATE_FROM {
@@ -561,13 +566,20 @@ pub fn deflate_frame(text: &str) -> Option<Vec<u8>> {
     let mut z = flate2::write::DeflateEncoder::new(Vec::with_capacity(text.len() / 2), flate2::Compression::default());
     z.write_all(text.as_bytes()).ok()?;
     let out = z.finish().ok()?;
-    (out.len() < text.len()).then_some(out)
+    (out.len() < text.len() && text.len() <= inflated_bound(out.len())).then_some(out)
+}
+
+/// The most text a deflated frame of `len` bytes may carry.
+fn inflated_bound(len: usize) -> usize {
+    len.saturating_mul(MAX_DEFLATE_RATIO).saturating_add(4 << 10)
 }
 
 /// A deflated frame's text, refused past `max` bytes (a small frame that inflates to
-/// gigabytes is bounded like a long text frame).
+/// gigabytes is bounded like a long text frame) or past [`MAX_DEFLATE_RATIO`] times its
+/// own length.
 pub fn inflate_frame(bytes: &[u8], max: usize) -> Result<String, FrameError> {
     use std::io::Read;
+    let max = max.min(inflated_bound(bytes.len()));
     let mut text = String::new();
     let mut z = flate2::read::DeflateDecoder::new(bytes).take(max as u64 + 1);
     z.read_to_string(&mut text)
@@ -595,10 +607,19 @@ mod tests {
         let z = deflate_frame(&long).expect("deflated");
         assert!(z.len() < long.len() / 4, "{} of {}", z.len(), long.len());
         assert_eq!(inflate_frame(&z, 1 << 20).unwrap(), long);
-        // A bomb: small deflated, past the bound inflated.
-        let bomb = deflate_frame(&" ".repeat(3 << 20)).unwrap();
+        // A bomb: small deflated, past the bound inflated, and past the ratio (which the
+        // agent keeps: such a frame goes as text).
+        let spaces = " ".repeat(3 << 20);
+        assert_eq!(deflate_frame(&spaces), None);
+        let bomb = {
+            use std::io::Write;
+            let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            z.write_all(spaces.as_bytes()).unwrap();
+            z.finish().unwrap()
+        };
         assert!(bomb.len() < 8 << 10);
-        assert!(inflate_frame(&bomb, 1 << 20).unwrap_err().0.contains("more than 1048576 bytes"));
+        assert!(inflate_frame(&bomb, 1 << 20).unwrap_err().0.contains("more than"));
+        assert!(inflate_frame(&bomb, 64 << 20).is_err(), "past the ratio however large the bound");
         assert!(inflate_frame(b"\xff\xfe not deflate", 1 << 20).is_err());
         let not_text = {
             use std::io::Write;
