@@ -286,8 +286,10 @@ pub struct Fleet {
     /// The store's revision the last placement saw (a change made through another hub is
     /// placed at the next tick).
     placed_at: std::sync::atomic::AtomicU64,
-    /// The hub clock's time just before the last placement read the nodes' states.
+    /// The hub clock's time just before the last placement read the nodes' states, and
+    /// what time alone can change of that placement as it saw it ([`time_print`]).
     placed_ms: std::sync::atomic::AtomicU64,
+    placed_print: std::sync::atomic::AtomicU64,
     /// What peers are told (see `peers.rs`): this start's epoch, and the newest
     /// generation with the generation of each node's last change and last sample.
     epoch: String,
@@ -459,6 +461,7 @@ impl Fleet {
             leads: std::sync::atomic::AtomicBool::new(true),
             placed_at: std::sync::atomic::AtomicU64::new(0),
             placed_ms: std::sync::atomic::AtomicU64::new(0),
+            placed_print: std::sync::atomic::AtomicU64::new(0),
             epoch: crate::pki::random_hex().map_err(failed)?,
             changes: Default::default(),
             peers: Mutex::new(BTreeMap::new()),
@@ -1213,6 +1216,8 @@ impl Fleet {
         let placed = ordered::with_last_nodes(&deployments, &current, &last);
         let now = self.clock.now_ms();
         let views = self.views()?;
+        let print =
+            time_print(views.iter().map(|v| (v.name.as_str(), v.state, v.state_since_ms)), &afters(&deployments), now);
         took("read what placement is made of", views.len(), started);
         let started = std::time::Instant::now();
         let mut plan = schedule::schedule(&deployments, &self.known_platforms(), &views, &placed, self.clock.now_ms());
@@ -1233,6 +1238,7 @@ impl Fleet {
         took("stored the placement", views.len(), started);
         self.placed_at.store(revision, std::sync::atomic::Ordering::Relaxed);
         self.placed_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+        self.placed_print.store(print, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut u) = self.unschedulable.lock() {
             u.clone_from(&plan.unschedulable);
         }
@@ -1252,45 +1258,39 @@ impl Fleet {
         let stored = || self.store.revision().is_ok_and(|r| r > self.placed_at.load(Relaxed));
         let now = self.clock.now_ms();
         let timed = || {
-            now.saturating_sub(self.placed_ms.load(Relaxed)) >= FORCED_PLACEMENT_EVERY_MS
-                || self.time_moved_placement(now)
+            let last = self.placed_ms.load(Relaxed);
+            // A clock stepped back counts as a minute gone.
+            now < last || now - last >= FORCED_PLACEMENT_EVERY_MS || self.time_moved_placement(now)
         };
         if self.dirty.swap(false, Relaxed) || stored() || (force && timed()) {
-            self.reschedule()?;
+            if let Err(e) = self.reschedule() {
+                // Tried again at the next tick, not at the next change.
+                self.dirty.store(true, Relaxed);
+                return Err(e);
+            }
         }
         Ok(())
     }
 
-    /// Whether time alone may have moved the placement since the last one: a node fell
-    /// silent (its state changes here), or a node that is not Ready has now been so for
-    /// some deployment's `reschedule_after`, and was not yet at the last placement.
-    /// Everything else that moves it says so (`dirty`, the store's revision). A fleet at
-    /// rest is not placed again every 5 s: at 100,000 nodes a placement is seconds of a
-    /// core, taken from pushing an apply to the nodes.
+    /// Whether time alone may have moved the placement since the last one: a node's
+    /// state is not the one it saw (one fell silent, whoever noticed it first), or a node
+    /// not Ready has now been away for another of the deployments' `reschedule_after`s
+    /// (see [`time_print`]). Everything else that moves it says so (`dirty`, the store's
+    /// revision). A fleet at rest is not placed again every 5 s: at 100,000 nodes a
+    /// placement is seconds of a core, taken from pushing an apply to the nodes.
     fn time_moved_placement(&self, now: u64) -> bool {
-        let fell_silent = self.seen.lock().map_or(true, |mut seen| {
-            let mut any = false;
-            for s in seen.values_mut() {
-                any |= s.went_silent(now);
-            }
-            any
-        });
-        if fell_silent {
-            return true;
-        }
-        let Ok(deployments) = self.store.list() else { return true };
-        let Some(after) = deployments.iter().filter_map(|d| d.spec.placement.reschedule_after_ms).min() else {
-            return false;
-        };
+        let Ok(stored) = self.store.list() else { return true };
+        let deployments: Vec<Deployment> = stored.into_iter().map(|s| s.spec).collect();
         let Ok(nodes) = self.store.nodes() else { return true };
-        let last = self.placed_ms.load(std::sync::atomic::Ordering::Relaxed);
-        let Ok(seen) = self.seen.lock() else { return true };
-        nodes.iter().any(|n| {
-            let (state, since) =
-                seen.get(&n.name).map_or((NodeState::Unknown, self.started_ms), |s| (s.state, s.since_ms));
-            let due = since.saturating_add(after);
-            state != NodeState::Ready && last < due && due <= now
-        })
+        let Ok(mut seen) = self.seen.lock() else { return true };
+        let states = nodes.iter().map(|n| match seen.get_mut(&n.name) {
+            Some(s) => {
+                s.went_silent(now);
+                (n.name.as_str(), s.state, s.since_ms)
+            }
+            None => (n.name.as_str(), NodeState::Unknown, self.started_ms),
+        });
+        time_print(states, &afters(&deployments), now) != self.placed_print.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The node's assignment at the current revision. Every node's is computed in one pass
@@ -1408,6 +1408,32 @@ impl Fleet {
         }
         Ok(at)
     }
+}
+
+/// The deployments' distinct `reschedule_after`s.
+fn afters(deployments: &[Deployment]) -> Vec<u64> {
+    let set: BTreeSet<u64> = deployments.iter().filter_map(|d| d.placement.reschedule_after_ms).collect();
+    set.into_iter().collect()
+}
+
+/// What time alone can change of a placement, as one number: each node's state, and for a
+/// node not Ready, how many of `afters` it has been away for at `now` (each moves slots).
+/// Order does not matter (a sum); a change of either changes it.
+fn time_print<'a>(nodes: impl Iterator<Item = (&'a str, NodeState, u64)>, afters: &[u64], now: u64) -> u64 {
+    use std::hash::BuildHasher;
+    let h = std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default();
+    nodes.fold(0u64, |sum, (name, state, since)| {
+        let away = match state {
+            NodeState::Ready => 0,
+            _ => afters.iter().filter(|&&a| since.saturating_add(a) <= now).count(),
+        };
+        let state = match state {
+            NodeState::Ready => 0u8,
+            NodeState::NotReady => 1,
+            NodeState::Unknown => 2,
+        };
+        sum.wrapping_add(h.hash_one((name, state, away)))
+    })
 }
 
 /// Each node's part of `m`.
@@ -2109,7 +2135,7 @@ mod tests {
     }
 
     /// A forced tick places again only when time moved something: a node falling silent,
-    /// a node away for a deployment's `reschedule_after`; else once a minute.
+    /// a node away for each deployment's `reschedule_after`; else once a minute.
     #[test]
     fn a_fleet_at_rest_is_not_placed_again_at_every_forced_tick() {
         use std::sync::atomic::Ordering::Relaxed;
@@ -2124,12 +2150,17 @@ mod tests {
         }
         let mut web = Deployment::new("web", "img");
         web.placement.reschedule_after_ms = Some(30_000);
-        f.store.apply(&[web], None, false, 1).unwrap();
+        let mut api = Deployment::new("api", "img");
+        api.placement.reschedule_after_ms = Some(50_000);
+        f.store.apply(&[web, api], None, false, 1).unwrap();
         f.tick(true).unwrap();
         let placed = || f.placed_ms.load(Relaxed);
         let at_rest = placed();
         assert_eq!(at_rest, 1_000_000);
-        let gone = f.store.slots().unwrap()[0].node.clone();
+        let node_of = |d: &str| {
+            f.store.slots().unwrap().iter().filter(|s| s.deployment == d).map(|s| s.node.clone()).collect::<Vec<_>>()
+        };
+        let gone = node_of("web")[0].clone();
         let stays = if gone == "a" { "b" } else { "a" };
         // Both heard from every 5 s: nothing to place again.
         for _ in 0..4 {
@@ -2141,10 +2172,10 @@ mod tests {
         assert_eq!(placed(), at_rest, "nothing moved");
         // `gone` falls silent (last heard at +0): placed again a minute after the last
         // placement (+40 s), when it turns Unknown (silent past 40 s: at +45 s, Unknown
-        // since +40 s), and when it has been so for `reschedule_after` (+70 s), where its
-        // slot moves.
+        // since +40 s), when it has been so for web's `reschedule_after` (+70 s), where
+        // web's slot moves, and for api's (+90 s), where api's slot moves if it is there.
         let mut placements = vec![];
-        for _ in 0..16 {
+        for _ in 0..20 {
             clock.advance(5_000);
             f.heartbeat(stays, NodeStatus::default()).unwrap();
             let before = placed();
@@ -2153,8 +2184,8 @@ mod tests {
                 placements.push(placed() - 1_020_000);
             }
         }
-        assert_eq!(placements, [40_000, 45_000, 70_000], "the minute's pass, Unknown, reschedule_after");
-        assert_eq!(f.store.slots().unwrap()[0].node, stays);
+        assert_eq!(placements, [40_000, 45_000, 70_000, 90_000], "the minute's pass, Unknown, each reschedule_after");
+        assert_eq!((node_of("web"), node_of("api")), (vec![stays.to_string()], vec![stays.to_string()]));
     }
 
     #[test]
