@@ -1171,8 +1171,8 @@ impl Fleet {
     }
 
     /// Wakes the tunnels if the current revision changed what nodes are told: every
-    /// node's part, or the node records the services' table is made of (a node's report
-    /// wakes them on its own, `mesh_changes`). Both are made here, once, on this thread,
+    /// node's part, or the record of a node that holds one (`tells_the_same_of_nodes`; a
+    /// node's report wakes them on its own, `mesh_changes`). Both are made here, once, on this thread,
     /// before any tunnel looks. A revision that moved neither (an apply not placed yet, a
     /// placement that moved no slot) wakes none of the thousands of tunnels; where they
     /// cannot be made (the store is not answering), the tunnels are woken as for a change.
@@ -1220,7 +1220,7 @@ impl Fleet {
             time_print(views.iter().map(|v| (v.name.as_str(), v.state, v.state_since_ms)), &afters(&deployments), now);
         took("read what placement is made of", views.len(), started);
         let started = std::time::Instant::now();
-        let mut plan = schedule::schedule(&deployments, &self.known_platforms(), &views, &placed, self.clock.now_ms());
+        let mut plan = schedule::schedule(&deployments, &self.known_platforms(), &views, &placed, now);
         took("placed", views.len(), started);
         let started = std::time::Instant::now();
         // Every node's report, read only when an ordered stateful set needs it.
@@ -1521,11 +1521,25 @@ mod tests {
     use std::time::Duration;
 
     pub(super) fn fleet() -> (tempfile::TempDir, Fleet) {
+        fleet_on(crate::clock::system())
+    }
+
+    /// A fleet on its own store, reading time from `clock`.
+    fn fleet_on(clock: Arc<dyn crate::clock::Clock>) -> (tempfile::TempDir, Fleet) {
         let t = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
         let ca = Ca::load_or_create(&t.path().join("pki")).unwrap();
-        let f = Fleet::new(ca, store, crate::clock::system()).unwrap();
+        let f = Fleet::new(ca, store, clock).unwrap();
         (t, f)
+    }
+
+    /// Node `a`, joined and heard from, running `web` alone.
+    fn a_runs(f: &Fleet, tok: &str, web: &Deployment) {
+        f.join(&join_req(tok, "a")).unwrap();
+        f.heartbeat("a", NodeStatus::default()).unwrap();
+        f.tick(false).unwrap();
+        f.store.apply(std::slice::from_ref(web), None, false, 1).unwrap();
+        f.reschedule().unwrap();
     }
 
     pub(super) fn join_req(token: &str, node: &str) -> JoinRequest {
@@ -2057,13 +2071,9 @@ mod tests {
     fn parts_are_made_again_only_when_what_they_are_made_of_changed() {
         let (_t, f) = fleet();
         let tok = any(&f);
-        f.join(&join_req(&tok, "a")).unwrap();
-        f.heartbeat("a", NodeStatus::default()).unwrap();
-        f.tick(false).unwrap();
         let mut web = Deployment::new("web", "img");
         web.replicas = 2;
-        f.store.apply(std::slice::from_ref(&web), None, false, 1).unwrap();
-        f.reschedule().unwrap();
+        a_runs(&f, &tok, &web);
         let before = f.at_revision().unwrap();
         f.join(&join_req(&tok, "b")).unwrap();
         f.revision_changed();
@@ -2106,12 +2116,8 @@ mod tests {
     fn tunnels_wake_when_a_placement_moves_not_when_an_apply_waits_for_one() {
         let (_t, f) = fleet();
         let tok = any(&f);
-        f.join(&join_req(&tok, "a")).unwrap();
-        f.heartbeat("a", NodeStatus::default()).unwrap();
-        f.tick(false).unwrap();
         let web = Deployment::new("web", "img");
-        f.store.apply(std::slice::from_ref(&web), None, false, 1).unwrap();
-        f.reschedule().unwrap();
+        a_runs(&f, &tok, &web);
         let mut wakes = f.wakes();
         wakes.borrow_and_update();
         let deployments = [web, Deployment::new("db", "img")];
@@ -2139,10 +2145,8 @@ mod tests {
     #[test]
     fn a_fleet_at_rest_is_not_placed_again_at_every_forced_tick() {
         use std::sync::atomic::Ordering::Relaxed;
-        let t = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&t.path().join("hub.db")).unwrap());
         let clock = crate::clock::ManualClock::at(1_000_000);
-        let f = Fleet::new(Ca::load_or_create(&t.path().join("pki")).unwrap(), store, clock.clone()).unwrap();
+        let (_t, f) = fleet_on(clock.clone());
         let tok = any(&f);
         for n in ["a", "b"] {
             f.join(&join_req(&tok, n)).unwrap();
